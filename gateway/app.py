@@ -1,0 +1,171 @@
+"""The ASGI application: endpoint dispatch, error rendering, lifespan.
+
+Written as a plain ASGI callable rather than on a framework router: the proxied endpoints
+are the hot path, and a dict lookup plus hand-built headers is all they need.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from gateway import http, metrics, pipeline
+from gateway.config import load_config
+from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
+from gateway.openapi import openapi_document
+from gateway.services import Services, Settings
+from gateway.types import RequestContext
+
+log = logging.getLogger("gateway")
+
+_CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+_EMBEDDINGS_PATHS = ("/v1/embeddings", "/embeddings")
+
+
+class GatewayApp:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.svc: Services | None = None
+        self._created = int(time.time())
+        self._openapi = None
+        routes = {
+            "/healthz": ("GET", self._healthz),
+            "/readyz": ("GET", self._readyz),
+            "/metrics": ("GET", self._metrics),
+            "/openapi.json": ("GET", self._openapi_json),
+            "/v1/models": ("GET", self._models),
+            "/models": ("GET", self._models),
+        }
+        for p in _CHAT_PATHS:
+            routes[p] = ("POST", self._chat)
+        for p in _EMBEDDINGS_PATHS:
+            routes[p] = ("POST", self._embeddings)
+        self._routes = routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.svc = await Services.start(self.settings)
+                except Exception as exc:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.svc is not None:
+                    await self.svc.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope, receive, send) -> None:
+        rid = http.request_id(scope)
+        path = scope["path"]
+        entry = self._routes.get(path)
+        try:
+            if entry is None:
+                if path.startswith(("/v1/models/", "/models/")) and scope["method"] == "GET":
+                    await self._model(scope, rid, send, path.split("/models/", 1)[1])
+                    return
+                raise NotFound(f"Invalid URL ({scope['method']} {path})")
+            method, handler = entry
+            if scope["method"] != method:
+                raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {path}; use {method}.")
+            await handler(scope, receive, send, rid)
+        except GatewayError as err:
+            await http.send_error(send, err, rid)
+        except http.ClientGone:
+            return
+        except Exception:
+            log.exception("unhandled error", extra={"fields": {"request_id": rid}})
+            await http.send_error(
+                send, GatewayError("The server had an error while processing your request."), rid
+            )
+
+    async def _proxied(self, endpoint: str, stage, scope, receive, send, rid: str) -> None:
+        svc = self.svc
+        ctx = RequestContext(request_id=rid, endpoint=endpoint, body={}, started=time.perf_counter())
+        metrics.IN_FLIGHT.inc()
+        error: GatewayError | None = None
+        try:
+            await stage(svc, ctx, scope, receive, send)
+        except GatewayError as err:
+            error = err
+            ctx.status = err.status
+            ctx.error_code = err.code
+            if ctx.route is not None:
+                err.headers.setdefault("x-gateway-provider", ctx.route.provider)
+                err.headers.setdefault("x-gateway-attempts", str(ctx.attempts))
+            raise
+        except http.ClientGone:
+            ctx.status = 499
+            ctx.error_code = "client_closed_request"
+            raise
+        except BaseException:
+            ctx.status = 500
+            ctx.error_code = "internal_error"
+            raise
+        finally:
+            metrics.IN_FLIGHT.dec()
+            pipeline.account(svc, ctx, time.perf_counter(), error)
+
+    async def _chat(self, scope, receive, send, rid: str) -> None:
+        await self._proxied("chat", pipeline.chat, scope, receive, send, rid)
+
+    async def _embeddings(self, scope, receive, send, rid: str) -> None:
+        await self._proxied("embeddings", pipeline.embeddings, scope, receive, send, rid)
+
+    def _model_object(self, model) -> dict:
+        return {"id": model.name, "object": "model", "created": self._created, "owned_by": model.owned_by}
+
+    async def _models(self, scope, receive, send, rid: str) -> None:
+        await self.svc.auth.authenticate(http.header(scope, b"authorization"))
+        data = [self._model_object(m) for m in self.svc.router.models]
+        await http.send_json(send, 200, {"object": "list", "data": data}, rid)
+
+    async def _model(self, scope, rid: str, send, model_id: str) -> None:
+        await self.svc.auth.authenticate(http.header(scope, b"authorization"))
+        model = self.svc.router.model(model_id)
+        if model is None:
+            raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+        await http.send_json(send, 200, self._model_object(model), rid)
+
+    async def _healthz(self, scope, receive, send, rid: str) -> None:
+        await http.send_json(send, 200, {"status": "ok"}, rid)
+
+    async def _readyz(self, scope, receive, send, rid: str) -> None:
+        checks = await self.svc.readiness()
+        ready = all(v == "ok" for v in checks.values())
+        await http.send_json(send, 200 if ready else 503, {"status": "ready" if ready else "not ready", **checks}, rid)
+
+    async def _metrics(self, scope, receive, send, rid: str) -> None:
+        body, ctype = metrics.render()
+        await http.send_bytes(send, 200, body, rid, content_type=ctype.encode())
+
+    async def _openapi_json(self, scope, receive, send, rid: str) -> None:
+        if self._openapi is None:
+            self._openapi = openapi_document()
+        await http.send_json(send, 200, self._openapi, rid)
+
+
+def create_app() -> GatewayApp:
+    """Factory for uvicorn workers: everything comes from the environment set by ``serve``."""
+    from gateway import logs
+
+    logs.configure(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+    config = load_config(os.environ["GATEWAY_CONFIG"])
+    settings = Settings(
+        config=config,
+        database_url=os.environ["DATABASE_URL"],
+        redis_url=os.environ["REDIS_URL"],
+        master_key=os.environ.get("GATEWAY_MASTER_KEY") or None,
+    )
+    return GatewayApp(settings)

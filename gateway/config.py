@@ -1,0 +1,176 @@
+"""The gateway's configuration file: YAML, ``${VAR}`` interpolated, validated with paths.
+
+``load_config`` raises ``ConfigError`` carrying *every* problem found, each prefixed with its
+path in the file (``providers[1].kind: ...``), which is what ``gateway check-config`` prints.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROVIDER_KINDS = ("openai", "anthropic", "litellm")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Strict):
+    connect: float = Field(5.0, gt=0)
+    first_byte: float = Field(60.0, gt=0)
+    idle: float = Field(60.0, gt=0)
+    total: float = Field(600.0, gt=0)
+
+
+class Provider(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    kind: Literal["openai", "anthropic", "litellm"]
+    base_url: str | None = None
+    api_keys: list[str] = Field(default_factory=list)
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    # anthropic
+    anthropic_version: str = "2023-06-01"
+    default_max_tokens: int = Field(4096, gt=0)
+    # litellm: the litellm provider prefix, e.g. "groq", "gemini", "bedrock"
+    litellm_provider: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/") if v else v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        for i, key in enumerate(v):
+            if not key.strip():
+                raise ValueError(f"api_keys[{i}] is empty")
+        return v
+
+
+class Deployment(_Strict):
+    provider: str
+    model: str = Field(min_length=1)
+    weight: float = Field(1.0, gt=0)
+    tags: list[str] = Field(default_factory=list)
+
+
+class Model(_Strict):
+    name: str = Field(min_length=1, max_length=256)
+    mode: Literal["chat", "embedding"] = "chat"
+    deployments: list[Deployment] = Field(min_length=1)
+    owned_by: str = "gateway"
+
+
+class Server(_Strict):
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    log_requests: bool = True
+
+
+class Config(_Strict):
+    server: Server = Field(default_factory=Server)
+    providers: list[Provider] = Field(default_factory=list)
+    models: list[Model] = Field(default_factory=list)
+
+    def provider(self, name: str) -> Provider:
+        return next(p for p in self.providers if p.name == name)
+
+
+def _interpolate(node: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def sub(m: re.Match) -> str:
+            value = os.environ.get(m.group(1))
+            if value is None or value == "":
+                if m.group(2) is not None:
+                    return m.group(2)
+                problems.append(f"{path}: environment variable {m.group(1)} is not set")
+                return ""
+            return value
+
+        return _VAR.sub(sub, node)
+    return node
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _cross_check(cfg: Config, problems: list[str]) -> None:
+    names: dict[str, int] = {}
+    for i, p in enumerate(cfg.providers):
+        if p.name in names:
+            problems.append(f"providers[{i}].name: duplicate provider name {p.name!r}")
+        names[p.name] = i
+        if p.kind == "openai" and not p.base_url:
+            problems.append(f"providers[{i}].base_url: required for kind 'openai'")
+        if p.kind in ("openai", "anthropic") and not p.api_keys:
+            problems.append(f"providers[{i}].api_keys: at least one key is required")
+    seen: set[str] = set()
+    for i, m in enumerate(cfg.models):
+        if m.name in seen:
+            problems.append(f"models[{i}].name: duplicate model name {m.name!r}")
+        seen.add(m.name)
+        for j, d in enumerate(m.deployments):
+            where = f"models[{i}].deployments[{j}]"
+            if d.provider not in names:
+                problems.append(f"{where}.provider: unknown provider {d.provider!r}")
+            elif m.mode == "embedding" and cfg.providers[names[d.provider]].kind == "anthropic":
+                problems.append(f"{where}.provider: anthropic has no embeddings endpoint")
+
+
+def parse_config(data: Any) -> Config:
+    problems: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): must be a mapping with providers and models"])
+    data = _interpolate(data, "", problems)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        for e in exc.errors():
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{_loc(e['loc']) or '(top level)'}: {msg}")
+        raise ConfigError(problems) from None
+    _cross_check(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read file: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError([f"{path} ({where}): invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_config(data)

@@ -1,0 +1,69 @@
+"""Prometheus metrics. With several workers, prometheus_client's multiprocess mode is used
+(``PROMETHEUS_MULTIPROC_DIR`` is set by ``gateway serve`` before the workers start)."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30)
+
+REQUESTS = Counter(
+    "gateway_requests_total", "Requests by endpoint, model, provider and HTTP status",
+    ["endpoint", "model", "provider", "status"],
+)
+LATENCY = Histogram(
+    "gateway_request_duration_seconds", "Whole-request latency as the client saw it",
+    ["endpoint", "model", "provider"], buckets=_LATENCY_BUCKETS,
+)
+TTFT = Histogram(
+    "gateway_time_to_first_token_seconds", "Time to the first streamed chunk",
+    ["model", "provider"], buckets=_TTFT_BUCKETS,
+)
+TOKENS = Counter("gateway_tokens_total", "Tokens by kind (prompt, completion, cached)", ["model", "provider", "kind"])
+UPSTREAM_ERRORS = Counter(
+    "gateway_upstream_errors_total", "Failed upstream attempts by provider and error code", ["provider", "code"]
+)
+IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
+
+
+class _Children:
+    """Caches labelled children: ``.labels()`` costs a lock and a dict build per call."""
+
+    __slots__ = ("_cache", "_metric")
+
+    def __init__(self, metric) -> None:
+        self._metric = metric
+        self._cache: dict[tuple, object] = {}
+
+    def get(self, *labels: str):
+        child = self._cache.get(labels)
+        if child is None:
+            child = self._cache[labels] = self._metric.labels(*labels)
+        return child
+
+
+requests = _Children(REQUESTS)
+latency = _Children(LATENCY)
+ttft = _Children(TTFT)
+tokens = _Children(TOKENS)
+upstream_errors = _Children(UPSTREAM_ERRORS)
+
+
+def render() -> tuple[bytes, str]:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

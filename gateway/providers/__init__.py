@@ -1,0 +1,23 @@
+"""Provider adapters: one module per wire format."""
+
+from __future__ import annotations
+
+from gateway.config import Provider
+from gateway.providers.base import ProviderAdapter
+from gateway.upstream import Upstream
+
+
+def build_adapter(cfg: Provider, upstream: Upstream) -> ProviderAdapter:
+    if cfg.kind == "openai":
+        from gateway.providers.openai import OpenAIAdapter
+
+        return OpenAIAdapter(cfg, upstream)
+    if cfg.kind == "anthropic":
+        from gateway.providers.anthropic import AnthropicAdapter
+
+        return AnthropicAdapter(cfg, upstream)
+    if cfg.kind == "litellm":
+        from gateway.providers.litellm import LiteLLMAdapter  # imports litellm: only when configured
+
+        return LiteLLMAdapter(cfg, upstream)
+    raise ValueError(f"unknown provider kind {cfg.kind!r}")

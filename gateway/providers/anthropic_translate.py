@@ -1,0 +1,323 @@
+"""OpenAI chat completions ↔ Anthropic Messages, both ways, streamed and not. Pure functions."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from gateway.errors import InvalidRequest
+from gateway.sse import DONE, data_event
+from gateway.types import Usage
+
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+    "pause_turn": "stop",
+    "model_context_window_exceeded": "length",
+}
+
+_JSON_INSTRUCTION = "Respond with a single valid JSON object and nothing else: no prose, no code fences."
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def _image_block(url: str) -> dict:
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        media_type = header[5:].split(";", 1)[0] or "image/png"
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _content_blocks(content: Any, where: str) -> list[dict]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks: list[dict] = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind == "text":
+            if part["text"]:
+                blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            blocks.append(_image_block(part["image_url"]["url"]))
+        else:
+            raise InvalidRequest(
+                f"Content part type '{kind}' is not supported by this model's provider.",
+                param=f"{where}[{j}].type",
+                code="unsupported_content",
+            )
+    return blocks
+
+
+def _tool_use_blocks(calls: list[dict], where: str) -> list[dict]:
+    blocks = []
+    for j, call in enumerate(calls):
+        fn = call["function"]
+        try:
+            args = orjson.loads(fn["arguments"]) if fn["arguments"].strip() else {}
+        except orjson.JSONDecodeError:
+            raise InvalidRequest(
+                "Tool call arguments must be a JSON object.",
+                param=f"{where}[{j}].function.arguments",
+                code="invalid_value",
+            ) from None
+        if not isinstance(args, dict):
+            args = {"value": args}
+        blocks.append({"type": "tool_use", "id": call["id"], "name": fn["name"], "input": args})
+    return blocks
+
+
+def _messages(messages: list[dict]) -> tuple[list[str], list[dict]]:
+    system: list[str] = []
+    out: list[dict] = []
+
+    def push(role: str, blocks: list[dict]) -> None:
+        if not blocks:
+            return
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+
+    for i, msg in enumerate(messages):
+        role = msg["role"]
+        where = f"messages[{i}]"
+        if role in ("system", "developer"):
+            text = _text_of(msg.get("content"))
+            if text:
+                system.append(text)
+        elif role == "user":
+            push("user", _content_blocks(msg.get("content"), f"{where}.content"))
+        elif role == "assistant":
+            blocks = [b for b in _content_blocks(msg.get("content"), f"{where}.content") if b["type"] == "text"]
+            blocks += _tool_use_blocks(msg.get("tool_calls") or [], f"{where}.tool_calls")
+            push("assistant", blocks)
+        elif role == "tool":
+            content = msg.get("content")
+            result: Any = content if isinstance(content, str) else _content_blocks(content, f"{where}.content")
+            push("user", [{"type": "tool_result", "tool_use_id": msg["tool_call_id"], "content": result}])
+        elif role == "function":
+            push("user", [{"type": "text", "text": _text_of(msg.get("content")) or "(empty)"}])
+    return system, out
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, dict | None]:
+    tools = body.get("tools")
+    converted = None
+    if tools:
+        converted = []
+        for tool in tools:
+            fn = tool["function"]
+            entry = {
+                "name": fn["name"],
+                "input_schema": fn.get("parameters") or {"type": "object", "properties": {}},
+            }
+            if fn.get("description"):
+                entry["description"] = fn["description"]
+            converted.append(entry)
+    choice = body.get("tool_choice")
+    tc: dict | None = None
+    if choice == "auto":
+        tc = {"type": "auto"}
+    elif choice == "required":
+        tc = {"type": "any"}
+    elif choice == "none":
+        tc = {"type": "none"}
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        tc = {"type": "tool", "name": choice["function"]["name"]}
+    if body.get("parallel_tool_calls") is False and converted:
+        tc = {**(tc or {"type": "auto"}), "disable_parallel_tool_use": True}
+    return converted, tc
+
+
+def to_anthropic(body: dict, upstream_model: str, default_max_tokens: int) -> dict:
+    """An Anthropic Messages request from a validated OpenAI chat request."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise InvalidRequest("n > 1 is not supported by this model's provider.", param="n", code="unsupported_value")
+    system, messages = _messages(body["messages"])
+    if not messages:
+        raise InvalidRequest("At least one non-system message with content is required.", param="messages")
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") == "json_object":
+        system.append(_JSON_INSTRUCTION)
+    elif fmt.get("type") == "json_schema":
+        schema = fmt["json_schema"].get("schema")
+        system.append(f"{_JSON_INSTRUCTION} It must match this JSON schema: {orjson.dumps(schema).decode()}")
+    out: dict[str, Any] = {
+        "model": upstream_model,
+        "messages": messages,
+        "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens,
+    }
+    if system:
+        out["system"] = "\n\n".join(system)
+    if body.get("temperature") is not None:
+        out["temperature"] = min(float(body["temperature"]), 1.0)
+    if body.get("top_p") is not None:
+        out["top_p"] = body["top_p"]
+    stop = body.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.get("user"):
+        out["metadata"] = {"user_id": body["user"]}
+    tools, tool_choice = _tools(body)
+    if tools:
+        out["tools"] = tools
+    if tool_choice and (tools or tool_choice["type"] == "none"):
+        out["tool_choice"] = tool_choice
+    if body.get("stream"):
+        out["stream"] = True
+    return out
+
+
+def usage_from_anthropic(usage: dict | None) -> Usage:
+    usage = usage or {}
+    cached = int(usage.get("cache_read_input_tokens") or 0)
+    created = int(usage.get("cache_creation_input_tokens") or 0)
+    return Usage(
+        prompt_tokens=int(usage.get("input_tokens") or 0) + cached + created,
+        completion_tokens=int(usage.get("output_tokens") or 0),
+        cached_tokens=cached,
+    )
+
+
+def from_anthropic(msg: dict) -> tuple[dict, Usage]:
+    """An OpenAI ``chat.completion`` from an Anthropic message."""
+    text: list[str] = []
+    tool_calls = []
+    for block in msg.get("content") or []:
+        if block.get("type") == "text":
+            text.append(block.get("text", ""))
+        elif block.get("type") == "tool_use":
+            tool_calls.append(
+                {
+                    "id": block["id"],
+                    "type": "function",
+                    "function": {"name": block["name"], "arguments": orjson.dumps(block.get("input") or {}).decode()},
+                }
+            )
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text else None, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    usage = usage_from_anthropic(msg.get("usage"))
+    completion = {
+        "id": msg.get("id", "msg"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": msg.get("model", ""),
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS.get(msg.get("stop_reason") or "end_turn", "stop"),
+            }
+        ],
+        "usage": usage.to_openai(),
+    }
+    return completion, usage
+
+
+class StreamTranslator:
+    """Anthropic stream events in, ``chat.completion.chunk`` SSE bytes out."""
+
+    def __init__(self, include_usage: bool) -> None:
+        self.include_usage = include_usage
+        self.id = "msg"
+        self.model = ""
+        self.created = int(time.time())
+        self.usage = Usage()
+        self.finish: str | None = None
+        self.done = False
+        self.started = False
+        self._tool_index: dict[int, int] = {}
+
+    def _chunk(self, delta: dict, finish: str | None = None) -> bytes:
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if self.include_usage:
+            chunk["usage"] = None
+        return data_event(chunk)
+
+    def feed(self, event: str | None, data: dict) -> bytes:
+        kind = data.get("type", event)
+        if kind == "message_start":
+            msg = data.get("message") or {}
+            self.id = msg.get("id", self.id)
+            self.model = msg.get("model", self.model)
+            self.usage = usage_from_anthropic(msg.get("usage"))
+            self.started = True
+            return self._chunk({"role": "assistant", "content": ""})
+        if kind == "content_block_start":
+            block = data.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                index = len(self._tool_index)
+                self._tool_index[data.get("index", 0)] = index
+                call = {
+                    "index": index,
+                    "id": block.get("id"),
+                    "type": "function",
+                    "function": {"name": block.get("name"), "arguments": ""},
+                }
+                return self._chunk({"tool_calls": [call]})
+            if block.get("type") == "text" and block.get("text"):
+                return self._chunk({"content": block["text"]})
+            return b""
+        if kind == "content_block_delta":
+            delta = data.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return self._chunk({"content": delta.get("text", "")})
+            if delta.get("type") == "input_json_delta":
+                index = self._tool_index.get(data.get("index", 0), 0)
+                return self._chunk(
+                    {"tool_calls": [{"index": index, "function": {"arguments": delta.get("partial_json", "")}}]}
+                )
+            return b""
+        if kind == "message_delta":
+            stop = (data.get("delta") or {}).get("stop_reason")
+            if stop:
+                self.finish = FINISH_REASONS.get(stop, "stop")
+            usage = data.get("usage") or {}
+            if usage.get("output_tokens") is not None:
+                self.usage.completion_tokens = int(usage["output_tokens"])
+            if usage.get("input_tokens") is not None:  # newer API versions repeat it here
+                self.usage = Usage(
+                    prompt_tokens=usage_from_anthropic(usage).prompt_tokens,
+                    completion_tokens=self.usage.completion_tokens,
+                    cached_tokens=usage_from_anthropic(usage).cached_tokens,
+                )
+            return b""
+        if kind == "message_stop":
+            self.done = True
+            out = self._chunk({}, self.finish or "stop")
+            if self.include_usage:
+                out += data_event(
+                    {
+                        "id": self.id,
+                        "object": "chat.completion.chunk",
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": self.usage.to_openai(),
+                    }
+                )
+            return out + DONE
+        return b""  # ping, content_block_stop, unknown future events

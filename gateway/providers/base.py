@@ -1,0 +1,152 @@
+"""What every provider adapter offers, and the mapping of upstream failures to our errors."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
+
+import aiohttp
+import orjson
+
+from gateway.errors import (
+    GatewayError,
+    UpstreamError,
+    UpstreamTimeout,
+    upstream_client_error,
+    upstream_rate_limited,
+)
+from gateway.types import RequestContext, Route
+
+
+class ProviderAdapter(Protocol):
+    name: str
+
+    async def chat(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
+        """A complete ``chat.completion`` as JSON bytes; sets ``ctx.usage``."""
+
+    async def open_chat_stream(self, ctx: RequestContext, route: Route, body: dict) -> AsyncIterator[bytes]:
+        """Returns once the upstream accepted the request (failures before that raise, so a
+        router can still fall back); the iterator yields client-ready SSE bytes, ends with
+        ``[DONE]`` or an error event, and sets ``ctx.usage`` / ``ctx.ttft`` as it goes."""
+
+    async def embeddings(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
+        """A ``list`` of embeddings as JSON bytes; sets ``ctx.usage``."""
+
+    async def close(self) -> None: ...
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def _parse_error_body(raw: bytes) -> tuple[str, str | None, str | None]:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = raw[:200].decode("utf-8", "replace").strip()
+        return (text or "no error message"), None, None
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        msg = err.get("message")
+        code = err.get("code")
+        return (
+            str(msg) if msg else str(err.get("type") or "no error message"),
+            err.get("param") if isinstance(err.get("param"), str) else None,
+            str(code) if code is not None else None,
+        )
+    if isinstance(err, str):
+        return err, None, None
+    return "no error message", None, None
+
+
+def map_upstream_status(
+    provider: str,
+    status: int,
+    message: str,
+    headers: Mapping[str, str],
+    *,
+    param: str | None = None,
+    code: str | None = None,
+) -> GatewayError:
+    """Turns a provider's non-2xx answer into the error the client (or the router) sees."""
+    if status == 429:
+        return upstream_rate_limited(f"Provider {provider} is rate limiting requests: {message}", retry_after(headers))
+    if status in (401, 403):
+        return UpstreamError(
+            f"Provider {provider} rejected the gateway's credentials ({status}): {message}",
+            code="upstream_auth_error",
+            upstream_status=status,
+        )
+    if status == 404:
+        return UpstreamError(
+            f"Provider {provider} does not know the deployed model: {message}",
+            code="upstream_model_not_found",
+            upstream_status=status,
+        )
+    if status == 408:
+        return UpstreamTimeout(f"Provider {provider} timed out: {message}", upstream_status=status)
+    if status >= 500 or status < 400:
+        return UpstreamError(
+            f"Provider {provider} failed with status {status}: {message}",
+            status=503 if status in (503, 529) else 502,
+            upstream_status=status,
+            retry_after=retry_after(headers),
+        )
+    return upstream_client_error(status, message, param, code)
+
+
+def error_from_response(provider: str, status: int, raw: bytes, headers: Mapping[str, str]) -> GatewayError:
+    message, param, code = _parse_error_body(raw)
+    return map_upstream_status(provider, status, message, headers, param=param, code=code)
+
+
+def bad_response(provider: str, what: str) -> UpstreamError:
+    return UpstreamError(f"Provider {provider} returned an invalid response: {what}.", code="upstream_bad_response")
+
+
+def stream_error_event(err: GatewayError) -> bytes:
+    """The event that ends a stream which failed after its first byte was sent."""
+    return b"data: " + err.body() + b"\n\n"
+
+
+async def guarded(
+    ctx: RequestContext, provider: str, events: AsyncIterator[bytes], resp: aiohttp.ClientResponse
+) -> AsyncIterator[bytes]:
+    """Relays a provider's translated stream; a failure ends it with an error event."""
+    err: GatewayError | None = None
+    try:
+        async for chunk in events:
+            yield chunk
+    except GatewayError as exc:
+        err = exc
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        err = UpstreamTimeout(f"Provider {provider} stalled mid-stream.")
+    except aiohttp.ClientError as exc:
+        err = UpstreamError(
+            f"Provider {provider} broke off the stream: {type(exc).__name__}.", code="upstream_disconnected"
+        )
+    finally:
+        resp.release()
+    if err is not None:
+        ctx.status = err.status
+        ctx.error_code = err.code
+        yield stream_error_event(err)
+
+
+def incomplete_stream(provider: str) -> UpstreamError:
+    return UpstreamError(f"Provider {provider} ended the stream before it was complete.", code="upstream_disconnected")

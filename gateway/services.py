@@ -1,0 +1,81 @@
+"""What one gateway process holds while it runs: config, pools, adapters, router, caches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from gateway.config import Config
+from gateway.db import connect_pool, migrate
+from gateway.providers import build_adapter
+from gateway.providers.base import ProviderAdapter
+from gateway.routing import Router
+from gateway.upstream import Upstream
+from policies.auth import Authenticator
+
+log = logging.getLogger("gateway")
+
+
+@dataclass(frozen=True)
+class Settings:
+    config: Config
+    database_url: str
+    redis_url: str
+    master_key: str | None = None
+
+
+@dataclass
+class Services:
+    config: Config
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    upstream: Upstream
+    adapters: dict[str, ProviderAdapter]
+    router: Router
+    auth: Authenticator
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Services:
+        pool = await connect_pool(settings.database_url)
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        redis = aioredis.from_url(settings.redis_url, health_check_interval=30)
+        await redis.ping()
+        upstream = Upstream()
+        await upstream.start()
+        adapters = {p.name: build_adapter(p, upstream) for p in settings.config.providers}
+        auth = Authenticator(pool, redis, settings.master_key)
+        await auth.start()
+        return cls(settings.config, pool, redis, upstream, adapters, Router(settings.config), auth)
+
+    async def stop(self) -> None:
+        await self.auth.stop()
+        for adapter in self.adapters.values():
+            await adapter.close()
+        await self.upstream.close()
+        await self.redis.aclose()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.pool.close(), 5)
+
+    async def readiness(self) -> dict[str, str]:
+        async def database() -> str:
+            async with self.pool.acquire(timeout=2) as conn:
+                await conn.fetchval("SELECT 1", timeout=2)
+            return "ok"
+
+        async def redis() -> str:
+            await asyncio.wait_for(self.redis.ping(), 2)
+            return "ok"
+
+        out = {}
+        for name, check in (("database", database), ("redis", redis)):
+            try:
+                out[name] = await check()
+            except Exception as exc:
+                out[name] = f"error: {type(exc).__name__}"
+        return out

@@ -1,0 +1,76 @@
+"""Shared dataclasses of the request pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def from_openai(cls, usage: dict | None) -> Usage | None:
+        if not isinstance(usage, dict):
+            return None
+        details = usage.get("prompt_tokens_details") or {}
+        return cls(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            cached_tokens=int((details.get("cached_tokens") if isinstance(details, dict) else 0) or 0),
+        )
+
+    def to_openai(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+@dataclass(slots=True)
+class Identity:
+    """Who is calling: resolved from the bearer key by the authenticate stage."""
+
+    key_id: str
+    name: str
+    tenant: str = "default"
+    is_master: bool = False
+
+
+@dataclass(slots=True)
+class Route:
+    """One attempt's target: a deployment of a model group and one of its provider's keys."""
+
+    model: str  # the name the client sent
+    provider: str
+    deployment: str  # provider/upstream-model
+    upstream_model: str
+    api_key: str | None
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    endpoint: str  # "chat" | "embeddings"
+    body: dict[str, Any]
+    started: float
+    identity: Identity | None = None
+    model: str = ""
+    stream: bool = False
+    include_usage: bool = False
+    route: Route | None = None
+    attempts: int = 0
+    status: int = 0
+    usage: Usage | None = None
+    ttft: float | None = None
+    error_code: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

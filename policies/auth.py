@@ -1,0 +1,156 @@
+"""The authenticate stage: bearer key → Identity, from an in-process cache.
+
+A key is looked up in PostgreSQL once per process (then cached); revocations reach every
+replica through Redis pub/sub. If the subscription drops, the whole cache is flushed on
+reconnect, and a version counter polled in the background catches anything missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+
+import asyncpg
+
+from gateway.errors import Unauthenticated
+from gateway.types import Identity
+from policies.keys import KEYS_VERSION, REVOKE_CHANNEL, find_active, hash_key
+
+log = logging.getLogger("gateway.auth")
+
+_NEGATIVE_TTL = 5.0
+_NEGATIVE_MAX = 10_000
+_VERSION_POLL = 5.0
+
+MISSING_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization "
+    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
+
+
+def _redact(token: str) -> str:
+    return f"{token[:6]}***{token[-4:]}" if len(token) > 12 else "***"
+
+
+class Authenticator:
+    def __init__(self, pool: asyncpg.Pool, redis, master_key: str | None) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._master = hashlib.sha256(master_key.encode()).digest() if master_key else None
+        self._cache: dict[str, Identity] = {}
+        self._negative: dict[str, float] = {}
+        self._pending: dict[str, asyncio.Future] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._version: bytes | None = None
+        self._epoch = 0  # bumped by every invalidation, so a lookup can tell it raced one
+        self.master_identity = Identity(key_id="master", name="master", is_master=True)
+
+    async def start(self) -> None:
+        self._version = await self._redis.get(KEYS_VERSION)
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="auth-revocations"),
+            asyncio.create_task(self._poll_version(), name="auth-version"),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def invalidate(self, key_hash: str | None = None) -> None:
+        self._epoch += 1
+        if key_hash is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(key_hash, None)
+        self._negative.clear()
+
+    async def authenticate(self, authorization: bytes | None) -> Identity:
+        if not authorization:
+            raise Unauthenticated(MISSING_KEY, code=None)
+        scheme, _, token = authorization.decode("latin-1").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated(MISSING_KEY, code=None)
+        if self._master is not None and hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._master):
+            return self.master_identity
+        key_hash = hash_key(token)
+        ident = self._cache.get(key_hash)
+        if ident is not None:
+            return ident
+        ident = await self._lookup(key_hash)
+        if ident is None:
+            raise Unauthenticated(
+                f"Incorrect API key provided: {_redact(token)}. Check the key, or create one "
+                "with `gateway keys create`."
+            )
+        return ident
+
+    async def _lookup(self, key_hash: str) -> Identity | None:
+        now = time.monotonic()
+        expires = self._negative.get(key_hash)
+        if expires is not None and expires > now:
+            return None
+        pending = self._pending.get(key_hash)
+        if pending is not None:  # one query per key, however many requests wait on it
+            return await asyncio.shield(pending)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[key_hash] = fut
+        epoch = self._epoch
+        try:
+            row = await find_active(self._pool, key_hash)
+            ident = Identity(key_id=row["id"], name=row["name"], tenant=row["tenant"]) if row else None
+            if ident is None:
+                if len(self._negative) >= _NEGATIVE_MAX:
+                    self._negative.clear()
+                self._negative[key_hash] = now + _NEGATIVE_TTL
+            elif epoch == self._epoch:  # no revocation raced the query
+                self._cache[key_hash] = ident
+            fut.set_result(ident)
+            return ident
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            del self._pending[key_hash]
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(REVOKE_CHANNEL)
+                self.invalidate()  # anything may have been missed while unsubscribed
+                backoff = 0.1
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        data = message["data"]
+                        self.invalidate(data.decode() if isinstance(data, bytes) else data)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("key revocation subscription lost: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:
+                    pass
+
+    async def _poll_version(self) -> None:
+        while True:
+            await asyncio.sleep(_VERSION_POLL)
+            try:
+                version = await self._redis.get(KEYS_VERSION)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                continue
+            if version != self._version:
+                self._version = version
+                self.invalidate()

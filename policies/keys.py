@@ -1,0 +1,86 @@
+"""Virtual API keys in PostgreSQL: create (the key is shown once), list, revoke, look up.
+
+Only the SHA-256 of a key is stored. Keys carry 256 bits of randomness, so a fast hash is
+enough: there is nothing to brute-force that a slow hash would protect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+KEY_PREFIX = "sk-gw-"
+REVOKE_CHANNEL = "gateway:keys:revoked"
+KEYS_VERSION = "gateway:keys:version"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def display_prefix(key: str) -> str:
+    return f"{key[:10]}…{key[-4:]}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    name: str
+    tenant: str
+    key_prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+async def create_key(conn: asyncpg.Connection, name: str, tenant: str = "default") -> tuple[str, KeyRecord]:
+    """Returns the plaintext key (to show once) and its stored record."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = await conn.fetchrow(
+        """INSERT INTO api_keys (id, name, tenant, key_hash, key_prefix)
+           VALUES ($1, $2, $3, $4, $5)
+           RETURNING id, name, tenant, key_prefix, created_at, revoked_at""",
+        "key_" + secrets.token_hex(8),
+        name,
+        tenant,
+        hash_key(key),
+        display_prefix(key),
+    )
+    return key, KeyRecord(**dict(row))
+
+
+async def list_keys(conn: asyncpg.Connection, *, include_revoked: bool = False) -> list[KeyRecord]:
+    rows = await conn.fetch(
+        """SELECT id, name, tenant, key_prefix, created_at, revoked_at FROM api_keys
+           WHERE $1 OR revoked_at IS NULL ORDER BY created_at""",
+        include_revoked,
+    )
+    return [KeyRecord(**dict(r)) for r in rows]
+
+
+async def revoke_key(conn: asyncpg.Connection, key_id: str) -> str | None:
+    """Marks the key revoked; returns its hash (for cache invalidation) or None if unknown."""
+    return await conn.fetchval(
+        """UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now())
+           WHERE id = $1 RETURNING key_hash""",
+        key_id,
+    )
+
+
+async def find_active(conn: asyncpg.Connection | asyncpg.Pool, key_hash: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT id, name, tenant FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        key_hash,
+    )
+
+
+async def announce_revocation(redis, key_hash: str) -> int:
+    """Tells every gateway replica to drop the key from its cache; returns listeners reached."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.incr(KEYS_VERSION)
+        pipe.publish(REVOKE_CHANNEL, key_hash)
+        _, receivers = await pipe.execute()
+    return int(receivers)

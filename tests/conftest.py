@@ -1,0 +1,193 @@
+"""Test fixtures: real embedded PostgreSQL + Valkey, real mock-provider and gateway processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from gateway.embedded import EmbeddedServices
+
+MASTER_KEY = "sk-master-test-0123456789"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Proc:
+    def __init__(self, args: list[str], env: dict, log: Path) -> None:
+        self.log_path = log
+        self._log = open(log, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def stop(self, sig: int | None = None) -> int:
+        if self.proc.poll() is None:
+            if sig is None:
+                self.proc.terminate()
+            else:
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+class MockProvider(Proc):
+    def __init__(self, tmp: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "loadtest.mock_provider", "--port", str(self.port), *flags]
+        super().__init__(args, dict(os.environ), tmp / f"mock-{self.port}.log")
+        wait_until(lambda: httpx.get(f"{self.url}/health").status_code == 200, what="mock provider")
+
+    def requests(self) -> list[dict]:
+        return httpx.get(f"{self.url}/_mock/requests").json()["requests"]
+
+    def last(self) -> dict:
+        return self.requests()[-1]
+
+    def clear(self) -> None:
+        httpx.delete(f"{self.url}/_mock/requests")
+
+    def configure(self, **cfg) -> None:
+        httpx.post(f"{self.url}/_mock/config", json=cfg).raise_for_status()
+
+
+class Gateway(Proc):
+    def __init__(self, tmp: Path, config: dict, urls: tuple[str, str], *, workers: int = 1) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg_path = tmp / f"gateway-{self.port}.yaml"
+        cfg_path.write_text(yaml.safe_dump(config))
+        env = {
+            **os.environ,
+            "DATABASE_URL": urls[0],
+            "REDIS_URL": urls[1],
+            "GATEWAY_MASTER_KEY": MASTER_KEY,
+            "GATEWAY_DATA_DIR": str(tmp / "data"),
+        }
+        args = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg_path), "--port", str(self.port),
+                "--workers", str(workers)]
+        super().__init__(args, env, tmp / f"gateway-{self.port}.log")
+        try:
+            wait_until(lambda: httpx.get(f"{self.url}/readyz").status_code == 200, timeout=60, what="gateway ready")
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError("gateway did not start:\n" + self.log()) from None
+
+
+def gateway_config(mock: MockProvider, **extra) -> dict:
+    cfg = {
+        "providers": [
+            {"name": "mock-openai", "kind": "openai", "base_url": f"{mock.url}/v1", "api_keys": ["key-a", "key-b"],
+             "timeouts": {"first_byte": 3, "idle": 3, "total": 20}},
+            {"name": "mock-anthropic", "kind": "anthropic", "base_url": mock.url, "api_keys": ["ant-key"],
+             "timeouts": {"first_byte": 3, "idle": 3, "total": 20}},
+        ],
+        "models": [
+            {"name": "gpt-mock", "deployments": [{"provider": "mock-openai", "model": "mock-gpt"}]},
+            {"name": "claude-mock", "deployments": [{"provider": "mock-anthropic", "model": "mock-claude"}]},
+            {"name": "embed-mock", "mode": "embedding",
+             "deployments": [{"provider": "mock-openai", "model": "mock-embedding"}]},
+        ],
+    }
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tmp_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gw")
+
+
+@pytest.fixture(scope="session")
+def services(tmp_root: Path) -> Iterator[tuple[str, str]]:
+    """The embedded PostgreSQL + Valkey, through the same code the gateway uses."""
+    svc = EmbeddedServices(tmp_root / "embedded").start()
+    try:
+        yield svc.database_url, svc.redis_url
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def mock(tmp_root: Path) -> Iterator[MockProvider]:
+    m = MockProvider(tmp_root)
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_root: Path, services, mock) -> Iterator[Gateway]:
+    gw = Gateway(tmp_root, gateway_config(mock), services)
+    yield gw
+    gw.stop()
+
+
+def run_cli(*args: str, urls: tuple[str, str], tmp: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DATABASE_URL": urls[0], "REDIS_URL": urls[1], "GATEWAY_DATA_DIR": str(tmp / "data")}
+    return subprocess.run([sys.executable, "-m", "gateway", *args], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def api_key(services, tmp_root: Path) -> str:
+    out = run_cli("keys", "create", "--name", "test-suite", urls=services, tmp=tmp_root)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()[0].strip()
+
+
+@pytest.fixture
+def client(gateway, api_key):
+    from openai import OpenAI
+
+    with OpenAI(base_url=f"{gateway.url}/v1", api_key=api_key, max_retries=0, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def http(gateway, api_key) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def started(*procs: Proc):
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
