@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
     uvicorn.run(
         Mock(opts), host=opts.host, port=opts.port, loop="uvloop", http="httptools",
-        access_log=False, log_level="warning", backlog=4096,
+        access_log=False, log_level="warning", backlog=4096, timeout_graceful_shutdown=1,
     )
 
 
