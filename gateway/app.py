@@ -13,6 +13,7 @@ import time
 from gateway import http, metrics, pipeline
 from gateway.config import load_config
 from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
+from gateway.logs import access_log
 from gateway.openapi import openapi_document
 from gateway.services import Services, Settings
 from gateway.types import RequestContext
@@ -63,6 +64,7 @@ class GatewayApp:
             elif message["type"] == "lifespan.shutdown":
                 if self.svc is not None:
                     await self.svc.stop()
+                access_log.flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -86,9 +88,7 @@ class GatewayApp:
             return
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": rid}})
-            await http.send_error(
-                send, GatewayError("The server had an error while processing your request."), rid
-            )
+            await http.send_error(send, GatewayError("The server had an error while processing your request."), rid)
 
     async def _proxied(self, endpoint: str, stage, scope, receive, send, rid: str) -> None:
         svc = self.svc

@@ -99,7 +99,7 @@ async def _dev_key(database_url: str, path: Path) -> str:
 
 def _start_mock(data_dir: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    log = open(data_dir / "mock-provider.log", "ab")  # noqa: SIM115 - lives as long as the child
+    log = open(data_dir / "mock-provider.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "loadtest.mock_provider", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log,
@@ -239,7 +239,8 @@ async def _keys(args: argparse.Namespace, database_url: str, redis_url: str) -> 
             print(f"{'ID':22} {'NAME':20} {'TENANT':12} {'KEY':18} {'CREATED':20} STATUS")
             for r in rows:
                 status = f"revoked {r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "active"
-                print(f"{r.id:22} {r.name[:20]:20} {r.tenant[:12]:12} {r.key_prefix:18} {r.created_at:%Y-%m-%d %H:%M:%S}  {status}")
+                created = f"{r.created_at:%Y-%m-%d %H:%M:%S}"
+                print(f"{r.id:22} {r.name[:20]:20} {r.tenant[:12]:12} {r.key_prefix:18} {created:20} {status}")
         else:
             key_hash = await keys.revoke_key(conn, args.id)
             if key_hash is None:

@@ -92,23 +92,43 @@ class Config(_Strict):
         return next(p for p in self.providers if p.name == name)
 
 
-def _interpolate(node: Any, path: str, problems: list[str]) -> Any:
+_PLACEHOLDER = re.compile(r"__gwvar(\d+)__")
+
+
+def _protect(text: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """Swaps each ``${VAR}`` for a plain token before YAML parsing.
+
+    ``api_keys: [${KEY}]`` is not valid YAML as written (``{`` opens a flow mapping), and
+    substituting values into the text would let a value inject YAML. Tokens are replaced by
+    the values after parsing instead, where each one's path in the file is known.
+    """
+    found: list[tuple[str, str | None]] = []
+
+    def swap(m: re.Match) -> str:
+        found.append((m.group(1), m.group(2)))
+        return f"__gwvar{len(found) - 1}__"
+
+    return _VAR.sub(swap, text), found
+
+
+def _interpolate(node: Any, path: str, found: list, problems: list[str]) -> Any:
     if isinstance(node, dict):
-        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), found, problems) for k, v in node.items()}
     if isinstance(node, list):
-        return [_interpolate(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
-    if isinstance(node, str) and "${" in node:
+        return [_interpolate(v, f"{path}[{i}]", found, problems) for i, v in enumerate(node)]
+    if isinstance(node, str) and "__gwvar" in node:
 
         def sub(m: re.Match) -> str:
-            value = os.environ.get(m.group(1))
+            name, default = found[int(m.group(1))]
+            value = os.environ.get(name)
             if value is None or value == "":
-                if m.group(2) is not None:
-                    return m.group(2)
-                problems.append(f"{path}: environment variable {m.group(1)} is not set")
+                if default is not None:
+                    return default
+                problems.append(f"{path}: environment variable {name} is not set")
                 return ""
             return value
 
-        return _VAR.sub(sub, node)
+        return _PLACEHOLDER.sub(sub, node)
     return node
 
 
@@ -142,13 +162,17 @@ def _cross_check(cfg: Config, problems: list[str]) -> None:
                 problems.append(f"{where}.provider: anthropic has no embeddings endpoint")
 
 
-def parse_config(data: Any) -> Config:
+def parse_config(data: Any, found: list | None = None) -> Config:
+    """Validates parsed YAML; ``found`` holds the ``${VAR}`` tokens ``_protect`` swapped out."""
     problems: list[str] = []
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): must be a mapping with providers and models"])
-    data = _interpolate(data, "", problems)
+    if found is None:  # a dict built in code: protect its strings the same way
+        found = []
+        data = _protect_tree(data, found)
+    data = _interpolate(data, "", found, problems)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
@@ -167,10 +191,27 @@ def load_config(path: str | Path) -> Config:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read file: {exc.strerror}"]) from None
+    text, found = _protect(text)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         raise ConfigError([f"{path} ({where}): invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
-    return parse_config(data)
+    return parse_config(data, found)
+
+
+def _protect_tree(data: Any, found: list) -> Any:
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if isinstance(node, str):
+            text, more = _protect(node)
+            offset = len(found)
+            found.extend(more)
+            return _PLACEHOLDER.sub(lambda m: f"__gwvar{int(m.group(1)) + offset}__", text)
+        return node
+
+    return walk(data)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import orjson
 
-
 _DEFAULT: str = "__default__"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -39,10 +40,37 @@ def configure(level: str = "INFO") -> None:
         logging.getLogger(name).propagate = True
 
 
-_out = sys.stderr
+class AccessLog:
+    """Access-log lines, written without the logging machinery since they come per request.
+
+    Lines are gathered and written in one system call per event-loop turn (or every 256
+    lines), not one each; ``flush`` runs at shutdown.
+    """
+
+    def __init__(self, stream=None) -> None:
+        self._stream = stream
+        self._lines: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, fields: dict) -> None:
+        fields["ts"] = round(time.time(), 6)
+        self._lines.append(orjson.dumps(fields, default=str) + b"\n")
+        if len(self._lines) >= 256:
+            self.flush()
+        elif not self._scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+                self._scheduled = True
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._lines:
+            data, self._lines = b"".join(self._lines), []
+            stream = self._stream or sys.stderr.buffer
+            stream.write(data)
+            stream.flush()
 
 
-def request_line(fields: dict) -> None:
-    """One access-log line; written directly (no logging machinery) since it runs per request."""
-    fields["ts"] = round(time.time(), 6)
-    _out.write(orjson.dumps(fields, default=str).decode() + "\n")
+access_log = AccessLog()

@@ -18,16 +18,21 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30)
 
 REQUESTS = Counter(
-    "gateway_requests_total", "Requests by endpoint, model, provider and HTTP status",
+    "gateway_requests_total",
+    "Requests by endpoint, model, provider and HTTP status",
     ["endpoint", "model", "provider", "status"],
 )
 LATENCY = Histogram(
-    "gateway_request_duration_seconds", "Whole-request latency as the client saw it",
-    ["endpoint", "model", "provider"], buckets=_LATENCY_BUCKETS,
+    "gateway_request_duration_seconds",
+    "Whole-request latency as the client saw it",
+    ["endpoint", "model", "provider"],
+    buckets=_LATENCY_BUCKETS,
 )
 TTFT = Histogram(
-    "gateway_time_to_first_token_seconds", "Time to the first streamed chunk",
-    ["model", "provider"], buckets=_TTFT_BUCKETS,
+    "gateway_time_to_first_token_seconds",
+    "Time to the first streamed chunk",
+    ["model", "provider"],
+    buckets=_TTFT_BUCKETS,
 )
 TOKENS = Counter("gateway_tokens_total", "Tokens by kind (prompt, completion, cached)", ["model", "provider", "kind"])
 UPSTREAM_ERRORS = Counter(

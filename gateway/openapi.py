@@ -107,7 +107,10 @@ def openapi_document() -> dict:
             "/v1/models": {
                 "get": {
                     "summary": "List models",
-                    "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": models}}}, **_errors(401)},
+                    "responses": {
+                        "200": {"description": "OK", "content": {"application/json": {"schema": models}}},
+                        **_errors(401),
+                    },
                 }
             },
             "/v1/models/{model}": {
@@ -117,7 +120,9 @@ def openapi_document() -> dict:
                     "responses": {"200": {"description": "OK"}, **_errors(401, 404)},
                 }
             },
-            "/healthz": {"get": {"summary": "Process is up", "security": [], "responses": {"200": {"description": "OK"}}}},
+            "/healthz": {
+                "get": {"summary": "Process is up", "security": [], "responses": {"200": {"description": "OK"}}}
+            },
             "/readyz": {
                 "get": {
                     "summary": "Database and Redis reachable",

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from gateway import http, metrics
 from gateway.errors import GatewayError
-from gateway.logs import request_line
+from gateway.logs import access_log
 from gateway.services import Services
 from gateway.types import RequestContext
 from gateway.validation import validate_chat, validate_embeddings
@@ -144,4 +144,4 @@ def account(svc: Services, ctx: RequestContext, now: float, error: GatewayError 
         if error is not None or ctx.error_code:
             line["error_code"] = ctx.error_code
             line["error"] = error.message if error is not None else None
-        request_line(line)
+        access_log.write(line)

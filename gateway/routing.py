@@ -42,9 +42,7 @@ class Router:
     def route(self, name: str, mode: str) -> Route:
         group = self._groups.get(name)
         if group is None:
-            raise ModelNotFound(
-                f"The model `{name}` does not exist or you do not have access to it.", param="model"
-            )
+            raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.", param="model")
         if group.model.mode != mode:
             use = "/v1/embeddings" if group.model.mode == "embedding" else "/v1/chat/completions"
             raise InvalidRequest(

@@ -17,6 +17,7 @@ from gateway.errors import UpstreamError, UpstreamTimeout
 class Upstream:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(

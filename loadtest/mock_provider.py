@@ -136,7 +136,9 @@ class Mock:
         if path.startswith("/_mock/"):
             return await self._control(send, path, method, body)
         if path == "/v1/models":
-            data = [{"id": m, "object": "model", "created": 0, "owned_by": "mock"} for m in ("mock-gpt", "mock-embedding")]
+            data = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "mock"} for m in ("mock-gpt", "mock-embedding")
+            ]
             return await self._json(send, 200, {"object": "list", "data": data})
         handler = {
             "/v1/chat/completions": self._chat,
@@ -164,11 +166,19 @@ class Mock:
             return await self._error(send, 400, "anthropic-version: header is required", anthropic)
         limits = self._rate(key)
         if limits is None:
-            return await self._error(send, 429, "Rate limit reached for requests", anthropic, retry=plan.get("retry_after", 1))
+            return await self._error(
+                send, 429, "Rate limit reached for requests", anthropic, retry=plan.get("retry_after", 1)
+            )
         status = plan.get("status")
         if status:
-            return await self._error(send, int(status), plan.get("message", f"mock failure {status}"), anthropic,
-                                     retry=plan.get("retry_after"), extra=limits)
+            return await self._error(
+                send,
+                int(status),
+                plan.get("message", f"mock failure {status}"),
+                anthropic,
+                retry=plan.get("retry_after"),
+                extra=limits,
+            )
         if plan.get("hang"):
             await asyncio.sleep(3600)
         try:
@@ -294,14 +304,14 @@ class Mock:
             return await self._raw(send, 200, b'{"id": "broken", "choices": [', limits)
         if plan.get("cut_after") is not None:
             body = orjson.dumps(obj)
-            headers = self._hdrs(b"application/json", limits) + [(b"content-length", str(len(body)).encode())]
+            headers = [*self._hdrs(b"application/json", limits), (b"content-length", str(len(body)).encode())]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
             raise Cut
         await self._json(send, 200, obj, limits)
 
     async def _raw(self, send, status: int, body: bytes, extra: dict) -> None:
-        headers = self._hdrs(b"application/json", extra) + [(b"content-length", str(len(body)).encode())]
+        headers = [*self._hdrs(b"application/json", extra), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -328,8 +338,10 @@ class Mock:
         else:
             text = "echo: " + (user_text or "(nothing)")
         fmt = req.get("response_format") or {}
-        wants_json = "JSON object" in _text(req.get("system")) if not isinstance(req.get("system"), str) else (
-            "JSON object" in req["system"]
+        wants_json = (
+            "JSON object" in _text(req.get("system"))
+            if not isinstance(req.get("system"), str)
+            else ("JSON object" in req["system"])
         )
         if fmt.get("type") in ("json_object", "json_schema") or wants_json:
             text = orjson.dumps({"echo": user_text}).decode()
@@ -354,11 +366,14 @@ class Mock:
         messages = req.get("messages") or []
         tools = [
             {"name": t["function"]["name"], "schema": t["function"].get("parameters")}
-            for t in req.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)
+            for t in req.get("tools") or []
+            if isinstance(t, dict) and isinstance(t.get("function"), dict)
         ]
         choice = req.get("tool_choice")
-        forced = choice if isinstance(choice, str) and choice == "none" else (
-            choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        forced = (
+            choice
+            if isinstance(choice, str) and choice == "none"
+            else (choice.get("function", {}).get("name") if isinstance(choice, dict) else None)
         )
         text, calls, prompt_tokens = self._reply(req, messages, tools, forced, plan)
         n = req.get("n") or 1
@@ -367,7 +382,9 @@ class Mock:
         created = int(time.time())
         model = req.get("model", "mock-gpt")
         fp = f"fp_mock_{req['seed']}" if req.get("seed") is not None else "fp_mock"
-        words, finish = self._limit(text or "", req.get("stop"), req.get("max_completion_tokens") or req.get("max_tokens"))
+        words, finish = self._limit(
+            text or "", req.get("stop"), req.get("max_completion_tokens") or req.get("max_tokens")
+        )
         if calls:
             finish = "tool_calls"
         completion_tokens = (len(words) if text is not None else 8) * n
@@ -379,32 +396,49 @@ class Mock:
             "completion_tokens_details": {"reasoning_tokens": 0},
         }
         tool_calls = [
-            {"id": f"call_mock{i}", "type": "function", "function": {"name": name, "arguments": orjson.dumps(args).decode()}}
+            {
+                "id": f"call_mock{i}",
+                "type": "function",
+                "function": {"name": name, "arguments": orjson.dumps(args).decode()},
+            }
             for i, (name, args) in enumerate(calls)
         ]
         logprobs = None
         if req.get("logprobs"):
-            logprobs = {"content": [
-                {"token": w, "logprob": -0.01 * (i + 1), "bytes": list(w.encode()), "top_logprobs": []}
-                for i, w in enumerate(words)
-            ], "refusal": None}
+            logprobs = {
+                "content": [
+                    {"token": w, "logprob": -0.01 * (i + 1), "bytes": list(w.encode()), "top_logprobs": []}
+                    for i, w in enumerate(words)
+                ],
+                "refusal": None,
+            }
         if not req.get("stream"):
             message = {"role": "assistant", "content": "".join(words) if text is not None else None, "refusal": None}
             if tool_calls:
                 message["tool_calls"] = tool_calls
             obj = {
-                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
                 "system_fingerprint": fp,
-                "choices": [{"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish} for i in range(n)],
+                "choices": [
+                    {"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish} for i in range(n)
+                ],
                 "usage": usage,
             }
             return await self._whole(send, obj, plan, limits, chunks)
         include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
 
         def chunk(delta: dict, finish_reason=None, index=0, lp=None) -> bytes:
-            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "system_fingerprint": fp,
-                   "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]}
+            obj = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": fp,
+                "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}],
+            }
             if include_usage:
                 obj["usage"] = None
             return b"data: " + orjson.dumps(obj) + b"\n\n"
@@ -416,21 +450,54 @@ class Mock:
             for j, call in enumerate(tool_calls):
                 args = call["function"]["arguments"]
                 half = len(args) // 2
-                events.append(chunk({"tool_calls": [{"index": j, "id": call["id"], "type": "function",
-                                                     "function": {"name": call["function"]["name"], "arguments": ""}}]}))
+                events.append(
+                    chunk(
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": j,
+                                    "id": call["id"],
+                                    "type": "function",
+                                    "function": {"name": call["function"]["name"], "arguments": ""},
+                                }
+                            ]
+                        }
+                    )
+                )
                 events.append(chunk({"tool_calls": [{"index": j, "function": {"arguments": args[:half]}}]}))
                 events.append(chunk({"tool_calls": [{"index": j, "function": {"arguments": args[half:]}}]}))
         else:
             pieces = _split(list(words), chunks)
-            for k, piece in enumerate(pieces):
+            for _k, piece in enumerate(pieces):
                 for i in range(n):
-                    lp = {"content": [{"token": piece, "logprob": -0.01, "bytes": list(piece.encode()), "top_logprobs": []}]} if logprobs else None
+                    lp = (
+                        {
+                            "content": [
+                                {"token": piece, "logprob": -0.01, "bytes": list(piece.encode()), "top_logprobs": []}
+                            ]
+                        }
+                        if logprobs
+                        else None
+                    )
                     events.append(chunk({"content": piece}, index=i, lp=lp))
         for i in range(n):
             events.append(chunk({}, finish, index=i))
         if include_usage:
-            events.append(b"data: " + orjson.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                                    "model": model, "system_fingerprint": fp, "choices": [], "usage": usage}) + b"\n\n")
+            events.append(
+                b"data: "
+                + orjson.dumps(
+                    {
+                        "id": cid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "system_fingerprint": fp,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
+                + b"\n\n"
+            )
         events.append(b"data: [DONE]\n\n")
         await self._stream_start(send, plan, limits)
         await self._events(send, events, plan)
@@ -467,42 +534,92 @@ class Mock:
             content.append({"type": "text", "text": "".join(words)})
         for i, (name, args) in enumerate(calls):
             content.append({"type": "tool_use", "id": f"toolu_mock{i}", "name": name, "input": args})
-        usage = {"input_tokens": prompt_tokens, "output_tokens": out_tokens,
-                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        usage = {
+            "input_tokens": prompt_tokens,
+            "output_tokens": out_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
         if not req.get("stream"):
-            obj = {"id": mid, "type": "message", "role": "assistant", "model": req["model"], "content": content,
-                   "stop_reason": stop_reason, "stop_sequence": stop_seq, "usage": usage}
+            obj = {
+                "id": mid,
+                "type": "message",
+                "role": "assistant",
+                "model": req["model"],
+                "content": content,
+                "stop_reason": stop_reason,
+                "stop_sequence": stop_seq,
+                "usage": usage,
+            }
             return await self._whole(send, obj, plan, limits, plan.get("chunks", self.cfg["chunks"]))
 
         def ev(name: str, data: dict) -> bytes:
             return f"event: {name}\n".encode() + b"data: " + orjson.dumps(data) + b"\n\n"
 
-        start_msg = {"id": mid, "type": "message", "role": "assistant", "model": req["model"], "content": [],
-                     "stop_reason": None, "stop_sequence": None, "usage": {**usage, "output_tokens": 1}}
+        start_msg = {
+            "id": mid,
+            "type": "message",
+            "role": "assistant",
+            "model": req["model"],
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {**usage, "output_tokens": 1},
+        }
         events = [ev("message_start", {"type": "message_start", "message": start_msg}), ev("ping", {"type": "ping"})]
         index = 0
         if text is not None:
-            events.append(ev("content_block_start", {"type": "content_block_start", "index": 0,
-                                                     "content_block": {"type": "text", "text": ""}}))
+            events.append(
+                ev(
+                    "content_block_start",
+                    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                )
+            )
             for piece in _split(list(words), plan.get("chunks", self.cfg["chunks"])):
-                events.append(ev("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                         "delta": {"type": "text_delta", "text": piece}}))
+                events.append(
+                    ev(
+                        "content_block_delta",
+                        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
+                    )
+                )
             events.append(ev("content_block_stop", {"type": "content_block_stop", "index": 0}))
             index = 1
         for i, (name, args) in enumerate(calls):
             raw = orjson.dumps(args).decode()
             half = len(raw) // 2
-            events.append(ev("content_block_start", {"type": "content_block_start", "index": index,
-                                                     "content_block": {"type": "tool_use", "id": f"toolu_mock{i}",
-                                                                       "name": name, "input": {}}}))
+            events.append(
+                ev(
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": index,
+                        "content_block": {"type": "tool_use", "id": f"toolu_mock{i}", "name": name, "input": {}},
+                    },
+                )
+            )
             for part in (raw[:half], raw[half:]):
-                events.append(ev("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                         "delta": {"type": "input_json_delta", "partial_json": part}}))
+                events.append(
+                    ev(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": index,
+                            "delta": {"type": "input_json_delta", "partial_json": part},
+                        },
+                    )
+                )
             events.append(ev("content_block_stop", {"type": "content_block_stop", "index": index}))
             index += 1
-        events.append(ev("message_delta", {"type": "message_delta",
-                                           "delta": {"stop_reason": stop_reason, "stop_sequence": stop_seq},
-                                           "usage": {"output_tokens": out_tokens}}))
+        events.append(
+            ev(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop_reason, "stop_sequence": stop_seq},
+                    "usage": {"output_tokens": out_tokens},
+                },
+            )
+        )
         events.append(ev("message_stop", {"type": "message_stop"}))
         await self._stream_start(send, plan, limits)
         await self._events(send, events, plan)
@@ -526,8 +643,12 @@ class Mock:
             else:
                 emb = vec
             data.append({"object": "embedding", "index": i, "embedding": emb})
-        obj = {"object": "list", "data": data, "model": req.get("model", "mock-embedding"),
-               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        obj = {
+            "object": "list",
+            "data": data,
+            "model": req.get("model", "mock-embedding"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
         await self._whole(send, obj, plan, limits, 0)
 
 
@@ -553,8 +674,15 @@ def main(argv: list[str] | None = None) -> None:
 
     opts = parse_args(argv)
     uvicorn.run(
-        Mock(opts), host=opts.host, port=opts.port, loop="uvloop", http="httptools",
-        access_log=False, log_level="warning", backlog=4096, timeout_graceful_shutdown=1,
+        Mock(opts),
+        host=opts.host,
+        port=opts.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        backlog=4096,
+        timeout_graceful_shutdown=1,
     )
 
 

@@ -43,7 +43,7 @@ def wait_until(check, timeout: float = 30.0, what: str = "condition") -> None:
 class Proc:
     def __init__(self, args: list[str], env: dict, log: Path) -> None:
         self.log_path = log
-        self._log = open(log, "wb")  # noqa: SIM115
+        self._log = open(log, "wb")
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
 
     def stop(self, sig: int | None = None) -> int:
@@ -99,8 +99,18 @@ class Gateway(Proc):
             "GATEWAY_MASTER_KEY": MASTER_KEY,
             "GATEWAY_DATA_DIR": str(tmp / "data"),
         }
-        args = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg_path), "--port", str(self.port),
-                "--workers", str(workers)]
+        args = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(cfg_path),
+            "--port",
+            str(self.port),
+            "--workers",
+            str(workers),
+        ]
         super().__init__(args, env, tmp / f"gateway-{self.port}.log")
         try:
             wait_until(lambda: httpx.get(f"{self.url}/readyz").status_code == 200, timeout=60, what="gateway ready")
@@ -112,16 +122,29 @@ class Gateway(Proc):
 def gateway_config(mock: MockProvider, **extra) -> dict:
     cfg = {
         "providers": [
-            {"name": "mock-openai", "kind": "openai", "base_url": f"{mock.url}/v1", "api_keys": ["key-a", "key-b"],
-             "timeouts": {"first_byte": 3, "idle": 3, "total": 20}},
-            {"name": "mock-anthropic", "kind": "anthropic", "base_url": mock.url, "api_keys": ["ant-key"],
-             "timeouts": {"first_byte": 3, "idle": 3, "total": 20}},
+            {
+                "name": "mock-openai",
+                "kind": "openai",
+                "base_url": f"{mock.url}/v1",
+                "api_keys": ["key-a", "key-b"],
+                "timeouts": {"first_byte": 3, "idle": 3, "total": 20},
+            },
+            {
+                "name": "mock-anthropic",
+                "kind": "anthropic",
+                "base_url": mock.url,
+                "api_keys": ["ant-key"],
+                "timeouts": {"first_byte": 3, "idle": 3, "total": 20},
+            },
         ],
         "models": [
             {"name": "gpt-mock", "deployments": [{"provider": "mock-openai", "model": "mock-gpt"}]},
             {"name": "claude-mock", "deployments": [{"provider": "mock-anthropic", "model": "mock-claude"}]},
-            {"name": "embed-mock", "mode": "embedding",
-             "deployments": [{"provider": "mock-openai", "model": "mock-embedding"}]},
+            {
+                "name": "embed-mock",
+                "mode": "embedding",
+                "deployments": [{"provider": "mock-openai", "model": "mock-embedding"}],
+            },
         ],
     }
     cfg.update(extra)
@@ -159,8 +182,9 @@ def gateway(tmp_root: Path, services, mock) -> Iterator[Gateway]:
 
 def run_cli(*args: str, urls: tuple[str, str], tmp: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "DATABASE_URL": urls[0], "REDIS_URL": urls[1], "GATEWAY_DATA_DIR": str(tmp / "data")}
-    return subprocess.run([sys.executable, "-m", "gateway", *args], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
 
 
 @pytest.fixture(scope="session")

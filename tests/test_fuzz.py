@@ -12,14 +12,33 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=30)
+json_scalars = (
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=30)
+)
 json_values = st.recursive(
     json_scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
-CHAT_FIELDS = ["model", "messages", "stream", "stream_options", "n", "max_tokens", "temperature", "top_p", "stop",
-               "tools", "tool_choice", "response_format", "seed", "logprobs", "top_logprobs", "user", "metadata"]
+CHAT_FIELDS = [
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "n",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "user",
+    "metadata",
+]
 ROLES = st.sampled_from(["system", "user", "assistant", "tool", "developer", "robot", "", None])
 message = st.fixed_dictionaries(
     {"role": ROLES},
@@ -107,12 +126,17 @@ def test_fuzz_raw_bodies(fuzz_http, raw):
 
 
 @FUZZ
-@given(model=st.text(max_size=40), auth=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60))
+@given(
+    model=st.text(max_size=40), auth=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60)
+)
 def test_fuzz_model_paths_and_auth_headers(fuzz_http, gateway, model, auth):
     from urllib.parse import quote
 
     _check(fuzz_http.get("/v1/models/" + quote(model, safe="")))
-    resp = httpx.post(f"{gateway.url}/v1/chat/completions", headers={"Authorization": auth.strip() or "-"},
-                      json={"model": "gpt-mock", "messages": [{"role": "user", "content": "x"}]})
+    resp = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        headers={"Authorization": auth.strip() or "-"},
+        json={"model": "gpt-mock", "messages": [{"role": "user", "content": "x"}]},
+    )
     assert resp.status_code in (200, 401)
     _check(resp)

@@ -64,7 +64,9 @@ def test_metrics_count_requests_tokens_latency_and_errors(http, gateway):
     http.post("/v1/chat/completions", json=CHAT)
     with http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
         resp.read()
-    http.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": 'x [[mock:{"status":500}]]'}]})
+    http.post(
+        "/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": 'x [[mock:{"status":500}]]'}]}
+    )
     text = httpx.get(f"{gateway.url}/metrics").text
 
     def value(pattern: str) -> float:
@@ -73,9 +75,9 @@ def test_metrics_count_requests_tokens_latency_and_errors(http, gateway):
         return float(m.group(1))
 
     labels = 'endpoint="chat",model="gpt-mock",provider="mock-openai"'
-    assert value(r'gateway_requests_total\{' + labels + r',status="200"\}') >= 2
-    assert value(r'gateway_requests_total\{' + labels + r',status="502"\}') >= 1
-    assert value(r'gateway_request_duration_seconds_count\{' + labels + r'\}') >= 3
+    assert value(r"gateway_requests_total\{" + labels + r',status="200"\}') >= 2
+    assert value(r"gateway_requests_total\{" + labels + r',status="502"\}') >= 1
+    assert value(r"gateway_request_duration_seconds_count\{" + labels + r"\}") >= 3
     assert value(r'gateway_time_to_first_token_seconds_count\{model="gpt-mock",provider="mock-openai"\}') >= 1
     assert value(r'gateway_tokens_total\{kind="completion",model="gpt-mock",provider="mock-openai"\}') >= 2
     assert value(r'gateway_upstream_errors_total\{code="bad_gateway",provider="mock-openai"\}') >= 1
@@ -112,8 +114,11 @@ def test_logs_are_json_lines_with_the_request_id(http, gateway):
         (b'{"model": "gpt-mock", "messages": [{"role": "user", "content": 5}]}', 400, "messages[0].content"),
         (b'{"model": "gpt-mock", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "stream"),
         (b'{"model": "gpt-mock", "messages": [{"role": "user", "content": "x"}], "n": true}', 400, "n"),
-        (b'{"model": "gpt-mock", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}', 400,
-         "tools[0].function"),
+        (
+            b'{"model": "gpt-mock", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}',
+            400,
+            "tools[0].function",
+        ),
         (b'{"model": "gpt-mock", "messages": [{"role": "tool", "content": "x"}]}', 400, "messages[0].tool_call_id"),
         (b'{"model": "gpt-mock", "messages": [{"role": "user", "content": "x"}], "stop": [1]}', 400, "stop"),
         (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),
@@ -143,14 +148,18 @@ def test_bad_embeddings_input_gets_a_named_error(http, body, param):
 
 
 def test_oversized_body_is_413(http):
-    resp = http.post("/v1/chat/completions", content=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"})
+    resp = http.post(
+        "/v1/chat/completions", content=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"}
+    )
     assert resp.status_code == 413
     assert _is_openai_error(resp)["code"] == "request_too_large"
 
 
 def test_oversized_body_is_caught_by_the_sdk_as_413(client):
     with pytest.raises(openai.APIStatusError) as exc:
-        client.chat.completions.create(model="gpt-mock", messages=[{"role": "user", "content": "y" * (9 * 1024 * 1024)}])
+        client.chat.completions.create(
+            model="gpt-mock", messages=[{"role": "user", "content": "y" * (9 * 1024 * 1024)}]
+        )
     assert exc.value.status_code == 413
 
 
@@ -162,7 +171,9 @@ def test_unknown_path_and_wrong_method(http):
 
 
 def test_auth_is_checked_before_the_body(gateway):
-    resp = httpx.post(f"{gateway.url}/v1/chat/completions", content=b"{garbage", headers={"Authorization": "Bearer nope"})
+    resp = httpx.post(
+        f"{gateway.url}/v1/chat/completions", content=b"{garbage", headers={"Authorization": "Bearer nope"}
+    )
     assert resp.status_code == 401
     resp = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, headers={"Authorization": "Basic abc"})
     assert resp.status_code == 401

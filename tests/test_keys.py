@@ -12,8 +12,12 @@ from tests.conftest import Gateway, gateway_config, run_cli, started
 
 
 def _chat(url: str, key: str) -> httpx.Response:
-    return httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                      json={"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    )
 
 
 def _rows(database_url: str, query: str, *args):
@@ -56,7 +60,8 @@ def test_revoked_key_fails_on_the_next_request_in_every_replica(services, tmp_ro
         assert _chat(b.url, key).status_code == 200
         out = run_cli("keys", "revoke", key_id, urls=services, tmp=tmp_root)
         assert out.returncode == 0, out.stderr
-        assert "2 gateway process(es) notified" in out.stdout
+        notified = int(out.stdout.split("(")[1].split()[0])
+        assert notified >= 2, out.stdout  # both replicas (plus any other gateway of the suite)
         for gw in (a, b):
             resp = _chat(gw.url, key)
             assert resp.status_code == 401, resp.text

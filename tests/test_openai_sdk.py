@@ -12,8 +12,11 @@ WEATHER_TOOL = {
     "function": {
         "name": "get_weather",
         "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                       "required": ["city"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
     },
 }
 
@@ -46,7 +49,9 @@ def test_streaming_reassembles_to_the_same_text(client, model):
 def test_stream_include_usage_gives_a_final_usage_chunk(client, model):
     chunks = list(
         client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "count me"}], stream=True,
+            model=model,
+            messages=[{"role": "user", "content": "count me"}],
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -93,8 +98,11 @@ def test_tools_and_forced_tool_choice(client, model):
 def test_streamed_tool_call_arguments_reassemble(client, model):
     chunks = list(
         client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "Rome"}], tools=[WEATHER_TOOL],
-            tool_choice="required", stream=True,
+            model=model,
+            messages=[{"role": "user", "content": "Rome"}],
+            tools=[WEATHER_TOOL],
+            tool_choice="required",
+            stream=True,
         )
     )
     calls: dict[int, dict] = {}
@@ -116,10 +124,18 @@ def test_anthropic_translation_reaches_the_provider_in_its_format(client, mock):
         model="claude-mock",
         messages=[
             {"role": "system", "content": "You are terse."},
-            {"role": "user", "content": [{"type": "text", "text": "look"},
-                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "look"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}},
+                ],
+            },
         ],
-        stop=["END"], temperature=1.7, user="u-42", max_tokens=50,
+        stop=["END"],
+        temperature=1.7,
+        user="u-42",
+        max_tokens=50,
     )
     req = mock.last()
     assert req["path"] == "/v1/messages"
@@ -130,7 +146,9 @@ def test_anthropic_translation_reaches_the_provider_in_its_format(client, mock):
     assert body["stop_sequences"] == ["END"] and body["temperature"] == 1.0
     assert body["metadata"] == {"user_id": "u-42"}
     assert body["messages"][0]["content"][1] == {
-        "type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}}
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"},
+    }
 
 
 def test_parameters_pass_through_to_openai_upstreams(client, mock):
@@ -138,14 +156,28 @@ def test_parameters_pass_through_to_openai_upstreams(client, mock):
     resp = client.chat.completions.create(
         model="gpt-mock",
         messages=[{"role": "user", "content": "one two three four five six"}],
-        n=2, stop=["five"], seed=7, logprobs=True, top_logprobs=2, user="end-user-1",
-        response_format={"type": "text"}, max_tokens=3,
+        n=2,
+        stop=["five"],
+        seed=7,
+        logprobs=True,
+        top_logprobs=2,
+        user="end-user-1",
+        response_format={"type": "text"},
+        max_tokens=3,
         extra_body={"custom_vendor_flag": {"nested": True}},
     )
     body = mock.last()["body"]
     assert body["model"] == "mock-gpt"
-    for field, value in [("n", 2), ("stop", ["five"]), ("seed", 7), ("logprobs", True), ("top_logprobs", 2),
-                         ("user", "end-user-1"), ("max_tokens", 3), ("custom_vendor_flag", {"nested": True})]:
+    for field, value in [
+        ("n", 2),
+        ("stop", ["five"]),
+        ("seed", 7),
+        ("logprobs", True),
+        ("top_logprobs", 2),
+        ("user", "end-user-1"),
+        ("max_tokens", 3),
+        ("custom_vendor_flag", {"nested": True}),
+    ]:
         assert body[field] == value, field
     assert len(resp.choices) == 2
     assert resp.system_fingerprint == "fp_mock_7"
@@ -155,16 +187,18 @@ def test_parameters_pass_through_to_openai_upstreams(client, mock):
 
 
 def test_stop_sequence_cuts_the_reply(client):
-    resp = client.chat.completions.create(model="gpt-mock", messages=[{"role": "user", "content": "alpha STOP beta"}],
-                                          stop="STOP")
+    resp = client.chat.completions.create(
+        model="gpt-mock", messages=[{"role": "user", "content": "alpha STOP beta"}], stop="STOP"
+    )
     assert resp.choices[0].message.content == "echo: alpha "
 
 
 @pytest.mark.parametrize("model", ["gpt-mock", "claude-mock"])
 def test_response_format_json(client, mock, model):
     mock.clear()
-    resp = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
-                                          response_format={"type": "json_object"})
+    resp = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], response_format={"type": "json_object"}
+    )
     assert json.loads(resp.choices[0].message.content) == {"echo": "hi"}
     sent = mock.last()["body"]
     if model == "claude-mock":  # Anthropic has no response_format: it becomes an instruction
