@@ -182,3 +182,32 @@ def test_auth_is_checked_before_the_body(gateway):
 def test_openapi_document_is_served(gateway):
     doc = httpx.get(f"{gateway.url}/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/embeddings", "/v1/models"} <= set(doc["paths"])
+
+
+def test_client_hanging_up_mid_stream_is_logged_and_releases_upstream(gateway, api_key):
+    import socket
+
+    body = json.dumps(
+        {
+            "model": "gpt-mock",
+            "stream": True,
+            "messages": [{"role": "user", "content": 'a b c d e f [[mock:{"chunk_ms": 200, "chunks": 6}]]'}],
+        }
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", gateway.port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + api_key.encode() + b"\r\nx-request-id: hangup-test-1\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    assert b"200 OK" in sock.recv(4096)
+    sock.close()
+
+    def logged() -> dict | None:
+        for line in gateway.log().splitlines():
+            if "hangup-test-1" in line and line.startswith("{"):
+                return json.loads(line)
+        return None
+
+    wait_until(lambda: logged() is not None, timeout=10, what="log line of the abandoned stream")
+    assert logged()["status"] == 499
