@@ -147,6 +147,8 @@ class GatewayApp:
         await http.send_json(send, 200 if ready else 503, {"status": "ready" if ready else "not ready", **checks}, rid)
 
     async def _metrics(self, scope, receive, send, rid: str) -> None:
+        for deployment, state in self.svc.router.circuit_states().items():
+            metrics.CIRCUIT_STATE.labels(deployment).set(state)
         body, ctype = metrics.render()
         await http.send_bytes(send, 200, body, rid, content_type=ctype.encode())
 

@@ -232,7 +232,7 @@ async def _keys(args: argparse.Namespace, database_url: str, redis_url: str) -> 
     try:
         await migrate(conn)
         if args.keys_cmd == "create":
-            key, rec = await keys.create_key(conn, args.name, args.tenant)
+            key, rec = await keys.create_key(conn, args.name, args.tenant, args.require_tag)
             print(f"{key}\n(id {rec.id}; shown once, only its hash is stored)")
         elif args.keys_cmd == "list":
             rows = await keys.list_keys(conn, include_revoked=args.all)
@@ -283,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     create = ks.add_parser("create")
     create.add_argument("--name", required=True)
     create.add_argument("--tenant", default="default")
+    create.add_argument(
+        "--require-tag",
+        action="append",
+        default=[],
+        help="deployments serving this key must carry the tag (e.g. zdr); repeatable",
+    )
     lst = ks.add_parser("list")
     lst.add_argument("--all", action="store_true", help="include revoked keys")
     revoke = ks.add_parser("revoke")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROVIDER_KINDS = ("openai", "anthropic", "litellm")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -64,18 +64,77 @@ class Provider(_Strict):
         return v
 
 
+STRATEGIES = ("weighted", "least-busy", "latency", "cost", "usage")
+Strategy = Literal["weighted", "least-busy", "latency", "cost", "usage"]
+
+
 class Deployment(_Strict):
     provider: str
     model: str = Field(min_length=1)
     weight: float = Field(1.0, gt=0)
     tags: list[str] = Field(default_factory=list)
+    # Overrides of the bundled price map (USD per token) and context window (tokens).
+    input_cost_per_token: float | None = Field(None, ge=0)
+    output_cost_per_token: float | None = Field(None, ge=0)
+    context_window: int | None = Field(None, gt=0)
+
+
+class RuleCondition(_Strict):
+    """All given conditions must hold. ``metadata`` compares the request's metadata fields."""
+
+    metadata: dict[str, str] = Field(default_factory=dict)
+    prompt_tokens_over: int | None = Field(None, ge=0)
+    has_tools: bool | None = None
+    has_images: bool | None = None
+
+
+class Rule(_Strict):
+    when: RuleCondition = Field(default_factory=RuleCondition)
+    use: str = Field(min_length=1)
 
 
 class Model(_Strict):
     name: str = Field(min_length=1, max_length=256)
     mode: Literal["chat", "embedding"] = "chat"
-    deployments: list[Deployment] = Field(min_length=1)
+    deployments: list[Deployment] = Field(default_factory=list)
+    # A model with rules and no deployments routes each request to the first matching group.
+    rules: list[Rule] = Field(default_factory=list)
+    strategy: Strategy | None = None
+    fallbacks: list[str] = Field(default_factory=list)
+    context_window_fallbacks: list[str] = Field(default_factory=list)
+    content_policy_fallbacks: list[str] = Field(default_factory=list)
     owned_by: str = "gateway"
+
+    @model_validator(mode="after")
+    def _deployments_or_rules(self) -> Model:
+        if bool(self.deployments) == bool(self.rules):
+            raise ValueError("give either deployments (at least one) or rules")
+        return self
+
+
+class Backoff(_Strict):
+    base: float = Field(0.05, ge=0)
+    max: float = Field(2.0, ge=0)
+
+
+class Circuit(_Strict):
+    failures: int = Field(5, ge=1)  # failures within `window` seconds open the circuit
+    window: float = Field(30.0, gt=0)
+    cooldown: float = Field(15.0, gt=0)  # then one probe request (half-open)
+
+
+class RouterSettings(_Strict):
+    strategy: Strategy = "weighted"
+    max_attempts: int = Field(6, ge=1)  # over all deployments and fallbacks of one request
+    deadline: float = Field(120.0, gt=0)  # seconds for the whole request, retries included
+    backoff: Backoff = Field(default_factory=Backoff)
+    circuit: Circuit = Field(default_factory=Circuit)
+    key_cooldown: float = Field(10.0, gt=0)  # a 429 without retry-after cools a key this long
+    latency_exploration: float = Field(0.05, ge=0, le=1)
+
+
+class Tenant(_Strict):
+    require_tags: list[str] = Field(default_factory=list)
 
 
 class Server(_Strict):
@@ -85,6 +144,8 @@ class Server(_Strict):
 
 class Config(_Strict):
     server: Server = Field(default_factory=Server)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    tenants: dict[str, Tenant] = Field(default_factory=dict)
     providers: list[Provider] = Field(default_factory=list)
     models: list[Model] = Field(default_factory=list)
 
@@ -150,10 +211,24 @@ def _cross_check(cfg: Config, problems: list[str]) -> None:
         if p.kind in ("openai", "anthropic") and not p.api_keys:
             problems.append(f"providers[{i}].api_keys: at least one key is required")
     seen: set[str] = set()
+    all_models = {m.name: m for m in cfg.models}
     for i, m in enumerate(cfg.models):
         if m.name in seen:
             problems.append(f"models[{i}].name: duplicate model name {m.name!r}")
         seen.add(m.name)
+        for field in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
+            for j, name in enumerate(getattr(m, field)):
+                target = all_models.get(name)
+                if target is None:
+                    problems.append(f"models[{i}].{field}[{j}]: unknown model {name!r}")
+                elif target.mode != m.mode or target.rules:
+                    problems.append(f"models[{i}].{field}[{j}]: {name!r} must be a {m.mode} model with deployments")
+        for j, rule in enumerate(m.rules):
+            target = all_models.get(rule.use)
+            if target is None:
+                problems.append(f"models[{i}].rules[{j}].use: unknown model {rule.use!r}")
+            elif target.rules:
+                problems.append(f"models[{i}].rules[{j}].use: {rule.use!r} has rules itself; point at deployments")
         for j, d in enumerate(m.deployments):
             where = f"models[{i}].deployments[{j}]"
             if d.provider not in names:

@@ -38,6 +38,16 @@ TOKENS = Counter("gateway_tokens_total", "Tokens by kind (prompt, completion, ca
 UPSTREAM_ERRORS = Counter(
     "gateway_upstream_errors_total", "Failed upstream attempts by provider and error code", ["provider", "code"]
 )
+RETRIES = Counter("gateway_retries_total", "Attempts after the first, by requested model", ["model"])
+FALLBACKS = Counter("gateway_fallbacks_total", "Fallbacks from a requested model to another group", ["model", "to"])
+COOLDOWNS = Counter("gateway_key_cooldowns_total", "Provider keys cooled down or taken out", ["provider", "reason"])
+CIRCUIT_OPENED = Counter("gateway_circuit_opened_total", "Circuit breaker trips by deployment", ["deployment"])
+CIRCUIT_STATE = Gauge(
+    "gateway_circuit_state",
+    "Circuit state by deployment: 0 closed, 1 half-open, 2 open",
+    ["deployment"],
+    multiprocess_mode="max",
+)
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
 
 
@@ -62,6 +72,10 @@ latency = _Children(LATENCY)
 ttft = _Children(TTFT)
 tokens = _Children(TOKENS)
 upstream_errors = _Children(UPSTREAM_ERRORS)
+retries = _Children(RETRIES)
+fallbacks = _Children(FALLBACKS)
+cooldowns = _Children(COOLDOWNS)
+circuit_opened = _Children(CIRCUIT_OPENED)
 
 
 def render() -> tuple[bytes, str]:

@@ -1,6 +1,6 @@
 """The request pipeline, top to bottom.
 
-    authenticate → parse & validate → route → call → account
+    authenticate → parse & validate → route → call (with retries and fallbacks) → account
 
 Each stage is one small function over the ``RequestContext``; a stage short-circuits by
 raising a ``GatewayError``, which the app renders. ``account`` always runs (app.py calls it
@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import orjson
 
 from gateway import http, metrics
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.logs import access_log
+from gateway.providers.base import map_upstream_status, stream_error_event
+from gateway.routing import Group, run_attempts
+from gateway.routing.constraints import constraints_for
 from gateway.services import Services
-from gateway.types import RequestContext
+from gateway.types import RequestContext, Route
 from gateway.validation import validate_chat, validate_embeddings
 
 _SSE_HEADERS = [
@@ -32,19 +39,22 @@ async def authenticate(svc: Services, ctx: RequestContext, scope: dict) -> None:
 
 
 async def parse(svc: Services, ctx: RequestContext, scope: dict, receive, validate: Callable) -> None:
-    body = http.parse_json(await http.read_body(scope, receive, svc.config.server.max_body_bytes))
+    raw = await http.read_body(scope, receive, svc.config.server.max_body_bytes)
+    body = http.parse_json(raw)
     if isinstance(body, dict) and isinstance(body.get("model"), str):
         ctx.model = body["model"]  # known early so refusals are counted by model
     validate(body)
     ctx.body = body
+    ctx.body_bytes = len(raw)
+    ctx.max_output = body.get("max_completion_tokens") or body.get("max_tokens") or 0
     ctx.stream = body.get("stream") is True
     opts = body.get("stream_options")
     ctx.include_usage = bool(ctx.stream and isinstance(opts, dict) and opts.get("include_usage"))
 
 
-def route(svc: Services, ctx: RequestContext, mode: str) -> None:
-    ctx.route = svc.router.route(ctx.model, mode)
-    ctx.attempts += 1
+def route(svc: Services, ctx: RequestContext, scope: dict, mode: str) -> Group:
+    ctx.constraints = constraints_for(svc.config, ctx.identity, scope)
+    return svc.router.resolve(ctx, mode)
 
 
 def _route_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
@@ -57,34 +67,116 @@ def _route_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     ]
 
 
-async def call(svc: Services, ctx: RequestContext, send) -> None:
-    adapter = svc.adapters[ctx.route.provider]
+async def call(svc: Services, ctx: RequestContext, group: Group, send) -> None:
     if ctx.endpoint == "embeddings":
-        raw = await adapter.embeddings(ctx, ctx.route, ctx.body)
+
+        async def attempt(r: Route) -> bytes:
+            return await svc.adapters[r.provider].embeddings(ctx, r, ctx.body)
     else:
-        raw = await adapter.chat(ctx, ctx.route, ctx.body)
+
+        async def attempt(r: Route) -> bytes:
+            return await svc.adapters[r.provider].chat(ctx, r, ctx.body)
+
+    raw = await run_attempts(svc.router, ctx, group, attempt)
     ctx.status = 200
     headers = [(b"content-type", http.JSON), (b"content-length", str(len(raw)).encode()), *_route_headers(ctx)]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": raw})
 
 
-async def call_stream(svc: Services, ctx: RequestContext, send, receive) -> None:
-    adapter = svc.adapters[ctx.route.provider]
-    events = await adapter.open_chat_stream(ctx, ctx.route, ctx.body)
-    ctx.status = 200
-    await send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *_route_headers(ctx)]})
-    hangup = asyncio.ensure_future(receive())  # completes when the client goes away
+def _commits(ctx: RequestContext, chunk: bytes) -> bool:
+    """Whether a chunk carries something the client must see (content, a tool call, the end).
+
+    Until one does, nothing has been sent, and a failure can still fall back unseen; an error
+    event in that stretch is raised as the provider failure it is.
+    """
+    for event in chunk.split(b"\n\n"):
+        if not event.startswith(b"data: "):
+            continue
+        if event.startswith(b"data: [DONE]"):
+            return True
+        try:
+            data = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            return True  # not ours to judge: relay it
+        if not isinstance(data, dict):
+            return True
+        err = data.get("error")
+        if err is not None:
+            message = err.get("message") if isinstance(err, dict) else str(err)
+            raise map_upstream_status(ctx.route.provider, 500, str(message or "stream error"), {})
+        for choice in data.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if (
+                delta.get("content")
+                or delta.get("tool_calls")
+                or delta.get("function_call")
+                or delta.get("refusal")
+                or choice.get("finish_reason")
+            ):
+                return True
+    return False
+
+
+async def _open_stream(svc: Services, ctx: RequestContext, r: Route) -> tuple[list[bytes], AsyncIterator[bytes]]:
+    events = await svc.adapters[r.provider].open_chat_stream(ctx, r, ctx.body)
+    head: list[bytes] = []
     try:
         async for chunk in events:
-            if hangup.done():
-                ctx.status = 499
-                ctx.error_code = "client_closed_request"
-                break
+            head.append(chunk)
+            if _commits(ctx, chunk):
+                ctx.ttft = time.perf_counter() - ctx.started
+                return head, events
+        return head, events  # ended without content: relay what there was
+    except GatewayError:
+        await events.aclose()
+        raise
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        await events.aclose()
+        raise _stream_failure(r.provider, exc) from None
+    except BaseException:
+        await events.aclose()
+        raise
+
+
+def _stream_failure(provider: str, exc: BaseException) -> GatewayError:
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"Provider {provider} stalled mid-stream.")
+    return UpstreamError(
+        f"Provider {provider} broke off the stream: {type(exc).__name__}.", code="upstream_disconnected"
+    )
+
+
+async def call_stream(svc: Services, ctx: RequestContext, group: Group, send, receive) -> None:
+    head, events = await run_attempts(svc.router, ctx, group, lambda r: _open_stream(svc, ctx, r), hold=True)
+    r = ctx.route
+    ctx.status = 200
+    hangup = asyncio.ensure_future(receive())  # completes when the client goes away
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *_route_headers(ctx)]})
+        for chunk in head:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        try:
+            async for chunk in events:
+                if hangup.done():
+                    ctx.status = 499
+                    ctx.error_code = "client_closed_request"
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (GatewayError, TimeoutError, aiohttp.ClientError) as exc:
+            # Past the first byte nothing can be taken back: end the stream with an error event.
+            err = _stream_failure(r.provider, exc)
+            ctx.status = err.status
+            ctx.error_code = err.code
+            metrics.upstream_errors.get(r.provider, err.code or "unknown").inc()
+            svc.router.finished(r, ctx, err, time.perf_counter() - ctx.started)
+            await send({"type": "http.response.body", "body": stream_error_event(err), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:
         hangup.cancel()
+        svc.router.release(r)
         with contextlib.suppress(Exception):
             await events.aclose()
 
@@ -92,18 +184,18 @@ async def call_stream(svc: Services, ctx: RequestContext, send, receive) -> None
 async def chat(svc: Services, ctx: RequestContext, scope: dict, receive, send) -> None:
     await authenticate(svc, ctx, scope)
     await parse(svc, ctx, scope, receive, validate_chat)
-    route(svc, ctx, "chat")
+    group = route(svc, ctx, scope, "chat")
     if ctx.stream:
-        await call_stream(svc, ctx, send, receive)
+        await call_stream(svc, ctx, group, send, receive)
     else:
-        await call(svc, ctx, send)
+        await call(svc, ctx, group, send)
 
 
 async def embeddings(svc: Services, ctx: RequestContext, scope: dict, receive, send) -> None:
     await authenticate(svc, ctx, scope)
     await parse(svc, ctx, scope, receive, validate_embeddings)
-    route(svc, ctx, "embedding")
-    await call(svc, ctx, send)
+    group = route(svc, ctx, scope, "embedding")
+    await call(svc, ctx, group, send)
 
 
 def account(svc: Services, ctx: RequestContext, now: float, error: GatewayError | None) -> None:
@@ -121,9 +213,6 @@ def account(svc: Services, ctx: RequestContext, now: float, error: GatewayError 
         metrics.tokens.get(model, provider, "completion").inc(usage.completion_tokens)
         if usage.cached_tokens:
             metrics.tokens.get(model, provider, "cached").inc(usage.cached_tokens)
-    upstream_failed = ctx.route is not None and ctx.status >= 500
-    if upstream_failed:
-        metrics.upstream_errors.get(provider, ctx.error_code or "unknown").inc()
     if svc.config.server.log_requests:
         line = {
             "level": "info" if ctx.status < 500 else "warning",
@@ -135,6 +224,8 @@ def account(svc: Services, ctx: RequestContext, now: float, error: GatewayError 
             "provider": provider,
             "deployment": ctx.route.deployment if ctx.route else None,
             "stream": ctx.stream,
+            "attempts": ctx.attempts,
+            "fallbacks": ctx.fallbacks,
             "key_id": ctx.identity.key_id if ctx.identity else None,
             "latency_ms": round(elapsed * 1000, 2),
             "ttft_ms": round(ctx.ttft * 1000, 2) if ctx.ttft is not None else None,

@@ -15,6 +15,7 @@ from gateway.db import connect_pool, migrate
 from gateway.providers import build_adapter
 from gateway.providers.base import ProviderAdapter
 from gateway.routing import Router
+from gateway.routing.shared import SharedHealth
 from gateway.upstream import Upstream
 from policies.auth import Authenticator
 
@@ -38,6 +39,7 @@ class Services:
     adapters: dict[str, ProviderAdapter]
     router: Router
     auth: Authenticator
+    health: SharedHealth
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -51,9 +53,14 @@ class Services:
         adapters = {p.name: build_adapter(p, upstream) for p in settings.config.providers}
         auth = Authenticator(pool, redis, settings.master_key)
         await auth.start()
-        return cls(settings.config, pool, redis, upstream, adapters, Router(settings.config), auth)
+        router = Router(settings.config)
+        health = SharedHealth(redis, router)
+        router.set_publisher(health.publish)
+        await health.start()
+        return cls(settings.config, pool, redis, upstream, adapters, router, auth, health)
 
     async def stop(self) -> None:
+        await self.health.stop()
         await self.auth.stop()
         for adapter in self.adapters.values():
             await adapter.close()

@@ -44,17 +44,33 @@ class Identity:
     name: str
     tenant: str = "default"
     is_master: bool = False
+    require_tags: frozenset = frozenset()
 
 
 @dataclass(slots=True)
 class Route:
     """One attempt's target: a deployment of a model group and one of its provider's keys."""
 
-    model: str  # the name the client sent
+    model: str  # the model group serving the attempt
     provider: str
     deployment: str  # provider/upstream-model
     upstream_model: str
     api_key: str | None
+    state: Any = None  # routing.health.DeploymentState
+    key_state: Any = None  # routing.health.KeyState
+
+
+@dataclass(slots=True, frozen=True)
+class Constraints:
+    """What a request, its key or its tenant demands of the deployment that serves it."""
+
+    tags: frozenset = frozenset()
+    max_price: float | None = None  # USD, estimated for this request
+    max_latency: float | None = None  # seconds, against the deployment's recent latency
+    strategy: str | None = None
+
+
+NO_CONSTRAINTS = Constraints()
 
 
 @dataclass(slots=True)
@@ -64,7 +80,7 @@ class RequestContext:
     body: dict[str, Any]
     started: float
     identity: Identity | None = None
-    model: str = ""
+    model: str = ""  # the name the client sent
     stream: bool = False
     include_usage: bool = False
     route: Route | None = None
@@ -73,4 +89,18 @@ class RequestContext:
     usage: Usage | None = None
     ttft: float | None = None
     error_code: str | None = None
+    constraints: Constraints = NO_CONSTRAINTS
+    body_bytes: int = 0
+    max_output: int = 0
+    upstream_headers: Any = None  # the last upstream response's headers
+    fallbacks: int = 0
+    _prompt_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def prompt_tokens(self) -> int:
+        """Counted once, and only when something needs it (tiktoken, offline)."""
+        if self._prompt_tokens is None:
+            from gateway.routing.tokens import count_prompt
+
+            self._prompt_tokens = count_prompt(self.body)
+        return self._prompt_tokens

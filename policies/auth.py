@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import time
 
@@ -33,6 +34,14 @@ MISSING_KEY = (
 
 def _redact(token: str) -> str:
     return f"{token[:6]}***{token[-4:]}" if len(token) > 12 else "***"
+
+
+def _identity(row) -> Identity:
+    meta = row["metadata"]
+    if isinstance(meta, str):
+        meta = json.loads(meta)
+    tags = frozenset((meta or {}).get("require_tags") or ())
+    return Identity(key_id=row["id"], name=row["name"], tenant=row["tenant"], require_tags=tags)
 
 
 class Authenticator:
@@ -102,7 +111,7 @@ class Authenticator:
         epoch = self._epoch
         try:
             row = await find_active(self._pool, key_hash)
-            ident = Identity(key_id=row["id"], name=row["name"], tenant=row["tenant"]) if row else None
+            ident = _identity(row) if row else None
             if ident is None:
                 if len(self._negative) >= _NEGATIVE_MAX:
                     self._negative.clear()

@@ -7,6 +7,7 @@ enough: there is nothing to brute-force that a slow hash would protect.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,18 +37,22 @@ class KeyRecord:
     revoked_at: datetime | None
 
 
-async def create_key(conn: asyncpg.Connection, name: str, tenant: str = "default") -> tuple[str, KeyRecord]:
+async def create_key(
+    conn: asyncpg.Connection, name: str, tenant: str = "default", require_tags: list[str] | None = None
+) -> tuple[str, KeyRecord]:
     """Returns the plaintext key (to show once) and its stored record."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
+    metadata = {"require_tags": sorted(set(require_tags))} if require_tags else {}
     row = await conn.fetchrow(
-        """INSERT INTO api_keys (id, name, tenant, key_hash, key_prefix)
-           VALUES ($1, $2, $3, $4, $5)
+        """INSERT INTO api_keys (id, name, tenant, key_hash, key_prefix, metadata)
+           VALUES ($1, $2, $3, $4, $5, $6::jsonb)
            RETURNING id, name, tenant, key_prefix, created_at, revoked_at""",
         "key_" + secrets.token_hex(8),
         name,
         tenant,
         hash_key(key),
         display_prefix(key),
+        json.dumps(metadata),
     )
     return key, KeyRecord(**dict(row))
 
@@ -72,7 +77,7 @@ async def revoke_key(conn: asyncpg.Connection, key_id: str) -> str | None:
 
 async def find_active(conn: asyncpg.Connection | asyncpg.Pool, key_hash: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        "SELECT id, name, tenant FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        "SELECT id, name, tenant, metadata FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
         key_hash,
     )
 

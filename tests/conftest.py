@@ -121,6 +121,9 @@ class Gateway(Proc):
 
 def gateway_config(mock: MockProvider, **extra) -> dict:
     cfg = {
+        # The shared gateway tests error mapping: no retries, no circuit trips between tests.
+        # Routing tests start gateways of their own with the defaults.
+        "router": {"max_attempts": 1, "circuit": {"failures": 1000}},
         "providers": [
             {
                 "name": "mock-openai",

@@ -176,7 +176,7 @@ def test_bad_config_stops_serve_with_every_problem(tmp_path):
         env={**os.environ, "GATEWAY_MASTER_KEY": MASTER_KEY},
     )
     assert out.returncode == 1
-    assert "providers[0].kind" in out.stderr and "models[0].deployments" in out.stderr
+    assert "providers[0].kind" in out.stderr and "models[0]: give either deployments" in out.stderr
 
 
 def test_migrate_is_idempotent(services, tmp_root):

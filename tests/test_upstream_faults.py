@@ -73,30 +73,45 @@ def test_connection_dropped_mid_body_is_502(client, model):
     assert exc.value.status_code == 502
 
 
+# Events before the first content: OpenAI sends 1 (the role chunk); Anthropic 3 (message_start,
+# ping, content_block_start).
+PREAMBLE = {"gpt-mock": 1, "claude-mock": 3}
+
+
 @pytest.mark.parametrize("model", ["gpt-mock", "claude-mock"])
-def test_stream_cut_midway_ends_with_an_error_event(client, model):
+def test_stream_cut_after_content_ends_with_an_error_event(client, model):
     stream = client.chat.completions.create(
-        model=model, messages=_say({"cut_after": 3, "chunks": 8}, "a b c d e f g h i j"), stream=True
+        model=model,
+        messages=_say({"cut_after": PREAMBLE[model] + 2, "chunks": 8}, "a b c d e f g h i j"),
+        stream=True,
     )
     received = []
     with pytest.raises(openai.APIError) as exc:
         for chunk in stream:
             received.append(chunk)
-    assert received, "the chunks before the cut reach the client"
+    assert "".join(c.choices[0].delta.content or "" for c in received if c.choices), "content before the cut arrives"
     assert "broke off" in exc.value.message or "before it was complete" in exc.value.message
 
 
 @pytest.mark.parametrize("model", ["gpt-mock", "claude-mock"])
-def test_stream_with_a_malformed_event(client, model):
-    stream = client.chat.completions.create(model=model, messages=_say({"malformed": True}), stream=True)
-    if model == "gpt-mock":
-        # A relay passes what it cannot read through untouched; the SDK is the one to complain.
-        with pytest.raises(Exception):  # noqa: B017 - json error raised inside the SDK
-            list(stream)
-    else:
-        with pytest.raises(openai.APIError) as exc:
-            list(stream)
-        assert "not JSON" in exc.value.message
+def test_stream_cut_before_any_content_is_an_ordinary_error_response(client, model):
+    # Nothing was sent yet, so the failure is still a plain HTTP error (a router may fall back).
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model=model, messages=_say({"cut_after": PREAMBLE[model]}), stream=True)
+    assert exc.value.status_code == 502 and exc.value.code == "upstream_disconnected"
+
+
+def test_openai_stream_with_a_malformed_event_is_relayed_as_is(client):
+    # A relay passes through what it cannot read; the client's parser is the one to complain.
+    stream = client.chat.completions.create(model="gpt-mock", messages=_say({"malformed": True}), stream=True)
+    with pytest.raises(Exception):  # noqa: B017 - a JSON error raised inside the SDK
+        list(stream)
+
+
+def test_anthropic_stream_with_a_malformed_event_before_content_is_a_502(client):
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model="claude-mock", messages=_say({"malformed": True}), stream=True)
+    assert exc.value.status_code == 502 and exc.value.code == "upstream_bad_response"
 
 
 def test_stream_error_before_first_byte_is_a_normal_error_response(client):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -11,12 +10,7 @@ import orjson
 from gateway.config import Provider
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.providers.anthropic_translate import StreamTranslator, from_anthropic, to_anthropic
-from gateway.providers.base import (
-    bad_response,
-    guarded,
-    incomplete_stream,
-    map_upstream_status,
-)
+from gateway.providers.base import bad_response, incomplete_stream, map_upstream_status
 from gateway.sse import iter_events
 from gateway.types import RequestContext, Route
 from gateway.upstream import Upstream
@@ -60,10 +54,11 @@ class AnthropicAdapter:
             headers["x-api-key"] = route.api_key
         return headers
 
-    async def _send(self, route: Route, payload: dict) -> aiohttp.ClientResponse:
+    async def _send(self, ctx: RequestContext, route: Route, payload: dict) -> aiohttp.ClientResponse:
         resp = await self._upstream.post(
             self._url, orjson.dumps(payload), self._headers(route), self.cfg.timeouts, self.name
         )
+        ctx.upstream_headers = resp.headers
         if resp.status != 200:
             raw = await self._upstream.read(resp, self.name)
             raise anthropic_error(self.name, resp.status, raw, resp.headers)
@@ -71,7 +66,7 @@ class AnthropicAdapter:
 
     async def chat(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
         payload = to_anthropic({**body, "stream": False}, route.upstream_model, self.cfg.default_max_tokens)
-        resp = await self._send(route, payload)
+        resp = await self._send(ctx, route, payload)
         raw = await self._upstream.read(resp, self.name)
         try:
             msg = orjson.loads(raw)
@@ -84,37 +79,38 @@ class AnthropicAdapter:
 
     async def open_chat_stream(self, ctx: RequestContext, route: Route, body: dict) -> AsyncIterator[bytes]:
         payload = to_anthropic({**body, "stream": True}, route.upstream_model, self.cfg.default_max_tokens)
-        resp = await self._send(route, payload)
+        resp = await self._send(ctx, route, payload)
         ctype = resp.headers.get("Content-Type", "")
         if "text/event-stream" not in ctype:
             await self._upstream.read(resp, self.name)
             raise bad_response(self.name, f"expected an event stream, got {ctype or 'no content type'}")
-        return guarded(ctx, self.name, self._translate(ctx, resp), resp)
+        return self._translate(ctx, resp)
 
     async def _translate(self, ctx: RequestContext, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         tr = StreamTranslator(ctx.include_usage)
-        async for event, data in iter_events(resp.content.iter_any()):
-            if not data:
-                continue
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                raise bad_response(self.name, "a stream event is not JSON") from None
-            if not isinstance(obj, dict):
-                raise bad_response(self.name, "a stream event is not an object")
-            if obj.get("type") == "error" or event == "error":
-                err = obj.get("error") or {}
-                status = _STREAM_ERROR_STATUS.get(err.get("type"), 500)
-                raise map_upstream_status(self.name, status, str(err.get("message") or "stream error"), {})
-            out = tr.feed(event, obj)
-            ctx.usage = tr.usage
-            if out:
-                if ctx.ttft is None:
-                    ctx.ttft = time.perf_counter() - ctx.started
-                yield out
-            if tr.done:
-                return
-        raise incomplete_stream(self.name)
+        try:
+            async for event, data in iter_events(resp.content.iter_any()):
+                if not data:
+                    continue
+                try:
+                    obj = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise bad_response(self.name, "a stream event is not JSON") from None
+                if not isinstance(obj, dict):
+                    raise bad_response(self.name, "a stream event is not an object")
+                if obj.get("type") == "error" or event == "error":
+                    err = obj.get("error") or {}
+                    status = _STREAM_ERROR_STATUS.get(err.get("type"), 500)
+                    raise map_upstream_status(self.name, status, str(err.get("message") or "stream error"), {})
+                out = tr.feed(event, obj)
+                ctx.usage = tr.usage
+                if out:
+                    yield out
+                if tr.done:
+                    return
+            raise incomplete_stream(self.name)
+        finally:
+            resp.release()
 
     async def embeddings(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
         raise InvalidRequest(

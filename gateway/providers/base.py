@@ -7,7 +7,6 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
-import aiohttp
 import orjson
 
 from gateway.errors import (
@@ -122,30 +121,6 @@ def bad_response(provider: str, what: str) -> UpstreamError:
 def stream_error_event(err: GatewayError) -> bytes:
     """The event that ends a stream which failed after its first byte was sent."""
     return b"data: " + err.body() + b"\n\n"
-
-
-async def guarded(
-    ctx: RequestContext, provider: str, events: AsyncIterator[bytes], resp: aiohttp.ClientResponse
-) -> AsyncIterator[bytes]:
-    """Relays a provider's translated stream; a failure ends it with an error event."""
-    err: GatewayError | None = None
-    try:
-        async for chunk in events:
-            yield chunk
-    except GatewayError as exc:
-        err = exc
-    except (TimeoutError, aiohttp.ServerTimeoutError):
-        err = UpstreamTimeout(f"Provider {provider} stalled mid-stream.")
-    except aiohttp.ClientError as exc:
-        err = UpstreamError(
-            f"Provider {provider} broke off the stream: {type(exc).__name__}.", code="upstream_disconnected"
-        )
-    finally:
-        resp.release()
-    if err is not None:
-        ctx.status = err.status
-        ctx.error_code = err.code
-        yield stream_error_event(err)
 
 
 def incomplete_stream(provider: str) -> UpstreamError:

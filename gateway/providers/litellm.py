@@ -9,7 +9,6 @@ fetched at start-up.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +16,7 @@ import orjson
 
 from gateway.config import Provider
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
-from gateway.providers.base import map_upstream_status, stream_error_event
+from gateway.providers.base import map_upstream_status
 from gateway.sse import DONE, data_event
 from gateway.types import RequestContext, Route, Usage
 
@@ -104,15 +103,12 @@ class LiteLLMAdapter:
                     continue
                 if not ctx.include_usage:
                     data.pop("usage", None)
-                if ctx.ttft is None:
-                    ctx.ttft = time.perf_counter() - ctx.started
                 yield data_event(data)
             yield DONE
+        except GeneratorExit:
+            raise
         except Exception as exc:
-            err = _to_error(self.name, exc)
-            ctx.status = err.status
-            ctx.error_code = err.code
-            yield stream_error_event(err)
+            raise _to_error(self.name, exc) from None
 
     async def embeddings(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
         kwargs = self._kwargs(route, body)

@@ -8,14 +8,13 @@ event the gateway asked for and the client did not, which is read and dropped.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
 
 from gateway.config import Provider
-from gateway.providers.base import bad_response, error_from_response, guarded, incomplete_stream
+from gateway.providers.base import bad_response, error_from_response, incomplete_stream
 from gateway.sse import EventSplitter
 from gateway.types import RequestContext, Route, Usage
 from gateway.upstream import Upstream
@@ -35,15 +34,16 @@ class OpenAIAdapter:
             headers["Authorization"] = f"Bearer {route.api_key}"
         return headers
 
-    async def _send(self, url: str, route: Route, payload: dict) -> aiohttp.ClientResponse:
+    async def _send(self, url: str, ctx: RequestContext, route: Route, payload: dict) -> aiohttp.ClientResponse:
         resp = await self._upstream.post(url, orjson.dumps(payload), self._headers(route), self.cfg.timeouts, self.name)
+        ctx.upstream_headers = resp.headers
         if resp.status != 200:
             raw = await self._upstream.read(resp, self.name)
             raise error_from_response(self.name, resp.status, raw, resp.headers)
         return resp
 
     async def _complete(self, url: str, ctx: RequestContext, route: Route, payload: dict, shape: str) -> bytes:
-        resp = await self._send(url, route, payload)
+        resp = await self._send(url, ctx, route, payload)
         raw = await self._upstream.read(resp, self.name)
         try:
             parsed = orjson.loads(raw)
@@ -66,31 +66,32 @@ class OpenAIAdapter:
         payload = {**body, "model": route.upstream_model}
         opts = body.get("stream_options")
         payload["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-        resp = await self._send(self._chat_url, route, payload)
+        resp = await self._send(self._chat_url, ctx, route, payload)
         ctype = resp.headers.get("Content-Type", "")
         if "text/event-stream" not in ctype:
             raw = await self._upstream.read(resp, self.name)
             raise bad_response(self.name, f"expected an event stream, got {ctype or 'no content type'} ({raw[:80]!r})")
-        return guarded(ctx, self.name, self._relay(ctx, resp), resp)
+        return self._relay(ctx, resp)
 
     async def _relay(self, ctx: RequestContext, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         splitter = EventSplitter()
         keep_usage = ctx.include_usage
-        async for data in resp.content.iter_any():
-            out = []
-            for event in splitter.feed(data):
-                if event.startswith(b"data: [DONE]"):
-                    yield b"".join([*out, event])
-                    return
-                if b'"usage":{' in event or b'"usage": {' in event:
-                    if self._read_usage(ctx, event) and not keep_usage:
-                        continue
-                elif ctx.ttft is None and b'"choices"' in event:
-                    ctx.ttft = time.perf_counter() - ctx.started
-                out.append(event)
-            if out:
-                yield b"".join(out) if len(out) > 1 else out[0]
-        raise incomplete_stream(self.name)
+        try:
+            async for data in resp.content.iter_any():
+                out = []
+                for event in splitter.feed(data):
+                    if event.startswith(b"data: [DONE]"):
+                        yield b"".join([*out, event])
+                        return
+                    if b'"usage":{' in event or b'"usage": {' in event:
+                        if self._read_usage(ctx, event) and not keep_usage:
+                            continue
+                    out.append(event)
+                if out:
+                    yield b"".join(out) if len(out) > 1 else out[0]
+            raise incomplete_stream(self.name)
+        finally:
+            resp.release()
 
     @staticmethod
     def _read_usage(ctx: RequestContext, event: bytes) -> bool:
@@ -102,8 +103,6 @@ class OpenAIAdapter:
         usage = Usage.from_openai(chunk.get("usage")) if isinstance(chunk, dict) else None
         if usage is not None:
             ctx.usage = usage
-        if ctx.ttft is None and chunk.get("choices"):
-            ctx.ttft = time.perf_counter() - ctx.started
         return usage is not None and not chunk.get("choices")
 
     async def close(self) -> None:

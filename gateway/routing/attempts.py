@@ -1,0 +1,136 @@
+"""Keeping a request alive through provider failures: retries, backoff, fallbacks.
+
+An attempt that fails with a provider error (connect error, timeout, 429, 5xx, garbage) is
+retried at once on another key or deployment of the same model group; once every candidate
+was tried, the same ones are retried after an exponential backoff with full jitter; when the
+group has nothing left, the request falls back along the model's ``fallbacks`` chain.
+Context-window and content-policy refusals take their own chains. Errors that are the
+client's (400, ...) are never retried. Everything happens within the router's deadline and
+``max_attempts``; a cooldown that ends soon enough (``retry-after``) is waited out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from gateway import metrics
+from gateway.errors import GatewayError, ServiceUnavailable, UpstreamError
+from gateway.routing import health
+from gateway.routing.router import Group, Router
+from gateway.types import RequestContext, Route
+
+T = TypeVar("T")
+
+_SPECIAL_CHAINS = {
+    "context_length_exceeded": "context_window_fallbacks",
+    "content_policy_violation": "content_policy_fallbacks",
+    "content_filter": "content_policy_fallbacks",
+}
+_MAX_WAIT = 10.0  # longest single wait for a cooldown to end
+
+
+def _unavailable(ctx: RequestContext, router: Router, chain: list[Group]) -> ServiceUnavailable:
+    times = [t for g in chain if (t := router.earliest_return(g)) is not None]
+    headers = {}
+    if times:
+        headers["retry-after"] = str(max(1, round(min(times) - health.now())))
+    return ServiceUnavailable(
+        f"No deployment of model `{ctx.model}` is available right now; all are cooling down or failing.",
+        headers=headers,
+        code="no_healthy_deployment",
+    )
+
+
+async def run_attempts(
+    router: Router, ctx: RequestContext, group: Group, attempt: Callable[[Route], Awaitable[T]], *, hold: bool = False
+) -> T:
+    """Runs ``attempt`` until one succeeds. With ``hold`` the successful route stays counted
+    as in flight (a stream still being relayed): the caller then calls ``router.release``."""
+    settings = router.settings
+    deadline = ctx.started + settings.deadline
+    chain = [group, *router.fallbacks(group, "fallbacks")]
+    used_chains: set[str] = set()
+    idx = 0
+    skip_deps: set[str] = set()
+    skip_keys: set[str] = set()
+    rounds = 0
+    last: GatewayError | None = None
+    while ctx.attempts < settings.max_attempts:
+        current = chain[idx]
+        route = router.pick(current, ctx, skip_deps, skip_keys)
+        if route is None and (skip_deps or skip_keys):
+            # Every candidate of this group was tried once: back off, then try them again.
+            delay = random.random() * min(settings.backoff.max, settings.backoff.base * 2**rounds)
+            if last is not None and isinstance(last, UpstreamError) and last.retry_after:
+                delay = max(delay, min(last.retry_after, _MAX_WAIT))
+            rounds += 1
+            if time.perf_counter() + delay < deadline:
+                if delay:
+                    await asyncio.sleep(delay)
+                skip_deps.clear()
+                skip_keys.clear()
+                route = router.pick(current, ctx, skip_deps, skip_keys)
+        if route is None:
+            if idx + 1 < len(chain):
+                idx += 1
+                ctx.fallbacks += 1
+                metrics.fallbacks.get(ctx.model, chain[idx].model.name).inc()
+                skip_deps.clear()
+                skip_keys.clear()
+                continue
+            soonest = min((t for g in chain if (t := router.earliest_return(g)) is not None), default=None)
+            wait = soonest - health.now() if soonest is not None else None
+            if wait is not None and wait <= _MAX_WAIT and time.perf_counter() + wait < deadline:
+                await asyncio.sleep(max(0.0, wait) + 0.005)
+                idx = 0
+                continue
+            break
+        if ctx.attempts:
+            metrics.retries.get(ctx.model).inc()
+        ctx.route = route
+        ctx.attempts += 1
+        ctx.upstream_headers = None
+        started = time.perf_counter()
+        try:
+            result = await attempt(route)
+        except GatewayError as err:
+            router.finished(route, ctx, err, time.perf_counter() - started)
+            router.release(route)
+            last = err
+            if isinstance(err, UpstreamError):
+                metrics.upstream_errors.get(route.provider, err.code or "unknown").inc()
+                if err.upstream_status in (401, 403, 429):
+                    skip_keys.add(route.key_state.id)
+                else:
+                    skip_deps.add(route.deployment)
+                if time.perf_counter() >= deadline:
+                    break
+                continue
+            special = _SPECIAL_CHAINS.get(err.code or "")
+            if special is None or special in used_chains:
+                raise
+            used_chains.add(special)
+            extra = [g for g in router.fallbacks(group, special) if g not in chain[: idx + 1]]
+            if not extra:
+                raise
+            chain = [*chain[: idx + 1], *extra]
+            idx += 1
+            ctx.fallbacks += 1
+            metrics.fallbacks.get(ctx.model, chain[idx].model.name).inc()
+            skip_deps.clear()
+            skip_keys.clear()
+            continue
+        except BaseException:
+            router.abandoned(route)
+            raise
+        router.finished(route, ctx, None, time.perf_counter() - started)
+        if not hold:
+            router.release(route)
+        return result
+    if last is not None:
+        raise last
+    raise _unavailable(ctx, router, chain)

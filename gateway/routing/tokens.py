@@ -1,0 +1,55 @@
+"""Offline token counting with tiktoken, using the BPE files bundled in litellm's package."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+from gateway.routing.prices import tokenizer_dir
+
+_PER_MESSAGE = 3  # role and separators, as OpenAI counts them
+_PER_IMAGE = 85  # a low-detail image tile; a floor, not an exact figure
+
+
+@cache
+def _encoding():
+    if "TIKTOKEN_CACHE_DIR" not in os.environ:
+        folder = tokenizer_dir()
+        if folder is not None:
+            os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
+    import tiktoken
+
+    return tiktoken.get_encoding("o200k_base")
+
+
+def count_text(text: str) -> int:
+    return len(_encoding().encode(text, disallowed_special=()))
+
+
+def count_prompt(body: dict) -> int:
+    """Prompt tokens of a chat request: messages, tool definitions, images."""
+    total = 3
+    for msg in body.get("messages") or []:
+        if not isinstance(msg, dict):
+            continue
+        total += _PER_MESSAGE
+        content = msg.get("content")
+        if isinstance(content, str):
+            total += count_text(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict):
+                    if part.get("type") == "text" and isinstance(part.get("text"), str):
+                        total += count_text(part["text"])
+                    elif part.get("type") == "image_url":
+                        total += _PER_IMAGE
+        for call in msg.get("tool_calls") or []:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                total += count_text(str(fn.get("name", ""))) + count_text(str(fn.get("arguments", "")))
+    tools = body.get("tools")
+    if tools:
+        import orjson
+
+        total += count_text(orjson.dumps(tools).decode())
+    return total
