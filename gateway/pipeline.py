@@ -24,7 +24,7 @@ from gateway.providers.base import map_upstream_status, stream_error_event
 from gateway.routing import Group, run_attempts
 from gateway.routing.constraints import constraints_for
 from gateway.services import Services
-from gateway.types import RequestContext, Route
+from gateway.types import RequestContext, Route, Usage
 from gateway.validation import validate_chat, validate_embeddings
 
 _SSE_HEADERS = [
@@ -139,6 +139,30 @@ async def _open_stream(svc: Services, ctx: RequestContext, r: Route) -> tuple[li
         raise
 
 
+def estimate_stream_usage(ctx: RequestContext, chunks: list[bytes]) -> Usage:
+    """Usage of a stream that broke before the provider reported it: counted from what was sent."""
+    from gateway.routing.tokens import count_text
+
+    parts: list[str] = []
+    for chunk in chunks:
+        for event in chunk.split(b"\n\n"):
+            if not event.startswith(b"data: {"):
+                continue
+            try:
+                data = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                continue
+            for choice in data.get("choices") or ():
+                delta = choice.get("delta") or {}
+                if isinstance(delta.get("content"), str):
+                    parts.append(delta["content"])
+                for call in delta.get("tool_calls") or ():
+                    fn = call.get("function") or {}
+                    parts.append((fn.get("name") or "") + (fn.get("arguments") or ""))
+    ctx.extra["usage_estimated"] = True
+    return Usage(prompt_tokens=ctx.prompt_tokens(), completion_tokens=count_text("".join(parts)) if parts else 0)
+
+
 def _stream_failure(provider: str, exc: BaseException) -> GatewayError:
     if isinstance(exc, GatewayError):
         return exc
@@ -153,6 +177,7 @@ async def call_stream(svc: Services, ctx: RequestContext, group: Group, send, re
     head, events = await run_attempts(svc.router, ctx, group, lambda r: _open_stream(svc, ctx, r), hold=True)
     r = ctx.route
     ctx.status = 200
+    sent = head  # kept (by reference) so a broken stream's usage can still be counted
     hangup = asyncio.ensure_future(receive())  # completes when the client goes away
     try:
         await send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *_route_headers(ctx)]})
@@ -164,12 +189,15 @@ async def call_stream(svc: Services, ctx: RequestContext, group: Group, send, re
                     ctx.status = 499
                     ctx.error_code = "client_closed_request"
                     break
+                sent.append(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (GatewayError, TimeoutError, aiohttp.ClientError) as exc:
             # Past the first byte nothing can be taken back: end the stream with an error event.
             err = _stream_failure(r.provider, exc)
             ctx.status = err.status
             ctx.error_code = err.code
+            if ctx.usage is None:
+                ctx.usage = estimate_stream_usage(ctx, sent)
             metrics.upstream_errors.get(r.provider, err.code or "unknown").inc()
             svc.router.finished(r, ctx, err, time.perf_counter() - ctx.started)
             await send({"type": "http.response.body", "body": stream_error_event(err), "more_body": True})
@@ -230,6 +258,7 @@ def account(svc: Services, ctx: RequestContext, now: float, error: GatewayError 
             "latency_ms": round(elapsed * 1000, 2),
             "ttft_ms": round(ctx.ttft * 1000, 2) if ctx.ttft is not None else None,
             "prompt_tokens": usage.prompt_tokens if usage else None,
+            "usage_estimated": ctx.extra.get("usage_estimated", False),
             "completion_tokens": usage.completion_tokens if usage else None,
         }
         if error is not None or ctx.error_code:

@@ -101,6 +101,8 @@ class Mock:
             "chunks": opts.chunks,
             "fail_rate": opts.fail_rate,
             "fail_status": opts.fail_status,
+            "fail_code": opts.fail_code,
+            "cut_after": opts.cut_after,
             "retry_after": opts.retry_after,
             "rpm": opts.rpm,
             "api_keys": [k for k in (opts.api_keys or "").split(",") if k],
@@ -165,9 +167,9 @@ class Mock:
         if anthropic and "anthropic-version" not in headers:
             return await self._error(send, 400, "anthropic-version: header is required", anthropic)
         limits = self._rate(key)
-        if limits is None:
+        if isinstance(limits, float):  # over the per-key rpm: seconds until the window resets
             return await self._error(
-                send, 429, "Rate limit reached for requests", anthropic, retry=plan.get("retry_after", 1)
+                send, 429, "Rate limit reached for requests", anthropic, retry=max(1, round(limits))
             )
         status = plan.get("status")
         if status:
@@ -178,6 +180,7 @@ class Mock:
                 anthropic,
                 retry=plan.get("retry_after"),
                 extra=limits,
+                code=plan.get("code"),
             )
         if plan.get("hang"):
             await asyncio.sleep(3600)
@@ -213,6 +216,10 @@ class Mock:
             if int((i + 1) * rate) > int(i * rate):
                 plan["status"] = self.cfg["fail_status"]
                 plan["retry_after"] = self.cfg["retry_after"]
+                if self.cfg["fail_code"]:
+                    plan["code"] = self.cfg["fail_code"]
+        if self.cfg["cut_after"] is not None:
+            plan["cut_after"] = self.cfg["cut_after"]
         if "x-mock" in headers:
             plan.update(orjson.loads(headers["x-mock"]))
         msgs = req.get("messages")
@@ -225,7 +232,7 @@ class Mock:
                     break
         return plan
 
-    def _rate(self, key: str) -> dict | None:
+    def _rate(self, key: str) -> dict | float:
         rpm = self.cfg["rpm"]
         now = time.monotonic()
         window = self._window.get(key)
@@ -235,7 +242,7 @@ class Mock:
         limit = rpm or 10_000
         reset = max(0.0, 60 - (now - window[0]))
         if rpm and window[1] > rpm:
-            return None
+            return reset
         return {
             "x-ratelimit-limit-requests": str(limit),
             "x-ratelimit-remaining-requests": str(max(0, limit - window[1])),
@@ -261,7 +268,7 @@ class Mock:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _error(self, send, status: int, message: str, anthropic: bool, retry=None, extra=None) -> None:
+    async def _error(self, send, status: int, message: str, anthropic: bool, retry=None, extra=None, code=None) -> None:
         kind = _ERROR_KIND.get(status, "api_error")
         headers = dict(extra or {})
         if retry is not None:
@@ -271,7 +278,7 @@ class Mock:
         if anthropic:
             body = {"type": "error", "error": {"type": kind, "message": message}}
         else:
-            code = "rate_limit_exceeded" if status == 429 else None
+            code = code or ("rate_limit_exceeded" if status == 429 else None)
             body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
         await self._json(send, status, body, headers)
 
@@ -662,6 +669,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fail-rate", type=float, default=0.0, help="fraction of requests that fail")
     p.add_argument("--fail-status", type=int, default=500, help="status of those failures")
     p.add_argument("--retry-after", type=float, default=1.0, help="retry-after of 429/503 failures")
+    p.add_argument("--fail-code", default=None, help="error code of those failures (e.g. context_length_exceeded)")
+    p.add_argument("--cut-after", type=int, default=None, help="drop every stream after this many chunks")
     p.add_argument("--rpm", type=int, default=0, help="requests per minute per API key (0: unlimited)")
     p.add_argument("--api-keys", default="", help="comma-separated keys to accept (default: any)")
     p.add_argument("--dims", type=int, default=8, help="embedding dimensions")

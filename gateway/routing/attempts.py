@@ -1,9 +1,10 @@
 """Keeping a request alive through provider failures: retries, backoff, fallbacks.
 
 An attempt that fails with a provider error (connect error, timeout, 429, 5xx, garbage) is
-retried at once on another key or deployment of the same model group; once every candidate
-was tried, the same ones are retried after an exponential backoff with full jitter; when the
-group has nothing left, the request falls back along the model's ``fallbacks`` chain.
+retried at once on another key or deployment of the same model group; when the group has
+nothing left to try, the request falls back along the model's ``fallbacks`` chain at once;
+once the whole chain was tried, it goes round again after an exponential backoff with full
+jitter (at least the provider's ``retry-after``, when it gave one).
 Context-window and content-policy refusals take their own chains. Errors that are the
 client's (400, ...) are never retried. Everything happens within the router's deadline and
 ``max_attempts``; a cooldown that ends soon enough (``retry-after``) is waited out.
@@ -18,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from gateway import metrics
-from gateway.errors import GatewayError, ServiceUnavailable, UpstreamError
+from gateway.errors import GatewayError, InvalidRequest, RateLimited, ServiceUnavailable, UpstreamError
 from gateway.routing import health
 from gateway.routing.router import Group, Router
 from gateway.types import RequestContext, Route
@@ -33,11 +34,17 @@ _SPECIAL_CHAINS = {
 _MAX_WAIT = 10.0  # longest single wait for a cooldown to end
 
 
-def _unavailable(ctx: RequestContext, router: Router, chain: list[Group]) -> ServiceUnavailable:
+def _unavailable(ctx: RequestContext, router: Router, chain: list[Group]) -> GatewayError:
+    """Nothing could be tried: 429 when every usable deployment's keys are rate limited, else 503."""
     times = [t for g in chain if (t := router.earliest_return(g)) is not None]
     headers = {}
     if times:
         headers["retry-after"] = str(max(1, round(min(times) - health.now())))
+    now = health.now()
+    if any(d.admissible(now) for g in chain for d in g.deployments):
+        return RateLimited(
+            f"Every provider key able to serve model `{ctx.model}` is rate limited right now.", headers=headers
+        )
     return ServiceUnavailable(
         f"No deployment of model `{ctx.model}` is available right now; all are cooling down or failing.",
         headers=headers,
@@ -58,37 +65,44 @@ async def run_attempts(
     skip_deps: set[str] = set()
     skip_keys: set[str] = set()
     rounds = 0
+    unfit: set[str] = set()
     last: GatewayError | None = None
     while ctx.attempts < settings.max_attempts:
         current = chain[idx]
         route = router.pick(current, ctx, skip_deps, skip_keys)
-        if route is None and (skip_deps or skip_keys):
-            # Every candidate of this group was tried once: back off, then try them again.
-            delay = random.random() * min(settings.backoff.max, settings.backoff.base * 2**rounds)
-            if last is not None and isinstance(last, UpstreamError) and last.retry_after:
-                delay = max(delay, min(last.retry_after, _MAX_WAIT))
-            rounds += 1
-            if time.perf_counter() + delay < deadline:
-                if delay:
-                    await asyncio.sleep(delay)
-                skip_deps.clear()
-                skip_keys.clear()
-                route = router.pick(current, ctx, skip_deps, skip_keys)
+        if route is None and not ctx.attempts and not skip_deps and not skip_keys:
+            reasons = router.unfit_reasons(current, ctx)
+            if reasons:
+                unfit.update(reasons)
+                if "context window" in reasons and "context_window_fallbacks" not in used_chains:
+                    used_chains.add("context_window_fallbacks")
+                    extra = [g for g in router.fallbacks(group, "context_window_fallbacks") if g not in chain]
+                    chain = [*chain[: idx + 1], *extra, *chain[idx + 1 :]]
         if route is None:
-            if idx + 1 < len(chain):
+            if idx + 1 < len(chain):  # nothing (left) to try in this group: fall back at once
                 idx += 1
                 ctx.fallbacks += 1
                 metrics.fallbacks.get(ctx.model, chain[idx].model.name).inc()
-                skip_deps.clear()
-                skip_keys.clear()
                 continue
-            soonest = min((t for g in chain if (t := router.earliest_return(g)) is not None), default=None)
-            wait = soonest - health.now() if soonest is not None else None
-            if wait is not None and wait <= _MAX_WAIT and time.perf_counter() + wait < deadline:
-                await asyncio.sleep(max(0.0, wait) + 0.005)
-                idx = 0
-                continue
-            break
+            # Everything in the chain was tried, or is cooling down: wait and go round again,
+            # if something will be usable soon enough (backoff with full jitter between rounds).
+            now = health.now()
+            ready = min(router.ready_at(g, ctx) for g in chain) - now
+            delay = ready
+            tried = bool(skip_deps or skip_keys)
+            if not tried and delay <= 0:
+                break  # usable now yet not picked: nothing more can come of another round
+            if tried:
+                delay = max(ready, random.random() * min(settings.backoff.max, settings.backoff.base * 2**rounds))
+                rounds += 1
+            if delay > _MAX_WAIT or time.perf_counter() + delay >= deadline:
+                break
+            if delay > 0:
+                await asyncio.sleep(delay + 0.002)
+            skip_deps.clear()
+            skip_keys.clear()
+            idx = 0
+            continue
         if ctx.attempts:
             metrics.retries.get(ctx.model).inc()
         ctx.route = route
@@ -121,8 +135,6 @@ async def run_attempts(
             idx += 1
             ctx.fallbacks += 1
             metrics.fallbacks.get(ctx.model, chain[idx].model.name).inc()
-            skip_deps.clear()
-            skip_keys.clear()
             continue
         except BaseException:
             router.abandoned(route)
@@ -133,4 +145,11 @@ async def run_attempts(
         return result
     if last is not None:
         raise last
+    if unfit and not ctx.attempts:
+        code = "context_length_exceeded" if unfit == {"context window"} else "no_deployment_meets_constraints"
+        raise InvalidRequest(
+            f"No deployment of model `{ctx.model}` can serve this request ({'; '.join(sorted(unfit))}).",
+            param="messages" if code == "context_length_exceeded" else "model",
+            code=code,
+        )
     raise _unavailable(ctx, router, chain)

@@ -40,11 +40,8 @@ class KeyState:
         return not (self.remaining == 0 and now < self.reset_at)
 
     def headroom(self) -> float:
-        if self.remaining is None:
-            return 0.5
-        if self.limit:
-            return self.remaining / self.limit
-        return min(1.0, self.remaining / 1000)
+        """Requests left before the provider's limit; unknown counts as plenty (so it gets tried)."""
+        return float("inf") if self.remaining is None else float(self.remaining)
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ from gateway.routing import health
 from gateway.routing.health import KEY_DISABLED_FOR, DeploymentState, KeyState, ProviderKeys, key_id
 from gateway.routing.prices import deployment_prices
 from gateway.routing.ratelimits import read as read_ratelimits
-from gateway.types import Constraints, RequestContext, Route
+from gateway.types import NO_CONSTRAINTS, Constraints, RequestContext, Route
 
 log = logging.getLogger("gateway.routing")
 
@@ -129,9 +129,7 @@ class Router:
         for dep in group.deployments:
             if dep.id in skip_deployments or not dep.admissible(now):
                 continue
-            if c.tags and not c.tags <= dep.tags:
-                continue
-            if not self._fits(dep, ctx, c):
+            if (c is not NO_CONSTRAINTS or dep.context_window is not None) and not self._fits(dep, ctx, c):
                 continue
             key = dep.keys.next_available(now, skip_keys, prefer_headroom)
             if key is None:
@@ -152,17 +150,33 @@ class Router:
         )
 
     def _fits(self, dep: DeploymentState, ctx: RequestContext, c: Constraints) -> bool:
+        return self._unfit(dep, ctx, c) is None
+
+    @staticmethod
+    def _unfit(dep: DeploymentState, ctx: RequestContext, c: Constraints) -> str | None:
+        """Why a deployment cannot serve this request whatever its health, if it cannot."""
+        if c.tags and not c.tags <= dep.tags:
+            return "tags " + ",".join(sorted(c.tags - dep.tags))
         if c.max_latency is not None and dep.latency is not None and dep.latency > c.max_latency:
-            return False
+            return "max latency"
         window = dep.context_window
         if window is not None and ctx.body_bytes + ctx.max_output > window:
             # the body's size bounds its token count from above; count only when it matters
             if ctx.prompt_tokens() + ctx.max_output > window:
-                return False
-        if c.max_price is not None:
-            if dep.estimated_cost(ctx.prompt_tokens(), ctx.max_output or 256) > c.max_price:
-                return False
-        return True
+                return "context window"
+        if c.max_price is not None and dep.estimated_cost(ctx.prompt_tokens(), ctx.max_output or 256) > c.max_price:
+            return "max price"
+        return None
+
+    def unfit_reasons(self, group: Group, ctx: RequestContext) -> set[str]:
+        """Empty when some deployment of the group could serve the request if it were healthy."""
+        reasons = set()
+        for dep in group.deployments:
+            why = self._unfit(dep, ctx, ctx.constraints)
+            if why is None:
+                return set()
+            reasons.add(why)
+        return reasons
 
     def _choose(self, strategy: str, candidates: list, ctx: RequestContext) -> tuple:
         rnd = self._random
@@ -188,6 +202,26 @@ class Router:
             if point < 0:
                 return c
         return candidates[-1]
+
+    def ready_at(self, group: Group, ctx: RequestContext) -> float:
+        """When some deployment able to serve the request is next usable (now, if one is); inf if never."""
+        now = health.now()
+        best = float("inf")
+        for dep in group.deployments:
+            if self._unfit(dep, ctx, ctx.constraints) is not None:
+                continue
+            if dep.admissible(now):
+                t_circuit = now
+            elif dep.state == health.OPEN:
+                t_circuit = dep.open_until
+            else:
+                t_circuit = now + 0.05  # a half-open probe is under way
+            if any(k.available(now) for k in dep.keys.keys):
+                t_key = now
+            else:
+                t_key = dep.keys.earliest_return(now) or float("inf")
+            best = min(best, max(t_circuit, t_key))
+        return best
 
     def earliest_return(self, group: Group) -> float | None:
         """When something in this group that is cooling down becomes usable again."""
