@@ -250,10 +250,17 @@ class Stack:
         self.services.stop()
 
 
-def single_deployment_config(mock_url: str) -> dict:
+def bench_config(mock_url: str) -> dict:
+    """``bench``: one deployment; ``bench10``: ten deployments (weighted routing over them)."""
     return {
         "providers": [{"name": "mock", "kind": "openai", "base_url": f"{mock_url}/v1", "api_keys": ["bench-key"]}],
-        "models": [{"name": "bench", "deployments": [{"provider": "mock", "model": "mock-gpt"}]}],
+        "models": [
+            {"name": "bench", "deployments": [{"provider": "mock", "model": "mock-gpt"}]},
+            {
+                "name": "bench10",
+                "deployments": [{"provider": "mock", "model": f"mock-gpt-{i}", "weight": 1 + i % 3} for i in range(10)],
+            },
+        ],
     }
 
 
@@ -263,12 +270,13 @@ def run(args: argparse.Namespace) -> dict:
     stack = Stack(tmp, args.chunks)
     results: dict = {"rows": [], "latency": {}, "meta": {}}
     try:
-        url, proc = stack.gateway("gateway", single_deployment_config(stack.mock_url))
+        url, proc = stack.gateway("gateway", bench_config(stack.mock_url))
         time.sleep(1)
         results["meta"]["idle_rss_mb"] = round(_rss_mb(proc.pid), 1)
         direct = _wrk_script(tmp, CHAT, "bench-key")
         via = _wrk_script(tmp, CHAT, stack.key)
         stream = _wrk_script(tmp, {**CHAT, "stream": True}, stack.key)
+        via10 = _wrk_script(tmp, {**CHAT, "model": "bench10"}, stack.key)
         direct_stream = _wrk_script(tmp, {**CHAT, "stream": True}, "bench-key")
         # Warm-up, then measure.
         wrk(f"{url}/v1/chat/completions", via, 2, args.connections)
@@ -277,6 +285,7 @@ def run(args: argparse.Namespace) -> dict:
             ("mock provider direct (baseline)", f"{stack.mock_url}/v1/chat/completions", direct),
             ("bare Starlette + aiohttp relay", f"{bare}/v1/chat/completions", direct),
             ("gateway, non-streaming", f"{url}/v1/chat/completions", via),
+            ("gateway, routing over 10 deployments", f"{url}/v1/chat/completions", via10),
             ("mock provider direct, streaming", f"{stack.mock_url}/v1/chat/completions", direct_stream),
             ("gateway, streaming", f"{url}/v1/chat/completions", stream),
         ]
@@ -335,7 +344,12 @@ def report(results: dict) -> str:
             f"| {r['scenario']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_2xx']} "
             f"| {r['rps'] / base:.2f}× | {r['rps'] / bare:.2f}× |"
         )
+    single = rows["gateway, non-streaming"]["rps"]
+    ten = rows["gateway, routing over 10 deployments"]["rps"]
     lines += [
+        "",
+        f"Routing over 10 deployments vs. one: {ten / single:.3f}× the throughput "
+        f"({(1 - ten / single) * 100:+.1f} % cost).",
         "",
         "Latency at a fixed 100 req/s (one keep-alive connection per target, requests alternating between targets):",
         "",

@@ -233,15 +233,18 @@ class Mock:
         return plan
 
     def _rate(self, key: str) -> dict | float:
+        """Rate-limit headers for this key (none when unlimited), or seconds until its window resets."""
         rpm = self.cfg["rpm"]
+        if not rpm:
+            return {}
         now = time.monotonic()
         window = self._window.get(key)
         if window is None or now - window[0] >= 60:
             window = self._window[key] = [now, 0]
         window[1] += 1
-        limit = rpm or 10_000
+        limit = rpm
         reset = max(0.0, 60 - (now - window[0]))
-        if rpm and window[1] > rpm:
+        if window[1] > rpm:
             return reset
         return {
             "x-ratelimit-limit-requests": str(limit),

@@ -138,6 +138,8 @@ def test_shipped_examples_are_valid(example):
         "GROQ_API_KEY_1": "x",
         "GROQ_API_KEY_2": "x",
         "GEMINI_API_KEY": "x",
+        "OPENAI_KEY_1": "x",
+        "OPENAI_KEY_2": "x",
     }
     out = _check_config(example, env)
     assert out.returncode == 0, out.stderr
