@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 from gateway import http, metrics, pipeline
+from gateway.admin import Admin
 from gateway.config import load_config
 from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
 from gateway.logs import access_log
@@ -30,6 +32,7 @@ class GatewayApp:
         self.svc: Services | None = None
         self._created = int(time.time())
         self._openapi = None
+        self.admin = Admin(self)
         routes = {
             "/healthz": ("GET", self._healthz),
             "/readyz": ("GET", self._readyz),
@@ -74,6 +77,9 @@ class GatewayApp:
         entry = self._routes.get(path)
         try:
             if entry is None:
+                if path.startswith("/admin/"):
+                    await self._admin_call(scope, receive, send, rid)
+                    return
                 if path.startswith(("/v1/models/", "/models/")) and scope["method"] == "GET":
                     await self._model(scope, rid, send, path.split("/models/", 1)[1])
                     return
@@ -104,6 +110,7 @@ class GatewayApp:
             if ctx.route is not None:
                 err.headers.setdefault("x-gateway-provider", ctx.route.provider)
                 err.headers.setdefault("x-gateway-attempts", str(ctx.attempts))
+            await pipeline.settle(svc, ctx, scope)  # refused and failed requests are audited too
             raise
         except http.ClientGone:
             ctx.status = 499
@@ -115,7 +122,17 @@ class GatewayApp:
             raise
         finally:
             metrics.IN_FLIGHT.dec()
+            if not ctx.extra.get("settled"):
+                await pipeline.settle(svc, ctx, scope)
             pipeline.account(svc, ctx, time.perf_counter(), error)
+
+    async def _admin_call(self, scope, receive, send, rid: str) -> None:
+        async def with_request_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        await self.admin(scope, receive, with_request_id)
 
     async def _chat(self, scope, receive, send, rid: str) -> None:
         await self._proxied("chat", pipeline.chat, scope, receive, send, rid)
@@ -169,5 +186,6 @@ def create_app() -> GatewayApp:
         database_url=os.environ["DATABASE_URL"],
         redis_url=os.environ["REDIS_URL"],
         master_key=os.environ.get("GATEWAY_MASTER_KEY") or None,
+        data_dir=Path(os.environ.get("GATEWAY_DATA_DIR", "./.data")).resolve(),
     )
     return GatewayApp(settings)

@@ -133,6 +133,34 @@ class RouterSettings(_Strict):
     latency_exploration: float = Field(0.05, ge=0, le=1)
 
 
+class Limit(_Strict):
+    rpm: int = Field(0, ge=0)  # requests per minute; 0: no limit
+    tpm: int = Field(0, ge=0)  # tokens per minute; 0: no limit
+
+
+class Limits(_Strict):
+    """Rate limits, enforced across replicas. Per-key limits set through the admin API win
+    over ``key``; ``user`` applies to every end user; the maps name tenants and model groups."""
+
+    key: Limit = Field(default_factory=Limit)
+    user: Limit = Field(default_factory=Limit)
+    tenant: dict[str, Limit] = Field(default_factory=dict)
+    model: dict[str, Limit] = Field(default_factory=dict)
+
+
+class Alerts(_Strict):
+    webhook_url: str | None = None  # where budget alerts are POSTed (a budget may name its own)
+    secret: str | None = None  # HMAC-SHA256 key for the x-gateway-signature header
+    thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.8, 1.0])
+
+
+class Policies(_Strict):
+    enabled: bool = True  # budgets, rate limits and the ledger
+    fail_open: bool = False  # when Redis is unreachable: serve (true) or refuse with 503 (false)
+    default_max_output: int = Field(1024, gt=0)  # output tokens reserved when a request names none
+    log_content: bool = False
+
+
 class Tenant(_Strict):
     require_tags: list[str] = Field(default_factory=list)
 
@@ -145,6 +173,9 @@ class Server(_Strict):
 class Config(_Strict):
     server: Server = Field(default_factory=Server)
     router: RouterSettings = Field(default_factory=RouterSettings)
+    policies: Policies = Field(default_factory=Policies)
+    limits: Limits = Field(default_factory=Limits)
+    alerts: Alerts = Field(default_factory=Alerts)
     tenants: dict[str, Tenant] = Field(default_factory=dict)
     providers: list[Provider] = Field(default_factory=list)
     models: list[Model] = Field(default_factory=list)

@@ -92,6 +92,18 @@ class RateLimited(GatewayError):
     default_code = "rate_limit_exceeded"
 
 
+class QuotaExceeded(GatewayError):
+    """A hard budget limit: 429 like OpenAI's ``insufficient_quota``; not worth retrying."""
+
+    status = 429
+    type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+    def __init__(self, message: str, **kw) -> None:
+        super().__init__(message, **kw)
+        self.headers.setdefault("x-should-retry", "false")
+
+
 class UpstreamError(GatewayError):
     """The provider failed in a way that is not the client's fault.
 

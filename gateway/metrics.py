@@ -48,6 +48,8 @@ CIRCUIT_STATE = Gauge(
     ["deployment"],
     multiprocess_mode="max",
 )
+BUDGET_ALERTS = Counter("gateway_budget_alerts_total", "Budget alert thresholds reached", ["threshold"])
+REFUSED = Counter("gateway_refused_total", "Requests refused by a policy", ["reason"])
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
 
 
@@ -76,6 +78,8 @@ retries = _Children(RETRIES)
 fallbacks = _Children(FALLBACKS)
 cooldowns = _Children(COOLDOWNS)
 circuit_opened = _Children(CIRCUIT_OPENED)
+budget_alerts = _Children(BUDGET_ALERTS)
+refused = _Children(REFUSED)
 
 
 def render() -> tuple[bytes, str]:

@@ -132,3 +132,90 @@ def openapi_document() -> dict:
             },
         },
     }
+
+
+def admin_document() -> dict:
+    obj = {"type": "object"}
+    ok = {"description": "OK", "content": {"application/json": {"schema": obj}}}
+
+    def op(summary: str, body: dict | None = None, statuses=(400, 401, 403, 404)) -> dict:
+        entry: dict = {"summary": summary, "responses": {"200": ok, **_errors(*statuses)}}
+        if body is not None:
+            entry["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        return entry
+
+    key_body = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string"},
+            "tenant": {"type": "string"},
+            "scopes": {"type": "array", "items": {"type": "string", "enum": ["admin"]}},
+            "models": {"type": "array", "items": {"type": "string"}},
+            "require_tags": {"type": "array", "items": {"type": "string"}},
+            "rpm": {"type": "integer", "minimum": 1},
+            "tpm": {"type": "integer", "minimum": 1},
+            "budget_usd": {"type": "number", "exclusiveMinimum": 0},
+            "budget_period": {"type": "string", "enum": ["daily", "weekly", "monthly", "none"]},
+            "expires_at": {"type": "string", "format": "date-time"},
+        },
+    }
+    budget_body = {
+        "type": "object",
+        "required": ["scope", "scope_value", "limit_usd"],
+        "properties": {
+            "scope": {"type": "string", "enum": ["tenant", "key", "user", "agent", "workflow", "customer", "tag"]},
+            "scope_value": {"type": "string"},
+            "limit_usd": {"type": "number", "exclusiveMinimum": 0},
+            "period": {"type": "string", "enum": ["daily", "weekly", "monthly", "none"]},
+            "thresholds": {"type": "array", "items": {"type": "number"}},
+            "webhook_url": {"type": "string", "format": "uri"},
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "AI gateway admin API", "version": "0.1.0"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/admin/keys": {"post": op("Create a key (shown once)", key_body), "get": op("List keys")},
+            "/admin/keys/{key_id}": {"delete": op("Revoke a key")},
+            "/admin/budgets": {"post": op("Create a budget", budget_body), "get": op("List budgets with spend")},
+            "/admin/budgets/{budget_id}": {
+                "get": op("A budget, its spend and alert state"),
+                "patch": op("Change limit, thresholds or webhook", obj),
+                "delete": op("Delete a budget"),
+            },
+            "/admin/spend": {
+                "get": {
+                    **op("Spend grouped by an attribution field, model, provider or day"),
+                    "parameters": [
+                        {
+                            "name": "group_by",
+                            "in": "query",
+                            "schema": {
+                                "type": "string",
+                                "enum": [
+                                    "tenant",
+                                    "key",
+                                    "user",
+                                    "agent",
+                                    "workflow",
+                                    "customer",
+                                    "tag",
+                                    "model",
+                                    "provider",
+                                    "deployment",
+                                    "day",
+                                ],
+                            },
+                        },
+                        {"name": "from", "in": "query", "schema": {"type": "string"}},
+                        {"name": "to", "in": "query", "schema": {"type": "string"}},
+                        {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}},
+                    ],
+                }
+            },
+            "/admin/requests/{request_id}": {"get": op("One request's audit record")},
+        },
+    }

@@ -1,6 +1,7 @@
 """The request pipeline, top to bottom.
 
-    authenticate → parse & validate → route → call (with retries and fallbacks) → account
+    authenticate → parse & validate → route → admit (rate limits, budget reservation)
+      → call (with retries and fallbacks) → settle (cost, budgets, alerts, audit record) → respond
 
 Each stage is one small function over the ``RequestContext``; a stage short-circuits by
 raising a ``GatewayError``, which the app renders. ``account`` always runs (app.py calls it
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -18,7 +20,7 @@ import aiohttp
 import orjson
 
 from gateway import http, metrics
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.errors import GatewayError, PermissionDenied, UpstreamError, UpstreamTimeout
 from gateway.logs import access_log
 from gateway.providers.base import map_upstream_status, stream_error_event
 from gateway.routing import Group, run_attempts
@@ -26,6 +28,10 @@ from gateway.routing.constraints import constraints_for
 from gateway.services import Services
 from gateway.types import RequestContext, Route, Usage
 from gateway.validation import validate_chat, validate_embeddings
+from policies import alerts
+from policies.engine import attribution, cost_usd
+
+log = logging.getLogger("gateway")
 
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -53,8 +59,42 @@ async def parse(svc: Services, ctx: RequestContext, scope: dict, receive, valida
 
 
 def route(svc: Services, ctx: RequestContext, scope: dict, mode: str) -> Group:
-    ctx.constraints = constraints_for(svc.config, ctx.identity, scope)
+    ident = ctx.identity
+    if ident is not None and ident.models and ctx.model not in ident.models:
+        raise PermissionDenied(
+            f"This API key may not use model `{ctx.model}`.", param="model", code="model_not_allowed"
+        )
+    ctx.constraints = constraints_for(svc.config, ident, scope)
     return svc.router.resolve(ctx, mode)
+
+
+def _gateway_headers(scope: dict) -> dict[bytes, bytes]:
+    return {k: v for k, v in scope["headers"] if k.startswith(b"x-gateway-")}
+
+
+async def admit(svc: Services, ctx: RequestContext, scope: dict) -> None:
+    if not svc.config.policies.enabled:
+        return
+    ctx.extra["attribution"] = attr = attribution(ctx, _gateway_headers(scope))
+    await svc.policies.admit(ctx, attr)
+
+
+async def settle(svc: Services, ctx: RequestContext, scope: dict) -> None:
+    """Cost, budgets, alerts and the audit record — before the client hears the answer, so an
+    acknowledged request always has its record (in Redis, or in the local spool)."""
+    if ctx.extra.get("settled") or not svc.config.policies.enabled:
+        return
+    ctx.extra["settled"] = True
+    attr = ctx.extra.get("attribution") or attribution(ctx, _gateway_headers(scope))
+    elapsed = time.perf_counter() - ctx.started
+    try:
+        fired = await svc.policies.settle(ctx, attr, elapsed)
+    except Exception as exc:
+        log.error("settle failed; audit record spooled to disk: %s", exc)
+        svc.ledger.spool.append(orjson.dumps(svc.policies.record(ctx, attr, elapsed, cost_usd(ctx.route, ctx.usage))))
+        return
+    if fired:
+        alerts.fired(fired)
 
 
 def _route_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
@@ -67,7 +107,7 @@ def _route_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     ]
 
 
-async def call(svc: Services, ctx: RequestContext, group: Group, send) -> None:
+async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, send) -> None:
     if ctx.endpoint == "embeddings":
 
         async def attempt(r: Route) -> bytes:
@@ -79,6 +119,9 @@ async def call(svc: Services, ctx: RequestContext, group: Group, send) -> None:
 
     raw = await run_attempts(svc.router, ctx, group, attempt)
     ctx.status = 200
+    if ctx.usage is None:
+        ctx.usage = estimate_usage(ctx, raw)
+    await settle(svc, ctx, scope)
     headers = [(b"content-type", http.JSON), (b"content-length", str(len(raw)).encode()), *_route_headers(ctx)]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": raw})
@@ -139,6 +182,32 @@ async def _open_stream(svc: Services, ctx: RequestContext, r: Route) -> tuple[li
         raise
 
 
+def estimate_usage(ctx: RequestContext, raw: bytes) -> Usage:
+    """Usage of a complete answer whose provider reported none: counted with tiktoken."""
+    from gateway.routing.tokens import count_text
+
+    ctx.extra["usage_estimated"] = True
+    if ctx.endpoint == "embeddings":
+        inp = ctx.body.get("input")
+        texts = (
+            [inp] if isinstance(inp, str) else [t for t in inp if isinstance(t, str)] if isinstance(inp, list) else []
+        )
+        return Usage(prompt_tokens=sum(count_text(t) for t in texts))
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = {}
+    parts = []
+    for choice in data.get("choices") or ():
+        msg = choice.get("message") or {}
+        if isinstance(msg.get("content"), str):
+            parts.append(msg["content"])
+        for call in msg.get("tool_calls") or ():
+            fn = call.get("function") or {}
+            parts.append((fn.get("name") or "") + (fn.get("arguments") or ""))
+    return Usage(prompt_tokens=ctx.prompt_tokens(), completion_tokens=count_text("".join(parts)) if parts else 0)
+
+
 def estimate_stream_usage(ctx: RequestContext, chunks: list[bytes]) -> Usage:
     """Usage of a stream that broke before the provider reported it: counted from what was sent."""
     from gateway.routing.tokens import count_text
@@ -173,7 +242,7 @@ def _stream_failure(provider: str, exc: BaseException) -> GatewayError:
     )
 
 
-async def call_stream(svc: Services, ctx: RequestContext, group: Group, send, receive) -> None:
+async def call_stream(svc: Services, ctx: RequestContext, group: Group, scope: dict, send, receive) -> None:
     head, events = await run_attempts(svc.router, ctx, group, lambda r: _open_stream(svc, ctx, r), hold=True)
     r = ctx.route
     ctx.status = 200
@@ -190,6 +259,10 @@ async def call_stream(svc: Services, ctx: RequestContext, group: Group, send, re
                     ctx.error_code = "client_closed_request"
                     break
                 sent.append(chunk)
+                if chunk.endswith(b"data: [DONE]\n\n"):  # the last chunk: settle before it goes
+                    if ctx.usage is None:
+                        ctx.usage = estimate_stream_usage(ctx, sent)
+                    await settle(svc, ctx, scope)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (GatewayError, TimeoutError, aiohttp.ClientError) as exc:
             # Past the first byte nothing can be taken back: end the stream with an error event.
@@ -200,6 +273,7 @@ async def call_stream(svc: Services, ctx: RequestContext, group: Group, send, re
                 ctx.usage = estimate_stream_usage(ctx, sent)
             metrics.upstream_errors.get(r.provider, err.code or "unknown").inc()
             svc.router.finished(r, ctx, err, time.perf_counter() - ctx.started)
+            await settle(svc, ctx, scope)
             await send({"type": "http.response.body", "body": stream_error_event(err), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:
@@ -213,17 +287,19 @@ async def chat(svc: Services, ctx: RequestContext, scope: dict, receive, send) -
     await authenticate(svc, ctx, scope)
     await parse(svc, ctx, scope, receive, validate_chat)
     group = route(svc, ctx, scope, "chat")
+    await admit(svc, ctx, scope)
     if ctx.stream:
-        await call_stream(svc, ctx, group, send, receive)
+        await call_stream(svc, ctx, group, scope, send, receive)
     else:
-        await call(svc, ctx, group, send)
+        await call(svc, ctx, group, scope, send)
 
 
 async def embeddings(svc: Services, ctx: RequestContext, scope: dict, receive, send) -> None:
     await authenticate(svc, ctx, scope)
     await parse(svc, ctx, scope, receive, validate_embeddings)
     group = route(svc, ctx, scope, "embedding")
-    await call(svc, ctx, group, send)
+    await admit(svc, ctx, scope)
+    await call(svc, ctx, group, scope, send)
 
 
 def account(svc: Services, ctx: RequestContext, now: float, error: GatewayError | None) -> None:

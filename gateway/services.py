@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -17,7 +19,11 @@ from gateway.providers.base import ProviderAdapter
 from gateway.routing import Router
 from gateway.routing.shared import SharedHealth
 from gateway.upstream import Upstream
+from policies.alerts import AlertSender
 from policies.auth import Authenticator
+from policies.budgets import BudgetCache
+from policies.engine import PolicyEngine
+from policies.ledger import LedgerWriter, Spool
 
 log = logging.getLogger("gateway")
 
@@ -28,6 +34,7 @@ class Settings:
     database_url: str
     redis_url: str
     master_key: str | None = None
+    data_dir: Path = Path(".data")
 
 
 @dataclass
@@ -40,13 +47,22 @@ class Services:
     router: Router
     auth: Authenticator
     health: SharedHealth
+    budgets: BudgetCache
+    policies: PolicyEngine
+    ledger: LedgerWriter
+    alerts: AlertSender
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
         pool = await connect_pool(settings.database_url)
         async with pool.acquire() as conn:
             await migrate(conn)
-        redis = aioredis.from_url(settings.redis_url, health_check_interval=30)
+        # A bounded pool that makes a burst wait for a connection instead of failing.
+        redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=256, timeout=10, health_check_interval=30
+            )
+        )
         await redis.ping()
         upstream = Upstream()
         await upstream.start()
@@ -57,9 +73,24 @@ class Services:
         health = SharedHealth(redis, router)
         router.set_publisher(health.publish)
         await health.start()
-        return cls(settings.config, pool, redis, upstream, adapters, router, auth, health)
+        budgets = BudgetCache(pool, redis)
+        await budgets.start()
+        policies = PolicyEngine(settings.config, redis, budgets, router)
+        await policies.start()
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        ledger = LedgerWriter(redis, pool, Spool(settings.data_dir / f"ledger-spool-{os.getpid()}.jsonl"))
+        await ledger.start()
+        alerts = AlertSender(redis, budgets, settings.config.alerts)
+        await alerts.start()
+        return cls(
+            settings.config, pool, redis, upstream, adapters, router, auth, health, budgets, policies, ledger, alerts
+        )
 
     async def stop(self) -> None:
+        """After the server drained its requests: flush the ledger, then close everything."""
+        await self.ledger.stop()
+        await self.alerts.stop()
+        await self.budgets.stop()
         await self.health.stop()
         await self.auth.stop()
         for adapter in self.adapters.values():

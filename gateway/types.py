@@ -45,6 +45,10 @@ class Identity:
     tenant: str = "default"
     is_master: bool = False
     require_tags: frozenset = frozenset()
+    limits: Any = None  # config.Limit set on the key, else the configured default applies
+    models: frozenset = frozenset()  # models the key may use; empty: all
+    scopes: frozenset = frozenset()  # e.g. {"admin"}
+    expires_at: float | None = None
 
 
 @dataclass(slots=True)

@@ -37,11 +37,23 @@ def _redact(token: str) -> str:
 
 
 def _identity(row) -> Identity:
+    from gateway.config import Limit
+
     meta = row["metadata"]
     if isinstance(meta, str):
         meta = json.loads(meta)
-    tags = frozenset((meta or {}).get("require_tags") or ())
-    return Identity(key_id=row["id"], name=row["name"], tenant=row["tenant"], require_tags=tags)
+    meta = meta or {}
+    limits = meta.get("limits")
+    return Identity(
+        key_id=row["id"],
+        name=row["name"],
+        tenant=row["tenant"],
+        require_tags=frozenset(meta.get("require_tags") or ()),
+        limits=Limit(**limits) if isinstance(limits, dict) else None,
+        models=frozenset(meta.get("models") or ()),
+        scopes=frozenset(meta.get("scopes") or ()),
+        expires_at=meta.get("expires_at"),
+    )
 
 
 class Authenticator:
@@ -88,9 +100,10 @@ class Authenticator:
             return self.master_identity
         key_hash = hash_key(token)
         ident = self._cache.get(key_hash)
-        if ident is not None:
-            return ident
-        ident = await self._lookup(key_hash)
+        if ident is None:
+            ident = await self._lookup(key_hash)
+        if ident is not None and ident.expires_at is not None and ident.expires_at <= time.time():
+            raise Unauthenticated(f"API key {_redact(token)} has expired.", code="expired_api_key")
         if ident is None:
             raise Unauthenticated(
                 f"Incorrect API key provided: {_redact(token)}. Check the key, or create one "

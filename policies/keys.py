@@ -38,11 +38,18 @@ class KeyRecord:
 
 
 async def create_key(
-    conn: asyncpg.Connection, name: str, tenant: str = "default", require_tags: list[str] | None = None
+    conn: asyncpg.Connection,
+    name: str,
+    tenant: str = "default",
+    require_tags: list[str] | None = None,
+    extra: dict | None = None,
 ) -> tuple[str, KeyRecord]:
-    """Returns the plaintext key (to show once) and its stored record."""
+    """Returns the plaintext key (to show once) and its stored record. ``extra`` holds settings:
+    scopes, models, limits {rpm, tpm}, expires_at (Unix time)."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    metadata = {"require_tags": sorted(set(require_tags))} if require_tags else {}
+    metadata = dict(extra or {})
+    if require_tags:
+        metadata["require_tags"] = sorted(set(require_tags))
     row = await conn.fetchrow(
         """INSERT INTO api_keys (id, name, tenant, key_hash, key_prefix, metadata)
            VALUES ($1, $2, $3, $4, $5, $6::jsonb)

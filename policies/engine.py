@@ -1,0 +1,247 @@
+"""The admit and account stages: rate limits and budget reservations before the call, the true
+cost, alerts and the audit record after it — one Redis round trip each.
+
+``admit`` refuses with 429 ``rate_limit_exceeded`` (retry-after, x-ratelimit-* headers) or 429
+``insufficient_quota`` (``x-should-retry: false``, so the OpenAI SDK does not retry).
+``settle`` always runs, for refused and failed requests too, and appends the request's audit
+record to the ledger stream in the same script that settles its budgets; ledger.py moves the
+records to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+
+import orjson
+from redis.exceptions import NoScriptError, RedisError
+
+from gateway.config import Config, Limit
+from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.types import RequestContext, Usage
+from policies import scripts
+from policies.budgets import NANO, Budget, BudgetCache
+
+log = logging.getLogger("gateway.policies")
+
+LEDGER_STREAM = "gw:{gw}:ledger"
+ALERT_STREAM = "gw:{gw}:alerts"
+MINUTE_MS = 60_000
+
+
+def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
+    """Who spends: tenant and key from the caller's identity; user, agent, workflow, customer
+    and free tags from the body (``user``, ``metadata``) or ``x-gateway-*`` headers."""
+    ident = ctx.identity
+    body = ctx.body if isinstance(ctx.body, dict) else {}
+    meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+
+    def pick(field: str, header: bytes) -> str | None:
+        value = scope_headers.get(header)
+        if value:
+            return value.decode("latin-1")[:200]
+        value = meta.get(field)
+        return str(value)[:200] if value not in (None, "") else None
+
+    user = scope_headers.get(b"x-gateway-user")
+    tags = meta.get("tags")
+    if isinstance(tags, str):
+        tags = [t.strip() for t in tags.split(",") if t.strip()]
+    elif not isinstance(tags, list):
+        tags = []
+    header_tags = scope_headers.get(b"x-gateway-labels")
+    if header_tags:
+        tags = [*tags, *(t.strip() for t in header_tags.decode("latin-1").split(",") if t.strip())]
+    return {
+        "tenant": ident.tenant if ident else None,
+        "key": ident.key_id if ident else None,
+        "user": user.decode("latin-1")[:200] if user else (str(body["user"])[:200] if body.get("user") else None),
+        "agent": pick("agent", b"x-gateway-agent"),
+        "workflow": pick("workflow", b"x-gateway-workflow"),
+        "customer": pick("customer", b"x-gateway-customer"),
+        "tags": [str(t)[:100] for t in tags][:20],
+    }
+
+
+def cost_usd(route, usage: Usage | None) -> float:
+    """What the call cost, from the deployment's prices (config overrides, else the price map)."""
+    if route is None or usage is None:
+        return 0.0
+    dep = route.state
+    inp = dep.input_cost or 0.0
+    out = dep.output_cost or 0.0
+    return usage.prompt_tokens * inp + usage.completion_tokens * out
+
+
+class PolicyEngine:
+    def __init__(self, config: Config, redis, budgets: BudgetCache, router) -> None:
+        self.config = config
+        self.limits = config.limits
+        self._redis = redis
+        self.budgets = budgets
+        self._router = router
+        self._admit_sha: str | None = None
+        self._settle_sha: str | None = None
+
+    async def start(self) -> None:
+        self._admit_sha = await self._redis.script_load(scripts.ADMIT)
+        self._settle_sha = await self._redis.script_load(scripts.SETTLE)
+
+    async def _run(self, name: str, argv: list) -> list:
+        sha = self._admit_sha if name == "admit" else self._settle_sha
+        try:
+            return await self._redis.evalsha(sha, 0, *argv)
+        except NoScriptError:  # the server restarted and forgot the script
+            sha = await self._redis.script_load(scripts.ADMIT if name == "admit" else scripts.SETTLE)
+            if name == "admit":
+                self._admit_sha = sha
+            else:
+                self._settle_sha = sha
+            return await self._redis.evalsha(sha, 0, *argv)
+
+    # ---- limits that apply to a request -----------------------------------------------------
+    def _rate_limits(self, ctx: RequestContext, attr: dict) -> list[tuple[str, str, int]]:
+        """(scope label, counter base, limit) for requests and tokens per minute."""
+        out: list[tuple[str, str, Limit]] = []
+        ident = ctx.identity
+        key_limit = ident.limits if ident is not None and ident.limits is not None else self.limits.key
+        if attr["key"]:
+            out.append(("key", f"key:{attr['key']}", key_limit))
+        if attr["user"] and (self.limits.user.rpm or self.limits.user.tpm):
+            out.append(("user", f"user:{attr['tenant']}:{attr['user']}", self.limits.user))
+        tenant = self.limits.tenant.get(attr["tenant"] or "")
+        if tenant is not None:
+            out.append(("tenant", f"tenant:{attr['tenant']}", tenant))
+        model = self.limits.model.get(ctx.model)
+        if model is not None:
+            out.append(("model", f"model:{ctx.model}", model))
+        flat = []
+        for label, base, limit in out:
+            if limit.rpm:
+                flat.append((f"{label} requests", f"gw:{{gw}}:rl:{base}:r", limit.rpm))
+            if limit.tpm:
+                flat.append((f"{label} tokens", f"gw:{{gw}}:rl:{base}:t", limit.tpm))
+        return flat
+
+    def _estimate_nano(self, ctx: RequestContext, budgets: list[Budget]) -> int:
+        """The reservation: prompt tokens plus the most the answer may use, at the priciest
+        deployment of the group (which one will serve is not known yet)."""
+        group = self._router.groups.get(ctx.model)
+        if group is None or not group.deployments:
+            return 0
+        inp = max((d.input_cost or 0.0) for d in group.deployments)
+        out = max((d.output_cost or 0.0) for d in group.deployments)
+        if not inp and not out:
+            return 0
+        prompt = ctx.prompt_tokens() if ctx.endpoint == "chat" else max(1, ctx.body_bytes // 4)
+        max_out = ctx.max_output or (self.config.policies.default_max_output if ctx.endpoint == "chat" else 0)
+        return round((prompt * inp + max_out * out) * NANO)
+
+    # ---- the two round trips -----------------------------------------------------------------
+    async def admit(self, ctx: RequestContext, attr: dict) -> None:
+        rates = self._rate_limits(ctx, attr)
+        budgets = self.budgets.applicable(attr)
+        ctx.extra["budgets"] = budgets
+        if not rates and not budgets:
+            return
+        now = datetime.now(UTC)
+        estimate = self._estimate_nano(ctx, budgets) if budgets else 0
+        ctx.extra["reserved_nano"] = estimate
+        argv: list = [int(time.time() * 1000), len(rates)]
+        for label, base, limit in rates:
+            argv += [base, limit, MINUTE_MS, 1 if label.endswith("requests") else 0]
+        argv.append(len(budgets))
+        for b in budgets:
+            spent, reserved, alert_prefix, ttl = b.keys(now)
+            argv += [spent, reserved, b.limit_nano, estimate, ttl, alert_prefix, self._thresholds(b), b.id]
+        argv.append(ALERT_STREAM)
+        try:
+            result = await self._run("admit", argv)
+        except RedisError as exc:
+            ctx.extra["reserved_nano"] = 0
+            if self.config.policies.fail_open:
+                log.warning("policy store unreachable, serving without limits: %s", exc)
+                return
+            raise ServiceUnavailable(
+                "The gateway cannot check limits and budgets right now.", code="policy_store_unavailable"
+            ) from None
+        if int(result[0]) == 1:
+            ctx.extra["admitted"] = True
+            return
+        ctx.extra["reserved_nano"] = 0
+        kind, index, retry_ms = result[1], int(result[2]) - 1, int(result[3])
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        retry = str(max(1, -(-retry_ms // 1000)))
+        if kind == "rate":
+            label, _, limit = rates[index]
+            raise RateLimited(
+                f"Rate limit reached: {label} per minute (limit {limit}). Retry after {retry} s.",
+                headers={
+                    "retry-after": retry,
+                    f"x-ratelimit-limit-{'tokens' if 'tokens' in label else 'requests'}": str(limit),
+                    f"x-ratelimit-remaining-{'tokens' if 'tokens' in label else 'requests'}": "0",
+                    f"x-ratelimit-reset-{'tokens' if 'tokens' in label else 'requests'}": f"{retry}s",
+                },
+            )
+        if len(result) > 4:
+            from policies.alerts import fired
+
+            fired(result[4:])
+        budget = budgets[index]
+        raise QuotaExceeded(
+            f"Budget exceeded: the {budget.period} budget of {budget.limit_usd:g} USD for {budget.scope} "
+            f"'{budget.scope_value}' is used up."
+        )
+
+    def _thresholds(self, b: Budget) -> str:
+        return ",".join(f"{t:g}" for t in (b.thresholds or self.config.alerts.thresholds))
+
+    def record(self, ctx: RequestContext, attr: dict, elapsed: float, cost: float) -> dict:
+        usage = ctx.usage or Usage()
+        route = ctx.route
+        rec = {
+            "request_id": ctx.request_id,
+            "ts": time.time(),
+            **{k: attr.get(k) for k in ("tenant", "user", "agent", "workflow", "customer")},
+            "key_id": attr.get("key"),
+            "tags": attr.get("tags") or [],
+            "endpoint": ctx.endpoint,
+            "model": ctx.model or None,
+            "served_model": route.model if route else None,
+            "provider": route.provider if route else None,
+            "deployment": route.deployment if route else None,
+            "attempts": ctx.attempts,
+            "fallbacks": ctx.fallbacks,
+            "stream": ctx.stream,
+            "status": ctx.status,
+            "error_code": ctx.error_code,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cached_tokens": usage.cached_tokens,
+            "usage_estimated": bool(ctx.extra.get("usage_estimated")),
+            "cost_usd": cost,
+            "latency_ms": round(elapsed * 1000, 3),
+            "ttft_ms": round(ctx.ttft * 1000, 3) if ctx.ttft is not None else None,
+        }
+        if self.config.policies.log_content and isinstance(ctx.body, dict):
+            rec["content"] = ctx.body.get("messages") or ctx.body.get("input")
+        return rec
+
+    async def settle(self, ctx: RequestContext, attr: dict, elapsed: float) -> list:
+        cost = cost_usd(ctx.route, ctx.usage)
+        actual = round(cost * NANO)
+        budgets: list[Budget] = ctx.extra.get("budgets") or []
+        reserved = ctx.extra.get("reserved_nano", 0)
+        now = datetime.now(UTC)
+        argv: list = [int(time.time() * 1000), len(budgets)]
+        for b in budgets:
+            spent, reserved_key, alert_prefix, ttl = b.keys(now)
+            argv += [spent, reserved_key, reserved, actual, b.limit_nano, ttl, alert_prefix, self._thresholds(b), b.id]
+        tokens = (ctx.usage.total_tokens if ctx.usage else 0) if ctx.extra.get("admitted") else 0
+        token_limits = [(b, lim) for label, b, lim in self._rate_limits(ctx, attr) if label.endswith("tokens")]
+        argv.append(len(token_limits))
+        for base, _ in token_limits:
+            argv += [base, MINUTE_MS, tokens]
+        argv += [LEDGER_STREAM, orjson.dumps(self.record(ctx, attr, elapsed, cost)), ALERT_STREAM]
+        return await self._run("settle", argv)

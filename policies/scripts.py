@@ -1,0 +1,126 @@
+"""The two Lua scripts of the request path: one round trip before the call, one after.
+
+All keys share the ``{gw}`` hash tag, so both scripts also run on Redis Cluster (one slot).
+Money is counted in integer nano-USD so Redis can add it exactly.
+
+ADMIT (before the call)
+    ARGV: now_ms, n_rate, [base, limit, window_ms, cost] * n_rate,
+          n_budget, [spent_key, reserved_key, limit, estimate, ttl_s, alert_prefix, thresholds_csv,
+          budget_id] * n_budget, alert_stream
+    Rate limits are sliding windows (the previous fixed window weighted by how much of it is
+    still inside the sliding one, plus the current window). A ``cost`` of 0 only checks (tokens
+    per minute are added after the call, when they are known). A budget admits a request while
+    spent + reserved is below its limit, and then reserves the request's estimate, so parallel
+    requests cannot overshoot by more than the reservations in flight.
+    A refusal by a budget is the moment it is used up: thresholds up to 100 % not fired yet
+    fire then (once, as in SETTLE), since spend alone may stop just short of the limit.
+    Returns {1} or {0, kind, index, retry_after_ms, [budget_id, threshold, spent] * fired}.
+
+SETTLE (after the call)
+    ARGV: now_ms, n_budget, [spent_key, reserved_key, estimate, actual, limit, ttl_s, alert_prefix,
+          thresholds_csv, budget_id] * n_budget, n_tokens, [base, window_ms, tokens] * n_tokens,
+          ledger_stream, record_json, alert_stream
+    Releases reservations, adds the real cost, fires each alert threshold at most once per
+    budget and period (SET NX), and appends the audit record to the ledger stream.
+    Returns the list of alerts fired, as {budget_id, threshold, spent} triples.
+"""
+
+from __future__ import annotations
+
+ADMIT = """
+local now = tonumber(ARGV[1])
+local i = 2
+local n_rate = tonumber(ARGV[i]); i = i + 1
+local incr = {}
+for r = 1, n_rate do
+  local base, limit, window, cost = ARGV[i], tonumber(ARGV[i+1]), tonumber(ARGV[i+2]), tonumber(ARGV[i+3])
+  i = i + 4
+  local slot = math.floor(now / window)
+  local cur_key = base .. ':' .. slot
+  local cur = tonumber(redis.call('GET', cur_key) or '0')
+  local prev = tonumber(redis.call('GET', base .. ':' .. (slot - 1)) or '0')
+  local into = (now % window) / window
+  local used = prev * (1 - into) + cur
+  if used + cost > limit or (cost == 0 and used >= limit) then
+    return {0, 'rate', r, window - (now % window)}
+  end
+  if cost > 0 then table.insert(incr, {cur_key, cost, window}) end
+end
+local n_budget = tonumber(ARGV[i]); i = i + 1
+local alert_stream = ARGV[i + n_budget * 8]
+local reserve = {}
+for b = 1, n_budget do
+  local spent_key, reserved_key = ARGV[i], ARGV[i+1]
+  local limit, estimate, ttl = tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4])
+  local alert_prefix, thresholds, budget_id = ARGV[i+5], ARGV[i+6], ARGV[i+7]
+  i = i + 8
+  local spent = tonumber(redis.call('GET', spent_key) or '0')
+  local reserved = tonumber(redis.call('GET', reserved_key) or '0')
+  if spent + reserved >= limit then
+    local out = {0, 'budget', b, ttl * 1000}
+    for t in string.gmatch(thresholds, '[^,]+') do
+      if tonumber(t) <= 1 and redis.call('SET', alert_prefix .. t, spent, 'NX', 'EX', ttl) then
+        redis.call('XADD', alert_stream, '*', 'budget', budget_id, 'threshold', t, 'spent', tostring(spent))
+        table.insert(out, budget_id)
+        table.insert(out, t)
+        table.insert(out, tostring(spent))
+      end
+    end
+    return out
+  end
+  table.insert(reserve, {reserved_key, estimate, ttl})
+end
+for _, x in ipairs(incr) do
+  redis.call('INCRBY', x[1], x[2])
+  redis.call('PEXPIRE', x[1], x[3] * 2)
+end
+for _, x in ipairs(reserve) do
+  redis.call('INCRBY', x[1], x[2])
+  redis.call('EXPIRE', x[1], x[3])
+end
+return {1}
+"""
+
+SETTLE = """
+local now = tonumber(ARGV[1])
+local i = 2
+local fired = {}
+local n_budget = tonumber(ARGV[i]); i = i + 1
+for b = 1, n_budget do
+  local spent_key, reserved_key = ARGV[i], ARGV[i+1]
+  local estimate, actual, limit = tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4])
+  local ttl, alert_prefix, thresholds, budget_id = tonumber(ARGV[i+5]), ARGV[i+6], ARGV[i+7], ARGV[i+8]
+  i = i + 9
+  if estimate > 0 then
+    local left = redis.call('DECRBY', reserved_key, estimate)
+    if left < 0 then redis.call('SET', reserved_key, 0, 'EX', ttl) end
+  end
+  local spent = redis.call('INCRBY', spent_key, actual)
+  redis.call('EXPIRE', spent_key, ttl)
+  for t in string.gmatch(thresholds, '[^,]+') do
+    if spent >= tonumber(t) * limit then
+      if redis.call('SET', alert_prefix .. t, spent, 'NX', 'EX', ttl) then
+        table.insert(fired, budget_id)
+        table.insert(fired, t)
+        table.insert(fired, tostring(spent))
+      end
+    end
+  end
+end
+local n_tokens = tonumber(ARGV[i]); i = i + 1
+for t = 1, n_tokens do
+  local base, window, tokens = ARGV[i], tonumber(ARGV[i+1]), tonumber(ARGV[i+2])
+  i = i + 3
+  if tokens > 0 then
+    local key = base .. ':' .. math.floor(now / window)
+    redis.call('INCRBY', key, tokens)
+    redis.call('PEXPIRE', key, window * 2)
+  end
+end
+local ledger, record, alerts = ARGV[i], ARGV[i+1], ARGV[i+2]
+redis.call('XADD', ledger, '*', 'r', record)
+for a = 1, #fired, 3 do
+  redis.call('XADD', alerts, '*', 'budget', fired[a], 'threshold', fired[a+1], 'spent', fired[a+2])
+end
+return fired
+"""

@@ -1,0 +1,386 @@
+"""Budgets, rate limits, the audit ledger, alerts and the admin API — across two gateway
+processes sharing one Redis and one PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import hmac
+import http.server
+import json
+import signal
+import threading
+import time
+import uuid
+
+import asyncpg
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MASTER_KEY, Gateway, MockProvider, free_port, started, wait_until
+
+SECRET = "alert-secret-for-tests"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+class Receiver:
+    """A webhook receiver: records what it is sent; fails the first ``fail_first`` deliveries."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.received: list[tuple[dict, bytes]] = []
+        self.fail_left = fail_first
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                if outer.fail_left > 0:
+                    outer.fail_left -= 1
+                    self.send_response(500)
+                else:
+                    outer.received.append((dict(self.headers), body))
+                    self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def cfg(mock: MockProvider, **extra) -> dict:
+    return {
+        "router": {"max_attempts": 1},
+        "alerts": {"secret": SECRET},
+        "providers": [
+            {"name": "pp", "kind": "openai", "base_url": f"{mock.url}/v1", "api_keys": [f"k-{uuid.uuid4().hex[:6]}"]}
+        ],
+        # priced so every request costs: 9 prompt tokens ≈ 9e-6, 3 completion tokens = 6e-6 USD
+        "models": [
+            {
+                "name": "priced",
+                "deployments": [
+                    {"provider": "pp", "model": "m", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
+                ],
+            }
+        ],
+        **extra,
+    }
+
+
+def admin(gw: Gateway, method: str, path: str, **kw) -> httpx.Response:
+    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30, **kw)
+
+
+def ledger_rows(database_url: str, where: str, *args) -> list[dict]:
+    async def go():
+        conn = await asyncpg.connect(database_url)
+        try:
+            return [dict(r) for r in await conn.fetch(f"SELECT * FROM ledger WHERE {where}", *args)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def pmock(tmp_root):
+    m = MockProvider(tmp_root)
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_root, services, pmock):
+    """Two replicas of the gateway over one Redis and one PostgreSQL."""
+    a, b = Gateway(tmp_root, cfg(pmock), services), Gateway(tmp_root, cfg(pmock), services)
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def new_key(gw: Gateway, **settings) -> dict:
+    resp = admin(gw, "POST", "/admin/keys", json={"name": f"t-{uuid.uuid4().hex[:6]}", **settings})
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def test_audit_record_with_attribution_tokens_and_cost(pair, services):
+    a, _ = pair
+    key = new_key(a, tenant="acme")
+    client = openai.OpenAI(base_url=f"{a.url}/v1", api_key=key["key"], max_retries=0)
+    rid = f"audit-{uuid.uuid4().hex[:8]}"
+    client.chat.completions.create(
+        model="priced",
+        messages=HELLO,
+        user="end-user-7",
+        metadata={"agent": "support-bot", "workflow": "refunds", "tags": "vip,eu"},
+        extra_headers={"x-request-id": rid, "x-gateway-customer": "cust-42"},
+    )
+    wait_until(lambda: ledger_rows(services[0], "request_id = $1", rid), timeout=10, what="ledger row")
+    row = ledger_rows(services[0], "request_id = $1", rid)[0]
+    assert (row["tenant"], row["key_id"], row["end_user"], row["agent"], row["workflow"], row["customer"]) == (
+        "acme",
+        key["id"],
+        "end-user-7",
+        "support-bot",
+        "refunds",
+        "cust-42",
+    )
+    assert row["tags"] == ["vip", "eu"]
+    assert row["model"] == "priced" and row["provider"] == "pp" and row["deployment"] == "pp/m"
+    assert row["status"] == 200 and row["attempts"] == 1
+    assert row["prompt_tokens"] > 0 and row["completion_tokens"] == 2  # "echo: hello"
+    assert row["cost_usd"] == pytest.approx(row["prompt_tokens"] * 1e-6 + 2 * 2e-6)
+    assert row["latency_ms"] > 0
+    assert "hello" not in json.dumps(row, default=str), "no message content unless enabled"
+    # the admin API serves the same record
+    rec = admin(a, "GET", f"/admin/requests/{rid}").json()
+    assert rec["request_id"] == rid and rec["cost_usd"] == row["cost_usd"]
+
+
+def test_refused_and_failed_requests_are_audited_too(pair, services):
+    a, _ = pair
+    bad = httpx.post(
+        f"{a.url}/v1/chat/completions",
+        headers={"Authorization": "Bearer nope", "x-request-id": "audit-refused-1"},
+        json={"model": "priced", "messages": HELLO},
+    )
+    assert bad.status_code == 401
+    key = new_key(a)
+    failed = httpx.post(
+        f"{a.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key['key']}", "x-request-id": "audit-failed-1"},
+        json={"model": "priced", "messages": [{"role": "user", "content": 'x [[mock:{"status":500}]]'}]},
+    )
+    assert failed.status_code == 502
+    wait_until(
+        lambda: len(ledger_rows(services[0], "request_id IN ('audit-refused-1', 'audit-failed-1')")) == 2,
+        timeout=10,
+        what="ledger rows",
+    )
+    rows = {r["request_id"]: r for r in ledger_rows(services[0], "request_id LIKE 'audit-%-1'")}
+    assert rows["audit-refused-1"]["status"] == 401 and rows["audit-refused-1"]["key_id"] is None
+    assert rows["audit-failed-1"]["status"] == 502 and rows["audit-failed-1"]["cost_usd"] == 0
+
+
+def test_per_minute_limit_holds_across_replicas(pair):
+    a, b = pair
+    key = new_key(a, rpm=10)
+    ok, limited = 0, []
+    for i in range(20):
+        gw = (a, b)[i % 2]
+        r = httpx.post(
+            f"{gw.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key['key']}"},
+            json={"model": "priced", "messages": HELLO},
+        )
+        if r.status_code == 200:
+            ok += 1
+        else:
+            limited.append(r)
+    assert ok == 10
+    r = limited[0]
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.headers["x-ratelimit-limit-requests"] == "10" and r.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError):
+        openai.OpenAI(base_url=f"{b.url}/v1", api_key=key["key"], max_retries=0).chat.completions.create(
+            model="priced", messages=HELLO
+        )
+
+
+def test_concurrent_requests_cannot_overshoot_a_budget_beyond_reservations(pair, services):
+    a, b = pair
+    limit = 0.0004  # about 25 requests' worth
+    key = new_key(a, budget_usd=limit, budget_period="daily")
+
+    async def run() -> collections.Counter:
+        clients = [openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=key["key"], max_retries=2) for gw in (a, b)]
+        outcomes: collections.Counter = collections.Counter()
+
+        async def one(i: int) -> None:
+            try:
+                await clients[i % 2].chat.completions.create(model="priced", messages=HELLO, max_tokens=5)
+                outcomes["ok"] += 1
+            except openai.RateLimitError as exc:
+                assert exc.code == "insufficient_quota" and exc.response.headers["x-should-retry"] == "false"
+                outcomes["quota"] += 1
+
+        await asyncio.gather(*(one(i) for i in range(200)))
+        for c in clients:
+            await c.close()
+        return outcomes
+
+    outcomes = asyncio.run(run())
+    assert outcomes["ok"] + outcomes["quota"] == 200 and outcomes["quota"] > 100
+    state = admin(a, "GET", f"/admin/budgets/{key['budget_id']}").json()
+    # Each in-flight reservation is at most one request's estimate (prompt + max_tokens at the
+    # priciest deployment); 200 were sent, at most 200 could have been in flight at once.
+    per_request = 30 * 1e-6 + 5 * 2e-6
+    assert state["spent_usd"] <= limit + 200 * per_request
+    # Refusals start once spend plus in-flight reservations reach the limit, so spend ends close
+    # to the limit but may stay under it (a reservation is an upper estimate).
+    assert state["spent_usd"] >= limit * 0.5
+    assert state["reserved_usd"] == 0, "every reservation was settled"
+    # the SDK did not retry refusals (x-should-retry: false): one record per refused request
+    wait_until(
+        lambda: len(ledger_rows(services[0], "key_id = $1", key["id"])) == 200, timeout=15, what="200 ledger rows"
+    )
+
+
+def test_alerts_fire_exactly_once_per_threshold_across_replicas(tmp_root, services, pmock):
+    receiver = Receiver(fail_first=2)  # the first deliveries fail: they are retried
+    config = cfg(pmock)
+    with started(Gateway(tmp_root, config, services), Gateway(tmp_root, config, services)) as (a, b):
+        key = new_key(a)
+        budget = admin(
+            a,
+            "POST",
+            "/admin/budgets",
+            json={
+                "scope": "key",
+                "scope_value": key["id"],
+                "limit_usd": 0.0002,
+                "period": "monthly",
+                "thresholds": [0.5, 0.8, 1.0],
+                "webhook_url": receiver.url,
+            },
+        ).json()
+
+        def send(gw):
+            httpx.post(
+                f"{gw.url}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key['key']}"},
+                json={"model": "priced", "messages": HELLO},
+                timeout=30,
+            )
+
+        def sender(i: int) -> None:  # four at a time, both replicas, until the budget refuses
+            for j in range(30):
+                send((a, b)[(i + j) % 2])
+
+        threads = [threading.Thread(target=sender, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wait_until(lambda: len(receiver.received) >= 3, timeout=60, what="three alerts")
+        time.sleep(1.5)  # would a duplicate arrive?
+        admin_state = admin(a, "GET", f"/admin/budgets/{budget['id']}").json()
+    receiver.close()
+    thresholds = sorted(json.loads(body)["threshold"] for _, body in receiver.received)
+    assert thresholds == [0.5, 0.8, 1.0]
+    for headers, body in receiver.received:
+        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert headers["x-gateway-signature"] == expected
+        payload = json.loads(body)
+        assert payload["budget_id"] == budget["id"] and payload["scope_value"] == key["id"]
+    assert admin_state["alerts_fired"] == [0.5, 0.8, 1.0]
+
+
+def test_sigkill_loses_no_acknowledged_record_and_sigterm_flushes(tmp_root, services, pmock):
+    config = cfg(pmock)
+    survivor = Gateway(tmp_root, config, services)
+    victim = Gateway(tmp_root, config, services)
+    try:
+        key = new_key(survivor)
+        ids = [f"kill-{uuid.uuid4().hex[:10]}" for _ in range(150)]
+        for rid in ids:
+            r = httpx.post(
+                f"{victim.url}/v1/chat/completions",
+                json={"model": "priced", "messages": HELLO},
+                headers={"Authorization": f"Bearer {key['key']}", "x-request-id": rid},
+            )
+            assert r.status_code == 200
+        victim.stop(signal.SIGKILL)
+        # The survivor claims what the dead replica read but never acknowledged.
+        wait_until(
+            lambda: len(ledger_rows(services[0], "request_id = ANY($1)", ids)) == len(ids),
+            timeout=60,
+            what="every acknowledged request's record",
+        )
+        term_ids = [f"term-{uuid.uuid4().hex[:10]}" for _ in range(50)]
+        for rid in term_ids:
+            httpx.post(
+                f"{survivor.url}/v1/chat/completions",
+                json={"model": "priced", "messages": HELLO},
+                headers={"Authorization": f"Bearer {key['key']}", "x-request-id": rid},
+            )
+        survivor.stop(signal.SIGTERM)
+        assert len(ledger_rows(services[0], "request_id = ANY($1)", term_ids)) == len(term_ids)
+    finally:
+        survivor.stop()
+        victim.stop()
+
+
+def test_admin_api_keys_budgets_spend_and_validation(pair, services):
+    a, _ = pair
+    # non-admin keys are refused
+    plain = new_key(a)
+    r = httpx.get(f"{a.url}/admin/budgets", headers={"Authorization": f"Bearer {plain['key']}"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_scope_required"
+    assert httpx.get(f"{a.url}/admin/budgets").status_code == 401
+    # an admin-scoped key may use the admin API
+    boss = new_key(a, scopes=["admin"])
+    assert httpx.get(f"{a.url}/admin/keys", headers={"Authorization": f"Bearer {boss['key']}"}).status_code == 200
+    # invalid input names the field and writes nothing
+    before = admin(a, "GET", "/admin/budgets").json()["data"]
+    for body, param in [
+        ({"scope": "planet", "scope_value": "x", "limit_usd": 1}, "scope"),
+        ({"scope": "user", "scope_value": "x", "limit_usd": -1}, "limit_usd"),
+        ({"scope": "user", "scope_value": "x", "limit_usd": 1, "period": "hourly"}, "period"),
+        ({"scope": "user", "scope_value": "x", "limit_usd": 1, "thresholds": [2, "a"]}, "thresholds"),
+        ({"scope": "user", "limit_usd": 1}, "scope_value"),
+    ]:
+        r = admin(a, "POST", "/admin/budgets", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    r = admin(a, "POST", "/admin/keys", json={"name": "x", "rpm": "ten"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "rpm"
+    r = admin(a, "POST", "/admin/keys", json={"name": "x", "budget_usd": 5, "budget_period": "yearly"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "budget_period"
+    assert admin(a, "GET", "/admin/budgets").json()["data"] == before
+    # CRUD
+    b = admin(
+        a,
+        "POST",
+        "/admin/budgets",
+        json={"scope": "agent", "scope_value": f"bot-{uuid.uuid4().hex[:6]}", "limit_usd": 10, "period": "weekly"},
+    ).json()
+    assert b["spent_usd"] == 0 and b["alerts_fired"] == []
+    assert admin(a, "PATCH", f"/admin/budgets/{b['id']}", json={"limit_usd": 20}).json()["limit_usd"] == 20
+    assert admin(a, "PATCH", f"/admin/budgets/{b['id']}", json={"scope": "user"}).status_code == 400
+    assert admin(a, "DELETE", f"/admin/budgets/{b['id']}").status_code == 200
+    assert admin(a, "GET", f"/admin/budgets/{b['id']}").status_code == 404
+    # key with allowed models and expiry
+    limited = new_key(a, models=["other-model"])
+    r = httpx.post(
+        f"{a.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {limited['key']}"},
+        json={"model": "priced", "messages": HELLO},
+    )
+    assert r.status_code == 403 and r.json()["error"]["param"] == "model"
+    r = admin(a, "POST", "/admin/keys", json={"name": "old", "expires_at": "2001-01-01T00:00:00Z"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "expires_at"
+    # revoke through the API
+    assert admin(a, "DELETE", f"/admin/keys/{plain['id']}").json()["revoked"] is True
+    assert httpx.get(f"{a.url}/v1/models", headers={"Authorization": f"Bearer {plain['key']}"}).status_code == 401
+    # spend, grouped and as CSV
+    wait_until(lambda: admin(a, "GET", "/admin/spend?group_by=agent").json()["data"], timeout=10, what="spend")
+    spend = admin(a, "GET", "/admin/spend", params={"group_by": "agent"}).json()
+    assert any(row["agent"] == "support-bot" for row in spend["data"]) or spend["data"]
+    csv_text = admin(a, "GET", "/admin/spend", params={"group_by": "model", "format": "csv"}).text
+    assert csv_text.splitlines()[0] == "model,requests,prompt_tokens,completion_tokens,cost_usd,errors"
+    assert admin(a, "GET", "/admin/spend", params={"group_by": "color"}).json()["error"]["param"] == "group_by"
+    assert admin(a, "GET", "/admin/spend", params={"from": "yesterday"}).json()["error"]["param"] == "from"
+    doc = admin(a, "GET", "/admin/openapi.json").json()
+    assert "/admin/budgets" in doc["paths"]
+    r = admin(a, "GET", "/admin/nothing-here")
+    assert r.status_code == 404 and "error" in r.json() and r.headers["x-request-id"]
