@@ -23,6 +23,7 @@ from policies.alerts import AlertSender
 from policies.auth import Authenticator
 from policies.budgets import BudgetCache
 from policies.engine import PolicyEngine
+from policies.fastredis import PipelinedRedis
 from policies.ledger import LedgerWriter, Spool
 
 log = logging.getLogger("gateway")
@@ -57,12 +58,8 @@ class Services:
         pool = await connect_pool(settings.database_url)
         async with pool.acquire() as conn:
             await migrate(conn)
-        # A bounded pool that makes a burst wait for a connection instead of failing.
-        redis = aioredis.Redis(
-            connection_pool=aioredis.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=256, timeout=10, health_check_interval=30
-            )
-        )
+        # Generous: a burst of concurrent requests each holds a connection for one round trip.
+        redis = aioredis.from_url(settings.redis_url, max_connections=4096, health_check_interval=30)
         await redis.ping()
         upstream = Upstream()
         await upstream.start()
@@ -75,7 +72,8 @@ class Services:
         await health.start()
         budgets = BudgetCache(pool, redis)
         await budgets.start()
-        policies = PolicyEngine(settings.config, redis, budgets, router)
+        fast = PipelinedRedis(settings.redis_url)
+        policies = PolicyEngine(settings.config, fast, budgets, router)
         await policies.start()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         ledger = LedgerWriter(redis, pool, Spool(settings.data_dir / f"ledger-spool-{os.getpid()}.jsonl"))
@@ -93,6 +91,7 @@ class Services:
         await self.budgets.stop()
         await self.health.stop()
         await self.auth.stop()
+        await self.policies.close()
         for adapter in self.adapters.values():
             await adapter.close()
         await self.upstream.close()

@@ -64,6 +64,17 @@ def _wait(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
+def _admin_key(url: str, body: dict) -> str:
+    req = urllib.request.Request(
+        f"{url}/admin/keys",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": "Bearer sk-master-bench", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())["key"]
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -151,6 +162,11 @@ class Stack:
 
         self.tmp = tmp
         self.services = EmbeddedServices(tmp / "data").start()
+        # PostgreSQL and Valkey stand for servers of their own: keep them off the gateway's core.
+        # (Backends PostgreSQL forks later inherit the postmaster's affinity.)
+        for pidfile in (tmp / "data" / "valkey" / "valkey.pid", tmp / "data" / "pg" / "postmaster.pid"):
+            pid = pidfile.read_text().split()[0]
+            subprocess.run(["taskset", "-a", "-p", "-c", "1", pid], check=True, stdout=subprocess.DEVNULL)
         self.procs: list[subprocess.Popen] = []
         self.mock_port = _free_port()
         self.mock_url = f"http://127.0.0.1:{self.mock_port}"
@@ -250,12 +266,14 @@ class Stack:
         self.services.stop()
 
 
-def bench_config(mock_url: str) -> dict:
+def bench_config(mock_url: str, policies: bool = True) -> dict:
     """``bench``: one deployment; ``bench10``: ten deployments (weighted routing over them)."""
+    price = {"input_cost_per_token": 1.5e-7, "output_cost_per_token": 6e-7}
     return {
+        "policies": {"enabled": policies},
         "providers": [{"name": "mock", "kind": "openai", "base_url": f"{mock_url}/v1", "api_keys": ["bench-key"]}],
         "models": [
-            {"name": "bench", "deployments": [{"provider": "mock", "model": "mock-gpt"}]},
+            {"name": "bench", "deployments": [{"provider": "mock", "model": "mock-gpt", **price}]},
             {
                 "name": "bench10",
                 "deployments": [{"provider": "mock", "model": f"mock-gpt-{i}", "weight": 1 + i % 3} for i in range(10)],
@@ -273,6 +291,10 @@ def run(args: argparse.Namespace) -> dict:
         url, proc = stack.gateway("gateway", bench_config(stack.mock_url))
         time.sleep(1)
         results["meta"]["idle_rss_mb"] = round(_rss_mb(proc.pid), 1)
+        # A key that exercises the whole policy path: a rate limit and a budget to check, the
+        # budget reserved and settled, the audit record written, on every request.
+        stack.key = _admin_key(url, {"name": "bench-policies", "rpm": 10**9, "budget_usd": 10**6})
+        off_url, _ = stack.gateway("gateway-policies-off", bench_config(stack.mock_url, policies=False))
         direct = _wrk_script(tmp, CHAT, "bench-key")
         via = _wrk_script(tmp, CHAT, stack.key)
         stream = _wrk_script(tmp, {**CHAT, "stream": True}, stack.key)
@@ -286,6 +308,7 @@ def run(args: argparse.Namespace) -> dict:
             ("bare Starlette + aiohttp relay", f"{bare}/v1/chat/completions", direct),
             ("gateway, non-streaming", f"{url}/v1/chat/completions", via),
             ("gateway, routing over 10 deployments", f"{url}/v1/chat/completions", via10),
+            ("gateway, policies off (no limits, budgets, ledger)", f"{off_url}/v1/chat/completions", via),
             ("mock provider direct, streaming", f"{stack.mock_url}/v1/chat/completions", direct_stream),
             ("gateway, streaming", f"{url}/v1/chat/completions", stream),
         ]
@@ -332,9 +355,10 @@ def report(results: dict) -> str:
     lines = [
         f"# Gateway benchmark ({m['date']})",
         "",
-        f"`make bench` on {m['cpus']} cores, Python {m['python']}: gateway (1 worker, virtual-key auth on, JSON "
-        f"access log on) and the bare relay pinned to core 0; mock provider and load generators on core 1. "
-        f"wrk -c {m['connections']} for {m['seconds']} s per row; streamed replies carry {m['chunks']} content chunks.",
+        f"`make bench` on {m['cpus']} cores, Python {m['python']}: gateway (1 worker; virtual-key auth, rate limit, "
+        f"budget, audit ledger and JSON access log on) and the bare relay pinned to core 0; mock provider, "
+        f"load generators, PostgreSQL and Valkey on core 1. wrk -c {m['connections']} for {m['seconds']} s per "
+        f"row; streamed replies carry {m['chunks']} content chunks.",
         "",
         "| scenario | req/s | p50 ms | p99 ms | non-2xx | vs. mock | vs. bare relay |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -346,7 +370,11 @@ def report(results: dict) -> str:
         )
     single = rows["gateway, non-streaming"]["rps"]
     ten = rows["gateway, routing over 10 deployments"]["rps"]
+    off = rows["gateway, policies off (no limits, budgets, ledger)"]["rps"]
     lines += [
+        "",
+        f"Full policy path (auth + rate limit + budget reservation and settlement + audit ledger) vs. the same "
+        f"gateway with policies off: {single / off:.3f}× the throughput.",
         "",
         f"Routing over 10 deployments vs. one: {ten / single:.3f}× the throughput "
         f"({(1 - ten / single) * 100:+.1f} % cost).",

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -17,6 +18,7 @@ SCOPES = ("tenant", "key", "user", "agent", "workflow", "customer", "tag")
 PERIODS = ("daily", "weekly", "monthly", "none")
 CHANGED = "gateway:budgets:changed"
 NANO = 1_000_000_000  # budget counters are integer nano-USD
+_KEYS_CACHE: dict[str, tuple[int, tuple[str, str, str, int]]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,14 @@ class Budget:
 
     def keys(self, now: datetime | None = None) -> tuple[str, str, str, int]:
         """(spent key, reserved key, alert key prefix, ttl seconds) for the current period."""
+        if now is None:  # per request: cached for the second, periods change at midnight
+            second = int(time.time())
+            cached = _KEYS_CACHE.get(self.id)
+            if cached is not None and cached[0] == second:
+                return cached[1]
+            value = self.keys(datetime.fromtimestamp(second, UTC))
+            _KEYS_CACHE[self.id] = (second, value)
+            return value
         period, end = self.window(now)
         base = f"gw:{{gw}}:budget:{self.id}:{period}"
         ttl = int((end - (now or datetime.now(UTC))).total_seconds()) + 86400 if end else 400 * 86400

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
 
 import orjson
 from redis.exceptions import NoScriptError, RedisError
@@ -22,6 +21,7 @@ from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.types import RequestContext, Usage
 from policies import scripts
 from policies.budgets import NANO, Budget, BudgetCache
+from policies.fastredis import PipelinedRedis
 
 log = logging.getLogger("gateway.policies")
 
@@ -75,7 +75,7 @@ def cost_usd(route, usage: Usage | None) -> float:
 
 
 class PolicyEngine:
-    def __init__(self, config: Config, redis, budgets: BudgetCache, router) -> None:
+    def __init__(self, config: Config, redis: PipelinedRedis, budgets: BudgetCache, router) -> None:
         self.config = config
         self.limits = config.limits
         self._redis = redis
@@ -87,6 +87,9 @@ class PolicyEngine:
     async def start(self) -> None:
         self._admit_sha = await self._redis.script_load(scripts.ADMIT)
         self._settle_sha = await self._redis.script_load(scripts.SETTLE)
+
+    async def close(self) -> None:
+        await self._redis.close()
 
     async def _run(self, name: str, argv: list) -> list:
         sha = self._admit_sha if name == "admit" else self._settle_sha
@@ -145,7 +148,6 @@ class PolicyEngine:
         ctx.extra["budgets"] = budgets
         if not rates and not budgets:
             return
-        now = datetime.now(UTC)
         estimate = self._estimate_nano(ctx, budgets) if budgets else 0
         ctx.extra["reserved_nano"] = estimate
         argv: list = [int(time.time() * 1000), len(rates)]
@@ -153,7 +155,7 @@ class PolicyEngine:
             argv += [base, limit, MINUTE_MS, 1 if label.endswith("requests") else 0]
         argv.append(len(budgets))
         for b in budgets:
-            spent, reserved, alert_prefix, ttl = b.keys(now)
+            spent, reserved, alert_prefix, ttl = b.keys()
             argv += [spent, reserved, b.limit_nano, estimate, ttl, alert_prefix, self._thresholds(b), b.id]
         argv.append(ALERT_STREAM)
         try:
@@ -233,10 +235,9 @@ class PolicyEngine:
         actual = round(cost * NANO)
         budgets: list[Budget] = ctx.extra.get("budgets") or []
         reserved = ctx.extra.get("reserved_nano", 0)
-        now = datetime.now(UTC)
         argv: list = [int(time.time() * 1000), len(budgets)]
         for b in budgets:
-            spent, reserved_key, alert_prefix, ttl = b.keys(now)
+            spent, reserved_key, alert_prefix, ttl = b.keys()
             argv += [spent, reserved_key, reserved, actual, b.limit_nano, ttl, alert_prefix, self._thresholds(b), b.id]
         tokens = (ctx.usage.total_tokens if ctx.usage else 0) if ctx.extra.get("admitted") else 0
         token_limits = [(b, lim) for label, b, lim in self._rate_limits(ctx, attr) if label.endswith("tokens")]
