@@ -26,7 +26,8 @@ from gateway.providers.base import map_upstream_status, stream_error_event
 from gateway.routing import Group, run_attempts
 from gateway.routing.constraints import constraints_for
 from gateway.services import Services
-from gateway.types import RequestContext, Route, Usage
+from gateway.types import RequestContext, Route
+from gateway.usage import estimate_stream_usage, estimate_usage
 from gateway.validation import validate_chat, validate_embeddings
 from policies import alerts
 from policies.engine import attribution, cost_usd
@@ -180,56 +181,6 @@ async def _open_stream(svc: Services, ctx: RequestContext, r: Route) -> tuple[li
     except BaseException:
         await events.aclose()
         raise
-
-
-def estimate_usage(ctx: RequestContext, raw: bytes) -> Usage:
-    """Usage of a complete answer whose provider reported none: counted with tiktoken."""
-    from gateway.routing.tokens import count_text
-
-    ctx.extra["usage_estimated"] = True
-    if ctx.endpoint == "embeddings":
-        inp = ctx.body.get("input")
-        texts = (
-            [inp] if isinstance(inp, str) else [t for t in inp if isinstance(t, str)] if isinstance(inp, list) else []
-        )
-        return Usage(prompt_tokens=sum(count_text(t) for t in texts))
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        data = {}
-    parts = []
-    for choice in data.get("choices") or ():
-        msg = choice.get("message") or {}
-        if isinstance(msg.get("content"), str):
-            parts.append(msg["content"])
-        for call in msg.get("tool_calls") or ():
-            fn = call.get("function") or {}
-            parts.append((fn.get("name") or "") + (fn.get("arguments") or ""))
-    return Usage(prompt_tokens=ctx.prompt_tokens(), completion_tokens=count_text("".join(parts)) if parts else 0)
-
-
-def estimate_stream_usage(ctx: RequestContext, chunks: list[bytes]) -> Usage:
-    """Usage of a stream that broke before the provider reported it: counted from what was sent."""
-    from gateway.routing.tokens import count_text
-
-    parts: list[str] = []
-    for chunk in chunks:
-        for event in chunk.split(b"\n\n"):
-            if not event.startswith(b"data: {"):
-                continue
-            try:
-                data = orjson.loads(event[6:])
-            except orjson.JSONDecodeError:
-                continue
-            for choice in data.get("choices") or ():
-                delta = choice.get("delta") or {}
-                if isinstance(delta.get("content"), str):
-                    parts.append(delta["content"])
-                for call in delta.get("tool_calls") or ():
-                    fn = call.get("function") or {}
-                    parts.append((fn.get("name") or "") + (fn.get("arguments") or ""))
-    ctx.extra["usage_estimated"] = True
-    return Usage(prompt_tokens=ctx.prompt_tokens(), completion_tokens=count_text("".join(parts)) if parts else 0)
 
 
 def _stream_failure(provider: str, exc: BaseException) -> GatewayError:

@@ -17,6 +17,7 @@ import time
 import asyncpg
 
 from gateway.errors import Unauthenticated
+from gateway.pubsub import listen_forever
 from gateway.types import Identity
 from policies.keys import KEYS_VERSION, REVOKE_CHANNEL, find_active, hash_key
 
@@ -141,28 +142,11 @@ class Authenticator:
             del self._pending[key_hash]
 
     async def _listen(self) -> None:
-        backoff = 0.1
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(REVOKE_CHANNEL)
-                self.invalidate()  # anything may have been missed while unsubscribed
-                backoff = 0.1
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        data = message["data"]
-                        self.invalidate(data.decode() if isinstance(data, bytes) else data)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("key revocation subscription lost: %s", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:
-                    pass
+        def revoked(data) -> None:
+            self.invalidate(data.decode() if isinstance(data, bytes) else data)
+
+        # after a (re)subscription anything may have been missed: start from an empty cache
+        await listen_forever(self._redis, REVOKE_CHANNEL, revoked, self.invalidate)
 
     async def _poll_version(self) -> None:
         while True:

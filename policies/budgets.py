@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -11,6 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+
+from gateway.pubsub import listen_forever
 
 log = logging.getLogger("gateway.budgets")
 
@@ -135,22 +136,7 @@ class BudgetCache:
         self._task = asyncio.create_task(self._listen(), name="budget-changes")
 
     async def _listen(self) -> None:
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(CHANGED)
-                await self.load()
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        await self.load()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("budget subscription lost: %s", exc)
-                await asyncio.sleep(1)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+        await listen_forever(self._redis, CHANGED, lambda _data: self.load(), self.load)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -15,6 +15,7 @@ import time
 
 import orjson
 
+from gateway.pubsub import listen_forever
 from gateway.routing.router import Router
 
 log = logging.getLogger("gateway.routing")
@@ -60,23 +61,11 @@ class SharedHealth:
                     self._router.apply(orjson.loads(data))
 
     async def _listen(self) -> None:
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(CHANNEL)
-                await self._load()  # catch up on anything missed while unsubscribed
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        with contextlib.suppress(ValueError):
-                            self._router.apply(orjson.loads(message["data"]))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("health subscription lost: %s", exc)
-                await asyncio.sleep(1)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+        def event(data) -> None:
+            with contextlib.suppress(ValueError):
+                self._router.apply(orjson.loads(data))
+
+        await listen_forever(self._redis, CHANNEL, event, self._load)  # catch up after each subscription
 
     async def stop(self) -> None:
         if self._listener is not None:
