@@ -324,6 +324,7 @@ def run(args: argparse.Namespace) -> dict:
             [
                 ("direct", f"{stack.mock_url}/v1/chat/completions", "bench-key"),
                 ("bare relay", f"{bare}/v1/chat/completions", "bench-key"),
+                ("gateway, policies off", f"{off_url}/v1/chat/completions", stack.key),
                 ("gateway", f"{url}/v1/chat/completions", stack.key),
             ],
             CHAT,

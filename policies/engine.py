@@ -18,6 +18,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from gateway.config import Config, Limit
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.routing.tokens import approx_prompt
 from gateway.types import RequestContext, Usage
 from policies import scripts
 from policies.budgets import NANO, Budget, BudgetCache
@@ -137,7 +138,9 @@ class PolicyEngine:
         out = max((d.output_cost or 0.0) for d in group.deployments)
         if not inp and not out:
             return 0
-        prompt = ctx.prompt_tokens() if ctx.endpoint == "chat" else max(1, ctx.body_bytes // 4)
+        # No tokenizing on the hot path for a reservation; an exact count is used when routing
+        # already made one.
+        prompt = ctx._prompt_tokens if ctx._prompt_tokens is not None else approx_prompt(ctx.body)
         max_out = ctx.max_output or (self.config.policies.default_max_output if ctx.endpoint == "chat" else 0)
         return round((prompt * inp + max_out * out) * NANO)
 
