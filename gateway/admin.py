@@ -176,6 +176,7 @@ class Admin:
         tpm = _num(data, "tpm", integer=True)
         budget_usd = _num(data, "budget_usd")
         period = _str(data, "budget_period", choices=PERIODS) or "monthly"
+        pii_policy = _str(data, "pii_policy", choices=tuple(self.svc.config.pii.policies) or ("(none configured)",))
         expires = _time(_str(data, "expires_at"), "expires_at")
         if expires is not None and expires <= datetime.now(UTC):
             raise InvalidRequest("'expires_at' must be in the future.", param="expires_at", code="invalid_value")
@@ -188,6 +189,8 @@ class Admin:
             meta["limits"] = {"rpm": rpm or 0, "tpm": tpm or 0}
         if expires:
             meta["expires_at"] = expires.timestamp()
+        if pii_policy:
+            meta["pii_policy"] = pii_policy
         async with self.svc.pool.acquire() as conn, conn.transaction():
             key, rec = await key_store.create_key(conn, name, tenant, require_tags, extra=meta)
             budget = None
@@ -373,7 +376,10 @@ class Admin:
             raise NotFound(
                 f"No audit record for request {request.path_params['request_id']!r} (yet).", param="request_id"
             )
-        return _json(dict(row))
+        record = dict(row)
+        if isinstance(record.get("pii_entities"), str):
+            record["pii_entities"] = orjson.loads(record["pii_entities"])
+        return _json(record)
 
     async def openapi(self, request: Request) -> Response:
         from gateway.openapi import admin_document

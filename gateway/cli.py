@@ -232,7 +232,8 @@ async def _keys(args: argparse.Namespace, database_url: str, redis_url: str) -> 
     try:
         await migrate(conn)
         if args.keys_cmd == "create":
-            key, rec = await keys.create_key(conn, args.name, args.tenant, args.require_tag)
+            extra = {"pii_policy": args.pii_policy} if args.pii_policy else None
+            key, rec = await keys.create_key(conn, args.name, args.tenant, args.require_tag, extra=extra)
             print(f"{key}\n(id {rec.id}; shown once, only its hash is stored)")
         elif args.keys_cmd == "list":
             rows = await keys.list_keys(conn, include_revoked=args.all)
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="deployments serving this key must carry the tag (e.g. zdr); repeatable",
     )
+    create.add_argument("--pii-policy", help="the PII policy (config pii.policies) of this key's requests")
     lst = ks.add_parser("list")
     lst.add_argument("--all", action="store_true", help="include revoked keys")
     revoke = ks.add_parser("revoke")

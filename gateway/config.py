@@ -161,6 +161,68 @@ class Policies(_Strict):
     log_content: bool = False
 
 
+PiiAction = Literal["redact", "mask", "hash", "block", "pseudonymize", "allow"]
+
+
+class PiiRecognizer(_Strict):
+    """A custom regex recognizer: order numbers, internal code names, ..."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
+    pattern: str = Field(min_length=1)
+    score: float = Field(0.8, gt=0, le=1)
+    context: list[str] = Field(default_factory=list)  # words nearby that raise the score
+    ignore_case: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            compiled = re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        if compiled.match(""):
+            raise ValueError("matches the empty string")
+        return v
+
+
+class PiiPolicy(_Strict):
+    """What to do with each entity type; types not named are let through."""
+
+    entities: dict[str, PiiAction] = Field(default_factory=dict)
+    phone_regions: list[str] = Field(default_factory=lambda: ["US", "GB", "DE", "FR"])
+    min_score: float = Field(0.4, ge=0, le=1)  # detections scoring lower are ignored
+    mask_keep: int = Field(4, ge=0)  # characters left visible at the end by `mask`
+
+    @field_validator("phone_regions")
+    @classmethod
+    def _regions(cls, v: list[str]) -> list[str]:
+        import phonenumbers
+
+        for i, region in enumerate(v):
+            if region not in phonenumbers.SUPPORTED_REGIONS:
+                raise ValueError(f"phone_regions[{i}]: {region!r} is not a region code (ISO 3166, e.g. 'US')")
+        return v
+
+
+class Pii(_Strict):
+    """PII scrubbing. The policy named ``default`` applies unless a key (its ``pii_policy``),
+    the model group or the tenant names another; a key's choice wins, then the model's, then
+    the tenant's."""
+
+    policies: dict[str, PiiPolicy] = Field(default_factory=dict)
+    tenants: dict[str, str] = Field(default_factory=dict)  # tenant -> policy name
+    models: dict[str, str] = Field(default_factory=dict)  # model group -> policy name
+    recognizers: list[PiiRecognizer] = Field(default_factory=list)
+    workers: int = Field(1, ge=0, le=32)  # analysis processes; 0: in the serving process
+    cache_size: int = Field(20000, ge=0)  # texts whose findings are remembered (by content hash)
+    hash_secret: str | None = None  # HMAC key of the `hash` action
+    ner_model: str | None = None  # an installed spaCy pipeline (name or path) for person/location
+
+    @property
+    def enabled(self) -> bool:
+        return any(p.entities for p in self.policies.values())
+
+
 class Tenant(_Strict):
     require_tags: list[str] = Field(default_factory=list)
 
@@ -177,6 +239,7 @@ class Config(_Strict):
     limits: Limits = Field(default_factory=Limits)
     alerts: Alerts = Field(default_factory=Alerts)
     tenants: dict[str, Tenant] = Field(default_factory=dict)
+    pii: Pii = Field(default_factory=Pii)
     providers: list[Provider] = Field(default_factory=list)
     models: list[Model] = Field(default_factory=list)
 
@@ -268,6 +331,35 @@ def _cross_check(cfg: Config, problems: list[str]) -> None:
                 problems.append(f"{where}.provider: anthropic has no embeddings endpoint")
 
 
+def _check_pii(cfg: Config, problems: list[str]) -> None:
+    from policies.pii.entities import BUILTIN
+
+    pii = cfg.pii
+    custom = {r.name for r in pii.recognizers}
+    for i, r in enumerate(pii.recognizers):
+        if r.name in BUILTIN:
+            problems.append(f"pii.recognizers[{i}].name: {r.name!r} is a built-in entity type")
+    for name, policy in pii.policies.items():
+        for entity, action in policy.entities.items():
+            where = f"pii.policies.{name}.entities.{entity}"
+            known = BUILTIN.get(entity)
+            if known is None and entity not in custom:
+                problems.append(
+                    f"{where}: unknown entity type (built in: {', '.join(BUILTIN)}; or a pii.recognizers name)"
+                )
+            elif known is not None and known.needs_ner and not pii.ner_model and action != "allow":
+                problems.append(f"{where}: needs an NER model: set pii.ner_model")
+            if action == "hash" and not pii.hash_secret:
+                problems.append(f"{where}: the hash action needs pii.hash_secret")
+    models = {m.name for m in cfg.models}
+    for section, names in (("tenants", None), ("models", models)):
+        for key, policy in getattr(pii, section).items():
+            if policy not in pii.policies:
+                problems.append(f"pii.{section}.{key}: unknown policy {policy!r}")
+            if names is not None and key not in names:
+                problems.append(f"pii.{section}.{key}: unknown model {key!r}")
+
+
 def parse_config(data: Any, found: list | None = None) -> Config:
     """Validates parsed YAML; ``found`` holds the ``${VAR}`` tokens ``_protect`` swapped out."""
     problems: list[str] = []
@@ -287,6 +379,7 @@ def parse_config(data: Any, found: list | None = None) -> Config:
             problems.append(f"{_loc(e['loc']) or '(top level)'}: {msg}")
         raise ConfigError(problems) from None
     _cross_check(cfg, problems)
+    _check_pii(cfg, problems)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -50,6 +50,9 @@ CIRCUIT_STATE = Gauge(
 )
 BUDGET_ALERTS = Counter("gateway_budget_alerts_total", "Budget alert thresholds reached", ["threshold"])
 REFUSED = Counter("gateway_refused_total", "Requests refused by a policy", ["reason"])
+PII_ENTITIES = Counter(
+    "gateway_pii_entities_total", "Personal data found in requests, by entity type and action", ["entity", "action"]
+)
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
 
 
@@ -80,6 +83,7 @@ cooldowns = _Children(COOLDOWNS)
 circuit_opened = _Children(CIRCUIT_OPENED)
 budget_alerts = _Children(BUDGET_ALERTS)
 refused = _Children(REFUSED)
+pii_entities = _Children(PII_ENTITIES)
 
 
 def render() -> tuple[bytes, str]:

@@ -158,6 +158,7 @@ def admin_document() -> dict:
             "budget_usd": {"type": "number", "exclusiveMinimum": 0},
             "budget_period": {"type": "string", "enum": ["daily", "weekly", "monthly", "none"]},
             "expires_at": {"type": "string", "format": "date-time"},
+            "pii_policy": {"type": "string", "description": "a policy name from the config's pii.policies"},
         },
     }
     budget_body = {

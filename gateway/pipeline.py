@@ -1,7 +1,8 @@
 """The request pipeline, top to bottom.
 
     authenticate → parse & validate → route → admit (rate limits, budget reservation)
-      → call (with retries and fallbacks) → settle (cost, budgets, alerts, audit record) → respond
+      → scrub (PII) → call (with retries and fallbacks) → settle (cost, budgets, alerts, audit
+      record) → respond (pseudonyms restored)
 
 Each stage is one small function over the ``RequestContext``; a stage short-circuits by
 raising a ``GatewayError``, which the app renders. ``account`` always runs (app.py calls it
@@ -31,6 +32,8 @@ from gateway.usage import estimate_stream_usage, estimate_usage
 from gateway.validation import validate_chat, validate_embeddings
 from policies import alerts
 from policies.engine import attribution, cost_usd
+from policies.pii.restore import StreamRestorer, restore_body
+from policies.pii.scrub import ScrubState
 
 log = logging.getLogger("gateway")
 
@@ -98,6 +101,32 @@ async def settle(svc: Services, ctx: RequestContext, scope: dict) -> None:
         alerts.fired(fired)
 
 
+async def scrub(svc: Services, ctx: RequestContext) -> None:
+    """PII scrubbing of the body for the requested model group, before anything is sent: a
+    ``block`` refuses the request here. Fallbacks to groups with another policy are scrubbed
+    for theirs when an attempt goes there (``body_for``)."""
+    if svc.pii is None:
+        return
+    ident = ctx.identity
+    policy = svc.pii.policy_for(ident.pii_policy if ident else None, ident.tenant if ident else "default", ctx.model)
+    state = ctx.extra["pii"] = ScrubState()
+    if policy is not None:
+        await svc.pii.scrub(ctx.body, ctx.endpoint, policy, state)
+
+
+async def body_for(svc: Services, ctx: RequestContext, r: Route) -> dict:
+    """The body to send for one attempt: scrubbed by the policy of the group serving it."""
+    state: ScrubState | None = ctx.extra.get("pii")
+    if state is None:
+        return ctx.body
+    ident = ctx.identity
+    policy = svc.pii.policy_for(ident.pii_policy if ident else None, ident.tenant if ident else "default", r.model)
+    if policy is None:
+        state.sent = ctx.body
+        return ctx.body
+    return await svc.pii.scrub(ctx.body, ctx.endpoint, policy, state)
+
+
 def _route_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     r = ctx.route
     return [
@@ -112,16 +141,19 @@ async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, se
     if ctx.endpoint == "embeddings":
 
         async def attempt(r: Route) -> bytes:
-            return await svc.adapters[r.provider].embeddings(ctx, r, ctx.body)
+            return await svc.adapters[r.provider].embeddings(ctx, r, await body_for(svc, ctx, r))
     else:
 
         async def attempt(r: Route) -> bytes:
-            return await svc.adapters[r.provider].chat(ctx, r, ctx.body)
+            return await svc.adapters[r.provider].chat(ctx, r, await body_for(svc, ctx, r))
 
     raw = await run_attempts(svc.router, ctx, group, attempt)
     ctx.status = 200
     if ctx.usage is None:
         ctx.usage = estimate_usage(ctx, raw)
+    state: ScrubState | None = ctx.extra.get("pii")
+    if state is not None and state.vault and ctx.endpoint == "chat":
+        raw = restore_body(raw, state.vault)
     await settle(svc, ctx, scope)
     headers = [(b"content-type", http.JSON), (b"content-length", str(len(raw)).encode()), *_route_headers(ctx)]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -163,7 +195,7 @@ def _commits(ctx: RequestContext, chunk: bytes) -> bool:
 
 
 async def _open_stream(svc: Services, ctx: RequestContext, r: Route) -> tuple[list[bytes], AsyncIterator[bytes]]:
-    events = await svc.adapters[r.provider].open_chat_stream(ctx, r, ctx.body)
+    events = await svc.adapters[r.provider].open_chat_stream(ctx, r, await body_for(svc, ctx, r))
     head: list[bytes] = []
     try:
         async for chunk in events:
@@ -197,6 +229,10 @@ async def call_stream(svc: Services, ctx: RequestContext, group: Group, scope: d
     head, events = await run_attempts(svc.router, ctx, group, lambda r: _open_stream(svc, ctx, r), hold=True)
     r = ctx.route
     ctx.status = 200
+    state: ScrubState | None = ctx.extra.get("pii")
+    restorer = StreamRestorer(state.vault) if state is not None and state.vault else None
+    if restorer is not None:
+        head = [restorer.chunk(c) for c in head]
     sent = head  # kept (by reference) so a broken stream's usage can still be counted
     hangup = asyncio.ensure_future(receive())  # completes when the client goes away
     try:
@@ -209,6 +245,8 @@ async def call_stream(svc: Services, ctx: RequestContext, group: Group, scope: d
                     ctx.status = 499
                     ctx.error_code = "client_closed_request"
                     break
+                if restorer is not None:
+                    chunk = restorer.chunk(chunk)
                 sent.append(chunk)
                 if chunk.endswith(b"data: [DONE]\n\n"):  # the last chunk: settle before it goes
                     if ctx.usage is None:
@@ -225,7 +263,8 @@ async def call_stream(svc: Services, ctx: RequestContext, group: Group, scope: d
             metrics.upstream_errors.get(r.provider, err.code or "unknown").inc()
             svc.router.finished(r, ctx, err, time.perf_counter() - ctx.started)
             await settle(svc, ctx, scope)
-            await send({"type": "http.response.body", "body": stream_error_event(err), "more_body": True})
+            tail = restorer.tail() if restorer is not None else b""
+            await send({"type": "http.response.body", "body": tail + stream_error_event(err), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:
         hangup.cancel()
@@ -239,6 +278,7 @@ async def chat(svc: Services, ctx: RequestContext, scope: dict, receive, send) -
     await parse(svc, ctx, scope, receive, validate_chat)
     group = route(svc, ctx, scope, "chat")
     await admit(svc, ctx, scope)
+    await scrub(svc, ctx)
     if ctx.stream:
         await call_stream(svc, ctx, group, scope, send, receive)
     else:
@@ -250,6 +290,7 @@ async def embeddings(svc: Services, ctx: RequestContext, scope: dict, receive, s
     await parse(svc, ctx, scope, receive, validate_embeddings)
     group = route(svc, ctx, scope, "embedding")
     await admit(svc, ctx, scope)
+    await scrub(svc, ctx)
     await call(svc, ctx, group, scope, send)
 
 
@@ -262,6 +303,11 @@ def account(svc: Services, ctx: RequestContext, now: float, error: GatewayError 
     metrics.latency.get(ctx.endpoint, model, provider).observe(elapsed)
     if ctx.ttft is not None:
         metrics.ttft.get(model, provider).observe(ctx.ttft)
+    pii: ScrubState | None = ctx.extra.get("pii")
+    if pii is not None and pii.counts:
+        actions = svc.pii.policies[pii.policy].actions
+        for label, n in pii.counts.items():
+            metrics.pii_entities.get(label, actions[label]).inc(n)
     usage = ctx.usage
     if usage is not None:
         metrics.tokens.get(model, provider, "prompt").inc(usage.prompt_tokens)

@@ -25,6 +25,7 @@ from policies.budgets import BudgetCache
 from policies.engine import PolicyEngine
 from policies.fastredis import PipelinedRedis
 from policies.ledger import LedgerWriter, Spool
+from policies.pii.scrub import Scrubber
 
 log = logging.getLogger("gateway")
 
@@ -52,6 +53,7 @@ class Services:
     policies: PolicyEngine
     ledger: LedgerWriter
     alerts: AlertSender
+    pii: Scrubber | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -80,8 +82,24 @@ class Services:
         await ledger.start()
         alerts = AlertSender(redis, budgets, settings.config.alerts)
         await alerts.start()
+        pii = None
+        if settings.config.pii.enabled:
+            pii = Scrubber(settings.config.pii, settings.data_dir.resolve())
+            pii.start()
         return cls(
-            settings.config, pool, redis, upstream, adapters, router, auth, health, budgets, policies, ledger, alerts
+            settings.config,
+            pool,
+            redis,
+            upstream,
+            adapters,
+            router,
+            auth,
+            health,
+            budgets,
+            policies,
+            ledger,
+            alerts,
+            pii,
         )
 
     async def stop(self) -> None:
@@ -92,6 +110,8 @@ class Services:
         await self.health.stop()
         await self.auth.stop()
         await self.policies.close()
+        if self.pii is not None:
+            self.pii.close()
         for adapter in self.adapters.values():
             await adapter.close()
         await self.upstream.close()

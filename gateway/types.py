@@ -49,6 +49,7 @@ class Identity:
     models: frozenset = frozenset()  # models the key may use; empty: all
     scopes: frozenset = frozenset()  # e.g. {"admin"}
     expires_at: float | None = None
+    pii_policy: str | None = None  # the PII policy this key's requests get (config pii.policies)
 
 
 @dataclass(slots=True)

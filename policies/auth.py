@@ -54,6 +54,7 @@ def _identity(row) -> Identity:
         models=frozenset(meta.get("models") or ()),
         scopes=frozenset(meta.get("scopes") or ()),
         expires_at=meta.get("expires_at"),
+        pii_policy=meta.get("pii_policy"),
     )
 
 

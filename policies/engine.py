@@ -229,8 +229,12 @@ class PolicyEngine:
             "latency_ms": round(elapsed * 1000, 3),
             "ttft_ms": round(ctx.ttft * 1000, 3) if ctx.ttft is not None else None,
         }
+        pii = ctx.extra.get("pii")
+        if pii is not None and pii.counts:
+            rec["pii_entities"] = pii.counts
         if self.config.policies.log_content and isinstance(ctx.body, dict):
-            rec["content"] = ctx.body.get("messages") or ctx.body.get("input")
+            body = pii.sent if pii is not None and pii.sent is not None else ctx.body  # never what was scrubbed
+            rec["content"] = body.get("messages") or body.get("input")
         return rec
 
     async def settle(self, ctx: RequestContext, attr: dict, elapsed: float) -> list:

@@ -53,6 +53,7 @@ COLUMNS = (
     "cost_usd",
     "latency_ms",
     "ttft_ms",
+    "pii_entities",
 )
 
 
@@ -60,6 +61,8 @@ def _row(rec: dict) -> tuple:
     from datetime import UTC, datetime
 
     values = {**rec, "end_user": rec.get("user"), "ts": datetime.fromtimestamp(rec["ts"], UTC)}
+    pii = rec.get("pii_entities")
+    values["pii_entities"] = orjson.dumps(pii).decode() if pii else None
     return tuple(values.get(c) for c in COLUMNS)
 
 

@@ -1,0 +1,72 @@
+"""Phone numbers, found fast.
+
+Presidio's ``PhoneRecognizer`` runs libphonenumber's matcher over the whole text once per
+region, which costs ≈ 15 ms for 200 words with eight regions and flags IP addresses. This
+recognizer finds digit runs that could be phone numbers first, drops the shapes that are
+certainly not (dates, IPv4 addresses, too few or too many digits), and runs the same matcher
+(leniency VALID) over each remaining candidate only, per configured region, memoized.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import phonenumbers
+from phonenumbers import Leniency, PhoneNumberMatcher
+from presidio_analyzer import EntityRecognizer, RecognizerResult
+
+CANDIDATE = re.compile(r"(?<![\w+])\+?\(?\d[\d ().\-/]{5,22}\d(?!\w)")
+_NOT_PHONE = re.compile(
+    r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}"  # 2024-05-01
+    r"|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}"  # 05/01/2024
+    r"|\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}"  # 192.168.0.1
+)
+CONTEXT = ["phone", "number", "telephone", "cell", "cellphone", "mobile", "call", "tel", "whatsapp", "fax"]
+SCORE = 0.4
+
+
+@lru_cache(maxsize=8192)
+def _matches(candidate: str, regions: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    regions = regions[:1] if candidate.startswith("+") else regions  # international: one parse
+    for region in regions:
+        found = tuple((m.start, m.end) for m in PhoneNumberMatcher(candidate, region, leniency=Leniency.VALID))
+        if found:
+            return found
+    return ()
+
+
+def find(text: str, regions: tuple[str, ...]) -> list[tuple[int, int]]:
+    out = []
+    for m in CANDIDATE.finditer(text):
+        s = m.group()
+        digits = sum(c.isdigit() for c in s)
+        if digits < 7 or digits > 17 or _NOT_PHONE.fullmatch(s):
+            continue
+        out.extend((m.start() + a, m.start() + b) for a, b in _matches(s, regions))
+    return out
+
+
+class FastPhoneRecognizer(EntityRecognizer):
+    def __init__(self, regions: tuple[str, ...]) -> None:
+        self.regions = tuple(r for r in regions if r in phonenumbers.SUPPORTED_REGIONS)
+        super().__init__(supported_entities=["PHONE_NUMBER"], name="FastPhoneRecognizer", context=CONTEXT)
+
+    def load(self) -> None:
+        pass
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts=None) -> list[RecognizerResult]:
+        return [
+            RecognizerResult(
+                "PHONE_NUMBER",
+                a,
+                b,
+                SCORE,
+                analysis_explanation=None,
+                recognition_metadata={
+                    RecognizerResult.RECOGNIZER_NAME_KEY: self.name,
+                    RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,
+                },
+            )
+            for a, b in find(text, self.regions)
+        ]

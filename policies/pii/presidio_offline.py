@@ -1,0 +1,89 @@
+"""Presidio, fully offline: no model, suffix-list or any other download, ever.
+
+* The NLP engine is spaCy over a blank English pipeline written to the data dir (or an NER
+  pipeline the user installed); loading never falls back to ``spacy.cli.download``.
+* A blank pipeline has no lemmatizer, so lemmas are taken from ``token.norm_``: context words
+  ("phone", "card", ...) still raise scores.
+* ``EmailRecognizer`` validates domains with tldextract, which fetches the public-suffix list
+  on first use unless told not to: its extractor is replaced by one that uses the bundled
+  snapshot only.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+_patched = False
+_lock = threading.Lock()
+
+
+def _offline_tldextract() -> None:
+    global _patched
+    with _lock:
+        if _patched:
+            return
+        import tldextract
+        import tldextract.tldextract as module
+
+        module.TLD_EXTRACTOR = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+        _patched = True
+
+
+def blank_pipeline(data_dir: Path) -> str:
+    """The path of a blank English spaCy pipeline, written once (offline: spaCy ships it)."""
+    import spacy
+
+    path = data_dir / "spacy-blank-en"
+    if not (path / "config.cfg").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{threading.get_ident()}")
+        spacy.blank("en").to_disk(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process won the race: use its copy
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+def nlp_engine(model: str):
+    """A spaCy NLP engine over ``model`` (a package name or a path), never downloading."""
+    import spacy
+    from presidio_analyzer.nlp_engine import NlpArtifacts, SpacyNlpEngine
+    from presidio_analyzer.nlp_engine.ner_model_configuration import NerModelConfiguration
+
+    class OfflineSpacyEngine(SpacyNlpEngine):
+        def load(self) -> None:
+            self.nlp = {}
+            for m in self.models:
+                name = m["model_name"]
+                if not (spacy.util.is_package(name) or Path(name).exists()):
+                    raise RuntimeError(f"spaCy pipeline {name!r} is not installed; the gateway never downloads models")
+                self.nlp[m["lang_code"]] = spacy.load(name)
+
+        def _doc_to_nlp_artifact(self, doc, language: str) -> NlpArtifacts:
+            art = super()._doc_to_nlp_artifact(doc, language)
+            art.lemmas = [t.lemma_ or t.norm_ for t in doc]
+            # Presidio tests `lemma in keywords` for every context word: a set, not a list.
+            art.keywords = set(NlpArtifacts.set_keywords(self, art.lemmas, language))
+            return art
+
+    config = NerModelConfiguration(
+        model_to_presidio_entity_mapping={
+            "PERSON": "PERSON",
+            "PER": "PERSON",
+            "GPE": "LOCATION",
+            "LOC": "LOCATION",
+            "LOCATION": "LOCATION",
+        },
+        labels_to_ignore=["ORG", "NORP", "CARDINAL", "DATE", "MONEY", "ORDINAL", "PERCENT", "QUANTITY", "TIME"],
+    )
+    engine = OfflineSpacyEngine(models=[{"lang_code": "en", "model_name": model}], ner_model_configuration=config)
+    engine.load()
+    return engine
+
+
+def setup() -> None:
+    _offline_tldextract()
