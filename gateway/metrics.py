@@ -53,6 +53,11 @@ REFUSED = Counter("gateway_refused_total", "Requests refused by a policy", ["rea
 PII_ENTITIES = Counter(
     "gateway_pii_entities_total", "Personal data found in requests, by entity type and action", ["entity", "action"]
 )
+PII_TEXTS = Counter(
+    "gateway_pii_texts_total",
+    "Texts checked for personal data, by outcome: cached (seen before), clean (no candidate), analysed",
+    ["outcome"],
+)
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
 
 
@@ -84,6 +89,7 @@ circuit_opened = _Children(CIRCUIT_OPENED)
 budget_alerts = _Children(BUDGET_ALERTS)
 refused = _Children(REFUSED)
 pii_entities = _Children(PII_ENTITIES)
+pii_texts = _Children(PII_TEXTS)
 
 
 def render() -> tuple[bytes, str]:

@@ -16,8 +16,11 @@ import logging
 import re
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+
+from gateway import metrics
 
 log = logging.getLogger("gateway.pii")
 
@@ -201,7 +204,9 @@ class Analyzer:
         self._cache: OrderedDict[bytes, tuple[Finding, ...]] = OrderedDict()
         self._prefilters: dict[Spec, Prefilter] = {}
         self._pool: ProcessPoolExecutor | None = None
-        self.stats = {"cache_hits": 0, "prefiltered": 0, "analysed": 0}
+        self._cached = metrics.pii_texts.get("cached")
+        self._clean = metrics.pii_texts.get("clean")
+        self._analysed = metrics.pii_texts.get("analysed")
 
     def start(self, specs: list[Spec]) -> None:
         if self.workers > 0:
@@ -236,12 +241,12 @@ class Analyzer:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
-                self.stats["cache_hits"] += 1
+                self._cached.inc()
                 results[i] = hit
                 continue
             windows = prefilter.windows(text)
             if not windows:
-                self.stats["prefiltered"] += 1
+                self._clean.inc()
                 results[i] = ()
                 self._remember(key, ())
                 continue
@@ -255,7 +260,7 @@ class Analyzer:
                 for a, _b in windows:
                     acc.extend((s + a, e + a, t, sc) for s, e, t, sc in found[j])
                     j += 1
-                self.stats["analysed"] += 1
+                self._analysed.inc()
                 results[i] = tuple(acc)
                 self._remember(key, results[i])
         return results  # type: ignore[return-value]
@@ -263,7 +268,14 @@ class Analyzer:
     async def _analyze(self, spec: Spec, chunks: list[str]) -> list[list[Finding]]:
         if self._pool is None:
             return analyze_texts(spec, chunks)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, analyze_texts, spec, chunks)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, analyze_texts, spec, chunks)
+        except BrokenProcessPool:  # a worker died (OOM killer, ...): start new ones, try once more
+            log.error("PII analysis worker died; restarting the pool")
+            self.close()
+            self.start(list(self._prefilters))
+            return await loop.run_in_executor(self._pool, analyze_texts, spec, chunks)
 
     def _remember(self, key: bytes, value: tuple[Finding, ...]) -> None:
         if self.cache_size <= 0:

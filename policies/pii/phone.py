@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import phonenumbers
 from phonenumbers import Leniency, PhoneNumberMatcher
-from presidio_analyzer import EntityRecognizer, RecognizerResult
+from presidio_analyzer import AnalysisExplanation, EntityRecognizer, RecognizerResult
 
 CANDIDATE = re.compile(r"(?<![\w+])\+?\(?\d[\d ().\-/]{5,22}\d(?!\w)")
 _NOT_PHONE = re.compile(
@@ -26,8 +26,7 @@ CONTEXT = ["phone", "number", "telephone", "cell", "cellphone", "mobile", "call"
 SCORE = 0.4
 
 
-@lru_cache(maxsize=8192)
-def _matches(candidate: str, regions: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+def _match(candidate: str, regions: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
     regions = regions[:1] if candidate.startswith("+") else regions  # international: one parse
     for region in regions:
         found = tuple((m.start, m.end) for m in PhoneNumberMatcher(candidate, region, leniency=Leniency.VALID))
@@ -36,12 +35,37 @@ def _matches(candidate: str, regions: tuple[str, ...]) -> tuple[tuple[int, int],
     return ()
 
 
+@lru_cache(maxsize=8192)
+def _matches(candidate: str, regions: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    found = _match(candidate, regions)
+    if found or " " not in candidate:
+        return found
+    # A number glued to its neighbours ("+44 20 7946 0958 203.0"): drop words from the end,
+    # then from the start, until libphonenumber recognizes what is left.
+    cuts = [i for i, c in enumerate(candidate) if c == " "]
+    for cut in reversed(cuts):
+        head = candidate[:cut]
+        if sum(c.isdigit() for c in head) < 7:
+            break
+        found = _match(head, regions)
+        if found:
+            return found
+    for cut in cuts:
+        tail = candidate[cut + 1 :]
+        if sum(c.isdigit() for c in tail) < 7:
+            break
+        found = _match(tail, regions)
+        if found:
+            return tuple((a + cut + 1, b + cut + 1) for a, b in found)
+    return ()
+
+
 def find(text: str, regions: tuple[str, ...]) -> list[tuple[int, int]]:
     out = []
     for m in CANDIDATE.finditer(text):
         s = m.group()
         digits = sum(c.isdigit() for c in s)
-        if digits < 7 or digits > 17 or _NOT_PHONE.fullmatch(s):
+        if digits < 7 or _NOT_PHONE.fullmatch(s):  # longer runs may hold a phone beside other numbers
             continue
         out.extend((m.start() + a, m.start() + b) for a, b in _matches(s, regions))
     return out
@@ -62,7 +86,7 @@ class FastPhoneRecognizer(EntityRecognizer):
                 a,
                 b,
                 SCORE,
-                analysis_explanation=None,
+                analysis_explanation=AnalysisExplanation(self.name, SCORE, textual_explanation="libphonenumber"),
                 recognition_metadata={
                     RecognizerResult.RECOGNIZER_NAME_KEY: self.name,
                     RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,

@@ -7,6 +7,7 @@ messages, and embeddings input. The body is copied, never changed in place.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,12 @@ from typing import Any
 import orjson
 
 from gateway.config import Pii, PiiPolicy
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, ServiceUnavailable
 from policies.pii.analysis import Analyzer, CustomRecognizer, Spec
 from policies.pii.anonymize import Vault, apply
 from policies.pii.entities import BUILTIN, EntityType, custom_entity
+
+log = logging.getLogger("gateway.pii")
 
 
 class PiiBlocked(InvalidRequest):
@@ -154,7 +157,13 @@ class Scrubber:
             state.sent, state.policy, state.counts = found, policy.name, state.found[policy.name]
             return found
         slots = _slots(body, endpoint)
-        findings = await self.analyzer.find(policy.spec, [s.text for s in slots]) if slots else []
+        try:
+            findings = await self.analyzer.find(policy.spec, [s.text for s in slots]) if slots else []
+        except Exception as exc:  # fail closed: nothing leaves unscrubbed
+            log.error("PII analysis failed: %s: %s", type(exc).__name__, exc)
+            raise ServiceUnavailable(
+                "Personal-data scrubbing is unavailable, so the request was not sent.", code="pii_unavailable"
+            ) from None
         counts: Counter = Counter()
         blocked: dict[str, str] = {}
         for slot, fs in zip(slots, findings, strict=True):
