@@ -16,7 +16,8 @@ import phonenumbers
 from phonenumbers import Leniency, PhoneNumberMatcher
 from presidio_analyzer import AnalysisExplanation, EntityRecognizer, RecognizerResult
 
-CANDIDATE = re.compile(r"(?<![\w+])\+?\(?\d[\d ().\-/]{5,22}\d(?!\w)")
+# Not glued to an identifier on the left ("INV-2024-000123", "v1.2024553").
+CANDIDATE = re.compile(r"(?<![\w+])(?<!\w[-/.])\+?\(?\d[\d ().\-/]{5,22}\d(?!\w)")
 _NOT_PHONE = re.compile(
     r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}"  # 2024-05-01
     r"|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}"  # 05/01/2024

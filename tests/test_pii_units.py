@@ -1,0 +1,188 @@
+"""PII detection and restoration in process: the corpus, stream restoration, windows, config."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.config import ConfigError, parse_config
+from loadtest import pii_corpus
+from policies.pii.analysis import Analyzer, Prefilter, Spec
+from policies.pii.anonymize import Vault, mask
+from policies.pii.restore import StreamRestorer, restore_body
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("pii-data"))
+
+
+def test_corpus_precision_and_recall(data_dir):
+    result = asyncio.run(pii_corpus.evaluate(data_dir))
+    print("\n" + pii_corpus.report(result))
+    for name in (*pii_corpus.ENTITIES, "all"):
+        assert result[name]["recall"] >= 0.95, (name, result["errors"])
+        assert result[name]["precision"] >= 0.95, (name, result["errors"])
+
+
+FILLER = (
+    "the team shipped release 2.4.1 on 2024-05-01 after reviewing order A-12345 and pricing at $19.99 per seat "
+).split()
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=st.sampled_from(pii_corpus.POSITIVES), at=st.integers(0, 200), length=st.integers(0, 200))
+def test_windows_find_what_whole_text_analysis_finds(data_dir, case, at, length):
+    """An entity anywhere in a long text is found at the right place (windows, not whole text)."""
+    words = (FILLER * 20)[:length]
+    at = min(at, len(words))
+    text = " ".join([*words[:at], case[0], *words[at:]])
+    spec = pii_corpus.spec(data_dir)
+    (found,) = asyncio.run(Analyzer(0, 0).find(spec, [text]))
+    got = {(e, text[a:b]) for a, b, e, _ in found}
+    assert set(case[1]) <= got
+
+
+def test_prefilter_skips_text_without_candidates(data_dir):
+    p = Prefilter(pii_corpus.spec(data_dir))
+    assert p.windows(" ".join(FILLER * 10)) == []
+    text = " ".join(FILLER * 5) + " mail a@b.example " + " ".join(FILLER * 5)
+    (a, b), *rest = p.windows(text)
+    assert not rest and "a@b.example" in text[a:b] and b - a < 200
+
+
+PLACEHOLDERS = ["<EMAIL_1>", "<PHONE_12>", "<ORDER_ID_3>", "<US_SSN_1>"]
+VALUES = {"EMAIL_1": 'j"o@x.org', "PHONE_12": "+1 202 555 0173", "ORDER_ID_3": "ORD-1", "US_SSN_1": "536-22-8726"}
+
+
+def _vault() -> Vault:
+    v = Vault()
+    v.by_placeholder.update(VALUES)
+    return v
+
+
+def _chunks(delta: dict, finish=None) -> bytes:
+    obj = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _collect(events: list[bytes]) -> tuple[str, str]:
+    content, args = "", ""
+    for raw in events:
+        for event in raw.split(b"\n\n"):
+            if not event.startswith(b"data: {"):
+                continue
+            for choice in json.loads(event[6:])["choices"]:
+                d = choice["delta"]
+                content += d.get("content") or ""
+                for call in d.get("tool_calls") or ():
+                    args += call["function"].get("arguments") or ""
+    return content, args
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    parts=st.lists(
+        st.sampled_from([*PLACEHOLDERS, "<", ">", "<EMAIL", "_1>", "a", " text ", "<b>", "x<y"]), max_size=30
+    ),
+    cuts=st.lists(st.integers(1, 7), min_size=1, max_size=40),
+)
+def test_stream_restoration_equals_whole_restoration(parts, cuts):
+    text = "".join(parts)
+    pieces, i, k = [], 0, 0
+    while i < len(text):
+        step = cuts[k % len(cuts)]
+        pieces.append(text[i : i + step])
+        i, k = i + step, k + 1
+    r = StreamRestorer(_vault())
+    events = [r.chunk(_chunks({"content": p})) for p in pieces]
+    events.append(r.chunk(_chunks({}, "stop")))
+    content, _ = _collect(events)
+    whole = json.loads(restore_body(json.dumps({"choices": [{"message": {"content": text}}]}).encode(), _vault()))
+    assert content == whole["choices"][0]["message"]["content"]
+    for placeholder in PLACEHOLDERS:
+        assert placeholder not in content
+
+
+def test_tool_arguments_restored_json_escaped_across_chunks():
+    args = json.dumps({"to": "<EMAIL_1>", "n": "<PHONE_12>"})
+    r = StreamRestorer(_vault())
+    events = [
+        r.chunk(_chunks({"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + 3]}}]}))
+        for i in range(0, len(args), 3)
+    ]
+    events.append(r.chunk(_chunks({}, "tool_calls")))
+    _, got = _collect(events)
+    assert json.loads(got) == {"to": VALUES["EMAIL_1"], "n": VALUES["PHONE_12"]}
+
+
+def test_stream_ending_without_finish_releases_held_text():
+    r = StreamRestorer(_vault())
+    first = r.chunk(_chunks({"content": "bye <EMAIL_"}))
+    content, _ = _collect([first, r.tail()])
+    assert content == "bye <EMAIL_"
+
+
+def test_vault_numbering_and_mask():
+    v = Vault()
+    assert v.placeholder("EMAIL", "a@x.org") == "<EMAIL_1>"
+    assert v.placeholder("PHONE", "1") == "<PHONE_1>"
+    assert v.placeholder("EMAIL", "b@x.org") == "<EMAIL_2>"
+    assert v.placeholder("EMAIL", "a@x.org") == "<EMAIL_1>"
+    assert mask("4111 1111 1111 1111", 4) == "**** **** **** 1111"
+    assert mask("DE89", 0) == "****"
+
+
+def _cfg(pii: dict, models=None) -> dict:
+    return {
+        "providers": [{"name": "p", "kind": "openai", "base_url": "http://x", "api_keys": ["k"]}],
+        "models": [{"name": m, "deployments": [{"provider": "p", "model": "m"}]} for m in (models or ["gpt"])],
+        "pii": pii,
+    }
+
+
+@pytest.mark.parametrize(
+    ("pii", "problem"),
+    [
+        ({"policies": {"default": {"entities": {"emial": "redact"}}}}, "pii.policies.default.entities.emial: unknown"),
+        ({"policies": {"default": {"entities": {"email": "hash"}}}}, "needs pii.hash_secret"),
+        ({"policies": {"default": {"entities": {"person": "redact"}}}}, "needs an NER model"),
+        ({"policies": {"default": {"entities": {"email": "shred"}}}}, "pii.policies.default.entities.email"),
+        ({"policies": {"a": {}}, "models": {"gpt": "b"}}, "pii.models.gpt: unknown policy 'b'"),
+        ({"policies": {"a": {}}, "models": {"nope": "a"}}, "pii.models.nope: unknown model"),
+        ({"recognizers": [{"name": "x", "pattern": "(unclosed"}]}, "pii.recognizers[0].pattern: not a valid regular"),
+        ({"recognizers": [{"name": "x", "pattern": "a*"}]}, "matches the empty string"),
+        ({"policies": {"a": {"phone_regions": ["XX"]}}}, "pii.policies.a.phone_regions"),
+    ],
+)
+def test_config_problems_name_their_path(pii, problem):
+    with pytest.raises(ConfigError) as err:
+        parse_config(_cfg(pii))
+    assert any(problem in p for p in err.value.problems), err.value.problems
+
+
+def test_optional_ner_model_finds_person_names(tmp_path, data_dir):
+    """Any installed spaCy pipeline with an NER component plugs in; here a rule-based one."""
+    import spacy
+
+    nlp = spacy.blank("en")
+    ruler = nlp.add_pipe("entity_ruler")
+    ruler.add_patterns([{"label": "PERSON", "pattern": [{"LOWER": "ada"}, {"LOWER": "lovelace"}]}])
+    nlp.to_disk(tmp_path / "ner")
+    spec = Spec(("EMAIL_ADDRESS", "PERSON"), ("US",), 0.4, (), str(tmp_path / "ner"), data_dir)
+    (found,) = asyncio.run(Analyzer(0, 0).find(spec, ["Ada Lovelace wrote to ada@example.org"]))
+    assert {(e, a, b) for a, b, e, _ in found} == {("PERSON", 0, 12), ("EMAIL_ADDRESS", 22, 37)}
+
+
+def test_missing_ner_model_is_a_clear_error(data_dir):
+    spec = Spec(("PERSON",), ("US",), 0.4, (), "en_core_web_nonexistent", data_dir)
+    with pytest.raises(RuntimeError, match="never downloads"):
+        asyncio.run(Analyzer(0, 0).find(spec, ["Ada Lovelace"]))
