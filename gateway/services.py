@@ -85,7 +85,7 @@ class Services:
         pii = None
         if settings.config.pii.enabled:
             pii = Scrubber(settings.config.pii, settings.data_dir.resolve())
-            pii.start()
+            await pii.start()
         return cls(
             settings.config,
             pool,
@@ -111,7 +111,7 @@ class Services:
         await self.auth.stop()
         await self.policies.close()
         if self.pii is not None:
-            self.pii.close()
+            await self.pii.close()
         for adapter in self.adapters.values():
             await adapter.close()
         await self.upstream.close()

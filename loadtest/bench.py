@@ -27,6 +27,8 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
+from loadtest import bench_pii
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say hello to the benchmark, politely."}]}
@@ -133,8 +135,9 @@ def wrk(url: str, script: Path, seconds: int, conns: int) -> dict:
     }
 
 
-def latency_at_rate(targets: list[tuple[str, str, str]], body: dict, seconds: int, rate: int) -> dict:
-    """p50/p99 per target at a fixed total rate, requests alternating between the targets."""
+def latency_at_rate(targets: list[tuple[str, ...]], body: dict, seconds: int, rate: int) -> dict:
+    """p50/p99 per target at a fixed total rate, requests alternating between the targets.
+    A target is (name, url, key) or (name, url, key, body file)."""
     cmd = [
         "taskset",
         "-c",
@@ -149,8 +152,8 @@ def latency_at_rate(targets: list[tuple[str, str, str]], body: dict, seconds: in
         "--seconds",
         str(seconds),
     ]
-    for name, url, key in targets:
-        cmd += ["--target", f"{name}={url}={key}"]
+    for target in targets:
+        cmd += ["--target", "=".join(target)]
     return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout)
 
 
@@ -347,6 +350,19 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def run_pii(args: argparse.Namespace) -> dict:
+    _ensure_tools()
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-pii-"))
+    stack = Stack(tmp, args.chunks)
+    try:
+        results = bench_pii.run(stack, tmp, args.seconds, bench_config, wrk, latency_at_rate)
+    finally:
+        stack.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return results
+
+
 def report(results: dict) -> str:
     rows = {r["scenario"]: r for r in results["rows"]}
     base = rows["mock provider direct (baseline)"]["rps"]
@@ -402,13 +418,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--only", choices=("core", "pii"), help="run one part only")
     args = parser.parse_args()
-    results = run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    text = report(results)
-    (RESULTS / "bench-latest.md").write_text(text)
-    (RESULTS / "bench-latest.json").write_text(json.dumps(results, indent=2))
-    print("\n" + text)
+    if args.only != "pii":
+        results = run(args)
+        text = report(results)
+        (RESULTS / "bench-latest.md").write_text(text)
+        (RESULTS / "bench-latest.json").write_text(json.dumps(results, indent=2))
+        print("\n" + text)
+    if args.only != "core":
+        results = run_pii(args)
+        text = bench_pii.report(results, results["date"])
+        (RESULTS / "bench-pii-latest.md").write_text(text)
+        (RESULTS / "bench-pii-latest.json").write_text(json.dumps(results, indent=2))
+        print("\n" + text)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,7 @@ def test_shipped_examples_are_valid(example):
         "GEMINI_API_KEY": "x",
         "OPENAI_KEY_1": "x",
         "OPENAI_KEY_2": "x",
+        "PII_HASH_SECRET": "x",
     }
     out = _check_config(example, env)
     assert out.returncode == 0, out.stderr

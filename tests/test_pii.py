@@ -7,6 +7,8 @@ import json
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import MASTER_KEY, Gateway, gateway_config
 
@@ -235,3 +237,65 @@ def test_counts_in_metrics_and_audit_record(pii_gateway, api_key, mock):
     wait_until(record, timeout=20, what="audit record")
     assert record()["pii_entities"] == {"EMAIL": 2, "PHONE": 1}
     assert EMAIL not in pii_gateway.log()
+
+
+def test_analysis_worker_killed_fails_closed_then_recovers(pii_client, pii_gateway, mock):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import wait_until
+
+    def worker_pids() -> list[int]:
+        out = subprocess.run(["pgrep", "-f", "policies.pii.workers"], capture_output=True, text=True).stdout
+        mine = []
+        for pid in map(int, out.split()):
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pii_gateway.proc.pid:
+                    mine.append(pid)
+        return mine
+
+    (pid,) = worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.3)
+    mock.clear()
+    statuses = []
+    for i in range(3):
+        try:
+            pii_client.chat.completions.create(
+                model="gpt-mock", messages=[{"role": "user", "content": f"mail {i}.{EMAIL}"}]
+            )
+            statuses.append(200)
+        except openai.APIStatusError as err:
+            assert err.status_code == 503 and err.body["code"] == "pii_unavailable"
+            statuses.append(503)
+    assert statuses[-1] == 200  # a new worker took over
+    assert all(EMAIL not in json.dumps(r["body"]) for r in mock.requests())  # nothing left unscrubbed
+    wait_until(lambda: len(worker_pids()) == 1 and worker_pids()[0] != pid, what="new worker")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    parts=st.lists(
+        st.one_of(
+            st.text(max_size=30),
+            st.sampled_from([EMAIL, PHONE, CARD, IBAN, SSN, IP, ORDER, "<EMAIL_1>", "<", "@", "::", "4111"]),
+        ),
+        max_size=12,
+    ),
+    stream=st.booleans(),
+)
+def test_fuzz_content_never_errors_and_never_leaks(pii_gateway, api_key, mock, parts, stream):
+    text = " ".join(parts)
+    mock.clear()
+    r = httpx.post(
+        f"{pii_gateway.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {api_key}"},
+        json={"model": "gpt-mock", "stream": stream, "messages": [{"role": "user", "content": text}]},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    sent = json.dumps(mock.last()["body"], ensure_ascii=False) if mock.requests() else ""
+    for value in (EMAIL, PHONE, IBAN, SSN, IP, ORDER):
+        assert value not in sent

@@ -5,18 +5,15 @@ a run of five or more digits, a dotted quad, two colons around hex digits); Pres
 analyses windows of text around such spots, widened to whole words and far enough to hold the
 longest entity and its context words. Text with no candidate never reaches Presidio, and text
 seen before (earlier turns of a conversation) is answered from a cache keyed by its hash.
-Analysis runs in worker processes, so a long text never stalls the event loop.
+Analysis runs in worker processes (``workers``), so a long text never stalls the event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import re
 from collections import OrderedDict
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,13 +121,13 @@ def _analyzer(spec: Spec):
     from presidio_analyzer.predefined_recognizers import (
         CreditCardRecognizer,
         EmailRecognizer,
-        IbanRecognizer,
         IpRecognizer,
         SpacyRecognizer,
         UsSsnRecognizer,
     )
 
     from policies.pii import presidio_offline
+    from policies.pii.iban import GreedySafeIbanRecognizer
     from policies.pii.phone import FastPhoneRecognizer
 
     presidio_offline.setup()
@@ -139,7 +136,7 @@ def _analyzer(spec: Spec):
     builtin = {
         "EMAIL_ADDRESS": EmailRecognizer,
         "CREDIT_CARD": CreditCardRecognizer,
-        "IBAN_CODE": IbanRecognizer,
+        "IBAN_CODE": GreedySafeIbanRecognizer,
         "US_SSN": UsSsnRecognizer,
         "IP_ADDRESS": IpRecognizer,
     }
@@ -163,7 +160,10 @@ def _analyzer(spec: Spec):
             )
         )
     engine = AnalyzerEngine(
-        nlp_engine=presidio_offline.nlp_engine(model), registry=registry, supported_languages=["en"]
+        nlp_engine=presidio_offline.nlp_engine(model),
+        registry=registry,
+        supported_languages=["en"],
+        context_aware_enhancer=presidio_offline.context_enhancer(),
     )
     _analyzers[spec] = engine
     return engine
@@ -212,23 +212,21 @@ class Analyzer:
         self.cache_size = cache_size
         self._cache: OrderedDict[bytes, tuple[Finding, ...]] = OrderedDict()
         self._prefilters: dict[Spec, Prefilter] = {}
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool = None  # workers.WorkerPool when analysis runs in worker processes
         self._cached = metrics.pii_texts.get("cached")
         self._clean = metrics.pii_texts.get("clean")
         self._analysed = metrics.pii_texts.get("analysed")
 
-    def start(self, specs: list[Spec]) -> None:
+    async def start(self, specs: list[Spec]) -> None:
         if self.workers > 0:
-            import multiprocessing
+            from policies.pii.workers import WorkerPool
 
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-            for spec in specs:  # load Presidio in the workers now, not on the first request
-                for _ in range(self.workers):
-                    self._pool.submit(warm, spec)
+            self._pool = WorkerPool(self.workers)
+            await self._pool.start(specs)  # Presidio loads in the workers now, not on the first request
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            await self._pool.stop()
 
     def _prefilter(self, spec: Spec) -> Prefilter:
         p = self._prefilters.get(spec)
@@ -277,14 +275,7 @@ class Analyzer:
     async def _analyze(self, spec: Spec, chunks: list[str]) -> list[list[Finding]]:
         if self._pool is None:
             return analyze_texts(spec, chunks)
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._pool, analyze_texts, spec, chunks)
-        except BrokenProcessPool:  # a worker died (OOM killer, ...): start new ones, try once more
-            log.error("PII analysis worker died; restarting the pool")
-            self.close()
-            self.start(list(self._prefilters))
-            return await loop.run_in_executor(self._pool, analyze_texts, spec, chunks)
+        return await self._pool.call(spec, chunks)
 
     def _remember(self, key: bytes, value: tuple[Finding, ...]) -> None:
         if self.cache_size <= 0:

@@ -136,12 +136,12 @@ class Scrubber:
     def enabled(self) -> bool:
         return self.config.enabled
 
-    def start(self) -> None:
+    async def start(self) -> None:
         specs = {p.spec for p in self.policies.values() if p.spec.entities}
-        self.analyzer.start(sorted(specs, key=repr))
+        await self.analyzer.start(sorted(specs, key=repr))
 
-    def close(self) -> None:
-        self.analyzer.close()
+    async def close(self) -> None:
+        await self.analyzer.close()
 
     def policy_for(self, key_policy: str | None, tenant: str, group: str) -> CompiledPolicy | None:
         name = key_policy or self.config.models.get(group) or self.config.tenants.get(tenant) or "default"
