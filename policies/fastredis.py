@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -94,7 +94,8 @@ class PipelinedRedis:
                 setup.append(
                     ("AUTH", *((unquote(u.username), unquote(u.password)) if u.username else (unquote(u.password),)))
                 )
-            db = (u.path or "/0").lstrip("/") if u.scheme != "unix" else ""
+            # redis://host/3 or unix:///path/valkey.sock?db=3, as redis-py reads them
+            db = parse_qs(u.query).get("db", [""])[0] if u.scheme == "unix" else (u.path or "/0").lstrip("/")
             if db and db != "0":
                 setup.append(("SELECT", db))
             for cmd in setup:
