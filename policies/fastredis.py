@@ -20,6 +20,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 def pack(args: tuple) -> bytes:
+    """RESP-encodes a command (hiredis, in C; by hand for what it does not take)."""
+    try:
+        return hiredis.pack_command(args)
+    except TypeError:
+        return _pack(args)
+
+
+def _pack(args: tuple) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for a in args:
         if isinstance(a, bytes):

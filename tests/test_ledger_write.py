@@ -1,0 +1,87 @@
+"""The ledger's PostgreSQL side: records as the stream holds them, COPYed and taken apart in SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import asyncpg
+import orjson
+
+from gateway.db import migrate
+from policies.ledger import Spool, write_records
+
+
+def _record(**over) -> dict:
+    rec = {
+        "request_id": f"req_{uuid.uuid4().hex}",
+        "ts": time.time(),
+        "tenant": "acme",
+        "user": "u-1",
+        "agent": "support",
+        "workflow": None,
+        "customer": "c-9",
+        "key_id": "key_1",
+        "tags": ["a", "b"],
+        "endpoint": "chat",
+        "model": "gpt",
+        "served_model": "gpt",
+        "provider": "p",
+        "deployment": "p/m",
+        "attempts": 2,
+        "fallbacks": 1,
+        "stream": True,
+        "status": 200,
+        "error_code": None,
+        "prompt_tokens": 11,
+        "completion_tokens": 7,
+        "cached_tokens": 3,
+        "usage_estimated": False,
+        "cost_usd": 1.25e-5,
+        "latency_ms": 12.5,
+        "ttft_ms": 3.25,
+        "pii_entities": {"EMAIL": 2},
+    }
+    rec.update(over)
+    return rec
+
+
+def test_records_land_with_every_field_once_and_spool_replays(services, tmp_path):
+    async def main():
+        conn = await asyncpg.connect(services[0])
+        try:
+            await migrate(conn)
+            a, b = _record(), _record(tags=[], pii_entities=None, ttft_ms=None, stream=False, status=429)
+            raw = [orjson.dumps(a), orjson.dumps(b)]
+            await write_records(conn, raw)
+            await write_records(conn, raw)  # a batch written twice counts once
+            rows = {
+                r["request_id"]: r
+                for r in await conn.fetch(
+                    "SELECT * FROM ledger WHERE request_id = ANY($1)", [a["request_id"], b["request_id"]]
+                )
+            }
+            assert len(rows) == 2
+            ra, rb = rows[a["request_id"]], rows[b["request_id"]]
+            assert ra["end_user"] == "u-1" and ra["tags"] == ["a", "b"] and ra["attempts"] == 2 and ra["stream"] is True
+            assert (
+                ra["cost_usd"] == 1.25e-5 and ra["ttft_ms"] == 3.25 and orjson.loads(ra["pii_entities"]) == {"EMAIL": 2}
+            )
+            assert abs(ra["ts"].timestamp() - a["ts"]) < 1e-3 and ra["workflow"] is None
+            assert rb["tags"] == [] and rb["pii_entities"] is None and rb["ttft_ms"] is None and rb["status"] == 429
+            # Records Redis could not take wait in the spool file and reach PostgreSQL on replay.
+            spool = Spool(tmp_path / "ledger-spool-1.jsonl")
+            c = _record()
+            spool.append(orjson.dumps(c))
+            pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+            try:
+                assert await spool.replay(pool) == 1
+            finally:
+                await pool.close()
+            assert await conn.fetchval("SELECT count(*) FROM ledger WHERE request_id = $1", c["request_id"]) == 1
+            assert not list(tmp_path.glob("ledger-spool-*"))
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
