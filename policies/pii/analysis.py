@@ -62,37 +62,53 @@ class Spec:
         return "PERSON" in self.entities or "LOCATION" in self.entities
 
 
+Window = tuple[int, int, tuple[str, ...]]  # start, end, the entity types that may be in it
+
+
 class Prefilter:
+    """Spots candidates, one regular expression per shape (shapes overlap: a dotted quad is
+    also a run of digits), and turns them into windows, each with the entity types whose shape
+    was spotted in it: Presidio then runs only those types' recognizers there."""
+
     def __init__(self, spec: Spec) -> None:
-        parts = sorted({_PREFILTER[e] for e in spec.entities if e in _PREFILTER})
-        self.builtin = re.compile("|".join(parts)) if parts else None
-        self.custom = [re.compile(c.pattern, re.IGNORECASE if c.ignore_case else 0) for c in spec.custom]
+        shapes: dict[str, set[str]] = {}
+        for e in spec.entities:
+            if e in _PREFILTER:
+                shapes.setdefault(_PREFILTER[e], set()).add(e)
+        # (pattern, entity types, whether date-shaped spots are dropped: built-in shapes only)
+        self.shapes = [(re.compile(p), frozenset(shapes[p]), True) for p in sorted(shapes)]
+        self.shapes += [
+            (re.compile(c.pattern, re.IGNORECASE if c.ignore_case else 0), frozenset([c.entity]), False)
+            for c in spec.custom
+        ]
+        self.all = tuple(spec.entities)
         self.whole = spec.needs_ner  # NER looks at every word: no shortcut
 
-    def windows(self, text: str) -> list[tuple[int, int]]:
+    def windows(self, text: str) -> list[Window]:
         """Spans of ``text`` that may hold an entity, merged; [] when none can."""
         if self.whole:
-            return [(0, len(text))] if text.strip() else []
-        spots: list[tuple[int, int]] = []
-        if self.builtin is not None:
-            spots.extend(m.span() for m in self.builtin.finditer(text) if not _NOT_A_CANDIDATE.fullmatch(m.group()))
-        for pattern in self.custom:
-            spots.extend(m.span() for m in pattern.finditer(text))
+            return [(0, len(text), self.all)] if text.strip() else []
+        spots: list[tuple[int, int, frozenset]] = []
+        for pattern, entities, skip_dates in self.shapes:
+            for m in pattern.finditer(text):
+                if not (skip_dates and _NOT_A_CANDIDATE.fullmatch(m.group())):
+                    spots.append((m.start(), m.end(), entities))
         if not spots:
             return []
-        spots.sort()
-        out: list[list[int]] = []
+        spots.sort(key=lambda s: s[0])
+        out: list[list] = []
         n = len(text)
-        for a, b in spots:
+        for a, b, entities in spots:
             a = _word_start(text, max(0, _word_start(text, a) - MARGIN))
             b = _word_end(text, min(n, _word_end(text, b) + MARGIN))
             if out and a <= out[-1][1]:
                 out[-1][1] = max(out[-1][1], b)
+                out[-1][2] = out[-1][2] | entities
             else:
-                out.append([a, b])
-        if sum(b - a for a, b in out) > 0.6 * n:
-            return [(0, n)]
-        return [(a, b) for a, b in out]
+                out.append([a, b, entities])
+        if sum(w[1] - w[0] for w in out) > 0.6 * n:
+            return [(0, n, tuple(sorted(frozenset().union(*(w[2] for w in out)))))]
+        return [(a, b, tuple(sorted(e))) for a, b, e in out]
 
 
 def _word_start(text: str, i: int) -> int:
@@ -169,12 +185,14 @@ def _analyzer(spec: Spec):
     return engine
 
 
-def analyze_texts(spec: Spec, texts: list[str]) -> list[list[Finding]]:
-    """Presidio over each text; overlapping findings resolved (higher score, then longer, wins)."""
+def analyze_texts(spec: Spec, texts: list[str], entities: list[tuple[str, ...]] | None = None) -> list[list[Finding]]:
+    """Presidio over each text (for the entity types given per text, else all of the spec's);
+    overlapping findings resolved (higher score, then longer, wins)."""
     engine = _analyzer(spec)
     out = []
-    for text in texts:
-        results = engine.analyze(text, language="en", entities=list(spec.entities), score_threshold=spec.min_score)
+    for i, text in enumerate(texts):
+        wanted = list(entities[i]) if entities is not None else list(spec.entities)
+        results = engine.analyze(text, language="en", entities=wanted, score_threshold=spec.min_score)
         found = [(r.start, r.end, r.entity_type, r.score) for r in results]
         out.append(resolve([f for f in found if _plausible(text, f[0], f[1], f[2])]))
     return out
@@ -241,7 +259,7 @@ class Analyzer:
     async def find(self, spec: Spec, texts: list[str]) -> list[tuple[Finding, ...]]:
         """Findings for each text, in order."""
         results: list[tuple[Finding, ...] | None] = [None] * len(texts)
-        todo: list[tuple[int, bytes, list[tuple[int, int]]]] = []
+        todo: list[tuple[int, bytes, list[Window]]] = []
         prefilter = self._prefilter(spec)
         for i, text in enumerate(texts):
             key = self._key(spec, text)
@@ -259,12 +277,13 @@ class Analyzer:
                 continue
             todo.append((i, key, windows))
         if todo:
-            chunks = [texts[i][a:b] for i, _, windows in todo for a, b in windows]
-            found = await self._analyze(spec, chunks)
+            chunks = [texts[i][a:b] for i, _, windows in todo for a, b, _ in windows]
+            kinds = [e for _, _, windows in todo for _, _, e in windows]
+            found = await self._analyze(spec, chunks, kinds)
             j = 0
             for i, key, windows in todo:
                 acc: list[Finding] = []
-                for a, _b in windows:
+                for a, _b, _e in windows:
                     acc.extend((s + a, e + a, t, sc) for s, e, t, sc in found[j])
                     j += 1
                 self._analysed.inc()
@@ -272,10 +291,10 @@ class Analyzer:
                 self._remember(key, results[i])
         return results  # type: ignore[return-value]
 
-    async def _analyze(self, spec: Spec, chunks: list[str]) -> list[list[Finding]]:
+    async def _analyze(self, spec: Spec, chunks: list[str], kinds: list[tuple[str, ...]]) -> list[list[Finding]]:
         if self._pool is None:
-            return analyze_texts(spec, chunks)
-        return await self._pool.call(spec, chunks)
+            return analyze_texts(spec, chunks, kinds)
+        return await self._pool.call(spec, chunks, kinds)
 
     def _remember(self, key: bytes, value: tuple[Finding, ...]) -> None:
         if self.cache_size <= 0:

@@ -107,14 +107,14 @@ class WorkerPool:
         for w in self.workers:
             await w.start(warm)
 
-    async def call(self, spec, chunks: list[str]) -> list:
+    async def call(self, spec, chunks: list[str], kinds: list | None = None) -> list:
         worker = min(self.workers, key=lambda w: len(w.pending))
         if not worker.alive:
             await self._restart(worker)
         call_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         worker.pending[call_id] = fut
-        worker.send(call_id, ("analyze", spec, chunks))
+        worker.send(call_id, ("analyze", spec, chunks, kinds))
         await worker.writer.drain()
         return await fut
 
@@ -156,7 +156,7 @@ def _serve(fd: int) -> None:
             if payload[0] == "warm":
                 warm(payload[1])
                 continue
-            answer(call_id, True, analyze_texts(payload[1], payload[2]))
+            answer(call_id, True, analyze_texts(payload[1], payload[2], payload[3]))
         except Exception as exc:  # reported to the caller, who refuses the request
             answer(call_id, False, f"{type(exc).__name__}: {exc}")
 
