@@ -256,7 +256,15 @@ class Stack:
 
     def stop_gateway(self, proc: subprocess.Popen) -> None:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            dump = subprocess.run(
+                [str(ROOT / ".venv" / "bin" / "py-spy"), "dump", "--pid", str(proc.pid)], capture_output=True, text=True
+            )
+            print("gateway did not stop within 30 s of SIGTERM:\n" + dump.stdout + dump.stderr, flush=True)
+            proc.kill()
+            proc.wait()
 
     def close(self) -> None:
         for p in self.procs:

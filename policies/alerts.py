@@ -23,6 +23,7 @@ import orjson
 from redis.exceptions import ResponseError
 
 from gateway import metrics
+from gateway.background import stop_task
 from gateway.config import Alerts
 from policies.budgets import NANO, BudgetCache
 from policies.engine import ALERT_STREAM
@@ -54,6 +55,7 @@ class AlertSender:
         self._name = f"{socket.gethostname()}-{os.getpid()}"
         self._task: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         with contextlib.suppress(ResponseError):
@@ -62,9 +64,12 @@ class AlertSender:
         self._task = asyncio.create_task(self._run(), name="alert-sender")
 
     async def stop(self) -> None:
+        # Let the loop see the flag (its blocking read lasts at most a second) rather than
+        # cancel it inside redis-py, whose clean-up after a cancelled blocking read can hang.
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=3)
+        await stop_task(self._task)
         if self._session is not None:
             await self._session.close()
 
@@ -109,17 +114,21 @@ class AlertSender:
 
     async def _run(self) -> None:
         backoff = 0.5
-        while True:
+        while not self._stopping.is_set():
             try:
                 delivered_all = await self._round()
                 backoff = 0.5 if delivered_all else min(backoff * 2, 60)
                 if not delivered_all:
-                    await asyncio.sleep(backoff)
+                    await self._pause(backoff)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("alert sender: %s", exc)
-                await asyncio.sleep(1)
+                await self._pause(1)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _round(self) -> bool:
         # Pending (failed before, or claimed from a dead replica) first, then new ones.

@@ -16,6 +16,7 @@ import time
 
 import asyncpg
 
+from gateway.background import stop_tasks
 from gateway.errors import Unauthenticated
 from gateway.pubsub import listen_forever
 from gateway.types import Identity
@@ -79,9 +80,7 @@ class Authenticator:
         ]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
 
     def invalidate(self, key_hash: str | None = None) -> None:
         self._epoch += 1

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from gateway.background import stop_task
 from gateway.pubsub import listen_forever
 
 log = logging.getLogger("gateway.budgets")
@@ -139,9 +140,7 @@ class BudgetCache:
         await listen_forever(self._redis, CHANGED, lambda _data: self.load(), self.load)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await stop_task(self._task)
 
     def applicable(self, attribution: dict) -> list[Budget]:
         out: list[Budget] = []

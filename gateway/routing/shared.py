@@ -15,6 +15,7 @@ import time
 
 import orjson
 
+from gateway.background import stop_task
 from gateway.pubsub import listen_forever
 from gateway.routing.router import Router
 
@@ -68,8 +69,6 @@ class SharedHealth:
         await listen_forever(self._redis, CHANNEL, event, self._load)  # catch up after each subscription
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+        await stop_task(self._listener)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
