@@ -82,6 +82,8 @@ class PolicyEngine:
         self._redis = redis
         self.budgets = budgets
         self._router = router
+        self._threshold_args: dict[tuple, str] = {}  # thresholds -> the script's argument
+        self._prices: dict[str, tuple[float, float]] = {}  # group -> highest (input, output) price
         self._admit_sha: str | None = None
         self._settle_sha: str | None = None
 
@@ -131,11 +133,16 @@ class PolicyEngine:
     def _estimate_nano(self, ctx: RequestContext, budgets: list[Budget]) -> int:
         """The reservation: prompt tokens plus the most the answer may use, at the priciest
         deployment of the group (which one will serve is not known yet)."""
-        group = self._router.groups.get(ctx.model)
-        if group is None or not group.deployments:
-            return 0
-        inp = max((d.input_cost or 0.0) for d in group.deployments)
-        out = max((d.output_cost or 0.0) for d in group.deployments)
+        prices = self._prices.get(ctx.model)
+        if prices is None:
+            group = self._router.groups.get(ctx.model)
+            if group is None or not group.deployments:
+                return 0
+            prices = self._prices[ctx.model] = (
+                max((d.input_cost or 0.0) for d in group.deployments),
+                max((d.output_cost or 0.0) for d in group.deployments),
+            )
+        inp, out = prices
         if not inp and not out:
             return 0
         # No tokenizing on the hot path for a reservation; an exact count is used when routing
@@ -200,7 +207,11 @@ class PolicyEngine:
         )
 
     def _thresholds(self, b: Budget) -> str:
-        return ",".join(f"{t:g}" for t in (b.thresholds or self.config.alerts.thresholds))
+        key = b.thresholds
+        found = self._threshold_args.get(key)
+        if found is None:
+            found = self._threshold_args[key] = ",".join(f"{t:g}" for t in (key or self.config.alerts.thresholds))
+        return found
 
     def record(self, ctx: RequestContext, attr: dict, elapsed: float, cost: float) -> dict:
         usage = ctx.usage or Usage()

@@ -25,7 +25,7 @@ from policies.engine import LEDGER_STREAM
 
 log = logging.getLogger("gateway.ledger")
 GROUP = "ledger-writers"
-LINGER = 0.2  # seconds to let records gather after a short batch: fewer, larger COPYs
+LINGER = 0.5  # seconds to let records gather after a short batch: fewer, larger COPYs
 
 # Records are COPYed as they sit in the stream (JSON) and PostgreSQL takes them apart: the
 # writer does no per-record work in Python, so it costs the serving process next to nothing.
