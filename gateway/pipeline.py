@@ -111,7 +111,11 @@ async def scrub(svc: Services, ctx: RequestContext) -> None:
     policy = svc.pii.policy_for(ident.pii_policy if ident else None, ident.tenant if ident else "default", ctx.model)
     state = ctx.extra["pii"] = ScrubState()
     if policy is not None:
-        await svc.pii.scrub(ctx.body, ctx.endpoint, policy, state)
+        started = time.perf_counter()
+        try:
+            await svc.pii.scrub(ctx.body, ctx.endpoint, policy, state)
+        finally:
+            ctx.extra["pii_ms"] = round((time.perf_counter() - started) * 1000, 3)
 
 
 async def body_for(svc: Services, ctx: RequestContext, r: Route) -> dict:
@@ -334,6 +338,9 @@ def account(svc: Services, ctx: RequestContext, now: float, error: GatewayError 
             "usage_estimated": ctx.extra.get("usage_estimated", False),
             "completion_tokens": usage.completion_tokens if usage else None,
         }
+        if "pii_ms" in ctx.extra:  # time spent scrubbing, and what was found (counts, never values)
+            line["pii_ms"] = ctx.extra["pii_ms"]
+            line["pii_entities"] = pii.counts if pii is not None else None
         if error is not None or ctx.error_code:
             line["error_code"] = ctx.error_code
             line["error"] = error.message if error is not None else None

@@ -134,6 +134,17 @@ async def _stage_p50(workers: int, data_dir: Path, samples: int = 200) -> dict:
     return out
 
 
+def _log_p50(path: Path, field: str) -> float | None:
+    values = []
+    for line in path.read_text(errors="replace").splitlines():
+        if f'"{field}"' in line:
+            try:
+                values.append(json.loads(line)[field])
+            except (ValueError, KeyError):
+                continue
+    return round(statistics.median(values), 3) if values else None
+
+
 def _into(out: dict, wrk, url: str, script: Path, seconds: int) -> None:
     out.update(wrk(url, script, seconds, 4))
 
@@ -164,6 +175,8 @@ def run(stack, tmp: Path, seconds: int, bench_config, wrk, latency_at_rate) -> d
         seconds * 2,
         40,
     )
+    # The same requests as the gateway saw them: time in the scrub stage (access log, pii_ms).
+    res["stage_in_gateway_p50_ms"] = _log_p50(tmp / "gateway-pii.log", "pii_ms")
     # Event-loop stall: PII-free probes at 50 req/s, alone and beside a PII load (wrk, 4 connections).
     clean = {"model": "bench-open", "messages": [{"role": "user", "content": "What are your opening hours?"}]}
     stall = {}
@@ -212,7 +225,8 @@ def report(res: dict, date: str) -> str:
         "",
         f"**Added p50, 200-word new message: {single:+.3f} ms.** "
         f"With 20 earlier turns (cached) before it: {conv:+.3f} ms "
-        f"(the earlier turns add {conv - single:+.3f} ms).",
+        f"(the earlier turns add {conv - single:+.3f} ms). Inside the gateway, the scrub stage of those "
+        f"requests took {res.get('stage_in_gateway_p50_ms')} ms p50 (access log `pii_ms`).",
         "",
         "The scrub stage alone, in process (p50 over 200 fresh messages):",
         "",

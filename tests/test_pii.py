@@ -237,6 +237,8 @@ def test_counts_in_metrics_and_audit_record(pii_gateway, api_key, mock):
     wait_until(record, timeout=20, what="audit record")
     assert record()["pii_entities"] == {"EMAIL": 2, "PHONE": 1}
     assert EMAIL not in pii_gateway.log()
+    line = next(json.loads(x) for x in pii_gateway.log().splitlines() if rid in x and '"msg":"request"' in x)
+    assert line["pii_entities"] == {"EMAIL": 2, "PHONE": 1} and line["pii_ms"] > 0
 
 
 def test_analysis_worker_killed_fails_closed_then_recovers(pii_client, pii_gateway, mock):
