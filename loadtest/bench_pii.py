@@ -225,8 +225,9 @@ def report(res: dict, date: str) -> str:
         "",
         f"**Added p50, 200-word new message: {single:+.3f} ms.** "
         f"With 20 earlier turns (cached) before it: {conv:+.3f} ms "
-        f"(the earlier turns add {conv - single:+.3f} ms). Inside the gateway, the scrub stage of those "
-        f"requests took {res.get('stage_in_gateway_p50_ms')} ms p50 (access log `pii_ms`).",
+        f"(the earlier turns add {conv - single:+.3f} ms). Inside the gateway, the scrub stage of the PII "
+        f"requests above (both kinds) took {res.get('stage_in_gateway_p50_ms')} ms p50 (access log `pii_ms`; the "
+        "analysis worker shares the gateway's core here).",
         "",
         "The scrub stage alone, in process (p50 over 200 fresh messages):",
         "",
