@@ -107,8 +107,7 @@ async def scrub(svc: Services, ctx: RequestContext) -> None:
     for theirs when an attempt goes there (``body_for``)."""
     if svc.pii is None:
         return
-    ident = ctx.identity
-    policy = svc.pii.policy_for(ident.pii_policy if ident else None, ident.tenant if ident else "default", ctx.model)
+    policy = svc.pii.policy_for(ctx.identity, ctx.model)
     state = ctx.extra["pii"] = ScrubState()
     if policy is not None:
         started = time.perf_counter()
@@ -123,8 +122,7 @@ async def body_for(svc: Services, ctx: RequestContext, r: Route) -> dict:
     state: ScrubState | None = ctx.extra.get("pii")
     if state is None:
         return ctx.body
-    ident = ctx.identity
-    policy = svc.pii.policy_for(ident.pii_policy if ident else None, ident.tenant if ident else "default", r.model)
+    policy = svc.pii.policy_for(ctx.identity, r.model)
     if policy is None:
         state.sent = ctx.body
         return ctx.body

@@ -259,10 +259,13 @@ class Stack:
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            dump = subprocess.run(
-                [str(ROOT / ".venv" / "bin" / "py-spy"), "dump", "--pid", str(proc.pid)], capture_output=True, text=True
+            spy = shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
+            dump = (
+                subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True).stdout
+                if Path(spy).exists()
+                else "(install py-spy for a stack dump)"
             )
-            print("gateway did not stop within 30 s of SIGTERM:\n" + dump.stdout + dump.stderr, flush=True)
+            print("gateway did not stop within 30 s of SIGTERM:\n" + dump, flush=True)
             proc.kill()
             proc.wait()
 

@@ -18,6 +18,7 @@ import json
 import statistics
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from loadtest import pii_corpus
@@ -113,7 +114,7 @@ async def _stage_p50(workers: int, data_dir: Path, samples: int = 200) -> dict:
     )
     scrubber = Scrubber(cfg.pii, data_dir)
     await scrubber.start()
-    policy = scrubber.policy_for(None, "default", "m")
+    policy = scrubber.policy_for(None, "m")
     template = message()
     out = {}
     try:
@@ -132,6 +133,14 @@ async def _stage_p50(workers: int, data_dir: Path, samples: int = 200) -> dict:
     finally:
         await scrubber.close()
     return out
+
+
+def _post(url: str, body: dict, key: str) -> None:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    )
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        resp.read()
 
 
 def _log_p50(path: Path, field: str) -> float | None:
@@ -155,7 +164,12 @@ def run(stack, tmp: Path, seconds: int, bench_config, wrk, latency_at_rate) -> d
     cfg["models"].append({"name": "bench-open", "deployments": [{"provider": "mock", "model": "mock-gpt"}]})
     url, proc = stack.gateway("gateway-pii", {**cfg, "pii": pii_config()})
     inline_url, inline_proc = stack.gateway("gateway-pii-inline", {**cfg, "pii": {**pii_config(), "workers": 0}})
-    time.sleep(4)  # the analysis worker loads Presidio in the background
+    for target in (url, inline_url):  # returns once Presidio is loaded (worker, or in process)
+        _post(
+            f"{target}/v1/chat/completions",
+            {"model": "bench", "messages": [{"role": "user", "content": "a@b.org"}]},
+            stack.key,
+        )
     single = {"model": "bench", "messages": [{"role": "user", "content": message()}]}
     conv = {"model": "bench", "messages": [*conversation(), {"role": "user", "content": message()}]}
     files = {}

@@ -23,7 +23,7 @@ import orjson
 from redis.exceptions import ResponseError
 
 from gateway import metrics
-from gateway.background import stop_task
+from gateway.background import pause, stop_task
 from gateway.config import Alerts
 from policies.budgets import NANO, BudgetCache
 from policies.engine import ALERT_STREAM
@@ -119,16 +119,12 @@ class AlertSender:
                 delivered_all = await self._round()
                 backoff = 0.5 if delivered_all else min(backoff * 2, 60)
                 if not delivered_all:
-                    await self._pause(backoff)
+                    await pause(self._stopping, backoff)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("alert sender: %s", exc)
-                await self._pause(1)
-
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+                await pause(self._stopping, 1)
 
     async def _round(self) -> bool:
         # Pending (failed before, or claimed from a dead replica) first, then new ones.

@@ -21,6 +21,7 @@ from pathlib import Path
 import asyncpg
 from redis.exceptions import ResponseError
 
+from gateway.background import pause
 from policies.engine import LEDGER_STREAM
 
 log = logging.getLogger("gateway.ledger")
@@ -161,8 +162,7 @@ class LedgerWriter:
                     await self._claim_stale()
                     await self.spool.replay(self._pool)
                 if 0 < wrote < self._batch:  # a trickle: let the next batch gather
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), LINGER)
+                    await pause(self._stopping, LINGER)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

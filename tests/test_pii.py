@@ -245,7 +245,6 @@ def test_analysis_worker_killed_fails_closed_then_recovers(pii_client, pii_gatew
     import os
     import signal
     import subprocess
-    import time
 
     from tests.conftest import wait_until
 
@@ -260,7 +259,7 @@ def test_analysis_worker_killed_fails_closed_then_recovers(pii_client, pii_gatew
 
     (pid,) = worker_pids()
     os.kill(pid, signal.SIGKILL)
-    time.sleep(0.3)
+    wait_until(lambda: pid not in worker_pids(), what="the worker gone")
     mock.clear()
     statuses = []
     for i in range(3):

@@ -83,6 +83,11 @@ class Prefilter:
         ]
         self.all = tuple(spec.entities)
         self.whole = spec.needs_ner  # NER looks at every word: no shortcut
+        # Cache keys hash a text with this spec's identity, so policies never share findings.
+        self.person = hashlib.blake2b(repr(spec).encode(), digest_size=16).digest()
+
+    def key(self, text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16, person=self.person).digest()
 
     def windows(self, text: str) -> list[Window]:
         """Spans of ``text`` that may hold an entity, merged; [] when none can."""
@@ -252,17 +257,13 @@ class Analyzer:
             p = self._prefilters[spec] = Prefilter(spec)
         return p
 
-    @staticmethod
-    def _key(spec: Spec, text: str) -> bytes:
-        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16, person=_spec_id(spec)).digest()
-
     async def find(self, spec: Spec, texts: list[str]) -> list[tuple[Finding, ...]]:
         """Findings for each text, in order."""
         results: list[tuple[Finding, ...] | None] = [None] * len(texts)
         todo: list[tuple[int, bytes, list[Window]]] = []
         prefilter = self._prefilter(spec)
         for i, text in enumerate(texts):
-            key = self._key(spec, text)
+            key = prefilter.key(text)
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
@@ -302,13 +303,3 @@ class Analyzer:
         self._cache[key] = value
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-
-
-_spec_ids: dict[Spec, bytes] = {}
-
-
-def _spec_id(spec: Spec) -> bytes:
-    found = _spec_ids.get(spec)
-    if found is None:
-        found = _spec_ids[spec] = hashlib.blake2b(repr(spec).encode(), digest_size=16).digest()
-    return found

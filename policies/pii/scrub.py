@@ -17,6 +17,7 @@ import orjson
 
 from gateway.config import Pii, PiiPolicy
 from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.types import Identity
 from policies.pii.analysis import Analyzer, CustomRecognizer, Spec
 from policies.pii.anonymize import Vault, apply
 from policies.pii.entities import BUILTIN, EntityType, custom_entity
@@ -132,10 +133,6 @@ class Scrubber:
         self.analyzer = Analyzer(pii.workers, pii.cache_size)
         self.secret = (pii.hash_secret or "").encode()
 
-    @property
-    def enabled(self) -> bool:
-        return self.config.enabled
-
     async def start(self) -> None:
         specs = {p.spec for p in self.policies.values() if p.spec.entities}
         await self.analyzer.start(sorted(specs, key=repr))
@@ -143,7 +140,10 @@ class Scrubber:
     async def close(self) -> None:
         await self.analyzer.close()
 
-    def policy_for(self, key_policy: str | None, tenant: str, group: str) -> CompiledPolicy | None:
+    def policy_for(self, identity: Identity | None, group: str) -> CompiledPolicy | None:
+        """The caller's key's policy, else the model group's, else the tenant's, else ``default``."""
+        key_policy = identity.pii_policy if identity is not None else None
+        tenant = identity.tenant if identity is not None else "default"
         name = key_policy or self.config.models.get(group) or self.config.tenants.get(tenant) or "default"
         policy = self.policies.get(name)
         return policy if policy is not None and policy.actions else None
@@ -165,7 +165,8 @@ class Scrubber:
                 "Personal-data scrubbing is unavailable, so the request was not sent.", code="pii_unavailable"
             ) from None
         counts: Counter = Counter()
-        blocked: dict[str, str] = {}
+        blocked: set[str] = set()
+        first_blocked: str | None = None  # the first field holding a blocked entity
         for slot, fs in zip(slots, findings, strict=True):
             for _s, _e, entity, _score in fs:
                 label = policy.labels.get(entity)
@@ -173,15 +174,15 @@ class Scrubber:
                     continue
                 counts[label] += 1
                 if policy.actions[label] == "block":
-                    blocked.setdefault(label, slot.path)
+                    blocked.add(label)
+                    first_blocked = first_blocked or slot.path
         state.counts = state.found[policy.name] = dict(counts)
         state.policy = policy.name
         if blocked:
-            first = min(blocked.values(), key=lambda p: [s.path for s in slots].index(p))
             raise PiiBlocked(
                 "The request contains personal data that policy forbids sending to this model: "
                 f"{', '.join(sorted(blocked))}.",
-                param=first,
+                param=first_blocked,
             )
         if not counts:
             state.bodies[policy.name] = state.sent = body

@@ -100,7 +100,7 @@ class WorkerPool:
         self.workers = [_Worker(i) for i in range(size)]
         self._ids = itertools.count(1)
         self._warm: list = []
-        self._lock: asyncio.Lock | None = None
+        self._lock = asyncio.Lock()  # one restart at a time
 
     async def start(self, warm: list) -> None:
         self._warm = warm
@@ -119,8 +119,6 @@ class WorkerPool:
         return await fut
 
     async def _restart(self, worker: _Worker) -> None:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         async with self._lock:
             if worker.alive:
                 return
