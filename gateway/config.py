@@ -223,13 +223,52 @@ class Pii(_Strict):
         return any(p.entities for p in self.policies.values())
 
 
+def _cidrs(v: list[str]) -> list[str]:
+    import ipaddress
+
+    for i, net in enumerate(v):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ValueError(f"[{i}]: {net!r} is not an IP address or CIDR network (e.g. 10.0.0.0/8)") from None
+    return v
+
+
 class Tenant(_Strict):
     require_tags: list[str] = Field(default_factory=list)
+    # Addresses (CIDRs) the tenant's keys may be used from, on the API and the admin API alike;
+    # empty: any. A key's own ``allowed_ips`` must be met as well.
+    allowed_ips: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _allowed_ips(cls, v: list[str]) -> list[str]:
+        return _cidrs(v)
 
 
 class Server(_Strict):
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     log_requests: bool = True
+    # Proxies (CIDRs) whose X-Forwarded-For is believed, hop by hop from the right; from any other
+    # peer the header is ignored. Replaces uvicorn's proxy-headers handling.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # A cached key is looked up again after this many seconds, so a revocation this process
+    # missed (Redis down, publish failed) takes effect anyway.
+    key_cache_ttl: float = Field(60.0, gt=0)
+    # When PostgreSQL cannot be reached for that look-up, the cached key keeps working this many
+    # seconds longer; then its requests are refused with 503 until the database answers.
+    key_cache_grace: float = Field(300.0, ge=0)
+    # Failed authentications allowed per client address (IPv6: per /64) and minute, after a burst;
+    # beyond them 429 without a database query. 0: no limit.
+    failed_auth_per_minute: int = Field(60, ge=0)
+    failed_auth_burst: int = Field(20, ge=1)
+    # /readyz checks the database and Redis at most once per this many seconds, however many ask.
+    readiness_interval: float = Field(1.0, ge=0)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, v: list[str]) -> list[str]:
+        return _cidrs(v)
 
 
 class Config(_Strict):
