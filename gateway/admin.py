@@ -1,15 +1,24 @@
-"""The admin API (``/admin/...``): keys, budgets, spend and audit records.
+"""The admin API (``/admin/...``): keys, budgets, spend, audit records and the access log.
 
-Authenticated with the master key or a virtual key with the ``admin`` scope. Invalid input
-gets a 400 naming the field, and nothing is half-written: every change is one statement or
-one transaction.
+Two kinds of admin:
+
+- the **super-admin** is the master key alone: it sees and manages every tenant (``?tenant=``
+  narrows a listing to one) and reads the access log;
+- a **tenant admin** is a virtual key with the ``admin`` scope: everything it reads or changes is
+  its own tenant's, filtered in SQL and walled by row-level security (``tenant_transaction``);
+  the keys it mints are never wider than itself (policies/minting.py), and budgets the
+  super-admin set on its tenant are read-only to it.
+
+Every call by an authenticated key is written to the access log (who, what, when, from where)
+before its response starts; if that write fails, the call fails. Invalid input gets a 400
+naming the field, and nothing is half-written: every change is one statement or one transaction.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
+import logging
 from datetime import UTC, datetime
 
 import orjson
@@ -19,11 +28,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway import admin_input as inp
 from gateway import http
+from gateway.db import tenant_transaction
 from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
+from gateway.types import Identity
 from policies import budgets as budget_store
 from policies import keys as key_store
-from policies.budgets import NANO, PERIODS, SCOPES
+from policies.budgets import ENFORCEMENTS, NANO, PERIODS, SCOPES
+from policies.minting import narrow
+from policies.webhooks import check_webhook_url
+
+log = logging.getLogger("gateway.admin")
 
 GROUP_FIELDS = {
     "tenant": "tenant",
@@ -44,81 +60,6 @@ def _json(obj, status: int = 200) -> Response:
     return Response(orjson.dumps(obj, default=str), status_code=status, media_type="application/json")
 
 
-async def _body(request: Request) -> dict:
-    raw = await request.body()
-    data = http.parse_json(raw)
-    if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    return data
-
-
-def _str(data: dict, name: str, required: bool = False, choices=None) -> str | None:
-    value = data.get(name)
-    if value is None:
-        if required:
-            raise InvalidRequest(
-                f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter"
-            )
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidRequest(f"'{name}' must be a non-empty string.", param=name, code="invalid_type")
-    if choices and value not in choices:
-        raise InvalidRequest(f"'{name}' must be one of {', '.join(choices)}.", param=name, code="invalid_value")
-    return value
-
-
-def _num(data: dict, name: str, *, integer: bool = False, positive: bool = True) -> float | None:
-    value = data.get(name)
-    if value is None:
-        return None
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (integer and value != int(value)) or (positive and value <= 0) or value < 0:
-        kind = "a positive integer" if integer else "a positive number"
-        raise InvalidRequest(f"'{name}' must be {kind}.", param=name, code="invalid_value")
-    return int(value) if integer else float(value)
-
-
-def _str_list(data: dict, name: str) -> list[str]:
-    value = data.get(name)
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise InvalidRequest(f"'{name}' must be an array of strings.", param=name, code="invalid_type")
-    return value
-
-
-def _thresholds(data: dict) -> list[float]:
-    value = data.get("thresholds", [0.5, 0.8, 1.0])
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(isinstance(t, int | float) and not isinstance(t, bool) and 0 < t <= 10 for t in value)
-    ):
-        raise InvalidRequest(
-            "'thresholds' must be a non-empty array of fractions (0 < t ≤ 10).",
-            param="thresholds",
-            code="invalid_value",
-        )
-    return [float(t) for t in value]
-
-
-def _url(data: dict, name: str) -> str | None:
-    value = _str(data, name)
-    if value is not None and not value.startswith(("http://", "https://")):
-        raise InvalidRequest(f"'{name}' must be an http(s) URL.", param=name, code="invalid_value")
-    return value
-
-
-def _time(value: str | None, name: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(f"'{name}' must be an ISO 8601 date or time.", param=name, code="invalid_value") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 async def _error(request: Request, exc: GatewayError) -> Response:
     return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=exc.headers)
 
@@ -128,6 +69,30 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     err = cls(f"{exc.detail} ({request.method} {request.url.path})")
     err.status = exc.status_code
     return await _error(request, err)
+
+
+def _ident(request: Request) -> Identity:
+    return request.scope["state"]["identity"]
+
+
+def _view(request: Request) -> str | None:
+    """The tenant whose rows a call sees: the caller's own, or for the super-admin every tenant
+    (None) unless ``?tenant=`` names one."""
+    ident = _ident(request)
+    if ident.is_master:
+        return request.query_params.get("tenant") or None
+    return ident.tenant
+
+
+def _wall(request: Request) -> str | None:
+    """The row-level-security tenant of a call's transactions (None: the super-admin)."""
+    ident = _ident(request)
+    return None if ident.is_master else ident.tenant
+
+
+def _action(scope: dict) -> str:
+    endpoint = scope.get("endpoint")
+    return getattr(endpoint, "__name__", None) or "unknown"
 
 
 class Admin:
@@ -144,7 +109,9 @@ class Admin:
                 Route("/admin/budgets/{budget_id}", self.update_budget, methods=["PATCH"]),
                 Route("/admin/budgets/{budget_id}", self.delete_budget, methods=["DELETE"]),
                 Route("/admin/spend", self.spend, methods=["GET"]),
+                Route("/admin/requests", self.find_requests, methods=["GET"]),
                 Route("/admin/requests/{request_id}", self.request_record, methods=["GET"]),
+                Route("/admin/access-log", self.access_log, methods=["GET"]),
                 Route("/admin/openapi.json", self.openapi, methods=["GET"]),
             ],
             exception_handlers={GatewayError: _error, HTTPException: _http_error},
@@ -152,10 +119,50 @@ class Admin:
 
     async def __call__(self, scope, receive, send) -> None:
         svc = self.gateway.svc
-        ident = await svc.auth.authenticate(http.header(scope, b"authorization"))
+        auth = getattr(svc.auth, "authenticate_scope", None)
+        if auth is not None:
+            ident = await auth(scope)
+        else:
+            ident = await svc.auth.authenticate(http.header(scope, b"authorization"))
+        scope.setdefault("state", {})["identity"] = ident
         if not ident.is_master and "admin" not in ident.scopes:
+            await self._audit(scope, ident, 403)
             raise PermissionDenied("This key has no admin scope.", code="admin_scope_required")
-        await self.app(scope, receive, send)
+
+        async def audited_send(message) -> None:
+            if message["type"] == "http.response.start":
+                # Recorded before the first byte goes: a read that cannot be logged is not served.
+                await self._audit(scope, ident, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, audited_send)
+
+    async def _audit(self, scope: dict, ident: Identity, status: int) -> None:
+        params = scope.get("path_params") or {}
+        query = scope.get("query_string", b"").decode("latin-1")[:1000]
+        target = next(iter(params.values()), None) if params else None
+        client = getattr(self.svc.auth, "client_address", None)
+        addr = client(scope) if client is not None else (scope.get("client") or ("", 0))[0]
+        tenant = None if ident.is_master else ident.tenant
+        try:
+            await self.svc.pool.execute(
+                """INSERT INTO access_audit (actor_key_id, actor_tenant, tenant, action, method, path, target,
+                                             status, client_addr, detail)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb)""",
+                ident.key_id,
+                tenant,
+                tenant if tenant is not None else _query_tenant(query),
+                _action(scope),
+                scope["method"],
+                scope["path"][:1000],
+                str(target)[:256] if target is not None else None,
+                status,
+                addr,
+                orjson.dumps({"query": query} if query else {}).decode(),
+            )
+        except Exception as exc:
+            log.error("access log write failed; refusing the admin call: %s", exc)
+            raise GatewayError("The access log cannot be written; the admin API is unavailable.") from None
 
     @property
     def svc(self):
@@ -163,23 +170,26 @@ class Admin:
 
     # ---- keys ----------------------------------------------------------------------------------
     async def create_key(self, request: Request) -> Response:
-        data = await _body(request)
-        name = _str(data, "name", required=True)
-        tenant = _str(data, "tenant") or "default"
-        scopes = _str_list(data, "scopes")
+        data = await inp.body(request)
+        minter = _ident(request)
+        name = inp.text(data, "name", required=True)
+        tenant = inp.text(data, "tenant", max_len=128)
+        scopes = inp.str_list(data, "scopes")
         bad = [s for s in scopes if s not in ("admin",)]
         if bad:
-            raise InvalidRequest(f"Unknown scope {bad[0]!r}; known: admin.", param="scopes", code="invalid_value")
-        models = _str_list(data, "models")
-        require_tags = _str_list(data, "require_tags")
-        rpm = _num(data, "rpm", integer=True)
-        tpm = _num(data, "tpm", integer=True)
-        budget_usd = _num(data, "budget_usd")
-        period = _str(data, "budget_period", choices=PERIODS) or "monthly"
-        pii_policy = _str(data, "pii_policy", choices=tuple(self.svc.config.pii.policies) or ("(none configured)",))
-        expires = _time(_str(data, "expires_at"), "expires_at")
+            raise InvalidRequest(f"Unknown scope {bad[0][:64]!r}; known: admin.", param="scopes", code="invalid_value")
+        models = inp.str_list(data, "models")
+        require_tags = inp.str_list(data, "require_tags")
+        rpm = inp.number(data, "rpm", integer=True)
+        tpm = inp.number(data, "tpm", integer=True)
+        budget_usd = inp.number(data, "budget_usd")
+        period = inp.text(data, "budget_period", choices=PERIODS) or "monthly"
+        pii_policy = inp.text(data, "pii_policy", choices=tuple(self.svc.config.pii.policies) or ("(none configured)",))
+        expires = inp.when(inp.text(data, "expires_at"), "expires_at")
         if expires is not None and expires <= datetime.now(UTC):
             raise InvalidRequest("'expires_at' must be in the future.", param="expires_at", code="invalid_value")
+        allowed_ips = inp.cidrs(data, "allowed_ips")
+        attribution = inp.attribution(data)
         meta: dict = {}
         if scopes:
             meta["scopes"] = scopes
@@ -191,22 +201,43 @@ class Admin:
             meta["expires_at"] = expires.timestamp()
         if pii_policy:
             meta["pii_policy"] = pii_policy
-        async with self.svc.pool.acquire() as conn, conn.transaction():
+        if allowed_ips:
+            meta["allowed_ips"] = allowed_ips
+        if attribution:
+            meta["attribution"] = attribution
+        if require_tags:
+            meta["require_tags"] = require_tags
+        tenant, meta = narrow(minter, tenant, meta)
+        require_tags = meta.pop("require_tags", [])
+        async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             key, rec = await key_store.create_key(conn, name, tenant, require_tags, extra=meta)
             budget = None
             if budget_usd:
                 budget = await budget_store.create_budget(
-                    conn, "key", rec.id, budget_usd, period, self.svc.config.alerts.thresholds, None
+                    conn,
+                    tenant,
+                    "key",
+                    rec.id,
+                    budget_usd,
+                    period,
+                    self.svc.config.alerts.thresholds,
+                    None,
+                    locked=minter.is_master,
                 )
         if budget is not None:
             await budget_store.announce_change(self.svc.redis)
+            await self.svc.budgets.load()
+        if require_tags:
+            meta["require_tags"] = require_tags
         return _json(
             {"id": rec.id, "key": key, "name": name, "tenant": tenant, "budget_id": budget and budget.id, **meta}, 201
         )
 
     async def list_keys(self, request: Request) -> Response:
-        async with self.svc.pool.acquire() as conn:
-            rows = await key_store.list_keys(conn, include_revoked=request.query_params.get("all") == "true")
+        async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
+            rows = await key_store.list_keys(
+                conn, include_revoked=request.query_params.get("all") == "true", tenant=_view(request)
+            )
         return _json(
             {
                 "data": [
@@ -217,6 +248,8 @@ class Admin:
                         "key_prefix": r.key_prefix,
                         "created_at": r.created_at,
                         "revoked_at": r.revoked_at,
+                        **{k: v for k, v in r.settings.items() if k != "limits"},
+                        **(r.settings.get("limits") or {}),
                     }
                     for r in rows
                 ]
@@ -224,12 +257,13 @@ class Admin:
         )
 
     async def revoke_key(self, request: Request) -> Response:
-        async with self.svc.pool.acquire() as conn:
-            key_hash = await key_store.revoke_key(conn, request.path_params["key_id"])
+        key_id = request.path_params["key_id"]
+        async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
+            key_hash = await key_store.revoke_key(conn, key_id, tenant=_view(request))
         if key_hash is None:
-            raise NotFound(f"No key with id {request.path_params['key_id']!r}.", param="key_id")
+            raise NotFound(f"No key with id {key_id[:64]!r}.", param="key_id")
         await key_store.announce_revocation(self.svc.redis, key_hash)
-        return _json({"id": request.path_params["key_id"], "revoked": True})
+        return _json({"id": key_id, "revoked": True})
 
     # ---- budgets -------------------------------------------------------------------------------
     async def _state(self, b) -> dict:
@@ -239,11 +273,14 @@ class Admin:
         spent = int(values[0] or 0) / NANO
         return {
             "id": b.id,
+            "tenant": b.tenant,
             "scope": b.scope,
             "scope_value": b.scope_value,
             "limit_usd": b.limit_usd,
             "period": b.period,
             "period_id": b.window()[0],
+            "enforcement": b.enforcement,
+            "locked": b.locked,
             "thresholds": list(b.thresholds),
             "webhook_url": b.webhook_url,
             "spent_usd": spent,
@@ -252,71 +289,125 @@ class Admin:
             "alerts_fired": [float(t) for t, v in zip(thresholds, values[2:], strict=True) if v is not None],
         }
 
+    async def _check_webhook(self, url: str | None) -> None:
+        """Refuse a receiver the alert sender would refuse (private, loopback, metadata
+        addresses...), now rather than when the first alert fires."""
+        if url is None:
+            return
+        problem = await check_webhook_url(url, self.svc.config.alerts)
+        if problem:
+            raise InvalidRequest(problem, param="webhook_url", code="invalid_value")
+
     async def create_budget(self, request: Request) -> Response:
-        data = await _body(request)
-        scope = _str(data, "scope", required=True, choices=SCOPES)
-        value = _str(data, "scope_value", required=True)
-        limit = _num(data, "limit_usd")
+        data = await inp.body(request)
+        ident = _ident(request)
+        scope = inp.text(data, "scope", required=True, choices=SCOPES)
+        value = inp.text(data, "scope_value", required=True)
+        limit = inp.number(data, "limit_usd")
         if limit is None:
             raise InvalidRequest(
                 "Missing required parameter: 'limit_usd'.", param="limit_usd", code="missing_required_parameter"
             )
-        period = _str(data, "period", choices=PERIODS) or "monthly"
-        thresholds, url = _thresholds(data), _url(data, "webhook_url")
-        try:
-            async with self.svc.pool.acquire() as conn:
-                b = await budget_store.create_budget(conn, scope, value, limit, period, thresholds, url)
-        except Exception as exc:
-            if "unique" in str(exc).lower():
-                raise InvalidRequest(
-                    f"A {period} budget for {scope} {value!r} exists already.", param="scope_value", code="duplicate"
-                ) from None
-            raise
+        period = inp.text(data, "period", choices=PERIODS) or "monthly"
+        enforcement = inp.text(data, "enforcement", choices=ENFORCEMENTS) or "hard"
+        thresholds, url = inp.thresholds(data), inp.url(data, "webhook_url")
+        await self._check_webhook(url)
+        tenant = inp.text(data, "tenant", max_len=128)
+        if not ident.is_master:
+            if tenant is not None and tenant != ident.tenant:
+                raise PermissionDenied(
+                    f"This admin key belongs to tenant {ident.tenant!r}.", param="tenant", code="tenant_mismatch"
+                )
+            tenant = ident.tenant
+            if scope == "tenant" and value != tenant:
+                raise PermissionDenied("A tenant budget can only be set on your own tenant.", param="scope_value")
+        async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
+            if scope == "key":
+                owner = await key_store.key_tenant(conn, value)
+                if owner is None or (tenant is not None and owner != tenant):
+                    raise NotFound(f"No key with id {value[:64]!r}.", param="scope_value")
+                tenant = owner
+            elif scope == "tenant":
+                tenant = value
+            tenant = tenant or "default"
+            try:
+                async with conn.transaction():
+                    b = await budget_store.create_budget(
+                        conn,
+                        tenant,
+                        scope,
+                        value,
+                        limit,
+                        period,
+                        thresholds,
+                        url,
+                        enforcement=enforcement,
+                        locked=ident.is_master,
+                    )
+            except Exception as exc:
+                if "unique" in str(exc).lower() or "duplicate" in str(exc).lower():
+                    raise InvalidRequest(
+                        f"A {period} budget for {scope} {value[:64]!r} exists already.",
+                        param="scope_value",
+                        code="duplicate",
+                    ) from None
+                raise
         await budget_store.announce_change(self.svc.redis)
         await self.svc.budgets.load()
         return _json(await self._state(b), 201)
 
     async def list_budgets(self, request: Request) -> Response:
-        async with self.svc.pool.acquire() as conn:
-            rows = await budget_store.list_budgets(conn)
+        async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
+            rows = await budget_store.list_budgets(conn, _view(request))
         return _json({"data": [await self._state(b) for b in rows]})
 
-    async def _get(self, budget_id: str):
-        async with self.svc.pool.acquire() as conn:
-            b = await budget_store.get_budget(conn, budget_id)
+    async def _get(self, request: Request, conn):
+        budget_id = request.path_params["budget_id"]
+        b = await budget_store.get_budget(conn, budget_id, _view(request))
         if b is None:
-            raise NotFound(f"No budget with id {budget_id!r}.", param="budget_id")
+            raise NotFound(f"No budget with id {budget_id[:64]!r}.", param="budget_id")
         return b
 
+    def _writable(self, request: Request, b) -> None:
+        if b.locked and not _ident(request).is_master:
+            raise PermissionDenied(
+                "This budget was set by the super-admin; only the master key can change it.",
+                param="budget_id",
+                code="budget_locked",
+            )
+
     async def get_budget(self, request: Request) -> Response:
-        return _json(await self._state(await self._get(request.path_params["budget_id"])))
+        async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
+            b = await self._get(request, conn)
+        return _json(await self._state(b))
 
     async def update_budget(self, request: Request) -> Response:
-        data = await _body(request)
-        unknown = set(data) - {"limit_usd", "thresholds", "webhook_url"}
+        data = await inp.body(request)
+        unknown = set(data) - set(budget_store.MUTABLE)
         if unknown:
             name = sorted(unknown)[0]
-            raise InvalidRequest(f"'{name}' cannot be changed; create a new budget instead.", param=name)
+            raise InvalidRequest(f"'{name[:64]}' cannot be changed; create a new budget instead.", param=name[:64])
         changes: dict = {}
         if "limit_usd" in data:
-            changes["limit_usd"] = _num(data, "limit_usd")
+            changes["limit_usd"] = inp.number(data, "limit_usd")
         if "thresholds" in data:
-            changes["thresholds"] = _thresholds(data)
+            changes["thresholds"] = inp.thresholds(data)
         if "webhook_url" in data:
-            changes["webhook_url"] = _url(data, "webhook_url")
-        async with self.svc.pool.acquire() as conn:
-            b = await budget_store.update_budget(conn, request.path_params["budget_id"], changes)
-        if b is None:
-            raise NotFound(f"No budget with id {request.path_params['budget_id']!r}.", param="budget_id")
+            changes["webhook_url"] = inp.url(data, "webhook_url")
+            await self._check_webhook(changes["webhook_url"])
+        if "enforcement" in data:
+            changes["enforcement"] = inp.text(data, "enforcement", required=True, choices=ENFORCEMENTS)
+        async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
+            self._writable(request, await self._get(request, conn))
+            b = await budget_store.update_budget(conn, request.path_params["budget_id"], changes, _view(request))
         await budget_store.announce_change(self.svc.redis)
         await self.svc.budgets.load()
         return _json(await self._state(b))
 
     async def delete_budget(self, request: Request) -> Response:
-        async with self.svc.pool.acquire() as conn:
-            deleted = await budget_store.delete_budget(conn, request.path_params["budget_id"])
-        if not deleted:
-            raise NotFound(f"No budget with id {request.path_params['budget_id']!r}.", param="budget_id")
+        async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
+            self._writable(request, await self._get(request, conn))
+            await budget_store.delete_budget(conn, request.path_params["budget_id"], _view(request))
         await budget_store.announce_change(self.svc.redis)
         await self.svc.budgets.load()
         return _json({"id": request.path_params["budget_id"], "deleted": True})
@@ -329,20 +420,24 @@ class Admin:
             raise InvalidRequest(
                 f"'group_by' must be one of {', '.join(GROUP_FIELDS)}.", param="group_by", code="invalid_value"
             )
-        start, end = _time(q.get("from"), "from"), _time(q.get("to"), "to")
+        start, end = inp.when(q.get("from"), "from"), inp.when(q.get("to"), "to")
         fmt = q.get("format", "json")
         if fmt not in ("json", "csv"):
             raise InvalidRequest("'format' must be json or csv.", param="format", code="invalid_value")
         expr = GROUP_FIELDS[group_by]
-        rows = await self.svc.pool.fetch(
-            f"""SELECT {expr} AS grp, count(*) AS requests, sum(prompt_tokens) AS prompt_tokens,
-                       sum(completion_tokens) AS completion_tokens, sum(cost_usd) AS cost_usd,
-                       count(*) FILTER (WHERE status >= 400) AS errors
-                FROM ledger WHERE ($1::timestamptz IS NULL OR ts >= $1) AND ($2::timestamptz IS NULL OR ts < $2)
-                GROUP BY 1 ORDER BY cost_usd DESC NULLS LAST, 1""",
-            start,
-            end,
-        )
+        async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
+            rows = await conn.fetch(
+                f"""SELECT {expr} AS grp, count(*) AS requests, sum(prompt_tokens) AS prompt_tokens,
+                           sum(completion_tokens) AS completion_tokens, sum(cost_usd) AS cost_usd,
+                           count(*) FILTER (WHERE status >= 400) AS errors
+                    FROM ledger
+                    WHERE ($1::timestamptz IS NULL OR ts >= $1) AND ($2::timestamptz IS NULL OR ts < $2)
+                      AND ($3::text IS NULL OR tenant = $3)
+                    GROUP BY 1 ORDER BY cost_usd DESC NULLS LAST, 1""",
+                start,
+                end,
+                _view(request),
+            )
         data = [
             {
                 group_by: r["grp"],
@@ -360,7 +455,7 @@ class Admin:
                 out, fieldnames=[group_by, "requests", "prompt_tokens", "completion_tokens", "cost_usd", "errors"]
             )
             writer.writeheader()
-            writer.writerows(data)
+            writer.writerows({k: inp.csv_cell(v) for k, v in row.items()} for row in data)
             return Response(
                 out.getvalue(),
                 media_type="text/csv",
@@ -369,19 +464,76 @@ class Admin:
         return _json({"group_by": group_by, "from": start, "to": end, "data": data})
 
     async def request_record(self, request: Request) -> Response:
-        row = await self.svc.pool.fetchrow(
-            "SELECT * FROM ledger WHERE request_id = $1", request.path_params["request_id"]
-        )
-        if row is None:
-            raise NotFound(
-                f"No audit record for request {request.path_params['request_id']!r} (yet).", param="request_id"
+        request_id = request.path_params["request_id"]
+        async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM ledger WHERE request_id = $1 AND ($2::text IS NULL OR tenant = $2)",
+                request_id,
+                _view(request),
             )
-        record = dict(row)
-        if isinstance(record.get("pii_entities"), str):
-            record["pii_entities"] = orjson.loads(record["pii_entities"])
-        return _json(record)
+        if row is None:
+            raise NotFound(f"No audit record for request {request_id[:128]!r} (yet).", param="request_id")
+        return _json(_record(row))
+
+    async def find_requests(self, request: Request) -> Response:
+        """Audit records by the caller's own request id (``x-client-request-id``), newest first."""
+        q = request.query_params
+        client_rid = q.get("client_request_id")
+        if not client_rid:
+            raise InvalidRequest(
+                "Missing required parameter: 'client_request_id'.",
+                param="client_request_id",
+                code="missing_required_parameter",
+            )
+        async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
+            rows = await conn.fetch(
+                """SELECT * FROM ledger WHERE client_request_id = $1 AND ($2::text IS NULL OR tenant = $2)
+                   ORDER BY ts DESC LIMIT 100""",
+                client_rid[:256],
+                _view(request),
+            )
+        return _json({"data": [_record(r) for r in rows]})
+
+    async def access_log(self, request: Request) -> Response:
+        """Who did what through the admin API: the super-admin's alone to read."""
+        if not _ident(request).is_master:
+            raise PermissionDenied("Only the master key can read the access log.", code="super_admin_required")
+        q = request.query_params
+        start, end = inp.when(q.get("from"), "from"), inp.when(q.get("to"), "to")
+        limit = q.get("limit", "100")
+        if not limit.isdigit() or not 0 < int(limit) <= 1000:
+            raise InvalidRequest("'limit' must be an integer from 1 to 1000.", param="limit", code="invalid_value")
+        rows = await self.svc.pool.fetch(
+            """SELECT * FROM access_audit
+               WHERE ($1::timestamptz IS NULL OR ts >= $1) AND ($2::timestamptz IS NULL OR ts < $2)
+                 AND ($3::text IS NULL OR actor_key_id = $3) AND ($4::text IS NULL OR tenant = $4)
+                 AND ($5::text IS NULL OR action = $5)
+               ORDER BY id DESC LIMIT $6""",
+            start,
+            end,
+            q.get("actor"),
+            q.get("tenant"),
+            q.get("action"),
+            int(limit),
+        )
+        return _json({"data": [_record(r) for r in rows]})
 
     async def openapi(self, request: Request) -> Response:
         from gateway.openapi import admin_document
 
         return _json(admin_document())
+
+
+def _query_tenant(query: str) -> str | None:
+    from urllib.parse import parse_qs
+
+    values = parse_qs(query).get("tenant")
+    return values[0][:128] if values else None
+
+
+def _record(row) -> dict:
+    record = dict(row)
+    for name in ("pii_entities", "detail"):
+        if isinstance(record.get(name), str):
+            record[name] = orjson.loads(record[name])
+    return record

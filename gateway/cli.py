@@ -232,7 +232,17 @@ async def _keys(args: argparse.Namespace, database_url: str, redis_url: str) -> 
     try:
         await migrate(conn)
         if args.keys_cmd == "create":
-            extra = {"pii_policy": args.pii_policy} if args.pii_policy else None
+            extra: dict = {}
+            if args.pii_policy:
+                extra["pii_policy"] = args.pii_policy
+            if args.scope:
+                extra["scopes"] = sorted(set(args.scope))
+            if args.model:
+                extra["models"] = sorted(set(args.model))
+            if args.allowed_ip:
+                import ipaddress
+
+                extra["allowed_ips"] = [str(ipaddress.ip_network(n, strict=False)) for n in args.allowed_ip]
             key, rec = await keys.create_key(conn, args.name, args.tenant, args.require_tag, extra=extra)
             print(f"{key}\n(id {rec.id}; shown once, only its hash is stored)")
         elif args.keys_cmd == "list":
@@ -291,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="deployments serving this key must carry the tag (e.g. zdr); repeatable",
     )
     create.add_argument("--pii-policy", help="the PII policy (config pii.policies) of this key's requests")
+    create.add_argument(
+        "--scope", action="append", default=[], choices=["admin"], help="admin: the tenant's admin API; repeatable"
+    )
+    create.add_argument("--model", action="append", default=[], help="a model group the key may use; repeatable")
+    create.add_argument(
+        "--allowed-ip", action="append", default=[], help="a client network (CIDR) the key may be used from"
+    )
     lst = ks.add_parser("list")
     lst.add_argument("--all", action="store_true", help="include revoked keys")
     revoke = ks.add_parser("revoke")

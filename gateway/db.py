@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import logging
+from collections.abc import AsyncIterator
 
 import asyncpg
 
@@ -51,3 +53,17 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
 
 async def connect_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=30)
+
+
+@contextlib.asynccontextmanager
+async def tenant_transaction(pool: asyncpg.Pool, tenant: str | None) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction that sees only ``tenant``'s rows, whatever its queries forget to filter:
+    it runs as the role ``gateway_tenant`` under row-level security (migration 0004), with the
+    tenant set for this transaction alone. ``tenant`` None is the super-admin: every row."""
+    async with pool.acquire() as conn, conn.transaction():
+        if tenant is not None:
+            await conn.execute(_SCOPE_SQL, tenant)
+        yield conn
+
+
+_SCOPE_SQL = "SELECT set_config('gateway.tenant', $1, true), set_config('role', 'gateway_tenant', true)"

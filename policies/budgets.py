@@ -18,6 +18,7 @@ log = logging.getLogger("gateway.budgets")
 
 SCOPES = ("tenant", "key", "user", "agent", "workflow", "customer", "tag")
 PERIODS = ("daily", "weekly", "monthly", "none")
+ENFORCEMENTS = ("hard", "soft")
 CHANGED = "gateway:budgets:changed"
 NANO = 1_000_000_000  # budget counters are integer nano-USD
 _KEYS_CACHE: dict[str, tuple[int, tuple[str, str, str, int]]] = {}
@@ -25,13 +26,24 @@ _KEYS_CACHE: dict[str, tuple[int, tuple[str, str, str, int]]] = {}
 
 @dataclass(frozen=True, slots=True)
 class Budget:
+    """A limit in USD on one attribution scope of one tenant.
+
+    ``enforcement`` ``hard`` (the default) admits a request only when its own reservation fits
+    under the limit, so spend never passes it; ``soft`` admits while spend plus reservations is
+    below the limit, so concurrent requests may overshoot by what they reserved. ``locked``
+    budgets were set by the super-admin and cannot be changed by the tenant's admins.
+    """
+
     id: str
+    tenant: str
     scope: str
     scope_value: str
     limit_usd: float
     period: str
     thresholds: tuple[float, ...]
     webhook_url: str | None
+    enforcement: str = "hard"
+    locked: bool = False
 
     @property
     def limit_nano(self) -> int:
@@ -70,66 +82,106 @@ class Budget:
 
 def _row(r: asyncpg.Record) -> Budget:
     return Budget(
-        r["id"], r["scope"], r["scope_value"], r["limit_usd"], r["period"], tuple(r["thresholds"]), r["webhook_url"]
+        r["id"],
+        r["tenant"],
+        r["scope"],
+        r["scope_value"],
+        r["limit_usd"],
+        r["period"],
+        tuple(r["thresholds"]),
+        r["webhook_url"],
+        r["enforcement"],
+        r["locked"],
     )
 
 
-async def list_budgets(conn) -> list[Budget]:
-    rows = await conn.fetch("SELECT * FROM budgets ORDER BY created_at")
+# ``tenant`` None is the super-admin's view (every tenant); otherwise rows of that tenant only.
+# Tenant-scoped callers also run under row-level security (gateway.db.tenant_transaction).
+async def list_budgets(conn, tenant: str | None = None) -> list[Budget]:
+    rows = await conn.fetch("SELECT * FROM budgets WHERE $1::text IS NULL OR tenant = $1 ORDER BY created_at", tenant)
     return [_row(r) for r in rows]
 
 
-async def get_budget(conn, budget_id: str) -> Budget | None:
-    row = await conn.fetchrow("SELECT * FROM budgets WHERE id = $1", budget_id)
+async def get_budget(conn, budget_id: str, tenant: str | None = None) -> Budget | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM budgets WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)", budget_id, tenant
+    )
     return _row(row) if row else None
 
 
 async def create_budget(
-    conn, scope: str, scope_value: str, limit_usd: float, period: str, thresholds: list[float], webhook_url: str | None
+    conn,
+    tenant: str,
+    scope: str,
+    scope_value: str,
+    limit_usd: float,
+    period: str,
+    thresholds: list[float],
+    webhook_url: str | None,
+    *,
+    enforcement: str = "hard",
+    locked: bool = False,
 ) -> Budget:
     row = await conn.fetchrow(
-        """INSERT INTO budgets (id, scope, scope_value, limit_usd, period, thresholds, webhook_url)
-           VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
+        """INSERT INTO budgets (id, tenant, scope, scope_value, limit_usd, period, thresholds, webhook_url,
+                                enforcement, locked)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *""",
         "bud_" + secrets.token_hex(8),
+        tenant,
         scope,
         scope_value,
         limit_usd,
         period,
         sorted(thresholds),
         webhook_url,
+        enforcement,
+        locked,
     )
     return _row(row)
 
 
-async def update_budget(conn, budget_id: str, changes: dict) -> Budget | None:
-    allowed = {k: v for k, v in changes.items() if k in ("limit_usd", "thresholds", "webhook_url")}
+MUTABLE = ("limit_usd", "thresholds", "webhook_url", "enforcement")
+
+
+async def update_budget(conn, budget_id: str, changes: dict, tenant: str | None = None) -> Budget | None:
+    allowed = {k: v for k, v in changes.items() if k in MUTABLE}
     if not allowed:
-        return await get_budget(conn, budget_id)
-    sets = ", ".join(f"{k} = ${i + 2}" for i, k in enumerate(allowed))
-    row = await conn.fetchrow(f"UPDATE budgets SET {sets} WHERE id = $1 RETURNING *", budget_id, *allowed.values())
+        return await get_budget(conn, budget_id, tenant)
+    sets = ", ".join(f"{k} = ${i + 3}" for i, k in enumerate(allowed))
+    row = await conn.fetchrow(
+        f"UPDATE budgets SET {sets} WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) RETURNING *",
+        budget_id,
+        tenant,
+        *allowed.values(),
+    )
     return _row(row) if row else None
 
 
-async def delete_budget(conn, budget_id: str) -> bool:
-    return await conn.fetchval("DELETE FROM budgets WHERE id = $1 RETURNING true", budget_id) is not None
+async def delete_budget(conn, budget_id: str, tenant: str | None = None) -> bool:
+    deleted = await conn.fetchval(
+        "DELETE FROM budgets WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) RETURNING true", budget_id, tenant
+    )
+    return deleted is not None
 
 
 class BudgetCache:
-    """Every budget, indexed by scope; reloaded when any replica announces a change."""
+    """Every budget, indexed by (tenant, scope, value); reloaded when any replica announces a
+    change. Attribution values come from the client, so they only ever match budgets of the
+    caller's own tenant."""
 
     def __init__(self, pool: asyncpg.Pool, redis) -> None:
         self._pool = pool
         self._redis = redis
-        self.by_scope: dict[tuple[str, str], list[Budget]] = {}
+        self.by_scope: dict[tuple[str, str, str], list[Budget]] = {}
         self.by_id: dict[str, Budget] = {}
         self._task: asyncio.Task | None = None
 
     async def load(self) -> None:
         async with self._pool.acquire() as conn:
             budgets = await list_budgets(conn)
-        index: dict[tuple[str, str], list[Budget]] = {}
+        index: dict[tuple[str, str, str], list[Budget]] = {}
         for b in budgets:
-            index.setdefault((b.scope, b.scope_value), []).append(b)
+            index.setdefault((b.tenant, b.scope, b.scope_value), []).append(b)
         self.by_scope, self.by_id = index, {b.id: b for b in budgets}
 
     async def start(self) -> None:
@@ -146,14 +198,15 @@ class BudgetCache:
         out: list[Budget] = []
         if not self.by_scope:
             return out
+        tenant = attribution.get("tenant") or "default"
         for scope in SCOPES:
             if scope == "tag":
                 for tag in attribution.get("tags") or ():
-                    out.extend(self.by_scope.get(("tag", tag), ()))
+                    out.extend(self.by_scope.get((tenant, "tag", tag), ()))
                 continue
             value = attribution.get(scope)
             if value:
-                out.extend(self.by_scope.get((scope, value), ()))
+                out.extend(self.by_scope.get((tenant, scope, value), ()))
         return out
 
 

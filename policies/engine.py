@@ -17,7 +17,7 @@ import orjson
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway.config import Config, Limit
-from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.errors import PermissionDenied, QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.routing.tokens import approx_prompt
 from gateway.types import RequestContext, Usage
 from policies import scripts
@@ -63,6 +63,28 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
         "customer": pick("customer", b"x-gateway-customer"),
         "tags": [str(t)[:100] for t in tags][:20],
     }
+
+
+ATTRIBUTION_FIELDS = ("user", "agent", "workflow", "customer", "tags")
+
+
+def attribution_refusal(allowed: dict | None, attr: dict) -> tuple[str, str] | None:
+    """(field, value) of the first attribution value the key may not assert, else None.
+
+    ``allowed`` maps a field to the values the key may assert: exact names, or a prefix ending
+    in ``*``. Without this, any key holder could charge its requests to another customer's
+    budget, or dodge its own by naming a customer that has none.
+    """
+    if not allowed:
+        return None
+    for name, patterns in allowed.items():
+        if name not in ATTRIBUTION_FIELDS or patterns is None:
+            continue
+        values = (attr.get(name) or ()) if name == "tags" else ([attr[name]] if attr.get(name) else [])
+        for value in values:
+            if not any(value == p or (p.endswith("*") and value.startswith(p[:-1])) for p in patterns):
+                return name, value
+    return None
 
 
 def cost_usd(route, usage: Usage | None) -> float:
@@ -130,35 +152,68 @@ class PolicyEngine:
                 flat.append((f"{label} tokens", f"gw:{{gw}}:rl:{base}:t", limit.tpm))
         return flat
 
-    def _estimate_nano(self, ctx: RequestContext, budgets: list[Budget]) -> int:
-        """The reservation: prompt tokens plus the most the answer may use, at the priciest
-        deployment of the group (which one will serve is not known yet)."""
-        prices = self._prices.get(ctx.model)
-        if prices is None:
-            group = self._router.groups.get(ctx.model)
-            if group is None or not group.deployments:
-                return 0
-            prices = self._prices[ctx.model] = (
-                max((d.input_cost or 0.0) for d in group.deployments),
-                max((d.output_cost or 0.0) for d in group.deployments),
-            )
-        inp, out = prices
+    def reachable_prices(self, model: str) -> tuple[float, float]:
+        """The highest (input, output) price per token of any deployment a request for
+        ``model`` could be served by: the targets of its rules, and every fallback chain of
+        each (fallbacks, context-window and content-policy fallbacks)."""
+        found = self._prices.get(model)
+        if found is not None:
+            return found
+        groups = self._router.groups
+        start = groups.get(model)
+        seen: set[str] = set()
+        todo = [start] if start is not None else []
+        inp = out = 0.0
+        while todo:
+            group = todo.pop()
+            if group.model.name in seen:
+                continue
+            seen.add(group.model.name)
+            for d in group.deployments:
+                inp = max(inp, d.input_cost or 0.0)
+                out = max(out, d.output_cost or 0.0)
+            m = group.model
+            names = [r.use for r in m.rules]
+            names += [*m.fallbacks, *m.context_window_fallbacks, *m.content_policy_fallbacks]
+            todo += [groups[n] for n in names if n in groups and n not in seen]
+        found = self._prices[model] = (inp, out)
+        return found
+
+    def _estimate_nano(self, ctx: RequestContext) -> int:
+        """The reservation: prompt tokens plus the most the answers may use (``n`` of them),
+        at the highest price the request could be served at (which deployment will serve it,
+        after rules and fallbacks, is not known yet)."""
+        inp, out = self.reachable_prices(ctx.model)
         if not inp and not out:
             return 0
         # No tokenizing on the hot path for a reservation; an exact count is used when routing
         # already made one.
         prompt = ctx._prompt_tokens if ctx._prompt_tokens is not None else approx_prompt(ctx.body)
-        max_out = ctx.max_output or (self.config.policies.default_max_output if ctx.endpoint == "chat" else 0)
-        return round((prompt * inp + max_out * out) * NANO)
+        if ctx.endpoint != "chat":
+            return round(prompt * inp * NANO)
+        max_out = ctx.max_output or self.config.policies.default_max_output
+        n = ctx.body.get("n") if isinstance(ctx.body, dict) else None
+        choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+        return round((prompt * inp + choices * max_out * out) * NANO)
 
     # ---- the two round trips -----------------------------------------------------------------
     async def admit(self, ctx: RequestContext, attr: dict) -> None:
+        ident = ctx.identity
+        if ident is not None and ident.attribution:
+            refused = attribution_refusal(ident.attribution, attr)
+            if refused is not None:
+                field, value = refused
+                raise PermissionDenied(
+                    f"This API key may not attribute requests to {field} {value[:64]!r}.",
+                    param=f"metadata.{field}",
+                    code="attribution_not_allowed",
+                )
         rates = self._rate_limits(ctx, attr)
         budgets = self.budgets.applicable(attr)
         ctx.extra["budgets"] = budgets
         if not rates and not budgets:
             return
-        estimate = self._estimate_nano(ctx, budgets) if budgets else 0
+        estimate = self._estimate_nano(ctx) if budgets else 0
         ctx.extra["reserved_nano"] = estimate
         argv: list = [int(time.time() * 1000), len(rates)]
         for label, base, limit in rates:
@@ -166,7 +221,8 @@ class PolicyEngine:
         argv.append(len(budgets))
         for b in budgets:
             spent, reserved, alert_prefix, ttl = b.keys()
-            argv += [spent, reserved, b.limit_nano, estimate, ttl, alert_prefix, self._thresholds(b), b.id]
+            hard = "1" if b.enforcement == "hard" else "0"
+            argv += [spent, reserved, b.limit_nano, estimate, ttl, alert_prefix, self._thresholds(b), b.id, hard]
         argv.append(ALERT_STREAM)
         try:
             result = await self._run("admit", argv)
@@ -201,10 +257,19 @@ class PolicyEngine:
 
             fired(result[4:])
         budget = budgets[index]
-        raise QuotaExceeded(
-            f"Budget exceeded: the {budget.period} budget of {budget.limit_usd:g} USD for {budget.scope} "
-            f"'{budget.scope_value}' is used up."
-        )
+        what = f"the {budget.period} budget of {budget.limit_usd:g} USD for {budget.scope} '{budget.scope_value}'"
+        if kind == "reserved":
+            raise RateLimited(
+                f"Budget busy: what is left of {what} is reserved by requests in flight. Retry after {retry} s.",
+                code="budget_reserved",
+                headers={"retry-after": retry},
+            )
+        if kind == "oversized":
+            raise QuotaExceeded(
+                f"This request could cost up to {estimate / NANO:.6g} USD, more than {what}; lower max_tokens (or n).",
+                code="budget_too_small",
+            )
+        raise QuotaExceeded(f"Budget exceeded: {what} is used up.")
 
     def _thresholds(self, b: Budget) -> str:
         key = b.thresholds
@@ -218,6 +283,7 @@ class PolicyEngine:
         route = ctx.route
         rec = {
             "request_id": ctx.request_id,
+            "client_request_id": ctx.client_request_id,
             "ts": time.time(),
             **{k: attr.get(k) for k in ("tenant", "user", "agent", "workflow", "customer")},
             "key_id": attr.get("key"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
@@ -35,6 +35,7 @@ class KeyRecord:
     key_prefix: str
     created_at: datetime
     revoked_at: datetime | None
+    settings: dict = field(default_factory=dict)  # scopes, models, limits, expires_at, ...
 
 
 async def create_key(
@@ -64,21 +65,36 @@ async def create_key(
     return key, KeyRecord(**dict(row))
 
 
-async def list_keys(conn: asyncpg.Connection, *, include_revoked: bool = False) -> list[KeyRecord]:
+# ``tenant`` None is the super-admin's view; otherwise only that tenant's keys (the admin API
+# also runs these under row-level security, so the filter is not the only wall).
+async def list_keys(
+    conn: asyncpg.Connection, *, include_revoked: bool = False, tenant: str | None = None
+) -> list[KeyRecord]:
     rows = await conn.fetch(
-        """SELECT id, name, tenant, key_prefix, created_at, revoked_at FROM api_keys
-           WHERE $1 OR revoked_at IS NULL ORDER BY created_at""",
+        """SELECT id, name, tenant, key_prefix, created_at, revoked_at, metadata FROM api_keys
+           WHERE ($1 OR revoked_at IS NULL) AND ($2::text IS NULL OR tenant = $2) ORDER BY created_at""",
         include_revoked,
+        tenant,
     )
-    return [KeyRecord(**dict(r)) for r in rows]
+    return [KeyRecord(**{k: v for k, v in r.items() if k != "metadata"}, settings=_settings(r)) for r in rows]
 
 
-async def revoke_key(conn: asyncpg.Connection, key_id: str) -> str | None:
+def _settings(row) -> dict:
+    meta = row["metadata"]
+    return (json.loads(meta) if isinstance(meta, str) else meta) or {}
+
+
+async def key_tenant(conn: asyncpg.Connection, key_id: str) -> str | None:
+    return await conn.fetchval("SELECT tenant FROM api_keys WHERE id = $1", key_id)
+
+
+async def revoke_key(conn: asyncpg.Connection, key_id: str, tenant: str | None = None) -> str | None:
     """Marks the key revoked; returns its hash (for cache invalidation) or None if unknown."""
     return await conn.fetchval(
         """UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now())
-           WHERE id = $1 RETURNING key_hash""",
+           WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) RETURNING key_hash""",
         key_id,
+        tenant,
     )
 
 

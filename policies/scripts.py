@@ -6,14 +6,20 @@ Money is counted in integer nano-USD so Redis can add it exactly.
 ADMIT (before the call)
     ARGV: now_ms, n_rate, [base, limit, window_ms, cost] * n_rate,
           n_budget, [spent_key, reserved_key, limit, estimate, ttl_s, alert_prefix, thresholds_csv,
-          budget_id] * n_budget, alert_stream
+          budget_id, hard] * n_budget, alert_stream
     Rate limits are sliding windows (the previous fixed window weighted by how much of it is
     still inside the sliding one, plus the current window). A ``cost`` of 0 only checks (tokens
-    per minute are added after the call, when they are known). A budget admits a request while
-    spent + reserved is below its limit, and then reserves the request's estimate, so parallel
-    requests cannot overshoot by more than the reservations in flight.
-    A refusal by a budget is the moment it is used up: thresholds up to 100 % not fired yet
-    fire then (once, as in SETTLE), since spend alone may stop just short of the limit.
+    per minute are added after the call, when they are known).
+    A *hard* budget admits a request only when its own reservation fits: spent + reserved +
+    estimate <= limit, so spend never passes the limit however many requests run at once. A
+    *soft* budget admits while spent + reserved is below the limit (parallel requests may
+    overshoot by the reservations in flight). Either then reserves the request's estimate.
+    Refusal kinds: ``budget`` (used up), ``reserved`` (a hard budget whose remainder is held by
+    requests in flight: retrying soon may succeed), ``oversized`` (the request alone could cost
+    more than the whole limit).
+    A refusal because the budget is used up is the moment it is exhausted: thresholds up to
+    100 % not fired yet fire then (once, as in SETTLE), since a hard budget's spend stops short
+    of the limit. A ``reserved`` or ``oversized`` refusal fires nothing.
     Returns {1} or {0, kind, index, retry_after_ms, [budget_id, threshold, spent] * fired}.
 
 SETTLE (after the call)
@@ -47,23 +53,42 @@ for r = 1, n_rate do
   if cost > 0 then table.insert(incr, {cur_key, cost, window}) end
 end
 local n_budget = tonumber(ARGV[i]); i = i + 1
-local alert_stream = ARGV[i + n_budget * 8]
+local alert_stream = ARGV[i + n_budget * 9]
 local reserve = {}
 for b = 1, n_budget do
   local spent_key, reserved_key = ARGV[i], ARGV[i+1]
   local limit, estimate, ttl = tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4])
   local alert_prefix, thresholds, budget_id = ARGV[i+5], ARGV[i+6], ARGV[i+7]
-  i = i + 8
+  local hard = ARGV[i+8] == '1'
+  i = i + 9
   local spent = tonumber(redis.call('GET', spent_key) or '0')
   local reserved = tonumber(redis.call('GET', reserved_key) or '0')
-  if spent + reserved >= limit then
-    local out = {0, 'budget', b, ttl * 1000}
-    for t in string.gmatch(thresholds, '[^,]+') do
-      if tonumber(t) <= 1 and redis.call('SET', alert_prefix .. t, spent, 'NX', 'EX', ttl) then
-        redis.call('XADD', alert_stream, '*', 'budget', budget_id, 'threshold', t, 'spent', tostring(spent))
-        table.insert(out, budget_id)
-        table.insert(out, t)
-        table.insert(out, tostring(spent))
+  local kind = nil
+  if spent >= limit then
+    kind = 'budget'
+  elseif hard then
+    if estimate > limit then
+      kind = 'oversized'
+    elseif spent + estimate > limit then
+      kind = 'budget'
+    elseif spent + reserved + estimate > limit then
+      kind = 'reserved'
+    end
+  elseif spent + reserved >= limit then
+    kind = 'budget'
+  end
+  if kind then
+    local retry = ttl * 1000
+    if kind == 'reserved' then retry = 1000 end
+    local out = {0, kind, b, retry}
+    if kind == 'budget' then
+      for t in string.gmatch(thresholds, '[^,]+') do
+        if tonumber(t) <= 1 and redis.call('SET', alert_prefix .. t, spent, 'NX', 'EX', ttl) then
+          redis.call('XADD', alert_stream, '*', 'budget', budget_id, 'threshold', t, 'spent', tostring(spent))
+          table.insert(out, budget_id)
+          table.insert(out, t)
+          table.insert(out, tostring(spent))
+        end
       end
     end
     return out
