@@ -1,17 +1,35 @@
 """Finding PII in texts: a cheap pre-filter, Presidio on the windows it flags, a cache.
 
 Every built-in entity has a shape a single regular expression can spot cheaply (an ``@``,
-a run of five or more digits, a dotted quad, two colons around hex digits); Presidio only
+a run of seven or more digits, a dotted quad, two colons around hex digits); Presidio only
 analyses windows of text around such spots, widened to whole words and far enough to hold the
 longest entity and its context words. Text with no candidate never reaches Presidio, and text
 seen before (earlier turns of a conversation) is answered from a cache keyed by its hash.
-Analysis runs in worker processes (``workers``), so a long text never stalls the event loop.
+
+Work per text is linear and bounded (issue #11, item 2: 16 KB of ``@`` stalled a gateway for
+14 s, because each spot widened itself to whole words by walking the text):
+
+* spots are merged first and only the merged windows are widened, at most ``REACH``
+  characters each way;
+* a window longer than ``CHUNK`` characters is analysed in chunks that overlap by ``OVERLAP``
+  (more than the longest entity and its context), so no single Presidio call sees more than
+  ``CHUNK`` characters whatever the text; findings touching a cut are taken from the chunk
+  that holds them whole;
+* custom patterns run on RE2 (linear) or under a timeout (``patterns``).
+
+Analysis runs in worker processes (``workers``) under a timeout; the serving process only
+hashes texts, looks them up and pre-filters short ones (at most ``INLINE_CHARS`` per call, all
+of them on linear-time patterns): a long or hostile text never runs on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import concurrent.futures
 import hashlib
 import logging
+import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,7 +43,7 @@ Finding = tuple[int, int, str, float]  # start, end, Presidio entity type, score
 
 _DIGITS = r"\d(?:[ \-./()]{0,3}\d){6,}"
 _PREFILTER = {
-    "EMAIL_ADDRESS": r"@",
+    "EMAIL_ADDRESS": r"@+",
     "PHONE_NUMBER": _DIGITS,
     "CREDIT_CARD": _DIGITS,
     "US_SSN": _DIGITS,
@@ -33,8 +51,21 @@ _PREFILTER = {
     "IP_ADDRESS": r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}|:[0-9A-Fa-f]{0,4}:",
 }
 _NOT_A_CANDIDATE = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}")  # dates
-MARGIN = 48  # characters of context kept on each side of a candidate (whole words)
+MARGIN = 48  # characters of context kept on each side of a candidate
+REACH = 256  # at most this far further to the whole word (an email is at most 254 characters)
+CHUNK = 4096  # characters per Presidio call at most
+OVERLAP = 512  # between chunks of one window: more than the longest entity and its context words
+WHOLE = 0.6  # windows covering more of a text than this: the whole text is analysed (chunked)
+INLINE_CHARS = 4096  # characters per call pre-filtered in the serving process; longer: in the worker
+TIMEOUT_S = 5.0  # an analysis call's timeout: this ...
+TIMEOUT_PER_CHAR_S = 20e-6  # ... plus this per character sent ...
+TIMEOUT_MAX_S = 60.0  # ... at most this
 _WS = re.compile(r"\s")
+_LAST_WS = re.compile(r"\s(?=\S*\Z)")
+
+
+class AnalysisTimeout(RuntimeError):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +94,12 @@ class Spec:
 
 
 Window = tuple[int, int, tuple[str, ...]]  # start, end, the entity types that may be in it
+# A piece of a text for one Presidio call: start, end, entity types, and whether its start / end
+# is a cut inside a longer window (findings touching a cut are dropped: a neighbour holds them).
+Chunk = tuple[int, int, tuple[str, ...], bool, bool]
+# What one text needs analysed: the text itself (pre-filtered where it is analysed), or its
+# chunks cut out already, each as (offset, chunk text, entity types, cut at start, cut at end).
+Item = str | list[tuple[int, str, tuple[str, ...], bool, bool]]
 
 
 class Prefilter:
@@ -71,16 +108,21 @@ class Prefilter:
     was spotted in it: Presidio then runs only those types' recognizers there."""
 
     def __init__(self, spec: Spec) -> None:
+        from policies.pii.patterns import CustomPattern
+
         shapes: dict[str, set[str]] = {}
         for e in spec.entities:
             if e in _PREFILTER:
                 shapes.setdefault(_PREFILTER[e], set()).add(e)
-        # (pattern, entity types, whether date-shaped spots are dropped: built-in shapes only)
-        self.shapes = [(re.compile(p), frozenset(shapes[p]), True) for p in sorted(shapes)]
-        self.shapes += [
-            (re.compile(c.pattern, re.IGNORECASE if c.ignore_case else 0), frozenset([c.entity]), False)
-            for c in spec.custom
-        ]
+        # (spans of a text, entity types, whether date-shaped spots are dropped: built-in shapes only)
+        self.shapes: list = []
+        for p in sorted(shapes):
+            compiled = re.compile(p)
+            self.shapes.append((_spans(compiled), frozenset(shapes[p]), True))
+        custom = [CustomPattern(c.pattern, c.ignore_case) for c in spec.custom]
+        self.shapes += [(p.spans, frozenset([c.entity]), False) for p, c in zip(custom, spec.custom, strict=True)]
+        # Built-in shapes are linear; a custom pattern RE2 cannot run is run in workers only.
+        self.linear = all(p.linear for p in custom)
         self.all = tuple(spec.entities)
         self.whole = spec.needs_ner  # NER looks at every word: no shortcut
         # Cache keys hash a text with this spec's identity, so policies never share findings.
@@ -90,57 +132,95 @@ class Prefilter:
         return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16, person=self.person).digest()
 
     def windows(self, text: str) -> list[Window]:
-        """Spans of ``text`` that may hold an entity, merged; [] when none can."""
+        """Spans of ``text`` that may hold an entity, merged; [] when none can. Linear in the
+        length of the text: spots are merged before any widening, each window widens once."""
+        n = len(text)
         if self.whole:
-            return [(0, len(text), self.all)] if text.strip() else []
+            return [(0, n, self.all)] if text.strip() else []
         spots: list[tuple[int, int, frozenset]] = []
-        for pattern, entities, skip_dates in self.shapes:
-            for m in pattern.finditer(text):
-                if not (skip_dates and _NOT_A_CANDIDATE.fullmatch(m.group())):
-                    spots.append((m.start(), m.end(), entities))
+        for spans, entities, skip_dates in self.shapes:
+            for a, b in spans(text):
+                if not (skip_dates and _NOT_A_CANDIDATE.fullmatch(text, a, b)):
+                    spots.append((max(0, a - MARGIN), min(n, b + MARGIN), entities))
         if not spots:
             return []
         spots.sort(key=lambda s: s[0])
-        out: list[list] = []
-        n = len(text)
+        merged: list[list] = []
         for a, b, entities in spots:
-            a = _word_start(text, max(0, _word_start(text, a) - MARGIN))
-            b = _word_end(text, min(n, _word_end(text, b) + MARGIN))
+            if merged and a <= merged[-1][1]:
+                last = merged[-1]
+                if b > last[1]:
+                    last[1] = b
+                if not entities <= last[2]:
+                    last[2] = last[2] | entities
+            else:
+                merged.append([a, b, entities])
+        out: list[list] = []
+        for a, b, entities in merged:
+            a, b = _word_start(text, a), _word_end(text, b)
             if out and a <= out[-1][1]:
                 out[-1][1] = max(out[-1][1], b)
                 out[-1][2] = out[-1][2] | entities
             else:
                 out.append([a, b, entities])
-        if sum(w[1] - w[0] for w in out) > 0.6 * n:
+        if sum(w[1] - w[0] for w in out) > WHOLE * n:
             return [(0, n, tuple(sorted(frozenset().union(*(w[2] for w in out)))))]
         return [(a, b, tuple(sorted(e))) for a, b, e in out]
 
+    def chunks(self, text: str) -> list[Chunk]:
+        """The windows of ``text``, each cut into pieces of at most ``CHUNK`` characters."""
+        out: list[Chunk] = []
+        for a, b, kinds in self.windows(text):
+            start = a
+            while True:
+                if b - start <= CHUNK:
+                    out.append((start, b, kinds, start > a, False))
+                    break
+                end = _cut(text, start + CHUNK, start + CHUNK - OVERLAP // 2)
+                out.append((start, end, kinds, start > a, True))
+                start = end - OVERLAP
+        return out
+
+
+def _spans(pattern: re.Pattern):
+    def spans(text: str):
+        for m in pattern.finditer(text):
+            yield m.span()
+
+    return spans
+
 
 def _word_start(text: str, i: int) -> int:
-    while i > 0 and not text[i - 1].isspace():
-        i -= 1
-    return i
+    """The start of the word at ``i``, looking back at most ``REACH`` characters."""
+    lo = max(0, i - REACH)
+    m = _LAST_WS.search(text, lo, i)
+    return m.end() if m is not None else lo
 
 
 def _word_end(text: str, i: int) -> int:
-    n = len(text)
-    while i < n and not text[i].isspace():
-        i += 1
-    return i
+    """The end of the word at ``i``, looking ahead at most ``REACH`` characters."""
+    m = _WS.search(text, i, min(len(text), i + REACH))
+    return m.start() if m is not None else min(len(text), i + REACH)
 
 
-# --- in the worker (or, with workers: 0, in the serving process) ---------------------------
+def _cut(text: str, at: int, lo: int) -> int:
+    """Where to end a chunk: the last whitespace in text[lo:at], else ``at``."""
+    m = _LAST_WS.search(text, lo, at)
+    return m.start() + 1 if m is not None else at
+
+
+# --- in the worker (or, with workers: 0, in a thread of the serving process) ----------------
 
 _analyzers: dict[Spec, object] = {}
+_prefilters: dict[Spec, Prefilter] = {}
 
 
 def _analyzer(spec: Spec):
     found = _analyzers.get(spec)
     if found is not None:
         return found
-    from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer, RecognizerRegistry
+    from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
     from presidio_analyzer.predefined_recognizers import (
-        CreditCardRecognizer,
         EmailRecognizer,
         IpRecognizer,
         SpacyRecognizer,
@@ -148,6 +228,7 @@ def _analyzer(spec: Spec):
     )
 
     from policies.pii import presidio_offline
+    from policies.pii.cards import CardRecognizer
     from policies.pii.iban import GreedySafeIbanRecognizer
     from policies.pii.phone import FastPhoneRecognizer
 
@@ -156,7 +237,7 @@ def _analyzer(spec: Spec):
     registry = RecognizerRegistry(supported_languages=["en"])
     builtin = {
         "EMAIL_ADDRESS": EmailRecognizer,
-        "CREDIT_CARD": CreditCardRecognizer,
+        "CREDIT_CARD": CardRecognizer,
         "IBAN_CODE": GreedySafeIbanRecognizer,
         "US_SSN": UsSsnRecognizer,
         "IP_ADDRESS": IpRecognizer,
@@ -171,15 +252,7 @@ def _analyzer(spec: Spec):
             SpacyRecognizer(supported_entities=[e for e in ("PERSON", "LOCATION") if e in spec.entities])
         )
     for c in spec.custom:
-        flags = re.IGNORECASE if c.ignore_case else 0
-        registry.add_recognizer(
-            PatternRecognizer(
-                supported_entity=c.entity,
-                name=f"custom:{c.entity}",
-                patterns=[Pattern(c.entity, c.pattern if not flags else f"(?i:{c.pattern})", c.score)],
-                context=list(c.context) or None,
-            )
-        )
+        registry.add_recognizer(_custom_recognizer(c))
     engine = AnalyzerEngine(
         nlp_engine=presidio_offline.nlp_engine(model),
         registry=registry,
@@ -190,16 +263,80 @@ def _analyzer(spec: Spec):
     return engine
 
 
+def _custom_recognizer(c: CustomRecognizer):
+    """A config-defined pattern as a Presidio recognizer running on RE2 or under a timeout."""
+    from presidio_analyzer import AnalysisExplanation, EntityRecognizer, RecognizerResult
+
+    from policies.pii.patterns import CustomPattern
+
+    class CustomPatternRecognizer(EntityRecognizer):
+        def load(self) -> None:
+            pass
+
+        def analyze(self, text: str, entities: list[str], nlp_artifacts=None) -> list[RecognizerResult]:
+            return [
+                RecognizerResult(
+                    c.entity,
+                    a,
+                    b,
+                    c.score,
+                    analysis_explanation=AnalysisExplanation(self.name, c.score, pattern=c.pattern),
+                    recognition_metadata={
+                        RecognizerResult.RECOGNIZER_NAME_KEY: self.name,
+                        RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,
+                    },
+                )
+                for a, b in pattern.spans(text)
+            ]
+
+    pattern = CustomPattern(c.pattern, c.ignore_case)
+    return CustomPatternRecognizer(
+        supported_entities=[c.entity], name=f"custom:{c.entity}", context=list(c.context) or None
+    )
+
+
+def _prefilter_for(spec: Spec) -> Prefilter:
+    p = _prefilters.get(spec)
+    if p is None:
+        p = _prefilters[spec] = Prefilter(spec)
+    return p
+
+
 def analyze_texts(spec: Spec, texts: list[str], entities: list[tuple[str, ...]] | None = None) -> list[list[Finding]]:
-    """Presidio over each text (for the entity types given per text, else all of the spec's);
-    overlapping findings resolved (higher score, then longer, wins)."""
+    """Presidio over each text as given (for the entity types given per text, else all of the
+    spec's); overlapping findings resolved (higher score, then longer, wins)."""
     engine = _analyzer(spec)
     out = []
     for i, text in enumerate(texts):
         wanted = list(entities[i]) if entities is not None else list(spec.entities)
-        results = engine.analyze(text, language="en", entities=wanted, score_threshold=spec.min_score)
-        found = [(r.start, r.end, r.entity_type, r.score) for r in results]
-        out.append(resolve([f for f in found if _plausible(text, f[0], f[1], f[2])]))
+        out.append(resolve(_presidio(engine, spec, text, wanted)))
+    return out
+
+
+def _presidio(engine, spec: Spec, text: str, wanted: list[str]) -> list[Finding]:
+    results = engine.analyze(text, language="en", entities=wanted, score_threshold=spec.min_score)
+    found = [(r.start, r.end, r.entity_type, r.score) for r in results]
+    return [f for f in found if _plausible(text, f[0], f[1], f[2])]
+
+
+def analyze_items(spec: Spec, items: list[Item]) -> list[list[Finding]]:
+    """Findings per item, in text coordinates, resolved. An item is a whole text (pre-filtered
+    and chunked here) or the chunks the serving process cut out of it."""
+    engine = _analyzer(spec)
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            pieces = [(a, item[a:b], kinds, cl, cr) for a, b, kinds, cl, cr in _prefilter_for(spec).chunks(item)]
+        else:
+            pieces = item
+        acc: list[Finding] = []
+        for offset, chunk, kinds, cut_start, cut_end in pieces:
+            n = len(chunk)
+            for s, e, t, sc in _presidio(engine, spec, chunk, list(kinds)):
+                if (cut_start and s == 0) or (cut_end and e == n):
+                    continue  # cut in two here; the overlapping neighbour holds it whole
+                acc.append((s + offset, e + offset, t, sc))
+        out.append(resolve(acc))
     return out
 
 
@@ -212,11 +349,20 @@ def _plausible(text: str, start: int, end: int, entity: str) -> bool:
 
 
 def resolve(findings: list[Finding]) -> list[Finding]:
+    """Overlapping findings: the higher score, then the longer, wins. O(k log k)."""
+    starts: list[int] = []  # kept findings, sorted by start (they never overlap each other)
+    ends: list[int] = []
     kept: list[Finding] = []
     for f in sorted(findings, key=lambda f: (-f[3], -(f[1] - f[0]), f[0])):
-        if all(f[1] <= k[0] or f[0] >= k[1] for k in kept):
-            kept.append(f)
-    return sorted(kept)
+        i = bisect.bisect_left(starts, f[0])
+        if i < len(starts) and starts[i] < f[1]:
+            continue  # a kept one starts inside f
+        if i > 0 and ends[i - 1] > f[0]:
+            continue  # the kept one before f reaches into it
+        starts.insert(i, f[0])
+        ends.insert(i, f[1])
+        kept.insert(i, f)
+    return kept
 
 
 def warm(spec: Spec) -> bool:
@@ -227,15 +373,21 @@ def warm(spec: Spec) -> bool:
 # --- in the serving process -----------------------------------------------------------------
 
 
+def timeout_for(base: float, chars: int) -> float:
+    return min(TIMEOUT_MAX_S, base + TIMEOUT_PER_CHAR_S * chars)
+
+
 class Analyzer:
     """Finds PII in texts for one process: cache → pre-filter → Presidio (in a worker pool)."""
 
-    def __init__(self, workers: int, cache_size: int) -> None:
+    def __init__(self, workers: int, cache_size: int, timeout: float | None = None) -> None:
         self.workers = workers
         self.cache_size = cache_size
+        self.timeout = timeout if timeout is not None else float(os.environ.get("GATEWAY_PII_TIMEOUT_S", TIMEOUT_S))
         self._cache: OrderedDict[bytes, tuple[Finding, ...]] = OrderedDict()
         self._prefilters: dict[Spec, Prefilter] = {}
         self._pool = None  # workers.WorkerPool when analysis runs in worker processes
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None  # workers: 0
         self._cached = metrics.pii_texts.get("cached")
         self._clean = metrics.pii_texts.get("clean")
         self._analysed = metrics.pii_texts.get("analysed")
@@ -250,6 +402,8 @@ class Analyzer:
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.stop()
+        if self._thread is not None:
+            self._thread.shutdown(wait=False, cancel_futures=True)
 
     def _prefilter(self, spec: Spec) -> Prefilter:
         p = self._prefilters.get(spec)
@@ -260,8 +414,10 @@ class Analyzer:
     async def find(self, spec: Spec, texts: list[str]) -> list[tuple[Finding, ...]]:
         """Findings for each text, in order."""
         results: list[tuple[Finding, ...] | None] = [None] * len(texts)
-        todo: list[tuple[int, bytes, list[Window]]] = []
+        todo: list[tuple[int, bytes]] = []
+        items: list[Item] = []
         prefilter = self._prefilter(spec)
+        budget = INLINE_CHARS if prefilter.linear else 0
         for i, text in enumerate(texts):
             key = prefilter.key(text)
             hit = self._cache.get(key)
@@ -270,32 +426,40 @@ class Analyzer:
                 self._cached.inc()
                 results[i] = hit
                 continue
-            windows = prefilter.windows(text)
-            if not windows:
-                self._clean.inc()
-                results[i] = ()
-                self._remember(key, ())
-                continue
-            todo.append((i, key, windows))
-        if todo:
-            chunks = [texts[i][a:b] for i, _, windows in todo for a, b, _ in windows]
-            kinds = [e for _, _, windows in todo for _, _, e in windows]
-            found = await self._analyze(spec, chunks, kinds)
-            j = 0
-            for i, key, windows in todo:
-                acc: list[Finding] = []
-                for a, _b, _e in windows:
-                    acc.extend((s + a, e + a, t, sc) for s, e, t, sc in found[j])
-                    j += 1
+            if len(text) <= budget:  # short: pre-filtered here, only its windows are sent
+                budget -= len(text)
+                chunks = prefilter.chunks(text)
+                if not chunks:
+                    self._clean.inc()
+                    results[i] = ()
+                    self._remember(key, ())
+                    continue
+                items.append([(a, text[a:b], kinds, cl, cr) for a, b, kinds, cl, cr in chunks])
+            else:  # long (or a pattern without a linear engine): all of it in the worker
+                items.append(text)
+            todo.append((i, key))
+        if items:
+            found = await self._analyze(spec, items)
+            for (i, key), fs in zip(todo, found, strict=True):
                 self._analysed.inc()
-                results[i] = tuple(acc)
+                results[i] = tuple(fs)
                 self._remember(key, results[i])
         return results  # type: ignore[return-value]
 
-    async def _analyze(self, spec: Spec, chunks: list[str], kinds: list[tuple[str, ...]]) -> list[list[Finding]]:
-        if self._pool is None:
-            return analyze_texts(spec, chunks, kinds)
-        return await self._pool.call(spec, chunks, kinds)
+    async def _analyze(self, spec: Spec, items: list[Item]) -> list[list[Finding]]:
+        chars = sum(len(it) if isinstance(it, str) else sum(len(c[1]) for c in it) for it in items)
+        timeout = timeout_for(self.timeout, chars)
+        if self._pool is not None:
+            return await self._pool.call(spec, items, timeout)
+        # In the serving process: a thread of its own, so the event loop keeps serving; a thread
+        # cannot be stopped, but the request is answered (refused) when the timeout passes.
+        if self._thread is None:
+            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pii")
+        fut = asyncio.get_running_loop().run_in_executor(self._thread, analyze_items, spec, items)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise AnalysisTimeout(f"PII analysis took longer than {timeout:.1f} s") from None
 
     def _remember(self, key: bytes, value: tuple[Finding, ...]) -> None:
         if self.cache_size <= 0:

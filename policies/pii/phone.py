@@ -1,10 +1,30 @@
-"""Phone numbers, found fast.
+"""Phone numbers, found fast, told apart from product codes written in digit groups.
 
 Presidio's ``PhoneRecognizer`` runs libphonenumber's matcher over the whole text once per
 region, which costs ≈ 15 ms for 200 words with eight regions and flags IP addresses. This
 recognizer finds digit runs that could be phone numbers first, drops the shapes that are
-certainly not (dates, IPv4 addresses, too few or too many digits), and runs the same matcher
-(leniency VALID) over each remaining candidate only, per configured region, memoized.
+certainly not (dates, times, IPv4 addresses, too few or too many digits), and runs the same
+matcher over each remaining candidate only, per configured region, memoized.
+
+How sure the matcher must be depends on what surrounds the candidate (issue #11, item 17: SKUs
+and part numbers such as ``P/N 12-3456-7890`` or ``Artikelnummer 4711 0815 2342`` were taken
+for phone numbers):
+
+* written with ``+`` and a country code: a *possible* number (the right length for its
+  country) is enough — an explicit ``+44`` is a phone number even where libphonenumber's
+  metadata does not know the range;
+* written with ``00`` and a country code, next to a phone word (phone, call, mobile, Tel.,
+  Handy, portable, 电话, ...) or with the area code in parentheses (``(030) 901820``): a *valid*
+  number, however grouped;
+* with no such sign: a valid number *grouped as its country writes it* (libphonenumber's
+  ``STRICT_GROUPING``: ``0151 23456789`` yes, ``4006-381-333-931`` no);
+* right after a product, order, tracking or bank word (SKU, P/N, part, ISBN, order, invoice,
+  tracking, IMEI, sort code, ...) and with no phone word nearer: not a phone number, unless
+  written internationally.
+
+A number is looked for inside a longer run of digit groups (``+44 20 7946 0958 203.0``) only
+when the run starts with ``+``/``00``/``(`` or a phone word is near: otherwise a valid number
+hidden in a longer product code is a product code.
 """
 
 from __future__ import annotations
@@ -23,52 +43,155 @@ _NOT_PHONE = re.compile(
     r"|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}"  # 05/01/2024
     r"|\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}"  # 192.168.0.1
 )
+_DATE_FIRST = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?!\d)|\d{1,2}[-/.]\d{1,2}[-/.]\d{4}(?!\d)")
+_IDD = re.compile(r"00[1-9]")  # "0044 20 …", dialled from Europe
+_TIME_NEXT = re.compile(r"[:h]\d")  # "2024-05-01 10:30", "… 10h30"
 CONTEXT = ["phone", "number", "telephone", "cell", "cellphone", "mobile", "call", "tel", "whatsapp", "fax"]
+
+PHONE_WORDS = (
+    "phone", "telephone", "tel", "cell", "cellphone", "mobile", "mob", "call", "calling", "ring",
+    "dial", "fax", "whatsapp", "sms", "hotline", "helpline", "landline", "ext", "extension",
+    "telefon", "telefonnummer", "rufnummer", "handy", "mobil", "mobilnummer", "anrufen", "ruf",
+    "téléphone", "tél", "portable", "appelez", "appeler", "appel", "teléfono", "móvil", "celular",
+    "llamar", "llame", "telefone", "telefono", "cellulare", "电话", "手机", "電話", "携帯", "телефон",
+)  # fmt: skip
+CODE_WORDS = (
+    "sku", "p/n", "pn", "part", "parts", "item", "article", "artikel", "artikelnummer", "art.-nr",
+    "art-nr", "artnr", "model", "serial", "s/n", "sn", "isbn", "issn", "ean", "upc", "gtin", "asin",
+    "mpn", "order", "invoice", "inv", "ticket", "case", "ref", "reference", "référence", "tracking",
+    "track", "shipment", "parcel", "awb", "fedex", "ups", "usps", "dhl", "imei", "iccid", "imsi",
+    "lot", "batch", "build", "version", "routing", "aba", "sort code", "account", "acct", "konto",
+    "kontonummer", "iban", "bic", "swift", "flight", "booking", "confirmation", "pnr", "transaction",
+    "txn", "receipt", "product", "produit", "bestellnummer", "rechnungsnummer", "sendungsnummer",
+    "commande", "facture", "pedido", "factura", "coordinates", "barcode",
+)  # fmt: skip
+
+
+# Words, read from the text around a candidate: letters, joined by . / - ("p/n", "art.-nr").
+_TOKEN = re.compile(r"[^\W\d_]+(?:[./-]+[^\W\d_]+)*")
+_PHONE_SET = frozenset(PHONE_WORDS)
+_CODE_SET = frozenset(CODE_WORDS)
+_CJK_PHONE = tuple(w for w in PHONE_WORDS if ord(w[0]) >= 0x2E80)  # no spaces between CJK words
+
+
+def _kind(token: str, previous: str) -> str | None:
+    """ "phone", "code" or None for a word (and the word before it, for "sort code")."""
+    word = token.lower()
+    if word in _PHONE_SET or any(w in word for w in _CJK_PHONE):
+        return "phone"
+    if word in _CODE_SET or f"{previous} {word}" in _CODE_SET:
+        return "code"
+    return None
+
+
+def _phone_word(text: str, start: int, end: int) -> bool:
+    previous = ""
+    for m in _TOKEN.finditer(text, start, end):
+        if _kind(m.group(), previous) == "phone":
+            return True
+        previous = m.group().lower()
+    return False
+
+
+BEFORE = 40  # characters before a candidate searched for a phone or code word
+AFTER = 24  # characters after it searched for a phone word ("0151 23456789 (mobile)")
 SCORE = 0.4
 
+# (leniency, whether a number may be cut out of a longer run of digit groups)
+_PLUS = (Leniency.POSSIBLE, True)
+_SIGNED = (Leniency.VALID, True)
+_PLAIN = (Leniency.STRICT_GROUPING, False)
 
-def _match(candidate: str, regions: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+
+def _match(candidate: str, regions: tuple[str, ...], leniency: Leniency) -> tuple[tuple[int, int], ...]:
     regions = regions[:1] if candidate.startswith("+") else regions  # international: one parse
-    for region in regions:
-        found = tuple((m.start, m.end) for m in PhoneNumberMatcher(candidate, region, leniency=Leniency.VALID))
-        if found:
-            return found
+    # A valid number wins over a merely possible one (which may be a part of the candidate).
+    for level in (Leniency.VALID, Leniency.POSSIBLE) if leniency == Leniency.POSSIBLE else (leniency,):
+        for region in regions:
+            found = tuple(
+                (m.start, m.end)
+                for m in PhoneNumberMatcher(candidate, region, leniency=level)
+                if sum(c.isdigit() for c in m.raw_string) >= 7
+                and (level != Leniency.POSSIBLE or (m.start == 0 and _whole(candidate, m.end)))
+            )
+            if found:
+                return found
     return ()
 
 
+def _whole(candidate: str, end: int) -> bool:
+    """The match leaves at most an extension's digits of the candidate after it."""
+    return sum(c.isdigit() for c in candidate[end:]) <= 4
+
+
 @lru_cache(maxsize=8192)
-def _matches(candidate: str, regions: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
-    found = _match(candidate, regions)
+def _matches(candidate: str, regions: tuple[str, ...], leniency: Leniency, cut: bool) -> tuple[tuple[int, int], ...]:
+    found = _match(candidate, regions, leniency)
+    if not cut:
+        # The number is the candidate, or the candidate less an extension ("901820-0").
+        return tuple((a, b) for a, b in found if a <= 1 and _whole(candidate, b))
     if found or " " not in candidate:
         return found
     # A number glued to its neighbours ("+44 20 7946 0958 203.0"): drop words from the end,
     # then from the start, until libphonenumber recognizes what is left.
     cuts = [i for i, c in enumerate(candidate) if c == " "]
-    for cut in reversed(cuts):
-        head = candidate[:cut]
+    for at in reversed(cuts):
+        head = candidate[:at]
         if sum(c.isdigit() for c in head) < 7:
             break
-        found = _match(head, regions)
+        found = _match(head, regions, leniency)
         if found:
             return found
-    for cut in cuts:
-        tail = candidate[cut + 1 :]
+    for at in cuts:
+        tail = candidate[at + 1 :]
         if sum(c.isdigit() for c in tail) < 7:
             break
-        found = _match(tail, regions)
+        found = _match(tail, regions, leniency)
         if found:
-            return tuple((a + cut + 1, b + cut + 1) for a, b in found)
+            return tuple((a + at + 1, b + at + 1) for a, b in found)
     return ()
+
+
+def _how(text: str, start: int, end: int, candidate: str) -> tuple[Leniency, bool] | None:
+    """How sure the matcher must be for the candidate at text[start:end]; None: not a phone."""
+    plus = candidate.startswith("+")
+    phone_before = code_before = -1  # where the last phone / code word before the candidate ends
+    previous = ""
+    for m in _TOKEN.finditer(text, max(0, start - BEFORE), start):
+        kind = _kind(m.group(), previous)
+        if kind == "phone":
+            phone_before = m.end()
+        elif kind == "code":
+            code_before = m.end()
+        previous = m.group().lower()
+    if code_before > phone_before and not plus:
+        return None  # "SKU 4006-381-333-931", "Sort code 40-47-84"
+    if plus:
+        return _PLUS
+    if (
+        phone_before >= 0
+        or candidate.startswith("(")
+        or _IDD.match(candidate)
+        or _phone_word(text, end, min(len(text), end + AFTER))
+    ):
+        return _SIGNED
+    return _PLAIN
 
 
 def find(text: str, regions: tuple[str, ...]) -> list[tuple[int, int]]:
     out = []
+    n = len(text)
     for m in CANDIDATE.finditer(text):
         s = m.group()
         digits = sum(c.isdigit() for c in s)
-        if digits < 7 or _NOT_PHONE.fullmatch(s):  # longer runs may hold a phone beside other numbers
+        if digits < 7 or _NOT_PHONE.fullmatch(s) or _DATE_FIRST.match(s):
+            continue  # longer runs may hold a phone beside other numbers
+        if m.end() < n and _TIME_NEXT.match(text, m.end()):
+            continue  # a date and a time, "2024-05-01 10:30"
+        how = _how(text, m.start(), m.end(), s)
+        if how is None:
             continue
-        out.extend((m.start() + a, m.start() + b) for a, b in _matches(s, regions))
+        out.extend((m.start() + a, m.start() + b) for a, b in _matches(s, regions, *how))
     return out
 
 

@@ -130,7 +130,8 @@ class Scrubber:
     def __init__(self, pii: Pii, data_dir: Path) -> None:
         self.config = pii
         self.policies = compile_policies(pii, data_dir)
-        self.analyzer = Analyzer(pii.workers, pii.cache_size)
+        # pii.timeout_s when the config has it; else GATEWAY_PII_TIMEOUT_S or the default.
+        self.analyzer = Analyzer(pii.workers, pii.cache_size, getattr(pii, "timeout_s", None))
         self.secret = (pii.hash_secret or "").encode()
 
     async def start(self) -> None:

@@ -6,6 +6,10 @@ processes (``python -m policies.pii.workers FD``) reading length-prefixed pickle
 from a socket; the serving process writes and reads them with asyncio streams, so a call
 costs two small socket writes and no thread. A worker that dies fails its pending calls
 (the request is refused, never sent unscrubbed) and is started again.
+
+Every call has a timeout. A worker that exceeds it is killed and replaced at once, and the call
+fails with ``AnalysisTimeout`` (the request gets 503 ``pii_unavailable``). Other calls that
+were queued on the killed worker are innocent: each is sent once more, to a live worker.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ class WorkerDied(RuntimeError):
     pass
 
 
+class WorkerReplaced(WorkerDied):
+    """The worker was killed for another call's timeout: this call may be sent again."""
+
+
 class _Worker:
     def __init__(self, index: int) -> None:
         self.index = index
@@ -38,6 +46,7 @@ class _Worker:
         self.writer: asyncio.StreamWriter | None = None
         self.pending: dict[int, asyncio.Future] = {}
         self.task: asyncio.Task | None = None
+        self.killed = False  # by the pool, for a call's timeout
 
     async def start(self, warm: list) -> None:
         parent, child = socket.socketpair()
@@ -51,6 +60,7 @@ class _Worker:
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))},
         )
         child.close()
+        self.killed = False
         self.reader, self.writer = await asyncio.open_connection(sock=parent)
         self.task = asyncio.create_task(self._read())
         for spec in warm:
@@ -75,14 +85,22 @@ class _Worker:
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
+            error = WorkerReplaced if self.killed else WorkerDied
             for fut in self.pending.values():
                 if not fut.done():
-                    fut.set_exception(WorkerDied("PII analysis worker exited"))
+                    fut.set_exception(error("PII analysis worker exited"))
             self.pending.clear()
 
     @property
     def alive(self) -> bool:
-        return self.task is not None and not self.task.done()
+        return self.task is not None and not self.task.done() and not self.killed
+
+    def kill(self) -> None:
+        """Now, whatever it is doing (a call's timeout passed)."""
+        self.killed = True
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
 
     async def stop(self) -> None:
         if self.writer is not None:
@@ -92,7 +110,8 @@ class _Worker:
                 self.proc.terminate()
                 await asyncio.wait_for(self.proc.wait(), 5)
         if self.task is not None:
-            self.task.cancel()
+            self.task.cancel()  # its pending calls fail (and are cleared) before a restart reuses them
+            await asyncio.wait({self.task}, timeout=5)
 
 
 class WorkerPool:
@@ -101,39 +120,66 @@ class WorkerPool:
         self._ids = itertools.count(1)
         self._warm: list = []
         self._lock = asyncio.Lock()  # one restart at a time
+        self._tasks: set[asyncio.Task] = set()  # replacements under way
 
     async def start(self, warm: list) -> None:
         self._warm = warm
         for w in self.workers:
             await w.start(warm)
 
-    async def call(self, spec, chunks: list[str], kinds: list | None = None) -> list:
-        worker = min(self.workers, key=lambda w: len(w.pending))
-        if not worker.alive:
-            await self._restart(worker)
-        call_id = next(self._ids)
-        fut = asyncio.get_running_loop().create_future()
-        worker.pending[call_id] = fut
-        worker.send(call_id, ("analyze", spec, chunks, kinds))
-        await worker.writer.drain()
-        return await fut
+    async def call(self, spec, items: list, budget_s: float) -> list:
+        """``analysis.analyze_items(spec, items)`` in a worker, within ``budget_s`` seconds."""
+        from policies.pii.analysis import AnalysisTimeout
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget_s
+        for attempt in (1, 2):
+            worker = min(self.workers, key=lambda w: (not w.alive, len(w.pending)))
+            if not worker.alive:
+                await self._restart(worker)
+            call_id = next(self._ids)
+            fut = loop.create_future()
+            worker.pending[call_id] = fut
+            worker.send(call_id, ("analyze", spec, items))
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await worker.writer.drain()
+                    return await fut
+            except TimeoutError:
+                worker.pending.pop(call_id, None)
+                log.error("PII analysis worker %d exceeded %.1f s; replacing it", worker.index, budget_s)
+                worker.kill()
+                self._replace(worker)
+                raise AnalysisTimeout(f"PII analysis took longer than {budget_s:.1f} s") from None
+            except WorkerReplaced:
+                if attempt == 2 or loop.time() >= deadline:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _replace(self, worker: _Worker) -> None:
+        task = asyncio.get_running_loop().create_task(self._restart(worker))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _restart(self, worker: _Worker) -> None:
         async with self._lock:
             if worker.alive:
                 return
-            log.error("PII analysis worker %d is gone; starting a new one", worker.index)
+            if not worker.killed:
+                log.error("PII analysis worker %d is gone; starting a new one", worker.index)
             await worker.stop()
             await worker.start(self._warm)
 
     async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
         for w in self.workers:
             await w.stop()
 
 
 def _serve(fd: int) -> None:
     """The worker's loop: read a request, analyse, answer. Exits when the socket closes."""
-    from policies.pii.analysis import analyze_texts, warm
+    from policies.pii.analysis import analyze_items, warm
 
     sock = socket.socket(fileno=fd)
     stream = sock.makefile("rb")
@@ -154,7 +200,7 @@ def _serve(fd: int) -> None:
             if payload[0] == "warm":
                 warm(payload[1])
                 continue
-            answer(call_id, True, analyze_texts(payload[1], payload[2], payload[3]))
+            answer(call_id, True, analyze_items(payload[1], payload[2]))
         except Exception as exc:  # reported to the caller, who refuses the request
             answer(call_id, False, f"{type(exc).__name__}: {exc}")
 
