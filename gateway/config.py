@@ -95,6 +95,9 @@ class Rule(_Strict):
 
 class Model(_Strict):
     name: str = Field(min_length=1, max_length=256)
+    # Served on /v1/chat/completions or /v1/embeddings. When not given, taken from the bundled
+    # model map: a group whose deployments it files as embedding models is an embedding group
+    # (``_infer_modes``); an explicit mode always wins.
     mode: Literal["chat", "embedding"] = "chat"
     deployments: list[Deployment] = Field(default_factory=list)
     # A model with rules and no deployments routes each request to the first matching group.
@@ -333,7 +336,34 @@ def _loc(loc: tuple) -> str:
     return out
 
 
+def _infer_modes(cfg: Config, problems: list[str]) -> None:
+    """Sets the mode of each model group configured without one, from the bundled model map
+    (read as a file, nothing downloaded): ``embedding`` when the map files its deployments as
+    embedding models, or, for a group of rules, when every group its rules use is one."""
+    from gateway.routing.prices import model_mode
+
+    providers = {p.name: p for p in cfg.providers}
+    for i, m in enumerate(cfg.models):
+        if "mode" in m.model_fields_set or not m.deployments:
+            continue
+        modes = {model_mode(providers[d.provider], d.model) for d in m.deployments if d.provider in providers}
+        modes.discard(None)
+        if len(modes) > 1:
+            problems.append(
+                f"models[{i}].mode: its deployments mix {' and '.join(sorted(modes))} models; set mode explicitly"
+            )
+        elif modes == {"embedding"}:
+            cfg.models[i] = m.model_copy(update={"mode": "embedding"})
+    by_name = {m.name: m for m in cfg.models}
+    for i, m in enumerate(cfg.models):
+        if "mode" in m.model_fields_set or not m.rules:
+            continue
+        if {by_name[r.use].mode if r.use in by_name else None for r in m.rules} == {"embedding"}:
+            cfg.models[i] = m.model_copy(update={"mode": "embedding"})
+
+
 def _cross_check(cfg: Config, problems: list[str]) -> None:
+    _infer_modes(cfg, problems)
     names: dict[str, int] = {}
     for i, p in enumerate(cfg.providers):
         if p.name in names:

@@ -151,3 +151,61 @@ def test_demo_config_is_valid(monkeypatch):
     monkeypatch.setenv("MOCK_URL", "http://127.0.0.1:1")
     cfg = load_config(ROOT / "gateway" / "demo.yaml")
     assert {m.name for m in cfg.models} == {"demo-gpt", "demo-claude", "demo-embedding"}
+
+
+def _modes(models: list[dict], providers: list[dict] | None = None) -> dict[str, str]:
+    providers = providers or [
+        {"name": "o", "kind": "openai", "base_url": "http://x/v1", "api_keys": ["k"]},
+        {"name": "g", "kind": "litellm", "litellm_provider": "gemini"},
+    ]
+    cfg = parse_config({"providers": providers, "models": models})
+    return {m.name: m.mode for m in cfg.models}
+
+
+def test_item19_embedding_mode_is_inferred_from_the_bundled_model_map():
+    modes = _modes(
+        [
+            {"name": "small", "deployments": [{"provider": "o", "model": "text-embedding-3-small"}]},
+            {"name": "gemini-embed", "deployments": [{"provider": "g", "model": "gemini-embedding-001"}]},
+            {"name": "chat", "deployments": [{"provider": "o", "model": "gpt-4o-mini"}]},
+            {"name": "unknown", "deployments": [{"provider": "o", "model": "my-own-model"}]},
+            # a group whose rules all lead to embedding groups is one too
+            {"name": "routed", "rules": [{"use": "small"}]},
+            # a fallback to an inferred embedding group is checked against the inferred mode
+            {
+                "name": "with-fallback",
+                "fallbacks": ["small"],
+                "deployments": [{"provider": "o", "model": "text-embedding-3-large"}],
+            },
+        ]
+    )
+    assert modes == {
+        "small": "embedding",
+        "gemini-embed": "embedding",
+        "chat": "chat",
+        "unknown": "chat",
+        "routed": "embedding",
+        "with-fallback": "embedding",
+    }
+
+
+def test_item19_explicit_mode_always_wins_and_a_mix_must_be_explicit():
+    modes = _modes(
+        [{"name": "forced", "mode": "chat", "deployments": [{"provider": "o", "model": "text-embedding-3-small"}]}]
+    )
+    assert modes == {"forced": "chat"}
+    problems = _problems(
+        {
+            "providers": [{"name": "o", "kind": "openai", "base_url": "http://x/v1", "api_keys": ["k"]}],
+            "models": [
+                {
+                    "name": "mixed",
+                    "deployments": [
+                        {"provider": "o", "model": "text-embedding-3-small"},
+                        {"provider": "o", "model": "gpt-4o-mini"},
+                    ],
+                }
+            ],
+        }
+    )
+    assert problems == ["models[0].mode: its deployments mix chat and embedding models; set mode explicitly"]

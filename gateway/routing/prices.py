@@ -1,8 +1,9 @@
-"""Model prices and context windows from litellm's bundled price map, read as a file.
+"""Model prices, context windows and modes from litellm's bundled price map, read as a file.
 
 litellm is never imported for this: the JSON file ships inside its package and is found by
-path. Config overrides (``input_cost_per_token``, ``output_cost_per_token``,
-``context_window`` on a deployment) win over the map.
+path, and nothing is downloaded. Config overrides (``input_cost_per_token``,
+``output_cost_per_token``, ``context_window`` on a deployment; ``mode`` on a model) win over
+the map. The config module only is imported for its types, so the config can ask this one.
 """
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ from __future__ import annotations
 import importlib.util
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
-from gateway.config import Deployment, Provider
+if TYPE_CHECKING:
+    from gateway.config import Deployment, Provider
+
+# The map's modes the gateway serves, and the endpoint each is served on.
+_MODES = {"embedding": "embedding", "chat": "chat", "completion": "chat", "responses": "chat"}
 
 
 def _litellm_dir() -> Path | None:
@@ -52,6 +58,12 @@ def lookup(provider: Provider, model: str) -> dict:
         if isinstance(entry, dict):
             return entry
     return {}
+
+
+def model_mode(provider: Provider, model: str) -> str | None:
+    """``chat`` or ``embedding`` as the map files a deployed model, or None when it does not know."""
+    mode = lookup(provider, model).get("mode")
+    return _MODES.get(mode) if isinstance(mode, str) else None
 
 
 def deployment_prices(provider: Provider, dep: Deployment) -> tuple[float | None, float | None, int | None]:
