@@ -17,6 +17,8 @@ last user message ``[[mock:{"status": 429, "retry_after": 2}]]`` or an ``x-mock`
     hang          never answer (a timeout for the client)
     malformed     200 with a body that is not JSON (or a stream event that is not JSON)
     cut_after     drop the connection after this many stream chunks (or mid-body)
+    error_after   end a stream with a provider-shaped error event after this many chunks
+    message       the error message of ``status`` / ``error_after``
 
 Inspection: ``GET /_mock/requests`` (recent requests: path, headers, body), ``DELETE`` clears
 them; ``GET /_mock/stats``.
@@ -293,12 +295,23 @@ class Mock:
         if delay:
             await asyncio.sleep(delay / 1000)
 
-    async def _events(self, send, events: list[bytes], plan: dict) -> None:
+    async def _events(self, send, events: list[bytes], plan: dict, anthropic: bool = False) -> None:
         gap = plan.get("chunk_ms", self.cfg["chunk_ms"]) / 1000
         cut = plan.get("cut_after")
+        error_after = plan.get("error_after")
         for i, ev in enumerate(events):
             if cut is not None and i >= cut:
                 raise Cut
+            if error_after is not None and i >= error_after:
+                message = plan.get("message", "mock stream error")
+                if anthropic:
+                    err = {"type": "error", "error": {"type": "api_error", "message": message}}
+                    ev = b"event: error\ndata: " + orjson.dumps(err) + b"\n\n"
+                else:
+                    err = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+                    ev = b"data: " + orjson.dumps(err) + b"\n\n"
+                await send({"type": "http.response.body", "body": ev, "more_body": True})
+                break
             if plan.get("malformed") and i == 1:
                 ev = b"data: {not json\n\n"
             await send({"type": "http.response.body", "body": ev, "more_body": True})
@@ -632,7 +645,7 @@ class Mock:
         )
         events.append(ev("message_stop", {"type": "message_stop"}))
         await self._stream_start(send, plan, limits)
-        await self._events(send, events, plan)
+        await self._events(send, events, plan, anthropic=True)
 
     # ---- embeddings -------------------------------------------------------------------------
     async def _embeddings(self, send, req: dict, plan: dict, limits: dict) -> None:

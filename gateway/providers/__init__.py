@@ -8,6 +8,13 @@ from gateway.upstream import Upstream
 
 
 def build_adapter(cfg: Provider, upstream: Upstream) -> ProviderAdapter:
+    """The adapter of a provider, behind the guard that scrubs what its errors say."""
+    from gateway.providers.guard import GuardedAdapter
+
+    return GuardedAdapter(_adapter(cfg, upstream), cfg)
+
+
+def _adapter(cfg: Provider, upstream: Upstream) -> ProviderAdapter:
     if cfg.kind == "openai":
         from gateway.providers.openai import OpenAIAdapter
 

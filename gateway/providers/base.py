@@ -59,6 +59,11 @@ def _parse_error_body(raw: bytes) -> tuple[str, str | None, str | None]:
     except orjson.JSONDecodeError:
         text = raw[:200].decode("utf-8", "replace").strip()
         return (text or "no error message"), None, None
+    return _error_fields(data)
+
+
+def _error_fields(data: object) -> tuple[str, str | None, str | None]:
+    """(message, param, code) of an OpenAI-shaped error body."""
     err = data.get("error") if isinstance(data, dict) else None
     if isinstance(err, dict):
         msg = err.get("message")
@@ -112,6 +117,21 @@ def map_upstream_status(
 def error_from_response(provider: str, status: int, raw: bytes, headers: Mapping[str, str]) -> GatewayError:
     message, param, code = _parse_error_body(raw)
     return map_upstream_status(provider, status, message, headers, param=param, code=code)
+
+
+def stream_error(provider: str, event: bytes) -> GatewayError | None:
+    """The error an OpenAI-style ``data: {"error": ...}`` stream event stands for, if it is one."""
+    try:
+        data = orjson.loads(event[event.index(b"{") :])
+    except (ValueError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("error") is None:
+        return None
+    message, param, code = _error_fields(data)
+    err = data["error"]
+    kind = err.get("type") if isinstance(err, dict) else None
+    status = 429 if "rate_limit" in f"{kind} {code}" else 500
+    return map_upstream_status(provider, status, message, {}, param=param, code=code)
 
 
 def bad_response(provider: str, what: str) -> UpstreamError:

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 
 from gateway.config import Provider
-from gateway.providers.base import bad_response, error_from_response, incomplete_stream
+from gateway.providers.base import bad_response, error_from_response, incomplete_stream, stream_error
 from gateway.sse import EventSplitter
 from gateway.types import RequestContext, Route, Usage
 from gateway.upstream import Upstream
@@ -83,6 +83,12 @@ class OpenAIAdapter:
                     if event.startswith(b"data: [DONE]"):
                         yield b"".join([*out, event])
                         return
+                    if b'"error":' in event:  # an error event: the provider's words are not relayed
+                        err = stream_error(self.name, event)
+                        if err is not None:
+                            if out:
+                                yield b"".join(out)
+                            raise err
                     if b'"usage":{' in event or b'"usage": {' in event:
                         if self._read_usage(ctx, event) and not keep_usage:
                             continue

@@ -1,0 +1,67 @@
+"""The one door every provider adapter is reached through.
+
+Whatever fails in an adapter (a provider's error body, a stream's error event, a connection
+failure the HTTP client describes, a litellm exception) leaves it as a ``GatewayError``; here
+its message is scrubbed of the provider's keys and hosts and of anything shaped like a key or
+an address (``scrub.Scrubber``), and its ``param`` / ``code`` are kept only when plain, before
+a client, a log line or the ledger sees them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from gateway.config import Provider
+from gateway.errors import GatewayError
+from gateway.providers.base import ProviderAdapter
+from gateway.providers.scrub import Scrubber, safe_field
+from gateway.types import RequestContext, Route
+
+
+class GuardedAdapter:
+    def __init__(self, inner: ProviderAdapter, cfg: Provider) -> None:
+        self.name = inner.name
+        self.inner = inner
+        self._scrubber = Scrubber.for_provider(cfg.base_url, cfg.api_keys, cfg.headers)
+
+    def clean(self, err: GatewayError, ctx: RequestContext, route: Route) -> None:
+        """Scrubs ``err`` in place; the model names of the request are left readable."""
+        err.message = self._scrubber.clean(err.message, keep=(route.upstream_model, route.model, ctx.model))
+        err.args = (err.message,)
+        err.param = safe_field(err.param)
+        err.code = safe_field(err.code)
+
+    async def chat(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
+        try:
+            return await self.inner.chat(ctx, route, body)
+        except GatewayError as err:
+            self.clean(err, ctx, route)
+            raise
+
+    async def embeddings(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
+        try:
+            return await self.inner.embeddings(ctx, route, body)
+        except GatewayError as err:
+            self.clean(err, ctx, route)
+            raise
+
+    async def open_chat_stream(self, ctx: RequestContext, route: Route, body: dict) -> AsyncIterator[bytes]:
+        try:
+            events = await self.inner.open_chat_stream(ctx, route, body)
+        except GatewayError as err:
+            self.clean(err, ctx, route)
+            raise
+        return self._events(events, ctx, route)
+
+    async def _events(self, events: AsyncIterator[bytes], ctx: RequestContext, route: Route) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in events:
+                yield chunk
+        except GatewayError as err:
+            self.clean(err, ctx, route)
+            raise
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        await self.inner.close()
