@@ -153,8 +153,35 @@ class Limits(_Strict):
 
 class Alerts(_Strict):
     webhook_url: str | None = None  # where budget alerts are POSTed (a budget may name its own)
-    secret: str | None = None  # HMAC-SHA256 key for the x-gateway-signature header
+    # Signs x-gateway-signature: alerts to webhook_url with this secret itself, alerts to a
+    # budget's own URL with that budget's key derived from it (policies/alerts.py).
+    secret: str | None = None
     thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.8, 1.0])
+    # Webhooks reach public addresses only (checked on the address connected to), unless:
+    allow_private_networks: bool = False  # loopback, RFC 1918, CGNAT, ULA; never link-local/metadata
+    allowed_networks: list[str] = Field(default_factory=list)  # CIDRs allowed whatever they are
+    # Each alert is tried at most max_attempts times and for max_age seconds after it fired,
+    # then recorded as failed (log line, gateway_alert_deliveries_total) and dropped.
+    max_attempts: int = Field(12, ge=1)
+    max_age: float = Field(3600.0, gt=0)
+    backoff: Backoff = Field(default_factory=lambda: Backoff(base=1.0, max=300.0))  # per receiver
+    connect_timeout: float = Field(3.0, gt=0)
+    timeout: float = Field(10.0, gt=0)  # one attempt, connection to response status
+    max_concurrency: int = Field(256, ge=1)  # attempts in flight over all receivers
+    max_backlog: int = Field(1000, ge=1)  # alerts waiting for one receiver; more fail at once
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        out = []
+        for i, net in enumerate(v):
+            try:
+                out.append(str(ipaddress.ip_network(net)))
+            except ValueError as exc:
+                raise ValueError(f"allowed_networks[{i}]: {exc}") from None
+        return out
 
 
 class Policies(_Strict):
