@@ -1,23 +1,28 @@
 """Scrubbing a request body: which policy applies, every text that leaves, the actions.
 
-Texts that leave: message content (strings and the text parts of multi-part content, for
-every role, tool results included), tool-call and function-call arguments of assistant
-messages, and embeddings input. The body is copied, never changed in place.
+The texts that leave, and how each is put back once scrubbed, are listed in ``fields``
+(content, names, tool calls and definitions, prediction, response format, metadata, user,
+embeddings input as text or as token arrays). The body is copied, never changed in place.
+
+Refused (400) rather than sent: an entity the policy blocks; personal data in a tool or
+function name (rewriting a name breaks tool calls); a token array the gateway cannot decode
+with the model's tokenizer (it cannot be checked).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from gateway.config import Pii, PiiPolicy
 from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.types import Identity
+from policies.pii import fields
 from policies.pii.analysis import Analyzer, CustomRecognizer, Spec
 from policies.pii.anonymize import Vault, apply
 from policies.pii.entities import BUILTIN, EntityType, custom_entity
@@ -50,46 +55,11 @@ class ScrubState:
     sent: dict | None = None  # the body as it last left (for content logging, when enabled)
 
 
-class Slot:
-    """A text inside the body: where it is (for error messages) and how to replace it."""
-
-    __slots__ = ("holder", "key", "path")
-
-    def __init__(self, path: str, holder: Any, key: Any) -> None:
-        self.path, self.holder, self.key = path, holder, key
-
-    @property
-    def text(self) -> str:
-        return self.holder[self.key]
+class PiiUndecodable(InvalidRequest):
+    default_code = "pii_undecodable"
 
 
-def _slots(body: dict, endpoint: str) -> list[Slot]:
-    out: list[Slot] = []
-    if endpoint == "embeddings":
-        inp = body.get("input")
-        if isinstance(inp, str):
-            out.append(Slot("input", body, "input"))
-        elif isinstance(inp, list):
-            out.extend(Slot(f"input[{i}]", inp, i) for i, v in enumerate(inp) if isinstance(v, str))
-        return out
-    for i, msg in enumerate(body.get("messages") or ()):
-        if not isinstance(msg, dict):
-            continue
-        content = msg.get("content")
-        if isinstance(content, str):
-            out.append(Slot(f"messages[{i}].content", msg, "content"))
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    out.append(Slot(f"messages[{i}].content[{j}].text", part, "text"))
-        for k, call in enumerate(msg.get("tool_calls") or ()):
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                out.append(Slot(f"messages[{i}].tool_calls[{k}].function.arguments", fn, "arguments"))
-        fc = msg.get("function_call")
-        if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
-            out.append(Slot(f"messages[{i}].function_call.arguments", fc, "arguments"))
-    return out
+_THREAD_TOKENS = 20_000  # token arrays longer than this (in all) are decoded off the event loop
 
 
 def compile_policies(pii: Pii, data_dir: Path) -> dict[str, CompiledPolicy]:
@@ -127,8 +97,11 @@ def _compile(name: str, policy: PiiPolicy, pii: Pii, custom: dict, data_dir: str
 class Scrubber:
     """The gateway's PII stage: resolves the policy of a request and scrubs its body."""
 
-    def __init__(self, pii: Pii, data_dir: Path) -> None:
+    def __init__(self, pii: Pii, data_dir: Path, models: dict[str, tuple[str, ...]] | None = None) -> None:
         self.config = pii
+        # model group -> its deployments' model names: the tokenizer of token-array input when
+        # the group's own name is not a model tiktoken knows.
+        self.models = models or {}
         self.policies = compile_policies(pii, data_dir)
         # pii.timeout_s when the config has it; else GATEWAY_PII_TIMEOUT_S or the default.
         self.analyzer = Analyzer(pii.workers, pii.cache_size, getattr(pii, "timeout_s", None))
@@ -157,7 +130,8 @@ class Scrubber:
         if found is not None:
             state.sent, state.policy, state.counts = found, policy.name, state.found[policy.name]
             return found
-        slots = _slots(body, endpoint)
+        decoded = await self._decoded(body) if endpoint == "embeddings" and fields.has_tokens(body) else []
+        slots = fields.slots(body, endpoint, decoded)
         try:
             findings = await self.analyzer.find(policy.spec, [s.text for s in slots]) if slots else []
         except Exception as exc:  # fail closed: nothing leaves unscrubbed
@@ -168,6 +142,8 @@ class Scrubber:
         counts: Counter = Counter()
         blocked: set[str] = set()
         first_blocked: str | None = None  # the first field holding a blocked entity
+        in_names: set[str] = set()
+        first_name: str | None = None  # the first tool or function name holding personal data
         for slot, fs in zip(slots, findings, strict=True):
             for _s, _e, entity, _score in fs:
                 label = policy.labels.get(entity)
@@ -177,6 +153,9 @@ class Scrubber:
                 if policy.actions[label] == "block":
                     blocked.add(label)
                     first_blocked = first_blocked or slot.path
+                elif slot.kind == fields.IDENT:
+                    in_names.add(label)
+                    first_name = first_name or slot.path
         state.counts = state.found[policy.name] = dict(counts)
         state.policy = policy.name
         if blocked:
@@ -185,16 +164,45 @@ class Scrubber:
                 f"{', '.join(sorted(blocked))}.",
                 param=first_blocked,
             )
+        if in_names:
+            state.counts = state.found[policy.name] = dict(counts)
+            raise PiiBlocked(
+                f"A tool or function name contains personal data ({', '.join(sorted(in_names))}); names cannot "
+                "be rewritten without breaking tool calls, so the request was not sent. Rename the tool.",
+                param=first_name,
+            )
         if not counts:
             state.bodies[policy.name] = state.sent = body
             return body
         out = orjson.loads(orjson.dumps(body))  # a deep copy, faster than copy.deepcopy
-        for slot, new_slot, fs in zip(slots, _slots(out, endpoint), findings, strict=True):
+        moved = fields.token_slots_like(out, decoded) if decoded else []
+        for slot, new_slot, fs in zip(slots, fields.slots(out, endpoint, moved), findings, strict=True):
             if not fs:
                 continue
             spans = [(s, e, policy.labels[t]) for s, e, t, _ in fs if t in policy.labels]
-            new_slot.holder[new_slot.key] = apply(
-                slot.text, spans, policy.actions, state.vault, policy.mask_keep, self.secret
-            )
+            new_slot.put(apply(slot.text, spans, policy.actions, state.vault, policy.mask_keep, self.secret))
         state.bodies[policy.name] = state.sent = out
         return out
+
+    async def _decoded(self, body: dict) -> list[fields.Slot]:
+        """The token arrays of an embeddings input as text, with the model's tokenizer."""
+        model = body.get("model") if isinstance(body.get("model"), str) else ""
+        encoding = fields.encoding_for(model, self.models.get(model, ()))
+        if encoding is None:
+            raise PiiUndecodable(
+                f"`input` is given as tokens, and the gateway does not know the tokenizer of model `{model}`, "
+                "so it cannot check them for personal data as its policy requires. Send the input as text.",
+                param="input",
+            )
+        inp = body["input"]
+        size = sum(len(a) for a in inp) if isinstance(inp[0], list) else len(inp)
+        try:
+            if size > _THREAD_TOKENS:
+                return await asyncio.to_thread(fields.token_slots, body, encoding)
+            return fields.token_slots(body, encoding)
+        except fields.Undecodable as exc:
+            raise PiiUndecodable(
+                f"`{exc}` holds token ids the tokenizer of model `{model}` does not have, so it cannot be "
+                "checked for personal data as the gateway's policy requires.",
+                param=str(exc),
+            ) from None

@@ -9,7 +9,9 @@ costs two small socket writes and no thread. A worker that dies fails its pendin
 
 Every call has a timeout. A worker that exceeds it is killed and replaced at once, and the call
 fails with ``AnalysisTimeout`` (the request gets 503 ``pii_unavailable``). Other calls that
-were queued on the killed worker are innocent: each is sent once more, to a live worker.
+were queued on the killed worker are innocent: each is sent once more, to a live worker. A
+call's time starts when its worker is ready (Presidio loaded, which takes seconds), so a
+replacement still loading is never killed for being slow.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 
 log = logging.getLogger("gateway.pii")
 _HEADER = struct.Struct("!Q")
+_READY = -1  # the call id of the answer a worker gives once its warm-up is done
+STARTUP_S = 120.0  # a worker not ready after this long is replaced
 _ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -47,6 +51,8 @@ class _Worker:
         self.pending: dict[int, asyncio.Future] = {}
         self.task: asyncio.Task | None = None
         self.killed = False  # by the pool, for a call's timeout
+        self.ready = asyncio.Event()  # warm-up done (or the worker gone)
+        self.busy_until = 0.0  # the latest deadline of the calls sent to it (it answers in order)
 
     async def start(self, warm: list) -> None:
         parent, child = socket.socketpair()
@@ -61,10 +67,13 @@ class _Worker:
         )
         child.close()
         self.killed = False
+        self.ready = asyncio.Event()
+        self.busy_until = 0.0
         self.reader, self.writer = await asyncio.open_connection(sock=parent)
         self.task = asyncio.create_task(self._read())
         for spec in warm:
             self.send(0, ("warm", spec))
+        self.send(_READY, ("ready",))
 
     def send(self, call_id: int, payload: tuple) -> None:
         data = pickle.dumps((call_id, payload), protocol=pickle.HIGHEST_PROTOCOL)
@@ -75,6 +84,9 @@ class _Worker:
             while True:
                 (size,) = _HEADER.unpack(await self.reader.readexactly(_HEADER.size))
                 call_id, ok, value = pickle.loads(await self.reader.readexactly(size))
+                if call_id == _READY:
+                    self.ready.set()
+                    continue
                 fut = self.pending.pop(call_id, None)
                 if fut is None or fut.done():
                     continue
@@ -85,6 +97,7 @@ class _Worker:
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
+            self.ready.set()  # wakes callers waiting for it: they find it gone
             error = WorkerReplaced if self.killed else WorkerDied
             for fut in self.pending.values():
                 if not fut.done():
@@ -132,11 +145,23 @@ class WorkerPool:
         from policies.pii.analysis import AnalysisTimeout
 
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + budget_s
         for attempt in (1, 2):
             worker = min(self.workers, key=lambda w: (not w.alive, len(w.pending)))
             if not worker.alive:
                 await self._restart(worker)
+            if not worker.ready.is_set():
+                try:
+                    await asyncio.wait_for(worker.ready.wait(), STARTUP_S)
+                except TimeoutError:
+                    worker.kill()
+                    self._replace(worker)
+                    raise AnalysisTimeout(f"PII analysis worker not ready after {STARTUP_S:.0f} s") from None
+                if not worker.alive:
+                    raise WorkerDied("PII analysis worker exited while starting")
+            # A worker answers in order: a call's time starts when the calls ahead of it are done
+            # or out of time, so a slow call is blamed on itself, never on one queued behind it.
+            deadline = max(loop.time(), worker.busy_until) + budget_s
+            worker.busy_until = deadline
             call_id = next(self._ids)
             fut = loop.create_future()
             worker.pending[call_id] = fut
@@ -152,7 +177,7 @@ class WorkerPool:
                 self._replace(worker)
                 raise AnalysisTimeout(f"PII analysis took longer than {budget_s:.1f} s") from None
             except WorkerReplaced:
-                if attempt == 2 or loop.time() >= deadline:
+                if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
@@ -199,6 +224,9 @@ def _serve(fd: int) -> None:
         try:
             if payload[0] == "warm":
                 warm(payload[1])
+                continue
+            if payload[0] == "ready":
+                answer(call_id, True, None)
                 continue
             answer(call_id, True, analyze_items(payload[1], payload[2]))
         except Exception as exc:  # reported to the caller, who refuses the request
