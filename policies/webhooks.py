@@ -338,9 +338,11 @@ class WebhookSender:
                 async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
                     return classify_status(resp.status)
             except aiohttp.ClientConnectorError as exc:
-                if isinstance(exc.os_error, AddressRefused):
-                    return Outcome(False, "refused", f"refused: {exc.os_error}", True)
-                return Outcome(False, "connection", f"cannot connect: {exc.os_error.strerror or 'error'}")
+                os_error = getattr(exc, "os_error", None)  # absent on certificate errors
+                if isinstance(os_error, AddressRefused):
+                    return Outcome(False, "refused", f"refused: {os_error}", True)
+                why = getattr(os_error, "strerror", None) or type(exc).__name__
+                return Outcome(False, "connection", f"cannot connect: {why}")
             except TimeoutError:
                 return Outcome(False, "timeout", "timed out")
             except aiohttp.InvalidURL:
