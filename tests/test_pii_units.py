@@ -29,6 +29,25 @@ def test_corpus_precision_and_recall(data_dir):
         assert result[name]["precision"] >= 0.95, (name, result["errors"])
 
 
+# Floors a little under what was measured (loadtest/results/pii-heldout.md): a regression fails,
+# noise in a corpus this size does not. The fresh corpus was measured once, after the fixes,
+# and not tuned on: its misses are known gaps, listed in the results.
+HELDOUT_FLOORS = {
+    pii_corpus.HELDOUT: {"CREDIT_CARD": (0.97, 0.97), "PHONE_NUMBER": (0.95, 0.95), "all": (0.97, 0.97)},
+    pii_corpus.FRESH: {"CREDIT_CARD": (0.95, 0.9), "PHONE_NUMBER": (0.95, 0.9), "all": (0.95, 0.88)},
+}
+
+
+@pytest.mark.parametrize("path", list(HELDOUT_FLOORS), ids=lambda p: p.name)
+def test_heldout_corpus_precision_and_recall_floor(data_dir, path):
+    """Items 16 and 17 of issue #11, on corpora not written beside the code (see pii_corpus)."""
+    result = asyncio.run(pii_corpus.evaluate_heldout(data_dir, path))
+    print("\n" + pii_corpus.heldout_report(result, path))
+    for name, (precision, recall) in HELDOUT_FLOORS[path].items():
+        assert result[name]["precision"] >= precision, (name, result["errors"])
+        assert result[name]["recall"] >= recall, (name, result["errors"])
+
+
 FILLER = (
     "the team shipped release 2.4.1 on 2024-05-01 after reviewing order A-12345 and pricing at $19.99 per seat "
 ).split()

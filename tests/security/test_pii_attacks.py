@@ -1,0 +1,482 @@
+"""Attacks on PII scrubbing and the detection gaps a client could slip data through (issue #11,
+items 2, 16, 17, 18).
+
+Each test is one attack or one gap, named for its item. Through real HTTP where a client could
+do it (gateway processes over the embedded PostgreSQL and Valkey, the mock provider recording
+what left); in process where the property is of the detector itself. No test asserts a time:
+"does not stall" is asserted as an order of events (the ordinary request completes while the
+hostile one is still in flight), and linear work as bounded chunk sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import threading
+
+import httpx
+import pytest
+
+from loadtest import pii_corpus
+from policies.pii import analysis, cards, patterns
+from policies.pii.analysis import CHUNK, OVERLAP, Analyzer, Prefilter
+from policies.pii.fields import encoding_for
+from tests.conftest import MASTER_KEY, Gateway, gateway_config, run_cli, wait_until
+
+EMAIL = "jane.roe@example.org"
+PHONE = "+44 20 7946 0958"
+EMBED = "text-embedding-3-small"  # a group named after the OpenAI model: its tokenizer is known
+
+PII = {
+    "hash_secret": "attack-secret",
+    "recognizers": [{"name": "order_id", "pattern": r"\bORD-\d{5}\b", "score": 0.9}],
+    "policies": {
+        "default": {
+            "entities": {
+                "email": "pseudonymize",
+                "phone": "pseudonymize",
+                "credit_card": "mask",
+                "order_id": "pseudonymize",
+            }
+        },
+        "strict": {"entities": {"email": "pseudonymize", "credit_card": "block"}},
+    },
+}
+
+
+def _config(mock, pii: dict) -> dict:
+    cfg = gateway_config(mock, pii=pii)
+    cfg["models"].append(
+        {"name": EMBED, "mode": "embedding", "deployments": [{"provider": "mock-openai", "model": EMBED}]}
+    )
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, mock):
+    g = Gateway(tmp_root, _config(mock, PII), services)
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def strict_key(services, tmp_root) -> str:
+    out = run_cli("keys", "create", "--name", "pii-strict", "--pii-policy", "strict", urls=services, tmp=tmp_root)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()[0].strip()
+
+
+def _post(gw: Gateway, key: str, path: str, body: dict, timeout: float = 60) -> httpx.Response:
+    return httpx.post(f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, json=body, timeout=timeout)
+
+
+def _chat(gw: Gateway, key: str, content: str, **extra) -> httpx.Response:
+    body = {"model": "gpt-mock", "messages": [{"role": "user", "content": content}], **extra}
+    return _post(gw, key, "/v1/chat/completions", body)
+
+
+def _worker_pids(gw: Gateway) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "policies.pii.workers"], capture_output=True, text=True).stdout
+    mine = []
+    for pid in map(int, out.split()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == gw.proc.pid:
+                    mine.append(pid)
+        except FileNotFoundError:
+            continue
+    return mine
+
+
+# --- item 2: hostile texts cost linear, bounded work, off the event loop, under a timeout ----
+
+ADVERSARIAL = {
+    "all @": "@" * 65536,
+    "all digits": "7" * 65536,
+    "no whitespace": ("abc.def@ghi-" * 5462)[:65536],
+    "digit groups": ("4111 " * 13108)[:65536],
+    "a@ glued": ("a" * 1000 + "@") * 65,
+}
+
+
+def test_item2_all_at_64kb_does_not_stall_other_requests(gw, api_key, mock):
+    """16 KB of ``@`` stalled every request of a gateway for 14 s (the pre-filter widened each
+    spot to whole words by walking the text, on the event loop). A 64 KB one is in flight —
+    held at the provider for a while after scrubbing — and ordinary requests, with and without
+    personal data, sent after it complete before it does."""
+    hostile_done = threading.Event()
+    hostile: dict = {}
+
+    def send_hostile() -> None:
+        body = {
+            "model": "gpt-mock",
+            "messages": [
+                {"role": "user", "content": "@" * 65536},
+                {"role": "user", "content": '[[mock:{"delay_ms": 2000}]] and that was it'},
+            ],
+        }
+        try:
+            hostile["response"] = _post(gw, api_key, "/v1/chat/completions", body, timeout=300)
+        finally:
+            hostile_done.set()
+
+    thread = threading.Thread(target=send_hostile)
+    thread.start()
+    completed_during = []
+    try:
+        for i in range(3):
+            clean = _chat(gw, api_key, f"What are your opening hours? ({i})")
+            personal = _chat(gw, api_key, f"Please mail me at {i}.{EMAIL} or call {PHONE}")
+            assert clean.status_code == 200 and personal.status_code == 200, (clean.text, personal.text)
+            completed_during.append(not hostile_done.is_set())
+    finally:
+        thread.join(300)
+    assert completed_during[0], "an ordinary request waited for the hostile one"
+    assert hostile["response"].status_code == 200, hostile["response"].text  # served, not refused
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_item2_adversarial_64kb_texts_are_analysed_in_bounded_linear_chunks(name, tmp_path):
+    """Work per text is linear: every Presidio call sees at most CHUNK characters, and all of
+    them together at most the text plus the overlaps."""
+    text = ADVERSARIAL[name]
+    spec = pii_corpus.spec(str(tmp_path))
+    chunks = Prefilter(spec).chunks(text)
+    assert all(b - a <= CHUNK for a, b, *_ in chunks)
+    assert sum(b - a for a, b, *_ in chunks) <= len(text) * CHUNK / (CHUNK - 2 * OVERLAP) + CHUNK
+    assert [a for a, *_ in chunks] == sorted(a for a, *_ in chunks)
+
+
+def test_item2_entity_across_a_chunk_cut_is_found_whole(tmp_path):
+    """A window longer than a chunk is cut with overlap: an entity straddling a cut is found
+    once, whole, wherever it falls."""
+    spec = pii_corpus.spec(str(tmp_path))
+    for shift in range(0, 40, 3):
+        text = "@" * (CHUNK - 20 + shift) + " mail jane.roe@example.org now " + "@" * 9000
+        (found,) = asyncio.run(Analyzer(0, 0).find(spec, [text]))
+        emails = [text[a:b] for a, b, e, _ in found if e == "EMAIL_ADDRESS"]
+        assert emails == ["jane.roe@example.org"], (shift, emails)
+
+
+def test_item2_custom_patterns_run_on_a_linear_engine_or_under_a_timeout(monkeypatch):
+    """A config pattern that backtracks catastrophically on a Python engine runs on RE2; one RE2
+    cannot run (a look-ahead) is stopped by a timeout that fails the analysis — never skipped
+    silently, as Presidio's own PatternRecognizer does."""
+    linear = patterns.CustomPattern(r"(\w+)+@", ignore_case=False)
+    assert linear.linear
+    assert list(linear.spans("a" * 100_000 + "!")) == []  # exponential on a backtracking engine
+    monkeypatch.setattr(patterns, "TIMEOUT_S", 0.2)
+    timed = patterns.CustomPattern(r"(a|aa)+(?=b)", ignore_case=False)
+    assert not timed.linear
+    with pytest.raises(patterns.PatternTimeout):
+        list(timed.spans("a" * 80))
+
+
+def test_item2_custom_pattern_without_linear_engine_never_runs_on_the_event_loop(tmp_path):
+    """Texts of a policy whose custom pattern has no linear engine are pre-filtered in the
+    worker (under the call's timeout), never in the serving process."""
+    runaway = analysis.CustomRecognizer("ORDER_ID", r"(a|aa)+(?=b)", 0.9, (), False)
+    spec = analysis.Spec(("ORDER_ID",), ("US",), 0.4, (runaway,), None, str(tmp_path))
+    assert not Prefilter(spec).linear
+    assert Prefilter(pii_corpus.spec(str(tmp_path))).linear
+
+
+@pytest.fixture(scope="module")
+def slow_gw(tmp_root, services, mock):
+    """A gateway whose analysis timeout is short and whose custom pattern backtracks."""
+    pii = {
+        "recognizers": [{"name": "runaway", "pattern": r"(a|aa)+(?=b)", "score": 0.9}],
+        "policies": {"default": {"entities": {"email": "pseudonymize", "runaway": "redact"}}},
+    }
+    old = os.environ.get("GATEWAY_PII_TIMEOUT_S")
+    os.environ["GATEWAY_PII_TIMEOUT_S"] = "0.5"
+    try:
+        g = Gateway(tmp_root, _config(mock, pii), services)
+    finally:
+        if old is None:
+            os.environ.pop("GATEWAY_PII_TIMEOUT_S")
+        else:
+            os.environ["GATEWAY_PII_TIMEOUT_S"] = old
+    yield g
+    g.stop()
+
+
+def test_item2_timed_out_analysis_gets_503_and_the_worker_is_replaced(slow_gw, api_key, mock):
+    r = _chat(slow_gw, api_key, f"mail {EMAIL} first")
+    assert r.status_code == 200, r.text  # the worker is ready and works
+    (pid,) = _worker_pids(slow_gw)
+    mock.clear()
+    r = _chat(slow_gw, api_key, f"{EMAIL} " + "a" * 80)  # the pattern backtracks past the timeout
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "pii_unavailable"
+    assert not mock.requests()  # nothing left unscrubbed
+    wait_until(lambda: _worker_pids(slow_gw) and _worker_pids(slow_gw)[0] != pid, what="a new worker")
+    assert pid not in _worker_pids(slow_gw)
+    r = _chat(slow_gw, api_key, f"and now mail {EMAIL}")  # the replacement serves (once loaded)
+    assert r.status_code == 200, r.text
+    assert EMAIL not in json.dumps(mock.last()["body"])
+    assert "exceeded" in slow_gw.log() and EMAIL not in slow_gw.log()
+
+
+def test_item2_calls_queued_behind_a_timed_out_one_are_served(slow_gw, api_key, mock):
+    """The killed worker had other requests queued: they are innocent, and are sent again."""
+    results: dict[int, httpx.Response] = {}
+
+    def send(i: int, content: str) -> None:
+        results[i] = _chat(slow_gw, api_key, content)
+
+    threads = [threading.Thread(target=send, args=(0, f"{EMAIL} " + "a" * 80))]
+    threads += [threading.Thread(target=send, args=(i, f"{i} mail {i}.{EMAIL}")) for i in range(1, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results[0].status_code == 503
+    assert all(results[i].status_code == 200 for i in range(1, 4)), {i: r.text for i, r in results.items()}
+
+
+# --- item 16: card numbers of every current scheme ----------------------------------------
+
+SCHEME_CARDS = [
+    ("mastercard 2-series", "2223 0031 2200 3222"),
+    ("mastercard 2-series", "2222400070000005"),
+    ("mastercard 2720", "2720 9900 0000 0007"),
+    ("mastercard 5-series", "5555 5555 5555 4444"),
+    ("visa", "4242-4242-4242-4242"),
+    ("visa 19", "4000 0000 0000 0000 006"),
+    ("amex", "3782 822463 10005"),
+    ("discover 6011", "6011 1111 1111 1117"),
+    ("discover 644-649", "6445 6445 6445 6445"),
+    ("discover 65", "6500 3112 3456 7892"),
+    ("jcb", "3566 0020 2036 0505"),
+    ("diners 36", "3622 720627 1667"),
+    ("diners 300-305", "3056 9300 0902 0004"),
+    ("diners 38", "38520000023237"),
+    ("unionpay", "6200 0000 0000 0005"),
+    ("unionpay 19", "6205500000000000004"),
+    ("maestro", "6759 6498 2643 8453"),
+    ("mir", "2200 1234 5678 9019"),
+    ("rupay", "6522 1234 5678 9011"),
+    ("troy", "9792 0300 0000 1230"),
+    ("verve", "5060991234567890129"),
+    ("dankort", "5019 5555 4444 5555"),
+    ("hipercard", "6062 8288 8866 6688"),
+    ("uzcard", "8600 1234 5678 9012"),
+    ("humo", "9860 1234 5678 9015"),
+]
+
+
+@pytest.mark.parametrize(("scheme", "number"), SCHEME_CARDS)
+def test_item16_card_numbers_of_every_current_scheme_are_found(scheme, number):
+    text = f"please charge {number} today"
+    assert [text[a:b] for a, b, _ in cards.find(text)] == [number], scheme
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SKU 4006-381-333-931 is out of stock",  # an EAN in 4-3-3-3
+        "IMEI 490154203237518 (15 digits, Luhn-valid)",
+        "IMEI 356938035643809",
+        "Order #112-4567890-1234567 has shipped",  # Luhn-valid digits in 3-7-7
+        "Ref 4111 1111 1111 1112",  # fails Luhn
+        "Batch 1714557600123",  # a ms timestamp
+        "code 4222222222222 for the voucher",  # a 13-digit Visa-shaped number, no card word
+    ],
+)
+def test_item16_card_lookalikes_are_not_cards(text):
+    assert cards.find(text) == []
+
+
+def test_item16_mastercard_2_series_is_masked_end_to_end(gw, api_key, mock):
+    mock.clear()
+    r = _chat(gw, api_key, "my new Mastercard is 2223 0031 2200 3222, the old one 5555 5555 5555 4444")
+    assert r.status_code == 200, r.text
+    sent = mock.last()["body"]["messages"][0]["content"]
+    assert sent == "my new Mastercard is **** **** **** 3222, the old one **** **** **** 4444"
+
+
+def test_item16_blocked_card_of_a_new_scheme_is_refused(gw, strict_key, mock):
+    mock.clear()
+    r = _chat(gw, strict_key, "Карта Мир 2200 1234 5678 9019")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "pii_blocked", r.text
+    assert "2200" not in r.text and not mock.requests()
+
+
+# --- item 17: product codes in digit groups are not phone numbers --------------------------
+
+PRODUCT_CODES = [
+    "SKU 4006-381-333-931 is out of stock",
+    "P/N 12-3456-7890 fits the older model",
+    "Part no. 800-4711-0815 is discontinued",
+    "Artikelnummer 4711 0815 2342",
+    "ISBN 0-306-40615-2",
+    "UPC 0 36000 29145 2 on the label",
+    "Model no. 06 12 34 56 78 90 AB",
+    "Routing 021000021 account 123456789",
+    "Meeting 2024-05-01 10:30 to 2024-05-01 11:45",
+    "Flight LH 2024 00 1234 departs",
+    "UPS 1Z 999 AA1 01 2345 6784 is out for delivery",
+]
+REAL_NUMBERS = [
+    ("Call me at (212) 555-0147 tomorrow.", "(212) 555-0147"),
+    ("Reach the front desk at 415-555-0132.", "415-555-0132"),
+    ("Ring the London office on 020 7946 0123.", "020 7946 0123"),
+    ("Handy: 0151 23456789", "0151 23456789"),
+    ("Appelez le 01 23 45 67 89 avant midi", "01 23 45 67 89"),
+    ("UK: +44 7700 900077", "+44 7700 900077"),
+    ("Part of the team? Call 0161 496 0742", "0161 496 0742"),  # a phone word nearer than "part"
+]
+
+
+def _phones(spec, texts: list[str]) -> list[list[str]]:
+    found = asyncio.run(Analyzer(0, 0).find(spec, texts))
+    return [[t[a:b] for a, b, e, _ in fs if e == "PHONE_NUMBER"] for t, fs in zip(texts, found, strict=True)]
+
+
+def test_item17_product_codes_in_digit_groups_are_not_phone_numbers(tmp_path):
+    spec = pii_corpus.spec(str(tmp_path))
+    assert _phones(spec, PRODUCT_CODES) == [[] for _ in PRODUCT_CODES]
+
+
+def test_item17_real_numbers_in_the_configured_regions_are_still_found(tmp_path):
+    spec = pii_corpus.spec(str(tmp_path))
+    got = _phones(spec, [t for t, _ in REAL_NUMBERS])
+    assert got == [[n] for _, n in REAL_NUMBERS]
+
+
+def test_item17_sku_reaches_the_provider_and_the_phone_beside_it_does_not(gw, api_key, mock):
+    mock.clear()
+    r = _chat(gw, api_key, f"SKU 4006-381-333-931 and P/N 12-3456-7890 are late; call me on {PHONE}")
+    assert r.status_code == 200, r.text
+    sent = mock.last()["body"]["messages"][0]["content"]
+    assert sent == "SKU 4006-381-333-931 and P/N 12-3456-7890 are late; call me on <PHONE_1>"
+    assert PHONE in r.json()["choices"][0]["message"]["content"]  # restored for the client
+
+
+# --- item 18: every text that leaves is scrubbed ----------------------------------------------
+
+
+def test_item18_tool_definitions_names_metadata_prediction_and_user_are_scrubbed(gw, api_key, mock):
+    body = {
+        "model": "gpt-mock",
+        "messages": [
+            {"role": "system", "content": "You help with orders."},
+            {"role": "user", "name": "jane.roe@example.org", "content": "Where is ORD-48213?"},
+        ],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "lookup_order",
+                    "description": f"Looks up orders; escalate to boss@example.org or {PHONE}",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {
+                            "order": {"type": "string", "description": "an id such as ORD-11111"},
+                            "notify": {"type": "string", "enum": ["ops@example.org", "nobody"]},
+                        },
+                        "required": ["order"],
+                    },
+                },
+            }
+        ],
+        "metadata": {"customer": "cust@example.org", "bob@example.org": "vip", "agent": "support"},
+        "prediction": {"type": "content", "content": f"Dear {EMAIL}, your order ORD-48213"},
+        "user": "end.user@example.org",
+    }
+    mock.clear()
+    r = _post(gw, api_key, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    sent = mock.last()["body"]
+    raw = json.dumps(sent)
+    for value in ("example.org", PHONE, "ORD-48213", "ORD-11111"):
+        assert value not in raw, value
+    assert sent["messages"][1]["name"] == "_EMAIL_1_"  # a name providers accept
+    fn = sent["tools"][0]["function"]
+    assert fn["name"] == "lookup_order"
+    assert fn["description"] == "Looks up orders; escalate to <EMAIL_2> or <PHONE_1>"
+    assert fn["parameters"]["properties"]["notify"]["enum"] == ["<EMAIL_3>", "nobody"]
+    assert fn["parameters"]["required"] == ["order"]  # structure untouched
+    assert set(fn["parameters"]["properties"]) == {"order", "notify"}
+    assert sent["prediction"]["content"] == "Dear <EMAIL_1>, your order <ORDER_ID_1>"  # the name's address
+    assert sent["metadata"] == {"customer": "<EMAIL_4>", "<EMAIL_5>": "vip", "agent": "support"}
+    assert list(sent["metadata"]) == ["customer", "<EMAIL_5>", "agent"]  # a key renamed in place
+    assert sent["user"] == "<EMAIL_6>"
+
+
+def test_item18_attribution_reads_metadata_as_sent_by_the_client(gw, api_key, mock):
+    """The gateway attributes spend from the client's metadata before scrubbing: the provider
+    gets a pseudonym, the audit record the customer the client named."""
+    mock.clear()
+    r = _post(
+        gw,
+        api_key,
+        "/v1/chat/completions",
+        {
+            "model": "gpt-mock",
+            "messages": [{"role": "user", "content": "hello"}],
+            "metadata": {"customer": "vip.customer@example.org", "workflow": "refunds"},
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert mock.last()["body"]["metadata"] == {"customer": "<EMAIL_1>", "workflow": "refunds"}
+    rid = r.headers["x-request-id"]
+
+    def record():
+        got = httpx.get(f"{gw.url}/admin/requests/{rid}", headers={"Authorization": f"Bearer {MASTER_KEY}"})
+        return got.json() if got.status_code == 200 else None
+
+    wait_until(record, timeout=30, what="audit record")
+    assert record()["workflow"] == "refunds"
+    assert record()["customer"] == "vip.customer@example.org"
+
+
+def test_item18_personal_data_in_a_tool_name_is_refused(gw, api_key, mock):
+    mock.clear()
+    body = {
+        "model": "gpt-mock",
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "lookup-ORD-48213", "parameters": {"type": "object"}}}],
+    }
+    r = _post(gw, api_key, "/v1/chat/completions", body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "pii_blocked" and err["param"] == "tools[0].function.name"
+    assert "48213" not in r.text and not mock.requests()
+
+
+def test_item18_token_array_embeddings_are_decoded_scrubbed_and_encoded_again(gw, api_key, mock):
+    enc = encoding_for(EMBED)
+    arrays = [enc.encode(f"contact {EMAIL} today"), enc.encode("nothing personal here")]
+    mock.clear()
+    r = _post(gw, api_key, "/v1/embeddings", {"model": EMBED, "input": arrays})
+    assert r.status_code == 200, r.text
+    sent = mock.last()["body"]["input"]
+    assert enc.decode(sent[0]) == "contact <EMAIL_1> today"
+    assert sent[1] == arrays[1]  # nothing found: the client's tokens, untouched
+    mock.clear()
+    r = _post(gw, api_key, "/v1/embeddings", {"model": EMBED, "input": enc.encode(f"call {PHONE}")})
+    assert r.status_code == 200, r.text
+    assert enc.decode(mock.last()["body"]["input"]) == "call <PHONE_1>"
+
+
+def test_item18_token_arrays_with_an_unknown_tokenizer_are_refused(gw, api_key, mock):
+    mock.clear()
+    r = _post(gw, api_key, "/v1/embeddings", {"model": "embed-mock", "input": [[1, 2, 3]]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "pii_undecodable" and r.json()["error"]["param"] == "input"
+    r = _post(gw, api_key, "/v1/embeddings", {"model": EMBED, "input": [[10_000_000]]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "pii_undecodable", r.text
+    assert not mock.requests()
+
+
+def test_item18_token_arrays_holding_a_blocked_entity_are_refused(gw, strict_key, mock):
+    enc = encoding_for(EMBED)
+    mock.clear()
+    r = _post(gw, strict_key, "/v1/embeddings", {"model": EMBED, "input": enc.encode("card 4111 1111 1111 1111")})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "pii_blocked" and r.json()["error"]["param"] == "input"
+    assert not mock.requests()
