@@ -35,6 +35,7 @@ from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFo
 from gateway.types import Identity
 from policies import budgets as budget_store
 from policies import keys as key_store
+from policies.alerts import budget_signing_key
 from policies.budgets import ENFORCEMENTS, NANO, PERIODS, SCOPES
 from policies.minting import narrow
 from policies.webhooks import check_webhook_url
@@ -271,6 +272,9 @@ class Admin:
         thresholds = [f"{t:g}" for t in b.thresholds]
         values = await self.svc.redis.mget([spent_key, reserved_key, *(alert_prefix + t for t in thresholds)])
         spent = int(values[0] or 0) / NANO
+        secret = self.svc.config.alerts.secret
+        # The budget's own receiver verifies its alerts with a key of its own (policies/alerts.py).
+        signing = {"webhook_signing_key": budget_signing_key(secret, b.id)} if secret and b.webhook_url else {}
         return {
             "id": b.id,
             "tenant": b.tenant,
@@ -287,6 +291,7 @@ class Admin:
             "reserved_usd": int(values[1] or 0) / NANO,
             "remaining_usd": max(0.0, b.limit_usd - spent),
             "alerts_fired": [float(t) for t, v in zip(thresholds, values[2:], strict=True) if v is not None],
+            **signing,
         }
 
     async def _check_webhook(self, url: str | None) -> None:

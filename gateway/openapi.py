@@ -159,6 +159,13 @@ def admin_document() -> dict:
             "budget_period": {"type": "string", "enum": ["daily", "weekly", "monthly", "none"]},
             "expires_at": {"type": "string", "format": "date-time"},
             "pii_policy": {"type": "string", "description": "a policy name from the config's pii.policies"},
+            "allowed_ips": {"type": "array", "items": {"type": "string"}, "description": "client networks (CIDR)"},
+            "attribution": {
+                "type": "object",
+                "description": "values the key may assert per field (user, agent, workflow, customer, tags); "
+                "a trailing * is a prefix",
+                "additionalProperties": {"type": "array", "items": {"type": "string"}},
+            },
         },
     }
     budget_body = {
@@ -171,6 +178,8 @@ def admin_document() -> dict:
             "period": {"type": "string", "enum": ["daily", "weekly", "monthly", "none"]},
             "thresholds": {"type": "array", "items": {"type": "number"}},
             "webhook_url": {"type": "string", "format": "uri"},
+            "enforcement": {"type": "string", "enum": ["hard", "soft"]},
+            "tenant": {"type": "string", "description": "super-admin only; a tenant admin's budgets are its own"},
         },
     }
     return {
@@ -218,5 +227,20 @@ def admin_document() -> dict:
                 }
             },
             "/admin/requests/{request_id}": {"get": op("One request's audit record")},
+            "/admin/requests": {
+                "get": {
+                    **op("Audit records by the caller's own x-client-request-id"),
+                    "parameters": [{"name": "client_request_id", "in": "query", "schema": {"type": "string"}}],
+                }
+            },
+            "/admin/access-log": {
+                "get": {
+                    **op("Who did what through the admin API (super-admin only)"),
+                    "parameters": [
+                        {"name": n, "in": "query", "schema": {"type": "string"}}
+                        for n in ("actor", "tenant", "action", "from", "to", "limit")
+                    ],
+                }
+            },
         },
     }

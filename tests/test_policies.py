@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from policies.alerts import budget_signing_key
 from tests.conftest import MASTER_KEY, Gateway, MockProvider, free_port, started, wait_until
 
 SECRET = "alert-secret-for-tests"
@@ -264,7 +265,7 @@ def test_alerts_fire_exactly_once_per_threshold_across_replicas(tmp_root, servic
             httpx.post(
                 f"{gw.url}/v1/chat/completions",
                 headers={"Authorization": f"Bearer {key['key']}"},
-                json={"model": "priced", "messages": HELLO},
+                json={"model": "priced", "messages": HELLO, "max_tokens": 5},
                 timeout=30,
             )
 
@@ -283,8 +284,10 @@ def test_alerts_fire_exactly_once_per_threshold_across_replicas(tmp_root, servic
     receiver.close()
     thresholds = sorted(json.loads(body)["threshold"] for _, body in receiver.received)
     assert thresholds == [0.5, 0.8, 1.0]
+    signing_key = budget_signing_key(SECRET, budget["id"])  # the budget's own webhook_url: its own key
+    assert budget["webhook_signing_key"] == signing_key  # handed to the budget's owner by the admin API
     for headers, body in receiver.received:
-        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        expected = "sha256=" + hmac.new(signing_key.encode(), body, hashlib.sha256).hexdigest()
         assert headers["x-gateway-signature"] == expected
         payload = json.loads(body)
         assert payload["budget_id"] == budget["id"] and payload["scope_value"] == key["id"]
@@ -308,7 +311,7 @@ def test_sigkill_loses_no_acknowledged_record_and_sigterm_flushes(tmp_root, serv
         victim.stop(signal.SIGKILL)
         # The survivor claims what the dead replica read but never acknowledged.
         wait_until(
-            lambda: len(ledger_rows(services[0], "request_id = ANY($1)", ids)) == len(ids),
+            lambda: len(ledger_rows(services[0], "client_request_id = ANY($1)", ids)) == len(ids),
             timeout=60,
             what="every acknowledged request's record",
         )
@@ -320,7 +323,7 @@ def test_sigkill_loses_no_acknowledged_record_and_sigterm_flushes(tmp_root, serv
                 headers={"Authorization": f"Bearer {key['key']}", "x-request-id": rid},
             )
         survivor.stop(signal.SIGTERM)
-        assert len(ledger_rows(services[0], "request_id = ANY($1)", term_ids)) == len(term_ids)
+        assert len(ledger_rows(services[0], "client_request_id = ANY($1)", term_ids)) == len(term_ids)
     finally:
         survivor.stop()
         victim.stop()
