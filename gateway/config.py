@@ -247,6 +247,10 @@ class Pii(_Strict):
     cache_size: int = Field(20000, ge=0)  # texts whose findings are remembered (by content hash)
     hash_secret: str | None = None  # HMAC key of the `hash` action
     ner_model: str | None = None  # an installed spaCy pipeline (name or path) for person/location
+    # Seconds one analysis call may take (plus 20 µs per character, at most 60 s); a worker
+    # that overruns is replaced and the request gets 503 pii_unavailable. Unset: 5 s (or the
+    # environment's GATEWAY_PII_TIMEOUT_S).
+    timeout_s: float | None = Field(None, gt=0, le=120)
 
     @property
     def enabled(self) -> bool:
