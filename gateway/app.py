@@ -18,7 +18,7 @@ from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFou
 from gateway.logs import access_log
 from gateway.openapi import openapi_document
 from gateway.services import Services, Settings
-from gateway.types import RequestContext
+from gateway.types import RequestContext, excerpt
 
 log = logging.getLogger("gateway")
 
@@ -72,33 +72,40 @@ class GatewayApp:
                 return
 
     async def _http(self, scope, receive, send) -> None:
-        rid = http.request_id(scope)
+        # The gateway's own id for every request; the caller's (x-client-request-id, else
+        # x-request-id) is kept beside it and echoed, never used as a key.
+        rid = http.new_request_id()
+        crid = http.client_request_id(scope)
         path = scope["path"]
         entry = self._routes.get(path)
         try:
             if entry is None:
                 if path.startswith("/admin/"):
-                    await self._admin_call(scope, receive, send, rid)
+                    await self._admin_call(scope, receive, send, rid, crid)
                     return
                 if path.startswith(("/v1/models/", "/models/")) and scope["method"] == "GET":
-                    await self._model(scope, rid, send, path.split("/models/", 1)[1])
+                    await self._model(scope, rid, crid, send, path.split("/models/", 1)[1])
                     return
-                raise NotFound(f"Invalid URL ({scope['method']} {path})")
+                raise NotFound(f"Invalid URL ({excerpt(scope['method'], 16)} {excerpt(path, 128)})")
             method, handler = entry
             if scope["method"] != method:
-                raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {path}; use {method}.")
-            await handler(scope, receive, send, rid)
+                raise MethodNotAllowed(f"Method {excerpt(scope['method'], 16)} is not allowed on {path}; use {method}.")
+            await handler(scope, receive, send, rid, crid)
         except GatewayError as err:
-            await http.send_error(send, err, rid)
+            await http.send_error(send, err, rid, crid)
         except http.ClientGone:
             return
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": rid}})
-            await http.send_error(send, GatewayError("The server had an error while processing your request."), rid)
+            await http.send_error(
+                send, GatewayError("The server had an error while processing your request."), rid, crid
+            )
 
-    async def _proxied(self, endpoint: str, stage, scope, receive, send, rid: str) -> None:
+    async def _proxied(self, endpoint: str, stage, scope, receive, send, rid: str, crid: str | None) -> None:
         svc = self.svc
-        ctx = RequestContext(request_id=rid, endpoint=endpoint, body={}, started=time.perf_counter())
+        ctx = RequestContext(
+            request_id=rid, endpoint=endpoint, body={}, started=time.perf_counter(), client_request_id=crid
+        )
         metrics.IN_FLIGHT.inc()
         error: GatewayError | None = None
         try:
@@ -126,53 +133,58 @@ class GatewayApp:
                 await pipeline.settle(svc, ctx, scope)
             pipeline.account(svc, ctx, time.perf_counter(), error)
 
-    async def _admin_call(self, scope, receive, send, rid: str) -> None:
+    async def _admin_call(self, scope, receive, send, rid: str, crid: str | None) -> None:
+        ids = [(b"x-request-id", rid.encode())]
+        if crid is not None:
+            ids.append((b"x-client-request-id", crid.encode()))
+
         async def with_request_id(message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+                message = {**message, "headers": [*message.get("headers", []), *ids]}
             await send(message)
 
         await self.admin(scope, receive, with_request_id)
 
-    async def _chat(self, scope, receive, send, rid: str) -> None:
-        await self._proxied("chat", pipeline.chat, scope, receive, send, rid)
+    async def _chat(self, scope, receive, send, rid: str, crid: str | None) -> None:
+        await self._proxied("chat", pipeline.chat, scope, receive, send, rid, crid)
 
-    async def _embeddings(self, scope, receive, send, rid: str) -> None:
-        await self._proxied("embeddings", pipeline.embeddings, scope, receive, send, rid)
+    async def _embeddings(self, scope, receive, send, rid: str, crid: str | None) -> None:
+        await self._proxied("embeddings", pipeline.embeddings, scope, receive, send, rid, crid)
 
     def _model_object(self, model) -> dict:
         return {"id": model.name, "object": "model", "created": self._created, "owned_by": model.owned_by}
 
-    async def _models(self, scope, receive, send, rid: str) -> None:
-        await self.svc.auth.authenticate(http.header(scope, b"authorization"))
+    async def _models(self, scope, receive, send, rid: str, crid: str | None) -> None:
+        await self.svc.auth.authenticate_scope(scope)
         data = [self._model_object(m) for m in self.svc.router.models]
-        await http.send_json(send, 200, {"object": "list", "data": data}, rid)
+        await http.send_json(send, 200, {"object": "list", "data": data}, rid, crid=crid)
 
-    async def _model(self, scope, rid: str, send, model_id: str) -> None:
-        await self.svc.auth.authenticate(http.header(scope, b"authorization"))
+    async def _model(self, scope, rid: str, crid: str | None, send, model_id: str) -> None:
+        await self.svc.auth.authenticate_scope(scope)
         model = self.svc.router.model(model_id)
         if model is None:
-            raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
-        await http.send_json(send, 200, self._model_object(model), rid)
+            raise ModelNotFound(f"The model '{excerpt(model_id)}' does not exist", param="model")
+        await http.send_json(send, 200, self._model_object(model), rid, crid=crid)
 
-    async def _healthz(self, scope, receive, send, rid: str) -> None:
-        await http.send_json(send, 200, {"status": "ok"}, rid)
+    async def _healthz(self, scope, receive, send, rid: str, crid: str | None) -> None:
+        await http.send_json(send, 200, {"status": "ok"}, rid, crid=crid)
 
-    async def _readyz(self, scope, receive, send, rid: str) -> None:
-        checks = await self.svc.readiness()
+    async def _readyz(self, scope, receive, send, rid: str, crid: str | None) -> None:
+        checks = await self.svc.readiness()  # cached: at most one check per interval, however many ask
         ready = all(v == "ok" for v in checks.values())
-        await http.send_json(send, 200 if ready else 503, {"status": "ready" if ready else "not ready", **checks}, rid)
+        body = {"status": "ready" if ready else "not ready", **checks}
+        await http.send_json(send, 200 if ready else 503, body, rid, crid=crid)
 
-    async def _metrics(self, scope, receive, send, rid: str) -> None:
+    async def _metrics(self, scope, receive, send, rid: str, crid: str | None) -> None:
         for deployment, state in self.svc.router.circuit_states().items():
             metrics.CIRCUIT_STATE.labels(deployment).set(state)
         body, ctype = metrics.render()
-        await http.send_bytes(send, 200, body, rid, content_type=ctype.encode())
+        await http.send_bytes(send, 200, body, rid, content_type=ctype.encode(), crid=crid)
 
-    async def _openapi_json(self, scope, receive, send, rid: str) -> None:
+    async def _openapi_json(self, scope, receive, send, rid: str, crid: str | None) -> None:
         if self._openapi is None:
             self._openapi = openapi_document()
-        await http.send_json(send, 200, self._openapi, rid)
+        await http.send_json(send, 200, self._openapi, rid, crid=crid)
 
 
 def create_app() -> GatewayApp:

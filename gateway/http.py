@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import os
 import re
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import orjson
 
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
 
 JSON = b"application/json"
-_SAFE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+# A caller's own request id: visible ASCII (spaces inside allowed), at most 512 characters,
+# as OpenAI accepts for x-client-request-id. Anything else is ignored, never trimmed: an
+# altered id would no longer match what the caller logged, which is all it is for.
+_CLIENT_ID = re.compile(rb"^[\x21-\x7e](?:[\x20-\x7e]{0,510}[\x21-\x7e])?$")
+
+Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
 
 
 class ClientGone(Exception):
@@ -24,12 +33,106 @@ def header(scope: dict, name: bytes) -> bytes | None:
     return None
 
 
-def request_id(scope: dict) -> str:
-    """The caller's ``x-request-id`` when it is sane, else a new one."""
-    given = header(scope, b"x-request-id")
-    if given and _SAFE_ID.match(given):
-        return given.decode()
-    return "req_" + os.urandom(12).hex()
+# ---- request ids -------------------------------------------------------------------------------
+# The gateway's own id for every request: ``req_`` + 64 random bits drawn once per process (again
+# in a forked child) + a 48-bit counter. Unique across processes and replicas (a collision needs
+# two processes drawing the same 64 bits), no system call per id. Ids are not secrets: knowing one
+# gives nothing, since every read of audit records is authenticated and tenant-scoped.
+_id_prefix = ""
+_id_counter = itertools.count(1)
+
+
+def _reseed_ids() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = "req_" + os.urandom(8).hex()
+    _id_counter = itertools.count(1)
+
+
+_reseed_ids()
+os.register_at_fork(after_in_child=_reseed_ids)
+
+
+def new_request_id() -> str:
+    return f"{_id_prefix}{next(_id_counter) & 0xFFFFFFFFFFFF:012x}"
+
+
+def client_request_id(scope: dict) -> str | None:
+    """The caller's own id: ``x-client-request-id`` (what OpenAI accepts and echoes), else
+    ``x-request-id``; ``None`` when absent or not a sane id (then it is ignored, not echoed)."""
+    fallback = None
+    for key, value in scope["headers"]:
+        if key == b"x-client-request-id":
+            return value.decode("ascii") if _CLIENT_ID.match(value) else None
+        if key == b"x-request-id":
+            fallback = value
+    if fallback is not None and _CLIENT_ID.match(fallback):
+        return fallback.decode("ascii")
+    return None
+
+
+# ---- client addresses ----------------------------------------------------------------------------
+def parse_networks(values) -> tuple[Network, ...]:
+    """CIDRs (or bare addresses) as networks; raises ValueError naming the first bad one."""
+    out = []
+    for value in values or ():
+        try:
+            out.append(ipaddress.ip_network(str(value).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{str(value)[:64]!r} is not an IP address or CIDR network") from None
+    return tuple(out)
+
+
+def parse_address(text: str) -> Address | None:
+    """An address as peers and proxies write it (``1.2.3.4``, ``1.2.3.4:5678``, ``[::1]:80``,
+    ``::ffff:1.2.3.4``); ``None`` when it is none of these."""
+    text = text.strip()
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        if text.startswith("["):
+            text = text[1 : text.find("]")]
+        elif text.count(":") == 1:
+            text = text.partition(":")[0]
+        else:
+            return None
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            return None
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def address_in(addr: Address, networks: tuple[Network, ...]) -> bool:
+    for net in networks:
+        if addr.version == net.version and addr in net:
+            return True
+    return False
+
+
+def client_address(scope: dict, trusted: tuple[Network, ...]) -> Address | None:
+    """The caller's address. ``X-Forwarded-For`` is believed only when the direct peer is a
+    trusted proxy, and then only as far as trusted hops go: walking it right to left, the first
+    address that is not a trusted proxy is the client. ``None`` when unknown (a unix socket, or
+    a trusted hop wrote something that is no address): allow-lists then refuse."""
+    client = scope.get("client")
+    if not client or not client[0]:
+        return None
+    addr = parse_address(client[0])
+    if addr is None or not trusted or not address_in(addr, trusted):
+        return addr
+    hops: list[str] = []
+    for key, value in scope["headers"]:
+        if key == b"x-forwarded-for":
+            hops.extend(value.decode("latin-1").split(","))
+    for hop in reversed(hops):
+        addr = parse_address(hop)
+        if addr is None:
+            return None
+        if not address_in(addr, trusted):
+            return addr
+    return addr  # every hop was a trusted proxy: the leftmost one is the client
 
 
 async def read_body(scope: dict, receive, limit: int) -> bytes:
@@ -68,23 +171,33 @@ def parse_json(raw: bytes) -> object:
 
 
 async def send_bytes(
-    send, status: int, body: bytes, rid: str, content_type: bytes = JSON, extra: list | None = None
+    send,
+    status: int,
+    body: bytes,
+    rid: str,
+    content_type: bytes = JSON,
+    extra: list | None = None,
+    crid: str | None = None,
 ) -> None:
     headers = [
         (b"content-type", content_type),
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", rid.encode()),
     ]
+    if crid is not None:
+        headers.append((b"x-client-request-id", crid.encode()))
     if extra:
         headers.extend(extra)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_json(send, status: int, obj: object, rid: str, extra: list | None = None) -> None:
-    await send_bytes(send, status, orjson.dumps(obj), rid, extra=extra)
+async def send_json(
+    send, status: int, obj: object, rid: str, extra: list | None = None, crid: str | None = None
+) -> None:
+    await send_bytes(send, status, orjson.dumps(obj), rid, extra=extra, crid=crid)
 
 
-async def send_error(send, err: GatewayError, rid: str) -> None:
+async def send_error(send, err: GatewayError, rid: str, crid: str | None = None) -> None:
     extra = [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
-    await send_bytes(send, err.status, err.body(), rid, extra=extra)
+    await send_bytes(send, err.status, err.body(), rid, extra=extra, crid=crid)

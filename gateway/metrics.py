@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -13,6 +15,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+log = logging.getLogger("gateway.metrics")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30)
@@ -61,20 +65,48 @@ PII_TEXTS = Counter(
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
 
 
-class _Children:
-    """Caches labelled children: ``.labels()`` costs a lock and a dict build per call."""
+MAX_SERIES = 2000  # label combinations per metric; more would only come from values out of bounds
 
-    __slots__ = ("_cache", "_metric")
+
+class _Children:
+    """Caches labelled children: ``.labels()`` costs a lock and a dict build per call.
+
+    Label values must come from bounded sets (configured names, the gateway's own codes); no
+    client-chosen string is a label. As a second wall, a metric's label combinations are capped:
+    beyond ``MAX_SERIES`` new ones are counted under ``other``, so ``/metrics`` cannot grow
+    without bound whatever slips through."""
+
+    __slots__ = ("_cache", "_metric", "_overflow")
 
     def __init__(self, metric) -> None:
         self._metric = metric
         self._cache: dict[tuple, object] = {}
+        self._overflow = None
 
     def get(self, *labels: str):
         child = self._cache.get(labels)
         if child is None:
+            if len(self._cache) >= MAX_SERIES:
+                return self._overflowed(len(labels))
             child = self._cache[labels] = self._metric.labels(*labels)
         return child
+
+    def _overflowed(self, n: int):
+        if self._overflow is None:
+            log.error("metric %s has %d label combinations; counting new ones as 'other'", self._metric, MAX_SERIES)
+            self._overflow = self._metric.labels(*(["other"] * n))
+        return self._overflow
+
+
+_CODE = re.compile(r"^[a-z0-9_.\-]{1,64}$")
+
+
+def code_label(code: str | None) -> str:
+    """An error code as a label: codes are the gateway's own, but some are relayed from a
+    provider's answer, so anything not shaped like a code is ``other``."""
+    if not code:
+        return "unknown"
+    return code if _CODE.match(code) else "other"
 
 
 requests = _Children(REQUESTS)

@@ -27,7 +27,7 @@ from gateway.providers.base import map_upstream_status, stream_error_event
 from gateway.routing import Group, run_attempts
 from gateway.routing.constraints import constraints_for
 from gateway.services import Services
-from gateway.types import RequestContext, Route
+from gateway.types import RequestContext, Route, excerpt
 from gateway.usage import estimate_stream_usage, estimate_usage
 from gateway.validation import validate_chat, validate_embeddings
 from policies import alerts
@@ -44,15 +44,21 @@ _SSE_HEADERS = [
 ]
 
 
+_MAX_MODEL_NAME = 256  # no configured name is longer (config: Model.name)
+
+
 async def authenticate(svc: Services, ctx: RequestContext, scope: dict) -> None:
-    ctx.identity = await svc.auth.authenticate(http.header(scope, b"authorization"))
+    ctx.identity = await svc.auth.authenticate_scope(scope)  # the key, then its IP allow-lists
 
 
 async def parse(svc: Services, ctx: RequestContext, scope: dict, receive, validate: Callable) -> None:
     raw = await http.read_body(scope, receive, svc.config.server.max_body_bytes)
     body = http.parse_json(raw)
     if isinstance(body, dict) and isinstance(body.get("model"), str):
-        ctx.model = body["model"]  # known early so refusals are counted by model
+        # Known early so refusals are audited by model. A name longer than any configured one
+        # cannot be served; it is kept only as a bounded excerpt (in errors, logs, the ledger).
+        model = body["model"]
+        ctx.model = model if len(model) <= _MAX_MODEL_NAME else excerpt(model)
     validate(body)
     ctx.body = body
     ctx.body_bytes = len(raw)
@@ -63,10 +69,15 @@ async def parse(svc: Services, ctx: RequestContext, scope: dict, receive, valida
 
 
 def route(svc: Services, ctx: RequestContext, scope: dict, mode: str) -> Group:
+    """The group serving the request. A key's model allow-list holds for every group that may
+    serve it: the name asked for (here), the target of a routing rule (a rule whose target the
+    key may not use is passed over: ``Router.resolve``) and every fallback group (skipped, never
+    served: ``Router.fallbacks``), whatever triggers the fallback — a failing provider, a
+    latency or price constraint, a prompt too long for the group's context window."""
     ident = ctx.identity
     if ident is not None and ident.models and ctx.model not in ident.models:
         raise PermissionDenied(
-            f"This API key may not use model `{ctx.model}`.", param="model", code="model_not_allowed"
+            f"This API key may not use model `{excerpt(ctx.model)}`.", param="model", code="model_not_allowed"
         )
     ctx.constraints = constraints_for(svc.config, ident, scope)
     return svc.router.resolve(ctx, mode)
@@ -131,12 +142,15 @@ async def body_for(svc: Services, ctx: RequestContext, r: Route) -> dict:
 
 def _route_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     r = ctx.route
-    return [
+    headers = [
         (b"x-request-id", ctx.request_id.encode()),
         (b"x-gateway-provider", r.provider.encode()),
         (b"x-gateway-deployment", r.deployment.encode()),
         (b"x-gateway-attempts", str(ctx.attempts).encode()),
     ]
+    if ctx.client_request_id is not None:
+        headers.append((b"x-client-request-id", ctx.client_request_id.encode()))
+    return headers
 
 
 async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, send) -> None:
@@ -262,7 +276,7 @@ async def call_stream(svc: Services, ctx: RequestContext, group: Group, scope: d
             ctx.error_code = err.code
             if ctx.usage is None:
                 ctx.usage = estimate_stream_usage(ctx, sent)
-            metrics.upstream_errors.get(r.provider, err.code or "unknown").inc()
+            metrics.upstream_errors.get(r.provider, metrics.code_label(err.code)).inc()
             svc.router.finished(r, ctx, err, time.perf_counter() - ctx.started)
             await settle(svc, ctx, scope)
             tail = restorer.tail() if restorer is not None else b""
@@ -297,9 +311,13 @@ async def embeddings(svc: Services, ctx: RequestContext, scope: dict, receive, s
 
 
 def account(svc: Services, ctx: RequestContext, now: float, error: GatewayError | None) -> None:
-    """Metrics and the access-log line (the audit ledger joins here)."""
+    """Metrics and the access-log line (the audit ledger joins here).
+
+    Metric labels are never client-chosen strings: the model label is a configured group's name
+    (the one asked for, once known to exist), else ``unknown``; provider and status come from
+    the gateway. The log line bounds what the client chose (model name, error message)."""
     provider = ctx.route.provider if ctx.route else ""
-    model = ctx.model
+    model = ctx.model if ctx.model in svc.router.groups else "unknown"
     elapsed = now - ctx.started
     metrics.requests.get(ctx.endpoint, model, provider, str(ctx.status)).inc()
     metrics.latency.get(ctx.endpoint, model, provider).observe(elapsed)
@@ -321,9 +339,10 @@ def account(svc: Services, ctx: RequestContext, now: float, error: GatewayError 
             "level": "info" if ctx.status < 500 else "warning",
             "msg": "request",
             "request_id": ctx.request_id,
+            "client_request_id": ctx.client_request_id,
             "endpoint": ctx.endpoint,
             "status": ctx.status,
-            "model": model,
+            "model": ctx.model,  # bounded by parse
             "provider": provider,
             "deployment": ctx.route.deployment if ctx.route else None,
             "stream": ctx.stream,
@@ -341,5 +360,5 @@ def account(svc: Services, ctx: RequestContext, now: float, error: GatewayError 
             line["pii_entities"] = pii.counts if pii is not None else None
         if error is not None or ctx.error_code:
             line["error_code"] = ctx.error_code
-            line["error"] = error.message if error is not None else None
+            line["error"] = excerpt(error.message, 512) if error is not None else None
         access_log.write(line)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,8 @@ class Services:
     ledger: LedgerWriter
     alerts: AlertSender
     pii: Scrubber | None = None
+    _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check
+    _ready_check: asyncio.Future | None = None  # the check under way, shared by its callers
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -66,7 +69,7 @@ class Services:
         upstream = Upstream()
         await upstream.start()
         adapters = {p.name: build_adapter(p, upstream) for p in settings.config.providers}
-        auth = Authenticator(pool, redis, settings.master_key)
+        auth = Authenticator(pool, redis, settings.master_key, settings.config)
         await auth.start()
         router = Router(settings.config)
         health = SharedHealth(redis, router)
@@ -121,6 +124,19 @@ class Services:
             await asyncio.wait_for(self.pool.close(), 5)
 
     async def readiness(self) -> dict[str, str]:
+        """The database and Redis checks of /readyz, which anyone may call: run at most once per
+        ``server.readiness_interval`` however many callers ask (they share one check in flight),
+        so it costs at most one round trip to each per interval."""
+        now = time.monotonic()
+        cached = self._ready
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        check = self._ready_check
+        if check is None or check.done():  # (done: its callers all left before it finished)
+            check = self._ready_check = asyncio.ensure_future(self._check_readiness())
+        return await asyncio.shield(check)
+
+    async def _check_readiness(self) -> dict[str, str]:
         async def database() -> str:
             async with self.pool.acquire(timeout=2) as conn:
                 await conn.fetchval("SELECT 1", timeout=2)
@@ -136,4 +152,5 @@ class Services:
                 out[name] = await check()
             except Exception as exc:
                 out[name] = f"error: {type(exc).__name__}"
+        self._ready = (time.monotonic() + self.config.server.readiness_interval, out)
         return out

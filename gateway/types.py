@@ -5,6 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+EXCERPT = 64  # characters of a client-chosen string that may appear in a message or log line
+
+
+def excerpt(text: object, limit: int = EXCERPT) -> str:
+    """A client-chosen string, bounded for an error message or a log field: a 1 MB model name
+    is not echoed back, logged or kept whole."""
+    text = text if isinstance(text, str) else str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
 
 @dataclass(slots=True)
 class Usage:
@@ -50,6 +61,12 @@ class Identity:
     scopes: frozenset = frozenset()  # e.g. {"admin"}
     expires_at: float | None = None
     pii_policy: str | None = None  # the PII policy this key's requests get (config pii.policies)
+    # Networks (ipaddress objects) the key may be used from, from its metadata ``allowed_ips``;
+    # empty: any address. The tenant's list (config ``tenants.<name>.allowed_ips``) applies too.
+    allowed_ips: tuple = ()
+    # Attribution values the key may assert, by field: {"customer": ["acme", "acme-*"], ...};
+    # a field not named is free. Set by the admin who minted the key.
+    attribution: Any = None
 
 
 @dataclass(slots=True)
@@ -80,10 +97,13 @@ NO_CONSTRAINTS = Constraints()
 
 @dataclass(slots=True)
 class RequestContext:
-    request_id: str
+    request_id: str  # the gateway's own id: the ledger's key, the response's x-request-id
     endpoint: str  # "chat" | "embeddings"
     body: dict[str, Any]
     started: float
+    # The caller's own id (x-client-request-id, else x-request-id), when it sent a sane one:
+    # echoed back and stored beside the gateway's id, searchable, never unique, never a key.
+    client_request_id: str | None = None
     identity: Identity | None = None
     model: str = ""  # the name the client sent
     stream: bool = False

@@ -5,7 +5,10 @@ settles the request's budgets. Every gateway process runs one consumer of the st
 consumer group: it reads a batch, COPYs it into PostgreSQL, commits, and only then acknowledges
 and deletes the entries. A batch whose write fails stays pending and is retried; entries
 pending on a consumer that died (SIGKILL) are claimed by a live one after ``claim_idle``
-seconds. Inserts ignore request ids already present, so a batch written twice counts once.
+seconds. Inserts ignore request ids already present, so a batch written twice counts once:
+the request id is the gateway's own (``http.new_request_id``), never the caller's, so only a
+retried batch can repeat one. The caller's id is the ``client_request_id`` column beside it
+(searchable, not unique): a client reusing its ids cannot erase or collide with any record.
 If Redis itself cannot take a record, it goes to a local spool file that is replayed later.
 """
 
@@ -32,6 +35,7 @@ LINGER = 0.5  # seconds to let records gather after a short batch: fewer, larger
 # writer does no per-record work in Python, so it costs the serving process next to nothing.
 _FIELDS = (
     ("request_id", "r->>'request_id'"),
+    ("client_request_id", "r->>'client_request_id'"),
     ("ts", "to_timestamp((r->>'ts')::float8)"),
     ("tenant", "r->>'tenant'"),
     ("key_id", "r->>'key_id'"),

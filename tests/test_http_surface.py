@@ -32,14 +32,22 @@ def test_every_response_carries_a_request_id(http):
         ("POST", "/v1/chat/completions", {"model": 1}),
     ]:
         resp = http.request(method, path, json=body)
-        assert re.fullmatch(r"req_[0-9a-f]{24}", resp.headers["x-request-id"]), (path, resp.headers)
+        assert re.fullmatch(r"req_[0-9a-f]{28}", resp.headers["x-request-id"]), (path, resp.headers)
+        assert "x-client-request-id" not in resp.headers
 
 
-def test_a_sane_caller_request_id_is_kept(http):
+def test_a_sane_caller_request_id_is_echoed_beside_the_gateways_own(http):
     resp = http.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "trace-abc.123"})
-    assert resp.headers["x-request-id"] == "trace-abc.123"
+    assert resp.headers["x-request-id"].startswith("req_")
+    assert resp.headers["x-client-request-id"] == "trace-abc.123"
+    resp = http.post(
+        "/v1/chat/completions", json=CHAT, headers={"x-client-request-id": "mine 1", "x-request-id": "other"}
+    )
+    assert resp.headers["x-client-request-id"] == "mine 1"  # OpenAI's header wins
     evil = http.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "bad id\twith tabs"})
-    assert evil.headers["x-request-id"].startswith("req_")
+    assert evil.headers["x-request-id"].startswith("req_") and "x-client-request-id" not in evil.headers
+    long = http.post("/v1/chat/completions", json=CHAT, headers={"x-client-request-id": "y" * 513})
+    assert long.status_code == 200 and "x-client-request-id" not in long.headers  # ignored, never trimmed
 
 
 def test_streaming_response_carries_request_id_and_route_headers(http):
@@ -96,7 +104,7 @@ def test_logs_are_json_lines_with_the_request_id(http, gateway):
 
     wait_until(lambda: logged() is not None, timeout=5, what="log line")
     entry = logged()
-    assert entry["request_id"] == "log-check-42"
+    assert entry["request_id"] == resp.headers["x-request-id"] and entry["client_request_id"] == "log-check-42"
     assert entry["status"] == 200 and entry["model"] == "gpt-mock" and entry["prompt_tokens"] > 0
     assert "hi" not in json.dumps({k: v for k, v in entry.items() if k != "msg"}), "no message content in logs"
 

@@ -16,6 +16,7 @@ from policies.ledger import Spool, write_records
 def _record(**over) -> dict:
     rec = {
         "request_id": f"req_{uuid.uuid4().hex}",
+        "client_request_id": "client-id-1",
         "ts": time.time(),
         "tenant": "acme",
         "user": "u-1",
@@ -69,6 +70,8 @@ def test_records_land_with_every_field_once_and_spool_replays(services, tmp_path
                 ra["cost_usd"] == 1.25e-5 and ra["ttft_ms"] == 3.25 and orjson.loads(ra["pii_entities"]) == {"EMAIL": 2}
             )
             assert abs(ra["ts"].timestamp() - a["ts"]) < 1e-3 and ra["workflow"] is None
+            # The caller's id is kept beside the gateway's, and is no key: both records landed.
+            assert ra["client_request_id"] == rb["client_request_id"] == "client-id-1"
             assert rb["tags"] == [] and rb["pii_entities"] is None and rb["ttft_ms"] is None and rb["status"] == 429
             # Records Redis could not take wait in the spool file and reach PostgreSQL on replay.
             spool = Spool(tmp_path / "ledger-spool-1.jsonl")

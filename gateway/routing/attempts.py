@@ -59,7 +59,7 @@ async def run_attempts(
     as in flight (a stream still being relayed): the caller then calls ``router.release``."""
     settings = router.settings
     deadline = ctx.started + settings.deadline
-    chain = [group, *router.fallbacks(group, "fallbacks")]
+    chain = [group, *router.fallbacks(group, "fallbacks", ctx)]  # only groups the key may use
     used_chains: set[str] = set()
     idx = 0
     skip_deps: set[str] = set()
@@ -76,7 +76,7 @@ async def run_attempts(
                 unfit.update(reasons)
                 if "context window" in reasons and "context_window_fallbacks" not in used_chains:
                     used_chains.add("context_window_fallbacks")
-                    extra = [g for g in router.fallbacks(group, "context_window_fallbacks") if g not in chain]
+                    extra = [g for g in router.fallbacks(group, "context_window_fallbacks", ctx) if g not in chain]
                     chain = [*chain[: idx + 1], *extra, *chain[idx + 1 :]]
         if route is None:
             if idx + 1 < len(chain):  # nothing (left) to try in this group: fall back at once
@@ -116,7 +116,7 @@ async def run_attempts(
             router.release(route)
             last = err
             if isinstance(err, UpstreamError):
-                metrics.upstream_errors.get(route.provider, err.code or "unknown").inc()
+                metrics.upstream_errors.get(route.provider, metrics.code_label(err.code)).inc()
                 if err.upstream_status in (401, 403, 429):
                     skip_keys.add(route.key_state.id)
                 else:
@@ -128,7 +128,7 @@ async def run_attempts(
             if special is None or special in used_chains:
                 raise
             used_chains.add(special)
-            extra = [g for g in router.fallbacks(group, special) if g not in chain[: idx + 1]]
+            extra = [g for g in router.fallbacks(group, special, ctx) if g not in chain[: idx + 1]]
             if not extra:
                 raise
             chain = [*chain[: idx + 1], *extra]

@@ -19,12 +19,12 @@ from collections.abc import Callable
 
 from gateway import metrics
 from gateway.config import Config, Model
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamError
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, UpstreamError
 from gateway.routing import health
 from gateway.routing.health import KEY_DISABLED_FOR, DeploymentState, KeyState, ProviderKeys, key_id
 from gateway.routing.prices import deployment_prices
 from gateway.routing.ratelimits import read as read_ratelimits
-from gateway.types import NO_CONSTRAINTS, Constraints, RequestContext, Route
+from gateway.types import NO_CONSTRAINTS, Constraints, RequestContext, Route, excerpt
 
 log = logging.getLogger("gateway.routing")
 
@@ -87,7 +87,9 @@ class Router:
     def group(self, name: str, mode: str) -> Group:
         group = self.groups.get(name)
         if group is None:
-            raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.", param="model")
+            raise ModelNotFound(
+                f"The model `{excerpt(name)}` does not exist or you do not have access to it.", param="model"
+            )
         if group.model.mode != mode:
             kind, use = (
                 ("an embedding", "/v1/embeddings")
@@ -102,22 +104,45 @@ class Router:
         return group
 
     def resolve(self, ctx: RequestContext, mode: str) -> Group:
-        """The group a request is served from: its model, or the first rule of its model that matches."""
+        """The group a request is served from: its model, or the first rule of its model that
+        matches and whose target the caller's key may use.
+
+        A key's model allow-list holds for every group that serves it, not only for the name it
+        asked for. A rule pointing at a group the key may not use is passed over, as if it did
+        not match: rules are the operator's routing policy and the allow-list narrows it, so a
+        restricted key gets the first route it may take (the catch-all, typically) — and a
+        client cannot reach a group it may not use by shaping its request (metadata, prompt size,
+        tools) to match a rule. When every matching rule is passed over: 403 model_not_allowed.
+        """
         group = self.group(ctx.model, mode)
         if not group.model.rules:
             return group
         from gateway.routing.rules import matches
 
+        allowed = ctx.identity.models if ctx.identity is not None else None
+        refused = None
         for rule in group.model.rules:
             if matches(rule.when, ctx):
+                if allowed and rule.use not in allowed:
+                    refused = refused or rule.use
+                    continue
                 return self.group(rule.use, mode)
+        if refused is not None:
+            raise PermissionDenied(
+                f"This API key may not use model `{refused}`, which model `{ctx.model}` routes this request to.",
+                param="model",
+                code="model_not_allowed",
+            )
         raise InvalidRequest(
             f"No routing rule of model `{ctx.model}` matches this request.", param="model", code="no_matching_rule"
         )
 
-    def fallbacks(self, group: Group, kind: str) -> list[Group]:
+    def fallbacks(self, group: Group, kind: str, ctx: RequestContext | None = None) -> list[Group]:
+        """The groups of one of a group's fallback chains that may serve this request: a group
+        the caller's key may not use (its model allow-list) is skipped, never served."""
         names = getattr(group.model, kind)
-        return [self.groups[n] for n in names if n in self.groups]
+        allowed = ctx.identity.models if ctx is not None and ctx.identity is not None else None
+        return [self.groups[n] for n in names if n in self.groups and (not allowed or n in allowed)]
 
     # ---- choosing -----------------------------------------------------------------------------
     def pick(self, group: Group, ctx: RequestContext, skip_deployments: set, skip_keys: set) -> Route | None:
@@ -156,7 +181,7 @@ class Router:
     def _unfit(dep: DeploymentState, ctx: RequestContext, c: Constraints) -> str | None:
         """Why a deployment cannot serve this request whatever its health, if it cannot."""
         if c.tags and not c.tags <= dep.tags:
-            return "tags " + ",".join(sorted(c.tags - dep.tags))
+            return "tags " + excerpt(",".join(sorted(c.tags - dep.tags)))  # client-chosen: bounded
         if c.max_latency is not None and dep.latency is not None and dep.latency > c.max_latency:
             return "max latency"
         window = dep.context_window
