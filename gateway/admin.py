@@ -29,7 +29,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import admin_input as inp
-from gateway import http
 from gateway.db import tenant_transaction
 from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
 from gateway.types import Identity
@@ -120,11 +119,7 @@ class Admin:
 
     async def __call__(self, scope, receive, send) -> None:
         svc = self.gateway.svc
-        auth = getattr(svc.auth, "authenticate_scope", None)
-        if auth is not None:
-            ident = await auth(scope)
-        else:
-            ident = await svc.auth.authenticate(http.header(scope, b"authorization"))
+        ident = await svc.auth.authenticate_scope(scope)  # the key, then its allowed networks
         scope.setdefault("state", {})["identity"] = ident
         if not ident.is_master and "admin" not in ident.scopes:
             await self._audit(scope, ident, 403)
@@ -142,8 +137,7 @@ class Admin:
         params = scope.get("path_params") or {}
         query = scope.get("query_string", b"").decode("latin-1")[:1000]
         target = next(iter(params.values()), None) if params else None
-        client = getattr(self.svc.auth, "client_address", None)
-        addr = client(scope) if client is not None else (scope.get("client") or ("", 0))[0]
+        addr = self.svc.auth.client_address(scope)
         tenant = None if ident.is_master else ident.tenant
         try:
             await self.svc.pool.execute(

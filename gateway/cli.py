@@ -180,6 +180,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             backlog=4096,
             timeout_graceful_shutdown=30,
             timeout_keep_alive=30,
+            # The gateway reads X-Forwarded-For itself, from server.trusted_proxies only
+            # (gateway/http.py client_address); uvicorn's middleware would trust any local peer.
+            proxy_headers=False,
         )
         return 0
     finally:

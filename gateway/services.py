@@ -88,7 +88,9 @@ class Services:
         await alerts.start()
         pii = None
         if settings.config.pii.enabled:
-            pii = Scrubber(settings.config.pii, settings.data_dir.resolve())
+            # a group's deployments name the tokenizer of token-array embeddings input
+            models = {m.name: tuple(d.model for d in m.deployments) for m in settings.config.models}
+            pii = Scrubber(settings.config.pii, settings.data_dir.resolve(), models=models)
             await pii.start()
         return cls(
             settings.config,

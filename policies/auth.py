@@ -182,6 +182,11 @@ class Authenticator:
         self._down_until = 0.0  # monotonic: the last look-up failed; do not ask again before this
         self.master_identity = Identity(key_id="master", name="master", is_master=True)
 
+    def client_address(self, scope: dict) -> str | None:
+        """The caller's address as logs record it (X-Forwarded-For from trusted proxies only)."""
+        addr = client_address(scope, self._trusted)
+        return str(addr) if addr is not None else None
+
     async def start(self) -> None:
         self._version = await self._redis.get(KEYS_VERSION)
         self._tasks = [
