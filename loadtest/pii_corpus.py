@@ -141,18 +141,7 @@ async def evaluate(data_dir: str) -> dict[str, dict[str, float]]:
         for item in want - got:
             fn[item[0]] += 1
             errors.append(f"missed {item} in {text!r}")
-    out: dict[str, dict[str, float]] = {}
-    for name in (*ENTITIES, "all"):
-        t = sum(tp.values()) if name == "all" else tp[name]
-        p = sum(fp.values()) if name == "all" else fp[name]
-        n = sum(fn.values()) if name == "all" else fn[name]
-        out[name] = {
-            "precision": t / (t + p) if t + p else 1.0,
-            "recall": t / (t + n) if t + n else 1.0,
-            "tp": t,
-            "fp": p,
-            "fn": n,
-        }
+    out = _scores(tp, fp, fn)
     out["errors"] = errors  # type: ignore[assignment]
     return out
 

@@ -176,6 +176,14 @@ def mock(tmp_root: Path) -> Iterator[MockProvider]:
     m.stop()
 
 
+@pytest.fixture(scope="module")
+def module_mock(tmp_root: Path) -> Iterator[MockProvider]:
+    """A mock provider of the test module's own (for tests that count its requests or set faults)."""
+    m = MockProvider(tmp_root)
+    yield m
+    m.stop()
+
+
 @pytest.fixture(scope="session")
 def gateway(tmp_root: Path, services, mock) -> Iterator[Gateway]:
     gw = Gateway(tmp_root, gateway_config(mock), services)

@@ -92,16 +92,9 @@ def ledger_rows(database_url: str, where: str, *args) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def pmock(tmp_root):
-    m = MockProvider(tmp_root)
-    yield m
-    m.stop()
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_root, services, pmock):
+def pair(tmp_root, services, module_mock):
     """Two replicas of the gateway over one Redis and one PostgreSQL."""
-    a, b = Gateway(tmp_root, cfg(pmock), services), Gateway(tmp_root, cfg(pmock), services)
+    a, b = Gateway(tmp_root, cfg(module_mock), services), Gateway(tmp_root, cfg(module_mock), services)
     yield a, b
     a.stop()
     b.stop()
@@ -239,9 +232,9 @@ def test_concurrent_requests_cannot_overshoot_a_budget(pair, services):
     )
 
 
-def test_alerts_fire_exactly_once_per_threshold_across_replicas(tmp_root, services, pmock):
+def test_alerts_fire_exactly_once_per_threshold_across_replicas(tmp_root, services, module_mock):
     receiver = Receiver(fail_first=2)  # the first deliveries fail: they are retried
-    config = cfg(pmock)
+    config = cfg(module_mock)
     # A Redis database of their own: any gateway on a Redis delivers alerts, signed with its own
     # secret, and the suite's other gateways have none.
     own = (services[0], services[1] + "?db=5")
@@ -294,8 +287,8 @@ def test_alerts_fire_exactly_once_per_threshold_across_replicas(tmp_root, servic
     assert admin_state["alerts_fired"] == [0.5, 0.8, 1.0]
 
 
-def test_sigkill_loses_no_acknowledged_record_and_sigterm_flushes(tmp_root, services, pmock):
-    config = cfg(pmock)
+def test_sigkill_loses_no_acknowledged_record_and_sigterm_flushes(tmp_root, services, module_mock):
+    config = cfg(module_mock)
     survivor = Gateway(tmp_root, config, services)
     victim = Gateway(tmp_root, config, services)
     try:

@@ -181,17 +181,10 @@ def sig(key: str, body: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def amock(tmp_root):
-    m = MockProvider(tmp_root)
-    yield m
-    m.stop()
-
-
-@pytest.fixture(scope="module")
-def agw(tmp_root, services, amock):
+def agw(tmp_root, services, module_mock):
     """Loopback receivers allowed (they are the tests' receivers); a long attempt timeout, so a
     receiver that never answers holds its attempt open for the whole test; quick retries."""
-    config = gw_config(amock, **LOOPBACK_ALLOWED, timeout=300, max_attempts=3, backoff={"base": 0.05, "max": 0.2})
+    config = gw_config(module_mock, **LOOPBACK_ALLOWED, timeout=300, max_attempts=3, backoff={"base": 0.05, "max": 0.2})
     g = Gateway(tmp_root, config, own_db(services, 9))
     yield g
     g.stop()
@@ -345,12 +338,12 @@ def test_item14_socket_wall_refuses_internal_addresses_however_reached():
             sender._socket((family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", addr))
 
 
-def test_item14_webhook_to_loopback_refused(tmp_root, services, amock):
+def test_item14_webhook_to_loopback_refused(tmp_root, services, module_mock):
     """No allowance in the config: an alert for a loopback receiver is refused (never contacted),
     recorded as failed, and the log names the host, never the URL's secret path."""
     receiver = Receiver()
     token = f"tok-{uuid.uuid4().hex}"
-    config = gw_config(amock, webhook_url=f"http://127.0.0.1:{receiver.port}/{token}")
+    config = gw_config(module_mock, webhook_url=f"http://127.0.0.1:{receiver.port}/{token}")
     with started(Gateway(tmp_root, config, own_db(services, 10))) as (gw,):
         key, _ = budget_for_new_key(gw, None)  # alerts go to alerts.webhook_url
         fire(gw, key)
@@ -435,9 +428,9 @@ def test_item14_signature_bound_to_budget(agw):
     assert payload_a["id"] == headers_a["x-gateway-alert-id"]
 
 
-def test_item14_operator_webhook_signed_with_configured_secret(tmp_root, services, amock):
+def test_item14_operator_webhook_signed_with_configured_secret(tmp_root, services, module_mock):
     receiver = Receiver()
-    config = gw_config(amock, **LOOPBACK_ALLOWED, webhook_url=receiver.url)
+    config = gw_config(module_mock, **LOOPBACK_ALLOWED, webhook_url=receiver.url)
     with started(Gateway(tmp_root, config, own_db(services, 12))) as (gw,):
         key, budget = budget_for_new_key(gw, None)
         fire(gw, key)
@@ -468,9 +461,11 @@ def test_item14_retries_bounded_then_recorded_failed_and_acked(agw, services):
     assert "alert webhook failed; alert dropped" in agw.log()
 
 
-def test_item14_retries_stop_at_max_age(tmp_root, services, amock):
+def test_item14_retries_stop_at_max_age(tmp_root, services, module_mock):
     broken = Receiver(lambda: (500, {}))
-    config = gw_config(amock, **LOOPBACK_ALLOWED, max_attempts=100000, max_age=1, backoff={"base": 0.1, "max": 0.2})
+    config = gw_config(
+        module_mock, **LOOPBACK_ALLOWED, max_attempts=100000, max_age=1, backoff={"base": 0.1, "max": 0.2}
+    )
     with started(Gateway(tmp_root, config, own_db(services, 11))) as (gw,):
         key, _ = budget_for_new_key(gw, broken.url)
         fire(gw, key)

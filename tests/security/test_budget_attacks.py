@@ -38,15 +38,8 @@ def priced_cfg(mock: MockProvider) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bmock(tmp_root):
-    m = MockProvider(tmp_root)
-    yield m
-    m.stop()
-
-
-@pytest.fixture(scope="module")
-def replicas(tmp_root, services, bmock):
-    a, b = Gateway(tmp_root, priced_cfg(bmock), services), Gateway(tmp_root, priced_cfg(bmock), services)
+def replicas(tmp_root, services, module_mock):
+    a, b = Gateway(tmp_root, priced_cfg(module_mock), services), Gateway(tmp_root, priced_cfg(module_mock), services)
     yield a, b
     a.stop()
     b.stop()

@@ -17,20 +17,13 @@ import openai
 import pytest
 
 from gateway.db import tenant_transaction
-from tests.conftest import MASTER_KEY, Gateway, MockProvider, wait_until
+from tests.conftest import MASTER_KEY, Gateway, wait_until
 from tests.test_policies import HELLO, admin, cfg, ledger_rows, new_key
 
 
 @pytest.fixture(scope="module")
-def tmock(tmp_root):
-    m = MockProvider(tmp_root)
-    yield m
-    m.stop()
-
-
-@pytest.fixture(scope="module")
-def gw(tmp_root, services, tmock):
-    g = Gateway(tmp_root, cfg(tmock), services)
+def gw(tmp_root, services, module_mock):
+    g = Gateway(tmp_root, cfg(module_mock), services)
     yield g
     g.stop()
 
