@@ -64,6 +64,11 @@ async def _error(request: Request, exc: GatewayError) -> Response:
     return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=exc.headers)
 
 
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("admin API error")
+    return await _error(request, GatewayError("The server had an error while processing your request."))
+
+
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     cls = {404: NotFound, 405: MethodNotAllowed}.get(exc.status_code, InvalidRequest)
     err = cls(f"{exc.detail} ({request.method} {request.url.path})")
@@ -114,7 +119,7 @@ class Admin:
                 Route("/admin/access-log", self.access_log, methods=["GET"]),
                 Route("/admin/openapi.json", self.openapi, methods=["GET"]),
             ],
-            exception_handlers={GatewayError: _error, HTTPException: _http_error},
+            exception_handlers={GatewayError: _error, HTTPException: _http_error, Exception: _internal_error},
         )
 
     async def __call__(self, scope, receive, send) -> None:
@@ -125,13 +130,24 @@ class Admin:
             await self._audit(scope, ident, 403)
             raise PermissionDenied("This key has no admin scope.", code="admin_scope_required")
 
+        started = False
+
         async def audited_send(message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
                 # Recorded before the first byte goes: a read that cannot be logged is not served.
                 await self._audit(scope, ident, message["status"])
+                started = True
             await send(message)
 
-        await self.app(scope, receive, audited_send)
+        try:
+            await self.app(scope, receive, audited_send)
+        except GatewayError:
+            raise
+        except Exception:
+            if not started:
+                raise
+            # Starlette re-raises after its 500 handler (_internal_error) answered and logged it.
 
     async def _audit(self, scope: dict, ident: Identity, status: int) -> None:
         params = scope.get("path_params") or {}
@@ -202,6 +218,15 @@ class Admin:
             meta["attribution"] = attribution
         if require_tags:
             meta["require_tags"] = require_tags
+        if not minter.is_master and self.svc.budgets.by_scope.get((minter.tenant, "key", minter.key_id)):
+            # A child key would spend outside the minter's own key budget; until budgets follow
+            # a key's lineage, a key held to a budget does not mint keys.
+            raise PermissionDenied(
+                "A key held to a budget of its own cannot mint keys (they would spend outside it); "
+                "ask the super-admin.",
+                param="budget_usd",
+                code="key_wider_than_minter",
+            )
         tenant, meta = narrow(minter, tenant, meta)
         require_tags = meta.pop("require_tags", [])
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
@@ -478,7 +503,7 @@ class Admin:
         """Audit records by the caller's own request id (``x-client-request-id``), newest first."""
         q = request.query_params
         client_rid = q.get("client_request_id")
-        if not client_rid:
+        if not client_rid or "\x00" in client_rid:
             raise InvalidRequest(
                 "Missing required parameter: 'client_request_id'.",
                 param="client_request_id",

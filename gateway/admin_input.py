@@ -44,6 +44,8 @@ def text(data: dict, name: str, required: bool = False, choices=None, max_len: i
         return None
     if not isinstance(value, str) or not value.strip():
         raise InvalidRequest(f"'{name}' must be a non-empty string.", param=name, code="invalid_type")
+    if "\x00" in value:
+        raise InvalidRequest(f"'{name}' must not contain NUL characters.", param=name, code="invalid_value")
     if len(value) > max_len:
         raise InvalidRequest(f"'{name}' must be at most {max_len} characters.", param=name, code="invalid_value")
     if choices and value not in choices:
@@ -69,7 +71,7 @@ def str_list(data: dict, name: str) -> list[str]:
     if (
         not isinstance(value, list)
         or len(value) > MAX_LIST
-        or not all(isinstance(v, str) and v and len(v) <= 256 for v in value)
+        or not all(isinstance(v, str) and v and len(v) <= 256 and "\x00" not in v for v in value)
     ):
         raise InvalidRequest(
             f"'{name}' must be an array of at most {MAX_LIST} non-empty strings.", param=name, code="invalid_type"

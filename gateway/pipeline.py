@@ -62,10 +62,14 @@ async def parse(svc: Services, ctx: RequestContext, scope: dict, receive, valida
     validate(body)
     ctx.body = body
     ctx.body_bytes = len(raw)
-    ctx.max_output = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    ctx.max_output = max(_int(body.get("max_completion_tokens")), _int(body.get("max_tokens")))
     ctx.stream = body.get("stream") is True
     opts = body.get("stream_options")
     ctx.include_usage = bool(ctx.stream and isinstance(opts, dict) and opts.get("include_usage"))
+
+
+def _int(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def route(svc: Services, ctx: RequestContext, scope: dict, mode: str) -> Group:

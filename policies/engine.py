@@ -87,6 +87,15 @@ def attribution_refusal(allowed: dict | None, attr: dict) -> tuple[str, str] | N
     return None
 
 
+def fill_fixed_attribution(allowed: dict, attr: dict) -> None:
+    """A field the key may assert exactly one value for is that value when the request leaves it
+    out, so leaving it out cannot dodge that value's budget."""
+    for name, patterns in allowed.items():
+        if name in ("user", "agent", "workflow", "customer") and not attr.get(name):
+            if isinstance(patterns, list) and len(patterns) == 1 and not patterns[0].endswith("*"):
+                attr[name] = patterns[0]
+
+
 def cost_usd(route, usage: Usage | None) -> float:
     """What the call cost, from the deployment's prices (config overrides, else the price map)."""
     if route is None or usage is None:
@@ -179,19 +188,30 @@ class PolicyEngine:
         found = self._prices[model] = (inp, out)
         return found
 
-    def _estimate_nano(self, ctx: RequestContext) -> int:
+    def _estimate_nano(self, ctx: RequestContext, hard: bool) -> int:
         """The reservation: prompt tokens plus the most the answers may use (``n`` of them),
         at the highest price the request could be served at (which deployment will serve it,
-        after rules and fallbacks, is not known yet)."""
+        after rules and fallbacks, is not known yet).
+
+        Under a *hard* budget the reservation must be an upper bound, so the prompt of a chat
+        request is counted exactly (tiktoken; the character estimate can be fooled by text in
+        tool-call arguments or scripts that take more tokens per character) and a request that
+        names no output limit is given one: ``max_completion_tokens`` =
+        ``policies.default_max_output``, the amount reserved. Otherwise the cheap estimate does."""
         inp, out = self.reachable_prices(ctx.model)
         if not inp and not out:
             return 0
-        # No tokenizing on the hot path for a reservation; an exact count is used when routing
-        # already made one.
-        prompt = ctx._prompt_tokens if ctx._prompt_tokens is not None else approx_prompt(ctx.body)
+        if ctx._prompt_tokens is not None:
+            prompt = ctx._prompt_tokens
+        elif hard and ctx.endpoint == "chat":
+            prompt = ctx.prompt_tokens() + approx_prompt({"tools": ctx.body.get("response_format")})
+        else:
+            prompt = approx_prompt(ctx.body)  # no tokenizing on the hot path otherwise
         if ctx.endpoint != "chat":
             return round(prompt * inp * NANO)
         max_out = ctx.max_output or self.config.policies.default_max_output
+        if hard and not ctx.max_output and isinstance(ctx.body, dict):
+            ctx.body["max_completion_tokens"] = ctx.max_output = max_out
         n = ctx.body.get("n") if isinstance(ctx.body, dict) else None
         choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
         return round((prompt * inp + choices * max_out * out) * NANO)
@@ -200,6 +220,7 @@ class PolicyEngine:
     async def admit(self, ctx: RequestContext, attr: dict) -> None:
         ident = ctx.identity
         if ident is not None and ident.attribution:
+            fill_fixed_attribution(ident.attribution, attr)
             refused = attribution_refusal(ident.attribution, attr)
             if refused is not None:
                 field, value = refused
@@ -213,7 +234,8 @@ class PolicyEngine:
         ctx.extra["budgets"] = budgets
         if not rates and not budgets:
             return
-        estimate = self._estimate_nano(ctx) if budgets else 0
+        hard = any(b.enforcement == "hard" for b in budgets)
+        estimate = self._estimate_nano(ctx, hard) if budgets else 0
         ctx.extra["reserved_nano"] = estimate
         argv: list = [int(time.time() * 1000), len(rates)]
         for label, base, limit in rates:

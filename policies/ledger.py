@@ -75,7 +75,10 @@ async def write_records(conn: asyncpg.Connection, records: list[bytes]) -> None:
     what is new, in one transaction. Writing a batch twice counts it once."""
     async with conn.transaction():
         await conn.execute("CREATE TEMP TABLE IF NOT EXISTS ledger_raw (r jsonb) ON COMMIT DELETE ROWS")
-        await conn.copy_records_to_table("ledger_raw", records=[(r.decode(),) for r in records], columns=("r",))
+        # PostgreSQL's jsonb cannot hold U+0000, which a client can put in any string it sends; one
+        # such record would fail its whole batch, again and again. It is stored as U+FFFD.
+        rows = [(r.replace(b"\\u0000", b"\\ufffd").decode(),) for r in records]
+        await conn.copy_records_to_table("ledger_raw", records=rows, columns=("r",))
         await conn.execute(_INSERT)
 
 

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import uuid
 
+import httpx
 import openai
 import pytest
 
@@ -132,3 +133,45 @@ def test_item12_reservation_prices_the_fallbacks_and_rule_targets_a_request_may_
     assert not reservation_refused(a, key["key"], model="cheap", max_tokens=100)
     assert reservation_refused(a, key["key"], model="cheap-with-fallback", max_tokens=100)
     assert reservation_refused(a, key["key"], model="routed", max_tokens=100)
+
+
+def test_item11_a_request_without_max_tokens_cannot_overshoot_a_hard_budget(replicas, module_mock):
+    """Found by review: the reservation assumed default_max_output tokens, but nothing held the
+    provider to it, and the character estimate of the prompt could be fooled."""
+    a, _ = replicas
+    limit = 0.01
+    key = new_key(a, budget_usd=limit)
+    client = openai.OpenAI(base_url=f"{a.url}/v1", api_key=key["key"], max_retries=0)
+    module_mock.clear()
+    long_echo = [{"role": "user", "content": "w " * 3000}]  # the mock echoes it: 3,000+ output tokens
+    try:
+        client.chat.completions.create(model="priced", messages=long_echo)
+    except openai.RateLimitError:
+        pass
+    sent = module_mock.requests()
+    assert sent and all(r["body"].get("max_completion_tokens") == 1024 for r in sent)  # the reserved bound
+    spent = admin(a, "GET", f"/admin/budgets/{key['budget_id']}").json()["spent_usd"]
+    assert spent <= limit
+
+
+def test_item8_a_key_held_to_its_own_budget_cannot_mint_keys_outside_it(replicas):
+    a, _ = replicas
+    boss = new_key(a, tenant="t-minting", scopes=["admin"], budget_usd=0.001)
+    r = httpx.post(
+        f"{a.url}/admin/keys", headers={"Authorization": f"Bearer {boss['key']}"}, json={"name": "child"}, timeout=30
+    )
+    assert r.status_code == 403 and r.json()["error"]["code"] == "key_wider_than_minter"
+
+
+def test_item9_a_field_fixed_to_one_value_cannot_be_dodged_by_leaving_it_out(replicas):
+    a, _ = replicas
+    key = new_key(a, tenant="t-fixed", attribution={"customer": ["acme"]})
+    bud = admin(
+        a,
+        "POST",
+        "/admin/budgets",
+        json={"tenant": "t-fixed", "scope": "customer", "scope_value": "acme", "limit_usd": 1},
+    ).json()
+    client = openai.OpenAI(base_url=f"{a.url}/v1", api_key=key["key"], max_retries=0)
+    client.chat.completions.create(model="priced", messages=HELLO, max_tokens=5)  # names no customer
+    assert admin(a, "GET", f"/admin/budgets/{bud['id']}").json()["spent_usd"] > 0

@@ -242,3 +242,19 @@ def test_item21_admin_actions_and_reads_are_logged_and_cannot_be_edited(gw, serv
 
     asyncio.run(tamper())
     assert MASTER_KEY not in str(log)
+
+
+def test_item7_nul_characters_get_a_400_and_never_jam_the_audit_ledger(gw, services):
+    """Found by review: PostgreSQL's jsonb cannot hold U+0000; one such attribution value failed
+    every ledger batch it was in, forever, for every tenant."""
+    r = admin(gw, "POST", "/admin/keys", json={"name": "a\u0000b"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+    r = admin(gw, "GET", "/admin/requests", params={"client_request_id": "a\u0000b"})
+    assert r.status_code == 400 and "error" in r.json()
+    key = new_key(gw, tenant=tenant())
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key["key"], max_retries=0)
+    poisoned = client.chat.completions.create(model="priced", messages=HELLO, max_tokens=5, user="a\u0000b")
+    after = client.chat.completions.create(model="priced", messages=HELLO, max_tokens=5)
+    for rid in (poisoned._request_id, after._request_id):
+        wait_until(lambda rid=rid: ledger_rows(services[0], "request_id = $1", rid), timeout=15, what="ledger row")
+    assert ledger_rows(services[0], "request_id = $1", poisoned._request_id)[0]["end_user"] == "a\ufffdb"
