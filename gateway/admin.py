@@ -28,10 +28,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
+from core.types import Identity
 from gateway import admin_input as inp
 from gateway.db import tenant_transaction
-from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
-from gateway.types import Identity
 from policies import budgets as budget_store
 from policies import keys as key_store
 from policies.alerts import budget_signing_key

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 
 from starlette.requests import Request
 
-from gateway import http
-from gateway.errors import InvalidRequest, PayloadTooLarge
+from core import http
+from core.errors import InvalidRequest, PayloadTooLarge
 
 MAX_BODY = 256 * 1024  # admin bodies are small settings; nothing legitimate comes near this
 MAX_LIST = 1000

@@ -11,14 +11,15 @@ import os
 import time
 from pathlib import Path
 
-from gateway import http, metrics, pipeline
+from core import http, metrics
+from core.config import load_config
+from core.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
+from core.logs import access_log
+from core.types import RequestContext, excerpt
+from gateway import pipeline
 from gateway.admin import Admin
-from gateway.config import load_config
-from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
-from gateway.logs import access_log
 from gateway.openapi import openapi_document
 from gateway.services import Services, Settings
-from gateway.types import RequestContext, excerpt
 
 log = logging.getLogger("gateway")
 
@@ -189,7 +190,7 @@ class GatewayApp:
 
 def create_app() -> GatewayApp:
     """Factory for uvicorn workers: everything comes from the environment set by ``serve``."""
-    from gateway import logs
+    from core import logs
 
     logs.configure(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
     config = load_config(os.environ["GATEWAY_CONFIG"])

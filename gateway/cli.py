@@ -17,7 +17,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-from gateway.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from gateway.embedded import EmbeddedServices, default_data_dir, resolve_urls
 
 warnings.filterwarnings("ignore", module="platformdirs")
@@ -113,7 +113,7 @@ def _start_mock(data_dir: Path) -> tuple[subprocess.Popen, str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway import logs
+    from core import logs
 
     logs.configure(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
     data_dir = default_data_dir()

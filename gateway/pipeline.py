@@ -20,14 +20,14 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 import orjson
 
-from gateway import http, metrics
-from gateway.errors import GatewayError, PermissionDenied, UpstreamError, UpstreamTimeout
-from gateway.logs import access_log
+from core import http, metrics
+from core.errors import GatewayError, PermissionDenied, UpstreamError, UpstreamTimeout
+from core.logs import access_log
+from core.types import RequestContext, Route, excerpt
 from gateway.providers.base import map_upstream_status, stream_error_event
 from gateway.routing import Group, run_attempts
 from gateway.routing.constraints import constraints_for
 from gateway.services import Services
-from gateway.types import RequestContext, Route, excerpt
 from gateway.usage import estimate_stream_usage, estimate_usage
 from gateway.validation import validate_chat, validate_embeddings
 from policies import alerts

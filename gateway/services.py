@@ -13,13 +13,13 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
-from gateway.config import Config
+from core.config import Config
+from core.upstream import Upstream
 from gateway.db import connect_pool, migrate
 from gateway.providers import build_adapter
 from gateway.providers.base import ProviderAdapter
 from gateway.routing import Router
 from gateway.routing.shared import SharedHealth
-from gateway.upstream import Upstream
 from policies.alerts import AlertSender
 from policies.auth import Authenticator
 from policies.budgets import BudgetCache

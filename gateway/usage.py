@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import orjson
 
-from gateway.routing.tokens import count_text
-from gateway.types import RequestContext, Usage
+from core.tokens import count_text
+from core.types import RequestContext, Usage
 
 
 def _answer_parts(data: dict, field: str, parts: list[str]) -> None:

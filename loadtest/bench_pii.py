@@ -108,7 +108,7 @@ end
 
 
 async def _stage_p50(workers: int, data_dir: Path, samples: int = 200) -> dict:
-    from gateway.config import parse_config
+    from core.config import parse_config
     from policies.pii.scrub import Scrubber, ScrubState
 
     cfg = parse_config(

@@ -52,9 +52,9 @@ import orjson
 from prometheus_client import Counter
 from redis.exceptions import ResponseError
 
-from gateway import metrics
-from gateway.background import pause, stop_task, stop_tasks
-from gateway.config import Alerts
+from core import metrics
+from core.background import pause, stop_task, stop_tasks
+from core.config import Alerts
 from policies.budgets import NANO, BudgetCache
 from policies.engine import ALERT_STREAM
 from policies.webhooks import NetworkPolicy, Outcome, WebhookSender, derive_key, receiver_host, sign, url_problem

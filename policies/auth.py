@@ -44,11 +44,11 @@ from ipaddress import ip_network
 
 import asyncpg
 
-from gateway.background import stop_tasks
-from gateway.errors import PermissionDenied, RateLimited, ServiceUnavailable, Unauthenticated
-from gateway.http import Address, address_in, client_address, header, parse_networks
-from gateway.pubsub import listen_forever
-from gateway.types import Identity
+from core.background import stop_tasks
+from core.errors import PermissionDenied, RateLimited, ServiceUnavailable, Unauthenticated
+from core.http import Address, address_in, client_address, header, parse_networks
+from core.pubsub import listen_forever
+from core.types import Identity
 from policies.keys import KEYS_VERSION, REVOKE_CHANNEL, find_active, hash_key
 
 log = logging.getLogger("gateway.auth")
@@ -88,7 +88,7 @@ def _allowed_ips(key_id: str, values) -> tuple:
 
 
 def _identity(row) -> Identity:
-    from gateway.config import Limit
+    from core.config import Limit
 
     meta = row["metadata"]
     if isinstance(meta, str):
@@ -160,7 +160,7 @@ class FailedAuthLimiter:
 
 class Authenticator:
     def __init__(self, pool: asyncpg.Pool, redis, master_key: str | None, config=None) -> None:
-        from gateway.config import Config
+        from core.config import Config
 
         config = config or Config()
         server = config.server

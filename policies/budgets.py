@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from gateway.background import stop_task
-from gateway.pubsub import listen_forever
+from core.background import stop_task
+from core.pubsub import listen_forever
 
 log = logging.getLogger("gateway.budgets")
 

@@ -16,10 +16,10 @@ import time
 import orjson
 from redis.exceptions import NoScriptError, RedisError
 
-from gateway.config import Config, Limit
-from gateway.errors import PermissionDenied, QuotaExceeded, RateLimited, ServiceUnavailable
-from gateway.routing.tokens import approx_prompt
-from gateway.types import RequestContext, Usage
+from core.config import Config, Limit
+from core.errors import PermissionDenied, QuotaExceeded, RateLimited, ServiceUnavailable
+from core.tokens import approx_prompt
+from core.types import RequestContext, Usage
 from policies import scripts
 from policies.budgets import NANO, Budget, BudgetCache
 from policies.fastredis import PipelinedRedis

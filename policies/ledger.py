@@ -24,7 +24,7 @@ from pathlib import Path
 import asyncpg
 from redis.exceptions import ResponseError
 
-from gateway.background import pause
+from core.background import pause
 from policies.engine import LEDGER_STREAM
 
 log = logging.getLogger("gateway.ledger")

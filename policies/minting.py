@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from gateway.errors import PermissionDenied
-from gateway.types import Identity
+from core.errors import PermissionDenied
+from core.types import Identity
 
 
 def _wider(field: str, why: str) -> PermissionDenied:

@@ -113,7 +113,7 @@ class NetworkPolicy:
     @classmethod
     def of(cls, cfg) -> NetworkPolicy:
         """From any settings object with ``allow_private_networks`` and ``allowed_networks``
-        (``gateway.config.Alerts``)."""
+        (``core.config.Alerts``)."""
         if isinstance(cfg, NetworkPolicy):
             return cfg
         nets = tuple(ipaddress.ip_network(n) for n in getattr(cfg, "allowed_networks", None) or ())
@@ -199,7 +199,7 @@ def url_problem(url: str, policy: NetworkPolicy) -> str | None:
 
 async def check_webhook_url(url: str, cfg, *, resolve_timeout: float = 2.0) -> str | None:
     """For the admin API, when a webhook URL is stored: what is wrong with it, as a sentence
-    naming ``webhook_url``, or None. ``cfg`` is ``gateway.config.Alerts`` (or a NetworkPolicy).
+    naming ``webhook_url``, or None. ``cfg`` is ``core.config.Alerts`` (or a NetworkPolicy).
 
     Checks the URL (``url_problem``) and every address its host resolves to now. A host that
     does not resolve (yet), or not within ``resolve_timeout``, is accepted: each delivery

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.errors import InvalidRequest
+from core.errors import InvalidRequest
 from gateway.providers.anthropic_translate import StreamTranslator, from_anthropic, to_anthropic
 
 

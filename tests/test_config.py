@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config, parse_config
+from core.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

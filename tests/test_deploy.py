@@ -444,7 +444,7 @@ def test_compose_has_load_balancer_postgres_pgvector_and_redis_with_healthchecks
 
 
 def test_gateway_config_trusts_exactly_the_load_balancer(compose: dict) -> None:
-    from gateway.config import load_config
+    from core.config import load_config
 
     lb_ip = ipaddress.ip_address(compose_default(compose["services"]["lb"]["networks"]["edge"]["ipv4_address"]))
     subnet = ipaddress.ip_network(compose_default(compose["networks"]["edge"]["ipam"]["config"][0]["subnet"]))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.config import ConfigError, parse_config
+from core.config import ConfigError, parse_config
 from loadtest import pii_corpus
 from policies.pii.analysis import Analyzer, Prefilter, Spec
 from policies.pii.anonymize import Vault, mask

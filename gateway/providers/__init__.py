@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from gateway.config import Provider
+from core.config import Provider
+from core.upstream import Upstream
 from gateway.providers.base import ProviderAdapter
-from gateway.upstream import Upstream
 
 
 def build_adapter(cfg: Provider, upstream: Upstream) -> ProviderAdapter:

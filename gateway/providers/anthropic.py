@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 
-from gateway.config import Provider
-from gateway.errors import GatewayError, InvalidRequest
+from core.config import Provider
+from core.errors import GatewayError, InvalidRequest
+from core.sse import iter_events
+from core.types import RequestContext, Route
+from core.upstream import Upstream
 from gateway.providers.anthropic_translate import StreamTranslator, from_anthropic, to_anthropic
 from gateway.providers.base import bad_response, incomplete_stream, map_upstream_status
-from gateway.sse import iter_events
-from gateway.types import RequestContext, Route
-from gateway.upstream import Upstream
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import InvalidRequest
-from gateway.sse import DONE, data_event
-from gateway.types import Usage
+from core.errors import InvalidRequest
+from core.sse import DONE, data_event
+from core.types import Usage
 
 FINISH_REASONS = {
     "end_turn": "stop",

@@ -9,14 +9,14 @@ from typing import Protocol
 
 import orjson
 
-from gateway.errors import (
+from core.errors import (
     GatewayError,
     UpstreamError,
     UpstreamTimeout,
     upstream_client_error,
     upstream_rate_limited,
 )
-from gateway.types import RequestContext, Route
+from core.types import RequestContext, Route
 
 
 class ProviderAdapter(Protocol):

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from gateway.config import Provider
-from gateway.errors import GatewayError
+from core.config import Provider
+from core.errors import GatewayError
+from core.types import RequestContext, Route
 from gateway.providers.base import ProviderAdapter
 from gateway.providers.scrub import Scrubber, safe_field
-from gateway.types import RequestContext, Route
 
 
 class GuardedAdapter:

@@ -24,11 +24,11 @@ from typing import Any
 
 import orjson
 
-from gateway.config import Provider
-from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
+from core.config import Provider
+from core.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
+from core.sse import DONE, data_event
+from core.types import RequestContext, Route, Usage
 from gateway.providers.base import map_upstream_status
-from gateway.sse import DONE, data_event
-from gateway.types import RequestContext, Route, Usage
 
 _litellm: Any = None
 

@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 
-from gateway.config import Provider
+from core.config import Provider
+from core.sse import EventSplitter
+from core.types import RequestContext, Route, Usage
+from core.upstream import Upstream
 from gateway.providers.base import bad_response, error_from_response, incomplete_stream, stream_error
-from gateway.sse import EventSplitter
-from gateway.types import RequestContext, Route, Usage
-from gateway.upstream import Upstream
 
 
 class OpenAIAdapter:

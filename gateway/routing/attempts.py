@@ -18,11 +18,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from gateway import metrics
-from gateway.errors import GatewayError, InvalidRequest, RateLimited, ServiceUnavailable, UpstreamError
+from core import metrics
+from core.errors import GatewayError, InvalidRequest, RateLimited, ServiceUnavailable, UpstreamError
+from core.types import RequestContext, Route
 from gateway.routing import health
 from gateway.routing.router import Group, Router
-from gateway.types import RequestContext, Route
 
 T = TypeVar("T")
 

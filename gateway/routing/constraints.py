@@ -8,9 +8,9 @@ data retention) are always added: a request cannot opt out of them.
 
 from __future__ import annotations
 
-from gateway.config import STRATEGIES, Config
-from gateway.errors import InvalidRequest
-from gateway.types import NO_CONSTRAINTS, Constraints, Identity
+from core.config import STRATEGIES, Config
+from core.errors import InvalidRequest
+from core.types import NO_CONSTRAINTS, Constraints, Identity
 
 
 def _number(raw: bytes, name: str) -> float:

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from gateway.config import Circuit, Deployment
+from core.config import Circuit, Deployment
 
 CLOSED, HALF_OPEN, OPEN = 0, 1, 2
 KEY_DISABLED_FOR = 3600.0

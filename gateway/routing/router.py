@@ -17,14 +17,14 @@ import logging
 import random
 from collections.abc import Callable
 
-from gateway import metrics
-from gateway.config import Config, Model
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, UpstreamError
+from core import metrics
+from core.config import Config, Model
+from core.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, UpstreamError
+from core.prices import deployment_prices
+from core.types import NO_CONSTRAINTS, Constraints, RequestContext, Route, excerpt
 from gateway.routing import health
 from gateway.routing.health import KEY_DISABLED_FOR, DeploymentState, KeyState, ProviderKeys, key_id
-from gateway.routing.prices import deployment_prices
 from gateway.routing.ratelimits import read as read_ratelimits
-from gateway.types import NO_CONSTRAINTS, Constraints, RequestContext, Route, excerpt
 
 log = logging.getLogger("gateway.routing")
 

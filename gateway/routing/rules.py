@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gateway.config import RuleCondition
-from gateway.types import RequestContext
+from core.config import RuleCondition
+from core.types import RequestContext
 
 
 def _has_images(body: dict) -> bool:

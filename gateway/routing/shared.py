@@ -15,8 +15,8 @@ import time
 
 import orjson
 
-from gateway.background import stop_task
-from gateway.pubsub import listen_forever
+from core.background import stop_task
+from core.pubsub import listen_forever
 from gateway.routing.router import Router
 
 log = logging.getLogger("gateway.routing")

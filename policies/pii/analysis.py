@@ -35,7 +35,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway import metrics
+from core import metrics
 
 log = logging.getLogger("gateway.pii")
 

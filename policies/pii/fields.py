@@ -257,7 +257,7 @@ def _encoding_name(model: str) -> str | None:
 def _load(name: str):
     """A tiktoken encoding from the files bundled with litellm: never downloaded."""
     if "TIKTOKEN_CACHE_DIR" not in os.environ:
-        from gateway.routing.prices import tokenizer_dir
+        from core.prices import tokenizer_dir
 
         folder = tokenizer_dir()
         if folder is not None:

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import orjson
 
-from gateway.config import Pii, PiiPolicy
-from gateway.errors import InvalidRequest, ServiceUnavailable
-from gateway.types import Identity
+from core.config import Pii, PiiPolicy
+from core.errors import InvalidRequest, ServiceUnavailable
+from core.pii_entities import BUILTIN, EntityType, custom_entity
+from core.types import Identity
 from policies.pii import fields
 from policies.pii.analysis import Analyzer, CustomRecognizer, Spec
 from policies.pii.anonymize import Vault, apply
-from policies.pii.entities import BUILTIN, EntityType, custom_entity
 
 log = logging.getLogger("gateway.pii")
 

@@ -26,7 +26,7 @@ import httpx
 import pytest
 import redis
 
-from gateway.config import Alerts, ConfigError, load_config
+from core.config import Alerts, ConfigError, load_config
 from policies.alerts import GROUP, budget_signing_key
 from policies.engine import ALERT_STREAM
 from policies.webhooks import AddressRefused, NetworkPolicy, WebhookSender, check_webhook_url

@@ -468,7 +468,7 @@ def test_item6_negative_cache_evicts_least_recently_used_not_everything(services
     """In process, over the real database: at its bound the negative cache drops the oldest
     entry, not all of them (which let a flood of unique tokens undo it)."""
     import policies.auth as auth
-    from gateway.config import Config
+    from core.config import Config
 
     monkeypatch.setattr(auth, "_NEGATIVE_MAX", 10)
     lookups = Counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import cache
 
-from gateway.routing.prices import tokenizer_dir
+from core.prices import tokenizer_dir
 
 _PER_MESSAGE = 3  # role and separators, as OpenAI counts them
 _PER_IMAGE = 85  # a low-detail image tile; a floor, not an exact figure

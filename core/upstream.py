@@ -10,8 +10,8 @@ import asyncio
 
 import aiohttp
 
-from gateway.config import Timeouts
-from gateway.errors import UpstreamError, UpstreamTimeout
+from core.config import Timeouts
+from core.errors import UpstreamError, UpstreamTimeout
 
 
 class Upstream:

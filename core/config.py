@@ -371,7 +371,7 @@ def _infer_modes(cfg: Config, problems: list[str]) -> None:
     """Sets the mode of each model group configured without one, from the bundled model map
     (read as a file, nothing downloaded): ``embedding`` when the map files its deployments as
     embedding models, or, for a group of rules, when every group its rules use is one."""
-    from gateway.routing.prices import model_mode
+    from core.prices import model_mode
 
     providers = {p.name: p for p in cfg.providers}
     for i, m in enumerate(cfg.models):
@@ -432,7 +432,7 @@ def _cross_check(cfg: Config, problems: list[str]) -> None:
 
 
 def _check_pii(cfg: Config, problems: list[str]) -> None:
-    from policies.pii.entities import BUILTIN
+    from core.pii_entities import BUILTIN
 
     pii = cfg.pii
     custom = {r.name for r in pii.recognizers}

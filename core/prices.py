@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 if TYPE_CHECKING:
-    from gateway.config import Deployment, Provider
+    from core.config import Deployment, Provider
 
 # The map's modes the gateway serves, and the endpoint each is served on.
 _MODES = {"embedding": "embedding", "chat": "chat", "completion": "chat", "responses": "chat"}

@@ -10,7 +10,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import orjson
 
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
+from core.errors import GatewayError, InvalidRequest, PayloadTooLarge
 
 JSON = b"application/json"
 # A caller's own request id: visible ASCII (spaces inside allowed), at most 512 characters,

@@ -125,7 +125,7 @@ class RequestContext:
     def prompt_tokens(self) -> int:
         """Counted once, and only when something needs it (tiktoken, offline)."""
         if self._prompt_tokens is None:
-            from gateway.routing.tokens import count_prompt
+            from core.tokens import count_prompt
 
             self._prompt_tokens = count_prompt(self.body)
         return self._prompt_tokens
