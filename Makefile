@@ -33,3 +33,18 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache
+
+# Locust against a running gateway (GATEWAY_URL, GATEWAY_API_KEY), in a venv of its own so the
+# gateway's lock stays lean; the summary goes to loadtest/results/locust-latest.md.
+.PHONY: loadtest
+LOCUST_VENV := .venv-locust
+LOCUST_STAMP := $(LOCUST_VENV)/.installed
+
+$(LOCUST_STAMP): loadtest/requirements-locust.txt
+	@test -x $(LOCUST_VENV)/bin/python || $(PY) -m venv $(LOCUST_VENV)
+	@echo '*' > $(LOCUST_VENV)/.gitignore
+	$(LOCUST_VENV)/bin/python -m pip install -q --disable-pip-version-check -r loadtest/requirements-locust.txt
+	@touch $(LOCUST_STAMP)
+
+loadtest: $(LOCUST_STAMP)
+	$(LOCUST_VENV)/bin/python -m loadtest.locust_summary $(ARGS)
