@@ -25,8 +25,10 @@ WORKDIR /src
 COPY requirements.lock ./
 RUN python -m pip install --only-binary=:all: -r requirements.lock
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY gateway ./gateway
 COPY policies ./policies
+COPY runtime ./runtime
 COPY loadtest ./loadtest
 RUN python -m pip install --no-deps . \
  && gateway --help > /dev/null
