@@ -1,0 +1,127 @@
+"""The durable side of conversation memory: conversations and their messages in PostgreSQL.
+
+Nothing here runs on the request path of an agent turn, with one exception: ``recent`` reloads
+the window of a conversation Redis no longer holds (expired after its TTL, or evicted), which
+also covers the first turn of a new conversation (one indexed lookup that finds nothing).
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import orjson
+
+from runtime.runs import _clean_nul, tenant_transaction
+
+# One stream entry per stored turn: ``r`` the turn as JSON (tenant, agent_id, external_id,
+# request_id, prompt_version, variant, ts, messages), ``s`` the seq of its first message.
+_UPSERT_CONVERSATIONS = """
+INSERT INTO conversations (id, tenant, agent_id, external_id, created_at, last_at)
+SELECT 'conv_' || replace(gen_random_uuid()::text, '-', ''), tenant, agent_id, external_id, min(ts), min(ts)
+FROM (SELECT r->>'tenant' AS tenant, r->>'agent_id' AS agent_id, r->>'external_id' AS external_id,
+             to_timestamp((r->>'ts')::float8) AS ts
+      FROM memory_raw) x
+GROUP BY tenant, agent_id, external_id
+ORDER BY tenant, agent_id, external_id
+ON CONFLICT (tenant, agent_id, external_id) DO NOTHING
+"""
+
+# Messages already present (a replayed batch) are skipped, and only what was inserted counts
+# toward the conversation's turns and last activity: replaying a batch changes nothing.
+_INSERT_MESSAGES = """
+WITH inserted AS (
+    INSERT INTO messages (tenant, conversation_id, seq, role, content, request_id, prompt_version, variant,
+                          created_at)
+    SELECT c.tenant, c.id, raw.s + m.i - 1, COALESCE(m.msg->>'role', 'user'), m.msg, raw.r->>'request_id',
+           (raw.r->>'prompt_version')::int, raw.r->>'variant', to_timestamp((raw.r->>'ts')::float8)
+    FROM memory_raw raw
+    JOIN conversations c ON c.tenant = raw.r->>'tenant' AND c.agent_id = raw.r->>'agent_id'
+                        AND c.external_id = raw.r->>'external_id'
+    CROSS JOIN LATERAL jsonb_array_elements(raw.r->'messages') WITH ORDINALITY AS m(msg, i)
+    ORDER BY c.id, raw.s + m.i - 1
+    ON CONFLICT (conversation_id, seq) DO NOTHING
+    RETURNING conversation_id, role, created_at
+), touched AS (
+    SELECT conversation_id, count(*) FILTER (WHERE role = 'user') AS turns, max(created_at) AS last_at
+    FROM inserted GROUP BY conversation_id
+)
+UPDATE conversations c
+SET turns = c.turns + touched.turns, last_at = greatest(c.last_at, touched.last_at)
+FROM touched WHERE c.id = touched.conversation_id
+"""
+
+
+async def write_turns(conn: asyncpg.Connection, entries: list[dict]) -> None:
+    """Writes stream entries (fields ``r`` and ``s``) inside the caller's transaction."""
+    rows = [(_clean_nul(e[b"r"]), int(e[b"s"])) for e in entries if b"r" in e and b"s" in e]
+    if not rows:
+        return
+    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS memory_raw (r jsonb, s integer) ON COMMIT DELETE ROWS")
+    await conn.copy_records_to_table("memory_raw", records=rows, columns=("r", "s"))
+    await conn.execute(_UPSERT_CONVERSATIONS)
+    await conn.execute(_INSERT_MESSAGES)
+
+
+async def recent(
+    pool: asyncpg.Pool, tenant: str, agent_id: str, external_id: str, limit: int
+) -> list[tuple[int, dict]]:
+    """The conversation's last ``limit`` messages as (seq, message), oldest first."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """SELECT m.seq, m.content FROM conversations c
+               JOIN messages m ON m.conversation_id = c.id AND m.tenant = c.tenant
+               WHERE c.tenant = $1 AND c.agent_id = $2 AND c.external_id = $3
+               ORDER BY m.seq DESC LIMIT $4""",
+            tenant,
+            agent_id,
+            external_id,
+            limit,
+        )
+    return [(r["seq"], _json(r["content"])) for r in reversed(rows)]
+
+
+async def history(
+    pool: asyncpg.Pool, tenant: str | None, agent_id: str, external_id: str, limit: int = 100
+) -> list[dict]:
+    """The conversation's last ``limit`` messages, oldest first, each with what produced it."""
+    sql = """SELECT m.seq, m.content, m.request_id, m.prompt_version, m.variant, m.created_at
+             FROM conversations c JOIN messages m ON m.conversation_id = c.id AND m.tenant = c.tenant
+             WHERE c.agent_id = $1 AND c.external_id = $2 {tenant}
+             ORDER BY m.seq DESC LIMIT $3"""
+    args: tuple = (agent_id, external_id, limit)
+    if tenant is not None:
+        args += (tenant,)
+    async with tenant_transaction(pool, tenant) as conn:
+        rows = await conn.fetch(sql.format(tenant="AND c.tenant = $4" if tenant is not None else ""), *args)
+    return [
+        {
+            "seq": r["seq"],
+            "message": _json(r["content"]),
+            "request_id": r["request_id"],
+            "prompt_version": r["prompt_version"],
+            "variant": r["variant"],
+            "created_at": r["created_at"].timestamp(),
+        }
+        for r in reversed(rows)
+    ]
+
+
+async def conversation(pool: asyncpg.Pool, tenant: str | None, agent_id: str, external_id: str) -> dict | None:
+    """The conversation's row (our id, turns, status, held_by_human, ...), or None."""
+    sql = "SELECT * FROM conversations WHERE agent_id = $1 AND external_id = $2"
+    args: tuple = (agent_id, external_id)
+    if tenant is not None:
+        sql += " AND tenant = $3"
+        args += (tenant,)
+    async with tenant_transaction(pool, tenant) as conn:
+        row = await conn.fetchrow(sql, *args)
+    if row is None:
+        return None
+    out = dict(row)
+    out["metadata"] = _json(out["metadata"]) if out["metadata"] is not None else None
+    out["created_at"] = out["created_at"].timestamp()
+    out["last_at"] = out["last_at"].timestamp()
+    return out
+
+
+def _json(value):
+    return orjson.loads(value) if isinstance(value, str | bytes) else value

@@ -1,0 +1,398 @@
+"""Agent run records: one row per agent turn, every step of it, written off the request path.
+
+``RunRecorder.record(run)`` returns at once: the run is bounded (steps, string lengths), encoded
+and buffered; a flusher task appends the buffer to a Redis stream (one pipelined round trip for
+however many runs gathered), and a ``StreamWriter`` moves the stream into PostgreSQL in
+batches, acknowledging entries only after their transaction committed. A batch written twice
+inserts once (the key is the gateway's request id, never the caller's). If Redis cannot take
+the runs, the flusher writes them to PostgreSQL itself.
+
+``StreamWriter`` is the ledger's pattern (policies/ledger.py) made generic, since a domain
+cannot import policies: consumer group, batch, write in one transaction, ack after commit,
+claim entries of consumers that died (SIGKILL). ``runtime.memory`` uses it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import orjson
+from redis.exceptions import ResponseError
+
+from core.background import pause, stop_task
+
+log = logging.getLogger("gateway.runs")
+
+RUNS_STREAM = "gw:{gw}:runs"
+RUNS_GROUP = "run-writers"
+
+MAX_STEPS = 64  # steps kept per run; the rest are counted in a final {"kind": "omitted"} step
+MAX_TEXT = 200  # characters kept of any string field
+MAX_BUFFER = 10_000  # runs waiting for Redis in this process; beyond that the oldest are dropped
+
+Writer = Callable[[asyncpg.Connection, list[dict]], Awaitable[None]]
+
+
+def _clean_nul(raw: bytes) -> str:
+    # jsonb cannot hold U+0000, which a client can put in any string it sends (see the ledger)
+    return raw.replace(b"\\u0000", b"\\ufffd").decode()
+
+
+class StreamWriter:
+    """Moves the entries of one Redis stream to PostgreSQL with ``write(conn, entries)`` (each
+    entry its fields, as a dict of bytes), called inside a transaction."""
+
+    def __init__(
+        self,
+        redis,
+        pool: asyncpg.Pool,
+        *,
+        stream: str,
+        group: str,
+        write: Writer,
+        batch: int = 500,
+        claim_idle: float = 15.0,
+        linger: float = 0.2,
+        block_ms: int = 500,
+    ) -> None:
+        self._redis = redis
+        self._pool = pool
+        self.stream = stream
+        self.group = group
+        self._write = write
+        self._batch = batch
+        self._claim_idle_ms = int(claim_idle * 1000)
+        self._linger = linger
+        self._block_ms = block_ms
+        self._name = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+        self._own_pending = True  # entries read but not acknowledged (after a failed write)
+
+    async def start(self) -> None:
+        await self._ensure_group()
+        self._task = asyncio.create_task(self._run(), name=f"stream-writer {self.stream}")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Writes what this process appended and its own pending entries; gives up after
+        ``grace`` seconds (what is left stays in the stream for another replica or the next start)."""
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+            await stop_task(self._task)
+        self._own_pending = True
+        try:
+            await asyncio.wait_for(self.drain(), grace)
+        except Exception as exc:
+            log.warning("%s: final flush failed, entries stay in the stream: %s", self.stream, exc)
+
+    async def drain(self) -> int:
+        """Writes everything readable now (own pending entries, then new ones), without blocking."""
+        return await self._drain_once(block=None)
+
+    async def _ensure_group(self) -> None:
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+            await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+
+    async def _run(self) -> None:
+        idle_rounds = 0
+        while not self._stopping.is_set():
+            try:
+                wrote = await self._drain_once(block=self._block_ms)
+                idle_rounds = 0 if wrote else idle_rounds + 1
+                if idle_rounds % 20 == 0:
+                    await self._claim_stale()
+                if 0 < wrote < self._batch:  # a trickle: let the next batch gather
+                    await pause(self._stopping, self._linger)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._own_pending = True
+                if "NOGROUP" in str(exc):  # Redis lost the group (restart without persistence)
+                    with contextlib.suppress(Exception):
+                        await self._ensure_group()
+                log.warning("%s: write failed, will retry: %s", self.stream, exc)
+                await pause(self._stopping, 1.0)
+
+    async def _read(self, start: str, block: int | None) -> list[tuple[bytes, dict]]:
+        reply = await self._redis.xreadgroup(
+            self.group, self._name, {self.stream: start}, count=self._batch, block=block
+        )
+        if not reply:
+            return []
+        # RESP2 answers a list of [stream, entries]; RESP3 a dict {stream: [entries]}
+        entries = next(iter(reply.values()))[0] if isinstance(reply, dict) else reply[0][1]
+        return [(entry_id, fields or {}) for entry_id, fields in entries]
+
+    async def _drain_once(self, block: int | None) -> int:
+        total = 0
+        for start in ("0", ">") if self._own_pending else (">",):
+            while True:
+                entries = await self._read(start, block if start == ">" else None)
+                if not entries:
+                    break
+                await self._commit(entries)
+                total += len(entries)
+                if len(entries) < self._batch:
+                    break
+            if start == "0":
+                self._own_pending = False
+        return total
+
+    async def _commit(self, entries: list[tuple[bytes, dict]]) -> None:
+        records = [fields for _, fields in entries if fields]  # (a deleted entry has none)
+        if records:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._write(conn, records)
+        ids = [i for i, _ in entries]
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xack(self.stream, self.group, *ids)
+        pipe.xdel(self.stream, *ids)
+        await pipe.execute()
+
+    async def _claim_stale(self) -> None:
+        """Entries a dead consumer read but never acknowledged become ours."""
+        start = "0-0"
+        while True:
+            result = await self._redis.xautoclaim(
+                self.stream, self.group, self._name, self._claim_idle_ms, start_id=start, count=self._batch
+            )
+            start, claimed = result[0], list(result[1])
+            if claimed:
+                await self._commit([(i, f or {}) for i, f in claimed])
+            if start in (b"0-0", "0-0"):
+                return
+
+
+# --- run records -------------------------------------------------------------------------------
+
+_STEP_INTS = ("step", "arguments_bytes", "result_bytes")
+_STEP_TEXTS = ("kind", "name", "status", "deployment", "error")
+
+
+def _text(value, limit: int = MAX_TEXT) -> str | None:
+    if value is None:
+        return None
+    return str(value)[:limit]
+
+
+def _int(value) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return max(-(2**31), min(2**31 - 1, number))
+
+
+def _float(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _tokens(value) -> int | dict | None:
+    if isinstance(value, dict):
+        return {str(k)[:40]: _int(v) for k, v in list(value.items())[:4]}
+    return _int(value)
+
+
+def bound_step(step: dict) -> dict:
+    out: dict = {}
+    for key in _STEP_INTS:
+        if step.get(key) is not None:
+            out[key] = _int(step[key])
+    for key in _STEP_TEXTS:
+        if step.get(key) is not None:
+            out[key] = _text(step[key])
+    if step.get("duration_ms") is not None:
+        out["duration_ms"] = _float(step["duration_ms"])
+    if step.get("tokens") is not None:
+        out["tokens"] = _tokens(step["tokens"])
+    return out
+
+
+def bound_run(run: dict) -> dict:
+    """The run as stored: known fields only, every string and the list of steps bounded."""
+    steps = [bound_step(s) for s in (run.get("steps") or [])[:MAX_STEPS] if isinstance(s, dict)]
+    omitted = len(run.get("steps") or []) - MAX_STEPS
+    if omitted > 0:
+        steps.append({"kind": "omitted", "count": omitted})
+    return {
+        "request_id": _text(run["request_id"]),
+        "tenant": _text(run.get("tenant") or "default"),
+        "agent": _text(run.get("agent")),
+        "agent_id": _text(run.get("agent_id")),
+        "prompt_version": _int(run.get("prompt_version")),
+        "variant": _text(run.get("variant")),
+        "conversation_id": _text(run.get("conversation_id"), 256),
+        "status": _int(run.get("status")),
+        "degraded": bool(run.get("degraded")),
+        "escalated": bool(run.get("escalated")),
+        "memory_error": _text(run.get("memory_error")),
+        "steps": steps,
+        "latency_ms": _float(run.get("latency_ms")),
+        "ts": _float(run.get("ts")) or time.time(),
+    }
+
+
+def encode_run(run: dict) -> bytes:
+    """The stream entry's ``r`` field (for a caller that appends runs in a round trip of its own)."""
+    return orjson.dumps(bound_run(run))
+
+
+_RUN_COLUMNS = (
+    ("request_id", "r->>'request_id'"),
+    ("tenant", "r->>'tenant'"),
+    ("agent", "r->>'agent'"),
+    ("agent_id", "r->>'agent_id'"),
+    ("prompt_version", "(r->>'prompt_version')::int"),
+    ("variant", "r->>'variant'"),
+    ("conversation_id", "r->>'conversation_id'"),
+    ("status", "(r->>'status')::int"),
+    ("degraded", "COALESCE((r->>'degraded')::boolean, false)"),
+    ("escalated", "COALESCE((r->>'escalated')::boolean, false)"),
+    ("memory_error", "r->>'memory_error'"),
+    ("steps", "COALESCE(r->'steps', '[]'::jsonb)"),
+    ("latency_ms", "(r->>'latency_ms')::real"),
+    ("created_at", "to_timestamp((r->>'ts')::float8)"),
+)
+_INSERT_RUNS = (
+    f"INSERT INTO runs ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
+    f"SELECT {', '.join(e for _, e in _RUN_COLUMNS)} FROM runs_raw "
+    "WHERE r->>'request_id' IS NOT NULL ON CONFLICT (request_id) DO NOTHING"
+)
+
+
+async def write_runs(conn: asyncpg.Connection, raw: list[bytes]) -> None:
+    """COPY the encoded runs into a temporary table and insert what is new (call it inside a
+    transaction): a batch written twice inserts once."""
+    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS runs_raw (r jsonb) ON COMMIT DELETE ROWS")
+    await conn.copy_records_to_table("runs_raw", records=[(_clean_nul(r),) for r in raw], columns=("r",))
+    await conn.execute(_INSERT_RUNS)
+
+
+async def _write_run_entries(conn: asyncpg.Connection, entries: list[dict]) -> None:
+    await write_runs(conn, [e[b"r"] for e in entries if b"r" in e])
+
+
+_SCOPE_SQL = "SELECT set_config('gateway.tenant', $1, true), set_config('role', 'gateway_tenant', true)"
+
+
+@contextlib.asynccontextmanager
+async def tenant_transaction(pool: asyncpg.Pool, tenant: str | None):
+    """As ``gateway.db.tenant_transaction`` (a domain cannot import it): a transaction that sees
+    only ``tenant``'s rows under row-level security; ``None`` is the super-admin."""
+    async with pool.acquire() as conn, conn.transaction():
+        if tenant is not None:
+            await conn.execute(_SCOPE_SQL, tenant)
+        yield conn
+
+
+class RunRecorder:
+    def __init__(self, pool: asyncpg.Pool, redis, *, batch: int = 500, claim_idle: float = 15.0) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._writer = StreamWriter(
+            redis, pool, stream=RUNS_STREAM, group=RUNS_GROUP, write=_write_run_entries, batch=batch,
+            claim_idle=claim_idle,
+        )  # fmt: skip
+        self._buffer: collections.deque[bytes] = collections.deque()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._flusher: asyncio.Task | None = None
+        self.dropped = 0  # runs lost because the buffer overflowed while Redis and PostgreSQL were down
+
+    async def start(self) -> None:
+        await self._writer.start()
+        self._flusher = asyncio.create_task(self._flush_loop(), name="run-recorder")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._flusher is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._flusher), 10)
+            await stop_task(self._flusher)
+        if self._buffer:  # the loop gave up: last try, straight to PostgreSQL
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._write_direct(list(self._buffer)), 10)
+                self._buffer.clear()
+        await self._writer.stop()
+
+    def record(self, run: dict) -> None:
+        """Queues the run (returns at once; never raises for a malformed run, which is logged)."""
+        try:
+            encoded = encode_run(run)
+        except Exception as exc:
+            log.warning("run record not encodable, dropped: %s", type(exc).__name__)
+            return
+        if len(self._buffer) >= MAX_BUFFER:
+            self._buffer.popleft()
+            self.dropped += 1
+        self._buffer.append(encoded)
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Appends what is buffered to the stream and writes the stream to PostgreSQL now."""
+        await self._flush_buffer()
+        await self._writer.drain()
+
+    async def get(self, tenant: str | None, request_id: str) -> dict | None:
+        """The run of one request (``tenant`` None: any tenant's, for the super-admin)."""
+        sql = "SELECT * FROM runs WHERE request_id = $1" + (" AND tenant = $2" if tenant is not None else "")
+        args = (request_id, tenant) if tenant is not None else (request_id,)
+        async with tenant_transaction(self._pool, tenant) as conn:
+            row = await conn.fetchrow(sql, *args)
+        if row is None:
+            return None
+        out = dict(row)
+        out["steps"] = orjson.loads(out["steps"]) if isinstance(out["steps"], str) else out["steps"]
+        out["created_at"] = out["created_at"].timestamp()
+        return out
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._flush_buffer()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("run records not stored yet, will retry: %s", exc)
+                await asyncio.sleep(1)
+                self._wake.set()
+            if self._stopping and not self._buffer:
+                return
+
+    async def _flush_buffer(self) -> None:
+        while self._buffer:
+            batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), 500))]
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for encoded in batch:
+                    pipe.xadd(RUNS_STREAM, {"r": encoded})
+                await asyncio.wait_for(pipe.execute(), 5)
+            except Exception as exc:
+                log.warning("run records: Redis unavailable (%s), writing to PostgreSQL directly", exc)
+                try:
+                    await asyncio.wait_for(self._write_direct(batch), 10)
+                except BaseException:
+                    self._buffer.extendleft(reversed(batch))
+                    raise
+
+    async def _write_direct(self, batch: list[bytes]) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await write_runs(conn, batch)

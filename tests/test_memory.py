@@ -1,0 +1,324 @@
+"""Conversation memory: the window in Redis, the messages in PostgreSQL (real Valkey and PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from core.errors import InvalidRequest
+from gateway.db import migrate
+from runtime import conversations
+from runtime.memory import (
+    MEMORY_GROUP,
+    MEMORY_STREAM,
+    Memory,
+    MemoryUnavailable,
+    check_conversation_id,
+    keys,
+    message_tokens,
+    window,
+)
+from runtime.runs import StreamWriter
+from runtime.types import Agent, MemorySettings
+from tests.conftest import free_port
+
+
+def _agent(tenant: str = "acme", **memory) -> Agent:
+    agent_id = f"agt_{uuid.uuid4().hex[:12]}"
+    return Agent(id=agent_id, tenant=tenant, name="support", model="gpt-mock", memory=MemorySettings(**memory))
+
+
+def _turn(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+
+
+def _tool_turn(i: int) -> list[dict]:
+    call = {"id": f"call_{i}", "type": "function", "function": {"name": "lookup", "arguments": '{"q": 1}'}}
+    return [
+        {"role": "user", "content": f"look up {i}"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": f"call_{i}", "content": "result " * 50},
+        {"role": "assistant", "content": f"found {i}"},
+    ]
+
+
+def _entries(messages: list[dict]) -> list[tuple[int, dict]]:
+    return [(message_tokens(m), m) for m in messages]
+
+
+async def _until(check, what: str, within: float = 20.0):
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.05)
+
+
+def _run(services, body):
+    """Runs ``body(memory, pool, redis)`` against the real services, the memory writer started."""
+
+    async def main():
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=4) as pool:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+            redis = aioredis.from_url(services[1])
+            memory = Memory(pool, redis)
+            await memory.start()
+            try:
+                await body(memory, pool, redis)
+            finally:
+                await memory.stop()
+                await redis.aclose()
+
+    asyncio.run(main())
+
+
+async def _rows(pool, tenant: str, agent_id: str, external_id: str) -> list:
+    return await pool.fetch(
+        """SELECT m.seq, m.role, m.content, m.request_id, m.prompt_version, m.variant FROM messages m
+           JOIN conversations c ON c.id = m.conversation_id
+           WHERE c.tenant = $1 AND c.agent_id = $2 AND c.external_id = $3 ORDER BY m.seq""",
+        tenant,
+        agent_id,
+        external_id,
+    )
+
+
+# --- the window (no I/O) ------------------------------------------------------------------------
+
+
+def test_window_keeps_the_last_turns_by_count():
+    messages = [m for i in range(5) for m in _turn(i)]
+    got = window(_entries(messages), MemorySettings(window_turns=2, window_tokens=100_000))
+    assert [m["content"] for m in got] == ["question 3", "answer 3", "question 4", "answer 4"]
+
+
+def test_window_keeps_whole_turns_within_the_token_budget():
+    messages = [m for i in range(5) for m in _turn(i)]
+    per_turn = sum(message_tokens(m) for m in _turn(4))
+    got = window(_entries(messages), MemorySettings(window_turns=20, window_tokens=2 * per_turn + per_turn // 2))
+    assert [m["content"] for m in got] == ["question 3", "answer 3", "question 4", "answer 4"]
+    # a budget smaller than the newest turn sends nothing rather than half a turn
+    assert window(_entries(messages), MemorySettings(window_tokens=per_turn - 1)) == []
+
+
+def test_window_never_separates_a_tool_call_from_its_result():
+    messages = [*_turn(0), *_tool_turn(1), *_turn(2)]
+    tool_turn = sum(message_tokens(m) for m in _tool_turn(1))
+    last = sum(message_tokens(m) for m in _turn(2))
+    # room for the last turn and most of the tool turn: the tool turn goes whole
+    got = window(_entries(messages), MemorySettings(window_tokens=last + tool_turn - 5))
+    assert [m["content"] for m in got] == ["question 2", "answer 2"]
+    got = window(_entries(messages), MemorySettings(window_tokens=last + tool_turn))
+    assert [m["role"] for m in got] == ["user", "assistant", "tool", "assistant", "user", "assistant"]
+    # a list trimmed in the middle of a turn (the Redis cap) starts at the next user message
+    got = window(_entries(messages[4:]), MemorySettings())
+    assert got[0] == {"role": "user", "content": "question 2"}
+
+
+def test_window_drops_tool_calls_left_unanswered_except_a_pending_client_call():
+    pending = {"id": "call_x", "type": "function", "function": {"name": "client_tool", "arguments": "{}"}}
+    abandoned = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [pending]}]
+    orphan_tool = [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "nope", "content": "r"}]
+    messages = [*abandoned, *orphan_tool, *abandoned]
+    got = window(_entries(messages), MemorySettings())
+    # the first abandoned call (followed by a user message) and the orphan tool result are gone;
+    # the last one is a client call whose result the client is about to send
+    assert got == [abandoned[0], orphan_tool[0], *abandoned]
+
+
+def test_conversation_id_is_bounded():
+    assert check_conversation_id("c-1") == "c-1"
+    for bad in ("", "x" * 257, 7, None, "a\x00b"):
+        with pytest.raises(InvalidRequest) as err:
+            check_conversation_id(bad)
+        assert err.value.param == "metadata.conversation_id"
+
+
+# --- Redis and PostgreSQL -----------------------------------------------------------------------
+
+
+def test_three_turns_appended_and_loaded_back(services):
+    async def body(memory: Memory, pool, redis):
+        tenant, conv = f"t-{uuid.uuid4().hex[:8]}", "conv-three"
+        agent = _agent(tenant)
+        assert await memory.load(tenant, agent, conv) == []
+        for i in range(3):
+            assert len(await memory.load(tenant, agent, conv)) == 2 * i
+            await memory.append(
+                tenant,
+                agent,
+                conv,
+                [{"role": "system", "content": "never stored"}, *_turn(i)],
+                request_id=f"req-{i}",
+                prompt_version=7,
+                variant="7",
+            )
+        loaded = await memory.load(tenant, agent, conv)
+        assert loaded == [m for i in range(3) for m in _turn(i)]
+        rows = await _until(
+            lambda: _rows_if(pool, tenant, agent.id, conv, 6), "messages in PostgreSQL"
+        )  # written by the background writer
+        assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5, 6]
+        assert [orjson.loads(r["content"]) for r in rows] == loaded
+        assert [r["request_id"] for r in rows] == ["req-0", "req-0", "req-1", "req-1", "req-2", "req-2"]
+        assert {(r["prompt_version"], r["variant"]) for r in rows} == {(7, "7")}
+        row = await memory.conversation(tenant, agent.id, conv)
+        assert row["turns"] == 3 and row["id"].startswith("conv_") and row["status"] == "active"
+        assert row["held_by_human"] is False and row["external_id"] == conv
+        history = await memory.history(tenant, agent.id, conv, limit=4)
+        assert [h["seq"] for h in history] == [3, 4, 5, 6] and history[-1]["message"] == _turn(2)[1]
+
+    _run(services, body)
+
+
+async def _rows_if(pool, tenant, agent_id, conv, n):
+    rows = await _rows(pool, tenant, agent_id, conv)
+    return rows if len(rows) >= n else None
+
+
+def test_expired_window_is_reloaded_from_postgres(services):
+    async def body(memory: Memory, pool, redis):
+        tenant, conv = f"t-{uuid.uuid4().hex[:8]}", "conv-expired"
+        agent = _agent(tenant)
+        for i in range(3):
+            await memory.append(tenant, agent, conv, _tool_turn(i), request_id=f"r{i}", prompt_version=1, variant=None)
+        before = await memory.load(tenant, agent, conv)
+        await _until(lambda: _rows_if(pool, tenant, agent.id, conv, 12), "messages in PostgreSQL")
+        window_key, seq_key = keys(tenant, agent.id, conv)
+        await redis.delete(window_key, seq_key)  # expired (or evicted)
+        assert await memory.load(tenant, agent, conv) == before
+        assert await redis.llen(window_key) == 12  # warmed again
+        # the seq counter was restored too: the next turn does not reuse stored numbers
+        await memory.append(tenant, agent, conv, _turn(9), request_id="r9", prompt_version=1, variant=None)
+        rows = await _until(lambda: _rows_if(pool, tenant, agent.id, conv, 14), "the new turn in PostgreSQL")
+        assert [r["seq"] for r in rows] == list(range(1, 15))
+        assert (await memory.load(tenant, agent, conv))[-2:] == _turn(9)
+
+    _run(services, body)
+
+
+def test_replayed_batch_writes_each_message_once(services):
+    async def body(memory: Memory, pool, redis):
+        tenant, conv = f"t-{uuid.uuid4().hex[:8]}", "conv-replay"
+        agent = _agent(tenant)
+        record = {
+            "tenant": tenant,
+            "agent_id": agent.id,
+            "external_id": conv,
+            "request_id": "req-1",
+            "prompt_version": 3,
+            "variant": None,
+            "ts": 1.7e9,
+            "messages": [*_turn(1), {"role": "user", "content": "nul \x00 inside"}],
+        }
+        entries = [{b"r": orjson.dumps(record), b"s": b"1"}]
+        for _ in range(3):  # the writer died after its commit, before its ack: the batch comes again
+            async with pool.acquire() as conn, conn.transaction():
+                await conversations.write_turns(conn, entries)
+        rows = await _rows(pool, tenant, agent.id, conv)
+        assert [r["seq"] for r in rows] == [1, 2, 3]
+        assert orjson.loads(rows[2]["content"])["content"] == "nul \ufffd inside"
+        assert (await memory.conversation(tenant, agent.id, conv))["turns"] == 2
+
+    _run(services, body)
+
+
+def test_entries_of_a_dead_writer_are_claimed_and_written_once(services):
+    async def body(memory: Memory, pool, redis):
+        tenant, conv = f"t-{uuid.uuid4().hex[:8]}", "conv-claim"
+        agent = _agent(tenant)
+        await memory.stop()  # this process's writer is away; a second one stands in below
+        await memory.append(tenant, agent, conv, _turn(1), request_id="r1", prompt_version=1, variant=None)
+        # a consumer reads the entry and dies (SIGKILL) before writing it
+        await redis.xreadgroup(MEMORY_GROUP, "dead-consumer", {MEMORY_STREAM: ">"}, count=10_000)
+        writer = StreamWriter(
+            redis, pool, stream=MEMORY_STREAM, group=MEMORY_GROUP, write=conversations.write_turns, claim_idle=0.0
+        )
+        await writer.start()
+        try:
+            rows = await _until(lambda: _rows_if(pool, tenant, agent.id, conv, 2), "claimed entries written")
+            assert [r["seq"] for r in rows] == [1, 2]
+        finally:
+            await writer.stop()
+        pending = await redis.xpending(MEMORY_STREAM, MEMORY_GROUP)
+        assert not any(c["name"] == b"dead-consumer" for c in pending.get("consumers") or [])
+
+    _run(services, body)
+
+
+def test_concurrent_appends_to_one_conversation_keep_distinct_seqs(services):
+    async def body(memory: Memory, pool, redis):
+        tenant, conv = f"t-{uuid.uuid4().hex[:8]}", "conv-race"
+        agent = _agent(tenant, window_turns=100, window_tokens=100_000)
+        second = Memory(pool, aioredis.from_url(services[1]))  # another replica, its own connection
+        try:
+            await asyncio.gather(
+                *(
+                    (memory if i % 2 else second).append(
+                        tenant, agent, conv, _turn(i), request_id=f"r{i}", prompt_version=1, variant=None
+                    )
+                    for i in range(20)
+                )
+            )
+        finally:
+            await second._redis.aclose()
+        loaded = await memory.load(tenant, agent, conv)
+        assert len(loaded) == 40
+        # each turn's messages stayed together, whichever order the turns landed in
+        for user, answer in zip(loaded[::2], loaded[1::2], strict=True):
+            assert user["content"].replace("question", "answer") == answer["content"]
+        rows = await _until(lambda: _rows_if(pool, tenant, agent.id, conv, 40), "40 messages in PostgreSQL")
+        assert [r["seq"] for r in rows] == list(range(1, 41))
+        assert [orjson.loads(r["content"]) for r in rows] == loaded
+
+    _run(services, body)
+
+
+def test_memory_unavailable_when_redis_is_down(services):
+    async def main():
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            redis = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+            memory = Memory(pool, redis)
+            agent = _agent()
+            try:
+                with pytest.raises(MemoryUnavailable) as err:
+                    await memory.load("acme", agent, "conv-down")
+                assert err.value.reason.startswith("redis: ")
+                with pytest.raises(MemoryUnavailable):
+                    await memory.append(
+                        "acme", agent, "conv-down", _turn(1), request_id="r", prompt_version=1, variant=None
+                    )
+            finally:
+                await redis.aclose()
+
+    asyncio.run(main())
+
+
+def test_history_is_tenant_isolated(services):
+    async def body(memory: Memory, pool, redis):
+        mine, theirs = f"t-{uuid.uuid4().hex[:8]}", f"t-{uuid.uuid4().hex[:8]}"
+        agent = _agent(mine)
+        await memory.append(mine, agent, "shared-id", _turn(1), request_id="r1", prompt_version=1, variant=None)
+        # the same agent id and conversation id under another tenant: a separate conversation
+        await memory.append(theirs, agent, "shared-id", _turn(2), request_id="r2", prompt_version=1, variant=None)
+        assert await memory.load(mine, agent, "shared-id") == _turn(1)
+        assert await memory.load(theirs, agent, "shared-id") == _turn(2)
+        await _until(lambda: _rows_if(pool, mine, agent.id, "shared-id", 2), "mine written")
+        await _until(lambda: _rows_if(pool, theirs, agent.id, "shared-id", 2), "theirs written")
+        assert [h["message"] for h in await memory.history(mine, agent.id, "shared-id")] == _turn(1)
+        assert [h["message"] for h in await memory.history(theirs, agent.id, "shared-id")] == _turn(2)
+        assert await memory.history(f"t-{uuid.uuid4().hex[:8]}", agent.id, "shared-id") == []
+        assert await memory.conversation(f"t-{uuid.uuid4().hex[:8]}", agent.id, "shared-id") is None
+        # the super-admin sees both
+        assert len(await memory.history(None, agent.id, "shared-id")) == 4
+
+    _run(services, body)
