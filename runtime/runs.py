@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 import orjson
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from core.background import pause, stop_task
 
@@ -79,7 +79,10 @@ class StreamWriter:
         self._own_pending = True  # entries read but not acknowledged (after a failed write)
 
     async def start(self) -> None:
-        await self._ensure_group()
+        try:
+            await self._ensure_group()
+        except (RedisError, OSError) as exc:  # Redis away for now: the loop creates it when back
+            log.warning("%s: consumer group not created yet: %s", self.stream, exc)
         self._task = asyncio.create_task(self._run(), name=f"stream-writer {self.stream}")
 
     async def stop(self, grace: float = 10.0) -> None:
