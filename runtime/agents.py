@@ -1,0 +1,601 @@
+"""The agent registry: every active agent of every tenant, with its prompt versions and labels,
+held in process so an agent turn reads no database (``AgentRegistry.get``).
+
+Writers (the admin API, the CLI) change PostgreSQL through the store functions below, then
+``announce``: a pub/sub message reloads that agent in every replica at once, and a version
+counter polled every second catches a replica that missed the message (a dropped subscription),
+so a moved label reaches every replica within about a second.
+
+The store functions take a connection inside the caller's transaction (tenant-walled for tenant
+admins) and raise ``InvalidRequest`` / ``NotFound`` naming the field; bad input changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+from typing import Any
+
+import orjson
+
+from core.background import stop_tasks
+from core.errors import InvalidRequest, NotFound
+from core.pubsub import listen_forever
+from runtime import experiments, prompts
+from runtime.types import Agent, MemorySettings, PromptVersion
+
+log = logging.getLogger("gateway.agents")
+
+CHANGED = "gateway:agents:changed"
+VERSION_KEY = "gateway:agents:version"
+POLL_S = 1.0
+ALL = "*"
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MAX_STEPS = 20
+MAX_FALLBACK = 4000
+MAX_DESCRIPTION = 2000
+MAX_NOTE = 2000
+MAX_KNOWLEDGE_BASES = 32
+MAX_VARIANTS = 10
+MAX_WEIGHT = 10_000
+SETTINGS = ("defaults", "tools", "builtins", "memory", "max_steps", "fallback_message", "knowledge_bases")
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(8)
+
+
+def _json(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+# ---- building agents from rows ------------------------------------------------------------------
+def version_from_row(row) -> PromptVersion:
+    created = row["created_at"]
+    return PromptVersion(
+        version=row["version"],
+        template=row["template"],
+        variables=_json(row["variables"]) or {},
+        note=row["note"],
+        created_at=created.timestamp() if hasattr(created, "timestamp") else float(created or 0),
+    )
+
+
+def agent_from_rows(row, versions: dict[int, PromptVersion], labels: dict[str, dict[int, int]]) -> Agent:
+    settings = _json(row["settings"]) or {}
+    tools: tuple = ()
+    if settings.get("tools"):
+        from runtime.tools import ToolConfigError, parse_tools
+
+        try:
+            tools = parse_tools(settings["tools"])
+        except ToolConfigError as exc:  # stored before a check got stricter: serve without them
+            log.error("agent %s: tools not loaded: %s", row["id"], exc)
+    memory = settings.get("memory") or {}
+    return Agent(
+        id=row["id"],
+        tenant=row["tenant"],
+        name=row["name"],
+        model=row["model"],
+        description=row["description"] or "",
+        defaults=settings.get("defaults") or {},
+        max_steps=int(settings.get("max_steps") or 5),
+        fallback_message=settings.get("fallback_message"),
+        tools=tools,
+        builtins=tuple(settings.get("builtins") or ()),
+        memory=MemorySettings(**{k: v for k, v in memory.items() if k in MemorySettings.__slots__}),
+        knowledge_bases=tuple(settings.get("knowledge_bases") or ()),
+        labels=labels,
+        versions=versions,
+        settings=settings,
+    )
+
+
+def target_from_json(value: Any) -> dict[int, int]:
+    return {int(k): int(v) for k, v in (_json(value) or {}).items()}
+
+
+# ---- the registry -------------------------------------------------------------------------------
+class AgentRegistry:
+    """Active agents by (tenant, name), in memory. ``get`` does no I/O."""
+
+    def __init__(self, pool, redis) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._agents: dict[str, dict[str, Agent]] = {}
+        self._by_id: dict[str, Agent] = {}
+        self._version: bytes | None = None
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+
+    def get(self, tenant: str, name: str) -> Agent | None:
+        return self._agents.get(tenant, {}).get(name)
+
+    def for_tenant(self, tenant: str) -> list[Agent]:
+        return sorted(self._agents.get(tenant, {}).values(), key=lambda a: a.name)
+
+    def by_id(self, agent_id: str) -> Agent | None:
+        return self._by_id.get(agent_id)
+
+    async def start(self) -> None:
+        await self.reload()
+        self._tasks = [
+            asyncio.create_task(listen_forever(self._redis, CHANGED, self._changed, self.reload), name="agent-changes"),
+            asyncio.create_task(self._poll(), name="agent-version"),
+        ]
+
+    async def stop(self) -> None:
+        await stop_tasks(self._tasks)
+        self._tasks = []
+
+    async def reload(self) -> None:
+        """Every active agent, read in one consistent snapshot."""
+        async with self._lock:
+            version = await self._read_version()
+            async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                rows = await conn.fetch(
+                    "SELECT id, tenant, name, model, description, settings FROM agents WHERE archived_at IS NULL"
+                )
+                vrows = await conn.fetch(
+                    """SELECT v.agent_id, v.version, v.template, v.variables, v.note, v.created_at
+                       FROM prompt_versions v JOIN agents a ON a.id = v.agent_id WHERE a.archived_at IS NULL"""
+                )
+                lrows = await conn.fetch(
+                    """SELECT l.agent_id, l.label, l.target
+                       FROM prompt_labels l JOIN agents a ON a.id = l.agent_id WHERE a.archived_at IS NULL"""
+                )
+            versions: dict[str, dict[int, PromptVersion]] = {}
+            for r in vrows:
+                versions.setdefault(r["agent_id"], {})[r["version"]] = version_from_row(r)
+            labels: dict[str, dict[str, dict[int, int]]] = {}
+            for r in lrows:
+                labels.setdefault(r["agent_id"], {})[r["label"]] = target_from_json(r["target"])
+            agents: dict[str, dict[str, Agent]] = {}
+            by_id: dict[str, Agent] = {}
+            for r in rows:
+                agent = agent_from_rows(r, versions.get(r["id"], {}), labels.get(r["id"], {}))
+                agents.setdefault(agent.tenant, {})[agent.name] = agent
+                by_id[agent.id] = agent
+            self._agents, self._by_id = agents, by_id
+            if version is not None:
+                self._version = version
+
+    async def reload_agent(self, agent_id: str) -> None:
+        async with self._lock:
+            async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                agent = await load_agent(conn, agent_id)
+            old = self._by_id.get(agent_id)
+            if old is not None:
+                self._agents.get(old.tenant, {}).pop(old.name, None)
+                self._by_id.pop(agent_id, None)
+            if agent is not None:
+                self._agents.setdefault(agent.tenant, {})[agent.name] = agent
+                self._by_id[agent.id] = agent
+
+    async def _changed(self, data) -> None:
+        agent_id = data.decode() if isinstance(data, bytes) else str(data)
+        try:
+            if agent_id == ALL or not agent_id.startswith("agt_"):
+                await self.reload()
+            else:
+                await self.reload_agent(agent_id)
+        except Exception as exc:  # the version poll retries
+            log.warning("agent reload failed: %s", exc)
+            self._version = None
+
+    async def _read_version(self) -> bytes | None:
+        try:
+            return await self._redis.get(VERSION_KEY)
+        except Exception:
+            return None
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                version = await self._redis.get(VERSION_KEY)
+                if version != self._version:
+                    await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("agent registry poll failed: %s", exc)
+
+
+async def announce(redis, agent_id: str | None = None) -> int:
+    """Tell every replica an agent changed (``None``: reload everything). Returns how many
+    processes heard the message; the version counter reaches the rest within a second."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.incr(VERSION_KEY)
+        pipe.publish(CHANGED, agent_id or ALL)
+        _, reached = await pipe.execute()
+    return reached
+
+
+# ---- checking input -----------------------------------------------------------------------------
+def check_name(name: Any, param: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidRequest(
+            "An agent name is 1-64 characters: lowercase letters, digits, '-' and '_', starting with a "
+            "letter or digit.",
+            param=param,
+            code="invalid_value",
+        )
+    return name
+
+
+def check_settings(data: dict, base: dict | None = None) -> dict:
+    """The agent's settings from admin input (only the keys given replace ``base``'s)."""
+    out = dict(base or {})
+    if "defaults" in data:
+        defaults = data["defaults"] if data["defaults"] is not None else {}
+        if not isinstance(defaults, dict):
+            raise InvalidRequest("'defaults' must be an object.", param="defaults", code="invalid_type")
+        if len(orjson.dumps(defaults)) > prompts.MAX_VALUES_BYTES:
+            raise InvalidRequest("'defaults' is too large.", param="defaults", code="invalid_value")
+        out["defaults"] = defaults
+    if "tools" in data:
+        tools = data["tools"] or []
+        from runtime.tools import ToolConfigError, parse_tools
+
+        try:
+            parse_tools(tools)
+        except ToolConfigError as exc:
+            raise InvalidRequest(f"Invalid tool: {exc}", param=exc.field, code="invalid_tool") from None
+        out["tools"] = tools
+    if "builtins" in data:
+        from runtime.tools import BUILTINS
+
+        builtins = data["builtins"] or []
+        if not isinstance(builtins, list) or not all(isinstance(b, str) for b in builtins):
+            raise InvalidRequest("'builtins' must be an array of names.", param="builtins", code="invalid_type")
+        for b in builtins:
+            if b not in BUILTINS:
+                raise InvalidRequest(
+                    f"Unknown built-in tool {b[:64]!r}; known: {', '.join(BUILTINS)}.",
+                    param="builtins",
+                    code="invalid_value",
+                )
+        out["builtins"] = sorted(set(builtins))
+    if "memory" in data:
+        out["memory"] = _check_memory(data["memory"])
+    if "max_steps" in data:
+        steps = data["max_steps"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+            raise InvalidRequest(
+                f"'max_steps' must be an integer from 1 to {MAX_STEPS}.", param="max_steps", code="invalid_value"
+            )
+        out["max_steps"] = steps
+    if "fallback_message" in data:
+        msg = data["fallback_message"]
+        if msg is not None and (
+            not isinstance(msg, str) or not msg.strip() or len(msg) > MAX_FALLBACK or "\x00" in msg
+        ):
+            raise InvalidRequest(
+                f"'fallback_message' must be a non-empty string of at most {MAX_FALLBACK} characters.",
+                param="fallback_message",
+                code="invalid_value",
+            )
+        out["fallback_message"] = msg
+    if "knowledge_bases" in data:
+        kbs = data["knowledge_bases"] or []
+        if (
+            not isinstance(kbs, list)
+            or len(kbs) > MAX_KNOWLEDGE_BASES
+            or not all(isinstance(k, str) and 0 < len(k) <= 128 and "\x00" not in k for k in kbs)
+        ):
+            raise InvalidRequest(
+                f"'knowledge_bases' must be an array of at most {MAX_KNOWLEDGE_BASES} names.",
+                param="knowledge_bases",
+                code="invalid_value",
+            )
+        out["knowledge_bases"] = kbs
+    return out
+
+
+_MEMORY_BOUNDS = {"window_turns": (1, 200), "window_tokens": (100, 200_000), "ttl_s": (60, 90 * 86400)}
+
+
+def _check_memory(value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest("'memory' must be an object.", param="memory", code="invalid_type")
+    out = {}
+    for key, v in value.items():
+        bounds = _MEMORY_BOUNDS.get(key)
+        if bounds is None:
+            raise InvalidRequest(
+                f"'memory' has unknown field {str(key)[:64]!r}; known: {', '.join(_MEMORY_BOUNDS)}.",
+                param=f"memory.{str(key)[:64]}",
+                code="invalid_value",
+            )
+        if not isinstance(v, int) or isinstance(v, bool) or not bounds[0] <= v <= bounds[1]:
+            raise InvalidRequest(
+                f"'memory.{key}' must be an integer from {bounds[0]} to {bounds[1]}.",
+                param=f"memory.{key}",
+                code="invalid_value",
+            )
+        out[key] = v
+    return out
+
+
+def check_note(note: Any) -> str | None:
+    if note is None:
+        return None
+    if not isinstance(note, str) or len(note) > MAX_NOTE or "\x00" in note:
+        raise InvalidRequest(f"'note' must be a string of at most {MAX_NOTE} characters.", param="note")
+    return note
+
+
+def check_target(value: Any, param: str = "variants") -> dict[int, int]:
+    """Weighted variants {"7": 50, "8": 50}: version numbers to positive integer weights."""
+    if not isinstance(value, dict) or not value or len(value) > MAX_VARIANTS:
+        raise InvalidRequest(f"'{param}' must be an object of 1 to {MAX_VARIANTS} versions and weights.", param=param)
+    out: dict[int, int] = {}
+    for key, weight in value.items():
+        if not isinstance(key, str) or not key.isdigit() or len(key) > 9 or int(key) < 1:
+            raise InvalidRequest(f"'{param}' keys must be version numbers.", param=param, code="invalid_value")
+        if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= MAX_WEIGHT:
+            raise InvalidRequest(
+                f"'{param}.{key}' must be a positive integer weight (at most {MAX_WEIGHT}).",
+                param=f"{param}.{key}",
+                code="invalid_value",
+            )
+        out[int(key)] = weight
+    return out
+
+
+# ---- the store ----------------------------------------------------------------------------------
+async def load_agent(conn, agent_id: str) -> Agent | None:
+    """One active agent with its versions and labels (admin reads and the registry's reloads)."""
+    row = await conn.fetchrow(
+        "SELECT id, tenant, name, model, description, settings FROM agents WHERE id = $1 AND archived_at IS NULL",
+        agent_id,
+    )
+    if row is None:
+        return None
+    vrows = await conn.fetch(
+        "SELECT version, template, variables, note, created_at FROM prompt_versions WHERE agent_id = $1", agent_id
+    )
+    lrows = await conn.fetch("SELECT label, target FROM prompt_labels WHERE agent_id = $1", agent_id)
+    versions = {r["version"]: version_from_row(r) for r in vrows}
+    labels = {r["label"]: target_from_json(r["target"]) for r in lrows}
+    return agent_from_rows(row, versions, labels)
+
+
+async def find_agents(conn, name: str, tenant: str | None) -> list[Agent]:
+    """Active agents named ``name`` (in ``tenant``, or in any tenant when None)."""
+    ids = await conn.fetch(
+        """SELECT id FROM agents WHERE name = $1 AND archived_at IS NULL AND ($2::text IS NULL OR tenant = $2)
+           ORDER BY tenant""",
+        name,
+        tenant,
+    )
+    out = []
+    for r in ids:
+        agent = await load_agent(conn, r["id"])
+        if agent is not None:
+            out.append(agent)
+    return out
+
+
+async def list_agents(conn, tenant: str | None) -> list[dict]:
+    rows = await conn.fetch(
+        """SELECT a.id, a.tenant, a.name, a.model, a.description, a.settings, a.created_at, a.updated_at,
+                  (SELECT max(version) FROM prompt_versions v WHERE v.agent_id = a.id) AS latest_version,
+                  (SELECT jsonb_object_agg(label, target) FROM prompt_labels l WHERE l.agent_id = a.id) AS labels
+           FROM agents a WHERE a.archived_at IS NULL AND ($1::text IS NULL OR a.tenant = $1)
+           ORDER BY a.tenant, a.name LIMIT 10000""",
+        tenant,
+    )
+    return [
+        {
+            "id": r["id"],
+            "object": "agent",
+            "tenant": r["tenant"],
+            "name": r["name"],
+            "model": r["model"],
+            "description": r["description"],
+            "latest_version": r["latest_version"],
+            "labels": {k: _public_target(target_from_json(v)) for k, v in (_json(r["labels"]) or {}).items()},
+            "created_at": r["created_at"],
+            "updated_at": r["updated_at"],
+        }
+        for r in rows
+    ]
+
+
+async def create_agent(
+    conn,
+    *,
+    tenant: str,
+    name: str,
+    model: str,
+    description: str,
+    settings: dict,
+    template: str,
+    variables: dict,
+    note: str | None = None,
+    created_by: str | None = None,
+) -> str:
+    """A new agent with version 1, labelled ``latest`` and ``production``. Returns its id."""
+    exists = await conn.fetchval(
+        "SELECT true FROM agents WHERE tenant = $1 AND name = $2 AND archived_at IS NULL", tenant, name
+    )
+    if exists:
+        raise InvalidRequest(f"An agent named {name!r} exists already.", param="name", code="agent_exists")
+    agent_id = new_id("agt_")
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                """INSERT INTO agents (id, tenant, name, model, description, settings)
+                   VALUES ($1, $2, $3, $4, $5, $6::jsonb)""",
+                agent_id,
+                tenant,
+                name,
+                model,
+                description,
+                _dumps(settings),
+            )
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) == "23505":
+            raise InvalidRequest(
+                f"An agent named {name!r} exists already.", param="name", code="agent_exists"
+            ) from None
+        raise
+    await _insert_version(conn, agent_id, tenant, 1, template, variables, note, created_by)
+    await _put_label(conn, agent_id, tenant, "latest", {1: 1})
+    await _put_label(conn, agent_id, tenant, "production", {1: 1})
+    return agent_id
+
+
+async def update_agent(conn, agent: Agent, model: str | None, description: str | None, settings: dict) -> None:
+    await conn.execute(
+        """UPDATE agents SET model = coalesce($2, model), description = coalesce($3, description),
+                             settings = $4::jsonb, updated_at = now()
+           WHERE id = $1 AND archived_at IS NULL""",
+        agent.id,
+        model,
+        description,
+        _dumps(settings),
+    )
+
+
+async def archive_agent(conn, agent: Agent) -> None:
+    await conn.execute("UPDATE agents SET archived_at = now(), updated_at = now() WHERE id = $1", agent.id)
+    await conn.execute("UPDATE experiments SET stopped_at = now() WHERE agent_id = $1 AND stopped_at IS NULL", agent.id)
+
+
+async def save_version(
+    conn,
+    agent: Agent,
+    template: str,
+    variables: dict,
+    note: str | None = None,
+    created_by: str | None = None,
+    labels: list[str] | tuple = (),
+) -> PromptVersion:
+    """The next version (the agent row is locked while it is numbered); ``latest`` and the
+    given labels move to it."""
+    locked = await conn.fetchval("SELECT id FROM agents WHERE id = $1 AND archived_at IS NULL FOR UPDATE", agent.id)
+    if locked is None:
+        raise NotFound(f"No agent named {agent.name!r}.", param="name")
+    number = await conn.fetchval(
+        "SELECT coalesce(max(version), 0) + 1 FROM prompt_versions WHERE agent_id = $1", agent.id
+    )
+    row = await _insert_version(conn, agent.id, agent.tenant, number, template, variables, note, created_by)
+    for label in ("latest", *labels):
+        await set_label(conn, agent, label, {number: 1}, known={number})
+    await conn.execute("UPDATE agents SET updated_at = now() WHERE id = $1", agent.id)
+    return version_from_row(row)
+
+
+async def _insert_version(conn, agent_id, tenant, number, template, variables, note, created_by):
+    return await conn.fetchrow(
+        """INSERT INTO prompt_versions (agent_id, tenant, version, template, variables, note, created_by)
+           VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)
+           RETURNING version, template, variables, note, created_at""",
+        agent_id,
+        tenant,
+        number,
+        template,
+        _dumps(variables),
+        note,
+        created_by,
+    )
+
+
+async def _put_label(conn, agent_id: str, tenant: str, label: str, target: dict[int, int]) -> None:
+    await conn.execute(
+        """INSERT INTO prompt_labels (agent_id, tenant, label, target) VALUES ($1, $2, $3, $4::jsonb)
+           ON CONFLICT (agent_id, label) DO UPDATE SET target = excluded.target, updated_at = now()""",
+        agent_id,
+        tenant,
+        label,
+        _dumps(_public_target(target)),
+    )
+
+
+async def set_label(
+    conn,
+    agent: Agent,
+    label: str,
+    target: dict[int, int],
+    *,
+    primary_metric: str | None = None,
+    known: set[int] | None = None,
+) -> str | None:
+    """Point ``label`` at one version or at weighted variants. Several variants start an
+    experiment on the label (ending the one running there); one version ends it. Returns the
+    id of the experiment started, if any."""
+    prompts.check_label(label)
+    existing = set(known or ()) | set(
+        await conn.fetchval(
+            "SELECT coalesce(array_agg(version), '{}') FROM prompt_versions WHERE agent_id = $1 AND version = ANY($2)",
+            agent.id,
+            list(target),
+        )
+    )
+    missing = sorted(set(target) - existing)
+    if missing:
+        raise NotFound(f"Agent {agent.name!r} has no prompt version {missing[0]}.", param="version")
+    await _put_label(conn, agent.id, agent.tenant, label, target)
+    await experiments.end_running(conn, agent.id, label)
+    if len(target) > 1:
+        return await experiments.start(
+            conn, agent.tenant, agent.id, label, _public_target(target), primary_metric or experiments.DEFAULT_METRIC
+        )
+    return None
+
+
+async def list_versions(conn, agent: Agent) -> list[dict]:
+    rows = await conn.fetch(
+        """SELECT version, note, created_at, created_by, length(template) AS template_chars, variables
+           FROM prompt_versions WHERE agent_id = $1 ORDER BY version DESC LIMIT 1000""",
+        agent.id,
+    )
+    by_version: dict[int, list[str]] = {}
+    for label, target in agent.labels.items():
+        for number in target:
+            by_version.setdefault(number, []).append(label)
+    return [
+        {
+            "version": r["version"],
+            "note": r["note"],
+            "created_at": r["created_at"],
+            "created_by": r["created_by"],
+            "template_chars": r["template_chars"],
+            "variables": _json(r["variables"]),
+            "labels": sorted(by_version.get(r["version"], [])),
+        }
+        for r in rows
+    ]
+
+
+def _public_target(target: dict[int, int]) -> dict[str, int]:
+    return {str(k): v for k, v in sorted(target.items())}
+
+
+def describe(agent: Agent) -> dict:
+    """An agent as the admin API shows it."""
+    settings = {k: agent.settings[k] for k in SETTINGS if k in agent.settings}
+    return {
+        "id": agent.id,
+        "object": "agent",
+        "tenant": agent.tenant,
+        "name": agent.name,
+        "model": agent.model,
+        "description": agent.description,
+        **settings,
+        "max_steps": agent.max_steps,
+        "latest_version": max(agent.versions) if agent.versions else None,
+        "labels": {k: _public_target(v) for k, v in sorted(agent.labels.items())},
+    }

@@ -1,0 +1,470 @@
+"""Prompt versions: which one a turn runs (``select``), rendering it with the request's variables
+(``render``), checking a template before it is saved (``check_template``, ``check_variables``)
+and comparing two versions (``diff``).
+
+Templates are Jinja2, rendered in a ``SandboxedEnvironment`` with strict undefined. A variable's
+value is data: it is inserted as text and never parsed as template code. Templates are written by
+tenant admins and rendered on every turn of a shared gateway, so the work one render may do is
+bounded, not just its access to Python internals:
+
+- at save, a template is at most ``MAX_TEMPLATE`` characters and uses only output, ``if`` and
+  ``for`` (no ``set``/``with``/macros/imports, no recursive loops, at most ``MAX_LOOP_DEPTH``
+  nested loops), filters from ``FILTERS``, and no attribute or key starting with ``_``;
+- when rendering, values are type-checked and bounded (``MAX_VALUES_BYTES`` in all, arrays of at
+  most ``MAX_ITEMS``), ``range`` is bounded, ``*``, ``**``, ``+`` and ``%`` refuse results that
+  would be large, methods are an allow-list with bounded numeric arguments, and the output is cut
+  off with an error past ``MAX_OUTPUT``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import re
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+from jinja2 import TemplateError, nodes, pass_eval_context
+from jinja2.exceptions import SecurityError, UndefinedError
+from jinja2.meta import find_undeclared_variables
+from jinja2.runtime import StrictUndefined
+from jinja2.sandbox import SandboxedEnvironment
+
+from core.errors import InvalidRequest, NotFound
+from runtime.types import Agent, PromptVersion, Selection
+
+MAX_TEMPLATE = 64 * 1024  # characters of one template
+MAX_OUTPUT = 256 * 1024  # characters of one rendered prompt
+MAX_VALUES_BYTES = 64 * 1024  # JSON size of all variable values of one render
+MAX_ITEMS = 256  # items of an array or object value, and of range()
+MAX_LOOP_DEPTH = 2
+MAX_ITERATIONS = 1024  # loop iterations of one render, nested loops included
+MAX_REFERENCES = 100  # variable references in one template
+MAX_NUMBER_ARG = 10_000  # largest integer a method call or repetition may take
+MAX_VARIABLES = 100
+MAX_DESCRIPTION = 1000
+TYPES = ("string", "number", "integer", "boolean", "array", "object")
+VARIABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+LABEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+# Filters whose output is bounded by their input (no padding, repetition or replacement).
+FILTERS = frozenset(
+    {
+        "abs", "capitalize", "count", "d", "default", "dictsort", "e", "escape", "first", "float",
+        "int", "items", "join", "last", "length", "list", "lower", "max", "min", "reverse", "round",
+        "sort", "string", "striptags", "sum", "title", "tojson", "trim", "truncate", "unique",
+        "upper", "urlencode", "wordcount", "selectattr", "rejectattr",
+    }
+)  # fmt: skip
+# Methods of values (str, list, dict) a template may call.
+METHODS = frozenset(
+    {
+        "lower", "upper", "title", "capitalize", "strip", "lstrip", "rstrip", "startswith", "endswith",
+        "split", "splitlines", "isdigit", "isalpha", "isalnum", "isspace", "islower", "isupper",
+        "count", "find", "index", "get", "keys", "values", "items",
+    }
+)  # fmt: skip
+_ALLOWED_NODES = (
+    nodes.Template, nodes.Output, nodes.TemplateData, nodes.If, nodes.For, nodes.Name, nodes.Const,
+    nodes.Getattr, nodes.Getitem, nodes.Slice, nodes.Filter, nodes.Test, nodes.Call, nodes.Keyword,
+    nodes.Compare, nodes.Operand, nodes.And, nodes.Or, nodes.Not, nodes.Neg, nodes.Pos, nodes.CondExpr,
+    nodes.List, nodes.Tuple, nodes.Dict, nodes.Pair, nodes.Concat, nodes.Add, nodes.Sub, nodes.Mul,
+    nodes.Div, nodes.FloorDiv, nodes.Mod, nodes.Pow, nodes.Continue, nodes.Break,
+)  # fmt: skip
+
+
+def _bounded_range(*args: int) -> range:
+    r = range(*args)
+    if len(r) > MAX_ITEMS:
+        raise SecurityError(f"range() of more than {MAX_ITEMS} items")
+    return r
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, str | list | tuple | dict) else 0
+
+
+class _Env(SandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "%" and isinstance(left, str):
+            raise SecurityError("string formatting with % is not allowed in prompts")
+        if operator == "**" and (not _small_number(left, 10**18) or not _small_number(right, 64)):
+            raise SecurityError("exponent too large")
+        if operator == "*":
+            sized, count = (left, right) if _size(left) else (right, left)
+            if _size(sized) and (not _small_number(count, MAX_NUMBER_ARG) or _size(sized) * count > MAX_OUTPUT):
+                raise SecurityError("repetition too large")
+        if operator == "+" and _size(left) + _size(right) > MAX_OUTPUT:
+            raise SecurityError("value too large")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        if __obj is not _bounded_range and __obj is not dict:
+            owner = getattr(__obj, "__self__", None)
+            name = getattr(__obj, "__name__", "")
+            if not isinstance(owner, str | list | dict) or name not in METHODS:
+                raise SecurityError(f"calling {name or 'this'} is not allowed in prompts")
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, int) and not _small_number(arg, MAX_NUMBER_ARG):
+                raise SecurityError("number argument too large")
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _small_number(value: Any, limit: int) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) <= limit
+
+
+def _finalize(value: Any) -> Any:
+    return "" if value is None else value
+
+
+@pass_eval_context
+def _loop_items(eval_ctx, value: Any) -> list:
+    """What every ``for`` iterates (added by ``_bound_loops``): at most MAX_ITEMS items, and at
+    most MAX_ITERATIONS in one render however the loops nest."""
+    if value is None or isinstance(value, int | float):
+        raise TypeError(f"cannot loop over {_json_type(value)}")
+    items = list(itertools.islice(iter(value), MAX_ITEMS + 1))
+    if len(items) > MAX_ITEMS:
+        raise SecurityError(f"a loop over more than {MAX_ITEMS} items")
+    done = getattr(eval_ctx, "gateway_iterations", 0) + len(items)
+    if done > MAX_ITERATIONS:
+        raise SecurityError(f"more than {MAX_ITERATIONS} loop iterations")
+    eval_ctx.gateway_iterations = done
+    return items
+
+
+def _bounded_join(eval_ctx, value: Any, d: str = "", attribute: Any = None) -> str:
+    items = list(value)
+    if attribute is None and sum(len(str(v)) for v in items) + len(d) * len(items) > MAX_OUTPUT:
+        raise SecurityError("joined value too large")
+    return _join(eval_ctx, items, d, attribute)
+
+
+_env = _Env(undefined=StrictUndefined, autoescape=False, finalize=_finalize, keep_trailing_newline=True)
+_env.globals.clear()
+_env.globals.update(range=_bounded_range, dict=dict)
+_join = _env.filters["join"]
+_env.filters = {name: f for name, f in _env.filters.items() if name in FILTERS}
+_env.filters["join"] = pass_eval_context(_bounded_join)
+_env.filters["_loop_items"] = _loop_items
+
+_compiled: OrderedDict[str, Any] = OrderedDict()
+_COMPILED_MAX = 2048
+
+
+def _template(source: str):
+    """The compiled template of a source (versions are immutable: compiled once, LRU-bounded)."""
+    tpl = _compiled.get(source)
+    if tpl is None:
+        tpl = _env.from_string(_checked(source))
+        _compiled[source] = tpl
+        if len(_compiled) > _COMPILED_MAX:
+            _compiled.popitem(last=False)
+    else:
+        _compiled.move_to_end(source)
+    return tpl
+
+
+# ---- checks at save ---------------------------------------------------------------------------
+def check_template(template: Any, param: str = "template") -> set[str]:
+    """Refuse a template that is too large, does not parse, or uses what prompts may not use.
+    Returns the names of the variables it reads."""
+    if not isinstance(template, str) or not template.strip():
+        raise InvalidRequest(f"'{param}' must be a non-empty string.", param=param, code="invalid_type")
+    if len(template) > MAX_TEMPLATE:
+        raise InvalidRequest(
+            f"'{param}' must be at most {MAX_TEMPLATE} characters.", param=param, code="template_too_large"
+        )
+    if "\x00" in template:
+        raise InvalidRequest(f"'{param}' must not contain NUL characters.", param=param, code="invalid_value")
+    try:
+        ast = _env.parse(template)
+    except TemplateError as exc:
+        raise InvalidRequest(
+            f"'{param}' is not a valid template: {str(exc)[:200]}", param=param, code="invalid_template"
+        ) from None
+    try:
+        _check_ast(ast)
+    except SecurityError as exc:
+        raise InvalidRequest(f"'{param}' is refused: {exc}", param=param, code="unsafe_template") from None
+    return set(find_undeclared_variables(ast)) - set(_env.globals)
+
+
+def _checked(source: str) -> nodes.Template:
+    """The template's syntax tree, checked again (whatever stored it) and with its loops bounded."""
+    ast = _env.parse(source)
+    _check_ast(ast)
+    for loop in ast.find_all(nodes.For):
+        loop.iter = nodes.Filter(loop.iter, "_loop_items", [], [], None, None, lineno=loop.lineno)
+    return ast
+
+
+def _check_ast(ast: nodes.Template) -> None:
+    _walk(ast, 0)
+    references = sum(1 for n in ast.find_all(nodes.Name) if n.ctx == "load")
+    if references > MAX_REFERENCES:
+        raise SecurityError(f"at most {MAX_REFERENCES} variable references in one template")
+
+
+def _walk(node: nodes.Node, depth: int) -> None:
+    if not isinstance(node, _ALLOWED_NODES):
+        raise SecurityError(f"{type(node).__name__.lower()} blocks are not allowed in prompts")
+    if isinstance(node, nodes.For):
+        if node.recursive:
+            raise SecurityError("recursive loops are not allowed in prompts")
+        depth += 1
+        if depth > MAX_LOOP_DEPTH:
+            raise SecurityError(f"at most {MAX_LOOP_DEPTH} nested loops")
+    elif isinstance(node, nodes.Getattr) and node.attr.startswith("_"):
+        raise SecurityError(f"attribute {node.attr[:64]!r} is not accessible")
+    elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and str(node.arg.value).startswith("_"):
+        raise SecurityError(f"key {str(node.arg.value)[:64]!r} is not accessible")
+    elif isinstance(node, nodes.Filter) and node.name not in FILTERS:
+        raise SecurityError(f"filter {node.name[:64]!r} is not allowed; allowed: {', '.join(sorted(FILTERS))}")
+    elif isinstance(node, nodes.Call):
+        if isinstance(node.node, nodes.Getattr):
+            if node.node.attr not in METHODS:
+                raise SecurityError(f"method {node.node.attr[:64]!r} is not allowed")
+        elif not (isinstance(node.node, nodes.Name) and node.node.name in _env.globals):
+            raise SecurityError("only range(), dict() and methods of values may be called")
+    for child in node.iter_child_nodes():
+        _walk(child, depth)
+
+
+def check_variables(variables: Any, used: set[str], param: str = "variables") -> dict:
+    """The declared variables, normalised: {name: {"type", "required", "default"?, "description"?}}.
+    A variable the template reads but that is not declared is declared as a required string."""
+    if variables is None:
+        variables = {}
+    if not isinstance(variables, dict):
+        raise InvalidRequest(f"'{param}' must be an object.", param=param, code="invalid_type")
+    if len(variables) > MAX_VARIABLES:
+        raise InvalidRequest(f"'{param}' may declare at most {MAX_VARIABLES}.", param=param, code="invalid_value")
+    out: dict[str, dict] = {}
+    for name, spec in variables.items():
+        where = f"{param}.{str(name)[:64]}"
+        if not VARIABLE_NAME.match(name):
+            raise InvalidRequest(
+                f"Variable name {name[:64]!r} must be a letter then letters, digits or _ (at most 64).",
+                param=where,
+                code="invalid_value",
+            )
+        if isinstance(spec, str):
+            spec = {"type": spec}
+        if not isinstance(spec, dict):
+            raise InvalidRequest(f"'{where}' must be an object.", param=where, code="invalid_type")
+        unknown = set(spec) - {"type", "required", "default", "description"}
+        if unknown:
+            bad = sorted(unknown)[0][:64]
+            raise InvalidRequest(f"'{where}' has unknown field {bad!r}.", param=f"{where}.{bad}", code="invalid_value")
+        kind = spec.get("type", "string")
+        if kind not in TYPES:
+            raise InvalidRequest(
+                f"'{where}.type' must be one of {', '.join(TYPES)}.", param=f"{where}.type", code="invalid_value"
+            )
+        entry: dict = {"type": kind}
+        if "default" in spec:
+            _check_value(name, spec["default"], kind, param=f"{where}.default")
+            entry["default"] = spec["default"]
+        required = spec.get("required", "default" not in spec)
+        if not isinstance(required, bool):
+            raise InvalidRequest(f"'{where}.required' must be a boolean.", param=f"{where}.required")
+        entry["required"] = required
+        description = spec.get("description")
+        if description is not None:
+            if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
+                raise InvalidRequest(
+                    f"'{where}.description' must be a string of at most {MAX_DESCRIPTION} characters.",
+                    param=f"{where}.description",
+                )
+            entry["description"] = description
+        out[name] = entry
+    for name in sorted(used - set(out)):
+        out[name] = {"type": "string", "required": True}
+    if len(orjson.dumps(out)) > MAX_VALUES_BYTES:
+        raise InvalidRequest(f"'{param}' is too large.", param=param, code="invalid_value")
+    return out
+
+
+def check_label(label: Any, param: str = "label") -> str:
+    if not isinstance(label, str) or not LABEL_NAME.match(label):
+        raise InvalidRequest(
+            "A label is 1-64 lowercase letters, digits, '_', '-' or '.', starting with a letter or digit.",
+            param=param,
+            code="invalid_value",
+        )
+    if label.isdigit():
+        raise InvalidRequest("A label cannot be a number (numbers pin versions).", param=param, code="invalid_value")
+    return label
+
+
+# ---- selection ----------------------------------------------------------------------------------
+def select(agent: Agent, selector: str | None, sticky_key: str) -> Selection:
+    """The prompt version a turn runs. ``selector``: None (the ``production`` label if set, else
+    ``latest``), a version number (pinned), or a label. A label with several weighted variants
+    picks one by a stable hash of (agent, label, sticky_key): one conversation, one arm."""
+    if selector is None:
+        selector = "production" if "production" in agent.labels else "latest"
+    elif selector.isdigit():
+        version = agent.versions.get(int(selector)) if len(selector) < 10 else None
+        if version is None:
+            raise NotFound(
+                f"Agent '{agent.name}' has no prompt version {selector[:16]}.", param="model", code="model_not_found"
+            )
+        return Selection(version=version, label=None, variant=None)
+    target = agent.labels.get(selector)
+    if not target:
+        raise NotFound(f"Agent '{agent.name}' has no label '{selector[:64]}'.", param="model", code="model_not_found")
+    if len(target) == 1:
+        number = next(iter(target))
+        variant = None
+    else:
+        number = pick(target, f"{agent.id}\x00{selector}\x00{sticky_key}")
+        variant = str(number)
+    version = agent.versions.get(number)
+    if version is None:  # a label never points at a missing version; guard against a torn cache
+        raise NotFound(f"Agent '{agent.name}' label '{selector}' is unavailable.", param="model")
+    return Selection(version=version, label=selector, variant=variant)
+
+
+def pick(weights: dict[int, int], key: str) -> int:
+    """A variant by weight, the same one for the same key: sha256 → uniform in [0, 1)."""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64 * sum(weights.values())
+    total = 0
+    ordered = sorted(weights.items())
+    for number, weight in ordered:
+        total += weight
+        if point < total:
+            return number
+    return ordered[-1][0]
+
+
+# ---- rendering ----------------------------------------------------------------------------------
+def render(version: PromptVersion, values: dict | None, defaults: dict | None) -> str:
+    """The system prompt of a turn: the request's values over the agent's defaults over the
+    variables' own defaults, each type-checked. Raises InvalidRequest (never a 500)."""
+    values = values or {}
+    if not isinstance(values, dict):
+        raise InvalidRequest("'metadata.variables' must be an object.", param="metadata.variables")
+    if values and len(orjson.dumps(values, option=orjson.OPT_NON_STR_KEYS)) > MAX_VALUES_BYTES:
+        raise InvalidRequest(
+            f"'metadata.variables' must be at most {MAX_VALUES_BYTES} bytes as JSON.",
+            param="metadata.variables",
+            code="invalid_variable",
+        )
+    defaults = defaults or {}
+    context: dict[str, Any] = {}
+    for name, spec in version.variables.items():
+        kind = spec.get("type", "string")
+        if name in values and values[name] is not None:
+            value = values[name]
+        elif name in defaults:
+            value = defaults[name]
+        elif "default" in spec:
+            value = spec["default"]
+        elif spec.get("required", True):
+            raise InvalidRequest(
+                f"Missing required variable '{name}' (metadata.variables.{name}).",
+                param=f"metadata.variables.{name}",
+                code="missing_variable",
+            )
+        else:
+            context[name] = None
+            continue
+        context[name] = _check_value(name, value, kind)
+    try:
+        out: list[str] = []
+        size = 0
+        for chunk in _template(version.template).generate(context):
+            size += len(chunk)
+            if size > MAX_OUTPUT:
+                raise InvalidRequest(
+                    f"The rendered prompt exceeds {MAX_OUTPUT} characters.", param="model", code="prompt_too_large"
+                )
+            out.append(chunk)
+    except InvalidRequest:
+        raise
+    except UndefinedError as exc:
+        raise InvalidRequest(
+            f"The prompt could not be rendered: {str(exc)[:200]}", param="metadata.variables", code="invalid_variable"
+        ) from None
+    except (SecurityError, TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as exc:
+        raise InvalidRequest(
+            f"The prompt could not be rendered: {str(exc)[:200]}", param="model", code="prompt_render_failed"
+        ) from None
+    return "".join(out)
+
+
+_PY_TYPES = {
+    "string": str,
+    "integer": int,
+    "number": int | float,
+    "boolean": bool,
+    "array": list,
+    "object": dict,
+}
+
+
+def _check_value(name: str, value: Any, kind: str, param: str | None = None) -> Any:
+    param = param or f"metadata.variables.{name}"
+    ok = isinstance(value, _PY_TYPES[kind])
+    if ok and kind in ("integer", "number") and isinstance(value, bool):
+        ok = False
+    if ok and kind == "number" and isinstance(value, float) and value != value:  # NaN
+        ok = False
+    if not ok:
+        raise InvalidRequest(
+            f"Variable '{name}' must be of type {kind}, not {_json_type(value)}.", param=param, code="invalid_variable"
+        )
+    if kind in ("array", "object") and len(value) > MAX_ITEMS:
+        raise InvalidRequest(
+            f"Variable '{name}' may hold at most {MAX_ITEMS} items.", param=param, code="invalid_variable"
+        )
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+# ---- diff ---------------------------------------------------------------------------------------
+def diff(a: PromptVersion, b: PromptVersion) -> dict:
+    """What changed from version ``a`` to ``b``: a unified diff of the templates and of the
+    variables (as sorted, indented JSON), and which variables were added, removed or changed."""
+    template = difflib.unified_diff(
+        a.template.splitlines(keepends=True),
+        b.template.splitlines(keepends=True),
+        fromfile=f"v{a.version}",
+        tofile=f"v{b.version}",
+    )
+    va = orjson.dumps(a.variables, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+    vb = orjson.dumps(b.variables, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+    variables = difflib.unified_diff(
+        va.splitlines(keepends=True),
+        vb.splitlines(keepends=True),
+        fromfile=f"v{a.version}/variables",
+        tofile=f"v{b.version}/variables",
+    )
+    return {
+        "from": a.version,
+        "to": b.version,
+        "template": "".join(template),
+        "variables": "".join(variables),
+        "variables_added": sorted(set(b.variables) - set(a.variables)),
+        "variables_removed": sorted(set(a.variables) - set(b.variables)),
+        "variables_changed": sorted(n for n in set(a.variables) & set(b.variables) if a.variables[n] != b.variables[n]),
+    }
