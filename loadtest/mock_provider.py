@@ -20,6 +20,23 @@ last user message ``[[mock:{"status": 429, "retry_after": 2}]]`` or an ``x-mock`
     error_after   end a stream with a provider-shaped error event after this many chunks
     message       the error message of ``status`` / ``error_after``
 
+Tool calls. By default a request with ``tools`` is answered with a call of the first (or the
+forced) tool, and a request whose last message is a tool result with ``tool result: <the
+results>``. Directives choose instead (they sit in the last user message, so they hold for every
+call of an agent's tool loop):
+
+    tool_calls          [{"name": "get_weather", "arguments": {"city": "Paris"}}, ...]: answer
+                        with exactly these calls (``arguments`` an object, or a string sent as
+                        is, e.g. invalid JSON) when the last message is the user's; after tool
+                        results, answer ``tool result: <each result, joined by " | ">``.
+                        An empty list answers with text even when tools are offered.
+    tool_calls_steps    [[calls of step 1], [calls of step 2], ...]: the calls of the n-th model
+                        call since the user's message (steps counted by the assistant messages
+                        with tool calls after it); text once the steps run out
+    tool_calls_always   true: answer with the calls every time (a loop that never ends)
+
+Ids of these calls are unique per response (``call_<n>_<i>``; Anthropic ``toolu_<n>_<i>``).
+
 Inspection: ``GET /_mock/requests`` (recent requests: path, headers, body), ``DELETE`` clears
 them; ``GET /_mock/stats``.
 """
@@ -38,7 +55,6 @@ from collections import Counter, deque
 
 import orjson
 
-_DIRECTIVE = re.compile(r"\[\[mock:(\{.*?\})\]\]", re.S)
 _ERROR_KIND = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -93,6 +109,98 @@ def _tool_args(schema: dict | None, text: str) -> dict:
         kind = spec.get("type") if isinstance(spec, dict) else None
         args[name] = {"integer": 1, "number": 1.5, "boolean": True, "array": [], "object": {}}.get(kind, text[:200])
     return args
+
+
+def _directive_span(text: str) -> tuple[int, int, dict] | None:
+    """Where the first ``[[mock:{...}]]`` directive in ``text`` is, and its JSON. The JSON may
+    itself contain ``]]`` (nested lists of tool calls), so each ``}]]`` after the opening is
+    tried until one parses."""
+    start = text.find("[[mock:{")
+    if start < 0:
+        return None
+    body = start + len("[[mock:")
+    end = text.find("}]]", body)
+    while end >= 0:
+        try:
+            found = orjson.loads(text[body : end + 1])
+        except orjson.JSONDecodeError:
+            end = text.find("}]]", end + 1)
+            continue
+        return (start, end + 3, found) if isinstance(found, dict) else None
+    return start, len(text), orjson.loads(text[body:])  # unterminated: the error says what is wrong
+
+
+def _directive(text: str) -> dict | None:
+    span = _directive_span(text)
+    return span[2] if span else None
+
+
+def _without_directive(text: str) -> str:
+    span = _directive_span(text)
+    return text if span is None else text[: span[0]] + text[span[1] :]
+
+
+def _trailing_results(messages: list) -> list[str]:
+    """The tool results at the end of the conversation (OpenAI tool messages, or the
+    tool_result blocks of an Anthropic user message), in order."""
+    out: list[str] = []
+    for m in reversed(messages):
+        if not isinstance(m, dict):
+            break
+        if m.get("role") == "tool":
+            out.append(_text(m.get("content")))
+            continue
+        content = m.get("content")
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "tool_result" for p in content):
+            out.extend(reversed([_text(p.get("content")) for p in content if p.get("type") == "tool_result"]))
+        break
+    return list(reversed(out))
+
+
+def _directed_calls(plan: dict, messages: list, last_is_result: bool) -> list | None:
+    """The calls a tool directive asks for now: a list (perhaps empty: answer with text), or
+    None when there is no tool directive."""
+    if "tool_calls_steps" in plan:
+        steps = plan["tool_calls_steps"] or []
+        done = 0
+        for m in reversed(messages):
+            if not isinstance(m, dict):
+                continue
+            if m.get("role") == "user" and not _is_results(m):
+                break
+            if m.get("role") == "assistant" and (
+                m.get("tool_calls")
+                or (isinstance(m.get("content"), list) and any(p.get("type") == "tool_use" for p in m["content"]))
+            ):
+                done += 1
+        wanted = steps[done] if done < len(steps) else []
+    elif "tool_calls" in plan:
+        wanted = plan["tool_calls"] or []
+        if last_is_result and not plan.get("tool_calls_always"):
+            wanted = []
+    else:
+        return None
+    calls = []
+    for call in wanted if isinstance(wanted, list) else []:
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            args = call.get("arguments", {})
+            calls.append((call["name"], args if isinstance(args, dict | str) else {}))
+    return calls
+
+
+def _only_results(message: dict) -> bool:
+    """An Anthropic user message that carries nothing but tool results (not the user's words)."""
+    content = message.get("content")
+    return (
+        isinstance(content, list)
+        and bool(content)
+        and all(isinstance(p, dict) and p.get("type") == "tool_result" for p in content)
+    )
+
+
+def _is_results(message: dict) -> bool:
+    content = message.get("content")
+    return isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "tool_result" for p in content)
 
 
 class Mock:
@@ -227,10 +335,10 @@ class Mock:
         msgs = req.get("messages")
         if isinstance(msgs, list):
             for m in reversed(msgs):
-                if isinstance(m, dict) and m.get("role") == "user":
-                    found = _DIRECTIVE.search(_text(m.get("content")))
+                if isinstance(m, dict) and m.get("role") == "user" and not _only_results(m):
+                    found = _directive(_text(m.get("content")))
                     if found:
-                        plan.update(orjson.loads(found.group(1)))
+                        plan.update(found)
                     break
         return plan
 
@@ -344,7 +452,7 @@ class Mock:
         user_text = ""
         for m in reversed(messages):
             if isinstance(m, dict) and m.get("role") == "user":
-                user_text = _DIRECTIVE.sub("", _text(m.get("content"))).strip()
+                user_text = _without_directive(_text(m.get("content"))).strip()
                 break
         prompt_tokens = sum(len(_text(m.get("content")).split()) + 3 for m in messages if isinstance(m, dict))
         if isinstance(req.get("system"), str):
@@ -353,11 +461,14 @@ class Mock:
             isinstance(last.get("content"), list)
             and any(isinstance(p, dict) and p.get("type") == "tool_result" for p in last["content"])
         )
-        if tools and forced != "none" and not last_is_result:
+        directed = _directed_calls(plan, messages, last_is_result)
+        if directed:
+            return None, directed, prompt_tokens
+        if directed is None and tools and forced != "none" and not last_is_result:
             tool = next((t for t in tools if t["name"] == forced), tools[0])
             return None, [(tool["name"], _tool_args(tool.get("schema"), user_text))], prompt_tokens
         if last_is_result:
-            text = "tool result: " + _text(last.get("content"))
+            text = "tool result: " + " | ".join(_trailing_results(messages))
         else:
             text = "echo: " + (user_text or "(nothing)")
         fmt = req.get("response_format") or {}
@@ -418,11 +529,13 @@ class Mock:
             "prompt_tokens_details": {"cached_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": 0},
         }
+        directed = "tool_calls" in plan or "tool_calls_steps" in plan
+        seq = cid.removeprefix("chatcmpl-mock")
         tool_calls = [
             {
-                "id": f"call_mock{i}",
+                "id": f"call_{seq}_{i}" if directed else f"call_mock{i}",
                 "type": "function",
-                "function": {"name": name, "arguments": orjson.dumps(args).decode()},
+                "function": {"name": name, "arguments": args if isinstance(args, str) else orjson.dumps(args).decode()},
             }
             for i, (name, args) in enumerate(calls)
         ]
@@ -555,8 +668,12 @@ class Mock:
         content = []
         if text is not None:
             content.append({"type": "text", "text": "".join(words)})
+        directed = "tool_calls" in plan or "tool_calls_steps" in plan
+        seq = mid.removeprefix("msg_mock")
+        call_ids = [f"toolu_{seq}_{i}" if directed else f"toolu_mock{i}" for i in range(len(calls))]
+        calls = [(name, args if isinstance(args, dict) else {}) for name, args in calls]
         for i, (name, args) in enumerate(calls):
-            content.append({"type": "tool_use", "id": f"toolu_mock{i}", "name": name, "input": args})
+            content.append({"type": "tool_use", "id": call_ids[i], "name": name, "input": args})
         usage = {
             "input_tokens": prompt_tokens,
             "output_tokens": out_tokens,
@@ -616,7 +733,7 @@ class Mock:
                     {
                         "type": "content_block_start",
                         "index": index,
-                        "content_block": {"type": "tool_use", "id": f"toolu_mock{i}", "name": name, "input": {}},
+                        "content_block": {"type": "tool_use", "id": call_ids[i], "name": name, "input": {}},
                     },
                 )
             )

@@ -24,22 +24,31 @@ operator's policy (the runner's ``guard``) allows them.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from urllib.parse import quote
+from dataclasses import dataclass
 
+import aiohttp
 import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from yarl import URL
 
-from runtime.types import Agent, ToolSpec
+from core import netguard
+from runtime.http_tools import PLACEHOLDER_RE, ToolCallFailed, call_http, fill_url
+from runtime.mcp import MCPError, MCPPool
+from runtime.types import Agent, ToolResult, ToolSpec
+
+log = logging.getLogger("gateway.tools")
 
 KINDS = ("http", "mcp", "builtin")
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 ARG_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,63}$")
 ENV_RE = re.compile(r"\$\{([^}]*)\}")
 ENV_NAME_RE = re.compile(r"^TOOL_[A-Z0-9_]{1,96}$")
@@ -398,24 +407,6 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def fill_url(template: str, arguments: dict) -> str:
-    """The URL template with each ``{arg}`` replaced by the argument, URL-encoded."""
-
-    def one(match: re.Match) -> str:
-        value = arguments.get(match.group(1))
-        if value is None:
-            return ""
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        elif not isinstance(value, str | int | float):
-            value = orjson.dumps(value).decode()
-        return quote(str(value), safe="")
-
-    origin, _, tail = template.partition("://")
-    cut = min((i for i in (tail.find("/"), tail.find("?")) if i >= 0), default=len(tail))
-    return f"{origin}://{tail[:cut]}{PLACEHOLDER_RE.sub(one, tail[cut:])}"
-
-
 def agent_tools(agent: Agent) -> dict[str, ToolSpec]:
     """Every server-side tool of ``agent`` by name: its declared tools and enabled builtins."""
     tools = {t.name: t for t in agent.tools}
@@ -425,9 +416,282 @@ def agent_tools(agent: Agent) -> dict[str, ToolSpec]:
     return tools
 
 
+# --- running ------------------------------------------------------------------------------------
+
+MAX_CALLS_PER_TURN = 32
+MAX_ARGUMENTS_BYTES = 64 * 1024
+DEFAULT_RESULT_CHARS = 32 * 1024
+
+
+@dataclass(slots=True)
+class _Call:
+    id: str
+    name: str
+    raw: object
+
+
+class ToolRunner:
+    """Runs the server-side tool calls of a model turn.
+
+    ``guard`` is the operator's ``core.netguard.NetworkPolicy`` (or any settings object with
+    ``allowed_networks`` / ``allow_private_networks``): by default tools reach public addresses
+    only. An agent's own config cannot widen it (whoever declares tools must not be able to
+    reach the gateway's network). ``builtin_handlers`` maps a builtin's name to
+    ``async handler(arguments, context) -> str``; without one the builtins answer by default
+    (see ``BUILTINS``).
+    """
+
+    def __init__(
+        self,
+        *,
+        guard=None,
+        builtin_handlers: dict[str, Handler] | None = None,
+        max_concurrency: int = 16,
+        max_result_chars: int = DEFAULT_RESULT_CHARS,
+        user_agent: str = "ai-gateway-tools/1",
+    ) -> None:
+        self.policy = netguard.NetworkPolicy.of(guard)
+        self.handlers = dict(builtin_handlers or {})
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._max_concurrency = max_concurrency
+        self._max_result_chars = max_result_chars
+        self._user_agent = user_agent
+        self._http: aiohttp.ClientSession | None = None
+        self._mcp: MCPPool | None = None
+        self._validators: OrderedDict[bytes, Draft202012Validator] = OrderedDict()
+
+    async def start(self) -> None:
+        if self._http is not None:
+            return
+        connector = netguard.guarded_connector(self.policy, limit=self._max_concurrency * 4, limit_per_host=0)
+        self._http = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            headers={"user-agent": self._user_agent},
+        )
+        self._mcp = MCPPool(self._http)
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+        self._http = None
+        self._mcp = None
+
+    # what the model sees
+
+    def openai_tools(self, agent: Agent) -> list[dict]:
+        """The agent's server-side tools as OpenAI ``tools[]`` entries."""
+        return [tool.openai() for tool in agent_tools(agent).values()]
+
+    def is_server_tool(self, agent: Agent, name: str) -> bool:
+        return name in agent_tools(agent)
+
+    # running
+
+    async def run(self, agent: Agent, calls: list[dict], *, deadline: float, context: dict) -> list[ToolResult]:
+        """One ToolResult per call, in order. ``calls`` are OpenAI ``tool_calls[]`` entries;
+        ``deadline`` is a ``time.monotonic()`` instant no call outlives; ``context`` is passed to
+        builtin handlers (tenant, agent, conversation and request ids, ...)."""
+        tools = agent_tools(agent)
+        jobs = []
+        for index, raw in enumerate(calls):
+            call = _read_call(raw, index)
+            if index >= MAX_CALLS_PER_TURN:
+                jobs.append(_done(call, "error", f"too many tool calls in one turn (at most {MAX_CALLS_PER_TURN})"))
+            else:
+                jobs.append(self._one(tools.get(call.name), call, deadline, context))
+        return list(await asyncio.gather(*jobs))
+
+    async def _one(self, tool: ToolSpec | None, call: _Call, deadline: float, context: dict) -> ToolResult:
+        started = time.monotonic()
+        if tool is None:
+            return _result(call, "invalid", f"unknown tool {call.name[:64]!r}", started)
+        arguments, problem = self._arguments(tool, call.raw)
+        if problem is not None:
+            return _result(call, "invalid", problem, started, arguments)
+        if deadline - time.monotonic() <= 0:
+            return _result(call, "timeout", "no time was left to run the tool", started, arguments)
+        try:
+            async with self._slots:
+                if tool.kind == "builtin":
+                    return await self._builtin(tool, call, arguments, deadline, context, started)
+                if tool.kind == "http":
+                    text = await self._http_call(tool, arguments, deadline)
+                else:
+                    text = await self._mcp_call(tool, arguments, deadline)
+        except ToolCallFailed as exc:
+            return _result(call, exc.status, self._cap(exc.message), started, arguments)
+        except Exception:  # a tool must never fail the turn
+            log.exception("tool %s failed", tool.name)
+            return _result(call, "error", "the tool failed", started, arguments)
+        return _result(call, "ok", self._cap(text), started, arguments)
+
+    def _arguments(self, tool: ToolSpec, raw) -> tuple[dict | None, str | None]:
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            raw = "{}"
+        if isinstance(raw, str):
+            if len(raw) > MAX_ARGUMENTS_BYTES:
+                return None, f"arguments are too long (at most {MAX_ARGUMENTS_BYTES} bytes)"
+            try:
+                raw = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                return None, f"arguments are not valid JSON ({_short(str(exc), 120)}); send a JSON object"
+        if not isinstance(raw, dict):
+            return None, "arguments must be a JSON object"
+        errors = sorted(self._validator(tool.parameters).iter_errors(raw), key=lambda e: (len(e.path), str(e.path)))
+        if errors:
+            return raw, _schema_error(errors[0], len(errors))
+        return raw, None
+
+    def _validator(self, schema: dict) -> Draft202012Validator:
+        key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+        found = self._validators.get(key)
+        if found is None:
+            found = self._validators[key] = Draft202012Validator(schema)
+            if len(self._validators) > 1024:
+                self._validators.popitem(last=False)
+        else:
+            self._validators.move_to_end(key)
+        return found
+
+    async def _builtin(self, tool, call, arguments, deadline, context, started) -> ToolResult:
+        handler = self.handlers.get(tool.name)
+        escalate = tool.name == "escalate_to_human"
+        end = tool.name == "end_conversation"
+        if handler is None:
+            if tool.name == "knowledge_search":
+                return _result(call, "error", "no knowledge base attached", started, arguments)
+            text = (
+                "Escalated to a human agent; they will take over the conversation."
+                if escalate
+                else "The conversation has ended."
+            )
+            return _result(call, "ok", text, started, arguments, escalate=escalate, end=end)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                text = await handler(arguments, context)
+        except TimeoutError:
+            return _result(call, "timeout", "the tool did not answer in time", started, arguments)
+        except Exception:
+            log.exception("builtin %s failed", tool.name)
+            return _result(call, "error", "the tool failed", started, arguments)
+        content = text if isinstance(text, str) else orjson.dumps(text).decode()
+        return _result(call, "ok", self._cap(content), started, arguments, escalate=escalate, end=end)
+
+    async def _http_call(self, tool: ToolSpec, arguments: dict, deadline: float) -> str:
+        http = self._session()
+        try:
+            headers = resolve_headers(tool.config.get("headers") or {})
+        except KeyError:
+            raise ToolCallFailed("error", "the tool is misconfigured (a secret it needs is not set)") from None
+        try:
+            return await call_http(http, tool, arguments, headers, policy=self.policy, deadline=deadline)
+        except ValueError as exc:  # a dot-segment argument
+            raise ToolCallFailed("error", _short(str(exc))) from None
+
+    async def _mcp_call(self, tool: ToolSpec, arguments: dict, deadline: float) -> str:
+        self._session()
+        config = tool.config
+        problem = netguard.url_problem(config["url"], self.policy)
+        if problem is not None:
+            raise ToolCallFailed("error", "the tool's address is not reachable from the gateway (network policy)")
+        try:
+            headers = resolve_headers(config.get("headers") or {})
+        except KeyError:
+            raise ToolCallFailed("error", "the tool is misconfigured (a secret it needs is not set)") from None
+        timeout = min(float(config["timeout_s"]), deadline - time.monotonic())
+        if timeout <= 0:
+            raise ToolCallFailed("timeout", "the tool did not answer in time")
+        client = self._mcp.client(config["url"], headers)
+        try:
+            text, is_error = await client.call_tool(config["tool"], arguments, timeout_s=timeout)
+        except TimeoutError:
+            raise ToolCallFailed("timeout", "the tool did not answer in time") from None
+        except MCPError as exc:
+            if netguard.refused_cause(exc) is not None:
+                raise ToolCallFailed(
+                    "error", "the tool's address is not reachable from the gateway (network policy)"
+                ) from None
+            raise ToolCallFailed("error", f"the MCP tool failed: {_short(str(exc))}") from None
+        cap = int(config.get("max_response_bytes", DEFAULT_RESPONSE_BYTES))
+        if len(text.encode()) > cap:
+            text = text.encode()[:cap].decode(errors="ignore") + f"\n[truncated: the answer exceeded {cap} bytes]"
+        if is_error:
+            raise ToolCallFailed("error", text or "the tool reported an error")
+        return text
+
+    async def list_mcp_tools(
+        self, url: str, headers: dict[str, str] | None = None, *, timeout_s: float = 10.0
+    ) -> list[dict]:
+        """The tools an MCP server offers (for an admin filling in ``parameters``). Raises
+        MCPError or TimeoutError; the URL is checked against the network policy first."""
+        self._session()
+        problem = netguard.url_problem(url, self.policy)
+        if problem is not None:
+            raise MCPError("the server's address is not reachable from the gateway (network policy)")
+        return await self._mcp.client(url, resolve_headers(headers or {})).list_tools(timeout_s=timeout_s)
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise RuntimeError("ToolRunner.start() was not awaited")
+        return self._http
+
+    def _cap(self, text: str) -> str:
+        limit = self._max_result_chars
+        if len(text) <= limit:
+            return text
+        return text[:limit] + f"\n[truncated: {len(text) - limit} more characters]"
+
+
+def _read_call(raw, index: int) -> _Call:
+    if not isinstance(raw, dict):
+        return _Call(f"call_{index}", "", None)
+    function = raw.get("function") if isinstance(raw.get("function"), dict) else {}
+    ident = raw.get("id") if isinstance(raw.get("id"), str) else f"call_{index}"
+    name = function.get("name") if isinstance(function.get("name"), str) else ""
+    return _Call(ident, name, function.get("arguments"))
+
+
+def _result(call: _Call, status: str, content: str, started: float, arguments=None, **flags) -> ToolResult:
+    return ToolResult(
+        tool_call_id=call.id,
+        name=call.name,
+        content=content,
+        status=status,
+        duration_ms=round((time.monotonic() - started) * 1000, 3),
+        arguments=arguments,
+        **flags,
+    )
+
+
+async def _done(call: _Call, status: str, content: str) -> ToolResult:
+    return _result(call, status, content, time.monotonic())
+
+
+def _schema_error(error, count: int) -> str:
+    """One schema error as a sentence the model can act on, naming the field."""
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "required" and isinstance(error.validator_value, list):
+        instance = error.instance if isinstance(error.instance, dict) else {}
+        missing = [r for r in error.validator_value if r not in instance]
+        field = ".".join(filter(None, [path, str(missing[0]) if missing else ""]))
+        text = f"missing required argument '{field}'"
+    elif error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        props = error.schema.get("properties") or {}
+        extra = [k for k in error.instance if k not in props]
+        field = ".".join(filter(None, [path, str(extra[0]) if extra else ""]))
+        text = f"unexpected argument '{field}'"
+    else:
+        text = f"argument '{path or '(arguments)'}': {_short(error.message, 200)}"
+    more = f" (and {count - 1} more problems)" if count > 1 else ""
+    return f"invalid arguments: {text}{more}; fix the arguments and call the tool again"
+
+
 __all__ = [
     "BUILTINS",
     "ToolConfigError",
+    "ToolRunner",
     "agent_tools",
     "fill_url",
     "host_allowed",
