@@ -25,6 +25,7 @@ operator's policy (the runner's ``guard``) allows them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -35,8 +36,9 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
+import re2
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import SchemaError, ValidationError
 from yarl import URL
 
 from core import netguard
@@ -198,7 +200,51 @@ def _parse_schema(schema, where: str) -> dict:
     for key in ("$ref", "$dynamicRef"):
         if _has_remote_ref(schema, key):
             raise ToolConfigError(where, f"{key} may point only inside the schema ('#...')")
+    _check_patterns(schema, where)
     return schema
+
+
+def _check_patterns(node, where: str, names: bool = False) -> None:
+    """Arguments come from the model: every ``pattern`` must run on RE2 (linear time), and
+    ``patternProperties`` (matched by Python's backtracking engine) is refused. ``names``: the
+    keys of ``node`` are property names, not keywords."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if names:
+                _check_patterns(value, f"{where}.{key}")
+                continue
+            if key == "patternProperties":
+                raise ToolConfigError(f"{where}.patternProperties", "is not supported (use properties)")
+            if key == "pattern" and isinstance(value, str) and _re2_pattern(value) is None:
+                raise ToolConfigError(
+                    f"{where}.pattern", "must be an RE2 regular expression (no look-arounds or back-references)"
+                )
+            _check_patterns(value, f"{where}.{key}", names=key in ("properties", "$defs", "definitions"))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_patterns(value, f"{where}[{i}]")
+
+
+@functools.lru_cache(maxsize=1024)
+def _re2_pattern(pattern: str):
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except Exception:  # re2.error: not RE2 syntax
+        return None
+
+
+def _pattern_keyword(validator, pattern, instance, schema):
+    """JSON schema ``pattern`` on RE2 (parse_tools made sure every pattern compiles there)."""
+    if not validator.is_type(instance, "string"):
+        return
+    compiled = _re2_pattern(pattern)
+    if compiled is None or not compiled.search(instance):
+        yield ValidationError(f"{_short(repr(instance), 80)} does not match {pattern!r}")
+
+
+ArgumentValidator = validators.extend(Draft202012Validator, {"pattern": _pattern_keyword})
 
 
 def _has_remote_ref(node, key: str) -> bool:
@@ -420,6 +466,7 @@ def agent_tools(agent: Agent) -> dict[str, ToolSpec]:
 
 MAX_CALLS_PER_TURN = 32
 MAX_ARGUMENTS_BYTES = 64 * 1024
+MAX_ARGUMENTS_DEPTH = 32
 DEFAULT_RESULT_CHARS = 32 * 1024
 
 
@@ -458,7 +505,7 @@ class ToolRunner:
         self._user_agent = user_agent
         self._http: aiohttp.ClientSession | None = None
         self._mcp: MCPPool | None = None
-        self._validators: OrderedDict[bytes, Draft202012Validator] = OrderedDict()
+        self._validators: OrderedDict[bytes, ArgumentValidator] = OrderedDict()
 
     async def start(self) -> None:
         if self._http is not None:
@@ -507,21 +554,28 @@ class ToolRunner:
         started = time.monotonic()
         if tool is None:
             return _result(call, "invalid", f"unknown tool {call.name[:64]!r}", started)
-        arguments, problem = self._arguments(tool, call.raw)
-        if problem is not None:
-            return _result(call, "invalid", problem, started, arguments)
-        if deadline - time.monotonic() <= 0:
-            return _result(call, "timeout", "no time was left to run the tool", started, arguments)
+        arguments = None
         try:
-            async with self._slots:
-                if tool.kind == "builtin":
-                    return await self._builtin(tool, call, arguments, deadline, context, started)
-                if tool.kind == "http":
-                    text = await self._http_call(tool, arguments, deadline)
-                else:
-                    text = await self._mcp_call(tool, arguments, deadline)
+            arguments, problem = self._arguments(tool, call.raw)
+            if problem is not None:
+                return _result(call, "invalid", problem, started, arguments)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return _result(call, "timeout", "no time was left to run the tool", started, arguments)
+            async with asyncio.timeout(remaining):  # the wait for a slot counts too
+                async with self._slots:
+                    if tool.kind == "builtin":
+                        return await self._builtin(tool, call, arguments, deadline, context, started)
+                    if tool.kind == "http":
+                        text = await self._http_call(tool, arguments, deadline)
+                    else:
+                        text = await self._mcp_call(tool, arguments, deadline)
         except ToolCallFailed as exc:
             return _result(call, exc.status, self._cap(exc.message), started, arguments)
+        except TimeoutError:
+            return _result(call, "timeout", "the tool did not answer in time", started, arguments)
+        except RecursionError:
+            return _result(call, "invalid", "arguments are nested too deeply", started, None)
         except Exception:  # a tool must never fail the turn
             log.exception("tool %s failed", tool.name)
             return _result(call, "error", "the tool failed", started, arguments)
@@ -539,16 +593,18 @@ class ToolRunner:
                 return None, f"arguments are not valid JSON ({_short(str(exc), 120)}); send a JSON object"
         if not isinstance(raw, dict):
             return None, "arguments must be a JSON object"
+        if _depth(raw) > MAX_ARGUMENTS_DEPTH:
+            return None, f"arguments are nested too deeply (at most {MAX_ARGUMENTS_DEPTH} levels)"
         errors = sorted(self._validator(tool.parameters).iter_errors(raw), key=lambda e: (len(e.path), str(e.path)))
         if errors:
             return raw, _schema_error(errors[0], len(errors))
         return raw, None
 
-    def _validator(self, schema: dict) -> Draft202012Validator:
+    def _validator(self, schema: dict):
         key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
         found = self._validators.get(key)
         if found is None:
-            found = self._validators[key] = Draft202012Validator(schema)
+            found = self._validators[key] = ArgumentValidator(schema)
             if len(self._validators) > 1024:
                 self._validators.popitem(last=False)
         else:
@@ -642,6 +698,20 @@ class ToolRunner:
         if len(text) <= limit:
             return text
         return text[:limit] + f"\n[truncated: {len(text) - limit} more characters]"
+
+
+def _depth(value) -> int:
+    """How deeply ``value`` nests lists and objects (iteratively: no recursion limit to hit)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level)
+            if level > MAX_ARGUMENTS_DEPTH:
+                break
+            stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _read_call(raw, index: int) -> _Call:

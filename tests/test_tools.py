@@ -22,6 +22,7 @@ from runtime.tools import BUILTINS, ToolConfigError, ToolRunner, parse_tools
 from runtime.types import Agent
 from tests.conftest import Proc, free_port, wait_until
 
+LOCAL = "http://127.0.0.1/a"
 LOOPBACK = NetworkPolicy(allowed=(ipaddress.ip_network("127.0.0.0/8"),))
 
 
@@ -556,3 +557,56 @@ def test_mock_directive_on_the_anthropic_path(mock):
     again = httpx.post(f"{mock.url}/v1/messages", json=body, headers=headers).json()
     assert again["stop_reason"] == "end_turn"
     assert again["content"][0]["text"] == "tool result: sunny"
+
+
+# --- hardening --------------------------------------------------------------------------------------
+
+
+def test_patterns_run_on_re2_and_pattern_properties_are_refused(tools_server):
+    with pytest.raises(ToolConfigError) as err:
+        parse_tools([http_tool("x", LOCAL, properties={"a": {"type": "string", "pattern": "(a+)+(?=b)"}})])
+    assert err.value.field == "tools[0].parameters.properties.a.pattern"
+    spec = http_tool("x", LOCAL)
+    spec["parameters"]["patternProperties"] = {"^a": {"type": "string"}}
+    with pytest.raises(ToolConfigError) as err:
+        parse_tools([spec])
+    assert err.value.field == "tools[0].parameters.patternProperties"
+    # a property may be called "pattern" or "patternProperties"
+    parse_tools([http_tool("x", LOCAL, properties={"pattern": {"type": "string"}, "patternProperties": {}})])
+    city = {"city": {"type": "string", "pattern": "^[A-Za-z ]+$"}}
+    weather = http_tool("w", f"{tools_server.url}/weather?city={{city}}", properties=city)
+    results = run(agent_with(weather), [call("w", {"city": "Paris"}, "a"), call("w", {"city": "a" * 5000 + "!"}, "b")])
+    assert [r.status for r in results] == ["ok", "invalid"]
+    assert "'city'" in results[1].content and len(results[1].content) < 400
+
+
+def test_deeply_nested_arguments_are_invalid_not_a_crash(tools_server):
+    spec = http_tool("x", f"{tools_server.url}/weather?city=x", properties={"a": {}})
+    deep = '{"a": ' + "[" * 1000 + "]" * 1000 + "}"
+    (result,) = run(agent_with(spec), [call("x", deep)])
+    assert result.status == "invalid" and "nested" in result.content
+    assert result.arguments is None
+
+
+def test_dot_segments_cannot_climb_the_path(tools_server):
+    order = http_tool("o", f"{tools_server.url}/orders/{{order_id}}", properties={"order_id": {"type": "string"}})
+    tools_server.clear()
+    results = run(agent_with(order), [call("o", {"order_id": ".."}, "a"), call("o", {"order_id": "../x"}, "b")])
+    assert results[0].status == "error" and "order_id" in results[0].content
+    assert results[1].status == "ok"
+    assert [r["raw_path"] for r in tools_server.requests()] == ["/orders/..%2Fx"]
+
+
+def test_waiting_for_a_slot_counts_against_the_deadline(tools_server):
+    slow = http_tool("slow", f"{tools_server.url}/slow?delay_ms=3000", timeout_s=30)
+    results = run(agent_with(slow), [call("slow", {}, "a"), call("slow", {}, "b")], within=0.5, max_concurrency=1)
+    assert [r.status for r in results] == ["timeout", "timeout"]
+
+
+def test_public_tool_masks_literal_header_values(monkeypatch):
+    from runtime.tools import public_tool
+
+    monkeypatch.setenv("TOOL_TEST_SECRET", "s3cret")
+    spec = http_tool("x", LOCAL, headers={"Authorization": "Bearer ${TOOL_TEST_SECRET}", "X-Api-Key": "literal-key"})
+    shown = public_tool(parse_tools([spec])[0])
+    assert shown["config"]["headers"] == {"Authorization": "Bearer ${TOOL_TEST_SECRET}", "X-Api-Key": "***"}
