@@ -52,7 +52,7 @@ FROM touched WHERE c.id = touched.conversation_id
 
 async def write_turns(conn: asyncpg.Connection, entries: list[dict]) -> None:
     """Writes stream entries (fields ``r`` and ``s``) inside the caller's transaction."""
-    rows = [(_clean_nul(e[b"r"]), int(e[b"s"])) for e in entries if b"r" in e and b"s" in e]
+    rows = [(_clean_nul(e[b"r"]), int(e[b"s"])) for e in entries if b"r" in e and e.get(b"s", b"").isdigit()]
     if not rows:
         return
     await conn.execute("CREATE TEMP TABLE IF NOT EXISTS memory_raw (r jsonb, s integer) ON COMMIT DELETE ROWS")

@@ -182,6 +182,17 @@ def _repair(turn: list[dict], *, last: bool) -> list[dict]:
     return out
 
 
+def _decode(raw: list[bytes]) -> list[tuple[int, dict]]:
+    out = []
+    for entry in raw:
+        try:
+            decoded = orjson.loads(entry)
+            out.append((int(decoded["t"]), decoded["m"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("memory: an unreadable window entry was skipped")
+    return out
+
+
 class Memory:
     def __init__(
         self,
@@ -219,8 +230,7 @@ class Memory:
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
         if raw:
-            decoded = [orjson.loads(entry) for entry in raw]
-            return window(((e["t"], e["m"]) for e in decoded), agent.memory)
+            return window(_decode(raw), agent.memory)
         return await self._reload(tenant, agent, conversation_id, window_key, seq_key)
 
     async def _reload(self, tenant: str, agent: Agent, conversation_id: str, window_key: str, seq_key: str):
@@ -275,9 +285,12 @@ class Memory:
             "messages": stored,
         }
         args: list = [agent.memory.ttl_s, agent.memory.ttl_s + SEQ_GRACE_S, list_cap(agent.memory)]
-        args.append(orjson.dumps(record))
-        for message in stored:
-            args += [message_tokens(message), orjson.dumps(message)]
+        try:
+            args.append(orjson.dumps(record))
+            for message in stored:
+                args += [message_tokens(message), orjson.dumps(message)]
+        except (orjson.JSONEncodeError, TypeError) as exc:
+            raise MemoryUnavailable(f"unstorable message: {type(exc).__name__}") from None
         window_key, seq_key = keys(tenant, agent.id, conversation_id)
         try:
             await asyncio.wait_for(self._append(keys=[window_key, seq_key, MEMORY_STREAM], args=args), self._timeout)

@@ -77,6 +77,7 @@ class StreamWriter:
         self._task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
         self._own_pending = True  # entries read but not acknowledged (after a failed write)
+        self._lock = asyncio.Lock()  # one drain at a time: ``drain()`` waits for the loop's batch
 
     async def start(self) -> None:
         try:
@@ -96,12 +97,19 @@ class StreamWriter:
         self._own_pending = True
         try:
             await asyncio.wait_for(self.drain(), grace)
-        except Exception as exc:
+            # Leave no consumer behind in the group (its name is this process's alone), unless
+            # it still holds entries for another replica to claim.
+            mine = await self._redis.xpending_range(self.stream, self.group, "-", "+", 1, consumername=self._name)
+            if not mine:
+                await self._redis.xgroup_delconsumer(self.stream, self.group, self._name)
+        except Exception as exc:  # shutdown goes on; what is not written stays in the stream
             log.warning("%s: final flush failed, entries stay in the stream: %s", self.stream, exc)
 
     async def drain(self) -> int:
-        """Writes everything readable now (own pending entries, then new ones), without blocking."""
-        return await self._drain_once(block=None)
+        """Writes everything readable now (own pending entries, then new ones), without blocking;
+        whatever was appended before the call is in PostgreSQL when it returns."""
+        async with self._lock:
+            return await self._drain_once(block=None)
 
     async def _ensure_group(self) -> None:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
@@ -111,10 +119,11 @@ class StreamWriter:
         idle_rounds = 0
         while not self._stopping.is_set():
             try:
-                wrote = await self._drain_once(block=self._block_ms)
-                idle_rounds = 0 if wrote else idle_rounds + 1
-                if idle_rounds % 20 == 0:
-                    await self._claim_stale()
+                async with self._lock:
+                    wrote = await self._drain_once(block=self._block_ms)
+                    idle_rounds = 0 if wrote else idle_rounds + 1
+                    if idle_rounds % 20 == 0:
+                        await self._claim_stale()
                 if 0 < wrote < self._batch:  # a trickle: let the next batch gather
                     await pause(self._stopping, self._linger)
             except asyncio.CancelledError:
@@ -155,13 +164,35 @@ class StreamWriter:
     async def _commit(self, entries: list[tuple[bytes, dict]]) -> None:
         records = [fields for _, fields in entries if fields]  # (a deleted entry has none)
         if records:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await self._write(conn, records)
+            try:
+                await self._write_batch(records)
+            except asyncpg.PostgresError as exc:
+                if not _is_bad_data(exc):
+                    raise
+                await self._isolate(records)
         ids = [i for i, _ in entries]
         pipe = self._redis.pipeline(transaction=False)
         pipe.xack(self.stream, self.group, *ids)
         pipe.xdel(self.stream, *ids)
         await pipe.execute()
+
+    async def _write_batch(self, records: list[dict]) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._write(conn, records)
+
+    async def _isolate(self, records: list[dict]) -> None:
+        """One record PostgreSQL refuses must not hold back the others, again and again: each is
+        written alone, and one refused alone goes to the dead-letter stream (``<stream>:dead``)."""
+        for record in records:
+            try:
+                await self._write_batch([record])
+            except asyncpg.PostgresError as exc:
+                if not _is_bad_data(exc):
+                    raise
+                log.error(
+                    "%s: record refused by PostgreSQL (%s), moved to %s:dead", self.stream, exc.sqlstate, self.stream
+                )
+                await self._redis.xadd(f"{self.stream}:dead", {**record, b"error": str(exc.sqlstate)})
 
     async def _claim_stale(self) -> None:
         """Entries a dead consumer read but never acknowledged become ours."""
@@ -175,6 +206,12 @@ class StreamWriter:
                 await self._commit([(i, f or {}) for i, f in claimed])
             if start in (b"0-0", "0-0"):
                 return
+
+
+def _is_bad_data(exc: asyncpg.PostgresError) -> bool:
+    """The record's fault (a data exception or a constraint), not the database's: retrying it
+    can never succeed."""
+    return str(getattr(exc, "sqlstate", "") or "")[:2] in ("22", "23")
 
 
 # --- run records -------------------------------------------------------------------------------
@@ -315,6 +352,7 @@ class RunRecorder:
         self._wake = asyncio.Event()
         self._stopping = False
         self._flusher: asyncio.Task | None = None
+        self._flush_lock = asyncio.Lock()  # ``flush()`` waits for a batch on its way to Redis
         self.dropped = 0  # runs lost because the buffer overflowed while Redis and PostgreSQL were down
 
     async def start(self) -> None:
@@ -381,6 +419,10 @@ class RunRecorder:
                 return
 
     async def _flush_buffer(self) -> None:
+        async with self._flush_lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
         while self._buffer:
             batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), 500))]
             try:

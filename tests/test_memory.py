@@ -322,3 +322,24 @@ def test_history_is_tenant_isolated(services):
         assert len(await memory.history(None, agent.id, "shared-id")) == 4
 
     _run(services, body)
+
+
+def test_a_record_postgres_refuses_goes_to_the_dead_letter_stream(services):
+    async def body(memory: Memory, pool, redis):
+        tenant, conv = f"t-{uuid.uuid4().hex[:8]}", "conv-poison"
+        agent = _agent(tenant)
+        poison = {"tenant": tenant, "agent_id": agent.id, "external_id": "conv-bad", "ts": "not a time", "messages": []}
+        await redis.xadd(MEMORY_STREAM, {"r": orjson.dumps(poison), "s": "1"})
+        await redis.xadd(MEMORY_STREAM, {"r": b"{not json", "s": "1"})
+        await memory.append(tenant, agent, conv, _turn(1), request_id="r1", prompt_version=1, variant=None)
+        # the good turn is not held back by the bad records around it
+        rows = await _until(lambda: _rows_if(pool, tenant, agent.id, conv, 2), "the good turn written")
+        assert [r["seq"] for r in rows] == [1, 2]
+
+        async def dead():
+            entries = await redis.xrange(f"{MEMORY_STREAM}:dead")
+            return [e for _, e in entries if tenant.encode() in e[b"r"] or e[b"r"] == b"{not json"]
+
+        assert len(await _until(dead, "the poison records dead-lettered")) >= 2
+
+    _run(services, body)
