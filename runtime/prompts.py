@@ -291,6 +291,14 @@ def check_variables(variables: Any, used: set[str], param: str = "variables") ->
     return out
 
 
+def check_defaults(defaults: dict, variables: dict, param: str = "defaults") -> None:
+    """An agent's default values have the types its prompt's variables declare."""
+    for name, value in defaults.items():
+        spec = variables.get(name)
+        if spec is not None and value is not None:
+            _check_value(name, value, spec.get("type", "string"), param=f"{param}.{name[:64]}")
+
+
 def check_label(label: Any, param: str = "label") -> str:
     if not isinstance(label, str) or not LABEL_NAME.match(label):
         raise InvalidRequest(

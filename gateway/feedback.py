@@ -1,0 +1,132 @@
+"""``POST /v1/feedback``: what a client says about an answer (thumbs, a 0–1 score, resolved, free
+text), for the experiment reports.
+
+Feedback names a request (the gateway's ``x-request-id``) or a conversation (the caller's
+``conversation_id``). It is stored in the caller's tenant, keyed by the id as given, and reports
+join it to the ledger on (tenant, id): the ledger row may not be written yet when feedback
+arrives (records are batched), and another tenant's ids can never be reached, whatever is sent.
+Not the hot path: one INSERT under the tenant's row-level security.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from core import http
+from core.errors import InvalidRequest, NotFound
+from core.types import Identity
+from gateway.db import tenant_transaction
+
+MAX_BODY = 64 * 1024
+MAX_TEXT = 4000
+FIELDS = frozenset({"request_id", "conversation_id", "thumbs", "score", "resolved", "text", "agent"})
+_ID = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?$")  # visible ASCII, at most 256
+_THUMBS = {"up": 1, "down": -1, 1: 1, -1: -1}
+
+
+def _id(data: dict, name: str) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _ID.match(value):
+        raise InvalidRequest(
+            f"'{name}' must be a string of 1 to 256 visible ASCII characters.", param=name, code="invalid_value"
+        )
+    return value
+
+
+def parse(data: object) -> dict:
+    """The feedback fields, checked; a 400 naming the first bad one."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    unknown = sorted(set(data) - FIELDS)
+    if unknown:
+        name = str(unknown[0])[:64]
+        raise InvalidRequest(
+            f"Unknown parameter '{name}'; known: {', '.join(sorted(FIELDS))}.", param=name, code="unknown_parameter"
+        )
+    out = {"request_id": _id(data, "request_id"), "conversation_id": _id(data, "conversation_id")}
+    if out["request_id"] is None and out["conversation_id"] is None:
+        raise InvalidRequest(
+            "Give 'request_id' (the x-request-id of an answer) or 'conversation_id'.",
+            param="request_id",
+            code="missing_required_parameter",
+        )
+    thumbs = data.get("thumbs")
+    if thumbs is not None:
+        if isinstance(thumbs, bool) or not isinstance(thumbs, str | int) or thumbs not in _THUMBS:
+            raise InvalidRequest('\'thumbs\' must be "up", "down", 1 or -1.', param="thumbs", code="invalid_value")
+        thumbs = _THUMBS[thumbs]
+    score = data.get("score")
+    if score is not None and (
+        isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score) or not 0 <= score <= 1
+    ):
+        raise InvalidRequest("'score' must be a number from 0 to 1.", param="score", code="invalid_value")
+    resolved = data.get("resolved")
+    if resolved is not None and not isinstance(resolved, bool):
+        raise InvalidRequest("'resolved' must be a boolean.", param="resolved", code="invalid_type")
+    text = data.get("text")
+    if text is not None and (not isinstance(text, str) or len(text) > MAX_TEXT or "\x00" in text):
+        raise InvalidRequest(
+            f"'text' must be a string of at most {MAX_TEXT} characters.", param="text", code="invalid_value"
+        )
+    if thumbs is None and score is None and resolved is None and not text:
+        raise InvalidRequest(
+            "Give at least one of 'thumbs', 'score', 'resolved' or 'text'.",
+            param="thumbs",
+            code="missing_required_parameter",
+        )
+    agent = data.get("agent")
+    if agent is not None:
+        if not isinstance(agent, str) or not 0 < len(agent) <= 128:
+            raise InvalidRequest("'agent' must be an agent name.", param="agent", code="invalid_value")
+        agent = agent.removeprefix("agent:").split("@", 1)[0]
+    out.update(thumbs=thumbs, score=None if score is None else float(score), resolved=resolved, text=text, agent=agent)
+    return out
+
+
+async def _agent_id(svc, conn, tenant: str, name: str) -> str:
+    registry = getattr(svc, "agents", None)
+    agent = registry.get(tenant, name) if registry is not None else None
+    agent_id = agent.id if agent is not None else None
+    if agent_id is None:  # not cached here (yet): ask the table, within the tenant's wall
+        agent_id = await conn.fetchval(
+            "SELECT id FROM agents WHERE tenant = $1 AND name = $2 AND archived_at IS NULL", tenant, name
+        )
+    if agent_id is None:
+        raise NotFound(f"No agent named {name[:64]!r}.", param="agent")
+    return agent_id
+
+
+async def feedback(svc, scope, receive, send, rid: str, crid: str | None = None, ident: Identity | None = None) -> None:
+    """The ``POST /v1/feedback`` handler (plain ASGI; errors raise GatewayError for the app to
+    render). ``ident``: the caller when already authenticated, else the bearer key is checked."""
+    if ident is None:
+        ident = await svc.auth.authenticate_scope(scope)
+    data = parse(http.parse_json(await http.read_body(scope, receive, MAX_BODY)))
+    tenant = ident.tenant
+    async with tenant_transaction(svc.pool, tenant) as conn:
+        agent_id = await _agent_id(svc, conn, tenant, data["agent"]) if data["agent"] else None
+        row = await conn.fetchrow(
+            """INSERT INTO feedback (tenant, key_id, request_id, conversation_id, agent_id, thumbs, score,
+                                     resolved, text)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id, created_at""",
+            tenant,
+            ident.key_id,
+            data["request_id"],
+            data["conversation_id"],
+            agent_id,
+            data["thumbs"],
+            data["score"],
+            data["resolved"],
+            data["text"],
+        )
+    body = {
+        "id": f"fb_{row['id']}",
+        "object": "feedback",
+        "created_at": int(row["created_at"].timestamp()),
+        "request_id": data["request_id"],
+        "conversation_id": data["conversation_id"],
+    }
+    await http.send_json(send, 201, body, rid, crid=crid)
