@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 import os
 import re
@@ -293,6 +294,73 @@ def _parse_headers(headers, where: str) -> dict[str, str]:
     return out
 
 
+NETWORK_KEYS = ("allow_private_networks", "allowed_networks")
+MAX_NETWORKS = 16
+# What a tool's own config can never open: metadata services, link-local, unspecified,
+# multicast and reserved space, and the IPv6 forms that wrap IPv4 addresses (whose inner
+# address could be any of those). Only the operator's policy (ToolRunner's guard) can.
+_NEVER_FOR_TOOLS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "169.254.0.0/16",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        "100.100.100.200/32",
+        "::/128",
+        "fe80::/10",
+        "ff00::/8",
+        "::ffff:0:0/96",
+        "64:ff9b::/96",
+        "2002::/16",
+        "fd00:ec2::254/128",
+    )
+)
+
+
+def _parse_networks(config: dict, where: str) -> dict:
+    """A tool's own widening of the default network policy: ``allow_private_networks`` (loopback,
+    RFC 1918, CGNAT, unique local) and ``allowed_networks`` (CIDRs, never overlapping metadata,
+    link-local, multicast or reserved space)."""
+    out: dict = {}
+    if "allow_private_networks" in config:
+        flag = config["allow_private_networks"]
+        if not isinstance(flag, bool):
+            raise ToolConfigError(f"{where}.allow_private_networks", "must be true or false")
+        out["allow_private_networks"] = flag
+    if "allowed_networks" in config:
+        nets = config["allowed_networks"]
+        if not isinstance(nets, list) or len(nets) > MAX_NETWORKS:
+            raise ToolConfigError(f"{where}.allowed_networks", f"must be a list of at most {MAX_NETWORKS} CIDRs")
+        parsed = []
+        for j, text in enumerate(nets):
+            try:
+                net = ipaddress.ip_network(text, strict=False) if isinstance(text, str) else None
+            except ValueError:
+                net = None
+            if net is None:
+                raise ToolConfigError(f"{where}.allowed_networks[{j}]", "must be a CIDR such as 10.0.0.0/8")
+            if any(net.version == bad.version and net.overlaps(bad) for bad in _NEVER_FOR_TOOLS):
+                raise ToolConfigError(
+                    f"{where}.allowed_networks[{j}]",
+                    "overlaps metadata, link-local, multicast or reserved addresses, which a tool cannot allow",
+                )
+            parsed.append(str(net))
+        out["allowed_networks"] = parsed
+    return out
+
+
+def tool_policy(base: netguard.NetworkPolicy, config: dict) -> netguard.NetworkPolicy:
+    """The network policy a tool's calls run under: the operator's, widened by the tool's own
+    ``allow_private_networks`` / ``allowed_networks`` (which never reach metadata or link-local)."""
+    private = bool(config.get("allow_private_networks"))
+    nets = config.get("allowed_networks") or ()
+    if not private and not nets:
+        return base
+    extra = tuple(ipaddress.ip_network(n) for n in nets)
+    return netguard.NetworkPolicy(base.allow_private or private, base.allowed + extra)
+
+
 def resolve_headers(headers: dict[str, str]) -> dict[str, str]:
     """Header templates with their ``${TOOL_*}`` variables read from the environment now.
     Raises KeyError naming the variable when one has gone missing."""
@@ -351,6 +419,7 @@ def _parse_http(config: dict, parameters: dict, where: str) -> dict:
         "retries",
         "allowed_hosts",
         "max_response_bytes",
+        *NETWORK_KEYS,
     }
     unknown = set(config) - allowed_keys
     if unknown:
@@ -396,11 +465,20 @@ def _parse_http(config: dict, parameters: dict, where: str) -> dict:
         "max_response_bytes": _number(
             config, "max_response_bytes", where, DEFAULT_RESPONSE_BYTES, 1, MAX_RESPONSE_BYTES, integer=True
         ),
+        **_parse_networks(config, where),
     }
 
 
 def _parse_mcp(config: dict, name: str, where: str) -> dict:
-    unknown = set(config) - {"url", "tool", "timeout_s", "headers", "allowed_hosts", "max_response_bytes"}
+    unknown = set(config) - {
+        "url",
+        "tool",
+        "timeout_s",
+        "headers",
+        "allowed_hosts",
+        "max_response_bytes",
+        *NETWORK_KEYS,
+    }
     if unknown:
         raise ToolConfigError(f"{where}.{sorted(unknown)[0]}", "unknown field")
     url = config.get("url")
@@ -433,6 +511,7 @@ def _parse_mcp(config: dict, name: str, where: str) -> dict:
         "max_response_bytes": _number(
             config, "max_response_bytes", where, DEFAULT_RESPONSE_BYTES, 1, MAX_RESPONSE_BYTES, integer=True
         ),
+        **_parse_networks(config, where),
     }
 
 
@@ -465,6 +544,7 @@ def agent_tools(agent: Agent) -> dict[str, ToolSpec]:
 # --- running ------------------------------------------------------------------------------------
 
 MAX_CALLS_PER_TURN = 32
+MAX_SESSIONS = 64
 MAX_ARGUMENTS_BYTES = 64 * 1024
 MAX_ARGUMENTS_DEPTH = 32
 DEFAULT_RESULT_CHARS = 32 * 1024
@@ -503,27 +583,45 @@ class ToolRunner:
         self._max_concurrency = max_concurrency
         self._max_result_chars = max_result_chars
         self._user_agent = user_agent
-        self._http: aiohttp.ClientSession | None = None
-        self._mcp: MCPPool | None = None
+        self._started = False
+        # one HTTP session (its own guarded connector and connection pool) per network policy:
+        # a pooled connection must never serve a tool whose policy would not have allowed it
+        self._sessions: OrderedDict[netguard.NetworkPolicy, tuple[aiohttp.ClientSession, MCPPool]] = OrderedDict()
         self._validators: OrderedDict[bytes, ArgumentValidator] = OrderedDict()
 
     async def start(self) -> None:
-        if self._http is not None:
-            return
-        connector = netguard.guarded_connector(self.policy, limit=self._max_concurrency * 4, limit_per_host=0)
-        self._http = aiohttp.ClientSession(
+        self._started = True
+        self._client(self.policy)
+
+    async def stop(self) -> None:
+        self._started = False
+        sessions = list(self._sessions.values())
+        self._sessions.clear()
+        for http, _ in sessions:
+            await http.close()
+
+    def _client(self, policy: netguard.NetworkPolicy) -> tuple[aiohttp.ClientSession, MCPPool]:
+        if not self._started:
+            raise RuntimeError("ToolRunner.start() was not awaited")
+        found = self._sessions.get(policy)
+        if found is not None:
+            self._sessions.move_to_end(policy)
+            return found
+        connector = netguard.guarded_connector(policy, limit=self._max_concurrency * 4, limit_per_host=0)
+        http = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
             headers={"user-agent": self._user_agent},
         )
-        self._mcp = MCPPool(self._http)
-
-    async def stop(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-        self._http = None
-        self._mcp = None
+        found = self._sessions[policy] = (http, MCPPool(http))
+        while len(self._sessions) > MAX_SESSIONS:
+            _, (old, _) = self._sessions.popitem(last=False)
+            # calls in flight on it end within MAX_TIMEOUT_S per attempt; close after that
+            asyncio.get_running_loop().call_later(
+                MAX_TIMEOUT_S * (MAX_RETRIES + 1), lambda s=old: asyncio.ensure_future(s.close())
+            )
+        return found
 
     # what the model sees
 
@@ -636,20 +734,22 @@ class ToolRunner:
         return _result(call, "ok", self._cap(content), started, arguments, escalate=escalate, end=end)
 
     async def _http_call(self, tool: ToolSpec, arguments: dict, deadline: float) -> str:
-        http = self._session()
+        policy = tool_policy(self.policy, tool.config)
+        http, _ = self._client(policy)
         try:
             headers = resolve_headers(tool.config.get("headers") or {})
         except KeyError:
             raise ToolCallFailed("error", "the tool is misconfigured (a secret it needs is not set)") from None
         try:
-            return await call_http(http, tool, arguments, headers, policy=self.policy, deadline=deadline)
+            return await call_http(http, tool, arguments, headers, policy=policy, deadline=deadline)
         except ValueError as exc:  # a dot-segment argument
             raise ToolCallFailed("error", _short(str(exc))) from None
 
     async def _mcp_call(self, tool: ToolSpec, arguments: dict, deadline: float) -> str:
-        self._session()
         config = tool.config
-        problem = netguard.url_problem(config["url"], self.policy)
+        policy = tool_policy(self.policy, config)
+        _, pool = self._client(policy)
+        problem = netguard.url_problem(config["url"], policy)
         if problem is not None:
             raise ToolCallFailed("error", "the tool's address is not reachable from the gateway (network policy)")
         try:
@@ -659,7 +759,7 @@ class ToolRunner:
         timeout = min(float(config["timeout_s"]), deadline - time.monotonic())
         if timeout <= 0:
             raise ToolCallFailed("timeout", "the tool did not answer in time")
-        client = self._mcp.client(config["url"], headers)
+        client = pool.client(config["url"], headers)
         try:
             text, is_error = await client.call_tool(config["tool"], arguments, timeout_s=timeout)
         except TimeoutError:
@@ -678,20 +778,17 @@ class ToolRunner:
         return text
 
     async def list_mcp_tools(
-        self, url: str, headers: dict[str, str] | None = None, *, timeout_s: float = 10.0
+        self, url: str, headers: dict[str, str] | None = None, *, network: dict | None = None, timeout_s: float = 10.0
     ) -> list[dict]:
-        """The tools an MCP server offers (for an admin filling in ``parameters``). Raises
-        MCPError or TimeoutError; the URL is checked against the network policy first."""
-        self._session()
-        problem = netguard.url_problem(url, self.policy)
+        """The tools an MCP server offers (for an admin filling in ``parameters``). ``network``:
+        a tool config's ``allow_private_networks`` / ``allowed_networks`` (as parse_tools left
+        them). Raises MCPError or TimeoutError; the URL is checked against the policy first."""
+        policy = tool_policy(self.policy, network or {})
+        _, pool = self._client(policy)
+        problem = netguard.url_problem(url, policy)
         if problem is not None:
             raise MCPError("the server's address is not reachable from the gateway (network policy)")
-        return await self._mcp.client(url, resolve_headers(headers or {})).list_tools(timeout_s=timeout_s)
-
-    def _session(self) -> aiohttp.ClientSession:
-        if self._http is None:
-            raise RuntimeError("ToolRunner.start() was not awaited")
-        return self._http
+        return await pool.client(url, resolve_headers(headers or {})).list_tools(timeout_s=timeout_s)
 
     def _cap(self, text: str) -> str:
         limit = self._max_result_chars

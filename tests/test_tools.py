@@ -610,3 +610,24 @@ def test_public_tool_masks_literal_header_values(monkeypatch):
     spec = http_tool("x", LOCAL, headers={"Authorization": "Bearer ${TOOL_TEST_SECRET}", "X-Api-Key": "literal-key"})
     shown = public_tool(parse_tools([spec])[0])
     assert shown["config"]["headers"] == {"Authorization": "Bearer ${TOOL_TEST_SECRET}", "X-Api-Key": "***"}
+
+
+def test_a_tool_may_open_private_networks_but_never_metadata(tools_server):
+    local = http_tool("w", f"{tools_server.url}/weather?city=x", allow_private_networks=True)
+    cidr = http_tool("c", f"{tools_server.url}/weather?city=y", allowed_networks=["127.0.0.1/32"])
+    plain = http_tool("p", f"{tools_server.url}/weather?city=z")
+    results = run(
+        agent_with(local, cidr, plain), [call("w", {}, "a"), call("c", {}, "b"), call("p", {}, "c")], guard=None
+    )
+    assert [r.status for r in results] == ["ok", "ok", "error"]
+    for bad in ("169.254.169.254/32", "169.254.0.0/15", "0.0.0.0/0", "::ffff:0:0/96", "fe80::/64"):
+        with pytest.raises(ToolConfigError) as err:
+            parse_tools([http_tool("m", LOCAL, allowed_networks=[bad])])
+        assert err.value.field == "tools[0].config.allowed_networks[0]"
+    meta = http_tool("m", "http://169.254.169.254/latest", allow_private_networks=True)
+    meta["config"]["allowed_hosts"] = ["169.254.169.254"]
+    (result,) = run(agent_with(meta), [call("m", {})], guard=None)
+    assert result.status == "error" and "network policy" in result.content
+    mcp = {"name": "add", "kind": "mcp", "config": {"url": f"{tools_server.url}/mcp", "allow_private_networks": True}}
+    (result,) = run(agent_with(mcp), [call("add", {"a": 1, "b": 2})], guard=None)
+    assert (result.status, result.content) == ("ok", "3")
