@@ -49,12 +49,11 @@ def _vars(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"--var {pair!r}: expected K=V")
-        try:
-            out[key] = orjson.loads(value)
-            if not isinstance(out[key], int | float | bool | list | dict):
-                out[key] = value
+        try:  # JSON when it parses (80, true, ["a"], "quoted text"), else the text as given
+            parsed = orjson.loads(value)
         except orjson.JSONDecodeError:
-            out[key] = value
+            parsed = None
+        out[key] = value if parsed is None else parsed
     return out
 
 

@@ -160,7 +160,11 @@ class AgentRegistry:
             agents: dict[str, dict[str, Agent]] = {}
             by_id: dict[str, Agent] = {}
             for r in rows:
-                agent = agent_from_rows(r, versions.get(r["id"], {}), labels.get(r["id"], {}))
+                try:
+                    agent = agent_from_rows(r, versions.get(r["id"], {}), labels.get(r["id"], {}))
+                except Exception as exc:  # one bad row must not keep every other agent from loading
+                    log.error("agent %s not loaded: %s", r["id"], exc)
+                    continue
                 agents.setdefault(agent.tenant, {})[agent.name] = agent
                 by_id[agent.id] = agent
             self._agents, self._by_id = agents, by_id
@@ -548,6 +552,9 @@ async def set_label(
     if missing:
         raise NotFound(f"Agent {agent.name!r} has no prompt version {missing[0]}.", param="version")
     await _put_label(conn, agent.id, agent.tenant, label, target)
+    current = await experiments.running(conn, agent.id, label)
+    if current is not None and len(target) > 1 and _json(current["variants"]) == _public_target(target):
+        return current["id"]  # the same arms again: the experiment goes on
     await experiments.end_running(conn, agent.id, label)
     if len(target) > 1:
         return await experiments.start(

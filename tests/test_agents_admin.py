@@ -352,6 +352,8 @@ def test_experiment_report_on_seeded_turns_and_feedback_then_stop_promotes(gw, s
         gw, "PUT", f"/admin/agents/{name}/labels/production", admin_key, json={"variants": {"1": 50, "2": 50}}
     )
     assert started.status_code == 200 and started.json()["experiment_id"].startswith("exp_")
+    same = call(gw, "PUT", f"/admin/agents/{name}/labels/production", admin_key, json={"variants": {"1": 50, "2": 50}})
+    assert same.json()["experiment_id"] == started.json()["experiment_id"]  # the same arms: it goes on
     rows = []
     for i in range(60):
         variant = "1" if i < 30 else "2"
