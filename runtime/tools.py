@@ -18,8 +18,9 @@ Calls never raise into the caller: arguments that are not JSON or fail the schem
 ``ToolResult`` with status ``invalid`` and a sentence naming the field (the model can repair its
 call); a failing tool comes back with status ``error`` or ``timeout`` and a short reason that
 names no secret and no internal address. Every outbound connection goes through
-``core.netguard``: private, loopback and metadata addresses are unreachable unless the
-operator's policy (the runner's ``guard``) allows them.
+``core.netguard``: only public addresses are reachable unless the operator's policy (the
+runner's ``guard``) or the tool's own ``allow_private_networks`` / ``allowed_networks`` allow
+more; a tool's config can never open metadata, link-local, multicast or reserved addresses.
 """
 
 from __future__ import annotations
@@ -562,8 +563,8 @@ class ToolRunner:
 
     ``guard`` is the operator's ``core.netguard.NetworkPolicy`` (or any settings object with
     ``allowed_networks`` / ``allow_private_networks``): by default tools reach public addresses
-    only. An agent's own config cannot widen it (whoever declares tools must not be able to
-    reach the gateway's network). ``builtin_handlers`` maps a builtin's name to
+    only. A tool's own ``allow_private_networks`` / ``allowed_networks`` widen it for that tool
+    (never to metadata or link-local addresses). ``builtin_handlers`` maps a builtin's name to
     ``async handler(arguments, context) -> str``; without one the builtins answer by default
     (see ``BUILTINS``).
     """
