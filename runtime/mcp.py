@@ -72,11 +72,12 @@ class MCPClient:
 
     async def request(self, method: str, params: dict) -> dict:
         await self._ensure_ready()
+        expired = self._session_id
         try:
             return await self._rpc(method, params)
         except SessionExpired:
-            self._ready = False
-            self._session_id = None
+            if self._session_id == expired:  # not already renewed by a concurrent request
+                self._ready = False
             await self._ensure_ready()
             return await self._rpc(method, params)
 
@@ -127,7 +128,7 @@ class MCPClient:
             ) as resp:
                 if resp.status == 404 and self._session_id and payload.get("method") != "initialize":
                     raise SessionExpired("session expired")
-                if resp.status >= 400 or 300 <= resp.status < 400:
+                if resp.status >= 300:  # redirects are not followed
                     raise MCPError(f"the MCP server answered HTTP {resp.status}")
                 session_id = resp.headers.get("mcp-session-id")
                 if session_id and payload.get("method") == "initialize":
