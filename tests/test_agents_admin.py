@@ -403,7 +403,16 @@ def test_a_moved_label_reaches_every_registry_and_the_poll_catches_a_missed_mess
     from runtime.agents import VERSION_KEY, AgentRegistry
 
     name = unique("reg")
-    create(gw, name=name)
+    tool = {
+        "kind": "http",
+        "name": "order_status",
+        "description": "Look an order up.",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]},
+        "config": {"url": "https://api.example.com/orders/{order_id}", "allowed_hosts": ["api.example.com"]},
+    }
+    made = create(gw, name=name, tools=[tool], builtins=["escalate_to_human"])
+    assert made.status_code == 201, made.text
+    assert made.json()["tools"][0]["name"] == "order_status" and made.json()["builtins"] == ["escalate_to_human"]
     call(gw, "POST", f"/admin/agents/{name}/versions", json={"template": "second {{ who }}"})
 
     async def go():
@@ -414,6 +423,9 @@ def test_a_moved_label_reaches_every_registry_and_the_poll_catches_a_missed_mess
             for r in regs:
                 await r.start()
             assert all(prompts.select(r.get("default", name), None, "c").version.version == 1 for r in regs)
+            assert [t.name for t in regs[0].get("default", name).tools] == ["order_status"]
+            assert regs[0].get("default", name).builtins == ("escalate_to_human",)
+            assert name in {a.name for a in regs[1].for_tenant("default")}
 
             async def until(check) -> None:
                 for _ in range(200):
