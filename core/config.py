@@ -149,6 +149,9 @@ class Limits(_Strict):
     user: Limit = Field(default_factory=Limit)
     tenant: dict[str, Limit] = Field(default_factory=dict)
     model: dict[str, Limit] = Field(default_factory=dict)
+    # per agent name (within each tenant), and per end user of any agent (the request's `user`)
+    agent: dict[str, Limit] = Field(default_factory=dict)
+    agent_user: Limit = Field(default_factory=Limit)
 
 
 class Alerts(_Strict):

@@ -119,6 +119,11 @@ class RequestContext:
     max_output: int = 0
     upstream_headers: Any = None  # the last upstream response's headers
     fallbacks: int = 0
+    agent: Any = None  # runtime.types.Turn when the model names an agent (the agent stage sets it)
+    # The model groups this request may be served by (the key's allow-list; empty: any). An agent
+    # turn a key may take by the agent's name may use the agent's routing, whatever it is.
+    models_allowed: frozenset = frozenset()
+    step: int = 1  # the model call of an agent turn this is (the tools loop counts up)
     _prompt_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

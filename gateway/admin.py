@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from core.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
 from core.types import Identity
+from gateway import admin_agents
 from gateway import admin_input as inp
 from gateway.db import tenant_transaction
 from policies import budgets as budget_store
@@ -117,7 +118,9 @@ class Admin:
                 Route("/admin/requests", self.find_requests, methods=["GET"]),
                 Route("/admin/requests/{request_id}", self.request_record, methods=["GET"]),
                 Route("/admin/access-log", self.access_log, methods=["GET"]),
+                Route("/admin/runs/{request_id}", self.run_record, methods=["GET"]),
                 Route("/admin/openapi.json", self.openapi, methods=["GET"]),
+                *admin_agents.routes(self),
             ],
             exception_handlers={GatewayError: _error, HTTPException: _http_error, Exception: _internal_error},
         )
@@ -517,6 +520,14 @@ class Admin:
                 _view(request),
             )
         return _json({"data": [_record(r) for r in rows]})
+
+    async def run_record(self, request: Request) -> Response:
+        """An agent turn, step by step: every model call and tool call, with status and timing."""
+        request_id = request.path_params["request_id"]
+        run = await self.svc.runs.get(_view(request), request_id[:128])
+        if run is None:
+            raise NotFound(f"No agent run for request {request_id[:128]!r} (yet).", param="request_id")
+        return _json(run)
 
     async def access_log(self, request: Request) -> Response:
         """Who did what through the admin API: the super-admin's alone to read."""

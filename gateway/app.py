@@ -16,10 +16,12 @@ from core.config import load_config
 from core.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
 from core.logs import access_log
 from core.types import RequestContext, excerpt
-from gateway import pipeline
+from gateway import agent_stage, pipeline
 from gateway.admin import Admin
+from gateway.feedback import feedback as post_feedback
 from gateway.openapi import openapi_document
 from gateway.services import Services, Settings
+from runtime.types import AGENT_PREFIX
 
 log = logging.getLogger("gateway")
 
@@ -42,6 +44,7 @@ class GatewayApp:
             "/v1/models": ("GET", self._models),
             "/models": ("GET", self._models),
         }
+        routes["/v1/feedback"] = ("POST", self._feedback)
         for p in _CHAT_PATHS:
             routes[p] = ("POST", self._chat)
         for p in _EMBEDDINGS_PATHS:
@@ -155,16 +158,34 @@ class GatewayApp:
     def _model_object(self, model) -> dict:
         return {"id": model.name, "object": "model", "created": self._created, "owned_by": model.owned_by}
 
+    async def _feedback(self, scope, receive, send, rid: str, crid: str | None) -> None:
+        await post_feedback(self.svc, scope, receive, send, rid, crid)
+
+    def _agent_objects(self, ident) -> list[dict]:
+        """The agents of the caller's tenant that its key may use, as ``agent:<name>``."""
+        registry = self.svc.agents
+        agents = registry.for_tenant(ident.tenant) if registry is not None and not ident.is_master else []
+        return [
+            {"id": f"{AGENT_PREFIX}{a.name}", "object": "model", "created": self._created, "owned_by": ident.tenant}
+            for a in agents
+            if agent_stage.allowed_identity(ident, a.name, a.model)
+        ]
+
     async def _models(self, scope, receive, send, rid: str, crid: str | None) -> None:
-        await self.svc.auth.authenticate_scope(scope)
+        ident = await self.svc.auth.authenticate_scope(scope)
         data = [self._model_object(m) for m in self.svc.router.models]
+        data += self._agent_objects(ident)
         await http.send_json(send, 200, {"object": "list", "data": data}, rid, crid=crid)
 
     async def _model(self, scope, rid: str, crid: str | None, send, model_id: str) -> None:
-        await self.svc.auth.authenticate_scope(scope)
+        ident = await self.svc.auth.authenticate_scope(scope)
         model = self.svc.router.model(model_id)
         if model is None:
-            raise ModelNotFound(f"The model '{excerpt(model_id)}' does not exist", param="model")
+            found = [a for a in self._agent_objects(ident) if a["id"] == model_id]
+            if not found:
+                raise ModelNotFound(f"The model '{excerpt(model_id)}' does not exist", param="model")
+            await http.send_json(send, 200, found[0], rid, crid=crid)
+            return
         await http.send_json(send, 200, self._model_object(model), rid, crid=crid)
 
     async def _healthz(self, scope, receive, send, rid: str, crid: str | None) -> None:

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from core.config import ConfigError, load_config
+from gateway import cli_agents
 from gateway.embedded import EmbeddedServices, default_data_dir, resolve_urls
 
 warnings.filterwarnings("ignore", module="platformdirs")
@@ -315,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--all", action="store_true", help="include revoked keys")
     revoke = ks.add_parser("revoke")
     revoke.add_argument("id")
+    cli_agents.add_parser(sub)
     return parser
 
 
@@ -328,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "migrate": cmd_migrate,
         "check-config": cmd_check_config,
         "keys": cmd_keys,
+        "agents": cli_agents.run,
     }[args.cmd]
     try:
         return handler(args)

@@ -1,8 +1,9 @@
 """The request pipeline, top to bottom.
 
-    authenticate → parse & validate → route → admit (rate limits, budget reservation)
-      → scrub (PII) → call (with retries and fallbacks) → settle (cost, budgets, alerts, audit
-      record) → respond (pseudonyms restored)
+    authenticate → parse & validate → agent (prompt, memory, tools; agents only) → route
+      → admit (rate limits, budget reservation) → scrub (PII) → complete (with retries and
+      fallbacks) → tools (server-side tool calls, back to admit; agents only) → settle (cost,
+      budgets, alerts, audit record) → respond (pseudonyms restored)
 
 Each stage is one small function over the ``RequestContext``; a stage short-circuits by
 raising a ``GatewayError``, which the app renders. ``account`` always runs (app.py calls it
@@ -24,6 +25,8 @@ from core import http, metrics
 from core.errors import GatewayError, PermissionDenied, UpstreamError, UpstreamTimeout
 from core.logs import access_log
 from core.types import RequestContext, Route, excerpt
+from gateway import agent_stage, tools_loop
+from gateway.agent_stage import is_agent
 from gateway.providers.base import map_upstream_status, stream_error_event
 from gateway.routing import Group, run_attempts
 from gateway.routing.constraints import constraints_for
@@ -79,10 +82,12 @@ def route(svc: Services, ctx: RequestContext, scope: dict, mode: str) -> Group:
     served: ``Router.fallbacks``), whatever triggers the fallback — a failing provider, a
     latency or price constraint, a prompt too long for the group's context window."""
     ident = ctx.identity
-    if ident is not None and ident.models and ctx.model not in ident.models:
-        raise PermissionDenied(
-            f"This API key may not use model `{excerpt(ctx.model)}`.", param="model", code="model_not_allowed"
-        )
+    if ctx.agent is None and ident is not None and ident.models:
+        if ctx.model not in ident.models:
+            raise PermissionDenied(
+                f"This API key may not use model `{excerpt(ctx.model)}`.", param="model", code="model_not_allowed"
+            )
+        ctx.models_allowed = ident.models
     ctx.constraints = constraints_for(svc.config, ident, scope)
     return svc.router.resolve(ctx, mode)
 
@@ -94,7 +99,11 @@ def _gateway_headers(scope: dict) -> dict[bytes, bytes]:
 async def admit(svc: Services, ctx: RequestContext, scope: dict) -> None:
     if not svc.config.policies.enabled:
         return
-    ctx.extra["attribution"] = attr = attribution(ctx, _gateway_headers(scope))
+    attr = ctx.extra.get("attribution")
+    if attr is None:
+        ctx.extra["attribution"] = attr = attribution(ctx, _gateway_headers(scope))
+        if ctx.agent is not None:  # an agent's turns are its own, whatever the client says
+            attr["agent"] = ctx.agent.agent.name
     await svc.policies.admit(ctx, attr)
 
 
@@ -146,18 +155,21 @@ async def body_for(svc: Services, ctx: RequestContext, r: Route) -> dict:
 
 def _route_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     r = ctx.route
-    headers = [
-        (b"x-request-id", ctx.request_id.encode()),
-        (b"x-gateway-provider", r.provider.encode()),
-        (b"x-gateway-deployment", r.deployment.encode()),
-        (b"x-gateway-attempts", str(ctx.attempts).encode()),
-    ]
+    headers = [(b"x-request-id", ctx.request_id.encode())]
+    if r is not None:  # an agent's fallback message was served by no deployment
+        headers += [
+            (b"x-gateway-provider", r.provider.encode()),
+            (b"x-gateway-deployment", r.deployment.encode()),
+            (b"x-gateway-attempts", str(ctx.attempts).encode()),
+        ]
     if ctx.client_request_id is not None:
         headers.append((b"x-client-request-id", ctx.client_request_id.encode()))
     return headers
 
 
-async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, send) -> None:
+async def complete(svc: Services, ctx: RequestContext, group: Group) -> bytes:
+    """One non-streamed upstream call (retries, keys, fallbacks): the response as the client
+    will see it (pseudonyms restored), usage known."""
     if ctx.endpoint == "embeddings":
 
         async def attempt(r: Route) -> bytes:
@@ -174,10 +186,19 @@ async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, se
     state: ScrubState | None = ctx.extra.get("pii")
     if state is not None and state.vault and ctx.endpoint == "chat":
         raw = restore_body(raw, state.vault)
-    await settle(svc, ctx, scope)
-    headers = [(b"content-type", http.JSON), (b"content-length", str(len(raw)).encode()), *_route_headers(ctx)]
+    return raw
+
+
+async def respond(ctx: RequestContext, raw: bytes, send, extra: list[tuple[bytes, bytes]] = ()) -> None:
+    headers = [(b"content-type", http.JSON), (b"content-length", str(len(raw)).encode()), *_route_headers(ctx), *extra]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": raw})
+
+
+async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, send) -> None:
+    raw = await complete(svc, ctx, group)
+    await settle(svc, ctx, scope)
+    await respond(ctx, raw, send)
 
 
 def _commits(ctx: RequestContext, chunk: bytes) -> bool:
@@ -245,7 +266,11 @@ def _stream_failure(provider: str, exc: BaseException) -> GatewayError:
     )
 
 
-async def call_stream(svc: Services, ctx: RequestContext, group: Group, scope: dict, send, receive) -> None:
+async def call_stream(
+    svc: Services, ctx: RequestContext, group: Group, scope: dict, send, receive, extra: list = (), on_done=None
+) -> None:
+    """Relay a stream. ``on_done`` (an agent turn storing its answer) runs before the last chunk
+    goes, with settlement, so a client that hears the end finds the turn recorded."""
     head, events = await run_attempts(svc.router, ctx, group, lambda r: _open_stream(svc, ctx, r), hold=True)
     r = ctx.route
     ctx.status = 200
@@ -254,10 +279,18 @@ async def call_stream(svc: Services, ctx: RequestContext, group: Group, scope: d
     if restorer is not None:
         head = [restorer.chunk(c) for c in head]
     sent = head  # kept (by reference) so a broken stream's usage can still be counted
+    ctx.extra["sent"] = sent  # and an agent turn's answer stored in memory
     hangup = asyncio.ensure_future(receive())  # completes when the client goes away
     try:
-        await send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *_route_headers(ctx)]})
-        for chunk in head:
+        headers = [*_SSE_HEADERS, *_route_headers(ctx), *extra]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for i, chunk in enumerate(head):
+            if i == len(head) - 1 and chunk.endswith(b"data: [DONE]\n\n"):  # the whole stream came at once
+                if ctx.usage is None:
+                    ctx.usage = estimate_stream_usage(ctx, sent)
+                await settle(svc, ctx, scope)
+                if on_done is not None:
+                    await on_done()
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         try:
             async for chunk in events:
@@ -272,6 +305,8 @@ async def call_stream(svc: Services, ctx: RequestContext, group: Group, scope: d
                     if ctx.usage is None:
                         ctx.usage = estimate_stream_usage(ctx, sent)
                     await settle(svc, ctx, scope)
+                    if on_done is not None:
+                        await on_done()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (GatewayError, TimeoutError, aiohttp.ClientError) as exc:
             # Past the first byte nothing can be taken back: end the stream with an error event.
@@ -293,13 +328,22 @@ async def call_stream(svc: Services, ctx: RequestContext, group: Group, scope: d
             await events.aclose()
 
 
+async def agent(svc: Services, ctx: RequestContext, scope: dict) -> None:
+    """The agent stage (only when the model names one): prompt, variables, memory, tools."""
+    if is_agent(ctx.model):
+        await agent_stage.prepare(svc, ctx, _gateway_headers(scope))
+
+
 async def chat(svc: Services, ctx: RequestContext, scope: dict, receive, send) -> None:
     await authenticate(svc, ctx, scope)
     await parse(svc, ctx, scope, receive, validate_chat)
+    await agent(svc, ctx, scope)
     group = route(svc, ctx, scope, "chat")
     await admit(svc, ctx, scope)
     await scrub(svc, ctx)
-    if ctx.stream:
+    if ctx.agent is not None:
+        await tools_loop.run_turn(svc, ctx, group, scope, send, receive)  # complete → tools → respond
+    elif ctx.stream:
         await call_stream(svc, ctx, group, scope, send, receive)
     else:
         await call(svc, ctx, group, scope, send)

@@ -27,6 +27,10 @@ from policies.engine import PolicyEngine
 from policies.fastredis import PipelinedRedis
 from policies.ledger import LedgerWriter, Spool
 from policies.pii.scrub import Scrubber
+from runtime.agents import AgentRegistry
+from runtime.memory import Memory
+from runtime.runs import RunRecorder
+from runtime.tools import ToolRunner
 
 log = logging.getLogger("gateway")
 
@@ -55,6 +59,10 @@ class Services:
     ledger: LedgerWriter
     alerts: AlertSender
     pii: Scrubber | None = None
+    agents: AgentRegistry | None = None
+    memory: Memory | None = None
+    tools: ToolRunner | None = None
+    runs: RunRecorder | None = None
     _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check
     _ready_check: asyncio.Future | None = None  # the check under way, shared by its callers
 
@@ -92,6 +100,15 @@ class Services:
             models = {m.name: tuple(d.model for d in m.deployments) for m in settings.config.models}
             pii = Scrubber(settings.config.pii, settings.data_dir.resolve(), models=models)
             await pii.start()
+        # the agent runtime: registry (cached, pub/sub), memory, tools, run records
+        agents = AgentRegistry(pool, redis)
+        await agents.start()
+        memory = Memory(pool, redis)
+        await memory.start()
+        tools = ToolRunner()
+        await tools.start()
+        runs = RunRecorder(pool, redis)
+        await runs.start()
         return cls(
             settings.config,
             pool,
@@ -106,11 +123,18 @@ class Services:
             ledger,
             alerts,
             pii,
+            agents,
+            memory,
+            tools,
+            runs,
         )
 
     async def stop(self) -> None:
         """After the server drained its requests: flush the ledger, then close everything."""
         await self.ledger.stop()
+        for part in (self.runs, self.memory, self.tools, self.agents):
+            if part is not None:
+                await part.stop()
         await self.alerts.stop()
         await self.budgets.stop()
         await self.health.stop()

@@ -153,6 +153,15 @@ class PolicyEngine:
         model = self.limits.model.get(ctx.model)
         if model is not None:
             out.append(("model", f"model:{ctx.model}", model))
+        agent = attr.get("agent") if ctx.agent is not None else None
+        if agent:
+            limit = self.limits.agent.get(agent)
+            if limit is not None:
+                out.append(("agent", f"agent:{attr['tenant']}:{agent}", limit))
+            if attr["user"] and (self.limits.agent_user.rpm or self.limits.agent_user.tpm):
+                out.append(
+                    ("agent user", f"agent-user:{attr['tenant']}:{agent}:{attr['user']}", self.limits.agent_user)
+                )
         flat = []
         for label, base, limit in out:
             if limit.rpm:
@@ -327,7 +336,13 @@ class PolicyEngine:
             "cost_usd": cost,
             "latency_ms": round(elapsed * 1000, 3),
             "ttft_ms": round(ctx.ttft * 1000, 3) if ctx.ttft is not None else None,
+            "step": ctx.step,
         }
+        turn = ctx.agent
+        if turn is not None:  # runtime.types.Turn
+            rec["prompt_version"] = turn.selection.version.version
+            rec["variant"] = turn.selection.variant
+            rec["conversation_id"] = turn.conversation_id
         pii = ctx.extra.get("pii")
         if pii is not None and pii.counts:
             rec["pii_entities"] = pii.counts

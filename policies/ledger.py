@@ -62,11 +62,16 @@ _FIELDS = (
     ("latency_ms", "(r->>'latency_ms')::float8"),
     ("ttft_ms", "(r->>'ttft_ms')::float8"),
     ("pii_entities", "NULLIF(r->'pii_entities', 'null'::jsonb)"),
+    # agent turns: one record per model call, linked by the request id and the step
+    ("step", "COALESCE((r->>'step')::int, 1)"),
+    ("prompt_version", "(r->>'prompt_version')::int"),
+    ("variant", "r->>'variant'"),
+    ("conversation_id", "r->>'conversation_id'"),
 )
 COLUMNS = tuple(name for name, _ in _FIELDS)
 _INSERT = (
     f"INSERT INTO ledger ({', '.join(COLUMNS)}) SELECT {', '.join(expr for _, expr in _FIELDS)} "
-    "FROM ledger_raw ON CONFLICT (request_id) DO NOTHING"
+    "FROM ledger_raw ON CONFLICT (request_id, step) DO NOTHING"
 )
 
 

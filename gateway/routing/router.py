@@ -119,7 +119,7 @@ class Router:
             return group
         from gateway.routing.rules import matches
 
-        allowed = ctx.identity.models if ctx.identity is not None else None
+        allowed = ctx.models_allowed
         refused = None
         for rule in group.model.rules:
             if matches(rule.when, ctx):
@@ -141,7 +141,7 @@ class Router:
         """The groups of one of a group's fallback chains that may serve this request: a group
         the caller's key may not use (its model allow-list) is skipped, never served."""
         names = getattr(group.model, kind)
-        allowed = ctx.identity.models if ctx is not None and ctx.identity is not None else None
+        allowed = ctx.models_allowed if ctx is not None else None
         return [self.groups[n] for n in names if n in self.groups and (not allowed or n in allowed)]
 
     # ---- choosing -----------------------------------------------------------------------------

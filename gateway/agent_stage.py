@@ -1,0 +1,133 @@
+"""The agent stage: a request whose model names an agent (``agent:<name>[@version|@label]``) gets
+the agent's prompt (the version its label or A/B arm selects, rendered with the request's
+variables), the conversation's stored history, and the agent's tools; then it continues down
+the pipeline as a request for the agent's model group.
+
+Everything here reads in-process caches (the agent registry) and Redis (memory): no PostgreSQL
+on the path of a turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from core.errors import InvalidRequest, ModelNotFound, PermissionDenied
+from core.types import RequestContext, excerpt
+from runtime.types import AGENT_PREFIX, Turn
+
+log = logging.getLogger("gateway.agents")
+
+_CONVERSATION = re.compile(r"^[\x21-\x7e]{1,256}$")
+_MAX_VARIABLES = 100
+
+
+def is_agent(model: str) -> bool:
+    return model.startswith(AGENT_PREFIX)
+
+
+def split_name(model: str) -> tuple[str, str | None]:
+    """``agent:support@staging`` → (``support``, ``staging``)."""
+    name, _, selector = model[len(AGENT_PREFIX) :].partition("@")
+    return name, selector or None
+
+
+def conversation_id(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> str | None:
+    """The caller's conversation id: ``metadata.conversation_id`` or ``x-gateway-conversation``.
+    Without one the agent is stateless (the client sends the history)."""
+    raw = scope_headers.get(b"x-gateway-conversation")
+    value = raw.decode("latin-1") if raw else None
+    meta = ctx.body.get("metadata")
+    if value is None and isinstance(meta, dict) and meta.get("conversation_id") is not None:
+        value = meta["conversation_id"]
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _CONVERSATION.match(value):
+        raise InvalidRequest(
+            "'conversation_id' must be 1 to 256 visible ASCII characters.",
+            param="metadata.conversation_id",
+            code="invalid_value",
+        )
+    return value
+
+
+def _variables(ctx: RequestContext) -> dict:
+    body = ctx.body
+    meta = body.get("metadata")
+    found = body.pop("variables", None)  # extra_body={"variables": {...}}: not an OpenAI field
+    param = "variables"
+    if isinstance(meta, dict) and "variables" in meta:
+        found, param = meta.pop("variables"), "metadata.variables"
+    if found is None:
+        return {}
+    if not isinstance(found, dict) or len(found) > _MAX_VARIABLES:
+        raise InvalidRequest(
+            f"'{param}' must be an object of at most {_MAX_VARIABLES} values.", param=param, code="invalid_type"
+        )
+    return found
+
+
+def allowed_identity(ident, name: str, model: str) -> bool:
+    """A key restricted to models may use an agent it lists (``agent:<name>``), or one whose
+    model group it may use."""
+    return ident is None or not ident.models or f"{AGENT_PREFIX}{name}" in ident.models or model in ident.models
+
+
+def allowed(ctx: RequestContext, name: str, model: str) -> bool:
+    return allowed_identity(ctx.identity, name, model)
+
+
+async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> None:
+    from runtime.prompts import render, select
+
+    name, selector = split_name(ctx.model)
+    tenant = ctx.identity.tenant if ctx.identity is not None else "default"
+    agent = svc.agents.get(tenant, name)
+    if agent is None or not allowed(ctx, name, agent.model):
+        if agent is not None:
+            raise PermissionDenied(
+                f"This API key may not use `{excerpt(ctx.model)}`.", param="model", code="model_not_allowed"
+            )
+        raise ModelNotFound(
+            f"The model `{excerpt(ctx.model)}` does not exist or you do not have access to it.", param="model"
+        )
+    conv = conversation_id(ctx, scope_headers)
+    sticky = conv or str(ctx.body.get("user") or ctx.request_id)
+    selection = select(agent, selector, sticky)
+    variables = _variables(ctx)
+    system = render(selection.version, variables, agent.defaults)
+    client_messages = list(ctx.body.get("messages") or [])
+    turn = Turn(
+        agent=agent, selection=selection, conversation_id=conv, variables=variables, new_messages=client_messages
+    )
+    history: list[dict] = []
+    from runtime.memory import MemoryUnavailable
+
+    if conv is not None:
+        try:
+            history = await svc.memory.load(tenant, agent, conv)
+        except MemoryUnavailable as exc:
+            turn.memory_error = str(exc)[:200]
+            log.warning("memory unavailable; the turn answers without history: %s", turn.memory_error)
+    turn.memory_loaded = len(history)
+    client_tools = ctx.body.get("tools") or []
+    turn.client_tools = frozenset(
+        t["function"]["name"]
+        for t in client_tools
+        if isinstance(t, dict) and isinstance(t.get("function"), dict) and "name" in t["function"]
+    )
+    server_tools = svc.tools.openai_tools(agent)
+    clash = turn.client_tools & {t["function"]["name"] for t in server_tools}
+    if clash:
+        raise InvalidRequest(
+            f"Tool {sorted(clash)[0]!r} is a server-side tool of this agent; rename the client tool.",
+            param="tools",
+            code="tool_name_conflict",
+        )
+    ctx.body["messages"] = [{"role": "system", "content": system}, *history, *client_messages]
+    if server_tools:
+        ctx.body["tools"] = [*client_tools, *server_tools]
+    ctx.body["model"] = agent.model
+    ctx.model = agent.model
+    ctx.agent = turn
+    ctx._prompt_tokens = None  # the body changed: counts and bounds are derived again

@@ -1,0 +1,320 @@
+"""An agent turn from its first model call to the response: complete → tools → (admit → scrub →
+complete)* → respond.
+
+When the model calls the agent's server-side tools, the gateway runs them (concurrently,
+validated against their schemas), appends the results and calls the model again, up to the
+agent's ``max_steps`` and the request's deadline. Each model call is one step with its own
+budget check and audit record (linked by the request id and the step). Tools the client passed
+stay the client's: their calls reach it as normal OpenAI tool calls. The client sees one normal
+response or stream.
+
+Streams: an agent without server-side tools streams live, chunk by chunk. With server-side
+tools the steps run unstreamed and the final answer is sent as a stream once known.
+
+When every deployment fails, an agent with a fallback message answers with it
+(``finish_reason: "stop"``, ``x-gateway-degraded: true``) and the turn is recorded as degraded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+
+from core.errors import GatewayError
+from core.types import RequestContext, Usage
+from gateway import pipeline
+from gateway.routing import Group
+
+log = logging.getLogger("gateway.agents")
+
+TURN_DEADLINE = 120.0  # seconds for a whole turn, tools included
+_FAILOVER_STATUSES = (500, 502, 503, 504)
+
+
+def _headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    turn = ctx.agent
+    out = [
+        (b"x-gateway-agent", turn.agent.name.encode()),
+        (b"x-gateway-prompt-version", str(turn.selection.version.version).encode()),
+    ]
+    if turn.selection.variant is not None:
+        out.append((b"x-gateway-variant", turn.selection.variant.encode()))
+    if turn.degraded:
+        out.append((b"x-gateway-degraded", b"true"))
+    if turn.memory_error:
+        out.append((b"x-gateway-memory", b"unavailable"))
+    return out
+
+
+def _message(raw: bytes) -> tuple[dict, dict]:
+    data = orjson.loads(raw)
+    choices = data.get("choices") or [{}]
+    return data, choices[0].get("message") or {}
+
+
+def _fallback_body(ctx: RequestContext, text: str) -> bytes:
+    return orjson.dumps(
+        {
+            "id": f"chatcmpl-{ctx.request_id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": ctx.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": Usage().to_openai(),
+        }
+    )
+
+
+def _step(ctx: RequestContext, started: float, kind: str = "model", **extra) -> dict:
+    r = ctx.route
+    usage = ctx.usage
+    step = {
+        "step": ctx.step,
+        "kind": kind,
+        "deployment": r.deployment if r is not None else None,
+        "status": ctx.status,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        "prompt_tokens": usage.prompt_tokens if usage else 0,
+        "completion_tokens": usage.completion_tokens if usage else 0,
+    }
+    step.update(extra)
+    return step
+
+
+def _add(total: Usage, usage: Usage | None) -> None:
+    if usage is not None:
+        total.prompt_tokens += usage.prompt_tokens
+        total.completion_tokens += usage.completion_tokens
+        total.cached_tokens += usage.cached_tokens
+
+
+async def _next_step(svc, ctx: RequestContext, scope: dict) -> None:
+    """Reset what belongs to one model call, then check limits and budgets and scrub again (the
+    body now holds tool results)."""
+    ctx.step += 1
+    ctx.usage = None
+    ctx.attempts = 0
+    ctx.fallbacks = 0
+    ctx.status = 0
+    ctx.error_code = None
+    ctx.ttft = None
+    ctx._prompt_tokens = None
+    ctx.max_output = pipeline._int(ctx.body.get("max_completion_tokens")) or pipeline._int(ctx.body.get("max_tokens"))
+    for name in ("settled", "admitted", "reserved_nano", "budgets", "usage_estimated"):
+        ctx.extra.pop(name, None)
+    await pipeline.admit(svc, ctx, scope)
+    await pipeline.scrub(svc, ctx)
+
+
+async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, receive) -> None:
+    turn = ctx.agent
+    agent = turn.agent
+    has_server_tools = bool(agent.tools or agent.builtins)
+    started = time.perf_counter()
+    if ctx.stream and not has_server_tools:
+        await _stream_live(svc, ctx, group, scope, send, receive, started)
+        return
+    deadline = time.monotonic() + TURN_DEADLINE
+    total = Usage()
+    while True:
+        step_started = time.perf_counter()
+        try:
+            raw = await pipeline.complete(svc, ctx, group)
+        except GatewayError as err:
+            if agent.fallback_message is None or err.status not in _FAILOVER_STATUSES:
+                turn.steps.append(_step(ctx, step_started, status=err.status, error=err.code))
+                raise
+            log.warning("every deployment failed; agent %s answers with its fallback message", agent.name)
+            turn.steps.append(_step(ctx, step_started, status=err.status, error=err.code))
+            await pipeline.settle(svc, ctx, scope)  # the failed call's record
+            turn.degraded = True
+            ctx.status = 200
+            ctx.error_code = None
+            raw = _fallback_body(ctx, agent.fallback_message)
+            break
+        _add(total, ctx.usage)
+        data, message = _message(raw)
+        calls = message.get("tool_calls") or []
+        server = [c for c in calls if svc.tools.is_server_tool(agent, (c.get("function") or {}).get("name"))]
+        turn.steps.append(_step(ctx, step_started, tool_calls=len(calls)))
+        if not server:
+            break
+        if len(server) < len(calls):  # the client's own tools were called too: it runs those
+            message["tool_calls"] = [c for c in calls if c not in server]
+            raw = orjson.dumps(data)
+            break
+        if ctx.step >= agent.max_steps or time.monotonic() >= deadline:
+            turn.steps.append(
+                {
+                    "step": ctx.step,
+                    "kind": "limit",
+                    "reason": "max_steps" if ctx.step >= agent.max_steps else "deadline",
+                }
+            )
+            text = agent.fallback_message or "I could not finish this request within the steps allowed."
+            data["choices"][0]["message"] = {"role": "assistant", "content": text}
+            data["choices"][0]["finish_reason"] = "stop"
+            raw = orjson.dumps(data)
+            break
+        await pipeline.settle(svc, ctx, scope)  # this step's audit record and budget
+        tools_started = time.perf_counter()
+        results = await svc.tools.run(
+            agent,
+            server,
+            deadline=deadline,
+            context={"tenant": agent.tenant, "request_id": ctx.request_id, "turn": turn},
+        )
+        for res in results:
+            turn.steps.append(
+                {
+                    "step": ctx.step,
+                    "kind": "tool",
+                    "name": res.name,
+                    "status": res.status,
+                    "arguments_bytes": len(orjson.dumps(res.arguments)) if res.arguments is not None else 0,
+                    "result_bytes": len(res.content),
+                    "duration_ms": round(res.duration_ms, 3),
+                }
+            )
+        turn.steps.append(
+            {"step": ctx.step, "kind": "tools", "duration_ms": round((time.perf_counter() - tools_started) * 1000, 3)}
+        )
+        step_messages = [
+            {"role": "assistant", "content": message.get("content"), "tool_calls": server},
+            *({"role": "tool", "tool_call_id": r.tool_call_id, "content": r.content} for r in results),
+        ]
+        ctx.body["messages"] = [*ctx.body["messages"], *step_messages]
+        ctx.extra.setdefault("tool_messages", []).extend(step_messages)  # remembered with the turn
+        await _next_step(svc, ctx, scope)
+    if ctx.step > 1 and not turn.degraded:  # the client is told what the whole turn used
+        data = orjson.loads(raw)
+        data["usage"] = total.to_openai()
+        raw = orjson.dumps(data)
+    await pipeline.settle(svc, ctx, scope)
+    _, message = _message(raw)
+    await _remember(svc, ctx, message)
+    _record(svc, ctx, started)
+    if ctx.stream:
+        await _send_as_stream(ctx, raw, send)
+    else:
+        await pipeline.respond(ctx, raw, send, _headers(ctx))
+
+
+async def _stream_live(svc, ctx: RequestContext, group: Group, scope: dict, send, receive, started: float) -> None:
+    turn = ctx.agent
+
+    async def done() -> None:
+        await _remember(svc, ctx, {"role": "assistant", "content": _streamed_text(ctx.extra.get("sent") or [])})
+
+    try:
+        await pipeline.call_stream(svc, ctx, group, scope, send, receive, _headers(ctx), on_done=done)
+    except GatewayError as err:
+        if turn.agent.fallback_message is None or err.status not in _FAILOVER_STATUSES or ctx.extra.get("sent"):
+            raise
+        await pipeline.settle(svc, ctx, scope)
+        turn.degraded = True
+        ctx.status = 200
+        ctx.error_code = None
+        raw = _fallback_body(ctx, turn.agent.fallback_message)
+        turn.steps.append({"step": 1, "kind": "model", "status": err.status, "error": err.code})
+        _record(svc, ctx, started)
+        await _send_as_stream(ctx, raw, send)
+        return
+    turn.steps.append(_step(ctx, started))
+    _record(svc, ctx, started)
+
+
+def _streamed_text(chunks: list[bytes]) -> str:
+    parts: list[str] = []
+    for chunk in chunks:
+        for event in chunk.split(b"\n\n"):
+            if not event.startswith(b"data: {"):
+                continue
+            try:
+                data = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                continue
+            for choice in data.get("choices") or ():
+                content = (choice.get("delta") or {}).get("content")
+                if isinstance(content, str):
+                    parts.append(content)
+    return "".join(parts)
+
+
+async def _send_as_stream(ctx: RequestContext, raw: bytes, send) -> None:
+    """A complete answer, sent in OpenAI's chunk format."""
+    data, message = _message(raw)
+    base = {
+        "id": data.get("id"),
+        "object": "chat.completion.chunk",
+        "created": data.get("created"),
+        "model": data.get("model"),
+    }
+    choice = (data.get("choices") or [{}])[0]
+    delta: dict = {"role": "assistant", "content": message.get("content") or ""}
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+    events = [
+        {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}]},
+    ]
+    if ctx.include_usage:
+        events.append({**base, "choices": [], "usage": data.get("usage")})
+    body = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    headers = [*pipeline._SSE_HEADERS, *pipeline._route_headers(ctx), *_headers(ctx)]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _remember(svc, ctx: RequestContext, answer: dict) -> None:
+    """The turn goes into the conversation's memory before the client hears the answer, so its
+    next message finds it; a memory that cannot take it is recorded, not fatal."""
+    turn = ctx.agent
+    if turn.conversation_id is None or turn.memory_error is not None:
+        return
+    new = [m for m in turn.new_messages if isinstance(m, dict) and m.get("role") != "system"]
+    answer = {k: v for k, v in answer.items() if k in ("role", "content", "tool_calls") and v is not None}
+    answer.setdefault("role", "assistant")
+    try:
+        await svc.memory.append(
+            turn.agent.tenant,
+            turn.agent,
+            turn.conversation_id,
+            [*new, *ctx.extra.get("tool_messages", ()), answer],
+            request_id=ctx.request_id,
+            prompt_version=turn.selection.version.version,
+            variant=turn.selection.variant,
+        )
+    except Exception as exc:  # memory is not the answer: record and go on
+        turn.memory_error = f"store failed: {type(exc).__name__}"
+        log.warning("memory store failed for a turn of agent %s: %s", turn.agent.name, exc)
+
+
+def _record(svc, ctx: RequestContext, started: float) -> None:
+    turn = ctx.agent
+    svc.runs.record(
+        {
+            "request_id": ctx.request_id,
+            "tenant": turn.agent.tenant,
+            "agent": turn.agent.name,
+            "agent_id": turn.agent.id,
+            "prompt_version": turn.selection.version.version,
+            "variant": turn.selection.variant,
+            "conversation_id": turn.conversation_id,
+            "status": ctx.status,
+            "degraded": turn.degraded,
+            "escalated": False,
+            "memory_error": turn.memory_error,
+            "steps": turn.steps,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+    )
