@@ -12,15 +12,18 @@ There is no container engine here, so nothing is built or started with Docker. W
 - the compose file's shape (3 replicas, the load balancer, PostgreSQL with pgvector, Redis,
   health checks, ``service_healthy`` dependencies, secrets, the mounted config) and that the
   mounted gateway config passes ``gateway check-config`` and trusts the load balancer's address;
-- with HAProxy installed (Debian's ``haproxy``): its config is valid, and then used for real on
-  loopback in front of three gateway processes (health checks, spreading, an unbuffered SSE
-  stream, X-Forwarded-For trusted from the proxy only, a replica stopped under traffic).
+- with HAProxy (Debian's ``haproxy``, installed by the test when missing and it runs as root):
+  its config is valid, and then used for real on loopback in front of three gateway processes
+  (health checks, spreading, an unbuffered SSE stream, X-Forwarded-For trusted from the proxy
+  only, a replica stopped under traffic).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fnmatch
+import functools
 import io
 import ipaddress
 import json
@@ -493,14 +496,33 @@ def test_haproxy_config_shape(compose: dict) -> None:
 
 # --- HAProxy for real ---------------------------------------------------------------------
 
-needs_haproxy = pytest.mark.skipif(
-    shutil.which("haproxy") is None, reason="haproxy is not installed (apt-get install haproxy)"
-)
+
+@functools.cache
+def _haproxy() -> str | None:
+    """Debian's haproxy, installed the first time if missing (as root, like make bench's wrk)."""
+    found = shutil.which("haproxy")
+    if found or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-qq", "haproxy"]
+    for cmd in (install, ["apt-get", "update", "-qq"], install):  # a fresh machine needs the lists first
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            subprocess.run(cmd, env=env, capture_output=True, timeout=300)
+        if shutil.which("haproxy"):
+            break
+    return shutil.which("haproxy")
 
 
-@needs_haproxy
-def test_haproxy_accepts_the_config() -> None:
-    done = subprocess.run(["haproxy", "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=30)
+@pytest.fixture(scope="module")
+def haproxy() -> str:
+    found = _haproxy()
+    if found is None:
+        pytest.skip("haproxy is not installed and could not be (apt-get install haproxy)")
+    return found
+
+
+def test_haproxy_accepts_the_config(haproxy: str) -> None:
+    done = subprocess.run([haproxy, "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     warnings = [ln for ln in done.stderr.splitlines() if "[WARNING]" in ln or "[ALERT]" in ln]
     # The replicas' names resolve only on the compose network.
@@ -527,8 +549,7 @@ def _server_stats(stats_url: str) -> dict[str, dict]:
     return {row["svname"]: row for row in csv.DictReader(io.StringIO(text)) if row["pxname"] == "gateways"}
 
 
-@needs_haproxy
-def test_three_replicas_behind_haproxy_on_loopback(tmp_path: Path, services, mock, monkeypatch) -> None:
+def test_three_replicas_behind_haproxy_on_loopback(haproxy: str, tmp_path: Path, services, mock, monkeypatch) -> None:
     monkeypatch.setenv("MOCK_URL", mock.url)
     monkeypatch.setenv("GATEWAY_TRUSTED_PROXY", f"{LB_SOURCE}/32")
     config = yaml.safe_load(GATEWAY_CFG.read_text())  # ${...} kept: each gateway reads its env
@@ -541,7 +562,7 @@ def test_three_replicas_behind_haproxy_on_loopback(tmp_path: Path, services, moc
         lb_port, stats_port = free_port(), free_port()
         cfg_path = tmp_path / "haproxy.cfg"
         cfg_path.write_text(_loopback_haproxy_cfg({n: gw.port for n, gw in names.items()}, lb_port, stats_port))
-        lb = subprocess.Popen(["haproxy", "-db", "-f", str(cfg_path)], stdout=log, stderr=subprocess.STDOUT)
+        lb = subprocess.Popen([haproxy, "-db", "-f", str(cfg_path)], stdout=log, stderr=subprocess.STDOUT)
         lb_url, stats_url = f"http://127.0.0.1:{lb_port}", f"http://127.0.0.1:{stats_port}/stats"
         with started(*gateways):
             wait_until(
