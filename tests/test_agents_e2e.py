@@ -62,6 +62,7 @@ def pair(tmp_root, services, module_mock, tools):
     import os
 
     os.environ.setdefault("TOOL_WEATHER_TOKEN", "secret-weather-token")
+    os.environ.setdefault("TOOL_ORDERS_TOKEN", "secret-orders-token")
     a = Gateway(tmp_root, config(module_mock), services)
     b = Gateway(tmp_root, config(module_mock), services)
     yield a, b
@@ -326,3 +327,19 @@ def test_budgets_see_every_step_of_an_agent_turn(pair, tools):
     )
     assert admin(a, "GET", f"/admin/budgets/{budget['id']}").json()["spent_usd"] > 0
     assert MASTER_KEY
+
+
+def test_the_example_agent_is_accepted_and_answers(pair):
+    import json
+    from pathlib import Path
+
+    a, _ = pair
+    body = json.loads((Path(__file__).resolve().parent.parent / "examples" / "agent-support.json").read_text())
+    body.update(name=f"support-{uuid.uuid4().hex[:6]}", model="agent-model")
+    r = admin(a, "POST", "/admin/agents", json=body)
+    assert r.status_code == 201, r.text
+    assert "secret-orders-token" not in r.text  # a tool's secret is never shown
+    answer = client(a, new_key(a)["key"]).chat.completions.create(
+        model=f"agent:{body['name']}", messages=[{"role": "user", "content": 'hi [[mock:{"tool_calls": []}]]'}]
+    )
+    assert answer.choices[0].message.content
