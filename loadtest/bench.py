@@ -27,7 +27,7 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loadtest import bench_pii
+from loadtest import bench_agents, bench_pii
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"
@@ -383,6 +383,21 @@ def run_pii(args: argparse.Namespace) -> dict:
     return results
 
 
+def run_agents(args: argparse.Namespace) -> dict:
+    _ensure_tools()
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-agents-"))
+    stack = Stack(tmp, args.chunks)
+    try:
+        results = bench_agents.run(
+            stack, tmp, args.seconds, args.rounds, args.connections, bench_config, wrk, latency_at_rate
+        )
+    finally:
+        stack.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return results
+
+
 def report(results: dict) -> str:
     rows = {r["scenario"]: r for r in results["rows"]}
     base = rows["mock provider direct (baseline)"]["rps"]
@@ -441,21 +456,27 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--chunks", type=int, default=8)
-    parser.add_argument("--only", choices=("core", "pii"), help="run one part only")
+    parser.add_argument("--only", choices=("core", "pii", "agents"), help="run one part only")
     parser.add_argument("--rounds", type=int, default=5, help="alternating on/off rounds for the policy ratio")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.only != "pii":
+    if args.only in (None, "core"):
         results = run(args)
         text = report(results)
         (RESULTS / "bench-latest.md").write_text(text)
         (RESULTS / "bench-latest.json").write_text(json.dumps(results, indent=2))
         print("\n" + text)
-    if args.only != "core":
+    if args.only in (None, "pii"):
         results = run_pii(args)
         text = bench_pii.report(results, results["date"])
         (RESULTS / "bench-pii-latest.md").write_text(text)
         (RESULTS / "bench-pii-latest.json").write_text(json.dumps(results, indent=2))
+        print("\n" + text)
+    if args.only in (None, "agents"):
+        results = run_agents(args)
+        text = bench_agents.report(results, results["date"])
+        (RESULTS / "bench-agents-latest.md").write_text(text)
+        (RESULTS / "bench-agents-latest.json").write_text(json.dumps(results, indent=2))
         print("\n" + text)
 
 

@@ -1,0 +1,540 @@
+"""Agent benchmark (part of ``make bench``; alone: ``make bench ARGS="--only agents"``).
+
+One gateway (1 worker, policies on, pinned to core 0), the mock provider and a real HTTP tool
+server (loadtest/mock_tools.py) on core 1, with the load generators:
+
+* Throughput (wrk): an agent turn with memory (prompt rendered with a variable, the
+  conversation's window loaded from Redis, the turn stored) vs. the same client request proxied
+  plainly to the agent's model group, in alternating rounds (median of the rounds' ratios).
+  Two agent flavours: one fixed conversation id (wrk sends one body, so one conversation whose
+  window grows to its cap and stays there: the model sees the whole window on every call), and
+  a new conversation id per request (a wrk Lua ``request()``): Redis holds nothing, so every
+  turn also reads PostgreSQL once (the memory's cache-miss reload) and the writer copies every
+  turn into PostgreSQL in the background.
+* Added p50 at a fixed 100 req/s (loadtest/latency_probe.py, targets alternating).
+* A two-step tool turn (the model calls one http tool, the gateway calls the tool server, the
+  model answers): its p50 at a low fixed rate against its parts measured in the same probe —
+  the two model calls it makes sent plainly through the gateway and straight to the mock, and
+  the tool server's endpoint called directly — and a few run records
+  (``GET /admin/runs/{request_id}``) to show where the time goes.
+* Gateway CPU time per request (utime + stime of the process, from /proc) for a fixed number of
+  requests of each kind.
+
+``python -m loadtest.bench_agents drive URL KEY BODY_FILE N CONCURRENCY`` sends N requests (the
+CPU measurement's load generator; ``{n}`` in the body is replaced by a counter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+MASTER = "sk-master-bench"
+AGENT = "bench-support"
+TOOL_AGENT = "bench-tools"
+COMPANY = "Acme"
+TEMPLATE = (
+    "You are {{ company }}'s support assistant. Answer briefly and politely, and ask one question "
+    "at a time.{% if vip %} The customer is a VIP.{% endif %}"
+)
+SYSTEM = f"You are {COMPANY}'s support assistant. Answer briefly and politely, and ask one question at a time."
+VARIABLES = {"company": {"type": "string", "required": True}, "vip": {"type": "boolean", "default": False}}
+USER = "Say hello to the benchmark, politely."
+TOOL = {
+    "name": "lookup_order",
+    "description": "Look up an order by its id.",
+    "parameters": {
+        "type": "object",
+        "properties": {"order_id": {"type": "string"}},
+        "required": ["order_id"],
+        "additionalProperties": False,
+    },
+}
+DIRECTIVE = '[[mock:{"tool_calls_steps": [[{"name": "lookup_order", "arguments": {"order_id": "A1"}}]]}]]'
+TOOL_USER = f"Where is my order A1? {DIRECTIVE}"
+CPU_REQUESTS = 3000
+CPU_CONCURRENCY = 16
+
+
+# ---- HTTP helpers -------------------------------------------------------------------------
+
+
+def _call(url: str, body: dict | None, key: str, method: str = "POST") -> tuple[int, dict, dict]:
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode() if body is not None else None,
+        method=method,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, dict(r.headers), json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read() or b"null")
+
+
+def _create_agent(url: str, body: dict) -> None:
+    status, _, data = _call(f"{url}/admin/agents", body, MASTER)
+    if status != 201:
+        raise RuntimeError(f"creating agent {body['name']}: {status} {data}")
+
+
+def _run_record(url: str, request_id: str) -> dict:
+    deadline = time.monotonic() + 15
+    while True:
+        status, _, data = _call(f"{url}/admin/runs/{request_id}", None, MASTER, "GET")
+        if status == 200:
+            return data
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no run record for {request_id}: {status} {data}")
+        time.sleep(0.1)
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ---- wrk scripts --------------------------------------------------------------------------
+
+
+def _lua(value: str) -> str:
+    """A Lua string literal (JSON's escapes are Lua's for ASCII text)."""
+    return json.dumps(value)
+
+
+def _fixed_script(tmp: Path, name: str, body: dict, key: str) -> Path:
+    path = tmp / f"wrk-{name}.lua"
+    path.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+        f"wrk.body = {_lua(json.dumps(body))}\n"
+    )
+    return path
+
+
+def _varying_script(tmp: Path, name: str, body: dict, key: str, prefix: str) -> Path:
+    """A new conversation id per request: ``<prefix>-<thread>-<counter>`` (a fresh prefix per
+    wrk run, so no round finds the conversations of an earlier one)."""
+    marker = "@@CONVERSATION@@"
+    text = json.dumps({**body, "metadata": {"conversation_id": marker}})
+    head, tail = text.split(marker)
+    path = tmp / f"wrk-{name}.lua"
+    path.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+        f"head = {_lua(head + prefix + '-')}\n"
+        f"tail = {_lua(tail)}\n"
+        "tid = 0\n"
+        "counter = 0\n"
+        "function setup(thread)\n"
+        "  tid = tid + 1\n"
+        '  thread:set("tid", tid)\n'
+        "end\n"
+        "function request()\n"
+        "  counter = counter + 1\n"
+        '  return wrk.format(nil, nil, nil, head .. tid .. "-" .. counter .. tail)\n'
+        "end\n"
+    )
+    return path
+
+
+# ---- the benchmark ------------------------------------------------------------------------
+
+
+def _tool_server(stack) -> str:
+    from loadtest.bench import _free_port, _wait
+
+    port = _free_port()
+    stack._spawn(
+        ["taskset", "-c", "1", sys.executable, "-m", "loadtest.mock_tools", "--port", str(port)],
+        "tools",
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait(f"{url}/health")
+    return url
+
+
+def _drive(url: str, key: str, body_file: Path, n: int, conc: int) -> float:
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            "1",
+            sys.executable,
+            "-m",
+            "loadtest.bench_agents",
+            "drive",
+            url,
+            key,
+            str(body_file),
+            str(n),
+            str(conc),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout
+    return json.loads(out)
+
+
+def _cpu_per_request(pid: int, url: str, key: str, body_file: Path, n: int) -> dict:
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    before = _cpu_ticks(pid)
+    drive = _drive(url, key, body_file, n, CPU_CONCURRENCY)
+    time.sleep(1.0)  # what the requests left for the background (ledger, memory writer) runs now
+    after = _cpu_ticks(pid)
+    return {
+        "requests": n,
+        "errors": drive["errors"],
+        "seconds": round(drive["seconds"], 3),
+        "cpu_s": round((after - before) * tick_us / 1e6, 3),
+        "us_per_request": round((after - before) * tick_us / n, 1),
+    }
+
+
+def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_config, wrk, latency_at_rate) -> dict:
+    res: dict = {"meta": {"seconds": seconds, "rounds": rounds, "connections": connections}}
+    url, proc = stack.gateway("gateway-agents", bench_config(stack.mock_url))
+    tools_url = _tool_server(stack)
+    key = stack.key
+    chat = f"{url}/v1/chat/completions"
+    mock_chat = f"{stack.mock_url}/v1/chat/completions"
+    _create_agent(url, {"name": AGENT, "model": "bench", "template": TEMPLATE, "variables": VARIABLES})
+    tool = {
+        **TOOL,
+        "kind": "http",
+        "config": {
+            "method": "GET",
+            "url": f"{tools_url}/orders/{{order_id}}",
+            "allowed_hosts": ["127.0.0.1"],
+            "allow_private_networks": True,
+        },
+    }
+    _create_agent(
+        url, {"name": TOOL_AGENT, "model": "bench", "template": TEMPLATE, "variables": VARIABLES, "tools": [tool]}
+    )
+    res["meta"]["memory"] = "defaults (window 20 turns / 4000 tokens; a full window here is 40 messages)"
+
+    plain = {"model": "bench", "messages": [{"role": "user", "content": USER}]}
+    agent = {
+        "model": f"agent:{AGENT}",
+        "messages": [{"role": "user", "content": USER}],
+        "variables": {"company": COMPANY},
+    }
+    fixed = {**agent, "metadata": {"conversation_id": f"bench-fixed-{uuid.uuid4().hex[:8]}"}}
+    # Sanity: every kind answers 200 before anything is measured.
+    for body in (plain, fixed, agent):
+        status, headers, data = _call(chat, body, key)
+        if status != 200:
+            raise RuntimeError(f"{body['model']}: {status} {data}")
+
+    # 1. Throughput, alternating rounds.
+    plain_script = _fixed_script(tmp, "plain", plain, key)
+    fixed_script = _fixed_script(tmp, "agent-fixed", fixed, key)
+    wrk(chat, fixed_script, 2, connections)  # warm-up; fills the fixed conversation's window
+    wrk(chat, plain_script, 1, connections)
+    res["rounds"] = []
+    span = max(1, seconds // 2)
+    for i in range(rounds):
+        varying = _varying_script(tmp, f"agent-new-{i}", agent, key, f"bench-new-{uuid.uuid4().hex[:8]}")
+        p = wrk(chat, plain_script, span, connections)
+        f = wrk(chat, fixed_script, span, connections)
+        v = wrk(chat, varying, span, connections)
+        row = {
+            "plain": p,
+            "agent_fixed": f,
+            "agent_new": v,
+            "ratio_fixed": f["rps"] / p["rps"],
+            "ratio_new": v["rps"] / p["rps"],
+        }
+        res["rounds"].append(row)
+        print(
+            f"agents round {i + 1}: plain {p['rps']:.0f}  agent (one conversation) {f['rps']:.0f} "
+            f"({row['ratio_fixed']:.3f}×)  agent (new conversation each) {v['rps']:.0f} ({row['ratio_new']:.3f}×)"
+            f"  non-2xx {p['non_2xx']}/{f['non_2xx']}/{v['non_2xx']}",
+            flush=True,
+        )
+
+    # 2. Added latency at a fixed 100 req/s.
+    files = {}
+    for name, body in (
+        ("plain", plain),
+        ("agent, one conversation", fixed),
+        (
+            "agent, new conversation each",
+            {**agent, "metadata": {"conversation_id": f"lat-{uuid.uuid4().hex[:8]}-{{n}}"}},
+        ),
+    ):
+        files[name] = tmp / f"lat-{len(files)}.json"
+        files[name].write_text(json.dumps(body))
+    res["latency"] = latency_at_rate([(n, chat, key, str(f)) for n, f in files.items()], {}, seconds * 2, 100)
+    print("agents latency at 100 req/s:", json.dumps(res["latency"]), flush=True)
+
+    # 3. The two-step tool turn and its parts, alternating at a low rate.
+    tools_spec = [{"type": "function", "function": TOOL}]
+    tool_turn = {
+        "model": f"agent:{TOOL_AGENT}",
+        "messages": [{"role": "user", "content": TOOL_USER}],
+        "variables": {"company": COMPANY},
+    }
+    status, headers, answer = _call(chat, tool_turn, key)
+    if status != 200 or answer["choices"][0]["finish_reason"] != "stop":
+        raise RuntimeError(f"tool turn: {status} {answer}")
+    _, _, tool_result = _call(f"{tools_url}/orders/A1", None, "x", "GET")
+    step1 = {
+        "model": "bench",
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TOOL_USER}],
+        "tools": tools_spec,
+    }
+    call = {
+        "id": "call_1_0",
+        "type": "function",
+        "function": {"name": "lookup_order", "arguments": '{"order_id":"A1"}'},
+    }
+    step2 = {
+        **step1,
+        "messages": [
+            *step1["messages"],
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1_0", "content": json.dumps(tool_result)},
+        ],
+    }
+    parts = [
+        ("tool turn (agent)", chat, key, tool_turn),
+        ("model call 1 via gateway", chat, key, step1),
+        ("model call 2 via gateway", chat, key, step2),
+        ("model call 1 direct", mock_chat, "bench-key", step1),
+        ("model call 2 direct", mock_chat, "bench-key", step2),
+        ("tool server direct", f"{tools_url}/orders/A1", "x", {}),
+    ]
+    targets = []
+    for i, (name, target, k, body) in enumerate(parts):
+        f = tmp / f"tool-{i}.json"
+        f.write_text(json.dumps(body))
+        targets.append((name, target, k, str(f)))
+    tool_rate = 60  # 10 req/s per target
+    res["tool_rate"] = tool_rate
+    res["tool"] = latency_at_rate(targets, {}, seconds * 2, tool_rate)
+    print("agents tool turn:", json.dumps(res["tool"]), flush=True)
+    res["tool_runs"] = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        status, headers, _ = _call(chat, tool_turn, key)
+        wall = (time.perf_counter() - t0) * 1000
+        rid = headers.get("x-request-id") or headers.get("X-Request-Id")
+        run = _run_record(url, rid)
+        res["tool_runs"].append(
+            {"client_ms": round(wall, 3), "latency_ms": run.get("latency_ms"), "steps": run["steps"]}
+        )
+        time.sleep(0.05)
+
+    # 4. Gateway CPU per request.
+    res["cpu"] = {}
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    before = _cpu_ticks(proc.pid)
+    time.sleep(2.0)
+    res["cpu_idle_us_per_s"] = round((_cpu_ticks(proc.pid) - before) * tick_us / 2.0, 1)
+    cpu_bodies = {
+        "plain": plain,
+        "agent, one conversation": fixed,
+        "agent, new conversation each": {
+            **agent,
+            "metadata": {"conversation_id": f"cpu-{uuid.uuid4().hex[:8]}-{{n}}"},
+        },
+        "tool turn (agent, 2 model calls + 1 tool call)": tool_turn,
+        "model call 1 via gateway (plain, tools offered)": step1,
+    }
+    for name, body in cpu_bodies.items():
+        f = tmp / f"cpu-{len(res['cpu'])}.json"
+        f.write_text(json.dumps(body))
+        n = CPU_REQUESTS if "tool" not in name else CPU_REQUESTS // 2
+        res["cpu"][name] = _cpu_per_request(proc.pid, chat, key, f, n)
+        print(f"agents CPU {name}: {res['cpu'][name]}", flush=True)
+    stack.stop_gateway(proc)
+    return res
+
+
+# ---- the report ---------------------------------------------------------------------------
+
+
+def report(res: dict, date: str) -> str:
+    rounds = res["rounds"]
+    fixed = sorted(r["ratio_fixed"] for r in rounds)
+    new = sorted(r["ratio_new"] for r in rounds)
+    m = res["meta"]
+    lat = res["latency"]
+    lines = [
+        f"# Agent benchmark ({date})",
+        "",
+        f'`make bench ARGS="--only agents"` on {os.cpu_count()} cores: one gateway worker (policies on: key auth, '
+        "rate limit, budget, audit ledger) pinned to core 0; mock provider, tool server (loadtest/mock_tools.py), "
+        "wrk and the probes, PostgreSQL and Valkey on core 1. The agent: a Jinja2 template with a variable "
+        f"(`company`, from `variables`), memory {m['memory']}, model group `bench` (one mock deployment). "
+        "The plain request: the same client message to `bench`. This machine is shared and noisy: read the "
+        "ratios, not the absolutes.",
+        "",
+        f"## Throughput (wrk -c {m['connections']}, {max(1, m['seconds'] // 2)} s per row, "
+        f"{len(rounds)} alternating rounds)",
+        "",
+        "| round | plain req/s | agent, one conversation req/s | ratio | agent, new conversation each req/s | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for i, r in enumerate(rounds, 1):
+        lines.append(
+            f"| {i} | {r['plain']['rps']:.0f} | {r['agent_fixed']['rps']:.0f} | {r['ratio_fixed']:.3f} "
+            f"| {r['agent_new']['rps']:.0f} | {r['ratio_new']:.3f} |"
+        )
+    errors = sum(r[k]["non_2xx"] for r in rounds for k in ("plain", "agent_fixed", "agent_new"))
+    lines += [
+        "",
+        f"**Agent turn with memory vs. the same request proxied plainly: {_median(fixed):.3f}× the throughput** "
+        f"(median of {len(fixed)} rounds; goal ≥ 0.7×) with one conversation (its window full: the model sees "
+        f"the stored turns on every call); **{_median(new):.3f}×** with a new conversation per request (an empty "
+        "Redis window, so one PostgreSQL read per turn, and every turn copied to PostgreSQL in the background). "
+        f"Non-2xx answers over all rounds: {errors}.",
+        "",
+        "## Added latency at a fixed 100 req/s (targets alternating, one keep-alive connection each)",
+        "",
+        "| request | p50 ms | p90 ms | p99 ms | added p50 vs. plain | errors |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    base = lat["plain"]["p50_ms"]
+    for name, r in lat.items():
+        lines.append(
+            f"| {name} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['p50_ms'] - base:+.3f} "
+            f"| {r['errors']} |"
+        )
+    t = res["tool"]
+    turn = t["tool turn (agent)"]["p50_ms"]
+    via = t["model call 1 via gateway"]["p50_ms"] + t["model call 2 via gateway"]["p50_ms"]
+    direct = t["model call 1 direct"]["p50_ms"] + t["model call 2 direct"]["p50_ms"]
+    tool = t["tool server direct"]["p50_ms"]
+    lines += [
+        "",
+        f"**Added p50 of an agent turn: {lat['agent, one conversation']['p50_ms'] - base:+.3f} ms (one "
+        f"conversation), {lat['agent, new conversation each']['p50_ms'] - base:+.3f} ms (new conversation "
+        "each)** (goal ≤ 2 ms).",
+        "",
+        f"## A two-step tool turn ({res['tool_rate']} req/s over 6 targets, alternating)",
+        "",
+        "The model (mock) answers the first call with one call of an http tool (`lookup_order`, GET on the tool "
+        "server), the gateway validates and runs it, appends the result and calls the model again, which "
+        "answers with text. Its parts are measured in the same probe: the two model calls the turn makes, "
+        "sent plainly through the gateway and straight to the mock, and the tool's endpoint called directly.",
+        "",
+        "| request | p50 ms | p90 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in t.items():
+        lines.append(f"| {name} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['errors']} |")
+    lines += [
+        "",
+        f"- Over its two model calls through the gateway and the tool server: {turn:.3f} − ({via:.3f} + "
+        f"{tool:.3f}) = **{turn - via - tool:+.3f} ms** (the tool loop itself: the tool call's validation, "
+        "HTTP client and result handling, the second step's admit and scrub, the run record).",
+        f"- Over the raw parts (two model calls straight to the mock and the tool server): {turn:.3f} − "
+        f"({direct:.3f} + {tool:.3f}) = **{turn - direct - tool:+.3f} ms** (everything the gateway adds to "
+        "the turn, its two proxied calls included).",
+        "",
+        "Run records (`GET /admin/runs/{request_id}`) of five tool turns sent one at a time afterwards:",
+        "",
+        "| client ms | run latency_ms | model step 1 ms | tool ms | tools (all) ms | model step 2 ms | "
+        "turn − steps ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["tool_runs"]:
+        steps = r["steps"]
+        models = [s["duration_ms"] for s in steps if s["kind"] == "model"]
+        tools = [s["duration_ms"] for s in steps if s["kind"] == "tool"]
+        alls = [s["duration_ms"] for s in steps if s["kind"] == "tools"]
+        rest = (r["latency_ms"] or 0) - sum(models) - sum(alls)
+        lines.append(
+            f"| {r['client_ms']:.2f} | {r['latency_ms']:.2f} | {models[0] if models else 0:.2f} "
+            f"| {tools[0] if tools else 0:.2f} | {alls[0] if alls else 0:.2f} "
+            f"| {models[1] if len(models) > 1 else 0:.2f} | {rest:.2f} |"
+        )
+    c = res["cpu"]
+    p_us = c["plain"]["us_per_request"]
+    lines += [
+        "",
+        "A model step's duration covers its routing, the upstream call and the response handling; "
+        "`turn − steps` is what lies between them (the audit record of step 1, the tool messages appended, "
+        "the second step's admit and scrub, the memory store and the run record).",
+        "",
+        f"## Gateway CPU per request ({CPU_REQUESTS} requests per kind, {CPU_CONCURRENCY} concurrent; "
+        "tool turns: half as many)",
+        "",
+        "| request | CPU µs / request | vs. plain | errors | wall s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in c.items():
+        lines.append(
+            f"| {name} | {r['us_per_request']:.0f} | {r['us_per_request'] / p_us:.2f}× | {r['errors']} "
+            f"| {r['seconds']:.2f} |"
+        )
+    lines += [
+        "",
+        f"utime + stime of the gateway process from /proc (10 ms ticks) before the requests and 1 s after the "
+        f"last one (background work included); the idle gateway uses {res['cpu_idle_us_per_s']:.0f} µs of CPU "
+        "per second.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---- the CPU measurement's load generator ---------------------------------------------------
+
+
+async def _send_all(url: str, key: str, template: bytes, n: int, conc: int) -> dict:
+    import aiohttp
+
+    from loadtest.latency_probe import _body
+
+    errors = 0
+    counter = iter(range(n))
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+    async def worker(session) -> None:
+        nonlocal errors
+        for i in counter:
+            async with session.post(url, data=_body(template, i), headers=headers) as r:
+                await r.read()
+                errors += r.status != 200
+
+    import asyncio
+
+    start = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(conc)))
+    return {"seconds": time.perf_counter() - start, "errors": errors}
+
+
+def main() -> None:
+    if len(sys.argv) == 7 and sys.argv[1] == "drive":
+        import uvloop
+
+        url, key, body_file, n, conc = sys.argv[2:]
+        out = uvloop.run(_send_all(url, key, Path(body_file).read_bytes(), int(n), int(conc)))
+        print(json.dumps(out))
+        return
+    print(__doc__)
+
+
+if __name__ == "__main__":
+    main()
