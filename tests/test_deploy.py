@@ -228,6 +228,23 @@ def test_dockerignore_keeps_out_the_local_state_but_nothing_the_image_copies(doc
                 assert not ignored(src, patterns), f"COPY {src} is excluded by .dockerignore"
 
 
+def test_build_stage_copies_every_package_the_project_ships(dockerfile) -> None:
+    """A new top-level package (in pyproject's packages.find) needs a COPY in the build stage,
+    or the image installs without it and fails at import."""
+    import tomllib
+
+    _, st = dockerfile
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {
+        d.name
+        for d in ROOT.iterdir()
+        if (d / "__init__.py").is_file() and any(fnmatch.fnmatch(d.name, pat) for pat in include)
+    }
+    copied = {Path(src).parts[0] for flags, _, sources in copies(st[0]) for src in sources if "--from" not in flags}
+    assert packages, include
+    assert packages <= copied, f"add to the Dockerfile's build stage: COPY {' '.join(sorted(packages - copied))}"
+
+
 # --- the image's install commands in a clean venv ----------------------------------------
 
 
