@@ -15,9 +15,10 @@ Users (each waits ``LOCUST_WAIT_MIN``..``LOCUST_WAIT_MAX`` seconds between reque
   ends without ``[DONE]`` or has no content);
 - ``EmbeddingUser``: embeddings of one to eight texts;
 - ``AgentUser``: multi-turn conversations with an agent (``model: "agent:support"``, the
-  conversation id in ``metadata.conversation_id``; only the new message is sent, the agent
-  keeps the memory). **Off by default** (weight 0): the agent runtime is not built yet. Turn it
-  on with ``LOCUST_WEIGHTS=...,agent=2`` once it is.
+  conversation id in ``metadata.conversation_id``; only the new message is sent, the gateway
+  keeps the memory). **Off by default** (weight 0), since it needs an agent of that name:
+  create one (``gateway agents create --name support --model demo-gpt --template support
+  --var company_name=Acme``), then ``LOCUST_WEIGHTS=chat=5,stream=3,embed=2,agent=2``.
 
 Environment: ``GATEWAY_API_KEY`` (a virtual key, required), ``GATEWAY_URL`` (the host when
 ``--host`` is not given; default http://127.0.0.1:8000), ``LOCUST_CHAT_MODEL`` (demo-gpt),
@@ -252,7 +253,8 @@ class EmbeddingUser(GatewayUser):
 
 class AgentUser(GatewayUser):
     """A customer in a conversation with an agent: a few turns under one conversation id,
-    then a new conversation. Off unless LOCUST_WEIGHTS gives ``agent`` a weight."""
+    then a new conversation. Off unless LOCUST_WEIGHTS gives ``agent`` a weight (the agent
+    named by LOCUST_AGENT_MODEL must exist)."""
 
     weight = WEIGHTS["agent"]
     abstract = weight == 0
