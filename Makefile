@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache
+	rm -rf $(VENV) .venv-locust .data .pytest_cache
 
 # Locust against a running gateway (GATEWAY_URL, GATEWAY_API_KEY), in a venv of its own so the
 # gateway's lock stays lean; the summary goes to loadtest/results/locust-latest.md.
