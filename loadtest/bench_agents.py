@@ -208,6 +208,102 @@ def _cpu_per_request(pid: int, url: str, key: str, body_file: Path, n: int) -> d
     }
 
 
+WATCHED = (
+    "prepare (gateway/agent_stage.py)",
+    "render (runtime/prompts.py)",
+    "Memory.load (runtime/memory.py)",
+    "_decode (runtime/memory.py)",
+    "window (runtime/memory.py)",
+    "recent (runtime/conversations.py)",
+    "Memory.append (runtime/memory.py)",
+    "run_turn (gateway/tools_loop.py)",
+    "complete (gateway/pipeline.py)",
+    "settle (gateway/pipeline.py)",
+    "RunRecorder.record (runtime/runs.py)",
+    "StreamWriter._run (runtime/runs.py)",
+    "wait_for (asyncio/tasks.py)",
+)
+
+
+def _py_spy() -> str | None:
+    import shutil
+
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return found if Path(found).exists() else None
+
+
+def profile(pid: int, tmp: Path, name: str, load, seconds: int = 5) -> dict | None:
+    """py-spy (if installed) samples the gateway while ``load()`` runs: the share of samples in
+    which the watched functions are on the stack, and the functions most often on top."""
+    import collections
+    import re
+
+    spy = _py_spy()
+    if spy is None:
+        return None
+    out = tmp / f"spy-{name}.txt"
+    rec = subprocess.Popen(
+        [spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "-f", "raw", "-o", str(out), "--nonblocking"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    load()
+    try:
+        rec.wait(seconds + 30)
+    except subprocess.TimeoutExpired:
+        rec.kill()
+        return None
+    if rec.returncode != 0 or not out.exists():
+        return None
+    inclusive: collections.Counter = collections.Counter()
+    top: collections.Counter = collections.Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        n = int(count)
+        total += n
+        for frame in set(frames):
+            inclusive[frame] += n
+        top[frames[-1]] += n
+    if not total:
+        return None
+    return {
+        "samples": total,
+        "inclusive_pct": {f: round(100 * inclusive[f] / total, 1) for f in WATCHED},
+        "top_self_pct": {f: round(100 * n / total, 1) for f, n in top.most_common(8)},
+    }
+
+
+def memory_window_cost(repeat: int = 2000) -> dict:
+    """In process: what ``Memory.load`` does with what LRANGE returned for the fixed
+    conversation (a full Redis list of ``list_cap`` messages, this bench's turns) — decode every
+    entry and cut the window — against decoding only the entries the window keeps."""
+    import timeit
+
+    import orjson
+
+    from runtime.memory import _decode, list_cap, message_tokens, window
+    from runtime.types import MemorySettings
+
+    settings = MemorySettings()
+    raw = []
+    for seq in range(list_cap(settings)):
+        message = {"role": "user" if seq % 2 == 0 else "assistant", "content": USER}
+        raw.append(orjson.dumps({"s": seq, "t": message_tokens(message), "m": message}))
+    kept = len(window(_decode(raw), settings))
+
+    def per_call(fn) -> float:
+        return round(min(timeit.repeat(fn, number=repeat, repeat=3)) / repeat * 1e6, 1)
+
+    return {
+        "list_messages": len(raw),
+        "window_messages": kept,
+        "full_us": per_call(lambda: window(_decode(raw), settings)),
+        "window_only_us": per_call(lambda: window(_decode(raw[-kept:]), settings)),
+    }
+
+
 def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_config, wrk, latency_at_rate) -> dict:
     res: dict = {"meta": {"seconds": seconds, "rounds": rounds, "connections": connections}}
     url, proc = stack.gateway("gateway-agents", bench_config(stack.mock_url))
@@ -247,27 +343,33 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
     # 1. Throughput, alternating rounds.
     plain_script = _fixed_script(tmp, "plain", plain, key)
     fixed_script = _fixed_script(tmp, "agent-fixed", fixed, key)
+    stateless_script = _fixed_script(tmp, "agent-stateless", agent, key)
     wrk(chat, fixed_script, 2, connections)  # warm-up; fills the fixed conversation's window
     wrk(chat, plain_script, 1, connections)
     res["rounds"] = []
-    span = max(1, seconds // 2)
+    span = max(1, round(seconds * 0.4))
+    res["meta"]["span"] = span
     for i in range(rounds):
         varying = _varying_script(tmp, f"agent-new-{i}", agent, key, f"bench-new-{uuid.uuid4().hex[:8]}")
         p = wrk(chat, plain_script, span, connections)
         f = wrk(chat, fixed_script, span, connections)
         v = wrk(chat, varying, span, connections)
+        s = wrk(chat, stateless_script, span, connections)
         row = {
             "plain": p,
             "agent_fixed": f,
             "agent_new": v,
+            "agent_stateless": s,
             "ratio_fixed": f["rps"] / p["rps"],
             "ratio_new": v["rps"] / p["rps"],
+            "ratio_stateless": s["rps"] / p["rps"],
         }
         res["rounds"].append(row)
         print(
             f"agents round {i + 1}: plain {p['rps']:.0f}  agent (one conversation) {f['rps']:.0f} "
             f"({row['ratio_fixed']:.3f}×)  agent (new conversation each) {v['rps']:.0f} ({row['ratio_new']:.3f}×)"
-            f"  non-2xx {p['non_2xx']}/{f['non_2xx']}/{v['non_2xx']}",
+            f"  agent (no conversation) {s['rps']:.0f} ({row['ratio_stateless']:.3f}×)"
+            f"  non-2xx {p['non_2xx']}/{f['non_2xx']}/{v['non_2xx']}/{s['non_2xx']}",
             flush=True,
         )
 
@@ -280,6 +382,7 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
             "agent, new conversation each",
             {**agent, "metadata": {"conversation_id": f"lat-{uuid.uuid4().hex[:8]}-{{n}}"}},
         ),
+        ("agent, no conversation", agent),
     ):
         files[name] = tmp / f"lat-{len(files)}.json"
         files[name].write_text(json.dumps(body))
@@ -344,6 +447,9 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
         )
         time.sleep(0.05)
 
+    # Where a turn of the fixed conversation spends the gateway's CPU (py-spy, if installed).
+    res["profile_fixed"] = profile(proc.pid, tmp, "fixed", lambda: wrk(chat, fixed_script, 6, connections))
+
     # 4. Gateway CPU per request.
     res["cpu"] = {}
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
@@ -357,6 +463,7 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
             **agent,
             "metadata": {"conversation_id": f"cpu-{uuid.uuid4().hex[:8]}-{{n}}"},
         },
+        "agent, no conversation": agent,
         "tool turn (agent, 2 model calls + 1 tool call)": tool_turn,
         "model call 1 via gateway (plain, tools offered)": step1,
     }
@@ -367,6 +474,7 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
         res["cpu"][name] = _cpu_per_request(proc.pid, chat, key, f, n)
         print(f"agents CPU {name}: {res['cpu'][name]}", flush=True)
     stack.stop_gateway(proc)
+    res["memory_window"] = memory_window_cost()
     return res
 
 
@@ -389,24 +497,27 @@ def report(res: dict, date: str) -> str:
         "The plain request: the same client message to `bench`. This machine is shared and noisy: read the "
         "ratios, not the absolutes.",
         "",
-        f"## Throughput (wrk -c {m['connections']}, {max(1, m['seconds'] // 2)} s per row, "
-        f"{len(rounds)} alternating rounds)",
+        f"## Throughput (wrk -c {m['connections']}, {m['span']} s per row, {len(rounds)} alternating rounds)",
         "",
-        "| round | plain req/s | agent, one conversation req/s | ratio | agent, new conversation each req/s | ratio |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| round | plain req/s | agent, one conversation | ratio | agent, new conversation each | ratio "
+        "| agent, no conversation | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, r in enumerate(rounds, 1):
         lines.append(
             f"| {i} | {r['plain']['rps']:.0f} | {r['agent_fixed']['rps']:.0f} | {r['ratio_fixed']:.3f} "
-            f"| {r['agent_new']['rps']:.0f} | {r['ratio_new']:.3f} |"
+            f"| {r['agent_new']['rps']:.0f} | {r['ratio_new']:.3f} "
+            f"| {r['agent_stateless']['rps']:.0f} | {r['ratio_stateless']:.3f} |"
         )
-    errors = sum(r[k]["non_2xx"] for r in rounds for k in ("plain", "agent_fixed", "agent_new"))
+    stateless = sorted(r["ratio_stateless"] for r in rounds)
+    errors = sum(r[k]["non_2xx"] for r in rounds for k in ("plain", "agent_fixed", "agent_new", "agent_stateless"))
     lines += [
         "",
         f"**Agent turn with memory vs. the same request proxied plainly: {_median(fixed):.3f}× the throughput** "
         f"(median of {len(fixed)} rounds; goal ≥ 0.7×) with one conversation (its window full: the model sees "
         f"the stored turns on every call); **{_median(new):.3f}×** with a new conversation per request (an empty "
         "Redis window, so one PostgreSQL read per turn, and every turn copied to PostgreSQL in the background). "
+        f"Without a conversation id (prompt rendered, no memory): **{_median(stateless):.3f}×**. "
         f"Non-2xx answers over all rounds: {errors}.",
         "",
         "## Added latency at a fixed 100 req/s (targets alternating, one keep-alive connection each)",
@@ -429,7 +540,8 @@ def report(res: dict, date: str) -> str:
         "",
         f"**Added p50 of an agent turn: {lat['agent, one conversation']['p50_ms'] - base:+.3f} ms (one "
         f"conversation), {lat['agent, new conversation each']['p50_ms'] - base:+.3f} ms (new conversation "
-        "each)** (goal ≤ 2 ms).",
+        f"each), {lat['agent, no conversation']['p50_ms'] - base:+.3f} ms (no conversation)** (goal ≤ 2 ms; "
+        f"{len(lat)} targets share the 100 req/s).",
         "",
         f"## A two-step tool turn ({res['tool_rate']} req/s over 6 targets, alternating)",
         "",
@@ -495,7 +607,45 @@ def report(res: dict, date: str) -> str:
         "per second.",
         "",
     ]
+    lines += _where(res)
     return "\n".join(lines)
+
+
+def _where(res: dict) -> list[str]:
+    c = res["cpu"]
+    plain = c["plain"]["us_per_request"]
+    stateless = c["agent, no conversation"]["us_per_request"]
+    fixed = c["agent, one conversation"]["us_per_request"]
+    new = c["agent, new conversation each"]["us_per_request"]
+    goal = plain / 0.7
+    w = res["memory_window"]
+    lines = [
+        "## Where the time goes",
+        "",
+        f"- Gateway CPU per request: plain {plain:.0f} µs; the agent stage without memory (agent lookup, "
+        f"prompt selected and rendered, run record) adds {stateless - plain:+.0f} µs; memory adds "
+        f"{fixed - stateless:+.0f} µs more with one long conversation and {new - stateless:+.0f} µs with a new "
+        f"conversation per request. At 0.7× the plain throughput a CPU-bound worker may spend {goal:.0f} µs "
+        f"per agent turn: {fixed - goal:+.0f} µs from there (one conversation), {new - goal:+.0f} µs (new "
+        f"conversation each), {stateless - goal:+.0f} µs (no conversation).",
+        f"- `Memory.load` reads the whole Redis list (LRANGE 0 -1: {w['list_messages']} messages, the list's cap "
+        f"for a 20-turn window) and decodes every entry before cutting the window, which keeps "
+        f"{w['window_messages']}: {w['full_us']:.0f} µs per load in process, against {w['window_only_us']:.0f} µs "
+        "for decoding only the entries the window keeps.",
+    ]
+    prof = res.get("profile_fixed")
+    if prof:
+        watched = ", ".join(f"`{f.split(' ')[0]}` {p:.1f} %" for f, p in prof["inclusive_pct"].items())
+        top = ", ".join(f"`{f.split(' ')[0]}` {p:.1f} %" for f, p in prof["top_self_pct"].items())
+        lines += [
+            f"- py-spy on the gateway during wrk -c 64 on the one-conversation agent ({prof['samples']} samples; "
+            f"share of samples with the function on the stack): {watched}.",
+            f"- Most often on top of the stack: {top}.",
+        ]
+    else:
+        lines.append("- (py-spy is not installed: `.venv/bin/pip install py-spy` adds a profile here.)")
+    lines.append("")
+    return lines
 
 
 # ---- the CPU measurement's load generator ---------------------------------------------------
