@@ -60,7 +60,8 @@ TOOL = {
 }
 DIRECTIVE = '[[mock:{"tool_calls_steps": [[{"name": "lookup_order", "arguments": {"order_id": "A1"}}]]}]]'
 TOOL_USER = f"Where is my order A1? {DIRECTIVE}"
-CPU_REQUESTS = 3000
+CPU_REQUESTS = 2000
+TOOL_RUNS = 30
 CPU_CONCURRENCY = 16
 
 
@@ -98,9 +99,48 @@ def _run_record(url: str, request_id: str) -> dict:
         time.sleep(0.1)
 
 
+def _tool_runs(url: str, key: str, body: dict, n: int) -> list[dict]:
+    """``n`` tool turns one at a time over one keep-alive connection, then their run records."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    payload = json.dumps(body)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    sent = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/chat/completions", payload, headers)
+            resp = conn.getresponse()
+            resp.read()
+            sent.append(((time.perf_counter() - t0) * 1000, resp.getheader("x-request-id")))
+            time.sleep(0.02)
+    finally:
+        conn.close()
+    out = []
+    for wall, rid in sent:
+        run = _run_record(url, rid)
+        out.append({"client_ms": round(wall, 3), "latency_ms": run.get("latency_ms"), "steps": run["steps"]})
+    return out
+
+
 def _cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+
+
+def _quiet(pid: int, limit: float = 15.0) -> float:
+    """Waits until the gateway is idle (at most one CPU tick in 0.5 s: the background writers
+    have caught up with the load before); returns the seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        before = _cpu_ticks(pid)
+        time.sleep(0.5)
+        if _cpu_ticks(pid) - before <= 1:
+            break
+    return round(time.monotonic() - start, 1)
 
 
 def _median(values: list[float]) -> float:
@@ -195,6 +235,7 @@ def _drive(url: str, key: str, body_file: Path, n: int, conc: int) -> float:
 
 def _cpu_per_request(pid: int, url: str, key: str, body_file: Path, n: int) -> dict:
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    _quiet(pid)
     before = _cpu_ticks(pid)
     drive = _drive(url, key, body_file, n, CPU_CONCURRENCY)
     time.sleep(1.0)  # what the requests left for the background (ledger, memory writer) runs now
@@ -208,6 +249,16 @@ def _cpu_per_request(pid: int, url: str, key: str, body_file: Path, n: int) -> d
     }
 
 
+RUN_PARTS = (
+    "client round trip",
+    "before and after the run (client − run latency)",
+    "run latency (the turn, gateway clock)",
+    "model step 1",
+    "tool call (lookup_order)",
+    "tools step overhead (all tools − the call)",
+    "model step 2",
+    "between steps (run latency − model steps − tools)",
+)
 WATCHED = (
     "prepare (gateway/agent_stage.py)",
     "render (runtime/prompts.py)",
@@ -222,6 +273,10 @@ WATCHED = (
     "RunRecorder.record (runtime/runs.py)",
     "StreamWriter._run (runtime/runs.py)",
     "wait_for (asyncio/tasks.py)",
+    "Redis.execute_command (redis/asyncio/client.py)",
+    "AsyncScript.__call__ (redis/commands/core.py)",
+    "Connection.reset (asyncpg/connection.py)",
+    "StreamWriter._commit (runtime/runs.py)",
 )
 
 
@@ -336,7 +391,7 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
     fixed = {**agent, "metadata": {"conversation_id": f"bench-fixed-{uuid.uuid4().hex[:8]}"}}
     # Sanity: every kind answers 200 before anything is measured.
     for body in (plain, fixed, agent):
-        status, headers, data = _call(chat, body, key)
+        status, _, data = _call(chat, body, key)
         if status != 200:
             raise RuntimeError(f"{body['model']}: {status} {data}")
 
@@ -347,7 +402,7 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
     wrk(chat, fixed_script, 2, connections)  # warm-up; fills the fixed conversation's window
     wrk(chat, plain_script, 1, connections)
     res["rounds"] = []
-    span = max(1, round(seconds * 0.4))
+    span = max(1, round(seconds * 0.3))
     res["meta"]["span"] = span
     for i in range(rounds):
         varying = _varying_script(tmp, f"agent-new-{i}", agent, key, f"bench-new-{uuid.uuid4().hex[:8]}")
@@ -374,6 +429,7 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
         )
 
     # 2. Added latency at a fixed 100 req/s.
+    res["meta"]["quiet_s_after_throughput"] = _quiet(proc.pid)
     files = {}
     for name, body in (
         ("plain", plain),
@@ -396,7 +452,7 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
         "messages": [{"role": "user", "content": TOOL_USER}],
         "variables": {"company": COMPANY},
     }
-    status, headers, answer = _call(chat, tool_turn, key)
+    status, _, answer = _call(chat, tool_turn, key)
     if status != 200 or answer["choices"][0]["finish_reason"] != "stop":
         raise RuntimeError(f"tool turn: {status} {answer}")
     _, _, tool_result = _call(f"{tools_url}/orders/A1", None, "x", "GET")
@@ -432,27 +488,23 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
         f.write_text(json.dumps(body))
         targets.append((name, target, k, str(f)))
     tool_rate = 60  # 10 req/s per target
+    _quiet(proc.pid)
     res["tool_rate"] = tool_rate
     res["tool"] = latency_at_rate(targets, {}, seconds * 2, tool_rate)
     print("agents tool turn:", json.dumps(res["tool"]), flush=True)
-    res["tool_runs"] = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        status, headers, _ = _call(chat, tool_turn, key)
-        wall = (time.perf_counter() - t0) * 1000
-        rid = headers.get("x-request-id") or headers.get("X-Request-Id")
-        run = _run_record(url, rid)
-        res["tool_runs"].append(
-            {"client_ms": round(wall, 3), "latency_ms": run.get("latency_ms"), "steps": run["steps"]}
-        )
-        time.sleep(0.05)
+    res["tool_runs"] = _tool_runs(url, key, tool_turn, TOOL_RUNS)
 
-    # Where a turn of the fixed conversation spends the gateway's CPU (py-spy, if installed).
-    res["profile_fixed"] = profile(proc.pid, tmp, "fixed", lambda: wrk(chat, fixed_script, 6, connections))
+    # Where an agent turn spends the gateway's CPU (py-spy, if installed).
+    _quiet(proc.pid)
+    res["profile_fixed"] = profile(proc.pid, tmp, "fixed", lambda: wrk(chat, fixed_script, 4, connections), 4)
+    new_script = _varying_script(tmp, "agent-new-profile", agent, key, f"bench-prof-{uuid.uuid4().hex[:8]}")
+    _quiet(proc.pid)
+    res["profile_new"] = profile(proc.pid, tmp, "new", lambda: wrk(chat, new_script, 4, connections), 4)
 
     # 4. Gateway CPU per request.
     res["cpu"] = {}
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    _quiet(proc.pid)
     before = _cpu_ticks(proc.pid)
     time.sleep(2.0)
     res["cpu_idle_us_per_s"] = round((_cpu_ticks(proc.pid) - before) * tick_us / 2.0, 1)
@@ -564,30 +616,53 @@ def report(res: dict, date: str) -> str:
         f"({direct:.3f} + {tool:.3f}) = **{turn - direct - tool:+.3f} ms** (everything the gateway adds to "
         "the turn, its two proxied calls included).",
         "",
-        "Run records (`GET /admin/runs/{request_id}`) of five tool turns sent one at a time afterwards:",
+        f"Run records (`GET /admin/runs/{{request_id}}`) of {len(res['tool_runs'])} tool turns sent one at a "
+        "time afterwards over one keep-alive connection (what the gateway's own clock saw):",
         "",
-        "| client ms | run latency_ms | model step 1 ms | tool ms | tools (all) ms | model step 2 ms | "
-        "turn − steps ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| part | median ms | min ms | max ms |",
+        "|---|---:|---:|---:|",
     ]
+    parts_ms: dict[str, list[float]] = {k: [] for k in RUN_PARTS}
     for r in res["tool_runs"]:
         steps = r["steps"]
         models = [s["duration_ms"] for s in steps if s["kind"] == "model"]
         tools = [s["duration_ms"] for s in steps if s["kind"] == "tool"]
         alls = [s["duration_ms"] for s in steps if s["kind"] == "tools"]
-        rest = (r["latency_ms"] or 0) - sum(models) - sum(alls)
-        lines.append(
-            f"| {r['client_ms']:.2f} | {r['latency_ms']:.2f} | {models[0] if models else 0:.2f} "
-            f"| {tools[0] if tools else 0:.2f} | {alls[0] if alls else 0:.2f} "
-            f"| {models[1] if len(models) > 1 else 0:.2f} | {rest:.2f} |"
+        if len(models) != 2 or not tools or not alls:
+            continue
+        latency = r["latency_ms"] or 0.0
+        values = (
+            r["client_ms"],
+            r["client_ms"] - latency,
+            latency,
+            models[0],
+            tools[0],
+            alls[0] - tools[0],
+            models[1],
+            latency - sum(models) - sum(alls),
         )
+        for k, v in zip(RUN_PARTS, values, strict=True):
+            parts_ms[k].append(v)
+    for k, values in parts_ms.items():
+        if values:
+            lines.append(f"| {k} | {_median(values):.3f} | {min(values):.3f} | {max(values):.3f} |")
+    med = {k: _median(v) for k, v in parts_ms.items()}
+    if parts_ms[RUN_PARTS[0]]:
+        loop = med[RUN_PARTS[5]] + med[RUN_PARTS[7]]
+        lines += [
+            "",
+            f"By the run records, the tool loop's own time (outside the model calls and the tool's HTTP call) is "
+            f"{loop:.3f} ms per turn (median); the gateway's tool call took {med[RUN_PARTS[4]]:.3f} ms against "
+            f"{t['tool server direct']['p50_ms']:.3f} ms for the endpoint called directly; the model steps "
+            f"{med[RUN_PARTS[3]]:.3f} + {med[RUN_PARTS[6]]:.3f} ms against {direct:.3f} ms straight to the mock. "
+            "A model step's duration covers routing, the upstream call and the response handling; `between "
+            "steps` is the audit record of step 1, the tool messages appended, the second step's admit and "
+            "scrub, the memory store and the run record; `before and after the run` is authentication, "
+            "parsing, the agent stage (prompt rendered) and sending the response.",
+        ]
     c = res["cpu"]
     p_us = c["plain"]["us_per_request"]
     lines += [
-        "",
-        "A model step's duration covers its routing, the upstream call and the response handling; "
-        "`turn − steps` is what lies between them (the audit record of step 1, the tool messages appended, "
-        "the second step's admit and scrub, the memory store and the run record).",
         "",
         f"## Gateway CPU per request ({CPU_REQUESTS} requests per kind, {CPU_CONCURRENCY} concurrent; "
         "tool turns: half as many)",
@@ -633,16 +708,17 @@ def _where(res: dict) -> list[str]:
         f"{w['window_messages']}: {w['full_us']:.0f} µs per load in process, against {w['window_only_us']:.0f} µs "
         "for decoding only the entries the window keeps.",
     ]
-    prof = res.get("profile_fixed")
-    if prof:
-        watched = ", ".join(f"`{f.split(' ')[0]}` {p:.1f} %" for f, p in prof["inclusive_pct"].items())
+    for key, what in (("profile_fixed", "the one-conversation agent"), ("profile_new", "a new conversation each")):
+        prof = res.get(key)
+        if not prof:
+            continue
+        watched = ", ".join(f"`{f.split(' ')[0]}` {p:.1f} %" for f, p in prof["inclusive_pct"].items() if p)
         top = ", ".join(f"`{f.split(' ')[0]}` {p:.1f} %" for f, p in prof["top_self_pct"].items())
         lines += [
-            f"- py-spy on the gateway during wrk -c 64 on the one-conversation agent ({prof['samples']} samples; "
-            f"share of samples with the function on the stack): {watched}.",
-            f"- Most often on top of the stack: {top}.",
+            f"- py-spy on the gateway during wrk -c 64 on {what} ({prof['samples']} samples; share of samples "
+            f"with the function on the stack): {watched}. Most often on top of the stack: {top}.",
         ]
-    else:
+    if not res.get("profile_fixed"):
         lines.append("- (py-spy is not installed: `.venv/bin/pip install py-spy` adds a profile here.)")
     lines.append("")
     return lines
