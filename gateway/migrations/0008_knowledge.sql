@@ -1,0 +1,87 @@
+-- Knowledge bases (issue #13): documents, chunks, vector + full-text indexes.
+--
+-- Vectors: one `halfvec` column WITHOUT a fixed dimension, because knowledge bases differ (384
+-- for the local MiniLM model, 1,536 for text-embedding-3-small, 3,072 for -large). HNSW needs a
+-- dimension, so the index is an expression index on a cast, partial on `dims`:
+--     ((embedding::halfvec(1536)) halfvec_cosine_ops) WHERE dims = 1536
+-- one per dimension in use (384 and 1,536 here; rag.store.ensure_vector_index adds others when
+-- a knowledge base with a new dimension is created). Queries say `dims = <D>` and order by
+-- `embedding::halfvec(<D>) <=> $q` with D a literal, so the planner matches the index even
+-- under generic plans. Rejected: one partial index per knowledge base (exact per-KB search, but
+-- thousands of indexes slow every plan and every insert), one table per dimension (a new model
+-- means DDL on a new table and every query names its table). Tenant and knowledge-base filters
+-- apply on top of the HNSW scan with pgvector's iterative scan (0.8), and the planner picks
+-- the btree on kb_id plus an exact sort when a knowledge base is small. halfvec halves the
+-- index (2 bytes a dimension) and HNSW over halfvec accepts up to 4,000 dimensions (vector:
+-- 2,000), so 3,072-dim models fit.
+CREATE EXTENSION IF NOT EXISTS vector;
+
+CREATE TABLE IF NOT EXISTS knowledge_bases (
+    id               text PRIMARY KEY,              -- 'kb_' + random
+    tenant           text NOT NULL,
+    name             text NOT NULL,
+    description      text NOT NULL DEFAULT '',
+    embedding_model  text NOT NULL,
+    dims             integer NOT NULL CHECK (dims BETWEEN 1 AND 4000),
+    settings         jsonb NOT NULL DEFAULT '{"chunk_size": 500, "overlap": 50, "top_k": 5, "threshold": 0.7,
+                                              "max_context_tokens": 3000, "rerank": false}',
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant, name)
+);
+
+-- One uploaded file. `generation` is the generation of chunks that is live; rag.store writes a
+-- new generation, flips this, and deletes the old rows, in one transaction. `replaces` points at
+-- the document a new version will replace when its chunks go live; the old one then gets
+-- `replaced_by`, loses its chunks, and stays as a record.
+CREATE TABLE IF NOT EXISTS kb_documents (
+    id               text PRIMARY KEY,              -- 'doc_' + random
+    tenant           text NOT NULL,
+    kb_id            text NOT NULL REFERENCES knowledge_bases (id) ON DELETE CASCADE,
+    filename         text NOT NULL,
+    content_type     text NOT NULL DEFAULT 'application/octet-stream',
+    bytes            bigint NOT NULL DEFAULT 0,
+    sha256           text NOT NULL,
+    status           text NOT NULL DEFAULT 'queued'
+                     CHECK (status IN ('queued', 'processing', 'ready', 'failed')),
+    reason           text,
+    chunks           integer NOT NULL DEFAULT 0,
+    generation       integer NOT NULL DEFAULT 0,
+    embedding_model  text,
+    replaces         text,
+    replaced_by      text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+-- Re-uploading the same content into a knowledge base finds the live document, never a copy.
+CREATE UNIQUE INDEX IF NOT EXISTS kb_documents_live_sha ON kb_documents (kb_id, sha256) WHERE replaced_by IS NULL;
+CREATE INDEX IF NOT EXISTS kb_documents_tenant_kb ON kb_documents (tenant, kb_id, created_at);
+
+CREATE TABLE IF NOT EXISTS kb_chunks (
+    id               bigserial PRIMARY KEY,
+    tenant           text NOT NULL,
+    kb_id            text NOT NULL,
+    document_id      text NOT NULL REFERENCES kb_documents (id) ON DELETE CASCADE,
+    generation       integer NOT NULL,
+    idx              integer NOT NULL,
+    section          text NOT NULL DEFAULT '',
+    text             text NOT NULL,
+    tokens           integer NOT NULL,
+    dims             integer NOT NULL,
+    embedding        halfvec NOT NULL,
+    embedding_model  text NOT NULL,
+    tsv              tsvector GENERATED ALWAYS AS (to_tsvector('simple', coalesce(section, '') || ' ' || text)) STORED,
+    CHECK (vector_dims(embedding) = dims),
+    UNIQUE (document_id, generation, idx)
+);
+CREATE INDEX IF NOT EXISTS kb_chunks_kb ON kb_chunks (kb_id, dims);
+CREATE INDEX IF NOT EXISTS kb_chunks_tsv ON kb_chunks USING gin (tsv);
+CREATE INDEX IF NOT EXISTS kb_chunks_hnsw_384 ON kb_chunks
+    USING hnsw ((embedding::halfvec(384)) halfvec_cosine_ops) WITH (m = 16, ef_construction = 64) WHERE dims = 384;
+CREATE INDEX IF NOT EXISTS kb_chunks_hnsw_1536 ON kb_chunks
+    USING hnsw ((embedding::halfvec(1536)) halfvec_cosine_ops) WITH (m = 16, ef_construction = 64) WHERE dims = 1536;
+
+SELECT gateway_isolate_tenant('knowledge_bases');
+SELECT gateway_isolate_tenant('kb_documents');
+SELECT gateway_isolate_tenant('kb_chunks');
+GRANT USAGE ON SEQUENCE kb_chunks_id_seq TO gateway_tenant;

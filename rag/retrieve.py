@@ -1,0 +1,310 @@
+"""Hybrid retrieval: HNSW vector search + PostgreSQL full-text search, fused with reciprocal
+rank fusion, then the threshold, an optional re-ranker, top-k and the token budget — with an
+explanation of every candidate and stage timings.
+
+Both searches run in one read-only REPEATABLE READ transaction (one snapshot: a replace that
+commits between them cannot mix generations) scoped to the tenant (row-level security as the second
+wall) and filter by tenant and knowledge base in SQL. Vector search only sees chunks embedded
+with the knowledge base's current model and the query vector's dimension.
+
+The threshold applies to the cosine similarity (1 - cosine distance). Every candidate has one,
+full-text hits included (it is computed for them too). A candidate below the threshold is
+still kept when full-text search matched it — ``websearch_to_tsquery`` requires every query
+term, a strong lexical signal for codes, names and exact phrases that embeddings blur — and its
+similarity reaches ``lexical_floor`` (default 0.3: unrelated text scores lower, so a query of
+common words cannot pull in arbitrary chunks). ``lexical_floor=None`` makes the threshold
+strict. Without a query vector (no embedding available) full-text matches are kept as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import asyncpg
+
+from rag.rerank import Reranker, RerankError
+from rag.store import MAX_DIMS, scoped, vector_literal
+
+RRF_K = 60
+MAX_CANDIDATES = 200
+MAX_KBS = 50
+MAX_QUERY_CHARS = 4000
+
+KEPT = "kept"
+BELOW_THRESHOLD = "below_threshold"
+BEYOND_TOP_K = "beyond_top_k"
+OVER_TOKEN_BUDGET = "over_token_budget"
+
+
+@dataclass
+class Hit:
+    chunk_id: int
+    document_id: str
+    kb_id: str
+    section: str
+    text: str
+    similarity: float | None
+    fts_rank: float | None
+    score: float
+    source_number: int
+    tokens: int = 0
+    rerank_score: float | None = None
+
+
+@dataclass
+class Candidate:
+    """One chunk either search returned, and what became of it."""
+
+    chunk_id: int
+    document_id: str
+    kb_id: str
+    section: str
+    tokens: int
+    similarity: float | None
+    vector_rank: int | None  # 1-based position in the vector results
+    fts_rank: float | None  # ts_rank_cd
+    fts_position: int | None  # 1-based position in the full-text results
+    fused: float = 0.0
+    rerank_score: float | None = None
+    decision: str = ""
+    why: str = ""
+    text: str = field(default="", repr=False)
+
+
+@dataclass
+class Retrieval:
+    hits: list[Hit]
+    candidates: list[Candidate]
+    timings: dict[str, float]
+    reranked: bool = False
+    rerank_error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def explain(self) -> dict[str, Any]:
+        """JSON-ready: every candidate with its scores and decision, the timings, the notes."""
+        return {
+            "hits": [asdict(h) for h in self.hits],
+            "candidates": [{k: v for k, v in asdict(c).items() if k != "text"} for c in self.candidates],
+            "timings_ms": self.timings,
+            "reranked": self.reranked,
+            "rerank_error": self.rerank_error,
+            "notes": self.notes,
+        }
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
+_JOINS = """JOIN kb_chunks c ON c.id = s.id
+    JOIN kb_documents d ON d.id = c.document_id AND d.generation = c.generation AND d.replaced_by IS NULL
+    JOIN knowledge_bases k ON k.id = c.kb_id"""
+
+
+def _vector_sql(dims: int) -> str:
+    cast = f"halfvec({dims})"
+    return f"""SELECT c.id, c.document_id, c.kb_id, c.section, c.text, c.tokens, 1 - s.dist AS similarity
+FROM (SELECT c.id, c.embedding::{cast} <=> $3::text::{cast} AS dist
+      FROM kb_chunks c
+      WHERE c.dims = {dims} AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1)
+      ORDER BY c.embedding::{cast} <=> $3::text::{cast} LIMIT $4) s
+{_JOINS}
+WHERE k.embedding_model = c.embedding_model
+ORDER BY s.dist"""
+
+
+def _fts_sql(dims: int | None) -> str:
+    if dims is None:
+        similarity = "NULL::float8"
+    else:
+        cast = f"halfvec({dims})"
+        similarity = (
+            f"CASE WHEN c.dims = {dims} AND c.embedding_model = k.embedding_model "
+            f"THEN 1 - (c.embedding::{cast} <=> $3::text::{cast}) END"
+        )
+    return f"""SELECT c.id, c.document_id, c.kb_id, c.section, c.text, c.tokens, s.rank, {similarity} AS similarity
+FROM (SELECT c.id, ts_rank_cd(c.tsv, q) AS rank
+      FROM kb_chunks c, websearch_to_tsquery('simple', $5) q
+      WHERE c.tsv @@ q AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1)
+      ORDER BY rank DESC LIMIT $4) s
+{_JOINS}
+ORDER BY s.rank DESC, c.id"""
+
+
+async def retrieve(
+    pool: asyncpg.Pool,
+    tenant: str | None,
+    kb_ids: Sequence[str],
+    query_text: str,
+    query_vector: Sequence[float] | None,
+    *,
+    top_k: int = 5,
+    threshold: float = 0.7,
+    max_context_tokens: int = 3000,
+    candidates: int = 40,
+    ef_search: int = 64,
+    lexical_floor: float | None = 0.3,
+    reranker: Reranker | None = None,
+    rerank_top_n: int | None = None,
+) -> Retrieval:
+    """Search ``kb_ids`` of ``tenant`` (None: super-admin) for ``query_text`` /
+    ``query_vector`` (the query embedded with the knowledge bases' model, L2-normalized)."""
+    t_total = time.perf_counter()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    kb_list = list(dict.fromkeys(kb_ids))[:MAX_KBS]
+    query_text = (query_text or "")[:MAX_QUERY_CHARS]
+    candidates = max(1, min(int(candidates), MAX_CANDIDATES))
+    top_k = max(0, int(top_k))
+    dims = len(query_vector) if query_vector is not None else None
+    if dims is not None and not 1 <= dims <= MAX_DIMS:
+        raise ValueError(f"query vector must have 1..{MAX_DIMS} dimensions")
+    qvec = vector_literal(query_vector) if query_vector is not None else None
+
+    vec_rows: list[asyncpg.Record] = []
+    fts_rows: list[asyncpg.Record] = []
+    if kb_list:
+        t0 = time.perf_counter()
+        # One snapshot for both searches: under READ COMMITTED each statement would take its
+        # own, and a replace committing between them would mix two generations.
+        async with scoped(pool, tenant, isolation="repeatable_read", readonly=True) as conn:
+            await conn.execute(
+                "SELECT set_config('hnsw.ef_search', $1, true), "
+                "set_config('hnsw.iterative_scan', 'relaxed_order', true)",
+                str(max(candidates, min(int(ef_search), 1000))),
+            )
+            timings["begin_ms"] = _ms(t0)
+            if dims is not None:
+                t0 = time.perf_counter()
+                vec_rows = await conn.fetch(_vector_sql(dims), tenant, kb_list, qvec, candidates)
+                timings["vector_ms"] = _ms(t0)
+            if query_text.strip():
+                t0 = time.perf_counter()
+                fts_rows = await conn.fetch(_fts_sql(dims), tenant, kb_list, qvec, candidates, query_text)
+                timings["fts_ms"] = _ms(t0)
+    else:
+        notes.append("no knowledge base to search")
+    if dims is None:
+        notes.append("no query vector: full-text search only, no similarity threshold")
+
+    t0 = time.perf_counter()
+    pool_of: dict[int, Candidate] = {}
+    for pos, r in enumerate(vec_rows, 1):
+        pool_of[r["id"]] = Candidate(
+            chunk_id=r["id"],
+            document_id=r["document_id"],
+            kb_id=r["kb_id"],
+            section=r["section"],
+            tokens=r["tokens"],
+            similarity=float(r["similarity"]),
+            vector_rank=pos,
+            fts_rank=None,
+            fts_position=None,
+            text=r["text"],
+        )
+    for pos, r in enumerate(fts_rows, 1):
+        cand = pool_of.get(r["id"])
+        if cand is None:
+            sim = r["similarity"]
+            cand = pool_of[r["id"]] = Candidate(
+                chunk_id=r["id"],
+                document_id=r["document_id"],
+                kb_id=r["kb_id"],
+                section=r["section"],
+                tokens=r["tokens"],
+                similarity=float(sim) if sim is not None else None,
+                vector_rank=None,
+                fts_rank=None,
+                fts_position=None,
+                text=r["text"],
+            )
+        cand.fts_rank = float(r["rank"])
+        cand.fts_position = pos
+    for cand in pool_of.values():
+        cand.fused = sum(1.0 / (RRF_K + p) for p in (cand.vector_rank, cand.fts_position) if p is not None)
+    ordered = sorted(pool_of.values(), key=lambda c: (-c.fused, -(c.similarity or 0.0), c.chunk_id))
+
+    passing: list[Candidate] = []
+    for cand in ordered:
+        sim = cand.similarity
+        if dims is None:
+            cand.why = "full-text match (no query vector)"
+        elif sim is not None and sim >= threshold:
+            cand.why = f"similarity {sim:.3f} >= threshold {threshold:g}"
+        elif cand.fts_position is not None and lexical_floor is not None and sim is not None and sim >= lexical_floor:
+            cand.why = (
+                f"full-text match: similarity {sim:.3f} below threshold {threshold:g} "
+                f"but >= lexical floor {lexical_floor:g}"
+            )
+        else:
+            cand.decision = BELOW_THRESHOLD
+            cand.why = (
+                f"similarity {sim:.3f} < threshold {threshold:g}"
+                if sim is not None
+                else "no similarity (chunk of another embedding model or dimension)"
+            )
+            continue
+        passing.append(cand)
+    timings["fuse_ms"] = _ms(t0)
+
+    reranked = False
+    rerank_error: str | None = None
+    if reranker is not None and passing and query_text.strip():
+        t0 = time.perf_counter()
+        try:
+            ranking = await reranker.rerank(query_text, [c.text for c in passing], rerank_top_n or len(passing))
+        except RerankError as exc:
+            rerank_error = str(exc)
+            notes.append(f"re-ranking skipped: {exc}; fused order kept")
+        else:
+            reranked = True
+            order = []
+            for index, score in ranking:
+                passing[index].rerank_score = score
+                order.append(passing[index])
+            ranked_ids = {id(c) for c in order}
+            for cand in passing:
+                if id(cand) not in ranked_ids:
+                    cand.decision = BEYOND_TOP_K
+                    cand.why += "; not in the re-ranker's top_n"
+            passing = order
+        timings["rerank_ms"] = _ms(t0)
+
+    hits: list[Hit] = []
+    used = 0
+    for cand in passing:
+        if cand.decision:
+            continue
+        if len(hits) >= top_k:
+            cand.decision = BEYOND_TOP_K
+            cand.why += f"; beyond top-k {top_k}"
+        elif used + cand.tokens > max_context_tokens:
+            cand.decision = OVER_TOKEN_BUDGET
+            cand.why += f"; {cand.tokens} tokens would exceed the budget ({used} of {max_context_tokens} used)"
+        else:
+            used += cand.tokens
+            cand.decision = KEPT
+            hits.append(
+                Hit(
+                    chunk_id=cand.chunk_id,
+                    document_id=cand.document_id,
+                    kb_id=cand.kb_id,
+                    section=cand.section,
+                    text=cand.text,
+                    similarity=cand.similarity,
+                    fts_rank=cand.fts_rank,
+                    score=cand.rerank_score if cand.rerank_score is not None else cand.fused,
+                    source_number=len(hits) + 1,
+                    tokens=cand.tokens,
+                    rerank_score=cand.rerank_score,
+                )
+            )
+    shown_ids = {c.chunk_id for c in passing}
+    shown = passing + [c for c in ordered if c.chunk_id not in shown_ids]
+    timings["total_ms"] = _ms(t_total)
+    return Retrieval(
+        hits=hits, candidates=shown, timings=timings, reranked=reranked, rerank_error=rerank_error, notes=notes
+    )
