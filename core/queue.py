@@ -1,0 +1,637 @@
+"""A durable job queue on Redis streams: at-least-once, retries with backoff, dead letters, and
+optional per-key ordering (one message of a key at a time, in arrival order).
+
+Keys (one hash tag, so every script's keys share a cluster slot), for a queue ``P = gw:{gw}:q:<name>``:
+
+- ``P``          the stream a consumer group reads. Unordered: an entry carries the message
+                 (field ``m``). Ordered: an entry is a *token* for a key (field ``k``).
+- ``P:k:<hash>`` ordered only: the key's messages in arrival order (a list). A key has exactly one
+                 token (in the stream, pending on a consumer, or delayed) while its list is not
+                 empty, and none while it is: the scripts below keep that invariant atomically.
+                 Whoever holds the token processes the list's head, and only the head; it is
+                 popped after the handler succeeds, and a fresh token is appended to the stream's
+                 tail for the next message (so a busy key does not starve the others).
+- ``P:delayed``  a sorted set of what waits for a retry, scored by its due time: messages
+                 (unordered) or ``k:<hash>`` tokens (ordered: the head waits, and with it its key).
+                 Due members are moved back to the stream by one script. A sorted set rather than
+                 re-enqueuing with a not-before time: a not-yet-due entry would be read, found
+                 early, and put back over and over; here nothing is read before it is due.
+- ``P:dead``     the dead-letter stream (the message, its last error, the time).
+- ``P:live``     every accepted, unfinished message id scored by its enqueue time: depth and the
+                 age of the oldest message without scanning anything.
+- ``P:d:<hash>`` a dedupe key (SET NX with a TTL) holding the id of the message it let in.
+- ``P:n``        counters (retries, dead letters).
+
+Delivery: a message is acknowledged (and deleted) only after its handler returns. While a
+handler runs, its worker renews its claim on the entry (XCLAIM … JUSTID, so the entry stays
+idle-young); a worker that dies stops renewing, and after ``visibility_timeout`` a live worker
+claims the entry (XAUTOCLAIM) and counts it as a failed attempt (retried after backoff, or dead
+when out of retries, so a message that kills its worker ends dead instead of looping). Every
+finishing step checks, inside its script, that this worker still owns the entry: a worker that
+lost it (it stalled past the timeout) changes nothing. With ``ordered=True`` that makes a key's
+order hold across worker deaths: the head is only popped by the token's owner, and a claimed
+token retries the same head before anything behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import re
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from prometheus_client import Counter, Gauge
+from redis.exceptions import ResponseError
+
+from core.background import pause, stop_tasks
+from core.metrics import _Children
+
+log = logging.getLogger("gateway.queue")
+
+MAX_PAYLOAD_BYTES = 256 * 1024
+MAX_KEY_CHARS = 256
+MAX_ERROR_CHARS = 2000
+MAX_RETRY_AFTER_S = 86_400.0
+MAX_DEFERRALS = 1000  # Retry(...) answers for one message before it counts as failing
+MOVE_BATCH = 500
+CLAIM_BATCH = 100
+_NAME = re.compile(r"^[a-z0-9_.\-]{1,64}$")
+_ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+JOBS = Counter(
+    "gateway_queue_jobs_total",
+    "Queue messages by outcome: done, retried, deferred, claimed (from a dead worker), dead",
+    ["queue", "outcome"],
+)
+MESSAGES = Gauge(
+    "gateway_queue_messages",
+    "Queue messages by state: depth (waiting), pending (in flight), delayed, dead_letters",
+    ["queue", "state"],
+    multiprocess_mode="max",
+)
+OLDEST = Gauge(
+    "gateway_queue_oldest_age_seconds", "Age of the oldest unfinished message", ["queue"], multiprocess_mode="max"
+)
+_jobs, _messages, _oldest = _Children(JOBS), _Children(MESSAGES), _Children(OLDEST)
+
+
+class Retry(Exception):
+    """Raised by a handler to be called again after ``after_s`` seconds; not a failure."""
+
+    def __init__(self, after_s: float = 0.0) -> None:
+        super().__init__(f"retry after {after_s} s")
+        self.after_s = after_s
+
+
+class Fatal(Exception):
+    """Raised by a handler for a message no retry can help: it goes to the dead letters at once."""
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_depth`` unfinished messages already."""
+
+
+class PayloadTooLarge(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    payload: dict
+    key: str | None
+    attempt: int  # 1 on the first delivery; failures (not Retry) add one
+    enqueued_at: float  # unix seconds
+
+
+# -- scripts ---------------------------------------------------------------------------------
+
+_OWNED = """
+local function owned(stream, group, consumer, id)
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  return #p > 0 and p[1][2] == consumer
+end
+"""
+
+# KEYS: stream, live, dedupe, list. ARGV: id, packed, enqueued_ms, dedupe_ttl, ordered, keyhash, max_depth
+_ENQUEUE = """
+if ARGV[4] ~= '0' then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then return {0, existing} end
+end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then return {-1, ''} end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if ARGV[5] == '1' then
+  if redis.call('RPUSH', KEYS[4], ARGV[2]) == 1 then redis.call('XADD', KEYS[1], '*', 'k', ARGV[6]) end
+else
+  redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
+end
+if ARGV[4] ~= '0' then redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[4]) end
+return {1, ARGV[1]}
+"""
+
+# KEYS: stream, live, delayed, dead, counters, list
+# ARGV: group, consumer, entry_id, mode (done|retry|dead), job_id, packed, due_ms, ordered, keyhash,
+#       failed_at, dead_max, count_retry
+_FINISH = (
+    _OWNED
+    + """
+if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+local ordered = ARGV[8] == '1'
+local head_is_job = false
+if ordered then
+  local head = redis.call('LINDEX', KEYS[6], 0)
+  head_is_job = head and cjson.decode(head)['id'] == ARGV[5]
+end
+if ARGV[4] == 'retry' and (head_is_job or not ordered) then
+  if ordered then
+    redis.call('LSET', KEYS[6], 0, ARGV[6])
+    redis.call('ZADD', KEYS[3], ARGV[7], 'k:' .. ARGV[9])
+  else
+    redis.call('ZADD', KEYS[3], ARGV[7], ARGV[6])
+  end
+  if ARGV[12] == '1' then redis.call('HINCRBY', KEYS[5], 'retries', 1) end
+  return 1
+end
+if ARGV[4] == 'dead' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*', 'm', ARGV[6], 'failed_at', ARGV[10])
+  redis.call('HINCRBY', KEYS[5], 'dead', 1)
+end
+redis.call('ZREM', KEYS[2], ARGV[5])
+if ordered then
+  if head_is_job then redis.call('LPOP', KEYS[6]) end
+  if redis.call('LLEN', KEYS[6]) > 0 then redis.call('XADD', KEYS[1], '*', 'k', ARGV[9]) end
+end
+return 1
+"""
+)
+
+# KEYS: delayed, stream. ARGV: now_ms, limit
+_MOVE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(due) do
+  redis.call('ZREM', KEYS[1], m)
+  if string.sub(m, 1, 2) == 'k:' then
+    redis.call('XADD', KEYS[2], '*', 'k', string.sub(m, 3))
+  else
+    redis.call('XADD', KEYS[2], '*', 'm', m)
+  end
+end
+return #due
+"""
+
+# KEYS: stream. ARGV: group, consumer, entry ids... Returns the ids this consumer no longer owns.
+_RENEW = (
+    _OWNED
+    + """
+local lost = {}
+for i = 3, #ARGV do
+  if owned(KEYS[1], ARGV[1], ARGV[2], ARGV[i]) then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"""
+)
+
+# KEYS: dead, stream, live, list. ARGV: dead_id, ordered, keyhash, packed, job_id, now_ms
+_REVIVE = """
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[5])
+if ARGV[2] == '1' then
+  if redis.call('RPUSH', KEYS[4], ARGV[4]) == 1 then redis.call('XADD', KEYS[2], '*', 'k', ARGV[3]) end
+else
+  redis.call('XADD', KEYS[2], '*', 'm', ARGV[4])
+end
+return 1
+"""
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+class Queue:
+    def __init__(
+        self,
+        redis,
+        name: str,
+        *,
+        group: str = "workers",
+        consumer: str | None = None,
+        max_retries: int = 5,
+        backoff_base: float = 1.0,
+        backoff_max: float = 300.0,
+        visibility_timeout: float = 60.0,
+        ordered: bool = False,
+        dedupe_ttl: float = 86_400.0,
+        max_depth: int = 1_000_000,
+        max_dead: int = 100_000,
+        poll: float = 0.5,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        if not _NAME.match(name) or not _NAME.match(group):
+            raise ValueError("queue and group names are 1-64 of [a-z0-9_.-]")
+        if visibility_timeout <= 0 or max_retries < 0 or backoff_base < 0 or backoff_max < 0:
+            raise ValueError("visibility_timeout > 0, max_retries >= 0, backoffs >= 0")
+        self._redis = redis
+        self.name = name
+        self.group = group
+        self.consumer = (consumer or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")[:200]
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.visibility_timeout = visibility_timeout
+        self.ordered = ordered
+        self.dedupe_ttl = max(1, int(dedupe_ttl))
+        self.max_depth = max_depth
+        self.max_dead = max_dead
+        self.poll = min(poll, visibility_timeout / 3)
+        self.stop_timeout = stop_timeout
+        p = f"gw:{{gw}}:q:{name}"
+        self.stream, self.dead, self.delayed, self.live, self.counters = (
+            p,
+            f"{p}:dead",
+            f"{p}:delayed",
+            f"{p}:live",
+            f"{p}:n",
+        )
+        self._prefix = p
+        self._enqueue = redis.register_script(_ENQUEUE)
+        self._finish = redis.register_script(_FINISH)
+        self._move_due = redis.register_script(_MOVE_DUE)
+        self._renew = redis.register_script(_RENEW)
+        self._revive = redis.register_script(_REVIVE)
+        self._group_ready = False
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._stopped.set()
+        self._next: dict[str, float] = {}
+
+    # -- producing --------------------------------------------------------------------------
+
+    def _list_key(self, keyhash: str) -> str:
+        return f"{self._prefix}:k:{keyhash}"
+
+    async def enqueue(self, payload: dict, *, key: str | None = None, dedupe: str | None = None) -> str:
+        """Appends a message; returns its id. With ``dedupe``, a second enqueue with the same value
+        within ``dedupe_ttl`` adds nothing and returns the first message's id."""
+        if not isinstance(payload, dict):
+            raise TypeError("payload must be a dict")
+        for label, value in (("key", key), ("dedupe", dedupe)):
+            if value is not None and not (isinstance(value, str) and 0 < len(value) <= MAX_KEY_CHARS):
+                raise ValueError(f"{label} must be a string of 1-{MAX_KEY_CHARS} characters")
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        packed = orjson.dumps({"id": job_id, "payload": payload, "key": key, "attempt": 1, "enqueued_at": now})
+        if len(packed) > MAX_PAYLOAD_BYTES:
+            raise PayloadTooLarge(f"payload is over {MAX_PAYLOAD_BYTES} bytes")
+        keyhash = _digest(key if key is not None else job_id)
+        status, found = await self._enqueue(
+            keys=[
+                self.stream,
+                self.live,
+                f"{self._prefix}:d:{_digest(dedupe or '')}",
+                self._list_key(keyhash),
+            ],
+            args=[
+                job_id,
+                packed,
+                int(now * 1000),
+                self.dedupe_ttl if dedupe is not None else 0,
+                "1" if self.ordered else "0",
+                keyhash,
+                self.max_depth,
+            ],
+        )
+        if int(status) < 0:
+            raise QueueFull(f"queue {self.name} holds {self.max_depth} messages")
+        return _s(found)
+
+    # -- consuming --------------------------------------------------------------------------
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def run(self, handler: Callable[[Job], Awaitable[None]], *, concurrency: int = 8) -> None:
+        """Consumes until ``stop()``: at most ``concurrency`` handlers at once."""
+        if not self._stopped.is_set():
+            raise RuntimeError("this Queue is running already")
+        concurrency = max(1, min(int(concurrency), 1024))
+        self._stopped.clear()
+        self._stopping.clear()
+        self._group_ready = False
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._ensure_group()
+                    await self._maintain(handler)
+                    free = concurrency - len(self._inflight)
+                    if free <= 0:
+                        await asyncio.wait(
+                            set(self._inflight.values()), timeout=self.poll, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        continue
+                    reply = await self._redis.xreadgroup(
+                        self.group, self.consumer, {self.stream: ">"}, count=free, block=int(self.poll * 1000)
+                    )
+                    for _, entries in reply or ():
+                        for entry_id, fields in entries:
+                            if fields:
+                                self._spawn(handler, _s(entry_id), fields)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._group_ready = False
+                    log.warning("queue %s: %s; retrying", self.name, exc)
+                    await pause(self._stopping, 1.0)
+            # Graceful stop: in-flight handlers get up to stop_timeout, their claims kept fresh.
+            deadline = loop.time() + self.stop_timeout
+            while self._inflight and (left := deadline - loop.time()) > 0:
+                await asyncio.wait(set(self._inflight.values()), timeout=min(left, self.visibility_timeout / 3))
+                with contextlib.suppress(Exception):
+                    await self._renew_claims()
+            await stop_tasks(list(self._inflight.values()), grace=3.0)
+        finally:
+            self._stopped.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops reading, lets in-flight handlers finish within ``grace`` seconds (``stop_timeout``
+        by default), then cancels the rest: their messages go back to the queue unchanged."""
+        if grace is not None:
+            self.stop_timeout = grace
+        self._stopping.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), self.stop_timeout + self.poll + 10)
+
+    def _spawn(self, handler, entry_id: str, fields: dict) -> None:
+        task = asyncio.create_task(self._handle(handler, entry_id, fields), name=f"queue-{self.name}-{entry_id}")
+        self._inflight[entry_id] = task
+        task.add_done_callback(lambda _t: self._inflight.pop(entry_id, None))
+
+    async def _message(self, fields: dict) -> tuple[dict | None, str]:
+        """The message an entry stands for, and its key's hash."""
+        if self.ordered:
+            keyhash = _s(fields.get(b"k") or fields.get("k") or "")
+            head = await self._redis.lindex(self._list_key(keyhash), 0)
+            return (orjson.loads(head) if head else None), keyhash
+        raw = fields.get(b"m") or fields.get("m")
+        msg = orjson.loads(raw) if raw else None
+        return msg, _digest(msg["key"] if msg and msg.get("key") is not None else (msg or {}).get("id", ""))
+
+    async def _handle(self, handler, entry_id: str, fields: dict) -> None:
+        try:
+            msg, keyhash = await self._message(fields)
+        except Exception as exc:
+            log.warning("queue %s: cannot read entry %s: %s", self.name, entry_id, exc)
+            return  # stays pending; claimed and retried later
+        if msg is None:  # nothing behind the entry (cannot happen while the invariants hold)
+            await self._redis.xack(self.stream, self.group, entry_id)
+            await self._redis.xdel(self.stream, entry_id)
+            return
+        job = Job(msg["id"], msg["payload"], msg.get("key"), int(msg["attempt"]), float(msg["enqueued_at"]))
+        try:
+            await handler(job)
+        except asyncio.CancelledError:
+            if self._stopping.is_set():  # stopping: hand the message back as it was
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._settle(entry_id, msg, keyhash, "retry", due=time.time()), 2.0)
+            raise
+        except Retry as r:
+            deferred = int(msg.get("deferred", 0)) + 1
+            if deferred > MAX_DEFERRALS:
+                await self._fail(entry_id, msg, keyhash, f"deferred more than {MAX_DEFERRALS} times")
+                return
+            after = min(max(float(r.after_s), 0.0), MAX_RETRY_AFTER_S)
+            await self._settle(entry_id, {**msg, "deferred": deferred}, keyhash, "retry", due=time.time() + after)
+            _jobs.get(self.name, "deferred").inc()
+        except Fatal as exc:
+            await self._settle(entry_id, {**msg, "error": _error_text(exc)}, keyhash, "dead")
+            _jobs.get(self.name, "dead").inc()
+        except Exception as exc:
+            await self._fail(entry_id, msg, keyhash, _error_text(exc))
+        else:
+            if await self._settle(entry_id, msg, keyhash, "done"):
+                _jobs.get(self.name, "done").inc()
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds before retrying after failed attempt ``attempt``: exponential, capped, with
+        jitter (half fixed, half random) so a burst of failures does not come back at once."""
+        delay = min(self.backoff_max, self.backoff_base * 2 ** min(attempt - 1, 60))
+        return delay / 2 + random.random() * delay / 2
+
+    async def _fail(self, entry_id: str, msg: dict, keyhash: str, error: str) -> None:
+        attempt = int(msg["attempt"])
+        if attempt > self.max_retries:
+            await self._settle(entry_id, {**msg, "error": error}, keyhash, "dead")
+            _jobs.get(self.name, "dead").inc()
+            log.warning("queue %s: message %s dead after %d attempts: %s", self.name, msg["id"], attempt, error)
+            return
+        nxt = {**msg, "attempt": attempt + 1, "error": error}
+        await self._settle(entry_id, nxt, keyhash, "retry", due=time.time() + self.backoff(attempt), count=True)
+        _jobs.get(self.name, "retried").inc()
+
+    async def _settle(
+        self, entry_id: str, msg: dict, keyhash: str, mode: str, *, due: float = 0.0, count: bool = False
+    ) -> bool:
+        """Acknowledges the entry and files the message (done, delayed, dead), if this worker still
+        owns the entry; False when it does not (it was claimed by another worker meanwhile)."""
+        try:
+            done = await self._finish(
+                keys=[self.stream, self.live, self.delayed, self.dead, self.counters, self._list_key(keyhash)],
+                args=[
+                    self.group,
+                    self.consumer,
+                    entry_id,
+                    mode,
+                    msg["id"],
+                    orjson.dumps(msg),
+                    int(due * 1000),
+                    "1" if self.ordered else "0",
+                    keyhash,
+                    f"{time.time():.3f}",
+                    self.max_dead,
+                    "1" if count else "0",
+                ],
+            )
+        except Exception as exc:  # left pending: claimed and retried after the visibility timeout
+            log.warning("queue %s: could not settle %s (%s): %s", self.name, msg["id"], mode, exc)
+            return False
+        if not done:
+            log.warning("queue %s: message %s was claimed by another worker; result dropped", self.name, msg["id"])
+        return bool(done)
+
+    # -- upkeep -----------------------------------------------------------------------------
+
+    def _due(self, what: str, every: float) -> bool:
+        now = time.monotonic()
+        if now < self._next.get(what, 0.0):
+            return False
+        self._next[what] = now + every
+        return True
+
+    async def _maintain(self, handler) -> None:
+        if self._due("move", self.poll):
+            await self.move_due()
+        if self._inflight and self._due("renew", self.visibility_timeout / 3):
+            await self._renew_claims()
+        if self._due("claim", self.visibility_timeout / 2):
+            await self._claim_stale()
+        if self._due("stats", 15.0):
+            await self.stats()
+
+    async def move_due(self) -> int:
+        """Moves messages whose retry time has come back to the stream."""
+        moved = 0
+        while True:
+            n = int(await self._move_due(keys=[self.delayed, self.stream], args=[int(time.time() * 1000), MOVE_BATCH]))
+            moved += n
+            if n < MOVE_BATCH:
+                return moved
+
+    async def _renew_claims(self) -> None:
+        ids = list(self._inflight)
+        if not ids:
+            return
+        lost = await self._renew(keys=[self.stream], args=[self.group, self.consumer, *ids])
+        for entry_id in map(_s, lost or ()):
+            task = self._inflight.get(entry_id)
+            if task is not None:
+                log.warning(
+                    "queue %s: entry %s was claimed by another worker; its handler is cancelled", self.name, entry_id
+                )
+                task.cancel()
+
+    async def _claim_stale(self) -> None:
+        """Entries a worker read and stopped renewing (it died) count as a failed attempt."""
+        start = "0-0"
+        for _ in range(100):  # bounded sweep
+            result = await self._redis.xautoclaim(
+                self.stream,
+                self.group,
+                self.consumer,
+                int(self.visibility_timeout * 1000),
+                start_id=start,
+                count=CLAIM_BATCH,
+            )
+            start, claimed = _s(result[0]), result[1]
+            for entry_id, fields in claimed:
+                entry_id = _s(entry_id)
+                if not fields or entry_id in self._inflight:
+                    continue
+                msg, keyhash = await self._message(fields)
+                if msg is None:
+                    await self._redis.xack(self.stream, self.group, entry_id)
+                    await self._redis.xdel(self.stream, entry_id)
+                    continue
+                _jobs.get(self.name, "claimed").inc()
+                log.warning("queue %s: message %s claimed from a worker that stopped", self.name, msg["id"])
+                await self._fail(entry_id, msg, keyhash, "worker stopped responding (visibility timeout)")
+            if start == "0-0":
+                return
+
+    # -- administration ---------------------------------------------------------------------
+
+    async def dead_letters(self, limit: int = 100) -> list[dict]:
+        """The oldest dead letters first: id (of the dead letter), job_id, payload, key, attempt,
+        error, enqueued_at, failed_at."""
+        limit = max(1, min(int(limit), 1000))
+        out = []
+        for entry_id, fields in await self._redis.xrange(self.dead, count=limit):
+            msg = orjson.loads(fields.get(b"m") or fields.get("m"))
+            out.append(
+                {
+                    "id": _s(entry_id),
+                    "job_id": msg["id"],
+                    "payload": msg["payload"],
+                    "key": msg.get("key"),
+                    "attempt": msg["attempt"],
+                    "error": msg.get("error"),
+                    "enqueued_at": msg["enqueued_at"],
+                    "failed_at": float(_s(fields.get(b"failed_at") or fields.get("failed_at") or 0)),
+                }
+            )
+        return out
+
+    async def retry_dead(self, id: str) -> bool:
+        """Puts a dead letter back on the queue (at the end of its key's order) with a fresh
+        attempt count; False if there is no such dead letter."""
+        if not isinstance(id, str) or not _ENTRY_ID.match(id):
+            return False
+        found = await self._redis.xrange(self.dead, min=id, max=id, count=1)
+        if not found:
+            return False
+        msg = orjson.loads(found[0][1].get(b"m") or found[0][1].get("m"))
+        msg.pop("error", None)
+        msg.pop("deferred", None)
+        msg["attempt"] = 1
+        keyhash = _digest(msg["key"] if msg.get("key") is not None else msg["id"])
+        done = await self._revive(
+            keys=[self.dead, self.stream, self.live, self._list_key(keyhash)],
+            args=[id, "1" if self.ordered else "0", keyhash, orjson.dumps(msg), msg["id"], int(time.time() * 1000)],
+        )
+        return bool(done)
+
+    async def drop_dead(self, id: str) -> bool:
+        if not isinstance(id, str) or not _ENTRY_ID.match(id):
+            return False
+        return bool(await self._redis.xdel(self.dead, id))
+
+    async def stats(self) -> dict:
+        await self._ensure_group()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.live)
+            pipe.xpending(self.stream, self.group)
+            pipe.zcard(self.delayed)
+            pipe.xlen(self.dead)
+            pipe.hget(self.counters, "retries")
+            pipe.zrange(self.live, 0, 0, withscores=True)
+            live, pending, delayed, dead, retries, oldest = await pipe.execute()
+        pending = int(pending["pending"] if isinstance(pending, dict) else pending[0])
+        age = max(0.0, time.time() - oldest[0][1] / 1000) if oldest else 0.0
+        out = {
+            "depth": max(0, int(live) - pending - int(delayed)),
+            "pending": pending,
+            "oldest_age_s": round(age, 3),
+            "retries": int(retries or 0),
+            "dead_letters": int(dead),
+            "delayed": int(delayed),
+        }
+        for state in ("depth", "pending", "delayed", "dead_letters"):
+            _messages.get(self.name, state).set(out[state])
+        _oldest.get(self.name).set(out["oldest_age_s"])
+        return out
