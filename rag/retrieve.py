@@ -32,6 +32,10 @@ RRF_K = 60
 MAX_CANDIDATES = 200
 MAX_KBS = 50
 MAX_QUERY_CHARS = 4000
+# Full-text matches ranked per query at most: a query of common words can match most of a large
+# knowledge base, and ranking every match would cost tens of ms; past this many matches the
+# lexical signal is weak anyway (the vector search still sees everything).
+FTS_SCAN_LIMIT = 2000
 
 KEPT = "kept"
 BELOW_THRESHOLD = "below_threshold"
@@ -104,19 +108,19 @@ _JOINS = """JOIN kb_chunks c ON c.id = s.id
     JOIN knowledge_bases k ON k.id = c.kb_id"""
 
 
-def _vector_sql(dims: int) -> str:
+def _vector_sql(dims: int, limit: int) -> str:
     cast = f"halfvec({dims})"
     return f"""SELECT c.id, c.document_id, c.kb_id, c.section, c.text, c.tokens, 1 - s.dist AS similarity
 FROM (SELECT c.id, c.embedding::{cast} <=> $3::text::{cast} AS dist
       FROM kb_chunks c
       WHERE c.dims = {dims} AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1)
-      ORDER BY c.embedding::{cast} <=> $3::text::{cast} LIMIT $4) s
+      ORDER BY c.embedding::{cast} <=> $3::text::{cast} LIMIT {limit}) s
 {_JOINS}
 WHERE k.embedding_model = c.embedding_model
 ORDER BY s.dist"""
 
 
-def _fts_sql(dims: int | None) -> str:
+def _fts_sql(dims: int | None, limit: int) -> str:
     if dims is None:
         similarity = "NULL::float8"
     else:
@@ -126,10 +130,12 @@ def _fts_sql(dims: int | None) -> str:
             f"THEN 1 - (c.embedding::{cast} <=> $3::text::{cast}) END"
         )
     return f"""SELECT c.id, c.document_id, c.kb_id, c.section, c.text, c.tokens, s.rank, {similarity} AS similarity
-FROM (SELECT c.id, ts_rank_cd(c.tsv, q) AS rank
-      FROM kb_chunks c, websearch_to_tsquery('simple', $5) q
-      WHERE c.tsv @@ q AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1)
-      ORDER BY rank DESC LIMIT $4) s
+FROM (SELECT m.id, ts_rank_cd(m.tsv, m.q) AS rank
+      FROM (SELECT c.id, c.tsv, q
+            FROM kb_chunks c, websearch_to_tsquery('simple', $4) q
+            WHERE c.tsv @@ q AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1)
+            LIMIT {FTS_SCAN_LIMIT}) m
+      ORDER BY rank DESC LIMIT {limit}) s
 {_JOINS}
 ORDER BY s.rank DESC, c.id"""
 
@@ -179,11 +185,11 @@ async def retrieve(
             timings["begin_ms"] = _ms(t0)
             if dims is not None:
                 t0 = time.perf_counter()
-                vec_rows = await conn.fetch(_vector_sql(dims), tenant, kb_list, qvec, candidates)
+                vec_rows = await conn.fetch(_vector_sql(dims, candidates), tenant, kb_list, qvec)
                 timings["vector_ms"] = _ms(t0)
             if query_text.strip():
                 t0 = time.perf_counter()
-                fts_rows = await conn.fetch(_fts_sql(dims), tenant, kb_list, qvec, candidates, query_text)
+                fts_rows = await conn.fetch(_fts_sql(dims, candidates), tenant, kb_list, qvec, query_text)
                 timings["fts_ms"] = _ms(t0)
     else:
         notes.append("no knowledge base to search")

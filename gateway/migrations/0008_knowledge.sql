@@ -74,6 +74,9 @@ CREATE TABLE IF NOT EXISTS kb_chunks (
     CHECK (vector_dims(embedding) = dims),
     UNIQUE (document_id, generation, idx)
 );
+-- Keep vectors inline and uncompressed when they fit (floats do not compress): exact scans of
+-- small knowledge bases then read no TOAST.
+ALTER TABLE kb_chunks ALTER COLUMN embedding SET STORAGE MAIN;
 CREATE INDEX IF NOT EXISTS kb_chunks_kb ON kb_chunks (kb_id, dims);
 CREATE INDEX IF NOT EXISTS kb_chunks_tsv ON kb_chunks USING gin (tsv);
 CREATE INDEX IF NOT EXISTS kb_chunks_hnsw_384 ON kb_chunks
