@@ -59,15 +59,25 @@ def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float)
 
 def _erf(x: np.ndarray) -> np.ndarray:
     # Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7): BERT's GELU is the exact, erf one.
-    sign = np.sign(x)
+    # In place on float32: the temporaries of a batch are tens of megabytes each.
     a = np.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    return sign * (1.0 - poly * np.exp(-a * a))
+    t = a * np.float32(0.3275911)
+    t += 1
+    np.reciprocal(t, out=t)
+    poly = t * np.float32(1.061405429)
+    for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly += np.float32(c)
+        poly *= t
+    np.square(a, out=a)
+    np.negative(a, out=a)
+    np.exp(a, out=a)
+    poly *= a
+    np.subtract(1, poly, out=poly)
+    return np.copysign(poly, x, out=poly)
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))
+    return 0.5 * x * (1.0 + _erf(x * np.float32(0.7071067811865476)))
 
 
 class _Bert:
@@ -84,7 +94,9 @@ class _Bert:
         self.tokenizer.enable_padding(pad_id=config.get("pad_token_id", 0), pad_token="[PAD]")
 
     def _dense(self, x: np.ndarray, name: str) -> np.ndarray:
-        return x @ self.w[f"{name}.weight"].T + self.w[f"{name}.bias"]
+        # as one 2-D product: BLAS runs it several times faster than a batched 3-D matmul
+        flat = x.reshape(-1, x.shape[-1]) @ self.w[f"{name}.weight"].T + self.w[f"{name}.bias"]
+        return flat.reshape(*x.shape[:-1], -1)
 
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
         return _layer_norm(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.eps)
@@ -149,9 +161,14 @@ class LocalEmbedder:
 
     def embed_sync(self, texts: list[str]) -> list[list[float]]:
         bert = _bert()
-        out: list[list[float]] = []
-        for start in range(0, len(texts), self.batch_size):
-            out.extend(bert.encode(texts[start : start + self.batch_size]).astype(float).tolist())
+        # Similar lengths batched together: less padding to compute.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[list[float]] = [[] for _ in texts]
+        for start in range(0, len(order), self.batch_size):
+            ids = order[start : start + self.batch_size]
+            vectors = bert.encode([texts[i] for i in ids]).astype(float).tolist()
+            for i, vector in zip(ids, vectors, strict=True):
+                out[i] = vector
         return out
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
