@@ -513,6 +513,8 @@ class Queue:
             await self._claim_stale()
         if self._due("stats", 15.0):
             await self.stats()
+        if self._due("consumers", 300.0):
+            await self._forget_departed()
 
     async def move_due(self) -> int:
         """Moves messages whose retry time has come back to the stream."""
@@ -563,6 +565,15 @@ class Queue:
                 await self._fail(entry_id, msg, keyhash, "worker stopped responding (visibility timeout)")
             if start == "0-0":
                 return
+
+    async def _forget_departed(self) -> None:
+        """Every worker start adds a consumer name to the group; names with nothing pending and
+        idle for long are removed, so the group's list does not grow forever."""
+        idle_ms = int(max(3600.0, 10 * self.visibility_timeout) * 1000)
+        for c in (await self._redis.xinfo_consumers(self.stream, self.group))[:1000]:
+            name = _s(c.get("name") or c.get(b"name"))
+            if name != self.consumer and int(c.get("pending", 1)) == 0 and int(c.get("idle", 0)) > idle_ms:
+                await self._redis.xgroup_delconsumer(self.stream, self.group, name)
 
     # -- administration ---------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 
-from core.queue import Fatal, PayloadTooLarge, Queue, Retry
+from core.queue import Fatal, PayloadTooLarge, Queue, Retry, _digest
 
 ROOT = Path(__file__).resolve().parents[1]
 PATIENCE = 60.0  # a safety net so a broken queue fails the test instead of hanging it
@@ -361,6 +361,86 @@ def test_stats_report_depth_pending_delayed_and_age(services):
         assert s["oldest_age_s"] >= 0
         text = generate_latest().decode()
         assert f'gateway_queue_messages{{queue="{name}",state="delayed"}} 1.0' in text
+        await r.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_live_worker_keeps_its_message_past_the_visibility_timeout(services):
+    async def main():
+        r = aioredis.from_url(services[1])
+        name = _name()
+        slow = Queue(r, name, consumer="slow", visibility_timeout=1.0)
+        other = Queue(r, name, consumer="other", visibility_timeout=1.0)
+        job_id = await slow.enqueue({"n": 1})
+        started, release, runs = asyncio.Event(), asyncio.Event(), []
+
+        async def long_handler(job):
+            runs.append(("slow", job.id, job.attempt))
+            started.set()
+            await release.wait()
+
+        async def handler(job):
+            runs.append(("other", job.id, job.attempt))
+
+        async with Worker(slow, long_handler), Worker(other, handler):
+            await asyncio.wait_for(started.wait(), PATIENCE)
+            # Several visibility timeouts pass while the handler runs; its worker renews its claim,
+            # so the other worker's claim sweeps leave it alone.
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 4 * slow.visibility_timeout
+            while loop.time() < until:
+                (entry,) = await r.xpending_range(slow.stream, slow.group, "-", "+", 10)
+                assert _consumer(entry) == "slow" and entry["times_delivered"] == 1
+                await asyncio.sleep(0.1)
+            release.set()
+            await _until_stats(slow, lambda s: s["pending"] == 0 and s["depth"] == 0, "the message done")
+        assert runs == [("slow", job_id, 1)]
+        assert (await slow.stats())["retries"] == 0
+        await r.aclose()
+
+    asyncio.run(main())
+
+
+def _consumer(entry: dict) -> str:
+    c = entry["consumer"]
+    return c.decode() if isinstance(c, bytes) else c
+
+
+def test_a_stalled_worker_loses_its_message_and_its_late_result_changes_nothing(services):
+    async def main():
+        r = aioredis.from_url(services[1])
+        name = _name()
+        opts = {"ordered": True, "visibility_timeout": 1.0, "backoff_base": 0.01, "backoff_max": 0.05}
+        stalled = Queue(r, name, consumer="stalled", **opts)
+
+        async def no_upkeep(handler) -> None:  # no renewals, as if its event loop were stuck
+            return None
+
+        stalled._maintain = no_upkeep
+        other = Queue(r, name, consumer="other", **opts)
+        await stalled.enqueue({"n": 0}, key="conv")
+        await stalled.enqueue({"n": 1}, key="conv")
+        started, release, runs = asyncio.Event(), asyncio.Event(), []
+
+        async def stuck(job):
+            runs.append(("stalled", job.payload["n"], job.attempt))
+            started.set()
+            await release.wait()
+
+        async def handler(job):
+            runs.append(("other", job.payload["n"], job.attempt))
+
+        async with Worker(stalled, stuck, concurrency=1):
+            await asyncio.wait_for(started.wait(), PATIENCE)
+            async with Worker(other, handler):
+                await _until(lambda: len(runs) == 3, "the other worker to take over")
+                release.set()  # the stalled handler returns now: its acknowledgement must not count
+                await _until_stats(other, lambda s: s["pending"] == 0 and s["depth"] == 0, "the queue empty")
+        assert runs == [("stalled", 0, 1), ("other", 0, 2), ("other", 1, 1)]
+        s = await other.stats()
+        assert s["delayed"] == 0 and s["dead_letters"] == 0 and s["retries"] == 1
+        assert await r.llen(f"{other.stream}:k:{_digest('conv')}") == 0  # both popped, once each
         await r.aclose()
 
     asyncio.run(main())
