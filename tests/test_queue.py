@@ -98,14 +98,16 @@ def test_delivery_is_acknowledged_only_after_success(services):
     asyncio.run(main())
 
 
-def test_failures_retry_with_backoff_then_dead_letter(services):
+@pytest.mark.parametrize("ordered", [False, True])
+def test_failures_retry_with_backoff_then_dead_letter(services, ordered):
     async def main():
         r = aioredis.from_url(services[1])
-        q = Queue(r, _name(), max_retries=2, backoff_base=0.01, backoff_max=0.05)
-        attempts = defaultdict(list)
+        q = Queue(r, _name(), max_retries=2, backoff_base=0.01, backoff_max=0.05, ordered=ordered)
+        attempts, sequence = defaultdict(list), []
 
         async def handler(job):
             attempts[job.payload["kind"]].append(job.attempt)
+            sequence.append(job.payload["kind"])
             if job.payload["kind"] == "boom":
                 raise ValueError("boom " + "x" * 10_000)
             if job.payload["kind"] == "fatal":
@@ -114,13 +116,15 @@ def test_failures_retry_with_backoff_then_dead_letter(services):
                 raise Retry(0.01)
 
         for kind in ("boom", "fatal", "later"):
-            await q.enqueue({"kind": kind})
+            await q.enqueue({"kind": kind}, key="conv")
         async with Worker(q, handler):
             await _until(lambda: len(attempts["boom"]) == 3 and len(attempts["later"]) == 3, "attempts")
             await _until_stats(q, lambda s: s["dead_letters"] == 2, "two dead letters")
         assert attempts["boom"] == [1, 2, 3]  # the first try and max_retries retries
         assert attempts["fatal"] == [1]  # dead at once
         assert attempts["later"] == [1, 1, 1]  # Retry is no failure: same attempt
+        if ordered:  # one key: each message finished (dead or done) before the next began
+            assert sequence == ["boom"] * 3 + ["fatal"] + ["later"] * 3
         dead = {d["payload"]["kind"]: d for d in await q.dead_letters(10)}
         assert set(dead) == {"boom", "fatal"}
         assert dead["boom"]["attempt"] == 3 and dead["boom"]["error"].startswith("ValueError: boom xxx")
@@ -139,10 +143,11 @@ def test_failures_retry_with_backoff_then_dead_letter(services):
     asyncio.run(main())
 
 
-def test_dead_letters_can_be_retried_and_dropped(services):
+@pytest.mark.parametrize("ordered", [False, True])
+def test_dead_letters_can_be_retried_and_dropped(services, ordered):
     async def main():
         r = aioredis.from_url(services[1])
-        q = Queue(r, _name(), max_retries=0)
+        q = Queue(r, _name(), max_retries=0, ordered=ordered)
         healed, done = False, []
 
         async def handler(job):
@@ -150,7 +155,7 @@ def test_dead_letters_can_be_retried_and_dropped(services):
                 raise RuntimeError("down")
             done.append((job.payload["n"], job.attempt))
 
-        ids = [await q.enqueue({"n": n}) for n in range(2)]
+        ids = [await q.enqueue({"n": n}, key="conv") for n in range(2)]
         async with Worker(q, handler):
             await _until_stats(q, lambda s: s["dead_letters"] == 2, "two dead letters")
         dead = await q.dead_letters(10)
