@@ -32,10 +32,6 @@ RRF_K = 60
 MAX_CANDIDATES = 200
 MAX_KBS = 50
 MAX_QUERY_CHARS = 4000
-# Full-text matches ranked per query at most: a query of common words can match most of a large
-# knowledge base, and ranking every match would cost tens of ms; past this many matches the
-# lexical signal is weak anyway (the vector search still sees everything).
-FTS_SCAN_LIMIT = 2000
 
 KEPT = "kept"
 BELOW_THRESHOLD = "below_threshold"
@@ -130,11 +126,9 @@ def _fts_sql(dims: int | None, limit: int) -> str:
             f"THEN 1 - (c.embedding::{cast} <=> $3::text::{cast}) END"
         )
     return f"""SELECT c.id, c.document_id, c.kb_id, c.section, c.text, c.tokens, s.rank, {similarity} AS similarity
-FROM (SELECT m.id, ts_rank_cd(m.tsv, m.q) AS rank
-      FROM (SELECT c.id, c.tsv, q
-            FROM kb_chunks c, websearch_to_tsquery('simple', $4) q
-            WHERE c.tsv @@ q AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1)
-            LIMIT {FTS_SCAN_LIMIT}) m
+FROM (SELECT c.id, ts_rank_cd(c.tsv, q) AS rank
+      FROM kb_chunks c, websearch_to_tsquery('simple', $4) q
+      WHERE c.tsv @@ q AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1)
       ORDER BY rank DESC LIMIT {limit}) s
 {_JOINS}
 ORDER BY s.rank DESC, c.id"""
