@@ -361,6 +361,7 @@ def memory_window_cost(repeat: int = 2000) -> dict:
 
 def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_config, wrk, latency_at_rate) -> dict:
     res: dict = {"meta": {"seconds": seconds, "rounds": rounds, "connections": connections}}
+    res["meta"]["loadavg_before"] = Path("/proc/loadavg").read_text().split()[0]
     url, proc = stack.gateway("gateway-agents", bench_config(stack.mock_url))
     tools_url = _tool_server(stack)
     key = stack.key
@@ -527,6 +528,7 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
         print(f"agents CPU {name}: {res['cpu'][name]}", flush=True)
     stack.stop_gateway(proc)
     res["memory_window"] = memory_window_cost()
+    res["meta"]["loadavg_after"] = Path("/proc/loadavg").read_text().split()[0]
     return res
 
 
@@ -546,8 +548,9 @@ def report(res: dict, date: str) -> str:
         "rate limit, budget, audit ledger) pinned to core 0; mock provider, tool server (loadtest/mock_tools.py), "
         "wrk and the probes, PostgreSQL and Valkey on core 1. The agent: a Jinja2 template with a variable "
         f"(`company`, from `variables`), memory {m['memory']}, model group `bench` (one mock deployment). "
-        "The plain request: the same client message to `bench`. This machine is shared and noisy: read the "
-        "ratios, not the absolutes.",
+        "The plain request: the same client message to `bench`. This machine is shared and noisy (1-minute "
+        f"load average {m.get('loadavg_before')} before the run, {m.get('loadavg_after')} after it, this run's "
+        "own load included): read the ratios, not the absolutes.",
         "",
         f"## Throughput (wrk -c {m['connections']}, {m['span']} s per row, {len(rounds)} alternating rounds)",
         "",
@@ -615,6 +618,8 @@ def report(res: dict, date: str) -> str:
         f"- Over the raw parts (two model calls straight to the mock and the tool server): {turn:.3f} − "
         f"({direct:.3f} + {tool:.3f}) = **{turn - direct - tool:+.3f} ms** (everything the gateway adds to "
         "the turn, its two proxied calls included).",
+        "- A difference of p50s taken from different requests is fragile on a shared machine (it swings by "
+        "milliseconds between runs here); the run records below time the loop inside each turn.",
         "",
         f"Run records (`GET /admin/runs/{{request_id}}`) of {len(res['tool_runs'])} tool turns sent one at a "
         "time afterwards over one keep-alive connection (what the gateway's own clock saw):",
