@@ -182,6 +182,34 @@ def _repair(turn: list[dict], *, last: bool) -> list[dict]:
     return out
 
 
+def tail_size(settings: MemorySettings) -> int:
+    """How many of the newest list entries a load reads: three messages a turn on average
+    (user, tool call, tool result or answer), never more than the list keeps."""
+    return min(list_cap(settings), max(16, settings.window_turns * 3))
+
+
+def _decode_newest(raw: list[bytes], settings: MemorySettings) -> list[tuple[int, dict]]:
+    """Decodes from the newest entry back, and stops once the window is full (by turns or
+    tokens): older entries would be cut anyway."""
+    out: list[tuple[int, dict]] = []
+    turns = tokens = 0
+    for entry in reversed(raw):
+        try:
+            decoded = orjson.loads(entry)
+            item = (int(decoded["t"]), decoded["m"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("memory: an unreadable window entry was skipped")
+            continue
+        out.append(item)
+        tokens += item[0]
+        if item[1].get("role") == "user":
+            turns += 1
+            if turns >= settings.window_turns or tokens > settings.window_tokens:
+                break
+    out.reverse()
+    return out
+
+
 def _decode(raw: list[bytes]) -> list[tuple[int, dict]]:
     out = []
     for entry in raw:
@@ -226,11 +254,14 @@ class Memory:
         """The recent window of the conversation, oldest first, ready to follow the system prompt."""
         window_key, seq_key = keys(tenant, agent.id, conversation_id)
         try:
-            raw = await asyncio.wait_for(self._redis.lrange(window_key, 0, -1), self._timeout)
+            async with asyncio.timeout(self._timeout):  # no task per call, unlike wait_for
+                # Only the tail the window can use: the list holds room for tool steps, but a
+                # turn is read back only while it fits, so decoding all of it is wasted work.
+                raw = await self._redis.lrange(window_key, -tail_size(agent.memory), -1)
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
         if raw:
-            return window(_decode(raw), agent.memory)
+            return window(_decode_newest(raw, agent.memory), agent.memory)
         return await self._reload(tenant, agent, conversation_id, window_key, seq_key)
 
     async def _reload(self, tenant: str, agent: Agent, conversation_id: str, window_key: str, seq_key: str):
