@@ -31,6 +31,22 @@ VERSION_FIELDS = frozenset({"template", "variables", "note", "labels"})
 LABEL_FIELDS = frozenset({"version", "variants", "primary_metric"})
 
 
+def _operator_networks_only(ident, data: dict) -> None:
+    """A tool's ``allow_private_networks`` / ``allowed_networks`` reach the gateway's own
+    network: the operator's (the master key's) to set, never a tenant admin's."""
+    if ident.is_master:
+        return
+    tools = data.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+        cfg = tool.get("config") if isinstance(tool, dict) else None
+        if isinstance(cfg, dict) and (cfg.get("allow_private_networks") or cfg.get("allowed_networks")):
+            raise PermissionDenied(
+                "Only the master key may let a tool reach private networks.",
+                param=f"tools[{i}].config",
+                code="super_admin_required",
+            )
+
+
 def _only(data: dict, allowed: frozenset) -> None:
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -116,6 +132,7 @@ class AgentAdmin:
         data = await inp.body(request)
         _only(data, CREATE_FIELDS)
         ident = base._ident(request)
+        _operator_networks_only(ident, data)
         name = store.check_name(inp.text(data, "name", required=True, max_len=64))
         if data.get("model") is None:
             raise InvalidRequest(
@@ -189,6 +206,7 @@ class AgentAdmin:
         if "name" in data:
             raise InvalidRequest("An agent's name cannot be changed.", param="name", code="immutable_field")
         _only(data, PATCH_FIELDS)
+        _operator_networks_only(base._ident(request), data)
         model = self._model(request, data)
         description = inp.text(data, "description", max_len=store.MAX_DESCRIPTION)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:

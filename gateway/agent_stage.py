@@ -117,7 +117,17 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
         if isinstance(t, dict) and isinstance(t.get("function"), dict) and "name" in t["function"]
     )
     server_tools = svc.tools.openai_tools(agent)
-    clash = turn.client_tools & {t["function"]["name"] for t in server_tools}
+    server_names = {t["function"]["name"] for t in server_tools}
+    for i, message in enumerate(client_messages):  # the gateway's own tool steps never come from the client
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            for call in message.get("tool_calls") or ():
+                if isinstance(call, dict) and (call.get("function") or {}).get("name") in server_names:
+                    raise InvalidRequest(
+                        "Calls of this agent's server-side tools cannot come from the client.",
+                        param=f"messages[{i}].tool_calls",
+                        code="invalid_value",
+                    )
+    clash = turn.client_tools & server_names
     if clash:
         raise InvalidRequest(
             f"Tool {sorted(clash)[0]!r} is a server-side tool of this agent; rename the client tool.",

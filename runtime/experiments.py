@@ -97,10 +97,13 @@ _FEEDBACK_SQL = f"""WITH {_TURNS},
     fb AS (
         SELECT coalesce(t.variant, c.variant) AS variant, f.thumbs, f.score, f.resolved,
                coalesce(f.conversation_id, t.conversation_id, f.request_id) AS conv_key
-        FROM feedback f
+        -- one vote per answer (or per conversation): the latest one counts, so repeating a vote
+        -- cannot decide an experiment
+        FROM (SELECT DISTINCT ON (coalesce(request_id, ''), coalesce(conversation_id, '')) *
+              FROM feedback WHERE tenant = $1 AND created_at >= $3
+              ORDER BY coalesce(request_id, ''), coalesce(conversation_id, ''), created_at DESC, id DESC) f
         LEFT JOIN turns t ON f.request_id IS NOT NULL AND t.request_id = f.request_id
-        LEFT JOIN conv c ON f.request_id IS NULL AND c.conversation_id = f.conversation_id
-        WHERE f.tenant = $1 AND f.created_at >= $3)
+        LEFT JOIN conv c ON f.request_id IS NULL AND c.conversation_id = f.conversation_id)
     SELECT variant, count(*) AS feedback, count(DISTINCT conv_key) AS conversations_with_feedback,
            count(*) FILTER (WHERE thumbs = 1) AS thumbs_up, count(*) FILTER (WHERE thumbs = -1) AS thumbs_down,
            count(score) AS scores, avg(score) AS score_mean, var_samp(score) AS score_var,

@@ -146,10 +146,14 @@ class MCPClient:
 
 
 async def _read(resp: aiohttp.ClientResponse) -> bytes:
-    body = await resp.content.read(MAX_MESSAGE_BYTES + 1)
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise MCPError("the MCP server's answer is too large")
-    return body
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():  # read() returns what is buffered, not the whole body
+        size += len(chunk)
+        if size > MAX_MESSAGE_BYTES:
+            raise MCPError("the MCP server's answer is too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _loads(raw: bytes):

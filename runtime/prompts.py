@@ -86,10 +86,16 @@ def _size(value: Any) -> int:
     return len(value) if isinstance(value, str | list | tuple | dict) else 0
 
 
+MAX_INT_BITS = 256  # integers in prompt arithmetic: far more than any count or price needs
+
+
 class _Env(SandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    intercepted_binops = frozenset({"*", "**", "+", "-", "%", "//"})
 
     def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        for value in (left, right):  # big-integer arithmetic would hold the event loop
+            if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+                raise SecurityError("number too large")
         if operator == "%" and isinstance(left, str):
             raise SecurityError("string formatting with % is not allowed in prompts")
         if operator == "**" and (not _small_number(left, 10**18) or not _small_number(right, 64)):
@@ -100,7 +106,10 @@ class _Env(SandboxedEnvironment):
                 raise SecurityError("repetition too large")
         if operator == "+" and _size(left) + _size(right) > MAX_OUTPUT:
             raise SecurityError("value too large")
-        return super().call_binop(context, operator, left, right)
+        result = super().call_binop(context, operator, left, right)
+        if isinstance(result, int) and result.bit_length() > MAX_INT_BITS:
+            raise SecurityError("number too large")
+        return result
 
     def call(__self, __context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         if __obj is not _bounded_range and __obj is not dict:
@@ -184,15 +193,20 @@ def check_template(template: Any, param: str = "template") -> set[str]:
         raise InvalidRequest(f"'{param}' must not contain NUL characters.", param=param, code="invalid_value")
     try:
         ast = _env.parse(template)
-    except TemplateError as exc:
+    except (TemplateError, RecursionError, SyntaxError) as exc:
+        detail = str(exc)[:200] if isinstance(exc, TemplateError) else "nested too deeply"
         raise InvalidRequest(
-            f"'{param}' is not a valid template: {str(exc)[:200]}", param=param, code="invalid_template"
+            f"'{param}' is not a valid template: {detail}", param=param, code="invalid_template"
         ) from None
     try:
         _check_ast(ast)
+        return set(find_undeclared_variables(ast)) - set(_env.globals)
     except SecurityError as exc:
         raise InvalidRequest(f"'{param}' is refused: {exc}", param=param, code="unsafe_template") from None
-    return set(find_undeclared_variables(ast)) - set(_env.globals)
+    except RecursionError:
+        raise InvalidRequest(
+            f"'{param}' is not a valid template: nested too deeply", param=param, code="invalid_template"
+        ) from None
 
 
 def _checked(source: str) -> nodes.Template:

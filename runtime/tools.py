@@ -26,6 +26,7 @@ more; a tool's config can never open metadata, link-local, multicast or reserved
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -74,6 +75,13 @@ DEFAULT_RESPONSE_BYTES = 64 * 1024
 MAX_RESPONSE_BYTES = 1024 * 1024
 
 Handler = Callable[[dict, dict], Awaitable[str]]
+
+
+MAX_PARALLEL_PER_TURN = 4
+
+
+def _maybe(semaphore):
+    return semaphore if semaphore is not None else contextlib.nullcontext()
 
 
 class ToolConfigError(ValueError):
@@ -582,6 +590,8 @@ class ToolRunner:
         self.handlers = dict(builtin_handlers or {})
         self._slots = asyncio.Semaphore(max_concurrency)
         self._max_concurrency = max_concurrency
+        self._tenant_slots: dict[str, asyncio.Semaphore] = {}
+        self._max_concurrency = max_concurrency
         self._max_result_chars = max_result_chars
         self._user_agent = user_agent
         self._started = False
@@ -640,16 +650,26 @@ class ToolRunner:
         ``deadline`` is a ``time.monotonic()`` instant no call outlives; ``context`` is passed to
         builtin handlers (tenant, agent, conversation and request ids, ...)."""
         tools = agent_tools(agent)
+        # One turn, or one tenant, cannot hold every slot of this process: a slow tool of one
+        # tenant must not make the others' calls wait out their deadlines.
+        turn_slots = asyncio.Semaphore(MAX_PARALLEL_PER_TURN)
+        tenant_slots = self._tenant_slots.get(agent.tenant)
+        if tenant_slots is None:
+            if len(self._tenant_slots) > 10_000:
+                self._tenant_slots.clear()
+            tenant_slots = self._tenant_slots[agent.tenant] = asyncio.Semaphore(max(1, self._max_concurrency // 2))
         jobs = []
         for index, raw in enumerate(calls):
             call = _read_call(raw, index)
             if index >= MAX_CALLS_PER_TURN:
                 jobs.append(_done(call, "error", f"too many tool calls in one turn (at most {MAX_CALLS_PER_TURN})"))
             else:
-                jobs.append(self._one(tools.get(call.name), call, deadline, context))
+                jobs.append(self._one(tools.get(call.name), call, deadline, context, turn_slots, tenant_slots))
         return list(await asyncio.gather(*jobs))
 
-    async def _one(self, tool: ToolSpec | None, call: _Call, deadline: float, context: dict) -> ToolResult:
+    async def _one(
+        self, tool: ToolSpec | None, call: _Call, deadline: float, context: dict, turn_slots=None, tenant_slots=None
+    ) -> ToolResult:
         started = time.monotonic()
         if tool is None:
             return _result(call, "invalid", f"unknown tool {call.name[:64]!r}", started)
@@ -662,7 +682,7 @@ class ToolRunner:
             if remaining <= 0:
                 return _result(call, "timeout", "no time was left to run the tool", started, arguments)
             async with asyncio.timeout(remaining):  # the wait for a slot counts too
-                async with self._slots:
+                async with _maybe(turn_slots), _maybe(tenant_slots), self._slots:
                     if tool.kind == "builtin":
                         return await self._builtin(tool, call, arguments, deadline, context, started)
                     if tool.kind == "http":

@@ -264,3 +264,17 @@ def test_report_on_seeded_aggregates():
     assert test["significant"] and test["better"] == "8"
     assert math.isclose(test["p_value"], 0.0319, abs_tol=1e-3)
     assert test["still_needed_per_arm"] == 70  # 170 required, 100 each so far
+
+
+def test_big_integer_arithmetic_in_a_template_is_refused_not_computed():
+    """Found by review: a chain of products of huge integers held the event loop for minutes."""
+    product = " * ".join(["((10**18)**64)"] * 50)
+    v = PromptVersion(1, "{{ (" + product + ") > 0 }}", {})
+    with pytest.raises(InvalidRequest):
+        prompts.render(v, {}, {})
+
+
+def test_a_template_nested_too_deeply_is_a_400_at_save():
+    with pytest.raises(InvalidRequest) as err:
+        prompts.check_template("{{ " + "1*" * 1500 + "1 }}")
+    assert err.value.code == "invalid_template"
