@@ -14,6 +14,7 @@ import re
 
 from core.errors import InvalidRequest, ModelNotFound, PermissionDenied
 from core.types import RequestContext, excerpt
+from gateway import grounding
 from runtime.types import AGENT_PREFIX, Turn
 
 log = logging.getLogger("gateway.agents")
@@ -140,4 +141,5 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     ctx.body["model"] = agent.model
     ctx.model = agent.model
     ctx.agent = turn
+    await grounding.ground(svc, ctx)  # knowledge-base sources for this turn's question
     ctx._prompt_tokens = None  # the body changed: counts and bounds are derived again

@@ -24,7 +24,7 @@ import orjson
 
 from core.errors import GatewayError
 from core.types import RequestContext, Usage
-from gateway import pipeline
+from gateway import grounding, pipeline
 from gateway.routing import Group
 
 log = logging.getLogger("gateway.agents")
@@ -200,6 +200,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
         data["usage"] = total.to_openai()
         raw = orjson.dumps(data)
     await pipeline.settle(svc, ctx, scope)
+    raw = grounding.with_citations(raw, turn.citations)
     _, message = _message(raw)
     await _remember(svc, ctx, message)
     _record(svc, ctx, started)
@@ -299,6 +300,11 @@ async def _remember(svc, ctx: RequestContext, answer: dict) -> None:
         log.warning("memory store failed for a turn of agent %s: %s", turn.agent.name, exc)
 
 
+def _citation_step(c: dict) -> dict:
+    section = f" {c['section']}" if c.get("section") else ""
+    return {"kind": "citation", "name": f"[{c['source']}] {c['document_id']}{section}", "status": "ok"}
+
+
 def _record(svc, ctx: RequestContext, started: float) -> None:
     turn = ctx.agent
     svc.runs.record(
@@ -314,7 +320,7 @@ def _record(svc, ctx: RequestContext, started: float) -> None:
             "degraded": turn.degraded,
             "escalated": False,
             "memory_error": turn.memory_error,
-            "steps": turn.steps,
+            "steps": [*turn.steps, *(_citation_step(c) for c in turn.citations[:20])],
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
     )

@@ -111,3 +111,4 @@ class Turn:
     steps: list[dict] = field(default_factory=list)  # one entry per model call and per tool call
     degraded: bool = False  # answered with the fallback message
     client_tools: frozenset = frozenset()  # names of tools the client passed (its own to run)
+    citations: list = field(default_factory=list)  # knowledge-base sources given to the model

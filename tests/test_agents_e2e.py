@@ -386,3 +386,60 @@ def test_a_client_cannot_forge_a_server_tool_step(pair, tools):
             model=f"agent:{agent['name']}", messages=forged, extra_body={"variables": {"company": "Acme"}}
         )
     assert err.value.param == "messages[1].tool_calls"
+
+
+def test_an_agent_answers_from_its_knowledge_base_with_citations(pair, services):
+    """Retrieval per turn: the question is searched in the agent's knowledge base, the sources
+    go into the prompt numbered, and the answer carries the ones used."""
+    import asyncio
+    import hashlib
+
+    import asyncpg
+
+    from rag import store
+    from rag.chunking import Chunk
+    from rag.embedding import LocalEmbedder
+
+    a, _ = pair
+    texts = {
+        "Returns": "Items can be returned within 30 days of delivery for a full refund.",
+        "Shipping": "Standard shipping takes three to five business days within the EU.",
+        "Warranty": "Every kettle carries a two-year warranty against manufacturing defects.",
+    }
+    embedder = LocalEmbedder()
+
+    async def seed() -> str:
+        conn = await asyncpg.connect(services[0])
+        try:
+            kb = await store.create_kb(
+                conn, "default", f"kb-{uuid.uuid4().hex[:6]}", embedding_model=embedder.model, dims=embedder.dims
+            )
+            for section, text in texts.items():
+                doc, _ = await store.add_document(
+                    conn,
+                    "default",
+                    kb.id,
+                    filename=f"{section}.txt",
+                    content_type="text/plain",
+                    size=len(text),
+                    sha256=hashlib.sha256(text.encode()).hexdigest(),
+                )
+                vectors = await embedder.embed([f"{section}\n\n{text}"])
+                await store.replace_chunks(
+                    conn, "default", kb.id, doc.id, [Chunk(0, text, section, 20)], vectors, embedder.model
+                )
+            return kb.id
+        finally:
+            await conn.close()
+
+    kb_id = asyncio.run(seed())
+    agent = create_agent(a, knowledge_bases=[kb_id], memory={"window_turns": 5})
+    resp = client(a, new_key(a)["key"]).chat.completions.create(
+        model=f"agent:{agent['name']}",
+        messages=[{"role": "user", "content": "How many days do I have to return an item for a refund?"}],
+        extra_body={"variables": {"company": "Acme"}},
+    )
+    citations = resp.choices[0].message.model_extra["citations"]
+    assert citations and citations[0]["section"] == "Returns" and citations[0]["source"] == 1
+    system = pair_mock_last(a)["messages"][0]["content"]
+    assert "[1] Returns: Items can be returned within 30 days" in system

@@ -1,0 +1,136 @@
+"""Knowledge-base context for agent turns: the turn's question is searched in the agent's
+knowledge bases (hybrid vector + full-text search, rag/retrieve.py), the chunks kept are added
+to the prompt as numbered sources, and the sources used go back with the answer (``citations``
+on the message, and in the run record). The ``knowledge_search`` built-in tool searches the
+same way when the model asks.
+
+Defaults are the seed's: top-k 5, similarity threshold 0.7, at most 3,000 tokens of context;
+an agent overrides them with ``settings.retrieval``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+
+from core.types import RequestContext
+
+log = logging.getLogger("gateway.grounding")
+
+DEFAULTS = {"top_k": 5, "threshold": 0.7, "max_context_tokens": 3000}
+_embedder = None
+
+
+def embedder(svc):
+    """The process's embedder for knowledge bases on the local model (loaded on first use)."""
+    global _embedder
+    found = getattr(svc, "embedder", None)
+    if found is not None:
+        return found
+    if _embedder is None:
+        from rag.embedding import LocalEmbedder
+
+        _embedder = LocalEmbedder()
+    return _embedder
+
+
+def _question(messages: list) -> str:
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content[:2000]
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))[:2000]
+    return ""
+
+
+async def search(svc, agent, query: str, *, top_k: int | None = None) -> list[dict]:
+    """The agent's knowledge bases searched for ``query``: sources as dicts (numbered from 1)."""
+    from rag.retrieve import retrieve
+
+    settings = {**DEFAULTS, **(agent.settings.get("retrieval") or {})}
+    if top_k is not None:
+        settings["top_k"] = max(1, min(int(top_k), 20))
+    vector = (await embedder(svc).embed([query]))[0]
+    found = await retrieve(
+        svc.pool,
+        agent.tenant,
+        list(agent.knowledge_bases),
+        query,
+        vector,
+        top_k=settings["top_k"],
+        threshold=settings["threshold"],
+        max_context_tokens=settings["max_context_tokens"],
+    )
+    return [
+        {
+            "source": i,
+            "document_id": h.document_id,
+            "knowledge_base_id": h.kb_id,
+            "section": h.section,
+            "similarity": round(h.similarity, 4) if h.similarity is not None else None,
+            "text": h.text,
+        }
+        for i, h in enumerate(found.hits, 1)
+    ]
+
+
+async def ground(svc, ctx: RequestContext) -> None:
+    """Adds the sources for this turn's question to the system prompt (agent turns with
+    knowledge bases). A failing search is recorded and the turn answers without context."""
+    turn = ctx.agent
+    agent = turn.agent
+    if not agent.knowledge_bases:
+        return
+    question = _question(turn.new_messages)
+    if not question:
+        return
+    try:
+        sources = await search(svc, agent, question)
+    except Exception as exc:  # the knowledge base is not the answer: say so in the run record
+        turn.steps.append({"step": 0, "kind": "retrieval", "status": "error", "error": type(exc).__name__})
+        log.warning("retrieval failed for agent %s: %s", agent.name, exc)
+        return
+    turn.citations = [{k: v for k, v in s.items() if k != "text"} for s in sources]
+    turn.steps.append({"step": 0, "kind": "retrieval", "status": "ok", "sources": len(sources)})
+    if not sources:
+        return
+    block = "\n\n".join(f"[{s['source']}] {s['section'] + ': ' if s['section'] else ''}{s['text']}" for s in sources)
+    system = ctx.body["messages"][0]
+    system["content"] = (
+        f"{system['content']}\n\nAnswer from these sources when they apply, and cite them by "
+        f"number like [1]:\n\n{block}"
+    )
+
+
+def with_citations(raw: bytes, citations: list[dict]) -> bytes:
+    """The response with the sources used on its message (``citations``)."""
+    if not citations:
+        return raw
+    data = orjson.loads(raw)
+    for choice in data.get("choices") or ():
+        message = choice.get("message")
+        if isinstance(message, dict):
+            message["citations"] = citations
+    return orjson.dumps(data)
+
+
+def knowledge_search_handler(svc):
+    """The ``knowledge_search`` built-in: the model searches the agent's knowledge bases."""
+
+    async def handle(arguments: dict, context: dict) -> str:
+        turn = context.get("turn")
+        if turn is None or not turn.agent.knowledge_bases:
+            return "No knowledge base is attached to this agent."
+        sources = await search(svc, turn.agent, str(arguments.get("query", ""))[:2000], top_k=arguments.get("top_k"))
+        if not sources:
+            return "Nothing relevant was found."
+        turn.citations = [
+            *getattr(turn, "citations", []),
+            *({k: v for k, v in s.items() if k != "text"} for s in sources),
+        ]
+        return orjson.dumps([{k: s[k] for k in ("source", "section", "text")} for s in sources]).decode()
+
+    return handle
