@@ -14,6 +14,10 @@ term, a strong lexical signal for codes, names and exact phrases that embeddings
 similarity reaches ``lexical_floor`` (default 0.3: unrelated text scores lower, so a query of
 common words cannot pull in arbitrary chunks). ``lexical_floor=None`` makes the threshold
 strict. Without a query vector (no embedding available) full-text matches are kept as they are.
+
+Full-text search ranks (``ts_rank_cd``) at most the first ``FTS_SCAN`` matches of a query in
+storage order, so a query of words found in most chunks stays cheap; its top ``candidates`` by
+rank come from those.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ RRF_K = 60
 MAX_CANDIDATES = 200
 MAX_KBS = 50
 MAX_QUERY_CHARS = 4000
+# Full-text ranking reads each match's tsvector: only this many matches are ranked per query
+# (see kb_fts_candidates in migration 0008).
+FTS_SCAN = 1000
 
 KEPT = "kept"
 BELOW_THRESHOLD = "below_threshold"
@@ -117,6 +124,8 @@ ORDER BY s.dist"""
 
 
 def _fts_sql(dims: int | None, limit: int) -> str:
+    # The match runs in kb_fts_candidates (SECURITY DEFINER): under row-level security `@@` (not
+    # LEAKPROOF) cannot use the GIN index; the ids are joined back to kb_chunks under RLS.
     if dims is None:
         similarity = "NULL::float8"
     else:
@@ -126,10 +135,7 @@ def _fts_sql(dims: int | None, limit: int) -> str:
             f"THEN 1 - (c.embedding::{cast} <=> $3::text::{cast}) END"
         )
     return f"""SELECT c.id, c.document_id, c.kb_id, c.section, c.text, c.tokens, s.rank, {similarity} AS similarity
-FROM (SELECT c.id, ts_rank_cd(c.tsv, q) AS rank
-      FROM kb_chunks c, websearch_to_tsquery('simple', $4) q
-      WHERE c.tsv @@ q AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1)
-      ORDER BY rank DESC LIMIT {limit}) s
+FROM kb_fts_candidates($1::text, $2::text[], $4::text, {limit}, {FTS_SCAN}) s
 {_JOINS}
 ORDER BY s.rank DESC, c.id"""
 

@@ -84,6 +84,37 @@ CREATE INDEX IF NOT EXISTS kb_chunks_hnsw_384 ON kb_chunks
 CREATE INDEX IF NOT EXISTS kb_chunks_hnsw_1536 ON kb_chunks
     USING hnsw ((embedding::halfvec(1536)) halfvec_cosine_ops) WITH (m = 16, ef_construction = 64) WHERE dims = 1536;
 
+-- Full-text candidates. Under row-level security PostgreSQL never uses a non-LEAKPROOF
+-- operator as an index condition ahead of the policy's qual, and tsvector's `@@` is not
+-- LEAKPROOF: as the role gateway_tenant, `tsv @@ q` was a filter over every chunk of the knowledge
+-- base (kb_id btree or seq scan, detoasting each tsvector: 240 ms per query at 100k chunks, even
+-- for 8 matches), never a GIN scan. This function runs as its owner (not subject to RLS), so the
+-- GIN index answers the match; it filters by tenant itself — `gateway.tenant` when a tenant
+-- transaction set it, else the caller's — and the caller joins its ids back to kb_chunks under
+-- RLS, so the wall still applies to every row returned. Ranking reads each match's tsvector,
+-- so only the first `p_scan` matches (storage order) are ranked: a query of common words that
+-- matches most of the corpus costs p_scan detoasts, not 100k. Custom plans: the query text is
+-- a constant, so the planner sees how selective it is.
+CREATE OR REPLACE FUNCTION kb_fts_candidates(p_tenant text, p_kb_ids text[], p_query text, p_limit integer,
+                                             p_scan integer)
+RETURNS TABLE (id bigint, rank real)
+LANGUAGE sql STABLE SECURITY DEFINER ROWS 40
+SET search_path = pg_catalog, public
+SET plan_cache_mode = force_custom_plan
+AS $$
+    SELECT m.id, ts_rank_cd(m.tsv, websearch_to_tsquery('simple', p_query)) AS rank
+    FROM (SELECT c.id, c.tsv FROM kb_chunks c
+          WHERE c.tsv @@ websearch_to_tsquery('simple', p_query)
+            AND c.kb_id = ANY (p_kb_ids)
+            AND c.tenant = coalesce(nullif(current_setting('gateway.tenant', true), ''), p_tenant, c.tenant)
+            AND (p_tenant IS NULL OR c.tenant = p_tenant)
+          LIMIT p_scan) m
+    ORDER BY rank DESC, m.id
+    LIMIT p_limit
+$$;
+REVOKE ALL ON FUNCTION kb_fts_candidates(text, text[], text, integer, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION kb_fts_candidates(text, text[], text, integer, integer) TO gateway_tenant;
+
 SELECT gateway_isolate_tenant('knowledge_bases');
 SELECT gateway_isolate_tenant('kb_documents');
 SELECT gateway_isolate_tenant('kb_chunks');
