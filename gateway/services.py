@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from core.config import Config
 from core.upstream import Upstream
+from gateway import kb_worker
 from gateway.db import connect_pool, migrate
 from gateway.providers import build_adapter
 from gateway.providers.base import ProviderAdapter
@@ -27,6 +28,7 @@ from policies.engine import PolicyEngine
 from policies.fastredis import PipelinedRedis
 from policies.ledger import LedgerWriter, Spool
 from policies.pii.scrub import Scrubber
+from rag.embedding import LocalEmbedder
 from runtime.agents import AgentRegistry
 from runtime.memory import Memory
 from runtime.runs import RunRecorder
@@ -63,6 +65,8 @@ class Services:
     memory: Memory | None = None
     tools: ToolRunner | None = None
     runs: RunRecorder | None = None
+    embedder: LocalEmbedder | None = None  # the local embedding model, for queries
+    kb: kb_worker.KbWorker | None = None  # the kb-ingest queue, its worker, where uploads are kept
     _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check
     _ready_check: asyncio.Future | None = None  # the check under way, shared by its callers
 
@@ -109,6 +113,11 @@ class Services:
         await tools.start()
         runs = RunRecorder(pool, redis)
         await runs.start()
+        # knowledge bases: the local embedding model and the ingestion worker on the kb-ingest queue
+        embedder = kb_worker.make_embedder()
+        kb = kb_worker.KbWorker(pool, redis, embedder, settings.data_dir.resolve())
+        if kb_worker.enabled():
+            await kb.start()
         return cls(
             settings.config,
             pool,
@@ -127,10 +136,14 @@ class Services:
             memory,
             tools,
             runs,
+            embedder=embedder,
+            kb=kb,
         )
 
     async def stop(self) -> None:
         """After the server drained its requests: flush the ledger, then close everything."""
+        if self.kb is not None:
+            await self.kb.stop()
         await self.ledger.stop()
         for part in (self.runs, self.memory, self.tools, self.agents):
             if part is not None:

@@ -1,0 +1,595 @@
+"""The knowledge-base admin API (``/admin/knowledge-bases...``) and the ingestion queue's admin
+(``/admin/queues/kb-ingest...``, super-admin only).
+
+Mounted into gateway/admin.py (``routes(admin)``): authenticated, tenant-scoped, access-logged
+like every admin route. A tenant admin sees only its tenant's knowledge bases (filtered in SQL,
+walled by row-level security); the super-admin sees every tenant, names one with ``?tenant=``
+(reads) or ``"tenant"`` (create).
+
+Uploads are multipart (the ``file`` field), parsed here as they stream in: the file's bytes go
+straight to a temporary file on disk (hashed on the way), never whole into memory, and past
+``MAX_UPLOAD_BYTES`` the upload is refused with a 413. The document is recorded, its file moved
+to ``<data_dir>/kb/<tenant hash>/<document id>`` and the ingestion job queued in one
+transaction, then the call answers 202 at once; the worker (gateway/kb_worker.py) does the rest.
+The same content uploaded again answers 200 with the existing document.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from core.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
+from gateway import admin as base  # a module, not names: admin.py imports this module in turn
+from gateway import admin_input as inp
+from gateway.db import tenant_transaction
+from rag import ingest, retrieve
+from rag import store as kb_store
+from rag.embedding import DIMS as LOCAL_DIMS
+from rag.embedding import MODEL as LOCAL_MODEL
+
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+MAX_MULTIPART_OVERHEAD = 64 * 1024  # headers, boundaries and small fields around the file
+MAX_PART_HEADERS = 16 * 1024
+MAX_FILENAME = 255
+QUEUE_NAMES = ("kb-ingest",)
+
+CREATE_FIELDS = frozenset({"name", "description", "embedding_model", "settings", "tenant"})
+SETTING_FIELDS = frozenset({"chunk_size", "chunk_overlap", "top_k", "threshold", "max_context_tokens"})
+QUERY_FIELDS = frozenset({"query", "top_k", "threshold", "max_context_tokens", "candidates", "lexical_floor"})
+# (low, high, integer) for every setting and query parameter
+_BOUNDS = {
+    "chunk_size": (50, 2000, True),
+    "chunk_overlap": (0, 1000, True),
+    "top_k": (1, 50, True),
+    "threshold": (0.0, 1.0, False),
+    "max_context_tokens": (100, 100_000, True),
+    "candidates": (1, retrieve.MAX_CANDIDATES, True),
+    "lexical_floor": (0.0, 1.0, False),
+}
+_PROVIDER_MODELS = ("text-embedding-3-small", "text-embedding-3-large", "text-embedding-ada-002")
+
+
+def _only(data: dict, allowed: frozenset, prefix: str = "") -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        name = str(unknown[0])[:64]
+        raise InvalidRequest(
+            f"Unknown parameter '{prefix}{name}'; known: {', '.join(sorted(allowed))}.",
+            param=prefix + name,
+            code="unknown_parameter",
+        )
+
+
+def _bounded(data: dict, name: str, param: str | None = None):
+    value = data.get(name)
+    if value is None:
+        return None
+    low, high, integer = _BOUNDS[name]
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = value == int(value)
+    if not ok or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise InvalidRequest(
+            f"'{param or name}' must be {kind} from {low:g} to {high:g}.", param=param or name, code="invalid_value"
+        )
+    return int(value) if integer else float(value)
+
+
+def _settings(raw) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidRequest("'settings' must be an object.", param="settings", code="invalid_type")
+    _only(raw, SETTING_FIELDS, "settings.")
+    out = {}
+    for name in SETTING_FIELDS:
+        value = _bounded(raw, name, f"settings.{name}")
+        if value is not None:
+            out["overlap" if name == "chunk_overlap" else name] = value
+    size = out.get("chunk_size", kb_store.DEFAULT_SETTINGS["chunk_size"])
+    if out.get("overlap", 0) > size // 2:
+        raise InvalidRequest(
+            "'settings.chunk_overlap' must be at most half of chunk_size.",
+            param="settings.chunk_overlap",
+            code="invalid_value",
+        )
+    return out
+
+
+def describe_kb(kb: kb_store.KnowledgeBase) -> dict:
+    s = kb.settings
+    return {
+        "id": kb.id,
+        "object": "knowledge_base",
+        "tenant": kb.tenant,
+        "name": kb.name,
+        "description": kb.description,
+        "embedding_model": kb.embedding_model,
+        "dims": kb.dims,
+        "settings": {
+            "chunk_size": s.get("chunk_size"),
+            "chunk_overlap": s.get("overlap"),
+            "top_k": s.get("top_k"),
+            "threshold": s.get("threshold"),
+            "max_context_tokens": s.get("max_context_tokens"),
+        },
+        "created_at": kb.created_at,
+    }
+
+
+def describe_doc(doc: kb_store.Document) -> dict:
+    return {
+        "id": doc.id,
+        "object": "knowledge_base.document",
+        "kb_id": doc.kb_id,
+        "filename": doc.filename,
+        "content_type": doc.content_type,
+        "bytes": doc.bytes,
+        "sha256": doc.sha256,
+        "status": doc.status,
+        "reason": doc.reason,
+        "chunks": doc.chunks,
+        "embedding_model": doc.embedding_model,
+        "created_at": doc.created_at,
+        "updated_at": doc.updated_at,
+    }
+
+
+# ---- multipart, streamed to disk ---------------------------------------------------------------
+
+_PARAM = re.compile(r';\s*([a-zA-Z0-9_*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
+def _header_params(value: str) -> dict[str, str]:
+    out = {}
+    for key, raw in _PARAM.findall(value):
+        raw = raw.strip()
+        if raw.startswith('"') and raw.endswith('"'):
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        out[key.lower()] = raw
+    return out
+
+
+def _clean_filename(name: str) -> str:
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip()
+    return name[:MAX_FILENAME] or "upload"
+
+
+class Upload:
+    """The ``file`` part of a multipart body, written to ``path`` as it arrives."""
+
+    def __init__(self, boundary: bytes, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.delim = b"\r\n--" + boundary
+        self.buf = b"\r\n"  # the first boundary has no CRLF before it: pretend it had
+        self.state = "preamble"
+        self.path = path
+        self.fh = None
+        self.filename: str | None = None
+        self.content_type = ""
+        self.size = 0
+        self.sha = hashlib.sha256()
+        self.done = False
+        self.other_bytes = 0
+
+    def _headers(self, raw: bytes) -> None:
+        headers = {}
+        for line in raw.decode("utf-8", "replace").split("\r\n"):
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        disposition = _header_params(";" + headers.get("content-disposition", "").partition(";")[2])
+        if disposition.get("name") == "file" and "filename" in disposition and self.filename is None:
+            self.filename = _clean_filename(disposition["filename"])
+            self.content_type = headers.get("content-type", "")[:128]
+            self.fh = open(self.path, "wb")
+            self.state = "file"
+        else:
+            self.state = "other"
+
+    def _emit(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.state == "file":
+            self.size += len(data)
+            if self.size > MAX_UPLOAD_BYTES:
+                raise PayloadTooLarge(f"The file exceeds the upload limit of {MAX_UPLOAD_BYTES // (1024 * 1024)} MB.")
+            self.sha.update(data)
+            self.fh.write(data)
+        else:
+            self.other_bytes += len(data)
+            if self.other_bytes > MAX_MULTIPART_OVERHEAD:
+                raise PayloadTooLarge("The multipart fields besides 'file' are too large.")
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.buf += data
+        while not self.done:
+            if self.state == "preamble":
+                i = self.buf.find(self.delim)
+                if i < 0:
+                    if len(self.buf) > MAX_MULTIPART_OVERHEAD:
+                        raise _bad_multipart("no multipart boundary found")
+                    return
+                self.buf = self.buf[i + len(self.delim) :]
+                self.state = "delimiter"
+            elif self.state == "delimiter":
+                if len(self.buf) < 2:
+                    return
+                if self.buf[:2] == b"--":
+                    self.done = True
+                    if self.fh is not None:
+                        self.fh.close()
+                    return
+                self.buf = self.buf.lstrip(b" \t")
+                if len(self.buf) < 2:
+                    return
+                if self.buf[:2] != b"\r\n":
+                    raise _bad_multipart("malformed boundary line")
+                self.buf = self.buf[2:]
+                self.state = "headers"
+            elif self.state == "headers":
+                i = self.buf.find(b"\r\n\r\n")
+                if i < 0:
+                    if len(self.buf) > MAX_PART_HEADERS:
+                        raise _bad_multipart("part headers too long")
+                    return
+                raw, self.buf = self.buf[:i], self.buf[i + 4 :]
+                self._headers(raw)
+            else:  # file or other: data until the next delimiter
+                i = self.buf.find(self.delim)
+                if i < 0:
+                    keep = len(self.delim) - 1
+                    if len(self.buf) > keep:
+                        self._emit(self.buf[:-keep])
+                        self.buf = self.buf[-keep:]
+                    return
+                self._emit(self.buf[:i])
+                self.buf = self.buf[i + len(self.delim) :]
+                if self.state == "file":
+                    self.fh.close()
+                self.state = "delimiter"
+
+    def close(self) -> None:
+        if self.fh is not None and not self.fh.closed:
+            self.fh.close()
+
+
+def _bad_multipart(why: str) -> InvalidRequest:
+    return InvalidRequest(f"The body is not valid multipart/form-data: {why}.", param="file", code="invalid_multipart")
+
+
+async def receive_upload(request: Request, tmp_dir: Path) -> Upload:
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "multipart/form-data":
+        raise InvalidRequest(
+            "Upload the document as multipart/form-data with a 'file' field.", param="file", code="invalid_content_type"
+        )
+    boundary = _header_params(";" + ctype.partition(";")[2]).get("boundary", "")
+    if not 1 <= len(boundary) <= 200:
+        raise _bad_multipart("no boundary in the content type")
+    limit = MAX_UPLOAD_BYTES + MAX_MULTIPART_OVERHEAD
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"The upload exceeds the limit of {MAX_UPLOAD_BYTES // (1024 * 1024)} MB.")
+    upload = Upload(boundary.encode("latin-1"), tmp_dir / f"upload-{secrets.token_hex(8)}")
+    received = 0
+    try:
+        async for data in request.stream():
+            received += len(data)
+            if received > limit:
+                raise PayloadTooLarge(f"The upload exceeds the limit of {MAX_UPLOAD_BYTES // (1024 * 1024)} MB.")
+            upload.feed(data)
+        if upload.filename is None:
+            raise InvalidRequest(
+                "Missing required parameter: 'file' (a multipart file field).",
+                param="file",
+                code="missing_required_parameter",
+            )
+        if not upload.done:
+            raise _bad_multipart("the body ended before its closing boundary")
+    except BaseException:
+        upload.close()
+        with contextlib.suppress(OSError):
+            upload.path.unlink()
+        raise
+    return upload
+
+
+def _place(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dest)
+
+
+# ---- routes ------------------------------------------------------------------------------------
+
+
+class KbAdmin:
+    def __init__(self, admin) -> None:
+        self.admin = admin
+
+    @property
+    def svc(self):
+        return self.admin.svc
+
+    @property
+    def kb(self):
+        if self.svc.kb is None:
+            raise GatewayError("Knowledge bases are not enabled on this gateway.")
+        return self.svc.kb
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/admin/knowledge-bases", self.create_kb, methods=["POST"]),
+            Route("/admin/knowledge-bases", self.list_kbs, methods=["GET"]),
+            Route("/admin/knowledge-bases/{kb_id}", self.get_kb, methods=["GET"]),
+            Route("/admin/knowledge-bases/{kb_id}", self.delete_kb, methods=["DELETE"]),
+            Route("/admin/knowledge-bases/{kb_id}/documents", self.upload, methods=["POST"]),
+            Route("/admin/knowledge-bases/{kb_id}/documents", self.list_documents, methods=["GET"]),
+            Route("/admin/knowledge-bases/{kb_id}/documents/{doc_id}", self.get_document, methods=["GET"]),
+            Route("/admin/knowledge-bases/{kb_id}/documents/{doc_id}", self.delete_document, methods=["DELETE"]),
+            Route("/admin/knowledge-bases/{kb_id}/query", self.query, methods=["POST"]),
+            Route("/admin/queues/{queue}", self.queue_stats, methods=["GET"]),
+            Route("/admin/queues/{queue}/dead-letters", self.dead_letters, methods=["GET"]),
+            Route("/admin/queues/{queue}/dead-letters/{dead_id}/retry", self.retry_dead, methods=["POST"]),
+            Route("/admin/queues/{queue}/dead-letters/{dead_id}", self.drop_dead, methods=["DELETE"]),
+        ]
+
+    # ---- helpers -------------------------------------------------------------------------------
+    async def _kb(self, request: Request, conn) -> kb_store.KnowledgeBase:
+        kb_id = request.path_params["kb_id"]
+        kb = await kb_store.get_kb(conn, base._view(request), kb_id[:64])
+        if kb is None:
+            raise NotFound(f"No knowledge base {kb_id[:64]!r}.", param="kb_id")
+        return kb
+
+    async def _doc(self, request: Request, conn, kb: kb_store.KnowledgeBase) -> kb_store.Document:
+        doc_id = request.path_params["doc_id"]
+        doc = await kb_store.get_document(conn, kb.tenant, doc_id[:64])
+        if doc is None or doc.kb_id != kb.id or doc.replaced_by is not None:
+            raise NotFound(f"No document {doc_id[:64]!r} in this knowledge base.", param="doc_id")
+        return doc
+
+    def _path(self, tenant: str, doc_id: str) -> Path:
+        return ingest.document_path(self.kb.data_dir, tenant, doc_id)
+
+    # ---- knowledge bases -----------------------------------------------------------------------
+    async def create_kb(self, request: Request) -> Response:
+        data = await inp.body(request)
+        _only(data, CREATE_FIELDS)
+        ident = base._ident(request)
+        name = inp.text(data, "name", required=True, max_len=128)
+        description = inp.text(data, "description", max_len=2000) or ""
+        model = inp.text(data, "embedding_model", max_len=128) or LOCAL_MODEL
+        if model != LOCAL_MODEL:
+            known = model in _PROVIDER_MODELS or "/" not in model
+            raise InvalidRequest(
+                f"The embedding model {model[:64]!r} is not available yet"
+                + (" (provider embedding models come in a later release)" if known else "")
+                + f"; use {LOCAL_MODEL!r}.",
+                param="embedding_model",
+                code="model_not_available",
+            )
+        settings = _settings(data.get("settings"))
+        tenant = inp.text(data, "tenant", max_len=128)
+        if not ident.is_master:
+            if tenant is not None and tenant != ident.tenant:
+                raise PermissionDenied(
+                    f"This admin key belongs to tenant {ident.tenant!r}.", param="tenant", code="tenant_mismatch"
+                )
+            tenant = ident.tenant
+        tenant = tenant or "default"
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            try:
+                kb = await kb_store.create_kb(
+                    conn,
+                    tenant,
+                    name,
+                    embedding_model=model,
+                    dims=LOCAL_DIMS,
+                    description=description,
+                    settings=settings,
+                )
+            except kb_store.StoreError as exc:
+                raise InvalidRequest(str(exc), param="name", code="name_taken") from None
+        return base._json(describe_kb(kb), 201)
+
+    async def list_kbs(self, request: Request) -> Response:
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            kbs = await kb_store.list_kbs(conn, base._view(request), limit=1000)
+        return base._json({"object": "list", "data": [describe_kb(k) for k in kbs]})
+
+    async def get_kb(self, request: Request) -> Response:
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            kb = await self._kb(request, conn)
+            docs = await kb_store.list_documents(conn, kb.tenant, kb.id, limit=1000)
+        out = describe_kb(kb)
+        out["documents"] = {s: sum(1 for d in docs if d.status == s) for s in kb_store.STATUSES}
+        out["chunks"] = sum(d.chunks for d in docs)
+        return base._json(out)
+
+    async def delete_kb(self, request: Request) -> Response:
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            kb = await self._kb(request, conn)
+            docs = await kb_store.list_documents(conn, kb.tenant, kb.id, include_replaced=True, limit=100_000)
+            await conn.execute("DELETE FROM kb_documents WHERE kb_id = $1 AND tenant = $2", kb.id, kb.tenant)
+            await kb_store.delete_kb(conn, kb.tenant, kb.id)
+        for doc in docs:
+            with contextlib.suppress(OSError):
+                self._path(kb.tenant, doc.id).unlink()
+        return base._json({"id": kb.id, "object": "knowledge_base", "deleted": True})
+
+    # ---- documents -----------------------------------------------------------------------------
+    async def upload(self, request: Request) -> Response:
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            kb = await self._kb(request, conn)  # before reading the body: an unknown KB is a 404
+        upload = await receive_upload(request, self.kb.data_dir / "kb" / "incoming")
+        try:
+            async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+                doc, created = await kb_store.add_document(
+                    conn,
+                    kb.tenant,
+                    kb.id,
+                    filename=upload.filename,
+                    content_type=upload.content_type or "application/octet-stream",
+                    size=upload.size,
+                    sha256=upload.sha.hexdigest(),
+                )
+                if not created and doc.status != "failed":
+                    return base._json(describe_doc(doc), 200)
+                if not created:  # the same content again after a failure: try once more
+                    doc = await kb_store.set_status(conn, kb.tenant, doc.id, "queued")
+                dest = self._path(kb.tenant, doc.id)
+                _place(upload.path, dest)
+                await self.kb.queue.enqueue(
+                    {
+                        "tenant": kb.tenant,
+                        "kb_id": kb.id,
+                        "document_id": doc.id,
+                        "path": str(dest),
+                        "sha256": doc.sha256,
+                        "queued_at": time.time(),
+                    }
+                )
+            return base._json(describe_doc(doc), 202)
+        finally:
+            with contextlib.suppress(OSError):
+                upload.path.unlink()
+
+    async def list_documents(self, request: Request) -> Response:
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            kb = await self._kb(request, conn)
+            docs = await kb_store.list_documents(conn, kb.tenant, kb.id, limit=1000)
+        return base._json({"object": "list", "data": [describe_doc(d) for d in docs]})
+
+    async def get_document(self, request: Request) -> Response:
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            kb = await self._kb(request, conn)
+            doc = await self._doc(request, conn, kb)
+        return base._json(describe_doc(doc))
+
+    async def delete_document(self, request: Request) -> Response:
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            kb = await self._kb(request, conn)
+            doc = await self._doc(request, conn, kb)
+            await kb_store.delete_document(conn, kb.tenant, doc.id)
+        with contextlib.suppress(OSError):
+            self._path(kb.tenant, doc.id).unlink()
+        return base._json({"id": doc.id, "object": "knowledge_base.document", "deleted": True})
+
+    # ---- retrieval test ------------------------------------------------------------------------
+    async def query(self, request: Request) -> Response:
+        data = await inp.body(request)
+        _only(data, QUERY_FIELDS)
+        text = inp.text(data, "query", required=True, max_len=retrieve.MAX_QUERY_CHARS)
+        params = {name: _bounded(data, name) for name in QUERY_FIELDS - {"query"}}
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            kb = await self._kb(request, conn)
+        s = kb.settings
+        top_k = params["top_k"] or s.get("top_k", 5)
+        threshold = params["threshold"] if params["threshold"] is not None else s.get("threshold", 0.7)
+        budget = params["max_context_tokens"] or s.get("max_context_tokens", 3000)
+        vector = None
+        embed_ms = None
+        notes = []
+        embedder = getattr(self.svc, "embedder", None)
+        if embedder is not None and kb.embedding_model == embedder.model:
+            t0 = time.perf_counter()
+            vector = (await embedder.embed([text]))[0]
+            embed_ms = round((time.perf_counter() - t0) * 1000, 3)
+        else:
+            notes.append(f"the embedding model {kb.embedding_model!r} is not available here: full-text search only")
+        kwargs = {}
+        if params["candidates"] is not None:
+            kwargs["candidates"] = params["candidates"]
+        if params["lexical_floor"] is not None:
+            kwargs["lexical_floor"] = params["lexical_floor"]
+        result = await retrieve.retrieve(
+            self.svc.pool,
+            kb.tenant,
+            [kb.id],
+            text,
+            vector,
+            top_k=top_k,
+            threshold=threshold,
+            max_context_tokens=budget,
+            **kwargs,
+        )
+        out = result.explain()
+        if embed_ms is not None:
+            out["timings_ms"] = {"embedding_ms": embed_ms, **out["timings_ms"]}
+        out["notes"] = notes + out["notes"]
+        doc_ids = sorted({h["document_id"] for h in out["hits"]} | {c["document_id"] for c in out["candidates"]})
+        names = {}
+        if doc_ids:
+            async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+                rows = await conn.fetch(
+                    "SELECT id, filename FROM kb_documents WHERE id = ANY($1::text[]) AND tenant = $2",
+                    doc_ids,
+                    kb.tenant,
+                )
+            names = {r["id"]: r["filename"] for r in rows}
+        for item in (*out["hits"], *out["candidates"]):
+            item["filename"] = names.get(item["document_id"])
+        return base._json(
+            {
+                "object": "knowledge_base.query",
+                "kb_id": kb.id,
+                "query": text,
+                "embedding_model": kb.embedding_model,
+                "settings": {"top_k": top_k, "threshold": threshold, "max_context_tokens": budget, **kwargs},
+                **out,
+            }
+        )
+
+    # ---- the ingestion queue (super-admin) -----------------------------------------------------
+    def _queue(self, request: Request):
+        if not base._ident(request).is_master:
+            raise PermissionDenied("Only the master key can manage queues.", code="super_admin_required")
+        name = request.path_params["queue"]
+        if name not in QUEUE_NAMES:
+            raise NotFound(f"No queue {name[:64]!r}; known: {', '.join(QUEUE_NAMES)}.", param="queue")
+        return self.kb.queue
+
+    async def queue_stats(self, request: Request) -> Response:
+        queue = self._queue(request)
+        return base._json({"object": "queue", "name": queue.name, **(await queue.stats())})
+
+    async def dead_letters(self, request: Request) -> Response:
+        queue = self._queue(request)
+        limit = request.query_params.get("limit", "100")
+        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+            raise InvalidRequest("'limit' must be an integer from 1 to 1000.", param="limit", code="invalid_value")
+        return base._json({"object": "list", "data": await queue.dead_letters(int(limit))})
+
+    async def retry_dead(self, request: Request) -> Response:
+        queue = self._queue(request)
+        dead_id = request.path_params["dead_id"]
+        if not await queue.retry_dead(dead_id):
+            raise NotFound(f"No dead letter {dead_id[:64]!r}.", param="dead_id")
+        return base._json({"id": dead_id, "object": "queue.dead_letter", "retried": True})
+
+    async def drop_dead(self, request: Request) -> Response:
+        queue = self._queue(request)
+        dead_id = request.path_params["dead_id"]
+        if not await queue.drop_dead(dead_id):
+            raise NotFound(f"No dead letter {dead_id[:64]!r}.", param="dead_id")
+        return base._json({"id": dead_id, "object": "queue.dead_letter", "deleted": True})
+
+
+def routes(admin) -> list[Route]:
+    """The knowledge-base and queue admin routes, for gateway/admin.py's route list."""
+    return KbAdmin(admin).routes()

@@ -1,0 +1,148 @@
+"""The ingestion job: one uploaded document → extracted, chunked, embedded, stored.
+
+Run by a ``core.queue.Queue`` worker (at-least-once), so it is idempotent:
+
+- a document already ``ready`` with the payload's sha256 is left as it is (a duplicate delivery);
+- chunks are written with ``rag.store.replace_chunks`` (a new generation swapped in atomically),
+  so a job re-run after its worker died mid-document ends with one set of chunks, never two.
+
+Outcomes: ``queued → processing → ready | failed``. A file that cannot give text (encrypted or
+scanned PDF, corrupt DOCX, empty, unsupported type) is the document's final answer, not a job
+failure: the document is marked ``failed`` with the extractor's message and the job ends
+normally (retrying cannot change the file, and a dead letter would only repeat it). Problems
+no retry can fix in the job itself (a malformed payload, a model this process cannot run) raise
+``Fatal``; anything else (database, disk, embedder hiccups) raises for the queue to retry with
+backoff, and on the last attempt the document is marked ``failed`` first, so nobody waits on a
+document that will never be processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncpg
+
+from core.queue import Fatal, Job
+from rag import store
+from rag.chunking import chunk
+from rag.embedding import MODEL as LOCAL_MODEL
+from rag.extract import ExtractionError, extract
+
+log = logging.getLogger("gateway.kb")
+
+EMBED_BATCH = 64  # texts per embedder call: bounded memory, and other jobs get turns in between
+LOCAL_CHUNK_SIZE = 250  # all-MiniLM-L6-v2 reads 256 word pieces; longer text would be cut unseen
+LOCAL_OVERLAP = 25
+
+
+class Embedder(Protocol):
+    model: str
+    dims: int
+
+    async def embed(self, texts: list[str]) -> list[list[float]]: ...
+
+
+def chunk_settings(kb: store.KnowledgeBase) -> tuple[int, int]:
+    """(size, overlap) in tokens for the knowledge base's documents."""
+    size = int(kb.settings.get("chunk_size") or store.DEFAULT_SETTINGS["chunk_size"])
+    overlap = int(kb.settings.get("overlap") or 0)
+    if kb.embedding_model == LOCAL_MODEL:
+        size, overlap = min(size, LOCAL_CHUNK_SIZE), min(overlap, LOCAL_OVERLAP)
+    return size, overlap
+
+
+def document_path(data_dir: Path, tenant: str, document_id: str) -> Path:
+    """Where an upload is kept: ``<data_dir>/kb/<tenant hash>/<document id>``."""
+    return Path(data_dir) / "kb" / hashlib.sha256(tenant.encode()).hexdigest()[:16] / document_id
+
+
+def _payload(job: Job) -> dict[str, str]:
+    p = job.payload
+    need = ("tenant", "kb_id", "document_id")
+    if not isinstance(p, dict) or not all(isinstance(p.get(k), str) and p.get(k) for k in need):
+        raise Fatal(f"malformed ingestion payload: needs {', '.join(need)}")
+    return p
+
+
+async def _mark(pool: asyncpg.Pool, tenant: str, document_id: str, status: str, reason: str | None = None) -> None:
+    async with store.scoped(pool, tenant) as conn:
+        await store.set_status(conn, tenant, document_id, status, reason)
+
+
+async def handle(
+    job: Job,
+    *,
+    pool: asyncpg.Pool,
+    embedder: Embedder | None,
+    data_dir: Path,
+    max_attempts: int | None = None,
+) -> None:
+    """Process one ingestion job (payload: tenant, kb_id, document_id, path, sha256?).
+    ``max_attempts``: the queue's attempts (max_retries + 1); on the last one a failure marks
+    the document ``failed`` before it is raised."""
+    p = _payload(job)
+    try:
+        await _process(p, pool=pool, embedder=embedder, data_dir=data_dir)
+    except Fatal as exc:
+        await _mark_failed(pool, p, str(exc))
+        raise
+    except Exception as exc:
+        if max_attempts is not None and job.attempt >= max_attempts:
+            reason = (
+                "the uploaded file is no longer on the server's disk; upload it again"
+                if isinstance(exc, FileNotFoundError)
+                else f"processing failed after {job.attempt} attempts ({type(exc).__name__}); try again later"
+            )
+            await _mark_failed(pool, p, reason)
+        raise
+
+
+async def _mark_failed(pool: asyncpg.Pool, p: dict, reason: str) -> None:
+    try:
+        await _mark(pool, p["tenant"], p["document_id"], "failed", reason[:1000])
+    except Exception as exc:  # the queue's dead letter still records the failure
+        log.warning("kb ingest: cannot mark %s failed: %s", p["document_id"], exc)
+
+
+async def _process(p: dict[str, Any], *, pool: asyncpg.Pool, embedder: Embedder | None, data_dir: Path) -> None:
+    tenant, kb_id, document_id = p["tenant"], p["kb_id"], p["document_id"]
+    async with store.scoped(pool, tenant) as conn:
+        kb = await store.get_kb(conn, tenant, kb_id)
+        doc = await store.get_document(conn, tenant, document_id)
+        if kb is None or doc is None or doc.kb_id != kb_id or doc.replaced_by is not None:
+            log.info("kb ingest: document %s is gone; nothing to do", document_id)
+            return
+        if doc.status == "ready" and doc.sha256 == (p.get("sha256") or doc.sha256):
+            return  # a duplicate delivery of a job that finished
+        await store.set_status(conn, tenant, document_id, "processing")
+    if embedder is None or kb.embedding_model != embedder.model or kb.dims != embedder.dims:
+        raise Fatal(f"the embedding model {kb.embedding_model!r} is not available on this server")
+    path = document_path(data_dir, tenant, document_id)
+    if not path.is_file():
+        raise FileNotFoundError(f"upload of {document_id} not found")
+    try:
+        sections = await _in_thread(extract, path, doc.filename, doc.content_type)
+    except ExtractionError as exc:
+        await _mark(pool, tenant, document_id, "failed", exc.message)
+        log.info("kb ingest: %s failed: %s (%s)", document_id, exc.code, exc.message)
+        return
+    size, overlap = chunk_settings(kb)
+    chunks = await _in_thread(lambda: chunk(sections, size=size, overlap=overlap))
+    vectors: list[list[float]] = []
+    for start in range(0, len(chunks), EMBED_BATCH):
+        batch = chunks[start : start + EMBED_BATCH]
+        vectors.extend(await embedder.embed([f"{c.section}\n\n{c.text}" if c.section else c.text for c in batch]))
+    async with store.scoped(pool, tenant) as conn:
+        current = await store.get_document(conn, tenant, document_id)
+        if current is None:
+            return  # deleted while it was processed
+        await store.replace_chunks(conn, tenant, kb_id, document_id, chunks, vectors, kb.embedding_model)
+    log.info("kb ingest: %s ready, %d chunks", document_id, len(chunks))
+
+
+async def _in_thread(fn, *args):
+    return await asyncio.to_thread(fn, *args)
