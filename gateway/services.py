@@ -14,6 +14,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from core.config import Config
+from core.fastredis import PipelinedRedis
 from core.upstream import Upstream
 from gateway import kb_worker
 from gateway.db import connect_pool, migrate
@@ -25,7 +26,6 @@ from policies.alerts import AlertSender
 from policies.auth import Authenticator
 from policies.budgets import BudgetCache
 from policies.engine import PolicyEngine
-from policies.fastredis import PipelinedRedis
 from policies.ledger import LedgerWriter, Spool
 from policies.pii.scrub import Scrubber
 from rag.embedding import LocalEmbedder
@@ -107,7 +107,7 @@ class Services:
         # the agent runtime: registry (cached, pub/sub), memory, tools, run records
         agents = AgentRegistry(pool, redis)
         await agents.start()
-        memory = Memory(pool, redis)
+        memory = Memory(pool, redis, fast=PipelinedRedis(settings.redis_url, timeout=2))
         await memory.start()
         tools = ToolRunner()
         await tools.start()

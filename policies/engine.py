@@ -18,11 +18,11 @@ from redis.exceptions import NoScriptError, RedisError
 
 from core.config import Config, Limit
 from core.errors import PermissionDenied, QuotaExceeded, RateLimited, ServiceUnavailable
+from core.fastredis import PipelinedRedis
 from core.tokens import approx_prompt
 from core.types import RequestContext, Usage
 from policies import scripts
 from policies.budgets import NANO, Budget, BudgetCache
-from policies.fastredis import PipelinedRedis
 
 log = logging.getLogger("gateway.policies")
 

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 
 import asyncpg
 import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from core.errors import InvalidRequest
 from core.tokens import count_prompt
@@ -231,9 +231,15 @@ class Memory:
         db_timeout: float = 2.0,
         batch: int = 500,
         claim_idle: float = 15.0,
+        fast=None,
     ) -> None:
         self._pool = pool
         self._redis = redis
+        # The two round trips of a turn (load, append) over the pipelined hiredis client when the
+        # composition passes one (core.fastredis): redis-py's asyncio client cost more CPU per
+        # call than the rest of the memory work together (make bench, --only agents).
+        self._fast = fast
+        self._append_sha: str | None = None
         self._timeout = timeout  # one Redis call on the request path
         self._db_timeout = db_timeout  # the reload from PostgreSQL on a cache miss
         self._append = redis.register_script(_APPEND)
@@ -244,7 +250,16 @@ class Memory:
         )  # fmt: skip
 
     async def start(self) -> None:
+        if self._fast is not None:
+            self._append_sha = await self._fast.script_load(_APPEND)
         await self.writer.start()
+
+    async def _fast_append(self, keys: list[str], args: list) -> None:
+        try:
+            await self._fast.evalsha(self._append_sha, len(keys), *keys, *args)
+        except NoScriptError:  # the server restarted and forgot the script
+            self._append_sha = await self._fast.script_load(_APPEND)
+            await self._fast.evalsha(self._append_sha, len(keys), *keys, *args)
 
     async def stop(self) -> None:
         """Writes what this process stored (and left pending) to PostgreSQL; bounded in time."""
@@ -257,7 +272,11 @@ class Memory:
             async with asyncio.timeout(self._timeout):  # no task per call, unlike wait_for
                 # Only the tail the window can use: the list holds room for tool steps, but a
                 # turn is read back only while it fits, so decoding all of it is wasted work.
-                raw = await self._redis.lrange(window_key, -tail_size(agent.memory), -1)
+                start = -tail_size(agent.memory)
+                if self._fast is not None:
+                    raw = await self._fast.execute("LRANGE", window_key, start, -1)
+                else:
+                    raw = await self._redis.lrange(window_key, start, -1)
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
         if raw:
@@ -324,7 +343,11 @@ class Memory:
             raise MemoryUnavailable(f"unstorable message: {type(exc).__name__}") from None
         window_key, seq_key = keys(tenant, agent.id, conversation_id)
         try:
-            await asyncio.wait_for(self._append(keys=[window_key, seq_key, MEMORY_STREAM], args=args), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                if self._fast is not None:
+                    await self._fast_append([window_key, seq_key, MEMORY_STREAM], args)
+                else:
+                    await self._append(keys=[window_key, seq_key, MEMORY_STREAM], args=args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
 
