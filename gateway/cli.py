@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from core.config import ConfigError, load_config
-from gateway import cli_agents
+from gateway import cli_agents, cli_kb
 from gateway.embedded import EmbeddedServices, default_data_dir, resolve_urls
 
 warnings.filterwarnings("ignore", module="platformdirs")
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = ks.add_parser("revoke")
     revoke.add_argument("id")
     cli_agents.add_parser(sub)
+    cli_kb.add_parser(sub)
     return parser
 
 
@@ -331,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "check-config": cmd_check_config,
         "keys": cmd_keys,
         "agents": cli_agents.run,
+        "kb": cli_kb.run,
     }[args.cmd]
     try:
         return handler(args)

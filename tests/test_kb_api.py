@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -224,3 +227,94 @@ def test_tenant_isolation(gw, loaded):
     r = call(gw, "DELETE", f"/admin/knowledge-bases/{own['id']}", other)
     assert r.status_code == 200
     assert call(gw, "GET", f"/admin/knowledge-bases/{own['id']}", other).status_code == 404
+
+
+def big_document(paragraphs: int = 1500) -> bytes:
+    words = "alpha beta gamma delta epsilon zeta theta iota kappa lambda omicron sigma".split()
+    out = []
+    for i in range(paragraphs):
+        body = " ".join(words[(i + j) % len(words)] for j in range(120))
+        out.append(f"Paragraph {i} about item {i * 7}. {body}.")
+    return "\n\n".join(out).encode()
+
+
+def test_worker_killed_mid_document_still_ends_ready_without_duplicates(tmp_root, services, module_mock, gw):
+    victim = start_gateway(tmp_root, module_mock, services)
+    kb = create_kb(victim)
+    doc = upload(victim, kb["id"], "big.txt", big_document()).json()
+    seen = {}
+
+    def processing() -> bool:
+        seen.update(call(victim, "GET", f"/admin/knowledge-bases/{kb['id']}/documents/{doc['id']}").json())
+        return seen["status"] != "queued"
+
+    wait_until(processing, timeout=60, what="processing started")
+    victim.stop(signal.SIGKILL)  # the gateway dies mid-document (or the other gateway took the job)
+    # `gw` (same database, Redis and data directory) claims the message after the visibility timeout
+    done = wait_done(gw, kb["id"], doc["id"], timeout=240)
+    assert done["status"] == "ready", done
+    rows = chunk_rows(services[0], doc["id"])
+    assert len(rows) == done["chunks"] > 50
+    assert len({r["idx"] for r in rows}) == len(rows) and len({r["generation"] for r in rows}) == 1
+
+
+def test_dead_letters_after_max_retries_then_retry_and_drop(gw, tmp_root):
+    kb = create_kb(gw)
+    data = tmp_root / "data"
+    docs = []
+    for i in range(2):
+        content = f"Document {i} {uuid.uuid4().hex}: its file disappears.\n".encode()
+        # the worker may pick it up at once: remove the stored file as soon as the upload answers
+        r = upload(gw, kb["id"], f"gone-{i}.txt", content)
+        assert r.status_code == 202
+        docs.append(r.json())
+    for d in docs:
+        for stored in data.glob(f"kb/*/{d['id']}"):
+            stored.unlink()
+    results = [wait_done(gw, kb["id"], d["id"], timeout=120) for d in docs]
+    racing = [r for r in results if r["status"] == "ready"]  # processed before the file went
+    failed = [r for r in results if r["status"] == "failed"]
+    if not failed:
+        pytest.skip(f"the worker was faster than the test: {racing}")
+    assert all("no longer on the server" in r["reason"] for r in failed)
+    dead = {}
+
+    def dead_listed() -> bool:
+        letters = call(gw, "GET", "/admin/queues/kb-ingest/dead-letters").json()["data"]
+        dead.update({d["payload"]["document_id"]: d for d in letters})
+        return all(r["id"] in dead for r in failed)
+
+    wait_until(dead_listed, timeout=30, what="dead letters")
+    letter = dead[failed[0]["id"]]
+    assert letter["attempt"] == 3 and "FileNotFoundError" in letter["error"]
+    stats = call(gw, "GET", "/admin/queues/kb-ingest").json()
+    assert stats["dead_letters"] >= len(failed) and stats["retries"] >= 2
+    # the file is back: a retried dead letter now succeeds
+    target = failed[0]
+    stored = Path(letter["payload"]["path"])
+    stored.write_bytes(b"The file is back: restored from a backup.\n")
+    r = call(gw, "POST", f"/admin/queues/kb-ingest/dead-letters/{letter['id']}/retry")
+    assert r.status_code == 200 and r.json()["retried"]
+    assert wait_done(gw, kb["id"], target["id"])["status"] == "ready"
+    assert call(gw, "POST", f"/admin/queues/kb-ingest/dead-letters/{letter['id']}/retry").status_code == 404
+    if len(failed) > 1:
+        other = dead[failed[1]["id"]]
+        assert call(gw, "DELETE", f"/admin/queues/kb-ingest/dead-letters/{other['id']}").status_code == 200
+        letters = call(gw, "GET", "/admin/queues/kb-ingest/dead-letters").json()["data"]
+        assert other["id"] not in {d["id"] for d in letters}
+    assert call(gw, "GET", "/admin/queues/nope").status_code == 404
+
+
+def test_cli_creates_and_adds_with_progress(gw, tmp_root):
+    env = {**os.environ, "GATEWAY_URL": gw.url, "GATEWAY_MASTER_KEY": MASTER_KEY}
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    run = [sys.executable, "-m", "gateway", "kb"]
+    out = subprocess.run([*run, "create", name], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    kb_id = out.stdout.strip()
+    files = [str(DATA / "returns.txt"), str(DATA / "acme.md"), str(DATA / "empty.txt")]
+    out = subprocess.run([*run, "add", name, *files], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 1, out.stderr  # empty.txt failed
+    assert "[1/3] returns.txt … ready" in out.stderr and "[3/3] empty.txt … failed" in out.stderr
+    docs = call(gw, "GET", f"/admin/knowledge-bases/{kb_id}/documents").json()["data"]
+    assert sorted(d["status"] for d in docs) == ["failed", "ready", "ready"]
