@@ -454,16 +454,24 @@ class KbAdmin:
                     doc = await kb_store.set_status(conn, kb.tenant, doc.id, "queued")
                 dest = self._path(kb.tenant, doc.id)
                 _place(upload.path, dest)
-                await self.kb.queue.enqueue(
-                    {
-                        "tenant": kb.tenant,
-                        "kb_id": kb.id,
-                        "document_id": doc.id,
-                        "path": str(dest),
-                        "sha256": doc.sha256,
-                        "queued_at": time.time(),
-                    }
-                )
+            # Queued only once the document is committed: a worker that took the job earlier
+            # would find no document, drop the job, and leave the document queued forever.
+            job = {
+                "tenant": kb.tenant,
+                "kb_id": kb.id,
+                "document_id": doc.id,
+                "path": str(dest),
+                "sha256": doc.sha256,
+                "queued_at": time.time(),
+            }
+            try:
+                await self.kb.queue.enqueue(job)
+            except Exception:
+                async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+                    await kb_store.set_status(
+                        conn, kb.tenant, doc.id, "failed", "The document could not be queued; upload it again."
+                    )
+                raise
             return base._json(describe_doc(doc), 202)
         finally:
             with contextlib.suppress(OSError):

@@ -98,6 +98,10 @@ class Gateway(Proc):
             "REDIS_URL": urls[1],
             "GATEWAY_MASTER_KEY": MASTER_KEY,
             "GATEWAY_DATA_DIR": str(tmp / "data"),
+            # One shared Redis serves the whole suite: only the knowledge-base tests' gateways
+            # consume the ingestion queue (they set it to 1), so no other module's gateway takes
+            # a job and is stopped holding it.
+            "GATEWAY_KB_WORKER": os.environ.get("GATEWAY_KB_WORKER", "0"),
         }
         args = [
             sys.executable,

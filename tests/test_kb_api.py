@@ -28,7 +28,12 @@ BAD = {
     "corrupt.docx": "damaged Word document",
     "empty.txt": "empty",
 }
-KB_ENV = {"GATEWAY_KB_VISIBILITY_TIMEOUT": "2", "GATEWAY_KB_MAX_RETRIES": "2", "GATEWAY_KB_BACKOFF": "0.2"}
+KB_ENV = {
+    "GATEWAY_KB_WORKER": "1",
+    "GATEWAY_KB_VISIBILITY_TIMEOUT": "2",
+    "GATEWAY_KB_MAX_RETRIES": "2",
+    "GATEWAY_KB_BACKOFF": "0.2",
+}
 
 
 def start_gateway(tmp_root: Path, mock, services) -> Gateway:
@@ -229,7 +234,7 @@ def test_tenant_isolation(gw, loaded):
     assert call(gw, "GET", f"/admin/knowledge-bases/{own['id']}", other).status_code == 404
 
 
-def big_document(paragraphs: int = 1500) -> bytes:
+def big_document(paragraphs: int = 300) -> bytes:
     words = "alpha beta gamma delta epsilon zeta theta iota kappa lambda omicron sigma".split()
     out = []
     for i in range(paragraphs):
