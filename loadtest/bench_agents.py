@@ -401,6 +401,20 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
     fixed_script = _fixed_script(tmp, "agent-fixed", fixed, key)
     stateless_script = _fixed_script(tmp, "agent-stateless", agent, key)
     wrk(chat, fixed_script, 2, connections)  # warm-up; fills the fixed conversation's window
+    # Like for like: a plain request carrying what the agent turn sends upstream: its system
+    # prompt, a full window of history (20 turns: the user's message and the model's answer),
+    # and the new message.
+    import jinja2
+
+    _, _, answer = _call(chat, plain, key)
+    reply = answer["choices"][0]["message"]["content"]
+    system = jinja2.Template(TEMPLATE).render(company=COMPANY)
+    sent = [{"role": "system", "content": system}]
+    sent += [m for _ in range(20) for m in ({"role": "user", "content": USER}, {"role": "assistant", "content": reply})]
+    sent.append({"role": "user", "content": USER})
+    history = {"model": "bench", "messages": sent}
+    history_script = _fixed_script(tmp, "plain-history", history, key)
+    res["meta"]["history_messages"] = len(sent)
     wrk(chat, plain_script, 1, connections)
     res["rounds"] = []
     span = max(1, round(seconds * 0.3))
@@ -411,7 +425,10 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
         f = wrk(chat, fixed_script, span, connections)
         v = wrk(chat, varying, span, connections)
         s = wrk(chat, stateless_script, span, connections)
+        h = wrk(chat, history_script, span, connections)
         row = {
+            "plain_history": h,
+            "ratio_fixed_vs_history": f["rps"] / h["rps"],
             "plain": p,
             "agent_fixed": f,
             "agent_new": v,
@@ -565,6 +582,7 @@ def report(res: dict, date: str) -> str:
             f"| {r['agent_stateless']['rps']:.0f} | {r['ratio_stateless']:.3f} |"
         )
     stateless = sorted(r["ratio_stateless"] for r in rounds)
+    like = sorted(r["ratio_fixed_vs_history"] for r in rounds if "ratio_fixed_vs_history" in r)
     errors = sum(r[k]["non_2xx"] for r in rounds for k in ("plain", "agent_fixed", "agent_new", "agent_stateless"))
     lines += [
         "",
@@ -574,6 +592,12 @@ def report(res: dict, date: str) -> str:
         "Redis window, so one PostgreSQL read per turn, and every turn copied to PostgreSQL in the background). "
         f"Without a conversation id (prompt rendered, no memory): **{_median(stateless):.3f}×**. "
         f"Non-2xx answers over all rounds: {errors}.",
+        "",
+        f"Like for like — the agent turn with one conversation vs. a plain request carrying the same "
+        f"{res['meta'].get('history_messages', '?')} messages upstream (its system prompt and history): "
+        f"**{like[len(like) // 2]:.3f}×** (median of {len(like)} rounds: {', '.join(f'{x:.2f}' for x in like)})."
+        if like
+        else "",
         "",
         "## Added latency at a fixed 100 req/s (targets alternating, one keep-alive connection each)",
         "",
