@@ -5,7 +5,6 @@ on request, and a real HTTP tool server."""
 from __future__ import annotations
 
 import sys
-import time
 import uuid
 
 import httpx
@@ -171,7 +170,7 @@ def test_two_step_tool_loop_against_a_real_tool_server(pair, tools, services):
     cities = [r["query"].get("city") for r in tools.requests() if r["path"] == "/weather"]
     assert cities[-2:] == ["Paris", "Oslo"]
     rid = resp.headers["x-request-id"]
-    run = wait_for(lambda: admin(a, "GET", f"/admin/runs/{rid}"))
+    run = run_record(a, rid)
     kinds = [s["kind"] for s in run["steps"]]
     assert kinds.count("model") == 3 and kinds.count("tool") == 2
     # one audit record per model call, linked by the request id and the step
@@ -181,15 +180,18 @@ def test_two_step_tool_loop_against_a_real_tool_server(pair, tools, services):
     assert answer.usage.prompt_tokens == sum(r["prompt_tokens"] for r in rows)
 
 
-def wait_for(get) -> dict:
-    deadline = time.monotonic() + 15
-    while True:
-        r = get()
+def run_record(gw: Gateway, request_id: str) -> dict:
+    """The agent run of a request, once its record is written (conftest's wait_until polls)."""
+    found: dict = {}
+
+    def written() -> bool:
+        r = admin(gw, "GET", f"/admin/runs/{request_id}")
         if r.status_code == 200:
-            return r.json()
-        if time.monotonic() > deadline:
-            raise AssertionError(r.text)
-        time.sleep(0.1)
+            found.update(r.json())
+        return bool(found)
+
+    wait_until(written, timeout=15, what=f"run record of {request_id}")
+    return found
 
 
 def test_client_tools_reach_the_client_and_invalid_arguments_go_back_to_the_model(pair, tools):
@@ -232,7 +234,7 @@ def test_max_steps_ends_the_loop(pair, tools):
         extra_body={"variables": {"company": "Acme"}},
     )
     assert resp.parse().choices[0].message.content == "Sorry, I got stuck."
-    run = wait_for(lambda: admin(a, "GET", f"/admin/runs/{resp.headers['x-request-id']}"))
+    run = run_record(a, resp.headers["x-request-id"])
     assert [s["kind"] for s in run["steps"]].count("model") == 3
 
 
