@@ -19,20 +19,14 @@ from core.types import RequestContext
 log = logging.getLogger("gateway.grounding")
 
 DEFAULTS = {"top_k": 5, "threshold": 0.7, "max_context_tokens": 3000}
-_embedder = None
 
 
 def embedder(svc):
-    """The process's embedder for knowledge bases on the local model (loaded on first use)."""
-    global _embedder
-    found = getattr(svc, "embedder", None)
-    if found is not None:
-        return found
-    if _embedder is None:
-        from rag.embedding import LocalEmbedder
-
-        _embedder = LocalEmbedder()
-    return _embedder
+    """The process's local embedding model (created at start-up, shared with the admin API's
+    retrieval test); None when its weights are not installed."""
+    if svc.embedder is None:
+        raise RuntimeError("the local embedding model is not installed")
+    return svc.embedder
 
 
 def _question(messages: list) -> str:
