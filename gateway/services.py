@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
@@ -30,6 +30,7 @@ from policies.ledger import LedgerWriter, Spool
 from policies.pii.scrub import Scrubber
 from rag.embedding import LocalEmbedder
 from runtime.agents import AgentRegistry
+from runtime.delivery import Delivery
 from runtime.memory import Memory
 from runtime.runs import RunRecorder
 from runtime.tools import ToolRunner
@@ -67,6 +68,7 @@ class Services:
     runs: RunRecorder | None = None
     embedder: LocalEmbedder | None = None  # the local embedding model, for queries
     kb: kb_worker.KbWorker | None = None  # the kb-ingest queue, its worker, where uploads are kept
+    delivery: Delivery = field(default_factory=Delivery)  # channel deliverers (human replies etc.)
     _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check
     _ready_check: asyncio.Future | None = None  # the check under way, shared by its callers
 
