@@ -308,6 +308,18 @@ class Server(_Strict):
         return _cidrs(v)
 
 
+class Channels(_Strict):
+    """Channel accounts, by channel and account name. Each channel package validates its own
+    accounts' fields at start-up (the kernel does not know the channels); ``${VAR}`` secrets are
+    interpolated here like everywhere else."""
+
+    # The gateway's own base URL, which the channel adapters call as OpenAI clients (empty: the
+    # address this process listens on).
+    gateway_url: str = ""
+    whatsapp: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    vapi: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
 class Config(_Strict):
     server: Server = Field(default_factory=Server)
     router: RouterSettings = Field(default_factory=RouterSettings)
@@ -318,6 +330,7 @@ class Config(_Strict):
     pii: Pii = Field(default_factory=Pii)
     providers: list[Provider] = Field(default_factory=list)
     models: list[Model] = Field(default_factory=list)
+    channels: Channels = Field(default_factory=Channels)
 
     def provider(self, name: str) -> Provider:
         return next(p for p in self.providers if p.name == name)
