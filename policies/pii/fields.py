@@ -4,7 +4,8 @@ Chat: message content (strings, text and refusal parts, every role), message ``n
 ``refusal``, tool-call and function-call arguments, tool and function definitions (the
 description and every string of the parameters' schema that is not structure: ``type``,
 ``$ref``, ``required``, ... are left alone), the ``prediction``, the ``response_format``
-JSON schema's description and strings, ``metadata`` keys and values, and ``user``.
+JSON schema's description and strings, ``stop`` sequences, ``metadata`` keys and values, and
+``user``.
 Embeddings: the input, as strings or as token arrays (decoded with the model's tokenizer,
 scrubbed, encoded again when anything was found), ``metadata`` and ``user``.
 
@@ -147,6 +148,11 @@ def _chat(body: dict, out: list[Slot]) -> None:
             for j, part in enumerate(content):
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     out.append(Slot(f"prediction.content[{j}].text", part, "text"))
+    stop = body.get("stop")  # a stop sequence leaves too (a placeholder there just never matches)
+    if isinstance(stop, str):
+        out.append(Slot("stop", body, "stop"))
+    elif isinstance(stop, list):
+        out.extend(Slot(f"stop[{i}]", stop, i) for i, v in enumerate(stop) if isinstance(v, str))
     fmt = body.get("response_format")
     schema = fmt.get("json_schema") if isinstance(fmt, dict) else None
     if isinstance(schema, dict):

@@ -385,6 +385,7 @@ def test_item18_tool_definitions_names_metadata_prediction_and_user_are_scrubbed
         ],
         "metadata": {"customer": "cust@example.org", "bob@example.org": "vip", "agent": "support"},
         "prediction": {"type": "content", "content": f"Dear {EMAIL}, your order ORD-48213"},
+        "stop": ["Regards, jane.roe@example.org", "END"],
         "user": "end.user@example.org",
     }
     mock.clear()
@@ -404,6 +405,7 @@ def test_item18_tool_definitions_names_metadata_prediction_and_user_are_scrubbed
     assert sent["prediction"]["content"] == "Dear <EMAIL_1>, your order <ORDER_ID_1>"  # the name's address
     assert sent["metadata"] == {"customer": "<EMAIL_4>", "<EMAIL_5>": "vip", "agent": "support"}
     assert list(sent["metadata"]) == ["customer", "<EMAIL_5>", "agent"]  # a key renamed in place
+    assert sent["stop"] == ["Regards, <EMAIL_1>", "END"]
     assert sent["user"] == "<EMAIL_6>"
 
 
