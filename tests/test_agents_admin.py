@@ -318,6 +318,33 @@ def test_feedback_validation(gw):
     assert ok.status_code == 201 and ok.json()["object"] == "feedback" and ok.json()["id"].startswith("fb_")
 
 
+def test_feedback_is_rate_limited_per_key_before_anything_is_stored(gw, services):
+    tenant = unique("fbrl")
+    resp = call(gw, "POST", "/admin/keys", json={"name": unique("k"), "tenant": tenant, "rpm": 3})
+    key = resp.json()["key"]
+    codes: list[int] = []
+    for _ in range(2):  # a minute boundary may split one burst; never two in a row
+        burst = [call(gw, "POST", "/v1/feedback", key, json={"request_id": "r", "thumbs": 1}) for _ in range(5)]
+        codes += [r.status_code for r in burst]
+        if burst[-1].status_code == 429:
+            break
+    assert codes[-1] == 429 and codes[-2] == 429 and set(codes) == {201, 429}, codes
+    refused = call(gw, "POST", "/v1/feedback", key, json={"request_id": "r9", "thumbs": 1})
+    if refused.status_code == 429:
+        assert refused.json()["error"]["type"] == "rate_limit_error" and int(refused.headers["retry-after"]) >= 1
+
+    async def stored() -> int:
+        conn = await asyncpg.connect(services[0])
+        try:
+            return await conn.fetchval("SELECT count(*) FROM feedback WHERE tenant = $1", tenant)
+        finally:
+            await conn.close()
+
+    assert asyncio.run(stored()) == codes.count(201) + (refused.status_code == 201)
+    other = new_key(gw, tenant)  # another key has its own window
+    assert call(gw, "POST", "/v1/feedback", other, json={"request_id": "r1", "thumbs": 1}).status_code == 201
+
+
 def seed_turns(database_url: str, tenant: str, agent: str, rows: list[tuple[str, str, str]]) -> None:
     """Ledger rows as the agent stage writes them: (request_id, variant, conversation_id), two
     steps each."""
