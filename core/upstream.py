@@ -13,6 +13,11 @@ import aiohttp
 from core.config import Timeouts
 from core.errors import UpstreamError, UpstreamTimeout
 
+# A provider's answer is read into memory whole (streams are relayed, not read here): bounded so
+# a broken or hostile upstream cannot exhaust the process. Error bodies are only ever excerpted.
+MAX_BODY_BYTES = 256 * 1024 * 1024
+MAX_ERROR_BODY_BYTES = 1024 * 1024
+
 
 class Upstream:
     def __init__(self) -> None:
@@ -56,8 +61,26 @@ class Upstream:
             ) from None
 
     async def read(self, resp: aiohttp.ClientResponse, provider: str) -> bytes:
+        """The whole body, at most ``MAX_BODY_BYTES`` (``MAX_ERROR_BODY_BYTES`` for an error
+        status, whose excess is dropped); a larger success body is a 502."""
+        limit = MAX_ERROR_BODY_BYTES if resp.status >= 400 else MAX_BODY_BYTES
         try:
-            return await resp.read()
+            if resp.content_length is not None and resp.content_length <= limit:
+                return await resp.read()
+            parts: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    if resp.status >= 400:
+                        parts.append(chunk[: len(chunk) - (size - limit)])
+                        break
+                    raise UpstreamError(
+                        f"Provider {provider} sent a response larger than {limit // (1024 * 1024)} MiB.",
+                        code="upstream_response_too_large",
+                    )
+                parts.append(chunk)
+            return b"".join(parts)
         except TimeoutError:
             raise UpstreamTimeout(f"Provider {provider} stalled while sending its response.") from None
         except aiohttp.ClientError as exc:

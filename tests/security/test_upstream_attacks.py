@@ -512,3 +512,19 @@ def test_item19_embedding_mode_is_inferred_from_the_bundled_model_map(sdk, umock
     assert "embedding model" in exc.value.message
     listed = {m.id for m in sdk.models.list()}
     assert model in listed
+
+
+@pytest.mark.parametrize("model", ["gpt-mock", "claude-mock"])
+def test_oversized_upstream_error_body_is_read_only_up_to_its_cap(sdk, umock, model):
+    """A provider answering an error with megabytes: the gateway reads at most 1 MiB of it (the
+    JSON is then cut short) and still answers an OpenAI-shaped error of bounded size."""
+    directive = {"status": 400, "message": "x" * (3 * 1024 * 1024)}
+    with pytest.raises(openai.APIStatusError) as exc:
+        sdk.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"hi [[mock:{json.dumps(directive)}]]"}]
+        )
+    assert exc.value.status_code in (400, 502)
+    assert len(exc.value.response.content) < 64 * 1024
+    assert set(exc.value.body) >= {"message", "type"}
+    ok = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "still here?"}])
+    assert ok.choices[0].message.content
