@@ -67,6 +67,10 @@ class Identity:
     # Attribution values the key may assert, by field: {"customer": ["acme", "acme-*"], ...};
     # a field not named is free. Set by the admin who minted the key.
     attribution: Any = None
+    # The rate windows of the keys that minted this one (their key id and config.Limit), up the
+    # chain: a minted key's requests count in each, so minting many children never multiplies
+    # the minter's rate. Recorded at minting (metadata ``shared_limits``).
+    shared_limits: tuple = ()
 
 
 @dataclass(slots=True)

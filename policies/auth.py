@@ -107,7 +107,21 @@ def _identity(row) -> Identity:
         pii_policy=meta.get("pii_policy"),
         allowed_ips=_allowed_ips(row["id"], meta.get("allowed_ips")),
         attribution=meta.get("attribution") or None,
+        shared_limits=_shared_limits(meta.get("shared_limits")),
     )
+
+
+def _shared_limits(value) -> tuple:
+    """((key id, config.Limit), ...) from the metadata minting wrote; unreadable entries skipped."""
+    from core.config import Limit
+
+    out = []
+    for item in value if isinstance(value, list) else ():
+        if isinstance(item, dict) and isinstance(item.get("key"), str):
+            rpm, tpm = item.get("rpm") or 0, item.get("tpm") or 0
+            if isinstance(rpm, int) and isinstance(tpm, int) and (rpm > 0 or tpm > 0):
+                out.append((item["key"], Limit(rpm=rpm, tpm=tpm)))
+    return tuple(out)
 
 
 class _Cached:

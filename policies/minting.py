@@ -29,6 +29,9 @@ def _within(pattern: str, allowed: list[str]) -> bool:
     return False
 
 
+MAX_SHARED_LIMITS = 16  # minting depth whose windows a key shares (deeper chains: the nearest)
+
+
 def narrow(minter: Identity, tenant: str | None, settings: dict) -> tuple[str, dict]:
     """(tenant, settings) for a key minted by ``minter``; raises when it asks for more.
 
@@ -79,6 +82,14 @@ def narrow(minter: Identity, tenant: str | None, settings: dict) -> tuple[str, d
             elif asked > cap:
                 raise _wider(name, f"{name} {asked} exceeds the minting key's {cap}")
         out["limits"] = {"rpm": mine.get("rpm") or 0, "tpm": mine.get("tpm") or 0}
+    # the child's requests count in the minter's windows too (and in those the minter shares)
+    shared = [{"key": k, "rpm": lim.rpm, "tpm": lim.tpm} for k, lim in getattr(minter, "shared_limits", ())]
+    if limits is not None and (limits.rpm or limits.tpm):
+        shared.insert(0, {"key": minter.key_id, "rpm": limits.rpm, "tpm": limits.tpm})
+    if shared:
+        out["shared_limits"] = shared[:MAX_SHARED_LIMITS]
+    else:
+        out.pop("shared_limits", None)
     allowed_ips = getattr(minter, "allowed_ips", None)
     if allowed_ips:
         nets = [ipaddress.ip_network(n, strict=False) for n in allowed_ips]

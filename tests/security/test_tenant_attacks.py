@@ -119,6 +119,28 @@ def test_item8_tenant_admin_cannot_mint_a_key_wider_than_itself(gw):
     assert r.status_code == 403
 
 
+def test_item8_minted_children_share_the_minters_rate_window(gw):
+    """A key limited to 4 requests a minute that mints children (each inheriting rpm 4) cannot
+    turn them into 4 per child: every request of the family counts in the minter's window."""
+    boss = new_key(gw, tenant=tenant(), scopes=["admin"], rpm=4)
+    kids = [as_key(gw, boss["key"], "POST", "/admin/keys", json={"name": f"kid{i}"}).json() for i in range(3)]
+    grandchild = as_key(gw, kids[0]["key"], "POST", "/admin/keys", json={"name": "gc", "scopes": []})
+    assert grandchild.status_code == 403  # kids hold no admin scope
+    served = refused = 0
+    for key in [k["key"] for k in kids] * 3:  # 9 requests from three children, rpm 4 each
+        try:
+            chat(gw, key)
+            served += 1
+        except openai.RateLimitError as exc:
+            refused += 1
+            assert "minting key" in exc.message
+    # one minute window (a minute boundary in the burst may let a second window's worth in)
+    assert served <= 8 and refused >= 1, (served, refused)
+    if served == 4:
+        with pytest.raises(openai.RateLimitError):
+            chat(gw, boss["key"])  # the minter's own requests share the same window
+
+
 def test_item8_tenant_admin_cannot_lift_a_budget_the_super_admin_set(gw):
     ta = tenant()
     boss = new_key(gw, tenant=ta, scopes=["admin"])
