@@ -405,3 +405,78 @@ def test_another_tenant_cannot_use_or_see_the_account(env):
     assert r.status_code == 200 and r.json()["data"] == []
     r = admin(gw, "GET", "/admin/channels/vapi/calls?account=main", key=other)
     assert r.status_code == 404
+
+
+def test_human_reply_delivery_reports_or_calls_back(env):
+    """The deliverer through runtime.delivery's registry, over the real call records: a live
+    call cannot be spoken into; an ended one is reported, or called back (once per reference)
+    through VAPI's API when the account says so. A conversation that is no VAPI call is not
+    this channel's, whatever its id looks like."""
+    from channels.vapi import VapiChannel, VapiDeliverer, parse_accounts
+    from channels.vapi.calls import CallStore
+    from channels.vapi.wire import CallInfo
+    from gateway.db import tenant_transaction
+    from gateway.vapi_channel import _Deliverer
+    from runtime.delivery import Delivery, Outbound
+
+    settings = {
+        "tenant": TENANT,
+        "api_key": env["key"],
+        "public_url": PUBLIC_URL,
+        "auth": {"bearer_token": TOKEN},
+        "default_agent": AGENT,
+        "vapi_api_url": env["api"].url,
+        "vapi_api_key": VAPI_KEY,
+        "outbound_phone_number_id": "pn_main",
+    }
+    accounts = parse_accounts({"main": {**settings, "delivery": "callback"}, "quiet": settings})
+
+    async def go():
+        pool = await asyncpg.create_pool(env["db"], min_size=1, max_size=2)
+        try:
+            store = CallStore(lambda tenant: tenant_transaction(pool, tenant))
+            channel = VapiChannel(accounts, store, events=None, upstream=None)
+            await channel.start()
+            delivery = Delivery()
+            delivery.register("vapi", _Deliverer(VapiDeliverer(channel)))
+            live, ended, quiet = (str(uuid.uuid4()) for _ in range(3))
+            for account, call_id, status in (
+                ("main", live, "in-progress"),
+                ("main", ended, "ended"),
+                ("quiet", quiet, "ended"),
+            ):
+                info = CallInfo(call_id=call_id, customer_number="+14155550166")
+                await store.upsert(TENANT, account, info, AGENT, status)
+
+            def reply(call_id: str, ref: str | None = "esc_1") -> Outbound:
+                return Outbound(TENANT, AGENT, f"vapi:{call_id}", "A human says hello.", ref=ref)
+
+            out = {
+                "live": await delivery.deliver(reply(live)),
+                "quiet": await delivery.deliver(reply(quiet)),
+                "ended": await delivery.deliver(reply(ended)),
+                "again": await delivery.deliver(reply(ended)),
+                "other tenant": await delivery.deliver(Outbound("someone-else", AGENT, f"vapi:{ended}", "x")),
+                "not a call": await delivery.deliver(reply(str(uuid.uuid4()))),
+            }
+            await channel.stop()
+            return out
+        finally:
+            await pool.close()
+
+    before = len(env["api"].requests())
+    out = asyncio.run(go())
+    assert (out["live"].channel, out["live"].status) == ("vapi", "failed") and "in progress" in out["live"].detail
+    assert out["quiet"].status == "failed" and out["quiet"].detail == "call ended; no outbound path"
+    assert out["ended"].status == "sent" and out["again"].status == "sent"
+    assert (out["other tenant"].channel, out["not a call"].channel) == ("api", "api")
+    calls = env["api"].requests()[before:]
+    assert len(calls) == 1  # the repeated reference did not call twice
+    assert calls[0]["body"]["customer"] == {"number": "+14155550166"}
+    assert calls[0]["body"]["assistant"]["firstMessage"] == "A human says hello."
+    assert (
+        out["ended"].detail
+        == query(
+            env["db"], "SELECT call_id FROM vapi_calls WHERE metadata->>'reply_ref' = 'esc_1' AND tenant = $1", TENANT
+        )[0]["call_id"]
+    )
