@@ -480,3 +480,73 @@ def test_human_reply_delivery_reports_or_calls_back(env):
             env["db"], "SELECT call_id FROM vapi_calls WHERE metadata->>'reply_ref' = 'esc_1' AND tenant = $1", TENANT
         )[0]["call_id"]
     )
+
+
+def test_account_settings_problems_name_their_path():
+    from channels.vapi import parse_accounts
+    from core.config import ConfigError
+
+    good = {"tenant": "t", "api_key": "sk-gw-01234567", "public_url": PUBLIC_URL, "auth": {"secret": SECRET}}
+    assert parse_accounts({"main": good})["main"].agent_for("a", "p") is None
+    with pytest.raises(ConfigError) as exc:
+        parse_accounts(
+            {
+                "no-auth": {**good, "auth": {}},
+                "short": {**good, "auth": {"bearer_token": "short"}},
+                "url": {**good, "public_url": "ftp://x"},
+                "number": {**good, "transfer_number": "555-0100"},
+                "model": {**good, "assistant": {"model": {"provider": "openai"}}},
+                "agent": {**good, "phone_numbers": {"pn_1": "Not An Agent"}},
+                "extra": {**good, "surprise": 1},
+                "bad name/..": good,
+            }
+        )
+    text = "\n".join(exc.value.problems)
+    for where in (
+        "channels.vapi.no-auth.auth:",
+        "channels.vapi.short.auth.bearer_token:",
+        "channels.vapi.url.public_url:",
+        "channels.vapi.number.transfer_number:",
+        "channels.vapi.model.assistant:",
+        "channels.vapi.agent.phone_numbers:",
+        "channels.vapi.extra.surprise:",
+        "channels.vapi.bad name/..:",
+    ):
+        assert where in text, text
+    assert SECRET not in text and "sk-gw-01234567" not in text  # secrets never in the problems
+
+
+def test_a_gateway_with_a_wrong_account_key_does_not_start(tmp_root, services, module_mock):
+    import os
+    import subprocess
+
+    import yaml
+
+    config = {
+        "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "m", "deployments": [{"provider": "pp", "model": "m"}]}],
+        "channels": {
+            "vapi": {
+                "main": {
+                    "tenant": TENANT,
+                    "api_key": "sk-gw-not-a-key",
+                    "public_url": PUBLIC_URL,
+                    "auth": {"secret": SECRET},
+                }
+            }
+        },
+    }
+    path = tmp_root / "vapi-wrong-key.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        "DATABASE_URL": services[0],
+        "REDIS_URL": services[1],
+        "GATEWAY_MASTER_KEY": MASTER_KEY,
+        "GATEWAY_DATA_DIR": str(tmp_root / "data"),
+        "GATEWAY_KB_WORKER": "0",
+    }
+    args = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(free_port())]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "channels.vapi.main.api_key: not an active key" in out.stdout + out.stderr
