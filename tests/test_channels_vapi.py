@@ -241,6 +241,7 @@ def test_bad_credentials_rejected_and_nothing_stored(env, headers):
         assert r.status_code == 401, r.text
         assert r.json()["error"]["code"] == "invalid_vapi_credential"
     assert query(env["db"], "SELECT 1 FROM vapi_calls WHERE call_id = $1", call_id) == []
+    assert 'gateway_vapi_refused_total{endpoint="events"}' in httpx.get(f"{env['gw'].url}/metrics").text
 
 
 def test_unknown_account_looks_like_a_bad_credential(env):
@@ -550,3 +551,30 @@ def test_a_gateway_with_a_wrong_account_key_does_not_start(tmp_root, services, m
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "channels.vapi.main.api_key: not an active key" in out.stdout + out.stderr
+
+
+def test_the_agent_is_the_accounts_choice(env):
+    """The call's phone number picks the agent; a `model` VAPI sends picks one only among the
+    account's own agents; a message type nobody knows is counted as `other`, not by its name."""
+
+    def agent_of(body: dict) -> str:
+        r = httpx.post(
+            f"{base(env)}/chat/completions",
+            json={"messages": [{"role": "user", "content": "who answers"}], "stream": False, **body},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        return r.headers["x-gateway-agent"]
+
+    assert agent_of({"call": {"id": str(uuid.uuid4()), "phoneNumberId": "pn_plain"}}) == PLAIN
+    assert agent_of({"model": f"agent:{PLAIN}"}) == PLAIN  # no call id: stateless, the account's agent
+    assert agent_of({"model": "agent:someone-elses-agent"}) == AGENT  # not the account's: the default
+    r = httpx.post(
+        f"{base(env)}/events",
+        json={"message": {"type": "totally-new-type-\u0000"}},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert r.status_code == 200 and r.json() == {}
+    metrics = httpx.get(f"{env['gw'].url}/metrics").text
+    assert 'gateway_vapi_events_total{type="other"}' in metrics and "totally-new-type" not in metrics

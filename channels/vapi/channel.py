@@ -14,7 +14,7 @@ import logging
 
 import aiohttp
 
-from channels.vapi import llm, wire
+from channels.vapi import llm, metrics, wire
 from channels.vapi.calls import CallStore, VapiApi
 from channels.vapi.config import E164, VapiAccount
 from channels.vapi.events import Events, assistant_config
@@ -65,6 +65,7 @@ class VapiChannel:
         if scope["method"] != "POST":
             raise MethodNotAllowed(f"Use POST on /channels/vapi/{{account}}/{rest}.")
         if account is None or not wire.authentic(account, scope):
+            metrics.REFUSED.labels("llm" if rest == "chat/completions" else "events").inc()
             raise Unauthenticated(_UNAUTHENTICATED, code="invalid_vapi_credential")
         if rest == "chat/completions":
             body = await llm.read(scope, receive, account)

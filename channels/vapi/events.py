@@ -23,7 +23,7 @@ import copy
 import logging
 from collections.abc import Awaitable, Callable
 
-from channels.vapi import wire
+from channels.vapi import metrics, wire
 from channels.vapi.calls import CallStore, read_report
 from channels.vapi.config import VapiAccount
 from core.errors import InvalidRequest
@@ -110,6 +110,7 @@ class Events:
 
     async def handle(self, name: str, account: VapiAccount, body: dict, request_id: str) -> dict:
         message, kind = _message(body)
+        metrics.event(kind)
         info = _info(message)
         agent = account.agent_for(info.assistant_id, info.phone_number_id)
         if kind == "assistant-request":

@@ -28,7 +28,7 @@ import logging
 
 import orjson
 
-from channels.vapi import wire
+from channels.vapi import metrics, wire
 from channels.vapi.config import VapiAccount
 from core import http
 from core.config import Timeouts
@@ -114,6 +114,7 @@ async def relay(
     resp = await upstream.post(
         f"{gateway_url}/v1/chat/completions", orjson.dumps(payload), headers, timeouts, "gateway"
     )
+    metrics.TURNS.labels(f"{resp.status // 100}xx").inc()
     try:
         out_headers = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         for name in _RELAYED_HEADERS:
