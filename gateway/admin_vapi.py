@@ -2,6 +2,8 @@
 
     POST /admin/channels/vapi/calls   {"account", "to", "agent"?, "variables"?}  → 201 the call record
     GET  /admin/channels/vapi/calls   ?account= &limit=  → the tenant's call records, newest first
+                                      (without transcripts: ``transcript_chars``)
+    GET  /admin/channels/vapi/calls/{id}                  → one record (the gateway's ``vcall_`` id)
 
 Mounted into gateway/admin.py (authenticated, access-logged). A tenant admin places calls only
 from its own tenant's accounts and sees only its tenant's calls (filtered in SQL, walled by
@@ -51,6 +53,7 @@ class VapiAdmin:
         return [
             Route("/admin/channels/vapi/calls", self.create_call, methods=["POST"]),
             Route("/admin/channels/vapi/calls", self.list_calls, methods=["GET"]),
+            Route("/admin/channels/vapi/calls/{record_id}", self.get_call, methods=["GET"]),
         ]
 
     def _channel(self):
@@ -94,6 +97,14 @@ class VapiAdmin:
             self._account(request, channel, account)
         calls = await channel.store.list(base._wall(request), base._view(request), int(limit), account)
         return base._json({"object": "list", "data": calls})
+
+    async def get_call(self, request: Request) -> Response:
+        channel = self._channel()
+        record_id = request.path_params["record_id"][:64]
+        call = await channel.store.get(base._wall(request), base._view(request), record_id)
+        if call is None:
+            raise NotFound(f"No call record {record_id!r}.", param="record_id")
+        return base._json(call)
 
 
 def routes(admin) -> list[Route]:

@@ -213,7 +213,10 @@ def test_full_simulated_call_with_tool_call_and_duplicated_report(env):
     assert query(env["db"], "SELECT status FROM vapi_calls WHERE call_id = $1", call.call_id) == [{"status": "ended"}]
     # the call is listed for the admin
     listed = admin(env["gw"], "GET", f"/admin/channels/vapi/calls?tenant={TENANT}").json()["data"]
-    assert call.call_id in {c["call_id"] for c in listed}
+    entry = next(c for c in listed if c["call_id"] == call.call_id)
+    assert "transcript" not in entry and entry["transcript_chars"] == len(row["transcript"])
+    record = admin(env["gw"], "GET", f"/admin/channels/vapi/calls/{row['id']}").json()
+    assert record["transcript"] == row["transcript"] and record["cost_usd"] == pytest.approx(0.1234)
 
 
 def test_transfer_destination_is_the_human_line(env):
@@ -406,6 +409,9 @@ def test_another_tenant_cannot_use_or_see_the_account(env):
     assert r.status_code == 200 and r.json()["data"] == []
     r = admin(gw, "GET", "/admin/channels/vapi/calls?account=main", key=other)
     assert r.status_code == 404
+    mine = admin(gw, "POST", "/admin/channels/vapi/calls", json={"account": "main", "to": "+14155550199"}).json()
+    assert admin(gw, "GET", f"/admin/channels/vapi/calls/{mine['id']}").status_code == 200
+    assert admin(gw, "GET", f"/admin/channels/vapi/calls/{mine['id']}", key=other).status_code == 404
 
 
 def test_human_reply_delivery_reports_or_calls_back(env):

@@ -147,9 +147,12 @@ def read_report(message: dict) -> Report:
     )
 
 
-def describe(row) -> dict:
+def describe(row, transcript: bool = True) -> dict:
     out = {k: row[k] for k in row.keys() if k not in ("metadata",)}
     out["object"] = "vapi.call"
+    if not transcript:  # listings stay small; the record itself has it
+        text = out.pop("transcript", None)
+        out["transcript_chars"] = len(text) if text else 0
     meta = row["metadata"]
     out["metadata"] = orjson.loads(meta) if isinstance(meta, str) else meta
     for k in ("created_at", "updated_at", "ended_at", "reported_at"):
@@ -254,7 +257,17 @@ class CallStore:
                 account,
                 limit,
             )
-        return [describe(r) for r in rows]
+        return [describe(r, transcript=False) for r in rows]
+
+    async def get(self, wall: str | None, view: str | None, record_id: str) -> dict | None:
+        """One call record by the gateway's own id (``vcall_...``), transcript included."""
+        async with self._tx(wall) as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM vapi_calls WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
+                record_id,
+                view,
+            )
+        return describe(row) if row is not None else None
 
     async def callback_for(self, tenant: str, ref: str) -> str | None:
         """The call id of the callback already placed for a delivery ``ref``, if any."""

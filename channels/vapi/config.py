@@ -80,7 +80,8 @@ class VapiAccount(_Strict):
     vapi_api_key: str | None = Field(None, min_length=8, max_length=512)
     outbound_phone_number_id: str | None = None
     assistant: dict[str, Any] = Field(default_factory=dict)  # merged into assistant-request answers
-    max_body_bytes: int = Field(1024 * 1024, ge=16 * 1024, le=16 * 1024 * 1024)
+    # a long call's end-of-call report carries its whole transcript twice (text and messages)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=16 * 1024, le=16 * 1024 * 1024)
     tool_timeout_s: float = Field(20.0, gt=0, le=120)
     llm_timeout_s: float = Field(60.0, gt=0, le=600)  # one custom-LLM turn through the gateway
     # What a message for a call's customer outside the call (a human's reply) does: "report" it
