@@ -523,6 +523,20 @@ def test_account_settings_problems_name_their_path():
     assert SECRET not in text and "sk-gw-01234567" not in text  # secrets never in the problems
 
 
+def test_check_config_names_account_problems(tmp_root):
+    import subprocess
+
+    import yaml
+
+    path = tmp_root / "vapi-bad-account.yaml"
+    path.write_text(yaml.safe_dump({"channels": {"vapi": {"main": {"tenant": "t", "api_key": "sk-gw-01234567"}}}}))
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 1
+    assert "channels.vapi.main.public_url" in out.stderr and "channels.vapi.main.auth" in out.stderr
+
+
 def test_a_gateway_with_a_wrong_account_key_does_not_start(tmp_root, services, module_mock):
     import os
     import subprocess
