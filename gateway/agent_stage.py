@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 
+from channels.vapi import wire as vapi_wire
 from core.errors import InvalidRequest, ModelNotFound, PermissionDenied
 from core.types import RequestContext, excerpt
 from gateway import grounding
@@ -96,6 +97,8 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     sticky = conv or str(ctx.body.get("user") or ctx.request_id)
     selection = select(agent, selector, sticky)
     variables = _variables(ctx)
+    if isinstance(ctx.body.get("call"), dict):  # VAPI pointed straight at /v1: its call facts as variables
+        variables = {**vapi_wire.take_call_variables(ctx.body), **variables}
     system = render(selection.version, variables, agent.defaults)
     client_messages = list(ctx.body.get("messages") or [])
     turn = Turn(

@@ -16,7 +16,7 @@ from core.config import load_config
 from core.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
 from core.logs import access_log
 from core.types import RequestContext, excerpt
-from gateway import agent_stage, grounding, pipeline
+from gateway import agent_stage, grounding, pipeline, vapi_channel
 from gateway.admin import Admin
 from gateway.feedback import feedback as post_feedback
 from gateway.openapi import openapi_document
@@ -36,6 +36,7 @@ class GatewayApp:
         self._created = int(time.time())
         self._openapi = None
         self.admin = Admin(self)
+        self.vapi = None  # the VAPI channel (gateway/vapi_channel.py), when accounts are configured
         routes = {
             "/healthz": ("GET", self._healthz),
             "/readyz": ("GET", self._readyz),
@@ -65,12 +66,15 @@ class GatewayApp:
                     self.svc = await Services.start(self.settings)
                     # the knowledge_search built-in searches the agent's knowledge bases
                     self.svc.tools.handlers["knowledge_search"] = grounding.knowledge_search_handler(self.svc)
+                    self.vapi = await vapi_channel.start(self.svc)
                 except Exception as exc:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.vapi is not None:
+                    await self.vapi.stop()
                 if self.svc is not None:
                     await self.svc.stop()
                 access_log.flush()
@@ -88,6 +92,9 @@ class GatewayApp:
             if entry is None:
                 if path.startswith("/admin/"):
                     await self._admin_call(scope, receive, send, rid, crid)
+                    return
+                if path.startswith("/channels/vapi/") and self.vapi is not None:
+                    await self.vapi(scope, receive, send, rid)
                     return
                 if path.startswith(("/v1/models/", "/models/")) and scope["method"] == "GET":
                     await self._model(scope, rid, crid, send, path.split("/models/", 1)[1])

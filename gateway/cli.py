@@ -212,6 +212,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.file)
+        from channels.vapi import parse_accounts
+
+        parse_accounts(cfg.channels.vapi)  # the VAPI accounts' own fields (channels/vapi/config.py)
     except ConfigError as exc:
         _print_problems(args.file, exc.problems)
         return 1

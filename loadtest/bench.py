@@ -27,7 +27,7 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loadtest import bench_agents, bench_pii
+from loadtest import bench_agents, bench_pii, bench_vapi
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"
@@ -398,6 +398,19 @@ def run_agents(args: argparse.Namespace) -> dict:
     return results
 
 
+def run_vapi(args: argparse.Namespace) -> dict:
+    _ensure_tools()
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-vapi-"))
+    stack = Stack(tmp, args.chunks)
+    try:
+        results = bench_vapi.run(stack, tmp)
+    finally:
+        stack.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return results
+
+
 def report(results: dict) -> str:
     rows = {r["scenario"]: r for r in results["rows"]}
     base = rows["mock provider direct (baseline)"]["rps"]
@@ -456,7 +469,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--chunks", type=int, default=8)
-    parser.add_argument("--only", choices=("core", "pii", "agents"), help="run one part only")
+    parser.add_argument("--only", choices=("core", "pii", "agents", "vapi"), help="run one part only")
     parser.add_argument("--rounds", type=int, default=5, help="alternating on/off rounds for the policy ratio")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -477,6 +490,12 @@ def main() -> None:
         text = bench_agents.report(results, results["date"])
         (RESULTS / "bench-agents-latest.md").write_text(text)
         (RESULTS / "bench-agents-latest.json").write_text(json.dumps(results, indent=2))
+        print("\n" + text)
+    if args.only in (None, "vapi"):
+        results = run_vapi(args)
+        text = bench_vapi.report(results, results["date"])
+        (RESULTS / "bench-vapi-latest.md").write_text(text)
+        (RESULTS / "bench-vapi-latest.json").write_text(json.dumps(results, indent=2))
         print("\n" + text)
 
 

@@ -56,6 +56,8 @@ class OpenAIAdapter:
 
     async def chat(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
         payload = {**body, "model": route.upstream_model}
+        if payload.get("stream"):  # an agent's tool steps run unstreamed while its client streams
+            payload = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
         return await self._complete(self._chat_url, ctx, route, payload, "choices")
 
     async def embeddings(self, ctx: RequestContext, route: Route, body: dict) -> bytes:

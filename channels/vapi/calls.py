@@ -1,0 +1,327 @@
+"""Call records (table ``vapi_calls``, migration 0010) and outbound calls through VAPI's API.
+
+A call is (tenant, account, VAPI call id): the id is VAPI's, so never a key alone. Every query
+names its tenant and runs in the composition's tenant transaction (row-level security as a
+second wall). Status updates only move a call forward (queued → ringing → in-progress →
+forwarding → ended) and stop once its end-of-call report is in; the first report sets
+``reported_at`` and writes the call's ledger record in the same transaction, so a repeated
+report finds ``reported_at`` set and changes nothing.
+
+The ledger record is VAPI's charge for the call (telephony, speech, VAPI's fee): endpoint
+``vapi.call``, provider ``vapi``, attributed to the tenant, the agent and (when configured) the
+caller's number as customer, with the call's conversation id. The model turns of the call have
+their own records already (the gateway wrote them), linked by the same conversation id.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import aiohttp
+import orjson
+
+from channels.vapi import wire
+from channels.vapi.config import VAPI_ID
+from core.errors import UpstreamError
+
+STATUSES = ("scheduled", "queued", "ringing", "in-progress", "forwarding", "ended")
+MAX_TRANSCRIPT = 200_000  # characters kept of a call's transcript
+MAX_SUMMARY = 10_000
+MAX_URL = 2048
+MAX_COST_USD = 100_000.0
+MAX_DURATION_S = 7 * 86400.0
+
+_COLUMNS = (
+    "id, tenant, account, call_id, conversation_id, agent, direction, status, customer_number, phone_number, "
+    "assistant_id, phone_number_id, ended_reason, duration_s, cost_usd, transcript, recording_url, summary, "
+    "metadata, created_at, updated_at, ended_at, reported_at"
+)
+
+# Insert the call if new; otherwise fill what was unknown and move its status forward only.
+_UPSERT = f"""
+INSERT INTO vapi_calls (id, tenant, account, call_id, conversation_id, agent, direction, status, customer_number,
+                        phone_number, assistant_id, phone_number_id, metadata)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb)
+ON CONFLICT (tenant, account, call_id) DO UPDATE SET
+    agent = COALESCE(vapi_calls.agent, EXCLUDED.agent),
+    customer_number = COALESCE(vapi_calls.customer_number, EXCLUDED.customer_number),
+    phone_number = COALESCE(vapi_calls.phone_number, EXCLUDED.phone_number),
+    assistant_id = COALESCE(vapi_calls.assistant_id, EXCLUDED.assistant_id),
+    phone_number_id = COALESCE(vapi_calls.phone_number_id, EXCLUDED.phone_number_id),
+    status = CASE WHEN array_position($14::text[], EXCLUDED.status) > array_position($14::text[], vapi_calls.status)
+                  THEN EXCLUDED.status ELSE vapi_calls.status END,
+    updated_at = now()
+WHERE vapi_calls.reported_at IS NULL
+RETURNING {_COLUMNS}
+"""
+
+_REPORT = f"""
+UPDATE vapi_calls SET status = 'ended', ended_reason = $4, duration_s = $5, cost_usd = $6, transcript = $7,
+       recording_url = $8, summary = $9, ended_at = COALESCE($10, now()), reported_at = now(), updated_at = now()
+WHERE tenant = $1 AND account = $2 AND call_id = $3 AND reported_at IS NULL
+RETURNING {_COLUMNS}
+"""
+
+_LEDGER = """
+INSERT INTO ledger (request_id, step, ts, tenant, agent, customer, tags, endpoint, model, provider, status,
+                    cost_usd, conversation_id)
+VALUES ($1, 1, now(), $2, $3, $4, ARRAY['vapi'], 'vapi.call', 'vapi', 'vapi', 200, $5, $6)
+ON CONFLICT DO NOTHING
+"""
+
+
+def new_id() -> str:
+    return "vcall_" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """The parts of an end-of-call report kept, each checked and bounded."""
+
+    ended_reason: str | None
+    duration_s: float | None
+    cost_usd: float | None
+    transcript: str | None
+    recording_url: str | None
+    summary: str | None
+    ended_at: datetime | None
+
+
+def _finite(value: object, high: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and 0 <= value <= high else None
+
+
+def _time(value: object) -> datetime | None:
+    if not isinstance(value, str) or len(value) > 40:
+        return None
+    try:
+        out = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return out if out.tzinfo is not None else out.replace(tzinfo=UTC)
+
+
+def _url(value: object) -> str | None:
+    """A recording link is kept as text for people to open; the gateway never fetches it."""
+    if isinstance(value, str) and value.startswith("https://") and len(value) <= MAX_URL and value.isprintable():
+        return value
+    return None
+
+
+def _clean(value: object, limit: int) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None
+    return value.replace("\x00", "\ufffd")[:limit]
+
+
+def read_report(message: dict) -> Report:
+    artifact = message.get("artifact") if isinstance(message.get("artifact"), dict) else {}
+    analysis = message.get("analysis") if isinstance(message.get("analysis"), dict) else {}
+    started, ended = _time(message.get("startedAt")), _time(message.get("endedAt"))
+    duration = _finite(message.get("durationSeconds"), MAX_DURATION_S)
+    if duration is None and started and ended and ended >= started:
+        duration = _finite((ended - started).total_seconds(), MAX_DURATION_S)
+    recording = artifact.get("recording") if isinstance(artifact.get("recording"), dict) else {}
+    mono = recording.get("mono") if isinstance(recording.get("mono"), dict) else {}
+    url = (
+        _url(artifact.get("recordingUrl"))
+        or _url(message.get("recordingUrl"))
+        or _url(mono.get("combinedUrl"))
+        or _url(recording.get("stereoUrl"))
+    )
+    return Report(
+        ended_reason=_clean(message.get("endedReason"), 200),
+        duration_s=duration,
+        cost_usd=_finite(message.get("cost"), MAX_COST_USD),
+        transcript=_clean(artifact.get("transcript") or message.get("transcript"), MAX_TRANSCRIPT),
+        recording_url=url,
+        summary=_clean(analysis.get("summary") or message.get("summary"), MAX_SUMMARY),
+        ended_at=ended,
+    )
+
+
+def describe(row, transcript: bool = True) -> dict:
+    out = {k: row[k] for k in row.keys() if k not in ("metadata",)}
+    out["object"] = "vapi.call"
+    if not transcript:  # listings stay small; the record itself has it
+        text = out.pop("transcript", None)
+        out["transcript_chars"] = len(text) if text else 0
+    meta = row["metadata"]
+    out["metadata"] = orjson.loads(meta) if isinstance(meta, str) else meta
+    for k in ("created_at", "updated_at", "ended_at", "reported_at"):
+        if out.get(k) is not None:
+            out[k] = out[k].isoformat()
+    return out
+
+
+class CallStore:
+    """``transaction(tenant)`` is the composition's tenant transaction (an async context manager
+    giving a connection that sees only that tenant's rows; None: every tenant)."""
+
+    def __init__(self, transaction: Callable) -> None:
+        self._tx = transaction
+
+    async def upsert(
+        self, tenant: str, account: str, info: wire.CallInfo, agent: str | None, status: str | None = None, **extra
+    ) -> dict | None:
+        """Records the call (new) or what is new about it; None when it has no valid call id or
+        its report is in already."""
+        if info.call_id is None:
+            return None
+        status = status if status in STATUSES else "queued"
+        metadata = extra.get("metadata") or {}
+        async with self._tx(tenant) as conn:
+            row = await conn.fetchrow(
+                _UPSERT,
+                new_id(),
+                tenant,
+                account,
+                info.call_id,
+                info.conversation_id,
+                agent,
+                extra.get("direction") or info.direction,
+                status,
+                info.customer_number,
+                info.called_number,
+                info.assistant_id,
+                info.phone_number_id,
+                orjson.dumps(metadata).decode(),
+                list(STATUSES),
+            )
+        return describe(row) if row is not None else None
+
+    async def report(
+        self, tenant: str, account: str, info: wire.CallInfo, agent: str | None, report: Report, customer: bool
+    ) -> bool:
+        """Stores the end-of-call report and its ledger record; False when the call's report was
+        in already (nothing changes)."""
+        if info.call_id is None:
+            return False
+        async with self._tx(tenant) as conn:
+            await conn.execute(
+                "INSERT INTO vapi_calls (id, tenant, account, call_id, conversation_id, agent, direction, status, "
+                "customer_number, phone_number, assistant_id, phone_number_id) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, 'ended', $8, $9, $10, $11) "
+                "ON CONFLICT (tenant, account, call_id) DO NOTHING",
+                new_id(),
+                tenant,
+                account,
+                info.call_id,
+                info.conversation_id,
+                agent,
+                info.direction,
+                info.customer_number,
+                info.called_number,
+                info.assistant_id,
+                info.phone_number_id,
+            )
+            row = await conn.fetchrow(
+                _REPORT,
+                tenant,
+                account,
+                info.call_id,
+                report.ended_reason,
+                report.duration_s,
+                report.cost_usd,
+                report.transcript,
+                report.recording_url,
+                report.summary,
+                report.ended_at,
+            )
+            if row is None:
+                return False
+            await conn.execute(
+                _LEDGER,
+                row["id"],
+                tenant,
+                row["agent"],
+                row["customer_number"] if customer else None,
+                report.cost_usd or 0.0,
+                row["conversation_id"],
+            )
+        return True
+
+    async def list(self, wall: str | None, view: str | None, limit: int = 100, account: str | None = None) -> list:
+        async with self._tx(wall) as conn:
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM vapi_calls WHERE ($1::text IS NULL OR tenant = $1) "
+                "AND ($2::text IS NULL OR account = $2) ORDER BY created_at DESC, id LIMIT $3",
+                view,
+                account,
+                limit,
+            )
+        return [describe(r, transcript=False) for r in rows]
+
+    async def get(self, wall: str | None, view: str | None, record_id: str) -> dict | None:
+        """One call record by the gateway's own id (``vcall_...``), transcript included."""
+        async with self._tx(wall) as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM vapi_calls WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
+                record_id,
+                view,
+            )
+        return describe(row) if row is not None else None
+
+    async def callback_for(self, tenant: str, ref: str) -> str | None:
+        """The call id of the callback already placed for a delivery ``ref``, if any."""
+        async with self._tx(tenant) as conn:
+            return await conn.fetchval(
+                "SELECT call_id FROM vapi_calls WHERE tenant = $1 AND direction = 'outbound' "
+                "AND metadata->>'reply_ref' = $2 LIMIT 1",
+                tenant,
+                ref[:200],
+            )
+
+    async def by_conversation(self, tenant: str, conversation_id: str) -> dict | None:
+        async with self._tx(tenant) as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM vapi_calls WHERE tenant = $1 AND conversation_id = $2 "
+                "ORDER BY created_at DESC LIMIT 1",
+                tenant,
+                conversation_id,
+            )
+        return describe(row) if row is not None else None
+
+
+class VapiApi:
+    """VAPI's REST API, for outbound calls: ``POST {vapi_api_url}/call`` with the account's key.
+    The URL is the operator's configuration only; nothing a caller sends picks where it goes."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    async def create_call(self, base_url: str, api_key: str, payload: dict, timeout_s: float = 15.0) -> dict:
+        try:
+            async with self._session.post(
+                f"{base_url}/call",
+                data=orjson.dumps(payload),
+                headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=5),
+                allow_redirects=False,
+            ) as resp:
+                raw = await resp.content.read(256 * 1024)
+                status = resp.status
+        except TimeoutError:
+            raise UpstreamError("VAPI did not answer in time.", status=504, code="vapi_timeout") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"VAPI could not be reached: {type(exc).__name__}.", code="vapi_unreachable") from None
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if status not in (200, 201) or not isinstance(data, dict):
+            message = data.get("message") if isinstance(data, dict) else None
+            detail = f": {str(message)[:200]}" if message else ""
+            raise UpstreamError(
+                f"VAPI refused the call (HTTP {status}){detail}.", upstream_status=status, code="vapi_error"
+            )
+        if not isinstance(data.get("id"), str) or not VAPI_ID.match(data["id"]):
+            raise UpstreamError("VAPI answered without a valid call id.", code="vapi_error")
+        return data

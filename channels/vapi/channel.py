@@ -1,0 +1,147 @@
+"""The VAPI channel as one ASGI endpoint under ``/channels/vapi/``:
+
+    POST /channels/vapi/{account}/chat/completions   VAPI's custom LLM (llm.py)
+    POST /channels/vapi/{account}/events             VAPI's server URL (events.py)
+
+Both check the account's credential (``wire.authentic``) before reading a byte of the body;
+an unknown account and a wrong credential get the same 401, so account names cannot be probed.
+Outbound calls (``place_call``) serve the admin API and the deliverer's callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+
+from channels.vapi import llm, metrics, wire
+from channels.vapi.calls import CallStore, VapiApi
+from channels.vapi.config import E164, VapiAccount
+from channels.vapi.events import Events, assistant_config
+from core import http
+from core.errors import InvalidRequest, MethodNotAllowed, NotFound, Unauthenticated
+from core.upstream import Upstream
+
+log = logging.getLogger("gateway.channels.vapi")
+
+PREFIX = "/channels/vapi/"
+_UNAUTHENTICATED = "The request does not carry this VAPI account's credential."
+
+
+class VapiChannel:
+    def __init__(
+        self,
+        accounts: dict[str, VapiAccount],
+        store: CallStore,
+        events: Events,
+        upstream: Upstream,
+        gateway_url: str = "",
+    ) -> None:
+        self.accounts = accounts
+        self.store = store
+        self.events = events
+        self.upstream = upstream
+        self.gateway_url = gateway_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self.api: VapiApi | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, skip_auto_headers=("User-Agent",)
+        )
+        self.api = VapiApi(self._session)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ---- HTTP ----------------------------------------------------------------------------------
+    async def __call__(self, scope, receive, send, rid: str) -> None:
+        name, _, rest = scope["path"][len(PREFIX) :].partition("/")
+        account = self.accounts.get(name)
+        if rest not in ("chat/completions", "events"):
+            raise NotFound("Invalid URL: VAPI accounts serve /chat/completions and /events.")
+        if scope["method"] != "POST":
+            raise MethodNotAllowed(f"Use POST on /channels/vapi/{{account}}/{rest}.")
+        if account is None or not wire.authentic(account, scope):
+            metrics.REFUSED.labels("llm" if rest == "chat/completions" else "events").inc()
+            raise Unauthenticated(_UNAUTHENTICATED, code="invalid_vapi_credential")
+        if rest == "chat/completions":
+            body = await llm.read(scope, receive, account)
+            await llm.relay(self.upstream, self._gateway_url(scope), account, body, send, rid)
+            return
+        raw = await http.read_body(scope, receive, account.max_body_bytes)
+        body = wire.parse_object(raw, "a VAPI server message")
+        answer = await self.events.handle(name, account, body, rid)
+        await http.send_json(send, 200, answer, rid)
+
+    def _gateway_url(self, scope: dict) -> str:
+        """``channels.gateway_url``, else this very process (the address it was reached on)."""
+        if self.gateway_url:
+            return self.gateway_url
+        host, port = scope.get("server") or ("127.0.0.1", 8000)
+        if host in ("0.0.0.0", "", None):
+            host = "127.0.0.1"
+        elif host == "::" or ":" in host:
+            host = "[::1]" if host == "::" else f"[{host}]"
+        return f"http://{host}:{port}"
+
+    # ---- outbound calls ------------------------------------------------------------------------
+    async def place_call(
+        self,
+        name: str,
+        to: str,
+        agent: str | None = None,
+        variables: dict | None = None,
+        first_message: str | None = None,
+        extra_metadata: dict | None = None,
+    ) -> dict:
+        """An outbound call to ``to`` through VAPI's ``POST /call``, recorded as a call of the
+        account. Raises InvalidRequest naming the field, UpstreamError when VAPI refuses."""
+        account = self.accounts.get(name)
+        if account is None:
+            raise NotFound(f"No VAPI account {name[:64]!r}.", param="account")
+        if not account.vapi_api_key or not account.outbound_phone_number_id:
+            raise InvalidRequest(
+                "This account has no vapi_api_key and outbound_phone_number_id configured.",
+                param="account",
+                code="outbound_not_configured",
+            )
+        if not isinstance(to, str) or not E164.match(to):
+            raise InvalidRequest("'to' must be an E.164 number (+ and 7 to 15 digits).", param="to")
+        agent = agent or account.phone_numbers.get(account.outbound_phone_number_id) or account.default_agent
+        if agent is None or agent not in account.agents():
+            raise InvalidRequest("'agent' is not an agent this account reaches.", param="agent")
+        metadata = {**(variables or {}), **(extra_metadata or {})}
+        assistant = assistant_config(name, account, agent)
+        if first_message:
+            assistant["firstMessage"] = first_message
+        payload = {
+            "phoneNumberId": account.outbound_phone_number_id,
+            "customer": {"number": to},
+            "assistant": assistant,
+            "metadata": metadata,
+        }
+        data = await self.api.create_call(account.vapi_api_url, account.vapi_api_key, payload)
+        info = wire.CallInfo(
+            call_id=data["id"],
+            call_type="outboundPhoneCall",
+            phone_number_id=account.outbound_phone_number_id,
+            customer_number=to,
+        )
+        status = data.get("status") if isinstance(data.get("status"), str) else "queued"
+        record = await self.store.upsert(
+            account.tenant, name, info, agent, status, direction="outbound", metadata=metadata
+        )
+        return record or {"call_id": data["id"], "status": status}
+
+    async def call_back(self, call: dict, account: VapiAccount, text: str, ref: str | None) -> str:
+        """The deliverer's callback: a call to the customer of ``call`` that speaks ``text``."""
+        extra = {"reply_to": call["call_id"]}
+        if ref is not None:
+            extra["reply_ref"] = ref[:200]
+        record = await self.place_call(
+            call["account"], call["customer_number"], call["agent"], first_message=text[:2000], extra_metadata=extra
+        )
+        return record["call_id"]

@@ -1,0 +1,160 @@
+"""VAPI's server URL, ``POST /channels/vapi/{account}/events``: ``{"message": {"type", ...}}``.
+
+The credential is checked before the body is read (the caller does it: ``VapiChannel``); the
+body is bounded, then each message type reads only the fields it needs, each checked:
+
+- ``assistant-request``: the agent's assistant for the inbound call — VAPI's custom-LLM model
+  pointing back at ``/channels/vapi/{account}`` with ``model: agent:<name>``, merged over the
+  account's ``assistant`` settings (voice, transcriber, first message...).
+- ``tool-calls``: the agent's server-side tools run by the gateway's tool runner (the
+  composition passes it in); ``{"results": [{"toolCallId", "result" | "error"}]}`` in the
+  order asked, each id exactly as VAPI sent it. At most ``MAX_TOOL_CALLS`` per message.
+- ``transfer-destination-request``: the account's human line.
+- ``status-update``: the call record's status (forward only).
+- ``end-of-call-report``: the call record and its ledger record, once per call.
+
+Other types (``transcript``, ``speech-update``, ``conversation-update``, ``hang``...) are
+acknowledged and ignored. Only the first three answer with a body.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Awaitable, Callable
+
+from channels.vapi import metrics, wire
+from channels.vapi.calls import CallStore, read_report
+from channels.vapi.config import VapiAccount
+from core.errors import InvalidRequest
+
+log = logging.getLogger("gateway.channels.vapi")
+
+MAX_TOOL_CALLS = 16
+MAX_TOOL_CALL_ID = 128
+MAX_TOOL_NAME = 64
+
+# (tenant, agent, calls as OpenAI tool_calls[], context, timeout) -> [(ok, text)] in order
+ToolRunner = Callable[[str, str, list[dict], dict, float], Awaitable[list[tuple[bool, str]]]]
+
+
+def assistant_config(name: str, account: VapiAccount, agent: str) -> dict:
+    """The transient assistant VAPI runs for a call of ``agent``."""
+    out = copy.deepcopy(account.assistant)
+    model: dict = {
+        "provider": "custom-llm",
+        "url": f"{account.public_url}/channels/vapi/{name}",
+        "model": f"agent:{agent}",
+        "metadataSendMode": "variable",
+    }
+    if account.auth.secret:  # a bearer token is VAPI's custom-llm credential, set on VAPI's side
+        model["headers"] = {"X-Vapi-Secret": account.auth.secret}
+    if account.transfer_number:
+        # a transfer tool without destinations: VAPI asks transfer-destination-request
+        model["tools"] = [{"type": "transferCall"}]
+    out["model"] = model
+    out.setdefault("name", agent[:40])
+    server = out.get("server") if isinstance(out.get("server"), dict) else {}
+    out["server"] = {"url": f"{account.public_url}/channels/vapi/{name}/events", **server}
+    if account.auth.secret:
+        out["server"].setdefault("secret", account.auth.secret)
+    return out
+
+
+def _message(body: dict) -> tuple[dict, str]:
+    message = body.get("message")
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise InvalidRequest("'message' must be an object with a 'type'.", param="message")
+    return message, message["type"]
+
+
+def _info(message: dict) -> wire.CallInfo:
+    return wire.call_info(message.get("call"), message.get("phoneNumber"), message.get("customer"))
+
+
+def read_tool_calls(message: dict) -> list[dict]:
+    """The calls of a ``tool-calls`` message as OpenAI ``tool_calls[]`` entries (arguments kept
+    as the object VAPI sends; the tool runner validates them against the tool's schema)."""
+    calls = message.get("toolCallList")
+    if calls is None and isinstance(message.get("toolWithToolCallList"), list):
+        calls = [t.get("toolCall") for t in message["toolWithToolCallList"] if isinstance(t, dict)]
+    if not isinstance(calls, list) or not calls:
+        raise InvalidRequest("'message.toolCallList' must be a non-empty array.", param="message.toolCallList")
+    if len(calls) > MAX_TOOL_CALLS:
+        raise InvalidRequest(
+            f"'message.toolCallList' has more than {MAX_TOOL_CALLS} calls.", param="message.toolCallList"
+        )
+    out = []
+    for i, call in enumerate(calls):
+        where = f"message.toolCallList[{i}]"
+        if not isinstance(call, dict):
+            raise InvalidRequest(f"'{where}' must be an object.", param=where)
+        ident = call.get("id")
+        if not isinstance(ident, str) or not ident or len(ident) > MAX_TOOL_CALL_ID or not ident.isprintable():
+            raise InvalidRequest(
+                f"'{where}.id' must be a string of 1 to {MAX_TOOL_CALL_ID} printable characters.", param=f"{where}.id"
+            )
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        name = function.get("name")
+        if not isinstance(name, str) or not name or len(name) > MAX_TOOL_NAME:
+            raise InvalidRequest(f"'{where}.function.name' must be a tool name.", param=f"{where}.function.name")
+        arguments = function.get("arguments", {})
+        out.append({"id": ident, "type": "function", "function": {"name": name, "arguments": arguments}})
+    return out
+
+
+class Events:
+    def __init__(self, store: CallStore, run_tools: ToolRunner) -> None:
+        self.store = store
+        self.run_tools = run_tools
+
+    async def handle(self, name: str, account: VapiAccount, body: dict, request_id: str) -> dict:
+        message, kind = _message(body)
+        metrics.event(kind)
+        info = _info(message)
+        agent = account.agent_for(info.assistant_id, info.phone_number_id)
+        if kind == "assistant-request":
+            if agent is None:
+                return {"error": "No agent is configured for this number."}
+            await self.store.upsert(account.tenant, name, info, agent, "ringing")
+            return {"assistant": assistant_config(name, account, agent)}
+        if kind == "tool-calls":
+            return await self._tool_calls(account, message, info, agent, request_id)
+        if kind == "transfer-destination-request":
+            if not account.transfer_number:
+                return {"error": "No human line is configured."}
+            destination = {"type": "number", "number": account.transfer_number, "message": account.transfer_message}
+            return {"destination": destination}
+        if kind == "status-update":
+            status = message.get("status") if isinstance(message.get("status"), str) else None
+            await self.store.upsert(account.tenant, name, info, agent, status)
+            return {}
+        if kind == "end-of-call-report":
+            stored = await self.store.report(
+                account.tenant, name, info, agent, read_report(message), account.attribute_customer
+            )
+            return {"stored": stored}
+        return {}
+
+    async def _tool_calls(
+        self, account: VapiAccount, message: dict, info: wire.CallInfo, agent: str | None, request_id: str
+    ) -> dict:
+        calls = read_tool_calls(message)
+        if agent is None:
+            return {
+                "results": [{"toolCallId": c["id"], "error": "no agent is configured for this call"} for c in calls]
+            }
+        context = {
+            "tenant": account.tenant,
+            "agent": agent,
+            "conversation_id": info.conversation_id,
+            "request_id": request_id,
+            "channel": "vapi",
+        }
+        outcomes = await self.run_tools(account.tenant, agent, calls, context, account.tool_timeout_s)
+        results = []
+        for call, (ok, text) in zip(calls, outcomes, strict=True):
+            results.append(
+                {"toolCallId": call["id"], "result": text} if ok else {"toolCallId": call["id"], "error": text}
+            )
+        return {"results": results}

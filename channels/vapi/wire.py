@@ -1,0 +1,183 @@
+"""Reading what VAPI sends, trusting none of it: the credential check (before any parsing), the
+call facts out of ``call`` / ``phoneNumber`` / ``customer`` objects (each field type-checked and
+bounded; anything odd is dropped, never passed on), and the turn's new messages.
+
+Everything here is pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from dataclasses import dataclass, field
+
+import orjson
+
+from channels.vapi.config import E164, VAPI_ID, VapiAccount
+from core.errors import InvalidRequest
+
+CONVERSATION_PREFIX = "vapi:"
+MAX_MESSAGES = 2000  # in one custom-LLM request (a long call's whole transcript)
+MAX_TOOLS = 64
+MAX_METADATA_VARIABLES = 20
+MAX_TEXT = 1000  # characters of one metadata value or name
+_VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+CALL_TYPES = frozenset({"inboundPhoneCall", "outboundPhoneCall", "webCall", "vapi.websocketCall"})
+# The variables every call gives the agent's prompt (only those its prompt declares are used).
+CHANNEL_VARIABLES = ("caller_number", "caller_name", "called_number", "call_id", "call_type", "channel")
+
+
+def _header(scope: dict, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def authentic(account: VapiAccount, scope: dict) -> bool:
+    """Whether the request carries the account's credential: ``Authorization: Bearer <token>``
+    or ``X-Vapi-Secret: <secret>``, as configured. Constant-time comparisons; both are always
+    made (when configured) so the time taken tells nothing about which one came close."""
+    ok = False
+    auth = account.auth
+    if auth.bearer_token:
+        got = _header(scope, b"authorization") or b""
+        scheme, _, token = got.partition(b" ")
+        match = hmac.compare_digest(token.strip(), auth.bearer_token.encode())
+        ok |= match and scheme.lower() == b"bearer"
+    if auth.secret:
+        got = _header(scope, b"x-vapi-secret") or b""
+        ok |= hmac.compare_digest(got, auth.secret.encode())
+    return ok
+
+
+def _id(value: object) -> str | None:
+    return value if isinstance(value, str) and VAPI_ID.match(value) else None
+
+
+def _number(value: object) -> str | None:
+    return value if isinstance(value, str) and E164.match(value) else None
+
+
+def _text(value: object, limit: int = 200) -> str | None:
+    if not isinstance(value, str) or not value or "\x00" in value:
+        return None
+    return value[:limit]
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What a request says about its call; every field checked (None when absent or invalid)."""
+
+    call_id: str | None = None
+    call_type: str | None = None
+    assistant_id: str | None = None
+    phone_number_id: str | None = None
+    customer_number: str | None = None
+    customer_name: str | None = None
+    called_number: str | None = None
+    status: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def conversation_id(self) -> str | None:
+        return f"{CONVERSATION_PREFIX}{self.call_id}" if self.call_id else None
+
+    @property
+    def direction(self) -> str:
+        if self.call_type == "outboundPhoneCall":
+            return "outbound"
+        if self.call_type in ("webCall", "vapi.websocketCall"):
+            return "web"
+        return "inbound"
+
+    def variables(self) -> dict:
+        """The agent's runtime variables: the channel's own, then the call's metadata (flat
+        scalar values under plain names; the channel's names win)."""
+        out: dict = dict(self.metadata)
+        out.update(
+            {
+                "caller_number": self.customer_number,
+                "caller_name": self.customer_name,
+                "called_number": self.called_number,
+                "call_id": self.call_id,
+                "call_type": self.call_type,
+                "channel": "vapi",
+            }
+        )
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def _metadata(*sources: object) -> dict:
+    out: dict = {}
+    for source in sources:
+        if not isinstance(source, dict):
+            continue
+        for name, value in source.items():
+            if len(out) >= MAX_METADATA_VARIABLES:
+                return out
+            if not isinstance(name, str) or not _VARIABLE_NAME.match(name) or name in CHANNEL_VARIABLES:
+                continue
+            if isinstance(value, bool) or (isinstance(value, int) and abs(value) < 2**53):
+                out[name] = value
+            elif isinstance(value, float) and value == value and abs(value) < 1e15:
+                out[name] = value
+            elif isinstance(value, str) and "\x00" not in value:
+                out[name] = value[:MAX_TEXT]
+    return out
+
+
+def call_info(call: object, phone_number: object = None, customer: object = None, metadata: object = None) -> CallInfo:
+    """The call facts of a custom-LLM body (``call``, ``phoneNumber``, ``customer``, ``metadata``)
+    or a server message (the same objects inside ``message``)."""
+    call = call if isinstance(call, dict) else {}
+    phone = phone_number if isinstance(phone_number, dict) else {}
+    if not phone and isinstance(call.get("phoneNumber"), dict):
+        phone = call["phoneNumber"]
+    cust = customer if isinstance(customer, dict) else {}
+    if not cust and isinstance(call.get("customer"), dict):
+        cust = call["customer"]
+    call_type = call.get("type") if call.get("type") in CALL_TYPES else None
+    return CallInfo(
+        call_id=_id(call.get("id")),
+        call_type=call_type,
+        assistant_id=_id(call.get("assistantId")),
+        phone_number_id=_id(call.get("phoneNumberId")) or _id(phone.get("id")),
+        customer_number=_number(cust.get("number")),
+        customer_name=_text(cust.get("name")),
+        called_number=_number(phone.get("number")),
+        status=_text(call.get("status"), 32),
+        metadata=_metadata(call.get("metadata"), metadata),
+    )
+
+
+def new_turn(messages: list) -> list[dict]:
+    """The messages of this turn: those after VAPI's last assistant message, without system or
+    developer messages (the agent's own prompt is the system message). Memory holds the rest."""
+    last = -1
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") == "assistant":
+            last = i
+    return [m for m in messages[last + 1 :] if isinstance(m, dict) and m.get("role") not in ("system", "developer")]
+
+
+def without_system(messages: list) -> list[dict]:
+    return [m for m in messages if isinstance(m, dict) and m.get("role") not in ("system", "developer")]
+
+
+def parse_object(raw: bytes, what: str) -> dict:
+    try:
+        data = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"The body must be a JSON object ({what}).", code="invalid_json")
+    return data
+
+
+def take_call_variables(body: dict) -> dict:
+    """For VAPI pointed straight at ``/v1``: removes VAPI's ``call``, ``phoneNumber`` and
+    ``customer`` objects from an OpenAI body (they are not OpenAI fields and must not reach the
+    provider) and returns the call's variables, as the channel endpoint would give them."""
+    info = call_info(body.pop("call", None), body.pop("phoneNumber", None), body.pop("customer", None))
+    return info.variables()

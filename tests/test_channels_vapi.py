@@ -1,0 +1,600 @@
+"""The VAPI channel end to end: a real gateway process with a VAPI account, the VAPI simulator
+(loadtest/vapi_sim.py) playing calls over HTTP, the mock LLM, a real HTTP tool server and the
+mock of VAPI's REST API; call records and ledger rows read from the embedded PostgreSQL.
+
+Attacks tried (each a test below): no / wrong / wrong-scheme credentials and an unknown account
+(401, nothing stored); an oversized body (413, nothing stored); a tool-calls message with too
+many calls or a bad id (400, no tool runs); a forged status after the call ended (no change);
+a recording URL that is not https (dropped); a call id that is not an id (not stored); another
+tenant's admin placing calls from or listing this account (404 / nothing seen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+
+import aiohttp
+import asyncpg
+import httpx
+import openai
+import pytest
+
+from loadtest.vapi_sim import VapiCall
+from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, run_cli, wait_until
+from tests.test_agents_e2e import ToolServer
+
+TOKEN = "vapi-server-token-0123456789"
+SECRET = "vapi-secret-abcdefghijklmnop"
+VAPI_KEY = "vapi-private-key-0001"
+PUBLIC_URL = "https://gw.example.com"
+RUN = uuid.uuid4().hex[:6]
+TENANT = f"voice-{RUN}"
+AGENT = f"reception-{RUN}"
+PLAIN = f"plain-{RUN}"  # an agent without tools: streams live
+TEMPLATE = "You answer calls for Acme.{% if caller_number %} Caller: {{ caller_number }}.{% endif %}"
+VARIABLES = {"caller_number": {"type": "string", "required": False}, "plan": {"type": "string", "required": False}}
+
+
+class MockVapiApi(Proc):
+    def __init__(self, tmp) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "loadtest.vapi_sim", "api", "--port", str(self.port), "--api-key", VAPI_KEY]
+        super().__init__(args, {}, tmp / f"vapi-api-{self.port}.log")
+        wait_until(lambda: httpx.get(f"{self.url}/health").status_code == 200, what="mock VAPI API")
+
+    def requests(self) -> list[dict]:
+        return httpx.get(f"{self.url}/_requests").json()["requests"]
+
+
+def admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
+    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
+
+
+def query(database_url: str, sql: str, *args) -> list[dict]:
+    async def go():
+        conn = await asyncpg.connect(database_url)
+        try:
+            return [dict(r) for r in await conn.fetch(sql, *args)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def env(tmp_root, services, module_mock):
+    tools = ToolServer(tmp_root)
+    api = MockVapiApi(tmp_root)
+    out = run_cli("keys", "create", "--name", f"vapi-{RUN}", "--tenant", TENANT, urls=services, tmp=tmp_root)
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.splitlines()[0].strip()
+    config = {
+        "router": {"max_attempts": 1},
+        "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "voice-model", "deployments": [{"provider": "pp", "model": "m"}]}],
+        "channels": {
+            "vapi": {
+                "main": {
+                    "tenant": TENANT,
+                    "api_key": key,
+                    "public_url": PUBLIC_URL,
+                    "auth": {"bearer_token": TOKEN, "secret": SECRET},
+                    "phone_numbers": {"pn_main": AGENT, "pn_plain": PLAIN},
+                    "default_agent": AGENT,
+                    "transfer_number": "+14155550100",
+                    "vapi_api_url": api.url,
+                    "vapi_api_key": VAPI_KEY,
+                    "outbound_phone_number_id": "pn_main",
+                    "assistant": {"firstMessage": "Acme, how can I help?", "voice": {"provider": "11labs"}},
+                    "max_body_bytes": 64 * 1024,
+                }
+            }
+        },
+    }
+    gw = Gateway(tmp_root, config, services)
+    tool = {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+        "kind": "http",
+        "config": {
+            "method": "GET",
+            "url": f"{tools.url}/weather?city={{city}}",
+            "allowed_hosts": ["127.0.0.1"],
+            "allow_private_networks": True,
+        },
+    }
+    for name, extra in ((AGENT, {"tools": [tool]}), (PLAIN, {})):
+        body = {"name": name, "model": "voice-model", "template": TEMPLATE, "variables": VARIABLES, "tenant": TENANT}
+        r = admin(gw, "POST", "/admin/agents", json={**body, **extra})
+        assert r.status_code == 201, r.text
+    yield {"gw": gw, "tools": tools, "api": api, "mock": module_mock, "db": services[0], "key": key}
+    gw.stop()
+    api.stop()
+    tools.stop()
+
+
+def base(env) -> str:
+    return f"{env['gw'].url}/channels/vapi/main"
+
+
+async def _play(env, fn, headers=None, **kw):
+    async with aiohttp.ClientSession() as session:
+        headers = headers or {"Authorization": f"Bearer {TOKEN}"}
+        call = VapiCall(session, base(env), headers, follow_assistant=False, **kw)
+        return await fn(call)
+
+
+def play(env, fn, **kw):
+    return asyncio.run(_play(env, fn, **kw))
+
+
+def test_full_simulated_call_with_tool_call_and_duplicated_report(env):
+    mock = env["mock"]
+
+    async def scenario(call: VapiCall):
+        result = await call.play(
+            ["Hello there", "What about tomorrow"],
+            tool_calls=[
+                {"id": "call_weather_1", "name": "get_weather", "arguments": {"city": "Paris"}},
+                {"id": "call_unknown_2", "name": "launch_rockets", "arguments": {}},
+            ],
+        )
+        return call, result
+
+    mock.clear()
+    call, result = play(env, scenario, phone_number_id="pn_main")
+    # assistant-request: the agent's assistant, VAPI's custom LLM pointing back at the channel
+    assistant = result.assistant["assistant"]
+    assert assistant["model"]["provider"] == "custom-llm"
+    assert assistant["model"]["url"] == f"{PUBLIC_URL}/channels/vapi/main"
+    assert assistant["model"]["model"] == f"agent:{AGENT}"
+    assert assistant["model"]["tools"] == [{"type": "transferCall"}]
+    assert assistant["firstMessage"] == "Acme, how can I help?"
+    assert assistant["server"]["url"] == f"{PUBLIC_URL}/channels/vapi/main/events"
+    # both turns answered, streamed (the agent ran its own tool in the gateway each turn)
+    assert [t.status for t in result.turns] == [200, 200], (result.turns[0].answer, mock.requests()[-1])
+    assert all(t.answer and t.ttft_ms is not None for t in result.turns)
+    # VAPI's tool-calls: one result per call, ids exactly as sent, in order
+    assert result.statuses == [200]
+    results = result.tool_results["results"]
+    assert [r["toolCallId"] for r in results] == ["call_weather_1", "call_unknown_2"]
+    assert "Paris" in results[0]["result"] and "error" not in results[0]
+    assert "unknown tool" in results[1]["error"] and "result" not in results[1]
+    # memory holds the call: the second turn's prompt has each user message once, no VAPI copy
+    final = [r for r in mock.requests() if r["body"]["messages"][-1]["role"] == "tool"][-1]["body"]
+    users = [m["content"] for m in final["messages"] if m["role"] == "user"]
+    assert users == ["Hello there", "What about tomorrow"]
+    assert final["messages"][0]["role"] == "system" and "+14155550123" in final["messages"][0]["content"]
+    # the end-of-call report, sent twice: stored once
+    assert [r["status"] for r in result.reports] == [200, 200]
+    assert [r["stored"] for r in result.reports] == [True, False]
+    rows = query(env["db"], "SELECT * FROM vapi_calls WHERE call_id = $1", call.call_id)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["tenant"], row["account"], row["agent"], row["status"]) == (TENANT, "main", AGENT, "ended")
+    assert row["conversation_id"] == f"vapi:{call.call_id}"
+    assert row["duration_s"] == 42.0 and row["cost_usd"] == pytest.approx(0.1234)
+    assert "User: Hello there" in row["transcript"]
+    assert row["recording_url"] == f"https://storage.vapi.example/{call.call_id}.wav"
+    assert row["customer_number"] == "+14155550123" and row["summary"] == "A simulated call."
+    ledger = query(
+        env["db"], "SELECT * FROM ledger WHERE endpoint = 'vapi.call' AND conversation_id = $1", row["conversation_id"]
+    )
+    assert len(ledger) == 1
+    assert (ledger[0]["tenant"], ledger[0]["agent"], ledger[0]["customer"]) == (TENANT, AGENT, "+14155550123")
+    assert ledger[0]["cost_usd"] == pytest.approx(0.1234) and ledger[0]["request_id"] == row["id"]
+    # the model turns of the call are in the ledger too, under the same conversation
+    wait_until(
+        lambda: query(
+            env["db"], "SELECT 1 FROM ledger WHERE endpoint = 'chat' AND conversation_id = $1", row["conversation_id"]
+        ),
+        timeout=15,
+        what="the call's model turns in the ledger",
+    )
+    # a status-update arriving after the report changes nothing
+    status, _ = asyncio.run(
+        _play(
+            env,
+            lambda c: c.event({"type": "status-update", "status": "in-progress"}),
+            call_id=call.call_id,
+            phone_number_id="pn_main",
+        )
+    )
+    assert status == 200
+    assert query(env["db"], "SELECT status FROM vapi_calls WHERE call_id = $1", call.call_id) == [{"status": "ended"}]
+    # the call is listed for the admin
+    listed = admin(env["gw"], "GET", f"/admin/channels/vapi/calls?tenant={TENANT}").json()["data"]
+    entry = next(c for c in listed if c["call_id"] == call.call_id)
+    assert "transcript" not in entry and entry["transcript_chars"] == len(row["transcript"])
+    record = admin(env["gw"], "GET", f"/admin/channels/vapi/calls/{row['id']}").json()
+    assert record["transcript"] == row["transcript"] and record["cost_usd"] == pytest.approx(0.1234)
+
+
+def test_transfer_destination_is_the_human_line(env):
+    status, answer = play(env, lambda c: c.event({"type": "transfer-destination-request"}))
+    assert status == 200
+    assert answer["destination"]["type"] == "number" and answer["destination"]["number"] == "+14155550100"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token-0123456789"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer {TOKEN[:-1]}"},
+        {"X-Vapi-Secret": "wrong-secret-0123456789"},
+        {"X-Vapi-Secret": f"{SECRET}x"},
+    ],
+)
+def test_bad_credentials_rejected_and_nothing_stored(env, headers):
+    call_id = str(uuid.uuid4())
+    report = {"message": {"type": "end-of-call-report", "call": {"id": call_id}, "cost": 5}}
+    for suffix in ("events", "chat/completions"):
+        r = httpx.post(f"{base(env)}/{suffix}", json=report, headers=headers, timeout=10)
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == "invalid_vapi_credential"
+    assert query(env["db"], "SELECT 1 FROM vapi_calls WHERE call_id = $1", call_id) == []
+    assert 'gateway_vapi_refused_total{endpoint="events"}' in httpx.get(f"{env['gw'].url}/metrics").text
+
+
+def test_unknown_account_looks_like_a_bad_credential(env):
+    r = httpx.post(f"{env['gw'].url}/channels/vapi/nope/events", json={}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 401
+
+
+def test_secret_header_alone_is_accepted(env):
+    status, answer = play(
+        env, lambda c: c.event({"type": "transfer-destination-request"}), headers={"X-Vapi-Secret": SECRET}
+    )
+    assert status == 200 and answer["destination"]["number"] == "+14155550100"
+
+
+def test_oversized_body_refused_and_nothing_stored(env):
+    call_id = str(uuid.uuid4())
+    body = {
+        "message": {"type": "end-of-call-report", "call": {"id": call_id}, "artifact": {"transcript": "x" * 70_000}}
+    }
+    r = httpx.post(f"{base(env)}/events", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 413
+    assert query(env["db"], "SELECT 1 FROM vapi_calls WHERE call_id = $1", call_id) == []
+
+
+def test_streaming_relayed_as_openai_chunks(env):
+    """The OpenAI SDK, as VAPI is, on the channel's custom-LLM URL: the answer arrives as several
+    chat.completion.chunk events relayed from the gateway."""
+    client = openai.OpenAI(base_url=base(env), api_key=TOKEN, max_retries=0, timeout=30)
+    call = {"id": str(uuid.uuid4()), "type": "inboundPhoneCall", "phoneNumberId": "pn_plain"}
+    stream = client.chat.completions.with_raw_response.create(
+        model="ignored",
+        messages=[{"role": "system", "content": "VAPI's own prompt"}, {"role": "user", "content": "stream me"}],
+        stream=True,
+        extra_body={"call": call, "customer": {"number": "+14155550177"}, "metadata": {"plan": "gold"}},
+    )
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert stream.headers["x-gateway-agent"] == PLAIN
+    chunks = list(stream.parse())
+    assert len(chunks) >= 3
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "stream me" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    sent = env["mock"].last()["body"]
+    assert [m["role"] for m in sent["messages"]] == ["system", "user"]  # VAPI's system message dropped
+    assert "+14155550177" in sent["messages"][0]["content"]
+    assert "call" not in sent and "customer" not in sent  # VAPI's objects never reach the provider
+
+
+def test_vapi_pointed_straight_at_v1(env):
+    """The documented alternative: VAPI's custom LLM at the gateway's /v1 with a gateway key and
+    model agent:<name>. Stateless (VAPI's transcript), call facts as variables, VAPI's objects
+    kept from the provider."""
+    client = openai.OpenAI(base_url=f"{env['gw'].url}/v1", api_key=env["key"], max_retries=0, timeout=30)
+    stream = client.chat.completions.create(
+        model=f"agent:{PLAIN}",
+        messages=[{"role": "user", "content": "direct"}],
+        stream=True,
+        extra_body={"call": {"id": str(uuid.uuid4())}, "customer": {"number": "+14155550188"}},
+    )
+    assert "direct" in "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    sent = env["mock"].last()["body"]
+    assert "+14155550188" in sent["messages"][0]["content"] and "call" not in sent
+
+
+def test_tool_call_ids_match_exactly(env):
+    ids = ["call_Z9", "x" * 128, "weird id #1 ü", "call_Z9"]
+    calls = [{"id": i, "name": "get_weather", "arguments": {"city": f"C{n}"}} for n, i in enumerate(ids)]
+    calls[2]["arguments"] = {"town": "nowhere"}  # fails the tool's schema: an error for that id only
+    status, answer = play(env, lambda c: c.tool_calls(calls), phone_number_id="pn_main")
+    assert status == 200
+    assert [r["toolCallId"] for r in answer["results"]] == ids
+    assert ["result" in r for r in answer["results"]] == [True, True, False, True]
+    assert "city" in answer["results"][2]["error"]
+
+
+@pytest.mark.parametrize(
+    "calls, param",
+    [
+        ([{"id": "x" * 129, "type": "function", "function": {"name": "get_weather", "arguments": {}}}], ".id"),
+        ([{"id": "", "type": "function", "function": {"name": "get_weather", "arguments": {}}}], ".id"),
+        ([{"id": 7, "type": "function", "function": {"name": "get_weather", "arguments": {}}}], ".id"),
+        ([{"id": f"c{i}", "function": {"name": "get_weather", "arguments": {}}} for i in range(17)], "toolCallList"),
+        ([], "toolCallList"),
+    ],
+)
+def test_bad_tool_calls_refused_before_any_tool_runs(env, calls, param):
+    tools = env["tools"]
+    before = len(tools.requests())
+    r = httpx.post(
+        f"{base(env)}/events",
+        json={"message": {"type": "tool-calls", "toolCallList": calls, "call": {"id": str(uuid.uuid4())}}},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert r.status_code == 400
+    assert param in r.json()["error"]["param"]
+    assert len(tools.requests()) == before
+
+
+def test_untrusted_report_fields_are_checked(env):
+    call_id = str(uuid.uuid4())
+    bad = {
+        "type": "end-of-call-report",
+        "call": {"id": call_id, "customer": {"number": "not a number"}},
+        "cost": float("1e300"),
+        "durationSeconds": -5,
+        "artifact": {"recordingUrl": "http://169.254.169.254/latest", "transcript": "a\x00b"},
+    }
+    r = httpx.post(f"{base(env)}/events", json={"message": bad}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and r.json()["stored"] is True
+    row = query(env["db"], "SELECT * FROM vapi_calls WHERE call_id = $1", call_id)[0]
+    assert row["cost_usd"] is None and row["duration_s"] is None and row["recording_url"] is None
+    assert row["customer_number"] is None and row["transcript"] == "a\ufffdb"
+    # a call id that is no id is not stored at all
+    r = httpx.post(
+        f"{base(env)}/events",
+        json={"message": {"type": "end-of-call-report", "call": {"id": "../../etc passwd"}}},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert r.status_code == 200 and r.json()["stored"] is False
+
+
+def test_outbound_call_through_vapi_api(env):
+    gw, api = env["gw"], env["api"]
+    r = admin(
+        gw,
+        "POST",
+        "/admin/channels/vapi/calls",
+        json={"account": "main", "to": "+14155550199", "variables": {"plan": "gold"}},
+    )
+    assert r.status_code == 201, r.text
+    record = r.json()
+    assert record["direction"] == "outbound" and record["status"] == "queued" and record["tenant"] == TENANT
+    sent = api.requests()[-1]
+    assert sent["headers"]["authorization"] == f"Bearer {VAPI_KEY}"
+    assert sent["body"]["customer"] == {"number": "+14155550199"}
+    assert sent["body"]["phoneNumberId"] == "pn_main"
+    assert sent["body"]["assistant"]["model"]["provider"] == "custom-llm"
+    assert sent["body"]["metadata"] == {"plan": "gold"}
+    listed = admin(gw, "GET", f"/admin/channels/vapi/calls?tenant={TENANT}&account=main").json()["data"]
+    assert record["call_id"] in {c["call_id"] for c in listed}
+    # bad input: a 400 naming the field; VAPI's refusal: 502, nothing recorded
+    for body, param in (
+        ({"account": "main", "to": "12345"}, "to"),
+        ({"account": "main", "to": "+14155550199", "agent": "someone-else"}, "agent"),
+        ({"account": "main", "to": "+14155550199", "voice": "x"}, "voice"),
+        ({"account": "main", "to": "+14155550199", "variables": {"a b": 1}}, "variables.a b"),
+    ):
+        r = admin(gw, "POST", "/admin/channels/vapi/calls", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    count = len(admin(gw, "GET", f"/admin/channels/vapi/calls?tenant={TENANT}").json()["data"])
+    r = admin(gw, "POST", "/admin/channels/vapi/calls", json={"account": "main", "to": "+14155550000"})
+    assert r.status_code == 502
+    assert len(admin(gw, "GET", f"/admin/channels/vapi/calls?tenant={TENANT}").json()["data"]) == count
+
+
+def test_another_tenant_cannot_use_or_see_the_account(env):
+    gw = env["gw"]
+    r = admin(gw, "POST", "/admin/keys", json={"name": "other-admin", "tenant": f"other-{RUN}", "scopes": ["admin"]})
+    other = r.json()["key"]
+    r = admin(gw, "POST", "/admin/channels/vapi/calls", key=other, json={"account": "main", "to": "+14155550199"})
+    assert r.status_code == 404
+    r = admin(gw, "GET", "/admin/channels/vapi/calls", key=other)
+    assert r.status_code == 200 and r.json()["data"] == []
+    r = admin(gw, "GET", "/admin/channels/vapi/calls?account=main", key=other)
+    assert r.status_code == 404
+    mine = admin(gw, "POST", "/admin/channels/vapi/calls", json={"account": "main", "to": "+14155550199"}).json()
+    assert admin(gw, "GET", f"/admin/channels/vapi/calls/{mine['id']}").status_code == 200
+    assert admin(gw, "GET", f"/admin/channels/vapi/calls/{mine['id']}", key=other).status_code == 404
+
+
+def test_human_reply_delivery_reports_or_calls_back(env):
+    """The deliverer through runtime.delivery's registry, over the real call records: a live
+    call cannot be spoken into; an ended one is reported, or called back (once per reference)
+    through VAPI's API when the account says so. A conversation that is no VAPI call is not
+    this channel's, whatever its id looks like."""
+    from channels.vapi import VapiChannel, VapiDeliverer, parse_accounts
+    from channels.vapi.calls import CallStore
+    from channels.vapi.wire import CallInfo
+    from gateway.db import tenant_transaction
+    from gateway.vapi_channel import _Deliverer
+    from runtime.delivery import Delivery, Outbound
+
+    settings = {
+        "tenant": TENANT,
+        "api_key": env["key"],
+        "public_url": PUBLIC_URL,
+        "auth": {"bearer_token": TOKEN},
+        "default_agent": AGENT,
+        "vapi_api_url": env["api"].url,
+        "vapi_api_key": VAPI_KEY,
+        "outbound_phone_number_id": "pn_main",
+    }
+    accounts = parse_accounts({"main": {**settings, "delivery": "callback"}, "quiet": settings})
+
+    async def go():
+        pool = await asyncpg.create_pool(env["db"], min_size=1, max_size=2)
+        try:
+            store = CallStore(lambda tenant: tenant_transaction(pool, tenant))
+            channel = VapiChannel(accounts, store, events=None, upstream=None)
+            await channel.start()
+            delivery = Delivery()
+            delivery.register("vapi", _Deliverer(VapiDeliverer(channel)))
+            live, ended, quiet = (str(uuid.uuid4()) for _ in range(3))
+            for account, call_id, status in (
+                ("main", live, "in-progress"),
+                ("main", ended, "ended"),
+                ("quiet", quiet, "ended"),
+            ):
+                info = CallInfo(call_id=call_id, customer_number="+14155550166")
+                await store.upsert(TENANT, account, info, AGENT, status)
+
+            def reply(call_id: str, ref: str | None = "esc_1") -> Outbound:
+                return Outbound(TENANT, AGENT, f"vapi:{call_id}", "A human says hello.", ref=ref)
+
+            out = {
+                "live": await delivery.deliver(reply(live)),
+                "quiet": await delivery.deliver(reply(quiet)),
+                "ended": await delivery.deliver(reply(ended)),
+                "again": await delivery.deliver(reply(ended)),
+                "other tenant": await delivery.deliver(Outbound("someone-else", AGENT, f"vapi:{ended}", "x")),
+                "not a call": await delivery.deliver(reply(str(uuid.uuid4()))),
+            }
+            await channel.stop()
+            return out
+        finally:
+            await pool.close()
+
+    before = len(env["api"].requests())
+    out = asyncio.run(go())
+    assert (out["live"].channel, out["live"].status) == ("vapi", "failed") and "in progress" in out["live"].detail
+    assert out["quiet"].status == "failed" and out["quiet"].detail == "call ended; no outbound path"
+    assert out["ended"].status == "sent" and out["again"].status == "sent"
+    assert (out["other tenant"].channel, out["not a call"].channel) == ("api", "api")
+    calls = env["api"].requests()[before:]
+    assert len(calls) == 1  # the repeated reference did not call twice
+    assert calls[0]["body"]["customer"] == {"number": "+14155550166"}
+    assert calls[0]["body"]["assistant"]["firstMessage"] == "A human says hello."
+    assert (
+        out["ended"].detail
+        == query(
+            env["db"], "SELECT call_id FROM vapi_calls WHERE metadata->>'reply_ref' = 'esc_1' AND tenant = $1", TENANT
+        )[0]["call_id"]
+    )
+
+
+def test_account_settings_problems_name_their_path():
+    from channels.vapi import parse_accounts
+    from core.config import ConfigError
+
+    good = {"tenant": "t", "api_key": "sk-gw-01234567", "public_url": PUBLIC_URL, "auth": {"secret": SECRET}}
+    assert parse_accounts({"main": good})["main"].agent_for("a", "p") is None
+    with pytest.raises(ConfigError) as exc:
+        parse_accounts(
+            {
+                "no-auth": {**good, "auth": {}},
+                "short": {**good, "auth": {"bearer_token": "short"}},
+                "url": {**good, "public_url": "ftp://x"},
+                "number": {**good, "transfer_number": "555-0100"},
+                "model": {**good, "assistant": {"model": {"provider": "openai"}}},
+                "agent": {**good, "phone_numbers": {"pn_1": "Not An Agent"}},
+                "extra": {**good, "surprise": 1},
+                "bad name/..": good,
+            }
+        )
+    text = "\n".join(exc.value.problems)
+    for where in (
+        "channels.vapi.no-auth.auth:",
+        "channels.vapi.short.auth.bearer_token:",
+        "channels.vapi.url.public_url:",
+        "channels.vapi.number.transfer_number:",
+        "channels.vapi.model.assistant:",
+        "channels.vapi.agent.phone_numbers:",
+        "channels.vapi.extra.surprise:",
+        "channels.vapi.bad name/..:",
+    ):
+        assert where in text, text
+    assert SECRET not in text and "sk-gw-01234567" not in text  # secrets never in the problems
+
+
+def test_check_config_names_account_problems(tmp_root):
+    import subprocess
+
+    import yaml
+
+    path = tmp_root / "vapi-bad-account.yaml"
+    path.write_text(yaml.safe_dump({"channels": {"vapi": {"main": {"tenant": "t", "api_key": "sk-gw-01234567"}}}}))
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 1
+    assert "channels.vapi.main.public_url" in out.stderr and "channels.vapi.main.auth" in out.stderr
+
+
+def test_a_gateway_with_a_wrong_account_key_does_not_start(tmp_root, services, module_mock):
+    import os
+    import subprocess
+
+    import yaml
+
+    config = {
+        "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "m", "deployments": [{"provider": "pp", "model": "m"}]}],
+        "channels": {
+            "vapi": {
+                "main": {
+                    "tenant": TENANT,
+                    "api_key": "sk-gw-not-a-key",
+                    "public_url": PUBLIC_URL,
+                    "auth": {"secret": SECRET},
+                }
+            }
+        },
+    }
+    path = tmp_root / "vapi-wrong-key.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        "DATABASE_URL": services[0],
+        "REDIS_URL": services[1],
+        "GATEWAY_MASTER_KEY": MASTER_KEY,
+        "GATEWAY_DATA_DIR": str(tmp_root / "data"),
+        "GATEWAY_KB_WORKER": "0",
+    }
+    args = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(free_port())]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "channels.vapi.main.api_key: not an active key" in out.stdout + out.stderr
+
+
+def test_the_agent_is_the_accounts_choice(env):
+    """The call's phone number picks the agent; a `model` VAPI sends picks one only among the
+    account's own agents; a message type nobody knows is counted as `other`, not by its name."""
+
+    def agent_of(body: dict) -> str:
+        r = httpx.post(
+            f"{base(env)}/chat/completions",
+            json={"messages": [{"role": "user", "content": "who answers"}], "stream": False, **body},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        return r.headers["x-gateway-agent"]
+
+    assert agent_of({"call": {"id": str(uuid.uuid4()), "phoneNumberId": "pn_plain"}}) == PLAIN
+    assert agent_of({"model": f"agent:{PLAIN}"}) == PLAIN  # no call id: stateless, the account's agent
+    assert agent_of({"model": "agent:someone-elses-agent"}) == AGENT  # not the account's: the default
+    r = httpx.post(
+        f"{base(env)}/events",
+        json={"message": {"type": "totally-new-type-\u0000"}},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert r.status_code == 200 and r.json() == {}
+    metrics = httpx.get(f"{env['gw'].url}/metrics").text
+    assert 'gateway_vapi_events_total{type="other"}' in metrics and "totally-new-type" not in metrics
