@@ -297,8 +297,10 @@ async def _judge(svc, ctx: RequestContext, model: str, question: str, answer: st
         request_id=f"{ctx.request_id}-judge", endpoint="chat", body=body, started=time.perf_counter(), model=model
     )
     jctx.identity = ctx.identity
+    jctx.extra["attribution"] = dict(ctx.extra.get("attribution") or {})  # the agent's, for the audit record
     try:
         raw = await pipeline.complete(svc, jctx, svc.router.resolve(jctx, "chat"))
+        await pipeline.settle(svc, jctx, {"headers": []})
         text = _text(((orjson.loads(raw).get("choices") or [{}])[0].get("message") or {}).get("content"))
         value = float(text.strip().split()[0])
     except Exception as exc:

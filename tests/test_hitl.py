@@ -383,3 +383,31 @@ def test_bad_input_changes_nothing(pair, tenant):
         a, "PATCH", f"/admin/agents/{tenant['agent']}", tenant["admin"], json={"escalation": {"threshold": 2}}
     )
     assert bad_agent.status_code == 400 and bad_agent.json()["error"]["param"] == "escalation.threshold"
+
+
+def test_judge_verdict_scores_the_turn(pair, tenant):
+    a, _ = pair
+    agent = create_agent(a, tenant["name"], judge={"model": "agent-model"})
+    # the mock answers "0.1" to both calls: the agent's and the judge's (through the router)
+    conv = f"j-{uuid.uuid4().hex[:8]}"
+    content, headers = chat(a, tenant["key"], agent, conv, '[[mock:{"reply": "0.1"}]] Is my kettle covered?')
+    esc_id = headers.get("x-gateway-escalation")
+    assert esc_id, content
+    esc = admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"]).json()
+    assert esc["reasons"] == ["judge"] and esc["confidence"] == pytest.approx(0.1)
+
+
+def test_experiment_report_counts_escalations_and_resolutions_per_variant(pair, tenant):
+    a, _ = pair
+    agent = create_agent(a, tenant["name"], logprobs=True)
+    r = admin(a, "POST", f"/admin/agents/{agent}/versions", json={"template": "You are the support assistant, v2."})
+    assert r.status_code == 201, r.text
+    r = admin(a, "PUT", f"/admin/agents/{agent}/labels/production", json={"variants": {"1": 50, "2": 50}})
+    assert r.status_code == 200, r.text
+    solo = {**tenant, "agent": agent}
+    opened = [escalate(a, solo)[1] for _ in range(3)]
+    assert admin(a, "POST", f"/admin/escalations/{opened[0]}/claim", tenant["admin"]).status_code == 200
+    assert admin(a, "POST", f"/admin/escalations/{opened[0]}/resolve", tenant["admin"], json={}).status_code == 200
+    report = admin(a, "GET", f"/admin/agents/{agent}/experiments").json()["data"][0]
+    assert sum(v["escalations"] for v in report["variants"]) == 3
+    assert sum(v["resolutions"] for v in report["variants"]) == 1
