@@ -170,8 +170,8 @@ class Admin:
                 tenant if tenant is not None else _query_tenant(query),
                 _action(scope),
                 scope["method"],
-                scope["path"][:1000],
-                str(target)[:256] if target is not None else None,
+                scope["path"][:1000].replace("\x00", "\ufffd"),  # a %00 in the path is not PostgreSQL text
+                str(target)[:256].replace("\x00", "\ufffd") if target is not None else None,
                 status,
                 addr,
                 orjson.dumps({"query": query} if query else {}).decode(),
@@ -565,7 +565,7 @@ def _query_tenant(query: str) -> str | None:
     from urllib.parse import parse_qs
 
     values = parse_qs(query).get("tenant")
-    return values[0][:128] if values else None
+    return values[0][:128].replace("\x00", "\ufffd") if values else None
 
 
 def _record(row) -> dict:

@@ -20,6 +20,7 @@ working an item is the authenticated key (its id is the lease holder), never a f
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -39,6 +40,7 @@ from runtime.hitl.settings import URGENCIES
 
 MAX_REPLY = 4000
 HEARTBEAT_S = 15.0
+ID_RE = re.compile(r"^(esc|lex)_[0-9a-f]{16}$")
 TEAM_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 
@@ -125,7 +127,7 @@ class EscalationAdmin:
 
     def _id(self, request: Request) -> str:
         value = request.path_params["id"]
-        if not value.startswith(("esc_", "lex_")) or len(value) > 64:
+        if not ID_RE.match(value):
             raise NotFound(f"No such item {value[:64]!r}.", param="id")
         return value
 
@@ -415,7 +417,7 @@ class EscalationAdmin:
         """A conversation's messages, the people's replies included (``name: "human"``): how a
         REST client's operator reads what was said while a person held it."""
         conversation_id = request.path_params["conversation_id"]
-        if not 0 < len(conversation_id) <= 256:
+        if not 0 < len(conversation_id) <= 256 or "\x00" in conversation_id:
             raise InvalidRequest("'conversation_id' is 1 to 256 characters.", param="conversation_id")
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             agent = await self._agent(request, conn)

@@ -34,8 +34,8 @@ MAX_CONTEXT_BYTES = 16_000
 def start_check(svc, turn) -> asyncio.Task | None:
     """The held check, started now so its GET travels with the memory read."""
     hitl = getattr(svc, "hitl", None)
-    if hitl is None or turn.conversation_id is None:
-        return None
+    if hitl is None or turn.conversation_id is None or not hitl_settings.of(turn.agent).enabled:
+        return None  # an agent that never escalates never holds a conversation: nothing to check
     return asyncio.ensure_future(hitl.holds.get(turn.agent.tenant, turn.agent.id, turn.conversation_id))
 
 
@@ -279,8 +279,9 @@ async def _judge(svc, ctx: RequestContext, model: str, question: str, answer: st
     from gateway import pipeline
 
     group = svc.router.groups.get(model)
-    if group is None:
-        return None
+    ident = ctx.identity
+    if group is None or (ident is not None and ident.models and model not in ident.models):
+        return None  # a judge the caller's key may not use is not called
     body = {
         "model": model,
         "max_tokens": 5,

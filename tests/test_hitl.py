@@ -411,3 +411,41 @@ def test_experiment_report_counts_escalations_and_resolutions_per_variant(pair, 
     report = admin(a, "GET", f"/admin/agents/{agent}/experiments").json()["data"][0]
     assert sum(v["escalations"] for v in report["variants"]) == 3
     assert sum(v["resolutions"] for v in report["variants"]) == 1
+
+
+def test_attack_another_tenants_admin_reaches_nothing(pair, tenant):
+    a, _ = pair
+    _, esc_id, _ = escalate(a, tenant)
+    other = new_key(a, f"o-{uuid.uuid4().hex[:6]}", admin_scope=True)
+    base = f"/admin/escalations/{esc_id}"
+    for method, path, body in (
+        ("GET", base, None),
+        ("POST", f"{base}/claim", None),
+        ("POST", f"{base}/reply", {"text": "hi"}),
+        ("POST", f"{base}/resolve", {"corrected_answer": "x"}),
+        ("POST", f"{base}/reassign", {"team": "x"}),
+        ("POST", f"{base}/release", None),
+        ("GET", f"/admin/agents/{tenant['agent']}/learned", None),
+        ("GET", f"/admin/agents/{tenant['agent']}/training-data", None),
+        ("GET", f"/admin/agents/{tenant['agent']}/conversations/c-1/messages", None),
+    ):
+        r = admin(a, method, path, other, json=body)
+        assert r.status_code == 404, (path, r.status_code, r.text)
+    assert admin(a, "POST", "/admin/escalations/claim-next", other, json={}).status_code == 404  # its queue is empty
+    assert admin(a, "GET", base, tenant["admin"]).json()["status"] == "queued"
+
+
+def test_attack_lease_holder_comes_from_the_key(pair, tenant):
+    a, _ = pair
+    _, esc_id, _ = escalate(a, tenant)
+    me = admin(a, "POST", "/admin/keys", json={"name": "me", "tenant": tenant["name"], "scopes": ["admin"]}).json()
+    r = admin(a, "POST", f"/admin/escalations/{esc_id}/claim", me["key"], json={"claimed_by": "someone-else"})
+    assert r.status_code == 200 and r.json()["claimed_by"] == me["id"]
+
+
+def test_attack_hostile_ids(pair, tenant):
+    a, _ = pair
+    for bad in ("esc_%00", "esc_' OR 1=1 --", "x" * 300, "lex_zz"):
+        assert admin(a, "GET", f"/admin/escalations/{bad}", tenant["admin"]).status_code == 404
+    r = admin(a, "GET", f"/admin/agents/{tenant['agent']}/conversations/a%00b/messages", tenant["admin"])
+    assert r.status_code == 400

@@ -290,3 +290,13 @@ def test_sla_alerts_claimed_once_by_concurrent_sweepers(pool, services):
         ]
 
     loop.run_until_complete(go())
+
+
+def test_feed_fans_out_only_the_subscribers_tenant():
+    feed = held.Feed(redis=None)
+    with feed.subscribe("acme") as mine, feed.subscribe(None) as everyone, feed.subscribe("other") as theirs:
+        feed._on(orjson.dumps({"type": "claimed", "tenant": "acme", "id": "esc_1"}))
+        feed._on(b"not json")
+        assert mine.get_nowait()["id"] == "esc_1" and everyone.get_nowait()["id"] == "esc_1"
+        assert theirs.empty()
+    assert not feed._subscribers
