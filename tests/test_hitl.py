@@ -265,6 +265,19 @@ def test_human_reply_reaches_rest_client_and_is_learned(pair, tenant, module_moc
     r = admin(a, "GET", f"/admin/agents/{tenant['agent']}/conversations/{conv}/messages", tenant["admin"])
     assert r.status_code == 200
     assert {"role": "assistant", "content": reply, "name": "human"} in r.json()["data"]
+    # and the REST client itself, with its own key: the reply, and that a person holds the conversation
+    own = httpx.get(
+        f"{b.url}/v1/agents/{tenant['agent']}/conversations/{conv}/messages",
+        headers={"Authorization": f"Bearer {tenant['key']}"},
+    )
+    assert own.status_code == 200 and own.json()["held_by_human"] and own.json()["escalation_id"] == esc_id
+    assert own.json()["data"][-1] == {"role": "assistant", "content": reply, "name": "human"}
+    stranger = new_key(a, f"s-{uuid.uuid4().hex[:6]}")
+    r = httpx.get(
+        f"{b.url}/v1/agents/{tenant['agent']}/conversations/{conv}/messages",
+        headers={"Authorization": f"Bearer {stranger}"},
+    )
+    assert r.status_code == 404
 
     r = admin(
         a,
