@@ -7,7 +7,11 @@ metric — on turns that do not escalate (escalating is a rare turn that opens a
 PostgreSQL). Three flavours: a plain turn, a grounded turn with five sources and tool steps,
 and a turn whose 120 token log-probabilities are scored (the response parsed once more).
 
-    .venv/bin/python -m loadtest.bench_hitl [--turns 20000]
+The held check on the request path — one Redis GET issued as a task beside the memory read — is
+timed against a real (embedded) Valkey: the memory read alone vs. the memory read with the check
+beside it, alternating, on the pipelined client the turn uses (``--redis-rounds 0`` skips it).
+
+    .venv/bin/python -m loadtest.bench_hitl [--turns 20000] [--redis-rounds 5000]
 
 Writes loadtest/results/hitl-confidence.json.
 """
@@ -104,9 +108,56 @@ async def _time(flavour: str, turns: int) -> dict:
     }
 
 
+async def _held_check(url: str, rounds: int) -> dict:
+    """p50 of a memory-window read alone vs. with the held check's GET beside it."""
+    import redis.asyncio as aioredis
+
+    from core.fastredis import PipelinedRedis
+    from runtime.hitl.held import Holds
+
+    memory, fast = PipelinedRedis(url), PipelinedRedis(url)
+    client = aioredis.from_url(url)
+    holds = Holds(client, fast)
+    window = "bench:hitl:window"
+    await client.delete(window)
+    await client.rpush(
+        window, *[orjson.dumps({"s": i, "t": 20, "m": {"role": "user", "content": ANSWER}}) for i in range(40)]
+    )
+    alone, both = [], []
+    for i in range(rounds * 2):
+        t0 = time.perf_counter()
+        if i % 2:
+            check = asyncio.ensure_future(holds.get("t", "agt_bench", "c-1"))
+            await memory.execute("LRANGE", window, -60, -1)
+            assert await check is None
+            both.append((time.perf_counter() - t0) * 1000)
+        else:
+            await memory.execute("LRANGE", window, -60, -1)
+            alone.append((time.perf_counter() - t0) * 1000)
+    await client.delete(window)
+    await client.aclose()
+    await memory.close()
+    await fast.close()
+    p50a, p50b = statistics.median(alone), statistics.median(both)
+    return {
+        "rounds": rounds,
+        "memory_read_p50_ms": round(p50a, 4),
+        "memory_read_with_held_check_p50_ms": round(p50b, 4),
+        "added_p50_ms": round(p50b - p50a, 4),
+    }
+
+
+def _redis_url(tmp: Path) -> tuple[str, object]:
+    from gateway.embedded import EmbeddedServices
+
+    services = EmbeddedServices(tmp).start(postgres=False)
+    return services.redis_url, services
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=20000)
+    parser.add_argument("--redis-rounds", type=int, default=5000)
     args = parser.parse_args(argv)
     out = {
         "what": "added time of the confidence step per agent turn (gateway.hitl_stage.after_answer), no judge",
@@ -115,10 +166,25 @@ def main(argv: list[str] | None = None) -> None:
         "machine": platform.machine(),
         "results": {f: asyncio.run(_time(f, args.turns)) for f in ("plain", "grounded", "logprobs")},
     }
+    if args.redis_rounds:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bench-hitl-") as tmp:
+            url, services = _redis_url(Path(tmp))
+            try:
+                out["held_check"] = asyncio.run(_held_check(url, args.redis_rounds))
+            finally:
+                services.stop()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     for flavour, r in out["results"].items():
         print(f"{flavour:9s} p50 {r['p50_ms']:.4f} ms  p90 {r['p90_ms']:.4f} ms  p99 {r['p99_ms']:.4f} ms")
+    if "held_check" in out:
+        h = out["held_check"]
+        print(
+            f"held check: memory read p50 {h['memory_read_p50_ms']:.4f} ms, with the check beside it "
+            f"{h['memory_read_with_held_check_p50_ms']:.4f} ms (added {h['added_p50_ms']:.4f} ms)"
+        )
 
 
 if __name__ == "__main__":
