@@ -320,6 +320,23 @@ class Channels(_Strict):
     vapi: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
+class HitlSla(_Strict):
+    first_response_s: float = Field(gt=0)  # time to the first human reply
+    resolution_s: float = Field(gt=0)  # time to resolution
+
+
+class Hitl(_Strict):
+    """Human in the loop (runtime/hitl): the escalation queue's leases, priorities and SLAs."""
+
+    lease_s: float = Field(300.0, gt=0)  # a claim lasts this long unless renewed (a reply renews it)
+    sweep_interval_s: float = Field(5.0, gt=0)  # SLA alerts and expired leases, in every replica
+    aging_per_minute: float = Field(1.0, ge=0)  # priority points per minute of waiting
+    tier_variable: str = "customer_tier"  # the variable (or metadata field) naming the customer's tier
+    tiers: dict[str, int] = Field(default_factory=lambda: {"vip": 150, "enterprise": 100, "premium": 50})
+    # per urgency (low, normal, high, urgent); unnamed ones keep the defaults of runtime/hitl/sla.py
+    sla: dict[Literal["low", "normal", "high", "urgent"], HitlSla] = Field(default_factory=dict)
+
+
 class Config(_Strict):
     server: Server = Field(default_factory=Server)
     router: RouterSettings = Field(default_factory=RouterSettings)
@@ -331,6 +348,7 @@ class Config(_Strict):
     providers: list[Provider] = Field(default_factory=list)
     models: list[Model] = Field(default_factory=list)
     channels: Channels = Field(default_factory=Channels)
+    hitl: Hitl = Field(default_factory=Hitl)
 
     def provider(self, name: str) -> Provider:
         return next(p for p in self.providers if p.name == name)

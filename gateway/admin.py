@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from core.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
 from core.types import Identity
-from gateway import admin_agents, admin_kb, admin_vapi
+from gateway import admin_agents, admin_escalations, admin_kb, admin_vapi
 from gateway import admin_input as inp
 from gateway.db import tenant_transaction
 from policies import budgets as budget_store
@@ -123,6 +123,7 @@ class Admin:
                 *admin_agents.routes(self),
                 *admin_kb.routes(self),
                 *admin_vapi.routes(self),
+                *admin_escalations.routes(self),
             ],
             exception_handlers={GatewayError: _error, HTTPException: _http_error, Exception: _internal_error},
         )
@@ -170,8 +171,8 @@ class Admin:
                 tenant if tenant is not None else _query_tenant(query),
                 _action(scope),
                 scope["method"],
-                scope["path"][:1000],
-                str(target)[:256] if target is not None else None,
+                scope["path"][:1000].replace("\x00", "\ufffd"),  # a %00 in the path is not PostgreSQL text
+                str(target)[:256].replace("\x00", "\ufffd") if target is not None else None,
                 status,
                 addr,
                 orjson.dumps({"query": query} if query else {}).decode(),
@@ -565,7 +566,7 @@ def _query_tenant(query: str) -> str | None:
     from urllib.parse import parse_qs
 
     values = parse_qs(query).get("tenant")
-    return values[0][:128] if values else None
+    return values[0][:128].replace("\x00", "\ufffd") if values else None
 
 
 def _record(row) -> dict:

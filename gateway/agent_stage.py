@@ -15,7 +15,7 @@ import re
 from channels.vapi import wire as vapi_wire
 from core.errors import InvalidRequest, ModelNotFound, PermissionDenied
 from core.types import RequestContext, excerpt
-from gateway import grounding
+from gateway import grounding, hitl_stage
 from runtime.types import AGENT_PREFIX, Turn
 
 log = logging.getLogger("gateway.agents")
@@ -107,6 +107,7 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     history: list[dict] = []
     from runtime.memory import MemoryUnavailable
 
+    hold = hitl_stage.start_check(svc, turn)  # is a person holding it? (a GET beside the memory read)
     if conv is not None:
         try:
             history = await svc.memory.load(tenant, agent, conv)
@@ -114,6 +115,8 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
             turn.memory_error = str(exc)[:200]
             log.warning("memory unavailable; the turn answers without history: %s", turn.memory_error)
     turn.memory_loaded = len(history)
+    if await hitl_stage.on_prepare(svc, ctx, turn, hold):  # held: the message joins the escalation
+        return
     client_tools = ctx.body.get("tools") or []
     turn.client_tools = frozenset(
         t["function"]["name"]

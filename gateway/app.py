@@ -16,7 +16,7 @@ from core.config import load_config
 from core.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
 from core.logs import access_log
 from core.types import RequestContext, excerpt
-from gateway import agent_stage, grounding, pipeline, vapi_channel
+from gateway import agent_stage, conversations_api, grounding, pipeline, vapi_channel
 from gateway.admin import Admin
 from gateway.feedback import feedback as post_feedback
 from gateway.openapi import openapi_document
@@ -95,6 +95,9 @@ class GatewayApp:
                     return
                 if path.startswith("/channels/vapi/") and self.vapi is not None:
                     await self.vapi(scope, receive, send, rid)
+                    return
+                if conversations_api.matches(path) and scope["method"] == "GET":  # a conversation read back
+                    await conversations_api.messages(self.svc, scope, send, rid, crid)
                     return
                 if path.startswith(("/v1/models/", "/models/")) and scope["method"] == "GET":
                     await self._model(scope, rid, crid, send, path.split("/models/", 1)[1])

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from core.config import Config
 from core.fastredis import PipelinedRedis
 from core.upstream import Upstream
-from gateway import kb_worker
+from gateway import hitl_service, kb_worker
 from gateway.db import connect_pool, migrate
 from gateway.providers import build_adapter
 from gateway.providers.base import ProviderAdapter
@@ -69,6 +69,7 @@ class Services:
     embedder: LocalEmbedder | None = None  # the local embedding model, for queries
     kb: kb_worker.KbWorker | None = None  # the kb-ingest queue, its worker, where uploads are kept
     delivery: Delivery = field(default_factory=Delivery)  # channel deliverers (human replies etc.)
+    hitl: hitl_service.HitlService | None = None  # human in the loop: holds, queue feed, SLA sweeper
     _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check
     _ready_check: asyncio.Future | None = None  # the check under way, shared by its callers
 
@@ -120,6 +121,9 @@ class Services:
         kb = kb_worker.KbWorker(pool, redis, embedder, settings.data_dir.resolve())
         if kb_worker.enabled():
             await kb.start()
+        hitl = await hitl_service.start(
+            settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder
+        )
         return cls(
             settings.config,
             pool,
@@ -140,12 +144,15 @@ class Services:
             runs,
             embedder=embedder,
             kb=kb,
+            hitl=hitl,
         )
 
     async def stop(self) -> None:
         """After the server drained its requests: flush the ledger, then close everything."""
         if self.kb is not None:
             await self.kb.stop()
+        if self.hitl is not None:
+            await self.hitl.stop()
         await self.ledger.stop()
         for part in (self.runs, self.memory, self.tools, self.agents):
             if part is not None:

@@ -24,7 +24,7 @@ import orjson
 
 from core.errors import GatewayError
 from core.types import RequestContext, Usage
-from gateway import grounding, pipeline
+from gateway import grounding, hitl_stage, pipeline
 from gateway.routing import Group
 
 log = logging.getLogger("gateway.agents")
@@ -45,6 +45,7 @@ def _headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
         out.append((b"x-gateway-degraded", b"true"))
     if turn.memory_error:
         out.append((b"x-gateway-memory", b"unavailable"))
+    out += hitl_stage.headers(turn)
     return out
 
 
@@ -120,7 +121,13 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
     agent = turn.agent
     has_server_tools = bool(agent.tools or agent.builtins)
     started = time.perf_counter()
-    if ctx.stream and not has_server_tools:
+    if turn.hold is not None:  # a person holds the conversation: no model call (gateway/hitl_stage.py)
+        raw = _fallback_body(ctx, await hitl_stage.join(svc, ctx))
+        await pipeline.settle(svc, ctx, scope)
+        _record(svc, ctx, started)
+        await (_send_as_stream(ctx, raw, send) if ctx.stream else pipeline.respond(ctx, raw, send, _headers(ctx)))
+        return
+    if ctx.stream and not has_server_tools and not hitl_stage.buffered(agent):
         await _stream_live(svc, ctx, group, scope, send, receive, started)
         return
     deadline = time.monotonic() + TURN_DEADLINE
@@ -202,6 +209,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
     await pipeline.settle(svc, ctx, scope)
     raw = grounding.with_citations(raw, turn.citations)
     _, message = _message(raw)
+    raw, message = await hitl_stage.after_answer(svc, ctx, raw, message)  # confidence; maybe escalate
     await _remember(svc, ctx, message)
     _record(svc, ctx, started)
     if ctx.stream:
@@ -214,7 +222,9 @@ async def _stream_live(svc, ctx: RequestContext, group: Group, scope: dict, send
     turn = ctx.agent
 
     async def done() -> None:
-        await _remember(svc, ctx, {"role": "assistant", "content": _streamed_text(ctx.extra.get("sent") or [])})
+        text = _streamed_text(ctx.extra.get("sent") or [])
+        hitl_stage.score_streamed(ctx, text)
+        await _remember(svc, ctx, {"role": "assistant", "content": text})
 
     try:
         await pipeline.call_stream(svc, ctx, group, scope, send, receive, _headers(ctx), on_done=done)
@@ -318,8 +328,8 @@ def _record(svc, ctx: RequestContext, started: float) -> None:
             "conversation_id": turn.conversation_id,
             "status": ctx.status,
             "degraded": turn.degraded,
-            "escalated": False,
             "memory_error": turn.memory_error,
+            **hitl_stage.record(turn),  # confidence, reasons, escalation
             "steps": [*turn.steps, *(_citation_step(c) for c in turn.citations[:20])],
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }

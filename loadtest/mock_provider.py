@@ -19,6 +19,8 @@ last user message ``[[mock:{"status": 429, "retry_after": 2}]]`` or an ``x-mock`
     cut_after     drop the connection after this many stream chunks (or mid-body)
     error_after   end a stream with a provider-shaped error event after this many chunks
     message       the error message of ``status`` / ``error_after``
+    logprob       the log-probability of every token (when the request asks for logprobs)
+    reply         answer with exactly this text (instead of the echo)
 
 Tool calls. By default a request with ``tools`` is answered with a call of the first (or the
 forced) tool, and a request whose last message is a tool result with ``tool result: <the
@@ -471,6 +473,8 @@ class Mock:
             text = "tool result: " + " | ".join(_trailing_results(messages))
         else:
             text = "echo: " + (user_text or "(nothing)")
+        if isinstance(plan.get("reply"), str):  # directive: answer with exactly this text
+            text = plan["reply"]
         fmt = req.get("response_format") or {}
         wants_json = (
             "JSON object" in _text(req.get("system"))
@@ -543,7 +547,12 @@ class Mock:
         if req.get("logprobs"):
             logprobs = {
                 "content": [
-                    {"token": w, "logprob": -0.01 * (i + 1), "bytes": list(w.encode()), "top_logprobs": []}
+                    {
+                        "token": w,
+                        "logprob": plan.get("logprob", -0.01 * (i + 1)),  # directive: a fixed (low) value
+                        "bytes": list(w.encode()),
+                        "top_logprobs": [],
+                    }
                     for i, w in enumerate(words)
                 ],
                 "refusal": None,

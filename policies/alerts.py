@@ -71,12 +71,20 @@ ALERT_DELIVERIES = Counter(
     ["outcome", "reason"],
 )
 
-__all__ = ["AlertSender", "budget_signing_key", "fired", "sign"]
+__all__ = ["AlertSender", "budget_signing_key", "emit_event", "fired", "sign"]
 
 
 def budget_signing_key(secret: str, budget_id: str) -> str:
     """The key that signs alerts sent to this budget's own webhook_url."""
     return derive_key(secret, "budget", budget_id)
+
+
+async def emit_event(redis, event: dict) -> None:
+    """An alert of another kind than a budget's (an escalation's SLA warning or breach): queued on
+    the alert stream and POSTed to ``alerts.webhook_url``, signed with ``alerts.secret``, by
+    whichever replica reads it first (the same delivery, retries and backoff as budget alerts).
+    The caller decides that it fires exactly once; ``event`` is its JSON body (``type`` first)."""
+    await redis.xadd(ALERT_STREAM, {"event": orjson.dumps(event)})
 
 
 def fired(alerts: list) -> None:
@@ -98,6 +106,7 @@ class _Job:
     spent_nano: int
     key: str | None  # signing key
     attempts: int = 0
+    event: dict | None = None  # an alert of another kind (emit_event): its body
 
     @property
     def fired_ms(self) -> int:
@@ -203,6 +212,10 @@ class AlertSender:
                 await self._schedule(entry_id, fields)
 
     async def _schedule(self, entry_id: str, fields: dict) -> None:
+        if b"event" in fields:  # not a budget's: to the operator's receiver, signed with its secret
+            event = orjson.loads(fields[b"event"])
+            await self._queue(_Job(entry_id, "", 0.0, 0, self._cfg.secret, event=event), self._cfg.webhook_url)
+            return
         budget_id = fields[b"budget"].decode()
         job = _Job(entry_id, budget_id, float(fields[b"threshold"]), int(fields[b"spent"]), None)
         budget = self._budgets.by_id.get(budget_id)
@@ -216,6 +229,10 @@ class AlertSender:
             job.key = budget_signing_key(self._cfg.secret, budget_id) if self._cfg.secret else None
         else:
             job.key = self._cfg.secret
+        await self._queue(job, url)
+
+    async def _queue(self, job: _Job, url: str | None) -> None:
+        entry_id = job.entry_id
         if not url:  # nowhere to send: the log line and metric of fired() are the alert
             await self._finish(entry_id)
             return
@@ -287,6 +304,8 @@ class AlertSender:
                 del self._receivers[receiver.url]
 
     def _body(self, job: _Job, now: int) -> bytes:
+        if job.event is not None:
+            return orjson.dumps({**job.event, "id": job.entry_id, "fired_at": job.fired_ms // 1000, "timestamp": now})
         body = {
             "type": "budget.threshold_reached",
             "id": job.entry_id,

@@ -41,7 +41,7 @@ MAX_NOTE = 2000
 MAX_KNOWLEDGE_BASES = 32
 MAX_VARIANTS = 10
 MAX_WEIGHT = 10_000
-SETTINGS = ("defaults", "tools", "builtins", "memory", "max_steps", "fallback_message", "knowledge_bases")
+SETTINGS = ("defaults", "tools", "builtins", "memory", "max_steps", "fallback_message", "knowledge_bases", "escalation")
 
 
 def new_id(prefix: str) -> str:
@@ -301,6 +301,10 @@ def check_settings(data: dict, base: dict | None = None) -> dict:
                 code="invalid_value",
             )
         out["knowledge_bases"] = kbs
+    if "escalation" in data:  # human in the loop: threshold, team, messages, rules (runtime/hitl)
+        from runtime.hitl import settings as hitl_settings
+
+        out["escalation"] = hitl_settings.check(data["escalation"])
     return out
 
 

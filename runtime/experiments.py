@@ -122,6 +122,15 @@ _RUNS_SQL = f"""WITH {_TURNS}
     WHERE r.tenant = $1 GROUP BY t.variant"""
 
 
+# Escalations opened by the experiment's turns, and how many were resolved (human in the loop).
+_ESCALATIONS_SQL = """
+    SELECT variant, count(*) AS escalations, count(*) FILTER (WHERE status = 'resolved') AS resolutions
+    FROM escalations
+    WHERE tenant = $1 AND agent = $2 AND created_at >= $3 AND ($4::timestamptz IS NULL OR created_at < $4)
+      AND variant = ANY($5::text[])
+    GROUP BY variant"""
+
+
 async def gather(conn, agent_name: str, experiment) -> dict:
     """The report of one experiment row, read within the caller's (tenant-walled) transaction."""
     variants = {str(k): int(v) for k, v in _json(experiment["variants"]).items()}
@@ -135,6 +144,12 @@ async def gather(conn, agent_name: str, experiment) -> dict:
     else:
         notes.append("no run records yet: escalation rate and degraded turns unavailable")
     out = report(variants, usage, feedback, runs, experiment["primary_metric"])
+    if await conn.fetchval("SELECT to_regclass('escalations') IS NOT NULL"):
+        counted = {r["variant"]: r for r in await _fetch(conn, _ESCALATIONS_SQL, args, notes, "escalations")}
+        for arm in out["variants"]:
+            row = counted.get(arm["variant"], {})
+            arm["escalations"] = int(row.get("escalations") or 0)
+            arm["resolutions"] = int(row.get("resolutions") or 0)
     out.update(
         id=experiment["id"],
         label=experiment["label"],

@@ -112,3 +112,6 @@ class Turn:
     degraded: bool = False  # answered with the fallback message
     client_tools: frozenset = frozenset()  # names of tools the client passed (its own to run)
     citations: list = field(default_factory=list)  # knowledge-base sources given to the model
+    hold: str | None = None  # the escalation holding the conversation (a person answers, not the model)
+    escalation_id: str | None = None  # the escalation this turn opened or joined
+    confidence: Any = None  # runtime.hitl.confidence.Confidence of the answer

@@ -1,0 +1,449 @@
+"""The human side of human in the loop (``/admin/escalations...``, ``/admin/agents/{name}/learned``,
+``/admin/agents/{name}/training-data``, ``/admin/agents/{name}/conversations/{id}/messages``).
+
+Mounted into gateway/admin.py: authenticated, access-logged, tenant-scoped like every admin route
+(filtered in SQL and walled by row-level security; the super-admin sees every tenant). The person
+working an item is the authenticated key (its id is the lease holder), never a field of a body.
+
+    GET  /admin/escalations                  the queue (?team= &status= &urgency= &limit=), by priority
+    GET  /admin/escalations/feed             server-sent events of queue changes (every replica's)
+    GET  /admin/escalations/stats            waiting, in progress, breached, p50/p90 by team and urgency
+    POST /admin/escalations/claim-next       {"team"}: the highest-priority item, claimed
+    GET  /admin/escalations/{id}             the context handoff
+    POST /admin/escalations/{id}/claim       a lease (``hitl.lease_s``); 409 when someone else holds it
+    POST /admin/escalations/{id}/reply       {"text"}: stored in memory, delivered through the channel
+    POST /admin/escalations/{id}/resolve     {"outcome", "corrected_answer", "approve_draft", "reply"}
+    POST /admin/escalations/{id}/reassign    {"team", "skills", "urgency"}
+    POST /admin/escalations/{id}/release     back to the queue
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from datetime import UTC, datetime, timedelta
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from core.errors import InvalidRequest, NotFound, ServiceUnavailable
+from gateway import admin as base  # a module, not names: admin.py imports this module in turn
+from gateway import admin_input as inp
+from gateway.db import tenant_transaction
+from runtime import agents as agent_store
+from runtime.delivery import Outbound
+from runtime.hitl import escalations, held, learning
+from runtime.hitl.settings import URGENCIES
+
+MAX_REPLY = 4000
+HEARTBEAT_S = 15.0
+ID_RE = re.compile(r"^(esc|lex)_[0-9a-f]{16}$")
+TEAM_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+def _only(data: dict, allowed: set) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        name = str(unknown[0])[:64]
+        raise InvalidRequest(
+            f"Unknown parameter '{name}'; known: {', '.join(sorted(allowed))}.", param=name, code="unknown_parameter"
+        )
+
+
+def _team(value, param: str = "team") -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= 64 or not set(value) <= TEAM_RE_CHARS:
+        raise InvalidRequest(f"'{param}' must be 1-64 letters, digits, '-' or '_'.", param=param, code="invalid_value")
+    return value
+
+
+def _reply_text(data: dict, name: str, required: bool) -> str | None:
+    text = data.get(name)
+    if text is None and not required:
+        return None
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_REPLY or "\x00" in text:
+        raise InvalidRequest(
+            f"'{name}' must be a non-empty string of at most {MAX_REPLY} characters.", param=name, code="invalid_value"
+        )
+    return text
+
+
+def _suggested(esc: dict) -> list[dict]:
+    """What the person may do next, from why the agent was unsure."""
+    out = []
+    reasons = set(esc.get("reasons") or ())
+    if esc.get("draft") and "fallback" not in reasons:
+        out.append({"action": "approve_draft", "why": "the AI drafted an answer; send it as is if it is right"})
+    if reasons & {"no_sources", "weak_sources"}:
+        out.append(
+            {"action": "correct_and_teach", "why": "no good source in the knowledge base; a correction is learned"}
+        )
+    if "tool_failure" in reasons:
+        out.append({"action": "check_tools", "why": "a tool of the agent failed during the turn"})
+    if reasons & {"asked_for_human", "escalate_tool"}:
+        out.append({"action": "reply", "why": "the customer (or the agent) asked for a person"})
+    if "negative_sentiment" in reasons or esc.get("urgency") in ("high", "urgent"):
+        out.append({"action": "prioritise", "why": "the customer seems upset or the matter is urgent"})
+    out.append({"action": "resolve", "why": "close it with an outcome (and a corrected answer to learn from)"})
+    return out
+
+
+class EscalationAdmin:
+    def __init__(self, admin) -> None:
+        self.admin = admin
+
+    @property
+    def svc(self):
+        return self.admin.svc
+
+    @property
+    def hitl(self):
+        if getattr(self.svc, "hitl", None) is None:
+            raise ServiceUnavailable("Human in the loop is not enabled on this gateway.")
+        return self.svc.hitl
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/admin/escalations", self.list_queue, methods=["GET"]),
+            Route("/admin/escalations/feed", self.feed, methods=["GET"]),
+            Route("/admin/escalations/stats", self.stats, methods=["GET"]),
+            Route("/admin/escalations/claim-next", self.claim_next, methods=["POST"]),
+            Route("/admin/escalations/{id}", self.get, methods=["GET"]),
+            Route("/admin/escalations/{id}/claim", self.claim, methods=["POST"]),
+            Route("/admin/escalations/{id}/reply", self.reply, methods=["POST"]),
+            Route("/admin/escalations/{id}/resolve", self.resolve, methods=["POST"]),
+            Route("/admin/escalations/{id}/reassign", self.reassign, methods=["POST"]),
+            Route("/admin/escalations/{id}/release", self.release, methods=["POST"]),
+            Route("/admin/agents/{name}/learned", self.learned, methods=["GET"]),
+            Route("/admin/agents/{name}/learned/{id}/approve", self.approve, methods=["POST"]),
+            Route("/admin/agents/{name}/learned/{id}/reject", self.reject, methods=["POST"]),
+            Route("/admin/agents/{name}/training-data", self.training_data, methods=["GET"]),
+            Route("/admin/agents/{name}/conversations/{conversation_id}/messages", self.messages, methods=["GET"]),
+        ]
+
+    def _id(self, request: Request) -> str:
+        value = request.path_params["id"]
+        if not ID_RE.match(value):
+            raise NotFound(f"No such item {value[:64]!r}.", param="id")
+        return value
+
+    async def _publish(self, kind: str, row: dict) -> None:
+        await held.publish(self.svc.redis, row["tenant"], kind, row)
+
+    # ---- the queue -----------------------------------------------------------------------------
+    async def list_queue(self, request: Request) -> Response:
+        q = request.query_params
+        status = inp.text(dict(q), "status", choices=escalations.STATUSES)
+        urgency = inp.text(dict(q), "urgency", choices=URGENCIES)
+        limit = q.get("limit", "100")
+        if not limit.isdigit() or not 0 < int(limit) <= 500:
+            raise InvalidRequest("'limit' must be an integer from 1 to 500.", param="limit", code="invalid_value")
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            rows = await escalations.list_queue(
+                conn,
+                base._view(request),
+                team=_team(q.get("team")),
+                status=status,
+                urgency=urgency,
+                aging=self.hitl.config.aging_per_minute,
+                limit=int(limit),
+            )
+        return base._json({"object": "list", "data": [_summary(r) for r in rows]})
+
+    async def stats(self, request: Request) -> Response:
+        since = inp.when(request.query_params.get("from"), "from") or datetime.now(UTC) - timedelta(days=7)
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            rows = await escalations.stats(conn, base._view(request), since)
+        totals = {k: sum(r[k] for r in rows) for k in ("waiting", "in_progress", "resolved", "breached")}
+        return base._json({"object": "escalation.stats", "from": since, **totals, "data": rows})
+
+    async def feed(self, request: Request) -> StreamingResponse:
+        hitl = self.hitl
+        tenant = base._view(request)
+
+        async def events():
+            with hitl.feed.subscribe(tenant) as queue:
+                yield b": connected\n\n"
+                while True:
+                    try:
+                        event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+                    except TimeoutError:
+                        yield b": keep-alive\n\n"
+                        continue
+                    yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+        headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    async def get(self, request: Request) -> Response:
+        """The context handoff: the escalation, the whole conversation, the customer's variables,
+        the sources retrieved, the AI's draft and why confidence was low, suggested actions."""
+        esc_id = self._id(request)
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            esc = await escalations.must_get(conn, base._view(request), esc_id)
+        conversation = await self._conversation(esc["tenant"], esc["agent_id"], esc["conversation_id"])
+        context = esc.get("context") or {}
+        return base._json(
+            {
+                **esc,
+                "conversation": conversation,
+                "variables": context.get("variables") or {},
+                "sources": context.get("sources") or [],
+                "why": {"confidence": esc["confidence"], "reasons": esc["reasons"], "rule": context.get("rule")},
+                "suggested_actions": _suggested(esc),
+            }
+        )
+
+    async def _conversation(self, tenant: str, agent_id: str, conversation_id: str) -> list[dict]:
+        """Every message PostgreSQL has, then what Redis holds beyond it (stored a moment ago)."""
+        rows = await self.svc.memory.history(tenant, agent_id, conversation_id, limit=1000)
+        messages = [r["message"] for r in rows]
+        agent = self.svc.agents.by_id(agent_id) if self.svc.agents is not None else None
+        if agent is not None:
+            from runtime.memory import keys
+
+            window_key, _ = keys(tenant, agent_id, conversation_id)
+            last = rows[-1]["seq"] if rows else 0
+            for raw in await self.svc.redis.lrange(window_key, 0, -1):
+                entry = orjson.loads(raw)
+                if entry.get("s", 0) > last:
+                    messages.append(entry["m"])
+        return messages
+
+    async def claim(self, request: Request) -> Response:
+        esc_id = self._id(request)
+        holder = base._ident(request).key_id
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            esc = await escalations.claim(conn, base._view(request), esc_id, holder, self.hitl.config.lease_s)
+        await self._publish("claimed", esc)
+        return base._json(_summary(esc))
+
+    async def claim_next(self, request: Request) -> Response:
+        data = await inp.body(request)
+        _only(data, {"team"})
+        holder = base._ident(request).key_id
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            esc = await escalations.claim_next(
+                conn,
+                base._view(request),
+                holder,
+                self.hitl.config.lease_s,
+                team=_team(data.get("team")),
+                aging=self.hitl.config.aging_per_minute,
+            )
+        if esc is None:
+            raise NotFound("The queue is empty.", param="team", code="queue_empty")
+        await self._publish("claimed", esc)
+        return base._json(_summary(esc))
+
+    async def _send(self, request: Request, esc: dict, text: str) -> dict:
+        """A person's reply: into the conversation's memory (the next turn's history, and what a
+        REST client reads back), then to the customer through the channel that owns it."""
+        agent = self.svc.agents.by_id(esc["agent_id"]) if self.svc.agents is not None else None
+        if agent is None:
+            raise NotFound("The escalation's agent no longer exists.", param="id", code="agent_gone")
+        await self.svc.memory.append(
+            esc["tenant"],
+            agent,
+            esc["conversation_id"],
+            [{"role": "assistant", "content": text, "name": "human"}],
+            request_id=f"{esc['id']}-{int(time.time() * 1000)}",
+            prompt_version=esc.get("prompt_version") or 0,
+            variant=esc.get("variant"),
+        )
+        out = await self.svc.delivery.deliver(
+            Outbound(esc["tenant"], esc["agent"], esc["conversation_id"], text, kind="human_reply", ref=esc["id"])
+        )
+        return {"channel": out.channel, "status": out.status, "detail": out.detail, "at": time.time()}
+
+    async def reply(self, request: Request) -> Response:
+        esc_id = self._id(request)
+        data = await inp.body(request)
+        _only(data, {"text"})
+        text = _reply_text(data, "text", required=True)
+        holder = base._ident(request).key_id
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            esc = await escalations.check_can_reply(conn, base._view(request), esc_id, holder)
+        delivery = await self._send(request, esc, text)
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            esc = await escalations.record_reply(
+                conn, base._view(request), esc_id, holder, delivery, self.hitl.config.lease_s
+            )
+        await self._publish("replied", esc)
+        return base._json({**_summary(esc), "delivery": delivery})
+
+    async def resolve(self, request: Request) -> Response:
+        esc_id = self._id(request)
+        data = await inp.body(request)
+        _only(data, {"outcome", "corrected_answer", "approve_draft", "reply"})
+        outcome = inp.text(data, "outcome", choices=escalations.OUTCOMES) or "resolved"
+        corrected = data.get("corrected_answer")
+        if corrected is not None and (
+            not isinstance(corrected, str) or not corrected.strip() or len(corrected) > learning.MAX_ANSWER
+        ):
+            raise InvalidRequest(
+                f"'corrected_answer' must be a non-empty string of at most {learning.MAX_ANSWER} characters.",
+                param="corrected_answer",
+                code="invalid_value",
+            )
+        approve = data.get("approve_draft", False)
+        if not isinstance(approve, bool):
+            raise InvalidRequest("'approve_draft' must be true or false.", param="approve_draft", code="invalid_type")
+        reply = _reply_text(data, "reply", required=False)
+        ident = base._ident(request)
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            esc = await escalations.check_can_reply(conn, base._view(request), esc_id, ident.key_id)
+        delivery = await self._send(request, esc, reply) if reply is not None else None
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            if delivery is not None:
+                await escalations.record_reply(
+                    conn, base._view(request), esc_id, ident.key_id, delivery, self.hitl.config.lease_s
+                )
+            esc = await escalations.resolve(
+                conn,
+                base._view(request),
+                esc_id,
+                ident.key_id,
+                by=ident.key_id,
+                outcome=outcome,
+                corrected_answer=corrected,
+            )
+            answer = corrected or (esc.get("draft") if approve else None)
+            example = None
+            if answer:
+                example = await learning.add(
+                    conn,
+                    tenant=esc["tenant"],
+                    agent_id=esc["agent_id"],
+                    escalation_id=esc["id"],
+                    question=esc.get("question") or "",
+                    answer=answer,
+                    created_by=ident.key_id,
+                )
+        await self.hitl.holds.release(esc["tenant"], esc["agent_id"], esc["conversation_id"], esc["id"])
+        await self._publish("resolved", esc)
+        return base._json({**_summary(esc), "delivery": delivery, "learned_example": example})
+
+    async def reassign(self, request: Request) -> Response:
+        esc_id = self._id(request)
+        data = await inp.body(request)
+        _only(data, {"team", "skills", "urgency"})
+        team = _team(data.get("team"))
+        if team is None:
+            raise InvalidRequest("Missing required parameter: 'team'.", param="team", code="missing_required_parameter")
+        skills = inp.str_list(data, "skills") if data.get("skills") is not None else None
+        if skills is not None:
+            skills = [_team(s, "skills") for s in skills[:32]]
+        urgency = inp.text(data, "urgency", choices=URGENCIES)
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            esc = await escalations.reassign(
+                conn, base._view(request), esc_id, team=team, skills=skills, urgency=urgency
+            )
+        await self._publish("reassigned", esc)
+        return base._json(_summary(esc))
+
+    async def release(self, request: Request) -> Response:
+        esc_id = self._id(request)
+        holder = base._ident(request).key_id
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            esc = await escalations.release(conn, base._view(request), esc_id, holder)
+        await self._publish("released", esc)
+        return base._json(_summary(esc))
+
+    # ---- learning ------------------------------------------------------------------------------
+    async def _agent(self, request: Request, conn):
+        name = request.path_params["name"]
+        found = (
+            await agent_store.find_agents(conn, name[:64], base._view(request))
+            if agent_store.NAME_RE.match(name)
+            else []
+        )
+        if len(found) != 1:
+            if len(found) > 1:
+                raise InvalidRequest(
+                    f"Several tenants have an agent named {name!r}; name one with ?tenant=.",
+                    param="tenant",
+                    code="ambiguous_agent",
+                )
+            raise NotFound(f"No agent named {name[:64]!r}.", param="name")
+        return found[0]
+
+    async def learned(self, request: Request) -> Response:
+        status = inp.text(dict(request.query_params), "status", choices=learning.STATUSES)
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            agent = await self._agent(request, conn)
+            rows = await learning.list_for(conn, agent.tenant, agent.id, status)
+        return base._json({"object": "list", "agent": agent.name, "data": rows})
+
+    async def approve(self, request: Request) -> Response:
+        return await self._review(request, learning.approve)
+
+    async def reject(self, request: Request) -> Response:
+        return await self._review(request, learning.reject)
+
+    async def _review(self, request: Request, action) -> Response:
+        example_id = self._id(request)
+        indexer = self.hitl.indexer
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            agent = await self._agent(request, conn)
+            example = await action(conn, agent, example_id, base._ident(request).key_id, indexer)
+        if agent.id in indexer.changed_agents:  # the learned-answers knowledge base was attached
+            indexer.changed_agents.discard(agent.id)
+            await agent_store.announce(self.svc.redis, agent.id)
+            if self.svc.agents is not None:
+                await self.svc.agents.reload_agent(agent.id)
+        return base._json(example)
+
+    async def training_data(self, request: Request) -> StreamingResponse:
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            agent = await self._agent(request, conn)
+
+        async def lines():
+            async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+                async for line in learning.training_data(conn, agent.tenant, agent.id):
+                    yield line
+
+        return StreamingResponse(
+            lines(),
+            media_type="application/jsonl",
+            headers={"content-disposition": f'attachment; filename="{agent.name}-training.jsonl"'},
+        )
+
+    async def messages(self, request: Request) -> Response:
+        """A conversation's messages, the people's replies included (``name: "human"``): how a
+        REST client's operator reads what was said while a person held it."""
+        conversation_id = request.path_params["conversation_id"]
+        if not 0 < len(conversation_id) <= 256 or "\x00" in conversation_id:
+            raise InvalidRequest("'conversation_id' is 1 to 256 characters.", param="conversation_id")
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            agent = await self._agent(request, conn)
+            row = await conn.fetchrow(
+                """SELECT id, status FROM escalations WHERE tenant = $1 AND agent_id = $2 AND conversation_id = $3
+                   ORDER BY created_at DESC LIMIT 1""",
+                agent.tenant,
+                agent.id,
+                conversation_id,
+            )
+        messages = await self._conversation(agent.tenant, agent.id, conversation_id)
+        return base._json(
+            {
+                "object": "list",
+                "agent": agent.name,
+                "conversation_id": conversation_id,
+                "escalation": dict(row) if row else None,
+                "data": messages,
+            }
+        )
+
+
+def _summary(esc: dict) -> dict:
+    """An escalation without its bulky context (the handoff route shows that)."""
+    return {k: v for k, v in esc.items() if k != "context"}
+
+
+def routes(admin) -> list[Route]:
+    return EscalationAdmin(admin).routes()

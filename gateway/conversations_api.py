@@ -1,0 +1,47 @@
+"""``GET /v1/agents/{name}/conversations/{conversation_id}/messages``: a REST client reads its
+conversation back — the people's replies included (assistant messages with ``name: "human"``),
+which reach a plain API conversation no other way — and whether a person holds it.
+
+Authenticated like a chat completion (the client's own key: its tenant, and an agent the key may
+use); it reads the recent window from Redis (PostgreSQL only when Redis no longer holds it), as
+the next turn would.
+"""
+
+from __future__ import annotations
+
+from core import http
+from core.errors import InvalidRequest, ModelNotFound
+from gateway import agent_stage
+from runtime.hitl import settings as hitl_settings
+
+PREFIX = "/v1/agents/"
+
+
+def matches(path: str) -> bool:
+    return path.startswith(PREFIX) and path.endswith("/messages")
+
+
+async def messages(svc, scope, send, rid: str, crid: str | None) -> None:
+    ident = await svc.auth.authenticate_scope(scope)
+    parts = scope["path"][len(PREFIX) :].split("/")
+    if len(parts) != 4 or parts[1] != "conversations" or parts[3] != "messages":
+        raise ModelNotFound("Unknown path; use /v1/agents/{name}/conversations/{conversation_id}/messages.")
+    name, conversation_id = parts[0], parts[2]
+    if not agent_stage._CONVERSATION.match(conversation_id):
+        raise InvalidRequest("'conversation_id' must be 1 to 256 visible ASCII characters.", param="conversation_id")
+    agent = svc.agents.get(ident.tenant, name) if svc.agents is not None and not ident.is_master else None
+    if agent is None or not agent_stage.allowed_identity(ident, agent.name, agent.model):
+        raise ModelNotFound(f"No agent named {name[:64]!r} for this key.", param="name")
+    window = await svc.memory.load(ident.tenant, agent, conversation_id)
+    hold = None
+    if getattr(svc, "hitl", None) is not None and hitl_settings.of(agent).enabled:
+        hold = await svc.hitl.holds.get(agent.tenant, agent.id, conversation_id)
+    body = {
+        "object": "list",
+        "agent": agent.name,
+        "conversation_id": conversation_id,
+        "held_by_human": hold is not None,
+        "escalation_id": hold,
+        "data": window,
+    }
+    await http.send_json(send, 200, body, rid, crid=crid)

@@ -1,0 +1,128 @@
+"""Human in the loop, composed: the runtime's parts (runtime/hitl) given what they may not import
+themselves — the budget alerts' delivery for SLA alerts, and the knowledge-base pipeline for
+learned answers."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Histogram
+
+from core.config import Hitl
+from core.tokens import count_text
+from policies.alerts import emit_event
+from rag import store as kb_store
+from rag.chunking import Chunk
+from rag.embedding import DIMS as LOCAL_DIMS
+from rag.embedding import MODEL as LOCAL_MODEL
+from runtime import agents as agent_store
+from runtime.hitl import held, sla
+
+log = logging.getLogger("gateway.hitl")
+
+CONFIDENCE = Histogram(
+    "gateway_agent_confidence",
+    "Confidence of agent turns (0-1), by whether the turn escalated",
+    ["escalated"],
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
+)
+ESCALATIONS = Counter(
+    "gateway_escalations_total",
+    "Escalations opened, by trigger (escalate_tool, asked_for_human, low_confidence)",
+    ["trigger"],
+)
+SLA_ALERTS = Counter(
+    "gateway_escalation_sla_alerts_total", "Escalation SLA alerts fired, by type and SLA", ["type", "sla"]
+)
+LEARNED_KB_PREFIX = "learned-answers-"
+
+
+@dataclass
+class HitlService:
+    config: Hitl
+    holds: held.Holds
+    feed: held.Feed
+    sweeper: sla.Sweeper
+    indexer: LearnedIndexer
+
+    def sla_for(self, urgency: str) -> sla.Sla:
+        configured = self.config.sla.get(urgency)
+        if configured is not None:
+            return sla.Sla(configured.first_response_s, configured.resolution_s)
+        return sla.DEFAULT_SLAS.get(urgency, sla.DEFAULT_SLAS["normal"])
+
+    async def stop(self) -> None:
+        await self.sweeper.stop()
+        await self.feed.stop()
+
+
+async def start(config: Hitl, pool, redis, fast, embedder) -> HitlService:
+    holds = held.Holds(redis, fast)
+
+    async def emit(alert: dict) -> None:
+        """An SLA alert (claimed exactly once by the sweeper): log line, metric, signed webhook."""
+        SLA_ALERTS.labels(alert["type"].rsplit(".", 1)[-1], alert["sla"]).inc()
+        log.warning("escalation SLA alert", extra={"fields": alert})
+        await emit_event(redis, alert)
+
+    sweeper = sla.Sweeper(pool, redis, holds, emit, interval=config.sweep_interval_s)
+    feed = held.Feed(redis)
+    await feed.start()
+    await sweeper.start()
+    return HitlService(config, holds, feed, sweeper, LearnedIndexer(embedder))
+
+
+class LearnedIndexer:
+    """Approved examples into the agent's "learned answers" knowledge base (created on demand and
+    attached to the agent, so grounding searches it): one document and one chunk per example."""
+
+    def __init__(self, embedder) -> None:
+        self._embedder = embedder
+        self.changed_agents: set[str] = set()  # agents whose knowledge bases changed (to announce)
+
+    async def index(self, conn, agent, example: dict) -> tuple[str, str]:
+        from core.errors import ServiceUnavailable
+
+        if self._embedder is None:
+            raise ServiceUnavailable("The local embedding model is not installed; learned answers cannot be indexed.")
+        kb = await self._kb(conn, agent)
+        text = f"Question: {example['question']}\nAnswer: {example['answer']}"
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        doc, _ = await kb_store.add_document(
+            conn,
+            agent.tenant,
+            kb.id,
+            filename=f"{example['id']}.txt",
+            content_type="text/plain",
+            size=len(text.encode()),
+            sha256=digest,
+        )
+        vector = (await self._embedder.embed([text]))[0]
+        chunk = Chunk(0, text, "", count_text(text))
+        await kb_store.replace_chunks(conn, agent.tenant, kb.id, doc.id, [chunk], [vector], LOCAL_MODEL)
+        return kb.id, doc.id
+
+    async def unindex(self, conn, tenant: str, kb_id: str, document_id: str) -> None:
+        await kb_store.delete_document(conn, tenant, document_id)
+
+    async def _kb(self, conn, agent) -> kb_store.KnowledgeBase:
+        name = f"{LEARNED_KB_PREFIX}{agent.name}"
+        row = await conn.fetchrow("SELECT id FROM knowledge_bases WHERE tenant = $1 AND name = $2", agent.tenant, name)
+        if row is not None:
+            kb = await kb_store.get_kb(conn, agent.tenant, row["id"])
+        else:
+            kb = await kb_store.create_kb(
+                conn,
+                agent.tenant,
+                name,
+                embedding_model=LOCAL_MODEL,
+                dims=LOCAL_DIMS,
+                description=f"Answers people gave for agent {agent.name}, approved for reuse.",
+            )
+        if kb.id not in agent.knowledge_bases:
+            settings = {**agent.settings, "knowledge_bases": [*agent.knowledge_bases, kb.id]}
+            await agent_store.update_agent(conn, agent, None, None, settings)
+            self.changed_agents.add(agent.id)
+        return kb

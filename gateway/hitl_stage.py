@@ -1,0 +1,327 @@
+"""Human in the loop on the request path of an agent turn.
+
+- **held** (agent stage): one Redis GET, issued beside the memory read, says whether a person
+  holds the conversation. If so the customer's message joins the escalation (stored in memory,
+  counted on the escalation, announced on the feed) and the turn answers at once with the
+  agent's hold message — no model call, no PostgreSQL query before the answer is known.
+- **respond** (tools loop): the answer's confidence is scored (runtime/hitl/confidence.py: no
+  model call unless the agent asks for a judge), recorded with the run and as a metric; below
+  the agent's threshold, or on a rule, the turn escalates: the escalation opens (PostgreSQL, on
+  that rare turn only), the conversation is held (Redis), the feed hears of it, and the customer
+  gets the hand-off message (or the AI answer plus a note that a person will confirm it). The
+  response carries ``x-gateway-escalation: <id>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+
+from core.types import RequestContext
+from gateway.hitl_service import CONFIDENCE, ESCALATIONS
+from runtime.hitl import confidence, escalations, held
+from runtime.hitl import settings as hitl_settings
+
+log = logging.getLogger("gateway.hitl")
+
+DB_TIMEOUT = 3.0
+MAX_CONTEXT_BYTES = 16_000
+
+
+def start_check(svc, turn) -> asyncio.Task | None:
+    """The held check, started now so its GET travels with the memory read."""
+    hitl = getattr(svc, "hitl", None)
+    if hitl is None or turn.conversation_id is None or not hitl_settings.of(turn.agent).enabled:
+        return None  # an agent that never escalates never holds a conversation: nothing to check
+    return asyncio.ensure_future(hitl.holds.get(turn.agent.tenant, turn.agent.id, turn.conversation_id))
+
+
+async def on_prepare(svc, ctx: RequestContext, turn, check: asyncio.Task | None) -> bool:
+    """True when a person holds the conversation (the agent stage then stops: no grounding, no
+    tools; the tools loop answers with the hold message)."""
+    settings = hitl_settings.of(turn.agent)
+    if check is not None:
+        turn.hold = await check
+        if turn.hold is not None:
+            ctx.body["model"] = ctx.model = turn.agent.model
+            ctx.agent = turn
+            return True
+    if settings.logprobs and not ctx.body.get("logprobs"):
+        ctx.body["logprobs"] = True
+        ctx.extra["hitl_logprobs_added"] = True
+    return False
+
+
+def buffered(agent) -> bool:
+    """An agent that may escalate answers a stream once its answer is known (the hand-off
+    message may replace it); the others stream live."""
+    return hitl_settings.of(agent).enabled
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _question(messages: list) -> str:
+    for m in reversed(messages):
+        if isinstance(m, dict) and m.get("role") == "user":
+            return _text(m.get("content"))[: confidence.MAX_TEXT]
+    return ""
+
+
+async def join(svc, ctx: RequestContext) -> str:
+    """The customer's message while a person holds the conversation: stored, counted, announced;
+    returns the hold message the customer gets."""
+    turn = ctx.agent
+    agent = turn.agent
+    text = hitl_settings.of(agent).hold_message
+    ctx.status = 200
+    turn.escalation_id = turn.hold
+    turn.steps.append({"step": 0, "kind": "held", "status": "joined", "name": turn.hold})
+    new = [m for m in turn.new_messages if isinstance(m, dict) and m.get("role") not in ("system", "developer")]
+    stored = [*new, {"role": "assistant", "content": text}] if text else new
+    try:
+        await svc.memory.append(
+            agent.tenant,
+            agent,
+            turn.conversation_id,
+            stored,
+            request_id=ctx.request_id,
+            prompt_version=turn.selection.version.version,
+            variant=turn.selection.variant,
+        )
+    except Exception as exc:
+        turn.memory_error = f"store failed: {type(exc).__name__}"
+        log.warning("a held conversation's message was not stored: %s", type(exc).__name__)
+    try:
+        async with asyncio.timeout(DB_TIMEOUT), svc.pool.acquire() as conn:
+            row = await escalations.join(conn, agent.tenant, turn.hold)
+        if row is None:  # resolved meanwhile (its key not yet gone): let the next message through
+            await svc.hitl.holds.release(agent.tenant, agent.id, turn.conversation_id, turn.hold)
+        else:
+            await held.publish(svc.redis, agent.tenant, "customer_message", row)
+    except Exception as exc:  # the message is in memory; the count can lag
+        log.warning("escalation %s: customer message not counted: %s", turn.hold, type(exc).__name__)
+    return text
+
+
+def _signals(ctx: RequestContext, answer: dict) -> confidence.Signals:
+    turn = ctx.agent
+    agent = turn.agent
+    new = turn.new_messages
+    question = _question(new)
+    previous: list[str] = []
+    history = ctx.body.get("messages") or []
+    for m in history[1 : 1 + turn.memory_loaded]:
+        if isinstance(m, dict) and m.get("role") == "user":
+            previous.append(_text(m.get("content"))[:2000])
+    users = [m for m in new if isinstance(m, dict) and m.get("role") == "user"]
+    previous += [_text(m.get("content"))[:2000] for m in users[:-1]]
+    sims = [c.get("similarity") for c in turn.citations if isinstance(c.get("similarity"), int | float)]
+    failures = sum(1 for s in turn.steps if s.get("kind") == "tool" and s.get("status") not in ("ok", None))
+    escalate_tool = any(
+        s.get("kind") == "tool" and s.get("name") == "escalate_to_human" and s.get("status") == "ok" for s in turn.steps
+    )
+    urgency = None
+    if escalate_tool:
+        for m in ctx.extra.get("tool_messages", ()):
+            for call in m.get("tool_calls") or () if m.get("role") == "assistant" else ():
+                fn = call.get("function") or {}
+                if fn.get("name") == "escalate_to_human":
+                    try:
+                        urgency = (orjson.loads(fn.get("arguments") or "{}") or {}).get("urgency")
+                    except (orjson.JSONDecodeError, AttributeError):
+                        pass
+    return confidence.Signals(
+        question=question,
+        previous_questions=previous[-3:],
+        answer=_text(answer.get("content")),
+        has_knowledge=bool(agent.knowledge_bases),
+        best_similarity=max(sims) if sims else None,
+        sources=len(turn.citations),
+        escalate_tool=escalate_tool,
+        escalate_urgency=urgency if isinstance(urgency, str) else None,
+        tool_failures=failures,
+        fallback=turn.degraded,
+    )
+
+
+def _logprobs(raw: bytes) -> list[float] | None:
+    data = orjson.loads(raw)
+    choice = (data.get("choices") or [{}])[0]
+    content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
+    if not content:
+        return None
+    return [t["logprob"] for t in content if isinstance(t, dict) and isinstance(t.get("logprob"), int | float)]
+
+
+async def after_answer(svc, ctx: RequestContext, raw: bytes, message: dict) -> tuple[bytes, dict]:
+    """Scores the answer; escalates when it must. Returns the response and message to send."""
+    turn = ctx.agent
+    settings = hitl_settings.of(turn.agent)
+    signals = _signals(ctx, message)
+    added = ctx.extra.get("hitl_logprobs_added")
+    if settings.logprobs:
+        signals.logprobs = _logprobs(raw)
+    if settings.judge_model and signals.question and not turn.degraded:
+        signals.judge = await _judge(svc, ctx, settings.judge_model, signals.question, signals.answer)
+    conf = confidence.score(signals, settings)
+    turn.confidence = conf
+    if added:  # the client did not ask for them
+        data = orjson.loads(raw)
+        for choice in data.get("choices") or ():
+            choice["logprobs"] = None
+        raw = orjson.dumps(data)
+    if conf.escalate and turn.conversation_id is not None and getattr(svc, "hitl", None) is not None:
+        escalation_id = await _open(svc, ctx, conf, signals)
+        if escalation_id is not None:
+            turn.escalation_id = escalation_id
+            data = orjson.loads(raw)
+            choice = (data.get("choices") or [{}])[0]
+            out = {"role": "assistant"}
+            if settings.mode == "answer_and_confirm" and signals.answer:
+                out["content"] = f"{signals.answer}\n\n{settings.confirm_note}"
+            else:
+                out["content"] = settings.handoff_message
+            if message.get("citations") and settings.mode == "answer_and_confirm":
+                out["citations"] = message["citations"]
+            choice["message"] = out
+            choice["finish_reason"] = "stop"
+            raw, message = orjson.dumps(data), out
+    CONFIDENCE.labels("true" if turn.escalation_id else "false").observe(conf.score)
+    return raw, message
+
+
+def score_streamed(ctx: RequestContext, text: str) -> None:
+    """A live-streamed turn (an agent that never escalates): scored and recorded only."""
+    turn = ctx.agent
+    conf = confidence.score(_signals(ctx, {"content": text}), hitl_settings.of(turn.agent))
+    conf.escalate = False
+    turn.confidence = conf
+    CONFIDENCE.labels("false").observe(conf.score)
+
+
+def _bounded_context(turn, conf, signals) -> dict:
+    context = {
+        "variables": turn.variables,
+        "sources": turn.citations[:20],
+        "reasons": conf.reasons,
+        "rule": conf.rule,
+        "memory_loaded": turn.memory_loaded,
+        "prompt_version": turn.selection.version.version,
+    }
+    encoded = orjson.dumps(context, default=str)
+    if len(encoded) > MAX_CONTEXT_BYTES:
+        context["variables"] = {"omitted": "too large"}
+    return context
+
+
+async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
+    turn = ctx.agent
+    agent = turn.agent
+    hitl = svc.hitl
+    settings = hitl_settings.of(agent)
+    tier_name = hitl.config.tier_variable
+    tier = turn.variables.get(tier_name)
+    meta = ctx.body.get("metadata")
+    if tier is None and isinstance(meta, dict):
+        tier = meta.get(tier_name)
+    tier = str(tier)[:32] if isinstance(tier, str | int) and not isinstance(tier, bool) else None
+    slas = hitl.sla_for(conf.urgency)
+    esc = {
+        "id": escalations.new_id(),
+        "tenant": agent.tenant,
+        "agent_id": agent.id,
+        "agent": agent.name,
+        "conversation_id": turn.conversation_id,
+        "request_id": ctx.request_id,
+        "prompt_version": turn.selection.version.version,
+        "variant": turn.selection.variant,
+        "urgency": conf.urgency,
+        "tier": tier,
+        "base_priority": escalations.base_priority(conf.urgency, tier, hitl.config.tiers),
+        "team": conf.team or settings.team,
+        "skills": list(conf.skills or settings.skills),
+        "confidence": conf.score,
+        "reasons": conf.reasons,
+        "question": signals.question,
+        "draft": signals.answer,
+        "context": _bounded_context(turn, conf, signals),
+        "sla_first_s": slas.first_response_s,
+        "sla_resolve_s": slas.resolution_s,
+    }
+    try:
+        async with asyncio.timeout(DB_TIMEOUT), svc.pool.acquire() as conn, conn.transaction():
+            row, created = await escalations.open_escalation(conn, esc)
+        await hitl.holds.hold(agent.tenant, agent.id, turn.conversation_id, row["id"])
+    except Exception as exc:  # the customer still gets an answer; the turn records the failure
+        log.error("escalation not opened for agent %s: %s", agent.name, type(exc).__name__)
+        turn.steps.append({"step": ctx.step, "kind": "escalation", "status": "error", "error": type(exc).__name__})
+        return None
+    trigger = conf.rule or "low_confidence"
+    ESCALATIONS.labels(trigger).inc()
+    turn.steps.append({"step": ctx.step, "kind": "escalation", "status": "opened" if created else "joined"})
+    await held.publish(svc.redis, agent.tenant, "opened" if created else "customer_message", row)
+    return row["id"]
+
+
+async def _judge(svc, ctx: RequestContext, model: str, question: str, answer: str) -> float | None:
+    """The optional judge: one call through the gateway's router (fallbacks, retries, the audit
+    record) to a cheap model group that answers with a number from 0 to 1."""
+    from core.types import RequestContext as Ctx
+    from gateway import pipeline
+
+    group = svc.router.groups.get(model)
+    ident = ctx.identity
+    if group is None or (ident is not None and ident.models and model not in ident.models):
+        return None  # a judge the caller's key may not use is not called
+    body = {
+        "model": model,
+        "max_tokens": 5,
+        "messages": [
+            {
+                "role": "system",
+                "content": "Rate from 0 to 1 how well the answer resolves the customer's message. "
+                "Reply with the number only.",
+            },
+            {"role": "user", "content": f"Customer: {question[:2000]}\n\nAnswer: {answer[:4000]}"},
+        ],
+    }
+    jctx = Ctx(
+        request_id=f"{ctx.request_id}-judge", endpoint="chat", body=body, started=time.perf_counter(), model=model
+    )
+    jctx.identity = ctx.identity
+    jctx.extra["attribution"] = dict(ctx.extra.get("attribution") or {})  # the agent's, for the audit record
+    try:
+        raw = await pipeline.complete(svc, jctx, svc.router.resolve(jctx, "chat"))
+        await pipeline.settle(svc, jctx, {"headers": []})
+        text = _text(((orjson.loads(raw).get("choices") or [{}])[0].get("message") or {}).get("content"))
+        value = float(text.strip().split()[0])
+    except Exception as exc:
+        log.info("judge call gave no score: %s", type(exc).__name__)
+        return None
+    return value if 0.0 <= value <= 1.0 else None
+
+
+def headers(turn) -> list[tuple[bytes, bytes]]:
+    if turn.escalation_id is None:
+        return []
+    return [(b"x-gateway-escalation", turn.escalation_id.encode())]
+
+
+def record(turn) -> dict:
+    """The run record's human-in-the-loop fields."""
+    conf = turn.confidence
+    return {
+        "escalated": turn.escalation_id is not None,
+        "escalation_id": turn.escalation_id,
+        "confidence": conf.score if conf is not None else None,
+        "confidence_reasons": conf.reasons if conf is not None else None,
+    }

@@ -1,0 +1,133 @@
+"""Which conversations a person holds (Redis), and the live feed of queue changes (pub/sub).
+
+A held conversation is one Redis key (hashed like memory's keys: the caller's conversation id
+is any text) whose value is the escalation's id. An agent turn checks it with one GET, beside
+its memory read — never a PostgreSQL query. The key is set when an escalation opens and removed
+when it is resolved; the SLA sweeper puts back keys of open escalations Redis lost (restart
+without persistence), so a hold survives that too, a sweep later.
+
+The feed: every change to the queue is published on one channel; each process subscribes once
+and fans events out to its console connections (bounded queues: a slow console loses events,
+never memory). Events carry ids, states, teams and priorities, never message content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+
+import orjson
+
+from core.background import stop_task
+from core.pubsub import listen_forever
+
+log = logging.getLogger("gateway.hitl")
+
+FEED_CHANNEL = "gw:hitl:feed"
+HELD_TTL_S = 90 * 86400
+MAX_SUBSCRIBER_BACKLOG = 1000
+
+# Delete the key only if it still names this escalation (a newer one may hold it).
+_CLEAR = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def held_key(tenant: str, agent_id: str, conversation_id: str) -> str:
+    digest = hashlib.blake2b(f"{tenant}\x00{agent_id}\x00{conversation_id}".encode(), digest_size=16).hexdigest()
+    return f"gw:{{gw}}:hitl:held:{digest}"
+
+
+class Holds:
+    def __init__(self, redis, fast=None, timeout: float = 0.5) -> None:
+        self._redis = redis
+        self._fast = fast  # core.fastredis.PipelinedRedis: the turn's GET rides its pipeline
+        self._timeout = timeout
+        self._clear = redis.register_script(_CLEAR)
+
+    async def get(self, tenant: str, agent_id: str, conversation_id: str) -> str | None:
+        """The escalation holding the conversation, or None (also when Redis cannot answer:
+        the turn then goes to the model, and says so in the log)."""
+        key = held_key(tenant, agent_id, conversation_id)
+        try:
+            async with asyncio.timeout(self._timeout):
+                if self._fast is not None:
+                    value = await self._fast.execute("GET", key)
+                else:
+                    value = await self._redis.get(key)
+        except Exception as exc:
+            log.warning("held check failed (%s); the turn goes to the model", type(exc).__name__)
+            return None
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    async def hold(self, tenant: str, agent_id: str, conversation_id: str, escalation_id: str) -> None:
+        await self._redis.set(held_key(tenant, agent_id, conversation_id), escalation_id, ex=HELD_TTL_S)
+
+    async def hold_many(self, rows, only_missing: bool = False) -> None:
+        """(tenant, agent_id, conversation_id, escalation_id) of open escalations: keys put back."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tenant, agent_id, conversation_id, escalation_id in rows:
+                key = held_key(tenant, agent_id, conversation_id)
+                pipe.set(key, escalation_id, ex=HELD_TTL_S, nx=only_missing)
+            await pipe.execute()
+
+    async def release(self, tenant: str, agent_id: str, conversation_id: str, escalation_id: str) -> None:
+        await self._clear(keys=[held_key(tenant, agent_id, conversation_id)], args=[escalation_id])
+
+
+async def publish(redis, tenant: str, kind: str, row: dict | None = None, **extra) -> None:
+    """One queue change for every replica's consoles (best effort: the queue is in PostgreSQL)."""
+    event = {"type": kind, "tenant": tenant, "ts": time.time(), **extra}
+    if row is not None:
+        for k in ("id", "agent", "status", "team", "urgency", "base_priority", "claimed_by", "customer_messages"):
+            if k in row:
+                event[k] = row[k]
+    try:
+        await redis.publish(FEED_CHANNEL, orjson.dumps(event, default=str))
+    except Exception as exc:
+        log.warning("escalation feed publish failed: %s", type(exc).__name__)
+
+
+class Feed:
+    """This process's one subscription to the feed, fanned out to local subscribers."""
+
+    def __init__(self, redis) -> None:
+        self._redis = redis
+        self._subscribers: dict[int, tuple[str | None, asyncio.Queue]] = {}
+        self._task: asyncio.Task | None = None
+        self.ready = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(
+            listen_forever(self._redis, FEED_CHANNEL, self._on, self.ready.set), name="escalation-feed"
+        )
+
+    async def stop(self) -> None:
+        await stop_task(self._task)
+
+    def _on(self, data) -> None:
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        for tenant, queue in list(self._subscribers.values()):
+            if tenant is not None and event.get("tenant") != tenant:
+                continue
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(event)
+
+    @contextlib.contextmanager
+    def subscribe(self, tenant: str | None):
+        """A queue of the events ``tenant`` may see (None: every tenant's, for the super-admin)."""
+        queue: asyncio.Queue = asyncio.Queue(MAX_SUBSCRIBER_BACKLOG)
+        self._subscribers[id(queue)] = (tenant, queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.pop(id(queue), None)

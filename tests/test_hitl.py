@@ -1,0 +1,464 @@
+"""Human in the loop end to end: two real gateway replicas (their own PostgreSQL database and
+Redis db, so no other module's gateway sweeps their queue or reads their alerts), the mock
+provider, a webhook receiver, the OpenAI SDK as the customer and the admin API as the people.
+
+What is proven: a low-confidence turn escalates; the customer's next message joins the escalation
+(no model call); two people claim at once and exactly one wins; a lease expires; the human reply
+reaches the REST client (stored in memory: the next turn's history and the conversation's
+messages); SLA warning and breach alerts fire once each across two replicas; an approved
+resolution makes the same question, in a new conversation, answered from the learned example.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MASTER_KEY, Gateway, wait_until
+from tests.security.test_alert_attacks import Receiver
+
+SECRET = "hitl-alert-secret"
+REDIS_DB = 14
+LEASE_S = 3.0
+
+
+def own_database(database_url: str) -> str:
+    """A database of its own in the embedded server, for this module's gateways."""
+    name = f"hitl_{uuid.uuid4().hex[:8]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(f"CREATE DATABASE {name}")
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    parts = urlsplit(database_url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def config(mock, receiver: Receiver) -> dict:
+    return {
+        "router": {"max_attempts": 1},
+        "providers": [{"name": "pp", "kind": "openai", "base_url": f"{mock.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]}],
+        "alerts": {
+            "webhook_url": receiver.url,
+            "secret": SECRET,
+            "allowed_networks": ["127.0.0.0/8"],
+            "backoff": {"base": 0.05, "max": 0.2},
+        },
+        "hitl": {
+            "lease_s": LEASE_S,
+            "sweep_interval_s": 0.2,
+            # only urgent escalations have SLAs short enough to fire during the tests
+            "sla": {"urgent": {"first_response_s": 1.0, "resolution_s": 2.0}},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_root, services, module_mock, receiver):
+    urls = (own_database(services[0]), f"{services[1]}?db={REDIS_DB}")
+    a = Gateway(tmp_root, config(module_mock, receiver), urls)
+    try:
+        b = Gateway(tmp_root, config(module_mock, receiver), urls)
+    except BaseException:
+        a.stop()
+        raise
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
+    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
+
+
+def new_key(gw: Gateway, tenant: str, admin_scope: bool = False) -> str:
+    body = {"name": f"k-{uuid.uuid4().hex[:6]}", "tenant": tenant}
+    if admin_scope:
+        body["scopes"] = ["admin"]
+    r = admin(gw, "POST", "/admin/keys", json=body)
+    assert r.status_code == 201, r.text
+    return r.json()["key"]
+
+
+def create_agent(gw: Gateway, tenant: str, **escalation) -> str:
+    name = f"helper-{uuid.uuid4().hex[:6]}"
+    body = {
+        "name": name,
+        "model": "agent-model",
+        "tenant": tenant,
+        "template": "You are the support assistant.",
+        "escalation": {"enabled": True, "threshold": 0.5, "hold_message": "A person will reply here.", **escalation},
+    }
+    r = admin(gw, "POST", "/admin/agents", json=body)
+    assert r.status_code == 201, r.text
+    return name
+
+
+def chat(gw: Gateway, key: str, agent: str, conv: str, text: str, stream: bool = False):
+    """(content, headers) of one customer turn through the OpenAI SDK."""
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    kw = {
+        "model": f"agent:{agent}",
+        "messages": [{"role": "user", "content": text}],
+        "metadata": {"conversation_id": conv},
+    }
+    if stream:
+        raw = c.chat.completions.with_raw_response.create(stream=True, **kw)
+        content = "".join(ch.choices[0].delta.content or "" for ch in raw.parse() if ch.choices)
+        return content, raw.headers
+    raw = c.chat.completions.with_raw_response.create(**kw)
+    return raw.parse().choices[0].message.content, raw.headers
+
+
+@pytest.fixture(scope="module")
+def tenant(pair):
+    a, _ = pair
+    name = f"t-{uuid.uuid4().hex[:6]}"
+    return {
+        "name": name,
+        "key": new_key(a, name),
+        "admin": new_key(a, name, admin_scope=True),
+        "admin2": new_key(a, name, admin_scope=True),
+        "agent": create_agent(a, name, logprobs=True),
+    }
+
+
+def escalate(gw: Gateway, tenant: dict, text: str = '[[mock:{"logprob": -2}]] Where is my parcel?') -> tuple:
+    conv = f"c-{uuid.uuid4().hex[:8]}"
+    content, headers = chat(gw, tenant["key"], tenant["agent"], conv, text)
+    esc_id = headers.get("x-gateway-escalation")
+    assert esc_id, f"no escalation: {content!r}"
+    return conv, esc_id, content
+
+
+def test_low_confidence_turn_escalates_and_next_message_joins(pair, tenant, module_mock):
+    a, b = pair
+    module_mock.clear()
+    conv, esc_id, content = escalate(a, tenant)
+    assert content.startswith("I'm passing your conversation")  # the hand-off message, not the AI's
+    sent = module_mock.last()["body"]
+    assert sent["logprobs"] is True  # asked upstream because the agent opted in
+    calls = len(module_mock.requests())
+
+    # the next message, streamed, on the other replica: it joins the escalation, no model call
+    held, headers = chat(b, tenant["key"], tenant["agent"], conv, "Hello? Anyone there?", stream=True)
+    assert held == "A person will reply here."
+    assert headers["x-gateway-escalation"] == esc_id
+    assert len(module_mock.requests()) == calls
+
+    r = admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"])
+    assert r.status_code == 200, r.text
+    esc = r.json()
+    assert esc["status"] == "queued" and esc["customer_messages"] == 1
+    assert "low_logprobs" in esc["reasons"] and esc["confidence"] < 0.5
+    assert esc["draft"] == "echo: Where is my parcel?"  # the AI's answer, for the person to judge
+    texts = [m.get("content") for m in esc["conversation"]]
+    assert "Hello? Anyone there?" in texts and "A person will reply here." in texts
+    assert any(s["action"] == "approve_draft" for s in esc["suggested_actions"])
+
+    # the run record has the score and reasons
+    def run():
+        rows = admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"]).json()
+        found = admin(a, "GET", f"/admin/runs/{rows['request_id']}", tenant["admin"])
+        return found.json() if found.status_code == 200 else None
+
+    wait_until(run, what="run record")
+    record = run()
+    assert record["escalated"] is True and record["escalation_id"] == esc_id
+    assert record["confidence"] < 0.5 and "low_logprobs" in record["confidence_reasons"]
+    assert "gateway_agent_confidence_bucket" in httpx.get(f"{a.url}/metrics").text
+
+    # a tenant admin sees only its own tenant's escalations
+    other = new_key(a, f"o-{uuid.uuid4().hex[:6]}", admin_scope=True)
+    assert admin(a, "GET", f"/admin/escalations/{esc_id}", other).status_code == 404
+    assert admin(a, "POST", f"/admin/escalations/{esc_id}/claim", other).status_code == 404
+    assert esc_id not in {e["id"] for e in admin(a, "GET", "/admin/escalations", other).json()["data"]}
+    assert esc_id in {e["id"] for e in admin(a, "GET", "/admin/escalations", tenant["admin"]).json()["data"]}
+
+
+def test_two_claims_exactly_one_wins_and_lease_expires(pair, tenant):
+    a, b = pair
+    _, esc_id, _ = escalate(a, tenant)
+    start = threading.Barrier(2)
+
+    def claim(gw, key):
+        start.wait()
+        return admin(gw, "POST", f"/admin/escalations/{esc_id}/claim", key)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(claim, (a, b), (tenant["admin"], tenant["admin2"])))
+    assert sorted(r.status_code for r in results) == [200, 409], [r.text for r in results]
+    keys = (tenant["admin"], tenant["admin2"])
+    winner, loser = keys if results[0].status_code == 200 else keys[::-1]
+    assert results[[r.status_code for r in results].index(409)].json()["error"]["code"] == "escalation_claimed"
+    # the loser can neither reply nor resolve; the holder comes from the key, never the body
+    assert admin(a, "POST", f"/admin/escalations/{esc_id}/reply", loser, json={"text": "hi"}).status_code == 409
+    r = admin(a, "POST", "/admin/escalations/claim-next", loser, json={"claimed_by": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "claimed_by"
+    # the lease runs out: the sweeper puts the item back, and the other person can claim it
+    wait_until(
+        lambda: admin(b, "GET", f"/admin/escalations/{esc_id}", loser).json()["status"] == "queued",
+        timeout=LEASE_S + 10,
+        what="lease expiry",
+    )
+    r = admin(b, "POST", f"/admin/escalations/{esc_id}/claim", loser)
+    assert r.status_code == 200 and r.json()["claims"] == 2
+    assert admin(a, "POST", f"/admin/escalations/{esc_id}/reply", winner, json={"text": "late"}).status_code == 409
+    assert admin(a, "POST", f"/admin/escalations/{esc_id}/release", loser).json()["status"] == "queued"
+
+
+def _feed_events(gw: Gateway, key: str, out: list, ready: threading.Event, stop: threading.Event) -> None:
+    with httpx.stream(
+        "GET", f"{gw.url}/admin/escalations/feed", headers={"Authorization": f"Bearer {key}"}, timeout=30
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith(": connected"):
+                ready.set()
+            if line.startswith("data: "):
+                out.append(json.loads(line[6:]))
+            if stop.is_set():
+                return
+
+
+def test_human_reply_reaches_rest_client_and_is_learned(pair, tenant, module_mock):
+    a, b = pair
+    conv, esc_id, _ = escalate(a, tenant, '[[mock:{"logprob": -2}]] Can I change my delivery address?')
+    events: list = []
+    ready, stop = threading.Event(), threading.Event()
+    feeder = threading.Thread(target=_feed_events, args=(b, tenant["admin"], events, ready, stop), daemon=True)
+    feeder.start()
+    assert ready.wait(10)
+    time.sleep(0.2)  # the subscription is confirmed just before the first byte; let it settle
+
+    assert admin(a, "POST", f"/admin/escalations/{esc_id}/claim", tenant["admin"]).status_code == 200
+    reply = "Yes: reply with the new address and we update it before dispatch."
+    r = admin(a, "POST", f"/admin/escalations/{esc_id}/reply", tenant["admin"], json={"text": reply})
+    assert r.status_code == 200, r.text
+    assert r.json()["delivery"]["channel"] == "api" and r.json()["delivery"]["status"] == "stored"
+    assert r.json()["first_response_at"] is not None
+
+    # the REST client reads the person's reply back (the operator's GET of the conversation)
+    r = admin(a, "GET", f"/admin/agents/{tenant['agent']}/conversations/{conv}/messages", tenant["admin"])
+    assert r.status_code == 200
+    assert {"role": "assistant", "content": reply, "name": "human"} in r.json()["data"]
+    # and the REST client itself, with its own key: the reply, and that a person holds the conversation
+    own = httpx.get(
+        f"{b.url}/v1/agents/{tenant['agent']}/conversations/{conv}/messages",
+        headers={"Authorization": f"Bearer {tenant['key']}"},
+    )
+    assert own.status_code == 200 and own.json()["held_by_human"] and own.json()["escalation_id"] == esc_id
+    assert own.json()["data"][-1] == {"role": "assistant", "content": reply, "name": "human"}
+    stranger = new_key(a, f"s-{uuid.uuid4().hex[:6]}")
+    r = httpx.get(
+        f"{b.url}/v1/agents/{tenant['agent']}/conversations/{conv}/messages",
+        headers={"Authorization": f"Bearer {stranger}"},
+    )
+    assert r.status_code == 404
+
+    r = admin(
+        a,
+        "POST",
+        f"/admin/escalations/{esc_id}/resolve",
+        tenant["admin"],
+        json={"outcome": "answered", "corrected_answer": reply},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "resolved" and r.json()["learned_example"]["status"] == "pending"
+
+    # resolved: the next message reaches the model again, with the person's reply in its history
+    module_mock.clear()
+    _content, headers = chat(b, tenant["key"], tenant["agent"], conv, "Thanks, done.")
+    assert "x-gateway-escalation" not in headers
+    sent = module_mock.last()["body"]["messages"]
+    assert {"role": "assistant", "content": reply, "name": "human"} in sent
+
+    wait_until(lambda: {"claimed", "replied", "resolved"} <= {e["type"] for e in events}, what="feed events")
+    stop.set()
+    assert all(e["tenant"] == tenant["name"] for e in events)
+    assert all(e.get("id") == esc_id for e in events if e["type"] in ("claimed", "replied", "resolved"))
+
+
+def test_approved_resolution_answers_same_question_in_new_conversation(pair, tenant, module_mock):
+    a, b = pair
+    question = "Do you ship parcels to Iceland?"
+    answer = "Yes, we ship to Iceland within 6 working days by Posturinn."
+    _conv, esc_id, _ = escalate(a, tenant, f"talk to a person: {question}")
+    assert admin(a, "POST", f"/admin/escalations/{esc_id}/claim", tenant["admin"]).status_code == 200
+    r = admin(a, "POST", f"/admin/escalations/{esc_id}/resolve", tenant["admin"], json={"corrected_answer": answer})
+    example = r.json()["learned_example"]
+    listed = admin(a, "GET", f"/admin/agents/{tenant['agent']}/learned?status=pending", tenant["admin"]).json()
+    assert example["id"] in {e["id"] for e in listed["data"]}
+
+    r = admin(a, "POST", f"/admin/agents/{tenant['agent']}/learned/{example['id']}/approve", tenant["admin"])
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "approved" and r.json()["kb_id"]
+    agent = admin(a, "GET", f"/admin/agents/{tenant['agent']}", tenant["admin"]).json()
+    assert r.json()["kb_id"] in agent["knowledge_bases"]
+
+    # the same question in a new conversation, on the other replica: the learned answer is the grounding
+    module_mock.clear()
+
+    def grounded():
+        _content, headers = chat(b, tenant["key"], tenant["agent"], f"n-{uuid.uuid4().hex[:6]}", question)
+        system = module_mock.last()["body"]["messages"][0]["content"]
+        return answer in system and "x-gateway-escalation" not in headers
+
+    wait_until(grounded, timeout=15, what="learned answer retrieved")
+
+    r = admin(a, "GET", f"/admin/agents/{tenant['agent']}/training-data", tenant["admin"])
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert {
+        "messages": [
+            {"role": "user", "content": f"talk to a person: {question}"},
+            {"role": "assistant", "content": answer},
+        ]
+    } in lines
+
+    # rejected afterwards: out of the knowledge base again
+    r = admin(a, "POST", f"/admin/agents/{tenant['agent']}/learned/{example['id']}/reject", tenant["admin"])
+    assert r.json()["status"] == "rejected"
+    module_mock.clear()
+    chat(b, tenant["key"], tenant["agent"], f"n-{uuid.uuid4().hex[:6]}", question)
+    assert answer not in module_mock.last()["body"]["messages"][0]["content"]
+
+
+def test_sla_warning_and_breach_alerts_fire_once_each_across_two_replicas(pair, tenant, receiver):
+    a, b = pair
+    _, esc_id, _ = escalate(a, tenant, "This is urgent, I need to talk to a person")
+    esc = admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"]).json()
+    assert esc["urgency"] == "urgent" and esc["sla_first_s"] == 1.0
+
+    def mine() -> list[dict]:
+        out = []
+        for _, headers, body in list(receiver.received):
+            data = json.loads(body)
+            if data.get("escalation_id") == esc_id:
+                expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+                assert headers["x-gateway-signature"] == expected
+                out.append(data)
+        return out
+
+    wait_until(lambda: len(mine()) >= 4, timeout=20, what="four SLA alerts")
+    time.sleep(1.0)  # five more sweeps of each replica: nothing fires twice
+    got = sorted((d["type"], d["sla"]) for d in mine())
+    assert got == [
+        ("escalation.sla_breach", "first_response"),
+        ("escalation.sla_breach", "resolution"),
+        ("escalation.sla_warning", "first_response"),
+        ("escalation.sla_warning", "resolution"),
+    ]
+    stats = admin(b, "GET", "/admin/escalations/stats", tenant["admin"]).json()
+    assert stats["breached"] >= 1 and stats["waiting"] >= 1
+    row = next(r for r in stats["data"] if r["urgency"] == "urgent")
+    assert row["wait_p50"] is not None and row["team"] == "support"
+    text = httpx.get(f"{a.url}/metrics").text + httpx.get(f"{b.url}/metrics").text
+    assert 'gateway_escalation_sla_alerts_total{sla="first_response",type="sla_breach"}' in text
+
+
+def test_bad_input_changes_nothing(pair, tenant):
+    a, _ = pair
+    _, esc_id, _ = escalate(a, tenant)
+    path = f"/admin/escalations/{esc_id}"
+    assert admin(a, "POST", f"{path}/claim", tenant["admin"]).status_code == 200
+    huge = admin(a, "POST", f"{path}/reply", tenant["admin"], json={"text": "x" * 5000})
+    assert huge.status_code == 400 and huge.json()["error"]["param"] == "text"
+    bad = admin(a, "POST", f"{path}/resolve", tenant["admin"], json={"outcome": "bogus"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "outcome"
+    assert admin(a, "POST", f"{path}/reassign", tenant["admin"], json={"team": "a b"}).status_code == 400
+    assert admin(a, "GET", path, tenant["admin"]).json()["status"] == "claimed"
+    r = admin(a, "POST", f"{path}/reassign", tenant["admin"], json={"team": "billing", "urgency": "high"})
+    assert r.json()["team"] == "billing" and r.json()["status"] == "queued"
+    bad_agent = admin(
+        a, "PATCH", f"/admin/agents/{tenant['agent']}", tenant["admin"], json={"escalation": {"threshold": 2}}
+    )
+    assert bad_agent.status_code == 400 and bad_agent.json()["error"]["param"] == "escalation.threshold"
+
+
+def test_judge_verdict_scores_the_turn(pair, tenant):
+    a, _ = pair
+    agent = create_agent(a, tenant["name"], judge={"model": "agent-model"})
+    # the mock answers "0.1" to both calls: the agent's and the judge's (through the router)
+    conv = f"j-{uuid.uuid4().hex[:8]}"
+    content, headers = chat(a, tenant["key"], agent, conv, '[[mock:{"reply": "0.1"}]] Is my kettle covered?')
+    esc_id = headers.get("x-gateway-escalation")
+    assert esc_id, content
+    esc = admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"]).json()
+    assert esc["reasons"] == ["judge"] and esc["confidence"] == pytest.approx(0.1)
+
+
+def test_experiment_report_counts_escalations_and_resolutions_per_variant(pair, tenant):
+    a, _ = pair
+    agent = create_agent(a, tenant["name"], logprobs=True)
+    r = admin(a, "POST", f"/admin/agents/{agent}/versions", json={"template": "You are the support assistant, v2."})
+    assert r.status_code == 201, r.text
+    r = admin(a, "PUT", f"/admin/agents/{agent}/labels/production", json={"variants": {"1": 50, "2": 50}})
+    assert r.status_code == 200, r.text
+    solo = {**tenant, "agent": agent}
+    opened = [escalate(a, solo)[1] for _ in range(3)]
+    assert admin(a, "POST", f"/admin/escalations/{opened[0]}/claim", tenant["admin"]).status_code == 200
+    assert admin(a, "POST", f"/admin/escalations/{opened[0]}/resolve", tenant["admin"], json={}).status_code == 200
+    report = admin(a, "GET", f"/admin/agents/{agent}/experiments").json()["data"][0]
+    assert sum(v["escalations"] for v in report["variants"]) == 3
+    assert sum(v["resolutions"] for v in report["variants"]) == 1
+
+
+def test_attack_another_tenants_admin_reaches_nothing(pair, tenant):
+    a, _ = pair
+    _, esc_id, _ = escalate(a, tenant)
+    other = new_key(a, f"o-{uuid.uuid4().hex[:6]}", admin_scope=True)
+    base = f"/admin/escalations/{esc_id}"
+    for method, path, body in (
+        ("GET", base, None),
+        ("POST", f"{base}/claim", None),
+        ("POST", f"{base}/reply", {"text": "hi"}),
+        ("POST", f"{base}/resolve", {"corrected_answer": "x"}),
+        ("POST", f"{base}/reassign", {"team": "x"}),
+        ("POST", f"{base}/release", None),
+        ("GET", f"/admin/agents/{tenant['agent']}/learned", None),
+        ("GET", f"/admin/agents/{tenant['agent']}/training-data", None),
+        ("GET", f"/admin/agents/{tenant['agent']}/conversations/c-1/messages", None),
+    ):
+        r = admin(a, method, path, other, json=body)
+        assert r.status_code == 404, (path, r.status_code, r.text)
+    assert admin(a, "POST", "/admin/escalations/claim-next", other, json={}).status_code == 404  # its queue is empty
+    assert admin(a, "GET", base, tenant["admin"]).json()["status"] == "queued"
+
+
+def test_attack_lease_holder_comes_from_the_key(pair, tenant):
+    a, _ = pair
+    _, esc_id, _ = escalate(a, tenant)
+    me = admin(a, "POST", "/admin/keys", json={"name": "me", "tenant": tenant["name"], "scopes": ["admin"]}).json()
+    r = admin(a, "POST", f"/admin/escalations/{esc_id}/claim", me["key"], json={"claimed_by": "someone-else"})
+    assert r.status_code == 200 and r.json()["claimed_by"] == me["id"]
+
+
+def test_attack_hostile_ids(pair, tenant):
+    a, _ = pair
+    for bad in ("esc_%00", "esc_' OR 1=1 --", "x" * 300, "lex_zz"):
+        assert admin(a, "GET", f"/admin/escalations/{bad}", tenant["admin"]).status_code == 404
+    r = admin(a, "GET", f"/admin/agents/{tenant['agent']}/conversations/a%00b/messages", tenant["admin"])
+    assert r.status_code == 400
