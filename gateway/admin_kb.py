@@ -41,6 +41,7 @@ from rag.embedding import MODEL as LOCAL_MODEL
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 MAX_MULTIPART_OVERHEAD = 64 * 1024  # headers, boundaries and small fields around the file
 MAX_PART_HEADERS = 16 * 1024
+MAX_PARTS = 32
 MAX_FILENAME = 255
 QUEUE_NAMES = ("kb-ingest",)
 
@@ -184,8 +185,14 @@ class Upload:
         self.sha = hashlib.sha256()
         self.done = False
         self.other_bytes = 0
+        self.fields: dict[str, bytes] = {}  # the small parts besides the file (bounded in total)
+        self._field: str | None = None
+        self.parts = 0
 
     def _headers(self, raw: bytes) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise _bad_multipart(f"more than {MAX_PARTS} parts")
         headers = {}
         for line in raw.decode("utf-8", "replace").split("\r\n"):
             key, _, value = line.partition(":")
@@ -198,6 +205,8 @@ class Upload:
             self.state = "file"
         else:
             self.state = "other"
+            self._field = disposition.get("name", "")[:64]
+            self.fields.setdefault(self._field, b"")
 
     def _emit(self, data: bytes) -> None:
         if not data:
@@ -212,6 +221,8 @@ class Upload:
             self.other_bytes += len(data)
             if self.other_bytes > MAX_MULTIPART_OVERHEAD:
                 raise PayloadTooLarge("The multipart fields besides 'file' are too large.")
+            if self._field is not None:
+                self.fields[self._field] += data
 
     def feed(self, data: bytes) -> None:
         if self.done:

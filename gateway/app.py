@@ -19,6 +19,8 @@ from core.types import RequestContext, excerpt
 from gateway import agent_stage, grounding, pipeline
 from gateway.admin import Admin
 from gateway.feedback import feedback as post_feedback
+from gateway.openai_store import OpenAIStore
+from gateway.openai_store import handles as openai_store_handles
 from gateway.openapi import openapi_document
 from gateway.services import Services, Settings
 from runtime.types import AGENT_PREFIX
@@ -36,6 +38,7 @@ class GatewayApp:
         self._created = int(time.time())
         self._openapi = None
         self.admin = Admin(self)
+        self.openai_store = OpenAIStore(self)  # /v1/files, /v1/vector_stores (knowledge bases)
         routes = {
             "/healthz": ("GET", self._healthz),
             "/readyz": ("GET", self._readyz),
@@ -88,6 +91,9 @@ class GatewayApp:
             if entry is None:
                 if path.startswith("/admin/"):
                     await self._admin_call(scope, receive, send, rid, crid)
+                    return
+                if openai_store_handles(path):
+                    await self._with_request_id(self.openai_store, scope, receive, send, rid, crid)
                     return
                 if path.startswith(("/v1/models/", "/models/")) and scope["method"] == "GET":
                     await self._model(scope, rid, crid, send, path.split("/models/", 1)[1])
@@ -150,6 +156,18 @@ class GatewayApp:
             await send(message)
 
         await self.admin(scope, receive, with_request_id)
+
+    async def _with_request_id(self, asgi, scope, receive, send, rid: str, crid: str | None) -> None:
+        ids = [(b"x-request-id", rid.encode())]
+        if crid is not None:
+            ids.append((b"x-client-request-id", crid.encode()))
+
+        async def sender(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *ids]}
+            await send(message)
+
+        await asgi(scope, receive, sender)
 
     async def _chat(self, scope, receive, send, rid: str, crid: str | None) -> None:
         await self._proxied("chat", pipeline.chat, scope, receive, send, rid, crid)

@@ -37,6 +37,7 @@ log = logging.getLogger("gateway.kb")
 EMBED_BATCH = 64  # texts per embedder call: bounded memory, and other jobs get turns in between
 LOCAL_CHUNK_SIZE = 250  # all-MiniLM-L6-v2 reads 256 word pieces; longer text would be cut unseen
 LOCAL_OVERLAP = 25
+CANCELLED = "cancelled"  # reason_code of a document whose batch was cancelled before it ran
 
 
 class Embedder(Protocol):
@@ -46,10 +47,12 @@ class Embedder(Protocol):
     async def embed(self, texts: list[str]) -> list[list[float]]: ...
 
 
-def chunk_settings(kb: store.KnowledgeBase) -> tuple[int, int]:
-    """(size, overlap) in tokens for the knowledge base's documents."""
-    size = int(kb.settings.get("chunk_size") or store.DEFAULT_SETTINGS["chunk_size"])
-    overlap = int(kb.settings.get("overlap") or 0)
+def chunk_settings(kb: store.KnowledgeBase, doc: store.Document | None = None) -> tuple[int, int]:
+    """(size, overlap) in tokens for a document: its own chunking strategy, else the knowledge
+    base's settings."""
+    own = (doc.chunking if doc is not None else None) or {}
+    size = int(own.get("chunk_size") or kb.settings.get("chunk_size") or store.DEFAULT_SETTINGS["chunk_size"])
+    overlap = int(own["overlap"] if "overlap" in own else (kb.settings.get("overlap") or 0))
     if kb.embedding_model == LOCAL_MODEL:
         size, overlap = min(size, LOCAL_CHUNK_SIZE), min(overlap, LOCAL_OVERLAP)
     return size, overlap
@@ -68,9 +71,16 @@ def _payload(job: Job) -> dict[str, str]:
     return p
 
 
-async def _mark(pool: asyncpg.Pool, tenant: str, document_id: str, status: str, reason: str | None = None) -> None:
+async def _mark(
+    pool: asyncpg.Pool,
+    tenant: str,
+    document_id: str,
+    status: str,
+    reason: str | None = None,
+    reason_code: str | None = None,
+) -> None:
     async with store.scoped(pool, tenant) as conn:
-        await store.set_status(conn, tenant, document_id, status, reason)
+        await store.set_status(conn, tenant, document_id, status, reason, reason_code)
 
 
 async def handle(
@@ -88,22 +98,22 @@ async def handle(
     try:
         await _process(p, pool=pool, embedder=embedder, data_dir=data_dir)
     except Fatal as exc:
-        await _mark_failed(pool, p, str(exc))
+        await _mark_failed(pool, p, str(exc), getattr(exc, "code", None) or "model_unavailable")
         raise
     except Exception as exc:
         if max_attempts is not None and job.attempt >= max_attempts:
-            reason = (
-                "the uploaded file is no longer on the server's disk; upload it again"
-                if isinstance(exc, FileNotFoundError)
-                else f"processing failed after {job.attempt} attempts ({type(exc).__name__}); try again later"
-            )
-            await _mark_failed(pool, p, reason)
+            if isinstance(exc, FileNotFoundError):
+                reason, code = "the uploaded file is no longer on the server's disk; upload it again", "file_missing"
+            else:
+                reason = f"processing failed after {job.attempt} attempts ({type(exc).__name__}); try again later"
+                code = "processing_failed"
+            await _mark_failed(pool, p, reason, code)
         raise
 
 
-async def _mark_failed(pool: asyncpg.Pool, p: dict, reason: str) -> None:
+async def _mark_failed(pool: asyncpg.Pool, p: dict, reason: str, code: str) -> None:
     try:
-        await _mark(pool, p["tenant"], p["document_id"], "failed", reason[:1000])
+        await _mark(pool, p["tenant"], p["document_id"], "failed", reason[:1000], code)
     except Exception as exc:  # the queue's dead letter still records the failure
         log.warning("kb ingest: cannot mark %s failed: %s", p["document_id"], exc)
 
@@ -118,6 +128,8 @@ async def _process(p: dict[str, Any], *, pool: asyncpg.Pool, embedder: Embedder 
             return
         if doc.status == "ready" and doc.sha256 == (p.get("sha256") or doc.sha256):
             return  # a duplicate delivery of a job that finished
+        if doc.status == "failed" and doc.reason_code == CANCELLED:
+            return  # its batch was cancelled before it started
         await store.set_status(conn, tenant, document_id, "processing")
     if embedder is None or kb.embedding_model != embedder.model or kb.dims != embedder.dims:
         raise Fatal(f"the embedding model {kb.embedding_model!r} is not available on this server")
@@ -127,10 +139,10 @@ async def _process(p: dict[str, Any], *, pool: asyncpg.Pool, embedder: Embedder 
     try:
         sections = await _in_thread(extract, path, doc.filename, doc.content_type)
     except ExtractionError as exc:
-        await _mark(pool, tenant, document_id, "failed", exc.message)
+        await _mark(pool, tenant, document_id, "failed", exc.message, exc.code)
         log.info("kb ingest: %s failed: %s (%s)", document_id, exc.code, exc.message)
         return
-    size, overlap = chunk_settings(kb)
+    size, overlap = chunk_settings(kb, doc)
     chunks = await _in_thread(lambda: chunk(sections, size=size, overlap=overlap))
     vectors: list[list[float]] = []
     for start in range(0, len(chunks), EMBED_BATCH):

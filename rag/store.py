@@ -74,6 +74,10 @@ class Document:
     replaced_by: str | None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    file_id: str | None = None  # the uploaded file (OpenAI Files API) it came from
+    attributes: dict[str, Any] = field(default_factory=dict)  # for search filters
+    chunking: dict[str, Any] | None = None  # {"chunk_size", "overlap"} of its own, else the KB's
+    reason_code: str | None = None  # why it failed, for programs (``reason`` is for people)
 
 
 class StoreError(Exception):
@@ -138,7 +142,12 @@ def _kb(row: asyncpg.Record) -> KnowledgeBase:
 
 
 def _doc(row: asyncpg.Record) -> Document:
-    return Document(**{k: row[k] for k in Document.__dataclass_fields__})
+    values = {k: row[k] for k in Document.__dataclass_fields__}
+    for name in ("attributes", "chunking"):
+        if isinstance(values[name], str):
+            values[name] = json.loads(values[name])
+    values["attributes"] = values["attributes"] or {}
+    return Document(**values)
 
 
 _KB_COLS = "id, tenant, name, description, embedding_model, dims, settings, created_at"
@@ -280,7 +289,7 @@ async def add_document(
     row = await conn.fetchrow(
         f"""INSERT INTO kb_documents (id, tenant, kb_id, filename, content_type, bytes, sha256, replaces)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-            ON CONFLICT (kb_id, sha256) WHERE replaced_by IS NULL DO NOTHING
+            ON CONFLICT (kb_id, sha256) WHERE replaced_by IS NULL AND file_id IS NULL DO NOTHING
             RETURNING {_DOC_COLS}""",
         new_id("doc_"),
         tenant,
@@ -295,7 +304,7 @@ async def add_document(
         return _doc(row), True
     row = await conn.fetchrow(
         f"""SELECT {_DOC_COLS} FROM kb_documents
-            WHERE kb_id = $1 AND sha256 = $2 AND replaced_by IS NULL AND tenant = $3""",
+            WHERE kb_id = $1 AND sha256 = $2 AND replaced_by IS NULL AND file_id IS NULL AND tenant = $3""",
         kb_id,
         sha256,
         tenant,
@@ -339,18 +348,27 @@ async def list_documents(
 
 
 async def set_status(
-    conn: asyncpg.Connection, tenant: str | None, document_id: str, status: str, reason: str | None = None
+    conn: asyncpg.Connection,
+    tenant: str | None,
+    document_id: str,
+    status: str,
+    reason: str | None = None,
+    reason_code: str | None = None,
 ) -> Document | None:
-    """queued → processing → ready | failed, with a reason a person understands."""
+    """queued → processing → ready | failed, with a reason a person understands (and its
+    ``reason_code`` for programs: the extractor's code, ``cancelled``, ``processing_failed``...)."""
     if status not in STATUSES:
         raise StoreError(f"status must be one of {', '.join(STATUSES)}")
+    if reason is not None and reason_code is None:
+        reason_code = "failed"
     row = await conn.fetchrow(
-        f"""UPDATE kb_documents SET status = $3, reason = $4, updated_at = now()
+        f"""UPDATE kb_documents SET status = $3, reason = $4, reason_code = $5, updated_at = now()
             WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) RETURNING {_DOC_COLS}""",
         document_id,
         tenant,
         status,
         reason,
+        reason_code if reason is not None or status == "failed" else None,
     )
     return _doc(row) if row else None
 
@@ -422,7 +440,8 @@ async def replace_chunks(
         row = await conn.fetchrow(
             f"""UPDATE kb_documents SET generation = $2, chunks = $3, embedding_model = $4, updated_at = now(),
                        status = CASE WHEN $5 THEN 'ready' ELSE status END,
-                       reason = CASE WHEN $5 THEN NULL ELSE reason END
+                       reason = CASE WHEN $5 THEN NULL ELSE reason END,
+                       reason_code = CASE WHEN $5 THEN NULL ELSE reason_code END
                 WHERE id = $1 RETURNING {_DOC_COLS}""",
             document_id,
             generation,
