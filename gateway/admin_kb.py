@@ -141,6 +141,7 @@ def describe_doc(doc: kb_store.Document) -> dict:
         "sha256": doc.sha256,
         "status": doc.status,
         "reason": doc.reason,
+        "reason_code": doc.reason_code,
         "chunks": doc.chunks,
         "embedding_model": doc.embedding_model,
         "created_at": doc.created_at,
