@@ -8,7 +8,8 @@ CPU core however many documents wait, and the event loop serving requests keeps 
 Tuning by environment (read at start; tests shorten them):
 ``GATEWAY_KB_WORKER`` (``0`` disables the worker in this process; uploads still queue),
 ``GATEWAY_KB_VISIBILITY_TIMEOUT`` (s, default 60), ``GATEWAY_KB_MAX_RETRIES`` (default 5),
-``GATEWAY_KB_BACKOFF`` (s, base of the exponential backoff, default 2).
+``GATEWAY_KB_BACKOFF`` (s, base of the exponential backoff, default 2),
+``GATEWAY_KB_EXTRACT_TIMEOUT`` (s a PDF or DOCX may take to read, default 60; rag/sandbox.py).
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class KbWorker:
             embedder=self.embedder,
             data_dir=self.data_dir,
             max_attempts=self.queue.max_retries + 1,
+            extract_timeout=max(0.1, _env_float("GATEWAY_KB_EXTRACT_TIMEOUT", ingest.EXTRACT_TIMEOUT)),
         )
 
     async def start(self) -> None:

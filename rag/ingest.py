@@ -30,7 +30,9 @@ from core.queue import Fatal, Job
 from rag import store
 from rag.chunking import chunk
 from rag.embedding import MODEL as LOCAL_MODEL
-from rag.extract import ExtractionError, extract
+from rag.extract import ExtractionError
+from rag.sandbox import TIMEOUT as EXTRACT_TIMEOUT
+from rag.sandbox import extract_bounded
 
 log = logging.getLogger("gateway.kb")
 
@@ -90,13 +92,14 @@ async def handle(
     embedder: Embedder | None,
     data_dir: Path,
     max_attempts: int | None = None,
+    extract_timeout: float = EXTRACT_TIMEOUT,
 ) -> None:
     """Process one ingestion job (payload: tenant, kb_id, document_id, path, sha256?).
     ``max_attempts``: the queue's attempts (max_retries + 1); on the last one a failure marks
     the document ``failed`` before it is raised."""
     p = _payload(job)
     try:
-        await _process(p, pool=pool, embedder=embedder, data_dir=data_dir)
+        await _process(p, pool=pool, embedder=embedder, data_dir=data_dir, extract_deadline=extract_timeout)
     except Fatal as exc:
         await _mark_failed(pool, p, str(exc), getattr(exc, "code", None) or "model_unavailable")
         raise
@@ -118,7 +121,14 @@ async def _mark_failed(pool: asyncpg.Pool, p: dict, reason: str, code: str) -> N
         log.warning("kb ingest: cannot mark %s failed: %s", p["document_id"], exc)
 
 
-async def _process(p: dict[str, Any], *, pool: asyncpg.Pool, embedder: Embedder | None, data_dir: Path) -> None:
+async def _process(
+    p: dict[str, Any],
+    *,
+    pool: asyncpg.Pool,
+    embedder: Embedder | None,
+    data_dir: Path,
+    extract_timeout: float = EXTRACT_TIMEOUT,
+) -> None:
     tenant, kb_id, document_id = p["tenant"], p["kb_id"], p["document_id"]
     async with store.scoped(pool, tenant) as conn:
         kb = await store.get_kb(conn, tenant, kb_id)
@@ -137,7 +147,8 @@ async def _process(p: dict[str, Any], *, pool: asyncpg.Pool, embedder: Embedder 
     if not path.is_file():
         raise FileNotFoundError(f"upload of {document_id} not found")
     try:
-        sections = await _in_thread(extract, path, doc.filename, doc.content_type)
+        # PDF and DOCX in a child process with time and memory limits (rag/sandbox.py)
+        sections = await extract_bounded(path, doc.filename, doc.content_type, deadline=extract_timeout)
     except ExtractionError as exc:
         await _mark(pool, tenant, document_id, "failed", exc.message, exc.code)
         log.info("kb ingest: %s failed: %s (%s)", document_id, exc.code, exc.message)

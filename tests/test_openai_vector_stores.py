@@ -224,7 +224,7 @@ def test_update_delete_and_file_batches(client):
     listed = list(client.vector_stores.file_batches.list_files(batch_id=batch.id, vector_store_id=vs.id))
     assert len(listed) == 2 and {f.status for f in listed} == {"completed"}
     content = client.vector_stores.files.content(file_id=listed[0].id, vector_store_id=vs.id)
-    assert list(content)[0].text
+    assert next(iter(content)).text
     # a file deleted from Files leaves every vector store too
     client.files.delete(listed[0].id)
     assert client.vector_stores.retrieve(vs.id).file_counts.total == 1
