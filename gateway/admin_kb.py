@@ -32,6 +32,7 @@ from starlette.routing import Route
 from core.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
+from gateway import rerank
 from gateway.db import tenant_transaction
 from rag import ingest, retrieve
 from rag import store as kb_store
@@ -47,6 +48,7 @@ QUEUE_NAMES = ("kb-ingest",)
 
 CREATE_FIELDS = frozenset({"name", "description", "embedding_model", "settings", "tenant"})
 SETTING_FIELDS = frozenset({"chunk_size", "chunk_overlap", "top_k", "threshold", "max_context_tokens"})
+TEXT_SETTINGS = frozenset({"rerank_model"})  # a configured model group of mode rerank, or null
 QUERY_FIELDS = frozenset({"query", "top_k", "threshold", "max_context_tokens", "candidates", "lexical_floor"})
 # (low, high, integer) for every setting and query parameter
 _BOUNDS = {
@@ -88,13 +90,15 @@ def _bounded(data: dict, name: str, param: str | None = None):
     return int(value) if integer else float(value)
 
 
-def _settings(raw) -> dict:
+def _settings(raw, router=None) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise InvalidRequest("'settings' must be an object.", param="settings", code="invalid_type")
-    _only(raw, SETTING_FIELDS, "settings.")
+    _only(raw, SETTING_FIELDS | TEXT_SETTINGS, "settings.")
     out = {}
+    if "rerank_model" in raw:
+        out["rerank_model"] = _rerank_model(raw["rerank_model"], router)
     for name in SETTING_FIELDS:
         value = _bounded(raw, name, f"settings.{name}")
         if value is not None:
@@ -107,6 +111,19 @@ def _settings(raw) -> dict:
             code="invalid_value",
         )
     return out
+
+
+def _rerank_model(value, router) -> str | None:
+    if value is None:
+        return None
+    model = router.model(value) if router is not None and isinstance(value, str) else None
+    if model is None or model.mode != "rerank":
+        raise InvalidRequest(
+            "'settings.rerank_model' must name a configured model group of mode 'rerank', or be null.",
+            param="settings.rerank_model",
+            code="invalid_value",
+        )
+    return value
 
 
 def describe_kb(kb: kb_store.KnowledgeBase) -> dict:
@@ -125,6 +142,7 @@ def describe_kb(kb: kb_store.KnowledgeBase) -> dict:
             "top_k": s.get("top_k"),
             "threshold": s.get("threshold"),
             "max_context_tokens": s.get("max_context_tokens"),
+            "rerank_model": s.get("rerank_model"),
         },
         "created_at": kb.created_at,
     }
@@ -349,6 +367,7 @@ class KbAdmin:
             Route("/admin/knowledge-bases", self.list_kbs, methods=["GET"]),
             Route("/admin/knowledge-bases/{kb_id}", self.get_kb, methods=["GET"]),
             Route("/admin/knowledge-bases/{kb_id}", self.delete_kb, methods=["DELETE"]),
+            Route("/admin/knowledge-bases/{kb_id}", self.update_kb, methods=["PATCH"]),
             Route("/admin/knowledge-bases/{kb_id}/documents", self.upload, methods=["POST"]),
             Route("/admin/knowledge-bases/{kb_id}/documents", self.list_documents, methods=["GET"]),
             Route("/admin/knowledge-bases/{kb_id}/documents/{doc_id}", self.get_document, methods=["GET"]),
@@ -395,7 +414,7 @@ class KbAdmin:
                 param="embedding_model",
                 code="model_not_available",
             )
-        settings = _settings(data.get("settings"))
+        settings = _settings(data.get("settings"), self.svc.router)
         tenant = inp.text(data, "tenant", max_len=128)
         if not ident.is_master:
             if tenant is not None and tenant != ident.tenant:
@@ -432,6 +451,27 @@ class KbAdmin:
         out["documents"] = {s: sum(1 for d in docs if d.status == s) for s in kb_store.STATUSES}
         out["chunks"] = sum(d.chunks for d in docs)
         return base._json(out)
+
+    async def update_kb(self, request: Request) -> Response:
+        """Changes settings (retrieval defaults, ``rerank_model``; chunking applies to documents
+        processed from now on) and the description."""
+        data = await inp.body(request)
+        _only(data, frozenset({"description", "settings"}))
+        settings = _settings(data.get("settings"), self.svc.router)
+        description = inp.text(data, "description", max_len=2000)
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            kb = await self._kb(request, conn)
+            if settings:
+                kb = await kb_store.update_kb_settings(conn, kb.tenant, kb.id, settings)
+            if description is not None:
+                await conn.execute(
+                    "UPDATE knowledge_bases SET description = $3, updated_at = now() WHERE id = $1 AND tenant = $2",
+                    kb.id,
+                    kb.tenant,
+                    description,
+                )
+                kb = await kb_store.get_kb(conn, kb.tenant, kb.id)
+        return base._json(describe_kb(kb))
 
     async def delete_kb(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
@@ -537,6 +577,7 @@ class KbAdmin:
             kwargs["candidates"] = params["candidates"]
         if params["lexical_floor"] is not None:
             kwargs["lexical_floor"] = params["lexical_floor"]
+        reranker = rerank.for_kb(self.svc, kb)
         result = await retrieve.retrieve(
             self.svc.pool,
             kb.tenant,
@@ -546,6 +587,7 @@ class KbAdmin:
             top_k=top_k,
             threshold=threshold,
             max_context_tokens=budget,
+            reranker=reranker,
             **kwargs,
         )
         out = result.explain()

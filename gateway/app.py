@@ -16,7 +16,7 @@ from core.config import load_config
 from core.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
 from core.logs import access_log
 from core.types import RequestContext, excerpt
-from gateway import agent_stage, grounding, pipeline
+from gateway import agent_stage, grounding, pipeline, rerank
 from gateway.admin import Admin
 from gateway.feedback import feedback as post_feedback
 from gateway.openai_store import OpenAIStore
@@ -48,6 +48,8 @@ class GatewayApp:
             "/models": ("GET", self._models),
         }
         routes["/v1/feedback"] = ("POST", self._feedback)
+        for p in ("/v1/rerank", "/rerank"):  # Cohere-compatible (gateway/rerank.py)
+            routes[p] = ("POST", self._rerank)
         for p in _CHAT_PATHS:
             routes[p] = ("POST", self._chat)
         for p in _EMBEDDINGS_PATHS:
@@ -171,6 +173,9 @@ class GatewayApp:
 
     async def _chat(self, scope, receive, send, rid: str, crid: str | None) -> None:
         await self._proxied("chat", pipeline.chat, scope, receive, send, rid, crid)
+
+    async def _rerank(self, scope, receive, send, rid: str, crid: str | None) -> None:
+        await self._proxied("rerank", rerank.rerank, scope, receive, send, rid, crid)
 
     async def _embeddings(self, scope, receive, send, rid: str, crid: str | None) -> None:
         await self._proxied("embeddings", pipeline.embeddings, scope, receive, send, rid, crid)

@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from core.errors import InvalidRequest, NotFound
 from gateway import admin_input as inp
-from gateway import openai_files
+from gateway import openai_files, rerank
 from gateway.admin_kb import _only
 from gateway.db import tenant_transaction
 from gateway.openai_common import (
@@ -801,6 +801,8 @@ class VectorStores:
                 candidates=max(40, 2 * top),
                 lexical_floor=None,
                 document_ids=doc_ids,
+                # "auto" (the default): the knowledge base's rerank_model when it has one
+                reranker=rerank.for_kb(self.store.svc, kb) if ranking.get("ranker") != "none" else None,
             )
             hits = result.hits
         docs = {}

@@ -99,7 +99,7 @@ async def handle(
     the document ``failed`` before it is raised."""
     p = _payload(job)
     try:
-        await _process(p, pool=pool, embedder=embedder, data_dir=data_dir, extract_deadline=extract_timeout)
+        await _process(p, pool=pool, embedder=embedder, data_dir=data_dir, extract_timeout=extract_timeout)
     except Fatal as exc:
         await _mark_failed(pool, p, str(exc), getattr(exc, "code", None) or "model_unavailable")
         raise

@@ -36,13 +36,13 @@ KB_ENV = {
 }
 
 
-def start_gateway(tmp_root: Path, mock, services, *, worker: bool = True) -> Gateway:
+def start_gateway(tmp_root: Path, mock, services, *, worker: bool = True, config: dict | None = None) -> Gateway:
     """A gateway with the test timings; ``worker`` False: it queues uploads but consumes none."""
     saved = {k: os.environ.get(k) for k in KB_ENV}
     os.environ.update(KB_ENV)
     os.environ["GATEWAY_KB_WORKER"] = "1" if worker else "0"
     try:
-        return Gateway(tmp_root, gateway_config(mock), services)
+        return Gateway(tmp_root, config or gateway_config(mock), services)
     finally:
         for k, v in saved.items():
             if v is None:
