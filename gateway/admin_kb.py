@@ -32,11 +32,10 @@ from starlette.routing import Route
 from core.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
-from gateway import rerank
+from gateway import kb_embedding, rerank
 from gateway.db import tenant_transaction
 from rag import ingest, retrieve
 from rag import store as kb_store
-from rag.embedding import DIMS as LOCAL_DIMS
 from rag.embedding import MODEL as LOCAL_MODEL
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
@@ -144,6 +143,7 @@ def describe_kb(kb: kb_store.KnowledgeBase) -> dict:
             "max_context_tokens": s.get("max_context_tokens"),
             "rerank_model": s.get("rerank_model"),
         },
+        "reembedding": {"embedding_model": kb.reembed_model, "dims": kb.reembed_dims} if kb.reembed_model else None,
         "created_at": kb.created_at,
     }
 
@@ -404,16 +404,8 @@ class KbAdmin:
         ident = base._ident(request)
         name = inp.text(data, "name", required=True, max_len=128)
         description = inp.text(data, "description", max_len=2000) or ""
-        model = inp.text(data, "embedding_model", max_len=128) or LOCAL_MODEL
-        if model != LOCAL_MODEL:
-            known = model in _PROVIDER_MODELS or "/" not in model
-            raise InvalidRequest(
-                f"The embedding model {model[:64]!r} is not available yet"
-                + (" (provider embedding models come in a later release)" if known else "")
-                + f"; use {LOCAL_MODEL!r}.",
-                param="embedding_model",
-                code="model_not_available",
-            )
+        model = inp.text(data, "embedding_model", max_len=256) or LOCAL_MODEL
+        kb_embedding.check_model(self.svc, model, ident)
         settings = _settings(data.get("settings"), self.svc.router)
         tenant = inp.text(data, "tenant", max_len=128)
         if not ident.is_master:
@@ -423,6 +415,7 @@ class KbAdmin:
                 )
             tenant = ident.tenant
         tenant = tenant or "default"
+        dims = await self._dims(model, tenant)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             try:
                 kb = await kb_store.create_kb(
@@ -430,7 +423,7 @@ class KbAdmin:
                     tenant,
                     name,
                     embedding_model=model,
-                    dims=LOCAL_DIMS,
+                    dims=dims,
                     description=description,
                     settings=settings,
                 )
@@ -452,13 +445,39 @@ class KbAdmin:
         out["chunks"] = sum(d.chunks for d in docs)
         return base._json(out)
 
+    async def _dims(self, model: str, tenant: str) -> int:
+        """The model's dimension (probed through the gateway) with its vector index in place."""
+        dims = await kb_embedding.probe_dims(self.svc, model, tenant)
+        if not 1 <= dims <= kb_store.MAX_DIMS:
+            raise InvalidRequest(
+                f"{model[:64]!r} makes vectors of {dims} dimensions; at most {kb_store.MAX_DIMS} are supported.",
+                param="embedding_model",
+                code="invalid_value",
+            )
+        async with self.svc.pool.acquire() as conn:  # DDL: the table owner, not a tenant role
+            await kb_store.ensure_vector_index(conn, dims)
+        return dims
+
     async def update_kb(self, request: Request) -> Response:
         """Changes settings (retrieval defaults, ``rerank_model``; chunking applies to documents
-        processed from now on) and the description."""
+        processed from now on), the description, or the embedding model: then every document
+        is embedded again in the background (a pending generation per document) while search
+        keeps using the current model, and the last one switches the knowledge base at once."""
         data = await inp.body(request)
-        _only(data, frozenset({"description", "settings"}))
+        _only(data, frozenset({"description", "settings", "embedding_model"}))
         settings = _settings(data.get("settings"), self.svc.router)
         description = inp.text(data, "description", max_len=2000)
+        model = inp.text(data, "embedding_model", max_len=256)
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            kb = await self._kb(request, conn)
+        reembed: list[str] | None = None
+        if model is not None and model not in (kb.embedding_model, kb.reembed_model):
+            kb_embedding.check_model(self.svc, model, base._ident(request))
+            dims = await self._dims(model, kb.tenant)
+            async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+                reembed = await kb_store.start_reembed(conn, kb.tenant, kb.id, model, dims)
+                if not reembed:
+                    await kb_store.finish_reembed(conn, kb.tenant, kb.id)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             kb = await self._kb(request, conn)
             if settings:
@@ -471,7 +490,10 @@ class KbAdmin:
                     description,
                 )
                 kb = await kb_store.get_kb(conn, kb.tenant, kb.id)
-        return base._json(describe_kb(kb))
+        for doc_id in reembed or ():
+            job = {"kind": "reembed", "tenant": kb.tenant, "kb_id": kb.id, "document_id": doc_id, "model": model}
+            await self.kb.queue.enqueue(job)
+        return base._json(describe_kb(kb), 202 if reembed else 200)
 
     async def delete_kb(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
@@ -562,16 +584,12 @@ class KbAdmin:
         top_k = params["top_k"] or s.get("top_k", 5)
         threshold = params["threshold"] if params["threshold"] is not None else s.get("threshold", 0.7)
         budget = params["max_context_tokens"] or s.get("max_context_tokens", 3000)
-        vector = None
-        embed_ms = None
         notes = []
-        embedder = getattr(self.svc, "embedder", None)
-        if embedder is not None and kb.embedding_model == embedder.model:
-            t0 = time.perf_counter()
-            vector = (await embedder.embed([text]))[0]
-            embed_ms = round((time.perf_counter() - t0) * 1000, 3)
-        else:
-            notes.append(f"the embedding model {kb.embedding_model!r} is not available here: full-text search only")
+        t0 = time.perf_counter()
+        vector, why = await kb_embedding.query_vector(self.svc, kb, text)
+        embed_ms = round((time.perf_counter() - t0) * 1000, 3) if vector is not None else None
+        if why:
+            notes.append(why)
         kwargs = {}
         if params["candidates"] is not None:
             kwargs["candidates"] = params["candidates"]

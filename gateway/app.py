@@ -16,7 +16,7 @@ from core.config import load_config
 from core.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
 from core.logs import access_log
 from core.types import RequestContext, excerpt
-from gateway import agent_stage, grounding, pipeline, rerank
+from gateway import agent_stage, grounding, kb_embedding, pipeline, rerank
 from gateway.admin import Admin
 from gateway.feedback import feedback as post_feedback
 from gateway.openai_store import OpenAIStore
@@ -70,6 +70,7 @@ class GatewayApp:
                     self.svc = await Services.start(self.settings)
                     # the knowledge_search built-in searches the agent's knowledge bases
                     self.svc.tools.handlers["knowledge_search"] = grounding.knowledge_search_handler(self.svc)
+                    kb_embedding.install(self.svc)  # knowledge bases embed through the gateway
                 except Exception as exc:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})

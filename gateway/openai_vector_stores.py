@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from core.errors import InvalidRequest, NotFound
 from gateway import admin_input as inp
-from gateway import openai_files, rerank
+from gateway import kb_embedding, openai_files, rerank
 from gateway.admin_kb import _only
 from gateway.db import tenant_transaction
 from gateway.openai_common import (
@@ -783,10 +783,7 @@ class VectorStores:
                 await conn.execute(
                     "UPDATE knowledge_bases SET last_active_at = now() WHERE id = $1 AND tenant = $2", kb.id, owner
                 )
-        vector = None
-        embedder = getattr(self.store.svc, "embedder", None)
-        if embedder is not None and kb.embedding_model == embedder.model:
-            vector = (await embedder.embed([text]))[0]
+        vector, _ = await kb_embedding.query_vector(self.store.svc, kb, text)
         hits = []
         if doc_ids is None or doc_ids:
             result = await retrieve.retrieve(

@@ -792,7 +792,6 @@ class Mock:
         }
         await self._whole(send, obj, plan, limits, 0)
 
-
     # ---- rerank (Cohere-compatible) -----------------------------------------------------------
     async def _rerank(self, send, req: dict, plan: dict, limits: dict) -> None:
         """Relevance = the share of the query's words found in the document (deterministic)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,9 +45,11 @@ CANCELLED = "cancelled"  # reason_code of a document whose batch was cancelled b
 
 class Embedder(Protocol):
     model: str
-    dims: int
 
     async def embed(self, texts: list[str]) -> list[list[float]]: ...
+
+
+Embedders = Callable[[str, str], "Embedder | None"]  # (model, tenant) → its embedder, None: unknown
 
 
 def chunk_settings(kb: store.KnowledgeBase, doc: store.Document | None = None) -> tuple[int, int]:
@@ -93,13 +96,25 @@ async def handle(
     data_dir: Path,
     max_attempts: int | None = None,
     extract_timeout: float = EXTRACT_TIMEOUT,
+    embedders: Embedders | None = None,
 ) -> None:
-    """Process one ingestion job (payload: tenant, kb_id, document_id, path, sha256?).
-    ``max_attempts``: the queue's attempts (max_retries + 1); on the last one a failure marks
-    the document ``failed`` before it is raised."""
+    """Process one ingestion job (payload: tenant, kb_id, document_id, path, sha256?; or a
+    re-embedding: ``kind: reembed`` and ``model``). ``max_attempts``: the queue's attempts
+    (max_retries + 1); on the last one a failure marks the document ``failed`` before it is
+    raised. ``embedders(model, tenant)``: the embedder of a model (None: unknown); without it
+    only ``embedder``'s own model is available."""
     p = _payload(job)
+
+    def pick(model: str, tenant: str) -> Embedder | None:
+        if embedders is not None:
+            return embedders(model, tenant)
+        return embedder if embedder is not None and embedder.model == model else None
+
+    if p.get("kind") == "reembed":
+        await _reembed(p, pool=pool, pick=pick)
+        return
     try:
-        await _process(p, pool=pool, embedder=embedder, data_dir=data_dir, extract_timeout=extract_timeout)
+        await _process(p, pool=pool, pick=pick, data_dir=data_dir, extract_timeout=extract_timeout)
     except Fatal as exc:
         await _mark_failed(pool, p, str(exc), getattr(exc, "code", None) or "model_unavailable")
         raise
@@ -125,7 +140,7 @@ async def _process(
     p: dict[str, Any],
     *,
     pool: asyncpg.Pool,
-    embedder: Embedder | None,
+    pick: Embedders,
     data_dir: Path,
     extract_timeout: float = EXTRACT_TIMEOUT,
 ) -> None:
@@ -141,7 +156,8 @@ async def _process(
         if doc.status == "failed" and doc.reason_code == CANCELLED:
             return  # its batch was cancelled before it started
         await store.set_status(conn, tenant, document_id, "processing")
-    if embedder is None or kb.embedding_model != embedder.model or kb.dims != embedder.dims:
+    embedder = pick(kb.embedding_model, tenant)
+    if embedder is None:
         raise Fatal(f"the embedding model {kb.embedding_model!r} is not available on this server")
     path = document_path(data_dir, tenant, document_id)
     if not path.is_file():
@@ -155,16 +171,43 @@ async def _process(
         return
     size, overlap = chunk_settings(kb, doc)
     chunks = await _in_thread(lambda: chunk(sections, size=size, overlap=overlap))
-    vectors: list[list[float]] = []
-    for start in range(0, len(chunks), EMBED_BATCH):
-        batch = chunks[start : start + EMBED_BATCH]
-        vectors.extend(await embedder.embed([f"{c.section}\n\n{c.text}" if c.section else c.text for c in batch]))
+    vectors = await embed_chunks(embedder, chunks)
     async with store.scoped(pool, tenant) as conn:
         current = await store.get_document(conn, tenant, document_id)
         if current is None:
             return  # deleted while it was processed
         await store.replace_chunks(conn, tenant, kb_id, document_id, chunks, vectors, kb.embedding_model)
     log.info("kb ingest: %s ready, %d chunks", document_id, len(chunks))
+    if kb.reembed_model:  # a move to another model is under way: this document needs both
+        await _reembed({**p, "model": kb.reembed_model}, pool=pool, pick=pick)
+
+
+async def embed_chunks(embedder: Embedder, chunks) -> list[list[float]]:
+    """Vectors of ``chunks`` (section path + text), in batches of EMBED_BATCH."""
+    vectors: list[list[float]] = []
+    for start in range(0, len(chunks), EMBED_BATCH):
+        batch = chunks[start : start + EMBED_BATCH]
+        vectors.extend(await embedder.embed([f"{c.section}\n\n{c.text}" if c.section else c.text for c in batch]))
+    return vectors
+
+
+async def _reembed(p: dict[str, Any], *, pool: asyncpg.Pool, pick: Embedders) -> None:
+    """A document's live chunks embedded again with the knowledge base's next model, stored as
+    its pending generation; the last one to finish switches the knowledge base (atomically)."""
+    tenant, kb_id, document_id, model = p["tenant"], p["kb_id"], p["document_id"], p.get("model")
+    async with store.scoped(pool, tenant) as conn:
+        kb = await store.get_kb(conn, tenant, kb_id)
+        if kb is None or kb.reembed_model is None or kb.reembed_model != model:
+            return  # finished, cancelled or superseded
+        chunks = await store.live_chunks(conn, tenant, document_id)
+    embedder = pick(model, tenant)
+    if embedder is None:
+        raise RuntimeError(f"the embedding model {model!r} is not available yet")  # retried
+    vectors = await embed_chunks(embedder, chunks)
+    async with store.scoped(pool, tenant) as conn:
+        if await store.write_pending(conn, tenant, kb_id, document_id, chunks, vectors, model):
+            if await store.finish_reembed(conn, tenant, kb_id):
+                log.info("kb ingest: knowledge base %s now uses %s", kb_id, model)
 
 
 async def _in_thread(fn, *args):

@@ -119,7 +119,7 @@ def test_create_validates_and_lists(gw):
     assert kb["settings"]["chunk_size"] == 300 and kb["settings"]["chunk_overlap"] == 30
     r = call(gw, "POST", "/admin/knowledge-bases", json={"name": "x", "embedding_model": "text-embedding-3-small"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "embedding_model"
-    assert "not available yet" in r.json()["error"]["message"]
+    assert "not a configured embedding model group" in r.json()["error"]["message"]
     r = call(gw, "POST", "/admin/knowledge-bases", json={"name": "y", "settings": {"chunk_size": 5}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "settings.chunk_size"
     r = call(gw, "POST", "/admin/knowledge-bases", json={"name": kb["name"]})

@@ -75,3 +75,12 @@ AS $$
 $$;
 REVOKE ALL ON FUNCTION kb_fts_candidates(text, text[], text, integer, integer, text[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION kb_fts_candidates(text, text[], text, integer, integer, text[]) TO gateway_tenant;
+
+-- Re-embedding when a knowledge base changes its embedding model: every document gets a
+-- *pending* generation of chunks embedded with the new model (invisible: queries join the
+-- document's live `generation`) while search keeps using the live one; when the last document
+-- has one, a single transaction makes every pending generation live and switches the model.
+ALTER TABLE knowledge_bases ADD COLUMN IF NOT EXISTS reembed_model text;
+ALTER TABLE knowledge_bases ADD COLUMN IF NOT EXISTS reembed_dims integer CHECK (reembed_dims BETWEEN 1 AND 4000);
+ALTER TABLE kb_documents ADD COLUMN IF NOT EXISTS pending_generation integer;
+ALTER TABLE kb_documents ADD COLUMN IF NOT EXISTS pending_model text;
