@@ -98,7 +98,7 @@ class Model(_Strict):
     # Served on /v1/chat/completions or /v1/embeddings. When not given, taken from the bundled
     # model map: a group whose deployments it files as embedding models is an embedding group
     # (``_infer_modes``); an explicit mode always wins.
-    mode: Literal["chat", "embedding"] = "chat"
+    mode: Literal["chat", "embedding", "rerank"] = "chat"  # rerank: POST /v1/rerank (gateway/rerank.py)
     deployments: list[Deployment] = Field(default_factory=list)
     # A model with rules and no deployments routes each request to the first matching group.
     rules: list[Rule] = Field(default_factory=list)

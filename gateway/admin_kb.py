@@ -32,20 +32,22 @@ from starlette.routing import Route
 from core.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
+from gateway import kb_embedding, rerank
 from gateway.db import tenant_transaction
 from rag import ingest, retrieve
 from rag import store as kb_store
-from rag.embedding import DIMS as LOCAL_DIMS
 from rag.embedding import MODEL as LOCAL_MODEL
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 MAX_MULTIPART_OVERHEAD = 64 * 1024  # headers, boundaries and small fields around the file
 MAX_PART_HEADERS = 16 * 1024
+MAX_PARTS = 32
 MAX_FILENAME = 255
 QUEUE_NAMES = ("kb-ingest",)
 
 CREATE_FIELDS = frozenset({"name", "description", "embedding_model", "settings", "tenant"})
 SETTING_FIELDS = frozenset({"chunk_size", "chunk_overlap", "top_k", "threshold", "max_context_tokens"})
+TEXT_SETTINGS = frozenset({"rerank_model"})  # a configured model group of mode rerank, or null
 QUERY_FIELDS = frozenset({"query", "top_k", "threshold", "max_context_tokens", "candidates", "lexical_floor"})
 # (low, high, integer) for every setting and query parameter
 _BOUNDS = {
@@ -87,13 +89,15 @@ def _bounded(data: dict, name: str, param: str | None = None):
     return int(value) if integer else float(value)
 
 
-def _settings(raw) -> dict:
+def _settings(raw, router=None) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise InvalidRequest("'settings' must be an object.", param="settings", code="invalid_type")
-    _only(raw, SETTING_FIELDS, "settings.")
+    _only(raw, SETTING_FIELDS | TEXT_SETTINGS, "settings.")
     out = {}
+    if "rerank_model" in raw:
+        out["rerank_model"] = _rerank_model(raw["rerank_model"], router)
     for name in SETTING_FIELDS:
         value = _bounded(raw, name, f"settings.{name}")
         if value is not None:
@@ -106,6 +110,19 @@ def _settings(raw) -> dict:
             code="invalid_value",
         )
     return out
+
+
+def _rerank_model(value, router) -> str | None:
+    if value is None:
+        return None
+    model = router.model(value) if router is not None and isinstance(value, str) else None
+    if model is None or model.mode != "rerank":
+        raise InvalidRequest(
+            "'settings.rerank_model' must name a configured model group of mode 'rerank', or be null.",
+            param="settings.rerank_model",
+            code="invalid_value",
+        )
+    return value
 
 
 def describe_kb(kb: kb_store.KnowledgeBase) -> dict:
@@ -124,7 +141,9 @@ def describe_kb(kb: kb_store.KnowledgeBase) -> dict:
             "top_k": s.get("top_k"),
             "threshold": s.get("threshold"),
             "max_context_tokens": s.get("max_context_tokens"),
+            "rerank_model": s.get("rerank_model"),
         },
+        "reembedding": {"embedding_model": kb.reembed_model, "dims": kb.reembed_dims} if kb.reembed_model else None,
         "created_at": kb.created_at,
     }
 
@@ -140,6 +159,7 @@ def describe_doc(doc: kb_store.Document) -> dict:
         "sha256": doc.sha256,
         "status": doc.status,
         "reason": doc.reason,
+        "reason_code": doc.reason_code,
         "chunks": doc.chunks,
         "embedding_model": doc.embedding_model,
         "created_at": doc.created_at,
@@ -184,8 +204,14 @@ class Upload:
         self.sha = hashlib.sha256()
         self.done = False
         self.other_bytes = 0
+        self.fields: dict[str, bytes] = {}  # the small parts besides the file (bounded in total)
+        self._field: str | None = None
+        self.parts = 0
 
     def _headers(self, raw: bytes) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise _bad_multipart(f"more than {MAX_PARTS} parts")
         headers = {}
         for line in raw.decode("utf-8", "replace").split("\r\n"):
             key, _, value = line.partition(":")
@@ -198,6 +224,8 @@ class Upload:
             self.state = "file"
         else:
             self.state = "other"
+            self._field = disposition.get("name", "")[:64]
+            self.fields.setdefault(self._field, b"")
 
     def _emit(self, data: bytes) -> None:
         if not data:
@@ -212,6 +240,8 @@ class Upload:
             self.other_bytes += len(data)
             if self.other_bytes > MAX_MULTIPART_OVERHEAD:
                 raise PayloadTooLarge("The multipart fields besides 'file' are too large.")
+            if self._field is not None:
+                self.fields[self._field] += data
 
     def feed(self, data: bytes) -> None:
         if self.done:
@@ -337,6 +367,7 @@ class KbAdmin:
             Route("/admin/knowledge-bases", self.list_kbs, methods=["GET"]),
             Route("/admin/knowledge-bases/{kb_id}", self.get_kb, methods=["GET"]),
             Route("/admin/knowledge-bases/{kb_id}", self.delete_kb, methods=["DELETE"]),
+            Route("/admin/knowledge-bases/{kb_id}", self.update_kb, methods=["PATCH"]),
             Route("/admin/knowledge-bases/{kb_id}/documents", self.upload, methods=["POST"]),
             Route("/admin/knowledge-bases/{kb_id}/documents", self.list_documents, methods=["GET"]),
             Route("/admin/knowledge-bases/{kb_id}/documents/{doc_id}", self.get_document, methods=["GET"]),
@@ -373,17 +404,9 @@ class KbAdmin:
         ident = base._ident(request)
         name = inp.text(data, "name", required=True, max_len=128)
         description = inp.text(data, "description", max_len=2000) or ""
-        model = inp.text(data, "embedding_model", max_len=128) or LOCAL_MODEL
-        if model != LOCAL_MODEL:
-            known = model in _PROVIDER_MODELS or "/" not in model
-            raise InvalidRequest(
-                f"The embedding model {model[:64]!r} is not available yet"
-                + (" (provider embedding models come in a later release)" if known else "")
-                + f"; use {LOCAL_MODEL!r}.",
-                param="embedding_model",
-                code="model_not_available",
-            )
-        settings = _settings(data.get("settings"))
+        model = inp.text(data, "embedding_model", max_len=256) or LOCAL_MODEL
+        kb_embedding.check_model(self.svc, model, ident)
+        settings = _settings(data.get("settings"), self.svc.router)
         tenant = inp.text(data, "tenant", max_len=128)
         if not ident.is_master:
             if tenant is not None and tenant != ident.tenant:
@@ -392,6 +415,7 @@ class KbAdmin:
                 )
             tenant = ident.tenant
         tenant = tenant or "default"
+        dims = await self._dims(model, tenant)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             try:
                 kb = await kb_store.create_kb(
@@ -399,7 +423,7 @@ class KbAdmin:
                     tenant,
                     name,
                     embedding_model=model,
-                    dims=LOCAL_DIMS,
+                    dims=dims,
                     description=description,
                     settings=settings,
                 )
@@ -420,6 +444,56 @@ class KbAdmin:
         out["documents"] = {s: sum(1 for d in docs if d.status == s) for s in kb_store.STATUSES}
         out["chunks"] = sum(d.chunks for d in docs)
         return base._json(out)
+
+    async def _dims(self, model: str, tenant: str) -> int:
+        """The model's dimension (probed through the gateway) with its vector index in place."""
+        dims = await kb_embedding.probe_dims(self.svc, model, tenant)
+        if not 1 <= dims <= kb_store.MAX_DIMS:
+            raise InvalidRequest(
+                f"{model[:64]!r} makes vectors of {dims} dimensions; at most {kb_store.MAX_DIMS} are supported.",
+                param="embedding_model",
+                code="invalid_value",
+            )
+        async with self.svc.pool.acquire() as conn:  # DDL: the table owner, not a tenant role
+            await kb_store.ensure_vector_index(conn, dims)
+        return dims
+
+    async def update_kb(self, request: Request) -> Response:
+        """Changes settings (retrieval defaults, ``rerank_model``; chunking applies to documents
+        processed from now on), the description, or the embedding model: then every document
+        is embedded again in the background (a pending generation per document) while search
+        keeps using the current model, and the last one switches the knowledge base at once."""
+        data = await inp.body(request)
+        _only(data, frozenset({"description", "settings", "embedding_model"}))
+        settings = _settings(data.get("settings"), self.svc.router)
+        description = inp.text(data, "description", max_len=2000)
+        model = inp.text(data, "embedding_model", max_len=256)
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            kb = await self._kb(request, conn)
+        reembed: list[str] | None = None
+        if model is not None and model not in (kb.embedding_model, kb.reembed_model):
+            kb_embedding.check_model(self.svc, model, base._ident(request))
+            dims = await self._dims(model, kb.tenant)
+            async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+                reembed = await kb_store.start_reembed(conn, kb.tenant, kb.id, model, dims)
+                if not reembed:
+                    await kb_store.finish_reembed(conn, kb.tenant, kb.id)
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            kb = await self._kb(request, conn)
+            if settings:
+                kb = await kb_store.update_kb_settings(conn, kb.tenant, kb.id, settings)
+            if description is not None:
+                await conn.execute(
+                    "UPDATE knowledge_bases SET description = $3, updated_at = now() WHERE id = $1 AND tenant = $2",
+                    kb.id,
+                    kb.tenant,
+                    description,
+                )
+                kb = await kb_store.get_kb(conn, kb.tenant, kb.id)
+        for doc_id in reembed or ():
+            job = {"kind": "reembed", "tenant": kb.tenant, "kb_id": kb.id, "document_id": doc_id, "model": model}
+            await self.kb.queue.enqueue(job)
+        return base._json(describe_kb(kb), 202 if reembed else 200)
 
     async def delete_kb(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
@@ -510,21 +584,18 @@ class KbAdmin:
         top_k = params["top_k"] or s.get("top_k", 5)
         threshold = params["threshold"] if params["threshold"] is not None else s.get("threshold", 0.7)
         budget = params["max_context_tokens"] or s.get("max_context_tokens", 3000)
-        vector = None
-        embed_ms = None
         notes = []
-        embedder = getattr(self.svc, "embedder", None)
-        if embedder is not None and kb.embedding_model == embedder.model:
-            t0 = time.perf_counter()
-            vector = (await embedder.embed([text]))[0]
-            embed_ms = round((time.perf_counter() - t0) * 1000, 3)
-        else:
-            notes.append(f"the embedding model {kb.embedding_model!r} is not available here: full-text search only")
+        t0 = time.perf_counter()
+        vector, why = await kb_embedding.query_vector(self.svc, kb, text)
+        embed_ms = round((time.perf_counter() - t0) * 1000, 3) if vector is not None else None
+        if why:
+            notes.append(why)
         kwargs = {}
         if params["candidates"] is not None:
             kwargs["candidates"] = params["candidates"]
         if params["lexical_floor"] is not None:
             kwargs["lexical_floor"] = params["lexical_floor"]
+        reranker = rerank.for_kb(self.svc, kb)
         result = await retrieve.retrieve(
             self.svc.pool,
             kb.tenant,
@@ -534,6 +605,7 @@ class KbAdmin:
             top_k=top_k,
             threshold=threshold,
             max_context_tokens=budget,
+            reranker=reranker,
             **kwargs,
         )
         out = result.explain()

@@ -16,9 +16,11 @@ from core.config import load_config
 from core.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
 from core.logs import access_log
 from core.types import RequestContext, excerpt
-from gateway import agent_stage, conversations_api, grounding, pipeline, vapi_channel
+from gateway import agent_stage, conversations_api, grounding, kb_embedding, pipeline, rerank, vapi_channel
 from gateway.admin import Admin
 from gateway.feedback import feedback as post_feedback
+from gateway.openai_store import OpenAIStore
+from gateway.openai_store import handles as openai_store_handles
 from gateway.openapi import openapi_document
 from gateway.services import Services, Settings
 from runtime.types import AGENT_PREFIX
@@ -37,6 +39,7 @@ class GatewayApp:
         self._openapi = None
         self.admin = Admin(self)
         self.vapi = None  # the VAPI channel (gateway/vapi_channel.py), when accounts are configured
+        self.openai_store = OpenAIStore(self)  # /v1/files, /v1/vector_stores (knowledge bases)
         routes = {
             "/healthz": ("GET", self._healthz),
             "/readyz": ("GET", self._readyz),
@@ -46,6 +49,8 @@ class GatewayApp:
             "/models": ("GET", self._models),
         }
         routes["/v1/feedback"] = ("POST", self._feedback)
+        for p in ("/v1/rerank", "/rerank"):  # Cohere-compatible (gateway/rerank.py)
+            routes[p] = ("POST", self._rerank)
         for p in _CHAT_PATHS:
             routes[p] = ("POST", self._chat)
         for p in _EMBEDDINGS_PATHS:
@@ -67,6 +72,7 @@ class GatewayApp:
                     # the knowledge_search built-in searches the agent's knowledge bases
                     self.svc.tools.handlers["knowledge_search"] = grounding.knowledge_search_handler(self.svc)
                     self.vapi = await vapi_channel.start(self.svc)
+                    kb_embedding.install(self.svc)  # knowledge bases embed through the gateway
                 except Exception as exc:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
@@ -98,6 +104,9 @@ class GatewayApp:
                     return
                 if conversations_api.matches(path) and scope["method"] == "GET":  # a conversation read back
                     await conversations_api.messages(self.svc, scope, send, rid, crid)
+                    return
+                if openai_store_handles(path):
+                    await self._with_request_id(self.openai_store, scope, receive, send, rid, crid)
                     return
                 if path.startswith(("/v1/models/", "/models/")) and scope["method"] == "GET":
                     await self._model(scope, rid, crid, send, path.split("/models/", 1)[1])
@@ -161,8 +170,23 @@ class GatewayApp:
 
         await self.admin(scope, receive, with_request_id)
 
+    async def _with_request_id(self, asgi, scope, receive, send, rid: str, crid: str | None) -> None:
+        ids = [(b"x-request-id", rid.encode())]
+        if crid is not None:
+            ids.append((b"x-client-request-id", crid.encode()))
+
+        async def sender(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *ids]}
+            await send(message)
+
+        await asgi(scope, receive, sender)
+
     async def _chat(self, scope, receive, send, rid: str, crid: str | None) -> None:
         await self._proxied("chat", pipeline.chat, scope, receive, send, rid, crid)
+
+    async def _rerank(self, scope, receive, send, rid: str, crid: str | None) -> None:
+        await self._proxied("rerank", rerank.rerank, scope, receive, send, rid, crid)
 
     async def _embeddings(self, scope, receive, send, rid: str, crid: str | None) -> None:
         await self._proxied("embeddings", pipeline.embeddings, scope, receive, send, rid, crid)

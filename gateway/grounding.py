@@ -11,22 +11,17 @@ an agent overrides them with ``settings.retrieval``.
 from __future__ import annotations
 
 import logging
+import time
 
 import orjson
 
 from core.types import RequestContext
+from gateway import kb_embedding
+from gateway.db import tenant_transaction
 
 log = logging.getLogger("gateway.grounding")
 
 DEFAULTS = {"top_k": 5, "threshold": 0.7, "max_context_tokens": 3000}
-
-
-def embedder(svc):
-    """The process's local embedding model (created at start-up, shared with the admin API's
-    retrieval test); None when its weights are not installed."""
-    if svc.embedder is None:
-        raise RuntimeError("the local embedding model is not installed")
-    return svc.embedder
 
 
 def _question(messages: list) -> str:
@@ -47,17 +42,33 @@ async def search(svc, agent, query: str, *, top_k: int | None = None) -> list[di
     settings = {**DEFAULTS, **(agent.settings.get("retrieval") or {})}
     if top_k is not None:
         settings["top_k"] = max(1, min(int(top_k), 20))
-    vector = (await embedder(svc).embed([query]))[0]
-    found = await retrieve(
-        svc.pool,
-        agent.tenant,
-        list(agent.knowledge_bases),
-        query,
-        vector,
-        top_k=settings["top_k"],
-        threshold=settings["threshold"],
-        max_context_tokens=settings["max_context_tokens"],
-    )
+    # Knowledge bases on different embedding models are searched each with its own query vector.
+    by_model: dict[str, list[str]] = {}
+    for kb_id, model in (await _kb_models(svc, agent.tenant, list(agent.knowledge_bases))).items():
+        by_model.setdefault(model, []).append(kb_id)
+    hits = []
+    for model, kb_ids in by_model.items():
+        embedder_ = kb_embedding.embedder_for(svc, model, agent.tenant, "kb-query")
+        vector = (await embedder_.embed([query]))[0] if embedder_ is not None else None
+        found = await retrieve(
+            svc.pool,
+            agent.tenant,
+            kb_ids,
+            query,
+            vector,
+            top_k=settings["top_k"],
+            threshold=settings["threshold"],
+            max_context_tokens=settings["max_context_tokens"],
+        )
+        hits.extend(found.hits)
+    if len(by_model) > 1:  # merged: best similarity first, then top-k and the token budget again
+        hits.sort(key=lambda h: -(h.similarity or 0.0))
+        kept, used = [], 0
+        for h in hits:
+            if len(kept) < settings["top_k"] and used + h.tokens <= settings["max_context_tokens"]:
+                kept.append(h)
+                used += h.tokens
+        hits = kept
     return [
         {
             "source": i,
@@ -67,8 +78,38 @@ async def search(svc, agent, query: str, *, top_k: int | None = None) -> list[di
             "similarity": round(h.similarity, 4) if h.similarity is not None else None,
             "text": h.text,
         }
-        for i, h in enumerate(found.hits, 1)
+        for i, h in enumerate(hits, 1)
     ]
+
+
+_MODELS: dict[tuple[str, str], tuple[float, str]] = {}  # (tenant, kb id) → (valid until, model)
+_MODELS_TTL = 30.0
+
+
+async def _kb_models(svc, tenant: str, kb_ids: list[str]) -> dict[str, str]:
+    """Each knowledge base's embedding model, cached for a while (a model switch is rare and
+    searching with the old model during the TTL still finds the old, still-live chunks)."""
+    now = time.monotonic()
+    out, missing = {}, []
+    for kb_id in kb_ids:
+        hit = _MODELS.get((tenant, kb_id))
+        if hit is not None and hit[0] > now:
+            out[kb_id] = hit[1]
+        else:
+            missing.append(kb_id)
+    if missing:
+        async with tenant_transaction(svc.pool, tenant) as conn:
+            rows = await conn.fetch(
+                "SELECT id, embedding_model FROM knowledge_bases WHERE id = ANY($1::text[]) AND tenant = $2",
+                missing,
+                tenant,
+            )
+        if len(_MODELS) > 10_000:
+            _MODELS.clear()
+        for r in rows:
+            _MODELS[(tenant, r["id"])] = (now + _MODELS_TTL, r["embedding_model"])
+            out[r["id"]] = r["embedding_model"]
+    return out
 
 
 async def ground(svc, ctx: RequestContext) -> None:

@@ -8,7 +8,8 @@ CPU core however many documents wait, and the event loop serving requests keeps 
 Tuning by environment (read at start; tests shorten them):
 ``GATEWAY_KB_WORKER`` (``0`` disables the worker in this process; uploads still queue),
 ``GATEWAY_KB_VISIBILITY_TIMEOUT`` (s, default 60), ``GATEWAY_KB_MAX_RETRIES`` (default 5),
-``GATEWAY_KB_BACKOFF`` (s, base of the exponential backoff, default 2).
+``GATEWAY_KB_BACKOFF`` (s, base of the exponential backoff, default 2),
+``GATEWAY_KB_EXTRACT_TIMEOUT`` (s a PDF or DOCX may take to read, default 60; rag/sandbox.py).
 """
 
 from __future__ import annotations
@@ -118,15 +119,27 @@ class KbWorker:
         self.embedder = SerialEmbedder(embedder) if embedder is not None else None
         self.data_dir = Path(data_dir)
         self._task: asyncio.Task | None = None
+        # (model, tenant) → embedder, for knowledge bases on provider models: set by
+        # gateway/kb_embedding.install once the services exist
+        self.embedders = None
 
     def handler(self):
         return functools.partial(
             ingest.handle,
             pool=self.pool,
             embedder=self.embedder,
+            embedders=self._embedders,
             data_dir=self.data_dir,
             max_attempts=self.queue.max_retries + 1,
+            extract_timeout=max(0.1, _env_float("GATEWAY_KB_EXTRACT_TIMEOUT", ingest.EXTRACT_TIMEOUT)),
         )
+
+    def _embedders(self, model: str, tenant: str):
+        if self.embedder is not None and model == self.embedder.model:
+            return self.embedder
+        if self.embedders is None:
+            raise RuntimeError("provider embeddings are not ready yet")  # start-up: the job is retried
+        return self.embedders(model, tenant)
 
     async def start(self) -> None:
         if self._task is None:

@@ -258,6 +258,7 @@ class Mock:
             "/v1/chat/completions": self._chat,
             "/v1/embeddings": self._embeddings,
             "/v1/messages": self._messages,
+            "/v1/rerank": self._rerank,
         }.get(path)
         anthropic = path == "/v1/messages"
         if handler is None or method != "POST":
@@ -798,6 +799,21 @@ class Mock:
             "model": req.get("model", "mock-embedding"),
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+        await self._whole(send, obj, plan, limits, 0)
+
+    # ---- rerank (Cohere-compatible) -----------------------------------------------------------
+    async def _rerank(self, send, req: dict, plan: dict, limits: dict) -> None:
+        """Relevance = the share of the query's words found in the document (deterministic)."""
+        words = set(re.findall(r"\w+", str(req.get("query", "")).lower()))
+        results = []
+        for i, doc in enumerate(req.get("documents") or []):
+            text = doc.get("text", "") if isinstance(doc, dict) else str(doc)
+            found = words & set(re.findall(r"\w+", text.lower()))
+            results.append({"index": i, "relevance_score": round(len(found) / (len(words) or 1), 6)})
+        results.sort(key=lambda r: (-r["relevance_score"], r["index"]))
+        if isinstance(req.get("top_n"), int):
+            results = results[: req["top_n"]]
+        obj = {"id": f"rr-{len(self.requests)}", "results": results, "meta": {"billed_units": {"search_units": 1}}}
         await self._whole(send, obj, plan, limits, 0)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,26 +31,33 @@ from core.queue import Fatal, Job
 from rag import store
 from rag.chunking import chunk
 from rag.embedding import MODEL as LOCAL_MODEL
-from rag.extract import ExtractionError, extract
+from rag.extract import ExtractionError
+from rag.sandbox import TIMEOUT as EXTRACT_TIMEOUT
+from rag.sandbox import extract_bounded
 
 log = logging.getLogger("gateway.kb")
 
 EMBED_BATCH = 64  # texts per embedder call: bounded memory, and other jobs get turns in between
 LOCAL_CHUNK_SIZE = 250  # all-MiniLM-L6-v2 reads 256 word pieces; longer text would be cut unseen
 LOCAL_OVERLAP = 25
+CANCELLED = "cancelled"  # reason_code of a document whose batch was cancelled before it ran
 
 
 class Embedder(Protocol):
     model: str
-    dims: int
 
     async def embed(self, texts: list[str]) -> list[list[float]]: ...
 
 
-def chunk_settings(kb: store.KnowledgeBase) -> tuple[int, int]:
-    """(size, overlap) in tokens for the knowledge base's documents."""
-    size = int(kb.settings.get("chunk_size") or store.DEFAULT_SETTINGS["chunk_size"])
-    overlap = int(kb.settings.get("overlap") or 0)
+Embedders = Callable[[str, str], "Embedder | None"]  # (model, tenant) → its embedder, None: unknown
+
+
+def chunk_settings(kb: store.KnowledgeBase, doc: store.Document | None = None) -> tuple[int, int]:
+    """(size, overlap) in tokens for a document: its own chunking strategy, else the knowledge
+    base's settings."""
+    own = (doc.chunking if doc is not None else None) or {}
+    size = int(own.get("chunk_size") or kb.settings.get("chunk_size") or store.DEFAULT_SETTINGS["chunk_size"])
+    overlap = int(own["overlap"] if "overlap" in own else (kb.settings.get("overlap") or 0))
     if kb.embedding_model == LOCAL_MODEL:
         size, overlap = min(size, LOCAL_CHUNK_SIZE), min(overlap, LOCAL_OVERLAP)
     return size, overlap
@@ -68,9 +76,16 @@ def _payload(job: Job) -> dict[str, str]:
     return p
 
 
-async def _mark(pool: asyncpg.Pool, tenant: str, document_id: str, status: str, reason: str | None = None) -> None:
+async def _mark(
+    pool: asyncpg.Pool,
+    tenant: str,
+    document_id: str,
+    status: str,
+    reason: str | None = None,
+    reason_code: str | None = None,
+) -> None:
     async with store.scoped(pool, tenant) as conn:
-        await store.set_status(conn, tenant, document_id, status, reason)
+        await store.set_status(conn, tenant, document_id, status, reason, reason_code)
 
 
 async def handle(
@@ -80,35 +95,55 @@ async def handle(
     embedder: Embedder | None,
     data_dir: Path,
     max_attempts: int | None = None,
+    extract_timeout: float = EXTRACT_TIMEOUT,
+    embedders: Embedders | None = None,
 ) -> None:
-    """Process one ingestion job (payload: tenant, kb_id, document_id, path, sha256?).
-    ``max_attempts``: the queue's attempts (max_retries + 1); on the last one a failure marks
-    the document ``failed`` before it is raised."""
+    """Process one ingestion job (payload: tenant, kb_id, document_id, path, sha256?; or a
+    re-embedding: ``kind: reembed`` and ``model``). ``max_attempts``: the queue's attempts
+    (max_retries + 1); on the last one a failure marks the document ``failed`` before it is
+    raised. ``embedders(model, tenant)``: the embedder of a model (None: unknown); without it
+    only ``embedder``'s own model is available."""
     p = _payload(job)
+
+    def pick(model: str, tenant: str) -> Embedder | None:
+        if embedders is not None:
+            return embedders(model, tenant)
+        return embedder if embedder is not None and embedder.model == model else None
+
+    if p.get("kind") == "reembed":
+        await _reembed(p, pool=pool, pick=pick)
+        return
     try:
-        await _process(p, pool=pool, embedder=embedder, data_dir=data_dir)
+        await _process(p, pool=pool, pick=pick, data_dir=data_dir, extract_timeout=extract_timeout)
     except Fatal as exc:
-        await _mark_failed(pool, p, str(exc))
+        await _mark_failed(pool, p, str(exc), getattr(exc, "code", None) or "model_unavailable")
         raise
     except Exception as exc:
         if max_attempts is not None and job.attempt >= max_attempts:
-            reason = (
-                "the uploaded file is no longer on the server's disk; upload it again"
-                if isinstance(exc, FileNotFoundError)
-                else f"processing failed after {job.attempt} attempts ({type(exc).__name__}); try again later"
-            )
-            await _mark_failed(pool, p, reason)
+            if isinstance(exc, FileNotFoundError):
+                reason, code = "the uploaded file is no longer on the server's disk; upload it again", "file_missing"
+            else:
+                reason = f"processing failed after {job.attempt} attempts ({type(exc).__name__}); try again later"
+                code = "processing_failed"
+            await _mark_failed(pool, p, reason, code)
         raise
 
 
-async def _mark_failed(pool: asyncpg.Pool, p: dict, reason: str) -> None:
+async def _mark_failed(pool: asyncpg.Pool, p: dict, reason: str, code: str) -> None:
     try:
-        await _mark(pool, p["tenant"], p["document_id"], "failed", reason[:1000])
+        await _mark(pool, p["tenant"], p["document_id"], "failed", reason[:1000], code)
     except Exception as exc:  # the queue's dead letter still records the failure
         log.warning("kb ingest: cannot mark %s failed: %s", p["document_id"], exc)
 
 
-async def _process(p: dict[str, Any], *, pool: asyncpg.Pool, embedder: Embedder | None, data_dir: Path) -> None:
+async def _process(
+    p: dict[str, Any],
+    *,
+    pool: asyncpg.Pool,
+    pick: Embedders,
+    data_dir: Path,
+    extract_timeout: float = EXTRACT_TIMEOUT,
+) -> None:
     tenant, kb_id, document_id = p["tenant"], p["kb_id"], p["document_id"]
     async with store.scoped(pool, tenant) as conn:
         kb = await store.get_kb(conn, tenant, kb_id)
@@ -118,30 +153,61 @@ async def _process(p: dict[str, Any], *, pool: asyncpg.Pool, embedder: Embedder 
             return
         if doc.status == "ready" and doc.sha256 == (p.get("sha256") or doc.sha256):
             return  # a duplicate delivery of a job that finished
+        if doc.status == "failed" and doc.reason_code == CANCELLED:
+            return  # its batch was cancelled before it started
         await store.set_status(conn, tenant, document_id, "processing")
-    if embedder is None or kb.embedding_model != embedder.model or kb.dims != embedder.dims:
+    embedder = pick(kb.embedding_model, tenant)
+    if embedder is None:
         raise Fatal(f"the embedding model {kb.embedding_model!r} is not available on this server")
     path = document_path(data_dir, tenant, document_id)
     if not path.is_file():
         raise FileNotFoundError(f"upload of {document_id} not found")
     try:
-        sections = await _in_thread(extract, path, doc.filename, doc.content_type)
+        # PDF and DOCX in a child process with time and memory limits (rag/sandbox.py)
+        sections = await extract_bounded(path, doc.filename, doc.content_type, deadline=extract_timeout)
     except ExtractionError as exc:
-        await _mark(pool, tenant, document_id, "failed", exc.message)
+        await _mark(pool, tenant, document_id, "failed", exc.message, exc.code)
         log.info("kb ingest: %s failed: %s (%s)", document_id, exc.code, exc.message)
         return
-    size, overlap = chunk_settings(kb)
+    size, overlap = chunk_settings(kb, doc)
     chunks = await _in_thread(lambda: chunk(sections, size=size, overlap=overlap))
-    vectors: list[list[float]] = []
-    for start in range(0, len(chunks), EMBED_BATCH):
-        batch = chunks[start : start + EMBED_BATCH]
-        vectors.extend(await embedder.embed([f"{c.section}\n\n{c.text}" if c.section else c.text for c in batch]))
+    vectors = await embed_chunks(embedder, chunks)
     async with store.scoped(pool, tenant) as conn:
         current = await store.get_document(conn, tenant, document_id)
         if current is None:
             return  # deleted while it was processed
         await store.replace_chunks(conn, tenant, kb_id, document_id, chunks, vectors, kb.embedding_model)
     log.info("kb ingest: %s ready, %d chunks", document_id, len(chunks))
+    if kb.reembed_model:  # a move to another model is under way: this document needs both
+        await _reembed({**p, "model": kb.reembed_model}, pool=pool, pick=pick)
+
+
+async def embed_chunks(embedder: Embedder, chunks) -> list[list[float]]:
+    """Vectors of ``chunks`` (section path + text), in batches of EMBED_BATCH."""
+    vectors: list[list[float]] = []
+    for start in range(0, len(chunks), EMBED_BATCH):
+        batch = chunks[start : start + EMBED_BATCH]
+        vectors.extend(await embedder.embed([f"{c.section}\n\n{c.text}" if c.section else c.text for c in batch]))
+    return vectors
+
+
+async def _reembed(p: dict[str, Any], *, pool: asyncpg.Pool, pick: Embedders) -> None:
+    """A document's live chunks embedded again with the knowledge base's next model, stored as
+    its pending generation; the last one to finish switches the knowledge base (atomically)."""
+    tenant, kb_id, document_id, model = p["tenant"], p["kb_id"], p["document_id"], p.get("model")
+    async with store.scoped(pool, tenant) as conn:
+        kb = await store.get_kb(conn, tenant, kb_id)
+        if kb is None or kb.reembed_model is None or kb.reembed_model != model:
+            return  # finished, cancelled or superseded
+        chunks = await store.live_chunks(conn, tenant, document_id)
+    embedder = pick(model, tenant)
+    if embedder is None:
+        raise RuntimeError(f"the embedding model {model!r} is not available yet")  # retried
+    vectors = await embed_chunks(embedder, chunks)
+    async with store.scoped(pool, tenant) as conn:
+        if await store.write_pending(conn, tenant, kb_id, document_id, chunks, vectors, model):
+            if await store.finish_reembed(conn, tenant, kb_id):
+                log.info("kb ingest: knowledge base %s now uses %s", kb_id, model)
 
 
 async def _in_thread(fn, *args):

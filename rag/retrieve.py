@@ -117,6 +117,7 @@ def _vector_sql(dims: int, limit: int) -> str:
 FROM (SELECT c.id, c.embedding::{cast} <=> $3::text::{cast} AS dist
       FROM kb_chunks c
       WHERE c.dims = {dims} AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1)
+        AND ($4::text[] IS NULL OR c.document_id = ANY($4::text[]))
       ORDER BY c.embedding::{cast} <=> $3::text::{cast} LIMIT {limit}) s
 {_JOINS}
 WHERE k.embedding_model = c.embedding_model
@@ -135,7 +136,7 @@ def _fts_sql(dims: int | None, limit: int) -> str:
             f"THEN 1 - (c.embedding::{cast} <=> $3::text::{cast}) END"
         )
     return f"""SELECT c.id, c.document_id, c.kb_id, c.section, c.text, c.tokens, s.rank, {similarity} AS similarity
-FROM kb_fts_candidates($1::text, $2::text[], $4::text, {limit}, {FTS_SCAN}) s
+FROM kb_fts_candidates($1::text, $2::text[], $4::text, {limit}, {FTS_SCAN}, $5::text[]) s
 {_JOINS}
 ORDER BY s.rank DESC, c.id"""
 
@@ -155,9 +156,11 @@ async def retrieve(
     lexical_floor: float | None = 0.3,
     reranker: Reranker | None = None,
     rerank_top_n: int | None = None,
+    document_ids: Sequence[str] | None = None,
 ) -> Retrieval:
     """Search ``kb_ids`` of ``tenant`` (None: super-admin) for ``query_text`` /
-    ``query_vector`` (the query embedded with the knowledge bases' model, L2-normalized)."""
+    ``query_vector`` (the query embedded with the knowledge bases' model, L2-normalized);
+    ``document_ids``: only in these documents (None: all)."""
     t_total = time.perf_counter()
     timings: dict[str, float] = {}
     notes: list[str] = []
@@ -169,6 +172,7 @@ async def retrieve(
     if dims is not None and not 1 <= dims <= MAX_DIMS:
         raise ValueError(f"query vector must have 1..{MAX_DIMS} dimensions")
     qvec = vector_literal(query_vector) if query_vector is not None else None
+    docs = list(document_ids) if document_ids is not None else None
 
     vec_rows: list[asyncpg.Record] = []
     fts_rows: list[asyncpg.Record] = []
@@ -185,11 +189,11 @@ async def retrieve(
             timings["begin_ms"] = _ms(t0)
             if dims is not None:
                 t0 = time.perf_counter()
-                vec_rows = await conn.fetch(_vector_sql(dims, candidates), tenant, kb_list, qvec)
+                vec_rows = await conn.fetch(_vector_sql(dims, candidates), tenant, kb_list, qvec, docs)
                 timings["vector_ms"] = _ms(t0)
             if query_text.strip():
                 t0 = time.perf_counter()
-                fts_rows = await conn.fetch(_fts_sql(dims, candidates), tenant, kb_list, qvec, query_text)
+                fts_rows = await conn.fetch(_fts_sql(dims, candidates), tenant, kb_list, qvec, query_text, docs)
                 timings["fts_ms"] = _ms(t0)
     else:
         notes.append("no knowledge base to search")

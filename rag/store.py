@@ -54,6 +54,8 @@ class KnowledgeBase:
     dims: int
     settings: dict[str, Any] = field(default_factory=dict)
     created_at: datetime | None = None
+    reembed_model: str | None = None  # the model a re-embedding in progress moves to
+    reembed_dims: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,12 @@ class Document:
     replaced_by: str | None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    file_id: str | None = None  # the uploaded file (OpenAI Files API) it came from
+    attributes: dict[str, Any] = field(default_factory=dict)  # for search filters
+    chunking: dict[str, Any] | None = None  # {"chunk_size", "overlap"} of its own, else the KB's
+    reason_code: str | None = None  # why it failed, for programs (``reason`` is for people)
+    pending_generation: int | None = None  # chunks of a re-embedding, not live yet
+    pending_model: str | None = None
 
 
 class StoreError(Exception):
@@ -134,14 +142,21 @@ def _kb(row: asyncpg.Record) -> KnowledgeBase:
         dims=row["dims"],
         settings={**DEFAULT_SETTINGS, **settings},
         created_at=row["created_at"],
+        reembed_model=row.get("reembed_model"),
+        reembed_dims=row.get("reembed_dims"),
     )
 
 
 def _doc(row: asyncpg.Record) -> Document:
-    return Document(**{k: row[k] for k in Document.__dataclass_fields__})
+    values = {k: row[k] for k in Document.__dataclass_fields__}
+    for name in ("attributes", "chunking"):
+        if isinstance(values[name], str):
+            values[name] = json.loads(values[name])
+    values["attributes"] = values["attributes"] or {}
+    return Document(**values)
 
 
-_KB_COLS = "id, tenant, name, description, embedding_model, dims, settings, created_at"
+_KB_COLS = "id, tenant, name, description, embedding_model, dims, settings, created_at, reembed_model, reembed_dims"
 _DOC_COLS = ", ".join(Document.__dataclass_fields__)
 
 
@@ -280,7 +295,7 @@ async def add_document(
     row = await conn.fetchrow(
         f"""INSERT INTO kb_documents (id, tenant, kb_id, filename, content_type, bytes, sha256, replaces)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-            ON CONFLICT (kb_id, sha256) WHERE replaced_by IS NULL DO NOTHING
+            ON CONFLICT (kb_id, sha256) WHERE replaced_by IS NULL AND file_id IS NULL DO NOTHING
             RETURNING {_DOC_COLS}""",
         new_id("doc_"),
         tenant,
@@ -295,7 +310,7 @@ async def add_document(
         return _doc(row), True
     row = await conn.fetchrow(
         f"""SELECT {_DOC_COLS} FROM kb_documents
-            WHERE kb_id = $1 AND sha256 = $2 AND replaced_by IS NULL AND tenant = $3""",
+            WHERE kb_id = $1 AND sha256 = $2 AND replaced_by IS NULL AND file_id IS NULL AND tenant = $3""",
         kb_id,
         sha256,
         tenant,
@@ -339,18 +354,27 @@ async def list_documents(
 
 
 async def set_status(
-    conn: asyncpg.Connection, tenant: str | None, document_id: str, status: str, reason: str | None = None
+    conn: asyncpg.Connection,
+    tenant: str | None,
+    document_id: str,
+    status: str,
+    reason: str | None = None,
+    reason_code: str | None = None,
 ) -> Document | None:
-    """queued → processing → ready | failed, with a reason a person understands."""
+    """queued → processing → ready | failed, with a reason a person understands (and its
+    ``reason_code`` for programs: the extractor's code, ``cancelled``, ``processing_failed``...)."""
     if status not in STATUSES:
         raise StoreError(f"status must be one of {', '.join(STATUSES)}")
+    if reason is not None and reason_code is None:
+        reason_code = "failed"
     row = await conn.fetchrow(
-        f"""UPDATE kb_documents SET status = $3, reason = $4, updated_at = now()
+        f"""UPDATE kb_documents SET status = $3, reason = $4, reason_code = $5, updated_at = now()
             WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) RETURNING {_DOC_COLS}""",
         document_id,
         tenant,
         status,
         reason,
+        reason_code if reason is not None or status == "failed" else None,
     )
     return _doc(row) if row else None
 
@@ -394,35 +418,14 @@ async def replace_chunks(
         if doc is None:
             raise StoreError("no such document")
         dims = doc["dims"]
-        generation = doc["generation"] + 1
-        for vec in vectors:
-            if len(vec) != dims:
-                raise StoreError(f"vector of {len(vec)} dimensions, the knowledge base has {dims}")
-        if chunks:
-            # INSERT from arrays, not COPY: COPY FROM is refused under row-level security.
-            await register_halfvec(conn)
-            await conn.execute(
-                """INSERT INTO kb_chunks (tenant, kb_id, document_id, generation, idx, section, text, tokens,
-                                          dims, embedding, embedding_model)
-                   SELECT $1, $2, $3, $4, u.idx, u.section, u.text, u.tokens, $5, u.embedding, $6
-                   FROM unnest($7::int[], $8::text[], $9::text[], $10::int[], $11::halfvec[])
-                        AS u (idx, section, text, tokens, embedding)""",
-                tenant,
-                kb_id,
-                document_id,
-                generation,
-                dims,
-                model,
-                [int(c.index) for c in chunks],
-                [c.section or "" for c in chunks],
-                [c.text for c in chunks],
-                [int(c.tokens) for c in chunks],
-                [_encode_halfvec(v) for v in vectors],
-            )
+        generation = await _next_generation(conn, document_id, doc["generation"])
+        await _insert_chunks(conn, tenant, kb_id, document_id, generation, chunks, vectors, dims, model)
         row = await conn.fetchrow(
             f"""UPDATE kb_documents SET generation = $2, chunks = $3, embedding_model = $4, updated_at = now(),
                        status = CASE WHEN $5 THEN 'ready' ELSE status END,
-                       reason = CASE WHEN $5 THEN NULL ELSE reason END
+                       reason = CASE WHEN $5 THEN NULL ELSE reason END,
+                       reason_code = CASE WHEN $5 THEN NULL ELSE reason_code END,
+                       pending_generation = NULL, pending_model = NULL
                 WHERE id = $1 RETURNING {_DOC_COLS}""",
             document_id,
             generation,
@@ -431,7 +434,7 @@ async def replace_chunks(
             mark_ready,
         )
         await conn.execute(
-            "DELETE FROM kb_chunks WHERE document_id = $1 AND generation < $2 AND tenant = $3",
+            "DELETE FROM kb_chunks WHERE document_id = $1 AND generation <> $2 AND tenant = $3",
             document_id,
             generation,
             tenant,
@@ -446,6 +449,192 @@ async def replace_chunks(
                 tenant,
             )
     return _doc(row)
+
+
+async def _next_generation(conn: asyncpg.Connection, document_id: str, live: int) -> int:
+    top = await conn.fetchval("SELECT max(generation) FROM kb_chunks WHERE document_id = $1", document_id)
+    return max(live, top or 0) + 1
+
+
+async def _insert_chunks(
+    conn: asyncpg.Connection,
+    tenant: str,
+    kb_id: str,
+    document_id: str,
+    generation: int,
+    chunks: Sequence[ChunkLike],
+    vectors: Sequence[Sequence[float]],
+    dims: int,
+    model: str,
+) -> None:
+    for vec in vectors:
+        if len(vec) != dims:
+            raise StoreError(f"vector of {len(vec)} dimensions, the knowledge base has {dims}")
+    if not chunks:
+        return
+    # INSERT from arrays, not COPY: COPY FROM is refused under row-level security.
+    await register_halfvec(conn)
+    await conn.execute(
+        """INSERT INTO kb_chunks (tenant, kb_id, document_id, generation, idx, section, text, tokens,
+                                  dims, embedding, embedding_model)
+           SELECT $1, $2, $3, $4, u.idx, u.section, u.text, u.tokens, $5, u.embedding, $6
+           FROM unnest($7::int[], $8::text[], $9::text[], $10::int[], $11::halfvec[])
+                AS u (idx, section, text, tokens, embedding)""",
+        tenant,
+        kb_id,
+        document_id,
+        generation,
+        dims,
+        model,
+        [int(c.index) for c in chunks],
+        [c.section or "" for c in chunks],
+        [c.text for c in chunks],
+        [int(c.tokens) for c in chunks],
+        [_encode_halfvec(v) for v in vectors],
+    )
+
+
+# -- re-embedding ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    index: int
+    section: str
+    text: str
+    tokens: int
+
+
+async def live_chunks(conn: asyncpg.Connection, tenant: str, document_id: str) -> list[StoredChunk]:
+    """The live generation's chunks of a document, in order (what a re-embedding embeds again)."""
+    rows = await conn.fetch(
+        """SELECT c.idx, c.section, c.text, c.tokens FROM kb_chunks c JOIN kb_documents d ON d.id = c.document_id
+           WHERE c.document_id = $1 AND c.tenant = $2 AND c.generation = d.generation ORDER BY c.idx""",
+        document_id,
+        tenant,
+    )
+    return [StoredChunk(r["idx"], r["section"], r["text"], r["tokens"]) for r in rows]
+
+
+async def start_reembed(conn: asyncpg.Connection, tenant: str, kb_id: str, model: str, dims: int) -> list[str] | None:
+    """Begins moving the knowledge base to ``model`` (``dims``): pending chunks of an earlier,
+    unfinished move are dropped. The ids of the documents to embed again (those ready), or None
+    for no such knowledge base. Search keeps using the current model until ``finish_reembed``."""
+    _check_dims(dims)
+    async with conn.transaction():
+        kb = await conn.fetchval(
+            """UPDATE knowledge_bases SET reembed_model = $3, reembed_dims = $4, updated_at = now()
+               WHERE id = $1 AND tenant = $2 RETURNING id""",
+            kb_id,
+            tenant,
+            model,
+            dims,
+        )
+        if kb is None:
+            return None
+        await conn.execute(
+            """DELETE FROM kb_chunks c USING kb_documents d
+               WHERE c.document_id = d.id AND d.kb_id = $1 AND d.tenant = $2 AND c.generation <> d.generation""",
+            kb_id,
+            tenant,
+        )
+        await conn.execute(
+            """UPDATE kb_documents SET pending_generation = NULL, pending_model = NULL
+               WHERE kb_id = $1 AND tenant = $2 AND pending_generation IS NOT NULL""",
+            kb_id,
+            tenant,
+        )
+        rows = await conn.fetch(
+            """SELECT id FROM kb_documents WHERE kb_id = $1 AND tenant = $2 AND status = 'ready'
+               AND replaced_by IS NULL ORDER BY created_at, id""",
+            kb_id,
+            tenant,
+        )
+    return [r["id"] for r in rows]
+
+
+async def write_pending(
+    conn: asyncpg.Connection,
+    tenant: str,
+    kb_id: str,
+    document_id: str,
+    chunks: Sequence[ChunkLike],
+    vectors: Sequence[Sequence[float]],
+    model: str,
+) -> bool:
+    """Stores the document's chunks embedded with the re-embedding's model as its pending
+    generation (replacing an older pending one); False when the move was cancelled or changed."""
+    async with conn.transaction():
+        doc = await conn.fetchrow(
+            """SELECT d.generation, k.reembed_model, k.reembed_dims FROM kb_documents d
+               JOIN knowledge_bases k ON k.id = d.kb_id
+               WHERE d.id = $1 AND d.kb_id = $2 AND d.tenant = $3 FOR UPDATE OF d""",
+            document_id,
+            kb_id,
+            tenant,
+        )
+        if doc is None or doc["reembed_model"] != model:
+            return False
+        await conn.execute(
+            "DELETE FROM kb_chunks WHERE document_id = $1 AND tenant = $2 AND generation <> $3",
+            document_id,
+            tenant,
+            doc["generation"],
+        )
+        generation = await _next_generation(conn, document_id, doc["generation"])
+        await _insert_chunks(conn, tenant, kb_id, document_id, generation, chunks, vectors, doc["reembed_dims"], model)
+        await conn.execute(
+            "UPDATE kb_documents SET pending_generation = $2, pending_model = $3 WHERE id = $1 AND tenant = $4",
+            document_id,
+            generation,
+            model,
+            tenant,
+        )
+    return True
+
+
+async def finish_reembed(conn: asyncpg.Connection, tenant: str, kb_id: str) -> bool:
+    """When every ready document has its pending generation for the new model: one transaction
+    makes them all live and switches the knowledge base's model (True). Until then, nothing."""
+    async with conn.transaction():
+        kb = await conn.fetchrow(
+            "SELECT reembed_model, reembed_dims FROM knowledge_bases WHERE id = $1 AND tenant = $2 FOR UPDATE",
+            kb_id,
+            tenant,
+        )
+        if kb is None or kb["reembed_model"] is None:
+            return False
+        missing = await conn.fetchval(
+            """SELECT count(*) FROM kb_documents WHERE kb_id = $1 AND tenant = $2 AND replaced_by IS NULL
+               AND status = 'ready' AND pending_model IS DISTINCT FROM $3""",
+            kb_id,
+            tenant,
+            kb["reembed_model"],
+        )
+        if missing:
+            return False
+        await conn.execute(
+            """UPDATE kb_documents SET generation = pending_generation, embedding_model = pending_model,
+                      pending_generation = NULL, pending_model = NULL, updated_at = now()
+               WHERE kb_id = $1 AND tenant = $2 AND pending_model = $3""",
+            kb_id,
+            tenant,
+            kb["reembed_model"],
+        )
+        await conn.execute(
+            """DELETE FROM kb_chunks c USING kb_documents d
+               WHERE c.document_id = d.id AND d.kb_id = $1 AND d.tenant = $2 AND c.generation <> d.generation""",
+            kb_id,
+            tenant,
+        )
+        await conn.execute(
+            """UPDATE knowledge_bases SET embedding_model = reembed_model, dims = reembed_dims,
+                      reembed_model = NULL, reembed_dims = NULL, updated_at = now()
+               WHERE id = $1 AND tenant = $2""",
+            kb_id,
+            tenant,
+        )
+    return True
 
 
 async def count_chunks(conn: asyncpg.Connection, tenant: str | None, *, kb_id: str | None = None) -> int:

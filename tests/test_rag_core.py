@@ -308,3 +308,38 @@ def test_similarities_match_the_published_sentence_transformers_figures() -> Non
     vectors = np.array(asyncio.run(embedder.embed([t for a, b, _ in published for t in (a, b)])))
     for i, (_, _, score) in enumerate(published):
         assert float(vectors[2 * i] @ vectors[2 * i + 1]) == pytest.approx(score, abs=6e-4)
+
+
+# --- hostile files: extraction in a bounded child process ----------------------------------
+
+
+def test_sandboxed_extraction_matches_in_process_extraction() -> None:
+    from rag.sandbox import extract_bounded
+
+    for name in ("text.pdf", "guide.docx", "returns.txt"):
+        assert asyncio.run(extract_bounded(KB / name, name)) == extract(KB / name, name)
+    with pytest.raises(ExtractionError) as err:
+        asyncio.run(extract_bounded(KB / "encrypted.pdf", "encrypted.pdf"))
+    assert err.value.code == "encrypted_pdf"
+
+
+def test_pdf_reading_past_its_deadline_is_killed_and_fails_with_timeout() -> None:
+    from rag.sandbox import extract_bounded
+
+    with pytest.raises(ExtractionError) as err:
+        asyncio.run(extract_bounded(KB / "text.pdf", "text.pdf", deadline=0.01))
+    assert err.value.code == "timeout" and "longer than" in err.value.message
+
+
+def test_docx_zip_bomb_is_refused_before_inflating(tmp_path) -> None:
+    import zipfile
+
+    bomb = tmp_path / "bomb.docx"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("[Content_Types].xml", "<Types/>")
+        z.writestr("word/document.xml", "<w:document/>")
+        z.writestr("word/media/pad.bin", b"\0" * (210 * 1024 * 1024))
+    assert bomb.stat().st_size < 1024 * 1024
+    with pytest.raises(ExtractionError) as err:
+        extract(bomb, "bomb.docx")
+    assert err.value.code == "too_large"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from core.config import Provider
-from core.errors import GatewayError
+from core.errors import GatewayError, UpstreamError
 from core.types import RequestContext, Route
 from gateway.providers.base import ProviderAdapter
 from gateway.providers.scrub import Scrubber, safe_field
@@ -41,6 +41,17 @@ class GuardedAdapter:
     async def embeddings(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
         try:
             return await self.inner.embeddings(ctx, route, body)
+        except GatewayError as err:
+            self.clean(err, ctx, route)
+            raise
+
+    async def rerank(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
+        """Cohere-compatible re-ranking, for adapters that speak it (gateway/rerank.py)."""
+        call = getattr(self.inner, "rerank", None)
+        if call is None:
+            raise UpstreamError(f"Provider {self.name} has no rerank API.", code="unsupported_operation")
+        try:
+            return await call(ctx, route, body)
         except GatewayError as err:
             self.clean(err, ctx, route)
             raise

@@ -64,6 +64,11 @@ class OpenAIAdapter:
         payload = {**body, "model": route.upstream_model}
         return await self._complete(self._embeddings_url, ctx, route, payload, "data")
 
+    async def rerank(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
+        """Cohere-compatible ``POST {base_url}/rerank`` (Cohere, Jina, Voyage, TEI, vLLM...)."""
+        payload = {**body, "model": route.upstream_model}
+        return await self._complete(f"{self.cfg.base_url}/rerank", ctx, route, payload, "results")
+
     async def open_chat_stream(self, ctx: RequestContext, route: Route, body: dict) -> AsyncIterator[bytes]:
         payload = {**body, "model": route.upstream_model}
         opts = body.get("stream_options")

@@ -91,6 +91,13 @@ class Router:
                 f"The model `{excerpt(name)}` does not exist or you do not have access to it.", param="model"
             )
         if group.model.mode != mode:
+            if "rerank" in (mode, group.model.mode):  # (gateway/rerank.py)
+                kind = "a rerank" if group.model.mode == "rerank" else f"a {group.model.mode}"
+                raise InvalidRequest(
+                    f"The model `{name}` is {kind} model, not one for this endpoint.",
+                    param="model",
+                    code="unsupported_model",
+                )
             kind, use = (
                 ("an embedding", "/v1/embeddings")
                 if group.model.mode == "embedding"

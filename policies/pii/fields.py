@@ -91,6 +91,14 @@ def slots(body: dict, endpoint: str, tokens: list | None = None) -> list[Slot]:
         elif isinstance(inp, list):
             out.extend(Slot(f"input[{i}]", inp, i) for i, v in enumerate(inp) if isinstance(v, str))
         out.extend(tokens or ())
+    elif endpoint == "rerank":  # gateway/rerank.py: the query and every document leave
+        if isinstance(body.get("query"), str):
+            out.append(Slot("query", body, "query"))
+        for i, doc in enumerate(body.get("documents") or ()):
+            if isinstance(doc, str):
+                out.append(Slot(f"documents[{i}]", body["documents"], i))
+            elif isinstance(doc, dict) and isinstance(doc.get("text"), str):
+                out.append(Slot(f"documents[{i}].text", doc, "text"))
     else:
         _chat(body, out)
     meta = body.get("metadata")

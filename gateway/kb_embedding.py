@@ -1,0 +1,161 @@
+"""Knowledge-base embeddings through the gateway's own embeddings path.
+
+A knowledge base names its embedding model: the offline local model (``local/all-MiniLM-L6-v2``)
+or any model group of mode ``embedding`` the gateway routes. Ingestion and queries embed with a
+provider group *in process*, through the same stages as a client's ``POST /v1/embeddings``:
+route (fallbacks, key balancing, circuit breakers) → admit (rate limits, the budget
+reservation) → scrub (PII policy) → complete (retries) → settle (cost, budgets, the ledger),
+attributed to the knowledge base's tenant under the workflow ``kb-ingest`` or ``kb-query``.
+
+In process rather than over HTTP to itself: no loopback hop, no API key to mint and keep for
+the gateway's own use, no second authentication; the pipeline's stages are plain functions
+(pipeline.route/admit/scrub/complete/settle) and run the same either way.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+
+import numpy as np
+import orjson
+
+from core.errors import GatewayError, InvalidRequest, PermissionDenied
+from core.types import Identity, RequestContext
+from gateway.validation import validate_embeddings
+from rag.embedding import MODEL as LOCAL_MODEL
+
+MAX_BATCH = 256  # texts per upstream call
+PROBE = "knowledge base dimension probe"
+
+
+class EmbeddingFailed(Exception):
+    """The embeddings call failed after the pipeline's retries and fallbacks (safe to show)."""
+
+
+class GatewayEmbedder:
+    """Embeddings of a model group for a tenant's knowledge bases, L2-normalised."""
+
+    def __init__(self, svc, model: str, tenant: str, workflow: str) -> None:
+        self.svc = svc
+        self.model = model
+        self.workflow = workflow
+        self.identity = Identity(key_id=f"kb:{tenant}", name="knowledge-bases", tenant=tenant)
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        out: list[list[float]] = []
+        for start in range(0, len(texts), MAX_BATCH):
+            out.extend(await self._call(texts[start : start + MAX_BATCH]))
+        return out
+
+    async def _call(self, texts: list[str]) -> list[list[float]]:
+        from gateway import pipeline  # (pipeline → agent stage → grounding → here)
+
+        if not texts:
+            return []
+        body = {"model": self.model, "input": [t if t else " " for t in texts], "encoding_format": "float"}
+        ctx = RequestContext(
+            request_id=f"kbemb-{time.time_ns():x}", endpoint="embeddings", body=body, started=time.perf_counter()
+        )
+        ctx.identity = self.identity
+        ctx.model = self.model
+        scope = {"headers": [(b"x-gateway-workflow", self.workflow.encode())], "client": None}
+        try:
+            validate_embeddings(body)
+            group = pipeline.route(self.svc, ctx, scope, "embedding")
+            await pipeline.admit(self.svc, ctx, scope)
+            await pipeline.scrub(self.svc, ctx)
+            raw = await pipeline.complete(self.svc, ctx, group)
+        except GatewayError as exc:
+            ctx.status = exc.status
+            ctx.error_code = exc.code
+            await pipeline.settle(self.svc, ctx, scope)
+            raise EmbeddingFailed(f"embedding model {self.model!r} failed ({exc.code or exc.status})") from None
+        await pipeline.settle(self.svc, ctx, scope)
+        return _vectors(raw, len(texts))
+
+
+def _vectors(raw: bytes, count: int) -> list[list[float]]:
+    data = orjson.loads(raw).get("data")
+    if not isinstance(data, list) or len(data) != count:
+        raise EmbeddingFailed("the embeddings answer does not have one vector per text")
+    out: list[list[float]] = [[] for _ in range(count)]
+    for pos, item in enumerate(data):
+        index = item.get("index", pos) if isinstance(item, dict) else pos
+        emb = item.get("embedding") if isinstance(item, dict) else None
+        if isinstance(emb, str):
+            buf = base64.b64decode(emb)
+            emb = list(struct.unpack(f"<{len(buf) // 4}f", buf))
+        if not isinstance(emb, list) or not emb or not isinstance(index, int) or not 0 <= index < count:
+            raise EmbeddingFailed("the embeddings answer has an invalid vector")
+        vec = np.asarray(emb, dtype=np.float64)
+        norm = float(np.linalg.norm(vec))
+        out[index] = (vec / norm if norm > 0 else vec).tolist()
+    if any(not v for v in out) or len({len(v) for v in out}) != 1:
+        raise EmbeddingFailed("the embeddings answer has missing or uneven vectors")
+    return out
+
+
+def check_model(svc, model: str, ident: Identity | None, param: str = "embedding_model") -> None:
+    """400 unless ``model`` is the local model or a configured embedding group; 403 when the
+    caller's key may not use it (its model allow-list)."""
+    if model == LOCAL_MODEL:
+        if svc.embedder is None:
+            raise InvalidRequest(
+                f"The local embedding model {LOCAL_MODEL!r} is not installed on this gateway.",
+                param=param,
+                code="model_not_available",
+            )
+        return
+    group = svc.router.model(model)
+    if group is None or group.mode != "embedding":
+        raise InvalidRequest(
+            f"{model[:64]!r} is not a configured embedding model group; use one of mode 'embedding' "
+            f"or {LOCAL_MODEL!r}.",
+            param=param,
+            code="model_not_available",
+        )
+    if ident is not None and not ident.is_master and ident.models and model not in ident.models:
+        raise PermissionDenied(f"This API key may not use model `{model[:64]}`.", param=param, code="model_not_allowed")
+
+
+async def probe_dims(svc, model: str, tenant: str) -> int:
+    """The dimension of a model's vectors: one short text embedded through the gateway."""
+    if model == LOCAL_MODEL:
+        return svc.embedder.dims
+    try:
+        vec = (await GatewayEmbedder(svc, model, tenant, "kb-ingest").embed([PROBE]))[0]
+    except EmbeddingFailed as exc:
+        raise InvalidRequest(str(exc), param="embedding_model", code="model_unavailable") from None
+    return len(vec)
+
+
+def embedder_for(svc, model: str, tenant: str, workflow: str):
+    """The embedder of ``model`` for ``tenant``'s knowledge bases; None when it is unknown."""
+    if model == LOCAL_MODEL:
+        return svc.embedder
+    group = svc.router.model(model)
+    if group is None or group.mode != "embedding":
+        return None
+    return GatewayEmbedder(svc, model, tenant, workflow)
+
+
+async def query_vector(svc, kb, text: str) -> tuple[list[float] | None, str | None]:
+    """(the query embedded with the knowledge base's model, None) or (None, why not): a
+    failing model leaves full-text search, never a failed query."""
+    embedder = embedder_for(svc, kb.embedding_model, kb.tenant, "kb-query")
+    if embedder is None:
+        return None, f"the embedding model {kb.embedding_model!r} is not available here: full-text search only"
+    try:
+        return (await embedder.embed([text]))[0], None
+    except EmbeddingFailed as exc:
+        return None, f"{exc}: full-text search only"
+
+
+def install(svc) -> None:
+    """Lets the ingestion worker embed with any model group (called once the services exist)."""
+    if svc.kb is not None:
+        svc.kb.embedders = lambda model, tenant: (
+            svc.kb.embedder if model == LOCAL_MODEL else embedder_for(svc, model, tenant, "kb-ingest")
+        )

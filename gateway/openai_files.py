@@ -1,0 +1,183 @@
+"""The OpenAI Files API (``/v1/files``) and the app that serves it with the Vector Stores API
+(gateway/openai_vector_stores.py), so ``client.files`` and ``client.vector_stores`` of the
+OpenAI SDKs work against the gateway unchanged.
+
+Who may call: any API key (or the master key, which acts for the ``default`` tenant). Files
+and vector stores belong to the caller's tenant: every statement runs in a tenant transaction
+(row-level security) and filters by tenant in SQL as well, so another tenant's ids answer 404
+exactly like ids that never existed. Ids are generated here (``file-…``, ``vs_…``, ``vsfb_…``).
+
+Bounds: an upload is streamed to disk with the admin API's multipart parser (50 MB a file), a
+tenant keeps at most ``MAX_FILES`` files, every list is keyset-paginated (``limit``, ``order``,
+``after``, ``before``; ``first_id``, ``last_id``, ``has_more``) with a capped ``limit``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from pathlib import Path
+
+import asyncpg
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from core.errors import InvalidRequest, NotFound
+from gateway import admin_kb
+from gateway.db import tenant_transaction
+from gateway.openai_common import (
+    MAX_ID,
+    json_response,
+    keyset_page,
+    list_body,
+    list_params,
+    new_id,
+    path_id,
+    tenant,
+    ts,
+)
+
+PURPOSES = ("assistants", "user_data")
+MAX_FILES = 10_000  # per tenant
+
+
+# ---- files -----------------------------------------------------------------------------------
+
+
+def file_path(data_dir: Path, tenant_name: str, file_id: str) -> Path:
+    """Where an uploaded file's bytes are kept: ``<data_dir>/files/<tenant hash>/<file id>``."""
+    return Path(data_dir) / "files" / hashlib.sha256(tenant_name.encode()).hexdigest()[:16] / file_id
+
+
+def describe_file(row) -> dict:
+    return {
+        "id": row["id"],
+        "object": "file",
+        "bytes": row["bytes"],
+        "created_at": ts(row["created_at"]),
+        "expires_at": None,
+        "filename": row["filename"],
+        "purpose": row["purpose"],
+        "status": "processed",
+        "status_details": None,
+    }
+
+
+_FILE_COLS = "id, tenant, filename, purpose, bytes, sha256, content_type, created_at"
+
+
+async def get_file(conn: asyncpg.Connection, tenant_name: str, file_id: str, param: str = "file_id"):
+    row = await conn.fetchrow(
+        f"SELECT {_FILE_COLS} FROM openai_files WHERE id = $1 AND tenant = $2", file_id[:MAX_ID], tenant_name
+    )
+    if row is None:
+        raise NotFound(f"No such File object: {file_id[:MAX_ID]}", param=param)
+    return row
+
+
+class Files:
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/files", self.create, methods=["POST"]),
+            Route("/v1/files", self.list, methods=["GET"]),
+            Route("/v1/files/{file_id}", self.retrieve, methods=["GET"]),
+            Route("/v1/files/{file_id}", self.delete, methods=["DELETE"]),
+            Route("/v1/files/{file_id}/content", self.content, methods=["GET"]),
+        ]
+
+    async def create(self, request: Request) -> Response:
+        data_dir = self.store.data_dir
+        upload = await admin_kb.receive_upload(request, data_dir / "files" / "incoming")
+        try:
+            raw = upload.fields.get("purpose")
+            purpose = raw.decode("utf-8", "replace").strip() if raw is not None else None
+            if not purpose:
+                raise InvalidRequest(
+                    "Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter"
+                )
+            if purpose not in PURPOSES:
+                raise InvalidRequest(
+                    f"'purpose' must be one of {', '.join(PURPOSES)} on this gateway.",
+                    param="purpose",
+                    code="invalid_value",
+                )
+            if upload.size == 0:
+                raise InvalidRequest("The file is empty.", param="file", code="empty_file")
+            owner = tenant(request)
+            async with tenant_transaction(self.store.pool, owner) as conn:
+                count = await conn.fetchval("SELECT count(*) FROM openai_files WHERE tenant = $1", owner)
+                if count >= MAX_FILES:
+                    raise InvalidRequest(
+                        f"This tenant has {MAX_FILES:,} files, the limit; delete some first.",
+                        param="file",
+                        code="too_many_files",
+                    )
+                row = await conn.fetchrow(
+                    f"""INSERT INTO openai_files (id, tenant, filename, purpose, bytes, sha256, content_type)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_FILE_COLS}""",
+                    new_id("file-"),
+                    owner,
+                    upload.filename,
+                    purpose,
+                    upload.size,
+                    upload.sha.hexdigest(),
+                    upload.content_type or "application/octet-stream",
+                )
+                admin_kb._place(upload.path, file_path(data_dir, owner, row["id"]))
+            return json_response(describe_file(row))
+        finally:
+            with contextlib.suppress(OSError):
+                upload.path.unlink()
+
+    async def list(self, request: Request) -> Response:
+        lp = list_params(request, default=100, maximum=10_000)
+        purpose = request.query_params.get("purpose")
+        if purpose is not None and len(purpose) > 64:
+            raise InvalidRequest("'purpose' is too long.", param="purpose", code="invalid_value")
+        owner = tenant(request)
+        async with tenant_transaction(self.store.pool, owner) as conn:
+            rows, more = await keyset_page(
+                conn,
+                table="openai_files",
+                id_col="id",
+                select=_FILE_COLS,
+                where="tenant = $1 AND ($2::text IS NULL OR purpose = $2)",
+                args=[owner, purpose],
+                lp=lp,
+            )
+        return json_response(list_body([describe_file(r) for r in rows], more))
+
+    async def retrieve(self, request: Request) -> Response:
+        owner = tenant(request)
+        async with tenant_transaction(self.store.pool, owner) as conn:
+            row = await get_file(conn, owner, path_id(request, "file_id"))
+        return json_response(describe_file(row))
+
+    async def delete(self, request: Request) -> Response:
+        """Deletes the file and removes it from every vector store of the tenant (as OpenAI does)."""
+        owner = tenant(request)
+        async with tenant_transaction(self.store.pool, owner) as conn:
+            row = await get_file(conn, owner, path_id(request, "file_id"))
+            docs = await conn.fetch(
+                "DELETE FROM kb_documents WHERE tenant = $1 AND file_id = $2 RETURNING id", owner, row["id"]
+            )
+            await conn.execute("DELETE FROM openai_files WHERE id = $1 AND tenant = $2", row["id"], owner)
+        for doc in docs:
+            with contextlib.suppress(OSError):
+                self.store.document_path(owner, doc["id"]).unlink()
+        with contextlib.suppress(OSError):
+            file_path(self.store.data_dir, owner, row["id"]).unlink()
+        return json_response({"id": row["id"], "object": "file", "deleted": True})
+
+    async def content(self, request: Request) -> Response:
+        owner = tenant(request)
+        async with tenant_transaction(self.store.pool, owner) as conn:
+            row = await get_file(conn, owner, path_id(request, "file_id"))
+        path = file_path(self.store.data_dir, owner, row["id"])
+        if not path.is_file():
+            raise NotFound(f"The content of {row['id']} is no longer stored.", param="file_id")
+        return FileResponse(path, media_type="application/octet-stream")

@@ -1,0 +1,184 @@
+"""``POST /v1/rerank`` (Cohere-compatible, as Jina, Voyage and LiteLLM's proxy speak it), and the
+knowledge bases' re-ranking stage through it.
+
+The request takes the pipeline's stages like an embeddings call: authenticate → parse (bounded
+here) → route to a model group of mode ``rerank`` (the key's model allow-list holds) → admit
+(rate limits, budget reservation) → scrub (PII of the query and documents) → the upstream
+``/rerank`` of the deployment's provider, with retries, key rotation and fallbacks → settle
+(cost, budgets, the audit record) → respond. Usage is the token count of the query and the
+documents (rerank APIs bill in "search units"; tokens keep the ledger comparable).
+
+``GatewayReranker`` is rag.rerank's ``Reranker`` over the same path, in process: a knowledge
+base's retrieval with ``rerank_model`` set re-ranks its candidates through a configured rerank
+group, attributed to its tenant with the workflow ``kb-query``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from core.errors import GatewayError, InvalidRequest, UpstreamError
+from core.tokens import count_text
+from core.types import Identity, RequestContext, Usage
+from gateway import pipeline
+from gateway.providers.base import bad_response
+from gateway.routing import run_attempts
+from gateway.validation import require_model
+from rag.rerank import RerankError
+
+MAX_DOCUMENTS = 1000
+MAX_QUERY_CHARS = 8000
+MAX_DOCUMENT_CHARS = 32_000
+FIELDS = frozenset({"model", "query", "documents", "top_n", "return_documents", "max_chunks_per_doc", "user"})
+
+
+def _bad(param: str, message: str, code: str = "invalid_value") -> InvalidRequest:
+    return InvalidRequest(message, param=param, code=code)
+
+
+def validate_rerank(body: Any) -> None:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    require_model(body)
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        name = str(unknown[0])[:64]
+        raise _bad(name, f"Unknown parameter '{name}'.", "unknown_parameter")
+    query = body.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise _bad("query", "'query' must be a non-empty string.", "missing_required_parameter")
+    if len(query) > MAX_QUERY_CHARS:
+        raise _bad("query", f"'query' must be at most {MAX_QUERY_CHARS} characters.")
+    docs = body.get("documents")
+    if not isinstance(docs, list) or not 1 <= len(docs) <= MAX_DOCUMENTS:
+        raise _bad("documents", f"'documents' must be an array of 1 to {MAX_DOCUMENTS} documents.")
+    for i, doc in enumerate(docs):
+        text = doc.get("text") if isinstance(doc, dict) else doc
+        if not isinstance(text, str) or (isinstance(doc, dict) and set(doc) - {"text"}):
+            raise _bad(f"documents[{i}]", f"'documents[{i}]' must be a string or an object with 'text'.")
+        if len(text) > MAX_DOCUMENT_CHARS:
+            raise _bad(f"documents[{i}]", f"'documents[{i}]' must be at most {MAX_DOCUMENT_CHARS} characters.")
+    top_n = body.get("top_n")
+    if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
+        raise _bad("top_n", "'top_n' must be a positive integer.")
+    if body.get("return_documents") not in (None, True, False):
+        raise _bad("return_documents", "'return_documents' must be a boolean.", "invalid_type")
+    chunks = body.get("max_chunks_per_doc")
+    if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or not 1 <= chunks <= 100):
+        raise _bad("max_chunks_per_doc", "'max_chunks_per_doc' must be an integer from 1 to 100.")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise _bad("user", "'user' must be a string.", "invalid_type")
+
+
+def _texts(body: dict) -> list[str]:
+    return [d["text"] if isinstance(d, dict) else d for d in body["documents"]]
+
+
+def _answer(raw: bytes, body: dict, provider: str) -> bytes:
+    """The provider's results checked (indexes in range, scores numbers), sorted best first,
+    cut to ``top_n``, with the documents when asked: the Cohere shape whoever answered."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise bad_response(provider, "body is not JSON") from None
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, list):
+        raise bad_response(provider, "no 'results' array")
+    texts = _texts(body)
+    out, seen = [], set()
+    for item in results:
+        index = item.get("index") if isinstance(item, dict) else None
+        score = item.get("relevance_score") if isinstance(item, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(texts) or index in seen:
+            raise bad_response(provider, "a result with an invalid index")
+        if not isinstance(score, int | float) or isinstance(score, bool):
+            raise bad_response(provider, "a result with an invalid relevance_score")
+        seen.add(index)
+        entry: dict[str, Any] = {"index": index, "relevance_score": float(score)}
+        if body.get("return_documents"):
+            entry["document"] = {"text": texts[index]}
+        out.append(entry)
+    out.sort(key=lambda r: -r["relevance_score"])
+    if body.get("top_n"):
+        out = out[: body["top_n"]]
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    rid = data.get("id") if isinstance(data.get("id"), str) else None
+    return orjson.dumps({"id": rid, "results": out, "meta": meta})
+
+
+async def _upstream(svc, ctx: RequestContext, group) -> bytes:
+    async def attempt(r) -> bytes:
+        adapter = svc.adapters[r.provider]
+        call = getattr(adapter, "rerank", None)
+        if call is None:
+            raise UpstreamError(f"Provider {r.provider} has no rerank API.", code="unsupported_operation")
+        raw = await call(ctx, r, await pipeline.body_for(svc, ctx, r))
+        return _answer(raw, ctx.body, r.provider)
+
+    raw = await run_attempts(svc.router, ctx, group, attempt)
+    ctx.status = 200
+    if ctx.usage is None:
+        ctx.extra["usage_estimated"] = True
+        ctx.usage = Usage(prompt_tokens=sum(count_text(t) for t in [ctx.body["query"], *_texts(ctx.body)]))
+    return raw
+
+
+async def rerank(svc, ctx: RequestContext, scope: dict, receive, send) -> None:
+    """The ``/v1/rerank`` request, stage by stage (app.py runs it like the other endpoints)."""
+    await pipeline.authenticate(svc, ctx, scope)
+    await pipeline.parse(svc, ctx, scope, receive, validate_rerank)
+    group = pipeline.route(svc, ctx, scope, "rerank")
+    await pipeline.admit(svc, ctx, scope)
+    await pipeline.scrub(svc, ctx)
+    raw = await _upstream(svc, ctx, group)
+    await pipeline.settle(svc, ctx, scope)
+    await pipeline.respond(ctx, raw, send)
+
+
+def for_kb(svc, kb) -> GatewayReranker | None:
+    """The re-ranker of a knowledge base whose settings name a rerank group still configured."""
+    name = kb.settings.get("rerank_model")
+    model = svc.router.model(name) if isinstance(name, str) else None
+    if model is None or model.mode != "rerank":
+        return None
+    return GatewayReranker(svc, name, kb.tenant)
+
+
+class GatewayReranker:
+    """rag.rerank.Reranker through the gateway's own rerank path, in process, for a tenant's
+    knowledge-base queries (routing, fallbacks, budgets and the audit record apply)."""
+
+    def __init__(self, svc, model: str, tenant: str) -> None:
+        self.svc = svc
+        self.model = model
+        self.name = f"gateway:{model}"
+        self.identity = Identity(key_id=f"kb:{tenant}", name="knowledge-bases", tenant=tenant)
+
+    async def rerank(self, query: str, documents: list[str], top_n: int) -> list[tuple[int, float]]:
+        if not documents:
+            return []
+        body = {"model": self.model, "query": query[:MAX_QUERY_CHARS], "documents": documents[:MAX_DOCUMENTS]}
+        body["top_n"] = max(1, min(top_n, len(body["documents"])))
+        ctx = RequestContext(
+            request_id=f"kbrr-{time.time_ns():x}", endpoint="rerank", body=body, started=time.perf_counter()
+        )
+        ctx.identity = self.identity
+        ctx.model = self.model
+        scope = {"headers": [(b"x-gateway-workflow", b"kb-query")], "client": None}
+        try:
+            validate_rerank(body)
+            group = pipeline.route(self.svc, ctx, scope, "rerank")
+            await pipeline.admit(self.svc, ctx, scope)
+            await pipeline.scrub(self.svc, ctx)
+            raw = await _upstream(self.svc, ctx, group)
+        except GatewayError as exc:
+            ctx.status = exc.status
+            ctx.error_code = exc.code
+            await pipeline.settle(self.svc, ctx, scope)
+            raise RerankError(f"rerank model {self.model!r} failed ({exc.code or exc.status})") from None
+        await pipeline.settle(self.svc, ctx, scope)
+        results = orjson.loads(raw)["results"]
+        return [(r["index"], r["relevance_score"]) for r in results]
