@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from core.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
 from core.types import Identity
-from gateway import admin_agents, admin_kb
+from gateway import admin_agents, admin_channels, admin_kb
 from gateway import admin_input as inp
 from gateway.db import tenant_transaction
 from policies import budgets as budget_store
@@ -122,6 +122,7 @@ class Admin:
                 Route("/admin/openapi.json", self.openapi, methods=["GET"]),
                 *admin_agents.routes(self),
                 *admin_kb.routes(self),
+                *admin_channels.routes(self),
             ],
             exception_handlers={GatewayError: _error, HTTPException: _http_error, Exception: _internal_error},
         )

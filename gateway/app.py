@@ -16,7 +16,7 @@ from core.config import load_config
 from core.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
 from core.logs import access_log
 from core.types import RequestContext, excerpt
-from gateway import agent_stage, grounding, pipeline
+from gateway import agent_stage, channels_whatsapp, grounding, pipeline
 from gateway.admin import Admin
 from gateway.feedback import feedback as post_feedback
 from gateway.openapi import openapi_document
@@ -65,6 +65,7 @@ class GatewayApp:
                     self.svc = await Services.start(self.settings)
                     # the knowledge_search built-in searches the agent's knowledge bases
                     self.svc.tools.handlers["knowledge_search"] = grounding.knowledge_search_handler(self.svc)
+                    self.svc.whatsapp = await channels_whatsapp.start(self.svc, self.settings)
                 except Exception as exc:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
@@ -88,6 +89,9 @@ class GatewayApp:
             if entry is None:
                 if path.startswith("/admin/"):
                     await self._admin_call(scope, receive, send, rid, crid)
+                    return
+                if path.startswith("/channels/whatsapp/") and self.svc.whatsapp is not None:
+                    await self.svc.whatsapp.webhook(scope, receive, send, rid, crid)
                     return
                 if path.startswith(("/v1/models/", "/models/")) and scope["method"] == "GET":
                     await self._model(scope, rid, crid, send, path.split("/models/", 1)[1])
