@@ -614,3 +614,47 @@ def test_attack_unknown_or_odd_account_paths(wa):
         r = httpx.post(f"{wa.url}/channels/whatsapp/{path}", content=raw, headers={"X-Hub-Signature-256": "sha256=0"})
         assert r.status_code == 404, path
     assert httpx.put(f"{wa.url}/channels/whatsapp/acme", content=raw).status_code == 405
+
+
+def test_deliverer_sends_a_humans_reply_once_and_only_to_its_own_conversations(wa, graph, services, tmp_root):
+    import redis.asyncio as aioredis
+
+    from channels.config import whatsapp_accounts
+    from channels.whatsapp import WhatsApp
+    from gateway.channels_whatsapp import DeliveryAdapter
+    from runtime.delivery import Delivery, Outbound
+
+    wa_id = new_wa_id()
+    say(wa, "acme", wa_id, "I want a person")
+    wait_sent(graph, wa_id, 1)
+
+    async def go():
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        redis = aioredis.from_url(services[1])
+        acct = account("acme", graph_base_url=graph.url, api_key="sk-unused-000000")
+        channel = WhatsApp(
+            whatsapp_accounts({"acme": acct}), redis=redis, pool=pool, data_dir=tmp_root / "data", gateway_url=wa.url
+        )
+        delivery = Delivery()
+        delivery.register("whatsapp", DeliveryAdapter(channel))
+        conv = f"wa:1001:{wa_id}"
+        try:
+            first = await delivery.deliver(
+                Outbound(TENANT, "wabot", conv, "A human here. How can I help?", ref="esc_1")
+            )
+            again = await delivery.deliver(
+                Outbound(TENANT, "wabot", conv, "A human here. How can I help?", ref="esc_1")
+            )
+            unknown = await delivery.deliver(Outbound(TENANT, "wabot", "wa:1001:1", "hello?"))
+            other_tenant = await delivery.deliver(Outbound("someone-else", "wabot", conv, "spoofed"))
+        finally:
+            await channel.stop()
+            await redis.aclose()
+            await pool.close()
+        return first, again, unknown, other_tenant
+
+    first, again, unknown, other_tenant = asyncio.run(go())
+    assert first.channel == "whatsapp" and first.status == "sent" and first.detail.startswith("wamid.")
+    assert again.channel == "whatsapp" and again.detail is None  # the same reply (ref) is not sent twice
+    assert unknown.channel == "api" and other_tenant.channel == "api"  # not this channel's conversations
+    assert [s["text"] for s in graph.sent_to(wa_id)] == ["echo: I want a person", "A human here. How can I help?"]
