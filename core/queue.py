@@ -31,6 +31,9 @@ finishing step checks, inside its script, that this worker still owns the entry:
 lost it (it stalled past the timeout) changes nothing. With ``ordered=True`` that makes a key's
 order hold across worker deaths: the head is only popped by the token's owner, and a claimed
 token retries the same head before anything behind it.
+
+Bursts (ordered): a handler may read the messages waiting behind its head (``following``) and
+answer them together; it returns how many it took, and they are finished with the head.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ return {1, ARGV[1]}
 
 # KEYS: stream, live, delayed, dead, counters, list
 # ARGV: group, consumer, entry_id, mode (done|retry|dead), job_id, packed, due_ms, ordered, keyhash,
-#       failed_at, dead_max, count_retry
+#       failed_at, dead_max, count_retry, absorbed (ordered, done: messages behind the head also done)
 _FINISH = (
     _OWNED
     + """
@@ -172,7 +175,14 @@ if ARGV[4] == 'dead' then
 end
 redis.call('ZREM', KEYS[2], ARGV[5])
 if ordered then
-  if head_is_job then redis.call('LPOP', KEYS[6]) end
+  if head_is_job then
+    redis.call('LPOP', KEYS[6])
+    for _ = 1, tonumber(ARGV[13] or '0') do  -- messages behind the head the handler took with it
+      local m = redis.call('LPOP', KEYS[6])
+      if not m then break end
+      redis.call('ZREM', KEYS[2], cjson.decode(m)['id'])
+    end
+  end
   if redis.call('LLEN', KEYS[6]) > 0 then redis.call('XADD', KEYS[1], '*', 'k', ARGV[9]) end
 end
 return 1
@@ -254,6 +264,7 @@ class Queue:
         max_dead: int = 100_000,
         poll: float = 0.5,
         stop_timeout: float = 30.0,
+        on_dead: Callable[[Job, str], Awaitable[None]] | None = None,
     ) -> None:
         if not _NAME.match(name) or not _NAME.match(group):
             raise ValueError("queue and group names are 1-64 of [a-z0-9_.-]")
@@ -273,6 +284,7 @@ class Queue:
         self.max_dead = max_dead
         self.poll = min(poll, visibility_timeout / 3)
         self.stop_timeout = stop_timeout
+        self.on_dead = on_dead  # called after a message went to the dead letters (not on drop)
         p = f"gw:{{gw}}:q:{name}"
         self.stream, self.dead, self.delayed, self.live, self.counters = (
             p,
@@ -334,6 +346,26 @@ class Queue:
             raise QueueFull(f"queue {self.name} holds {self.max_depth} messages")
         return _s(found)
 
+    async def following(self, job: Job, limit: int = 20) -> list[Job]:
+        """Ordered queues: up to ``limit`` messages of ``job``'s key waiting behind it, in order.
+        A handler holding the head may take them into its own work (a burst answered at once) and
+        return how many it took: they are then finished with the head."""
+        if not self.ordered or job.key is None:
+            return []
+        limit = max(0, min(int(limit), 1000))
+        if limit == 0:
+            return []
+        raw = await self._redis.lrange(self._list_key(_digest(job.key)), 0, limit)
+        out = []
+        for i, item in enumerate(raw):
+            msg = orjson.loads(item)
+            if i == 0:
+                if msg["id"] != job.id:
+                    return []  # this worker no longer holds the head
+                continue
+            out.append(Job(msg["id"], msg["payload"], msg.get("key"), int(msg["attempt"]), float(msg["enqueued_at"])))
+        return out
+
     # -- consuming --------------------------------------------------------------------------
 
     async def _ensure_group(self) -> None:
@@ -346,7 +378,7 @@ class Queue:
                 raise
         self._group_ready = True
 
-    async def run(self, handler: Callable[[Job], Awaitable[None]], *, concurrency: int = 8) -> None:
+    async def run(self, handler: Callable[[Job], Awaitable[int | None]], *, concurrency: int = 8) -> None:
         """Consumes until ``stop()``: at most ``concurrency`` handlers at once."""
         if not self._stopped.is_set():
             raise RuntimeError("this Queue is running already")
@@ -425,7 +457,7 @@ class Queue:
             return
         job = Job(msg["id"], msg["payload"], msg.get("key"), int(msg["attempt"]), float(msg["enqueued_at"]))
         try:
-            await handler(job)
+            absorbed = await handler(job)
         except asyncio.CancelledError:
             if self._stopping.is_set():  # stopping: hand the message back as it was
                 with contextlib.suppress(Exception):
@@ -440,13 +472,15 @@ class Queue:
             await self._settle(entry_id, {**msg, "deferred": deferred}, keyhash, "retry", due=time.time() + after)
             _jobs.get(self.name, "deferred").inc()
         except Fatal as exc:
-            await self._settle(entry_id, {**msg, "error": _error_text(exc)}, keyhash, "dead")
+            if await self._settle(entry_id, {**msg, "error": _error_text(exc)}, keyhash, "dead"):
+                await self._dead(msg, _error_text(exc))
             _jobs.get(self.name, "dead").inc()
         except Exception as exc:
             await self._fail(entry_id, msg, keyhash, _error_text(exc))
         else:
-            if await self._settle(entry_id, msg, keyhash, "done"):
-                _jobs.get(self.name, "done").inc()
+            n = absorbed if self.ordered and isinstance(absorbed, int) and absorbed > 0 else 0
+            if await self._settle(entry_id, msg, keyhash, "done", absorbed=n):
+                _jobs.get(self.name, "done").inc(1 + n)
 
     def backoff(self, attempt: int) -> float:
         """Seconds before retrying after failed attempt ``attempt``: exponential, capped, with
@@ -457,7 +491,8 @@ class Queue:
     async def _fail(self, entry_id: str, msg: dict, keyhash: str, error: str) -> None:
         attempt = int(msg["attempt"])
         if attempt > self.max_retries:
-            await self._settle(entry_id, {**msg, "error": error}, keyhash, "dead")
+            if await self._settle(entry_id, {**msg, "error": error}, keyhash, "dead"):
+                await self._dead(msg, error)
             _jobs.get(self.name, "dead").inc()
             log.warning("queue %s: message %s dead after %d attempts: %s", self.name, msg["id"], attempt, error)
             return
@@ -465,8 +500,26 @@ class Queue:
         await self._settle(entry_id, nxt, keyhash, "retry", due=time.time() + self.backoff(attempt), count=True)
         _jobs.get(self.name, "retried").inc()
 
+    async def _dead(self, msg: dict, error: str) -> None:
+        """Tells ``on_dead`` (best effort) that a message has just gone to the dead letters."""
+        if self.on_dead is None:
+            return
+        job = Job(msg["id"], msg["payload"], msg.get("key"), int(msg["attempt"]), float(msg["enqueued_at"]))
+        try:
+            await self.on_dead(job, error)
+        except Exception as exc:
+            log.warning("queue %s: on_dead for %s failed: %s", self.name, msg["id"], type(exc).__name__)
+
     async def _settle(
-        self, entry_id: str, msg: dict, keyhash: str, mode: str, *, due: float = 0.0, count: bool = False
+        self,
+        entry_id: str,
+        msg: dict,
+        keyhash: str,
+        mode: str,
+        *,
+        due: float = 0.0,
+        count: bool = False,
+        absorbed: int = 0,
     ) -> bool:
         """Acknowledges the entry and files the message (done, delayed, dead), if this worker still
         owns the entry; False when it does not (it was claimed by another worker meanwhile)."""
@@ -486,6 +539,7 @@ class Queue:
                     f"{time.time():.3f}",
                     self.max_dead,
                     "1" if count else "0",
+                    absorbed,
                 ],
             )
         except Exception as exc:  # left pending: claimed and retried after the visibility timeout

@@ -640,6 +640,9 @@ class KbAdmin:
         if not base._ident(request).is_master:
             raise PermissionDenied("Only the master key can manage queues.", code="super_admin_required")
         name = request.path_params["queue"]
+        channel_queues = self.svc.whatsapp.queues if self.svc.whatsapp is not None else {}
+        if name in channel_queues:  # the WhatsApp channel's (wa-inbound, wa-status)
+            return channel_queues[name]
         if name not in QUEUE_NAMES:
             raise NotFound(f"No queue {name[:64]!r}; known: {', '.join(QUEUE_NAMES)}.", param="queue")
         return self.kb.queue

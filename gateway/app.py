@@ -16,7 +16,16 @@ from core.config import load_config
 from core.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
 from core.logs import access_log
 from core.types import RequestContext, excerpt
-from gateway import agent_stage, conversations_api, grounding, kb_embedding, pipeline, rerank, vapi_channel
+from gateway import (
+    agent_stage,
+    channels_whatsapp,
+    conversations_api,
+    grounding,
+    kb_embedding,
+    pipeline,
+    rerank,
+    vapi_channel,
+)
 from gateway.admin import Admin
 from gateway.feedback import feedback as post_feedback
 from gateway.openai_store import OpenAIStore
@@ -73,6 +82,7 @@ class GatewayApp:
                     self.svc.tools.handlers["knowledge_search"] = grounding.knowledge_search_handler(self.svc)
                     self.vapi = await vapi_channel.start(self.svc)
                     kb_embedding.install(self.svc)  # knowledge bases embed through the gateway
+                    self.svc.whatsapp = await channels_whatsapp.start(self.svc, self.settings)
                 except Exception as exc:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
@@ -107,6 +117,9 @@ class GatewayApp:
                     return
                 if openai_store_handles(path):
                     await self._with_request_id(self.openai_store, scope, receive, send, rid, crid)
+                    return
+                if path.startswith("/channels/whatsapp/") and self.svc.whatsapp is not None:
+                    await self.svc.whatsapp.webhook(scope, receive, send, rid, crid)
                     return
                 if path.startswith(("/v1/models/", "/models/")) and scope["method"] == "GET":
                     await self._model(scope, rid, crid, send, path.split("/models/", 1)[1])

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from core.config import ConfigError, load_config
-from gateway import cli_agents, cli_kb
+from gateway import cli_agents, cli_channels, cli_kb
 from gateway.embedded import EmbeddedServices, default_data_dir, resolve_urls
 
 warnings.filterwarnings("ignore", module="platformdirs")
@@ -150,6 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             prom.mkdir()
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
         base = f"http://{args.host}:{args.port}"
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        os.environ.setdefault("GATEWAY_SELF_URL", f"http://{host}:{args.port}")  # the channels' gateway
         print(f"\n  AI gateway on {base}/v1   (config: {config_path}{', demo mock provider' if mock else ''})")
         if services is not None and services.database_url:
             key = asyncio.run(_dev_key(database_url, data_dir / "dev.key"))
@@ -321,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("id")
     cli_agents.add_parser(sub)
     cli_kb.add_parser(sub)
+    cli_channels.add_parser(sub)
     return parser
 
 
@@ -336,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         "keys": cmd_keys,
         "agents": cli_agents.run,
         "kb": cli_kb.run,
+        "channels": cli_channels.run,
     }[args.cmd]
     try:
         return handler(args)

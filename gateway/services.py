@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
+from channels.whatsapp import WhatsApp
 from core.config import Config
 from core.fastredis import PipelinedRedis
 from core.upstream import Upstream
@@ -70,6 +71,7 @@ class Services:
     kb: kb_worker.KbWorker | None = None  # the kb-ingest queue, its worker, where uploads are kept
     delivery: Delivery = field(default_factory=Delivery)  # channel deliverers (human replies etc.)
     hitl: hitl_service.HitlService | None = None  # human in the loop: holds, queue feed, SLA sweeper
+    whatsapp: WhatsApp | None = None  # the WhatsApp channel (gateway/channels_whatsapp.py)
     _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check
     _ready_check: asyncio.Future | None = None  # the check under way, shared by its callers
 
@@ -149,6 +151,8 @@ class Services:
 
     async def stop(self) -> None:
         """After the server drained its requests: flush the ledger, then close everything."""
+        if self.whatsapp is not None:
+            await self.whatsapp.stop()
         if self.kb is not None:
             await self.kb.stop()
         if self.hitl is not None:

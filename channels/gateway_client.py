@@ -1,0 +1,116 @@
+"""The gateway's OpenAI API, as the channels call it: over HTTP, with the channel's API key.
+
+A turn is ``POST {gateway}/v1/chat/completions`` with ``model: agent:<name>``, the new user
+message only (the gateway keeps the conversation's memory under ``metadata.conversation_id``)
+and the customer's details as the agent's runtime variables (``variables``, read by the agent
+stage). When a human holds the conversation the gateway answers 200 with the hold's
+acknowledgement (perhaps empty) and an ``x-gateway-escalation`` header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+
+
+class GatewayUnavailable(Exception):
+    """The gateway could not answer now (connection, 429, 5xx): try again later."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class GatewayRejected(Exception):
+    """The gateway refused the turn (4xx other than 429): retrying will not help."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    text: str
+    escalation: str | None = None  # the id of the escalation holding the conversation
+    request_id: str | None = None
+
+
+class GatewayClient:
+    def __init__(self, base_url: str, *, timeout: float = 120.0, connections: int = 256) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5)
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._connections, keepalive_timeout=60),
+                timeout=self._timeout,
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def turn(
+        self, *, api_key: str, agent: str, conversation_id: str, content: str | list, variables: dict
+    ) -> Reply:
+        body = {
+            "model": f"agent:{agent}",
+            "messages": [{"role": "user", "content": content}],
+            "metadata": {"conversation_id": conversation_id},
+            "variables": variables,
+        }
+        headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        try:
+            async with self._client().post(
+                f"{self.base_url}/v1/chat/completions", data=orjson.dumps(body), headers=headers
+            ) as resp:
+                raw = await read_capped(resp, MAX_RESPONSE_BYTES + 1)
+                status = resp.status
+                escalation = resp.headers.get("x-gateway-escalation")
+                request_id = resp.headers.get("x-request-id")
+                retry_after = resp.headers.get("retry-after")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise GatewayUnavailable(f"gateway unreachable: {type(exc).__name__}") from None
+        if status == 429 or status >= 500:
+            try:
+                after = float(retry_after) if retry_after else None
+            except ValueError:
+                after = None
+            raise GatewayUnavailable(f"gateway answered {status}", after)
+        if status >= 400:
+            raise GatewayRejected(f"gateway answered {status}: {_error_code(raw)}")
+        if len(raw) > MAX_RESPONSE_BYTES:
+            raise GatewayRejected("gateway answer too large")
+        try:
+            message = orjson.loads(raw)["choices"][0]["message"]
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+            raise GatewayUnavailable("gateway answer is not a chat completion") from None
+        text = message.get("content") if isinstance(message, dict) else None
+        return Reply(text if isinstance(text, str) else "", escalation or None, request_id)
+
+
+def _error_code(raw: bytes) -> str:
+    """The error's code only (its message may quote the customer's content)."""
+    try:
+        err = orjson.loads(raw)["error"]
+        return str(err.get("code") or err.get("type"))[:64]
+    except Exception:
+        return "unknown"
+
+
+async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The body, stopping after ``cap`` bytes (a longer body is cut there: the caller checks)."""
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(65536):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= cap:
+            break
+    return b"".join(chunks)[:cap]

@@ -1,0 +1,116 @@
+"""One process's WhatsApp channel: accounts, queues, webhook, worker, sender, deliverer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from channels.config import WhatsAppAccount, whatsapp_accounts
+from channels.gateway_client import GatewayClient
+from channels.whatsapp.content import MediaStore
+from channels.whatsapp.deliverer import WhatsAppDeliverer
+from channels.whatsapp.graph import Graph
+from channels.whatsapp.sender import Sender
+from channels.whatsapp.webhook import DEDUPE_TTL, Webhook
+from channels.whatsapp.worker import INBOUND, STATUS, Worker
+from core.background import stop_task
+from core.queue import Queue
+
+log = logging.getLogger("channels.whatsapp")
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value >= 0 else default
+
+
+def worker_enabled() -> bool:
+    """``GATEWAY_CHANNEL_WORKER=0`` keeps a serving process from consuming the channel queues."""
+    return os.environ.get("GATEWAY_CHANNEL_WORKER", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class WhatsApp:
+    """Tuning by environment (tests shorten them): ``GATEWAY_WA_CONCURRENCY`` (turns in flight per
+    process, default 64), ``GATEWAY_WA_VISIBILITY_TIMEOUT`` (s, default 60),
+    ``GATEWAY_WA_MAX_RETRIES`` (default 5), ``GATEWAY_WA_BACKOFF`` (s, default 2)."""
+
+    def __init__(self, accounts: dict[str, WhatsAppAccount], *, redis, pool, data_dir: Path, gateway_url: str) -> None:
+        self.accounts = accounts
+        self.pool = pool
+        self.redis = redis
+        visibility = max(0.5, _env_float("GATEWAY_WA_VISIBILITY_TIMEOUT", 60.0))
+        self.inbound = Queue(
+            redis,
+            INBOUND,
+            ordered=True,
+            max_retries=int(_env_float("GATEWAY_WA_MAX_RETRIES", 5)),
+            backoff_base=_env_float("GATEWAY_WA_BACKOFF", 2.0),
+            backoff_max=600.0,
+            visibility_timeout=visibility,
+            dedupe_ttl=DEDUPE_TTL,
+            poll=0.05,
+        )
+        self.statuses = Queue(redis, STATUS, visibility_timeout=visibility, dedupe_ttl=DEDUPE_TTL, poll=0.2)
+        self.queues = {INBOUND: self.inbound, STATUS: self.statuses}
+        self.graph = Graph()
+        self.gateway = GatewayClient(gateway_url)
+        self.sender = Sender(redis, pool, self.graph)
+        self.webhook = Webhook(accounts, self.inbound, self.statuses)
+        self.worker = Worker(
+            accounts,
+            pool=pool,
+            inbound=self.inbound,
+            sender=self.sender,
+            graph=self.graph,
+            media=MediaStore(self.graph, data_dir),
+            gateway=self.gateway,
+        )
+        self.inbound.on_dead = self.worker.on_dead
+        self.deliverer = WhatsAppDeliverer(accounts, pool, self.sender, self.inbound)
+        self.concurrency = int(_env_float("GATEWAY_WA_CONCURRENCY", 64)) or 64
+        self._tasks: list[asyncio.Task] = []
+
+    @classmethod
+    def from_config(cls, channels, *, redis, pool, data_dir: Path, gateway_url: str) -> WhatsApp | None:
+        """None when no account is configured; raises ChannelConfigError on invalid accounts."""
+        accounts = whatsapp_accounts(channels.whatsapp)
+        if not accounts:
+            return None
+        return cls(accounts, redis=redis, pool=pool, data_dir=data_dir, gateway_url=gateway_url)
+
+    async def start_worker(self) -> None:
+        if self._tasks:
+            return
+        self._tasks = [
+            asyncio.create_task(self._run(self.inbound, self.worker.handle, self.concurrency), name="wa-inbound"),
+            asyncio.create_task(self._run(self.statuses, self.worker.handle_status, 16), name="wa-status"),
+        ]
+
+    async def _run(self, queue: Queue, handler, concurrency: int) -> None:
+        while True:
+            try:
+                await queue.run(handler, concurrency=concurrency)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Queue.run handles Redis errors itself; a last guard
+                log.warning("whatsapp worker stopped (%s); restarting in 5 s", type(exc).__name__)
+                await asyncio.sleep(5)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """In-flight turns get ``grace`` seconds; the rest go back to the queue unchanged."""
+        if self._tasks:
+            for q in (self.inbound, self.statuses):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(q.stop(grace), grace + 15)
+            for t in self._tasks:
+                await stop_task(t)
+            self._tasks = []
+        await self.graph.close()
+        await self.gateway.close()

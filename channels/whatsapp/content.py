@@ -1,0 +1,108 @@
+"""What the agent is sent for a burst of inbound messages, and how its answer is cut for
+WhatsApp. Images become image parts (vision models read them); audio and documents are stored
+under the data directory and named in the text as attachments the agent can refer to."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+
+from channels.config import WhatsAppAccount
+from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable, MediaRefused
+
+log = logging.getLogger("channels.whatsapp")
+
+MAX_BODY = 4096
+IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
+OTHER_TYPES = frozenset(
+    {
+        "audio/ogg",
+        "audio/mpeg",
+        "audio/mp4",
+        "audio/aac",
+        "audio/amr",
+        "application/pdf",
+        "text/plain",
+        "text/csv",
+        "application/msword",
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "application/vnd.ms-excel",
+        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        "video/mp4",
+        "image/webp",
+    }
+)
+_EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "application/pdf": "pdf", "audio/ogg": "ogg"}
+_SENTENCE = re.compile(r"(?<=[.!?…])\s+|\n{2,}")
+
+
+def split_reply(text: str, limit: int = MAX_BODY, max_parts: int = 10) -> list[str]:
+    """Pieces of at most ``limit`` characters, cut at sentence ends (else at a space, else hard)."""
+    text = text.strip()
+    parts: list[str] = []
+    while text and len(parts) < max_parts:
+        if len(text) <= limit:
+            parts.append(text)
+            break
+        window = text[:limit]
+        cut = max((m.end() for m in _SENTENCE.finditer(window)), default=0)
+        if cut < limit // 2:
+            space = window.rfind(" ")
+            cut = space + 1 if space > limit // 2 else limit
+        parts.append(text[:cut].strip())
+        text = text[cut:].strip()
+    return [p for p in parts if p]
+
+
+class MediaStore:
+    def __init__(self, graph: Graph, data_dir: Path) -> None:
+        self.graph = graph
+        self.root = Path(data_dir) / "channels" / "whatsapp"
+
+    def _path(self, tenant: str, digest: str, mime: str) -> Path:
+        folder = self.root / hashlib.sha256(tenant.encode()).hexdigest()[:16]
+        return folder / f"{digest}.{_EXT.get(mime, 'bin')}"
+
+    async def part(self, acct: WhatsAppAccount, media: dict, kind: str) -> dict | str:
+        """An image part, or a line of text naming the stored attachment (or why there is none)."""
+        image = kind in ("image", "sticker")
+        allowed = IMAGE_TYPES if image else OTHER_TYPES
+        try:
+            data, mime = await self.graph.media(acct, media["id"], allowed)
+        except MediaRefused as exc:
+            return f"[{kind} not shown: {exc}]"
+        except (GraphError, GraphUnreachable) as exc:
+            if isinstance(exc, GraphError) and exc.kind == "client":
+                return f"[{kind} could not be downloaded]"
+            raise  # transient: the turn is retried
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._path(acct.tenant, digest, mime)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        if image:
+            return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}}
+        name = media.get("filename") or f"{kind}.{_EXT.get(mime, 'bin')}"
+        return f"[attachment: {kind} {name!r} ({mime}, {len(data)} bytes), ref wa-media:{digest[:24]}]"
+
+
+async def build_content(store: MediaStore, acct: WhatsAppAccount, messages: list[dict]) -> str | list:
+    """One user message for the burst: plain text, or parts when an image is in it."""
+    parts: list[dict | str] = []
+    for m in messages:
+        if m.get("media"):
+            parts.append(await store.part(acct, m["media"], m["type"]))
+        if m.get("text"):
+            parts.append(m["text"])
+    if all(isinstance(p, str) for p in parts):
+        return "\n".join(parts) or "[an empty message]"
+    out: list[dict] = []
+    for p in parts:
+        out.append({"type": "text", "text": p} if isinstance(p, str) else p)
+    return out

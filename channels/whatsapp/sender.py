@@ -1,0 +1,222 @@
+"""Sending to a customer, at most once per piece, within the rules of the 24-hour window.
+
+Every send belongs to a *key* (the inbound turn it answers, a proactive job, a human reply) whose
+state is a Redis hash: before a piece goes to the Graph API its field is set to ``pending``,
+after it the field holds the new wamid. A job delivered again (its worker died, a retry) skips
+every piece with a field: sent pieces are not sent twice, and a piece whose send may have
+reached Meta without an answer (``pending``, a timeout) is recorded as ``unknown`` rather than
+risked twice. Throttling answers (130429, 131056) become a ``Retry`` of the whole job, whose
+sent pieces stay sent.
+
+Outside the window no free-form text is attempted: the account's window template is sent
+instead (once per key) when it has one, else the reply is recorded as ``held`` (and reported).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from channels.config import WhatsAppAccount
+from channels.whatsapp import store
+from channels.whatsapp.content import split_reply
+from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable
+from core.queue import Fatal, Retry
+
+log = logging.getLogger("channels.whatsapp")
+
+STATE_TTL = 8 * 86_400  # longer than Meta's retries of a webhook
+MAX_TEMPLATE_VALUE = 1024
+
+
+@dataclass
+class Outcome:
+    sent: list[str] = field(default_factory=list)  # wamids
+    template: bool = False
+    held: bool = False
+    unknown: int = 0  # pieces whose fate is not known (never re-sent)
+
+    @property
+    def status(self) -> str:
+        if self.held:
+            return "held"
+        return "sent" if self.sent or self.template else ("unknown" if self.unknown else "sent")
+
+
+def state_key(account: str, key: str) -> str:
+    return f"gw:{{gw}}:wa:out:{hashlib.sha256(f'{account}|{key}'.encode()).hexdigest()[:32]}"
+
+
+class Sender:
+    def __init__(self, redis, pool, graph: Graph) -> None:
+        self.redis = redis
+        self.pool = pool
+        self.graph = graph
+
+    async def state(self, account: str, key: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(state_key(account, key))
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    async def note(self, account: str, key: str, **fields: str) -> None:
+        skey = state_key(account, key)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(skey, mapping=fields)
+            pipe.expire(skey, STATE_TTL)
+            await pipe.execute()
+
+    async def _pace(self, acct: WhatsAppAccount, pnid: str) -> None:
+        """At most ``pacing_per_second`` sends a second per business number, across workers."""
+        now = time.time()
+        second = int(now)
+        key = f"gw:{{gw}}:wa:pace:{pnid}:{second}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 3)
+            count, _ = await pipe.execute()
+        if count > acct.pacing_per_second:
+            raise Retry(second + 1 - now + 0.01)
+
+    async def _send_piece(
+        self, acct: WhatsAppAccount, conv: store.Conversation, key: str, field_: str, message: dict, record: tuple
+    ) -> str | None:
+        """One message through the Graph API under ``field_`` of the key's state: its wamid, or
+        None when it was sent (or attempted) before."""
+        skey = state_key(acct_name(conv), key)
+        await self._pace(acct, conv.pnid)
+        claimed = await self.redis.hsetnx(skey, field_, "pending")
+        if not claimed:
+            return None
+        await self.redis.expire(skey, STATE_TTL)
+        try:
+            wamid = await self.graph.send(acct, conv.pnid, conv.wa_id, message)
+        except GraphUnreachable as exc:
+            if exc.sent_maybe:  # it may have reached the customer: never risk a second copy
+                await self.redis.hset(skey, field_, "unknown")
+                kind, body, reply_to = record
+                await store.record_outbound(self.pool, conv, None, kind, body, reply_to, "unknown", "no answer")
+                log.warning("whatsapp send without an answer; not retried", extra={"fields": {"account": conv.account}})
+                return None
+            await self.redis.hdel(skey, field_)
+            raise
+        except GraphError:
+            await self.redis.hdel(skey, field_)
+            raise
+        await self.redis.hset(skey, field_, wamid)
+        kind, body, reply_to = record
+        await store.record_outbound(self.pool, conv, wamid, kind, body, reply_to, "sent")
+        return wamid
+
+    async def send_text(
+        self,
+        acct: WhatsAppAccount,
+        conv: store.Conversation,
+        key: str,
+        text: str,
+        *,
+        kind: str = "text",
+        reply_to: str | None = None,
+        variables: dict | None = None,
+        template_fallback: bool = True,
+    ) -> Outcome:
+        """``template_fallback`` False: outside the window the text is held even when the account
+        has a window template (a proactive text is not the template's to stand in for)."""
+        out = Outcome()
+        state = await self.state(conv.account, key)
+        out.unknown = sum(1 for v in state.values() if v in ("pending", "unknown"))
+        if "held" in state or "template" in state:
+            out.held, out.template = "held" in state, "template" in state
+            return out
+        if not conv.window_open():
+            return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
+        for i, piece in enumerate(split_reply(text, max_parts=acct.max_reply_parts)):
+            message = {"type": "text", "text": {"body": piece, "preview_url": False}}
+            try:
+                wamid = await self._send_piece(acct, conv, key, f"p{i}", message, (kind, piece, reply_to))
+            except GraphError as exc:
+                if exc.kind == "window":  # Meta knows better: the window is closed
+                    rest = " ".join(split_reply(text, max_parts=acct.max_reply_parts)[i:])
+                    return await self._outside_window(
+                        acct, conv, key, rest, kind, reply_to, variables, out, template_fallback
+                    )
+                raise _job_error(exc) from None
+            if wamid:
+                out.sent.append(wamid)
+        return out
+
+    async def send_template(
+        self, acct: WhatsAppAccount, conv: store.Conversation, key: str, tpl: dict, values: dict, *, reply_to=None
+    ) -> Outcome:
+        out = Outcome()
+        params = [
+            {"type": "text", "text": str(values.get(name, ""))[:MAX_TEMPLATE_VALUE] or "-"}
+            for name in tpl.get("variables") or ()
+        ]
+        message = {
+            "type": "template",
+            "template": {
+                "name": tpl["name"],
+                "language": {"code": tpl.get("language") or acct.template_language},
+                "components": [{"type": "body", "parameters": params}] if params else [],
+            },
+        }
+        try:
+            wamid = await self._send_piece(
+                acct, conv, key, "template", message, ("template", f"template:{tpl['name']}", reply_to)
+            )
+        except GraphError as exc:
+            raise _job_error(exc) from None
+        out.template = True
+        if wamid:
+            out.sent.append(wamid)
+        return out
+
+    async def _outside_window(
+        self, acct, conv, key, text, kind, reply_to, variables, out: Outcome, template_fallback: bool = True
+    ) -> Outcome:
+        tpl = None
+        if acct.window_template and template_fallback:
+            tpl = await store.template(self.pool, conv.tenant, conv.account, acct.window_template, None)
+        if tpl is not None:
+            values = {**(variables or {}), "reply": text, "customer_name": conv.name or ""}
+            done = await self.send_template(acct, conv, key, tpl, values, reply_to=reply_to)
+            out.sent += done.sent
+            out.template = True
+            return out
+        skey = state_key(conv.account, key)
+        if await self.redis.hsetnx(skey, "held", "1"):
+            await self.redis.expire(skey, STATE_TTL)
+            await store.record_outbound(
+                self.pool,
+                conv,
+                None,
+                kind,
+                text,
+                reply_to,
+                "held",
+                "outside the 24-hour window" + ("; no window template" if template_fallback else ""),
+            )
+            log.warning(
+                "whatsapp reply held: outside the 24-hour window and no window template",
+                extra={"fields": {"account": conv.account}},
+            )
+        out.held = True
+        return out
+
+
+def acct_name(conv: store.Conversation) -> str:
+    return conv.account
+
+
+def _job_error(exc: GraphError) -> Exception:
+    """What the queue should do with the job after this Graph error."""
+    if exc.kind == "throttle":
+        return Retry(exc.retry_after)
+    if exc.kind == "server":
+        return exc  # a failure: retried with backoff, dead (and the fallback) after the last
+    return Fatal(f"graph refused the message: code {exc.code}")
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

@@ -1,0 +1,210 @@
+"""The channel's PostgreSQL records: conversations (the 24-hour window), messages with their
+delivery statuses, templates. The worker writes with the gateway's own connection and names
+the tenant in every statement; admin reads go through the tenant's row-level-security wall."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+
+WINDOW_S = 24 * 3600
+RANK = {"received": 0, "held": 0, "unknown": 0, "sent": 1, "delivered": 2, "read": 3, "failed": 4}
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    tenant: str
+    account: str
+    pnid: str
+    wa_id: str
+    conversation_id: str
+    agent: str
+    name: str | None
+    last_inbound_at: float | None  # unix seconds
+
+    def window_open(self, now: float | None = None) -> bool:
+        return self.last_inbound_at is not None and (now or time.time()) - self.last_inbound_at < WINDOW_S
+
+
+def conversation_id(pnid: str, wa_id: str) -> str:
+    return f"wa:{pnid}:{wa_id}"
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return datetime.fromtimestamp(ts, UTC) if ts is not None else None
+
+
+def _conv(row) -> Conversation:
+    last = row["last_inbound_at"]
+    return Conversation(
+        row["tenant"],
+        row["account"],
+        row["phone_number_id"],
+        row["wa_id"],
+        row["conversation_id"],
+        row["agent"],
+        row["profile_name"],
+        last.timestamp() if last is not None else None,
+    )
+
+
+_INBOUND = """
+WITH conv AS (
+    INSERT INTO whatsapp_conversations
+        (tenant, account, phone_number_id, wa_id, conversation_id, agent, profile_name, last_inbound_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    ON CONFLICT (tenant, account, phone_number_id, wa_id) DO UPDATE SET
+        profile_name = COALESCE(EXCLUDED.profile_name, whatsapp_conversations.profile_name),
+        agent = EXCLUDED.agent,
+        last_inbound_at = GREATEST(whatsapp_conversations.last_inbound_at, EXCLUDED.last_inbound_at),
+        updated_at = now()
+    RETURNING *
+), ins AS (
+    INSERT INTO whatsapp_messages (tenant, account, wamid, direction, conversation_id, wa_id, kind, body)
+    SELECT $1, $2, w, 'in', $5, $4, k, b FROM unnest($9::text[], $10::text[], $11::text[]) AS t(w, k, b)
+    ON CONFLICT (tenant, account, wamid) WHERE wamid IS NOT NULL DO NOTHING
+    RETURNING 1
+)
+SELECT conv.*, (SELECT count(*) FROM ins) AS fresh FROM conv
+"""
+
+
+async def record_inbound(pool, tenant: str, agent: str, messages: list[dict]) -> tuple[Conversation, int]:
+    """Upserts the conversation (profile name, the window's start) and records the messages;
+    returns it and how many of the messages were new."""
+    first = messages[0]
+    last_ts = max(m["ts"] for m in messages)
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            _INBOUND,
+            tenant,
+            first["account"],
+            first["pnid"],
+            first["wa_id"],
+            conversation_id(first["pnid"], first["wa_id"]),
+            agent,
+            next((m["name"] for m in reversed(messages) if m.get("name")), None),
+            _dt(last_ts),
+            [m["wamid"] for m in messages],
+            [m["type"] for m in messages],
+            [m.get("text") or "" for m in messages],
+        )
+    return _conv(row), int(row["fresh"])
+
+
+async def ensure_conversation(pool, tenant: str, account: str, pnid: str, wa_id: str, agent: str) -> Conversation:
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            """INSERT INTO whatsapp_conversations (tenant, account, phone_number_id, wa_id, conversation_id, agent)
+               VALUES ($1, $2, $3, $4, $5, $6)
+               ON CONFLICT (tenant, account, phone_number_id, wa_id) DO UPDATE SET updated_at = now()
+               RETURNING *""",
+            tenant,
+            account,
+            pnid,
+            wa_id,
+            conversation_id(pnid, wa_id),
+            agent,
+        )
+    return _conv(row)
+
+
+async def find_conversation(pool, tenant: str, conv_id: str) -> Conversation | None:
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT * FROM whatsapp_conversations WHERE tenant = $1 AND conversation_id = $2 LIMIT 1", tenant, conv_id
+        )
+    return _conv(row) if row is not None else None
+
+
+async def get_conversation(pool, tenant: str, account: str, pnid: str, wa_id: str) -> Conversation | None:
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            """SELECT * FROM whatsapp_conversations
+               WHERE tenant = $1 AND account = $2 AND phone_number_id = $3 AND wa_id = $4""",
+            tenant,
+            account,
+            pnid,
+            wa_id,
+        )
+    return _conv(row) if row is not None else None
+
+
+async def record_outbound(
+    pool, conv: Conversation, wamid: str | None, kind: str, body: str, reply_to: str | None, status: str, error=None
+) -> None:
+    """An outbound message (a status webhook may have created its row already: kept)."""
+    async with pool.acquire() as conn:
+        await conn.execute(
+            """INSERT INTO whatsapp_messages (tenant, account, wamid, direction, conversation_id, wa_id, kind, body,
+                                              reply_to, status, status_rank, error, sent_at)
+               VALUES ($1, $2, $3, 'out', $4, $5, $6, $7, $8, $9::text, $10::smallint, $11,
+                       CASE WHEN $10::smallint > 0 THEN now() END)
+               ON CONFLICT (tenant, account, wamid) WHERE wamid IS NOT NULL DO UPDATE SET
+                   conversation_id = EXCLUDED.conversation_id, wa_id = EXCLUDED.wa_id, kind = EXCLUDED.kind,
+                   body = EXCLUDED.body, reply_to = EXCLUDED.reply_to, updated_at = now()""",
+            conv.tenant,
+            conv.account,
+            wamid,
+            conv.conversation_id,
+            conv.wa_id,
+            kind,
+            body,
+            reply_to,
+            status,
+            RANK[status],
+            error,
+        )
+
+
+async def record_status(pool, tenant: str, account: str, status: dict) -> None:
+    """A delivery status: the message's status only moves forward (sent < delivered < read;
+    failed last), whatever order they arrive in; each one's time is kept."""
+    column = {"sent": "sent_at", "delivered": "delivered_at", "read": "read_at", "failed": "failed_at"}[
+        status["status"]
+    ]
+    async with pool.acquire() as conn:
+        await conn.execute(
+            f"""INSERT INTO whatsapp_messages (tenant, account, wamid, direction, wa_id, status, status_rank, error,
+                                               {column})
+                VALUES ($1, $2, $3, 'out', $4, $5, $6, $7, $8)
+                ON CONFLICT (tenant, account, wamid) WHERE wamid IS NOT NULL DO UPDATE SET
+                    status = CASE WHEN EXCLUDED.status_rank > whatsapp_messages.status_rank
+                                  THEN EXCLUDED.status ELSE whatsapp_messages.status END,
+                    status_rank = GREATEST(whatsapp_messages.status_rank, EXCLUDED.status_rank),
+                    error = COALESCE(EXCLUDED.error, whatsapp_messages.error),
+                    {column} = COALESCE(whatsapp_messages.{column}, EXCLUDED.{column}),
+                    updated_at = now()""",
+            tenant,
+            account,
+            status["wamid"],
+            status.get("wa_id"),
+            status["status"],
+            RANK[status["status"]],
+            status.get("error"),
+            _dt(status["ts"]),
+        )
+
+
+async def template(pool, tenant: str, account: str, name: str, language: str | None) -> dict | None:
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            """SELECT name, language, variables FROM whatsapp_templates
+               WHERE tenant = $1 AND account = $2 AND name = $3 AND ($4::text IS NULL OR language = $4)
+               ORDER BY language LIMIT 1""",
+            tenant,
+            account,
+            name,
+            language,
+        )
+    if row is None:
+        return None
+    variables = row["variables"]
+    return {
+        "name": row["name"],
+        "language": row["language"],
+        "variables": orjson.loads(variables) if isinstance(variables, str) else list(variables),
+    }

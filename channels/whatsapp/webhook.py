@@ -1,0 +1,99 @@
+"""``/channels/whatsapp/{account}``: the verification handshake (GET) and notifications (POST).
+
+A POST is read up to ``MAX_BODY`` bytes, its signature checked over the raw bytes with the
+account's app secret (401 and nothing stored otherwise), parsed and bounded (normalize.py), and
+each message or status queued, deduplicated on its wamid for the account. Nothing else happens
+before the 200: no database, one Redis round trip per item.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from urllib.parse import parse_qs
+
+import orjson
+
+from channels.config import ACCOUNT_NAME, WhatsAppAccount
+from channels.whatsapp import normalize, signature
+from channels.whatsapp.worker import conversation_key
+from core import http
+from core.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    ServiceUnavailable,
+    Unauthenticated,
+)
+from core.queue import PayloadTooLarge as QueuePayloadTooLarge
+from core.queue import Queue, QueueFull
+
+log = logging.getLogger("channels.whatsapp")
+
+PREFIX = "/channels/whatsapp/"
+MAX_BODY = 1024 * 1024
+DEDUPE_TTL = 8 * 86_400
+
+
+class Webhook:
+    def __init__(self, accounts: dict[str, WhatsAppAccount], inbound: Queue, statuses: Queue) -> None:
+        self.accounts = accounts
+        self.inbound = inbound
+        self.statuses = statuses
+
+    def _account(self, path: str) -> tuple[str, WhatsAppAccount]:
+        name = path[len(PREFIX) :].rstrip("/")
+        acct = self.accounts.get(name) if ACCOUNT_NAME.match(name) else None
+        if acct is None:
+            raise NotFound("No such WhatsApp account.")
+        return name, acct
+
+    async def __call__(self, scope, receive, send, rid: str, crid: str | None) -> None:
+        name, acct = self._account(scope["path"])
+        if scope["method"] == "GET":
+            await self._handshake(scope, send, acct, rid, crid)
+        elif scope["method"] == "POST":
+            await self._notification(scope, receive, send, name, acct, rid, crid)
+        else:
+            raise MethodNotAllowed("Use GET (verification) or POST (notifications).")
+
+    async def _handshake(self, scope, send, acct: WhatsAppAccount, rid: str, crid: str | None) -> None:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1")[:4096], max_num_fields=10)
+        mode = (query.get("hub.mode") or [""])[0]
+        token = (query.get("hub.verify_token") or [""])[0]
+        challenge = (query.get("hub.challenge") or [""])[0]
+        if mode != "subscribe" or not hmac.compare_digest(token.encode(), acct.verify_token.encode()):
+            raise PermissionDenied("The verify token does not match.", code="verify_token_mismatch")
+        if not challenge or len(challenge) > 256 or not challenge.isprintable():
+            raise InvalidRequest("'hub.challenge' is missing or invalid.", param="hub.challenge")
+        await http.send_bytes(send, 200, challenge.encode(), rid, content_type=b"text/plain", crid=crid)
+
+    async def _notification(self, scope, receive, send, name: str, acct: WhatsAppAccount, rid, crid) -> None:
+        raw = await http.read_body(scope, receive, MAX_BODY)
+        if not signature.verify(acct.app_secret, raw, http.header(scope, b"x-hub-signature-256")):
+            raise Unauthenticated("The X-Hub-Signature-256 signature does not match.", code="invalid_signature")
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest("The body is not JSON.", code="invalid_json") from None
+        try:
+            parsed = normalize.parse(doc, name, acct.agent_for)
+        except normalize.InvalidNotification as exc:
+            raise InvalidRequest(f"Not a WhatsApp notification: {exc}.", code="invalid_notification") from None
+        queued = 0
+        try:
+            for msg in parsed.messages:
+                key = conversation_key(name, msg["pnid"], msg["wa_id"])
+                await self.inbound.enqueue(msg, key=key, dedupe=f"{name}:{msg['wamid']}")
+                queued += 1
+            for st in parsed.statuses:
+                await self.statuses.enqueue(st, dedupe=f"{name}:{st['wamid']}:{st['status']}")
+        except QueueFull:
+            raise ServiceUnavailable("The message queue is full; retry later.") from None
+        except QueuePayloadTooLarge:
+            raise PayloadTooLarge("A message is too large.") from None
+        if parsed.skipped:
+            log.info("whatsapp notification items skipped", extra={"fields": {"account": name, "n": parsed.skipped}})
+        await http.send_bytes(send, 200, b'{"ok":true}', rid, crid=crid)

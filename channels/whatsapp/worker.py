@@ -1,0 +1,200 @@
+"""The channel's queue consumers.
+
+``wa-inbound`` is ordered by conversation (key ``<account>:<phone_number_id>:<wa_id>``): one turn
+of a conversation at a time, in arrival order, conversations in parallel. Its jobs are inbound
+messages (``kind: in``) and outbound sends queued by the admin API or a deliverer (``kind:
+send``). With a debounce, the head of a conversation waits until its burst has been quiet for
+``debounce`` seconds (or ``debounce_max_wait`` passed), then the burst is one agent turn and is
+finished with the head (``Queue.following``).
+
+A turn: record the messages (a wamid already recorded, with no state of ours, is a duplicate),
+mark the last one read, fetch media, call the agent through the gateway, keep its answer in
+the turn's state (a retry does not call the agent again), send it (sender.py: at most once per
+piece). After the last retry the job is dead-lettered and the customer gets the account's
+fallback message (``on_dead``).
+
+``wa-status`` (unordered) records delivery statuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from channels.config import WhatsAppAccount
+from channels.gateway_client import GatewayClient, GatewayRejected, GatewayUnavailable
+from channels.whatsapp import store
+from channels.whatsapp.content import MediaStore, build_content
+from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable
+from channels.whatsapp.sender import Sender
+from core.queue import Fatal, Job, Queue, Retry
+
+log = logging.getLogger("channels.whatsapp")
+
+INBOUND = "wa-inbound"
+STATUS = "wa-status"
+MAX_BURST = 20
+
+
+def conversation_key(account: str, pnid: str, wa_id: str) -> str:
+    return f"{account}:{pnid}:{wa_id}"
+
+
+class Worker:
+    def __init__(
+        self,
+        accounts: dict[str, WhatsAppAccount],
+        *,
+        pool,
+        inbound: Queue,
+        sender: Sender,
+        graph: Graph,
+        media: MediaStore,
+        gateway: GatewayClient,
+    ) -> None:
+        self.accounts = accounts
+        self.pool = pool
+        self.inbound = inbound
+        self.sender = sender
+        self.graph = graph
+        self.media = media
+        self.gateway = gateway
+
+    def _account(self, name: str) -> WhatsAppAccount:
+        acct = self.accounts.get(name)
+        if acct is None:
+            raise Fatal("the account is no longer configured")
+        return acct
+
+    # -- inbound --------------------------------------------------------------------------
+    async def handle(self, job: Job) -> int:
+        try:
+            return await self._handle(job)
+        except (Retry, Fatal):
+            raise
+        except Exception as exc:  # retried by the queue; the type only (a message may quote content)
+            log.warning(
+                "whatsapp turn failed (attempt %d): %s",
+                job.attempt,
+                type(exc).__name__,
+                extra={"fields": {"job": job.id}},
+            )
+            raise
+
+    async def _handle(self, job: Job) -> int:
+        payload = job.payload
+        if payload.get("kind") == "send":
+            await self._send(job)
+            return 0
+        acct = self._account(payload["account"])
+        burst = [job]
+        if acct.debounce > 0:
+            for nxt in await self.inbound.following(job, MAX_BURST - 1):
+                if nxt.payload.get("kind") != "in" or nxt.payload.get("account") != payload["account"]:
+                    break
+                burst.append(nxt)
+            now = time.time()
+            wait = max(j.enqueued_at for j in burst) + acct.debounce - now
+            if wait > 0 and now - job.enqueued_at < acct.debounce_max_wait:
+                raise Retry(wait)
+        await self._turn(acct, [j.payload for j in burst])
+        return len(burst) - 1
+
+    async def _turn(self, acct: WhatsAppAccount, messages: list[dict]) -> None:
+        head = messages[0]
+        agent = acct.agent_for(head["pnid"])
+        if agent is None:
+            raise Fatal("the business number is no longer configured for this account")
+        key = f"turn:{head['wamid']}"
+        state = await self.sender.state(head["account"], key)
+        if "reply" not in state:
+            if "started" not in state:
+                await self.sender.note(head["account"], key, started="1")
+            conv, fresh = await store.record_inbound(self.pool, acct.tenant, agent, messages)
+            if fresh == 0 and "started" not in state:
+                log.info("whatsapp duplicate messages skipped", extra={"fields": {"account": head["account"]}})
+                return
+            if acct.mark_read:
+                try:
+                    await self.graph.mark_read(acct, head["pnid"], messages[-1]["wamid"])
+                except (GraphError, GraphUnreachable) as exc:
+                    log.info("whatsapp mark-as-read failed: %s", type(exc).__name__)
+            content = await build_content(self.media, acct, messages)
+            variables = _variables(conv, head)
+            try:
+                reply = await self.gateway.turn(
+                    api_key=acct.api_key,
+                    agent=agent,
+                    conversation_id=conv.conversation_id,
+                    content=content,
+                    variables=variables,
+                )
+            except GatewayRejected as exc:
+                raise Fatal(str(exc)) from None
+            except GatewayUnavailable as exc:
+                if exc.retry_after:
+                    raise Retry(min(exc.retry_after, 60.0)) from None
+                raise
+            await self.sender.note(head["account"], key, reply=reply.text, escalation=reply.escalation or "")
+            text = reply.text
+        else:
+            text = state["reply"]
+            conv = await store.get_conversation(self.pool, acct.tenant, head["account"], head["pnid"], head["wa_id"])
+            if conv is None:
+                raise Fatal("the conversation record is gone")
+        if text.strip():  # a conversation held by a human may be acknowledged with nothing
+            await self.sender.send_text(acct, conv, key, text, reply_to=head["wamid"], variables=_variables(conv, head))
+
+    # -- outbound (admin API, deliverers) --------------------------------------------------
+    async def _send(self, job: Job) -> None:
+        p = job.payload
+        acct = self._account(p["account"])
+        agent = acct.agent_for(p["pnid"])
+        if agent is None:
+            raise Fatal("the business number is not configured for this account")
+        conv = await store.get_conversation(self.pool, acct.tenant, p["account"], p["pnid"], p["wa_id"])
+        if conv is None:
+            conv = await store.ensure_conversation(self.pool, acct.tenant, p["account"], p["pnid"], p["wa_id"], agent)
+        key = p.get("idempotency") or f"send:{job.id}"
+        if p.get("template"):
+            tpl = p["template"]
+            await self.sender.send_template(acct, conv, key, tpl, tpl.get("values") or {})
+        else:
+            purpose = p.get("purpose")  # a deliverer's (a human's reply) may use the window template
+            await self.sender.send_text(
+                acct, conv, key, p["text"], kind=purpose or "proactive", template_fallback=purpose is not None
+            )
+
+    # -- dead letters ---------------------------------------------------------------------
+    async def on_dead(self, job: Job, error: str) -> None:
+        """The job is dead: the customer is told (the account's fallback message), once."""
+        p = job.payload
+        acct = self.accounts.get(p.get("account", ""))
+        if acct is None or p.get("kind") != "in" or not acct.fallback_message:
+            return
+        conv = await store.get_conversation(self.pool, acct.tenant, p["account"], p["pnid"], p["wa_id"])
+        if conv is None:
+            return
+        try:
+            await self.sender.send_text(
+                acct, conv, f"fallback:{p['wamid']}", acct.fallback_message, kind="fallback", reply_to=p["wamid"]
+            )
+        except (Retry, Fatal, GraphError, GraphUnreachable) as exc:
+            log.warning("whatsapp fallback message not sent: %s", type(exc).__name__)
+
+    # -- statuses ---------------------------------------------------------------------------
+    async def handle_status(self, job: Job) -> None:
+        p = job.payload
+        acct = self.accounts.get(p.get("account", ""))
+        if acct is None:
+            raise Fatal("the account is no longer configured")
+        await store.record_status(self.pool, acct.tenant, p["account"], p)
+
+
+def _variables(conv: store.Conversation, head: dict) -> dict:
+    return {
+        "customer_name": conv.name or "",
+        "customer_number": conv.wa_id,
+        "business_number": head.get("display") or "",
+        "channel": "whatsapp",
+    }

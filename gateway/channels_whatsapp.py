@@ -1,0 +1,52 @@
+"""Composition of the WhatsApp channel into a gateway process: built from the config at start-up
+(invalid accounts stop the start with every problem listed), its deliverer registered for the
+runtime's deliveries (human replies), its worker started unless ``GATEWAY_CHANNEL_WORKER=0``.
+
+The channel calls the gateway over HTTP: ``channels.gateway_url``, else the address ``gateway
+serve`` listens on (``GATEWAY_SELF_URL``, set by the CLI), else http://127.0.0.1:8000.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from channels.whatsapp import WhatsApp
+from channels.whatsapp.channel import worker_enabled
+from runtime.delivery import Delivered, Outbound
+
+log = logging.getLogger("gateway")
+
+
+def gateway_url(config) -> str:
+    return config.channels.gateway_url or os.environ.get("GATEWAY_SELF_URL") or "http://127.0.0.1:8000"
+
+
+class DeliveryAdapter:
+    """runtime/delivery.py's Deliverer over the channel's own deliverer."""
+
+    def __init__(self, channel: WhatsApp) -> None:
+        self.channel = channel
+
+    async def deliver(self, message: Outbound) -> Delivered | None:
+        out = await self.channel.deliverer.deliver(message)
+        if out is None:
+            return None
+        status, detail = out
+        return Delivered("whatsapp", {"held": "stored"}.get(status, status), detail, {"whatsapp_status": status})
+
+
+async def start(svc, settings, *, worker: bool | None = None) -> WhatsApp | None:
+    channel = WhatsApp.from_config(
+        settings.config.channels,
+        redis=svc.redis,
+        pool=svc.pool,
+        data_dir=settings.data_dir.resolve(),
+        gateway_url=gateway_url(settings.config),
+    )
+    if channel is None:
+        return None
+    svc.delivery.register("whatsapp", DeliveryAdapter(channel))
+    if worker_enabled() if worker is None else worker:
+        await channel.start_worker()
+    return channel

@@ -1,0 +1,336 @@
+"""A mock of the WhatsApp Cloud API (Meta Graph API): a real HTTP server speaking its wire format.
+
+- ``POST /{version}/{phone_number_id}/messages``: text and template sends (answered with new
+  ``wamid``s, recorded) and mark-as-read (``"status": "read"``), with the bearer token checked.
+- ``GET /{version}/{media_id}`` → ``{"url", "mime_type", "sha256", "file_size", "id"}`` and
+  ``GET /_media/{id}`` → the bytes (token checked), for media registered with ``POST /_mock/media``
+  ``{"id", "data_b64", "mime_type", "url"?}`` (``url`` overrides the download link: SSRF tests).
+- Delivery statuses posted back to the gateway's webhook (``webhook_url``), signed with
+  ``app_secret`` like Meta's: sent, delivered, read — in ``status_order`` (out of order on
+  directive).
+
+Faults, by directive: ``POST /_mock/faults {"to": "<wa_id>" | "*", "errors": [130429, 500, ...]}``
+(each consumed by one send), or ``[[graph:{"error": 131047, "times": 1}]]`` inside a text body (the
+first ``times`` sends carrying that directive fail). ``POST /_mock/window {"wa_id", "open": false}``
+closes a customer's 24-hour window (free-form text then fails with 131047); ``rate_per_second``
+(config) answers 130429 past that many sends a second per number.
+
+Inspection: ``GET /_mock/sent`` (sends), ``GET /_mock/reads``, ``DELETE /_mock/sent`` clears;
+``POST /_mock/config`` sets token, webhook_url, app_secret, statuses, status_order, status_delay_ms,
+rate_per_second, record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import hmac
+import itertools
+import re
+import time
+from collections import Counter, defaultdict, deque
+
+import orjson
+
+_DIRECTIVE = re.compile(r"\[\[graph:(\{.*?\})\]\]")
+_MESSAGES = re.compile(r"^/v\d+\.\d+/(\d+)/messages$")
+_MEDIA = re.compile(r"^/v\d+\.\d+/([A-Za-z0-9_\-]+)$")
+_ERRORS = {
+    131047: (400, "Re-engagement message"),
+    130429: (400, "Rate limit hit"),
+    131056: (400, "(Business Account, Consumer Account) pair rate limit hit"),
+    131026: (400, "Message Undeliverable"),
+    100: (400, "Invalid parameter"),
+}
+
+
+def _graph_error(code: int) -> tuple[int, dict]:
+    if 500 <= code < 600:
+        return code, {"error": {"message": "Service temporarily unavailable", "type": "OAuthException", "code": 2}}
+    status, message = _ERRORS.get(code, (400, "Error"))
+    return status, {
+        "error": {
+            "message": message,
+            "type": "OAuthException",
+            "code": code,
+            "error_subcode": 2494055,
+            "fbtrace_id": "Amock",
+        }
+    }
+
+
+class MockGraph:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.cfg = {
+            "token": opts.token,
+            "webhook_url": "",
+            "app_secret": "",
+            "statuses": False,
+            "status_order": ["sent", "delivered", "read"],
+            "status_delay_ms": 0,
+            "rate_per_second": 0,
+            "record": True,
+            "self_url": f"http://{opts.host}:{opts.port}",
+        }
+        self.sent: deque = deque(maxlen=200_000)
+        self.reads: deque = deque(maxlen=200_000)
+        self.faults: dict[str, deque] = defaultdict(deque)
+        self.directive_uses: Counter = Counter()
+        self.closed: set[str] = set()
+        self.media: dict[str, dict] = {}
+        self.counts: Counter = Counter()
+        self._ids = itertools.count(1)
+        self._second: dict[str, tuple[int, int]] = {}
+        self._session = None
+        self._tasks: set = set()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    if self._session is not None:
+                        await self._session.close()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        path, method = scope["path"], scope["method"]
+        headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"]}
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        if path == "/health":
+            return await self._json(send, 200, {"status": "ok"})
+        if path.startswith("/_mock/"):
+            return await self._control(send, path, method, body)
+        if headers.get("authorization") != f"Bearer {self.cfg['token']}":
+            self.counts["unauthorized"] += 1
+            return await self._json(
+                send, 401, {"error": {"message": "Invalid OAuth access token.", "type": "OAuthException", "code": 190}}
+            )
+        if path.startswith("/_media/") and method == "GET":
+            item = self.media.get(path[len("/_media/") :])
+            if item is None:
+                return await self._json(send, 404, {"error": {"message": "not found", "code": 100}})
+            self.counts["media_downloads"] += 1
+            return await self._bytes(send, 200, item["data"], item["mime_type"].encode())
+        m = _MESSAGES.match(path)
+        if m and method == "POST":
+            return await self._messages(send, m.group(1), body)
+        m = _MEDIA.match(path)
+        if m and method == "GET":
+            item = self.media.get(m.group(1))
+            if item is None:
+                return await self._json(send, 404, {"error": {"message": "Unsupported get request", "code": 100}})
+            self.counts["media_lookups"] += 1
+            return await self._json(
+                send,
+                200,
+                {
+                    "messaging_product": "whatsapp",
+                    "url": item.get("url") or f"{self.cfg['self_url']}/_media/{m.group(1)}",
+                    "mime_type": item["mime_type"],
+                    "sha256": hashlib.sha256(item["data"]).hexdigest(),
+                    "file_size": len(item["data"]),
+                    "id": m.group(1),
+                },
+            )
+        return await self._json(send, 404, {"error": {"message": f"Unknown path {method} {path}", "code": 100}})
+
+    # ---- sends ------------------------------------------------------------------------------
+    def _fault(self, to: str, req: dict) -> int | None:
+        for who in (to, "*"):
+            if self.faults[who]:
+                return self.faults[who].popleft()
+        text = ((req.get("text") or {}).get("body")) or ""
+        found = _DIRECTIVE.search(text) if isinstance(text, str) else None
+        if found:
+            try:
+                d = orjson.loads(found.group(1))
+            except orjson.JSONDecodeError:
+                d = {}
+            mark = (to, found.group(1))
+            if "error" in d and self.directive_uses[mark] < int(d.get("times", 1)):
+                self.directive_uses[mark] += 1
+                return int(d["error"])
+        return None
+
+    async def _messages(self, send, pnid: str, body: bytes) -> None:
+        try:
+            req = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return await self._json(send, 400, {"error": {"message": "bad JSON", "code": 100}})
+        if req.get("status") == "read":
+            self.reads.append({"pnid": pnid, "message_id": req.get("message_id"), "ts": time.time()})
+            return await self._json(send, 200, {"success": True})
+        to, kind = req.get("to"), req.get("type")
+        if req.get("messaging_product") != "whatsapp" or not isinstance(to, str) or kind not in ("text", "template"):
+            return await self._json(send, 400, {"error": {"message": "Invalid parameter", "code": 100}})
+        if kind == "text" and len(((req.get("text") or {}).get("body")) or "") > 4096:
+            return await self._json(send, 400, {"error": {"message": "text too long", "code": 100}})
+        code = self._fault(to, req)
+        if code is None and kind == "text" and to in self.closed:
+            code = 131047
+        limit = self.cfg["rate_per_second"]
+        if code is None and limit:
+            sec = int(time.time())
+            start, n = self._second.get(pnid, (sec, 0))
+            n = n + 1 if start == sec else 1
+            self._second[pnid] = (sec, n)
+            if n > limit:
+                code = 130429
+        if code is not None:
+            self.counts[f"error_{code}"] += 1
+            status, doc = _graph_error(code)
+            return await self._json(send, status, doc)
+        wamid = f"wamid.MOCK{next(self._ids):012d}"
+        if self.cfg["record"]:
+            self.sent.append(
+                {
+                    "pnid": pnid,
+                    "to": to,
+                    "type": kind,
+                    "wamid": wamid,
+                    "ts": time.time(),
+                    "text": (req.get("text") or {}).get("body"),
+                    "template": req.get("template"),
+                }
+            )
+        self.counts["sent"] += 1
+        if self.cfg["statuses"] and self.cfg["webhook_url"]:
+            task = asyncio.ensure_future(self._post_statuses(pnid, to, wamid))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await self._json(
+            send,
+            200,
+            {"messaging_product": "whatsapp", "contacts": [{"input": to, "wa_id": to}], "messages": [{"id": wamid}]},
+        )
+
+    async def _post_statuses(self, pnid: str, to: str, wamid: str) -> None:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        delay = self.cfg["status_delay_ms"] / 1000
+        for status in self.cfg["status_order"]:
+            if delay:
+                await asyncio.sleep(delay)
+            doc = {
+                "object": "whatsapp_business_account",
+                "entry": [
+                    {
+                        "id": "0",
+                        "changes": [
+                            {
+                                "field": "messages",
+                                "value": {
+                                    "messaging_product": "whatsapp",
+                                    "metadata": {"display_phone_number": "15550000000", "phone_number_id": pnid},
+                                    "statuses": [
+                                        {
+                                            "id": wamid,
+                                            "status": status,
+                                            "timestamp": str(int(time.time())),
+                                            "recipient_id": to,
+                                        }
+                                    ],
+                                },
+                            }
+                        ],
+                    }
+                ],
+            }
+            raw = orjson.dumps(doc)
+            sig = "sha256=" + hmac.new(self.cfg["app_secret"].encode(), raw, hashlib.sha256).hexdigest()
+            try:
+                async with self._session.post(
+                    self.cfg["webhook_url"],
+                    data=raw,
+                    headers={"Content-Type": "application/json", "X-Hub-Signature-256": sig},
+                ) as resp:
+                    await resp.read()
+                    self.counts[f"status_posted_{resp.status}"] += 1
+            except Exception:
+                self.counts["status_post_failed"] += 1
+
+    # ---- control ----------------------------------------------------------------------------
+    async def _control(self, send, path: str, method: str, body: bytes) -> None:
+        data = orjson.loads(body) if body else {}
+        if path == "/_mock/sent":
+            if method == "DELETE":
+                self.sent.clear()
+                self.reads.clear()
+                self.counts.clear()
+                return await self._json(send, 200, {"cleared": True})
+            return await self._json(send, 200, {"sent": list(self.sent)})
+        if path == "/_mock/reads":
+            return await self._json(send, 200, {"reads": list(self.reads)})
+        if path == "/_mock/stats":
+            return await self._json(send, 200, dict(self.counts))
+        if path == "/_mock/config" and method == "POST":
+            self.cfg.update({k: v for k, v in data.items() if k in self.cfg})
+            return await self._json(send, 200, self.cfg)
+        if path == "/_mock/faults" and method == "POST":
+            self.faults[str(data.get("to", "*"))].extend(int(c) for c in data.get("errors", []))
+            return await self._json(send, 200, {"ok": True})
+        if path == "/_mock/window" and method == "POST":
+            (self.closed.discard if data.get("open", True) else self.closed.add)(str(data["wa_id"]))
+            return await self._json(send, 200, {"ok": True})
+        if path == "/_mock/media" and method == "POST":
+            self.media[str(data["id"])] = {
+                "data": base64.b64decode(data["data_b64"]),
+                "mime_type": data.get("mime_type", "image/jpeg"),
+                "url": data.get("url"),
+            }
+            return await self._json(send, 200, {"ok": True})
+        return await self._json(send, 404, {"error": "unknown control path"})
+
+    @staticmethod
+    async def _bytes(send, status: int, body: bytes, ctype: bytes = b"application/json") -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _json(self, send, status: int, obj) -> None:
+        await self._bytes(send, status, orjson.dumps(obj))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mock_graph", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8002)
+    p.add_argument("--token", default="graph-token-test", help="the access token sends must carry")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    opts = parse_args(argv)
+    uvicorn.run(
+        MockGraph(opts),
+        host=opts.host,
+        port=opts.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        backlog=4096,
+        timeout_graceful_shutdown=1,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,660 @@
+"""The WhatsApp channel end to end: real gateway processes (with the channel worker inside, and a
+separate `gateway channels worker` that is SIGKILLed), the mock Graph API (loadtest/mock_graph.py)
+and the mock LLM (loadtest/mock_provider.py) as real HTTP servers, webhooks signed like Meta's.
+
+Hostile inputs of the webhook are the `test_attack_*` tests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, run_cli, wait_until
+
+TENANT = f"wa-{uuid.uuid4().hex[:6]}"
+TOKEN = "graph-token-test"
+SECRETS = {"acme": "acme-app-secret-0123", "beta": "beta-app-secret-4567", "burst": "burst-app-secret-89ab"}
+PNIDS = {"acme": "1001", "beta": "2002", "burst": "3003"}
+VERIFY = "verify-token-0123"
+FALLBACK = "Sorry, we are having trouble. A person will get back to you."
+ENV = {
+    "GATEWAY_CHANNEL_WORKER": "1",
+    "GATEWAY_WA_VISIBILITY_TIMEOUT": "2",
+    "GATEWAY_WA_MAX_RETRIES": "1",
+    "GATEWAY_WA_BACKOFF": "0.2",
+}
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+class GraphMock(Proc):
+    def __init__(self, tmp) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "loadtest.mock_graph", "--port", str(self.port), "--token", TOKEN]
+        super().__init__(args, dict(os.environ), tmp / f"mock-graph-{self.port}.log")
+        wait_until(lambda: httpx.get(f"{self.url}/health").status_code == 200, what="mock graph")
+
+    def _post(self, path: str, body: dict) -> None:
+        httpx.post(f"{self.url}{path}", json=body).raise_for_status()
+
+    def configure(self, **cfg) -> None:
+        self._post("/_mock/config", cfg)
+
+    def sent_to(self, wa_id: str) -> list[dict]:
+        return [s for s in httpx.get(f"{self.url}/_mock/sent").json()["sent"] if s["to"] == wa_id]
+
+    def reads(self) -> list[str]:
+        return [r["message_id"] for r in httpx.get(f"{self.url}/_mock/reads").json()["reads"]]
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/_mock/stats").json()
+
+
+def account(name: str, **extra) -> dict:
+    return {
+        "tenant": TENANT,
+        "phone_numbers": {PNIDS[name]: "wabot"},
+        "app_secret": SECRETS[name],
+        "verify_token": VERIFY,
+        "access_token": TOKEN,
+        "api_key": "${WA_TEST_CHANNEL_KEY}",
+        "fallback_message": FALLBACK,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_root):
+    g = GraphMock(tmp_root)
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def wa(tmp_root, services, module_mock, graph):
+    out = run_cli("keys", "create", "--name", "whatsapp-channel", "--tenant", TENANT, urls=services, tmp=tmp_root)
+    assert out.returncode == 0, out.stderr
+    saved = {k: os.environ.get(k) for k in (*ENV, "WA_TEST_CHANNEL_KEY")}
+    channel_key = out.stdout.splitlines()[0].strip()
+    os.environ.update(ENV, WA_TEST_CHANNEL_KEY=channel_key)
+    graph_url = graph.url
+    config = {
+        "router": {"max_attempts": 1},
+        "providers": [{"name": "llm", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "agent-model", "deployments": [{"provider": "llm", "model": "m"}]}],
+        "channels": {
+            "whatsapp": {
+                "acme": account(
+                    "acme",
+                    graph_base_url=graph_url,
+                    window_template="reengage",
+                    media_max_bytes=200_000,
+                    media_hosts=[],
+                ),
+                "beta": account("beta", graph_base_url=graph_url),
+                "burst": account("burst", graph_base_url=graph_url, debounce=1.0),
+            }
+        },
+    }
+    try:
+        gw = Gateway(tmp_root, config, services)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    gw.channel_key = channel_key
+    graph.configure(webhook_url=f"{gw.url}/channels/whatsapp/acme", app_secret=SECRETS["acme"])
+    body = {
+        "name": "wabot",
+        "tenant": TENANT,
+        "model": "agent-model",
+        "template": "You help {{ customer_name }} ({{ customer_number }}) on {{ channel }}.",
+        "variables": {
+            "customer_name": {"type": "string", "required": False},
+            "customer_number": {"type": "string", "required": False},
+            "channel": {"type": "string", "required": False},
+        },
+    }
+    r = admin(gw, "POST", "/admin/agents", json=body)
+    assert r.status_code == 201, r.text
+    yield gw
+    gw.stop()
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def admin(gw: Gateway, method: str, path: str, **kw) -> httpx.Response:
+    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30, **kw)
+
+
+def new_wa_id() -> str:
+    return str(random.randint(10**11, 10**12 - 1))
+
+
+def new_wamid() -> str:
+    return f"wamid.TEST{uuid.uuid4().hex}"
+
+
+def text(wa_id: str, body: str, *, wamid: str | None = None, ts: float | None = None) -> dict:
+    return {
+        "from": wa_id,
+        "id": wamid or new_wamid(),
+        "timestamp": str(int(ts if ts is not None else time.time())),
+        "type": "text",
+        "text": {"body": body},
+    }
+
+
+def notification(messages: list[dict], *, pnid: str, name: str = "Ada", statuses: list | None = None) -> dict:
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550001001", "phone_number_id": pnid},
+        "contacts": [{"profile": {"name": name}, "wa_id": m["from"]} for m in messages if isinstance(m, dict)],
+        "messages": messages,
+    }
+    if statuses is not None:
+        value["statuses"] = statuses
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "WABA", "changes": [{"field": "messages", "value": value}]}],
+    }
+
+
+def post(gw: Gateway, acct: str, doc, *, secret: str | None = None, raw: bytes | None = None) -> httpx.Response:
+    raw = raw if raw is not None else orjson.dumps(doc)
+    sig = "sha256=" + hmac.new((secret or SECRETS[acct]).encode(), raw, hashlib.sha256).hexdigest()
+    return httpx.post(
+        f"{gw.url}/channels/whatsapp/{acct}",
+        content=raw,
+        headers={"Content-Type": "application/json", "X-Hub-Signature-256": sig},
+        timeout=30,
+    )
+
+
+def say(gw: Gateway, acct: str, wa_id: str, body: str, **kw) -> str:
+    msg = text(wa_id, body, **kw)
+    r = post(gw, acct, notification([msg], pnid=PNIDS[acct]))
+    assert r.status_code == 200, r.text
+    return msg["id"]
+
+
+def wait_sent(graph: GraphMock, wa_id: str, n: int, timeout: float = 30) -> list[dict]:
+    wait_until(lambda: len(graph.sent_to(wa_id)) >= n, timeout=timeout, what=f"{n} sends to {wa_id}")
+    return graph.sent_to(wa_id)
+
+
+def rows(database_url: str, sql: str, *args) -> list[dict]:
+    async def go():
+        conn = await asyncpg.connect(database_url)
+        try:
+            return [dict(r) for r in await conn.fetch(sql, *args)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def queue_idle(gw: Gateway, name: str) -> bool:
+    stats = admin(gw, "GET", f"/admin/queues/{name}").json()
+    return stats["depth"] == 0 and stats["pending"] == 0 and stats["delayed"] == 0
+
+
+def llm_requests(mock, wa_id: str) -> list[dict]:
+    """The mock LLM's requests of one customer's conversation (its number is in the system prompt)."""
+    out = []
+    for r in mock.requests():
+        msgs = r["body"].get("messages") or []
+        if msgs and msgs[0].get("role") == "system" and wa_id in str(msgs[0].get("content")):
+            out.append(r["body"])
+    return out
+
+
+# ---- the proof list ------------------------------------------------------------------------
+
+
+def test_verification_handshake(wa):
+    q = {"hub.mode": "subscribe", "hub.verify_token": VERIFY, "hub.challenge": "1158201444"}
+    r = httpx.get(f"{wa.url}/channels/whatsapp/acme", params=q)
+    assert r.status_code == 200 and r.text == "1158201444"
+    assert r.headers["content-type"].startswith("text/plain")
+    r = httpx.get(f"{wa.url}/channels/whatsapp/acme", params={**q, "hub.verify_token": "wrong-token-000"})
+    assert r.status_code == 403
+    assert httpx.get(f"{wa.url}/channels/whatsapp/nobody", params=q).status_code == 404
+
+
+def test_conversation_of_several_turns_with_an_image_and_a_button_reply(wa, graph, module_mock, services):
+    wa_id = new_wa_id()
+    graph._post("/_mock/media", {"id": "7770001", "data_b64": base64.b64encode(PNG).decode(), "mime_type": "image/png"})
+    first = say(wa, "acme", wa_id, "Hello there")
+    assert wait_sent(graph, wa_id, 1)[0]["text"] == "echo: Hello there"
+    image = {
+        "from": wa_id,
+        "id": new_wamid(),
+        "timestamp": str(int(time.time())),
+        "type": "image",
+        "image": {"id": "7770001", "mime_type": "image/png", "sha256": "x", "caption": "What is this?"},
+    }
+    assert post(wa, "acme", notification([image], pnid="1001")).status_code == 200
+    assert wait_sent(graph, wa_id, 2)[1]["text"] == "echo: What is this?"
+    button = {
+        "from": wa_id,
+        "id": new_wamid(),
+        "timestamp": str(int(time.time())),
+        "type": "interactive",
+        "interactive": {"type": "button_reply", "button_reply": {"id": "opt-yes", "title": "Yes please"}},
+    }
+    assert post(wa, "acme", notification([button], pnid="1001")).status_code == 200
+    sent = wait_sent(graph, wa_id, 3)
+    assert [s["text"] for s in sent] == ["echo: Hello there", "echo: What is this?", "echo: Yes please"]
+    assert all(s["pnid"] == "1001" and s["type"] == "text" for s in sent)
+    calls = llm_requests(module_mock, wa_id)
+    assert len(calls) == 3
+    system = calls[0]["messages"][0]["content"]
+    assert "Ada" in system and "whatsapp" in system  # the customer's profile name and the channel
+    parts = calls[1]["messages"][-1]["content"]  # the image reached the model as an image part
+    assert {"type": "text", "text": "What is this?"} in parts
+    image_part = next(p for p in parts if p["type"] == "image_url")
+    assert image_part["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(PNG).decode()
+    history = [m.get("content") for m in calls[2]["messages"]]  # memory: the earlier turns came back
+    assert "Hello there" in history and "echo: Hello there" in history
+    assert first in graph.reads()  # marked read
+    conv = rows(services[0], "SELECT * FROM whatsapp_conversations WHERE tenant = $1 AND wa_id = $2", TENANT, wa_id)
+    assert len(conv) == 1 and conv[0]["profile_name"] == "Ada" and conv[0]["conversation_id"] == f"wa:1001:{wa_id}"
+
+    def directions():
+        found = rows(
+            services[0], "SELECT direction FROM whatsapp_messages WHERE tenant = $1 AND wa_id = $2", TENANT, wa_id
+        )
+        return sorted(m["direction"] for m in found) == ["in", "in", "in", "out", "out", "out"]
+
+    wait_until(directions, what="message records")  # outbound rows are written after the send
+    assert (stored := list((wa.log_path.parent / "data" / "channels" / "whatsapp").rglob("*.png"))) and stored[
+        0
+    ].read_bytes() == PNG
+
+
+def test_bad_signature_is_refused_and_nothing_is_stored(wa, graph, services):
+    wa_id = new_wa_id()
+    msg = text(wa_id, "let me in")
+    doc = notification([msg], pnid="1001")
+    assert post(wa, "acme", doc, secret="not-the-app-secret").status_code == 401
+    assert post(wa, "acme", doc, secret=SECRETS["beta"]).status_code == 401  # another account's secret
+    raw = orjson.dumps(doc)
+    unsigned = httpx.post(f"{wa.url}/channels/whatsapp/acme", content=raw, headers={"Content-Type": "application/json"})
+    assert unsigned.status_code == 401 and unsigned.json()["error"]["code"] == "invalid_signature"
+    # a valid signature over other bytes (re-serialised, one byte changed) is refused too
+    sig = "sha256=" + hmac.new(SECRETS["acme"].encode(), raw, hashlib.sha256).hexdigest()
+    tampered = raw.replace(b"let me in", b"let me on")
+    r = httpx.post(f"{wa.url}/channels/whatsapp/acme", content=tampered, headers={"X-Hub-Signature-256": sig})
+    assert r.status_code == 401
+    assert rows(services[0], "SELECT 1 FROM whatsapp_messages WHERE wamid = $1", msg["id"]) == []
+    # nothing was remembered either: the same wamid, properly signed, is processed
+    assert post(wa, "acme", doc).status_code == 200
+    assert wait_sent(graph, wa_id, 1)[0]["text"] == "echo: let me in"
+
+
+def test_duplicated_wamid_is_processed_once(wa, graph, module_mock):
+    wa_id = new_wa_id()
+    msg = text(wa_id, "only once")
+    doc = notification([msg, msg], pnid="1001")  # a duplicate inside the batch
+    for _ in range(3):  # and Meta's redeliveries
+        assert post(wa, "acme", doc).status_code == 200
+    wait_sent(graph, wa_id, 1)
+    say(wa, "acme", wa_id, "second message")  # ordered after every copy of the first
+    sent = wait_sent(graph, wa_id, 2)
+    assert [s["text"] for s in sent] == ["echo: only once", "echo: second message"]
+    assert len(llm_requests(module_mock, wa_id)) == 2
+
+
+def test_out_of_order_statuses_do_not_regress(wa, graph, services):
+    graph.configure(statuses=True, status_order=["read", "delivered", "sent"])
+    try:
+        wa_id = new_wa_id()
+        say(wa, "acme", wa_id, "track my delivery")
+        wamid = wait_sent(graph, wa_id, 1)[0]["wamid"]
+
+        def record():
+            found = rows(services[0], "SELECT * FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2", TENANT, wamid)
+            return found[0] if found and found[0]["sent_at"] and found[0]["delivered_at"] else None
+
+        wait_until(record, timeout=20, what="statuses recorded")
+        row = record()
+        assert row["status"] == "read" and row["read_at"] is not None and row["direction"] == "out"
+        assert row["body"] == "echo: track my delivery"  # the send's record and the statuses are one row
+    finally:
+        graph.configure(statuses=False)
+    late = {"id": wamid, "status": "delivered", "timestamp": str(int(time.time())), "recipient_id": wa_id}
+    assert post(wa, "acme", notification([], pnid="1001", statuses=[late])).status_code == 200
+    assert post(wa, "acme", notification([], pnid="1001", statuses=[{**late, "status": "sent"}])).status_code == 200
+    wait_until(lambda: queue_idle(wa, "wa-status"), what="statuses processed")
+    assert rows(services[0], "SELECT status FROM whatsapp_messages WHERE wamid = $1", wamid)[0]["status"] == "read"
+
+
+def test_reply_outside_the_24_hour_window_sends_the_template_or_is_held(wa, graph, services):
+    r = admin(
+        wa,
+        "POST",
+        "/admin/channels/whatsapp/templates",
+        json={"account": "acme", "name": "reengage", "language": "en_US", "variables": ["customer_name", "reply"]},
+    )
+    assert r.status_code == 201, r.text
+    listed = admin(wa, "GET", "/admin/channels/whatsapp/templates", params={"account": "acme"}).json()["data"]
+    assert [t["name"] for t in listed] == ["reengage"] and listed[0]["variables"] == ["customer_name", "reply"]
+    old = time.time() - 25 * 3600  # a message whose window closed before it was answered
+    wa_id = new_wa_id()
+    say(wa, "acme", wa_id, "are you there?", ts=old)
+    sent = wait_sent(graph, wa_id, 1)
+    assert sent[0]["type"] == "template"
+    tpl = sent[0]["template"]
+    assert tpl["name"] == "reengage" and tpl["language"] == {"code": "en_US"}
+    assert [p["text"] for p in tpl["components"][0]["parameters"]] == ["Ada", "echo: are you there?"]
+    # Meta says the window is closed though we thought it open (131047): the template again
+    wa_id2 = new_wa_id()
+    graph._post("/_mock/window", {"wa_id": wa_id2, "open": False})
+    say(wa, "acme", wa_id2, "hello again")
+    assert wait_sent(graph, wa_id2, 1)[0]["type"] == "template"
+    assert graph.stats().get("error_131047", 0) >= 1
+    # an account without a window template holds the reply and reports it
+    wa_id3 = new_wa_id()
+    say(wa, "beta", wa_id3, "anyone?", ts=old)
+
+    def held():
+        r = admin(wa, "GET", "/admin/channels/whatsapp/messages", params={"account": "beta", "status": "held"})
+        return [m for m in r.json()["data"] if m["wa_id"] == wa_id3]
+
+    wait_until(held, timeout=20, what="held reply")
+    assert held()[0]["body"] == "echo: anyone?" and "window" in held()[0]["error"]
+    assert graph.sent_to(wa_id3) == []
+
+
+def test_graph_throttling_backs_off_and_a_5xx_is_retried(wa, graph):
+    wa_id = new_wa_id()
+    graph._post("/_mock/faults", {"to": wa_id, "errors": [130429, 500]})
+    say(wa, "acme", wa_id, "busy day")
+    sent = wait_sent(graph, wa_id, 1)
+    assert [s["text"] for s in sent] == ["echo: busy day"]
+    stats = graph.stats()
+    assert stats.get("error_130429", 0) >= 1 and stats.get("error_500", 0) >= 1
+
+
+def test_a_burst_within_the_debounce_is_one_agent_turn(wa, graph, module_mock):
+    wa_id = new_wa_id()
+    for body in ("hi", "I have a question", "about my order"):
+        say(wa, "burst", wa_id, body)
+    sent = wait_sent(graph, wa_id, 1)
+    calls = llm_requests(module_mock, wa_id)
+    assert len(calls) == 1
+    assert calls[0]["messages"][-1]["content"] == "hi\nI have a question\nabout my order"
+    assert sent[0]["text"] == "echo: hi\nI have a question\nabout my order"
+    say(wa, "burst", wa_id, "thanks")  # after the burst: a turn of its own
+    assert [s["text"] for s in wait_sent(graph, wa_id, 2)][1] == "echo: thanks"
+    assert len(llm_requests(module_mock, wa_id)) == 2
+
+
+def test_after_the_last_retry_the_customer_gets_the_fallback_and_the_admin_can_replay(wa, graph, module_mock):
+    module_mock.configure(fail_rate=1.0, fail_status=500)
+    try:
+        wa_id = new_wa_id()
+        wamid = say(wa, "acme", wa_id, "please answer")
+        assert wait_sent(graph, wa_id, 1)[0]["text"] == FALLBACK
+    finally:
+        module_mock.configure(fail_rate=0.0)
+    dead = admin(wa, "GET", "/admin/queues/wa-inbound/dead-letters", params={"limit": 1000}).json()["data"]
+    mine = [d for d in dead if d["payload"].get("wamid") == wamid]
+    assert len(mine) == 1 and "502" in mine[0]["error"]
+    r = admin(wa, "POST", f"/admin/queues/wa-inbound/dead-letters/{mine[0]['id']}/retry")
+    assert r.status_code == 200, r.text
+    sent = wait_sent(graph, wa_id, 2)
+    assert sent[1]["text"] == "echo: please answer"
+
+
+def test_sigkilled_worker_messages_are_each_answered_once(wa, graph, services, tmp_root):
+    cfg = next(wa.log_path.parent.glob(f"gateway-{wa.port}.yaml"))
+    env = {
+        **os.environ,
+        **ENV,
+        "DATABASE_URL": services[0],
+        "REDIS_URL": services[1],
+        "GATEWAY_URL": wa.url,
+        "GATEWAY_DATA_DIR": str(tmp_root / "data"),
+        "WA_TEST_CHANNEL_KEY": wa.channel_key,
+    }
+    worker = Proc(
+        [sys.executable, "-m", "gateway", "channels", "worker", "--config", str(cfg)], env, tmp_root / "wa-worker.log"
+    )
+    try:
+        wait_until(lambda: "channel worker running" in worker.log(), timeout=30, what="worker start")
+        customers = [new_wa_id() for _ in range(8)]
+        for c in customers:  # each turn's model call takes 2 s: the worker is killed holding some
+            say(wa, "acme", c, f'slow {c} [[mock:{{"delay_ms": 2000}}]]')
+
+        def worker_holds() -> int:
+            import redis
+
+            r = redis.Redis.from_url(services[1])
+            try:
+                info = r.xinfo_consumers("gw:{gw}:q:wa-inbound", "workers")
+            finally:
+                r.close()
+            return sum(int(c["pending"]) for c in info if f"-{worker.proc.pid}-" in c["name"].decode())
+
+        wait_until(worker_holds, timeout=20, what="the worker holding messages")
+        worker.proc.send_signal(signal.SIGKILL)
+        worker.proc.wait(10)
+        for c in customers:  # the gateway's own worker claims them after the visibility timeout
+            wait_sent(graph, c, 1, timeout=60)
+        say(wa, "acme", customers[0], "and now?")  # behind everything of that conversation
+        wait_sent(graph, customers[0], 2)
+        for c in customers:
+            texts = [s["text"] for s in graph.sent_to(c)]
+            assert texts.count(f"echo: slow {c}") == 1, texts
+    finally:
+        worker.stop()
+
+
+def test_admin_send_paced_templates_to_a_list_and_text_only_inside_the_window(wa, graph):
+    admin(
+        wa,
+        "POST",
+        "/admin/channels/whatsapp/templates",
+        json={"account": "acme", "name": "promo", "variables": ["code"]},
+    )
+    people = [new_wa_id() for _ in range(3)]
+    body = {"account": "acme", "to": people, "template": {"name": "promo", "variables": {"code": "SPRING"}}}
+    r = admin(wa, "POST", "/admin/channels/whatsapp/send", json=body)
+    assert r.status_code == 202, r.text
+    assert [d["to"] for d in r.json()["data"]] == people
+    for p in people:
+        s = wait_sent(graph, p, 1)[0]
+        assert s["type"] == "template" and s["template"]["components"][0]["parameters"][0]["text"] == "SPRING"
+    # free text to someone who never wrote: outside the window, held (never attempted)
+    stranger = new_wa_id()
+    r = admin(wa, "POST", "/admin/channels/whatsapp/send", json={"account": "acme", "to": stranger, "text": "hi!"})
+    assert r.status_code == 202
+    wait_until(
+        lambda: any(
+            m["wa_id"] == stranger
+            for m in admin(
+                wa, "GET", "/admin/channels/whatsapp/messages", params={"account": "acme", "status": "held"}
+            ).json()["data"]
+        ),
+        what="held text",
+    )
+    assert graph.sent_to(stranger) == []
+    # inside the window it is sent
+    friend = new_wa_id()
+    say(wa, "acme", friend, "hello")
+    wait_sent(graph, friend, 1)
+    r = admin(wa, "POST", "/admin/channels/whatsapp/send", json={"account": "acme", "to": friend, "text": "news!"})
+    assert wait_sent(graph, friend, 2)[1]["text"] == "news!"
+    bad = [
+        {"account": "acme", "to": "x1", "text": "hi"},
+        {"account": "acme", "to": [stranger] * 1001, "text": "hi"},
+        {"account": "acme", "to": stranger},
+        {"account": "acme", "to": stranger, "text": "hi", "template": {"name": "promo"}},
+        {"account": "acme", "to": stranger, "template": {"name": "promo"}},  # its variable is missing
+        {"account": "acme", "to": stranger, "text": "hi", "extra": 1},
+    ]
+    for b in bad:
+        r = admin(wa, "POST", "/admin/channels/whatsapp/send", json=b)
+        assert r.status_code == 400, (b, r.text)
+    assert (
+        admin(
+            wa, "POST", "/admin/channels/whatsapp/send", json={"account": "zeta", "to": stranger, "text": "x"}
+        ).status_code
+        == 404
+    )
+
+
+def test_admin_of_another_tenant_does_not_see_the_account(wa):
+    r = admin(wa, "POST", "/admin/keys", json={"name": "other-admin", "tenant": "someone-else", "scopes": ["admin"]})
+    assert r.status_code == 201, r.text
+    key = r.json()["key"]
+    r = httpx.get(
+        f"{wa.url}/admin/channels/whatsapp/templates",
+        params={"account": "acme"},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert r.status_code == 404
+
+
+# ---- attacks on the webhook ------------------------------------------------------------------
+
+
+def test_attack_oversized_body_and_batch_are_refused(wa, services):
+    wa_id = new_wa_id()
+    big = notification([text(wa_id, "x" * 1000)], pnid="1001")
+    raw = orjson.dumps(big).replace(b"x" * 1000, b"x" * (1024 * 1024))
+    assert post(wa, "acme", None, raw=raw).status_code == 413
+    many = notification([text(wa_id, "spam") for _ in range(501)], pnid="1001")
+    assert post(wa, "acme", many).status_code == 400
+    assert post(wa, "acme", None, raw=b"not json").status_code == 400
+    assert post(wa, "acme", {"object": "page", "entry": []}).status_code == 400
+    assert rows(services[0], "SELECT 1 FROM whatsapp_conversations WHERE wa_id = $1", wa_id) == []
+
+
+def test_attack_another_accounts_number_is_ignored(wa, services, graph):
+    wa_id = new_wa_id()
+    # signed with acme's secret, but for beta's business number: not acme's to answer
+    assert post(wa, "acme", notification([text(wa_id, "cross account")], pnid="2002")).status_code == 200
+    say(wa, "acme", wa_id, "own number")
+    wait_sent(graph, wa_id, 1)
+    convs = rows(services[0], "SELECT account, phone_number_id FROM whatsapp_conversations WHERE wa_id = $1", wa_id)
+    assert convs == [{"account": "acme", "phone_number_id": "1001"}]
+    assert [s["text"] for s in graph.sent_to(wa_id)] == ["echo: own number"]
+
+
+def test_attack_malformed_messages_are_skipped_not_half_used(wa, graph):
+    wa_id = new_wa_id()
+    bad = [
+        {"from": "not-digits", "id": new_wamid(), "type": "text", "text": {"body": "x"}},
+        {"from": wa_id, "id": "wamid with spaces", "type": "text", "text": {"body": "x"}},
+        {"from": wa_id, "id": new_wamid(), "type": "image", "image": {"id": "../../etc/passwd"}},
+        {"from": wa_id, "id": new_wamid(), "type": "location", "location": {"latitude": "NaN", "longitude": 1}},
+        "a string",
+    ]
+    good = text(wa_id, "the only good one")
+    assert post(wa, "acme", notification([*bad, good], pnid="1001")).status_code == 200
+    assert [s["text"] for s in wait_sent(graph, wa_id, 1)] == ["echo: the only good one"]
+
+
+def test_attack_media_ssrf_type_and_size_are_refused(wa, graph, module_mock):
+    media = [
+        ("8880001", PNG, "image/png", "http://169.254.169.254/latest/meta-data/"),  # off the Graph host
+        ("8880002", b"<svg onload=alert(1)>", "image/svg+xml", None),  # not a type passed on
+        ("8880003", PNG + b"\0" * 300_000, "image/png", None),  # over media_max_bytes
+    ]
+    for mid, data, mime, url in media:
+        body = {"id": mid, "data_b64": base64.b64encode(data).decode(), "mime_type": mime}
+        if url:
+            body["url"] = url
+        graph._post("/_mock/media", body)
+    wa_id = new_wa_id()
+    downloads = graph.stats().get("media_downloads", 0)
+    for mid, *_ in media:
+        msg = {
+            "from": wa_id,
+            "id": new_wamid(),
+            "timestamp": str(int(time.time())),
+            "type": "image",
+            "image": {"id": mid, "mime_type": "image/png"},
+        }
+        assert post(wa, "acme", notification([msg], pnid="1001")).status_code == 200
+    wait_sent(graph, wa_id, 3)
+    contents = [c["messages"][-1]["content"] for c in llm_requests(module_mock, wa_id)]
+    assert contents == [
+        "[image not shown: media URL is not on an allowed host]",
+        "[image not shown: media type not accepted]",
+        "[image not shown: media too large]",
+    ]
+    assert graph.stats().get("media_downloads", 0) == downloads  # not one byte fetched
+
+
+def test_attack_unknown_or_odd_account_paths(wa):
+    raw = orjson.dumps(notification([], pnid="1001"))
+    for path in ("nobody", "ACME", "acme%2F..%2Fbeta", "a" * 300, "%00"):
+        r = httpx.post(f"{wa.url}/channels/whatsapp/{path}", content=raw, headers={"X-Hub-Signature-256": "sha256=0"})
+        assert r.status_code == 404, path
+    assert httpx.put(f"{wa.url}/channels/whatsapp/acme", content=raw).status_code == 405
+
+
+def test_deliverer_sends_a_humans_reply_once_and_only_to_its_own_conversations(wa, graph, services, tmp_root):
+    import redis.asyncio as aioredis
+
+    from channels.config import whatsapp_accounts
+    from channels.whatsapp import WhatsApp
+    from gateway.channels_whatsapp import DeliveryAdapter
+    from runtime.delivery import Delivery, Outbound
+
+    wa_id = new_wa_id()
+    say(wa, "acme", wa_id, "I want a person")
+    wait_sent(graph, wa_id, 1)
+
+    async def go():
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        redis = aioredis.from_url(services[1])
+        acct = account("acme", graph_base_url=graph.url, api_key="sk-unused-000000")
+        channel = WhatsApp(
+            whatsapp_accounts({"acme": acct}), redis=redis, pool=pool, data_dir=tmp_root / "data", gateway_url=wa.url
+        )
+        delivery = Delivery()
+        delivery.register("whatsapp", DeliveryAdapter(channel))
+        conv = f"wa:1001:{wa_id}"
+        try:
+            first = await delivery.deliver(
+                Outbound(TENANT, "wabot", conv, "A human here. How can I help?", ref="esc_1")
+            )
+            again = await delivery.deliver(
+                Outbound(TENANT, "wabot", conv, "A human here. How can I help?", ref="esc_1")
+            )
+            unknown = await delivery.deliver(Outbound(TENANT, "wabot", "wa:1001:1", "hello?"))
+            other_tenant = await delivery.deliver(Outbound("someone-else", "wabot", conv, "spoofed"))
+        finally:
+            await channel.stop()
+            await redis.aclose()
+            await pool.close()
+        return first, again, unknown, other_tenant
+
+    first, again, unknown, other_tenant = asyncio.run(go())
+    assert first.channel == "whatsapp" and first.status == "sent" and first.detail.startswith("wamid.")
+    assert again.channel == "whatsapp" and again.detail is None  # the same reply (ref) is not sent twice
+    assert unknown.channel == "api" and other_tenant.channel == "api"  # not this channel's conversations
+    assert [s["text"] for s in graph.sent_to(wa_id)] == ["echo: I want a person", "A human here. How can I help?"]
