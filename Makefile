@@ -29,7 +29,14 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)
+# py-spy (profiles in the bench report) in a venv of its own: loadtest/requirements-bench.txt.
+BENCH_STAMP := .venv-bench/.installed
+$(BENCH_STAMP): loadtest/requirements-bench.txt
+	@test -x .venv-bench/bin/python || $(PY) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q --disable-pip-version-check -r loadtest/requirements-bench.txt
+	@touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python -m loadtest.bench $(ARGS)
 
 clean:

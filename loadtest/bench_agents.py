@@ -283,8 +283,9 @@ WATCHED = (
 def _py_spy() -> str | None:
     import shutil
 
-    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    return found if Path(found).exists() else None
+    from loadtest.profiling import py_spy
+
+    return py_spy() or (shutil.which("py-spy"))
 
 
 def profile(pid: int, tmp: Path, name: str, load, seconds: int = 5) -> dict | None:

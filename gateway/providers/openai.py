@@ -27,11 +27,16 @@ class OpenAIAdapter:
         self._upstream = upstream
         self._chat_url = f"{cfg.base_url}/chat/completions"
         self._embeddings_url = f"{cfg.base_url}/embeddings"
+        self._header_cache: dict[str | None, dict[str, str]] = {}
 
     def _headers(self, route: Route) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", **self.cfg.headers}
-        if route.api_key:
-            headers["Authorization"] = f"Bearer {route.api_key}"
+        """Built once per API key (read-only afterwards: the HTTP client copies them)."""
+        headers = self._header_cache.get(route.api_key)
+        if headers is None:
+            headers = {"Content-Type": "application/json", **self.cfg.headers}
+            if route.api_key:
+                headers["Authorization"] = f"Bearer {route.api_key}"
+            self._header_cache[route.api_key] = headers
         return headers
 
     async def _send(self, url: str, ctx: RequestContext, route: Route, payload: dict) -> aiohttp.ClientResponse:
