@@ -134,7 +134,8 @@ class Upstream:
         status, whose excess is dropped); a larger success body is a 502."""
         limit = MAX_ERROR_BODY_BYTES if resp.status >= 400 else MAX_BODY_BYTES
         try:
-            if resp.content_length is not None and resp.content_length <= limit:
+            length = getattr(resp, "content_length", None)  # (h1's Response: streamed below)
+            if length is not None and length <= limit:
                 return await resp.read()
             parts: list[bytes] = []
             size = 0
