@@ -82,7 +82,7 @@ def env(tmp_root, services, module_mock):
                     "api_key": key,
                     "public_url": PUBLIC_URL,
                     "auth": {"bearer_token": TOKEN, "secret": SECRET},
-                    "phone_numbers": {"pn_main": AGENT, "pn_plain": PLAIN},
+                    "phone_numbers": {"pn_main": AGENT, "pn_plain": PLAIN, "pn_ghost": f"ghost-{RUN}"},
                     "default_agent": AGENT,
                     "transfer_number": "+14155550100",
                     "vapi_api_url": api.url,
@@ -290,6 +290,19 @@ def test_streaming_relayed_as_openai_chunks(env):
     assert [m["role"] for m in sent["messages"]] == ["system", "user"]  # VAPI's system message dropped
     assert "+14155550177" in sent["messages"][0]["content"]
     assert "call" not in sent and "customer" not in sent  # VAPI's objects never reach the provider
+
+
+def test_gateway_errors_relayed_as_they_are(env):
+    """The gateway's OpenAI-shaped error reaches VAPI unchanged (status, body, request id)."""
+    client = openai.OpenAI(base_url=base(env), api_key=TOKEN, max_retries=0, timeout=30)
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.chat.completions.create(
+            model="x",
+            messages=[{"role": "user", "content": "hello?"}],
+            stream=True,
+            extra_body={"call": {"id": str(uuid.uuid4()), "phoneNumberId": "pn_ghost"}},
+        )
+    assert exc.value.code == "model_not_found" and exc.value.request_id.startswith("req_")
 
 
 def test_vapi_pointed_straight_at_v1(env):

@@ -82,7 +82,7 @@ class VapiAccount(_Strict):
     assistant: dict[str, Any] = Field(default_factory=dict)  # merged into assistant-request answers
     # a long call's end-of-call report carries its whole transcript twice (text and messages)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=16 * 1024, le=16 * 1024 * 1024)
-    tool_timeout_s: float = Field(20.0, gt=0, le=120)
+    tool_timeout_s: float = Field(15.0, gt=0, le=120)  # VAPI waits 20 s for tool results by default
     llm_timeout_s: float = Field(60.0, gt=0, le=600)  # one custom-LLM turn through the gateway
     # What a message for a call's customer outside the call (a human's reply) does: "report" it
     # undeliverable, or "callback": place an outbound call that speaks it.
