@@ -174,6 +174,8 @@ class EscalationAdmin:
                     except TimeoutError:
                         yield b": keep-alive\n\n"
                         continue
+                    if event is None:  # this process is stopping: the console reconnects elsewhere
+                        return
                     yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}

@@ -78,8 +78,12 @@ def receiver():
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_root, services, module_mock, receiver):
-    urls = (own_database(services[0]), f"{services[1]}?db={REDIS_DB}")
+def urls(services):
+    return own_database(services[0]), f"{services[1]}?db={REDIS_DB}"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_root, urls, module_mock, receiver):
     a = Gateway(tmp_root, config(module_mock, receiver), urls)
     try:
         b = Gateway(tmp_root, config(module_mock, receiver), urls)
@@ -462,3 +466,20 @@ def test_attack_hostile_ids(pair, tenant):
         assert admin(a, "GET", f"/admin/escalations/{bad}", tenant["admin"]).status_code == 404
     r = admin(a, "GET", f"/admin/agents/{tenant['agent']}/conversations/a%00b/messages", tenant["admin"])
     assert r.status_code == 400
+
+
+def test_console_streams_end_when_a_replica_stops(tmp_root, urls, module_mock, receiver, tenant):
+    """A console's event stream never ends by itself; a stopping replica ends it at once instead
+    of holding its shutdown for the server's 30 s grace."""
+    gw = Gateway(tmp_root, config(module_mock, receiver), urls)
+    events: list = []
+    ready, stop = threading.Event(), threading.Event()
+    feeder = threading.Thread(target=_feed_events, args=(gw, tenant["admin"], events, ready, stop), daemon=True)
+    try:
+        feeder.start()
+        assert ready.wait(10)
+    finally:
+        gw.proc.terminate()
+    feeder.join(10)
+    assert not feeder.is_alive()
+    assert gw.stop() in (0, 143, -15)

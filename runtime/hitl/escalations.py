@@ -223,14 +223,15 @@ async def claim_next(
 
 
 async def _held_by(conn, tenant: str | None, escalation_id: str, holder: str | None) -> dict:
-    """The escalation, checked to be claimed by ``holder`` with a live lease (None: anyone, the
-    super-admin acting)."""
+    """The escalation, checked to be claimed by ``holder`` with a live lease (None: anyone). The
+    row stays locked until the caller's transaction ends: no claim slips in between."""
     current = await must_get(conn, tenant, escalation_id)
     if current["status"] == "resolved":
         raise Conflict("This escalation is resolved.", param="id", code="escalation_resolved")
     if holder is not None:
         live = await conn.fetchval(
-            "SELECT status = 'claimed' AND claimed_by = $2 AND lease_until >= now() FROM escalations WHERE id = $1",
+            """SELECT status = 'claimed' AND claimed_by = $2 AND lease_until >= now() FROM escalations
+               WHERE id = $1 FOR UPDATE""",
             escalation_id,
             holder,
         )
