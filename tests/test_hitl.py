@@ -483,3 +483,24 @@ def test_console_streams_end_when_a_replica_stops(tmp_root, urls, module_mock, r
     feeder.join(10)
     assert not feeder.is_alive()
     assert gw.stop() in (0, 143, -15)
+
+
+def test_the_escalate_tool_hands_over_with_its_urgency(pair, tenant):
+    a, _ = pair
+    name = f"tooly-{uuid.uuid4().hex[:6]}"
+    body = {
+        "name": name,
+        "model": "agent-model",
+        "tenant": tenant["name"],
+        "template": "You are the support assistant.",
+        "builtins": ["escalate_to_human"],  # escalation is on by default for an agent that declares it
+    }
+    assert admin(a, "POST", "/admin/agents", json=body).status_code == 201
+    call = {"name": "escalate_to_human", "arguments": {"reason": "wants a manager", "urgency": "high"}}
+    text = "[[mock:" + json.dumps({"tool_calls_steps": [[call]]}) + "]] I want my money back"
+    content, headers = chat(a, tenant["key"], name, f"t-{uuid.uuid4().hex[:8]}", text)
+    esc_id = headers.get("x-gateway-escalation")
+    assert esc_id and content.startswith("I'm passing your conversation")
+    esc = admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"]).json()
+    assert esc["urgency"] == "high" and "escalate_tool" in esc["reasons"] and esc["confidence"] == 0
+    assert esc["why"]["rule"] == "escalate_tool" and esc["draft"].startswith("tool result:")
