@@ -317,10 +317,11 @@ def headers(turn) -> list[tuple[bytes, bytes]]:
 
 
 def record(turn) -> dict:
-    """The run record's human-in-the-loop fields."""
+    """The run record's human-in-the-loop fields (a held turn names its escalation, but did not
+    escalate: it is not counted again in the experiment report)."""
     conf = turn.confidence
     return {
-        "escalated": turn.escalation_id is not None,
+        "escalated": turn.escalation_id is not None and turn.hold is None,
         "escalation_id": turn.escalation_id,
         "confidence": conf.score if conf is not None else None,
         "confidence_reasons": conf.reasons if conf is not None else None,
