@@ -49,6 +49,7 @@ class HitlService:
     feed: held.Feed
     sweeper: sla.Sweeper
     indexer: LearnedIndexer
+    fast: object = None  # the pipelined client of the held checks
 
     def sla_for(self, urgency: str) -> sla.Sla:
         configured = self.config.sla.get(urgency)
@@ -59,6 +60,8 @@ class HitlService:
     async def stop(self) -> None:
         await self.sweeper.stop()
         await self.feed.stop()
+        if self.fast is not None:
+            await self.fast.close()
 
 
 async def start(config: Hitl, pool, redis, fast, embedder) -> HitlService:
@@ -75,7 +78,7 @@ async def start(config: Hitl, pool, redis, fast, embedder) -> HitlService:
     await feed.start()
     _end_streams_on_exit(feed)
     await sweeper.start()
-    return HitlService(config, holds, feed, sweeper, LearnedIndexer(embedder))
+    return HitlService(config, holds, feed, sweeper, LearnedIndexer(embedder), fast)
 
 
 def _end_streams_on_exit(feed: held.Feed) -> None:
