@@ -174,9 +174,12 @@ def test_low_confidence_turn_escalates_and_next_message_joins(pair, tenant, modu
     assert headers["x-gateway-escalation"] == esc_id
     assert len(module_mock.requests()) == calls
 
-    r = admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"])
-    assert r.status_code == 200, r.text
-    esc = r.json()
+    # counted on the escalation off the request path
+    wait_until(
+        lambda: admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"]).json()["customer_messages"] == 1,
+        what="the message counted",
+    )
+    esc = admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"]).json()
     assert esc["status"] == "queued" and esc["customer_messages"] == 1
     assert "low_logprobs" in esc["reasons"] and esc["confidence"] < 0.5
     assert esc["draft"] == "echo: Where is my parcel?"  # the AI's answer, for the person to judge
