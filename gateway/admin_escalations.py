@@ -5,10 +5,10 @@ Mounted into gateway/admin.py: authenticated, access-logged, tenant-scoped like 
 (filtered in SQL and walled by row-level security; the super-admin sees every tenant). The person
 working an item is the authenticated key (its id is the lease holder), never a field of a body.
 
-    GET  /admin/escalations                  the queue (?team= &status= &urgency= &limit=), by priority
+    GET  /admin/escalations                  the queue (?team= &skill= &status= &urgency= &limit=), by priority
     GET  /admin/escalations/feed             server-sent events of queue changes (every replica's)
     GET  /admin/escalations/stats            waiting, in progress, breached, p50/p90 by team and urgency
-    POST /admin/escalations/claim-next       {"team"}: the highest-priority item, claimed
+    POST /admin/escalations/claim-next       {"team", "skill"}: the highest-priority item, claimed
     GET  /admin/escalations/{id}             the context handoff
     POST /admin/escalations/{id}/claim       a lease (``hitl.lease_s``); 409 when someone else holds it
     POST /admin/escalations/{id}/reply       {"text"}: stored in memory, delivered through the channel
@@ -149,6 +149,7 @@ class EscalationAdmin:
                 team=_team(q.get("team")),
                 status=status,
                 urgency=urgency,
+                skill=_team(q.get("skill"), "skill"),
                 aging=self.hitl.config.aging_per_minute,
                 limit=int(limit),
             )
@@ -174,6 +175,8 @@ class EscalationAdmin:
                     except TimeoutError:
                         yield b": keep-alive\n\n"
                         continue
+                    if event is None:  # this process is stopping: the console reconnects elsewhere
+                        return
                     yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -224,7 +227,7 @@ class EscalationAdmin:
 
     async def claim_next(self, request: Request) -> Response:
         data = await inp.body(request)
-        _only(data, {"team"})
+        _only(data, {"team", "skill"})
         holder = base._ident(request).key_id
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             esc = await escalations.claim_next(
@@ -233,6 +236,7 @@ class EscalationAdmin:
                 holder,
                 self.hitl.config.lease_s,
                 team=_team(data.get("team")),
+                skill=_team(data.get("skill"), "skill"),
                 aging=self.hitl.config.aging_per_minute,
             )
         if esc is None:

@@ -4,8 +4,11 @@ learned answers."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import signal
+import threading
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
@@ -46,6 +49,7 @@ class HitlService:
     feed: held.Feed
     sweeper: sla.Sweeper
     indexer: LearnedIndexer
+    fast: object = None  # the pipelined client of the held checks
 
     def sla_for(self, urgency: str) -> sla.Sla:
         configured = self.config.sla.get(urgency)
@@ -56,6 +60,8 @@ class HitlService:
     async def stop(self) -> None:
         await self.sweeper.stop()
         await self.feed.stop()
+        if self.fast is not None:
+            await self.fast.close()
 
 
 async def start(config: Hitl, pool, redis, fast, embedder) -> HitlService:
@@ -70,8 +76,27 @@ async def start(config: Hitl, pool, redis, fast, embedder) -> HitlService:
     sweeper = sla.Sweeper(pool, redis, holds, emit, interval=config.sweep_interval_s)
     feed = held.Feed(redis)
     await feed.start()
+    _end_streams_on_exit(feed)
     await sweeper.start()
-    return HitlService(config, holds, feed, sweeper, LearnedIndexer(embedder))
+    return HitlService(config, holds, feed, sweeper, LearnedIndexer(embedder), fast)
+
+
+def _end_streams_on_exit(feed: held.Feed) -> None:
+    """The server waits for open responses before it stops, and a console's event stream never
+    ends by itself: on SIGTERM/SIGINT the streams end first, then the server's own handler runs."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def handler(signum, frame, previous=previous) -> None:
+            loop.call_soon_threadsafe(feed.close_streams)
+            previous(signum, frame)
+
+        signal.signal(sig, handler)
 
 
 class LearnedIndexer:

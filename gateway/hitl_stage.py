@@ -1,9 +1,9 @@
 """Human in the loop on the request path of an agent turn.
 
 - **held** (agent stage): one Redis GET, issued beside the memory read, says whether a person
-  holds the conversation. If so the customer's message joins the escalation (stored in memory,
-  counted on the escalation, announced on the feed) and the turn answers at once with the
-  agent's hold message — no model call, no PostgreSQL query before the answer is known.
+  holds the conversation. If so the customer's message joins the escalation (stored in memory;
+  counted on the escalation and announced on the feed in the background) and the turn answers at
+  once with the agent's hold message — no model call, no PostgreSQL query on its path.
 - **respond** (tools loop): the answer's confidence is scored (runtime/hitl/confidence.py: no
   model call unless the agent asks for a judge), recorded with the run and as a metric; below
   the agent's threshold, or on a rule, the turn escalates: the escalation opens (PostgreSQL, on
@@ -100,16 +100,26 @@ async def join(svc, ctx: RequestContext) -> str:
     except Exception as exc:
         turn.memory_error = f"store failed: {type(exc).__name__}"
         log.warning("a held conversation's message was not stored: %s", type(exc).__name__)
+    # Counted on the escalation off the request path: the answer waits for no PostgreSQL.
+    task = asyncio.ensure_future(_count(svc, agent, turn.conversation_id, turn.hold))
+    _PENDING.add(task)
+    task.add_done_callback(_PENDING.discard)
+    return text
+
+
+_PENDING: set[asyncio.Task] = set()  # counting tasks in flight (a reference keeps them alive)
+
+
+async def _count(svc, agent, conversation_id: str, escalation_id: str) -> None:
     try:
         async with asyncio.timeout(DB_TIMEOUT), svc.pool.acquire() as conn:
-            row = await escalations.join(conn, agent.tenant, turn.hold)
+            row = await escalations.join(conn, agent.tenant, escalation_id)
         if row is None:  # resolved meanwhile (its key not yet gone): let the next message through
-            await svc.hitl.holds.release(agent.tenant, agent.id, turn.conversation_id, turn.hold)
+            await svc.hitl.holds.release(agent.tenant, agent.id, conversation_id, escalation_id)
         else:
             await held.publish(svc.redis, agent.tenant, "customer_message", row)
     except Exception as exc:  # the message is in memory; the count can lag
-        log.warning("escalation %s: customer message not counted: %s", turn.hold, type(exc).__name__)
-    return text
+        log.warning("escalation %s: customer message not counted: %s", escalation_id, type(exc).__name__)
 
 
 def _signals(ctx: RequestContext, answer: dict) -> confidence.Signals:
@@ -317,10 +327,11 @@ def headers(turn) -> list[tuple[bytes, bytes]]:
 
 
 def record(turn) -> dict:
-    """The run record's human-in-the-loop fields."""
+    """The run record's human-in-the-loop fields (a held turn names its escalation, but did not
+    escalate: it is not counted again in the experiment report)."""
     conf = turn.confidence
     return {
-        "escalated": turn.escalation_id is not None,
+        "escalated": turn.escalation_id is not None and turn.hold is None,
         "escalation_id": turn.escalation_id,
         "confidence": conf.score if conf is not None else None,
         "confidence_reasons": conf.reasons if conf is not None else None,

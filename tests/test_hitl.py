@@ -78,8 +78,12 @@ def receiver():
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_root, services, module_mock, receiver):
-    urls = (own_database(services[0]), f"{services[1]}?db={REDIS_DB}")
+def urls(services):
+    return own_database(services[0]), f"{services[1]}?db={REDIS_DB}"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_root, urls, module_mock, receiver):
     a = Gateway(tmp_root, config(module_mock, receiver), urls)
     try:
         b = Gateway(tmp_root, config(module_mock, receiver), urls)
@@ -170,9 +174,12 @@ def test_low_confidence_turn_escalates_and_next_message_joins(pair, tenant, modu
     assert headers["x-gateway-escalation"] == esc_id
     assert len(module_mock.requests()) == calls
 
-    r = admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"])
-    assert r.status_code == 200, r.text
-    esc = r.json()
+    # counted on the escalation off the request path
+    wait_until(
+        lambda: admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"]).json()["customer_messages"] == 1,
+        what="the message counted",
+    )
+    esc = admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"]).json()
     assert esc["status"] == "queued" and esc["customer_messages"] == 1
     assert "low_logprobs" in esc["reasons"] and esc["confidence"] < 0.5
     assert esc["draft"] == "echo: Where is my parcel?"  # the AI's answer, for the person to judge
@@ -251,8 +258,7 @@ def test_human_reply_reaches_rest_client_and_is_learned(pair, tenant, module_moc
     ready, stop = threading.Event(), threading.Event()
     feeder = threading.Thread(target=_feed_events, args=(b, tenant["admin"], events, ready, stop), daemon=True)
     feeder.start()
-    assert ready.wait(10)
-    time.sleep(0.2)  # the subscription is confirmed just before the first byte; let it settle
+    assert ready.wait(10)  # ": connected" comes once this console's queue is registered
 
     assert admin(a, "POST", f"/admin/escalations/{esc_id}/claim", tenant["admin"]).status_code == 200
     reply = "Yes: reply with the new address and we update it before dispatch."
@@ -462,3 +468,41 @@ def test_attack_hostile_ids(pair, tenant):
         assert admin(a, "GET", f"/admin/escalations/{bad}", tenant["admin"]).status_code == 404
     r = admin(a, "GET", f"/admin/agents/{tenant['agent']}/conversations/a%00b/messages", tenant["admin"])
     assert r.status_code == 400
+
+
+def test_console_streams_end_when_a_replica_stops(tmp_root, urls, module_mock, receiver, tenant):
+    """A console's event stream never ends by itself; a stopping replica ends it at once instead
+    of holding its shutdown for the server's 30 s grace."""
+    gw = Gateway(tmp_root, config(module_mock, receiver), urls)
+    events: list = []
+    ready, stop = threading.Event(), threading.Event()
+    feeder = threading.Thread(target=_feed_events, args=(gw, tenant["admin"], events, ready, stop), daemon=True)
+    try:
+        feeder.start()
+        assert ready.wait(10)
+    finally:
+        gw.proc.terminate()
+    feeder.join(10)
+    assert not feeder.is_alive()
+    assert gw.stop() in (0, 143, -15)
+
+
+def test_the_escalate_tool_hands_over_with_its_urgency(pair, tenant):
+    a, _ = pair
+    name = f"tooly-{uuid.uuid4().hex[:6]}"
+    body = {
+        "name": name,
+        "model": "agent-model",
+        "tenant": tenant["name"],
+        "template": "You are the support assistant.",
+        "builtins": ["escalate_to_human"],  # escalation is on by default for an agent that declares it
+    }
+    assert admin(a, "POST", "/admin/agents", json=body).status_code == 201
+    call = {"name": "escalate_to_human", "arguments": {"reason": "wants a manager", "urgency": "high"}}
+    text = "[[mock:" + json.dumps({"tool_calls_steps": [[call]]}) + "]] I want my money back"
+    content, headers = chat(a, tenant["key"], name, f"t-{uuid.uuid4().hex[:8]}", text)
+    esc_id = headers.get("x-gateway-escalation")
+    assert esc_id and content.startswith("I'm passing your conversation")
+    esc = admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"]).json()
+    assert esc["urgency"] == "high" and "escalate_tool" in esc["reasons"] and esc["confidence"] == 0
+    assert esc["why"]["rule"] == "escalate_tool" and esc["draft"].startswith("tool result:")

@@ -300,3 +300,19 @@ def test_feed_fans_out_only_the_subscribers_tenant():
         assert mine.get_nowait()["id"] == "esc_1" and everyone.get_nowait()["id"] == "esc_1"
         assert theirs.empty()
     assert not feed._subscribers
+
+
+def test_skills_route_the_queue(pool):
+    loop, p = pool
+    tenant = f"u-{uuid.uuid4().hex[:6]}"
+
+    async def go():
+        french, _ = await _open(p, _esc(tenant, team="t2", skills=["french"]))
+        await _open(p, _esc(tenant, team="t2"))
+        async with tenant_transaction(p, tenant) as conn:
+            assert [e["id"] for e in await escalations.list_queue(conn, tenant, skill="french")] == [french["id"]]
+            assert await escalations.claim_next(conn, tenant, "k", 30, team="t2", skill="german") is None
+            taken = await escalations.claim_next(conn, tenant, "k", 30, team="t2", skill="french")
+        assert taken["id"] == french["id"]
+
+    loop.run_until_complete(go())

@@ -155,6 +155,7 @@ async def list_queue(
     team: str | None = None,
     status: str | None = None,
     urgency: str | None = None,
+    skill: str | None = None,
     aging: float = 1.0,
     limit: int = 100,
 ) -> list[dict]:
@@ -164,7 +165,7 @@ async def list_queue(
         f"""SELECT *, {prio} AS priority FROM escalations
             WHERE ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR team = $2)
               AND (CASE WHEN $3::text IS NULL THEN status <> 'resolved' ELSE status = $3 END)
-              AND ($4::text IS NULL OR urgency = $4)
+              AND ($4::text IS NULL OR urgency = $4) AND ($6::text IS NULL OR $6 = ANY(skills))
             ORDER BY (status = 'resolved'), {prio} DESC, created_at
             LIMIT $5""",
         tenant,
@@ -172,6 +173,7 @@ async def list_queue(
         status,
         urgency,
         max(1, min(limit, 500)),
+        skill,
     )
     return [out(r) for r in rows]
 
@@ -198,15 +200,24 @@ async def claim(conn, tenant: str | None, escalation_id: str, holder: str, lease
 
 
 async def claim_next(
-    conn, tenant: str | None, holder: str, lease_s: float, *, team: str | None = None, aging: float = 1.0
+    conn,
+    tenant: str | None,
+    holder: str,
+    lease_s: float,
+    *,
+    team: str | None = None,
+    skill: str | None = None,
+    aging: float = 1.0,
 ) -> dict | None:
-    """The highest-priority claimable item of ``team``, claimed; None when the queue is empty."""
+    """The highest-priority claimable item of ``team`` (needing ``skill``), claimed; None when
+    the queue is empty."""
     prio = _priority(aging)
     row = await conn.fetchrow(
         f"""WITH next AS (
                 SELECT id FROM escalations
                 WHERE ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR team = $2)
                   AND (status = 'queued' OR (status = 'claimed' AND lease_until < now()))
+                  AND ($5::text IS NULL OR $5 = ANY(skills))
                 ORDER BY {prio} DESC, created_at
                 FOR UPDATE SKIP LOCKED LIMIT 1)
             UPDATE escalations e SET status = 'claimed', claimed_by = $3, claims = claims + 1,
@@ -218,19 +229,21 @@ async def claim_next(
         team,
         holder,
         float(lease_s),
+        skill,
     )
     return out(row)
 
 
 async def _held_by(conn, tenant: str | None, escalation_id: str, holder: str | None) -> dict:
-    """The escalation, checked to be claimed by ``holder`` with a live lease (None: anyone, the
-    super-admin acting)."""
+    """The escalation, checked to be claimed by ``holder`` with a live lease (None: anyone). The
+    row stays locked until the caller's transaction ends: no claim slips in between."""
     current = await must_get(conn, tenant, escalation_id)
     if current["status"] == "resolved":
         raise Conflict("This escalation is resolved.", param="id", code="escalation_resolved")
     if holder is not None:
         live = await conn.fetchval(
-            "SELECT status = 'claimed' AND claimed_by = $2 AND lease_until >= now() FROM escalations WHERE id = $1",
+            """SELECT status = 'claimed' AND claimed_by = $2 AND lease_until >= now() FROM escalations
+               WHERE id = $1 FOR UPDATE""",
             escalation_id,
             holder,
         )

@@ -110,6 +110,13 @@ class Feed:
 
     async def stop(self) -> None:
         await stop_task(self._task)
+        self.close_streams()
+
+    def close_streams(self) -> None:
+        """Ends every console's stream (the process is stopping: they reconnect to another)."""
+        for _, queue in list(self._subscribers.values()):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
 
     def _on(self, data) -> None:
         try:
@@ -124,7 +131,8 @@ class Feed:
 
     @contextlib.contextmanager
     def subscribe(self, tenant: str | None):
-        """A queue of the events ``tenant`` may see (None: every tenant's, for the super-admin)."""
+        """A queue of the events ``tenant`` may see (None: every tenant's, for the super-admin); a
+        None in it means the process is stopping."""
         queue: asyncio.Queue = asyncio.Queue(MAX_SUBSCRIBER_BACKLOG)
         self._subscribers[id(queue)] = (tenant, queue)
         try:
