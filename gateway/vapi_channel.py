@@ -1,7 +1,10 @@
 """Composes the VAPI channel (channels/vapi) into a gateway process: validates the accounts of
 ``channels.vapi`` at start-up, checks each account's gateway key belongs to its tenant, and
 gives the channel what it cannot import itself — the tenant transaction for its call records,
-the agent tool runner for ``tool-calls`` messages, and the delivery registry."""
+the agent tool runner for ``tool-calls`` messages, the delivery registry, the gateway's
+failed-authentication limiter (per client address, shared with the API's keys) and the
+account key's identity through the key cache (so a key revoked or moved after start-up stops
+the account's tools and outbound calls, as the gateway refuses its model turns)."""
 
 from __future__ import annotations
 
@@ -13,9 +16,29 @@ from channels.vapi.calls import CallStore
 from channels.vapi.events import Events
 from core.config import ConfigError
 from core.errors import GatewayError
+from core.http import client_address, parse_networks
 from gateway import agent_stage
 from gateway.db import tenant_transaction
 from runtime.delivery import Delivered, Outbound
+
+
+class _Guard:
+    """The Authenticator's failed-authentication limiter, keyed by the client address as the
+    gateway reads it (X-Forwarded-For from trusted proxies only)."""
+
+    def __init__(self, limiter, trusted_proxies) -> None:
+        self.limiter = limiter
+        self.trusted = parse_networks(trusted_proxies)
+
+    def _bucket(self, scope: dict):
+        return self.limiter.bucket(client_address(scope, self.trusted))
+
+    def retry_after(self, scope: dict) -> float:
+        return self.limiter.retry_after(self._bucket(scope)) if self.limiter.enabled else 0.0
+
+    def failed(self, scope: dict) -> None:
+        if self.limiter.enabled:
+            self.limiter.failed(self._bucket(scope))
 
 
 class _Deliverer:
@@ -36,7 +59,6 @@ async def start(svc) -> VapiChannel | None:
     accounts = parse_accounts(svc.config.channels.vapi)
     if not accounts:
         return None
-    identities = {}
     problems = []
     for name, account in accounts.items():
         try:
@@ -46,14 +68,25 @@ async def start(svc) -> VapiChannel | None:
             continue
         if ident.is_master or ident.tenant != account.tenant:
             problems.append(f"channels.vapi.{name}.api_key: must be a key of tenant {account.tenant!r}")
-        identities[name] = ident
     if problems:
         raise ConfigError(problems)
 
-    async def run_tools(tenant: str, agent_name: str, calls: list[dict], context: dict, timeout_s: float):
-        agent = svc.agents.get(tenant, agent_name)
-        keys = [i for n, i in identities.items() if accounts[n].tenant == tenant]
-        if agent is None or not any(agent_stage.allowed_identity(i, agent.name, agent.model) for i in keys):
+    async def identity(account):
+        """The account key's identity now (the key cache: no database round trip while it is
+        fresh; revocations arrive by pub/sub), or None when it is no longer its tenant's."""
+        try:
+            ident = await svc.auth.authenticate(f"Bearer {account.api_key}".encode())
+        except GatewayError:
+            return None
+        return None if ident.is_master or ident.tenant != account.tenant else ident
+
+    async def active(account) -> bool:
+        return await identity(account) is not None
+
+    async def run_tools(account, agent_name: str, calls: list[dict], context: dict, timeout_s: float):
+        agent = svc.agents.get(account.tenant, agent_name)
+        ident = await identity(account)  # this account's own key, as it is now
+        if agent is None or ident is None or not agent_stage.allowed_identity(ident, agent.name, agent.model):
             return [(False, "the agent is not available")] * len(calls)
         turn = SimpleNamespace(agent=agent, citations=[])  # what builtin handlers read of a turn
         results = await svc.tools.run(
@@ -62,7 +95,16 @@ async def start(svc) -> VapiChannel | None:
         return [(r.status == "ok", r.content) for r in results]
 
     store = CallStore(lambda tenant: tenant_transaction(svc.pool, tenant))
-    channel = VapiChannel(accounts, store, Events(store, run_tools), svc.upstream, svc.config.channels.gateway_url)
+    guard = _Guard(svc.auth.limiter, svc.config.server.trusted_proxies)
+    channel = VapiChannel(
+        accounts,
+        store,
+        Events(store, run_tools),
+        svc.upstream,
+        svc.config.channels.gateway_url,
+        guard=guard,
+        active=active,
+    )
     await channel.start()
     svc.delivery.register("vapi", _Deliverer(VapiDeliverer(channel)))
     return channel

@@ -279,6 +279,17 @@ class CallStore:
                 ref[:200],
             )
 
+    async def callbacks_of(self, tenant: str, account: str, call_id: str) -> int:
+        """How many callbacks were placed for the customer of one call."""
+        async with self._tx(tenant) as conn:
+            return await conn.fetchval(
+                "SELECT count(*) FROM vapi_calls WHERE tenant = $1 AND account = $2 AND direction = 'outbound' "
+                "AND metadata->>'reply_to' = $3",
+                tenant,
+                account,
+                call_id,
+            )
+
     async def by_conversation(self, tenant: str, conversation_id: str) -> dict | None:
         async with self._tx(tenant) as conn:
             row = await conn.fetchrow(

@@ -4,13 +4,19 @@
     POST /channels/vapi/{account}/events             VAPI's server URL (events.py)
 
 Both check the account's credential (``wire.authentic``) before reading a byte of the body;
-an unknown account and a wrong credential get the same 401, so account names cannot be probed.
+an unknown account and a wrong credential get the same 401 after the same work, so account
+names cannot be probed. Failed attempts count against the client's address (``guard``, the
+gateway's failed-authentication limiter, passed in by the composition): past its burst an
+address gets 429 with ``retry-after`` before any comparison is made.
 Outbound calls (``place_call``) serve the admin API and the deliverer's callbacks.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import aiohttp
 
@@ -19,13 +25,21 @@ from channels.vapi.calls import CallStore, VapiApi
 from channels.vapi.config import E164, VapiAccount
 from channels.vapi.events import Events, assistant_config
 from core import http
-from core.errors import InvalidRequest, MethodNotAllowed, NotFound, Unauthenticated
+from core.errors import InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied, RateLimited, Unauthenticated
 from core.upstream import Upstream
 
 log = logging.getLogger("gateway.channels.vapi")
 
 PREFIX = "/channels/vapi/"
 _UNAUTHENTICATED = "The request does not carry this VAPI account's credential."
+
+
+class Guard(Protocol):
+    """Failed authentications per client address (the composition's limiter)."""
+
+    def retry_after(self, scope: dict) -> float: ...  # seconds until this address may fail again
+
+    def failed(self, scope: dict) -> None: ...
 
 
 class VapiChannel:
@@ -36,12 +50,19 @@ class VapiChannel:
         events: Events,
         upstream: Upstream,
         gateway_url: str = "",
+        *,
+        guard: Guard | None = None,
+        active: Callable[[VapiAccount], Awaitable[bool]] | None = None,
     ) -> None:
         self.accounts = accounts
         self.store = store
         self.events = events
         self.upstream = upstream
         self.gateway_url = gateway_url.rstrip("/")
+        self.guard = guard
+        # whether the account's gateway key is still an active key of its tenant (revocations
+        # are noticed through the gateway's key cache, not at the next restart)
+        self.active = active
         self._session: aiohttp.ClientSession | None = None
         self.api: VapiApi | None = None
 
@@ -64,8 +85,21 @@ class VapiChannel:
             raise NotFound("Invalid URL: VAPI accounts serve /chat/completions and /events.")
         if scope["method"] != "POST":
             raise MethodNotAllowed(f"Use POST on /channels/vapi/{{account}}/{rest}.")
-        if account is None or not wire.authentic(account, scope):
-            metrics.REFUSED.labels("llm" if rest == "chat/completions" else "events").inc()
+        endpoint = "llm" if rest == "chat/completions" else "events"
+        if self.guard is not None:
+            wait = self.guard.retry_after(scope)
+            if wait > 0:  # refused before comparing: guessing on is no use
+                metrics.REFUSED.labels(endpoint).inc()
+                retry = str(max(1, math.ceil(wait)))
+                raise RateLimited(
+                    f"Too many failed authentication attempts from your address. Retry after {retry} s.",
+                    code="too_many_failed_authentications",
+                    headers={"retry-after": retry},
+                )
+        if not wire.authentic(account, scope):  # an unknown account (None) does the same work
+            metrics.REFUSED.labels(endpoint).inc()
+            if self.guard is not None:
+                self.guard.failed(scope)
             raise Unauthenticated(_UNAUTHENTICATED, code="invalid_vapi_credential")
         if rest == "chat/completions":
             body = await llm.read(scope, receive, account)
@@ -113,7 +147,15 @@ class VapiChannel:
         agent = agent or account.phone_numbers.get(account.outbound_phone_number_id) or account.default_agent
         if agent is None or agent not in account.agents():
             raise InvalidRequest("'agent' is not an agent this account reaches.", param="agent")
-        metadata = {**(variables or {}), **(extra_metadata or {})}
+        if self.active is not None and not await self.active(account):
+            raise PermissionDenied(
+                "This VAPI account's gateway key is no longer active; no call is placed.",
+                param="account",
+                code="vapi_account_key_inactive",
+            )
+        # signed: these values (a tenant admin's) come back as the call's metadata and become its
+        # prompt variables, which call metadata nobody signed cannot (wire._metadata)
+        metadata = wire.sign_metadata(account, {**(variables or {}), **(extra_metadata or {})})
         assistant = assistant_config(name, account, agent)
         if first_message:
             assistant["firstMessage"] = first_message
@@ -131,9 +173,8 @@ class VapiChannel:
             customer_number=to,
         )
         status = data.get("status") if isinstance(data.get("status"), str) else "queued"
-        record = await self.store.upsert(
-            account.tenant, name, info, agent, status, direction="outbound", metadata=metadata
-        )
+        kept = {k: v for k, v in metadata.items() if k != wire.SIGNATURE}
+        record = await self.store.upsert(account.tenant, name, info, agent, status, direction="outbound", metadata=kept)
         return record or {"call_id": data["id"], "status": status}
 
     async def call_back(self, call: dict, account: VapiAccount, text: str, ref: str | None) -> str:

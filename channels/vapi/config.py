@@ -17,6 +17,7 @@ naming every problem with its path (``channels.vapi.main.auth: ...``).
           vapi_api_key: ${VAPI_API_KEY}       # outbound calls (POST /call)
           outbound_phone_number_id: pn_456
           assistant: {voice: {provider: 11labs, voiceId: burt}, firstMessage: "Hello!"}
+          metadata_variables: [order_id]      # call metadata names taken as prompt variables
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # as runtime/agents.py n
 ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 VAPI_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")  # assistant, phone number and call ids (UUIDs)
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")  # a prompt variable's name
 MIN_SECRET = 16
 
 
@@ -88,6 +90,11 @@ class VapiAccount(_Strict):
     # undeliverable, or "callback": place an outbound call that speaks it.
     delivery: Literal["report", "callback"] = "report"
     attribute_customer: bool = True  # the caller's number as the ledger's `customer`
+    # Call metadata is written by whoever starts the call (on a web call: any visitor holding the
+    # assistant's public key), and prompt variables it sets win over the agent's defaults. So
+    # only these names are taken from it; the calls the gateway places carry its signature and
+    # their variables are taken whole.
+    metadata_variables: frozenset[str] = Field(default_factory=frozenset, max_length=20)
 
     @field_validator("public_url", "vapi_api_url")
     @classmethod
@@ -101,6 +108,14 @@ class VapiAccount(_Strict):
             if not VAPI_ID.match(str(key)):
                 raise ValueError(f"{str(key)[:64]!r} is not a VAPI id")
             _agent(agent, str(key))
+        return v
+
+    @field_validator("metadata_variables")
+    @classmethod
+    def _names(cls, v: frozenset[str]) -> frozenset[str]:
+        for name in v:
+            if not VARIABLE_NAME.match(name):
+                raise ValueError(f"{name[:64]!r} is not a variable name (letters, digits and _)")
         return v
 
     @field_validator("default_agent")

@@ -34,8 +34,9 @@ MAX_TOOL_CALLS = 16
 MAX_TOOL_CALL_ID = 128
 MAX_TOOL_NAME = 64
 
-# (tenant, agent, calls as OpenAI tool_calls[], context, timeout) -> [(ok, text)] in order
-ToolRunner = Callable[[str, str, list[dict], dict, float], Awaitable[list[tuple[bool, str]]]]
+# (account, agent, calls as OpenAI tool_calls[], context, timeout) -> [(ok, text)] in order; the
+# runner checks the account's own gateway key (as it is now) may use the agent
+ToolRunner = Callable[[VapiAccount, str, list[dict], dict, float], Awaitable[list[tuple[bool, str]]]]
 
 
 def assistant_config(name: str, account: VapiAccount, agent: str) -> dict:
@@ -68,8 +69,8 @@ def _message(body: dict) -> tuple[dict, str]:
     return message, message["type"]
 
 
-def _info(message: dict) -> wire.CallInfo:
-    return wire.call_info(message.get("call"), message.get("phoneNumber"), message.get("customer"))
+def _info(message: dict, account: VapiAccount) -> wire.CallInfo:
+    return wire.call_info(message.get("call"), message.get("phoneNumber"), message.get("customer"), account=account)
 
 
 def read_tool_calls(message: dict) -> list[dict]:
@@ -111,7 +112,7 @@ class Events:
     async def handle(self, name: str, account: VapiAccount, body: dict, request_id: str) -> dict:
         message, kind = _message(body)
         metrics.event(kind)
-        info = _info(message)
+        info = _info(message, account)
         agent = account.agent_for(info.assistant_id, info.phone_number_id)
         if kind == "assistant-request":
             if agent is None:
@@ -151,7 +152,7 @@ class Events:
             "request_id": request_id,
             "channel": "vapi",
         }
-        outcomes = await self.run_tools(account.tenant, agent, calls, context, account.tool_timeout_s)
+        outcomes = await self.run_tools(account, agent, calls, context, account.tool_timeout_s)
         results = []
         for call, (ok, text) in zip(calls, outcomes, strict=True):
             results.append(

@@ -55,7 +55,9 @@ def gateway_request(account: VapiAccount, body: dict) -> tuple[dict, dict[str, s
     messages = body.get("messages")
     if not isinstance(messages, list) or len(messages) > wire.MAX_MESSAGES:
         raise InvalidRequest(f"'messages' must be an array of at most {wire.MAX_MESSAGES} messages.", param="messages")
-    info = wire.call_info(body.get("call"), body.get("phoneNumber"), body.get("customer"), body.get("metadata"))
+    info = wire.call_info(
+        body.get("call"), body.get("phoneNumber"), body.get("customer"), body.get("metadata"), account=account
+    )
     agent = info_agent(account, info, body.get("model"))
     if agent is None:
         raise NotFound("No agent is mapped to this call's assistant or number.", param="model", code="model_not_found")
