@@ -9,6 +9,7 @@ the account's tools and outbound calls, as the gateway refuses its model turns).
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from types import SimpleNamespace
 
 from channels.vapi import VapiChannel, VapiDeliverer, parse_accounts
@@ -24,21 +25,46 @@ from runtime.delivery import Delivered, Outbound
 
 class _Guard:
     """The Authenticator's failed-authentication limiter, keyed by the client address as the
-    gateway reads it (X-Forwarded-For from trusted proxies only)."""
+    gateway reads it (X-Forwarded-For from trusted proxies only).
+
+    VAPI sends from egress addresses every VAPI customer shares, so anyone can make failed
+    attempts come from VAPI's own addresses (an assistant of theirs pointed at this URL). An
+    address that presented a right credential within ``GOOD_FOR_S`` is therefore never refused
+    before comparing (its wrong guesses still fail, and still count): throttling it would let
+    that anyone cut every tenant's calls off. Addresses that never succeeded are refused once
+    over the limit, before any comparison."""
+
+    GOOD_FOR_S = 3600.0
+    MAX_GOOD = 4096
 
     def __init__(self, limiter, trusted_proxies) -> None:
         self.limiter = limiter
         self.trusted = parse_networks(trusted_proxies)
+        self.good: OrderedDict[object, float] = OrderedDict()
 
     def _bucket(self, scope: dict):
         return self.limiter.bucket(client_address(scope, self.trusted))
 
     def retry_after(self, scope: dict) -> float:
-        return self.limiter.retry_after(self._bucket(scope)) if self.limiter.enabled else 0.0
+        if not self.limiter.enabled:
+            return 0.0
+        bucket = self._bucket(scope)
+        until = self.good.get(bucket)
+        if until is not None and until > time.monotonic():
+            return 0.0
+        return self.limiter.retry_after(bucket)
 
     def failed(self, scope: dict) -> None:
         if self.limiter.enabled:
             self.limiter.failed(self._bucket(scope))
+
+    def succeeded(self, scope: dict) -> None:
+        if self.limiter.enabled:
+            bucket = self._bucket(scope)
+            self.good[bucket] = time.monotonic() + self.GOOD_FOR_S
+            self.good.move_to_end(bucket)
+            if len(self.good) > self.MAX_GOOD:
+                self.good.popitem(last=False)
 
 
 class _Deliverer:

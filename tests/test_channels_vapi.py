@@ -729,7 +729,8 @@ def test_web_caller_metadata_cannot_override_the_tenants_agent_variables(env):
 def test_failed_vapi_credentials_are_throttled_per_client_address(env):
     """Guessing the server credential from one address: after the burst, 429 with retry-after,
     before any comparison (the right credential from that address is refused too, so guessing
-    on tells nothing); other addresses are not affected."""
+    on tells nothing); other addresses are not affected; and an address VAPI called from
+    (shared by every VAPI customer) cannot be made to lock VAPI out."""
     probe = {"X-Forwarded-For": PROBE}
     statuses = []
     for i in range(40):
@@ -746,6 +747,14 @@ def test_failed_vapi_credentials_are_throttled_per_client_address(env):
     assert httpx.post(f"{base(env)}/events", json=message, headers={**probe, **right}).status_code == 429
     elsewhere = {"X-Forwarded-For": "198.51.100.9", **right}
     assert httpx.post(f"{base(env)}/events", json=message, headers=elsewhere).status_code == 200
+    # VAPI's egress addresses are shared by every VAPI customer: failures made to come from an
+    # address that presented the right credential do not lock VAPI out (they still fail)
+    shared = {"X-Forwarded-For": "198.51.100.10"}
+    assert httpx.post(f"{base(env)}/events", json=message, headers={**shared, **right}).status_code == 200
+    for i in range(40):
+        bad = {**shared, "Authorization": f"Bearer guess-{i:020d}"}
+        assert httpx.post(f"{base(env)}/events", json={}, headers=bad).status_code == 401
+    assert httpx.post(f"{base(env)}/events", json=message, headers={**shared, **right}).status_code == 200
 
 
 def test_unknown_account_costs_the_same_comparisons_as_a_known_one(monkeypatch):

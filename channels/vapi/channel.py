@@ -7,7 +7,8 @@ Both check the account's credential (``wire.authentic``) before reading a byte o
 an unknown account and a wrong credential get the same 401 after the same work, so account
 names cannot be probed. Failed attempts count against the client's address (``guard``, the
 gateway's failed-authentication limiter, passed in by the composition): past its burst an
-address gets 429 with ``retry-after`` before any comparison is made.
+address gets 429 with ``retry-after`` before any comparison is made — unless it presented a
+right credential lately (VAPI's shared egress addresses; see gateway/vapi_channel.py).
 Outbound calls (``place_call``) serve the admin API and the deliverer's callbacks.
 """
 
@@ -40,6 +41,8 @@ class Guard(Protocol):
     def retry_after(self, scope: dict) -> float: ...  # seconds until this address may fail again
 
     def failed(self, scope: dict) -> None: ...
+
+    def succeeded(self, scope: dict) -> None: ...  # this address presented a right credential
 
 
 class VapiChannel:
@@ -101,6 +104,8 @@ class VapiChannel:
             if self.guard is not None:
                 self.guard.failed(scope)
             raise Unauthenticated(_UNAUTHENTICATED, code="invalid_vapi_credential")
+        if self.guard is not None:
+            self.guard.succeeded(scope)
         if rest == "chat/completions":
             body = await llm.read(scope, receive, account)
             await llm.relay(self.upstream, self._gateway_url(scope), account, body, send, rid)
