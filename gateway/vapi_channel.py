@@ -125,7 +125,7 @@ async def start(svc) -> VapiChannel | None:
     channel = VapiChannel(
         accounts,
         store,
-        Events(store, run_tools),
+        Events(store, run_tools, active),
         svc.upstream,
         svc.config.channels.gateway_url,
         guard=guard,

@@ -125,6 +125,7 @@ def env(tmp_root, services, module_mock):
                     "vapi_api_url": api.url,
                     "vapi_api_key": VAPI_KEY,
                     "outbound_phone_number_id": "pn_main",
+                    "outbound_per_minute": 2,
                 },
             }
         },
@@ -800,6 +801,22 @@ def test_vapi_objects_on_v1_never_reach_the_provider(env):
         assert "Jane Roe" not in str(sent)
 
 
+def test_outbound_calls_are_paced_per_account(env):
+    """A tenant admin (or a stream of callbacks) placing calls in a loop: past the account's
+    `outbound_per_minute`, 429 with retry-after and nothing sent to VAPI; a number the admin
+    API cannot carry exactly (10**30) is a 400, not a 500."""
+    api = env["api"]
+    body = {"account": "spare", "to": "+14155550199"}
+    r = admin(env["gw"], "POST", "/admin/channels/vapi/calls", json={**body, "variables": {"n": 10**30}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "variables.n", r.text
+    before = len(api.requests())
+    statuses = [admin(env["gw"], "POST", "/admin/channels/vapi/calls", json=body).status_code for _ in range(3)]
+    assert statuses == [201, 201, 429]
+    r = admin(env["gw"], "POST", "/admin/channels/vapi/calls", json=body)
+    assert r.json()["error"]["code"] == "vapi_outbound_rate_limited" and int(r.headers["retry-after"]) >= 1
+    assert len(api.requests()) == before + 2
+
+
 def test_revoked_account_key_stops_its_tools_and_outbound_calls(env):
     """The account key is re-checked through the gateway's key cache: once revoked, the
     account's tool-calls run nothing and no outbound call is placed (no restart needed)."""
@@ -818,6 +835,8 @@ def test_revoked_account_key_stops_its_tools_and_outbound_calls(env):
     wait_until(lambda: "error" in tool_result(), timeout=15, what="the revocation noticed")
     before = len(env["tools"].requests()), len(env["api"].requests())
     assert tool_result() == {"toolCallId": "t1", "error": "the agent is not available"}
+    ask = {"message": {"type": "assistant-request", "call": {"id": str(uuid.uuid4()), "type": "inboundPhoneCall"}}}
+    assert httpx.post(spare, json=ask, headers=auth, timeout=30).json() == {"error": "This line is not available."}
     r = admin(env["gw"], "POST", "/admin/channels/vapi/calls", json={"account": "spare", "to": "+14155550199"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "vapi_account_key_inactive"
     assert (len(env["tools"].requests()), len(env["api"].requests())) == before

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -66,6 +67,7 @@ class VapiChannel:
         # whether the account's gateway key is still an active key of its tenant (revocations
         # are noticed through the gateway's key cache, not at the next restart)
         self.active = active
+        self._outbound: dict[str, float] = {}  # account -> GCRA theoretical arrival time
         self._session: aiohttp.ClientSession | None = None
         self.api: VapiApi | None = None
 
@@ -158,6 +160,7 @@ class VapiChannel:
                 param="account",
                 code="vapi_account_key_inactive",
             )
+        self._pace(name, account)
         # signed: these values (a tenant admin's) come back as the call's metadata and become its
         # prompt variables, which call metadata nobody signed cannot (wire._metadata)
         metadata = wire.sign_metadata(account, {**(variables or {}), **(extra_metadata or {})})
@@ -181,6 +184,24 @@ class VapiChannel:
         kept = {k: v for k, v in metadata.items() if k != wire.SIGNATURE}
         record = await self.store.upsert(account.tenant, name, info, agent, status, direction="outbound", metadata=kept)
         return record or {"call_id": data["id"], "status": status}
+
+    def _pace(self, name: str, account: VapiAccount) -> None:
+        """At most ``outbound_per_minute`` calls a minute (that many at once, then evenly)."""
+        per_minute = account.outbound_per_minute
+        if not per_minute:
+            return
+        interval = 60.0 / per_minute
+        now = time.monotonic()
+        tat = max(self._outbound.get(name, now), now)
+        wait = tat - interval * (per_minute - 1) - now
+        if wait > 0:
+            retry = str(max(1, math.ceil(wait)))
+            raise RateLimited(
+                f"This account placed {per_minute} calls in the last minute; retry after {retry} s.",
+                code="vapi_outbound_rate_limited",
+                headers={"retry-after": retry},
+            )
+        self._outbound[name] = tat + interval
 
     async def call_back(self, call: dict, account: VapiAccount, text: str, ref: str | None) -> str:
         """The deliverer's callback: a call to the customer of ``call`` that speaks ``text``."""

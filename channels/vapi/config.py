@@ -95,6 +95,9 @@ class VapiAccount(_Strict):
     # only these names are taken from it; the calls the gateway places carry its signature and
     # their variables are taken whole.
     metadata_variables: frozenset[str] = Field(default_factory=frozenset, max_length=20)
+    # Outbound calls (admin API and callbacks) this account places per minute, in each gateway
+    # process: every call is telephony the tenant pays for and no budget counts (0: no limit).
+    outbound_per_minute: int = Field(30, ge=0, le=10_000)
 
     @field_validator("public_url", "vapi_api_url")
     @classmethod

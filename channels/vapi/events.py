@@ -105,9 +105,12 @@ def read_tool_calls(message: dict) -> list[dict]:
 
 
 class Events:
-    def __init__(self, store: CallStore, run_tools: ToolRunner) -> None:
+    def __init__(
+        self, store: CallStore, run_tools: ToolRunner, active: Callable[[VapiAccount], Awaitable[bool]] | None = None
+    ) -> None:
         self.store = store
         self.run_tools = run_tools
+        self.active = active  # whether the account's gateway key is still active (the key cache)
 
     async def handle(self, name: str, account: VapiAccount, body: dict, request_id: str) -> dict:
         message, kind = _message(body)
@@ -117,6 +120,8 @@ class Events:
         if kind == "assistant-request":
             if agent is None:
                 return {"error": "No agent is configured for this number."}
+            if self.active is not None and not await self.active(account):  # its turns would be refused
+                return {"error": "This line is not available."}
             await self.store.upsert(account.tenant, name, info, agent, "ringing")
             return {"assistant": assistant_config(name, account, agent)}
         if kind == "tool-calls":
