@@ -8,6 +8,7 @@ the account's tools and outbound calls, as the gateway refuses its model turns).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from types import SimpleNamespace
@@ -20,7 +21,10 @@ from core.errors import GatewayError
 from core.http import client_address, parse_networks
 from gateway import agent_stage
 from gateway.db import tenant_transaction
+from policies import alerts
 from runtime.delivery import Delivered, Outbound
+
+log = logging.getLogger("gateway.channels.vapi")
 
 
 class _Guard:
@@ -120,12 +124,27 @@ async def start(svc) -> VapiChannel | None:
         )
         return [(r.status == "ok", r.content) for r in results]
 
+    async def charge(account, agent: str | None, customer: str | None, cost: float) -> None:
+        """A call's telephony in the budgets its ledger record falls under (tenant, agent,
+        customer, tag ``vapi``; not key budgets: the record names no key). After the report
+        is stored: should Redis fail now, the ledger has the cost and the budgets miss it."""
+        if not svc.config.policies.enabled:
+            return
+        attr = {"tenant": account.tenant, "agent": agent, "customer": customer, "tags": ["vapi"]}
+        try:
+            fired = await svc.policies.charge(attr, cost)
+        except Exception as exc:
+            log.error("VAPI call cost not counted in budgets: %s", type(exc).__name__)
+            return
+        if fired:
+            alerts.fired(fired)
+
     store = CallStore(lambda tenant: tenant_transaction(svc.pool, tenant))
     guard = _Guard(svc.auth.limiter, svc.config.server.trusted_proxies)
     channel = VapiChannel(
         accounts,
         store,
-        Events(store, run_tools, active),
+        Events(store, run_tools, active, charge),
         svc.upstream,
         svc.config.channels.gateway_url,
         guard=guard,

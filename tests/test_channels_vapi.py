@@ -801,6 +801,48 @@ def test_vapi_objects_on_v1_never_reach_the_provider(env):
         assert "Jane Roe" not in str(sent)
 
 
+def test_telephony_cost_counts_in_budgets_once_and_hard_budgets_then_refuse(env):
+    """A call's cost (VAPI's end-of-call report) used to reach only the ledger: a customer with
+    a hard budget could talk on for free. Now it counts in the budgets its ledger record falls
+    under, once per call however often the report comes, and the next turn is refused."""
+    gw, customer = env["gw"], "+14155550155"
+    r = admin(
+        gw,
+        "POST",
+        "/admin/budgets",
+        json={"tenant": TENANT, "scope": "customer", "scope_value": customer, "limit_usd": 1.0, "period": "monthly"},
+    )
+    assert r.status_code == 201, r.text
+    budget = r.json()["id"]
+    spent = lambda: admin(gw, "GET", f"/admin/budgets/{budget}").json()["spent_usd"]  # noqa: E731
+
+    def report(call_id: str, cost: float) -> dict:
+        call = {"id": call_id, "type": "inboundPhoneCall", "customer": {"number": customer}}
+        message = {"type": "end-of-call-report", "call": call, "cost": cost, "durationSeconds": 60}
+        r = httpx.post(f"{base(env)}/events", json={"message": message}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first = str(uuid.uuid4())
+    assert report(first, 0.75) == {"stored": True}
+    assert report(first, 0.75) == {"stored": False}  # VAPI's retry: nothing counted twice
+    assert spent() == pytest.approx(0.75)
+    assert report(str(uuid.uuid4()), 0.5) == {"stored": True}
+    assert spent() == pytest.approx(1.25)
+    r = httpx.post(
+        f"{base(env)}/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "still there?"}],
+            "stream": False,
+            "call": {"id": str(uuid.uuid4()), "type": "inboundPhoneCall", "phoneNumberId": "pn_plain"},
+            "customer": {"number": customer},
+        },
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+    )
+    assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota", r.text
+
+
 def test_outbound_calls_are_paced_per_account(env):
     """A tenant admin (or a stream of callbacks) placing calls in a loop: past the account's
     `outbound_per_minute`, 429 with retry-after and nothing sent to VAPI; a number the admin

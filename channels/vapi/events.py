@@ -11,7 +11,8 @@ body is bounded, then each message type reads only the fields it needs, each che
   order asked, each id exactly as VAPI sent it. At most ``MAX_TOOL_CALLS`` per message.
 - ``transfer-destination-request``: the account's human line.
 - ``status-update``: the call record's status (forward only).
-- ``end-of-call-report``: the call record and its ledger record, once per call.
+- ``end-of-call-report``: the call record and its ledger record, once per call; its cost is
+  counted in the tenant's budgets (tenant, agent, customer and the ``vapi`` tag) once too.
 
 Other types (``transcript``, ``speech-update``, ``conversation-update``, ``hang``...) are
 acknowledged and ignored. Only the first three answer with a body.
@@ -104,13 +105,22 @@ def read_tool_calls(message: dict) -> list[dict]:
     return out
 
 
+# (account, agent, customer, cost in USD): a call's telephony counted in the tenant's budgets
+Charger = Callable[[VapiAccount, str | None, str | None, float], Awaitable[None]]
+
+
 class Events:
     def __init__(
-        self, store: CallStore, run_tools: ToolRunner, active: Callable[[VapiAccount], Awaitable[bool]] | None = None
+        self,
+        store: CallStore,
+        run_tools: ToolRunner,
+        active: Callable[[VapiAccount], Awaitable[bool]] | None = None,
+        charge: Charger | None = None,
     ) -> None:
         self.store = store
         self.run_tools = run_tools
         self.active = active  # whether the account's gateway key is still active (the key cache)
+        self.charge = charge
 
     async def handle(self, name: str, account: VapiAccount, body: dict, request_id: str) -> dict:
         message, kind = _message(body)
@@ -136,10 +146,13 @@ class Events:
             await self.store.upsert(account.tenant, name, info, agent, status)
             return {}
         if kind == "end-of-call-report":
-            stored = await self.store.report(
-                account.tenant, name, info, agent, read_report(message), account.attribute_customer
-            )
-            return {"stored": stored}
+            report = read_report(message)
+            stored = await self.store.report(account.tenant, name, info, agent, report, account.attribute_customer)
+            if stored is not None and report.cost_usd and self.charge is not None:
+                # once per call, like the ledger record: a repeated report stores nothing
+                customer = stored["customer_number"] if account.attribute_customer else None
+                await self.charge(account, stored["agent"], customer, report.cost_usd)
+            return {"stored": stored is not None}
         return {}
 
     async def _tool_calls(
