@@ -596,6 +596,22 @@ def test_account_settings_problems_name_their_path():
     assert SECRET not in text and "sk-gw-01234567" not in text  # secrets never in the problems
 
 
+def test_one_credential_shared_by_two_tenants_accounts_is_refused():
+    """The credential picks the tenant: two tenants' accounts with one credential would let
+    either's VAPI side write the other's calls, ledger and budgets. Same tenant: allowed."""
+    from channels.vapi import parse_accounts
+    from core.config import ConfigError
+
+    good = {"tenant": "t", "api_key": "sk-gw-01234567", "public_url": PUBLIC_URL, "auth": {"secret": SECRET}}
+    assert len(parse_accounts({"a": good, "b": good})) == 2
+    with pytest.raises(ConfigError) as exc:
+        parse_accounts({"a": good, "b": {**good, "tenant": "u", "auth": {"bearer_token": TOKEN, "secret": SECRET}}})
+    assert exc.value.problems == [
+        "channels.vapi.b.auth: the same credential as account 'a' of another tenant; "
+        "each tenant's accounts need their own"
+    ]
+
+
 def test_check_config_names_account_problems(tmp_root):
     import subprocess
 

@@ -180,6 +180,21 @@ def parse_accounts(raw: dict[str, dict[str, Any]], where: str = "channels.vapi")
         except ValidationError as exc:
             for e in exc.errors():
                 problems.append(f"{path}{_loc(e['loc'])}: {e['msg'].removeprefix('Value error, ')}")
+    # The credential is what says which tenant a request is for: one shared by accounts of two
+    # tenants would let either's VAPI side (an assistant pointed at the other account's URL)
+    # write the other tenant's calls, ledger and budgets and run its agents' tools.
+    seen: dict[str, tuple[str, str]] = {}
+    for name, account in out.items():
+        for value in (account.auth.bearer_token, account.auth.secret):
+            if value is None:
+                continue
+            other = seen.setdefault(value, (name, account.tenant))
+            if other[1] != account.tenant:
+                problems.append(
+                    f"{where}.{name}.auth: the same credential as account {other[0]!r} of another tenant; "
+                    "each tenant's accounts need their own"
+                )
+                break
     if problems:
         raise ConfigError(problems)
     return out
