@@ -893,6 +893,14 @@ def test_revoked_account_key_stops_its_tools_and_outbound_calls(env):
     wait_until(lambda: "error" in tool_result(), timeout=15, what="the revocation noticed")
     before = len(env["tools"].requests()), len(env["api"].requests())
     assert tool_result() == {"toolCallId": "t1", "error": "the agent is not available"}
+    turn = httpx.post(
+        f"{env['gw'].url}/channels/vapi/spare/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "stream": True},
+        headers=auth,
+        timeout=30,
+    )
+    assert turn.status_code == 401 and turn.json()["error"]["code"] == "vapi_account_key_refused"
+    assert "***" not in turn.text  # no piece of the account's key reaches VAPI
     ask = {"message": {"type": "assistant-request", "call": {"id": str(uuid.uuid4()), "type": "inboundPhoneCall"}}}
     assert httpx.post(spare, json=ask, headers=auth, timeout=30).json() == {"error": "This line is not available."}
     r = admin(env["gw"], "POST", "/admin/channels/vapi/calls", json={"account": "spare", "to": "+14155550199"})

@@ -32,7 +32,7 @@ from channels.vapi import metrics, wire
 from channels.vapi.config import VapiAccount
 from core import http
 from core.config import Timeouts
-from core.errors import InvalidRequest, NotFound
+from core.errors import InvalidRequest, NotFound, Unauthenticated
 from core.upstream import Upstream
 
 log = logging.getLogger("gateway.channels.vapi")
@@ -117,6 +117,13 @@ async def relay(
         f"{gateway_url}/v1/chat/completions", orjson.dumps(payload), headers, timeouts, "gateway"
     )
     metrics.TURNS.labels(f"{resp.status // 100}xx").inc()
+    if resp.status == 401:  # the account's own key: its message shows a piece of the key, not VAPI's
+        resp.release()
+        err = Unauthenticated(
+            "The gateway refused this VAPI account's key (revoked or expired).", code="vapi_account_key_refused"
+        )
+        await http.send_error(send, err, rid, None)
+        return
     try:
         out_headers = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         for name in _RELAYED_HEADERS:
