@@ -726,7 +726,7 @@ def test_web_caller_metadata_cannot_override_the_tenants_agent_variables(env):
     assert prompt == "Plan=basic Order=A-1 Caller=."
     # the gateway's own signature (an outbound call it placed): the admin's variables count
     account = _account(env)
-    signed = wire.sign_metadata(account, {"plan": "gold", "order_id": "B-2"})
+    signed = wire.sign_metadata(account, {"plan": "gold", "order_id": "B-2"}, "+14155550143")
     phone = {"id": str(uuid.uuid4()), "type": "outboundPhoneCall", "phoneNumberId": "pn_vars"}
     prompt = _prompt_of(
         env,
@@ -737,9 +737,17 @@ def test_web_caller_metadata_cannot_override_the_tenants_agent_variables(env):
         },
     )
     assert prompt == "Plan=gold Order=B-2 Caller=+14155550143."
-    # a signed set with one value changed, or signed for another account's key: not trusted
-    for forged in ({**signed, "plan": "platinum"}, wire.sign_metadata(_account(env, "spare"), {"plan": "platinum"})):
-        prompt = _prompt_of(env, {"call": {**phone, "id": str(uuid.uuid4()), "metadata": forged}})
+    # a signed set with one value changed, signed with another account's key, or replayed on a
+    # call to another number or on a web call: not trusted
+    other_key = wire.sign_metadata(_account(env, "spare"), {"plan": "platinum"}, "+14155550143")
+    for forged, customer, kind in (
+        ({**signed, "plan": "platinum"}, "+14155550143", "outboundPhoneCall"),
+        (other_key, "+14155550143", "outboundPhoneCall"),
+        (signed, "+14155550149", "outboundPhoneCall"),
+        (signed, "+14155550143", "webCall"),
+    ):
+        call = {**phone, "id": str(uuid.uuid4()), "type": kind, "metadata": forged}
+        prompt = _prompt_of(env, {"call": call, "customer": {"number": customer}})
         assert prompt.startswith("Plan=basic "), prompt
 
 

@@ -163,7 +163,7 @@ class VapiChannel:
         self._pace(name, account)
         # signed: these values (a tenant admin's) come back as the call's metadata and become its
         # prompt variables, which call metadata nobody signed cannot (wire._metadata)
-        metadata = wire.sign_metadata(account, {**(variables or {}), **(extra_metadata or {})})
+        metadata = wire.sign_metadata(account, {**(variables or {}), **(extra_metadata or {})}, to)
         assistant = assistant_config(name, account, agent)
         if first_message:
             assistant["firstMessage"] = first_message

@@ -70,26 +70,29 @@ def _metadata_key(account: VapiAccount) -> bytes:
     return hashlib.sha256(b"vapi-metadata\x00" + account.api_key.encode()).digest()
 
 
-def _canonical(values: dict) -> bytes:
-    return orjson.dumps({k: v for k, v in values.items() if k != SIGNATURE}, option=orjson.OPT_SORT_KEYS)
+def _canonical(values: dict, to: str) -> bytes:
+    body = orjson.dumps({k: v for k, v in values.items() if k != SIGNATURE}, option=orjson.OPT_SORT_KEYS)
+    return to.encode() + b"\x00" + body
 
 
-def sign_metadata(account: VapiAccount, values: dict) -> dict:
-    """``values`` with the gateway's signature added: the metadata of a call the gateway places,
-    whose values (a tenant admin's) may then become the call's prompt variables. Whole floats
-    are sent as integers (JavaScript echoes 1.0 back as 1, which would break the signature)."""
+def sign_metadata(account: VapiAccount, values: dict, to: str) -> dict:
+    """``values`` with the gateway's signature added: the metadata of a call the gateway places
+    to ``to``, whose values (a tenant admin's) may then become the call's prompt variables. The
+    number is signed too, so the set cannot be replayed on another call (a web call has none).
+    Whole floats are sent as integers (JavaScript echoes 1.0 back as 1)."""
     out = {k: int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**53 else v for k, v in values.items()}
     out.pop(SIGNATURE, None)
-    out[SIGNATURE] = hmac.new(_metadata_key(account), _canonical(out), hashlib.sha256).hexdigest()
+    out[SIGNATURE] = hmac.new(_metadata_key(account), _canonical(out, to), hashlib.sha256).hexdigest()
     return out
 
 
-def signed(account: VapiAccount, values: dict) -> bool:
+def signed(account: VapiAccount, values: dict, to: str | None) -> bool:
+    """Whether ``values`` carry the gateway's signature for a call to ``to``."""
     got = values.get(SIGNATURE)
-    if not isinstance(got, str):
+    if not isinstance(got, str) or to is None:
         return False
     try:
-        want = hmac.new(_metadata_key(account), _canonical(values), hashlib.sha256).hexdigest()
+        want = hmac.new(_metadata_key(account), _canonical(values, to), hashlib.sha256).hexdigest()
     except (TypeError, orjson.JSONEncodeError):
         return False
     return hmac.compare_digest(got.encode(), want.encode())
@@ -152,7 +155,7 @@ class CallInfo:
         return {k: v for k, v in out.items() if v is not None}
 
 
-def _metadata(account: VapiAccount | None, *sources: object) -> dict:
+def _metadata(account: VapiAccount | None, to: str | None, *sources: object) -> dict:
     """The prompt variables of a call's metadata. With ``account`` (the channel): metadata is
     whatever started the call wrote — on a web call, any visitor of the page holding the
     public key — so a source counts whole only when it carries the gateway's signature (a call
@@ -162,7 +165,7 @@ def _metadata(account: VapiAccount | None, *sources: object) -> dict:
     dicts = [s for s in sources if isinstance(s, dict)]
     trusted: set[int] = set()
     if account is not None:
-        marked = [(signed(account, s), s) for s in dicts]
+        marked = [(signed(account, s, to), s) for s in dicts]
         dicts = [s for ok, s in marked if not ok] + [s for ok, s in marked if ok]
         trusted = {id(s) for ok, s in marked if ok}
     out: dict = {}
@@ -203,16 +206,17 @@ def call_info(
     if not cust and isinstance(call.get("customer"), dict):
         cust = call["customer"]
     call_type = call.get("type") if call.get("type") in CALL_TYPES else None
+    number = None if call_type in WEB_CALL_TYPES else _number(cust.get("number"))
     return CallInfo(
         call_id=_id(call.get("id")),
         call_type=call_type,
         assistant_id=_id(call.get("assistantId")),
         phone_number_id=_id(call.get("phoneNumberId")) or _id(phone.get("id")),
-        customer_number=None if call_type in WEB_CALL_TYPES else _number(cust.get("number")),
+        customer_number=number,
         customer_name=_text(cust.get("name")),
         called_number=_number(phone.get("number")),
         status=_text(call.get("status"), 32),
-        metadata=_metadata(account, call.get("metadata"), metadata),
+        metadata=_metadata(account, number, call.get("metadata"), metadata),
     )
 
 
