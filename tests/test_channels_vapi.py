@@ -914,3 +914,26 @@ def test_revoked_account_key_stops_its_tools_and_outbound_calls(env):
     r = admin(env["gw"], "POST", "/admin/channels/vapi/calls", json={"account": "spare", "to": "+14155550199"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "vapi_account_key_inactive"
     assert (len(env["tools"].requests()), len(env["api"].requests())) == before
+
+
+def test_call_fields_of_the_wrong_type_are_ignored_not_a_500(env):
+    """`call.type` as an array (unhashable) once made the channel and /v1 answer 500."""
+    hostile = {"id": str(uuid.uuid4()), "type": ["webCall"], "phoneNumberId": {"x": 1}, "metadata": [1]}
+    r = httpx.post(
+        f"{base(env)}/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "stream": False, "call": hostile, "customer": []},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    r = httpx.post(
+        f"{base(env)}/events",
+        json={"message": {"type": "status-update", "status": ["ended"], "call": hostile}},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    client = openai.OpenAI(base_url=f"{env['gw'].url}/v1", api_key=env["key"], max_retries=0, timeout=30)
+    client.chat.completions.create(
+        model=f"agent:{PLAIN}", messages=[{"role": "user", "content": "hi"}], extra_body={"call": hostile}
+    )

@@ -205,7 +205,8 @@ def call_info(
     cust = customer if isinstance(customer, dict) else {}
     if not cust and isinstance(call.get("customer"), dict):
         cust = call["customer"]
-    call_type = call.get("type") if call.get("type") in CALL_TYPES else None
+    kind = call.get("type")
+    call_type = kind if isinstance(kind, str) and kind in CALL_TYPES else None  # a list is unhashable
     number = None if call_type in WEB_CALL_TYPES else _number(cust.get("number"))
     return CallInfo(
         call_id=_id(call.get("id")),
