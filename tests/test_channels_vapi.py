@@ -126,6 +126,7 @@ def env(tmp_root, services, module_mock):
                     "vapi_api_key": VAPI_KEY,
                     "outbound_phone_number_id": "pn_main",
                     "outbound_per_minute": 2,
+                    "outbound_prefixes": ["+1415", "+1650"],
                 },
             }
         },
@@ -867,15 +868,19 @@ def test_telephony_cost_counts_in_budgets_once_and_hard_budgets_then_refuse(env)
     assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota", r.text
 
 
-def test_outbound_calls_are_paced_per_account(env):
+def test_outbound_calls_are_paced_per_account_and_kept_to_its_prefixes(env):
     """A tenant admin (or a stream of callbacks) placing calls in a loop: past the account's
-    `outbound_per_minute`, 429 with retry-after and nothing sent to VAPI; a number the admin
-    API cannot carry exactly (10**30) is a 400, not a 500."""
+    `outbound_per_minute`, 429 with retry-after and nothing sent to VAPI; a number outside its
+    `outbound_prefixes` is refused; a number the admin API cannot carry exactly (10**30) is a
+    400, not a 500."""
     api = env["api"]
     body = {"account": "spare", "to": "+14155550199"}
     r = admin(env["gw"], "POST", "/admin/channels/vapi/calls", json={**body, "variables": {"n": 10**30}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "variables.n", r.text
     before = len(api.requests())
+    # a number outside the account's outbound_prefixes (a premium line abroad): 400, nothing sent
+    r = admin(env["gw"], "POST", "/admin/channels/vapi/calls", json={**body, "to": "+88213000000"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "destination_not_allowed", r.text
     statuses = [admin(env["gw"], "POST", "/admin/channels/vapi/calls", json=body).status_code for _ in range(3)]
     assert statuses == [201, 201, 429]
     r = admin(env["gw"], "POST", "/admin/channels/vapi/calls", json=body)

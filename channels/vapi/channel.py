@@ -151,6 +151,12 @@ class VapiChannel:
             )
         if not isinstance(to, str) or not E164.match(to):
             raise InvalidRequest("'to' must be an E.164 number (+ and 7 to 15 digits).", param="to")
+        if account.outbound_prefixes and not to.startswith(account.outbound_prefixes):
+            raise InvalidRequest(
+                "'to' is not a number this account may call (see its outbound_prefixes).",
+                param="to",
+                code="destination_not_allowed",
+            )
         agent = agent or account.phone_numbers.get(account.outbound_phone_number_id) or account.default_agent
         if agent is None or agent not in account.agents():
             raise InvalidRequest("'agent' is not an agent this account reaches.", param="agent")

@@ -98,6 +98,8 @@ class VapiAccount(_Strict):
     # Outbound calls (admin API and callbacks) this account places per minute, in each gateway
     # process: every call is telephony the tenant pays for and no budget counts (0: no limit).
     outbound_per_minute: int = Field(30, ge=0, le=10_000)
+    # The numbers outbound calls may go to, as E.164 prefixes ("+1", "+4420"); empty: any number.
+    outbound_prefixes: tuple[str, ...] = Field((), max_length=100)
 
     @field_validator("public_url", "vapi_api_url")
     @classmethod
@@ -119,6 +121,14 @@ class VapiAccount(_Strict):
         for name in v:
             if not VARIABLE_NAME.match(name):
                 raise ValueError(f"{name[:64]!r} is not a variable name (letters, digits and _)")
+        return v
+
+    @field_validator("outbound_prefixes")
+    @classmethod
+    def _prefixes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for prefix in v:
+            if not re.match(r"^\+[1-9][0-9]{0,14}$", prefix):
+                raise ValueError(f"{prefix[:20]!r} is not a number prefix (+ and 1 to 15 digits)")
         return v
 
     @field_validator("default_agent")
