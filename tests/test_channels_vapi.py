@@ -9,11 +9,15 @@ a recording URL that is not https (dropped); a call id that is not an id (not st
 tenant's admin placing calls from or listing this account (404 / nothing seen).
 
 Attacks added by the security review (each named for its attack): a web caller's metadata
-overriding the tenant's agent variables, and forging the gateway's metadata signature; a web
-caller's `customer.number` used as the caller's number (prompt, ledger, callbacks); unbounded
-callbacks (no reference, many references); guessing the server credential without limit from
-one address; telling unknown accounts from known ones by the work done; a revoked account key
-still running tools and placing calls; VAPI's objects on `/v1` reaching the provider.
+overriding the tenant's agent variables, and forging or replaying the gateway's metadata
+signature; a web caller's `customer.number` used as the caller's number (prompt, ledger,
+callbacks); unbounded callbacks (no reference, many references); guessing the server
+credential without limit from one address, and locking VAPI out through its shared egress
+addresses; telling unknown accounts from known ones by the work done; one credential shared by
+two tenants' accounts; a revoked account key still answering assistant-requests, running tools
+and placing calls, and the gateway's 401 showing a piece of that key to VAPI; VAPI's objects on
+`/v1` reaching the provider; call fields of the wrong type (a 500); telephony cost escaping
+budgets; outbound calls in a loop or to any number; admin variables JSON cannot carry (a 500).
 """
 
 from __future__ import annotations
