@@ -17,7 +17,7 @@ from channels.vapi import VapiChannel, VapiDeliverer, parse_accounts
 from channels.vapi.calls import CallStore
 from channels.vapi.events import Events
 from core.config import ConfigError
-from core.errors import GatewayError
+from core.errors import GatewayError, QuotaExceeded
 from core.http import client_address, parse_networks
 from gateway import agent_stage
 from gateway.db import tenant_transaction
@@ -139,6 +139,24 @@ async def start(svc) -> VapiChannel | None:
         if fired:
             alerts.fired(fired)
 
+    async def admit_call(account, agent: str, to: str) -> None:
+        """An outbound call is telephony its budgets will be charged: none is placed while a hard
+        budget it falls under (as its report will: tenant, agent, customer, tag) is used up."""
+        if not svc.config.policies.enabled:
+            return
+        customer = to if account.attribute_customer else None
+        attr = {"tenant": account.tenant, "agent": agent, "customer": customer, "tags": ["vapi"]}
+        hard = [b for b in svc.budgets.applicable(attr) if b.enforcement == "hard"]
+        if not hard:
+            return
+        values = await svc.redis.mget([b.keys()[0] for b in hard])
+        for b, value in zip(hard, values, strict=True):
+            if int(value or 0) >= b.limit_nano:
+                raise QuotaExceeded(
+                    f"Budget exceeded: the {b.period} budget of {b.limit_usd:g} USD for {b.scope} "
+                    f"'{b.scope_value[:64]}' is used up; no call is placed."
+                )
+
     store = CallStore(lambda tenant: tenant_transaction(svc.pool, tenant))
     guard = _Guard(svc.auth.limiter, svc.config.server.trusted_proxies)
     channel = VapiChannel(
@@ -149,6 +167,7 @@ async def start(svc) -> VapiChannel | None:
         svc.config.channels.gateway_url,
         guard=guard,
         active=active,
+        admit_call=admit_call,
     )
     await channel.start()
     svc.delivery.register("vapi", _Deliverer(VapiDeliverer(channel)))

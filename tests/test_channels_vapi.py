@@ -833,7 +833,8 @@ def test_vapi_objects_on_v1_never_reach_the_provider(env):
 def test_telephony_cost_counts_in_budgets_once_and_hard_budgets_then_refuse(env):
     """A call's cost (VAPI's end-of-call report) used to reach only the ledger: a customer with
     a hard budget could talk on for free. Now it counts in the budgets its ledger record falls
-    under, once per call however often the report comes, and the next turn is refused."""
+    under, once per call however often the report comes, and the next turn is refused, and so
+    is an outbound call to that customer."""
     gw, customer = env["gw"], "+14155550155"
     r = admin(
         gw,
@@ -870,6 +871,11 @@ def test_telephony_cost_counts_in_budgets_once_and_hard_budgets_then_refuse(env)
         timeout=30,
     )
     assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota", r.text
+    # nor is the customer called (an outbound call is telephony the budget would be charged)
+    before = len(env["api"].requests())
+    r = admin(gw, "POST", "/admin/channels/vapi/calls", json={"account": "main", "to": customer})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota", r.text
+    assert "no call is placed" in r.json()["error"]["message"] and len(env["api"].requests()) == before
 
 
 def test_outbound_calls_are_paced_per_account_and_kept_to_its_prefixes(env):

@@ -57,6 +57,7 @@ class VapiChannel:
         *,
         guard: Guard | None = None,
         active: Callable[[VapiAccount], Awaitable[bool]] | None = None,
+        admit_call: Callable[[VapiAccount, str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.accounts = accounts
         self.store = store
@@ -67,6 +68,8 @@ class VapiChannel:
         # whether the account's gateway key is still an active key of its tenant (revocations
         # are noticed through the gateway's key cache, not at the next restart)
         self.active = active
+        # (account, agent, to): raises when the call's budgets are used up (QuotaExceeded)
+        self.admit_call = admit_call
         self._outbound: dict[str, float] = {}  # account -> GCRA theoretical arrival time
         self._session: aiohttp.ClientSession | None = None
         self.api: VapiApi | None = None
@@ -166,6 +169,8 @@ class VapiChannel:
                 param="account",
                 code="vapi_account_key_inactive",
             )
+        if self.admit_call is not None:
+            await self.admit_call(account, agent, to)
         self._pace(name, account)
         # signed: these values (a tenant admin's) come back as the call's metadata and become its
         # prompt variables, which call metadata nobody signed cannot (wire._metadata)
