@@ -12,10 +12,13 @@ row-level security); the super-admin may use any account and narrows listings wi
 
 from __future__ import annotations
 
+import math
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from channels.vapi.config import VARIABLE_NAME
 from core.errors import InvalidRequest, NotFound
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
@@ -34,10 +37,17 @@ def _variables(data: dict) -> dict:
         )
     out = {}
     for name, value in raw.items():
-        ok_value = isinstance(value, str | bool | int | float) and (not isinstance(value, str) or len(value) <= 1000)
-        if not isinstance(name, str) or not name.isidentifier() or len(name) > 64 or not ok_value:
+        ok_value = (
+            isinstance(value, bool)
+            or (isinstance(value, str) and len(value) <= 1000)
+            # a number JSON carries exactly (VAPI echoes it through JavaScript): no 10**30, no NaN
+            or (isinstance(value, int) and abs(value) < 2**53)
+            or (isinstance(value, float) and math.isfinite(value) and abs(value) < 1e15)
+        )
+        if not isinstance(name, str) or not VARIABLE_NAME.match(name) or not ok_value:
             raise InvalidRequest(
-                "'variables' values must be strings (at most 1,000 characters), numbers or booleans under plain names.",
+                "'variables' values must be strings (at most 1,000 characters), numbers (below 2**53) or booleans "
+                "under plain names.",
                 param=f"variables.{str(name)[:64]}",
                 code="invalid_value",
             )

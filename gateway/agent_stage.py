@@ -97,7 +97,7 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     sticky = conv or str(ctx.body.get("user") or ctx.request_id)
     selection = select(agent, selector, sticky)
     variables = _variables(ctx)
-    if isinstance(ctx.body.get("call"), dict):  # VAPI pointed straight at /v1: its call facts as variables
+    if any(k in ctx.body for k in vapi_wire.CALL_OBJECTS):  # VAPI straight at /v1: call facts as variables
         variables = {**vapi_wire.take_call_variables(ctx.body), **variables}
     system = render(selection.version, variables, agent.defaults)
     client_messages = list(ctx.body.get("messages") or [])

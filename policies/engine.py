@@ -353,6 +353,29 @@ class PolicyEngine:
             rec["content"] = body.get("messages") or body.get("input")
         return rec
 
+    async def charge(self, attr: dict, cost_usd: float) -> list:
+        """Spend that happened outside a request (a VAPI call's telephony, known from its
+        end-of-call report): counted in every budget ``attr`` falls under, alerting as settle
+        does, so hard budgets refuse the requests that follow. Writes no ledger record (the
+        caller writes its own, once) and reserves nothing. Returns the alerts fired."""
+        actual = round(cost_usd * NANO)
+        budgets = self.budgets.applicable(attr)
+        if actual <= 0 or not budgets:
+            return []
+        argv: list = [len(budgets)]
+        for b in budgets:
+            spent, _reserved, alert_prefix, ttl = b.keys()
+            argv += [spent, actual, b.limit_nano, ttl, alert_prefix, self._thresholds(b), b.id]
+        argv.append(ALERT_STREAM)
+        sha = getattr(self, "_charge_sha", None) or await self._redis.script_load(scripts.CHARGE)
+        try:
+            fired = await self._redis.evalsha(sha, 0, *argv)
+        except NoScriptError:  # the server restarted and forgot the script
+            sha = await self._redis.script_load(scripts.CHARGE)
+            fired = await self._redis.evalsha(sha, 0, *argv)
+        self._charge_sha = sha
+        return fired
+
     async def settle(self, ctx: RequestContext, attr: dict, elapsed: float) -> list:
         cost = cost_usd(ctx.route, ctx.usage)
         actual = round(cost * NANO)

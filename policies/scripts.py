@@ -149,3 +149,33 @@ for a = 1, #fired, 3 do
 end
 return fired
 """
+
+# Spend that happened outside a request (a channel's telephony, reported after the call): added
+# to each applicable budget's period counter, alerts fired as SETTLE fires them. No reservation
+# to release, no token windows, no ledger record (the caller writes its own, once).
+CHARGE = """
+local n_budget = tonumber(ARGV[1])
+local i = 2
+local fired = {}
+for b = 1, n_budget do
+  local spent_key, actual, limit = ARGV[i], tonumber(ARGV[i+1]), tonumber(ARGV[i+2])
+  local ttl, alert_prefix, thresholds, budget_id = tonumber(ARGV[i+3]), ARGV[i+4], ARGV[i+5], ARGV[i+6]
+  i = i + 7
+  local spent = redis.call('INCRBY', spent_key, actual)
+  redis.call('EXPIRE', spent_key, ttl)
+  for t in string.gmatch(thresholds, '[^,]+') do
+    if spent >= tonumber(t) * limit then
+      if redis.call('SET', alert_prefix .. t, spent, 'NX', 'EX', ttl) then
+        table.insert(fired, budget_id)
+        table.insert(fired, t)
+        table.insert(fired, tostring(spent))
+      end
+    end
+  end
+end
+local alerts = ARGV[i]
+for a = 1, #fired, 3 do
+  redis.call('XADD', alerts, '*', 'budget', fired[a], 'threshold', fired[a+1], 'spent', fired[a+2])
+end
+return fired
+"""

@@ -7,6 +7,17 @@ Attacks tried (each a test below): no / wrong / wrong-scheme credentials and an 
 many calls or a bad id (400, no tool runs); a forged status after the call ended (no change);
 a recording URL that is not https (dropped); a call id that is not an id (not stored); another
 tenant's admin placing calls from or listing this account (404 / nothing seen).
+
+Attacks added by the security review (each named for its attack): a web caller's metadata
+overriding the tenant's agent variables, and forging or replaying the gateway's metadata
+signature; a web caller's `customer.number` used as the caller's number (prompt, ledger,
+callbacks); unbounded callbacks (no reference, many references); guessing the server
+credential without limit from one address, and locking VAPI out through its shared egress
+addresses; telling unknown accounts from known ones by the work done; one credential shared by
+two tenants' accounts; a revoked account key still answering assistant-requests, running tools
+and placing calls, and the gateway's 401 showing a piece of that key to VAPI; VAPI's objects on
+`/v1` reaching the provider; call fields of the wrong type (a 500); telephony cost escaping
+budgets; outbound calls in a loop or to any number; admin variables JSON cannot carry (a 500).
 """
 
 from __future__ import annotations
@@ -35,6 +46,10 @@ AGENT = f"reception-{RUN}"
 PLAIN = f"plain-{RUN}"  # an agent without tools: streams live
 TEMPLATE = "You answer calls for Acme.{% if caller_number %} Caller: {{ caller_number }}.{% endif %}"
 VARIABLES = {"caller_number": {"type": "string", "required": False}, "plan": {"type": "string", "required": False}}
+VARS = f"vars-{RUN}"  # an agent whose prompt shows its variables; the tenant's default plan is "basic"
+VARS_TEMPLATE = "Plan={{ plan }} Order={{ order_id }} Caller={{ caller_number }}."
+VARS_VARIABLES = {n: {"type": "string", "required": False} for n in ("plan", "order_id", "caller_number")}
+PROBE = "203.0.113.7"  # the address a credential-guessing test claims (X-Forwarded-For, trusted proxy)
 
 
 class MockVapiApi(Proc):
@@ -71,8 +86,15 @@ def env(tmp_root, services, module_mock):
     out = run_cli("keys", "create", "--name", f"vapi-{RUN}", "--tenant", TENANT, urls=services, tmp=tmp_root)
     assert out.returncode == 0, out.stderr
     key = out.stdout.splitlines()[0].strip()
+    out = run_cli("keys", "create", "--name", f"vapi-spare-{RUN}", "--tenant", TENANT, urls=services, tmp=tmp_root)
+    assert out.returncode == 0, out.stderr
+    spare_key = out.stdout.splitlines()[0].strip()
+    spare_id = out.stdout.split("(id ", 1)[1].split(";", 1)[0]
     config = {
         "router": {"max_attempts": 1},
+        # failed credentials count per address: 127.0.0.1 is a trusted proxy so a test can claim
+        # another address; a slow refill so the throttle test does not race the clock
+        "server": {"trusted_proxies": ["127.0.0.1/32"], "failed_auth_per_minute": 1, "failed_auth_burst": 30},
         "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
         "models": [{"name": "voice-model", "deployments": [{"provider": "pp", "model": "m"}]}],
         "channels": {
@@ -82,7 +104,13 @@ def env(tmp_root, services, module_mock):
                     "api_key": key,
                     "public_url": PUBLIC_URL,
                     "auth": {"bearer_token": TOKEN, "secret": SECRET},
-                    "phone_numbers": {"pn_main": AGENT, "pn_plain": PLAIN, "pn_ghost": f"ghost-{RUN}"},
+                    "phone_numbers": {
+                        "pn_main": AGENT,
+                        "pn_plain": PLAIN,
+                        "pn_ghost": f"ghost-{RUN}",
+                        "pn_vars": VARS,
+                    },
+                    "metadata_variables": ["order_id"],
                     "default_agent": AGENT,
                     "transfer_number": "+14155550100",
                     "vapi_api_url": api.url,
@@ -90,7 +118,20 @@ def env(tmp_root, services, module_mock):
                     "outbound_phone_number_id": "pn_main",
                     "assistant": {"firstMessage": "Acme, how can I help?", "voice": {"provider": "11labs"}},
                     "max_body_bytes": 64 * 1024,
-                }
+                },
+                # an account of its own key, revoked by a test
+                "spare": {
+                    "tenant": TENANT,
+                    "api_key": spare_key,
+                    "public_url": PUBLIC_URL,
+                    "auth": {"bearer_token": TOKEN},
+                    "default_agent": AGENT,
+                    "vapi_api_url": api.url,
+                    "vapi_api_key": VAPI_KEY,
+                    "outbound_phone_number_id": "pn_main",
+                    "outbound_per_minute": 2,
+                    "outbound_prefixes": ["+1415", "+1650"],
+                },
             }
         },
     }
@@ -112,11 +153,24 @@ def env(tmp_root, services, module_mock):
             "allow_private_networks": True,
         },
     }
-    for name, extra in ((AGENT, {"tools": [tool]}), (PLAIN, {})):
+    for name, extra in (
+        (AGENT, {"tools": [tool]}),
+        (PLAIN, {}),
+        (VARS, {"template": VARS_TEMPLATE, "variables": VARS_VARIABLES, "defaults": {"plan": "basic"}}),
+    ):
         body = {"name": name, "model": "voice-model", "template": TEMPLATE, "variables": VARIABLES, "tenant": TENANT}
         r = admin(gw, "POST", "/admin/agents", json={**body, **extra})
         assert r.status_code == 201, r.text
-    yield {"gw": gw, "tools": tools, "api": api, "mock": module_mock, "db": services[0], "key": key}
+    yield {
+        "gw": gw,
+        "tools": tools,
+        "api": api,
+        "mock": module_mock,
+        "db": services[0],
+        "key": key,
+        "config": config,
+        "spare_id": spare_id,
+    }
     gw.stop()
     api.stop()
     tools.stop()
@@ -394,7 +448,9 @@ def test_outbound_call_through_vapi_api(env):
     assert sent["body"]["customer"] == {"number": "+14155550199"}
     assert sent["body"]["phoneNumberId"] == "pn_main"
     assert sent["body"]["assistant"]["model"]["provider"] == "custom-llm"
-    assert sent["body"]["metadata"] == {"plan": "gold"}
+    metadata = dict(sent["body"]["metadata"])
+    assert len(metadata.pop("gateway_signature")) == 64 and metadata == {"plan": "gold"}
+    assert record["metadata"] == {"plan": "gold"}  # the signature is VAPI's to echo, not stored
     listed = admin(gw, "GET", f"/admin/channels/vapi/calls?tenant={TENANT}&account=main").json()["data"]
     assert record["call_id"] in {c["call_id"] for c in listed}
     # bad input: a 400 naming the field; VAPI's refusal: 502, nothing recorded
@@ -459,13 +515,14 @@ def test_human_reply_delivery_reports_or_calls_back(env):
             await channel.start()
             delivery = Delivery()
             delivery.register("vapi", _Deliverer(VapiDeliverer(channel)))
-            live, ended, quiet = (str(uuid.uuid4()) for _ in range(3))
-            for account, call_id, status in (
-                ("main", live, "in-progress"),
-                ("main", ended, "ended"),
-                ("quiet", quiet, "ended"),
+            live, ended, quiet, web = (str(uuid.uuid4()) for _ in range(4))
+            for account, call_id, status, kind in (
+                ("main", live, "in-progress", None),
+                ("main", ended, "ended", None),
+                ("quiet", quiet, "ended", None),
+                ("main", web, "ended", "webCall"),  # a number a web visitor wrote
             ):
-                info = CallInfo(call_id=call_id, customer_number="+14155550166")
+                info = CallInfo(call_id=call_id, customer_number="+14155550166", call_type=kind)
                 await store.upsert(TENANT, account, info, AGENT, status)
 
             def reply(call_id: str, ref: str | None = "esc_1") -> Outbound:
@@ -478,6 +535,10 @@ def test_human_reply_delivery_reports_or_calls_back(env):
                 "again": await delivery.deliver(reply(ended)),
                 "other tenant": await delivery.deliver(Outbound("someone-else", AGENT, f"vapi:{ended}", "x")),
                 "not a call": await delivery.deliver(reply(str(uuid.uuid4()))),
+                # attacks: callbacks without bound
+                "web": await delivery.deliver(reply(web)),
+                "no ref": await delivery.deliver(reply(ended, ref=None)),
+                "more refs": [await delivery.deliver(reply(ended, ref=f"esc_{n}")) for n in (2, 3, 4, 5)],
             }
             await channel.stop()
             return out
@@ -490,9 +551,13 @@ def test_human_reply_delivery_reports_or_calls_back(env):
     assert out["quiet"].status == "failed" and out["quiet"].detail == "call ended; no outbound path"
     assert out["ended"].status == "sent" and out["again"].status == "sent"
     assert (out["other tenant"].channel, out["not a call"].channel) == ("api", "api")
+    assert out["web"].status == "failed" and "web call" in out["web"].detail
+    assert out["no ref"].status == "failed" and "reference" in out["no ref"].detail
+    assert [d.status for d in out["more refs"]] == ["sent", "sent", "failed", "failed"]
+    assert "called back 3 times" in out["more refs"][2].detail
     calls = env["api"].requests()[before:]
-    assert len(calls) == 1  # the repeated reference did not call twice
-    assert calls[0]["body"]["customer"] == {"number": "+14155550166"}
+    assert len(calls) == 3  # esc_1 once (repeated: not again), esc_2, esc_3; then the per-call bound
+    assert all(c["body"]["customer"] == {"number": "+14155550166"} for c in calls)
     assert calls[0]["body"]["assistant"]["firstMessage"] == "A human says hello."
     assert (
         out["ended"].detail
@@ -534,6 +599,22 @@ def test_account_settings_problems_name_their_path():
     ):
         assert where in text, text
     assert SECRET not in text and "sk-gw-01234567" not in text  # secrets never in the problems
+
+
+def test_one_credential_shared_by_two_tenants_accounts_is_refused():
+    """The credential picks the tenant: two tenants' accounts with one credential would let
+    either's VAPI side write the other's calls, ledger and budgets. Same tenant: allowed."""
+    from channels.vapi import parse_accounts
+    from core.config import ConfigError
+
+    good = {"tenant": "t", "api_key": "sk-gw-01234567", "public_url": PUBLIC_URL, "auth": {"secret": SECRET}}
+    assert len(parse_accounts({"a": good, "b": good})) == 2
+    with pytest.raises(ConfigError) as exc:
+        parse_accounts({"a": good, "b": {**good, "tenant": "u", "auth": {"bearer_token": TOKEN, "secret": SECRET}}})
+    assert exc.value.problems == [
+        "channels.vapi.b.auth: the same credential as account 'a' of another tenant; "
+        "each tenant's accounts need their own"
+    ]
 
 
 def test_check_config_names_account_problems(tmp_root):
@@ -611,3 +692,263 @@ def test_the_agent_is_the_accounts_choice(env):
     assert r.status_code == 200 and r.json() == {}
     metrics = httpx.get(f"{env['gw'].url}/metrics").text
     assert 'gateway_vapi_events_total{type="other"}' in metrics and "totally-new-type" not in metrics
+
+
+# ---- attacks (security review) -----------------------------------------------------------------
+
+
+def _account(env, name: str = "main"):
+    from channels.vapi import parse_accounts
+
+    return parse_accounts(env["config"]["channels"]["vapi"])[name]
+
+
+def _prompt_of(env, body: dict, headers: dict | None = None) -> str:
+    r = httpx.post(
+        f"{base(env)}/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "stream": False, **body},
+        headers=headers or {"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-gateway-agent"] == VARS
+    return env["mock"].last()["body"]["messages"][0]["content"]
+
+
+def test_web_caller_metadata_cannot_override_the_tenants_agent_variables(env):
+    """A web call is started by any visitor holding the assistant's public key, with whatever
+    metadata and `customer` it likes. Its metadata must not set prompt variables beyond the
+    account's `metadata_variables` (here `order_id`), nor win over the agent's defaults; its
+    customer number is no caller id. A call the gateway placed carries signed metadata, taken
+    whole; a forged or re-used signature counts for nothing."""
+    from channels.vapi import wire
+
+    web = {"id": str(uuid.uuid4()), "type": "webCall", "phoneNumberId": "pn_vars"}
+    hostile = {"plan": "platinum", "order_id": "A-1", "gateway_signature": "0" * 64}
+    prompt = _prompt_of(
+        env, {"call": {**web, "metadata": hostile}, "metadata": hostile, "customer": {"number": "+14155550142"}}
+    )
+    assert prompt == "Plan=basic Order=A-1 Caller=."
+    # the gateway's own signature (an outbound call it placed): the admin's variables count
+    account = _account(env)
+    signed = wire.sign_metadata(account, {"plan": "gold", "order_id": "B-2"}, "+14155550143")
+    phone = {"id": str(uuid.uuid4()), "type": "outboundPhoneCall", "phoneNumberId": "pn_vars"}
+    prompt = _prompt_of(
+        env,
+        {
+            "call": {**phone, "metadata": signed},
+            "metadata": {"plan": "platinum"},
+            "customer": {"number": "+14155550143"},
+        },
+    )
+    assert prompt == "Plan=gold Order=B-2 Caller=+14155550143."
+    # a signed set with one value changed, signed with another account's key, or replayed on a
+    # call to another number or on a web call: not trusted
+    other_key = wire.sign_metadata(_account(env, "spare"), {"plan": "platinum"}, "+14155550143")
+    for forged, customer, kind in (
+        ({**signed, "plan": "platinum"}, "+14155550143", "outboundPhoneCall"),
+        (other_key, "+14155550143", "outboundPhoneCall"),
+        (signed, "+14155550149", "outboundPhoneCall"),
+        (signed, "+14155550143", "webCall"),
+    ):
+        call = {**phone, "id": str(uuid.uuid4()), "type": kind, "metadata": forged}
+        prompt = _prompt_of(env, {"call": call, "customer": {"number": customer}})
+        assert prompt.startswith("Plan=basic "), prompt
+
+
+def test_failed_vapi_credentials_are_throttled_per_client_address(env):
+    """Guessing the server credential from one address: after the burst, 429 with retry-after,
+    before any comparison (the right credential from that address is refused too, so guessing
+    on tells nothing); other addresses are not affected; and an address VAPI called from
+    (shared by every VAPI customer) cannot be made to lock VAPI out."""
+    probe = {"X-Forwarded-For": PROBE}
+    statuses = []
+    for i in range(40):
+        r = httpx.post(
+            f"{base(env)}/events", json={}, headers={**probe, "Authorization": f"Bearer guess-{i:020d}"}, timeout=10
+        )
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            break
+    assert statuses[0] == 401 and statuses[-1] == 429, statuses
+    assert r.json()["error"]["code"] == "too_many_failed_authentications" and int(r.headers["retry-after"]) >= 1
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    message = {"message": {"type": "transfer-destination-request"}}
+    assert httpx.post(f"{base(env)}/events", json=message, headers={**probe, **right}).status_code == 429
+    elsewhere = {"X-Forwarded-For": "198.51.100.9", **right}
+    assert httpx.post(f"{base(env)}/events", json=message, headers=elsewhere).status_code == 200
+    # VAPI's egress addresses are shared by every VAPI customer: failures made to come from an
+    # address that presented the right credential do not lock VAPI out (they still fail)
+    shared = {"X-Forwarded-For": "198.51.100.10"}
+    assert httpx.post(f"{base(env)}/events", json=message, headers={**shared, **right}).status_code == 200
+    for i in range(40):
+        bad = {**shared, "Authorization": f"Bearer guess-{i:020d}"}
+        assert httpx.post(f"{base(env)}/events", json={}, headers=bad).status_code == 401
+    assert httpx.post(f"{base(env)}/events", json=message, headers={**shared, **right}).status_code == 200
+
+
+def test_unknown_account_costs_the_same_comparisons_as_a_known_one(monkeypatch):
+    """Account names cannot be told apart by timing: an unknown account makes the same
+    constant-time comparisons as an account with both credentials, and never passes."""
+    import hmac
+
+    from channels.vapi import parse_accounts, wire
+
+    account = parse_accounts(
+        {
+            "a": {
+                "tenant": "t",
+                "api_key": "sk-gw-01234567",
+                "public_url": PUBLIC_URL,
+                "auth": {"bearer_token": TOKEN, "secret": SECRET},
+            }
+        }
+    )["a"]
+    counted = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(wire.hmac, "compare_digest", lambda a, b: counted.append(1) or real(a, b))
+    scope = {"headers": [(b"authorization", f"Bearer {TOKEN}".encode()), (b"x-vapi-secret", SECRET.encode())]}
+    assert wire.authentic(account, scope) is True
+    known = len(counted)
+    assert wire.authentic(None, scope) is False and wire.authentic(None, {"headers": []}) is False
+    assert known == 2 and len(counted) == 3 * known
+
+
+def test_vapi_objects_on_v1_never_reach_the_provider(env):
+    """VAPI at /v1 (or any client): `customer` / `phoneNumber` without a `call` object, or a
+    `call` that is no object, must not go to the provider beside the scrubbed messages."""
+    client = openai.OpenAI(base_url=f"{env['gw'].url}/v1", api_key=env["key"], max_retries=0, timeout=30)
+    for extra in (
+        {"customer": {"number": "+14155550144", "name": "Jane Roe"}},
+        {"call": "c-1", "phoneNumber": {"number": "+14155550100"}, "customer": "Jane Roe"},
+    ):
+        client.chat.completions.create(
+            model=f"agent:{PLAIN}", messages=[{"role": "user", "content": "hi"}], extra_body=extra
+        )
+        sent = env["mock"].last()["body"]
+        assert not {"call", "phoneNumber", "customer"} & set(sent), sent.keys()
+        assert "Jane Roe" not in str(sent)
+
+
+def test_telephony_cost_counts_in_budgets_once_and_hard_budgets_then_refuse(env):
+    """A call's cost (VAPI's end-of-call report) used to reach only the ledger: a customer with
+    a hard budget could talk on for free. Now it counts in the budgets its ledger record falls
+    under, once per call however often the report comes, and the next turn is refused, and so
+    is an outbound call to that customer."""
+    gw, customer = env["gw"], "+14155550155"
+    r = admin(
+        gw,
+        "POST",
+        "/admin/budgets",
+        json={"tenant": TENANT, "scope": "customer", "scope_value": customer, "limit_usd": 1.0, "period": "monthly"},
+    )
+    assert r.status_code == 201, r.text
+    budget = r.json()["id"]
+    spent = lambda: admin(gw, "GET", f"/admin/budgets/{budget}").json()["spent_usd"]  # noqa: E731
+
+    def report(call_id: str, cost: float) -> dict:
+        call = {"id": call_id, "type": "inboundPhoneCall", "customer": {"number": customer}}
+        message = {"type": "end-of-call-report", "call": call, "cost": cost, "durationSeconds": 60}
+        r = httpx.post(f"{base(env)}/events", json={"message": message}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first = str(uuid.uuid4())
+    assert report(first, 0.75) == {"stored": True}
+    assert report(first, 0.75) == {"stored": False}  # VAPI's retry: nothing counted twice
+    assert spent() == pytest.approx(0.75)
+    assert report(str(uuid.uuid4()), 0.5) == {"stored": True}
+    assert spent() == pytest.approx(1.25)
+    r = httpx.post(
+        f"{base(env)}/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "still there?"}],
+            "stream": False,
+            "call": {"id": str(uuid.uuid4()), "type": "inboundPhoneCall", "phoneNumberId": "pn_plain"},
+            "customer": {"number": customer},
+        },
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+    )
+    assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota", r.text
+    # nor is the customer called (an outbound call is telephony the budget would be charged)
+    before = len(env["api"].requests())
+    r = admin(gw, "POST", "/admin/channels/vapi/calls", json={"account": "main", "to": customer})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota", r.text
+    assert "no call is placed" in r.json()["error"]["message"] and len(env["api"].requests()) == before
+
+
+def test_outbound_calls_are_paced_per_account_and_kept_to_its_prefixes(env):
+    """A tenant admin (or a stream of callbacks) placing calls in a loop: past the account's
+    `outbound_per_minute`, 429 with retry-after and nothing sent to VAPI; a number outside its
+    `outbound_prefixes` is refused; a number the admin API cannot carry exactly (10**30) is a
+    400, not a 500."""
+    api = env["api"]
+    body = {"account": "spare", "to": "+14155550199"}
+    r = admin(env["gw"], "POST", "/admin/channels/vapi/calls", json={**body, "variables": {"n": 10**30}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "variables.n", r.text
+    before = len(api.requests())
+    # a number outside the account's outbound_prefixes (a premium line abroad): 400, nothing sent
+    r = admin(env["gw"], "POST", "/admin/channels/vapi/calls", json={**body, "to": "+88213000000"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "destination_not_allowed", r.text
+    statuses = [admin(env["gw"], "POST", "/admin/channels/vapi/calls", json=body).status_code for _ in range(3)]
+    assert statuses == [201, 201, 429]
+    r = admin(env["gw"], "POST", "/admin/channels/vapi/calls", json=body)
+    assert r.json()["error"]["code"] == "vapi_outbound_rate_limited" and int(r.headers["retry-after"]) >= 1
+    assert len(api.requests()) == before + 2
+
+
+def test_revoked_account_key_stops_its_tools_and_outbound_calls(env):
+    """The account key is re-checked through the gateway's key cache: once revoked, the
+    account's tool-calls run nothing and no outbound call is placed (no restart needed)."""
+    spare = f"{env['gw'].url}/channels/vapi/spare/events"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    calls = [{"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
+    message = {"message": {"type": "tool-calls", "toolCallList": calls, "call": {"id": str(uuid.uuid4())}}}
+
+    def tool_result() -> dict:
+        r = httpx.post(spare, json=message, headers=auth, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["results"][0]
+
+    assert "Oslo" in tool_result()["result"]  # the account works while its key is active
+    assert admin(env["gw"], "DELETE", f"/admin/keys/{env['spare_id']}").status_code == 200
+    wait_until(lambda: "error" in tool_result(), timeout=15, what="the revocation noticed")
+    before = len(env["tools"].requests()), len(env["api"].requests())
+    assert tool_result() == {"toolCallId": "t1", "error": "the agent is not available"}
+    turn = httpx.post(
+        f"{env['gw'].url}/channels/vapi/spare/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "stream": True},
+        headers=auth,
+        timeout=30,
+    )
+    assert turn.status_code == 401 and turn.json()["error"]["code"] == "vapi_account_key_refused"
+    assert "***" not in turn.text  # no piece of the account's key reaches VAPI
+    ask = {"message": {"type": "assistant-request", "call": {"id": str(uuid.uuid4()), "type": "inboundPhoneCall"}}}
+    assert httpx.post(spare, json=ask, headers=auth, timeout=30).json() == {"error": "This line is not available."}
+    r = admin(env["gw"], "POST", "/admin/channels/vapi/calls", json={"account": "spare", "to": "+14155550199"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "vapi_account_key_inactive"
+    assert (len(env["tools"].requests()), len(env["api"].requests())) == before
+
+
+def test_call_fields_of_the_wrong_type_are_ignored_not_a_500(env):
+    """`call.type` as an array (unhashable) once made the channel and /v1 answer 500."""
+    hostile = {"id": str(uuid.uuid4()), "type": ["webCall"], "phoneNumberId": {"x": 1}, "metadata": [1]}
+    r = httpx.post(
+        f"{base(env)}/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "stream": False, "call": hostile, "customer": []},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    r = httpx.post(
+        f"{base(env)}/events",
+        json={"message": {"type": "status-update", "status": ["ended"], "call": hostile}},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    client = openai.OpenAI(base_url=f"{env['gw'].url}/v1", api_key=env["key"], max_retries=0, timeout=30)
+    client.chat.completions.create(
+        model=f"agent:{PLAIN}", messages=[{"role": "user", "content": "hi"}], extra_body={"call": hostile}
+    )

@@ -199,11 +199,11 @@ class CallStore:
 
     async def report(
         self, tenant: str, account: str, info: wire.CallInfo, agent: str | None, report: Report, customer: bool
-    ) -> bool:
-        """Stores the end-of-call report and its ledger record; False when the call's report was
-        in already (nothing changes)."""
+    ) -> dict | None:
+        """Stores the end-of-call report and its ledger record: the call record, or None when
+        the call's report was in already (nothing changes)."""
         if info.call_id is None:
-            return False
+            return None
         async with self._tx(tenant) as conn:
             await conn.execute(
                 "INSERT INTO vapi_calls (id, tenant, account, call_id, conversation_id, agent, direction, status, "
@@ -236,7 +236,7 @@ class CallStore:
                 report.ended_at,
             )
             if row is None:
-                return False
+                return None
             await conn.execute(
                 _LEDGER,
                 row["id"],
@@ -246,7 +246,7 @@ class CallStore:
                 report.cost_usd or 0.0,
                 row["conversation_id"],
             )
-        return True
+        return describe(row, transcript=False)
 
     async def list(self, wall: str | None, view: str | None, limit: int = 100, account: str | None = None) -> list:
         async with self._tx(wall) as conn:
@@ -277,6 +277,17 @@ class CallStore:
                 "AND metadata->>'reply_ref' = $2 LIMIT 1",
                 tenant,
                 ref[:200],
+            )
+
+    async def callbacks_of(self, tenant: str, account: str, call_id: str) -> int:
+        """How many callbacks were placed for the customer of one call."""
+        async with self._tx(tenant) as conn:
+            return await conn.fetchval(
+                "SELECT count(*) FROM vapi_calls WHERE tenant = $1 AND account = $2 AND direction = 'outbound' "
+                "AND metadata->>'reply_to' = $3",
+                tenant,
+                account,
+                call_id,
             )
 
     async def by_conversation(self, tenant: str, conversation_id: str) -> dict | None:

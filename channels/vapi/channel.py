@@ -4,13 +4,21 @@
     POST /channels/vapi/{account}/events             VAPI's server URL (events.py)
 
 Both check the account's credential (``wire.authentic``) before reading a byte of the body;
-an unknown account and a wrong credential get the same 401, so account names cannot be probed.
+an unknown account and a wrong credential get the same 401 after the same work, so account
+names cannot be probed. Failed attempts count against the client's address (``guard``, the
+gateway's failed-authentication limiter, passed in by the composition): past its burst an
+address gets 429 with ``retry-after`` before any comparison is made — unless it presented a
+right credential lately (VAPI's shared egress addresses; see gateway/vapi_channel.py).
 Outbound calls (``place_call``) serve the admin API and the deliverer's callbacks.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import aiohttp
 
@@ -19,13 +27,23 @@ from channels.vapi.calls import CallStore, VapiApi
 from channels.vapi.config import E164, VapiAccount
 from channels.vapi.events import Events, assistant_config
 from core import http
-from core.errors import InvalidRequest, MethodNotAllowed, NotFound, Unauthenticated
+from core.errors import InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied, RateLimited, Unauthenticated
 from core.upstream import Upstream
 
 log = logging.getLogger("gateway.channels.vapi")
 
 PREFIX = "/channels/vapi/"
 _UNAUTHENTICATED = "The request does not carry this VAPI account's credential."
+
+
+class Guard(Protocol):
+    """Failed authentications per client address (the composition's limiter)."""
+
+    def retry_after(self, scope: dict) -> float: ...  # seconds until this address may fail again
+
+    def failed(self, scope: dict) -> None: ...
+
+    def succeeded(self, scope: dict) -> None: ...  # this address presented a right credential
 
 
 class VapiChannel:
@@ -36,12 +54,23 @@ class VapiChannel:
         events: Events,
         upstream: Upstream,
         gateway_url: str = "",
+        *,
+        guard: Guard | None = None,
+        active: Callable[[VapiAccount], Awaitable[bool]] | None = None,
+        admit_call: Callable[[VapiAccount, str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.accounts = accounts
         self.store = store
         self.events = events
         self.upstream = upstream
         self.gateway_url = gateway_url.rstrip("/")
+        self.guard = guard
+        # whether the account's gateway key is still an active key of its tenant (revocations
+        # are noticed through the gateway's key cache, not at the next restart)
+        self.active = active
+        # (account, agent, to): raises when the call's budgets are used up (QuotaExceeded)
+        self.admit_call = admit_call
+        self._outbound: dict[str, float] = {}  # account -> GCRA theoretical arrival time
         self._session: aiohttp.ClientSession | None = None
         self.api: VapiApi | None = None
 
@@ -64,9 +93,24 @@ class VapiChannel:
             raise NotFound("Invalid URL: VAPI accounts serve /chat/completions and /events.")
         if scope["method"] != "POST":
             raise MethodNotAllowed(f"Use POST on /channels/vapi/{{account}}/{rest}.")
-        if account is None or not wire.authentic(account, scope):
-            metrics.REFUSED.labels("llm" if rest == "chat/completions" else "events").inc()
+        endpoint = "llm" if rest == "chat/completions" else "events"
+        if self.guard is not None:
+            wait = self.guard.retry_after(scope)
+            if wait > 0:  # refused before comparing: guessing on is no use
+                metrics.REFUSED.labels(endpoint).inc()
+                retry = str(max(1, math.ceil(wait)))
+                raise RateLimited(
+                    f"Too many failed authentication attempts from your address. Retry after {retry} s.",
+                    code="too_many_failed_authentications",
+                    headers={"retry-after": retry},
+                )
+        if not wire.authentic(account, scope):  # an unknown account (None) does the same work
+            metrics.REFUSED.labels(endpoint).inc()
+            if self.guard is not None:
+                self.guard.failed(scope)
             raise Unauthenticated(_UNAUTHENTICATED, code="invalid_vapi_credential")
+        if self.guard is not None:
+            self.guard.succeeded(scope)
         if rest == "chat/completions":
             body = await llm.read(scope, receive, account)
             await llm.relay(self.upstream, self._gateway_url(scope), account, body, send, rid)
@@ -110,10 +154,27 @@ class VapiChannel:
             )
         if not isinstance(to, str) or not E164.match(to):
             raise InvalidRequest("'to' must be an E.164 number (+ and 7 to 15 digits).", param="to")
+        if account.outbound_prefixes and not to.startswith(account.outbound_prefixes):
+            raise InvalidRequest(
+                "'to' is not a number this account may call (see its outbound_prefixes).",
+                param="to",
+                code="destination_not_allowed",
+            )
         agent = agent or account.phone_numbers.get(account.outbound_phone_number_id) or account.default_agent
         if agent is None or agent not in account.agents():
             raise InvalidRequest("'agent' is not an agent this account reaches.", param="agent")
-        metadata = {**(variables or {}), **(extra_metadata or {})}
+        if self.active is not None and not await self.active(account):
+            raise PermissionDenied(
+                "This VAPI account's gateway key is no longer active; no call is placed.",
+                param="account",
+                code="vapi_account_key_inactive",
+            )
+        if self.admit_call is not None:
+            await self.admit_call(account, agent, to)
+        self._pace(name, account)
+        # signed: these values (a tenant admin's) come back as the call's metadata and become its
+        # prompt variables, which call metadata nobody signed cannot (wire._metadata)
+        metadata = wire.sign_metadata(account, {**(variables or {}), **(extra_metadata or {})}, to)
         assistant = assistant_config(name, account, agent)
         if first_message:
             assistant["firstMessage"] = first_message
@@ -131,10 +192,27 @@ class VapiChannel:
             customer_number=to,
         )
         status = data.get("status") if isinstance(data.get("status"), str) else "queued"
-        record = await self.store.upsert(
-            account.tenant, name, info, agent, status, direction="outbound", metadata=metadata
-        )
+        kept = {k: v for k, v in metadata.items() if k != wire.SIGNATURE}
+        record = await self.store.upsert(account.tenant, name, info, agent, status, direction="outbound", metadata=kept)
         return record or {"call_id": data["id"], "status": status}
+
+    def _pace(self, name: str, account: VapiAccount) -> None:
+        """At most ``outbound_per_minute`` calls a minute (that many at once, then evenly)."""
+        per_minute = account.outbound_per_minute
+        if not per_minute:
+            return
+        interval = 60.0 / per_minute
+        now = time.monotonic()
+        tat = max(self._outbound.get(name, now), now)
+        wait = tat - interval * (per_minute - 1) - now
+        if wait > 0:
+            retry = str(max(1, math.ceil(wait)))
+            raise RateLimited(
+                f"This account placed {per_minute} calls in the last minute; retry after {retry} s.",
+                code="vapi_outbound_rate_limited",
+                headers={"retry-after": retry},
+            )
+        self._outbound[name] = tat + interval
 
     async def call_back(self, call: dict, account: VapiAccount, text: str, ref: str | None) -> str:
         """The deliverer's callback: a call to the customer of ``call`` that speaks ``text``."""

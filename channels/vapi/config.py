@@ -17,6 +17,7 @@ naming every problem with its path (``channels.vapi.main.auth: ...``).
           vapi_api_key: ${VAPI_API_KEY}       # outbound calls (POST /call)
           outbound_phone_number_id: pn_456
           assistant: {voice: {provider: 11labs, voiceId: burt}, firstMessage: "Hello!"}
+          metadata_variables: [order_id]      # call metadata names taken as prompt variables
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # as runtime/agents.py n
 ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 VAPI_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")  # assistant, phone number and call ids (UUIDs)
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")  # a prompt variable's name
 MIN_SECRET = 16
 
 
@@ -88,6 +90,16 @@ class VapiAccount(_Strict):
     # undeliverable, or "callback": place an outbound call that speaks it.
     delivery: Literal["report", "callback"] = "report"
     attribute_customer: bool = True  # the caller's number as the ledger's `customer`
+    # Call metadata is written by whoever starts the call (on a web call: any visitor holding the
+    # assistant's public key), and prompt variables it sets win over the agent's defaults. So
+    # only these names are taken from it; the calls the gateway places carry its signature and
+    # their variables are taken whole.
+    metadata_variables: frozenset[str] = Field(default_factory=frozenset, max_length=20)
+    # Outbound calls (admin API and callbacks) this account places per minute, in each gateway
+    # process: every call is telephony the tenant pays for and no budget counts (0: no limit).
+    outbound_per_minute: int = Field(30, ge=0, le=10_000)
+    # The numbers outbound calls may go to, as E.164 prefixes ("+1", "+4420"); empty: any number.
+    outbound_prefixes: tuple[str, ...] = Field((), max_length=100)
 
     @field_validator("public_url", "vapi_api_url")
     @classmethod
@@ -101,6 +113,22 @@ class VapiAccount(_Strict):
             if not VAPI_ID.match(str(key)):
                 raise ValueError(f"{str(key)[:64]!r} is not a VAPI id")
             _agent(agent, str(key))
+        return v
+
+    @field_validator("metadata_variables")
+    @classmethod
+    def _names(cls, v: frozenset[str]) -> frozenset[str]:
+        for name in v:
+            if not VARIABLE_NAME.match(name):
+                raise ValueError(f"{name[:64]!r} is not a variable name (letters, digits and _)")
+        return v
+
+    @field_validator("outbound_prefixes")
+    @classmethod
+    def _prefixes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for prefix in v:
+            if not re.match(r"^\+[1-9][0-9]{0,14}$", prefix):
+                raise ValueError(f"{prefix[:20]!r} is not a number prefix (+ and 1 to 15 digits)")
         return v
 
     @field_validator("default_agent")
@@ -162,6 +190,21 @@ def parse_accounts(raw: dict[str, dict[str, Any]], where: str = "channels.vapi")
         except ValidationError as exc:
             for e in exc.errors():
                 problems.append(f"{path}{_loc(e['loc'])}: {e['msg'].removeprefix('Value error, ')}")
+    # The credential is what says which tenant a request is for: one shared by accounts of two
+    # tenants would let either's VAPI side (an assistant pointed at the other account's URL)
+    # write the other tenant's calls, ledger and budgets and run its agents' tools.
+    seen: dict[str, tuple[str, str]] = {}
+    for name, account in out.items():
+        for value in (account.auth.bearer_token, account.auth.secret):
+            if value is None:
+                continue
+            other = seen.setdefault(value, (name, account.tenant))
+            if other[1] != account.tenant:
+                problems.append(
+                    f"{where}.{name}.auth: the same credential as account {other[0]!r} of another tenant; "
+                    "each tenant's accounts need their own"
+                )
+                break
     if problems:
         raise ConfigError(problems)
     return out

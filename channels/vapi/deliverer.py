@@ -11,7 +11,13 @@ this channel's calls (found in ``vapi_calls`` by tenant and conversation id, nev
   no outbound path", so whoever sent it knows the customer did not hear it;
 - it ended, with ``delivery: callback`` and the caller's number known: an outbound call to the
   customer whose assistant speaks the message first, then carries on as the agent
-  (``sent``, the new call's id). A message with a ``ref`` calls at most once per ref.
+  (``sent``, the new call's id).
+
+Each callback is a phone call the tenant pays for, placed to a number the inbound call named,
+so they are bounded: a message without a ``ref`` (what makes a retry recognizable) is not
+called back; a ``ref`` calls at most once (checked and placed under a lock in this process);
+one call's customer is called back at most ``MAX_CALLBACKS_PER_CALL`` times whatever the refs;
+a web call is never called back (its "number" is whatever the visitor wrote).
 
 ``outcome`` answers ``(status, detail)`` or None for a conversation that is not a VAPI call;
 the composition turns it into runtime.delivery's ``Delivered``.
@@ -19,12 +25,17 @@ the composition turns it into runtime.delivery's ``Delivered``.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+
+MAX_CALLBACKS_PER_CALL = 3
 LIVE = frozenset({"scheduled", "queued", "ringing", "in-progress", "forwarding"})
 
 
 class VapiDeliverer:
     def __init__(self, channel) -> None:
         self.channel = channel  # VapiChannel
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def outcome(
         self, tenant: str, conversation_id: str, text: str, ref: str | None = None
@@ -38,7 +49,17 @@ class VapiDeliverer:
             return "failed", "call in progress; no way to speak into it"
         if account is None or account.delivery != "callback" or not call["customer_number"]:
             return "failed", "call ended; no outbound path"
-        if ref is not None and await store.callback_for(tenant, ref) is not None:
-            return "sent", "already called back"
-        new_call = await self.channel.call_back(call, account, text, ref)
+        if call["direction"] == "web":
+            return "failed", "call ended; a web call has no number to call back"
+        if ref is None:
+            return "failed", "call ended; a callback needs the message's reference"
+        lock = self._locks.get(tenant)
+        if lock is None:
+            lock = self._locks[tenant] = asyncio.Lock()
+        async with lock:
+            if await store.callback_for(tenant, ref) is not None:
+                return "sent", "already called back"
+            if await store.callbacks_of(tenant, call["account"], call["call_id"]) >= MAX_CALLBACKS_PER_CALL:
+                return "failed", f"call ended; its customer was called back {MAX_CALLBACKS_PER_CALL} times already"
+            new_call = await self.channel.call_back(call, account, text, ref)
         return "sent", new_call

@@ -11,7 +11,8 @@ body is bounded, then each message type reads only the fields it needs, each che
   order asked, each id exactly as VAPI sent it. At most ``MAX_TOOL_CALLS`` per message.
 - ``transfer-destination-request``: the account's human line.
 - ``status-update``: the call record's status (forward only).
-- ``end-of-call-report``: the call record and its ledger record, once per call.
+- ``end-of-call-report``: the call record and its ledger record, once per call; its cost is
+  counted in the tenant's budgets (tenant, agent, customer and the ``vapi`` tag) once too.
 
 Other types (``transcript``, ``speech-update``, ``conversation-update``, ``hang``...) are
 acknowledged and ignored. Only the first three answer with a body.
@@ -34,8 +35,9 @@ MAX_TOOL_CALLS = 16
 MAX_TOOL_CALL_ID = 128
 MAX_TOOL_NAME = 64
 
-# (tenant, agent, calls as OpenAI tool_calls[], context, timeout) -> [(ok, text)] in order
-ToolRunner = Callable[[str, str, list[dict], dict, float], Awaitable[list[tuple[bool, str]]]]
+# (account, agent, calls as OpenAI tool_calls[], context, timeout) -> [(ok, text)] in order; the
+# runner checks the account's own gateway key (as it is now) may use the agent
+ToolRunner = Callable[[VapiAccount, str, list[dict], dict, float], Awaitable[list[tuple[bool, str]]]]
 
 
 def assistant_config(name: str, account: VapiAccount, agent: str) -> dict:
@@ -68,8 +70,8 @@ def _message(body: dict) -> tuple[dict, str]:
     return message, message["type"]
 
 
-def _info(message: dict) -> wire.CallInfo:
-    return wire.call_info(message.get("call"), message.get("phoneNumber"), message.get("customer"))
+def _info(message: dict, account: VapiAccount) -> wire.CallInfo:
+    return wire.call_info(message.get("call"), message.get("phoneNumber"), message.get("customer"), account=account)
 
 
 def read_tool_calls(message: dict) -> list[dict]:
@@ -103,19 +105,33 @@ def read_tool_calls(message: dict) -> list[dict]:
     return out
 
 
+# (account, agent, customer, cost in USD): a call's telephony counted in the tenant's budgets
+Charger = Callable[[VapiAccount, str | None, str | None, float], Awaitable[None]]
+
+
 class Events:
-    def __init__(self, store: CallStore, run_tools: ToolRunner) -> None:
+    def __init__(
+        self,
+        store: CallStore,
+        run_tools: ToolRunner,
+        active: Callable[[VapiAccount], Awaitable[bool]] | None = None,
+        charge: Charger | None = None,
+    ) -> None:
         self.store = store
         self.run_tools = run_tools
+        self.active = active  # whether the account's gateway key is still active (the key cache)
+        self.charge = charge
 
     async def handle(self, name: str, account: VapiAccount, body: dict, request_id: str) -> dict:
         message, kind = _message(body)
         metrics.event(kind)
-        info = _info(message)
+        info = _info(message, account)
         agent = account.agent_for(info.assistant_id, info.phone_number_id)
         if kind == "assistant-request":
             if agent is None:
                 return {"error": "No agent is configured for this number."}
+            if self.active is not None and not await self.active(account):  # its turns would be refused
+                return {"error": "This line is not available."}
             await self.store.upsert(account.tenant, name, info, agent, "ringing")
             return {"assistant": assistant_config(name, account, agent)}
         if kind == "tool-calls":
@@ -130,10 +146,13 @@ class Events:
             await self.store.upsert(account.tenant, name, info, agent, status)
             return {}
         if kind == "end-of-call-report":
-            stored = await self.store.report(
-                account.tenant, name, info, agent, read_report(message), account.attribute_customer
-            )
-            return {"stored": stored}
+            report = read_report(message)
+            stored = await self.store.report(account.tenant, name, info, agent, report, account.attribute_customer)
+            if stored is not None and report.cost_usd and self.charge is not None:
+                # once per call, like the ledger record: a repeated report stores nothing
+                customer = stored["customer_number"] if account.attribute_customer else None
+                await self.charge(account, stored["agent"], customer, report.cost_usd)
+            return {"stored": stored is not None}
         return {}
 
     async def _tool_calls(
@@ -151,7 +170,7 @@ class Events:
             "request_id": request_id,
             "channel": "vapi",
         }
-        outcomes = await self.run_tools(account.tenant, agent, calls, context, account.tool_timeout_s)
+        outcomes = await self.run_tools(account, agent, calls, context, account.tool_timeout_s)
         results = []
         for call, (ok, text) in zip(calls, outcomes, strict=True):
             results.append(

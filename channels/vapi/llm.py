@@ -32,7 +32,7 @@ from channels.vapi import metrics, wire
 from channels.vapi.config import VapiAccount
 from core import http
 from core.config import Timeouts
-from core.errors import InvalidRequest, NotFound
+from core.errors import InvalidRequest, NotFound, Unauthenticated
 from core.upstream import Upstream
 
 log = logging.getLogger("gateway.channels.vapi")
@@ -55,7 +55,9 @@ def gateway_request(account: VapiAccount, body: dict) -> tuple[dict, dict[str, s
     messages = body.get("messages")
     if not isinstance(messages, list) or len(messages) > wire.MAX_MESSAGES:
         raise InvalidRequest(f"'messages' must be an array of at most {wire.MAX_MESSAGES} messages.", param="messages")
-    info = wire.call_info(body.get("call"), body.get("phoneNumber"), body.get("customer"), body.get("metadata"))
+    info = wire.call_info(
+        body.get("call"), body.get("phoneNumber"), body.get("customer"), body.get("metadata"), account=account
+    )
     agent = info_agent(account, info, body.get("model"))
     if agent is None:
         raise NotFound("No agent is mapped to this call's assistant or number.", param="model", code="model_not_found")
@@ -115,6 +117,13 @@ async def relay(
         f"{gateway_url}/v1/chat/completions", orjson.dumps(payload), headers, timeouts, "gateway"
     )
     metrics.TURNS.labels(f"{resp.status // 100}xx").inc()
+    if resp.status == 401:  # the account's own key: its message shows a piece of the key, not VAPI's
+        resp.release()
+        err = Unauthenticated(
+            "The gateway refused this VAPI account's key (revoked or expired).", code="vapi_account_key_refused"
+        )
+        await http.send_error(send, err, rid, None)
+        return
     try:
         out_headers = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         for name in _RELAYED_HEADERS:

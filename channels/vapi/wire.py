@@ -7,13 +7,14 @@ Everything here is pure: no I/O.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 from dataclasses import dataclass, field
 
 import orjson
 
-from channels.vapi.config import E164, VAPI_ID, VapiAccount
+from channels.vapi.config import E164, VAPI_ID, VapiAccount, VapiAuth
 from core.errors import InvalidRequest
 
 CONVERSATION_PREFIX = "vapi:"
@@ -23,6 +24,13 @@ MAX_METADATA_VARIABLES = 20
 MAX_TEXT = 1000  # characters of one metadata value or name
 _VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 CALL_TYPES = frozenset({"inboundPhoneCall", "outboundPhoneCall", "webCall", "vapi.websocketCall"})
+# A web call is started by whoever holds the assistant's public key (a browser): its `customer`
+# object is the visitor's to write, so a number in it is nobody's caller id.
+WEB_CALL_TYPES = frozenset({"webCall", "vapi.websocketCall"})
+# VAPI's objects beside an OpenAI body (metadataSendMode "variable"): never an OpenAI field
+CALL_OBJECTS = ("call", "phoneNumber", "customer")
+# The gateway's signature over the metadata of the calls it places (``sign_metadata``).
+SIGNATURE = "gateway_signature"
 # The variables every call gives the agent's prompt (only those its prompt declares are used).
 CHANNEL_VARIABLES = ("caller_number", "caller_name", "called_number", "call_id", "call_type", "channel")
 
@@ -34,12 +42,17 @@ def _header(scope: dict, name: bytes) -> bytes | None:
     return None
 
 
-def authentic(account: VapiAccount, scope: dict) -> bool:
+_NOBODY = VapiAuth(bearer_token="\x00" * 32, secret="\x00" * 32)  # matches no header (no NUL in headers)
+
+
+def authentic(account: VapiAccount | None, scope: dict) -> bool:
     """Whether the request carries the account's credential: ``Authorization: Bearer <token>``
     or ``X-Vapi-Secret: <secret>``, as configured. Constant-time comparisons; both are always
-    made (when configured) so the time taken tells nothing about which one came close."""
+    made (when configured) so the time taken tells nothing about which one came close. An
+    unknown account (None) is compared against a credential nothing matches, so it takes the
+    same work as a known one and its name cannot be told apart by timing."""
     ok = False
-    auth = account.auth
+    auth = account.auth if account is not None else _NOBODY
     if auth.bearer_token:
         got = _header(scope, b"authorization") or b""
         scheme, _, token = got.partition(b" ")
@@ -48,7 +61,41 @@ def authentic(account: VapiAccount, scope: dict) -> bool:
     if auth.secret:
         got = _header(scope, b"x-vapi-secret") or b""
         ok |= hmac.compare_digest(got, auth.secret.encode())
-    return ok
+    return ok and account is not None
+
+
+def _metadata_key(account: VapiAccount) -> bytes:
+    """The key of the gateway's metadata signatures: derived from the account's gateway key,
+    which only the gateway holds (VAPI and callers never see it)."""
+    return hashlib.sha256(b"vapi-metadata\x00" + account.api_key.encode()).digest()
+
+
+def _canonical(values: dict, to: str) -> bytes:
+    body = orjson.dumps({k: v for k, v in values.items() if k != SIGNATURE}, option=orjson.OPT_SORT_KEYS)
+    return to.encode() + b"\x00" + body
+
+
+def sign_metadata(account: VapiAccount, values: dict, to: str) -> dict:
+    """``values`` with the gateway's signature added: the metadata of a call the gateway places
+    to ``to``, whose values (a tenant admin's) may then become the call's prompt variables. The
+    number is signed too, so the set cannot be replayed on another call (a web call has none).
+    Whole floats are sent as integers (JavaScript echoes 1.0 back as 1)."""
+    out = {k: int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**53 else v for k, v in values.items()}
+    out.pop(SIGNATURE, None)
+    out[SIGNATURE] = hmac.new(_metadata_key(account), _canonical(out, to), hashlib.sha256).hexdigest()
+    return out
+
+
+def signed(account: VapiAccount, values: dict, to: str | None) -> bool:
+    """Whether ``values`` carry the gateway's signature for a call to ``to``."""
+    got = values.get(SIGNATURE)
+    if not isinstance(got, str) or to is None:
+        return False
+    try:
+        want = hmac.new(_metadata_key(account), _canonical(values, to), hashlib.sha256).hexdigest()
+    except (TypeError, orjson.JSONEncodeError):
+        return False
+    return hmac.compare_digest(got.encode(), want.encode())
 
 
 def _id(value: object) -> str | None:
@@ -108,15 +155,28 @@ class CallInfo:
         return {k: v for k, v in out.items() if v is not None}
 
 
-def _metadata(*sources: object) -> dict:
+def _metadata(account: VapiAccount | None, to: str | None, *sources: object) -> dict:
+    """The prompt variables of a call's metadata. With ``account`` (the channel): metadata is
+    whatever started the call wrote — on a web call, any visitor of the page holding the
+    public key — so a source counts whole only when it carries the gateway's signature (a call
+    it placed); otherwise only the names the account lists in ``metadata_variables`` are taken.
+    Signed sources are read last, so their values win. Without ``account`` (VAPI pointed at
+    ``/v1``, whose key may set any variable anyway) every plain name is taken."""
+    dicts = [s for s in sources if isinstance(s, dict)]
+    trusted: set[int] = set()
+    if account is not None:
+        marked = [(signed(account, s, to), s) for s in dicts]
+        dicts = [s for ok, s in marked if not ok] + [s for ok, s in marked if ok]
+        trusted = {id(s) for ok, s in marked if ok}
     out: dict = {}
-    for source in sources:
-        if not isinstance(source, dict):
-            continue
+    for source in dicts:
+        names = None if account is None or id(source) in trusted else account.metadata_variables
         for name, value in source.items():
-            if len(out) >= MAX_METADATA_VARIABLES:
-                return out
+            if len(out) >= MAX_METADATA_VARIABLES and name not in out:
+                continue
             if not isinstance(name, str) or not _VARIABLE_NAME.match(name) or name in CHANNEL_VARIABLES:
+                continue
+            if name == SIGNATURE or (names is not None and name not in names):
                 continue
             if isinstance(value, bool) or (isinstance(value, int) and abs(value) < 2**53):
                 out[name] = value
@@ -127,9 +187,17 @@ def _metadata(*sources: object) -> dict:
     return out
 
 
-def call_info(call: object, phone_number: object = None, customer: object = None, metadata: object = None) -> CallInfo:
+def call_info(
+    call: object,
+    phone_number: object = None,
+    customer: object = None,
+    metadata: object = None,
+    account: VapiAccount | None = None,
+) -> CallInfo:
     """The call facts of a custom-LLM body (``call``, ``phoneNumber``, ``customer``, ``metadata``)
-    or a server message (the same objects inside ``message``)."""
+    or a server message (the same objects inside ``message``). ``account``: the channel's
+    account, which decides which metadata is trusted (``_metadata``). A web call has no
+    customer number: the one in its ``customer`` object is the visitor's own writing."""
     call = call if isinstance(call, dict) else {}
     phone = phone_number if isinstance(phone_number, dict) else {}
     if not phone and isinstance(call.get("phoneNumber"), dict):
@@ -137,17 +205,19 @@ def call_info(call: object, phone_number: object = None, customer: object = None
     cust = customer if isinstance(customer, dict) else {}
     if not cust and isinstance(call.get("customer"), dict):
         cust = call["customer"]
-    call_type = call.get("type") if call.get("type") in CALL_TYPES else None
+    kind = call.get("type")
+    call_type = kind if isinstance(kind, str) and kind in CALL_TYPES else None  # a list is unhashable
+    number = None if call_type in WEB_CALL_TYPES else _number(cust.get("number"))
     return CallInfo(
         call_id=_id(call.get("id")),
         call_type=call_type,
         assistant_id=_id(call.get("assistantId")),
         phone_number_id=_id(call.get("phoneNumberId")) or _id(phone.get("id")),
-        customer_number=_number(cust.get("number")),
+        customer_number=number,
         customer_name=_text(cust.get("name")),
         called_number=_number(phone.get("number")),
         status=_text(call.get("status"), 32),
-        metadata=_metadata(call.get("metadata"), metadata),
+        metadata=_metadata(account, number, call.get("metadata"), metadata),
     )
 
 
@@ -177,7 +247,8 @@ def parse_object(raw: bytes, what: str) -> dict:
 
 def take_call_variables(body: dict) -> dict:
     """For VAPI pointed straight at ``/v1``: removes VAPI's ``call``, ``phoneNumber`` and
-    ``customer`` objects from an OpenAI body (they are not OpenAI fields and must not reach the
-    provider) and returns the call's variables, as the channel endpoint would give them."""
+    ``customer`` objects from an OpenAI body, whatever their type (they are not OpenAI fields,
+    and the caller's number and name in them must not reach the provider around the PII
+    scrubber), and returns the call's variables, as the channel endpoint would give them."""
     info = call_info(body.pop("call", None), body.pop("phoneNumber", None), body.pop("customer", None))
     return info.variables()
