@@ -662,7 +662,7 @@ def test_a_gateway_with_a_wrong_account_key_does_not_start(tmp_root, services, m
         "GATEWAY_KB_WORKER": "0",
     }
     args = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(free_port())]
-    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode != 0
     assert "channels.vapi.main.api_key: not an active key" in out.stdout + out.stderr
 
