@@ -43,6 +43,7 @@ async def start(svc, settings, *, worker: bool | None = None) -> WhatsApp | None
         pool=svc.pool,
         data_dir=settings.data_dir.resolve(),
         gateway_url=gateway_url(settings.config),
+        redis_url=settings.redis_url,
     )
     if channel is None:
         return None

@@ -36,7 +36,12 @@ async def _work(config, database_url: str, redis_url: str, gateway_url: str) -> 
     try:
         try:
             channel = WhatsApp.from_config(
-                config.channels, redis=redis, pool=pool, data_dir=default_data_dir(), gateway_url=gateway_url
+                config.channels,
+                redis=redis,
+                pool=pool,
+                data_dir=default_data_dir(),
+                gateway_url=gateway_url,
+                redis_url=redis_url,
             )
         except ChannelConfigError as exc:
             for p in exc.problems:

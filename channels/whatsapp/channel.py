@@ -17,6 +17,7 @@ from channels.whatsapp.sender import Sender
 from channels.whatsapp.webhook import DEDUPE_TTL, Webhook
 from channels.whatsapp.worker import INBOUND, STATUS, Worker
 from core.background import stop_task
+from core.fastredis import PipelinedRedis
 from core.queue import Queue
 
 log = logging.getLogger("channels.whatsapp")
@@ -40,7 +41,16 @@ class WhatsApp:
     process, default 64), ``GATEWAY_WA_VISIBILITY_TIMEOUT`` (s, default 60),
     ``GATEWAY_WA_MAX_RETRIES`` (default 5), ``GATEWAY_WA_BACKOFF`` (s, default 2)."""
 
-    def __init__(self, accounts: dict[str, WhatsAppAccount], *, redis, pool, data_dir: Path, gateway_url: str) -> None:
+    def __init__(
+        self,
+        accounts: dict[str, WhatsAppAccount],
+        *,
+        redis,
+        pool,
+        data_dir: Path,
+        gateway_url: str,
+        redis_url: str | None = None,
+    ) -> None:
         self.accounts = accounts
         self.pool = pool
         self.redis = redis
@@ -60,7 +70,9 @@ class WhatsApp:
         self.queues = {INBOUND: self.inbound, STATUS: self.statuses}
         self.graph = Graph()
         self.gateway = GatewayClient(gateway_url)
-        self.sender = Sender(redis, pool, self.graph)
+        # the send state's many small steps go through the pipelined client when there is a URL
+        self.fast = PipelinedRedis(redis_url, timeout=5) if redis_url else None
+        self.sender = Sender(redis, pool, self.graph, self.fast)
         self.webhook = Webhook(accounts, self.inbound, self.statuses)
         self.worker = Worker(
             accounts,
@@ -77,12 +89,14 @@ class WhatsApp:
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
-    def from_config(cls, channels, *, redis, pool, data_dir: Path, gateway_url: str) -> WhatsApp | None:
+    def from_config(
+        cls, channels, *, redis, pool, data_dir: Path, gateway_url: str, redis_url: str | None = None
+    ) -> WhatsApp | None:
         """None when no account is configured; raises ChannelConfigError on invalid accounts."""
         accounts = whatsapp_accounts(channels.whatsapp)
         if not accounts:
             return None
-        return cls(accounts, redis=redis, pool=pool, data_dir=data_dir, gateway_url=gateway_url)
+        return cls(accounts, redis=redis, pool=pool, data_dir=data_dir, gateway_url=gateway_url, redis_url=redis_url)
 
     async def start_worker(self) -> None:
         if self._tasks:
@@ -114,3 +128,5 @@ class WhatsApp:
             self._tasks = []
         await self.graph.close()
         await self.gateway.close()
+        if self.fast is not None:
+            await self.fast.close()

@@ -18,6 +18,7 @@ fallback message (``on_dead``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -114,20 +115,15 @@ class Worker:
             if fresh == 0 and "started" not in state:
                 log.info("whatsapp duplicate messages skipped", extra={"fields": {"account": head["account"]}})
                 return
-            if acct.mark_read:
-                try:
-                    await self.graph.mark_read(acct, head["pnid"], messages[-1]["wamid"])
-                except (GraphError, GraphUnreachable) as exc:
-                    log.info("whatsapp mark-as-read failed: %s", type(exc).__name__)
-            content = await build_content(self.media, acct, messages)
-            variables = _variables(conv, head)
+            read = asyncio.ensure_future(self._mark_read(acct, head["pnid"], messages[-1]["wamid"]))
             try:
+                content = await build_content(self.media, acct, messages)
                 reply = await self.gateway.turn(
                     api_key=acct.api_key,
                     agent=agent,
                     conversation_id=conv.conversation_id,
                     content=content,
-                    variables=variables,
+                    variables=_variables(conv, head),
                 )
             except GatewayRejected as exc:
                 raise Fatal(str(exc)) from None
@@ -135,15 +131,29 @@ class Worker:
                 if exc.retry_after:
                     raise Retry(min(exc.retry_after, 60.0)) from None
                 raise
+            finally:
+                await read
             await self.sender.note(head["account"], key, reply=reply.text, escalation=reply.escalation or "")
             text = reply.text
+            state = {**state, "started": "1", "reply": text}
         else:
             text = state["reply"]
             conv = await store.get_conversation(self.pool, acct.tenant, head["account"], head["pnid"], head["wa_id"])
             if conv is None:
                 raise Fatal("the conversation record is gone")
         if text.strip():  # a conversation held by a human may be acknowledged with nothing
-            await self.sender.send_text(acct, conv, key, text, reply_to=head["wamid"], variables=_variables(conv, head))
+            await self.sender.send_text(
+                acct, conv, key, text, reply_to=head["wamid"], variables=_variables(conv, head), state=state
+            )
+
+    async def _mark_read(self, acct: WhatsAppAccount, pnid: str, wamid: str) -> None:
+        """Best effort, alongside the turn: the blue ticks are not worth failing a turn for."""
+        if not acct.mark_read:
+            return
+        try:
+            await self.graph.mark_read(acct, pnid, wamid)
+        except (GraphError, GraphUnreachable) as exc:
+            log.info("whatsapp mark-as-read failed: %s", type(exc).__name__)
 
     # -- outbound (admin API, deliverers) --------------------------------------------------
     async def _send(self, job: Job) -> None:
