@@ -33,7 +33,9 @@ class DeliveryAdapter:
         if out is None:
             return None
         status, detail = out
-        return Delivered("whatsapp", {"held": "stored"}.get(status, status), detail, {"whatsapp_status": status})
+        if status == "held":  # outside the window with no template: it did not reach the customer
+            return Delivered("whatsapp", "failed", f"held: {detail}", {"whatsapp_status": status})
+        return Delivered("whatsapp", status, detail, {"whatsapp_status": status})
 
 
 async def start(svc, settings, *, worker: bool | None = None) -> WhatsApp | None:
