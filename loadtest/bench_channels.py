@@ -133,13 +133,17 @@ def _answers(graph_url: str, tag: str) -> dict[int, float]:
     return out
 
 
-def _wait_answers(graph_url: str, tag: str, n: int, timeout: float) -> dict[int, float]:
+def _sent_count(graph_url: str) -> int:
+    return int(_get(f"{graph_url}/_mock/stats").get("sent", 0))
+
+
+def _wait_answers(graph_url: str, tag: str, n: int, timeout: float, before: int) -> dict[int, float]:
+    """Polls the mock's counter (cheap) until ``n`` more sends arrived, then reads the records
+    once (reading them all on every poll would load the core the worker runs on)."""
     deadline = time.monotonic() + timeout
-    while True:
-        got = _answers(graph_url, tag)
-        if len(got) >= n or time.monotonic() > deadline:
-            return got
-        time.sleep(0.5)
+    while _sent_count(graph_url) < before + n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _answers(graph_url, tag)
 
 
 def _cpu_s(pid: int | None) -> float:
@@ -158,10 +162,11 @@ def _phase(
 ) -> dict:
     webhook = f"{gw_url}/channels/whatsapp/bench"
     cpu0 = {name: _cpu_s(pid) for name, pid in pids.items()}
+    before = _sent_count(graph_url)
     t0 = time.time()
     sent_at, lat, failures = asyncio.run(_post_all(webhook, n, rate, customers, tag))
     posted = time.time()
-    answers = _wait_answers(graph_url, tag, n - failures, timeout=max(60.0, n / 50))
+    answers = _wait_answers(graph_url, tag, n - failures, timeout=max(60.0, n / 50), before=before)
     e2e = [(answers[i] - sent_at[i]) * 1000 for i in answers if i in sent_at]
     last = max(answers.values()) if answers else posted
     cpu = {name: _cpu_s(pid) - cpu0[name] for name, pid in pids.items()}
@@ -180,6 +185,33 @@ def _phase(
         "e2e_p50_ms": round(_pct(e2e, 50), 1),
         "e2e_p99_ms": round(_pct(e2e, 99), 1),
         "drain_s": round(last - posted, 2),
+    }
+
+
+def _webhook_only(gw_url: str, graph_url: str, n: int, rate: int, customers: int, gw_pid: int, worker_pid: int) -> dict:
+    """Webhook latency and the gateway's CPU per message for the webhook alone: the worker is
+    stopped (SIGSTOP) while the messages are posted, then resumed and the backlog drained."""
+    import signal
+
+    before = _sent_count(graph_url)
+    os.kill(worker_pid, signal.SIGSTOP)
+    try:
+        cpu0 = _cpu_s(gw_pid)
+        t0 = time.time()
+        _, lat, failures = asyncio.run(_post_all(f"{gw_url}/channels/whatsapp/bench", n, rate, customers, "only"))
+        elapsed = time.time() - t0
+        cpu = _cpu_s(gw_pid) - cpu0
+    finally:
+        os.kill(worker_pid, signal.SIGCONT)
+    _wait_answers(graph_url, "only", n - failures, timeout=max(60.0, n / 50), before=before)
+    return {
+        "messages": n,
+        "offered_rate": rate,
+        "ingress_rate": round(n / max(elapsed, 1e-9), 1),
+        "webhook_failures": failures,
+        "webhook_p50_ms": round(statistics.median(lat), 2),
+        "webhook_p99_ms": round(_pct(lat, 99), 2),
+        "gateway_cpu_ms_per_message": round(cpu * 1000 / n, 3),
     }
 
 
@@ -242,7 +274,7 @@ def run(
             }
         },
     }
-    os.environ["GATEWAY_WA_CONCURRENCY"] = os.environ.get("GATEWAY_WA_CONCURRENCY", "256")
+    os.environ["GATEWAY_WA_CONCURRENCY"] = os.environ.get("GATEWAY_WA_CONCURRENCY", "32")
     stack.env["GATEWAY_WA_CONCURRENCY"] = os.environ["GATEWAY_WA_CONCURRENCY"]
     stack.env["GATEWAY_CHANNEL_WORKER"] = "1" if worker == "inside" else "0"
     try:
@@ -292,14 +324,22 @@ def run(
         },
     )
     load_before = _load()
+    n = rate * seconds
     warm = _phase(gw_url, graph_url, 200, 200, customers, "warm", pids)
-    fixed = _phase(gw_url, graph_url, rate * seconds, rate, customers, "fixed", pids)
-    saturation = _phase(gw_url, graph_url, rate * seconds, None, customers, "burst", pids)
+    webhook_only = None
+    if worker_proc is not None:  # the webhook alone at the offered rate: the worker paused meanwhile
+        webhook_only = _webhook_only(gw_url, graph_url, n, rate, customers, proc.pid, worker_proc.pid)
+    saturation = _phase(gw_url, graph_url, n, None, customers, "burst", pids)
+    fixed = _phase(gw_url, graph_url, n, rate, customers, "fixed", pids)
+    sustainable = max(10, int(saturation["answered_rate"] * 0.7))
+    below = _phase(gw_url, graph_url, sustainable * seconds, sustainable, customers, "below", pids)
     if worker_proc is not None:
         stack.stop_gateway(worker_proc)
     stack.stop_gateway(proc)
     return {
         "warmup": warm,
+        "webhook_only": webhook_only,
+        "below_capacity": below,
         "fixed": fixed,
         "saturation": saturation,
         "meta": {
@@ -340,7 +380,7 @@ def report(results: dict, date: str) -> str:
         "| end-to-end p50 ms | end-to-end p99 ms | drain after last post s | CPU ms/msg |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in ("fixed", "saturation"):
+    for name in ("saturation", "fixed", "below_capacity"):
         r = results[name]
         offered = f"{r['offered_rate']:.0f}" if r["offered_rate"] else "as fast as taken"
         lines.append(
@@ -350,6 +390,15 @@ def report(results: dict, date: str) -> str:
             f"| {r['drain_s']:.1f} | {', '.join(f'{k} {v:.2f}' for k, v in r['cpu_ms_per_message'].items())} |"
         )
     sat = results["saturation"]["answered_rate"]
+    only = results.get("webhook_only")
+    if only:
+        lines += [
+            "",
+            f"The webhook alone (worker paused) at {only['offered_rate']} msg/s offered: ingress "
+            f"{only['ingress_rate']:.0f} msg/s, p50 {only['webhook_p50_ms']:.2f} ms, "
+            f"**p99 {only['webhook_p99_ms']:.2f} ms**, {only['gateway_cpu_ms_per_message']:.3f} ms of gateway CPU "
+            f"per message, {only['webhook_failures']} failures.",
+        ]
     lines += [
         "",
         f"Sustained end-to-end capacity (saturation drain rate): **{sat:.0f} messages/s** (goal ≥ 500); webhook p99 "

@@ -38,7 +38,7 @@ def worker_enabled() -> bool:
 
 class WhatsApp:
     """Tuning by environment (tests shorten them): ``GATEWAY_WA_CONCURRENCY`` (turns in flight per
-    process, default 64), ``GATEWAY_WA_VISIBILITY_TIMEOUT`` (s, default 60),
+    process, default 32), ``GATEWAY_WA_VISIBILITY_TIMEOUT`` (s, default 60),
     ``GATEWAY_WA_MAX_RETRIES`` (default 5), ``GATEWAY_WA_BACKOFF`` (s, default 2)."""
 
     def __init__(
@@ -85,7 +85,7 @@ class WhatsApp:
         )
         self.inbound.on_dead = self.worker.on_dead
         self.deliverer = WhatsAppDeliverer(accounts, pool, self.sender, self.inbound)
-        self.concurrency = int(_env_float("GATEWAY_WA_CONCURRENCY", 64)) or 64
+        self.concurrency = int(_env_float("GATEWAY_WA_CONCURRENCY", 32)) or 32
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
