@@ -8,6 +8,7 @@ before the 200: no database, one Redis round trip per item.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from urllib.parse import parse_qs
@@ -82,14 +83,22 @@ class Webhook:
             parsed = normalize.parse(doc, name, acct.agent_for)
         except normalize.InvalidNotification as exc:
             raise InvalidRequest(f"Not a WhatsApp notification: {exc}.", code="invalid_notification") from None
-        queued = 0
-        try:
-            for msg in parsed.messages:
-                key = conversation_key(name, msg["pnid"], msg["wa_id"])
+        # one conversation's messages in order; conversations (and statuses) side by side
+        by_key: dict[str, list[dict]] = {}
+        for msg in parsed.messages:
+            by_key.setdefault(conversation_key(name, msg["pnid"], msg["wa_id"]), []).append(msg)
+
+        async def conversation(key: str, msgs: list[dict]) -> None:
+            for msg in msgs:
                 await self.inbound.enqueue(msg, key=key, dedupe=f"{name}:{msg['wamid']}")
-                queued += 1
-            for st in parsed.statuses:
-                await self.statuses.enqueue(st, dedupe=f"{name}:{st['wamid']}:{st['status']}")
+
+        async def status(st: dict) -> None:
+            await self.statuses.enqueue(st, dedupe=f"{name}:{st['wamid']}:{st['status']}")
+
+        try:
+            await asyncio.gather(
+                *(conversation(k, m) for k, m in by_key.items()), *(status(st) for st in parsed.statuses)
+            )
         except QueueFull:
             raise ServiceUnavailable("The message queue is full; retry later.") from None
         except QueuePayloadTooLarge:
