@@ -39,10 +39,10 @@ class DeliveryAdapter:
 
 
 async def start(svc, settings, *, worker: bool | None = None) -> WhatsApp | None:
-    channel = WhatsApp.from_config(
+    channel = await WhatsApp.from_config(
         settings.config.channels,
         redis=svc.redis,
-        pool=svc.pool,
+        database_url=settings.database_url,
         data_dir=settings.data_dir.resolve(),
         gateway_url=gateway_url(settings.config),
         redis_url=settings.redis_url,

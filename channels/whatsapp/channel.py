@@ -10,6 +10,7 @@ from pathlib import Path
 
 from channels.config import WhatsAppAccount, whatsapp_accounts
 from channels.gateway_client import GatewayClient
+from channels.whatsapp import store
 from channels.whatsapp.content import MediaStore
 from channels.whatsapp.deliverer import WhatsAppDeliverer
 from channels.whatsapp.graph import Graph
@@ -50,9 +51,11 @@ class WhatsApp:
         data_dir: Path,
         gateway_url: str,
         redis_url: str | None = None,
+        owns_pool: bool = False,
     ) -> None:
         self.accounts = accounts
         self.pool = pool
+        self._owns_pool = owns_pool  # created for the channel (store.create_pool): closed by stop()
         self.redis = redis
         visibility = max(0.5, _env_float("GATEWAY_WA_VISIBILITY_TIMEOUT", 60.0))
         self.inbound = Queue(
@@ -89,14 +92,23 @@ class WhatsApp:
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
-    def from_config(
-        cls, channels, *, redis, pool, data_dir: Path, gateway_url: str, redis_url: str | None = None
+    async def from_config(
+        cls, channels, *, redis, database_url: str, data_dir: Path, gateway_url: str, redis_url: str | None = None
     ) -> WhatsApp | None:
         """None when no account is configured; raises ChannelConfigError on invalid accounts."""
         accounts = whatsapp_accounts(channels.whatsapp)
         if not accounts:
             return None
-        return cls(accounts, redis=redis, pool=pool, data_dir=data_dir, gateway_url=gateway_url, redis_url=redis_url)
+        pool = await store.create_pool(database_url)
+        return cls(
+            accounts,
+            redis=redis,
+            pool=pool,
+            data_dir=data_dir,
+            gateway_url=gateway_url,
+            redis_url=redis_url,
+            owns_pool=True,
+        )
 
     async def start_worker(self) -> None:
         if self._tasks:
@@ -130,3 +142,6 @@ class WhatsApp:
         await self.gateway.close()
         if self.fast is not None:
             await self.fast.close()
+        if self._owns_pool:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.close(), 5)

@@ -29,6 +29,19 @@ class Conversation:
         return self.last_inbound_at is not None and (now or time.time()) - self.last_inbound_at < WINDOW_S
 
 
+async def _no_reset(conn) -> None:
+    """The channel's statements leave no session state (no SET, LISTEN, advisory locks or
+    cursors), so a connection goes back to the pool as it is: asyncpg's default reset is one more
+    round trip on every release."""
+
+
+async def create_pool(database_url: str, max_size: int = 10):
+    """The channel worker's own small pool (its writes do not queue behind the gateway's)."""
+    import asyncpg
+
+    return await asyncpg.create_pool(database_url, min_size=1, max_size=max_size, command_timeout=30, reset=_no_reset)
+
+
 def conversation_id(pnid: str, wa_id: str) -> str:
     return f"wa:{pnid}:{wa_id}"
 
