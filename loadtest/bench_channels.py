@@ -399,6 +399,15 @@ def report(results: dict, date: str) -> str:
             f"**p99 {only['webhook_p99_ms']:.2f} ms**, {only['gateway_cpu_ms_per_message']:.3f} ms of gateway CPU "
             f"per message, {only['webhook_failures']} failures.",
         ]
+    cpu = results["saturation"]["cpu_ms_per_message"]
+    if cpu:
+        per_core = ", ".join(f"{k} ≈ {1000 / v:.0f} msg/s" for k, v in cpu.items() if v)
+        lines += [
+            "",
+            f"CPU per message at saturation: {', '.join(f'{k} {v:.2f} ms' for k, v in cpu.items())} — so one "
+            f"free core per process would carry {per_core} (an estimate from CPU time; the mocks, PostgreSQL "
+            "and Valkey need their share too). The measured rates above are what this shared machine gave.",
+        ]
     lines += [
         "",
         f"Sustained end-to-end capacity (saturation drain rate): **{sat:.0f} messages/s** (goal ≥ 500); webhook p99 "
