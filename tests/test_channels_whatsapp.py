@@ -306,6 +306,8 @@ def test_bad_signature_is_refused_and_nothing_is_stored(wa, graph, services):
     r = httpx.post(f"{wa.url}/channels/whatsapp/acme", content=tampered, headers={"X-Hub-Signature-256": sig})
     assert r.status_code == 401
     assert rows(services[0], "SELECT 1 FROM whatsapp_messages WHERE wamid = $1", msg["id"]) == []
+    metrics = httpx.get(f"{wa.url}/metrics").text
+    assert 'gateway_whatsapp_webhook_total{account="acme",outcome="bad_signature"}' in metrics
     # nothing was remembered either: the same wamid, properly signed, is processed
     assert post(wa, "acme", doc).status_code == 200
     assert wait_sent(graph, wa_id, 1)[0]["text"] == "echo: let me in"

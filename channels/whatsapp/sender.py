@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from channels.config import WhatsAppAccount
-from channels.whatsapp import store
+from channels.whatsapp import metrics, store
 from channels.whatsapp.content import split_reply
 from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable
 from channels.whatsapp.state import SendState
@@ -89,14 +89,17 @@ class Sender:
                 await self.kv.set(skey, field_, "unknown")
                 kind, body, reply_to = record
                 await store.record_outbound(self.pool, conv, None, kind, body, reply_to, "unknown", "no answer")
+                metrics.sends.get(conv.account, "unknown").inc()
                 log.warning("whatsapp send without an answer; not retried", extra={"fields": {"account": conv.account}})
                 return None
             await self.kv.drop(skey, field_)
             raise
-        except GraphError:
+        except GraphError as exc:
             await self.kv.drop(skey, field_)
+            metrics.sends.get(conv.account, "throttled" if exc.kind == "throttle" else "failed").inc()
             raise
         await self.kv.set(skey, field_, wamid)
+        metrics.sends.get(conv.account, "template" if field_ == "template" else "sent").inc()
         kind, body, reply_to = record
         await store.record_outbound(self.pool, conv, wamid, kind, body, reply_to, "sent")
         return wamid
@@ -191,6 +194,7 @@ class Sender:
                 "held",
                 "outside the 24-hour window" + ("; no window template" if template_fallback else ""),
             )
+            metrics.sends.get(conv.account, "held").inc()
             log.warning(
                 "whatsapp reply held: outside the 24-hour window and no window template",
                 extra={"fields": {"account": conv.account}},

@@ -24,7 +24,7 @@ import time
 
 from channels.config import WhatsAppAccount
 from channels.gateway_client import GatewayClient, GatewayRejected, GatewayUnavailable
-from channels.whatsapp import store
+from channels.whatsapp import metrics, store
 from channels.whatsapp.content import MediaStore, build_content
 from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable
 from channels.whatsapp.sender import Sender
@@ -114,6 +114,7 @@ class Worker:
             conv, fresh = await store.record_inbound(self.pool, acct.tenant, agent, messages)
             if fresh == 0 and "started" not in state:
                 log.info("whatsapp duplicate messages skipped", extra={"fields": {"account": head["account"]}})
+                metrics.turns.get(head["account"], "duplicate").inc()
                 return
             read = asyncio.ensure_future(self._mark_read(acct, head["pnid"], messages[-1]["wamid"]))
             try:
@@ -134,6 +135,7 @@ class Worker:
             finally:
                 await read
             await self.sender.note(head["account"], key, reply=reply.text, escalation=reply.escalation or "")
+            metrics.turns.get(head["account"], "escalated" if reply.escalation else "answered").inc()
             text = reply.text
             state = {**state, "started": "1", "reply": text}
         else:
@@ -185,6 +187,7 @@ class Worker:
         conv = await store.get_conversation(self.pool, acct.tenant, p["account"], p["pnid"], p["wa_id"])
         if conv is None:
             return
+        metrics.turns.get(p["account"], "fallback").inc()
         try:
             await self.sender.send_text(
                 acct, conv, f"fallback:{p['wamid']}", acct.fallback_message, kind="fallback", reply_to=p["wamid"]
