@@ -291,6 +291,41 @@ def test_conversation_of_several_turns_with_an_image_and_a_button_reply(wa, grap
     ].read_bytes() == PNG
 
 
+def test_documents_and_audio_reach_the_agent_as_stored_attachments(wa, graph, module_mock, tmp_root):
+    pdf, ogg = b"%PDF-1.4 invoice", b"OggS voice note"
+    graph._post(
+        "/_mock/media", {"id": "7770002", "data_b64": base64.b64encode(pdf).decode(), "mime_type": "application/pdf"}
+    )
+    graph._post("/_mock/media", {"id": "7770003", "data_b64": base64.b64encode(ogg).decode(), "mime_type": "audio/ogg"})
+    wa_id = new_wa_id()
+    now = str(int(time.time()))
+    doc = {
+        "from": wa_id,
+        "id": new_wamid(),
+        "timestamp": now,
+        "type": "document",
+        "document": {"id": "7770002", "mime_type": "application/pdf", "filename": "invoice.pdf", "caption": "my bill"},
+    }
+    voice = {
+        "from": wa_id,
+        "id": new_wamid(),
+        "timestamp": now,
+        "type": "audio",
+        "audio": {"id": "7770003", "mime_type": "audio/ogg; codecs=opus", "voice": True},
+    }
+    assert post(wa, "acme", notification([doc], pnid="1001")).status_code == 200
+    wait_sent(graph, wa_id, 1)
+    assert post(wa, "acme", notification([voice], pnid="1001")).status_code == 200
+    wait_sent(graph, wa_id, 2)
+    first, second = (c["messages"][-1]["content"] for c in llm_requests(module_mock, wa_id))
+    digest = hashlib.sha256(pdf).hexdigest()
+    expected = f"[attachment: document 'invoice.pdf' (application/pdf, {len(pdf)} bytes), ref wa-media:{digest[:24]}]"
+    assert first == expected + "\nmy bill"
+    assert second.startswith("[attachment: audio 'audio.ogg' (audio/ogg, 15 bytes)")
+    stored = list((tmp_root / "data" / "channels" / "whatsapp").rglob(f"{digest}.pdf"))
+    assert len(stored) == 1 and stored[0].read_bytes() == pdf
+
+
 def test_bad_signature_is_refused_and_nothing_is_stored(wa, graph, services):
     wa_id = new_wa_id()
     msg = text(wa_id, "let me in")
