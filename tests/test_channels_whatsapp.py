@@ -422,6 +422,34 @@ def test_reply_outside_the_24_hour_window_sends_the_template_or_is_held(wa, grap
     assert graph.sent_to(wa_id3) == []
 
 
+def test_a_send_failed_later_for_the_closed_window_is_replaced_by_the_template(wa, graph, services):
+    body = {"account": "acme", "name": "reengage", "language": "en_US", "variables": ["customer_name", "reply"]}
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=body).status_code == 201
+    wa_id = new_wa_id()
+    say(wa, "acme", wa_id, "late failure")
+    wamid = wait_sent(graph, wa_id, 1)[0]["wamid"]
+    wait_until(lambda: rows(services[0], "SELECT 1 FROM whatsapp_messages WHERE wamid = $1", wamid), what="record")
+    failed = {
+        "id": wamid,
+        "status": "failed",
+        "timestamp": str(int(time.time())),
+        "recipient_id": wa_id,
+        "errors": [{"code": 131047, "title": "Re-engagement message"}],
+    }
+    assert post(wa, "acme", notification([], pnid="1001", statuses=[failed])).status_code == 200
+    sent = wait_sent(graph, wa_id, 2)
+    assert sent[1]["type"] == "template"
+    assert [p["text"] for p in sent[1]["template"]["components"][0]["parameters"]] == ["Ada", "echo: late failure"]
+    row = rows(services[0], "SELECT status, error FROM whatsapp_messages WHERE wamid = $1", wamid)[0]
+    assert row == {"status": "failed", "error": "131047"}
+    # the same status again (Meta retries) sends nothing more
+    assert post(wa, "acme", notification([], pnid="1001", statuses=[failed])).status_code == 200
+    say(wa, "acme", wa_id, "still there?")
+    assert wait_sent(graph, wa_id, 3)[2]["text"] == "echo: still there?"
+    wait_until(lambda: queue_idle(wa, "wa-status"), what="statuses processed")
+    assert len(graph.sent_to(wa_id)) == 3
+
+
 def test_graph_throttling_backs_off_and_a_5xx_is_retried(wa, graph):
     wa_id = new_wa_id()
     graph._post("/_mock/faults", {"to": wa_id, "errors": [130429, 500]})

@@ -170,6 +170,12 @@ class Sender:
             out.sent.append(wamid)
         return out
 
+    async def outside_window(
+        self, acct: WhatsAppAccount, conv: store.Conversation, key: str, text: str, reply_to: str | None
+    ) -> Outcome:
+        """What is done with a text that cannot go free-form (the window template, or held)."""
+        return await self._outside_window(acct, conv, key, text, "text", reply_to, None, Outcome())
+
     async def _outside_window(
         self, acct, conv, key, text, kind, reply_to, variables, out: Outcome, template_fallback: bool = True
     ) -> Outcome:

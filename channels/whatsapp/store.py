@@ -173,6 +173,18 @@ async def record_outbound(
         )
 
 
+async def outbound(pool, tenant: str, account: str, wamid: str) -> dict | None:
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            """SELECT conversation_id, kind, body, reply_to FROM whatsapp_messages
+               WHERE tenant = $1 AND account = $2 AND wamid = $3 AND direction = 'out'""",
+            tenant,
+            account,
+            wamid,
+        )
+    return dict(row) if row is not None else None
+
+
 async def record_status(pool, tenant: str, account: str, status: dict) -> None:
     """A delivery status: the message's status only moves forward (sent < delivered < read;
     failed last), whatever order they arrive in; each one's time is kept."""

@@ -26,7 +26,7 @@ from channels.config import WhatsAppAccount
 from channels.gateway_client import GatewayClient, GatewayRejected, GatewayUnavailable
 from channels.whatsapp import metrics, store
 from channels.whatsapp.content import MediaStore, build_content
-from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable
+from channels.whatsapp.graph import WINDOW_CLOSED, Graph, GraphError, GraphUnreachable
 from channels.whatsapp.sender import Sender
 from core.queue import Fatal, Job, Queue, Retry
 
@@ -202,6 +202,19 @@ class Worker:
         if acct is None:
             raise Fatal("the account is no longer configured")
         await store.record_status(self.pool, acct.tenant, p["account"], p)
+        if p["status"] == "failed" and p.get("error") == str(WINDOW_CLOSED):
+            await self._window_failure(acct, p)
+
+    async def _window_failure(self, acct: WhatsAppAccount, status: dict) -> None:
+        """Meta accepted a free-form message, then failed it for the closed 24-hour window (131047
+        in a status): the window template goes instead (once), or the text is held."""
+        sent = await store.outbound(self.pool, acct.tenant, status["account"], status["wamid"])
+        if sent is None or sent["kind"] == "template" or not sent["body"] or not sent["conversation_id"]:
+            return
+        conv = await store.find_conversation(self.pool, acct.tenant, sent["conversation_id"])
+        if conv is None or conv.account != status["account"]:
+            return
+        await self.sender.outside_window(acct, conv, f"windowfail:{status['wamid']}", sent["body"], sent["reply_to"])
 
 
 def _variables(conv: store.Conversation, head: dict) -> dict:
