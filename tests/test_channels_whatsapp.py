@@ -348,13 +348,32 @@ def test_bad_signature_is_refused_and_nothing_is_stored(wa, graph, services):
     assert wait_sent(graph, wa_id, 1)[0]["text"] == "echo: let me in"
 
 
-def test_duplicated_wamid_is_processed_once(wa, graph, module_mock):
+def test_duplicated_wamid_is_processed_once(wa, graph, module_mock, services):
     wa_id = new_wa_id()
     msg = text(wa_id, "only once")
     doc = notification([msg, msg], pnid="1001")  # a duplicate inside the batch
     for _ in range(3):  # and Meta's redeliveries
         assert post(wa, "acme", doc).status_code == 200
     wait_sent(graph, wa_id, 1)
+    # a redelivery after the Redis dedupe and send state expired (8 days): the records still know it
+    import redis
+
+    from channels.whatsapp.sender import state_key
+    from core.queue import _digest
+
+    r = redis.Redis.from_url(services[1])
+    try:
+        wait_until(lambda: r.exists(state_key("acme", f"turn:{msg['id']}")), what="send state")
+        assert (
+            r.delete(f"gw:{{gw}}:q:wa-inbound:d:{_digest('acme:' + msg['id'])}", state_key("acme", f"turn:{msg['id']}"))
+            == 2
+        )
+    finally:
+        r.close()
+    wait_until(
+        lambda: rows(services[0], "SELECT 1 FROM whatsapp_messages WHERE reply_to = $1", msg["id"]), what="record"
+    )
+    assert post(wa, "acme", doc).status_code == 200
     say(wa, "acme", wa_id, "second message")  # ordered after every copy of the first
     sent = wait_sent(graph, wa_id, 2)
     assert [s["text"] for s in sent] == ["echo: only once", "echo: second message"]

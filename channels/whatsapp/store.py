@@ -173,6 +173,19 @@ async def record_outbound(
         )
 
 
+async def answered(pool, tenant: str, head: dict) -> bool:
+    """Whether something went out (or was held) in answer to this inbound message."""
+    async with pool.acquire() as conn:
+        found = await conn.fetchval(
+            """SELECT 1 FROM whatsapp_messages
+               WHERE tenant = $1 AND conversation_id = $2 AND direction = 'out' AND reply_to = $3 LIMIT 1""",
+            tenant,
+            conversation_id(head["pnid"], head["wa_id"]),
+            head["wamid"],
+        )
+    return found is not None
+
+
 async def outbound(pool, tenant: str, account: str, wamid: str) -> dict | None:
     async with pool.acquire() as conn:
         row = await conn.fetchrow(

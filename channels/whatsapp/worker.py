@@ -112,7 +112,10 @@ class Worker:
             if "started" not in state:
                 await self.sender.note(head["account"], key, started="1")
             conv, fresh = await store.record_inbound(self.pool, acct.tenant, agent, messages)
-            if fresh == 0 and "started" not in state:
+            # Recorded before, and not by a try of ours that is still in Redis: a redelivery
+            # (Meta retries for days) — unless nothing ever answered it (a dead letter replayed
+            # after its send state expired), which the outbound records tell.
+            if fresh == 0 and "started" not in state and await store.answered(self.pool, acct.tenant, head):
                 log.info("whatsapp duplicate messages skipped", extra={"fields": {"account": head["account"]}})
                 metrics.turns.get(head["account"], "duplicate").inc()
                 return
