@@ -123,6 +123,21 @@ class Sender:
         if state is None:  # (a caller that has just read the key's state passes it)
             state = await self.state(conv.account, key)
         out.unknown = sum(1 for v in state.values() if v in ("pending", "unknown"))
+        for field_, value in state.items():
+            if value == "pending":  # a worker stopped mid-send: it may have gone out; reported, never re-sent
+                skey = state_key(conv.account, key)
+                await self.kv.set(skey, field_, "unknown")
+                await store.record_outbound(
+                    self.pool,
+                    conv,
+                    None,
+                    kind,
+                    text if field_ != "template" else "template",
+                    reply_to,
+                    "unknown",
+                    "the worker stopped during the send",
+                )
+                metrics.sends.get(conv.account, "unknown").inc()
         if "held" in state or "template" in state:
             out.held, out.template = "held" in state, "template" in state
             return out
