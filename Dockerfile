@@ -33,6 +33,7 @@ COPY gateway ./gateway
 COPY policies ./policies
 COPY runtime ./runtime
 COPY rag ./rag
+COPY channels ./channels
 COPY loadtest ./loadtest
 RUN python -m pip install --no-deps . \
  && gateway --help > /dev/null

@@ -33,16 +33,19 @@ class DeliveryAdapter:
         if out is None:
             return None
         status, detail = out
-        return Delivered("whatsapp", {"held": "stored"}.get(status, status), detail, {"whatsapp_status": status})
+        if status == "held":  # outside the window with no template: it did not reach the customer
+            return Delivered("whatsapp", "failed", f"held: {detail}", {"whatsapp_status": status})
+        return Delivered("whatsapp", status, detail, {"whatsapp_status": status})
 
 
 async def start(svc, settings, *, worker: bool | None = None) -> WhatsApp | None:
-    channel = WhatsApp.from_config(
+    channel = await WhatsApp.from_config(
         settings.config.channels,
         redis=svc.redis,
-        pool=svc.pool,
+        database_url=settings.database_url,
         data_dir=settings.data_dir.resolve(),
         gateway_url=gateway_url(settings.config),
+        redis_url=settings.redis_url,
     )
     if channel is None:
         return None

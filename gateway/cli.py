@@ -220,6 +220,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(args.file, exc.problems)
         return 1
+    from channels.config import ChannelConfigError, whatsapp_accounts  # each channel checks its accounts
+
+    try:
+        whatsapp_accounts(cfg.channels.whatsapp)
+    except ChannelConfigError as exc:
+        _print_problems(args.file, exc.problems)
+        return 1
     print(f"{args.file}: ok ({len(cfg.providers)} providers, {len(cfg.models)} models)")
     return 0
 

@@ -28,15 +28,18 @@ async def _work(config, database_url: str, redis_url: str, gateway_url: str) -> 
 
     from channels.config import ChannelConfigError
     from channels.whatsapp import WhatsApp
-    from gateway.db import connect_pool
     from gateway.embedded import default_data_dir
 
-    pool = await connect_pool(database_url, max_size=20)
     redis = aioredis.from_url(redis_url, max_connections=1024, health_check_interval=30)
     try:
         try:
-            channel = WhatsApp.from_config(
-                config.channels, redis=redis, pool=pool, data_dir=default_data_dir(), gateway_url=gateway_url
+            channel = await WhatsApp.from_config(
+                config.channels,
+                redis=redis,
+                database_url=database_url,
+                data_dir=default_data_dir(),
+                gateway_url=gateway_url,
+                redis_url=redis_url,
             )
         except ChannelConfigError as exc:
             for p in exc.problems:
@@ -56,7 +59,6 @@ async def _work(config, database_url: str, redis_url: str, gateway_url: str) -> 
         return 0
     finally:
         await redis.aclose()
-        await pool.close()
 
 
 def run(args: argparse.Namespace) -> int:

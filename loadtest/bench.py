@@ -27,7 +27,7 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loadtest import bench_agents, bench_peers, bench_pii, bench_vapi, profiling
+from loadtest import bench_agents, bench_channels, bench_peers, bench_pii, bench_vapi, profiling
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"
@@ -501,6 +501,21 @@ def run_agents(args: argparse.Namespace) -> dict:
     return results
 
 
+def run_channels(args: argparse.Namespace) -> dict:
+    _ensure_tools()
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-channels-"))
+    stack = Stack(tmp, args.chunks)
+    try:
+        results = bench_channels.run(
+            stack, tmp, args.seconds, args.channel_rate, args.customers, args.statuses, args.channel_worker
+        )
+    finally:
+        stack.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return results
+
+
 def run_vapi(args: argparse.Namespace) -> dict:
     _ensure_tools()
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-vapi-"))
@@ -658,11 +673,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--chunks", type=int, default=8)
-    parser.add_argument("--only", choices=("core", "pii", "agents", "vapi", "peers"), help="run one part only")
+    parser.add_argument(
+        "--only", choices=("core", "pii", "agents", "vapi", "channels", "peers"), help="run one part only"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="alternating on/off rounds for the policy ratio")
     parser.add_argument("--leak-n", type=int, default=10000, help="RSS after N and 10 N requests (0: skip)")
     parser.add_argument("--leak-workers", type=int, default=2)
     parser.add_argument("--peers", action="store_true", help="also LiteLLM's proxy and Portkey's gateway")
+    parser.add_argument("--channel-rate", type=int, default=500, help="channels: offered WhatsApp messages/s")
+    parser.add_argument("--customers", type=int, default=2000, help="channels: conversations the messages spread over")
+    parser.add_argument("--statuses", action="store_true", help="channels: the Graph mock posts delivery statuses")
+    parser.add_argument("--channel-worker", choices=("process", "inside"), default="process", help="channels")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "core"):
@@ -694,6 +715,12 @@ def main() -> None:
         text = bench_vapi.report(results, results["date"])
         (RESULTS / "bench-vapi-latest.md").write_text(text)
         (RESULTS / "bench-vapi-latest.json").write_text(json.dumps(results, indent=2))
+        print("\n" + text)
+    if args.only in (None, "channels"):
+        results = run_channels(args)
+        text = bench_channels.report(results, results["date"])
+        (RESULTS / "bench-channels-latest.md").write_text(text)
+        (RESULTS / "bench-channels-latest.json").write_text(json.dumps(results, indent=2))
         print("\n" + text)
 
 

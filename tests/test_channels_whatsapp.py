@@ -291,6 +291,41 @@ def test_conversation_of_several_turns_with_an_image_and_a_button_reply(wa, grap
     ].read_bytes() == PNG
 
 
+def test_documents_and_audio_reach_the_agent_as_stored_attachments(wa, graph, module_mock, tmp_root):
+    pdf, ogg = b"%PDF-1.4 invoice", b"OggS voice note"
+    graph._post(
+        "/_mock/media", {"id": "7770002", "data_b64": base64.b64encode(pdf).decode(), "mime_type": "application/pdf"}
+    )
+    graph._post("/_mock/media", {"id": "7770003", "data_b64": base64.b64encode(ogg).decode(), "mime_type": "audio/ogg"})
+    wa_id = new_wa_id()
+    now = str(int(time.time()))
+    doc = {
+        "from": wa_id,
+        "id": new_wamid(),
+        "timestamp": now,
+        "type": "document",
+        "document": {"id": "7770002", "mime_type": "application/pdf", "filename": "invoice.pdf", "caption": "my bill"},
+    }
+    voice = {
+        "from": wa_id,
+        "id": new_wamid(),
+        "timestamp": now,
+        "type": "audio",
+        "audio": {"id": "7770003", "mime_type": "audio/ogg; codecs=opus", "voice": True},
+    }
+    assert post(wa, "acme", notification([doc], pnid="1001")).status_code == 200
+    wait_sent(graph, wa_id, 1)
+    assert post(wa, "acme", notification([voice], pnid="1001")).status_code == 200
+    wait_sent(graph, wa_id, 2)
+    first, second = (c["messages"][-1]["content"] for c in llm_requests(module_mock, wa_id))
+    digest = hashlib.sha256(pdf).hexdigest()
+    expected = f"[attachment: document 'invoice.pdf' (application/pdf, {len(pdf)} bytes), ref wa-media:{digest[:24]}]"
+    assert first == expected + "\nmy bill"
+    assert second.startswith("[attachment: audio 'audio.ogg' (audio/ogg, 15 bytes)")
+    stored = list((tmp_root / "data" / "channels" / "whatsapp").rglob(f"{digest}.pdf"))
+    assert len(stored) == 1 and stored[0].read_bytes() == pdf
+
+
 def test_bad_signature_is_refused_and_nothing_is_stored(wa, graph, services):
     wa_id = new_wa_id()
     msg = text(wa_id, "let me in")
@@ -306,18 +341,39 @@ def test_bad_signature_is_refused_and_nothing_is_stored(wa, graph, services):
     r = httpx.post(f"{wa.url}/channels/whatsapp/acme", content=tampered, headers={"X-Hub-Signature-256": sig})
     assert r.status_code == 401
     assert rows(services[0], "SELECT 1 FROM whatsapp_messages WHERE wamid = $1", msg["id"]) == []
+    metrics = httpx.get(f"{wa.url}/metrics").text
+    assert 'gateway_whatsapp_webhook_total{account="acme",outcome="bad_signature"}' in metrics
     # nothing was remembered either: the same wamid, properly signed, is processed
     assert post(wa, "acme", doc).status_code == 200
     assert wait_sent(graph, wa_id, 1)[0]["text"] == "echo: let me in"
 
 
-def test_duplicated_wamid_is_processed_once(wa, graph, module_mock):
+def test_duplicated_wamid_is_processed_once(wa, graph, module_mock, services):
     wa_id = new_wa_id()
     msg = text(wa_id, "only once")
     doc = notification([msg, msg], pnid="1001")  # a duplicate inside the batch
     for _ in range(3):  # and Meta's redeliveries
         assert post(wa, "acme", doc).status_code == 200
     wait_sent(graph, wa_id, 1)
+    # a redelivery after the Redis dedupe and send state expired (8 days): the records still know it
+    import redis
+
+    from channels.whatsapp.sender import state_key
+    from core.queue import _digest
+
+    r = redis.Redis.from_url(services[1])
+    try:
+        wait_until(lambda: r.exists(state_key("acme", f"turn:{msg['id']}")), what="send state")
+        assert (
+            r.delete(f"gw:{{gw}}:q:wa-inbound:d:{_digest('acme:' + msg['id'])}", state_key("acme", f"turn:{msg['id']}"))
+            == 2
+        )
+    finally:
+        r.close()
+    wait_until(
+        lambda: rows(services[0], "SELECT 1 FROM whatsapp_messages WHERE reply_to = $1", msg["id"]), what="record"
+    )
+    assert post(wa, "acme", doc).status_code == 200
     say(wa, "acme", wa_id, "second message")  # ordered after every copy of the first
     sent = wait_sent(graph, wa_id, 2)
     assert [s["text"] for s in sent] == ["echo: only once", "echo: second message"]
@@ -383,6 +439,34 @@ def test_reply_outside_the_24_hour_window_sends_the_template_or_is_held(wa, grap
     wait_until(held, timeout=20, what="held reply")
     assert held()[0]["body"] == "echo: anyone?" and "window" in held()[0]["error"]
     assert graph.sent_to(wa_id3) == []
+
+
+def test_a_send_failed_later_for_the_closed_window_is_replaced_by_the_template(wa, graph, services):
+    body = {"account": "acme", "name": "reengage", "language": "en_US", "variables": ["customer_name", "reply"]}
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=body).status_code == 201
+    wa_id = new_wa_id()
+    say(wa, "acme", wa_id, "late failure")
+    wamid = wait_sent(graph, wa_id, 1)[0]["wamid"]
+    wait_until(lambda: rows(services[0], "SELECT 1 FROM whatsapp_messages WHERE wamid = $1", wamid), what="record")
+    failed = {
+        "id": wamid,
+        "status": "failed",
+        "timestamp": str(int(time.time())),
+        "recipient_id": wa_id,
+        "errors": [{"code": 131047, "title": "Re-engagement message"}],
+    }
+    assert post(wa, "acme", notification([], pnid="1001", statuses=[failed])).status_code == 200
+    sent = wait_sent(graph, wa_id, 2)
+    assert sent[1]["type"] == "template"
+    assert [p["text"] for p in sent[1]["template"]["components"][0]["parameters"]] == ["Ada", "echo: late failure"]
+    row = rows(services[0], "SELECT status, error FROM whatsapp_messages WHERE wamid = $1", wamid)[0]
+    assert row == {"status": "failed", "error": "131047"}
+    # the same status again (Meta retries) sends nothing more
+    assert post(wa, "acme", notification([], pnid="1001", statuses=[failed])).status_code == 200
+    say(wa, "acme", wa_id, "still there?")
+    assert wait_sent(graph, wa_id, 3)[2]["text"] == "echo: still there?"
+    wait_until(lambda: queue_idle(wa, "wa-status"), what="statuses processed")
+    assert len(graph.sent_to(wa_id)) == 3
 
 
 def test_graph_throttling_backs_off_and_a_5xx_is_retried(wa, graph):

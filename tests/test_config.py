@@ -141,6 +141,10 @@ def test_shipped_examples_are_valid(example):
         "OPENAI_KEY_1": "x",
         "OPENAI_KEY_2": "x",
         "PII_HASH_SECRET": "x",
+        "WHATSAPP_APP_SECRET": "app-secret-from-meta",
+        "WHATSAPP_VERIFY_TOKEN": "a-verify-token-you-choose",
+        "WHATSAPP_ACCESS_TOKEN": "EAAG-system-user-token",
+        "WHATSAPP_GATEWAY_KEY": "sk-gw-channel-key",
     }
     out = _check_config(example, env)
     assert out.returncode == 0, out.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from channels.config import WhatsAppAccount, whatsapp_accounts
 from channels.gateway_client import GatewayClient
+from channels.whatsapp import store
 from channels.whatsapp.content import MediaStore
 from channels.whatsapp.deliverer import WhatsAppDeliverer
 from channels.whatsapp.graph import Graph
@@ -17,6 +18,7 @@ from channels.whatsapp.sender import Sender
 from channels.whatsapp.webhook import DEDUPE_TTL, Webhook
 from channels.whatsapp.worker import INBOUND, STATUS, Worker
 from core.background import stop_task
+from core.fastredis import PipelinedRedis
 from core.queue import Queue
 
 log = logging.getLogger("channels.whatsapp")
@@ -37,12 +39,23 @@ def worker_enabled() -> bool:
 
 class WhatsApp:
     """Tuning by environment (tests shorten them): ``GATEWAY_WA_CONCURRENCY`` (turns in flight per
-    process, default 64), ``GATEWAY_WA_VISIBILITY_TIMEOUT`` (s, default 60),
+    process, default 32), ``GATEWAY_WA_VISIBILITY_TIMEOUT`` (s, default 60),
     ``GATEWAY_WA_MAX_RETRIES`` (default 5), ``GATEWAY_WA_BACKOFF`` (s, default 2)."""
 
-    def __init__(self, accounts: dict[str, WhatsAppAccount], *, redis, pool, data_dir: Path, gateway_url: str) -> None:
+    def __init__(
+        self,
+        accounts: dict[str, WhatsAppAccount],
+        *,
+        redis,
+        pool,
+        data_dir: Path,
+        gateway_url: str,
+        redis_url: str | None = None,
+        owns_pool: bool = False,
+    ) -> None:
         self.accounts = accounts
         self.pool = pool
+        self._owns_pool = owns_pool  # created for the channel (store.create_pool): closed by stop()
         self.redis = redis
         visibility = max(0.5, _env_float("GATEWAY_WA_VISIBILITY_TIMEOUT", 60.0))
         self.inbound = Queue(
@@ -60,7 +73,9 @@ class WhatsApp:
         self.queues = {INBOUND: self.inbound, STATUS: self.statuses}
         self.graph = Graph()
         self.gateway = GatewayClient(gateway_url)
-        self.sender = Sender(redis, pool, self.graph)
+        # the send state's many small steps go through the pipelined client when there is a URL
+        self.fast = PipelinedRedis(redis_url, timeout=5) if redis_url else None
+        self.sender = Sender(redis, pool, self.graph, self.fast)
         self.webhook = Webhook(accounts, self.inbound, self.statuses)
         self.worker = Worker(
             accounts,
@@ -73,16 +88,27 @@ class WhatsApp:
         )
         self.inbound.on_dead = self.worker.on_dead
         self.deliverer = WhatsAppDeliverer(accounts, pool, self.sender, self.inbound)
-        self.concurrency = int(_env_float("GATEWAY_WA_CONCURRENCY", 64)) or 64
+        self.concurrency = int(_env_float("GATEWAY_WA_CONCURRENCY", 32)) or 32
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
-    def from_config(cls, channels, *, redis, pool, data_dir: Path, gateway_url: str) -> WhatsApp | None:
+    async def from_config(
+        cls, channels, *, redis, database_url: str, data_dir: Path, gateway_url: str, redis_url: str | None = None
+    ) -> WhatsApp | None:
         """None when no account is configured; raises ChannelConfigError on invalid accounts."""
         accounts = whatsapp_accounts(channels.whatsapp)
         if not accounts:
             return None
-        return cls(accounts, redis=redis, pool=pool, data_dir=data_dir, gateway_url=gateway_url)
+        pool = await store.create_pool(database_url)
+        return cls(
+            accounts,
+            redis=redis,
+            pool=pool,
+            data_dir=data_dir,
+            gateway_url=gateway_url,
+            redis_url=redis_url,
+            owns_pool=True,
+        )
 
     async def start_worker(self) -> None:
         if self._tasks:
@@ -114,3 +140,8 @@ class WhatsApp:
             self._tasks = []
         await self.graph.close()
         await self.gateway.close()
+        if self.fast is not None:
+            await self.fast.close()
+        if self._owns_pool:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.close(), 5)

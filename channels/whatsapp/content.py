@@ -4,6 +4,7 @@ under the data directory and named in the text as attachments the agent can refe
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
@@ -82,14 +83,18 @@ class MediaStore:
         digest = hashlib.sha256(data).hexdigest()
         path = self._path(acct.tenant, digest, mime)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            await asyncio.to_thread(_write, path, data)
         if image:
             return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}}
         name = media.get("filename") or f"{kind}.{_EXT.get(mime, 'bin')}"
         return f"[attachment: {kind} {name!r} ({mime}, {len(data)} bytes), ref wa-media:{digest[:24]}]"
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}-{os.urandom(4).hex()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 async def build_content(store: MediaStore, acct: WhatsAppAccount, messages: list[dict]) -> str | list:

@@ -80,19 +80,16 @@ class Graph:
 
     async def _post(self, acct: WhatsAppAccount, pnid: str, body: dict) -> dict:
         url = f"{acct.graph_base_url}/{acct.graph_version}/{pnid}/messages"
-        sent = False
         try:
             async with self._client().post(
                 url, data=orjson.dumps(body), headers=self._headers(acct), allow_redirects=False
             ) as resp:
-                sent = True
                 raw = await read_capped(resp, MAX_ANSWER)
                 status = resp.status
         except aiohttp.ClientConnectorError as exc:
             raise GraphUnreachable(f"cannot connect: {type(exc).__name__}", sent_maybe=False) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise GraphUnreachable(f"no answer: {type(exc).__name__}", sent_maybe=True) from None
-        del sent
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -52,6 +52,15 @@ def _str(value, limit: int) -> str | None:
     return value if len(value) <= limit else value[:limit]
 
 
+def _name(value) -> str | None:
+    """A profile name, which may reach an agent's prompt as a variable: one line, no control
+    characters."""
+    name = _str(value, MAX_NAME)
+    if name is None:
+        return None
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in name).split()) or None
+
+
 def _ts(value) -> float:
     """Unix seconds as Meta sends them (a string); never later than now."""
     now = time.time()
@@ -167,7 +176,7 @@ def parse(doc, account: str, agent_for) -> Parsed:
             names = {}
             for c in value.get("contacts") if isinstance(value.get("contacts"), list) else ():
                 if isinstance(c, dict) and isinstance(c.get("wa_id"), str) and isinstance(c.get("profile"), dict):
-                    names[c["wa_id"]] = _str(c["profile"].get("name"), MAX_NAME)
+                    names[c["wa_id"]] = _name(c["profile"].get("name"))
                 if len(names) >= MAX_ITEMS:
                     break
             for m in messages:

@@ -20,9 +20,10 @@ import time
 from dataclasses import dataclass, field
 
 from channels.config import WhatsAppAccount
-from channels.whatsapp import store
+from channels.whatsapp import metrics, store
 from channels.whatsapp.content import split_reply
 from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable
+from channels.whatsapp.state import SendState
 from core.queue import Fatal, Retry
 
 log = logging.getLogger("channels.whatsapp")
@@ -50,60 +51,55 @@ def state_key(account: str, key: str) -> str:
 
 
 class Sender:
-    def __init__(self, redis, pool, graph: Graph) -> None:
-        self.redis = redis
+    def __init__(self, redis, pool, graph: Graph, fast=None) -> None:
         self.pool = pool
         self.graph = graph
+        self.kv = SendState(redis, fast)
 
     async def state(self, account: str, key: str) -> dict[str, str]:
-        raw = await self.redis.hgetall(state_key(account, key))
-        return {_s(k): _s(v) for k, v in raw.items()}
+        return await self.kv.get(state_key(account, key))
 
     async def note(self, account: str, key: str, **fields: str) -> None:
-        skey = state_key(account, key)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(skey, mapping=fields)
-            pipe.expire(skey, STATE_TTL)
-            await pipe.execute()
+        await self.kv.note(state_key(account, key), STATE_TTL, fields)
 
-    async def _pace(self, acct: WhatsAppAccount, pnid: str) -> None:
-        """At most ``pacing_per_second`` sends a second per business number, across workers."""
+    async def _claim(self, skey: str, field_: str, value: str, acct=None, pnid: str | None = None) -> bool:
+        """Sets the field unless it is set already; True if this call set it. With a number: at most
+        ``pacing_per_second`` claims a second on it across workers (a ``Retry`` past that)."""
         now = time.time()
         second = int(now)
-        key = f"gw:{{gw}}:wa:pace:{pnid}:{second}"
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 3)
-            count, _ = await pipe.execute()
-        if count > acct.pacing_per_second:
+        limit = int(acct.pacing_per_second) if acct is not None else 0
+        pace_key = f"gw:{{gw}}:wa:pace:{pnid}:{second}"
+        got = await self.kv.claim(skey, STATE_TTL, field_, value, pace_key, max(limit, 1) if acct else 0)
+        if got < 0:
             raise Retry(second + 1 - now + 0.01)
+        return got == 1
 
     async def _send_piece(
         self, acct: WhatsAppAccount, conv: store.Conversation, key: str, field_: str, message: dict, record: tuple
     ) -> str | None:
         """One message through the Graph API under ``field_`` of the key's state: its wamid, or
         None when it was sent (or attempted) before."""
-        skey = state_key(acct_name(conv), key)
-        await self._pace(acct, conv.pnid)
-        claimed = await self.redis.hsetnx(skey, field_, "pending")
-        if not claimed:
+        skey = state_key(conv.account, key)
+        if not await self._claim(skey, field_, "pending", acct, conv.pnid):
             return None
-        await self.redis.expire(skey, STATE_TTL)
         try:
             wamid = await self.graph.send(acct, conv.pnid, conv.wa_id, message)
         except GraphUnreachable as exc:
             if exc.sent_maybe:  # it may have reached the customer: never risk a second copy
-                await self.redis.hset(skey, field_, "unknown")
+                await self.kv.set(skey, field_, "unknown")
                 kind, body, reply_to = record
                 await store.record_outbound(self.pool, conv, None, kind, body, reply_to, "unknown", "no answer")
+                metrics.sends.get(conv.account, "unknown").inc()
                 log.warning("whatsapp send without an answer; not retried", extra={"fields": {"account": conv.account}})
                 return None
-            await self.redis.hdel(skey, field_)
+            await self.kv.drop(skey, field_)
             raise
-        except GraphError:
-            await self.redis.hdel(skey, field_)
+        except GraphError as exc:
+            await self.kv.drop(skey, field_)
+            metrics.sends.get(conv.account, "throttled" if exc.kind == "throttle" else "failed").inc()
             raise
-        await self.redis.hset(skey, field_, wamid)
+        await self.kv.set(skey, field_, wamid)
+        metrics.sends.get(conv.account, "template" if field_ == "template" else "sent").inc()
         kind, body, reply_to = record
         await store.record_outbound(self.pool, conv, wamid, kind, body, reply_to, "sent")
         return wamid
@@ -119,12 +115,29 @@ class Sender:
         reply_to: str | None = None,
         variables: dict | None = None,
         template_fallback: bool = True,
+        state: dict[str, str] | None = None,
     ) -> Outcome:
         """``template_fallback`` False: outside the window the text is held even when the account
         has a window template (a proactive text is not the template's to stand in for)."""
         out = Outcome()
-        state = await self.state(conv.account, key)
+        if state is None:  # (a caller that has just read the key's state passes it)
+            state = await self.state(conv.account, key)
         out.unknown = sum(1 for v in state.values() if v in ("pending", "unknown"))
+        for field_, value in state.items():
+            if value == "pending":  # a worker stopped mid-send: it may have gone out; reported, never re-sent
+                skey = state_key(conv.account, key)
+                await self.kv.set(skey, field_, "unknown")
+                await store.record_outbound(
+                    self.pool,
+                    conv,
+                    None,
+                    kind,
+                    text if field_ != "template" else "template",
+                    reply_to,
+                    "unknown",
+                    "the worker stopped during the send",
+                )
+                metrics.sends.get(conv.account, "unknown").inc()
         if "held" in state or "template" in state:
             out.held, out.template = "held" in state, "template" in state
             return out
@@ -172,6 +185,12 @@ class Sender:
             out.sent.append(wamid)
         return out
 
+    async def outside_window(
+        self, acct: WhatsAppAccount, conv: store.Conversation, key: str, text: str, reply_to: str | None
+    ) -> Outcome:
+        """What is done with a text that cannot go free-form (the window template, or held)."""
+        return await self._outside_window(acct, conv, key, text, "text", reply_to, None, Outcome())
+
     async def _outside_window(
         self, acct, conv, key, text, kind, reply_to, variables, out: Outcome, template_fallback: bool = True
     ) -> Outcome:
@@ -185,8 +204,7 @@ class Sender:
             out.template = True
             return out
         skey = state_key(conv.account, key)
-        if await self.redis.hsetnx(skey, "held", "1"):
-            await self.redis.expire(skey, STATE_TTL)
+        if await self._claim(skey, "held", "1"):
             await store.record_outbound(
                 self.pool,
                 conv,
@@ -197,16 +215,13 @@ class Sender:
                 "held",
                 "outside the 24-hour window" + ("; no window template" if template_fallback else ""),
             )
+            metrics.sends.get(conv.account, "held").inc()
             log.warning(
                 "whatsapp reply held: outside the 24-hour window and no window template",
                 extra={"fields": {"account": conv.account}},
             )
         out.held = True
         return out
-
-
-def acct_name(conv: store.Conversation) -> str:
-    return conv.account
 
 
 def _job_error(exc: GraphError) -> Exception:
@@ -216,7 +231,3 @@ def _job_error(exc: GraphError) -> Exception:
     if exc.kind == "server":
         return exc  # a failure: retried with backoff, dead (and the fallback) after the last
     return Fatal(f"graph refused the message: code {exc.code}")
-
-
-def _s(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

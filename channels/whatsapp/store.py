@@ -29,6 +29,19 @@ class Conversation:
         return self.last_inbound_at is not None and (now or time.time()) - self.last_inbound_at < WINDOW_S
 
 
+async def _no_reset(conn) -> None:
+    """The channel's statements leave no session state (no SET, LISTEN, advisory locks or
+    cursors), so a connection goes back to the pool as it is: asyncpg's default reset is one more
+    round trip on every release."""
+
+
+async def create_pool(database_url: str, max_size: int = 10):
+    """The channel worker's own small pool (its writes do not queue behind the gateway's)."""
+    import asyncpg
+
+    return await asyncpg.create_pool(database_url, min_size=1, max_size=max_size, command_timeout=30, reset=_no_reset)
+
+
 def conversation_id(pnid: str, wa_id: str) -> str:
     return f"wa:{pnid}:{wa_id}"
 
@@ -158,6 +171,31 @@ async def record_outbound(
             RANK[status],
             error,
         )
+
+
+async def answered(pool, tenant: str, head: dict) -> bool:
+    """Whether something went out (or was held) in answer to this inbound message."""
+    async with pool.acquire() as conn:
+        found = await conn.fetchval(
+            """SELECT 1 FROM whatsapp_messages
+               WHERE tenant = $1 AND conversation_id = $2 AND direction = 'out' AND reply_to = $3 LIMIT 1""",
+            tenant,
+            conversation_id(head["pnid"], head["wa_id"]),
+            head["wamid"],
+        )
+    return found is not None
+
+
+async def outbound(pool, tenant: str, account: str, wamid: str) -> dict | None:
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            """SELECT conversation_id, kind, body, reply_to FROM whatsapp_messages
+               WHERE tenant = $1 AND account = $2 AND wamid = $3 AND direction = 'out'""",
+            tenant,
+            account,
+            wamid,
+        )
+    return dict(row) if row is not None else None
 
 
 async def record_status(pool, tenant: str, account: str, status: dict) -> None:

@@ -8,6 +8,7 @@ before the 200: no database, one Redis round trip per item.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from urllib.parse import parse_qs
@@ -15,7 +16,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from channels.config import ACCOUNT_NAME, WhatsAppAccount
-from channels.whatsapp import normalize, signature
+from channels.whatsapp import metrics, normalize, signature
 from channels.whatsapp.worker import conversation_key
 from core import http
 from core.errors import (
@@ -73,27 +74,43 @@ class Webhook:
     async def _notification(self, scope, receive, send, name: str, acct: WhatsAppAccount, rid, crid) -> None:
         raw = await http.read_body(scope, receive, MAX_BODY)
         if not signature.verify(acct.app_secret, raw, http.header(scope, b"x-hub-signature-256")):
+            metrics.webhook.get(name, "bad_signature").inc()
             raise Unauthenticated("The X-Hub-Signature-256 signature does not match.", code="invalid_signature")
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
+            metrics.webhook.get(name, "invalid").inc()
             raise InvalidRequest("The body is not JSON.", code="invalid_json") from None
         try:
             parsed = normalize.parse(doc, name, acct.agent_for)
         except normalize.InvalidNotification as exc:
+            metrics.webhook.get(name, "invalid").inc()
             raise InvalidRequest(f"Not a WhatsApp notification: {exc}.", code="invalid_notification") from None
-        queued = 0
-        try:
-            for msg in parsed.messages:
-                key = conversation_key(name, msg["pnid"], msg["wa_id"])
+        # one conversation's messages in order; conversations (and statuses) side by side
+        by_key: dict[str, list[dict]] = {}
+        for msg in parsed.messages:
+            by_key.setdefault(conversation_key(name, msg["pnid"], msg["wa_id"]), []).append(msg)
+
+        async def conversation(key: str, msgs: list[dict]) -> None:
+            for msg in msgs:
                 await self.inbound.enqueue(msg, key=key, dedupe=f"{name}:{msg['wamid']}")
-                queued += 1
-            for st in parsed.statuses:
-                await self.statuses.enqueue(st, dedupe=f"{name}:{st['wamid']}:{st['status']}")
+
+        async def status(st: dict) -> None:
+            await self.statuses.enqueue(st, dedupe=f"{name}:{st['wamid']}:{st['status']}")
+
+        try:
+            await asyncio.gather(
+                *(conversation(k, m) for k, m in by_key.items()), *(status(st) for st in parsed.statuses)
+            )
         except QueueFull:
+            metrics.webhook.get(name, "queue_full").inc()
             raise ServiceUnavailable("The message queue is full; retry later.") from None
         except QueuePayloadTooLarge:
             raise PayloadTooLarge("A message is too large.") from None
+        metrics.webhook.get(name, "accepted").inc()
+        metrics.items.get(name, "message").inc(len(parsed.messages))
+        metrics.items.get(name, "status").inc(len(parsed.statuses))
+        metrics.items.get(name, "skipped").inc(parsed.skipped)
         if parsed.skipped:
             log.info("whatsapp notification items skipped", extra={"fields": {"account": name, "n": parsed.skipped}})
         await http.send_bytes(send, 200, b'{"ok":true}', rid, crid=crid)

@@ -18,14 +18,15 @@ fallback message (``on_dead``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from channels.config import WhatsAppAccount
 from channels.gateway_client import GatewayClient, GatewayRejected, GatewayUnavailable
-from channels.whatsapp import store
+from channels.whatsapp import metrics, store
 from channels.whatsapp.content import MediaStore, build_content
-from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable
+from channels.whatsapp.graph import WINDOW_CLOSED, Graph, GraphError, GraphUnreachable
 from channels.whatsapp.sender import Sender
 from core.queue import Fatal, Job, Queue, Retry
 
@@ -111,23 +112,22 @@ class Worker:
             if "started" not in state:
                 await self.sender.note(head["account"], key, started="1")
             conv, fresh = await store.record_inbound(self.pool, acct.tenant, agent, messages)
-            if fresh == 0 and "started" not in state:
+            # Recorded before, and not by a try of ours that is still in Redis: a redelivery
+            # (Meta retries for days) — unless nothing ever answered it (a dead letter replayed
+            # after its send state expired), which the outbound records tell.
+            if fresh == 0 and "started" not in state and await store.answered(self.pool, acct.tenant, head):
                 log.info("whatsapp duplicate messages skipped", extra={"fields": {"account": head["account"]}})
+                metrics.turns.get(head["account"], "duplicate").inc()
                 return
-            if acct.mark_read:
-                try:
-                    await self.graph.mark_read(acct, head["pnid"], messages[-1]["wamid"])
-                except (GraphError, GraphUnreachable) as exc:
-                    log.info("whatsapp mark-as-read failed: %s", type(exc).__name__)
-            content = await build_content(self.media, acct, messages)
-            variables = _variables(conv, head)
+            read = asyncio.ensure_future(self._mark_read(acct, head["pnid"], messages[-1]["wamid"]))
             try:
+                content = await build_content(self.media, acct, messages)
                 reply = await self.gateway.turn(
                     api_key=acct.api_key,
                     agent=agent,
                     conversation_id=conv.conversation_id,
                     content=content,
-                    variables=variables,
+                    variables=_variables(conv, head),
                 )
             except GatewayRejected as exc:
                 raise Fatal(str(exc)) from None
@@ -135,15 +135,30 @@ class Worker:
                 if exc.retry_after:
                     raise Retry(min(exc.retry_after, 60.0)) from None
                 raise
+            finally:
+                await read
             await self.sender.note(head["account"], key, reply=reply.text, escalation=reply.escalation or "")
+            metrics.turns.get(head["account"], "escalated" if reply.escalation else "answered").inc()
             text = reply.text
+            state = {**state, "started": "1", "reply": text}
         else:
             text = state["reply"]
             conv = await store.get_conversation(self.pool, acct.tenant, head["account"], head["pnid"], head["wa_id"])
             if conv is None:
                 raise Fatal("the conversation record is gone")
         if text.strip():  # a conversation held by a human may be acknowledged with nothing
-            await self.sender.send_text(acct, conv, key, text, reply_to=head["wamid"], variables=_variables(conv, head))
+            await self.sender.send_text(
+                acct, conv, key, text, reply_to=head["wamid"], variables=_variables(conv, head), state=state
+            )
+
+    async def _mark_read(self, acct: WhatsAppAccount, pnid: str, wamid: str) -> None:
+        """Best effort, alongside the turn: the blue ticks are not worth failing a turn for."""
+        if not acct.mark_read:
+            return
+        try:
+            await self.graph.mark_read(acct, pnid, wamid)
+        except (GraphError, GraphUnreachable) as exc:
+            log.info("whatsapp mark-as-read failed: %s", type(exc).__name__)
 
     # -- outbound (admin API, deliverers) --------------------------------------------------
     async def _send(self, job: Job) -> None:
@@ -175,6 +190,7 @@ class Worker:
         conv = await store.get_conversation(self.pool, acct.tenant, p["account"], p["pnid"], p["wa_id"])
         if conv is None:
             return
+        metrics.turns.get(p["account"], "fallback").inc()
         try:
             await self.sender.send_text(
                 acct, conv, f"fallback:{p['wamid']}", acct.fallback_message, kind="fallback", reply_to=p["wamid"]
@@ -189,6 +205,19 @@ class Worker:
         if acct is None:
             raise Fatal("the account is no longer configured")
         await store.record_status(self.pool, acct.tenant, p["account"], p)
+        if p["status"] == "failed" and p.get("error") == str(WINDOW_CLOSED):
+            await self._window_failure(acct, p)
+
+    async def _window_failure(self, acct: WhatsAppAccount, status: dict) -> None:
+        """Meta accepted a free-form message, then failed it for the closed 24-hour window (131047
+        in a status): the window template goes instead (once), or the text is held."""
+        sent = await store.outbound(self.pool, acct.tenant, status["account"], status["wamid"])
+        if sent is None or sent["kind"] == "template" or not sent["body"] or not sent["conversation_id"]:
+            return
+        conv = await store.find_conversation(self.pool, acct.tenant, sent["conversation_id"])
+        if conv is None or conv.account != status["account"]:
+            return
+        await self.sender.outside_window(acct, conv, f"windowfail:{status['wamid']}", sent["body"], sent["reply_to"])
 
 
 def _variables(conv: store.Conversation, head: dict) -> dict:
