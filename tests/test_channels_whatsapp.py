@@ -742,3 +742,66 @@ def test_deliverer_sends_a_humans_reply_once_and_only_to_its_own_conversations(w
     assert again.channel == "whatsapp" and again.detail is None  # the same reply (ref) is not sent twice
     assert unknown.channel == "api" and other_tenant.channel == "api"  # not this channel's conversations
     assert [s["text"] for s in graph.sent_to(wa_id)] == ["echo: I want a person", "A human here. How can I help?"]
+
+
+# ---- human in the loop through WhatsApp (issue #15) -------------------------------------------
+
+
+def test_escalation_holds_the_whatsapp_conversation_and_the_humans_reply_reaches_the_customer(wa, graph, module_mock):
+    """A customer asks for a person on WhatsApp: the agent hands over (the hand-off message is
+    sent), the customer's next message joins the escalation without a model call (the hold
+    message is sent), and the person's reply from the escalation API reaches the customer
+    through the Graph API, once."""
+    handoff, hold = "A colleague will take over here.", "Noted - a colleague has your conversation."
+    settings = {"enabled": True, "threshold": 0.0, "phrases": ["talk to a person"], "team": "wa-desk"}
+    r = admin(
+        wa,
+        "PATCH",
+        "/admin/agents/wabot",
+        json={"escalation": {**settings, "handoff_message": handoff, "hold_message": hold}},
+    )
+    assert r.status_code == 200, r.text
+    desk = admin(wa, "POST", "/admin/keys", json={"name": "desk", "tenant": TENANT, "scopes": ["admin"]}).json()["key"]
+
+    def as_desk(method: str, path: str, **kw) -> httpx.Response:
+        return httpx.request(method, f"{wa.url}{path}", headers={"Authorization": f"Bearer {desk}"}, timeout=30, **kw)
+
+    try:
+        wa_id = new_wa_id()
+        conv = f"wa:{PNIDS['acme']}:{wa_id}"
+        # the agent registry picks the new settings up through pub/sub: retry the first message
+        # (each a new wamid) until a hand-off comes back
+        for attempt in range(20):
+            say(wa, "acme", wa_id, f"I want to talk to a person ({attempt})")
+            sent = wait_sent(graph, wa_id, attempt + 1)
+            if sent[-1]["text"] == handoff:
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError(f"no hand-off: {sent}")
+
+        def queued() -> list[dict]:
+            got = as_desk("GET", "/admin/escalations", params={"team": "wa-desk"}).json()["data"]
+            return [e for e in got if e.get("conversation_id") == conv]
+
+        wait_until(queued, what="the escalation in the queue")
+        esc_id = queued()[0]["id"]
+        calls = len(llm_requests(module_mock, wa_id))
+        say(wa, "acme", wa_id, "Hello? Is anyone there?")
+        held = wait_sent(graph, wa_id, len(sent) + 1)
+        assert held[-1]["text"] == hold
+        assert len(llm_requests(module_mock, wa_id)) == calls  # no model call while a person holds it
+
+        assert as_desk("POST", f"/admin/escalations/{esc_id}/claim").status_code == 200
+        reply = "Hi, this is Sam from the desk: your parcel left the depot this morning."
+        r = as_desk("POST", f"/admin/escalations/{esc_id}/reply", json={"text": reply})
+        assert r.status_code == 200, r.text
+        out = wait_sent(graph, wa_id, len(held) + 1)
+        assert out[-1]["text"] == reply
+        esc = as_desk("GET", f"/admin/escalations/{esc_id}").json()
+        assert esc["delivery"]["channel"] == "whatsapp" and esc["delivery"]["status"] == "sent", esc["delivery"]
+        time.sleep(1)
+        assert [s["text"] for s in graph.sent_to(wa_id)].count(reply) == 1
+        assert as_desk("POST", f"/admin/escalations/{esc_id}/resolve", json={"outcome": "answered"}).status_code == 200
+    finally:
+        admin(wa, "PATCH", "/admin/agents/wabot", json={"escalation": {"enabled": False}})
