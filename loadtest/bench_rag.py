@@ -320,7 +320,8 @@ async def _has_prewarm(conn) -> bool:
 
 def write(out: dict, command: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench-rag-latest.json").write_text(json.dumps(out, indent=2) + "\n")
+    stem = "bench-rag-latest" if out["chunks"] == 100_000 else f"bench-rag-{out['chunks'] // 1000}k-latest"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
     h, v = out["latency_hybrid"], out["latency_vector_only"]
     e = out["latency_hybrid_with_local_embedding"]
     m = out["fts_matches_per_query"]
@@ -371,7 +372,7 @@ def write(out: dict, command: str) -> None:
         "each 100-chunk document is one transaction. Server settings: " + json.dumps(out["server_settings"]) + ".",
         "",
     ]
-    (RESULTS / "bench-rag-latest.md").write_text("\n".join(lines))
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
 
 
 T0 = time.perf_counter()
