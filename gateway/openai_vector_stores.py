@@ -166,18 +166,24 @@ class VectorStores:
         if row is None:
             return await self._doc(conn, owner, kb.id, file["id"]), False
         doc = kb_store._doc(row)
-        source = openai_files.file_path(self.store.data_dir, owner, file["id"])
-        try:
-            link_or_copy(source, self.store.document_path(owner, doc.id))
-        except FileNotFoundError:
-            raise NotFound(f"The content of {file['id']} is no longer stored.", param=param) from None
         await conn.execute(
             "UPDATE knowledge_bases SET last_active_at = now() WHERE id = $1 AND tenant = $2", kb.id, owner
         )
         return doc, True
 
     async def _enqueue(self, owner: str, docs: list[kb_store.Document]) -> None:
+        """After the commit: each new document gets the file's bytes and its ingestion job (a
+        rolled-back attach leaves nothing on disk)."""
         for doc in docs:
+            try:
+                source = openai_files.file_path(self.store.data_dir, owner, doc.file_id)
+                link_or_copy(source, self.store.document_path(owner, doc.id))
+            except FileNotFoundError:  # the file was deleted meanwhile
+                async with tenant_transaction(self.store.pool, owner) as conn:
+                    await kb_store.set_status(
+                        conn, owner, doc.id, "failed", "The file was deleted before it was processed.", "file_missing"
+                    )
+                continue
             job = {
                 "tenant": owner,
                 "kb_id": doc.kb_id,
