@@ -78,9 +78,10 @@ def to_docx(title: str, text: str, path: Path) -> None:
 
 
 def main() -> None:
-    read = {name: (SOURCE / name).read_text() for name in (
-        "Apache-2.0", "GPL-2", "GPL-3", "LGPL-2.1", "MPL-2.0", "CC0-1.0", "Artistic", "GFDL-1.3", "BSD"
-    )}
+    read = {
+        name: (SOURCE / name).read_text()
+        for name in ("Apache-2.0", "GPL-2", "GPL-3", "LGPL-2.1", "MPL-2.0", "CC0-1.0", "Artistic", "GFDL-1.3", "BSD")
+    }
     (HERE / "apache-2.0.txt").write_text(read["Apache-2.0"])
     (HERE / "gpl-2.txt").write_text(read["GPL-2"])
     (HERE / "gpl-3.md").write_text(to_markdown("GNU General Public License, version 3", read["GPL-3"]))
