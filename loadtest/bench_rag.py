@@ -200,7 +200,7 @@ async def run(args) -> dict:
             build = time.perf_counter() - t0
             size = await conn.fetchval("SELECT pg_relation_size($1::regclass)", index)
             table = await conn.fetchval("SELECT pg_total_relation_size('kb_chunks')")
-            gin = await conn.fetchval("SELECT pg_relation_size('kb_chunks_tsv')")
+            gin = await conn.fetchval("SELECT pg_relation_size('kb_chunk_terms_tsv')")
             await conn.execute("ANALYZE kb_chunks")
             out["hnsw_build_s"] = round(build, 1)
             out["hnsw_index_mb"] = round(size / 2**20, 1)
@@ -267,7 +267,9 @@ async def run(args) -> dict:
             # Queries are 3 words of their source chunk, so as Zipf-skewed as the texts: most
             # match a handful of chunks, some (three very common words) most of the corpus.
             fts_matches = [
-                await conn.fetchval("SELECT count(*) FROM kb_chunks WHERE tsv @@ websearch_to_tsquery('simple', $1)", t)
+                await conn.fetchval(
+                    "SELECT count(*) FROM kb_chunk_terms WHERE tsv @@ websearch_to_tsquery('simple', $1)", t
+                )
                 for t in qt
             ]
             out["fts_matches_per_query"] = {
