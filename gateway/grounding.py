@@ -37,6 +37,7 @@ def _question(messages: list) -> str:
 
 async def search(svc, agent, query: str, *, top_k: int | None = None) -> list[dict]:
     """The agent's knowledge bases searched for ``query``: sources as dicts (numbered from 1)."""
+    from gateway import rerank  # (rerank → pipeline → agent stage → here)
     from rag.retrieve import retrieve
 
     settings = {**DEFAULTS, **(agent.settings.get("retrieval") or {})}
@@ -44,12 +45,21 @@ async def search(svc, agent, query: str, *, top_k: int | None = None) -> list[di
         settings["top_k"] = max(1, min(int(top_k), 20))
     # Knowledge bases on different embedding models are searched each with its own query vector.
     by_model: dict[str, list[str]] = {}
-    for kb_id, model in (await _kb_models(svc, agent.tenant, list(agent.knowledge_bases))).items():
+    rerankers: dict[str, str] = {}  # model → the rerank group of the first of its KBs naming one
+    for kb_id, (model, rerank_model) in (await _kb_models(svc, agent.tenant, list(agent.knowledge_bases))).items():
         by_model.setdefault(model, []).append(kb_id)
+        if rerank_model and model not in rerankers:
+            rerankers[model] = rerank_model
     hits = []
     for model, kb_ids in by_model.items():
         embedder_ = kb_embedding.embedder_for(svc, model, agent.tenant, "kb-query")
         vector = (await embedder_.embed([query]))[0] if embedder_ is not None else None
+        group = svc.router.model(rerankers[model]) if model in rerankers else None
+        reranker = (
+            rerank.GatewayReranker(svc, rerankers[model], agent.tenant)
+            if group is not None and group.mode == "rerank"
+            else None
+        )
         found = await retrieve(
             svc.pool,
             agent.tenant,
@@ -59,6 +69,7 @@ async def search(svc, agent, query: str, *, top_k: int | None = None) -> list[di
             top_k=settings["top_k"],
             threshold=settings["threshold"],
             max_context_tokens=settings["max_context_tokens"],
+            reranker=reranker,
         )
         hits.extend(found.hits)
     if len(by_model) > 1:  # merged: best similarity first, then top-k and the token budget again
@@ -82,13 +93,15 @@ async def search(svc, agent, query: str, *, top_k: int | None = None) -> list[di
     ]
 
 
-_MODELS: dict[tuple[str, str], tuple[float, str]] = {}  # (tenant, kb id) → (valid until, model)
+# (tenant, kb id) → (valid until, (embedding model, rerank model or None))
+_MODELS: dict[tuple[str, str], tuple[float, tuple[str, str | None]]] = {}
 _MODELS_TTL = 30.0
 
 
-async def _kb_models(svc, tenant: str, kb_ids: list[str]) -> dict[str, str]:
-    """Each knowledge base's embedding model, cached for a while (a model switch is rare and
-    searching with the old model during the TTL still finds the old, still-live chunks)."""
+async def _kb_models(svc, tenant: str, kb_ids: list[str]) -> dict[str, tuple[str, str | None]]:
+    """Each knowledge base's embedding model and re-ranker, cached for a while (a model switch
+    is rare, and searching with the old model during the TTL still finds the old, still-live
+    chunks)."""
     now = time.monotonic()
     out, missing = {}, []
     for kb_id in kb_ids:
@@ -100,15 +113,17 @@ async def _kb_models(svc, tenant: str, kb_ids: list[str]) -> dict[str, str]:
     if missing:
         async with tenant_transaction(svc.pool, tenant) as conn:
             rows = await conn.fetch(
-                "SELECT id, embedding_model FROM knowledge_bases WHERE id = ANY($1::text[]) AND tenant = $2",
+                """SELECT id, embedding_model, settings->>'rerank_model' AS rerank_model FROM knowledge_bases
+                   WHERE id = ANY($1::text[]) AND tenant = $2""",
                 missing,
                 tenant,
             )
         if len(_MODELS) > 10_000:
             _MODELS.clear()
         for r in rows:
-            _MODELS[(tenant, r["id"])] = (now + _MODELS_TTL, r["embedding_model"])
-            out[r["id"]] = r["embedding_model"]
+            found = (r["embedding_model"], r["rerank_model"])
+            _MODELS[(tenant, r["id"])] = (now + _MODELS_TTL, found)
+            out[r["id"]] = found
     return out
 
 

@@ -40,6 +40,7 @@ from gateway.openai_common import (
 
 PURPOSES = ("assistants", "user_data")
 MAX_FILES = 10_000  # per tenant
+MAX_TENANT_BYTES = 10 * 2**30
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -109,10 +110,13 @@ class Files:
                 raise InvalidRequest("The file is empty.", param="file", code="empty_file")
             owner = tenant(request)
             async with tenant_transaction(self.store.pool, owner) as conn:
-                count = await conn.fetchval("SELECT count(*) FROM openai_files WHERE tenant = $1", owner)
-                if count >= MAX_FILES:
+                count, stored = await conn.fetchrow(
+                    "SELECT count(*), coalesce(sum(bytes), 0)::bigint FROM openai_files WHERE tenant = $1", owner
+                )
+                if count >= MAX_FILES or stored + upload.size > MAX_TENANT_BYTES:
                     raise InvalidRequest(
-                        f"This tenant has {MAX_FILES:,} files, the limit; delete some first.",
+                        f"This tenant has reached its file storage limit ({MAX_FILES:,} files, "
+                        f"{MAX_TENANT_BYTES // 2**30} GB); delete some first.",
                         param="file",
                         code="too_many_files",
                     )

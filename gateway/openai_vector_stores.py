@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -32,7 +30,7 @@ from starlette.routing import Route
 
 from core.errors import InvalidRequest, NotFound
 from gateway import admin_input as inp
-from gateway import kb_embedding, openai_files, rerank
+from gateway import openai_files, openai_vector_search
 from gateway.admin_kb import _only
 from gateway.db import tenant_transaction
 from gateway.openai_common import (
@@ -47,211 +45,32 @@ from gateway.openai_common import (
     tenant,
     ts,
 )
-from rag import ingest, retrieve
+from gateway.openai_vector_store_objects import (
+    _KB_COLS,
+    MAX_FILE_IDS,
+    _attributes,
+    _chunking,
+    _counts,
+    _expires_after,
+    _file_ids,
+    _kb,
+    _metadata,
+    _store_counts,
+    describe_file,
+    describe_store,
+)
+from rag import ingest
 from rag import store as kb_store
-from rag.attributes import InvalidAttributes, check_attributes, compile_filter
 from rag.embedding import DIMS as LOCAL_DIMS
 from rag.embedding import MODEL as LOCAL_MODEL
 
 MAX_STORES = 1000  # per tenant
 MAX_FILES_PER_STORE = 10_000
-MAX_FILE_IDS = 500  # per create / batch call
-MAX_QUERIES = 10
 POLL_AFTER_MS = "250"
 CREATE_FIELDS = frozenset({"name", "description", "file_ids", "chunking_strategy", "metadata", "expires_after"})
 UPDATE_FIELDS = frozenset({"name", "metadata", "expires_after"})
 FILE_FIELDS = frozenset({"file_id", "attributes", "chunking_strategy"})
 BATCH_FIELDS = frozenset({"file_ids", "files", "attributes", "chunking_strategy"})
-SEARCH_FIELDS = frozenset({"query", "max_num_results", "filters", "ranking_options", "rewrite_query"})
-RANKERS = ("none", "auto", "default-2024-11-15")
-_INVALID_FILE_CODES = frozenset(
-    {"empty_file", "corrupt_pdf", "corrupt_docx", "encrypted_pdf", "no_text_layer", "too_large", "timeout"}
-)
-
-
-def _bad(exc: InvalidAttributes) -> InvalidRequest:
-    return InvalidRequest(exc.message, param=exc.param, code="invalid_value")
-
-
-# ---- input -----------------------------------------------------------------------------------
-
-
-def _chunking(raw, param: str = "chunking_strategy") -> dict | None:
-    """None (auto: the knowledge base's settings) or {"chunk_size", "overlap"}."""
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise InvalidRequest(f"'{param}' must be an object.", param=param, code="invalid_type")
-    kind = raw.get("type")
-    if kind == "auto":
-        _only(raw, frozenset({"type"}), f"{param}.")
-        return None
-    if kind != "static":
-        raise InvalidRequest(f"'{param}.type' must be 'auto' or 'static'.", param=f"{param}.type", code="invalid_value")
-    _only(raw, frozenset({"type", "static"}), f"{param}.")
-    static = raw.get("static")
-    if not isinstance(static, dict):
-        raise InvalidRequest(f"'{param}.static' must be an object.", param=f"{param}.static", code="invalid_type")
-    _only(static, frozenset({"max_chunk_size_tokens", "chunk_overlap_tokens"}), f"{param}.static.")
-    size = static.get("max_chunk_size_tokens")
-    overlap = static.get("chunk_overlap_tokens", 0)
-    name = f"{param}.static.max_chunk_size_tokens"
-    if not isinstance(size, int) or isinstance(size, bool) or not 100 <= size <= 4096:
-        raise InvalidRequest(f"'{name}' must be an integer from 100 to 4096.", param=name, code="invalid_value")
-    name = f"{param}.static.chunk_overlap_tokens"
-    if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap <= size // 2:
-        raise InvalidRequest(
-            f"'{name}' must be an integer from 0 to half of max_chunk_size_tokens.", param=name, code="invalid_value"
-        )
-    return {"chunk_size": size, "overlap": overlap}
-
-
-def _expires_after(raw) -> tuple[bool, int | None]:
-    """(given, days): days None clears the expiry."""
-    if raw is None:
-        return False, None
-    if not isinstance(raw, dict):
-        raise InvalidRequest("'expires_after' must be an object.", param="expires_after", code="invalid_type")
-    _only(raw, frozenset({"anchor", "days"}), "expires_after.")
-    if raw.get("anchor") != "last_active_at":
-        raise InvalidRequest(
-            "'expires_after.anchor' must be 'last_active_at'.", param="expires_after.anchor", code="invalid_value"
-        )
-    days = raw.get("days")
-    if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= 365:
-        raise InvalidRequest(
-            "'expires_after.days' must be an integer from 1 to 365.", param="expires_after.days", code="invalid_value"
-        )
-    return True, days
-
-
-def _file_ids(raw, param: str = "file_ids") -> list[str]:
-    if raw is None:
-        return []
-    if not isinstance(raw, list) or len(raw) > MAX_FILE_IDS:
-        raise InvalidRequest(f"'{param}' must be an array of at most {MAX_FILE_IDS} file ids.", param=param)
-    for i, value in enumerate(raw):
-        if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID:
-            raise InvalidRequest(f"'{param}[{i}]' must be a file id.", param=f"{param}[{i}]", code="invalid_value")
-    return list(dict.fromkeys(raw))
-
-
-def _metadata(raw) -> dict:
-    try:
-        return check_attributes(raw, "metadata")
-    except InvalidAttributes as exc:
-        raise _bad(exc) from None
-
-
-def _attributes(raw, param: str = "attributes") -> dict:
-    try:
-        return check_attributes(raw, param)
-    except InvalidAttributes as exc:
-        raise _bad(exc) from None
-
-
-# ---- shapes ----------------------------------------------------------------------------------
-
-_KB_COLS = (
-    "id, tenant, name, description, embedding_model, dims, settings, created_at, display_name, metadata, "
-    "expires_after_days, last_active_at"
-)
-
-
-def _json_col(value):
-    return orjson.loads(value) if isinstance(value, str) else value
-
-
-def file_status(doc: kb_store.Document) -> str:
-    if doc.status in ("queued", "processing"):
-        return "in_progress"
-    if doc.status == "ready":
-        return "completed"
-    return "cancelled" if doc.reason_code == ingest.CANCELLED else "failed"
-
-
-def last_error(doc: kb_store.Document) -> dict | None:
-    if doc.status != "failed" or doc.reason_code == ingest.CANCELLED:
-        return None
-    code = doc.reason_code or ""
-    kind = "unsupported_file" if code == "unsupported_type" else "invalid_file" if code in _INVALID_FILE_CODES else None
-    return {"code": kind or "server_error", "message": doc.reason or "processing failed"}
-
-
-def describe_file(doc: kb_store.Document, kb: kb_store.KnowledgeBase) -> dict:
-    size, overlap = ingest.chunk_settings(kb, doc)
-    return {
-        "id": doc.file_id or doc.id,
-        "object": "vector_store.file",
-        "vector_store_id": kb.id,
-        "status": file_status(doc),
-        "last_error": last_error(doc),
-        "usage_bytes": doc.bytes if doc.status == "ready" else 0,
-        "created_at": ts(doc.created_at),
-        "attributes": doc.attributes or {},
-        "chunking_strategy": {
-            "type": "static",
-            "static": {"max_chunk_size_tokens": size, "chunk_overlap_tokens": overlap},
-        },
-    }
-
-
-def _counts(rows) -> tuple[dict, int]:
-    counts = {"in_progress": 0, "completed": 0, "failed": 0, "cancelled": 0, "total": 0}
-    usage = 0
-    for r in rows:
-        if r["status"] in ("queued", "processing"):
-            key = "in_progress"
-        elif r["status"] == "ready":
-            key = "completed"
-            usage += r["bytes"] or 0
-        else:
-            key = "cancelled" if r["reason_code"] == ingest.CANCELLED else "failed"
-        counts[key] += r["n"]
-        counts["total"] += r["n"]
-    return counts, usage
-
-
-async def _store_counts(conn: asyncpg.Connection, owner: str, kb_ids: list[str]) -> dict[str, tuple[dict, int]]:
-    rows = await conn.fetch(
-        """SELECT kb_id, status, reason_code, count(*) AS n, sum(bytes)::bigint AS bytes FROM kb_documents
-           WHERE tenant = $1 AND kb_id = ANY($2::text[]) AND replaced_by IS NULL
-           GROUP BY kb_id, status, reason_code""",
-        owner,
-        kb_ids,
-    )
-    by_kb: dict[str, list] = {k: [] for k in kb_ids}
-    for r in rows:
-        by_kb[r["kb_id"]].append(r)
-    return {k: _counts(v) for k, v in by_kb.items()}
-
-
-def describe_store(row, counts: tuple[dict, int]) -> dict:
-    file_counts, usage = counts
-    active = row["last_active_at"] or row["created_at"]
-    days = row["expires_after_days"]
-    expires_at = active + timedelta(days=days) if days else None
-    if expires_at is not None and expires_at <= datetime.now(UTC):
-        status = "expired"
-    else:
-        status = "in_progress" if file_counts["in_progress"] else "completed"
-    return {
-        "id": row["id"],
-        "object": "vector_store",
-        "name": row["display_name"] if row["display_name"] is not None else row["name"],
-        "status": status,
-        "file_counts": file_counts,
-        "usage_bytes": usage,
-        "created_at": ts(row["created_at"]),
-        "last_active_at": ts(active),
-        "metadata": _json_col(row["metadata"]) or {},
-        "expires_after": {"anchor": "last_active_at", "days": days} if days else None,
-        "expires_at": ts(expires_at),
-    }
-
-
-def _kb(row) -> kb_store.KnowledgeBase:
-    return kb_store._kb(row)
 
 
 # ---- routes ----------------------------------------------------------------------------------
@@ -347,18 +166,24 @@ class VectorStores:
         if row is None:
             return await self._doc(conn, owner, kb.id, file["id"]), False
         doc = kb_store._doc(row)
-        source = openai_files.file_path(self.store.data_dir, owner, file["id"])
-        try:
-            link_or_copy(source, self.store.document_path(owner, doc.id))
-        except FileNotFoundError:
-            raise NotFound(f"The content of {file['id']} is no longer stored.", param=param) from None
         await conn.execute(
             "UPDATE knowledge_bases SET last_active_at = now() WHERE id = $1 AND tenant = $2", kb.id, owner
         )
         return doc, True
 
     async def _enqueue(self, owner: str, docs: list[kb_store.Document]) -> None:
+        """After the commit: each new document gets the file's bytes and its ingestion job (a
+        rolled-back attach leaves nothing on disk)."""
         for doc in docs:
+            try:
+                source = openai_files.file_path(self.store.data_dir, owner, doc.file_id)
+                link_or_copy(source, self.store.document_path(owner, doc.id))
+            except FileNotFoundError:  # the file was deleted meanwhile
+                async with tenant_transaction(self.store.pool, owner) as conn:
+                    await kb_store.set_status(
+                        conn, owner, doc.id, "failed", "The file was deleted before it was processed.", "file_missing"
+                    )
+                continue
             job = {
                 "tenant": owner,
                 "kb_id": doc.kb_id,
@@ -712,127 +537,5 @@ class VectorStores:
             batch = await self._batch(conn, owner, request)
         return await self.list_files(request, list(batch["file_ids"]))
 
-    # ---- search --------------------------------------------------------------------------------
     async def search(self, request: Request) -> Response:
-        data = await inp.body(request)
-        _only(data, SEARCH_FIELDS)
-        raw = data.get("query")
-        if isinstance(raw, str):
-            queries = [raw]
-        elif isinstance(raw, list) and 1 <= len(raw) <= MAX_QUERIES and all(isinstance(q, str) for q in raw):
-            queries = raw
-        elif raw is None:
-            raise InvalidRequest(
-                "Missing required parameter: 'query'.", param="query", code="missing_required_parameter"
-            )
-        else:
-            raise InvalidRequest(
-                f"'query' must be a string or an array of 1 to {MAX_QUERIES} strings.",
-                param="query",
-                code="invalid_type",
-            )
-        text = " ".join(q.strip() for q in queries).strip()
-        if not text or "\x00" in text or len(text) > retrieve.MAX_QUERY_CHARS:
-            raise InvalidRequest(
-                f"'query' must have 1 to {retrieve.MAX_QUERY_CHARS} characters of text.",
-                param="query",
-                code="invalid_value",
-            )
-        top = data.get("max_num_results", 10)
-        if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= 50:
-            raise InvalidRequest("'max_num_results' must be an integer from 1 to 50.", param="max_num_results")
-        ranking = data.get("ranking_options") or {}
-        if not isinstance(ranking, dict):
-            raise InvalidRequest("'ranking_options' must be an object.", param="ranking_options", code="invalid_type")
-        _only(ranking, frozenset({"ranker", "score_threshold"}), "ranking_options.")
-        if ranking.get("ranker") is not None and ranking["ranker"] not in RANKERS:
-            raise InvalidRequest(
-                f"'ranking_options.ranker' must be one of {', '.join(RANKERS)}.", param="ranking_options.ranker"
-            )
-        threshold = ranking.get("score_threshold", 0.0)
-        if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
-            raise InvalidRequest(
-                "'ranking_options.score_threshold' must be a number from 0 to 1.",
-                param="ranking_options.score_threshold",
-            )
-        if data.get("rewrite_query") not in (None, True, False):
-            raise InvalidRequest("'rewrite_query' must be a boolean.", param="rewrite_query", code="invalid_type")
-        where_args: list = []
-        condition = None
-        if data.get("filters") is not None:
-            try:
-                condition = compile_filter(data["filters"], where_args, column="attributes")
-            except InvalidAttributes as exc:
-                raise _bad(exc) from None
-        owner = tenant(request)
-        async with tenant_transaction(self.store.pool, owner) as conn:
-            row = await self._row(conn, owner, path_id(request, "vs_id"))
-            kb = _kb(row)
-            doc_ids = None
-            if condition is not None:
-                n = len(where_args)
-                found = await conn.fetch(
-                    f"""SELECT id FROM kb_documents WHERE tenant = ${n + 1} AND kb_id = ${n + 2}
-                          AND replaced_by IS NULL AND status = 'ready' AND {condition}""",
-                    *where_args,
-                    owner,
-                    kb.id,
-                )
-                doc_ids = [r["id"] for r in found]
-            if row["last_active_at"] is None or row["last_active_at"] < datetime.now(UTC) - timedelta(minutes=1):
-                await conn.execute(
-                    "UPDATE knowledge_bases SET last_active_at = now() WHERE id = $1 AND tenant = $2", kb.id, owner
-                )
-        vector, _ = await kb_embedding.query_vector(self.store.svc, kb, text)
-        hits = []
-        if doc_ids is None or doc_ids:
-            result = await retrieve.retrieve(
-                self.store.pool,
-                owner,
-                [kb.id],
-                text,
-                vector,
-                top_k=top,
-                threshold=float(threshold),
-                max_context_tokens=10**9,
-                candidates=max(40, 2 * top),
-                lexical_floor=None,
-                document_ids=doc_ids,
-                # "auto" (the default): the knowledge base's rerank_model when it has one
-                reranker=rerank.for_kb(self.store.svc, kb) if ranking.get("ranker") != "none" else None,
-            )
-            hits = result.hits
-        docs = {}
-        if hits:
-            async with tenant_transaction(self.store.pool, owner) as conn:
-                rows = await conn.fetch(
-                    """SELECT id, file_id, filename, attributes FROM kb_documents
-                       WHERE id = ANY($1::text[]) AND tenant = $2""",
-                    sorted({h.document_id for h in hits}),
-                    owner,
-                )
-            docs = {r["id"]: r for r in rows}
-        data_out = []
-        for h in hits:
-            d = docs.get(h.document_id)
-            if d is None:
-                continue
-            score = h.rerank_score if h.rerank_score is not None else h.similarity
-            data_out.append(
-                {
-                    "file_id": d["file_id"] or d["id"],
-                    "filename": d["filename"],
-                    "score": round(min(1.0, max(0.0, score if score is not None else h.score)), 6),
-                    "attributes": _json_col(d["attributes"]) or {},
-                    "content": [{"type": "text", "text": h.text}],
-                }
-            )
-        return json_response(
-            {
-                "object": "vector_store.search_results.page",
-                "search_query": raw,
-                "data": data_out,
-                "has_more": False,
-                "next_page": None,
-            }
-        )
+        return await openai_vector_search.search(self, request)

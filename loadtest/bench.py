@@ -674,7 +674,10 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument(
-        "--only", choices=("core", "pii", "agents", "vapi", "channels", "peers"), help="run one part only"
+        "--only", choices=("core", "pii", "agents", "vapi", "channels", "rag", "peers"), help="run one part only"
+    )
+    parser.add_argument(
+        "--rag-chunks", type=int, default=20_000, help="knowledge-base chunks for the rag part (the goal: 100000)"
     )
     parser.add_argument("--rounds", type=int, default=5, help="alternating on/off rounds for the policy ratio")
     parser.add_argument("--leak-n", type=int, default=10000, help="RSS after N and 10 N requests (0: skip)")
@@ -704,6 +707,12 @@ def main() -> None:
         (RESULTS / "bench-pii-latest.md").write_text(text)
         (RESULTS / "bench-pii-latest.json").write_text(json.dumps(results, indent=2))
         print("\n" + text)
+    if args.only in (None, "rag"):  # its own embedded PostgreSQL; writes bench-rag[-<N>k]-latest.md
+        cmd = [sys.executable, "-m", "loadtest.bench_rag", "--chunks", str(args.rag_chunks)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        k = args.rag_chunks // 1000
+        name = "bench-rag-latest.md" if args.rag_chunks == 100_000 else f"bench-rag-{k}k-latest.md"
+        print("\n" + (RESULTS / name).read_text())
     if args.only in (None, "agents"):
         results = run_agents(args)
         text = bench_agents.report(results, results["date"])

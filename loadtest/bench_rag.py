@@ -200,7 +200,7 @@ async def run(args) -> dict:
             build = time.perf_counter() - t0
             size = await conn.fetchval("SELECT pg_relation_size($1::regclass)", index)
             table = await conn.fetchval("SELECT pg_total_relation_size('kb_chunks')")
-            gin = await conn.fetchval("SELECT pg_relation_size('kb_chunks_tsv')")
+            gin = await conn.fetchval("SELECT pg_relation_size('kb_chunk_terms_tsv')")
             await conn.execute("ANALYZE kb_chunks")
             out["hnsw_build_s"] = round(build, 1)
             out["hnsw_index_mb"] = round(size / 2**20, 1)
@@ -267,7 +267,9 @@ async def run(args) -> dict:
             # Queries are 3 words of their source chunk, so as Zipf-skewed as the texts: most
             # match a handful of chunks, some (three very common words) most of the corpus.
             fts_matches = [
-                await conn.fetchval("SELECT count(*) FROM kb_chunks WHERE tsv @@ websearch_to_tsquery('simple', $1)", t)
+                await conn.fetchval(
+                    "SELECT count(*) FROM kb_chunk_terms WHERE tsv @@ websearch_to_tsquery('simple', $1)", t
+                )
                 for t in qt
             ]
             out["fts_matches_per_query"] = {
@@ -320,7 +322,8 @@ async def _has_prewarm(conn) -> bool:
 
 def write(out: dict, command: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench-rag-latest.json").write_text(json.dumps(out, indent=2) + "\n")
+    stem = "bench-rag-latest" if out["chunks"] == 100_000 else f"bench-rag-{out['chunks'] // 1000}k-latest"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
     h, v = out["latency_hybrid"], out["latency_vector_only"]
     e = out["latency_hybrid_with_local_embedding"]
     m = out["fts_matches_per_query"]
@@ -371,7 +374,7 @@ def write(out: dict, command: str) -> None:
         "each 100-chunk document is one transaction. Server settings: " + json.dumps(out["server_settings"]) + ".",
         "",
     ]
-    (RESULTS / "bench-rag-latest.md").write_text("\n".join(lines))
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
 
 
 T0 = time.perf_counter()

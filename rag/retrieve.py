@@ -22,6 +22,7 @@ rank come from those.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,7 +39,23 @@ MAX_KBS = 50
 MAX_QUERY_CHARS = 4000
 # Full-text ranking reads each match's tsvector: only this many matches are ranked per query
 # (see kb_fts_candidates in migration 0008).
-FTS_SCAN = 1000
+FTS_SCAN = 200
+
+# Full-text query of a question: websearch_to_tsquery requires every term (AND), right for
+# codes, names and short keyword queries, but a natural-language question rarely has all its
+# words in one passage. A query of more than AND_TERMS keywords searches for any of them (OR),
+# stop words dropped, ranked by ts_rank_cd.
+AND_TERMS = 3
+MAX_TERMS = 16
+_STOP = frozenset(
+    """a about above after again against all am an and any are as at be because been before being below
+    between both but by can could did do does doing down during each few for from further had has have
+    having he her here hers him his how i if in into is it its itself just me more most my no nor not
+    now of off on once only or other our out over own same she should so some such than that the their
+    them then there these they this those through to too under until up very was we were what when
+    where which while who whom why will with would you your yours may might must shall also get got""".split()
+)
+_WORD = re.compile(r"\w+")
 
 KEPT = "kept"
 BELOW_THRESHOLD = "below_threshold"
@@ -111,6 +128,16 @@ _JOINS = """JOIN kb_chunks c ON c.id = s.id
     JOIN knowledge_bases k ON k.id = c.kb_id"""
 
 
+def fts_query(text: str) -> str:
+    """The text given to websearch_to_tsquery: as typed for short queries (every term required,
+    quotes and ``-`` honoured), else its keywords joined with ``or``."""
+    words = [w for w in _WORD.findall(text.lower()) if w not in _STOP and len(w) > 1]
+    keywords = list(dict.fromkeys(words))[:MAX_TERMS]
+    if len(keywords) <= AND_TERMS or '"' in text:
+        return text
+    return " or ".join(keywords)
+
+
 def _vector_sql(dims: int, limit: int) -> str:
     cast = f"halfvec({dims})"
     return f"""SELECT c.id, c.document_id, c.kb_id, c.section, c.text, c.tokens, 1 - s.dist AS similarity
@@ -128,7 +155,7 @@ def _fts_sql(dims: int | None, limit: int) -> str:
     # The match runs in kb_fts_candidates (SECURITY DEFINER): under row-level security `@@` (not
     # LEAKPROOF) cannot use the GIN index; the ids are joined back to kb_chunks under RLS.
     if dims is None:
-        similarity = "NULL::float8"
+        similarity = "CASE WHEN $3::text IS NULL THEN NULL::float8 END"  # ($3, the vector: absent)
     else:
         cast = f"halfvec({dims})"
         similarity = (
@@ -193,7 +220,9 @@ async def retrieve(
                 timings["vector_ms"] = _ms(t0)
             if query_text.strip():
                 t0 = time.perf_counter()
-                fts_rows = await conn.fetch(_fts_sql(dims, candidates), tenant, kb_list, qvec, query_text, docs)
+                fts_rows = await conn.fetch(
+                    _fts_sql(dims, candidates), tenant, kb_list, qvec, fts_query(query_text), docs
+                )
                 timings["fts_ms"] = _ms(t0)
     else:
         notes.append("no knowledge base to search")

@@ -239,3 +239,41 @@ def test_master_key_acts_for_the_default_tenant(gw):
         vs = master.vector_stores.create()
         assert vs.name == "" and vs.status == "completed"
         assert master.vector_stores.delete(vs.id).deleted
+
+
+def test_hostile_uploads_and_bodies_are_bounded(gw, client, tenant_key, tmp_root):
+    auth = {"Authorization": f"Bearer {tenant_key}"}
+    # a filename that climbs directories is reduced to its last part; the bytes go under the id
+    f = client.files.create(file=("../../../etc/passwd", b"root:x:0:0\n"), purpose="user_data")
+    assert f.filename == "passwd"
+    assert not (tmp_root / "etc" / "passwd").exists()
+    assert list((tmp_root / "data" / "files").glob(f"*/{f.id}"))
+    # more multipart parts than any client sends
+    parts = b"".join(b'--b\r\nContent-Disposition: form-data; name="p%d"\r\n\r\nx\r\n' % i for i in range(40))
+    body = parts + b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n\r\nhi\r\n--b--\r\n'
+    r = httpx.post(
+        f"{gw.url}/v1/files", headers={**auth, "Content-Type": "multipart/form-data; boundary=b"}, content=body
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+    r = httpx.post(f"{gw.url}/v1/files", headers=auth, files={"file": ("a.txt", b"hi")})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+    vs = client.vector_stores.create(name="bounds")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.vector_stores.create(metadata={"k": "x" * 513})
+    assert err.value.body["param"] == "metadata.k"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.vector_stores.files.create(vector_store_id=vs.id, file_id=f.id, attributes={"k": {"nested": 1}})
+    assert err.value.body["param"] == "attributes.k"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.vector_stores.file_batches.create(vector_store_id=vs.id, file_ids=[f.id] * 501)
+    assert err.value.body["param"] == "file_ids"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.vector_stores.files.create(
+            vector_store_id=vs.id,
+            file_id=f.id,
+            chunking_strategy={"type": "static", "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 90}},
+        )
+    assert err.value.body["param"] == "chunking_strategy.static.chunk_overlap_tokens"
+    # nothing was attached by the refused calls
+    assert client.vector_stores.retrieve(vs.id).file_counts.total == 0
+    assert client.vector_stores.delete(vs.id).deleted and client.files.delete(f.id).deleted

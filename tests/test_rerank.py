@@ -111,3 +111,28 @@ def test_knowledge_base_retrieval_reranks_through_the_gateway(gw, module_mock, s
     assert off.status_code == 200 and off.json()["settings"]["rerank_model"] is None
     again = call(gw, "POST", query, json={"query": "How long do I have to return a product?"})
     assert again.json()["hits"] and not again.json()["reranked"]
+
+
+def test_an_agent_turn_reranks_its_knowledge_base_sources(gw, module_mock):
+    kb = create_kb(gw, settings={"rerank_model": "rerank-mock"})
+    doc = upload(gw, kb["id"], "returns.txt").json()
+    assert wait_done(gw, kb["id"], doc["id"])["status"] == "ready"
+    name = f"rr-{uuid.uuid4().hex[:6]}"
+    body = {"name": name, "model": "gpt-mock", "template": "You answer questions.", "knowledge_bases": [kb["id"]]}
+    r = call(gw, "POST", "/admin/agents", json=body)
+    assert r.status_code == 201, r.text
+    key = new_key(gw)["key"]
+    module_mock.clear()
+    r = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "model": f"agent:{name}",
+            "messages": [{"role": "user", "content": "How long do I have to return a product?"}],
+        },
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["citations"]
+    paths = [q["path"] for q in module_mock.requests()]
+    assert paths[0] == "/v1/rerank" and "/v1/chat/completions" in paths, paths
