@@ -309,7 +309,13 @@ async def _judge(svc, ctx: RequestContext, model: str, question: str, answer: st
     )
     jctx.identity = ctx.identity
     jctx.extra["attribution"] = dict(ctx.extra.get("attribution") or {})  # the agent's, for the audit record
+    # What holds for the turn holds for its judge: the tags the key and tenant require (zdr), the
+    # key's model allow-list on every group a rule or fallback may reach, and PII scrubbing by
+    # the policy of the judge's group (the customer's text and the answer leave the gateway again).
+    jctx.constraints = ctx.constraints
+    jctx.models_allowed = ident.models if ident is not None and ident.models else frozenset()
     try:
+        await pipeline.scrub(svc, jctx)
         raw = await pipeline.complete(svc, jctx, svc.router.resolve(jctx, "chat"))
         await pipeline.settle(svc, jctx, {"headers": []})
         text = _text(((orjson.loads(raw).get("choices") or [{}])[0].get("message") or {}).get("content"))

@@ -32,6 +32,7 @@ from tests.security.test_alert_attacks import Receiver
 SECRET = "hitl-alert-secret"
 REDIS_DB = 14
 LEASE_S = 3.0
+PII_TENANT = "hitl-pii"
 
 
 def own_database(database_url: str) -> str:
@@ -66,6 +67,12 @@ def config(mock, receiver: Receiver) -> dict:
             "sweep_interval_s": 0.2,
             # only urgent escalations have SLAs short enough to fire during the tests
             "sla": {"urgent": {"first_response_s": 1.0, "resolution_s": 2.0}},
+        },
+        # one tenant redacts e-mail addresses from whatever leaves the gateway (the judge included)
+        "pii": {
+            "workers": 0,
+            "policies": {"no-email": {"entities": {"email": "redact"}}},
+            "tenants": {PII_TENANT: "no-email"},
         },
     }
 
@@ -506,3 +513,18 @@ def test_the_escalate_tool_hands_over_with_its_urgency(pair, tenant):
     esc = admin(a, "GET", f"/admin/escalations/{esc_id}", tenant["admin"]).json()
     assert esc["urgency"] == "high" and "escalate_tool" in esc["reasons"] and esc["confidence"] == 0
     assert esc["why"]["rule"] == "escalate_tool" and esc["draft"].startswith("tool result:")
+
+
+def test_attack_judge_call_bypasses_pii_scrubbing(pair, module_mock):
+    """The judge sends the customer's message and the answer to a model again: the tenant's PII
+    policy (and the key's tags and allow-list) hold for that call as for the turn itself."""
+    a, _ = pair
+    key = new_key(a, PII_TENANT)
+    agent = create_agent(a, PII_TENANT, judge={"model": "agent-model"})
+    module_mock.clear()
+    text = '[[mock:{"reply": "0.9"}]] Mail me at alice.secret@example.com: is my kettle covered?'
+    chat(a, key, agent, f"p-{uuid.uuid4().hex[:8]}", text)
+    sent = [json.dumps(r["body"]) for r in module_mock.requests()]
+    judge = [b for b in sent if "Rate from 0 to 1" in b]
+    assert len(judge) == 1 and len(sent) == 2
+    assert all("alice.secret@example.com" not in b for b in sent), judge
