@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from core.errors import InvalidRequest, NotFound, ServiceUnavailable
+from core.errors import InvalidRequest, NotFound, RateLimited, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
 from gateway.db import tenant_transaction
@@ -165,19 +165,26 @@ class EscalationAdmin:
     async def feed(self, request: Request) -> StreamingResponse:
         hitl = self.hitl
         tenant = base._view(request)
+        if not hitl.feed.has_room(tenant):
+            raise RateLimited(
+                "Too many open escalation feeds; close one (or use another replica).", code="too_many_feeds"
+            )
 
         async def events():
-            with hitl.feed.subscribe(tenant) as queue:
-                yield b": connected\n\n"
-                while True:
-                    try:
-                        event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
-                    except TimeoutError:
-                        yield b": keep-alive\n\n"
-                        continue
-                    if event is None:  # this process is stopping: the console reconnects elsewhere
-                        return
-                    yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+            try:
+                with hitl.feed.subscribe(tenant) as queue:
+                    yield b": connected\n\n"
+                    while True:
+                        try:
+                            event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+                        except TimeoutError:
+                            yield b": keep-alive\n\n"
+                            continue
+                        if event is None:  # this process is stopping: the console reconnects elsewhere
+                            return
+                        yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+            except held.FeedFull:  # filled between the check above and this stream's start
+                yield b": too many open feeds\n\n"
 
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

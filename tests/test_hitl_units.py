@@ -6,6 +6,7 @@ two sweepers)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import asyncpg
@@ -316,3 +317,21 @@ def test_skills_route_the_queue(pool):
         assert taken["id"] == french["id"]
 
     loop.run_until_complete(go())
+
+
+def test_attack_feed_subscribers_are_bounded_per_tenant_and_process(monkeypatch):
+    """Each open console stream holds a queue of up to MAX_SUBSCRIBER_BACKLOG events: a tenant
+    admin opening streams without end would grow memory without bound."""
+    feed = held.Feed(redis=None)
+    with contextlib.ExitStack() as stack:
+        for _ in range(held.MAX_SUBSCRIBERS_PER_TENANT):
+            stack.enter_context(feed.subscribe("greedy"))
+        assert not feed.has_room("greedy")
+        with pytest.raises(held.FeedFull):
+            stack.enter_context(feed.subscribe("greedy"))
+        assert feed.has_room("modest")  # another tenant is not locked out by the greedy one
+        monkeypatch.setattr(held, "MAX_SUBSCRIBERS", held.MAX_SUBSCRIBERS_PER_TENANT + 1)
+        stack.enter_context(feed.subscribe("modest"))
+        with pytest.raises(held.FeedFull):  # the process's own bound
+            stack.enter_context(feed.subscribe("third"))
+    assert not feed._subscribers and feed.has_room("greedy")

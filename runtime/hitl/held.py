@@ -29,6 +29,15 @@ log = logging.getLogger("gateway.hitl")
 FEED_CHANNEL = "gw:hitl:feed"
 HELD_TTL_S = 90 * 86400
 MAX_SUBSCRIBER_BACKLOG = 1000
+# Open console streams per process, and per tenant of them (the super-admin's count as one tenant):
+# each holds a queue of up to MAX_SUBSCRIBER_BACKLOG events, so their number is bounded too.
+MAX_SUBSCRIBERS = 256
+MAX_SUBSCRIBERS_PER_TENANT = 32
+
+
+class FeedFull(Exception):
+    """Too many console streams are open (in this process, or of this tenant)."""
+
 
 # Delete the key only if it still names this escalation (a newer one may hold it).
 _CLEAR = """
@@ -129,10 +138,17 @@ class Feed:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(event)
 
+    def has_room(self, tenant: str | None) -> bool:
+        if len(self._subscribers) >= MAX_SUBSCRIBERS:
+            return False
+        return sum(1 for t, _ in self._subscribers.values() if t == tenant) < MAX_SUBSCRIBERS_PER_TENANT
+
     @contextlib.contextmanager
     def subscribe(self, tenant: str | None):
         """A queue of the events ``tenant`` may see (None: every tenant's, for the super-admin); a
-        None in it means the process is stopping."""
+        None in it means the process is stopping. ``FeedFull`` when no room is left."""
+        if not self.has_room(tenant):
+            raise FeedFull
         queue: asyncio.Queue = asyncio.Queue(MAX_SUBSCRIBER_BACKLOG)
         self._subscribers[id(queue)] = (tenant, queue)
         try:
