@@ -528,3 +528,22 @@ def test_attack_judge_call_bypasses_pii_scrubbing(pair, module_mock):
     judge = [b for b in sent if "Rate from 0 to 1" in b]
     assert len(judge) == 1 and len(sent) == 2
     assert all("alice.secret@example.com" not in b for b in sent), judge
+
+
+def test_attack_conversation_reads_flood_postgresql(pair, tenant):
+    """Every id Redis does not hold costs the read route a PostgreSQL query: a key reading random
+    conversation ids is held to its requests-per-minute, like its turns."""
+    a, b = pair
+    r = admin(a, "POST", "/admin/keys", json={"name": "reader", "tenant": tenant["name"], "rpm": 3})
+    key = r.json()["key"]
+    if time.time() % 60 > 50:  # the window is a wall-clock minute: start in a fresh one
+        time.sleep(61 - time.time() % 60)
+    codes = []
+    for i in range(5):
+        r = httpx.get(
+            f"{(a, b)[i % 2].url}/v1/agents/{tenant['agent']}/conversations/nope-{uuid.uuid4().hex}/messages",
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        codes.append(r.status_code)
+    assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429], codes  # one window across replicas
+    assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["type"] == "rate_limit_error"
