@@ -14,7 +14,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, NotFound
 from gateway.db import migrate, tenant_transaction
 from runtime.delivery import Delivered, Delivery, Outbound
 from runtime.hitl import confidence, escalations, held, learning, sla
@@ -260,7 +260,33 @@ def test_expired_lease_returns_to_queue(pool):
         assert esc["id"] in {r["id"] for r in expired}
         async with tenant_transaction(p, tenant) as conn:
             with pytest.raises(escalations.Conflict):
-                await escalations.record_reply(conn, tenant, esc["id"], "holder", {}, 30)
+                await escalations.check_can_reply(conn, tenant, esc["id"], "holder")
+
+    loop.run_until_complete(go())
+
+
+def test_attack_lease_lost_while_the_reply_is_sent(pool):
+    """The lease runs out (and someone else claims) between the check and the send: the reply
+    the customer already has is recorded (a 409 would invite a second copy), and the new
+    holder's lease is neither taken back nor extended."""
+    loop, p = pool
+    tenant = f"u-{uuid.uuid4().hex[:6]}"
+
+    async def go():
+        esc, _ = await _open(p, _esc(tenant))
+        async with tenant_transaction(p, tenant) as conn:
+            await escalations.claim(conn, tenant, esc["id"], "slow", 0.05)
+            await escalations.check_can_reply(conn, tenant, esc["id"], "slow")
+        await asyncio.sleep(0.1)  # ... the send takes longer than the lease
+        async with tenant_transaction(p, tenant) as conn:
+            theirs = await escalations.claim(conn, tenant, esc["id"], "quick", 30)
+        async with tenant_transaction(p, tenant) as conn:
+            done = await escalations.record_reply(conn, tenant, esc["id"], "slow", {"status": "sent"}, 3600)
+        assert done["first_response_at"] is not None and done["delivery"] == {"status": "sent"}
+        assert done["claimed_by"] == "quick" and done["lease_until"] == theirs["lease_until"]
+        async with tenant_transaction(p, "someone-else") as conn:  # another tenant records nothing
+            with pytest.raises(NotFound):
+                await escalations.record_reply(conn, tenant, esc["id"], "slow", {}, 30)
 
     loop.run_until_complete(go())
 

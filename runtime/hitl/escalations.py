@@ -257,17 +257,24 @@ async def _held_by(conn, tenant: str | None, escalation_id: str, holder: str | N
 async def record_reply(
     conn, tenant: str | None, escalation_id: str, holder: str | None, delivery: dict, lease_s: float
 ) -> dict:
-    await _held_by(conn, tenant, escalation_id, holder)
+    """A reply that was sent (``check_can_reply`` allowed it before the send): recorded whatever
+    happened to the lease during the send — the customer has the message, so a 409 now would only
+    invite a second copy. The lease is renewed only if ``holder`` still holds it: a lease that ran
+    out meanwhile (and perhaps went to someone else) is not taken back or extended."""
     row = await conn.fetchrow(
-        """UPDATE escalations SET first_response_at = coalesce(first_response_at, now()), delivery = $2::jsonb,
-                  lease_until = CASE WHEN status = 'claimed' THEN now() + make_interval(secs => $3)
-                                     ELSE lease_until END,
+        """UPDATE escalations SET first_response_at = coalesce(first_response_at, now()), delivery = $3::jsonb,
+                  lease_until = CASE WHEN status = 'claimed' AND claimed_by = $4 AND lease_until >= now()
+                                     THEN now() + make_interval(secs => $5) ELSE lease_until END,
                   updated_at = now()
-           WHERE id = $1 RETURNING *""",
+           WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) RETURNING *""",
         escalation_id,
+        tenant,
         orjson.dumps(delivery).decode(),
+        holder,
         float(lease_s),
     )
+    if row is None:
+        raise NotFound(f"No escalation {escalation_id[:64]!r}.", param="id")
     return out(row)
 
 
