@@ -267,15 +267,25 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
         "sla_first_s": slas.first_response_s,
         "sla_resolve_s": slas.resolution_s,
     }
+    trigger = conf.rule or "low_confidence"
     try:
         async with asyncio.timeout(DB_TIMEOUT), svc.pool.acquire() as conn, conn.transaction():
             row, created = await escalations.open_escalation(conn, esc)
+    except Exception as exc:  # kept in Redis for the sweeper to open: the hand-over is not lost
+        log.error("escalation not written for agent %s: %s", agent.name, type(exc).__name__)
+        try:
+            await held.spool(svc.redis, esc)
+        except Exception as again:  # nowhere to keep it: the customer gets the AI's answer
+            log.error("escalation lost for agent %s: %s", agent.name, type(again).__name__)
+            turn.steps.append({"step": ctx.step, "kind": "escalation", "status": "error", "error": type(exc).__name__})
+            return None
+        ESCALATIONS.labels(trigger).inc()
+        turn.steps.append({"step": ctx.step, "kind": "escalation", "status": "spooled", "error": type(exc).__name__})
+        return esc["id"]
+    try:
         await hitl.holds.hold(agent.tenant, agent.id, turn.conversation_id, row["id"])
-    except Exception as exc:  # the customer still gets an answer; the turn records the failure
-        log.error("escalation not opened for agent %s: %s", agent.name, type(exc).__name__)
-        turn.steps.append({"step": ctx.step, "kind": "escalation", "status": "error", "error": type(exc).__name__})
-        return None
-    trigger = conf.rule or "low_confidence"
+    except Exception as exc:  # the escalation stands; the sweeper puts the missing hold back
+        log.warning("escalation %s: conversation not held yet: %s", row["id"], type(exc).__name__)
     ESCALATIONS.labels(trigger).inc()
     turn.steps.append({"step": ctx.step, "kind": "escalation", "status": "opened" if created else "joined"})
     await held.publish(svc.redis, agent.tenant, "opened" if created else "customer_message", row)

@@ -547,3 +547,35 @@ def test_attack_conversation_reads_flood_postgresql(pair, tenant):
         codes.append(r.status_code)
     assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429], codes  # one window across replicas
     assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_attack_postgresql_fails_on_the_escalating_turn(pair, tenant, urls, module_mock):
+    """The escalation's INSERT fails on its turn: the customer still gets the hand-off (not a 500,
+    not the unsure AI answer), and the hand-over is not lost — a sweep opens it and holds the
+    conversation once PostgreSQL takes writes again."""
+    a, b = pair
+
+    async def rename(old: str, new: str) -> None:
+        conn = await asyncpg.connect(urls[0])
+        try:
+            await conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+        finally:
+            await conn.close()
+
+    asyncio.run(rename("escalations", "escalations_away"))
+    try:
+        conv, esc_id, content = escalate(a, tenant)
+    finally:
+        asyncio.run(rename("escalations_away", "escalations"))
+    assert content.startswith("I'm passing your conversation")
+    url = f"{b.url}/v1/agents/{tenant['agent']}/conversations/{conv}/messages"
+    wait_until(
+        lambda: httpx.get(url, headers={"Authorization": f"Bearer {tenant['key']}"}).json()["held_by_human"],
+        timeout=15,
+        what="the spooled escalation opened and the conversation held",
+    )
+    assert admin(b, "GET", f"/admin/escalations/{esc_id}", tenant["admin"]).json()["status"] == "queued"
+    module_mock.clear()
+    content, headers = chat(b, tenant["key"], tenant["agent"], conv, "Still there?")
+    assert content == "A person will reply here." and headers["x-gateway-escalation"] == esc_id
+    assert not module_mock.requests()

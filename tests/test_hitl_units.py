@@ -361,3 +361,46 @@ def test_attack_feed_subscribers_are_bounded_per_tenant_and_process(monkeypatch)
         with pytest.raises(held.FeedFull):  # the process's own bound
             stack.enter_context(feed.subscribe("third"))
     assert not feed._subscribers and feed.has_room("greedy")
+
+
+def test_attack_nul_in_customer_text_still_escalates(pool):
+    """PostgreSQL text and jsonb cannot hold U+0000, which a customer (or a model) can put in any
+    message: the hand-over must not fail on it (the customer would get the AI's answer instead)."""
+    loop, p = pool
+    tenant = f"u-{uuid.uuid4().hex[:6]}"
+
+    async def go():
+        esc = _esc(tenant, question="help\x00me", draft="d\x00", tier="v\x00ip", context={"variables": {"x": "\x00"}})
+        row, created = await _open(p, esc)
+        assert created and row["question"] == "help\ufffdme" and row["context"]["variables"]["x"] == "\ufffd"
+
+    loop.run_until_complete(go())
+
+
+def test_spooled_escalation_is_opened_and_held_by_the_sweeper(pool, services):
+    """An escalation PostgreSQL could not take on its turn waits in Redis; a sweep opens it and
+    holds the conversation, and an entry that can never go in does not block the others."""
+    loop, p = pool
+    tenant = f"u-{uuid.uuid4().hex[:6]}"
+
+    async def go():
+        r = aioredis.from_url(f"{services[1]}?db=13")  # no gateway sweeps this db's spool
+        try:
+            await r.delete(held.PENDING_KEY)
+            good = _esc(tenant, "spooled-conv")
+            await held.spool(r, {"id": "esc_broken"})  # lacks every field: dropped, logged
+            await held.spool(r, good)
+            holds = held.Holds(r)
+
+            async def emit(alert):
+                pass
+
+            assert await sla.Sweeper(p, r, holds, emit).open_spooled() == 1
+            assert await r.llen(held.PENDING_KEY) == 0
+            async with tenant_transaction(p, tenant) as conn:
+                assert (await escalations.must_get(conn, tenant, good["id"]))["status"] == "queued"
+            assert await holds.get(tenant, "agt_unit", "spooled-conv") == good["id"]
+        finally:
+            await r.aclose()
+
+    loop.run_until_complete(go())

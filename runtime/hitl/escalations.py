@@ -63,6 +63,15 @@ def out(row, aging: float | None = None) -> dict:
     return d
 
 
+def _text(value) -> str | None:
+    # PostgreSQL text cannot hold U+0000, which a customer (or a model) can put in any message
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
+def _json(value) -> str:
+    return orjson.dumps(value, default=str).replace(b"\\u0000", b"\\ufffd").decode()
+
+
 async def open_escalation(conn, esc: dict) -> tuple[dict, bool]:
     """(escalation, created): a conversation has at most one open escalation; a second opening
     (another replica, the same moment) joins the first."""
@@ -83,15 +92,15 @@ async def open_escalation(conn, esc: dict) -> tuple[dict, bool]:
         esc.get("prompt_version"),
         esc.get("variant"),
         esc["urgency"],
-        esc.get("tier"),
+        _text(esc.get("tier")),
         esc["base_priority"],
         esc["team"],
         list(esc.get("skills") or ()),
         esc.get("confidence"),
-        orjson.dumps(esc.get("reasons") or []).decode(),
-        (esc.get("question") or "")[:MAX_TEXT],
-        (esc.get("draft") or "")[:MAX_TEXT] or None,
-        orjson.dumps(esc.get("context") or {}).decode(),
+        _json(esc.get("reasons") or []),
+        _text((esc.get("question") or "")[:MAX_TEXT]),
+        _text((esc.get("draft") or "")[:MAX_TEXT]) or None,
+        _json(esc.get("context") or {}),
         esc["sla_first_s"],
         esc["sla_resolve_s"],
     )

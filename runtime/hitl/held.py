@@ -90,6 +90,29 @@ class Holds:
         await self._clear(keys=[held_key(tenant, agent_id, conversation_id)], args=[escalation_id])
 
 
+PENDING_KEY = "gw:{gw}:hitl:pending"
+MAX_PENDING = 10_000
+
+
+async def spool(redis, esc: dict) -> None:
+    """An escalation PostgreSQL could not take on its turn, kept for the sweeper to open (the
+    newest MAX_PENDING; the conversation is held once it is open)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.rpush(PENDING_KEY, orjson.dumps(esc, default=str))
+        pipe.ltrim(PENDING_KEY, -MAX_PENDING, -1)
+        await pipe.execute()
+
+
+async def unspool(redis) -> dict | None:
+    """The oldest spooled escalation (popped: of several sweepers, one gets each)."""
+    raw = await redis.lpop(PENDING_KEY)
+    return orjson.loads(raw) if raw is not None else None
+
+
+async def respool(redis, esc: dict) -> None:
+    await redis.lpush(PENDING_KEY, orjson.dumps(esc, default=str))
+
+
 async def publish(redis, tenant: str, kind: str, row: dict | None = None, **extra) -> None:
     """One queue change for every replica's consoles (best effort: the queue is in PostgreSQL)."""
     event = {"type": kind, "tenant": tenant, "ts": time.time(), **extra}
