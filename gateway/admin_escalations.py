@@ -32,6 +32,7 @@ from starlette.routing import Route
 from core.errors import InvalidRequest, NotFound, RateLimited, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
+from gateway import hitl_stage
 from gateway.db import tenant_transaction
 from runtime import agents as agent_store
 from runtime.delivery import Outbound
@@ -261,7 +262,7 @@ class EscalationAdmin:
             esc["tenant"],
             agent,
             esc["conversation_id"],
-            [{"role": "assistant", "content": text, "name": "human"}],
+            [{"role": "assistant", "content": text, "name": hitl_stage.HUMAN}],
             request_id=f"{esc['id']}-{int(time.time() * 1000)}",
             prompt_version=esc.get("prompt_version") or 0,
             variant=esc.get("variant"),

@@ -61,6 +61,24 @@ def buffered(agent) -> bool:
     return hitl_settings.of(agent).enabled
 
 
+HUMAN = "human"  # the name of a person's reply in memory (admin_escalations._send)
+
+
+def from_client(messages: list) -> list[dict]:
+    """The client's new messages as memory stores them: an assistant message the client sent is
+    never stored as a person's reply (``name: "human"`` marks only what the escalation API sent:
+    the console, the REST reader and the next turns' model would take a forged one for a
+    colleague's word). System and developer messages are not stored."""
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") in ("system", "developer"):
+            continue
+        if m.get("role") == "assistant" and m.get("name") == HUMAN:
+            m = {k: v for k, v in m.items() if k != "name"}
+        out.append(m)
+    return out
+
+
 def _text(content) -> str:
     if isinstance(content, str):
         return content
@@ -85,7 +103,7 @@ async def join(svc, ctx: RequestContext) -> str:
     ctx.status = 200
     turn.escalation_id = turn.hold
     turn.steps.append({"step": 0, "kind": "held", "status": "joined", "name": turn.hold})
-    new = [m for m in turn.new_messages if isinstance(m, dict) and m.get("role") not in ("system", "developer")]
+    new = from_client(turn.new_messages)
     stored = [*new, {"role": "assistant", "content": text}] if text else new
     try:
         await svc.memory.append(
