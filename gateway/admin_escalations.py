@@ -295,7 +295,10 @@ class EscalationAdmin:
         outcome = inp.text(data, "outcome", choices=escalations.OUTCOMES) or "resolved"
         corrected = data.get("corrected_answer")
         if corrected is not None and (
-            not isinstance(corrected, str) or not corrected.strip() or len(corrected) > learning.MAX_ANSWER
+            not isinstance(corrected, str)
+            or not corrected.strip()
+            or len(corrected) > learning.MAX_ANSWER
+            or "\x00" in corrected
         ):
             raise InvalidRequest(
                 f"'corrected_answer' must be a non-empty string of at most {learning.MAX_ANSWER} characters.",

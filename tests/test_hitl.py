@@ -401,6 +401,8 @@ def test_bad_input_changes_nothing(pair, tenant):
     assert huge.status_code == 400 and huge.json()["error"]["param"] == "text"
     bad = admin(a, "POST", f"{path}/resolve", tenant["admin"], json={"outcome": "bogus"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "outcome"
+    nul = admin(a, "POST", f"{path}/resolve", tenant["admin"], json={"corrected_answer": "a\u0000b"})
+    assert nul.status_code == 400 and nul.json()["error"]["param"] == "corrected_answer"  # not a 500
     assert admin(a, "POST", f"{path}/reassign", tenant["admin"], json={"team": "a b"}).status_code == 400
     assert admin(a, "GET", path, tenant["admin"]).json()["status"] == "claimed"
     r = admin(a, "POST", f"{path}/reassign", tenant["admin"], json={"team": "billing", "urgency": "high"})

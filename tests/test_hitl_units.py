@@ -404,3 +404,12 @@ def test_spooled_escalation_is_opened_and_held_by_the_sweeper(pool, services):
             await r.aclose()
 
     loop.run_until_complete(go())
+
+
+def test_attack_hostile_provider_logprobs():
+    """Log-probabilities come from the provider: a positive or enormous one must not overflow
+    the score (a 500 on the customer's turn), nor make an unsure answer look sure."""
+    for lps in ([1e6, 1e6], [-1e308, -1e308], [800.0]):
+        c = confidence.score(Signals(question="x", logprobs=lps), ON)
+        assert 0.0 <= c.score <= 1.0
+    assert confidence.score(Signals(question="x", logprobs=[-1e308]), ON).escalate
