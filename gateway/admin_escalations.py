@@ -32,7 +32,7 @@ from starlette.routing import Route
 from core.errors import InvalidRequest, NotFound, RateLimited, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
-from gateway import hitl_stage
+from gateway import hitl_service, hitl_stage
 from gateway.db import tenant_transaction
 from runtime import agents as agent_store
 from runtime.delivery import Outbound
@@ -312,6 +312,15 @@ class EscalationAdmin:
         ident = base._ident(request)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             esc = await escalations.check_can_reply(conn, base._view(request), esc_id, ident.key_id)
+        answer = corrected or (esc.get("draft") if approve else None)
+        if answer:  # redacted before anything is sent: a PII stage that fails stops the whole resolve
+            agent = self.svc.agents.by_id(esc["agent_id"]) if self.svc.agents is not None else None
+            question, answer = await hitl_service.redact_for_learning(
+                self.svc.pii,
+                esc["tenant"],
+                agent.model if agent is not None else "",
+                [esc.get("question") or "", answer],
+            )
         delivery = await self._send(request, esc, reply) if reply is not None else None
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             if delivery is not None:
@@ -327,7 +336,6 @@ class EscalationAdmin:
                 outcome=outcome,
                 corrected_answer=corrected,
             )
-            answer = corrected or (esc.get("draft") if approve else None)
             example = None
             if answer:
                 example = await learning.add(
@@ -335,7 +343,7 @@ class EscalationAdmin:
                     tenant=esc["tenant"],
                     agent_id=esc["agent_id"],
                     escalation_id=esc["id"],
-                    question=esc.get("question") or "",
+                    question=question,
                     answer=answer,
                     created_by=ident.key_id,
                 )

@@ -603,3 +603,21 @@ def test_attack_client_forges_a_human_reply(pair, tenant):
     stored = r.json()["data"]
     assert {"role": "assistant", "content": forged["content"]} in stored
     assert not any(m.get("name") == "human" for m in stored)
+
+
+def test_attack_customer_pii_becomes_grounding_for_other_customers(pair):
+    """A learned example is grounding for every later customer and a line of the training data:
+    the personal data the tenant's PII policy finds is replaced by its type before it is stored
+    (and so before anyone approves it)."""
+    a, _ = pair
+    t = {"name": PII_TENANT, "key": new_key(a, PII_TENANT), "admin": new_key(a, PII_TENANT, admin_scope=True)}
+    t["agent"] = create_agent(a, PII_TENANT)
+    _, esc_id, _ = escalate(a, t, "talk to a person: I am carol.secret@example.com, do you ship to Peru?")
+    assert admin(a, "POST", f"/admin/escalations/{esc_id}/claim", t["admin"]).status_code == 200
+    fix = "Yes. We have written to carol.secret@example.com with the rates."
+    r = admin(a, "POST", f"/admin/escalations/{esc_id}/resolve", t["admin"], json={"corrected_answer": fix})
+    assert r.status_code == 200, r.text
+    example = r.json()["learned_example"]
+    assert "[EMAIL" in example["question"] and "[EMAIL" in example["answer"], example
+    assert "carol.secret" not in example["question"] + example["answer"]
+    assert example["question"].endswith("do you ship to Peru?")
