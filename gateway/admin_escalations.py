@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from core.errors import InvalidRequest, NotFound, RateLimited, ServiceUnavailable
+from core.errors import GatewayError, InvalidRequest, NotFound, RateLimited, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
 from gateway import hitl_service, hitl_stage
@@ -171,6 +171,15 @@ class EscalationAdmin:
                 "Too many open escalation feeds; close one (or use another replica).", code="too_many_feeds"
             )
 
+        async def still_valid() -> bool:
+            """A stream outlives its authentication: the key (and its address) is checked again —
+            from the cache, which revocations reach by pub/sub — before anything more is sent."""
+            try:
+                await self.svc.auth.authenticate_scope(request.scope)
+            except GatewayError:
+                return False
+            return True
+
         async def events():
             try:
                 with hitl.feed.subscribe(tenant) as queue:
@@ -179,10 +188,12 @@ class EscalationAdmin:
                         try:
                             event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
                         except TimeoutError:
+                            event = b""
+                        if event is None or not await still_valid():  # stopping, or the key was revoked
+                            return
+                        if event == b"":
                             yield b": keep-alive\n\n"
                             continue
-                        if event is None:  # this process is stopping: the console reconnects elsewhere
-                            return
                         yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
             except held.FeedFull:  # filled between the check above and this stream's start
                 yield b": too many open feeds\n\n"

@@ -621,3 +621,19 @@ def test_attack_customer_pii_becomes_grounding_for_other_customers(pair):
     assert "[EMAIL" in example["question"] and "[EMAIL" in example["answer"], example
     assert "carol.secret" not in example["question"] + example["answer"]
     assert example["question"].endswith("do you ship to Peru?")
+
+
+def test_attack_revoked_admin_key_keeps_its_feed(pair, tenant):
+    """A console's event stream outlives the request that opened it: a revoked key must stop
+    receiving the tenant's queue changes, not keep them until it disconnects."""
+    a, _ = pair
+    made = admin(a, "POST", "/admin/keys", json={"name": "leaver", "tenant": tenant["name"], "scopes": ["admin"]})
+    events: list = []
+    ready, stop = threading.Event(), threading.Event()
+    feeder = threading.Thread(target=_feed_events, args=(a, made.json()["key"], events, ready, stop), daemon=True)
+    feeder.start()
+    assert ready.wait(10)
+    assert admin(a, "DELETE", f"/admin/keys/{made.json()['id']}").status_code == 200
+    escalate(a, tenant)  # a queue change of the tenant: not for the revoked key
+    feeder.join(10)
+    assert not feeder.is_alive() and not events
