@@ -119,18 +119,31 @@ async def join(svc, ctx: RequestContext) -> str:
         turn.memory_error = f"store failed: {type(exc).__name__}"
         log.warning("a held conversation's message was not stored: %s", type(exc).__name__)
     # Counted on the escalation off the request path: the answer waits for no PostgreSQL.
-    task = asyncio.ensure_future(_count(svc, agent, turn.conversation_id, turn.hold))
-    _PENDING.add(task)
-    task.add_done_callback(_PENDING.discard)
+    spawn_count(svc, agent, turn.conversation_id, turn.hold)
     return text
 
 
 _PENDING: set[asyncio.Task] = set()  # counting tasks in flight (a reference keeps them alive)
+# A held message costs its turn no PostgreSQL, but its count does: a flood of held messages must
+# not become a flood of UPDATEs taking every pooled connection. At most MAX_COUNTING wait, at most
+# COUNTING_CONCURRENCY run; beyond that a message is stored but not counted (the count lags).
+MAX_COUNTING = 1000
+COUNTING_CONCURRENCY = 4
+_SLOTS = asyncio.Semaphore(COUNTING_CONCURRENCY)
+
+
+def spawn_count(svc, agent, conversation_id: str, escalation_id: str) -> bool:
+    if len(_PENDING) >= MAX_COUNTING:
+        return False
+    task = asyncio.ensure_future(_count(svc, agent, conversation_id, escalation_id))
+    _PENDING.add(task)
+    task.add_done_callback(_PENDING.discard)
+    return True
 
 
 async def _count(svc, agent, conversation_id: str, escalation_id: str) -> None:
     try:
-        async with asyncio.timeout(DB_TIMEOUT), svc.pool.acquire() as conn:
+        async with _SLOTS, asyncio.timeout(DB_TIMEOUT), svc.pool.acquire() as conn:
             row = await escalations.join(conn, agent.tenant, escalation_id)
         if row is None:  # resolved meanwhile (its key not yet gone): let the next message through
             await svc.hitl.holds.release(agent.tenant, agent.id, conversation_id, escalation_id)

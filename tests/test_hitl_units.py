@@ -413,3 +413,29 @@ def test_attack_hostile_provider_logprobs():
         c = confidence.score(Signals(question="x", logprobs=lps), ON)
         assert 0.0 <= c.score <= 1.0
     assert confidence.score(Signals(question="x", logprobs=[-1e308]), ON).escalate
+
+
+def test_attack_flood_of_held_messages_floods_postgresql(pool, services, monkeypatch):
+    """A held message costs its turn no PostgreSQL, but its count on the escalation does: a burst
+    of held messages starts at most MAX_COUNTING counts, run COUNTING_CONCURRENCY at a time."""
+    from types import SimpleNamespace
+
+    from gateway import hitl_stage
+
+    loop, p = pool
+    tenant = f"u-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setattr(hitl_stage, "MAX_COUNTING", 20)
+
+    async def go():
+        esc, _ = await _open(p, _esc(tenant, "flooded"))
+        r = aioredis.from_url(f"{services[1]}?db=13")
+        svc = SimpleNamespace(pool=p, redis=r, hitl=SimpleNamespace(holds=held.Holds(r)))
+        agent = SimpleNamespace(tenant=tenant, id="agt_unit")
+        started = [hitl_stage.spawn_count(svc, agent, "flooded", esc["id"]) for _ in range(50)]
+        assert started.count(True) == 20 and len(hitl_stage._PENDING) == 20
+        await asyncio.gather(*list(hitl_stage._PENDING))
+        await r.aclose()
+        async with tenant_transaction(p, tenant) as conn:
+            assert (await escalations.must_get(conn, tenant, esc["id"]))["customer_messages"] == 20
+
+    loop.run_until_complete(go())
