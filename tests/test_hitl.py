@@ -55,7 +55,10 @@ def config(mock, receiver: Receiver) -> dict:
     return {
         "router": {"max_attempts": 1},
         "providers": [{"name": "pp", "kind": "openai", "base_url": f"{mock.url}/v1", "api_keys": ["k"]}],
-        "models": [{"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]}],
+        "models": [
+            {"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]},
+            {"name": "premium-model", "deployments": [{"provider": "pp", "model": "m-premium"}]},
+        ],
         "alerts": {
             "webhook_url": receiver.url,
             "secret": SECRET,
@@ -637,3 +640,25 @@ def test_attack_revoked_admin_key_keeps_its_feed(pair, tenant):
     escalate(a, tenant)  # a queue change of the tenant: not for the revoked key
     feeder.join(10)
     assert not feeder.is_alive() and not events
+
+
+def test_attack_judge_model_escapes_the_admins_allow_list(pair, tenant):
+    """The judge is a model the agent calls on every turn: an admin whose key may use only cheap
+    models cannot make it a premium one (nor name a group that does not exist)."""
+    a, _ = pair
+    r = admin(
+        a,
+        "POST",
+        "/admin/keys",
+        json={"name": "cheap-admin", "tenant": tenant["name"], "scopes": ["admin"], "models": ["agent-model"]},
+    )
+    cheap = r.json()["key"]
+    path = f"/admin/agents/{create_agent(a, tenant['name'])}"
+    r = admin(a, "PATCH", path, cheap, json={"escalation": {"judge": {"model": "premium-model"}}})
+    assert r.status_code == 403 and r.json()["error"]["param"] == "escalation.judge.model"
+    r = admin(a, "PATCH", path, cheap, json={"escalation": {"judge": {"model": "no-such-group"}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "escalation.judge.model"
+    assert admin(a, "GET", path, tenant["admin"]).json()["escalation"]["hold_message"] == "A person will reply here."
+    assert "judge" not in admin(a, "GET", path, tenant["admin"]).json()["escalation"]
+    r = admin(a, "PATCH", path, cheap, json={"escalation": {"enabled": True, "judge": {"model": "agent-model"}}})
+    assert r.status_code == 200, r.text
