@@ -195,10 +195,13 @@ def _signals(ctx: RequestContext, answer: dict) -> confidence.Signals:
 
 
 def _logprobs(raw: bytes) -> list[float] | None:
+    """The answer's token log-probabilities, or None (a provider's odd shape costs the turn
+    nothing: the signal is just missing)."""
     data = orjson.loads(raw)
-    choice = (data.get("choices") or [{}])[0]
-    content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
-    if not content:
+    choices = data.get("choices") if isinstance(data, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    content = choice["logprobs"].get("content") if isinstance(choice.get("logprobs"), dict) else None
+    if not isinstance(content, list) or not content:
         return None
     return [t["logprob"] for t in content if isinstance(t, dict) and isinstance(t.get("logprob"), int | float)]
 
@@ -218,7 +221,8 @@ async def after_answer(svc, ctx: RequestContext, raw: bytes, message: dict) -> t
     if added:  # the client did not ask for them
         data = orjson.loads(raw)
         for choice in data.get("choices") or ():
-            choice["logprobs"] = None
+            if isinstance(choice, dict):
+                choice["logprobs"] = None
         raw = orjson.dumps(data)
     if conf.escalate and turn.conversation_id is not None and getattr(svc, "hitl", None) is not None:
         escalation_id = await _open(svc, ctx, conf, signals)

@@ -413,6 +413,11 @@ def test_attack_hostile_provider_logprobs():
         c = confidence.score(Signals(question="x", logprobs=lps), ON)
         assert 0.0 <= c.score <= 1.0
     assert confidence.score(Signals(question="x", logprobs=[-1e308]), ON).escalate
+    from gateway.hitl_stage import _logprobs
+
+    for odd in (b'{"choices": ["x"]}', b'{"choices": {}}', b"[]", b'{"choices": [{"logprobs": {"content": 5}}]}'):
+        assert _logprobs(odd) is None  # an odd shape is a missing signal, not a 500 on the turn
+    assert _logprobs(b'{"choices": [{"logprobs": {"content": [{"logprob": -1.5}, {"logprob": "x"}]}}]}') == [-1.5]
 
 
 def test_attack_flood_of_held_messages_floods_postgresql(pool, services, monkeypatch):
