@@ -128,7 +128,10 @@ class Sweeper:
     async def sweep(self) -> list[dict]:
         """One pass: spooled escalations opened, SLA alerts claimed and raised, expired leases
         returned to the queue."""
-        await self.open_spooled()
+        try:
+            await self.open_spooled()
+        except Exception as exc:  # Redis or PostgreSQL down: the spool waits; the SLAs are swept anyway
+            log.warning("spooled escalations not opened yet: %s", type(exc).__name__)
         fired: list[dict] = []
         async with self._pool.acquire() as conn:
             for kind, which, column, seconds, fraction, extra in _CHECKS:
