@@ -444,3 +444,28 @@ def test_attack_flood_of_held_messages_floods_postgresql(pool, services, monkeyp
             assert (await escalations.must_get(conn, tenant, esc["id"]))["customer_messages"] == 20
 
     loop.run_until_complete(go())
+
+
+def test_redis_down_does_not_stop_sla_alerts(pool):
+    """The sweep reads the spool from Redis first: a Redis outage must not also silence the SLA
+    alerts and lease expiry, which live in PostgreSQL."""
+    loop, p = pool
+    tenant = f"u-{uuid.uuid4().hex[:6]}"
+
+    async def go():
+        esc, _ = await _open(p, _esc(tenant, sla_first_s=0.01, sla_resolve_s=3600))
+        await asyncio.sleep(0.05)
+        dead = aioredis.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.2)
+        fired: list[dict] = []
+
+        async def emit(alert):
+            fired.append(alert)
+
+        with contextlib.suppress(Exception):  # putting hold keys back fails too, after the alerts
+            await sla.Sweeper(p, dead, held.Holds(dead), emit).sweep()
+        await dead.aclose()
+        assert ("escalation.sla_breach", "first_response") in {
+            (a["type"], a["sla"]) for a in fired if a["escalation_id"] == esc["id"]
+        }
+
+    loop.run_until_complete(go())
