@@ -103,6 +103,27 @@ class AgentAdmin:
             )
         return found[0]
 
+    def _judge_model(self, request: Request, data: dict) -> None:
+        """``escalation.judge.model`` (human in the loop) is a model the agent calls: held to what
+        ``model`` is — a configured chat group the admin's key may use."""
+        escalation = data.get("escalation")
+        judge = escalation.get("judge") if isinstance(escalation, dict) else None
+        model = judge.get("model") if isinstance(judge, dict) else None
+        if model is None:
+            return
+        group = self.svc.router.groups.get(model) if isinstance(model, str) else None
+        if group is None or group.model.mode != "chat":
+            raise InvalidRequest(
+                f"'escalation.judge.model' must be a configured chat model group, not {str(model)[:64]!r}.",
+                param="escalation.judge.model",
+                code="model_not_found",
+            )
+        ident = base._ident(request)
+        if ident.models and model not in ident.models:
+            raise PermissionDenied(
+                f"This key may not use the model {model!r}.", param="escalation.judge.model", code="model_not_allowed"
+            )
+
     def _model(self, request: Request, data: dict) -> str | None:
         model = inp.text(data, "model")
         if model is None:
@@ -139,6 +160,7 @@ class AgentAdmin:
                 "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
             )
         model = self._model(request, data)
+        self._judge_model(request, data)
         description = inp.text(data, "description", max_len=store.MAX_DESCRIPTION) or ""
         tenant = inp.text(data, "tenant", max_len=128)
         if not ident.is_master:
@@ -208,6 +230,7 @@ class AgentAdmin:
         _only(data, PATCH_FIELDS)
         _operator_networks_only(base._ident(request), data)
         model = self._model(request, data)
+        self._judge_model(request, data)
         description = inp.text(data, "description", max_len=store.MAX_DESCRIPTION)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             agent = await self._agent(request, conn)

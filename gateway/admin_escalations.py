@@ -29,9 +29,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from core.errors import InvalidRequest, NotFound, ServiceUnavailable
+from core.errors import GatewayError, InvalidRequest, NotFound, RateLimited, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
+from gateway import hitl_service, hitl_stage
 from gateway.db import tenant_transaction
 from runtime import agents as agent_store
 from runtime.delivery import Outbound
@@ -165,19 +166,37 @@ class EscalationAdmin:
     async def feed(self, request: Request) -> StreamingResponse:
         hitl = self.hitl
         tenant = base._view(request)
+        if not hitl.feed.has_room(tenant):
+            raise RateLimited(
+                "Too many open escalation feeds; close one (or use another replica).", code="too_many_feeds"
+            )
+
+        async def still_valid() -> bool:
+            """A stream outlives its authentication: the key (and its address) is checked again —
+            from the cache, which revocations reach by pub/sub — before anything more is sent."""
+            try:
+                await self.svc.auth.authenticate_scope(request.scope)
+            except GatewayError:
+                return False
+            return True
 
         async def events():
-            with hitl.feed.subscribe(tenant) as queue:
-                yield b": connected\n\n"
-                while True:
-                    try:
-                        event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
-                    except TimeoutError:
-                        yield b": keep-alive\n\n"
-                        continue
-                    if event is None:  # this process is stopping: the console reconnects elsewhere
-                        return
-                    yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+            try:
+                with hitl.feed.subscribe(tenant) as queue:
+                    yield b": connected\n\n"
+                    while True:
+                        try:
+                            event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+                        except TimeoutError:
+                            event = b""
+                        if event is None or not await still_valid():  # stopping, or the key was revoked
+                            return
+                        if event == b"":
+                            yield b": keep-alive\n\n"
+                            continue
+                        yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+            except held.FeedFull:  # filled between the check above and this stream's start
+                yield b": too many open feeds\n\n"
 
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
@@ -254,7 +273,7 @@ class EscalationAdmin:
             esc["tenant"],
             agent,
             esc["conversation_id"],
-            [{"role": "assistant", "content": text, "name": "human"}],
+            [{"role": "assistant", "content": text, "name": hitl_stage.HUMAN}],
             request_id=f"{esc['id']}-{int(time.time() * 1000)}",
             prompt_version=esc.get("prompt_version") or 0,
             variant=esc.get("variant"),
@@ -287,7 +306,10 @@ class EscalationAdmin:
         outcome = inp.text(data, "outcome", choices=escalations.OUTCOMES) or "resolved"
         corrected = data.get("corrected_answer")
         if corrected is not None and (
-            not isinstance(corrected, str) or not corrected.strip() or len(corrected) > learning.MAX_ANSWER
+            not isinstance(corrected, str)
+            or not corrected.strip()
+            or len(corrected) > learning.MAX_ANSWER
+            or "\x00" in corrected
         ):
             raise InvalidRequest(
                 f"'corrected_answer' must be a non-empty string of at most {learning.MAX_ANSWER} characters.",
@@ -301,6 +323,15 @@ class EscalationAdmin:
         ident = base._ident(request)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             esc = await escalations.check_can_reply(conn, base._view(request), esc_id, ident.key_id)
+        answer = corrected or (esc.get("draft") if approve else None)
+        if answer:  # redacted before anything is sent: a PII stage that fails stops the whole resolve
+            agent = self.svc.agents.by_id(esc["agent_id"]) if self.svc.agents is not None else None
+            question, answer = await hitl_service.redact_for_learning(
+                self.svc.pii,
+                esc["tenant"],
+                agent.model if agent is not None else "",
+                [esc.get("question") or "", answer],
+            )
         delivery = await self._send(request, esc, reply) if reply is not None else None
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             if delivery is not None:
@@ -316,7 +347,6 @@ class EscalationAdmin:
                 outcome=outcome,
                 corrected_answer=corrected,
             )
-            answer = corrected or (esc.get("draft") if approve else None)
             example = None
             if answer:
                 example = await learning.add(
@@ -324,7 +354,7 @@ class EscalationAdmin:
                     tenant=esc["tenant"],
                     agent_id=esc["agent_id"],
                     escalation_id=esc["id"],
-                    question=esc.get("question") or "",
+                    question=question,
                     answer=answer,
                     created_by=ident.key_id,
                 )

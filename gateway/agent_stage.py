@@ -115,8 +115,6 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
             turn.memory_error = str(exc)[:200]
             log.warning("memory unavailable; the turn answers without history: %s", turn.memory_error)
     turn.memory_loaded = len(history)
-    if await hitl_stage.on_prepare(svc, ctx, turn, hold):  # held: the message joins the escalation
-        return
     client_tools = ctx.body.get("tools") or []
     turn.client_tools = frozenset(
         t["function"]["name"]
@@ -141,6 +139,9 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
             param="tools",
             code="tool_name_conflict",
         )
+    # held: the message joins the escalation (checked first like any turn's: it is stored too)
+    if await hitl_stage.on_prepare(svc, ctx, turn, hold):
+        return
     ctx.body["messages"] = [{"role": "system", "content": system}, *history, *client_messages]
     if server_tools:
         ctx.body["tools"] = [*client_tools, *server_tools]

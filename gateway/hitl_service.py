@@ -99,6 +99,32 @@ def _end_streams_on_exit(feed: held.Feed) -> None:
         signal.signal(sig, handler)
 
 
+async def redact_for_learning(pii, tenant: str, model: str, texts: list[str]) -> list[str]:
+    """A learned example is grounding for every later customer of the agent and a line of its
+    training data: personal data the PII policy of the agent's turns finds in it (any action:
+    pseudonyms would be restored into another customer's answer) is replaced by its type, e.g.
+    ``[EMAIL]``, before the example is stored — what a reviewer approves is what is reused.
+    Without a policy nothing is detected (the reviewer is the only gate)."""
+    if pii is None:
+        return texts
+    name = pii.config.models.get(model) or pii.config.tenants.get(tenant) or "default"
+    policy = pii.policies.get(name)
+    if policy is None or not policy.actions:
+        return texts
+    findings = await pii.analyzer.find(policy.spec, texts)
+    out = []
+    for text, found in zip(texts, findings, strict=True):
+        spans = sorted(((s, e, policy.labels[t]) for s, e, t, _ in found if t in policy.labels), reverse=True)
+        end = len(text) + 1
+        for start, stop, label in spans:  # from the end: earlier offsets stay valid; overlaps skipped
+            if stop > end:
+                continue
+            text = f"{text[:start]}[{label.upper()}]{text[stop:]}"
+            end = start
+        out.append(text)
+    return out
+
+
 class LearnedIndexer:
     """Approved examples into the agent's "learned answers" knowledge base (created on demand and
     attached to the agent, so grounding searches it): one document and one chunk per example."""

@@ -61,6 +61,24 @@ def buffered(agent) -> bool:
     return hitl_settings.of(agent).enabled
 
 
+HUMAN = "human"  # the name of a person's reply in memory (admin_escalations._send)
+
+
+def from_client(messages: list) -> list[dict]:
+    """The client's new messages as memory stores them: an assistant message the client sent is
+    never stored as a person's reply (``name: "human"`` marks only what the escalation API sent:
+    the console, the REST reader and the next turns' model would take a forged one for a
+    colleague's word). System and developer messages are not stored."""
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") in ("system", "developer"):
+            continue
+        if m.get("role") == "assistant" and m.get("name") == HUMAN:
+            m = {k: v for k, v in m.items() if k != "name"}
+        out.append(m)
+    return out
+
+
 def _text(content) -> str:
     if isinstance(content, str):
         return content
@@ -85,7 +103,7 @@ async def join(svc, ctx: RequestContext) -> str:
     ctx.status = 200
     turn.escalation_id = turn.hold
     turn.steps.append({"step": 0, "kind": "held", "status": "joined", "name": turn.hold})
-    new = [m for m in turn.new_messages if isinstance(m, dict) and m.get("role") not in ("system", "developer")]
+    new = from_client(turn.new_messages)
     stored = [*new, {"role": "assistant", "content": text}] if text else new
     try:
         await svc.memory.append(
@@ -101,18 +119,31 @@ async def join(svc, ctx: RequestContext) -> str:
         turn.memory_error = f"store failed: {type(exc).__name__}"
         log.warning("a held conversation's message was not stored: %s", type(exc).__name__)
     # Counted on the escalation off the request path: the answer waits for no PostgreSQL.
-    task = asyncio.ensure_future(_count(svc, agent, turn.conversation_id, turn.hold))
-    _PENDING.add(task)
-    task.add_done_callback(_PENDING.discard)
+    spawn_count(svc, agent, turn.conversation_id, turn.hold)
     return text
 
 
 _PENDING: set[asyncio.Task] = set()  # counting tasks in flight (a reference keeps them alive)
+# A held message costs its turn no PostgreSQL, but its count does: a flood of held messages must
+# not become a flood of UPDATEs taking every pooled connection. At most MAX_COUNTING wait, at most
+# COUNTING_CONCURRENCY run; beyond that a message is stored but not counted (the count lags).
+MAX_COUNTING = 1000
+COUNTING_CONCURRENCY = 4
+_SLOTS = asyncio.Semaphore(COUNTING_CONCURRENCY)
+
+
+def spawn_count(svc, agent, conversation_id: str, escalation_id: str) -> bool:
+    if len(_PENDING) >= MAX_COUNTING:
+        return False
+    task = asyncio.ensure_future(_count(svc, agent, conversation_id, escalation_id))
+    _PENDING.add(task)
+    task.add_done_callback(_PENDING.discard)
+    return True
 
 
 async def _count(svc, agent, conversation_id: str, escalation_id: str) -> None:
     try:
-        async with asyncio.timeout(DB_TIMEOUT), svc.pool.acquire() as conn:
+        async with _SLOTS, asyncio.timeout(DB_TIMEOUT), svc.pool.acquire() as conn:
             row = await escalations.join(conn, agent.tenant, escalation_id)
         if row is None:  # resolved meanwhile (its key not yet gone): let the next message through
             await svc.hitl.holds.release(agent.tenant, agent.id, conversation_id, escalation_id)
@@ -164,10 +195,13 @@ def _signals(ctx: RequestContext, answer: dict) -> confidence.Signals:
 
 
 def _logprobs(raw: bytes) -> list[float] | None:
+    """The answer's token log-probabilities, or None (a provider's odd shape costs the turn
+    nothing: the signal is just missing)."""
     data = orjson.loads(raw)
-    choice = (data.get("choices") or [{}])[0]
-    content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
-    if not content:
+    choices = data.get("choices") if isinstance(data, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    content = choice["logprobs"].get("content") if isinstance(choice.get("logprobs"), dict) else None
+    if not isinstance(content, list) or not content:
         return None
     return [t["logprob"] for t in content if isinstance(t, dict) and isinstance(t.get("logprob"), int | float)]
 
@@ -187,7 +221,8 @@ async def after_answer(svc, ctx: RequestContext, raw: bytes, message: dict) -> t
     if added:  # the client did not ask for them
         data = orjson.loads(raw)
         for choice in data.get("choices") or ():
-            choice["logprobs"] = None
+            if isinstance(choice, dict):
+                choice["logprobs"] = None
         raw = orjson.dumps(data)
     if conf.escalate and turn.conversation_id is not None and getattr(svc, "hitl", None) is not None:
         escalation_id = await _open(svc, ctx, conf, signals)
@@ -267,15 +302,25 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
         "sla_first_s": slas.first_response_s,
         "sla_resolve_s": slas.resolution_s,
     }
+    trigger = conf.rule or "low_confidence"
     try:
         async with asyncio.timeout(DB_TIMEOUT), svc.pool.acquire() as conn, conn.transaction():
             row, created = await escalations.open_escalation(conn, esc)
+    except Exception as exc:  # kept in Redis for the sweeper to open: the hand-over is not lost
+        log.error("escalation not written for agent %s: %s", agent.name, type(exc).__name__)
+        try:
+            await held.spool(svc.redis, esc)
+        except Exception as again:  # nowhere to keep it: the customer gets the AI's answer
+            log.error("escalation lost for agent %s: %s", agent.name, type(again).__name__)
+            turn.steps.append({"step": ctx.step, "kind": "escalation", "status": "error", "error": type(exc).__name__})
+            return None
+        ESCALATIONS.labels(trigger).inc()
+        turn.steps.append({"step": ctx.step, "kind": "escalation", "status": "spooled", "error": type(exc).__name__})
+        return esc["id"]
+    try:
         await hitl.holds.hold(agent.tenant, agent.id, turn.conversation_id, row["id"])
-    except Exception as exc:  # the customer still gets an answer; the turn records the failure
-        log.error("escalation not opened for agent %s: %s", agent.name, type(exc).__name__)
-        turn.steps.append({"step": ctx.step, "kind": "escalation", "status": "error", "error": type(exc).__name__})
-        return None
-    trigger = conf.rule or "low_confidence"
+    except Exception as exc:  # the escalation stands; the sweeper puts the missing hold back
+        log.warning("escalation %s: conversation not held yet: %s", row["id"], type(exc).__name__)
     ESCALATIONS.labels(trigger).inc()
     turn.steps.append({"step": ctx.step, "kind": "escalation", "status": "opened" if created else "joined"})
     await held.publish(svc.redis, agent.tenant, "opened" if created else "customer_message", row)
@@ -309,7 +354,13 @@ async def _judge(svc, ctx: RequestContext, model: str, question: str, answer: st
     )
     jctx.identity = ctx.identity
     jctx.extra["attribution"] = dict(ctx.extra.get("attribution") or {})  # the agent's, for the audit record
+    # What holds for the turn holds for its judge: the tags the key and tenant require (zdr), the
+    # key's model allow-list on every group a rule or fallback may reach, and PII scrubbing by
+    # the policy of the judge's group (the customer's text and the answer leave the gateway again).
+    jctx.constraints = ctx.constraints
+    jctx.models_allowed = ident.models if ident is not None and ident.models else frozenset()
     try:
+        await pipeline.scrub(svc, jctx)
         raw = await pipeline.complete(svc, jctx, svc.router.resolve(jctx, "chat"))
         await pipeline.settle(svc, jctx, {"headers": []})
         text = _text(((orjson.loads(raw).get("choices") or [{}])[0].get("message") or {}).get("content"))

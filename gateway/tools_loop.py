@@ -292,7 +292,7 @@ async def _remember(svc, ctx: RequestContext, answer: dict) -> None:
     turn = ctx.agent
     if turn.conversation_id is None or turn.memory_error is not None:
         return
-    new = [m for m in turn.new_messages if isinstance(m, dict) and m.get("role") != "system"]
+    new = hitl_stage.from_client(turn.new_messages)  # a client never stores a person's reply
     answer = {k: v for k, v in answer.items() if k in ("role", "content", "tool_calls") and v is not None}
     answer.setdefault("role", "assistant")
     try:

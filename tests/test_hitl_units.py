@@ -6,6 +6,7 @@ two sweepers)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import asyncpg
@@ -13,7 +14,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, NotFound
 from gateway.db import migrate, tenant_transaction
 from runtime.delivery import Delivered, Delivery, Outbound
 from runtime.hitl import confidence, escalations, held, learning, sla
@@ -259,7 +260,33 @@ def test_expired_lease_returns_to_queue(pool):
         assert esc["id"] in {r["id"] for r in expired}
         async with tenant_transaction(p, tenant) as conn:
             with pytest.raises(escalations.Conflict):
-                await escalations.record_reply(conn, tenant, esc["id"], "holder", {}, 30)
+                await escalations.check_can_reply(conn, tenant, esc["id"], "holder")
+
+    loop.run_until_complete(go())
+
+
+def test_attack_lease_lost_while_the_reply_is_sent(pool):
+    """The lease runs out (and someone else claims) between the check and the send: the reply
+    the customer already has is recorded (a 409 would invite a second copy), and the new
+    holder's lease is neither taken back nor extended."""
+    loop, p = pool
+    tenant = f"u-{uuid.uuid4().hex[:6]}"
+
+    async def go():
+        esc, _ = await _open(p, _esc(tenant))
+        async with tenant_transaction(p, tenant) as conn:
+            await escalations.claim(conn, tenant, esc["id"], "slow", 0.05)
+            await escalations.check_can_reply(conn, tenant, esc["id"], "slow")
+        await asyncio.sleep(0.1)  # ... the send takes longer than the lease
+        async with tenant_transaction(p, tenant) as conn:
+            theirs = await escalations.claim(conn, tenant, esc["id"], "quick", 30)
+        async with tenant_transaction(p, tenant) as conn:
+            done = await escalations.record_reply(conn, tenant, esc["id"], "slow", {"status": "sent"}, 3600)
+        assert done["first_response_at"] is not None and done["delivery"] == {"status": "sent"}
+        assert done["claimed_by"] == "quick" and done["lease_until"] == theirs["lease_until"]
+        async with tenant_transaction(p, "someone-else") as conn:  # another tenant records nothing
+            with pytest.raises(NotFound):
+                await escalations.record_reply(conn, tenant, esc["id"], "slow", {}, 30)
 
     loop.run_until_complete(go())
 
@@ -314,5 +341,131 @@ def test_skills_route_the_queue(pool):
             assert await escalations.claim_next(conn, tenant, "k", 30, team="t2", skill="german") is None
             taken = await escalations.claim_next(conn, tenant, "k", 30, team="t2", skill="french")
         assert taken["id"] == french["id"]
+
+    loop.run_until_complete(go())
+
+
+def test_attack_feed_subscribers_are_bounded_per_tenant_and_process(monkeypatch):
+    """Each open console stream holds a queue of up to MAX_SUBSCRIBER_BACKLOG events: a tenant
+    admin opening streams without end would grow memory without bound."""
+    feed = held.Feed(redis=None)
+    with contextlib.ExitStack() as stack:
+        for _ in range(held.MAX_SUBSCRIBERS_PER_TENANT):
+            stack.enter_context(feed.subscribe("greedy"))
+        assert not feed.has_room("greedy")
+        with pytest.raises(held.FeedFull):
+            stack.enter_context(feed.subscribe("greedy"))
+        assert feed.has_room("modest")  # another tenant is not locked out by the greedy one
+        monkeypatch.setattr(held, "MAX_SUBSCRIBERS", held.MAX_SUBSCRIBERS_PER_TENANT + 1)
+        stack.enter_context(feed.subscribe("modest"))
+        with pytest.raises(held.FeedFull):  # the process's own bound
+            stack.enter_context(feed.subscribe("third"))
+    assert not feed._subscribers and feed.has_room("greedy")
+
+
+def test_attack_nul_in_customer_text_still_escalates(pool):
+    """PostgreSQL text and jsonb cannot hold U+0000, which a customer (or a model) can put in any
+    message: the hand-over must not fail on it (the customer would get the AI's answer instead)."""
+    loop, p = pool
+    tenant = f"u-{uuid.uuid4().hex[:6]}"
+
+    async def go():
+        esc = _esc(tenant, question="help\x00me", draft="d\x00", tier="v\x00ip", context={"variables": {"x": "\x00"}})
+        row, created = await _open(p, esc)
+        assert created and row["question"] == "help\ufffdme" and row["context"]["variables"]["x"] == "\ufffd"
+
+    loop.run_until_complete(go())
+
+
+def test_spooled_escalation_is_opened_and_held_by_the_sweeper(pool, services):
+    """An escalation PostgreSQL could not take on its turn waits in Redis; a sweep opens it and
+    holds the conversation, and an entry that can never go in does not block the others."""
+    loop, p = pool
+    tenant = f"u-{uuid.uuid4().hex[:6]}"
+
+    async def go():
+        r = aioredis.from_url(f"{services[1]}?db=13")  # no gateway sweeps this db's spool
+        try:
+            await r.delete(held.PENDING_KEY)
+            good = _esc(tenant, "spooled-conv")
+            await held.spool(r, {"id": "esc_broken"})  # lacks every field: dropped, logged
+            await held.spool(r, good)
+            holds = held.Holds(r)
+
+            async def emit(alert):
+                pass
+
+            assert await sla.Sweeper(p, r, holds, emit).open_spooled() == 1
+            assert await r.llen(held.PENDING_KEY) == 0
+            async with tenant_transaction(p, tenant) as conn:
+                assert (await escalations.must_get(conn, tenant, good["id"]))["status"] == "queued"
+            assert await holds.get(tenant, "agt_unit", "spooled-conv") == good["id"]
+        finally:
+            await r.aclose()
+
+    loop.run_until_complete(go())
+
+
+def test_attack_hostile_provider_logprobs():
+    """Log-probabilities come from the provider: a positive or enormous one must not overflow
+    the score (a 500 on the customer's turn), nor make an unsure answer look sure."""
+    for lps in ([1e6, 1e6], [-1e308, -1e308], [800.0]):
+        c = confidence.score(Signals(question="x", logprobs=lps), ON)
+        assert 0.0 <= c.score <= 1.0
+    assert confidence.score(Signals(question="x", logprobs=[-1e308]), ON).escalate
+    from gateway.hitl_stage import _logprobs
+
+    for odd in (b'{"choices": ["x"]}', b'{"choices": {}}', b"[]", b'{"choices": [{"logprobs": {"content": 5}}]}'):
+        assert _logprobs(odd) is None  # an odd shape is a missing signal, not a 500 on the turn
+    assert _logprobs(b'{"choices": [{"logprobs": {"content": [{"logprob": -1.5}, {"logprob": "x"}]}}]}') == [-1.5]
+
+
+def test_attack_flood_of_held_messages_floods_postgresql(pool, services, monkeypatch):
+    """A held message costs its turn no PostgreSQL, but its count on the escalation does: a burst
+    of held messages starts at most MAX_COUNTING counts, run COUNTING_CONCURRENCY at a time."""
+    from types import SimpleNamespace
+
+    from gateway import hitl_stage
+
+    loop, p = pool
+    tenant = f"u-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setattr(hitl_stage, "MAX_COUNTING", 20)
+
+    async def go():
+        esc, _ = await _open(p, _esc(tenant, "flooded"))
+        r = aioredis.from_url(f"{services[1]}?db=13")
+        svc = SimpleNamespace(pool=p, redis=r, hitl=SimpleNamespace(holds=held.Holds(r)))
+        agent = SimpleNamespace(tenant=tenant, id="agt_unit")
+        started = [hitl_stage.spawn_count(svc, agent, "flooded", esc["id"]) for _ in range(50)]
+        assert started.count(True) == 20 and len(hitl_stage._PENDING) == 20
+        await asyncio.gather(*list(hitl_stage._PENDING))
+        await r.aclose()
+        async with tenant_transaction(p, tenant) as conn:
+            assert (await escalations.must_get(conn, tenant, esc["id"]))["customer_messages"] == 20
+
+    loop.run_until_complete(go())
+
+
+def test_redis_down_does_not_stop_sla_alerts(pool):
+    """The sweep reads the spool from Redis first: a Redis outage must not also silence the SLA
+    alerts and lease expiry, which live in PostgreSQL."""
+    loop, p = pool
+    tenant = f"u-{uuid.uuid4().hex[:6]}"
+
+    async def go():
+        esc, _ = await _open(p, _esc(tenant, sla_first_s=0.01, sla_resolve_s=3600))
+        await asyncio.sleep(0.05)
+        dead = aioredis.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.2)
+        fired: list[dict] = []
+
+        async def emit(alert):
+            fired.append(alert)
+
+        with contextlib.suppress(Exception):  # putting hold keys back fails too, after the alerts
+            await sla.Sweeper(p, dead, held.Holds(dead), emit).sweep()
+        await dead.aclose()
+        assert ("escalation.sla_breach", "first_response") in {
+            (a["type"], a["sla"]) for a in fired if a["escalation_id"] == esc["id"]
+        }
 
     loop.run_until_complete(go())

@@ -84,7 +84,8 @@ def score(signals: Signals, settings: EscalationSettings) -> Confidence:
     urgency = "normal"
     if signals.logprobs:
         lp = signals.logprobs[:4096]
-        p = math.exp(sum(lp) / len(lp))
+        # a log-probability is at most 0; a provider's larger value would overflow exp()
+        p = math.exp(max(-1e6, min(0.0, sum(lp) / len(lp))))
         if p < 0.9:
             factors.append(("low_logprobs", p))
     if signals.has_knowledge:

@@ -63,6 +63,15 @@ def out(row, aging: float | None = None) -> dict:
     return d
 
 
+def _text(value) -> str | None:
+    # PostgreSQL text cannot hold U+0000, which a customer (or a model) can put in any message
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
+def _json(value) -> str:
+    return orjson.dumps(value, default=str).replace(b"\\u0000", b"\\ufffd").decode()
+
+
 async def open_escalation(conn, esc: dict) -> tuple[dict, bool]:
     """(escalation, created): a conversation has at most one open escalation; a second opening
     (another replica, the same moment) joins the first."""
@@ -83,15 +92,15 @@ async def open_escalation(conn, esc: dict) -> tuple[dict, bool]:
         esc.get("prompt_version"),
         esc.get("variant"),
         esc["urgency"],
-        esc.get("tier"),
+        _text(esc.get("tier")),
         esc["base_priority"],
         esc["team"],
         list(esc.get("skills") or ()),
         esc.get("confidence"),
-        orjson.dumps(esc.get("reasons") or []).decode(),
-        (esc.get("question") or "")[:MAX_TEXT],
-        (esc.get("draft") or "")[:MAX_TEXT] or None,
-        orjson.dumps(esc.get("context") or {}).decode(),
+        _json(esc.get("reasons") or []),
+        _text((esc.get("question") or "")[:MAX_TEXT]),
+        _text((esc.get("draft") or "")[:MAX_TEXT]) or None,
+        _json(esc.get("context") or {}),
         esc["sla_first_s"],
         esc["sla_resolve_s"],
     )
@@ -257,17 +266,24 @@ async def _held_by(conn, tenant: str | None, escalation_id: str, holder: str | N
 async def record_reply(
     conn, tenant: str | None, escalation_id: str, holder: str | None, delivery: dict, lease_s: float
 ) -> dict:
-    await _held_by(conn, tenant, escalation_id, holder)
+    """A reply that was sent (``check_can_reply`` allowed it before the send): recorded whatever
+    happened to the lease during the send — the customer has the message, so a 409 now would only
+    invite a second copy. The lease is renewed only if ``holder`` still holds it: a lease that ran
+    out meanwhile (and perhaps went to someone else) is not taken back or extended."""
     row = await conn.fetchrow(
-        """UPDATE escalations SET first_response_at = coalesce(first_response_at, now()), delivery = $2::jsonb,
-                  lease_until = CASE WHEN status = 'claimed' THEN now() + make_interval(secs => $3)
-                                     ELSE lease_until END,
+        """UPDATE escalations SET first_response_at = coalesce(first_response_at, now()), delivery = $3::jsonb,
+                  lease_until = CASE WHEN status = 'claimed' AND claimed_by = $4 AND lease_until >= now()
+                                     THEN now() + make_interval(secs => $5) ELSE lease_until END,
                   updated_at = now()
-           WHERE id = $1 RETURNING *""",
+           WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) RETURNING *""",
         escalation_id,
+        tenant,
         orjson.dumps(delivery).decode(),
+        holder,
         float(lease_s),
     )
+    if row is None:
+        raise NotFound(f"No escalation {escalation_id[:64]!r}.", param="id")
     return out(row)
 
 

@@ -29,6 +29,15 @@ log = logging.getLogger("gateway.hitl")
 FEED_CHANNEL = "gw:hitl:feed"
 HELD_TTL_S = 90 * 86400
 MAX_SUBSCRIBER_BACKLOG = 1000
+# Open console streams per process, and per tenant of them (the super-admin's count as one tenant):
+# each holds a queue of up to MAX_SUBSCRIBER_BACKLOG events, so their number is bounded too.
+MAX_SUBSCRIBERS = 256
+MAX_SUBSCRIBERS_PER_TENANT = 32
+
+
+class FeedFull(Exception):
+    """Too many console streams are open (in this process, or of this tenant)."""
+
 
 # Delete the key only if it still names this escalation (a newer one may hold it).
 _CLEAR = """
@@ -81,6 +90,29 @@ class Holds:
         await self._clear(keys=[held_key(tenant, agent_id, conversation_id)], args=[escalation_id])
 
 
+PENDING_KEY = "gw:{gw}:hitl:pending"
+MAX_PENDING = 10_000
+
+
+async def spool(redis, esc: dict) -> None:
+    """An escalation PostgreSQL could not take on its turn, kept for the sweeper to open (the
+    newest MAX_PENDING; the conversation is held once it is open)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.rpush(PENDING_KEY, orjson.dumps(esc, default=str))
+        pipe.ltrim(PENDING_KEY, -MAX_PENDING, -1)
+        await pipe.execute()
+
+
+async def unspool(redis) -> dict | None:
+    """The oldest spooled escalation (popped: of several sweepers, one gets each)."""
+    raw = await redis.lpop(PENDING_KEY)
+    return orjson.loads(raw) if raw is not None else None
+
+
+async def respool(redis, esc: dict) -> None:
+    await redis.lpush(PENDING_KEY, orjson.dumps(esc, default=str))
+
+
 async def publish(redis, tenant: str, kind: str, row: dict | None = None, **extra) -> None:
     """One queue change for every replica's consoles (best effort: the queue is in PostgreSQL)."""
     event = {"type": kind, "tenant": tenant, "ts": time.time(), **extra}
@@ -129,10 +161,17 @@ class Feed:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(event)
 
+    def has_room(self, tenant: str | None) -> bool:
+        if len(self._subscribers) >= MAX_SUBSCRIBERS:
+            return False
+        return sum(1 for t, _ in self._subscribers.values() if t == tenant) < MAX_SUBSCRIBERS_PER_TENANT
+
     @contextlib.contextmanager
     def subscribe(self, tenant: str | None):
         """A queue of the events ``tenant`` may see (None: every tenant's, for the super-admin); a
-        None in it means the process is stopping."""
+        None in it means the process is stopping. ``FeedFull`` when no room is left."""
+        if not self.has_room(tenant):
+            raise FeedFull
         queue: asyncio.Queue = asyncio.Queue(MAX_SUBSCRIBER_BACKLOG)
         self._subscribers[id(queue)] = (tenant, queue)
         try:

@@ -18,6 +18,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import asyncpg
+
 from core.background import pause, stop_task
 from runtime.hitl import escalations, held
 
@@ -100,8 +102,36 @@ class Sweeper:
                 log.warning("escalation sweep failed: %s", exc)
             await pause(self._stopping, self._interval)
 
+    async def open_spooled(self, limit: int = 100) -> int:
+        """Escalations their turn could not write (PostgreSQL failed then) opened now, and their
+        conversations held; one that fails again goes back to the front of the spool."""
+        opened = 0
+        for _ in range(limit):
+            esc = await held.unspool(self._redis)
+            if esc is None:
+                break
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    row, created = await escalations.open_escalation(conn, esc)
+            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, KeyError, TypeError) as exc:
+                # this one will never go in: dropped, not retried for ever ahead of the others
+                log.error("spooled escalation %s dropped: %s", esc.get("id"), type(exc).__name__)
+                continue
+            except Exception:
+                await held.respool(self._redis, esc)  # PostgreSQL cannot take it yet: next sweep
+                raise
+            await self._holds.hold(esc["tenant"], esc["agent_id"], esc["conversation_id"], row["id"])
+            await held.publish(self._redis, esc["tenant"], "opened" if created else "customer_message", row)
+            opened += 1
+        return opened
+
     async def sweep(self) -> list[dict]:
-        """One pass: SLA alerts claimed and raised, expired leases returned to the queue."""
+        """One pass: spooled escalations opened, SLA alerts claimed and raised, expired leases
+        returned to the queue."""
+        try:
+            await self.open_spooled()
+        except Exception as exc:  # Redis or PostgreSQL down: the spool waits; the SLAs are swept anyway
+            log.warning("spooled escalations not opened yet: %s", type(exc).__name__)
         fired: list[dict] = []
         async with self._pool.acquire() as conn:
             for kind, which, column, seconds, fraction, extra in _CHECKS:
