@@ -53,6 +53,21 @@ def conversation_id(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> s
     return value
 
 
+# Conversation ids the channels use; their customers' numbers make them guessable, so only the
+# channel accounts' own keys may continue or read them (any other key of the tenant gets 403).
+CHANNEL_PREFIXES = ("wa:", "vapi:")
+
+
+def check_conversation_owner(svc, ident, conversation: str) -> None:
+    """Refuses a channel conversation id to a key that is not a channel account's key."""
+    if conversation.startswith(CHANNEL_PREFIXES) and (ident is None or ident.key_id not in svc.channel_keys):
+        raise PermissionDenied(
+            "Conversation ids starting with 'wa:' or 'vapi:' belong to the channels; use another id.",
+            param="metadata.conversation_id",
+            code="conversation_reserved",
+        )
+
+
 def _variables(ctx: RequestContext) -> dict:
     body = ctx.body
     meta = body.get("metadata")
@@ -94,6 +109,8 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
             f"The model `{excerpt(ctx.model)}` does not exist or you do not have access to it.", param="model"
         )
     conv = conversation_id(ctx, scope_headers)
+    if conv is not None:
+        check_conversation_owner(svc, ctx.identity, conv)
     sticky = conv or str(ctx.body.get("user") or ctx.request_id)
     selection = select(agent, selector, sticky)
     variables = _variables(ctx)

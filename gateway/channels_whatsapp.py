@@ -13,6 +13,7 @@ import os
 
 from channels.whatsapp import WhatsApp
 from channels.whatsapp.channel import worker_enabled
+from core.errors import GatewayError
 from runtime.delivery import Delivered, Outbound
 
 log = logging.getLogger("gateway")
@@ -49,6 +50,16 @@ async def start(svc, settings, *, worker: bool | None = None) -> WhatsApp | None
     )
     if channel is None:
         return None
+    for name, account in settings.config.channels.whatsapp.items():  # their keys hold wa: conversations
+        key = account.get("api_key") if isinstance(account, dict) else None
+        try:
+            ident = await svc.auth.authenticate(f"Bearer {key}".encode()) if isinstance(key, str) else None
+        except GatewayError:
+            ident = None
+        if ident is None:
+            log.warning("whatsapp account %s: its api_key is not an active key of the gateway", name)
+        else:
+            svc.channel_keys.add(ident.key_id)
     svc.delivery.register("whatsapp", DeliveryAdapter(channel))
     if worker_enabled() if worker is None else worker:
         await channel.start_worker()

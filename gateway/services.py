@@ -70,6 +70,9 @@ class Services:
     embedder: LocalEmbedder | None = None  # the local embedding model, for queries
     kb: kb_worker.KbWorker | None = None  # the kb-ingest queue, its worker, where uploads are kept
     delivery: Delivery = field(default_factory=Delivery)  # channel deliverers (human replies etc.)
+    # ids of the keys the channel accounts use: only they may hold channel conversations
+    # (``wa:…``, ``vapi:…``, whose ids are guessable from a phone number)
+    channel_keys: set[str] = field(default_factory=set)
     hitl: hitl_service.HitlService | None = None  # human in the loop: holds, queue feed, SLA sweeper
     whatsapp: WhatsApp | None = None  # the WhatsApp channel (gateway/channels_whatsapp.py)
     _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check

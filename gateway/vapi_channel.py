@@ -98,6 +98,8 @@ async def start(svc) -> VapiChannel | None:
             continue
         if ident.is_master or ident.tenant != account.tenant:
             problems.append(f"channels.vapi.{name}.api_key: must be a key of tenant {account.tenant!r}")
+        else:
+            svc.channel_keys.add(ident.key_id)
     if problems:
         raise ConfigError(problems)
 
