@@ -1,11 +1,18 @@
-"""``make bench``: throughput and added latency of the gateway against the mock provider.
+"""``make bench``: throughput, CPU and added latency of the gateway against a bare relay.
 
-Runs, in one go and on this machine: the mock provider alone (the baseline), a bare
-Starlette + aiohttp relay (the least a Python relay can do), the gateway non-streaming and
-streaming (one worker, key authentication on), each driven by wrk at concurrency 64; then a
-fixed 100 req/s load (loadtest/latency_probe.py) direct, through the bare relay and through the
-gateway, to measure the latency the gateway adds; and the gateway's idle RSS. The gateway and
-the bare relay are pinned to core 0, the mock provider and the load generators to core 1.
+Runs, in one go and on this machine: the mock provider alone, a bare Starlette + aiohttp relay
+(the least a Python relay can do; it also relays streams, as the bare streaming relay), the
+gateway with its full policy path (key auth, rate limit, budget reservation and settlement,
+audit ledger, access log, metrics) and with policies off, non-streaming and streaming; each
+driven by wrk at concurrency 64, with the CPU time each server process spent per request (from
+/proc). Then alternating rounds of relay and gateway (the ratios the hot path is judged by, as
+medians), a fixed 100 req/s load (loadtest/latency_probe.py) for the latency the gateway adds
+over the relay, py-spy summaries of the hottest frames (gateway plain and streaming, relay),
+and an RSS leak check (every worker's RSS after N and after 10 N requests). The gateway and
+the relay are pinned to core 0 (taskset), the mock provider, the load generators, PostgreSQL
+and Valkey to core 1, so that each server's figures are its own.
+
+``--peers`` adds LiteLLM's proxy and Portkey's gateway (loadtest/bench_peers.py).
 
 Results go to loadtest/results/bench-latest.md (and .json); quote ratios, not absolutes.
 """
@@ -100,9 +107,10 @@ def _ms(value: str) -> float:
 
 
 def wrk(url: str, script: Path, seconds: int, conns: int, pid: int | None = None) -> dict:
-    """wrk from core 1; with ``pid``, also the CPU time that server process spent per request
-    (utime + stime from /proc over the run, divided by the requests wrk completed)."""
-    before = profiling.cpu_ticks(pid) if pid else 0
+    """wrk from core 1; with ``pid``, also the CPU time that server process (and its children)
+    spent per request (utime + stime from /proc over the run, divided by the requests wrk
+    completed)."""
+    before = profiling.tree_ticks(pid) if pid else 0
     out = subprocess.run(
         [
             "taskset",
@@ -124,7 +132,7 @@ def wrk(url: str, script: Path, seconds: int, conns: int, pid: int | None = None
         text=True,
         check=True,
     ).stdout
-    after = profiling.cpu_ticks(pid) if pid else 0
+    after = profiling.tree_ticks(pid) if pid else 0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))

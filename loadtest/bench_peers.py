@@ -85,20 +85,6 @@ def _wait_port(url: str, timeout: float = 90) -> None:
     raise RuntimeError(f"{url} did not come up within {timeout:.0f} s")
 
 
-def _tree_ticks(pid: int) -> int:
-    """CPU ticks of a process and its children (LiteLLM's CLI starts uvicorn in a child)."""
-    total = 0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            total += profiling.cpu_ticks(p)
-            todo += profiling.children(p)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
-
-
 def _script(tmp: Path, name: str, body: dict, headers: dict[str, str]) -> Path:
     path = tmp / f"wrk-peer-{name}.lua"
     lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}"]
@@ -209,9 +195,9 @@ def run(args, Stack, bench_config, wrk, latency_at_rate, admin_key) -> dict:
             rr: dict = {}
             for name, (target, pid, _) in servers.items():
                 for mode in ("plain", "stream"):
-                    before = _tree_ticks(pid)
+                    before = profiling.tree_ticks(pid)
                     r = wrk(target, scripts[(name, mode)], max(1, args.seconds // 2), args.connections)
-                    ticks = _tree_ticks(pid) - before
+                    ticks = profiling.tree_ticks(pid) - before
                     rr[f"{name}|{mode}"] = {
                         "rps": r["rps"],
                         "p50_ms": r["p50_ms"],
