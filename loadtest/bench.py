@@ -310,45 +310,57 @@ def bench_config(mock_url: str, policies: bool = True) -> dict:
     }
 
 
-def _count_script(tmp: Path, body: dict, key: str, per_thread: int) -> Path:
-    """A wrk script whose threads stop after ``per_thread`` responses each (for the RSS check)."""
-    path = tmp / f"wrk-count-{per_thread}.lua"
-    path.write_text(
-        f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
-        "local n = 0\n"
-        "function response(status, headers, body)\n"
-        "  n = n + 1\n"
-        f"  if n >= {per_thread} then wrk.thread:stop() end\n"
-        "end\n"
-    )
-    return path
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
-def _send_n(url: str, script: Path, conns: int) -> None:
-    subprocess.run(
-        ["taskset", "-c", "1", "wrk", "-t", "2", "-c", str(conns), "-d", "3600s", "-s", str(script), url],
+def _send_n(url: str, body_file: Path, key: str, n: int, conns: int) -> dict:
+    """Exactly ``n`` requests (loadtest/bench_agents.py's driver, on core 1)."""
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            "1",
+            sys.executable,
+            "-m",
+            "loadtest.bench_agents",
+            "drive",
+            url,
+            key,
+            str(body_file),
+            str(n),
+            str(conns),
+        ],
         capture_output=True,
+        text=True,
         check=True,
-    )
+        cwd=ROOT,
+    ).stdout
+    return json.loads(out)
 
 
 def leak_check(stack: Stack, tmp: Path, n: int, workers: int, conns: int) -> dict:
     """RSS of every worker after ``n`` requests and after ``10 n`` (the policy path, one key)."""
     url, proc = stack.gateway("gateway-leak", bench_config(stack.mock_url), workers=workers, cores="0,1")
     key = _admin_key(url, {"name": "bench-leak", "rpm": 10**9, "budget_usd": 10**6})
-    pids = profiling.children(proc.pid) if workers > 1 else [proc.pid]
+    pids = [proc.pid]
+    if workers > 1:  # uvicorn's worker processes (not multiprocessing's resource tracker)
+        pids = [c for c in profiling.children(proc.pid) if b"resource_tracker" not in _cmdline(c)]
     target = f"{url}/v1/chat/completions"
+    body = tmp / "leak-body.json"
+    body.write_bytes(json.dumps(CHAT).encode())
     idle = {pid: profiling.rss_mb(pid) for pid in pids}
-    _send_n(target, _count_script(tmp, CHAT, key, n // 2), conns)
+    errors = _send_n(target, body, key, n, conns)["errors"]
     first = {pid: profiling.rss_mb(pid) for pid in pids}
-    for _ in range(9):
-        _send_n(target, _count_script(tmp, CHAT, key, n // 2), conns)
+    errors += _send_n(target, body, key, 9 * n, conns)["errors"]
     tenth = {pid: profiling.rss_mb(pid) for pid in pids}
     stack.stop_gateway(proc)
     return {
         "n": n,
+        "errors": errors,
         "workers": [
             {
                 "idle_mb": round(idle[p], 1),
@@ -585,7 +597,8 @@ def report(results: dict) -> str:
     leak = results.get("leak")
     if leak:
         lines += [
-            f"## RSS leak check ({len(leak['workers'])} workers, policy path, N = {leak['n']:,} requests)",
+            f"## RSS leak check ({len(leak['workers'])} workers, policy path, N = {leak['n']:,} requests, "
+            f"{leak.get('errors', 0)} errors)",
             "",
             "| worker | idle MB | after N MB | after 10 N MB | growth N → 10 N |",
             "|---|---:|---:|---:|---:|",
