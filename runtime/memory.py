@@ -152,8 +152,18 @@ def window(entries: Iterable[tuple[int, dict]], settings: MemorySettings) -> lis
         kept.append(messages)
     out: list[dict] = []
     for i, messages in enumerate(reversed(kept)):
-        out.extend(_repair(messages, last=i == len(kept) - 1))
+        if _plain(messages):  # nothing to repair: no tool call or result in the turn
+            out.extend(messages)
+        else:
+            out.extend(_repair(messages, last=i == len(kept) - 1))
     return out
+
+
+def _plain(turn: list[dict]) -> bool:
+    for message in turn:
+        if message.get("tool_calls") or message.get("role") == "tool":
+            return False
+    return True
 
 
 def _repair(turn: list[dict], *, last: bool) -> list[dict]:
