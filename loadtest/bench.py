@@ -175,7 +175,7 @@ def latency_at_rate(targets: list[tuple[str, ...]], body: dict, seconds: int, ra
 class Stack:
     """Embedded stores, the mock provider on core 1, one gateway worker on core 0."""
 
-    def __init__(self, tmp: Path, chunks: int) -> None:
+    def __init__(self, tmp: Path, chunks: int, stores_core: str = "1") -> None:
         from gateway.embedded import EmbeddedServices
 
         self.tmp = tmp
@@ -184,7 +184,7 @@ class Stack:
         # (Backends PostgreSQL forks later inherit the postmaster's affinity.)
         for pidfile in (tmp / "data" / "valkey" / "valkey.pid", tmp / "data" / "pg" / "postmaster.pid"):
             pid = pidfile.read_text().split()[0]
-            subprocess.run(["taskset", "-a", "-p", "-c", "1", pid], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(["taskset", "-a", "-p", "-c", stores_core, pid], check=True, stdout=subprocess.DEVNULL)
         self.procs: list[subprocess.Popen] = []
         self.mock_port = _free_port()
         self.mock_url = f"http://127.0.0.1:{self.mock_port}"
@@ -380,7 +380,7 @@ def _uptime() -> str:
 def run(args: argparse.Namespace) -> dict:
     _ensure_tools()
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
-    stack = Stack(tmp, args.chunks)
+    stack = Stack(tmp, args.chunks, args.stores_core)
     results: dict = {"rows": [], "rounds": [], "latency": {}, "meta": {"load_before": _uptime()}}
     try:
         url, proc = stack.gateway("gateway", bench_config(stack.mock_url))
@@ -462,7 +462,7 @@ def run(args: argparse.Namespace) -> dict:
                     name,
                     lambda s=script: wrk(f"{url}{chat}", s, 6, args.connections),
                     5,
-                    keep=RESULTS / spy_path,
+                    keep=RESULTS / spy_path if args.stores_core == "1" else None,
                 )
             prof["relay"] = profiling.profile(
                 bare_proc.pid,
@@ -470,7 +470,7 @@ def run(args: argparse.Namespace) -> dict:
                 "relay",
                 lambda: wrk(f"{bare}{chat}", direct, 6, args.connections),
                 5,
-                keep=RESULTS / "flame-relay.txt",
+                keep=RESULTS / "flame-relay.txt" if args.stores_core == "1" else None,
             )
             results["profile"] = prof
         stack.stop_gateway(proc)
@@ -489,6 +489,7 @@ def run(args: argparse.Namespace) -> dict:
         connections=args.connections,
         seconds=args.seconds,
         chunks=args.chunks,
+        stores_core=args.stores_core,
     )
     return results
 
@@ -538,7 +539,8 @@ def report(results: dict) -> str:
         "",
         f"`make bench` on {m['cpus']} cores, Python {m['python']}: gateway (1 worker; virtual-key auth, rate limit, "
         f"budget, audit ledger and JSON access log on) and the bare relay pinned to core 0 (`taskset`); mock "
-        f"provider, wrk, PostgreSQL and Valkey on core 1. wrk -c {m['connections']} for {m['seconds']} s per "
+        f"provider and wrk on core 1, PostgreSQL and Valkey on core {m.get('stores_core', '1')}. "
+        f"wrk -c {m['connections']} for {m['seconds']} s per "
         f"row; streamed replies carry {m['chunks']} content chunks. Load average (1, 5, 15 min) before the run "
         f"{m['load_before']}, after it {m['load_after']} (the machine is shared: read the ratios).",
         "",
@@ -671,13 +673,21 @@ def main() -> None:
     parser.add_argument("--leak-n", type=int, default=10000, help="RSS after N and 10 N requests (0: skip)")
     parser.add_argument("--leak-workers", type=int, default=2)
     parser.add_argument("--peers", action="store_true", help="also LiteLLM's proxy and Portkey's gateway")
+    parser.add_argument(
+        "--stores-core",
+        default="1",
+        help="core for PostgreSQL and Valkey (default 1, beside the load; 0: on the gateway's core, so the "
+        "policy path pays for its stores there). Results of a run with another value go to "
+        "bench-stores-core<N>.md",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "core"):
         results = run(args)
         text = report(results)
-        (RESULTS / "bench-latest.md").write_text(text)
-        (RESULTS / "bench-latest.json").write_text(json.dumps(results, indent=2))
+        name = "bench-latest" if args.stores_core == "1" else f"bench-stores-core{args.stores_core}"
+        (RESULTS / f"{name}.md").write_text(text)
+        (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
         print("\n" + text)
     if args.peers or args.only == "peers":
         results = bench_peers.run(args, Stack, bench_config, wrk, latency_at_rate, _admin_key)
