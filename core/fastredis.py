@@ -131,7 +131,7 @@ class PipelinedRedis:
             data, self._buffer = b"".join(self._buffer), []
             self._proto.transport.write(data)
 
-    async def execute(self, *args):
+    async def execute(self, *args, limit_s: float | None = None):
         if self._proto is None:
             await self._connect()
         loop = asyncio.get_running_loop()
@@ -143,7 +143,7 @@ class PipelinedRedis:
             loop.call_soon(self._flush)
         # One timer handle per call (asyncio.timeout's context manager, task lookup and
         # rescheduling cost ~10 µs a call here); on expiry the future fails, not the task.
-        timer = loop.call_at(loop.time() + self._timeout, _expire, fut)
+        timer = loop.call_at(loop.time() + (limit_s or self._timeout), _expire, fut)
         try:
             return await fut
         except _Expired:
@@ -154,8 +154,8 @@ class PipelinedRedis:
         finally:
             timer.cancel()
 
-    async def evalsha(self, sha: str, numkeys: int, *args):
-        return await self.execute("EVALSHA", sha, numkeys, *args)
+    async def evalsha(self, sha: str, numkeys: int, *args, limit_s: float | None = None):
+        return await self.execute("EVALSHA", sha, numkeys, *args, limit_s=limit_s)
 
     async def script_load(self, script: str) -> str:
         sha = await self.execute("SCRIPT", "LOAD", script)

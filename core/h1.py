@@ -24,6 +24,7 @@ import httptools
 from multidict import CIMultiDict
 
 _HIGH_WATER = 256 * 1024
+_MAX_IDLE_S = 30.0  # a pooled connection unused for longer is closed, not reused
 
 
 class H1Error(aiohttp.ClientConnectionError):
@@ -50,7 +51,8 @@ class _Target:
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.key = (self.host, self.port, tls)
         default = self.port == (443 if tls else 80)
-        self.host_header = (self.host if default else f"{self.host}:{self.port}").encode("idna")
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        self.host_header = (host if default else f"{host}:{self.port}").encode("idna")
 
 
 class Response:
@@ -116,6 +118,7 @@ class _Conn(asyncio.Protocol):
         self.idle = 60.0
         self.deadline = 0.0  # loop time by which the whole exchange must be over
         self.keep_alive = True
+        self.idle_since = 0.0
 
     # ---- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -246,6 +249,7 @@ class H1Client:
 
     def _put(self, conn: _Conn) -> None:
         idle = self._idle.setdefault(conn.key, [])
+        conn.idle_since = conn.loop.time()
         if len(idle) < self._max_idle:
             idle.append(conn)
         else:
@@ -297,9 +301,15 @@ class H1Client:
             conn = None
             while idle:
                 candidate = idle.pop()
-                if not candidate.closed:
-                    conn, reused = candidate, True
-                    break
+                if candidate.closed:
+                    continue
+                if candidate.loop.time() - candidate.idle_since > _MAX_IDLE_S:
+                    # long idle: a peer or a middlebox may have dropped it without a word
+                    candidate.closed = True
+                    candidate.transport.close()
+                    continue
+                conn, reused = candidate, True
+                break
             if conn is None:
                 conn = await self._connect(t, connect_timeout)
             conn.reset()

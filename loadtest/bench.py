@@ -1,11 +1,18 @@
-"""``make bench``: throughput and added latency of the gateway against the mock provider.
+"""``make bench``: throughput, CPU and added latency of the gateway against a bare relay.
 
-Runs, in one go and on this machine: the mock provider alone (the baseline), a bare
-Starlette + aiohttp relay (the least a Python relay can do), the gateway non-streaming and
-streaming (one worker, key authentication on), each driven by wrk at concurrency 64; then a
-fixed 100 req/s load (loadtest/latency_probe.py) direct, through the bare relay and through the
-gateway, to measure the latency the gateway adds; and the gateway's idle RSS. The gateway and
-the bare relay are pinned to core 0, the mock provider and the load generators to core 1.
+Runs, in one go and on this machine: the mock provider alone, a bare Starlette + aiohttp relay
+(the least a Python relay can do; it also relays streams, as the bare streaming relay), the
+gateway with its full policy path (key auth, rate limit, budget reservation and settlement,
+audit ledger, access log, metrics) and with policies off, non-streaming and streaming; each
+driven by wrk at concurrency 64, with the CPU time each server process spent per request (from
+/proc). Then alternating rounds of relay and gateway (the ratios the hot path is judged by, as
+medians), a fixed 100 req/s load (loadtest/latency_probe.py) for the latency the gateway adds
+over the relay, py-spy summaries of the hottest frames (gateway plain and streaming, relay),
+and an RSS leak check (every worker's RSS after N and after 10 N requests). The gateway and
+the relay are pinned to core 0 (taskset), the mock provider, the load generators, PostgreSQL
+and Valkey to core 1, so that each server's figures are its own.
+
+``--peers`` adds LiteLLM's proxy and Portkey's gateway (loadtest/bench_peers.py).
 
 Results go to loadtest/results/bench-latest.md (and .json); quote ratios, not absolutes.
 """
@@ -100,9 +107,10 @@ def _ms(value: str) -> float:
 
 
 def wrk(url: str, script: Path, seconds: int, conns: int, pid: int | None = None) -> dict:
-    """wrk from core 1; with ``pid``, also the CPU time that server process spent per request
-    (utime + stime from /proc over the run, divided by the requests wrk completed)."""
-    before = profiling.cpu_ticks(pid) if pid else 0
+    """wrk from core 1; with ``pid``, also the CPU time that server process (and its children)
+    spent per request (utime + stime from /proc over the run, divided by the requests wrk
+    completed)."""
+    before = profiling.tree_ticks(pid) if pid else 0
     out = subprocess.run(
         [
             "taskset",
@@ -124,7 +132,7 @@ def wrk(url: str, script: Path, seconds: int, conns: int, pid: int | None = None
         text=True,
         check=True,
     ).stdout
-    after = profiling.cpu_ticks(pid) if pid else 0
+    after = profiling.tree_ticks(pid) if pid else 0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))
@@ -167,7 +175,7 @@ def latency_at_rate(targets: list[tuple[str, ...]], body: dict, seconds: int, ra
 class Stack:
     """Embedded stores, the mock provider on core 1, one gateway worker on core 0."""
 
-    def __init__(self, tmp: Path, chunks: int) -> None:
+    def __init__(self, tmp: Path, chunks: int, stores_core: str = "1") -> None:
         from gateway.embedded import EmbeddedServices
 
         self.tmp = tmp
@@ -176,7 +184,7 @@ class Stack:
         # (Backends PostgreSQL forks later inherit the postmaster's affinity.)
         for pidfile in (tmp / "data" / "valkey" / "valkey.pid", tmp / "data" / "pg" / "postmaster.pid"):
             pid = pidfile.read_text().split()[0]
-            subprocess.run(["taskset", "-a", "-p", "-c", "1", pid], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(["taskset", "-a", "-p", "-c", stores_core, pid], check=True, stdout=subprocess.DEVNULL)
         self.procs: list[subprocess.Popen] = []
         self.mock_port = _free_port()
         self.mock_url = f"http://127.0.0.1:{self.mock_port}"
@@ -302,45 +310,57 @@ def bench_config(mock_url: str, policies: bool = True) -> dict:
     }
 
 
-def _count_script(tmp: Path, body: dict, key: str, per_thread: int) -> Path:
-    """A wrk script whose threads stop after ``per_thread`` responses each (for the RSS check)."""
-    path = tmp / f"wrk-count-{per_thread}.lua"
-    path.write_text(
-        f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
-        "local n = 0\n"
-        "function response(status, headers, body)\n"
-        "  n = n + 1\n"
-        f"  if n >= {per_thread} then wrk.thread:stop() end\n"
-        "end\n"
-    )
-    return path
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
-def _send_n(url: str, script: Path, conns: int) -> None:
-    subprocess.run(
-        ["taskset", "-c", "1", "wrk", "-t", "2", "-c", str(conns), "-d", "3600s", "-s", str(script), url],
+def _send_n(url: str, body_file: Path, key: str, n: int, conns: int) -> dict:
+    """Exactly ``n`` requests (loadtest/bench_agents.py's driver, on core 1)."""
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            "1",
+            sys.executable,
+            "-m",
+            "loadtest.bench_agents",
+            "drive",
+            url,
+            key,
+            str(body_file),
+            str(n),
+            str(conns),
+        ],
         capture_output=True,
+        text=True,
         check=True,
-    )
+        cwd=ROOT,
+    ).stdout
+    return json.loads(out)
 
 
 def leak_check(stack: Stack, tmp: Path, n: int, workers: int, conns: int) -> dict:
     """RSS of every worker after ``n`` requests and after ``10 n`` (the policy path, one key)."""
     url, proc = stack.gateway("gateway-leak", bench_config(stack.mock_url), workers=workers, cores="0,1")
     key = _admin_key(url, {"name": "bench-leak", "rpm": 10**9, "budget_usd": 10**6})
-    pids = profiling.children(proc.pid) if workers > 1 else [proc.pid]
+    pids = [proc.pid]
+    if workers > 1:  # uvicorn's worker processes (not multiprocessing's resource tracker)
+        pids = [c for c in profiling.children(proc.pid) if b"resource_tracker" not in _cmdline(c)]
     target = f"{url}/v1/chat/completions"
+    body = tmp / "leak-body.json"
+    body.write_bytes(json.dumps(CHAT).encode())
     idle = {pid: profiling.rss_mb(pid) for pid in pids}
-    _send_n(target, _count_script(tmp, CHAT, key, n // 2), conns)
+    errors = _send_n(target, body, key, n, conns)["errors"]
     first = {pid: profiling.rss_mb(pid) for pid in pids}
-    for _ in range(9):
-        _send_n(target, _count_script(tmp, CHAT, key, n // 2), conns)
+    errors += _send_n(target, body, key, 9 * n, conns)["errors"]
     tenth = {pid: profiling.rss_mb(pid) for pid in pids}
     stack.stop_gateway(proc)
     return {
         "n": n,
+        "errors": errors,
         "workers": [
             {
                 "idle_mb": round(idle[p], 1),
@@ -360,7 +380,7 @@ def _uptime() -> str:
 def run(args: argparse.Namespace) -> dict:
     _ensure_tools()
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
-    stack = Stack(tmp, args.chunks)
+    stack = Stack(tmp, args.chunks, args.stores_core)
     results: dict = {"rows": [], "rounds": [], "latency": {}, "meta": {"load_before": _uptime()}}
     try:
         url, proc = stack.gateway("gateway", bench_config(stack.mock_url))
@@ -442,7 +462,7 @@ def run(args: argparse.Namespace) -> dict:
                     name,
                     lambda s=script: wrk(f"{url}{chat}", s, 6, args.connections),
                     5,
-                    keep=RESULTS / spy_path,
+                    keep=RESULTS / spy_path if args.stores_core == "1" else None,
                 )
             prof["relay"] = profiling.profile(
                 bare_proc.pid,
@@ -450,7 +470,7 @@ def run(args: argparse.Namespace) -> dict:
                 "relay",
                 lambda: wrk(f"{bare}{chat}", direct, 6, args.connections),
                 5,
-                keep=RESULTS / "flame-relay.txt",
+                keep=RESULTS / "flame-relay.txt" if args.stores_core == "1" else None,
             )
             results["profile"] = prof
         stack.stop_gateway(proc)
@@ -469,6 +489,7 @@ def run(args: argparse.Namespace) -> dict:
         connections=args.connections,
         seconds=args.seconds,
         chunks=args.chunks,
+        stores_core=args.stores_core,
     )
     return results
 
@@ -546,7 +567,8 @@ def report(results: dict) -> str:
         "",
         f"`make bench` on {m['cpus']} cores, Python {m['python']}: gateway (1 worker; virtual-key auth, rate limit, "
         f"budget, audit ledger and JSON access log on) and the bare relay pinned to core 0 (`taskset`); mock "
-        f"provider, wrk, PostgreSQL and Valkey on core 1. wrk -c {m['connections']} for {m['seconds']} s per "
+        f"provider and wrk on core 1, PostgreSQL and Valkey on core {m.get('stores_core', '1')}. "
+        f"wrk -c {m['connections']} for {m['seconds']} s per "
         f"row; streamed replies carry {m['chunks']} content chunks. Load average (1, 5, 15 min) before the run "
         f"{m['load_before']}, after it {m['load_after']} (the machine is shared: read the ratios).",
         "",
@@ -605,7 +627,8 @@ def report(results: dict) -> str:
     leak = results.get("leak")
     if leak:
         lines += [
-            f"## RSS leak check ({len(leak['workers'])} workers, policy path, N = {leak['n']:,} requests)",
+            f"## RSS leak check ({len(leak['workers'])} workers, policy path, N = {leak['n']:,} requests, "
+            f"{leak.get('errors', 0)} errors)",
             "",
             "| worker | idle MB | after N MB | after 10 N MB | growth N → 10 N |",
             "|---|---:|---:|---:|---:|",
@@ -687,13 +710,21 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=2000, help="channels: conversations the messages spread over")
     parser.add_argument("--statuses", action="store_true", help="channels: the Graph mock posts delivery statuses")
     parser.add_argument("--channel-worker", choices=("process", "inside"), default="process", help="channels")
+    parser.add_argument(
+        "--stores-core",
+        default="1",
+        help="core for PostgreSQL and Valkey (default 1, beside the load; 0: on the gateway's core, so the "
+        "policy path pays for its stores there). Results of a run with another value go to "
+        "bench-stores-core<N>.md",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "core"):
         results = run(args)
         text = report(results)
-        (RESULTS / "bench-latest.md").write_text(text)
-        (RESULTS / "bench-latest.json").write_text(json.dumps(results, indent=2))
+        name = "bench-latest" if args.stores_core == "1" else f"bench-stores-core{args.stores_core}"
+        (RESULTS / f"{name}.md").write_text(text)
+        (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
         print("\n" + text)
     if args.peers or args.only == "peers":
         results = bench_peers.run(args, Stack, bench_config, wrk, latency_at_rate, _admin_key)

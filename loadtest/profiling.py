@@ -26,6 +26,20 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def tree_ticks(pid: int) -> int:
+    """CPU ticks of a process and all its descendants (servers that fork their workers)."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_ticks(p)
+            todo += children(p)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -152,8 +152,18 @@ def window(entries: Iterable[tuple[int, dict]], settings: MemorySettings) -> lis
         kept.append(messages)
     out: list[dict] = []
     for i, messages in enumerate(reversed(kept)):
-        out.extend(_repair(messages, last=i == len(kept) - 1))
+        if _plain(messages):  # nothing to repair: no tool call or result in the turn
+            out.extend(messages)
+        else:
+            out.extend(_repair(messages, last=i == len(kept) - 1))
     return out
+
+
+def _plain(turn: list[dict]) -> bool:
+    for message in turn:
+        if message.get("tool_calls") or message.get("role") == "tool":
+            return False
+    return True
 
 
 def _repair(turn: list[dict], *, last: bool) -> list[dict]:
@@ -256,10 +266,10 @@ class Memory:
 
     async def _fast_append(self, keys: list[str], args: list) -> None:
         try:
-            await self._fast.evalsha(self._append_sha, len(keys), *keys, *args)
+            await self._fast.evalsha(self._append_sha, len(keys), *keys, *args, limit_s=self._timeout)
         except NoScriptError:  # the server restarted and forgot the script
             self._append_sha = await self._fast.script_load(_APPEND)
-            await self._fast.evalsha(self._append_sha, len(keys), *keys, *args)
+            await self._fast.evalsha(self._append_sha, len(keys), *keys, *args, limit_s=self._timeout)
 
     async def stop(self) -> None:
         """Writes what this process stored (and left pending) to PostgreSQL; bounded in time."""
@@ -268,14 +278,14 @@ class Memory:
     async def load(self, tenant: str, agent: Agent, conversation_id: str) -> list[dict]:
         """The recent window of the conversation, oldest first, ready to follow the system prompt."""
         window_key, seq_key = keys(tenant, agent.id, conversation_id)
+        # Only the tail the window can use: the list holds room for tool steps, but a turn is
+        # read back only while it fits, so decoding all of it is wasted work.
+        start = -tail_size(agent.memory)
         try:
-            async with asyncio.timeout(self._timeout):  # no task per call, unlike wait_for
-                # Only the tail the window can use: the list holds room for tool steps, but a
-                # turn is read back only while it fits, so decoding all of it is wasted work.
-                start = -tail_size(agent.memory)
-                if self._fast is not None:
-                    raw = await self._fast.execute("LRANGE", window_key, start, -1)
-                else:
+            if self._fast is not None:  # its own per-call timer: no asyncio.timeout per call
+                raw = await self._fast.execute("LRANGE", window_key, start, -1, limit_s=self._timeout)
+            else:
+                async with asyncio.timeout(self._timeout):
                     raw = await self._redis.lrange(window_key, start, -1)
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
@@ -343,10 +353,10 @@ class Memory:
             raise MemoryUnavailable(f"unstorable message: {type(exc).__name__}") from None
         window_key, seq_key = keys(tenant, agent.id, conversation_id)
         try:
-            async with asyncio.timeout(self._timeout):
-                if self._fast is not None:
-                    await self._fast_append([window_key, seq_key, MEMORY_STREAM], args)
-                else:
+            if self._fast is not None:
+                await self._fast_append([window_key, seq_key, MEMORY_STREAM], args)
+            else:
+                async with asyncio.timeout(self._timeout):
                     await self._append(keys=[window_key, seq_key, MEMORY_STREAM], args=args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None

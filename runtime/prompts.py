@@ -400,6 +400,29 @@ def render(version: PromptVersion, values: dict | None, defaults: dict | None) -
             context[name] = None
             continue
         context[name] = _check_value(name, value, kind)
+    # Rendering is a pure function of the version and the checked values (the sandbox offers
+    # nothing time- or chance-dependent): a conversation's turns render the same prompt, so it
+    # is rendered once (bounded cache; a value that is not JSON is rendered every time).
+    try:
+        cache_key = (id(version), orjson.dumps(context, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS))
+    except (orjson.JSONEncodeError, TypeError):
+        cache_key = None
+    found = _rendered.get(cache_key) if cache_key is not None else None
+    if found is not None and found[0] is version:
+        return found[1]
+    text = _render(version, context)
+    if cache_key is not None:
+        if len(_rendered) >= _RENDERED_MAX:
+            _rendered.clear()
+        _rendered[cache_key] = (version, text)
+    return text
+
+
+_RENDERED_MAX = 4096
+_rendered: dict[tuple[int, bytes], tuple[PromptVersion, str]] = {}
+
+
+def _render(version: PromptVersion, context: dict) -> str:
     try:
         out: list[str] = []
         size = 0

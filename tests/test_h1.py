@@ -141,3 +141,35 @@ def test_an_answer_cut_short_and_a_silent_server_fail():
         await client.close()
 
     run(main())
+
+
+def test_a_request_the_server_drops_unanswered_on_a_reused_connection_is_sent_once_more():
+    async def main():
+        seen = []
+
+        async def serve(reader, writer):
+            served = 0
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    seen.append(await reader.readexactly(length))
+                    if served == 1:  # the second request on a connection: closed, unanswered
+                        break
+                    served += 1
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+            except asyncio.IncompleteReadError:
+                pass
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        client = H1Client()
+        assert await (await client.post(url, b"1", HEADERS, 1, 1, 10)).read() == b"ok"
+        assert await (await client.post(url, b"2", HEADERS, 1, 1, 10)).read() == b"ok"
+        assert seen == [b"1", b"2", b"2"]  # the second went out twice: dropped, then sent anew
+        await client.close()
+        server.close()
+
+    run(main())
