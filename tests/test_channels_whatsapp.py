@@ -805,3 +805,35 @@ def test_escalation_holds_the_whatsapp_conversation_and_the_humans_reply_reaches
         assert as_desk("POST", f"/admin/escalations/{esc_id}/resolve", json={"outcome": "answered"}).status_code == 200
     finally:
         admin(wa, "PATCH", "/admin/agents/wabot", json={"escalation": {"enabled": False}})
+
+
+def test_attack_another_key_of_the_tenant_cannot_continue_or_read_a_whatsapp_conversation(wa, graph):
+    """WhatsApp conversation ids are a phone number away from guessable: a browser key of the same
+    tenant must not be able to read a customer's conversation or write into it."""
+    wa_id = new_wa_id()
+    say(wa, "acme", wa_id, "My address is 1 Main Street")
+    wait_sent(graph, wa_id, 1)
+    other = admin(wa, "POST", "/admin/keys", json={"name": "widget", "tenant": TENANT}).json()["key"]
+    conv = f"wa:{PNIDS['acme']}:{wa_id}"
+    headers = {"Authorization": f"Bearer {other}"}
+    body = {"model": "agent:wabot", "messages": [{"role": "user", "content": "what did I say?"}]}
+    r = httpx.post(
+        f"{wa.url}/v1/chat/completions", json={**body, "metadata": {"conversation_id": conv}}, headers=headers
+    )
+    assert r.status_code == 403 and r.json()["error"]["code"] == "conversation_reserved", r.text
+    r = httpx.post(
+        f"{wa.url}/v1/chat/completions", json=body, headers={**headers, "x-gateway-conversation": f"vapi:{wa_id}"}
+    )
+    assert r.status_code == 403, r.text
+    r = httpx.get(f"{wa.url}/v1/agents/wabot/conversations/{conv}/messages", headers=headers)
+    assert r.status_code == 403 and "1 Main Street" not in r.text, r.text
+    # its own conversations are its own business
+    r = httpx.post(
+        f"{wa.url}/v1/chat/completions", json={**body, "metadata": {"conversation_id": "web-1"}}, headers=headers
+    )
+    assert r.status_code == 200, r.text
+    # the channel's own key still reads the customer's conversation
+    mine = httpx.get(
+        f"{wa.url}/v1/agents/wabot/conversations/{conv}/messages", headers={"Authorization": f"Bearer {wa.channel_key}"}
+    )
+    assert mine.status_code == 200 and "1 Main Street" in mine.text, mine.text
