@@ -19,8 +19,8 @@ for phone numbers):
 * with no such sign: a valid number *grouped as its country writes it* (libphonenumber's
   ``STRICT_GROUPING``: ``0151 23456789`` yes, ``4006-381-333-931`` no);
 * right after a product, order, tracking or bank word (SKU, P/N, part, ISBN, order, invoice,
-  tracking, IMEI, sort code, ...) and with no phone word nearer: not a phone number, unless
-  written internationally.
+  tracking, IMEI, sort code, ...; only labels such as "no." or "number" between them) and with
+  no phone word nearer: not a phone number, unless written internationally.
 
 A number is looked for inside a longer run of digit groups (``+44 20 7946 0958 203.0``) only
 when the run starts with ``+``/``00``/``(`` or a phone word is near: otherwise a valid number
@@ -67,6 +67,12 @@ CODE_WORDS = (
 )  # fmt: skip
 
 
+# Words that may stand between a code word and its number ("order no.", "tracking number", "ref
+# id"); any other word between them means the code word is not this number's label.
+_LABELS = frozenset(
+    ("no", "nr", "n", "num", "number", "numbers", "nummer", "numéro", "numero", "número", "id", "code", "is", "was")
+)
+
 # Words, read from the text around a candidate: letters, joined by . / - ("p/n", "art.-nr").
 _TOKEN = re.compile(r"[^\W\d_]+(?:[./-]+[^\W\d_]+)*")
 _PHONE_SET = frozenset(PHONE_WORDS)
@@ -82,6 +88,11 @@ def _kind(token: str, previous: str) -> str | None:
     if word in _CODE_SET or f"{previous} {word}" in _CODE_SET:
         return "code"
     return None
+
+
+def _in_code(text: str, start: int, end: int) -> bool:
+    """Letters glued to digits ("1Z", "AA1"): part of an alphanumeric code, not a word."""
+    return (start > 0 and text[start - 1].isdigit()) or (end < len(text) and text[end].isdigit())
 
 
 def _phone_word(text: str, start: int, end: int) -> bool:
@@ -157,13 +168,19 @@ def _how(text: str, start: int, end: int, candidate: str) -> tuple[Leniency, boo
     plus = candidate.startswith("+")
     phone_before = code_before = -1  # where the last phone / code word before the candidate ends
     previous = ""
+    between = 0  # words after the last code word that are not a label ("no", "number", "id")
     for m in _TOKEN.finditer(text, max(0, start - BEFORE), start):
         kind = _kind(m.group(), previous)
         if kind == "phone":
             phone_before = m.end()
         elif kind == "code":
             code_before = m.end()
+            between = 0
+        elif m.group().lower() not in _LABELS and not _in_code(text, m.start(), m.end()):
+            between += 1
         previous = m.group().lower()
+    if between:  # "order NYC line (212) 555-0199": the code word names something else
+        code_before = -1
     if code_before > phone_before and not plus:
         return None  # "SKU 4006-381-333-931", "Sort code 40-47-84"
     if plus:

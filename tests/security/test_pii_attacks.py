@@ -319,6 +319,7 @@ PRODUCT_CODES = [
     "Meeting 2024-05-01 10:30 to 2024-05-01 11:45",
     "Flight LH 2024 00 1234 departs",
     "UPS 1Z 999 AA1 01 2345 6784 is out for delivery",
+    "Order number 0151 23456789 has shipped",  # a label between the code word and its number
 ]
 REAL_NUMBERS = [
     ("Call me at (212) 555-0147 tomorrow.", "(212) 555-0147"),
@@ -328,6 +329,8 @@ REAL_NUMBERS = [
     ("Appelez le 01 23 45 67 89 avant midi", "01 23 45 67 89"),
     ("UK: +44 7700 900077", "+44 7700 900077"),
     ("Part of the team? Call 0161 496 0742", "0161 496 0742"),  # a phone word nearer than "part"
+    # a code word that names something else, words before the number (found by hypothesis)
+    ("after reviewing order NYC line (212) 555-0199 is open.", "(212) 555-0199"),
 ]
 
 
