@@ -124,6 +124,33 @@ def whatsapp_accounts(raw: dict[str, dict[str, Any]]) -> dict[str, WhatsAppAccou
             for e in exc.errors():
                 loc = ".".join(str(p) for p in e["loc"])
                 problems.append(f"{where}{'.' + loc if loc else ''}: {e['msg'].removeprefix('Value error, ')}")
+    problems += _shared(out)
     if problems:
         raise ChannelConfigError(problems)
     return out
+
+
+def _shared(accounts: dict[str, WhatsAppAccount]) -> list[str]:
+    """A business number answers for one account (one tenant): a phone_number_id listed by two
+    accounts, or an account taking every number (``agent`` without ``phone_numbers``) that shares
+    its app secret with another account, would let a notification signed for one account (Meta
+    posts every number of an app to the app's callback URL; a captured payload can be re-posted
+    to the other URL) be answered under another account's tenant."""
+    problems: list[str] = []
+    owner: dict[str, str] = {}
+    for name, acct in accounts.items():
+        for pnid in acct.phone_numbers:
+            if pnid in owner:
+                problems.append(f"channels.whatsapp.{name}.phone_numbers: {pnid} is account {owner[pnid]}'s already")
+            owner.setdefault(pnid, name)
+    for name, acct in accounts.items():
+        if acct.phone_numbers:
+            continue
+        for other, acct2 in accounts.items():
+            if other != name and acct2.app_secret == acct.app_secret:
+                problems.append(
+                    f"channels.whatsapp.{name}: shares its app secret with account {other}; "
+                    "list its phone_numbers (an account taking every number must have its own app)"
+                )
+                break
+    return problems

@@ -742,3 +742,59 @@ def test_deliverer_sends_a_humans_reply_once_and_only_to_its_own_conversations(w
     assert again.channel == "whatsapp" and again.detail is None  # the same reply (ref) is not sent twice
     assert unknown.channel == "api" and other_tenant.channel == "api"  # not this channel's conversations
     assert [s["text"] for s in graph.sent_to(wa_id)] == ["echo: I want a person", "A human here. How can I help?"]
+
+
+# ---- review (warev): attacks and races found after the first build ------------------------
+
+
+def _register_reengage(gw: Gateway) -> None:
+    body = {"account": "acme", "name": "reengage", "language": "en_US", "variables": ["customer_name", "reply"]}
+    assert admin(gw, "POST", "/admin/channels/whatsapp/templates", json=body).status_code == 201
+
+
+def test_attack_status_naming_an_inbound_wamid_changes_nothing(wa, graph, services):
+    wa_id = new_wa_id()
+    wamid = say(wa, "acme", wa_id, "my own message")
+    wait_sent(graph, wa_id, 1)
+    statuses = [
+        {"id": wamid, "status": s, "timestamp": str(int(time.time())), "recipient_id": wa_id, "errors": e}
+        for s, e in (("read", None), ("failed", [{"code": 131047}]))
+    ]
+    assert post(wa, "acme", notification([], pnid="1001", statuses=statuses)).status_code == 200
+    wait_until(lambda: queue_idle(wa, "wa-status"), what="statuses processed")
+    row = rows(
+        services[0],
+        "SELECT direction, status, error, read_at, failed_at FROM whatsapp_messages WHERE wamid = $1",
+        wamid,
+    )
+    assert row == [{"direction": "in", "status": "received", "error": None, "read_at": None, "failed_at": None}]
+    assert len(graph.sent_to(wa_id)) == 1  # and no window template was sent for it
+
+
+def test_a_window_failure_status_that_beats_the_sends_own_record_still_gets_the_template(wa, graph):
+    _register_reengage(wa)
+    # Meta's failed status (131047) reaches the webhook and its worker before the sender has
+    # recorded the send (the mock posts it, then waits before answering the send)
+    graph.configure(statuses=True, status_order=["failed:131047"], status_first_ms=1500)
+    try:
+        wa_id = new_wa_id()
+        say(wa, "acme", wa_id, "race me")
+        sent = wait_sent(graph, wa_id, 2, timeout=40)
+    finally:
+        graph.configure(statuses=False, status_order=["sent", "delivered", "read"], status_first_ms=0)
+    assert sent[0]["type"] == "text" and sent[1]["type"] == "template"
+    assert [p["text"] for p in sent[1]["template"]["components"][0]["parameters"]] == ["Ada", "echo: race me"]
+
+
+def test_attack_multiline_reply_and_name_through_the_window_template_are_one_line(wa, graph, services):
+    _register_reengage(wa)
+    wa_id = new_wa_id()
+    msg = text(wa_id, "first line\n\nsecond\tline     spaced", ts=time.time() - 25 * 3600)
+    doc = notification([msg], pnid="1001", name="Ada")
+    doc["entry"][0]["changes"][0]["value"]["contacts"][0]["profile"]["name"] = "Ada\nLovelace"
+    assert post(wa, "acme", doc).status_code == 200
+    sent = wait_sent(graph, wa_id, 1)
+    assert sent[0]["type"] == "template"  # Meta refuses (132018) a parameter with a new line or a tab
+    params = [p["text"] for p in sent[0]["template"]["components"][0]["parameters"]]
+    assert params == ["Ada Lovelace", "echo: first line second line spaced"]
+    assert graph.stats().get("error_132018", 0) == 0

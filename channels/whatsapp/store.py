@@ -158,7 +158,8 @@ async def record_outbound(
                        CASE WHEN $10::smallint > 0 THEN now() END)
                ON CONFLICT (tenant, account, wamid) WHERE wamid IS NOT NULL DO UPDATE SET
                    conversation_id = EXCLUDED.conversation_id, wa_id = EXCLUDED.wa_id, kind = EXCLUDED.kind,
-                   body = EXCLUDED.body, reply_to = EXCLUDED.reply_to, updated_at = now()""",
+                   body = EXCLUDED.body, reply_to = EXCLUDED.reply_to, updated_at = now()
+               WHERE whatsapp_messages.direction = 'out'""",
             conv.tenant,
             conv.account,
             wamid,
@@ -200,7 +201,8 @@ async def outbound(pool, tenant: str, account: str, wamid: str) -> dict | None:
 
 async def record_status(pool, tenant: str, account: str, status: dict) -> None:
     """A delivery status: the message's status only moves forward (sent < delivered < read;
-    failed last), whatever order they arrive in; each one's time is kept."""
+    failed last), whatever order they arrive in; each one's time is kept. Statuses are about
+    messages sent: one naming an inbound message's wamid changes nothing."""
     column = {"sent": "sent_at", "delivered": "delivered_at", "read": "read_at", "failed": "failed_at"}[
         status["status"]
     ]
@@ -215,7 +217,8 @@ async def record_status(pool, tenant: str, account: str, status: dict) -> None:
                     status_rank = GREATEST(whatsapp_messages.status_rank, EXCLUDED.status_rank),
                     error = COALESCE(EXCLUDED.error, whatsapp_messages.error),
                     {column} = COALESCE(whatsapp_messages.{column}, EXCLUDED.{column}),
-                    updated_at = now()""",
+                    updated_at = now()
+                WHERE whatsapp_messages.direction = 'out'""",
             tenant,
             account,
             status["wamid"],

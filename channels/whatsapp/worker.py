@@ -212,7 +212,14 @@ class Worker:
         """Meta accepted a free-form message, then failed it for the closed 24-hour window (131047
         in a status): the window template goes instead (once), or the text is held."""
         sent = await store.outbound(self.pool, acct.tenant, status["account"], status["wamid"])
-        if sent is None or sent["kind"] == "template" or not sent["body"] or not sent["conversation_id"]:
+        if sent is None:  # an inbound message's wamid: not a send of ours
+            return
+        if not sent["conversation_id"]:
+            # The status came before the send's own record (Meta can answer the webhook before the
+            # sender has written it): retried with backoff until it is there, dead-lettered (and
+            # so reported) if it never is: a send of ours is never failed silently.
+            raise LookupError("the failed send is not recorded yet")
+        if sent["kind"] == "template" or not sent["body"]:
             return
         conv = await store.find_conversation(self.pool, acct.tenant, sent["conversation_id"])
         if conv is None or conv.account != status["account"]:
