@@ -45,6 +45,9 @@ class WhatsAppAccount(_Strict):
     # Hosts media download URLs may point at, besides graph_base_url's own (Meta's CDN).
     media_hosts: list[str] = Field(default_factory=lambda: ["lookaside.fbsbx.com"])
     media_max_bytes: int = Field(5 * 1024 * 1024, gt=0, le=100 * 1024 * 1024)
+    # Bytes of media the channel may keep under the data directory for this account (customers
+    # choose what they send): past it a file is passed on when it can be (images) but not kept.
+    media_quota_bytes: int = Field(1024**3, ge=0, le=1024**4)
     fallback_message: str = Field(
         "Sorry, we could not answer your message right now. Please try again later.", max_length=4096
     )

@@ -106,7 +106,7 @@ def wa(tmp_root, services, module_mock, graph):
                     media_max_bytes=200_000,
                     media_hosts=[],
                 ),
-                "beta": account("beta", graph_base_url=graph_url),
+                "beta": account("beta", graph_base_url=graph_url, media_quota_bytes=40),
                 "burst": account("burst", graph_base_url=graph_url, debounce=1.0),
             }
         },
@@ -798,3 +798,73 @@ def test_attack_multiline_reply_and_name_through_the_window_template_are_one_lin
     params = [p["text"] for p in sent[0]["template"]["components"][0]["parameters"]]
     assert params == ["Ada Lovelace", "echo: first line second line spaced"]
     assert graph.stats().get("error_132018", 0) == 0
+
+
+def test_a_humans_second_reply_in_one_escalation_and_the_same_words_to_another_customer_are_sent(
+    wa, graph, services, tmp_root
+):
+    import redis.asyncio as aioredis
+
+    from channels.config import whatsapp_accounts
+    from channels.whatsapp import WhatsApp
+    from gateway.channels_whatsapp import DeliveryAdapter
+    from runtime.delivery import Delivery, Outbound
+
+    a, b = new_wa_id(), new_wa_id()
+    for wa_id in (a, b):
+        say(wa, "acme", wa_id, "a person please")
+        wait_sent(graph, wa_id, 1)
+
+    async def go():
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        redis = aioredis.from_url(services[1])
+        acct = account("acme", graph_base_url=graph.url, api_key="sk-unused-000000")
+        channel = WhatsApp(
+            whatsapp_accounts({"acme": acct}), redis=redis, pool=pool, data_dir=tmp_root / "data", gateway_url=wa.url
+        )
+        delivery = Delivery()
+        delivery.register("whatsapp", DeliveryAdapter(channel))
+        try:
+            out = []
+            for conv, words, ref in (
+                (a, "Hello, I am Sam.", "esc_a"),
+                (a, "Your refund is on its way.", "esc_a"),  # the same escalation's second reply
+                (a, "Your refund is on its way.", "esc_a"),  # delivered again: not a new message
+                (b, "Hello, I am Sam.", None),  # the same words, another customer, no ref
+            ):
+                out.append(await delivery.deliver(Outbound(TENANT, "wabot", f"wa:1001:{conv}", words, ref=ref)))
+            return out
+        finally:
+            await channel.stop()
+            await redis.aclose()
+            await pool.close()
+
+    out = asyncio.run(go())
+    assert [o.status for o in out] == ["sent"] * 4
+    assert [o.detail is not None for o in out] == [True, True, False, True]
+    assert [s["text"] for s in graph.sent_to(a)][1:] == ["Hello, I am Sam.", "Your refund is on its way."]
+    assert [s["text"] for s in graph.sent_to(b)][1:] == ["Hello, I am Sam."]
+
+
+def test_attack_a_customer_cannot_fill_the_disk_past_the_accounts_media_quota(wa, graph, module_mock, tmp_root):
+    first, second = b"%PDF-1.4 first bill 000000000", b"%PDF-1.4 second bill 11111111"  # 29 bytes each, quota 40
+    for mid, data in (("7770101", first), ("7770102", second)):
+        body = {"id": mid, "data_b64": base64.b64encode(data).decode(), "mime_type": "application/pdf"}
+        graph._post("/_mock/media", body)
+    wa_id = new_wa_id()
+    for n, mid in enumerate(("7770101", "7770102"), 1):
+        doc = {
+            "from": wa_id,
+            "id": new_wamid(),
+            "timestamp": str(int(time.time())),
+            "type": "document",
+            "document": {"id": mid, "mime_type": "application/pdf", "filename": f"bill{n}.pdf"},
+        }
+        assert post(wa, "beta", notification([doc], pnid="2002")).status_code == 200
+        wait_sent(graph, wa_id, n)
+    kept, refused = (c["messages"][-1]["content"] for c in llm_requests(module_mock, wa_id))
+    assert kept.startswith("[attachment: document 'bill1.pdf'")
+    assert refused == "[document not kept: the media storage of this account is full]"
+    root = tmp_root / "data" / "channels" / "whatsapp"
+    assert len(list(root.rglob(f"{hashlib.sha256(first).hexdigest()}.pdf"))) == 1
+    assert list(root.rglob(f"{hashlib.sha256(second).hexdigest()}.pdf")) == []
