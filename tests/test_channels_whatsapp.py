@@ -868,3 +868,28 @@ def test_attack_a_customer_cannot_fill_the_disk_past_the_accounts_media_quota(wa
     root = tmp_root / "data" / "channels" / "whatsapp"
     assert len(list(root.rglob(f"{hashlib.sha256(first).hexdigest()}.pdf"))) == 1
     assert list(root.rglob(f"{hashlib.sha256(second).hexdigest()}.pdf")) == []
+
+
+def test_a_message_arriving_after_a_dead_workers_answer_is_answered_not_absorbed(wa, graph, services):
+    """A worker answered a burst of two (the answer is in the turn's state), then died before
+    finishing it; a third message arrived meanwhile. The worker taking the turn over resends the
+    stored answer for the two and answers the third on its own: it is not swallowed into a turn
+    whose answer was made without it."""
+    import redis as syncredis
+
+    from channels.whatsapp.sender import STATE_TTL, state_key
+
+    wa_id = new_wa_id()
+    say(wa, "burst", wa_id, "hello")  # the conversation exists
+    wait_sent(graph, wa_id, 1)
+    msgs = [text(wa_id, body) for body in ("first", "second", "third")]
+    r = syncredis.Redis.from_url(services[1])
+    try:
+        skey = state_key("burst", f"turn:{msgs[0]['id']}")
+        r.hset(skey, mapping={"started": "1", "reply": "the answer to first and second", "n": "2"})
+        r.expire(skey, STATE_TTL)
+    finally:
+        r.close()
+    assert post(wa, "burst", notification(msgs, pnid=PNIDS["burst"])).status_code == 200
+    sent = wait_sent(graph, wa_id, 3)
+    assert [s["text"] for s in sent] == ["echo: hello", "the answer to first and second", "echo: third"]
