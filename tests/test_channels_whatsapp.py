@@ -893,3 +893,22 @@ def test_a_message_arriving_after_a_dead_workers_answer_is_answered_not_absorbed
     assert post(wa, "burst", notification(msgs, pnid=PNIDS["burst"])).status_code == 200
     sent = wait_sent(graph, wa_id, 3)
     assert [s["text"] for s in sent] == ["echo: hello", "the answer to first and second", "echo: third"]
+
+
+def test_attack_replay_of_a_bursts_later_message_after_the_dedupe_expired_is_not_answered_again(wa, graph, services):
+    import redis as syncredis
+
+    wa_id = new_wa_id()
+    first, second = text(wa_id, "one"), text(wa_id, "two")
+    assert post(wa, "burst", notification([first, second], pnid=PNIDS["burst"])).status_code == 200
+    assert [s["text"] for s in wait_sent(graph, wa_id, 1)] == ["echo: one\ntwo"]  # one turn for the burst
+    # days later the dedupe key has expired; the captured, validly signed notification is replayed
+    r = syncredis.Redis.from_url(services[1])
+    try:
+        digest = hashlib.sha256(f"burst:{second['id']}".encode()).hexdigest()[:32]
+        assert r.delete(f"gw:{{gw}}:q:wa-inbound:d:{digest}") == 1
+    finally:
+        r.close()
+    assert post(wa, "burst", notification([second], pnid=PNIDS["burst"])).status_code == 200
+    wait_until(lambda: queue_idle(wa, "wa-inbound"), what="the replay processed")
+    assert len(graph.sent_to(wa_id)) == 1
