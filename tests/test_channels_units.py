@@ -257,3 +257,19 @@ def test_attack_template_values_with_new_lines_tabs_or_long_runs_of_spaces_are_o
     assert template_value("") == "-" and template_value(" \n ") == "-"
     assert template_value(12) == "12"
     assert len(template_value("x " * 5000)) <= 1024
+
+
+def test_attack_a_burst_of_large_photos_stays_one_request_the_gateway_takes():
+    from channels.whatsapp import content
+
+    class Store:  # each photo as MediaStore.part makes it: a data: URL of ~4 MB
+        async def part(self, acct, media, kind, account=""):
+            return {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + "A" * (4 * 1024 * 1024)}}
+
+    messages = [{"type": "image", "media": {"id": str(i)}, "text": f"photo {i}", "account": "a"} for i in range(3)]
+    out = asyncio.run(content.build_content(Store(), None, messages))
+    images = [p for p in out if p["type"] == "image_url"]
+    assert len(images) == 1 and sum(len(p["image_url"]["url"]) for p in images) <= content.MAX_INLINE
+    texts = [p["text"] for p in out if p["type"] == "text"]
+    assert texts.count("[image not shown: more images than one answer can look at]") == 2
+    assert "photo 2" in texts

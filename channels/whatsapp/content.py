@@ -18,6 +18,7 @@ from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable, MediaRe
 log = logging.getLogger("channels.whatsapp")
 
 MAX_BODY = 4096
+MAX_INLINE = 6 * 1024 * 1024  # characters of data: URLs of the images of one turn
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
 OTHER_TYPES = frozenset(
     {
@@ -120,11 +121,20 @@ def _write(path: Path, data: bytes) -> None:
 
 
 async def build_content(store: MediaStore, acct: WhatsAppAccount, messages: list[dict]) -> str | list:
-    """One user message for the burst: plain text, or parts when an image is in it."""
+    """One user message for the burst: plain text, or parts when an image is in it. The images
+    inlined in one turn are bounded together (``MAX_INLINE``, under the gateway's default request
+    size): a burst of large photos would otherwise make the turn a request the gateway refuses,
+    and the customer would get the fallback message instead of an answer."""
     parts: list[dict | str] = []
+    inlined = 0
     for m in messages:
         if m.get("media"):
-            parts.append(await store.part(acct, m["media"], m["type"], m.get("account") or ""))
+            part = await store.part(acct, m["media"], m["type"], m.get("account") or "")
+            if isinstance(part, dict):
+                inlined += len(part["image_url"]["url"])
+                if inlined > MAX_INLINE:
+                    part = f"[{m['type']} not shown: more images than one answer can look at]"
+            parts.append(part)
         if m.get("text"):
             parts.append(m["text"])
     if all(isinstance(p, str) for p in parts):
