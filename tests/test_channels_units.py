@@ -273,3 +273,38 @@ def test_attack_a_burst_of_large_photos_stays_one_request_the_gateway_takes():
     texts = [p["text"] for p in out if p["type"] == "text"]
     assert texts.count("[image not shown: more images than one answer can look at]") == 2
     assert "photo 2" in texts
+
+
+def test_attack_a_retry_after_of_nan_or_inf_is_no_hint():
+    from aiohttp import web
+
+    from channels.gateway_client import GatewayClient, GatewayUnavailable
+
+    async def go():
+        hints = iter(["nan", "inf", "-5", "7"])
+
+        async def handler(request):
+            return web.json_response(
+                {"error": {"code": "rate_limited"}}, status=429, headers={"retry-after": next(hints)}
+            )
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        client = GatewayClient(f"http://127.0.0.1:{port}")
+        out = []
+        try:
+            for _ in range(4):
+                with pytest.raises(GatewayUnavailable) as exc:
+                    await client.turn(api_key="k", agent="a", conversation_id="c", content="hi", variables={})
+                out.append(exc.value.retry_after)
+        finally:
+            await client.close()
+            await runner.cleanup()
+        return out
+
+    assert asyncio.run(go()) == [None, None, None, 7.0]
