@@ -912,3 +912,19 @@ def test_attack_replay_of_a_bursts_later_message_after_the_dedupe_expired_is_not
     assert post(wa, "burst", notification([second], pnid=PNIDS["burst"])).status_code == 200
     wait_until(lambda: queue_idle(wa, "wa-inbound"), what="the replay processed")
     assert len(graph.sent_to(wa_id)) == 1
+
+
+def test_a_long_answer_whose_pieces_all_fail_for_the_closed_window_gets_one_template(wa, graph):
+    _register_reengage(wa)
+    graph.configure(statuses=True, status_order=["failed:131047"])
+    try:
+        wa_id = new_wa_id()
+        say(wa, "acme", wa_id, "Sentence number one. " * 195)  # echoed: two pieces of text
+        wait_sent(graph, wa_id, 3)
+        wait_until(lambda: queue_idle(wa, "wa-status") and queue_idle(wa, "wa-inbound"), what="statuses processed")
+    finally:
+        graph.configure(statuses=False, status_order=["sent", "delivered", "read"])
+    sent = graph.sent_to(wa_id)
+    assert [s["type"] for s in sent] == ["text", "text", "template"]
+    reply = sent[2]["template"]["components"][0]["parameters"][1]["text"]
+    assert reply.startswith("echo: Sentence number one.") and len(reply) == 1024

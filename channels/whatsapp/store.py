@@ -256,3 +256,19 @@ async def template(pool, tenant: str, account: str, name: str, language: str | N
         "language": row["language"],
         "variables": orjson.loads(variables) if isinstance(variables, str) else list(variables),
     }
+
+
+async def turn_texts(pool, tenant: str, account: str, conv_id: str, reply_to: str) -> list[str]:
+    """The free-form pieces sent in answer to one inbound message, in order."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """SELECT body FROM whatsapp_messages
+               WHERE tenant = $1 AND account = $2 AND conversation_id = $3 AND reply_to = $4
+                 AND direction = 'out' AND kind <> 'template' AND body IS NOT NULL
+               ORDER BY id LIMIT 50""",
+            tenant,
+            account,
+            conv_id,
+            reply_to,
+        )
+    return [r["body"] for r in rows]

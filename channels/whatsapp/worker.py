@@ -230,7 +230,11 @@ class Worker:
         conv = await store.find_conversation(self.pool, acct.tenant, sent["conversation_id"])
         if conv is None or conv.account != status["account"]:
             return
-        await self.sender.outside_window(acct, conv, f"windowfail:{status['wamid']}", sent["body"], sent["reply_to"])
+        body, key = sent["body"], f"windowfail:{status['wamid']}"
+        if sent["reply_to"]:  # one template for the whole answer, however many of its pieces fail
+            texts = await store.turn_texts(self.pool, acct.tenant, conv.account, conv.conversation_id, sent["reply_to"])
+            body, key = " ".join(texts) or body, f"windowfail:{sent['reply_to']}"
+        await self.sender.outside_window(acct, conv, key, body, sent["reply_to"])
 
 
 def _variables(conv: store.Conversation, head: dict) -> dict:
