@@ -36,10 +36,10 @@ class WhatsAppAccount(_Strict):
     # number that is in neither is refused (its messages are not for this account).
     agent: str | None = None
     phone_numbers: dict[str, str] = Field(default_factory=dict)  # phone_number_id -> agent
-    app_secret: str = Field(min_length=8, max_length=512)  # X-Hub-Signature-256's key
-    verify_token: str = Field(min_length=8, max_length=512)  # the webhook handshake's token
-    access_token: str = Field(min_length=8, max_length=4096)  # Graph API bearer token
-    api_key: str = Field(min_length=8, max_length=512)  # this channel's key on the gateway
+    app_secret: str = Field(min_length=8, max_length=512, repr=False)  # X-Hub-Signature-256's key
+    verify_token: str = Field(min_length=8, max_length=512, repr=False)  # the webhook handshake's token
+    access_token: str = Field(min_length=8, max_length=4096, repr=False)  # Graph API bearer token
+    api_key: str = Field(min_length=8, max_length=512, repr=False)  # this channel's key on the gateway
     graph_base_url: str = "https://graph.facebook.com"
     graph_version: str = "v21.0"
     # Hosts media download URLs may point at, besides graph_base_url's own (Meta's CDN).

@@ -308,3 +308,11 @@ def test_attack_a_retry_after_of_nan_or_inf_is_no_hint():
         return out
 
     assert asyncio.run(go()) == [None, None, None, 7.0]
+
+
+def test_attack_an_account_printed_or_logged_shows_no_secret():
+    acct = whatsapp_accounts({"x": GOOD})["x"]
+    shown = f"{acct!r} {acct!s} {[acct]}"
+    for secret in ("app_secret", "verify_token", "access_token", "api_key"):
+        assert GOOD[secret] not in shown, secret
+    assert "bot" in shown  # the rest is still there to read
