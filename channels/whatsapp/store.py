@@ -177,12 +177,13 @@ async def record_outbound(
 async def answered(pool, tenant: str, head: dict) -> bool:
     """Whether something went out (or was held) in answer to this inbound message: naming it, or
     sent in its conversation after it was recorded (a message answered inside a burst is named by
-    nothing: the burst's answer names its first message)."""
+    nothing: the burst's answer names its first message). A fallback message answers only the
+    message it names: the others of a burst that died are still answered on their own."""
     async with pool.acquire() as conn:
         found = await conn.fetchval(
             """SELECT 1 FROM whatsapp_messages o
                WHERE o.tenant = $1 AND o.conversation_id = $2 AND o.direction = 'out'
-                 AND (o.reply_to = $3 OR o.created_at >= (
+                 AND (o.reply_to = $3 OR o.kind <> 'fallback' AND o.created_at >= (
                       SELECT i.created_at FROM whatsapp_messages i
                       WHERE i.tenant = $1 AND i.account = $4 AND i.wamid = $3 AND i.direction = 'in'))
                LIMIT 1""",
