@@ -928,3 +928,30 @@ def test_a_long_answer_whose_pieces_all_fail_for_the_closed_window_gets_one_temp
     assert [s["type"] for s in sent] == ["text", "text", "template"]
     reply = sent[2]["template"]["components"][0]["parameters"][1]["text"]
     assert reply.startswith("echo: Sentence number one.") and len(reply) == 1024
+
+
+def test_attack_an_admin_send_retried_with_its_idempotency_key_reaches_each_customer_once(wa, graph):
+    admin(
+        wa,
+        "POST",
+        "/admin/channels/whatsapp/templates",
+        json={"account": "acme", "name": "promo", "variables": ["code"]},
+    )
+    people = [new_wa_id() for _ in range(2)]
+    body = {"account": "acme", "to": people, "template": {"name": "promo", "variables": {"code": "ONCE"}}}
+    key = f"campaign-{uuid.uuid4().hex}"
+
+    def send(doc, idem):
+        headers = {"Authorization": f"Bearer {MASTER_KEY}", "Idempotency-Key": idem}
+        return httpx.post(f"{wa.url}/admin/channels/whatsapp/send", json=doc, headers=headers, timeout=30)
+
+    first = send(body, key)
+    again = send({**body, "to": [*people, "15550009999"]}, key)
+    assert first.status_code == again.status_code == 202
+    assert [d["job_id"] for d in again.json()["data"][:2]] == [d["job_id"] for d in first.json()["data"]]
+    for p in people:
+        wait_sent(graph, p, 1)
+    wait_until(lambda: queue_idle(wa, "wa-inbound"), what="sends done")
+    assert [len(graph.sent_to(p)) for p in people] == [1, 1]
+    bad = send(body, "a b")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Idempotency-Key"
