@@ -36,15 +36,18 @@ class WhatsAppAccount(_Strict):
     # number that is in neither is refused (its messages are not for this account).
     agent: str | None = None
     phone_numbers: dict[str, str] = Field(default_factory=dict)  # phone_number_id -> agent
-    app_secret: str = Field(min_length=8, max_length=512)  # X-Hub-Signature-256's key
-    verify_token: str = Field(min_length=8, max_length=512)  # the webhook handshake's token
-    access_token: str = Field(min_length=8, max_length=4096)  # Graph API bearer token
-    api_key: str = Field(min_length=8, max_length=512)  # this channel's key on the gateway
+    app_secret: str = Field(min_length=8, max_length=512, repr=False)  # X-Hub-Signature-256's key
+    verify_token: str = Field(min_length=8, max_length=512, repr=False)  # the webhook handshake's token
+    access_token: str = Field(min_length=8, max_length=4096, repr=False)  # Graph API bearer token
+    api_key: str = Field(min_length=8, max_length=512, repr=False)  # this channel's key on the gateway
     graph_base_url: str = "https://graph.facebook.com"
     graph_version: str = "v21.0"
     # Hosts media download URLs may point at, besides graph_base_url's own (Meta's CDN).
     media_hosts: list[str] = Field(default_factory=lambda: ["lookaside.fbsbx.com"])
     media_max_bytes: int = Field(5 * 1024 * 1024, gt=0, le=100 * 1024 * 1024)
+    # Bytes of media the channel may keep under the data directory for this account (customers
+    # choose what they send): past it a file is passed on when it can be (images) but not kept.
+    media_quota_bytes: int = Field(1024**3, ge=0, le=1024**4)
     fallback_message: str = Field(
         "Sorry, we could not answer your message right now. Please try again later.", max_length=4096
     )
@@ -124,6 +127,33 @@ def whatsapp_accounts(raw: dict[str, dict[str, Any]]) -> dict[str, WhatsAppAccou
             for e in exc.errors():
                 loc = ".".join(str(p) for p in e["loc"])
                 problems.append(f"{where}{'.' + loc if loc else ''}: {e['msg'].removeprefix('Value error, ')}")
+    problems += _shared(out)
     if problems:
         raise ChannelConfigError(problems)
     return out
+
+
+def _shared(accounts: dict[str, WhatsAppAccount]) -> list[str]:
+    """A business number answers for one account (one tenant): a phone_number_id listed by two
+    accounts, or an account taking every number (``agent`` without ``phone_numbers``) that shares
+    its app secret with another account, would let a notification signed for one account (Meta
+    posts every number of an app to the app's callback URL; a captured payload can be re-posted
+    to the other URL) be answered under another account's tenant."""
+    problems: list[str] = []
+    owner: dict[str, str] = {}
+    for name, acct in accounts.items():
+        for pnid in acct.phone_numbers:
+            if pnid in owner:
+                problems.append(f"channels.whatsapp.{name}.phone_numbers: {pnid} is account {owner[pnid]}'s already")
+            owner.setdefault(pnid, name)
+    for name, acct in accounts.items():
+        if acct.phone_numbers:
+            continue
+        for other, acct2 in accounts.items():
+            if other != name and acct2.app_secret == acct.app_secret:
+                problems.append(
+                    f"channels.whatsapp.{name}: shares its app secret with account {other}; "
+                    "list its phone_numbers (an account taking every number must have its own app)"
+                )
+                break
+    return problems

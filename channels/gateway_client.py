@@ -83,6 +83,8 @@ class GatewayClient:
                 after = float(retry_after) if retry_after else None
             except ValueError:
                 after = None
+            if after is not None and not 0 < after < 86_400:  # nan, inf, negative: no hint
+                after = None
             raise GatewayUnavailable(f"gateway answered {status}", after)
         if status >= 400:
             raise GatewayRejected(f"gateway answered {status}: {_error_code(raw)}")

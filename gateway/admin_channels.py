@@ -35,6 +35,7 @@ MAX_TEXT = 4096 * 4
 _TEMPLATE_NAME = re.compile(r"^[a-z0-9_]{1,512}$")
 _LANGUAGE = re.compile(r"^[a-z]{2,3}(_[A-Z]{2})?$")
 _VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_IDEMPOTENCY = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 TEMPLATE_FIELDS = frozenset({"account", "name", "language", "category", "variables", "description"})
 SEND_FIELDS = frozenset({"account", "phone_number_id", "to", "text", "template"})
 STATUSES = ("received", "sent", "delivered", "read", "failed", "held", "unknown")
@@ -154,15 +155,28 @@ class ChannelsAdmin:
             payload["text"] = inp.text(data, "text", max_len=MAX_TEXT)
         else:
             payload["template"] = await self._template(request, acct, name, template)
+        # With an Idempotency-Key, the same request again (a retry after a timeout or a partial
+        # failure) queues nothing twice: each recipient's send is deduplicated on (key, recipient).
+        idem = request.headers.get("idempotency-key")
+        if idem is not None and not _IDEMPOTENCY.match(idem):
+            raise InvalidRequest("'Idempotency-Key' is 1-128 of [A-Za-z0-9._:-].", param="Idempotency-Key")
         queued = []
         try:
             for wa_id in dict.fromkeys(recipients):
+                job_payload = {**payload, "wa_id": wa_id}
+                if idem is not None:
+                    job_payload["idempotency"] = f"admin-send:{idem}:{wa_id}"
                 job = await self.channel.inbound.enqueue(
-                    {**payload, "wa_id": wa_id}, key=conversation_key(name, pnid, wa_id)
+                    job_payload,
+                    key=conversation_key(name, pnid, wa_id),
+                    dedupe=f"{name}:admin-send:{idem}:{wa_id}" if idem is not None else None,
                 )
                 queued.append({"to": wa_id, "job_id": job})
         except Exception as exc:
-            raise GatewayError(f"Queued {len(queued)} of {len(recipients)} sends; the rest failed.") from exc
+            raise GatewayError(
+                f"Queued {len(queued)} of {len(recipients)} sends; the rest failed. "
+                "Send the same request again with the same Idempotency-Key to queue only the rest."
+            ) from exc
         return base._json({"object": "list", "data": queued}, status=202)
 
     async def _template(self, request: Request, acct, name: str, template) -> dict:

@@ -7,17 +7,20 @@
   ``{"id", "data_b64", "mime_type", "url"?}`` (``url`` overrides the download link: SSRF tests).
 - Delivery statuses posted back to the gateway's webhook (``webhook_url``), signed with
   ``app_secret`` like Meta's: sent, delivered, read — in ``status_order`` (out of order on
-  directive).
+  directive; ``failed:<code>`` is a failed status with that error), or before the send is
+  answered (``status_first_ms``: posted, then the answer waits that long, as Meta's can race the
+  sender's own record of the send).
 
 Faults, by directive: ``POST /_mock/faults {"to": "<wa_id>" | "*", "errors": [130429, 500, ...]}``
 (each consumed by one send), or ``[[graph:{"error": 131047, "times": 1}]]`` inside a text body (the
 first ``times`` sends carrying that directive fail). ``POST /_mock/window {"wa_id", "open": false}``
 closes a customer's 24-hour window (free-form text then fails with 131047); ``rate_per_second``
-(config) answers 130429 past that many sends a second per number.
+(config) answers 130429 past that many sends a second per number. A template parameter with a
+new line, a tab or more than four spaces in a row is refused with 132018, as Meta does.
 
 Inspection: ``GET /_mock/sent`` (sends), ``GET /_mock/reads``, ``DELETE /_mock/sent`` clears;
 ``POST /_mock/config`` sets token, webhook_url, app_secret, statuses, status_order, status_delay_ms,
-rate_per_second, record.
+status_first_ms, rate_per_second, record.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ _ERRORS = {
     131056: (400, "(Business Account, Consumer Account) pair rate limit hit"),
     131026: (400, "Message Undeliverable"),
     100: (400, "Invalid parameter"),
+    132018: (400, "There was an issue with the parameters in your template."),
 }
+_BAD_PARAM = re.compile(r"[\n\t]| {5}")
 
 
 def _graph_error(code: int) -> tuple[int, dict]:
@@ -61,6 +66,23 @@ def _graph_error(code: int) -> tuple[int, dict]:
     }
 
 
+def _bad_template_params(template) -> bool:
+    components = template.get("components") if isinstance(template, dict) else None
+    for comp in components if isinstance(components, list) else ():
+        for param in comp.get("parameters") or () if isinstance(comp, dict) else ():
+            if isinstance(param, dict) and _BAD_PARAM.search(str(param.get("text") or "")):
+                return True
+    return False
+
+
+def _status(wamid: str, status: str, to: str) -> dict:
+    name, _, code = status.partition(":")
+    out = {"id": wamid, "status": name, "timestamp": str(int(time.time())), "recipient_id": to}
+    if code:
+        out["errors"] = [{"code": int(code), "title": _ERRORS.get(int(code), (400, "Error"))[1]}]
+    return out
+
+
 class MockGraph:
     def __init__(self, opts: argparse.Namespace) -> None:
         self.cfg = {
@@ -70,6 +92,7 @@ class MockGraph:
             "statuses": False,
             "status_order": ["sent", "delivered", "read"],
             "status_delay_ms": 0,
+            "status_first_ms": 0,
             "rate_per_second": 0,
             "record": True,
             "self_url": f"http://{opts.host}:{opts.port}",
@@ -175,6 +198,8 @@ class MockGraph:
         if kind == "text" and len(((req.get("text") or {}).get("body")) or "") > 4096:
             return await self._json(send, 400, {"error": {"message": "text too long", "code": 100}})
         code = self._fault(to, req)
+        if code is None and kind == "template" and _bad_template_params(req.get("template")):
+            code = 132018
         if code is None and kind == "text" and to in self.closed:
             code = 131047
         limit = self.cfg["rate_per_second"]
@@ -203,7 +228,10 @@ class MockGraph:
                 }
             )
         self.counts["sent"] += 1
-        if self.cfg["statuses"] and self.cfg["webhook_url"]:
+        if self.cfg["statuses"] and self.cfg["webhook_url"] and self.cfg["status_first_ms"]:
+            await self._post_statuses(pnid, to, wamid)
+            await asyncio.sleep(self.cfg["status_first_ms"] / 1000)
+        elif self.cfg["statuses"] and self.cfg["webhook_url"]:
             task = asyncio.ensure_future(self._post_statuses(pnid, to, wamid))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -233,14 +261,7 @@ class MockGraph:
                                 "value": {
                                     "messaging_product": "whatsapp",
                                     "metadata": {"display_phone_number": "15550000000", "phone_number_id": pnid},
-                                    "statuses": [
-                                        {
-                                            "id": wamid,
-                                            "status": status,
-                                            "timestamp": str(int(time.time())),
-                                            "recipient_id": to,
-                                        }
-                                    ],
+                                    "statuses": [_status(wamid, status, to)],
                                 },
                             }
                         ],

@@ -106,7 +106,7 @@ def wa(tmp_root, services, module_mock, graph):
                     media_max_bytes=200_000,
                     media_hosts=[],
                 ),
-                "beta": account("beta", graph_base_url=graph_url),
+                "beta": account("beta", graph_base_url=graph_url, media_quota_bytes=40),
                 "burst": account("burst", graph_base_url=graph_url, debounce=1.0),
             }
         },
@@ -742,6 +742,219 @@ def test_deliverer_sends_a_humans_reply_once_and_only_to_its_own_conversations(w
     assert again.channel == "whatsapp" and again.detail is None  # the same reply (ref) is not sent twice
     assert unknown.channel == "api" and other_tenant.channel == "api"  # not this channel's conversations
     assert [s["text"] for s in graph.sent_to(wa_id)] == ["echo: I want a person", "A human here. How can I help?"]
+
+
+# ---- review (warev): attacks and races found after the first build ------------------------
+
+
+def _register_reengage(gw: Gateway) -> None:
+    body = {"account": "acme", "name": "reengage", "language": "en_US", "variables": ["customer_name", "reply"]}
+    assert admin(gw, "POST", "/admin/channels/whatsapp/templates", json=body).status_code == 201
+
+
+def test_attack_status_naming_an_inbound_wamid_changes_nothing(wa, graph, services):
+    wa_id = new_wa_id()
+    wamid = say(wa, "acme", wa_id, "my own message")
+    wait_sent(graph, wa_id, 1)
+    statuses = [
+        {"id": wamid, "status": s, "timestamp": str(int(time.time())), "recipient_id": wa_id, "errors": e}
+        for s, e in (("read", None), ("failed", [{"code": 131047}]))
+    ]
+    assert post(wa, "acme", notification([], pnid="1001", statuses=statuses)).status_code == 200
+    wait_until(lambda: queue_idle(wa, "wa-status"), what="statuses processed")
+    row = rows(
+        services[0],
+        "SELECT direction, status, error, read_at, failed_at FROM whatsapp_messages WHERE wamid = $1",
+        wamid,
+    )
+    assert row == [{"direction": "in", "status": "received", "error": None, "read_at": None, "failed_at": None}]
+    assert len(graph.sent_to(wa_id)) == 1  # and no window template was sent for it
+
+
+def test_a_window_failure_status_that_beats_the_sends_own_record_still_gets_the_template(wa, graph):
+    _register_reengage(wa)
+    # Meta's failed status (131047) reaches the webhook and its worker before the sender has
+    # recorded the send (the mock posts it, then waits before answering the send)
+    graph.configure(statuses=True, status_order=["failed:131047"], status_first_ms=1500)
+    try:
+        wa_id = new_wa_id()
+        say(wa, "acme", wa_id, "race me")
+        sent = wait_sent(graph, wa_id, 2, timeout=40)
+    finally:
+        graph.configure(statuses=False, status_order=["sent", "delivered", "read"], status_first_ms=0)
+    assert sent[0]["type"] == "text" and sent[1]["type"] == "template"
+    assert [p["text"] for p in sent[1]["template"]["components"][0]["parameters"]] == ["Ada", "echo: race me"]
+
+
+def test_attack_multiline_reply_and_name_through_the_window_template_are_one_line(wa, graph, services):
+    _register_reengage(wa)
+    wa_id = new_wa_id()
+    msg = text(wa_id, "first line\n\nsecond\tline     spaced", ts=time.time() - 25 * 3600)
+    doc = notification([msg], pnid="1001", name="Ada")
+    doc["entry"][0]["changes"][0]["value"]["contacts"][0]["profile"]["name"] = "Ada\nLovelace"
+    assert post(wa, "acme", doc).status_code == 200
+    sent = wait_sent(graph, wa_id, 1)
+    assert sent[0]["type"] == "template"  # Meta refuses (132018) a parameter with a new line or a tab
+    params = [p["text"] for p in sent[0]["template"]["components"][0]["parameters"]]
+    assert params == ["Ada Lovelace", "echo: first line second line spaced"]
+    assert graph.stats().get("error_132018", 0) == 0
+
+
+def test_a_humans_second_reply_in_one_escalation_and_the_same_words_to_another_customer_are_sent(
+    wa, graph, services, tmp_root
+):
+    import redis.asyncio as aioredis
+
+    from channels.config import whatsapp_accounts
+    from channels.whatsapp import WhatsApp
+    from gateway.channels_whatsapp import DeliveryAdapter
+    from runtime.delivery import Delivery, Outbound
+
+    a, b = new_wa_id(), new_wa_id()
+    for wa_id in (a, b):
+        say(wa, "acme", wa_id, "a person please")
+        wait_sent(graph, wa_id, 1)
+
+    async def go():
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        redis = aioredis.from_url(services[1])
+        acct = account("acme", graph_base_url=graph.url, api_key="sk-unused-000000")
+        channel = WhatsApp(
+            whatsapp_accounts({"acme": acct}), redis=redis, pool=pool, data_dir=tmp_root / "data", gateway_url=wa.url
+        )
+        delivery = Delivery()
+        delivery.register("whatsapp", DeliveryAdapter(channel))
+        try:
+            out = []
+            for conv, words, ref in (
+                (a, "Hello, I am Sam.", "esc_a"),
+                (a, "Your refund is on its way.", "esc_a"),  # the same escalation's second reply
+                (a, "Your refund is on its way.", "esc_a"),  # delivered again: not a new message
+                (b, "Hello, I am Sam.", None),  # the same words, another customer, no ref
+            ):
+                out.append(await delivery.deliver(Outbound(TENANT, "wabot", f"wa:1001:{conv}", words, ref=ref)))
+            return out
+        finally:
+            await channel.stop()
+            await redis.aclose()
+            await pool.close()
+
+    out = asyncio.run(go())
+    assert [o.status for o in out] == ["sent"] * 4
+    assert [o.detail is not None for o in out] == [True, True, False, True]
+    assert [s["text"] for s in graph.sent_to(a)][1:] == ["Hello, I am Sam.", "Your refund is on its way."]
+    assert [s["text"] for s in graph.sent_to(b)][1:] == ["Hello, I am Sam."]
+
+
+def test_attack_a_customer_cannot_fill_the_disk_past_the_accounts_media_quota(wa, graph, module_mock, tmp_root):
+    first, second = b"%PDF-1.4 first bill 000000000", b"%PDF-1.4 second bill 11111111"  # 29 bytes each, quota 40
+    for mid, data in (("7770101", first), ("7770102", second)):
+        body = {"id": mid, "data_b64": base64.b64encode(data).decode(), "mime_type": "application/pdf"}
+        graph._post("/_mock/media", body)
+    wa_id = new_wa_id()
+    for n, mid in enumerate(("7770101", "7770102"), 1):
+        doc = {
+            "from": wa_id,
+            "id": new_wamid(),
+            "timestamp": str(int(time.time())),
+            "type": "document",
+            "document": {"id": mid, "mime_type": "application/pdf", "filename": f"bill{n}.pdf"},
+        }
+        assert post(wa, "beta", notification([doc], pnid="2002")).status_code == 200
+        wait_sent(graph, wa_id, n)
+    kept, refused = (c["messages"][-1]["content"] for c in llm_requests(module_mock, wa_id))
+    assert kept.startswith("[attachment: document 'bill1.pdf'")
+    assert refused == "[document not kept: the media storage of this account is full]"
+    root = tmp_root / "data" / "channels" / "whatsapp"
+    assert len(list(root.rglob(f"{hashlib.sha256(first).hexdigest()}.pdf"))) == 1
+    assert list(root.rglob(f"{hashlib.sha256(second).hexdigest()}.pdf")) == []
+
+
+def test_a_message_arriving_after_a_dead_workers_answer_is_answered_not_absorbed(wa, graph, services):
+    """A worker answered a burst of two (the answer is in the turn's state), then died before
+    finishing it; a third message arrived meanwhile. The worker taking the turn over resends the
+    stored answer for the two and answers the third on its own: it is not swallowed into a turn
+    whose answer was made without it."""
+    import redis as syncredis
+
+    from channels.whatsapp.sender import STATE_TTL, state_key
+
+    wa_id = new_wa_id()
+    say(wa, "burst", wa_id, "hello")  # the conversation exists
+    wait_sent(graph, wa_id, 1)
+    msgs = [text(wa_id, body) for body in ("first", "second", "third")]
+    r = syncredis.Redis.from_url(services[1])
+    try:
+        skey = state_key("burst", f"turn:{msgs[0]['id']}")
+        r.hset(skey, mapping={"started": "1", "reply": "the answer to first and second", "n": "2"})
+        r.expire(skey, STATE_TTL)
+    finally:
+        r.close()
+    assert post(wa, "burst", notification(msgs, pnid=PNIDS["burst"])).status_code == 200
+    sent = wait_sent(graph, wa_id, 3)
+    assert [s["text"] for s in sent] == ["echo: hello", "the answer to first and second", "echo: third"]
+
+
+def test_attack_replay_of_a_bursts_later_message_after_the_dedupe_expired_is_not_answered_again(wa, graph, services):
+    import redis as syncredis
+
+    wa_id = new_wa_id()
+    first, second = text(wa_id, "one"), text(wa_id, "two")
+    assert post(wa, "burst", notification([first, second], pnid=PNIDS["burst"])).status_code == 200
+    assert [s["text"] for s in wait_sent(graph, wa_id, 1)] == ["echo: one\ntwo"]  # one turn for the burst
+    # days later the dedupe key has expired; the captured, validly signed notification is replayed
+    r = syncredis.Redis.from_url(services[1])
+    try:
+        digest = hashlib.sha256(f"burst:{second['id']}".encode()).hexdigest()[:32]
+        assert r.delete(f"gw:{{gw}}:q:wa-inbound:d:{digest}") == 1
+    finally:
+        r.close()
+    assert post(wa, "burst", notification([second], pnid=PNIDS["burst"])).status_code == 200
+    wait_until(lambda: queue_idle(wa, "wa-inbound"), what="the replay processed")
+    assert len(graph.sent_to(wa_id)) == 1
+
+
+def test_a_long_answer_whose_pieces_all_fail_for_the_closed_window_gets_one_template(wa, graph):
+    _register_reengage(wa)
+    graph.configure(statuses=True, status_order=["failed:131047"])
+    try:
+        wa_id = new_wa_id()
+        say(wa, "acme", wa_id, "Sentence number one. " * 195)  # echoed: two pieces of text
+        wait_sent(graph, wa_id, 3)
+        wait_until(lambda: queue_idle(wa, "wa-status") and queue_idle(wa, "wa-inbound"), what="statuses processed")
+    finally:
+        graph.configure(statuses=False, status_order=["sent", "delivered", "read"])
+    sent = graph.sent_to(wa_id)
+    assert [s["type"] for s in sent] == ["text", "text", "template"]
+    reply = sent[2]["template"]["components"][0]["parameters"][1]["text"]
+    assert reply.startswith("echo: Sentence number one.") and len(reply) == 1024
+
+
+def test_attack_an_admin_send_retried_with_its_idempotency_key_reaches_each_customer_once(wa, graph):
+    admin(
+        wa,
+        "POST",
+        "/admin/channels/whatsapp/templates",
+        json={"account": "acme", "name": "promo", "variables": ["code"]},
+    )
+    people = [new_wa_id() for _ in range(2)]
+    body = {"account": "acme", "to": people, "template": {"name": "promo", "variables": {"code": "ONCE"}}}
+    key = f"campaign-{uuid.uuid4().hex}"
+
+    def send(doc, idem):
+        headers = {"Authorization": f"Bearer {MASTER_KEY}", "Idempotency-Key": idem}
+        return httpx.post(f"{wa.url}/admin/channels/whatsapp/send", json=doc, headers=headers, timeout=30)
+
+    first = send(body, key)
+    again = send({**body, "to": [*people, "15550009999"]}, key)
+    assert first.status_code == again.status_code == 202
+    assert [d["job_id"] for d in again.json()["data"][:2]] == [d["job_id"] for d in first.json()["data"]]
+    for p in people:
+        wait_sent(graph, p, 1)
+    wait_until(lambda: queue_idle(wa, "wa-inbound"), what="sends done")
+    assert [len(graph.sent_to(p)) for p in people] == [1, 1]
+    bad = send(body, "a b")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Idempotency-Key"
 
 
 # ---- human in the loop through WhatsApp (issue #15) -------------------------------------------

@@ -83,7 +83,7 @@ class WhatsApp:
             inbound=self.inbound,
             sender=self.sender,
             graph=self.graph,
-            media=MediaStore(self.graph, data_dir),
+            media=MediaStore(self.graph, data_dir, redis),
             gateway=self.gateway,
         )
         self.inbound.on_dead = self.worker.on_dead

@@ -18,6 +18,7 @@ from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable, MediaRe
 log = logging.getLogger("channels.whatsapp")
 
 MAX_BODY = 4096
+MAX_INLINE = 6 * 1024 * 1024  # characters of data: URLs of the images of one turn
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
 OTHER_TYPES = frozenset(
     {
@@ -59,16 +60,32 @@ def split_reply(text: str, limit: int = MAX_BODY, max_parts: int = 10) -> list[s
     return [p for p in parts if p]
 
 
+# KEYS: usage. ARGV: bytes, quota. 1: counted; 0: over the quota (nothing counted)
+_RESERVE = """
+local used = redis.call('INCRBY', KEYS[1], ARGV[1])
+if used > tonumber(ARGV[2]) then redis.call('DECRBY', KEYS[1], ARGV[1]) return 0 end
+return 1
+"""
+
+
 class MediaStore:
-    def __init__(self, graph: Graph, data_dir: Path) -> None:
+    def __init__(self, graph: Graph, data_dir: Path, redis=None) -> None:
         self.graph = graph
         self.root = Path(data_dir) / "channels" / "whatsapp"
+        self.redis = redis  # the per-account usage counters (media_quota_bytes); None: no quota
+
+    async def _reserve(self, acct: WhatsAppAccount, account: str, size: int) -> bool:
+        """Counts ``size`` bytes against the account's quota across workers; False when over it."""
+        if self.redis is None:
+            return True
+        key = f"gw:{{gw}}:wa:media-bytes:{account}"
+        return bool(await self.redis.eval(_RESERVE, 1, key, size, acct.media_quota_bytes))
 
     def _path(self, tenant: str, digest: str, mime: str) -> Path:
         folder = self.root / hashlib.sha256(tenant.encode()).hexdigest()[:16]
         return folder / f"{digest}.{_EXT.get(mime, 'bin')}"
 
-    async def part(self, acct: WhatsAppAccount, media: dict, kind: str) -> dict | str:
+    async def part(self, acct: WhatsAppAccount, media: dict, kind: str, account: str = "") -> dict | str:
         """An image part, or a line of text naming the stored attachment (or why there is none)."""
         image = kind in ("image", "sticker")
         allowed = IMAGE_TYPES if image else OTHER_TYPES
@@ -82,8 +99,14 @@ class MediaStore:
             raise  # transient: the turn is retried
         digest = hashlib.sha256(data).hexdigest()
         path = self._path(acct.tenant, digest, mime)
-        if not path.exists():
+        kept = path.exists()
+        if not kept and await self._reserve(acct, account, len(data)):
             await asyncio.to_thread(_write, path, data)
+            kept = True
+        if not kept:
+            log.warning("whatsapp media not kept: the account's media quota is used up")
+            if not image:
+                return f"[{kind} not kept: the media storage of this account is full]"
         if image:
             return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}}
         name = media.get("filename") or f"{kind}.{_EXT.get(mime, 'bin')}"
@@ -98,11 +121,20 @@ def _write(path: Path, data: bytes) -> None:
 
 
 async def build_content(store: MediaStore, acct: WhatsAppAccount, messages: list[dict]) -> str | list:
-    """One user message for the burst: plain text, or parts when an image is in it."""
+    """One user message for the burst: plain text, or parts when an image is in it. The images
+    inlined in one turn are bounded together (``MAX_INLINE``, under the gateway's default request
+    size): a burst of large photos would otherwise make the turn a request the gateway refuses,
+    and the customer would get the fallback message instead of an answer."""
     parts: list[dict | str] = []
+    inlined = 0
     for m in messages:
         if m.get("media"):
-            parts.append(await store.part(acct, m["media"], m["type"]))
+            part = await store.part(acct, m["media"], m["type"], m.get("account") or "")
+            if isinstance(part, dict):
+                inlined += len(part["image_url"]["url"])
+                if inlined > MAX_INLINE:
+                    part = f"[{m['type']} not shown: more images than one answer can look at]"
+            parts.append(part)
         if m.get("text"):
             parts.append(m["text"])
     if all(isinstance(p, str) for p in parts):

@@ -36,8 +36,11 @@ class WhatsAppDeliverer:
         if acct is None or acct.tenant != message.tenant:
             return ("failed", "the WhatsApp account is not configured")
         text = str(message.text)[:MAX_TEXT]
-        ref = message.ref or hashlib.sha256(text.encode()).hexdigest()[:24]
-        key = f"deliver:{message.kind}:{ref}"
+        # Idempotent per (conversation, what it answers, the words): the same reply delivered
+        # again is not sent twice, but a person's second reply in one escalation (same ref) and
+        # the same words to another customer are messages of their own.
+        digest = hashlib.sha256(f"{conv.conversation_id}|{message.ref or ''}|{text}".encode()).hexdigest()[:32]
+        key = f"deliver:{message.kind}:{digest}"
         try:
             out = await self.sender.send_text(acct, conv, key, text, kind=message.kind)
         except (Retry, GraphError, GraphUnreachable) as exc:

@@ -162,10 +162,7 @@ class Sender:
         self, acct: WhatsAppAccount, conv: store.Conversation, key: str, tpl: dict, values: dict, *, reply_to=None
     ) -> Outcome:
         out = Outcome()
-        params = [
-            {"type": "text", "text": str(values.get(name, ""))[:MAX_TEMPLATE_VALUE] or "-"}
-            for name in tpl.get("variables") or ()
-        ]
+        params = [{"type": "text", "text": template_value(values.get(name, ""))} for name in tpl.get("variables") or ()]
         message = {
             "type": "template",
             "template": {
@@ -222,6 +219,13 @@ class Sender:
             )
         out.held = True
         return out
+
+
+def template_value(value) -> str:
+    """A template body parameter as Meta takes it: one line, no tabs, no run of more than four
+    spaces (else the whole send is refused, 132018), at most ``MAX_TEMPLATE_VALUE`` characters,
+    never empty. A reply or a profile name with several lines becomes one."""
+    return " ".join(str(value).split())[:MAX_TEMPLATE_VALUE].strip() or "-"
 
 
 def _job_error(exc: GraphError) -> Exception:

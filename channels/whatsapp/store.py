@@ -158,7 +158,8 @@ async def record_outbound(
                        CASE WHEN $10::smallint > 0 THEN now() END)
                ON CONFLICT (tenant, account, wamid) WHERE wamid IS NOT NULL DO UPDATE SET
                    conversation_id = EXCLUDED.conversation_id, wa_id = EXCLUDED.wa_id, kind = EXCLUDED.kind,
-                   body = EXCLUDED.body, reply_to = EXCLUDED.reply_to, updated_at = now()""",
+                   body = EXCLUDED.body, reply_to = EXCLUDED.reply_to, updated_at = now()
+               WHERE whatsapp_messages.direction = 'out'""",
             conv.tenant,
             conv.account,
             wamid,
@@ -174,14 +175,22 @@ async def record_outbound(
 
 
 async def answered(pool, tenant: str, head: dict) -> bool:
-    """Whether something went out (or was held) in answer to this inbound message."""
+    """Whether something went out (or was held) in answer to this inbound message: naming it, or
+    sent in its conversation after it was recorded (a message answered inside a burst is named by
+    nothing: the burst's answer names its first message). A fallback message answers only the
+    message it names: the others of a burst that died are still answered on their own."""
     async with pool.acquire() as conn:
         found = await conn.fetchval(
-            """SELECT 1 FROM whatsapp_messages
-               WHERE tenant = $1 AND conversation_id = $2 AND direction = 'out' AND reply_to = $3 LIMIT 1""",
+            """SELECT 1 FROM whatsapp_messages o
+               WHERE o.tenant = $1 AND o.conversation_id = $2 AND o.direction = 'out'
+                 AND (o.reply_to = $3 OR o.kind <> 'fallback' AND o.created_at >= (
+                      SELECT i.created_at FROM whatsapp_messages i
+                      WHERE i.tenant = $1 AND i.account = $4 AND i.wamid = $3 AND i.direction = 'in'))
+               LIMIT 1""",
             tenant,
             conversation_id(head["pnid"], head["wa_id"]),
             head["wamid"],
+            head["account"],
         )
     return found is not None
 
@@ -200,7 +209,8 @@ async def outbound(pool, tenant: str, account: str, wamid: str) -> dict | None:
 
 async def record_status(pool, tenant: str, account: str, status: dict) -> None:
     """A delivery status: the message's status only moves forward (sent < delivered < read;
-    failed last), whatever order they arrive in; each one's time is kept."""
+    failed last), whatever order they arrive in; each one's time is kept. Statuses are about
+    messages sent: one naming an inbound message's wamid changes nothing."""
     column = {"sent": "sent_at", "delivered": "delivered_at", "read": "read_at", "failed": "failed_at"}[
         status["status"]
     ]
@@ -215,7 +225,8 @@ async def record_status(pool, tenant: str, account: str, status: dict) -> None:
                     status_rank = GREATEST(whatsapp_messages.status_rank, EXCLUDED.status_rank),
                     error = COALESCE(EXCLUDED.error, whatsapp_messages.error),
                     {column} = COALESCE(whatsapp_messages.{column}, EXCLUDED.{column}),
-                    updated_at = now()""",
+                    updated_at = now()
+                WHERE whatsapp_messages.direction = 'out'""",
             tenant,
             account,
             status["wamid"],
@@ -246,3 +257,19 @@ async def template(pool, tenant: str, account: str, name: str, language: str | N
         "language": row["language"],
         "variables": orjson.loads(variables) if isinstance(variables, str) else list(variables),
     }
+
+
+async def turn_texts(pool, tenant: str, account: str, conv_id: str, reply_to: str) -> list[str]:
+    """The free-form pieces sent in answer to one inbound message, in order."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """SELECT body FROM whatsapp_messages
+               WHERE tenant = $1 AND account = $2 AND conversation_id = $3 AND reply_to = $4
+                 AND direction = 'out' AND kind <> 'template' AND body IS NOT NULL
+               ORDER BY id LIMIT 50""",
+            tenant,
+            account,
+            conv_id,
+            reply_to,
+        )
+    return [r["body"] for r in rows]

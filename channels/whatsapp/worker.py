@@ -98,16 +98,19 @@ class Worker:
             wait = max(j.enqueued_at for j in burst) + acct.debounce - now
             if wait > 0 and now - job.enqueued_at < acct.debounce_max_wait:
                 raise Retry(wait)
-        await self._turn(acct, [j.payload for j in burst])
-        return len(burst) - 1
+        return await self._turn(acct, [j.payload for j in burst]) - 1
 
-    async def _turn(self, acct: WhatsAppAccount, messages: list[dict]) -> None:
+    async def _turn(self, acct: WhatsAppAccount, messages: list[dict]) -> int:
+        """Answers the burst; returns how many of its messages the answer covers (a turn taken over
+        from a stopped worker covers what its answer was made of, not what arrived since)."""
         head = messages[0]
         agent = acct.agent_for(head["pnid"])
         if agent is None:
             raise Fatal("the business number is no longer configured for this account")
         key = f"turn:{head['wamid']}"
         state = await self.sender.state(head["account"], key)
+        if "reply" in state and state.get("n", "").isdigit():
+            messages = messages[: max(1, int(state["n"]))]
         if "reply" not in state:
             if "started" not in state:
                 await self.sender.note(head["account"], key, started="1")
@@ -118,7 +121,7 @@ class Worker:
             if fresh == 0 and "started" not in state and await store.answered(self.pool, acct.tenant, head):
                 log.info("whatsapp duplicate messages skipped", extra={"fields": {"account": head["account"]}})
                 metrics.turns.get(head["account"], "duplicate").inc()
-                return
+                return len(messages)
             read = asyncio.ensure_future(self._mark_read(acct, head["pnid"], messages[-1]["wamid"]))
             try:
                 content = await build_content(self.media, acct, messages)
@@ -137,7 +140,9 @@ class Worker:
                 raise
             finally:
                 await read
-            await self.sender.note(head["account"], key, reply=reply.text, escalation=reply.escalation or "")
+            await self.sender.note(
+                head["account"], key, reply=reply.text, escalation=reply.escalation or "", n=str(len(messages))
+            )
             metrics.turns.get(head["account"], "escalated" if reply.escalation else "answered").inc()
             text = reply.text
             state = {**state, "started": "1", "reply": text}
@@ -150,6 +155,7 @@ class Worker:
             await self.sender.send_text(
                 acct, conv, key, text, reply_to=head["wamid"], variables=_variables(conv, head), state=state
             )
+        return len(messages)
 
     async def _mark_read(self, acct: WhatsAppAccount, pnid: str, wamid: str) -> None:
         """Best effort, alongside the turn: the blue ticks are not worth failing a turn for."""
@@ -212,12 +218,23 @@ class Worker:
         """Meta accepted a free-form message, then failed it for the closed 24-hour window (131047
         in a status): the window template goes instead (once), or the text is held."""
         sent = await store.outbound(self.pool, acct.tenant, status["account"], status["wamid"])
-        if sent is None or sent["kind"] == "template" or not sent["body"] or not sent["conversation_id"]:
+        if sent is None:  # an inbound message's wamid: not a send of ours
+            return
+        if not sent["conversation_id"]:
+            # The status came before the send's own record (Meta can answer the webhook before the
+            # sender has written it): retried with backoff until it is there, dead-lettered (and
+            # so reported) if it never is: a send of ours is never failed silently.
+            raise LookupError("the failed send is not recorded yet")
+        if sent["kind"] == "template" or not sent["body"]:
             return
         conv = await store.find_conversation(self.pool, acct.tenant, sent["conversation_id"])
         if conv is None or conv.account != status["account"]:
             return
-        await self.sender.outside_window(acct, conv, f"windowfail:{status['wamid']}", sent["body"], sent["reply_to"])
+        body, key = sent["body"], f"windowfail:{status['wamid']}"
+        if sent["reply_to"]:  # one template for the whole answer, however many of its pieces fail
+            texts = await store.turn_texts(self.pool, acct.tenant, conv.account, conv.conversation_id, sent["reply_to"])
+            body, key = " ".join(texts) or body, f"windowfail:{sent['reply_to']}"
+        await self.sender.outside_window(acct, conv, key, body, sent["reply_to"])
 
 
 def _variables(conv: store.Conversation, head: dict) -> dict:
