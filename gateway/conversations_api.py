@@ -5,43 +5,24 @@ which reach a plain API conversation no other way — and whether a person holds
 Authenticated like a chat completion (the client's own key: its tenant, and an agent the key may
 use); it reads the recent window from Redis (PostgreSQL only when Redis no longer holds it), as
 the next turn would. Each key may read at most its requests-per-minute limit (else the default
-key limit, else ``DEFAULT_PER_MINUTE``) in a one-minute window shared by every replica, counted
+key limit, else ``key_window.DEFAULT_PER_MINUTE``) in a one-minute window shared by every replica, counted
 before anything is read: ids that Redis does not hold each cost a PostgreSQL query, and no key
 may turn that into a flood.
 
 Who may read: any key of the tenant that may use the agent — the same keys that may continue the
 conversation with a turn (the memory is the tenant's, keyed on tenant, agent and the caller's
-conversation id, not on the key). Ids a customer's number makes guessable (``wa:…``) are readable
-by every such key of the tenant: give a public key its own agent (or a model allow-list).
+conversation id, not on the key). Ids a customer's number makes guessable (``wa:…``,
+``vapi:…``) are reserved to the channel accounts' own keys (``agent_stage.check_conversation_owner``).
 """
 
 from __future__ import annotations
 
-import time
-
 from core import http
-from core.errors import InvalidRequest, ModelNotFound, RateLimited, ServiceUnavailable
-from gateway import agent_stage
+from core.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from gateway import agent_stage, key_window
 from runtime.hitl import settings as hitl_settings
 
 PREFIX = "/v1/agents/"
-DEFAULT_PER_MINUTE = 600
-
-
-async def _admit(svc, ident) -> None:
-    """One read counted against the key's window; 429 with ``retry-after`` beyond it."""
-    now = time.time()
-    window = int(now // 60)
-    name = f"gw:{{gw}}:convread:{ident.key_id}:{window}"
-    async with svc.redis.pipeline(transaction=False) as pipe:
-        pipe.incr(name)
-        pipe.expire(name, 120)
-        count, _ = await pipe.execute()
-    limit = getattr(ident.limits, "rpm", 0) or svc.config.limits.key.rpm or DEFAULT_PER_MINUTE
-    if count > limit:
-        err = RateLimited(f"Conversation reads are limited to {limit} per minute for this key.")
-        err.headers["retry-after"] = str(max(1, int((window + 1) * 60 - now)))
-        raise err
 
 
 def matches(path: str) -> bool:
@@ -60,7 +41,7 @@ async def messages(svc, scope, send, rid: str, crid: str | None) -> None:
     agent = svc.agents.get(ident.tenant, name) if svc.agents is not None and not ident.is_master else None
     if agent is None or not agent_stage.allowed_identity(ident, agent.name, agent.model):
         raise ModelNotFound(f"No agent named {name[:64]!r} for this key.", param="name")
-    await _admit(svc, ident)
+    await key_window.admit(svc, ident, "convread", "Conversation reads")
     from runtime.memory import MemoryUnavailable
 
     try:

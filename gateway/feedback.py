@@ -7,7 +7,7 @@ join it to the ledger on (tenant, id): the ledger row may not be written yet whe
 arrives (records are batched), and another tenant's ids can never be reached, whatever is sent.
 Not the hot path: one INSERT under the tenant's row-level security. Each key may send at most
 its own requests-per-minute limit of feedback (else ``limits.key``'s, else
-``DEFAULT_PER_MINUTE``) in a fixed one-minute window shared by every replica, counted before the
+``key_window.DEFAULT_PER_MINUTE``) in a fixed one-minute window shared by every replica, counted before the
 body is read: a leaked or busy key cannot fill the table.
 """
 
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 import re
-import time
 
 from core import http
-from core.errors import InvalidRequest, NotFound, RateLimited
+from core.errors import InvalidRequest, NotFound
 from core.types import Identity
+from gateway import key_window
 from gateway.db import tenant_transaction
 
 MAX_BODY = 64 * 1024
@@ -27,7 +27,6 @@ MAX_TEXT = 4000
 FIELDS = frozenset({"request_id", "conversation_id", "thumbs", "score", "resolved", "text", "agent"})
 _ID = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?$")  # visible ASCII, at most 256
 _THUMBS = {"up": 1, "down": -1, 1: 1, -1: -1}
-DEFAULT_PER_MINUTE = 600
 
 
 def _id(data: dict, name: str) -> str | None:
@@ -104,34 +103,12 @@ async def _agent_id(svc, conn, tenant: str, name: str) -> str:
     return agent_id
 
 
-def per_minute(svc, ident: Identity) -> int:
-    """The caller's feedback allowance per minute: its key's rpm, else the default key limit."""
-    own = getattr(ident.limits, "rpm", 0) or 0
-    return own or svc.config.limits.key.rpm or DEFAULT_PER_MINUTE
-
-
-async def admit(svc, ident: Identity) -> None:
-    """Counts one feedback call against the key's window; 429 with ``retry-after`` beyond it."""
-    now = time.time()
-    window = int(now // 60)
-    name = f"gw:{{gw}}:fb:{ident.key_id}:{window}"
-    async with svc.redis.pipeline(transaction=False) as pipe:
-        pipe.incr(name)
-        pipe.expire(name, 120)
-        count, _ = await pipe.execute()
-    limit = per_minute(svc, ident)
-    if count > limit:
-        err = RateLimited(f"Feedback is limited to {limit} calls per minute for this key.", code="rate_limit_exceeded")
-        err.headers["retry-after"] = str(max(1, int((window + 1) * 60 - now)))
-        raise err
-
-
 async def feedback(svc, scope, receive, send, rid: str, crid: str | None = None, ident: Identity | None = None) -> None:
     """The ``POST /v1/feedback`` handler (plain ASGI; errors raise GatewayError for the app to
     render). ``ident``: the caller when already authenticated, else the bearer key is checked."""
     if ident is None:
         ident = await svc.auth.authenticate_scope(scope)
-    await admit(svc, ident)
+    await key_window.admit(svc, ident, "fb", "Feedback calls")
     data = parse(http.parse_json(await http.read_body(scope, receive, MAX_BODY)))
     tenant = ident.tenant
     async with tenant_transaction(svc.pool, tenant) as conn:

@@ -1,0 +1,36 @@
+"""A per-key allowance per minute for the side routes that are not model calls (feedback,
+conversation reads): a fixed one-minute window in Redis shared by every replica, counted before
+the request's body or data is read, so no key can turn a route into a flood of database writes or
+reads. The allowance is the key's own rpm, else the default key limit, else ``DEFAULT_PER_MINUTE``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from core.errors import RateLimited
+from core.types import Identity
+
+DEFAULT_PER_MINUTE = 600
+
+
+def per_minute(svc, ident: Identity) -> int:
+    own = getattr(ident.limits, "rpm", 0) or 0
+    return own or svc.config.limits.key.rpm or DEFAULT_PER_MINUTE
+
+
+async def admit(svc, ident: Identity, route: str, what: str) -> None:
+    """Counts one call of ``route`` (a fixed name) against the key's window; 429 with
+    ``retry-after`` beyond it. ``what`` names the calls in the error message."""
+    now = time.time()
+    window = int(now // 60)
+    name = f"gw:{{gw}}:{route}:{ident.key_id}:{window}"
+    async with svc.redis.pipeline(transaction=False) as pipe:
+        pipe.incr(name)
+        pipe.expire(name, 120)
+        count, _ = await pipe.execute()
+    limit = per_minute(svc, ident)
+    if count > limit:
+        err = RateLimited(f"{what} are limited to {limit} per minute for this key.", code="rate_limit_exceeded")
+        err.headers["retry-after"] = str(max(1, int((window + 1) * 60 - now)))
+        raise err
