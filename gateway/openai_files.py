@@ -34,6 +34,7 @@ from gateway.openai_common import (
     list_params,
     new_id,
     path_id,
+    serialize,
     tenant,
     ts,
 )
@@ -77,6 +78,36 @@ async def get_file(conn: asyncpg.Connection, tenant_name: str, file_id: str, par
     return row
 
 
+async def insert_file(
+    conn: asyncpg.Connection, owner: str, *, filename: str, purpose: str, size: int, sha256: str, content_type: str
+):
+    """The new file's row, within the tenant's caps (``MAX_FILES``, ``MAX_TENANT_BYTES``).
+    Concurrent uploads are serialised per tenant from the count to the commit, so two of them
+    can never both pass a cap that has room for one."""
+    await serialize(conn, f"openai_files:{owner}")
+    count, stored = await conn.fetchrow(
+        "SELECT count(*), coalesce(sum(bytes), 0)::bigint FROM openai_files WHERE tenant = $1", owner
+    )
+    if count >= MAX_FILES or stored + size > MAX_TENANT_BYTES:
+        raise InvalidRequest(
+            f"This tenant has reached its file storage limit ({MAX_FILES:,} files, "
+            f"{MAX_TENANT_BYTES // 2**30} GB); delete some first.",
+            param="file",
+            code="too_many_files",
+        )
+    return await conn.fetchrow(
+        f"""INSERT INTO openai_files (id, tenant, filename, purpose, bytes, sha256, content_type)
+            VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_FILE_COLS}""",
+        new_id("file-"),
+        owner,
+        filename,
+        purpose,
+        size,
+        sha256,
+        content_type,
+    )
+
+
 class Files:
     def __init__(self, store) -> None:
         self.store = store
@@ -110,26 +141,14 @@ class Files:
                 raise InvalidRequest("The file is empty.", param="file", code="empty_file")
             owner = tenant(request)
             async with tenant_transaction(self.store.pool, owner) as conn:
-                count, stored = await conn.fetchrow(
-                    "SELECT count(*), coalesce(sum(bytes), 0)::bigint FROM openai_files WHERE tenant = $1", owner
-                )
-                if count >= MAX_FILES or stored + upload.size > MAX_TENANT_BYTES:
-                    raise InvalidRequest(
-                        f"This tenant has reached its file storage limit ({MAX_FILES:,} files, "
-                        f"{MAX_TENANT_BYTES // 2**30} GB); delete some first.",
-                        param="file",
-                        code="too_many_files",
-                    )
-                row = await conn.fetchrow(
-                    f"""INSERT INTO openai_files (id, tenant, filename, purpose, bytes, sha256, content_type)
-                        VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_FILE_COLS}""",
-                    new_id("file-"),
+                row = await insert_file(
+                    conn,
                     owner,
-                    upload.filename,
-                    purpose,
-                    upload.size,
-                    upload.sha.hexdigest(),
-                    upload.content_type or "application/octet-stream",
+                    filename=upload.filename,
+                    purpose=purpose,
+                    size=upload.size,
+                    sha256=upload.sha.hexdigest(),
+                    content_type=upload.content_type or "application/octet-stream",
                 )
                 admin_kb._place(upload.path, file_path(data_dir, owner, row["id"]))
             return json_response(describe_file(row))

@@ -42,6 +42,7 @@ from gateway.openai_common import (
     list_params,
     new_id,
     path_id,
+    serialize,
     tenant,
     ts,
 )
@@ -139,6 +140,7 @@ class VectorStores:
     ) -> tuple[kb_store.Document, bool]:
         """(document, created) for ``file_id`` in ``kb``; the caller queues created ones after commit."""
         file = await openai_files.get_file(conn, owner, file_id, param=param)
+        await serialize(conn, f"kb_documents:{kb.id}")  # concurrent attaches cannot overshoot the cap
         count = await conn.fetchval(
             "SELECT count(*) FROM kb_documents WHERE tenant = $1 AND kb_id = $2 AND replaced_by IS NULL", owner, kb.id
         )
@@ -217,6 +219,7 @@ class VectorStores:
         owner = tenant(request)
         created: list[kb_store.Document] = []
         async with tenant_transaction(self.store.pool, owner) as conn:
+            await serialize(conn, f"knowledge_bases:{owner}")  # concurrent creates cannot overshoot the cap
             count = await conn.fetchval("SELECT count(*) FROM knowledge_bases WHERE tenant = $1", owner)
             if count >= MAX_STORES:
                 raise InvalidRequest(

@@ -15,6 +15,7 @@ group, attributed to its tenant with the workflow ``kb-query``.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -94,7 +95,7 @@ def _answer(raw: bytes, body: dict, provider: str) -> bytes:
         score = item.get("relevance_score") if isinstance(item, dict) else None
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(texts) or index in seen:
             raise bad_response(provider, "a result with an invalid index")
-        if not isinstance(score, int | float) or isinstance(score, bool):
+        if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
             raise bad_response(provider, "a result with an invalid relevance_score")
         seen.add(index)
         entry: dict[str, Any] = {"index": index, "relevance_score": float(score)}

@@ -87,6 +87,12 @@ def test_model_change_reembeds_in_the_background_and_switches_atomically(gw, mod
         # meanwhile search answers from the old model's live chunks
         out = query(gw, kb["id"], "Is parking free for visitors?")
         assert out["embedding_model"] == "local/all-MiniLM-L6-v2" and out["hits"], out
+        # re-embedding storm: another model while the move runs would queue (and bill) every
+        # document again; refused until the move is over, nothing changed
+        storm = call(gw, "PATCH", f"/admin/knowledge-bases/{kb['id']}", json={"embedding_model": "embed-other"})
+        assert storm.status_code == 409 and storm.json()["error"]["code"] == "reembedding_in_progress", storm.text
+        same = call(gw, "PATCH", f"/admin/knowledge-bases/{kb['id']}", json={"embedding_model": "embed-mock"})
+        assert same.status_code == 200 and same.json()["reembedding"]["embedding_model"] == "embed-mock"
         state = {}
 
         def switched() -> bool:

@@ -107,6 +107,12 @@ def test_knowledge_base_retrieval_reranks_through_the_gateway(gw, module_mock, s
     # the setting is checked, and can be cleared
     bad = call(gw, "PATCH", f"/admin/knowledge-bases/{kb['id']}", json={"settings": {"rerank_model": "gpt-mock"}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "settings.rerank_model"
+    # a tenant admin whose key may not use the rerank group cannot make every search use it
+    narrow = new_key(gw, tenant=f"rrn-{uuid.uuid4().hex[:6]}", scopes=["admin"], models=["gpt-mock"])["key"]
+    r = call(
+        gw, "POST", "/admin/knowledge-bases", narrow, json={"name": "n", "settings": {"rerank_model": "rerank-mock"}}
+    )
+    assert r.status_code == 403 and r.json()["error"]["param"] == "settings.rerank_model", r.text
     off = call(gw, "PATCH", f"/admin/knowledge-bases/{kb['id']}", json={"settings": {"rerank_model": None}})
     assert off.status_code == 200 and off.json()["settings"]["rerank_model"] is None
     again = call(gw, "POST", query, json={"query": "How long do I have to return a product?"})
