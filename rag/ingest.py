@@ -173,13 +173,24 @@ async def _process(
     chunks = await _in_thread(lambda: chunk(sections, size=size, overlap=overlap))
     vectors = await embed_chunks(embedder, chunks)
     async with store.scoped(pool, tenant) as conn:
+        # The knowledge base as it is now, locked against a model switch (finish_reembed) or the
+        # start of a move (start_reembed) until this document is ready: a move that began while
+        # it was processed did not list it (it was not ready), and one that finished meanwhile
+        # would otherwise get chunks of the old model as live content.
+        now = await conn.fetchrow(
+            "SELECT embedding_model, reembed_model FROM knowledge_bases WHERE id = $1 AND tenant = $2 FOR SHARE",
+            kb_id,
+            tenant,
+        )
         current = await store.get_document(conn, tenant, document_id)
-        if current is None:
+        if now is None or current is None or current.replaced_by is not None:
             return  # deleted while it was processed
+        if now["embedding_model"] != kb.embedding_model:
+            raise RuntimeError("the knowledge base changed its embedding model meanwhile")  # retried: embed again
         await store.replace_chunks(conn, tenant, kb_id, document_id, chunks, vectors, kb.embedding_model)
     log.info("kb ingest: %s ready, %d chunks", document_id, len(chunks))
-    if kb.reembed_model:  # a move to another model is under way: this document needs both
-        await _reembed({**p, "model": kb.reembed_model}, pool=pool, pick=pick)
+    if now["reembed_model"]:  # a move to another model is under way: this document needs both
+        await _reembed({**p, "model": now["reembed_model"]}, pool=pool, pick=pick)
 
 
 async def embed_chunks(embedder: Embedder, chunks) -> list[list[float]]:

@@ -51,3 +51,71 @@ def test_concurrent_uploads_cannot_overshoot_the_tenant_storage_cap(services, mo
             await pool.close()
 
     asyncio.run(go())
+
+
+class _Gated:
+    """An embedder of ``model`` (DIMS-dimensional unit vectors) that can be held mid-call."""
+
+    def __init__(self, model: str, gate: asyncio.Event | None = None) -> None:
+        self.model = model
+        self.gate = gate
+        self.entered = asyncio.Event()
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        return [[1.0] + [0.0] * 7 for _ in texts]
+
+
+def test_a_model_move_started_while_a_document_is_processed_still_finishes(services, tmp_path):
+    """A re-embedding begun while a document is being processed does not list it (it is not
+    ready yet); the document's own job must see the move when it goes live and embed it for the
+    new model too, or the move waits for it forever (and the knowledge base can never change
+    model again)."""
+    from core.queue import Job
+    from rag import ingest, store
+
+    owner = f"mv-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> None:
+        pool = await asyncpg.create_pool(services[0], min_size=2, max_size=4)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+                await store.ensure_vector_index(conn, 8)
+            async with store.scoped(pool, owner) as conn:
+                kb = await store.create_kb(conn, owner, "kb", embedding_model="old-model", dims=8)
+                doc, _ = await store.add_document(
+                    conn, owner, kb.id, filename="a.txt", content_type="text/plain", size=5, sha256="1" * 64
+                )
+            path = ingest.document_path(tmp_path, owner, doc.id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("Parking is free for visitors on weekends.")
+            gate = asyncio.Event()
+            old, new = _Gated("old-model", gate), _Gated("new-model")
+            job = Job("1-0", {"tenant": owner, "kb_id": kb.id, "document_id": doc.id}, None, 1, 0.0)
+            task = asyncio.ensure_future(
+                ingest.handle(
+                    job,
+                    pool=pool,
+                    embedder=None,
+                    data_dir=tmp_path,
+                    embedders=lambda model, _t: {"old-model": old, "new-model": new}.get(model),
+                )
+            )
+            await asyncio.wait_for(old.entered.wait(), 30)  # processing, not ready
+            async with store.scoped(pool, owner) as conn:
+                assert await store.start_reembed(conn, owner, kb.id, "new-model", 8) == []
+            gate.set()
+            await asyncio.wait_for(task, 30)
+            async with store.scoped(pool, owner) as conn:
+                now = await store.get_kb(conn, owner, kb.id)
+                got = await store.get_document(conn, owner, doc.id)
+            assert got.status == "ready"
+            assert (now.embedding_model, now.reembed_model) == ("new-model", None), now
+            assert got.embedding_model == "new-model"
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
