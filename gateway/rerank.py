@@ -139,24 +139,25 @@ async def rerank(svc, ctx: RequestContext, scope: dict, receive, send) -> None:
     await pipeline.respond(ctx, raw, send)
 
 
-def for_kb(svc, kb) -> GatewayReranker | None:
-    """The re-ranker of a knowledge base whose settings name a rerank group still configured."""
+def for_kb(svc, kb, identity: Identity | None = None) -> GatewayReranker | None:
+    """The re-ranker of a knowledge base whose settings name a rerank group still configured;
+    ``identity``: the client key the query is for (else the tenant's own)."""
     name = kb.settings.get("rerank_model")
     model = svc.router.model(name) if isinstance(name, str) else None
     if model is None or model.mode != "rerank":
         return None
-    return GatewayReranker(svc, name, kb.tenant)
+    return GatewayReranker(svc, name, kb.tenant, identity)
 
 
 class GatewayReranker:
     """rag.rerank.Reranker through the gateway's own rerank path, in process, for a tenant's
     knowledge-base queries (routing, fallbacks, budgets and the audit record apply)."""
 
-    def __init__(self, svc, model: str, tenant: str) -> None:
+    def __init__(self, svc, model: str, tenant: str, identity: Identity | None = None) -> None:
         self.svc = svc
         self.model = model
         self.name = f"gateway:{model}"
-        self.identity = Identity(key_id=f"kb:{tenant}", name="knowledge-bases", tenant=tenant)
+        self.identity = identity or Identity(key_id=f"kb:{tenant}", name="knowledge-bases", tenant=tenant)
 
     async def rerank(self, query: str, documents: list[str], top_n: int) -> list[tuple[int, float]]:
         if not documents:
