@@ -119,3 +119,22 @@ def test_a_model_move_started_while_a_document_is_processed_still_finishes(servi
             await pool.close()
 
     asyncio.run(go())
+
+
+def test_the_extraction_sandbox_child_gets_none_of_the_gateways_secrets(monkeypatch):
+    """A parser exploit in the PDF/DOCX child would read its environment: it must hold no key,
+    token or connection URL of the gateway's."""
+    from rag import sandbox
+
+    secrets_env = {
+        "GATEWAY_MASTER_KEY": "sk-master-secret",
+        "OPENAI_API_KEY": "sk-provider-secret",
+        "DATABASE_URL": "postgresql://u:secret@db/gw",
+        "GATEWAY_REDIS_URL": "redis://:secret@cache",
+    }
+    for k, v in secrets_env.items():
+        monkeypatch.setenv(k, v)
+    env = sandbox.child_env()
+    assert not set(secrets_env) & set(env)
+    assert not any("secret" in v for v in env.values())
+    assert env.get("PATH") == __import__("os").environ["PATH"]
