@@ -19,6 +19,7 @@ document that will never be processed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -150,6 +151,8 @@ async def _process(
         doc = await store.get_document(conn, tenant, document_id)
         if kb is None or doc is None or doc.kb_id != kb_id or doc.replaced_by is not None:
             log.info("kb ingest: document %s is gone; nothing to do", document_id)
+            if doc is None:  # deleted after its bytes were placed: they must not stay on disk
+                _discard(document_path(data_dir, tenant, document_id))
             return
         if doc.status == "ready" and doc.sha256 == (p.get("sha256") or doc.sha256):
             return  # a duplicate delivery of a job that finished
@@ -184,6 +187,8 @@ async def _process(
         )
         current = await store.get_document(conn, tenant, document_id)
         if now is None or current is None or current.replaced_by is not None:
+            if current is None:
+                _discard(path)
             return  # deleted while it was processed
         if now["embedding_model"] != kb.embedding_model:
             raise RuntimeError("the knowledge base changed its embedding model meanwhile")  # retried: embed again
@@ -191,6 +196,11 @@ async def _process(
     log.info("kb ingest: %s ready, %d chunks", document_id, len(chunks))
     if now["reembed_model"]:  # a move to another model is under way: this document needs both
         await _reembed({**p, "model": now["reembed_model"]}, pool=pool, pick=pick)
+
+
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 async def embed_chunks(embedder: Embedder, chunks) -> list[list[float]]:

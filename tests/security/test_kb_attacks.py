@@ -138,3 +138,29 @@ def test_the_extraction_sandbox_child_gets_none_of_the_gateways_secrets(monkeypa
     assert not set(secrets_env) & set(env)
     assert not any("secret" in v for v in env.values())
     assert env.get("PATH") == __import__("os").environ["PATH"]
+
+
+def test_bytes_of_a_document_deleted_before_its_job_runs_do_not_stay_on_disk(services, tmp_path):
+    """Delete a vector store (or file) between an attach's commit and its job: the bytes linked
+    to the document's path meanwhile would stay on disk forever, outside every storage cap."""
+    from core.queue import Job
+    from rag import ingest
+
+    owner = f"orph-{uuid.uuid4().hex[:8]}"
+    doc_id = "doc_" + uuid.uuid4().hex[:12]
+    path = ingest.document_path(tmp_path, owner, doc_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * 1000)
+
+    async def go() -> None:
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+            job = Job("1-0", {"tenant": owner, "kb_id": "kb_gone", "document_id": doc_id}, None, 1, 0.0)
+            await ingest.handle(job, pool=pool, embedder=None, data_dir=tmp_path)
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
+    assert not path.exists()
