@@ -277,3 +277,37 @@ def test_hostile_uploads_and_bodies_are_bounded(gw, client, tenant_key, tmp_root
     # nothing was attached by the refused calls
     assert client.vector_stores.retrieve(vs.id).file_counts.total == 0
     assert client.vector_stores.delete(vs.id).deleted and client.files.delete(f.id).deleted
+
+
+def test_tenant_isolation_on_mutating_routes_batches_and_cursors(gw, client, store):
+    """Another tenant's ids on every route that changes or lists something: 404 (or, as a list
+    cursor, 400 like an id that never existed), and nothing of the owner's changes."""
+    vs, files = store
+    fid = files["returns"].id
+    batch = client.vector_stores.file_batches.create(vector_store_id=vs.id, file_ids=[fid])
+    key = new_key(gw, tenant=f"other-{uuid.uuid4().hex[:6]}")["key"]
+    base = f"{gw.url}/v1/vector_stores/{vs.id}"
+    attempts = [
+        ("DELETE", f"{gw.url}/v1/files/{fid}", None),
+        ("POST", base, {"name": "pwned"}),
+        ("POST", f"{base}/files", {"file_id": fid}),
+        ("POST", f"{base}/files/{fid}", {"attributes": {"kind": "pwned"}}),
+        ("DELETE", f"{base}/files/{fid}", None),
+        ("GET", f"{base}/files/{fid}/content", None),
+        ("GET", f"{base}/files", None),
+        ("GET", f"{base}/file_batches/{batch.id}", None),
+        ("POST", f"{base}/file_batches/{batch.id}/cancel", None),
+        ("GET", f"{base}/file_batches/{batch.id}/files", None),
+        ("POST", f"{base}/file_batches", {"file_ids": [fid]}),
+    ]
+    with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30) as h:
+        for method, url, body in attempts:
+            r = h.request(method, url, json=body)
+            assert r.status_code == 404, (method, url, r.status_code, r.text)
+        for url, cursor in ((f"{gw.url}/v1/vector_stores", vs.id), (f"{gw.url}/v1/files", fid)):
+            r = h.get(url, params={"after": cursor})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "after", r.text
+    got = client.vector_stores.files.retrieve(file_id=fid, vector_store_id=vs.id)
+    assert got.status == "completed" and got.attributes["kind"] == "policy"
+    assert client.vector_stores.retrieve(vs.id).name == "Support FAQ"
+    assert client.files.retrieve(fid).id == fid
