@@ -18,7 +18,7 @@ from gateway import kb_embedding, rerank
 from gateway.admin_kb import _only
 from gateway.db import tenant_transaction
 from gateway.openai_common import ident, json_response, path_id, tenant
-from gateway.openai_vector_store_objects import _bad, _json_col, _kb
+from gateway.openai_vector_store_objects import _bad, _json_col, _kb, check_not_expired
 from rag import retrieve
 from rag.attributes import InvalidAttributes, compile_filter
 
@@ -80,6 +80,7 @@ async def search(vs, request: Request) -> Response:
     owner = tenant(request)
     async with tenant_transaction(vs.store.pool, owner) as conn:
         row = await vs._row(conn, owner, path_id(request, "vs_id"))
+        check_not_expired(row)
         kb = _kb(row)
         doc_ids = None
         if condition is not None:

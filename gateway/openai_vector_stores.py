@@ -57,6 +57,7 @@ from gateway.openai_vector_store_objects import (
     _kb,
     _metadata,
     _store_counts,
+    check_not_expired,
     describe_file,
     describe_store,
 )
@@ -276,6 +277,7 @@ class VectorStores:
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
             row = await self._row(conn, owner, path_id(request, "vs_id"))
+            check_not_expired(row)
             await conn.execute(
                 """UPDATE knowledge_bases SET display_name = coalesce($3, display_name),
                           metadata = coalesce($4::jsonb, metadata),
@@ -313,7 +315,9 @@ class VectorStores:
         chunking = _chunking(data.get("chunking_strategy"))
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            kb = _kb(await self._row(conn, owner, path_id(request, "vs_id")))
+            row = await self._row(conn, owner, path_id(request, "vs_id"))
+            check_not_expired(row)
+            kb = _kb(row)
             doc, new = await self._attach(conn, owner, kb, file_id, attributes, chunking, "file_id")
         if new:
             await self._enqueue(owner, [doc])
@@ -448,7 +452,9 @@ class VectorStores:
         owner = tenant(request)
         created: list[kb_store.Document] = []
         async with tenant_transaction(self.store.pool, owner) as conn:
-            kb = _kb(await self._row(conn, owner, path_id(request, "vs_id")))
+            row = await self._row(conn, owner, path_id(request, "vs_id"))
+            check_not_expired(row)
+            kb = _kb(row)
             attached = []
             for fid, attrs, chunks, param in entries:
                 doc, new = await self._attach(conn, owner, kb, fid, attrs, chunks, param)

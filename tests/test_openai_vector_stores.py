@@ -311,3 +311,37 @@ def test_tenant_isolation_on_mutating_routes_batches_and_cursors(gw, client, sto
     assert got.status == "completed" and got.attributes["kind"] == "policy"
     assert client.vector_stores.retrieve(vs.id).name == "Support FAQ"
     assert client.files.retrieve(fid).id == fid
+
+
+def test_an_expired_vector_store_cannot_be_revived_by_searching_or_adding(gw, client, store, services):
+    """Expiry counts from last_active_at: a search, an attach or an update of an expired store
+    would make it active again and keep data its owner asked to expire. They are refused."""
+    import asyncio
+
+    import asyncpg
+
+    vs = client.vector_stores.create(name="short-lived", expires_after={"anchor": "last_active_at", "days": 1})
+
+    async def age() -> None:
+        conn = await asyncpg.connect(services[0])
+        try:
+            await conn.execute(
+                "UPDATE knowledge_bases SET last_active_at = now() - interval '2 days' WHERE id = $1", vs.id
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(age())
+    assert client.vector_stores.retrieve(vs.id).status == "expired"
+    fid = store[1]["returns"].id
+    for call_ in (
+        lambda: client.vector_stores.search(vs.id, query="return"),
+        lambda: client.vector_stores.files.create(vector_store_id=vs.id, file_id=fid),
+        lambda: client.vector_stores.file_batches.create(vector_store_id=vs.id, file_ids=[fid]),
+        lambda: client.vector_stores.update(vs.id, name="revived"),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            call_()
+        assert err.value.body["code"] == "vector_store_expired"
+    assert client.vector_stores.retrieve(vs.id).status == "expired"
+    assert client.vector_stores.delete(vs.id).deleted
