@@ -345,3 +345,10 @@ def test_an_expired_vector_store_cannot_be_revived_by_searching_or_adding(gw, cl
         assert err.value.body["code"] == "vector_store_expired"
     assert client.vector_stores.retrieve(vs.id).status == "expired"
     assert client.vector_stores.delete(vs.id).deleted
+
+
+def test_files_and_vector_stores_refuse_missing_and_wrong_keys(gw):
+    for path in ("/v1/files", "/v1/vector_stores", "/v1/vector_stores/vs_x/search"):
+        for headers in ({}, {"Authorization": "Bearer sk-wrong"}):
+            r = httpx.request("POST" if path.endswith("search") else "GET", f"{gw.url}{path}", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"], (path, headers, r.text)
