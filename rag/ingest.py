@@ -179,9 +179,10 @@ async def _process(
         # The knowledge base as it is now, locked against a model switch (finish_reembed) or the
         # start of a move (start_reembed) until this document is ready: a move that began while
         # it was processed did not list it (it was not ready), and one that finished meanwhile
-        # would otherwise get chunks of the old model as live content.
+        # would otherwise get chunks of the old model as live content. KEY SHARE: both of those
+        # lock the row FOR UPDATE, while a search's last_active_at update does not wait on it.
         now = await conn.fetchrow(
-            "SELECT embedding_model, reembed_model FROM knowledge_bases WHERE id = $1 AND tenant = $2 FOR SHARE",
+            "SELECT embedding_model, reembed_model FROM knowledge_bases WHERE id = $1 AND tenant = $2 FOR KEY SHARE",
             kb_id,
             tenant,
         )
