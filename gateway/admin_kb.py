@@ -624,6 +624,7 @@ class KbAdmin:
             threshold=threshold,
             max_context_tokens=budget,
             reranker=reranker,
+            query_model=kb.embedding_model,
             **kwargs,
         )
         out = result.explain()

@@ -115,6 +115,7 @@ async def search(vs, request: Request) -> Response:
             candidates=max(40, 2 * top),
             lexical_floor=None,
             document_ids=doc_ids,
+            query_model=kb.embedding_model,
             # "auto" (the default): the knowledge base's rerank_model when it has one
             reranker=rerank.for_kb(vs.store.svc, kb, caller) if ranking.get("ranker") != "none" else None,
         )

@@ -164,3 +164,41 @@ def test_bytes_of_a_document_deleted_before_its_job_runs_do_not_stay_on_disk(ser
 
     asyncio.run(go())
     assert not path.exists()
+
+
+def test_a_query_vector_is_never_compared_with_chunks_of_another_model(services):
+    """The swap race: a search embeds its query with the model it read (old), the knowledge base
+    switches to a new model of the same dimension, then the search runs. Comparing the old
+    model's query vector with the new model's chunks scores noise as similarity; only chunks of
+    the query's own model may be compared (here: none left, so full-text only)."""
+    from rag import store
+    from rag.retrieve import retrieve
+
+    owner = f"swap-{uuid.uuid4().hex[:8]}"
+    vec = [1.0] + [0.0] * 7
+
+    async def go() -> None:
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+                await store.ensure_vector_index(conn, 8)
+            async with store.scoped(pool, owner) as conn:
+                kb = await store.create_kb(conn, owner, "kb", embedding_model="new-model", dims=8)
+                doc, _ = await store.add_document(
+                    conn, owner, kb.id, filename="a.txt", content_type="text/plain", size=5, sha256="2" * 64
+                )
+
+                class C:
+                    index, text, section, tokens = 0, "refund policy details", "", 5
+
+                await store.replace_chunks(conn, owner, kb.id, doc.id, [C()], [vec], "new-model")
+            r = await retrieve(pool, owner, [kb.id], "refund policy", vec, threshold=0.0, query_model="old-model")
+            (cand,) = r.candidates  # found by its words, never by the other model's vector
+            assert cand.vector_rank is None and cand.similarity is None
+            r = await retrieve(pool, owner, [kb.id], "refund policy", vec, threshold=0.0, query_model="new-model")
+            assert r.hits and r.hits[0].similarity > 0.99
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
