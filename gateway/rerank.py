@@ -127,10 +127,19 @@ async def _upstream(svc, ctx: RequestContext, group) -> bytes:
     return raw
 
 
+def reserve_tokens(ctx: RequestContext) -> None:
+    """The prompt size the budget reservation counts (the policies' estimate reads chat
+    ``messages`` and embeddings ``input``; a rerank body has ``query`` and ``documents``, so
+    without this an 8 MB request would reserve ~3 tokens against a hard budget)."""
+    chars = len(ctx.body["query"]) + sum(len(t) for t in _texts(ctx.body))
+    ctx._prompt_tokens = chars // 3 + 3
+
+
 async def rerank(svc, ctx: RequestContext, scope: dict, receive, send) -> None:
     """The ``/v1/rerank`` request, stage by stage (app.py runs it like the other endpoints)."""
     await pipeline.authenticate(svc, ctx, scope)
     await pipeline.parse(svc, ctx, scope, receive, validate_rerank)
+    reserve_tokens(ctx)
     group = pipeline.route(svc, ctx, scope, "rerank")
     await pipeline.admit(svc, ctx, scope)
     await pipeline.scrub(svc, ctx)
@@ -172,6 +181,7 @@ class GatewayReranker:
         scope = {"headers": [(b"x-gateway-workflow", b"kb-query")], "client": None}
         try:
             validate_rerank(body)
+            reserve_tokens(ctx)
             group = pipeline.route(self.svc, ctx, scope, "rerank")
             await pipeline.admit(self.svc, ctx, scope)
             await pipeline.scrub(self.svc, ctx)

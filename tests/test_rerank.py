@@ -26,6 +26,8 @@ def gw(tmp_root, services, module_mock):
     cfg["models"].append(
         {"name": "rerank-mock", "mode": "rerank", "deployments": [{"provider": "mock-openai", "model": "mock-rerank"}]}
     )
+    priced = {"provider": "mock-openai", "model": "mock-rerank-priced", "input_cost_per_token": 1e-3}
+    cfg["models"].append({"name": "rerank-priced", "mode": "rerank", "deployments": [priced]})
     g = start_gateway(tmp_root, module_mock, services, config=cfg)
     yield g
     g.stop()
@@ -142,3 +144,25 @@ def test_an_agent_turn_reranks_its_knowledge_base_sources(gw, module_mock):
     assert r.json()["choices"][0]["message"]["citations"]
     paths = [q["path"] for q in module_mock.requests()]
     assert paths[0] == "/v1/rerank" and "/v1/chat/completions" in paths, paths
+
+
+def test_a_huge_rerank_request_is_reserved_against_a_hard_budget(gw, module_mock):
+    """Budget bypass: the reservation counted chat messages and embeddings input only, so a
+    rerank body (query + documents) reserved ~3 tokens and any size passed a hard budget. Here
+    ~100k tokens at $0.001 a token cannot fit a $1 budget: refused before the upstream call."""
+    made = new_key(gw, budget_usd=1.0, budget_period="daily")
+    key = made["key"]
+    small = rerank(gw, key, model="rerank-priced", query="refund", documents=DOCS)
+    assert small.status_code == 200, small.text
+
+    def spent() -> bool:  # the budget is in force on this gateway (a small request was charged to it)
+        return call(gw, "GET", f"/admin/budgets/{made['budget_id']}").json()["spent_usd"] > 0
+
+    wait_until(spent, timeout=15, what="the key's budget charged")
+    module_mock.clear()
+    r = rerank(gw, key, model="rerank-priced", query="refund", documents=["word " * 6000] * 10)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "insufficient_quota", (
+        r.status_code,
+        call(gw, "GET", f"/admin/budgets/{made['budget_id']}").text,
+    )
+    assert not [q for q in module_mock.requests() if q["path"] == "/v1/rerank"]
