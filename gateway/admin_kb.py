@@ -89,7 +89,7 @@ def _bounded(data: dict, name: str, param: str | None = None):
     return int(value) if integer else float(value)
 
 
-def _settings(raw, router=None) -> dict:
+def _settings(raw, router=None, ident=None) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -97,7 +97,7 @@ def _settings(raw, router=None) -> dict:
     _only(raw, SETTING_FIELDS | TEXT_SETTINGS, "settings.")
     out = {}
     if "rerank_model" in raw:
-        out["rerank_model"] = _rerank_model(raw["rerank_model"], router)
+        out["rerank_model"] = _rerank_model(raw["rerank_model"], router, ident)
     for name in SETTING_FIELDS:
         value = _bounded(raw, name, f"settings.{name}")
         if value is not None:
@@ -112,7 +112,10 @@ def _settings(raw, router=None) -> dict:
     return out
 
 
-def _rerank_model(value, router) -> str | None:
+def _rerank_model(value, router, ident=None) -> str | None:
+    """A rerank group the caller's key may use: every search of the knowledge base (by any key
+    of the tenant) is re-ranked through it and billed to the tenant, so the admin who sets it
+    must be allowed that model (the key's model allow-list), as for ``embedding_model``."""
     if value is None:
         return None
     model = router.model(value) if router is not None and isinstance(value, str) else None
@@ -121,6 +124,10 @@ def _rerank_model(value, router) -> str | None:
             "'settings.rerank_model' must name a configured model group of mode 'rerank', or be null.",
             param="settings.rerank_model",
             code="invalid_value",
+        )
+    if ident is not None and not ident.is_master and ident.models and value not in ident.models:
+        raise PermissionDenied(
+            f"This API key may not use model `{value[:64]}`.", param="settings.rerank_model", code="model_not_allowed"
         )
     return value
 
@@ -406,7 +413,7 @@ class KbAdmin:
         description = inp.text(data, "description", max_len=2000) or ""
         model = inp.text(data, "embedding_model", max_len=256) or LOCAL_MODEL
         kb_embedding.check_model(self.svc, model, ident)
-        settings = _settings(data.get("settings"), self.svc.router)
+        settings = _settings(data.get("settings"), self.svc.router, base._ident(request))
         tenant = inp.text(data, "tenant", max_len=128)
         if not ident.is_master:
             if tenant is not None and tenant != ident.tenant:
@@ -465,12 +472,23 @@ class KbAdmin:
         keeps using the current model, and the last one switches the knowledge base at once."""
         data = await inp.body(request)
         _only(data, frozenset({"description", "settings", "embedding_model"}))
-        settings = _settings(data.get("settings"), self.svc.router)
+        settings = _settings(data.get("settings"), self.svc.router, base._ident(request))
         description = inp.text(data, "description", max_len=2000)
         model = inp.text(data, "embedding_model", max_len=256)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             kb = await self._kb(request, conn)
         reembed: list[str] | None = None
+        if model is not None and kb.reembed_model and model not in (kb.embedding_model, kb.reembed_model):
+            # One move at a time: each would queue a job per document (and bill its embeddings),
+            # so alternating PATCHes would flood the shared ingestion queue.
+            err = InvalidRequest(
+                f"The knowledge base is still moving to {kb.reembed_model!r}; change the model again "
+                "when that re-embedding has finished.",
+                param="embedding_model",
+                code="reembedding_in_progress",
+            )
+            err.status = 409
+            raise err
         if model is not None and model not in (kb.embedding_model, kb.reembed_model):
             kb_embedding.check_model(self.svc, model, base._ident(request))
             dims = await self._dims(model, kb.tenant)
@@ -606,6 +624,7 @@ class KbAdmin:
             threshold=threshold,
             max_context_tokens=budget,
             reranker=reranker,
+            query_model=kb.embedding_model,
             **kwargs,
         )
         out = result.explain()

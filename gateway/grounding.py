@@ -70,6 +70,7 @@ async def search(svc, agent, query: str, *, top_k: int | None = None) -> list[di
             threshold=settings["threshold"],
             max_context_tokens=settings["max_context_tokens"],
             reranker=reranker,
+            query_model=model,
         )
         hits.extend(found.hits)
     if len(by_model) > 1:  # merged: best similarity first, then top-k and the token budget again

@@ -37,11 +37,13 @@ class EmbeddingFailed(Exception):
 class GatewayEmbedder:
     """Embeddings of a model group for a tenant's knowledge bases, L2-normalised."""
 
-    def __init__(self, svc, model: str, tenant: str, workflow: str) -> None:
+    def __init__(self, svc, model: str, tenant: str, workflow: str, identity: Identity | None = None) -> None:
         self.svc = svc
         self.model = model
         self.workflow = workflow
-        self.identity = Identity(key_id=f"kb:{tenant}", name="knowledge-bases", tenant=tenant)
+        # ``identity``: the key a client's query runs for (its model allow-list, rate limits and
+        # budgets apply, and the ledger names it); else the tenant's own (ingestion, admin tools)
+        self.identity = identity or Identity(key_id=f"kb:{tenant}", name="knowledge-bases", tenant=tenant)
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         out: list[list[float]] = []
@@ -131,20 +133,21 @@ async def probe_dims(svc, model: str, tenant: str) -> int:
     return len(vec)
 
 
-def embedder_for(svc, model: str, tenant: str, workflow: str):
+def embedder_for(svc, model: str, tenant: str, workflow: str, identity: Identity | None = None):
     """The embedder of ``model`` for ``tenant``'s knowledge bases; None when it is unknown."""
     if model == LOCAL_MODEL:
         return svc.embedder
     group = svc.router.model(model)
     if group is None or group.mode != "embedding":
         return None
-    return GatewayEmbedder(svc, model, tenant, workflow)
+    return GatewayEmbedder(svc, model, tenant, workflow, identity)
 
 
-async def query_vector(svc, kb, text: str) -> tuple[list[float] | None, str | None]:
+async def query_vector(svc, kb, text: str, identity: Identity | None = None) -> tuple[list[float] | None, str | None]:
     """(the query embedded with the knowledge base's model, None) or (None, why not): a
-    failing model leaves full-text search, never a failed query."""
-    embedder = embedder_for(svc, kb.embedding_model, kb.tenant, "kb-query")
+    failing model leaves full-text search, never a failed query. ``identity``: the client key
+    the query is for (a /v1 search), held to its own allow-list, limits and budgets."""
+    embedder = embedder_for(svc, kb.embedding_model, kb.tenant, "kb-query", identity)
     if embedder is None:
         return None, f"the embedding model {kb.embedding_model!r} is not available here: full-text search only"
     try:

@@ -21,6 +21,13 @@ from core.types import Identity
 MAX_ID = 64
 
 
+async def serialize(conn: asyncpg.Connection, what: str) -> None:
+    """Holds a transaction-scoped advisory lock on ``what`` (e.g. ``files:<tenant>``) until the
+    transaction ends, so a count-then-insert under a cap cannot be raced by concurrent requests:
+    each one counts after the previous one's insert is committed (READ COMMITTED)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", what)
+
+
 def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(12)
 

@@ -2,7 +2,12 @@
 (gateway/openai_vector_stores.py), so ``client.files`` and ``client.vector_stores`` of the
 OpenAI SDKs work against the gateway unchanged.
 
-Who may call: any API key (or the master key, which acts for the ``default`` tenant). Files
+Who may call: any API key of the tenant (or the master key, which acts for the ``default``
+tenant) — as in OpenAI, where the same key that chats uploads files; no extra scope is asked,
+so existing SDK code works. What bounds a key that should only chat: the tenant's caps below
+(files, bytes, vector stores, files per store — each checked under a per-tenant lock, so
+concurrent requests cannot overshoot them), and a search's embedding and re-ranking calls run
+for the calling key (its model allow-list, rate limits and budgets). Files
 and vector stores belong to the caller's tenant: every statement runs in a tenant transaction
 (row-level security) and filters by tenant in SQL as well, so another tenant's ids answer 404
 exactly like ids that never existed. Ids are generated here (``file-…``, ``vs_…``, ``vsfb_…``).
@@ -34,6 +39,7 @@ from gateway.openai_common import (
     list_params,
     new_id,
     path_id,
+    serialize,
     tenant,
     ts,
 )
@@ -77,6 +83,40 @@ async def get_file(conn: asyncpg.Connection, tenant_name: str, file_id: str, par
     return row
 
 
+def _storage_full() -> InvalidRequest:
+    return InvalidRequest(
+        f"This tenant has reached its file storage limit ({MAX_FILES:,} files, "
+        f"{MAX_TENANT_BYTES // 2**30} GB); delete some first.",
+        param="file",
+        code="too_many_files",
+    )
+
+
+async def insert_file(
+    conn: asyncpg.Connection, owner: str, *, filename: str, purpose: str, size: int, sha256: str, content_type: str
+):
+    """The new file's row, within the tenant's caps (``MAX_FILES``, ``MAX_TENANT_BYTES``).
+    Concurrent uploads are serialised per tenant from the count to the commit, so two of them
+    can never both pass a cap that has room for one."""
+    await serialize(conn, f"openai_files:{owner}")
+    count, stored = await conn.fetchrow(
+        "SELECT count(*), coalesce(sum(bytes), 0)::bigint FROM openai_files WHERE tenant = $1", owner
+    )
+    if count >= MAX_FILES or stored + size > MAX_TENANT_BYTES:
+        raise _storage_full()
+    return await conn.fetchrow(
+        f"""INSERT INTO openai_files (id, tenant, filename, purpose, bytes, sha256, content_type)
+            VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_FILE_COLS}""",
+        new_id("file-"),
+        owner,
+        filename,
+        purpose,
+        size,
+        sha256,
+        content_type,
+    )
+
+
 class Files:
     def __init__(self, store) -> None:
         self.store = store
@@ -92,6 +132,13 @@ class Files:
 
     async def create(self, request: Request) -> Response:
         data_dir = self.store.data_dir
+        owner = tenant(request)
+        async with tenant_transaction(self.store.pool, owner) as conn:  # full: refuse before 50 MB reach the disk
+            count, stored = await conn.fetchrow(
+                "SELECT count(*), coalesce(sum(bytes), 0)::bigint FROM openai_files WHERE tenant = $1", owner
+            )
+        if count >= MAX_FILES or stored >= MAX_TENANT_BYTES:
+            raise _storage_full()
         upload = await admin_kb.receive_upload(request, data_dir / "files" / "incoming")
         try:
             raw = upload.fields.get("purpose")
@@ -108,28 +155,15 @@ class Files:
                 )
             if upload.size == 0:
                 raise InvalidRequest("The file is empty.", param="file", code="empty_file")
-            owner = tenant(request)
             async with tenant_transaction(self.store.pool, owner) as conn:
-                count, stored = await conn.fetchrow(
-                    "SELECT count(*), coalesce(sum(bytes), 0)::bigint FROM openai_files WHERE tenant = $1", owner
-                )
-                if count >= MAX_FILES or stored + upload.size > MAX_TENANT_BYTES:
-                    raise InvalidRequest(
-                        f"This tenant has reached its file storage limit ({MAX_FILES:,} files, "
-                        f"{MAX_TENANT_BYTES // 2**30} GB); delete some first.",
-                        param="file",
-                        code="too_many_files",
-                    )
-                row = await conn.fetchrow(
-                    f"""INSERT INTO openai_files (id, tenant, filename, purpose, bytes, sha256, content_type)
-                        VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_FILE_COLS}""",
-                    new_id("file-"),
+                row = await insert_file(
+                    conn,
                     owner,
-                    upload.filename,
-                    purpose,
-                    upload.size,
-                    upload.sha.hexdigest(),
-                    upload.content_type or "application/octet-stream",
+                    filename=upload.filename,
+                    purpose=purpose,
+                    size=upload.size,
+                    sha256=upload.sha.hexdigest(),
+                    content_type=upload.content_type or "application/octet-stream",
                 )
                 admin_kb._place(upload.path, file_path(data_dir, owner, row["id"]))
             return json_response(describe_file(row))

@@ -17,8 +17,8 @@ from gateway import admin_input as inp
 from gateway import kb_embedding, rerank
 from gateway.admin_kb import _only
 from gateway.db import tenant_transaction
-from gateway.openai_common import json_response, path_id, tenant
-from gateway.openai_vector_store_objects import _bad, _json_col, _kb
+from gateway.openai_common import ident, json_response, path_id, tenant
+from gateway.openai_vector_store_objects import _bad, _json_col, _kb, check_not_expired
 from rag import retrieve
 from rag.attributes import InvalidAttributes, compile_filter
 
@@ -80,6 +80,7 @@ async def search(vs, request: Request) -> Response:
     owner = tenant(request)
     async with tenant_transaction(vs.store.pool, owner) as conn:
         row = await vs._row(conn, owner, path_id(request, "vs_id"))
+        check_not_expired(row)
         kb = _kb(row)
         doc_ids = None
         if condition is not None:
@@ -96,7 +97,10 @@ async def search(vs, request: Request) -> Response:
             await conn.execute(
                 "UPDATE knowledge_bases SET last_active_at = now() WHERE id = $1 AND tenant = $2", kb.id, owner
             )
-    vector, _ = await kb_embedding.query_vector(vs.store.svc, kb, text)
+    # the query's embedding and re-ranking run for the caller's key: its model allow-list, rate
+    # limits and budgets hold (a plain key cannot spend the tenant's provider models unmetered)
+    caller = ident(request)
+    vector, _ = await kb_embedding.query_vector(vs.store.svc, kb, text, caller)
     hits = []
     if doc_ids is None or doc_ids:
         result = await retrieve.retrieve(
@@ -111,8 +115,9 @@ async def search(vs, request: Request) -> Response:
             candidates=max(40, 2 * top),
             lexical_floor=None,
             document_ids=doc_ids,
+            query_model=kb.embedding_model,
             # "auto" (the default): the knowledge base's rerank_model when it has one
-            reranker=rerank.for_kb(vs.store.svc, kb) if ranking.get("ranker") != "none" else None,
+            reranker=rerank.for_kb(vs.store.svc, kb, caller) if ranking.get("ranker") != "none" else None,
         )
         hits = result.hits
     docs = {}

@@ -179,12 +179,34 @@ async def _store_counts(conn: asyncpg.Connection, owner: str, kb_ids: list[str])
     return {k: _counts(v) for k, v in by_kb.items()}
 
 
+def _expires_at(row) -> datetime | None:
+    days = row["expires_after_days"]
+    return (row["last_active_at"] or row["created_at"]) + timedelta(days=days) if days else None
+
+
+def is_expired(row) -> bool:
+    expires_at = _expires_at(row)
+    return expires_at is not None and expires_at <= datetime.now(UTC)
+
+
+def check_not_expired(row) -> None:
+    """An expired vector store is read-only: searching or adding files to it would make it
+    active again (its expiry counts from ``last_active_at``), resurrecting data its owner asked
+    to expire. It can be read, listed and deleted."""
+    if is_expired(row):
+        raise InvalidRequest(
+            f"The vector store '{row['id']}' has expired; create a new one.",
+            param="vector_store_id",
+            code="vector_store_expired",
+        )
+
+
 def describe_store(row, counts: tuple[dict, int]) -> dict:
     file_counts, usage = counts
     active = row["last_active_at"] or row["created_at"]
     days = row["expires_after_days"]
-    expires_at = active + timedelta(days=days) if days else None
-    if expires_at is not None and expires_at <= datetime.now(UTC):
+    expires_at = _expires_at(row)
+    if is_expired(row):
         status = "expired"
     else:
         status = "in_progress" if file_counts["in_progress"] else "completed"

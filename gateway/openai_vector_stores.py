@@ -42,6 +42,7 @@ from gateway.openai_common import (
     list_params,
     new_id,
     path_id,
+    serialize,
     tenant,
     ts,
 )
@@ -56,6 +57,7 @@ from gateway.openai_vector_store_objects import (
     _kb,
     _metadata,
     _store_counts,
+    check_not_expired,
     describe_file,
     describe_store,
 )
@@ -139,6 +141,7 @@ class VectorStores:
     ) -> tuple[kb_store.Document, bool]:
         """(document, created) for ``file_id`` in ``kb``; the caller queues created ones after commit."""
         file = await openai_files.get_file(conn, owner, file_id, param=param)
+        await serialize(conn, f"kb_documents:{kb.id}")  # concurrent attaches cannot overshoot the cap
         count = await conn.fetchval(
             "SELECT count(*) FROM kb_documents WHERE tenant = $1 AND kb_id = $2 AND replaced_by IS NULL", owner, kb.id
         )
@@ -217,6 +220,7 @@ class VectorStores:
         owner = tenant(request)
         created: list[kb_store.Document] = []
         async with tenant_transaction(self.store.pool, owner) as conn:
+            await serialize(conn, f"knowledge_bases:{owner}")  # concurrent creates cannot overshoot the cap
             count = await conn.fetchval("SELECT count(*) FROM knowledge_bases WHERE tenant = $1", owner)
             if count >= MAX_STORES:
                 raise InvalidRequest(
@@ -273,6 +277,7 @@ class VectorStores:
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
             row = await self._row(conn, owner, path_id(request, "vs_id"))
+            check_not_expired(row)
             await conn.execute(
                 """UPDATE knowledge_bases SET display_name = coalesce($3, display_name),
                           metadata = coalesce($4::jsonb, metadata),
@@ -310,7 +315,9 @@ class VectorStores:
         chunking = _chunking(data.get("chunking_strategy"))
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            kb = _kb(await self._row(conn, owner, path_id(request, "vs_id")))
+            row = await self._row(conn, owner, path_id(request, "vs_id"))
+            check_not_expired(row)
+            kb = _kb(row)
             doc, new = await self._attach(conn, owner, kb, file_id, attributes, chunking, "file_id")
         if new:
             await self._enqueue(owner, [doc])
@@ -445,7 +452,9 @@ class VectorStores:
         owner = tenant(request)
         created: list[kb_store.Document] = []
         async with tenant_transaction(self.store.pool, owner) as conn:
-            kb = _kb(await self._row(conn, owner, path_id(request, "vs_id")))
+            row = await self._row(conn, owner, path_id(request, "vs_id"))
+            check_not_expired(row)
+            kb = _kb(row)
             attached = []
             for fid, attrs, chunks, param in entries:
                 doc, new = await self._attach(conn, owner, kb, fid, attrs, chunks, param)

@@ -15,6 +15,7 @@ group, attributed to its tenant with the workflow ``kb-query``.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -94,7 +95,7 @@ def _answer(raw: bytes, body: dict, provider: str) -> bytes:
         score = item.get("relevance_score") if isinstance(item, dict) else None
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(texts) or index in seen:
             raise bad_response(provider, "a result with an invalid index")
-        if not isinstance(score, int | float) or isinstance(score, bool):
+        if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
             raise bad_response(provider, "a result with an invalid relevance_score")
         seen.add(index)
         entry: dict[str, Any] = {"index": index, "relevance_score": float(score)}
@@ -126,10 +127,19 @@ async def _upstream(svc, ctx: RequestContext, group) -> bytes:
     return raw
 
 
+def reserve_tokens(ctx: RequestContext) -> None:
+    """The prompt size the budget reservation counts (the policies' estimate reads chat
+    ``messages`` and embeddings ``input``; a rerank body has ``query`` and ``documents``, so
+    without this an 8 MB request would reserve ~3 tokens against a hard budget)."""
+    chars = len(ctx.body["query"]) + sum(len(t) for t in _texts(ctx.body))
+    ctx._prompt_tokens = chars // 3 + 3
+
+
 async def rerank(svc, ctx: RequestContext, scope: dict, receive, send) -> None:
     """The ``/v1/rerank`` request, stage by stage (app.py runs it like the other endpoints)."""
     await pipeline.authenticate(svc, ctx, scope)
     await pipeline.parse(svc, ctx, scope, receive, validate_rerank)
+    reserve_tokens(ctx)
     group = pipeline.route(svc, ctx, scope, "rerank")
     await pipeline.admit(svc, ctx, scope)
     await pipeline.scrub(svc, ctx)
@@ -138,24 +148,25 @@ async def rerank(svc, ctx: RequestContext, scope: dict, receive, send) -> None:
     await pipeline.respond(ctx, raw, send)
 
 
-def for_kb(svc, kb) -> GatewayReranker | None:
-    """The re-ranker of a knowledge base whose settings name a rerank group still configured."""
+def for_kb(svc, kb, identity: Identity | None = None) -> GatewayReranker | None:
+    """The re-ranker of a knowledge base whose settings name a rerank group still configured;
+    ``identity``: the client key the query is for (else the tenant's own)."""
     name = kb.settings.get("rerank_model")
     model = svc.router.model(name) if isinstance(name, str) else None
     if model is None or model.mode != "rerank":
         return None
-    return GatewayReranker(svc, name, kb.tenant)
+    return GatewayReranker(svc, name, kb.tenant, identity)
 
 
 class GatewayReranker:
     """rag.rerank.Reranker through the gateway's own rerank path, in process, for a tenant's
     knowledge-base queries (routing, fallbacks, budgets and the audit record apply)."""
 
-    def __init__(self, svc, model: str, tenant: str) -> None:
+    def __init__(self, svc, model: str, tenant: str, identity: Identity | None = None) -> None:
         self.svc = svc
         self.model = model
         self.name = f"gateway:{model}"
-        self.identity = Identity(key_id=f"kb:{tenant}", name="knowledge-bases", tenant=tenant)
+        self.identity = identity or Identity(key_id=f"kb:{tenant}", name="knowledge-bases", tenant=tenant)
 
     async def rerank(self, query: str, documents: list[str], top_n: int) -> list[tuple[int, float]]:
         if not documents:
@@ -170,6 +181,7 @@ class GatewayReranker:
         scope = {"headers": [(b"x-gateway-workflow", b"kb-query")], "client": None}
         try:
             validate_rerank(body)
+            reserve_tokens(ctx)
             group = pipeline.route(self.svc, ctx, scope, "rerank")
             await pipeline.admit(self.svc, ctx, scope)
             await pipeline.scrub(self.svc, ctx)

@@ -19,6 +19,7 @@ document that will never be processed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -150,6 +151,8 @@ async def _process(
         doc = await store.get_document(conn, tenant, document_id)
         if kb is None or doc is None or doc.kb_id != kb_id or doc.replaced_by is not None:
             log.info("kb ingest: document %s is gone; nothing to do", document_id)
+            if doc is None:  # deleted after its bytes were placed: they must not stay on disk
+                _discard(document_path(data_dir, tenant, document_id))
             return
         if doc.status == "ready" and doc.sha256 == (p.get("sha256") or doc.sha256):
             return  # a duplicate delivery of a job that finished
@@ -173,13 +176,32 @@ async def _process(
     chunks = await _in_thread(lambda: chunk(sections, size=size, overlap=overlap))
     vectors = await embed_chunks(embedder, chunks)
     async with store.scoped(pool, tenant) as conn:
+        # The knowledge base as it is now, locked against a model switch (finish_reembed) or the
+        # start of a move (start_reembed) until this document is ready: a move that began while
+        # it was processed did not list it (it was not ready), and one that finished meanwhile
+        # would otherwise get chunks of the old model as live content. KEY SHARE: both of those
+        # lock the row FOR UPDATE, while a search's last_active_at update does not wait on it.
+        now = await conn.fetchrow(
+            "SELECT embedding_model, reembed_model FROM knowledge_bases WHERE id = $1 AND tenant = $2 FOR KEY SHARE",
+            kb_id,
+            tenant,
+        )
         current = await store.get_document(conn, tenant, document_id)
-        if current is None:
+        if now is None or current is None or current.replaced_by is not None:
+            if current is None:
+                _discard(path)
             return  # deleted while it was processed
+        if now["embedding_model"] != kb.embedding_model:
+            raise RuntimeError("the knowledge base changed its embedding model meanwhile")  # retried: embed again
         await store.replace_chunks(conn, tenant, kb_id, document_id, chunks, vectors, kb.embedding_model)
     log.info("kb ingest: %s ready, %d chunks", document_id, len(chunks))
-    if kb.reembed_model:  # a move to another model is under way: this document needs both
-        await _reembed({**p, "model": kb.reembed_model}, pool=pool, pick=pick)
+    if now["reembed_model"]:  # a move to another model is under way: this document needs both
+        await _reembed({**p, "model": now["reembed_model"]}, pool=pool, pick=pick)
+
+
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 async def embed_chunks(embedder: Embedder, chunks) -> list[list[float]]:

@@ -147,7 +147,7 @@ FROM (SELECT c.id, c.embedding::{cast} <=> $3::text::{cast} AS dist
         AND ($4::text[] IS NULL OR c.document_id = ANY($4::text[]))
       ORDER BY c.embedding::{cast} <=> $3::text::{cast} LIMIT {limit}) s
 {_JOINS}
-WHERE k.embedding_model = c.embedding_model
+WHERE c.embedding_model = coalesce($5::text, k.embedding_model)
 ORDER BY s.dist"""
 
 
@@ -155,11 +155,11 @@ def _fts_sql(dims: int | None, limit: int) -> str:
     # The match runs in kb_fts_candidates (SECURITY DEFINER): under row-level security `@@` (not
     # LEAKPROOF) cannot use the GIN index; the ids are joined back to kb_chunks under RLS.
     if dims is None:
-        similarity = "CASE WHEN $3::text IS NULL THEN NULL::float8 END"  # ($3, the vector: absent)
+        similarity = "CASE WHEN $3::text IS NULL OR $6::text IS NULL THEN NULL::float8 END"  # (no vector)
     else:
         cast = f"halfvec({dims})"
         similarity = (
-            f"CASE WHEN c.dims = {dims} AND c.embedding_model = k.embedding_model "
+            f"CASE WHEN c.dims = {dims} AND c.embedding_model = coalesce($6::text, k.embedding_model) "
             f"THEN 1 - (c.embedding::{cast} <=> $3::text::{cast}) END"
         )
     return f"""SELECT c.id, c.document_id, c.kb_id, c.section, c.text, c.tokens, s.rank, {similarity} AS similarity
@@ -184,10 +184,14 @@ async def retrieve(
     reranker: Reranker | None = None,
     rerank_top_n: int | None = None,
     document_ids: Sequence[str] | None = None,
+    query_model: str | None = None,
 ) -> Retrieval:
     """Search ``kb_ids`` of ``tenant`` (None: super-admin) for ``query_text`` /
     ``query_vector`` (the query embedded with the knowledge bases' model, L2-normalized);
-    ``document_ids``: only in these documents (None: all)."""
+    ``document_ids``: only in these documents (None: all). ``query_model``: the model the
+    vector was made with; only chunks of that model are compared with it (a model switch
+    between embedding the query and searching leaves full-text results, never a comparison of
+    two models' vectors). None: the knowledge base's model at query time."""
     t_total = time.perf_counter()
     timings: dict[str, float] = {}
     notes: list[str] = []
@@ -216,12 +220,12 @@ async def retrieve(
             timings["begin_ms"] = _ms(t0)
             if dims is not None:
                 t0 = time.perf_counter()
-                vec_rows = await conn.fetch(_vector_sql(dims, candidates), tenant, kb_list, qvec, docs)
+                vec_rows = await conn.fetch(_vector_sql(dims, candidates), tenant, kb_list, qvec, docs, query_model)
                 timings["vector_ms"] = _ms(t0)
             if query_text.strip():
                 t0 = time.perf_counter()
                 fts_rows = await conn.fetch(
-                    _fts_sql(dims, candidates), tenant, kb_list, qvec, fts_query(query_text), docs
+                    _fts_sql(dims, candidates), tenant, kb_list, qvec, fts_query(query_text), docs, query_model
                 )
                 timings["fts_ms"] = _ms(t0)
     else:

@@ -28,6 +28,18 @@ MAX_OUTPUT = 64 * 1024 * 1024  # the JSON of a document's sections (extract caps
 SANDBOXED = ("pdf", "docx")
 
 
+# What the child may see of the environment: enough to start Python and import our packages.
+# Never the gateway's secrets (master key, provider keys, database and Redis URLs): the child
+# parses hostile files, so whatever it can read, a parser exploit could read.
+_PASSED_ENV = ("PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ")
+
+
+def child_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+    env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
 def _head(path: Path) -> bytes:
     with path.open("rb") as fh:
         return fh.read(4096)
@@ -66,7 +78,7 @@ async def extract_bounded(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         preexec_fn=lambda: _limits(memory, cpu),
-        env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+        env=child_env(),
         limit=MAX_OUTPUT,
     )
     try:

@@ -522,6 +522,9 @@ async def start_reembed(conn: asyncpg.Connection, tenant: str, kb_id: str, model
     for no such knowledge base. Search keeps using the current model until ``finish_reembed``."""
     _check_dims(dims)
     async with conn.transaction():
+        # FOR UPDATE first: waits for a document going live meanwhile (rag/ingest.py holds the
+        # row FOR KEY SHARE), so the list of ready documents below includes it
+        await conn.execute("SELECT 1 FROM knowledge_bases WHERE id = $1 AND tenant = $2 FOR UPDATE", kb_id, tenant)
         kb = await conn.fetchval(
             """UPDATE knowledge_bases SET reembed_model = $3, reembed_dims = $4, updated_at = now()
                WHERE id = $1 AND tenant = $2 RETURNING id""",

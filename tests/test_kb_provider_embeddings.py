@@ -87,6 +87,12 @@ def test_model_change_reembeds_in_the_background_and_switches_atomically(gw, mod
         # meanwhile search answers from the old model's live chunks
         out = query(gw, kb["id"], "Is parking free for visitors?")
         assert out["embedding_model"] == "local/all-MiniLM-L6-v2" and out["hits"], out
+        # re-embedding storm: another model while the move runs would queue (and bill) every
+        # document again; refused until the move is over, nothing changed
+        storm = call(gw, "PATCH", f"/admin/knowledge-bases/{kb['id']}", json={"embedding_model": "embed-other"})
+        assert storm.status_code == 409 and storm.json()["error"]["code"] == "reembedding_in_progress", storm.text
+        same = call(gw, "PATCH", f"/admin/knowledge-bases/{kb['id']}", json={"embedding_model": "embed-mock"})
+        assert same.status_code == 200 and same.json()["reembedding"]["embedding_model"] == "embed-mock"
         state = {}
 
         def switched() -> bool:
@@ -102,3 +108,29 @@ def test_model_change_reembeds_in_the_background_and_switches_atomically(gw, mod
     assert len({(doc, gen) for doc, _, _, gen in after}) == len(docs)  # one live generation per document
     out = query(gw, kb["id"], HOURS)
     assert out["embedding_model"] == "embed-mock" and out["hits"][0]["similarity"] > 0.99, out
+
+
+def test_a_vector_store_search_embeds_for_the_callers_key_not_the_tenants(gw, module_mock, services):
+    """Budget/allow-list bypass: a /v1 search embeds the query with the knowledge base's provider
+    model; that call runs for the caller's key (its ledger rows, limits and model allow-list),
+    not under the tenant's own unmetered identity."""
+    from tests.test_policies import new_key
+
+    kb = create_kb(gw, embedding_model="embed-mock")
+    doc = upload(gw, kb["id"], "parking.txt", PARKING.encode()).json()
+    assert wait_done(gw, kb["id"], doc["id"])["status"] == "ready"
+    plain = new_key(gw)
+    r = call(gw, "POST", f"/v1/vector_stores/{kb['id']}/search", plain["key"], json={"query": PARKING})
+    assert r.status_code == 200 and r.json()["data"], r.text
+
+    def mine() -> list[dict]:
+        return ledger_rows(services[0], "key_id = $1 AND workflow = 'kb-query'", plain["id"])
+
+    wait_until(mine, timeout=15, what="the search's embedding ledgered for the caller's key")
+    assert mine()[0]["model"] == "embed-mock" and mine()[0]["endpoint"] == "embeddings"
+    # a key that may not use the embedding model gets full-text results, and no embedding call
+    narrow = new_key(gw, models=["gpt-mock"])
+    module_mock.clear()
+    r = call(gw, "POST", f"/v1/vector_stores/{kb['id']}/search", narrow["key"], json={"query": "parking visitors"})
+    assert r.status_code == 200, r.text
+    assert not [q for q in module_mock.requests() if q["path"] == "/v1/embeddings"]

@@ -277,3 +277,78 @@ def test_hostile_uploads_and_bodies_are_bounded(gw, client, tenant_key, tmp_root
     # nothing was attached by the refused calls
     assert client.vector_stores.retrieve(vs.id).file_counts.total == 0
     assert client.vector_stores.delete(vs.id).deleted and client.files.delete(f.id).deleted
+
+
+def test_tenant_isolation_on_mutating_routes_batches_and_cursors(gw, client, store):
+    """Another tenant's ids on every route that changes or lists something: 404 (or, as a list
+    cursor, 400 like an id that never existed), and nothing of the owner's changes."""
+    vs, files = store
+    fid = files["returns"].id
+    batch = client.vector_stores.file_batches.create(vector_store_id=vs.id, file_ids=[fid])
+    key = new_key(gw, tenant=f"other-{uuid.uuid4().hex[:6]}")["key"]
+    base = f"{gw.url}/v1/vector_stores/{vs.id}"
+    attempts = [
+        ("DELETE", f"{gw.url}/v1/files/{fid}", None),
+        ("POST", base, {"name": "pwned"}),
+        ("POST", f"{base}/files", {"file_id": fid}),
+        ("POST", f"{base}/files/{fid}", {"attributes": {"kind": "pwned"}}),
+        ("DELETE", f"{base}/files/{fid}", None),
+        ("GET", f"{base}/files/{fid}/content", None),
+        ("GET", f"{base}/files", None),
+        ("GET", f"{base}/file_batches/{batch.id}", None),
+        ("POST", f"{base}/file_batches/{batch.id}/cancel", None),
+        ("GET", f"{base}/file_batches/{batch.id}/files", None),
+        ("POST", f"{base}/file_batches", {"file_ids": [fid]}),
+    ]
+    with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30) as h:
+        for method, url, body in attempts:
+            r = h.request(method, url, json=body)
+            assert r.status_code == 404, (method, url, r.status_code, r.text)
+        for url, cursor in ((f"{gw.url}/v1/vector_stores", vs.id), (f"{gw.url}/v1/files", fid)):
+            r = h.get(url, params={"after": cursor})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "after", r.text
+    got = client.vector_stores.files.retrieve(file_id=fid, vector_store_id=vs.id)
+    assert got.status == "completed" and got.attributes["kind"] == "policy"
+    assert client.vector_stores.retrieve(vs.id).name == "Support FAQ"
+    assert client.files.retrieve(fid).id == fid
+
+
+def test_an_expired_vector_store_cannot_be_revived_by_searching_or_adding(gw, client, store, services):
+    """Expiry counts from last_active_at: a search, an attach or an update of an expired store
+    would make it active again and keep data its owner asked to expire. They are refused."""
+    import asyncio
+
+    import asyncpg
+
+    vs = client.vector_stores.create(name="short-lived", expires_after={"anchor": "last_active_at", "days": 1})
+
+    async def age() -> None:
+        conn = await asyncpg.connect(services[0])
+        try:
+            await conn.execute(
+                "UPDATE knowledge_bases SET last_active_at = now() - interval '2 days' WHERE id = $1", vs.id
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(age())
+    assert client.vector_stores.retrieve(vs.id).status == "expired"
+    fid = store[1]["returns"].id
+    for call_ in (
+        lambda: client.vector_stores.search(vs.id, query="return"),
+        lambda: client.vector_stores.files.create(vector_store_id=vs.id, file_id=fid),
+        lambda: client.vector_stores.file_batches.create(vector_store_id=vs.id, file_ids=[fid]),
+        lambda: client.vector_stores.update(vs.id, name="revived"),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            call_()
+        assert err.value.body["code"] == "vector_store_expired"
+    assert client.vector_stores.retrieve(vs.id).status == "expired"
+    assert client.vector_stores.delete(vs.id).deleted
+
+
+def test_files_and_vector_stores_refuse_missing_and_wrong_keys(gw):
+    for path in ("/v1/files", "/v1/vector_stores", "/v1/vector_stores/vs_x/search"):
+        for headers in ({}, {"Authorization": "Bearer sk-wrong"}):
+            r = httpx.request("POST" if path.endswith("search") else "GET", f"{gw.url}{path}", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"], (path, headers, r.text)

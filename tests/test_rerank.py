@@ -26,6 +26,8 @@ def gw(tmp_root, services, module_mock):
     cfg["models"].append(
         {"name": "rerank-mock", "mode": "rerank", "deployments": [{"provider": "mock-openai", "model": "mock-rerank"}]}
     )
+    priced = {"provider": "mock-openai", "model": "mock-rerank-priced", "input_cost_per_token": 1e-3}
+    cfg["models"].append({"name": "rerank-priced", "mode": "rerank", "deployments": [priced]})
     g = start_gateway(tmp_root, module_mock, services, config=cfg)
     yield g
     g.stop()
@@ -107,6 +109,12 @@ def test_knowledge_base_retrieval_reranks_through_the_gateway(gw, module_mock, s
     # the setting is checked, and can be cleared
     bad = call(gw, "PATCH", f"/admin/knowledge-bases/{kb['id']}", json={"settings": {"rerank_model": "gpt-mock"}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "settings.rerank_model"
+    # a tenant admin whose key may not use the rerank group cannot make every search use it
+    narrow = new_key(gw, tenant=f"rrn-{uuid.uuid4().hex[:6]}", scopes=["admin"], models=["gpt-mock"])["key"]
+    r = call(
+        gw, "POST", "/admin/knowledge-bases", narrow, json={"name": "n", "settings": {"rerank_model": "rerank-mock"}}
+    )
+    assert r.status_code == 403 and r.json()["error"]["param"] == "settings.rerank_model", r.text
     off = call(gw, "PATCH", f"/admin/knowledge-bases/{kb['id']}", json={"settings": {"rerank_model": None}})
     assert off.status_code == 200 and off.json()["settings"]["rerank_model"] is None
     again = call(gw, "POST", query, json={"query": "How long do I have to return a product?"})
@@ -136,3 +144,25 @@ def test_an_agent_turn_reranks_its_knowledge_base_sources(gw, module_mock):
     assert r.json()["choices"][0]["message"]["citations"]
     paths = [q["path"] for q in module_mock.requests()]
     assert paths[0] == "/v1/rerank" and "/v1/chat/completions" in paths, paths
+
+
+def test_a_huge_rerank_request_is_reserved_against_a_hard_budget(gw, module_mock):
+    """Budget bypass: the reservation counted chat messages and embeddings input only, so a
+    rerank body (query + documents) reserved ~3 tokens and any size passed a hard budget. Here
+    ~100k tokens at $0.001 a token cannot fit a $1 budget: refused before the upstream call."""
+    made = new_key(gw, budget_usd=1.0, budget_period="daily")
+    key = made["key"]
+    small = rerank(gw, key, model="rerank-priced", query="refund", documents=DOCS)
+    assert small.status_code == 200, small.text
+
+    def spent() -> bool:  # the budget is in force on this gateway (a small request was charged to it)
+        return call(gw, "GET", f"/admin/budgets/{made['budget_id']}").json()["spent_usd"] > 0
+
+    wait_until(spent, timeout=15, what="the key's budget charged")
+    module_mock.clear()
+    r = rerank(gw, key, model="rerank-priced", query="refund", documents=["word " * 6000] * 10)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "insufficient_quota", (
+        r.status_code,
+        call(gw, "GET", f"/admin/budgets/{made['budget_id']}").text,
+    )
+    assert not [q for q in module_mock.requests() if q["path"] == "/v1/rerank"]
