@@ -373,6 +373,36 @@ def leak_check(stack: Stack, tmp: Path, n: int, workers: int, conns: int) -> dic
     }
 
 
+def run_leak(args: argparse.Namespace) -> dict:
+    """The RSS leak check alone (N and 10 N requests through the policy path)."""
+    _ensure_tools()
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-leak-"))
+    stack = Stack(tmp, args.chunks, args.stores_core)
+    try:
+        leak = leak_check(stack, tmp, args.leak_n, args.leak_workers, args.connections)
+    finally:
+        stack.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    leak["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    leak["load_after"] = _uptime()
+    return leak
+
+
+def leak_report(leak: dict) -> str:
+    lines = [
+        f"# RSS leak check ({leak['date']}): {len(leak['workers'])} workers, policy path, "
+        f"N = {leak['n']:,} then 10 N = {10 * leak['n']:,} requests, {leak.get('errors', 0)} errors",
+        "",
+        f"`python -m loadtest.bench --only leak --leak-n {leak['n']}`; load average after: {leak['load_after']}.",
+        "",
+        "| worker | idle MB | after N MB | after 10 N MB | growth N → 10 N |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for i, w in enumerate(leak["workers"], 1):
+        lines.append(f"| {i} | {w['idle_mb']} | {w['after_n_mb']} | {w['after_10n_mb']} | {w['growth_pct']:+.1f} % |")
+    return "\n".join(lines) + "\n"
+
+
 def _uptime() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -697,7 +727,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument(
-        "--only", choices=("core", "pii", "agents", "vapi", "channels", "rag", "peers"), help="run one part only"
+        "--only",
+        choices=("core", "pii", "agents", "vapi", "channels", "rag", "peers", "leak"),
+        help="run one part only (leak: the RSS check alone, e.g. --leak-n 100000 for 100k → 1M)",
     )
     parser.add_argument(
         "--rag-chunks", type=int, default=20_000, help="knowledge-base chunks for the rag part (the goal: 100000)"
@@ -719,6 +751,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.only == "leak":
+        leak = run_leak(args)
+        text = leak_report(leak)
+        (RESULTS / f"leak-{leak['n'] // 1000}k.md").write_text(text)
+        print("\n" + text)
+        return
     if args.only in (None, "core"):
         results = run(args)
         text = report(results)
