@@ -32,6 +32,7 @@ class _Expiry:
         self.fired = True
         self.task.cancel()
 
+
 # A provider's answer is read into memory whole (streams are relayed, not read here): bounded so
 # a broken or hostile upstream cannot exhaust the process. Error bodies are only ever excerpted.
 MAX_BODY_BYTES = 256 * 1024 * 1024
