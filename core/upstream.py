@@ -135,8 +135,10 @@ class Upstream:
         status, whose excess is dropped); a larger success body is a 502."""
         limit = MAX_ERROR_BODY_BYTES if resp.status >= 400 else MAX_BODY_BYTES
         try:
-            length = getattr(resp, "content_length", None)  # (h1's Response: streamed below)
-            if length is not None and length <= limit:
+            # (h1's Response: streamed below). Content-Length counts the encoded bytes: a gzip
+            # body is decompressed by aiohttp's read() past any cap, so it is streamed and counted.
+            length = getattr(resp, "content_length", None)
+            if length is not None and length <= limit and "content-encoding" not in resp.headers:
                 return await resp.read()
             parts: list[bytes] = []
             size = 0

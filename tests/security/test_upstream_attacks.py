@@ -528,3 +528,51 @@ def test_oversized_upstream_error_body_is_read_only_up_to_its_cap(sdk, umock, mo
     assert set(exc.value.body) >= {"message", "type"}
     ok = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "still here?"}])
     assert ok.choices[0].message.content
+
+
+@pytest.mark.parametrize("status", [200, 400])
+def test_gzip_bomb_from_upstream_is_capped_on_the_aiohttp_client(monkeypatch, status):
+    """A provider answering with a small gzip body that inflates far past the cap: its
+    Content-Length (the compressed size) is under the cap, but the aiohttp client's read()
+    inflates it whole. The decompressed bytes are counted: a success body is a 502, an error
+    body is cut at its cap."""
+    import asyncio
+    import gzip
+
+    from aiohttp import web
+
+    from core import upstream as up
+    from core.config import Timeouts
+    from core.errors import UpstreamError
+
+    monkeypatch.setenv(up.CLIENT_ENV, "aiohttp")
+    monkeypatch.setattr(up, "MAX_BODY_BYTES", 1024 * 1024)
+    monkeypatch.setattr(up, "MAX_ERROR_BODY_BYTES", 64 * 1024)
+    bomb = gzip.compress(b"\0" * (16 * 1024 * 1024))
+
+    async def handler(request):
+        return web.Response(status=status, body=bomb, headers={"Content-Encoding": "gzip"})
+
+    async def run():
+        app = web.Application()
+        app.router.add_post("/", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        client = up.Upstream()
+        await client.start()
+        try:
+            resp = await client.post(f"http://127.0.0.1:{port}/", b"{}", {}, Timeouts(), "mock")
+            assert resp.content_length is not None and resp.content_length < 64 * 1024
+            if status >= 400:
+                assert len(await client.read(resp, "mock")) <= 64 * 1024
+            else:
+                with pytest.raises(UpstreamError) as exc:
+                    await client.read(resp, "mock")
+                assert exc.value.code == "upstream_response_too_large"
+        finally:
+            await client.close()
+            await runner.cleanup()
+
+    asyncio.run(run())
