@@ -112,12 +112,16 @@ def _identity(row) -> Identity:
 
 
 def _shared_limits(value) -> tuple:
-    """((key id, config.Limit), ...) from the metadata minting wrote; unreadable entries skipped."""
+    """((key id, config.Limit or None: the default key limit), ...) from the metadata minting
+    wrote; unreadable entries skipped."""
     from core.config import Limit
 
     out = []
     for item in value if isinstance(value, list) else ():
         if isinstance(item, dict) and isinstance(item.get("key"), str):
+            if item.get("default") is True:  # the default key limit, as configured when served
+                out.append((item["key"], None))
+                continue
             rpm, tpm = item.get("rpm") or 0, item.get("tpm") or 0
             if isinstance(rpm, int) and isinstance(tpm, int) and (rpm > 0 or tpm > 0):
                 out.append((item["key"], Limit(rpm=rpm, tpm=tpm)))

@@ -146,7 +146,7 @@ class PolicyEngine:
         if attr["key"]:
             out.append(("key", f"key:{attr['key']}", key_limit))
             for minter, limit in ident.shared_limits if ident is not None else ():
-                out.append(("minting key", f"key:{minter}", limit))
+                out.append(("minting key", f"key:{minter}", limit if limit is not None else self.limits.key))
         if attr["user"] and (self.limits.user.rpm or self.limits.user.tpm):
             out.append(("user", f"user:{attr['tenant']}:{attr['user']}", self.limits.user))
         tenant = self.limits.tenant.get(attr["tenant"] or "")

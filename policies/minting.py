@@ -29,6 +29,13 @@ def _within(pattern: str, allowed: list[str]) -> bool:
     return False
 
 
+def _shared(key_id: str, limit) -> dict:
+    """One shared window as metadata: its limit, or ``default`` (the default key limit)."""
+    if limit is None:
+        return {"key": key_id, "default": True}
+    return {"key": key_id, "rpm": limit.rpm, "tpm": limit.tpm}
+
+
 MAX_SHARED_LIMITS = 16  # minting depth whose windows a key shares (deeper chains: the nearest)
 
 
@@ -83,9 +90,13 @@ def narrow(minter: Identity, tenant: str | None, settings: dict) -> tuple[str, d
                 raise _wider(name, f"{name} {asked} exceeds the minting key's {cap}")
         out["limits"] = {"rpm": mine.get("rpm") or 0, "tpm": mine.get("tpm") or 0}
     # the child's requests count in the minter's windows too (and in those the minter shares)
-    shared = [{"key": k, "rpm": lim.rpm, "tpm": lim.tpm} for k, lim in getattr(minter, "shared_limits", ())]
+    # (a minter without limits of its own is held to the default key limit: its children share
+    # that window too, resolved when a request is served, else each child had a default window)
+    shared = [_shared(k, lim) for k, lim in getattr(minter, "shared_limits", ())]
     if limits is not None and (limits.rpm or limits.tpm):
-        shared.insert(0, {"key": minter.key_id, "rpm": limits.rpm, "tpm": limits.tpm})
+        shared.insert(0, _shared(minter.key_id, limits))
+    elif limits is None and minter.key_id:
+        shared.insert(0, _shared(minter.key_id, None))
     if shared:
         out["shared_limits"] = shared[:MAX_SHARED_LIMITS]
     else:

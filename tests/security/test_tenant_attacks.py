@@ -280,3 +280,29 @@ def test_item7_nul_characters_get_a_400_and_never_jam_the_audit_ledger(gw, servi
     for rid in (poisoned._request_id, after._request_id):
         wait_until(lambda rid=rid: ledger_rows(services[0], "request_id = $1", rid), timeout=15, what="ledger row")
     assert ledger_rows(services[0], "request_id = $1", poisoned._request_id)[0]["end_user"] == "a\ufffdb"
+
+
+def test_item8_children_of_a_minter_on_the_default_key_limit_share_its_window():
+    """An admin key with no rpm of its own is held to the configured default key limit. Its
+    children (inheriting no limit, so each also on the default) must count in its window too:
+    else minting N children multiplied the default key rate by N."""
+    from types import SimpleNamespace
+
+    from core.config import Limit, Limits
+    from core.types import Identity, RequestContext
+    from policies.auth import _shared_limits
+    from policies.engine import PolicyEngine
+    from policies.minting import narrow
+
+    boss = Identity(key_id="boss-id", name="boss", tenant="t1", scopes=frozenset({"admin"}))
+    _, meta = narrow(boss, None, {"scopes": ["admin"]})
+    child = Identity(key_id="kid-id", name="kid", tenant="t1", shared_limits=_shared_limits(meta["shared_limits"]))
+    _, meta2 = narrow(child, None, {})
+    grandchild = Identity(key_id="gc-id", name="gc", tenant="t1", shared_limits=_shared_limits(meta2["shared_limits"]))
+    stub = SimpleNamespace(limits=Limits(key=Limit(rpm=10)))
+    ctx = RequestContext(request_id="r", endpoint="chat", body={}, started=0.0, identity=grandchild, model="m")
+    attr = {"key": "gc-id", "user": None, "tenant": "t1", "agent": None}
+    bases = {base for _, base, _ in PolicyEngine._rate_limits(stub, ctx, attr)}
+    assert {"gw:{gw}:rl:key:gc-id:r", "gw:{gw}:rl:key:kid-id:r", "gw:{gw}:rl:key:boss-id:r"} <= bases
+    # a bare shared entry is never an unlimited one, and no entry names no limit
+    assert _shared_limits([{"key": "x", "default": "yes"}, {"key": "y"}]) == ()
