@@ -73,6 +73,13 @@ _LABELS = frozenset(
     ("no", "nr", "n", "num", "number", "numbers", "nummer", "numéro", "numero", "número", "id", "code", "is", "was")
 )
 
+# The labels that say the code word names a number ("order number", "numéro de commande"): after
+# one, a few more words may stand before the number ("order number for the shoes is ...") as long
+# as no sentence ends and no other number comes between.
+_NUMBER_LABELS = _LABELS - {"is", "was"}
+_BRIDGE = 4  # words a labelled code word reaches over
+_BREAK = re.compile(r"[.!?;,\n]\s|\d")
+
 # Words, read from the text around a candidate: letters, joined by . / - ("p/n", "art.-nr").
 _TOKEN = re.compile(r"[^\W\d_]+(?:[./-]+[^\W\d_]+)*")
 _PHONE_SET = frozenset(PHONE_WORDS)
@@ -169,17 +176,26 @@ def _how(text: str, start: int, end: int, candidate: str) -> tuple[Leniency, boo
     phone_before = code_before = -1  # where the last phone / code word before the candidate ends
     previous = ""
     between = 0  # words after the last code word that are not a label ("no", "number", "id")
+    labelled = False  # the last code word has a number label ("order number", "numéro de commande")
+    words: list[str] = []  # the last words, lower case
     for m in _TOKEN.finditer(text, max(0, start - BEFORE), start):
+        word = m.group().lower()
         kind = _kind(m.group(), previous)
         if kind == "phone":
             phone_before = m.end()
         elif kind == "code":
             code_before = m.end()
             between = 0
-        elif m.group().lower() not in _LABELS and not _in_code(text, m.start(), m.end()):
+            labelled = "nummer" in word or "number" in word or any(w in _NUMBER_LABELS for w in words[-2:])
+        elif word in _NUMBER_LABELS and not _in_code(text, m.start(), m.end()):
+            labelled = labelled or (code_before >= 0 and between == 0)
+        elif word not in _LABELS and not _in_code(text, m.start(), m.end()):
             between += 1
-        previous = m.group().lower()
-    if between:  # "order NYC line (212) 555-0199": the code word names something else
+        previous = word
+        words.append(word)
+    # "order NYC line (212) 555-0199": the code word names something else; but "order number for
+    # the shoes is 020 7946 0958" names this number (no sentence end and no other number between)
+    if between and not (labelled and between <= _BRIDGE and not _BREAK.search(text, code_before, start)):
         code_before = -1
     if code_before > phone_before and not plus:
         return None  # "SKU 4006-381-333-931", "Sort code 40-47-84"

@@ -350,6 +350,30 @@ def test_item17_real_numbers_in_the_configured_regions_are_still_found(tmp_path)
     assert got == [[n] for _, n in REAL_NUMBERS]
 
 
+# A labelled code word ("order number", "Bestellnummer", "numéro de commande") still names the
+# number a few words on; an unlabelled one, a sentence end or another number between does not.
+LABELLED_CODES = [
+    "Your order number for the shoes is 020 7946 0958",
+    "Invoice number of the last month: (212) 555-0199",
+    "the tracking number of the package is 212-555-0199",
+    "Ihre Bestellnummer lautet 0151 23456789",
+    "Numéro de commande de votre achat : 01 23 45 67 89",
+]
+UNLABELLED_PHONES = [
+    ("My order number is 12345 and you can reach me at 020 7946 0958", "020 7946 0958"),
+    ("Order number for the shoes. Reach me at 020 7946 0958", "020 7946 0958"),
+    ("The order number was lost, my brother John is at 020 7946 0958", "020 7946 0958"),
+    ("Sur ma commande, rappelez-moi au 01 23 45 67 89", "01 23 45 67 89"),
+]
+
+
+def test_item17_order_number_label_reaches_over_a_few_words_to_its_number(tmp_path):
+    spec = pii_corpus.spec(str(tmp_path))
+    assert _phones(spec, LABELLED_CODES) == [[] for _ in LABELLED_CODES]
+    got = _phones(spec, [t for t, _ in UNLABELLED_PHONES])
+    assert got == [[n] for _, n in UNLABELLED_PHONES]
+
+
 def test_item17_sku_reaches_the_provider_and_the_phone_beside_it_does_not(gw, api_key, mock):
     mock.clear()
     r = _chat(gw, api_key, f"SKU 4006-381-333-931 and P/N 12-3456-7890 are late; call me on {PHONE}")
