@@ -24,13 +24,20 @@ async def admit(svc, ident: Identity, route: str, what: str) -> None:
     ``retry-after`` beyond it. ``what`` names the calls in the error message."""
     now = time.time()
     window = int(now // 60)
-    name = f"gw:{{gw}}:{route}:{ident.key_id}:{window}"
+    # a minted key counts in its minters' windows too (Identity.shared_limits), as its model
+    # calls do: minting many children never multiplies a key's allowance
+    windows = [(ident.key_id, per_minute(svc, ident))]
+    for minter, lim in getattr(ident, "shared_limits", ()) or ():
+        windows.append((minter, (getattr(lim, "rpm", 0) or 0) or svc.config.limits.key.rpm or DEFAULT_PER_MINUTE))
     async with svc.redis.pipeline(transaction=False) as pipe:
-        pipe.incr(name)
-        pipe.expire(name, 120)
-        count, _ = await pipe.execute()
-    limit = per_minute(svc, ident)
-    if count > limit:
+        for key_id, _ in windows:
+            name = f"gw:{{gw}}:{route}:{key_id}:{window}"
+            pipe.incr(name)
+            pipe.expire(name, 120)
+        counts = (await pipe.execute())[::2]
+    over = [lim for (_, lim), count in zip(windows, counts, strict=True) if count > lim]
+    if over:
+        limit = min(over)
         err = RateLimited(f"{what} are limited to {limit} per minute for this key.", code="rate_limit_exceeded")
         err.headers["retry-after"] = str(max(1, int((window + 1) * 60 - now)))
         raise err

@@ -345,6 +345,24 @@ def test_feedback_is_rate_limited_per_key_before_anything_is_stored(gw, services
     assert call(gw, "POST", "/v1/feedback", other, json={"request_id": "r1", "thumbs": 1}).status_code == 201
 
 
+def test_feedback_keys_minted_by_a_limited_key_share_its_window(gw):
+    """A tenant admin limited to 3 a minute mints children (each inheriting rpm 3): their
+    feedback calls count in its window too, so minting does not multiply its allowance."""
+    tenant = unique("fbmint")
+    resp = call(gw, "POST", "/admin/keys", json={"name": unique("k"), "tenant": tenant, "rpm": 3, "scopes": ["admin"]})
+    boss = resp.json()["key"]
+    kids = []
+    for _ in range(3):
+        r = call(gw, "POST", "/admin/keys", boss, json={"name": unique("kid")})
+        assert r.status_code == 201, r.text
+        kids.append(r.json()["key"])
+    codes = [
+        call(gw, "POST", "/v1/feedback", kid, json={"request_id": "r", "thumbs": 1}).status_code for kid in kids * 3
+    ]
+    # one minute window (a minute boundary in the burst may let a second window's worth in)
+    assert codes.count(201) <= 6 and 429 in codes, codes
+
+
 def seed_turns(database_url: str, tenant: str, agent: str, rows: list[tuple[str, str, str]]) -> None:
     """Ledger rows as the agent stage writes them: (request_id, variant, conversation_id), two
     steps each."""
