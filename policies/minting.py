@@ -36,7 +36,7 @@ def _shared(key_id: str, limit) -> dict:
     return {"key": key_id, "rpm": limit.rpm, "tpm": limit.tpm}
 
 
-MAX_SHARED_LIMITS = 16  # minting depth whose windows a key shares (deeper chains: the nearest)
+MAX_SHARED_LIMITS = 16  # minting depth whose windows a key shares (deeper: its minter and the root-ward)
 
 
 def narrow(minter: Identity, tenant: str | None, settings: dict) -> tuple[str, dict]:
@@ -97,8 +97,10 @@ def narrow(minter: Identity, tenant: str | None, settings: dict) -> tuple[str, d
         shared.insert(0, _shared(minter.key_id, limits))
     elif limits is None and minter.key_id:
         shared.insert(0, _shared(minter.key_id, None))
+    if len(shared) > MAX_SHARED_LIMITS:  # the nearest and the root-ward ones: the chain's root
+        shared = shared[:1] + shared[-(MAX_SHARED_LIMITS - 1) :]  # window is never dropped
     if shared:
-        out["shared_limits"] = shared[:MAX_SHARED_LIMITS]
+        out["shared_limits"] = shared
     else:
         out.pop("shared_limits", None)
     allowed_ips = getattr(minter, "allowed_ips", None)

@@ -306,3 +306,26 @@ def test_item8_children_of_a_minter_on_the_default_key_limit_share_its_window():
     assert {"gw:{gw}:rl:key:gc-id:r", "gw:{gw}:rl:key:kid-id:r", "gw:{gw}:rl:key:boss-id:r"} <= bases
     # a bare shared entry is never an unlimited one, and no entry names no limit
     assert _shared_limits([{"key": "x", "default": "yes"}, {"key": "y"}]) == ()
+
+
+def test_item8_a_minting_chain_deeper_than_the_cap_still_counts_in_the_roots_window():
+    """Admin keys minting admin keys 20 deep: the deepest still shares the root's window (keeping
+    only the nearest 16 dropped it, so one deep chain per root child multiplied the root's rate)."""
+    from core.config import Limit
+    from core.types import Identity
+    from policies.auth import _shared_limits
+    from policies.minting import MAX_SHARED_LIMITS, narrow
+
+    key = Identity(key_id="root", name="root", tenant="t1", scopes=frozenset({"admin"}), limits=Limit(rpm=4))
+    for depth in range(20):
+        _, meta = narrow(key, None, {"scopes": ["admin"]})
+        key = Identity(
+            key_id=f"k{depth}",
+            name="k",
+            tenant="t1",
+            scopes=frozenset({"admin"}),
+            limits=Limit(**meta["limits"]),
+            shared_limits=_shared_limits(meta["shared_limits"]),
+        )
+    names = [k for k, _ in key.shared_limits]
+    assert len(names) == MAX_SHARED_LIMITS and names[0] == "k18" and names[-1] == "root"
