@@ -210,3 +210,12 @@ def test_missing_ner_model_is_a_clear_error(data_dir):
     spec = Spec(("PERSON",), ("US",), 0.4, (), "en_core_web_nonexistent", data_dir)
     with pytest.raises(RuntimeError, match="never downloads"):
         asyncio.run(Analyzer(0, 0).find(spec, ["Ada Lovelace"]))
+
+
+def test_a_card_followed_by_a_version_number_is_found(data_dir):
+    """Found by the property test above: "amex 3400 000000 00009 2.4.1" — the run of digit groups
+    took the version's first digit, was then refused whole (glued to ".4"), and the card with it."""
+    text = "the team shipped release amex 3400 000000 00009 2.4.1 on 2024-05-01"
+    (found,) = asyncio.run(Analyzer(0, 0).find(pii_corpus.spec(data_dir), [text]))
+    start = text.index("3400")
+    assert any(e == "CREDIT_CARD" and a == start and b == start + len("3400 000000 00009") for a, b, e, _ in found)

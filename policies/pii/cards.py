@@ -62,8 +62,9 @@ CONTEXT = (
 _CONTEXT = re.compile(r"(?<![^\W\d_])(?:" + "|".join(map(re.escape, CONTEXT)) + r")(?![^\W\d_])", re.IGNORECASE)
 _CONTEXT_REACH = 40  # characters before a weak candidate searched for a card word
 
-# A run of digit groups: not glued to letters, digits or another group on either side.
-_RUN = re.compile(r"(?<![\w.,/-])(?<!\d[ -])\d++(?:[ -]\d++)*+(?![\w])(?![.,/]\d)")
+# A run of digit groups: not glued to letters, digits or another group on either side. The run may
+# end before a last group glued to a decimal point ("… 00009 2.4.1": the card, then a version).
+_RUN = re.compile(r"(?<![\w.,/-])(?<!\d[ -])\d++(?:[ -]\d++)*(?![\w])(?![.,/]\d)")
 _GROUP = re.compile(r"\d+")
 _MAX_GROUPS = 8  # a card has at most 8 groups (19 digits in 4-4-4-4-3 is 5)
 
