@@ -53,7 +53,29 @@ FILLER = (
 ).split()
 
 
-@settings(max_examples=25, deadline=None)
+def test_every_entity_is_found_beside_every_filler_word(data_dir):
+    """Every positive of the corpus inserted at every position of the filler (so next to each of
+    its words: versions, dates, prices, order ids), in one batch: the random examples of the test
+    below found two such neighbours that hid a card ("… 00009 2.4.1", "… 4012888888881881
+    2024-05-01") and one that hid a phone ("order NYC line (212) 555-0199"), one per run."""
+    words = FILLER * 2
+    cases = [(case, at) for case in pii_corpus.POSITIVES for at in range(len(FILLER) + 1)]
+    texts = [" ".join([*words[:at], case[0], *words[at:]]) for case, at in cases]
+    found = asyncio.run(Analyzer(0, 0).find(pii_corpus.spec(data_dir), texts))
+    missed = []
+    for (case, at), text, spans in zip(cases, texts, found, strict=True):
+        offset = text.index(case[0])
+        for entity, value in case[1]:
+            start = offset + case[0].index(value)
+            end = start + len(value)
+            if not any(e == entity and a <= start and end <= b for a, b, e, _ in spans):
+                missed.append((case[0], at, entity))
+    assert not missed, missed
+
+
+# derandomized: the same examples on every run, so CI is stable (the sweep above covers the
+# neighbours exhaustively; this one, long texts across window boundaries)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(case=st.sampled_from(pii_corpus.POSITIVES), at=st.integers(0, 200), length=st.integers(0, 200))
 def test_windows_find_what_whole_text_analysis_finds(data_dir, case, at, length):
     """An entity anywhere in a long text is covered by a finding of its type (windows, not whole

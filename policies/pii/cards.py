@@ -6,8 +6,9 @@ Visa, Troy, UzCard, Humo, ... are missed, and any 3-4 digit grouping is accepted
 written ``4006-381-333-931`` or an order number ``4567890-1234567`` passes when its digits
 happen to pass Luhn (one in ten do).
 
-Here a candidate is a run of digit groups (separated by one space or dash, the same one
-throughout). Every sub-run of whole groups is tried, longest first, and accepted when:
+Here a candidate is a run of digit groups, each separated by one space or dash, the same one
+throughout the sub-run tried (a card then a date, "4012888888881881 2024-05-01", is two).
+Every sub-run of whole groups is tried, longest first, and accepted when:
 
 * its digits start with an issuer range of a scheme below and have one of that scheme's lengths;
 * it is written the way cards are printed: contiguous, in fours (the last group 1-4 digits),
@@ -112,8 +113,7 @@ def find(text: str) -> list[tuple[int, int, str]]:
         if len(s) < 12:
             continue
         groups = [(g.start(), g.end()) for g in _GROUP.finditer(s)]
-        if len({c for c in s if not c.isdigit()}) > 1:
-            continue  # mixed separators
+        seps = [s[b] for _, b in groups[:-1]]  # the separator after each group but the last
         ends = [0]  # digits before each group
         for a, b in groups:
             ends.append(ends[-1] + b - a)
@@ -126,6 +126,8 @@ def find(text: str) -> list[tuple[int, int, str]]:
                     break
                 if total > 19:
                     continue
+                if len(set(seps[i : j - 1])) > 1:
+                    continue  # mixed separators: "4012888888881881 2024-05-01" is a card, then a date
                 sizes = [b - a for a, b in groups[i:j]]
                 if not _printed(sizes):
                     continue
