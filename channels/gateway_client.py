@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
+from channels.http import PooledSession, read_capped
+
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 
@@ -36,26 +38,10 @@ class Reply:
     request_id: str | None = None
 
 
-class GatewayClient:
+class GatewayClient(PooledSession):
     def __init__(self, base_url: str, *, timeout: float = 120.0, connections: int = 256) -> None:
+        super().__init__(timeout=timeout, connections=connections)
         self.base_url = base_url.rstrip("/")
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5)
-        self._connections = connections
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._connections, keepalive_timeout=60),
-                timeout=self._timeout,
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def turn(
         self, *, api_key: str, agent: str, conversation_id: str, content: str | list, variables: dict
@@ -105,14 +91,3 @@ def _error_code(raw: bytes) -> str:
         return str(err.get("code") or err.get("type"))[:64]
     except Exception:
         return "unknown"
-
-
-async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
-    """The body, stopping after ``cap`` bytes (a longer body is cut there: the caller checks)."""
-    chunks, size = [], 0
-    async for chunk in resp.content.iter_chunked(65536):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= cap:
-            break
-    return b"".join(chunks)[:cap]

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 
 from channels.config import WhatsAppAccount
-from channels.gateway_client import read_capped
+from channels.http import PooledSession, read_capped
 
 WINDOW_CLOSED = 131047  # re-engagement: free-form message outside the 24-hour window
 THROUGHPUT = 130429  # the number's messages-per-second limit
@@ -54,25 +54,9 @@ class MediaRefused(Exception):
     """A media file this channel will not fetch or keep (size, type, address)."""
 
 
-class Graph:
+class Graph(PooledSession):
     def __init__(self, *, timeout: float = 20.0, connections: int = 256) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5)
-        self._connections = connections
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._connections, keepalive_timeout=60),
-                timeout=self._timeout,
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        super().__init__(timeout=timeout, connections=connections)
 
     @staticmethod
     def _headers(acct: WhatsAppAccount) -> dict[str, str]:
