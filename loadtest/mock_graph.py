@@ -37,6 +37,8 @@ from collections import Counter, defaultdict, deque
 
 import orjson
 
+from loadtest import serve
+
 _DIRECTIVE = re.compile(r"\[\[graph:(\{.*?\})\]\]")
 _MESSAGES = re.compile(r"^/v\d+\.\d+/(\d+)/messages$")
 _MEDIA = re.compile(r"^/v\d+\.\d+/([A-Za-z0-9_\-]+)$")
@@ -337,20 +339,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     opts = parse_args(argv)
-    uvicorn.run(
-        MockGraph(opts),
-        host=opts.host,
-        port=opts.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-        backlog=4096,
-        timeout_graceful_shutdown=1,
-    )
+    serve.run(MockGraph(opts), opts.host, opts.port)
 
 
 if __name__ == "__main__":

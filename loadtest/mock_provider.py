@@ -57,6 +57,8 @@ from collections import Counter, deque
 
 import orjson
 
+from loadtest import serve
+
 _ERROR_KIND = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -837,20 +839,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     opts = parse_args(argv)
-    uvicorn.run(
-        Mock(opts),
-        host=opts.host,
-        port=opts.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-        backlog=4096,
-        timeout_graceful_shutdown=1,
-    )
+    serve.run(Mock(opts), opts.host, opts.port)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from loadtest import serve
+
 MCP_TOOLS = [
     {
         "name": "add",
@@ -233,22 +235,11 @@ async def _raw(send, status: int, body: bytes, ctype: bytes, extra: dict | None 
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     p = argparse.ArgumentParser(prog="mock-tools", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8002)
     opts = p.parse_args(argv)
-    uvicorn.run(
-        ToolServer(),
-        host=opts.host,
-        port=opts.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=1,
-    )
+    serve.run(ToolServer(), opts.host, opts.port)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 
+from loadtest import serve
+
 
 @dataclass
 class Turn:
@@ -312,18 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     if opts.cmd == "call":
         asyncio.run(_play(opts))
         return
-    import uvicorn
-
-    uvicorn.run(
-        MockVapiApi(opts.api_key),
-        host=opts.host,
-        port=opts.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=1,
-    )
+    serve.run(MockVapiApi(opts.api_key), opts.host, opts.port)
 
 
 if __name__ == "__main__":
