@@ -131,14 +131,19 @@ class PipelinedRedis:
             data, self._buffer = b"".join(self._buffer), []
             self._proto.transport.write(data)
 
-    async def execute(self, *args, limit_s: float | None = None):
+    async def execute(self, *args, limit_s: float | None = None, now: bool = False):
+        """Sends a command and waits for its reply. Commands issued in one turn of the loop go
+        out in one write; ``now`` writes at once (with whatever waits in the buffer), so the
+        command is on its way before the caller's next step."""
         if self._proto is None:
             await self._connect()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._waiting.append(fut)
         self._buffer.append(pack(args))
-        if not self._flush_scheduled:
+        if now:
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         # One timer handle per call (asyncio.timeout's context manager, task lookup and
@@ -154,8 +159,8 @@ class PipelinedRedis:
         finally:
             timer.cancel()
 
-    async def evalsha(self, sha: str, numkeys: int, *args, limit_s: float | None = None):
-        return await self.execute("EVALSHA", sha, numkeys, *args, limit_s=limit_s)
+    async def evalsha(self, sha: str, numkeys: int, *args, limit_s: float | None = None, now: bool = False):
+        return await self.execute("EVALSHA", sha, numkeys, *args, limit_s=limit_s, now=now)
 
     async def script_load(self, script: str) -> str:
         sha = await self.execute("SCRIPT", "LOAD", script)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from functools import cache
+from functools import cache, lru_cache
 
 from core.prices import tokenizer_dir
 
@@ -26,12 +26,20 @@ def count_text(text: str) -> int:
     return len(_encoding().encode(text, disallowed_special=()))
 
 
-def count_prompt(body: dict) -> int:
-    """Prompt tokens of a chat request: messages, tool definitions, images."""
+def count_prompt(body: dict, known: dict[int, tuple[dict, int]] | None = None) -> int:
+    """Prompt tokens of a chat request: messages, tool definitions, images. ``known`` maps the
+    ``id()`` of messages already counted (an agent's stored history) to (the message, its count
+    as this function counts a message, ``_PER_MESSAGE`` included): those are not tokenized
+    again. The message is kept beside its id so a recycled id never takes another's count."""
     total = 3
     for msg in body.get("messages") or []:
         if not isinstance(msg, dict):
             continue
+        if known:
+            counted = known.get(id(msg))
+            if counted is not None and counted[0] is msg:
+                total += counted[1]
+                continue
         total += _PER_MESSAGE
         content = msg.get("content")
         if isinstance(content, str):
@@ -53,6 +61,17 @@ def count_prompt(body: dict) -> int:
 
         total += count_text(orjson.dumps(tools).decode())
     return total
+
+
+@lru_cache(maxsize=256)
+def _count_cached(text: str) -> int:
+    return count_text(text)
+
+
+def count_text_cached(text: str) -> int:
+    """``count_text`` for a text that recurs (an agent's rendered system prompt): remembered for
+    the 256 most recent texts of up to 16 KB (so the cache holds at most 4 MB of them)."""
+    return _count_cached(text) if len(text) <= 16_384 else count_text(text)
 
 
 def approx_prompt(body: dict) -> int:

@@ -129,6 +129,9 @@ class RequestContext:
     models_allowed: frozenset = frozenset()
     step: int = 1  # the model call of an agent turn this is (the tools loop counts up)
     _prompt_tokens: int | None = None
+    # Token counts of messages known before the body is counted (``id()`` of the message → the
+    # message and its count): an agent turn's stored history, not tokenized again every turn.
+    known_tokens: dict[int, tuple[dict, int]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def prompt_tokens(self) -> int:
@@ -136,5 +139,5 @@ class RequestContext:
         if self._prompt_tokens is None:
             from core.tokens import count_prompt
 
-            self._prompt_tokens = count_prompt(self.body)
+            self._prompt_tokens = count_prompt(self.body, self.known_tokens)
         return self._prompt_tokens

@@ -16,6 +16,7 @@ from channels.vapi import wire as vapi_wire
 from core.errors import InvalidRequest, ModelNotFound, PermissionDenied
 from core.types import RequestContext, excerpt
 from gateway import grounding, hitl_stage
+from runtime.memory import Window
 from runtime.types import AGENT_PREFIX, Turn
 
 log = logging.getLogger("gateway.agents")
@@ -167,3 +168,16 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     ctx.agent = turn
     await grounding.ground(svc, ctx)  # knowledge-base sources for this turn's question
     ctx._prompt_tokens = None  # the body changed: counts and bounds are derived again
+    ctx.known_tokens = _known_tokens(history, ctx.body["messages"][0], system)
+
+
+def _known_tokens(history: list[dict], first: dict, system: str) -> dict[int, tuple[dict, int]] | None:
+    """What the turn's prompt count need not tokenize again: the stored history (memory keeps
+    each message's count) and the system prompt (an agent's renders recur), unless grounding
+    added sources to it."""
+    from core.tokens import count_text_cached
+
+    known = history.known() if isinstance(history, Window) else {}
+    if first.get("content") is system:
+        known[id(first)] = (first, count_text_cached(system) + 3)
+    return known or None

@@ -158,13 +158,15 @@ def _signals(ctx: RequestContext, answer: dict) -> confidence.Signals:
     agent = turn.agent
     new = turn.new_messages
     question = _question(new)
-    previous: list[str] = []
-    history = ctx.body.get("messages") or []
-    for m in history[1 : 1 + turn.memory_loaded]:
-        if isinstance(m, dict) and m.get("role") == "user":
-            previous.append(_text(m.get("content"))[:2000])
     users = [m for m in new if isinstance(m, dict) and m.get("role") == "user"]
-    previous += [_text(m.get("content"))[:2000] for m in users[:-1]]
+    previous = [_text(m.get("content"))[:2000] for m in users[-4:-1]]
+    history = ctx.body.get("messages") or []
+    for i in range(turn.memory_loaded, 0, -1):  # newest first: only the last three are compared
+        if len(previous) >= 3:
+            break
+        m = history[i] if i < len(history) else None
+        if isinstance(m, dict) and m.get("role") == "user":
+            previous.insert(0, _text(m.get("content"))[:2000])
     sims = [c.get("similarity") for c in turn.citations if isinstance(c.get("similarity"), int | float)]
     failures = sum(1 for s in turn.steps if s.get("kind") == "tool" and s.get("status") not in ("ok", None))
     escalate_tool = any(

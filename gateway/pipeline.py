@@ -107,22 +107,34 @@ async def admit(svc: Services, ctx: RequestContext, scope: dict) -> None:
     await svc.policies.admit(ctx, attr)
 
 
-async def settle(svc: Services, ctx: RequestContext, scope: dict) -> None:
+async def settle(svc: Services, ctx: RequestContext, scope: dict, now: bool = False) -> None:
     """Cost, budgets, alerts and the audit record — before the client hears the answer, so an
-    acknowledged request always has its record (in Redis, or in the local spool)."""
+    acknowledged request always has its record (in Redis, or in the local spool). ``now``: the
+    Redis command is written before this coroutine first yields (``settling``)."""
     if ctx.extra.get("settled") or not svc.config.policies.enabled:
         return
     ctx.extra["settled"] = True
     attr = ctx.extra.get("attribution") or attribution(ctx, _gateway_headers(scope))
     elapsed = time.perf_counter() - ctx.started
     try:
-        fired = await svc.policies.settle(ctx, attr, elapsed)
+        fired = await svc.policies.settle(ctx, attr, elapsed, now=now)
     except Exception as exc:
         log.error("settle failed; audit record spooled to disk: %s", exc)
         svc.ledger.spool.append(orjson.dumps(svc.policies.record(ctx, attr, elapsed, cost_usd(ctx.route, ctx.usage))))
         return
     if fired:
         alerts.fired(fired)
+
+
+async def settling(svc: Services, ctx: RequestContext, scope: dict) -> asyncio.Future:
+    """Settlement started, not awaited: when this returns, the settle command (the audit record,
+    the cost) has been written to Redis's socket, so Redis applies it before anything the client
+    does after hearing the answer; its reply — alerts fired, or a failure that spools the record
+    to disk — is awaited after the response is sent, so the client does not wait for that round
+    trip. A process that dies between the two has still handed the command to Redis."""
+    task = asyncio.ensure_future(settle(svc, ctx, scope, now=True))
+    await asyncio.sleep(0)  # the task runs to its Redis call, which writes at once (FIFO ready queue)
+    return task
 
 
 async def scrub(svc: Services, ctx: RequestContext) -> None:
@@ -197,8 +209,11 @@ async def respond(ctx: RequestContext, raw: bytes, send, extra: list[tuple[bytes
 
 async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, send) -> None:
     raw = await complete(svc, ctx, group)
-    await settle(svc, ctx, scope)
-    await respond(ctx, raw, send)
+    settled = await settling(svc, ctx, scope)
+    try:
+        await respond(ctx, raw, send)
+    finally:
+        await settled
 
 
 def _commits(ctx: RequestContext, chunk: bytes) -> bool:
@@ -301,13 +316,20 @@ async def call_stream(
                 if restorer is not None:
                     chunk = restorer.chunk(chunk)
                 sent.append(chunk)
-                if chunk.endswith(b"data: [DONE]\n\n"):  # the last chunk: settle before it goes
+                settled = None
+                if chunk.endswith(b"data: [DONE]\n\n"):  # the last chunk: settle as it goes
                     if ctx.usage is None:
                         ctx.usage = estimate_stream_usage(ctx, sent)
-                    await settle(svc, ctx, scope)
-                    if on_done is not None:
+                    if on_done is None:
+                        settled = await settling(svc, ctx, scope)
+                    else:  # an agent's turn: settled and stored before the end is heard
+                        await settle(svc, ctx, scope)
                         await on_done()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                try:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                finally:
+                    if settled is not None:
+                        await settled
         except (GatewayError, TimeoutError, aiohttp.ClientError) as exc:
             # Past the first byte nothing can be taken back: end the stream with an error event.
             err = _stream_failure(r.provider, exc)

@@ -17,6 +17,7 @@ When every deployment fails, an agent with a fallback message answers with it
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -206,11 +207,16 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
         data = orjson.loads(raw)
         data["usage"] = total.to_openai()
         raw = orjson.dumps(data)
-    await pipeline.settle(svc, ctx, scope)
-    raw = grounding.with_citations(raw, turn.citations)
-    _, message = _message(raw)
-    raw, message = await hitl_stage.after_answer(svc, ctx, raw, message)  # confidence; maybe escalate
-    await _remember(svc, ctx, message)
+
+    async def answer() -> tuple[bytes, dict]:
+        out = grounding.with_citations(raw, turn.citations)
+        out, message = await hitl_stage.after_answer(svc, ctx, out, _message(out)[1])  # confidence; maybe escalate
+        await _remember(svc, ctx, message)
+        return out, message
+
+    # Settlement and the memory store are both Redis round trips: issued together they share one
+    # write and one read (core.fastredis pipelines them). Both finish before the client hears.
+    _, (raw, message) = await asyncio.gather(pipeline.settle(svc, ctx, scope), answer())
     _record(svc, ctx, started)
     if ctx.stream:
         await _send_as_stream(ctx, raw, send)

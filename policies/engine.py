@@ -125,10 +125,10 @@ class PolicyEngine:
     async def close(self) -> None:
         await self._redis.close()
 
-    async def _run(self, name: str, argv: list) -> list:
+    async def _run(self, name: str, argv: list, now: bool = False) -> list:
         sha = self._admit_sha if name == "admit" else self._settle_sha
         try:
-            return await self._redis.evalsha(sha, 0, *argv)
+            return await self._redis.evalsha(sha, 0, *argv, now=now)
         except NoScriptError:  # the server restarted and forgot the script
             sha = await self._redis.script_load(scripts.ADMIT if name == "admit" else scripts.SETTLE)
             if name == "admit":
@@ -376,7 +376,9 @@ class PolicyEngine:
         self._charge_sha = sha
         return fired
 
-    async def settle(self, ctx: RequestContext, attr: dict, elapsed: float) -> list:
+    async def settle(self, ctx: RequestContext, attr: dict, elapsed: float, now: bool = False) -> list:
+        """Releases the reservation, adds the cost and appends the audit record, in one round
+        trip. ``now``: the command is written to Redis before this coroutine first yields."""
         cost = cost_usd(ctx.route, ctx.usage)
         actual = round(cost * NANO)
         budgets: list[Budget] = ctx.extra.get("budgets") or []
@@ -391,4 +393,4 @@ class PolicyEngine:
         for base, _ in token_limits:
             argv += [base, MINUTE_MS, tokens]
         argv += [LEDGER_STREAM, orjson.dumps(self.record(ctx, attr, elapsed, cost)), ALERT_STREAM]
-        return await self._run("settle", argv)
+        return await self._run("settle", argv, now)

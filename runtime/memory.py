@@ -131,31 +131,49 @@ def message_tokens(message: dict) -> int:
     return count_prompt({"messages": [message]}) - 3
 
 
-def window(entries: Iterable[tuple[int, dict]], settings: MemorySettings) -> list[dict]:
+class Window(list):
+    """The messages of a window, oldest first (a list); ``tokens[i]`` is the token count of
+    ``self[i]`` as ``core.tokens.count_prompt`` counts a message, so a turn's prompt is counted
+    without tokenizing its history again (``known``)."""
+
+    tokens: list[int]
+
+    def known(self) -> dict[int, tuple[dict, int]]:
+        return {id(m): (m, t) for m, t in zip(self, self.tokens, strict=True)}
+
+
+def window(entries: Iterable[tuple[int, dict]], settings: MemorySettings) -> Window:
     """The most recent whole turns of (tokens, message) entries, oldest first, within
     ``window_turns`` and ``window_tokens``. Messages before the first user message (their turn
     began before what is kept) are never sent."""
-    turns: list[list] = []  # [tokens, messages]
+    turns: list[list] = []  # [tokens, [(tokens, message)]]
     for tokens, message in entries:
         if message.get("role") == "user":
             turns.append([0, []])
         elif not turns:
             continue
         turns[-1][0] += int(tokens)
-        turns[-1][1].append(message)
-    kept: list[list[dict]] = []
+        turns[-1][1].append((int(tokens), message))
+    kept: list[list[tuple[int, dict]]] = []
     budget = settings.window_tokens
-    for total, messages in reversed(turns):
+    for total, pairs in reversed(turns):
         if len(kept) >= settings.window_turns or total > budget:
             break
         budget -= total
-        kept.append(messages)
-    out: list[dict] = []
-    for i, messages in enumerate(reversed(kept)):
+        kept.append(pairs)
+    out = Window()
+    counts: list[int] = []
+    for i, pairs in enumerate(reversed(kept)):
+        messages = [m for _, m in pairs]
         if _plain(messages):  # nothing to repair: no tool call or result in the turn
             out.extend(messages)
+            counts.extend(t for t, _ in pairs)
         else:
-            out.extend(_repair(messages, last=i == len(kept) - 1))
+            original = {id(m): t for t, m in pairs}
+            for m in _repair(messages, last=i == len(kept) - 1):
+                out.append(m)
+                counts.append(original[id(m)] if id(m) in original else message_tokens(m))
+    out.tokens = counts
     return out
 
 
@@ -303,7 +321,7 @@ class Memory:
         except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             raise MemoryUnavailable(f"database: {type(exc).__name__}") from None
         if not rows:
-            return []
+            return window((), agent.memory)
         entries = [(seq, message_tokens(message), message) for seq, message in rows]
         args: list = [agent.memory.ttl_s, agent.memory.ttl_s + SEQ_GRACE_S, cap, rows[-1][0]]
         for seq, tokens, message in entries:

@@ -135,6 +135,31 @@ def test_window_drops_tool_calls_left_unanswered_except_a_pending_client_call():
     assert got == [abandoned[0], orphan_tool[0], *abandoned]
 
 
+def test_a_windows_known_counts_give_the_same_prompt_count_as_tokenizing_it_all():
+    """An agent turn counts its prompt from the counts memory stored (no tokenizing of history):
+    the total must equal counting the whole body, repaired tool turns and odd content included."""
+    from core.tokens import count_prompt
+
+    odd = [
+        {"role": "user", "content": [{"type": "text", "text": "a picture, and ünïcode 🎉"}, {"type": "image_url"}]},
+        {"role": "assistant", "content": "x" * 700},
+    ]
+    pending = {"id": "call_x", "type": "function", "function": {"name": "client_tool", "arguments": '{"a": [1, 2]}'}}
+    abandoned = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", "tool_calls": [pending]}]
+    messages = [*_turn(0), *_tool_turn(1), *odd, *abandoned, *_turn(2), *abandoned]
+    got = window(_entries(messages), MemorySettings())
+    assert len(got.tokens) == len(got) == len(messages)
+    assert "tool_calls" not in got[9] and "tool_calls" in got[-1]  # repaired: a copy, counted afresh
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = {"messages": [{"role": "system", "content": "be brief"}, *got, {"role": "user", "content": "new"}]}
+    body["tools"] = tools
+    assert count_prompt(body, got.known()) == count_prompt(body)
+    # a count is tied to its message, not to a recycled id: a copy is counted afresh
+    known = got.known()
+    body["messages"] = [{**m, "content": "changed " * 40} if i == 3 else m for i, m in enumerate(body["messages"])]
+    assert count_prompt(body, known) == count_prompt(body)
+
+
 def test_conversation_id_is_bounded():
     assert check_conversation_id("c-1") == "c-1"
     for bad in ("", "x" * 257, 7, None, "a\x00b"):
