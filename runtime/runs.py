@@ -38,6 +38,8 @@ RUNS_GROUP = "run-writers"
 MAX_STEPS = 64  # steps kept per run; the rest are counted in a final {"kind": "omitted"} step
 MAX_TEXT = 200  # characters kept of any string field
 MAX_BUFFER = 10_000  # runs waiting for Redis in this process; beyond that the oldest are dropped
+FLUSH_BATCH = 500  # runs appended to the stream in one pipelined round trip
+LINGER_S = 0.05  # how long the flusher lets runs gather before appending them
 
 Writer = Callable[[asyncpg.Connection, list[dict]], Awaitable[None]]
 
@@ -412,6 +414,10 @@ class RunRecorder:
     async def _flush_loop(self) -> None:
         while True:
             await self._wake.wait()
+            if not self._stopping and len(self._buffer) < FLUSH_BATCH:
+                # Let a batch gather: a pipeline per run cost more CPU than the rest of the
+                # run's recording (make bench, --only agents); a run waits LINGER_S at most.
+                await asyncio.sleep(LINGER_S)
             self._wake.clear()
             try:
                 await self._flush_buffer()
@@ -430,7 +436,7 @@ class RunRecorder:
 
     async def _flush_locked(self) -> None:
         while self._buffer:
-            batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), 500))]
+            batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), FLUSH_BATCH))]
             try:
                 pipe = self._redis.pipeline(transaction=False)
                 for encoded in batch:
