@@ -216,25 +216,50 @@ def tail_size(settings: MemorySettings) -> int:
     return min(list_cap(settings), max(16, settings.window_turns * 3))
 
 
-def _decode_newest(raw: list[bytes], settings: MemorySettings) -> list[tuple[int, dict]]:
-    """Decodes from the newest entry back, and stops once the window is full (by turns or
-    tokens): older entries would be cut anyway."""
-    out: list[tuple[int, dict]] = []
-    turns = tokens = 0
+def newest_window(raw: list[bytes], settings: MemorySettings) -> Window:
+    """``window`` over stored entries (oldest first), decoding from the newest back and only
+    while the window can still take a turn: the same messages, at a fraction of the work, since
+    the list holds more than a window and the older entries would be cut anyway."""
+    kept: list[tuple[list[dict], list[int], bool]] = []  # newest turn first
+    messages: list[dict] = []  # the turn being read, newest message first
+    counts: list[int] = []
+    tools = False
+    budget = settings.window_tokens
+    total = 0
     for entry in reversed(raw):
         try:
             decoded = orjson.loads(entry)
-            item = (int(decoded["t"]), decoded["m"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            tokens, message = int(decoded["t"]), decoded["m"]
+            role = message.get("role")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             log.warning("memory: an unreadable window entry was skipped")
             continue
-        out.append(item)
-        tokens += item[0]
-        if item[1].get("role") == "user":
-            turns += 1
-            if turns >= settings.window_turns or tokens > settings.window_tokens:
-                break
-    out.reverse()
+        messages.append(message)
+        counts.append(tokens)
+        total += tokens
+        if role == "tool" or message.get("tool_calls"):
+            tools = True
+        if role != "user":
+            continue
+        if len(kept) >= settings.window_turns or total > budget:
+            break
+        budget -= total
+        messages.reverse()
+        counts.reverse()
+        kept.append((messages, counts, tools))
+        messages, counts, tools, total = [], [], False, 0
+    out = Window()
+    out.tokens = []
+    last = len(kept) - 1
+    for i, (turn, turn_counts, has_tools) in enumerate(reversed(kept)):
+        if not has_tools:
+            out.extend(turn)
+            out.tokens.extend(turn_counts)
+            continue
+        original = {id(m): t for m, t in zip(turn, turn_counts, strict=True)}
+        for m in _repair(turn, last=i == last):
+            out.append(m)
+            out.tokens.append(original[id(m)] if id(m) in original else message_tokens(m))
     return out
 
 
@@ -308,7 +333,7 @@ class Memory:
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
         if raw:
-            return window(_decode_newest(raw, agent.memory), agent.memory)
+            return newest_window(raw, agent.memory)
         return await self._reload(tenant, agent, conversation_id, window_key, seq_key)
 
     async def _reload(self, tenant: str, agent: Agent, conversation_id: str, window_key: str, seq_key: str):

@@ -160,6 +160,42 @@ def test_a_windows_known_counts_give_the_same_prompt_count_as_tokenizing_it_all(
     assert count_prompt(body, known) == count_prompt(body)
 
 
+def test_the_newest_first_window_equals_the_whole_window_on_random_conversations():
+    """``Memory.load`` decodes from the newest entry back and stops early (newest_window); it
+    must send exactly what cutting the whole decoded list sends (window), tool turns, abandoned
+    calls, unreadable entries and every budget included."""
+    import random
+
+    from runtime.memory import _decode, newest_window
+
+    rng = random.Random(20261125)
+    kinds = [
+        _turn,
+        _tool_turn,
+        lambda i: [
+            {"role": "user", "content": f"q{i}"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": f"c{i}", "type": "function", "function": {"name": "client", "arguments": "{}"}}],
+            },
+        ],
+        lambda i: [{"role": "tool", "tool_call_id": f"orphan{i}", "content": "r"}],
+        lambda i: [{"role": "assistant", "content": "a" * rng.randint(1, 900)}],
+        lambda i: [{"role": "user", "content": "u " * rng.randint(1, 400)}],
+    ]
+    for case in range(400):
+        messages = [m for i in range(rng.randint(0, 40)) for m in rng.choice(kinds)(i)]
+        raw = [orjson.dumps({"s": i, "t": message_tokens(m), "m": m}) for i, m in enumerate(messages)]
+        if raw and case % 7 == 0:
+            raw.insert(rng.randrange(len(raw)), b"not json")
+        settings = MemorySettings(window_turns=rng.randint(1, 25), window_tokens=rng.choice([50, 400, 4000, 100_000]))
+        whole = window(_decode(raw), settings)
+        fast = newest_window(raw, settings)
+        assert fast == whole, case
+        assert fast.tokens == whole.tokens, case
+
+
 def test_conversation_id_is_bounded():
     assert check_conversation_id("c-1") == "c-1"
     for bad in ("", "x" * 257, 7, None, "a\x00b"):
