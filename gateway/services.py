@@ -30,6 +30,8 @@ from policies.engine import PolicyEngine
 from policies.ledger import LedgerWriter, Spool
 from policies.pii.scrub import Scrubber
 from rag.embedding import LocalEmbedder
+from rag.rerank_local import LocalReranker
+from rag.rerank_local import from_settings as local_reranker_from
 from runtime.agents import AgentRegistry
 from runtime.delivery import Delivery
 from runtime.memory import Memory
@@ -75,11 +77,14 @@ class Services:
     channel_keys: set[str] = field(default_factory=set)
     hitl: hitl_service.HitlService | None = None  # human in the loop: holds, queue feed, SLA sweeper
     whatsapp: WhatsApp | None = None  # the WhatsApp channel (gateway/channels_whatsapp.py)
+    local_reranker: LocalReranker | None = None  # the local cross-encoder (rag.rerank.local_model_dir)
     _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check
     _ready_check: asyncio.Future | None = None  # the check under way, shared by its callers
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
+        # the local cross-encoder re-ranker, when configured: an unusable folder fails start-up here
+        local_reranker = local_reranker_from(settings.config.rag.rerank)
         pool = await connect_pool(settings.database_url)
         async with pool.acquire() as conn:
             await migrate(conn)
@@ -150,6 +155,7 @@ class Services:
             embedder=embedder,
             kb=kb,
             hitl=hitl,
+            local_reranker=local_reranker,
         )
 
     async def stop(self) -> None:
@@ -158,6 +164,8 @@ class Services:
             await self.whatsapp.stop()
         if self.kb is not None:
             await self.kb.stop()
+        if self.local_reranker is not None:
+            self.local_reranker.close()
         if self.hitl is not None:
             await self.hitl.stop()
         await self.ledger.stop()
