@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 _DTYPES = {"F32": np.float32, "I64": np.int64}
+_ROWS = 128  # tokens per block of the feed-forward
 # config keys the forward pass reads, and what they must be
 _NEEDED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "layer_norm_eps")
 
@@ -146,38 +147,58 @@ class BertEncoder:
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
         return layer_norm(x, self.w[f"{self.prefix}{name}.weight"], self.w[f"{self.prefix}{name}.bias"], self.eps)
 
+    def _attention(self, x: np.ndarray, blocked: np.ndarray, layer: str) -> np.ndarray:
+        """Multi-head self-attention, one sequence at a time: its (heads, length, length) scores
+        stay in cache through the softmax's passes."""
+        n, length, _ = x.shape
+        head = self.hidden // self.heads
+
+        def split(t: np.ndarray) -> np.ndarray:
+            return t.reshape(n, length, self.heads, head).transpose(0, 2, 1, 3)
+
+        q = split(self.dense(x, f"{layer}.attention.self.query") * np.float32(1 / np.sqrt(head)))
+        k = split(self.dense(x, f"{layer}.attention.self.key"))
+        v = split(self.dense(x, f"{layer}.attention.self.value"))
+        context = np.empty((n, length, self.heads, head), dtype=np.float32)
+        for b in range(n):
+            scores = q[b] @ k[b].transpose(0, 2, 1)
+            scores += blocked[b]
+            scores -= scores.max(-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(-1, keepdims=True)
+            context[b] = (scores @ v[b]).transpose(1, 0, 2)
+        return context.reshape(n, length, -1)
+
+    def _feed_forward(self, x: np.ndarray, layer: str) -> np.ndarray:
+        """dense → GELU → dense over ``_ROWS`` tokens at a time: the GELU's many elementwise
+        passes then run on a block that stays in cache instead of the whole batch."""
+        flat = x.reshape(-1, x.shape[-1])
+        out = np.empty_like(flat)
+        for start in range(0, len(flat), _ROWS):
+            hidden = gelu(self.dense(flat[start : start + _ROWS], f"{layer}.intermediate.dense"))
+            out[start : start + _ROWS] = self.dense(hidden, f"{layer}.output.dense")
+        return out.reshape(x.shape)
+
     def forward(self, ids: np.ndarray, types: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The last hidden states, (batch, length, hidden), of token ids with their type ids
         and attention mask (1 for a real token, 0 for padding), each (batch, length)."""
         p = self.prefix
         w = self.w
-        n, length = ids.shape
+        length = ids.shape[1]
         x = (
             w[f"{p}embeddings.word_embeddings.weight"][ids]
             + w[f"{p}embeddings.position_embeddings.weight"][np.arange(length)][None]
             + w[f"{p}embeddings.token_type_embeddings.weight"][types]
         )
         x = self._norm(x, "embeddings.LayerNorm")
-        head = self.hidden // self.heads
-        blocked = (1.0 - mask.astype(np.float32))[:, None, None, :] * np.float32(-1e9)
-
-        def split(t: np.ndarray) -> np.ndarray:
-            return t.reshape(n, length, self.heads, head).transpose(0, 2, 1, 3)
-
+        blocked = (1.0 - mask.astype(np.float32))[:, None, :] * np.float32(-1e9)
         for i in range(self.layers):
             layer = f"encoder.layer.{i}"
-            q = split(self.dense(x, f"{layer}.attention.self.query"))
-            k = split(self.dense(x, f"{layer}.attention.self.key"))
-            v = split(self.dense(x, f"{layer}.attention.self.value"))
-            scores = q @ k.transpose(0, 1, 3, 2) / np.float32(np.sqrt(head)) + blocked
-            scores = np.exp(scores - scores.max(-1, keepdims=True))
-            scores /= scores.sum(-1, keepdims=True)
-            context = (scores @ v).transpose(0, 2, 1, 3).reshape(n, length, -1)
+            context = self._attention(x, blocked, layer)
             x = self._norm(
                 x + self.dense(context, f"{layer}.attention.output.dense"), f"{layer}.attention.output.LayerNorm"
             )
-            hidden = gelu(self.dense(x, f"{layer}.intermediate.dense"))
-            x = self._norm(x + self.dense(hidden, f"{layer}.output.dense"), f"{layer}.output.LayerNorm")
+            x = self._norm(x + self._feed_forward(x, layer), f"{layer}.output.LayerNorm")
         return x
 
 
