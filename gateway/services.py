@@ -23,6 +23,7 @@ from gateway.providers import build_adapter
 from gateway.providers.base import ProviderAdapter
 from gateway.routing import Router
 from gateway.routing.shared import SharedHealth
+from gateway.vector_store_expiry import ExpirySweeper
 from policies.alerts import AlertSender
 from policies.auth import Authenticator
 from policies.budgets import BudgetCache
@@ -78,6 +79,7 @@ class Services:
     hitl: hitl_service.HitlService | None = None  # human in the loop: holds, queue feed, SLA sweeper
     whatsapp: WhatsApp | None = None  # the WhatsApp channel (gateway/channels_whatsapp.py)
     local_reranker: LocalReranker | None = None  # the local cross-encoder (rag.rerank.local_model_dir)
+    expiry: ExpirySweeper | None = None  # empties expired vector stores (every replica; idempotent)
     _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check
     _ready_check: asyncio.Future | None = None  # the check under way, shared by its callers
 
@@ -131,6 +133,8 @@ class Services:
         kb = kb_worker.KbWorker(pool, redis, embedder, settings.data_dir.resolve())
         if kb_worker.enabled():
             await kb.start()
+        expiry = ExpirySweeper(pool, settings.data_dir.resolve())
+        expiry.start()
         hitl = await hitl_service.start(
             settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder
         )
@@ -156,6 +160,7 @@ class Services:
             kb=kb,
             hitl=hitl,
             local_reranker=local_reranker,
+            expiry=expiry,
         )
 
     async def stop(self) -> None:
@@ -166,6 +171,8 @@ class Services:
             await self.kb.stop()
         if self.local_reranker is not None:
             self.local_reranker.close()
+        if self.expiry is not None:
+            await self.expiry.stop()
         if self.hitl is not None:
             await self.hitl.stop()
         await self.ledger.stop()
