@@ -177,6 +177,12 @@ def local_reranker(svc, name: object) -> LocalReranker | None:
     return local if local is not None and isinstance(name, str) and name == local.name else None
 
 
+def local_model_objects(svc, created: int) -> list[dict]:
+    """The local re-ranker as ``/v1/models`` lists a model (none when it is not loaded)."""
+    local = getattr(svc, "local_reranker", None)
+    return [{"id": local.name, "object": "model", "created": created, "owned_by": "gateway"}] if local else []
+
+
 def allowed(ctx: RequestContext) -> None:
     """The key's model allow-list, for a model that is not a routed group."""
     ident = ctx.identity

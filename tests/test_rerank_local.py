@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import yaml
 
 from core.config import RagRerank
 from rag.bert import ModelError, read_safetensors
 from rag.rerank import RerankError
 from rag.rerank_local import CrossEncoder, LocalReranker, from_settings
-from tests.conftest import ROOT, gateway_config
+from tests.conftest import MASTER_KEY, ROOT, free_port, gateway_config
 from tests.test_kb_api import call, create_kb, start_gateway, upload, wait_done
 from tests.test_policies import new_key
 
@@ -153,6 +157,10 @@ def test_v1_rerank_serves_the_local_model_in_reference_order(gw):
         assert abs(x["relevance_score"] - EXPECTED["scores"][docs[x["index"]][0]]) < 1e-4
         assert x["document"]["text"] == texts[x["index"]]
     assert out["meta"]["model"] == NAME
+    listed = httpx.get(f"{gw.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    assert NAME in {m["id"] for m in listed}
+    one = httpx.get(f"{gw.url}/v1/models/{NAME}", headers={"Authorization": f"Bearer {key}"})
+    assert one.status_code == 200 and one.json()["id"] == NAME
     too_many = httpx.post(
         f"{gw.url}/v1/rerank",
         headers={"Authorization": f"Bearer {key}"},
@@ -201,3 +209,22 @@ def test_knowledge_base_query_is_reranked_locally_with_its_latency(gw):
     # an unknown name is refused as before
     bad = call(gw, "POST", "/admin/knowledge-bases", json={"name": "z", "settings": {"rerank_model": "local/nope"}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "settings.rerank_model"
+
+
+def test_gateway_named_an_unusable_reranker_folder_refuses_to_start_with_the_reason(services, tmp_path):
+    folder = copy_fixture(tmp_path, "broken")
+    (folder / "model.safetensors").unlink()
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(yaml.safe_dump({"rag": {"rerank": {"local_model_dir": str(folder)}}}))
+    env = {
+        **os.environ,
+        "DATABASE_URL": services[0],
+        "REDIS_URL": services[1],
+        "GATEWAY_MASTER_KEY": MASTER_KEY,
+        "GATEWAY_DATA_DIR": str(tmp_path / "data"),
+        "GATEWAY_KB_WORKER": "0",
+    }
+    args = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--port", str(free_port())]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode != 0
+    assert "model.safetensors not found" in done.stdout + done.stderr
