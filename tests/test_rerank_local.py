@@ -7,24 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import struct
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import yaml
 
 from core.config import RagRerank
 from rag.bert import ModelError, read_safetensors
 from rag.rerank import RerankError
 from rag.rerank_local import CrossEncoder, LocalReranker, from_settings
-from tests.conftest import MASTER_KEY, ROOT, free_port, gateway_config
+from tests.conftest import ROOT, gateway_config, refused_start
 from tests.test_kb_api import call, create_kb, start_gateway, upload, wait_done
 from tests.test_policies import new_key
 
@@ -214,17 +210,5 @@ def test_knowledge_base_query_is_reranked_locally_with_its_latency(gw):
 def test_gateway_named_an_unusable_reranker_folder_refuses_to_start_with_the_reason(services, tmp_path):
     folder = copy_fixture(tmp_path, "broken")
     (folder / "model.safetensors").unlink()
-    cfg = tmp_path / "gateway.yaml"
-    cfg.write_text(yaml.safe_dump({"rag": {"rerank": {"local_model_dir": str(folder)}}}))
-    env = {
-        **os.environ,
-        "DATABASE_URL": services[0],
-        "REDIS_URL": services[1],
-        "GATEWAY_MASTER_KEY": MASTER_KEY,
-        "GATEWAY_DATA_DIR": str(tmp_path / "data"),
-        "GATEWAY_KB_WORKER": "0",
-    }
-    args = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--port", str(free_port())]
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=90)
-    assert done.returncode != 0
-    assert "model.safetensors not found" in done.stdout + done.stderr
+    out = refused_start(tmp_path, {"rag": {"rerank": {"local_model_dir": str(folder)}}}, services, timeout=90)
+    assert "model.safetensors not found" in out
