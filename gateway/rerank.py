@@ -209,8 +209,9 @@ def reranker_for(svc, name: object, tenant: str, identity: Identity | None = Non
     """The re-ranker a knowledge base's ``rerank_model`` names: the local cross-encoder, or a
     rerank group still configured (through the gateway's own path); else None."""
     local = local_reranker(svc, name)
-    if local is not None:
-        return local
+    if local is not None:  # (a caller's key limited to other models gets the fused order)
+        allowed_to = identity is None or not identity.models or name in identity.models
+        return local if allowed_to else None
     model = svc.router.model(name) if isinstance(name, str) else None
     if model is None or model.mode != "rerank":
         return None

@@ -86,7 +86,8 @@ class Services:
     @classmethod
     async def start(cls, settings: Settings) -> Services:
         # the local cross-encoder re-ranker, when configured: an unusable folder fails start-up here
-        local_reranker = local_reranker_from(settings.config.rag.rerank)
+        taken = frozenset(m.name for m in settings.config.models)
+        local_reranker = local_reranker_from(settings.config.rag.rerank, taken=taken)
         pool = await connect_pool(settings.database_url)
         async with pool.acquire() as conn:
             await migrate(conn)

@@ -42,6 +42,7 @@ MAX_LENGTH = 512
 BATCH = 16
 MAX_DOCUMENTS = 200
 TIMEOUT_S = 30.0
+MAX_WAITING = 16  # calls queued for the model's thread
 _CHARS_PER_TOKEN = 16  # text beyond max_length * this many characters is cut before tokenizing
 
 
@@ -162,18 +163,28 @@ class LocalReranker:
         except ModelError as exc:
             raise ModelError(f"local re-ranker {self.folder}: {exc}") from None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-local")
+        self._waiting = 0
 
     async def rerank(self, query: str, documents: list[str], top_n: int) -> list[tuple[int, float]]:
+        """Scored on the model's thread, after the calls queued before it. A call that waits and
+        runs longer than ``timeout_s`` fails (a queued one is dropped from the queue; a running
+        one finishes in the background), and beyond ``MAX_WAITING`` calls in the queue a new
+        one fails at once rather than wait behind them."""
         if not documents:
             return []
         if len(documents) > self.max_documents:
             raise RerankError(f"at most {self.max_documents} documents per local re-rank")
+        if self._waiting >= MAX_WAITING:
+            raise RerankError("local re-ranker busy")
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._executor, self.model.score, query, list(documents))
+        self._waiting += 1
         try:
+            job = loop.run_in_executor(self._executor, self.model.score, query, list(documents))
             scores = await asyncio.wait_for(job, self.timeout_s)
         except TimeoutError:
             raise RerankError(f"local re-ranker timed out after {self.timeout_s:g} s") from None
+        finally:
+            self._waiting -= 1
         ranked = sorted(enumerate(scores), key=lambda p: -p[1])
         return ranked[: max(1, min(top_n, len(documents)))]
 
@@ -181,16 +192,19 @@ class LocalReranker:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def from_settings(settings, environ=os.environ) -> LocalReranker | None:
+def from_settings(settings, environ=os.environ, taken: frozenset[str] = frozenset()) -> LocalReranker | None:
     """The re-ranker ``settings`` (core.config.RagRerank) describe, its folder named there or in
     ``GATEWAY_RERANK_MODEL_DIR``; None when neither names one. Raises ModelError (start-up
-    fails) when the folder named cannot be used."""
+    fails) when the folder named cannot be used or its name is ``taken`` (by a model group)."""
     folder = settings.local_model_dir or environ.get(ENV_DIR, "").strip() or None
     if folder is None:
         return None
+    name = settings.name or f"local/{Path(folder).expanduser().resolve().name}"
+    if name in taken:
+        raise ModelError(f"local re-ranker: its name {name!r} is a configured model group; set rag.rerank.name")
     reranker = LocalReranker(
         folder,
-        name=settings.name,
+        name=name,
         max_length=settings.max_length,
         batch_size=settings.batch_size,
         max_documents=settings.max_documents,

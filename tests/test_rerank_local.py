@@ -19,7 +19,7 @@ import pytest
 from core.config import RagRerank
 from rag.bert import ModelError, read_safetensors
 from rag.rerank import RerankError
-from rag.rerank_local import CrossEncoder, LocalReranker, from_settings
+from rag.rerank_local import MAX_WAITING, CrossEncoder, LocalReranker, from_settings
 from tests.conftest import ROOT, gateway_config, refused_start
 from tests.test_kb_api import call, create_kb, start_gateway, upload, wait_done
 from tests.test_policies import new_key
@@ -100,6 +100,14 @@ async def _reranker_orders_bounds() -> None:
         assert await reranker.rerank(query, [], 3) == []
         with pytest.raises(RerankError, match="at most 4 documents"):
             await reranker.rerank(query, [*texts, "x"], 5)
+        reranker._waiting = MAX_WAITING  # the queue for the model's thread is full
+        with pytest.raises(RerankError, match="busy"):
+            await reranker.rerank(query, texts, 2)
+        reranker._waiting = 0
+        reranker.timeout_s = 1e-6
+        with pytest.raises(RerankError, match="timed out"):
+            await reranker.rerank(query, texts, 2)
+        assert reranker._waiting == 0
     finally:
         reranker.close()
 
@@ -125,6 +133,8 @@ def test_unusable_folder_is_refused_with_its_reason(tmp_path):
     on = from_settings(RagRerank(name="mine"), environ={"GATEWAY_RERANK_MODEL_DIR": str(FIXTURE)})
     assert on is not None and on.name == "mine"
     on.close()
+    with pytest.raises(ModelError, match="is a configured model group"):
+        from_settings(RagRerank(local_model_dir=str(FIXTURE)), environ={}, taken=frozenset({NAME}))
 
 
 @pytest.fixture(scope="module")
