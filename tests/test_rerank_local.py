@@ -222,3 +222,30 @@ def test_gateway_named_an_unusable_reranker_folder_refuses_to_start_with_the_rea
     (folder / "model.safetensors").unlink()
     out = refused_start(tmp_path, {"rag": {"rerank": {"local_model_dir": str(folder)}}}, services, timeout=90)
     assert "model.safetensors not found" in out
+
+
+def test_agent_turn_grounded_in_a_locally_reranked_knowledge_base(gw):
+    """An agent's knowledge base naming the local re-ranker: the turn's sources come in the
+    model's order (checked against the model run outside the gateway)."""
+    from tests.test_agents_e2e import client, create_agent
+
+    kb = create_kb(gw, settings={"rerank_model": NAME})
+    texts = [
+        "Refunds are paid back to the original card within ten days after we receive the parcel.",
+        "Refunds for damaged items are paid to your account within five days.",
+        "A refund to a gift card is paid at once; card refunds take a week.",
+    ]
+    ids = [upload(gw, kb["id"], f"{i}.txt", t.encode()).json()["id"] for i, t in enumerate(texts)]
+    for doc_id in ids:
+        assert wait_done(gw, kb["id"], doc_id)["status"] == "ready"
+    agent = create_agent(gw, model="gpt-mock", knowledge_bases=[kb["id"]])
+    question = "How are refunds paid back to my card account?"
+    resp = client(gw, new_key(gw)["key"]).chat.completions.create(
+        model=f"agent:{agent['name']}",
+        messages=[{"role": "user", "content": question}],
+        extra_body={"variables": {"company": "Acme"}},
+    )
+    cited = [c["document_id"] for c in resp.choices[0].message.model_extra["citations"]]
+    scores = CrossEncoder(FIXTURE).score(question, texts)
+    by_score = [ids[i] for i in sorted(range(3), key=lambda i: -scores[i])]
+    assert len(cited) >= 2 and cited == [d for d in by_score if d in cited], (cited, by_score)
