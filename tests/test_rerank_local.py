@@ -20,9 +20,9 @@ from core.config import RagRerank
 from rag.bert import ModelError, read_safetensors
 from rag.rerank import RerankError
 from rag.rerank_local import MAX_WAITING, CrossEncoder, LocalReranker, from_settings
-from tests.conftest import ROOT, gateway_config, refused_start
+from tests.conftest import ROOT, gateway_config, refused_start, wait_until
 from tests.test_kb_api import call, create_kb, start_gateway, upload, wait_done
-from tests.test_policies import new_key
+from tests.test_policies import ledger_rows, new_key
 
 FIXTURE = ROOT / "tests" / "fixtures" / "cross-encoder-tiny"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
@@ -145,7 +145,7 @@ def gw(tmp_root, services, module_mock):
     g.stop()
 
 
-def test_v1_rerank_serves_the_local_model_in_reference_order(gw):
+def test_v1_rerank_serves_the_local_model_in_reference_order(gw, services):
     key = new_key(gw, tenant=f"lr-{uuid.uuid4().hex[:6]}")["key"]
     query, docs = max(by_query().items(), key=lambda kv: len(kv[1]))
     texts = [d for _, d in docs]
@@ -163,6 +163,10 @@ def test_v1_rerank_serves_the_local_model_in_reference_order(gw):
         assert abs(x["relevance_score"] - EXPECTED["scores"][docs[x["index"]][0]]) < 1e-4
         assert x["document"]["text"] == texts[x["index"]]
     assert out["meta"]["model"] == NAME
+    gid = r.headers["x-request-id"]  # audited like any call: the model, the tokens, no cost
+    wait_until(lambda: ledger_rows(services[0], "request_id = $1", gid), timeout=15, what="ledger row")
+    row = ledger_rows(services[0], "request_id = $1", gid)[0]
+    assert row["endpoint"] == "rerank" and row["model"] == NAME and row["prompt_tokens"] > 0
     listed = httpx.get(f"{gw.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]
     assert NAME in {m["id"] for m in listed}
     one = httpx.get(f"{gw.url}/v1/models/{NAME}", headers={"Authorization": f"Bearer {key}"})
