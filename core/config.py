@@ -337,6 +337,22 @@ class Hitl(_Strict):
     sla: dict[Literal["low", "normal", "high", "urgent"], HitlSla] = Field(default_factory=dict)
 
 
+class RagRerank(_Strict):
+    """The local cross-encoder re-ranker (rag/rerank_local.py): off unless a Hugging Face
+    cross-encoder folder is named here or in GATEWAY_RERANK_MODEL_DIR."""
+
+    local_model_dir: str | None = None
+    name: str | None = Field(None, min_length=1, max_length=128)  # default: local/<folder name>
+    max_length: int = Field(512, ge=8, le=8192)  # tokens per (query, document) pair
+    batch_size: int = Field(16, ge=1, le=256)
+    max_documents: int = Field(200, ge=1, le=1000)  # per call
+    timeout_s: float = Field(30.0, gt=0, le=600)
+
+
+class Rag(_Strict):
+    rerank: RagRerank = Field(default_factory=RagRerank)
+
+
 class Config(_Strict):
     server: Server = Field(default_factory=Server)
     router: RouterSettings = Field(default_factory=RouterSettings)
@@ -349,6 +365,7 @@ class Config(_Strict):
     models: list[Model] = Field(default_factory=list)
     channels: Channels = Field(default_factory=Channels)
     hitl: Hitl = Field(default_factory=Hitl)
+    rag: Rag = Field(default_factory=Rag)
 
     def provider(self, name: str) -> Provider:
         return next(p for p in self.providers if p.name == name)

@@ -89,7 +89,7 @@ def _bounded(data: dict, name: str, param: str | None = None):
     return int(value) if integer else float(value)
 
 
-def _settings(raw, router=None, ident=None) -> dict:
+def _settings(raw, router=None, ident=None, local: str | None = None) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -97,7 +97,7 @@ def _settings(raw, router=None, ident=None) -> dict:
     _only(raw, SETTING_FIELDS | TEXT_SETTINGS, "settings.")
     out = {}
     if "rerank_model" in raw:
-        out["rerank_model"] = _rerank_model(raw["rerank_model"], router, ident)
+        out["rerank_model"] = _rerank_model(raw["rerank_model"], router, ident, local)
     for name in SETTING_FIELDS:
         value = _bounded(raw, name, f"settings.{name}")
         if value is not None:
@@ -112,16 +112,18 @@ def _settings(raw, router=None, ident=None) -> dict:
     return out
 
 
-def _rerank_model(value, router, ident=None) -> str | None:
+def _rerank_model(value, router, ident=None, local: str | None = None) -> str | None:
     """A rerank group the caller's key may use: every search of the knowledge base (by any key
     of the tenant) is re-ranked through it and billed to the tenant, so the admin who sets it
-    must be allowed that model (the key's model allow-list), as for ``embedding_model``."""
+    must be allowed that model (the key's model allow-list), as for ``embedding_model``.
+    ``local``: the name of the local cross-encoder, when one is loaded (rag/rerank_local.py)."""
     if value is None:
         return None
     model = router.model(value) if router is not None and isinstance(value, str) else None
-    if model is None or model.mode != "rerank":
+    if (model is None or model.mode != "rerank") and (local is None or value != local):
         raise InvalidRequest(
-            "'settings.rerank_model' must name a configured model group of mode 'rerank', or be null.",
+            "'settings.rerank_model' must name a configured model group of mode 'rerank' (or the local "
+            "re-ranker), or be null.",
             param="settings.rerank_model",
             code="invalid_value",
         )
@@ -130,6 +132,11 @@ def _rerank_model(value, router, ident=None) -> str | None:
             f"This API key may not use model `{value[:64]}`.", param="settings.rerank_model", code="model_not_allowed"
         )
     return value
+
+
+def _local_name(svc) -> str | None:
+    local = getattr(svc, "local_reranker", None)
+    return local.name if local is not None else None
 
 
 def describe_kb(kb: kb_store.KnowledgeBase) -> dict:
@@ -413,7 +420,7 @@ class KbAdmin:
         description = inp.text(data, "description", max_len=2000) or ""
         model = inp.text(data, "embedding_model", max_len=256) or LOCAL_MODEL
         kb_embedding.check_model(self.svc, model, ident)
-        settings = _settings(data.get("settings"), self.svc.router, base._ident(request))
+        settings = _settings(data.get("settings"), self.svc.router, base._ident(request), _local_name(self.svc))
         tenant = inp.text(data, "tenant", max_len=128)
         if not ident.is_master:
             if tenant is not None and tenant != ident.tenant:
@@ -472,7 +479,7 @@ class KbAdmin:
         keeps using the current model, and the last one switches the knowledge base at once."""
         data = await inp.body(request)
         _only(data, frozenset({"description", "settings", "embedding_model"}))
-        settings = _settings(data.get("settings"), self.svc.router, base._ident(request))
+        settings = _settings(data.get("settings"), self.svc.router, base._ident(request), _local_name(self.svc))
         description = inp.text(data, "description", max_len=2000)
         model = inp.text(data, "embedding_model", max_len=256)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:

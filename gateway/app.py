@@ -223,6 +223,7 @@ class GatewayApp:
     async def _models(self, scope, receive, send, rid: str, crid: str | None) -> None:
         ident = await self.svc.auth.authenticate_scope(scope)
         data = [self._model_object(m) for m in self.svc.router.models]
+        data += rerank.local_model_objects(self.svc, self._created)  # the local re-ranker, when loaded
         data += self._agent_objects(ident)
         await http.send_json(send, 200, {"object": "list", "data": data}, rid, crid=crid)
 
@@ -231,6 +232,7 @@ class GatewayApp:
         model = self.svc.router.model(model_id)
         if model is None:
             found = [a for a in self._agent_objects(ident) if a["id"] == model_id]
+            found += [m for m in rerank.local_model_objects(self.svc, self._created) if m["id"] == model_id]
             if not found:
                 raise ModelNotFound(f"The model '{excerpt(model_id)}' does not exist", param="model")
             await http.send_json(send, 200, found[0], rid, crid=crid)

@@ -54,12 +54,7 @@ async def search(svc, agent, query: str, *, top_k: int | None = None) -> list[di
     for model, kb_ids in by_model.items():
         embedder_ = kb_embedding.embedder_for(svc, model, agent.tenant, "kb-query")
         vector = (await embedder_.embed([query]))[0] if embedder_ is not None else None
-        group = svc.router.model(rerankers[model]) if model in rerankers else None
-        reranker = (
-            rerank.GatewayReranker(svc, rerankers[model], agent.tenant)
-            if group is not None and group.mode == "rerank"
-            else None
-        )
+        reranker = rerank.reranker_for(svc, rerankers.get(model), agent.tenant)
         found = await retrieve(
             svc.pool,
             agent.tenant,

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from core.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
-from gateway import openai_files, openai_vector_stores
+from gateway import key_window, openai_files, openai_vector_stores
 from rag import ingest
 
 log = logging.getLogger("gateway.files")
@@ -48,7 +48,8 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 class OpenAIStore:
     """``/v1/files…`` and ``/v1/vector_stores…``: authenticated like every /v1 call (the bearer
-    key, then its allowed networks), then routed by a small Starlette app."""
+    key, then its allowed networks), held to the key's calls per minute (its rpm, else
+    ``limits.key``'s, else key_window.DEFAULT_PER_MINUTE), then routed by a small Starlette app."""
 
     def __init__(self, gateway) -> None:
         self.gateway = gateway  # GatewayApp: .svc is set at start-up
@@ -82,5 +83,8 @@ class OpenAIStore:
 
     async def __call__(self, scope, receive, send) -> None:
         ident_ = await self.svc.auth.authenticate_scope(scope)
+        # each call costs database work (and an upload, disk): a per-key window shared by every
+        # replica, counted before the body is read (gateway/key_window.py)
+        await key_window.admit(self.svc, ident_, "store", "Files and vector store calls")
         scope.setdefault("state", {})["identity"] = ident_
         await self.app(scope, receive, send)

@@ -8,6 +8,10 @@ here) → route to a model group of mode ``rerank`` (the key's model allow-list 
 (cost, budgets, the audit record) → respond. Usage is the token count of the query and the
 documents (rerank APIs bill in "search units"; tokens keep the ledger comparable).
 
+A model named like the local cross-encoder (rag/rerank_local.py, ``rag.rerank`` in the config)
+is scored in this process instead: authenticate → parse → the key's allow-list → admit → the
+model on its own thread → settle → respond (no scrub: nothing leaves the gateway; no cost).
+
 ``GatewayReranker`` is rag.rerank's ``Reranker`` over the same path, in process: a knowledge
 base's retrieval with ``rerank_model`` set re-ranks its candidates through a configured rerank
 group, attributed to its tenant with the workflow ``kb-query``.
@@ -21,14 +25,15 @@ from typing import Any
 
 import orjson
 
-from core.errors import GatewayError, InvalidRequest, UpstreamError
+from core.errors import GatewayError, InvalidRequest, PermissionDenied, ServiceUnavailable, UpstreamError
 from core.tokens import count_text
-from core.types import Identity, RequestContext, Usage
+from core.types import Identity, RequestContext, Usage, excerpt
 from gateway import pipeline
 from gateway.providers.base import bad_response
 from gateway.routing import run_attempts
 from gateway.validation import require_model
-from rag.rerank import RerankError
+from rag.rerank import Reranker, RerankError
+from rag.rerank_local import LocalReranker
 
 MAX_DOCUMENTS = 1000
 MAX_QUERY_CHARS = 8000
@@ -79,8 +84,8 @@ def _texts(body: dict) -> list[str]:
 
 
 def _answer(raw: bytes, body: dict, provider: str) -> bytes:
-    """The provider's results checked (indexes in range, scores numbers), sorted best first,
-    cut to ``top_n``, with the documents when asked: the Cohere shape whoever answered."""
+    """The provider's results checked (indexes in range, scores numbers): the Cohere shape
+    whoever answered (``_shape``)."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -88,25 +93,33 @@ def _answer(raw: bytes, body: dict, provider: str) -> bytes:
     results = data.get("results") if isinstance(data, dict) else None
     if not isinstance(results, list):
         raise bad_response(provider, "no 'results' array")
-    texts = _texts(body)
-    out, seen = [], set()
+    count = len(body["documents"])
+    ranked, seen = [], set()
     for item in results:
         index = item.get("index") if isinstance(item, dict) else None
         score = item.get("relevance_score") if isinstance(item, dict) else None
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(texts) or index in seen:
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count or index in seen:
             raise bad_response(provider, "a result with an invalid index")
         if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
             raise bad_response(provider, "a result with an invalid relevance_score")
         seen.add(index)
-        entry: dict[str, Any] = {"index": index, "relevance_score": float(score)}
+        ranked.append((index, float(score)))
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    rid = data.get("id") if isinstance(data.get("id"), str) else None
+    return _shape(ranked, body, meta, rid)
+
+
+def _shape(ranked: list[tuple[int, float]], body: dict, meta: dict, rid: str | None) -> bytes:
+    """(index, score) pairs sorted best first, cut to ``top_n``, with the documents when asked."""
+    texts = _texts(body)
+    out = []
+    for index, score in sorted(ranked, key=lambda p: -p[1]):
+        entry: dict[str, Any] = {"index": index, "relevance_score": score}
         if body.get("return_documents"):
             entry["document"] = {"text": texts[index]}
         out.append(entry)
-    out.sort(key=lambda r: -r["relevance_score"])
     if body.get("top_n"):
         out = out[: body["top_n"]]
-    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
-    rid = data.get("id") if isinstance(data.get("id"), str) else None
     return orjson.dumps({"id": rid, "results": out, "meta": meta})
 
 
@@ -121,10 +134,14 @@ async def _upstream(svc, ctx: RequestContext, group) -> bytes:
 
     raw = await run_attempts(svc.router, ctx, group, attempt)
     ctx.status = 200
+    _estimate_usage(ctx)
+    return raw
+
+
+def _estimate_usage(ctx: RequestContext) -> None:
     if ctx.usage is None:
         ctx.extra["usage_estimated"] = True
         ctx.usage = Usage(prompt_tokens=sum(count_text(t) for t in [ctx.body["query"], *_texts(ctx.body)]))
-    return raw
 
 
 def reserve_tokens(ctx: RequestContext) -> None:
@@ -140,22 +157,71 @@ async def rerank(svc, ctx: RequestContext, scope: dict, receive, send) -> None:
     await pipeline.authenticate(svc, ctx, scope)
     await pipeline.parse(svc, ctx, scope, receive, validate_rerank)
     reserve_tokens(ctx)
-    group = pipeline.route(svc, ctx, scope, "rerank")
-    await pipeline.admit(svc, ctx, scope)
-    await pipeline.scrub(svc, ctx)
-    raw = await _upstream(svc, ctx, group)
+    local = local_reranker(svc, ctx.model)
+    if local is not None:  # the local cross-encoder: nothing leaves the gateway, nothing to route
+        allowed(ctx)
+        await pipeline.admit(svc, ctx, scope)
+        raw = await _local(ctx, local)
+    else:
+        group = pipeline.route(svc, ctx, scope, "rerank")
+        await pipeline.admit(svc, ctx, scope)
+        await pipeline.scrub(svc, ctx)
+        raw = await _upstream(svc, ctx, group)
     await pipeline.settle(svc, ctx, scope)
     await pipeline.respond(ctx, raw, send)
 
 
-def for_kb(svc, kb, identity: Identity | None = None) -> GatewayReranker | None:
-    """The re-ranker of a knowledge base whose settings name a rerank group still configured;
-    ``identity``: the client key the query is for (else the tenant's own)."""
-    name = kb.settings.get("rerank_model")
+def local_reranker(svc, name: object) -> LocalReranker | None:
+    """The local cross-encoder (rag/rerank_local.py) when one is loaded and ``name`` is its name."""
+    local = getattr(svc, "local_reranker", None)
+    return local if local is not None and isinstance(name, str) and name == local.name else None
+
+
+def local_model_objects(svc, created: int) -> list[dict]:
+    """The local re-ranker as ``/v1/models`` lists a model (none when it is not loaded)."""
+    local = getattr(svc, "local_reranker", None)
+    return [{"id": local.name, "object": "model", "created": created, "owned_by": "gateway"}] if local else []
+
+
+def allowed(ctx: RequestContext) -> None:
+    """The key's model allow-list, for a model that is not a routed group."""
+    ident = ctx.identity
+    if ident is not None and ident.models and ctx.model not in ident.models:
+        raise PermissionDenied(
+            f"This API key may not use model `{excerpt(ctx.model)}`.", param="model", code="model_not_allowed"
+        )
+
+
+async def _local(ctx: RequestContext, local: LocalReranker) -> bytes:
+    texts = _texts(ctx.body)
+    if len(texts) > local.max_documents:
+        raise _bad("documents", f"'documents' must hold at most {local.max_documents} documents for {local.name}.")
+    try:
+        ranked = await local.rerank(ctx.body["query"], texts, len(texts))
+    except RerankError as exc:
+        raise ServiceUnavailable(str(exc), code="reranker_unavailable") from None
+    ctx.status = 200
+    _estimate_usage(ctx)
+    return _shape(ranked, ctx.body, {"model": local.name}, ctx.request_id)
+
+
+def reranker_for(svc, name: object, tenant: str, identity: Identity | None = None) -> Reranker | None:
+    """The re-ranker a knowledge base's ``rerank_model`` names: the local cross-encoder, or a
+    rerank group still configured (through the gateway's own path); else None."""
+    local = local_reranker(svc, name)
+    if local is not None:  # (a caller's key limited to other models gets the fused order)
+        allowed_to = identity is None or not identity.models or name in identity.models
+        return local if allowed_to else None
     model = svc.router.model(name) if isinstance(name, str) else None
     if model is None or model.mode != "rerank":
         return None
-    return GatewayReranker(svc, name, kb.tenant, identity)
+    return GatewayReranker(svc, name, tenant, identity)
+
+
+def for_kb(svc, kb, identity: Identity | None = None) -> Reranker | None:
+    """The re-ranker of a knowledge base (``reranker_for`` its ``rerank_model``); ``identity``:
+    the client key the query is for (else the tenant's own)."""
+    return reranker_for(svc, kb.settings.get("rerank_model"), kb.tenant, identity)
 
 
 class GatewayReranker:

@@ -23,6 +23,7 @@ from gateway.providers import build_adapter
 from gateway.providers.base import ProviderAdapter
 from gateway.routing import Router
 from gateway.routing.shared import SharedHealth
+from gateway.vector_store_expiry import ExpirySweeper
 from policies.alerts import AlertSender
 from policies.auth import Authenticator
 from policies.budgets import BudgetCache
@@ -30,6 +31,8 @@ from policies.engine import PolicyEngine
 from policies.ledger import LedgerWriter, Spool
 from policies.pii.scrub import Scrubber
 from rag.embedding import LocalEmbedder
+from rag.rerank_local import LocalReranker
+from rag.rerank_local import from_settings as local_reranker_from
 from runtime.agents import AgentRegistry
 from runtime.delivery import Delivery
 from runtime.memory import Memory
@@ -75,11 +78,16 @@ class Services:
     channel_keys: set[str] = field(default_factory=set)
     hitl: hitl_service.HitlService | None = None  # human in the loop: holds, queue feed, SLA sweeper
     whatsapp: WhatsApp | None = None  # the WhatsApp channel (gateway/channels_whatsapp.py)
+    local_reranker: LocalReranker | None = None  # the local cross-encoder (rag.rerank.local_model_dir)
+    expiry: ExpirySweeper | None = None  # empties expired vector stores (every replica; idempotent)
     _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check
     _ready_check: asyncio.Future | None = None  # the check under way, shared by its callers
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
+        # the local cross-encoder re-ranker, when configured: an unusable folder fails start-up here
+        taken = frozenset(m.name for m in settings.config.models)
+        local_reranker = local_reranker_from(settings.config.rag.rerank, taken=taken)
         pool = await connect_pool(settings.database_url)
         async with pool.acquire() as conn:
             await migrate(conn)
@@ -126,6 +134,8 @@ class Services:
         kb = kb_worker.KbWorker(pool, redis, embedder, settings.data_dir.resolve())
         if kb_worker.enabled():
             await kb.start()
+        expiry = ExpirySweeper(pool, settings.data_dir.resolve())
+        expiry.start()
         hitl = await hitl_service.start(
             settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder
         )
@@ -150,6 +160,8 @@ class Services:
             embedder=embedder,
             kb=kb,
             hitl=hitl,
+            local_reranker=local_reranker,
+            expiry=expiry,
         )
 
     async def stop(self) -> None:
@@ -158,6 +170,10 @@ class Services:
             await self.whatsapp.stop()
         if self.kb is not None:
             await self.kb.stop()
+        if self.local_reranker is not None:
+            self.local_reranker.close()
+        if self.expiry is not None:
+            await self.expiry.stop()
         if self.hitl is not None:
             await self.hitl.stop()
         await self.ledger.stop()

@@ -86,23 +86,28 @@ class MockProvider(Proc):
         httpx.post(f"{self.url}/_mock/config", json=cfg).raise_for_status()
 
 
+def gateway_env(tmp: Path, urls: tuple[str, str]) -> dict[str, str]:
+    """The environment of a gateway process of the tests."""
+    return {
+        **os.environ,
+        "DATABASE_URL": urls[0],
+        "REDIS_URL": urls[1],
+        "GATEWAY_MASTER_KEY": MASTER_KEY,
+        "GATEWAY_DATA_DIR": str(tmp / "data"),
+        # One shared Redis serves the whole suite: only the knowledge-base tests' gateways
+        # consume the ingestion queue (they set it to 1), so no other module's gateway takes
+        # a job and is stopped holding it.
+        "GATEWAY_KB_WORKER": os.environ.get("GATEWAY_KB_WORKER", "0"),
+    }
+
+
 class Gateway(Proc):
     def __init__(self, tmp: Path, config: dict, urls: tuple[str, str], *, workers: int = 1) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg_path = tmp / f"gateway-{self.port}.yaml"
         cfg_path.write_text(yaml.safe_dump(config))
-        env = {
-            **os.environ,
-            "DATABASE_URL": urls[0],
-            "REDIS_URL": urls[1],
-            "GATEWAY_MASTER_KEY": MASTER_KEY,
-            "GATEWAY_DATA_DIR": str(tmp / "data"),
-            # One shared Redis serves the whole suite: only the knowledge-base tests' gateways
-            # consume the ingestion queue (they set it to 1), so no other module's gateway takes
-            # a job and is stopped holding it.
-            "GATEWAY_KB_WORKER": os.environ.get("GATEWAY_KB_WORKER", "0"),
-        }
+        env = gateway_env(tmp, urls)
         args = [
             sys.executable,
             "-m",
@@ -121,6 +126,16 @@ class Gateway(Proc):
         except TimeoutError:
             self.stop()
             raise RuntimeError("gateway did not start:\n" + self.log()) from None
+
+
+def refused_start(tmp: Path, config: dict, urls: tuple[str, str], *, timeout: float = 180) -> str:
+    """What a gateway that must not start with ``config`` printed (it exited non-zero)."""
+    path = tmp / f"refused-{free_port()}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(free_port())]
+    out = subprocess.run(args, env=gateway_env(tmp, urls), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode != 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
 
 
 def gateway_config(mock: MockProvider, **extra) -> dict:

@@ -33,7 +33,7 @@ import openai
 import pytest
 
 from loadtest.vapi_sim import VapiCall
-from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, run_cli, wait_until
+from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, refused_start, run_cli, wait_until
 from tests.test_agents_e2e import ToolServer
 
 TOKEN = "vapi-server-token-0123456789"
@@ -632,11 +632,6 @@ def test_check_config_names_account_problems(tmp_root):
 
 
 def test_a_gateway_with_a_wrong_account_key_does_not_start(tmp_root, services, module_mock):
-    import os
-    import subprocess
-
-    import yaml
-
     config = {
         "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
         "models": [{"name": "m", "deployments": [{"provider": "pp", "model": "m"}]}],
@@ -651,20 +646,8 @@ def test_a_gateway_with_a_wrong_account_key_does_not_start(tmp_root, services, m
             }
         },
     }
-    path = tmp_root / "vapi-wrong-key.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {
-        **os.environ,
-        "DATABASE_URL": services[0],
-        "REDIS_URL": services[1],
-        "GATEWAY_MASTER_KEY": MASTER_KEY,
-        "GATEWAY_DATA_DIR": str(tmp_root / "data"),
-        "GATEWAY_KB_WORKER": "0",
-    }
-    args = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(free_port())]
-    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
-    assert out.returncode != 0
-    assert "channels.vapi.main.api_key: not an active key" in out.stdout + out.stderr
+    out = refused_start(tmp_root, config, services)
+    assert "channels.vapi.main.api_key: not an active key" in out
 
 
 def test_the_agent_is_the_accounts_choice(env):

@@ -33,6 +33,7 @@ KB_ENV = {
     "GATEWAY_KB_VISIBILITY_TIMEOUT": "2",
     "GATEWAY_KB_MAX_RETRIES": "2",
     "GATEWAY_KB_BACKOFF": "0.2",
+    "GATEWAY_KB_SWEEP_INTERVAL": "1",  # expired vector stores emptied (gateway/vector_store_expiry.py)
 }
 
 

@@ -352,3 +352,61 @@ def test_files_and_vector_stores_refuse_missing_and_wrong_keys(gw):
         for headers in ({}, {"Authorization": "Bearer sk-wrong"}):
             r = httpx.request("POST" if path.endswith("search") else "GET", f"{gw.url}{path}", headers=headers)
             assert r.status_code == 401 and r.json()["error"]["type"], (path, headers, r.text)
+
+
+def test_attack_flood_of_file_and_vector_store_calls_is_cut_per_key_before_the_body_is_read(gw):
+    """Every /v1/files and /v1/vector_stores call costs database work and an upload costs disk:
+    a key is held to its requests per minute on them, in one window across replicas, counted
+    before the body is read — a refused upload stores nothing."""
+    owner = f"flood-{uuid.uuid4().hex[:6]}"
+    key = new_key(gw, tenant=owner, rpm=3)["key"]
+    codes: list[int] = []
+    with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30) as h:
+        for _ in range(2):  # a minute boundary may split one burst; never two in a row
+            burst = [h.get(f"{gw.url}/v1/vector_stores").status_code for _ in range(5)]
+            codes += burst
+            if burst[-1] == 429:
+                break
+        assert codes[-1] == 429 and codes[-2] == 429 and set(codes) == {200, 429}, codes
+        refused = h.post(f"{gw.url}/v1/files", files={"file": ("a.txt", b"x" * 1000)}, data={"purpose": "assistants"})
+    if refused.status_code == 429:
+        assert refused.json()["error"]["type"] == "rate_limit_error" and int(refused.headers["retry-after"]) >= 1
+        other = new_key(gw, tenant=owner)["key"]  # another key of the tenant has its own window
+        with sdk(gw, other) as c:
+            assert c.files.list().data == []  # the refused upload left nothing
+
+
+def test_expired_vector_store_is_emptied_in_the_background(gw, client, store, services):
+    """An expired store's documents, chunks and bytes are deleted by the sweep; the store reads
+    back as expired with no files; its uploaded file (its own object) and live stores stay."""
+    import asyncio
+
+    import asyncpg
+
+    from tests.conftest import wait_until
+
+    vs = client.vector_stores.create(name="to-expire", expires_after={"anchor": "last_active_at", "days": 1})
+    fid = store[1]["returns"].id
+    assert client.vector_stores.files.create_and_poll(vector_store_id=vs.id, file_id=fid).status == "completed"
+
+    async def sql(query: str, *args):
+        conn = await asyncpg.connect(services[0])
+        try:
+            return await conn.fetchval(query, *args)
+        finally:
+            await conn.close()
+
+    assert asyncio.run(sql("SELECT count(*) FROM kb_chunks WHERE kb_id = $1", vs.id)) > 0
+    asyncio.run(sql("UPDATE knowledge_bases SET last_active_at = now() - interval '2 days' WHERE id = $1", vs.id))
+    wait_until(
+        lambda: asyncio.run(sql("SELECT count(*) FROM kb_documents WHERE kb_id = $1", vs.id)) == 0,
+        timeout=30,
+        what="the expired store emptied",
+    )
+    assert asyncio.run(sql("SELECT count(*) FROM kb_chunks WHERE kb_id = $1", vs.id)) == 0
+    got = client.vector_stores.retrieve(vs.id)
+    assert got.status == "expired" and got.file_counts.total == 0
+    assert client.vector_stores.files.list(vector_store_id=vs.id).data == []
+    assert client.files.retrieve(fid).id == fid
+    live = store[0]
+    assert client.vector_stores.retrieve(live.id).file_counts.completed >= 2

@@ -1,0 +1,214 @@
+"""A local cross-encoder re-ranker: a Hugging Face ``BertForSequenceClassification`` folder
+(e.g. ``cross-encoder/ms-marco-MiniLM-L-6-v2``) run with numpy on the CPU, nothing downloaded.
+
+No PyPI wheel ships cross-encoder weights, so the user installs the folder (``config.json``,
+``model.safetensors``, ``tokenizer.json``) and names it in ``rag.rerank.local_model_dir`` or
+``GATEWAY_RERANK_MODEL_DIR``. Unnamed, the re-ranker is off. Named but unusable (a file missing,
+not a BERT classifier, more than one label, weights not float32), the gateway refuses to start
+with the reason: a re-ranker the operator asked for is never dropped silently.
+
+Scoring matches sentence-transformers' ``CrossEncoder.predict``: each (query, document) pair is
+tokenized as ``[CLS] query [SEP] document [SEP]`` with type ids 0 then 1, truncated longest-first
+to the model's length (the document gives way first: it is the longer), run through the BERT
+encoder of rag/bert.py, pooled (dense + tanh of the ``[CLS]`` state), and the classifier's one
+logit is the score — passed through a sigmoid unless the folder's config names another
+activation (``sbert_ce_default_activation_function`` or ``sentence_transformers.activation_fn``):
+ms-marco-MiniLM-L-6-v2 names ``Identity``, so its scores are raw logits, as its model card shows.
+
+Pairs are sorted by length and scored in batches on one dedicated thread (concurrent requests
+queue for it; the event loop never runs the model), with a per-call timeout and a bound on the
+documents per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from rag.bert import BertEncoder, ModelError, batch_arrays, read_config, read_safetensors
+from rag.rerank import RerankError
+
+log = logging.getLogger("rag.rerank")
+
+FILES = ("config.json", "model.safetensors", "tokenizer.json")
+ENV_DIR = "GATEWAY_RERANK_MODEL_DIR"
+MAX_LENGTH = 512
+BATCH = 16
+MAX_DOCUMENTS = 200
+TIMEOUT_S = 30.0
+MAX_WAITING = 16  # calls queued for the model's thread
+_CHARS_PER_TOKEN = 16  # text beyond max_length * this many characters is cut before tokenizing
+
+
+def _activation(config: dict) -> str:
+    """``sigmoid`` or ``identity``, as sentence-transformers' CrossEncoder would choose."""
+    named = config.get("sbert_ce_default_activation_function")
+    st = config.get("sentence_transformers")
+    if isinstance(st, dict) and st.get("activation_fn"):
+        named = st["activation_fn"]
+    if named is None:
+        return "sigmoid"  # CrossEncoder's default for one label
+    last = str(named).rsplit(".", 1)[-1]
+    if last in ("Sigmoid", "Identity"):
+        return last.lower()
+    raise ModelError(f"config.json: activation {named!r} is not supported (Sigmoid or Identity)")
+
+
+class CrossEncoder:
+    """The model of one folder, loaded and checked; ``score`` is synchronous (run it off the
+    event loop)."""
+
+    def __init__(self, folder: Path, *, max_length: int = MAX_LENGTH, batch_size: int = BATCH) -> None:
+        from tokenizers import Tokenizer
+
+        missing = [name for name in FILES if not (folder / name).is_file()]
+        if missing:
+            raise ModelError(f"{', '.join(missing)} not found")
+        config = read_config(folder)
+        arch = config.get("architectures") or ["BertForSequenceClassification"]
+        if config.get("model_type", "bert") != "bert" or "BertForSequenceClassification" not in arch:
+            raise ModelError("config.json: not a BertForSequenceClassification model")
+        labels = config.get("id2label")
+        num_labels = len(labels) if isinstance(labels, dict) else config.get("num_labels", 1)
+        if num_labels != 1:
+            raise ModelError(f"config.json: {num_labels} labels; only single-score cross-encoders (1 label)")
+        self.activation = _activation(config)
+        weights = read_safetensors(folder / "model.safetensors")
+        prefix = "bert." if "bert.embeddings.word_embeddings.weight" in weights else ""
+        self.encoder = BertEncoder(config, weights, prefix)
+        hidden = self.encoder.hidden
+        for name, shape in (
+            (f"{prefix}pooler.dense.weight", (hidden, hidden)),
+            (f"{prefix}pooler.dense.bias", (hidden,)),
+            ("classifier.weight", (1, hidden)),
+            ("classifier.bias", (1,)),
+        ):
+            if name not in weights or weights[name].shape != shape:
+                raise ModelError(f"model.safetensors: no tensor {name} of shape {shape}")
+        self.max_length = max(8, min(max_length, self.encoder.max_positions, _tokenizer_limit(folder)))
+        self.batch_size = max(1, batch_size)
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as exc:  # the tokenizers library raises its own exception type
+            raise ModelError(f"tokenizer.json: {str(exc)[:200]}") from None
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=self.max_length, strategy="longest_first")
+        pad_id = int(config.get("pad_token_id") or 0)
+        tokenizer.enable_padding(pad_id=pad_id, pad_token=tokenizer.id_to_token(pad_id) or "[PAD]")
+        probe = tokenizer.encode("query", "document")
+        if 1 not in probe.type_ids or probe.type_ids[0] != 0:
+            raise ModelError("tokenizer.json: no sentence-pair template (type ids 0 then 1)")
+        if tokenizer.get_vocab_size() > self.encoder.vocab:
+            raise ModelError("tokenizer.json: more tokens than the model's word embeddings")
+        self.tokenizer = tokenizer
+
+    def _batch(self, query: str, documents: list[str]) -> np.ndarray:
+        cut = self.max_length * _CHARS_PER_TOKEN
+        pairs = [(query[:cut], d[:cut]) for d in documents]
+        ids, types, mask = batch_arrays(self.tokenizer.encode_batch(pairs))
+        x = self.encoder.forward(ids, types, mask)
+        enc = self.encoder
+        pooled = np.tanh(enc.dense(x[:, 0], "pooler.dense"))
+        w = enc.w
+        logits = pooled @ w["classifier.weight"].T + w["classifier.bias"]
+        logits = logits[:, 0].astype(np.float64)
+        return 1.0 / (1.0 + np.exp(-logits)) if self.activation == "sigmoid" else logits
+
+    def score(self, query: str, documents: list[str]) -> list[float]:
+        """The relevance score of each document for ``query``, in the documents' order."""
+        order = sorted(range(len(documents)), key=lambda i: len(documents[i]))  # less padding
+        out = [0.0] * len(documents)
+        for start in range(0, len(order), self.batch_size):
+            ids = order[start : start + self.batch_size]
+            for i, s in zip(ids, self._batch(query, [documents[i] for i in ids]).tolist(), strict=True):
+                out[i] = float(s)
+        return out
+
+
+def _tokenizer_limit(folder: Path) -> int:
+    """``model_max_length`` of a tokenizer_config.json beside the tokenizer, when sensible."""
+    try:
+        value = json.loads((folder / "tokenizer_config.json").read_text()).get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        return MAX_LENGTH * 16
+    return int(value) if isinstance(value, int) and 8 <= value <= 1_000_000 else MAX_LENGTH * 16
+
+
+class LocalReranker:
+    """rag.rerank.Reranker over a local cross-encoder. ``name``: the model name clients and
+    knowledge bases use for it (default ``local/<folder name>``)."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        name: str | None = None,
+        max_length: int = MAX_LENGTH,
+        batch_size: int = BATCH,
+        max_documents: int = MAX_DOCUMENTS,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
+        self.folder = Path(folder).expanduser().resolve()
+        self.name = name or f"local/{self.folder.name}"
+        self.max_documents = max_documents
+        self.timeout_s = timeout_s
+        try:
+            self.model = CrossEncoder(self.folder, max_length=max_length, batch_size=batch_size)
+        except ModelError as exc:
+            raise ModelError(f"local re-ranker {self.folder}: {exc}") from None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-local")
+        self._waiting = 0
+
+    async def rerank(self, query: str, documents: list[str], top_n: int) -> list[tuple[int, float]]:
+        """Scored on the model's thread, after the calls queued before it. A call that waits and
+        runs longer than ``timeout_s`` fails (a queued one is dropped from the queue; a running
+        one finishes in the background), and beyond ``MAX_WAITING`` calls in the queue a new
+        one fails at once rather than wait behind them."""
+        if not documents:
+            return []
+        if len(documents) > self.max_documents:
+            raise RerankError(f"at most {self.max_documents} documents per local re-rank")
+        if self._waiting >= MAX_WAITING:
+            raise RerankError("local re-ranker busy")
+        loop = asyncio.get_running_loop()
+        self._waiting += 1
+        try:
+            job = loop.run_in_executor(self._executor, self.model.score, query, list(documents))
+            scores = await asyncio.wait_for(job, self.timeout_s)
+        except TimeoutError:
+            raise RerankError(f"local re-ranker timed out after {self.timeout_s:g} s") from None
+        finally:
+            self._waiting -= 1
+        ranked = sorted(enumerate(scores), key=lambda p: -p[1])
+        return ranked[: max(1, min(top_n, len(documents)))]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def from_settings(settings, environ=os.environ, taken: frozenset[str] = frozenset()) -> LocalReranker | None:
+    """The re-ranker ``settings`` (core.config.RagRerank) describe, its folder named there or in
+    ``GATEWAY_RERANK_MODEL_DIR``; None when neither names one. Raises ModelError (start-up
+    fails) when the folder named cannot be used or its name is ``taken`` (by a model group)."""
+    folder = settings.local_model_dir or environ.get(ENV_DIR, "").strip() or None
+    if folder is None:
+        return None
+    name = settings.name or f"local/{Path(folder).expanduser().resolve().name}"
+    if name in taken:
+        raise ModelError(f"local re-ranker: its name {name!r} is a configured model group; set rag.rerank.name")
+    reranker = LocalReranker(
+        folder,
+        name=name,
+        max_length=settings.max_length,
+        batch_size=settings.batch_size,
+        max_documents=settings.max_documents,
+        timeout_s=settings.timeout_s,
+    )
+    log.info("local re-ranker %s loaded from %s", reranker.name, reranker.folder)
+    return reranker
