@@ -192,6 +192,11 @@ class Policies(_Strict):
     fail_open: bool = False  # when Redis is unreachable: serve (true) or refuse with 503 (false)
     default_max_output: int = Field(1024, gt=0)  # output tokens reserved when a request names none
     log_content: bool = False
+    # Admission credit (policies/credit.py): a replica may lease a small share of a large
+    # remaining budget or rate limit and admit requests from it without a Redis round trip.
+    local_admission: bool = True
+    lease_requests: int = Field(32, ge=1, le=10_000)  # a lease: this many requests (or estimates) of credit
+    lease_headroom: int = Field(64, ge=2, le=1_000_000)  # granted only with this many leases of room left
 
 
 PiiAction = Literal["redact", "mask", "hash", "block", "pseudonymize", "allow"]

@@ -54,6 +54,9 @@ CIRCUIT_STATE = Gauge(
 )
 BUDGET_ALERTS = Counter("gateway_budget_alerts_total", "Budget alert thresholds reached", ["threshold"])
 REFUSED = Counter("gateway_refused_total", "Requests refused by a policy", ["reason"])
+ADMITTED_FROM_CREDIT = Counter(
+    "gateway_admitted_from_credit_total", "Requests admitted from this process's admission credit (no Redis call)"
+)
 PII_ENTITIES = Counter(
     "gateway_pii_entities_total", "Personal data found in requests, by entity type and action", ["entity", "action"]
 )

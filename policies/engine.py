@@ -23,6 +23,7 @@ from core.tokens import approx_prompt
 from core.types import RequestContext, Usage
 from policies import scripts
 from policies.budgets import NANO, Budget, BudgetCache
+from policies.credit import LEASE_TTL_MS, Credit
 
 log = logging.getLogger("gateway.policies")
 
@@ -117,12 +118,18 @@ class PolicyEngine:
         self._prices: dict[str, tuple[float, float]] = {}  # group -> highest (input, output) price
         self._admit_sha: str | None = None
         self._settle_sha: str | None = None
+        p = config.policies
+        self.credit = Credit(redis, p.lease_requests, p.lease_headroom) if p.local_admission else None
 
     async def start(self) -> None:
         self._admit_sha = await self._redis.script_load(scripts.ADMIT)
         self._settle_sha = await self._redis.script_load(scripts.SETTLE)
+        if self.credit is not None:
+            self.credit.start()
 
     async def close(self) -> None:
+        if self.credit is not None:
+            await self.credit.stop()
         await self._redis.close()
 
     async def _run(self, name: str, argv: list, now: bool = False) -> list:
@@ -248,18 +255,42 @@ class PolicyEngine:
         hard = any(b.enforcement == "hard" for b in budgets)
         estimate = self._estimate_nano(ctx, hard) if budgets else 0
         ctx.extra["reserved_nano"] = estimate
-        argv: list = [int(time.time() * 1000), len(rates)]
+        now_ms = int(time.time() * 1000)
+        slot = now_ms // MINUTE_MS
+        keys = [b.keys() for b in budgets]
+        credit = self.credit
+        # Credit only when every limit can lend some: request counts large enough to share, and
+        # budgets (the script decides by their headroom); a tokens-per-minute check needs the window.
+        leasing = credit is not None and all(
+            label.endswith("requests") and credit.rate_lease(limit) > 0 for label, _, limit in rates
+        )
+        lease_keys = [credit.lease_keys(k[1]) for k in keys] if leasing else []
+        if leasing and credit.take(slot, [base for _, base, _ in rates], [own for _, own in lease_keys], estimate):
+            ctx.extra["admitted"] = True
+            ctx.extra["leased"] = [own for _, own in lease_keys]
+            return
+        argv: list = [now_ms, len(rates)]
         for label, base, limit in rates:
-            argv += [base, limit, MINUTE_MS, 1 if label.endswith("requests") else 0]
+            cost = 1 if label.endswith("requests") else 0
+            argv += [base, limit, MINUTE_MS, cost, credit.rate_lease(limit) if leasing else 0]
         argv.append(len(budgets))
-        for b in budgets:
-            spent, reserved, alert_prefix, ttl = b.keys()
+        asking = []
+        for i, b in enumerate(budgets):
+            spent, reserved, alert_prefix, ttl = keys[i]
             hard = "1" if b.enforcement == "hard" else "0"
             argv += [spent, reserved, b.limit_nano, estimate, ttl, alert_prefix, self._thresholds(b), b.id, hard]
-        argv.append(ALERT_STREAM)
+            if leasing:
+                leases, own = lease_keys[i]
+                asking.append(own)
+                argv += [leases, own, max(estimate, 1) * credit.lease_requests, credit.asking(leases, own)]
+            else:
+                argv += ["", "", 0, 0]
+        argv += [LEASE_TTL_MS, credit.headroom if credit is not None else 0, ALERT_STREAM]
         try:
             result = await self._run("admit", argv)
         except RedisError as exc:
+            for own in asking:
+                credit.answered(own, 0, 0)
             ctx.extra["reserved_nano"] = 0
             if self.config.policies.fail_open:
                 log.warning("policy store unreachable, serving without limits: %s", exc)
@@ -269,7 +300,21 @@ class PolicyEngine:
             ) from None
         if int(result[0]) == 1:
             ctx.extra["admitted"] = True
+            if leasing:
+                for i, (_, base, _) in enumerate(rates):
+                    if int(result[1 + i]):
+                        credit.granted_rate(base, slot, int(result[1 + i]))
+                leased = []
+                for i, own in enumerate(asking):
+                    granted = int(result[1 + len(rates) + i])
+                    credit.answered(own, granted, estimate if granted else 0)
+                    if granted:
+                        leased.append(own)
+                if leased:  # these budgets hold the request's estimate in the lease, not in reserved
+                    ctx.extra["leased"] = leased
             return
+        for own in asking:
+            credit.answered(own, 0, 0)
         ctx.extra["reserved_nano"] = 0
         kind, index, retry_ms = result[1], int(result[2]) - 1, int(result[3])
         kind = kind.decode() if isinstance(kind, bytes) else kind
@@ -383,10 +428,17 @@ class PolicyEngine:
         actual = round(cost * NANO)
         budgets: list[Budget] = ctx.extra.get("budgets") or []
         reserved = ctx.extra.get("reserved_nano", 0)
+        leased = ctx.extra.pop("leased", ())
         argv: list = [int(time.time() * 1000), len(budgets)]
         for b in budgets:
             spent, reserved_key, alert_prefix, ttl = b.keys()
-            argv += [spent, reserved_key, reserved, actual, b.limit_nano, ttl, alert_prefix, self._thresholds(b), b.id]
+            held = reserved
+            if leased and self.credit is not None:
+                own = self.credit.lease_keys(reserved_key)[1]
+                if own in leased:  # the estimate is in this process's lease: it leaves that
+                    self.credit.settled(own, reserved)
+                    held = 0
+            argv += [spent, reserved_key, held, actual, b.limit_nano, ttl, alert_prefix, self._thresholds(b), b.id]
         tokens = (ctx.usage.total_tokens if ctx.usage else 0) if ctx.extra.get("admitted") else 0
         token_limits = [(b, lim) for label, b, lim in self._rate_limits(ctx, attr) if label.endswith("tokens")]
         argv.append(len(token_limits))

@@ -4,9 +4,10 @@ All keys share the ``{gw}`` hash tag, so both scripts also run on Redis Cluster 
 Money is counted in integer nano-USD so Redis can add it exactly.
 
 ADMIT (before the call)
-    ARGV: now_ms, n_rate, [base, limit, window_ms, cost] * n_rate,
+    ARGV: now_ms, n_rate, [base, limit, window_ms, cost, lease] * n_rate,
           n_budget, [spent_key, reserved_key, limit, estimate, ttl_s, alert_prefix, thresholds_csv,
-          budget_id, hard] * n_budget, alert_stream
+          budget_id, hard, leases_key, own_lease_key, lease, own_outstanding] * n_budget,
+          lease_ttl_ms, lease_headroom, alert_stream
     Rate limits are sliding windows (the previous fixed window weighted by how much of it is
     still inside the sliding one, plus the current window). A ``cost`` of 0 only checks (tokens
     per minute are added after the call, when they are known).
@@ -20,7 +21,18 @@ ADMIT (before the call)
     A refusal because the budget is used up is the moment it is exhausted: thresholds up to
     100 % not fired yet fire then (once, as in SETTLE), since a hard budget's spend stops short
     of the limit. A ``reserved`` or ``oversized`` refusal fires nothing.
-    Returns {1} or {0, kind, index, retry_after_ms, [budget_id, threshold, spent] * fired}.
+    Leases (admission credit, policies/credit.py): a request may ask for ``lease`` more requests
+    of a rate limit, or ``lease`` nano-USD more of a budget, to admit later requests from in
+    process. A rate lease is counted in the window at once; it is granted only when it fits
+    under the limit. A budget lease is granted only when the budget's headroom after this
+    request is at least ``lease_headroom`` times the lease; the request's estimate and the lease
+    then live in the process's own lease key (``own_lease_key``, expiring after
+    ``lease_ttl_ms`` unless its process renews it) instead of ``reserved_key``. Every budget
+    check counts the live lease keys of the budget's set (``leases_key``; dead ones leave it)
+    beside spend and reservations, so leases never let spend pass a hard limit; the caller's
+    own key is counted as ``own_outstanding`` (its requests in flight), which it knows exactly.
+    Returns {1, granted lease per rate limit..., granted lease per budget...} or
+    {0, kind, index, retry_after_ms, [budget_id, threshold, spent] * fired}.
 
 SETTLE (after the call)
     ARGV: now_ms, n_budget, [spent_key, reserved_key, estimate, actual, limit, ttl_s, alert_prefix,
@@ -38,9 +50,11 @@ local now = tonumber(ARGV[1])
 local i = 2
 local n_rate = tonumber(ARGV[i]); i = i + 1
 local incr = {}
+local grants = {}
 for r = 1, n_rate do
   local base, limit, window, cost = ARGV[i], tonumber(ARGV[i+1]), tonumber(ARGV[i+2]), tonumber(ARGV[i+3])
-  i = i + 4
+  local lease = tonumber(ARGV[i+4])
+  i = i + 5
   local slot = math.floor(now / window)
   local cur_key = base .. ':' .. slot
   local cur = tonumber(redis.call('GET', cur_key) or '0')
@@ -50,19 +64,32 @@ for r = 1, n_rate do
   if used + cost > limit or (cost == 0 and used >= limit) then
     return {0, 'rate', r, window - (now % window)}
   end
-  if cost > 0 then table.insert(incr, {cur_key, cost, window}) end
+  local grant = 0
+  if cost > 0 and lease > 0 and used + cost + lease <= limit then grant = lease end
+  table.insert(grants, grant)
+  if cost + grant > 0 then table.insert(incr, {cur_key, cost + grant, window}) end
 end
 local n_budget = tonumber(ARGV[i]); i = i + 1
-local alert_stream = ARGV[i + n_budget * 9]
+local lease_ttl = ARGV[i + n_budget * 13]
+local headroom = tonumber(ARGV[i + n_budget * 13 + 1])
+local alert_stream = ARGV[i + n_budget * 13 + 2]
 local reserve = {}
 for b = 1, n_budget do
   local spent_key, reserved_key = ARGV[i], ARGV[i+1]
   local limit, estimate, ttl = tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4])
   local alert_prefix, thresholds, budget_id = ARGV[i+5], ARGV[i+6], ARGV[i+7]
   local hard = ARGV[i+8] == '1'
-  i = i + 9
+  local leases_key, own_key = ARGV[i+9], ARGV[i+10]
+  local lease, own = tonumber(ARGV[i+11]), tonumber(ARGV[i+12])
+  i = i + 13
   local spent = tonumber(redis.call('GET', spent_key) or '0')
-  local reserved = tonumber(redis.call('GET', reserved_key) or '0')
+  local held = tonumber(redis.call('GET', reserved_key) or '0') + own
+  for _, k in ipairs(redis.call('SMEMBERS', leases_key)) do
+    if k ~= own_key then
+      local v = redis.call('GET', k)
+      if v then held = held + tonumber(v) else redis.call('SREM', leases_key, k) end
+    end
+  end
   local kind = nil
   if spent >= limit then
     kind = 'budget'
@@ -71,10 +98,10 @@ for b = 1, n_budget do
       kind = 'oversized'
     elseif spent + estimate > limit then
       kind = 'budget'
-    elseif spent + reserved + estimate > limit then
+    elseif spent + held + estimate > limit then
       kind = 'reserved'
     end
-  elseif spent + reserved >= limit then
+  elseif spent + held >= limit then
     kind = 'budget'
   end
   if kind then
@@ -93,17 +120,27 @@ for b = 1, n_budget do
     end
     return out
   end
-  table.insert(reserve, {reserved_key, estimate, ttl})
+  local grant = 0
+  if lease > 0 and own_key ~= '' and limit - (spent + held + estimate) >= headroom * lease then grant = lease end
+  table.insert(grants, grant)
+  table.insert(reserve, {reserved_key, estimate, ttl, grant, leases_key, own_key, own})
 end
 for _, x in ipairs(incr) do
   redis.call('INCRBY', x[1], x[2])
   redis.call('PEXPIRE', x[1], x[3] * 2)
 end
 for _, x in ipairs(reserve) do
-  redis.call('INCRBY', x[1], x[2])
-  redis.call('EXPIRE', x[1], x[3])
+  if x[4] > 0 then
+    redis.call('SET', x[6], x[7] + x[2] + x[4], 'PX', lease_ttl)
+    redis.call('SADD', x[5], x[6])
+    redis.call('PEXPIRE', x[5], lease_ttl * 12)
+  else
+    redis.call('INCRBY', x[1], x[2])
+    redis.call('EXPIRE', x[1], x[3])
+  end
 end
-return {1}
+table.insert(grants, 1, 1)
+return grants
 """
 
 SETTLE = """
