@@ -298,6 +298,9 @@ class Admin:
         thresholds = [f"{t:g}" for t in b.thresholds]
         values = await self.svc.redis.mget([spent_key, reserved_key, *(alert_prefix + t for t in thresholds)])
         spent = int(values[0] or 0) / NANO
+        # Admission credit the replicas hold (policies/credit.py): live lease keys only.
+        lease_keys = list(await self.svc.redis.smembers(f"{reserved_key}:leases"))
+        leased = sum(int(v) for v in await self.svc.redis.mget(lease_keys) if v) if lease_keys else 0
         secret = self.svc.config.alerts.secret
         # The budget's own receiver verifies its alerts with a key of its own (policies/alerts.py).
         signing = {"webhook_signing_key": budget_signing_key(secret, b.id)} if secret and b.webhook_url else {}
@@ -315,6 +318,7 @@ class Admin:
             "webhook_url": b.webhook_url,
             "spent_usd": spent,
             "reserved_usd": int(values[1] or 0) / NANO,
+            "leased_usd": leased / NANO,  # held by replicas as admission credit (in flight included)
             "remaining_usd": max(0.0, b.limit_usd - spent),
             "alerts_fired": [float(t) for t, v in zip(thresholds, values[2:], strict=True) if v is not None],
             **signing,

@@ -92,11 +92,11 @@ def test_leased_admission_never_overshoots_a_hard_budget_across_replicas(pair):
     assert outcomes["ok"] >= 40, outcomes  # leases did not strand most of the budget
     assert outcomes["insufficient_quota"] + outcomes["budget_reserved"] == 300 - outcomes["ok"]
     # every reservation was settled, and the leases are given back once their credit expires
-    wait_until(
-        lambda: admin(a, "GET", f"/admin/budgets/{key['budget_id']}").json()["reserved_usd"] == 0,
-        timeout=10,
-        what="no reservation left",
-    )
+    def held() -> tuple[float, float]:
+        state = admin(a, "GET", f"/admin/budgets/{key['budget_id']}").json()
+        return state["reserved_usd"], state["leased_usd"]
+
+    wait_until(lambda: held() == (0, 0), timeout=10, what="no reservation or lease left")
 
 
 def test_leased_admission_keeps_a_rate_limit_across_replicas(pair):
