@@ -19,18 +19,19 @@ Pairs are sorted by length and scored in batches on one dedicated thread (concur
 queue for it; the event loop never runs the model), with a per-call timeout and a bound on the
 documents per call. A call given up (timed out, or its caller gone) stops at its next batch: the
 thread is not left scoring for nobody, and its place in the queue is held until it has stopped.
-One owner (a tenant) holds at most ``MAX_WAITING_PER_OWNER`` of the queue's places, so no tenant
-can keep the model busy for every other.
+The thread serves owners (tenants) in turn, not in arrival order, and one owner holds at most
+``MAX_WAITING_PER_OWNER`` of the queue's places: no tenant keeps the model busy for every other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,79 @@ def _tokenizer_limit(folder: Path) -> int:
     return int(value) if isinstance(value, int) and 8 <= value <= 1_000_000 else MAX_LENGTH * 16
 
 
+class FairExecutor:
+    """One worker thread that runs the jobs of its owners in turn (round robin; each owner's in
+    arrival order): a job waits behind at most one job of each other owner with work queued,
+    however many that owner queued. ``submit`` is ``ThreadPoolExecutor.submit`` with an owner."""
+
+    def __init__(self, name: str) -> None:
+        self._queues: dict[object, collections.deque] = {}  # owner → its jobs, oldest first
+        self._turns: collections.deque = collections.deque()  # owners with jobs, next first
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args, owner: object = None) -> Future:
+        future: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("executor shut down")
+            queue = self._queues.get(owner)
+            if queue is None:
+                queue = self._queues[owner] = collections.deque()
+                self._turns.append(owner)
+            entry = (future, fn, args)
+            queue.append(entry)
+            self._cv.notify()
+        future.add_done_callback(lambda f: self._drop(owner, entry) if f.cancelled() else None)
+        return future
+
+    def _drop(self, owner: object, entry: tuple) -> None:
+        """A job given up while it waited leaves its queue (and lets go of its arguments)."""
+        with self._cv:
+            queue = self._queues.get(owner)
+            if queue is None or entry not in queue:
+                return
+            queue.remove(entry)
+            if not queue:
+                del self._queues[owner]
+                self._turns.remove(owner)
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._turns and not self._closed:
+                    self._cv.wait()
+                if not self._turns:
+                    return
+                owner = self._turns.popleft()
+                queue = self._queues[owner]
+                future, fn, args = queue.popleft()
+                if queue:
+                    self._turns.append(owner)  # its next job after the other owners' next
+                else:
+                    del self._queues[owner]
+            if not future.set_running_or_notify_cancel():  # given up while it waited
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # the caller sees it
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._closed = True
+            jobs = [job for queue in self._queues.values() for job in queue]
+            self._queues.clear()
+            self._turns.clear()
+            self._cv.notify_all()
+        for future, _, _ in jobs:
+            future.cancel()
+
+
 class LocalReranker:
     """rag.rerank.Reranker over a local cross-encoder. ``name``: the model name clients and
     knowledge bases use for it (default ``local/<folder name>``)."""
@@ -184,7 +258,7 @@ class LocalReranker:
             self.model = CrossEncoder(self.folder, max_length=max_length, batch_size=batch_size)
         except ModelError as exc:
             raise ModelError(f"local re-ranker {self.folder}: {exc}") from None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-local")
+        self._executor = FairExecutor("rerank-local")
         self._lock = threading.Lock()
         self._waiting = 0  # calls queued or running on the model's thread
         self._by_owner: dict[str, int] = {}
@@ -196,7 +270,7 @@ class LocalReranker:
     async def rerank_counted(
         self, query: str, documents: list[str], top_n: int, owner: str | None = None
     ) -> tuple[list[tuple[int, float]], int]:
-        """Scored on the model's thread, after the calls queued before it; with the tokens the
+        """Scored on the model's thread, in its owner's turn (FairExecutor); with the tokens the
         model read. A call that waits and runs longer than ``timeout_s`` fails, and so does one
         whose caller is gone: queued, it leaves the queue; running, it stops at its next batch
         (its place is held until then). Beyond ``MAX_WAITING`` calls in the queue, or
@@ -214,7 +288,7 @@ class LocalReranker:
                 self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
         cancelled = threading.Event()
         try:
-            job = self._executor.submit(self.model.score_counted, query, list(documents), cancelled)
+            job = self._executor.submit(self.model.score_counted, query, list(documents), cancelled, owner=owner)
         except RuntimeError:  # shut down
             self._release(owner)
             raise RerankError("local re-ranker stopped") from None
@@ -243,7 +317,7 @@ class LocalReranker:
                 self._by_owner.pop(owner, None)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown()
 
 
 def from_settings(settings, environ=os.environ, taken: frozenset[str] = frozenset()) -> LocalReranker | None:

@@ -86,6 +86,63 @@ def test_attack_one_tenant_cannot_fill_the_local_reranker_queue():
     asyncio.run(go())
 
 
+def test_attack_one_tenant_cannot_keep_the_local_model_thread_to_itself():
+    """The model's thread takes tenants in turn: tenant B's call, made after tenant A queued three
+    (each of which may take up to the timeout), runs after A's first, not after all of A's."""
+
+    async def go() -> None:
+        reranker = LocalReranker(FIXTURE, timeout_s=5)
+        svc = types.SimpleNamespace(local_reranker=reranker)
+        order: list[str] = []
+        inner = reranker.model.score_counted
+
+        def recorded(query, documents, cancelled=None):
+            order.append(query)
+            return inner(query, documents, cancelled)
+
+        reranker.model.score_counted = recorded
+        gate = threading.Event()
+        blocker = reranker._executor.submit(gate.wait)  # the model's thread is busy
+        try:
+            a = rerank.reranker_for(svc, NAME, "tenant-a")
+            b = rerank.reranker_for(svc, NAME, "tenant-b")
+            calls = []
+            for query, who in (("a1", a), ("a2", a), ("a3", a), ("b1", b)):
+                calls.append(asyncio.ensure_future(who.rerank(query, ["one", "two"], 2)))
+                await asyncio.sleep(0)  # queued in this order
+            gate.set()
+            for call in calls:
+                await call
+            assert order == ["a1", "b1", "a2", "a3"], order
+        finally:
+            gate.set()
+            blocker.result()
+            reranker.close()
+
+    asyncio.run(go())
+
+
+def test_attack_abandoned_queued_calls_let_go_of_their_documents():
+    """Calls that time out while queued leave the queue at once (their documents, up to 8 MB a
+    call, are not kept until the thread gets to them)."""
+
+    async def go() -> None:
+        reranker = LocalReranker(FIXTURE, timeout_s=0.05)
+        gate = threading.Event()
+        blocker = reranker._executor.submit(gate.wait)
+        try:
+            with pytest.raises(RerankError, match="timed out"):
+                await reranker.rerank_counted("q", [LONG] * 10, 2, owner="tenant-a")
+            assert "tenant-a" not in reranker._executor._queues
+            assert reranker._waiting == 0  # its place is free too
+        finally:
+            gate.set()
+            blocker.result()
+            reranker.close()
+
+    asyncio.run(go())
+
+
 def test_attack_too_many_documents_for_the_local_model_do_not_count_against_the_key(gw):  # noqa: F811
     """More documents than the local model takes is bad input: refused before admission, it
     must not spend the key's requests per minute."""
