@@ -160,6 +160,8 @@ async def rerank(svc, ctx: RequestContext, scope: dict, receive, send) -> None:
     local = local_reranker(svc, ctx.model)
     if local is not None:  # the local cross-encoder: nothing leaves the gateway, nothing to route
         allowed(ctx)
+        if len(ctx.body["documents"]) > local.max_documents:  # refused before it counts anywhere
+            raise _bad("documents", f"'documents' must hold at most {local.max_documents} documents for {local.name}.")
         await pipeline.admit(svc, ctx, scope)
         raw = await _local(ctx, local)
     else:
@@ -193,16 +195,30 @@ def allowed(ctx: RequestContext) -> None:
 
 
 async def _local(ctx: RequestContext, local: LocalReranker) -> bytes:
+    """Usage: the tokens the model read, counted on its thread (tokenizing up to 8 MB of
+    documents again with tiktoken here would hold the event loop for seconds)."""
     texts = _texts(ctx.body)
-    if len(texts) > local.max_documents:
-        raise _bad("documents", f"'documents' must hold at most {local.max_documents} documents for {local.name}.")
+    tenant = ctx.identity.tenant if ctx.identity is not None else None
     try:
-        ranked = await local.rerank(ctx.body["query"], texts, len(texts))
+        ranked, tokens = await local.rerank_counted(ctx.body["query"], texts, len(texts), owner=tenant)
     except RerankError as exc:
         raise ServiceUnavailable(str(exc), code="reranker_unavailable") from None
     ctx.status = 200
-    _estimate_usage(ctx)
+    ctx.usage = Usage(prompt_tokens=tokens)
     return _shape(ranked, ctx.body, {"model": local.name}, ctx.request_id)
+
+
+class _TenantLocal:
+    """The local cross-encoder for one tenant's knowledge-base queries: its calls hold at most
+    the queue places of one owner (rag.rerank_local.MAX_WAITING_PER_OWNER)."""
+
+    def __init__(self, local: LocalReranker, tenant: str) -> None:
+        self.local = local
+        self.tenant = tenant
+        self.name = local.name
+
+    async def rerank(self, query: str, documents: list[str], top_n: int) -> list[tuple[int, float]]:
+        return (await self.local.rerank_counted(query, documents, top_n, owner=self.tenant))[0]
 
 
 def reranker_for(svc, name: object, tenant: str, identity: Identity | None = None) -> Reranker | None:
@@ -211,7 +227,7 @@ def reranker_for(svc, name: object, tenant: str, identity: Identity | None = Non
     local = local_reranker(svc, name)
     if local is not None:  # (a caller's key limited to other models gets the fused order)
         allowed_to = identity is None or not identity.models or name in identity.models
-        return local if allowed_to else None
+        return _TenantLocal(local, tenant) if allowed_to else None
     model = svc.router.model(name) if isinstance(name, str) else None
     if model is None or model.mode != "rerank":
         return None

@@ -5,7 +5,8 @@ it is read-only (gateway/openai_vector_store_objects.py refuses searches and new
 sweep deletes what it holds — its documents, their chunks (and full-text terms, by cascade) and
 the documents' bytes on disk — and keeps the store itself, which reads back with status
 ``expired`` and empty file counts until its owner deletes it, as OpenAI shows an expired store.
-Uploaded files (``/v1/files``) are objects of their own and stay.
+Uploaded files (``/v1/files``) are objects of their own and stay. A store that an active agent
+lists in its ``knowledge_bases`` is in use (its turns search it) and is not emptied.
 
 Every replica runs it, every ``GATEWAY_KB_SWEEP_INTERVAL`` seconds (default 300): it is
 idempotent (an emptied store is no longer a candidate) and replicas do not repeat each other's
@@ -33,10 +34,15 @@ INTERVAL_ENV = "GATEWAY_KB_SWEEP_INTERVAL"
 DEFAULT_INTERVAL = 300.0
 BATCH = 50  # stores per sweep; the next sweep takes the rest
 
+# A store an agent of its tenant grounds on is in use, whatever its last_active_at says: an
+# agent's turns search it without writing last_active_at (no PostgreSQL write on the hot path),
+# so without this clause the sweep would empty the knowledge of a live agent.
 _EXPIRED = """knowledge_bases k
 WHERE k.expires_after_days IS NOT NULL
   AND coalesce(k.last_active_at, k.created_at) + make_interval(days => k.expires_after_days) <= now()
-  AND EXISTS (SELECT 1 FROM kb_documents d WHERE d.kb_id = k.id AND d.tenant = k.tenant)"""
+  AND EXISTS (SELECT 1 FROM kb_documents d WHERE d.kb_id = k.id AND d.tenant = k.tenant)
+  AND NOT EXISTS (SELECT 1 FROM agents a WHERE a.tenant = k.tenant AND a.archived_at IS NULL
+                  AND a.settings -> 'knowledge_bases' ? k.id)"""
 
 
 def interval() -> float:

@@ -107,6 +107,7 @@ async def _reranker_orders_bounds() -> None:
         reranker.timeout_s = 1e-6
         with pytest.raises(RerankError, match="timed out"):
             await reranker.rerank(query, texts, 2)
+        await asyncio.wrap_future(reranker._executor.submit(lambda: None))  # its place is held until it stops
         assert reranker._waiting == 0
     finally:
         reranker.close()

@@ -79,3 +79,37 @@ def test_expired_stores_are_emptied_once_across_replicas_and_live_ones_kept(serv
             await pool.close()
 
     asyncio.run(go())
+
+
+def test_attack_sweep_does_not_empty_a_store_an_agent_grounds_on(services, tmp_path):
+    """An agent's turns search its knowledge bases without touching last_active_at (no database
+    write on the hot path): a vector store used on every turn would look idle, expire, and lose
+    its documents under the live agent. An archived agent's stores are no longer in use."""
+
+    async def go() -> None:
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+                tenant = f"exp-{uuid.uuid4().hex[:6]}"
+                used = await _store(conn, tenant, tmp_path, expires=1, idle_days=2)
+                was_used = await _store(conn, tenant, tmp_path, expires=1, idle_days=2)
+                for kb_id, archived in ((used[0], None), (was_used[0], "now()")):
+                    await conn.execute(
+                        f"""INSERT INTO agents (id, tenant, name, model, settings, archived_at)
+                            VALUES ($1, $2, $3, 'gpt-mock', $4::jsonb, {archived or "NULL"})""",
+                        f"agt_{uuid.uuid4().hex}",
+                        tenant,
+                        f"a-{uuid.uuid4().hex[:6]}",
+                        f'{{"knowledge_bases": ["{kb_id}"]}}',
+                    )
+            while await sweep(pool, tmp_path):  # (other tests' expired stores may come first)
+                pass
+            async with pool.acquire() as conn:
+                assert await _counts(conn, used[0]) == (1, 1, 2)
+                assert ingest.document_path(tmp_path, tenant, used[1]).exists()
+                assert await _counts(conn, was_used[0]) == (1, 0, 0)
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
