@@ -24,6 +24,10 @@ import httptools
 from multidict import CIMultiDict
 
 _HIGH_WATER = 256 * 1024
+# A response's head (status line and headers) is bounded: a provider (or whatever answers at
+# its address) cannot make the gateway hold headers without end.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 256
 _MAX_IDLE_S = 30.0  # a pooled connection unused for longer is closed, not reused
 
 
@@ -111,6 +115,7 @@ class _Conn(asyncio.Protocol):
         self.complete = False
         self.headers_done = False
         self.received = False  # any byte of the current answer
+        self.head_bytes = 0  # bytes received before the headers were complete
         self.error: BaseException | None = None
         self.closed = False
         self.paused = False
@@ -129,8 +134,15 @@ class _Conn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(H1Error(f"malformed HTTP response: {exc}"))
+            inner = exc.__cause__ or exc.__context__  # a bound of ours, raised in a parser callback
+            self._fail(inner if isinstance(inner, H1Error) else H1Error(f"malformed HTTP response: {exc}"))
             self.transport.close()
+            return
+        if not self.headers_done:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._fail(H1Error(f"response headers longer than {MAX_HEAD_BYTES} bytes"))
+                self.transport.close()
 
     def eof_received(self):
         return False
@@ -154,6 +166,8 @@ class _Conn(asyncio.Protocol):
         self.headers = CIMultiDict()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= MAX_HEADERS:
+            raise H1Error(f"more than {MAX_HEADERS} response headers")  # the parser fails the response
         self.headers.add(name.decode("latin-1"), value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
@@ -215,6 +229,7 @@ class _Conn(asyncio.Protocol):
         self.headers_done = False
         self.received = False
         self.error = None
+        self.head_bytes = 0
 
     def done(self) -> None:
         """The answer was read (or abandoned): back to the pool when reusable, else closed."""

@@ -332,14 +332,15 @@ def profile(pid: int, tmp: Path, name: str, load, seconds: int = 5) -> dict | No
 
 
 def memory_window_cost(repeat: int = 2000) -> dict:
-    """In process: what ``Memory.load`` does with what LRANGE returned for the fixed
-    conversation (a full Redis list of ``list_cap`` messages, this bench's turns) — decode every
-    entry and cut the window — against decoding only the entries the window keeps."""
+    """In process: what ``Memory.load`` does with what LRANGE returns for the fixed conversation
+    (the list's newest ``tail_size`` entries: ``newest_window`` decodes from the newest back and
+    stops when the window is full), against decoding the whole tail and cutting it afterwards
+    (``window``), and the floor: the decoding alone of the entries the window keeps."""
     import timeit
 
     import orjson
 
-    from runtime.memory import _decode, list_cap, message_tokens, window
+    from runtime.memory import _decode, list_cap, message_tokens, newest_window, tail_size, window
     from runtime.types import MemorySettings
 
     settings = MemorySettings()
@@ -347,16 +348,19 @@ def memory_window_cost(repeat: int = 2000) -> dict:
     for seq in range(list_cap(settings)):
         message = {"role": "user" if seq % 2 == 0 else "assistant", "content": USER}
         raw.append(orjson.dumps({"s": seq, "t": message_tokens(message), "m": message}))
-    kept = len(window(_decode(raw), settings))
+    tail = raw[-tail_size(settings) :]
+    kept = len(newest_window(tail, settings))
 
     def per_call(fn) -> float:
         return round(min(timeit.repeat(fn, number=repeat, repeat=3)) / repeat * 1e6, 1)
 
     return {
         "list_messages": len(raw),
+        "tail_messages": len(tail),
         "window_messages": kept,
-        "full_us": per_call(lambda: window(_decode(raw), settings)),
-        "window_only_us": per_call(lambda: window(_decode(raw[-kept:]), settings)),
+        "load_us": per_call(lambda: newest_window(tail, settings)),
+        "decode_all_then_cut_us": per_call(lambda: window(_decode(tail), settings)),
+        "decode_kept_only_us": per_call(lambda: [orjson.loads(x) for x in tail[-kept:]]),
     }
 
 
@@ -733,10 +737,11 @@ def _where(res: dict) -> list[str]:
         f"conversation per request. At 0.7× the plain throughput a CPU-bound worker may spend {goal:.0f} µs "
         f"per agent turn: {fixed - goal:+.0f} µs from there (one conversation), {new - goal:+.0f} µs (new "
         f"conversation each), {stateless - goal:+.0f} µs (no conversation).",
-        f"- `Memory.load` reads the whole Redis list (LRANGE 0 -1: {w['list_messages']} messages, the list's cap "
-        f"for a 20-turn window) and decodes every entry before cutting the window, which keeps "
-        f"{w['window_messages']}: {w['full_us']:.0f} µs per load in process, against {w['window_only_us']:.0f} µs "
-        "for decoding only the entries the window keeps.",
+        f"- `Memory.load` reads the newest {w['tail_messages']} of the list's {w['list_messages']} messages "
+        f"(LRANGE) and cuts the window ({w['window_messages']} messages here) while decoding from the newest "
+        f"back: {w['load_us']:.0f} µs per load in process, against {w['decode_all_then_cut_us']:.0f} µs for "
+        f"decoding the whole tail and cutting afterwards, and {w['decode_kept_only_us']:.0f} µs for the JSON "
+        "decoding alone of the kept entries (the floor while history is decoded at all).",
     ]
     for key, what in (("profile_fixed", "the one-conversation agent"), ("profile_new", "a new conversation each")):
         prof = res.get(key)

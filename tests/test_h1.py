@@ -173,3 +173,45 @@ def test_a_request_the_server_drops_unanswered_on_a_reused_connection_is_sent_on
         server.close()
 
     run(main())
+
+
+def test_attack_an_endless_response_head_is_cut_off():
+    """A provider (or whatever answers at its address) that sends headers without end — many
+    small ones, or one that never finishes — fails the call at a bound instead of growing the
+    gateway's memory; a sane answer on the same client still works."""
+
+    async def many(reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(300)))
+        writer.write(b"Content-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        return True
+
+    async def endless(reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Long: ")
+        for _ in range(40):  # 40 x 4 KiB of one header's value, never ended
+            writer.write(b"a" * 4096)
+            await writer.drain()
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(5)
+        return False
+
+    async def sane(reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(100)))
+        writer.write(b"Content-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        return True
+
+    async def main():
+        client = H1Client()
+        async with Server(many) as server:
+            with pytest.raises(H1Error, match="more than 256"):
+                await client.post(server.url, b"{}", HEADERS, 1, 2, 10)
+        async with Server(endless) as server:
+            with pytest.raises(H1Error, match="longer than"):
+                await client.post(server.url, b"{}", HEADERS, 1, 2, 10)
+        async with Server(sane) as server:
+            resp = await client.post(server.url, b"{}", HEADERS, 1, 2, 10)
+            assert resp.status == 200 and await resp.read() == b"{}" and len(resp.headers) == 101
+        await client.close()
+
+    run(main())
