@@ -44,8 +44,17 @@ class GatewayClient(PooledSession):
         self.base_url = base_url.rstrip("/")
 
     async def turn(
-        self, *, api_key: str, agent: str, conversation_id: str, content: str | list, variables: dict
+        self,
+        *,
+        api_key: str,
+        agent: str,
+        conversation_id: str,
+        content: str | list,
+        variables: dict,
+        idempotency_key: str | None = None,
     ) -> Reply:
+        """``idempotency_key``: the same turn sent again (a worker died before its acknowledgement)
+        gets the gateway's first answer back, and the conversation's memory holds it once."""
         body = {
             "model": f"agent:{agent}",
             "messages": [{"role": "user", "content": content}],
@@ -53,6 +62,8 @@ class GatewayClient(PooledSession):
             "variables": variables,
         }
         headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         try:
             async with self._client().post(
                 f"{self.base_url}/v1/chat/completions", data=orjson.dumps(body), headers=headers
@@ -64,14 +75,10 @@ class GatewayClient(PooledSession):
                 retry_after = resp.headers.get("retry-after")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise GatewayUnavailable(f"gateway unreachable: {type(exc).__name__}") from None
+        if status == 409 and _error_code(raw) == "idempotency_key_in_use":  # the same turn, still running
+            raise GatewayUnavailable("gateway answered 409: the turn is in progress", _after(retry_after) or 1.0)
         if status == 429 or status >= 500:
-            try:
-                after = float(retry_after) if retry_after else None
-            except ValueError:
-                after = None
-            if after is not None and not 0 < after < 86_400:  # nan, inf, negative: no hint
-                after = None
-            raise GatewayUnavailable(f"gateway answered {status}", after)
+            raise GatewayUnavailable(f"gateway answered {status}", _after(retry_after))
         if status >= 400:
             raise GatewayRejected(f"gateway answered {status}: {_error_code(raw)}")
         if len(raw) > MAX_RESPONSE_BYTES:
@@ -82,6 +89,14 @@ class GatewayClient(PooledSession):
             raise GatewayUnavailable("gateway answer is not a chat completion") from None
         text = message.get("content") if isinstance(message, dict) else None
         return Reply(text if isinstance(text, str) else "", escalation or None, request_id)
+
+
+def _after(retry_after: str | None) -> float | None:
+    try:
+        after = float(retry_after) if retry_after else None
+    except ValueError:
+        return None
+    return after if after is not None and 0 < after < 86_400 else None  # nan, inf, negative: no hint
 
 
 def _error_code(raw: bytes) -> str:
