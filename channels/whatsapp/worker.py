@@ -61,6 +61,7 @@ class Worker:
         self.graph = graph
         self.media = media
         self.gateway = gateway
+        self.inbound_records = store.InboundRecords(pool)
 
     def _account(self, name: str) -> WhatsAppAccount:
         acct = self.accounts.get(name)
@@ -115,7 +116,7 @@ class Worker:
         if "reply" not in state:
             if "started" not in state:
                 await self.sender.note(head["account"], key, started="1", n=str(len(messages)))
-            conv, fresh = await store.record_inbound(self.pool, acct.tenant, agent, messages)
+            conv, fresh = await self.inbound_records.record(acct.tenant, agent, messages)
             # Recorded before, and not by a try of ours that is still in Redis: a redelivery
             # (Meta retries for days) — unless nothing ever answered it (a dead letter replayed
             # after its send state expired), which the outbound records tell.
