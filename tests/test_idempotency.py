@@ -216,3 +216,16 @@ def test_an_unauthenticated_request_claims_nothing(gw, key, module_mock):
         timeout=30,
     )
     assert ok.status_code == 200 and "x-gateway-idempotent-replay" not in ok.headers
+
+
+def test_the_openapi_documents_name_the_idempotency_key_and_every_channel_admin_route():
+    from gateway import admin_channels, admin_vapi
+    from gateway.openapi import admin_document, openapi_document
+
+    chat = openapi_document()["paths"]["/v1/chat/completions"]["post"]
+    assert "Idempotency-Key" in [p["name"] for p in chat["parameters"]]
+    assert {"409", "422"} <= set(chat["responses"])
+    paths = admin_document()["paths"]
+    for route in [*admin_channels.routes(None), *admin_vapi.routes(None)]:
+        for method in route.methods - {"HEAD"}:
+            assert method.lower() in paths.get(route.path, {}), (method, route.path)
