@@ -401,11 +401,15 @@ class Queue:
         self._stopped.clear()
         self._stopping.clear()
         self._group_ready = False
+        recover = True  # this consumer's own unheld entries: at start, and after every failed step
         loop = asyncio.get_running_loop()
         try:
             while not self._stopping.is_set():
                 try:
                     await self._ensure_group()
+                    if recover:
+                        await self._recover_own(handler, concurrency)
+                        recover = False
                     await self._maintain(handler)
                     free = concurrency - len(self._inflight)
                     if free <= 0:
@@ -424,6 +428,7 @@ class Queue:
                     raise
                 except Exception as exc:
                     self._group_ready = False
+                    recover = True
                     log.warning("queue %s: %s; retrying", self.name, exc)
                     await pause(self._stopping, 1.0)
             # Graceful stop: in-flight handlers get up to stop_timeout, their claims kept fresh.
@@ -435,6 +440,26 @@ class Queue:
             await stop_tasks(list(self._inflight.values()), grace=3.0)
         finally:
             self._stopped.set()
+
+    async def _recover_own(self, handler, concurrency: int) -> None:
+        """Entries delivered to this consumer that no handler of it holds: a read whose answer was
+        lost (the connection timed out or broke after the server had sent it — a process paused
+        past the socket timeout) leaves its entries pending on this consumer with no handler.
+        They are handled now rather than claimed as failures after the visibility timeout."""
+        start = "0"
+        for _ in range(100):  # bounded sweep of this consumer's own pending entries
+            if len(self._inflight) >= concurrency:
+                return  # the rest waits for the stale-entry claim, as before
+            reply = await self._redis.xreadgroup(self.group, self.consumer, {self.stream: start}, count=CLAIM_BATCH)
+            entries = [e for _, batch in reply or () for e in batch]
+            if not entries:
+                return
+            for entry_id, fields in entries:
+                entry_id = _s(entry_id)
+                if fields and entry_id not in self._inflight and len(self._inflight) < concurrency:
+                    log.warning("queue %s: entry %s was delivered but not handled; handling it", self.name, entry_id)
+                    self._spawn(handler, entry_id, fields)
+            start = _s(entries[-1][0])
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops reading, lets in-flight handlers finish within ``grace`` seconds (``stop_timeout``

@@ -60,6 +60,10 @@ class Sender:
     async def state(self, account: str, key: str) -> dict[str, str]:
         return await self.kv.get(state_key(account, key))
 
+    async def begin(self, account: str, key: str, **fields: str) -> dict[str, str]:
+        """The key's state as it was; ``started`` and ``fields`` noted if no try began before."""
+        return await self.kv.begin(state_key(account, key), STATE_TTL, {"started": "1", **fields})
+
     async def note(self, account: str, key: str, **fields: str) -> None:
         await self.kv.note(state_key(account, key), STATE_TTL, fields)
 

@@ -110,12 +110,11 @@ class Worker:
         if agent is None:
             raise Fatal("the business number is no longer configured for this account")
         key = f"turn:{head['wamid']}"
-        state = await self.sender.state(head["account"], key)
+        # the state as it was, and (in the same round trip) started + the burst noted by a first try
+        state = await self.sender.begin(head["account"], key, n=str(len(messages)))
         if state.get("n", "").isdigit():  # a try of ours began (perhaps answered) this burst: the same one
             messages = messages[: max(1, int(state["n"]))]
         if "reply" not in state:
-            if "started" not in state:
-                await self.sender.note(head["account"], key, started="1", n=str(len(messages)))
             conv, fresh = await self.inbound_records.record(acct.tenant, agent, messages)
             # Recorded before, and not by a try of ours that is still in Redis: a redelivery
             # (Meta retries for days) — unless nothing ever answered it (a dead letter replayed
