@@ -119,8 +119,12 @@ class Idempotency:
     async def run(self, svc, header: tuple[str, bytes], scope, receive, send, rid: str, crid, pipeline) -> None:
         """Runs ``pipeline(receive, send)`` at most once per (API key, idempotency key)."""
         name, value = header
+        try:
+            ident = await svc.auth.authenticate_scope(scope)
+        except GatewayError:  # refused (and audited) as any request is; nothing claimed
+            await pipeline(receive, send)
+            return
         value = _check(name, value)
-        ident = await svc.auth.authenticate_scope(scope)  # a refused key claims nothing
         raw = await http.read_body(scope, receive, svc.config.server.max_body_bytes)
         digest = _body_digest(raw)
         key = "gw:{gw}:idem:" + hashlib.sha256(ident.key_id.encode() + b"\0" + value).hexdigest()
