@@ -131,7 +131,14 @@ class GroupCommit:
                 else:
                     rest.append(item)
             self._waiting = rest
-            await self._commit(batch)
+            try:
+                await self._commit(batch)
+            except BaseException:  # cancelled (shutdown): no caller is left waiting forever
+                for _, fut in [*batch, *self._waiting]:
+                    if not fut.done():
+                        fut.set_exception(ConnectionError("the record writer stopped"))
+                self._waiting = []
+                raise
 
     async def _commit(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
         try:
