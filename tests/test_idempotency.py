@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import Gateway, wait_until
-from tests.test_policies import admin, new_key
+from tests.test_policies import admin, ledger_rows, new_key
 
 
 def _config(mock) -> dict:
@@ -60,8 +60,9 @@ def _calls(mock) -> int:
     return len(mock.requests())
 
 
-def test_replay_returns_the_same_body_without_a_second_model_call_or_memory(gw, agent, key, module_mock):
-    c = _client(gw, key)
+def test_replay_returns_the_same_body_without_a_second_model_call_or_memory(gw, agent, services, module_mock):
+    own = new_key(gw)  # its ledger rows are this test's alone
+    c = _client(gw, own["key"])
     conv, idem = f"c-{uuid.uuid4().hex[:8]}", f"wamid.{uuid.uuid4().hex}"
     first = _turn(c, agent, conv, "one", idem)
     calls = _calls(module_mock)
@@ -77,9 +78,14 @@ def test_replay_returns_the_same_body_without_a_second_model_call_or_memory(gw, 
     assert third.http_response.content == first.http_response.content
     assert _calls(module_mock) == calls
     # the conversation holds the turn once: the next turn's prompt has "one" once
-    _turn(c, agent, conv, "two")
+    last = _turn(c, agent, conv, "two")
     users = [m["content"] for m in module_mock.last()["body"]["messages"] if m["role"] == "user"]
     assert users == ["one", "two"]
+    # no budget or audit record for a replay: the first turn and "two" only
+    wait_until(lambda: len(ledger_rows(services[0], "key_id = $1", own["id"])) >= 2, what="the ledger rows")
+    rows = ledger_rows(services[0], "key_id = $1", own["id"])
+    expected = [first.headers["x-request-id"], last.headers["x-request-id"]]
+    assert sorted(r["request_id"] for r in rows) == sorted(expected)
 
 
 def test_same_key_with_another_body_is_refused_naming_the_header(gw, agent, key, module_mock):
