@@ -66,6 +66,13 @@ class WhatsAppAccount(_Strict):
             raise ValueError("an agent name: letters, digits, '_', '.', '-'")
         return v
 
+    @field_validator("access_token", "api_key")
+    @classmethod
+    def _header_safe(cls, v: str) -> str:
+        if any(ord(c) < 0x21 or ord(c) > 0x7E for c in v):  # sent as a bearer header
+            raise ValueError("printable ASCII without spaces")
+        return v
+
     @field_validator("phone_numbers")
     @classmethod
     def _numbers(cls, v: dict[str, str]) -> dict[str, str]:

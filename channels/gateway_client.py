@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
-from channels.http import PooledSession, read_capped
+from channels.http import LeanPost, header_lines
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
@@ -38,40 +38,51 @@ class Reply:
     request_id: str | None = None
 
 
-class GatewayClient(PooledSession):
-    def __init__(self, base_url: str, *, timeout: float = 120.0, connections: int = 256) -> None:
-        super().__init__(timeout=timeout, connections=connections)
+class GatewayClient(LeanPost):
+    def __init__(self, base_url: str, *, timeout: float = 120.0) -> None:
+        super().__init__(timeout=timeout)
         self.base_url = base_url.rstrip("/")
+        self._url = f"{self.base_url}/v1/chat/completions"
+        self._auth: dict[str, bytes] = {}  # api key -> its header lines, encoded once
 
     async def turn(
-        self, *, api_key: str, agent: str, conversation_id: str, content: str | list, variables: dict
+        self,
+        *,
+        api_key: str,
+        agent: str,
+        conversation_id: str,
+        content: str | list,
+        variables: dict,
+        idempotency_key: str | None = None,
     ) -> Reply:
+        """``idempotency_key``: the same turn sent again (a worker died before its acknowledgement)
+        gets the gateway's first answer back, and the conversation's memory holds it once."""
         body = {
             "model": f"agent:{agent}",
             "messages": [{"role": "user", "content": content}],
             "metadata": {"conversation_id": conversation_id},
             "variables": variables,
         }
-        headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        headers = self._auth.get(api_key)
+        if headers is None:
+            if len(self._auth) > 1024:
+                self._auth.clear()
+            headers = self._auth[api_key] = header_lines(
+                {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+            )
+        if idempotency_key is not None:
+            headers += header_lines({"Idempotency-Key": idempotency_key})
         try:
-            async with self._client().post(
-                f"{self.base_url}/v1/chat/completions", data=orjson.dumps(body), headers=headers
-            ) as resp:
-                raw = await read_capped(resp, MAX_RESPONSE_BYTES + 1)
-                status = resp.status
-                escalation = resp.headers.get("x-gateway-escalation")
-                request_id = resp.headers.get("x-request-id")
-                retry_after = resp.headers.get("retry-after")
+            status, head, raw = await self.post(self._url, orjson.dumps(body), headers, MAX_RESPONSE_BYTES + 1)
+            escalation = head.get("x-gateway-escalation")
+            request_id = head.get("x-request-id")
+            retry_after = head.get("retry-after")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise GatewayUnavailable(f"gateway unreachable: {type(exc).__name__}") from None
+        if status == 409 and _error_code(raw) == "idempotency_key_in_use":  # the same turn, still running
+            raise GatewayUnavailable("gateway answered 409: the turn is in progress", _after(retry_after) or 1.0)
         if status == 429 or status >= 500:
-            try:
-                after = float(retry_after) if retry_after else None
-            except ValueError:
-                after = None
-            if after is not None and not 0 < after < 86_400:  # nan, inf, negative: no hint
-                after = None
-            raise GatewayUnavailable(f"gateway answered {status}", after)
+            raise GatewayUnavailable(f"gateway answered {status}", _after(retry_after))
         if status >= 400:
             raise GatewayRejected(f"gateway answered {status}: {_error_code(raw)}")
         if len(raw) > MAX_RESPONSE_BYTES:
@@ -82,6 +93,14 @@ class GatewayClient(PooledSession):
             raise GatewayUnavailable("gateway answer is not a chat completion") from None
         text = message.get("content") if isinstance(message, dict) else None
         return Reply(text if isinstance(text, str) else "", escalation or None, request_id)
+
+
+def _after(retry_after: str | None) -> float | None:
+    try:
+        after = float(retry_after) if retry_after else None
+    except ValueError:
+        return None
+    return after if after is not None and 0 < after < 86_400 else None  # nan, inf, negative: no hint
 
 
 def _error_code(raw: bytes) -> str:

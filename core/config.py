@@ -306,6 +306,11 @@ class Server(_Strict):
     failed_auth_burst: int = Field(20, ge=1)
     # /readyz checks the database and Redis at most once per this many seconds, however many ask.
     readiness_interval: float = Field(1.0, ge=0)
+    # Idempotency-Key on chat completions (gateway/idempotency.py): a stored answer is replayed
+    # for this many seconds; a request in progress holds its key at most this long (a process
+    # that died mid-request frees it then).
+    idempotency_ttl_s: float = Field(86_400.0, gt=0)
+    idempotency_lock_s: float = Field(300.0, gt=0)
 
     @field_validator("trusted_proxies")
     @classmethod

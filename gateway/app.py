@@ -28,6 +28,8 @@ from gateway import (
 )
 from gateway.admin import Admin
 from gateway.feedback import feedback as post_feedback
+from gateway.idempotency import Idempotency
+from gateway.idempotency import requested as idempotency_requested
 from gateway.openai_store import OpenAIStore
 from gateway.openai_store import handles as openai_store_handles
 from gateway.openapi import openapi_document
@@ -49,6 +51,7 @@ class GatewayApp:
         self.admin = Admin(self)
         self.vapi = None  # the VAPI channel (gateway/vapi_channel.py), when accounts are configured
         self.openai_store = OpenAIStore(self)  # /v1/files, /v1/vector_stores (knowledge bases)
+        self.idempotency = Idempotency(settings.redis_url, settings.config.server)  # Idempotency-Key
         routes = {
             "/healthz": ("GET", self._healthz),
             "/readyz": ("GET", self._readyz),
@@ -93,6 +96,7 @@ class GatewayApp:
                     await self.vapi.stop()
                 if self.svc is not None:
                     await self.svc.stop()
+                await self.idempotency.close()
                 access_log.flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -196,6 +200,10 @@ class GatewayApp:
         await asgi(scope, receive, sender)
 
     async def _chat(self, scope, receive, send, rid: str, crid: str | None) -> None:
+        if (idem := idempotency_requested(scope)) is not None:  # Idempotency-Key: gateway/idempotency.py
+            run = lambda r, s: self._proxied("chat", pipeline.chat, scope, r, s, rid, crid)  # noqa: E731
+            await self.idempotency.run(self.svc, idem, scope, receive, send, rid, crid, run)
+            return
         await self._proxied("chat", pipeline.chat, scope, receive, send, rid, crid)
 
     async def _rerank(self, scope, receive, send, rid: str, crid: str | None) -> None:

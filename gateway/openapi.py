@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from gateway.openapi_channels import admin_channel_paths, with_idempotency
+
 _ERROR = {
     "type": "object",
     "required": ["error"],
@@ -102,7 +104,7 @@ def openapi_document() -> dict:
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
         "paths": {
-            "/v1/chat/completions": _post("Create a chat completion", _CHAT_REQUEST),
+            "/v1/chat/completions": with_idempotency(_post("Create a chat completion", _CHAT_REQUEST), _errors),
             "/v1/embeddings": _post("Create embeddings", _EMBEDDINGS_REQUEST),
             "/v1/models": {
                 "get": {
@@ -242,5 +244,6 @@ def admin_document() -> dict:
                     ],
                 }
             },
+            **admin_channel_paths(op),  # gateway/openapi_channels.py
         },
     }

@@ -316,3 +316,56 @@ def test_attack_an_account_printed_or_logged_shows_no_secret():
     for secret in ("app_secret", "verify_token", "access_token", "api_key"):
         assert GOOD[secret] not in shown, secret
     assert "bot" in shown  # the rest is still there to read
+
+
+def test_gateway_client_sends_the_idempotency_key_and_waits_out_a_turn_in_progress():
+    from aiohttp import web
+
+    from channels import gateway_client
+    from channels.gateway_client import GatewayClient, GatewayRejected, GatewayUnavailable
+
+    async def go():
+        seen = []
+        answers = iter(
+            [
+                (409, {"error": {"code": "idempotency_key_in_use"}}, {"retry-after": "1"}),
+                (422, {"error": {"code": "idempotency_key_reused"}}, {}),
+                (200, {"choices": [{"message": {"content": "x" * 200}}]}, {}),
+                (200, {"choices": [{"message": {"content": "ok"}}]}, {"x-gateway-escalation": "esc_1"}),
+            ]
+        )
+
+        async def handler(request):
+            seen.append(request.headers.get("Idempotency-Key"))
+            status, body, headers = next(answers)
+            return web.json_response(body, status=status, headers=headers)
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        client = GatewayClient(f"http://127.0.0.1:{port}")
+        turn = dict(api_key="k", agent="a", conversation_id="c", content="hi", variables={}, idempotency_key="wa-1")
+        try:
+            with pytest.raises(GatewayUnavailable) as busy:  # the same turn still running: later
+                await client.turn(**turn)
+            assert busy.value.retry_after == 1.0
+            with pytest.raises(GatewayRejected):  # the key with another body: no retry helps
+                await client.turn(**turn)
+            gateway_client.MAX_RESPONSE_BYTES, cap = 100, gateway_client.MAX_RESPONSE_BYTES
+            try:
+                with pytest.raises(GatewayRejected, match="too large"):  # read no further than the cap
+                    await client.turn(**turn)
+            finally:
+                gateway_client.MAX_RESPONSE_BYTES = cap
+            reply = await client.turn(**turn)
+            assert (reply.text, reply.escalation) == ("ok", "esc_1")
+        finally:
+            await client.close()
+            await runner.cleanup()
+        return seen
+
+    assert asyncio.run(go()) == ["wa-1"] * 4

@@ -510,7 +510,7 @@ def test_after_the_last_retry_the_customer_gets_the_fallback_and_the_admin_can_r
     assert sent[1]["text"] == "echo: please answer"
 
 
-def test_sigkilled_worker_messages_are_each_answered_once(wa, graph, services, tmp_root):
+def test_sigkilled_worker_messages_are_each_answered_once(wa, graph, services, tmp_root, module_mock):
     cfg = next(wa.log_path.parent.glob(f"gateway-{wa.port}.yaml"))
     env = {
         **os.environ,
@@ -550,6 +550,13 @@ def test_sigkilled_worker_messages_are_each_answered_once(wa, graph, services, t
         for c in customers:
             texts = [s["text"] for s in graph.sent_to(c)]
             assert texts.count(f"echo: slow {c}") == 1, texts
+            # The killed worker's turns were still at the gateway: the redelivered ones carried
+            # the same Idempotency-Key and got that answer back (409 while it ran), so the model
+            # was called once per turn and the conversation's memory holds each turn once.
+            slow = [b for b in llm_requests(module_mock, c) if b["messages"][-1]["content"].startswith("slow")]
+            assert len(slow) == 1, [b["messages"][-1] for b in slow]
+        users = [m["content"] for m in llm_requests(module_mock, customers[0])[-1]["messages"] if m["role"] == "user"]
+        assert users == [f'slow {customers[0]} [[mock:{{"delay_ms": 2000}}]]', "and now?"], users
     finally:
         worker.stop()
 

@@ -449,3 +449,39 @@ def test_a_stalled_worker_loses_its_message_and_its_late_result_changes_nothing(
         await r.aclose()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("ordered,fast", [(False, False), (True, True)], ids=["plain", "ordered-pipelined"])
+def test_entries_whose_read_answer_was_lost_are_handled_without_waiting_for_the_visibility_timeout(
+    services, ordered, fast
+):
+    """A read the server answered but whose answer the worker lost (its connection timed out: a
+    process paused past the socket timeout) leaves entries pending on the worker's own consumer
+    with no handler; they are handled at the next start (or after the failed step), not claimed
+    as failures a visibility timeout later."""
+    from core.fastredis import PipelinedRedis
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        client = PipelinedRedis(services[1]) if fast else None
+        name, consumer = _name(), f"c-{uuid.uuid4().hex[:6]}"
+        q = Queue(r, name, consumer=consumer, visibility_timeout=600, ordered=ordered, fast=client)
+        ids = [await q.enqueue({"n": i}, key=f"k{i}" if ordered else None) for i in range(3)]
+        await r.xgroup_create(q.stream, q.group, id="0", mkstream=True)
+        lost = await r.xreadgroup(q.group, consumer, {q.stream: ">"}, count=10)  # the answer nobody used
+        assert sum(len(entries) for _, entries in lost) == 3
+        done = []
+
+        async def ok(job):
+            done.append((job.id, job.attempt))
+
+        async with Worker(q, ok):
+            await asyncio.wait_for(_until(lambda: len(done) == 3, "the lost entries"), 20)
+        assert sorted(done) == sorted((i, 1) for i in ids)  # first attempts: not counted as failures
+        s = await q.stats()
+        assert s["pending"] == 0 and s["depth"] == 0 and s["retries"] == 0
+        if client is not None:
+            await client.close()
+        await r.aclose()
+
+    asyncio.run(main())

@@ -58,6 +58,9 @@ class WhatsApp:
         self._owns_pool = owns_pool  # created for the channel (store.create_pool): closed by stop()
         self.redis = redis
         visibility = max(0.5, _env_float("GATEWAY_WA_VISIBILITY_TIMEOUT", 60.0))
+        # the queues' per-message steps and the send state's many small ones go through the
+        # pipelined client when there is a URL
+        self.fast = PipelinedRedis(redis_url, timeout=5) if redis_url else None
         self.inbound = Queue(
             redis,
             INBOUND,
@@ -68,13 +71,14 @@ class WhatsApp:
             visibility_timeout=visibility,
             dedupe_ttl=DEDUPE_TTL,
             poll=0.05,
+            fast=self.fast,
         )
-        self.statuses = Queue(redis, STATUS, visibility_timeout=visibility, dedupe_ttl=DEDUPE_TTL, poll=0.2)
+        self.statuses = Queue(
+            redis, STATUS, visibility_timeout=visibility, dedupe_ttl=DEDUPE_TTL, poll=0.2, fast=self.fast
+        )
         self.queues = {INBOUND: self.inbound, STATUS: self.statuses}
         self.graph = Graph()
         self.gateway = GatewayClient(gateway_url)
-        # the send state's many small steps go through the pipelined client when there is a URL
-        self.fast = PipelinedRedis(redis_url, timeout=5) if redis_url else None
         self.sender = Sender(redis, pool, self.graph, self.fast)
         self.webhook = Webhook(accounts, self.inbound, self.statuses)
         self.worker = Worker(

@@ -9,7 +9,8 @@ import aiohttp
 import orjson
 
 from channels.config import WhatsAppAccount
-from channels.http import PooledSession, read_capped
+from channels.http import LeanPost, PooledSession, header_lines, read_capped
+from core.h1 import H1Error
 
 WINDOW_CLOSED = 131047  # re-engagement: free-form message outside the 24-hour window
 THROUGHPUT = 130429  # the number's messages-per-second limit
@@ -55,23 +56,35 @@ class MediaRefused(Exception):
 
 
 class Graph(PooledSession):
+    """Sends and mark-as-read (one of each per message) over core/h1.py (channels/http.py's
+    ``LeanPost``); the media look-ups and downloads over aiohttp (GETs, rare)."""
+
     def __init__(self, *, timeout: float = 20.0, connections: int = 256) -> None:
         super().__init__(timeout=timeout, connections=connections)
+        self._lean = LeanPost(timeout=timeout)
+        self._headers_of: dict[str, bytes] = {}  # access token -> its header lines, encoded once
 
-    @staticmethod
-    def _headers(acct: WhatsAppAccount) -> dict[str, str]:
-        return {"Authorization": f"Bearer {acct.access_token}", "Content-Type": "application/json"}
+    def _headers(self, acct: WhatsAppAccount) -> bytes:
+        lines = self._headers_of.get(acct.access_token)
+        if lines is None:
+            if len(self._headers_of) > 1024:
+                self._headers_of.clear()
+            lines = self._headers_of[acct.access_token] = header_lines(
+                {"Authorization": f"Bearer {acct.access_token}", "Content-Type": "application/json"}
+            )
+        return lines
+
+    async def close(self) -> None:
+        await self._lean.close()
+        await super().close()
 
     async def _post(self, acct: WhatsAppAccount, pnid: str, body: dict) -> dict:
         url = f"{acct.graph_base_url}/{acct.graph_version}/{pnid}/messages"
         try:
-            async with self._client().post(
-                url, data=orjson.dumps(body), headers=self._headers(acct), allow_redirects=False
-            ) as resp:
-                raw = await read_capped(resp, MAX_ANSWER)
-                status = resp.status
-        except aiohttp.ClientConnectorError as exc:
-            raise GraphUnreachable(f"cannot connect: {type(exc).__name__}", sent_maybe=False) from None
+            status, _, raw = await self._lean.post(url, orjson.dumps(body), self._headers(acct), MAX_ANSWER)
+        except H1Error as exc:  # ``connect``: the request never left
+            why = f"cannot connect: {exc.strerror or 'refused'}" if exc.connect else "no answer: connection broke"
+            raise GraphUnreachable(why, sent_maybe=not exc.connect) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise GraphUnreachable(f"no answer: {type(exc).__name__}", sent_maybe=True) from None
         try:

@@ -55,9 +55,14 @@ class Sender:
         self.pool = pool
         self.graph = graph
         self.kv = SendState(redis, fast)
+        self.outbound = store.OutboundRecords(pool)
 
     async def state(self, account: str, key: str) -> dict[str, str]:
         return await self.kv.get(state_key(account, key))
+
+    async def begin(self, account: str, key: str, **fields: str) -> dict[str, str]:
+        """The key's state as it was; ``started`` and ``fields`` noted if no try began before."""
+        return await self.kv.begin(state_key(account, key), STATE_TTL, {"started": "1", **fields})
 
     async def note(self, account: str, key: str, **fields: str) -> None:
         await self.kv.note(state_key(account, key), STATE_TTL, fields)
@@ -88,7 +93,7 @@ class Sender:
             if exc.sent_maybe:  # it may have reached the customer: never risk a second copy
                 await self.kv.set(skey, field_, "unknown")
                 kind, body, reply_to = record
-                await store.record_outbound(self.pool, conv, None, kind, body, reply_to, "unknown", "no answer")
+                await self.outbound.record(conv, None, kind, body, reply_to, "unknown", "no answer")
                 metrics.sends.get(conv.account, "unknown").inc()
                 log.warning("whatsapp send without an answer; not retried", extra={"fields": {"account": conv.account}})
                 return None
@@ -101,7 +106,7 @@ class Sender:
         await self.kv.set(skey, field_, wamid)
         metrics.sends.get(conv.account, "template" if field_ == "template" else "sent").inc()
         kind, body, reply_to = record
-        await store.record_outbound(self.pool, conv, wamid, kind, body, reply_to, "sent")
+        await self.outbound.record(conv, wamid, kind, body, reply_to, "sent")
         return wamid
 
     async def send_text(
@@ -127,8 +132,7 @@ class Sender:
             if value == "pending":  # a worker stopped mid-send: it may have gone out; reported, never re-sent
                 skey = state_key(conv.account, key)
                 await self.kv.set(skey, field_, "unknown")
-                await store.record_outbound(
-                    self.pool,
+                await self.outbound.record(
                     conv,
                     None,
                     kind,
@@ -202,8 +206,7 @@ class Sender:
             return out
         skey = state_key(conv.account, key)
         if await self._claim(skey, "held", "1"):
-            await store.record_outbound(
-                self.pool,
+            await self.outbound.record(
                 conv,
                 None,
                 kind,

@@ -31,6 +31,18 @@ return 1
 """
 
 
+# KEYS: state. ARGV: ttl, field, value, ... The state as it was; the fields are set only when it
+# has no ``started`` yet (a turn's first try notes what it began with, in the same round trip).
+_BEGIN = """
+local before = redis.call('HGETALL', KEYS[1])
+if redis.call('HEXISTS', KEYS[1], 'started') == 0 then
+  for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return before
+"""
+
+
 class _RedisPy:
     def __init__(self, redis) -> None:
         self.redis = redis
@@ -46,8 +58,8 @@ def _s(v) -> str:
 class SendState:
     def __init__(self, redis, fast=None) -> None:
         self._r = fast if fast is not None else _RedisPy(redis)
-        self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in (("note", _NOTE), ("claim", _CLAIM))}
-        self._src = {"note": _NOTE, "claim": _CLAIM}
+        self._src = {"note": _NOTE, "claim": _CLAIM, "begin": _BEGIN}
+        self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._src.items()}
 
     async def _script(self, name: str, keys: list[str], args: list):
         try:
@@ -59,6 +71,14 @@ class SendState:
         raw = await self._r.execute("HGETALL", key)
         if isinstance(raw, dict):
             return {_s(k): _s(v) for k, v in raw.items()}
+        return {_s(raw[i]): _s(raw[i + 1]) for i in range(0, len(raw or ()), 2)}
+
+    async def begin(self, key: str, ttl: int, fields: dict[str, str]) -> dict[str, str]:
+        """The state; ``fields`` (with ``started``) are noted unless a try began already."""
+        args: list = [ttl]
+        for k, v in fields.items():
+            args += [k, v]
+        raw = await self._script("begin", [key], args)
         return {_s(raw[i]): _s(raw[i + 1]) for i in range(0, len(raw or ()), 2)}
 
     async def note(self, key: str, ttl: int, fields: dict[str, str]) -> None:

@@ -98,19 +98,23 @@ class Webhook:
         async def status(st: dict) -> None:
             await self.statuses.enqueue(st, dedupe=f"{name}:{st['wamid']}:{st['status']}")
 
+        work = [*(conversation(k, m) for k, m in by_key.items()), *(status(st) for st in parsed.statuses)]
         try:
-            await asyncio.gather(
-                *(conversation(k, m) for k, m in by_key.items()), *(status(st) for st in parsed.statuses)
-            )
+            if len(work) == 1:  # the usual notification: one message (no task for it)
+                await work[0]
+            else:
+                await asyncio.gather(*work)
         except QueueFull:
             metrics.webhook.get(name, "queue_full").inc()
             raise ServiceUnavailable("The message queue is full; retry later.") from None
         except QueuePayloadTooLarge:
             raise PayloadTooLarge("A message is too large.") from None
         metrics.webhook.get(name, "accepted").inc()
-        metrics.items.get(name, "message").inc(len(parsed.messages))
-        metrics.items.get(name, "status").inc(len(parsed.statuses))
-        metrics.items.get(name, "skipped").inc(parsed.skipped)
+        if parsed.messages:
+            metrics.items.get(name, "message").inc(len(parsed.messages))
+        if parsed.statuses:
+            metrics.items.get(name, "status").inc(len(parsed.statuses))
         if parsed.skipped:
+            metrics.items.get(name, "skipped").inc(parsed.skipped)
             log.info("whatsapp notification items skipped", extra={"fields": {"account": name, "n": parsed.skipped}})
         await http.send_bytes(send, 200, b'{"ok":true}', rid, crid=crid)

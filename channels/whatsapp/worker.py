@@ -19,6 +19,7 @@ fallback message (``on_dead``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 
@@ -60,6 +61,7 @@ class Worker:
         self.graph = graph
         self.media = media
         self.gateway = gateway
+        self.inbound_records = store.InboundRecords(pool)
 
     def _account(self, name: str) -> WhatsAppAccount:
         acct = self.accounts.get(name)
@@ -108,13 +110,12 @@ class Worker:
         if agent is None:
             raise Fatal("the business number is no longer configured for this account")
         key = f"turn:{head['wamid']}"
-        state = await self.sender.state(head["account"], key)
-        if "reply" in state and state.get("n", "").isdigit():
+        # the state as it was, and (in the same round trip) started + the burst noted by a first try
+        state = await self.sender.begin(head["account"], key, n=str(len(messages)))
+        if state.get("n", "").isdigit():  # a try of ours began (perhaps answered) this burst: the same one
             messages = messages[: max(1, int(state["n"]))]
         if "reply" not in state:
-            if "started" not in state:
-                await self.sender.note(head["account"], key, started="1")
-            conv, fresh = await store.record_inbound(self.pool, acct.tenant, agent, messages)
+            conv, fresh = await self.inbound_records.record(acct.tenant, agent, messages)
             # Recorded before, and not by a try of ours that is still in Redis: a redelivery
             # (Meta retries for days) — unless nothing ever answered it (a dead letter replayed
             # after its send state expired), which the outbound records tell.
@@ -131,6 +132,7 @@ class Worker:
                     conversation_id=conv.conversation_id,
                     content=content,
                     variables=_variables(conv, head),
+                    idempotency_key=turn_idempotency_key(head, len(messages)),
                 )
             except GatewayRejected as exc:
                 raise Fatal(str(exc)) from None
@@ -235,6 +237,13 @@ class Worker:
             texts = await store.turn_texts(self.pool, acct.tenant, conv.account, conv.conversation_id, sent["reply_to"])
             body, key = " ".join(texts) or body, f"windowfail:{sent['reply_to']}"
         await self.sender.outside_window(acct, conv, key, body, sent["reply_to"])
+
+
+def turn_idempotency_key(head: dict, n: int) -> str:
+    """The gateway's Idempotency-Key of a turn: its first message and how many it answers. A try
+    that died after the gateway answered (before its acknowledgement) is sent again with the same
+    key and gets the same answer, stored once in the conversation's memory."""
+    return "wa-" + hashlib.sha256(f"{head['account']}|{head['wamid']}|{n}".encode()).hexdigest()[:48]
 
 
 def _variables(conv: store.Conversation, head: dict) -> dict:

@@ -1,0 +1,255 @@
+"""``Idempotency-Key`` on ``POST /v1/chat/completions``: a request repeated with the same key gets
+the first one's answer again instead of a second model call.
+
+A client that may send a request twice (a channel worker that died between the gateway's answer
+and its own acknowledgement, an SDK retrying after a timeout) names it with a header
+``Idempotency-Key`` (or ``x-gateway-idempotency-key``): 1-255 printable ASCII characters. The
+key is scoped to the caller's API key: the Redis key is a hash of the API key's id and the
+client's value (the client's value is never a key by itself, and two API keys never share one).
+
+- The first request claims the key (``SET NX`` of an in-progress marker holding a hash of the
+  request body; it lasts ``server.idempotency_lock_s``, so a process that died mid-request frees
+  it) and runs through the pipeline as any other.
+- On a 2xx answer the response (status, headers, body) is stored for
+  ``server.idempotency_ttl_s`` — before its last byte goes to the client, so a client that heard
+  the end always finds it stored. Anything else (4xx, 5xx, a broken stream, an answer over
+  ``MAX_STORED_BYTES``) releases the key: a retry runs again.
+- A repeat with the same key and the same body (the same JSON, whatever its layout) gets the stored response with
+  ``x-gateway-idempotent-replay: true``: no model call, no budget, no memory, no ledger record.
+- A repeat while the first is in progress: 409 (``idempotency_key_in_use``, ``retry-after: 1``).
+- The same key with another body: 422 naming the header (``idempotency_key_reused``).
+
+Streaming (``"stream": true``) works the same way: the completed stream's events are stored as
+they were sent (only when it ended with ``data: [DONE]``) and a replay sends them again, as a
+stream. Without the header nothing here runs: no Redis round trip is added to a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+
+import orjson
+from prometheus_client import Counter
+
+from core import http
+from core.errors import GatewayError, InvalidRequest, ServiceUnavailable
+from core.fastredis import PipelinedRedis
+from core.metrics import _Children
+
+log = logging.getLogger("gateway")
+
+HEADERS = {b"idempotency-key": "Idempotency-Key", b"x-gateway-idempotency-key": "x-gateway-idempotency-key"}
+MAX_KEY_CHARS = 255
+MAX_STORED_BYTES = 4 * 1024 * 1024  # a longer answer is not kept (the key is released)
+REPLAY_HEADER = (b"x-gateway-idempotent-replay", b"true")
+_DONE = b"data: [DONE]\n\n"
+# not stored: they are the request's own (a replay gets fresh ones) or computed again
+_SKIP = frozenset({b"x-request-id", b"x-client-request-id", b"content-length", b"retry-after"})
+
+OUTCOMES = Counter(
+    "gateway_idempotency_total",
+    "Chat requests with an Idempotency-Key by outcome: stored, replayed, in_progress, mismatch, released",
+    ["outcome"],
+)
+_outcomes = _Children(OUTCOMES)
+
+# KEYS: the key. ARGV: the marker this request set. Deletes the key only while it holds it.
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_RELEASE_SHA = hashlib.sha1(_RELEASE.encode()).hexdigest()
+
+
+class KeyInUse(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    default_code = "idempotency_key_in_use"
+
+
+class KeyReused(GatewayError):
+    status = 422
+    type = "invalid_request_error"
+    default_code = "idempotency_key_reused"
+
+
+def requested(scope: dict) -> tuple[str, bytes] | None:
+    """(header name, value) when the request carries an idempotency key; one pass over headers."""
+    found = None
+    for name, value in scope["headers"]:
+        if name in HEADERS:
+            if found is not None and found[1] != value:
+                raise InvalidRequest(
+                    "Idempotency-Key and x-gateway-idempotency-key disagree; send one.", param="Idempotency-Key"
+                )
+            found = (HEADERS[name], value)
+    return found
+
+
+def _check(name: str, value: bytes) -> bytes:
+    value = value.strip()
+    if not 0 < len(value) <= MAX_KEY_CHARS or not all(0x20 <= c < 0x7F for c in value):
+        raise InvalidRequest(
+            f"The {name} header must be 1-{MAX_KEY_CHARS} printable ASCII characters.",
+            param=name,
+            code="invalid_idempotency_key",
+        )
+    return value
+
+
+def _body_digest(raw: bytes) -> str:
+    """The body's JSON in a canonical form (key order, spacing), so a client library that lays
+    out the same request differently still matches; bytes as they are when it is not JSON."""
+    try:
+        raw = orjson.dumps(orjson.loads(raw), option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONDecodeError:
+        pass
+    return hashlib.sha256(raw).hexdigest()
+
+
+class Idempotency:
+    """One per process: its own pipelined Redis connection (opened on first use)."""
+
+    def __init__(self, redis_url: str, server_config) -> None:
+        self._redis = PipelinedRedis(redis_url, timeout=5)
+        self._config = server_config
+
+    async def close(self) -> None:
+        await self._redis.close()
+
+    async def run(self, svc, header: tuple[str, bytes], scope, receive, send, rid: str, crid, pipeline) -> None:
+        """Runs ``pipeline(receive, send)`` at most once per (API key, idempotency key)."""
+        name, value = header
+        try:
+            ident = await svc.auth.authenticate_scope(scope)
+        except GatewayError:  # refused (and audited) as any request is; nothing claimed
+            await pipeline(receive, send)
+            return
+        value = _check(name, value)
+        raw = await http.read_body(scope, receive, svc.config.server.max_body_bytes)
+        digest = _body_digest(raw)
+        key = "gw:{gw}:idem:" + hashlib.sha256(ident.key_id.encode() + b"\0" + value).hexdigest()
+        marker = b"P" + orjson.dumps({"h": digest, "t": secrets.token_hex(8)})
+        lock = max(1, int(self._config.idempotency_lock_s))
+        try:
+            existing = await self._redis.execute("SET", key, marker, "NX", "GET", "EX", lock)
+        except Exception as exc:
+            log.warning("idempotency key not claimed: %s", type(exc).__name__)
+            raise ServiceUnavailable("Idempotency keys cannot be checked right now; retry later.") from None
+        if existing is not None:
+            await self._answer_repeat(existing, digest, name, send, rid, crid)
+            return
+
+        sent = False
+
+        async def replay_receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            return await receive()
+
+        recorder = _Recorder(self, key, marker, send)
+        try:
+            await pipeline(replay_receive, recorder.send)
+        except BaseException:
+            if not recorder.finished:
+                await self._release(key, marker)
+            raise
+        if not recorder.finished:  # the pipeline returned without a last body message
+            await self._release(key, marker)
+
+    async def _answer_repeat(self, existing: bytes, digest: str, name: str, send, rid: str, crid) -> None:
+        kind, rest = existing[:1], existing[1:]
+        if kind == b"P":
+            meta = orjson.loads(rest)
+            if meta.get("h") != digest:
+                _outcomes.get("mismatch").inc()
+                raise KeyReused(f"This {name} was used with another request body.", param=name)
+            _outcomes.get("in_progress").inc()
+            message = f"A request with this {name} is still in progress; retry later."
+            raise KeyInUse(message, param=name, headers={"retry-after": "1"})
+        head, _, body = rest.partition(b"\n")
+        meta = orjson.loads(head)
+        if meta.get("h") != digest:
+            _outcomes.get("mismatch").inc()
+            raise KeyReused(f"This {name} was used with another request body.", param=name)
+        _outcomes.get("replayed").inc()
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in meta["hd"]]
+        headers.append((b"x-request-id", rid.encode()))
+        if crid is not None:
+            headers.append((b"x-client-request-id", crid.encode()))
+        if not meta.get("stream"):
+            headers.append((b"content-length", str(len(body)).encode()))
+        headers.append(REPLAY_HEADER)
+        await send({"type": "http.response.start", "status": int(meta["s"]), "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _store(self, key: str, digest: str, status: int, headers: list, stream: bool, body: bytes) -> None:
+        meta = {
+            "h": digest,
+            "s": status,
+            "stream": stream,
+            "hd": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k.lower() not in _SKIP],
+        }
+        value = b"D" + orjson.dumps(meta) + b"\n" + body
+        try:
+            await self._redis.execute("SET", key, value, "EX", max(1, int(self._config.idempotency_ttl_s)))
+        except Exception as exc:  # the claim expires on its own; the answer still goes out
+            log.warning("idempotent response not stored: %s", type(exc).__name__)
+            return
+        _outcomes.get("stored").inc()
+
+    async def _release(self, key: str, marker: bytes) -> None:
+        _outcomes.get("released").inc()
+        try:
+            try:
+                await self._redis.execute("EVALSHA", _RELEASE_SHA, 1, key, marker)
+            except Exception as exc:
+                if "NOSCRIPT" not in str(exc):
+                    raise
+                await self._redis.execute("EVAL", _RELEASE, 1, key, marker)
+        except Exception as exc:  # the claim expires on its own (idempotency_lock_s)
+            log.warning("idempotency key not released: %s", type(exc).__name__)
+
+
+class _Recorder:
+    """Passes the response through, keeping a copy; at its last message stores it (2xx, complete,
+    small enough) or releases the key, before the client gets that last message."""
+
+    def __init__(self, owner: Idempotency, key: str, marker: bytes, send) -> None:
+        self.owner = owner
+        self.key = key
+        self.marker = marker
+        self._send = send
+        self.status = 0
+        self.headers: list = []
+        self.stream = False
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.finished = False
+
+    async def send(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.status = int(message["status"])
+            self.headers = list(message.get("headers") or ())
+            self.stream = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in self.headers)
+        elif message["type"] == "http.response.body":
+            body = message.get("body", b"")
+            if body and self.size <= MAX_STORED_BYTES:
+                self.chunks.append(body)
+                self.size += len(body)
+            if not message.get("more_body", False) and not self.finished:
+                self.finished = True
+                await self._finish()
+        await self._send(message)
+
+    async def _finish(self) -> None:
+        body = b"".join(self.chunks)
+        ok = 200 <= self.status < 300 and self.size <= MAX_STORED_BYTES
+        if ok and self.stream:
+            ok = body.endswith(_DONE)
+        if ok:
+            digest = orjson.loads(self.marker[1:])["h"]
+            await self.owner._store(self.key, digest, self.status, self.headers, self.stream, body)
+        else:
+            await self.owner._release(self.key, self.marker)
