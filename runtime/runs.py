@@ -316,18 +316,24 @@ _RUN_COLUMNS = (
     ("latency_ms", "(r->>'latency_ms')::real"),
     ("created_at", "to_timestamp((r->>'ts')::float8)"),
 )
+# A batch may hold one request id twice (a run recorded again): the first one recorded stays,
+# in the batch (DISTINCT ON, in the order copied) as across batches (ON CONFLICT DO NOTHING).
 _INSERT_RUNS = (
     f"INSERT INTO runs ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
-    f"SELECT {', '.join(e for _, e in _RUN_COLUMNS)} FROM runs_raw "
-    "WHERE r->>'request_id' IS NOT NULL ON CONFLICT (request_id) DO NOTHING"
+    f"SELECT {', '.join(e for _, e in _RUN_COLUMNS)} FROM ("
+    "SELECT DISTINCT ON (r->>'request_id') r FROM runs_raw_n "
+    "WHERE r->>'request_id' IS NOT NULL ORDER BY r->>'request_id', n) AS first "
+    "ON CONFLICT (request_id) DO NOTHING"
 )
 
 
 async def write_runs(conn: asyncpg.Connection, raw: list[bytes]) -> None:
     """COPY the encoded runs into a temporary table and insert what is new (call it inside a
     transaction): a batch written twice inserts once."""
-    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS runs_raw (r jsonb) ON COMMIT DELETE ROWS")
-    await conn.copy_records_to_table("runs_raw", records=[(_clean_nul(r),) for r in raw], columns=("r",))
+    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS runs_raw_n (n integer, r jsonb) ON COMMIT DELETE ROWS")
+    await conn.copy_records_to_table(
+        "runs_raw_n", records=[(i, _clean_nul(r)) for i, r in enumerate(raw)], columns=("n", "r")
+    )
     await conn.execute(_INSERT_RUNS)
 
 
