@@ -17,7 +17,8 @@ client's value (the client's value is never a key by itself, and two API keys ne
 - A repeat with the same key and the same body (the same JSON, whatever its layout) gets the stored response with
   ``x-gateway-idempotent-replay: true``: no model call, no budget, no memory, no ledger record.
 - A repeat while the first is in progress: 409 (``idempotency_key_in_use``, ``retry-after: 1``).
-- The same key with another body: 422 naming the header (``idempotency_key_reused``).
+- The same key with another body, or other ``x-gateway-*`` headers: 422 naming the header
+  (``idempotency_key_reused``).
 
 Streaming (``"stream": true``) works the same way: the completed stream's events are stored as
 they were sent (only when it ended with ``data: [DONE]``) and a replay sends them again, as a
@@ -96,14 +97,24 @@ def _check(name: str, value: bytes) -> bytes:
     return value
 
 
-def _body_digest(raw: bytes) -> str:
+def _body_digest(raw: bytes, scope: dict | None = None) -> str:
     """The body's JSON in a canonical form (key order, spacing), so a client library that lays
-    out the same request differently still matches; bytes as they are when it is not JSON."""
+    out the same request differently still matches; bytes as they are when it is not JSON.
+    With the request's ``x-gateway-*`` headers (sorted; not the idempotency key's own): they
+    shape the answer as the body does (the conversation whose memory an agent reads, routing
+    constraints, attribution), so a request that differs only in them is another request."""
     try:
         raw = orjson.dumps(orjson.loads(raw), option=orjson.OPT_SORT_KEYS)
     except orjson.JSONDecodeError:
         pass
-    return hashlib.sha256(raw).hexdigest()
+    digest = hashlib.sha256(raw)
+    if scope is not None:
+        shaping = sorted(
+            (name, value) for name, value in scope["headers"] if name.startswith(b"x-gateway-") and name not in HEADERS
+        )
+        for name, value in shaping:  # none: the digest of the body alone
+            digest.update(b"\0%s\0%s" % (name, value))
+    return digest.hexdigest()
 
 
 class Idempotency:
@@ -126,7 +137,7 @@ class Idempotency:
             return
         value = _check(name, value)
         raw = await http.read_body(scope, receive, svc.config.server.max_body_bytes)
-        digest = _body_digest(raw)
+        digest = _body_digest(raw, scope)
         key = "gw:{gw}:idem:" + hashlib.sha256(ident.key_id.encode() + b"\0" + value).hexdigest()
         marker = b"P" + orjson.dumps({"h": digest, "t": secrets.token_hex(8)})
         lock = max(1, int(self._config.idempotency_lock_s))

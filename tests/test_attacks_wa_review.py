@@ -4,10 +4,15 @@ is named for the hostile input or failure it tries, and fails on the code before
 from __future__ import annotations
 
 import asyncio
+import uuid
 
+import httpx
 import pytest
 
 from channels.config import whatsapp_accounts
+from tests.conftest import Gateway
+from tests.test_idempotency import _config as _idempotency_config
+from tests.test_policies import admin, new_key
 
 ACCOUNT = {
     "agent": "bot",
@@ -75,3 +80,61 @@ def test_attack_a_graph_send_whose_connection_breaks_unanswered_is_not_sent_twic
             server.close()
 
     assert asyncio.run(go()) == 2  # "two" reached Graph once
+
+
+# ---- Idempotency-Key (gateway/idempotency.py), through a real gateway process ------------------
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, module_mock):
+    g = Gateway(tmp_root, _idempotency_config(module_mock), services)
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def agent(gw) -> str:
+    name = f"idem-{uuid.uuid4().hex[:6]}"
+    r = admin(gw, "POST", "/admin/agents", json={"name": name, "model": "m", "template": "You help."})
+    assert r.status_code == 201, r.text
+    return name
+
+
+@pytest.fixture(scope="module")
+def key(gw) -> str:
+    return new_key(gw)["key"]
+
+
+def test_attack_a_replay_is_not_served_to_a_request_whose_gateway_headers_differ(gw, agent, key, module_mock):
+    """The x-gateway-* headers shape the answer as much as the body does (the conversation whose
+    memory the agent reads, routing constraints, attribution): the same key and body with another
+    x-gateway-conversation is another request (422), not the first conversation's answer."""
+    body = {"model": f"agent:{agent}", "messages": [{"role": "user", "content": "what did I tell you?"}]}
+    idem = uuid.uuid4().hex
+    first = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}", "Idempotency-Key": idem, "x-gateway-conversation": "alice-1"},
+        timeout=30,
+    )
+    assert first.status_code == 200, first.text
+    calls = len(module_mock.requests())
+    other = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}", "Idempotency-Key": idem, "x-gateway-conversation": "mallory-1"},
+        timeout=30,
+    )
+    assert other.status_code == 422, other.text
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert "x-gateway-idempotent-replay" not in other.headers
+    assert len(module_mock.requests()) == calls
+    # the same headers (in another case and order) still replay
+    again = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        json=body,
+        headers={"X-Gateway-Conversation": "alice-1", "idempotency-key": idem, "Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    assert again.status_code == 200 and again.headers["x-gateway-idempotent-replay"] == "true"
+    assert again.content == first.content
