@@ -138,3 +138,33 @@ def test_attack_a_replay_is_not_served_to_a_request_whose_gateway_headers_differ
     )
     assert again.status_code == 200 and again.headers["x-gateway-idempotent-replay"] == "true"
     assert again.content == first.content
+
+
+def test_attack_a_whatsapp_turn_retried_with_other_content_is_answered_not_dead_lettered(gw, agent, key, module_mock):
+    """A turn's try that died after the gateway answered is retried; its content is built again
+    and may differ (an image that could be downloaded then cannot now: a line of text instead).
+    That retry is answered (a turn of its own), not refused with 422 and dead-lettered — which
+    would send the customer the fallback message. The same content still gets the stored answer."""
+    from channels.gateway_client import GatewayClient
+    from channels.whatsapp.worker import turn_idempotency_key
+
+    head = {"account": "acme", "wamid": f"wamid.{uuid.uuid4().hex}"}
+    conv = f"c-{uuid.uuid4().hex[:8]}"
+
+    async def go():
+        client = GatewayClient(gw.url)
+        try:
+            out = []
+            for content in ("[photo]", "[photo]", "[image could not be downloaded]"):
+                idem = turn_idempotency_key(head, 1, agent, content, {})
+                turn = dict(api_key=key, agent=agent, conversation_id=conv, variables={}, idempotency_key=idem)
+                out.append(await client.turn(content=content, **turn))
+            return out
+        finally:
+            await client.close()
+
+    calls = len(module_mock.requests())
+    first, replayed, other = asyncio.run(go())
+    assert replayed.text == first.text and replayed.request_id != first.request_id
+    assert other.text and other.text != first.text
+    assert len(module_mock.requests()) == calls + 2  # the replay made no model call
