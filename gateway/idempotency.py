@@ -15,7 +15,8 @@ client's value (the client's value is never a key by itself, and two API keys ne
   the end always finds it stored. Anything else (4xx, 5xx, a broken stream, an answer over
   ``MAX_STORED_BYTES``) releases the key: a retry runs again.
 - A repeat with the same key and the same body (the same JSON, whatever its layout) gets the stored response with
-  ``x-gateway-idempotent-replay: true``: no model call, no budget, no memory, no ledger record.
+  ``x-gateway-idempotent-replay: true``: no model call, no budget, no memory, no ledger record;
+  it counts in the caller's requests-per-minute windows (key, minting keys, tenant) like any request.
 - A repeat while the first is in progress: 409 (``idempotency_key_in_use``, ``retry-after: 1``).
 - The same key with another body, or other ``x-gateway-*`` headers: 422 naming the header
   (``idempotency_key_reused``).
@@ -147,7 +148,7 @@ class Idempotency:
             log.warning("idempotency key not claimed: %s", type(exc).__name__)
             raise ServiceUnavailable("Idempotency keys cannot be checked right now; retry later.") from None
         if existing is not None:
-            await self._answer_repeat(existing, digest, name, send, rid, crid)
+            await self._answer_repeat(existing, digest, name, send, rid, crid, lambda: svc.policies.admit_replay(ident))
             return
 
         sent = False
@@ -169,7 +170,7 @@ class Idempotency:
         if not recorder.finished:  # the pipeline returned without a last body message
             await self._release(key, marker)
 
-    async def _answer_repeat(self, existing: bytes, digest: str, name: str, send, rid: str, crid) -> None:
+    async def _answer_repeat(self, existing: bytes, digest: str, name: str, send, rid: str, crid, admit) -> None:
         kind, rest = existing[:1], existing[1:]
         if kind == b"P":
             meta = orjson.loads(rest)
@@ -184,6 +185,7 @@ class Idempotency:
         if meta.get("h") != digest:
             _outcomes.get("mismatch").inc()
             raise KeyReused(f"This {name} was used with another request body.", param=name)
+        await admit()  # a replay counts in the caller's request windows (429 when full), costs nothing
         _outcomes.get("replayed").inc()
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in meta["hd"]]
         headers.append((b"x-request-id", rid.encode()))

@@ -168,3 +168,19 @@ def test_attack_a_whatsapp_turn_retried_with_other_content_is_answered_not_dead_
     assert replayed.text == first.text and replayed.request_id != first.request_id
     assert other.text and other.text != first.text
     assert len(module_mock.requests()) == calls + 2  # the replay made no model call
+
+
+def test_attack_replays_are_not_an_unmetered_way_around_the_keys_rate_limit(gw, module_mock):
+    """A replay makes no model call and costs nothing, but it is a request: it counts in the key's
+    requests-per-minute window, so a key cannot fetch a stored answer (up to 4 MiB) without end
+    past its rate limit. Refused replays are OpenAI's 429 with retry-after."""
+    limited = new_key(gw, rpm=2)["key"]
+    body = {"model": "m", "messages": [{"role": "user", "content": "a long answer, once"}]}
+    headers = {"Authorization": f"Bearer {limited}", "Idempotency-Key": uuid.uuid4().hex}
+    first = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert first.status_code == 200, first.text
+    replay = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert replay.status_code == 200 and replay.headers["x-gateway-idempotent-replay"] == "true"
+    refused = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["type"] and int(refused.headers["retry-after"]) >= 1
