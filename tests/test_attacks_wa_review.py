@@ -184,3 +184,35 @@ def test_attack_replays_are_not_an_unmetered_way_around_the_keys_rate_limit(gw, 
     refused = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["type"] and int(refused.headers["retry-after"]) >= 1
+
+
+def test_attack_a_revoked_key_gets_no_replay_and_another_key_never_reads_one(gw, module_mock):
+    """The stored answer belongs to the API key that asked: once that key is revoked its replays
+    are refused (401, as any request of it), and another key of the same tenant sending the same
+    Idempotency-Key and body runs its own request instead of reading the first key's answer."""
+    owner, other = new_key(gw), new_key(gw)
+    body = {"model": "m", "messages": [{"role": "user", "content": "private answer"}]}
+    idem = uuid.uuid4().hex
+    first = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {owner['key']}", "Idempotency-Key": idem},
+        timeout=30,
+    )
+    assert first.status_code == 200, first.text
+    theirs = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {other['key']}", "Idempotency-Key": idem},
+        timeout=30,
+    )
+    assert theirs.status_code == 200 and "x-gateway-idempotent-replay" not in theirs.headers
+    assert admin(gw, "DELETE", f"/admin/keys/{owner['id']}").json()["revoked"] is True
+    revoked = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {owner['key']}", "Idempotency-Key": idem},
+        timeout=30,
+    )
+    assert revoked.status_code == 401, revoked.text
+    assert "x-gateway-idempotent-replay" not in revoked.headers
