@@ -59,11 +59,14 @@ class LeanPost:
         self._connect_timeout = connect_timeout
         self._h1: H1Client | None = None
 
-    async def post(self, url: str, body: bytes, headers: bytes, cap: int) -> tuple[int, CIMultiDict, bytes]:
-        """``headers``: pre-encoded ``Name: value\\r\\n`` lines (Host and Content-Length are added)."""
+    async def post(
+        self, url: str, body: bytes, headers: bytes, cap: int, resend: bool = True
+    ) -> tuple[int, CIMultiDict, bytes]:
+        """``headers``: pre-encoded ``Name: value\\r\\n`` lines (Host and Content-Length are added).
+        ``resend=False`` for a request that must not be sent twice (core/h1.py ``post``)."""
         if self._h1 is None:
             self._h1 = H1Client()
-        resp = await self._h1.post(url, body, headers, self._connect_timeout, self._timeout, self._timeout)
+        resp = await self._h1.post(url, body, headers, self._connect_timeout, self._timeout, self._timeout, resend)
         chunks: list[bytes] = []
         size = 0
         try:

@@ -29,6 +29,10 @@ _HIGH_WATER = 256 * 1024
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 256
 _MAX_IDLE_S = 30.0  # a pooled connection unused for longer is closed, not reused
+# A request that must not be sent twice (``resend=False``) reuses only a connection this fresh:
+# under the shortest keep-alive servers commonly use (5 s), so the server closing an idle
+# connection as the request goes out — which then fails rather than being sent again — is rare.
+_MAX_IDLE_ONCE_S = 4.0
 
 
 class H1Error(aiohttp.ClientConnectionError):
@@ -299,10 +303,19 @@ class H1Client:
         return conn
 
     async def post(
-        self, url: str, body: bytes, headers: bytes, connect_timeout: float, idle_timeout: float, total: float
+        self,
+        url: str,
+        body: bytes,
+        headers: bytes,
+        connect_timeout: float,
+        idle_timeout: float,
+        total: float,
+        resend: bool = True,
     ) -> Response:
         """Sends ``body`` with ``headers`` (pre-encoded ``Name: value\\r\\n`` lines) and returns
-        once the status line and headers are in."""
+        once the status line and headers are in. ``resend=False``: a request that must not be
+        sent twice (it may have been acted on although no byte of an answer came back) is not sent
+        again when its reused connection breaks: the H1Error reaches the caller."""
         t = self._target(url)
         head = b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n" % (
             t.path.encode(),
@@ -311,6 +324,7 @@ class H1Client:
             headers,
         )
         idle = self._idle.get(t.key)
+        max_idle = _MAX_IDLE_S if resend else _MAX_IDLE_ONCE_S
         for _ in range(2):
             reused = False
             conn = None
@@ -318,7 +332,7 @@ class H1Client:
                 candidate = idle.pop()
                 if candidate.closed:
                     continue
-                if candidate.loop.time() - candidate.idle_since > _MAX_IDLE_S:
+                if candidate.loop.time() - candidate.idle_since > max_idle:
                     # long idle: a peer or a middlebox may have dropped it without a word
                     candidate.closed = True
                     candidate.transport.close()
@@ -338,7 +352,7 @@ class H1Client:
                     await conn.wait()
             except H1Error:
                 conn.done()
-                if reused and not conn.received:
+                if reused and not conn.received and resend:
                     continue  # the server had closed the idle connection: once more, anew
                 raise
             except BaseException:

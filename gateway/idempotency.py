@@ -15,9 +15,11 @@ client's value (the client's value is never a key by itself, and two API keys ne
   the end always finds it stored. Anything else (4xx, 5xx, a broken stream, an answer over
   ``MAX_STORED_BYTES``) releases the key: a retry runs again.
 - A repeat with the same key and the same body (the same JSON, whatever its layout) gets the stored response with
-  ``x-gateway-idempotent-replay: true``: no model call, no budget, no memory, no ledger record.
+  ``x-gateway-idempotent-replay: true``: no model call, no budget, no memory, no ledger record;
+  it counts in the caller's requests-per-minute windows (key, minting keys, tenant) like any request.
 - A repeat while the first is in progress: 409 (``idempotency_key_in_use``, ``retry-after: 1``).
-- The same key with another body: 422 naming the header (``idempotency_key_reused``).
+- The same key with another body, or other ``x-gateway-*`` headers: 422 naming the header
+  (``idempotency_key_reused``).
 
 Streaming (``"stream": true``) works the same way: the completed stream's events are stored as
 they were sent (only when it ended with ``data: [DONE]``) and a replay sends them again, as a
@@ -96,14 +98,24 @@ def _check(name: str, value: bytes) -> bytes:
     return value
 
 
-def _body_digest(raw: bytes) -> str:
+def _body_digest(raw: bytes, scope: dict | None = None) -> str:
     """The body's JSON in a canonical form (key order, spacing), so a client library that lays
-    out the same request differently still matches; bytes as they are when it is not JSON."""
+    out the same request differently still matches; bytes as they are when it is not JSON.
+    With the request's ``x-gateway-*`` headers (sorted; not the idempotency key's own): they
+    shape the answer as the body does (the conversation whose memory an agent reads, routing
+    constraints, attribution), so a request that differs only in them is another request."""
     try:
         raw = orjson.dumps(orjson.loads(raw), option=orjson.OPT_SORT_KEYS)
     except orjson.JSONDecodeError:
         pass
-    return hashlib.sha256(raw).hexdigest()
+    digest = hashlib.sha256(raw)
+    if scope is not None:
+        shaping = sorted(
+            (name, value) for name, value in scope["headers"] if name.startswith(b"x-gateway-") and name not in HEADERS
+        )
+        for name, value in shaping:  # none: the digest of the body alone
+            digest.update(b"\0%s\0%s" % (name, value))
+    return digest.hexdigest()
 
 
 class Idempotency:
@@ -126,7 +138,7 @@ class Idempotency:
             return
         value = _check(name, value)
         raw = await http.read_body(scope, receive, svc.config.server.max_body_bytes)
-        digest = _body_digest(raw)
+        digest = _body_digest(raw, scope)
         key = "gw:{gw}:idem:" + hashlib.sha256(ident.key_id.encode() + b"\0" + value).hexdigest()
         marker = b"P" + orjson.dumps({"h": digest, "t": secrets.token_hex(8)})
         lock = max(1, int(self._config.idempotency_lock_s))
@@ -136,7 +148,7 @@ class Idempotency:
             log.warning("idempotency key not claimed: %s", type(exc).__name__)
             raise ServiceUnavailable("Idempotency keys cannot be checked right now; retry later.") from None
         if existing is not None:
-            await self._answer_repeat(existing, digest, name, send, rid, crid)
+            await self._answer_repeat(existing, digest, name, send, rid, crid, lambda: svc.policies.admit_replay(ident))
             return
 
         sent = False
@@ -158,7 +170,7 @@ class Idempotency:
         if not recorder.finished:  # the pipeline returned without a last body message
             await self._release(key, marker)
 
-    async def _answer_repeat(self, existing: bytes, digest: str, name: str, send, rid: str, crid) -> None:
+    async def _answer_repeat(self, existing: bytes, digest: str, name: str, send, rid: str, crid, admit) -> None:
         kind, rest = existing[:1], existing[1:]
         if kind == b"P":
             meta = orjson.loads(rest)
@@ -173,6 +185,7 @@ class Idempotency:
         if meta.get("h") != digest:
             _outcomes.get("mismatch").inc()
             raise KeyReused(f"This {name} was used with another request body.", param=name)
+        await admit()  # a replay counts in the caller's request windows (429 when full), costs nothing
         _outcomes.get("replayed").inc()
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in meta["hd"]]
         headers.append((b"x-request-id", rid.encode()))

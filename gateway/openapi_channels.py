@@ -83,7 +83,8 @@ IDEMPOTENCY_KEY = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 255},
     "description": "Runs the request at most once per API key: a repeat with the same key and body gets the "
     "stored answer (header x-gateway-idempotent-replay: true) without a model call; 409 while the first is "
-    "in progress; 422 with another body. x-gateway-idempotency-key is the same header.",
+    "in progress; 422 with another body or other x-gateway-* headers. x-gateway-idempotency-key is the same "
+    "header.",
 }
 
 

@@ -349,6 +349,49 @@ class PolicyEngine:
             )
         raise QuotaExceeded(f"Budget exceeded: {what} is used up.")
 
+    async def admit_replay(self, ident) -> None:
+        """A stored answer replayed for an Idempotency-Key (gateway/idempotency.py): no model call
+        and no cost, but a request all the same. It counts in the caller's requests-per-minute
+        windows — its key's, the keys' that minted it, its tenant's — and is refused with 429 when
+        one is full, so replays are no unmetered way to fetch stored answers. One round trip."""
+        if not self.config.policies.enabled:
+            return
+        limits = [("key", ident.key_id, ident.limits if ident.limits is not None else self.limits.key)]
+        for minter, limit in ident.shared_limits:
+            limits.append(("minting key", minter, limit if limit is not None else self.limits.key))
+        rates = [(f"{label} requests", f"gw:{{gw}}:rl:key:{who}:r", lim.rpm) for label, who, lim in limits if lim.rpm]
+        tenant = self.limits.tenant.get(ident.tenant or "")
+        if tenant is not None and tenant.rpm:
+            rates.append(("tenant requests", f"gw:{{gw}}:rl:tenant:{ident.tenant}:r", tenant.rpm))
+        if not rates:
+            return
+        argv: list = [int(time.time() * 1000), len(rates)]
+        for _, base, limit in rates:
+            argv += [base, limit, MINUTE_MS, 1, 0]
+        argv += [0, LEASE_TTL_MS, 0, ALERT_STREAM]  # no budgets: a replay costs nothing
+        try:
+            result = await self._run("admit", argv)
+        except RedisError as exc:
+            if self.config.policies.fail_open:
+                log.warning("policy store unreachable, replaying without limits: %s", exc)
+                return
+            raise ServiceUnavailable(
+                "The gateway cannot check limits and budgets right now.", code="policy_store_unavailable"
+            ) from None
+        if int(result[0]) == 1:
+            return
+        label, _, limit = rates[int(result[2]) - 1]
+        retry = str(max(1, -(-int(result[3]) // 1000)))
+        raise RateLimited(
+            f"Rate limit reached: {label} per minute (limit {limit}). Retry after {retry} s.",
+            headers={
+                "retry-after": retry,
+                "x-ratelimit-limit-requests": str(limit),
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": f"{retry}s",
+            },
+        )
+
     def _thresholds(self, b: Budget) -> str:
         key = b.thresholds
         found = self._threshold_args.get(key)

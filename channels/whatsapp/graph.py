@@ -78,10 +78,12 @@ class Graph(PooledSession):
         await self._lean.close()
         await super().close()
 
-    async def _post(self, acct: WhatsAppAccount, pnid: str, body: dict) -> dict:
+    async def _post(self, acct: WhatsAppAccount, pnid: str, body: dict, resend: bool = False) -> dict:
+        """``resend``: the request may be sent again when its kept-alive connection breaks before
+        any answer (mark-as-read); a send never is — it may have reached the customer."""
         url = f"{acct.graph_base_url}/{acct.graph_version}/{pnid}/messages"
         try:
-            status, _, raw = await self._lean.post(url, orjson.dumps(body), self._headers(acct), MAX_ANSWER)
+            status, _, raw = await self._lean.post(url, orjson.dumps(body), self._headers(acct), MAX_ANSWER, resend)
         except H1Error as exc:  # ``connect``: the request never left
             why = f"cannot connect: {exc.strerror or 'refused'}" if exc.connect else "no answer: connection broke"
             raise GraphUnreachable(why, sent_maybe=not exc.connect) from None
@@ -110,7 +112,9 @@ class Graph(PooledSession):
         return wamid
 
     async def mark_read(self, acct: WhatsAppAccount, pnid: str, wamid: str) -> None:
-        await self._post(acct, pnid, {"messaging_product": "whatsapp", "status": "read", "message_id": wamid})
+        await self._post(
+            acct, pnid, {"messaging_product": "whatsapp", "status": "read", "message_id": wamid}, resend=True
+        )
 
     async def media(self, acct: WhatsAppAccount, media_id: str, allowed_types) -> tuple[bytes, str]:
         """Media id → URL → bytes (both with the token). The URL must be on graph_base_url's host

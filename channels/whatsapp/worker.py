@@ -23,6 +23,8 @@ import hashlib
 import logging
 import time
 
+import orjson
+
 from channels.config import WhatsAppAccount
 from channels.gateway_client import GatewayClient, GatewayRejected, GatewayUnavailable
 from channels.whatsapp import metrics, store
@@ -132,7 +134,7 @@ class Worker:
                     conversation_id=conv.conversation_id,
                     content=content,
                     variables=_variables(conv, head),
-                    idempotency_key=turn_idempotency_key(head, len(messages)),
+                    idempotency_key=turn_idempotency_key(head, len(messages), agent, content, _variables(conv, head)),
                 )
             except GatewayRejected as exc:
                 raise Fatal(str(exc)) from None
@@ -239,11 +241,16 @@ class Worker:
         await self.sender.outside_window(acct, conv, key, body, sent["reply_to"])
 
 
-def turn_idempotency_key(head: dict, n: int) -> str:
-    """The gateway's Idempotency-Key of a turn: its first message and how many it answers. A try
-    that died after the gateway answered (before its acknowledgement) is sent again with the same
-    key and gets the same answer, stored once in the conversation's memory."""
-    return "wa-" + hashlib.sha256(f"{head['account']}|{head['wamid']}|{n}".encode()).hexdigest()[:48]
+def turn_idempotency_key(head: dict, n: int, agent: str, content, variables: dict) -> str:
+    """The gateway's Idempotency-Key of a turn: its first message, how many it answers, and what
+    is asked (the agent, the content, the variables). A try that died after the gateway answered
+    (before its acknowledgement) is sent again with the same key and gets the same answer,
+    stored once in the conversation's memory. A retry whose content came out otherwise (media
+    that could be downloaded then and not now) is another request: answered anew, where the same
+    key would get 422 and the turn would die with the fallback message."""
+    asked = orjson.dumps([agent, content, variables], option=orjson.OPT_SORT_KEYS)
+    turn = f"{head['account']}|{head['wamid']}|{n}|".encode() + asked
+    return "wa-" + hashlib.sha256(turn).hexdigest()[:48]
 
 
 def _variables(conv: store.Conversation, head: dict) -> dict:
