@@ -23,7 +23,7 @@ from core.tokens import approx_prompt
 from core.types import RequestContext, Usage
 from policies import scripts
 from policies.budgets import NANO, Budget, BudgetCache
-from policies.credit import LEASE_TTL_MS, Credit
+from policies.credit import LEASE_TTL_MS, Credit, leases_key
 
 log = logging.getLogger("gateway.policies")
 
@@ -272,7 +272,10 @@ class PolicyEngine:
         argv: list = [now_ms, len(rates)]
         for label, base, limit in rates:
             cost = 1 if label.endswith("requests") else 0
-            argv += [base, limit, MINUTE_MS, cost, credit.rate_lease(limit) if leasing else 0]
+            # a lease only where this process has no credit left (a window shared by many keys or
+            # end users is not leased again, and its credit thrown away, by each of them)
+            lease = credit.rate_lease(limit) if leasing and not credit.has_rate(base, slot) else 0
+            argv += [base, limit, MINUTE_MS, cost, lease]
         argv.append(len(budgets))
         asking = []
         for i, b in enumerate(budgets):
@@ -281,16 +284,17 @@ class PolicyEngine:
             argv += [spent, reserved, b.limit_nano, estimate, ttl, alert_prefix, self._thresholds(b), b.id, hard]
             if leasing:
                 leases, own = lease_keys[i]
-                asking.append(own)
-                argv += [leases, own, max(estimate, 1) * credit.lease_requests, credit.asking(leases, own)]
-            else:
-                argv += ["", "", 0, 0]
+                lease = max(estimate, 1) * credit.lease_requests
+                asking.append((own, estimate + lease))
+                argv += [leases, own, lease, credit.asking(leases, own, estimate + lease)]
+            else:  # no lease asked for, but every replica's leases of the budget are counted
+                argv += [leases_key(reserved), "", 0, 0]
         argv += [LEASE_TTL_MS, credit.headroom if credit is not None else 0, ALERT_STREAM]
         try:
             result = await self._run("admit", argv)
         except RedisError as exc:
-            for own in asking:
-                credit.answered(own, 0, 0)
+            for own, asked in asking:
+                credit.answered(own, 0, 0, asked)
             ctx.extra["reserved_nano"] = 0
             if self.config.policies.fail_open:
                 log.warning("policy store unreachable, serving without limits: %s", exc)
@@ -305,16 +309,16 @@ class PolicyEngine:
                     if int(result[1 + i]):
                         credit.granted_rate(base, slot, int(result[1 + i]))
                 leased = []
-                for i, own in enumerate(asking):
+                for i, (own, asked) in enumerate(asking):
                     granted = int(result[1 + len(rates) + i])
-                    credit.answered(own, granted, estimate if granted else 0)
+                    credit.answered(own, granted, estimate if granted else 0, asked)
                     if granted:
                         leased.append(own)
                 if leased:  # these budgets hold the request's estimate in the lease, not in reserved
                     ctx.extra["leased"] = leased
             return
-        for own in asking:
-            credit.answered(own, 0, 0)
+        for own, asked in asking:
+            credit.answered(own, 0, 0, asked)
         ctx.extra["reserved_nano"] = 0
         kind, index, retry_ms = result[1], int(result[2]) - 1, int(result[3])
         kind = kind.decode() if isinstance(kind, bytes) else kind

@@ -187,6 +187,23 @@ end
 return fired
 """
 
+# Admission credit's renewer (policies/credit.py): ARGV lease_ttl_ms, [own_lease_key, leases_key,
+# need] * n — each lease key set to what its process still needs, or deleted when that is 0.
+RENEW = """
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV, 3 do
+  local key, leases, need = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2])
+  if need > 0 then
+    redis.call('SET', key, need, 'PX', ttl)
+    redis.call('SADD', leases, key)
+    redis.call('PEXPIRE', leases, ttl * 12)
+  else
+    redis.call('DEL', key)
+  end
+end
+return 1
+"""
+
 # Spend that happened outside a request (a channel's telephony, reported after the call): added
 # to each applicable budget's period counter, alerts fired as SETTLE fires them. No reservation
 # to release, no token windows, no ledger record (the caller writes its own, once).

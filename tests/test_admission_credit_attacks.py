@@ -1,0 +1,184 @@
+"""Attacks on admission credit (policies/credit.py): two PolicyEngines — two replicas — over the
+embedded Valkey, driven request by request so each interleaving is exact."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from core.config import parse_config
+from core.fastredis import PipelinedRedis
+from core.types import RequestContext
+from policies.budgets import NANO, Budget, BudgetCache
+from policies.engine import PolicyEngine
+
+ESTIMATE = 1000 * NANO // 1_000_000  # 1000 output tokens at 1e-6 USD (prompts are free)
+
+
+class Replica:
+    def __init__(self, redis_url: str, budget: Budget | None, **config) -> None:
+        data = {"policies": {"lease_requests": 4, "lease_headroom": 4}, **config}
+        self.redis = PipelinedRedis(redis_url)
+        cache = BudgetCache(None, None)
+        if budget is not None:
+            cache.by_scope = {(budget.tenant, budget.scope, budget.scope_value): [budget]}
+        self.engine = PolicyEngine(parse_config(data), self.redis, cache, router=None)
+        for model in ("priced", "metered"):
+            self.engine._prices[model] = (0.0, 1e-6)
+
+    async def start(self) -> None:  # the renewer is driven by hand (engine.credit.renew())
+        await self.engine.start()
+        self.engine.credit._task.cancel()
+
+    async def admit(self, model: str = "priced", user: str | None = None) -> RequestContext | None:
+        ctx = RequestContext(uuid.uuid4().hex, "chat", {"model": model, "messages": [], "max_tokens": 1000}, 0.0)
+        ctx.model = model
+        ctx.max_output = 1000
+        ctx._prompt_tokens = 0
+        attr = {"tenant": "t", "key": None, "user": user, "tags": []}
+        ctx.extra["attr"] = attr
+        try:
+            await self.engine.admit(ctx, attr)
+        except Exception as exc:  # refused
+            if getattr(exc, "status", 0) == 429:
+                return None
+            raise
+        return ctx
+
+
+def hard_budget(limit_estimates: int) -> Budget:
+    return Budget(uuid.uuid4().hex, "t", "tenant", "t", limit_estimates * ESTIMATE / NANO, "daily", (), None)
+
+
+async def lease_value(redis: PipelinedRedis, replica: Replica, budget: Budget) -> int:
+    own = replica.engine.credit.lease_keys(budget.keys()[1])[1]
+    return int(await redis.execute("GET", own) or 0)
+
+
+def test_attack_a_request_that_takes_no_lease_still_counts_every_replicas_lease(services):
+    """A request that cannot lease (a tokens-per-minute limit, a small rpm, a replica with
+    local admission off) must count the budget's leases like any other check: else the budget
+    leased to replica A is admitted again by replica B, and spend passes a hard limit."""
+    budget = hard_budget(40)
+
+    async def run() -> tuple[int, int]:
+        limits = {"limits": {"model": {"metered": {"tpm": 10**9}}}}
+        a, b = Replica(services[1], budget, **limits), Replica(services[1], budget, **limits)
+        await a.start()
+        await b.start()
+        # A leases (1 request + 4 of credit), and admits 4 more from it: 5 estimates in flight.
+        held = [await a.admit() for _ in range(5)]
+        assert all(held) and a.engine.credit.local_admits == 4
+        # B's requests under a tokens-per-minute limit cannot lease; they go to Redis each time.
+        admitted = 0
+        for _ in range(45):
+            if await b.admit("metered") is not None:
+                admitted += 1
+        await a.engine.close()
+        await b.engine.close()
+        return len(held), admitted
+
+    in_flight, admitted = asyncio.run(run())
+    assert in_flight + admitted <= 40, (in_flight, admitted)
+
+
+def test_attack_renewal_never_deletes_or_lowers_a_lease_granted_after_it_looked(services):
+    """The renewer decides (delete an idle lease key, or set it to what is still needed) and an
+    ADMIT that grants a new lease may reach Redis before the renewer's command: the lease must
+    still be counted afterwards, or the replica admits from credit no other replica sees."""
+    budget = hard_budget(1000)
+
+    async def run() -> tuple[int, int]:
+        a = Replica(services[1], budget)
+        await a.start()
+        credit = a.engine.credit
+        first = await a.admit()  # a lease
+        await a.engine.settle(first, first.extra["attr"], 0.0)
+        for c in credit.budgets.values():
+            c.expires = 0.0  # its credit has expired: the lease is idle, the renewer deletes it
+        renew = asyncio.ensure_future(credit.renew())
+        admit = asyncio.ensure_future(a.admit())  # runs right after the renewer looked
+        await asyncio.gather(renew, admit)
+        assert admit.result() is not None
+        (c,) = credit.budgets.values()
+        need = c.remaining + c.outstanding
+        value = await lease_value(a.redis, a, budget)
+        await a.engine.close()
+        return need, value
+
+    need, value = asyncio.run(run())
+    assert need > 0
+    assert value >= need, (need, value)
+
+
+def test_attack_concurrent_lease_requests_of_one_replica_are_all_counted(services):
+    """Several ADMITs of one replica asking for a lease at once (its credit ran out under load):
+    each script must count what the others already hold, and the lease key must hold every
+    one of their requests."""
+    budget = hard_budget(1000)
+
+    async def run() -> tuple[int, int]:
+        a = Replica(services[1], budget)
+        await a.start()
+        credit = a.engine.credit
+        ctxs = await asyncio.gather(*(a.admit() for _ in range(6)))
+        assert all(ctxs)
+        (c,) = credit.budgets.values()
+        need = c.remaining + c.outstanding
+        value = await lease_value(a.redis, a, budget)
+        await a.engine.close()
+        return need, value
+
+    need, value = asyncio.run(run())
+    assert value >= need, (need, value)
+
+
+def test_attack_renewer_keeps_a_lease_alive_while_lease_requests_are_always_in_flight(services):
+    """Near the limit no lease is granted, so only the renewer refreshes a lease key that still
+    holds requests in flight; it must not skip a key because an ADMIT is on its way."""
+    budget = hard_budget(17)  # room for one lease of 4, then none
+
+    async def run() -> int:
+        a = Replica(services[1], budget)
+        await a.start()
+        credit = a.engine.credit
+        assert await a.admit() is not None  # a lease; its request stays in flight
+        for c in credit.budgets.values():
+            c.expires = 0.0  # its credit expired: the next request asks Redis (and gets no lease)
+        own = credit.lease_keys(budget.keys()[1])[1]
+        await a.redis.execute("PEXPIRE", own, 300)  # about to expire unless renewed
+        asking = asyncio.ensure_future(a.admit())  # an ADMIT on its way while the renewer runs
+        await asyncio.sleep(0)
+        await credit.renew()
+        await asyncio.sleep(0.5)
+        await asking
+        value = await lease_value(a.redis, a, budget)
+        await a.engine.close()
+        return value
+
+    assert asyncio.run(run()) > 0
+
+
+def test_attack_varying_user_does_not_drain_a_shared_rate_window_with_leases(services):
+    """A caller that names a new end user on every request (a fresh per-user window, never any
+    credit for it) sends every request to Redis: each must not lease the shared (model) window
+    again and throw the previous lease away, or one key burns the model's limit for everyone
+    at five (33 by default) times its request rate."""
+
+    async def run() -> int:
+        model = f"m{uuid.uuid4().hex[:6]}"
+        a = Replica(services[1], None, limits={"user": {"rpm": 1000}, "model": {model: {"rpm": 1000}}})
+        a.engine._prices[model] = (0.0, 0.0)
+        await a.start()
+        for i in range(10):
+            assert await a.admit(model, user=f"u{i}") is not None
+        slot = int(time.time() * 1000) // 60_000
+        counted = 0
+        for s in (slot - 1, slot):
+            counted += int(await a.redis.execute("GET", f"gw:{{gw}}:rl:model:{model}:r:{s}") or 0)
+        await a.engine.close()
+        return counted
+
+    counted = asyncio.run(run())
+    assert counted <= 10 + 4, counted  # the 10 requests, and at most one lease of 4
