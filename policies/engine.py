@@ -257,7 +257,7 @@ class PolicyEngine:
         ctx.extra["reserved_nano"] = estimate
         now_ms = int(time.time() * 1000)
         slot = now_ms // MINUTE_MS
-        keys = [b.keys() for b in budgets]
+        keys = ctx.extra["budget_keys"] = [b.keys() for b in budgets]  # settled there, past midnight too
         credit = self.credit
         # Credit only when every limit can lend some: request counts large enough to share, and
         # budgets (the script decides by their headroom); a tokens-per-minute check needs the window.
@@ -433,9 +433,13 @@ class PolicyEngine:
         budgets: list[Budget] = ctx.extra.get("budgets") or []
         reserved = ctx.extra.get("reserved_nano", 0)
         leased = ctx.extra.pop("leased", ())
+        # The period the request was admitted in: its reservation or lease is released there, and
+        # its cost counted there (where the room for it was checked), should the period have ended.
+        keys = ctx.extra.get("budget_keys")
+        if keys is None or len(keys) != len(budgets):
+            keys = [b.keys() for b in budgets]
         argv: list = [int(time.time() * 1000), len(budgets)]
-        for b in budgets:
-            spent, reserved_key, alert_prefix, ttl = b.keys()
+        for b, (spent, reserved_key, alert_prefix, ttl) in zip(budgets, keys, strict=True):
             held = reserved
             if leased and self.credit is not None:
                 own = self.credit.lease_keys(reserved_key)[1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 from core.config import parse_config
 from core.fastredis import PipelinedRedis
@@ -29,7 +30,8 @@ class Replica:
 
     async def start(self) -> None:  # the renewer is driven by hand (engine.credit.renew())
         await self.engine.start()
-        self.engine.credit._task.cancel()
+        if self.engine.credit is not None:
+            self.engine.credit._task.cancel()
 
     async def admit(self, model: str = "priced", user: str | None = None) -> RequestContext | None:
         ctx = RequestContext(uuid.uuid4().hex, "chat", {"model": model, "messages": [], "max_tokens": 1000}, 0.0)
@@ -182,3 +184,39 @@ def test_attack_varying_user_does_not_drain_a_shared_rate_window_with_leases(ser
 
     counted = asyncio.run(run())
     assert counted <= 10 + 4, counted  # the 10 requests, and at most one lease of 4
+
+
+def test_attack_a_request_in_flight_at_the_period_rollover_settles_where_it_reserved(services, monkeypatch):
+    """A request admitted before midnight and settled after it: its reservation (or lease) is
+    released where it was made. Released from the new period's counter instead, it frees room
+    other requests hold there (a hard budget then admits past its limit), and the old lease
+    keeps the request in flight forever (renewed, and counted, until the process ends)."""
+    budget = hard_budget(1000)
+
+    async def run() -> tuple[int, int, int]:
+        plain = Replica(services[1], budget, policies={"local_admission": False})
+        leasing = Replica(services[1], budget)
+        await plain.start()
+        await leasing.start()
+        before = [await plain.admit(), await leasing.admit()]
+        assert before[1].extra.get("leased")
+        real = Budget.keys
+
+        def tomorrow(self, now=None):
+            return real(self, (now or datetime.now(UTC)) + timedelta(days=1))
+
+        monkeypatch.setattr(Budget, "keys", tomorrow)
+        new_reserved = budget.keys()[1]
+        await plain.redis.execute("SET", new_reserved, 3 * ESTIMATE)  # the new day's requests in flight
+        for replica, ctx in zip((plain, leasing), before, strict=True):
+            await replica.engine.settle(ctx, ctx.extra["attr"], 0.0)
+        held_new = int(await plain.redis.execute("GET", new_reserved) or 0)
+        monkeypatch.setattr(Budget, "keys", real)
+        held_old = int(await plain.redis.execute("GET", budget.keys()[1]) or 0)
+        outstanding = sum(c.outstanding for c in leasing.engine.credit.budgets.values())
+        await plain.engine.close()
+        await leasing.engine.close()
+        return held_new, held_old, outstanding
+
+    held_new, held_old, outstanding = asyncio.run(run())
+    assert (held_new, held_old, outstanding) == (3 * ESTIMATE, 0, 0)
