@@ -50,13 +50,14 @@ def leases_key(reserved_key: str) -> str:
 class BudgetCredit:
     """This process's lease of one budget period."""
 
-    __slots__ = ("expires", "leases_key", "outstanding", "pending", "remaining")
+    __slots__ = ("expires", "leases_key", "limit", "outstanding", "pending", "remaining")
 
     def __init__(self, leases_key: str) -> None:
         self.leases_key = leases_key  # the budget period's set of lease keys
         self.remaining = 0  # nano-USD still to admit from, until ``expires``
         self.outstanding = 0  # estimates of leased requests admitted and not settled yet
         self.expires = 0.0
+        self.limit = 0  # the budget's limit the credit was granted under (a changed one lends none)
         # ADMIT calls on their way that may grant a new lease: each one's estimate plus the lease
         # it asks for, counted as held until its answer is back (by the renewer, and by this
         # process's other ADMITs), whichever of them Redis runs first.
@@ -71,14 +72,15 @@ class Credit:
         self.lease_requests = lease_requests
         self.headroom = headroom
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.rates: dict[str, list[int]] = {}  # rate key base -> [minute slot, requests left]
+        # rate key base -> [minute slot, requests left, the limit they were granted under]
+        self.rates: dict[str, list[int]] = {}
         self.budgets: dict[str, BudgetCredit] = {}  # own lease key -> credit
         self.local_admits = 0  # requests admitted without a round trip (metrics, tests)
         self._task: asyncio.Task | None = None
 
-    def has_rate(self, base: str, slot: int) -> bool:
+    def has_rate(self, base: str, slot: int, limit: int) -> bool:
         c = self.rates.get(base)
-        return c is not None and c[0] == slot and c[1] > 0
+        return c is not None and c[0] == slot and c[1] > 0 and c[2] == limit
 
     def rate_lease(self, limit: int) -> int:
         """Requests to ask for beside this one: none for limits too small to share (each request
@@ -89,20 +91,20 @@ class Credit:
         """(the budget period's set of lease keys, this process's lease key)."""
         return leases_key(reserved_key), f"{reserved_key}:lease:{self.owner}"
 
-    def take(self, slot: int, rate_bases: list[str], lease_keys: list[str], estimate: int) -> bool:
-        """Admits one request from credit when every limit has some; consumes it."""
+    def take(self, slot: int, rates: list[tuple[str, int]], leases: list[tuple[str, int]], estimate: int) -> bool:
+        """Admits one request from credit when every limit has some, granted under the limit
+        that applies now ((rate key base, limit), (own lease key, budget limit)); consumes it."""
         now = time.monotonic()
-        for base in rate_bases:
-            c = self.rates.get(base)
-            if c is None or c[0] != slot or c[1] < 1:
+        for base, limit in rates:
+            if not self.has_rate(base, slot, limit):
                 return False
-        for key in lease_keys:
+        for key, limit in leases:
             c = self.budgets.get(key)
-            if c is None or c.expires < now or c.remaining < estimate:
+            if c is None or c.expires < now or c.remaining < estimate or c.limit != limit:
                 return False
-        for base in rate_bases:
+        for base, _ in rates:
             self.rates[base][1] -= 1
-        for key in lease_keys:
+        for key, _ in leases:
             c = self.budgets[key]
             c.remaining -= estimate
             c.outstanding += estimate
@@ -125,20 +127,23 @@ class Credit:
         c.pending += asked
         return held
 
-    def answered(self, key: str, granted: int, estimate: int, asked: int) -> None:
-        """The ADMIT is back: ``granted`` nano-USD of credit, the request's ``estimate`` held in
-        the lease (both 0 when no lease was granted or the request was refused)."""
+    def answered(self, key: str, granted: int, estimate: int, asked: int, limit: int = 0) -> None:
+        """The ADMIT is back: ``granted`` nano-USD of credit under the budget's ``limit``, the
+        request's ``estimate`` held in the lease (both 0 when no lease was granted or the request
+        was refused)."""
         c = self.budgets[key]
         c.pending -= asked
         if granted > 0:
             c.remaining = granted
+            c.limit = limit
             c.outstanding += estimate
             c.expires = time.monotonic() + LEASE_S
 
-    def granted_rate(self, base: str, slot: int, requests: int) -> None:
+    def granted_rate(self, base: str, slot: int, requests: int, limit: int) -> None:
         """Added to what is left of the minute's credit (all of it is counted in the window)."""
         c = self.rates.get(base)
-        self.rates[base] = [slot, requests + (c[1] if c is not None and c[0] == slot else 0)]
+        left = c[1] if c is not None and c[0] == slot and c[2] == limit else 0
+        self.rates[base] = [slot, requests + left, limit]
 
     def settled(self, key: str, estimate: int) -> None:
         """A leased request settled: its estimate leaves the lease (Redis hears at the next renewal;

@@ -265,7 +265,12 @@ class PolicyEngine:
             label.endswith("requests") and credit.rate_lease(limit) > 0 for label, _, limit in rates
         )
         lease_keys = [credit.lease_keys(k[1]) for k in keys] if leasing else []
-        if leasing and credit.take(slot, [base for _, base, _ in rates], [own for _, own in lease_keys], estimate):
+        if leasing and credit.take(
+            slot,
+            [(base, limit) for _, base, limit in rates],
+            [(own, b.limit_nano) for (_, own), b in zip(lease_keys, budgets, strict=True)],
+            estimate,
+        ):
             ctx.extra["admitted"] = True
             ctx.extra["leased"] = [own for _, own in lease_keys]
             return
@@ -274,7 +279,7 @@ class PolicyEngine:
             cost = 1 if label.endswith("requests") else 0
             # a lease only where this process has no credit left (a window shared by many keys or
             # end users is not leased again, and its credit thrown away, by each of them)
-            lease = credit.rate_lease(limit) if leasing and not credit.has_rate(base, slot) else 0
+            lease = credit.rate_lease(limit) if leasing and not credit.has_rate(base, slot, limit) else 0
             argv += [base, limit, MINUTE_MS, cost, lease]
         argv.append(len(budgets))
         asking = []
@@ -305,13 +310,13 @@ class PolicyEngine:
         if int(result[0]) == 1:
             ctx.extra["admitted"] = True
             if leasing:
-                for i, (_, base, _) in enumerate(rates):
+                for i, (_, base, limit) in enumerate(rates):
                     if int(result[1 + i]):
-                        credit.granted_rate(base, slot, int(result[1 + i]))
+                        credit.granted_rate(base, slot, int(result[1 + i]), limit)
                 leased = []
                 for i, (own, asked) in enumerate(asking):
                     granted = int(result[1 + len(rates) + i])
-                    credit.answered(own, granted, estimate if granted else 0, asked)
+                    credit.answered(own, granted, estimate if granted else 0, asked, budgets[i].limit_nano)
                     if granted:
                         leased.append(own)
                 if leased:  # these budgets hold the request's estimate in the lease, not in reserved

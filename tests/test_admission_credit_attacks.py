@@ -220,3 +220,36 @@ def test_attack_a_request_in_flight_at_the_period_rollover_settles_where_it_rese
 
     held_new, held_old, outstanding = asyncio.run(run())
     assert (held_new, held_old, outstanding) == (3 * ESTIMATE, 0, 0)
+
+
+def test_attack_credit_granted_under_a_higher_limit_admits_nothing_once_it_is_lowered(services):
+    """An admin lowers a budget (to what is already held) and a model's requests per minute (to
+    what is already counted): a replica holding credit granted under the old limits must not
+    admit from it any more."""
+    budget = hard_budget(1000)
+
+    async def refused(r: Replica, n: int, model: str = "priced") -> int:
+        return [await r.admit(model) for _ in range(n)].count(None)
+
+    async def run() -> tuple[int, int]:
+        a = Replica(services[1], budget)
+        await a.start()
+        assert await a.admit() is not None  # a lease of 4 requests' estimates
+        lowered = Budget(budget.id, "t", "tenant", "t", ESTIMATE / NANO, "daily", (), None)
+        a.engine.budgets.by_scope = {("t", "tenant", "t"): [lowered]}
+        budget_refused = await refused(a, 3)
+        await a.engine.close()
+
+        model = f"m{uuid.uuid4().hex[:6]}"
+        b = Replica(services[1], None, limits={"model": {model: {"rpm": 100_000}}})
+        await b.start()
+        assert await b.admit(model) is not None  # a lease of 4 requests
+        b.engine.limits = parse_config({"limits": {"model": {model: {"rpm": 64}}}}).limits
+        slot = int(time.time() * 1000) // 60_000
+        for s in (slot, slot + 1):  # 64 counted (this minute and the next, should it turn meanwhile)
+            await b.redis.execute("SET", f"gw:{{gw}}:rl:model:{model}:r:{s}", 64, "PX", 180_000)
+        rate_refused = await refused(b, 3, model)
+        await b.engine.close()
+        return budget_refused, rate_refused
+
+    assert asyncio.run(run()) == (3, 3)
