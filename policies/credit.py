@@ -59,8 +59,8 @@ class BudgetCredit:
         self.expires = 0.0
         self.limit = 0  # the budget's limit the credit was granted under (a changed one lends none)
         # ADMIT calls on their way that may grant a new lease: each one's estimate plus the lease
-        # it asks for, counted as held until its answer is back (by the renewer, and by this
-        # process's other ADMITs), whichever of them Redis runs first.
+        # it asks for, counted by the renewer until its answer is back (whichever of the two
+        # commands Redis runs first, the key never holds less than the grant).
         self.pending = 0
 
 
@@ -114,18 +114,16 @@ class Credit:
 
     def asking(self, leases_key: str, key: str, asked: int) -> int:
         """Before an ADMIT that may grant a lease under ``key``, for a request of estimate plus
-        lease = ``asked``: what this process holds there (the script counts it instead of the
-        key's stale value, and sets the key to it plus what it grants) — its requests in flight
-        and every other ADMIT of its own still on the way, at the most each may be granted.
-        Unused credit is given up: the answer brings a fresh lease, or none. Pair with
-        ``answered``."""
+        lease = ``asked``: what this process holds there for certain, its leased requests in
+        flight (the script counts the key's value when that is more: what ADMITs of this process
+        it ran before this one granted, answers not back yet). Unused credit is given up: the
+        answer brings a fresh lease, or none. Pair with ``answered``."""
         c = self.budgets.get(key)
         if c is None:
             c = self.budgets[key] = BudgetCredit(leases_key)
         c.remaining = 0
-        held = c.outstanding + c.pending
         c.pending += asked
-        return held
+        return c.outstanding
 
     def answered(self, key: str, granted: int, estimate: int, asked: int, limit: int = 0) -> None:
         """The ADMIT is back: ``granted`` nano-USD of credit under the budget's ``limit``, the

@@ -30,7 +30,9 @@ ADMIT (before the call)
     ``lease_ttl_ms`` unless its process renews it) instead of ``reserved_key``. Every budget
     check counts the live lease keys of the budget's set (``leases_key``; dead ones leave it)
     beside spend and reservations, so leases never let spend pass a hard limit; the caller's
-    own key is counted as ``own_outstanding`` (its requests in flight), which it knows exactly.
+    own key is counted as ``own_outstanding`` (its leased requests in flight, which it knows
+    exactly), or as its value when that is more (grants of the caller's earlier ADMITs whose
+    answers are still on their way; else a value not renewed yet, which errs on the strict side).
     Returns {1, granted lease per rate limit..., granted lease per budget...} or
     {0, kind, index, retry_after_ms, [budget_id, threshold, spent] * fired}.
 
@@ -82,6 +84,10 @@ for b = 1, n_budget do
   local leases_key, own_key = ARGV[i+9], ARGV[i+10]
   local lease, own = tonumber(ARGV[i+11]), tonumber(ARGV[i+12])
   i = i + 13
+  if own_key ~= '' then  -- what this process's ADMITs run before this one (answers on the way) granted
+    local mine = tonumber(redis.call('GET', own_key) or '0')
+    if mine > own then own = mine end
+  end
   local spent = tonumber(redis.call('GET', spent_key) or '0')
   local held = tonumber(redis.call('GET', reserved_key) or '0') + own
   for _, k in ipairs(redis.call('SMEMBERS', leases_key)) do
