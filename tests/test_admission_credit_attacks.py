@@ -4,15 +4,20 @@ embedded Valkey, driven request by request so each interleaving is exact."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+
+import orjson
 
 from core.config import parse_config
 from core.fastredis import PipelinedRedis
 from core.types import RequestContext
 from policies.budgets import NANO, Budget, BudgetCache
 from policies.engine import PolicyEngine
+from tests.conftest import Gateway, wait_until
+from tests.test_policies import admin, cfg, new_key
 
 ESTIMATE = 1000 * NANO // 1_000_000  # 1000 output tokens at 1e-6 USD (prompts are free)
 
@@ -253,3 +258,34 @@ def test_attack_credit_granted_under_a_higher_limit_admits_nothing_once_it_is_lo
         return budget_refused, rate_refused
 
     assert asyncio.run(run()) == (3, 3)
+
+
+def test_attack_a_stream_abandoned_before_its_end_is_still_charged(tmp_root, services, module_mock):
+    """A client that reads a stream's answer and hangs up before its end (before the usage
+    chunk and [DONE]) must still pay for what it was sent: settled with no usage, the request
+    cost nothing, and any budget could be read through for free one stream at a time."""
+    gw = Gateway(tmp_root, cfg(module_mock), services)
+    try:
+        key = new_key(gw, budget_usd=1.0, budget_period="daily")
+        content = "a b c d e f g h i j k l m n o p " + '[[mock:{"chunk_ms": 150, "chunks": 16}]]'
+        body = orjson.dumps(
+            {"model": "priced", "stream": True, "max_tokens": 64, "messages": [{"role": "user", "content": content}]}
+        )
+        sock = socket.create_connection(("127.0.0.1", gw.port))
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + key["key"].encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        seen = b""
+        while seen.count(b'"content"') < 4:  # part of the answer
+            seen += sock.recv(65536)
+        sock.close()
+
+        def budget() -> dict:
+            return admin(gw, "GET", f"/admin/budgets/{key['budget_id']}").json()
+
+        wait_until(lambda: budget()["reserved_usd"] == 0 and budget()["leased_usd"] == 0, timeout=15, what="settled")
+        assert budget()["spent_usd"] > 0
+    finally:
+        gw.stop()
