@@ -107,6 +107,25 @@ def cost_usd(route, usage: Usage | None) -> float:
     return usage.prompt_tokens * inp + usage.completion_tokens * out
 
 
+def input_bytes(body: dict) -> int:
+    """The UTF-8 bytes of an embeddings or rerank request's texts (and the length of token
+    arrays): no tokenizer that falls back to bytes makes more tokens of them."""
+    total = 3
+    inp = body.get("input")
+    texts = [inp] if isinstance(inp, str) else []
+    for item in inp if isinstance(inp, list) else ():
+        if isinstance(item, str):
+            texts.append(item)
+        else:
+            total += len(item) if isinstance(item, list) else 1
+    if isinstance(body.get("query"), str):
+        texts.append(body["query"])
+    docs = body.get("documents")
+    for doc in docs if isinstance(docs, list) else ():
+        texts.append(doc.get("text") if isinstance(doc, dict) else doc)
+    return total + sum(len(t.encode("utf-8", "surrogatepass")) for t in texts if isinstance(t, str))
+
+
 class PolicyEngine:
     def __init__(self, config: Config, redis: PipelinedRedis, budgets: BudgetCache, router) -> None:
         self.config = config
@@ -226,6 +245,8 @@ class PolicyEngine:
         else:
             prompt = approx_prompt(ctx.body)  # no tokenizing on the hot path otherwise
         if ctx.endpoint != "chat":
+            if hard:  # an upper bound: "a a a" or emoji take more tokens than a third of their characters
+                prompt = max(prompt, input_bytes(ctx.body))
             return round(prompt * inp * NANO)
         max_out = ctx.max_output or self.config.policies.default_max_output
         if hard and not ctx.max_output and isinstance(ctx.body, dict):

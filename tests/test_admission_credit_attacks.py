@@ -9,6 +9,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import orjson
 
 from core.config import parse_config
@@ -287,5 +288,35 @@ def test_attack_a_stream_abandoned_before_its_end_is_still_charged(tmp_root, ser
 
         wait_until(lambda: budget()["reserved_usd"] == 0 and budget()["leased_usd"] == 0, timeout=15, what="settled")
         assert budget()["spent_usd"] > 0
+    finally:
+        gw.stop()
+
+
+def test_attack_embeddings_input_with_more_tokens_than_its_character_estimate_cannot_pass_a_hard_budget(
+    tmp_root, services, module_mock
+):
+    """ "a a a ..." is a token every two characters (emoji, several a character): reserved at a
+    third of its characters, one embeddings request costs more than its reservation and spend
+    passes a hard budget. Under a hard budget the reservation is an upper bound (a token per
+    UTF-8 byte at most)."""
+    config = cfg(module_mock)
+    config["models"].append(
+        {
+            "name": "emb",
+            "mode": "embedding",
+            "deployments": [{"provider": "pp", "model": "e", "input_cost_per_token": 1e-6}],
+        }
+    )
+    gw = Gateway(tmp_root, config, services)
+    try:
+        key = new_key(gw, budget_usd=0.0025, budget_period="daily")  # 2500 tokens
+        r = httpx.post(  # 6000 characters, reserved as 2003 tokens; 3000 tokens
+            f"{gw.url}/v1/embeddings",
+            headers={"Authorization": f"Bearer {key['key']}"},
+            json={"model": "emb", "input": "a " * 3000},
+        )
+        assert r.status_code in (200, 429), r.text
+        state = admin(gw, "GET", f"/admin/budgets/{key['budget_id']}").json()
+        assert state["spent_usd"] <= 0.0025, state
     finally:
         gw.stop()
