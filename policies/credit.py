@@ -72,15 +72,16 @@ class Credit:
         self.lease_requests = lease_requests
         self.headroom = headroom
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        # rate key base -> [minute slot, requests left, the limit they were granted under]
-        self.rates: dict[str, list[int]] = {}
+        # (rate key base, the limit it was granted under) -> [minute slot, requests left]; a window
+        # counted under two limits (a minted key's recorded share of its minter's) has two credits
+        self.rates: dict[tuple[str, int], list[int]] = {}
         self.budgets: dict[str, BudgetCredit] = {}  # own lease key -> credit
         self.local_admits = 0  # requests admitted without a round trip (metrics, tests)
         self._task: asyncio.Task | None = None
 
     def has_rate(self, base: str, slot: int, limit: int) -> bool:
-        c = self.rates.get(base)
-        return c is not None and c[0] == slot and c[1] > 0 and c[2] == limit
+        c = self.rates.get((base, limit))
+        return c is not None and c[0] == slot and c[1] > 0
 
     def rate_lease(self, limit: int) -> int:
         """Requests to ask for beside this one: none for limits too small to share (each request
@@ -102,8 +103,8 @@ class Credit:
             c = self.budgets.get(key)
             if c is None or c.expires < now or c.remaining < estimate or c.limit != limit:
                 return False
-        for base, _ in rates:
-            self.rates[base][1] -= 1
+        for rate in rates:
+            self.rates[rate][1] -= 1
         for key, _ in leases:
             c = self.budgets[key]
             c.remaining -= estimate
@@ -139,9 +140,8 @@ class Credit:
 
     def granted_rate(self, base: str, slot: int, requests: int, limit: int) -> None:
         """Added to what is left of the minute's credit (all of it is counted in the window)."""
-        c = self.rates.get(base)
-        left = c[1] if c is not None and c[0] == slot and c[2] == limit else 0
-        self.rates[base] = [slot, requests + left, limit]
+        c = self.rates.get((base, limit))
+        self.rates[base, limit] = [slot, requests + (c[1] if c is not None and c[0] == slot else 0)]
 
     def settled(self, key: str, estimate: int) -> None:
         """A leased request settled: its estimate leaves the lease (Redis hears at the next renewal;
