@@ -58,9 +58,9 @@ class BudgetCredit:
         self.outstanding = 0  # estimates of leased requests admitted and not settled yet
         self.expires = 0.0
         self.limit = 0  # the budget's limit the credit was granted under (a changed one lends none)
-        # ADMIT calls on their way that may grant a new lease: each one's estimate plus the lease
-        # it asks for, counted by the renewer until its answer is back (whichever of the two
-        # commands Redis runs first, the key never holds less than the grant).
+        # The ADMIT on its way that may grant a new lease: its estimate plus the lease it asks
+        # for, counted by the renewer until its answer is back (whichever of the two commands
+        # Redis runs first, the key never holds less than the grant).
         self.pending = 0
 
 
@@ -113,12 +113,17 @@ class Credit:
         ADMITTED_FROM_CREDIT.inc()
         return True
 
+    def asking_now(self, key: str) -> bool:
+        """An ADMIT that may grant a lease under ``key`` is on its way (one at a time: the
+        process's other ADMITs meanwhile count the key as Redis has it, which that ADMIT sets)."""
+        c = self.budgets.get(key)
+        return c is not None and c.pending > 0
+
     def asking(self, leases_key: str, key: str, asked: int) -> int:
         """Before an ADMIT that may grant a lease under ``key``, for a request of estimate plus
-        lease = ``asked``: what this process holds there for certain, its leased requests in
-        flight (the script counts the key's value when that is more: what ADMITs of this process
-        it ran before this one granted, answers not back yet). Unused credit is given up: the
-        answer brings a fresh lease, or none. Pair with ``answered``."""
+        lease = ``asked``: what this process holds there, its leased requests in flight (the
+        script counts it instead of the key's stale value, and sets the key to it). Unused
+        credit is given up: the answer brings a fresh lease, or none. Pair with ``answered``."""
         c = self.budgets.get(key)
         if c is None:
             c = self.budgets[key] = BudgetCredit(leases_key)

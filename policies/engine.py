@@ -308,10 +308,12 @@ class PolicyEngine:
             spent, reserved, alert_prefix, ttl = keys[i]
             hard = "1" if b.enforcement == "hard" else "0"
             argv += [spent, reserved, b.limit_nano, estimate, ttl, alert_prefix, self._thresholds(b), b.id, hard]
-            if leasing:
+            if leasing and credit.asking_now(lease_keys[i][1]):  # counted as Redis has it
+                argv += [lease_keys[i][0], "", 0, 0]
+            elif leasing:
                 leases, own = lease_keys[i]
                 lease = max(estimate, 1) * credit.lease_requests
-                asking.append((own, estimate + lease))
+                asking.append((i, own, estimate + lease))
                 argv += [leases, own, lease, credit.asking(leases, own, estimate + lease)]
             else:  # no lease asked for, but every replica's leases of the budget are counted
                 argv += [leases_key(reserved), "", 0, 0]
@@ -319,7 +321,7 @@ class PolicyEngine:
         try:
             result = await self._run("admit", argv)
         except RedisError as exc:
-            for own, asked in asking:
+            for _, own, asked in asking:
                 credit.answered(own, 0, 0, asked)
             ctx.extra["reserved_nano"] = 0
             if self.config.policies.fail_open:
@@ -335,7 +337,7 @@ class PolicyEngine:
                     if int(result[1 + i]):
                         credit.granted_rate(base, slot, int(result[1 + i]), limit)
                 leased = []
-                for i, (own, asked) in enumerate(asking):
+                for i, own, asked in asking:
                     granted = int(result[1 + len(rates) + i])
                     credit.answered(own, granted, estimate if granted else 0, asked, budgets[i].limit_nano)
                     if granted:
@@ -343,7 +345,7 @@ class PolicyEngine:
                 if leased:  # these budgets hold the request's estimate in the lease, not in reserved
                     ctx.extra["leased"] = leased
             return
-        for own, asked in asking:
+        for _, own, asked in asking:
             credit.answered(own, 0, 0, asked)
         ctx.extra["reserved_nano"] = 0
         kind, index, retry_ms = result[1], int(result[2]) - 1, int(result[3])

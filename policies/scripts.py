@@ -31,8 +31,9 @@ ADMIT (before the call)
     check counts the live lease keys of the budget's set (``leases_key``; dead ones leave it)
     beside spend and reservations, so leases never let spend pass a hard limit; the caller's
     own key is counted as ``own_outstanding`` (its leased requests in flight, which it knows
-    exactly), or as its value when that is more (grants of the caller's earlier ADMITs whose
-    answers are still on their way; else a value not renewed yet, which errs on the strict side).
+    exactly), and set to that (plus the request and the lease when one is granted). A process
+    has one such ADMIT on its way per lease key at a time; its other ADMITs meanwhile pass no
+    ``own_lease_key`` and count its key as Redis has it, like any other.
     Returns {1, granted lease per rate limit..., granted lease per budget...} or
     {0, kind, index, retry_after_ms, [budget_id, threshold, spent] * fired}.
 
@@ -84,10 +85,6 @@ for b = 1, n_budget do
   local leases_key, own_key = ARGV[i+9], ARGV[i+10]
   local lease, own = tonumber(ARGV[i+11]), tonumber(ARGV[i+12])
   i = i + 13
-  if own_key ~= '' then  -- what this process's ADMITs run before this one (answers on the way) granted
-    local mine = tonumber(redis.call('GET', own_key) or '0')
-    if mine > own then own = mine end
-  end
   local spent = tonumber(redis.call('GET', spent_key) or '0')
   local held = tonumber(redis.call('GET', reserved_key) or '0') + own
   for _, k in ipairs(redis.call('SMEMBERS', leases_key)) do
@@ -136,13 +133,21 @@ for _, x in ipairs(incr) do
   redis.call('PEXPIRE', x[1], x[3] * 2)
 end
 for _, x in ipairs(reserve) do
+  local mine = x[7]
   if x[4] > 0 then
-    redis.call('SET', x[6], x[7] + x[2] + x[4], 'PX', lease_ttl)
-    redis.call('SADD', x[5], x[6])
-    redis.call('PEXPIRE', x[5], lease_ttl * 12)
+    mine = mine + x[2] + x[4]
   else
     redis.call('INCRBY', x[1], x[2])
     redis.call('EXPIRE', x[1], x[3])
+  end
+  if x[6] ~= '' then  -- the caller's lease key: exactly what it holds now (credit it gave up dropped)
+    if mine > 0 then
+      redis.call('SET', x[6], mine, 'PX', lease_ttl)
+      redis.call('SADD', x[5], x[6])
+      redis.call('PEXPIRE', x[5], lease_ttl * 12)
+    else
+      redis.call('DEL', x[6])
+    end
   end
 end
 table.insert(grants, 1, 1)
