@@ -119,7 +119,7 @@ class _Conn(asyncio.Protocol):
         self.complete = False
         self.headers_done = False
         self.received = False  # any byte of the current answer
-        self.head_bytes = 0  # bytes received before the headers were complete
+        self.head_bytes = 0  # bytes received before the headers were complete, or since the body last moved
         self.error: BaseException | None = None
         self.closed = False
         self.paused = False
@@ -135,6 +135,7 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received = True
+        body = self.buffered
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -142,7 +143,9 @@ class _Conn(asyncio.Protocol):
             self._fail(inner if isinstance(inner, H1Error) else H1Error(f"malformed HTTP response: {exc}"))
             self.transport.close()
             return
-        if not self.headers_done:
+        if self.headers_done and self.buffered > body:
+            self.head_bytes = 0  # the body moves (chunk framing between its pieces is no head)
+        elif not self.complete:  # the head, or bytes with no body in them: trailers, chunk extensions
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._fail(H1Error(f"response headers longer than {MAX_HEAD_BYTES} bytes"))

@@ -344,6 +344,8 @@ async def call_stream(
             await send({"type": "http.response.body", "body": tail + stream_error_event(err), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:
+        if ctx.usage is None:  # the client left before the end (and its usage): it pays for what it was sent
+            ctx.usage = estimate_stream_usage(ctx, sent)
         hangup.cancel()
         svc.router.release(r)
         with contextlib.suppress(Exception):

@@ -111,7 +111,7 @@ async def _next_step(svc, ctx: RequestContext, scope: dict) -> None:
     ctx.ttft = None
     ctx._prompt_tokens = None
     ctx.max_output = pipeline._int(ctx.body.get("max_completion_tokens")) or pipeline._int(ctx.body.get("max_tokens"))
-    for name in ("settled", "admitted", "reserved_nano", "budgets", "usage_estimated"):
+    for name in ("settled", "admitted", "reserved_nano", "budgets", "budget_keys", "usage_estimated"):
         ctx.extra.pop(name, None)
     await pipeline.admit(svc, ctx, scope)
     await pipeline.scrub(svc, ctx)

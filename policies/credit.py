@@ -33,6 +33,7 @@ import uuid
 
 from core.background import stop_task
 from core.metrics import ADMITTED_FROM_CREDIT
+from policies.scripts import RENEW
 
 log = logging.getLogger("gateway.policies")
 
@@ -41,17 +42,26 @@ LEASE_TTL_MS = 5_000  # a lease key not refreshed for this long is gone (its rep
 RENEW_S = 0.5
 
 
+def leases_key(reserved_key: str) -> str:
+    """The budget period's set of lease keys (every replica's, counted by every budget check)."""
+    return f"{reserved_key}:leases"
+
+
 class BudgetCredit:
     """This process's lease of one budget period."""
 
-    __slots__ = ("asking", "expires", "leases_key", "outstanding", "remaining")
+    __slots__ = ("expires", "leases_key", "limit", "outstanding", "pending", "remaining")
 
     def __init__(self, leases_key: str) -> None:
         self.leases_key = leases_key  # the budget period's set of lease keys
         self.remaining = 0  # nano-USD still to admit from, until ``expires``
         self.outstanding = 0  # estimates of leased requests admitted and not settled yet
         self.expires = 0.0
-        self.asking = 0  # ADMIT calls on their way that may grant a new lease (never deleted then)
+        self.limit = 0  # the budget's limit the credit was granted under (a changed one lends none)
+        # The ADMIT on its way that may grant a new lease: its estimate plus the lease it asks
+        # for, counted by the renewer until its answer is back (whichever of the two commands
+        # Redis runs first, the key never holds less than the grant).
+        self.pending = 0
 
 
 class Credit:
@@ -62,10 +72,16 @@ class Credit:
         self.lease_requests = lease_requests
         self.headroom = headroom
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.rates: dict[str, list[int]] = {}  # rate key base -> [minute slot, requests left]
+        # (rate key base, the limit it was granted under) -> [minute slot, requests left]; a window
+        # counted under two limits (a minted key's recorded share of its minter's) has two credits
+        self.rates: dict[tuple[str, int], list[int]] = {}
         self.budgets: dict[str, BudgetCredit] = {}  # own lease key -> credit
         self.local_admits = 0  # requests admitted without a round trip (metrics, tests)
         self._task: asyncio.Task | None = None
+
+    def has_rate(self, base: str, slot: int, limit: int) -> bool:
+        c = self.rates.get((base, limit))
+        return c is not None and c[0] == slot and c[1] > 0
 
     def rate_lease(self, limit: int) -> int:
         """Requests to ask for beside this one: none for limits too small to share (each request
@@ -74,22 +90,22 @@ class Credit:
 
     def lease_keys(self, reserved_key: str) -> tuple[str, str]:
         """(the budget period's set of lease keys, this process's lease key)."""
-        return f"{reserved_key}:leases", f"{reserved_key}:lease:{self.owner}"
+        return leases_key(reserved_key), f"{reserved_key}:lease:{self.owner}"
 
-    def take(self, slot: int, rate_bases: list[str], lease_keys: list[str], estimate: int) -> bool:
-        """Admits one request from credit when every limit has some; consumes it."""
+    def take(self, slot: int, rates: list[tuple[str, int]], leases: list[tuple[str, int]], estimate: int) -> bool:
+        """Admits one request from credit when every limit has some, granted under the limit
+        that applies now ((rate key base, limit), (own lease key, budget limit)); consumes it."""
         now = time.monotonic()
-        for base in rate_bases:
-            c = self.rates.get(base)
-            if c is None or c[0] != slot or c[1] < 1:
+        for base, limit in rates:
+            if not self.has_rate(base, slot, limit):
                 return False
-        for key in lease_keys:
+        for key, limit in leases:
             c = self.budgets.get(key)
-            if c is None or c.expires < now or c.remaining < estimate:
+            if c is None or c.expires < now or c.remaining < estimate or c.limit != limit:
                 return False
-        for base in rate_bases:
-            self.rates[base][1] -= 1
-        for key in lease_keys:
+        for rate in rates:
+            self.rates[rate][1] -= 1
+        for key, _ in leases:
             c = self.budgets[key]
             c.remaining -= estimate
             c.outstanding += estimate
@@ -97,29 +113,40 @@ class Credit:
         ADMITTED_FROM_CREDIT.inc()
         return True
 
-    def asking(self, leases_key: str, key: str) -> int:
-        """Before an ADMIT that may grant a lease under ``key``: what this process holds in flight
-        there (the script counts it instead of the key's stale value). Unused credit is given
-        up: the answer brings a fresh lease, or none. Pair with ``answered``."""
+    def asking_now(self, key: str) -> bool:
+        """An ADMIT that may grant a lease under ``key`` is on its way (one at a time: the
+        process's other ADMITs meanwhile count the key as Redis has it, which that ADMIT sets)."""
+        c = self.budgets.get(key)
+        return c is not None and c.pending > 0
+
+    def asking(self, leases_key: str, key: str, asked: int) -> int:
+        """Before an ADMIT that may grant a lease under ``key``, for a request of estimate plus
+        lease = ``asked``: what this process holds there, its leased requests in flight (the
+        script counts it instead of the key's stale value, and sets the key to it). Unused
+        credit is given up: the answer brings a fresh lease, or none. Pair with ``answered``."""
         c = self.budgets.get(key)
         if c is None:
             c = self.budgets[key] = BudgetCredit(leases_key)
         c.remaining = 0
-        c.asking += 1
+        c.pending += asked
         return c.outstanding
 
-    def answered(self, key: str, granted: int, estimate: int) -> None:
-        """The ADMIT is back: ``granted`` nano-USD of credit, the request's ``estimate`` held in
-        the lease (both 0 when no lease was granted or the request was refused)."""
+    def answered(self, key: str, granted: int, estimate: int, asked: int, limit: int = 0) -> None:
+        """The ADMIT is back: ``granted`` nano-USD of credit under the budget's ``limit``, the
+        request's ``estimate`` held in the lease (both 0 when no lease was granted or the request
+        was refused)."""
         c = self.budgets[key]
-        c.asking -= 1
+        c.pending -= asked
         if granted > 0:
             c.remaining = granted
+            c.limit = limit
             c.outstanding += estimate
             c.expires = time.monotonic() + LEASE_S
 
-    def granted_rate(self, base: str, slot: int, requests: int) -> None:
-        self.rates[base] = [slot, requests]
+    def granted_rate(self, base: str, slot: int, requests: int, limit: int) -> None:
+        """Added to what is left of the minute's credit (all of it is counted in the window)."""
+        c = self.rates.get((base, limit))
+        self.rates[base, limit] = [slot, requests + (c[1] if c is not None and c[0] == slot else 0)]
 
     def settled(self, key: str, estimate: int) -> None:
         """A leased request settled: its estimate leaves the lease (Redis hears at the next renewal;
@@ -149,25 +176,26 @@ class Credit:
                 log.warning("admission credit not renewed: %s", type(exc).__name__)
 
     async def renew(self, give_up: bool = False) -> None:
-        """Refreshes every lease key to what this process still needs (credit plus requests in
-        flight), drops expired credit, and deletes keys of leases no longer needed."""
+        """Refreshes every lease key to what this process still needs (credit, requests in flight,
+        and what ADMITs on their way may be granted), drops expired credit, and deletes keys of
+        leases no longer needed.
+
+        The values are computed and the one command that sets them is queued in the same step
+        (no await between), so an ADMIT queued after it is run after it by Redis, and one queued
+        before it is in ``pending``: a grant is never overwritten by a smaller value, nor its
+        key deleted."""
         now = time.monotonic()
         slot = int(time.time() * 1000) // 60_000
         for base in [b for b, c in self.rates.items() if c[0] != slot]:
             del self.rates[base]
-        calls = []
+        argv: list = []
         for key, c in list(self.budgets.items()):
             if give_up or c.expires < now:
                 c.remaining = 0
-            if c.asking:  # an ADMIT on its way sets the key itself (a grant), or leaves it be
-                continue
-            need = c.remaining + c.outstanding
-            if need > 0:  # (back in the set too, should a replica have dropped it while the key was away)
-                calls.append(self._redis.execute("SET", key, need, "PX", LEASE_TTL_MS))
-                calls.append(self._redis.execute("SADD", c.leases_key, key))
-                calls.append(self._redis.execute("PEXPIRE", c.leases_key, LEASE_TTL_MS * 12))
-            else:
+            need = c.remaining + c.outstanding + c.pending
+            if need <= 0:
                 del self.budgets[key]
-                calls.append(self._redis.execute("DEL", key))
-        if calls:
-            await asyncio.gather(*calls)
+            # (back in the set too, should a replica have dropped it while the key was away)
+            argv += [key, c.leases_key, need]
+        if argv:
+            await self._redis.execute("EVAL", RENEW, 0, LEASE_TTL_MS, *argv)

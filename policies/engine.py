@@ -23,7 +23,7 @@ from core.tokens import approx_prompt
 from core.types import RequestContext, Usage
 from policies import scripts
 from policies.budgets import NANO, Budget, BudgetCache
-from policies.credit import LEASE_TTL_MS, Credit
+from policies.credit import LEASE_TTL_MS, Credit, leases_key
 
 log = logging.getLogger("gateway.policies")
 
@@ -105,6 +105,25 @@ def cost_usd(route, usage: Usage | None) -> float:
     inp = dep.input_cost or 0.0
     out = dep.output_cost or 0.0
     return usage.prompt_tokens * inp + usage.completion_tokens * out
+
+
+def input_bytes(body: dict) -> int:
+    """The UTF-8 bytes of an embeddings or rerank request's texts (and the length of token
+    arrays): no tokenizer that falls back to bytes makes more tokens of them."""
+    total = 3
+    inp = body.get("input")
+    texts = [inp] if isinstance(inp, str) else []
+    for item in inp if isinstance(inp, list) else ():
+        if isinstance(item, str):
+            texts.append(item)
+        else:
+            total += len(item) if isinstance(item, list) else 1
+    if isinstance(body.get("query"), str):
+        texts.append(body["query"])
+    docs = body.get("documents")
+    for doc in docs if isinstance(docs, list) else ():
+        texts.append(doc.get("text") if isinstance(doc, dict) else doc)
+    return total + sum(len(t.encode("utf-8", "surrogatepass")) for t in texts if isinstance(t, str))
 
 
 class PolicyEngine:
@@ -226,6 +245,8 @@ class PolicyEngine:
         else:
             prompt = approx_prompt(ctx.body)  # no tokenizing on the hot path otherwise
         if ctx.endpoint != "chat":
+            if hard:  # an upper bound: "a a a" or emoji take more tokens than a third of their characters
+                prompt = max(prompt, input_bytes(ctx.body))
             return round(prompt * inp * NANO)
         max_out = ctx.max_output or self.config.policies.default_max_output
         if hard and not ctx.max_output and isinstance(ctx.body, dict):
@@ -257,7 +278,7 @@ class PolicyEngine:
         ctx.extra["reserved_nano"] = estimate
         now_ms = int(time.time() * 1000)
         slot = now_ms // MINUTE_MS
-        keys = [b.keys() for b in budgets]
+        keys = ctx.extra["budget_keys"] = [b.keys() for b in budgets]  # settled there, past midnight too
         credit = self.credit
         # Credit only when every limit can lend some: request counts large enough to share, and
         # budgets (the script decides by their headroom); a tokens-per-minute check needs the window.
@@ -265,32 +286,43 @@ class PolicyEngine:
             label.endswith("requests") and credit.rate_lease(limit) > 0 for label, _, limit in rates
         )
         lease_keys = [credit.lease_keys(k[1]) for k in keys] if leasing else []
-        if leasing and credit.take(slot, [base for _, base, _ in rates], [own for _, own in lease_keys], estimate):
+        if leasing and credit.take(
+            slot,
+            [(base, limit) for _, base, limit in rates],
+            [(own, b.limit_nano) for (_, own), b in zip(lease_keys, budgets, strict=True)],
+            estimate,
+        ):
             ctx.extra["admitted"] = True
             ctx.extra["leased"] = [own for _, own in lease_keys]
             return
         argv: list = [now_ms, len(rates)]
         for label, base, limit in rates:
             cost = 1 if label.endswith("requests") else 0
-            argv += [base, limit, MINUTE_MS, cost, credit.rate_lease(limit) if leasing else 0]
+            # a lease only where this process has no credit left (a window shared by many keys or
+            # end users is not leased again, and its credit thrown away, by each of them)
+            lease = credit.rate_lease(limit) if leasing and not credit.has_rate(base, slot, limit) else 0
+            argv += [base, limit, MINUTE_MS, cost, lease]
         argv.append(len(budgets))
         asking = []
         for i, b in enumerate(budgets):
             spent, reserved, alert_prefix, ttl = keys[i]
             hard = "1" if b.enforcement == "hard" else "0"
             argv += [spent, reserved, b.limit_nano, estimate, ttl, alert_prefix, self._thresholds(b), b.id, hard]
-            if leasing:
+            if leasing and credit.asking_now(lease_keys[i][1]):  # counted as Redis has it
+                argv += [lease_keys[i][0], "", 0, 0]
+            elif leasing:
                 leases, own = lease_keys[i]
-                asking.append(own)
-                argv += [leases, own, max(estimate, 1) * credit.lease_requests, credit.asking(leases, own)]
-            else:
-                argv += ["", "", 0, 0]
+                lease = max(estimate, 1) * credit.lease_requests
+                asking.append((i, own, estimate + lease))
+                argv += [leases, own, lease, credit.asking(leases, own, estimate + lease)]
+            else:  # no lease asked for, but every replica's leases of the budget are counted
+                argv += [leases_key(reserved), "", 0, 0]
         argv += [LEASE_TTL_MS, credit.headroom if credit is not None else 0, ALERT_STREAM]
         try:
             result = await self._run("admit", argv)
         except RedisError as exc:
-            for own in asking:
-                credit.answered(own, 0, 0)
+            for _, own, asked in asking:
+                credit.answered(own, 0, 0, asked)
             ctx.extra["reserved_nano"] = 0
             if self.config.policies.fail_open:
                 log.warning("policy store unreachable, serving without limits: %s", exc)
@@ -301,20 +333,20 @@ class PolicyEngine:
         if int(result[0]) == 1:
             ctx.extra["admitted"] = True
             if leasing:
-                for i, (_, base, _) in enumerate(rates):
+                for i, (_, base, limit) in enumerate(rates):
                     if int(result[1 + i]):
-                        credit.granted_rate(base, slot, int(result[1 + i]))
+                        credit.granted_rate(base, slot, int(result[1 + i]), limit)
                 leased = []
-                for i, own in enumerate(asking):
+                for i, own, asked in asking:
                     granted = int(result[1 + len(rates) + i])
-                    credit.answered(own, granted, estimate if granted else 0)
+                    credit.answered(own, granted, estimate if granted else 0, asked, budgets[i].limit_nano)
                     if granted:
                         leased.append(own)
                 if leased:  # these budgets hold the request's estimate in the lease, not in reserved
                     ctx.extra["leased"] = leased
             return
-        for own in asking:
-            credit.answered(own, 0, 0)
+        for _, own, asked in asking:
+            credit.answered(own, 0, 0, asked)
         ctx.extra["reserved_nano"] = 0
         kind, index, retry_ms = result[1], int(result[2]) - 1, int(result[3])
         kind = kind.decode() if isinstance(kind, bytes) else kind
@@ -472,9 +504,13 @@ class PolicyEngine:
         budgets: list[Budget] = ctx.extra.get("budgets") or []
         reserved = ctx.extra.get("reserved_nano", 0)
         leased = ctx.extra.pop("leased", ())
+        # The period the request was admitted in: its reservation or lease is released there, and
+        # its cost counted there (where the room for it was checked), should the period have ended.
+        keys = ctx.extra.get("budget_keys")
+        if keys is None or len(keys) != len(budgets):
+            keys = [b.keys() for b in budgets]
         argv: list = [int(time.time() * 1000), len(budgets)]
-        for b in budgets:
-            spent, reserved_key, alert_prefix, ttl = b.keys()
+        for b, (spent, reserved_key, alert_prefix, ttl) in zip(budgets, keys, strict=True):
             held = reserved
             if leased and self.credit is not None:
                 own = self.credit.lease_keys(reserved_key)[1]

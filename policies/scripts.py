@@ -30,7 +30,10 @@ ADMIT (before the call)
     ``lease_ttl_ms`` unless its process renews it) instead of ``reserved_key``. Every budget
     check counts the live lease keys of the budget's set (``leases_key``; dead ones leave it)
     beside spend and reservations, so leases never let spend pass a hard limit; the caller's
-    own key is counted as ``own_outstanding`` (its requests in flight), which it knows exactly.
+    own key is counted as ``own_outstanding`` (its leased requests in flight, which it knows
+    exactly), and set to that (plus the request and the lease when one is granted). A process
+    has one such ADMIT on its way per lease key at a time; its other ADMITs meanwhile pass no
+    ``own_lease_key`` and count its key as Redis has it, like any other.
     Returns {1, granted lease per rate limit..., granted lease per budget...} or
     {0, kind, index, retry_after_ms, [budget_id, threshold, spent] * fired}.
 
@@ -130,13 +133,21 @@ for _, x in ipairs(incr) do
   redis.call('PEXPIRE', x[1], x[3] * 2)
 end
 for _, x in ipairs(reserve) do
+  local mine = x[7]
   if x[4] > 0 then
-    redis.call('SET', x[6], x[7] + x[2] + x[4], 'PX', lease_ttl)
-    redis.call('SADD', x[5], x[6])
-    redis.call('PEXPIRE', x[5], lease_ttl * 12)
+    mine = mine + x[2] + x[4]
   else
     redis.call('INCRBY', x[1], x[2])
     redis.call('EXPIRE', x[1], x[3])
+  end
+  if x[6] ~= '' then  -- the caller's lease key: exactly what it holds now (credit it gave up dropped)
+    if mine > 0 then
+      redis.call('SET', x[6], mine, 'PX', lease_ttl)
+      redis.call('SADD', x[5], x[6])
+      redis.call('PEXPIRE', x[5], lease_ttl * 12)
+    else
+      redis.call('DEL', x[6])
+    end
   end
 end
 table.insert(grants, 1, 1)
@@ -185,6 +196,23 @@ for a = 1, #fired, 3 do
   redis.call('XADD', alerts, '*', 'budget', fired[a], 'threshold', fired[a+1], 'spent', fired[a+2])
 end
 return fired
+"""
+
+# Admission credit's renewer (policies/credit.py): ARGV lease_ttl_ms, [own_lease_key, leases_key,
+# need] * n — each lease key set to what its process still needs, or deleted when that is 0.
+RENEW = """
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV, 3 do
+  local key, leases, need = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2])
+  if need > 0 then
+    redis.call('SET', key, need, 'PX', ttl)
+    redis.call('SADD', leases, key)
+    redis.call('PEXPIRE', leases, ttl * 12)
+  else
+    redis.call('DEL', key)
+  end
+end
+return 1
 """
 
 # Spend that happened outside a request (a channel's telephony, reported after the call): added

@@ -215,3 +215,28 @@ def test_attack_an_endless_response_head_is_cut_off():
         await client.close()
 
     run(main())
+
+
+def test_attack_an_endless_trailer_is_cut_off():
+    """After a chunked body's last chunk, trailer fields are a head again: one that never ends
+    (the parser keeps its value whole, growing the gateway's memory) fails the call at the
+    head's bound instead of lasting until the call's deadline."""
+
+    async def endless(reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: ")
+        for _ in range(40):  # 40 x 4 KiB of one trailer's value, never ended
+            writer.write(b"a" * 4096)
+            await writer.drain()
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(5)
+        return False
+
+    async def main():
+        client = H1Client()
+        async with Server(endless) as server:
+            resp = await client.post(server.url, b"{}", HEADERS, 1, 2, 10)
+            with pytest.raises(H1Error, match="longer than"):
+                await resp.read()
+        await client.close()
+
+    run(main())
