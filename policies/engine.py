@@ -151,6 +151,14 @@ class PolicyEngine:
             await self.credit.stop()
         await self._redis.close()
 
+    def _unreachable(self, exc: RedisError, doing: str) -> None:
+        """Redis cannot check limits: go on without them (``policies.fail_open``) or refuse (503)."""
+        if not self.config.policies.fail_open:
+            raise ServiceUnavailable(
+                "The gateway cannot check limits and budgets right now.", code="policy_store_unavailable"
+            ) from None
+        log.warning("policy store unreachable, %s without limits: %s", doing, exc)
+
     async def _run(self, name: str, argv: list, now: bool = False) -> list:
         sha = self._admit_sha if name == "admit" else self._settle_sha
         try:
@@ -324,12 +332,8 @@ class PolicyEngine:
             for _, own, asked in asking:
                 credit.answered(own, 0, 0, asked)
             ctx.extra["reserved_nano"] = 0
-            if self.config.policies.fail_open:
-                log.warning("policy store unreachable, serving without limits: %s", exc)
-                return
-            raise ServiceUnavailable(
-                "The gateway cannot check limits and budgets right now.", code="policy_store_unavailable"
-            ) from None
+            self._unreachable(exc, "serving")
+            return
         if int(result[0]) == 1:
             ctx.extra["admitted"] = True
             if leasing:
@@ -404,12 +408,8 @@ class PolicyEngine:
         try:
             result = await self._run("admit", argv)
         except RedisError as exc:
-            if self.config.policies.fail_open:
-                log.warning("policy store unreachable, replaying without limits: %s", exc)
-                return
-            raise ServiceUnavailable(
-                "The gateway cannot check limits and budgets right now.", code="policy_store_unavailable"
-            ) from None
+            self._unreachable(exc, "replaying")
+            return
         if int(result[0]) == 1:
             return
         label, _, limit = rates[int(result[2]) - 1]

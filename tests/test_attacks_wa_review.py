@@ -10,8 +10,7 @@ import httpx
 import pytest
 
 from channels.config import whatsapp_accounts
-from tests.conftest import Gateway
-from tests.test_idempotency import _config as _idempotency_config
+from tests import test_idempotency
 from tests.test_policies import admin, new_key
 
 ACCOUNT = {
@@ -85,24 +84,8 @@ def test_attack_a_graph_send_whose_connection_breaks_unanswered_is_not_sent_twic
 # ---- Idempotency-Key (gateway/idempotency.py), through a real gateway process ------------------
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_root, services, module_mock):
-    g = Gateway(tmp_root, _idempotency_config(module_mock), services)
-    yield g
-    g.stop()
-
-
-@pytest.fixture(scope="module")
-def agent(gw) -> str:
-    name = f"idem-{uuid.uuid4().hex[:6]}"
-    r = admin(gw, "POST", "/admin/agents", json={"name": name, "model": "m", "template": "You help."})
-    assert r.status_code == 201, r.text
-    return name
-
-
-@pytest.fixture(scope="module")
-def key(gw) -> str:
-    return new_key(gw)["key"]
+# The gateway, agent and key fixtures of tests/test_idempotency.py.
+gw, agent, key = test_idempotency.gw, test_idempotency.agent, test_idempotency.key
 
 
 def test_attack_a_replay_is_not_served_to_a_request_whose_gateway_headers_differ(gw, agent, key, module_mock):
