@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from core.background import stop_task
+from core.env import env_float, env_on
 from core.queue import Queue
 from rag import ingest
 from rag.embedding import LocalEmbedder
@@ -34,25 +35,17 @@ QUEUE = "kb-ingest"
 CONCURRENCY = 2
 
 
-def _env_float(name: str, default: float) -> float:
-    try:
-        value = float(os.environ.get(name, default))
-    except ValueError:
-        return default
-    return value if value >= 0 else default
-
-
 def enabled() -> bool:
-    return os.environ.get("GATEWAY_KB_WORKER", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_on("GATEWAY_KB_WORKER")
 
 
 def make_queue(redis) -> Queue:
     return Queue(
         redis,
         QUEUE,
-        max_retries=int(_env_float("GATEWAY_KB_MAX_RETRIES", 5)),
-        backoff_base=_env_float("GATEWAY_KB_BACKOFF", 2.0),
-        visibility_timeout=max(0.5, _env_float("GATEWAY_KB_VISIBILITY_TIMEOUT", 60.0)),
+        max_retries=int(env_float("GATEWAY_KB_MAX_RETRIES", 5)),
+        backoff_base=env_float("GATEWAY_KB_BACKOFF", 2.0),
+        visibility_timeout=max(0.5, env_float("GATEWAY_KB_VISIBILITY_TIMEOUT", 60.0)),
         dedupe_ttl=3600,
     )
 
@@ -131,7 +124,7 @@ class KbWorker:
             embedders=self._embedders,
             data_dir=self.data_dir,
             max_attempts=self.queue.max_retries + 1,
-            extract_timeout=max(0.1, _env_float("GATEWAY_KB_EXTRACT_TIMEOUT", ingest.EXTRACT_TIMEOUT)),
+            extract_timeout=max(0.1, env_float("GATEWAY_KB_EXTRACT_TIMEOUT", ingest.EXTRACT_TIMEOUT)),
         )
 
     def _embedders(self, model: str, tenant: str):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 from channels.config import WhatsAppAccount, whatsapp_accounts
@@ -18,23 +17,16 @@ from channels.whatsapp.sender import Sender
 from channels.whatsapp.webhook import DEDUPE_TTL, Webhook
 from channels.whatsapp.worker import INBOUND, STATUS, Worker
 from core.background import stop_task
+from core.env import env_float, env_on
 from core.fastredis import PipelinedRedis
 from core.queue import Queue
 
 log = logging.getLogger("channels.whatsapp")
 
 
-def _env_float(name: str, default: float) -> float:
-    try:
-        value = float(os.environ.get(name, default))
-    except ValueError:
-        return default
-    return value if value >= 0 else default
-
-
 def worker_enabled() -> bool:
     """``GATEWAY_CHANNEL_WORKER=0`` keeps a serving process from consuming the channel queues."""
-    return os.environ.get("GATEWAY_CHANNEL_WORKER", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_on("GATEWAY_CHANNEL_WORKER")
 
 
 class WhatsApp:
@@ -57,7 +49,7 @@ class WhatsApp:
         self.pool = pool
         self._owns_pool = owns_pool  # created for the channel (store.create_pool): closed by stop()
         self.redis = redis
-        visibility = max(0.5, _env_float("GATEWAY_WA_VISIBILITY_TIMEOUT", 60.0))
+        visibility = max(0.5, env_float("GATEWAY_WA_VISIBILITY_TIMEOUT", 60.0))
         # the queues' per-message steps and the send state's many small ones go through the
         # pipelined client when there is a URL
         self.fast = PipelinedRedis(redis_url, timeout=5) if redis_url else None
@@ -65,8 +57,8 @@ class WhatsApp:
             redis,
             INBOUND,
             ordered=True,
-            max_retries=int(_env_float("GATEWAY_WA_MAX_RETRIES", 5)),
-            backoff_base=_env_float("GATEWAY_WA_BACKOFF", 2.0),
+            max_retries=int(env_float("GATEWAY_WA_MAX_RETRIES", 5)),
+            backoff_base=env_float("GATEWAY_WA_BACKOFF", 2.0),
             backoff_max=600.0,
             visibility_timeout=visibility,
             dedupe_ttl=DEDUPE_TTL,
@@ -92,7 +84,7 @@ class WhatsApp:
         )
         self.inbound.on_dead = self.worker.on_dead
         self.deliverer = WhatsAppDeliverer(accounts, pool, self.sender, self.inbound)
-        self.concurrency = int(_env_float("GATEWAY_WA_CONCURRENCY", 32)) or 32
+        self.concurrency = int(env_float("GATEWAY_WA_CONCURRENCY", 32)) or 32
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
