@@ -29,7 +29,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import asyncpg
 import orjson
@@ -146,42 +146,47 @@ def window(entries: Iterable[tuple[int, dict]], settings: MemorySettings) -> Win
     """The most recent whole turns of (tokens, message) entries, oldest first, within
     ``window_turns`` and ``window_tokens``. Messages before the first user message (their turn
     began before what is kept) are never sent."""
-    turns: list[list] = []  # [tokens, [(tokens, message)]]
-    for tokens, message in entries:
-        if message.get("role") == "user":
-            turns.append([0, []])
-        elif not turns:
-            continue
-        turns[-1][0] += int(tokens)
-        turns[-1][1].append((int(tokens), message))
-    kept: list[list[tuple[int, dict]]] = []
+    return _cut(reversed(list(entries)), settings)
+
+
+def _cut(newest_first: Iterable[tuple[int, dict]], settings: MemorySettings) -> Window:
+    """``window`` over entries given newest first; it stops taking them once the window is full,
+    so a lazy source (``newest_window``'s decoding) does no work for older ones."""
+    kept: list[tuple[list[dict], list[int], bool]] = []  # newest turn first
+    messages: list[dict] = []  # the turn being read, newest message first
+    counts: list[int] = []
+    tools = False
     budget = settings.window_tokens
-    for total, pairs in reversed(turns):
+    total = 0
+    for tokens, message in newest_first:
+        role = message.get("role")
+        messages.append(message)
+        counts.append(int(tokens))
+        total += int(tokens)
+        if role == "tool" or message.get("tool_calls"):
+            tools = True
+        if role != "user":
+            continue
         if len(kept) >= settings.window_turns or total > budget:
             break
         budget -= total
-        kept.append(pairs)
+        messages.reverse()
+        counts.reverse()
+        kept.append((messages, counts, tools))
+        messages, counts, tools, total = [], [], False, 0
     out = Window()
-    counts: list[int] = []
-    for i, pairs in enumerate(reversed(kept)):
-        messages = [m for _, m in pairs]
-        if _plain(messages):  # nothing to repair: no tool call or result in the turn
-            out.extend(messages)
-            counts.extend(t for t, _ in pairs)
-        else:
-            original = {id(m): t for t, m in pairs}
-            for m in _repair(messages, last=i == len(kept) - 1):
-                out.append(m)
-                counts.append(original[id(m)] if id(m) in original else message_tokens(m))
-    out.tokens = counts
+    out.tokens = []
+    last = len(kept) - 1
+    for i, (turn, turn_counts, has_tools) in enumerate(reversed(kept)):
+        if not has_tools:  # nothing to repair: no tool call or result in the turn
+            out.extend(turn)
+            out.tokens.extend(turn_counts)
+            continue
+        original = {id(m): t for m, t in zip(turn, turn_counts, strict=True)}
+        for m in _repair(turn, last=i == last):
+            out.append(m)
+            out.tokens.append(original[id(m)] if id(m) in original else message_tokens(m))
     return out
-
-
-def _plain(turn: list[dict]) -> bool:
-    for message in turn:
-        if message.get("tool_calls") or message.get("role") == "tool":
-            return False
-    return True
 
 
 def _repair(turn: list[dict], *, last: bool) -> list[dict]:
@@ -220,47 +225,20 @@ def newest_window(raw: list[bytes], settings: MemorySettings) -> Window:
     """``window`` over stored entries (oldest first), decoding from the newest back and only
     while the window can still take a turn: the same messages, at a fraction of the work, since
     the list holds more than a window and the older entries would be cut anyway."""
-    kept: list[tuple[list[dict], list[int], bool]] = []  # newest turn first
-    messages: list[dict] = []  # the turn being read, newest message first
-    counts: list[int] = []
-    tools = False
-    budget = settings.window_tokens
-    total = 0
+    return _cut(_decoded_newest_first(raw), settings)
+
+
+def _decoded_newest_first(raw: list[bytes]) -> Iterator[tuple[int, dict]]:
     for entry in reversed(raw):
         try:
             decoded = orjson.loads(entry)
             tokens, message = int(decoded["t"]), decoded["m"]
-            role = message.get("role")
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            message = None
+        if not isinstance(message, dict):
             log.warning("memory: an unreadable window entry was skipped")
             continue
-        messages.append(message)
-        counts.append(tokens)
-        total += tokens
-        if role == "tool" or message.get("tool_calls"):
-            tools = True
-        if role != "user":
-            continue
-        if len(kept) >= settings.window_turns or total > budget:
-            break
-        budget -= total
-        messages.reverse()
-        counts.reverse()
-        kept.append((messages, counts, tools))
-        messages, counts, tools, total = [], [], False, 0
-    out = Window()
-    out.tokens = []
-    last = len(kept) - 1
-    for i, (turn, turn_counts, has_tools) in enumerate(reversed(kept)):
-        if not has_tools:
-            out.extend(turn)
-            out.tokens.extend(turn_counts)
-            continue
-        original = {id(m): t for m, t in zip(turn, turn_counts, strict=True)}
-        for m in _repair(turn, last=i == last):
-            out.append(m)
-            out.tokens.append(original[id(m)] if id(m) in original else message_tokens(m))
-    return out
+        yield tokens, message
 
 
 def _decode(raw: list[bytes]) -> list[tuple[int, dict]]:
