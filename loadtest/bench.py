@@ -317,31 +317,6 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _send_n(url: str, body_file: Path, key: str, n: int, conns: int) -> dict:
-    """Exactly ``n`` requests (loadtest/bench_agents.py's driver, on core 1)."""
-    out = subprocess.run(
-        [
-            "taskset",
-            "-c",
-            "1",
-            sys.executable,
-            "-m",
-            "loadtest.bench_agents",
-            "drive",
-            url,
-            key,
-            str(body_file),
-            str(n),
-            str(conns),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-    ).stdout
-    return json.loads(out)
-
-
 def leak_check(stack: Stack, tmp: Path, n: int, workers: int, conns: int) -> dict:
     """RSS of every worker after ``n`` requests and after ``10 n`` (the policy path, one key)."""
     url, proc = stack.gateway("gateway-leak", bench_config(stack.mock_url), workers=workers, cores="0,1")
@@ -353,9 +328,9 @@ def leak_check(stack: Stack, tmp: Path, n: int, workers: int, conns: int) -> dic
     body = tmp / "leak-body.json"
     body.write_bytes(json.dumps(CHAT).encode())
     idle = {pid: profiling.rss_mb(pid) for pid in pids}
-    errors = _send_n(target, body, key, n, conns)["errors"]
+    errors = bench_agents.send_n(target, key, body, n, conns)["errors"]
     first = {pid: profiling.rss_mb(pid) for pid in pids}
-    errors += _send_n(target, body, key, 9 * n, conns)["errors"]
+    errors += bench_agents.send_n(target, key, body, 9 * n, conns)["errors"]
     tenth = {pid: profiling.rss_mb(pid) for pid in pids}
     stack.stop_gateway(proc)
     return {

@@ -209,7 +209,9 @@ def _tool_server(stack) -> str:
     return url
 
 
-def _drive(url: str, key: str, body_file: Path, n: int, conc: int) -> float:
+def send_n(url: str, key: str, body_file: Path, n: int, conc: int) -> dict:
+    """Exactly ``n`` requests from ``conc`` connections (this module's ``drive``, on core 1):
+    {seconds, errors}."""
     out = subprocess.run(
         [
             "taskset",
@@ -237,7 +239,7 @@ def _cpu_per_request(pid: int, url: str, key: str, body_file: Path, n: int) -> d
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
     _quiet(pid)
     before = _cpu_ticks(pid)
-    drive = _drive(url, key, body_file, n, CPU_CONCURRENCY)
+    drive = send_n(url, key, body_file, n, CPU_CONCURRENCY)
     time.sleep(1.0)  # what the requests left for the background (ledger, memory writer) runs now
     after = _cpu_ticks(pid)
     return {
@@ -280,50 +282,17 @@ WATCHED = (
 )
 
 
-def _py_spy() -> str | None:
-    import shutil
-
-    from loadtest.profiling import py_spy
-
-    return py_spy() or (shutil.which("py-spy"))
-
-
 def profile(pid: int, tmp: Path, name: str, load, seconds: int = 5) -> dict | None:
     """py-spy (if installed) samples the gateway while ``load()`` runs: the share of samples in
     which the watched functions are on the stack, and the functions most often on top."""
-    import collections
-    import re
+    from loadtest import profiling
 
-    spy = _py_spy()
-    if spy is None:
-        return None
     out = tmp / f"spy-{name}.txt"
-    rec = subprocess.Popen(
-        [spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "-f", "raw", "-o", str(out), "--nonblocking"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    load()
-    try:
-        rec.wait(seconds + 30)
-    except subprocess.TimeoutExpired:
-        rec.kill()
+    rec = profiling.record(pid, out, seconds, load)
+    counts = profiling.sample_counts(out) if rec is not None and rec.returncode == 0 else None
+    if counts is None:
         return None
-    if rec.returncode != 0 or not out.exists():
-        return None
-    inclusive: collections.Counter = collections.Counter()
-    top: collections.Counter = collections.Counter()
-    total = 0
-    for line in out.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
-        n = int(count)
-        total += n
-        for frame in set(frames):
-            inclusive[frame] += n
-        top[frames[-1]] += n
-    if not total:
-        return None
+    total, inclusive, top = counts
     return {
         "samples": total,
         "inclusive_pct": {f: round(100 * inclusive[f] / total, 1) for f in WATCHED},

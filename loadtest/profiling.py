@@ -84,9 +84,9 @@ def record(pid: int, out: Path, seconds: int, load) -> subprocess.Popen | None:
     return rec
 
 
-def summarise(folded: Path, top: int = 15) -> dict | None:
-    """The hottest frames of a folded-stack file: most often on top of the stack (self), and
-    most often anywhere on it (inclusive), as shares of all samples."""
+def sample_counts(folded: Path) -> tuple[int, collections.Counter, collections.Counter] | None:
+    """(samples, per frame: samples with it anywhere on the stack, samples with it on top) of a
+    folded-stack file; None when it holds no sample."""
     if not folded.exists():
         return None
     inclusive: collections.Counter = collections.Counter()
@@ -102,8 +102,16 @@ def summarise(folded: Path, top: int = 15) -> dict | None:
         for frame in set(frames):
             inclusive[frame] += n
         self_[frames[-1]] += n
-    if not total:
+    return (total, inclusive, self_) if total else None
+
+
+def summarise(folded: Path, top: int = 15) -> dict | None:
+    """The hottest frames of a folded-stack file: most often on top of the stack (self), and
+    most often anywhere on it (inclusive), as shares of all samples."""
+    counts = sample_counts(folded)
+    if counts is None:
         return None
+    total, inclusive, self_ = counts
     skip = ("<module>", "Runner.run", "cmd_serve", "Server.run", "asyncio_run", "_run_code", "main (", "run (uvicorn")
     incl = [(f, n) for f, n in inclusive.most_common(200) if not any(s in f for s in skip)]
     return {
