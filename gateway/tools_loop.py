@@ -133,6 +133,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
         return
     deadline = time.monotonic() + TURN_DEADLINE
     total = Usage()
+    parsed: tuple[bytes, dict] | None = None  # the last answer read, and its message
     while True:
         step_started = time.perf_counter()
         try:
@@ -151,6 +152,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
             break
         _add(total, ctx.usage)
         data, message = _message(raw)
+        parsed = (raw, message)
         calls = message.get("tool_calls") or []
         server = [c for c in calls if svc.tools.is_server_tool(agent, (c.get("function") or {}).get("name"))]
         turn.steps.append(_step(ctx, step_started, tool_calls=len(calls)))
@@ -210,7 +212,8 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
 
     async def answer() -> tuple[bytes, dict]:
         out = grounding.with_citations(raw, turn.citations)
-        out, message = await hitl_stage.after_answer(svc, ctx, out, _message(out)[1])  # confidence; maybe escalate
+        message = parsed[1] if parsed is not None and out is parsed[0] else _message(out)[1]  # (read once)
+        out, message = await hitl_stage.after_answer(svc, ctx, out, message)  # confidence; maybe escalate
         await _remember(svc, ctx, message)
         return out, message
 
