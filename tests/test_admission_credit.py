@@ -101,9 +101,8 @@ def test_leased_admission_never_overshoots_a_hard_budget_across_replicas(pair):
 
 def test_leased_admission_keeps_a_rate_limit_across_replicas(pair):
     a, b = pair
-    second = time.time() % 60
-    if second > 40:  # one minute's window: start at the beginning of one
-        time.sleep(61 - second)
+    # one minute's window: start early enough in one to finish inside it
+    wait_until(lambda: time.time() % 60 <= 40, timeout=65, what="the first 40 s of a minute")
     key = new_key(a, rpm=120)  # leases of 4 requests (120 // 8 > 4)
     before = local_admits(a, b)
     ok = sum(chat((a, b)[i % 2], key["key"]).status_code == 200 for i in range(160))
