@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from core import http, metrics
+from core import heap, http, metrics
 from core.config import load_config
 from core.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
 from core.logs import access_log
@@ -90,6 +90,7 @@ class GatewayApp:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
                     return
+                heap.settle()  # what start-up built is never scanned by the collector again
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.vapi is not None:
