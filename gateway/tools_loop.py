@@ -27,6 +27,7 @@ from core.errors import GatewayError
 from core.types import RequestContext, Usage
 from gateway import grounding, hitl_stage, pipeline
 from gateway.routing import Group
+from runtime.memory import Window
 
 log = logging.getLogger("gateway.agents")
 
@@ -313,6 +314,7 @@ async def _remember(svc, ctx: RequestContext, answer: dict) -> None:
             request_id=ctx.request_id,
             prompt_version=turn.selection.version.version,
             variant=turn.selection.variant,
+            base=turn.history if isinstance(turn.history, Window) else None,
         )
     except Exception as exc:  # memory is not the answer: record and go on
         turn.memory_error = f"store failed: {type(exc).__name__}"

@@ -5,15 +5,21 @@ Redis list (entries ``{"s": seq, "t": tokens, "m": message}``) that expires afte
 ``memory.ttl_s`` of silence; a counter beside it hands out message numbers (INCRBY), so two
 replicas storing turns of one conversation at once never collide.
 
-- ``load`` is one LRANGE. The window sent back is cut at turn boundaries only (a user message
-  starts a turn): a tool call stays with its result and an assistant message with the user
-  message it answered. When Redis holds nothing — a new conversation, or one expired or
-  evicted — the window is read from PostgreSQL (the one PostgreSQL query an agent turn can
-  make, on that cache miss only) and Redis is warmed again.
+- ``load`` is one round trip. The window sent back is cut at turn boundaries only (a user
+  message starts a turn): a tool call stays with its result and an assistant message with the
+  user message it answered. Beside the list, Redis keeps the window itself, cut and encoded as
+  one value (``…:w``, ``{"n": last seq, "c": settings, "t": tokens, "m": messages}``): a load
+  decodes that one value and cuts nothing. Without it (another writer's turn, a settings change,
+  a window over ``MAX_WINDOW_BYTES``) the load reads the list's tail and cuts it. When Redis
+  holds nothing — a new conversation, or one expired or evicted — the window is read from
+  PostgreSQL (the one PostgreSQL query an agent turn can make, on that cache miss only) and
+  Redis is warmed again.
 - ``append`` is one Lua call: number the messages, push them, trim to a hard cap, refresh the
-  TTL, and append the turn to a Redis stream, all at once. A ``StreamWriter`` moves the
-  stream into PostgreSQL in batches (ack after commit; a replayed batch inserts nothing twice,
-  since (conversation, seq) is unique).
+  TTL, append the turn to a Redis stream, and store the new window — only if the list's last
+  message is still the one the turn's window was loaded with (``Window.seq``); else the stored
+  window is deleted, since it would miss a turn stored meanwhile (a compare-and-set). A
+  ``StreamWriter`` moves the stream into PostgreSQL in batches (ack after commit; a replayed
+  batch inserts nothing twice, since (conversation, seq) is unique).
 
 What a turn stores is the caller's choice (``append(messages)``); the agent stage should pass
 the user message(s) of the turn, then the assistant and tool messages of its server-side tool
@@ -47,27 +53,46 @@ MEMORY_STREAM = "gw:{gw}:memory"
 MEMORY_GROUP = "memory-writers"
 MAX_CONVERSATION_ID = 256  # characters of the caller's conversation id
 MAX_APPEND = 256  # messages stored by one turn
+MAX_WINDOW_BYTES = 256 * 1024  # a larger window is not stored whole: loads cut the list instead
 SEQ_GRACE_S = 86_400  # the seq counter outlives the window by this much
 _KEPT = ("role", "content", "name", "tool_calls", "tool_call_id", "refusal")
 _NOT_STORED = ("system", "developer")
 
-# Number, push, trim, refresh, and queue for PostgreSQL, in one step. KEYS: window, seq,
-# stream. ARGV: ttl, seq ttl, cap, the turn's stream record, then (tokens, message JSON) pairs.
+# Number, push, trim, refresh, queue for PostgreSQL and store the new window, in one step.
+# KEYS: list, seq, stream, stored window. ARGV: ttl, seq ttl, cap, the turn's stream record, the
+# seq the turn's window was loaded at ('' unknown), the new window after its "n" ('' none),
+# then (tokens, message JSON) pairs.
 _APPEND = """
-local n = (#ARGV - 4) / 2
+local n = (#ARGV - 6) / 2
+local prev = redis.call('LINDEX', KEYS[1], -1)
+local prev_seq = '0'
+if prev then prev_seq = string.match(prev, '^{"s":(%d+)') or '' end
 local last = redis.call('INCRBY', KEYS[2], n)
 local first = last - n + 1
 local items = {}
 for i = 1, n do
   local seq = string.format('%d', first + i - 1)
-  items[i] = '{"s":' .. seq .. ',"t":' .. ARGV[3 + 2 * i] .. ',"m":' .. ARGV[4 + 2 * i] .. '}'
+  items[i] = '{"s":' .. seq .. ',"t":' .. ARGV[5 + 2 * i] .. ',"m":' .. ARGV[6 + 2 * i] .. '}'
 end
 redis.call('RPUSH', KEYS[1], unpack(items))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('XADD', KEYS[3], '*', 'r', ARGV[4], 's', first)
+if ARGV[5] ~= '' and ARGV[6] ~= '' and prev_seq == ARGV[5] then
+  redis.call('SET', KEYS[4], '{"n":' .. string.format('%d', last) .. ',' .. ARGV[6], 'EX', ARGV[1])
+else
+  redis.call('DEL', KEYS[4])
+end
 return first
+"""
+
+# The stored window when there is one, else the list's tail. KEYS: list, stored window.
+# ARGV: the tail's start (negative).
+_LOAD = """
+local w = redis.call('GET', KEYS[2])
+if w then return w end
+return redis.call('LRANGE', KEYS[1], ARGV[1], -1)
 """
 
 # Put back what PostgreSQL holds in front of whatever the list holds now (a turn stored
@@ -112,7 +137,8 @@ def check_conversation_id(conversation_id: object, param: str = "metadata.conver
 
 
 def keys(tenant: str, agent_id: str, conversation_id: str) -> tuple[str, str]:
-    """The window list and seq counter of one conversation. Hashed: the caller's id is any text."""
+    """The window list and seq counter of one conversation. Hashed: the caller's id is any text.
+    (The stored window is the list's key and ``:w``.)"""
     digest = hashlib.blake2b(f"{tenant}\x00{agent_id}\x00{conversation_id}".encode(), digest_size=16).hexdigest()
     return f"gw:{{gw}}:mem:{digest}", f"gw:{{gw}}:mem:{digest}:seq"
 
@@ -134,9 +160,12 @@ def message_tokens(message: dict) -> int:
 class Window(list):
     """The messages of a window, oldest first (a list); ``tokens[i]`` is the token count of
     ``self[i]`` as ``core.tokens.count_prompt`` counts a message, so a turn's prompt is counted
-    without tokenizing its history again (``known``)."""
+    without tokenizing its history again (``known``). ``seq`` is the number of the list's last
+    message when the window was read (0: the list was empty; None: not known), the base of the
+    next append's compare-and-set."""
 
     tokens: list[int]
+    seq: int | None = None
 
     def known(self) -> dict[int, tuple[dict, int]]:
         return {id(m): (m, t) for m, t in zip(self, self.tokens, strict=True)}
@@ -151,49 +180,58 @@ def window(entries: Iterable[tuple[int, dict]], settings: MemorySettings) -> Win
 
 def _cut(newest_first: Iterable[tuple[int, dict]], settings: MemorySettings) -> Window:
     """``window`` over entries given newest first; it stops taking them once the window is full,
-    so a lazy source (``newest_window``'s decoding) does no work for older ones."""
-    kept: list[tuple[list[dict], list[int], bool]] = []  # newest turn first
+    so a lazy source (``newest_window``'s decoding) does no work for older ones. A turn counts
+    against the token budget as it is sent (repaired)."""
+    kept: list[tuple[list[dict], list[int]]] = []  # newest turn first
     messages: list[dict] = []  # the turn being read, newest message first
     counts: list[int] = []
     tools = False
     budget = settings.window_tokens
-    total = 0
     for tokens, message in newest_first:
         role = message.get("role")
         messages.append(message)
         counts.append(int(tokens))
-        total += int(tokens)
         if role == "tool" or message.get("tool_calls"):
             tools = True
         if role != "user":
             continue
-        if len(kept) >= settings.window_turns or total > budget:
+        if len(kept) >= settings.window_turns:
             break
-        budget -= total
         messages.reverse()
         counts.reverse()
-        kept.append((messages, counts, tools))
-        messages, counts, tools, total = [], [], False, 0
+        if tools:  # the newest turn may end with a client's call whose result is on its way
+            messages, counts = _repaired(messages, counts, last=not kept)
+        total = sum(counts)
+        if total > budget:
+            break
+        budget -= total
+        kept.append((messages, counts))
+        messages, counts, tools = [], [], False
     out = Window()
     out.tokens = []
-    last = len(kept) - 1
-    for i, (turn, turn_counts, has_tools) in enumerate(reversed(kept)):
-        if not has_tools:  # nothing to repair: no tool call or result in the turn
-            out.extend(turn)
-            out.tokens.extend(turn_counts)
-            continue
-        original = {id(m): t for m, t in zip(turn, turn_counts, strict=True)}
-        for m in _repair(turn, last=i == last):
-            out.append(m)
-            out.tokens.append(original[id(m)] if id(m) in original else message_tokens(m))
+    for turn, turn_counts in reversed(kept):
+        out.extend(turn)
+        out.tokens.extend(turn_counts)
     return out
+
+
+def _repaired(turn: list[dict], counts: list[int], *, last: bool) -> tuple[list[dict], list[int]]:
+    original = {id(m): t for m, t in zip(turn, counts, strict=True)}
+    out = _repair(turn, last=last)
+    return out, [original[id(m)] if id(m) in original else message_tokens(m) for m in out]
 
 
 def _repair(turn: list[dict], *, last: bool) -> list[dict]:
     """A turn a model will accept: tool messages answer a call made before them in the turn,
-    and an assistant's tool calls are all answered (except at the very end of the window: a
-    client tool whose result the client is about to send)."""
-    answered = {m.get("tool_call_id") for m in turn if m.get("role") == "tool"}
+    and an assistant's tool calls are all answered by a result after them (except at the very
+    end of the window: a client tool whose result the client is about to send)."""
+    seen: set = set()
+    answered: set = set()
+    for message in turn:
+        if message.get("role") == "assistant":
+            seen.update(c.get("id") for c in message.get("tool_calls") or () if isinstance(c, dict))
+        elif message.get("role") == "tool" and message.get("tool_call_id") in seen:
+            answered.add(message.get("tool_call_id"))
     called: set = set()
     out = []
     for index, message in enumerate(turn):
@@ -225,7 +263,84 @@ def newest_window(raw: list[bytes], settings: MemorySettings) -> Window:
     """``window`` over stored entries (oldest first), decoding from the newest back and only
     while the window can still take a turn: the same messages, at a fraction of the work, since
     the list holds more than a window and the older entries would be cut anyway."""
-    return _cut(_decoded_newest_first(raw), settings)
+    out = _cut(_decoded_newest_first(raw), settings)
+    out.seq = _seq(raw[-1]) if raw else 0
+    return out
+
+
+def extended(base: Window, added: list[tuple[int, dict]], settings: MemorySettings) -> Window | None:
+    """The window after a turn stored ``added`` ((tokens, message) pairs) behind ``base``: the
+    same messages ``window`` cuts from the whole list, since a later turn can only push older
+    ones out (``base`` holds every turn the new window can keep), so the oldest turns are dropped
+    while the window is over its budgets. None when ``added`` does not start a turn: it joins
+    the last one, whose repair may have dropped a call that ``added`` answers (only the list
+    has it)."""
+    if not added or added[0][1].get("role") != "user":
+        return None
+    starts = [i for i, m in enumerate(base) if m.get("role") == "user"]
+    if starts and any(m.get("role") == "tool" or m.get("tool_calls") for m in base[starts[-1] :]):
+        entries = [*zip(base.tokens, base, strict=True), *added]  # that turn is repaired anew
+        entries.reverse()
+        return _cut(entries, settings)
+    messages = [m for _, m in added]
+    counts = [int(t) for t, _ in added]
+    if any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+        messages, counts = _repaired(messages, counts, last=True)
+    out = Window()
+    out.tokens = []
+    total = sum(counts)
+    if settings.window_turns < 1 or total > settings.window_tokens:
+        return out
+    total += sum(base.tokens)
+    turns = len(starts) + 1
+    first = 0  # the oldest turn kept: drop from the front while over a budget
+    while turns > settings.window_turns or total > settings.window_tokens:
+        end = starts[first + 1] if first + 1 < len(starts) else len(base)
+        total -= sum(base.tokens[starts[first] : end])
+        turns -= 1
+        first += 1
+    keep = starts[first] if first < len(starts) else len(base)
+    out.extend(base[keep:])
+    out.extend(messages)
+    out.tokens = [*base.tokens[keep:], *counts]
+    return out
+
+
+def fingerprint(settings: MemorySettings) -> str:
+    """What a stored window was cut for: another setting makes it stale."""
+    return f"{settings.window_turns}/{settings.window_tokens}"
+
+
+def stored_window(raw: bytes, settings: MemorySettings) -> Window | None:
+    """The stored window (``…:w``), or None when it is unreadable or cut for other settings."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict) or data.get("c") != fingerprint(settings):
+        return None
+    messages, tokens, seq = data.get("m"), data.get("t"), data.get("n")
+    if (
+        not isinstance(messages, list)
+        or not isinstance(tokens, list)
+        or len(messages) != len(tokens)
+        or type(seq) is not int
+        or not all(type(m) is dict for m in messages)
+        or not all(type(t) is int for t in tokens)
+    ):
+        return None
+    out = Window(messages)
+    out.tokens = tokens
+    out.seq = seq
+    return out
+
+
+def _seq(entry: bytes) -> int | None:
+    head = entry[:32]
+    if not head.startswith(b'{"s":'):
+        return None
+    digits = head[5:].split(b",", 1)[0]
+    return int(digits) if digits.isdigit() else None
 
 
 def _decoded_newest_first(raw: list[bytes]) -> Iterator[tuple[int, dict]]:
@@ -252,6 +367,16 @@ def _decode(raw: list[bytes]) -> list[tuple[int, dict]]:
     return out
 
 
+def _next_window(base: Window | None, added: list[tuple[int, dict]], settings: MemorySettings) -> list:
+    """The append's (base seq, new window) arguments: the window after this turn, encoded after
+    its ``"n":`` (the script adds the seq), or nothing to store (then the stored one is deleted)."""
+    new = extended(base, added, settings) if base is not None and base.seq is not None else None
+    if new is None:
+        return ["", ""]
+    body = b'"c":"%s","t":%s,"m":%s}' % (fingerprint(settings).encode(), orjson.dumps(new.tokens), orjson.dumps(new))
+    return [base.seq, body if len(body) <= MAX_WINDOW_BYTES else ""]
+
+
 class Memory:
     def __init__(
         self,
@@ -271,9 +396,11 @@ class Memory:
         # call than the rest of the memory work together (make bench, --only agents).
         self._fast = fast
         self._append_sha: str | None = None
+        self._load_sha: str | None = None
         self._timeout = timeout  # one Redis call on the request path
         self._db_timeout = db_timeout  # the reload from PostgreSQL on a cache miss
         self._append = redis.register_script(_APPEND)
+        self._load = redis.register_script(_LOAD)
         self._rewarm = redis.register_script(_REWARM)
         self.writer = StreamWriter(
             redis, pool, stream=MEMORY_STREAM, group=MEMORY_GROUP, write=conversations.write_turns, batch=batch,
@@ -283,14 +410,21 @@ class Memory:
     async def start(self) -> None:
         if self._fast is not None:
             self._append_sha = await self._fast.script_load(_APPEND)
+            self._load_sha = await self._fast.script_load(_LOAD)
         await self.writer.start()
 
-    async def _fast_append(self, keys: list[str], args: list) -> None:
+    async def _script(self, name: str, keys: list[str], args: list):
+        """``_APPEND`` or ``_LOAD`` over the pipelined client (one call, its own timer), else
+        redis-py's script object under a timeout."""
+        if self._fast is None:
+            async with asyncio.timeout(self._timeout):
+                return await (self._append if name == "append" else self._load)(keys=keys, args=args)
+        attr, source = ("_append_sha", _APPEND) if name == "append" else ("_load_sha", _LOAD)
         try:
-            await self._fast.evalsha(self._append_sha, len(keys), *keys, *args, limit_s=self._timeout)
+            return await self._fast.evalsha(getattr(self, attr), len(keys), *keys, *args, limit_s=self._timeout)
         except NoScriptError:  # the server restarted and forgot the script
-            self._append_sha = await self._fast.script_load(_APPEND)
-            await self._fast.evalsha(self._append_sha, len(keys), *keys, *args, limit_s=self._timeout)
+            setattr(self, attr, await self._fast.script_load(source))
+            return await self._fast.evalsha(getattr(self, attr), len(keys), *keys, *args, limit_s=self._timeout)
 
     async def stop(self) -> None:
         """Writes what this process stored (and left pending) to PostgreSQL; bounded in time."""
@@ -299,20 +433,28 @@ class Memory:
     async def load(self, tenant: str, agent: Agent, conversation_id: str) -> list[dict]:
         """The recent window of the conversation, oldest first, ready to follow the system prompt."""
         window_key, seq_key = keys(tenant, agent.id, conversation_id)
-        # Only the tail the window can use: the list holds room for tool steps, but a turn is
-        # read back only while it fits, so decoding all of it is wasted work.
+        # The stored window, else only the tail the window can use: the list holds room for
+        # tool steps, but a turn is read back only while it fits, so decoding all of it is
+        # wasted work.
         start = -tail_size(agent.memory)
         try:
-            if self._fast is not None:  # its own per-call timer: no asyncio.timeout per call
-                raw = await self._fast.execute("LRANGE", window_key, start, -1, limit_s=self._timeout)
-            else:
-                async with asyncio.timeout(self._timeout):
-                    raw = await self._redis.lrange(window_key, start, -1)
+            raw = await self._script("load", [window_key, f"{window_key}:w"], [start])
+            if isinstance(raw, bytes):
+                stored = stored_window(raw, agent.memory)
+                if stored is not None:
+                    return stored
+                raw = await self._list_tail(window_key, start)  # cut for other settings: rare
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
         if raw:
             return newest_window(raw, agent.memory)
         return await self._reload(tenant, agent, conversation_id, window_key, seq_key)
+
+    async def _list_tail(self, window_key: str, start: int) -> list[bytes]:
+        if self._fast is not None:
+            return await self._fast.execute("LRANGE", window_key, start, -1, limit_s=self._timeout)
+        async with asyncio.timeout(self._timeout):
+            return await self._redis.lrange(window_key, start, -1)
 
     async def _reload(self, tenant: str, agent: Agent, conversation_id: str, window_key: str, seq_key: str):
         """Redis has nothing: a new conversation, or one whose window expired or was evicted."""
@@ -324,7 +466,9 @@ class Memory:
         except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             raise MemoryUnavailable(f"database: {type(exc).__name__}") from None
         if not rows:
-            return window((), agent.memory)
+            empty = window((), agent.memory)
+            empty.seq = 0
+            return empty
         entries = [(seq, message_tokens(message), message) for seq, message in rows]
         args: list = [agent.memory.ttl_s, agent.memory.ttl_s + SEQ_GRACE_S, cap, rows[-1][0]]
         for seq, tokens, message in entries:
@@ -333,7 +477,9 @@ class Memory:
             await asyncio.wait_for(self._rewarm(keys=[window_key, seq_key], args=args), self._timeout)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("memory: window read from PostgreSQL but not put back in Redis: %s", type(exc).__name__)
-        return window(((t, m) for _, t, m in entries), agent.memory)
+        out = window(((t, m) for _, t, m in entries), agent.memory)
+        out.seq = rows[-1][0]  # the list's last, unless a turn was stored meanwhile (then no match)
+        return out
 
     async def append(
         self,
@@ -345,8 +491,11 @@ class Memory:
         request_id: str,
         prompt_version: int,
         variant: str | None,
+        base: Window | None = None,
     ) -> None:
-        """Stores one turn's messages, in order (one Redis round trip; PostgreSQL follows)."""
+        """Stores one turn's messages, in order (one Redis round trip; PostgreSQL follows).
+        ``base``: the window the turn was answered with (``load``'s); with it the new window is
+        stored too, unless another turn was stored since ``base`` was read."""
         stored = [clean_message(m) for m in messages if isinstance(m, dict) and m.get("role") not in _NOT_STORED]
         if len(stored) > MAX_APPEND:
             stored = stored[-MAX_APPEND:]
@@ -366,19 +515,18 @@ class Memory:
             "messages": stored,
         }
         args: list = [agent.memory.ttl_s, agent.memory.ttl_s + SEQ_GRACE_S, list_cap(agent.memory)]
+        pairs: list = []
         try:
             args.append(orjson.dumps(record))
-            for message in stored:
-                args += [message_tokens(message), orjson.dumps(message)]
+            counted = [(message_tokens(m), m) for m in stored]
+            for tokens, message in counted:
+                pairs += [tokens, orjson.dumps(message)]
+            args += _next_window(base, counted, agent.memory)
         except (orjson.JSONEncodeError, TypeError) as exc:
             raise MemoryUnavailable(f"unstorable message: {type(exc).__name__}") from None
         window_key, seq_key = keys(tenant, agent.id, conversation_id)
         try:
-            if self._fast is not None:
-                await self._fast_append([window_key, seq_key, MEMORY_STREAM], args)
-            else:
-                async with asyncio.timeout(self._timeout):
-                    await self._append(keys=[window_key, seq_key, MEMORY_STREAM], args=args)
+            await self._script("append", [window_key, seq_key, MEMORY_STREAM, f"{window_key}:w"], [*args, *pairs])
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
 

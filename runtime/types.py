@@ -107,6 +107,7 @@ class Turn:
     variables: dict
     new_messages: list[dict]  # what the client sent this turn (stored in memory after the answer)
     memory_loaded: int = 0  # messages prepended from memory
+    history: list = field(default_factory=list)  # what memory gave (runtime.memory.Window): the next append's base
     memory_error: str | None = None  # memory was unavailable: the turn answered without it
     steps: list[dict] = field(default_factory=list)  # one entry per model call and per tool call
     degraded: bool = False  # answered with the fallback message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 
 import asyncpg
@@ -19,6 +20,7 @@ from runtime.memory import (
     Memory,
     MemoryUnavailable,
     check_conversation_id,
+    clean_message,
     keys,
     message_tokens,
     window,
@@ -402,5 +404,157 @@ def test_a_record_postgres_refuses_goes_to_the_dead_letter_stream(services):
             return [e for _, e in entries if tenant.encode() in e[b"r"] or e[b"r"] == b"{not json"]
 
         assert len(await _until(dead, "the poison records dead-lettered")) >= 2
+
+    _run(services, body)
+
+
+# --- the stored window (``…:w``) -------------------------------------------------------------
+
+
+def _random_kinds(rng):
+    return [
+        _turn,
+        _tool_turn,
+        lambda i: [
+            {"role": "user", "content": f"q{i}"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": f"c{i}", "type": "function", "function": {"name": "client", "arguments": "{}"}}],
+            },
+        ],
+        lambda i: [{"role": "tool", "tool_call_id": f"c{i - 1}", "content": "late result"}],
+        lambda i: [{"role": "tool", "tool_call_id": f"orphan{i}", "content": "r"}],
+        lambda i: [{"role": "assistant", "content": "a" * rng.randint(1, 900), "name": "human"}],
+        lambda i: [{"role": "user", "content": "u " * rng.randint(1, 400)}],
+    ]
+
+
+def test_a_window_extended_turn_by_turn_equals_the_window_cut_from_the_whole_list():
+    """What an append stores (``extended``: the loaded window plus the turn, cut again) must be
+    what cutting the whole list would give, turn after turn — tool steps, a client call answered
+    a turn later, orphan results, oversized turns and every budget included."""
+    from runtime.memory import extended
+
+    rng = random.Random(20261126)
+    kinds = _random_kinds(rng)
+    for case in range(300):
+        settings = MemorySettings(window_turns=rng.randint(1, 12), window_tokens=rng.choice([60, 400, 4000, 100_000]))
+        stored: list[dict] = []
+        chained = window((), settings)
+        for i in range(rng.randint(1, 30)):
+            added = _entries(rng.choice(kinds)(i))
+            stored += [m for _, m in added]
+            whole = window(_entries(stored), settings)
+            chained = extended(chained, added, settings)
+            if chained is None:  # the turn joins the last one: the load cuts the list instead
+                assert added[0][1]["role"] != "user"
+                chained = whole
+                continue
+            assert chained == whole, (case, i)
+            assert chained.tokens == whole.tokens, (case, i)
+
+
+def test_the_stored_window_is_what_the_list_gives(services):
+    async def body(memory: Memory, pool, redis):
+        tenant, conv = f"t-{uuid.uuid4().hex[:8]}", "conv-stored"
+        agent = _agent(tenant, window_turns=3)
+        window_key, _ = keys(tenant, agent.id, conv)
+        for i in range(5):
+            base = await memory.load(tenant, agent, conv)
+            turn = _tool_turn(i) if i % 2 else _turn(i)
+            await memory.append(
+                tenant, agent, conv, turn, request_id=f"r{i}", prompt_version=1, variant=None, base=base
+            )
+            assert await redis.exists(f"{window_key}:w"), i
+        from_stored = await memory.load(tenant, agent, conv)
+        assert orjson.loads(await redis.get(f"{window_key}:w"))["n"] == from_stored.seq
+        await redis.delete(f"{window_key}:w")
+        from_list = await memory.load(tenant, agent, conv)
+        assert from_stored == from_list == [clean_message(m) for m in (*_turn(2), *_tool_turn(3), *_turn(4))]
+        assert from_stored.tokens == from_list.tokens and from_stored.seq == from_list.seq == 14
+
+    _run(services, body)
+
+
+def test_a_turn_stored_since_the_window_was_read_is_never_lost(services):
+    """Two replicas answer turns of one conversation from the same window at once: the second
+    append must not store a window without the first one's turn; a person's reply (stored with
+    no window) and a turn stored by a replica that read nothing drop the stored window too."""
+
+    async def body(memory: Memory, pool, redis):
+        tenant, conv = f"t-{uuid.uuid4().hex[:8]}", "conv-cas"
+        agent = _agent(tenant)
+        window_key, _ = keys(tenant, agent.id, conv)
+        second = Memory(pool, aioredis.from_url(services[1]))
+        try:
+            await memory.append(tenant, agent, conv, _turn(0), request_id="r0", prompt_version=1, variant=None)
+            base = await memory.load(tenant, agent, conv)
+            base_again = await second.load(tenant, agent, conv)
+            await memory.append(
+                tenant, agent, conv, _turn(1), request_id="r1", prompt_version=1, variant=None, base=base
+            )
+            assert await redis.exists(f"{window_key}:w")
+            await second.append(
+                tenant, agent, conv, _turn(2), request_id="r2", prompt_version=1, variant=None, base=base_again
+            )
+            assert not await redis.exists(f"{window_key}:w")  # its window lacked turn 1
+            assert await memory.load(tenant, agent, conv) == [*_turn(0), *_turn(1), *_turn(2)]
+
+            base = await memory.load(tenant, agent, conv)
+            await memory.append(
+                tenant, agent, conv, _turn(3), request_id="r3", prompt_version=1, variant=None, base=base
+            )
+            assert await redis.exists(f"{window_key}:w")
+            reply = {"role": "assistant", "content": "a person answers", "name": "human"}
+            await second.append(tenant, agent, conv, [reply], request_id="h1", prompt_version=1, variant=None)
+            assert not await redis.exists(f"{window_key}:w")
+            assert (await memory.load(tenant, agent, conv))[-1] == reply
+
+            # concurrent turns on one replica, all from the same window
+            base = await memory.load(tenant, agent, conv)
+            await asyncio.gather(
+                *(
+                    memory.append(
+                        tenant, agent, conv, _turn(i), request_id=f"c{i}", prompt_version=1, variant=None, base=base
+                    )
+                    for i in range(10, 14)
+                )
+            )
+            loaded = await memory.load(tenant, agent, conv)
+            assert sorted(m["content"] for m in loaded[-8:]) == sorted(
+                m["content"] for i in range(10, 14) for m in _turn(i)
+            )
+        finally:
+            await second._redis.aclose()
+
+    _run(services, body)
+
+
+def test_a_stored_window_cut_for_other_settings_or_too_large_is_not_used(services):
+    async def body(memory: Memory, pool, redis):
+        tenant, conv = f"t-{uuid.uuid4().hex[:8]}", "conv-settings"
+        agent = _agent(tenant, window_turns=10)
+        window_key, _ = keys(tenant, agent.id, conv)
+        for i in range(4):
+            base = await memory.load(tenant, agent, conv)
+            await memory.append(
+                tenant, agent, conv, _turn(i), request_id=f"r{i}", prompt_version=1, variant=None, base=base
+            )
+        narrower = Agent(
+            id=agent.id, tenant=tenant, name="support", model="gpt-mock", memory=MemorySettings(window_turns=2)
+        )
+        assert await memory.load(tenant, narrower, conv) == [*_turn(2), *_turn(3)]  # not the stored 4 turns
+        # a window larger than MAX_WINDOW_BYTES is not stored; loads cut the list
+        big = [{"role": "user", "content": "x" * 200_000}, {"role": "assistant", "content": "y" * 100_000}]
+        wide = _agent(tenant, window_turns=10, window_tokens=1_000_000)
+        base = await memory.load(tenant, wide, "conv-big")
+        await memory.append(tenant, wide, "conv-big", big, request_id="b1", prompt_version=1, variant=None, base=base)
+        big_key, _ = keys(tenant, wide.id, "conv-big")
+        assert not await redis.exists(f"{big_key}:w")
+        assert await memory.load(tenant, wide, "conv-big") == big
+        # an unreadable stored window is read from the list
+        await redis.set(f"{window_key}:w", b"{not json")
+        assert await memory.load(tenant, agent, conv) == [m for i in range(4) for m in _turn(i)]
 
     _run(services, body)
