@@ -22,6 +22,7 @@ Everything here is plain Python over short texts (bounded): the bench
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -66,7 +67,14 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text[:MAX_TEXT].lower())
 
 
-def _similar(a: set[str], b: set[str]) -> bool:
+@functools.lru_cache(maxsize=1024)
+def _word_set(text: str) -> frozenset[str]:
+    """The words of an earlier question. A conversation's last questions are compared again on
+    each of its next turns, so they are split once (1,024 texts of at most ``MAX_TEXT``)."""
+    return frozenset(words(text))
+
+
+def _similar(a: set[str], b: frozenset[str]) -> bool:
     if not a or not b:
         return False
     return len(a & b) / len(a | b) >= 0.8
@@ -116,7 +124,7 @@ def score(signals: Signals, settings: EscalationSettings) -> Confidence:
                 urgency = _max_urgency(urgency, "high")
         if signals.previous_questions:
             mine = set(tokens)
-            if any(_similar(mine, set(words(q))) for q in signals.previous_questions[-3:]):
+            if any(_similar(mine, _word_set(q[:MAX_TEXT])) for q in signals.previous_questions[-3:]):
                 factors.append(("repeated_question", 0.35))
     if signals.judge is not None:
         factors.append(("judge", max(0.0, min(1.0, signals.judge))))
