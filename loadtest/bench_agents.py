@@ -740,10 +740,11 @@ async def _send_all(url: str, key: str, template: bytes, n: int, conc: int) -> d
     counter = iter(range(n))
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
-    async def worker(session) -> None:
+    async def worker(session, w: int) -> None:
         nonlocal errors
+        mine = template.replace(b"{w}", str(w).encode())  # one conversation per worker: turns in order
         for i in counter:
-            async with session.post(url, data=_body(template, i), headers=headers) as r:
+            async with session.post(url, data=_body(mine, i), headers=headers) as r:
                 await r.read()
                 errors += r.status != 200
 
@@ -751,7 +752,7 @@ async def _send_all(url: str, key: str, template: bytes, n: int, conc: int) -> d
 
     start = time.perf_counter()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc)) as session:
-        await asyncio.gather(*(worker(session) for _ in range(conc)))
+        await asyncio.gather(*(worker(session, w) for w in range(conc)))
     return {"seconds": time.perf_counter() - start, "errors": errors}
 
 

@@ -91,6 +91,7 @@ def test_leased_admission_never_overshoots_a_hard_budget_across_replicas(pair):
     assert state["spent_usd"] <= limit + 1e-12, (state, outcomes)
     assert outcomes["ok"] >= 40, outcomes  # leases did not strand most of the budget
     assert outcomes["insufficient_quota"] + outcomes["budget_reserved"] == 300 - outcomes["ok"]
+
     # every reservation was settled, and the leases are given back once their credit expires
     def held() -> tuple[float, float]:
         state = admin(a, "GET", f"/admin/budgets/{key['budget_id']}").json()
