@@ -107,6 +107,34 @@ def test_entries_of_a_killed_consumer_are_claimed_written_and_deleted(services, 
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+def test_the_writer_recreates_its_group_when_redis_lost_it(services, client):
+    async def main():
+        stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
+        redis = aioredis.from_url(services[1])
+        written: list[dict] = []
+
+        async def write(conn, entries):
+            written.extend(entries)
+
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            writer = _writer(redis, pool, client, services[1], stream, write, block_ms=100)
+            await writer.start()
+            try:
+                await redis.xadd(stream, {"n": "before"})
+                await _until(lambda: _empty(redis, stream), "the first entry written")
+                await redis.delete(stream)  # a restart without persistence: stream and group gone
+                await redis.xadd(stream, {"n": "after"})  # appended again, to a stream with no group
+                await _until(lambda: _empty(redis, stream), "the group recreated and the entry written")
+            finally:
+                await writer.stop()
+        assert written == [{b"n": b"before"}, {b"n": b"after"}]
+        await redis.delete(stream)
+        await redis.aclose()
+
+    asyncio.run(main())
+
+
 def test_a_blocking_read_outlasts_a_shorter_connection_timeout_and_stop_closes_the_connection(services, caplog):
     async def main():
         stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
@@ -197,7 +225,8 @@ def test_memory_turns_reach_postgres_over_the_writers_own_connection(services):
     async def main():
         pool = await _pool(services)
         redis = aioredis.from_url(services[1])
-        memory = Memory(pool, redis, fast=PipelinedRedis(services[1]), reader=PipelinedRedis(services[1], timeout=10))
+        fast = PipelinedRedis(services[1])
+        memory = Memory(pool, redis, fast=fast, reader=PipelinedRedis(services[1], timeout=10))
         await memory.start()
         tenant = f"t-{uuid.uuid4().hex[:8]}"
         agent = Agent(id=f"agt_{uuid.uuid4().hex[:12]}", tenant=tenant, name="a", model="m", memory=MemorySettings())
@@ -215,7 +244,7 @@ def test_memory_turns_reach_postgres_over_the_writers_own_connection(services):
             await _until(written, "the turns in PostgreSQL")
         finally:
             await memory.stop()
-            await memory._fast.close()
+            await fast.close()  # the request path's client is the caller's to close
             await redis.aclose()
             await pool.close()
 
