@@ -178,17 +178,16 @@ class PipelinedRedis:
             await futures[-1]
         except ResponseError:
             pass  # raised below: the first error reply, whichever command it answered
-        except _Expired:
-            for fut in futures:
-                fut.cancel()  # their replies, if they come, are skipped
+        except BaseException as exc:  # timed out, cancelled, or the connection lost
+            for fut in futures:  # replies still to come are skipped; those in are retrieved (no warning)
+                if not fut.cancel() and not fut.cancelled():
+                    fut.exception()
+            if not isinstance(exc, _Expired):
+                raise
+            # The connection's replies can no longer be matched to callers: start afresh.
             if self._proto is not None and self._proto.transport is not None:
                 self._proto.transport.close()
             raise RedisTimeoutError("Redis did not answer in time") from None
-        except BaseException:  # cancelled, or the connection lost (every future failed with it)
-            for fut in futures:
-                if not fut.cancel():
-                    fut.exception()  # retrieved: no "never retrieved" warning
-            raise
         finally:
             timer.cancel()
         errors = [f.exception() for f in futures]
