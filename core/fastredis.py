@@ -159,6 +159,43 @@ class PipelinedRedis:
         finally:
             timer.cancel()
 
+    async def execute_many(self, commands: list[tuple], limit_s: float | None = None) -> list:
+        """Sends the commands in one write and returns their replies in order, or raises the first
+        error reply: one future per command, but a single timer and a single wait (replies come
+        in order, so the last one in means all are), where ``execute`` per command costs a task
+        and a timer each."""
+        if not commands:
+            return []
+        if self._proto is None:
+            await self._connect()
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in commands]
+        self._waiting.extend(futures)
+        self._buffer.extend(pack(args) for args in commands)
+        self._flush()
+        timer = loop.call_at(loop.time() + (limit_s or self._timeout), _expire, futures[-1])
+        try:
+            await futures[-1]
+        except ResponseError:
+            pass  # raised below: the first error reply, whichever command it answered
+        except BaseException as exc:  # timed out, cancelled, or the connection lost
+            for fut in futures:  # replies still to come are skipped; those in are retrieved (no warning)
+                if not fut.cancel() and not fut.cancelled():
+                    fut.exception()
+            if not isinstance(exc, _Expired):
+                raise
+            # The connection's replies can no longer be matched to callers: start afresh.
+            if self._proto is not None and self._proto.transport is not None:
+                self._proto.transport.close()
+            raise RedisTimeoutError("Redis did not answer in time") from None
+        finally:
+            timer.cancel()
+        errors = [f.exception() for f in futures]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+        return [f.result() for f in futures]
+
     async def evalsha(self, sha: str, numkeys: int, *args, limit_s: float | None = None, now: bool = False):
         return await self.execute("EVALSHA", sha, numkeys, *args, limit_s=limit_s, now=now)
 

@@ -123,11 +123,17 @@ class Services:
         # the agent runtime: registry (cached, pub/sub), memory, tools, run records
         agents = AgentRegistry(pool, redis)
         await agents.start()
-        memory = Memory(pool, redis, fast=PipelinedRedis(settings.redis_url, timeout=2))
+        # the stream writers (memory, runs) read and ack over connections of their own (blocking reads)
+        memory = Memory(
+            pool,
+            redis,
+            fast=PipelinedRedis(settings.redis_url, timeout=2),
+            reader=PipelinedRedis(settings.redis_url, timeout=10),
+        )
         await memory.start()
         tools = ToolRunner()
         await tools.start()
-        runs = RunRecorder(pool, redis)
+        runs = RunRecorder(pool, redis, fast=fast, reader=PipelinedRedis(settings.redis_url, timeout=10))
         await runs.start()
         # knowledge bases: the local embedding model and the ingestion worker on the kb-ingest queue
         embedder = kb_worker.make_embedder()

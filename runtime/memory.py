@@ -388,6 +388,7 @@ class Memory:
         batch: int = 500,
         claim_idle: float = 15.0,
         fast=None,
+        reader=None,
     ) -> None:
         self._pool = pool
         self._redis = redis
@@ -402,9 +403,10 @@ class Memory:
         self._append = redis.register_script(_APPEND)
         self._load = redis.register_script(_LOAD)
         self._rewarm = redis.register_script(_REWARM)
+        # ``reader``: the stream writer's own pipelined connection (it blocks on its reads)
         self.writer = StreamWriter(
             redis, pool, stream=MEMORY_STREAM, group=MEMORY_GROUP, write=conversations.write_turns, batch=batch,
-            claim_idle=claim_idle,
+            claim_idle=claim_idle, fast=reader,
         )  # fmt: skip
 
     async def start(self) -> None:

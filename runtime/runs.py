@@ -10,6 +10,10 @@ the runs, the flusher writes them to PostgreSQL itself.
 ``StreamWriter`` is the ledger's pattern (policies/ledger.py) made generic, since a domain
 cannot import policies: consumer group, batch, write in one transaction, ack after commit,
 claim entries of consumers that died (SIGKILL). ``runtime.memory`` uses it too.
+
+Given ``core.fastredis`` clients (the composition passes them), the per-batch stream calls
+(append, read, ack, claim) skip redis-py: its Python command packing and reply parsing cost
+more of an agent turn's CPU than the rest of this module's work.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ MAX_TEXT = 200  # characters kept of any string field
 MAX_BUFFER = 10_000  # runs waiting for Redis in this process; beyond that the oldest are dropped
 FLUSH_BATCH = 500  # runs appended to the stream in one pipelined round trip
 LINGER_S = 0.05  # how long the flusher lets runs gather before appending them
+REPLY_S = 5.0  # how long a Redis reply may take beyond a blocking read's wait
 
 Writer = Callable[[asyncpg.Connection, list[dict]], Awaitable[None]]
 
@@ -49,9 +54,23 @@ def _clean_nul(raw: bytes) -> str:
     return raw.replace(b"\\u0000", b"\\ufffd").decode()
 
 
+def _entries(raw: list) -> list[tuple[bytes, dict]]:
+    """``(id, fields)`` of entries as hiredis parses them (RESP2): ``[id, [k1, v1, k2, v2...]]``,
+    the fields nil for an entry deleted since it was read."""
+    out = []
+    for entry_id, flat in raw:
+        pairs = iter(flat or ())
+        out.append((entry_id, dict(zip(pairs, pairs, strict=False))))
+    return out
+
+
 class StreamWriter:
     """Moves the entries of one Redis stream to PostgreSQL with ``write(conn, entries)`` (each
-    entry its fields, as a dict of bytes), called inside a transaction."""
+    entry its fields, as a dict of bytes), called inside a transaction.
+
+    ``fast``, a ``core.fastredis.PipelinedRedis`` of the writer's own (a blocking read holds its
+    connection, so never one the request path shares), reads, acknowledges and claims the
+    entries; ``stop()`` closes it. ``redis`` (redis-py) does the rare calls."""
 
     def __init__(
         self,
@@ -65,8 +84,10 @@ class StreamWriter:
         claim_idle: float = 15.0,
         linger: float = 0.2,
         block_ms: int = 500,
+        fast=None,
     ) -> None:
         self._redis = redis
+        self._fast = fast
         self._pool = pool
         self.stream = stream
         self.group = group
@@ -106,6 +127,8 @@ class StreamWriter:
                 await self._redis.xgroup_delconsumer(self.stream, self.group, self._name)
         except Exception as exc:  # shutdown goes on; what is not written stays in the stream
             log.warning("%s: final flush failed, entries stay in the stream: %s", self.stream, exc)
+        if self._fast is not None:
+            await self._fast.close()
 
     async def drain(self) -> int:
         """Writes everything readable now (own pending entries, then new ones), without blocking;
@@ -139,6 +162,14 @@ class StreamWriter:
                 await pause(self._stopping, 1.0)
 
     async def _read(self, start: str, block: int | None) -> list[tuple[bytes, dict]]:
+        if self._fast is not None:
+            args = ["XREADGROUP", "GROUP", self.group, self._name, "COUNT", self._batch]
+            if block is not None:
+                args += ["BLOCK", block]
+            # a blocking read's reply comes after its wait: the connection's timeout must not cut it
+            limit = None if block is None else block / 1000 + REPLY_S
+            reply = await self._fast.execute(*args, "STREAMS", self.stream, start, limit_s=limit)
+            return _entries(reply[0][1]) if reply else []
         reply = await self._redis.xreadgroup(
             self.group, self._name, {self.stream: start}, count=self._batch, block=block
         )
@@ -173,6 +204,11 @@ class StreamWriter:
                     raise
                 await self._isolate(records)
         ids = [i for i, _ in entries]
+        if self._fast is not None:
+            await asyncio.gather(
+                self._fast.execute("XACK", self.stream, self.group, *ids), self._fast.execute("XDEL", self.stream, *ids)
+            )
+            return
         pipe = self._redis.pipeline(transaction=False)
         pipe.xack(self.stream, self.group, *ids)
         pipe.xdel(self.stream, *ids)
@@ -200,12 +236,18 @@ class StreamWriter:
         """Entries a dead consumer read but never acknowledged become ours."""
         start = "0-0"
         while True:
-            result = await self._redis.xautoclaim(
-                self.stream, self.group, self._name, self._claim_idle_ms, start_id=start, count=self._batch
-            )
-            start, claimed = result[0], list(result[1])
+            if self._fast is not None:
+                result = await self._fast.execute(
+                    "XAUTOCLAIM", self.stream, self.group, self._name, self._claim_idle_ms, start, "COUNT", self._batch
+                )
+                start, claimed = result[0], _entries(result[1])
+            else:
+                result = await self._redis.xautoclaim(
+                    self.stream, self.group, self._name, self._claim_idle_ms, start_id=start, count=self._batch
+                )
+                start, claimed = result[0], [(i, f or {}) for i, f in result[1]]
             if claimed:
-                await self._commit([(i, f or {}) for i, f in claimed])
+                await self._commit(claimed)
             if start in (b"0-0", "0-0"):
                 return
 
@@ -355,12 +397,18 @@ async def tenant_transaction(pool: asyncpg.Pool, tenant: str | None):
 
 
 class RunRecorder:
-    def __init__(self, pool: asyncpg.Pool, redis, *, batch: int = 500, claim_idle: float = 15.0) -> None:
+    """``fast`` (a ``core.fastredis.PipelinedRedis``; appends do not block, so the request path's
+    shared one will do) appends the runs; ``reader``, one of the writer's own, moves them on."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, redis, *, fast=None, reader=None, batch: int = 500, claim_idle: float = 15.0
+    ) -> None:
         self._pool = pool
         self._redis = redis
+        self._fast = fast
         self._writer = StreamWriter(
             redis, pool, stream=RUNS_STREAM, group=RUNS_GROUP, write=_write_run_entries, batch=batch,
-            claim_idle=claim_idle,
+            claim_idle=claim_idle, fast=reader,
         )  # fmt: skip
         self._buffer: collections.deque[bytes] = collections.deque()
         self._wake = asyncio.Event()
@@ -444,10 +492,7 @@ class RunRecorder:
         while self._buffer:
             batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), FLUSH_BATCH))]
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                for encoded in batch:
-                    pipe.xadd(RUNS_STREAM, {"r": encoded})
-                await asyncio.wait_for(pipe.execute(), 5)
+                await self._append(batch)
             except Exception as exc:
                 log.warning("run records: Redis unavailable (%s), writing to PostgreSQL directly", exc)
                 try:
@@ -455,6 +500,15 @@ class RunRecorder:
                 except BaseException:
                     self._buffer.extendleft(reversed(batch))
                     raise
+
+    async def _append(self, batch: list[bytes]) -> None:
+        if self._fast is None:
+            pipe = self._redis.pipeline(transaction=False)
+            for encoded in batch:
+                pipe.xadd(RUNS_STREAM, {"r": encoded})
+            await asyncio.wait_for(pipe.execute(), 5)
+            return
+        await self._fast.execute_many([("XADD", RUNS_STREAM, "*", "r", encoded) for encoded in batch], limit_s=5)
 
     async def _write_direct(self, batch: list[bytes]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():

@@ -1,0 +1,290 @@
+"""The stream writers of runs and memory over either Redis client: redis-py, or the pipelined
+hiredis client (core.fastredis) that takes redis-py off their per-turn path (real Valkey and
+PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from core.fastredis import PipelinedRedis
+from gateway.db import migrate
+from runtime import conversations
+from runtime.memory import Memory
+from runtime.runs import RunRecorder, StreamWriter
+from runtime.types import Agent, MemorySettings
+from tests.conftest import free_port
+from tests.test_runs import _run_record
+
+CLIENTS = ["redis-py", "fastredis"]
+
+
+async def _until(check, what: str, within: float = 20.0):
+    deadline = asyncio.get_running_loop().time() + within
+    while not (result := await check()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.05)
+    return result
+
+
+def _reader(client: str, url: str, **kw) -> PipelinedRedis | None:
+    return PipelinedRedis(url, **{"timeout": 10, **kw}) if client == "fastredis" else None
+
+
+def _writer(redis, pool, client: str, url: str, stream: str, write, **kw) -> StreamWriter:
+    return StreamWriter(redis, pool, stream=stream, group="g", write=write, fast=_reader(client, url), **kw)
+
+
+async def _empty(redis, stream: str) -> bool:
+    return await redis.xlen(stream) == 0 and (await redis.xpending(stream, "g"))["pending"] == 0
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_own_pending_entries_are_rewritten_after_a_failed_write_and_a_deleted_one_is_skipped(services, client):
+    async def main():
+        stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
+        redis = aioredis.from_url(services[1])
+        ids = [await redis.xadd(stream, {"n": str(i)}) for i in range(3)]
+        calls: list[list[dict]] = []
+
+        async def write(conn, entries):
+            calls.append(entries)
+            if len(calls) == 1:  # the database fails this batch; meanwhile one of its entries is deleted
+                await redis.xdel(stream, ids[1])
+                raise OSError("database away")
+
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            writer = _writer(redis, pool, client, services[1], stream, write)
+            await writer.start()
+            try:
+                await _until(lambda: _empty(redis, stream), "stream written, acknowledged and emptied")
+            finally:
+                await writer.stop()
+        assert calls == [[{b"n": b"0"}, {b"n": b"1"}, {b"n": b"2"}], [{b"n": b"0"}, {b"n": b"2"}]]
+        await redis.delete(stream)
+        await redis.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_entries_of_a_killed_consumer_are_claimed_written_and_deleted(services, client):
+    async def main():
+        stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
+        redis = aioredis.from_url(services[1])
+        await redis.xgroup_create(stream, "g", id="0", mkstream=True)
+        for i in range(5):
+            await redis.xadd(stream, {"n": str(i)})
+        # a consumer reads them and dies (SIGKILL) before writing them
+        await redis.xreadgroup("g", "dead-consumer", {stream: ">"}, count=100)
+        written: list[dict] = []
+
+        async def write(conn, entries):
+            written.extend(entries)
+
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            # claims come after 20 idle reads: short ones
+            writer = _writer(redis, pool, client, services[1], stream, write, claim_idle=0.0, batch=2, block_ms=50)
+            await writer.start()
+            try:
+                await _until(lambda: _empty(redis, stream), "claimed entries written and deleted")
+            finally:
+                await writer.stop()
+        assert sorted(e[b"n"] for e in written) == [b"0", b"1", b"2", b"3", b"4"]
+        consumers = await redis.xinfo_consumers(stream, "g")
+        assert [c["pending"] for c in consumers if c["name"] == b"dead-consumer"] == [0]
+        await redis.delete(stream)
+        await redis.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_the_writer_recreates_its_group_when_redis_lost_it(services, client):
+    async def main():
+        stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
+        redis = aioredis.from_url(services[1])
+        written: list[dict] = []
+
+        async def write(conn, entries):
+            written.extend(entries)
+
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            writer = _writer(redis, pool, client, services[1], stream, write, block_ms=100)
+            await writer.start()
+            try:
+                await redis.xadd(stream, {"n": "before"})
+                await _until(lambda: _empty(redis, stream), "the first entry written")
+                await redis.delete(stream)  # a restart without persistence: stream and group gone
+                await redis.xadd(stream, {"n": "after"})  # appended again, to a stream with no group
+                await _until(lambda: _empty(redis, stream), "the group recreated and the entry written")
+            finally:
+                await writer.stop()
+        assert written == [{b"n": b"before"}, {b"n": b"after"}]
+        await redis.delete(stream)
+        await redis.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_blocking_read_outlasts_a_shorter_connection_timeout_and_stop_closes_the_connection(services, caplog):
+    async def main():
+        stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
+        redis = aioredis.from_url(services[1])
+        fast = PipelinedRedis(services[1], timeout=0.2)  # shorter than the 500 ms wait of a read
+        connection = await fast.execute("CLIENT", "ID")
+
+        async def write(conn, entries):
+            return None
+
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            writer = StreamWriter(redis, pool, stream=stream, group="g", write=write, fast=fast, block_ms=500)
+            with caplog.at_level(logging.WARNING, logger="gateway.runs"):
+                await writer.start()
+                await asyncio.sleep(1.2)  # two reads waited out on an empty stream
+                await writer.stop()
+        assert not [r for r in caplog.records if "failed" in r.getMessage()]
+        # the writer's connection is closed once its last batch is written
+        await _until(lambda: _gone(redis, connection), "the writer's connection closed")
+        await redis.delete(stream)
+        await redis.aclose()
+
+    async def _gone(redis, connection: int) -> bool:
+        return not (await redis.execute_command("CLIENT", "LIST", "ID", connection)).strip()
+
+    asyncio.run(main())
+
+
+async def _pool(services) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(services[0], min_size=1, max_size=4)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    return pool
+
+
+def test_runs_recorded_over_the_pipelined_clients_go_through_the_stream_to_postgres(services, caplog):
+    async def main():
+        pool = await _pool(services)
+        redis = aioredis.from_url(services[1])
+        fast = PipelinedRedis(services[1])
+        runs = RunRecorder(pool, redis, fast=fast, reader=PipelinedRedis(services[1], timeout=10))
+        await runs.start()
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        recorded = [_run_record(tenant) for _ in range(3)]
+        try:
+            for run in recorded:
+                runs.record(run)
+            runs.record({**recorded[0], "status": 500})  # the same request id again: the first one stays
+            with caplog.at_level(logging.WARNING, logger="gateway.runs"):
+                await runs.flush()
+            assert not caplog.records  # appended to the stream, not written around it
+            for run in recorded:
+                got = await runs.get(tenant, run["request_id"])
+                assert got is not None and got["status"] == 200 and got["steps"] == run["steps"]
+            assert await pool.fetchval("SELECT count(*) FROM runs WHERE tenant = $1", tenant) == 3
+        finally:
+            await runs.stop()
+            await fast.close()  # the shared client is the caller's to close
+            await redis.aclose()
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_runs_reach_postgres_when_the_pipelined_client_cannot_reach_redis(services):
+    async def main():
+        pool = await _pool(services)
+        nowhere = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+        redis = aioredis.from_url(nowhere)
+        runs = RunRecorder(pool, redis, fast=PipelinedRedis(nowhere), reader=PipelinedRedis(nowhere))
+        await runs.start()
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        run = _run_record(tenant)
+        try:
+            runs.record(run)
+        finally:
+            await runs.stop()  # the recorder writes what Redis could not take straight to PostgreSQL
+            await redis.aclose()
+        try:
+            assert (await runs.get(tenant, run["request_id"]))["tenant"] == tenant
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_memory_turns_reach_postgres_over_the_writers_own_connection(services):
+    async def main():
+        pool = await _pool(services)
+        redis = aioredis.from_url(services[1])
+        fast = PipelinedRedis(services[1])
+        memory = Memory(pool, redis, fast=fast, reader=PipelinedRedis(services[1], timeout=10))
+        await memory.start()
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        agent = Agent(id=f"agt_{uuid.uuid4().hex[:12]}", tenant=tenant, name="a", model="m", memory=MemorySettings())
+        turns = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(3)]
+        try:
+            for i, turn in enumerate(turns):
+                await memory.append(tenant, agent, "conv", turn, request_id=f"r{i}", prompt_version=1, variant=None)
+            await memory.flush()
+            stored = [m for turn in turns for m in turn]
+
+            async def written():
+                history = await conversations.history(pool, tenant, agent.id, "conv", 100)
+                return [h["message"] for h in history] == stored
+
+            await _until(written, "the turns in PostgreSQL")
+        finally:
+            await memory.stop()
+            await fast.close()  # the request path's client is the caller's to close
+            await redis.aclose()
+            await pool.close()
+
+    asyncio.run(main())
+
+
+# --- PipelinedRedis.execute_many ---------------------------------------------------------------
+
+
+def test_execute_many_answers_in_order_and_raises_the_first_error_after_every_command_ran(services):
+    async def main():
+        key = f"test:em-{uuid.uuid4().hex[:8]}"
+        fast = PipelinedRedis(services[1])
+        try:
+            assert await fast.execute_many([("INCR", key), ("INCRBY", key, 5), ("GET", key)]) == [1, 6, b"6"]
+            with pytest.raises(ResponseError):
+                await fast.execute_many([("INCR", key), ("HGET", key, "f"), ("INCR", key)])  # a wrong type
+            assert await fast.execute("GET", key) == b"8"  # the commands after the error ran too
+            assert await fast.execute_many([]) == []
+        finally:
+            await fast.execute("DEL", key)
+            await fast.close()
+
+    asyncio.run(main())
+
+
+def test_execute_many_times_out_and_the_client_answers_again_afterwards(services):
+    async def main():
+        fast = PipelinedRedis(services[1], timeout=5)
+        try:
+            with pytest.raises(RedisTimeoutError):
+                await fast.execute_many([("PING",), ("BLPOP", f"test:none-{uuid.uuid4().hex}", 2)], limit_s=0.2)
+            assert await _until(lambda: _pong(fast), "a fresh connection") == b"PONG"
+        finally:
+            await fast.close()
+
+    async def _pong(fast):
+        try:
+            return await fast.execute("PING")
+        except Exception:
+            return None
+
+    asyncio.run(main())
