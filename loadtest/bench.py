@@ -106,10 +106,10 @@ def _ms(value: str) -> float:
     return number / 1000 if unit == "us" else number * 1000 if unit == "s" else number
 
 
-def wrk(url: str, script: Path, seconds: int, conns: int, pid: int | None = None) -> dict:
+def wrk(url: str, script: Path, seconds: int, conns: int, pid: int | None = None, threads: int = 2) -> dict:
     """wrk from core 1; with ``pid``, also the CPU time that server process (and its children)
     spent per request (utime + stime from /proc over the run, divided by the requests wrk
-    completed)."""
+    completed). ``threads == conns``: one connection per wrk thread."""
     before = profiling.tree_ticks(pid) if pid else 0
     out = subprocess.run(
         [
@@ -118,7 +118,7 @@ def wrk(url: str, script: Path, seconds: int, conns: int, pid: int | None = None
             "1",
             "wrk",
             "-t",
-            "2",
+            str(threads),
             "-c",
             str(conns),
             "-d",

@@ -193,6 +193,31 @@ def _varying_script(tmp: Path, name: str, body: dict, key: str, prefix: str) -> 
     return path
 
 
+def _per_thread_script(tmp: Path, name: str, body: dict, key: str, prefix: str) -> Path:
+    """One conversation per wrk thread (``<prefix>-<thread>``): run with as many threads as
+    connections, each conversation's turns arrive one after another, as a person's do."""
+    marker = "@@CONVERSATION@@"
+    text = json.dumps({**body, "metadata": {"conversation_id": marker}})
+    head, tail = text.split(marker)
+    path = tmp / f"wrk-{name}.lua"
+    path.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+        f"head = {_lua(head + prefix + '-')}\n"
+        f"tail = {_lua(tail)}\n"
+        "tid = 0\n"
+        "function setup(thread)\n"
+        "  tid = tid + 1\n"
+        '  thread:set("tid", tid)\n'
+        "end\n"
+        "function request()\n"
+        "  return wrk.format(nil, nil, nil, head .. tid .. tail)\n"
+        "end\n"
+    )
+    return path
+
+
 # ---- the benchmark ------------------------------------------------------------------------
 
 
@@ -309,7 +334,16 @@ def memory_window_cost(repeat: int = 2000) -> dict:
 
     import orjson
 
-    from runtime.memory import _decode, list_cap, message_tokens, newest_window, tail_size, window
+    from runtime.memory import (
+        _decode,
+        _next_window,
+        list_cap,
+        message_tokens,
+        newest_window,
+        stored_window,
+        tail_size,
+        window,
+    )
     from runtime.types import MemorySettings
 
     settings = MemorySettings()
@@ -318,7 +352,11 @@ def memory_window_cost(repeat: int = 2000) -> dict:
         message = {"role": "user" if seq % 2 == 0 else "assistant", "content": USER}
         raw.append(orjson.dumps({"s": seq, "t": message_tokens(message), "m": message}))
     tail = raw[-tail_size(settings) :]
-    kept = len(newest_window(tail, settings))
+    base = newest_window(tail, settings)
+    kept = len(base)
+    turn = ({"role": "user", "content": USER}, {"role": "assistant", "content": USER})
+    added = [(message_tokens(m), m) for m in turn]
+    stored = b'{"n":%d,' % base.seq + _next_window(base, added, settings)[1]
 
     def per_call(fn) -> float:
         return round(min(timeit.repeat(fn, number=repeat, repeat=3)) / repeat * 1e6, 1)
@@ -330,6 +368,8 @@ def memory_window_cost(repeat: int = 2000) -> dict:
         "load_us": per_call(lambda: newest_window(tail, settings)),
         "decode_all_then_cut_us": per_call(lambda: window(_decode(tail), settings)),
         "decode_kept_only_us": per_call(lambda: [orjson.loads(x) for x in tail[-kept:]]),
+        "stored_load_us": per_call(lambda: stored_window(stored, settings)),
+        "next_window_us": per_call(lambda: _next_window(base, added, settings)),
     }
 
 
@@ -390,6 +430,9 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
     history_script = _fixed_script(tmp, "plain-history", history, key)
     res["meta"]["history_messages"] = len(sent)
     wrk(chat, plain_script, 1, connections)
+    # Many conversations, each one's turns in order (one per wrk thread), their windows full.
+    ordered_script = _per_thread_script(tmp, "agent-ordered", agent, key, f"bench-ordered-{uuid.uuid4().hex[:8]}")
+    wrk(chat, ordered_script, 3, connections, threads=connections)  # warm-up: > 20 turns each
     res["rounds"] = []
     span = max(1, round(seconds * 0.3))
     res["meta"]["span"] = span
@@ -400,7 +443,12 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
         v = wrk(chat, varying, span, connections)
         s = wrk(chat, stateless_script, span, connections)
         h = wrk(chat, history_script, span, connections)
+        po = wrk(chat, plain_script, span, connections, threads=connections)
+        o = wrk(chat, ordered_script, span, connections, threads=connections)
         row = {
+            "plain_threads": po,
+            "agent_ordered": o,
+            "ratio_ordered": o["rps"] / po["rps"],
             "plain_history": h,
             "ratio_fixed_vs_history": f["rps"] / h["rps"],
             "plain": p,
@@ -416,6 +464,7 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
             f"agents round {i + 1}: plain {p['rps']:.0f}  agent (one conversation) {f['rps']:.0f} "
             f"({row['ratio_fixed']:.3f}×)  agent (new conversation each) {v['rps']:.0f} ({row['ratio_new']:.3f}×)"
             f"  agent (no conversation) {s['rps']:.0f} ({row['ratio_stateless']:.3f}×)"
+            f"  agent ({connections} conversations in order) {o['rps']:.0f} ({row['ratio_ordered']:.3f}×)"
             f"  non-2xx {p['non_2xx']}/{f['non_2xx']}/{v['non_2xx']}/{s['non_2xx']}",
             flush=True,
         )
@@ -508,6 +557,10 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
             "metadata": {"conversation_id": f"cpu-{uuid.uuid4().hex[:8]}-{{n}}"},
         },
         "agent, no conversation": agent,
+        f"agent, {CPU_CONCURRENCY} conversations in order": {
+            **agent,
+            "metadata": {"conversation_id": f"cpu-ordered-{uuid.uuid4().hex[:8]}-{{w}}"},
+        },
         "tool turn (agent, 2 model calls + 1 tool call)": tool_turn,
         "model call 1 via gateway (plain, tools offered)": step1,
     }
@@ -515,6 +568,8 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
         f = tmp / f"cpu-{len(res['cpu'])}.json"
         f.write_text(json.dumps(body))
         n = CPU_REQUESTS if "tool" not in name else CPU_REQUESTS // 2
+        if "in order" in name:  # each worker's conversation first gets a full window
+            send_n(chat, key, f, CPU_CONCURRENCY * 22, CPU_CONCURRENCY)
         res["cpu"][name] = _cpu_per_request(proc.pid, chat, key, f, n)
         print(f"agents CPU {name}: {res['cpu'][name]}", flush=True)
     stack.stop_gateway(proc)
@@ -555,9 +610,31 @@ def report(res: dict, date: str) -> str:
             f"| {r['agent_new']['rps']:.0f} | {r['ratio_new']:.3f} "
             f"| {r['agent_stateless']['rps']:.0f} | {r['ratio_stateless']:.3f} |"
         )
+    ordered_rows = [r for r in rounds if "ratio_ordered" in r]
+    if ordered_rows:
+        lines += [
+            "",
+            f"Many conversations, each one's turns in order (wrk -t {m['connections']} -c {m['connections']}: one "
+            "conversation per wrk thread, its window full after the warm-up), against the plain request sent the "
+            "same way in the same round:",
+            "",
+            "| round | plain req/s (same wrk threads) | agent, conversations in order | ratio |",
+            "|---|---:|---:|---:|",
+        ]
+        for i, r in enumerate(ordered_rows, 1):
+            lines.append(
+                f"| {i} | {r['plain_threads']['rps']:.0f} | {r['agent_ordered']['rps']:.0f} "
+                f"| {r['ratio_ordered']:.3f} |"
+            )
+    ordered = sorted(r["ratio_ordered"] for r in ordered_rows)
     stateless = sorted(r["ratio_stateless"] for r in rounds)
     like = sorted(r["ratio_fixed_vs_history"] for r in rounds if "ratio_fixed_vs_history" in r)
-    errors = sum(r[k]["non_2xx"] for r in rounds for k in ("plain", "agent_fixed", "agent_new", "agent_stateless"))
+    errors = sum(
+        r[k]["non_2xx"]
+        for r in rounds
+        for k in ("plain", "agent_fixed", "agent_new", "agent_stateless", "agent_ordered", "plain_threads")
+        if k in r
+    )
     lines += [
         "",
         f"**Agent turn with memory vs. the same request proxied plainly: {_median(fixed):.3f}× the throughput** "
@@ -565,7 +642,13 @@ def report(res: dict, date: str) -> str:
         f"the stored turns on every call); **{_median(new):.3f}×** with a new conversation per request (an empty "
         "Redis window, so one PostgreSQL read per turn, and every turn copied to PostgreSQL in the background). "
         f"Without a conversation id (prompt rendered, no memory): **{_median(stateless):.3f}×**. "
-        f"Non-2xx answers over all rounds: {errors}.",
+        f"Non-2xx answers over all rounds: {errors}."
+        + (
+            f" **Many conversations, each in order** (the usual case: a person waits for the answer before "
+            f"writing again; the stored window is used): **{_median(ordered):.3f}×**."
+            if ordered
+            else ""
+        ),
         "",
         f"Like for like — the agent turn with one conversation vs. a plain request carrying the same "
         f"{res['meta'].get('history_messages', '?')} messages upstream (its system prompt and history): "
@@ -695,6 +778,7 @@ def _where(res: dict) -> list[str]:
     stateless = c["agent, no conversation"]["us_per_request"]
     fixed = c["agent, one conversation"]["us_per_request"]
     new = c["agent, new conversation each"]["us_per_request"]
+    ordered = next((r["us_per_request"] for k, r in c.items() if "in order" in k), None)
     goal = plain / 0.7
     w = res["memory_window"]
     lines = [
@@ -705,12 +789,23 @@ def _where(res: dict) -> list[str]:
         f"{fixed - stateless:+.0f} µs more with one long conversation and {new - stateless:+.0f} µs with a new "
         f"conversation per request. At 0.7× the plain throughput a CPU-bound worker may spend {goal:.0f} µs "
         f"per agent turn: {fixed - goal:+.0f} µs from there (one conversation), {new - goal:+.0f} µs (new "
-        f"conversation each), {stateless - goal:+.0f} µs (no conversation).",
+        f"conversation each), {stateless - goal:+.0f} µs (no conversation)"
+        + (
+            f"; conversations in order: memory adds {ordered - stateless:+.0f} µs, {ordered - goal:+.0f} µs from "
+            "the 0.7× budget."
+            if ordered is not None
+            else "."
+        ),
+        "- One conversation under wrk -c 64 is 64 turns of one conversation at once: nearly every turn's "
+        "window was read before another turn of it was stored, so the stored window's compare-and-set fails "
+        "and loads cut the list; conversations whose turns come in order read the stored window.",
         f"- `Memory.load` reads the newest {w['tail_messages']} of the list's {w['list_messages']} messages "
         f"(LRANGE) and cuts the window ({w['window_messages']} messages here) while decoding from the newest "
         f"back: {w['load_us']:.0f} µs per load in process, against {w['decode_all_then_cut_us']:.0f} µs for "
         f"decoding the whole tail and cutting afterwards, and {w['decode_kept_only_us']:.0f} µs for the JSON "
-        "decoding alone of the kept entries (the floor while history is decoded at all).",
+        "decoding alone of the kept entries (the floor while history is decoded at all). The stored window "
+        f"(one value): {w['stored_load_us']:.0f} µs to decode and check; storing the next one costs the "
+        f"append {w['next_window_us']:.0f} µs (the turn added, the oldest dropped, encoded).",
     ]
     for key, what in (("profile_fixed", "the one-conversation agent"), ("profile_new", "a new conversation each")):
         prof = res.get(key)

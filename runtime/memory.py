@@ -393,8 +393,8 @@ class Memory:
         self._pool = pool
         self._redis = redis
         # The two round trips of a turn (load, append) over the pipelined hiredis client when the
-        # composition passes one (core.fastredis): redis-py's asyncio client cost more CPU per
-        # call than the rest of the memory work together (make bench, --only agents).
+        # composition passes one (core.fastredis; ``stop`` closes it): redis-py's asyncio client
+        # cost more CPU per call than the rest of the memory work together (make bench, agents).
         self._fast = fast
         self._append_sha: str | None = None
         self._load_sha: str | None = None
@@ -431,6 +431,8 @@ class Memory:
     async def stop(self) -> None:
         """Writes what this process stored (and left pending) to PostgreSQL; bounded in time."""
         await self.writer.stop()
+        if self._fast is not None:
+            await self._fast.close()
 
     async def load(self, tenant: str, agent: Agent, conversation_id: str) -> list[dict]:
         """The recent window of the conversation, oldest first, ready to follow the system prompt."""

@@ -244,7 +244,7 @@ def test_memory_turns_reach_postgres_over_the_writers_own_connection(services):
             await _until(written, "the turns in PostgreSQL")
         finally:
             await memory.stop()
-            await fast.close()  # the request path's client is the caller's to close
+            await fast.close()  # (closed by memory.stop already: a second close does nothing)
             await redis.aclose()
             await pool.close()
 
