@@ -166,12 +166,15 @@ def _fixed_script(tmp: Path, name: str, body: dict, key: str) -> Path:
     return path
 
 
-def _varying_script(tmp: Path, name: str, body: dict, key: str, prefix: str) -> Path:
+def _varying_script(tmp: Path, name: str, body: dict, key: str, prefix: str, per_request: bool = True) -> Path:
     """A new conversation id per request: ``<prefix>-<thread>-<counter>`` (a fresh prefix per
-    wrk run, so no round finds the conversations of an earlier one)."""
+    wrk run, so no round finds the conversations of an earlier one). ``per_request=False``: one
+    conversation per wrk thread (``<prefix>-<thread>``); run with as many threads as connections,
+    each conversation's turns arrive one after another, as a person's do."""
     marker = "@@CONVERSATION@@"
     text = json.dumps({**body, "metadata": {"conversation_id": marker}})
     head, tail = text.split(marker)
+    suffix = 'tid .. "-" .. counter' if per_request else "tid"
     path = tmp / f"wrk-{name}.lua"
     path.write_text(
         'wrk.method = "POST"\n'
@@ -187,32 +190,7 @@ def _varying_script(tmp: Path, name: str, body: dict, key: str, prefix: str) -> 
         "end\n"
         "function request()\n"
         "  counter = counter + 1\n"
-        '  return wrk.format(nil, nil, nil, head .. tid .. "-" .. counter .. tail)\n'
-        "end\n"
-    )
-    return path
-
-
-def _per_thread_script(tmp: Path, name: str, body: dict, key: str, prefix: str) -> Path:
-    """One conversation per wrk thread (``<prefix>-<thread>``): run with as many threads as
-    connections, each conversation's turns arrive one after another, as a person's do."""
-    marker = "@@CONVERSATION@@"
-    text = json.dumps({**body, "metadata": {"conversation_id": marker}})
-    head, tail = text.split(marker)
-    path = tmp / f"wrk-{name}.lua"
-    path.write_text(
-        'wrk.method = "POST"\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
-        f"head = {_lua(head + prefix + '-')}\n"
-        f"tail = {_lua(tail)}\n"
-        "tid = 0\n"
-        "function setup(thread)\n"
-        "  tid = tid + 1\n"
-        '  thread:set("tid", tid)\n'
-        "end\n"
-        "function request()\n"
-        "  return wrk.format(nil, nil, nil, head .. tid .. tail)\n"
+        f"  return wrk.format(nil, nil, nil, head .. {suffix} .. tail)\n"
         "end\n"
     )
     return path
@@ -431,7 +409,9 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
     res["meta"]["history_messages"] = len(sent)
     wrk(chat, plain_script, 1, connections)
     # Many conversations, each one's turns in order (one per wrk thread), their windows full.
-    ordered_script = _per_thread_script(tmp, "agent-ordered", agent, key, f"bench-ordered-{uuid.uuid4().hex[:8]}")
+    ordered_script = _varying_script(
+        tmp, "agent-ordered", agent, key, f"bench-ordered-{uuid.uuid4().hex[:8]}", per_request=False
+    )
     wrk(chat, ordered_script, 3, connections, threads=connections)  # warm-up: > 20 turns each
     res["rounds"] = []
     span = max(1, round(seconds * 0.3))

@@ -6,8 +6,10 @@ import asyncio
 import uuid
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 
+from core.fastredis import PipelinedRedis
 from gateway.db import migrate
 from runtime.runs import MAX_STEPS, MAX_TEXT, RunRecorder, bound_run
 from tests.conftest import free_port
@@ -115,11 +117,14 @@ def test_runs_are_tenant_isolated(services):
     asyncio.run(main())
 
 
-def test_runs_reach_postgres_when_redis_is_down(services):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["redis-py", "fastredis"])
+def test_runs_reach_postgres_when_redis_is_down(services, pipelined):
     async def main():
         pool = await _pool(services)
-        redis = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
-        runs = RunRecorder(pool, redis)
+        nowhere = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+        redis = aioredis.from_url(nowhere)
+        clients = {"fast": PipelinedRedis(nowhere), "reader": PipelinedRedis(nowhere)} if pipelined else {}
+        runs = RunRecorder(pool, redis, **clients)
         await runs.start()
         tenant = f"t-{uuid.uuid4().hex[:8]}"
         run = _run_record(tenant, memory_error="redis: ConnectionError")
