@@ -272,14 +272,19 @@ def extended(base: Window, added: list[tuple[int, dict]], settings: MemorySettin
     """The window after a turn stored ``added`` ((tokens, message) pairs) behind ``base``: the
     same messages ``window`` cuts from the whole list, since a later turn can only push older
     ones out (``base`` holds every turn the new window can keep), so the oldest turns are dropped
-    while the window is over its budgets. None when ``added`` does not start a turn: it joins
+    while the window is over its budgets; ``added`` may hold several turns (a client sends what
+    it likes), which are cut one by one. None when ``added`` does not start a turn: it joins
     the last one, whose repair may have dropped a call that ``added`` answers (only the list
-    has it)."""
+    has it); and None when ``base`` ends with a client's call left unanswered: it is dropped
+    now, so an older turn ``base`` could not afford may fit (only the list has it)."""
     if not added or added[0][1].get("role") != "user":
         return None
+    if base and base[-1].get("tool_calls"):
+        return None
     starts = [i for i, m in enumerate(base) if m.get("role") == "user"]
-    if starts and any(m.get("role") == "tool" or m.get("tool_calls") for m in base[starts[-1] :]):
-        entries = [*zip(base.tokens, base, strict=True), *added]  # that turn is repaired anew
+    several = any(m.get("role") == "user" for _, m in added[1:])  # a client may send several turns
+    if several or (starts and any(m.get("role") == "tool" or m.get("tool_calls") for m in base[starts[-1] :])):
+        entries = [*zip(base.tokens, base, strict=True), *added]  # cut per turn, the last repaired anew
         entries.reverse()
         return _cut(entries, settings)
     messages = [m for _, m in added]
