@@ -9,8 +9,9 @@ replicas storing turns of one conversation at once never collide.
   message starts a turn): a tool call stays with its result and an assistant message with the
   user message it answered. Beside the list, Redis keeps the window itself, cut and encoded as
   one value (``…:w``, ``{"n": last seq, "c": settings, "t": tokens, "m": messages}``): a load
-  decodes that one value and cuts nothing. Without it (another writer's turn, a settings change,
-  a window over ``MAX_WINDOW_BYTES``) the load reads the list's tail and cuts it. When Redis
+  decodes that one value and cuts nothing, while its ``n`` is still the list's last message.
+  Without it (another writer's turn, a settings change, a window over ``MAX_WINDOW_BYTES``, a
+  list evicted alone) the load reads the list's tail and cuts it. When Redis
   holds nothing — a new conversation, or one expired or evicted — the window is read from
   PostgreSQL (the one PostgreSQL query an agent turn can make, on that cache miss only) and
   Redis is warmed again.
@@ -87,11 +88,17 @@ end
 return first
 """
 
-# The stored window when there is one, else the list's tail. KEYS: list, stored window.
+# The stored window when there is one and it ends at the list's last message, else the list's
+# tail: a list evicted without its window, or a writer that does not keep the window (a replica
+# of an older release), leaves a stored window that is not the list's. KEYS: list, stored window.
 # ARGV: the tail's start (negative).
 _LOAD = """
 local w = redis.call('GET', KEYS[2])
-if w then return w end
+if w then
+  local n = string.match(w, '^{"n":(%d+)')
+  local last = redis.call('LINDEX', KEYS[1], -1)
+  if n and last and string.match(last, '^{"s":(%d+)') == n then return w end
+end
 return redis.call('LRANGE', KEYS[1], ARGV[1], -1)
 """
 

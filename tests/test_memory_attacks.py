@@ -7,9 +7,11 @@ from __future__ import annotations
 import random
 import uuid
 
+import orjson
+
 from runtime.memory import Memory, clean_message, extended, keys, message_tokens, window
 from runtime.types import MemorySettings
-from tests.test_memory import _agent, _entries, _run, _turn
+from tests.test_memory import _agent, _entries, _rows_if, _run, _turn, _until
 
 
 def _call(call_id: str, arguments: str = "{}") -> dict:
@@ -137,5 +139,34 @@ def test_attack_an_abandoned_client_call_does_not_cost_the_window_an_older_turn(
         assert await memory.load(tenant, agent, conv) == [*first, question, *second]
         stored, listed = await _stored_and_listed(memory, redis, tenant, agent, conv)
         assert stored == listed
+
+    _run(services, body)
+
+
+def test_attack_a_stored_window_is_not_served_once_the_list_moved_without_it(services):
+    """The stored window is a copy of what the list gives; when the list changes without it, a
+    load must not serve it: (1) Redis evicted the list alone (maxmemory) — the stored window
+    was served, the next turn pushed onto an empty list and the history PostgreSQL holds was
+    never read again; (2) a replica of an older release stores a turn (its script does not know
+    the stored window) — the stored window missed that turn."""
+
+    async def body(memory: Memory, pool, redis):
+        tenant, conv = f"t-{uuid.uuid4().hex[:8]}", "conv-evicted"
+        agent = _agent(tenant)
+        window_key, seq_key = keys(tenant, agent.id, conv)
+        for i in range(3):
+            await _store(memory, tenant, agent, conv, _turn(i), f"r{i}")
+        await memory.flush()
+        await _until(lambda: _rows_if(pool, tenant, agent.id, conv, 6), "three turns in PostgreSQL")
+        assert await redis.exists(f"{window_key}:w")
+        await redis.delete(window_key)  # evicted; its stored window is not
+        await _store(memory, tenant, agent, conv, _turn(3), "r3")
+        assert await memory.load(tenant, agent, conv) == [m for i in range(4) for m in _turn(i)]
+
+        assert await redis.exists(f"{window_key}:w")
+        old = {"role": "user", "content": "stored by an older replica"}
+        seq = await redis.incrby(seq_key, 1)
+        await redis.rpush(window_key, orjson.dumps({"s": seq, "t": message_tokens(old), "m": old}))
+        assert (await memory.load(tenant, agent, conv))[-1] == old
 
     _run(services, body)
