@@ -4,11 +4,17 @@ differ from the window the list gives (real Valkey and PostgreSQL)."""
 
 from __future__ import annotations
 
+import itertools
 import random
+import string
+import tracemalloc
 import uuid
 
 import orjson
 
+from runtime.hitl import confidence
+from runtime.hitl import settings as hitl_settings
+from runtime.hitl.confidence import Signals
 from runtime.memory import Memory, clean_message, extended, keys, message_tokens, window
 from runtime.types import MemorySettings
 from tests.test_memory import _agent, _entries, _rows_if, _run, _turn, _until
@@ -170,3 +176,32 @@ def test_attack_a_stored_window_is_not_served_once_the_list_moved_without_it(ser
         assert (await memory.load(tenant, agent, conv))[-1] == old
 
     _run(services, body)
+
+
+def test_attack_distinct_word_questions_do_not_fill_the_process_with_word_sets():
+    """Earlier questions' word sets are cached (the confidence score compares the last three on
+    each turn). A client writes questions of as many distinct short words as fit (2,000
+    characters each, what the HITL stage passes): 1,024 cached sets held ~70 MB per process."""
+    alphabet = string.ascii_lowercase + string.digits + "'"
+    pairs = ["".join(p) for p in itertools.product(alphabet, repeat=2)]
+    rng = random.Random(7)
+
+    def question(size: int) -> str:
+        rng.shuffle(pairs)
+        return " ".join(pairs)[:size]
+
+    settings = hitl_settings.build({"enabled": True, "threshold": 0.4})
+    texts = [question(2000) for _ in range(1024)] + [question(256) for _ in range(1024)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(0, len(texts), 3):
+            confidence.score(Signals(question="where is my order", previous_questions=texts[i : i + 3]), settings)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 8_000_000, held
+    # the cache still serves what it is for: a short question asked again
+    again = Signals(question="Where is my order?", previous_questions=["where is my order"])
+    repeated = confidence.score(again, settings)
+    assert "repeated_question" in repeated.reasons

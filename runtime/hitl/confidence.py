@@ -67,10 +67,19 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text[:MAX_TEXT].lower())
 
 
-@functools.lru_cache(maxsize=1024)
+_CACHED = 256  # characters of a question whose words are cached (most are shorter)
+
+
 def _word_set(text: str) -> frozenset[str]:
     """The words of an earlier question. A conversation's last questions are compared again on
-    each of its next turns, so they are split once (1,024 texts of at most ``MAX_TEXT``)."""
+    each of its next turns, so a short one is split once. A long one is not cached: its word set
+    grows with the distinct words a client puts in it (~70 KB at 2,000 characters), and 1,024 of
+    them held ~70 MB per process; 256 of at most ``_CACHED`` characters hold ~3 MB at worst."""
+    return _cached_word_set(text) if len(text) <= _CACHED else frozenset(words(text))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_word_set(text: str) -> frozenset[str]:
     return frozenset(words(text))
 
 
