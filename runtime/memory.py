@@ -229,22 +229,31 @@ def _repaired(turn: list[dict], counts: list[int], *, last: bool) -> tuple[list[
 
 
 def _repair(turn: list[dict], *, last: bool) -> list[dict]:
-    """A turn a model will accept: tool messages answer a call made before them in the turn,
-    and an assistant's tool calls are all answered by a result after them (except at the very
-    end of the window: a client tool whose result the client is about to send)."""
-    seen: set = set()
-    answered: set = set()
-    for message in turn:
-        if message.get("role") == "assistant":
-            seen.update(c.get("id") for c in message.get("tool_calls") or () if isinstance(c, dict))
-        elif message.get("role") == "tool" and message.get("tool_call_id") in seen:
-            answered.add(message.get("tool_call_id"))
-    called: set = set()
+    """A turn a model will accept: an assistant's tool calls are each answered by the tool
+    messages right after it, and a tool message answers one of those calls, once (OpenAI's
+    rule: a result elsewhere, or a call answered only further on, is refused). Except at the
+    very end of the window: a client tool whose result the client is about to send."""
     out = []
+    waiting: set = set()  # the calls of the assistant message just kept, not yet answered
     for index, message in enumerate(turn):
+        if message.get("role") == "tool":
+            if message.get("tool_call_id") in waiting:
+                waiting.discard(message.get("tool_call_id"))
+                out.append(message)
+            continue
+        waiting = set()
         calls = message.get("tool_calls") if message.get("role") == "assistant" else None
         if calls and not (last and index == len(turn) - 1):
-            kept = [c for c in calls if isinstance(c, dict) and c.get("id") in answered]
+            answered = set()
+            for later in turn[index + 1 :]:
+                if later.get("role") != "tool":
+                    break
+                answered.add(later.get("tool_call_id"))
+            kept = []
+            for c in calls:
+                if isinstance(c, dict) and c.get("id") in answered:
+                    answered.discard(c.get("id"))  # an id called twice is answered once
+                    kept.append(c)
             if len(kept) != len(calls):
                 message = {k: v for k, v in message.items() if k != "tool_calls"}
                 if kept:
@@ -253,9 +262,7 @@ def _repair(turn: list[dict], *, last: bool) -> list[dict]:
                     continue
             calls = kept
         if calls:
-            called.update(c.get("id") for c in calls if isinstance(c, dict))
-        if message.get("role") == "tool" and message.get("tool_call_id") not in called:
-            continue
+            waiting = {c.get("id") for c in calls if isinstance(c, dict)}
         out.append(message)
     return out
 

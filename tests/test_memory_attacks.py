@@ -88,7 +88,8 @@ def test_attack_several_turns_in_one_request_are_cut_turn_by_turn(services):
 def test_attack_a_window_extended_by_hostile_sequences_equals_the_list_cut():
     """``extended`` against ``window`` over the whole list on random client-made sequences:
     several turns per request, calls and results out of order, repeated call ids, results
-    without calls, calls left open and abandoned, every budget."""
+    without calls, calls left open and abandoned, every budget; and every window is one OpenAI
+    accepts."""
     rng = random.Random(20261125)
 
     def sent() -> list[dict]:
@@ -117,6 +118,7 @@ def test_attack_a_window_extended_by_hostile_sequences_equals_the_list_cut():
             added = _entries(sent())
             stored += [m for _, m in added]
             whole = window(_entries(stored), settings)
+            assert _accepted_by_openai(whole), (case, i)
             new = extended(chained, added, settings)
             if new is not None:
                 assert new == whole and new.tokens == whole.tokens, (case, i)
@@ -205,3 +207,47 @@ def test_attack_distinct_word_questions_do_not_fill_the_process_with_word_sets()
     again = Signals(question="Where is my order?", previous_questions=["where is my order"])
     repeated = confidence.score(again, settings)
     assert "repeated_question" in repeated.reasons
+
+
+def test_attack_tool_results_that_do_not_follow_their_call_are_not_sent(services):
+    """A lenient upstream (vLLM, Ollama; Anthropic merges the two assistant messages) took a
+    client's turns whose tool results do not come right after their call, or answer a call id
+    used twice. Replayed as they are, OpenAI refuses the request ("must be followed by tool
+    messages responding to each 'tool_call_id'"): the window keeps a call only with the results
+    right after it."""
+
+    async def body(memory: Memory, pool, redis):
+        tenant, conv = f"t-{uuid.uuid4().hex[:8]}", "conv-pairs"
+        agent = _agent(tenant)
+        turns = [
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": None, "tool_calls": [_call("a1")]},
+                {"role": "assistant", "content": "let me check"},
+                {"role": "tool", "tool_call_id": "a1", "content": "late"},
+                {"role": "assistant", "content": "done a"},
+            ],
+            [
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "x", "tool_calls": [_call("b1"), _call("b2")]},
+                {"role": "tool", "tool_call_id": "b1", "content": "r1"},
+                {"role": "assistant", "content": "half"},
+                {"role": "tool", "tool_call_id": "b2", "content": "r2"},
+                {"role": "assistant", "content": "done b"},
+            ],
+            [
+                {"role": "user", "content": "d"},
+                {"role": "assistant", "content": None, "tool_calls": [_call("d")]},
+                {"role": "tool", "tool_call_id": "d", "content": "r"},
+                {"role": "assistant", "content": "again", "tool_calls": [_call("d")]},
+                {"role": "assistant", "content": "done d"},
+            ],
+        ]
+        for i, turn in enumerate(turns):
+            await _store(memory, tenant, agent, conv, turn, f"r{i}")
+        stored, listed = await _stored_and_listed(memory, redis, tenant, agent, conv)
+        assert stored == listed
+        assert _accepted_by_openai(listed), listed
+        assert [m["content"] for m in listed if m["role"] == "tool"] == ["r1", "r"]  # kept where they pair
+
+    _run(services, body)
