@@ -325,9 +325,12 @@ def extended(base: Window, added: list[tuple[int, dict]], settings: MemorySettin
     return out
 
 
+_CUT_RULES = 2  # raised whenever the cut or the repair changes: windows cut before are not used
+
+
 def fingerprint(settings: MemorySettings) -> str:
-    """What a stored window was cut for: another setting makes it stale."""
-    return f"{settings.window_turns}/{settings.window_tokens}"
+    """What a stored window was cut for (the rules, the settings): anything else makes it stale."""
+    return f"{_CUT_RULES}/{settings.window_turns}/{settings.window_tokens}"
 
 
 def stored_window(raw: bytes, settings: MemorySettings) -> Window | None:
