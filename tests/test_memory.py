@@ -171,21 +171,7 @@ def test_the_newest_first_window_equals_the_whole_window_on_random_conversations
     from runtime.memory import _decode, newest_window
 
     rng = random.Random(20261125)
-    kinds = [
-        _turn,
-        _tool_turn,
-        lambda i: [
-            {"role": "user", "content": f"q{i}"},
-            {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [{"id": f"c{i}", "type": "function", "function": {"name": "client", "arguments": "{}"}}],
-            },
-        ],
-        lambda i: [{"role": "tool", "tool_call_id": f"orphan{i}", "content": "r"}],
-        lambda i: [{"role": "assistant", "content": "a" * rng.randint(1, 900)}],
-        lambda i: [{"role": "user", "content": "u " * rng.randint(1, 400)}],
-    ]
+    kinds = _random_kinds(rng)
     for case in range(400):
         messages = [m for i in range(rng.randint(0, 40)) for m in rng.choice(kinds)(i)]
         raw = [orjson.dumps({"s": i, "t": message_tokens(m), "m": m}) for i, m in enumerate(messages)]
