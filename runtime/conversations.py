@@ -79,6 +79,21 @@ async def recent(
     return [(r["seq"], _json(r["content"])) for r in reversed(rows)]
 
 
+async def last_seq(pool: asyncpg.Pool, tenant: str, agent_id: str, external_id: str) -> int:
+    """The seq of the conversation's last stored message (0: none). Read only when Redis has
+    lost both the conversation's counter and its list, on the path of a store."""
+    async with pool.acquire() as conn:
+        value = await conn.fetchval(
+            """SELECT max(m.seq) FROM conversations c
+               JOIN messages m ON m.conversation_id = c.id AND m.tenant = c.tenant
+               WHERE c.tenant = $1 AND c.agent_id = $2 AND c.external_id = $3""",
+            tenant,
+            agent_id,
+            external_id,
+        )
+    return int(value or 0)
+
+
 async def history(
     pool: asyncpg.Pool, tenant: str | None, agent_id: str, external_id: str, limit: int = 100
 ) -> list[dict]:

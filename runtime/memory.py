@@ -18,7 +18,8 @@ replicas storing turns of one conversation at once never collide.
 - ``append`` is one Lua call: number the messages, push them, trim to a hard cap, refresh the
   TTL, append the turn to a Redis stream, and store the new window — only if the list's last
   message is still the one the turn's window was loaded with (``Window.seq``); else the stored
-  window is deleted, since it would miss a turn stored meanwhile (a compare-and-set). A
+  window is deleted, since it would miss a turn stored meanwhile (a compare-and-set). A seq is
+  never handed out twice, even when Redis lost the counter (see ``_APPEND``). A
   ``StreamWriter`` moves the stream into PostgreSQL in batches (ack after commit; a replayed
   batch inserts nothing twice, since (conversation, seq) is unique).
 
@@ -61,19 +62,32 @@ _NOT_STORED = ("system", "developer")
 
 # Number, push, trim, refresh, queue for PostgreSQL and store the new window, in one step.
 # KEYS: list, seq, stream, stored window. ARGV: ttl, seq ttl, cap, the turn's stream record, the
-# seq the turn's window was loaded at ('' unknown), the new window after its "n" ('' none),
-# then (tokens, message JSON) pairs.
+# seq the turn's window was loaded at ('' unknown), the new window after its "n" ('' none), the
+# lowest seq the conversation may have reached ('' unknown), then (tokens, message JSON) pairs.
+# A seq is never handed out twice: a counter gone (evicted, or expired after the list) starts
+# again from the list's last seq, else from the floor; with neither the script stores nothing
+# and answers -1, and the caller asks PostgreSQL for the floor (messages.seq is unique there, so
+# a reused seq would drop the message).
 _APPEND = """
-local n = (#ARGV - 6) / 2
+local n = (#ARGV - 7) / 2
 local prev = redis.call('LINDEX', KEYS[1], -1)
 local prev_seq = '0'
 if prev then prev_seq = string.match(prev, '^{"s":(%d+)') or '' end
+if not redis.call('GET', KEYS[2]) then
+  if prev and prev_seq ~= '' then
+    redis.call('SET', KEYS[2], prev_seq)
+  elseif ARGV[7] ~= '' then
+    redis.call('SET', KEYS[2], ARGV[7])
+  else
+    return -1
+  end
+end
 local last = redis.call('INCRBY', KEYS[2], n)
 local first = last - n + 1
 local items = {}
 for i = 1, n do
   local seq = string.format('%d', first + i - 1)
-  items[i] = '{"s":' .. seq .. ',"t":' .. ARGV[5 + 2 * i] .. ',"m":' .. ARGV[6 + 2 * i] .. '}'
+  items[i] = '{"s":' .. seq .. ',"t":' .. ARGV[6 + 2 * i] .. ',"m":' .. ARGV[7 + 2 * i] .. '}'
 end
 redis.call('RPUSH', KEYS[1], unpack(items))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
@@ -551,10 +565,24 @@ class Memory:
         except (orjson.JSONEncodeError, TypeError) as exc:
             raise MemoryUnavailable(f"unstorable message: {type(exc).__name__}") from None
         window_key, seq_key = keys(tenant, agent.id, conversation_id)
+        script_keys = [window_key, seq_key, MEMORY_STREAM, f"{window_key}:w"]
+        # The window's seq is a floor: the conversation had reached it when the turn began.
+        floor = base.seq if base is not None and base.seq is not None else ""
         try:
-            await self._script("append", [window_key, seq_key, MEMORY_STREAM, f"{window_key}:w"], [*args, *pairs])
+            first = await self._script("append", script_keys, [*args, floor, *pairs])
+            if first == -1:  # no counter, no list: PostgreSQL knows how far the seqs went
+                floor = await self._stored_seq(tenant, agent.id, conversation_id)
+                await self._script("append", script_keys, [*args, floor, *pairs])
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
+
+    async def _stored_seq(self, tenant: str, agent_id: str, conversation_id: str) -> int:
+        try:
+            return await asyncio.wait_for(
+                conversations.last_seq(self._pool, tenant, agent_id, conversation_id), self._db_timeout
+            )
+        except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            raise MemoryUnavailable(f"database: {type(exc).__name__}") from None
 
     async def history(self, tenant: str | None, agent_id: str, external_id: str, limit: int = 100) -> list[dict]:
         """What PostgreSQL holds of the conversation: its last ``limit`` messages, oldest first

@@ -545,3 +545,31 @@ def test_a_stored_window_cut_for_other_settings_or_too_large_is_not_used(service
         assert await memory.load(tenant, agent, conv) == [m for i in range(4) for m in _turn(i)]
 
     _run(services, body)
+
+
+def test_a_seq_counter_lost_never_hands_out_a_seq_twice(services):
+    """Redis may evict the counter alone (maxmemory), or it expires after the list and a person
+    replies to the conversation later: messages.seq is unique in PostgreSQL, so a seq handed out
+    twice would drop the message there."""
+
+    async def body(memory: Memory, pool, redis):
+        tenant, conv = f"t-{uuid.uuid4().hex[:8]}", "conv-seq"
+        agent = _agent(tenant)
+        window_key, seq_key = keys(tenant, agent.id, conv)
+        for i in range(2):
+            base = await memory.load(tenant, agent, conv)
+            await memory.append(
+                tenant, agent, conv, _turn(i), request_id=f"r{i}", prompt_version=1, variant=None, base=base
+            )
+        await redis.delete(seq_key)  # the counter alone: the list's last seq is the floor
+        base = await memory.load(tenant, agent, conv)
+        await memory.append(tenant, agent, conv, _turn(2), request_id="r2", prompt_version=1, variant=None, base=base)
+        await memory.flush()
+        await redis.delete(window_key, seq_key, f"{window_key}:w")  # both gone: PostgreSQL's last seq
+        reply = {"role": "assistant", "content": "a person answers", "name": "human"}
+        await memory.append(tenant, agent, conv, [reply], request_id="h1", prompt_version=1, variant=None)
+        rows = await _until(lambda: _rows_if(pool, tenant, agent.id, conv, 7), "seven messages in PostgreSQL")
+        assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+        assert [r["request_id"] for r in rows] == ["r0", "r0", "r1", "r1", "r2", "r2", "h1"]
+
+    _run(services, body)
