@@ -50,20 +50,60 @@ def _expire(fut: asyncio.Future) -> None:
 
 
 class _Protocol(asyncio.Protocol):
+    """One connection and what rides it: the commands not yet written and the callers waiting
+    for a reply, in order. Both die with the connection, so a reply is only ever matched to a
+    command sent on the same connection."""
+
     def __init__(self, client: PipelinedRedis) -> None:
         self.client = client
         self.reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+        self.buffer: list[bytes] = []
+        self.flush_scheduled = False
+        self.lost = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
+    def send(self, packed: list[bytes], now: bool) -> list[asyncio.Future]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in packed]
+        if self.lost:  # (never published once lost; a caller holding it gets told at once)
+            for fut in futures:
+                fut.set_exception(RedisConnectionError("Redis connection lost"))
+            return futures
+        self.waiting.extend(futures)
+        self.buffer.extend(packed)
+        if now:
+            self.flush()
+        elif not self.flush_scheduled:
+            self.flush_scheduled = True
+            loop.call_soon(self.flush)
+        return futures
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        if self.buffer and not self.lost and self.transport is not None:
+            data, self.buffer = b"".join(self.buffer), []
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        """Its replies can no longer be matched to callers (one timed out): drop it now, and
+        what waits on it with it."""
+        self.client._forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
-        waiting = self.client._waiting
+        waiting = self.waiting
         while True:
             reply = self.reader.gets()
             if reply is False:
+                return
+            if not waiting:  # a reply nobody asked for on this connection: it cannot be trusted
+                self.abort()
                 return
             fut = waiting.popleft()
             if fut.done():
@@ -75,7 +115,13 @@ class _Protocol(asyncio.Protocol):
                 fut.set_result(reply)
 
     def connection_lost(self, exc) -> None:
-        self.client._lost(exc)
+        self.lost = True
+        self.client._forget(self)
+        self.buffer = []  # never sent: these commands did not run, and never will
+        waiting, self.waiting = self.waiting, collections.deque()
+        for fut in waiting:
+            if not fut.done():
+                fut.set_exception(RedisConnectionError(f"Redis connection lost: {exc}"))
 
 
 class PipelinedRedis:
@@ -83,17 +129,14 @@ class PipelinedRedis:
         self._url = urlparse(url)
         self._timeout = timeout
         self._proto: _Protocol | None = None
-        self._waiting: collections.deque[asyncio.Future] = collections.deque()
-        self._buffer: list[bytes] = []
-        self._flush_scheduled = False
         self._connecting: asyncio.Lock | None = None
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> _Protocol:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._proto is not None:
-                return
+                return self._proto
             loop = asyncio.get_running_loop()
             u = self._url
             try:
@@ -105,7 +148,6 @@ class PipelinedRedis:
                     )
             except OSError as exc:
                 raise RedisConnectionError(f"cannot connect to Redis: {exc}") from None
-            self._proto = proto
             setup = []
             if u.password:
                 setup.append(
@@ -115,46 +157,62 @@ class PipelinedRedis:
             db = parse_qs(u.query).get("db", [""])[0] if u.scheme == "unix" else (u.path or "/0").lstrip("/")
             if db and db != "0":
                 setup.append(("SELECT", db))
-            for cmd in setup:
-                await self.execute(*cmd)
+            # The setup goes first and alone: the connection is nobody else's before it is done.
+            try:
+                if setup:
+                    futures = proto.send([pack(cmd) for cmd in setup], now=True)
+                    await self._wait(proto, futures, None)
+                    for fut in futures:
+                        fut.result()  # AUTH or SELECT refused: raised
+            except BaseException:
+                proto.abort()
+                raise
+            if proto.lost:
+                raise RedisConnectionError("Redis connection lost")
+            self._proto = proto
+            return proto
 
-    def _lost(self, exc) -> None:
-        self._proto = None
-        waiting, self._waiting = self._waiting, collections.deque()
-        for fut in waiting:
-            if not fut.done():
-                fut.set_exception(RedisConnectionError(f"Redis connection lost: {exc}"))
+    def _forget(self, proto: _Protocol) -> None:
+        if self._proto is proto:
+            self._proto = None
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._buffer and self._proto is not None and self._proto.transport is not None:
-            data, self._buffer = b"".join(self._buffer), []
-            self._proto.transport.write(data)
+    async def _wait(self, proto: _Protocol, futures: list[asyncio.Future], limit_s: float | None) -> None:
+        """Waits for the last of ``futures`` (replies come in order: then all are in), under one
+        timer; on expiry the connection is dropped, since its later replies would go to the wrong
+        callers. An error reply is left in its future."""
+        loop = asyncio.get_running_loop()
+        last = futures[-1]
+        # One timer handle per call (asyncio.timeout's context manager, task lookup and
+        # rescheduling cost ~10 µs a call here); on expiry the future fails, not the task.
+        timer = loop.call_at(loop.time() + (limit_s or self._timeout), _expire, last)
+        try:
+            await last
+        except ResponseError:
+            pass
+        except BaseException as exc:  # timed out, cancelled, or the connection lost
+            for fut in futures:  # replies still to come are skipped; those in are retrieved (no warning)
+                if not fut.cancel() and not fut.cancelled():
+                    fut.exception()
+            if not isinstance(exc, _Expired):
+                raise
+            proto.abort()
+            raise RedisTimeoutError("Redis did not answer in time") from None
+        finally:
+            timer.cancel()
 
     async def execute(self, *args, limit_s: float | None = None, now: bool = False):
         """Sends a command and waits for its reply. Commands issued in one turn of the loop go
         out in one write; ``now`` writes at once (with whatever waits in the buffer), so the
         command is on its way before the caller's next step."""
-        if self._proto is None:
-            await self._connect()
+        proto = self._proto or await self._connect()
+        (fut,) = proto.send([pack(args)], now)
+        # (``_wait`` inlined: this is the request path's call, a coroutine less per command)
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._waiting.append(fut)
-        self._buffer.append(pack(args))
-        if now:
-            self._flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        # One timer handle per call (asyncio.timeout's context manager, task lookup and
-        # rescheduling cost ~10 µs a call here); on expiry the future fails, not the task.
         timer = loop.call_at(loop.time() + (limit_s or self._timeout), _expire, fut)
         try:
             return await fut
         except _Expired:
-            # The connection's replies can no longer be matched to callers: start afresh.
-            if self._proto is not None and self._proto.transport is not None:
-                self._proto.transport.close()
+            proto.abort()  # its later replies would go to the wrong callers
             raise RedisTimeoutError("Redis did not answer in time") from None
         finally:
             timer.cancel()
@@ -166,30 +224,9 @@ class PipelinedRedis:
         and a timer each."""
         if not commands:
             return []
-        if self._proto is None:
-            await self._connect()
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in commands]
-        self._waiting.extend(futures)
-        self._buffer.extend(pack(args) for args in commands)
-        self._flush()
-        timer = loop.call_at(loop.time() + (limit_s or self._timeout), _expire, futures[-1])
-        try:
-            await futures[-1]
-        except ResponseError:
-            pass  # raised below: the first error reply, whichever command it answered
-        except BaseException as exc:  # timed out, cancelled, or the connection lost
-            for fut in futures:  # replies still to come are skipped; those in are retrieved (no warning)
-                if not fut.cancel() and not fut.cancelled():
-                    fut.exception()
-            if not isinstance(exc, _Expired):
-                raise
-            # The connection's replies can no longer be matched to callers: start afresh.
-            if self._proto is not None and self._proto.transport is not None:
-                self._proto.transport.close()
-            raise RedisTimeoutError("Redis did not answer in time") from None
-        finally:
-            timer.cancel()
+        proto = self._proto or await self._connect()
+        futures = proto.send([pack(args) for args in commands], now=True)
+        await self._wait(proto, futures, limit_s)
         errors = [f.exception() for f in futures]
         first = next((e for e in errors if e is not None), None)
         if first is not None:
@@ -204,6 +241,5 @@ class PipelinedRedis:
         return sha.decode() if isinstance(sha, bytes) else sha
 
     async def close(self) -> None:
-        if self._proto is not None and self._proto.transport is not None:
-            self._proto.transport.close()
-        self._proto = None
+        if self._proto is not None:
+            self._proto.abort()
