@@ -44,6 +44,11 @@ class _Expired(Exception):
     """A reply that did not come within the client's timeout."""
 
 
+def _retrieved(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _expire(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_exception(_Expired())
@@ -129,48 +134,57 @@ class PipelinedRedis:
         self._url = urlparse(url)
         self._timeout = timeout
         self._proto: _Protocol | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting: asyncio.Task | None = None
 
     async def _connect(self) -> _Protocol:
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            if self._proto is not None:
-                return self._proto
-            loop = asyncio.get_running_loop()
-            u = self._url
-            try:
+        """The connection, opened once for all the callers that need it meanwhile (they share
+        the attempt and its outcome), within the client's timeout: a host that drops packets
+        would otherwise hold every caller for the system's minutes of connect retries."""
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._open())
+            self._connecting.add_done_callback(_retrieved)  # (no warning when every caller left)
+        return await asyncio.shield(self._connecting)
+
+    async def _open(self) -> _Protocol:
+        if self._proto is not None:
+            return self._proto
+        loop = asyncio.get_running_loop()
+        u = self._url
+        try:
+            async with asyncio.timeout(self._timeout):
                 if u.scheme == "unix":
                     _, proto = await loop.create_unix_connection(lambda: _Protocol(self), unquote(u.path))
                 else:
                     _, proto = await loop.create_connection(
                         lambda: _Protocol(self), u.hostname or "localhost", u.port or 6379
                     )
-            except OSError as exc:
-                raise RedisConnectionError(f"cannot connect to Redis: {exc}") from None
-            setup = []
-            if u.password:
-                setup.append(
-                    ("AUTH", *((unquote(u.username), unquote(u.password)) if u.username else (unquote(u.password),)))
-                )
-            # redis://host/3 or unix:///path/valkey.sock?db=3, as redis-py reads them
-            db = parse_qs(u.query).get("db", [""])[0] if u.scheme == "unix" else (u.path or "/0").lstrip("/")
-            if db and db != "0":
-                setup.append(("SELECT", db))
-            # The setup goes first and alone: the connection is nobody else's before it is done.
-            try:
-                if setup:
-                    futures = proto.send([pack(cmd) for cmd in setup], now=True)
-                    await self._wait(proto, futures, None)
-                    for fut in futures:
-                        fut.result()  # AUTH or SELECT refused: raised
-            except BaseException:
-                proto.abort()
-                raise
-            if proto.lost:
-                raise RedisConnectionError("Redis connection lost")
-            self._proto = proto
-            return proto
+        except TimeoutError:
+            raise RedisTimeoutError("cannot connect to Redis: no answer in time") from None
+        except OSError as exc:
+            raise RedisConnectionError(f"cannot connect to Redis: {exc}") from None
+        setup = []
+        if u.password:
+            setup.append(
+                ("AUTH", *((unquote(u.username), unquote(u.password)) if u.username else (unquote(u.password),)))
+            )
+        # redis://host/3 or unix:///path/valkey.sock?db=3, as redis-py reads them
+        db = parse_qs(u.query).get("db", [""])[0] if u.scheme == "unix" else (u.path or "/0").lstrip("/")
+        if db and db != "0":
+            setup.append(("SELECT", db))
+        # The setup goes first and alone: the connection is nobody else's before it is done.
+        try:
+            if setup:
+                futures = proto.send([pack(cmd) for cmd in setup], now=True)
+                await self._wait(proto, futures, None)
+                for fut in futures:
+                    fut.result()  # AUTH or SELECT refused: raised
+        except BaseException:
+            proto.abort()
+            raise
+        if proto.lost:
+            raise RedisConnectionError("Redis connection lost")
+        self._proto = proto
+        return proto
 
     def _forget(self, proto: _Protocol) -> None:
         if self._proto is proto:

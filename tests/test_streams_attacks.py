@@ -5,6 +5,7 @@ PostgreSQL)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import uuid
 
@@ -122,3 +123,31 @@ async def _until_connects(sock) -> None:
         writer.close()
         return
     raise TimeoutError("valkey did not start")
+
+
+def test_attack_an_unreachable_redis_fails_callers_within_the_timeout_instead_of_hanging():
+    """Redis unreachable with its packets dropped (a partition, a dead host: the connect hangs
+    on SYN retries for minutes): the request path's calls must fail within the client's timeout
+    (admit degrades, settle spools), and callers arriving meanwhile share the one attempt instead
+    of each waiting out another behind it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port))  # the accept queue is full: SYNs are dropped
+
+    async def main():
+        fast = PipelinedRedis(f"redis://127.0.0.1:{port}/0", timeout=0.3)
+        try:
+            calls = [fast.execute("PING") for _ in range(20)]
+            # (the cap only turns a hang into a failure; the client's own timeout is far shorter)
+            results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 20)
+        finally:
+            await fast.close()
+        assert all(isinstance(r, RedisError) for r in results), results
+
+    try:
+        asyncio.run(main())
+    finally:
+        queued.close()
+        listener.close()
