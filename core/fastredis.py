@@ -87,6 +87,21 @@ class _Protocol(asyncio.Protocol):
             loop.call_soon(self.flush)
         return futures
 
+    def send_one(self, packed: bytes, now: bool) -> asyncio.Future:
+        """``send`` of one command, without the lists (the request path's call)."""
+        if self.lost:
+            return self.send([packed], now)[0]
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.waiting.append(fut)
+        self.buffer.append(packed)
+        if now:
+            self.flush()
+        elif not self.flush_scheduled:
+            self.flush_scheduled = True
+            loop.call_soon(self.flush)
+        return fut
+
     def flush(self) -> None:
         self.flush_scheduled = False
         if self.buffer and not self.lost and self.transport is not None:
@@ -219,9 +234,9 @@ class PipelinedRedis:
         out in one write; ``now`` writes at once (with whatever waits in the buffer), so the
         command is on its way before the caller's next step."""
         proto = self._proto or await self._connect()
-        (fut,) = proto.send([pack(args)], now)
+        fut = proto.send_one(pack(args), now)
         # (``_wait`` inlined: this is the request path's call, a coroutine less per command)
-        loop = asyncio.get_running_loop()
+        loop = fut.get_loop()
         timer = loop.call_at(loop.time() + (limit_s or self._timeout), _expire, fut)
         try:
             return await fut
