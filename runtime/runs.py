@@ -493,6 +493,9 @@ class RunRecorder:
             batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), FLUSH_BATCH))]
             try:
                 await self._append(batch)
+            except asyncio.CancelledError:  # stop() gave up waiting: its last try writes them
+                self._buffer.extendleft(reversed(batch))
+                raise
             except Exception as exc:
                 log.warning("run records: Redis unavailable (%s), writing to PostgreSQL directly", exc)
                 try:

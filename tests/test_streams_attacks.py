@@ -15,6 +15,9 @@ import uvloop
 from redis.exceptions import RedisError
 
 from core.fastredis import PipelinedRedis
+from runtime.runs import RunRecorder
+from tests.test_runs import _pool, _run_record
+from tests.test_stream_writer import _until
 
 LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
 
@@ -145,6 +148,46 @@ def test_attack_an_unreachable_redis_fails_callers_within_the_timeout_instead_of
         finally:
             await fast.close()
         assert all(isinstance(r, RedisError) for r in results), results
+
+    try:
+        asyncio.run(main())
+    finally:
+        queued.close()
+        listener.close()
+
+
+def test_attack_shutdown_cancelling_a_stuck_append_keeps_its_runs(services):
+    """Shutdown gives up on a flusher stuck appending to a Redis that does not answer and
+    cancels it: the batch it held must go to PostgreSQL with the rest, not vanish with the task."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port))  # the accept queue is full: SYNs are dropped
+
+    async def main():
+        pool = await _pool(services)
+        redis = aioredis.from_url(services[1])
+        stuck = PipelinedRedis(f"redis://127.0.0.1:{port}/0", timeout=60)
+        runs = RunRecorder(pool, redis, fast=stuck, reader=PipelinedRedis(services[1], timeout=10))
+        await runs.start()
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        run = _run_record(tenant)
+        try:
+            runs.record(run)
+
+            async def taken():  # the flusher took the batch and is appending it
+                return not runs._buffer
+
+            await _until(taken, "the batch taken by the flusher")
+            await asyncio.sleep(0.1)
+            runs._flusher.cancel()  # what stop() does once its grace is over
+            await runs.stop()
+            assert await runs.get(tenant, run["request_id"]) is not None
+        finally:
+            await stuck.close()
+            await redis.aclose()
+            await pool.close()
 
     try:
         asyncio.run(main())
