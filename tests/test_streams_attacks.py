@@ -37,14 +37,18 @@ def test_attack_connection_killed_under_load_never_hands_a_reply_to_another_call
         answered = 0
         stopping = False
 
-        async def call(token: str) -> None:
+        async def call(token: str, many: bool) -> None:
             nonlocal answered
             try:
-                got = await fast.execute("ECHO", token)
+                if many:  # a run batch's appends, one write for several commands
+                    got = await fast.execute_many([("ECHO", f"{token}.{n}") for n in range(3)])
+                    expected: object = [f"{token}.{n}".encode() for n in range(3)]
+                else:
+                    got, expected = await fast.execute("ECHO", token), token.encode()
             except (RedisError, OSError):
                 return  # refused outright: fine, the caller retries or degrades
             answered += 1
-            if got != token.encode():
+            if got != expected:
                 wrong.append((token, got))
 
         async def callers() -> None:  # a new caller every turn of the loop, as requests come
@@ -52,7 +56,7 @@ def test_attack_connection_killed_under_load_never_hands_a_reply_to_another_call
             for i in range(10**9):
                 if stopping:
                     break
-                task = asyncio.create_task(call(f"{uuid.uuid4().hex[:6]}-{i}"))
+                task = asyncio.create_task(call(f"{uuid.uuid4().hex[:6]}-{i}", many=i % 4 == 0))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 await asyncio.sleep(0)
