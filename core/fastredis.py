@@ -5,12 +5,14 @@ wrappers, the parser); at a few thousand requests per second that is most of a c
 client keeps one connection, writes every caller's command into it as it comes (one system
 call per event-loop turn), and hands replies back in order (RESP is ordered), parsed by
 hiredis. Everything else (pub/sub, streams, the admin API) keeps using redis-py.
+``rediss://`` URLs connect over TLS (verified, unless ``ssl_cert_reqs=none``, as redis-py reads them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
@@ -42,6 +44,18 @@ def _pack(args: tuple) -> bytes:
 
 class _Expired(Exception):
     """A reply that did not come within the client's timeout."""
+
+
+def _tls(u) -> ssl.SSLContext | None:
+    """TLS for ``rediss://`` URLs, with redis-py's ``ssl_cert_reqs`` and ``ssl_ca_certs``."""
+    if u.scheme != "rediss":
+        return None
+    query = parse_qs(u.query)
+    context = ssl.create_default_context(cafile=query.get("ssl_ca_certs", [None])[0])
+    if query.get("ssl_cert_reqs", ["required"])[0].lower() in ("none", "cert_none"):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _retrieved(fut: asyncio.Future) -> None:
@@ -171,7 +185,7 @@ class PipelinedRedis:
                     _, proto = await loop.create_unix_connection(lambda: _Protocol(self), unquote(u.path))
                 else:
                     _, proto = await loop.create_connection(
-                        lambda: _Protocol(self), u.hostname or "localhost", u.port or 6379
+                        lambda: _Protocol(self), u.hostname or "localhost", u.port or 6379, ssl=_tls(u)
                     )
         except TimeoutError:
             raise RedisTimeoutError("cannot connect to Redis: no answer in time") from None

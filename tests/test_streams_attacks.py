@@ -5,8 +5,10 @@ PostgreSQL)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
+import threading
 import uuid
 
 import pytest
@@ -198,3 +200,44 @@ def test_attack_shutdown_cancelling_a_stuck_append_keeps_its_runs(services):
     finally:
         queued.close()
         listener.close()
+
+
+def test_attack_a_tls_redis_url_never_sends_the_password_in_clear():
+    """A managed Redis is reached with ``rediss://`` (TLS), as redis-py does for the rest of the
+    gateway: the pipelined client must not open a plain connection and send ``AUTH <password>``
+    across the network in clear text."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(5)
+    port = listener.getsockname()[1]
+    received = bytearray()
+
+    def accept() -> None:  # what an eavesdropper on the wire would read
+        conn, _ = listener.accept()
+        conn.settimeout(1)
+        with contextlib.suppress(OSError):
+            while chunk := conn.recv(65536):
+                received.extend(chunk)
+                if b"\r\n" in received or len(received) > 100:
+                    break
+        conn.close()
+
+    watcher = threading.Thread(target=accept)
+    watcher.start()
+
+    async def main():
+        fast = PipelinedRedis(f"rediss://:s3cret-pw@127.0.0.1:{port}/0", timeout=1)
+        try:
+            with pytest.raises(RedisError):
+                await fast.execute("PING")
+        finally:
+            await fast.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        watcher.join()
+        listener.close()
+    assert received  # the client did talk to it
+    assert b"s3cret-pw" not in received and b"AUTH" not in received
