@@ -276,7 +276,30 @@ def test_analysis_worker_killed_fails_closed_then_recovers(pii_client, pii_gatew
     wait_until(lambda: len(worker_pids()) == 1 and worker_pids()[0] != pid, what="new worker")
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_every_pair_of_personal_values_is_scrubbed(pii_gateway, api_key, mock):
+    """Every value beside every other (and itself), in both orders: the adjacency the fuzz test
+    below samples at random, swept whole. It found "4111 1111 1111 1111 219-09-9999" (a card read
+    as 19 digits that hid the SSN)."""
+    values = [EMAIL, PHONE, CARD, IBAN, SSN, IP, ORDER]
+    texts = [f"{a}{sep}{b}" for a in values for b in values for sep in (" ", ", ", "\n")]
+    mock.clear()
+    r = httpx.post(
+        f"{pii_gateway.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {api_key}"},
+        json={"model": "gpt-mock", "messages": [{"role": "user", "content": t} for t in texts]},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    sent = [m["content"] for m in mock.last()["body"]["messages"]]
+    leaks = [
+        (t, v) for t, out in zip(texts, sent, strict=True) for v in (EMAIL, PHONE, IBAN, SSN, IP, ORDER) if v in out
+    ]
+    assert not leaks, leaks[:5]
+
+
+# derandomized: the same examples on every run, so CI is stable (the pair sweep above covers the
+# neighbours exhaustively); drop derandomize locally to explore new examples
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], derandomize=True)
 @given(
     parts=st.lists(
         st.one_of(

@@ -241,3 +241,29 @@ def test_a_card_followed_by_a_version_number_is_found(data_dir):
     (found,) = asyncio.run(Analyzer(0, 0).find(pii_corpus.spec(data_dir), [text]))
     start = text.index("3400")
     assert any(e == "CREDIT_CARD" and a == start and b == start + len("3400 000000 00009") for a, b, e, _ in found)
+
+
+def test_a_spaced_card_never_swallows_the_first_group_of_a_dashed_number_after_it(data_dir):
+    """Found by the fuzz test of tests/test_pii.py: "4111 1111 1111 1111 219-09-9999" read as a
+    19-digit Visa ending in 219 (it passes Luhn), which hid the SSN. Every 3-digit area that makes
+    the 19 digits Luhn-valid, behind spaced cards of three schemes, and the dashed phone case."""
+    from policies.pii.cards import find, luhn
+
+    cards = ["4111 1111 1111 1111", "4012 8888 8888 1881", "6011 0009 9013 9424"]
+    texts, ssns = [], []
+    for card in cards:
+        digits = card.replace(" ", "")
+        for area in range(100, 900):
+            if area == 666 or not luhn(f"{digits}{area}"):
+                continue
+            ssn = f"{area}-12-3456"
+            texts.append(f"{card} {ssn}")
+            ssns.append(ssn)
+    assert len(texts) > 100
+    for text in texts:
+        assert find(text) and find(text)[0][:2] == (0, 19), text
+    found = asyncio.run(Analyzer(0, 0).find(pii_corpus.spec(data_dir), texts))
+    missed = [t for t, fs, ssn in zip(texts, found, ssns, strict=True) if not any(e == "US_SSN" for *_, e, _ in fs)]
+    assert not missed, missed[:5]
+    # a card alone, contiguous and glued to a dash, is still a card (no shorter reading exists)
+    assert find("4111111111111111-05") == [(0, 16, "visa")]

@@ -104,6 +104,15 @@ def _printed(sizes: list[int]) -> bool:
     return sizes in ([4, 6, 5], [4, 6, 4])
 
 
+def _cuts_token(seps: list[str], i: int, j: int) -> bool:
+    """Groups ``i`` to ``j - 1`` joined by spaces, taking a group that is dash-joined to the one
+    beyond: "4111 1111 1111 1111 219-09-9999" is a card, then an SSN — not a 19-digit card
+    ending in 219 (it passes Luhn) that hides the SSN."""
+    if j - i < 2 or seps[i] != " ":
+        return False
+    return (j - 1 < len(seps) and seps[j - 1] == "-") or (i > 0 and seps[i - 1] == "-")
+
+
 def find(text: str) -> list[tuple[int, int, str]]:
     """(start, end, scheme) of each card number in ``text``. Linear: from each group, only the
     sub-runs of 12 to 19 digits (at most ``_MAX_GROUPS`` groups) are tried."""
@@ -119,7 +128,7 @@ def find(text: str) -> list[tuple[int, int, str]]:
             ends.append(ends[-1] + b - a)
         i = 0
         while i < len(groups):
-            hit = None
+            hit = cut = None
             for j in range(min(len(groups), i + _MAX_GROUPS), i, -1):  # longest first
                 total = ends[j] - ends[i]
                 if total < 12:
@@ -138,8 +147,12 @@ def find(text: str) -> list[tuple[int, int, str]]:
                 start, end = run.start() + groups[i][0], run.start() + groups[j - 1][1]
                 if found[1] and not _CONTEXT.search(text, max(0, start - _CONTEXT_REACH), start):
                     continue
+                if cut is None and _cuts_token(seps, i, j):
+                    cut = (start, end, found[0], j)  # taken only if no shorter reading is a card
+                    continue
                 hit = (start, end, found[0], j)
                 break
+            hit = hit or cut
             if hit is None:
                 i += 1
                 continue
