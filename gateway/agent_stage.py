@@ -132,7 +132,6 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
         except MemoryUnavailable as exc:
             turn.memory_error = str(exc)[:200]
             log.warning("memory unavailable; the turn answers without history: %s", turn.memory_error)
-    turn.memory_loaded = len(history)
     turn.history = history
     client_tools = ctx.body.get("tools") or []
     turn.client_tools = frozenset(

@@ -268,7 +268,7 @@ WATCHED = (
     "prepare (gateway/agent_stage.py)",
     "render (runtime/prompts.py)",
     "Memory.load (runtime/memory.py)",
-    "_decode (runtime/memory.py)",
+    "stored_window (runtime/memory.py)",
     "window (runtime/memory.py)",
     "recent (runtime/conversations.py)",
     "Memory.append (runtime/memory.py)",

@@ -212,7 +212,7 @@ def _cut(newest_first: Iterable[tuple[int, dict]], settings: MemorySettings) -> 
         role = message.get("role")
         messages.append(message)
         counts.append(int(tokens))
-        if role == "tool" or message.get("tool_calls"):
+        if _has_tools(message):
             tools = True
         if role != "user":
             continue
@@ -234,6 +234,11 @@ def _cut(newest_first: Iterable[tuple[int, dict]], settings: MemorySettings) -> 
         out.extend(turn)
         out.tokens.extend(turn_counts)
     return out
+
+
+def _has_tools(message: dict) -> bool:
+    """A tool call or a tool result: the turn holding it may need ``_repair``."""
+    return message.get("role") == "tool" or bool(message.get("tool_calls"))
 
 
 def _repaired(turn: list[dict], counts: list[int], *, last: bool) -> tuple[list[dict], list[int]]:
@@ -311,13 +316,13 @@ def extended(base: Window, added: list[tuple[int, dict]], settings: MemorySettin
         return None
     starts = [i for i, m in enumerate(base) if m.get("role") == "user"]
     several = any(m.get("role") == "user" for _, m in added[1:])  # a client may send several turns
-    if several or (starts and any(m.get("role") == "tool" or m.get("tool_calls") for m in base[starts[-1] :])):
+    if several or (starts and any(_has_tools(m) for m in base[starts[-1] :])):
         entries = [*zip(base.tokens, base, strict=True), *added]  # cut per turn, the last repaired anew
         entries.reverse()
         return _cut(entries, settings)
     messages = [m for _, m in added]
     counts = [int(t) for t, _ in added]
-    if any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+    if any(_has_tools(m) for m in messages):
         messages, counts = _repaired(messages, counts, last=True)
     out = Window()
     out.tokens = []
@@ -379,28 +384,28 @@ def _seq(entry: bytes) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
+def _entry(raw: bytes) -> tuple[int, dict] | None:
+    """(tokens, message) of one stored entry; None (logged) when it is unreadable."""
+    try:
+        decoded = orjson.loads(raw)
+        tokens, message = int(decoded["t"]), decoded["m"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        message = None
+    if not isinstance(message, dict):
+        log.warning("memory: an unreadable window entry was skipped")
+        return None
+    return tokens, message
+
+
 def _decoded_newest_first(raw: list[bytes]) -> Iterator[tuple[int, dict]]:
     for entry in reversed(raw):
-        try:
-            decoded = orjson.loads(entry)
-            tokens, message = int(decoded["t"]), decoded["m"]
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            message = None
-        if not isinstance(message, dict):
-            log.warning("memory: an unreadable window entry was skipped")
-            continue
-        yield tokens, message
+        if (decoded := _entry(entry)) is not None:
+            yield decoded
 
 
 def _decode(raw: list[bytes]) -> list[tuple[int, dict]]:
-    out = []
-    for entry in raw:
-        try:
-            decoded = orjson.loads(entry)
-            out.append((int(decoded["t"]), decoded["m"]))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            log.warning("memory: an unreadable window entry was skipped")
-    return out
+    """Every readable entry, oldest first (what ``newest_window`` must match: tests, bench)."""
+    return [decoded for entry in raw if (decoded := _entry(entry)) is not None]
 
 
 def _next_window(base: Window | None, added: list[tuple[int, dict]], settings: MemorySettings) -> list:

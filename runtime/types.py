@@ -106,7 +106,6 @@ class Turn:
     conversation_id: str | None  # the caller's id (metadata.conversation_id / x-gateway-conversation)
     variables: dict
     new_messages: list[dict]  # what the client sent this turn (stored in memory after the answer)
-    memory_loaded: int = 0  # messages prepended from memory
     history: list = field(default_factory=list)  # what memory gave (runtime.memory.Window): the next append's base
     memory_error: str | None = None  # memory was unavailable: the turn answered without it
     steps: list[dict] = field(default_factory=list)  # one entry per model call and per tool call
@@ -116,3 +115,8 @@ class Turn:
     hold: str | None = None  # the escalation holding the conversation (a person answers, not the model)
     escalation_id: str | None = None  # the escalation this turn opened or joined
     confidence: Any = None  # runtime.hitl.confidence.Confidence of the answer
+
+    @property
+    def memory_loaded(self) -> int:
+        """Messages prepended from memory."""
+        return len(self.history)
