@@ -17,6 +17,22 @@ def excerpt(text: object, limit: int = EXCERPT) -> str:
     return f"{text[:limit]}… ({len(text)} characters)"
 
 
+MAX_TOKENS = 2**31 - 1  # the most tokens one count may claim (the ledger's column is an int4)
+
+
+def token_count(value) -> int:
+    """A provider's token count as a number the gateway can bill: an integer from 0 to
+    ``MAX_TOKENS``, or -1 when it is no count at all. A provider (or a proxy in front of it) may
+    send anything; a count must not credit a budget (negative), fail the response (a string),
+    or halt the ledger whose column cannot hold it (beyond int4): a count too large is clamped,
+    a float truncated, anything else (a negative number, a string, NaN, a boolean) is -1."""
+    if type(value) is int:
+        return -1 if value < 0 else min(value, MAX_TOKENS)
+    if type(value) is float and 0 <= value:  # (NaN compares false)
+        return int(min(value, MAX_TOKENS))
+    return -1
+
+
 @dataclass(slots=True)
 class Usage:
     prompt_tokens: int = 0
@@ -31,12 +47,13 @@ class Usage:
     def from_openai(cls, usage: dict | None) -> Usage | None:
         if not isinstance(usage, dict):
             return None
-        details = usage.get("prompt_tokens_details") or {}
-        return cls(
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            cached_tokens=int((details.get("cached_tokens") if isinstance(details, dict) else 0) or 0),
-        )
+        details = usage.get("prompt_tokens_details")
+        prompt = token_count(usage.get("prompt_tokens") or 0)
+        completion = token_count(usage.get("completion_tokens") or 0)
+        if prompt < 0 or completion < 0:  # not counts: the gateway estimates the usage instead
+            return None
+        cached = token_count(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        return cls(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=min(prompt, max(cached, 0)))
 
     def to_openai(self) -> dict:
         return {

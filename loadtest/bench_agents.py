@@ -276,12 +276,12 @@ WATCHED = (
     "complete (gateway/pipeline.py)",
     "settle (gateway/pipeline.py)",
     "RunRecorder.record (runtime/runs.py)",
-    "StreamWriter._run (runtime/runs.py)",
+    "StreamWriter._run (core/stream_writer.py)",
     "wait_for (asyncio/tasks.py)",
     "Redis.execute_command (redis/asyncio/client.py)",
     "AsyncScript.__call__ (redis/commands/core.py)",
     "Connection.reset (asyncpg/connection.py)",
-    "StreamWriter._commit (runtime/runs.py)",
+    "StreamWriter._commit (core/stream_writer.py)",
 )
 
 

@@ -26,8 +26,9 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from core.fastredis import PipelinedRedis
+from core.stream_writer import StreamWriter
 from gateway.embedded import EmbeddedServices
-from runtime.runs import FLUSH_BATCH, RUNS_STREAM, RunRecorder, StreamWriter, encode_run
+from runtime.runs import FLUSH_BATCH, RUNS_STREAM, RunRecorder, encode_run
 
 RESULTS = Path(__file__).parent / "results"
 ROUNDS = 5

@@ -21,6 +21,8 @@ last user message ``[[mock:{"status": 429, "retry_after": 2}]]`` or an ``x-mock`
     message       the error message of ``status`` / ``error_after``
     logprob       the log-probability of every token (when the request asks for logprobs)
     reply         answer with exactly this text (instead of the echo)
+    usage         fields merged into the answer's usage object as given (any JSON: a provider
+                  that reports negative, huge or non-numeric counts)
 
 Tool calls. By default a request with ``tools`` is answered with a call of the first (or the
 forced) tool, and a request whose last message is a tool result with ``tool result: <the
@@ -536,6 +538,8 @@ class Mock:
             "prompt_tokens_details": {"cached_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": 0},
         }
+        if isinstance(plan.get("usage"), dict):  # directive: these usage fields, as given
+            usage.update(plan["usage"])
         directed = "tool_calls" in plan or "tool_calls_steps" in plan
         seq = cid.removeprefix("chatcmpl-mock")
         tool_calls = [
@@ -692,6 +696,9 @@ class Mock:
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 0,
         }
+        if isinstance(plan.get("usage"), dict):  # directive: these usage fields, as given
+            usage.update(plan["usage"])
+            out_tokens = usage.get("output_tokens", out_tokens)
         if not req.get("stream"):
             obj = {
                 "id": mid,

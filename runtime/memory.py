@@ -44,9 +44,9 @@ import orjson
 from redis.exceptions import NoScriptError, RedisError
 
 from core.errors import InvalidRequest
+from core.stream_writer import StreamWriter
 from core.tokens import count_prompt
 from runtime import conversations
-from runtime.runs import StreamWriter
 from runtime.types import Agent, MemorySettings
 
 log = logging.getLogger("gateway.memory")

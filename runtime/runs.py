@@ -7,9 +7,9 @@ batches, acknowledging entries only after their transaction committed. A batch w
 inserts once (the key is the gateway's request id, never the caller's). If Redis cannot take
 the runs, the flusher writes them to PostgreSQL itself.
 
-``StreamWriter`` is the ledger's pattern (policies/ledger.py) made generic, since a domain
-cannot import policies: consumer group, batch, write in one transaction, ack after commit,
-claim entries of consumers that died (SIGKILL). ``runtime.memory`` uses it too.
+``StreamWriter`` (core/stream_writer.py) is shared with the ledger and ``runtime.memory``:
+consumer group, batches bounded in entries and bytes, write in one transaction, ack after
+commit, claim entries of consumers that died (SIGKILL).
 
 Given ``core.fastredis`` clients (the composition passes them), the per-batch stream calls
 (append, read, ack, claim) skip redis-py: its Python command packing and reply parsing cost
@@ -23,16 +23,13 @@ import collections
 import contextlib
 import logging
 import math
-import os
-import socket
 import time
-from collections.abc import Awaitable, Callable
 
 import asyncpg
 import orjson
-from redis.exceptions import RedisError, ResponseError
 
-from core.background import pause, stop_task
+from core.background import stop_task
+from core.stream_writer import StreamWriter
 
 log = logging.getLogger("gateway.runs")
 
@@ -44,218 +41,11 @@ MAX_TEXT = 200  # characters kept of any string field
 MAX_BUFFER = 10_000  # runs waiting for Redis in this process; beyond that the oldest are dropped
 FLUSH_BATCH = 500  # runs appended to the stream in one pipelined round trip
 LINGER_S = 0.05  # how long the flusher lets runs gather before appending them
-REPLY_S = 5.0  # how long a Redis reply may take beyond a blocking read's wait
-
-Writer = Callable[[asyncpg.Connection, list[dict]], Awaitable[None]]
 
 
 def _clean_nul(raw: bytes) -> str:
     # jsonb cannot hold U+0000, which a client can put in any string it sends (see the ledger)
     return raw.replace(b"\\u0000", b"\\ufffd").decode()
-
-
-def _entries(raw: list) -> list[tuple[bytes, dict]]:
-    """``(id, fields)`` of entries as hiredis parses them (RESP2): ``[id, [k1, v1, k2, v2...]]``,
-    the fields nil for an entry deleted since it was read."""
-    out = []
-    for entry_id, flat in raw:
-        pairs = iter(flat or ())
-        out.append((entry_id, dict(zip(pairs, pairs, strict=False))))
-    return out
-
-
-class StreamWriter:
-    """Moves the entries of one Redis stream to PostgreSQL with ``write(conn, entries)`` (each
-    entry its fields, as a dict of bytes), called inside a transaction.
-
-    ``fast``, a ``core.fastredis.PipelinedRedis`` of the writer's own (a blocking read holds its
-    connection, so never one the request path shares), reads, acknowledges and claims the
-    entries; ``stop()`` closes it. ``redis`` (redis-py) does the rare calls."""
-
-    def __init__(
-        self,
-        redis,
-        pool: asyncpg.Pool,
-        *,
-        stream: str,
-        group: str,
-        write: Writer,
-        batch: int = 500,
-        claim_idle: float = 15.0,
-        linger: float = 0.2,
-        block_ms: int = 500,
-        fast=None,
-    ) -> None:
-        self._redis = redis
-        self._fast = fast
-        self._pool = pool
-        self.stream = stream
-        self.group = group
-        self._write = write
-        self._batch = batch
-        self._claim_idle_ms = int(claim_idle * 1000)
-        self._linger = linger
-        self._block_ms = block_ms
-        self._name = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
-        self._task: asyncio.Task | None = None
-        self._stopping = asyncio.Event()
-        self._own_pending = True  # entries read but not acknowledged (after a failed write)
-        self._lock = asyncio.Lock()  # one drain at a time: ``drain()`` waits for the loop's batch
-
-    async def start(self) -> None:
-        try:
-            await self._ensure_group()
-        except (RedisError, OSError) as exc:  # Redis away for now: the loop creates it when back
-            log.warning("%s: consumer group not created yet: %s", self.stream, exc)
-        self._task = asyncio.create_task(self._run(), name=f"stream-writer {self.stream}")
-
-    async def stop(self, grace: float = 10.0) -> None:
-        """Writes what this process appended and its own pending entries; gives up after
-        ``grace`` seconds (what is left stays in the stream for another replica or the next start)."""
-        self._stopping.set()
-        if self._task is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(self._task), grace)
-            await stop_task(self._task)
-        self._own_pending = True
-        try:
-            await asyncio.wait_for(self.drain(), grace)
-            # Leave no consumer behind in the group (its name is this process's alone), unless
-            # it still holds entries for another replica to claim.
-            mine = await self._redis.xpending_range(self.stream, self.group, "-", "+", 1, consumername=self._name)
-            if not mine:
-                await self._redis.xgroup_delconsumer(self.stream, self.group, self._name)
-        except Exception as exc:  # shutdown goes on; what is not written stays in the stream
-            log.warning("%s: final flush failed, entries stay in the stream: %s", self.stream, exc)
-        if self._fast is not None:
-            await self._fast.close()
-
-    async def drain(self) -> int:
-        """Writes everything readable now (own pending entries, then new ones), without blocking;
-        whatever was appended before the call is in PostgreSQL when it returns."""
-        async with self._lock:
-            return await self._drain_once(block=None)
-
-    async def _ensure_group(self) -> None:
-        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
-            await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-
-    async def _run(self) -> None:
-        idle_rounds = 0
-        while not self._stopping.is_set():
-            try:
-                async with self._lock:
-                    wrote = await self._drain_once(block=self._block_ms)
-                    idle_rounds = 0 if wrote else idle_rounds + 1
-                    if idle_rounds % 20 == 0:
-                        await self._claim_stale()
-                if 0 < wrote < self._batch:  # a trickle: let the next batch gather
-                    await pause(self._stopping, self._linger)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._own_pending = True
-                if "NOGROUP" in str(exc):  # Redis lost the group (restart without persistence)
-                    with contextlib.suppress(Exception):
-                        await self._ensure_group()
-                log.warning("%s: write failed, will retry: %s", self.stream, exc)
-                await pause(self._stopping, 1.0)
-
-    async def _read(self, start: str, block: int | None) -> list[tuple[bytes, dict]]:
-        if self._fast is not None:
-            args = ["XREADGROUP", "GROUP", self.group, self._name, "COUNT", self._batch]
-            if block is not None:
-                args += ["BLOCK", block]
-            # a blocking read's reply comes after its wait: the connection's timeout must not cut it
-            limit = None if block is None else block / 1000 + REPLY_S
-            reply = await self._fast.execute(*args, "STREAMS", self.stream, start, limit_s=limit)
-            return _entries(reply[0][1]) if reply else []
-        reply = await self._redis.xreadgroup(
-            self.group, self._name, {self.stream: start}, count=self._batch, block=block
-        )
-        if not reply:
-            return []
-        # RESP2 answers a list of [stream, entries]; RESP3 a dict {stream: [entries]}
-        entries = next(iter(reply.values()))[0] if isinstance(reply, dict) else reply[0][1]
-        return [(entry_id, fields or {}) for entry_id, fields in entries]
-
-    async def _drain_once(self, block: int | None) -> int:
-        total = 0
-        for start in ("0", ">") if self._own_pending else (">",):
-            while True:
-                entries = await self._read(start, block if start == ">" else None)
-                if not entries:
-                    break
-                await self._commit(entries)
-                total += len(entries)
-                if len(entries) < self._batch:
-                    break
-            if start == "0":
-                self._own_pending = False
-        return total
-
-    async def _commit(self, entries: list[tuple[bytes, dict]]) -> None:
-        records = [fields for _, fields in entries if fields]  # (a deleted entry has none)
-        if records:
-            try:
-                await self._write_batch(records)
-            except asyncpg.PostgresError as exc:
-                if not _is_bad_data(exc):
-                    raise
-                await self._isolate(records)
-        ids = [i for i, _ in entries]
-        if self._fast is not None:
-            await asyncio.gather(
-                self._fast.execute("XACK", self.stream, self.group, *ids), self._fast.execute("XDEL", self.stream, *ids)
-            )
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.xack(self.stream, self.group, *ids)
-        pipe.xdel(self.stream, *ids)
-        await pipe.execute()
-
-    async def _write_batch(self, records: list[dict]) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            await self._write(conn, records)
-
-    async def _isolate(self, records: list[dict]) -> None:
-        """One record PostgreSQL refuses must not hold back the others, again and again: each is
-        written alone, and one refused alone goes to the dead-letter stream (``<stream>:dead``)."""
-        for record in records:
-            try:
-                await self._write_batch([record])
-            except asyncpg.PostgresError as exc:
-                if not _is_bad_data(exc):
-                    raise
-                log.error(
-                    "%s: record refused by PostgreSQL (%s), moved to %s:dead", self.stream, exc.sqlstate, self.stream
-                )
-                await self._redis.xadd(f"{self.stream}:dead", {**record, b"error": str(exc.sqlstate)})
-
-    async def _claim_stale(self) -> None:
-        """Entries a dead consumer read but never acknowledged become ours."""
-        start = "0-0"
-        while True:
-            if self._fast is not None:
-                result = await self._fast.execute(
-                    "XAUTOCLAIM", self.stream, self.group, self._name, self._claim_idle_ms, start, "COUNT", self._batch
-                )
-                start, claimed = result[0], _entries(result[1])
-            else:
-                result = await self._redis.xautoclaim(
-                    self.stream, self.group, self._name, self._claim_idle_ms, start_id=start, count=self._batch
-                )
-                start, claimed = result[0], [(i, f or {}) for i, f in result[1]]
-            if claimed:
-                await self._commit(claimed)
-            if start in (b"0-0", "0-0"):
-                return
-
-
-def _is_bad_data(exc: asyncpg.PostgresError) -> bool:
-    """The record's fault (a data exception or a constraint), not the database's: retrying it
-    can never succeed."""
-    return str(getattr(exc, "sqlstate", "") or "")[:2] in ("22", "23")
 
 
 # --- run records -------------------------------------------------------------------------------

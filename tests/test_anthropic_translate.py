@@ -7,7 +7,8 @@ import json
 import pytest
 
 from core.errors import InvalidRequest
-from gateway.providers.anthropic_translate import StreamTranslator, from_anthropic, to_anthropic
+from core.types import Usage
+from gateway.providers.anthropic_translate import StreamTranslator, from_anthropic, to_anthropic, usage_from_anthropic
 
 
 def _chunks(raw: bytes) -> list:
@@ -248,3 +249,33 @@ def test_stream_without_include_usage_has_no_usage_chunk():
     chunks = _chunks(raw)
     assert all("usage" not in c for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("reported", "expected"),
+    [
+        ({"input_tokens": 10, "output_tokens": 4, "cache_read_input_tokens": 2}, (12, 4, 2)),
+        ({"input_tokens": -10_000, "output_tokens": -4}, (0, 0, 0)),  # never a credit
+        ({"input_tokens": "many", "output_tokens": None, "cache_read_input_tokens": [1]}, (0, 0, 0)),
+        (
+            {"input_tokens": 2**40, "output_tokens": 1.5e30, "cache_creation_input_tokens": 2**40},
+            (2**31 - 1,) * 2 + (0,),
+        ),
+        ("not an object", (0, 0, 0)),
+    ],
+)
+def test_a_providers_usage_counts_are_billable_numbers_whatever_it_reports(reported, expected):
+    usage = usage_from_anthropic(reported)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == expected
+
+
+@pytest.mark.parametrize(
+    "reported",
+    [{"prompt_tokens": -3, "completion_tokens": 2}, {"prompt_tokens": "3"}, {"completion_tokens": float("nan")}],
+)
+def test_an_openai_usage_that_is_no_count_is_left_to_the_gateways_estimate(reported):
+    assert Usage.from_openai(reported) is None
+    got = Usage.from_openai(
+        {"prompt_tokens": 2**40, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 2**41}}
+    )
+    assert (got.prompt_tokens, got.completion_tokens, got.cached_tokens) == (2**31 - 1, 3, 2**31 - 1)

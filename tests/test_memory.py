@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.errors import InvalidRequest
+from core.stream_writer import StreamWriter
 from gateway.db import migrate
 from runtime import conversations
 from runtime.memory import (
@@ -25,7 +26,6 @@ from runtime.memory import (
     message_tokens,
     window,
 )
-from runtime.runs import StreamWriter
 from runtime.types import Agent, MemorySettings
 from tests.conftest import free_port
 

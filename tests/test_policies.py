@@ -385,3 +385,35 @@ def test_admin_api_keys_budgets_spend_and_validation(pair, services):
     assert "/admin/budgets" in doc["paths"]
     r = admin(a, "GET", "/admin/nothing-here")
     assert r.status_code == 404 and "error" in r.json() and r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": -1_000_000, "completion_tokens": -5, "total_tokens": -1_000_005},  # a credit
+        {"prompt_tokens": "many", "completion_tokens": None},  # not a count
+        {"prompt_tokens": 2**40, "completion_tokens": 3, "total_tokens": 2**40 + 3},  # beyond the ledger's int4
+    ],
+    ids=["negative", "text", "beyond-int4"],
+)
+def test_a_provider_reporting_impossible_usage_neither_credits_spend_nor_fails_the_answer_nor_halts_the_ledger(
+    pair, services, usage
+):
+    a, _ = pair
+    key = new_key(a, tenant=f"usage-{uuid.uuid4().hex[:6]}")
+    client = openai.OpenAI(base_url=f"{a.url}/v1", api_key=key["key"], max_retries=0)
+    odd = client.chat.completions.with_raw_response.create(
+        model="priced", messages=[{"role": "user", "content": "hello [[mock:" + json.dumps({"usage": usage}) + "]]"}]
+    )
+    assert odd.status_code == 200
+    after = client.chat.completions.with_raw_response.create(model="priced", messages=HELLO)
+    ids = [odd.headers["x-request-id"], after.headers["x-request-id"]]
+    # the request after it is audited too: the odd record did not stop the ledger
+    wait_until(lambda: len(ledger_rows(services[0], "request_id = ANY($1)", ids)) == 2, timeout=15, what="both rows")
+    row = ledger_rows(services[0], "request_id = $1", ids[0])[0]
+    assert 0 <= row["prompt_tokens"] <= 2**31 - 1 and 0 <= row["completion_tokens"] <= 2**31 - 1
+    assert row["cost_usd"] >= 0
+    if usage["prompt_tokens"] == 2**40:
+        assert row["prompt_tokens"] == 2**31 - 1  # the provider's claim, as far as a count can hold it
+    else:  # no count: the gateway's own estimate, as for a provider that reports none
+        assert row["prompt_tokens"] > 0 and row["usage_estimated"] is True

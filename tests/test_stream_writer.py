@@ -15,10 +15,11 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.fastredis import PipelinedRedis
+from core.stream_writer import StreamWriter
 from gateway.db import migrate
 from runtime import conversations
 from runtime.memory import Memory
-from runtime.runs import RunRecorder, StreamWriter
+from runtime.runs import RunRecorder
 from runtime.types import Agent, MemorySettings
 from tests.test_runs import _run_record
 
@@ -146,7 +147,7 @@ def test_a_blocking_read_outlasts_a_shorter_connection_timeout_and_stop_closes_t
 
         async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
             writer = StreamWriter(redis, pool, stream=stream, group="g", write=write, fast=fast, block_ms=500)
-            with caplog.at_level(logging.WARNING, logger="gateway.runs"):
+            with caplog.at_level(logging.WARNING, logger="gateway.streams"):
                 await writer.start()
                 await asyncio.sleep(1.2)  # two reads waited out on an empty stream
                 await writer.stop()
@@ -263,5 +264,119 @@ def test_execute_many_times_out_and_the_client_answers_again_afterwards(services
             return await fast.execute("PING")
         except Exception:
             return None
+
+    asyncio.run(main())
+
+
+MB = 1024 * 1024
+
+
+def _sizes(batch: list[dict]) -> int:
+    return sum(len(v) for fields in batch for v in fields.values())
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_batch_is_bounded_in_bytes_however_large_its_entries(services, client):
+    """Entries are the callers' to size (a turn's messages, a prompt in an audit record): 12 of
+    1 MB must not come back as one read of 12 MB when the budget is 3 MB — neither new entries,
+    nor own pending ones read again after a failed write, nor a dead consumer's, claimed."""
+
+    async def main():
+        stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
+        redis = aioredis.from_url(services[1])
+        await redis.xgroup_create(stream, "g", id="0", mkstream=True)
+        for i in range(12):
+            await redis.xadd(stream, {"n": str(i), "blob": bytes([65 + i]) * MB})
+        await redis.xreadgroup("g", "dead-consumer", {stream: ">"}, count=4)  # read, then SIGKILLed
+        batches: list[list[dict]] = []
+
+        async def write(conn, entries):
+            batches.append(entries)
+            if len(batches) == 1:
+                raise OSError("database away")  # this batch is read again, from the writer's own pending
+
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            writer = _writer(
+                redis, pool, client, services[1], stream, write,
+                max_batch_bytes=3 * MB, claim_idle=0.0, block_ms=50,
+            )  # fmt: skip
+            await writer.start()
+            try:
+                await _until(lambda: _empty(redis, stream), "every entry written, acknowledged and deleted", 30)
+            finally:
+                await writer.stop()
+        # at most the budget plus the entry that crossed it (one at a time once entries are large)
+        assert max(_sizes(b) for b in batches) <= 4 * MB + 64, [len(b) for b in batches]
+        assert sorted(int(e[b"n"]) for b in batches[1:] for e in b) == list(range(12))
+        await redis.delete(stream)
+        await redis.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_large_entries_after_small_ones_cross_the_budget_by_at_most_one_read(services, client):
+    async def main():
+        stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
+        redis = aioredis.from_url(services[1])
+        for i in range(40):
+            await redis.xadd(stream, {"n": str(i), "blob": b"s" * 100})
+        for i in range(40, 60):
+            await redis.xadd(stream, {"n": str(i), "blob": b"L" * MB})
+        batches: list[list[dict]] = []
+
+        async def write(conn, entries):
+            batches.append(entries)
+
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            writer = _writer(redis, pool, client, services[1], stream, write, max_batch_bytes=2 * MB)
+            await writer.start()
+            try:
+                await _until(lambda: _empty(redis, stream), "every entry written", 30)
+            finally:
+                await writer.stop()
+        from core.stream_writer import _CHUNK
+
+        assert max(_sizes(b) for b in batches) <= 2 * MB + _CHUNK * (MB + 64)
+        assert sorted(int(e[b"n"]) for b in batches for e in b) == list(range(60))
+        await redis.delete(stream)
+        await redis.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_audit_record_postgres_refuses_goes_to_the_dead_letters_and_the_ledger_goes_on(services, tmp_path):
+    """A record the ledger table cannot take (a count beyond its int4) used to fail its whole
+    batch, read again and again: no record after it ever reached PostgreSQL."""
+    from policies.engine import LEDGER_STREAM
+    from policies.ledger import LedgerWriter, Spool
+    from tests.test_ledger_write import _record
+
+    async def main():
+        pool = await _pool(services)
+        redis = aioredis.from_url(services[1])
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        good = [_record(tenant=tenant) for _ in range(3)]
+        bad = _record(tenant=tenant, prompt_tokens=2**40)
+        ledger = LedgerWriter(redis, PipelinedRedis(services[1], timeout=10), pool, Spool(tmp_path / "spool.jsonl"))
+        await ledger.start()
+        try:
+            import orjson
+
+            for rec in (good[0], bad, *good[1:]):
+                await redis.xadd(LEDGER_STREAM, {"r": orjson.dumps(rec)})
+
+            async def landed():
+                n = await pool.fetchval("SELECT count(*) FROM ledger WHERE tenant = $1", tenant)
+                return n == 3
+
+            await _until(landed, "the good records written")
+            dead = await redis.xrange(f"{LEDGER_STREAM}:dead")
+            assert [orjson.loads(f[b"r"])["request_id"] for _, f in dead if b"r" in f][-1:] == [bad["request_id"]]
+            assert dead[-1][1][b"error"] == b"22003"  # numeric value out of range
+        finally:
+            await ledger.stop()
+            await redis.aclose()
+            await pool.close()
 
     asyncio.run(main())

@@ -9,7 +9,7 @@ import orjson
 
 from core.errors import InvalidRequest
 from core.sse import DONE, data_event
-from core.types import Usage
+from core.types import MAX_TOKENS, Usage, token_count
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -184,14 +184,19 @@ def to_anthropic(body: dict, upstream_model: str, default_max_tokens: int) -> di
 
 
 def usage_from_anthropic(usage: dict | None) -> Usage:
-    usage = usage or {}
-    cached = int(usage.get("cache_read_input_tokens") or 0)
-    created = int(usage.get("cache_creation_input_tokens") or 0)
+    usage = usage if isinstance(usage, dict) else {}
+    cached = _count(usage.get("cache_read_input_tokens"))
+    created = _count(usage.get("cache_creation_input_tokens"))
     return Usage(
-        prompt_tokens=int(usage.get("input_tokens") or 0) + cached + created,
-        completion_tokens=int(usage.get("output_tokens") or 0),
+        prompt_tokens=min(MAX_TOKENS, _count(usage.get("input_tokens")) + cached + created),
+        completion_tokens=_count(usage.get("output_tokens")),
         cached_tokens=cached,
     )
+
+
+def _count(value) -> int:
+    """A count of Anthropic's usage (clamped; what is no count at all counts 0)."""
+    return max(0, token_count(value or 0))
 
 
 def from_anthropic(msg: dict) -> tuple[dict, Usage]:
@@ -295,9 +300,10 @@ class StreamTranslator:
             stop = (data.get("delta") or {}).get("stop_reason")
             if stop:
                 self.finish = FINISH_REASONS.get(stop, "stop")
-            usage = data.get("usage") or {}
+            usage = data.get("usage")
+            usage = usage if isinstance(usage, dict) else {}
             if usage.get("output_tokens") is not None:
-                self.usage.completion_tokens = int(usage["output_tokens"])
+                self.usage.completion_tokens = _count(usage["output_tokens"])
             if usage.get("input_tokens") is not None:  # newer API versions repeat it here
                 self.usage = Usage(
                     prompt_tokens=usage_from_anthropic(usage).prompt_tokens,

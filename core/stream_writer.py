@@ -1,0 +1,324 @@
+"""A Redis stream moved into PostgreSQL: the audit ledger, agent runs, conversation memory.
+
+One consumer per process in the stream's consumer group reads a batch, writes it in one
+transaction, and only then acknowledges and deletes the entries. A batch whose write fails stays
+pending and is read again; entries pending on a consumer that died (SIGKILL) are claimed by a
+live one after ``claim_idle`` seconds. A record PostgreSQL refuses (bad data, a constraint) is
+written alone and, refused again, moved to ``<stream>:dead`` so it cannot hold back the rest.
+
+Batches are bounded in entries *and bytes*. An entry's size is the caller's to choose (a
+conversation turn carries the client's messages, an audit record with content logging its
+prompt: up to the request body limit each), so a read by count alone could take thousands of
+large entries at once, and a process that dies of that reads them again at its next start. Reads
+run as a script in Redis that takes one entry, then a few at a time while entries are small
+(one at a time once one larger than the budget's share is seen), until the byte budget is used
+up: a batch holds at most ``max_batch_bytes`` plus ``_CHUNK - 1`` entries, and plus one entry
+when the entries are large.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from core.background import pause, stop_task
+
+log = logging.getLogger("gateway.streams")
+
+REPLY_S = 5.0  # how long a Redis reply may take beyond a blocking read's wait
+MAX_BATCH_BYTES = 8 * 1024 * 1024  # field bytes read in one batch (plus at most _CHUNK - 1 entries)
+_CHUNK = 8  # entries per read inside the script, while entries are small
+
+Writer = Callable[[asyncpg.Connection, list[dict]], Awaitable[None]]
+
+# KEYS: stream. ARGV: group, consumer, start id ('>' new entries, else own pending after it),
+# most entries, byte budget, entries per read. Returns {more, entries}: ``more`` is 1 when the
+# batch stopped at a bound with entries possibly left, 0 when the stream had no more.
+_READ = """
+local group, consumer, start = ARGV[1], ARGV[2], ARGV[3]
+local limit, budget, chunk = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local out, n, used, biggest = {}, 0, 0, -1
+while true do
+  if n >= limit or used >= budget then return {1, out} end
+  local want = math.min(chunk, limit - n)
+  if biggest < 0 or biggest * chunk > budget then want = 1 end
+  local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', KEYS[1], start)
+  if not reply then return {0, out} end
+  local got = reply[1][2]
+  for j = 1, #got do
+    local entry = got[j]
+    n = n + 1
+    out[n] = entry
+    local size = 0
+    if entry[2] then for i = 2, #entry[2], 2 do size = size + #entry[2][i] end end
+    used = used + size
+    if size > biggest then biggest = size end
+  end
+  if #got < want then return {0, out} end
+  if start ~= '>' then start = got[#got][1] end
+end
+"""
+
+# KEYS: stream. ARGV: group, consumer, min idle ms, start id, most entries, byte budget, entries
+# per call. Returns {next start id ('0-0' when the scan is complete), entries}.
+_CLAIM = """
+local group, consumer, idle, start = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local limit, budget, chunk = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local out, n, used, biggest = {}, 0, 0, -1
+while n < limit and used < budget do
+  local want = math.min(chunk, limit - n)
+  if biggest < 0 or biggest * chunk > budget then want = 1 end
+  local reply = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, idle, start, 'COUNT', want)
+  start = reply[1]
+  for j = 1, #reply[2] do
+    local entry = reply[2][j]
+    n = n + 1
+    out[n] = entry
+    local size = 0
+    if entry[2] then for i = 2, #entry[2], 2 do size = size + #entry[2][i] end end
+    used = used + size
+    if size > biggest then biggest = size end
+  end
+  if start == '0-0' then break end
+end
+return {start, out}
+"""
+
+
+def entries(raw: list) -> list[tuple[bytes, dict]]:
+    """``(id, fields)`` of stream entries as RESP2 gives them: ``[id, [k1, v1, k2, v2...]]``, the
+    fields nil for an entry deleted since it was read."""
+    out = []
+    for entry_id, flat in raw:
+        pairs = iter(flat or ())
+        out.append((entry_id, dict(zip(pairs, pairs, strict=False))))
+    return out
+
+
+def is_bad_data(exc: asyncpg.PostgresError) -> bool:
+    """The record's fault (a data exception or a constraint), not the database's: retrying it
+    can never succeed."""
+    return str(getattr(exc, "sqlstate", "") or "")[:2] in ("22", "23")
+
+
+class StreamWriter:
+    """Moves the entries of one Redis stream to PostgreSQL with ``write(conn, entries)`` (each
+    entry its fields, as a dict of bytes), called inside a transaction.
+
+    ``fast``, a ``core.fastredis.PipelinedRedis`` of the writer's own (a blocking read holds its
+    connection, so never one the request path shares), reads, acknowledges and claims the
+    entries; ``stop()`` closes it. ``redis`` (redis-py) does the rare calls, and everything when
+    ``fast`` is not given. ``maintain``, if given, runs beside the claim of dead consumers'
+    entries (every 20 idle reads)."""
+
+    def __init__(
+        self,
+        redis,
+        pool: asyncpg.Pool,
+        *,
+        stream: str,
+        group: str,
+        write: Writer,
+        batch: int = 500,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
+        claim_idle: float = 15.0,
+        linger: float = 0.2,
+        block_ms: int = 500,
+        fast=None,
+        maintain: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        self._redis = redis
+        self._fast = fast
+        self._pool = pool
+        self.stream = stream
+        self.group = group
+        self._write = write
+        self._batch = batch
+        self._max_bytes = max_batch_bytes
+        self._claim_idle_ms = int(claim_idle * 1000)
+        self._linger = linger
+        self._block_ms = block_ms
+        self._maintain = maintain
+        self._name = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+        self._own_pending = True  # entries read but not acknowledged (after a failed write)
+        self._lock = asyncio.Lock()  # one drain at a time: ``drain()`` waits for the loop's batch
+        self._shas: dict[str, str] = {}
+
+    async def start(self) -> None:
+        try:
+            await self._ensure_group()
+        except (RedisError, OSError) as exc:  # Redis away for now: the loop creates it when back
+            log.warning("%s: consumer group not created yet: %s", self.stream, exc)
+        self._task = asyncio.create_task(self._run(), name=f"stream-writer {self.stream}")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Writes what this process appended and its own pending entries; gives up after
+        ``grace`` seconds (what is left stays in the stream for another replica or the next start)."""
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+            await stop_task(self._task)
+        self._own_pending = True
+        try:
+            await asyncio.wait_for(self.drain(), grace)
+            # Leave no consumer behind in the group (its name is this process's alone), unless
+            # it still holds entries for another replica to claim.
+            mine = await self._redis.xpending_range(self.stream, self.group, "-", "+", 1, consumername=self._name)
+            if not mine:
+                await self._redis.xgroup_delconsumer(self.stream, self.group, self._name)
+        except Exception as exc:  # shutdown goes on; what is not written stays in the stream
+            log.warning("%s: final flush failed, entries stay in the stream: %s", self.stream, exc)
+        if self._fast is not None:
+            await self._fast.close()
+
+    async def drain(self) -> int:
+        """Writes everything readable now (own pending entries, then new ones), without blocking;
+        whatever was appended before the call is in PostgreSQL when it returns."""
+        async with self._lock:
+            return await self._drain_once(block=None)
+
+    async def _ensure_group(self) -> None:
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+            await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+
+    async def _run(self) -> None:
+        idle_rounds = 0
+        while not self._stopping.is_set():
+            try:
+                async with self._lock:
+                    wrote = await self._drain_once(block=self._block_ms)
+                    idle_rounds = 0 if wrote else idle_rounds + 1
+                    if idle_rounds % 20 == 0:
+                        await self._claim_stale()
+                        if self._maintain is not None:
+                            await self._maintain()
+                if 0 < wrote < self._batch:  # a trickle: let the next batch gather
+                    await pause(self._stopping, self._linger)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._own_pending = True
+                if "NOGROUP" in str(exc):  # Redis lost the group (restart without persistence)
+                    with contextlib.suppress(Exception):
+                        await self._ensure_group()
+                log.warning("%s: write failed, will retry: %s", self.stream, exc)
+                await pause(self._stopping, 1.0)
+
+    async def _call(self, *args, limit_s: float | None = None):
+        if self._fast is not None:
+            return await self._fast.execute(*args, limit_s=limit_s)
+        return await self._redis.execute_command(*args)
+
+    async def _script(self, source: str, *args):
+        """One of this module's scripts over the stream (loaded again if Redis forgot it)."""
+        sha = self._shas.get(source)
+        if sha is not None:
+            try:
+                return await self._call("EVALSHA", sha, 1, self.stream, *args)
+            except NoScriptError:  # the server restarted and forgot the script
+                pass
+        loaded = await self._call("SCRIPT", "LOAD", source)
+        self._shas[source] = loaded.decode() if isinstance(loaded, bytes) else loaded
+        return await self._call("EVALSHA", self._shas[source], 1, self.stream, *args)
+
+    async def _bounded(self, start: str, limit: int) -> tuple[bool, list[tuple[bytes, dict]]]:
+        more, raw = await self._script(
+            _READ, self.group, self._name, start, limit, self._max_bytes, _CHUNK
+        )  # fmt: skip
+        return bool(more), entries(raw)
+
+    async def _read(self, start: str, block: int | None) -> tuple[bool, list[tuple[bytes, dict]]]:
+        """A batch (bounded in entries and bytes) and whether the stream may hold more now.
+        ``block``: with nothing to read, wait that long (ms) for the next entry."""
+        more, found = await self._bounded(start, self._batch)
+        if found or block is None or start != ">":
+            return more, found
+        # a blocking read cannot run in a script: wait for one entry, then take what came with it
+        first = await self._wait_one(block)
+        if not first:
+            return False, []
+        more, rest = await self._bounded(">", self._batch - 1) if self._batch > 1 else (True, [])
+        return more, first + rest
+
+    async def _wait_one(self, block: int) -> list[tuple[bytes, dict]]:
+        if self._fast is not None:
+            limit = block / 1000 + REPLY_S  # the reply comes after the wait: the timeout must not cut it
+            reply = await self._fast.execute(
+                "XREADGROUP", "GROUP", self.group, self._name, "COUNT", 1, "BLOCK", block, "STREAMS", self.stream, ">",
+                limit_s=limit,
+            )  # fmt: skip
+            return entries(reply[0][1]) if reply else []
+        reply = await self._redis.xreadgroup(self.group, self._name, {self.stream: ">"}, count=1, block=block)
+        if not reply:
+            return []
+        # RESP2 answers a list of [stream, entries]; RESP3 a dict {stream: [entries]}
+        found = next(iter(reply.values()))[0] if isinstance(reply, dict) else reply[0][1]
+        return [(entry_id, fields or {}) for entry_id, fields in found]
+
+    async def _drain_once(self, block: int | None) -> int:
+        total = 0
+        for start in ("0", ">") if self._own_pending else (">",):
+            while True:
+                more, found = await self._read(start, block if start == ">" else None)
+                if not found:
+                    break
+                await self._commit(found)
+                total += len(found)
+                if not more:
+                    break
+            if start == "0":
+                self._own_pending = False
+        return total
+
+    async def _commit(self, found: list[tuple[bytes, dict]]) -> None:
+        records = [fields for _, fields in found if fields]  # (a deleted entry has none)
+        if records:
+            try:
+                await self._write_batch(records)
+            except asyncpg.PostgresError as exc:
+                if not is_bad_data(exc):
+                    raise
+                await self._isolate(records)
+        ids = [i for i, _ in found]
+        await asyncio.gather(self._call("XACK", self.stream, self.group, *ids), self._call("XDEL", self.stream, *ids))
+
+    async def _write_batch(self, records: list[dict]) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._write(conn, records)
+
+    async def _isolate(self, records: list[dict]) -> None:
+        """One record PostgreSQL refuses must not hold back the others, again and again: each is
+        written alone, and one refused alone goes to the dead-letter stream (``<stream>:dead``)."""
+        for record in records:
+            try:
+                await self._write_batch([record])
+            except asyncpg.PostgresError as exc:
+                if not is_bad_data(exc):
+                    raise
+                log.error(
+                    "%s: record refused by PostgreSQL (%s), moved to %s:dead", self.stream, exc.sqlstate, self.stream
+                )
+                await self._redis.xadd(f"{self.stream}:dead", {**record, b"error": str(exc.sqlstate)})
+
+    async def _claim_stale(self) -> None:
+        """Entries a dead consumer read but never acknowledged become ours (bounded like reads)."""
+        start = "0-0"
+        while True:
+            start, raw = await self._script(
+                _CLAIM, self.group, self._name, self._claim_idle_ms, start, self._batch, self._max_bytes, _CHUNK
+            )
+            claimed = entries(raw)
+            if claimed:
+                await self._commit(claimed)
+            if start in (b"0-0", "0-0"):
+                return
