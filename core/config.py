@@ -197,6 +197,10 @@ class Policies(_Strict):
     local_admission: bool = True
     lease_requests: int = Field(32, ge=1, le=10_000)  # a lease: this many requests (or estimates) of credit
     lease_headroom: int = Field(64, ge=2, le=1_000_000)  # granted only with this many leases of room left
+    # A request's budget reservation is released when it settles, or after this long: a replica
+    # that dies with requests in flight (or a settle Redis never got) holds budget no longer.
+    # Longer than any request may run (a request running longer may overshoot by its estimate).
+    reservation_hold_s: float = Field(3600.0, gt=0, le=7 * 86400)
 
 
 PiiAction = Literal["redact", "mask", "hash", "block", "pseudonymize", "allow"]

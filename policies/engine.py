@@ -107,6 +107,12 @@ def cost_usd(route, usage: Usage | None) -> float:
     return usage.prompt_tokens * inp + usage.completion_tokens * out
 
 
+def _member(ctx: RequestContext) -> str:
+    """What names a reservation in Redis: the gateway's own request id (never the caller's) and
+    the model call of the turn."""
+    return f"{ctx.request_id}:{ctx.step}"
+
+
 def input_bytes(body: dict) -> int:
     """The UTF-8 bytes of an embeddings or rerank request's texts (and the length of token
     arrays): no tokenizer that falls back to bytes makes more tokens of them."""
@@ -139,6 +145,7 @@ class PolicyEngine:
         self._settle_sha: str | None = None
         p = config.policies
         self.credit = Credit(redis, p.lease_requests, p.lease_headroom) if p.local_admission else None
+        self._hold_ms = int(p.reservation_hold_s * 1000)
 
     async def start(self) -> None:
         self._admit_sha = await self._redis.script_load(scripts.ADMIT)
@@ -325,7 +332,8 @@ class PolicyEngine:
                 argv += [leases, own, lease, credit.asking(leases, own, estimate + lease)]
             else:  # no lease asked for, but every replica's leases of the budget are counted
                 argv += [leases_key(reserved), "", 0, 0]
-        argv += [LEASE_TTL_MS, credit.headroom if credit is not None else 0, ALERT_STREAM]
+        hold_until = now_ms + self._hold_ms
+        argv += [LEASE_TTL_MS, credit.headroom if credit is not None else 0, ALERT_STREAM, _member(ctx), hold_until]
         try:
             result = await self._run("admit", argv)
         except RedisError as exc:
@@ -404,7 +412,7 @@ class PolicyEngine:
         argv: list = [int(time.time() * 1000), len(rates)]
         for _, base, limit in rates:
             argv += [base, limit, MINUTE_MS, 1, 0]
-        argv += [0, LEASE_TTL_MS, 0, ALERT_STREAM]  # no budgets: a replay costs nothing
+        argv += [0, LEASE_TTL_MS, 0, ALERT_STREAM, "", 0]  # no budgets: a replay costs nothing
         try:
             result = await self._run("admit", argv)
         except RedisError as exc:
@@ -509,7 +517,7 @@ class PolicyEngine:
         keys = ctx.extra.get("budget_keys")
         if keys is None or len(keys) != len(budgets):
             keys = [b.keys() for b in budgets]
-        argv: list = [int(time.time() * 1000), len(budgets)]
+        argv: list = [int(time.time() * 1000), _member(ctx), len(budgets)]
         for b, (spent, reserved_key, alert_prefix, ttl) in zip(budgets, keys, strict=True):
             held = reserved
             if leased and self.credit is not None:

@@ -7,7 +7,7 @@ ADMIT (before the call)
     ARGV: now_ms, n_rate, [base, limit, window_ms, cost, lease] * n_rate,
           n_budget, [spent_key, reserved_key, limit, estimate, ttl_s, alert_prefix, thresholds_csv,
           budget_id, hard, leases_key, own_lease_key, lease, own_outstanding] * n_budget,
-          lease_ttl_ms, lease_headroom, alert_stream
+          lease_ttl_ms, lease_headroom, alert_stream, member, hold_until_ms
     Rate limits are sliding windows (the previous fixed window weighted by how much of it is
     still inside the sliding one, plus the current window). A ``cost`` of 0 only checks (tokens
     per minute are added after the call, when they are known).
@@ -15,6 +15,12 @@ ADMIT (before the call)
     estimate <= limit, so spend never passes the limit however many requests run at once. A
     *soft* budget admits while spent + reserved is below the limit (parallel requests may
     overshoot by the reservations in flight). Either then reserves the request's estimate.
+    A reservation (``estimate`` in ``reserved_key``) is also a member ``<estimate>:<member>`` of
+    ``reserved_key:exp`` scored by ``hold_until_ms`` (``policies.reservation_hold_s`` after
+    admission; ``member`` is the gateway's request id and step): SETTLE releases it, and a
+    reservation whose request never settles (its replica was SIGKILLed, or Redis was away when
+    it settled) is released by the next ADMIT of the budget once its hold is over, instead of
+    holding budget until the period ends (for ever, for a budget without a period).
     Refusal kinds: ``budget`` (used up), ``reserved`` (a hard budget whose remainder is held by
     requests in flight: retrying soon may succeed), ``oversized`` (the request alone could cost
     more than the whole limit).
@@ -38,11 +44,12 @@ ADMIT (before the call)
     {0, kind, index, retry_after_ms, [budget_id, threshold, spent] * fired}.
 
 SETTLE (after the call)
-    ARGV: now_ms, n_budget, [spent_key, reserved_key, estimate, actual, limit, ttl_s, alert_prefix,
+    ARGV: now_ms, member, n_budget, [spent_key, reserved_key, estimate, actual, limit, ttl_s, alert_prefix,
           thresholds_csv, budget_id] * n_budget, n_tokens, [base, window_ms, tokens] * n_tokens,
           ledger_stream, record_json, alert_stream
-    Releases reservations, adds the real cost, fires each alert threshold at most once per
-    budget and period (SET NX), and appends the audit record to the ledger stream.
+    Releases reservations (each once: only while it is a member of ``reserved_key:exp``), adds
+    the real cost, fires each alert threshold at most once per budget and period (SET NX), and
+    appends the audit record to the ledger stream.
     Returns the list of alerts fired, as {budget_id, threshold, spent} triples.
 """
 
@@ -76,6 +83,7 @@ local n_budget = tonumber(ARGV[i]); i = i + 1
 local lease_ttl = ARGV[i + n_budget * 13]
 local headroom = tonumber(ARGV[i + n_budget * 13 + 1])
 local alert_stream = ARGV[i + n_budget * 13 + 2]
+local member, hold_until = ARGV[i + n_budget * 13 + 3], ARGV[i + n_budget * 13 + 4]
 local reserve = {}
 for b = 1, n_budget do
   local spent_key, reserved_key = ARGV[i], ARGV[i+1]
@@ -85,6 +93,14 @@ for b = 1, n_budget do
   local leases_key, own_key = ARGV[i+9], ARGV[i+10]
   local lease, own = tonumber(ARGV[i+11]), tonumber(ARGV[i+12])
   i = i + 13
+  -- reservations past their hold (a replica that died with them in flight) are released first
+  local due = redis.call('ZRANGEBYSCORE', reserved_key .. ':exp', '-inf', now, 'LIMIT', 0, 100)
+  if #due > 0 then
+    local freed = 0
+    for _, m in ipairs(due) do freed = freed + (tonumber(string.match(m, '^(%d+):')) or 0) end
+    redis.call('ZREM', reserved_key .. ':exp', unpack(due))
+    if redis.call('DECRBY', reserved_key, freed) < 0 then redis.call('SET', reserved_key, 0, 'EX', ttl) end
+  end
   local spent = tonumber(redis.call('GET', spent_key) or '0')
   local held = tonumber(redis.call('GET', reserved_key) or '0') + own
   for _, k in ipairs(redis.call('SMEMBERS', leases_key)) do
@@ -136,9 +152,11 @@ for _, x in ipairs(reserve) do
   local mine = x[7]
   if x[4] > 0 then
     mine = mine + x[2] + x[4]
-  else
+  elseif x[2] > 0 then
     redis.call('INCRBY', x[1], x[2])
     redis.call('EXPIRE', x[1], x[3])
+    redis.call('ZADD', x[1] .. ':exp', hold_until, x[2] .. ':' .. member)
+    redis.call('EXPIRE', x[1] .. ':exp', x[3])
   end
   if x[6] ~= '' then  -- the caller's lease key: exactly what it holds now (credit it gave up dropped)
     if mine > 0 then
@@ -156,7 +174,8 @@ return grants
 
 SETTLE = """
 local now = tonumber(ARGV[1])
-local i = 2
+local member = ARGV[2]
+local i = 3
 local fired = {}
 local n_budget = tonumber(ARGV[i]); i = i + 1
 for b = 1, n_budget do
@@ -164,7 +183,8 @@ for b = 1, n_budget do
   local estimate, actual, limit = tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4])
   local ttl, alert_prefix, thresholds, budget_id = tonumber(ARGV[i+5]), ARGV[i+6], ARGV[i+7], ARGV[i+8]
   i = i + 9
-  if estimate > 0 then
+  -- released once: not when ADMIT released it already, its hold over
+  if estimate > 0 and redis.call('ZREM', reserved_key .. ':exp', estimate .. ':' .. member) == 1 then
     local left = redis.call('DECRBY', reserved_key, estimate)
     if left < 0 then redis.call('SET', reserved_key, 0, 'EX', ttl) end
   end

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import hmac
 import http.server
@@ -417,3 +418,48 @@ def test_a_provider_reporting_impossible_usage_neither_credits_spend_nor_fails_t
         assert row["prompt_tokens"] == 2**31 - 1  # the provider's claim, as far as a count can hold it
     else:  # no count: the gateway's own estimate, as for a provider that reports none
         assert row["prompt_tokens"] > 0 and row["usage_estimated"] is True
+
+
+def test_reservations_of_a_sigkilled_replica_are_released_after_their_hold(tmp_root, services, module_mock):
+    """A replica killed with requests in flight never settles them: their reservations held a
+    hard budget until the period ended (for ever, for a budget without a period), refusing every
+    request with ``budget_reserved``. Now each is released once its hold is over."""
+    config = cfg(module_mock, policies={"local_admission": False, "reservation_hold_s": 2})
+    survivor = Gateway(tmp_root, config, services)
+    victim = Gateway(tmp_root, config, services)
+    try:
+        # each request reserves its prompt and 100 output tokens: ~0.00021 USD; four fill the budget
+        key = new_key(survivor, budget_usd=0.001, budget_period="none")
+        auth = {"Authorization": f"Bearer {key['key']}"}
+        slow = {
+            "model": "priced",
+            "max_tokens": 100,
+            "messages": [{"role": "user", "content": 'hi [[mock:{"delay_ms": 60000}]]'}],
+        }
+        quick = {"model": "priced", "max_tokens": 100, "messages": HELLO}
+
+        def hang() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(f"{victim.url}/v1/chat/completions", json=slow, headers=auth, timeout=90)
+
+        threads = [threading.Thread(target=hang, daemon=True) for _ in range(4)]
+        for t in threads:
+            t.start()
+
+        def refused() -> bool:
+            r = httpx.post(f"{survivor.url}/v1/chat/completions", json=quick, headers=auth, timeout=30)
+            return r.status_code == 429 and r.json()["error"]["code"] == "budget_reserved"
+
+        wait_until(refused, timeout=15, what="the budget held by the four requests in flight")
+        victim.stop(signal.SIGKILL)  # they never settle
+
+        def served() -> bool:
+            r = httpx.post(f"{survivor.url}/v1/chat/completions", json=quick, headers=auth, timeout=30)
+            return r.status_code == 200
+
+        wait_until(served, timeout=20, what="the dead replica's reservations released")
+        state = admin(survivor, "GET", f"/admin/budgets/{key['budget_id']}").json()
+        assert state["reserved_usd"] == 0 and 0 < state["spent_usd"] <= 0.001
+    finally:
+        survivor.stop()
+        victim.stop()
