@@ -34,7 +34,7 @@ from gateway.services import Services
 from gateway.usage import estimate_stream_usage, estimate_usage
 from gateway.validation import validate_chat, validate_embeddings
 from policies import alerts
-from policies.engine import attribution, cost_usd
+from policies.engine import attribution
 from policies.pii.restore import StreamRestorer, restore_body
 from policies.pii.scrub import ScrubState
 
@@ -120,7 +120,7 @@ async def settle(svc: Services, ctx: RequestContext, scope: dict, now: bool = Fa
         fired = await svc.policies.settle(ctx, attr, elapsed, now=now)
     except Exception as exc:
         log.error("settle failed; audit record spooled to disk: %s", exc)
-        svc.ledger.spool.append(orjson.dumps(svc.policies.record(ctx, attr, elapsed, cost_usd(ctx.route, ctx.usage))))
+        svc.ledger.spool.append(svc.policies.spooled(ctx, attr, elapsed))
         return
     if fired:
         alerts.fired(fired)

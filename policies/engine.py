@@ -504,6 +504,15 @@ class PolicyEngine:
         self._charge_sha = sha
         return fired
 
+    def spooled(self, ctx: RequestContext, attr: dict, elapsed: float) -> bytes:
+        """The audit record of a request whose settle Redis did not take, for the local spool:
+        with what the settle would have done to budgets (``_settle``), so the spool's replay
+        counts the spend and releases the reservation (policies/ledger.py, ``SETTLE_LATE``)."""
+        rec = self.record(ctx, attr, elapsed, cost_usd(ctx.route, ctx.usage))
+        if "settlement" in ctx.extra:
+            rec["_settle"] = ctx.extra["settlement"]
+        return orjson.dumps(rec)
+
     async def settle(self, ctx: RequestContext, attr: dict, elapsed: float, now: bool = False) -> list:
         """Releases the reservation, adds the cost and appends the audit record, in one round
         trip. ``now``: the command is written to Redis before this coroutine first yields."""
@@ -517,7 +526,9 @@ class PolicyEngine:
         keys = ctx.extra.get("budget_keys")
         if keys is None or len(keys) != len(budgets):
             keys = [b.keys() for b in budgets]
-        argv: list = [int(time.time() * 1000), _member(ctx), len(budgets)]
+        member = _member(ctx)
+        argv: list = [int(time.time() * 1000), member, len(budgets)]
+        late: list = []  # what a settle that fails must still do (spooled with the record)
         for b, (spent, reserved_key, alert_prefix, ttl) in zip(budgets, keys, strict=True):
             held = reserved
             if leased and self.credit is not None:
@@ -526,6 +537,9 @@ class PolicyEngine:
                     self.credit.settled(own, reserved)
                     held = 0
             argv += [spent, reserved_key, held, actual, b.limit_nano, ttl, alert_prefix, self._thresholds(b), b.id]
+            late.append([spent, reserved_key, held, actual, ttl])
+        if late:
+            ctx.extra["settlement"] = [member, late]
         tokens = (ctx.usage.total_tokens if ctx.usage else 0) if ctx.extra.get("admitted") else 0
         token_limits = [(b, lim) for label, b, lim in self._rate_limits(ctx, attr) if label.endswith("tokens")]
         argv.append(len(token_limits))

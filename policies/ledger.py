@@ -17,12 +17,15 @@ record PostgreSQL refuses is written alone, and refused again, kept in ``<stream
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
+import orjson
 
 from core.stream_writer import StreamWriter
 from policies.engine import LEDGER_STREAM
+from policies.scripts import SETTLE_LATE
 
 GROUP = "ledger-writers"
 LINGER = 0.5  # seconds to let records gather after a short batch: fewer, larger COPYs
@@ -92,6 +95,43 @@ async def _write_entries(conn: asyncpg.Connection, entries: list[dict]) -> None:
     await _copy(conn, [e[b"r"] for e in entries if b"r" in e])
 
 
+def _late(line: bytes) -> tuple[bytes, list] | None:
+    try:
+        settlement = orjson.loads(line).get("_settle")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return (line, settlement) if isinstance(settlement, list) and len(settlement) == 2 else None
+
+
+def _without_settle(line: bytes) -> bytes:
+    try:
+        rec = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return line
+    rec.pop("_settle", None)
+    return orjson.dumps(rec)
+
+
+def _rewrite(path: Path, records: list[bytes]) -> None:
+    tmp = path.with_suffix(".rewriting")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(r + b"\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def settle_args(settlements: list) -> list:
+    """``SETTLE_LATE``'s arguments for spooled settlements ([member, [[spent_key, reserved_key,
+    held, actual, ttl], ...]] each)."""
+    argv: list = [len(settlements)]
+    for member, budgets in settlements:
+        argv += [str(member), len(budgets)]
+        for spent_key, reserved_key, held, actual, ttl in budgets:
+            argv += [str(spent_key), str(reserved_key), int(held), int(actual), int(ttl)]
+    return argv
+
+
 class Spool:
     """Records Redis could not take, kept on local disk until they reach PostgreSQL."""
 
@@ -104,8 +144,11 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
 
-    async def replay(self, pool: asyncpg.Pool) -> int:
-        """Writes this process's spool, and any left by processes that died, to PostgreSQL."""
+    async def replay(self, pool: asyncpg.Pool, settle: Callable[[list], Awaitable[object]] | None = None) -> int:
+        """Writes this process's spool, and any left by processes that died, to PostgreSQL.
+        Records of settles Redis did not take carry what they would have done (``_settle``):
+        ``settle`` applies those first, and the file is rewritten without them before anything
+        else can fail, so a replay that stops half way never applies one twice."""
         total = 0
         for path in [self.path, *self._orphans()]:
             work = path.with_suffix(".replaying")
@@ -114,6 +157,12 @@ class Spool:
             if not work.exists():
                 continue
             records = [line for line in work.read_bytes().splitlines() if line.strip()]
+            late = [_late(line) for line in records if b'"_settle"' in line]
+            late = [x for x in late if x is not None]
+            if late and settle is not None:
+                await settle([x[1] for x in late])
+                records = [_without_settle(line) if b'"_settle"' in line else line for line in records]
+                _rewrite(work, records)
             if records:
                 async with pool.acquire() as conn:
                     await write_records(conn, records)
@@ -150,7 +199,10 @@ class LedgerWriter(StreamWriter):
         self.spool = spool
 
     async def _replay(self) -> None:
-        await self.spool.replay(self._pool)
+        await self.spool.replay(self._pool, self._settle_late)
+
+    async def _settle_late(self, settlements: list) -> None:
+        await self._redis.eval(SETTLE_LATE, 0, *settle_args(settlements))
 
     async def stop(self, grace: float = 30.0) -> None:
         """Drains: everything this process appended (and its own pending entries) is written."""

@@ -88,6 +88,7 @@ local reserve = {}
 for b = 1, n_budget do
   local spent_key, reserved_key = ARGV[i], ARGV[i+1]
   local limit, estimate, ttl = tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4])
+  local estimate_text = ARGV[i+3]  -- (as sent: a reservation's name never goes through a float)
   local alert_prefix, thresholds, budget_id = ARGV[i+5], ARGV[i+6], ARGV[i+7]
   local hard = ARGV[i+8] == '1'
   local leases_key, own_key = ARGV[i+9], ARGV[i+10]
@@ -97,7 +98,7 @@ for b = 1, n_budget do
   local due = redis.call('ZRANGEBYSCORE', reserved_key .. ':exp', '-inf', now, 'LIMIT', 0, 100)
   if #due > 0 then
     local freed = 0
-    for _, m in ipairs(due) do freed = freed + (tonumber(string.match(m, '^(%d+):')) or 0) end
+    for _, m in ipairs(due) do freed = freed + (tonumber(string.match(m, '^([^:]+):')) or 0) end
     redis.call('ZREM', reserved_key .. ':exp', unpack(due))
     if redis.call('DECRBY', reserved_key, freed) < 0 then redis.call('SET', reserved_key, 0, 'EX', ttl) end
   end
@@ -142,7 +143,7 @@ for b = 1, n_budget do
   local grant = 0
   if lease > 0 and own_key ~= '' and limit - (spent + held + estimate) >= headroom * lease then grant = lease end
   table.insert(grants, grant)
-  table.insert(reserve, {reserved_key, estimate, ttl, grant, leases_key, own_key, own})
+  table.insert(reserve, {reserved_key, estimate, ttl, grant, leases_key, own_key, own, estimate_text})
 end
 for _, x in ipairs(incr) do
   redis.call('INCRBY', x[1], x[2])
@@ -155,7 +156,7 @@ for _, x in ipairs(reserve) do
   elseif x[2] > 0 then
     redis.call('INCRBY', x[1], x[2])
     redis.call('EXPIRE', x[1], x[3])
-    redis.call('ZADD', x[1] .. ':exp', hold_until, x[2] .. ':' .. member)
+    redis.call('ZADD', x[1] .. ':exp', hold_until, x[8] .. ':' .. member)
     redis.call('EXPIRE', x[1] .. ':exp', x[3])
   end
   if x[6] ~= '' then  -- the caller's lease key: exactly what it holds now (credit it gave up dropped)
@@ -181,10 +182,11 @@ local n_budget = tonumber(ARGV[i]); i = i + 1
 for b = 1, n_budget do
   local spent_key, reserved_key = ARGV[i], ARGV[i+1]
   local estimate, actual, limit = tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4])
+  local estimate_text = ARGV[i+2]
   local ttl, alert_prefix, thresholds, budget_id = tonumber(ARGV[i+5]), ARGV[i+6], ARGV[i+7], ARGV[i+8]
   i = i + 9
   -- released once: not when ADMIT released it already, its hold over
-  if estimate > 0 and redis.call('ZREM', reserved_key .. ':exp', estimate .. ':' .. member) == 1 then
+  if estimate > 0 and redis.call('ZREM', reserved_key .. ':exp', estimate_text .. ':' .. member) == 1 then
     local left = redis.call('DECRBY', reserved_key, estimate)
     if left < 0 then redis.call('SET', reserved_key, 0, 'EX', ttl) end
   end
@@ -263,4 +265,35 @@ for a = 1, #fired, 3 do
   redis.call('XADD', alerts, '*', 'budget', fired[a], 'threshold', fired[a+1], 'spent', fired[a+2])
 end
 return fired
+"""
+
+# A settle that Redis did not take (policies/ledger.py: its record was spooled to disk, with what
+# SETTLE would have done), applied when the spool is replayed. ARGV: n, then per settlement:
+# member, n_budget, [spent_key, reserved_key, held, actual, ttl_s] * n_budget. A reservation
+# (``held`` > 0) is released and its cost counted only while it is still a member of
+# ``reserved_key:exp``: not when SETTLE ran after all (its reply was lost), nor when ADMIT
+# released it at the end of its hold. A leased request's (``held`` 0) cost is counted: SETTLE's
+# failure cannot say whether Redis ran it, and counting twice errs on the budget's side.
+SETTLE_LATE = """
+local i = 2
+for s = 1, tonumber(ARGV[1]) do
+  local member, n_budget = ARGV[i], tonumber(ARGV[i+1])
+  i = i + 2
+  for b = 1, n_budget do
+    local spent_key, reserved_key = ARGV[i], ARGV[i+1]
+    local held, actual, ttl = tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4])
+    local held_text = ARGV[i+2]
+    i = i + 5
+    local count = true
+    if held > 0 then
+      count = redis.call('ZREM', reserved_key .. ':exp', held_text .. ':' .. member) == 1
+      if count and redis.call('DECRBY', reserved_key, held) < 0 then redis.call('SET', reserved_key, 0, 'EX', ttl) end
+    end
+    if count and actual > 0 then
+      redis.call('INCRBY', spent_key, actual)
+      redis.call('EXPIRE', spent_key, ttl)
+    end
+  end
+end
+return 1
 """

@@ -8,13 +8,14 @@ import socket
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import httpx
 import orjson
 
 from core.config import parse_config
 from core.fastredis import PipelinedRedis
-from core.types import RequestContext
+from core.types import RequestContext, Route
 from policies.budgets import NANO, Budget, BudgetCache
 from policies.engine import PolicyEngine
 from tests.conftest import Gateway, wait_until
@@ -320,3 +321,124 @@ def test_attack_embeddings_input_with_more_tokens_than_its_character_estimate_ca
         assert state["spent_usd"] <= 0.0025, state
     finally:
         gw.stop()
+
+
+def _priced_route() -> Route:
+    return Route("priced", "pp", "pp/m", "m", None, state=SimpleNamespace(input_cost=0.0, output_cost=1e-6))
+
+
+def test_a_settle_redis_did_not_take_counts_its_spend_and_frees_its_reservation_once_when_the_spool_replays(
+    services, tmp_path
+):
+    """Redis away at settle time: the record was spooled and written to PostgreSQL later, but
+    the spend never reached the budget's counter (a budget overshot by it) and the reservation
+    held budget until the period ended. The spooled record now carries the settlement, applied
+    once when the spool replays — however often the replay runs."""
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    from core.types import Usage
+    from gateway.db import migrate
+    from policies.ledger import LedgerWriter, Spool
+
+    budget = hard_budget(100)
+    spent_key, reserved_key, _, _ = budget.keys()
+
+    async def run():
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        redis = aioredis.from_url(services[1])
+        a = Replica(services[1], budget, policies={"local_admission": False})
+        await a.start()
+        ctx = await a.admit()
+        assert int(await redis.get(reserved_key)) == ESTIMATE
+        ctx.route, ctx.usage, ctx.status = _priced_route(), Usage(0, 300), 200  # 300 output tokens
+        live = a.engine._redis
+        a.engine._redis = PipelinedRedis(f"redis://127.0.0.1:{_closed_port()}", timeout=0.5)  # Redis away
+        try:
+            await a.engine.settle(ctx, ctx.extra["attr"], 0.01)
+            raise AssertionError("the settle reached a Redis that is away")
+        except Exception:
+            pass
+        a.engine._redis = live
+        spool = Spool(tmp_path / f"ledger-spool-{uuid.uuid4().hex[:6]}-1.jsonl")
+        line = a.engine.spooled(ctx, ctx.extra["attr"], 0.01)
+        spool.append(line)
+        writer = LedgerWriter(redis, PipelinedRedis(services[1]), pool, spool)
+        await writer._replay()
+        first = (int(await redis.get(spent_key) or 0), int(await redis.get(reserved_key) or 0))
+        spool.append(line)  # the same record again (a replay that stopped before unlinking)
+        await writer._replay()
+        second = (int(await redis.get(spent_key) or 0), int(await redis.get(reserved_key) or 0))
+        rows = await pool.fetchval("SELECT count(*) FROM ledger WHERE request_id = $1", ctx.request_id)
+        left = await redis.zcard(f"{reserved_key}:exp")
+        await a.engine.close()
+        await redis.aclose()
+        await pool.close()
+        return first, second, rows, left
+
+    first, second, rows, left = asyncio.run(run())
+    assert first == (300 * NANO // 1_000_000, 0), first  # spend counted, reservation freed
+    assert second == first  # not twice
+    assert rows == 1 and left == 0
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_leased_requests_spooled_settlement_is_applied_once_even_when_postgres_fails_after_it(services, tmp_path):
+    """A leased request's settlement cannot be checked against a reservation (its estimate was in
+    the replica's lease): it is counted when the spool replays, and the spool forgets it before
+    writing to PostgreSQL, so a replay that fails there and runs again counts it once."""
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    from core.types import Usage
+    from gateway.db import migrate
+    from policies.ledger import LedgerWriter, Spool
+
+    budget = hard_budget(1000)
+    spent_key = budget.keys()[0]
+
+    async def run():
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        redis = aioredis.from_url(services[1])
+        a = Replica(services[1], budget)
+        await a.start()
+        ctx = await a.admit()
+        assert ctx.extra.get("leased")
+        ctx.route, ctx.usage, ctx.status = _priced_route(), Usage(0, 300), 200
+        live = a.engine._redis
+        a.engine._redis = PipelinedRedis(f"redis://127.0.0.1:{_closed_port()}", timeout=0.5)
+        try:
+            await a.engine.settle(ctx, ctx.extra["attr"], 0.01)
+            raise AssertionError("the settle reached a Redis that is away")
+        except Exception:
+            pass
+        a.engine._redis = live
+        spool = Spool(tmp_path / f"ledger-spool-{uuid.uuid4().hex[:6]}-1.jsonl")
+        spool.append(a.engine.spooled(ctx, ctx.extra["attr"], 0.01))
+        closed = await asyncpg.create_pool(services[0], min_size=1, max_size=1)
+        await closed.close()  # PostgreSQL "away": the replay stops after the settlement
+        try:
+            await LedgerWriter(redis, PipelinedRedis(services[1]), closed, spool)._replay()
+            raise AssertionError("the replay wrote to a closed pool")
+        except asyncpg.InterfaceError:
+            pass
+        once = int(await redis.get(spent_key) or 0)
+        await LedgerWriter(redis, PipelinedRedis(services[1]), pool, spool)._replay()
+        again = int(await redis.get(spent_key) or 0)
+        rows = await pool.fetchval("SELECT count(*) FROM ledger WHERE request_id = $1", ctx.request_id)
+        await a.engine.close()
+        await redis.aclose()
+        await pool.close()
+        return once, again, rows
+
+    once, again, rows = asyncio.run(run())
+    assert once == again == 300 * NANO // 1_000_000 and rows == 1
