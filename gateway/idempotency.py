@@ -18,6 +18,9 @@ client's value (the client's value is never a key by itself, and two API keys ne
   ``x-gateway-idempotent-replay: true``: no model call, no budget, no memory, no ledger record;
   it counts in the caller's requests-per-minute windows (key, minting keys, tenant) like any request.
 - A repeat while the first is in progress: 409 (``idempotency_key_in_use``, ``retry-after: 1``).
+  A request running longer than its claim loses it: a repeat then claims the key and runs, and
+  the first one's answer is not stored over the repeat's claim (compare-and-set), so every
+  replay gets one answer.
 - The same key with another body, or other ``x-gateway-*`` headers: 422 naming the header
   (``idempotency_key_reused``).
 
@@ -52,7 +55,7 @@ _SKIP = frozenset({b"x-request-id", b"x-client-request-id", b"content-length", b
 
 OUTCOMES = Counter(
     "gateway_idempotency_total",
-    "Chat requests with an Idempotency-Key by outcome: stored, replayed, in_progress, mismatch, released",
+    "Chat requests with an Idempotency-Key by outcome: stored, replayed, in_progress, mismatch, released, claim_lost",
     ["outcome"],
 )
 _outcomes = _Children(OUTCOMES)
@@ -60,6 +63,14 @@ _outcomes = _Children(OUTCOMES)
 # KEYS: the key. ARGV: the marker this request set. Deletes the key only while it holds it.
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _RELEASE_SHA = hashlib.sha1(_RELEASE.encode()).hexdigest()
+# KEYS: the key. ARGV: the marker this request set, the answer, its ttl. Stores the answer only
+# while the key holds the marker: a request that outlived its claim (``idempotency_lock_s``)
+# while a repeat claimed the key again must not overwrite what the repeat holds.
+_STORE = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end "
+    "return false"
+)
+_STORE_SHA = hashlib.sha1(_STORE.encode()).hexdigest()
 
 
 class KeyInUse(GatewayError):
@@ -197,7 +208,9 @@ class Idempotency:
         await send({"type": "http.response.start", "status": int(meta["s"]), "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _store(self, key: str, digest: str, status: int, headers: list, stream: bool, body: bytes) -> None:
+    async def _store(
+        self, key: str, marker: bytes, digest: str, status: int, headers: list, stream: bool, body: bytes
+    ) -> None:
         meta = {
             "h": digest,
             "s": status,
@@ -205,10 +218,20 @@ class Idempotency:
             "hd": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k.lower() not in _SKIP],
         }
         value = b"D" + orjson.dumps(meta) + b"\n" + body
+        ttl = max(1, int(self._config.idempotency_ttl_s))
         try:
-            await self._redis.execute("SET", key, value, "EX", max(1, int(self._config.idempotency_ttl_s)))
+            try:
+                stored = await self._redis.execute("EVALSHA", _STORE_SHA, 1, key, marker, value, ttl)
+            except Exception as exc:
+                if "NOSCRIPT" not in str(exc):
+                    raise
+                stored = await self._redis.execute("EVAL", _STORE, 1, key, marker, value, ttl)
         except Exception as exc:  # the claim expires on its own; the answer still goes out
             log.warning("idempotent response not stored: %s", type(exc).__name__)
+            return
+        if stored is None:  # the claim had expired and was taken again: that request's answer stands
+            log.warning("idempotent response not stored: its claim expired (server.idempotency_lock_s)")
+            _outcomes.get("claim_lost").inc()
             return
         _outcomes.get("stored").inc()
 
@@ -263,6 +286,6 @@ class _Recorder:
             ok = body.endswith(_DONE)
         if ok:
             digest = orjson.loads(self.marker[1:])["h"]
-            await self.owner._store(self.key, digest, self.status, self.headers, self.stream, body)
+            await self.owner._store(self.key, self.marker, digest, self.status, self.headers, self.stream, body)
         else:
             await self.owner._release(self.key, self.marker)

@@ -235,3 +235,41 @@ def test_the_openapi_documents_name_the_idempotency_key_and_every_channel_admin_
     for route in [*admin_channels.routes(None), *admin_vapi.routes(None)]:
         for method in route.methods - {"HEAD"}:
             assert method.lower() in paths.get(route.path, {}), (method, route.path)
+
+
+def test_a_request_that_outlived_its_claim_does_not_store_over_the_repeat_that_claimed_the_key(
+    tmp_root, services, module_mock
+):
+    """A claims the key (lock 2 s) and its model call takes 6 s; B, a repeat after A's claim
+    expired, claims the key, is answered at once and stores its answer; then A ends. A's answer
+    used to be stored over B's: replays before A ended got B's answer, replays after it A's —
+    two answers for one key."""
+    g = Gateway(tmp_root, {**_config(module_mock), "server": {"idempotency_lock_s": 2}}, services)
+    try:
+        k = new_key(g)["key"]
+        idem = uuid.uuid4().hex
+        body = {"model": "m", "messages": [{"role": "user", "content": f"one answer {idem}"}]}
+
+        def post() -> httpx.Response:
+            headers = {"Authorization": f"Bearer {k}", "Idempotency-Key": idem}
+            return httpx.post(f"{g.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+        out: dict = {}
+        calls = _calls(module_mock)
+        module_mock.configure(ttft_ms=6000)  # A's model call is slow ...
+        try:
+            a = threading.Thread(target=lambda: out.setdefault("a", post()))
+            a.start()
+            wait_until(lambda: _calls(module_mock) > calls, what="A at the model")
+        finally:
+            module_mock.configure(ttft_ms=0)  # ... B's is not
+        assert post().status_code == 409  # A holds the claim
+        wait_until(lambda: (r := post()).status_code != 409 and out.setdefault("b", r) is r, timeout=30, what="B")
+        assert "x-gateway-idempotent-replay" not in out["b"].headers  # B ran: A's claim had expired
+        a.join(30)
+        assert out["a"].status_code == 200 and out["b"].status_code == 200
+        replay = post()
+        assert replay.status_code == 200 and replay.headers["x-gateway-idempotent-replay"] == "true"
+        assert replay.json()["id"] == out["b"].json()["id"] != out["a"].json()["id"]
+    finally:
+        g.stop()
