@@ -54,6 +54,11 @@ CIRCUIT_STATE = Gauge(
 )
 BUDGET_ALERTS = Counter("gateway_budget_alerts_total", "Budget alert thresholds reached", ["threshold"])
 REFUSED = Counter("gateway_refused_total", "Requests refused by a policy", ["reason"])
+DEAD_LETTERS = Counter(
+    "gateway_dead_letters_total",
+    "Records PostgreSQL refused, moved to a dead-letter stream or file, by stream (ledger, runs, memory)",
+    ["stream"],
+)
 ADMITTED_FROM_CREDIT = Counter(
     "gateway_admitted_from_credit_total", "Requests admitted from this process's admission credit (no Redis call)"
 )

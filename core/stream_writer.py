@@ -4,16 +4,17 @@ One consumer per process in the stream's consumer group reads a batch, writes it
 transaction, and only then acknowledges and deletes the entries. A batch whose write fails stays
 pending and is read again; entries pending on a consumer that died (SIGKILL) are claimed by a
 live one after ``claim_idle`` seconds. A record PostgreSQL refuses (bad data, a constraint) is
-written alone and, refused again, moved to ``<stream>:dead`` so it cannot hold back the rest.
+written alone and, refused again, moved to ``<stream>:dead`` so it cannot hold back the rest
+(the newest ``DEAD_MAX`` kept; ``gateway_dead_letters_total`` counts them).
 
 Batches are bounded in entries *and bytes*. An entry's size is the caller's to choose (a
 conversation turn carries the client's messages, an audit record with content logging its
 prompt: up to the request body limit each), so a read by count alone could take thousands of
 large entries at once, and a process that dies of that reads them again at its next start. Reads
-run as a script in Redis that takes one entry, then a few at a time while entries are small
-(one at a time once one larger than the budget's share is seen), until the byte budget is used
-up: a batch holds at most ``max_batch_bytes`` plus ``_CHUNK - 1`` entries, and plus one entry
-when the entries are large.
+run as scripts in Redis that size entries before taking them (``_READ``): a batch of new entries
+holds at most ``max_batch_bytes`` of fields, or its first entry when that alone is larger; own
+pending entries read again and claimed ones are taken one at a time until the budget is passed
+(at most the budget plus one entry).
 """
 
 from __future__ import annotations
@@ -29,67 +30,94 @@ import asyncpg
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from core.background import pause, stop_task
+from core.metrics import DEAD_LETTERS
 
 log = logging.getLogger("gateway.streams")
 
 REPLY_S = 5.0  # how long a Redis reply may take beyond a blocking read's wait
-MAX_BATCH_BYTES = 8 * 1024 * 1024  # field bytes read in one batch (plus at most _CHUNK - 1 entries)
-_CHUNK = 8  # entries per read inside the script, while entries are small
+MAX_BATCH_BYTES = 8 * 1024 * 1024  # field bytes read in one batch (or its first entry's, if larger)
+_PEEK = 64  # entries sized ahead of one read inside the script
+DEAD_MAX = 10_000  # dead letters kept per stream (about: the oldest go first)
+_CLAIM_CALLS = 64  # XAUTOCLAIMs in one run of the claim script
 
 Writer = Callable[[asyncpg.Connection, list[dict]], Awaitable[None]]
 
-# KEYS: stream. ARGV: group, consumer, start id ('>' new entries, else own pending after it),
-# most entries, byte budget, entries per read. Returns {more, entries}: ``more`` is 1 when the
-# batch stopped at a bound with entries possibly left, 0 when the stream had no more.
-_READ = """
-local group, consumer, start = ARGV[1], ARGV[2], ARGV[3]
-local limit, budget, chunk = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local out, n, used, biggest = {}, 0, 0, -1
-while true do
-  if n >= limit or used >= budget then return {1, out} end
-  local want = math.min(chunk, limit - n)
-  if biggest < 0 or biggest * chunk > budget then want = 1 end
-  local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', KEYS[1], start)
-  if not reply then return {0, out} end
-  local got = reply[1][2]
+# Shared by the scripts: ``take(got)`` adds a reply's entries to ``out``, counting their field
+# bytes in ``used``.
+_TAKE = """
+local out, n, used = {}, 0, 0
+local function size_of(entry)
+  local size = 0
+  if entry[2] then for i = 2, #entry[2], 2 do size = size + #entry[2][i] end end
+  return size
+end
+local function take(got)
   for j = 1, #got do
-    local entry = got[j]
     n = n + 1
-    out[n] = entry
-    local size = 0
-    if entry[2] then for i = 2, #entry[2], 2 do size = size + #entry[2][i] end end
-    used = used + size
-    if size > biggest then biggest = size end
+    out[n] = got[j]
+    used = used + size_of(got[j])
   end
-  if #got < want then return {0, out} end
-  if start ~= '>' then start = got[#got][1] end
 end
 """
 
-# KEYS: stream. ARGV: group, consumer, min idle ms, start id, most entries, byte budget, entries
-# per call. Returns {next start id ('0-0' when the scan is complete), entries}.
-_CLAIM = """
-local group, consumer, idle, start = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local limit, budget, chunk = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local out, n, used, biggest = {}, 0, 0, -1
-while n < limit and used < budget do
-  local want = math.min(chunk, limit - n)
-  if biggest < 0 or biggest * chunk > budget then want = 1 end
-  local reply = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, idle, start, 'COUNT', want)
-  start = reply[1]
-  for j = 1, #reply[2] do
-    local entry = reply[2][j]
-    n = n + 1
-    out[n] = entry
-    local size = 0
-    if entry[2] then for i = 2, #entry[2], 2 do size = size + #entry[2][i] end end
-    used = used + size
-    if size > biggest then biggest = size end
+# KEYS: stream. ARGV: group, consumer, start id ('>' new entries, else own pending after it),
+# most entries, byte budget. Returns {more, entries}: ``more`` is 1 when the batch stopped at a
+# bound with entries possibly left, 0 when the stream had no more.
+# New entries: the first alone, then as many of the next ``_PEEK`` as fit in what is left of the
+# budget, sized beforehand with XRANGE — exactly the entries XREADGROUP delivers next, since
+# nothing else runs while the script does. Own pending entries (re-read after a failed write):
+# one at a time. A batch's field bytes are at most the budget, or its first entry's size.
+_READ = (
+    _TAKE
+    + f"""
+local group, consumer, start = ARGV[1], ARGV[2], ARGV[3]
+local limit, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
+local last = nil
+while true do
+  if n >= limit or used >= budget then return {{1, out}} end
+  local asked = 1
+  if start == '>' and last then
+    local ahead = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', math.min({_PEEK}, limit - n))
+    if #ahead == 0 then return {{0, out}} end
+    local room = budget - used
+    asked = 0
+    for j = 1, #ahead do
+      room = room - size_of(ahead[j])
+      if room < 0 then break end
+      asked = asked + 1
+    end
+    if asked == 0 then return {{1, out}} end
   end
+  local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', asked, 'STREAMS', KEYS[1], start)
+  if not reply then return {{0, out}} end
+  local got = reply[1][2]
+  take(got)
+  if #got < asked then return {{0, out}} end
+  last = got[#got][1]
+  if start ~= '>' then start = last end
+end
+"""
+)
+
+# KEYS: stream. ARGV: group, consumer, min idle ms, start id, most entries, byte budget. Returns
+# {next start id ('0-0' when the scan is complete), entries}. One entry per XAUTOCLAIM (claims
+# are rare: consumers that died), at most ``_CLAIM_CALLS`` per run, so a long list of pending
+# entries that are not idle yet is scanned over several runs, not in one.
+_CLAIM = (
+    _TAKE
+    + f"""
+local group, consumer, idle, start = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local limit, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
+for _ = 1, {_CLAIM_CALLS} do
+  if n >= limit or used >= budget then break end
+  local reply = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, idle, start, 'COUNT', 1)
+  start = reply[1]
+  take(reply[2])
   if start == '0-0' then break end
 end
-return {start, out}
+return {{start, out}}
 """
+)
 
 
 def entries(raw: list) -> list[tuple[bytes, dict]]:
@@ -231,23 +259,24 @@ class StreamWriter:
         self._shas[source] = loaded.decode() if isinstance(loaded, bytes) else loaded
         return await self._call("EVALSHA", self._shas[source], 1, self.stream, *args)
 
-    async def _bounded(self, start: str, limit: int) -> tuple[bool, list[tuple[bytes, dict]]]:
-        more, raw = await self._script(
-            _READ, self.group, self._name, start, limit, self._max_bytes, _CHUNK
-        )  # fmt: skip
+    async def _bounded(self, start: str, limit: int, budget: int) -> tuple[bool, list[tuple[bytes, dict]]]:
+        more, raw = await self._script(_READ, self.group, self._name, start, limit, budget)
         return bool(more), entries(raw)
 
     async def _read(self, start: str, block: int | None) -> tuple[bool, list[tuple[bytes, dict]]]:
         """A batch (bounded in entries and bytes) and whether the stream may hold more now.
         ``block``: with nothing to read, wait that long (ms) for the next entry."""
-        more, found = await self._bounded(start, self._batch)
+        more, found = await self._bounded(start, self._batch, self._max_bytes)
         if found or block is None or start != ">":
             return more, found
-        # a blocking read cannot run in a script: wait for one entry, then take what came with it
+        # a blocking read cannot run in a script: wait for one entry, then take what fits beside it
         first = await self._wait_one(block)
         if not first:
             return False, []
-        more, rest = await self._bounded(">", self._batch - 1) if self._batch > 1 else (True, [])
+        room = self._max_bytes - sum(len(v) for _, fields in first for v in fields.values())
+        if self._batch <= 1 or room <= 0:
+            return True, first
+        more, rest = await self._bounded(">", self._batch - 1, room)
         return more, first + rest
 
     async def _wait_one(self, block: int) -> list[tuple[bytes, dict]]:
@@ -308,14 +337,25 @@ class StreamWriter:
                 log.error(
                     "%s: record refused by PostgreSQL (%s), moved to %s:dead", self.stream, exc.sqlstate, self.stream
                 )
-                await self._redis.xadd(f"{self.stream}:dead", {**record, b"error": str(exc.sqlstate)})
+                DEAD_LETTERS.labels(self.stream).inc()
+                await self._redis.xadd(
+                    f"{self.stream}:dead",
+                    {**self.dead_record(record), b"error": str(exc.sqlstate)},
+                    maxlen=DEAD_MAX,
+                    approximate=True,
+                )
+
+    def dead_record(self, record: dict) -> dict:
+        """What of a refused record its dead letter keeps (a writer may drop what must not
+        linger, such as message content)."""
+        return record
 
     async def _claim_stale(self) -> None:
         """Entries a dead consumer read but never acknowledged become ours (bounded like reads)."""
         start = "0-0"
         while True:
             start, raw = await self._script(
-                _CLAIM, self.group, self._name, self._claim_idle_ms, start, self._batch, self._max_bytes, _CHUNK
+                _CLAIM, self.group, self._name, self._claim_idle_ms, start, self._batch, self._max_bytes
             )
             claimed = entries(raw)
             if claimed:

@@ -48,11 +48,12 @@ class Usage:
         if not isinstance(usage, dict):
             return None
         details = usage.get("prompt_tokens_details")
-        prompt = token_count(usage.get("prompt_tokens") or 0)
-        completion = token_count(usage.get("completion_tokens") or 0)
+        # absent: 0 (an embedding has no completion); present but no count (null too): not usage
+        prompt = token_count(usage.get("prompt_tokens", 0))
+        completion = token_count(usage.get("completion_tokens", 0))
         if prompt < 0 or completion < 0:  # not counts: the gateway estimates the usage instead
             return None
-        cached = token_count(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        cached = token_count(details.get("cached_tokens", 0)) if isinstance(details, dict) else 0
         return cls(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=min(prompt, max(cached, 0)))
 
     def to_openai(self) -> dict:

@@ -255,8 +255,10 @@ def test_stream_without_include_usage_has_no_usage_chunk():
     ("reported", "expected"),
     [
         ({"input_tokens": 10, "output_tokens": 4, "cache_read_input_tokens": 2}, (12, 4, 2)),
-        ({"input_tokens": -10_000, "output_tokens": -4}, (0, 0, 0)),  # never a credit
-        ({"input_tokens": "many", "output_tokens": None, "cache_read_input_tokens": [1]}, (0, 0, 0)),
+        ({"input_tokens": 10, "output_tokens": 4, "cache_creation_input_tokens": None}, (10, 4, 0)),
+        ({"input_tokens": -10_000, "output_tokens": -4}, None),  # never a credit: estimated
+        ({"input_tokens": "many", "output_tokens": 3}, None),
+        ({"input_tokens": 5, "output_tokens": True}, None),
         (
             {"input_tokens": 2**40, "output_tokens": 1.5e30, "cache_creation_input_tokens": 2**40},
             (2**31 - 1,) * 2 + (0,),
@@ -264,14 +266,31 @@ def test_stream_without_include_usage_has_no_usage_chunk():
         ("not an object", (0, 0, 0)),
     ],
 )
-def test_a_providers_usage_counts_are_billable_numbers_whatever_it_reports(reported, expected):
+def test_a_providers_usage_counts_are_billable_numbers_or_left_to_the_estimate(reported, expected):
     usage = usage_from_anthropic(reported)
-    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == expected
+    got = None if usage is None else (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+    assert got == expected
+
+
+def test_a_streamed_answer_with_counts_that_are_no_counts_is_marked_for_the_estimate():
+    tr = StreamTranslator(include_usage=True)
+    tr.feed("message_start", {"type": "message_start", "message": {"id": "m", "usage": {"input_tokens": 9}}})
+    tr.feed("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": -5}})
+    assert tr.usage_valid is False
+    ok = StreamTranslator(include_usage=True)
+    ok.feed("message_start", {"type": "message_start", "message": {"id": "m", "usage": {"input_tokens": 9}}})
+    ok.feed("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 5}})
+    assert ok.usage_valid and (ok.usage.prompt_tokens, ok.usage.completion_tokens) == (9, 5)
 
 
 @pytest.mark.parametrize(
     "reported",
-    [{"prompt_tokens": -3, "completion_tokens": 2}, {"prompt_tokens": "3"}, {"completion_tokens": float("nan")}],
+    [
+        {"prompt_tokens": -3, "completion_tokens": 2},
+        {"prompt_tokens": "3"},
+        {"completion_tokens": float("nan")},
+        {"prompt_tokens": None, "completion_tokens": None},
+    ],
 )
 def test_an_openai_usage_that_is_no_count_is_left_to_the_gateways_estimate(reported):
     assert Usage.from_openai(reported) is None

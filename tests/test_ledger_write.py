@@ -88,3 +88,30 @@ def test_records_land_with_every_field_once_and_spool_replays(services, tmp_path
             await conn.close()
 
     asyncio.run(main())
+
+
+def test_a_spooled_record_postgres_refuses_goes_to_the_dead_letters_and_the_rest_is_written(services, tmp_path):
+    """One record of a spool that PostgreSQL refuses (a count beyond the column's int4) used to
+    fail the whole spool at every replay: none of the records written while Redis was away ever
+    reached the ledger."""
+    from policies.ledger import Spool
+
+    async def main():
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        good = [_record(), _record()]
+        bad = _record(prompt_tokens=2**40, content=[{"role": "user", "content": "my secret"}])
+        spool = Spool(tmp_path / "ledger-spool-1.jsonl")
+        for rec in (good[0], bad, good[1]):
+            spool.append(orjson.dumps(rec))
+        assert await spool.replay(pool) == 3
+        ids = [r["request_id"] for r in (*good, bad)]
+        written = await pool.fetchval("SELECT count(*) FROM ledger WHERE request_id = ANY($1)", ids)
+        await pool.close()
+        return written
+
+    assert asyncio.run(main()) == 2
+    dead = (tmp_path / "ledger-dead.jsonl").read_bytes().splitlines()
+    assert len(dead) == 1 and orjson.loads(dead[0])["error"] == "22003" and b"my secret" not in dead[0]
+    assert not list(tmp_path.glob("ledger-spool-*"))  # the spool is done

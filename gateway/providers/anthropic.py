@@ -103,7 +103,7 @@ class AnthropicAdapter:
                     status = _STREAM_ERROR_STATUS.get(err.get("type"), 500)
                     raise map_upstream_status(self.name, status, str(err.get("message") or "stream error"), {})
                 out = tr.feed(event, obj)
-                ctx.usage = tr.usage
+                ctx.usage = tr.usage if tr.usage_valid else None  # (None: the gateway estimates)
                 if out:
                     yield out
                 if tr.done:

@@ -183,23 +183,23 @@ def to_anthropic(body: dict, upstream_model: str, default_max_tokens: int) -> di
     return out
 
 
-def usage_from_anthropic(usage: dict | None) -> Usage:
+def usage_from_anthropic(usage: dict | None) -> Usage | None:
+    """Anthropic's usage as OpenAI counts it (prompt tokens include cache reads and writes);
+    None when a count it holds is no count (negative, text, a float that is NaN, a boolean): the
+    gateway then estimates the usage. A count that is null or absent is 0 (cache fields are
+    null when caching was not used); one beyond ``MAX_TOKENS`` is clamped."""
     usage = usage if isinstance(usage, dict) else {}
-    cached = _count(usage.get("cache_read_input_tokens"))
-    created = _count(usage.get("cache_creation_input_tokens"))
-    return Usage(
-        prompt_tokens=min(MAX_TOKENS, _count(usage.get("input_tokens")) + cached + created),
-        completion_tokens=_count(usage.get("output_tokens")),
-        cached_tokens=cached,
-    )
+    counts = [
+        token_count(usage.get(name) or 0)
+        for name in ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+    ]
+    if min(counts) < 0:
+        return None
+    inp, out, cached, created = counts
+    return Usage(prompt_tokens=min(MAX_TOKENS, inp + cached + created), completion_tokens=out, cached_tokens=cached)
 
 
-def _count(value) -> int:
-    """A count of Anthropic's usage (clamped; what is no count at all counts 0)."""
-    return max(0, token_count(value or 0))
-
-
-def from_anthropic(msg: dict) -> tuple[dict, Usage]:
+def from_anthropic(msg: dict) -> tuple[dict, Usage | None]:
     """An OpenAI ``chat.completion`` from an Anthropic message."""
     text: list[str] = []
     tool_calls = []
@@ -231,7 +231,7 @@ def from_anthropic(msg: dict) -> tuple[dict, Usage]:
                 "finish_reason": FINISH_REASONS.get(msg.get("stop_reason") or "end_turn", "stop"),
             }
         ],
-        "usage": usage.to_openai(),
+        "usage": (usage or Usage()).to_openai(),  # (no counts: the gateway's estimate is billed)
     }
     return completion, usage
 
@@ -245,6 +245,7 @@ class StreamTranslator:
         self.model = ""
         self.created = int(time.time())
         self.usage = Usage()
+        self.usage_valid = True  # False once the provider sent a count that is no count: estimate
         self.finish: str | None = None
         self.done = False
         self.started = False
@@ -262,13 +263,19 @@ class StreamTranslator:
             chunk["usage"] = None
         return data_event(chunk)
 
+    def _usage(self, usage: Usage | None) -> None:
+        if usage is None:
+            self.usage_valid = False
+        else:
+            self.usage = usage
+
     def feed(self, event: str | None, data: dict) -> bytes:
         kind = data.get("type", event)
         if kind == "message_start":
             msg = data.get("message") or {}
             self.id = msg.get("id", self.id)
             self.model = msg.get("model", self.model)
-            self.usage = usage_from_anthropic(msg.get("usage"))
+            self._usage(usage_from_anthropic(msg.get("usage")))
             self.started = True
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "content_block_start":
@@ -303,13 +310,16 @@ class StreamTranslator:
             usage = data.get("usage")
             usage = usage if isinstance(usage, dict) else {}
             if usage.get("output_tokens") is not None:
-                self.usage.completion_tokens = _count(usage["output_tokens"])
+                out = token_count(usage["output_tokens"])
+                if out < 0:
+                    self.usage_valid = False
+                self.usage.completion_tokens = max(out, 0)
             if usage.get("input_tokens") is not None:  # newer API versions repeat it here
-                self.usage = Usage(
-                    prompt_tokens=usage_from_anthropic(usage).prompt_tokens,
-                    completion_tokens=self.usage.completion_tokens,
-                    cached_tokens=usage_from_anthropic(usage).cached_tokens,
-                )
+                got = usage_from_anthropic({**usage, "output_tokens": 0})
+                if got is not None:
+                    self.usage = Usage(got.prompt_tokens, self.usage.completion_tokens, got.cached_tokens)
+                else:
+                    self.usage_valid = False
             return b""
         if kind == "message_stop":
             self.done = True

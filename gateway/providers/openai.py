@@ -118,10 +118,14 @@ class OpenAIAdapter:
             chunk = orjson.loads(event[6:])
         except orjson.JSONDecodeError:
             return False
-        usage = Usage.from_openai(chunk.get("usage")) if isinstance(chunk, dict) else None
+        if not isinstance(chunk, dict):
+            return False
+        usage = Usage.from_openai(chunk.get("usage"))
         if usage is not None:
             ctx.usage = usage
-        return usage is not None and not chunk.get("choices")
+        # by its shape, not its counts: a usage-only chunk whose counts are no counts (the
+        # gateway estimates instead) is still not for a client that did not ask for usage
+        return isinstance(chunk.get("usage"), dict) and not chunk.get("choices")
 
     async def close(self) -> None:
         return None
