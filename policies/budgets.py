@@ -207,6 +207,8 @@ class BudgetCache:
             value = attribution.get(scope)
             if value:
                 out.extend(self.by_scope.get((tenant, scope, value), ()))
+        if len(out) > 1 and len({b.id for b in out}) < len(out):  # each budget once (one reservation each)
+            out = list({b.id: b for b in out}.values())
         return out
 
 

@@ -62,7 +62,7 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
         "agent": pick("agent", b"x-gateway-agent"),
         "workflow": pick("workflow", b"x-gateway-workflow"),
         "customer": pick("customer", b"x-gateway-customer"),
-        "tags": [str(t)[:100] for t in tags][:20],
+        "tags": list(dict.fromkeys(str(t)[:100] for t in tags))[:20],  # each once: a tag's budget counts once
     }
 
 
@@ -332,8 +332,7 @@ class PolicyEngine:
                 argv += [leases, own, lease, credit.asking(leases, own, estimate + lease)]
             else:  # no lease asked for, but every replica's leases of the budget are counted
                 argv += [leases_key(reserved), "", 0, 0]
-        hold_until = now_ms + self._hold_ms
-        argv += [LEASE_TTL_MS, credit.headroom if credit is not None else 0, ALERT_STREAM, _member(ctx), hold_until]
+        argv += [LEASE_TTL_MS, credit.headroom if credit is not None else 0, ALERT_STREAM, _member(ctx), self._hold_ms]
         try:
             result = await self._run("admit", argv)
         except RedisError as exc:
@@ -527,6 +526,7 @@ class PolicyEngine:
         if keys is None or len(keys) != len(budgets):
             keys = [b.keys() for b in budgets]
         member = _member(ctx)
+        ctx.extra.pop("settlement", None)  # (an earlier step's, settled)
         argv: list = [int(time.time() * 1000), member, len(budgets)]
         late: list = []  # what a settle that fails must still do (spooled with the record)
         for b, (spent, reserved_key, alert_prefix, ttl) in zip(budgets, keys, strict=True):
@@ -538,7 +538,7 @@ class PolicyEngine:
                     held = 0
             argv += [spent, reserved_key, held, actual, b.limit_nano, ttl, alert_prefix, self._thresholds(b), b.id]
             late.append([spent, reserved_key, held, actual, ttl])
-        if late:
+        if any(held or actual for _, _, held, actual, _ in late):  # (a refused request's has nothing to do)
             ctx.extra["settlement"] = [member, late]
         tokens = (ctx.usage.total_tokens if ctx.usage else 0) if ctx.extra.get("admitted") else 0
         token_limits = [(b, lim) for label, b, lim in self._rate_limits(ctx, attr) if label.endswith("tokens")]

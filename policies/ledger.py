@@ -16,18 +16,25 @@ record PostgreSQL refuses is written alone, and refused again, kept in ``<stream
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import orjson
 
-from core.stream_writer import StreamWriter
+from core.metrics import DEAD_LETTERS
+from core.stream_writer import StreamWriter, is_bad_data
 from policies.engine import LEDGER_STREAM
 from policies.scripts import SETTLE_LATE
 
+log = logging.getLogger("gateway.ledger")
+
 GROUP = "ledger-writers"
+LATE_CHUNK = 500  # spooled settlements applied in one Redis call (a long outage spools many)
 LINGER = 0.5  # seconds to let records gather after a short batch: fewer, larger COPYs
 
 # Records are COPYed as they sit in the stream (JSON) and PostgreSQL takes them apart: the
@@ -95,30 +102,35 @@ async def _write_entries(conn: asyncpg.Connection, entries: list[dict]) -> None:
     await _copy(conn, [e[b"r"] for e in entries if b"r" in e])
 
 
-def _late(line: bytes) -> tuple[bytes, list] | None:
+def _late(line: bytes) -> list | None:
+    """A spooled record's settlement ([member, [[spent_key, reserved_key, held, actual, ttl], ...]])."""
     try:
         settlement = orjson.loads(line).get("_settle")
     except (orjson.JSONDecodeError, AttributeError):
         return None
-    return (line, settlement) if isinstance(settlement, list) and len(settlement) == 2 else None
+    return settlement if isinstance(settlement, list) and len(settlement) == 2 else None
 
 
-def _without_settle(line: bytes) -> bytes:
-    try:
-        rec = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return line
-    rec.pop("_settle", None)
-    return orjson.dumps(rec)
-
-
-def _rewrite(path: Path, records: list[bytes]) -> None:
-    tmp = path.with_suffix(".rewriting")
-    with open(tmp, "wb") as f:
-        f.write(b"".join(r + b"\n" for r in records))
+def _append(path: Path, lines: list[bytes]) -> None:
+    """Lines added to a file and on disk (fsync) when this returns."""
+    with open(path, "ab") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(path)
+
+
+def _dead(record: bytes, error: str | None) -> bytes:
+    """A refused record as its dead letter keeps it: without message content (which the ledger
+    never stores: a dead letter must not be the one place a prompt lingers), with the error."""
+    try:
+        rec = orjson.loads(record)
+    except orjson.JSONDecodeError:
+        return orjson.dumps({"unparsable": record[:1000].decode("utf-8", "replace"), "error": error})
+    if isinstance(rec, dict):
+        rec.pop("content", None)
+        rec.pop("_settle", None)
+        rec["error"] = error
+    return orjson.dumps(rec)
 
 
 def settle_args(settlements: list) -> list:
@@ -139,47 +151,73 @@ class Spool:
         self.path = path
 
     def append(self, record: bytes) -> None:
-        with open(self.path, "ab") as f:
-            f.write(record.rstrip(b"\n") + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _append(self.path, [record.rstrip(b"\n")])
 
     async def replay(self, pool: asyncpg.Pool, settle: Callable[[list], Awaitable[object]] | None = None) -> int:
-        """Writes this process's spool, and any left by processes that died, to PostgreSQL.
+        """Writes this process's spool, and any left by processes that died (a spool, or one
+        whose replay they did not finish), to PostgreSQL. A file is claimed by renaming it to a
+        work file of this process's (``<spool>.<token>.replaying``: one process gets each).
         Records of settles Redis did not take carry what they would have done (``_settle``):
-        ``settle`` applies those first, and the file is rewritten without them before anything
-        else can fail, so a replay that stops half way never applies one twice."""
-        total = 0
+        ``settle`` applies those first, ``LATE_CHUNK`` to a call (each is applied once however
+        often it is replayed: ``SETTLE_LATE``)."""
         for path in [self.path, *self._orphans()]:
-            work = path.with_suffix(".replaying")
-            if path.exists() and not work.exists():
-                path.rename(work)
-            if not work.exists():
-                continue
+            with contextlib.suppress(FileNotFoundError):  # (another process claimed it first)
+                path.rename(self.path.with_name(f"{self.path.stem}.{secrets.token_hex(4)}.replaying"))
+        total = 0
+        for work in self._work():
             records = [line for line in work.read_bytes().splitlines() if line.strip()]
-            late = [_late(line) for line in records if b'"_settle"' in line]
-            late = [x for x in late if x is not None]
-            if late and settle is not None:
-                await settle([x[1] for x in late])
-                records = [_without_settle(line) if b'"_settle"' in line else line for line in records]
-                _rewrite(work, records)
+            if settle is not None:
+                late = [x for x in (_late(line) for line in records if b'"_settle"' in line) if x is not None]
+                for i in range(0, len(late), LATE_CHUNK):
+                    await settle(late[i : i + LATE_CHUNK])
             if records:
                 async with pool.acquire() as conn:
-                    await write_records(conn, records)
+                    await self._write(conn, records)
             work.unlink()
             total += len(records)
         return total
 
-    def _orphans(self) -> list[Path]:
-        found = []
-        for path in self.path.parent.glob("ledger-spool-*.jsonl"):
+    def _work(self) -> list[Path]:
+        """This process's work files (and an older release's name for one)."""
+        older = self.path.with_suffix(".replaying")
+        return sorted([*self.path.parent.glob(f"{self.path.stem}.*.replaying"), *([older] if older.exists() else [])])
+
+    async def _write(self, conn: asyncpg.Connection, records: list[bytes]) -> None:
+        """One transaction; when PostgreSQL refuses a record, each alone, and what it refuses
+        alone goes to the spool's dead letters (``ledger-dead.jsonl`` beside it), so one record
+        cannot keep the others out of the ledger, replay after replay."""
+        try:
+            await write_records(conn, records)
+            return
+        except asyncpg.PostgresError as exc:
+            if not is_bad_data(exc):
+                raise
+        refused = []
+        for record in records:
             try:
-                pid = int(path.stem.rsplit("-", 1)[1])
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                found.append(path)
-            except (ValueError, PermissionError):
-                continue
+                await write_records(conn, [record])
+            except asyncpg.PostgresError as exc:
+                if not is_bad_data(exc):
+                    raise
+                refused.append(_dead(record, exc.sqlstate))
+        if refused:
+            dead = self.path.parent / "ledger-dead.jsonl"
+            log.error("%d spooled audit records refused by PostgreSQL, kept in %s", len(refused), dead)
+            DEAD_LETTERS.labels("ledger-spool").inc(len(refused))
+            _append(dead, refused)
+
+    def _orphans(self) -> list[Path]:
+        """Spools and work files of processes that are gone."""
+        found = []
+        for pattern in ("ledger-spool-*.jsonl", "ledger-spool-*.replaying"):
+            for path in self.path.parent.glob(pattern):
+                try:
+                    pid = int(path.name.split(".", 1)[0].rsplit("-", 1)[1])
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    found.append(path)
+                except (ValueError, PermissionError):
+                    continue
         return found
 
 
@@ -197,6 +235,12 @@ class LedgerWriter(StreamWriter):
             claim_idle=claim_idle, linger=LINGER, fast=fast, maintain=self._replay,
         )  # fmt: skip
         self.spool = spool
+
+    def dead_record(self, record: dict) -> dict:
+        raw = record.get(b"r")
+        if raw is None:
+            return record
+        return {**record, b"r": _dead(raw, None)}
 
     async def _replay(self) -> None:
         await self.spool.replay(self._pool, self._settle_late)

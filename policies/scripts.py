@@ -7,7 +7,7 @@ ADMIT (before the call)
     ARGV: now_ms, n_rate, [base, limit, window_ms, cost, lease] * n_rate,
           n_budget, [spent_key, reserved_key, limit, estimate, ttl_s, alert_prefix, thresholds_csv,
           budget_id, hard, leases_key, own_lease_key, lease, own_outstanding] * n_budget,
-          lease_ttl_ms, lease_headroom, alert_stream, member, hold_until_ms
+          lease_ttl_ms, lease_headroom, alert_stream, member, hold_ms
     Rate limits are sliding windows (the previous fixed window weighted by how much of it is
     still inside the sliding one, plus the current window). A ``cost`` of 0 only checks (tokens
     per minute are added after the call, when they are known).
@@ -16,11 +16,12 @@ ADMIT (before the call)
     *soft* budget admits while spent + reserved is below the limit (parallel requests may
     overshoot by the reservations in flight). Either then reserves the request's estimate.
     A reservation (``estimate`` in ``reserved_key``) is also a member ``<estimate>:<member>`` of
-    ``reserved_key:exp`` scored by ``hold_until_ms`` (``policies.reservation_hold_s`` after
-    admission; ``member`` is the gateway's request id and step): SETTLE releases it, and a
-    reservation whose request never settles (its replica was SIGKILLed, or Redis was away when
-    it settled) is released by the next ADMIT of the budget once its hold is over, instead of
-    holding budget until the period ends (for ever, for a budget without a period).
+    ``reserved_key:exp`` scored by the end of its hold (``hold_ms``, ``policies.reservation_hold_s``,
+    after admission, on Redis's clock; ``member`` is the gateway's request id and step): SETTLE
+    releases it, and a reservation whose request never settles (its replica was SIGKILLed, or
+    Redis was away when it settled) is released by the next ADMIT of the budget once its hold
+    is over — and noted in ``reserved_key:gone`` for a spooled settlement (SETTLE_LATE) —
+    instead of holding budget until the period ends (for ever, for a budget without a period).
     Refusal kinds: ``budget`` (used up), ``reserved`` (a hard budget whose remainder is held by
     requests in flight: retrying soon may succeed), ``oversized`` (the request alone could cost
     more than the whole limit).
@@ -83,7 +84,14 @@ local n_budget = tonumber(ARGV[i]); i = i + 1
 local lease_ttl = ARGV[i + n_budget * 13]
 local headroom = tonumber(ARGV[i + n_budget * 13 + 1])
 local alert_stream = ARGV[i + n_budget * 13 + 2]
-local member, hold_until = ARGV[i + n_budget * 13 + 3], ARGV[i + n_budget * 13 + 4]
+local member, hold_ms = ARGV[i + n_budget * 13 + 3], tonumber(ARGV[i + n_budget * 13 + 4])
+-- holds run on Redis's clock, one for every replica (a replica's clock running ahead must not
+-- release the others' reservations)
+local clock = 0
+if n_budget > 0 then
+  local t = redis.call('TIME')
+  clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local reserve = {}
 for b = 1, n_budget do
   local spent_key, reserved_key = ARGV[i], ARGV[i+1]
@@ -95,12 +103,18 @@ for b = 1, n_budget do
   local lease, own = tonumber(ARGV[i+11]), tonumber(ARGV[i+12])
   i = i + 13
   -- reservations past their hold (a replica that died with them in flight) are released first
-  local due = redis.call('ZRANGEBYSCORE', reserved_key .. ':exp', '-inf', now, 'LIMIT', 0, 100)
+  -- (each also noted in ``:gone``, so a settlement spooled while Redis was away still counts)
+  local due = redis.call('ZRANGEBYSCORE', reserved_key .. ':exp', '-inf', clock, 'LIMIT', 0, 100)
   if #due > 0 then
     local freed = 0
-    for _, m in ipairs(due) do freed = freed + (tonumber(string.match(m, '^([^:]+):')) or 0) end
+    for _, m in ipairs(due) do
+      freed = freed + (tonumber(string.match(m, '^([^:]+):')) or 0)
+      redis.call('ZADD', reserved_key .. ':gone', clock, m)
+    end
     redis.call('ZREM', reserved_key .. ':exp', unpack(due))
     if redis.call('DECRBY', reserved_key, freed) < 0 then redis.call('SET', reserved_key, 0, 'EX', ttl) end
+    redis.call('ZREMRANGEBYSCORE', reserved_key .. ':gone', '-inf', clock - 2592000000)  -- 30 days
+    redis.call('EXPIRE', reserved_key .. ':gone', ttl)
   end
   local spent = tonumber(redis.call('GET', spent_key) or '0')
   local held = tonumber(redis.call('GET', reserved_key) or '0') + own
@@ -156,7 +170,7 @@ for _, x in ipairs(reserve) do
   elseif x[2] > 0 then
     redis.call('INCRBY', x[1], x[2])
     redis.call('EXPIRE', x[1], x[3])
-    redis.call('ZADD', x[1] .. ':exp', hold_until, x[8] .. ':' .. member)
+    redis.call('ZADD', x[1] .. ':exp', clock + hold_ms, x[8] .. ':' .. member)
     redis.call('EXPIRE', x[1] .. ':exp', x[3])
   end
   if x[6] ~= '' then  -- the caller's lease key: exactly what it holds now (credit it gave up dropped)
@@ -186,9 +200,13 @@ for b = 1, n_budget do
   local ttl, alert_prefix, thresholds, budget_id = tonumber(ARGV[i+5]), ARGV[i+6], ARGV[i+7], ARGV[i+8]
   i = i + 9
   -- released once: not when ADMIT released it already, its hold over
-  if estimate > 0 and redis.call('ZREM', reserved_key .. ':exp', estimate_text .. ':' .. member) == 1 then
-    local left = redis.call('DECRBY', reserved_key, estimate)
-    if left < 0 then redis.call('SET', reserved_key, 0, 'EX', ttl) end
+  if estimate > 0 then
+    if redis.call('ZREM', reserved_key .. ':exp', estimate_text .. ':' .. member) == 1 then
+      local left = redis.call('DECRBY', reserved_key, estimate)
+      if left < 0 then redis.call('SET', reserved_key, 0, 'EX', ttl) end
+    else  -- it outlived its hold: released already, and settled now
+      redis.call('ZREM', reserved_key .. ':gone', estimate_text .. ':' .. member)
+    end
   end
   local spent = redis.call('INCRBY', spent_key, actual)
   redis.call('EXPIRE', spent_key, ttl)
@@ -269,25 +287,31 @@ return fired
 
 # A settle that Redis did not take (policies/ledger.py: its record was spooled to disk, with what
 # SETTLE would have done), applied when the spool is replayed. ARGV: n, then per settlement:
-# member, n_budget, [spent_key, reserved_key, held, actual, ttl_s] * n_budget. A reservation
-# (``held`` > 0) is released and its cost counted only while it is still a member of
-# ``reserved_key:exp``: not when SETTLE ran after all (its reply was lost), nor when ADMIT
-# released it at the end of its hold. A leased request's (``held`` 0) cost is counted: SETTLE's
-# failure cannot say whether Redis ran it, and counting twice errs on the budget's side.
+# member, n_budget, [spent_key, reserved_key, held, actual, ttl_s] * n_budget. Each settlement
+# is applied once however often it is replayed (``gw:{gw}:late:<member>``, SET NX). A
+# reservation (``held`` > 0) is released and its cost counted while it is a member of
+# ``reserved_key:exp``; its cost is counted when ADMIT released it at the end of its hold (a
+# member of ``:gone``); neither: SETTLE ran after all (its reply was lost), nothing to do. A
+# leased request's (``held`` 0) cost is counted: SETTLE's failure cannot say whether Redis ran
+# it, and counting twice errs on the budget's side.
 SETTLE_LATE = """
 local i = 2
 for s = 1, tonumber(ARGV[1]) do
   local member, n_budget = ARGV[i], tonumber(ARGV[i+1])
   i = i + 2
+  local fresh = redis.call('SET', 'gw:{gw}:late:' .. member, 1, 'NX', 'EX', 604800)
   for b = 1, n_budget do
     local spent_key, reserved_key = ARGV[i], ARGV[i+1]
     local held, actual, ttl = tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4])
-    local held_text = ARGV[i+2]
+    local name = ARGV[i+2] .. ':' .. member
     i = i + 5
-    local count = true
-    if held > 0 then
-      count = redis.call('ZREM', reserved_key .. ':exp', held_text .. ':' .. member) == 1
-      if count and redis.call('DECRBY', reserved_key, held) < 0 then redis.call('SET', reserved_key, 0, 'EX', ttl) end
+    local count = fresh
+    if fresh and held > 0 then
+      if redis.call('ZREM', reserved_key .. ':exp', name) == 1 then
+        if redis.call('DECRBY', reserved_key, held) < 0 then redis.call('SET', reserved_key, 0, 'EX', ttl) end
+      else
+        count = redis.call('ZREM', reserved_key .. ':gone', name) == 1
+      end
     end
     if count and actual > 0 then
       redis.call('INCRBY', spent_key, actual)

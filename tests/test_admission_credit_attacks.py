@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import httpx
 import orjson
+import pytest
+from redis.exceptions import RedisError
 
 from core.config import parse_config
 from core.fastredis import PipelinedRedis
@@ -337,7 +339,6 @@ def test_a_settle_redis_did_not_take_counts_its_spend_and_frees_its_reservation_
     import asyncpg
     import redis.asyncio as aioredis
 
-    from core.types import Usage
     from gateway.db import migrate
     from policies.ledger import LedgerWriter, Spool
 
@@ -353,17 +354,8 @@ def test_a_settle_redis_did_not_take_counts_its_spend_and_frees_its_reservation_
         await a.start()
         ctx = await a.admit()
         assert int(await redis.get(reserved_key)) == ESTIMATE
-        ctx.route, ctx.usage, ctx.status = _priced_route(), Usage(0, 300), 200  # 300 output tokens
-        live = a.engine._redis
-        a.engine._redis = PipelinedRedis(f"redis://127.0.0.1:{_closed_port()}", timeout=0.5)  # Redis away
-        try:
-            await a.engine.settle(ctx, ctx.extra["attr"], 0.01)
-            raise AssertionError("the settle reached a Redis that is away")
-        except Exception:
-            pass
-        a.engine._redis = live
+        line = await _settle_while_redis_is_away(a, ctx)
         spool = Spool(tmp_path / f"ledger-spool-{uuid.uuid4().hex[:6]}-1.jsonl")
-        line = a.engine.spooled(ctx, ctx.extra["attr"], 0.01)
         spool.append(line)
         writer = LedgerWriter(redis, PipelinedRedis(services[1]), pool, spool)
         await writer._replay()
@@ -384,6 +376,22 @@ def test_a_settle_redis_did_not_take_counts_its_spend_and_frees_its_reservation_
     assert rows == 1 and left == 0
 
 
+async def _settle_while_redis_is_away(a: Replica, ctx: RequestContext) -> bytes:
+    """Settles ``ctx`` (300 output tokens of the priced model) over a connection to a port
+    nobody listens on; returns the record the gateway spools for it (gateway/pipeline.py)."""
+    from core.types import Usage
+
+    ctx.route, ctx.usage, ctx.status = _priced_route(), Usage(0, 300), 200
+    live = a.engine._redis
+    a.engine._redis = PipelinedRedis(f"redis://127.0.0.1:{_closed_port()}", timeout=0.5)
+    try:
+        with pytest.raises(RedisError):
+            await a.engine.settle(ctx, ctx.extra["attr"], 0.01)
+    finally:
+        a.engine._redis = live
+    return a.engine.spooled(ctx, ctx.extra["attr"], 0.01)
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -397,7 +405,6 @@ def test_a_leased_requests_spooled_settlement_is_applied_once_even_when_postgres
     import asyncpg
     import redis.asyncio as aioredis
 
-    from core.types import Usage
     from gateway.db import migrate
     from policies.ledger import LedgerWriter, Spool
 
@@ -413,17 +420,9 @@ def test_a_leased_requests_spooled_settlement_is_applied_once_even_when_postgres
         await a.start()
         ctx = await a.admit()
         assert ctx.extra.get("leased")
-        ctx.route, ctx.usage, ctx.status = _priced_route(), Usage(0, 300), 200
-        live = a.engine._redis
-        a.engine._redis = PipelinedRedis(f"redis://127.0.0.1:{_closed_port()}", timeout=0.5)
-        try:
-            await a.engine.settle(ctx, ctx.extra["attr"], 0.01)
-            raise AssertionError("the settle reached a Redis that is away")
-        except Exception:
-            pass
-        a.engine._redis = live
+        line = await _settle_while_redis_is_away(a, ctx)
         spool = Spool(tmp_path / f"ledger-spool-{uuid.uuid4().hex[:6]}-1.jsonl")
-        spool.append(a.engine.spooled(ctx, ctx.extra["attr"], 0.01))
+        spool.append(line)
         closed = await asyncpg.create_pool(services[0], min_size=1, max_size=1)
         await closed.close()  # PostgreSQL "away": the replay stops after the settlement
         try:
