@@ -340,12 +340,29 @@ def analyze_items(spec: Spec, items: list[Item]) -> list[list[Finding]]:
     return out
 
 
+_DOTTED_BEFORE = re.compile(r"\d\.$")
+_DOTTED_AFTER = re.compile(r"\.\d")
+_VERSION_BEFORE = re.compile(
+    r"(?:(?:==|>=|<=|~=|!=|\^|~)\s*|\bv|\b(?:version|versions|ver|firmware|fw|build|chapter|section|rev|oid)\.?:?\s*)$",
+    re.IGNORECASE,
+)
+
+
 def _plausible(text: str, start: int, end: int, entity: str) -> bool:
     """Drops what Presidio accepts but is not personal: IPv6 shorthands like ``::2`` (slices
-    in code) with fewer than three groups."""
-    if entity == "IP_ADDRESS" and ":" in text[start:end]:
-        return sum(1 for g in text[start:end].split(":") if g) >= 3
-    return True
+    in code) with fewer than three groups (a dotted IPv4 tail counts as two: ``::ffff:192.0.2.1``
+    is an address); dotted quads that are part of a longer dotted number (an SNMP OID
+    ``1.3.6.1.4.1.2021``) or written as a version, a section or a package pin
+    (``foo==2.4.10.1``, ``Firmware 2.0.0.1``, ``chapter 3.1.4.1``)."""
+    if entity != "IP_ADDRESS":
+        return True
+    value = text[start:end]
+    if ":" in value:
+        groups = [g for g in value.split(":") if g]
+        return len(groups) + (1 if groups and "." in groups[-1] else 0) >= 3
+    if _DOTTED_BEFORE.search(text, max(0, start - 2), start) or _DOTTED_AFTER.match(text, end):
+        return False
+    return not _VERSION_BEFORE.search(text[max(0, start - 24) : start])
 
 
 def resolve(findings: list[Finding]) -> list[Finding]:

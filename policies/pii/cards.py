@@ -6,8 +6,9 @@ Visa, Troy, UzCard, Humo, ... are missed, and any 3-4 digit grouping is accepted
 written ``4006-381-333-931`` or an order number ``4567890-1234567`` passes when its digits
 happen to pass Luhn (one in ten do).
 
-Here a candidate is a run of digit groups, each separated by one space or dash, the same one
-throughout the sub-run tried (a card then a date, "4012888888881881 2024-05-01", is two).
+Here a candidate is a run of digit groups, each separated by one space, dash or dot, the same
+one throughout the sub-run tried (a card then a date, "4012888888881881 2024-05-01", is two)
+unless the sub-run is printed in fours ("4242-4242 4242-4242").
 Every sub-run of whole groups is tried, longest first, and accepted when:
 
 * its digits start with an issuer range of a scheme below and have one of that scheme's lengths;
@@ -63,9 +64,11 @@ CONTEXT = (
 _CONTEXT = re.compile(r"(?<![^\W\d_])(?:" + "|".join(map(re.escape, CONTEXT)) + r")(?![^\W\d_])", re.IGNORECASE)
 _CONTEXT_REACH = 40  # characters before a weak candidate searched for a card word
 
-# A run of digit groups: not glued to letters, digits or another group on either side. The run may
-# end before a last group glued to a decimal point ("… 00009 2.4.1": the card, then a version).
-_RUN = re.compile(r"(?<![\w.,/-])(?<!\d[ -])\d++(?:[ -]\d++)*(?![\w])(?![.,/]\d)")
+# A run of digit groups separated by a space, a dash or a dot: not glued to letters, digits or
+# another group on either side. The run may end before a last group glued to a decimal point
+# ("… 00009 2.4.1": the card, then a version). A comma may stand before or after it, as in a
+# CSV row ("Smith,4012888888881881,09/26"), but not as a thousands separator ("1,234", "5,000").
+_RUN = re.compile(r"(?<![\w./-])(?<!\d,)(?<!\d[ .-])\d++(?:[ .-]\d++)*(?![\w])(?![./]\d)(?!,\d{3}(?!\d))")
 _GROUP = re.compile(r"\d+")
 _MAX_GROUPS = 8  # a card has at most 8 groups (19 digits in 4-4-4-4-3 is 5)
 
@@ -104,6 +107,12 @@ def _printed(sizes: list[int]) -> bool:
     return sizes in ([4, 6, 5], [4, 6, 4])
 
 
+def _in_fours(sizes: list[int]) -> bool:
+    """Three or more groups of four (the last 1-4): printed as a card is, whatever joins them
+    ("4242-4242 4242-4242")."""
+    return len(sizes) >= 3 and all(s == 4 for s in sizes[:-1]) and 1 <= sizes[-1] <= 4
+
+
 def _cuts_token(seps: list[str], i: int, j: int) -> bool:
     """Groups ``i`` to ``j - 1`` joined by spaces, taking a group that is dash-joined to the one
     beyond: "4111 1111 1111 1111 219-09-9999" is a card, then an SSN — not a 19-digit card
@@ -135,12 +144,12 @@ def find(text: str) -> list[tuple[int, int, str]]:
                     break
                 if total > 19:
                     continue
-                if len(set(seps[i : j - 1])) > 1:
-                    continue  # mixed separators: "4012888888881881 2024-05-01" is a card, then a date
                 sizes = [b - a for a, b in groups[i:j]]
                 if not _printed(sizes):
                     continue
-                digits = s[groups[i][0] : groups[j - 1][1]].replace(" ", "").replace("-", "")
+                if len(set(seps[i : j - 1])) > 1 and not _in_fours(sizes):
+                    continue  # mixed separators: "4012888888881881 2024-05-01" is a card, then a date
+                digits = "".join(s[a:b] for a, b in groups[i:j])
                 found = _scheme(digits)
                 if found is None or not luhn(digits):
                     continue

@@ -211,8 +211,24 @@ def _how(text: str, start: int, end: int, candidate: str) -> tuple[Leniency, boo
     return _PLAIN
 
 
-def find(text: str, regions: tuple[str, ...]) -> list[tuple[int, int]]:
+# A WhatsApp click-to-chat link holds an international number without its "+".
+_WA_LINK = re.compile(r"(?:\bwa\.me/|whatsapp\.com/send/?\?(?:[^\s#&]*&)*phone=)\+?(\d{7,15})(?!\d)", re.IGNORECASE)
+
+
+def _links(text: str) -> list[tuple[int, int]]:
     out = []
+    for m in _WA_LINK.finditer(text):
+        try:
+            number = phonenumbers.parse("+" + m.group(1))
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_possible_number(number):
+            out.append((m.start(1), m.end(1)))
+    return out
+
+
+def find(text: str, regions: tuple[str, ...]) -> list[tuple[int, int]]:
+    out = _links(text)
     n = len(text)
     for m in CANDIDATE.finditer(text):
         s = m.group()
