@@ -54,6 +54,11 @@ CIRCUIT_STATE = Gauge(
 )
 BUDGET_ALERTS = Counter("gateway_budget_alerts_total", "Budget alert thresholds reached", ["threshold"])
 REFUSED = Counter("gateway_refused_total", "Requests refused by a policy", ["reason"])
+SPILLED = Counter(
+    "gateway_stream_spilled_total",
+    "Stream entries moved to local disk while PostgreSQL was away, by stream (ledger, runs, memory)",
+    ["stream"],
+)
 DEAD_LETTERS = Counter(
     "gateway_dead_letters_total",
     "Records PostgreSQL refused, moved to a dead-letter stream or file, by stream (ledger, runs, memory)",

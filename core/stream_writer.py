@@ -5,7 +5,9 @@ transaction, and only then acknowledges and deletes the entries. A batch whose w
 pending and is read again; entries pending on a consumer that died (SIGKILL) are claimed by a
 live one after ``claim_idle`` seconds. A record PostgreSQL refuses (bad data, a constraint) is
 written alone and, refused again, moved to ``<stream>:dead`` so it cannot hold back the rest
-(the newest ``DEAD_MAX`` kept; ``gateway_dead_letters_total`` counts them).
+(the newest ``DEAD_MAX`` kept; ``gateway_dead_letters_total`` counts them). While PostgreSQL is
+away, a stream longer than ``spill_after`` entries is moved to local disk (``core.stream_spill``)
+and written from there once PostgreSQL is back.
 
 Batches are bounded in entries *and bytes*. An entry's size is the caller's to choose (a
 conversation turn carries the client's messages, an audit record with content logging its
@@ -25,16 +27,19 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import asyncpg
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from core.background import pause, stop_task
-from core.metrics import DEAD_LETTERS
+from core.metrics import DEAD_LETTERS, SPILLED
+from core.stream_spill import SpillFile, chunks
 
 log = logging.getLogger("gateway.streams")
 
 REPLY_S = 5.0  # how long a Redis reply may take beyond a blocking read's wait
+SPILL_AFTER = 200_000  # entries waiting in a stream while PostgreSQL is away before the rest go to disk
 MAX_BATCH_BYTES = 8 * 1024 * 1024  # field bytes read in one batch (or its first entry's, if larger)
 _PEEK = 64  # entries sized ahead of one read inside the script
 DEAD_MAX = 10_000  # dead letters kept per stream (about: the oldest go first)
@@ -161,6 +166,8 @@ class StreamWriter:
         block_ms: int = 500,
         fast=None,
         maintain: Callable[[], Awaitable[object]] | None = None,
+        spill_dir: Path | None = None,
+        spill_after: int = SPILL_AFTER,
     ) -> None:
         self._redis = redis
         self._fast = fast
@@ -180,6 +187,8 @@ class StreamWriter:
         self._own_pending = True  # entries read but not acknowledged (after a failed write)
         self._lock = asyncio.Lock()  # one drain at a time: ``drain()`` waits for the loop's batch
         self._shas: dict[str, str] = {}
+        self._spill = SpillFile(spill_dir, stream) if spill_dir is not None else None
+        self._spill_after = spill_after
 
     async def start(self) -> None:
         try:
@@ -228,6 +237,7 @@ class StreamWriter:
                     idle_rounds = 0 if wrote else idle_rounds + 1
                     if idle_rounds % 20 == 0:
                         await self._claim_stale()
+                        await self._replay_spill()
                         if self._maintain is not None:
                             await self._maintain()
                 if 0 < wrote < self._batch:  # a trickle: let the next batch gather
@@ -240,7 +250,59 @@ class StreamWriter:
                     with contextlib.suppress(Exception):
                         await self._ensure_group()
                 log.warning("%s: write failed, will retry: %s", self.stream, exc)
+                with contextlib.suppress(Exception):  # (Redis away too: nothing to move)
+                    async with self._lock:
+                        await self._spill_backlog()
                 await pause(self._stopping, 1.0)
+
+    def spill_records(self, records: list[dict]) -> None:
+        """Entries moved to local disk (fsynced) while PostgreSQL is away."""
+        self._spill.append(records)
+
+    async def _spill_backlog(self) -> None:
+        """PostgreSQL is away and the stream has grown past ``spill_after`` entries: batches of
+        it (own pending ones first) go to local disk, each acknowledged and deleted only once
+        it is there, until the stream is back to half that — so Redis's memory, which budgets,
+        limits and conversations share, is not what a database outage fills."""
+        if self._spill is None or self._spill_after <= 0:
+            return
+        length = int(await self._call("XLEN", self.stream) or 0)
+        if length <= self._spill_after:
+            return
+        moved = 0
+        for start in ("0", ">"):
+            while moved < length - self._spill_after // 2:
+                more, found = await self._read(start, None)
+                if not found:
+                    break
+                records = [fields for _, fields in found if fields]
+                if records:
+                    self.spill_records(records)
+                ids = [i for i, _ in found]
+                await asyncio.gather(
+                    self._call("XACK", self.stream, self.group, *ids), self._call("XDEL", self.stream, *ids)
+                )
+                moved += len(found)
+                if not more:
+                    break
+        self._own_pending = False
+        SPILLED.labels(self.stream).inc(moved)
+        log.warning("%s: PostgreSQL away and %d entries waiting: %d moved to local disk", self.stream, length, moved)
+
+    async def _replay_spill(self) -> None:
+        """What was moved to local disk, written to PostgreSQL (bounded batches; a record it
+        refuses goes to the dead letters as the stream's would)."""
+        if self._spill is None:
+            return
+        for work in self._spill.claim():
+            for records in chunks(work, self._max_bytes):
+                try:
+                    await self._write_batch(records)
+                except asyncpg.PostgresError as exc:
+                    if not is_bad_data(exc):
+                        raise
+                    await self._isolate(records)
+            work.unlink()
 
     async def _call(self, *args, limit_s: float | None = None):
         if self._fast is not None:

@@ -129,11 +129,14 @@ class Services:
             redis,
             fast=PipelinedRedis(settings.redis_url, timeout=2),
             reader=PipelinedRedis(settings.redis_url, timeout=10),
+            spill_dir=settings.data_dir,
         )
         await memory.start()
         tools = ToolRunner()
         await tools.start()
-        runs = RunRecorder(pool, redis, fast=fast, reader=PipelinedRedis(settings.redis_url, timeout=10))
+        runs = RunRecorder(
+            pool, redis, fast=fast, reader=PipelinedRedis(settings.redis_url, timeout=10), spill_dir=settings.data_dir
+        )
         await runs.start()
         # knowledge bases: the local embedding model and the ingestion worker on the kb-ingest queue
         embedder = kb_worker.make_embedder()

@@ -232,9 +232,15 @@ class LedgerWriter(StreamWriter):
     ) -> None:
         super().__init__(
             redis, pool, stream=LEDGER_STREAM, group=GROUP, write=_write_entries, batch=batch,
-            claim_idle=claim_idle, linger=LINGER, fast=fast, maintain=self._replay,
+            claim_idle=claim_idle, linger=LINGER, fast=fast, maintain=self._replay, spill_dir=spool.path.parent,
         )  # fmt: skip
         self.spool = spool
+
+    def spill_records(self, records: list[dict]) -> None:
+        """PostgreSQL away, the stream long: its records go to the spool (replayed with it)."""
+        for record in records:
+            if b"r" in record:
+                self.spool.append(record[b"r"])
 
     def dead_record(self, record: dict) -> dict:
         raw = record.get(b"r")

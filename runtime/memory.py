@@ -38,6 +38,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import asyncpg
 import orjson
@@ -430,6 +431,7 @@ class Memory:
         claim_idle: float = 15.0,
         fast=None,
         reader=None,
+        spill_dir: Path | None = None,
     ) -> None:
         self._pool = pool
         self._redis = redis
@@ -447,7 +449,7 @@ class Memory:
         # ``reader``: the stream writer's own pipelined connection (it blocks on its reads)
         self.writer = StreamWriter(
             redis, pool, stream=MEMORY_STREAM, group=MEMORY_GROUP, write=conversations.write_turns, batch=batch,
-            claim_idle=claim_idle, fast=reader,
+            claim_idle=claim_idle, fast=reader, spill_dir=spill_dir,
         )  # fmt: skip
 
     async def start(self) -> None:

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import time
+from pathlib import Path
 
 import asyncpg
 import orjson
@@ -191,14 +192,22 @@ class RunRecorder:
     shared one will do) appends the runs; ``reader``, one of the writer's own, moves them on."""
 
     def __init__(
-        self, pool: asyncpg.Pool, redis, *, fast=None, reader=None, batch: int = 500, claim_idle: float = 15.0
+        self,
+        pool: asyncpg.Pool,
+        redis,
+        *,
+        fast=None,
+        reader=None,
+        batch: int = 500,
+        claim_idle: float = 15.0,
+        spill_dir: Path | None = None,
     ) -> None:
         self._pool = pool
         self._redis = redis
         self._fast = fast
         self._writer = StreamWriter(
             redis, pool, stream=RUNS_STREAM, group=RUNS_GROUP, write=_write_run_entries, batch=batch,
-            claim_idle=claim_idle, fast=reader,
+            claim_idle=claim_idle, fast=reader, spill_dir=spill_dir,
         )  # fmt: skip
         self._buffer: collections.deque[bytes] = collections.deque()
         self._wake = asyncio.Event()

@@ -346,7 +346,6 @@ def test_large_entries_after_small_ones_never_take_a_batch_past_its_budget(servi
 def test_an_audit_record_postgres_refuses_goes_to_the_dead_letters_and_the_ledger_goes_on(services, tmp_path):
     """A record the ledger table cannot take (a count beyond its int4) used to fail its whole
     batch, read again and again: no record after it ever reached PostgreSQL."""
-    from policies.engine import LEDGER_STREAM
     from policies.ledger import LedgerWriter, Spool
     from tests.test_ledger_write import _record
 
@@ -357,24 +356,26 @@ def test_an_audit_record_postgres_refuses_goes_to_the_dead_letters_and_the_ledge
         good = [_record(tenant=tenant) for _ in range(3)]
         bad = _record(tenant=tenant, prompt_tokens=2**40, content=[{"role": "user", "content": "my secret"}])
         ledger = LedgerWriter(redis, PipelinedRedis(services[1], timeout=10), pool, Spool(tmp_path / "spool.jsonl"))
+        ledger.stream = stream = f"test:{{gw}}:ledger-{uuid.uuid4().hex[:8]}"  # (gateways read the real one)
         await ledger.start()
         try:
             import orjson
 
             for rec in (good[0], bad, *good[1:]):
-                await redis.xadd(LEDGER_STREAM, {"r": orjson.dumps(rec)})
+                await redis.xadd(stream, {"r": orjson.dumps(rec)})
 
             async def landed():
                 n = await pool.fetchval("SELECT count(*) FROM ledger WHERE tenant = $1", tenant)
                 return n == 3
 
             await _until(landed, "the good records written")
-            dead = await redis.xrange(f"{LEDGER_STREAM}:dead")
+            dead = await redis.xrange(f"{stream}:dead")
             assert [orjson.loads(f[b"r"])["request_id"] for _, f in dead if b"r" in f][-1:] == [bad["request_id"]]
             assert dead[-1][1][b"error"] == b"22003"  # numeric value out of range
             assert b"my secret" not in dead[-1][1][b"r"]  # a dead letter is no place for a prompt to linger
         finally:
             await ledger.stop()
+            await redis.delete(stream, f"{stream}:dead")
             await redis.aclose()
             await pool.close()
 
@@ -411,5 +412,95 @@ def test_large_entries_arriving_while_the_writer_waits_are_taken_within_the_budg
         assert sorted(int(e[b"n"]) for b in batches for e in b) == list(range(9))
         await redis.delete(stream)
         await redis.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_backlog_goes_to_local_disk_while_postgres_is_away_and_to_postgres_once_it_is_back(
+    services, client, tmp_path
+):
+    """A database outage must not fill Redis (budgets, limits and conversations live there too):
+    past ``spill_after`` entries the writer moves the stream's backlog to local disk, then writes
+    it from there when PostgreSQL answers again — every entry, the spill files gone."""
+
+    async def main():
+        stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
+        redis = aioredis.from_url(services[1])
+        away = True
+        written: list[dict] = []
+
+        async def write(conn, entries):
+            if away:
+                raise OSError("database away")
+            written.extend(entries)
+
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            writer = _writer(
+                redis, pool, client, services[1], stream, write,
+                spill_dir=tmp_path, spill_after=20, batch=8, block_ms=50, claim_idle=0.5,
+            )  # fmt: skip
+            await writer.start()
+            try:
+                for i in range(60):
+                    await redis.xadd(stream, {"n": str(i), "blob": b"x" * 100})
+                await _until(lambda: _xlen_at_most(redis, stream, 20), "the backlog moved to disk")
+                assert list(tmp_path.glob("spill-*"))
+                away = False  # the database is back
+                await _until(lambda: _empty(redis, stream), "the stream written")
+
+                async def spilled_written() -> bool:
+                    return len({e[b"n"] for e in written}) == 60 and not list(tmp_path.glob("spill-*"))
+
+                await _until(spilled_written, "the spilled entries written from disk", 30)
+            finally:
+                await writer.stop()
+        assert sorted({int(e[b"n"]) for e in written}) == list(range(60))
+        assert all(e[b"blob"] == b"x" * 100 for e in written)
+        await redis.delete(stream)
+        await redis.aclose()
+
+    async def _xlen_at_most(redis, stream: str, n: int) -> bool:
+        return await redis.xlen(stream) <= n
+
+    asyncio.run(main())
+
+
+def test_the_ledgers_backlog_goes_to_its_spool_while_postgres_is_away(services, tmp_path):
+    import orjson
+
+    from policies.ledger import LedgerWriter, Spool
+    from tests.test_ledger_write import _record
+
+    async def main():
+        pool = await _pool(services)
+        away = await asyncpg.create_pool(services[0], min_size=1, max_size=1)
+        await away.close()  # PostgreSQL "away"
+        redis = aioredis.from_url(services[1])
+        stream = f"test:{{gw}}:ledger-{uuid.uuid4().hex[:8]}"  # (the gateways of other tests read the real one)
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        spool = Spool(tmp_path / "ledger-spool-1.jsonl")  # (pid 1: a live process, never an orphan)
+        ledger = LedgerWriter(redis, PipelinedRedis(services[1], timeout=10), away, spool)
+        ledger.stream, ledger._spill_after = stream, 10
+        await ledger.start()
+        try:
+            for _ in range(40):
+                await redis.xadd(stream, {"r": orjson.dumps(_record(tenant=tenant))})
+            await _until(lambda: _at_most(redis, stream, 10), "the backlog moved to the spool")
+            assert (tmp_path / "ledger-spool-1.jsonl").exists()
+            ledger._pool = pool  # PostgreSQL is back
+
+            async def landed():
+                return await pool.fetchval("SELECT count(*) FROM ledger WHERE tenant = $1", tenant) == 40
+
+            await _until(landed, "every record in the ledger", 40)
+        finally:
+            await ledger.stop()
+            await redis.delete(stream)
+            await redis.aclose()
+            await pool.close()
+
+    async def _at_most(redis, stream: str, n: int) -> bool:
+        return await redis.xlen(stream) <= n
 
     asyncio.run(main())
