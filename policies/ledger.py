@@ -153,6 +153,11 @@ class Spool:
     def append(self, record: bytes) -> None:
         _append(self.path, [record.rstrip(b"\n")])
 
+    def append_many(self, records: list[bytes]) -> None:
+        """Records on disk (one fsync for all of them) when this returns."""
+        if records:
+            _append(self.path, [r.rstrip(b"\n") for r in records])
+
     async def replay(self, pool: asyncpg.Pool, settle: Callable[[list], Awaitable[object]] | None = None) -> int:
         """Writes this process's spool, and any left by processes that died (a spool, or one
         whose replay they did not finish), to PostgreSQL. A file is claimed by renaming it to a
@@ -238,9 +243,7 @@ class LedgerWriter(StreamWriter):
 
     def spill_records(self, records: list[dict]) -> None:
         """PostgreSQL away, the stream long: its records go to the spool (replayed with it)."""
-        for record in records:
-            if b"r" in record:
-                self.spool.append(record[b"r"])
+        self.spool.append_many([record[b"r"] for record in records if b"r" in record])
 
     def dead_record(self, record: dict) -> dict:
         raw = record.get(b"r")
