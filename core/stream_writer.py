@@ -66,8 +66,9 @@ end
 """
 
 # KEYS: stream. ARGV: group, consumer, start id ('>' new entries, else own pending after it),
-# most entries, byte budget. Returns {more, entries}: ``more`` is 1 when the batch stopped at a
-# bound with entries possibly left, 0 when the stream had no more.
+# most entries, byte budget, optionally the id of the entry last delivered to this consumer (the
+# blocking read's: new entries are then sized from the first). Returns {more, entries}: ``more``
+# is 1 when the batch stopped at a bound with entries possibly left, 0 when the stream had no more.
 # New entries: the first alone, then as many of the next ``_PEEK`` as fit in what is left of the
 # budget, sized beforehand with XRANGE — exactly the entries XREADGROUP delivers next, since
 # nothing else runs while the script does. Own pending entries (re-read after a failed write):
@@ -78,6 +79,7 @@ _READ = (
 local group, consumer, start = ARGV[1], ARGV[2], ARGV[3]
 local limit, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
 local last = nil
+if ARGV[6] and ARGV[6] ~= '' then last = ARGV[6] end  -- (an entry just taken: size from after it)
 while true do
   if n >= limit or used >= budget then return {{1, out}} end
   local asked = 1
@@ -321,8 +323,10 @@ class StreamWriter:
         self._shas[source] = loaded.decode() if isinstance(loaded, bytes) else loaded
         return await self._call("EVALSHA", self._shas[source], 1, self.stream, *args)
 
-    async def _bounded(self, start: str, limit: int, budget: int) -> tuple[bool, list[tuple[bytes, dict]]]:
-        more, raw = await self._script(_READ, self.group, self._name, start, limit, budget)
+    async def _bounded(
+        self, start: str, limit: int, budget: int, after: bytes | str = ""
+    ) -> tuple[bool, list[tuple[bytes, dict]]]:
+        more, raw = await self._script(_READ, self.group, self._name, start, limit, budget, after)
         return bool(more), entries(raw)
 
     async def _read(self, start: str, block: int | None) -> tuple[bool, list[tuple[bytes, dict]]]:
@@ -338,7 +342,7 @@ class StreamWriter:
         room = self._max_bytes - sum(len(v) for _, fields in first for v in fields.values())
         if self._batch <= 1 or room <= 0:
             return True, first
-        more, rest = await self._bounded(">", self._batch - 1, room)
+        more, rest = await self._bounded(">", self._batch - 1, room, first[-1][0])
         return more, first + rest
 
     async def _wait_one(self, block: int) -> list[tuple[bytes, dict]]:

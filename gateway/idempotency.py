@@ -63,11 +63,13 @@ _outcomes = _Children(OUTCOMES)
 # KEYS: the key. ARGV: the marker this request set. Deletes the key only while it holds it.
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _RELEASE_SHA = hashlib.sha1(_RELEASE.encode()).hexdigest()
-# KEYS: the key. ARGV: the marker this request set, the answer, its ttl. Stores the answer only
-# while the key holds the marker: a request that outlived its claim (``idempotency_lock_s``)
-# while a repeat claimed the key again must not overwrite what the repeat holds.
+# KEYS: the key. ARGV: the marker this request set, the answer, its ttl. Stores the answer while
+# the key holds the marker, or nothing (the claim expired and no one took it: the answer is still
+# the only one): a request that outlived its claim (``idempotency_lock_s``) while a repeat
+# claimed the key again must not overwrite what the repeat holds.
 _STORE = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end "
+    "local v = redis.call('GET', KEYS[1]) "
+    "if v == ARGV[1] or not v then return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end "
     "return false"
 )
 _STORE_SHA = hashlib.sha1(_STORE.encode()).hexdigest()

@@ -341,9 +341,13 @@ def analyze_items(spec: Spec, items: list[Item]) -> list[list[Finding]]:
 
 
 _DOTTED_BEFORE = re.compile(r"\d\.$")
-_DOTTED_AFTER = re.compile(r"\.\d")
+_DOTTED_AFTER = re.compile(r"\.\d+\.\d")  # (one more number is a port: tcpdump's "10.0.0.1.443")
+# Right before a dotted quad that is no address: a package pin ("foo==2.4.10.1", not a filter
+# such as "ip.addr==10.0.0.1"), a "v", or a version, section or OID word.
 _VERSION_BEFORE = re.compile(
-    r"(?:(?:==|>=|<=|~=|!=|\^|~)\s*|\bv|\b(?:version|versions|ver|firmware|fw|build|chapter|section|rev|oid)\.?:?\s*)$",
+    r"(?:(?<![\w.])[A-Za-z][\w-]*(?:\[[\w,-]*\])?[ \t]*(?:==|~=|>=|<=|!=)[ \t]*"
+    r"|(?<![\w.])v"
+    r"|(?<![\w.])(?:version|versions|ver|firmware|chapter|section|rev|oid)\.?:?[ \t]*)$",
     re.IGNORECASE,
 )
 
@@ -352,8 +356,9 @@ def _plausible(text: str, start: int, end: int, entity: str) -> bool:
     """Drops what Presidio accepts but is not personal: IPv6 shorthands like ``::2`` (slices
     in code) with fewer than three groups (a dotted IPv4 tail counts as two: ``::ffff:192.0.2.1``
     is an address); dotted quads that are part of a longer dotted number (an SNMP OID
-    ``1.3.6.1.4.1.2021``) or written as a version, a section or a package pin
-    (``foo==2.4.10.1``, ``Firmware 2.0.0.1``, ``chapter 3.1.4.1``)."""
+    ``1.3.6.1.4.1.2021``; an address followed by its port, ``10.0.0.1.443``, stays) or written as
+    a version, a section or a package pin (``foo==2.4.10.1``, ``Firmware 2.0.0.1``, ``chapter
+    3.1.4.1``; a filter, ``ip.addr==10.0.0.1``, stays)."""
     if entity != "IP_ADDRESS":
         return True
     value = text[start:end]
@@ -362,7 +367,7 @@ def _plausible(text: str, start: int, end: int, entity: str) -> bool:
         return len(groups) + (1 if groups and "." in groups[-1] else 0) >= 3
     if _DOTTED_BEFORE.search(text, max(0, start - 2), start) or _DOTTED_AFTER.match(text, end):
         return False
-    return not _VERSION_BEFORE.search(text[max(0, start - 24) : start])
+    return not _VERSION_BEFORE.search(text, max(0, start - 40), start)
 
 
 def resolve(findings: list[Finding]) -> list[Finding]:

@@ -67,8 +67,13 @@ _CONTEXT_REACH = 40  # characters before a weak candidate searched for a card wo
 # A run of digit groups separated by a space, a dash or a dot: not glued to letters, digits or
 # another group on either side. The run may end before a last group glued to a decimal point
 # ("… 00009 2.4.1": the card, then a version). A comma may stand before or after it, as in a
-# CSV row ("Smith,4012888888881881,09/26"), but not as a thousands separator ("1,234", "5,000").
-_RUN = re.compile(r"(?<![\w./-])(?<!\d,)(?<!\d[ .-])\d++(?:[ .-]\d++)*(?![\w])(?![./]\d)(?!,\d{3}(?!\d))")
+# CSV row ("1001,4012888888881881,123,09/26"), but not as a thousands separator: a group of
+# three digits after a comma and a digit, or a comma and three digits after a group shorter than
+# four ("1,234", "5,000").
+_RUN = re.compile(
+    r"(?<![\w./-])(?:(?<!\d,)|(?!\d{3}(?!\d)))(?<!\d[ .-])\d++(?:[ .-]\d++)*(?![\w])(?![./]\d)"
+    r"(?:(?<=\d{4})|(?!,\d{3}(?!\d)))"
+)
 _GROUP = re.compile(r"\d+")
 _MAX_GROUPS = 8  # a card has at most 8 groups (19 digits in 4-4-4-4-3 is 5)
 
@@ -107,10 +112,15 @@ def _printed(sizes: list[int]) -> bool:
     return sizes in ([4, 6, 5], [4, 6, 4])
 
 
-def _in_fours(sizes: list[int]) -> bool:
-    """Three or more groups of four (the last 1-4): printed as a card is, whatever joins them
-    ("4242-4242 4242-4242")."""
-    return len(sizes) >= 3 and all(s == 4 for s in sizes[:-1]) and 1 <= sizes[-1] <= 4
+def _fours_alone(seps: list[str], sizes: list[int], i: int, j: int) -> bool:
+    """Groups ``i`` to ``j - 1``, joined by mixed separators, read as one card: three or more
+    groups of four (the last 1-4), printed as a card is whatever joins them ("4242-4242
+    4242-4242") — unless a separator it uses joins it to a group beyond, which would cut a run
+    in two ("PIN 6476 4012-8888-8888-1881" is a number, then a card)."""
+    if len(sizes) < 3 or not all(s == 4 for s in sizes[:-1]) or not 1 <= sizes[-1] <= 4:
+        return False
+    inside = set(seps[i : j - 1])
+    return not ((i > 0 and seps[i - 1] in inside) or (j - 1 < len(seps) and seps[j - 1] in inside))
 
 
 def _cuts_token(seps: list[str], i: int, j: int) -> bool:
@@ -147,7 +157,7 @@ def find(text: str) -> list[tuple[int, int, str]]:
                 sizes = [b - a for a, b in groups[i:j]]
                 if not _printed(sizes):
                     continue
-                if len(set(seps[i : j - 1])) > 1 and not _in_fours(sizes):
+                if len(set(seps[i : j - 1])) > 1 and not _fours_alone(seps, sizes, i, j):
                     continue  # mixed separators: "4012888888881881 2024-05-01" is a card, then a date
                 digits = "".join(s[a:b] for a, b in groups[i:j])
                 found = _scheme(digits)

@@ -211,13 +211,21 @@ def _how(text: str, start: int, end: int, candidate: str) -> tuple[Leniency, boo
     return _PLAIN
 
 
-# A WhatsApp click-to-chat link holds an international number without its "+".
-_WA_LINK = re.compile(r"(?:\bwa\.me/|whatsapp\.com/send/?\?(?:[^\s#&]*&)*phone=)\+?(\d{7,15})(?!\d)", re.IGNORECASE)
+# A WhatsApp click-to-chat link holds an international number without its "+": wa.me/<number>,
+# or whatsapp.com/send?...phone=<number> (the host looked for in the same token, a bounded way back).
+_WA_LINK = re.compile(r"(?:\bwa\.me/|[?&]phone=)\+?(\d{7,15})(?!\d)", re.IGNORECASE)
+_WA_SEND = re.compile(r"whatsapp\.com/send", re.IGNORECASE)
+_WA_REACH = 200  # characters before ``phone=`` searched for the host
 
 
 def _links(text: str) -> list[tuple[int, int]]:
     out = []
     for m in _WA_LINK.finditer(text):
+        if m.group().lower().startswith(("?", "&")):  # phone=: only in a whatsapp.com/send link
+            before = text[max(0, m.start() - _WA_REACH) : m.start()]
+            token = before.rsplit(None, 1)[-1] if before.strip() else ""
+            if not _WA_SEND.search(token):
+                continue
         try:
             number = phonenumbers.parse("+" + m.group(1))
         except phonenumbers.NumberParseException:

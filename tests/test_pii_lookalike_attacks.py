@@ -1,0 +1,65 @@
+"""Attacks on the PII look-alike rules (an independent review of cards with dots, commas and mixed separators,
+and of the dotted-quad exclusions): each text holds real personal data that must be found."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from loadtest import pii_corpus
+from policies.pii.analysis import Analyzer
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("pii-data"))
+
+
+def _found(data_dir, text):
+    (found,) = asyncio.run(Analyzer(0, 0).find(pii_corpus.spec(data_dir), [text]))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("text", "ips"),
+    [
+        # tcpdump / BSD netstat print address.port: both addresses were found before 2edb69d
+        ("IP 192.168.1.10.51234 > 10.0.0.1.443: Flags [S], seq 1", ["192.168.1.10", "10.0.0.1"]),
+        ("tcp4 0 0 192.168.1.5.22 10.20.30.40.51515 ESTABLISHED", ["192.168.1.5", "10.20.30.40"]),
+        # Wireshark / BPF-style filters use == and != before an address
+        ("wireshark filter ip.addr==192.168.7.21 shows the leak", ["192.168.7.21"]),
+        ("ip.src == 172.16.4.9 and ip.dst != 10.8.0.3", ["172.16.4.9", "10.8.0.3"]),
+        # "FW" is a firewall or a forwarded mail, "build"/"rev"/"section" words beside a host
+        ("FW: 203.0.113.77 is down again", ["203.0.113.77"]),
+        ("fw 10.1.2.3 blocks port 22", ["10.1.2.3"]),
+        ("build 10.4.5.6 failed", ["10.4.5.6"]),
+        # a word ending in "ver" padded to a column: the 24-character window starts inside it
+        ("server" + " " * 21 + "10.11.12.13", ["10.11.12.13"]),
+    ],
+)
+def test_real_ip_addresses_beside_the_new_look_alike_exclusions_are_found(data_dir, text, ips):
+    found = _found(data_dir, text)
+    assert [text[a:b] for a, b, e, _ in found if e == "IP_ADDRESS"] == ips
+
+
+@pytest.mark.parametrize(
+    ("text", "card"),
+    [
+        # a 4-digit group before a card printed with another separator: mixed separators in
+        # fours now join them, and the card's tail is left unmasked (was found whole before)
+        ("PIN 6476 4012-8888-8888-1881 please", "4012-8888-8888-1881"),
+        ("ticket 4619 6977 5105-1051-0510-5100", "5105-1051-0510-5100"),
+        ("ext 2327 4012-8888-8888-1881", "4012-8888-8888-1881"),
+        # CSV rows the commit claims: a numeric field before, a CVV after
+        ("1001,4012888888881881,09/26", "4012888888881881"),
+        ("Smith,4012888888881881,123,09/26", "4012888888881881"),
+        ("4111-1111-1111-1111,555", "4111-1111-1111-1111"),
+    ],
+)
+def test_cards_beside_numbers_are_masked_whole(data_dir, text, card):
+    found = _found(data_dir, text)
+    start = text.index(card)
+    assert any(e == "CREDIT_CARD" and a <= start and start + len(card) <= b for a, b, e, _ in found), [
+        (text[a:b], e) for a, b, e, _ in found
+    ]
