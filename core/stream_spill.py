@@ -17,7 +17,7 @@ import contextlib
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -40,24 +40,34 @@ class SpillFile:
 
     def claim(self) -> list[Path]:
         """This process's spill and those of processes that are gone, as work files of its own."""
-        mine = f"{self.prefix}{os.getpid()}"
-        for path in [self.path, *self._orphans()]:
-            with contextlib.suppress(FileNotFoundError):  # (another process claimed it first)
-                path.rename(self.directory / f"{mine}.{secrets.token_hex(4)}.replaying")
-        return sorted(self.directory.glob(f"{mine}.*.replaying"))
+        return claim(
+            self.directory,
+            [self.path],
+            f"{self.prefix}{os.getpid()}",
+            (f"{self.prefix}*.jsonl", f"{self.prefix}*.replaying"),
+            lambda name: int(name[len(self.prefix) :].split(".", 1)[0]),
+        )
 
-    def _orphans(self) -> list[Path]:
-        found = []
-        for pattern in (f"{self.prefix}*.jsonl", f"{self.prefix}*.replaying"):
-            for path in self.directory.glob(pattern):
-                try:
-                    pid = int(path.name[len(self.prefix) :].split(".", 1)[0])
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    found.append(path)
-                except (ValueError, PermissionError):
-                    continue
-        return found
+
+def claim(
+    directory: Path, own: list[Path], stem: str, patterns: tuple[str, ...], pid_of: Callable[[str], int]
+) -> list[Path]:
+    """Renames this process's files (``own``) and those matching ``patterns`` whose process
+    (``pid_of(name)``) is gone to work files of this process (``<stem>.<token>.replaying``: the
+    rename is atomic, so one process gets each); returns this process's work files."""
+    gone = []
+    for pattern in patterns:
+        for path in directory.glob(pattern):
+            try:
+                os.kill(pid_of(path.name), 0)
+            except ProcessLookupError:
+                gone.append(path)
+            except (ValueError, IndexError, PermissionError):
+                continue
+    for path in [*own, *gone]:
+        with contextlib.suppress(FileNotFoundError):  # (another process claimed it first)
+            path.rename(directory / f"{stem}.{secrets.token_hex(4)}.replaying")
+    return sorted(directory.glob(f"{stem}.*.replaying"))
 
 
 def chunks(path: Path, max_bytes: int) -> Iterator[list[dict]]:

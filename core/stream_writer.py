@@ -298,12 +298,7 @@ class StreamWriter:
             return
         for work in self._spill.claim():
             for records in chunks(work, self._max_bytes):
-                try:
-                    await self._write_batch(records)
-                except asyncpg.PostgresError as exc:
-                    if not is_bad_data(exc):
-                        raise
-                    await self._isolate(records)
+                await self._write_or_isolate(records)
             work.unlink()
 
     async def _call(self, *args, limit_s: float | None = None):
@@ -378,14 +373,17 @@ class StreamWriter:
     async def _commit(self, found: list[tuple[bytes, dict]]) -> None:
         records = [fields for _, fields in found if fields]  # (a deleted entry has none)
         if records:
-            try:
-                await self._write_batch(records)
-            except asyncpg.PostgresError as exc:
-                if not is_bad_data(exc):
-                    raise
-                await self._isolate(records)
+            await self._write_or_isolate(records)
         ids = [i for i, _ in found]
         await asyncio.gather(self._call("XACK", self.stream, self.group, *ids), self._call("XDEL", self.stream, *ids))
+
+    async def _write_or_isolate(self, records: list[dict]) -> None:
+        try:
+            await self._write_batch(records)
+        except asyncpg.PostgresError as exc:
+            if not is_bad_data(exc):
+                raise
+            await self._isolate(records)
 
     async def _write_batch(self, records: list[dict]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():

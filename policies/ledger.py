@@ -16,10 +16,8 @@ record PostgreSQL refuses is written alone, and refused again, kept in ``<stream
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import asyncpg
 import orjson
 
 from core.metrics import DEAD_LETTERS
+from core.stream_spill import claim
 from core.stream_writer import StreamWriter, is_bad_data
 from policies.engine import LEDGER_STREAM
 from policies.scripts import SETTLE_LATE
@@ -165,11 +164,14 @@ class Spool:
         Records of settles Redis did not take carry what they would have done (``_settle``):
         ``settle`` applies those first, ``LATE_CHUNK`` to a call (each is applied once however
         often it is replayed: ``SETTLE_LATE``)."""
-        for path in [self.path, *self._orphans()]:
-            with contextlib.suppress(FileNotFoundError):  # (another process claimed it first)
-                path.rename(self.path.with_name(f"{self.path.stem}.{secrets.token_hex(4)}.replaying"))
         total = 0
-        for work in self._work():
+        for work in claim(
+            self.path.parent,
+            [self.path, self.path.with_suffix(".replaying")],  # (and an older release's work file)
+            self.path.stem,
+            ("ledger-spool-*.jsonl", "ledger-spool-*.replaying"),
+            lambda name: int(name.split(".", 1)[0].rsplit("-", 1)[1]),
+        ):
             records = [line for line in work.read_bytes().splitlines() if line.strip()]
             if settle is not None:
                 late = [x for x in (_late(line) for line in records if b'"_settle"' in line) if x is not None]
@@ -181,11 +183,6 @@ class Spool:
             work.unlink()
             total += len(records)
         return total
-
-    def _work(self) -> list[Path]:
-        """This process's work files (and an older release's name for one)."""
-        older = self.path.with_suffix(".replaying")
-        return sorted([*self.path.parent.glob(f"{self.path.stem}.*.replaying"), *([older] if older.exists() else [])])
 
     async def _write(self, conn: asyncpg.Connection, records: list[bytes]) -> None:
         """One transaction; when PostgreSQL refuses a record, each alone, and what it refuses
@@ -210,20 +207,6 @@ class Spool:
             log.error("%d spooled audit records refused by PostgreSQL, kept in %s", len(refused), dead)
             DEAD_LETTERS.labels("ledger-spool").inc(len(refused))
             _append(dead, refused)
-
-    def _orphans(self) -> list[Path]:
-        """Spools and work files of processes that are gone."""
-        found = []
-        for pattern in ("ledger-spool-*.jsonl", "ledger-spool-*.replaying"):
-            for path in self.path.parent.glob(pattern):
-                try:
-                    pid = int(path.name.split(".", 1)[0].rsplit("-", 1)[1])
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    found.append(path)
-                except (ValueError, PermissionError):
-                    continue
-        return found
 
 
 class LedgerWriter(StreamWriter):

@@ -336,20 +336,14 @@ def test_a_settle_redis_did_not_take_counts_its_spend_and_frees_its_reservation_
     the spend never reached the budget's counter (a budget overshot by it) and the reservation
     held budget until the period ended. The spooled record now carries the settlement, applied
     once when the spool replays — however often the replay runs."""
-    import asyncpg
-    import redis.asyncio as aioredis
 
-    from gateway.db import migrate
     from policies.ledger import LedgerWriter, Spool
 
     budget = hard_budget(100)
     spent_key, reserved_key, _, _ = budget.keys()
 
     async def run():
-        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
-        async with pool.acquire() as conn:
-            await migrate(conn)
-        redis = aioredis.from_url(services[1])
+        pool, redis = await stores(services)
         a = Replica(services[1], budget, policies={"local_admission": False})
         await a.start()
         ctx = await a.admit()
@@ -376,12 +370,27 @@ def test_a_settle_redis_did_not_take_counts_its_spend_and_frees_its_reservation_
     assert rows == 1 and left == 0
 
 
-async def _settle_while_redis_is_away(a: Replica, ctx: RequestContext) -> bytes:
-    """Settles ``ctx`` (300 output tokens of the priced model) over a connection to a port
-    nobody listens on; returns the record the gateway spools for it (gateway/pipeline.py)."""
+async def stores(services):
+    """A pool over the migrated database, and a redis-py client (the caller closes both)."""
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    from gateway.db import migrate
+
+    pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    return pool, aioredis.from_url(services[1])
+
+
+async def _settle_while_redis_is_away(a: Replica, ctx: RequestContext, completion_tokens: int | None = 300) -> bytes:
+    """Settles ``ctx`` (``completion_tokens`` output tokens of the priced model, unless None)
+    over a connection to a port nobody listens on; returns the record the gateway spools for it
+    (gateway/pipeline.py)."""
     from core.types import Usage
 
-    ctx.route, ctx.usage, ctx.status = _priced_route(), Usage(0, 300), 200
+    if completion_tokens is not None:
+        ctx.route, ctx.usage, ctx.status = _priced_route(), Usage(0, completion_tokens), 200
     live = a.engine._redis
     a.engine._redis = PipelinedRedis(f"redis://127.0.0.1:{_closed_port()}", timeout=0.5)
     try:
@@ -403,19 +412,14 @@ def test_a_leased_requests_spooled_settlement_is_applied_once_even_when_postgres
     the replica's lease): it is counted when the spool replays, and the spool forgets it before
     writing to PostgreSQL, so a replay that fails there and runs again counts it once."""
     import asyncpg
-    import redis.asyncio as aioredis
 
-    from gateway.db import migrate
     from policies.ledger import LedgerWriter, Spool
 
     budget = hard_budget(1000)
     spent_key = budget.keys()[0]
 
     async def run():
-        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
-        async with pool.acquire() as conn:
-            await migrate(conn)
-        redis = aioredis.from_url(services[1])
+        pool, redis = await stores(services)
         a = Replica(services[1], budget)
         await a.start()
         ctx = await a.admit()

@@ -7,31 +7,25 @@ import os
 import time
 import uuid
 
-import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 from core.fastredis import PipelinedRedis
 from core.types import Usage
-from gateway.db import migrate
 from policies.budgets import NANO
 from policies.ledger import LedgerWriter, Spool
-from tests.test_admission_credit_attacks import ESTIMATE, Replica, _closed_port, _priced_route, hard_budget
+from tests.test_admission_credit_attacks import (
+    ESTIMATE,
+    Replica,
+    _priced_route,
+    _settle_while_redis_is_away,
+    hard_budget,
+    stores,
+)
 
 
 async def _settle_fails(r: Replica, ctx) -> bytes:
     """settle with Redis away (what pipeline.settle does then): the spooled line."""
-    live = r.engine._redis
-    r.engine._redis = PipelinedRedis(f"redis://127.0.0.1:{_closed_port()}", timeout=0.5)
-    try:
-        await r.engine.settle(ctx, ctx.extra["attr"], 0.01)
-        raise AssertionError("settle reached Redis")
-    except AssertionError:
-        raise
-    except Exception:
-        pass
-    r.engine._redis = live
-    return r.engine.spooled(ctx, ctx.extra["attr"], 0.01)
+    return await _settle_while_redis_is_away(r, ctx, None)
 
 
 def test_spooled_settlement_replayed_after_the_hold_is_never_counted(services, tmp_path):
@@ -42,10 +36,7 @@ def test_spooled_settlement_replayed_after_the_hold_is_never_counted(services, t
     spent_key = budget.keys()[0]
 
     async def run():
-        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
-        async with pool.acquire() as conn:
-            await migrate(conn)
-        redis = aioredis.from_url(services[1])
+        pool, redis = await stores(services)
         a = Replica(services[1], budget, policies={"local_admission": False, "reservation_hold_s": 0.5})
         await a.start()
         ctx = await a.admit()
@@ -86,10 +77,7 @@ def test_a_long_outages_spool_is_applied_in_chunks_once_and_without_refused_requ
     spent_key = budget.keys()[0]
 
     async def run():
-        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
-        async with pool.acquire() as conn:
-            await migrate(conn)
-        redis = aioredis.from_url(services[1])
+        pool, redis = await stores(services)
         a = Replica(services[1], budget, policies={"local_admission": False})
         await a.start()
         refused = await a.admit()
@@ -143,10 +131,7 @@ def test_a_replay_cut_short_by_the_processes_death_is_never_finished(services, t
     spent_key = budget.keys()[0]
 
     async def run():
-        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
-        async with pool.acquire() as conn:
-            await migrate(conn)
-        redis = aioredis.from_url(services[1])
+        pool, redis = await stores(services)
         a = Replica(services[1], budget, policies={"local_admission": False})
         await a.start()
         ctx = await a.admit()
