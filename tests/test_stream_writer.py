@@ -382,10 +382,16 @@ def test_an_audit_record_postgres_refuses_goes_to_the_dead_letters_and_the_ledge
     asyncio.run(main())
 
 
+@pytest.mark.parametrize(
+    "sizes",
+    [[1] + [MB] * 8, [9 * MB // 10] * 4],  # a small entry, then eight of the budget's size; four of 0.9 of it
+    ids=["small-then-large", "near-budget"],
+)
 @pytest.mark.parametrize("client", CLIENTS)
-def test_large_entries_arriving_while_the_writer_waits_are_taken_within_the_budget(services, client):
-    """The blocking read takes one entry; what came with it is taken within what is left of the
-    budget (the review's case: one small entry, then eight of the budget's size each)."""
+def test_large_entries_arriving_while_the_writer_waits_are_taken_within_the_budget(services, client, sizes):
+    """The blocking read takes one entry; what came with it is sized, from the first, against
+    what is left of the budget (two cases an independent review found: a batch took eight
+    budget-sized entries after a small one, and two of 0.9 MB for a 1 MB budget)."""
 
     async def main():
         stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
@@ -401,15 +407,14 @@ def test_large_entries_arriving_while_the_writer_waits_are_taken_within_the_budg
             try:
                 await asyncio.sleep(0.3)  # the writer waits in its blocking read
                 pipe = redis.pipeline(transaction=False)
-                pipe.xadd(stream, {"n": "0", "blob": b"s"})
-                for i in range(1, 9):
-                    pipe.xadd(stream, {"n": str(i), "blob": b"L" * MB})
+                for i, size in enumerate(sizes):
+                    pipe.xadd(stream, {"n": str(i), "blob": b"L" * size})
                 await pipe.execute()
                 await _until(lambda: _empty(redis, stream), "every entry written", 30)
             finally:
                 await writer.stop()
-        assert max(_sizes(b) for b in batches) <= MB + 8, [len(b) for b in batches]
-        assert sorted(int(e[b"n"]) for b in batches for e in b) == list(range(9))
+        assert max(_sizes(b) for b in batches) <= MB + 8, [_sizes(b) for b in batches]
+        assert sorted(int(e[b"n"]) for b in batches for e in b) == list(range(len(sizes)))
         await redis.delete(stream)
         await redis.aclose()
 
