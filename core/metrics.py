@@ -59,6 +59,11 @@ SPILLED = Counter(
     "Stream entries moved to local disk while PostgreSQL was away, by stream (ledger, runs, memory)",
     ["stream"],
 )
+SPILL_FAILURES = Counter(
+    "gateway_stream_spill_failures_total",
+    "Attempts to move a stream's backlog to local disk that failed (disk full, not writable), by stream",
+    ["stream"],
+)
 DEAD_LETTERS = Counter(
     "gateway_dead_letters_total",
     "Records PostgreSQL refused, moved to a dead-letter stream or file, by stream (ledger, runs, memory)",

@@ -33,7 +33,7 @@ import asyncpg
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from core.background import pause, stop_task
-from core.metrics import DEAD_LETTERS, SPILLED
+from core.metrics import DEAD_LETTERS, SPILL_FAILURES, SPILLED
 from core.stream_spill import SpillFile, chunks
 
 log = logging.getLogger("gateway.streams")
@@ -252,9 +252,13 @@ class StreamWriter:
                     with contextlib.suppress(Exception):
                         await self._ensure_group()
                 log.warning("%s: write failed, will retry: %s", self.stream, exc)
-                with contextlib.suppress(Exception):  # (Redis away too: nothing to move)
+                try:
                     async with self._lock:
                         await self._spill_backlog()
+                except Exception as spill_exc:  # Redis away too (nothing to move), or the disk full
+                    if not isinstance(spill_exc, RedisError):
+                        SPILL_FAILURES.labels(self.stream).inc()
+                        log.error("%s: backlog not moved to local disk: %r", self.stream, spill_exc)
                 await pause(self._stopping, 1.0)
 
     def spill_records(self, records: list[dict]) -> None:
@@ -297,7 +301,7 @@ class StreamWriter:
         if self._spill is None:
             return
         for work in self._spill.claim():
-            for records in chunks(work, self._max_bytes):
+            for records in chunks(work, self._max_bytes, self._batch):
                 await self._write_or_isolate(records)
             work.unlink()
 

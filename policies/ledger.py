@@ -25,7 +25,7 @@ import asyncpg
 import orjson
 
 from core.metrics import DEAD_LETTERS
-from core.stream_spill import claim
+from core.stream_spill import append_lines, claim, hold, line_chunks
 from core.stream_writer import StreamWriter, is_bad_data
 from policies.engine import LEDGER_STREAM
 from policies.scripts import SETTLE_LATE
@@ -34,6 +34,8 @@ log = logging.getLogger("gateway.ledger")
 
 GROUP = "ledger-writers"
 LATE_CHUNK = 500  # spooled settlements applied in one Redis call (a long outage spools many)
+REPLAY_CHUNK = 1000  # spooled records written in one transaction
+REPLAY_BYTES = 8 * 1024 * 1024
 LINGER = 0.5  # seconds to let records gather after a short batch: fewer, larger COPYs
 
 # Records are COPYed as they sit in the stream (JSON) and PostgreSQL takes them apart: the
@@ -110,12 +112,9 @@ def _late(line: bytes) -> list | None:
     return settlement if isinstance(settlement, list) and len(settlement) == 2 else None
 
 
-def _append(path: Path, lines: list[bytes]) -> None:
-    """Lines added to a file and on disk (fsync) when this returns."""
-    with open(path, "ab") as f:
-        f.write(b"".join(line + b"\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
+def _spool_owner(name: str) -> tuple[str, int]:
+    stem = name.split(".", 1)[0]
+    return stem, int(stem.rsplit("-", 1)[1])
 
 
 def _dead(record: bytes, error: str | None) -> bytes:
@@ -150,38 +149,41 @@ class Spool:
         self.path = path
 
     def append(self, record: bytes) -> None:
-        _append(self.path, [record.rstrip(b"\n")])
+        self.append_many([record])
 
     def append_many(self, records: list[bytes]) -> None:
-        """Records on disk (one fsync for all of them) when this returns."""
+        """Records on disk (one fsync for all of them) when this returns; on an error, none."""
         if records:
-            _append(self.path, [r.rstrip(b"\n") for r in records])
+            if self.path.stem.endswith(f"-{os.getpid()}"):  # (this process's spool: its lock says it lives)
+                hold(self.path.parent, self.path.stem)
+            append_lines(self.path, [r.rstrip(b"\n") for r in records])
 
     async def replay(self, pool: asyncpg.Pool, settle: Callable[[list], Awaitable[object]] | None = None) -> int:
-        """Writes this process's spool, and any left by processes that died (a spool, or one
-        whose replay they did not finish), to PostgreSQL. A file is claimed by renaming it to a
-        work file of this process's (``<spool>.<token>.replaying``: one process gets each).
-        Records of settles Redis did not take carry what they would have done (``_settle``):
-        ``settle`` applies those first, ``LATE_CHUNK`` to a call (each is applied once however
-        often it is replayed: ``SETTLE_LATE``)."""
+        """Writes this process's spool, and any left by processes that are gone (a spool, or one
+        whose replay they did not finish), to PostgreSQL, ``REPLAY_CHUNK`` records (at most 8 MB)
+        to a transaction, read as it goes. Records of settles Redis did not take carry what they
+        would have done (``_settle``): ``settle`` applies those of a chunk before it is written
+        (each once however often it is replayed: ``SETTLE_LATE``). A replay that stops half way
+        is done again from the start; what was written counts once."""
+        if not self.path.parent.exists():
+            return 0
         total = 0
         for work in claim(
             self.path.parent,
             [self.path, self.path.with_suffix(".replaying")],  # (and an older release's work file)
             self.path.stem,
             ("ledger-spool-*.jsonl", "ledger-spool-*.replaying"),
-            lambda name: int(name.split(".", 1)[0].rsplit("-", 1)[1]),
+            _spool_owner,
         ):
-            records = [line for line in work.read_bytes().splitlines() if line.strip()]
-            if settle is not None:
-                late = [x for x in (_late(line) for line in records if b'"_settle"' in line) if x is not None]
-                for i in range(0, len(late), LATE_CHUNK):
-                    await settle(late[i : i + LATE_CHUNK])
-            if records:
+            for records in line_chunks(work, REPLAY_BYTES, REPLAY_CHUNK):
+                if settle is not None:
+                    late = [x for x in (_late(line) for line in records if b'"_settle"' in line) if x is not None]
+                    for i in range(0, len(late), LATE_CHUNK):
+                        await settle(late[i : i + LATE_CHUNK])
                 async with pool.acquire() as conn:
                     await self._write(conn, records)
+                total += len(records)
             work.unlink()
-            total += len(records)
         return total
 
     async def _write(self, conn: asyncpg.Connection, records: list[bytes]) -> None:
@@ -206,7 +208,7 @@ class Spool:
             dead = self.path.parent / "ledger-dead.jsonl"
             log.error("%d spooled audit records refused by PostgreSQL, kept in %s", len(refused), dead)
             DEAD_LETTERS.labels("ledger-spool").inc(len(refused))
-            _append(dead, refused)
+            append_lines(dead, refused)
 
 
 class LedgerWriter(StreamWriter):

@@ -22,7 +22,8 @@ FROM (SELECT r->>'tenant' AS tenant, r->>'agent_id' AS agent_id, r->>'external_i
       FROM memory_raw) x
 GROUP BY tenant, agent_id, external_id
 ORDER BY tenant, agent_id, external_id
-ON CONFLICT (tenant, agent_id, external_id) DO NOTHING
+ON CONFLICT (tenant, agent_id, external_id) DO UPDATE SET created_at = excluded.created_at
+WHERE excluded.created_at < conversations.created_at  -- (turns spilled to disk arrive after newer ones)
 """
 
 # Messages already present (a replayed batch) are skipped, and only what was inserted counts
