@@ -487,7 +487,7 @@ def test_the_ledgers_backlog_goes_to_its_spool_while_postgres_is_away(services, 
         tenant = f"t-{uuid.uuid4().hex[:8]}"
         spool = Spool(tmp_path / "ledger-spool-1.jsonl")  # (pid 1: a live process, never an orphan)
         ledger = LedgerWriter(redis, PipelinedRedis(services[1], timeout=10), away, spool)
-        ledger.stream, ledger._spill_after = stream, 10
+        ledger.stream, ledger._spill_after, ledger._block_ms = stream, 10, 50  # (idle rounds replay the spool)
         await ledger.start()
         try:
             for _ in range(40):
