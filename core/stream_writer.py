@@ -143,6 +143,27 @@ def is_bad_data(exc: asyncpg.PostgresError) -> bool:
     return str(getattr(exc, "sqlstate", "") or "")[:2] in ("22", "23")
 
 
+async def write_or_isolate(write: Callable[[list], Awaitable[object]], records: list) -> list[tuple[object, str]]:
+    """``write(records)`` in one go; when PostgreSQL refuses it for a record's fault, each record
+    alone, so one record cannot hold back the others, again and again. Returns the records it
+    refused alone, with their SQLSTATE (the caller keeps them as dead letters)."""
+    try:
+        await write(records)
+        return []
+    except asyncpg.PostgresError as exc:
+        if not is_bad_data(exc):
+            raise
+    refused = []
+    for record in records:
+        try:
+            await write([record])
+        except asyncpg.PostgresError as exc:
+            if not is_bad_data(exc):
+                raise
+            refused.append((record, str(exc.sqlstate)))
+    return refused
+
+
 class StreamWriter:
     """Moves the entries of one Redis stream to PostgreSQL with ``write(conn, entries)`` (each
     entry its fields, as a dict of bytes), called inside a transaction.
@@ -169,6 +190,7 @@ class StreamWriter:
         fast=None,
         maintain: Callable[[], Awaitable[object]] | None = None,
         spill_dir: Path | None = None,
+        spill_to: Callable[[list[dict]], None] | None = None,
         spill_after: int = SPILL_AFTER,
     ) -> None:
         self._redis = redis
@@ -189,7 +211,10 @@ class StreamWriter:
         self._own_pending = True  # entries read but not acknowledged (after a failed write)
         self._lock = asyncio.Lock()  # one drain at a time: ``drain()`` waits for the loop's batch
         self._shas: dict[str, str] = {}
+        # where a backlog goes while PostgreSQL is away: a spill file of this writer's own
+        # (``spill_dir``, replayed by it), or the caller's (``spill_to``: the ledger's spool)
         self._spill = SpillFile(spill_dir, stream) if spill_dir is not None else None
+        self._spill_to = spill_to or (self._spill.append if self._spill is not None else None)
         self._spill_after = spill_after
 
     async def start(self) -> None:
@@ -261,16 +286,12 @@ class StreamWriter:
                         log.error("%s: backlog not moved to local disk: %r", self.stream, spill_exc)
                 await pause(self._stopping, 1.0)
 
-    def spill_records(self, records: list[dict]) -> None:
-        """Entries moved to local disk (fsynced) while PostgreSQL is away."""
-        self._spill.append(records)
-
     async def _spill_backlog(self) -> None:
         """PostgreSQL is away and the stream has grown past ``spill_after`` entries: batches of
         it (own pending ones first) go to local disk, each acknowledged and deleted only once
         it is there, until the stream is back to half that — so Redis's memory, which budgets,
         limits and conversations share, is not what a database outage fills."""
-        if self._spill is None or self._spill_after <= 0:
+        if self._spill_to is None or self._spill_after <= 0:
             return
         length = int(await self._call("XLEN", self.stream) or 0)
         if length <= self._spill_after:
@@ -283,11 +304,8 @@ class StreamWriter:
                     break
                 records = [fields for _, fields in found if fields]
                 if records:
-                    self.spill_records(records)
-                ids = [i for i, _ in found]
-                await asyncio.gather(
-                    self._call("XACK", self.stream, self.group, *ids), self._call("XDEL", self.stream, *ids)
-                )
+                    self._spill_to(records)
+                await self._ack(found)
                 moved += len(found)
                 if not more:
                     break
@@ -378,40 +396,28 @@ class StreamWriter:
         records = [fields for _, fields in found if fields]  # (a deleted entry has none)
         if records:
             await self._write_or_isolate(records)
+        await self._ack(found)
+
+    async def _ack(self, found: list[tuple[bytes, dict]]) -> None:
+        """The entries acknowledged and deleted (once they are in PostgreSQL, or on local disk)."""
         ids = [i for i, _ in found]
         await asyncio.gather(self._call("XACK", self.stream, self.group, *ids), self._call("XDEL", self.stream, *ids))
 
     async def _write_or_isolate(self, records: list[dict]) -> None:
-        try:
-            await self._write_batch(records)
-        except asyncpg.PostgresError as exc:
-            if not is_bad_data(exc):
-                raise
-            await self._isolate(records)
+        """One record PostgreSQL refuses alone goes to the dead-letter stream (``<stream>:dead``)."""
+        for record, sqlstate in await write_or_isolate(self._write_batch, records):
+            log.error("%s: record refused by PostgreSQL (%s), moved to %s:dead", self.stream, sqlstate, self.stream)
+            DEAD_LETTERS.labels(self.stream).inc()
+            await self._redis.xadd(
+                f"{self.stream}:dead",
+                {**self.dead_record(record), b"error": sqlstate},
+                maxlen=DEAD_MAX,
+                approximate=True,
+            )
 
     async def _write_batch(self, records: list[dict]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             await self._write(conn, records)
-
-    async def _isolate(self, records: list[dict]) -> None:
-        """One record PostgreSQL refuses must not hold back the others, again and again: each is
-        written alone, and one refused alone goes to the dead-letter stream (``<stream>:dead``)."""
-        for record in records:
-            try:
-                await self._write_batch([record])
-            except asyncpg.PostgresError as exc:
-                if not is_bad_data(exc):
-                    raise
-                log.error(
-                    "%s: record refused by PostgreSQL (%s), moved to %s:dead", self.stream, exc.sqlstate, self.stream
-                )
-                DEAD_LETTERS.labels(self.stream).inc()
-                await self._redis.xadd(
-                    f"{self.stream}:dead",
-                    {**self.dead_record(record), b"error": str(exc.sqlstate)},
-                    maxlen=DEAD_MAX,
-                    approximate=True,
-                )
 
     def dead_record(self, record: dict) -> dict:
         """What of a refused record its dead letter keeps (a writer may drop what must not

@@ -26,7 +26,7 @@ import orjson
 
 from core.metrics import DEAD_LETTERS
 from core.stream_spill import append_lines, claim, hold, line_chunks
-from core.stream_writer import StreamWriter, is_bad_data
+from core.stream_writer import StreamWriter, write_or_isolate
 from policies.engine import LEDGER_STREAM
 from policies.scripts import SETTLE_LATE
 
@@ -187,28 +187,15 @@ class Spool:
         return total
 
     async def _write(self, conn: asyncpg.Connection, records: list[bytes]) -> None:
-        """One transaction; when PostgreSQL refuses a record, each alone, and what it refuses
-        alone goes to the spool's dead letters (``ledger-dead.jsonl`` beside it), so one record
-        cannot keep the others out of the ledger, replay after replay."""
-        try:
-            await write_records(conn, records)
-            return
-        except asyncpg.PostgresError as exc:
-            if not is_bad_data(exc):
-                raise
-        refused = []
-        for record in records:
-            try:
-                await write_records(conn, [record])
-            except asyncpg.PostgresError as exc:
-                if not is_bad_data(exc):
-                    raise
-                refused.append(_dead(record, exc.sqlstate))
+        """One transaction; what PostgreSQL refuses alone goes to the spool's dead letters
+        (``ledger-dead.jsonl`` beside it), so one record cannot keep the others out of the
+        ledger, replay after replay."""
+        refused = await write_or_isolate(lambda batch: write_records(conn, batch), records)
         if refused:
             dead = self.path.parent / "ledger-dead.jsonl"
             log.error("%d spooled audit records refused by PostgreSQL, kept in %s", len(refused), dead)
             DEAD_LETTERS.labels("ledger-spool").inc(len(refused))
-            append_lines(dead, refused)
+            append_lines(dead, [_dead(record, sqlstate) for record, sqlstate in refused])
 
 
 class LedgerWriter(StreamWriter):
@@ -222,13 +209,10 @@ class LedgerWriter(StreamWriter):
     ) -> None:
         super().__init__(
             redis, pool, stream=LEDGER_STREAM, group=GROUP, write=_write_entries, batch=batch,
-            claim_idle=claim_idle, linger=LINGER, fast=fast, maintain=self._replay, spill_dir=spool.path.parent,
+            claim_idle=claim_idle, linger=LINGER, fast=fast, maintain=self._replay,
+            spill_to=lambda records: spool.append_many([r[b"r"] for r in records if b"r" in r]),  # (replayed with it)
         )  # fmt: skip
         self.spool = spool
-
-    def spill_records(self, records: list[dict]) -> None:
-        """PostgreSQL away, the stream long: its records go to the spool (replayed with it)."""
-        self.spool.append_many([record[b"r"] for record in records if b"r" in record])
 
     def dead_record(self, record: dict) -> dict:
         raw = record.get(b"r")

@@ -134,7 +134,7 @@ def _rss_mb() -> float:
 
 
 def test_a_ledger_spool_torn_by_a_full_disk_keeps_the_next_record_out_of_the_ledger(services, small_disk):
-    """The same with the ledger's spool (LedgerWriter.spill_records -> Spool.append_many): the
+    """The same with the ledger's spool (LedgerWriter spill_to -> Spool.append_many): the
     batch that failed part way stays in the stream (right), the next batch is written and
     acknowledged, and its first record, glued to the half line, never reaches the ledger."""
     import orjson
@@ -238,7 +238,7 @@ def test_a_conversation_started_during_an_outage_keeps_the_time_of_its_first_tur
 
 def test_one_refused_turn_in_a_spill_makes_every_turn_of_its_chunk_a_transaction(services, tmp_path):
     """Spill chunks were bounded in bytes only (8 MB), not in entries like the stream's batches
-    (500): one record PostgreSQL refuses made _isolate write each of the chunk's turns alone."""
+    (500): one record PostgreSQL refuses made write_or_isolate write each of the chunk's turns alone."""
     import time
 
     import orjson
