@@ -5,6 +5,7 @@ PostgreSQL)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -43,6 +44,18 @@ def _writer(redis, pool, client: str, url: str, stream: str, write, **kw) -> Str
     return StreamWriter(redis, pool, stream=stream, group="g", write=write, fast=_reader(client, url), **kw)
 
 
+@contextlib.asynccontextmanager
+async def _running(services, redis, client: str, stream: str, write, **kw):
+    """A started writer over the stream (its own pool), stopped on the way out."""
+    async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+        writer = _writer(redis, pool, client, services[1], stream, write, **kw)
+        await writer.start()
+        try:
+            yield writer
+        finally:
+            await writer.stop()
+
+
 async def _empty(redis, stream: str) -> bool:
     return await redis.xlen(stream) == 0 and (await redis.xpending(stream, "g"))["pending"] == 0
 
@@ -61,13 +74,8 @@ def test_own_pending_entries_are_rewritten_after_a_failed_write_and_a_deleted_on
                 await redis.xdel(stream, ids[1])
                 raise OSError("database away")
 
-        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
-            writer = _writer(redis, pool, client, services[1], stream, write)
-            await writer.start()
-            try:
-                await _until(lambda: _empty(redis, stream), "stream written, acknowledged and emptied")
-            finally:
-                await writer.stop()
+        async with _running(services, redis, client, stream, write):
+            await _until(lambda: _empty(redis, stream), "stream written, acknowledged and emptied")
         assert calls == [[{b"n": b"0"}, {b"n": b"1"}, {b"n": b"2"}], [{b"n": b"0"}, {b"n": b"2"}]]
         await redis.delete(stream)
         await redis.aclose()
@@ -117,17 +125,12 @@ def test_the_writer_recreates_its_group_when_redis_lost_it(services, client):
         async def write(conn, entries):
             written.extend(entries)
 
-        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
-            writer = _writer(redis, pool, client, services[1], stream, write, block_ms=100)
-            await writer.start()
-            try:
-                await redis.xadd(stream, {"n": "before"})
-                await _until(lambda: _empty(redis, stream), "the first entry written")
-                await redis.delete(stream)  # a restart without persistence: stream and group gone
-                await redis.xadd(stream, {"n": "after"})  # appended again, to a stream with no group
-                await _until(lambda: _empty(redis, stream), "the group recreated and the entry written")
-            finally:
-                await writer.stop()
+        async with _running(services, redis, client, stream, write, block_ms=100):
+            await redis.xadd(stream, {"n": "before"})
+            await _until(lambda: _empty(redis, stream), "the first entry written")
+            await redis.delete(stream)  # a restart without persistence: stream and group gone
+            await redis.xadd(stream, {"n": "after"})  # appended again, to a stream with no group
+            await _until(lambda: _empty(redis, stream), "the group recreated and the entry written")
         assert written == [{b"n": b"before"}, {b"n": b"after"}]
         await redis.delete(stream)
         await redis.aclose()
@@ -295,16 +298,11 @@ def test_a_batch_is_bounded_in_bytes_however_large_its_entries(services, client)
             if len(batches) == 1:
                 raise OSError("database away")  # this batch is read again, from the writer's own pending
 
-        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
-            writer = _writer(
-                redis, pool, client, services[1], stream, write,
+        async with _running(
+                services, redis, client, stream, write,
                 max_batch_bytes=3 * MB, claim_idle=0.0, block_ms=50,
-            )  # fmt: skip
-            await writer.start()
-            try:
-                await _until(lambda: _empty(redis, stream), "every entry written, acknowledged and deleted", 30)
-            finally:
-                await writer.stop()
+            ):  # fmt: skip
+            await _until(lambda: _empty(redis, stream), "every entry written, acknowledged and deleted", 30)
         # pending and claimed entries: at most the budget plus the entry that crossed it
         assert max(_sizes(b) for b in batches) <= 4 * MB + 64, [len(b) for b in batches]
         assert sorted(int(e[b"n"]) for b in batches[1:] for e in b) == list(range(12))
@@ -328,13 +326,8 @@ def test_large_entries_after_small_ones_never_take_a_batch_past_its_budget(servi
         async def write(conn, entries):
             batches.append(entries)
 
-        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
-            writer = _writer(redis, pool, client, services[1], stream, write, max_batch_bytes=2 * MB)
-            await writer.start()
-            try:
-                await _until(lambda: _empty(redis, stream), "every entry written", 30)
-            finally:
-                await writer.stop()
+        async with _running(services, redis, client, stream, write, max_batch_bytes=2 * MB):
+            await _until(lambda: _empty(redis, stream), "every entry written", 30)
         assert max(_sizes(b) for b in batches) <= 2 * MB  # entries are sized before they are taken
         assert sorted(int(e[b"n"]) for b in batches for e in b) == list(range(60))
         await redis.delete(stream)
@@ -401,18 +394,13 @@ def test_large_entries_arriving_while_the_writer_waits_are_taken_within_the_budg
         async def write(conn, entries):
             batches.append(entries)
 
-        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
-            writer = _writer(redis, pool, client, services[1], stream, write, max_batch_bytes=MB, block_ms=2000)
-            await writer.start()
-            try:
-                await asyncio.sleep(0.3)  # the writer waits in its blocking read
-                pipe = redis.pipeline(transaction=False)
-                for i, size in enumerate(sizes):
-                    pipe.xadd(stream, {"n": str(i), "blob": b"L" * size})
-                await pipe.execute()
-                await _until(lambda: _empty(redis, stream), "every entry written", 30)
-            finally:
-                await writer.stop()
+        async with _running(services, redis, client, stream, write, max_batch_bytes=MB, block_ms=2000):
+            await asyncio.sleep(0.3)  # the writer waits in its blocking read
+            pipe = redis.pipeline(transaction=False)
+            for i, size in enumerate(sizes):
+                pipe.xadd(stream, {"n": str(i), "blob": b"L" * size})
+            await pipe.execute()
+            await _until(lambda: _empty(redis, stream), "every entry written", 30)
         assert max(_sizes(b) for b in batches) <= MB + 8, [_sizes(b) for b in batches]
         assert sorted(int(e[b"n"]) for b in batches for e in b) == list(range(len(sizes)))
         await redis.delete(stream)
@@ -440,27 +428,22 @@ def test_a_backlog_goes_to_local_disk_while_postgres_is_away_and_to_postgres_onc
                 raise OSError("database away")
             written.extend(entries)
 
-        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
-            writer = _writer(
-                redis, pool, client, services[1], stream, write,
+        async with _running(
+                services, redis, client, stream, write,
                 spill_dir=tmp_path, spill_after=20, batch=8, block_ms=50, claim_idle=0.5,
-            )  # fmt: skip
-            await writer.start()
-            try:
-                for i in range(60):
-                    await redis.xadd(stream, {"n": str(i), "blob": b"x" * 100})
-                await _until(lambda: _xlen_at_most(redis, stream, 20), "the backlog moved to disk")
-                assert list(tmp_path.glob("spill-*"))
-                away = False  # the database is back
-                await _until(lambda: _empty(redis, stream), "the stream written")
+            ):  # fmt: skip
+            for i in range(60):
+                await redis.xadd(stream, {"n": str(i), "blob": b"x" * 100})
+            await _until(lambda: _xlen_at_most(redis, stream, 20), "the backlog moved to disk")
+            assert list(tmp_path.glob("spill-*"))
+            away = False  # the database is back
+            await _until(lambda: _empty(redis, stream), "the stream written")
 
-                async def spilled_written() -> bool:
-                    left = [p for p in tmp_path.glob("spill-*") if p.suffix != ".lock"]
-                    return len({e[b"n"] for e in written}) == 60 and not left
+            async def spilled_written() -> bool:
+                left = [p for p in tmp_path.glob("spill-*") if p.suffix != ".lock"]
+                return len({e[b"n"] for e in written}) == 60 and not left
 
-                await _until(spilled_written, "the spilled entries written from disk", 30)
-            finally:
-                await writer.stop()
+            await _until(spilled_written, "the spilled entries written from disk", 30)
         assert sorted({int(e[b"n"]) for e in written}) == list(range(60))
         assert all(e[b"blob"] == b"x" * 100 for e in written)
         await redis.delete(stream)
