@@ -280,3 +280,37 @@ def test_one_refused_turn_in_a_spill_makes_every_turn_of_its_chunk_a_transaction
         assert calls <= n // 500 + 500 + 1  # (it was a transaction per turn: 5,001)
 
     asyncio.run(main())
+
+
+_FSIZE_PROBE = """
+import errno, resource, signal, sys
+from pathlib import Path
+from core.stream_spill import append_lines, chunks
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+path = Path(sys.argv[1])
+append_lines(path, [b'{"n":"0"}'])
+size = path.stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, resource.RLIM_INFINITY))
+try:
+    append_lines(path, [b'{"n":"%d","blob":"%s"}' % (i, b"y" * 50) for i in range(1, 20)])
+    raise SystemExit("the write past the limit succeeded")
+except OSError as exc:
+    assert exc.errno == errno.EFBIG, exc
+assert path.stat().st_size == size, (path.stat().st_size, size)  # cut back: no half line left
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+append_lines(path, [b'{"n":"20"}'])
+print(sorted(int(e[b"n"]) for batch in chunks(path, 1 << 20, 500) for e in batch))
+"""
+
+
+def test_a_write_cut_short_leaves_no_half_line_without_root(tmp_path):
+    """The torn-write tests above need root (a tiny tmpfs); this one runs anywhere: a file-size
+    limit (RLIMIT_FSIZE) makes the real filesystem refuse the write part way, as a full disk does."""
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _FSIZE_PROBE, str(tmp_path / "spill-x-1.jsonl")],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[0, 20]"
