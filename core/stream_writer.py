@@ -6,8 +6,9 @@ pending and is read again; entries pending on a consumer that died (SIGKILL) are
 live one after ``claim_idle`` seconds. A record PostgreSQL refuses (bad data, a constraint) is
 written alone and, refused again, moved to ``<stream>:dead`` so it cannot hold back the rest
 (the newest ``DEAD_MAX`` kept; ``gateway_dead_letters_total`` counts them). While PostgreSQL is
-away, a stream longer than ``spill_after`` entries is moved to local disk (``core.stream_spill``)
-and written from there once PostgreSQL is back.
+away, a stream longer than ``spill_after`` entries, or taking more than ``spill_bytes`` of Redis's
+memory, is moved to local disk (``core.stream_spill``) and written from there once PostgreSQL is
+back.
 
 Batches are bounded in entries *and bytes*. An entry's size is the caller's to choose (a
 conversation turn carries the client's messages, an audit record with content logging its
@@ -40,6 +41,7 @@ log = logging.getLogger("gateway.streams")
 
 REPLY_S = 5.0  # how long a Redis reply may take beyond a blocking read's wait
 SPILL_AFTER = 200_000  # entries waiting in a stream while PostgreSQL is away before the rest go to disk
+SPILL_BYTES = 256 * 1024 * 1024  # or Redis memory the stream takes (large entries: content logging)
 MAX_BATCH_BYTES = 8 * 1024 * 1024  # field bytes read in one batch (or its first entry's, if larger)
 _PEEK = 64  # entries sized ahead of one read inside the script
 DEAD_MAX = 10_000  # dead letters kept per stream (about: the oldest go first)
@@ -192,6 +194,7 @@ class StreamWriter:
         spill_dir: Path | None = None,
         spill_to: Callable[[list[dict]], None] | None = None,
         spill_after: int = SPILL_AFTER,
+        spill_bytes: int = SPILL_BYTES,
     ) -> None:
         self._redis = redis
         self._fast = fast
@@ -216,6 +219,7 @@ class StreamWriter:
         self._spill = SpillFile(spill_dir, stream) if spill_dir is not None else None
         self._spill_to = spill_to or (self._spill.append if self._spill is not None else None)
         self._spill_after = spill_after
+        self._spill_bytes = spill_bytes
 
     async def start(self) -> None:
         try:
@@ -287,18 +291,23 @@ class StreamWriter:
                 await pause(self._stopping, 1.0)
 
     async def _spill_backlog(self) -> None:
-        """PostgreSQL is away and the stream has grown past ``spill_after`` entries: batches of
-        it (own pending ones first) go to local disk, each acknowledged and deleted only once
-        it is there, until the stream is back to half that — so Redis's memory, which budgets,
-        limits and conversations share, is not what a database outage fills."""
+        """PostgreSQL is away and the stream has grown past ``spill_after`` entries or
+        ``spill_bytes`` of Redis's memory (``MEMORY USAGE``, sampled: one entry with content
+        logging can be megabytes): batches of it (own pending ones first) go to local disk, each
+        acknowledged and deleted only once it is there, until the stream is back to half of
+        both — so Redis's memory, which budgets, limits and conversations share, is not what a
+        database outage fills."""
         if self._spill_to is None or self._spill_after <= 0:
             return
         length = int(await self._call("XLEN", self.stream) or 0)
-        if length <= self._spill_after:
+        used = int(await self._call("MEMORY", "USAGE", self.stream) or 0)
+        over_n = length - self._spill_after // 2 if length > self._spill_after else 0
+        over_b = used - self._spill_bytes // 2 if used > self._spill_bytes else 0
+        if not over_n and not over_b:
             return
-        moved = 0
+        moved = moved_bytes = 0
         for start in ("0", ">"):
-            while moved < length - self._spill_after // 2:
+            while moved < over_n or moved_bytes < over_b:
                 more, found = await self._read(start, None)
                 if not found:
                     break
@@ -307,11 +316,15 @@ class StreamWriter:
                     self._spill_to(records)
                 await self._ack(found)
                 moved += len(found)
+                moved_bytes += sum(len(k) + len(v) for fields in records for k, v in fields.items())
                 if not more:
                     break
         self._own_pending = False
         SPILLED.labels(self.stream).inc(moved)
-        log.warning("%s: PostgreSQL away and %d entries waiting: %d moved to local disk", self.stream, length, moved)
+        log.warning(
+            "%s: PostgreSQL away and %d entries (%d bytes) waiting: %d moved to local disk",
+            self.stream, length, used, moved,
+        )  # fmt: skip
 
     async def _replay_spill(self) -> None:
         """What was moved to local disk, written to PostgreSQL (bounded batches; a record it

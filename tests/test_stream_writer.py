@@ -455,6 +455,53 @@ def test_a_backlog_goes_to_local_disk_while_postgres_is_away_and_to_postgres_onc
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_backlog_of_few_large_entries_goes_to_local_disk_by_its_bytes(services, client, tmp_path):
+    """Counting entries alone let a few thousand large ones (an audit record with content logging
+    carries its prompt) fill Redis before anything spilled: past ``spill_bytes`` of Redis's memory
+    the backlog goes to disk as well, far below ``spill_after`` entries."""
+
+    async def main():
+        stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
+        redis = aioredis.from_url(services[1])
+        away = True
+        written: list[dict] = []
+
+        async def write(conn, entries):
+            if away:
+                raise OSError("database away")
+            written.extend(entries)
+
+        blob = b"L" * 64 * 1024
+        async with _running(
+                services, redis, client, stream, write,
+                spill_dir=tmp_path, spill_after=10_000, spill_bytes=1024 * 1024, batch=8, block_ms=50,
+                claim_idle=0.5,
+            ):  # fmt: skip
+            for i in range(40):  # ~2.6 MB: over the bytes, far under the count
+                await redis.xadd(stream, {"n": str(i), "blob": blob})
+
+            async def back_under() -> bool:
+                return int(await redis.memory_usage(stream) or 0) <= 1024 * 1024
+
+            await _until(back_under, "the large backlog moved to disk")
+            assert await redis.xlen(stream) < 40
+            assert list(tmp_path.glob("spill-*"))
+            away = False
+            await _until(lambda: _empty(redis, stream), "the stream written")
+
+            async def spilled_written() -> bool:
+                left = [p for p in tmp_path.glob("spill-*") if p.suffix != ".lock"]
+                return len({e[b"n"] for e in written}) == 40 and not left
+
+            await _until(spilled_written, "the spilled entries written from disk", 30)
+        assert all(e[b"blob"] == blob for e in written)
+        await redis.delete(stream)
+        await redis.aclose()
+
+    asyncio.run(main())
+
+
 def test_the_ledgers_backlog_goes_to_its_spool_while_postgres_is_away(services, tmp_path):
     import orjson
 
