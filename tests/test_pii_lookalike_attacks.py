@@ -30,6 +30,10 @@ def _found(data_dir, text):
         # Wireshark / BPF-style filters use == and != before an address
         ("wireshark filter ip.addr==192.168.7.21 shows the leak", ["192.168.7.21"]),
         ("ip.src == 172.16.4.9 and ip.dst != 10.8.0.3", ["172.16.4.9", "10.8.0.3"]),
+        # a setting or filter named for an address is no package pin (they were dropped as pins)
+        ("set host==10.0.0.1 in the env", ["10.0.0.1"]),
+        ("DB_HOST==10.2.3.4 and src_ip != 192.168.1.20", ["10.2.3.4", "192.168.1.20"]),
+        ("where server_ip>=172.16.0.9", ["172.16.0.9"]),
         # "FW" is a firewall or a forwarded mail, "build"/"rev"/"section" words beside a host
         ("FW: 203.0.113.77 is down again", ["203.0.113.77"]),
         ("fw 10.1.2.3 blocks port 22", ["10.1.2.3"]),

@@ -343,11 +343,19 @@ def analyze_items(spec: Spec, items: list[Item]) -> list[list[Finding]]:
 _DOTTED_BEFORE = re.compile(r"\d\.$")
 _DOTTED_AFTER = re.compile(r"\.\d+\.\d")  # (one more number is a port: tcpdump's "10.0.0.1.443")
 # Right before a dotted quad that is no address: a package pin ("foo==2.4.10.1", not a filter
-# such as "ip.addr==10.0.0.1"), a "v", or a version, section or OID word.
+# such as "ip.addr==10.0.0.1" nor a setting named for an address, "host==10.0.0.1"), a "v", or
+# a version, section or OID word.
 _VERSION_BEFORE = re.compile(
-    r"(?:(?<![\w.])[A-Za-z][\w-]*(?:\[[\w,-]*\])?[ \t]*(?:==|~=|>=|<=|!=)[ \t]*"
+    r"(?:(?<![\w.])(?P<pin>[A-Za-z][\w-]*)(?:\[[\w,-]*\])?[ \t]*(?:==|~=|>=|<=|!=)[ \t]*"
     r"|(?<![\w.])v"
     r"|(?<![\w.])(?:version|versions|ver|firmware|chapter|section|rev|oid)\.?:?[ \t]*)$",
+    re.IGNORECASE,
+)
+
+# A name before "==" that says an address follows: a filter or setting, not a package.
+_ADDRESS_NAME = re.compile(
+    r"(?:host|hostname|ip|ipv4|addr|address|server|src|dst|source|destination|peer|client|remote|gateway"
+    r"|gw|proxy|dns|nameserver|upstream|endpoint|router|nexthop|subnet|net|target|bind|listen)$",
     re.IGNORECASE,
 )
 
@@ -367,7 +375,8 @@ def _plausible(text: str, start: int, end: int, entity: str) -> bool:
         return len(groups) + (1 if groups and "." in groups[-1] else 0) >= 3
     if _DOTTED_BEFORE.search(text, max(0, start - 2), start) or _DOTTED_AFTER.match(text, end):
         return False
-    return not _VERSION_BEFORE.search(text, max(0, start - 40), start)
+    before = _VERSION_BEFORE.search(text, max(0, start - 40), start)
+    return before is None or (before["pin"] is not None and _ADDRESS_NAME.search(before["pin"]) is not None)
 
 
 def resolve(findings: list[Finding]) -> list[Finding]:
