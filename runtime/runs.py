@@ -40,6 +40,7 @@ RUNS_GROUP = "run-writers"
 MAX_STEPS = 64  # steps kept per run; the rest are counted in a final {"kind": "omitted"} step
 MAX_TEXT = 200  # characters kept of any string field
 MAX_BUFFER = 10_000  # runs waiting for Redis in this process; beyond that the oldest are dropped
+MAX_BUFFER_BYTES = 32 * 1024 * 1024  # and their encoded bytes (a run of 64 full steps is ~16 KB)
 FLUSH_BATCH = 500  # runs appended to the stream in one pipelined round trip
 LINGER_S = 0.05  # how long the flusher lets runs gather before appending them
 
@@ -210,6 +211,7 @@ class RunRecorder:
             claim_idle=claim_idle, fast=reader, spill_dir=spill_dir,
         )  # fmt: skip
         self._buffer: collections.deque[bytes] = collections.deque()
+        self._buffered = 0  # bytes in ``_buffer``
         self._wake = asyncio.Event()
         self._stopping = False
         self._flusher: asyncio.Task | None = None
@@ -231,6 +233,7 @@ class RunRecorder:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._write_direct(list(self._buffer)), 10)
                 self._buffer.clear()
+                self._buffered = 0
         await self._writer.stop()
 
     def record(self, run: dict) -> None:
@@ -240,10 +243,11 @@ class RunRecorder:
         except Exception as exc:
             log.warning("run record not encodable, dropped: %s", type(exc).__name__)
             return
-        if len(self._buffer) >= MAX_BUFFER:
-            self._buffer.popleft()
-            self.dropped += 1
         self._buffer.append(encoded)
+        self._buffered += len(encoded)
+        while len(self._buffer) > MAX_BUFFER or (self._buffered > MAX_BUFFER_BYTES and len(self._buffer) > 1):
+            self._buffered -= len(self._buffer.popleft())
+            self.dropped += 1
         self._wake.set()
 
     async def flush(self) -> None:
@@ -290,18 +294,25 @@ class RunRecorder:
     async def _flush_locked(self) -> None:
         while self._buffer:
             batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), FLUSH_BATCH))]
+            taken = sum(map(len, batch))
+            self._buffered -= taken
             try:
                 await self._append(batch)
             except asyncio.CancelledError:  # stop() gave up waiting: its last try writes them
-                self._buffer.extendleft(reversed(batch))
+                self._put_back(batch, taken)
                 raise
             except Exception as exc:
                 log.warning("run records: Redis unavailable (%s), writing to PostgreSQL directly", exc)
                 try:
                     await asyncio.wait_for(self._write_direct(batch), 10)
                 except BaseException:
-                    self._buffer.extendleft(reversed(batch))
+                    self._put_back(batch, taken)
                     raise
+
+    def _put_back(self, batch: list[bytes], size: int) -> None:
+        """A batch not stored goes back to the buffer's head (runs recorded meanwhile stay behind it)."""
+        self._buffer.extendleft(reversed(batch))
+        self._buffered += size
 
     async def _append(self, batch: list[bytes]) -> None:
         if self._fast is None:

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from core.fastredis import PipelinedRedis
 from gateway.db import migrate
-from runtime.runs import MAX_STEPS, MAX_TEXT, RunRecorder, bound_run
+from runtime.runs import MAX_BUFFER_BYTES, MAX_STEPS, MAX_TEXT, RunRecorder, bound_run, encode_run
 from tests.conftest import free_port
 
 
@@ -115,6 +115,22 @@ def test_runs_are_tenant_isolated(services):
             await pool.close()
 
     asyncio.run(main())
+
+
+def test_runs_waiting_for_redis_are_bounded_in_bytes_not_only_in_count():
+    """While Redis and PostgreSQL are away the recorder keeps runs in memory: 10,000 of them
+    was the only bound, and a run of 64 steps with long names and arguments is ~16 KB
+    encoded — ~160 MB held by one process. The newest runs within MAX_BUFFER_BYTES are kept."""
+    step = {"kind": "tool", "name": "n" * 10_000, "arguments": "a" * 10_000, "status": "ok"}
+    run = _run_record("acme", steps=[{**step, "step": i} for i in range(100)])
+    size = len(encode_run(run))
+    runs = RunRecorder(None, None)  # never started: nothing leaves the buffer
+    n = MAX_BUFFER_BYTES // size * 3
+    for _ in range(n):
+        runs.record(run)
+    kept = sum(map(len, runs._buffer))
+    assert kept <= MAX_BUFFER_BYTES and kept == runs._buffered
+    assert runs.dropped == n - len(runs._buffer) > 0
 
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["redis-py", "fastredis"])
