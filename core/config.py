@@ -315,6 +315,9 @@ class Server(_Strict):
     # that died mid-request frees it then).
     idempotency_ttl_s: float = Field(86_400.0, gt=0)
     idempotency_lock_s: float = Field(300.0, gt=0)
+    # Stored answers of one tenant together hold at most this much of Redis; past it the oldest
+    # are deleted first (their retries run the model again). 0: no bound.
+    idempotency_max_bytes_per_tenant: int = Field(256 * 1024 * 1024, ge=0)
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -13,7 +13,10 @@ client's value (the client's value is never a key by itself, and two API keys ne
 - On a 2xx answer the response (status, headers, body) is stored for
   ``server.idempotency_ttl_s`` — before its last byte goes to the client, so a client that heard
   the end always finds it stored. Anything else (4xx, 5xx, a broken stream, an answer over
-  ``MAX_STORED_BYTES``) releases the key: a retry runs again.
+  ``MAX_STORED_BYTES``) releases the key: a retry runs again. A tenant's stored answers together
+  hold at most ``server.idempotency_max_bytes_per_tenant`` of Redis (default 256 MB): storing
+  past it deletes that tenant's oldest answers first (their retries run again, as after the ttl);
+  Redis's memory, which budgets and rate limits need, is not one busy client's to fill.
 - A repeat with the same key and the same body (the same JSON, whatever its layout) gets the stored response with
   ``x-gateway-idempotent-replay: true``: no model call, no budget, no memory, no ledger record;
   it counts in the caller's requests-per-minute windows (key, minting keys, tenant) like any request.
@@ -55,7 +58,8 @@ _SKIP = frozenset({b"x-request-id", b"x-client-request-id", b"content-length", b
 
 OUTCOMES = Counter(
     "gateway_idempotency_total",
-    "Chat requests with an Idempotency-Key by outcome: stored, replayed, in_progress, mismatch, released, claim_lost",
+    "Chat requests with an Idempotency-Key by outcome: stored, replayed, in_progress, mismatch, released, "
+    "claim_lost, over_bound; and stored answers evicted for a tenant's byte bound (evicted)",
     ["outcome"],
 )
 _outcomes = _Children(OUTCOMES)
@@ -63,15 +67,49 @@ _outcomes = _Children(OUTCOMES)
 # KEYS: the key. ARGV: the marker this request set. Deletes the key only while it holds it.
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _RELEASE_SHA = hashlib.sha1(_RELEASE.encode()).hexdigest()
-# KEYS: the key. ARGV: the marker this request set, the answer, its ttl. Stores the answer while
-# the key holds the marker, or nothing (the claim expired and no one took it: the answer is still
-# the only one): a request that outlived its claim (``idempotency_lock_s``) while a repeat
-# claimed the key again must not overwrite what the repeat holds.
-_STORE = (
-    "local v = redis.call('GET', KEYS[1]) "
-    "if v == ARGV[1] or not v then return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end "
-    "return false"
-)
+# KEYS: the key, the tenant's index of stored answers (a sorted set: "<bytes>:<key>" scored by
+# its expiry on Redis's clock), the tenant's byte count. ARGV: the marker this request set, the
+# answer, its ttl, the tenant's byte bound.
+# Stores the answer while the key holds the marker, or nothing (the claim expired and no one took
+# it: the answer is still the only one): a request that outlived its claim
+# (``idempotency_lock_s``) while a repeat claimed the key again must not overwrite what the
+# repeat holds. The tenant's stored answers are bounded in bytes: expired ones leave the index
+# (at most 100 a call), then the oldest live ones are deleted (at most 100) until the new one
+# fits; if it still does not, it is not stored (-1) and the key is released by the caller.
+# Returns the number of answers evicted (0 or more), -1, or nil.
+_STORE = """
+local v = redis.call('GET', KEYS[1])
+if v ~= ARGV[1] and v then return false end
+local size, ttl, cap = #ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = tonumber(redis.call('TIME')[1])
+local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+local function forget(member)
+  used = used - tonumber(string.match(member, '^(%d+):'))
+  redis.call('ZREM', KEYS[2], member)
+end
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)) do forget(member) end
+local evicted = 0
+while used + size > cap and evicted < 100 do
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if not oldest then break end
+  local key = string.sub(oldest, #string.match(oldest, '^%d+:') + 1)
+  if redis.call('GETRANGE', key, 0, 0) == 'D' then redis.call('DEL', key) end
+  forget(oldest)
+  evicted = evicted + 1
+end
+if used < 0 then used = 0 end
+if used + size > cap then
+  redis.call('SET', KEYS[3], used, 'EX', ttl)
+  return -1
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ttl)
+local member = size .. ':' .. KEYS[1]
+if not redis.call('ZSCORE', KEYS[2], member) then used = used + size end
+redis.call('ZADD', KEYS[2], now + ttl, member)
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('SET', KEYS[3], used, 'EX', ttl)
+return evicted
+"""
 _STORE_SHA = hashlib.sha1(_STORE.encode()).hexdigest()
 
 
@@ -153,6 +191,7 @@ class Idempotency:
         raw = await http.read_body(scope, receive, svc.config.server.max_body_bytes)
         digest = _body_digest(raw, scope)
         key = "gw:{gw}:idem:" + hashlib.sha256(ident.key_id.encode() + b"\0" + value).hexdigest()
+        tenant = "gw:{gw}:idem-tenant:" + hashlib.sha256(ident.tenant.encode()).hexdigest()[:32]
         marker = b"P" + orjson.dumps({"h": digest, "t": secrets.token_hex(8)})
         lock = max(1, int(self._config.idempotency_lock_s))
         try:
@@ -173,7 +212,7 @@ class Idempotency:
                 return {"type": "http.request", "body": raw, "more_body": False}
             return await receive()
 
-        recorder = _Recorder(self, key, marker, send)
+        recorder = _Recorder(self, key, tenant, marker, send)
         try:
             await pipeline(replay_receive, recorder.send)
         except BaseException:
@@ -211,7 +250,7 @@ class Idempotency:
         await send({"type": "http.response.body", "body": body})
 
     async def _store(
-        self, key: str, marker: bytes, digest: str, status: int, headers: list, stream: bool, body: bytes
+        self, key: str, tenant: str, marker: bytes, digest: str, status: int, headers: list, stream: bool, body: bytes
     ) -> None:
         meta = {
             "h": digest,
@@ -221,13 +260,15 @@ class Idempotency:
         }
         value = b"D" + orjson.dumps(meta) + b"\n" + body
         ttl = max(1, int(self._config.idempotency_ttl_s))
+        keys = (3, key, tenant + ":index", tenant + ":bytes")
+        args = (marker, value, ttl, int(self._config.idempotency_max_bytes_per_tenant) or 2**53)  # 0: no bound
         try:
             try:
-                stored = await self._redis.execute("EVALSHA", _STORE_SHA, 1, key, marker, value, ttl)
+                stored = await self._redis.execute("EVALSHA", _STORE_SHA, *keys, *args)
             except Exception as exc:
                 if "NOSCRIPT" not in str(exc):
                     raise
-                stored = await self._redis.execute("EVAL", _STORE, 1, key, marker, value, ttl)
+                stored = await self._redis.execute("EVAL", _STORE, *keys, *args)
         except Exception as exc:  # the claim expires on its own; the answer still goes out
             log.warning("idempotent response not stored: %s", type(exc).__name__)
             return
@@ -235,6 +276,13 @@ class Idempotency:
             log.warning("idempotent response not stored: its claim expired (server.idempotency_lock_s)")
             _outcomes.get("claim_lost").inc()
             return
+        if stored == -1:  # the tenant's stored answers are at their bound, even after evicting
+            log.warning("idempotent response not stored: the tenant's stored answers are at their bound")
+            _outcomes.get("over_bound").inc()
+            await self._release(key, marker)
+            return
+        if stored:
+            _outcomes.get("evicted").inc(stored)
         _outcomes.get("stored").inc()
 
     async def _release(self, key: str, marker: bytes) -> None:
@@ -254,9 +302,10 @@ class _Recorder:
     """Passes the response through, keeping a copy; at its last message stores it (2xx, complete,
     small enough) or releases the key, before the client gets that last message."""
 
-    def __init__(self, owner: Idempotency, key: str, marker: bytes, send) -> None:
+    def __init__(self, owner: Idempotency, key: str, tenant: str, marker: bytes, send) -> None:
         self.owner = owner
         self.key = key
+        self.tenant = tenant
         self.marker = marker
         self._send = send
         self.status = 0
@@ -288,6 +337,8 @@ class _Recorder:
             ok = body.endswith(_DONE)
         if ok:
             digest = orjson.loads(self.marker[1:])["h"]
-            await self.owner._store(self.key, self.marker, digest, self.status, self.headers, self.stream, body)
+            await self.owner._store(
+                self.key, self.tenant, self.marker, digest, self.status, self.headers, self.stream, body
+            )
         else:
             await self.owner._release(self.key, self.marker)

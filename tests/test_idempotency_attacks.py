@@ -35,3 +35,46 @@ def test_a_request_that_outlived_its_claim_with_no_repeat_still_stores_its_answe
         assert retry.json()["id"] == a.json()["id"]
     finally:
         g.stop()
+
+
+def test_a_tenants_stored_answers_are_bounded_in_bytes_oldest_evicted_first(tmp_root, services, module_mock):
+    """Every answer to a request with an Idempotency-Key was kept for the whole ttl (a day),
+    whatever their number: a client sending one key per request (our channel workers do) grew
+    Redis by every answer — the Redis budgets and rate limits need. A tenant's answers are
+    bounded in bytes: the oldest are evicted first (a retry of one runs again, as after the
+    ttl), the newest still replay, another tenant's answers are not touched, and an answer
+    larger than the whole bound is not stored (its key released: no 409, a retry runs)."""
+    bound = 6000
+    g = Gateway(tmp_root, {**_config(module_mock), "server": {"idempotency_max_bytes_per_tenant": bound}}, services)
+    try:
+        tenant_a = new_key(g, tenant=f"a-{uuid.uuid4().hex[:6]}")["key"]
+        tenant_b = new_key(g, tenant=f"b-{uuid.uuid4().hex[:6]}")["key"]
+
+        def send(k, idem, text):
+            body = {"model": "m", "messages": [{"role": "user", "content": text}]}
+            headers = {"Authorization": f"Bearer {k}", "Idempotency-Key": idem}
+            r = httpx.post(f"{g.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+            assert r.status_code == 200, r.text
+            return r
+
+        run = uuid.uuid4().hex[:8]
+        b_first = send(tenant_b, f"b-{run}", f"tenant b {run}")
+        filler = "x" * 400  # each answer echoes it: ~1 KB stored
+        first = [send(tenant_a, f"a-{run}-{i}", f"{i} {run} {filler}") for i in range(20)]
+        calls = _calls(module_mock)
+        last = send(tenant_a, f"a-{run}-19", f"19 {run} {filler}")
+        assert last.headers.get("x-gateway-idempotent-replay") == "true", "the newest answer was not kept"
+        again = send(tenant_a, f"a-{run}-0", f"0 {run} {filler}")
+        assert again.headers.get("x-gateway-idempotent-replay") is None, "the oldest answer outlived the bound"
+        assert _calls(module_mock) == calls + 1 and again.json()["id"] != first[0].json()["id"]
+        b_again = send(tenant_b, f"b-{run}", f"tenant b {run}")
+        assert b_again.headers.get("x-gateway-idempotent-replay") == "true", "another tenant's answer was evicted"
+        assert b_again.json()["id"] == b_first.json()["id"]
+
+        huge = f"huge {run} " + "y" * (bound * 2)
+        send(tenant_a, f"a-{run}-huge", huge)
+        calls = _calls(module_mock)
+        retry = send(tenant_a, f"a-{run}-huge", huge)  # released, not held as in progress
+        assert retry.headers.get("x-gateway-idempotent-replay") is None and _calls(module_mock) == calls + 1
+    finally:
+        g.stop()
