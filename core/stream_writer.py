@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -48,6 +49,23 @@ DEAD_MAX = 10_000  # dead letters kept per stream (about: the oldest go first)
 _CLAIM_CALLS = 64  # XAUTOCLAIMs in one run of the claim script
 
 Writer = Callable[[asyncpg.Connection, list[dict]], Awaitable[None]]
+ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+DEAD_FIELD_CHARS = 4096  # of each field a dead letter's listing shows
+
+# KEYS: the dead-letter stream, the stream. ARGV: the dead letter's id. Moves it back to the
+# stream (without its error field) as a new entry, atomically; 0 when there is none.
+_REVIVE = """
+local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #found == 0 then return 0 end
+local flat, fields = found[1][2], {}
+for i = 1, #flat, 2 do
+  if flat[i] ~= 'error' then fields[#fields + 1] = flat[i]; fields[#fields + 1] = flat[i + 1] end
+end
+if #fields == 0 then fields = {'error', ''} end
+redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1
+"""
 
 # Shared by the scripts: ``take(got)`` adds a reply's entries to ``out``, counting their field
 # bytes in ``used``.
@@ -137,6 +155,10 @@ def entries(raw: list) -> list[tuple[bytes, dict]]:
         pairs = iter(flat or ())
         out.append((entry_id, dict(zip(pairs, pairs, strict=False))))
     return out
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def is_bad_data(exc: asyncpg.PostgresError) -> bool:
@@ -436,6 +458,40 @@ class StreamWriter:
         """What of a refused record its dead letter keeps (a writer may drop what must not
         linger, such as message content)."""
         return record
+
+    # ---- dead letters and depth, for the admin API (/admin/streams) -----------------------------
+    async def stats(self) -> dict:
+        """Entries waiting (``length``), read but not yet written (``pending``), and dead letters."""
+        length = await self._redis.xlen(self.stream)
+        dead = await self._redis.xlen(f"{self.stream}:dead")
+        try:
+            pending = (await self._redis.xpending(self.stream, self.group))["pending"]
+        except ResponseError:  # no group yet
+            pending = 0
+        return {"length": int(length), "pending": int(pending), "dead_letters": int(dead)}
+
+    async def dead_letters(self, limit: int = 100, after: str | None = None) -> list[dict]:
+        """The oldest dead letters first (after ``after``, an id): id, the error PostgreSQL gave
+        (its SQLSTATE), the record's fields as text (each cut at ``DEAD_FIELD_CHARS``)."""
+        start = "-" if after is None else f"({after}"
+        out = []
+        for entry_id, fields in await self._redis.xrange(f"{self.stream}:dead", min=start, count=limit):
+            text = {_text(k): _text(v)[:DEAD_FIELD_CHARS] for k, v in fields.items()}
+            error = text.pop("error", None)
+            out.append({"id": _text(entry_id), "object": "stream.dead_letter", "error": error or None, "record": text})
+        return out
+
+    async def retry_dead(self, dead_id: str) -> bool:
+        """Moves a dead letter back to the stream (after the cause is mended: a column widened, a
+        constraint changed), where the writer takes it as any entry; False if there is none."""
+        if not ENTRY_ID.match(dead_id):
+            return False
+        return bool(await self._redis.eval(_REVIVE, 2, f"{self.stream}:dead", self.stream, dead_id))
+
+    async def drop_dead(self, dead_id: str) -> bool:
+        if not ENTRY_ID.match(dead_id):
+            return False
+        return bool(await self._redis.xdel(f"{self.stream}:dead", dead_id))
 
     async def _claim_stale(self) -> None:
         """Entries a dead consumer read but never acknowledged become ours (bounded like reads)."""

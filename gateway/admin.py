@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from core.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
 from core.types import Identity
-from gateway import admin_agents, admin_channels, admin_escalations, admin_kb, admin_vapi
+from gateway import admin_agents, admin_channels, admin_escalations, admin_kb, admin_streams, admin_vapi
 from gateway import admin_input as inp
 from gateway.db import tenant_transaction
 from policies import budgets as budget_store
@@ -125,6 +125,7 @@ class Admin:
                 *admin_vapi.routes(self),
                 *admin_escalations.routes(self),
                 *admin_channels.routes(self),
+                *admin_streams.routes(self),
             ],
             exception_handlers={GatewayError: _error, HTTPException: _http_error, Exception: _internal_error},
         )

@@ -244,6 +244,20 @@ def admin_document() -> dict:
                     ],
                 }
             },
+            "/admin/streams": {
+                "get": op("Ledger, runs and memory streams: depth, pending, dead letters (super-admin)")
+            },
+            "/admin/streams/{stream}/dead-letters": {
+                "get": {
+                    **op("Records PostgreSQL refused, oldest first, with its SQLSTATE (super-admin)"),
+                    "parameters": [
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                        {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    ],
+                }
+            },
+            "/admin/streams/{stream}/dead-letters/{dead_id}/retry": {"post": op("Back into the stream (super-admin)")},
+            "/admin/streams/{stream}/dead-letters/{dead_id}": {"delete": op("Drop a dead letter (super-admin)")},
             **admin_channel_paths(op),  # gateway/openapi_channels.py
         },
     }

@@ -218,6 +218,11 @@ class RunRecorder:
         self._flush_lock = asyncio.Lock()  # ``flush()`` waits for a batch on its way to Redis
         self.dropped = 0  # runs lost because the buffer overflowed while Redis and PostgreSQL were down
 
+    @property
+    def writer(self) -> StreamWriter:
+        """The stream writer moving runs into PostgreSQL (its depth and dead letters: admin API)."""
+        return self._writer
+
     async def start(self) -> None:
         await self._writer.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="run-recorder")
