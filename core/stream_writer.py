@@ -322,7 +322,10 @@ class StreamWriter:
         if self._spill_to is None or self._spill_after <= 0:
             return
         length = int(await self._call("XLEN", self.stream) or 0)
-        used = int(await self._call("MEMORY", "USAGE", self.stream) or 0)
+        try:
+            used = int(await self._call("MEMORY", "USAGE", self.stream) or 0)
+        except ResponseError:  # a managed Redis that refuses MEMORY: by the count alone
+            used = 0
         over_n = length - self._spill_after // 2 if length > self._spill_after else 0
         over_b = used - self._spill_bytes // 2 if used > self._spill_bytes else 0
         if not over_n and not over_b:
