@@ -565,6 +565,8 @@ def test_a_seq_counter_lost_never_hands_out_a_seq_twice(services):
         base = await memory.load(tenant, agent, conv)
         await memory.append(tenant, agent, conv, _turn(2), request_id="r2", prompt_version=1, variant=None, base=base)
         await memory.flush()
+        # (another process's writer may hold some of them: the suite's gateways share the stream)
+        await _until(lambda: _rows_if(pool, tenant, agent.id, conv, 6), "six messages in PostgreSQL")
         await redis.delete(window_key, seq_key, f"{window_key}:w")  # both gone: PostgreSQL's last seq
         reply = {"role": "assistant", "content": "a person answers", "name": "human"}
         await memory.append(tenant, agent, conv, [reply], request_id="h1", prompt_version=1, variant=None)
