@@ -128,9 +128,13 @@ def claim(
                 continue
             if owner != stem and _gone(directory, owner, pid):
                 gone.append(path)
+    renamed = False
     for path in [*own, *gone]:
         with contextlib.suppress(FileNotFoundError):  # (another process claimed it first)
             path.rename(directory / f"{stem}.{secrets.token_hex(4)}.replaying")
+            renamed = True
+    if renamed:  # the new names on disk before their records go to PostgreSQL and the files away
+        _sync_dir(directory)
     return sorted(directory.glob(f"{stem}.*.replaying"))
 
 
