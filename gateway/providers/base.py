@@ -36,21 +36,36 @@ class ProviderAdapter(Protocol):
     async def close(self) -> None: ...
 
 
+# The longest a provider's ``retry-after`` is believed: a value beyond (centuries, infinity) would
+# take the key out of rotation for good, in every replica and across restarts (shared health).
+MAX_RETRY_AFTER = 3600.0
+
+
+def _seconds(value: float) -> float | None:
+    """A wait in seconds, bounded to ``[0, MAX_RETRY_AFTER]``; None when it is no number (NaN)."""
+    if value != value:
+        return None
+    return min(max(0.0, value), MAX_RETRY_AFTER)
+
+
 def retry_after(headers: Mapping[str, str]) -> float | None:
     ms = headers.get("retry-after-ms")
     if ms:
         try:
-            return max(0.0, float(ms) / 1000)
+            return _seconds(float(ms) / 1000)
         except ValueError:
             pass
     value = headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        return _seconds(float(value))
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return _seconds(parsed.timestamp() - time.time()) if parsed else None
 
 
 def _parse_error_body(raw: bytes) -> tuple[str, str | None, str | None]:

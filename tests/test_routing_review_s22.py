@@ -1,0 +1,142 @@
+"""Routing, providers and the wire format, reviewed as an attacker (session 22).
+
+Each test is one hostile or broken input that was tried: what an upstream provider (or
+whatever answers at its address) or a client sends, and what the client of the gateway must
+see instead of a 500, a stalled or bloated replica, or a key taken out of rotation for ever.
+Real gateway processes over HTTP, the OpenAI SDK as the client, the mock provider of loadtest/.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from tests.conftest import Gateway, MockProvider, started
+
+HELLO = [{"role": "user", "content": "hello"}]
+TIMEOUTS = {"first_byte": 5, "idle": 5, "total": 20}
+
+
+def _provider(name: str, mock: MockProvider, kind: str = "openai") -> dict:
+    return {
+        "name": name,
+        "kind": kind,
+        "base_url": f"{mock.url}/v1" if kind == "openai" else mock.url,
+        # unique per run: key health is shared through the suite's Redis
+        "api_keys": [f"{name}-{uuid.uuid4().hex[:10]}"],
+        "timeouts": TIMEOUTS,
+    }
+
+
+@pytest.fixture(scope="module")
+def mocks(tmp_root):
+    procs = {"bad": MockProvider(tmp_root), "good": MockProvider(tmp_root)}
+    yield procs
+    for p in procs.values():
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, mocks):
+    bad, good = mocks["bad"], mocks["good"]
+    cfg = {
+        "router": {
+            "max_attempts": 4,
+            "key_cooldown": 30,  # a 429 without a usable retry-after: longer than the router waits
+            "backoff": {"base": 0.01, "max": 0.02},
+            "circuit": {"failures": 100000, "window": 10, "cooldown": 0.5},
+        },
+        "providers": [
+            _provider("bad-oa", bad),
+            _provider("bad-an", bad, "anthropic"),
+            _provider("good", good),
+            *[_provider(f"lim{i}", bad) for i in range(5)],
+        ],
+        "models": [
+            {"name": "oa", "fallbacks": ["safe"], "deployments": [{"provider": "bad-oa", "model": "x"}]},
+            {"name": "an", "fallbacks": ["safe"], "deployments": [{"provider": "bad-an", "model": "y"}]},
+            {"name": "oa-solo", "deployments": [{"provider": "bad-oa", "model": "x-solo"}]},
+            {"name": "an-solo", "deployments": [{"provider": "bad-an", "model": "y-solo"}]},
+            {"name": "safe", "deployments": [{"provider": "good", "model": "z"}]},
+            *[{"name": f"lim{i}", "deployments": [{"provider": f"lim{i}", "model": "l"}]} for i in range(5)],
+        ],
+    }
+    with started(Gateway(tmp_root, cfg, services)) as (g,):
+        yield g
+
+
+@pytest.fixture
+def bad(mocks):
+    yield mocks["bad"]
+    mocks["bad"].configure(raw=None, fail_rate=0, fail_status=500, retry_after=1.0)
+
+
+@pytest.fixture
+def sdk(gw, api_key):
+    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key=api_key, max_retries=0, timeout=60) as c:
+        yield c
+
+
+def _sse(*objs) -> list[str]:
+    return [f"data: {orjson.dumps(o).decode()}\n\n" for o in objs]
+
+
+def _chunk(delta: dict, finish=None) -> dict:
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "x",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def _peak_rss_kib(gw: Gateway) -> int:
+    for line in open(f"/proc/{gw.proc.pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def _stream_events(gw: Gateway, api_key: str, model: str) -> list[bytes]:
+    """The data of every event the gateway streamed, read raw (no SDK in between)."""
+    body = {"model": model, "messages": HELLO, "stream": True}
+    with httpx.stream(
+        "POST",
+        f"{gw.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=60,
+    ) as resp:
+        assert resp.status_code == 200, resp.read()
+        raw = resp.read()
+    return [e[6:] for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
+
+
+# ---- Retry-After and rate-limit resets from the upstream ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("i", "value"),
+    [(0, "inf"), (1, "1e12"), (2, "Fri, 31 Dec 9999 23:59:59 GMT"), (3, "nan"), (4, "soon")],
+)
+def test_a_providers_absurd_retry_after_neither_fails_the_request_nor_retires_the_key_for_ever(bad, sdk, i, value):
+    """A 429 whose ``retry-after`` is infinite, centuries away or no number or date: the client gets
+    a 429 with a usable ``retry-after`` (not a 500), and the key cools down for a bounded time
+    (at most an hour), here and in every replica that hears of it — not for ever."""
+    bad.configure(fail_rate=1, fail_status=429, retry_after=value)
+    with pytest.raises(openai.RateLimitError) as first:
+        sdk.chat.completions.create(model=f"lim{i}", messages=HELLO)
+    told = first.value.response.headers.get("retry-after")  # (none for a value that is no number)
+    assert told is None or 1 <= int(told) <= 3600
+    # the key is cooling down: the next request is refused without calling the provider, and
+    # says when to come back — within the bound
+    seen = len(bad.requests())
+    with pytest.raises(openai.RateLimitError) as second:
+        sdk.chat.completions.create(model=f"lim{i}", messages=HELLO)
+    assert 1 <= int(second.value.response.headers["retry-after"]) <= 3600
+    assert len(bad.requests()) == seen
