@@ -140,3 +140,55 @@ def test_a_providers_absurd_retry_after_neither_fails_the_request_nor_retires_th
         sdk.chat.completions.create(model=f"lim{i}", messages=HELLO)
     assert 1 <= int(second.value.response.headers["retry-after"]) <= 3600
     assert len(bad.requests()) == seen
+
+
+# ---- A provider answering garbage ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["oa", "an"])
+def test_an_endless_sse_line_before_any_content_is_cut_off_and_falls_back(gw, bad, sdk, model):
+    """A provider that streams one line without end (no event ever completes): the gateway
+    stops reading at a bound instead of buffering until the total timeout (hundreds of MB,
+    copied again with every read), and falls back to the healthy group unseen."""
+    before = _peak_rss_kib(gw)
+    bad.configure(raw={"pieces": ['data: {"choices": [{"delta": {"content": "'], "flood": 160 * 1024 * 1024})
+    raw = sdk.chat.completions.with_raw_response.create(model=model, messages=HELLO, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert text == "echo: hello"
+    assert raw.headers["x-gateway-deployment"] == "good/z"
+    assert _peak_rss_kib(gw) - before < 96 * 1024, "the endless line was buffered"
+
+
+def test_the_sse_splitter_cuts_events_as_before_across_any_split_of_the_bytes():
+    """The bounded splitter finds the same events as splitting the whole buffer again on every
+    read did (CRLF framing and a boundary cut between two reads included)."""
+    import random
+
+    from core.sse import EventSplitter, EventTooLarge
+
+    rnd = random.Random(7)
+    for _ in range(3000):
+        text = b"".join(rnd.choice([b"a", b"b", b":", b"\n", b"\r\n"]) for _ in range(rnd.randint(0, 30)))
+        cuts = sorted(rnd.sample(range(len(text) + 1), min(len(text) + 1, rnd.randint(0, 8))))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        splitter, got = EventSplitter(), []
+        for piece in pieces:
+            got += splitter.feed(piece)
+        whole = text.replace(b"\r\n", b"\n").split(b"\n\n")
+        rest = whole.pop()
+        assert got == [e + b"\n\n" for e in whole if e] and splitter.rest == rest, pieces
+    splitter = EventSplitter(limit=1000)
+    with pytest.raises(EventTooLarge):
+        for _ in range(100):
+            splitter.feed(b"data: " + b"x" * 100)
+
+
+def test_an_endless_sse_line_after_content_ends_the_stream_with_an_error_event(gw, api_key, bad):
+    before = _peak_rss_kib(gw)
+    first = _sse(_chunk({"role": "assistant", "content": "partial"}))
+    bad.configure(raw={"pieces": [*first, 'data: {"choices": [{"delta": {"content": "'], "flood": 160 * 1024 * 1024})
+    events = _stream_events(gw, api_key, "oa")
+    assert orjson.loads(events[0])["choices"][0]["delta"]["content"] == "partial"
+    err = orjson.loads(events[-1])["error"]
+    assert err["code"] == "upstream_bad_response", err
+    assert _peak_rss_kib(gw) - before < 96 * 1024, "the endless line was buffered"

@@ -9,7 +9,7 @@ import orjson
 
 from core.config import Provider
 from core.errors import GatewayError, InvalidRequest
-from core.sse import iter_events
+from core.sse import EventTooLarge, iter_events
 from core.types import RequestContext, Route
 from core.upstream import Upstream
 from gateway.providers.anthropic_translate import StreamTranslator, from_anthropic, to_anthropic
@@ -109,6 +109,8 @@ class AnthropicAdapter:
                 if tr.done:
                     return
             raise incomplete_stream(self.name)
+        except EventTooLarge:
+            raise bad_response(self.name, "a stream event that does not end") from None
         finally:
             resp.release()
 

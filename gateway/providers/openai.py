@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 
 from core.config import Provider
-from core.sse import EventSplitter
+from core.sse import EventSplitter, EventTooLarge
 from core.types import RequestContext, Route, Usage
 from core.upstream import Upstream
 from gateway.providers.base import bad_response, error_from_response, incomplete_stream, stream_error
@@ -91,7 +91,11 @@ class OpenAIAdapter:
         try:
             async for data in resp.content.iter_any():
                 out = []
-                for event in splitter.feed(data):
+                try:
+                    events = splitter.feed(data)
+                except EventTooLarge:
+                    raise bad_response(self.name, "a stream event that does not end") from None
+                for event in events:
                     if event.startswith(b"data: [DONE]"):
                         yield b"".join([*out, event])
                         return
