@@ -237,8 +237,14 @@ def _commits(ctx: RequestContext, chunk: bytes) -> bool:
         if err is not None:
             message = err.get("message") if isinstance(err, dict) else str(err)
             raise map_upstream_status(ctx.route.provider, 500, str(message or "stream error"), {})
-        for choice in data.get("choices") or ():
-            delta = choice.get("delta") or {}
+        choices = data.get("choices") or []
+        if not isinstance(choices, list):
+            return True  # not a chunk OpenAI sends: not ours to judge, relay it
+        for choice in choices:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(choice, dict) or not isinstance(delta, dict | None):
+                return True
+            delta = delta or {}
             if (
                 delta.get("content")
                 or delta.get("tool_calls")

@@ -10,13 +10,19 @@ from core.types import RequestContext, Usage
 
 def _answer_parts(data: dict, field: str, parts: list[str]) -> None:
     """Text and tool calls of every choice's ``message`` (whole answers) or ``delta`` (chunks)."""
-    for choice in data.get("choices") or ():
-        msg = choice.get(field) or {}
+    choices = data.get("choices")
+    for choice in choices if isinstance(choices, list) else ():  # (a provider may send any shape)
+        msg = choice.get(field) if isinstance(choice, dict) else None
+        if not isinstance(msg, dict):
+            continue
         if isinstance(msg.get("content"), str):
             parts.append(msg["content"])
-        for call in msg.get("tool_calls") or ():
-            fn = call.get("function") or {}
-            parts.append((fn.get("name") or "") + (fn.get("arguments") or ""))
+        calls = msg.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                name, args = fn.get("name"), fn.get("arguments")
+                parts.append((name if isinstance(name, str) else "") + (args if isinstance(args, str) else ""))
 
 
 def _usage(ctx: RequestContext, parts: list[str]) -> Usage:
@@ -53,5 +59,6 @@ def estimate_stream_usage(ctx: RequestContext, chunks: list[bytes]) -> Usage:
                     data = orjson.loads(event[6:])
                 except orjson.JSONDecodeError:
                     continue
-                _answer_parts(data, "delta", parts)
+                if isinstance(data, dict):
+                    _answer_parts(data, "delta", parts)
     return _usage(ctx, parts)

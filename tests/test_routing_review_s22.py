@@ -192,3 +192,75 @@ def test_an_endless_sse_line_after_content_ends_the_stream_with_an_error_event(g
     err = orjson.loads(events[-1])["error"]
     assert err["code"] == "upstream_bad_response", err
     assert _peak_rss_kib(gw) - before < 96 * 1024, "the endless line was buffered"
+
+
+def _anthropic_event(kind: str, data: object) -> str:
+    return f"event: {kind}\ndata: {orjson.dumps(data).decode()}\n\n"
+
+
+_MESSAGE_START = _anthropic_event(
+    "message_start",
+    {"type": "message_start", "message": {"id": "m1", "model": "y", "usage": {"input_tokens": 3, "output_tokens": 1}}},
+)
+_ANTHROPIC_GARBAGE = {
+    "content-not-blocks": (False, "application/json", [orjson.dumps({"id": "m", "content": [1, "x"]}).decode()]),
+    "tool-use-without-id": (
+        False,
+        "application/json",
+        [orjson.dumps({"id": "m", "content": [{"type": "tool_use", "name": "f"}]}).decode()],
+    ),
+    "error-event-as-text": (True, "text/event-stream", [_anthropic_event("error", {"type": "error", "error": "busy"})]),
+    "message-not-an-object": (
+        True,
+        "text/event-stream",
+        [_anthropic_event("message_start", {"type": "message_start", "message": "x"})],
+    ),
+    "block-not-an-object": (
+        True,
+        "text/event-stream",
+        [_MESSAGE_START, _anthropic_event("content_block_start", {"type": "content_block_start", "content_block": 7})],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_ANTHROPIC_GARBAGE))
+def test_an_anthropic_answer_of_the_wrong_shape_falls_back_instead_of_a_500(bad, sdk, case):
+    """An Anthropic answer whose blocks, error or message are not the objects the translation
+    expects: a provider failure (502 upstream_bad_response), so the request falls back to the
+    healthy group — never an unhandled error that ends the request with a 500 and no fallback."""
+    stream, ctype, pieces = _ANTHROPIC_GARBAGE[case]
+    bad.configure(raw={"content_type": ctype, "pieces": pieces})
+    if stream:
+        raw = sdk.chat.completions.with_raw_response.create(model="an", messages=HELLO, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    else:
+        raw = sdk.chat.completions.with_raw_response.create(model="an", messages=HELLO)
+        text = raw.parse().choices[0].message.content
+    assert text == "echo: hello"
+    assert raw.headers["x-gateway-deployment"] == "good/z"
+    with pytest.raises(openai.InternalServerError) as exc:  # no fallback: the failure, as a 502
+        sdk.chat.completions.create(model="an-solo", messages=HELLO, stream=stream)
+    assert exc.value.status_code == 502 and exc.value.code == "upstream_bad_response"
+
+
+def test_an_openai_chunk_of_an_unexpected_shape_is_relayed_not_a_500(gw, api_key, bad):
+    """A relay passes on what it cannot read (the client's parser is the one to judge): chunks
+    whose ``choices`` or ``delta`` are not what OpenAI sends reach the client, then ``[DONE]``;
+    the gateway's usage estimate skips them instead of failing the request."""
+    odd = [{"id": "c", "choices": "zz"}, {"id": "c", "choices": [1, {"delta": "x"}]}]
+    bad.configure(raw={"pieces": [*_sse(*odd), "data: [DONE]\n\n"]})
+    events = _stream_events(gw, api_key, "oa-solo")
+    assert [orjson.loads(e) for e in events[:-1]] == odd and events[-1] == b"[DONE]"
+
+
+def test_an_openai_answer_of_an_unexpected_shape_without_usage_is_relayed_not_a_500(gw, api_key, bad):
+    body = {"id": "c", "object": "chat.completion", "choices": [1, {"message": "x"}, {"message": {"tool_calls": "t"}}]}
+    bad.configure(raw={"content_type": "application/json", "pieces": [orjson.dumps(body).decode()]})
+    resp = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        json={"model": "oa-solo", "messages": HELLO},
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=60,
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == body
