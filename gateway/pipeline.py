@@ -27,7 +27,7 @@ from core.logs import access_log
 from core.types import RequestContext, Route, excerpt
 from gateway import agent_stage, tools_loop
 from gateway.agent_stage import is_agent
-from gateway.providers.base import map_upstream_status, stream_error_event
+from gateway.providers.base import bad_response, map_upstream_status, stream_error_event
 from gateway.routing import Group, run_attempts
 from gateway.routing.constraints import constraints_for
 from gateway.services import Services
@@ -216,6 +216,11 @@ async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, se
         await settled
 
 
+# What a stream may send before its first content (held so a failure can still fall back
+# unseen): keep-alive comments and empty deltas are a few bytes; more than this is no answer.
+_MAX_HEAD_BYTES = 4 * 1024 * 1024
+
+
 def _commits(ctx: RequestContext, chunk: bytes) -> bool:
     """Whether a chunk carries something the client must see (content, a tool call, the end).
 
@@ -250,6 +255,8 @@ def _commits(ctx: RequestContext, chunk: bytes) -> bool:
                 or delta.get("tool_calls")
                 or delta.get("function_call")
                 or delta.get("refusal")
+                or delta.get("reasoning_content")  # a reasoning model's thinking (vLLM, DeepSeek)
+                or delta.get("reasoning")  # (OpenRouter, newer vLLM)
                 or choice.get("finish_reason")
             ):
                 return True
@@ -259,12 +266,16 @@ def _commits(ctx: RequestContext, chunk: bytes) -> bool:
 async def _open_stream(svc: Services, ctx: RequestContext, r: Route) -> tuple[list[bytes], AsyncIterator[bytes]]:
     events = await svc.adapters[r.provider].open_chat_stream(ctx, r, await body_for(svc, ctx, r))
     head: list[bytes] = []
+    held = 0
     try:
         async for chunk in events:
             head.append(chunk)
             if _commits(ctx, chunk):
                 ctx.ttft = time.perf_counter() - ctx.started
                 return head, events
+            held += len(chunk)
+            if held > _MAX_HEAD_BYTES:
+                raise bad_response(r.provider, "no content after several MiB of stream events")
         return head, events  # ended without content: relay what there was
     except GatewayError:
         await events.aclose()

@@ -26,7 +26,8 @@ last user message ``[[mock:{"status": 429, "retry_after": 2}]]`` or an ``x-mock`
     raw           answer verbatim, whatever was asked: ``{"status": 200, "content_type":
                   "text/event-stream", "headers": {...}, "pieces": ["data: ...\\n\\n", ...],
                   "flood": <bytes>}``; ``flood`` then sends that many bytes of one endless
-                  line (no event ever ends) in 64 KiB pieces (a provider answering garbage);
+                  line (no event ever ends) in 64 KiB pieces, or of ``fill`` (an event,
+                  repeated) when given (a provider answering garbage);
                   also process-wide through ``POST /_mock/config``
 
 Tool calls. By default a request with ``tools`` is answered with a call of the first (or the
@@ -467,7 +468,8 @@ class Mock:
         for piece in raw.get("pieces") or ():
             await send({"type": "http.response.body", "body": str(piece).encode(), "more_body": True})
         left = int(raw.get("flood", 0))
-        block = b"a" * 65536
+        fill = str(raw.get("fill") or "a").encode()  # the flood: one endless line, or events repeated
+        block = fill * max(1, 65536 // len(fill))
         while left > 0:
             await send({"type": "http.response.body", "body": block[: min(left, len(block))], "more_body": True})
             left -= len(block)

@@ -264,3 +264,34 @@ def test_an_openai_answer_of_an_unexpected_shape_without_usage_is_relayed_not_a_
     )
     assert resp.status_code == 200, resp.text
     assert resp.json() == body
+
+
+# ---- What commits a stream -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_deltas_reach_the_client_as_they_come(gw, api_key, bad, field):
+    """A reasoning model behind an OpenAI-compatible server (vLLM, DeepSeek, OpenRouter) streams
+    its reasoning for minutes before the first word of the answer. Those deltas are content for
+    the client: relayed as they come, not held back (a client or load balancer seeing nothing
+    for minutes gives up). Here the provider breaks off after reasoning: the client has the
+    reasoning, then the error event that ends the stream."""
+    pieces = _sse(_chunk({"role": "assistant", "content": ""}), _chunk({field: "thinking"}))
+    bad.configure(raw={"pieces": pieces})
+    events = _stream_events(gw, api_key, "oa-solo")
+    assert orjson.loads(events[1])["choices"][0]["delta"] == {field: "thinking"}
+    assert orjson.loads(events[-1])["error"]["code"] == "upstream_disconnected"
+
+
+def test_a_flood_of_events_without_content_is_not_held_in_memory_before_the_first_content(gw, bad, sdk):
+    """Events that carry nothing for the client (keep-alive comments, empty deltas) are held until
+    the first content, so a failure can still fall back unseen — but not without bound: past a
+    few MiB of them the answer is a bad one, and the request falls back."""
+    before = _peak_rss_kib(gw)
+    empty = _sse(_chunk({}))[0]
+    bad.configure(raw={"pieces": [": keep-alive\n\n"], "fill": empty, "flood": 160 * 1024 * 1024})
+    raw = sdk.chat.completions.with_raw_response.create(model="oa", messages=HELLO, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert text == "echo: hello"
+    assert raw.headers["x-gateway-deployment"] == "good/z"
+    assert _peak_rss_kib(gw) - before < 96 * 1024, "the events before the first content were all held"
