@@ -295,3 +295,19 @@ def test_a_flood_of_events_without_content_is_not_held_in_memory_before_the_firs
     assert text == "echo: hello"
     assert raw.headers["x-gateway-deployment"] == "good/z"
     assert _peak_rss_kib(gw) - before < 96 * 1024, "the events before the first content were all held"
+
+
+# ---- Failure classes -------------------------------------------------------------------------
+
+
+def test_a_provider_out_of_credit_402_is_a_provider_failure_that_falls_back(bad, sdk):
+    """402 Payment Required (OpenRouter, DeepSeek and others when the operator's balance runs
+    out) is the provider refusing the gateway's account, not a bad request: the router falls
+    back, and without a fallback the client gets a 502 — never a 400 blaming its request."""
+    bad.configure(fail_rate=1, fail_status=402)
+    raw = sdk.chat.completions.with_raw_response.create(model="oa", messages=HELLO)
+    assert raw.parse().choices[0].message.content == "echo: hello"
+    assert raw.headers["x-gateway-deployment"] == "good/z"
+    with pytest.raises(openai.InternalServerError) as exc:
+        sdk.chat.completions.create(model="oa-solo", messages=HELLO)
+    assert exc.value.status_code == 502

@@ -111,6 +111,12 @@ def map_upstream_status(
             code="upstream_auth_error",
             upstream_status=status,
         )
+    if status == 402:  # the provider account is out of credit (OpenRouter, DeepSeek, ...)
+        return UpstreamError(
+            f"Provider {provider} refused the gateway's account (402): {message}",
+            code="upstream_payment_required",
+            upstream_status=status,
+        )
     if status == 404:
         return UpstreamError(
             f"Provider {provider} does not know the deployed model: {message}",
