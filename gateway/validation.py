@@ -11,6 +11,7 @@ from typing import Any
 from core.errors import InvalidRequest
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_SERVICE_TIERS = ("auto", "default", "flex")  # priced at or below the list price
 _TYPE_NAMES = {
     str: "a string",
     int: "an integer",
@@ -222,6 +223,11 @@ def validate_chat(body: Any) -> None:
     _typed(body, "metadata", dict)
     _typed(body, "logit_bias", dict)
     _typed(body, "parallel_tool_calls", bool)
+    tier = body.get("service_tier")
+    if tier is not None and tier not in _SERVICE_TIERS:
+        # a dearer tier (priority, scale) is billed above the list price the gateway prices
+        # requests and holds budgets at: a client could spend past a hard budget
+        raise _bad_value("service_tier", f"must be one of {', '.join(_SERVICE_TIERS)}.")
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str):
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):

@@ -311,3 +311,22 @@ def test_a_provider_out_of_credit_402_is_a_provider_failure_that_falls_back(bad,
     with pytest.raises(openai.InternalServerError) as exc:
         sdk.chat.completions.create(model="oa-solo", messages=HELLO)
     assert exc.value.status_code == 502
+
+
+# ---- Client fields that reach the provider ---------------------------------------------------
+
+
+def test_a_client_cannot_buy_a_dearer_service_tier_than_the_gateway_prices(mocks, sdk):
+    """``service_tier: "priority"`` (or ``"scale"``) makes OpenAI bill more than its list price
+    for every token, while the gateway prices the request — and holds budgets — at list price:
+    a client could spend past a hard budget. Tiers at or below list price pass through."""
+    good = mocks["good"]
+    good.clear()
+    for tier in ("priority", "scale"):
+        with pytest.raises(openai.BadRequestError) as exc:
+            sdk.chat.completions.create(model="safe", messages=HELLO, service_tier=tier)
+        assert exc.value.body["param"] == "service_tier"
+    assert good.requests() == []
+    for tier in ("auto", "default", "flex"):
+        sdk.chat.completions.create(model="safe", messages=HELLO, service_tier=tier)
+        assert good.last()["body"]["service_tier"] == tier
