@@ -330,3 +330,64 @@ def test_a_client_cannot_buy_a_dearer_service_tier_than_the_gateway_prices(mocks
     for tier in ("auto", "default", "flex"):
         sdk.chat.completions.create(model="safe", messages=HELLO, service_tier=tier)
         assert good.last()["body"]["service_tier"] == tier
+
+
+def _nested(depth: int) -> dict:
+    value: object = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("model", "where"),
+    # (metadata is not sent to Anthropic: nothing to encode there)
+    [
+        ("safe", "metadata"),
+        ("safe", "tool-parameters"),
+        ("safe", "json-schema"),
+        ("an-solo", "tool-parameters"),
+        ("an-solo", "json-schema"),
+    ],
+)
+def test_a_body_nested_too_deep_to_send_on_is_the_clients_400_not_a_provider_failure(gw, api_key, mocks, model, where):
+    """JSON nested 300 deep is read (the parser allows 1024) but cannot be encoded again for the
+    provider (the encoder stops at 255). That is the client's request at fault: a 400 naming it,
+    no provider called — not a 500, and never a provider failure, which would be retried on every
+    deployment and count towards opening their circuits for every other client."""
+    body = {"model": model, "messages": HELLO}
+    if where == "metadata":
+        body["metadata"] = {"k": _nested(300)}
+    elif where == "tool-parameters":
+        body["tools"] = [{"type": "function", "function": {"name": "f", "parameters": _nested(300)}}]
+    else:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "x", "schema": _nested(300)}}
+    import json
+
+    for m in mocks.values():
+        m.clear()
+    resp = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        content=json.dumps(body),
+        headers={"Authorization": f"Bearer {api_key}", "content-type": "application/json"},
+        timeout=60,
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert all(m.requests() == [] for m in mocks.values())
+
+
+def test_a_tool_type_anthropic_cannot_take_is_the_clients_400(gw, api_key, mocks):
+    """A non-function tool (``{"type": "custom"}``: OpenAI's newer tool kinds) for a model served by
+    Anthropic: a 400 naming the field, no provider called — not an unhandled KeyError (a 500)."""
+    for m in mocks.values():
+        m.clear()
+    resp = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        json={"model": "an-solo", "messages": HELLO, "tools": [{"type": "custom", "custom": {"name": "grammar"}}]},
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=60,
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == "tools[0].type"
+    assert all(m.requests() == [] for m in mocks.values())

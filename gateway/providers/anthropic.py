@@ -13,7 +13,7 @@ from core.sse import EventTooLarge, iter_events
 from core.types import RequestContext, Route
 from core.upstream import Upstream
 from gateway.providers.anthropic_translate import StreamTranslator, from_anthropic, to_anthropic
-from gateway.providers.base import bad_response, incomplete_stream, map_upstream_status
+from gateway.providers.base import bad_response, encode_request, incomplete_stream, map_upstream_status
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 
@@ -56,7 +56,7 @@ class AnthropicAdapter:
 
     async def _send(self, ctx: RequestContext, route: Route, payload: dict) -> aiohttp.ClientResponse:
         resp = await self._upstream.post(
-            self._url, orjson.dumps(payload), self._headers(route), self.cfg.timeouts, self.name
+            self._url, encode_request(payload), self._headers(route), self.cfg.timeouts, self.name
         )
         ctx.upstream_headers = resp.headers
         if resp.status != 200:

@@ -11,6 +11,7 @@ import orjson
 
 from core.errors import (
     GatewayError,
+    InvalidRequest,
     UpstreamError,
     UpstreamTimeout,
     upstream_client_error,
@@ -153,6 +154,18 @@ def stream_error(provider: str, event: bytes) -> GatewayError | None:
     kind = err.get("type") if isinstance(err, dict) else None
     status = 429 if "rate_limit" in f"{kind} {code}" else 500
     return map_upstream_status(provider, status, message, {}, param=param, code=code)
+
+
+def encode_request(payload: dict) -> bytes:
+    """The request body for the provider. JSON nested deeper than the encoder goes (255 levels;
+    the parser reads 1024) is the client's request at fault: a 400, never a provider failure
+    (which the router would retry on every deployment, counting towards their circuits)."""
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        raise InvalidRequest(
+            "The request is nested too deeply to be sent on (at most 250 levels).", code="invalid_value"
+        ) from None
 
 
 def bad_response(provider: str, what: str) -> UpstreamError:

@@ -26,10 +26,14 @@ log = logging.getLogger("gateway.providers")
 _TRANSPORT = (TimeoutError, aiohttp.ClientError)
 
 
-def _unreadable(provider: str, exc: Exception) -> UpstreamError:
+def _unreadable(provider: str, exc: Exception, ctx: RequestContext) -> Exception:
     """An adapter tripped over an answer of a shape it did not expect (a block that is not an
     object, a field missing): the provider's answer is bad — a 502 the router may fall back
-    from, never an unhandled error. Logged by type only (the answer may hold message content)."""
+    from, never an unhandled error. Logged by type only (the answer may hold message content).
+    A failure before the provider answered (building the request from the client's body) is
+    no verdict on the provider: it is left as it is (it must not count towards a circuit)."""
+    if ctx.upstream_headers is None:
+        return exc
     log.warning(
         "provider answer could not be read", extra={"fields": {"provider": provider, "error": type(exc).__name__}}
     )
@@ -58,7 +62,7 @@ class GuardedAdapter:
         except _TRANSPORT:
             raise
         except Exception as exc:
-            raise _unreadable(self.name, exc) from None
+            raise _unreadable(self.name, exc, ctx) from None
 
     async def embeddings(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
         try:
@@ -69,7 +73,7 @@ class GuardedAdapter:
         except _TRANSPORT:
             raise
         except Exception as exc:
-            raise _unreadable(self.name, exc) from None
+            raise _unreadable(self.name, exc, ctx) from None
 
     async def rerank(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
         """Cohere-compatible re-ranking, for adapters that speak it (gateway/rerank.py)."""
@@ -91,7 +95,7 @@ class GuardedAdapter:
         except _TRANSPORT:
             raise
         except Exception as exc:
-            raise _unreadable(self.name, exc) from None
+            raise _unreadable(self.name, exc, ctx) from None
         return self._events(events, ctx, route)
 
     async def _events(self, events: AsyncIterator[bytes], ctx: RequestContext, route: Route) -> AsyncIterator[bytes]:
@@ -104,7 +108,7 @@ class GuardedAdapter:
         except _TRANSPORT:
             raise
         except Exception as exc:
-            raise _unreadable(self.name, exc) from None
+            raise _unreadable(self.name, exc, ctx) from None
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 

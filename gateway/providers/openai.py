@@ -17,7 +17,7 @@ from core.config import Provider
 from core.sse import EventSplitter, EventTooLarge
 from core.types import RequestContext, Route, Usage
 from core.upstream import Upstream
-from gateway.providers.base import bad_response, error_from_response, incomplete_stream, stream_error
+from gateway.providers.base import bad_response, encode_request, error_from_response, incomplete_stream, stream_error
 
 
 class OpenAIAdapter:
@@ -40,7 +40,9 @@ class OpenAIAdapter:
         return headers
 
     async def _send(self, url: str, ctx: RequestContext, route: Route, payload: dict) -> aiohttp.ClientResponse:
-        resp = await self._upstream.post(url, orjson.dumps(payload), self._headers(route), self.cfg.timeouts, self.name)
+        resp = await self._upstream.post(
+            url, encode_request(payload), self._headers(route), self.cfg.timeouts, self.name
+        )
         ctx.upstream_headers = resp.headers
         if resp.status != 200:
             raw = await self._upstream.read(resp, self.name)
