@@ -31,7 +31,7 @@ from gateway.providers.base import bad_response, map_upstream_status, stream_err
 from gateway.routing import Group, run_attempts
 from gateway.routing.constraints import constraints_for
 from gateway.services import Services
-from gateway.usage import estimate_stream_usage, estimate_usage
+from gateway.usage import compact, estimate_stream_usage, estimate_usage
 from gateway.validation import validate_chat, validate_embeddings
 from policies import alerts
 from policies.engine import attribution
@@ -216,6 +216,10 @@ async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, se
         await settled
 
 
+# Relayed chunks kept whole (for the usage estimate, an agent's stored answer) before they are
+# compacted to their text (gateway.usage.compact).
+_MAX_KEPT_BYTES = 1024 * 1024
+
 # What a stream may send before its first content (held so a failure can still fall back
 # unseen): keep-alive comments and empty deltas are a few bytes; more than this is no answer.
 _MAX_HEAD_BYTES = 4 * 1024 * 1024
@@ -312,6 +316,8 @@ async def call_stream(
         head = [restorer.chunk(c) for c in head]
     sent = head  # kept (by reference) so a broken stream's usage can still be counted
     ctx.extra["sent"] = sent  # and an agent turn's answer stored in memory
+    kept = sum(len(c) for c in head)  # bytes in sent: past a bound, compacted (amortized linear)
+    compacted = 0
     hangup = asyncio.ensure_future(receive())  # completes when the client goes away
     try:
         headers = [*_SSE_HEADERS, *_route_headers(ctx), *extra]
@@ -333,6 +339,10 @@ async def call_stream(
                 if restorer is not None:
                     chunk = restorer.chunk(chunk)
                 sent.append(chunk)
+                kept += len(chunk)
+                if kept > max(_MAX_KEPT_BYTES, 2 * compacted):
+                    sent[:] = [compact(sent)]
+                    kept = compacted = len(sent[0])
                 settled = None
                 if chunk.endswith(b"data: [DONE]\n\n"):  # the last chunk: settle as it goes
                     if ctx.usage is None:

@@ -8,8 +8,10 @@ from core.tokens import count_text
 from core.types import RequestContext, Usage
 
 
-def _answer_parts(data: dict, field: str, parts: list[str]) -> None:
-    """Text and tool calls of every choice's ``message`` (whole answers) or ``delta`` (chunks)."""
+def _answer_parts(data: dict, field: str, parts: list[str], tools: list[str] | None = None) -> None:
+    """Text and tool calls of every choice's ``message`` (whole answers) or ``delta`` (chunks);
+    the tool calls' text goes to ``tools`` when given."""
+    tools = parts if tools is None else tools
     choices = data.get("choices")
     for choice in choices if isinstance(choices, list) else ():  # (a provider may send any shape)
         msg = choice.get(field) if isinstance(choice, dict) else None
@@ -22,7 +24,7 @@ def _answer_parts(data: dict, field: str, parts: list[str]) -> None:
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict):
                 name, args = fn.get("name"), fn.get("arguments")
-                parts.append((name if isinstance(name, str) else "") + (args if isinstance(args, str) else ""))
+                tools.append((name if isinstance(name, str) else "") + (args if isinstance(args, str) else ""))
 
 
 def _usage(ctx: RequestContext, parts: list[str]) -> Usage:
@@ -62,3 +64,24 @@ def estimate_stream_usage(ctx: RequestContext, chunks: list[bytes]) -> Usage:
                 if isinstance(data, dict):
                     _answer_parts(data, "delta", parts)
     return _usage(ctx, parts)
+
+
+def compact(chunks: list[bytes]) -> bytes:
+    """Relayed chunks as one event holding only what the usage estimate and an agent's stored
+    answer read of them (the text, and the tool calls' text, of every delta): a long stream is
+    not kept whole while it is relayed."""
+    content: list[str] = []
+    tools: list[str] = []
+    for chunk in chunks:
+        for event in chunk.split(b"\n\n"):
+            if event.startswith(b"data: {"):
+                try:
+                    data = orjson.loads(event[6:])
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(data, dict):
+                    _answer_parts(data, "delta", content, tools)
+    delta: dict = {"content": "".join(content)}
+    if tools:
+        delta["tool_calls"] = [{"index": 0, "function": {"name": "", "arguments": "".join(tools)}}]
+    return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": delta}]}) + b"\n\n"

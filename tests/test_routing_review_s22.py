@@ -391,3 +391,45 @@ def test_a_tool_type_anthropic_cannot_take_is_the_clients_400(gw, api_key, mocks
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == "tools[0].type"
     assert all(m.requests() == [] for m in mocks.values())
+
+
+def test_a_long_stream_is_not_kept_whole_in_memory_while_it_is_relayed(gw, api_key, bad):
+    """Every chunk relayed was also kept (for the usage estimate and an agent's stored answer)
+    until the stream ended: a provider streaming for its whole total timeout — or just a very
+    long answer — held the replica's memory in proportion. What is kept is now bounded, and
+    the usage estimate still counts the whole answer."""
+    before = _peak_rss_kib(gw)
+    first = _sse(_chunk({"role": "assistant", "content": "one two three"}))
+    empty = _sse(_chunk({}))[0]
+    bad.configure(raw={"pieces": first, "fill": empty, "flood": 160 * 1024 * 1024})
+    events = _stream_events(gw, api_key, "oa-solo")
+    assert orjson.loads(events[0])["choices"][0]["delta"]["content"] == "one two three"
+    assert orjson.loads(events[-1])["error"]["code"] == "upstream_disconnected"
+    assert _peak_rss_kib(gw) - before < 96 * 1024, "the relayed stream was kept whole"
+
+
+def test_a_compacted_stream_still_has_its_whole_answer_counted(gw, api_key, bad):
+    """A long answer from a provider that reports no usage: what was kept of it is compacted on
+    the way, and the estimate still counts every word the client was sent."""
+    word = _sse(_chunk({"content": " word"}))[0]
+    flood = 8 * 1024 * 1024
+    bad.configure(raw={"pieces": [], "fill": word, "flood": flood})
+    rid = f"long-{uuid.uuid4().hex[:8]}"
+    body = {"model": "oa-solo", "messages": HELLO, "stream": True}
+    headers = {"Authorization": f"Bearer {api_key}", "x-request-id": rid}
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=60) as resp:
+        sent = resp.read().count(b'"content":" word"')
+    words = sent
+    assert words > flood // len(word) * 0.9
+
+    def line() -> dict | None:
+        for entry in gw.log().splitlines():
+            if rid in entry and entry.startswith("{"):
+                return orjson.loads(entry)
+        return None
+
+    from tests.conftest import wait_until
+
+    wait_until(lambda: line() is not None, timeout=10, what="the request's log line")
+    assert line()["usage_estimated"] is True
+    assert 0.9 * words <= line()["completion_tokens"] <= 1.1 * words
