@@ -433,3 +433,20 @@ def test_a_compacted_stream_still_has_its_whole_answer_counted(gw, api_key, bad)
     wait_until(lambda: line() is not None, timeout=10, what="the request's log line")
     assert line()["usage_estimated"] is True
     assert 0.9 * words <= line()["completion_tokens"] <= 1.1 * words
+
+
+def test_a_provider_writing_data_without_the_optional_space_is_relayed_whole(sdk, bad):
+    """``data:{...}`` (no space after the colon) is valid SSE, sent by Spring-based proxies and
+    some providers: the stream, its usage and its ``[DONE]`` are understood, and the client
+    gets OpenAI's own framing (clients that expect the space exist)."""
+    chunks = [_chunk({"role": "assistant", "content": ""}), _chunk({"content": "hi there"}), _chunk({}, "stop")]
+    usage = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "x", "choices": []}
+    usage["usage"] = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    pieces = [f"data:{orjson.dumps(c).decode()}\n\n" for c in [*chunks, usage]] + ["data:[DONE]\n\n"]
+    bad.configure(raw={"pieces": pieces})
+    stream = sdk.chat.completions.create(
+        model="oa-solo", messages=HELLO, stream=True, stream_options={"include_usage": True}
+    )
+    got = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == "hi there"
+    assert got[-1].usage is not None and got[-1].usage.completion_tokens == 2

@@ -98,6 +98,8 @@ class OpenAIAdapter:
                 except EventTooLarge:
                     raise bad_response(self.name, "a stream event that does not end") from None
                 for event in events:
+                    if not event.startswith(b"data: ") and event.startswith(b"data:"):
+                        event = b"data: " + event[5:]  # the space is optional in SSE; ours has it
                     if event.startswith(b"data: [DONE]"):
                         yield b"".join([*out, event])
                         return
