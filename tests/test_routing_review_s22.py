@@ -450,3 +450,18 @@ def test_a_provider_writing_data_without_the_optional_space_is_relayed_whole(sdk
     got = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == "hi there"
     assert got[-1].usage is not None and got[-1].usage.completion_tokens == 2
+
+
+def test_anthropic_out_of_credit_is_a_provider_failure_that_falls_back(bad, sdk):
+    """Anthropic answers an exhausted balance with a 400 invalid_request_error ("Your credit
+    balance is too low ..."): the operator's account, not the client's request. The router
+    falls back; without a fallback the client gets a 502, never a 400 blaming its request."""
+    low = "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing."
+    err = {"type": "error", "error": {"type": "invalid_request_error", "message": low}}
+    bad.configure(raw={"status": 400, "content_type": "application/json", "pieces": [orjson.dumps(err).decode()]})
+    raw = sdk.chat.completions.with_raw_response.create(model="an", messages=HELLO)
+    assert raw.parse().choices[0].message.content == "echo: hello"
+    assert raw.headers["x-gateway-deployment"] == "good/z"
+    with pytest.raises(openai.InternalServerError) as exc:
+        sdk.chat.completions.create(model="an-solo", messages=HELLO)
+    assert exc.value.status_code == 502

@@ -34,6 +34,8 @@ def anthropic_error(provider: str, status: int, raw: bytes, headers) -> GatewayE
     code = None
     if status == 400 and "prompt is too long" in message:
         code = "context_length_exceeded"
+    if status == 400 and "credit balance is too low" in message:  # the operator's account, as a 402
+        return map_upstream_status(provider, 402, message, headers)
     return map_upstream_status(provider, status, message, headers, code=code or kind)
 
 
