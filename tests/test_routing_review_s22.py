@@ -465,3 +465,27 @@ def test_anthropic_out_of_credit_is_a_provider_failure_that_falls_back(bad, sdk)
     with pytest.raises(openai.InternalServerError) as exc:
         sdk.chat.completions.create(model="an-solo", messages=HELLO)
     assert exc.value.status_code == 502
+
+
+def test_a_cooldown_stored_centuries_long_before_the_bound_does_not_retire_the_key(tmp_root, services, mocks, api_key):
+    """Health events stored in Redis by a replica before retry-after was bounded (a key cooled
+    for 31,000 years, with a TTL to match) are read by every replica that starts: a replica
+    believes a stored cooldown only up to the bound, so the key comes back."""
+    import hashlib
+    import time
+
+    import redis
+
+    key = f"stored-{uuid.uuid4().hex[:10]}"
+    kid = hashlib.sha256(key.encode()).hexdigest()[:12]
+    event = {"t": "key", "p": "stored", "k": kid, "until": time.time() + 1e12}
+    with redis.Redis.from_url(services[1]) as r:
+        r.set(f"gateway:health:key:stored:{kid}:", orjson.dumps(event), px=10**14)
+    provider = {**_provider("stored", mocks["good"]), "api_keys": [key]}
+    cfg = {"providers": [provider], "models": [{"name": "m", "deployments": [{"provider": "stored", "model": "s"}]}]}
+    with started(Gateway(tmp_root, cfg, services)) as (g,):
+        client = openai.OpenAI(base_url=f"{g.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+        try:
+            client.chat.completions.create(model="m", messages=HELLO)
+        except openai.RateLimitError as exc:
+            assert int(exc.response.headers["retry-after"]) <= 3600
