@@ -31,7 +31,7 @@ from gateway.providers.base import bad_response, map_upstream_status, stream_err
 from gateway.routing import Group, run_attempts
 from gateway.routing.constraints import constraints_for
 from gateway.services import Services
-from gateway.usage import compact, estimate_stream_usage, estimate_usage
+from gateway.usage import compact, estimate_stream_usage, estimate_usage, with_usage
 from gateway.validation import validate_chat, validate_embeddings
 from policies import alerts
 from policies.engine import attribution
@@ -326,6 +326,8 @@ async def call_stream(
             if i == len(head) - 1 and chunk.endswith(b"data: [DONE]\n\n"):  # the whole stream came at once
                 if ctx.usage is None:
                     ctx.usage = estimate_stream_usage(ctx, sent)
+                    if ctx.include_usage:  # asked for, and the provider sent none: the estimate
+                        chunk = with_usage(chunk, ctx)
                 await settle(svc, ctx, scope)
                 if on_done is not None:
                     await on_done()
@@ -347,6 +349,8 @@ async def call_stream(
                 if chunk.endswith(b"data: [DONE]\n\n"):  # the last chunk: settle as it goes
                     if ctx.usage is None:
                         ctx.usage = estimate_stream_usage(ctx, sent)
+                        if ctx.include_usage:  # asked for, and the provider sent none: the estimate
+                            chunk = with_usage(chunk, ctx)
                     if on_done is None:
                         settled = await settling(svc, ctx, scope)
                     else:  # an agent's turn: settled and stored before the end is heard

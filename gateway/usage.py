@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 
+from core.sse import DONE, data_event
 from core.tokens import count_text
 from core.types import RequestContext, Usage
 
@@ -85,3 +88,17 @@ def compact(chunks: list[bytes]) -> bytes:
     if tools:
         delta["tool_calls"] = [{"index": 0, "function": {"name": "", "arguments": "".join(tools)}}]
     return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": delta}]}) + b"\n\n"
+
+
+def with_usage(last: bytes, ctx: RequestContext) -> bytes:
+    """The stream's last chunk (ending in ``[DONE]``) with the usage chunk a client that asked
+    for ``include_usage`` expects before it, when the provider sent none (the estimate)."""
+    chunk = {
+        "id": ctx.request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": ctx.model,
+        "choices": [],
+        "usage": ctx.usage.to_openai(),
+    }
+    return last[: -len(DONE)] + data_event(chunk) + DONE

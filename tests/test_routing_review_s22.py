@@ -489,3 +489,19 @@ def test_a_cooldown_stored_centuries_long_before_the_bound_does_not_retire_the_k
             client.chat.completions.create(model="m", messages=HELLO)
         except openai.RateLimitError as exc:
             assert int(exc.response.headers["retry-after"]) <= 3600
+
+
+def test_a_client_that_asked_for_usage_gets_it_when_the_provider_sends_none(sdk, bad):
+    """``stream_options.include_usage``: the last chunk before ``[DONE]`` carries the usage. A
+    provider that ignores the option (some OpenAI-compatible servers) sends none; the client
+    then gets the gateway's estimate — the count it is billed — instead of no usage at all."""
+    chunks = [_chunk({"role": "assistant", "content": ""}), _chunk({"content": "one two three"}), _chunk({}, "stop")]
+    bad.configure(raw={"pieces": [*_sse(*chunks), "data: [DONE]\n\n"]})
+    got = list(
+        sdk.chat.completions.create(
+            model="oa-solo", messages=HELLO, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == "one two three"
+    assert got[-1].choices == [] and got[-1].usage is not None
+    assert got[-1].usage.completion_tokens >= 3 and got[-1].usage.prompt_tokens > 0
