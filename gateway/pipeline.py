@@ -313,7 +313,12 @@ async def call_stream(
     state: ScrubState | None = ctx.extra.get("pii")
     restorer = StreamRestorer(state.vault) if state is not None and state.vault else None
     if restorer is not None:
-        head = [restorer.chunk(c) for c in head]
+        try:
+            head = [restorer.chunk(c) for c in head]
+        except BaseException:  # nothing sent yet: an error response; the route and stream let go
+            svc.router.release(r)
+            await events.aclose()
+            raise
     sent = head  # kept (by reference) so a broken stream's usage can still be counted
     ctx.extra["sent"] = sent  # and an agent turn's answer stored in memory
     kept = sum(len(c) for c in head)  # bytes in sent: past a bound, compacted (amortized linear)
@@ -373,6 +378,15 @@ async def call_stream(
             await settle(svc, ctx, scope)
             tail = restorer.tail() if restorer is not None else b""
             await send({"type": "http.response.body", "body": tail + stream_error_event(err), "more_body": True})
+        except Exception as exc:  # the gateway's own failure past the first byte: still a proper end
+            log.error("stream relay failed: %s", type(exc).__name__, extra={"fields": {"request_id": ctx.request_id}})
+            err = GatewayError("The server had an error while processing your request.")
+            ctx.status = err.status
+            ctx.error_code = "internal_error"
+            if ctx.usage is None:
+                ctx.usage = estimate_stream_usage(ctx, sent)
+            await settle(svc, ctx, scope)
+            await send({"type": "http.response.body", "body": stream_error_event(err), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:
         if ctx.usage is None:  # the client left before the end (and its usage): it pays for what it was sent

@@ -505,3 +505,32 @@ def test_a_client_that_asked_for_usage_gets_it_when_the_provider_sends_none(sdk,
     assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == "one two three"
     assert got[-1].choices == [] and got[-1].usage is not None
     assert got[-1].usage.completion_tokens >= 3 and got[-1].usage.prompt_tokens > 0
+
+
+def test_a_stream_that_fails_inside_the_gateway_still_ends_with_an_error_event(tmp_root, services, mocks, api_key):
+    """Whatever fails while a stream is relayed — here the restoring of pseudonyms tripping over
+    a provider's ``tool_calls`` that is not a list — the client hears a terminal error event, not
+    a connection cut mid-body (which the SDK reports as a network error, if at all)."""
+    bad = mocks["bad"]
+    cfg = {
+        "providers": [_provider("p", bad)],
+        "models": [{"name": "m", "deployments": [{"provider": "p", "model": "x"}]}],
+        "pii": {"policies": {"default": {"entities": {"email": "pseudonymize"}}}},
+    }
+    pad = ": keep-alive\n\n" * 40_000  # (the bad chunk comes in a later read than the first content)
+    first, odd = _sse(_chunk({"role": "assistant", "content": "hello"}), _chunk({"tool_calls": 5}))
+    bad.configure(raw={"pieces": [first, pad, odd, "data: [DONE]\n\n"]})
+    try:
+        with started(Gateway(tmp_root, cfg, services)) as (g,):
+            body = {"model": "m", "messages": [{"role": "user", "content": "mail jane.roe@example.org"}]}
+            body["stream"] = True
+            with httpx.stream(
+                "POST", f"{g.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {api_key}"}
+            ) as resp:
+                assert resp.status_code == 200
+                raw = resp.read()
+    finally:
+        bad.configure(raw=None)
+    events = [e[6:] for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
+    assert orjson.loads(events[0])["choices"][0]["delta"]["content"] == "hello"
+    assert orjson.loads(events[-1])["error"]["type"] == "server_error"
