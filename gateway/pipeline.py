@@ -253,16 +253,9 @@ def _commits(ctx: RequestContext, chunk: bytes) -> bool:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(choice, dict) or not isinstance(delta, dict | None):
                 return True
-            delta = delta or {}
-            if (
-                delta.get("content")
-                or delta.get("tool_calls")
-                or delta.get("function_call")
-                or delta.get("refusal")
-                or delta.get("reasoning_content")  # a reasoning model's thinking (vLLM, DeepSeek)
-                or delta.get("reasoning")  # (OpenRouter, newer vLLM)
-                or choice.get("finish_reason")
-            ):
+            # Anything but the role is for the client: content, tool calls, a refusal, and what
+            # OpenAI-compatible servers add (reasoning_content, reasoning, audio, images, ...).
+            if choice.get("finish_reason") or any(v for k, v in (delta or {}).items() if k != "role"):
                 return True
     return False
 

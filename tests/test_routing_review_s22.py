@@ -269,17 +269,26 @@ def test_an_openai_answer_of_an_unexpected_shape_without_usage_is_relayed_not_a_
 # ---- What commits a stream -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
-def test_reasoning_deltas_reach_the_client_as_they_come(gw, api_key, bad, field):
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("reasoning_content", "thinking"),
+        ("reasoning", "thinking"),
+        ("audio", {"id": "a1", "data": "UklGRg==", "transcript": "hi"}),  # gpt-4o-audio
+        ("images", [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]),  # OpenRouter
+    ],
+)
+def test_reasoning_deltas_reach_the_client_as_they_come(gw, api_key, bad, field, value):
     """A reasoning model behind an OpenAI-compatible server (vLLM, DeepSeek, OpenRouter) streams
     its reasoning for minutes before the first word of the answer. Those deltas are content for
     the client: relayed as they come, not held back (a client or load balancer seeing nothing
-    for minutes gives up). Here the provider breaks off after reasoning: the client has the
-    reasoning, then the error event that ends the stream."""
-    pieces = _sse(_chunk({"role": "assistant", "content": ""}), _chunk({field: "thinking"}))
+    for minutes gives up) — and so is any other delta a server adds (audio, images), which
+    would otherwise be held until the bound on what is held ends the stream. Here the provider
+    breaks off after that delta: the client has it, then the error event that ends the stream."""
+    pieces = _sse(_chunk({"role": "assistant", "content": ""}), _chunk({field: value}))
     bad.configure(raw={"pieces": pieces})
     events = _stream_events(gw, api_key, "oa-solo")
-    assert orjson.loads(events[1])["choices"][0]["delta"] == {field: "thinking"}
+    assert orjson.loads(events[1])["choices"][0]["delta"] == {field: value}
     assert orjson.loads(events[-1])["error"]["code"] == "upstream_disconnected"
 
 
