@@ -191,7 +191,8 @@ def _tools(body: dict) -> None:
                 raise _bad_value("tool_choice", "must be 'none', 'auto', 'required' or an object.")
         elif isinstance(choice, dict):
             fn = choice.get("function")
-            if choice.get("type") == "function" and (not isinstance(fn, dict) or not isinstance(fn.get("name"), str)):
+            named = choice.get("type") == "function" or fn is not None  # (a function, with or without type)
+            if named and (not isinstance(fn, dict) or not isinstance(fn.get("name"), str)):
                 raise _missing("tool_choice.function.name")
         else:
             raise _bad_type("tool_choice", "a string or an object", choice)

@@ -543,3 +543,18 @@ def test_a_stream_that_fails_inside_the_gateway_still_ends_with_an_error_event(t
     events = [e[6:] for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
     assert orjson.loads(events[0])["choices"][0]["delta"]["content"] == "hello"
     assert orjson.loads(events[-1])["error"]["type"] == "server_error"
+
+
+def test_a_tool_choice_naming_a_function_without_its_name_is_the_clients_400(gw, api_key):
+    """``tool_choice: {"function": {}}`` (no ``type``, no name) passed validation and failed the
+    Anthropic translation with a KeyError: a 500. It is the client's 400, naming the field."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for model in ("an-solo", "safe"):
+        resp = httpx.post(
+            f"{gw.url}/v1/chat/completions",
+            json={"model": model, "messages": HELLO, "tools": [tool], "tool_choice": {"function": {}}},
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=60,
+        )
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["param"] == "tool_choice.function.name"
