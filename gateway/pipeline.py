@@ -31,7 +31,7 @@ from gateway.providers.base import bad_response, map_upstream_status, stream_err
 from gateway.routing import Group, run_attempts
 from gateway.routing.constraints import constraints_for
 from gateway.services import Services
-from gateway.usage import compact, estimate_stream_usage, estimate_usage, with_usage
+from gateway.usage import compact, count_prompt_off_loop, estimate_stream_usage, estimate_usage, with_usage
 from gateway.validation import validate_chat, validate_embeddings
 from policies import alerts
 from policies.engine import attribution
@@ -400,6 +400,7 @@ async def chat(svc: Services, ctx: RequestContext, scope: dict, receive, send) -
     await authenticate(svc, ctx, scope)
     await parse(svc, ctx, scope, receive, validate_chat)
     await agent(svc, ctx, scope)
+    await count_prompt_off_loop(ctx)  # a large prompt is tokenized off the event loop
     group = route(svc, ctx, scope, "chat")
     await admit(svc, ctx, scope)
     await scrub(svc, ctx)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import orjson
 
 from core.sse import DONE, data_event
-from core.tokens import count_text
+from core.tokens import count_prompt, count_text
 from core.types import RequestContext, Usage
 
 
@@ -102,3 +103,16 @@ def with_usage(last: bytes, ctx: RequestContext) -> bytes:
         "usage": ctx.usage.to_openai(),
     }
     return last[: -len(DONE)] + data_event(chunk) + DONE
+
+
+# A prompt this large is counted in a worker thread: tiktoken takes about a second per MB of
+# text such as "aaaa…" (and lets go of the GIL meanwhile).
+OFF_LOOP_BYTES = 32 * 1024
+
+
+async def count_prompt_off_loop(ctx: RequestContext) -> None:
+    """Counts a large prompt's tokens before a stage asks for them (a context window, a routing
+    rule, a hard budget's reservation), so no client's body holds the event loop — every other
+    request of the replica — while it is tokenized."""
+    if ctx._prompt_tokens is None and ctx.body_bytes >= OFF_LOOP_BYTES and isinstance(ctx.body, dict):
+        ctx._prompt_tokens = await asyncio.to_thread(count_prompt, ctx.body, ctx.known_tokens)

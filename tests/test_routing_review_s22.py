@@ -558,3 +558,44 @@ def test_a_tool_choice_naming_a_function_without_its_name_is_the_clients_400(gw,
         )
         assert resp.status_code == 400, resp.text
         assert resp.json()["error"]["param"] == "tool_choice.function.name"
+
+
+def test_counting_a_huge_prompt_does_not_hold_the_replica(tmp_root, services, mocks, api_key):
+    """A prompt's tokens are counted when something needs them (a context window, a rule, a hard
+    budget). tiktoken takes about a second per MB of text like "aaaa…"; counted on the event
+    loop, one client's 6 MB body held every other request of the replica for seconds. Counted
+    in a worker thread, small requests sent meanwhile are answered at once. (Two durations of
+    the same run are compared: the longest a small request took, and the huge one.)"""
+    import threading
+    import time
+
+    good = mocks["good"]
+    cfg = {
+        "providers": [_provider("p", good)],
+        "models": [
+            {"name": "win", "deployments": [{"provider": "p", "model": "w", "context_window": 5_000_000}]},
+            {"name": "small", "deployments": [{"provider": "p", "model": "s"}]},
+        ],
+    }
+    with started(Gateway(tmp_root, cfg, services)) as (g,):
+        url, auth = f"{g.url}/v1/chat/completions", {"Authorization": f"Bearer {api_key}"}
+        # over the window in bytes, within it in tokens: counted
+        huge = orjson.dumps({"model": "win", "messages": [{"role": "user", "content": "a" * 6_000_000}]})
+        took: dict[str, float] = {}
+
+        def send_huge() -> None:
+            t = time.perf_counter()
+            assert httpx.post(url, content=huge, headers=auth, timeout=120).status_code == 200
+            took["huge"] = time.perf_counter() - t
+
+        big = threading.Thread(target=send_huge)
+        small = orjson.dumps({"model": "small", "messages": HELLO})
+        longest = 0.0
+        with httpx.Client(timeout=120) as c:
+            big.start()
+            while big.is_alive():
+                t = time.perf_counter()
+                assert c.post(url, content=small, headers=auth).status_code == 200
+                longest = max(longest, time.perf_counter() - t)
+        big.join()
+        assert longest < took["huge"] / 2, (longest, took["huge"])
