@@ -103,7 +103,7 @@ class OpenAIAdapter:
                     if event.startswith(b"data: [DONE]"):
                         yield b"".join([*out, event])
                         return
-                    if b'"error":' in event:  # an error event: the provider's words are not relayed
+                    if b'"error"' in event:  # an error event ("error": or "error" :): not relayed as is
                         err = stream_error(self.name, event)
                         if err is not None:
                             if out:
