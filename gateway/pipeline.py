@@ -274,8 +274,11 @@ async def _open_stream(svc: Services, ctx: RequestContext, r: Route) -> tuple[li
             if held > _MAX_HEAD_BYTES:
                 raise bad_response(r.provider, "no content after several MiB of stream events")
         return head, events  # ended without content: relay what there was
-    except GatewayError:
+    except GatewayError as err:
         await events.aclose()
+        clean = getattr(svc.adapters[r.provider], "clean", None)
+        if clean is not None:  # an error event the commit check found: the provider's words cleaned
+            clean(err, ctx, r)
         raise
     except (TimeoutError, aiohttp.ClientError) as exc:
         await events.aclose()

@@ -601,15 +601,16 @@ def test_counting_a_huge_prompt_does_not_hold_the_replica(tmp_root, services, mo
         assert longest < took["huge"] / 2, (longest, took["huge"])
 
 
-@pytest.mark.parametrize("after_content", [False, True])
-def test_an_error_event_written_with_spaces_is_cleaned_of_keys_and_hosts(gw, api_key, bad, after_content):
+@pytest.mark.parametrize(("after_content", "name"), [(False, '"error" '), (True, '"error" '), (False, '"\\u0065rror"')])
+def test_an_error_event_written_with_spaces_is_cleaned_of_keys_and_hosts(gw, api_key, bad, after_content, name):
     """The provider's error events have their message cleaned of keys and hosts. One written
     ``{"error" : {...}}`` (valid JSON, a space before the colon) slipped past the adapter's
     byte check and was raised by the gateway's own commit check — uncleaned: the client read
-    the key fragment and the internal host the provider echoed."""
+    the key fragment and the internal host the provider echoed. (A key spelled with a JSON
+    escape, ``"\\u0065rror"``, is still caught by the commit check, which cleans it too.)"""
     key = _provider("x", bad)["api_keys"][0]  # (any key-shaped text: the scrubber's patterns)
     leak = f"Incorrect API key provided: sk-proj-{'A1b2' * 10}. Contact admin@10.1.2.3 at http://internal.corp:8080/x"
-    err_event = 'data: {"error" : {"message": ' + orjson.dumps(leak).decode() + ', "type": "server_error"}}\n\n'
+    err_event = "data: {" + name + ': {"message": ' + orjson.dumps(leak).decode() + ', "type": "server_error"}}\n\n'
     first = _sse(_chunk({"role": "assistant", "content": "partial"})) if after_content else []
     bad.configure(raw={"pieces": [*first, err_event]})
     body = {"model": "oa-solo", "messages": HELLO, "stream": True}
