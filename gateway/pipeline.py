@@ -27,11 +27,11 @@ from core.logs import access_log
 from core.types import RequestContext, Route, excerpt
 from gateway import agent_stage, tools_loop
 from gateway.agent_stage import is_agent
-from gateway.providers.base import map_upstream_status, stream_error_event
+from gateway.providers.base import bad_response, map_upstream_status, stream_error_event
 from gateway.routing import Group, run_attempts
 from gateway.routing.constraints import constraints_for
 from gateway.services import Services
-from gateway.usage import estimate_stream_usage, estimate_usage
+from gateway.usage import compact, count_prompt_off_loop, estimate_stream_usage, estimate_usage, with_usage
 from gateway.validation import validate_chat, validate_embeddings
 from policies import alerts
 from policies.engine import attribution
@@ -216,6 +216,15 @@ async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, se
         await settled
 
 
+# Relayed chunks kept whole (for the usage estimate, an agent's stored answer) before they are
+# compacted to their text (gateway.usage.compact).
+_MAX_KEPT_BYTES = 1024 * 1024
+
+# What a stream may send before its first content (held so a failure can still fall back
+# unseen): keep-alive comments and empty deltas are a few bytes; more than this is no answer.
+_MAX_HEAD_BYTES = 4 * 1024 * 1024
+
+
 def _commits(ctx: RequestContext, chunk: bytes) -> bool:
     """Whether a chunk carries something the client must see (content, a tool call, the end).
 
@@ -237,15 +246,16 @@ def _commits(ctx: RequestContext, chunk: bytes) -> bool:
         if err is not None:
             message = err.get("message") if isinstance(err, dict) else str(err)
             raise map_upstream_status(ctx.route.provider, 500, str(message or "stream error"), {})
-        for choice in data.get("choices") or ():
-            delta = choice.get("delta") or {}
-            if (
-                delta.get("content")
-                or delta.get("tool_calls")
-                or delta.get("function_call")
-                or delta.get("refusal")
-                or choice.get("finish_reason")
-            ):
+        choices = data.get("choices") or []
+        if not isinstance(choices, list):
+            return True  # not a chunk OpenAI sends: not ours to judge, relay it
+        for choice in choices:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(choice, dict) or not isinstance(delta, dict | None):
+                return True
+            # Anything but the role is for the client: content, tool calls, a refusal, and what
+            # OpenAI-compatible servers add (reasoning_content, reasoning, audio, images, ...).
+            if choice.get("finish_reason") or any(v for k, v in (delta or {}).items() if k != "role"):
                 return True
     return False
 
@@ -253,15 +263,22 @@ def _commits(ctx: RequestContext, chunk: bytes) -> bool:
 async def _open_stream(svc: Services, ctx: RequestContext, r: Route) -> tuple[list[bytes], AsyncIterator[bytes]]:
     events = await svc.adapters[r.provider].open_chat_stream(ctx, r, await body_for(svc, ctx, r))
     head: list[bytes] = []
+    held = 0
     try:
         async for chunk in events:
             head.append(chunk)
             if _commits(ctx, chunk):
                 ctx.ttft = time.perf_counter() - ctx.started
                 return head, events
+            held += len(chunk)
+            if held > _MAX_HEAD_BYTES:
+                raise bad_response(r.provider, "no content after several MiB of stream events")
         return head, events  # ended without content: relay what there was
-    except GatewayError:
+    except GatewayError as err:
         await events.aclose()
+        clean = getattr(svc.adapters[r.provider], "clean", None)
+        if clean is not None:  # an error event the commit check found: the provider's words cleaned
+            clean(err, ctx, r)
         raise
     except (TimeoutError, aiohttp.ClientError) as exc:
         await events.aclose()
@@ -292,9 +309,16 @@ async def call_stream(
     state: ScrubState | None = ctx.extra.get("pii")
     restorer = StreamRestorer(state.vault) if state is not None and state.vault else None
     if restorer is not None:
-        head = [restorer.chunk(c) for c in head]
+        try:
+            head = [restorer.chunk(c) for c in head]
+        except BaseException:  # nothing sent yet: an error response; the route and stream let go
+            svc.router.release(r)
+            await events.aclose()
+            raise
     sent = head  # kept (by reference) so a broken stream's usage can still be counted
     ctx.extra["sent"] = sent  # and an agent turn's answer stored in memory
+    kept = sum(len(c) for c in head)  # bytes in sent: past a bound, compacted (amortized linear)
+    compacted = 0
     hangup = asyncio.ensure_future(receive())  # completes when the client goes away
     try:
         headers = [*_SSE_HEADERS, *_route_headers(ctx), *extra]
@@ -303,6 +327,8 @@ async def call_stream(
             if i == len(head) - 1 and chunk.endswith(b"data: [DONE]\n\n"):  # the whole stream came at once
                 if ctx.usage is None:
                     ctx.usage = estimate_stream_usage(ctx, sent)
+                    if ctx.include_usage:  # asked for, and the provider sent none: the estimate
+                        chunk = with_usage(chunk, ctx)
                 await settle(svc, ctx, scope)
                 if on_done is not None:
                     await on_done()
@@ -316,10 +342,16 @@ async def call_stream(
                 if restorer is not None:
                     chunk = restorer.chunk(chunk)
                 sent.append(chunk)
+                kept += len(chunk)
+                if kept > max(_MAX_KEPT_BYTES, 2 * compacted):
+                    sent[:] = [compact(sent)]
+                    kept = compacted = len(sent[0])
                 settled = None
                 if chunk.endswith(b"data: [DONE]\n\n"):  # the last chunk: settle as it goes
                     if ctx.usage is None:
                         ctx.usage = estimate_stream_usage(ctx, sent)
+                        if ctx.include_usage:  # asked for, and the provider sent none: the estimate
+                            chunk = with_usage(chunk, ctx)
                     if on_done is None:
                         settled = await settling(svc, ctx, scope)
                     else:  # an agent's turn: settled and stored before the end is heard
@@ -342,6 +374,15 @@ async def call_stream(
             await settle(svc, ctx, scope)
             tail = restorer.tail() if restorer is not None else b""
             await send({"type": "http.response.body", "body": tail + stream_error_event(err), "more_body": True})
+        except Exception as exc:  # the gateway's own failure past the first byte: still a proper end
+            log.error("stream relay failed: %s", type(exc).__name__, extra={"fields": {"request_id": ctx.request_id}})
+            err = GatewayError("The server had an error while processing your request.")
+            ctx.status = err.status
+            ctx.error_code = "internal_error"
+            if ctx.usage is None:
+                ctx.usage = estimate_stream_usage(ctx, sent)
+            await settle(svc, ctx, scope)
+            await send({"type": "http.response.body", "body": stream_error_event(err), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:
         if ctx.usage is None:  # the client left before the end (and its usage): it pays for what it was sent
@@ -362,6 +403,7 @@ async def chat(svc: Services, ctx: RequestContext, scope: dict, receive, send) -
     await authenticate(svc, ctx, scope)
     await parse(svc, ctx, scope, receive, validate_chat)
     await agent(svc, ctx, scope)
+    await count_prompt_off_loop(ctx)  # a large prompt is tokenized off the event loop
     group = route(svc, ctx, scope, "chat")
     await admit(svc, ctx, scope)
     await scrub(svc, ctx)

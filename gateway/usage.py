@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import orjson
 
-from core.tokens import count_text
+from core.sse import DONE, data_event
+from core.tokens import count_prompt, count_text
 from core.types import RequestContext, Usage
 
 
-def _answer_parts(data: dict, field: str, parts: list[str]) -> None:
-    """Text and tool calls of every choice's ``message`` (whole answers) or ``delta`` (chunks)."""
-    for choice in data.get("choices") or ():
-        msg = choice.get(field) or {}
+def _answer_parts(data: dict, field: str, parts: list[str], tools: list[str] | None = None) -> None:
+    """Text and tool calls of every choice's ``message`` (whole answers) or ``delta`` (chunks);
+    the tool calls' text goes to ``tools`` when given."""
+    tools = parts if tools is None else tools
+    choices = data.get("choices")
+    for choice in choices if isinstance(choices, list) else ():  # (a provider may send any shape)
+        msg = choice.get(field) if isinstance(choice, dict) else None
+        if not isinstance(msg, dict):
+            continue
         if isinstance(msg.get("content"), str):
             parts.append(msg["content"])
-        for call in msg.get("tool_calls") or ():
-            fn = call.get("function") or {}
-            parts.append((fn.get("name") or "") + (fn.get("arguments") or ""))
+        calls = msg.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                name, args = fn.get("name"), fn.get("arguments")
+                tools.append((name if isinstance(name, str) else "") + (args if isinstance(args, str) else ""))
 
 
 def _usage(ctx: RequestContext, parts: list[str]) -> Usage:
@@ -53,5 +65,54 @@ def estimate_stream_usage(ctx: RequestContext, chunks: list[bytes]) -> Usage:
                     data = orjson.loads(event[6:])
                 except orjson.JSONDecodeError:
                     continue
-                _answer_parts(data, "delta", parts)
+                if isinstance(data, dict):
+                    _answer_parts(data, "delta", parts)
     return _usage(ctx, parts)
+
+
+def compact(chunks: list[bytes]) -> bytes:
+    """Relayed chunks as one event holding only what the usage estimate and an agent's stored
+    answer read of them (the text, and the tool calls' text, of every delta): a long stream is
+    not kept whole while it is relayed."""
+    content: list[str] = []
+    tools: list[str] = []
+    for chunk in chunks:
+        for event in chunk.split(b"\n\n"):
+            if event.startswith(b"data: {"):
+                try:
+                    data = orjson.loads(event[6:])
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(data, dict):
+                    _answer_parts(data, "delta", content, tools)
+    delta: dict = {"content": "".join(content)}
+    if tools:
+        delta["tool_calls"] = [{"index": 0, "function": {"name": "", "arguments": "".join(tools)}}]
+    return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": delta}]}) + b"\n\n"
+
+
+def with_usage(last: bytes, ctx: RequestContext) -> bytes:
+    """The stream's last chunk (ending in ``[DONE]``) with the usage chunk a client that asked
+    for ``include_usage`` expects before it, when the provider sent none (the estimate)."""
+    chunk = {
+        "id": ctx.request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": ctx.model,
+        "choices": [],
+        "usage": ctx.usage.to_openai(),
+    }
+    return last[: -len(DONE)] + data_event(chunk) + DONE
+
+
+# A prompt this large is counted in a worker thread: tiktoken takes about a second per MB of
+# text such as "aaaa…" (and lets go of the GIL meanwhile).
+OFF_LOOP_BYTES = 32 * 1024
+
+
+async def count_prompt_off_loop(ctx: RequestContext) -> None:
+    """Counts a large prompt's tokens before a stage asks for them (a context window, a routing
+    rule, a hard budget's reservation), so no client's body holds the event loop — every other
+    request of the replica — while it is tokenized."""
+    if ctx._prompt_tokens is None and ctx.body_bytes >= OFF_LOOP_BYTES and isinstance(ctx.body, dict):
+        ctx._prompt_tokens = await asyncio.to_thread(count_prompt, ctx.body, ctx.known_tokens)

@@ -11,6 +11,7 @@ from typing import Any
 from core.errors import InvalidRequest
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_SERVICE_TIERS = ("auto", "default", "flex")  # priced at or below the list price
 _TYPE_NAMES = {
     str: "a string",
     int: "an integer",
@@ -190,7 +191,8 @@ def _tools(body: dict) -> None:
                 raise _bad_value("tool_choice", "must be 'none', 'auto', 'required' or an object.")
         elif isinstance(choice, dict):
             fn = choice.get("function")
-            if choice.get("type") == "function" and (not isinstance(fn, dict) or not isinstance(fn.get("name"), str)):
+            named = choice.get("type") == "function" or fn is not None  # (a function, with or without type)
+            if named and (not isinstance(fn, dict) or not isinstance(fn.get("name"), str)):
                 raise _missing("tool_choice.function.name")
         else:
             raise _bad_type("tool_choice", "a string or an object", choice)
@@ -222,6 +224,11 @@ def validate_chat(body: Any) -> None:
     _typed(body, "metadata", dict)
     _typed(body, "logit_bias", dict)
     _typed(body, "parallel_tool_calls", bool)
+    tier = body.get("service_tier")
+    if tier is not None and tier not in _SERVICE_TIERS:
+        # a dearer tier (priority, scale) is billed above the list price the gateway prices
+        # requests and holds budgets at: a client could spend past a hard budget
+        raise _bad_value("service_tier", f"must be one of {', '.join(_SERVICE_TIERS)}.")
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str):
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):

@@ -23,6 +23,12 @@ last user message ``[[mock:{"status": 429, "retry_after": 2}]]`` or an ``x-mock`
     reply         answer with exactly this text (instead of the echo)
     usage         fields merged into the answer's usage object as given (any JSON: a provider
                   that reports negative, huge or non-numeric counts)
+    raw           answer verbatim, whatever was asked: ``{"status": 200, "content_type":
+                  "text/event-stream", "headers": {...}, "pieces": ["data: ...\\n\\n", ...],
+                  "flood": <bytes>}``; ``flood`` then sends that many bytes of one endless
+                  line (no event ever ends) in 64 KiB pieces, or of ``fill`` (an event,
+                  repeated) when given (a provider answering garbage);
+                  also process-wide through ``POST /_mock/config``
 
 Tool calls. By default a request with ``tools`` is answered with a call of the first (or the
 forced) tool, and a request whose last message is a tool result with ``tool result: <the
@@ -224,6 +230,7 @@ class Mock:
             "api_keys": [k for k in (opts.api_keys or "").split(",") if k],
             "record": not opts.no_record,
             "dims": opts.dims,
+            "raw": None,
         }
         self.requests: deque = deque(maxlen=2000)
         self.stats: Counter = Counter()
@@ -301,6 +308,8 @@ class Mock:
             )
         if plan.get("hang"):
             await asyncio.sleep(3600)
+        if isinstance(plan.get("raw"), dict):
+            return await self._verbatim(send, plan["raw"])
         try:
             await handler(send, req, plan, limits)
         except Cut:
@@ -337,6 +346,8 @@ class Mock:
                     plan["code"] = self.cfg["fail_code"]
         if self.cfg["cut_after"] is not None:
             plan["cut_after"] = self.cfg["cut_after"]
+        if self.cfg["raw"]:
+            plan["raw"] = self.cfg["raw"]
         if "x-mock" in headers:
             plan.update(orjson.loads(headers["x-mock"]))
         msgs = req.get("messages")
@@ -447,6 +458,22 @@ class Mock:
             await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
             raise Cut
         await self._json(send, 200, obj, limits)
+
+    async def _verbatim(self, send, raw: dict) -> None:
+        ctype = str(raw.get("content_type", "text/event-stream")).encode()
+        headers = self._hdrs(ctype, raw.get("headers"))
+        status = int(raw.get("status", 200))
+        self.stats[str(status)] += 1
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        for piece in raw.get("pieces") or ():
+            await send({"type": "http.response.body", "body": str(piece).encode(), "more_body": True})
+        left = int(raw.get("flood", 0))
+        fill = str(raw.get("fill") or "a").encode()  # the flood: one endless line, or events repeated
+        block = fill * max(1, 65536 // len(fill))
+        while left > 0:
+            await send({"type": "http.response.body", "body": block[: min(left, len(block))], "more_body": True})
+            left -= len(block)
+        await send({"type": "http.response.body", "body": b""})
 
     async def _raw(self, send, status: int, body: bytes, extra: dict) -> None:
         headers = [*self._hdrs(b"application/json", extra), (b"content-length", str(len(body)).encode())]

@@ -9,11 +9,11 @@ import orjson
 
 from core.config import Provider
 from core.errors import GatewayError, InvalidRequest
-from core.sse import iter_events
+from core.sse import EventTooLarge, iter_events
 from core.types import RequestContext, Route
 from core.upstream import Upstream
 from gateway.providers.anthropic_translate import StreamTranslator, from_anthropic, to_anthropic
-from gateway.providers.base import bad_response, incomplete_stream, map_upstream_status
+from gateway.providers.base import bad_response, encode_request, incomplete_stream, map_upstream_status
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 
@@ -34,6 +34,8 @@ def anthropic_error(provider: str, status: int, raw: bytes, headers) -> GatewayE
     code = None
     if status == 400 and "prompt is too long" in message:
         code = "context_length_exceeded"
+    if status == 400 and "credit balance is too low" in message:  # the operator's account, as a 402
+        return map_upstream_status(provider, 402, message, headers)
     return map_upstream_status(provider, status, message, headers, code=code or kind)
 
 
@@ -56,7 +58,7 @@ class AnthropicAdapter:
 
     async def _send(self, ctx: RequestContext, route: Route, payload: dict) -> aiohttp.ClientResponse:
         resp = await self._upstream.post(
-            self._url, orjson.dumps(payload), self._headers(route), self.cfg.timeouts, self.name
+            self._url, encode_request(payload), self._headers(route), self.cfg.timeouts, self.name
         )
         ctx.upstream_headers = resp.headers
         if resp.status != 200:
@@ -109,6 +111,8 @@ class AnthropicAdapter:
                 if tr.done:
                     return
             raise incomplete_stream(self.name)
+        except EventTooLarge:
+            raise bad_response(self.name, "a stream event that does not end") from None
         finally:
             resp.release()
 

@@ -9,7 +9,7 @@ import orjson
 
 from core.errors import InvalidRequest
 from core.sse import DONE, data_event
-from core.types import MAX_TOKENS, Usage, token_count
+from core.types import MAX_TOKENS, Usage, excerpt, token_count
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -119,7 +119,13 @@ def _tools(body: dict) -> tuple[list[dict] | None, dict | None]:
     converted = None
     if tools:
         converted = []
-        for tool in tools:
+        for i, tool in enumerate(tools):
+            if tool.get("type", "function") != "function":
+                raise InvalidRequest(
+                    f"Tool type '{excerpt(tool.get('type'))}' is not supported by this model's provider.",
+                    param=f"tools[{i}].type",
+                    code="unsupported_value",
+                )
             fn = tool["function"]
             entry = {
                 "name": fn["name"],
@@ -155,8 +161,15 @@ def to_anthropic(body: dict, upstream_model: str, default_max_tokens: int) -> di
     if fmt.get("type") == "json_object":
         system.append(_JSON_INSTRUCTION)
     elif fmt.get("type") == "json_schema":
-        schema = fmt["json_schema"].get("schema")
-        system.append(f"{_JSON_INSTRUCTION} It must match this JSON schema: {orjson.dumps(schema).decode()}")
+        try:
+            schema = orjson.dumps(fmt["json_schema"].get("schema")).decode()
+        except orjson.JSONEncodeError:
+            raise InvalidRequest(
+                "The JSON schema is nested too deeply (at most 250 levels).",
+                param="response_format.json_schema.schema",
+                code="invalid_value",
+            ) from None
+        system.append(f"{_JSON_INSTRUCTION} It must match this JSON schema: {schema}")
     out: dict[str, Any] = {
         "model": upstream_model,
         "messages": messages,

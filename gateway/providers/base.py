@@ -11,6 +11,7 @@ import orjson
 
 from core.errors import (
     GatewayError,
+    InvalidRequest,
     UpstreamError,
     UpstreamTimeout,
     upstream_client_error,
@@ -36,21 +37,36 @@ class ProviderAdapter(Protocol):
     async def close(self) -> None: ...
 
 
+# The longest a provider's ``retry-after`` is believed: a value beyond (centuries, infinity) would
+# take the key out of rotation for good, in every replica and across restarts (shared health).
+MAX_RETRY_AFTER = 3600.0
+
+
+def _seconds(value: float) -> float | None:
+    """A wait in seconds, bounded to ``[0, MAX_RETRY_AFTER]``; None when it is no number (NaN)."""
+    if value != value:
+        return None
+    return min(max(0.0, value), MAX_RETRY_AFTER)
+
+
 def retry_after(headers: Mapping[str, str]) -> float | None:
     ms = headers.get("retry-after-ms")
     if ms:
         try:
-            return max(0.0, float(ms) / 1000)
+            return _seconds(float(ms) / 1000)
         except ValueError:
             pass
     value = headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        return _seconds(float(value))
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return _seconds(parsed.timestamp() - time.time()) if parsed else None
 
 
 def _parse_error_body(raw: bytes) -> tuple[str, str | None, str | None]:
@@ -96,6 +112,12 @@ def map_upstream_status(
             code="upstream_auth_error",
             upstream_status=status,
         )
+    if status == 402:  # the provider account is out of credit (OpenRouter, DeepSeek, ...)
+        return UpstreamError(
+            f"Provider {provider} refused the gateway's account (402): {message}",
+            code="upstream_payment_required",
+            upstream_status=status,
+        )
     if status == 404:
         return UpstreamError(
             f"Provider {provider} does not know the deployed model: {message}",
@@ -132,6 +154,18 @@ def stream_error(provider: str, event: bytes) -> GatewayError | None:
     kind = err.get("type") if isinstance(err, dict) else None
     status = 429 if "rate_limit" in f"{kind} {code}" else 500
     return map_upstream_status(provider, status, message, {}, param=param, code=code)
+
+
+def encode_request(payload: dict) -> bytes:
+    """The request body for the provider. JSON nested deeper than the encoder goes (255 levels;
+    the parser reads 1024) is the client's request at fault: a 400, never a provider failure
+    (which the router would retry on every deployment, counting towards their circuits)."""
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        raise InvalidRequest(
+            "The request is nested too deeply to be sent on (at most 250 levels).", code="invalid_value"
+        ) from None
 
 
 def bad_response(provider: str, what: str) -> UpstreamError:

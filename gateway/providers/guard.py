@@ -9,13 +9,35 @@ a client, a log line or the ledger sees them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
+
+import aiohttp
 
 from core.config import Provider
 from core.errors import GatewayError, UpstreamError
 from core.types import RequestContext, Route
-from gateway.providers.base import ProviderAdapter
+from gateway.providers.base import ProviderAdapter, bad_response
 from gateway.providers.scrub import Scrubber, safe_field
+
+log = logging.getLogger("gateway.providers")
+
+# Failures the pipeline maps itself (a stream that stalls or breaks off after its first byte).
+_TRANSPORT = (TimeoutError, aiohttp.ClientError)
+
+
+def _unreadable(provider: str, exc: Exception, ctx: RequestContext) -> Exception:
+    """An adapter tripped over an answer of a shape it did not expect (a block that is not an
+    object, a field missing): the provider's answer is bad — a 502 the router may fall back
+    from, never an unhandled error. Logged by type only (the answer may hold message content).
+    A failure before the provider answered (building the request from the client's body) is
+    no verdict on the provider: it is left as it is (it must not count towards a circuit)."""
+    if ctx.upstream_headers is None:
+        return exc
+    log.warning(
+        "provider answer could not be read", extra={"fields": {"provider": provider, "error": type(exc).__name__}}
+    )
+    return bad_response(provider, "an answer of an unexpected shape")
 
 
 class GuardedAdapter:
@@ -37,6 +59,10 @@ class GuardedAdapter:
         except GatewayError as err:
             self.clean(err, ctx, route)
             raise
+        except _TRANSPORT:
+            raise
+        except Exception as exc:
+            raise _unreadable(self.name, exc, ctx) from None
 
     async def embeddings(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
         try:
@@ -44,6 +70,10 @@ class GuardedAdapter:
         except GatewayError as err:
             self.clean(err, ctx, route)
             raise
+        except _TRANSPORT:
+            raise
+        except Exception as exc:
+            raise _unreadable(self.name, exc, ctx) from None
 
     async def rerank(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
         """Cohere-compatible re-ranking, for adapters that speak it (gateway/rerank.py)."""
@@ -62,6 +92,10 @@ class GuardedAdapter:
         except GatewayError as err:
             self.clean(err, ctx, route)
             raise
+        except _TRANSPORT:
+            raise
+        except Exception as exc:
+            raise _unreadable(self.name, exc, ctx) from None
         return self._events(events, ctx, route)
 
     async def _events(self, events: AsyncIterator[bytes], ctx: RequestContext, route: Route) -> AsyncIterator[bytes]:
@@ -71,6 +105,10 @@ class GuardedAdapter:
         except GatewayError as err:
             self.clean(err, ctx, route)
             raise
+        except _TRANSPORT:
+            raise
+        except Exception as exc:
+            raise _unreadable(self.name, exc, ctx) from None
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 

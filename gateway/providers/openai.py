@@ -14,10 +14,10 @@ import aiohttp
 import orjson
 
 from core.config import Provider
-from core.sse import EventSplitter
+from core.sse import EventSplitter, EventTooLarge
 from core.types import RequestContext, Route, Usage
 from core.upstream import Upstream
-from gateway.providers.base import bad_response, error_from_response, incomplete_stream, stream_error
+from gateway.providers.base import bad_response, encode_request, error_from_response, incomplete_stream, stream_error
 
 
 class OpenAIAdapter:
@@ -40,7 +40,9 @@ class OpenAIAdapter:
         return headers
 
     async def _send(self, url: str, ctx: RequestContext, route: Route, payload: dict) -> aiohttp.ClientResponse:
-        resp = await self._upstream.post(url, orjson.dumps(payload), self._headers(route), self.cfg.timeouts, self.name)
+        resp = await self._upstream.post(
+            url, encode_request(payload), self._headers(route), self.cfg.timeouts, self.name
+        )
         ctx.upstream_headers = resp.headers
         if resp.status != 200:
             raw = await self._upstream.read(resp, self.name)
@@ -91,11 +93,17 @@ class OpenAIAdapter:
         try:
             async for data in resp.content.iter_any():
                 out = []
-                for event in splitter.feed(data):
+                try:
+                    events = splitter.feed(data)
+                except EventTooLarge:
+                    raise bad_response(self.name, "a stream event that does not end") from None
+                for event in events:
+                    if not event.startswith(b"data: ") and event.startswith(b"data:"):
+                        event = b"data: " + event[5:]  # the space is optional in SSE; ours has it
                     if event.startswith(b"data: [DONE]"):
                         yield b"".join([*out, event])
                         return
-                    if b'"error":' in event:  # an error event: the provider's words are not relayed
+                    if b'"error"' in event:  # an error event ("error": or "error" :): not relayed as is
                         err = stream_error(self.name, event)
                         if err is not None:
                             if out:

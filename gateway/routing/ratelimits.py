@@ -24,16 +24,24 @@ def parse_duration(value: str) -> float | None:
         return None
 
 
+# The furthest a reset is believed: a provider (or whatever answers at its address) naming one
+# centuries away would retire the key for good.
+MAX_RESET = 3600.0
+
+
 def _reset_at(value: str | None, now: float) -> float | None:
     if not value:
         return None
     if "T" in value and "-" in value:  # Anthropic: RFC 3339 timestamp
         try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
+            at = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except (ValueError, OverflowError):
             return None
+        return min(at, now + MAX_RESET)
     seconds = parse_duration(value)
-    return now + seconds if seconds is not None else None
+    if seconds is None or seconds != seconds:
+        return None
+    return now + min(max(seconds, 0.0), MAX_RESET)
 
 
 def _int(value: str | None) -> int | None:

@@ -328,6 +328,9 @@ class Router:
         if kind in ("key", "key_off"):
             keys = self.keys.get(event.get("p", ""))
             key = keys.by_id(event.get("k", "")) if keys else None
+            # no key is out for longer than a rejected one (or the configured cooldown): an event
+            # stored before retry-after was bounded (centuries) must not retire the key for good
+            until = min(until, health.now() + max(KEY_DISABLED_FOR, self.settings.key_cooldown))
             if key is not None:
                 if kind == "key":
                     key.cooldown_until = max(key.cooldown_until, until)
