@@ -240,10 +240,10 @@ class PolicyEngine:
         found = self._prices[model] = (inp, out)
         return found
 
-    def _estimate_nano(self, ctx: RequestContext, hard: bool) -> int:
-        """The reservation: prompt tokens plus the most the answers may use (``n`` of them),
-        at the highest price the request could be served at (which deployment will serve it,
-        after rules and fallbacks, is not known yet).
+    def _estimate_nano(self, ctx: RequestContext, hard: bool) -> tuple[int, int]:
+        """(the reservation, its prompt part) in nano-USD. The reservation: prompt tokens plus the
+        most the answers may use (``n`` of them), at the highest price the request could be
+        served at (which deployment will serve it, after rules and fallbacks, is not known yet).
 
         Under a *hard* budget the reservation must be an upper bound, so the prompt of a chat
         request is counted exactly (tiktoken; the character estimate can be fooled by text in
@@ -252,7 +252,7 @@ class PolicyEngine:
         ``policies.default_max_output``, the amount reserved. Otherwise the cheap estimate does."""
         inp, out = self.reachable_prices(ctx.model)
         if not inp and not out:
-            return 0
+            return 0, 0
         if ctx._prompt_tokens is not None:
             prompt = ctx._prompt_tokens
         elif hard and ctx.endpoint == "chat":
@@ -262,13 +262,13 @@ class PolicyEngine:
         if ctx.endpoint != "chat":
             if hard:  # an upper bound: "a a a" or emoji take more tokens than a third of their characters
                 prompt = max(prompt, input_bytes(ctx.body))
-            return round(prompt * inp * NANO)
+            return round(prompt * inp * NANO), round(prompt * inp * NANO)
         max_out = ctx.max_output or self.config.policies.default_max_output
         if hard and not ctx.max_output and isinstance(ctx.body, dict):
             ctx.body["max_completion_tokens"] = ctx.max_output = max_out
         n = ctx.body.get("n") if isinstance(ctx.body, dict) else None
         choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
-        return round((prompt * inp + choices * max_out * out) * NANO)
+        return round((prompt * inp + choices * max_out * out) * NANO), round(prompt * inp * NANO)
 
     # ---- the two round trips -----------------------------------------------------------------
     async def admit(self, ctx: RequestContext, attr: dict) -> None:
@@ -289,7 +289,7 @@ class PolicyEngine:
         if not rates and not budgets:
             return
         hard = any(b.enforcement == "hard" for b in budgets)
-        estimate = self._estimate_nano(ctx, hard) if budgets else 0
+        estimate, floor = self._estimate_nano(ctx, hard) if budgets else (0, 0)
         ctx.extra["reserved_nano"] = estimate
         now_ms = int(time.time() * 1000)
         slot = now_ms // MINUTE_MS
@@ -333,6 +333,7 @@ class PolicyEngine:
             else:  # no lease asked for, but every replica's leases of the budget are counted
                 argv += [leases_key(reserved), "", 0, 0]
         argv += [LEASE_TTL_MS, credit.headroom if credit is not None else 0, ALERT_STREAM, _member(ctx), self._hold_ms]
+        argv.append(floor)  # what the request costs at the least: its prompt
         try:
             result = await self._run("admit", argv)
         except RedisError as exc:
@@ -384,6 +385,11 @@ class PolicyEngine:
                 f"Budget busy: what is left of {what} is reserved by requests in flight. Retry after {retry} s.",
                 code="budget_reserved",
                 headers={"retry-after": retry},
+            )
+        if kind == "short":
+            raise QuotaExceeded(
+                f"Budget nearly used up: what is left of {what} cannot cover this request, which could cost "
+                f"up to {estimate / NANO:.6g} USD; lower max_tokens (or n)."
             )
         if kind == "oversized":
             raise QuotaExceeded(

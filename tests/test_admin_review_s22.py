@@ -1,0 +1,76 @@
+"""Review of keys, tenancy, the admin API, budgets and alerts (session 22): each test is one
+thing a client, a tenant admin or an operator could do that went wrong, through real HTTP
+against a real gateway process."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Gateway
+from tests.test_policies import HELLO, admin, cfg, new_key
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, module_mock):
+    g = Gateway(tmp_root, cfg(module_mock), services)
+    yield g
+    g.stop()
+
+
+def as_key(gw: Gateway, key: str, method: str, path: str, **kw) -> httpx.Response:
+    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
+
+
+def tenant() -> str:
+    return f"t-{uuid.uuid4().hex[:8]}"
+
+
+def sdk(gw: Gateway, key: dict) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key["key"], max_retries=0)
+
+
+def budget_on(gw: Gateway, key: dict, limit: float, **extra) -> dict:
+    r = admin(
+        gw, "POST", "/admin/budgets", json={"scope": "key", "scope_value": key["id"], "limit_usd": limit, **extra}
+    )
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+# ---- alerts -------------------------------------------------------------------------------------
+def test_one_large_request_refused_by_a_hard_budget_fires_no_false_alerts(gw):
+    """A client sent one request with a large max_tokens to a hard budget 8 % spent: it was told
+    the budget was "used up" and the 50, 80 and 100 % alerts all fired — so the real ones never
+    fired later in the period. Now it is told what is left, and no alert fires."""
+    key = new_key(gw)
+    b = budget_on(gw, key, 1e-4)
+    client = sdk(gw, key)
+    client.chat.completions.create(model="priced", messages=HELLO, max_tokens=5)  # ≈ 8e-6 USD: 8 %
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(model="priced", messages=HELLO, max_tokens=45)  # could cost ≈ 9.8e-5
+    assert err.value.code == "insufficient_quota"
+    assert "is used up" not in err.value.message and "max_tokens" in err.value.message
+    state = admin(gw, "GET", f"/admin/budgets/{b['id']}").json()
+    assert state["alerts_fired"] == [], state
+    # the budget was not used up: a request that fits is served
+    assert client.chat.completions.create(model="priced", messages=HELLO, max_tokens=5).choices
+
+
+def spend_until_refused(client: openai.OpenAI) -> openai.RateLimitError:
+    for _ in range(6):
+        try:
+            client.chat.completions.create(model="priced", messages=HELLO, max_tokens=1)
+        except openai.RateLimitError as exc:
+            return exc
+    raise AssertionError("never refused")
+
+
+def test_sound_the_100_percent_alert_of_a_hard_budget_still_fires_when_what_is_left_pays_for_no_request(gw):
+    key = new_key(gw)
+    b = budget_on(gw, key, 1.5e-5)  # one request of max_tokens 1 reserves ≈ 1.2e-5 of it
+    assert spend_until_refused(sdk(gw, key)).code == "insufficient_quota"
+    assert 1.0 in admin(gw, "GET", f"/admin/budgets/{b['id']}").json()["alerts_fired"]
