@@ -21,7 +21,7 @@ PERIODS = ("daily", "weekly", "monthly", "none")
 ENFORCEMENTS = ("hard", "soft")
 CHANGED = "gateway:budgets:changed"
 NANO = 1_000_000_000  # budget counters are integer nano-USD
-_KEYS_CACHE: dict[str, tuple[int, tuple[str, str, str, int]]] = {}
+_KEYS_CACHE: dict[tuple[str, int], tuple[int, tuple[str, str, str, int]]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,19 +65,21 @@ class Budget:
         return "all", None
 
     def keys(self, now: datetime | None = None) -> tuple[str, str, str, int]:
-        """(spent key, reserved key, alert key prefix, ttl seconds) for the current period."""
+        """(spent key, reserved key, alert key prefix, ttl seconds) for the current period (the
+        alert prefix also names the limit)."""
         if now is None:  # per request: cached for the second, periods change at midnight
             second = int(time.time())
-            cached = _KEYS_CACHE.get(self.id)
+            cached = _KEYS_CACHE.get((self.id, self.limit_nano))
             if cached is not None and cached[0] == second:
                 return cached[1]
             value = self.keys(datetime.fromtimestamp(second, UTC))
-            _KEYS_CACHE[self.id] = (second, value)
+            _KEYS_CACHE[self.id, self.limit_nano] = (second, value)
             return value
         period, end = self.window(now)
         base = f"gw:{{gw}}:budget:{self.id}:{period}"
         ttl = int((end - (now or datetime.now(UTC))).total_seconds()) + 86400 if end else 400 * 86400
-        return f"{base}:spent", f"{base}:reserved", f"{base}:alert:", ttl
+        # alerts fire once per period *and limit*: a raised (or lowered) limit has its own 50/80/100 %
+        return f"{base}:spent", f"{base}:reserved", f"{base}:alert:{self.limit_nano}:", ttl
 
 
 def _row(r: asyncpg.Record) -> Budget:

@@ -74,3 +74,14 @@ def test_sound_the_100_percent_alert_of_a_hard_budget_still_fires_when_what_is_l
     b = budget_on(gw, key, 1.5e-5)  # one request of max_tokens 1 reserves ≈ 1.2e-5 of it
     assert spend_until_refused(sdk(gw, key)).code == "insufficient_quota"
     assert 1.0 in admin(gw, "GET", f"/admin/budgets/{b['id']}").json()["alerts_fired"]
+
+
+def test_raising_a_budget_limit_rearms_its_alerts(gw):
+    """The alerts of a budget whose limit was raised stayed fired for the period: the 100 %
+    alert of the new limit never came. They now count per limit."""
+    key = new_key(gw)
+    b = budget_on(gw, key, 1.5e-5)
+    spend_until_refused(sdk(gw, key))
+    assert 1.0 in admin(gw, "GET", f"/admin/budgets/{b['id']}").json()["alerts_fired"]
+    raised = admin(gw, "PATCH", f"/admin/budgets/{b['id']}", json={"limit_usd": 1.0}).json()
+    assert raised["spent_usd"] < 0.001 and raised["alerts_fired"] == [], raised
