@@ -37,6 +37,7 @@ from policies import budgets as budget_store
 from policies import keys as key_store
 from policies.alerts import budget_signing_key
 from policies.budgets import ENFORCEMENTS, NANO, PERIODS, SCOPES
+from policies.engine import MAX_ATTRIBUTION, MAX_TAG
 from policies.minting import narrow
 from policies.webhooks import check_webhook_url
 
@@ -337,7 +338,9 @@ class Admin:
         data = await inp.body(request)
         ident = _ident(request)
         scope = inp.text(data, "scope", required=True, choices=SCOPES)
-        value = inp.text(data, "scope_value", required=True)
+        # no longer than a request's attribution keeps: a budget on a longer value never applies
+        longest = {"tag": MAX_TAG, "tenant": 128, "key": 128}.get(scope or "", MAX_ATTRIBUTION)
+        value = inp.text(data, "scope_value", required=True, max_len=longest)
         limit = inp.number(data, "limit_usd")
         if limit is None:
             raise InvalidRequest(

@@ -30,6 +30,8 @@ log = logging.getLogger("gateway.policies")
 LEDGER_STREAM = "gw:{gw}:ledger"
 ALERT_STREAM = "gw:{gw}:alerts"
 MINUTE_MS = 60_000
+MAX_ATTRIBUTION = 200  # characters of a user, agent, workflow or customer a request is attributed to
+MAX_TAG = 100  # characters of a tag
 
 
 def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
@@ -42,9 +44,9 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
     def pick(field: str, header: bytes) -> str | None:
         value = scope_headers.get(header)
         if value:
-            return value.decode("latin-1")[:200]
+            return value.decode("latin-1")[:MAX_ATTRIBUTION]
         value = meta.get(field)
-        return str(value)[:200] if value not in (None, "") else None
+        return str(value)[:MAX_ATTRIBUTION] if value not in (None, "") else None
 
     user = scope_headers.get(b"x-gateway-user")
     tags = meta.get("tags")
@@ -58,11 +60,13 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
     return {
         "tenant": ident.tenant if ident else None,
         "key": ident.key_id if ident else None,
-        "user": user.decode("latin-1")[:200] if user else (str(body["user"])[:200] if body.get("user") else None),
+        "user": user.decode("latin-1")[:MAX_ATTRIBUTION]
+        if user
+        else (str(body["user"])[:MAX_ATTRIBUTION] if body.get("user") else None),
         "agent": pick("agent", b"x-gateway-agent"),
         "workflow": pick("workflow", b"x-gateway-workflow"),
         "customer": pick("customer", b"x-gateway-customer"),
-        "tags": list(dict.fromkeys(str(t)[:100] for t in tags))[:20],  # each once: a tag's budget counts once
+        "tags": list(dict.fromkeys(str(t)[:MAX_TAG] for t in tags))[:20],  # each once: a tag's budget counts once
     }
 
 

@@ -85,3 +85,30 @@ def test_raising_a_budget_limit_rearms_its_alerts(gw):
     assert 1.0 in admin(gw, "GET", f"/admin/budgets/{b['id']}").json()["alerts_fired"]
     raised = admin(gw, "PATCH", f"/admin/budgets/{b['id']}", json={"limit_usd": 1.0}).json()
     assert raised["spent_usd"] < 0.001 and raised["alerts_fired"] == [], raised
+
+
+# ---- budgets: what they apply to -----------------------------------------------------------------
+@pytest.mark.parametrize(("scope", "length"), [("customer", 201), ("user", 250), ("tag", 101), ("tenant", 129)])
+def test_a_budget_on_a_value_longer_than_a_request_can_carry_is_refused(gw, scope, length):
+    """Attribution keeps 200 characters of a customer (100 of a tag): a hard budget on a
+    250-character customer was stored and never applied — the customer spent without limit."""
+    before = admin(gw, "GET", "/admin/budgets").json()["data"]
+    r = admin(gw, "POST", "/admin/budgets", json={"scope": scope, "scope_value": "c" * length, "limit_usd": 1e-9})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "scope_value", r.text
+    assert admin(gw, "GET", "/admin/budgets").json()["data"] == before
+
+
+def test_sound_a_budget_on_the_longest_customer_a_request_carries_applies(gw):
+    ta, customer = tenant(), "c" * 200
+    key = new_key(gw, tenant=ta)
+    r = admin(
+        gw,
+        "POST",
+        "/admin/budgets",
+        json={"scope": "customer", "scope_value": customer, "limit_usd": 1e-9, "tenant": ta},
+    )
+    assert r.status_code == 201, r.text
+    with pytest.raises(openai.RateLimitError):
+        sdk(gw, key).chat.completions.create(
+            model="priced", messages=HELLO, max_tokens=5, extra_headers={"x-gateway-customer": customer}
+        )
