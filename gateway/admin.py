@@ -287,11 +287,11 @@ class Admin:
     async def revoke_key(self, request: Request) -> Response:
         key_id = request.path_params["key_id"]
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
-            key_hash = await key_store.revoke_key(conn, key_id, tenant=_view(request))
-        if key_hash is None:
+            revoked = await key_store.revoke_tree(conn, key_id, tenant=_view(request))  # minted keys too
+        if not revoked:
             raise NotFound(f"No key with id {key_id[:64]!r}.", param="key_id")
-        await key_store.announce_revocation(self.svc.redis, key_hash)
-        return _json({"id": key_id, "revoked": True})
+        await key_store.announce_revocation(self.svc.redis, *(h for _, h in revoked))
+        return _json({"id": key_id, "revoked": True, "minted_keys_revoked": [i for i, _ in revoked[1:]]})
 
     # ---- budgets -------------------------------------------------------------------------------
     async def _state(self, b) -> dict:

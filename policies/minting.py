@@ -53,6 +53,7 @@ def narrow(minter: Identity, tenant: str | None, settings: dict) -> tuple[str, d
             code="tenant_mismatch",
         )
     out = dict(settings)
+    out["minted_by"] = minter.key_id  # revoking the minter revokes this key (policies/keys.py)
     extra_scopes = set(out.get("scopes") or ()) - set(minter.scopes)
     if extra_scopes:
         raise _wider("scopes", f"scope {sorted(extra_scopes)[0]!r} is not held by the minting key")

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway
+from tests.conftest import Gateway, wait_until
 from tests.test_policies import HELLO, admin, cfg, new_key
 
 
@@ -112,3 +112,28 @@ def test_sound_a_budget_on_the_longest_customer_a_request_carries_applies(gw):
         sdk(gw, key).chat.completions.create(
             model="priced", messages=HELLO, max_tokens=5, extra_headers={"x-gateway-customer": customer}
         )
+
+
+# ---- keys ------------------------------------------------------------------------------------------
+def test_revoking_a_tenant_admin_key_revokes_every_key_it_minted(gw):
+    """Whoever held a tenant admin key (leaked, or an employee who left) minted an admin child,
+    then a grandchild: revoking the admin key left both working, admin API included. A minted
+    key is never wider than its minter (its expiry is bounded by the minter's); it no longer
+    outlives its minter's revocation either."""
+    ta = tenant()
+    boss = new_key(gw, tenant=ta, scopes=["admin"])
+    child = as_key(gw, boss["key"], "POST", "/admin/keys", json={"name": "c", "scopes": ["admin"]}).json()
+    grandchild = as_key(gw, child["key"], "POST", "/admin/keys", json={"name": "gc"}).json()
+    bystander = new_key(gw, tenant=ta)
+    assert as_key(gw, child["key"], "GET", "/admin/keys").status_code == 200
+    assert sdk(gw, grandchild).models.list().data is not None
+    r = admin(gw, "DELETE", f"/admin/keys/{boss['id']}")
+    assert r.status_code == 200
+    # (the revocation reaches the gateway's key cache by pub/sub, a moment after the answer)
+    wait_until(lambda: as_key(gw, child["key"], "GET", "/admin/keys").status_code == 401, 10, "child revoked")
+    wait_until(lambda: as_key(gw, grandchild["key"], "GET", "/v1/models").status_code == 401, 10, "grandchild")
+    assert sorted(r.json()["minted_keys_revoked"]) == sorted([child["id"], grandchild["id"]])
+    assert as_key(gw, bystander["key"], "GET", "/v1/models").status_code == 200  # not minted by it
+    listed = {k["id"]: k for k in admin(gw, "GET", f"/admin/keys?all=true&tenant={ta}").json()["data"]}
+    assert all(listed[k["id"]]["revoked_at"] for k in (boss, child, grandchild))
+    assert listed[bystander["id"]]["revoked_at"] is None
