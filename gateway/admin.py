@@ -294,7 +294,7 @@ class Admin:
         return _json({"id": key_id, "revoked": True, "minted_keys_revoked": [i for i, _ in revoked[1:]]})
 
     # ---- budgets -------------------------------------------------------------------------------
-    async def _state(self, b) -> dict:
+    async def _state(self, b, ident: Identity | None = None) -> dict:
         spent_key, reserved_key, alert_prefix, _ = b.keys()
         thresholds = [f"{t:g}" for t in b.thresholds]
         values = await self.svc.redis.mget([spent_key, reserved_key, *(alert_prefix + t for t in thresholds)])
@@ -305,6 +305,11 @@ class Admin:
         secret = self.svc.config.alerts.secret
         # The budget's own receiver verifies its alerts with a key of its own (policies/alerts.py).
         signing = {"webhook_signing_key": budget_signing_key(secret, b.id)} if secret and b.webhook_url else {}
+        # A budget the super-admin set (locked) alerts the super-admin's receiver: its URL (often
+        # carrying a token) and signing key are not the tenant admin's to read.
+        hidden = b.locked and ident is not None and not ident.is_master
+        if hidden:
+            signing = {}
         return {
             "id": b.id,
             "tenant": b.tenant,
@@ -316,7 +321,7 @@ class Admin:
             "enforcement": b.enforcement,
             "locked": b.locked,
             "thresholds": list(b.thresholds),
-            "webhook_url": b.webhook_url,
+            "webhook_url": None if hidden else b.webhook_url,
             "spent_usd": spent,
             "reserved_usd": int(values[1] or 0) / NANO,
             "leased_usd": leased / NANO,  # held by replicas as admission credit (in flight included)
@@ -397,7 +402,7 @@ class Admin:
     async def list_budgets(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             rows = await budget_store.list_budgets(conn, _view(request))
-        return _json({"data": [await self._state(b) for b in rows]})
+        return _json({"data": [await self._state(b, _ident(request)) for b in rows]})
 
     async def _get(self, request: Request, conn):
         budget_id = request.path_params["budget_id"]
@@ -417,7 +422,7 @@ class Admin:
     async def get_budget(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             b = await self._get(request, conn)
-        return _json(await self._state(b))
+        return _json(await self._state(b, _ident(request)))
 
     async def update_budget(self, request: Request) -> Response:
         data = await inp.body(request)

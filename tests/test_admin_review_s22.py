@@ -137,3 +137,32 @@ def test_revoking_a_tenant_admin_key_revokes_every_key_it_minted(gw):
     listed = {k["id"]: k for k in admin(gw, "GET", f"/admin/keys?all=true&tenant={ta}").json()["data"]}
     assert all(listed[k["id"]]["revoked_at"] for k in (boss, child, grandchild))
     assert listed[bystander["id"]]["revoked_at"] is None
+
+
+# ---- budgets: what a tenant admin reads ----------------------------------------------------------
+def test_a_tenant_admin_cannot_read_the_receiver_or_signing_key_of_a_budget_the_super_admin_set(gw):
+    """The super-admin capped a tenant with an alert receiver whose URL carries its token: the
+    tenant's admins read the URL and the budget's signing key (to post forged alerts to it)."""
+    ta = tenant()
+    boss = new_key(gw, tenant=ta, scopes=["admin"])
+    hook = "https://8.8.8.8/hook?token=operator-secret-123"
+    r = admin(
+        gw, "POST", "/admin/budgets", json={"scope": "tenant", "scope_value": ta, "limit_usd": 5, "webhook_url": hook}
+    )
+    assert r.status_code == 201 and r.json()["webhook_signing_key"], r.text  # the super-admin's to read
+    seen = [as_key(gw, boss["key"], "GET", f"/admin/budgets/{r.json()['id']}").json()]
+    seen += as_key(gw, boss["key"], "GET", "/admin/budgets").json()["data"]
+    for state in seen:
+        assert state["locked"] and "webhook_signing_key" not in state and state["webhook_url"] is None, state
+        assert state["limit_usd"] == 5  # the rest stays readable
+    assert "operator-secret" not in as_key(gw, boss["key"], "GET", "/admin/budgets").text
+    # a budget the tenant admin set itself is its own to read
+    own = as_key(
+        gw,
+        boss["key"],
+        "POST",
+        "/admin/budgets",
+        json={"scope": "user", "scope_value": "u1", "limit_usd": 1, "webhook_url": hook},
+    ).json()
+    assert own["webhook_url"] == hook and own["webhook_signing_key"]
+    assert as_key(gw, boss["key"], "GET", f"/admin/budgets/{own['id']}").json()["webhook_url"] == hook
