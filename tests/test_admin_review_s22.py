@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway, wait_until
+from tests.conftest import MASTER_KEY, Gateway, wait_until
 from tests.test_policies import HELLO, admin, cfg, new_key
 
 
@@ -166,3 +166,23 @@ def test_a_tenant_admin_cannot_read_the_receiver_or_signing_key_of_a_budget_the_
     ).json()
     assert own["webhook_url"] == hook and own["webhook_signing_key"]
     assert as_key(gw, boss["key"], "GET", f"/admin/budgets/{own['id']}").json()["webhook_url"] == hook
+
+
+# ---- admin input -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/admin/keys?tenant=%00"),
+        ("GET", "/admin/budgets?tenant=a%00b"),
+        ("GET", "/admin/access-log?actor=%00"),
+        ("DELETE", "/admin/keys/key_%00"),
+        ("GET", "/admin/budgets/bud_%00"),
+        ("GET", "/admin/requests/%00"),
+        ("GET", "/admin/runs/%00"),
+        ("GET", "/admin/agents/%00"),
+    ],
+)
+def test_a_nul_character_in_an_admin_path_or_query_is_a_400_not_a_500(gw, method, path):
+    r = httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30)
+    assert r.status_code in (400, 404), r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
