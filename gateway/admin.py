@@ -437,6 +437,8 @@ class Admin:
         changes: dict = {}
         if "limit_usd" in data:
             changes["limit_usd"] = inp.number(data, "limit_usd")
+            if changes["limit_usd"] is None:  # a budget has a limit; delete it to have none
+                raise InvalidRequest("'limit_usd' must be a positive number.", param="limit_usd", code="invalid_value")
         if "thresholds" in data:
             changes["thresholds"] = inp.thresholds(data)
         if "webhook_url" in data:

@@ -186,3 +186,11 @@ def test_a_nul_character_in_an_admin_path_or_query_is_a_400_not_a_500(gw, method
     r = httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30)
     assert r.status_code in (400, 404), r.text
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_patching_a_budget_limit_to_null_is_a_400_naming_it_and_changes_nothing(gw):
+    b = admin(gw, "POST", "/admin/budgets", json={"scope": "user", "scope_value": tenant(), "limit_usd": 3}).json()
+    r = admin(gw, "PATCH", f"/admin/budgets/{b['id']}", json={"limit_usd": None, "enforcement": "soft"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit_usd", r.text
+    after = admin(gw, "GET", f"/admin/budgets/{b['id']}").json()
+    assert after["limit_usd"] == 3 and after["enforcement"] == "hard"
