@@ -257,8 +257,8 @@ class Admin:
                     locked=minter.is_master,
                 )
         if budget is not None:
-            await budget_store.announce_change(self.svc.redis)
-            await self.svc.budgets.load()
+            await budget_store.announce_change(self.svc.redis, budget.id)
+            await self.svc.budgets.refresh(budget.id)
         if require_tags:
             meta["require_tags"] = require_tags
         return _json(
@@ -399,8 +399,8 @@ class Admin:
                         code="duplicate",
                     ) from None
                 raise
-        await budget_store.announce_change(self.svc.redis)
-        await self.svc.budgets.load()
+        await budget_store.announce_change(self.svc.redis, b.id)
+        await self.svc.budgets.refresh(b.id)
         return _json(await self._state(b), 201)
 
     async def list_budgets(self, request: Request) -> Response:
@@ -449,16 +449,16 @@ class Admin:
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             self._writable(request, await self._get(request, conn))
             b = await budget_store.update_budget(conn, request.path_params["budget_id"], changes, _view(request))
-        await budget_store.announce_change(self.svc.redis)
-        await self.svc.budgets.load()
+        await budget_store.announce_change(self.svc.redis, b.id)
+        await self.svc.budgets.refresh(b.id)
         return _json(await self._state(b))
 
     async def delete_budget(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             self._writable(request, await self._get(request, conn))
             await budget_store.delete_budget(conn, request.path_params["budget_id"], _view(request))
-        await budget_store.announce_change(self.svc.redis)
-        await self.svc.budgets.load()
+        await budget_store.announce_change(self.svc.redis, request.path_params["budget_id"])
+        await self.svc.budgets.refresh(request.path_params["budget_id"])
         return _json({"id": request.path_params["budget_id"], "deleted": True})
 
     # ---- spend and audit -------------------------------------------------------------------------

@@ -221,7 +221,7 @@ class AlertSender:
         budget = self._budgets.by_id.get(budget_id)
         if budget is None:  # created a moment ago on another replica: this one may not know it yet
             with contextlib.suppress(Exception):
-                await self._budgets.load()
+                await self._budgets.refresh(budget_id)
             budget = self._budgets.by_id.get(budget_id)
         url = self._cfg.webhook_url
         if budget is not None and budget.webhook_url:

@@ -167,9 +167,11 @@ async def delete_budget(conn, budget_id: str, tenant: str | None = None) -> bool
 
 
 class BudgetCache:
-    """Every budget, indexed by (tenant, scope, value); reloaded when any replica announces a
-    change. Attribution values come from the client, so they only ever match budgets of the
-    caller's own tenant."""
+    """Every budget, indexed by (tenant, scope, value). A change announced by any replica names
+    its budget, which alone is read again (``refresh``): a stream of changes costs every replica
+    one small query each, never a reload of every tenant's budgets. Loaded whole at start and
+    after a (re)subscription, when changes may have been missed. Attribution values come from
+    the client, so they only ever match budgets of the caller's own tenant."""
 
     def __init__(self, pool: asyncpg.Pool, redis) -> None:
         self._pool = pool
@@ -186,12 +188,36 @@ class BudgetCache:
             index.setdefault((b.tenant, b.scope, b.scope_value), []).append(b)
         self.by_scope, self.by_id = index, {b.id: b for b in budgets}
 
+    async def refresh(self, budget_id: str) -> None:
+        """Reads one budget again: changed, created or deleted."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM budgets WHERE id = $1", budget_id)
+        self._drop(budget_id)
+        if row is not None:
+            b = _row(row)
+            self.by_id[b.id] = b
+            self.by_scope.setdefault((b.tenant, b.scope, b.scope_value), []).append(b)
+
+    def _drop(self, budget_id: str) -> None:
+        old = self.by_id.pop(budget_id, None)
+        if old is not None:
+            where = (old.tenant, old.scope, old.scope_value)
+            rest = [b for b in self.by_scope.get(where, ()) if b.id != budget_id]
+            if rest:
+                self.by_scope[where] = rest
+            else:
+                self.by_scope.pop(where, None)
+
     async def start(self) -> None:
         await self.load()
         self._task = asyncio.create_task(self._listen(), name="budget-changes")
 
+    async def _changed(self, data) -> None:
+        name = data.decode() if isinstance(data, bytes) else str(data)
+        await (self.refresh(name) if name.startswith("bud_") else self.load())
+
     async def _listen(self) -> None:
-        await listen_forever(self._redis, CHANGED, lambda _data: self.load(), self.load)
+        await listen_forever(self._redis, CHANGED, self._changed, self.load)
 
     async def stop(self) -> None:
         await stop_task(self._task)
@@ -214,5 +240,6 @@ class BudgetCache:
         return out
 
 
-async def announce_change(redis) -> None:
-    await redis.publish(CHANGED, "1")
+async def announce_change(redis, budget_id: str | None = None) -> None:
+    """Tells every replica a budget changed (``budget_id``: that one alone; None: reload all)."""
+    await redis.publish(CHANGED, budget_id or "1")
