@@ -192,8 +192,11 @@ class PolicyEngine:
             out.append(("key", f"key:{attr['key']}", key_limit))
             for minter, limit in ident.shared_limits if ident is not None else ():
                 out.append(("minting key", f"key:{minter}", limit if limit is not None else self.limits.key))
+        # the tenant's name carries its length: a tenant named "acme" whose client says it is user
+        # "x:alice" never counts in (or fills) tenant "acme:x"'s user "alice"'s window
+        tenant_tag = f"{len(attr['tenant'] or '')}:{attr['tenant']}"
         if attr["user"] and (self.limits.user.rpm or self.limits.user.tpm):
-            out.append(("user", f"user:{attr['tenant']}:{attr['user']}", self.limits.user))
+            out.append(("user", f"user:{tenant_tag}:{attr['user']}", self.limits.user))
         tenant = self.limits.tenant.get(attr["tenant"] or "")
         if tenant is not None:
             out.append(("tenant", f"tenant:{attr['tenant']}", tenant))
@@ -204,11 +207,9 @@ class PolicyEngine:
         if agent:
             limit = self.limits.agent.get(agent)
             if limit is not None:
-                out.append(("agent", f"agent:{attr['tenant']}:{agent}", limit))
+                out.append(("agent", f"agent:{tenant_tag}:{agent}", limit))
             if attr["user"] and (self.limits.agent_user.rpm or self.limits.agent_user.tpm):
-                out.append(
-                    ("agent user", f"agent-user:{attr['tenant']}:{agent}:{attr['user']}", self.limits.agent_user)
-                )
+                out.append(("agent user", f"agent-user:{tenant_tag}:{agent}:{attr['user']}", self.limits.agent_user))
         flat = []
         for label, base, limit in out:
             if limit.rpm:

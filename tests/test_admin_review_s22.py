@@ -16,7 +16,7 @@ from tests.test_policies import HELLO, admin, cfg, new_key
 
 @pytest.fixture(scope="module")
 def gw(tmp_root, services, module_mock):
-    g = Gateway(tmp_root, cfg(module_mock), services)
+    g = Gateway(tmp_root, cfg(module_mock, limits={"user": {"rpm": 2}}), services)
     yield g
     g.stop()
 
@@ -259,3 +259,16 @@ def test_a_stream_of_budget_changes_never_reloads_every_tenants_budgets(gw, serv
             await pool.close()
 
     asyncio.run(run())
+
+
+# ---- rate limits ---------------------------------------------------------------------------------
+def test_a_client_cannot_fill_another_tenants_user_rate_window_by_naming_its_user_with_a_colon(gw):
+    """Per-user windows were named user:<tenant>:<user>: a client of tenant "acme" saying it is
+    user "x:alice" counted in tenant "acme:x"'s user alice's window, and filled it."""
+    acme = tenant()
+    ours, theirs = new_key(gw, tenant=acme), new_key(gw, tenant=f"{acme}:x")
+    for _ in range(2):  # limits.user: 2 requests a minute
+        sdk(gw, ours).chat.completions.create(model="priced", messages=HELLO, max_tokens=5, user="x:alice")
+    assert sdk(gw, theirs).chat.completions.create(model="priced", messages=HELLO, max_tokens=5, user="alice").choices
+    with pytest.raises(openai.RateLimitError):  # (the window itself holds: acme's x:alice is full)
+        sdk(gw, ours).chat.completions.create(model="priced", messages=HELLO, max_tokens=5, user="x:alice")
