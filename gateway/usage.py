@@ -8,15 +8,29 @@ from core.tokens import count_text
 from core.types import RequestContext, Usage
 
 
+def _text(value) -> str:
+    """A field as the client received it: text as is, anything else (arguments sent as an
+    object, content as parts) as its JSON."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else orjson.dumps(value).decode()
+
+
 def _answer_parts(data: dict, field: str, parts: list[str]) -> None:
-    """Text and tool calls of every choice's ``message`` (whole answers) or ``delta`` (chunks)."""
-    for choice in data.get("choices") or ():
-        msg = choice.get(field) or {}
-        if isinstance(msg.get("content"), str):
-            parts.append(msg["content"])
-        for call in msg.get("tool_calls") or ():
-            fn = call.get("function") or {}
-            parts.append((fn.get("name") or "") + (fn.get("arguments") or ""))
+    """Text and tool calls of every choice's ``message`` (whole answers) or ``delta`` (chunks).
+    Whatever shape a provider gives them, they are counted, never a reason to fail the answer
+    (or to leave it uncharged)."""
+    choices = data.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        msg = choice.get(field) if isinstance(choice, dict) else None
+        if not isinstance(msg, dict):
+            continue
+        parts.append(_text(msg.get("content")))
+        calls = msg.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                parts.append(_text(fn.get("name")) + _text(fn.get("arguments")))
 
 
 def _usage(ctx: RequestContext, parts: list[str]) -> Usage:

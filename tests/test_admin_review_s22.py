@@ -4,14 +4,17 @@ against a real gateway process."""
 
 from __future__ import annotations
 
+import http.server
+import json
+import threading
 import uuid
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import MASTER_KEY, Gateway, wait_until
-from tests.test_policies import HELLO, admin, cfg, new_key
+from tests.conftest import MASTER_KEY, Gateway, free_port, wait_until
+from tests.test_policies import HELLO, admin, cfg, ledger_rows, new_key
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +275,71 @@ def test_a_client_cannot_fill_another_tenants_user_rate_window_by_naming_its_use
     assert sdk(gw, theirs).chat.completions.create(model="priced", messages=HELLO, max_tokens=5, user="alice").choices
     with pytest.raises(openai.RateLimitError):  # (the window itself holds: acme's x:alice is full)
         sdk(gw, ours).chat.completions.create(model="priced", messages=HELLO, max_tokens=5, user="x:alice")
+
+
+# ---- usage a provider did not report ---------------------------------------------------------------
+CALL = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": {"city": "Paris"}}}
+
+
+class QuirkyProvider:
+    """An OpenAI-compatible server that reports no usage and sends a tool call's arguments as
+    an object, not a string (as some self-hosted servers do)."""
+
+    def __init__(self) -> None:
+        def chunk(delta: dict, finish: str | None) -> bytes:
+            obj = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+            obj["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+            return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                req = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                if req.get("stream"):
+                    first = chunk({"role": "assistant", "tool_calls": [{"index": 0, **CALL}]}, None)
+                    body, ctype = first + chunk({}, "tool_calls") + b"data: [DONE]\n\n", "text/event-stream"
+                else:
+                    message = {"role": "assistant", "content": None, "tool_calls": [CALL]}
+                    choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+                    answer = {"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [choice]}
+                    body, ctype = json.dumps(answer).encode(), "application/json"
+                self.send_response(200)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_an_answer_whose_unreported_usage_has_an_unusual_shape_is_served_and_charged(tmp_root, services):
+    """A provider that reported no usage and sent tool-call arguments as an object: counting
+    the answer raised, so the non-streamed answer became a 500, and the streamed one reached
+    the client (its tool call included) but broke before its end and was charged nothing."""
+    upstream = QuirkyProvider()
+    deployment = {"provider": "q", "model": "m", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
+    config = {
+        "router": {"max_attempts": 1},
+        "providers": [{"name": "q", "kind": "openai", "base_url": f"{upstream.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "priced", "deployments": [deployment]}],
+    }
+    g = Gateway(tmp_root, config, services)
+    try:
+        key = new_key(g)
+        client = sdk(g, key)
+        answer = client.chat.completions.create(model="priced", messages=HELLO, max_tokens=5)
+        assert answer.choices[0].message.tool_calls[0].function.name == "lookup"
+        chunks = list(client.chat.completions.create(model="priced", messages=HELLO, max_tokens=5, stream=True))
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        wait_until(lambda: len(ledger_rows(services[0], "key_id = $1", key["id"])) == 2, 15, "two ledger rows")
+        for row in ledger_rows(services[0], "key_id = $1", key["id"]):
+            assert row["status"] == 200 and row["completion_tokens"] > 0 and row["cost_usd"] > 0, row
+    finally:
+        g.stop()
+        upstream.server.shutdown()
