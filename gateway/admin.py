@@ -266,13 +266,18 @@ class Admin:
         )
 
     async def list_keys(self, request: Request) -> Response:
+        limit, after = inp.page(request)  # newest first, a page at a time: never every key at once
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             rows = await key_store.list_keys(
-                conn, include_revoked=request.query_params.get("all") == "true", tenant=_view(request)
+                conn,
+                include_revoked=request.query_params.get("all") == "true",
+                tenant=_view(request),
+                limit=limit + 1,
+                after=after,
             )
         return _json(
-            {
-                "data": [
+            inp.listing(
+                [
                     {
                         "id": r.id,
                         "name": r.name,
@@ -283,9 +288,10 @@ class Admin:
                         **{k: v for k, v in r.settings.items() if k != "limits"},
                         **(r.settings.get("limits") or {}),
                     }
-                    for r in rows
-                ]
-            }
+                    for r in rows[:limit]
+                ],
+                len(rows) > limit,
+            )
         )
 
     async def revoke_key(self, request: Request) -> Response:
@@ -404,9 +410,11 @@ class Admin:
         return _json(await self._state(b), 201)
 
     async def list_budgets(self, request: Request) -> Response:
+        limit, after = inp.page(request)  # newest first, a page at a time
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
-            rows = await budget_store.list_budgets(conn, _view(request))
-        return _json({"data": [await self._state(b, _ident(request)) for b in rows]})
+            rows = await budget_store.list_budgets(conn, _view(request), limit + 1, after)
+        states = [await self._state(b, _ident(request)) for b in rows[:limit]]
+        return _json(inp.listing(states, len(rows) > limit))
 
     async def _get(self, request: Request, conn):
         budget_id = request.path_params["budget_id"]

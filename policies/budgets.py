@@ -99,8 +99,24 @@ def _row(r: asyncpg.Record) -> Budget:
 
 # ``tenant`` None is the super-admin's view (every tenant); otherwise rows of that tenant only.
 # Tenant-scoped callers also run under row-level security (gateway.db.tenant_transaction).
-async def list_budgets(conn, tenant: str | None = None) -> list[Budget]:
-    rows = await conn.fetch("SELECT * FROM budgets WHERE $1::text IS NULL OR tenant = $1 ORDER BY created_at", tenant)
+async def list_budgets(
+    conn, tenant: str | None = None, limit: int | None = None, after: str | None = None
+) -> list[Budget]:
+    """Every budget, oldest first; or with ``limit`` one page, newest first, of the budgets older
+    than the budget ``after`` (a page's last id)."""
+    if limit is None:
+        rows = await conn.fetch(
+            "SELECT * FROM budgets WHERE $1::text IS NULL OR tenant = $1 ORDER BY created_at", tenant
+        )
+    else:
+        rows = await conn.fetch(
+            """SELECT * FROM budgets WHERE ($1::text IS NULL OR tenant = $1)
+                 AND ($2::text IS NULL OR (created_at, id) < (SELECT created_at, id FROM budgets WHERE id = $2))
+               ORDER BY created_at DESC, id DESC LIMIT $3""",
+            tenant,
+            after,
+            limit,
+        )
     return [_row(r) for r in rows]
 
 

@@ -68,14 +68,33 @@ async def create_key(
 # ``tenant`` None is the super-admin's view; otherwise only that tenant's keys (the admin API
 # also runs these under row-level security, so the filter is not the only wall).
 async def list_keys(
-    conn: asyncpg.Connection, *, include_revoked: bool = False, tenant: str | None = None
+    conn: asyncpg.Connection,
+    *,
+    include_revoked: bool = False,
+    tenant: str | None = None,
+    limit: int | None = None,
+    after: str | None = None,
 ) -> list[KeyRecord]:
-    rows = await conn.fetch(
-        """SELECT id, name, tenant, key_prefix, created_at, revoked_at, metadata FROM api_keys
-           WHERE ($1 OR revoked_at IS NULL) AND ($2::text IS NULL OR tenant = $2) ORDER BY created_at""",
-        include_revoked,
-        tenant,
-    )
+    """Every key, oldest first; or with ``limit`` one page, newest first, of the keys older than
+    the key ``after`` (a page's last id)."""
+    if limit is None:
+        rows = await conn.fetch(
+            """SELECT id, name, tenant, key_prefix, created_at, revoked_at, metadata FROM api_keys
+               WHERE ($1 OR revoked_at IS NULL) AND ($2::text IS NULL OR tenant = $2) ORDER BY created_at""",
+            include_revoked,
+            tenant,
+        )
+    else:
+        rows = await conn.fetch(
+            """SELECT id, name, tenant, key_prefix, created_at, revoked_at, metadata FROM api_keys
+               WHERE ($1 OR revoked_at IS NULL) AND ($2::text IS NULL OR tenant = $2)
+                 AND ($3::text IS NULL OR (created_at, id) < (SELECT created_at, id FROM api_keys WHERE id = $3))
+               ORDER BY created_at DESC, id DESC LIMIT $4""",
+            include_revoked,
+            tenant,
+            after,
+            limit,
+        )
     return [KeyRecord(**{k: v for k, v in r.items() if k != "metadata"}, settings=_settings(r)) for r in rows]
 
 

@@ -343,3 +343,38 @@ def test_an_answer_whose_unreported_usage_has_an_unusual_shape_is_served_and_cha
     finally:
         g.stop()
         upstream.server.shutdown()
+
+
+# ---- listings ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("what", ["keys", "budgets"])
+def test_keys_and_budgets_are_listed_a_bounded_page_at_a_time(gw, what):
+    """GET /admin/keys and /admin/budgets answered every row at once (a budget costing three
+    Redis round trips): a tenant admin that minted 100,000 keys or budgets made every listing
+    that large. They now answer pages of at most 1,000, newest first, with an ``after`` cursor."""
+    ta = tenant()
+    boss = new_key(gw, tenant=ta, scopes=["admin"])
+    made = []
+    for i in range(5):
+        if what == "keys":
+            made.append(as_key(gw, boss["key"], "POST", "/admin/keys", json={"name": f"k{i}"}).json()["id"])
+        else:
+            body = {"scope": "customer", "scope_value": f"c{i}", "limit_usd": 1}
+            made.append(as_key(gw, boss["key"], "POST", "/admin/budgets", json=body).json()["id"])
+    if what == "keys":
+        made.insert(0, boss["id"])  # the admin key is the tenant's oldest
+    seen, after = [], None
+    for _ in range(5):
+        page = as_key(
+            gw, boss["key"], "GET", f"/admin/{what}", params={"limit": 2, **({"after": after} if after else {})}
+        )
+        assert page.status_code == 200, page.text
+        page = page.json()
+        assert len(page["data"]) <= 2
+        seen += [row["id"] for row in page["data"]]
+        after = page["last_id"]
+        if not page["has_more"]:
+            break
+    assert seen == list(reversed(made)), "newest first, each once"
+    for bad in ("0", "1001", "ten"):
+        r = as_key(gw, boss["key"], "GET", f"/admin/{what}", params={"limit": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
