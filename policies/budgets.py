@@ -21,7 +21,7 @@ PERIODS = ("daily", "weekly", "monthly", "none")
 ENFORCEMENTS = ("hard", "soft")
 CHANGED = "gateway:budgets:changed"
 NANO = 1_000_000_000  # budget counters are integer nano-USD
-_KEYS_CACHE: dict[tuple[str, int], tuple[int, tuple[str, str, str, int]]] = {}
+_KEYS_CACHE: dict[str, tuple[int, int, tuple[str, str, str, int]]] = {}  # id -> (second, limit, keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +69,11 @@ class Budget:
         alert prefix also names the limit)."""
         if now is None:  # per request: cached for the second, periods change at midnight
             second = int(time.time())
-            cached = _KEYS_CACHE.get((self.id, self.limit_nano))
-            if cached is not None and cached[0] == second:
-                return cached[1]
+            cached = _KEYS_CACHE.get(self.id)
+            if cached is not None and cached[0] == second and cached[1] == self.limit_nano:
+                return cached[2]
             value = self.keys(datetime.fromtimestamp(second, UTC))
-            _KEYS_CACHE[self.id, self.limit_nano] = (second, value)
+            _KEYS_CACHE[self.id] = (second, self.limit_nano, value)
             return value
         period, end = self.window(now)
         base = f"gw:{{gw}}:budget:{self.id}:{period}"
@@ -215,6 +215,7 @@ class BudgetCache:
             self.by_scope.setdefault((b.tenant, b.scope, b.scope_value), []).append(b)
 
     def _drop(self, budget_id: str) -> None:
+        _KEYS_CACHE.pop(budget_id, None)
         old = self.by_id.pop(budget_id, None)
         if old is not None:
             where = (old.tenant, old.scope, old.scope_value)
