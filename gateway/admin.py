@@ -244,6 +244,8 @@ class Admin:
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             key, rec = await key_store.create_key(conn, name, tenant, require_tags, extra=meta)
             budget = None
+            if budget_usd and not minter.is_master:
+                await self._budget_room(conn, tenant)
             if budget_usd:
                 budget = await budget_store.create_budget(
                     conn,
@@ -383,6 +385,8 @@ class Admin:
             elif scope == "tenant":
                 tenant = value
             tenant = tenant or "default"
+            if not ident.is_master:
+                await self._budget_room(conn, tenant)
             try:
                 async with conn.transaction():
                     b = await budget_store.create_budget(
@@ -408,6 +412,21 @@ class Admin:
         await budget_store.announce_change(self.svc.redis, b.id)
         await self.svc.budgets.refresh(b.id)
         return _json(await self._state(b), 201)
+
+    async def _budget_room(self, conn, tenant: str) -> None:
+        """A tenant admin's budgets are bounded (``policies.max_budgets_per_tenant``): each is held
+        in every replica's memory. Counted under a per-tenant lock, so racing creates cannot pass."""
+        cap = self.svc.config.policies.max_budgets_per_tenant
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-budgets:' || $1))", tenant)
+        count = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT 1 FROM budgets WHERE tenant = $1 LIMIT $2) b", tenant, cap
+        )
+        if count >= cap:
+            raise InvalidRequest(
+                f"This tenant has {cap} budgets, the most it may have; delete one first.",
+                param="scope_value",
+                code="too_many_budgets",
+            )
 
     async def list_budgets(self, request: Request) -> Response:
         limit, after = inp.page(request)  # newest first, a page at a time

@@ -19,7 +19,8 @@ from tests.test_policies import HELLO, admin, cfg, ledger_rows, new_key
 
 @pytest.fixture(scope="module")
 def gw(tmp_root, services, module_mock):
-    g = Gateway(tmp_root, cfg(module_mock, limits={"user": {"rpm": 2}}), services)
+    config = cfg(module_mock, limits={"user": {"rpm": 2}}, policies={"max_budgets_per_tenant": 6})
+    g = Gateway(tmp_root, config, services)
     yield g
     g.stop()
 
@@ -378,3 +379,27 @@ def test_keys_and_budgets_are_listed_a_bounded_page_at_a_time(gw, what):
     for bad in ("0", "1001", "ten"):
         r = as_key(gw, boss["key"], "GET", f"/admin/{what}", params={"limit": bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
+
+
+def test_a_tenant_admin_cannot_create_budgets_without_bound_even_racing(gw):
+    """Every budget is held in every replica's memory and loaded whole at start-up: a tenant
+    admin could create millions. A tenant's admins now create at most
+    ``policies.max_budgets_per_tenant`` (6 here), however many requests race."""
+    import concurrent.futures
+
+    ta = tenant()
+    boss = new_key(gw, tenant=ta, scopes=["admin"])
+
+    def create(i: int) -> int:
+        body = {"scope": "customer", "scope_value": f"c{i}", "limit_usd": 1}
+        return as_key(gw, boss["key"], "POST", "/admin/budgets", json=body).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        codes = sorted(pool.map(create, range(10)))
+    assert codes == [201] * 6 + [400] * 4, codes
+    r = as_key(gw, boss["key"], "POST", "/admin/keys", json={"name": "k", "budget_usd": 1})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_budgets"
+    assert len(admin(gw, "GET", "/admin/budgets", params={"tenant": ta}).json()["data"]) == 6
+    # the super-admin's caps on the tenant are never refused
+    body = {"scope": "tenant", "scope_value": ta, "limit_usd": 1}
+    assert admin(gw, "POST", "/admin/budgets", json=body).status_code == 201
