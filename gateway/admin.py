@@ -22,6 +22,7 @@ import logging
 from datetime import UTC, datetime
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -302,7 +303,13 @@ class Admin:
             revoked = await key_store.revoke_tree(conn, key_id, tenant=_view(request))  # minted keys too
         if not revoked:
             raise NotFound(f"No key with id {key_id[:64]!r}.", param="key_id")
-        await key_store.announce_revocation(self.svc.redis, *(h for _, h in revoked))
+        for _, key_hash in revoked:  # this replica at once, whatever Redis says
+            self.svc.auth.invalidate(key_hash)
+        try:
+            await key_store.announce_revocation(self.svc.redis, *(h for _, h in revoked))
+        except RedisError as exc:  # revoked all the same: every replica flushes its key cache when its
+            # subscription comes back, and a cached key lives server.key_cache_ttl at most meanwhile
+            log.warning("key revocation not announced (Redis unreachable): %s", type(exc).__name__)
         return _json({"id": key_id, "revoked": True, "minted_keys_revoked": [i for i, _ in revoked[1:]]})
 
     # ---- budgets -------------------------------------------------------------------------------

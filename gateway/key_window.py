@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import time
 
-from core.errors import RateLimited
+from redis.exceptions import RedisError
+
+from core.errors import RateLimited, ServiceUnavailable
 from core.types import Identity
 
 DEFAULT_PER_MINUTE = 600
@@ -29,12 +31,21 @@ async def admit(svc, ident: Identity, route: str, what: str) -> None:
     windows = [(ident.key_id, per_minute(svc, ident))]
     for minter, lim in getattr(ident, "shared_limits", ()) or ():
         windows.append((minter, (getattr(lim, "rpm", 0) or 0) or svc.config.limits.key.rpm or DEFAULT_PER_MINUTE))
-    async with svc.redis.pipeline(transaction=False) as pipe:
-        for key_id, _ in windows:
-            name = f"gw:{{gw}}:{route}:{key_id}:{window}"
-            pipe.incr(name)
-            pipe.expire(name, 120)
-        counts = (await pipe.execute())[::2]
+    try:
+        async with svc.redis.pipeline(transaction=False) as pipe:
+            for key_id, _ in windows:
+                name = f"gw:{{gw}}:{route}:{key_id}:{window}"
+                pipe.incr(name)
+                pipe.expire(name, 120)
+            counts = (await pipe.execute())[::2]
+    except RedisError:  # as the model calls' limits do (policies.fail_open): serve, or a 503 to retry
+        if svc.config.policies.fail_open:
+            return
+        raise ServiceUnavailable(
+            f"The gateway cannot count {what.lower()} right now; try again shortly.",
+            code="policy_store_unavailable",
+            headers={"retry-after": "1"},
+        ) from None
     over = [lim for (_, lim), count in zip(windows, counts, strict=True) if count > lim]
     if over:
         limit = min(over)

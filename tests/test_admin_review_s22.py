@@ -403,3 +403,35 @@ def test_a_tenant_admin_cannot_create_budgets_without_bound_even_racing(gw):
     # the super-admin's caps on the tenant are never refused
     body = {"scope": "tenant", "scope_value": ta, "limit_usd": 1}
     assert admin(gw, "POST", "/admin/budgets", json=body).status_code == 201
+
+
+# ---- Redis unreachable -------------------------------------------------------------------------------
+def test_with_redis_down_side_routes_answer_503_to_retry_and_a_revocation_still_succeeds(
+    tmp_root, services, module_mock
+):
+    """With Redis unreachable, feedback and /v1/files answered 500 (their per-key window could
+    not be counted) where model calls answer 503 policy_store_unavailable; and DELETE
+    /admin/keys/{id} answered 500 although the key was revoked (its announcement failed), so
+    an admin could never see it succeed. Every replica flushes its key cache when its
+    subscription comes back, and cached keys expire (server.key_cache_ttl) meanwhile."""
+    from gateway.embedded import EmbeddedServices
+
+    valkey = EmbeddedServices(tmp_root / f"valkey-{uuid.uuid4().hex[:6]}").start(postgres=False)
+    g = Gateway(tmp_root, cfg(module_mock), (services[0], valkey.redis_url))
+    try:
+        key = new_key(g)
+        headers = {"Authorization": f"Bearer {key['key']}"}
+        assert httpx.get(f"{g.url}/v1/models", headers=headers).status_code == 200  # (now cached)
+        valkey.stop()
+        for r in (
+            httpx.post(f"{g.url}/v1/feedback", headers=headers, json={"request_id": "req_x", "score": 1}),
+            httpx.get(f"{g.url}/v1/files", headers=headers),
+        ):
+            assert r.status_code == 503 and r.json()["error"]["code"] == "policy_store_unavailable", r.text
+            assert r.headers["retry-after"] == "1"
+        r = admin(g, "DELETE", f"/admin/keys/{key['id']}")
+        assert r.status_code == 200 and r.json()["revoked"] is True, r.text
+        assert httpx.get(f"{g.url}/v1/models", headers=headers).status_code == 401  # this replica: at once
+    finally:
+        g.stop()
+        valkey.stop()
