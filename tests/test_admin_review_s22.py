@@ -435,3 +435,31 @@ def test_with_redis_down_side_routes_answer_503_to_retry_and_a_revocation_still_
     finally:
         g.stop()
         valkey.stop()
+
+
+# ---- PII policy ------------------------------------------------------------------------------------
+def test_a_tenant_admin_cannot_mint_a_key_whose_pii_policy_lifts_its_tenants(tmp_root, services, module_mock):
+    """The operator held a tenant to a PII policy that redacts e-mail addresses; the tenant's
+    admin (no policy on its own key) minted a key naming the operator's policy "off" — a key's
+    policy wins over its tenant's — and that key's requests reached the provider unscrubbed."""
+    ta = tenant()
+    pii = {
+        "policies": {"strict": {"entities": {"email": "redact"}}, "off": {"entities": {}}},
+        "tenants": {ta: "strict"},
+    }
+    g = Gateway(tmp_root, cfg(module_mock, pii=pii), services)
+    try:
+        boss = new_key(g, tenant=ta, scopes=["admin"])
+        r = as_key(g, boss["key"], "POST", "/admin/keys", json={"name": "leaky", "pii_policy": "off"})
+        assert r.status_code == 403 and r.json()["error"]["param"] == "pii_policy", r.text
+        child = as_key(g, boss["key"], "POST", "/admin/keys", json={"name": "plain"}).json()
+        secret = "jane.doe@example.com"
+        module_mock.clear()
+        sdk(g, child).chat.completions.create(
+            model="priced", messages=[{"role": "user", "content": f"mail {secret}"}], max_tokens=5
+        )
+        assert secret not in json.dumps(module_mock.last()["body"])  # the tenant's policy holds
+        # the super-admin may still give a key a policy of its own
+        assert new_key(g, tenant=ta, pii_policy="off")["pii_policy"] == "off"
+    finally:
+        g.stop()
