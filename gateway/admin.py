@@ -40,7 +40,7 @@ from policies.alerts import budget_signing_key
 from policies.budgets import ENFORCEMENTS, NANO, PERIODS, SCOPES
 from policies.engine import MAX_ATTRIBUTION, MAX_TAG
 from policies.minting import narrow
-from policies.webhooks import check_webhook_url
+from policies.webhooks import NetworkPolicy, check_webhook_url
 
 log = logging.getLogger("gateway.admin")
 
@@ -349,12 +349,13 @@ class Admin:
             **signing,
         }
 
-    async def _check_webhook(self, url: str | None) -> None:
+    async def _check_webhook(self, url: str | None, ident: Identity) -> None:
         """Refuse a receiver the alert sender would refuse (private, loopback, metadata
-        addresses...), now rather than when the first alert fires."""
+        addresses...), now rather than when the first alert fires. A tenant admin's receivers
+        are held to public addresses whatever ``alerts.*`` opens for the operator's."""
         if url is None:
             return
-        problem = await check_webhook_url(url, self.svc.config.alerts)
+        problem = await check_webhook_url(url, self.svc.config.alerts if ident.is_master else NetworkPolicy())
         if problem:
             raise InvalidRequest(problem, param="webhook_url", code="invalid_value")
 
@@ -373,7 +374,7 @@ class Admin:
         period = inp.text(data, "period", choices=PERIODS) or "monthly"
         enforcement = inp.text(data, "enforcement", choices=ENFORCEMENTS) or "hard"
         thresholds, url = inp.thresholds(data), inp.url(data, "webhook_url")
-        await self._check_webhook(url)
+        await self._check_webhook(url, ident)
         tenant = inp.text(data, "tenant", max_len=128)
         if not ident.is_master:
             if tenant is not None and tenant != ident.tenant:
@@ -477,7 +478,7 @@ class Admin:
             changes["thresholds"] = inp.thresholds(data)
         if "webhook_url" in data:
             changes["webhook_url"] = inp.url(data, "webhook_url")
-            await self._check_webhook(changes["webhook_url"])
+            await self._check_webhook(changes["webhook_url"], _ident(request))
         if "enforcement" in data:
             changes["enforcement"] = inp.text(data, "enforcement", required=True, choices=ENFORCEMENTS)
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:

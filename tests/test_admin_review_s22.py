@@ -463,3 +463,52 @@ def test_a_tenant_admin_cannot_mint_a_key_whose_pii_policy_lifts_its_tenants(tmp
         assert new_key(g, tenant=ta, pii_policy="off")["pii_policy"] == "off"
     finally:
         g.stop()
+
+
+# ---- alert receivers a tenant admin sets ----------------------------------------------------------
+def test_a_tenant_admins_alert_receiver_cannot_reach_the_operators_private_network(tmp_root, services, module_mock):
+    """The operator allowed private networks for alerts (its own receiver is internal): every
+    tenant admin could then point its budgets' webhooks at the operator's private network and
+    loopback too (a blind SSRF, POSTed on every threshold). A tenant admin's receivers are now
+    held to public addresses when set and when delivered; the operator's still reach it."""
+    from tests.test_policies import Receiver
+
+    inside = Receiver()  # a service on the operator's loopback
+    own = (services[0], services[1] + "?db=7")  # a Redis database of its own: its alerts, its sender
+    g = Gateway(tmp_root, cfg(module_mock), own)  # (cfg: alerts.allow_private_networks)
+    try:
+        ta = tenant()
+        boss, spender = new_key(g, tenant=ta, scopes=["admin"]), new_key(g, tenant=ta)
+        body = {"scope": "key", "scope_value": spender["id"], "limit_usd": 1e-4, "webhook_url": inside.url}
+        r = as_key(g, boss["key"], "POST", "/admin/budgets", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "webhook_url", r.text
+        ok = as_key(g, boss["key"], "POST", "/admin/budgets", json={**body, "webhook_url": "https://8.8.8.8/hook"})
+        assert ok.status_code == 201
+        r = as_key(g, boss["key"], "PATCH", f"/admin/budgets/{ok.json()['id']}", json={"webhook_url": inside.url})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "webhook_url", r.text
+        # one stored before this check (or a name that resolves inside later) is refused at delivery
+        import asyncio
+
+        import asyncpg
+
+        async def point_inside() -> None:
+            conn = await asyncpg.connect(services[0])
+            await conn.execute("UPDATE budgets SET webhook_url = $2 WHERE id = $1", ok.json()["id"], inside.url)
+            await conn.close()
+
+        asyncio.run(point_inside())
+        admin(g, "PATCH", f"/admin/budgets/{ok.json()['id']}", json={"thresholds": [0.05]}).raise_for_status()
+        # (the super-admin's own budget on the same key alerts the operator's receiver, inside)
+        operator = Receiver()
+        locked = {"scope": "key", "scope_value": spender["id"], "limit_usd": 1e-4, "period": "daily"}
+        admin(g, "POST", "/admin/budgets", json={**locked, "webhook_url": operator.url, "thresholds": [0.05]})
+        sdk(g, spender).chat.completions.create(model="priced", messages=HELLO, max_tokens=1)
+        wait_until(lambda: operator.received, 20, "the operator's alert")
+        import time
+
+        time.sleep(1.0)  # the tenant's alert was fired in the same settle
+        assert inside.received == []
+        operator.close()
+    finally:
+        g.stop()
+        inside.close()
