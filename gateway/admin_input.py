@@ -129,9 +129,11 @@ def when(value: str | None, name: str) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        parsed.astimezone(UTC)  # in range once its offset is applied (9999-12-31T23:59-23:59 is not)
+    except (ValueError, OverflowError):
         raise InvalidRequest(f"'{name}' must be an ISO 8601 date or time.", param=name, code="invalid_value") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return parsed
 
 
 def cidrs(data: dict, name: str) -> list[str]:

@@ -192,6 +192,19 @@ def test_a_nul_character_in_an_admin_path_or_query_is_a_400_not_a_500(gw, method
     assert r.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/admin/spend?from=9999-12-31T23:59:59-23:59", "from"),
+        ("/admin/spend?to=0001-01-01T00:00:00%2B23:59", "to"),
+        ("/admin/access-log?from=9999-12-31T23:59:59-23:59", "from"),
+    ],
+)
+def test_a_date_out_of_range_once_its_offset_is_applied_is_a_400_not_a_500(gw, path, param):
+    r = httpx.get(f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_patching_a_budget_limit_to_null_is_a_400_naming_it_and_changes_nothing(gw):
     b = admin(gw, "POST", "/admin/budgets", json={"scope": "user", "scope_value": tenant(), "limit_usd": 3}).json()
     r = admin(gw, "PATCH", f"/admin/budgets/{b['id']}", json={"limit_usd": None, "enforcement": "soft"})
