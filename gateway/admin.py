@@ -508,6 +508,11 @@ class Admin:
         fmt = q.get("format", "json")
         if fmt not in ("json", "csv"):
             raise InvalidRequest("'format' must be json or csv.", param="format", code="invalid_value")
+        # groups of client-chosen values (users, customers, tags) are as many as clients make:
+        # the most costly ``limit`` of them (1-10000, default 1000), ``has_more`` when cut
+        limit = q.get("limit", "1000")
+        if not limit.isdigit() or not 0 < int(limit) <= 10_000:
+            raise InvalidRequest("'limit' must be an integer from 1 to 10000.", param="limit", code="invalid_value")
         expr = GROUP_FIELDS[group_by]
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             rows = await conn.fetch(
@@ -517,11 +522,14 @@ class Admin:
                     FROM ledger
                     WHERE ($1::timestamptz IS NULL OR ts >= $1) AND ($2::timestamptz IS NULL OR ts < $2)
                       AND ($3::text IS NULL OR tenant = $3)
-                    GROUP BY 1 ORDER BY cost_usd DESC NULLS LAST, 1""",
+                    GROUP BY 1 ORDER BY cost_usd DESC NULLS LAST, 1 LIMIT $4""",
                 start,
                 end,
                 _view(request),
+                int(limit) + 1,
             )
+        more = len(rows) > int(limit)
+        rows = rows[: int(limit)]
         data = [
             {
                 group_by: r["grp"],
@@ -545,7 +553,7 @@ class Admin:
                 media_type="text/csv",
                 headers={"content-disposition": f'attachment; filename="spend-by-{group_by}.csv"'},
             )
-        return _json({"group_by": group_by, "from": start, "to": end, "data": data})
+        return _json({"group_by": group_by, "from": start, "to": end, "data": data, "has_more": more})
 
     async def request_record(self, request: Request) -> Response:
         request_id = request.path_params["request_id"]

@@ -525,3 +525,20 @@ def test_a_tenant_admins_alert_receiver_cannot_reach_the_operators_private_netwo
     finally:
         g.stop()
         inside.close()
+
+
+def test_spend_by_a_client_chosen_value_is_answered_a_bounded_number_of_groups(gw, services):
+    """Spend grouped by user (customer, tag) had a row per value clients ever sent — as many as
+    a client cares to invent, one per request — all in one answer. It now answers the most
+    costly ``limit`` groups (default 1000, at most 10000) and says when there are more."""
+    ta = tenant()
+    boss, key = new_key(gw, tenant=ta, scopes=["admin"]), new_key(gw, tenant=ta)
+    for i in range(4):
+        sdk(gw, key).chat.completions.create(model="priced", messages=HELLO, max_tokens=5, user=f"u{i}-{ta}")
+    wait_until(lambda: len(ledger_rows(services[0], "key_id = $1", key["id"])) == 4, 15, "ledger rows")
+    page = as_key(gw, boss["key"], "GET", "/admin/spend", params={"group_by": "user", "limit": 2}).json()
+    assert len(page["data"]) == 2 and page["has_more"] is True, page
+    whole = as_key(gw, boss["key"], "GET", "/admin/spend", params={"group_by": "user"}).json()
+    assert len(whole["data"]) == 4 and whole["has_more"] is False
+    r = as_key(gw, boss["key"], "GET", "/admin/spend", params={"group_by": "user", "limit": 10_001})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
