@@ -16,6 +16,7 @@ naming the field, and nothing is half-written: every change is one statement or 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -29,9 +30,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
+from core.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied, ServiceUnavailable
 from core.types import Identity
-from gateway import admin_agents, admin_channels, admin_escalations, admin_kb, admin_vapi
+from gateway import admin_agents, admin_channels, admin_escalations, admin_kb, admin_vapi, key_window
 from gateway import admin_input as inp
 from gateway.db import tenant_transaction
 from policies import budgets as budget_store
@@ -43,6 +44,7 @@ from policies.minting import narrow
 from policies.webhooks import NetworkPolicy, check_webhook_url
 
 log = logging.getLogger("gateway.admin")
+ADMIN_CALLS_PER_MINUTE = 600  # per key (a tenant admin's, or any key refused the admin API)
 
 GROUP_FIELDS = {
     "tenant": "tenant",
@@ -135,6 +137,11 @@ class Admin:
         svc = self.gateway.svc
         ident = await svc.auth.authenticate_scope(scope)  # the key, then its allowed networks
         scope.setdefault("state", {})["identity"] = ident
+        if not ident.is_master:
+            # Every call, refused ones included, is a row in the append-only access log: a key's
+            # calls (its minted keys' with them) are bounded per minute before any is written.
+            with contextlib.suppress(ServiceUnavailable):  # Redis away: the access log still holds
+                await key_window.admit(svc, ident, "admin", "Admin API calls", ADMIN_CALLS_PER_MINUTE)
         if not ident.is_master and "admin" not in ident.scopes:
             await self._audit(scope, ident, 403)
             raise PermissionDenied("This key has no admin scope.", code="admin_scope_required")

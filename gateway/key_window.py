@@ -21,16 +21,18 @@ def per_minute(svc, ident: Identity) -> int:
     return own or svc.config.limits.key.rpm or DEFAULT_PER_MINUTE
 
 
-async def admit(svc, ident: Identity, route: str, what: str) -> None:
+async def admit(svc, ident: Identity, route: str, what: str, allowance: int | None = None) -> None:
     """Counts one call of ``route`` (a fixed name) against the key's window; 429 with
-    ``retry-after`` beyond it. ``what`` names the calls in the error message."""
+    ``retry-after`` beyond it. ``what`` names the calls in the error message. ``allowance``:
+    this many a minute for every window, whatever the keys' own rpm."""
     now = time.time()
     window = int(now // 60)
     # a minted key counts in its minters' windows too (Identity.shared_limits), as its model
     # calls do: minting many children never multiplies a key's allowance
-    windows = [(ident.key_id, per_minute(svc, ident))]
+    windows = [(ident.key_id, allowance or per_minute(svc, ident))]
     for minter, lim in getattr(ident, "shared_limits", ()) or ():
-        windows.append((minter, (getattr(lim, "rpm", 0) or 0) or svc.config.limits.key.rpm or DEFAULT_PER_MINUTE))
+        own = (getattr(lim, "rpm", 0) or 0) or svc.config.limits.key.rpm or DEFAULT_PER_MINUTE
+        windows.append((minter, allowance or own))
     try:
         async with svc.redis.pipeline(transaction=False) as pipe:
             for key_id, _ in windows:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import time
 import uuid
 
 import httpx
@@ -542,3 +543,35 @@ def test_spend_by_a_client_chosen_value_is_answered_a_bounded_number_of_groups(g
     assert len(whole["data"]) == 4 and whole["has_more"] is False
     r = as_key(gw, boss["key"], "GET", "/admin/spend", params={"group_by": "user", "limit": 10_001})
     assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
+
+
+def test_a_key_cannot_flood_the_append_only_access_log(gw, services):
+    """Every admin API call — refused ones too, by any key, admin or not — is a row in the
+    access log, which nothing may delete: a plain key calling /admin/keys in a loop grew it
+    without bound (and a PostgreSQL write per call). A key's admin API calls (its minted keys'
+    with them) are now at most 600 a minute; beyond, a 429 that writes nothing."""
+    import asyncio
+
+    import asyncpg
+
+    key = new_key(gw, tenant=tenant())
+    codes: list[int] = []
+    minutes = set()
+    with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key['key']}"}, timeout=30) as c:
+        for _ in range(1300):
+            minutes.add(int(time.time() // 60))
+            r = c.get("/admin/keys")
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                assert r.json()["error"]["code"] == "rate_limit_exceeded" and int(r.headers["retry-after"]) >= 1
+                break
+    assert codes[0] == 403 and codes[-1] == 429, codes[-3:]
+
+    async def logged() -> int:
+        conn = await asyncpg.connect(services[0])
+        try:
+            return await conn.fetchval("SELECT count(*) FROM access_audit WHERE actor_key_id = $1", key["id"])
+        finally:
+            await conn.close()
+
+    assert asyncio.run(logged()) <= 600 * len(minutes)
