@@ -6,6 +6,7 @@ reads. The allowance is the key's own rpm, else the default key limit, else ``DE
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from redis.exceptions import RedisError
@@ -14,6 +15,7 @@ from core.errors import RateLimited, ServiceUnavailable
 from core.types import Identity
 
 DEFAULT_PER_MINUTE = 600
+_TIMEOUT_S = 2.0  # a Redis that drops packets must not hold these routes (or the admin API) for good
 
 
 def per_minute(svc, ident: Identity) -> int:
@@ -34,13 +36,13 @@ async def admit(svc, ident: Identity, route: str, what: str, allowance: int | No
         own = (getattr(lim, "rpm", 0) or 0) or svc.config.limits.key.rpm or DEFAULT_PER_MINUTE
         windows.append((minter, allowance or own))
     try:
-        async with svc.redis.pipeline(transaction=False) as pipe:
+        async with asyncio.timeout(_TIMEOUT_S), svc.redis.pipeline(transaction=False) as pipe:
             for key_id, _ in windows:
                 name = f"gw:{{gw}}:{route}:{key_id}:{window}"
                 pipe.incr(name)
                 pipe.expire(name, 120)
             counts = (await pipe.execute())[::2]
-    except RedisError:  # as the model calls' limits do (policies.fail_open): serve, or a 503 to retry
+    except (RedisError, TimeoutError):  # as the model calls' limits do (policies.fail_open): serve, or a 503 to retry
         if svc.config.policies.fail_open:
             return
         raise ServiceUnavailable(
