@@ -267,8 +267,7 @@ class Admin:
                     locked=minter.is_master,
                 )
         if budget is not None:
-            await budget_store.announce_change(self.svc.redis, budget.id)
-            await self.svc.budgets.refresh(budget.id)
+            await self._announce(budget.id)
         if require_tags:
             meta["require_tags"] = require_tags
         return _json(
@@ -323,11 +322,24 @@ class Admin:
     async def _state(self, b, ident: Identity | None = None) -> dict:
         spent_key, reserved_key, alert_prefix, _ = b.keys()
         thresholds = [f"{t:g}" for t in b.thresholds]
-        values = await self.svc.redis.mget([spent_key, reserved_key, *(alert_prefix + t for t in thresholds)])
+        try:
+            values = await self.svc.redis.mget([spent_key, reserved_key, *(alert_prefix + t for t in thresholds)])
+            # Admission credit the replicas hold (policies/credit.py): live lease keys only.
+            lease_keys = list(await self.svc.redis.smembers(f"{reserved_key}:leases"))
+            leased = sum(int(v) for v in await self.svc.redis.mget(lease_keys) if v) if lease_keys else 0
+        except RedisError:  # the budget as stored; what is spent cannot be read now (null)
+            return {**self._state_stored(b, ident), **dict.fromkeys(_COUNTED)}
         spent = int(values[0] or 0) / NANO
-        # Admission credit the replicas hold (policies/credit.py): live lease keys only.
-        lease_keys = list(await self.svc.redis.smembers(f"{reserved_key}:leases"))
-        leased = sum(int(v) for v in await self.svc.redis.mget(lease_keys) if v) if lease_keys else 0
+        return {
+            **self._state_stored(b, ident),
+            "spent_usd": spent,
+            "reserved_usd": int(values[1] or 0) / NANO,
+            "leased_usd": leased / NANO,  # held by replicas as admission credit (in flight included)
+            "remaining_usd": max(0.0, b.limit_usd - spent),
+            "alerts_fired": [float(t) for t, v in zip(thresholds, values[2:], strict=True) if v is not None],
+        }
+
+    def _state_stored(self, b, ident: Identity | None) -> dict:
         secret = self.svc.config.alerts.secret
         # The budget's own receiver verifies its alerts with a key of its own (policies/alerts.py).
         signing = {"webhook_signing_key": budget_signing_key(secret, b.id)} if secret and b.webhook_url else {}
@@ -348,13 +360,17 @@ class Admin:
             "locked": b.locked,
             "thresholds": list(b.thresholds),
             "webhook_url": None if hidden else b.webhook_url,
-            "spent_usd": spent,
-            "reserved_usd": int(values[1] or 0) / NANO,
-            "leased_usd": leased / NANO,  # held by replicas as admission credit (in flight included)
-            "remaining_usd": max(0.0, b.limit_usd - spent),
-            "alerts_fired": [float(t) for t, v in zip(thresholds, values[2:], strict=True) if v is not None],
             **signing,
         }
+
+    async def _announce(self, budget_id: str) -> None:
+        """Every replica reads the budget again; with Redis away, each reloads every budget when
+        its subscription comes back, so the change stands (and is answered) all the same."""
+        try:
+            await budget_store.announce_change(self.svc.redis, budget_id)
+        except RedisError as exc:
+            log.warning("budget change not announced (Redis unreachable): %s", type(exc).__name__)
+        await self.svc.budgets.refresh(budget_id)
 
     async def _check_webhook(self, url: str | None, ident: Identity) -> None:
         """Refuse a receiver the alert sender would refuse (private, loopback, metadata
@@ -424,8 +440,7 @@ class Admin:
                         code="duplicate",
                     ) from None
                 raise
-        await budget_store.announce_change(self.svc.redis, b.id)
-        await self.svc.budgets.refresh(b.id)
+        await self._announce(b.id)
         return _json(await self._state(b), 201)
 
     async def _budget_room(self, conn, tenant: str) -> None:
@@ -491,16 +506,14 @@ class Admin:
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             self._writable(request, await self._get(request, conn))
             b = await budget_store.update_budget(conn, request.path_params["budget_id"], changes, _view(request))
-        await budget_store.announce_change(self.svc.redis, b.id)
-        await self.svc.budgets.refresh(b.id)
+        await self._announce(b.id)
         return _json(await self._state(b))
 
     async def delete_budget(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             self._writable(request, await self._get(request, conn))
             await budget_store.delete_budget(conn, request.path_params["budget_id"], _view(request))
-        await budget_store.announce_change(self.svc.redis, request.path_params["budget_id"])
-        await self.svc.budgets.refresh(request.path_params["budget_id"])
+        await self._announce(request.path_params["budget_id"])
         return _json({"id": request.path_params["budget_id"], "deleted": True})
 
     # ---- spend and audit -------------------------------------------------------------------------
@@ -629,6 +642,9 @@ class Admin:
         from gateway.openapi import admin_document
 
         return _json(admin_document())
+
+
+_COUNTED = ("spent_usd", "reserved_usd", "leased_usd", "remaining_usd", "alerts_fired")  # read from Redis
 
 
 def _query_tenant(query: str) -> str | None:
