@@ -201,6 +201,9 @@ class Policies(_Strict):
     # that dies with requests in flight (or a settle Redis never got) holds budget no longer.
     # Longer than any request may run (a request running longer may overshoot by its estimate).
     reservation_hold_s: float = Field(3600.0, gt=0, le=7 * 86400)
+    # Budgets a tenant may have (every replica holds every budget in memory); the super-admin's
+    # own budgets on a tenant count too but are never refused.
+    max_budgets_per_tenant: int = Field(10_000, ge=1)
 
 
 PiiAction = Literal["redact", "mask", "hash", "block", "pseudonymize", "allow"]

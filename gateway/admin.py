@@ -16,31 +16,35 @@ naming the field, and nothing is half-written: every change is one statement or 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 from datetime import UTC, datetime
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
+from core.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied, ServiceUnavailable
 from core.types import Identity
-from gateway import admin_agents, admin_channels, admin_escalations, admin_kb, admin_streams, admin_vapi
+from gateway import admin_agents, admin_channels, admin_escalations, admin_kb, admin_streams, admin_vapi, key_window
 from gateway import admin_input as inp
 from gateway.db import tenant_transaction
 from policies import budgets as budget_store
 from policies import keys as key_store
 from policies.alerts import budget_signing_key
 from policies.budgets import ENFORCEMENTS, NANO, PERIODS, SCOPES
+from policies.engine import MAX_ATTRIBUTION, MAX_TAG
 from policies.minting import narrow
-from policies.webhooks import check_webhook_url
+from policies.webhooks import NetworkPolicy, check_webhook_url
 
 log = logging.getLogger("gateway.admin")
+ADMIN_CALLS_PER_MINUTE = 600  # per key (a tenant admin's, or any key refused the admin API)
 
 GROUP_FIELDS = {
     "tenant": "tenant",
@@ -134,9 +138,18 @@ class Admin:
         svc = self.gateway.svc
         ident = await svc.auth.authenticate_scope(scope)  # the key, then its allowed networks
         scope.setdefault("state", {})["identity"] = ident
+        if not ident.is_master:
+            # Every call, refused ones included, is a row in the append-only access log: a key's
+            # calls (its minted keys' with them) are bounded per minute before any is written.
+            with contextlib.suppress(ServiceUnavailable):  # Redis away: the access log still holds
+                await key_window.admit(svc, ident, "admin", "Admin API calls", ADMIN_CALLS_PER_MINUTE)
         if not ident.is_master and "admin" not in ident.scopes:
             await self._audit(scope, ident, 403)
             raise PermissionDenied("This key has no admin scope.", code="admin_scope_required")
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            # PostgreSQL text cannot hold U+0000: refused here, for every admin route, not a 500 each
+            await self._audit(scope, ident, 400)
+            raise InvalidRequest("The path and query must not contain NUL characters (%00).", code="invalid_value")
 
         started = False
 
@@ -240,6 +253,8 @@ class Admin:
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             key, rec = await key_store.create_key(conn, name, tenant, require_tags, extra=meta)
             budget = None
+            if budget_usd and not minter.is_master:
+                await self._budget_room(conn, tenant)
             if budget_usd:
                 budget = await budget_store.create_budget(
                     conn,
@@ -253,8 +268,7 @@ class Admin:
                     locked=minter.is_master,
                 )
         if budget is not None:
-            await budget_store.announce_change(self.svc.redis)
-            await self.svc.budgets.load()
+            await self._announce(budget.id)
         if require_tags:
             meta["require_tags"] = require_tags
         return _json(
@@ -262,13 +276,18 @@ class Admin:
         )
 
     async def list_keys(self, request: Request) -> Response:
+        limit, after = inp.page(request)  # newest first, a page at a time: never every key at once
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             rows = await key_store.list_keys(
-                conn, include_revoked=request.query_params.get("all") == "true", tenant=_view(request)
+                conn,
+                include_revoked=request.query_params.get("all") == "true",
+                tenant=_view(request),
+                limit=limit + 1,
+                after=after,
             )
         return _json(
-            {
-                "data": [
+            inp.listing(
+                [
                     {
                         "id": r.id,
                         "name": r.name,
@@ -279,32 +298,57 @@ class Admin:
                         **{k: v for k, v in r.settings.items() if k != "limits"},
                         **(r.settings.get("limits") or {}),
                     }
-                    for r in rows
-                ]
-            }
+                    for r in rows[:limit]
+                ],
+                len(rows) > limit,
+            )
         )
 
     async def revoke_key(self, request: Request) -> Response:
         key_id = request.path_params["key_id"]
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
-            key_hash = await key_store.revoke_key(conn, key_id, tenant=_view(request))
-        if key_hash is None:
+            revoked = await key_store.revoke_tree(conn, key_id, tenant=_view(request))  # minted keys too
+        if not revoked:
             raise NotFound(f"No key with id {key_id[:64]!r}.", param="key_id")
-        await key_store.announce_revocation(self.svc.redis, key_hash)
-        return _json({"id": key_id, "revoked": True})
+        for _, key_hash in revoked:  # this replica at once, whatever Redis says
+            self.svc.auth.invalidate(key_hash)
+        try:
+            await key_store.announce_revocation(self.svc.redis, *(h for _, h in revoked))
+        except RedisError as exc:  # revoked all the same: every replica flushes its key cache when its
+            # subscription comes back, and a cached key lives server.key_cache_ttl at most meanwhile
+            log.warning("key revocation not announced (Redis unreachable): %s", type(exc).__name__)
+        return _json({"id": key_id, "revoked": True, "minted_keys_revoked": [i for i, _ in revoked[1:]]})
 
     # ---- budgets -------------------------------------------------------------------------------
-    async def _state(self, b) -> dict:
+    async def _state(self, b, ident: Identity | None = None) -> dict:
         spent_key, reserved_key, alert_prefix, _ = b.keys()
         thresholds = [f"{t:g}" for t in b.thresholds]
-        values = await self.svc.redis.mget([spent_key, reserved_key, *(alert_prefix + t for t in thresholds)])
+        try:
+            values = await self.svc.redis.mget([spent_key, reserved_key, *(alert_prefix + t for t in thresholds)])
+            # Admission credit the replicas hold (policies/credit.py): live lease keys only.
+            lease_keys = list(await self.svc.redis.smembers(f"{reserved_key}:leases"))
+            leased = sum(int(v) for v in await self.svc.redis.mget(lease_keys) if v) if lease_keys else 0
+        except RedisError:  # the budget as stored; what is spent cannot be read now (null)
+            return {**self._state_stored(b, ident), **dict.fromkeys(_COUNTED)}
         spent = int(values[0] or 0) / NANO
-        # Admission credit the replicas hold (policies/credit.py): live lease keys only.
-        lease_keys = list(await self.svc.redis.smembers(f"{reserved_key}:leases"))
-        leased = sum(int(v) for v in await self.svc.redis.mget(lease_keys) if v) if lease_keys else 0
+        return {
+            **self._state_stored(b, ident),
+            "spent_usd": spent,
+            "reserved_usd": int(values[1] or 0) / NANO,
+            "leased_usd": leased / NANO,  # held by replicas as admission credit (in flight included)
+            "remaining_usd": max(0.0, b.limit_usd - spent),
+            "alerts_fired": [float(t) for t, v in zip(thresholds, values[2:], strict=True) if v is not None],
+        }
+
+    def _state_stored(self, b, ident: Identity | None) -> dict:
         secret = self.svc.config.alerts.secret
         # The budget's own receiver verifies its alerts with a key of its own (policies/alerts.py).
         signing = {"webhook_signing_key": budget_signing_key(secret, b.id)} if secret and b.webhook_url else {}
+        # A budget the super-admin set (locked) alerts the super-admin's receiver: its URL (often
+        # carrying a token) and signing key are not the tenant admin's to read.
+        hidden = b.locked and ident is not None and not ident.is_master
+        if hidden:
+            signing = {}
         return {
             "id": b.id,
             "tenant": b.tenant,
@@ -316,21 +360,26 @@ class Admin:
             "enforcement": b.enforcement,
             "locked": b.locked,
             "thresholds": list(b.thresholds),
-            "webhook_url": b.webhook_url,
-            "spent_usd": spent,
-            "reserved_usd": int(values[1] or 0) / NANO,
-            "leased_usd": leased / NANO,  # held by replicas as admission credit (in flight included)
-            "remaining_usd": max(0.0, b.limit_usd - spent),
-            "alerts_fired": [float(t) for t, v in zip(thresholds, values[2:], strict=True) if v is not None],
+            "webhook_url": None if hidden else b.webhook_url,
             **signing,
         }
 
-    async def _check_webhook(self, url: str | None) -> None:
+    async def _announce(self, budget_id: str) -> None:
+        """Every replica reads the budget again; with Redis away, each reloads every budget when
+        its subscription comes back, so the change stands (and is answered) all the same."""
+        try:
+            await budget_store.announce_change(self.svc.redis, budget_id)
+        except RedisError as exc:
+            log.warning("budget change not announced (Redis unreachable): %s", type(exc).__name__)
+        await self.svc.budgets.refresh(budget_id)
+
+    async def _check_webhook(self, url: str | None, ident: Identity) -> None:
         """Refuse a receiver the alert sender would refuse (private, loopback, metadata
-        addresses...), now rather than when the first alert fires."""
+        addresses...), now rather than when the first alert fires. A tenant admin's receivers
+        are held to public addresses whatever ``alerts.*`` opens for the operator's."""
         if url is None:
             return
-        problem = await check_webhook_url(url, self.svc.config.alerts)
+        problem = await check_webhook_url(url, self.svc.config.alerts if ident.is_master else NetworkPolicy())
         if problem:
             raise InvalidRequest(problem, param="webhook_url", code="invalid_value")
 
@@ -338,7 +387,9 @@ class Admin:
         data = await inp.body(request)
         ident = _ident(request)
         scope = inp.text(data, "scope", required=True, choices=SCOPES)
-        value = inp.text(data, "scope_value", required=True)
+        # no longer than a request's attribution keeps: a budget on a longer value never applies
+        longest = {"tag": MAX_TAG, "tenant": 128, "key": 128}.get(scope or "", MAX_ATTRIBUTION)
+        value = inp.text(data, "scope_value", required=True, max_len=longest)
         limit = inp.number(data, "limit_usd")
         if limit is None:
             raise InvalidRequest(
@@ -347,7 +398,7 @@ class Admin:
         period = inp.text(data, "period", choices=PERIODS) or "monthly"
         enforcement = inp.text(data, "enforcement", choices=ENFORCEMENTS) or "hard"
         thresholds, url = inp.thresholds(data), inp.url(data, "webhook_url")
-        await self._check_webhook(url)
+        await self._check_webhook(url, ident)
         tenant = inp.text(data, "tenant", max_len=128)
         if not ident.is_master:
             if tenant is not None and tenant != ident.tenant:
@@ -366,6 +417,8 @@ class Admin:
             elif scope == "tenant":
                 tenant = value
             tenant = tenant or "default"
+            if not ident.is_master:
+                await self._budget_room(conn, tenant)
             try:
                 async with conn.transaction():
                     b = await budget_store.create_budget(
@@ -388,14 +441,30 @@ class Admin:
                         code="duplicate",
                     ) from None
                 raise
-        await budget_store.announce_change(self.svc.redis)
-        await self.svc.budgets.load()
+        await self._announce(b.id)
         return _json(await self._state(b), 201)
 
+    async def _budget_room(self, conn, tenant: str) -> None:
+        """A tenant admin's budgets are bounded (``policies.max_budgets_per_tenant``): each is held
+        in every replica's memory. Counted under a per-tenant lock, so racing creates cannot pass."""
+        cap = self.svc.config.policies.max_budgets_per_tenant
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-budgets:' || $1))", tenant)
+        count = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT 1 FROM budgets WHERE tenant = $1 LIMIT $2) b", tenant, cap
+        )
+        if count >= cap:
+            raise InvalidRequest(
+                f"This tenant has {cap} budgets, the most it may have; delete one first.",
+                param="scope_value",
+                code="too_many_budgets",
+            )
+
     async def list_budgets(self, request: Request) -> Response:
+        limit, after = inp.page(request)  # newest first, a page at a time
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
-            rows = await budget_store.list_budgets(conn, _view(request))
-        return _json({"data": [await self._state(b) for b in rows]})
+            rows = await budget_store.list_budgets(conn, _view(request), limit + 1, after)
+        states = [await self._state(b, _ident(request)) for b in rows[:limit]]
+        return _json(inp.listing(states, len(rows) > limit))
 
     async def _get(self, request: Request, conn):
         budget_id = request.path_params["budget_id"]
@@ -415,7 +484,7 @@ class Admin:
     async def get_budget(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             b = await self._get(request, conn)
-        return _json(await self._state(b))
+        return _json(await self._state(b, _ident(request)))
 
     async def update_budget(self, request: Request) -> Response:
         data = await inp.body(request)
@@ -426,26 +495,26 @@ class Admin:
         changes: dict = {}
         if "limit_usd" in data:
             changes["limit_usd"] = inp.number(data, "limit_usd")
+            if changes["limit_usd"] is None:  # a budget has a limit; delete it to have none
+                raise InvalidRequest("'limit_usd' must be a positive number.", param="limit_usd", code="invalid_value")
         if "thresholds" in data:
             changes["thresholds"] = inp.thresholds(data)
         if "webhook_url" in data:
             changes["webhook_url"] = inp.url(data, "webhook_url")
-            await self._check_webhook(changes["webhook_url"])
+            await self._check_webhook(changes["webhook_url"], _ident(request))
         if "enforcement" in data:
             changes["enforcement"] = inp.text(data, "enforcement", required=True, choices=ENFORCEMENTS)
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             self._writable(request, await self._get(request, conn))
             b = await budget_store.update_budget(conn, request.path_params["budget_id"], changes, _view(request))
-        await budget_store.announce_change(self.svc.redis)
-        await self.svc.budgets.load()
+        await self._announce(b.id)
         return _json(await self._state(b))
 
     async def delete_budget(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             self._writable(request, await self._get(request, conn))
             await budget_store.delete_budget(conn, request.path_params["budget_id"], _view(request))
-        await budget_store.announce_change(self.svc.redis)
-        await self.svc.budgets.load()
+        await self._announce(request.path_params["budget_id"])
         return _json({"id": request.path_params["budget_id"], "deleted": True})
 
     # ---- spend and audit -------------------------------------------------------------------------
@@ -460,6 +529,11 @@ class Admin:
         fmt = q.get("format", "json")
         if fmt not in ("json", "csv"):
             raise InvalidRequest("'format' must be json or csv.", param="format", code="invalid_value")
+        # groups of client-chosen values (users, customers, tags) are as many as clients make:
+        # the most costly ``limit`` of them (1-10000, default 1000), ``has_more`` when cut
+        limit = q.get("limit", "1000")
+        if not limit.isdigit() or not 0 < int(limit) <= 10_000:
+            raise InvalidRequest("'limit' must be an integer from 1 to 10000.", param="limit", code="invalid_value")
         expr = GROUP_FIELDS[group_by]
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             rows = await conn.fetch(
@@ -469,11 +543,14 @@ class Admin:
                     FROM ledger
                     WHERE ($1::timestamptz IS NULL OR ts >= $1) AND ($2::timestamptz IS NULL OR ts < $2)
                       AND ($3::text IS NULL OR tenant = $3)
-                    GROUP BY 1 ORDER BY cost_usd DESC NULLS LAST, 1""",
+                    GROUP BY 1 ORDER BY cost_usd DESC NULLS LAST, 1 LIMIT $4""",
                 start,
                 end,
                 _view(request),
+                int(limit) + 1,
             )
+        more = len(rows) > int(limit)
+        rows = rows[: int(limit)]
         data = [
             {
                 group_by: r["grp"],
@@ -497,7 +574,7 @@ class Admin:
                 media_type="text/csv",
                 headers={"content-disposition": f'attachment; filename="spend-by-{group_by}.csv"'},
             )
-        return _json({"group_by": group_by, "from": start, "to": end, "data": data})
+        return _json({"group_by": group_by, "from": start, "to": end, "data": data, "has_more": more})
 
     async def request_record(self, request: Request) -> Response:
         request_id = request.path_params["request_id"]
@@ -566,6 +643,9 @@ class Admin:
         from gateway.openapi import admin_document
 
         return _json(admin_document())
+
+
+_COUNTED = ("spent_usd", "reserved_usd", "leased_usd", "remaining_usd", "alerts_fired")  # read from Redis
 
 
 def _query_tenant(query: str) -> str | None:

@@ -34,6 +34,28 @@ async def body(request: Request) -> dict:
     return data
 
 
+MAX_PAGE = 1000
+
+
+def page(request: Request) -> tuple[int, str | None]:
+    """(limit, after) of a list call: ``limit`` 1–1000 (default 1000), ``after`` the last id of
+    the page before."""
+    q = request.query_params
+    limit = q.get("limit", str(MAX_PAGE))
+    if not limit.isdigit() or not 0 < int(limit) <= MAX_PAGE:
+        raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_PAGE}.", param="limit", code="invalid_value")
+    after = q.get("after") or None
+    if after is not None and len(after) > 128:
+        raise InvalidRequest("'after' must be an id from a list's last_id.", param="after", code="invalid_value")
+    return int(limit), after
+
+
+def listing(data: list[dict], more: bool) -> dict:
+    """An OpenAI-shaped list page (``more``: there are pages after it)."""
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": more}
+
+
 def text(data: dict, name: str, required: bool = False, choices=None, max_len: int = 256) -> str | None:
     value = data.get(name)
     if value is None:
@@ -107,9 +129,11 @@ def when(value: str | None, name: str) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        parsed.astimezone(UTC)  # in range once its offset is applied (9999-12-31T23:59-23:59 is not)
+    except (ValueError, OverflowError):
         raise InvalidRequest(f"'{name}' must be an ISO 8601 date or time.", param=name, code="invalid_value") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return parsed
 
 
 def cidrs(data: dict, name: str) -> list[str]:

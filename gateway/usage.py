@@ -12,23 +12,32 @@ from core.tokens import count_prompt, count_text
 from core.types import RequestContext, Usage
 
 
+def _text(value) -> str:
+    """A field as the client received it: text as is, anything else (arguments sent as an
+    object, content as parts) as its JSON."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else orjson.dumps(value).decode()
+
+
 def _answer_parts(data: dict, field: str, parts: list[str], tools: list[str] | None = None) -> None:
     """Text and tool calls of every choice's ``message`` (whole answers) or ``delta`` (chunks);
-    the tool calls' text goes to ``tools`` when given."""
+    the tool calls' text goes to ``tools`` when given. Whatever shape a provider gives them, they
+    are counted, never a reason to fail the answer (or to leave it uncharged)."""
     tools = parts if tools is None else tools
     choices = data.get("choices")
     for choice in choices if isinstance(choices, list) else ():  # (a provider may send any shape)
         msg = choice.get(field) if isinstance(choice, dict) else None
         if not isinstance(msg, dict):
             continue
-        if isinstance(msg.get("content"), str):
-            parts.append(msg["content"])
+        content = _text(msg.get("content"))
+        if content:
+            parts.append(content)
         calls = msg.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict):
-                name, args = fn.get("name"), fn.get("arguments")
-                tools.append((name if isinstance(name, str) else "") + (args if isinstance(args, str) else ""))
+                tools.append(_text(fn.get("name")) + _text(fn.get("arguments")))
 
 
 def _usage(ctx: RequestContext, parts: list[str]) -> Usage:

@@ -116,6 +116,7 @@ class _Job:
 @dataclass(slots=True)
 class _Receiver:
     url: str
+    public_only: bool = False  # a tenant admin's URL: public addresses, whatever alerts.* allows
     queue: collections.deque = field(default_factory=collections.deque)
     task: asyncio.Task | None = None
     failures: int = 0  # in a row
@@ -138,7 +139,17 @@ class AlertSender:
             resolver=resolver,
             user_agent="ai-gateway-alerts/1",
         )
-        self._receivers: dict[str, _Receiver] = {}
+        # A URL a tenant admin set (a budget not locked) reaches public addresses only: what
+        # alerts.allow_private_networks / allowed_networks open is the operator's alone.
+        self._public = WebhookSender(
+            NetworkPolicy(),
+            connect_timeout=cfg.connect_timeout,
+            timeout=cfg.timeout,
+            max_concurrency=cfg.max_concurrency,
+            resolver=resolver,
+            user_agent="ai-gateway-alerts/1",
+        )
+        self._receivers: dict[tuple[str, bool], _Receiver] = {}
         self._held: set[str] = set()  # stream entries this sender holds (queued or being sent)
 
     async def start(self) -> None:
@@ -147,6 +158,7 @@ class AlertSender:
         if self._cfg.webhook_url and (problem := url_problem(self._cfg.webhook_url, self._webhooks.policy)):
             log.error("alerts.webhook_url %s: alerts sent there will fail", problem)
         await self._webhooks.start()
+        await self._public.start()
         self._task = asyncio.create_task(self._run(), name="alert-sender")
 
     async def stop(self) -> None:
@@ -159,6 +171,7 @@ class AlertSender:
         await stop_task(self._task)
         await stop_tasks([r.task for r in self._receivers.values() if r.task is not None])
         await self._webhooks.close()
+        await self._public.close()
 
     # -- reading the stream ---------------------------------------------------------------
 
@@ -221,24 +234,24 @@ class AlertSender:
         budget = self._budgets.by_id.get(budget_id)
         if budget is None:  # created a moment ago on another replica: this one may not know it yet
             with contextlib.suppress(Exception):
-                await self._budgets.load()
+                await self._budgets.refresh(budget_id)
             budget = self._budgets.by_id.get(budget_id)
-        url = self._cfg.webhook_url
+        url, public_only = self._cfg.webhook_url, False
         if budget is not None and budget.webhook_url:
-            url = budget.webhook_url
+            url, public_only = budget.webhook_url, not budget.locked
             job.key = budget_signing_key(self._cfg.secret, budget_id) if self._cfg.secret else None
         else:
             job.key = self._cfg.secret
-        await self._queue(job, url)
+        await self._queue(job, url, public_only)
 
-    async def _queue(self, job: _Job, url: str | None) -> None:
+    async def _queue(self, job: _Job, url: str | None, public_only: bool = False) -> None:
         entry_id = job.entry_id
         if not url:  # nowhere to send: the log line and metric of fired() are the alert
             await self._finish(entry_id)
             return
-        receiver = self._receivers.get(url)
+        receiver = self._receivers.get((url, public_only))
         if receiver is None:
-            receiver = self._receivers[url] = _Receiver(url)
+            receiver = self._receivers[url, public_only] = _Receiver(url, public_only)
         if len(receiver.queue) >= self._cfg.max_backlog:
             self._failed(job, url, "backlog", f"{len(receiver.queue)} alerts already wait for this receiver")
             await self._finish(entry_id)
@@ -275,7 +288,8 @@ class AlertSender:
                 if job.key:
                     headers["x-gateway-signature"] = sign(job.key, body)
                 try:
-                    outcome = await self._webhooks.post(receiver.url, body, headers)
+                    sender = self._public if receiver.public_only else self._webhooks
+                    outcome = await sender.post(receiver.url, body, headers)
                 except Exception as exc:  # a bug here must not stall this receiver for good
                     outcome = Outcome(False, "connection", f"failed: {type(exc).__name__}")
                 job.attempts += 1
@@ -300,8 +314,8 @@ class AlertSender:
                         extra={"fields": self._fields(job, receiver.url, outcome.reason, outcome.detail)},
                     )
         finally:
-            if not receiver.queue and self._receivers.get(receiver.url) is receiver:
-                del self._receivers[receiver.url]
+            if not receiver.queue and self._receivers.get((receiver.url, receiver.public_only)) is receiver:
+                del self._receivers[receiver.url, receiver.public_only]
 
     def _body(self, job: _Job, now: int) -> bytes:
         if job.event is not None:

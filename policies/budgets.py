@@ -21,7 +21,7 @@ PERIODS = ("daily", "weekly", "monthly", "none")
 ENFORCEMENTS = ("hard", "soft")
 CHANGED = "gateway:budgets:changed"
 NANO = 1_000_000_000  # budget counters are integer nano-USD
-_KEYS_CACHE: dict[str, tuple[int, tuple[str, str, str, int]]] = {}
+_KEYS_CACHE: dict[str, tuple[int, int, tuple[str, str, str, int]]] = {}  # id -> (second, limit, keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,19 +65,21 @@ class Budget:
         return "all", None
 
     def keys(self, now: datetime | None = None) -> tuple[str, str, str, int]:
-        """(spent key, reserved key, alert key prefix, ttl seconds) for the current period."""
+        """(spent key, reserved key, alert key prefix, ttl seconds) for the current period (the
+        alert prefix also names the limit)."""
         if now is None:  # per request: cached for the second, periods change at midnight
             second = int(time.time())
             cached = _KEYS_CACHE.get(self.id)
-            if cached is not None and cached[0] == second:
-                return cached[1]
+            if cached is not None and cached[0] == second and cached[1] == self.limit_nano:
+                return cached[2]
             value = self.keys(datetime.fromtimestamp(second, UTC))
-            _KEYS_CACHE[self.id] = (second, value)
+            _KEYS_CACHE[self.id] = (second, self.limit_nano, value)
             return value
         period, end = self.window(now)
         base = f"gw:{{gw}}:budget:{self.id}:{period}"
         ttl = int((end - (now or datetime.now(UTC))).total_seconds()) + 86400 if end else 400 * 86400
-        return f"{base}:spent", f"{base}:reserved", f"{base}:alert:", ttl
+        # alerts fire once per period *and limit*: a raised (or lowered) limit has its own 50/80/100 %
+        return f"{base}:spent", f"{base}:reserved", f"{base}:alert:{self.limit_nano}:", ttl
 
 
 def _row(r: asyncpg.Record) -> Budget:
@@ -97,8 +99,24 @@ def _row(r: asyncpg.Record) -> Budget:
 
 # ``tenant`` None is the super-admin's view (every tenant); otherwise rows of that tenant only.
 # Tenant-scoped callers also run under row-level security (gateway.db.tenant_transaction).
-async def list_budgets(conn, tenant: str | None = None) -> list[Budget]:
-    rows = await conn.fetch("SELECT * FROM budgets WHERE $1::text IS NULL OR tenant = $1 ORDER BY created_at", tenant)
+async def list_budgets(
+    conn, tenant: str | None = None, limit: int | None = None, after: str | None = None
+) -> list[Budget]:
+    """Every budget, oldest first; or with ``limit`` one page, newest first, of the budgets older
+    than the budget ``after`` (a page's last id)."""
+    if limit is None:
+        rows = await conn.fetch(
+            "SELECT * FROM budgets WHERE $1::text IS NULL OR tenant = $1 ORDER BY created_at", tenant
+        )
+    else:
+        rows = await conn.fetch(
+            """SELECT * FROM budgets WHERE ($1::text IS NULL OR tenant = $1)
+                 AND ($2::text IS NULL OR (created_at, id) < (SELECT created_at, id FROM budgets WHERE id = $2))
+               ORDER BY created_at DESC, id DESC LIMIT $3""",
+            tenant,
+            after,
+            limit,
+        )
     return [_row(r) for r in rows]
 
 
@@ -165,9 +183,11 @@ async def delete_budget(conn, budget_id: str, tenant: str | None = None) -> bool
 
 
 class BudgetCache:
-    """Every budget, indexed by (tenant, scope, value); reloaded when any replica announces a
-    change. Attribution values come from the client, so they only ever match budgets of the
-    caller's own tenant."""
+    """Every budget, indexed by (tenant, scope, value). A change announced by any replica names
+    its budget, which alone is read again (``refresh``): a stream of changes costs every replica
+    one small query each, never a reload of every tenant's budgets. Loaded whole at start and
+    after a (re)subscription, when changes may have been missed. Attribution values come from
+    the client, so they only ever match budgets of the caller's own tenant."""
 
     def __init__(self, pool: asyncpg.Pool, redis) -> None:
         self._pool = pool
@@ -184,12 +204,37 @@ class BudgetCache:
             index.setdefault((b.tenant, b.scope, b.scope_value), []).append(b)
         self.by_scope, self.by_id = index, {b.id: b for b in budgets}
 
+    async def refresh(self, budget_id: str) -> None:
+        """Reads one budget again: changed, created or deleted."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM budgets WHERE id = $1", budget_id)
+        self._drop(budget_id)
+        if row is not None:
+            b = _row(row)
+            self.by_id[b.id] = b
+            self.by_scope.setdefault((b.tenant, b.scope, b.scope_value), []).append(b)
+
+    def _drop(self, budget_id: str) -> None:
+        _KEYS_CACHE.pop(budget_id, None)
+        old = self.by_id.pop(budget_id, None)
+        if old is not None:
+            where = (old.tenant, old.scope, old.scope_value)
+            rest = [b for b in self.by_scope.get(where, ()) if b.id != budget_id]
+            if rest:
+                self.by_scope[where] = rest
+            else:
+                self.by_scope.pop(where, None)
+
     async def start(self) -> None:
         await self.load()
         self._task = asyncio.create_task(self._listen(), name="budget-changes")
 
+    async def _changed(self, data) -> None:
+        name = data.decode() if isinstance(data, bytes) else str(data)
+        await (self.refresh(name) if name.startswith("bud_") else self.load())
+
     async def _listen(self) -> None:
-        await listen_forever(self._redis, CHANGED, lambda _data: self.load(), self.load)
+        await listen_forever(self._redis, CHANGED, self._changed, self.load)
 
     async def stop(self) -> None:
         await stop_task(self._task)
@@ -212,5 +257,6 @@ class BudgetCache:
         return out
 
 
-async def announce_change(redis) -> None:
-    await redis.publish(CHANGED, "1")
+async def announce_change(redis, budget_id: str | None = None) -> None:
+    """Tells every replica a budget changed (``budget_id``: that one alone; None: reload all)."""
+    await redis.publish(CHANGED, budget_id or "1")

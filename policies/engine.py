@@ -30,6 +30,8 @@ log = logging.getLogger("gateway.policies")
 LEDGER_STREAM = "gw:{gw}:ledger"
 ALERT_STREAM = "gw:{gw}:alerts"
 MINUTE_MS = 60_000
+MAX_ATTRIBUTION = 200  # characters of a user, agent, workflow or customer a request is attributed to
+MAX_TAG = 100  # characters of a tag
 
 
 def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
@@ -42,9 +44,9 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
     def pick(field: str, header: bytes) -> str | None:
         value = scope_headers.get(header)
         if value:
-            return value.decode("latin-1")[:200]
+            return value.decode("latin-1")[:MAX_ATTRIBUTION]
         value = meta.get(field)
-        return str(value)[:200] if value not in (None, "") else None
+        return str(value)[:MAX_ATTRIBUTION] if value not in (None, "") else None
 
     user = scope_headers.get(b"x-gateway-user")
     tags = meta.get("tags")
@@ -58,11 +60,13 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
     return {
         "tenant": ident.tenant if ident else None,
         "key": ident.key_id if ident else None,
-        "user": user.decode("latin-1")[:200] if user else (str(body["user"])[:200] if body.get("user") else None),
+        "user": user.decode("latin-1")[:MAX_ATTRIBUTION]
+        if user
+        else (str(body["user"])[:MAX_ATTRIBUTION] if body.get("user") else None),
         "agent": pick("agent", b"x-gateway-agent"),
         "workflow": pick("workflow", b"x-gateway-workflow"),
         "customer": pick("customer", b"x-gateway-customer"),
-        "tags": list(dict.fromkeys(str(t)[:100] for t in tags))[:20],  # each once: a tag's budget counts once
+        "tags": list(dict.fromkeys(str(t)[:MAX_TAG] for t in tags))[:20],  # each once: a tag's budget counts once
     }
 
 
@@ -188,8 +192,11 @@ class PolicyEngine:
             out.append(("key", f"key:{attr['key']}", key_limit))
             for minter, limit in ident.shared_limits if ident is not None else ():
                 out.append(("minting key", f"key:{minter}", limit if limit is not None else self.limits.key))
+        # the tenant's name carries its length: a tenant named "acme" whose client says it is user
+        # "x:alice" never counts in (or fills) tenant "acme:x"'s user "alice"'s window
+        tenant_tag = f"{len(attr['tenant'] or '')}:{attr['tenant']}"
         if attr["user"] and (self.limits.user.rpm or self.limits.user.tpm):
-            out.append(("user", f"user:{attr['tenant']}:{attr['user']}", self.limits.user))
+            out.append(("user", f"user:{tenant_tag}:{attr['user']}", self.limits.user))
         tenant = self.limits.tenant.get(attr["tenant"] or "")
         if tenant is not None:
             out.append(("tenant", f"tenant:{attr['tenant']}", tenant))
@@ -200,11 +207,9 @@ class PolicyEngine:
         if agent:
             limit = self.limits.agent.get(agent)
             if limit is not None:
-                out.append(("agent", f"agent:{attr['tenant']}:{agent}", limit))
+                out.append(("agent", f"agent:{tenant_tag}:{agent}", limit))
             if attr["user"] and (self.limits.agent_user.rpm or self.limits.agent_user.tpm):
-                out.append(
-                    ("agent user", f"agent-user:{attr['tenant']}:{agent}:{attr['user']}", self.limits.agent_user)
-                )
+                out.append(("agent user", f"agent-user:{tenant_tag}:{agent}:{attr['user']}", self.limits.agent_user))
         flat = []
         for label, base, limit in out:
             if limit.rpm:
@@ -240,10 +245,10 @@ class PolicyEngine:
         found = self._prices[model] = (inp, out)
         return found
 
-    def _estimate_nano(self, ctx: RequestContext, hard: bool) -> int:
-        """The reservation: prompt tokens plus the most the answers may use (``n`` of them),
-        at the highest price the request could be served at (which deployment will serve it,
-        after rules and fallbacks, is not known yet).
+    def _estimate_nano(self, ctx: RequestContext, hard: bool) -> tuple[int, int]:
+        """(the reservation, its prompt part) in nano-USD. The reservation: prompt tokens plus the
+        most the answers may use (``n`` of them), at the highest price the request could be
+        served at (which deployment will serve it, after rules and fallbacks, is not known yet).
 
         Under a *hard* budget the reservation must be an upper bound, so the prompt of a chat
         request is counted exactly (tiktoken; the character estimate can be fooled by text in
@@ -252,7 +257,7 @@ class PolicyEngine:
         ``policies.default_max_output``, the amount reserved. Otherwise the cheap estimate does."""
         inp, out = self.reachable_prices(ctx.model)
         if not inp and not out:
-            return 0
+            return 0, 0
         if ctx._prompt_tokens is not None:
             prompt = ctx._prompt_tokens
         elif hard and ctx.endpoint == "chat":
@@ -262,13 +267,13 @@ class PolicyEngine:
         if ctx.endpoint != "chat":
             if hard:  # an upper bound: "a a a" or emoji take more tokens than a third of their characters
                 prompt = max(prompt, input_bytes(ctx.body))
-            return round(prompt * inp * NANO)
+            return round(prompt * inp * NANO), round(prompt * inp * NANO)
         max_out = ctx.max_output or self.config.policies.default_max_output
         if hard and not ctx.max_output and isinstance(ctx.body, dict):
             ctx.body["max_completion_tokens"] = ctx.max_output = max_out
         n = ctx.body.get("n") if isinstance(ctx.body, dict) else None
         choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
-        return round((prompt * inp + choices * max_out * out) * NANO)
+        return round((prompt * inp + choices * max_out * out) * NANO), round(prompt * inp * NANO)
 
     # ---- the two round trips -----------------------------------------------------------------
     async def admit(self, ctx: RequestContext, attr: dict) -> None:
@@ -289,7 +294,7 @@ class PolicyEngine:
         if not rates and not budgets:
             return
         hard = any(b.enforcement == "hard" for b in budgets)
-        estimate = self._estimate_nano(ctx, hard) if budgets else 0
+        estimate, floor = self._estimate_nano(ctx, hard) if budgets else (0, 0)
         ctx.extra["reserved_nano"] = estimate
         now_ms = int(time.time() * 1000)
         slot = now_ms // MINUTE_MS
@@ -333,6 +338,7 @@ class PolicyEngine:
             else:  # no lease asked for, but every replica's leases of the budget are counted
                 argv += [leases_key(reserved), "", 0, 0]
         argv += [LEASE_TTL_MS, credit.headroom if credit is not None else 0, ALERT_STREAM, _member(ctx), self._hold_ms]
+        argv.append(floor)  # what the request costs at the least: its prompt
         try:
             result = await self._run("admit", argv)
         except RedisError as exc:
@@ -384,6 +390,11 @@ class PolicyEngine:
                 f"Budget busy: what is left of {what} is reserved by requests in flight. Retry after {retry} s.",
                 code="budget_reserved",
                 headers={"retry-after": retry},
+            )
+        if kind == "short":
+            raise QuotaExceeded(
+                f"Budget nearly used up: what is left of {what} cannot cover this request, which could cost "
+                f"up to {estimate / NANO:.6g} USD; lower max_tokens (or n)."
             )
         if kind == "oversized":
             raise QuotaExceeded(

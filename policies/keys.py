@@ -68,14 +68,33 @@ async def create_key(
 # ``tenant`` None is the super-admin's view; otherwise only that tenant's keys (the admin API
 # also runs these under row-level security, so the filter is not the only wall).
 async def list_keys(
-    conn: asyncpg.Connection, *, include_revoked: bool = False, tenant: str | None = None
+    conn: asyncpg.Connection,
+    *,
+    include_revoked: bool = False,
+    tenant: str | None = None,
+    limit: int | None = None,
+    after: str | None = None,
 ) -> list[KeyRecord]:
-    rows = await conn.fetch(
-        """SELECT id, name, tenant, key_prefix, created_at, revoked_at, metadata FROM api_keys
-           WHERE ($1 OR revoked_at IS NULL) AND ($2::text IS NULL OR tenant = $2) ORDER BY created_at""",
-        include_revoked,
-        tenant,
-    )
+    """Every key, oldest first; or with ``limit`` one page, newest first, of the keys older than
+    the key ``after`` (a page's last id)."""
+    if limit is None:
+        rows = await conn.fetch(
+            """SELECT id, name, tenant, key_prefix, created_at, revoked_at, metadata FROM api_keys
+               WHERE ($1 OR revoked_at IS NULL) AND ($2::text IS NULL OR tenant = $2) ORDER BY created_at""",
+            include_revoked,
+            tenant,
+        )
+    else:
+        rows = await conn.fetch(
+            """SELECT id, name, tenant, key_prefix, created_at, revoked_at, metadata FROM api_keys
+               WHERE ($1 OR revoked_at IS NULL) AND ($2::text IS NULL OR tenant = $2)
+                 AND ($3::text IS NULL OR (created_at, id) < (SELECT created_at, id FROM api_keys WHERE id = $3))
+               ORDER BY created_at DESC, id DESC LIMIT $4""",
+            include_revoked,
+            tenant,
+            after,
+            limit,
+        )
     return [KeyRecord(**{k: v for k, v in r.items() if k != "metadata"}, settings=_settings(r)) for r in rows]
 
 
@@ -89,13 +108,32 @@ async def key_tenant(conn: asyncpg.Connection, key_id: str) -> str | None:
 
 
 async def revoke_key(conn: asyncpg.Connection, key_id: str, tenant: str | None = None) -> str | None:
-    """Marks the key revoked; returns its hash (for cache invalidation) or None if unknown."""
-    return await conn.fetchval(
-        """UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now())
-           WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) RETURNING key_hash""",
-        key_id,
-        tenant,
-    )
+    """Marks the key revoked, and every key minted from it (``revoke_tree``); returns its hash
+    (for cache invalidation) or None if unknown."""
+    revoked = await revoke_tree(conn, key_id, tenant)
+    return revoked[0][1] if revoked else None
+
+
+# A key minted by a tenant admin names its minter (``minted_by``, policies/minting.py; keys minted
+# before that name their ancestors in ``shared_limits``): never wider than its minter, it does not
+# outlive it either.
+_REVOKE_TREE = """
+WITH RECURSIVE tree(id) AS (
+    SELECT id FROM api_keys WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
+  UNION
+    SELECT k.id FROM api_keys k JOIN tree t
+      ON k.metadata->>'minted_by' = t.id
+      OR k.metadata->'shared_limits' @> jsonb_build_array(jsonb_build_object('key', t.id))
+)
+UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now())
+WHERE id IN (SELECT id FROM tree) RETURNING id, key_hash"""
+
+
+async def revoke_tree(conn: asyncpg.Connection, key_id: str, tenant: str | None = None) -> list[tuple[str, str]]:
+    """Revokes the key and every key minted from it, however deep; (id, hash) of each, the
+    named key first; empty if unknown."""
+    rows = [(r["id"], r["key_hash"]) for r in await conn.fetch(_REVOKE_TREE, key_id, tenant)]
+    return sorted(rows, key=lambda r: r[0] != key_id)
 
 
 async def find_active(conn: asyncpg.Connection | asyncpg.Pool, key_hash: str) -> asyncpg.Record | None:
@@ -105,10 +143,11 @@ async def find_active(conn: asyncpg.Connection | asyncpg.Pool, key_hash: str) ->
     )
 
 
-async def announce_revocation(redis, key_hash: str) -> int:
-    """Tells every gateway replica to drop the key from its cache; returns listeners reached."""
+async def announce_revocation(redis, key_hash: str, *more: str) -> int:
+    """Tells every gateway replica to drop the keys from its cache; returns listeners reached."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.incr(KEYS_VERSION)
-        pipe.publish(REVOKE_CHANNEL, key_hash)
-        _, receivers = await pipe.execute()
+        for h in (key_hash, *more):
+            pipe.publish(REVOKE_CHANNEL, h)
+        _, receivers, *_ = await pipe.execute()
     return int(receivers)

@@ -53,6 +53,7 @@ def narrow(minter: Identity, tenant: str | None, settings: dict) -> tuple[str, d
             code="tenant_mismatch",
         )
     out = dict(settings)
+    out["minted_by"] = minter.key_id  # revoking the minter revokes this key (policies/keys.py)
     extra_scopes = set(out.get("scopes") or ()) - set(minter.scopes)
     if extra_scopes:
         raise _wider("scopes", f"scope {sorted(extra_scopes)[0]!r} is not held by the minting key")
@@ -68,12 +69,18 @@ def narrow(minter: Identity, tenant: str | None, settings: dict) -> tuple[str, d
             out["expires_at"] = minter.expires_at
         elif expires > minter.expires_at:
             raise _wider("expires_at", "it would outlive the minting key")
+    policy = out.get("pii_policy")
     if minter.pii_policy is not None:
-        policy = out.get("pii_policy")
         if policy is None:
             out["pii_policy"] = minter.pii_policy
         elif policy != minter.pii_policy:
             raise _wider("pii_policy", f"the minting key is held to PII policy {minter.pii_policy!r}")
+    elif policy is not None:
+        # A key's PII policy wins over its model group's and its tenant's (policies/pii): naming
+        # one would lift the scrubbing the operator put on the tenant or the model.
+        raise _wider(
+            "pii_policy", "a key's PII policy overrides its tenant's and model's; only the master key sets one"
+        )
     if minter.require_tags:
         out["require_tags"] = sorted(set(out.get("require_tags") or ()) | set(minter.require_tags))
     limits = minter.limits

@@ -7,7 +7,7 @@ ADMIT (before the call)
     ARGV: now_ms, n_rate, [base, limit, window_ms, cost, lease] * n_rate,
           n_budget, [spent_key, reserved_key, limit, estimate, ttl_s, alert_prefix, thresholds_csv,
           budget_id, hard, leases_key, own_lease_key, lease, own_outstanding] * n_budget,
-          lease_ttl_ms, lease_headroom, alert_stream, member, hold_ms
+          lease_ttl_ms, lease_headroom, alert_stream, member, hold_ms[, floor]
     Rate limits are sliding windows (the previous fixed window weighted by how much of it is
     still inside the sliding one, plus the current window). A ``cost`` of 0 only checks (tokens
     per minute are added after the call, when they are known).
@@ -22,12 +22,15 @@ ADMIT (before the call)
     Redis was away when it settled) is released by the next ADMIT of the budget once its hold
     is over — and noted in ``reserved_key:gone`` for a spooled settlement (SETTLE_LATE) —
     instead of holding budget until the period ends (for ever, for a budget without a period).
-    Refusal kinds: ``budget`` (used up), ``reserved`` (a hard budget whose remainder is held by
-    requests in flight: retrying soon may succeed), ``oversized`` (the request alone could cost
-    more than the whole limit).
-    A refusal because the budget is used up is the moment it is exhausted: thresholds up to
-    100 % not fired yet fire then (once, as in SETTLE), since a hard budget's spend stops short
-    of the limit. A ``reserved`` or ``oversized`` refusal fires nothing.
+    Refusal kinds: ``budget`` (used up), ``short`` (a hard budget whose remainder is less than
+    the request's estimate), ``reserved`` (a hard budget whose remainder is held by requests in
+    flight: retrying soon may succeed), ``oversized`` (the request alone could cost more than
+    the whole limit).
+    A ``budget`` or ``short`` refusal fires, once as in SETTLE, the thresholds up to 100 % that
+    spend has reached, and the highest of them (a hard budget's spend stops short of the limit)
+    once spend passed every lower threshold or what is left cannot pay even for the request's
+    prompt (``floor``, nano-USD): one large request refused early fires nothing. A ``reserved``
+    or ``oversized`` refusal fires nothing.
     Leases (admission credit, policies/credit.py): a request may ask for ``lease`` more requests
     of a rate limit, or ``lease`` nano-USD more of a budget, to admit later requests from in
     process. A rate lease is counted in the window at once; it is granted only when it fits
@@ -85,6 +88,7 @@ local lease_ttl = ARGV[i + n_budget * 13]
 local headroom = tonumber(ARGV[i + n_budget * 13 + 1])
 local alert_stream = ARGV[i + n_budget * 13 + 2]
 local member, hold_ms = ARGV[i + n_budget * 13 + 3], tonumber(ARGV[i + n_budget * 13 + 4])
+local floor = tonumber(ARGV[i + n_budget * 13 + 5] or '')  -- the request's prompt alone (nil: its estimate)
 -- holds run on Redis's clock, one for every replica (a replica's clock running ahead must not
 -- release the others' reservations)
 local clock = 0
@@ -131,7 +135,7 @@ for b = 1, n_budget do
     if estimate > limit then
       kind = 'oversized'
     elseif spent + estimate > limit then
-      kind = 'budget'
+      kind = 'short'
     elseif spent + held + estimate > limit then
       kind = 'reserved'
     end
@@ -142,9 +146,24 @@ for b = 1, n_budget do
     local retry = ttl * 1000
     if kind == 'reserved' then retry = 1000 end
     local out = {0, kind, b, retry}
-    if kind == 'budget' then
+    if kind == 'budget' or kind == 'short' then
+      -- the highest threshold up to 100 % means "used up": fired once spend passed every lower
+      -- threshold, or when what is left cannot pay even for the request's prompt; lower ones
+      -- only once spend reached them (one large request refused early fires nothing)
+      local top, below = -1, 0
       for t in string.gmatch(thresholds, '[^,]+') do
-        if tonumber(t) <= 1 and redis.call('SET', alert_prefix .. t, spent, 'NX', 'EX', ttl) then
+        local v = tonumber(t)
+        if v <= 1 and v > top then top = v end
+      end
+      for t in string.gmatch(thresholds, '[^,]+') do
+        local v = tonumber(t)
+        if v < top and v > below then below = v end
+      end
+      local used_up = spent >= below * limit or spent + (floor or estimate) > limit
+      for t in string.gmatch(thresholds, '[^,]+') do
+        local v = tonumber(t)
+        if v <= 1 and (spent >= v * limit or (v == top and used_up))
+            and redis.call('SET', alert_prefix .. t, spent, 'NX', 'EX', ttl) then
           redis.call('XADD', alert_stream, '*', 'budget', budget_id, 'threshold', t, 'spent', tostring(spent))
           table.insert(out, budget_id)
           table.insert(out, t)
