@@ -38,12 +38,15 @@ class ToolCallFailed(Exception):
 
 def fill_url(template: str, arguments: dict) -> str:
     """The URL template with each ``{arg}`` replaced by the argument, URL-encoded. Raises
-    ValueError naming the argument when its value is a dot segment ("." or "..")."""
+    ValueError naming the argument when its value is a dot segment ("." or ".."), or when it
+    is missing or empty in the path (``/orders/{id}`` would become ``/orders/``: another
+    resource, perhaps the whole collection)."""
 
     def one(match: re.Match) -> str:
         value = arguments.get(match.group(1))
+        in_path = query_at < 0 or match.start() < query_at
         if value is None:
-            return ""
+            value = ""
         if isinstance(value, bool):
             value = "true" if value else "false"
         elif not isinstance(value, str | int | float):
@@ -51,11 +54,15 @@ def fill_url(template: str, arguments: dict) -> str:
         text = quote(str(value), safe="")
         if text in (".", ".."):  # a dot segment would climb the path
             raise ValueError(f"argument {match.group(1)!r} may not be {text!r}")
+        if not text and in_path:
+            raise ValueError(f"argument {match.group(1)!r} may not be empty (it names a resource in the path)")
         return text
 
     origin, _, tail = template.partition("://")
     cut = min((i for i in (tail.find("/"), tail.find("?")) if i >= 0), default=len(tail))
-    return f"{origin}://{tail[:cut]}{PLACEHOLDER_RE.sub(one, tail[cut:])}"
+    rest = tail[cut:]
+    query_at = rest.find("?")
+    return f"{origin}://{tail[:cut]}{PLACEHOLDER_RE.sub(one, rest)}"
 
 
 def build_request(spec: ToolSpec, arguments: dict) -> tuple[str, URL, bytes | None]:

@@ -1,0 +1,106 @@
+"""Review of the agent runtime (tools, MCP, prompts, experiments, feedback) as an attacker: each
+test is a hostile input that worked before its fix, run against a real gateway process over
+HTTP with the OpenAI SDK, the mock provider (whose directives make the model call tools) and the
+real tool / MCP server of loadtest/mock_tools."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, wait_until
+
+SECRET_ENV = "TOOL_REVIEW_S22_SECRET"
+SECRET = "opsecret-" + uuid.uuid4().hex
+
+
+class ToolServer(Proc):
+    def __init__(self, tmp) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "loadtest.mock_tools", "--port", str(self.port)]
+        super().__init__(args, {}, tmp / f"tools-review-{self.port}.log")
+        wait_until(lambda: httpx.get(f"{self.url}/_requests").status_code == 200, what="tool server")
+
+    def requests(self) -> list[dict]:
+        return httpx.get(f"{self.url}/_requests").json()["requests"]
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_root):
+    server = ToolServer(tmp_root)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, module_mock):
+    os.environ[SECRET_ENV] = SECRET  # the operator's secret for its own tools
+    config = {
+        "router": {"max_attempts": 1},
+        "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]}],
+    }
+    g = Gateway(tmp_root, config, services)
+    yield g
+    g.stop()
+
+
+def call(gw, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
+    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=60, **kw)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def new_key(gw, tenant: str, admin: bool = False) -> str:
+    body = {"name": unique("k"), "tenant": tenant, **({"scopes": ["admin"]} if admin else {})}
+    resp = call(gw, "POST", "/admin/keys", json=body)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["key"]
+
+
+def http_tool(name: str, url: str, properties: dict, **config) -> dict:
+    return {
+        "name": name,
+        "description": f"the {name} tool",
+        "kind": "http",
+        "parameters": {"type": "object", "properties": properties},
+        "config": {"allowed_hosts": ["127.0.0.1"], "allow_private_networks": True, "url": url, **config},
+    }
+
+
+def agent(gw, tenant: str, tools: list[dict], template: str = "You help.") -> str:
+    name = unique("rv")
+    body = {"name": name, "model": "agent-model", "template": template, "tenant": tenant, "tools": tools}
+    resp = call(gw, "POST", "/admin/agents", json=body)
+    assert resp.status_code == 201, resp.text
+    return name
+
+
+def turn(gw, key: str, name: str, calls: list[dict]) -> str:
+    directive = "[[mock:" + orjson.dumps({"tool_calls": calls}).decode() + "]]"
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    answer = c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": directive}])
+    return answer.choices[0].message.content or ""
+
+
+# ---- http tools ---------------------------------------------------------------------------------
+
+
+def test_an_empty_path_argument_cannot_make_a_tool_address_the_collection(gw, tools):
+    """``DELETE /orders/{id}`` with ``id: ""`` went out as ``DELETE /orders/``: the model (or a
+    prompt injection steering it) addressed the whole collection instead of one order."""
+    tenant = unique("t")
+    tool = http_tool("cancel", f"{tools.url}/orders/{{id}}", {"id": {"type": "string"}}, method="DELETE")
+    name = agent(gw, tenant, [tool])
+    answer = turn(gw, new_key(gw, tenant), name, [{"name": "cancel", "arguments": {"id": ""}}])
+    assert not [r for r in tools.requests() if r["method"] == "DELETE" and r["path"] in ("/orders/", "/orders")]
+    assert "empty" in answer  # the model is told why, and may repair its call
