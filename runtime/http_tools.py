@@ -8,7 +8,7 @@ import logging
 import random
 import re
 import time
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus
 
 import aiohttp
 import orjson
@@ -75,11 +75,21 @@ def build_request(spec: ToolSpec, arguments: dict) -> tuple[str, URL, bytes | No
     url = fill_url(template, arguments)
     method = config["method"]
     if method in ("GET", "DELETE"):
+        fixed = _fixed_query_keys(template)
+        for name in rest:
+            if name in fixed:  # ?scope=read&scope=admin: most servers read the last one
+                raise ValueError(f"argument {name[:64]!r} may not replace the tool's own query parameter")
         if rest:
             query = {k: _query_value(v) for k, v in rest.items() if v is not None}
             return method, URL(url, encoded=True).extend_query(query), None
         return method, URL(url, encoded=True), None
     return method, URL(url, encoded=True), orjson.dumps(rest)
+
+
+def _fixed_query_keys(template: str) -> set[str]:
+    """The names of the query parameters the URL template itself sets."""
+    query = template.partition("?")[2]
+    return {unquote_plus(part.partition("=")[0]) for part in query.split("&") if part}
 
 
 def _query_value(value) -> str:

@@ -104,3 +104,16 @@ def test_an_empty_path_argument_cannot_make_a_tool_address_the_collection(gw, to
     answer = turn(gw, new_key(gw, tenant), name, [{"name": "cancel", "arguments": {"id": ""}}])
     assert not [r for r in tools.requests() if r["method"] == "DELETE" and r["path"] in ("/orders/", "/orders")]
     assert "empty" in answer  # the model is told why, and may repair its call
+
+
+def test_an_argument_cannot_override_a_query_parameter_fixed_by_the_tool(gw, tools):
+    """The tool's author fixed ``?scope=read``; an extra argument ``scope: "admin"`` was appended
+    to the query (``?scope=read&scope=admin``), and most servers read the last one."""
+    tenant = unique("t")
+    tool = http_tool("order", f"{tools.url}/orders/{{id}}?scope=read", {"id": {"type": "string"}}, method="GET")
+    name = agent(gw, tenant, [tool])
+    order = unique("o")
+    turn(gw, new_key(gw, tenant), name, [{"name": "order", "arguments": {"id": order, "scope": "admin"}}])
+    seen = [r for r in tools.requests() if r["path"] == f"/orders/{order}"]
+    assert all("scope=admin" not in r["raw_path"] + str(r["query"]) for r in seen)
+    assert all(r["query"].get("scope") == "read" for r in seen)
