@@ -20,6 +20,11 @@ from runtime.types import ToolSpec
 log = logging.getLogger("gateway.tools")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# A POST or PATCH is sent again only when the server cannot have acted on it: it said so (429,
+# 503) or no connection was made. After a 500, 502, 504 or a connection lost mid-request the
+# order may have been placed: a second one would place it twice.
+IDEMPOTENT = frozenset({"GET", "PUT", "DELETE"})
+NOT_ACTED_STATUSES = frozenset({429, 503})
 MAX_ERROR_BODY = 500
 BACKOFF_BASE_S = 0.1
 BACKOFF_MAX_S = 2.0
@@ -121,6 +126,7 @@ async def call_http(
         send_headers.setdefault("content-type", "application/json")
     send_headers.setdefault("accept", "application/json, text/plain;q=0.9, */*;q=0.5")
     attempts = 1 + int(config.get("retries", 0))
+    retry_statuses = RETRY_STATUSES if method in IDEMPOTENT else NOT_ACTED_STATUSES
     timeout_s = float(config["timeout_s"])
     cap = int(config["max_response_bytes"])
     last = "no attempt"
@@ -136,7 +142,7 @@ async def call_http(
                         return await read_capped(resp, cap)
                     snippet = await read_capped(resp, MAX_ERROR_BODY)
                     last = f"HTTP {resp.status}"
-                    if resp.status not in RETRY_STATUSES or attempt + 1 == attempts:
+                    if resp.status not in retry_statuses or attempt + 1 == attempts:
                         raise ToolCallFailed("error", _http_error(resp.status, snippet))
                     retry_after = _retry_after(resp.headers.get("retry-after"))
         except ToolCallFailed:
@@ -155,6 +161,8 @@ async def call_http(
                     "error", "the tool's address is not reachable from the gateway (network policy)"
                 ) from None
             last = f"connection failed ({type(exc).__name__})"
+            if method not in IDEMPOTENT:  # the request may have arrived
+                break
         if attempt + 1 < attempts:
             delay = retry_after if retry_after is not None else _backoff(attempt)
             if time.monotonic() + delay >= deadline:

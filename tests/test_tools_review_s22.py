@@ -117,3 +117,22 @@ def test_an_argument_cannot_override_a_query_parameter_fixed_by_the_tool(gw, too
     seen = [r for r in tools.requests() if r["path"] == f"/orders/{order}"]
     assert all("scope=admin" not in r["raw_path"] + str(r["query"]) for r in seen)
     assert all(r["query"].get("scope") == "read" for r in seen)
+
+
+def test_a_post_is_not_sent_again_after_the_tool_may_have_acted(gw, tools):
+    """A POST tool with ``retries`` was sent again after a 500: an order placed (or a payment
+    made) twice. A non-idempotent call is retried only when the server says it did not act
+    (429, 503) or the connection never opened."""
+    tenant = unique("t")
+    key = unique("flaky")
+    tool = http_tool("place", f"{tools.url}/flaky?key={key}&fails=1", {}, method="POST", retries=2)
+    name = agent(gw, tenant, [tool])
+    turn(gw, new_key(gw, tenant), name, [{"name": "place", "arguments": {}}])
+    sent = [r for r in tools.requests() if r["path"] == "/flaky" and r["query"].get("key") == key]
+    assert len(sent) == 1
+    # a GET (idempotent) still gets its retries
+    key2 = unique("flaky")
+    tool = http_tool("look", f"{tools.url}/flaky?key={key2}&fails=1", {}, method="GET", retries=2)
+    name = agent(gw, tenant, [tool])
+    turn(gw, new_key(gw, tenant), name, [{"name": "look", "arguments": {}}])
+    assert len([r for r in tools.requests() if r["query"].get("key") == key2]) == 2
