@@ -68,6 +68,7 @@ MAX_URL_LENGTH = 2048
 MAX_HEADERS = 32
 MAX_HEADER_VALUE = 4096
 MAX_ALLOWED_HOSTS = 32
+MIN_SECRET = 6  # shorter environment values are not hunted for in answers (they would mangle them)
 MAX_TIMEOUT_S = 60.0
 MAX_RETRIES = 5
 DEFAULT_TIMEOUT_S = 10.0
@@ -378,6 +379,21 @@ def resolve_headers(headers: dict[str, str]) -> dict[str, str]:
         return os.environ[match.group(1)]
 
     return {k: ENV_RE.sub(env, v) if "${" in v else v for k, v in headers.items()}
+
+
+def env_secrets(headers: dict[str, str]) -> list[str]:
+    """The values the header templates' ``${TOOL_*}`` variables hold now (what ``redact`` hides)."""
+    names = {name for v in headers.values() if "${" in v for name in ENV_RE.findall(v)}
+    return [value for name in names if len(value := os.environ.get(name, "")) >= MIN_SECRET]
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """``text`` with every secret in it replaced: a tool that echoes its request (a debugging
+    endpoint, an error page) must not hand the operator's key to the model, and so the client."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, "[redacted]")
+    return text
 
 
 def _parse_hosts(hosts, where: str, required: bool) -> list[str]:
@@ -761,10 +777,13 @@ class ToolRunner:
             headers = resolve_headers(tool.config.get("headers") or {})
         except KeyError:
             raise ToolCallFailed("error", "the tool is misconfigured (a secret it needs is not set)") from None
+        secrets = env_secrets(tool.config.get("headers") or {})
         try:
-            return await call_http(http, tool, arguments, headers, policy=policy, deadline=deadline)
+            return redact(await call_http(http, tool, arguments, headers, policy=policy, deadline=deadline), secrets)
         except ValueError as exc:  # a dot-segment argument
             raise ToolCallFailed("error", _short(str(exc))) from None
+        except ToolCallFailed as exc:  # its message may quote the tool's answer
+            raise ToolCallFailed(exc.status, redact(exc.message, secrets)) from None
 
     async def _mcp_call(self, tool: ToolSpec, arguments: dict, deadline: float) -> str:
         config = tool.config
@@ -790,7 +809,9 @@ class ToolRunner:
                 raise ToolCallFailed(
                     "error", "the tool's address is not reachable from the gateway (network policy)"
                 ) from None
-            raise ToolCallFailed("error", f"the MCP tool failed: {_short(str(exc))}") from None
+            message = redact(str(exc), env_secrets(config.get("headers") or {}))
+            raise ToolCallFailed("error", f"the MCP tool failed: {_short(message)}") from None
+        text = redact(text, env_secrets(config.get("headers") or {}))
         cap = int(config.get("max_response_bytes", DEFAULT_RESPONSE_BYTES))
         if len(text.encode()) > cap:
             text = text.encode()[:cap].decode(errors="ignore") + f"\n[truncated: the answer exceeded {cap} bytes]"

@@ -159,3 +159,23 @@ def test_a_tenant_admin_cannot_send_the_operators_tool_secrets_to_its_own_host(g
     # a literal value of its own is fine
     tool["config"]["headers"] = {"Authorization": "Bearer its-own-secret"}
     assert call(gw, "PATCH", f"/admin/agents/{plain['name']}", boss, json={"tools": [tool]}).status_code == 200
+
+
+def test_a_secret_the_tool_echoes_back_never_reaches_the_model_or_the_client(gw, tools):
+    """The tool server echoed the request headers (as debugging endpoints and many error pages
+    do): the operator's ``${TOOL_*}`` secret went into the model's context and, through the
+    answer, to the client."""
+    tenant = unique("t")
+    tool = http_tool(
+        "echo",
+        f"{tools.url}/orders/{{id}}",
+        {"id": {"type": "string"}},
+        method="GET",
+        headers={"Authorization": f"Bearer ${{{SECRET_ENV}}}"},
+    )
+    name = agent(gw, tenant, [tool])
+    answer = turn(gw, new_key(gw, tenant), name, [{"name": "echo", "arguments": {"id": "A1"}}])
+    assert "A1" in answer  # the tool answered (the mock model echoes the result)
+    sent = [r for r in tools.requests() if r["path"] == "/orders/A1"]
+    assert sent and sent[-1]["headers"]["authorization"] == f"Bearer {SECRET}"  # the tool did get it
+    assert SECRET not in answer
