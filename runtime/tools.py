@@ -680,11 +680,20 @@ class ToolRunner:
             if index >= MAX_CALLS_PER_TURN:
                 jobs.append(_done(call, "error", f"too many tool calls in one turn (at most {MAX_CALLS_PER_TURN})"))
             else:
-                jobs.append(self._one(tools.get(call.name), call, deadline, context, turn_slots, tenant_slots))
+                jobs.append(
+                    self._one(tools.get(call.name), call, deadline, context, turn_slots, tenant_slots, agent.tenant)
+                )
         return list(await asyncio.gather(*jobs))
 
     async def _one(
-        self, tool: ToolSpec | None, call: _Call, deadline: float, context: dict, turn_slots=None, tenant_slots=None
+        self,
+        tool: ToolSpec | None,
+        call: _Call,
+        deadline: float,
+        context: dict,
+        turn_slots=None,
+        tenant_slots=None,
+        tenant: str | None = None,
     ) -> ToolResult:
         started = time.monotonic()
         if tool is None:
@@ -704,7 +713,7 @@ class ToolRunner:
                     if tool.kind == "http":
                         text = await self._http_call(tool, arguments, deadline)
                     else:
-                        text = await self._mcp_call(tool, arguments, deadline)
+                        text = await self._mcp_call(tool, arguments, deadline, tenant)
         except ToolCallFailed as exc:
             return _result(call, exc.status, self._cap(exc.message), started, arguments)
         except TimeoutError:
@@ -785,7 +794,7 @@ class ToolRunner:
         except ToolCallFailed as exc:  # its message may quote the tool's answer
             raise ToolCallFailed(exc.status, redact(exc.message, secrets)) from None
 
-    async def _mcp_call(self, tool: ToolSpec, arguments: dict, deadline: float) -> str:
+    async def _mcp_call(self, tool: ToolSpec, arguments: dict, deadline: float, tenant: str | None = None) -> str:
         config = tool.config
         policy = tool_policy(self.policy, config)
         _, pool = self._client(policy)
@@ -799,7 +808,7 @@ class ToolRunner:
         timeout = min(float(config["timeout_s"]), deadline - time.monotonic())
         if timeout <= 0:
             raise ToolCallFailed("timeout", "the tool did not answer in time")
-        client = pool.client(config["url"], headers)
+        client = pool.client(config["url"], headers, owner=tenant)
         try:
             text, is_error = await client.call_tool(config["tool"], arguments, timeout_s=timeout)
         except TimeoutError:

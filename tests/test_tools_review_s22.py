@@ -179,3 +179,30 @@ def test_a_secret_the_tool_echoes_back_never_reaches_the_model_or_the_client(gw,
     sent = [r for r in tools.requests() if r["path"] == "/orders/A1"]
     assert sent and sent[-1]["headers"]["authorization"] == f"Bearer {SECRET}"  # the tool did get it
     assert SECRET not in answer
+
+
+# ---- MCP -----------------------------------------------------------------------------------------
+
+
+def test_mcp_sessions_are_not_shared_across_tenants(gw, tools):
+    """Every agent with a tool of one MCP server (same URL and headers) shared one MCP session:
+    a stateful server (a browser, a cart, a login) kept one tenant's state for another."""
+    sessions = {}
+    for tenant in (unique("ta"), unique("tb")):
+        tool = {
+            "name": "add",
+            "description": "Add two numbers.",
+            "kind": "mcp",
+            "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+            "config": {"url": f"{tools.url}/mcp", "tool": "add", "allow_private_networks": True},
+        }
+        name = agent(gw, tenant, [tool])
+        a = int(uuid.uuid4().int % 10**9)
+        assert str(a + 1) in turn(gw, new_key(gw, tenant), name, [{"name": "add", "arguments": {"a": a, "b": 1}}])
+        (found,) = [
+            r["headers"].get("mcp-session-id")
+            for r in tools.requests()
+            if r["path"] == "/mcp" and f'"a":{a}' in r["body"] and "tools/call" in r["body"]
+        ]
+        sessions[tenant] = found
+    assert len(set(sessions.values())) == 2, sessions
