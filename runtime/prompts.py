@@ -12,8 +12,9 @@ bounded, not just its access to Python internals:
   nested loops), filters from ``FILTERS``, and no attribute or key starting with ``_``;
 - when rendering, values are type-checked and bounded (``MAX_VALUES_BYTES`` in all, arrays of at
   most ``MAX_ITEMS``), ``range`` is bounded, ``*``, ``**``, ``+`` and ``%`` refuse results that
-  would be large, methods are an allow-list with bounded numeric arguments, and the output is cut
-  off with an error past ``MAX_OUTPUT``.
+  would be large (a list by its written-out size, nested lists included; ``MAX_WORK`` per
+  render), methods are an allow-list with bounded numeric arguments, and the output is cut off
+  with an error past ``MAX_OUTPUT``.
 """
 
 from __future__ import annotations
@@ -104,8 +105,12 @@ class _Env(SandboxedEnvironment):
             sized, count = (left, right) if _size(left) else (right, left)
             if _size(sized) and (not _small_number(count, MAX_NUMBER_ARG) or _size(sized) * count > MAX_OUTPUT):
                 raise SecurityError("repetition too large")
+            if isinstance(sized, list | tuple):  # [[x] * 3000] * 3000 is 9 million items
+                _spend(context, _weight(sized, MAX_OUTPUT) * count)
         if operator == "+" and _size(left) + _size(right) > MAX_OUTPUT:
             raise SecurityError("value too large")
+        if operator == "+" and isinstance(left, list | tuple) and isinstance(right, list | tuple):
+            _spend(context, _weight(left, MAX_OUTPUT) + _weight(right, MAX_OUTPUT))
         result = super().call_binop(context, operator, left, right)
         if isinstance(result, int) and result.bit_length() > MAX_INT_BITS:
             raise SecurityError("number too large")
@@ -121,6 +126,50 @@ class _Env(SandboxedEnvironment):
             if isinstance(arg, int) and not _small_number(arg, MAX_NUMBER_ARG):
                 raise SecurityError("number argument too large")
         return super().call(__context, __obj, *args, **kwargs)
+
+
+MAX_WORK = 4 * MAX_OUTPUT  # written-out size of every list ``*`` and ``+`` build in one render
+
+
+def _weight(value: Any, limit: int) -> int:
+    """How large ``value`` is written out (``tojson``, ``string``): the characters of its strings
+    and one per item, a list that appears twice counted twice. Each distinct list is visited
+    once (iteratively: no recursion limit); counting stops a little past ``limit``."""
+    if not isinstance(value, list | tuple | dict):
+        return len(value) if isinstance(value, str) else 1
+    memo: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in memo:
+            continue
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        if not ready:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if isinstance(c, list | tuple | dict) and id(c) not in memo)
+            continue
+        total = len(node)
+        for child in children:
+            if isinstance(child, list | tuple | dict):
+                total += memo[id(child)]
+            else:
+                total += len(child) if isinstance(child, str) else 1
+            if total > limit:
+                break
+        memo[id(node)] = min(total, limit + 1)
+    return memo[id(value)]
+
+
+def _spend(context, weight: int) -> None:
+    """Counts a list built by ``*`` or ``+`` against the render's budget: one result no larger
+    than MAX_OUTPUT written out, all of them together no more than MAX_WORK."""
+    if weight > MAX_OUTPUT:
+        raise SecurityError("value too large")
+    eval_ctx = context.eval_ctx
+    done = getattr(eval_ctx, "gateway_work", 0) + weight
+    if done > MAX_WORK:
+        raise SecurityError("the prompt builds too much")
+    eval_ctx.gateway_work = done
 
 
 def _small_number(value: Any, limit: int) -> bool:

@@ -206,3 +206,21 @@ def test_mcp_sessions_are_not_shared_across_tenants(gw, tools):
         ]
         sessions[tenant] = found
     assert len(set(sessions.values())) == 2, sessions
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+
+
+def test_a_template_cannot_repeat_nested_lists_into_unbounded_work(gw):
+    """``*`` was bounded for strings but not for lists of lists: ``[[x]*3000]*3000`` passes
+    every check and serialising it (``tojson``, ``string``, ``sort``) holds the event loop of a
+    shared replica for as long as the nesting asks (``[[["a"]*10000]*10000]*10000`` never ends).
+    A tenant admin's template must not stall every tenant's turns."""
+    tenant = unique("t")
+    template = "{{ ([[x] * 3000] * 3000) | tojson | length }}"
+    name = agent(gw, tenant, [], template=template)
+    call(gw, "PATCH", f"/admin/agents/{name}", json={"defaults": {"x": "a"}})
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=new_key(gw, tenant), max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "prompt_render_failed"
