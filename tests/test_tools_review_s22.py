@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, wait_until
+from tests.test_agents_admin import seed_turns
 
 SECRET_ENV = "TOOL_REVIEW_S22_SECRET"
 SECRET = "opsecret-" + uuid.uuid4().hex
@@ -224,3 +225,27 @@ def test_a_template_cannot_repeat_nested_lists_into_unbounded_work(gw):
     with pytest.raises(openai.BadRequestError) as err:
         c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": "hi"}])
     assert err.value.code == "prompt_render_failed"
+
+
+# ---- feedback and experiments -------------------------------------------------------------------
+
+
+def test_repeated_feedback_on_one_answer_under_new_conversation_ids_counts_once(gw, services):
+    """Votes were deduplicated on the pair (request_id, conversation_id): sending the same
+    request id with a new made-up conversation id each time counted every vote, so one key could
+    decide an experiment (and push the feedback rate past 100 %)."""
+    tenant = unique("t")
+    boss, key = new_key(gw, tenant, admin=True), new_key(gw, tenant)
+    name = agent(gw, tenant, [], template="Be brief.")
+    call(gw, "POST", f"/admin/agents/{name}/versions", boss, json={"template": "Be very brief."})
+    split = call(gw, "PUT", f"/admin/agents/{name}/labels/production", boss, json={"variants": {"1": 50, "2": 50}})
+    assert split.status_code == 200, split.text
+    rows = [(f"req-{name}-{i}", "1" if i < 4 else "2", f"conv-{name}-{i}") for i in range(8)]
+    seed_turns(services[0], tenant, name, rows)
+    for i in range(20):  # one key, one answer, twenty "different" conversations
+        body = {"request_id": f"req-{name}-4", "conversation_id": f"fake-{i}", "thumbs": "down"}
+        assert call(gw, "POST", "/v1/feedback", key, json=body).status_code == 201
+    report = call(gw, "GET", f"/admin/agents/{name}/experiments", boss).json()["data"][0]
+    arms = {a["variant"]: a for a in report["variants"]}
+    assert arms["2"]["thumbs_down"] == 1 and arms["2"]["feedback"] == 1
+    assert arms["2"]["feedback_rate"] == 0.25  # one conversation of four
