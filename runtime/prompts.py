@@ -423,7 +423,13 @@ def render(version: PromptVersion, values: dict | None, defaults: dict | None) -
     values = values or {}
     if not isinstance(values, dict):
         raise InvalidRequest("'metadata.variables' must be an object.", param="metadata.variables")
-    if values and len(orjson.dumps(values, option=orjson.OPT_NON_STR_KEYS)) > MAX_VALUES_BYTES:
+    try:
+        size = len(orjson.dumps(values, option=orjson.OPT_NON_STR_KEYS)) if values else 0
+    except orjson.JSONEncodeError:  # nested past the encoder's depth limit (254 levels)
+        raise InvalidRequest(
+            "'metadata.variables' is nested too deeply.", param="metadata.variables", code="invalid_variable"
+        ) from None
+    if size > MAX_VALUES_BYTES:
         raise InvalidRequest(
             f"'metadata.variables' must be at most {MAX_VALUES_BYTES} bytes as JSON.",
             param="metadata.variables",

@@ -249,3 +249,31 @@ def test_repeated_feedback_on_one_answer_under_new_conversation_ids_counts_once(
     arms = {a["variant"]: a for a in report["variants"]}
     assert arms["2"]["thumbs_down"] == 1 and arms["2"]["feedback"] == 1
     assert arms["2"]["feedback_rate"] == 0.25  # one conversation of four
+
+
+def test_variables_nested_too_deeply_are_a_400_not_a_500(gw):
+    """A client's ``metadata.variables`` nested 300 deep made the size check's JSON encoder raise
+    an error nobody expected: a 500 (and a stack trace in the log) for bad input."""
+    tenant = unique("t")
+    name = agent(gw, tenant, [], template="Items: {{ items | length }}")
+    call(
+        gw,
+        "POST",
+        f"/admin/agents/{name}/versions",
+        json={
+            "template": "Items: {{ items | length }}",
+            "variables": {"items": {"type": "array"}},
+            "labels": ["production"],
+        },
+    )
+    deep: list = []
+    for _ in range(300):
+        deep = [deep]
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=new_key(gw, tenant), max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(
+            model=f"agent:{name}",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"variables": {"items": deep}},
+        )
+    assert err.value.code == "invalid_variable" and "variables" in (err.value.param or "")
