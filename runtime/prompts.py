@@ -545,26 +545,63 @@ def _json_type(value: Any) -> str:
 def diff(a: PromptVersion, b: PromptVersion) -> dict:
     """What changed from version ``a`` to ``b``: a unified diff of the templates and of the
     variables (as sorted, indented JSON), and which variables were added, removed or changed."""
-    template = difflib.unified_diff(
+    template = _unified(
         a.template.splitlines(keepends=True),
         b.template.splitlines(keepends=True),
-        fromfile=f"v{a.version}",
-        tofile=f"v{b.version}",
+        f"v{a.version}",
+        f"v{b.version}",
     )
     va = orjson.dumps(a.variables, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
     vb = orjson.dumps(b.variables, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
-    variables = difflib.unified_diff(
+    variables = _unified(
         va.splitlines(keepends=True),
         vb.splitlines(keepends=True),
-        fromfile=f"v{a.version}/variables",
-        tofile=f"v{b.version}/variables",
+        f"v{a.version}/variables",
+        f"v{b.version}/variables",
     )
     return {
         "from": a.version,
         "to": b.version,
-        "template": "".join(template),
-        "variables": "".join(variables),
+        "template": template,
+        "variables": variables,
         "variables_added": sorted(set(b.variables) - set(a.variables)),
         "variables_removed": sorted(set(a.variables) - set(b.variables)),
         "variables_changed": sorted(n for n in set(a.variables) & set(b.variables) if a.variables[n] != b.variables[n]),
     }
+
+
+MAX_DIFF_CELLS = 250_000  # lines of one side times lines of the other that difflib may compare
+_CONTEXT = 3
+
+
+def _unified(a: list[str], b: list[str], fromfile: str, tofile: str) -> str:
+    """A unified diff of two lists of lines. difflib's line-by-line comparison costs up to
+    quadratic time in the lines (tens of seconds for two 64 KB templates of short repeating
+    lines); past ``MAX_DIFF_CELLS`` the diff is one hunk that replaces what lies between the
+    common first and last lines (a correct diff, not a minimal one)."""
+    if len(a) * len(b) <= MAX_DIFF_CELLS:
+        return "".join(difflib.unified_diff(a, b, fromfile=fromfile, tofile=tofile))
+    head = 0
+    while head < min(len(a), len(b)) and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(a), len(b)) - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    if head == len(a) == len(b):
+        return ""
+    start = max(0, head - _CONTEXT)
+    end_a, end_b = len(a) - tail + min(tail, _CONTEXT), len(b) - tail + min(tail, _CONTEXT)
+    out = [f"--- {fromfile}\n", f"+++ {tofile}\n", f"@@ -{_range(start, end_a)} +{_range(start, end_b)} @@\n"]
+    out += [f" {line}" for line in a[start:head]]
+    out += [f"-{line}" for line in a[head : len(a) - tail]]
+    out += [f"+{line}" for line in b[head : len(b) - tail]]
+    out += [f" {line}" for line in a[len(a) - tail : end_a]]
+    return "".join(out)
+
+
+def _range(start: int, stop: int) -> str:
+    """A hunk's range as difflib writes it (1-based; an empty range names the line before)."""
+    length = stop - start
+    if length == 1:
+        return str(start + 1)
+    return f"{start + 1 if length else start},{length}"

@@ -277,3 +277,30 @@ def test_variables_nested_too_deeply_are_a_400_not_a_500(gw):
             extra_body={"variables": {"items": deep}},
         )
     assert err.value.code == "invalid_variable" and "variables" in (err.value.param or "")
+
+
+def test_the_diff_of_two_large_templates_is_bounded_work(gw):
+    """A line-by-line diff (difflib) of two 64 KB templates of short lines that repeat costs
+    quadratic time: about 35 s of a shared replica's event loop per GET .../diff on this host,
+    asked for by any tenant admin. Past a bounded size the diff is one hunk replacing what lies
+    between the common beginning and end; small diffs are unchanged."""
+    tenant = unique("t")
+    boss = new_key(gw, tenant, admin=True)
+    n, kinds = 16000, 16000 // 150
+    first = "".join(f"{i % kinds}\n" for i in range(n))
+    second = "".join(f"{(i * 7 + 1) % kinds}\n" for i in range(n))
+    name = agent(gw, tenant, [], template="head\n" + first + "tail\n")
+    saved = call(gw, "POST", f"/admin/agents/{name}/versions", boss, json={"template": "head\n" + second + "tail\n"})
+    assert saved.status_code in (200, 201), saved.text
+    got = call(gw, "GET", f"/admin/agents/{name}/diff?from=1&to=2", boss)
+    assert got.status_code == 200, got.text
+    lines = got.json()["template"].splitlines()
+    hunks = [line for line in lines if line.startswith("@@")]
+    assert hunks == [f"@@ -1,{n + 2} +1,{n + 2} @@"]
+    assert lines[3] == " head" and lines[-1] == " tail"
+    assert sum(line.startswith("-") for line in lines) == n + 1  # the "---" header and n lines
+    # a small change is diffed line by line, as before
+    call(gw, "POST", f"/admin/agents/{name}/versions", boss, json={"template": "one\ntwo\nthree\n"})
+    call(gw, "POST", f"/admin/agents/{name}/versions", boss, json={"template": "one\n2\nthree\n"})
+    small = call(gw, "GET", f"/admin/agents/{name}/diff?from=3&to=4", boss).json()["template"]
+    assert small == "--- v3\n+++ v4\n@@ -1,3 +1,3 @@\n one\n-two\n+2\n three\n"
