@@ -304,3 +304,34 @@ def test_the_diff_of_two_large_templates_is_bounded_work(gw):
     call(gw, "POST", f"/admin/agents/{name}/versions", boss, json={"template": "one\n2\nthree\n"})
     small = call(gw, "GET", f"/admin/agents/{name}/diff?from=3&to=4", boss).json()["template"]
     assert small == "--- v3\n+++ v4\n@@ -1,3 +1,3 @@\n one\n-two\n+2\n three\n"
+
+
+def test_tools_that_ran_are_in_the_run_record_when_a_later_step_is_refused(gw, tools):
+    """A turn whose second model call was refused (the key's rate limit or budget, reached
+    mid-turn) or failed raised without recording its run: the tool calls it had already made —
+    an order placed, a refund sent — appeared in no run record."""
+    tenant = unique("t")
+    tool = http_tool("order", f"{tools.url}/orders/{{id}}", {"id": {"type": "string"}}, method="POST")
+    name = agent(gw, tenant, [tool])
+    made = call(gw, "POST", "/admin/keys", json={"name": unique("k"), "tenant": tenant, "rpm": 1})
+    assert made.status_code == 201, made.text
+    order = unique("o")
+    calls = [{"name": "order", "arguments": {"id": order}}]
+    directive = "[[mock:" + orjson.dumps({"tool_calls": calls}).decode() + "]]"
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=made.json()["key"], max_retries=0, timeout=60)
+    with pytest.raises(openai.RateLimitError) as err:
+        c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": directive}])
+    assert [r for r in tools.requests() if r["path"] == f"/orders/{order}"]  # the tool did run
+    rid = err.value.response.headers["x-request-id"]
+    found: dict = {}
+
+    def recorded() -> bool:
+        r = call(gw, "GET", f"/admin/runs/{rid}")
+        found.update(r.json() if r.status_code == 200 else {})
+        return bool(found)
+
+    wait_until(recorded, timeout=15, what="the run record")
+    steps = found["steps"]
+    assert [s["kind"] for s in steps if s["kind"] in ("model", "tool")] == ["model", "tool", "model"]
+    assert [s["status"] for s in steps if s["kind"] == "tool"] == ["ok"]
+    assert found["status"] == 429
