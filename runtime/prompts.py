@@ -20,6 +20,7 @@ bounded, not just its access to Python internals:
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import itertools
 import re
@@ -203,11 +204,40 @@ def _bounded_join(eval_ctx, value: Any, d: str = "", attribute: Any = None) -> s
     return _join(eval_ctx, items, d, attribute)
 
 
+# A filter's numeric arguments are bounded: ``5|round(-100000000)`` computes 10**100000000 and
+# ``[[1]]|tojson(indent=30000000)`` writes gigabytes. tojson's output counts against MAX_WORK.
+_FILTER_NUMBER_LIMITS = {"round": 100, "tojson": 8}
+
+
+def _bounded_filter(name: str, f):
+    limit = _FILTER_NUMBER_LIMITS.get(name, MAX_OUTPUT)
+    skip = 2 if getattr(f, "jinja_pass_arg", None) is not None else 1  # (context,) value, then arguments
+
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        for arg in (*args[skip:], *kwargs.values()):
+            if isinstance(arg, bool) or arg is None:
+                continue
+            if name == "tojson" and not isinstance(arg, int):
+                raise SecurityError("tojson's indent must be a number")
+            if isinstance(arg, int | float) and not abs(arg) <= limit:
+                raise SecurityError(f"{name}: a number argument may be at most {limit}")
+        result = f(*args, **kwargs)
+        if name == "tojson":
+            eval_ctx = args[0]
+            done = getattr(eval_ctx, "gateway_work", 0) + len(result)
+            if done > MAX_WORK:
+                raise SecurityError("the prompt builds too much")
+            eval_ctx.gateway_work = done
+        return result
+
+    return functools.update_wrapper(bounded, f)
+
+
 _env = _Env(undefined=StrictUndefined, autoescape=False, finalize=_finalize, keep_trailing_newline=True)
 _env.globals.clear()
 _env.globals.update(range=_bounded_range, dict=dict)
 _join = _env.filters["join"]
-_env.filters = {name: f for name, f in _env.filters.items() if name in FILTERS}
+_env.filters = {name: _bounded_filter(name, f) for name, f in _env.filters.items() if name in FILTERS}
 _env.filters["join"] = pass_eval_context(_bounded_join)
 _env.filters["_loop_items"] = _loop_items
 

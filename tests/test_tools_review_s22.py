@@ -335,3 +335,29 @@ def test_tools_that_ran_are_in_the_run_record_when_a_later_step_is_refused(gw, t
     assert [s["kind"] for s in steps if s["kind"] in ("model", "tool")] == ["model", "tool", "model"]
     assert [s["status"] for s in steps if s["kind"] == "tool"] == ["ok"]
     assert found["status"] == 429
+
+
+def test_filter_arguments_cannot_make_a_render_unbounded(gw):
+    """A filter's numeric arguments were not bounded: ``5|round(-100000000)`` computes
+    10**100000000 (minutes of a shared replica's event loop) and
+    ``[[1]]|tojson(indent=30000000)`` writes gigabytes. Milder forms show it here."""
+    tenant = unique("t")
+    name = agent(gw, tenant, [], template="{{ 5 | round(-1000000) }}")
+    saved = call(
+        gw, "POST", f"/admin/agents/{name}/versions", json={"template": "{{ [[1]] | tojson(indent=1000000) }}"}
+    )
+    assert saved.status_code in (200, 201), saved.text
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=new_key(gw, tenant), max_retries=0, timeout=60)
+    for version in (1, 2):
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(model=f"agent:{name}@{version}", messages=[{"role": "user", "content": "hi"}])
+        assert err.value.code == "prompt_render_failed"
+    # ordinary arguments still work
+    call(
+        gw,
+        "POST",
+        f"/admin/agents/{name}/versions",
+        json={"template": "{{ 2.567 | round(2) }} {{ [1] | tojson(indent=2) }}"},
+    )
+    answer = c.chat.completions.create(model=f"agent:{name}@3", messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content
