@@ -33,6 +33,7 @@ from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.meta import find_undeclared_variables
 from jinja2.runtime import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
+from jinja2.utils import _PassArg
 
 from core.errors import InvalidRequest, NotFound
 from runtime.types import Agent, PromptVersion, Selection
@@ -126,6 +127,9 @@ class _Env(SandboxedEnvironment):
         for arg in (*args, *kwargs.values()):
             if isinstance(arg, int) and not _small_number(arg, MAX_NUMBER_ARG):
                 raise SecurityError("number argument too large")
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str) or (isinstance(owner, list) and getattr(__obj, "__name__", "") in ("count", "index")):
+            _charge(__context.eval_ctx, len(owner))  # what the method walks through (see _bounded_filter)
         return super().call(__context, __obj, *args, **kwargs)
 
 
@@ -205,40 +209,59 @@ def _bounded_join(eval_ctx, value: Any, d: str = "", attribute: Any = None) -> s
 
 
 # A filter's numeric arguments are bounded: ``5|round(-100000000)`` computes 10**100000000 and
-# ``[[1]]|tojson(indent=30000000)`` writes gigabytes. tojson's output counts against MAX_WORK.
+# ``[[1]]|tojson(indent=30000000)`` writes gigabytes. What a filter walks through counts against
+# the render's MAX_WORK (``x|list|unique`` of a 40 KB value, 768 times in two loops, took 30 s);
+# these filters take constant time or are counted by what they write.
 _FILTER_NUMBER_LIMITS = {"round": 100, "tojson": 8}
+_UNCOUNTED = frozenset({"length", "count", "first", "last", "d", "default", "int", "float", "abs", "round", "tojson"})
+
+
+def _charge(eval_ctx, units: int) -> None:
+    done = getattr(eval_ctx, "gateway_work", 0) + units
+    if done > MAX_WORK:
+        raise SecurityError("the prompt builds too much")
+    eval_ctx.gateway_work = done
 
 
 def _bounded_filter(name: str, f):
     limit = _FILTER_NUMBER_LIMITS.get(name, MAX_OUTPUT)
-    skip = 2 if getattr(f, "jinja_pass_arg", None) is not None else 1  # (context,) value, then arguments
+    passed = _PassArg.from_obj(f)
 
-    def bounded(*args: Any, **kwargs: Any) -> Any:
-        for arg in (*args[skip:], *kwargs.values()):
+    def bounded(context, value: Any, *args: Any, **kwargs: Any) -> Any:
+        for arg in (*args, *kwargs.values()):
             if isinstance(arg, bool) or arg is None:
                 continue
             if name == "tojson" and not isinstance(arg, int):
                 raise SecurityError("tojson's indent must be a number")
             if isinstance(arg, int | float) and not abs(arg) <= limit:
                 raise SecurityError(f"{name}: a number argument may be at most {limit}")
-        result = f(*args, **kwargs)
+        eval_ctx = context.eval_ctx
+        if name not in _UNCOUNTED:
+            _charge(eval_ctx, _weight(value, MAX_WORK))
+        if passed is _PassArg.context:
+            result = f(context, value, *args, **kwargs)
+        elif passed is _PassArg.eval_context:
+            result = f(eval_ctx, value, *args, **kwargs)
+        elif passed is _PassArg.environment:
+            result = f(context.environment, value, *args, **kwargs)
+        else:
+            result = f(value, *args, **kwargs)
         if name == "tojson":
-            eval_ctx = args[0]
-            done = getattr(eval_ctx, "gateway_work", 0) + len(result)
-            if done > MAX_WORK:
-                raise SecurityError("the prompt builds too much")
-            eval_ctx.gateway_work = done
+            _charge(eval_ctx, len(result))
         return result
 
-    return functools.update_wrapper(bounded, f)
+    functools.update_wrapper(bounded, f)
+    bounded.jinja_pass_arg = _PassArg.context  # type: ignore[attr-defined]
+    return bounded
 
 
 _env = _Env(undefined=StrictUndefined, autoescape=False, finalize=_finalize, keep_trailing_newline=True)
 _env.globals.clear()
 _env.globals.update(range=_bounded_range, dict=dict)
 _join = _env.filters["join"]
-_env.filters = {name: _bounded_filter(name, f) for name, f in _env.filters.items() if name in FILTERS}
-_env.filters["join"] = pass_eval_context(_bounded_join)
+_filters = {name: f for name, f in _env.filters.items() if name in FILTERS}
+_filters["join"] = pass_eval_context(_bounded_join)
+_env.filters = {name: _bounded_filter(name, f) for name, f in _filters.items()}
 _env.filters["_loop_items"] = _loop_items
 
 _compiled: OrderedDict[str, Any] = OrderedDict()

@@ -361,3 +361,25 @@ def test_filter_arguments_cannot_make_a_render_unbounded(gw):
     )
     answer = c.chat.completions.create(model=f"agent:{name}@3", messages=[{"role": "user", "content": "hi"}])
     assert answer.choices[0].message.content
+
+
+def test_filters_in_loops_cannot_walk_a_large_value_again_and_again(gw):
+    """Loops bounded the iterations (1,024) but not what each iteration did: a client's 40 KB
+    variable through ``x|list|sort|unique|list`` 768 times held a shared replica for 30 s on
+    this host. What filters and methods walk through now counts against the render's budget."""
+    tenant = unique("t")
+    template = "{% for i in range(64) %}{{ x | list | unique | list | length }}{% endfor %}"
+    name = agent(gw, tenant, [], template=template)
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=new_key(gw, tenant), max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(
+            model=f"agent:{name}",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"variables": {"x": "abcdefghij" * 2000}},
+        )
+    assert err.value.code == "prompt_render_failed"
+    # a short value through the same template is fine
+    answer = c.chat.completions.create(
+        model=f"agent:{name}", messages=[{"role": "user", "content": "hi"}], extra_body={"variables": {"x": "abc"}}
+    )
+    assert answer.choices[0].message.content
