@@ -383,3 +383,32 @@ def test_filters_in_loops_cannot_walk_a_large_value_again_and_again(gw):
         model=f"agent:{name}", messages=[{"role": "user", "content": "hi"}], extra_body={"variables": {"x": "abc"}}
     )
     assert answer.choices[0].message.content
+
+
+def test_the_conversation_id_in_metadata_is_the_gateways_and_is_not_sent_upstream(gw, module_mock):
+    """``metadata.conversation_id`` (the documented way to hold a conversation) went on to the
+    provider inside ``metadata``; OpenAI answers such a request 400 "The 'metadata' parameter is
+    only allowed when 'store' is enabled", so every conversation with an OpenAI-backed agent
+    failed, and the id (a phone number for a channel) left the gateway. The gateway takes what
+    is its own out of ``metadata``, as it already did with ``metadata.variables``."""
+    tenant = unique("t")
+    name = agent(gw, tenant, [], template="Hello {{ who }}.")
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=new_key(gw, tenant), max_retries=0, timeout=60)
+    marker = unique("conv")
+    c.chat.completions.create(
+        model=f"agent:{name}",
+        messages=[{"role": "user", "content": "hi"}],
+        metadata={"conversation_id": marker, "variables": {"who": "Ann"}},  # type: ignore[dict-item]
+    )
+    (sent,) = [r for r in module_mock.requests() if "Hello Ann." in orjson.dumps(r.get("body")).decode()]
+    assert marker not in orjson.dumps(sent["body"]).decode()
+    assert "metadata" not in sent["body"]
+    # a client's own metadata still reaches the provider
+    c.chat.completions.create(
+        model=f"agent:{name}",
+        messages=[{"role": "user", "content": "hi"}],
+        metadata={"conversation_id": unique("conv"), "variables": {"who": "Bo"}, "team": "red"},  # type: ignore[dict-item]
+        store=True,
+    )
+    (sent,) = [r for r in module_mock.requests() if "Hello Bo." in orjson.dumps(r.get("body")).decode()]
+    assert sent["body"]["metadata"] == {"team": "red"}
