@@ -162,6 +162,8 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
             param="tools",
             code="tool_name_conflict",
         )
+    if server_tools and ctx.body.get("n") not in (None, 1):  # the tools loop follows one answer
+        raise InvalidRequest("'n' must be 1 for an agent with server-side tools.", param="n", code="invalid_value")
     # held: the message joins the escalation (checked first like any turn's: it is stored too)
     if await hitl_stage.on_prepare(svc, ctx, turn, hold):
         return

@@ -412,3 +412,26 @@ def test_the_conversation_id_in_metadata_is_the_gateways_and_is_not_sent_upstrea
     )
     (sent,) = [r for r in module_mock.requests() if "Hello Bo." in orjson.dumps(r.get("body")).decode()]
     assert sent["body"]["metadata"] == {"team": "red"}
+
+
+def test_n_above_one_cannot_leak_the_server_tool_calls_to_the_client(gw, tools):
+    """The tools loop reads and rewrites only the first choice: with ``n: 2`` the other choices
+    went to the client as they came, server-side tool calls (their names and arguments) and all,
+    when the loop stopped (``max_steps``) or when the client's own tools were called too. An
+    agent with server-side tools follows one answer per step: ``n`` above 1 is a 400 naming it."""
+    tenant = unique("t")
+    tool = http_tool("w", f"{tools.url}/weather?city={{city}}", {"city": {"type": "string"}})
+    name = agent(gw, tenant, [tool])
+    call(gw, "PATCH", f"/admin/agents/{name}", json={"max_steps": 2})
+    plan = {"tool_calls": [{"name": "w", "arguments": {"city": "Oslo"}}], "tool_calls_always": True}
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=new_key(gw, tenant), max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(
+            model=f"agent:{name}",
+            messages=[{"role": "user", "content": "[[mock:" + orjson.dumps(plan).decode() + "]]"}],
+            n=2,
+        )
+    assert err.value.param == "n"
+    # n: 1 (or left out) is the ordinary turn
+    answer = c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": "hi"}], n=1)
+    assert len(answer.choices) == 1
