@@ -435,3 +435,27 @@ def test_n_above_one_cannot_leak_the_server_tool_calls_to_the_client(gw, tools):
     # n: 1 (or left out) is the ordinary turn
     answer = c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": "hi"}], n=1)
     assert len(answer.choices) == 1
+
+
+def test_reading_a_conversation_back_does_not_show_the_server_side_tool_steps(gw, tools):
+    """The client sees one answer; a turn's intermediate steps are the operator's (GET
+    /admin/runs). Reading the conversation back (GET /v1/agents/{name}/conversations/{id}/
+    messages) handed the client every server-side tool call the model made and every raw result
+    the tool returned (a CRM record, an internal API's whole answer)."""
+    tenant = unique("t")
+    tool = http_tool("w", f"{tools.url}/weather?city={{city}}", {"city": {"type": "string"}})
+    name = agent(gw, tenant, [tool])
+    key = new_key(gw, tenant)
+    conv = unique("conv")
+    plan = {"tool_calls": [{"name": "w", "arguments": {"city": "Oslo"}}]}
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    c.chat.completions.create(
+        model=f"agent:{name}",
+        messages=[{"role": "user", "content": "[[mock:" + orjson.dumps(plan).decode() + "]]"}],
+        metadata={"conversation_id": conv},
+    )
+    got = call(gw, "GET", f"/v1/agents/{name}/conversations/{conv}/messages", key)
+    assert got.status_code == 200, got.text
+    data = got.json()["data"]
+    assert [m["role"] for m in data] == ["user", "assistant"]
+    assert not any(m.get("tool_calls") for m in data)
