@@ -10,7 +10,9 @@ Three kinds:
   the name is checked when the tool is parsed, the value read when a call runs, so the stored
   config holds the template and never the secret. Only variables whose names start with
   ``TOOL_`` may be named (a tool must not be able to send the gateway's own secrets, such as
-  its database URL, to a host its author controls).
+  its database URL, to a host its author controls), only the master key may name them (the
+  admin API refuses a tenant admin's: the environment is shared by every tenant), and their
+  values are redacted from what the tool answers (``redact``).
 - ``mcp``: a tool of an MCP server spoken to over streamable HTTP (``runtime.mcp``).
 - ``builtin``: one of ``BUILTINS``, whose behaviour the composition supplies as handlers.
 
