@@ -7,9 +7,11 @@ value is data: it is inserted as text and never parsed as template code. Templat
 tenant admins and rendered on every turn of a shared gateway, so the work one render may do is
 bounded, not just its access to Python internals:
 
-- at save, a template is at most ``MAX_TEMPLATE`` characters and uses only output, ``if`` and
-  ``for`` (no ``set``/``with``/macros/imports, no recursive loops, at most ``MAX_LOOP_DEPTH``
-  nested loops), filters from ``FILTERS``, and no attribute or key starting with ``_``;
+- at save, a template is at most ``MAX_TEMPLATE`` characters and ``MAX_NODES`` syntax nodes
+  (compiling costs time per node: a new version is compiled on a turn's path) and uses only
+  output, ``if`` and ``for`` (no ``set``/``with``/macros/imports, no recursive loops, at most
+  ``MAX_LOOP_DEPTH`` nested loops), filters from ``FILTERS``, and no attribute or key starting
+  with ``_``;
 - when rendering, values are type-checked and bounded (``MAX_VALUES_BYTES`` in all, arrays of at
   most ``MAX_ITEMS``), ``range`` is bounded, ``*``, ``**``, ``+`` and ``%`` refuse results that
   would be large (a list by its written-out size, nested lists included; ``MAX_WORK`` per
@@ -45,6 +47,7 @@ MAX_ITEMS = 256  # items of an array or object value, and of range()
 MAX_LOOP_DEPTH = 2
 MAX_ITERATIONS = 1024  # loop iterations of one render, nested loops included
 MAX_REFERENCES = 100  # variable references in one template
+MAX_NODES = 2000  # syntax-tree nodes of one template (the library's use 17 to 38)
 MAX_NUMBER_ARG = 10_000  # largest integer a method call or repetition may take
 MAX_VARIABLES = 100
 MAX_DESCRIPTION = 1000
@@ -322,6 +325,8 @@ def _checked(source: str) -> nodes.Template:
 
 def _check_ast(ast: nodes.Template) -> None:
     _walk(ast, 0)
+    if sum(1 for _ in ast.find_all(nodes.Node)) > MAX_NODES:  # compiling costs ~20 µs a node
+        raise SecurityError(f"at most {MAX_NODES} template elements (tags, expressions, values) in one prompt")
     references = sum(1 for n in ast.find_all(nodes.Name) if n.ctx == "load")
     if references > MAX_REFERENCES:
         raise SecurityError(f"at most {MAX_REFERENCES} variable references in one template")

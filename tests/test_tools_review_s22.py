@@ -459,3 +459,20 @@ def test_reading_a_conversation_back_does_not_show_the_server_side_tool_steps(gw
     data = got.json()["data"]
     assert [m["role"] for m in data] == ["user", "assistant"]
     assert not any(m.get("tool_calls") for m in data)
+
+
+def test_a_template_of_tens_of_thousands_of_elements_is_refused_at_save(gw):
+    """Every new version is compiled on the first turn that runs it, in the event loop: 64 KB
+    of ``{{ [1,2,3,4,5,6,7,8,9] }}`` is ~25,000 syntax nodes and ~1 s of a shared replica per
+    version, so a tenant admin saving versions and a key pinning each (``agent:x@N``) kept a
+    replica busy. A template is now at most MAX_NODES (2,000) elements: the library's use 17-38."""
+    tenant = unique("t")
+    boss = new_key(gw, tenant, admin=True)
+    name = agent(gw, tenant, [], template="Hi.")
+    heavy = "{{ [1,2,3,4,5,6,7,8,9] }}" * 2500
+    saved = call(gw, "POST", f"/admin/agents/{name}/versions", boss, json={"template": heavy})
+    assert saved.status_code == 400, saved.text[:300]
+    assert saved.json()["error"]["code"] == "unsafe_template" and "elements" in saved.json()["error"]["message"]
+    fine = "{% if vip %}VIP. {% endif %}" * 50 + "{{ name }}"
+    ok = call(gw, "POST", f"/admin/agents/{name}/versions", boss, json={"template": fine})
+    assert ok.status_code in (200, 201), ok.text
