@@ -476,3 +476,25 @@ def test_a_template_of_tens_of_thousands_of_elements_is_refused_at_save(gw):
     fine = "{% if vip %}VIP. {% endif %}" * 50 + "{{ name }}"
     ok = call(gw, "POST", f"/admin/agents/{name}/versions", boss, json={"template": fine})
     assert ok.status_code in (200, 201), ok.text
+
+
+def test_unique_items_in_a_tool_schema_cannot_stall_a_replica(gw, tools):
+    """jsonschema checks ``uniqueItems`` of objects pairwise: 5,500 distinct small objects (60
+    KB, under the 64 KB arguments cap) take ~25 s of the event loop per call, and a model told to
+    (by a prompt injection) sends three such calls in one turn. Items are now compared by a
+    canonical form in linear time; duplicates are still refused."""
+    tenant = unique("t")
+    props = {"items": {"type": "array", "uniqueItems": True}}
+    tool = http_tool("bulk", f"{tools.url}/orders/bulk", props, method="POST")
+    name = agent(gw, tenant, [tool])
+    many = [{"a": i} for i in range(5500)]
+    calls = [{"name": "bulk", "arguments": {"items": many}}] * 3
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=new_key(gw, tenant), max_retries=0, timeout=30)
+    directive = "[[mock:" + orjson.dumps({"tool_calls": calls}).decode() + "]]"
+    answer = c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": directive}])
+    assert "invalid arguments" not in (answer.choices[0].message.content or "")
+    # a duplicate (1 and 1.0 are one JSON number) is still refused
+    dup = [{"name": "bulk", "arguments": {"items": [{"a": 1}, {"a": 2}, {"a": 1.0}]}}]
+    directive = "[[mock:" + orjson.dumps({"tool_calls": dup}).decode() + "]]"
+    answer = c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": directive}])
+    assert "invalid arguments" in (answer.choices[0].message.content or "")
