@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
+import itertools
 import logging
 import os
 import re
@@ -271,6 +272,21 @@ def _unique_items_keyword(validator, unique, instance, schema):
         seen.add(key)
 
 
+_ENUM_SETS: dict[int, tuple[list, frozenset]] = {}
+
+
+def _enum_keyword(validator, enums, instance, schema):
+    """JSON schema ``enum`` by a set lookup: jsonschema compares an array's every item with every
+    value listed (a 4,000-value enum and 9,000 items: 2 s; 30,000 items of 1: 13 s)."""
+    found = _ENUM_SETS.get(id(enums))
+    if found is None or found[0] is not enums:
+        if len(_ENUM_SETS) > 4096:
+            _ENUM_SETS.clear()
+        found = _ENUM_SETS[id(enums)] = (enums, frozenset(_canonical(e) for e in enums))
+    if _canonical(instance) not in found[1]:
+        yield ValidationError(f"{_short(repr(instance), 80)} is not one of {_short(repr(enums[:20]), 80)}")
+
+
 def _canonical(value):
     """A hashable form equal for equal JSON values (1 and 1.0 alike, true and 1 not)."""
     if isinstance(value, bool) or value is None:
@@ -287,7 +303,7 @@ def _canonical(value):
 
 
 ArgumentValidator = validators.extend(
-    Draft202012Validator, {"pattern": _pattern_keyword, "uniqueItems": _unique_items_keyword}
+    Draft202012Validator, {"pattern": _pattern_keyword, "uniqueItems": _unique_items_keyword, "enum": _enum_keyword}
 )
 
 
@@ -605,6 +621,7 @@ MAX_CALLS_PER_TURN = 32
 MAX_SESSIONS = 64
 MAX_ARGUMENTS_BYTES = 64 * 1024
 MAX_ARGUMENTS_DEPTH = 32
+MAX_SCHEMA_ERRORS = 100  # schema errors gathered for one call (20,000 bad items made 80,000 in 1.2 s)
 DEFAULT_RESULT_CHARS = 32 * 1024
 
 
@@ -772,7 +789,8 @@ class ToolRunner:
             return None, "arguments must be a JSON object"
         if _depth(raw) > MAX_ARGUMENTS_DEPTH:
             return None, f"arguments are nested too deeply (at most {MAX_ARGUMENTS_DEPTH} levels)"
-        errors = sorted(self._validator(tool.parameters).iter_errors(raw), key=lambda e: (len(e.path), str(e.path)))
+        found = itertools.islice(self._validator(tool.parameters).iter_errors(raw), MAX_SCHEMA_ERRORS)
+        errors = sorted(found, key=lambda e: (len(e.path), str(e.path)))  # (one per bad item: bounded)
         if errors:
             return raw, _schema_error(errors[0], len(errors))
         return raw, None
@@ -936,6 +954,8 @@ def _schema_error(error, count: int) -> str:
     else:
         text = f"argument '{path or '(arguments)'}': {_short(error.message, 200)}"
     more = f" (and {count - 1} more problems)" if count > 1 else ""
+    if count >= MAX_SCHEMA_ERRORS:
+        more = f" (and at least {count - 1} more problems)"
     return f"invalid arguments: {text}{more}; fix the arguments and call the tool again"
 
 

@@ -498,3 +498,41 @@ def test_unique_items_in_a_tool_schema_cannot_stall_a_replica(gw, tools):
     directive = "[[mock:" + orjson.dumps({"tool_calls": dup}).decode() + "]]"
     answer = c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": directive}])
     assert "invalid arguments" in (answer.choices[0].message.content or "")
+
+
+def test_a_flood_of_schema_errors_in_tool_arguments_cannot_stall_a_replica(gw, tools):
+    """Every schema error of a call was gathered and sorted to report the first: 20,000 empty
+    objects against an item schema of 8 required fields are 160,000 errors (~2 s of the event
+    loop), and a turn holds up to 32 calls. At most MAX_SCHEMA_ERRORS are gathered now; the
+    model still hears the first, by name."""
+    tenant = unique("t")
+    item = {"type": "object", "required": list("abcdefgh")}
+    tool = http_tool("bulk", f"{tools.url}/orders/bulk", {"items": {"type": "array", "items": item}}, method="POST")
+    name = agent(gw, tenant, [tool])
+    calls = [{"name": "bulk", "arguments": {"items": [{}] * 20000}}] * 16
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=new_key(gw, tenant), max_retries=0, timeout=30)
+    directive = "[[mock:" + orjson.dumps({"tool_calls": calls}).decode() + "]]"
+    answer = c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": directive}])
+    assert "missing required argument 'items.0.a'" in (answer.choices[0].message.content or "")
+
+
+def test_a_long_enum_in_a_tool_schema_cannot_stall_a_replica(gw, tools):
+    """jsonschema checks ``enum`` by comparing a value with every value listed: a 4,000-value
+    enum (31 KB, under the schema cap) on the items of an array of 7,000 (56 KB of arguments) is
+    28 million comparisons, ~1.5 s of the event loop per call, 32 calls a turn. The listed
+    values are now a set (JSON equality: 1 and 1.0 alike)."""
+    tenant = unique("t")
+    enum = [f"v{i}" for i in range(4000)]
+    tool = http_tool(
+        "bulk", f"{tools.url}/orders/bulk", {"items": {"type": "array", "items": {"enum": enum}}}, method="POST"
+    )
+    name = agent(gw, tenant, [tool])
+    calls = [{"name": "bulk", "arguments": {"items": ["v3999"] * 7000}}] * 32
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=new_key(gw, tenant), max_retries=0, timeout=30)
+    directive = "[[mock:" + orjson.dumps({"tool_calls": calls}).decode() + "]]"
+    answer = c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": directive}])
+    assert "invalid arguments" not in (answer.choices[0].message.content or "")
+    bad = [{"name": "bulk", "arguments": {"items": ["v1", "nope"]}}]
+    directive = "[[mock:" + orjson.dumps({"tool_calls": bad}).decode() + "]]"
+    answer = c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": directive}])
+    assert "invalid arguments: argument 'items.1'" in (answer.choices[0].message.content or "")
