@@ -621,6 +621,7 @@ MAX_CALLS_PER_TURN = 32
 MAX_SESSIONS = 64
 MAX_ARGUMENTS_BYTES = 64 * 1024
 MAX_ARGUMENTS_DEPTH = 32
+MAX_VALIDATION_WORK = 100_000  # argument values times subschemas, per turn: ~1.5 s at worst
 MAX_SCHEMA_ERRORS = 100  # schema errors gathered for one call (20,000 bad items made 80,000 in 1.2 s)
 DEFAULT_RESULT_CHARS = 32 * 1024
 
@@ -664,7 +665,7 @@ class ToolRunner:
         # one HTTP session (its own guarded connector and connection pool) per network policy:
         # a pooled connection must never serve a tool whose policy would not have allowed it
         self._sessions: OrderedDict[netguard.NetworkPolicy, tuple[aiohttp.ClientSession, MCPPool]] = OrderedDict()
-        self._validators: OrderedDict[bytes, ArgumentValidator] = OrderedDict()
+        self._validators: OrderedDict[bytes, tuple] = OrderedDict()  # schema -> (validator, its size)
 
     async def start(self) -> None:
         self._started = True
@@ -725,13 +726,16 @@ class ToolRunner:
                 self._tenant_slots.clear()
             tenant_slots = self._tenant_slots[agent.tenant] = asyncio.Semaphore(max(1, self._max_concurrency // 2))
         jobs = []
+        budget = [MAX_VALIDATION_WORK]  # validation work, shared by the turn's calls
         for index, raw in enumerate(calls):
             call = _read_call(raw, index)
             if index >= MAX_CALLS_PER_TURN:
                 jobs.append(_done(call, "error", f"too many tool calls in one turn (at most {MAX_CALLS_PER_TURN})"))
             else:
                 jobs.append(
-                    self._one(tools.get(call.name), call, deadline, context, turn_slots, tenant_slots, agent.tenant)
+                    self._one(
+                        tools.get(call.name), call, deadline, context, turn_slots, tenant_slots, agent.tenant, budget
+                    )
                 )
         return list(await asyncio.gather(*jobs))
 
@@ -744,13 +748,14 @@ class ToolRunner:
         turn_slots=None,
         tenant_slots=None,
         tenant: str | None = None,
+        budget: list[int] | None = None,
     ) -> ToolResult:
         started = time.monotonic()
         if tool is None:
             return _result(call, "invalid", f"unknown tool {call.name[:64]!r}", started)
         arguments = None
         try:
-            arguments, problem = self._arguments(tool, call.raw)
+            arguments, problem = self._arguments(tool, call.raw, budget)
             if problem is not None:
                 return _result(call, "invalid", problem, started, arguments)
             remaining = deadline - time.monotonic()
@@ -775,7 +780,7 @@ class ToolRunner:
             return _result(call, "error", "the tool failed", started, arguments)
         return _result(call, "ok", self._cap(text), started, arguments)
 
-    def _arguments(self, tool: ToolSpec, raw) -> tuple[dict | None, str | None]:
+    def _arguments(self, tool: ToolSpec, raw, budget: list[int] | None = None) -> tuple[dict | None, str | None]:
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             raw = "{}"
         if isinstance(raw, str):
@@ -789,7 +794,16 @@ class ToolRunner:
             return None, "arguments must be a JSON object"
         if _depth(raw) > MAX_ARGUMENTS_DEPTH:
             return None, f"arguments are nested too deeply (at most {MAX_ARGUMENTS_DEPTH} levels)"
-        found = itertools.islice(self._validator(tool.parameters).iter_errors(raw), MAX_SCHEMA_ERRORS)
+        validator, subschemas = self._validator(tool.parameters)
+        # Validation costs up to a subschema per value, ~10-15 us each (an anyOf of 1,400 consts
+        # over 500 items took 8 s): the calls of a turn share MAX_VALIDATION_WORK of it.
+        budget = budget if budget is not None else [MAX_VALIDATION_WORK]
+        allowed = budget[0] // max(1, subschemas)
+        values = _count_values(raw, allowed)
+        if values > allowed:
+            return None, f"arguments are too large for this tool (at most {allowed} values in this turn)"
+        budget[0] -= values * subschemas
+        found = itertools.islice(validator.iter_errors(raw), MAX_SCHEMA_ERRORS)
         errors = sorted(found, key=lambda e: (len(e.path), str(e.path)))  # (one per bad item: bounded)
         if errors:
             return raw, _schema_error(errors[0], len(errors))
@@ -799,7 +813,7 @@ class ToolRunner:
         key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
         found = self._validators.get(key)
         if found is None:
-            found = self._validators[key] = ArgumentValidator(schema)
+            found = self._validators[key] = (ArgumentValidator(schema), _count_subschemas(schema))
             if len(self._validators) > 1024:
                 self._validators.popitem(last=False)
         else:
@@ -897,6 +911,34 @@ class ToolRunner:
         if len(text) <= limit:
             return text
         return text[:limit] + f"\n[truncated: {len(text) - limit} more characters]"
+
+
+def _count_values(value, limit: int) -> int:
+    """How many values (objects, arrays and scalars) ``value`` holds; counting stops past ``limit``."""
+    count = 0
+    stack = [value]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
+def _count_subschemas(schema) -> int:
+    """How many objects (subschemas, and the odd object value) a schema holds."""
+    count = 0
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            count += 1
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
 
 
 def _depth(value) -> int:

@@ -536,3 +536,25 @@ def test_a_long_enum_in_a_tool_schema_cannot_stall_a_replica(gw, tools):
     directive = "[[mock:" + orjson.dumps({"tool_calls": bad}).decode() + "]]"
     answer = c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": directive}])
     assert "invalid arguments: argument 'items.1'" in (answer.choices[0].message.content or "")
+
+
+def test_a_wide_anyof_in_a_tool_schema_cannot_stall_a_replica(gw, tools):
+    """Validation tries every branch of an ``anyOf`` for every value (~15 us a branch): 300
+    ``const`` branches (a documented enum, as pydantic writes Literal types) over 2,000 items are
+    ~9 s of the event loop per call, 16 calls a turn. Values times subschemas are now bounded per
+    turn (MAX_VALIDATION_WORK); a call past it goes back to the model as too large."""
+    tenant = unique("t")
+    branches = [{"const": f"c{i}", "title": f"choice {i}"} for i in range(300)]
+    tool = http_tool(
+        "pick", f"{tools.url}/orders/pick", {"items": {"type": "array", "items": {"anyOf": branches}}}, method="POST"
+    )
+    name = agent(gw, tenant, [tool])
+    calls = [{"name": "pick", "arguments": {"items": ["c299"] * 2000}}] * 16
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=new_key(gw, tenant), max_retries=0, timeout=30)
+    directive = "[[mock:" + orjson.dumps({"tool_calls": calls}).decode() + "]]"
+    answer = c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": directive}])
+    assert "arguments are too large for this tool" in (answer.choices[0].message.content or "")
+    small = [{"name": "pick", "arguments": {"items": ["c1", "c299", "nope"]}}]
+    directive = "[[mock:" + orjson.dumps({"tool_calls": small}).decode() + "]]"
+    answer = c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": directive}])
+    assert "invalid arguments: argument 'items.2'" in (answer.choices[0].message.content or "")
