@@ -21,6 +21,7 @@ from gateway import admin_input as inp
 from gateway.db import tenant_transaction
 from runtime import agents as store
 from runtime import experiments, prompts, templates
+from runtime.tools import ENV_RE
 from runtime.types import Agent
 
 CREATE_FIELDS = frozenset(
@@ -43,6 +44,24 @@ def _operator_networks_only(ident, data: dict) -> None:
             raise PermissionDenied(
                 "Only the master key may let a tool reach private networks.",
                 param=f"tools[{i}].config",
+                code="super_admin_required",
+            )
+
+
+def _operator_secrets_only(ident, data: dict) -> None:
+    """A ``${TOOL_*}`` header reads the gateway's environment, which holds the operator's
+    secrets for every tenant's tools: the master key's to name, never a tenant admin's (its tool
+    would carry them to any host it lists). A tenant admin types its own secret in."""
+    if ident.is_master:
+        return
+    tools = data.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+        cfg = tool.get("config") if isinstance(tool, dict) else None
+        headers = cfg.get("headers") if isinstance(cfg, dict) else None
+        if isinstance(headers, dict) and any(isinstance(v, str) and ENV_RE.search(v) for v in headers.values()):
+            raise PermissionDenied(
+                "Only the master key may give a tool secrets from the gateway's environment (${...}).",
+                param=f"tools[{i}].config.headers",
                 code="super_admin_required",
             )
 
@@ -154,6 +173,7 @@ class AgentAdmin:
         _only(data, CREATE_FIELDS)
         ident = base._ident(request)
         _operator_networks_only(ident, data)
+        _operator_secrets_only(ident, data)
         name = store.check_name(inp.text(data, "name", required=True, max_len=64))
         if data.get("model") is None:
             raise InvalidRequest(
@@ -229,6 +249,7 @@ class AgentAdmin:
             raise InvalidRequest("An agent's name cannot be changed.", param="name", code="immutable_field")
         _only(data, PATCH_FIELDS)
         _operator_networks_only(base._ident(request), data)
+        _operator_secrets_only(base._ident(request), data)
         model = self._model(request, data)
         self._judge_model(request, data)
         description = inp.text(data, "description", max_len=store.MAX_DESCRIPTION)

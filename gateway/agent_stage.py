@@ -115,6 +115,11 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     sticky = conv or str(ctx.body.get("user") or ctx.request_id)
     selection = select(agent, selector, sticky)
     variables = _variables(ctx)
+    meta = ctx.body.get("metadata")
+    if isinstance(meta, dict):  # the gateway's own field never reaches the provider (OpenAI refuses
+        meta.pop("conversation_id", None)  # metadata without store: true, and the id is the customer's)
+        if not meta:
+            del ctx.body["metadata"]
     if any(k in ctx.body for k in vapi_wire.CALL_OBJECTS):  # VAPI straight at /v1: call facts as variables
         variables = {**vapi_wire.take_call_variables(ctx.body), **variables}
     system = render(selection.version, variables, agent.defaults)
@@ -157,6 +162,8 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
             param="tools",
             code="tool_name_conflict",
         )
+    if server_tools and ctx.body.get("n") not in (None, 1):  # the tools loop follows one answer
+        raise InvalidRequest("'n' must be 1 for an agent with server-side tools.", param="n", code="invalid_value")
     # held: the message joins the escalation (checked first like any turn's: it is stored too)
     if await hitl_stage.on_prepare(svc, ctx, turn, hold):
         return

@@ -13,6 +13,8 @@ Who may read: any key of the tenant that may use the agent — the same keys tha
 conversation with a turn (the memory is the tenant's, keyed on tenant, agent and the caller's
 conversation id, not on the key). Ids a customer's number makes guessable (``wa:…``,
 ``vapi:…``) are reserved to the channel accounts' own keys (``agent_stage.check_conversation_owner``).
+
+What it shows is what the client saw: the agent's server-side tool steps are left out.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from core import http
 from core.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from gateway import agent_stage, key_window
 from runtime.hitl import settings as hitl_settings
+from runtime.tools import agent_tools
 
 PREFIX = "/v1/agents/"
 
@@ -57,6 +60,31 @@ async def messages(svc, scope, send, rid: str, crid: str | None) -> None:
         "conversation_id": conversation_id,
         "held_by_human": hold is not None,
         "escalation_id": hold,
-        "data": window,
+        "data": client_view(agent, window),
     }
     await http.send_json(send, 200, body, rid, crid=crid)
+
+
+def client_view(agent, window: list[dict]) -> list[dict]:
+    """The conversation as its client saw it: without the agent's server-side tool steps (the
+    calls the model made of the agent's own tools and their raw results), which only the
+    operator reads (``GET /admin/runs``). Calls of the client's own tools stay."""
+    server = set(agent_tools(agent))
+    hidden: set = set()
+    out = []
+    for message in window:
+        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
+        if calls:
+            mine = [c for c in calls if isinstance(c, dict) and (c.get("function") or {}).get("name") in server]
+            hidden.update(c.get("id") for c in mine)
+            if mine:
+                kept = [c for c in calls if c not in mine]
+                if not kept and not message.get("content"):
+                    continue
+                message = {k: v for k, v in message.items() if k != "tool_calls"} | (
+                    {"tool_calls": kept} if kept else {}
+                )
+        elif message.get("role") == "tool" and message.get("tool_call_id") in hidden:
+            continue
+        out.append(message)
+    return out

@@ -142,6 +142,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
         except GatewayError as err:
             if agent.fallback_message is None or err.status not in _FAILOVER_STATUSES:
                 turn.steps.append(_step(ctx, step_started, status=err.status, error=err.code))
+                _record_if_tools_ran(svc, ctx, started, err)
                 raise
             log.warning("every deployment failed; agent %s answers with its fallback message", agent.name)
             turn.steps.append(_step(ctx, step_started, status=err.status, error=err.code))
@@ -205,7 +206,12 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
         ]
         ctx.body["messages"] = [*ctx.body["messages"], *step_messages]
         ctx.extra.setdefault("tool_messages", []).extend(step_messages)  # remembered with the turn
-        await _next_step(svc, ctx, scope)
+        try:
+            await _next_step(svc, ctx, scope)
+        except GatewayError as err:  # refused (rate limit, budget) before the next model call
+            turn.steps.append({"step": ctx.step, "kind": "model", "status": err.status, "error": err.code})
+            _record_if_tools_ran(svc, ctx, started, err)
+            raise
     if ctx.step > 1 and not turn.degraded:  # the client is told what the whole turn used
         data = orjson.loads(raw)
         data["usage"] = total.to_openai()
@@ -324,6 +330,14 @@ async def _remember(svc, ctx: RequestContext, answer: dict) -> None:
 def _citation_step(c: dict) -> dict:
     section = f" {c['section']}" if c.get("section") else ""
     return {"kind": "citation", "name": f"[{c['source']}] {c['document_id']}{section}", "status": "ok"}
+
+
+def _record_if_tools_ran(svc, ctx: RequestContext, started: float, err: GatewayError) -> None:
+    """A turn that fails after its tools ran is still recorded: what they did (an order placed,
+    a refund sent) must be in a run record, whatever became of the answer."""
+    if any(step.get("kind") == "tool" for step in ctx.agent.steps):
+        ctx.status = err.status
+        _record(svc, ctx, started)
 
 
 def _record(svc, ctx: RequestContext, started: float) -> None:

@@ -96,12 +96,15 @@ _FEEDBACK_SQL = f"""WITH {_TURNS},
              WHERE conversation_id IS NOT NULL ORDER BY conversation_id, variant),
     fb AS (
         SELECT coalesce(t.variant, c.variant) AS variant, f.thumbs, f.score, f.resolved,
-               coalesce(f.conversation_id, t.conversation_id, f.request_id) AS conv_key
-        -- one vote per answer (or per conversation): the latest one counts, so repeating a vote
-        -- cannot decide an experiment
-        FROM (SELECT DISTINCT ON (coalesce(request_id, ''), coalesce(conversation_id, '')) *
-              FROM feedback WHERE tenant = $1 AND created_at >= $3
-              ORDER BY coalesce(request_id, ''), coalesce(conversation_id, ''), created_at DESC, id DESC) f
+               CASE WHEN f.request_id IS NOT NULL THEN coalesce(t.conversation_id, f.request_id)
+                    ELSE f.conversation_id END AS conv_key
+        -- one vote per answer (its request id, whatever conversation id came with it) or per
+        -- conversation: the latest one counts, so repeating a vote cannot decide an experiment
+        FROM (SELECT DISTINCT ON (vote) *
+              FROM (SELECT *, CASE WHEN request_id IS NOT NULL THEN 'r:' || request_id
+                                   ELSE 'c:' || conversation_id END AS vote
+                    FROM feedback WHERE tenant = $1 AND created_at >= $3) v
+              ORDER BY vote, created_at DESC, id DESC) f
         LEFT JOIN turns t ON f.request_id IS NOT NULL AND t.request_id = f.request_id
         LEFT JOIN conv c ON f.request_id IS NULL AND c.conversation_id = f.conversation_id)
     SELECT variant, count(*) AS feedback, count(DISTINCT conv_key) AS conversations_with_feedback,

@@ -8,7 +8,7 @@ import logging
 import random
 import re
 import time
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus
 
 import aiohttp
 import orjson
@@ -20,6 +20,11 @@ from runtime.types import ToolSpec
 log = logging.getLogger("gateway.tools")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# A POST or PATCH is sent again only when the server cannot have acted on it: it said so (429,
+# 503) or no connection was made. After a 500, 502, 504 or a connection lost mid-request the
+# order may have been placed: a second one would place it twice.
+IDEMPOTENT = frozenset({"GET", "PUT", "DELETE"})
+NOT_ACTED_STATUSES = frozenset({429, 503})
 MAX_ERROR_BODY = 500
 BACKOFF_BASE_S = 0.1
 BACKOFF_MAX_S = 2.0
@@ -38,12 +43,15 @@ class ToolCallFailed(Exception):
 
 def fill_url(template: str, arguments: dict) -> str:
     """The URL template with each ``{arg}`` replaced by the argument, URL-encoded. Raises
-    ValueError naming the argument when its value is a dot segment ("." or "..")."""
+    ValueError naming the argument when its value is a dot segment ("." or ".."), or when it
+    is missing or empty in the path (``/orders/{id}`` would become ``/orders/``: another
+    resource, perhaps the whole collection)."""
 
     def one(match: re.Match) -> str:
         value = arguments.get(match.group(1))
+        in_path = query_at < 0 or match.start() < query_at
         if value is None:
-            return ""
+            value = ""
         if isinstance(value, bool):
             value = "true" if value else "false"
         elif not isinstance(value, str | int | float):
@@ -51,11 +59,15 @@ def fill_url(template: str, arguments: dict) -> str:
         text = quote(str(value), safe="")
         if text in (".", ".."):  # a dot segment would climb the path
             raise ValueError(f"argument {match.group(1)!r} may not be {text!r}")
+        if not text and in_path:
+            raise ValueError(f"argument {match.group(1)!r} may not be empty (it names a resource in the path)")
         return text
 
     origin, _, tail = template.partition("://")
     cut = min((i for i in (tail.find("/"), tail.find("?")) if i >= 0), default=len(tail))
-    return f"{origin}://{tail[:cut]}{PLACEHOLDER_RE.sub(one, tail[cut:])}"
+    rest = tail[cut:]
+    query_at = rest.find("?")
+    return f"{origin}://{tail[:cut]}{PLACEHOLDER_RE.sub(one, rest)}"
 
 
 def build_request(spec: ToolSpec, arguments: dict) -> tuple[str, URL, bytes | None]:
@@ -68,11 +80,21 @@ def build_request(spec: ToolSpec, arguments: dict) -> tuple[str, URL, bytes | No
     url = fill_url(template, arguments)
     method = config["method"]
     if method in ("GET", "DELETE"):
+        fixed = _fixed_query_keys(template)
+        for name in rest:
+            if name in fixed:  # ?scope=read&scope=admin: most servers read the last one
+                raise ValueError(f"argument {name[:64]!r} may not replace the tool's own query parameter")
         if rest:
             query = {k: _query_value(v) for k, v in rest.items() if v is not None}
             return method, URL(url, encoded=True).extend_query(query), None
         return method, URL(url, encoded=True), None
     return method, URL(url, encoded=True), orjson.dumps(rest)
+
+
+def _fixed_query_keys(template: str) -> set[str]:
+    """The names of the query parameters the URL template itself sets."""
+    query = template.partition("?")[2]
+    return {unquote_plus(part.partition("=")[0]) for part in query.split("&") if part}
 
 
 def _query_value(value) -> str:
@@ -104,6 +126,7 @@ async def call_http(
         send_headers.setdefault("content-type", "application/json")
     send_headers.setdefault("accept", "application/json, text/plain;q=0.9, */*;q=0.5")
     attempts = 1 + int(config.get("retries", 0))
+    retry_statuses = RETRY_STATUSES if method in IDEMPOTENT else NOT_ACTED_STATUSES
     timeout_s = float(config["timeout_s"])
     cap = int(config["max_response_bytes"])
     last = "no attempt"
@@ -119,7 +142,7 @@ async def call_http(
                         return await read_capped(resp, cap)
                     snippet = await read_capped(resp, MAX_ERROR_BODY)
                     last = f"HTTP {resp.status}"
-                    if resp.status not in RETRY_STATUSES or attempt + 1 == attempts:
+                    if resp.status not in retry_statuses or attempt + 1 == attempts:
                         raise ToolCallFailed("error", _http_error(resp.status, snippet))
                     retry_after = _retry_after(resp.headers.get("retry-after"))
         except ToolCallFailed:
@@ -138,6 +161,8 @@ async def call_http(
                     "error", "the tool's address is not reachable from the gateway (network policy)"
                 ) from None
             last = f"connection failed ({type(exc).__name__})"
+            if method not in IDEMPOTENT:  # the request may have arrived
+                break
         if attempt + 1 < attempts:
             delay = retry_after if retry_after is not None else _backoff(attempt)
             if time.monotonic() + delay >= deadline:

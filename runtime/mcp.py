@@ -7,9 +7,10 @@ starts with ``initialize`` then ``notifications/initialized``; the ``Mcp-Session
 hands out is sent on every later request, and a 404 on a request that carried it means the
 session expired: the client starts a new one and sends the request again, once.
 
-``MCPClient`` speaks to one server; ``MCPPool`` keeps one client per server URL and headers, so
-every turn of every agent reuses the session. The HTTP session (with its guarded connector) is
-the caller's: the pool never opens connections of its own.
+``MCPClient`` speaks to one server; ``MCPPool`` keeps one client per tenant, server URL and
+headers, so every turn of a tenant's agents reuses the session (and no other tenant's does).
+The HTTP session (with its guarded connector) is the caller's: the pool never opens
+connections of its own.
 """
 
 from __future__ import annotations
@@ -212,15 +213,17 @@ def content_text(result: dict) -> str:
 
 
 class MCPPool:
-    """One MCPClient per (server URL, headers), least recently used dropped beyond ``size``."""
+    """One MCPClient per (owner, server URL, headers), least recently used dropped beyond
+    ``size``. ``owner`` (the tenant) walls sessions: a stateful server keeps what one tenant did
+    in its session, and another tenant must never continue it."""
 
     def __init__(self, http: aiohttp.ClientSession, *, size: int = MAX_POOL) -> None:
         self._http = http
         self._size = size
         self._clients: OrderedDict[tuple, MCPClient] = OrderedDict()
 
-    def client(self, url: str, headers: dict[str, str] | None = None) -> MCPClient:
-        key = (url, tuple(sorted((headers or {}).items())))
+    def client(self, url: str, headers: dict[str, str] | None = None, *, owner: str | None = None) -> MCPClient:
+        key = (owner, url, tuple(sorted((headers or {}).items())))
         found = self._clients.get(key)
         if found is not None:
             self._clients.move_to_end(key)

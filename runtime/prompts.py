@@ -7,18 +7,22 @@ value is data: it is inserted as text and never parsed as template code. Templat
 tenant admins and rendered on every turn of a shared gateway, so the work one render may do is
 bounded, not just its access to Python internals:
 
-- at save, a template is at most ``MAX_TEMPLATE`` characters and uses only output, ``if`` and
-  ``for`` (no ``set``/``with``/macros/imports, no recursive loops, at most ``MAX_LOOP_DEPTH``
-  nested loops), filters from ``FILTERS``, and no attribute or key starting with ``_``;
+- at save, a template is at most ``MAX_TEMPLATE`` characters and ``MAX_NODES`` syntax nodes
+  (compiling costs time per node: a new version is compiled on a turn's path) and uses only
+  output, ``if`` and ``for`` (no ``set``/``with``/macros/imports, no recursive loops, at most
+  ``MAX_LOOP_DEPTH`` nested loops), filters from ``FILTERS``, and no attribute or key starting
+  with ``_``;
 - when rendering, values are type-checked and bounded (``MAX_VALUES_BYTES`` in all, arrays of at
   most ``MAX_ITEMS``), ``range`` is bounded, ``*``, ``**``, ``+`` and ``%`` refuse results that
-  would be large, methods are an allow-list with bounded numeric arguments, and the output is cut
-  off with an error past ``MAX_OUTPUT``.
+  would be large (a list by its written-out size, nested lists included; ``MAX_WORK`` per
+  render), methods are an allow-list with bounded numeric arguments, and the output is cut off
+  with an error past ``MAX_OUTPUT``.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import itertools
 import re
@@ -31,6 +35,7 @@ from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.meta import find_undeclared_variables
 from jinja2.runtime import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
+from jinja2.utils import _PassArg
 
 from core.errors import InvalidRequest, NotFound
 from runtime.types import Agent, PromptVersion, Selection
@@ -42,6 +47,7 @@ MAX_ITEMS = 256  # items of an array or object value, and of range()
 MAX_LOOP_DEPTH = 2
 MAX_ITERATIONS = 1024  # loop iterations of one render, nested loops included
 MAX_REFERENCES = 100  # variable references in one template
+MAX_NODES = 2000  # syntax-tree nodes of one template (the library's use 17 to 38)
 MAX_NUMBER_ARG = 10_000  # largest integer a method call or repetition may take
 MAX_VARIABLES = 100
 MAX_DESCRIPTION = 1000
@@ -104,8 +110,12 @@ class _Env(SandboxedEnvironment):
             sized, count = (left, right) if _size(left) else (right, left)
             if _size(sized) and (not _small_number(count, MAX_NUMBER_ARG) or _size(sized) * count > MAX_OUTPUT):
                 raise SecurityError("repetition too large")
+            if isinstance(sized, list | tuple):  # [[x] * 3000] * 3000 is 9 million items
+                _spend(context, _weight(sized, MAX_OUTPUT) * count)
         if operator == "+" and _size(left) + _size(right) > MAX_OUTPUT:
             raise SecurityError("value too large")
+        if operator == "+" and isinstance(left, list | tuple) and isinstance(right, list | tuple):
+            _spend(context, _weight(left, MAX_OUTPUT) + _weight(right, MAX_OUTPUT))
         result = super().call_binop(context, operator, left, right)
         if isinstance(result, int) and result.bit_length() > MAX_INT_BITS:
             raise SecurityError("number too large")
@@ -120,7 +130,54 @@ class _Env(SandboxedEnvironment):
         for arg in (*args, *kwargs.values()):
             if isinstance(arg, int) and not _small_number(arg, MAX_NUMBER_ARG):
                 raise SecurityError("number argument too large")
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str) or (isinstance(owner, list) and getattr(__obj, "__name__", "") in ("count", "index")):
+            _charge(__context.eval_ctx, len(owner))  # what the method walks through (see _bounded_filter)
         return super().call(__context, __obj, *args, **kwargs)
+
+
+MAX_WORK = 4 * MAX_OUTPUT  # written-out size of every list ``*`` and ``+`` build in one render
+
+
+def _weight(value: Any, limit: int) -> int:
+    """How large ``value`` is written out (``tojson``, ``string``): the characters of its strings
+    and one per item, a list that appears twice counted twice. Each distinct list is visited
+    once (iteratively: no recursion limit); counting stops a little past ``limit``."""
+    if not isinstance(value, list | tuple | dict):
+        return len(value) if isinstance(value, str) else 1
+    memo: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in memo:
+            continue
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        if not ready:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if isinstance(c, list | tuple | dict) and id(c) not in memo)
+            continue
+        total = len(node)
+        for child in children:
+            if isinstance(child, list | tuple | dict):
+                total += memo[id(child)]
+            else:
+                total += len(child) if isinstance(child, str) else 1
+            if total > limit:
+                break
+        memo[id(node)] = min(total, limit + 1)
+    return memo[id(value)]
+
+
+def _spend(context, weight: int) -> None:
+    """Counts a list built by ``*`` or ``+`` against the render's budget: one result no larger
+    than MAX_OUTPUT written out, all of them together no more than MAX_WORK."""
+    if weight > MAX_OUTPUT:
+        raise SecurityError("value too large")
+    eval_ctx = context.eval_ctx
+    done = getattr(eval_ctx, "gateway_work", 0) + weight
+    if done > MAX_WORK:
+        raise SecurityError("the prompt builds too much")
+    eval_ctx.gateway_work = done
 
 
 def _small_number(value: Any, limit: int) -> bool:
@@ -154,12 +211,60 @@ def _bounded_join(eval_ctx, value: Any, d: str = "", attribute: Any = None) -> s
     return _join(eval_ctx, items, d, attribute)
 
 
+# A filter's numeric arguments are bounded: ``5|round(-100000000)`` computes 10**100000000 and
+# ``[[1]]|tojson(indent=30000000)`` writes gigabytes. What a filter walks through counts against
+# the render's MAX_WORK (``x|list|unique`` of a 40 KB value, 768 times in two loops, took 30 s);
+# these filters take constant time or are counted by what they write.
+_FILTER_NUMBER_LIMITS = {"round": 100, "tojson": 8}
+_UNCOUNTED = frozenset({"length", "count", "first", "last", "d", "default", "int", "float", "abs", "round", "tojson"})
+
+
+def _charge(eval_ctx, units: int) -> None:
+    done = getattr(eval_ctx, "gateway_work", 0) + units
+    if done > MAX_WORK:
+        raise SecurityError("the prompt builds too much")
+    eval_ctx.gateway_work = done
+
+
+def _bounded_filter(name: str, f):
+    limit = _FILTER_NUMBER_LIMITS.get(name, MAX_OUTPUT)
+    passed = _PassArg.from_obj(f)
+
+    def bounded(context, value: Any, *args: Any, **kwargs: Any) -> Any:
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, bool) or arg is None:
+                continue
+            if name == "tojson" and not isinstance(arg, int):
+                raise SecurityError("tojson's indent must be a number")
+            if isinstance(arg, int | float) and not abs(arg) <= limit:
+                raise SecurityError(f"{name}: a number argument may be at most {limit}")
+        eval_ctx = context.eval_ctx
+        if name not in _UNCOUNTED:
+            _charge(eval_ctx, _weight(value, MAX_WORK))
+        if passed is _PassArg.context:
+            result = f(context, value, *args, **kwargs)
+        elif passed is _PassArg.eval_context:
+            result = f(eval_ctx, value, *args, **kwargs)
+        elif passed is _PassArg.environment:
+            result = f(context.environment, value, *args, **kwargs)
+        else:
+            result = f(value, *args, **kwargs)
+        if name == "tojson":
+            _charge(eval_ctx, len(result))
+        return result
+
+    functools.update_wrapper(bounded, f)
+    bounded.jinja_pass_arg = _PassArg.context  # type: ignore[attr-defined]
+    return bounded
+
+
 _env = _Env(undefined=StrictUndefined, autoescape=False, finalize=_finalize, keep_trailing_newline=True)
 _env.globals.clear()
 _env.globals.update(range=_bounded_range, dict=dict)
 _join = _env.filters["join"]
-_env.filters = {name: f for name, f in _env.filters.items() if name in FILTERS}
-_env.filters["join"] = pass_eval_context(_bounded_join)
+_filters = {name: f for name, f in _env.filters.items() if name in FILTERS}
+_filters["join"] = pass_eval_context(_bounded_join)
+_env.filters = {name: _bounded_filter(name, f) for name, f in _filters.items()}
 _env.filters["_loop_items"] = _loop_items
 
 _compiled: OrderedDict[str, Any] = OrderedDict()
@@ -220,6 +325,8 @@ def _checked(source: str) -> nodes.Template:
 
 def _check_ast(ast: nodes.Template) -> None:
     _walk(ast, 0)
+    if sum(1 for _ in ast.find_all(nodes.Node)) > MAX_NODES:  # compiling costs ~20 µs a node
+        raise SecurityError(f"at most {MAX_NODES} template elements (tags, expressions, values) in one prompt")
     references = sum(1 for n in ast.find_all(nodes.Name) if n.ctx == "load")
     if references > MAX_REFERENCES:
         raise SecurityError(f"at most {MAX_REFERENCES} variable references in one template")
@@ -374,7 +481,13 @@ def render(version: PromptVersion, values: dict | None, defaults: dict | None) -
     values = values or {}
     if not isinstance(values, dict):
         raise InvalidRequest("'metadata.variables' must be an object.", param="metadata.variables")
-    if values and len(orjson.dumps(values, option=orjson.OPT_NON_STR_KEYS)) > MAX_VALUES_BYTES:
+    try:
+        size = len(orjson.dumps(values, option=orjson.OPT_NON_STR_KEYS)) if values else 0
+    except orjson.JSONEncodeError:  # nested past the encoder's depth limit (254 levels)
+        raise InvalidRequest(
+            "'metadata.variables' is nested too deeply.", param="metadata.variables", code="invalid_variable"
+        ) from None
+    if size > MAX_VALUES_BYTES:
         raise InvalidRequest(
             f"'metadata.variables' must be at most {MAX_VALUES_BYTES} bytes as JSON.",
             param="metadata.variables",
@@ -490,26 +603,63 @@ def _json_type(value: Any) -> str:
 def diff(a: PromptVersion, b: PromptVersion) -> dict:
     """What changed from version ``a`` to ``b``: a unified diff of the templates and of the
     variables (as sorted, indented JSON), and which variables were added, removed or changed."""
-    template = difflib.unified_diff(
+    template = _unified(
         a.template.splitlines(keepends=True),
         b.template.splitlines(keepends=True),
-        fromfile=f"v{a.version}",
-        tofile=f"v{b.version}",
+        f"v{a.version}",
+        f"v{b.version}",
     )
     va = orjson.dumps(a.variables, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
     vb = orjson.dumps(b.variables, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
-    variables = difflib.unified_diff(
+    variables = _unified(
         va.splitlines(keepends=True),
         vb.splitlines(keepends=True),
-        fromfile=f"v{a.version}/variables",
-        tofile=f"v{b.version}/variables",
+        f"v{a.version}/variables",
+        f"v{b.version}/variables",
     )
     return {
         "from": a.version,
         "to": b.version,
-        "template": "".join(template),
-        "variables": "".join(variables),
+        "template": template,
+        "variables": variables,
         "variables_added": sorted(set(b.variables) - set(a.variables)),
         "variables_removed": sorted(set(a.variables) - set(b.variables)),
         "variables_changed": sorted(n for n in set(a.variables) & set(b.variables) if a.variables[n] != b.variables[n]),
     }
+
+
+MAX_DIFF_CELLS = 250_000  # lines of one side times lines of the other that difflib may compare
+_CONTEXT = 3
+
+
+def _unified(a: list[str], b: list[str], fromfile: str, tofile: str) -> str:
+    """A unified diff of two lists of lines. difflib's line-by-line comparison costs up to
+    quadratic time in the lines (tens of seconds for two 64 KB templates of short repeating
+    lines); past ``MAX_DIFF_CELLS`` the diff is one hunk that replaces what lies between the
+    common first and last lines (a correct diff, not a minimal one)."""
+    if len(a) * len(b) <= MAX_DIFF_CELLS:
+        return "".join(difflib.unified_diff(a, b, fromfile=fromfile, tofile=tofile))
+    head = 0
+    while head < min(len(a), len(b)) and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(a), len(b)) - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    if head == len(a) == len(b):
+        return ""
+    start = max(0, head - _CONTEXT)
+    end_a, end_b = len(a) - tail + min(tail, _CONTEXT), len(b) - tail + min(tail, _CONTEXT)
+    out = [f"--- {fromfile}\n", f"+++ {tofile}\n", f"@@ -{_range(start, end_a)} +{_range(start, end_b)} @@\n"]
+    out += [f" {line}" for line in a[start:head]]
+    out += [f"-{line}" for line in a[head : len(a) - tail]]
+    out += [f"+{line}" for line in b[head : len(b) - tail]]
+    out += [f" {line}" for line in a[len(a) - tail : end_a]]
+    return "".join(out)
+
+
+def _range(start: int, stop: int) -> str:
+    """A hunk's range as difflib writes it (1-based; an empty range names the line before)."""
+    length = stop - start
+    if length == 1:
+        return str(start + 1)
+    return f"{start + 1 if length else start},{length}"

@@ -10,7 +10,9 @@ Three kinds:
   the name is checked when the tool is parsed, the value read when a call runs, so the stored
   config holds the template and never the secret. Only variables whose names start with
   ``TOOL_`` may be named (a tool must not be able to send the gateway's own secrets, such as
-  its database URL, to a host its author controls).
+  its database URL, to a host its author controls), only the master key may name them (the
+  admin API refuses a tenant admin's: the environment is shared by every tenant), and their
+  values are redacted from what the tool answers (``redact``).
 - ``mcp``: a tool of an MCP server spoken to over streamable HTTP (``runtime.mcp``).
 - ``builtin``: one of ``BUILTINS``, whose behaviour the composition supplies as handlers.
 
@@ -29,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
+import itertools
 import logging
 import os
 import re
@@ -68,6 +71,7 @@ MAX_URL_LENGTH = 2048
 MAX_HEADERS = 32
 MAX_HEADER_VALUE = 4096
 MAX_ALLOWED_HOSTS = 32
+MIN_SECRET = 6  # shorter environment values are not hunted for in answers (they would mangle them)
 MAX_TIMEOUT_S = 60.0
 MAX_RETRIES = 5
 DEFAULT_TIMEOUT_S = 10.0
@@ -254,7 +258,53 @@ def _pattern_keyword(validator, pattern, instance, schema):
         yield ValidationError(f"{_short(repr(instance), 80)} does not match {pattern!r}")
 
 
-ArgumentValidator = validators.extend(Draft202012Validator, {"pattern": _pattern_keyword})
+def _unique_items_keyword(validator, unique, instance, schema):
+    """JSON schema ``uniqueItems`` in linear time: jsonschema compares unhashable items pairwise,
+    ~25 s for 5,500 distinct objects (which a model's arguments may hold)."""
+    if not unique or not validator.is_type(instance, "array"):
+        return
+    seen: set = set()
+    for item in instance:
+        key = _canonical(item)
+        if key in seen:
+            yield ValidationError(f"{_short(repr(instance), 80)} has non-unique elements")
+            return
+        seen.add(key)
+
+
+_ENUM_SETS: dict[int, tuple[list, frozenset]] = {}
+
+
+def _enum_keyword(validator, enums, instance, schema):
+    """JSON schema ``enum`` by a set lookup: jsonschema compares an array's every item with every
+    value listed (a 4,000-value enum and 9,000 items: 2 s; 30,000 items of 1: 13 s)."""
+    found = _ENUM_SETS.get(id(enums))
+    if found is None or found[0] is not enums:
+        if len(_ENUM_SETS) > 4096:
+            _ENUM_SETS.clear()
+        found = _ENUM_SETS[id(enums)] = (enums, frozenset(_canonical(e) for e in enums))
+    if _canonical(instance) not in found[1]:
+        yield ValidationError(f"{_short(repr(instance), 80)} is not one of {_short(repr(enums[:20]), 80)}")
+
+
+def _canonical(value):
+    """A hashable form equal for equal JSON values (1 and 1.0 alike, true and 1 not)."""
+    if isinstance(value, bool) or value is None:
+        return ("c", value)
+    if isinstance(value, int | float):
+        return ("n", int(value) if isinstance(value, float) and value.is_integer() else value)
+    if isinstance(value, str):
+        return ("s", value)
+    if isinstance(value, dict):
+        return ("o", frozenset((k, _canonical(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return ("a", tuple(_canonical(v) for v in value))
+    return ("x", repr(value))
+
+
+ArgumentValidator = validators.extend(
+    Draft202012Validator, {"pattern": _pattern_keyword, "uniqueItems": _unique_items_keyword, "enum": _enum_keyword}
+)
 
 
 def _has_remote_ref(node, key: str) -> bool:
@@ -378,6 +428,21 @@ def resolve_headers(headers: dict[str, str]) -> dict[str, str]:
         return os.environ[match.group(1)]
 
     return {k: ENV_RE.sub(env, v) if "${" in v else v for k, v in headers.items()}
+
+
+def env_secrets(headers: dict[str, str]) -> list[str]:
+    """The values the header templates' ``${TOOL_*}`` variables hold now (what ``redact`` hides)."""
+    names = {name for v in headers.values() if "${" in v for name in ENV_RE.findall(v)}
+    return [value for name in names if len(value := os.environ.get(name, "")) >= MIN_SECRET]
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """``text`` with every secret in it replaced: a tool that echoes its request (a debugging
+    endpoint, an error page) must not hand the operator's key to the model, and so the client."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, "[redacted]")
+    return text
 
 
 def _parse_hosts(hosts, where: str, required: bool) -> list[str]:
@@ -556,6 +621,8 @@ MAX_CALLS_PER_TURN = 32
 MAX_SESSIONS = 64
 MAX_ARGUMENTS_BYTES = 64 * 1024
 MAX_ARGUMENTS_DEPTH = 32
+MAX_VALIDATION_WORK = 100_000  # argument values times subschemas, per turn: ~1.5 s at worst
+MAX_SCHEMA_ERRORS = 100  # schema errors gathered for one call (20,000 bad items made 80,000 in 1.2 s)
 DEFAULT_RESULT_CHARS = 32 * 1024
 
 
@@ -598,7 +665,7 @@ class ToolRunner:
         # one HTTP session (its own guarded connector and connection pool) per network policy:
         # a pooled connection must never serve a tool whose policy would not have allowed it
         self._sessions: OrderedDict[netguard.NetworkPolicy, tuple[aiohttp.ClientSession, MCPPool]] = OrderedDict()
-        self._validators: OrderedDict[bytes, ArgumentValidator] = OrderedDict()
+        self._validators: OrderedDict[bytes, tuple] = OrderedDict()  # schema -> (validator, its size)
 
     async def start(self) -> None:
         self._started = True
@@ -659,23 +726,36 @@ class ToolRunner:
                 self._tenant_slots.clear()
             tenant_slots = self._tenant_slots[agent.tenant] = asyncio.Semaphore(max(1, self._max_concurrency // 2))
         jobs = []
+        budget = [MAX_VALIDATION_WORK]  # validation work, shared by the turn's calls
         for index, raw in enumerate(calls):
             call = _read_call(raw, index)
             if index >= MAX_CALLS_PER_TURN:
                 jobs.append(_done(call, "error", f"too many tool calls in one turn (at most {MAX_CALLS_PER_TURN})"))
             else:
-                jobs.append(self._one(tools.get(call.name), call, deadline, context, turn_slots, tenant_slots))
+                jobs.append(
+                    self._one(
+                        tools.get(call.name), call, deadline, context, turn_slots, tenant_slots, agent.tenant, budget
+                    )
+                )
         return list(await asyncio.gather(*jobs))
 
     async def _one(
-        self, tool: ToolSpec | None, call: _Call, deadline: float, context: dict, turn_slots=None, tenant_slots=None
+        self,
+        tool: ToolSpec | None,
+        call: _Call,
+        deadline: float,
+        context: dict,
+        turn_slots=None,
+        tenant_slots=None,
+        tenant: str | None = None,
+        budget: list[int] | None = None,
     ) -> ToolResult:
         started = time.monotonic()
         if tool is None:
             return _result(call, "invalid", f"unknown tool {call.name[:64]!r}", started)
         arguments = None
         try:
-            arguments, problem = self._arguments(tool, call.raw)
+            arguments, problem = self._arguments(tool, call.raw, budget)
             if problem is not None:
                 return _result(call, "invalid", problem, started, arguments)
             remaining = deadline - time.monotonic()
@@ -688,7 +768,7 @@ class ToolRunner:
                     if tool.kind == "http":
                         text = await self._http_call(tool, arguments, deadline)
                     else:
-                        text = await self._mcp_call(tool, arguments, deadline)
+                        text = await self._mcp_call(tool, arguments, deadline, tenant)
         except ToolCallFailed as exc:
             return _result(call, exc.status, self._cap(exc.message), started, arguments)
         except TimeoutError:
@@ -700,7 +780,7 @@ class ToolRunner:
             return _result(call, "error", "the tool failed", started, arguments)
         return _result(call, "ok", self._cap(text), started, arguments)
 
-    def _arguments(self, tool: ToolSpec, raw) -> tuple[dict | None, str | None]:
+    def _arguments(self, tool: ToolSpec, raw, budget: list[int] | None = None) -> tuple[dict | None, str | None]:
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             raw = "{}"
         if isinstance(raw, str):
@@ -714,7 +794,17 @@ class ToolRunner:
             return None, "arguments must be a JSON object"
         if _depth(raw) > MAX_ARGUMENTS_DEPTH:
             return None, f"arguments are nested too deeply (at most {MAX_ARGUMENTS_DEPTH} levels)"
-        errors = sorted(self._validator(tool.parameters).iter_errors(raw), key=lambda e: (len(e.path), str(e.path)))
+        validator, subschemas = self._validator(tool.parameters)
+        # Validation costs up to a subschema per value, ~10-15 us each (an anyOf of 1,400 consts
+        # over 500 items took 8 s): the calls of a turn share MAX_VALIDATION_WORK of it.
+        budget = budget if budget is not None else [MAX_VALIDATION_WORK]
+        allowed = budget[0] // max(1, subschemas)
+        values = _count_values(raw, allowed)
+        if values > allowed:
+            return None, f"arguments are too large for this tool (at most {allowed} values in this turn)"
+        budget[0] -= values * subschemas
+        found = itertools.islice(validator.iter_errors(raw), MAX_SCHEMA_ERRORS)
+        errors = sorted(found, key=lambda e: (len(e.path), str(e.path)))  # (one per bad item: bounded)
         if errors:
             return raw, _schema_error(errors[0], len(errors))
         return raw, None
@@ -723,7 +813,7 @@ class ToolRunner:
         key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
         found = self._validators.get(key)
         if found is None:
-            found = self._validators[key] = ArgumentValidator(schema)
+            found = self._validators[key] = (ArgumentValidator(schema), _count_subschemas(schema))
             if len(self._validators) > 1024:
                 self._validators.popitem(last=False)
         else:
@@ -761,12 +851,15 @@ class ToolRunner:
             headers = resolve_headers(tool.config.get("headers") or {})
         except KeyError:
             raise ToolCallFailed("error", "the tool is misconfigured (a secret it needs is not set)") from None
+        secrets = env_secrets(tool.config.get("headers") or {})
         try:
-            return await call_http(http, tool, arguments, headers, policy=policy, deadline=deadline)
+            return redact(await call_http(http, tool, arguments, headers, policy=policy, deadline=deadline), secrets)
         except ValueError as exc:  # a dot-segment argument
             raise ToolCallFailed("error", _short(str(exc))) from None
+        except ToolCallFailed as exc:  # its message may quote the tool's answer
+            raise ToolCallFailed(exc.status, redact(exc.message, secrets)) from None
 
-    async def _mcp_call(self, tool: ToolSpec, arguments: dict, deadline: float) -> str:
+    async def _mcp_call(self, tool: ToolSpec, arguments: dict, deadline: float, tenant: str | None = None) -> str:
         config = tool.config
         policy = tool_policy(self.policy, config)
         _, pool = self._client(policy)
@@ -780,7 +873,7 @@ class ToolRunner:
         timeout = min(float(config["timeout_s"]), deadline - time.monotonic())
         if timeout <= 0:
             raise ToolCallFailed("timeout", "the tool did not answer in time")
-        client = pool.client(config["url"], headers)
+        client = pool.client(config["url"], headers, owner=tenant)
         try:
             text, is_error = await client.call_tool(config["tool"], arguments, timeout_s=timeout)
         except TimeoutError:
@@ -790,7 +883,9 @@ class ToolRunner:
                 raise ToolCallFailed(
                     "error", "the tool's address is not reachable from the gateway (network policy)"
                 ) from None
-            raise ToolCallFailed("error", f"the MCP tool failed: {_short(str(exc))}") from None
+            message = redact(str(exc), env_secrets(config.get("headers") or {}))
+            raise ToolCallFailed("error", f"the MCP tool failed: {_short(message)}") from None
+        text = redact(text, env_secrets(config.get("headers") or {}))
         cap = int(config.get("max_response_bytes", DEFAULT_RESPONSE_BYTES))
         if len(text.encode()) > cap:
             text = text.encode()[:cap].decode(errors="ignore") + f"\n[truncated: the answer exceeded {cap} bytes]"
@@ -816,6 +911,34 @@ class ToolRunner:
         if len(text) <= limit:
             return text
         return text[:limit] + f"\n[truncated: {len(text) - limit} more characters]"
+
+
+def _count_values(value, limit: int) -> int:
+    """How many values (objects, arrays and scalars) ``value`` holds; counting stops past ``limit``."""
+    count = 0
+    stack = [value]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
+def _count_subschemas(schema) -> int:
+    """How many objects (subschemas, and the odd object value) a schema holds."""
+    count = 0
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            count += 1
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
 
 
 def _depth(value) -> int:
@@ -873,6 +996,8 @@ def _schema_error(error, count: int) -> str:
     else:
         text = f"argument '{path or '(arguments)'}': {_short(error.message, 200)}"
     more = f" (and {count - 1} more problems)" if count > 1 else ""
+    if count >= MAX_SCHEMA_ERRORS:
+        more = f" (and at least {count - 1} more problems)"
     return f"invalid arguments: {text}{more}; fix the arguments and call the tool again"
 
 
