@@ -137,6 +137,10 @@ class Admin:
             await self._audit(scope, ident, 403)
             raise PermissionDenied("This key has no admin scope.", code="admin_scope_required")
 
+        if (nul := inp.nul_error(self.app.routes, scope)) is not None:  # PostgreSQL text holds no NUL
+            await self._audit(scope, ident, nul.status)
+            raise nul
+
         started = False
 
         async def audited_send(message) -> None:

@@ -16,6 +16,7 @@ import hmac
 import json
 import os
 import uuid
+from collections import Counter
 from urllib.parse import quote, urlencode
 
 import asyncpg
@@ -64,6 +65,30 @@ def body_of(fields: list[str], extra: st.SearchStrategy | None = None) -> st.Sea
     )
 
 
+DROP = object()
+
+
+def mutants(valid: dict, hostile: dict | None = None) -> st.SearchStrategy:
+    """``valid`` with one to three fields replaced by hostile values, dropped, or added: deep
+    enough to pass the first check and reach the next."""
+    hostile = hostile or {}
+    keys = sorted({*valid, *hostile, "unknown_field"})
+
+    def change(key: str) -> st.SearchStrategy:
+        return st.tuples(st.just(key), hostile.get(key, odd_value) | odd_value | st.just(DROP))
+
+    def apply(changes: list) -> dict:
+        out = dict(valid)
+        for key, value in changes:
+            if value is DROP:
+                out.pop(key, None)
+            else:
+                out[key] = value
+        return out
+
+    return st.lists(st.sampled_from(keys).flatmap(change), max_size=3).map(apply)
+
+
 def query_of(names: list[str]) -> st.SearchStrategy:
     return st.dictionaries(st.sampled_from(names) | st.text(max_size=8), odd_text | st.integers(-5, 10**20), max_size=4)
 
@@ -89,6 +114,9 @@ def check(resp: httpx.Response, *, upstream_ok: bool = False) -> None:
 def _digest_sql(tables: tuple[str, ...]) -> str:
     parts = [f"(SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {t} t) AS {t}" for t in tables]
     return "SELECT " + ", ".join(parts)
+
+
+STATS: Counter = Counter()  # FUZZ_STATS=1: (test, status, code, param is null) counts, printed at the end
 
 
 class Db:
@@ -139,6 +167,16 @@ class Fz:
         before = self.db.digest(tables) if tables else None
         resp = self.http.request(method, path, headers=headers, **kw)
         check(resp, upstream_ok=upstream_ok)
+        if os.environ.get("FUZZ_STATS"):
+            err = resp.json().get("error", {}) if resp.status_code >= 400 else {}
+            STATS[
+                (
+                    os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" ")[0],
+                    resp.status_code,
+                    err.get("code"),
+                    err.get("param") is None,
+                )
+            ] += 1
         if tables and resp.status_code >= 400:
             assert self.db.digest(tables) == before, (method, path, resp.status_code, resp.text[:500])
         return resp
@@ -267,6 +305,9 @@ def fz(tmp_root, services, module_mock):
 @pytest.fixture(scope="module", autouse=True)
 def no_tracebacks_logged(fz):
     yield
+    if os.environ.get("FUZZ_STATS"):
+        for k, v in sorted(STATS.items(), key=str):
+            print(k, v)
     log = fz.gw.log()
     assert "Traceback" not in log, log[log.index("Traceback") - 2000 : log.index("Traceback") + 3000]
 
@@ -615,75 +656,92 @@ ADMIN_TABLES = (
     "whatsapp_templates",
     "vapi_calls",
 )
-# (method, path with {a} / {b} for ids, body fields)
+# (method, path with {a} / {b} for ids, a valid body to mutate)
+AGENT_BODY = {
+    "name": "fz-new",
+    "model": "gpt-mock",
+    "template": "Hi {{ who }}.",
+    "variables": {"who": {"type": "string"}},
+    "tools": [],
+    "max_steps": 3,
+    "memory": {"window_turns": 10},
+    "defaults": {"who": "x"},
+}
 ADMIN_ROUTES = [
-    ("POST", "/admin/keys", ["name", "tenant", "scopes", "models", "rpm", "tpm", "budget_usd", "budget_period",
-                             "pii_policy", "expires_at", "allowed_ips", "attribution", "require_tags"]),
-    ("GET", "/admin/keys", []),
-    ("DELETE", "/admin/keys/{a}", []),
-    ("POST", "/admin/budgets", ["scope", "scope_value", "tenant", "limit_usd", "period", "enforcement", "thresholds",
-                                "webhook_url"]),
-    ("GET", "/admin/budgets", []),
-    ("GET", "/admin/budgets/{a}", []),
-    ("PATCH", "/admin/budgets/{a}", ["limit_usd", "enforcement", "thresholds", "webhook_url", "period"]),
-    ("DELETE", "/admin/budgets/{a}", []),
-    ("GET", "/admin/spend", []),
-    ("GET", "/admin/requests", []),
-    ("GET", "/admin/requests/{a}", []),
-    ("GET", "/admin/access-log", []),
-    ("GET", "/admin/runs/{a}", []),
-    ("POST", "/admin/agents", ["name", "tenant", "model", "template", "variables", "defaults", "tools", "builtins",
-                               "settings", "fallback_message", "max_steps", "knowledge_bases", "memory", "hitl"]),
-    ("GET", "/admin/agents", []),
-    ("GET", "/admin/agents/{a}", []),
-    ("PATCH", "/admin/agents/{a}", ["model", "tools", "settings", "fallback_message", "max_steps", "memory",
-                                    "knowledge_bases", "hitl", "defaults"]),
-    ("DELETE", "/admin/agents/{a}", []),
-    ("POST", "/admin/agents/{a}/versions", ["template", "variables", "defaults", "note", "label", "labels"]),
-    ("GET", "/admin/agents/{a}/versions", []),
-    ("GET", "/admin/agents/{a}/versions/{b}", []),
-    ("GET", "/admin/agents/{a}/diff", []),
-    ("PUT", "/admin/agents/{a}/labels/{b}", ["version", "variants", "weights"]),
-    ("GET", "/admin/agents/{a}/experiments", []),
-    ("POST", "/admin/agents/{a}/experiments/{b}/stop", ["promote", "variant", "version"]),
-    ("GET", "/admin/prompt-templates", []),
-    ("GET", "/admin/escalations", []),
-    ("GET", "/admin/escalations/stats", []),
-    ("POST", "/admin/escalations/claim-next", ["agent", "operator", "queue"]),
-    ("GET", "/admin/escalations/{a}", []),
-    ("POST", "/admin/escalations/{a}/claim", ["operator"]),
-    ("POST", "/admin/escalations/{a}/reply", ["text", "operator", "resolve"]),
-    ("POST", "/admin/escalations/{a}/resolve", ["resolution", "note", "learn"]),
-    ("POST", "/admin/escalations/{a}/reassign", ["operator", "to"]),
-    ("POST", "/admin/escalations/{a}/release", []),
-    ("GET", "/admin/agents/{a}/learned", []),
-    ("POST", "/admin/agents/{a}/learned/{b}/approve", ["answer"]),
-    ("POST", "/admin/agents/{a}/learned/{b}/reject", []),
-    ("GET", "/admin/agents/{a}/training-data", []),
-    ("GET", "/admin/agents/{a}/conversations/{b}/messages", []),
-    ("POST", "/admin/knowledge-bases", ["name", "tenant", "description", "settings", "embedding_model"]),
-    ("GET", "/admin/knowledge-bases", []),
-    ("GET", "/admin/knowledge-bases/{a}", []),
-    ("PATCH", "/admin/knowledge-bases/{a}", ["name", "description", "settings"]),
-    ("DELETE", "/admin/knowledge-bases/{a}", []),
-    ("GET", "/admin/knowledge-bases/{a}/documents", []),
-    ("GET", "/admin/knowledge-bases/{a}/documents/{b}", []),
-    ("DELETE", "/admin/knowledge-bases/{a}/documents/{b}", []),
-    ("POST", "/admin/knowledge-bases/{a}/query", ["query", "top_k", "filters", "rerank", "threshold"]),
-    ("GET", "/admin/queues/{a}", []),
-    ("GET", "/admin/queues/{a}/dead-letters", []),
-    ("POST", "/admin/queues/{a}/dead-letters/{b}/retry", []),
-    ("DELETE", "/admin/queues/{a}/dead-letters/{b}", []),
-    ("GET", "/admin/channels/whatsapp/templates", []),
-    ("POST", "/admin/channels/whatsapp/templates", ["account", "name", "language", "body", "variables", "tenant"]),
-    ("GET", "/admin/channels/whatsapp/messages", []),
-    ("GET", "/admin/channels/vapi/calls", []),
-    ("GET", "/admin/channels/vapi/calls/{a}", []),
+    ("POST", "/admin/keys", {"name": "fz-k", "rpm": 10, "scopes": ["admin"], "models": ["gpt-mock"], "budget_usd": 1,
+                             "budget_period": "daily", "allowed_ips": ["10.0.0.0/8"], "attribution": {"user": ["a*"]},
+                             "require_tags": ["t"], "expires_at": "2099-01-01T00:00:00Z"}),
+    ("GET", "/admin/keys", None),
+    ("DELETE", "/admin/keys/{a}", None),
+    ("POST", "/admin/budgets", {"scope": "agent", "scope_value": "fzbot", "limit_usd": 5, "period": "monthly",
+                                "enforcement": "soft", "thresholds": [0.5, 1.0], "webhook_url": "https://example.com/h"}),
+    ("GET", "/admin/budgets", None),
+    ("GET", "/admin/budgets/{budget}", None),
+    ("PATCH", "/admin/budgets/{budget}", {"limit_usd": 7, "enforcement": "hard", "thresholds": [0.8]}),
+    ("DELETE", "/admin/budgets/{a}", None),
+    ("GET", "/admin/spend", None),
+    ("GET", "/admin/requests", None),
+    ("GET", "/admin/requests/{a}", None),
+    ("GET", "/admin/access-log", None),
+    ("GET", "/admin/runs/{a}", None),
+    ("POST", "/admin/agents", AGENT_BODY),
+    ("GET", "/admin/agents", None),
+    ("GET", "/admin/agents/{a}", None),
+    ("PATCH", "/admin/agents/fzpatch", {"model": "gpt-mock", "description": "d", "max_steps": 2,
+                                         "fallback_message": "x", "builtins": ["end_conversation"], "defaults": {}}),
+    ("DELETE", "/admin/agents/{a}", None),
+    ("POST", "/admin/agents/fzpatch/versions", {"template": "v {{ a }}", "variables": {"a": {"type": "string"}},
+                                                 "note": "n", "labels": ["staging"]}),
+    ("GET", "/admin/agents/{a}/versions", None),
+    ("GET", "/admin/agents/{a}/versions/{b}", None),
+    ("GET", "/admin/agents/{a}/diff", None),
+    ("PUT", "/admin/agents/fzpatch/labels/{b}", {"version": 1}),
+    ("PUT", "/admin/agents/fzpatch/labels/exp", {"variants": {"1": 50, "2": 50}, "primary_metric": "score"}),
+    ("GET", "/admin/agents/{a}/experiments", None),
+    ("POST", "/admin/agents/{a}/experiments/{b}/stop", {"promote": "1"}),
+    ("GET", "/admin/prompt-templates", None),
+    ("GET", "/admin/escalations", None),
+    ("GET", "/admin/escalations/feed", None),
+    ("GET", "/admin/escalations/stats", None),
+    ("POST", "/admin/escalations/claim-next", {"team": "t", "skill": "s"}),
+    ("GET", "/admin/escalations/{a}", None),
+    ("POST", "/admin/escalations/{a}/claim", {}),
+    ("POST", "/admin/escalations/{a}/reply", {"text": "hello"}),
+    ("POST", "/admin/escalations/{a}/resolve", {"outcome": "resolved", "corrected_answer": "x",
+                                                 "approve_draft": False}),
+    ("POST", "/admin/escalations/{a}/reassign", {"team": "t", "skills": ["s"], "urgency": "high"}),
+    ("POST", "/admin/escalations/{a}/release", {}),
+    ("GET", "/admin/agents/{a}/learned", None),
+    ("POST", "/admin/agents/{a}/learned/{b}/approve", {}),
+    ("POST", "/admin/agents/{a}/learned/{b}/reject", {}),
+    ("GET", "/admin/agents/{a}/training-data", None),
+    ("GET", "/admin/agents/{a}/conversations/{b}/messages", None),
+    ("POST", "/admin/knowledge-bases", {"name": "fz-kb", "description": "d", "settings": {"chunk_size": 200}}),
+    ("GET", "/admin/knowledge-bases", None),
+    ("GET", "/admin/knowledge-bases/{kb}", None),
+    ("PATCH", "/admin/knowledge-bases/{kb}", {"description": "d", "settings": {"top_k": 3}}),
+    ("DELETE", "/admin/knowledge-bases/{a}", None),
+    ("GET", "/admin/knowledge-bases/{kb}/documents", None),
+    ("GET", "/admin/knowledge-bases/{kb}/documents/{b}", None),
+    ("DELETE", "/admin/knowledge-bases/{kb}/documents/{b}", None),
+    ("POST", "/admin/knowledge-bases/{kb}/query", {"query": "refunds", "top_k": 3, "threshold": 0.1,
+                                                   "max_context_tokens": 100, "candidates": 10, "lexical_floor": 0.1}),
+    ("GET", "/admin/queues/{a}", None),
+    ("GET", "/admin/queues/{a}/dead-letters", None),
+    ("POST", "/admin/queues/{a}/dead-letters/{b}/retry", {}),
+    ("DELETE", "/admin/queues/{a}/dead-letters/{b}", None),
+    ("GET", "/admin/channels/whatsapp/templates", None),
+    ("POST", "/admin/channels/whatsapp/templates", {"account": "acme", "name": "reengage", "language": "en",
+                                                   "category": "utility", "description": "d"}),
+    ("GET", "/admin/channels/whatsapp/messages", None),
+    ("GET", "/admin/channels/vapi/calls", None),
+    ("GET", "/admin/channels/vapi/calls/{a}", None),
 ]  # fmt: skip
 ADMIN_QUERY = ["tenant", "limit", "after", "before", "order", "from", "to", "since", "until", "group_by", "all",
                "status", "agent", "key", "model", "format", "account", "page", "q", "version", "label", "min_samples",
-               "cursor", "conversation_id", "metric", "alpha"]  # fmt: skip
-ADMIN_IDS = st.sampled_from(["fzbot", "fztool", "kb-ingest", "1", "production", "latest", "0-0"]) | odd_id
+               "cursor", "conversation_id", "metric", "alpha", "start", "end", "request_id", "team",
+               "wa_id"]  # fmt: skip
+ADMIN_IDS = st.sampled_from(["fzbot", "fzpatch", "kb-ingest", "1", "2", "production", "latest", "0-0"]) | odd_id
 
 
 @fuzz(300)
@@ -693,20 +751,36 @@ ADMIN_IDS = st.sampled_from(["fzbot", "fztool", "kb-ingest", "1", "production", 
     a=ADMIN_IDS,
     b=ADMIN_IDS,
     body=st.data(),
-    query=query_of(ADMIN_QUERY),
+    query=query_of(ADMIN_QUERY) | st.sampled_from([{"tenant": TENANT}, {"limit": "1"}, {"from": "1", "to": "2"}]),
 )
-def test_fuzz_admin_api(fz, route, master, a, b, body, query):
-    method, path, fields = route
-    path = path.format(a=quote(a, safe=""), b=quote(b, safe=""))
+def test_fuzz_admin_api(fz, admin_ids, route, master, a, b, body, query):
+    method, path, valid = route
+    ids = {"a": quote(a, safe=""), "b": quote(b, safe=""), **admin_ids}
+    path = path.format(**ids)
     if query:
         path += "?" + urlencode(query)
     kw = {}
     if method in ("POST", "PUT", "PATCH"):
-        kw["content"] = json.dumps(body.draw(body_of(fields)) if fields else body.draw(json_values))
+        kw["content"] = json.dumps(body.draw(mutants(valid) if valid else json_values))
     if method == "DELETE" and a in ("fzbot", "fztool"):
         method = "GET"  # the agents the other tests fuzz stay
     key = MASTER_KEY if master else fz.admin_key
     fz.call(method, path, key, tables=ADMIN_TABLES, **kw)
+
+
+@pytest.fixture(scope="module")
+def admin_ids(fz) -> dict:
+    """Real ids for the admin routes to reach past their lookups: a budget, a knowledge base and
+    an agent of the fuzzed tenant (fzpatch, whose versions and labels the fuzzing changes)."""
+    budget = fz.call(
+        "POST", "/admin/budgets", fz.admin_key, json={"scope": "user", "scope_value": "u1", "limit_usd": 9}
+    )
+    assert budget.status_code == 201, budget.text
+    kb = fz.call("POST", "/admin/knowledge-bases", fz.admin_key, json={"name": "fz-admin-kb"})
+    assert kb.status_code == 201, kb.text
+    agent = fz.call("POST", "/admin/agents", fz.admin_key, json={**AGENT_BODY, "name": "fzpatch"})
+    assert agent.status_code == 201, agent.text
+    return {"budget": budget.json()["id"], "kb": kb.json()["id"]}
 
 
 # ---- channels: WhatsApp and VAPI with valid credentials ---------------------------------------
@@ -906,3 +980,21 @@ def test_finding_files_nul_in_ids_and_cursors(fz, store):
     assert error_of(fz.call("GET", "/v1/vector_stores?before=x%00", fz.user_key), 400)["param"] == "before"
     resp = fz.call("POST", "/v1/vector_stores", fz.user_key, json={"file_ids": [fid, "\x00"]}, tables=STORE_TABLES)
     assert error_of(resp, 400)["param"] == "file_ids[1]"
+
+
+@pytest.mark.parametrize("master", [False, True])
+def test_finding_admin_nul_in_path_ids_and_query(fz, admin_ids, master):
+    key = MASTER_KEY if master else fz.admin_key
+    kb = admin_ids["kb"]
+    for path, param in [
+        (f"/admin/knowledge-bases/{kb}/documents/%00", "doc_id"),
+        ("/admin/knowledge-bases/kb%00", "kb_id"),
+        ("/admin/budgets/%00", "budget_id"),
+        ("/admin/escalations/1%00", "id"),
+        ("/admin/agents/fzbot/versions/%00", "version"),
+    ]:
+        assert error_of(fz.call("GET", path, key), 404)["param"] == param
+    resp = fz.call("DELETE", "/admin/keys/%00", key, tables=ADMIN_TABLES)
+    assert error_of(resp, 404)["param"] == "key_id"
+    assert error_of(fz.call("GET", "/admin/keys?tenant=%00", key), 400)["param"] == "tenant"
+    assert error_of(fz.call("GET", "/admin/spend?group_by=a%00", key), 400)["param"] == "group_by"
