@@ -365,7 +365,21 @@ STATE_OF_TURNS = ("api_keys", "agents", "prompt_versions", "prompt_labels", "exp
 
 
 @fuzz(120)
-@given(body=agent_body, conv=st.none() | header_bytes)
+@given(
+    body=agent_body
+    | mutants(
+        {
+            "model": "agent:fzbot",
+            "messages": [{"role": "user", "content": "hi"}],
+            "metadata": {"conversation_id": "fz-c1", "variables": {"company": "Acme", "vip": True}},
+            "variables": {"company": "Beta"},
+            "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+            "stream": True,
+        },
+        {"metadata": metadata, "variables": metadata, "tools": client_tools},
+    ),
+    conv=st.none() | header_bytes,
+)
 def test_fuzz_agent_chat(fz, body, conv):
     headers = {"x-gateway-conversation": conv} if conv is not None else {}
     fz.call(
@@ -427,7 +441,12 @@ feedback_body = st.fixed_dictionaries(
 
 
 @fuzz(100)
-@given(body=feedback_body)
+@given(
+    body=feedback_body
+    | mutants(
+        {"conversation_id": "fz-c1", "thumbs": "up", "score": 0.5, "resolved": True, "text": "ok", "agent": "fzbot"}
+    )
+)
 def test_fuzz_feedback(fz, body):
     fz.call("POST", "/v1/feedback", fz.user_key, content=json.dumps(body), tables=("feedback",))
 
@@ -527,13 +546,33 @@ search_body = st.fixed_dictionaries(
 
 
 @fuzz(80)
-@given(body=search_body)
+@given(
+    body=search_body
+    | mutants(
+        {
+            "query": "refunds",
+            "max_num_results": 3,
+            "filters": {"type": "and", "filters": [{"type": "eq", "key": "kind", "value": "policy"}]},
+            "ranking_options": {"ranker": "none", "score_threshold": 0.1},
+            "rewrite_query": False,
+        },
+        {"filters": filters},
+    )
+)
 def test_fuzz_vector_store_search(fz, store, body):
     vs, _ = store
     fz.call("POST", f"/v1/vector_stores/{vs}/search", fz.user_key, content=json.dumps(body), tables=STORE_TABLES)
 
 
-vs_body = body_of(["name", "description", "file_ids", "chunking_strategy", "metadata", "expires_after"])
+vs_body = body_of(["name", "description", "file_ids", "chunking_strategy", "metadata", "expires_after"]) | mutants(
+    {
+        "name": "n",
+        "description": "d",
+        "metadata": {"team": "x"},
+        "expires_after": {"anchor": "last_active_at", "days": 7},
+        "chunking_strategy": {"type": "static", "static": {"max_chunk_size_tokens": 200, "chunk_overlap_tokens": 20}},
+    }
+)
 attach_body = st.fixed_dictionaries(
     {},
     optional={
@@ -622,7 +661,12 @@ rerank_body = st.fixed_dictionaries(
 
 
 @fuzz(80)
-@given(body=rerank_body)
+@given(
+    body=rerank_body
+    | mutants(
+        {"model": "rerank-mock", "query": "q", "documents": ["a", {"text": "b"}], "top_n": 1, "return_documents": True}
+    )
+)
 def test_fuzz_rerank(fz, body):
     fz.call("POST", "/v1/rerank", fz.user_key, content=json.dumps(body), upstream_ok=True)
 
@@ -854,8 +898,36 @@ wa_doc = (
 WA_TABLES = ("whatsapp_conversations", "whatsapp_messages", "whatsapp_templates")
 
 
+WA_MSG = {"from": "15550001", "id": "wamid.FZ1", "timestamp": "1700000000", "type": "text", "text": {"body": "hi"}}
+
+
+def _wa_notification(messages: list, value: dict) -> dict:
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "1555", "phone_number_id": WA_PNID},
+        "contacts": [{"profile": {"name": "Ada"}, "wa_id": "15550001"}],
+        "messages": messages,
+        **value,
+    }
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "W", "changes": [{"field": "messages", "value": value}]}],
+    }
+
+
+wa_valid = st.builds(
+    _wa_notification,
+    st.lists(mutants(WA_MSG, {"id": st.uuids().map(lambda u: f"wamid.FZ{u.hex}")}), min_size=1, max_size=2),
+    st.fixed_dictionaries({}, optional={"statuses": json_values, "contacts": json_values, "metadata": json_values}),
+)
+
+
 @fuzz(100)
-@given(doc=wa_doc, raw=st.none() | st.binary(max_size=100), account=st.sampled_from(["acme", "acme", "nope", ""]))
+@given(
+    doc=wa_doc | wa_valid,
+    raw=st.none() | st.binary(max_size=100),
+    account=st.sampled_from(["acme", "acme", "nope", ""]),
+)
 def test_fuzz_whatsapp_webhook_signed(fz, doc, raw, account):
     body = raw if raw is not None else json.dumps(doc).encode()
     sig = "sha256=" + hmac.new(WA_SECRET.encode(), body, hashlib.sha256).hexdigest()
@@ -864,7 +936,16 @@ def test_fuzz_whatsapp_webhook_signed(fz, doc, raw, account):
 
 
 @fuzz(40)
-@given(query=query_of(["hub.mode", "hub.verify_token", "hub.challenge"]))
+@given(
+    query=query_of(["hub.mode", "hub.verify_token", "hub.challenge"])
+    | st.fixed_dictionaries(
+        {
+            "hub.mode": st.just("subscribe") | odd_text,
+            "hub.verify_token": st.just("verify-fuzz"),
+            "hub.challenge": odd_text,
+        }
+    )
+)
 def test_fuzz_whatsapp_verification(fz, query):
     fz.call("GET", "/channels/whatsapp/acme?" + urlencode(query))
 
@@ -918,10 +999,39 @@ vapi_message = st.fixed_dictionaries(
     },
 )  # fmt: skip
 VAPI_TABLES = ("vapi_calls",)
+VAPI_CALL = {"id": "call-fz-1", "type": "inboundPhoneCall", "phoneNumberId": "pn_main", "customer": {"number": "+1415"}}
+VAPI_VALID = {
+    "assistant-request": {"type": "assistant-request", "call": VAPI_CALL},
+    "tool-calls": {
+        "type": "tool-calls",
+        "call": VAPI_CALL,
+        "toolCallList": [
+            {"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "x"}}}
+        ],
+    },
+    "status-update": {"type": "status-update", "call": VAPI_CALL, "status": "in-progress"},
+    "end-of-call-report": {
+        "type": "end-of-call-report",
+        "call": VAPI_CALL,
+        "endedReason": "hangup",
+        "cost": 0.1,
+        "durationSeconds": 30,
+        "summary": "s",
+        "transcript": "t",
+        "recordingUrl": "https://x.example/r.wav",
+        "startedAt": "2026-01-01T00:00:00Z",
+        "endedAt": "2026-01-01T00:01:00Z",
+    },
+}
 
 
 @fuzz(100)
-@given(message=vapi_message | json_values, wrap=st.booleans())
+@given(
+    message=vapi_message
+    | json_values
+    | st.sampled_from(list(VAPI_VALID)).flatmap(lambda kind: mutants(VAPI_VALID[kind], {"call": vapi_call})),
+    wrap=st.booleans(),
+)
 def test_fuzz_vapi_events(fz, message, wrap):
     body = {"message": message} if wrap else message
     headers = {"Authorization": f"Bearer {VAPI_TOKEN}"}
@@ -998,3 +1108,22 @@ def test_finding_admin_nul_in_path_ids_and_query(fz, admin_ids, master):
     assert error_of(resp, 404)["param"] == "key_id"
     assert error_of(fz.call("GET", "/admin/keys?tenant=%00", key), 400)["param"] == "tenant"
     assert error_of(fz.call("GET", "/admin/spend?group_by=a%00", key), 400)["param"] == "group_by"
+
+
+def test_finding_feedback_nul_in_agent(fz):
+    resp = fz.call(
+        "POST",
+        "/v1/feedback",
+        fz.user_key,
+        json={"conversation_id": "c", "thumbs": "up", "agent": "\x00"},
+        tables=("feedback",),
+    )
+    assert error_of(resp, 400)["param"] == "agent"
+    resp = fz.call(
+        "POST",
+        "/v1/feedback",
+        fz.user_key,
+        json={"request_id": "r", "score": 1, "agent": "agent:a\x00"},
+        tables=("feedback",),
+    )
+    assert error_of(resp, 400)["param"] == "agent"
