@@ -89,8 +89,15 @@ def mutants(valid: dict, hostile: dict | None = None) -> st.SearchStrategy:
     return st.lists(st.sampled_from(keys).flatmap(change), max_size=3).map(apply)
 
 
+odd_param = st.sampled_from(
+    ["2024-01-01", "0001-01-01T00:00:00-23:59", "9999-12-31T23:59:59+14:00", "2024-13-01", "1e400", "NaN", "inf",
+     "-1", "0", "99999999999999999999", "true", "asc", "desc", "day", "model,day", "tag", "tenant", "x,y", " 1"]
+)  # fmt: skip
+
+
 def query_of(names: list[str]) -> st.SearchStrategy:
-    return st.dictionaries(st.sampled_from(names) | st.text(max_size=8), odd_text | st.integers(-5, 10**20), max_size=4)
+    values = odd_text | st.integers(-5, 10**20) | odd_param
+    return st.dictionaries(st.sampled_from(names) | st.text(max_size=8), values, max_size=4)
 
 
 # ---- checks ----------------------------------------------------------------------------------
@@ -166,6 +173,8 @@ class Fz:
             headers = {"Authorization": f"Bearer {key}", **headers}
         before = self.db.digest(tables) if tables else None
         resp = self.http.request(method, path, headers=headers, **kw)
+        if os.environ.get("FUZZ_STATS") and resp.elapsed.total_seconds() > 1:
+            print("SLOW", resp.elapsed.total_seconds(), method, path[:200], resp.status_code, flush=True)
         check(resp, upstream_ok=upstream_ok)
         if os.environ.get("FUZZ_STATS"):
             err = resp.json().get("error", {}) if resp.status_code >= 400 else {}
@@ -745,7 +754,6 @@ ADMIN_ROUTES = [
     ("POST", "/admin/agents/{a}/experiments/{b}/stop", {"promote": "1"}),
     ("GET", "/admin/prompt-templates", None),
     ("GET", "/admin/escalations", None),
-    ("GET", "/admin/escalations/feed", None),
     ("GET", "/admin/escalations/stats", None),
     ("POST", "/admin/escalations/claim-next", {"team": "t", "skill": "s"}),
     ("GET", "/admin/escalations/{a}", None),
@@ -810,6 +818,20 @@ def test_fuzz_admin_api(fz, admin_ids, route, master, a, b, body, query):
         method = "GET"  # the agents the other tests fuzz stay
     key = MASTER_KEY if master else fz.admin_key
     fz.call(method, path, key, tables=ADMIN_TABLES, **kw)
+
+
+@fuzz(20)
+@given(master=st.booleans(), query=query_of(["tenant"]))
+def test_fuzz_admin_escalation_feed(fz, master, query):
+    """The feed is an event stream that stays open: its answer is checked by its headers."""
+    key = MASTER_KEY if master else fz.admin_key
+    headers = {"Authorization": f"Bearer {key}"}
+    with fz.http.stream("GET", "/admin/escalations/feed?" + urlencode(query), headers=headers) as resp:
+        if resp.status_code == 200:
+            assert resp.headers["content-type"].startswith("text/event-stream")
+        else:
+            resp.read()
+            check(resp)
 
 
 @pytest.fixture(scope="module")
@@ -1127,3 +1149,17 @@ def test_finding_feedback_nul_in_agent(fz):
         tables=("feedback",),
     )
     assert error_of(resp, 400)["param"] == "agent"
+
+
+def _wa_post(fz, doc) -> httpx.Response:
+    body = json.dumps(doc).encode()
+    sig = "sha256=" + hmac.new(WA_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": sig}
+    return fz.call("POST", "/channels/whatsapp/acme", content=body, headers=headers, tables=WA_TABLES)
+
+
+def test_finding_whatsapp_invalid_notification_names_its_field(fz):
+    assert error_of(_wa_post(fz, {"object": "page"}), 400)["param"] == "object"
+    assert error_of(_wa_post(fz, {"object": "whatsapp_business_account", "entry": {}}), 400)["param"] == "entry"
+    doc = {"object": "whatsapp_business_account", "entry": [{"changes": []}, {"changes": 5}]}
+    assert error_of(_wa_post(fz, doc), 400)["param"] == "entry[1].changes"
