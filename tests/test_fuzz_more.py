@@ -1118,6 +1118,7 @@ def test_finding_files_nul_in_ids_and_cursors(fz, store):
     assert error_of(fz.call("GET", f"/v1/vector_stores/{vs}/files/%00", fz.user_key), 404)["param"] == "file_id"
     assert error_of(fz.call("GET", "/v1/files?after=%00", fz.user_key), 400)["param"] == "after"
     assert error_of(fz.call("GET", "/v1/vector_stores?before=x%00", fz.user_key), 400)["param"] == "before"
+    assert error_of(fz.call("GET", "/v1/files?purpose=%00", fz.user_key), 400)["param"] == "purpose"
     resp = fz.call("POST", "/v1/vector_stores", fz.user_key, json={"file_ids": [fid, "\x00"]}, tables=STORE_TABLES)
     assert error_of(resp, 400)["param"] == "file_ids[1]"
 
