@@ -396,9 +396,12 @@ STATE_OF_TURNS = ("api_keys", "agents", "prompt_versions", "prompt_labels", "exp
         {"metadata": metadata, "variables": metadata, "tools": client_tools},
     ),
     conv=st.none() | header_bytes,
+    idem=st.none() | st.sampled_from([b"k1", b"k2"]) | header_bytes,
 )
-def test_fuzz_agent_chat(fz, body, conv):
+def test_fuzz_agent_chat(fz, body, conv, idem):
     headers = {"x-gateway-conversation": conv} if conv is not None else {}
+    if idem is not None:
+        headers["idempotency-key"] = idem
     fz.call(
         "POST",
         "/v1/chat/completions",
@@ -794,6 +797,9 @@ ADMIN_ROUTES = [
     ("POST", "/admin/channels/whatsapp/templates", {"account": "acme", "name": "reengage", "language": "en",
                                                    "category": "utility", "description": "d"}),
     ("GET", "/admin/channels/whatsapp/messages", None),
+    ("POST", "/admin/channels/whatsapp/send", {"account": "acme", "to": "15550001", "text": "hello"}),
+    ("POST", "/admin/channels/vapi/calls", {"account": "main", "to": "+14155550100", "agent": "fzbot",
+                                            "variables": {"company": "x"}}),
     ("GET", "/admin/channels/vapi/calls", None),
     ("GET", "/admin/channels/vapi/calls/{a}", None),
 ]  # fmt: skip
@@ -826,6 +832,25 @@ def test_fuzz_admin_api(fz, admin_ids, route, master, a, b, body, query):
         method = "GET"  # the agents the other tests fuzz stay
     key = MASTER_KEY if master else fz.admin_key
     fz.call(method, path, key, tables=ADMIN_TABLES, **kw)
+
+
+@fuzz(40)
+@given(
+    filename=odd_text,
+    content=st.binary(max_size=300),
+    ctype=st.none() | header_text.map(str.strip),
+    field=st.sampled_from(["file", "document", "x"]),
+    master=st.booleans(),
+)
+def test_fuzz_admin_kb_document_uploads(fz, admin_ids, filename, content, ctype, field, master):
+    key = MASTER_KEY if master else fz.admin_key
+    file = (filename, content, ctype) if ctype else (filename, content)
+    try:
+        fz.call(
+            "POST", f"/admin/knowledge-bases/{admin_ids['kb']}/documents", key, files={field: file}, tables=ADMIN_TABLES
+        )
+    except (UnicodeEncodeError, ValueError):  # a name or type httpx cannot put in a part header
+        pass
 
 
 @fuzz(20)
