@@ -313,6 +313,15 @@ def fz(tmp_root, services, module_mock):
         )
         assert r.status_code == 201, r.text
         yield Fz(gw, db, user.json()["key"], adm.json()["key"], tools)
+        gw.stop()  # flushes the ledger and the conversation messages written off the request path
+        # a refused agent turn stores nothing in its conversation; an answered one does
+        stored = db.fetch(
+            """SELECT l.status / 100 AS class, count(*) AS n FROM messages m
+               JOIN ledger l ON l.request_id = m.request_id WHERE m.tenant = $1 GROUP BY 1""",
+            TENANT,
+        )
+        by_class = {r["class"]: r["n"] for r in stored}
+        assert by_class.get(2, 0) > 0 and by_class.get(4, 0) == 0, by_class
     finally:
         db.close()
         gw.stop()
@@ -441,7 +450,14 @@ def test_fuzz_agent_tool_loop(fz, calls, steps, always, stream, client):
     }
     if client is not None:
         body["tools"] = client
-    fz.call("POST", "/v1/chat/completions", fz.user_key, json=body, tables=STATE_OF_TURNS, upstream_ok=True)
+    fz.call(
+        "POST",
+        "/v1/chat/completions",
+        fz.user_key,
+        content=json.dumps(body),
+        tables=STATE_OF_TURNS,
+        upstream_ok=True,
+    )
 
 
 # ---- feedback --------------------------------------------------------------------------------
@@ -1135,8 +1151,10 @@ def error_of(resp: httpx.Response, status: int) -> dict:
     return resp.json()["error"]
 
 
-def test_finding_files_nul_in_ids_and_cursors(fz, store):
-    vs, fid = store
+def test_finding_files_nul_in_ids_and_cursors(fz):
+    up = fz.call("POST", "/v1/files", fz.user_key, files={"file": ("b.txt", b"x")}, data={"purpose": "assistants"})
+    fid = up.json()["id"]
+    vs = fz.call("POST", "/v1/vector_stores", fz.user_key, json={"name": "nul", "file_ids": [fid]}).json()["id"]
     assert error_of(fz.call("GET", "/v1/files/%00", fz.user_key), 404)["param"] == "file_id"
     assert error_of(fz.call("DELETE", "/v1/files/a%00", fz.user_key, tables=STORE_TABLES), 404)["param"] == "file_id"
     assert error_of(fz.call("GET", f"/v1/vector_stores/{vs}%00", fz.user_key), 404)["param"] == "vector_store_id"
