@@ -146,10 +146,9 @@ class Admin:
         if not ident.is_master and "admin" not in ident.scopes:
             await self._audit(scope, ident, 403)
             raise PermissionDenied("This key has no admin scope.", code="admin_scope_required")
-        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
-            # PostgreSQL text cannot hold U+0000: refused here, for every admin route, not a 500 each
-            await self._audit(scope, ident, 400)
-            raise InvalidRequest("The path and query must not contain NUL characters (%00).", code="invalid_value")
+        if (nul := inp.nul_error(self.app.routes, scope)) is not None:  # PostgreSQL text holds no NUL
+            await self._audit(scope, ident, nul.status)
+            raise nul
 
         started = False
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import ipaddress
 import math
 from datetime import UTC, datetime
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
+from starlette.routing import Match
 
 from core import http
-from core.errors import InvalidRequest, PayloadTooLarge
+from core.errors import InvalidRequest, NotFound, PayloadTooLarge
 
 MAX_BODY = 256 * 1024  # admin bodies are small settings; nothing legitimate comes near this
 MAX_LIST = 1000
@@ -54,6 +56,27 @@ def listing(data: list[dict], more: bool) -> dict:
     """An OpenAI-shaped list page (``more``: there are pages after it)."""
     first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
     return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": more}
+
+
+def nul_error(routes, scope: dict) -> InvalidRequest | NotFound | None:
+    """The error of a path id or query parameter holding a NUL (``%00``), which PostgreSQL text
+    cannot hold: a 404 naming the id (it names nothing), a 400 naming the parameter."""
+    if "\x00" in scope["path"]:
+        for route in routes:
+            match, child = route.matches(scope)
+            if match != Match.NONE:
+                for name, value in (child.get("path_params") or {}).items():
+                    if "\x00" in str(value):
+                        return NotFound(f"No object has a '{name}' with a NUL character.", param=name)
+        return NotFound("No object has an id with a NUL character.")
+    query = scope.get("query_string", b"").decode("latin-1")
+    if "%00" in query:
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            if "\x00" in name or "\x00" in value:
+                return InvalidRequest(
+                    f"'{name[:64]}' must not contain NUL characters.", param=name[:64], code="invalid_value"
+                )
+    return None
 
 
 def text(data: dict, name: str, required: bool = False, choices=None, max_len: int = 256) -> str | None:

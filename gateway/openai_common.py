@@ -50,7 +50,8 @@ def ts(value) -> int | None:
 
 
 def path_id(request: Request, name: str) -> str:
-    return request.path_params[name][:MAX_ID]
+    # a NUL is no PostgreSQL text: such an id names nothing, so it is looked up as one that cannot match
+    return request.path_params[name][:MAX_ID].replace("\x00", "\ufffd")
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def list_params(request: Request, *, default: int = 20, maximum: int = 100) -> L
     cursors = {}
     for name in ("after", "before"):
         value = q.get(name)
-        if value is not None and (not value or len(value) > MAX_ID):
+        if value is not None and (not value or len(value) > MAX_ID or "\x00" in value):
             raise InvalidRequest(f"'{name}' must be an object id.", param=name, code="invalid_value")
         cursors[name] = value
     return ListParams(limit, order, cursors["after"], cursors["before"])

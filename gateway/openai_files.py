@@ -174,8 +174,10 @@ class Files:
     async def list(self, request: Request) -> Response:
         lp = list_params(request, default=100, maximum=10_000)
         purpose = request.query_params.get("purpose")
-        if purpose is not None and len(purpose) > 64:
-            raise InvalidRequest("'purpose' is too long.", param="purpose", code="invalid_value")
+        if purpose is not None and (len(purpose) > 64 or "\x00" in purpose):
+            raise InvalidRequest(
+                "'purpose' must be at most 64 characters, none of them NUL.", param="purpose", code="invalid_value"
+            )
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
             rows, more = await keyset_page(

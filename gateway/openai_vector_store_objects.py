@@ -84,7 +84,7 @@ def _file_ids(raw, param: str = "file_ids") -> list[str]:
     if not isinstance(raw, list) or len(raw) > MAX_FILE_IDS:
         raise InvalidRequest(f"'{param}' must be an array of at most {MAX_FILE_IDS} file ids.", param=param)
     for i, value in enumerate(raw):
-        if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID:
+        if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID or "\x00" in value:
             raise InvalidRequest(f"'{param}[{i}]' must be a file id.", param=f"{param}[{i}]", code="invalid_value")
     return list(dict.fromkeys(raw))
 

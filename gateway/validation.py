@@ -144,6 +144,8 @@ def _messages(messages: Any) -> None:
         role = msg.get("role")
         if role is None:
             raise _missing(f"{where}.role")
+        if not isinstance(role, str):  # (a list or an object cannot be looked up in ROLES)
+            raise _bad_type(f"{where}.role", "a string", role)
         if role not in ROLES:
             raise _bad_value(f"{where}.role", f"must be one of {', '.join(sorted(ROLES))}.")
         content = msg.get("content")

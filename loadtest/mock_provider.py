@@ -534,6 +534,13 @@ class Mock:
     # ---- OpenAI chat ------------------------------------------------------------------------
     async def _chat(self, send, req: dict, plan: dict, limits: dict) -> None:
         messages = req.get("messages") or []
+        for i, t in enumerate(req.get("tools") or []):  # as OpenAI: a function without a name is a 400
+            if (
+                isinstance(t, dict)
+                and isinstance(t.get("function"), dict)
+                and not isinstance(t["function"].get("name"), str)
+            ):
+                return await self._error(send, 400, f"Missing required parameter: 'tools[{i}].function.name'.", False)
         tools = [
             {"name": t["function"]["name"], "schema": t["function"].get("parameters")}
             for t in req.get("tools") or []

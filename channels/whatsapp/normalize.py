@@ -35,7 +35,9 @@ KNOWN_TYPES = (*MEDIA_TYPES, "text", "location", "interactive", "button", "react
 
 
 class InvalidNotification(ValueError):
-    pass
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # the field at fault, e.g. ``entry[0].changes``
 
 
 @dataclass
@@ -147,16 +149,16 @@ def _status(s: dict) -> dict | None:
 def parse(doc, account: str, agent_for) -> Parsed:
     """``agent_for(phone_number_id)`` is the account's: None for a number not of this account."""
     if not isinstance(doc, dict) or doc.get("object") != "whatsapp_business_account":
-        raise InvalidNotification("not a whatsapp_business_account notification")
+        raise InvalidNotification("not a whatsapp_business_account notification", "object")
     entries = doc.get("entry")
     if not isinstance(entries, list) or len(entries) > MAX_ENTRIES:
-        raise InvalidNotification(f"'entry' must be a list of at most {MAX_ENTRIES}")
+        raise InvalidNotification(f"'entry' must be a list of at most {MAX_ENTRIES}", "entry")
     out = Parsed()
     items = 0
-    for entry in entries:
+    for i, entry in enumerate(entries):
         changes = entry.get("changes") if isinstance(entry, dict) else None
         if not isinstance(changes, list) or len(changes) > MAX_CHANGES:
-            raise InvalidNotification(f"'changes' must be a list of at most {MAX_CHANGES}")
+            raise InvalidNotification(f"'changes' must be a list of at most {MAX_CHANGES}", f"entry[{i}].changes")
         for change in changes:
             value = change.get("value") if isinstance(change, dict) else None
             if not isinstance(change, dict) or change.get("field") != "messages" or not isinstance(value, dict):
@@ -168,7 +170,7 @@ def parse(doc, account: str, agent_for) -> Parsed:
             statuses = value.get("statuses") if isinstance(value.get("statuses"), list) else []
             items += len(messages) + len(statuses)
             if items > MAX_ITEMS:
-                raise InvalidNotification(f"at most {MAX_ITEMS} messages and statuses per notification")
+                raise InvalidNotification(f"at most {MAX_ITEMS} messages and statuses per notification", "entry")
             if not (isinstance(pnid, str) and PNID.match(pnid)) or agent_for(pnid) is None:
                 out.skipped += len(messages) + len(statuses)
                 continue

@@ -85,7 +85,9 @@ class Webhook:
             parsed = normalize.parse(doc, name, acct.agent_for)
         except normalize.InvalidNotification as exc:
             metrics.webhook.get(name, "invalid").inc()
-            raise InvalidRequest(f"Not a WhatsApp notification: {exc}.", code="invalid_notification") from None
+            raise InvalidRequest(
+                f"Not a WhatsApp notification: {exc}.", param=exc.param, code="invalid_notification"
+            ) from None
         # one conversation's messages in order; conversations (and statuses) side by side
         by_key: dict[str, list[dict]] = {}
         for msg in parsed.messages:
