@@ -24,14 +24,21 @@ import orjson
 from core import http, metrics
 from core.errors import GatewayError, PermissionDenied, UpstreamError, UpstreamTimeout
 from core.logs import access_log
-from core.types import RequestContext, Route, excerpt
+from core.types import RequestContext, Route, Usage, excerpt
 from gateway import agent_stage, tools_loop
 from gateway.agent_stage import is_agent
 from gateway.providers.base import bad_response, map_upstream_status, stream_error_event
 from gateway.routing import Group, run_attempts
 from gateway.routing.constraints import constraints_for
 from gateway.services import Services
-from gateway.usage import compact, count_prompt_off_loop, estimate_stream_usage, estimate_usage, with_usage
+from gateway.usage import (
+    OFF_LOOP_BYTES,
+    compact,
+    count_prompt_off_loop,
+    estimate_stream_usage,
+    estimate_usage,
+    with_usage,
+)
 from gateway.validation import validate_chat, validate_embeddings
 from policies import alerts
 from policies.engine import attribution
@@ -193,8 +200,9 @@ async def complete(svc: Services, ctx: RequestContext, group: Group) -> bytes:
 
     raw = await run_attempts(svc.router, ctx, group, attempt)
     ctx.status = 200
-    if ctx.usage is None:
-        ctx.usage = estimate_usage(ctx, raw)
+    if ctx.usage is None:  # (a large answer is counted off the event loop: seconds per MB of "aaaa…")
+        large = len(raw) >= OFF_LOOP_BYTES
+        ctx.usage = await asyncio.to_thread(estimate_usage, ctx, raw) if large else estimate_usage(ctx, raw)
     state: ScrubState | None = ctx.extra.get("pii")
     if state is not None and state.vault and ctx.endpoint == "chat":
         raw = restore_body(raw, state.vault)
@@ -288,6 +296,13 @@ async def _open_stream(svc: Services, ctx: RequestContext, r: Route) -> tuple[li
         raise
 
 
+async def _estimate_stream(ctx: RequestContext, sent: list[bytes], kept: int) -> Usage:
+    """The usage of a stream whose provider reported none; a large one counted off the loop."""
+    if kept >= OFF_LOOP_BYTES:
+        return await asyncio.to_thread(estimate_stream_usage, ctx, sent)
+    return estimate_stream_usage(ctx, sent)
+
+
 def _stream_failure(provider: str, exc: BaseException) -> GatewayError:
     if isinstance(exc, GatewayError):
         return exc
@@ -326,7 +341,7 @@ async def call_stream(
         for i, chunk in enumerate(head):
             if i == len(head) - 1 and chunk.endswith(b"data: [DONE]\n\n"):  # the whole stream came at once
                 if ctx.usage is None:
-                    ctx.usage = estimate_stream_usage(ctx, sent)
+                    ctx.usage = await _estimate_stream(ctx, sent, kept)
                     if ctx.include_usage:  # asked for, and the provider sent none: the estimate
                         chunk = with_usage(chunk, ctx)
                 await settle(svc, ctx, scope)
@@ -349,7 +364,7 @@ async def call_stream(
                 settled = None
                 if chunk.endswith(b"data: [DONE]\n\n"):  # the last chunk: settle as it goes
                     if ctx.usage is None:
-                        ctx.usage = estimate_stream_usage(ctx, sent)
+                        ctx.usage = await _estimate_stream(ctx, sent, kept)
                         if ctx.include_usage:  # asked for, and the provider sent none: the estimate
                             chunk = with_usage(chunk, ctx)
                     if on_done is None:

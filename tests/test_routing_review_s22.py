@@ -619,3 +619,39 @@ def test_an_error_event_written_with_spaces_is_cleaned_of_keys_and_hosts(gw, api
     assert "Incorrect API key provided" in text
     assert "A1b2A1b2" not in text and "10.1.2.3" not in text and "internal.corp" not in text, text
     assert key not in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_estimating_a_huge_answer_without_usage_does_not_hold_the_replica(gw, api_key, bad, stream):
+    """A provider that reports no usage has its answer counted by the gateway (tiktoken, about a
+    second per MB of text like "aaaa…"). On the event loop, one 4 MB answer held every other
+    request of the replica; counted in a worker thread, they are answered meanwhile."""
+    import threading
+    import time
+
+    answer = {"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant"}}]}
+    answer["choices"][0]["message"]["content"] = "a" * 4_000_000
+    if stream:
+        pieces = [*_sse(_chunk({"content": "a" * 4_000_000}), _chunk({}, "stop")), "data: [DONE]\n\n"]
+        bad.configure(raw={"pieces": pieces})
+    else:
+        bad.configure(raw={"content_type": "application/json", "pieces": [orjson.dumps(answer).decode()]})
+    url, auth = f"{gw.url}/v1/chat/completions", {"Authorization": f"Bearer {api_key}"}
+    took: dict[str, float] = {}
+
+    def ask_huge() -> None:
+        t = time.perf_counter()
+        body = {"model": "oa-solo", "messages": HELLO, "stream": stream}
+        assert httpx.post(url, json=body, headers=auth, timeout=120).status_code == 200
+        took["huge"] = time.perf_counter() - t
+
+    big = threading.Thread(target=ask_huge)
+    longest = 0.0
+    with httpx.Client(timeout=120) as c:
+        big.start()
+        while big.is_alive():
+            t = time.perf_counter()
+            assert c.post(url, json={"model": "safe", "messages": HELLO}, headers=auth).status_code == 200
+            longest = max(longest, time.perf_counter() - t)
+    big.join()
+    assert longest < took["huge"] / 2, (longest, took["huge"])
