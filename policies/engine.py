@@ -330,6 +330,10 @@ class PolicyEngine:
             argv += [spent, reserved, b.limit_nano, estimate, ttl, alert_prefix, self._thresholds(b), b.id, hard]
             if leasing and credit.asking_now(lease_keys[i][1]):  # counted as Redis has it
                 argv += [lease_keys[i][0], "", 0, 0]
+            elif leasing and b.limit_nano - estimate < credit.headroom * max(estimate, 1) * credit.lease_requests:
+                # a budget too small ever to lend this lease is not asked for one: an ask on its way
+                # is counted as held (the renewer writes it), and would hold it for nothing
+                argv += [lease_keys[i][0], "", 0, 0]
             elif leasing:
                 leases, own = lease_keys[i]
                 lease = max(estimate, 1) * credit.lease_requests

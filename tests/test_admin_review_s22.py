@@ -4,6 +4,7 @@ against a real gateway process."""
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import threading
@@ -582,3 +583,31 @@ def test_a_key_cannot_flood_the_append_only_access_log(gw, services):
             await conn.close()
 
     assert asyncio.run(logged()) <= 600 * len(minutes)
+
+
+# ---- admission credit on a budget too small to lend ------------------------------------------------
+def test_a_budget_too_small_to_lend_credit_is_not_held_by_a_lease_nobody_can_be_granted(gw, services):
+    """A replica asked every budget for a lease, even one far too small ever to grant it: while
+    the ask was on its way the renewer wrote it into the replica's lease key (it must, should
+    it be granted), and for up to half a second every replica counted that never-granted
+    lease as held — a request on a budget with nothing spent was refused "budget busy". A
+    budget that cannot lend (limit < headroom × lease) is no longer asked."""
+    from tests.test_admission_credit_attacks import Replica, hard_budget
+
+    budget = hard_budget(5)  # five requests' estimates; a lease (4 of them, headroom 4) never fits
+
+    async def run() -> object:
+        a, b = Replica(services[1], budget), Replica(services[1], budget)
+        await a.start()
+        await b.start()
+        try:
+            admit = asyncio.ensure_future(a.admit())
+            await asyncio.sleep(0)  # its ADMIT is on its way (and its ask counted) ...
+            await asyncio.gather(admit, a.engine.credit.renew())  # ... when the renewer runs
+            assert admit.result() is not None
+            return await b.admit()  # nothing spent, one request in flight: room for four more
+        finally:
+            await a.engine.close()
+            await b.engine.close()
+
+    assert asyncio.run(run()) is not None
