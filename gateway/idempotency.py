@@ -75,14 +75,18 @@ _RELEASE_SHA = hashlib.sha1(_RELEASE.encode()).hexdigest()
 # (``idempotency_lock_s``) while a repeat claimed the key again must not overwrite what the
 # repeat holds. The tenant's stored answers are bounded in bytes: expired ones leave the index
 # (at most 100 a call), then the oldest live ones are deleted (at most 100) until the new one
-# fits; if it still does not, it is not stored (-1) and the key is released by the caller.
+# fits; if it still does not, it is not stored (-1) and the key is released by the caller. One
+# larger than the bound is refused before anything is evicted. The count and the index expire
+# together, and the count is 0 without an index (no bytes counted for answers no longer in it).
 # Returns the number of answers evicted (0 or more), -1, or nil.
 _STORE = """
 local v = redis.call('GET', KEYS[1])
 if v ~= ARGV[1] and v then return false end
 local size, ttl, cap = #ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+if size > cap then return -1 end
 local now = tonumber(redis.call('TIME')[1])
-local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+local used = 0
+if redis.call('EXISTS', KEYS[2]) == 1 then used = tonumber(redis.call('GET', KEYS[3]) or '0') end
 local function forget(member)
   used = used - tonumber(string.match(member, '^(%d+):'))
   redis.call('ZREM', KEYS[2], member)
@@ -100,6 +104,7 @@ end
 if used < 0 then used = 0 end
 if used + size > cap then
   redis.call('SET', KEYS[3], used, 'EX', ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
   return -1
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ttl)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import httpx
+import redis.asyncio as aioredis
 
 from tests.conftest import Gateway
 from tests.test_idempotency import _calls, _config
@@ -78,3 +80,71 @@ def test_a_tenants_stored_answers_are_bounded_in_bytes_oldest_evicted_first(tmp_
         assert retry.headers.get("x-gateway-idempotent-replay") is None and _calls(module_mock) == calls + 1
     finally:
         g.stop()
+
+
+def test_an_answer_larger_than_the_bound_evicts_none_of_the_tenants_other_answers(tmp_root, services, module_mock):
+    """An answer larger than the whole bound can never be stored, yet the store script first
+    evicted the tenant's stored answers (up to 100) to make room, then refused it: one long
+    answer wiped every other retry's answer of the tenant (their retries ran the model again)."""
+    bound = 6000
+    g = Gateway(tmp_root, {**_config(module_mock), "server": {"idempotency_max_bytes_per_tenant": bound}}, services)
+    try:
+        k = new_key(g, tenant=f"h-{uuid.uuid4().hex[:6]}")["key"]
+        run = uuid.uuid4().hex[:8]
+
+        def send(idem, text):
+            body = {"model": "m", "messages": [{"role": "user", "content": text}]}
+            headers = {"Authorization": f"Bearer {k}", "Idempotency-Key": idem}
+            r = httpx.post(f"{g.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+            assert r.status_code == 200, r.text
+            return r
+
+        small = send(f"s-{run}", f"small {run}")
+        send(f"h-{run}", f"huge {run} " + "y" * (bound * 2))  # not stored: larger than the bound
+        calls = _calls(module_mock)
+        again = send(f"s-{run}", f"small {run}")
+        assert again.headers.get("x-gateway-idempotent-replay") == "true", "the huge answer evicted the small one"
+        assert again.json()["id"] == small.json()["id"] and _calls(module_mock) == calls
+    finally:
+        g.stop()
+
+
+def test_the_byte_count_does_not_outlive_the_tenants_index(services):
+    """A store refused at the bound (100 evictions were not enough) wrote the tenant's byte
+    count with a fresh ttl but left the index's expiry as it was: when the index expired, the
+    count still held the bytes of answers no longer in it, and every store after (each
+    refreshing it again) was refused or counted them — the tenant locked out of storing answers
+    for as long as it kept sending them, though nothing of its was stored."""
+    from types import SimpleNamespace
+
+    from gateway.idempotency import Idempotency
+
+    async def main():
+        cap = 40_000
+        cfg = SimpleNamespace(idempotency_ttl_s=2, idempotency_lock_s=2, idempotency_max_bytes_per_tenant=cap)
+        idem = Idempotency(services[1], cfg)
+        redis = aioredis.from_url(services[1])
+        run = uuid.uuid4().hex
+        tenant = f"gw:{{gw}}:idem-tenant:{run[:32]}"
+        key = f"gw:{{gw}}:idem:{run}:"
+
+        async def store(name: str, size: int) -> None:
+            await idem._store(key + name, tenant, b"P-marker", "h", 200, [], False, b"x" * size)
+
+        try:
+            for i in range(150):  # 150 answers of ~250 bytes
+                await store(f"s{i}", 200)
+            await asyncio.sleep(1.2)  # the index expires 2 s after the last answer stored
+            await store("big", cap - 5000)  # 100 evicted, 50 left: still no room, refused
+            assert await redis.exists(key + "big") == 0
+            deadline = asyncio.get_running_loop().time() + 10
+            while await redis.exists(tenant + ":index"):  # every answer expired, the index with them
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+            await store("after", cap - 5000)  # nothing of the tenant is stored: it fits
+            assert await redis.exists(key + "after") == 1, "refused: the count kept the bytes of expired answers"
+        finally:
+            await redis.aclose()
+            await idem.close()
+
+    asyncio.run(main())
