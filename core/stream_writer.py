@@ -49,7 +49,15 @@ DEAD_MAX = 10_000  # dead letters kept per stream (about: the oldest go first)
 _CLAIM_CALLS = 64  # XAUTOCLAIMs in one run of the claim script
 
 Writer = Callable[[asyncpg.Connection, list[dict]], Awaitable[None]]
-ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_ENTRY_ID = re.compile(r"(\d{1,20})-(\d{1,20})", re.ASCII)
+
+
+def entry_id(text: str) -> bool:
+    """A stream entry's id as Redis reads it: two decimal numbers below 2**64 (no newline after)."""
+    found = _ENTRY_ID.fullmatch(text)
+    return found is not None and all(int(part) < 2**64 for part in found.groups())
+
+
 DEAD_FIELD_CHARS = 4096  # of each field a dead letter's listing shows
 
 # KEYS: the dead-letter stream, the stream. ARGV: the dead letter's id. Moves it back to the
@@ -487,12 +495,12 @@ class StreamWriter:
     async def retry_dead(self, dead_id: str) -> bool:
         """Moves a dead letter back to the stream (after the cause is mended: a column widened, a
         constraint changed), where the writer takes it as any entry; False if there is none."""
-        if not ENTRY_ID.match(dead_id):
+        if not entry_id(dead_id):
             return False
         return bool(await self._redis.eval(_REVIVE, 2, f"{self.stream}:dead", self.stream, dead_id))
 
     async def drop_dead(self, dead_id: str) -> bool:
-        if not ENTRY_ID.match(dead_id):
+        if not entry_id(dead_id):
             return False
         return bool(await self._redis.xdel(f"{self.stream}:dead", dead_id))
 

@@ -89,3 +89,20 @@ def test_dead_letters_are_the_master_keys_and_bad_parameters_name_themselves(gw)
     for method, path, status, param in cases:
         r = admin(gw, method, path)
         assert r.status_code == status and r.json()["error"]["param"] == param, (path, r.text)
+
+
+def test_ids_redis_cannot_parse_and_non_ascii_digits_are_refused_not_a_500(gw):
+    """An id the pattern let through but Redis refuses (a trailing newline: ``$`` matches before
+    it; a part past 2**64-1) or a limit ``str.isdigit`` accepts and ``int`` does not ("²") ended
+    in an internal error (500) instead of naming the parameter."""
+    cases = [
+        ("GET", "/admin/streams/ledger/dead-letters?after=1-1%0A", 400, "after"),
+        ("GET", "/admin/streams/ledger/dead-letters?after=99999999999999999999-0", 400, "after"),
+        ("GET", "/admin/streams/ledger/dead-letters?limit=%C2%B2", 400, "limit"),
+        ("POST", "/admin/streams/ledger/dead-letters/1-1%0A/retry", 404, "dead_id"),
+        ("POST", "/admin/streams/ledger/dead-letters/99999999999999999999-0/retry", 404, "dead_id"),
+        ("DELETE", "/admin/streams/ledger/dead-letters/99999999999999999999-0", 404, "dead_id"),
+    ]
+    for method, path, status, param in cases:
+        r = admin(gw, method, path)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (path, r.status_code, r.text)
