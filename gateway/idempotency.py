@@ -94,10 +94,12 @@ end
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)) do forget(member) end
 local evicted = 0
 while used + size > cap and evicted < 100 do
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  local found = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  local oldest = found[1]
   if not oldest then break end
   local key = string.sub(oldest, #string.match(oldest, '^%d+:') + 1)
-  if redis.call('GETRANGE', key, 0, 0) == 'D' then redis.call('DEL', key) end
+  -- an expired entry's key, if it holds an answer, holds a newer one (the key used again)
+  if tonumber(found[2]) > now and redis.call('GETRANGE', key, 0, 0) == 'D' then redis.call('DEL', key) end
   forget(oldest)
   evicted = evicted + 1
 end

@@ -121,7 +121,7 @@ def test_the_byte_count_does_not_outlive_the_tenants_index(services):
 
     async def main():
         cap = 40_000
-        cfg = SimpleNamespace(idempotency_ttl_s=2, idempotency_lock_s=2, idempotency_max_bytes_per_tenant=cap)
+        cfg = SimpleNamespace(idempotency_ttl_s=3, idempotency_lock_s=3, idempotency_max_bytes_per_tenant=cap)
         idem = Idempotency(services[1], cfg)
         redis = aioredis.from_url(services[1])
         run = uuid.uuid4().hex
@@ -134,7 +134,7 @@ def test_the_byte_count_does_not_outlive_the_tenants_index(services):
         try:
             for i in range(150):  # 150 answers of ~250 bytes
                 await store(f"s{i}", 200)
-            await asyncio.sleep(1.2)  # the index expires 2 s after the last answer stored
+            await asyncio.sleep(1.2)  # (each answer expires 3 s after it was stored, the index with the last)
             await store("big", cap - 5000)  # 100 evicted, 50 left: still no room, refused
             assert await redis.exists(key + "big") == 0
             deadline = asyncio.get_running_loop().time() + 10
@@ -143,6 +143,69 @@ def test_the_byte_count_does_not_outlive_the_tenants_index(services):
                 await asyncio.sleep(0.05)
             await store("after", cap - 5000)  # nothing of the tenant is stored: it fits
             assert await redis.exists(key + "after") == 1, "refused: the count kept the bytes of expired answers"
+        finally:
+            await redis.aclose()
+            await idem.close()
+
+    asyncio.run(main())
+
+
+def test_evicting_an_expired_entry_does_not_delete_a_newer_answer_under_the_same_key(services):
+    """The index still held an expired answer's entry (at most 100 leave it a call, and the
+    index lives while the tenant stores) when the same key was answered again (a client may
+    reuse a key after the ttl): the eviction loop reached the stale entry and deleted the key —
+    the newer, live answer — though forgetting the expired entries alone made room. Its retry
+    ran the model again."""
+    from types import SimpleNamespace
+
+    from gateway.idempotency import Idempotency
+
+    async def main():
+        cap, ttl = 200_000, 3
+        cfg = SimpleNamespace(idempotency_ttl_s=ttl, idempotency_lock_s=ttl, idempotency_max_bytes_per_tenant=cap)
+        idem = Idempotency(services[1], cfg)
+        redis = aioredis.from_url(services[1])
+        run = uuid.uuid4().hex
+        tenant = f"gw:{{gw}}:idem-tenant:{run[:32]}"
+        index = tenant + ":index"
+        key = f"gw:{{gw}}:idem:{run}:"
+
+        async def store(name: str, size: int) -> None:
+            await idem._store(key + name, tenant, b"P-marker", "h", 200, [], False, b"x" * size)
+
+        async def until(check) -> None:
+            deadline = asyncio.get_running_loop().time() + 10
+            while not await check():
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+
+        try:
+            for i in range(350):  # they expire first: ahead of the key's entry in the index
+                await store(f"f{i}", 100)
+            last_filler = max(score for _, score in await redis.zrange(index, 0, -1, withscores=True))
+            await asyncio.sleep(1.1)
+            await store("k", 300)
+
+            async def fillers_expired():
+                return (await redis.time())[0] >= last_filler
+
+            async def first_answer_gone():
+                return not await redis.exists(key + "k")
+
+            await until(fillers_expired)  # (the key's answer not yet)
+            await store("x", 100)  # (the tenant keeps storing: its index lives on; 100 entries go)
+            assert await redis.exists(key + "k"), "too slow: the key's first answer expired before x was stored"
+            await until(first_answer_gone)
+            await store("k", 500)  # the key answered again; 100 more go: 150 fillers, the stale entry remain
+            fresh = await redis.get(key + "k")
+            assert fresh is not None and await redis.exists(key + "x"), "too slow: the live answers expired"
+            live = await redis.strlen(key + "x") + len(fresh)
+            overhead = len(fresh) - 500
+            # 100 fillers leave the index, then the eviction loop meets 50 and the stale entry:
+            # forgetting them makes room, no live answer need go
+            await store("big", cap - live - overhead - 10)
+            assert await redis.exists(key + "big") == 1
+            assert await redis.get(key + "k") == fresh, "the live answer was deleted for an expired entry"
         finally:
             await redis.aclose()
             await idem.close()
