@@ -73,8 +73,8 @@ class StreamsAdmin:
         after = request.query_params.get("after")
         if after is not None and not entry_id(after):
             raise InvalidRequest("'after' must be a dead letter's id.", param="after", code="invalid_value")
-        data = await writer.dead_letters(int(limit), after)
-        return base._json({"object": "list", "data": data, "has_more": len(data) == int(limit)})
+        data, more = await writer.dead_letters(int(limit), after)
+        return base._json({"object": "list", "data": data, "has_more": more})
 
     async def retry_dead(self, request: Request) -> Response:
         writer = self._writer(request)
