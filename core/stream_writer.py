@@ -499,7 +499,8 @@ class StreamWriter:
                 read += sum(len(k) + len(v) for k, v in fields.items())
                 text = {_text(k): _text(v[: DEAD_FIELD_CHARS * 4])[:DEAD_FIELD_CHARS] for k, v in fields.items()}
                 error = text.pop("error", None)
-                out.append({"id": _text(entry_id), "object": "stream.dead_letter", "error": error or None, "record": text})
+                letter = {"id": _text(entry_id), "object": "stream.dead_letter", "error": error or None}
+                out.append({**letter, "record": text})
             start = f"({_text(found[-1][0])}"
             count = max(1, (DEAD_PAGE_BYTES - read) // max(1, read // len(out)))
         return out, True
