@@ -92,6 +92,11 @@ local function forget(member)
   redis.call('ZREM', KEYS[2], member)
 end
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)) do forget(member) end
+-- the index and the count live as long as the longest-lived answer in them (another process
+-- may store with a shorter ttl)
+local function keep(name)
+  if redis.call('TTL', name) < ttl then redis.call('EXPIRE', name, ttl) end
+end
 local evicted = 0
 while used + size > cap and evicted < 100 do
   local found = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
@@ -105,16 +110,18 @@ while used + size > cap and evicted < 100 do
 end
 if used < 0 then used = 0 end
 if used + size > cap then
-  redis.call('SET', KEYS[3], used, 'EX', ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('SET', KEYS[3], used, 'KEEPTTL')
+  keep(KEYS[3])
+  keep(KEYS[2])
   return -1
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ttl)
 local member = size .. ':' .. KEYS[1]
 if not redis.call('ZSCORE', KEYS[2], member) then used = used + size end
 redis.call('ZADD', KEYS[2], now + ttl, member)
-redis.call('EXPIRE', KEYS[2], ttl)
-redis.call('SET', KEYS[3], used, 'EX', ttl)
+keep(KEYS[2])
+redis.call('SET', KEYS[3], used, 'KEEPTTL')
+keep(KEYS[3])
 return evicted
 """
 _STORE_SHA = hashlib.sha1(_STORE.encode()).hexdigest()

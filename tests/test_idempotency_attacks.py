@@ -211,3 +211,39 @@ def test_evicting_an_expired_entry_does_not_delete_a_newer_answer_under_the_same
             await idem.close()
 
     asyncio.run(main())
+
+
+def test_a_shorter_ttl_elsewhere_does_not_drop_longer_lived_answers_from_the_bound(services):
+    """Two gateway processes with different ``idempotency_ttl_s`` (a rollout that lowers it): a
+    store by the shorter one set the tenant's index and count to expire with its own answer, so
+    the longer-lived answers, still in Redis, left the count: the tenant then stored up to a
+    whole further bound beside them, past its bound, until they expired."""
+    from types import SimpleNamespace
+
+    from gateway.idempotency import Idempotency
+
+    async def main():
+        cap = 50_000
+        long = Idempotency(services[1], SimpleNamespace(idempotency_ttl_s=30, idempotency_max_bytes_per_tenant=cap))
+        short = Idempotency(services[1], SimpleNamespace(idempotency_ttl_s=1, idempotency_max_bytes_per_tenant=cap))
+        redis = aioredis.from_url(services[1])
+        run = uuid.uuid4().hex
+        tenant = f"gw:{{gw}}:idem-tenant:{run[:32]}"
+        key = f"gw:{{gw}}:idem:{run}:"
+
+        async def store(idem, name: str, size: int) -> None:
+            await idem._store(key + name, tenant, b"P-marker", "h", 200, [], False, b"x" * size)
+
+        try:
+            await store(long, "a", 30_000)  # lives 30 s
+            await store(short, "b", 100)  # lives 1 s
+            await asyncio.sleep(2.1)
+            await store(long, "c", 30_000)  # with a, past the bound: a (the oldest) must go
+            stored = sum([await redis.strlen(key + n) for n in ("a", "b", "c")])
+            assert stored <= cap, f"{stored} bytes stored for a bound of {cap}"
+        finally:
+            await redis.aclose()
+            await long.close()
+            await short.close()
+
+    asyncio.run(main())
