@@ -49,8 +49,17 @@ DEAD_MAX = 10_000  # dead letters kept per stream (about: the oldest go first)
 _CLAIM_CALLS = 64  # XAUTOCLAIMs in one run of the claim script
 
 Writer = Callable[[asyncpg.Connection, list[dict]], Awaitable[None]]
-ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_ENTRY_ID = re.compile(r"(\d{1,20})-(\d{1,20})", re.ASCII)
+
+
+def entry_id(text: str) -> bool:
+    """A stream entry's id as Redis reads it: two decimal numbers below 2**64 (no newline after)."""
+    found = _ENTRY_ID.fullmatch(text)
+    return found is not None and all(int(part) < 2**64 for part in found.groups())
+
+
 DEAD_FIELD_CHARS = 4096  # of each field a dead letter's listing shows
+DEAD_PAGE_BYTES = 8 * 1024 * 1024  # records read for one page of dead letters (then: has_more)
 
 # KEYS: the dead-letter stream, the stream. ARGV: the dead letter's id. Moves it back to the
 # stream (without its error field) as a new entry, atomically; 0 when there is none.
@@ -473,26 +482,38 @@ class StreamWriter:
             pending = 0
         return {"length": int(length), "pending": int(pending), "dead_letters": int(dead)}
 
-    async def dead_letters(self, limit: int = 100, after: str | None = None) -> list[dict]:
+    async def dead_letters(self, limit: int = 100, after: str | None = None) -> tuple[list[dict], bool]:
         """The oldest dead letters first (after ``after``, an id): id, the error PostgreSQL gave
-        (its SQLSTATE), the record's fields as text (each cut at ``DEAD_FIELD_CHARS``)."""
+        (its SQLSTATE), the record's fields as text (each cut at ``DEAD_FIELD_CHARS``); and
+        whether there may be more. A page stops after about ``DEAD_PAGE_BYTES`` of records read
+        (a memory dead letter is a whole turn): they are fetched a few at a time, as many as the
+        ones read so far say fit."""
         start = "-" if after is None else f"({after}"
-        out = []
-        for entry_id, fields in await self._redis.xrange(f"{self.stream}:dead", min=start, count=limit):
-            text = {_text(k): _text(v)[:DEAD_FIELD_CHARS] for k, v in fields.items()}
-            error = text.pop("error", None)
-            out.append({"id": _text(entry_id), "object": "stream.dead_letter", "error": error or None, "record": text})
-        return out
+        out: list[dict] = []
+        read, count = 0, 1
+        while len(out) < limit and read < DEAD_PAGE_BYTES:
+            found = await self._redis.xrange(f"{self.stream}:dead", min=start, count=min(count, limit - len(out)))
+            if not found:
+                return out, False
+            for entry_id, fields in found:
+                read += sum(len(k) + len(v) for k, v in fields.items())
+                text = {_text(k): _text(v[: DEAD_FIELD_CHARS * 4])[:DEAD_FIELD_CHARS] for k, v in fields.items()}
+                error = text.pop("error", None)
+                letter = {"id": _text(entry_id), "object": "stream.dead_letter", "error": error or None}
+                out.append({**letter, "record": text})
+            start = f"({_text(found[-1][0])}"
+            count = max(1, (DEAD_PAGE_BYTES - read) // max(1, read // len(out)))
+        return out, True
 
     async def retry_dead(self, dead_id: str) -> bool:
         """Moves a dead letter back to the stream (after the cause is mended: a column widened, a
         constraint changed), where the writer takes it as any entry; False if there is none."""
-        if not ENTRY_ID.match(dead_id):
+        if not entry_id(dead_id):
             return False
         return bool(await self._redis.eval(_REVIVE, 2, f"{self.stream}:dead", self.stream, dead_id))
 
     async def drop_dead(self, dead_id: str) -> bool:
-        if not ENTRY_ID.match(dead_id):
+        if not entry_id(dead_id):
             return False
         return bool(await self._redis.xdel(f"{self.stream}:dead", dead_id))
 

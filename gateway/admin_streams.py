@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from core.errors import InvalidRequest, NotFound, PermissionDenied
-from core.stream_writer import ENTRY_ID, StreamWriter
+from core.stream_writer import StreamWriter, entry_id
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 
 STREAMS = ("ledger", "runs", "memory")
@@ -51,7 +51,7 @@ class StreamsAdmin:
 
     def _dead_id(self, request: Request) -> str:
         dead_id = request.path_params["dead_id"]
-        if not ENTRY_ID.match(dead_id):
+        if not entry_id(dead_id):
             raise NotFound(f"No dead letter {dead_id[:64]!r}.", param="dead_id")
         return dead_id
 
@@ -68,13 +68,13 @@ class StreamsAdmin:
     async def dead_letters(self, request: Request) -> Response:
         writer = self._writer(request)
         limit = request.query_params.get("limit", "100")
-        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
             raise InvalidRequest("'limit' must be an integer from 1 to 1000.", param="limit", code="invalid_value")
         after = request.query_params.get("after")
-        if after is not None and not ENTRY_ID.match(after):
+        if after is not None and not entry_id(after):
             raise InvalidRequest("'after' must be a dead letter's id.", param="after", code="invalid_value")
-        data = await writer.dead_letters(int(limit), after)
-        return base._json({"object": "list", "data": data, "has_more": len(data) == int(limit)})
+        data, more = await writer.dead_letters(int(limit), after)
+        return base._json({"object": "list", "data": data, "has_more": more})
 
     async def retry_dead(self, request: Request) -> Response:
         writer = self._writer(request)

@@ -75,39 +75,53 @@ _RELEASE_SHA = hashlib.sha1(_RELEASE.encode()).hexdigest()
 # (``idempotency_lock_s``) while a repeat claimed the key again must not overwrite what the
 # repeat holds. The tenant's stored answers are bounded in bytes: expired ones leave the index
 # (at most 100 a call), then the oldest live ones are deleted (at most 100) until the new one
-# fits; if it still does not, it is not stored (-1) and the key is released by the caller.
+# fits; if it still does not, it is not stored (-1) and the key is released by the caller. One
+# larger than the bound is refused before anything is evicted. The count and the index expire
+# together, and the count is 0 without an index (no bytes counted for answers no longer in it).
 # Returns the number of answers evicted (0 or more), -1, or nil.
 _STORE = """
 local v = redis.call('GET', KEYS[1])
 if v ~= ARGV[1] and v then return false end
 local size, ttl, cap = #ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+if size > cap then return -1 end
 local now = tonumber(redis.call('TIME')[1])
-local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+local used = 0
+if redis.call('EXISTS', KEYS[2]) == 1 then used = tonumber(redis.call('GET', KEYS[3]) or '0') end
 local function forget(member)
   used = used - tonumber(string.match(member, '^(%d+):'))
   redis.call('ZREM', KEYS[2], member)
 end
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)) do forget(member) end
+-- the index and the count live as long as the longest-lived answer in them (another process
+-- may store with a shorter ttl)
+local function keep(name)
+  if redis.call('TTL', name) < ttl then redis.call('EXPIRE', name, ttl) end
+end
 local evicted = 0
 while used + size > cap and evicted < 100 do
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  local found = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  local oldest = found[1]
   if not oldest then break end
   local key = string.sub(oldest, #string.match(oldest, '^%d+:') + 1)
-  if redis.call('GETRANGE', key, 0, 0) == 'D' then redis.call('DEL', key) end
+  -- an expired entry's key, if it holds an answer, holds a newer one (the key used again)
+  if tonumber(found[2]) > now and redis.call('GETRANGE', key, 0, 0) == 'D' then redis.call('DEL', key) end
   forget(oldest)
   evicted = evicted + 1
 end
 if used < 0 then used = 0 end
 if used + size > cap then
-  redis.call('SET', KEYS[3], used, 'EX', ttl)
+  redis.call('SET', KEYS[3], used, 'KEEPTTL')
+  keep(KEYS[3])
+  keep(KEYS[2])
   return -1
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ttl)
 local member = size .. ':' .. KEYS[1]
 if not redis.call('ZSCORE', KEYS[2], member) then used = used + size end
 redis.call('ZADD', KEYS[2], now + ttl, member)
-redis.call('EXPIRE', KEYS[2], ttl)
-redis.call('SET', KEYS[3], used, 'EX', ttl)
+keep(KEYS[2])
+redis.call('SET', KEYS[3], used, 'KEEPTTL')
+keep(KEYS[3])
 return evicted
 """
 _STORE_SHA = hashlib.sha1(_STORE.encode()).hexdigest()

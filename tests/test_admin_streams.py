@@ -89,3 +89,51 @@ def test_dead_letters_are_the_master_keys_and_bad_parameters_name_themselves(gw)
     for method, path, status, param in cases:
         r = admin(gw, method, path)
         assert r.status_code == status and r.json()["error"]["param"] == param, (path, r.text)
+
+
+def test_ids_redis_cannot_parse_and_non_ascii_digits_are_refused_not_a_500(gw):
+    """An id the pattern let through but Redis refuses (a trailing newline: ``$`` matches before
+    it; a part past 2**64-1) or a limit ``str.isdigit`` accepts and ``int`` does not ("²") ended
+    in an internal error (500) instead of naming the parameter."""
+    cases = [
+        ("GET", "/admin/streams/ledger/dead-letters?after=1-1%0A", 400, "after"),
+        ("GET", "/admin/streams/ledger/dead-letters?after=99999999999999999999-0", 400, "after"),
+        ("GET", "/admin/streams/ledger/dead-letters?limit=%C2%B2", 400, "limit"),
+        ("POST", "/admin/streams/ledger/dead-letters/1-1%0A/retry", 404, "dead_id"),
+        ("POST", "/admin/streams/ledger/dead-letters/99999999999999999999-0/retry", 404, "dead_id"),
+        ("DELETE", "/admin/streams/ledger/dead-letters/99999999999999999999-0", 404, "dead_id"),
+    ]
+    for method, path, status, param in cases:
+        r = admin(gw, method, path)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (path, r.status_code, r.text)
+
+
+def _peak_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def test_listing_large_dead_letters_holds_a_bounded_part_of_them_in_the_gateway(gw, services):
+    """A memory dead letter is a whole turn (up to the request body bound, 8 MB) and the listing
+    took up to 1000 at once — all of each, decoded whole before being cut to 4096 characters — in
+    the serving process: one listing could take gigabytes of its memory. A page now stops after
+    about 8 MB of records read (``has_more``, go on with ``after``), fetched a few at a time."""
+    r = redis.Redis.from_url(services[1])
+    dead = "gw:{gw}:memory:dead"
+    big = b'{"messages":[{"role":"user","content":"' + b"z" * (4 * 1024 * 1024) + b'"}]}'
+    ids = [r.xadd(dead, {"r": big, "s": b"1", "error": b"23514"}) for _ in range(12)]
+    try:
+        pid = gw.proc.pid
+        with open(f"/proc/{pid}/clear_refs", "w") as f:  # the peak (VmHWM) from here
+            f.write("5")
+        before = _peak_rss_kb(pid)
+        got = admin(gw, "GET", "/admin/streams/memory/dead-letters", params={"limit": 1000})
+        assert got.status_code == 200, got.text
+        grew_mb = (_peak_rss_kb(pid) - before) / 1024
+        page = got.json()
+        assert page["data"] and all(len(d["record"]["r"]) <= 4096 for d in page["data"])
+        assert grew_mb < 40, f"the listing took {grew_mb:.0f} MB of the gateway's memory"
+        if len(page["data"]) < 12:
+            assert page["has_more"] is True
+    finally:
+        r.xdel(dead, *ids)

@@ -67,3 +67,27 @@ def test_cards_beside_numbers_are_masked_whole(data_dir, text, card):
     assert any(e == "CREDIT_CARD" and a <= start and start + len(card) <= b for a, b, e, _ in found), [
         (text[a:b], e) for a, b, e, _ in found
     ]
+
+
+def test_pip_freeze_pins_named_client_server_or_hostname_are_not_addresses(data_dir):
+    """A name before "==" ending in a word such as "client", "server" or "hostname" was taken for
+    an address, so real pins of popular packages (pip freeze output) were scrubbed as IP
+    addresses; the words of a package's name say it is one."""
+    text = (
+        "assemblyline-service-client==4.7.4.25\nassemblyline-service-server==4.7.2.4\n"
+        "backports-ssl-match-hostname==3.7.0.1\nvmware-vapi-common-client==9.1.1.0\nrequests==2.31.0\n"
+    )
+    assert [text[a:b] for a, b, e, _ in _found(data_dir, text) if e == "IP_ADDRESS"] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "ips"),
+    [
+        ("env DNS_SERVERS==10.0.0.2 and dns_servers==10.0.0.36", ["10.0.0.2", "10.0.0.36"]),
+        ("waf rule X-Forwarded-For==203.0.113.14 blocked", ["203.0.113.14"]),
+        ("where dest==10.0.0.7 or hosts==10.0.0.33", ["10.0.0.7", "10.0.0.33"]),
+    ],
+)
+def test_addresses_after_plural_or_header_names_are_found(data_dir, text, ips):
+    """Names the address rule missed ("dest", plurals, a header's "-For"): the address was dropped as a pin."""
+    assert [text[a:b] for a, b, e, _ in _found(data_dir, text) if e == "IP_ADDRESS"] == ips

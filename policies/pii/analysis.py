@@ -352,12 +352,37 @@ _VERSION_BEFORE = re.compile(
     re.IGNORECASE,
 )
 
-# A name before "==" that says an address follows: a filter or setting, not a package.
-_ADDRESS_NAME = re.compile(
-    r"(?:host|hostname|ip|ipv4|addr|address|server|src|dst|source|destination|peer|client|remote|gateway"
-    r"|gw|proxy|dns|nameserver|upstream|endpoint|router|nexthop|subnet|net|target|bind|listen)$",
+# A name before "==" that says an address follows: a filter or setting, not a package. Its words
+# (split at "-", "_", "." and case: "sourceIPAddress"; a trailing number or "v", "for" aside) end
+# in one naming an address ("DB_HOST", "src_ip", "X-Forwarded-For", "ipv4"); or its words are
+# all words a network setting and a package share ("server", "dns_servers", "HTTP_PROXY"; a
+# package has others: "assemblyline-service-client==4.7.4.25", "vmware-vapi-common-client==9.1.1.0",
+# "backports-ssl-match-hostname==3.7.0.1" are pins).
+_NAME_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+_ADDRESS_WORD = re.compile(
+    r"ip|ips|ipv|ipaddr|ipaddress|addr|addrs|address|addresses|host|hosts|src|dst|dest|saddr|daddr|srcaddr"
+    r"|dstaddr|srcip|dstip|clientip|remoteip|sourceip|destip|hostip|remoteaddr|nexthop|subnet|cidr|xff|forwarded"
+    r"|nameserver|nameservers|upstream|endpoint|peer|remote|router|gw|loopback|inet|vip|sip|dip",
     re.IGNORECASE,
 )
+_NETWORK_WORD = re.compile(
+    r"servers?|clients?|source|destination|target|gateway|proxy|dns|net|bind|listen|nodes?|origin|instance|from"
+    r"|to|nat|lb|master|sender|caller|attacker|victim|hostname|http|https|\d+",
+    re.IGNORECASE,
+)
+
+
+def _names_address(name: str) -> bool:
+    words = _NAME_WORDS.findall(name)
+    while words and (words[-1].isdigit() or words[-1].lower() in ("v", "for")):
+        words.pop()
+    if not words:
+        return False
+    if _ADDRESS_WORD.fullmatch(words[-1]):
+        return True
+    if name.upper() == name and _NETWORK_WORD.fullmatch(words[-1]):  # an environment variable
+        return True
+    return all(_NETWORK_WORD.fullmatch(w) for w in words)
 
 
 def _plausible(text: str, start: int, end: int, entity: str) -> bool:
@@ -376,7 +401,7 @@ def _plausible(text: str, start: int, end: int, entity: str) -> bool:
     if _DOTTED_BEFORE.search(text, max(0, start - 2), start) or _DOTTED_AFTER.match(text, end):
         return False
     before = _VERSION_BEFORE.search(text, max(0, start - 40), start)
-    return before is None or (before["pin"] is not None and _ADDRESS_NAME.search(before["pin"]) is not None)
+    return before is None or (before["pin"] is not None and _names_address(before["pin"]))
 
 
 def resolve(findings: list[Finding]) -> list[Finding]:
