@@ -534,6 +534,10 @@ class Mock:
     # ---- OpenAI chat ------------------------------------------------------------------------
     async def _chat(self, send, req: dict, plan: dict, limits: dict) -> None:
         messages = req.get("messages") or []
+        if req.get("metadata") is not None and req.get("store") is not True:  # as OpenAI answers it
+            return await self._error(
+                send, 400, "The 'metadata' parameter is only allowed when 'store' is enabled.", False
+            )
         for i, t in enumerate(req.get("tools") or []):  # as OpenAI: a function without a name is a 400
             if (
                 isinstance(t, dict)

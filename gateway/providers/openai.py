@@ -62,7 +62,7 @@ class OpenAIAdapter:
         return raw
 
     async def chat(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
-        payload = {**body, "model": route.upstream_model}
+        payload = _without_gateway_metadata({**body, "model": route.upstream_model})
         if payload.get("stream"):  # an agent's tool steps run unstreamed while its client streams
             payload = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
         return await self._complete(self._chat_url, ctx, route, payload, "choices")
@@ -77,7 +77,7 @@ class OpenAIAdapter:
         return await self._complete(f"{self.cfg.base_url}/rerank", ctx, route, payload, "results")
 
     async def open_chat_stream(self, ctx: RequestContext, route: Route, body: dict) -> AsyncIterator[bytes]:
-        payload = {**body, "model": route.upstream_model}
+        payload = _without_gateway_metadata({**body, "model": route.upstream_model})
         opts = body.get("stream_options")
         payload["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
         resp = await self._send(self._chat_url, ctx, route, payload)
@@ -137,3 +137,13 @@ class OpenAIAdapter:
 
     async def close(self) -> None:
         return None
+
+
+def _without_gateway_metadata(payload: dict) -> dict:
+    """``metadata`` is the gateway's (attribution: tags, user, agent, workflow, customer; an
+    agent's conversation id and variables) unless the client asks OpenAI to store the completion
+    (``store: true``), the only case in which OpenAI takes it: without ``store`` it answers 400
+    "The 'metadata' parameter is only allowed when 'store' is enabled"."""
+    if "metadata" in payload and payload.get("store") is not True:
+        del payload["metadata"]
+    return payload
