@@ -1292,3 +1292,14 @@ def test_finding_chat_field_nested_past_what_can_be_written_again(fz):
         body = f'{head}, "{field}": {deep}}}'
         resp = fz.call("POST", "/v1/chat/completions", fz.user_key, content=body, tables=STATE_OF_TURNS)
         assert error_of(resp, 400)["param"] == field
+
+
+@pytest.mark.parametrize("field", ["interactive", "context", "text", "referral", "contacts"])
+def test_fuzz_whatsapp_deeply_nested_message_field(fz, field):
+    msg = json.dumps({**WA_MSG, "id": f"wamid.DEEP{uuid.uuid4().hex}", "type": field})[:-1]
+    msg = f'{msg}, "{field}": {_deep(300, "dict")}}}'
+    doc = json.dumps(_wa_notification([], {})).replace('"messages": []', f'"messages": [{msg}]')
+    body = doc.encode()
+    sig = "sha256=" + hmac.new(WA_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": sig}
+    fz.call("POST", "/channels/whatsapp/acme", content=body, headers=headers, tables=WA_TABLES)
