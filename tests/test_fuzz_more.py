@@ -74,7 +74,7 @@ DROP = object()
 
 
 def mutants(valid: dict, hostile: dict | None = None) -> st.SearchStrategy:
-    """``valid`` with one to three fields replaced by hostile values, dropped, or added: deep
+    """``valid`` with up to three fields replaced by hostile values, dropped, or added: deep
     enough to pass the first check and reach the next."""
     hostile = hostile or {}
     keys = sorted({*valid, *hostile, "unknown_field"})
@@ -434,6 +434,9 @@ tool_call = st.fixed_dictionaries(
         | odd_text
     },
     optional={"arguments": json_values | odd_text | st.dictionaries(st.sampled_from(["city", "id"]), odd_value)},
+) | st.one_of(  # calls of the agent's own tools with hostile argument values: they reach the tool server
+    st.fixed_dictionaries({"name": st.just("get_weather"), "arguments": st.fixed_dictionaries({"city": odd_text})}),
+    st.fixed_dictionaries({"name": st.just("get_order"), "arguments": st.fixed_dictionaries({"id": odd_text})}),
 )
 
 
@@ -464,6 +467,10 @@ def test_fuzz_agent_tool_loop(fz, calls, steps, always, stream, client):
         tables=STATE_OF_TURNS,
         upstream_ok=True,
     )
+    # whatever the model put in the arguments, the tools were called on their own paths only
+    for sent in fz.tools.requests():
+        raw = sent["raw_path"].split("?", 1)[0]
+        assert raw in ("/weather", "/health") or (raw.startswith("/orders/") and "/" not in raw[8:]), sent
 
 
 # ---- feedback --------------------------------------------------------------------------------
