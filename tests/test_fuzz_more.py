@@ -1310,3 +1310,44 @@ def test_fuzz_whatsapp_deeply_nested_message_field(fz, field):
     sig = "sha256=" + hmac.new(WA_SECRET.encode(), body, hashlib.sha256).hexdigest()
     headers = {"Content-Type": "application/json", "X-Hub-Signature-256": sig}
     fz.call("POST", "/channels/whatsapp/acme", content=body, headers=headers, tables=WA_TABLES)
+
+
+def _multipart(filename: bytes, purpose: bytes, content: bytes = b"hello", ctype: bytes = b"text/plain") -> dict:
+    """A multipart body built by hand: bytes httpx would refuse to put in a part header."""
+    boundary = b"fuzzboundary0123"
+    body = (
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n' + purpose + b"\r\n"
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="' + filename + b'"\r\n'
+        b"Content-Type: " + ctype + b"\r\n\r\n" + content + b"\r\n--" + boundary + b"--\r\n"
+    )
+    return {"content": body, "headers": {"content-type": "multipart/form-data; boundary=fuzzboundary0123"}}
+
+
+@pytest.mark.parametrize(
+    ("filename", "purpose", "ctype"),
+    [
+        (b"a\x00b.txt", b"assistants", b"text/plain"),
+        (b"\xff\xfe.txt", b"assistants", b"text/plain"),
+        (b"ok.txt", b"assist\x00ants", b"text/plain"),
+        (b"ok.txt", b"\xff", b"text/plain"),
+        (b"ok.txt", b"assistants", b"text/\x00plain"),
+        (b"ok.txt", b"assistants", b"\xff/\xfe"),
+        (b"", b"assistants", b"text/plain"),
+        (b"x" * 5000, b"assistants", b"text/plain"),
+    ],
+)
+def test_fuzz_multipart_bytes_httpx_would_not_send(fz, admin_ids, filename, purpose, ctype):
+    kw = _multipart(filename, purpose, ctype=ctype)
+    fz.call("POST", "/v1/files", fz.user_key, tables=STORE_TABLES, **kw)
+    kw = _multipart(filename, purpose, ctype=ctype)
+    fz.call("POST", f"/admin/knowledge-bases/{admin_ids['kb']}/documents", fz.admin_key, tables=ADMIN_TABLES, **kw)
+
+
+def test_finding_upload_part_content_type_with_nul(fz, admin_ids):
+    kw = _multipart(b"ok.txt", b"assistants", ctype=b"text/\x00plain")
+    assert error_of(fz.call("POST", "/v1/files", fz.user_key, tables=STORE_TABLES, **kw), 400)["param"] == "file"
+    kw = _multipart(b"ok.txt", b"assistants", ctype=b"text/\x00plain")
+    resp = fz.call(
+        "POST", f"/admin/knowledge-bases/{admin_ids['kb']}/documents", fz.admin_key, tables=ADMIN_TABLES, **kw
+    )
+    assert error_of(resp, 400)["param"] == "file"
