@@ -1351,3 +1351,20 @@ def test_finding_upload_part_content_type_with_nul(fz, admin_ids):
         "POST", f"/admin/knowledge-bases/{admin_ids['kb']}/documents", fz.admin_key, tables=ADMIN_TABLES, **kw
     )
     assert error_of(resp, 400)["param"] == "file"
+
+
+@fuzz(60)
+@given(
+    filename=st.sampled_from([b"ok.txt"]) | st.binary(max_size=40),
+    purpose=st.sampled_from([b"assistants", b"user_data"]) | st.binary(max_size=20),
+    ctype=st.sampled_from([b"text/plain", b"application/pdf"]) | st.binary(max_size=30),
+    content=st.binary(max_size=100),
+    admin=st.booleans(),
+)
+def test_fuzz_multipart_part_headers_as_bytes(fz, admin_ids, filename, purpose, ctype, content, admin):
+    kw = _multipart(filename, purpose, content, ctype)
+    if admin:
+        path, key, tables = f"/admin/knowledge-bases/{admin_ids['kb']}/documents", fz.admin_key, ADMIN_TABLES
+    else:
+        path, key, tables = "/v1/files", fz.user_key, STORE_TABLES
+    fz.call("POST", path, key, tables=tables, **kw)
