@@ -393,7 +393,7 @@ agent_body = st.fixed_dictionaries(
 STATE_OF_TURNS = ("api_keys", "agents", "prompt_versions", "prompt_labels", "experiments", "budgets", "feedback")
 
 
-@fuzz(120)
+@fuzz(240)
 @given(
     body=agent_body
     | mutants(
@@ -440,7 +440,7 @@ tool_call = st.fixed_dictionaries(
 )
 
 
-@fuzz(80)
+@fuzz(160)
 @given(
     calls=st.lists(tool_call, max_size=3),
     steps=st.none() | st.lists(st.lists(tool_call, max_size=2), max_size=3),
@@ -489,7 +489,7 @@ feedback_body = st.fixed_dictionaries(
 ) | body_of(["request_id", "x"])
 
 
-@fuzz(100)
+@fuzz(200)
 @given(
     body=feedback_body
     | mutants(
@@ -520,7 +520,7 @@ def store(fz):
     return vs.json()["id"], up.json()["id"]
 
 
-@fuzz(60)
+@fuzz(120)
 @given(
     filename=odd_text,
     purpose=st.none() | st.sampled_from(["assistants", "user_data", "batch", "fine-tune"]) | odd_text,
@@ -539,7 +539,7 @@ def test_fuzz_file_uploads(fz, filename, purpose, content, ctype, extra):
         pass
 
 
-@fuzz(40)
+@fuzz(80)
 @given(raw=st.binary(max_size=200), ctype=header_bytes)
 def test_fuzz_file_upload_raw_bodies(fz, raw, ctype):
     fz.call("POST", "/v1/files", fz.user_key, content=raw, headers={"content-type": ctype}, tables=STORE_TABLES)
@@ -548,7 +548,7 @@ def test_fuzz_file_upload_raw_bodies(fz, raw, ctype):
 LIST_PARAMS = ["limit", "after", "before", "order", "purpose", "filter"]
 
 
-@fuzz(60)
+@fuzz(120)
 @given(
     method=st.sampled_from(["GET", "DELETE", "POST"]),
     fid=odd_id,
@@ -594,7 +594,7 @@ search_body = st.fixed_dictionaries(
 ) | body_of(["query"])
 
 
-@fuzz(80)
+@fuzz(160)
 @given(
     body=search_body
     | mutants(
@@ -646,7 +646,7 @@ attach_body = st.fixed_dictionaries(
 ) | body_of(["file_id"])
 
 
-@fuzz(80)
+@fuzz(160)
 @given(
     kind=st.sampled_from(["create", "update", "files", "file_batches", "file_update"]),
     vs_body=vs_body,
@@ -664,7 +664,7 @@ def test_fuzz_vector_store_writes(fz, store, kind, vs_body, attach):
     fz.call("POST", path, fz.user_key, content=json.dumps(body), tables=STORE_TABLES)
 
 
-@fuzz(80)
+@fuzz(160)
 @given(
     method=st.sampled_from(["GET", "DELETE", "POST"]),
     which=st.sampled_from(["vs", "file", "file_content", "batch", "batch_files", "batch_cancel", "files", "stores"]),
@@ -709,7 +709,7 @@ rerank_body = st.fixed_dictionaries(
 ) | body_of(["model", "query"])
 
 
-@fuzz(80)
+@fuzz(160)
 @given(
     body=rerank_body
     | mutants(
@@ -720,7 +720,7 @@ def test_fuzz_rerank(fz, body):
     fz.call("POST", "/v1/rerank", fz.user_key, content=json.dumps(body), upstream_ok=True)
 
 
-@fuzz(60)
+@fuzz(120)
 @given(
     name=st.sampled_from(["fzbot", "fztool", "nope"]) | odd_text,
     conv=st.sampled_from(["c1", "wa:123", "vapi:x", "a" * 257]) | odd_text,
@@ -839,7 +839,7 @@ ADMIN_QUERY = ["tenant", "limit", "after", "before", "order", "from", "to", "sin
 ADMIN_IDS = st.sampled_from(["fzbot", "fzpatch", "kb-ingest", "1", "2", "production", "latest", "0-0"]) | odd_id
 
 
-@fuzz(300)
+@fuzz(600)
 @given(
     route=st.sampled_from(ADMIN_ROUTES),
     master=st.booleans(),
@@ -863,7 +863,7 @@ def test_fuzz_admin_api(fz, admin_ids, route, master, a, b, body, query):
     fz.call(method, path, key, tables=ADMIN_TABLES, **kw)
 
 
-@fuzz(40)
+@fuzz(80)
 @given(
     filename=odd_text,
     content=st.binary(max_size=300),
@@ -1006,7 +1006,7 @@ wa_valid = st.builds(
 )
 
 
-@fuzz(100)
+@fuzz(200)
 @given(
     doc=wa_doc | wa_valid,
     raw=st.none() | st.binary(max_size=100),
@@ -1019,7 +1019,7 @@ def test_fuzz_whatsapp_webhook_signed(fz, doc, raw, account):
     fz.call("POST", f"/channels/whatsapp/{account}", content=body, headers=headers, tables=WA_TABLES)
 
 
-@fuzz(40)
+@fuzz(80)
 @given(
     query=query_of(["hub.mode", "hub.verify_token", "hub.challenge"])
     | st.fixed_dictionaries(
@@ -1109,7 +1109,7 @@ VAPI_VALID = {
 }
 
 
-@fuzz(100)
+@fuzz(200)
 @given(
     message=vapi_message
     | json_values
@@ -1122,7 +1122,7 @@ def test_fuzz_vapi_events(fz, message, wrap):
     fz.call("POST", "/channels/vapi/main/events", content=json.dumps(body), headers=headers, tables=VAPI_TABLES)
 
 
-@fuzz(60)
+@fuzz(120)
 @given(
     body=st.fixed_dictionaries(
         {},
@@ -1353,7 +1353,7 @@ def test_finding_upload_part_content_type_with_nul(fz, admin_ids):
     assert error_of(resp, 400)["param"] == "file"
 
 
-@fuzz(60)
+@fuzz(120)
 @given(
     filename=st.sampled_from([b"ok.txt"]) | st.binary(max_size=40),
     purpose=st.sampled_from([b"assistants", b"user_data"]) | st.binary(max_size=20),
