@@ -160,7 +160,7 @@ def parse_json(raw: bytes) -> object:
     if not raw:
         raise InvalidRequest("The request body is empty; a JSON object was expected.", code="invalid_json")
     try:
-        return orjson.loads(raw)
+        data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidRequest(
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
@@ -168,6 +168,34 @@ def parse_json(raw: bytes) -> object:
             "not valid JSON.)",
             code="invalid_json",
         ) from None
+    check_depth(raw, data)
+    return data
+
+
+MAX_JSON_DEPTH = 128  # orjson reads 1024 levels but writes only 255: what is read must be writable
+
+
+def check_depth(raw: bytes, data: object) -> None:
+    """A 400 naming the top-level field of a body nested deeper than ``MAX_JSON_DEPTH`` levels
+    (the gateway could not serialize it again: upstream, to the ledger, to memory). Free for a
+    body with fewer brackets than that, the usual case; else one walk of its containers."""
+    if not isinstance(data, dict | list) or raw.count(b"{") + raw.count(b"[") <= MAX_JSON_DEPTH:
+        return
+    stack: list[tuple[object, int, str | None]] = [(data, 1, None)]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(
+                f"The JSON body nests deeper than {MAX_JSON_DEPTH} levels"
+                + (f" in '{field[:64]}'." if field is not None else "."),
+                param=field[:64] if field is not None else None,
+                code="invalid_value" if field is not None else "invalid_json",
+            )
+        items = value.items() if isinstance(value, dict) else enumerate(value)  # type: ignore[union-attr]
+        for key, child in items:
+            if isinstance(child, dict | list):
+                top = field if field is not None else (str(key) if isinstance(value, dict) else None)
+                stack.append((child, depth + 1, top))
 
 
 async def send_bytes(

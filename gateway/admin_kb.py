@@ -234,6 +234,8 @@ class Upload:
         if disposition.get("name") == "file" and "filename" in disposition and self.filename is None:
             self.filename = _clean_filename(disposition["filename"])
             self.content_type = headers.get("content-type", "")[:128]
+            if any(c < " " or c == "\x7f" for c in self.content_type):  # (a NUL is no PostgreSQL text)
+                raise _bad_multipart("the file's Content-Type holds control characters")
             self.fh = open(self.path, "wb")
             self.state = "file"
         else:

@@ -74,7 +74,7 @@ DROP = object()
 
 
 def mutants(valid: dict, hostile: dict | None = None) -> st.SearchStrategy:
-    """``valid`` with one to three fields replaced by hostile values, dropped, or added: deep
+    """``valid`` with up to three fields replaced by hostile values, dropped, or added: deep
     enough to pass the first check and reach the next."""
     hostile = hostile or {}
     keys = sorted({*valid, *hostile, "unknown_field"})
@@ -173,6 +173,7 @@ class Fz:
     def __init__(self, gw: Gateway, db: Db, user_key: str, admin_key: str, tools: ToolServer) -> None:
         self.gw, self.db, self.user_key, self.admin_key, self.tools = gw, db, user_key, admin_key, tools
         self.http = httpx.Client(base_url=gw.url, timeout=30)
+        self.answered_turns = 0  # agent turns answered (200) that named a conversation
 
     def call(self, method: str, path: str, key: str | None = None, *, tables=(), upstream_ok=False, **kw):
         """One request, checked; when refused (4xx), ``tables`` must be unchanged by it."""
@@ -312,7 +313,8 @@ def fz(tmp_root, services, module_mock):
             },
         )
         assert r.status_code == 201, r.text
-        yield Fz(gw, db, user.json()["key"], adm.json()["key"], tools)
+        fz = Fz(gw, db, user.json()["key"], adm.json()["key"], tools)
+        yield fz
         gw.stop()  # flushes the ledger and the conversation messages written off the request path
         # a refused agent turn stores nothing in its conversation; an answered one does
         stored = db.fetch(
@@ -321,7 +323,8 @@ def fz(tmp_root, services, module_mock):
             TENANT,
         )
         by_class = {r["class"]: r["n"] for r in stored}
-        assert by_class.get(2, 0) > 0 and by_class.get(4, 0) == 0, by_class
+        assert by_class.get(4, 0) == 0, by_class
+        assert by_class.get(2, 0) > 0 or not fz.answered_turns, by_class  # (the join finds turns)
     finally:
         db.close()
         gw.stop()
@@ -390,7 +393,7 @@ agent_body = st.fixed_dictionaries(
 STATE_OF_TURNS = ("api_keys", "agents", "prompt_versions", "prompt_labels", "experiments", "budgets", "feedback")
 
 
-@fuzz(120)
+@fuzz(240)
 @given(
     body=agent_body
     | mutants(
@@ -411,7 +414,7 @@ def test_fuzz_agent_chat(fz, body, conv, idem):
     headers = {"x-gateway-conversation": conv} if conv is not None else {}
     if idem is not None:
         headers["idempotency-key"] = idem
-    fz.call(
+    resp = fz.call(
         "POST",
         "/v1/chat/completions",
         fz.user_key,
@@ -420,6 +423,9 @@ def test_fuzz_agent_chat(fz, body, conv, idem):
         tables=STATE_OF_TURNS,
         upstream_ok=True,
     )
+    meta = body.get("metadata")
+    if resp.status_code == 200 and (conv is not None or (isinstance(meta, dict) and meta.get("conversation_id"))):
+        fz.answered_turns += 1
 
 
 tool_call = st.fixed_dictionaries(
@@ -428,10 +434,13 @@ tool_call = st.fixed_dictionaries(
         | odd_text
     },
     optional={"arguments": json_values | odd_text | st.dictionaries(st.sampled_from(["city", "id"]), odd_value)},
+) | st.one_of(  # calls of the agent's own tools with hostile argument values: they reach the tool server
+    st.fixed_dictionaries({"name": st.just("get_weather"), "arguments": st.fixed_dictionaries({"city": odd_text})}),
+    st.fixed_dictionaries({"name": st.just("get_order"), "arguments": st.fixed_dictionaries({"id": odd_text})}),
 )
 
 
-@fuzz(80)
+@fuzz(160)
 @given(
     calls=st.lists(tool_call, max_size=3),
     steps=st.none() | st.lists(st.lists(tool_call, max_size=2), max_size=3),
@@ -458,6 +467,10 @@ def test_fuzz_agent_tool_loop(fz, calls, steps, always, stream, client):
         tables=STATE_OF_TURNS,
         upstream_ok=True,
     )
+    # whatever the model put in the arguments, the tools were called on their own paths only
+    for sent in fz.tools.requests():
+        raw = sent["raw_path"].split("?", 1)[0]
+        assert raw in ("/weather", "/health") or (raw.startswith("/orders/") and "/" not in raw[8:]), sent
 
 
 # ---- feedback --------------------------------------------------------------------------------
@@ -476,7 +489,7 @@ feedback_body = st.fixed_dictionaries(
 ) | body_of(["request_id", "x"])
 
 
-@fuzz(100)
+@fuzz(200)
 @given(
     body=feedback_body
     | mutants(
@@ -507,7 +520,7 @@ def store(fz):
     return vs.json()["id"], up.json()["id"]
 
 
-@fuzz(60)
+@fuzz(120)
 @given(
     filename=odd_text,
     purpose=st.none() | st.sampled_from(["assistants", "user_data", "batch", "fine-tune"]) | odd_text,
@@ -526,7 +539,7 @@ def test_fuzz_file_uploads(fz, filename, purpose, content, ctype, extra):
         pass
 
 
-@fuzz(40)
+@fuzz(80)
 @given(raw=st.binary(max_size=200), ctype=header_bytes)
 def test_fuzz_file_upload_raw_bodies(fz, raw, ctype):
     fz.call("POST", "/v1/files", fz.user_key, content=raw, headers={"content-type": ctype}, tables=STORE_TABLES)
@@ -535,7 +548,7 @@ def test_fuzz_file_upload_raw_bodies(fz, raw, ctype):
 LIST_PARAMS = ["limit", "after", "before", "order", "purpose", "filter"]
 
 
-@fuzz(60)
+@fuzz(120)
 @given(
     method=st.sampled_from(["GET", "DELETE", "POST"]),
     fid=odd_id,
@@ -581,7 +594,7 @@ search_body = st.fixed_dictionaries(
 ) | body_of(["query"])
 
 
-@fuzz(80)
+@fuzz(160)
 @given(
     body=search_body
     | mutants(
@@ -633,7 +646,7 @@ attach_body = st.fixed_dictionaries(
 ) | body_of(["file_id"])
 
 
-@fuzz(80)
+@fuzz(160)
 @given(
     kind=st.sampled_from(["create", "update", "files", "file_batches", "file_update"]),
     vs_body=vs_body,
@@ -651,7 +664,7 @@ def test_fuzz_vector_store_writes(fz, store, kind, vs_body, attach):
     fz.call("POST", path, fz.user_key, content=json.dumps(body), tables=STORE_TABLES)
 
 
-@fuzz(80)
+@fuzz(160)
 @given(
     method=st.sampled_from(["GET", "DELETE", "POST"]),
     which=st.sampled_from(["vs", "file", "file_content", "batch", "batch_files", "batch_cancel", "files", "stores"]),
@@ -696,7 +709,7 @@ rerank_body = st.fixed_dictionaries(
 ) | body_of(["model", "query"])
 
 
-@fuzz(80)
+@fuzz(160)
 @given(
     body=rerank_body
     | mutants(
@@ -707,7 +720,7 @@ def test_fuzz_rerank(fz, body):
     fz.call("POST", "/v1/rerank", fz.user_key, content=json.dumps(body), upstream_ok=True)
 
 
-@fuzz(60)
+@fuzz(120)
 @given(
     name=st.sampled_from(["fzbot", "fztool", "nope"]) | odd_text,
     conv=st.sampled_from(["c1", "wa:123", "vapi:x", "a" * 257]) | odd_text,
@@ -826,7 +839,7 @@ ADMIN_QUERY = ["tenant", "limit", "after", "before", "order", "from", "to", "sin
 ADMIN_IDS = st.sampled_from(["fzbot", "fzpatch", "kb-ingest", "1", "2", "production", "latest", "0-0"]) | odd_id
 
 
-@fuzz(300)
+@fuzz(600)
 @given(
     route=st.sampled_from(ADMIN_ROUTES),
     master=st.booleans(),
@@ -844,13 +857,13 @@ def test_fuzz_admin_api(fz, admin_ids, route, master, a, b, body, query):
     kw = {}
     if method in ("POST", "PUT", "PATCH"):
         kw["content"] = json.dumps(body.draw(mutants(valid) if valid else json_values))
-    if method == "DELETE" and a in ("fzbot", "fztool"):
-        method = "GET"  # the agents the other tests fuzz stay
+    if method == "DELETE" and a in ("fzbot", "fztool", "fzpatch"):
+        method = "GET"  # the agents the fuzzing uses stay
     key = MASTER_KEY if master else fz.admin_key
     fz.call(method, path, key, tables=ADMIN_TABLES, **kw)
 
 
-@fuzz(40)
+@fuzz(80)
 @given(
     filename=odd_text,
     content=st.binary(max_size=300),
@@ -993,7 +1006,7 @@ wa_valid = st.builds(
 )
 
 
-@fuzz(100)
+@fuzz(200)
 @given(
     doc=wa_doc | wa_valid,
     raw=st.none() | st.binary(max_size=100),
@@ -1006,7 +1019,7 @@ def test_fuzz_whatsapp_webhook_signed(fz, doc, raw, account):
     fz.call("POST", f"/channels/whatsapp/{account}", content=body, headers=headers, tables=WA_TABLES)
 
 
-@fuzz(40)
+@fuzz(80)
 @given(
     query=query_of(["hub.mode", "hub.verify_token", "hub.challenge"])
     | st.fixed_dictionaries(
@@ -1096,7 +1109,7 @@ VAPI_VALID = {
 }
 
 
-@fuzz(100)
+@fuzz(200)
 @given(
     message=vapi_message
     | json_values
@@ -1109,7 +1122,7 @@ def test_fuzz_vapi_events(fz, message, wrap):
     fz.call("POST", "/channels/vapi/main/events", content=json.dumps(body), headers=headers, tables=VAPI_TABLES)
 
 
-@fuzz(60)
+@fuzz(120)
 @given(
     body=st.fixed_dictionaries(
         {},
@@ -1226,3 +1239,132 @@ def test_finding_chat_message_role_not_a_string(fz, role):
         "POST", "/channels/vapi/main/chat/completions", json=body, headers={"Authorization": f"Bearer {VAPI_TOKEN}"}
     )
     assert error_of(resp, 400)["param"] == "messages[0].role"
+
+
+def _deep(depth: int, kind: str) -> str:
+    """JSON nested ``depth`` levels: within orjson's 1024, past Python's recursion limit."""
+    return ("[" * depth + "]" * depth) if kind == "list" else ('{"a":' * depth + "1" + "}" * depth)
+
+
+DEEP_TARGETS = [
+    ("/v1/chat/completions", '{"model": "agent:fzbot", "messages": [{"role": "user", "content": "x"}], "%s": %s}',
+     ["metadata", "variables", "tools", "tool_choice", "response_format", "stream_options", "stop", "user"]),
+    ("/v1/chat/completions", '{"model": "gpt-mock", "messages": [{"role": "user", "content": %s}], "%s": 1}', ["x"]),
+    ("/v1/chat/completions", '{"model": "gpt-mock", "messages": [{"role": "user", "content": "x"}], "%s": %s}',
+     ["metadata", "tools", "response_format", "logit_bias", "user", "stop"]),
+    ("/v1/embeddings", '{"model": "embed-mock", "%s": %s}', ["input", "dimensions"]),
+    ("/v1/rerank", '{"model": "rerank-mock", "query": "q", "%s": %s}', ["documents", "top_n"]),
+    ("/v1/feedback", '{"conversation_id": "c", "thumbs": "up", "%s": %s}', ["text", "score"]),
+    ("/v1/vector_stores", '{"name": "n", "%s": %s}', ["metadata", "chunking_strategy", "expires_after", "file_ids"]),
+    ("/admin/agents", '{"name": "deep", "model": "gpt-mock", "template": "x", "%s": %s}',
+     ["variables", "defaults", "tools", "memory", "escalation"]),
+    ("/admin/keys", '{"name": "deep", "%s": %s}', ["attribution", "models"]),
+    ("/channels/vapi/main/events", '{"message": {"type": "end-of-call-report", "call": {"id": "c-deep"}, "%s": %s}}',
+     ["artifact", "metadata", "analysis"]),
+    ("/channels/vapi/main/chat/completions", '{"model": "x", "messages": [{"role": "user", "content": "x"}], "%s": %s}',
+     ["call", "metadata"]),
+]  # fmt: skip
+DEEP_KEYS = {"/admin": MASTER_KEY, "/channels/vapi": VAPI_TOKEN}
+
+
+@pytest.mark.parametrize("kind", ["list", "dict"])
+@pytest.mark.parametrize("depth", [900, 1000])
+def test_fuzz_deeply_nested_json(fz, store, kind, depth):
+    vs, _ = store
+    failed = []
+    targets = [
+        *DEEP_TARGETS,
+        (f"/v1/vector_stores/{vs}/search", '{"query": "q", "%s": %s}', ["filters", "ranking_options"]),
+    ]
+    for path, template, fields in targets:
+        for field in fields:
+            if "content" in template and '%s": 1' in template:
+                body = template % (_deep(depth, kind), field)
+            else:
+                body = template % (field, _deep(depth, kind))
+            key = next((k for prefix, k in DEEP_KEYS.items() if path.startswith(prefix)), fz.user_key)
+            try:
+                fz.call("POST", path, key, content=body, tables=ADMIN_TABLES, upstream_ok=True)
+            except AssertionError as exc:
+                failed.append((path, field, str(exc)[:300]))
+    assert not failed, failed
+
+
+def test_finding_chat_field_nested_past_what_can_be_written_again(fz):
+    """orjson reads 1024 levels and writes 255: a metadata nested 300 deep was read, then failed
+    to serialize upstream (a 500). It is now refused when read, naming the field."""
+    deep = _deep(300, "dict")
+    for model, field in (("gpt-mock", "metadata"), ("agent:fzbot", "metadata"), ("gpt-mock", "logit_bias")):
+        head = json.dumps({"model": model, "messages": [{"role": "user", "content": "x"}]})[:-1]
+        body = f'{head}, "{field}": {deep}}}'
+        resp = fz.call("POST", "/v1/chat/completions", fz.user_key, content=body, tables=STATE_OF_TURNS)
+        assert error_of(resp, 400)["param"] == field
+
+
+@pytest.mark.parametrize("field", ["interactive", "context", "text", "referral", "contacts"])
+def test_fuzz_whatsapp_deeply_nested_message_field(fz, field):
+    msg = json.dumps({**WA_MSG, "id": f"wamid.DEEP{uuid.uuid4().hex}", "type": field})[:-1]
+    msg = f'{msg}, "{field}": {_deep(300, "dict")}}}'
+    doc = json.dumps(_wa_notification([], {})).replace('"messages": []', f'"messages": [{msg}]')
+    body = doc.encode()
+    sig = "sha256=" + hmac.new(WA_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": sig}
+    fz.call("POST", "/channels/whatsapp/acme", content=body, headers=headers, tables=WA_TABLES)
+
+
+def _multipart(filename: bytes, purpose: bytes, content: bytes = b"hello", ctype: bytes = b"text/plain") -> dict:
+    """A multipart body built by hand: bytes httpx would refuse to put in a part header."""
+    boundary = b"fuzzboundary0123"
+    body = (
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n' + purpose + b"\r\n"
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="' + filename + b'"\r\n'
+        b"Content-Type: " + ctype + b"\r\n\r\n" + content + b"\r\n--" + boundary + b"--\r\n"
+    )
+    return {"content": body, "headers": {"content-type": "multipart/form-data; boundary=fuzzboundary0123"}}
+
+
+@pytest.mark.parametrize(
+    ("filename", "purpose", "ctype"),
+    [
+        (b"a\x00b.txt", b"assistants", b"text/plain"),
+        (b"\xff\xfe.txt", b"assistants", b"text/plain"),
+        (b"ok.txt", b"assist\x00ants", b"text/plain"),
+        (b"ok.txt", b"\xff", b"text/plain"),
+        (b"ok.txt", b"assistants", b"text/\x00plain"),
+        (b"ok.txt", b"assistants", b"\xff/\xfe"),
+        (b"", b"assistants", b"text/plain"),
+        (b"x" * 5000, b"assistants", b"text/plain"),
+    ],
+)
+def test_fuzz_multipart_bytes_httpx_would_not_send(fz, admin_ids, filename, purpose, ctype):
+    kw = _multipart(filename, purpose, ctype=ctype)
+    fz.call("POST", "/v1/files", fz.user_key, tables=STORE_TABLES, **kw)
+    kw = _multipart(filename, purpose, ctype=ctype)
+    fz.call("POST", f"/admin/knowledge-bases/{admin_ids['kb']}/documents", fz.admin_key, tables=ADMIN_TABLES, **kw)
+
+
+def test_finding_upload_part_content_type_with_nul(fz, admin_ids):
+    kw = _multipart(b"ok.txt", b"assistants", ctype=b"text/\x00plain")
+    assert error_of(fz.call("POST", "/v1/files", fz.user_key, tables=STORE_TABLES, **kw), 400)["param"] == "file"
+    kw = _multipart(b"ok.txt", b"assistants", ctype=b"text/\x00plain")
+    resp = fz.call(
+        "POST", f"/admin/knowledge-bases/{admin_ids['kb']}/documents", fz.admin_key, tables=ADMIN_TABLES, **kw
+    )
+    assert error_of(resp, 400)["param"] == "file"
+
+
+@fuzz(120)
+@given(
+    filename=st.sampled_from([b"ok.txt"]) | st.binary(max_size=40),
+    purpose=st.sampled_from([b"assistants", b"user_data"]) | st.binary(max_size=20),
+    ctype=st.sampled_from([b"text/plain", b"application/pdf"]) | st.binary(max_size=30),
+    content=st.binary(max_size=100),
+    admin=st.booleans(),
+)
+def test_fuzz_multipart_part_headers_as_bytes(fz, admin_ids, filename, purpose, ctype, content, admin):
+    kw = _multipart(filename, purpose, content, ctype)
+    if admin:
+        path, key, tables = f"/admin/knowledge-bases/{admin_ids['kb']}/documents", fz.admin_key, ADMIN_TABLES
+    else:
+        path, key, tables = "/v1/files", fz.user_key, STORE_TABLES
+    fz.call("POST", path, key, tables=tables, **kw)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from channels.vapi.config import E164, VAPI_ID, VapiAccount, VapiAuth
+from core import http
 from core.errors import InvalidRequest
 
 CONVERSATION_PREFIX = "vapi:"
@@ -242,6 +243,7 @@ def parse_object(raw: bytes, what: str) -> dict:
         data = None
     if not isinstance(data, dict):
         raise InvalidRequest(f"The body must be a JSON object ({what}).", code="invalid_json")
+    http.check_depth(raw, data)
     return data
 
 
