@@ -200,9 +200,8 @@ async def complete(svc: Services, ctx: RequestContext, group: Group) -> bytes:
 
     raw = await run_attempts(svc.router, ctx, group, attempt)
     ctx.status = 200
-    if ctx.usage is None:  # (a large answer is counted off the event loop: seconds per MB of "aaaa…")
-        large = len(raw) >= OFF_LOOP_BYTES
-        ctx.usage = await asyncio.to_thread(estimate_usage, ctx, raw) if large else estimate_usage(ctx, raw)
+    if ctx.usage is None:
+        ctx.usage = await _estimate(ctx, raw)
     state: ScrubState | None = ctx.extra.get("pii")
     if state is not None and state.vault and ctx.endpoint == "chat":
         raw = restore_body(raw, state.vault)
@@ -294,6 +293,14 @@ async def _open_stream(svc: Services, ctx: RequestContext, r: Route) -> tuple[li
     except BaseException:
         await events.aclose()
         raise
+
+
+async def _estimate(ctx: RequestContext, raw: bytes) -> Usage:
+    """The usage of an answer whose provider reported none; a large one counted off the event
+    loop (tiktoken takes seconds per MB of text like "aaaa…": every other request would wait)."""
+    if len(raw) >= OFF_LOOP_BYTES:
+        return await asyncio.to_thread(estimate_usage, ctx, raw)
+    return estimate_usage(ctx, raw)
 
 
 async def _estimate_stream(ctx: RequestContext, sent: list[bytes], kept: int) -> Usage:

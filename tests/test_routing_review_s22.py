@@ -560,45 +560,33 @@ def test_a_tool_choice_naming_a_function_without_its_name_is_the_clients_400(gw,
         assert resp.json()["error"]["param"] == "tool_choice.function.name"
 
 
-def test_counting_a_huge_prompt_does_not_hold_the_replica(tmp_root, services, mocks, api_key):
+def test_counting_a_huge_prompt_does_not_hold_the_replica(monkeypatch):
     """A prompt's tokens are counted when something needs them (a context window, a rule, a hard
     budget). tiktoken takes about a second per MB of text like "aaaa…"; counted on the event
-    loop, one client's 6 MB body held every other request of the replica for seconds. Counted
-    in a worker thread, small requests sent meanwhile are answered at once. (Two durations of
-    the same run are compared: the longest a small request took, and the huge one.)"""
+    loop, one client's 6 MB body held every other request of the replica for seconds (a small
+    request waited 2.7 s of the big one's 2.9 s). A prompt of OFF_LOOP_BYTES or more is counted
+    in a worker thread before routing; a small one stays on the loop (a thread hop costs more)."""
+    import asyncio
     import threading
-    import time
 
-    good = mocks["good"]
-    cfg = {
-        "providers": [_provider("p", good)],
-        "models": [
-            {"name": "win", "deployments": [{"provider": "p", "model": "w", "context_window": 5_000_000}]},
-            {"name": "small", "deployments": [{"provider": "p", "model": "s"}]},
-        ],
-    }
-    with started(Gateway(tmp_root, cfg, services)) as (g,):
-        url, auth = f"{g.url}/v1/chat/completions", {"Authorization": f"Bearer {api_key}"}
-        # over the window in bytes, within it in tokens: counted
-        huge = orjson.dumps({"model": "win", "messages": [{"role": "user", "content": "a" * 6_000_000}]})
-        took: dict[str, float] = {}
+    from core.types import RequestContext
+    from gateway import usage
 
-        def send_huge() -> None:
-            t = time.perf_counter()
-            assert httpx.post(url, content=huge, headers=auth, timeout=120).status_code == 200
-            took["huge"] = time.perf_counter() - t
+    where: list[bool] = []
 
-        big = threading.Thread(target=send_huge)
-        small = orjson.dumps({"model": "small", "messages": HELLO})
-        longest = 0.0
-        with httpx.Client(timeout=120) as c:
-            big.start()
-            while big.is_alive():
-                t = time.perf_counter()
-                assert c.post(url, content=small, headers=auth).status_code == 200
-                longest = max(longest, time.perf_counter() - t)
-        big.join()
-        assert longest < took["huge"] / 2, (longest, took["huge"])
+    def counting(body, known=None):
+        where.append(threading.current_thread() is threading.main_thread())
+        return 7
+
+    monkeypatch.setattr(usage, "count_prompt", counting)
+    for size, on_loop in ((usage.OFF_LOOP_BYTES, False), (100, None)):
+        body = {"model": "m", "messages": [{"role": "user", "content": "a" * size}]}
+        ctx = RequestContext("r", "chat", body, 0.0, body_bytes=size + 50)
+        asyncio.run(usage.count_prompt_off_loop(ctx))
+        if on_loop is None:  # small: left for whoever needs it, on the loop
+            assert ctx._prompt_tokens is None
+        else:
+            assert ctx._prompt_tokens == 7 and where == [on_loop]
 
 
 @pytest.mark.parametrize(("after_content", "name"), [(False, '"error" '), (True, '"error" '), (False, '"\\u0065rror"')])
@@ -622,36 +610,30 @@ def test_an_error_event_written_with_spaces_is_cleaned_of_keys_and_hosts(gw, api
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_estimating_a_huge_answer_without_usage_does_not_hold_the_replica(gw, api_key, bad, stream):
+def test_estimating_a_huge_answer_without_usage_does_not_hold_the_replica(monkeypatch, stream):
     """A provider that reports no usage has its answer counted by the gateway (tiktoken, about a
     second per MB of text like "aaaa…"). On the event loop, one 4 MB answer held every other
-    request of the replica; counted in a worker thread, they are answered meanwhile."""
+    request of the replica (a small request waited 3.1 of 3.3 s); an answer of OFF_LOOP_BYTES
+    or more is counted in a worker thread, a small one on the loop."""
+    import asyncio
     import threading
-    import time
 
-    answer = {"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant"}}]}
-    answer["choices"][0]["message"]["content"] = "a" * 4_000_000
-    if stream:
-        pieces = [*_sse(_chunk({"content": "a" * 4_000_000}), _chunk({}, "stop")), "data: [DONE]\n\n"]
-        bad.configure(raw={"pieces": pieces})
-    else:
-        bad.configure(raw={"content_type": "application/json", "pieces": [orjson.dumps(answer).decode()]})
-    url, auth = f"{gw.url}/v1/chat/completions", {"Authorization": f"Bearer {api_key}"}
-    took: dict[str, float] = {}
+    from core.types import RequestContext, Usage
+    from gateway import pipeline
+    from gateway.usage import OFF_LOOP_BYTES
 
-    def ask_huge() -> None:
-        t = time.perf_counter()
-        body = {"model": "oa-solo", "messages": HELLO, "stream": stream}
-        assert httpx.post(url, json=body, headers=auth, timeout=120).status_code == 200
-        took["huge"] = time.perf_counter() - t
+    where: list[bool] = []
 
-    big = threading.Thread(target=ask_huge)
-    longest = 0.0
-    with httpx.Client(timeout=120) as c:
-        big.start()
-        while big.is_alive():
-            t = time.perf_counter()
-            assert c.post(url, json={"model": "safe", "messages": HELLO}, headers=auth).status_code == 200
-            longest = max(longest, time.perf_counter() - t)
-    big.join()
-    assert longest < took["huge"] / 2, (longest, took["huge"])
+    def estimating(ctx, raw):
+        where.append(threading.current_thread() is threading.main_thread())
+        return Usage(prompt_tokens=1, completion_tokens=2)
+
+    monkeypatch.setattr(pipeline, "estimate_stream_usage" if stream else "estimate_usage", estimating)
+    ctx = RequestContext("r", "chat", {"model": "m", "messages": []}, 0.0)
+    for size in (OFF_LOOP_BYTES, 100):
+        raw = b"a" * size
+        if stream:
+            asyncio.run(pipeline._estimate_stream(ctx, [raw], size))
+        else:
+            asyncio.run(pipeline._estimate(ctx, raw))
+    assert where == [False, True]
