@@ -59,6 +59,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from core.background import pause, stop_tasks
 from core.metrics import _Children
+from core.stream_writer import entry_id as is_entry_id
 
 log = logging.getLogger("gateway.queue")
 
@@ -70,7 +71,6 @@ MAX_DEFERRALS = 1000  # Retry(...) answers for one message before it counts as f
 MOVE_BATCH = 500
 CLAIM_BATCH = 100
 _NAME = re.compile(r"^[a-z0-9_.\-]{1,64}$")
-_ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 JOBS = Counter(
     "gateway_queue_jobs_total",
@@ -697,7 +697,7 @@ class Queue:
     async def retry_dead(self, id: str) -> bool:
         """Puts a dead letter back on the queue (at the end of its key's order) with a fresh
         attempt count; False if there is no such dead letter."""
-        if not isinstance(id, str) or not _ENTRY_ID.match(id):
+        if not isinstance(id, str) or not is_entry_id(id):
             return False
         found = await self._redis.xrange(self.dead, min=id, max=id, count=1)
         if not found:
@@ -714,7 +714,7 @@ class Queue:
         return bool(done)
 
     async def drop_dead(self, id: str) -> bool:
-        if not isinstance(id, str) or not _ENTRY_ID.match(id):
+        if not isinstance(id, str) or not is_entry_id(id):
             return False
         return bool(await self._redis.xdel(self.dead, id))
 

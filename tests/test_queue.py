@@ -161,6 +161,7 @@ def test_dead_letters_can_be_retried_and_dropped(services, ordered):
         dead = await q.dead_letters(10)
         assert [d["job_id"] for d in dead] == ids and all(d["error"] == "RuntimeError: down" for d in dead)
         assert not await q.retry_dead("0-1") and not await q.retry_dead("not an id") and not await q.drop_dead("x")
+        assert not await q.retry_dead("1-1\n") and not await q.drop_dead(f"1-{2**64}")  # no 500 from Redis
         healed = True
         assert await q.retry_dead(dead[0]["id"])
         assert not await q.retry_dead(dead[0]["id"])  # once
