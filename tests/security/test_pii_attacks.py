@@ -410,6 +410,7 @@ def test_item18_tool_definitions_names_metadata_prediction_and_user_are_scrubbed
                 },
             }
         ],
+        "store": True,  # (metadata reaches an OpenAI provider only with store: true)
         "metadata": {"customer": "cust@example.org", "bob@example.org": "vip", "agent": "support"},
         "prediction": {"type": "content", "content": f"Dear {EMAIL}, your order ORD-48213"},
         "stop": ["Regards, jane.roe@example.org", "END"],
@@ -447,6 +448,7 @@ def test_item18_attribution_reads_metadata_as_sent_by_the_client(gw, api_key, mo
         {
             "model": "gpt-mock",
             "messages": [{"role": "user", "content": "hello"}],
+            "store": True,  # (metadata reaches an OpenAI provider only with store: true)
             "metadata": {"customer": "vip.customer@example.org", "workflow": "refunds"},
         },
     )
