@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 
 import orjson
 
@@ -64,9 +65,8 @@ def estimate_usage(ctx: RequestContext, raw: bytes) -> Usage:
     return _usage(ctx, parts)
 
 
-def estimate_stream_usage(ctx: RequestContext, chunks: list[bytes]) -> Usage:
-    """A stream that ended (or broke) without the provider's usage: counted from what was sent."""
-    parts: list[str] = []
+def _events(chunks: list[bytes]) -> Iterator[dict]:
+    """The JSON objects of relayed stream chunks' ``data:`` events (anything else skipped)."""
     for chunk in chunks:
         for event in chunk.split(b"\n\n"):
             if event.startswith(b"data: {"):
@@ -75,7 +75,14 @@ def estimate_stream_usage(ctx: RequestContext, chunks: list[bytes]) -> Usage:
                 except orjson.JSONDecodeError:
                     continue
                 if isinstance(data, dict):
-                    _answer_parts(data, "delta", parts)
+                    yield data
+
+
+def estimate_stream_usage(ctx: RequestContext, chunks: list[bytes]) -> Usage:
+    """A stream that ended (or broke) without the provider's usage: counted from what was sent."""
+    parts: list[str] = []
+    for data in _events(chunks):
+        _answer_parts(data, "delta", parts)
     return _usage(ctx, parts)
 
 
@@ -85,15 +92,8 @@ def compact(chunks: list[bytes]) -> bytes:
     not kept whole while it is relayed."""
     content: list[str] = []
     tools: list[str] = []
-    for chunk in chunks:
-        for event in chunk.split(b"\n\n"):
-            if event.startswith(b"data: {"):
-                try:
-                    data = orjson.loads(event[6:])
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(data, dict):
-                    _answer_parts(data, "delta", content, tools)
+    for data in _events(chunks):
+        _answer_parts(data, "delta", content, tools)
     delta: dict = {"content": "".join(content)}
     if tools:
         delta["tool_calls"] = [{"index": 0, "function": {"name": "", "arguments": "".join(tools)}}]
