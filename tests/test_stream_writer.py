@@ -409,13 +409,21 @@ def test_large_entries_arriving_while_the_writer_waits_are_taken_within_the_budg
     asyncio.run(main())
 
 
+# (entries, bytes each, spill_after, spill_bytes): past the count; past the bytes, far under the count
+BACKLOGS = {"by-entries": (60, 100, 20, 256 * MB), "by-bytes": (40, 64 * 1024, 10_000, MB)}
+
+
+@pytest.mark.parametrize("backlog", BACKLOGS)
 @pytest.mark.parametrize("client", CLIENTS)
 def test_a_backlog_goes_to_local_disk_while_postgres_is_away_and_to_postgres_once_it_is_back(
-    services, client, tmp_path
+    services, client, tmp_path, backlog
 ):
     """A database outage must not fill Redis (budgets, limits and conversations live there too):
-    past ``spill_after`` entries the writer moves the stream's backlog to local disk, then writes
-    it from there when PostgreSQL answers again — every entry, the spill files gone."""
+    past ``spill_after`` entries — or ``spill_bytes`` of Redis's memory, as a few thousand large
+    entries (audit records with content logging) reach long before the count — the writer moves
+    the stream's backlog to local disk, then writes it from there when PostgreSQL answers again:
+    every entry, the spill files gone."""
+    n, size, spill_after, spill_bytes = BACKLOGS[backlog]
 
     async def main():
         stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
@@ -428,73 +436,29 @@ def test_a_backlog_goes_to_local_disk_while_postgres_is_away_and_to_postgres_onc
                 raise OSError("database away")
             written.extend(entries)
 
+        blob = b"x" * size
         async with _running(
-                services, redis, client, stream, write,
-                spill_dir=tmp_path, spill_after=20, batch=8, block_ms=50, claim_idle=0.5,
+                services, redis, client, stream, write, spill_dir=tmp_path, spill_after=spill_after,
+                spill_bytes=spill_bytes, batch=8, block_ms=50, claim_idle=0.5,
             ):  # fmt: skip
-            for i in range(60):
-                await redis.xadd(stream, {"n": str(i), "blob": b"x" * 100})
-            await _until(lambda: _xlen_at_most(redis, stream, 20), "the backlog moved to disk")
-            assert list(tmp_path.glob("spill-*"))
+            for i in range(n):
+                await redis.xadd(stream, {"n": str(i), "blob": blob})
+
+            async def moved() -> bool:
+                under = (await redis.memory_usage(stream) or 0) <= spill_bytes
+                return under and await redis.xlen(stream) <= spill_after
+
+            await _until(moved, "the backlog moved to disk")
+            assert await redis.xlen(stream) < n and list(tmp_path.glob("spill-*"))
             away = False  # the database is back
             await _until(lambda: _empty(redis, stream), "the stream written")
 
             async def spilled_written() -> bool:
                 left = [p for p in tmp_path.glob("spill-*") if p.suffix != ".lock"]
-                return len({e[b"n"] for e in written}) == 60 and not left
+                return len({e[b"n"] for e in written}) == n and not left
 
             await _until(spilled_written, "the spilled entries written from disk", 30)
-        assert sorted({int(e[b"n"]) for e in written}) == list(range(60))
-        assert all(e[b"blob"] == b"x" * 100 for e in written)
-        await redis.delete(stream)
-        await redis.aclose()
-
-    async def _xlen_at_most(redis, stream: str, n: int) -> bool:
-        return await redis.xlen(stream) <= n
-
-    asyncio.run(main())
-
-
-@pytest.mark.parametrize("client", CLIENTS)
-def test_a_backlog_of_few_large_entries_goes_to_local_disk_by_its_bytes(services, client, tmp_path):
-    """Counting entries alone let a few thousand large ones (an audit record with content logging
-    carries its prompt) fill Redis before anything spilled: past ``spill_bytes`` of Redis's memory
-    the backlog goes to disk as well, far below ``spill_after`` entries."""
-
-    async def main():
-        stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
-        redis = aioredis.from_url(services[1])
-        away = True
-        written: list[dict] = []
-
-        async def write(conn, entries):
-            if away:
-                raise OSError("database away")
-            written.extend(entries)
-
-        blob = b"L" * 64 * 1024
-        async with _running(
-                services, redis, client, stream, write,
-                spill_dir=tmp_path, spill_after=10_000, spill_bytes=1024 * 1024, batch=8, block_ms=50,
-                claim_idle=0.5,
-            ):  # fmt: skip
-            for i in range(40):  # ~2.6 MB: over the bytes, far under the count
-                await redis.xadd(stream, {"n": str(i), "blob": blob})
-
-            async def back_under() -> bool:
-                return int(await redis.memory_usage(stream) or 0) <= 1024 * 1024
-
-            await _until(back_under, "the large backlog moved to disk")
-            assert await redis.xlen(stream) < 40
-            assert list(tmp_path.glob("spill-*"))
-            away = False
-            await _until(lambda: _empty(redis, stream), "the stream written")
-
-            async def spilled_written() -> bool:
-                left = [p for p in tmp_path.glob("spill-*") if p.suffix != ".lock"]
-                return len({e[b"n"] for e in written}) == 40 and not left
-
-            await _until(spilled_written, "the spilled entries written from disk", 30)
+        assert sorted({int(e[b"n"]) for e in written}) == list(range(n))
         assert all(e[b"blob"] == blob for e in written)
         await redis.delete(stream)
         await redis.aclose()
