@@ -270,8 +270,10 @@ def _streamed_text(chunks: list[bytes]) -> str:
                 data = orjson.loads(event[6:])
             except orjson.JSONDecodeError:
                 continue
-            for choice in data.get("choices") or ():
-                content = (choice.get("delta") or {}).get("content")
+            choices = data.get("choices") if isinstance(data, dict) else None
+            for choice in choices if isinstance(choices, list) else ():  # relayed whatever its shape
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                content = delta.get("content") if isinstance(delta, dict) else None
                 if isinstance(content, str):
                     parts.append(content)
     return "".join(parts)

@@ -1,0 +1,93 @@
+"""Cross-check of the session-22 reviews: where two branches' changes meet (the stream path and an
+agent's stored answer, ...). Real gateway processes over HTTP, the OpenAI SDK, the mock provider."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import Gateway, MockProvider, started
+from tests.test_agents_e2e import create_agent
+from tests.test_policies import new_key
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def up(tmp_root):
+    m = MockProvider(tmp_root)
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, up):
+    cfg = {
+        "router": {"max_attempts": 1},
+        "providers": [
+            {
+                "name": "pp",
+                "kind": "openai",
+                "base_url": f"{up.url}/v1",
+                "api_keys": [f"k-{uuid.uuid4().hex[:8]}"],
+                "timeouts": {"first_byte": 5, "idle": 5, "total": 20},
+            }
+        ],
+        "models": [{"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]}],
+    }
+    with started(Gateway(tmp_root, cfg, services)) as (g,):
+        yield g
+
+
+@pytest.fixture
+def raw(up):
+    yield up
+    up.configure(raw=None)
+
+
+def _sse(*objs) -> list[str]:
+    return [f"data: {orjson.dumps(o).decode()}\n\n" for o in objs]
+
+
+def _chunk(delta, finish=None) -> dict:
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def test_an_agents_streamed_turn_with_a_chunk_of_an_unexpected_shape_is_relayed_and_stored(gw, raw):
+    """The routing review relays chunks whose ``choices``/``delta`` are not OpenAI's (the commit
+    check and the usage estimate skip them); an agent's stored answer read the same chunks with
+    ``.get`` on whatever was there, so the turn's stream ended in a server_error event (after the
+    answer) and the turn was not remembered."""
+    agent = create_agent(gw)
+    key = new_key(gw)["key"]
+    odd = [{"id": "c", "choices": "zz"}, {"id": "c", "choices": [1, {"delta": "x"}, {"delta": [1]}]}]
+    pieces = _sse(_chunk({"role": "assistant", "content": "hi there"}), *odd, _chunk({}, "stop"))
+    raw.configure(raw={"pieces": [*pieces, "data: [DONE]\n\n"]})
+    conv = f"cc-{uuid.uuid4().hex[:8]}"
+    body = {
+        "model": f"agent:{agent['name']}",
+        "messages": HELLO,
+        "stream": True,
+        "metadata": {"conversation_id": conv},
+        "variables": {"company": "Acme"},
+    }
+    with httpx.stream(
+        "POST", f"{gw.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    ) as resp:
+        assert resp.status_code == 200, resp.read()
+        events = [e[6:] for e in resp.read().split(b"\n\n") if e.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]", events[-2:]
+    assert not any(b'"error"' in e for e in events)
+    path = f"/v1/agents/{agent['name']}/conversations/{conv}/messages"
+    stored = httpx.get(f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert stored.status_code == 200, stored.text
+    assert [m["content"] for m in stored.json()["data"] if m["role"] == "assistant"] == ["hi there"]
