@@ -91,3 +91,32 @@ def test_an_agents_streamed_turn_with_a_chunk_of_an_unexpected_shape_is_relayed_
     stored = httpx.get(f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert stored.status_code == 200, stored.text
     assert [m["content"] for m in stored.json()["data"] if m["role"] == "assistant"] == ["hi there"]
+
+
+def test_the_cli_revoking_a_key_drops_every_key_minted_from_it_from_the_replicas_caches(gw, services, tmp_root):
+    """The keys review revokes a key's minted keys with it, and DELETE /admin/keys announces each
+    one's revocation to the replicas' key caches; ``gateway keys revoke`` revoked them in
+    PostgreSQL too but announced only the named key, so its children stayed served from every
+    replica's cache until the next version poll."""
+    import redis
+
+    from policies.keys import REVOKE_CHANNEL, hash_key
+    from tests.conftest import run_cli
+    from tests.test_admin_review_s22 import as_key
+
+    ta = f"t-{uuid.uuid4().hex[:8]}"
+    boss = new_key(gw, tenant=ta, scopes=["admin"])
+    child = as_key(gw, boss["key"], "POST", "/admin/keys", json={"name": "c", "scopes": ["admin"]}).json()
+    grandchild = as_key(gw, child["key"], "POST", "/admin/keys", json={"name": "gc"}).json()
+    sub = redis.Redis.from_url(services[1]).pubsub()
+    sub.subscribe(REVOKE_CHANNEL)
+    try:
+        assert sub.get_message(timeout=5)["type"] == "subscribe"
+        out = run_cli("keys", "revoke", boss["id"], urls=services, tmp=tmp_root)
+        assert out.returncode == 0, out.stderr
+        announced = set()
+        while (m := sub.get_message(timeout=2)) is not None:
+            announced.add(m["data"].decode())
+    finally:
+        sub.close()
+    assert {hash_key(k["key"]) for k in (boss, child, grandchild)} <= announced
