@@ -27,6 +27,7 @@ from core.errors import GatewayError
 from core.types import RequestContext, Usage
 from gateway import grounding, hitl_stage, pipeline
 from gateway.routing import Group
+from gateway.usage import count_prompt_off_loop
 from runtime.memory import Window
 
 log = logging.getLogger("gateway.agents")
@@ -114,6 +115,7 @@ async def _next_step(svc, ctx: RequestContext, scope: dict) -> None:
     ctx.max_output = pipeline._int(ctx.body.get("max_completion_tokens")) or pipeline._int(ctx.body.get("max_tokens"))
     for name in ("settled", "admitted", "reserved_nano", "budgets", "budget_keys", "usage_estimated"):
         ctx.extra.pop(name, None)
+    await count_prompt_off_loop(ctx)  # tool results can be large: not tokenized on the event loop
     await pipeline.admit(svc, ctx, scope)
     await pipeline.scrub(svc, ctx)
 
@@ -205,6 +207,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
             *({"role": "tool", "tool_call_id": r.tool_call_id, "content": r.content} for r in results),
         ]
         ctx.body["messages"] = [*ctx.body["messages"], *step_messages]
+        ctx.body_bytes += len(orjson.dumps(step_messages))  # the prompt's bound grows with it
         ctx.extra.setdefault("tool_messages", []).extend(step_messages)  # remembered with the turn
         try:
             await _next_step(svc, ctx, scope)

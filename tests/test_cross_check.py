@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 import httpx
+import openai
 import orjson
 import pytest
 
@@ -36,7 +37,16 @@ def gw(tmp_root, services, up):
                 "timeouts": {"first_byte": 5, "idle": 5, "total": 20},
             }
         ],
-        "models": [{"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]}],
+        "models": [
+            {"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]},
+            {
+                "name": "windowed",
+                "deployments": [
+                    {"provider": "pp", "model": "short", "context_window": 400},
+                    {"provider": "pp", "model": "long", "context_window": 100000},
+                ],
+            },
+        ],
     }
     with started(Gateway(tmp_root, cfg, services)) as (g,):
         yield g
@@ -120,3 +130,55 @@ def test_the_cli_revoking_a_key_drops_every_key_minted_from_it_from_the_replicas
     finally:
         sub.close()
     assert {hash_key(k["key"]) for k in (boss, child, grandchild)} <= announced
+
+
+def test_an_agent_turn_longer_than_a_deployments_context_window_is_not_sent_to_it(gw):
+    """``ctx.body_bytes`` bounds the prompt's tokens from above: the router skips counting when
+    it fits a context window, a routing rule when it is under ``prompt_tokens_over``, and the
+    routing review's off-loop count skips a body below OFF_LOOP_BYTES. It stayed the client's
+    body size while the agent stage added the system prompt and history (and the tools loop its
+    results): a long agent prompt was sent to a deployment whose window it overflows (the
+    provider's 400 instead of another deployment), and counted on the event loop."""
+    agent = create_agent(gw, model="windowed", template="You are {{ company }}'s assistant. " + "word " * 800)
+    key = new_key(gw)["key"]
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    for _ in range(8):
+        raw = c.chat.completions.with_raw_response.create(
+            model=f"agent:{agent['name']}", messages=HELLO, extra_body={"variables": {"company": "Acme"}}
+        )
+        assert raw.headers["x-gateway-deployment"] == "pp/long"
+
+
+def test_a_tool_loop_step_longer_than_a_deployments_context_window_is_not_sent_to_it(gw, tmp_root):
+    """The same bound in the tools loop: a step's prompt holds the tool results (up to 32 KiB
+    each, 32 calls a step) that the client's body never had."""
+    from tests.test_agents_e2e import ToolServer
+
+    tools = ToolServer(tmp_root)
+    try:
+        big = {
+            "name": "get_big",
+            "description": "A long document",
+            "parameters": {"type": "object", "properties": {}},
+            "kind": "http",
+            "config": {
+                "method": "GET",
+                "url": f"{tools.url}/big?bytes=20000",
+                "allowed_hosts": ["127.0.0.1"],
+                "allow_private_networks": True,
+            },
+        }
+        agent = create_agent(gw, model="windowed", tools=[big])
+        key = new_key(gw)["key"]
+        c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+        directive = '[[mock:{"tool_calls_steps": [[{"name": "get_big", "arguments": {}}]]}]]'
+        for _ in range(8):
+            raw = c.chat.completions.with_raw_response.create(
+                model=f"agent:{agent['name']}",
+                messages=[{"role": "user", "content": f"read it {directive}"}],
+                extra_body={"variables": {"company": "Acme"}},
+            )
+            assert raw.parse().choices[0].message.content.startswith("tool result")
+            assert raw.headers["x-gateway-deployment"] == "pp/long"
+    finally:
+        tools.stop()
