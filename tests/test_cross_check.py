@@ -182,3 +182,45 @@ def test_a_tool_loop_step_longer_than_a_deployments_context_window_is_not_sent_t
             assert raw.headers["x-gateway-deployment"] == "pp/long"
     finally:
         tools.stop()
+
+
+def _log_line(gw: Gateway, rid: str) -> dict | None:
+    for entry in gw.log().splitlines():
+        if rid in entry and entry.startswith("{") and '"msg":"request"' in entry.replace(" ", ""):
+            return orjson.loads(entry)
+    return None
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_a_provider_streamed_without_usage_is_counted_and_the_sdk_reads_the_estimate(gw, raw, field):
+    """The routing review relays reasoning deltas as content (they commit the stream); a provider
+    that reports no usage has the answer counted by the gateway, which read only content and
+    tool calls — reasoning, billed as completion tokens by every provider, was charged nothing.
+    The client asked for ``include_usage``: the estimate reaches the OpenAI SDK as OpenAI's usage
+    chunk (no choices), after the answer."""
+    from tests.conftest import wait_until
+
+    thought = " ".join(f"step{i}" for i in range(300))
+    pieces = _sse(
+        _chunk({"role": "assistant", "content": ""}),
+        _chunk({field: thought}),
+        _chunk({"content": "yes"}),
+        _chunk({}, "stop"),
+    )
+    raw.configure(raw={"pieces": [*pieces, "data: [DONE]\n\n"]})
+    key = new_key(gw)["key"]
+    rid = f"rs-{uuid.uuid4().hex[:8]}"
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    stream = c.chat.completions.create(
+        model="agent-model",
+        messages=HELLO,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-request-id": rid},
+    )
+    got = list(stream)
+    assert "".join(ch.choices[0].delta.content or "" for ch in got if ch.choices) == "yes"
+    assert got[-1].choices == [] and got[-1].usage is not None
+    assert got[-1].usage.completion_tokens >= 300, got[-1].usage
+    wait_until(lambda: _log_line(gw, rid) is not None, timeout=10, what="the request's log line")
+    assert _log_line(gw, rid)["completion_tokens"] == got[-1].usage.completion_tokens
