@@ -224,3 +224,65 @@ def test_reasoning_a_provider_streamed_without_usage_is_counted_and_the_sdk_read
     assert got[-1].usage.completion_tokens >= 300, got[-1].usage
     wait_until(lambda: _log_line(gw, rid) is not None, timeout=10, what="the request's log line")
     assert _log_line(gw, rid)["completion_tokens"] == got[-1].usage.completion_tokens
+
+
+@pytest.mark.parametrize("end", ["client_gone", "provider_broke", "gateway_failed"])
+def test_a_stream_that_ends_early_is_estimated_off_the_event_loop(monkeypatch, end):
+    """The routing review counts a long answer without usage in a worker thread when the stream
+    ends with [DONE] — but a stream that ends otherwise (the client hung up, the provider broke
+    off, the gateway's own failure) was still counted on the event loop: up to the ~1-2 MiB
+    kept (0.4 s for 512 KiB of "aaaa…", 65k tokens) every other request of the replica waited,
+    and a client can end its streams early at will."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from core.errors import UpstreamError
+    from core.types import RequestContext, Route, Usage
+    from gateway import pipeline
+    from gateway.usage import OFF_LOOP_BYTES
+
+    where: list[bool] = []
+
+    def estimating(ctx, sent):
+        where.append(threading.current_thread() is threading.main_thread())
+        return Usage(prompt_tokens=1, completion_tokens=2)
+
+    monkeypatch.setattr(pipeline, "estimate_stream_usage", estimating)
+    route = Route("m", "p", "p/m", "m", None)
+    content = b"data: " + orjson.dumps({"choices": [{"delta": {"content": "a" * OFF_LOOP_BYTES}}]}) + b"\n\n"
+
+    async def events():
+        yield content
+        if end == "provider_broke":
+            raise UpstreamError("broke off", code="upstream_disconnected")
+        if end == "gateway_failed":
+            raise KeyError("x")
+        yield content
+        await asyncio.sleep(3600)
+
+    async def attempts(router, ctx, group, attempt, hold=False):
+        ctx.route = route
+        return [content], events()
+
+    monkeypatch.setattr(pipeline, "run_attempts", attempts)
+    router = SimpleNamespace(release=lambda r: None, finished=lambda *a: None)
+    svc = SimpleNamespace(router=router, config=SimpleNamespace(policies=SimpleNamespace(enabled=False)), adapters={})
+    ctx = RequestContext("r", "chat", {"model": "m", "messages": []}, 0.0, stream=True)
+
+    async def go():
+        gone = asyncio.Event()
+        if end == "client_gone":
+            gone.set()
+
+        async def receive():
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            await asyncio.sleep(0)
+
+        await pipeline.call_stream(svc, ctx, None, {"headers": []}, send, receive)
+
+    asyncio.run(go())
+    assert where == [False]
