@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import Gateway, MockProvider, started
+from tests.conftest import MASTER_KEY, Gateway, MockProvider, started
 from tests.test_agents_e2e import create_agent
 from tests.test_policies import new_key
 
@@ -39,6 +39,12 @@ def gw(tmp_root, services, up):
         ],
         "models": [
             {"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]},
+            {
+                "name": "priced",
+                "deployments": [
+                    {"provider": "pp", "model": "mp", "input_cost_per_token": 1e-6, "output_cost_per_token": 1e-6}
+                ],
+            },
             {
                 "name": "windowed",
                 "deployments": [
@@ -286,3 +292,36 @@ def test_a_stream_that_ends_early_is_estimated_off_the_event_loop(monkeypatch, e
 
     asyncio.run(go())
     assert where == [False]
+
+
+def test_a_hard_budgets_reservation_counts_the_response_format_of_a_large_request(gw):
+    """Under a hard budget the reservation is an upper bound: the prompt counted exactly plus the
+    ``response_format`` schema (which the provider counts as prompt too). The routing review
+    counts a prompt of 32 KiB or more before admission (off the event loop), and a prompt
+    already counted was reserved as is — without the schema: a request whose schema alone costs
+    more than the whole budget was admitted and served."""
+    key = new_key(gw)
+    r = httpx.post(
+        f"{gw.url}/admin/budgets",
+        json={"scope": "key", "scope_value": key["id"], "limit_usd": 0.001},
+        headers={"Authorization": f"Bearer {MASTER_KEY}"},
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    schema = {"type": "object", "description": "field " * 12_000, "properties": {"a": {"type": "string"}}}
+    body = {
+        "model": "priced",
+        "messages": HELLO,
+        "max_tokens": 1,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    }
+    resp = httpx.post(
+        f"{gw.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key['key']}"}, timeout=60
+    )
+    assert resp.status_code == 429, resp.text
+    assert resp.json()["error"]["code"] == "budget_too_small"
+    small = {**body, "response_format": {"type": "json_object"}}
+    resp = httpx.post(
+        f"{gw.url}/v1/chat/completions", json=small, headers={"Authorization": f"Bearer {key['key']}"}, timeout=60
+    )
+    assert resp.status_code == 200, resp.text
