@@ -300,7 +300,8 @@ async def _send_as_stream(ctx: RequestContext, raw: bytes, send) -> None:
         {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}]},
     ]
     if ctx.include_usage:
-        events.append({**base, "choices": [], "usage": data.get("usage")})
+        usage = data.get("usage") or (ctx.usage.to_openai() if ctx.usage is not None else None)  # (or the estimate)
+        events.append({**base, "choices": [], "usage": usage})
     body = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
     headers = [*pipeline._SSE_HEADERS, *pipeline._route_headers(ctx), *_headers(ctx)]
     await send({"type": "http.response.start", "status": 200, "headers": headers})

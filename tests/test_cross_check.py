@@ -325,3 +325,44 @@ def test_a_hard_budgets_reservation_counts_the_response_format_of_a_large_reques
         f"{gw.url}/v1/chat/completions", json=small, headers={"Authorization": f"Bearer {key['key']}"}, timeout=60
     )
     assert resp.status_code == 200, resp.text
+
+
+def test_an_agent_turn_sent_as_a_stream_carries_the_usage_estimate_the_client_asked_for(gw, raw, tmp_root):
+    """An agent with server-side tools runs its model calls unstreamed and sends the answer in
+    chunks; a client that asked for ``include_usage`` got the provider's usage as is — ``null``
+    when the provider reported none, while the stream path gives the gateway's estimate then (the
+    README's promise) and so does this path once a turn has two steps (their sum)."""
+    weather = {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        "kind": "http",
+        "config": {"method": "GET", "url": "http://127.0.0.1:9/weather", "allowed_hosts": ["127.0.0.1"]},
+    }
+    agent = create_agent(gw, tools=[weather])
+    answer = {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "sunny all week"}, "finish_reason": "stop"}
+        ],
+    }
+    raw.configure(raw={"content_type": "application/json", "pieces": [orjson.dumps(answer).decode()]})
+    key = new_key(gw)["key"]
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    got = list(
+        c.chat.completions.create(
+            model=f"agent:{agent['name']}",
+            messages=HELLO,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"variables": {"company": "Acme"}},
+        )
+    )
+    assert "".join(ch.choices[0].delta.content or "" for ch in got if ch.choices) == "sunny all week"
+    assert got[-1].choices == [] and got[-1].usage is not None
+    from core.tokens import count_text
+
+    assert got[-1].usage.completion_tokens == count_text("sunny all week") and got[-1].usage.prompt_tokens > 0
