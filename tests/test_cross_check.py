@@ -395,3 +395,33 @@ def test_the_json_depth_bound_is_exactly_128_levels(kind):
         assert exc.value.param == "deep"
     wide = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}] * 500}
     check_depth(orjson.dumps(wide), wide)
+
+
+def test_a_provider_answer_nested_past_what_can_be_written_again_is_a_bad_answer_not_a_500(gw, raw):
+    """The fuzz review bounds a client's body at 128 levels because orjson reads 1024 and writes
+    254; a provider's answer was read unbounded, and an agent's tools loop writes it again (its
+    usage summed, its steps capped): a 500 with a traceback. It is now the provider's bad answer
+    (502 upstream_bad_response, which falls back), as any answer of the wrong shape is."""
+    weather = {
+        "name": "get_weather",
+        "description": "The weather",
+        "parameters": {"type": "object", "properties": {}},
+        "kind": "http",
+        "config": {"method": "GET", "url": "http://127.0.0.1:9/weather", "allowed_hosts": ["127.0.0.1"]},
+    }
+    agent = create_agent(gw, tools=[weather], max_steps=2)
+    call = {"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": "m"}
+    answer["choices"] = [{"index": 0, "message": message, "finish_reason": "tool_calls"}]
+    deep = '{"x": ' + "[" * 300 + "1" + "]" * 300 + ", " + orjson.dumps(answer).decode()[1:]
+    raw.configure(raw={"content_type": "application/json", "pieces": [deep]})
+    key = new_key(gw)["key"]
+    resp = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        json={"model": f"agent:{agent['name']}", "messages": HELLO, "variables": {"company": "Acme"}},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
+    assert resp.status_code == 502, resp.text
+    assert resp.json()["error"]["code"] == "upstream_bad_response"

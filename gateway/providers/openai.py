@@ -14,6 +14,8 @@ import aiohttp
 import orjson
 
 from core.config import Provider
+from core.errors import InvalidRequest
+from core.http import check_depth
 from core.sse import EventSplitter, EventTooLarge
 from core.types import RequestContext, Route, Usage
 from core.upstream import Upstream
@@ -58,6 +60,10 @@ class OpenAIAdapter:
             raise bad_response(self.name, "body is not JSON") from None
         if not isinstance(parsed, dict) or not isinstance(parsed.get(shape), list):
             raise bad_response(self.name, f"no '{shape}' array")
+        try:  # nested past what the gateway writes again (an agent's answer, restored pseudonyms)
+            check_depth(raw, parsed)
+        except InvalidRequest:
+            raise bad_response(self.name, "nested too deeply") from None
         ctx.usage = Usage.from_openai(parsed.get("usage"))
         return raw
 
