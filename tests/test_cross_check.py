@@ -425,3 +425,27 @@ def test_a_provider_answer_nested_past_what_can_be_written_again_is_a_bad_answer
     )
     assert resp.status_code == 502, resp.text
     assert resp.json()["error"]["code"] == "upstream_bad_response"
+
+
+def test_a_usage_chunk_written_with_a_space_before_the_colon_is_read_and_not_relayed_unasked(gw, raw):
+    """The routing review recognises an error event written ``{"error" : {...}}``; the usage
+    chunk had the same byte check (``"usage":{`` or ``"usage": {``): written ``"usage" : {`` it
+    was not read (the provider's counts replaced by the gateway's estimate) and was relayed to a
+    client that never asked for usage — a chunk with no choices, on which ``chunk.choices[0]``
+    fails."""
+    from tests.conftest import wait_until
+
+    pieces = _sse(_chunk({"role": "assistant", "content": "hi"}), _chunk({}, "stop"))
+    usage = '{"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [], '
+    usage += '"usage" : {"prompt_tokens": 111, "completion_tokens": 222, "total_tokens": 333}}'
+    raw.configure(raw={"pieces": [*pieces, f"data: {usage}\n\n", "data: [DONE]\n\n"]})
+    key = new_key(gw)["key"]
+    rid = f"us-{uuid.uuid4().hex[:8]}"
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    got = list(
+        c.chat.completions.create(model="agent-model", messages=HELLO, stream=True, extra_headers={"x-request-id": rid})
+    )
+    assert all(ch.choices for ch in got), got[-1]
+    wait_until(lambda: _log_line(gw, rid) is not None, timeout=10, what="the request's log line")
+    line = _log_line(gw, rid)
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (111, 222), line

@@ -8,6 +8,7 @@ event the gateway asked for and the client did not, which is read and dropped.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -115,7 +116,7 @@ class OpenAIAdapter:
                             if out:
                                 yield b"".join(out)
                             raise err
-                    if b'"usage":{' in event or b'"usage": {' in event:
+                    if b'"usage"' in event and _USAGE_OBJECT.search(event):  # ("usage" : { too; not null)
                         if self._read_usage(ctx, event) and not keep_usage:
                             continue
                     out.append(event)
@@ -143,6 +144,9 @@ class OpenAIAdapter:
 
     async def close(self) -> None:
         return None
+
+
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
 def _without_gateway_metadata(payload: dict) -> dict:
