@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import re
 
+import orjson
+
 from channels.vapi import wire as vapi_wire
 from core.errors import InvalidRequest, ModelNotFound, PermissionDenied
 from core.types import RequestContext, excerpt
@@ -175,6 +177,7 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     ctx.agent = turn
     await grounding.ground(svc, ctx)  # knowledge-base sources for this turn's question
     ctx._prompt_tokens = None  # the body changed: counts and bounds are derived again
+    ctx.body_bytes = len(orjson.dumps(ctx.body))  # the prompt's bound (context windows, rules, off-loop count)
     ctx.known_tokens = _known_tokens(history, ctx.body["messages"][0], system)
 
 

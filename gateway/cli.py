@@ -269,13 +269,13 @@ async def _keys(args: argparse.Namespace, database_url: str, redis_url: str) -> 
                 created = f"{r.created_at:%Y-%m-%d %H:%M:%S}"
                 print(f"{r.id:22} {r.name[:20]:20} {r.tenant[:12]:12} {r.key_prefix:18} {created:20} {status}")
         else:
-            key_hash = await keys.revoke_key(conn, args.id)
-            if key_hash is None:
+            revoked = await keys.revoke_tree(conn, args.id)  # and every key minted from it
+            if not revoked:
                 print(f"no key with id {args.id}", file=sys.stderr)
                 return 1
             client = aioredis.from_url(redis_url)
             try:
-                reached = await keys.announce_revocation(client, key_hash)
+                reached = await keys.announce_revocation(client, *(h for _, h in revoked))
             finally:
                 await client.aclose()
             print(f"revoked {args.id} ({reached} gateway process(es) notified)")

@@ -390,7 +390,7 @@ async def call_stream(
             ctx.status = err.status
             ctx.error_code = err.code
             if ctx.usage is None:
-                ctx.usage = estimate_stream_usage(ctx, sent)
+                ctx.usage = await _estimate_stream(ctx, sent, kept)
             metrics.upstream_errors.get(r.provider, metrics.code_label(err.code)).inc()
             svc.router.finished(r, ctx, err, time.perf_counter() - ctx.started)
             await settle(svc, ctx, scope)
@@ -402,17 +402,17 @@ async def call_stream(
             ctx.status = err.status
             ctx.error_code = "internal_error"
             if ctx.usage is None:
-                ctx.usage = estimate_stream_usage(ctx, sent)
+                ctx.usage = await _estimate_stream(ctx, sent, kept)
             await settle(svc, ctx, scope)
             await send({"type": "http.response.body", "body": stream_error_event(err), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:
-        if ctx.usage is None:  # the client left before the end (and its usage): it pays for what it was sent
-            ctx.usage = estimate_stream_usage(ctx, sent)
         hangup.cancel()
         svc.router.release(r)
         with contextlib.suppress(Exception):
             await events.aclose()
+        if ctx.usage is None:  # the client left before the end (and its usage): it pays for what it was sent
+            ctx.usage = await _estimate_stream(ctx, sent, kept)  # (last: an await, which a cancel may end)
 
 
 async def agent(svc: Services, ctx: RequestContext, scope: dict) -> None:

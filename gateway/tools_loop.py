@@ -27,6 +27,7 @@ from core.errors import GatewayError
 from core.types import RequestContext, Usage
 from gateway import grounding, hitl_stage, pipeline
 from gateway.routing import Group
+from gateway.usage import count_prompt_off_loop
 from runtime.memory import Window
 
 log = logging.getLogger("gateway.agents")
@@ -114,6 +115,7 @@ async def _next_step(svc, ctx: RequestContext, scope: dict) -> None:
     ctx.max_output = pipeline._int(ctx.body.get("max_completion_tokens")) or pipeline._int(ctx.body.get("max_tokens"))
     for name in ("settled", "admitted", "reserved_nano", "budgets", "budget_keys", "usage_estimated"):
         ctx.extra.pop(name, None)
+    await count_prompt_off_loop(ctx)  # tool results can be large: not tokenized on the event loop
     await pipeline.admit(svc, ctx, scope)
     await pipeline.scrub(svc, ctx)
 
@@ -205,6 +207,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
             *({"role": "tool", "tool_call_id": r.tool_call_id, "content": r.content} for r in results),
         ]
         ctx.body["messages"] = [*ctx.body["messages"], *step_messages]
+        ctx.body_bytes += len(orjson.dumps(step_messages))  # the prompt's bound grows with it
         ctx.extra.setdefault("tool_messages", []).extend(step_messages)  # remembered with the turn
         try:
             await _next_step(svc, ctx, scope)
@@ -270,8 +273,10 @@ def _streamed_text(chunks: list[bytes]) -> str:
                 data = orjson.loads(event[6:])
             except orjson.JSONDecodeError:
                 continue
-            for choice in data.get("choices") or ():
-                content = (choice.get("delta") or {}).get("content")
+            choices = data.get("choices") if isinstance(data, dict) else None
+            for choice in choices if isinstance(choices, list) else ():  # relayed whatever its shape
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                content = delta.get("content") if isinstance(delta, dict) else None
                 if isinstance(content, str):
                     parts.append(content)
     return "".join(parts)
@@ -295,7 +300,8 @@ async def _send_as_stream(ctx: RequestContext, raw: bytes, send) -> None:
         {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}]},
     ]
     if ctx.include_usage:
-        events.append({**base, "choices": [], "usage": data.get("usage")})
+        usage = data.get("usage") or (ctx.usage.to_openai() if ctx.usage is not None else None)  # (or the estimate)
+        events.append({**base, "choices": [], "usage": usage})
     body = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
     headers = [*pipeline._SSE_HEADERS, *pipeline._route_headers(ctx), *_headers(ctx)]
     await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -21,10 +21,14 @@ def _text(value) -> str:
     return "" if value is None else orjson.dumps(value).decode()
 
 
+_REASONING = ("reasoning_content", "reasoning")  # vLLM, DeepSeek; OpenRouter
+
+
 def _answer_parts(data: dict, field: str, parts: list[str], tools: list[str] | None = None) -> None:
     """Text and tool calls of every choice's ``message`` (whole answers) or ``delta`` (chunks);
     the tool calls' text goes to ``tools`` when given. Whatever shape a provider gives them, they
-    are counted, never a reason to fail the answer (or to leave it uncharged)."""
+    are counted, never a reason to fail the answer (or to leave it uncharged). Reasoning goes
+    with the tool calls' text (counted, not part of the answer an agent stores)."""
     tools = parts if tools is None else tools
     choices = data.get("choices")
     for choice in choices if isinstance(choices, list) else ():  # (a provider may send any shape)
@@ -34,6 +38,9 @@ def _answer_parts(data: dict, field: str, parts: list[str], tools: list[str] | N
         content = _text(msg.get("content"))
         if content:
             parts.append(content)
+        for name in _REASONING:  # billed as completion tokens; counted, never an answer's content
+            if isinstance(msg.get(name), str) and msg[name]:
+                tools.append(msg[name])
         calls = msg.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
             fn = call.get("function") if isinstance(call, dict) else None

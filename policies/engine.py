@@ -258,10 +258,10 @@ class PolicyEngine:
         inp, out = self.reachable_prices(ctx.model)
         if not inp and not out:
             return 0, 0
-        if ctx._prompt_tokens is not None:
-            prompt = ctx._prompt_tokens
-        elif hard and ctx.endpoint == "chat":
+        if hard and ctx.endpoint == "chat":  # (counted already, or not: the schema on top either way)
             prompt = ctx.prompt_tokens() + approx_prompt({"tools": ctx.body.get("response_format")})
+        elif ctx._prompt_tokens is not None:
+            prompt = ctx._prompt_tokens
         else:
             prompt = approx_prompt(ctx.body)  # no tokenizing on the hot path otherwise
         if ctx.endpoint != "chat":

@@ -8,12 +8,15 @@ event the gateway asked for and the client did not, which is read and dropped.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
 
 from core.config import Provider
+from core.errors import InvalidRequest
+from core.http import check_depth
 from core.sse import EventSplitter, EventTooLarge
 from core.types import RequestContext, Route, Usage
 from core.upstream import Upstream
@@ -58,6 +61,10 @@ class OpenAIAdapter:
             raise bad_response(self.name, "body is not JSON") from None
         if not isinstance(parsed, dict) or not isinstance(parsed.get(shape), list):
             raise bad_response(self.name, f"no '{shape}' array")
+        try:  # nested past what the gateway writes again (an agent's answer, restored pseudonyms)
+            check_depth(raw, parsed)
+        except InvalidRequest:
+            raise bad_response(self.name, "nested too deeply") from None
         ctx.usage = Usage.from_openai(parsed.get("usage"))
         return raw
 
@@ -109,7 +116,7 @@ class OpenAIAdapter:
                             if out:
                                 yield b"".join(out)
                             raise err
-                    if b'"usage":{' in event or b'"usage": {' in event:
+                    if b'"usage"' in event and _USAGE_OBJECT.search(event):  # ("usage" : { too; not null)
                         if self._read_usage(ctx, event) and not keep_usage:
                             continue
                     out.append(event)
@@ -137,6 +144,9 @@ class OpenAIAdapter:
 
     async def close(self) -> None:
         return None
+
+
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
 def _without_gateway_metadata(payload: dict) -> dict:
