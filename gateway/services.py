@@ -186,10 +186,12 @@ class Services:
         if self.hitl is not None:
             await self.hitl.stop()
         await self.ledger.stop()
-        for part in (self.runs, self.memory, self.tools, self.agents):
-            if part is not None:
-                await part.stop()
-        await self.alerts.stop()
+        # independent of each other, each waiting out its own blocking read: stopped together
+        parts = [p for p in (self.runs, self.memory, self.tools, self.agents, self.alerts) if p is not None]
+        results = await asyncio.gather(*(p.stop() for p in parts), return_exceptions=True)
+        for part, result in zip(parts, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("%s did not stop cleanly: %r", type(part).__name__, result)
         await self.budgets.stop()
         await self.health.stop()
         await self.auth.stop()

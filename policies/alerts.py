@@ -63,6 +63,7 @@ log = logging.getLogger("gateway.alerts")
 GROUP = "alert-senders"
 CLAIM_IDLE_MS = 30_000  # an alert un-acknowledged this long by a live replica is taken over
 HEARTBEAT_S = 5.0  # how often a sender marks the alerts it holds as still in hand
+BLOCK_MS = 250  # a blocking read of new alerts (what stop() waits out at most)
 
 ALERT_DELIVERIES = Counter(
     "gateway_alert_deliveries_total",
@@ -162,7 +163,7 @@ class AlertSender:
         self._task = asyncio.create_task(self._run(), name="alert-sender")
 
     async def stop(self) -> None:
-        # Let the loop see the flag (its blocking read lasts at most a second) rather than
+        # Let the loop see the flag (its blocking read lasts at most BLOCK_MS) rather than
         # cancel it inside redis-py, whose clean-up after a cancelled blocking read can hang.
         # Alerts still queued stay un-acknowledged: another replica takes them over.
         self._stopping.set()
@@ -188,7 +189,7 @@ class AlertSender:
                     await self._heartbeat()
                     await self._claim()
                     last_claim = time.monotonic()
-                fresh = await self._redis.xreadgroup(GROUP, self._name, {ALERT_STREAM: ">"}, count=100, block=1000)
+                fresh = await self._redis.xreadgroup(GROUP, self._name, {ALERT_STREAM: ">"}, count=100, block=BLOCK_MS)
                 await self._take(fresh[0][1] if fresh else [])
             except asyncio.CancelledError:
                 raise
