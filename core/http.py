@@ -156,6 +156,17 @@ async def read_body(scope: dict, receive, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def query_limit(query, default: int, maximum: int) -> int:
+    """A list call's ``?limit=``: an integer from 1 to ``maximum`` (``default`` when absent), else
+    a 400 naming it. ASCII digits only: ``str.isdigit`` accepts "²", which ``int`` refuses."""
+    raw = query.get("limit")
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
+        raise InvalidRequest(f"'limit' must be an integer from 1 to {maximum}.", param="limit", code="invalid_value")
+    return int(raw)
+
+
 def parse_json(raw: bytes) -> object:
     if not raw:
         raise InvalidRequest("The request body is empty; a JSON object was expected.", code="invalid_json")

@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core import http
 from core.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied, ServiceUnavailable
 from core.types import Identity
 from gateway import admin_agents, admin_channels, admin_escalations, admin_kb, admin_streams, admin_vapi, key_window
@@ -530,9 +531,7 @@ class Admin:
             raise InvalidRequest("'format' must be json or csv.", param="format", code="invalid_value")
         # groups of client-chosen values (users, customers, tags) are as many as clients make:
         # the most costly ``limit`` of them (1-10000, default 1000), ``has_more`` when cut
-        limit = q.get("limit", "1000")
-        if not limit.isdigit() or not 0 < int(limit) <= 10_000:
-            raise InvalidRequest("'limit' must be an integer from 1 to 10000.", param="limit", code="invalid_value")
+        limit = http.query_limit(q, 1000, 10_000)
         expr = GROUP_FIELDS[group_by]
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             rows = await conn.fetch(
@@ -546,10 +545,10 @@ class Admin:
                 start,
                 end,
                 _view(request),
-                int(limit) + 1,
+                limit + 1,
             )
-        more = len(rows) > int(limit)
-        rows = rows[: int(limit)]
+        more = len(rows) > limit
+        rows = rows[:limit]
         data = [
             {
                 group_by: r["grp"],
@@ -620,9 +619,7 @@ class Admin:
             raise PermissionDenied("Only the master key can read the access log.", code="super_admin_required")
         q = request.query_params
         start, end = inp.when(q.get("from"), "from"), inp.when(q.get("to"), "to")
-        limit = q.get("limit", "100")
-        if not limit.isdigit() or not 0 < int(limit) <= 1000:
-            raise InvalidRequest("'limit' must be an integer from 1 to 1000.", param="limit", code="invalid_value")
+        limit = http.query_limit(q, 100, 1000)
         rows = await self.svc.pool.fetch(
             """SELECT * FROM access_audit
                WHERE ($1::timestamptz IS NULL OR ts >= $1) AND ($2::timestamptz IS NULL OR ts < $2)
@@ -634,7 +631,7 @@ class Admin:
             q.get("actor"),
             q.get("tenant"),
             q.get("action"),
-            int(limit),
+            limit,
         )
         return _json({"data": [_record(r) for r in rows]})
 

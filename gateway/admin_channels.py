@@ -25,6 +25,7 @@ from starlette.routing import Route
 from channels.config import PHONE_NUMBER_ID
 from channels.whatsapp.normalize import WA_ID
 from channels.whatsapp.worker import conversation_key
+from core import http
 from core.errors import GatewayError, InvalidRequest, NotFound
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
@@ -230,9 +231,7 @@ class ChannelsAdmin:
         conv = q.get("conversation_id")
         if conv is not None and len(conv) > 256:
             raise InvalidRequest("'conversation_id' is too long.", param="conversation_id")
-        limit = q.get("limit", "100")
-        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-            raise InvalidRequest("'limit' must be an integer from 1 to 1000.", param="limit")
+        limit = http.query_limit(q, 100, 1000)
         async with tenant_transaction(self.channel.pool, base._wall(request)) as conn:
             rows = await conn.fetch(
                 """SELECT wamid, direction, conversation_id, wa_id, kind, body, reply_to, status, error,
@@ -245,7 +244,7 @@ class ChannelsAdmin:
                 name,
                 status,
                 conv,
-                int(limit),
+                limit,
             )
         return base._json({"object": "list", "data": [dict(r) for r in rows]})
 

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from core import http
 from core.errors import GatewayError, InvalidRequest, NotFound, RateLimited, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
@@ -140,9 +141,7 @@ class EscalationAdmin:
         q = request.query_params
         status = inp.text(dict(q), "status", choices=escalations.STATUSES)
         urgency = inp.text(dict(q), "urgency", choices=URGENCIES)
-        limit = q.get("limit", "100")
-        if not limit.isdigit() or not 0 < int(limit) <= 500:
-            raise InvalidRequest("'limit' must be an integer from 1 to 500.", param="limit", code="invalid_value")
+        limit = http.query_limit(q, 100, 500)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             rows = await escalations.list_queue(
                 conn,
@@ -152,7 +151,7 @@ class EscalationAdmin:
                 urgency=urgency,
                 skill=_team(q.get("skill"), "skill"),
                 aging=self.hitl.config.aging_per_minute,
-                limit=int(limit),
+                limit=limit,
             )
         return base._json({"object": "list", "data": [_summary(r) for r in rows]})
 

@@ -43,13 +43,11 @@ def page(request: Request) -> tuple[int, str | None]:
     """(limit, after) of a list call: ``limit`` 1–1000 (default 1000), ``after`` the last id of
     the page before."""
     q = request.query_params
-    limit = q.get("limit", str(MAX_PAGE))
-    if not limit.isdigit() or not 0 < int(limit) <= MAX_PAGE:
-        raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_PAGE}.", param="limit", code="invalid_value")
+    limit = http.query_limit(q, MAX_PAGE, MAX_PAGE)
     after = q.get("after") or None
     if after is not None and len(after) > 128:
         raise InvalidRequest("'after' must be an id from a list's last_id.", param="after", code="invalid_value")
-    return int(limit), after
+    return limit, after
 
 
 def listing(data: list[dict], more: bool) -> dict:

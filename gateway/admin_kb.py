@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core import http
 from core.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
@@ -681,10 +682,8 @@ class KbAdmin:
 
     async def dead_letters(self, request: Request) -> Response:
         queue = self._queue(request)
-        limit = request.query_params.get("limit", "100")
-        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-            raise InvalidRequest("'limit' must be an integer from 1 to 1000.", param="limit", code="invalid_value")
-        return base._json({"object": "list", "data": await queue.dead_letters(int(limit))})
+        limit = http.query_limit(request.query_params, 100, 1000)
+        return base._json({"object": "list", "data": await queue.dead_letters(limit)})
 
     async def retry_dead(self, request: Request) -> Response:
         queue = self._queue(request)

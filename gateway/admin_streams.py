@@ -20,11 +20,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core import http
 from core.errors import InvalidRequest, NotFound, PermissionDenied
 from core.stream_writer import StreamWriter, entry_id
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
-
-STREAMS = ("ledger", "runs", "memory")
 
 
 class StreamsAdmin:
@@ -67,13 +66,11 @@ class StreamsAdmin:
 
     async def dead_letters(self, request: Request) -> Response:
         writer = self._writer(request)
-        limit = request.query_params.get("limit", "100")
-        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
-            raise InvalidRequest("'limit' must be an integer from 1 to 1000.", param="limit", code="invalid_value")
+        limit = http.query_limit(request.query_params, 100, 1000)
         after = request.query_params.get("after")
         if after is not None and not entry_id(after):
             raise InvalidRequest("'after' must be a dead letter's id.", param="after", code="invalid_value")
-        data, more = await writer.dead_letters(int(limit), after)
+        data, more = await writer.dead_letters(limit, after)
         return base._json({"object": "list", "data": data, "has_more": more})
 
     async def retry_dead(self, request: Request) -> Response:

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from channels.vapi.config import VARIABLE_NAME
+from core import http
 from core.errors import InvalidRequest, NotFound
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
@@ -99,13 +100,11 @@ class VapiAdmin:
 
     async def list_calls(self, request: Request) -> Response:
         channel = self._channel()
-        limit = request.query_params.get("limit", "100")
-        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-            raise InvalidRequest("'limit' must be an integer from 1 to 1000.", param="limit")
+        limit = http.query_limit(request.query_params, 100, 1000)
         account = request.query_params.get("account") or None
         if account is not None:
             self._account(request, channel, account)
-        calls = await channel.store.list(base._wall(request), base._view(request), int(limit), account)
+        calls = await channel.store.list(base._wall(request), base._view(request), limit, account)
         return base._json({"object": "list", "data": calls})
 
     async def get_call(self, request: Request) -> Response:

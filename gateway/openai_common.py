@@ -15,6 +15,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from core import http
 from core.errors import InvalidRequest
 from core.types import Identity
 
@@ -64,14 +65,7 @@ class ListParams:
 
 def list_params(request: Request, *, default: int = 20, maximum: int = 100) -> ListParams:
     q = request.query_params
-    raw = q.get("limit")
-    limit = default
-    if raw is not None:
-        if not raw.isdigit() or not 1 <= int(raw) <= maximum:
-            raise InvalidRequest(
-                f"'limit' must be an integer from 1 to {maximum}.", param="limit", code="invalid_value"
-            )
-        limit = int(raw)
+    limit = http.query_limit(q, default, maximum)
     order = q.get("order", "desc")
     if order not in ("asc", "desc"):
         raise InvalidRequest("'order' must be 'asc' or 'desc'.", param="order", code="invalid_value")

@@ -613,3 +613,23 @@ def test_a_budget_too_small_to_lend_credit_is_not_held_by_a_lease_nobody_can_be_
             await b.engine.close()
 
     assert asyncio.run(run()) is not None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/admin/keys",
+        "/admin/budgets",
+        "/admin/spend?group_by=user&",
+        "/admin/access-log",
+        "/admin/escalations",
+        "/admin/streams/ledger/dead-letters",
+        "/v1/files",
+    ],
+)
+def test_a_limit_of_digits_python_reads_but_int_refuses_is_a_400(gw, path):
+    """``?limit=²`` passed every list's ``str.isdigit`` check and then ``int()`` raised: a 500
+    with a stack trace on each list route (eight copies of the check; one now, core.http.query_limit)."""
+    sep = "" if path.endswith("&") else "?"
+    r = httpx.get(f"{gw.url}{path}{sep}limit=%C2%B2", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit", r.text
