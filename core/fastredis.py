@@ -279,6 +279,14 @@ class PipelinedRedis:
     async def evalsha(self, sha: str, numkeys: int, *args, limit_s: float | None = None, now: bool = False):
         return await self.execute("EVALSHA", sha, numkeys, *args, limit_s=limit_s, now=now)
 
+    async def run_script(self, script: str, sha: str, numkeys: int, *args, limit_s: float | None = None):
+        """``script`` by its ``sha`` (EVALSHA); sent whole (EVAL, which loads it again) when the
+        server has forgotten it (a restart)."""
+        try:
+            return await self.execute("EVALSHA", sha, numkeys, *args, limit_s=limit_s)
+        except NoScriptError:
+            return await self.execute("EVAL", script, numkeys, *args, limit_s=limit_s)
+
     async def script_load(self, script: str) -> str:
         sha = await self.execute("SCRIPT", "LOAD", script)
         return sha.decode() if isinstance(sha, bytes) else sha

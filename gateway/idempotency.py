@@ -277,12 +277,7 @@ class Idempotency:
         keys = (3, key, tenant + ":index", tenant + ":bytes")
         args = (marker, value, ttl, int(self._config.idempotency_max_bytes_per_tenant) or 2**53)  # 0: no bound
         try:
-            try:
-                stored = await self._redis.execute("EVALSHA", _STORE_SHA, *keys, *args)
-            except Exception as exc:
-                if "NOSCRIPT" not in str(exc):
-                    raise
-                stored = await self._redis.execute("EVAL", _STORE, *keys, *args)
+            stored = await self._redis.run_script(_STORE, _STORE_SHA, *keys, *args)
         except Exception as exc:  # the claim expires on its own; the answer still goes out
             log.warning("idempotent response not stored: %s", type(exc).__name__)
             return
@@ -302,12 +297,7 @@ class Idempotency:
     async def _release(self, key: str, marker: bytes) -> None:
         _outcomes.get("released").inc()
         try:
-            try:
-                await self._redis.execute("EVALSHA", _RELEASE_SHA, 1, key, marker)
-            except Exception as exc:
-                if "NOSCRIPT" not in str(exc):
-                    raise
-                await self._redis.execute("EVAL", _RELEASE, 1, key, marker)
+            await self._redis.run_script(_RELEASE, _RELEASE_SHA, 1, key, marker)
         except Exception as exc:  # the claim expires on its own (idempotency_lock_s)
             log.warning("idempotency key not released: %s", type(exc).__name__)
 
