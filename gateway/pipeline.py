@@ -310,6 +310,16 @@ async def _estimate_stream(ctx: RequestContext, sent: list[bytes], kept: int) ->
     return estimate_stream_usage(ctx, sent)
 
 
+async def _last_chunk(ctx: RequestContext, chunk: bytes, sent: list[bytes], kept: int) -> bytes:
+    """A stream's last chunk (ending in ``[DONE]``): when the provider reported no usage, the
+    estimate is counted, and put before ``[DONE]`` for a client that asked for ``include_usage``."""
+    if ctx.usage is None:
+        ctx.usage = await _estimate_stream(ctx, sent, kept)
+        if ctx.include_usage:
+            chunk = with_usage(chunk, ctx)
+    return chunk
+
+
 def _stream_failure(provider: str, exc: BaseException) -> GatewayError:
     if isinstance(exc, GatewayError):
         return exc
@@ -347,10 +357,7 @@ async def call_stream(
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         for i, chunk in enumerate(head):
             if i == len(head) - 1 and chunk.endswith(b"data: [DONE]\n\n"):  # the whole stream came at once
-                if ctx.usage is None:
-                    ctx.usage = await _estimate_stream(ctx, sent, kept)
-                    if ctx.include_usage:  # asked for, and the provider sent none: the estimate
-                        chunk = with_usage(chunk, ctx)
+                chunk = await _last_chunk(ctx, chunk, sent, kept)
                 await settle(svc, ctx, scope)
                 if on_done is not None:
                     await on_done()
@@ -370,10 +377,7 @@ async def call_stream(
                     kept = compacted = len(sent[0])
                 settled = None
                 if chunk.endswith(b"data: [DONE]\n\n"):  # the last chunk: settle as it goes
-                    if ctx.usage is None:
-                        ctx.usage = await _estimate_stream(ctx, sent, kept)
-                        if ctx.include_usage:  # asked for, and the provider sent none: the estimate
-                            chunk = with_usage(chunk, ctx)
+                    chunk = await _last_chunk(ctx, chunk, sent, kept)
                     if on_done is None:
                         settled = await settling(svc, ctx, scope)
                     else:  # an agent's turn: settled and stored before the end is heard
