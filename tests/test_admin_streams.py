@@ -32,6 +32,13 @@ def _dead(gw, stream: str = "ledger", **params) -> list[dict]:
     return r.json()["data"]
 
 
+def _refused(gw, cases: list[tuple[str, str, int, str]]) -> None:
+    """Each (method, path) answered ``status`` with an error naming ``param``."""
+    for method, path, status, param in cases:
+        r = admin(gw, method, path)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (path, r.status_code, r.text)
+
+
 def _find(gw, request_id: str) -> dict | None:
     found = [d for d in _dead(gw) if request_id in d["record"].get("r", "")]
     return found[0] if found else None
@@ -86,9 +93,7 @@ def test_dead_letters_are_the_master_keys_and_bad_parameters_name_themselves(gw)
         ("POST", "/admin/streams/runs/dead-letters/1-1/retry", 404, "dead_id"),
         ("DELETE", "/admin/streams/memory/dead-letters/1-1", 404, "dead_id"),
     ]
-    for method, path, status, param in cases:
-        r = admin(gw, method, path)
-        assert r.status_code == status and r.json()["error"]["param"] == param, (path, r.text)
+    _refused(gw, cases)
 
 
 def test_ids_redis_cannot_parse_and_non_ascii_digits_are_refused_not_a_500(gw):
@@ -103,9 +108,7 @@ def test_ids_redis_cannot_parse_and_non_ascii_digits_are_refused_not_a_500(gw):
         ("POST", "/admin/streams/ledger/dead-letters/99999999999999999999-0/retry", 404, "dead_id"),
         ("DELETE", "/admin/streams/ledger/dead-letters/99999999999999999999-0", 404, "dead_id"),
     ]
-    for method, path, status, param in cases:
-        r = admin(gw, method, path)
-        assert r.status_code == status and r.json()["error"]["param"] == param, (path, r.status_code, r.text)
+    _refused(gw, cases)
 
 
 def _peak_rss_kb(pid: int) -> int:
