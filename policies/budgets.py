@@ -195,22 +195,69 @@ class BudgetCache:
         self.by_scope: dict[tuple[str, str, str], list[Budget]] = {}
         self.by_id: dict[str, Budget] = {}
         self._task: asyncio.Task | None = None
+        # Reads race: the listener, an admin change and the alert sender can each read budgets at
+        # once, and a read that began earlier may answer later. Each read takes a ticket as its
+        # query is sent; a read older than what is installed is not installed over it.
+        self._ticket = 0
+        self._loaded = 0  # the ticket of the whole load installed
+        self._fresh: dict[str, tuple[int, Budget | None]] = {}  # rows read after it: (ticket, row)
+        self._reading = 0  # reads in flight (``_fresh`` matters only while one is)
+
+    def _next_ticket(self) -> int:
+        self._ticket += 1
+        return self._ticket
+
+    async def _read(self, query):
+        """(ticket, what ``query(conn)`` answers); ``_fresh`` is emptied once no read is left in
+        flight, since nothing older can then come back."""
+        self._reading += 1
+        try:
+            async with self._pool.acquire() as conn:
+                ticket = self._next_ticket()
+                return ticket, await query(conn)
+        finally:
+            self._reading -= 1
+
+    def _settled(self) -> None:
+        if not self._reading:
+            self._fresh.clear()
 
     async def load(self) -> None:
-        async with self._pool.acquire() as conn:
-            budgets = await list_budgets(conn)
+        ticket, budgets = await self._read(list_budgets)
+        try:
+            self._install_all(ticket, budgets)
+        finally:
+            self._settled()
+
+    def _install_all(self, ticket: int, budgets: list[Budget]) -> None:
+        if ticket < self._loaded:
+            return  # a later load is installed already
         index: dict[tuple[str, str, str], list[Budget]] = {}
         for b in budgets:
             index.setdefault((b.tenant, b.scope, b.scope_value), []).append(b)
-        self.by_scope, self.by_id = index, {b.id: b for b in budgets}
+        self.by_scope, self.by_id, self._loaded = index, {b.id: b for b in budgets}, ticket
+        _KEYS_CACHE.clear()
+        newer = {k: v for k, v in self._fresh.items() if v[0] > ticket}  # read while this load ran
+        self._fresh = newer
+        for budget_id, (_, row) in newer.items():
+            self._install(budget_id, row)
 
     async def refresh(self, budget_id: str) -> None:
         """Reads one budget again: changed, created or deleted."""
-        async with self._pool.acquire() as conn:
-            row = await conn.fetchrow("SELECT * FROM budgets WHERE id = $1", budget_id)
+        ticket, row = await self._read(lambda conn: conn.fetchrow("SELECT * FROM budgets WHERE id = $1", budget_id))
+        try:
+            seen = self._fresh.get(budget_id)
+            if ticket < self._loaded or (seen is not None and ticket < seen[0]):
+                return  # a read that began later is installed already
+            budget = _row(row) if row is not None else None
+            self._fresh[budget_id] = (ticket, budget)
+            self._install(budget_id, budget)
+        finally:
+            self._settled()
+
+    def _install(self, budget_id: str, b: Budget | None) -> None:
         self._drop(budget_id)
-        if row is not None:
-            b = _row(row)
+        if b is not None:
             self.by_id[b.id] = b
             self.by_scope.setdefault((b.tenant, b.scope, b.scope_value), []).append(b)
 
