@@ -33,6 +33,18 @@ def header(scope: dict, name: bytes) -> bytes | None:
     return None
 
 
+def header_text(value: bytes, name: str, strict: bool = True) -> str:
+    """A header's value as text: UTF-8 (what clients that send non-ASCII values write; read as
+    latin-1, "José" became "JosÃ©" and matched no budget or allow-list set for José). Bytes
+    that are not UTF-8 are a 400 naming the header (``strict``), else replaced."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        if not strict:
+            return value.decode(errors="replace")
+        raise InvalidRequest(f"Header {name} must be UTF-8 text.", param=name, code="invalid_value") from None
+
+
 # ---- request ids -------------------------------------------------------------------------------
 # The gateway's own id for every request: ``req_`` + 64 random bits drawn once per process (again
 # in a forked child) + a 48-bit counter. Unique across processes and replicas (a collision needs

@@ -19,6 +19,7 @@ from redis.exceptions import NoScriptError, RedisError
 from core.config import Config, Limit
 from core.errors import PermissionDenied, QuotaExceeded, RateLimited, ServiceUnavailable
 from core.fastredis import PipelinedRedis
+from core.http import header_text
 from core.tokens import approx_prompt
 from core.types import RequestContext, Usage
 from policies import scripts
@@ -34,9 +35,11 @@ MAX_ATTRIBUTION = 200  # characters of a user, agent, workflow or customer a req
 MAX_TAG = 100  # characters of a tag
 
 
-def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
+def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes], strict: bool = True) -> dict:
     """Who spends: tenant and key from the caller's identity; user, agent, workflow, customer
-    and free tags from the body (``user``, ``metadata``) or ``x-gateway-*`` headers."""
+    and free tags from the body (``user``, ``metadata``) or ``x-gateway-*`` headers. A header
+    that is not UTF-8 is a 400 (``strict``; the audit record of a request refused before its
+    admission is written whatever its headers hold)."""
     ident = ctx.identity
     body = ctx.body if isinstance(ctx.body, dict) else {}
     meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
@@ -44,7 +47,7 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
     def pick(field: str, header: bytes) -> str | None:
         value = scope_headers.get(header)
         if value:
-            return value.decode("latin-1")[:MAX_ATTRIBUTION]
+            return header_text(value, header.decode(), strict)[:MAX_ATTRIBUTION]
         value = meta.get(field)
         return str(value)[:MAX_ATTRIBUTION] if value not in (None, "") else None
 
@@ -56,11 +59,14 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
         tags = []
     header_tags = scope_headers.get(b"x-gateway-labels")
     if header_tags:
-        tags = [*tags, *(t.strip() for t in header_tags.decode("latin-1").split(",") if t.strip())]
+        tags = [
+            *tags,
+            *(t.strip() for t in header_text(header_tags, "x-gateway-labels", strict).split(",") if t.strip()),
+        ]
     return {
         "tenant": ident.tenant if ident else None,
         "key": ident.key_id if ident else None,
-        "user": user.decode("latin-1")[:MAX_ATTRIBUTION]
+        "user": header_text(user, "x-gateway-user", strict)[:MAX_ATTRIBUTION]
         if user
         else (str(body["user"])[:MAX_ATTRIBUTION] if body.get("user") else None),
         "agent": pick("agent", b"x-gateway-agent"),
