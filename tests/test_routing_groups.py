@@ -22,15 +22,15 @@ from tests.conftest import Gateway, started, wait_until
 from tests.test_policies import admin, ledger_rows, new_key
 
 U = uuid.uuid4().hex[:8]  # upstream models unique per run: health is shared through the suite's Redis
-SAME, NARROW, CIRC, A, B = (f"{n}-{U}" for n in ("same", "narrow", "circ", "a", "b"))
+SAME, NARROW, CIRC, A, B, F, G = (f"{n}-{U}" for n in ("same", "narrow", "circ", "a", "b", "f", "g"))
 CHEAP = {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
 PREMIUM = {"input_cost_per_token": 1e-5, "output_cost_per_token": 3e-5}
 LONG = " ".join(["word"] * 120)  # ~120 tokens: over a 40-token window
 HELLO = [{"role": "user", "content": "hello there"}]
 
 
-def _dep(model: str, **settings) -> dict:
-    return {"provider": "gp", "model": model, **settings}
+def _dep(model: str, provider: str = "gp", **settings) -> dict:
+    return {"provider": provider, "model": model, **settings}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,14 @@ def gw(tmp_root, services, module_mock):
         },
         "providers": [
             {"name": "gp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": [f"gp-{U}"]},
+            # every call through this one fails (the mock obeys the x-mock header)
+            {
+                "name": "bad",
+                "kind": "openai",
+                "base_url": f"{module_mock.url}/v1",
+                "api_keys": [f"bad-{U}"],
+                "headers": {"x-mock": '{"status": 500}'},
+            },
         ],
         "models": [
             # first the cheap entry, then the same upstream at list price with other tags
@@ -54,6 +62,9 @@ def gw(tmp_root, services, module_mock):
             # the same two upstreams, weighted the other way round
             {"name": "to-a", "deployments": [_dep(A, weight=1000), _dep(B, weight=0.001)]},
             {"name": "to-b", "deployments": [_dep(A, weight=0.001), _dep(B, weight=1000)]},
+            # a failing upstream, then a fallback group listing it too (heavily weighted) beside another
+            {"name": "fa", "fallbacks": ["fb"], "deployments": [_dep(F, "bad", **CHEAP)]},
+            {"name": "fb", "deployments": [_dep(F, "bad", weight=1000, **CHEAP), _dep(G, weight=0.001, **PREMIUM)]},
             {"name": "circ-1", "deployments": [_dep(CIRC, **CHEAP)]},
             {"name": "circ-2", "deployments": [_dep(CIRC, **PREMIUM)]},
         ],
@@ -126,6 +137,19 @@ def test_each_group_has_its_own_context_window_and_falls_back_to_the_other(gw, s
     row = _ledger_row(services[0], raw.parse()._request_id)
     assert row["served_model"] == "narrow" and row["fallbacks"] == 0
     assert row["cost_usd"] == pytest.approx(row["prompt_tokens"] * 1e-6 + row["completion_tokens"] * 2e-6)
+
+
+def test_a_fallback_group_skips_the_upstream_that_just_failed_in_the_first(gw, services, api_key, module_mock):
+    """``fa``'s upstream fails; ``fb`` lists the same upstream (weight 1000) beside another: the
+    request is not sent to the failed upstream again but to the other, at ``fb``'s price."""
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+    module_mock.clear()
+    raw = client.chat.completions.with_raw_response.create(model="fa", messages=HELLO)
+    assert raw.headers["x-gateway-deployment"] == f"gp/{G}"
+    row = _ledger_row(services[0], raw.parse()._request_id)
+    assert (row["served_model"], row["attempts"], row["fallbacks"]) == ("fb", 2, 1)
+    assert row["cost_usd"] == pytest.approx(row["prompt_tokens"] * 1e-5 + row["completion_tokens"] * 3e-5)
+    assert [r["body"]["model"] for r in module_mock.requests()] == [F, G]
 
 
 def test_each_group_weighs_its_own_entries(gw, api_key):
