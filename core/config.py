@@ -500,6 +500,25 @@ def _cross_check(cfg: Config, problems: list[str]) -> None:
                 problems.append(f"{where}.provider: unknown provider {d.provider!r}")
             elif m.mode == "embedding" and cfg.providers[names[d.provider]].kind == "anthropic":
                 problems.append(f"{where}.provider: anthropic has no embeddings endpoint")
+        _check_repeated_deployments(m, i, problems)
+
+
+def _check_repeated_deployments(m: Model, i: int, problems: list[str]) -> None:
+    """One group may list an upstream (provider and model) twice only as the same entry: two
+    entries with other settings would leave which price, window or tags hold to chance."""
+    first: dict[tuple[str, str], int] = {}
+    for j, d in enumerate(m.deployments):
+        k = first.setdefault((d.provider, d.model), j)
+        if k == j:
+            continue
+        other = m.deployments[k]
+        for name in type(d).model_fields:
+            if getattr(d, name) != getattr(other, name):
+                problems.append(
+                    f"models[{i}].deployments[{j}].{name}: {d.provider}/{d.model} is deployments[{k}] "
+                    f"of this group already, with another {name}; list it once"
+                )
+                break
 
 
 def _check_pii(cfg: Config, problems: list[str]) -> None:

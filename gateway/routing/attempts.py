@@ -41,7 +41,7 @@ def _unavailable(ctx: RequestContext, router: Router, chain: list[Group]) -> Gat
     if times:
         headers["retry-after"] = str(max(1, round(min(times) - health.now())))
     now = health.now()
-    if any(d.admissible(now) for g in chain for d in g.deployments):
+    if any(d.health.admissible(now) for g in chain for d in g.deployments):
         return RateLimited(
             f"Every provider key able to serve model `{ctx.model}` is rate limited right now.", headers=headers
         )

@@ -79,15 +79,13 @@ class ProviderKeys:
 
 
 @dataclass(slots=True)
-class DeploymentState:
+class UpstreamHealth:
+    """One upstream deployment (a provider's model) as this process knows it. Every entry of the
+    config naming the same provider and model shares it, whichever group lists it: a circuit
+    opened by one group's failures protects the others, and least-busy / latency see all the
+    traffic it gets. Replicas share its circuit under its id (shared.py)."""
+
     id: str  # provider/upstream-model
-    cfg: Deployment
-    provider: str
-    keys: ProviderKeys
-    tags: frozenset
-    input_cost: float | None
-    output_cost: float | None
-    context_window: int | None
     in_flight: int = 0
     latency: float | None = None  # decayed moving average, seconds
     failures: deque = field(default_factory=deque)
@@ -137,6 +135,23 @@ class DeploymentState:
             self.state = HALF_OPEN
         if self.state == HALF_OPEN:
             self.probing = True
+
+
+@dataclass(slots=True)
+class DeploymentState:
+    """One deployment entry of one model group: the operator's settings for it (weight, tags,
+    prices, context window) and the health of the upstream it calls, shared with every other
+    entry naming the same provider and model."""
+
+    id: str  # provider/upstream-model: the upstream's id (headers, ledger, metrics, shared health)
+    cfg: Deployment
+    provider: str
+    keys: ProviderKeys
+    health: UpstreamHealth
+    tags: frozenset
+    input_cost: float | None
+    output_cost: float | None
+    context_window: int | None
 
     def estimated_cost(self, prompt_tokens: int, max_output: int) -> float:
         if self.input_cost is None or self.output_cost is None:

@@ -9,6 +9,11 @@ constraints met) and lets the group's strategy choose among them:
 - ``latency``   lowest decayed latency (time to first token for streams), exploring now and then
 - ``cost``      cheapest estimated cost for this request
 - ``usage``     most rate-limit headroom left, from the provider's ``x-ratelimit-*`` headers
+
+Each deployment entry of a group keeps its own settings (weight, tags, prices, context
+window); entries naming the same provider and model, in whatever groups, call one upstream and
+share its health (circuit, in flight, latency) under one id, ``provider/model``. Keys and their
+cool-downs belong to the provider.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from core.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionD
 from core.prices import deployment_prices
 from core.types import NO_CONSTRAINTS, Constraints, RequestContext, Route, excerpt
 from gateway.routing import health
-from gateway.routing.health import KEY_DISABLED_FOR, DeploymentState, KeyState, ProviderKeys, key_id
+from gateway.routing.health import KEY_DISABLED_FOR, DeploymentState, KeyState, ProviderKeys, UpstreamHealth, key_id
 from gateway.routing.ratelimits import read as read_ratelimits
 
 log = logging.getLogger("gateway.routing")
@@ -49,26 +54,27 @@ class Router:
             p.name: ProviderKeys(p.name, [KeyState(p.name, k, key_id(k)) for k in (p.api_keys or [None])])
             for p in config.providers
         }
-        self.deployments: dict[str, DeploymentState] = {}
+        self.upstreams: dict[str, UpstreamHealth] = {}
         self.groups: dict[str, Group] = {}
         for m in config.models:
             states = []
             for d in m.deployments:
                 dep_id = f"{d.provider}/{d.model}"
-                state = self.deployments.get(dep_id)
-                if state is None:
-                    inp, out, window = deployment_prices(providers[d.provider], d)
-                    state = DeploymentState(
-                        id=dep_id,
-                        cfg=d,
-                        provider=d.provider,
-                        keys=self.keys[d.provider],
-                        tags=frozenset(d.tags),
-                        input_cost=inp,
-                        output_cost=out,
-                        context_window=window,
-                    )
-                    self.deployments[dep_id] = state
+                upstream = self.upstreams.get(dep_id)
+                if upstream is None:
+                    upstream = self.upstreams[dep_id] = UpstreamHealth(dep_id)
+                inp, out, window = deployment_prices(providers[d.provider], d)
+                state = DeploymentState(
+                    id=dep_id,
+                    cfg=d,
+                    provider=d.provider,
+                    keys=self.keys[d.provider],
+                    health=upstream,
+                    tags=frozenset(d.tags),
+                    input_cost=inp,
+                    output_cost=out,
+                    context_window=window,
+                )
                 states.append(state)
             self.groups[m.name] = Group(m, states, m.strategy or self.settings.strategy)
 
@@ -159,7 +165,7 @@ class Router:
         candidates: list[tuple[DeploymentState, KeyState]] = []
         prefer_headroom = strategy == "usage"
         for dep in group.deployments:
-            if dep.id in skip_deployments or not dep.admissible(now):
+            if dep.id in skip_deployments or not dep.health.admissible(now):
                 continue
             if (c is not NO_CONSTRAINTS or dep.context_window is not None) and not self._fits(dep, ctx, c):
                 continue
@@ -170,7 +176,7 @@ class Router:
         if not candidates:
             return None
         dep, key = candidates[0] if len(candidates) == 1 else self._choose(strategy, candidates, ctx)
-        dep.start_attempt(now)
+        dep.health.start_attempt(now)
         return Route(
             model=group.model.name,
             provider=dep.provider,
@@ -189,7 +195,8 @@ class Router:
         """Why a deployment cannot serve this request whatever its health, if it cannot."""
         if c.tags and not c.tags <= dep.tags:
             return "tags " + excerpt(",".join(sorted(c.tags - dep.tags)))  # client-chosen: bounded
-        if c.max_latency is not None and dep.latency is not None and dep.latency > c.max_latency:
+        latency = dep.health.latency
+        if c.max_latency is not None and latency is not None and latency > c.max_latency:
             return "max latency"
         window = dep.context_window
         if window is not None and ctx.body_bytes + ctx.max_output > window:
@@ -213,12 +220,12 @@ class Router:
     def _choose(self, strategy: str, candidates: list, ctx: RequestContext) -> tuple:
         rnd = self._random
         if strategy == "least-busy":
-            low = min(d.in_flight for d, _ in candidates)
-            return rnd.choice([c for c in candidates if c[0].in_flight == low])
+            low = min(d.health.in_flight for d, _ in candidates)
+            return rnd.choice([c for c in candidates if c[0].health.in_flight == low])
         if strategy == "latency":
             if rnd.random() < self.settings.latency_exploration:
                 return rnd.choice(candidates)
-            return min(candidates, key=lambda c: (c[0].latency or 0.0, rnd.random()))
+            return min(candidates, key=lambda c: (c[0].health.latency or 0.0, rnd.random()))
         if strategy == "cost":
             tokens = ctx.prompt_tokens()
             out = ctx.max_output or 256
@@ -242,10 +249,11 @@ class Router:
         for dep in group.deployments:
             if self._unfit(dep, ctx, ctx.constraints) is not None:
                 continue
-            if dep.admissible(now):
+            up = dep.health
+            if up.admissible(now):
                 t_circuit = now
-            elif dep.state == health.OPEN:
-                t_circuit = dep.open_until
+            elif up.state == health.OPEN:
+                t_circuit = up.open_until
             else:
                 t_circuit = now + 0.05  # a half-open probe is under way
             if any(k.available(now) for k in dep.keys.keys):
@@ -260,8 +268,9 @@ class Router:
         now = health.now()
         times = []
         for dep in group.deployments:
-            if dep.state == health.OPEN and dep.open_until > now:
-                times.append(dep.open_until)
+            up = dep.health
+            if up.state == health.OPEN and up.open_until > now:
+                times.append(up.open_until)
             t = dep.keys.earliest_return(now)
             if t is not None:
                 times.append(t)
@@ -269,7 +278,7 @@ class Router:
 
     # ---- learning -----------------------------------------------------------------------------
     def finished(self, route: Route, ctx: RequestContext, error: GatewayError | None, elapsed: float) -> None:
-        dep: DeploymentState = route.state
+        up: UpstreamHealth = route.state.health
         key: KeyState = route.key_state
         headers = ctx.upstream_headers
         if headers is not None:
@@ -277,11 +286,11 @@ class Router:
             if remaining is not None:
                 key.remaining, key.limit, key.reset_at = remaining, limit, reset_at or 0.0
         if error is None:
-            dep.record_success()
-            dep.record_latency(ctx.ttft if ctx.ttft is not None else elapsed)
+            up.record_success()
+            up.record_latency(ctx.ttft if ctx.ttft is not None else elapsed)
             return
         if not isinstance(error, UpstreamError):
-            dep.record_success()  # the provider answered properly; the request was at fault
+            up.record_success()  # the provider answered properly; the request was at fault
             return
         now = health.now()
         status = error.upstream_status
@@ -291,35 +300,36 @@ class Router:
                 wait = key.reset_at - now
             until = now + (wait if wait is not None else self.settings.key_cooldown)
             key.cooldown_until = max(key.cooldown_until, until)
-            dep.probing = False
-            metrics.cooldowns.get(dep.provider, "rate_limited").inc()
+            up.probing = False
+            metrics.cooldowns.get(route.provider, "rate_limited").inc()
             self._publish({"t": "key", "p": key.provider, "k": key.id, "until": key.cooldown_until})
             return
         if status in (401, 403):
             key.disabled_until = now + KEY_DISABLED_FOR
-            dep.probing = False
-            metrics.cooldowns.get(dep.provider, "auth_failed").inc()
+            up.probing = False
+            metrics.cooldowns.get(route.provider, "auth_failed").inc()
             log.error(
                 "provider rejected an API key; key taken out of rotation",
                 extra={"fields": {"provider": key.provider, "key_id": key.id, "status": status}},
             )
             self._publish({"t": "key_off", "p": key.provider, "k": key.id, "until": key.disabled_until})
             return
-        if dep.record_failure(now, self.settings.circuit):
-            metrics.circuit_opened.get(dep.id).inc()
-            log.warning("circuit opened", extra={"fields": {"deployment": dep.id, "until": dep.open_until}})
-            self._publish({"t": "circuit", "d": dep.id, "until": dep.open_until})
+        if up.record_failure(now, self.settings.circuit):
+            metrics.circuit_opened.get(up.id).inc()
+            log.warning("circuit opened", extra={"fields": {"deployment": up.id, "until": up.open_until}})
+            self._publish({"t": "circuit", "d": up.id, "until": up.open_until})
 
     @staticmethod
     def release(route: Route) -> None:
         """The attempt no longer occupies its deployment (least-busy counts these)."""
-        route.state.in_flight -= 1
+        route.state.health.in_flight -= 1
 
     @staticmethod
     def abandoned(route: Route) -> None:
         """The attempt was cancelled (the client left): no verdict on the deployment."""
-        route.state.in_flight -= 1
-        route.state.probing = False
+        up = route.state.health
+        up.in_flight -= 1
+        up.probing = False
 
     def apply(self, event: dict) -> None:
         """A health event from another replica (or from Redis at start-up)."""
@@ -337,9 +347,9 @@ class Router:
                 else:
                     key.disabled_until = max(key.disabled_until, until)
         elif kind == "circuit":
-            dep = self.deployments.get(event.get("d", ""))
-            if dep is not None and until > health.now():
-                dep.open(until)
+            up = self.upstreams.get(event.get("d", ""))
+            if up is not None and until > health.now():
+                up.open(until)
 
     def circuit_states(self) -> dict[str, int]:
-        return {d.id: d.state for d in self.deployments.values()}
+        return {u.id: u.state for u in self.upstreams.values()}
