@@ -9,16 +9,20 @@ of the three alignments (``Authorization: Basic base64(user:secret)`` puts the s
 offset) — and any character of it may be written in any of these ways.
 
 ``redactor(secrets)`` builds one RE2 pattern for a set of secrets (cached: a tool's secrets
-are the same from call to call) and ``Redactor.sub`` replaces every match in one pass, in time
-linear in the text (RE2 never backtracks). ``Redactor.keep`` reads a little past a cut so that a
-secret straddling it is still found whole.
+are the same from call to call; ``redactor_off_loop`` builds a large one in a worker thread) and
+``Redactor.sub`` replaces every match in one pass, in time linear in the text (RE2 never
+backtracks; more than ``GROUP_SECRETS`` secrets or ``GROUP_CHARS`` characters of them take a
+pass per group, so RE2's DFA stays within its memory). ``Redactor.reach`` is the longest text
+one match may span: a reader that cuts an answer reads that much past the cut, redacts, then
+cuts, so a secret across the cut is found whole (runtime/http_tools.read_capped).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import functools
 import re
+from collections import OrderedDict
 
 import re2
 
@@ -83,33 +87,83 @@ def forms(secret: str) -> list[str]:
     return out
 
 
+# One pattern covers at most this many secrets and characters of them: RE2's DFA stays within
+# its memory (a 1 MB pass in a few ms); past it RE2 falls back to its NFA, linear still but a
+# thousand times slower (32 secrets of 512 characters: 2.8 s per MB). More secrets: more passes.
+GROUP_SECRETS = 8
+GROUP_CHARS = 4096
+
+
+def _groups(secrets: tuple[str, ...]) -> list[list[str]]:
+    groups: list[list[str]] = []
+    size = 0
+    for secret in sorted((s[:MAX_SECRET] for s in secrets), key=len, reverse=True):
+        if not groups or len(groups[-1]) >= GROUP_SECRETS or size + len(secret) > GROUP_CHARS:
+            groups.append([])
+            size = 0
+        groups[-1].append(secret)
+        size += len(secret)
+    return groups
+
+
 class Redactor:
+    """Every written form of a set of secrets: ``sub`` replaces them with ``MARK``."""
+
     def __init__(self, secrets: tuple[str, ...]) -> None:
         self.secrets = secrets
-        alternatives = [f for s in sorted(secrets, key=len, reverse=True) for f in forms(s)]
         options = re2.Options()
-        options.max_mem = 64 << 20  # the DFA's memory; past it RE2 falls back to a slower, still linear, engine
-        self._pattern = re2.compile("(?is)(?:" + "|".join(alternatives) + ")", options) if alternatives else None
+        options.max_mem = 64 << 20
+        options.log_errors = False  # RE2 quotes the pattern — the secrets — in its error messages
+        self._patterns = [
+            re2.compile("(?is)(?:" + "|".join(f for s in group for f in forms(s)) + ")", options)
+            for group in _groups(secrets)
+        ]
         # the longest text one match may span: each character written at its longest
         self.reach = max((len(s[:MAX_SECRET].encode("utf-8", "surrogatepass")) for s in secrets), default=0) * 16
 
     def sub(self, text: str) -> str:
-        if self._pattern is None or not text:
-            return text
-        return self._pattern.sub(MARK, text)
+        for pattern in self._patterns:
+            if text:
+                text = pattern.sub(MARK, text)
+        return text
 
     def __call__(self, text: str) -> str:
         return self.sub(text)
 
 
-@functools.lru_cache(maxsize=256)
-def _cached(secrets: tuple[str, ...]) -> Redactor:
-    return Redactor(secrets)
+_BUILT: OrderedDict[tuple[str, ...], Redactor] = OrderedDict()
+_BUILT_MAX = 256  # secret sets (a tool's secrets are one set; they change only with the environment)
+
+
+def _key(secrets) -> tuple[str, ...]:
+    return tuple(sorted({s for s in secrets if isinstance(s, str) and len(s) >= MIN_SECRET}))
+
+
+def _build(key: tuple[str, ...]) -> Redactor:
+    found = _BUILT.get(key)
+    if found is None:
+        found = _BUILT[key] = Redactor(key)
+        while len(_BUILT) > _BUILT_MAX:
+            _BUILT.popitem(last=False)
+    return found
 
 
 def redactor(secrets) -> Redactor:
     """The redactor of a set of secrets (shorter ones than ``MIN_SECRET`` left out), built once."""
-    return _cached(tuple(sorted({s for s in secrets if isinstance(s, str) and len(s) >= MIN_SECRET})))
+    return _build(_key(secrets))
+
+
+async def redactor_off_loop(secrets) -> Redactor:
+    """``redactor``, built in a worker thread the first time unless it is small: a tool with
+    many long secrets (32 headers of 4 KB) takes seconds to compile, which must not stall the
+    event loop."""
+    key = _key(secrets)
+    found = _BUILT.get(key)
+    if found is not None:
+        return found
+    if sum(map(len, key)) <= 512:
+        return _build(key)
+    return await asyncio.to_thread(_build, key)
 
 
 def redact(text: str, secrets) -> str:

@@ -52,7 +52,7 @@ from yarl import URL
 from core import netguard
 from runtime.http_tools import PLACEHOLDER_RE, ToolCallFailed, call_http, fill_url
 from runtime.mcp import MCPError, MCPPool
-from runtime.redaction import MIN_SECRET, redactor
+from runtime.redaction import MIN_SECRET, redactor, redactor_off_loop
 from runtime.types import Agent, ToolResult, ToolSpec
 
 log = logging.getLogger("gateway.tools")
@@ -852,7 +852,7 @@ class ToolRunner:
             headers = resolve_headers(tool.config.get("headers") or {})
         except KeyError:
             raise ToolCallFailed("error", "the tool is misconfigured (a secret it needs is not set)") from None
-        hide = redactor(env_secrets(tool.config.get("headers") or {}))
+        hide = await redactor_off_loop(env_secrets(tool.config.get("headers") or {}))
         try:  # the answer is redacted as it is read (a secret across the size cap is found whole)
             return await call_http(http, tool, arguments, headers, policy=policy, deadline=deadline, redact=hide)
         except ValueError as exc:  # a dot-segment argument
@@ -875,6 +875,7 @@ class ToolRunner:
         if timeout <= 0:
             raise ToolCallFailed("timeout", "the tool did not answer in time")
         client = pool.client(config["url"], headers, owner=tenant)
+        hide = await redactor_off_loop(env_secrets(config.get("headers") or {}))
         try:
             text, is_error = await client.call_tool(config["tool"], arguments, timeout_s=timeout)
         except TimeoutError:
@@ -884,9 +885,9 @@ class ToolRunner:
                 raise ToolCallFailed(
                     "error", "the tool's address is not reachable from the gateway (network policy)"
                 ) from None
-            message = redact(str(exc), env_secrets(config.get("headers") or {}))
+            message = hide(str(exc))
             raise ToolCallFailed("error", f"the MCP tool failed: {_short(message)}") from None
-        text = redact(text, env_secrets(config.get("headers") or {}))  # whole, then capped
+        text = hide(text)  # whole, then capped
         cap = int(config.get("max_response_bytes", DEFAULT_RESPONSE_BYTES))
         if len(text.encode()) > cap:
             text = text.encode()[:cap].decode(errors="ignore") + f"\n[truncated: the answer exceeded {cap} bytes]"
