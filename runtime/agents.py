@@ -22,6 +22,7 @@ import orjson
 
 from core.background import stop_tasks
 from core.errors import InvalidRequest, NotFound
+from core.metrics import AGENT_PROMPT_BYTES
 from core.pubsub import listen_forever
 from runtime import experiments, prompts
 from runtime.prompt_versions import (
@@ -196,6 +197,7 @@ class AgentRegistry:
             self._agents, self._by_id = agents, by_id
             if version is not None:
                 self._version = version
+            self._measure()
 
     async def reload_agent(self, agent_id: str) -> None:
         async with self._lock:
@@ -208,6 +210,11 @@ class AgentRegistry:
             if agent is not None:
                 self._agents.setdefault(agent.tenant, {})[agent.name] = agent
                 self._by_id[agent.id] = agent
+            self._measure()
+
+    def _measure(self) -> None:
+        labelled = sum(size_of(v) for agent in self._by_id.values() for v in agent.versions.values())
+        AGENT_PROMPT_BYTES.labels("labelled").set(labelled)
 
     async def _changed(self, data) -> None:
         agent_id = data.decode() if isinstance(data, bytes) else str(data)
@@ -594,6 +601,7 @@ async def set_label(
     missing = sorted(set(target) - existing)
     if missing:
         raise NotFound(f"Agent {agent.name!r} has no prompt version {missing[0]}.", param="version")
+    await conn.execute("SELECT 1 FROM agents WHERE id = $1 FOR UPDATE", agent.id)  # racing new labels count once
     labels = await conn.fetchval(
         "SELECT count(*) FILTER (WHERE label <> $2) FROM prompt_labels WHERE agent_id = $1", agent.id, label
     )

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import orjson
 
 from core.errors import InvalidRequest, ServiceUnavailable
+from core.metrics import AGENT_PROMPT_BYTES
 from runtime.types import Agent, PromptVersion
 
 log = logging.getLogger("gateway.agents")
@@ -138,6 +139,7 @@ class VersionCache:
         while self._bytes > self.max_bytes:
             _, (_, dropped) = self._held.popitem(last=False)
             self._bytes -= dropped
+        AGENT_PROMPT_BYTES.labels("pinned").set(self._bytes)
 
 
 # ---- what a tenant may store ------------------------------------------------------------------

@@ -11,6 +11,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import asyncpg
+import httpx
 import openai
 import pytest
 import redis.asyncio as aioredis
@@ -132,6 +133,13 @@ def test_a_pinned_old_version_answers_through_the_gateway_with_the_openai_sdk(gw
         resp = c.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": "hi"}])
         assert resp.headers["x-gateway-prompt-version"] == number
         assert module_mock.last()["body"]["messages"][0]["content"].startswith(text)
+    metrics = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in httpx.get(f"{gw.url}/metrics").text.splitlines()
+        if line.startswith("gateway_agent_prompt_bytes{")
+    }
+    assert metrics['gateway_agent_prompt_bytes{held="labelled"}'] > 0
+    assert metrics['gateway_agent_prompt_bytes{held="pinned"}'] > 0  # version 2, read on demand
     with pytest.raises(openai.NotFoundError) as err:
         c.chat.completions.create(model=f"agent:{name}@4", messages=[{"role": "user", "content": "hi"}])
     assert err.value.body["param"] == "model"
@@ -171,20 +179,21 @@ def test_a_tenants_prompt_versions_are_bounded_in_number_a_400_naming_template_s
 def test_a_tenants_prompt_versions_are_bounded_in_bytes_and_racing_saves_cannot_pass(gw, services):
     tenant = unique("t")
     boss = new_key(gw, tenant, admin=True)
-    name = unique("b")
-    assert create(gw, boss, name=name, template=big_template(1)).status_code == 201
-    for i in range(2, 31):
-        assert save(gw, name, big_template(i), boss).status_code == 201
-    # four more of 60 KB race for room for two more (2 000 000 bytes: 32 of them)
+    names = [unique("b") for _ in range(4)]
+    for name in names:
+        assert create(gw, boss, name=name, template=big_template(1)).status_code == 201
+    for i in range(2, 29):
+        assert save(gw, names[0], big_template(i), boss).status_code == 201
+    # 31 versions of 60 KB; one more fits (2 000 000 bytes: 32 of them): four agents race for it
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda i: save(gw, name, big_template(i), boss), range(31, 35)))
-    assert sorted(r.status_code for r in answers) == [201, 201, 400, 400], [r.text[:200] for r in answers]
+        answers = list(pool.map(lambda name: save(gw, name, big_template(99), boss), names))
+    assert sorted(r.status_code for r in answers) == [201, 400, 400, 400], [r.text[:200] for r in answers]
     err = next(r for r in answers if r.status_code == 400).json()["error"]
     assert err["param"] == "template" and err["code"] == "prompt_storage_exceeded"
     assert "policies.max_prompt_bytes_per_tenant" in err["message"]
     assert _count(services, tenant) == 32
     # a small version still fits
-    assert save(gw, name, "short {{ who }}", boss).status_code == 201
+    assert save(gw, names[1], "short {{ who }}", boss).status_code == 201
 
 
 def test_an_agent_has_a_bounded_number_of_labels(gw):
@@ -192,8 +201,13 @@ def test_an_agent_has_a_bounded_number_of_labels(gw):
 
     name = unique("lab")
     assert create(gw, name=name, tenant=unique("t")).status_code == 201
-    for i in range(MAX_LABELS - 2):  # latest and production exist
+    for i in range(MAX_LABELS - 3):  # latest and production exist
         assert call(gw, "PUT", f"/admin/agents/{name}/labels/l{i}", json={"version": 1}).status_code == 200
+    with ThreadPoolExecutor(4) as pool:  # four new labels race for the last place
+        raced = list(
+            pool.map(lambda i: call(gw, "PUT", f"/admin/agents/{name}/labels/r{i}", json={"version": 1}), range(4))
+        )
+    assert sorted(r.status_code for r in raced) == [200, 400, 400, 400], [r.text[:200] for r in raced]
     refused = call(gw, "PUT", f"/admin/agents/{name}/labels/one-more", json={"version": 1})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "label"
     assert call(gw, "PUT", f"/admin/agents/{name}/labels/l0", json={"version": 1}).status_code == 200  # moving is fine
