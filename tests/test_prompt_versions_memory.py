@@ -211,3 +211,28 @@ def test_an_agent_has_a_bounded_number_of_labels(gw):
     refused = call(gw, "PUT", f"/admin/agents/{name}/labels/one-more", json={"version": 1})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "label"
     assert call(gw, "PUT", f"/admin/agents/{name}/labels/l0", json={"version": 1}).status_code == 200  # moving is fine
+
+
+def test_a_pinned_version_that_cannot_be_read_is_a_503_for_every_waiter_and_is_read_again_later(gw, services):
+    from core.errors import ServiceUnavailable
+
+    tenant, name = unique("t"), unique("down")
+    assert create(gw, name=name, tenant=tenant).status_code == 201
+    assert save(gw, name, "two {{ who }}").status_code == 201
+    assert save(gw, name, "three {{ who }}").status_code == 201
+
+    async def go():
+        reg, pool, redis = await _registry(services)
+        agent = reg.get(tenant, name)
+        await pool.close()  # PostgreSQL unreachable from this replica
+        try:
+            answers = await asyncio.gather(*(reg.pinned(agent, "2") for _ in range(5)), return_exceptions=True)
+            assert all(isinstance(a, ServiceUnavailable) and a.param == "model" for a in answers), answers
+            assert len(reg.pinned_versions) == 0
+            reg.pinned_versions._pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+            assert (await reg.pinned(agent, "2")).template == "two {{ who }}"  # nothing stale was kept
+            await reg.pinned_versions._pool.close()
+        finally:
+            await _close(reg, pool, redis)
+
+    asyncio.run(go())
