@@ -114,6 +114,10 @@ def target_from_json(value: Any) -> dict[int, int]:
     return {int(k): int(v) for k, v in (_json(value) or {}).items()}
 
 
+def _held_bytes(agent: Agent) -> int:
+    return sum(size_of(v) for v in agent.versions.values())
+
+
 # ---- the registry -------------------------------------------------------------------------------
 class AgentRegistry:
     """Active agents by (tenant, name), in memory. ``get`` does no I/O. An agent holds the
@@ -129,6 +133,7 @@ class AgentRegistry:
         self._agents: dict[str, dict[str, Agent]] = {}
         self._by_id: dict[str, Agent] = {}
         self._version: bytes | None = None
+        self._labelled_bytes = 0  # of the versions the agents hold (the gauge's value)
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
 
@@ -148,11 +153,8 @@ class AgentRegistry:
 
     def held(self) -> tuple[int, int]:
         """(versions, bytes) of prompt versions this registry holds in memory."""
-        seen: dict[int, int] = {}
-        for agent in self._by_id.values():
-            for v in agent.versions.values():
-                seen.setdefault(id(v), size_of(v))
-        return len(seen) + len(self.pinned_versions), sum(seen.values()) + self.pinned_versions.bytes
+        versions = sum(len(agent.versions) for agent in self._by_id.values())
+        return versions + len(self.pinned_versions), self._labelled_bytes + self.pinned_versions.bytes
 
     async def start(self) -> None:
         await self.reload()
@@ -197,7 +199,8 @@ class AgentRegistry:
             self._agents, self._by_id = agents, by_id
             if version is not None:
                 self._version = version
-            self._measure()
+            self._labelled_bytes = sum(_held_bytes(a) for a in by_id.values())
+            AGENT_PROMPT_BYTES.labels("labelled").set(self._labelled_bytes)
 
     async def reload_agent(self, agent_id: str) -> None:
         async with self._lock:
@@ -207,14 +210,12 @@ class AgentRegistry:
             if old is not None:
                 self._agents.get(old.tenant, {}).pop(old.name, None)
                 self._by_id.pop(agent_id, None)
+                self._labelled_bytes -= _held_bytes(old)
             if agent is not None:
                 self._agents.setdefault(agent.tenant, {})[agent.name] = agent
                 self._by_id[agent.id] = agent
-            self._measure()
-
-    def _measure(self) -> None:
-        labelled = sum(size_of(v) for agent in self._by_id.values() for v in agent.versions.values())
-        AGENT_PROMPT_BYTES.labels("labelled").set(labelled)
+                self._labelled_bytes += _held_bytes(agent)
+            AGENT_PROMPT_BYTES.labels("labelled").set(self._labelled_bytes)
 
     async def _changed(self, data) -> None:
         agent_id = data.decode() if isinstance(data, bytes) else str(data)
