@@ -16,7 +16,9 @@ an MCP server (streamable HTTP) at ``/mcp``. ``python -m loadtest.mock_tools --p
                                     start and end (server clock, seconds); DELETE clears
     POST /mcp                       MCP over streamable HTTP: tools ``add`` {a, b} and
                                     ``lookup_order`` {order_id}; ``?sse=1`` answers as an event
-                                    stream; DELETE ends the session; POST /_mcp/expire ends all
+                                    stream; DELETE ends the session; POST /_mcp/expire ends all;
+                                    an unlisted tool ``echo_secret`` {form, error} answers with the
+                                    bearer token written in ``form`` (as an error when ``error``)
 """
 
 from __future__ import annotations
@@ -220,7 +222,10 @@ class ToolServer:
             result = {"tools": MCP_TOOLS}
         elif rpc == "tools/call":
             params = message.get("params") or {}
-            result = _call(params.get("name"), params.get("arguments") or {})
+            if params.get("name") == "echo_secret":
+                result = _echo_secret(params.get("arguments") or {}, headers)
+            else:
+                result = _call(params.get("name"), params.get("arguments") or {})
             if result is None:
                 return await self._answer(send, query, _rpc_error(ident, -32602, "unknown tool"), extra)
         else:
@@ -237,6 +242,15 @@ class ToolServer:
             data = b"event: message\ndata: " + orjson.dumps(event) + b"\n\n"
             await send({"type": "http.response.body", "body": data, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+
+
+def _echo_secret(arguments: dict, headers: dict) -> dict:
+    token = headers.get("authorization", "").removeprefix("Bearer ")
+    form = ECHO_FORMS.get(str(arguments.get("form")), ECHO_FORMS["raw"])
+    return {
+        "content": [{"type": "text", "text": f"mcp echo: {form(token)} (end)"}],
+        "isError": bool(arguments.get("error")),
+    }
 
 
 def _call(name, arguments: dict) -> dict | None:

@@ -67,7 +67,11 @@ def leaks(text: str) -> list[str]:
 
 
 def _calls() -> list[dict]:
-    calls = [{"name": "echo", "arguments": {"form": form}} for form in ECHO_FORMS]
+    calls = [
+        {"name": "mecho", "arguments": {"form": "base64"}},
+        {"name": "mecho", "arguments": {"form": "json_u", "error": True}},
+    ]
+    calls += [{"name": "echo", "arguments": {"form": form}} for form in ECHO_FORMS]
     calls.append({"name": "echo", "arguments": {"form": "raw", "pad": CAP - 10}})  # across the size cap
     calls.append({"name": "echo", "arguments": {"form": "url", "status": "500"}})  # quoted in an error
     calls.append({"name": "echo", "arguments": {"form": "raw", "pad": 480, "status": "500"}})  # across its cut
@@ -84,8 +88,20 @@ def test_every_form_of_an_echoed_secret_is_redacted_everywhere_it_goes(gw, tools
         headers={"Authorization": f"Bearer ${{{SECRET_ENV}}}"},
         max_response_bytes=CAP,
     )
+    mcp_tool = {
+        "name": "mecho",
+        "kind": "mcp",
+        "description": "the MCP echo tool",
+        "parameters": {"type": "object", "properties": {"form": {"type": "string"}, "error": {"type": "boolean"}}},
+        "config": {
+            "url": f"{tools.url}/mcp",
+            "tool": "echo_secret",
+            "allow_private_networks": True,
+            "headers": {"Authorization": f"Bearer ${{{SECRET_ENV}}}"},
+        },
+    }
     name = unique("sf")
-    body = {"name": name, "model": "agent-model", "template": "You help.", "tenant": tenant, "tools": [tool]}
+    body = {"name": name, "model": "agent-model", "template": "You help.", "tenant": tenant, "tools": [tool, mcp_tool]}
     assert call(gw, "POST", "/admin/agents", json=body).status_code == 201
     calls = _calls()
     directive = "[[mock:" + orjson.dumps({"tool_calls": calls}).decode() + "]]"
@@ -101,7 +117,7 @@ def test_every_form_of_an_echoed_secret_is_redacted_everywhere_it_goes(gw, tools
 
     # the tool did get the secret, and echoed every form of it
     sent = [r for r in tools.requests() if r["path"] == "/echo-secret"]
-    assert len(sent) == len(calls) and {r["headers"]["authorization"] for r in sent} == {f"Bearer {SECRET}"}
+    assert len(sent) == len(calls) - 2 and {r["headers"]["authorization"] for r in sent} == {f"Bearer {SECRET}"}
     # what the model saw, and so the client: every result, each form redacted
     results = answer.removeprefix("tool result: ").split(" | ")
     assert len(results) == len(calls), answer[:2000]
