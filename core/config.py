@@ -204,6 +204,13 @@ class Policies(_Strict):
     # Budgets a tenant may have (every replica holds every budget in memory); the super-admin's
     # own budgets on a tenant count too but are never refused.
     max_budgets_per_tenant: int = Field(10_000, ge=1)
+    # Prompt versions a tenant may store (its active agents'), in number and in bytes (template,
+    # variables and note); a save past either is refused. Every replica holds the versions labels
+    # point at; one pinned by number (agent:x@7) is read on demand into an LRU of
+    # prompt_cache_bytes per replica (runtime/prompt_versions.py).
+    max_prompt_versions_per_tenant: int = Field(5000, ge=1)
+    max_prompt_bytes_per_tenant: int = Field(64 * 1024 * 1024, ge=1)
+    prompt_cache_bytes: int = Field(32 * 1024 * 1024, ge=0)
 
 
 PiiAction = Literal["redact", "mask", "hash", "block", "pseudonymize", "allow"]

@@ -81,6 +81,12 @@ PII_TEXTS = Counter(
     ["outcome"],
 )
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
+AGENT_PROMPT_BYTES = Gauge(
+    "gateway_agent_prompt_bytes",
+    "Prompt versions the agent registry holds in memory: those labels point at, and pinned ones read on demand",
+    ["held"],
+    multiprocess_mode="livesum",
+)
 
 
 MAX_SERIES = 2000  # label combinations per metric; more would only come from values out of bounds

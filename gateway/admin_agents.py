@@ -21,6 +21,7 @@ from gateway import admin_input as inp
 from gateway.db import tenant_transaction
 from runtime import agents as store
 from runtime import experiments, prompts, templates
+from runtime.prompt_versions import Quota
 from runtime.tools import ENV_RE
 from runtime.types import Agent
 
@@ -161,6 +162,10 @@ class AgentAdmin:
             )
         return model
 
+    def _quota(self) -> Quota:
+        policies = self.svc.config.policies
+        return Quota(policies.max_prompt_versions_per_tenant, policies.max_prompt_bytes_per_tenant)
+
     async def _changed(self, agent_id: str) -> None:
         await store.announce(self.svc.redis, agent_id)
         registry = getattr(self.svc, "agents", None)
@@ -228,6 +233,7 @@ class AgentAdmin:
                 variables=variables,
                 note=note,
                 created_by=ident.key_id,
+                quota=self._quota(),
             )
             agent = await store.load_agent(conn, agent_id)
         await self._changed(agent_id)
@@ -294,7 +300,14 @@ class AgentAdmin:
             agent = await self._agent(request, conn)
             prompts.check_defaults(agent.defaults, variables, param="variables")
             version = await store.save_version(
-                conn, agent, template, variables, note, created_by=base._ident(request).key_id, labels=labels
+                conn,
+                agent,
+                template,
+                variables,
+                note,
+                created_by=base._ident(request).key_id,
+                labels=labels,
+                quota=self._quota(),
             )
         await self._changed(agent.id)
         return base._json(
@@ -316,9 +329,9 @@ class AgentAdmin:
             rows = await store.list_versions(conn, agent)
         return base._json({"object": "list", "agent": agent.name, "data": rows})
 
-    def _version(self, agent: Agent, value, param: str):
+    async def _version(self, conn, agent: Agent, value, param: str):
         number = _int(value, param)
-        version = agent.versions.get(number)
+        version = await store.load_version(conn, agent, number)
         if version is None:
             raise NotFound(f"Agent {agent.name!r} has no prompt version {number}.", param=param)
         return version
@@ -326,7 +339,7 @@ class AgentAdmin:
     async def get_version(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             agent = await self._agent(request, conn)
-        v = self._version(agent, request.path_params["version"], "version")
+            v = await self._version(conn, agent, request.path_params["version"], "version")
         labels = sorted(label for label, target in agent.labels.items() if v.version in target)
         return base._json(
             {
@@ -350,7 +363,8 @@ class AgentAdmin:
                 )
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             agent = await self._agent(request, conn)
-        a, b = self._version(agent, q["from"], "from"), self._version(agent, q["to"], "to")
+            a = await self._version(conn, agent, q["from"], "from")
+            b = await self._version(conn, agent, q["to"], "to")
         return base._json({"object": "prompt_diff", "agent": agent.name, **prompts.diff(a, b)})
 
     # ---- labels and experiments ----------------------------------------------------------------

@@ -115,7 +115,8 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     if conv is not None:
         check_conversation_owner(svc, ctx.identity, conv)
     sticky = conv or str(ctx.body.get("user") or ctx.request_id)
-    selection = select(agent, selector, sticky)
+    pinned = await svc.agents.pinned(agent, selector)  # an old version by number: read on demand, cached
+    selection = select(agent, selector, sticky, pinned)
     variables = _variables(ctx)
     meta = ctx.body.get("metadata")
     if isinstance(meta, dict):  # the gateway's own field never reaches the provider (OpenAI refuses

@@ -121,7 +121,7 @@ class Services:
             pii = Scrubber(settings.config.pii, settings.data_dir.resolve(), models=models)
             await pii.start()
         # the agent runtime: registry (cached, pub/sub), memory, tools, run records
-        agents = AgentRegistry(pool, redis)
+        agents = AgentRegistry(pool, redis, cache_bytes=settings.config.policies.prompt_cache_bytes)
         await agents.start()
         # the stream writers (memory, runs) read and ack over connections of their own (blocking reads)
         memory = Memory(

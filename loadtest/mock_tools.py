@@ -8,22 +8,30 @@ an MCP server (streamable HTTP) at ``/mcp``. ``python -m loadtest.mock_tools --p
     GET  /flaky?key=k&fails=2       fails with 500 the first ``fails`` times for ``key``, then answers
     GET  /big?bytes=100000          that many bytes of text
     GET  /redirect                  302 to /weather
+    GET  /echo-secret?form=b64&pad=0&status=200
+                                    the request's bearer token written in ``form`` (see ``ECHO_FORMS``:
+                                    url, base64, hex, JSON escapes, Basic, another case ...), after
+                                    ``pad`` filler bytes, as text/plain with that status
     GET  /_requests                 every request received: method, path, query, headers, body,
                                     start and end (server clock, seconds); DELETE clears
     POST /mcp                       MCP over streamable HTTP: tools ``add`` {a, b} and
                                     ``lookup_order`` {order_id}; ``?sse=1`` answers as an event
-                                    stream; DELETE ends the session; POST /_mcp/expire ends all
+                                    stream; DELETE ends the session; POST /_mcp/expire ends all;
+                                    an unlisted tool ``echo_secret`` {form, error} answers with the
+                                    bearer token written in ``form`` (as an error when ``error``)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import html
 import itertools
 import time
 import uuid
 from collections import Counter, deque
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote, quote_plus
 
 import orjson
 
@@ -50,6 +58,34 @@ MCP_TOOLS = [
     },
 ]
 ORDERS = {"A1": {"order_id": "A1", "status": "shipped", "items": 2}, "B2": {"order_id": "B2", "status": "pending"}}
+
+
+def _json_u(s: str) -> str:
+    return "".join(f"\\u{ord(c):04x}" for c in s)
+
+
+# How a server may echo a secret it was sent: each form of ``s`` as the bytes it answers with.
+ECHO_FORMS = {
+    "raw": lambda s: s,
+    "upper": str.upper,
+    "lower": str.lower,
+    "swapcase": str.swapcase,
+    "url": lambda s: quote(s, safe=""),
+    "url_lower": lambda s: quote(s, safe="").lower(),
+    "url_plus": lambda s: quote_plus(s),
+    "url_twice": lambda s: quote(quote(s, safe=""), safe=""),
+    "json_slash": lambda s: orjson.dumps(s).decode()[1:-1].replace("/", "\\/"),
+    "json_u": _json_u,
+    "json_in_json": lambda s: orjson.dumps(orjson.dumps({"token": s}).decode().replace("/", "\\/")).decode()[1:-1],
+    "hex": lambda s: s.encode().hex(),
+    "hex_upper": lambda s: s.encode().hex().upper(),
+    "base64": lambda s: base64.b64encode(s.encode()).decode(),
+    "base64_url": lambda s: base64.urlsafe_b64encode(s.encode()).decode().rstrip("="),
+    "basic": lambda s: "Authorization: Basic " + base64.b64encode(b"api:" + s.encode()).decode(),
+    "basic_user": lambda s: "Basic " + base64.b64encode(s.encode() + b":x").decode(),
+    "html": lambda s: "".join(f"&#{ord(c)};" for c in s),
+    "html_escape": lambda s: html.escape(s),
+}
 
 
 class ToolServer:
@@ -137,6 +173,11 @@ class ToolServer:
         if path == "/big":
             size = min(int(query.get("bytes", "100000")), 50_000_000)
             return await _raw(send, 200, b"x" * size, b"text/plain")
+        if path == "/echo-secret":
+            token = headers.get("authorization", "").removeprefix("Bearer ")
+            form = ECHO_FORMS.get(query.get("form", "raw"), ECHO_FORMS["raw"])
+            body = b"x" * min(int(query.get("pad", "0")), 5_000_000) + f" echo: {form(token)} (end)".encode()
+            return await _raw(send, int(query.get("status", "200")), body, b"text/plain")
         if path == "/redirect":
             await send({"type": "http.response.start", "status": 302, "headers": [(b"location", b"/weather")]})
             return await send({"type": "http.response.body", "body": b""})
@@ -181,7 +222,10 @@ class ToolServer:
             result = {"tools": MCP_TOOLS}
         elif rpc == "tools/call":
             params = message.get("params") or {}
-            result = _call(params.get("name"), params.get("arguments") or {})
+            if params.get("name") == "echo_secret":
+                result = _echo_secret(params.get("arguments") or {}, headers)
+            else:
+                result = _call(params.get("name"), params.get("arguments") or {})
             if result is None:
                 return await self._answer(send, query, _rpc_error(ident, -32602, "unknown tool"), extra)
         else:
@@ -198,6 +242,15 @@ class ToolServer:
             data = b"event: message\ndata: " + orjson.dumps(event) + b"\n\n"
             await send({"type": "http.response.body", "body": data, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+
+
+def _echo_secret(arguments: dict, headers: dict) -> dict:
+    token = headers.get("authorization", "").removeprefix("Bearer ")
+    form = ECHO_FORMS.get(str(arguments.get("form")), ECHO_FORMS["raw"])
+    return {
+        "content": [{"type": "text", "text": f"mcp echo: {form(token)} (end)"}],
+        "isError": bool(arguments.get("error")),
+    }
 
 
 def _call(name, arguments: dict) -> dict | None:

@@ -22,8 +22,19 @@ import orjson
 
 from core.background import stop_tasks
 from core.errors import InvalidRequest, NotFound
+from core.metrics import AGENT_PROMPT_BYTES
 from core.pubsub import listen_forever
 from runtime import experiments, prompts
+from runtime.prompt_versions import (
+    LABELLED_SQL,
+    ONE_SQL,
+    Quota,
+    VersionCache,
+    check_room,
+    latest_number,
+    size_of,
+    stored_size,
+)
 from runtime.types import Agent, MemorySettings, PromptVersion
 
 log = logging.getLogger("gateway.agents")
@@ -40,6 +51,7 @@ MAX_DESCRIPTION = 2000
 MAX_NOTE = 2000
 MAX_KNOWLEDGE_BASES = 32
 MAX_VARIANTS = 10
+MAX_LABELS = 64  # labels of one agent (each may keep a version in every replica's memory)
 MAX_WEIGHT = 10_000
 SETTINGS = ("defaults", "tools", "builtins", "memory", "max_steps", "fallback_message", "knowledge_bases", "escalation")
 
@@ -102,16 +114,26 @@ def target_from_json(value: Any) -> dict[int, int]:
     return {int(k): int(v) for k, v in (_json(value) or {}).items()}
 
 
+def _held_bytes(agent: Agent) -> int:
+    return sum(size_of(v) for v in agent.versions.values())
+
+
 # ---- the registry -------------------------------------------------------------------------------
 class AgentRegistry:
-    """Active agents by (tenant, name), in memory. ``get`` does no I/O."""
+    """Active agents by (tenant, name), in memory. ``get`` does no I/O. An agent holds the
+    prompt versions its labels point at; ``pinned`` reads an older one on demand
+    (runtime/prompt_versions.py)."""
 
-    def __init__(self, pool, redis) -> None:
+    def __init__(self, pool, redis, *, cache_bytes: int | None = None) -> None:
         self._pool = pool
         self._redis = redis
+        self.pinned_versions = VersionCache(
+            pool, cache_bytes if cache_bytes is not None else 32 * 1024 * 1024, from_row=version_from_row
+        )
         self._agents: dict[str, dict[str, Agent]] = {}
         self._by_id: dict[str, Agent] = {}
         self._version: bytes | None = None
+        self._labelled_bytes = 0  # of the versions the agents hold (the gauge's value)
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
 
@@ -123,6 +145,16 @@ class AgentRegistry:
 
     def by_id(self, agent_id: str) -> Agent | None:
         return self._by_id.get(agent_id)
+
+    async def pinned(self, agent: Agent, selector: str | None) -> PromptVersion | None:
+        """A version pinned by number (``agent:x@7``) that no label keeps in memory, read on
+        demand; None when ``selector`` is not such a number (``prompts.select`` decides)."""
+        return await self.pinned_versions.pinned(agent, selector)
+
+    def held(self) -> tuple[int, int]:
+        """(versions, bytes) of prompt versions this registry holds in memory."""
+        versions = sum(len(agent.versions) for agent in self._by_id.values())
+        return versions + len(self.pinned_versions), self._labelled_bytes + self.pinned_versions.bytes
 
     async def start(self) -> None:
         await self.reload()
@@ -143,10 +175,7 @@ class AgentRegistry:
                 rows = await conn.fetch(
                     "SELECT id, tenant, name, model, description, settings FROM agents WHERE archived_at IS NULL"
                 )
-                vrows = await conn.fetch(
-                    """SELECT v.agent_id, v.version, v.template, v.variables, v.note, v.created_at
-                       FROM prompt_versions v JOIN agents a ON a.id = v.agent_id WHERE a.archived_at IS NULL"""
-                )
+                vrows = await conn.fetch(LABELLED_SQL, None)  # only what a label points at
                 lrows = await conn.fetch(
                     """SELECT l.agent_id, l.label, l.target
                        FROM prompt_labels l JOIN agents a ON a.id = l.agent_id WHERE a.archived_at IS NULL"""
@@ -170,6 +199,8 @@ class AgentRegistry:
             self._agents, self._by_id = agents, by_id
             if version is not None:
                 self._version = version
+            self._labelled_bytes = sum(_held_bytes(a) for a in by_id.values())
+            AGENT_PROMPT_BYTES.labels("labelled").set(self._labelled_bytes)
 
     async def reload_agent(self, agent_id: str) -> None:
         async with self._lock:
@@ -179,9 +210,12 @@ class AgentRegistry:
             if old is not None:
                 self._agents.get(old.tenant, {}).pop(old.name, None)
                 self._by_id.pop(agent_id, None)
+                self._labelled_bytes -= _held_bytes(old)
             if agent is not None:
                 self._agents.setdefault(agent.tenant, {})[agent.name] = agent
                 self._by_id[agent.id] = agent
+                self._labelled_bytes += _held_bytes(agent)
+            AGENT_PROMPT_BYTES.labels("labelled").set(self._labelled_bytes)
 
     async def _changed(self, data) -> None:
         agent_id = data.decode() if isinstance(data, bytes) else str(data)
@@ -363,20 +397,28 @@ def check_target(value: Any, param: str = "variants") -> dict[int, int]:
 
 # ---- the store ----------------------------------------------------------------------------------
 async def load_agent(conn, agent_id: str) -> Agent | None:
-    """One active agent with its versions and labels (admin reads and the registry's reloads)."""
+    """One active agent with its labels and the versions they point at (admin reads and the
+    registry's reloads; ``load_version`` reads any other)."""
     row = await conn.fetchrow(
         "SELECT id, tenant, name, model, description, settings FROM agents WHERE id = $1 AND archived_at IS NULL",
         agent_id,
     )
     if row is None:
         return None
-    vrows = await conn.fetch(
-        "SELECT version, template, variables, note, created_at FROM prompt_versions WHERE agent_id = $1", agent_id
-    )
+    vrows = await conn.fetch(LABELLED_SQL, agent_id)
     lrows = await conn.fetch("SELECT label, target FROM prompt_labels WHERE agent_id = $1", agent_id)
     versions = {r["version"]: version_from_row(r) for r in vrows}
     labels = {r["label"]: target_from_json(r["target"]) for r in lrows}
     return agent_from_rows(row, versions, labels)
+
+
+async def load_version(conn, agent: Agent, number: int) -> PromptVersion | None:
+    """One version of an agent, from memory when a label holds it, else from PostgreSQL."""
+    found = agent.versions.get(number)
+    if found is not None:
+        return found
+    row = await conn.fetchrow(ONE_SQL, agent.id, number)
+    return version_from_row(row) if row is not None else None
 
 
 async def find_agents(conn, name: str, tenant: str | None) -> list[Agent]:
@@ -433,8 +475,11 @@ async def create_agent(
     variables: dict,
     note: str | None = None,
     created_by: str | None = None,
+    quota: Quota | None = None,
 ) -> str:
-    """A new agent with version 1, labelled ``latest`` and ``production``. Returns its id."""
+    """A new agent with version 1, labelled ``latest`` and ``production``. Returns its id.
+    ``quota``: the tenant's bound on stored prompt versions (None: unbounded, the CLI's)."""
+    await check_room(conn, tenant, stored_size(template, variables, note), quota)
     exists = await conn.fetchval(
         "SELECT true FROM agents WHERE tenant = $1 AND name = $2 AND archived_at IS NULL", tenant, name
     )
@@ -490,12 +535,14 @@ async def save_version(
     note: str | None = None,
     created_by: str | None = None,
     labels: list[str] | tuple = (),
+    quota: Quota | None = None,
 ) -> PromptVersion:
     """The next version (the agent row is locked while it is numbered); ``latest`` and the
-    given labels move to it."""
+    given labels move to it. ``quota``: the tenant's bound on stored prompt versions."""
     locked = await conn.fetchval("SELECT id FROM agents WHERE id = $1 AND archived_at IS NULL FOR UPDATE", agent.id)
     if locked is None:
         raise NotFound(f"No agent named {agent.name!r}.", param="name")
+    await check_room(conn, agent.tenant, stored_size(template, variables, note), quota)
     number = await conn.fetchval(
         "SELECT coalesce(max(version), 0) + 1 FROM prompt_versions WHERE agent_id = $1", agent.id
     )
@@ -555,6 +602,16 @@ async def set_label(
     missing = sorted(set(target) - existing)
     if missing:
         raise NotFound(f"Agent {agent.name!r} has no prompt version {missing[0]}.", param="version")
+    await conn.execute("SELECT 1 FROM agents WHERE id = $1 FOR UPDATE", agent.id)  # racing new labels count once
+    labels = await conn.fetchval(
+        "SELECT count(*) FILTER (WHERE label <> $2) FROM prompt_labels WHERE agent_id = $1", agent.id, label
+    )
+    if labels >= MAX_LABELS:
+        raise InvalidRequest(
+            f"Agent {agent.name!r} has {MAX_LABELS} labels, the most it may have.",
+            param="label",
+            code="too_many_labels",
+        )
     await _put_label(conn, agent.id, agent.tenant, label, target)
     current = await experiments.running(conn, agent.id, label)
     if current is not None and len(target) > 1 and _json(current["variants"]) == _public_target(target):
@@ -607,6 +664,6 @@ def describe(agent: Agent) -> dict:
         "description": agent.description,
         **settings,
         "max_steps": agent.max_steps,
-        "latest_version": max(agent.versions) if agent.versions else None,
+        "latest_version": latest_number(agent) or None,
         "labels": {k: _public_target(v) for k, v in sorted(agent.labels.items())},
     }

@@ -8,6 +8,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Callable
 from urllib.parse import quote, unquote_plus
 
 import aiohttp
@@ -15,6 +16,7 @@ import orjson
 from yarl import URL
 
 from core import netguard
+from runtime.redaction import MARK
 from runtime.types import ToolSpec
 
 log = logging.getLogger("gateway.tools")
@@ -113,9 +115,10 @@ async def call_http(
     *,
     policy: netguard.NetworkPolicy,
     deadline: float,
+    redact: Callable[[str], str] | None = None,
 ) -> str:
-    """The tool's answer as text (truncated to ``max_response_bytes`` with a marker).
-    Raises ToolCallFailed."""
+    """The tool's answer as text (truncated to ``max_response_bytes`` with a marker), passed
+    through ``redact`` (an error's quoted body too). Raises ToolCallFailed."""
     config = spec.config
     method, url, body = build_request(spec, arguments)
     problem = netguard.url_problem(str(url), policy)
@@ -139,8 +142,8 @@ async def call_http(
             async with asyncio.timeout(min(timeout_s, remaining)):
                 async with http.request(method, url, data=body, headers=send_headers, allow_redirects=False) as resp:
                     if 200 <= resp.status < 300:
-                        return await read_capped(resp, cap)
-                    snippet = await read_capped(resp, MAX_ERROR_BODY)
+                        return await read_capped(resp, cap, redact)
+                    snippet = await read_capped(resp, MAX_ERROR_BODY, redact)
                     last = f"HTTP {resp.status}"
                     if resp.status not in retry_statuses or attempt + 1 == attempts:
                         raise ToolCallFailed("error", _http_error(resp.status, snippet))
@@ -189,20 +192,35 @@ def _http_error(status: int, snippet: str) -> str:
     return f"the tool answered HTTP {status}" + (f": {text}" if text else "")
 
 
-async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> str:
-    """At most ``cap`` bytes of the (decompressed) body as text, with a marker when cut."""
+async def read_capped(resp: aiohttp.ClientResponse, cap: int, redact: Callable[[str], str] | None = None) -> str:
+    """At most ``cap`` bytes of the (decompressed) body as text, with a marker when cut. With
+    ``redact``, the body is read a little past the cap (the redactor's ``reach``: the longest
+    text one secret may span), redacted, then cut, so a secret across the cut is found whole
+    instead of leaking its first characters."""
+    limit = cap + int(getattr(redact, "reach", 0))
     chunks: list[bytes] = []
     size = 0
-    truncated = False
     async for chunk in resp.content.iter_chunked(64 * 1024):
-        if size + len(chunk) > cap:
-            chunks.append(chunk[: cap - size])
-            truncated = True
+        if size + len(chunk) > limit:
+            chunks.append(chunk[: limit - size])
+            size = limit + 1
             break
         chunks.append(chunk)
         size += len(chunk)
+    body = b"".join(chunks)
     try:
-        text = b"".join(chunks).decode(resp.charset or "utf-8", errors="replace")
+        text = body.decode(resp.charset or "utf-8", errors="replace")
     except LookupError:  # a charset Python does not know
-        text = b"".join(chunks).decode("utf-8", errors="replace")
-    return text + f"\n[truncated: the answer exceeded {cap} bytes]" if truncated else text
+        text = body.decode("utf-8", errors="replace")
+    if redact is not None:
+        text = redact(text)
+    if size <= cap:
+        return text
+    encoded = text.encode("utf-8", "surrogatepass")
+    if len(encoded) > cap:
+        cut = len(encoded[:cap].decode("utf-8", errors="ignore"))
+        mark = text.rfind(MARK, max(0, cut - len(MARK)), cut + len(MARK))
+        if 0 <= mark < cut < mark + len(MARK):  # a redaction is not cut in half
+            cut = mark + len(MARK)
+        text = text[:cut]
+    return text + f"\n[truncated: the answer exceeded {cap} bytes]"

@@ -269,16 +269,22 @@ _env.filters["_loop_items"] = _loop_items
 
 _compiled: OrderedDict[str, Any] = OrderedDict()
 _COMPILED_MAX = 2048
+_COMPILED_MAX_CHARS = 8 * 1024 * 1024  # of the sources held (the compiled code is a few times that)
+_compiled_chars = 0
 
 
 def _template(source: str):
-    """The compiled template of a source (versions are immutable: compiled once, LRU-bounded)."""
+    """The compiled template of a source (versions are immutable: compiled once, LRU-bounded
+    in number and in size)."""
+    global _compiled_chars
     tpl = _compiled.get(source)
     if tpl is None:
         tpl = _env.from_string(_checked(source))
         _compiled[source] = tpl
-        if len(_compiled) > _COMPILED_MAX:
-            _compiled.popitem(last=False)
+        _compiled_chars += len(source)
+        while len(_compiled) > 1 and (len(_compiled) > _COMPILED_MAX or _compiled_chars > _COMPILED_MAX_CHARS):
+            dropped, _ = _compiled.popitem(last=False)
+            _compiled_chars -= len(dropped)
     else:
         _compiled.move_to_end(source)
     return tpl
@@ -433,14 +439,18 @@ def check_label(label: Any, param: str = "label") -> str:
 
 
 # ---- selection ----------------------------------------------------------------------------------
-def select(agent: Agent, selector: str | None, sticky_key: str) -> Selection:
+def select(agent: Agent, selector: str | None, sticky_key: str, pinned: PromptVersion | None = None) -> Selection:
     """The prompt version a turn runs. ``selector``: None (the ``production`` label if set, else
     ``latest``), a version number (pinned), or a label. A label with several weighted variants
-    picks one by a stable hash of (agent, label, sticky_key): one conversation, one arm."""
+    picks one by a stable hash of (agent, label, sticky_key): one conversation, one arm.
+    ``pinned``: the version a number names when the agent does not hold it (no label points at
+    it; the registry read it on demand)."""
     if selector is None:
         selector = "production" if "production" in agent.labels else "latest"
     elif selector.isdigit():
         version = agent.versions.get(int(selector)) if len(selector) < 10 else None
+        if version is None and pinned is not None and str(pinned.version) == selector.lstrip("0"):
+            version = pinned
         if version is None:
             raise NotFound(
                 f"Agent '{agent.name}' has no prompt version {selector[:16]}.", param="model", code="model_not_found"
@@ -525,13 +535,18 @@ def render(version: PromptVersion, values: dict | None, defaults: dict | None) -
         return found[1]
     text = _render(version, context)
     if cache_key is not None:
-        if len(_rendered) >= _RENDERED_MAX:
+        global _rendered_chars
+        if len(_rendered) >= _RENDERED_MAX or _rendered_chars + len(text) > _RENDERED_MAX_CHARS:
             _rendered.clear()
+            _rendered_chars = 0
         _rendered[cache_key] = (version, text)
+        _rendered_chars += len(text) + len(cache_key[1])
     return text
 
 
 _RENDERED_MAX = 4096
+_RENDERED_MAX_CHARS = 16 * 1024 * 1024  # rendered prompts held (up to 256 KB each)
+_rendered_chars = 0
 _rendered: dict[tuple[int, bytes], tuple[PromptVersion, str]] = {}
 
 

@@ -12,7 +12,8 @@ Three kinds:
   ``TOOL_`` may be named (a tool must not be able to send the gateway's own secrets, such as
   its database URL, to a host its author controls), only the master key may name them (the
   admin API refuses a tenant admin's: the environment is shared by every tenant), and their
-  values are redacted from what the tool answers (``redact``).
+  values are redacted from what the tool answers (``redact``), in every form a server may echo
+  them in (URL-encoded, JSON-escaped, base64, hex, another case: runtime/redaction.py).
 - ``mcp``: a tool of an MCP server spoken to over streamable HTTP (``runtime.mcp``).
 - ``builtin``: one of ``BUILTINS``, whose behaviour the composition supplies as handlers.
 
@@ -36,6 +37,7 @@ import logging
 import os
 import re
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ from yarl import URL
 from core import netguard
 from runtime.http_tools import PLACEHOLDER_RE, ToolCallFailed, call_http, fill_url
 from runtime.mcp import MCPError, MCPPool
+from runtime.redaction import MIN_SECRET, redactor, redactor_off_loop
 from runtime.types import Agent, ToolResult, ToolSpec
 
 log = logging.getLogger("gateway.tools")
@@ -71,7 +74,6 @@ MAX_URL_LENGTH = 2048
 MAX_HEADERS = 32
 MAX_HEADER_VALUE = 4096
 MAX_ALLOWED_HOSTS = 32
-MIN_SECRET = 6  # shorter environment values are not hunted for in answers (they would mangle them)
 MAX_TIMEOUT_S = 60.0
 MAX_RETRIES = 5
 DEFAULT_TIMEOUT_S = 10.0
@@ -437,12 +439,10 @@ def env_secrets(headers: dict[str, str]) -> list[str]:
 
 
 def redact(text: str, secrets: list[str]) -> str:
-    """``text`` with every secret in it replaced: a tool that echoes its request (a debugging
-    endpoint, an error page) must not hand the operator's key to the model, and so the client."""
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, "[redacted]")
-    return text
+    """``text`` with every secret in it replaced, in any form it is written in: a tool that
+    echoes its request (a debugging endpoint, an error page) must not hand the operator's key to
+    the model, and so the client (runtime/redaction.py)."""
+    return redactor(secrets).sub(text) if secrets else text
 
 
 def _parse_hosts(hosts, where: str, required: bool) -> list[str]:
@@ -775,8 +775,9 @@ class ToolRunner:
             return _result(call, "timeout", "the tool did not answer in time", started, arguments)
         except RecursionError:
             return _result(call, "invalid", "arguments are nested too deeply", started, None)
-        except Exception:  # a tool must never fail the turn
-            log.exception("tool %s failed", tool.name)
+        except Exception as exc:  # a tool must never fail the turn
+            hide = redactor(env_secrets(tool.config.get("headers") or {}))  # an error may quote them
+            log.error("tool %s failed:\n%s", tool.name, hide("".join(traceback.format_exception(exc))))
             return _result(call, "error", "the tool failed", started, arguments)
         return _result(call, "ok", self._cap(text), started, arguments)
 
@@ -851,13 +852,13 @@ class ToolRunner:
             headers = resolve_headers(tool.config.get("headers") or {})
         except KeyError:
             raise ToolCallFailed("error", "the tool is misconfigured (a secret it needs is not set)") from None
-        secrets = env_secrets(tool.config.get("headers") or {})
-        try:
-            return redact(await call_http(http, tool, arguments, headers, policy=policy, deadline=deadline), secrets)
+        hide = await redactor_off_loop(env_secrets(tool.config.get("headers") or {}))
+        try:  # the answer is redacted as it is read (a secret across the size cap is found whole)
+            return await call_http(http, tool, arguments, headers, policy=policy, deadline=deadline, redact=hide)
         except ValueError as exc:  # a dot-segment argument
             raise ToolCallFailed("error", _short(str(exc))) from None
         except ToolCallFailed as exc:  # its message may quote the tool's answer
-            raise ToolCallFailed(exc.status, redact(exc.message, secrets)) from None
+            raise ToolCallFailed(exc.status, hide(exc.message)) from None
 
     async def _mcp_call(self, tool: ToolSpec, arguments: dict, deadline: float, tenant: str | None = None) -> str:
         config = tool.config
@@ -874,6 +875,7 @@ class ToolRunner:
         if timeout <= 0:
             raise ToolCallFailed("timeout", "the tool did not answer in time")
         client = pool.client(config["url"], headers, owner=tenant)
+        hide = await redactor_off_loop(env_secrets(config.get("headers") or {}))
         try:
             text, is_error = await client.call_tool(config["tool"], arguments, timeout_s=timeout)
         except TimeoutError:
@@ -883,9 +885,9 @@ class ToolRunner:
                 raise ToolCallFailed(
                     "error", "the tool's address is not reachable from the gateway (network policy)"
                 ) from None
-            message = redact(str(exc), env_secrets(config.get("headers") or {}))
+            message = hide(str(exc))
             raise ToolCallFailed("error", f"the MCP tool failed: {_short(message)}") from None
-        text = redact(text, env_secrets(config.get("headers") or {}))
+        text = hide(text)  # whole, then capped
         cap = int(config.get("max_response_bytes", DEFAULT_RESPONSE_BYTES))
         if len(text.encode()) > cap:
             text = text.encode()[:cap].decode(errors="ignore") + f"\n[truncated: the answer exceeded {cap} bytes]"
