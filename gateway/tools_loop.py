@@ -361,7 +361,7 @@ def _record(svc, ctx: RequestContext, started: float) -> None:
             "degraded": turn.degraded,
             "memory_error": turn.memory_error,
             **hitl_stage.record(turn),  # confidence, reasons, escalation
-            "steps": [*turn.steps, *(_citation_step(c) for c in turn.citations[:20])],
+            "steps": [*turn.steps, *map(_citation_step, turn.citations[:20])] if turn.citations else turn.steps,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
     )
