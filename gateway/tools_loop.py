@@ -87,8 +87,11 @@ def _step(ctx: RequestContext, started: float, kind: str = "model", **extra) -> 
         "deployment": r.deployment if r is not None else None,
         "status": ctx.status,
         "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-        "prompt_tokens": usage.prompt_tokens if usage else 0,
-        "completion_tokens": usage.completion_tokens if usage else 0,
+        # under "tokens", the one key of a step the run record keeps them under (runtime/runs.py)
+        "tokens": {
+            "prompt_tokens": usage.prompt_tokens if usage else 0,
+            "completion_tokens": usage.completion_tokens if usage else 0,
+        },
     }
     step.update(extra)
     return step
