@@ -91,6 +91,8 @@ def _float(value) -> float | None:
 
 
 def _tokens(value) -> int | dict | None:
+    if type(value) is dict and len(value) <= 4:  # the tools loop's {"prompt_tokens": n, "completion_tokens": m}
+        return {(k[:40] if type(k) is str else str(k)[:40]): _int(v) for k, v in value.items()}
     if isinstance(value, dict):
         return {str(k)[:40]: _int(v) for k, v in list(value.items())[:4]}
     return _int(value)

@@ -615,8 +615,8 @@ def _run(rng: random.Random) -> dict:
     for step in run["steps"]:
         if rng.random() < 0.1:
             step[rng.choice(_STEP_KEYS)] = rng.choice(_ODD_VALUES)
-        if rng.random() < 0.03:
-            step["tokens"] = {rng.choice(_HASHABLE): rng.choice(_ODD_VALUES) for _ in range(6)}
+        if rng.random() < 0.06:
+            step["tokens"] = {rng.choice(_HASHABLE): rng.choice(_ODD_VALUES) for _ in range(rng.randrange(1, 7))}
     if rng.random() < 0.05:
         run["steps"].insert(0, rng.choice(("step", 3, None, ["kind"])))
     if rng.random() < 0.02:
