@@ -87,13 +87,6 @@ def _text(content) -> str:
     return ""
 
 
-def _question(messages: list) -> str:
-    for m in reversed(messages):
-        if isinstance(m, dict) and m.get("role") == "user":
-            return _text(m.get("content"))[: confidence.MAX_TEXT]
-    return ""
-
-
 async def join(svc, ctx: RequestContext) -> str:
     """The customer's message while a person holds the conversation: stored, counted, announced;
     returns the hold message the customer gets."""
@@ -155,23 +148,31 @@ async def _count(svc, agent, conversation_id: str, escalation_id: str) -> None:
 
 def _signals(ctx: RequestContext, answer: dict) -> confidence.Signals:
     turn = ctx.agent
-    agent = turn.agent
-    new = turn.new_messages
-    question = _question(new)
-    users = [m for m in new if isinstance(m, dict) and m.get("role") == "user"]
+    users = [m for m in turn.new_messages if isinstance(m, dict) and m.get("role") == "user"]
+    question = _text(users[-1].get("content"))[: confidence.MAX_TEXT] if users else ""  # the last one
     previous = [_text(m.get("content"))[:2000] for m in users[-4:-1]]
-    history = ctx.body.get("messages") or []
-    for i in range(turn.memory_loaded, 0, -1):  # newest first: only the last three are compared
-        if len(previous) >= 3:
-            break
-        m = history[i] if i < len(history) else None
-        if isinstance(m, dict) and m.get("role") == "user":
-            previous.insert(0, _text(m.get("content"))[:2000])
-    sims = [c.get("similarity") for c in turn.citations if isinstance(c.get("similarity"), int | float)]
-    failures = sum(1 for s in turn.steps if s.get("kind") == "tool" and s.get("status") not in ("ok", None))
-    escalate_tool = any(
-        s.get("kind") == "tool" and s.get("name") == "escalate_to_human" and s.get("status") == "ok" for s in turn.steps
-    )
+    if len(previous) < 3:
+        history = ctx.body.get("messages") or []
+        for i in range(turn.memory_loaded, 0, -1):  # newest first: only the last three are compared
+            if len(previous) >= 3:
+                break
+            m = history[i] if i < len(history) else None
+            if isinstance(m, dict) and m.get("role") == "user":
+                previous.insert(0, _text(m.get("content"))[:2000])
+    citations = turn.citations
+    best = None
+    if citations:
+        sims = [c.get("similarity") for c in citations if isinstance(c.get("similarity"), int | float)]
+        best = max(sims) if sims else None
+    failures = 0
+    escalate_tool = False
+    for s in turn.steps:  # one pass: failed tools, and whether escalate_to_human ran
+        if s.get("kind") == "tool":
+            status = s.get("status")
+            if status not in ("ok", None):
+                failures += 1
+            elif status == "ok" and s.get("name") == "escalate_to_human":
+                escalate_tool = True
     urgency = None
     if escalate_tool:
         for m in ctx.extra.get("tool_messages", ()):
@@ -186,9 +187,9 @@ def _signals(ctx: RequestContext, answer: dict) -> confidence.Signals:
         question=question,
         previous_questions=previous[-3:],
         answer=_text(answer.get("content")),
-        has_knowledge=bool(agent.knowledge_bases),
-        best_similarity=max(sims) if sims else None,
-        sources=len(turn.citations),
+        has_knowledge=bool(turn.agent.knowledge_bases),
+        best_similarity=best,
+        sources=len(citations),
         escalate_tool=escalate_tool,
         escalate_urgency=urgency if isinstance(urgency, str) else None,
         tool_failures=failures,
@@ -242,7 +243,7 @@ async def after_answer(svc, ctx: RequestContext, raw: bytes, message: dict) -> t
             choice["message"] = out
             choice["finish_reason"] = "stop"
             raw, message = orjson.dumps(data), out
-    CONFIDENCE.labels("true" if turn.escalation_id else "false").observe(conf.score)
+    _observe("true" if turn.escalation_id else "false", conf.score)
     return raw, message
 
 
@@ -252,7 +253,17 @@ def score_streamed(ctx: RequestContext, text: str) -> None:
     conf = confidence.score(_signals(ctx, {"content": text}), hitl_settings.of(turn.agent))
     conf.escalate = False
     turn.confidence = conf
-    CONFIDENCE.labels("false").observe(conf.score)
+    _observe("false", conf.score)
+
+
+_OBSERVE: dict[str, object] = {}  # the metric's two children, resolved on first use (not .labels() per turn)
+
+
+def _observe(escalated: str, value: float) -> None:
+    observe = _OBSERVE.get(escalated)
+    if observe is None:
+        observe = _OBSERVE[escalated] = CONFIDENCE.labels(escalated).observe
+    observe(value)
 
 
 def _bounded_context(turn, conf, signals) -> dict:

@@ -87,8 +87,11 @@ def _step(ctx: RequestContext, started: float, kind: str = "model", **extra) -> 
         "deployment": r.deployment if r is not None else None,
         "status": ctx.status,
         "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-        "prompt_tokens": usage.prompt_tokens if usage else 0,
-        "completion_tokens": usage.completion_tokens if usage else 0,
+        # under "tokens", the one key of a step the run record keeps them under (runtime/runs.py)
+        "tokens": {
+            "prompt_tokens": usage.prompt_tokens if usage else 0,
+            "completion_tokens": usage.completion_tokens if usage else 0,
+        },
     }
     step.update(extra)
     return step
@@ -361,7 +364,7 @@ def _record(svc, ctx: RequestContext, started: float) -> None:
             "degraded": turn.degraded,
             "memory_error": turn.memory_error,
             **hitl_stage.record(turn),  # confidence, reasons, escalation
-            "steps": [*turn.steps, *(_citation_step(c) for c in turn.citations[:20])],
+            "steps": [*turn.steps, *map(_citation_step, turn.citations[:20])] if turn.citations else turn.steps,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
     )

@@ -54,23 +54,35 @@ def _clean_nul(raw: bytes) -> str:
 
 _STEP_INTS = ("step", "arguments_bytes", "result_bytes")
 _STEP_TEXTS = ("kind", "name", "status", "deployment", "error")
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+
+# Each bound below has a fast path for the exact type the gateway itself writes (a str, an int,
+# a float) and gives anything else to the general function: the same value either way.
 
 
 def _text(value, limit: int = MAX_TEXT) -> str | None:
     if value is None:
         return None
-    return str(value)[:limit]
+    return value[:limit] if type(value) is str else str(value)[:limit]
 
 
 def _int(value) -> int | None:
+    if type(value) is int:
+        return value if _INT_MIN <= value <= _INT_MAX else (_INT_MIN if value < 0 else _INT_MAX)
+    if value is None:  # (int(None) raises: an exception per absent field cost more than all the rest)
+        return None
     try:
         number = int(value)
     except (TypeError, ValueError, OverflowError):
         return None
-    return max(-(2**31), min(2**31 - 1, number))
+    return max(_INT_MIN, min(_INT_MAX, number))
 
 
 def _float(value) -> float | None:
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if value is None:
+        return None
     try:
         number = float(value)
     except (TypeError, ValueError, OverflowError):
@@ -79,6 +91,8 @@ def _float(value) -> float | None:
 
 
 def _tokens(value) -> int | dict | None:
+    if type(value) is dict and len(value) <= 4:  # the tools loop's {"prompt_tokens": n, "completion_tokens": m}
+        return {(k[:40] if type(k) is str else str(k)[:40]): _int(v) for k, v in value.items()}
     if isinstance(value, dict):
         return {str(k)[:40]: _int(v) for k, v in list(value.items())[:4]}
     return _int(value)
@@ -86,43 +100,51 @@ def _tokens(value) -> int | dict | None:
 
 def bound_step(step: dict) -> dict:
     out: dict = {}
+    get = step.get
     for key in _STEP_INTS:
-        if step.get(key) is not None:
-            out[key] = _int(step[key])
+        value = get(key)
+        if value is not None:
+            out[key] = _int(value)
     for key in _STEP_TEXTS:
-        if step.get(key) is not None:
-            out[key] = _text(step[key])
-    if step.get("duration_ms") is not None:
-        out["duration_ms"] = _float(step["duration_ms"])
-    if step.get("tokens") is not None:
-        out["tokens"] = _tokens(step["tokens"])
+        value = get(key)
+        if value is not None:
+            out[key] = value[:MAX_TEXT] if type(value) is str else str(value)[:MAX_TEXT]
+    value = get("duration_ms")
+    if value is not None:
+        out["duration_ms"] = _float(value)
+    value = get("tokens")
+    if value is not None:
+        out["tokens"] = _tokens(value)
     return out
 
 
 def bound_run(run: dict) -> dict:
     """The run as stored: known fields only, every string and the list of steps bounded."""
-    steps = [bound_step(s) for s in (run.get("steps") or [])[:MAX_STEPS] if isinstance(s, dict)]
-    omitted = len(run.get("steps") or []) - MAX_STEPS
+    get = run.get
+    all_steps = get("steps") or []
+    steps = [bound_step(s) for s in all_steps[:MAX_STEPS] if isinstance(s, dict)]
+    omitted = len(all_steps) - MAX_STEPS
     if omitted > 0:
         steps.append({"kind": "omitted", "count": omitted})
+    reasons = get("confidence_reasons")
     return {
         "request_id": _text(run["request_id"]),
-        "tenant": _text(run.get("tenant") or "default"),
-        "agent": _text(run.get("agent")),
-        "agent_id": _text(run.get("agent_id")),
-        "prompt_version": _int(run.get("prompt_version")),
-        "variant": _text(run.get("variant")),
-        "conversation_id": _text(run.get("conversation_id"), 256),
-        "status": _int(run.get("status")),
-        "degraded": bool(run.get("degraded")),
-        "escalated": bool(run.get("escalated")),
-        "memory_error": _text(run.get("memory_error")),
-        "confidence": _float(run.get("confidence")),
-        "confidence_reasons": [_text(r, 40) for r in (run.get("confidence_reasons") or [])[:16]] or None,
-        "escalation_id": _text(run.get("escalation_id"), 64),
+        "tenant": _text(get("tenant") or "default"),
+        "agent": _text(get("agent")),
+        "agent_id": _text(get("agent_id")),
+        "prompt_version": _int(get("prompt_version")),
+        "variant": _text(get("variant")),
+        "conversation_id": _text(get("conversation_id"), 256),
+        "status": _int(get("status")),
+        "degraded": bool(get("degraded")),
+        "escalated": bool(get("escalated")),
+        "memory_error": _text(get("memory_error")),
+        "confidence": _float(get("confidence")),
+        "confidence_reasons": [_text(r, 40) for r in reasons[:16]] or None if reasons else None,
+        "escalation_id": _text(get("escalation_id"), 64),
         "steps": steps,
-        "latency_ms": _float(run.get("latency_ms")),
-        "ts": _float(run.get("ts")) or time.time(),
+        "latency_ms": _float(get("latency_ms")),
+        "ts": _float(get("ts")) or time.time(),
     }
 
 

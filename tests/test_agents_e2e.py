@@ -178,6 +178,9 @@ def test_two_step_tool_loop_against_a_real_tool_server(pair, tools, services):
     rows = ledger_rows(services[0], "request_id = $1 ORDER BY step", rid)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["agent"] == agent["name"] for r in rows)
     assert answer.usage.prompt_tokens == sum(r["prompt_tokens"] for r in rows)
+    # each model step of the run names its tokens, as the audit record of that call does
+    tokens = [s.get("tokens") for s in run["steps"] if s["kind"] == "model"]
+    assert tokens == [{"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"]} for r in rows]
 
 
 def run_record(gw: Gateway, request_id: str) -> dict:

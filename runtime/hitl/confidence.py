@@ -63,8 +63,19 @@ class Confidence:
         return {"score": self.score, "reasons": self.reasons, "escalate": self.escalate, "urgency": self.urgency}
 
 
+# ``_WORD.findall`` without the regex engine: every byte that is not [a-z0-9'] becomes a space and
+# the rest is split on spaces. A character beyond ASCII is encoded as bytes >= 0x80 only, so each
+# becomes spaces too, exactly where the regex would stop a word (lone surrogates included).
+_WORD_BYTES = bytes(c if chr(c) in "abcdefghijklmnopqrstuvwxyz0123456789'" else 0x20 for c in range(256))
+
+
 def words(text: str) -> list[str]:
-    return _WORD.findall(text[:MAX_TEXT].lower())
+    return _words(text[:MAX_TEXT].lower())
+
+
+def _words(lowered: str) -> list[str]:
+    """``_WORD.findall(lowered)``, about three times faster."""
+    return lowered.encode("utf-8", "surrogatepass").translate(_WORD_BYTES).decode("ascii").split()
 
 
 _CACHED = 256  # characters of a question whose words are cached (most are shorter)
@@ -84,15 +95,28 @@ def _cached_word_set(text: str) -> frozenset[str]:
 
 
 def _similar(a: set[str], b: frozenset[str]) -> bool:
-    if not a or not b:
+    """Jaccard similarity of at least 0.8. The sizes alone bound it (the intersection is at most
+    the smaller set, the union at least the larger): most pairs are decided without a set built."""
+    na, nb = len(a), len(b)
+    if not na or not nb:
         return False
-    return len(a & b) / len(a | b) >= 0.8
+    if (na / nb if na <= nb else nb / na) < 0.8:
+        return False
+    common = len(a & b)
+    return common / (na + nb - common) >= 0.8
 
 
 def _max_urgency(a: str, b: str | None) -> str:
     if b not in URGENCIES:
         return a
     return a if URGENCIES.index(a) >= URGENCIES.index(b) else b
+
+
+def _contains_any(text: str, phrases: tuple[str, ...]) -> bool:
+    for phrase in phrases:  # a loop, not any(<genexpr>): no generator per call
+        if phrase in text:
+            return True
+    return False
 
 
 def score(signals: Signals, settings: EscalationSettings) -> Confidence:
@@ -120,21 +144,25 @@ def score(signals: Signals, settings: EscalationSettings) -> Confidence:
         factors.append(("fallback", 0.2))
     question = signals.question[:MAX_TEXT].lower()
     if question:
-        if any(p in question for p in settings.phrases):
+        if _contains_any(question, settings.phrases):
             factors.append(("asked_for_human", 0.2))
             rule = rule or "asked_for_human"
-        if any(p in question for p in settings.urgent_phrases):
+        if _contains_any(question, settings.urgent_phrases):
             urgency = "urgent"
-        tokens = words(question)
-        negative = sum(1 for t in tokens if t in settings.negative_words)
+        # words(question) without lowering it again: ASCII text is its own lower case, at its
+        # length (other text may grow when lowered, and words() cuts it again: that path stays)
+        tokens = _words(question) if question.isascii() else words(question)
+        negative = sum(map(settings.negative_words.__contains__, tokens))
         if negative:
             factors.append(("negative_sentiment", (0.85, 0.6, 0.4)[min(negative, 3) - 1]))
             if negative >= 3:
                 urgency = _max_urgency(urgency, "high")
         if signals.previous_questions:
             mine = set(tokens)
-            if any(_similar(mine, _word_set(q[:MAX_TEXT])) for q in signals.previous_questions[-3:]):
-                factors.append(("repeated_question", 0.35))
+            for q in signals.previous_questions[-3:]:
+                if _similar(mine, _word_set(q[:MAX_TEXT])):
+                    factors.append(("repeated_question", 0.35))
+                    break
     if signals.judge is not None:
         factors.append(("judge", max(0.0, min(1.0, signals.judge))))
     value = 1.0
@@ -142,11 +170,12 @@ def score(signals: Signals, settings: EscalationSettings) -> Confidence:
         value *= f
     value = round(max(0.0, min(1.0, value)), 3)
     team, skills = None, ()
-    for route in settings.routes:
-        if question and any(p in question for p in route.phrases):
-            team, skills = route.team, route.skills
-            urgency = _max_urgency(urgency, route.urgency)
-            break
+    if question:
+        for route in settings.routes:
+            if _contains_any(question, route.phrases):
+                team, skills = route.team, route.skills
+                urgency = _max_urgency(urgency, route.urgency)
+                break
     escalate = settings.enabled and (rule is not None or value < settings.threshold)
     return Confidence(
         score=value,
