@@ -269,14 +269,16 @@ class CallStore:
             )
         return describe(row) if row is not None else None
 
-    async def callback_for(self, tenant: str, ref: str) -> str | None:
-        """The call id of the callback already placed for a delivery ``ref``, if any."""
+    async def callback_for(self, tenant: str, ref: str, digest: str = "") -> str | None:
+        """The call id of the callback already placed for a delivery ``ref`` with these words
+        (``digest``), if any."""
         async with self._tx(tenant) as conn:
             return await conn.fetchval(
                 "SELECT call_id FROM vapi_calls WHERE tenant = $1 AND direction = 'outbound' "
-                "AND metadata->>'reply_ref' = $2 LIMIT 1",
+                "AND metadata->>'reply_ref' = $2 AND coalesce(metadata->>'reply_digest', '') = $3 LIMIT 1",
                 tenant,
                 ref[:200],
+                digest,
             )
 
     async def callbacks_of(self, tenant: str, account: str, call_id: str) -> int:

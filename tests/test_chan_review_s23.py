@@ -1,0 +1,168 @@
+"""Channels and human-in-the-loop review (s23): each test is an attack or a production failure
+reproduced against a real gateway process (VAPI account with callbacks, WhatsApp account on the
+mock Graph API, the mock LLM, the mock VAPI REST API), over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import aiohttp
+import httpx
+import pytest
+
+from loadtest.vapi_sim import VapiCall
+from tests.conftest import MASTER_KEY, Gateway, run_cli, wait_until
+from tests.test_channels_vapi import MockVapiApi
+from tests.test_channels_whatsapp import GraphMock
+
+RUN = uuid.uuid4().hex[:6]
+TENANT = f"chan-{RUN}"
+AGENT = f"desk-{RUN}"
+TOKEN = "vapi-server-token-chan-0123456789"
+VAPI_KEY = "vapi-private-key-0001"
+PUBLIC_URL = "https://gw.example.com"
+GRAPH_TOKEN = "graph-token-test"
+WA_SECRET = "chan-app-secret-0123"
+WA_PNID = "7007"
+WA_ENV = {
+    "GATEWAY_CHANNEL_WORKER": "1",
+    "GATEWAY_WA_VISIBILITY_TIMEOUT": "2",
+    "GATEWAY_WA_MAX_RETRIES": "1",
+    "GATEWAY_WA_BACKOFF": "0.2",
+}
+
+
+def admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
+    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
+
+
+def new_key(urls, tmp, name: str) -> str:
+    out = run_cli("keys", "create", "--name", name, "--tenant", TENANT, urls=urls, tmp=tmp)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()[0].strip()
+
+
+@pytest.fixture(scope="module")
+def vapi_api(tmp_root):
+    api = MockVapiApi(tmp_root)
+    yield api
+    api.stop()
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_root):
+    g = GraphMock(tmp_root)
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_root, services, module_mock, vapi_api, graph):
+    vapi_key = new_key(services, tmp_root, f"vapi-{RUN}")
+    wa_key = new_key(services, tmp_root, f"wa-{RUN}")
+    config = {
+        "router": {"max_attempts": 1},
+        "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "desk-model", "deployments": [{"provider": "pp", "model": "m"}]}],
+        "channels": {
+            "vapi": {
+                "desk": {
+                    "tenant": TENANT,
+                    "api_key": vapi_key,
+                    "public_url": PUBLIC_URL,
+                    "auth": {"bearer_token": TOKEN},
+                    "default_agent": AGENT,
+                    "vapi_api_url": vapi_api.url,
+                    "vapi_api_key": VAPI_KEY,
+                    "outbound_phone_number_id": "pn_desk",
+                    "delivery": "callback",
+                }
+            },
+            "whatsapp": {
+                "deskwa": {
+                    "tenant": TENANT,
+                    "phone_numbers": {WA_PNID: AGENT},
+                    "app_secret": WA_SECRET,
+                    "verify_token": "verify-token-0123",
+                    "access_token": GRAPH_TOKEN,
+                    "api_key": wa_key,
+                    "graph_base_url": graph.url,
+                }
+            },
+        },
+    }
+    saved = {k: os.environ.get(k) for k in WA_ENV}
+    os.environ.update(WA_ENV)
+    try:
+        gw = Gateway(tmp_root, config, services)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    body = {
+        "name": AGENT,
+        "tenant": TENANT,
+        "model": "desk-model",
+        "template": "You are the front desk.",
+        "escalation": {"enabled": True, "threshold": 0.5, "team": f"desk-{RUN}", "hold_message": "Hold on."},
+    }
+    r = admin(gw, "POST", "/admin/agents", json=body)
+    assert r.status_code == 201, r.text
+    r = admin(gw, "POST", "/admin/keys", json={"name": f"desk-admin-{RUN}", "tenant": TENANT, "scopes": ["admin"]})
+    assert r.status_code == 201, r.text
+    yield {"gw": gw, "admin": r.json()["key"]}
+    gw.stop()
+
+
+def _escalation_of(gw: Gateway, key: str, conversation_id: str) -> dict:
+    def found():
+        rows = admin(gw, "GET", "/admin/escalations", key, params={"team": f"desk-{RUN}"}).json()["data"]
+        return next((r for r in rows if r["conversation_id"] == conversation_id), None)
+
+    wait_until(found, what="the escalation in the queue")
+    return found()
+
+
+# ---- VAPI: a person's second reply to an ended call ------------------------------------------------
+def test_vapi_second_human_reply_in_one_escalation_is_called_back_not_reported_sent_and_dropped(env, vapi_api):
+    """A caller asks for a person, hangs up; the person claims the escalation and replies twice
+    with different words (the account calls customers back). The second reply was reported
+    ``sent`` ("already called back": the callback was keyed on the escalation alone) while the
+    customer never heard it. Each distinct reply is now a callback of its own (still bounded
+    per call); the same reply delivered again is not called twice."""
+    gw = env["gw"]
+
+    async def call() -> str:
+        async with aiohttp.ClientSession() as session:
+            c = VapiCall(
+                session,
+                f"{gw.url}/channels/vapi/desk",
+                {"Authorization": f"Bearer {TOKEN}"},
+                phone_number_id="pn_desk",
+                customer="+14155550177",
+                follow_assistant=False,
+            )
+            await c.assistant_request()
+            turn = await c.say("I want to talk to a person please")
+            assert turn.status == 200, turn.answer
+            await c.end()
+            return c.call_id
+
+    call_id = asyncio.run(call())
+    esc = _escalation_of(gw, env["admin"], f"vapi:{call_id}")
+    assert admin(gw, "POST", f"/admin/escalations/{esc['id']}/claim", env["admin"]).status_code == 200
+    before = len(vapi_api.requests())
+    replies = []
+    for words in ("Your refund was approved.", "It will arrive within 3 days.", "It will arrive within 3 days."):
+        r = admin(gw, "POST", f"/admin/escalations/{esc['id']}/reply", env["admin"], json={"text": words})
+        assert r.status_code == 200, r.text
+        replies.append(r.json()["delivery"])
+    placed = vapi_api.requests()[before:]
+    spoken = [p["body"]["assistant"].get("firstMessage") for p in placed]
+    assert spoken == ["Your refund was approved.", "It will arrive within 3 days."], (spoken, replies)
+    assert [d["status"] for d in replies] == ["sent", "sent", "sent"]
+    assert all(p["body"]["customer"] == {"number": "+14155550177"} for p in placed)
