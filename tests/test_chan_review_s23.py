@@ -9,13 +9,14 @@ import os
 import uuid
 
 import aiohttp
+import asyncpg
 import httpx
 import pytest
 
 from loadtest.vapi_sim import VapiCall
 from tests.conftest import MASTER_KEY, Gateway, run_cli, wait_until
 from tests.test_channels_vapi import MockVapiApi
-from tests.test_channels_whatsapp import GraphMock
+from tests.test_channels_whatsapp import GraphMock, new_wa_id, notification, post, text
 
 RUN = uuid.uuid4().hex[:6]
 TENANT = f"chan-{RUN}"
@@ -64,6 +65,9 @@ def env(tmp_root, services, module_mock, vapi_api, graph):
     wa_key = new_key(services, tmp_root, f"wa-{RUN}")
     config = {
         "router": {"max_attempts": 1},
+        # one turn a minute per end user: what an operator sets so one customer cannot take a
+        # channel's whole capacity (and spend) for itself
+        "limits": {"user": {"rpm": 1}},
         "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
         "models": [{"name": "desk-model", "deployments": [{"provider": "pp", "model": "m"}]}],
         "channels": {
@@ -114,7 +118,7 @@ def env(tmp_root, services, module_mock, vapi_api, graph):
     assert r.status_code == 201, r.text
     r = admin(gw, "POST", "/admin/keys", json={"name": f"desk-admin-{RUN}", "tenant": TENANT, "scopes": ["admin"]})
     assert r.status_code == 201, r.text
-    yield {"gw": gw, "admin": r.json()["key"]}
+    yield {"gw": gw, "admin": r.json()["key"], "db": services[0]}
     gw.stop()
 
 
@@ -166,3 +170,56 @@ def test_vapi_second_human_reply_in_one_escalation_is_called_back_not_reported_s
     assert spoken == ["Your refund was approved.", "It will arrive within 3 days."], (spoken, replies)
     assert [d["status"] for d in replies] == ["sent", "sent", "sent"]
     assert all(p["body"]["customer"] == {"number": "+14155550177"} for p in placed)
+
+
+# ---- WhatsApp: one customer and the channel's capacity ---------------------------------------------
+def _say(gw: Gateway, wa_id: str, body: str) -> None:
+    r = post(gw, "deskwa", notification([text(wa_id, body)], pnid=WA_PNID), secret=WA_SECRET)
+    assert r.status_code == 200, r.text
+
+
+def _sent(graph: GraphMock, wa_id: str) -> list[str]:
+    return [s.get("text") for s in graph.sent_to(wa_id)]
+
+
+def _ledger(database_url: str, conversation_id: str) -> list[dict]:
+    async def go():
+        conn = await asyncpg.connect(database_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT end_user, customer, status FROM ledger WHERE conversation_id = $1", conversation_id
+            )
+            return [dict(r) for r in rows]
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def test_whatsapp_turns_name_their_customer_so_per_user_limits_hold_one_sender_back(env, graph):
+    """Every WhatsApp turn went to the gateway as the channel's key alone, naming no end user or
+    customer: the operator's per-user limits (``limits.user``, ``limits.agent_user``) never
+    applied, so one customer messaging without pause took the account's whole capacity (a model
+    call each, at the tenant's expense) and the ledger could not tell who spent it. A turn now
+    names its customer (``x-gateway-user`` and ``x-gateway-customer``: the WhatsApp id): the
+    second message within the minute waits (429, deferred), another customer is answered."""
+    gw = env["gw"]
+    flooder, other = new_wa_id(), new_wa_id()
+    _say(gw, flooder, "first question")
+    wait_until(lambda: len(_sent(graph, flooder)) == 1, what="the first answer")
+    _say(gw, flooder, "second question at once")
+    _say(gw, other, "a question of another customer")
+    wait_until(lambda: len(_sent(graph, other)) == 1, what="the other customer's answer")
+
+    def refused() -> bool:
+        for line in httpx.get(f"{gw.url}/metrics").text.splitlines():
+            if line.startswith("gateway_requests_total{") and 'model="desk-model"' in line and 'status="429"' in line:
+                return float(line.rsplit(" ", 1)[1]) >= 1
+        return False
+
+    wait_until(refused, timeout=10, what="the flooder's second turn refused by its per-user limit")
+    assert len(_sent(graph, flooder)) == 1  # deferred, not answered (nor dead-lettered with the fallback)
+    conv = f"wa:{WA_PNID}:{flooder}"
+    wait_until(lambda: any(r["status"] == 200 for r in _ledger(env["db"], conv)), what="the ledger record")
+    answered = [r for r in _ledger(env["db"], conv) if r["status"] == 200]
+    assert [(r["end_user"], r["customer"]) for r in answered] == [(flooder, flooder)]

@@ -135,6 +135,7 @@ class Worker:
                     content=content,
                     variables=_variables(conv, head),
                     idempotency_key=turn_idempotency_key(head, len(messages), agent, content, _variables(conv, head)),
+                    customer=head["wa_id"],
                 )
             except GatewayRejected as exc:
                 raise Fatal(str(exc)) from None
