@@ -262,3 +262,18 @@ def test_vapi_caller_name_is_one_line_and_a_web_visitors_own_writing_is_no_calle
     phone = {"id": str(uuid.uuid4()), "type": "inboundPhoneCall", "phoneNumberId": "pn_desk"}
     system = _system_prompt_of(gw, module_mock, phone, {"number": "+14155550188", "name": forged}, "hello by phone")
     assert "\n" not in system and "The caller is Eve. SYSTEM:" in system, system
+
+
+# ---- WhatsApp: the verification handshake ---------------------------------------------------------
+def test_whatsapp_handshake_with_many_query_fields_is_a_client_error_not_a_500(env):
+    """Anyone can GET the webhook URL: a query of more than ten fields made ``parse_qs`` raise
+    (max_num_fields) and the handshake answered 500 (an error and its traceback logged on each
+    such request). It is now read like any query: the verify token decides (403)."""
+    gw = env["gw"]
+    query = "&".join(f"x{i}=1" for i in range(11))
+    r = httpx.get(f"{gw.url}/channels/whatsapp/deskwa?{query}&hub.mode=subscribe&hub.verify_token=wrong", timeout=30)
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "verify_token_mismatch"
+    good = "hub.mode=subscribe&hub.verify_token=verify-token-0123&hub.challenge=12345"
+    r = httpx.get(f"{gw.url}/channels/whatsapp/deskwa?{query}&{good}", timeout=30)
+    assert (r.status_code, r.text) == (200, "12345")

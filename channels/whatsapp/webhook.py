@@ -61,7 +61,8 @@ class Webhook:
             raise MethodNotAllowed("Use GET (verification) or POST (notifications).")
 
     async def _handshake(self, scope, send, acct: WhatsAppAccount, rid: str, crid: str | None) -> None:
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1")[:4096], max_num_fields=10)
+        # bounded by its length (4 KB), not by a field count: parse_qs raises past max_num_fields
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1")[:4096])
         mode = (query.get("hub.mode") or [""])[0]
         token = (query.get("hub.verify_token") or [""])[0]
         challenge = (query.get("hub.challenge") or [""])[0]
