@@ -277,3 +277,17 @@ def test_whatsapp_handshake_with_many_query_fields_is_a_client_error_not_a_500(e
     good = "hub.mode=subscribe&hub.verify_token=verify-token-0123&hub.challenge=12345"
     r = httpx.get(f"{gw.url}/channels/whatsapp/deskwa?{query}&{good}", timeout=30)
     assert (r.status_code, r.text) == (200, "12345")
+
+
+def test_whatsapp_notification_with_a_non_ascii_digit_timestamp_is_accepted_not_a_500(env, graph):
+    """A message whose ``timestamp`` is "²" passed ``str.isdigit()`` and ``float()`` raised: the
+    webhook answered 500 for the whole notification, so Meta would redeliver it (and every
+    other customer's message in it) for days, never accepted. A timestamp that is not ASCII
+    digits now counts as "now", like any other malformed one; the message is answered."""
+    gw = env["gw"]
+    odd, fine = new_wa_id(), new_wa_id()
+    messages = [{**text(odd, "odd clock"), "timestamp": "²"}, text(fine, "normal clock")]
+    doc = notification(messages, pnid=WA_PNID)
+    r = post(gw, "deskwa", doc, secret=WA_SECRET)
+    assert r.status_code == 200, r.text
+    wait_until(lambda: len(_sent(graph, odd)) == 1 and len(_sent(graph, fine)) == 1, what="both answered")
