@@ -291,3 +291,60 @@ def test_whatsapp_notification_with_a_non_ascii_digit_timestamp_is_accepted_not_
     r = post(gw, "deskwa", doc, secret=WA_SECRET)
     assert r.status_code == 200, r.text
     wait_until(lambda: len(_sent(graph, odd)) == 1 and len(_sent(graph, fine)) == 1, what="both answered")
+
+
+# ---- VAPI: the same callback asked of two replicas --------------------------------------------------
+def test_vapi_one_reply_delivered_by_two_replicas_at_once_calls_the_customer_back_once(env, services, vapi_api):
+    """A person's reply (or the same reply sent twice, a double click landing on two replicas)
+    delivered by two replicas at once: each replica's callback lock was its own, both found no
+    callback for the reference yet and both placed one — the customer's phone rang twice, both
+    billed to the tenant (and the per-call bound of three could be passed the same way). The
+    check and the call now run under one PostgreSQL advisory lock per ended call, held across
+    replicas: one callback, the other replica answers "already called back"."""
+    from channels.vapi import VapiChannel, VapiDeliverer, parse_accounts
+    from channels.vapi.calls import CallStore
+    from channels.vapi.wire import CallInfo
+    from gateway.db import tenant_transaction
+
+    accounts = parse_accounts(
+        {
+            "desk": {
+                "tenant": TENANT,
+                "api_key": "sk-gw-unused-0123456789",
+                "public_url": PUBLIC_URL,
+                "auth": {"bearer_token": TOKEN},
+                "default_agent": AGENT,
+                "vapi_api_url": vapi_api.url,
+                "vapi_api_key": VAPI_KEY,
+                "outbound_phone_number_id": "pn_desk",
+                "delivery": "callback",
+            }
+        }
+    )
+    ended = str(uuid.uuid4())
+
+    async def go():
+        pools = [await asyncpg.create_pool(services[0], min_size=1, max_size=2) for _ in range(2)]
+        replicas = []
+        try:
+            for pool in pools:  # two replicas: their own pools, channels and deliverers
+                store = CallStore(lambda tenant, pool=pool: tenant_transaction(pool, tenant))
+                channel = VapiChannel(accounts, store, events=None, upstream=None)
+                await channel.start()
+                replicas.append(VapiDeliverer(channel))
+            info = CallInfo(call_id=ended, customer_number="+14155550199")
+            await replicas[0].channel.store.upsert(TENANT, "desk", info, AGENT, "ended")
+            words = "Your replacement ships today."
+            return await asyncio.gather(*(r.outcome(TENANT, f"vapi:{ended}", words, ref="esc_race") for r in replicas))
+        finally:
+            for r in replicas:
+                await r.channel.stop()
+            for pool in pools:
+                await pool.close()
+
+    before = len(vapi_api.requests())
+    outcomes = asyncio.run(go())
+    placed = [p for p in vapi_api.requests()[before:] if p["body"]["customer"] == {"number": "+14155550199"}]
+    assert len(placed) == 1, (outcomes, placed)
+    assert sorted(o[1] == "already called back" for o in outcomes) == [False, True], outcomes
+    assert all(o[0] == "sent" for o in outcomes)

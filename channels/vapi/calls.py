@@ -15,6 +15,7 @@ their own records already (the gateway wrote them), linked by the same conversat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 from collections.abc import Callable
@@ -280,6 +281,16 @@ class CallStore:
                 ref[:200],
                 digest,
             )
+
+    @contextlib.asynccontextmanager
+    async def callback_lock(self, tenant: str, account: str, call_id: str):
+        """Held while a callback for the customer of one ended call is checked and placed: a
+        PostgreSQL advisory lock, so two replicas delivering at once place one callback between
+        them (and never more than the per-call bound)."""
+        async with self._tx(tenant) as conn:
+            key = orjson.dumps(["vapi-callback", tenant, account, call_id]).decode()
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
+            yield
 
     async def callbacks_of(self, tenant: str, account: str, call_id: str) -> int:
         """How many callbacks were placed for the customer of one call."""

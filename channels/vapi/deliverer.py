@@ -15,9 +15,10 @@ this channel's calls (found in ``vapi_calls`` by tenant and conversation id, nev
 
 Each callback is a phone call the tenant pays for, placed to a number the inbound call named,
 so they are bounded: a message without a ``ref`` (what makes a retry recognizable) is not
-called back; a ``ref`` calls at most once per distinct text (checked and placed under a lock in
-this process: the same reply delivered again is not called twice, but a person's second reply
-in one escalation is a message of its own, never reported sent while nobody heard it);
+called back; a ``ref`` calls at most once per distinct text (checked and placed under a lock
+of this process and a PostgreSQL advisory lock of the call, across replicas: the same reply
+delivered again is not called twice, but a person's second reply in one escalation is a
+message of its own, never reported sent while nobody heard it);
 one call's customer is called back at most ``MAX_CALLBACKS_PER_CALL`` times whatever the refs;
 a web call is never called back (its "number" is whatever the visitor wrote).
 
@@ -60,7 +61,7 @@ class VapiDeliverer:
         lock = self._locks.get(tenant)
         if lock is None:
             lock = self._locks[tenant] = asyncio.Lock()
-        async with lock:
+        async with lock, store.callback_lock(tenant, call["account"], call["call_id"]):  # across replicas
             if await store.callback_for(tenant, ref, digest) is not None:
                 return "sent", "already called back"
             if await store.callbacks_of(tenant, call["account"], call["call_id"]) >= MAX_CALLBACKS_PER_CALL:
