@@ -332,11 +332,12 @@ class EscalationAdmin:
                 [esc.get("question") or "", answer],
             )
         delivery = await self._send(request, esc, reply) if reply is not None else None
-        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-            if delivery is not None:
+        if delivery is not None:  # recorded on its own (as /reply does): sent is sent, whatever the resolve finds
+            async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
                 await escalations.record_reply(
                     conn, base._view(request), esc_id, ident.key_id, delivery, self.hitl.config.lease_s
                 )
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             esc = await escalations.resolve(
                 conn,
                 base._view(request),

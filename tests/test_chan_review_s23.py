@@ -27,6 +27,7 @@ PUBLIC_URL = "https://gw.example.com"
 GRAPH_TOKEN = "graph-token-test"
 WA_SECRET = "chan-app-secret-0123"
 WA_PNID = "7007"
+LEASE_S = 3.0
 WA_ENV = {
     "GATEWAY_CHANNEL_WORKER": "1",
     "GATEWAY_WA_VISIBILITY_TIMEOUT": "2",
@@ -68,6 +69,7 @@ def env(tmp_root, services, module_mock, vapi_api, graph):
         # one turn a minute per end user: what an operator sets so one customer cannot take a
         # channel's whole capacity (and spend) for itself
         "limits": {"user": {"rpm": 1}},
+        "hitl": {"lease_s": LEASE_S, "sweep_interval_s": 0.2},
         "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
         "models": [{"name": "desk-model", "deployments": [{"provider": "pp", "model": "m"}]}],
         "channels": {
@@ -348,3 +350,36 @@ def test_vapi_one_reply_delivered_by_two_replicas_at_once_calls_the_customer_bac
     assert len(placed) == 1, (outcomes, placed)
     assert sorted(o[1] == "already called back" for o in outcomes) == [False, True], outcomes
     assert all(o[0] == "sent" for o in outcomes)
+
+
+# ---- escalations: a resolution whose reply outlives the lease ---------------------------------------
+def test_resolve_whose_reply_is_sent_after_the_lease_ran_out_still_records_the_reply(env, graph):
+    """``resolve`` with a ``reply``: the reply goes to the customer, then the reply's record and
+    the resolution were one transaction. When the lease ran out during the send (a slow Graph
+    API; the sweeper put the item back in the queue), the resolution was refused (409) and the
+    reply's record rolled back with it: the customer had the message, the escalation said no
+    one had answered (no delivery, no first response: SLA breach alerts on an answered
+    customer) and invited a second copy. The reply is now recorded first, on its own, as
+    ``/reply`` does; the resolution is still refused without a live lease."""
+    gw, key = env["gw"], env["admin"]
+    wa_id = new_wa_id()
+    _say(gw, wa_id, "I want to talk to a person please")
+    esc = _escalation_of(gw, key, f"wa:{WA_PNID}:{wa_id}")
+    wait_until(lambda: len(_sent(graph, wa_id)) == 1, what="the hand-off message")
+    assert admin(gw, "POST", f"/admin/escalations/{esc['id']}/claim", key).status_code == 200
+    # the next send is answered after the lease has run out
+    graph.configure(
+        statuses=True,
+        webhook_url=f"{gw.url}/channels/whatsapp/deskwa",
+        app_secret=WA_SECRET,
+        status_first_ms=int((LEASE_S + 2) * 1000),
+    )
+    try:
+        r = admin(gw, "POST", f"/admin/escalations/{esc['id']}/resolve", key, json={"reply": "Done: refunded."})
+    finally:
+        graph.configure(statuses=False, status_first_ms=0)
+    assert r.status_code == 409, r.text
+    assert _sent(graph, wa_id)[-1] == "Done: refunded."  # the customer has it
+    after = admin(gw, "GET", f"/admin/escalations/{esc['id']}", key).json()
+    assert after["status"] != "resolved"
+    assert after["first_response_at"] is not None and after["delivery"]["status"] == "sent", after
