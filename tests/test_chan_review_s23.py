@@ -33,6 +33,7 @@ WA_ENV = {
     "GATEWAY_WA_VISIBILITY_TIMEOUT": "2",
     "GATEWAY_WA_MAX_RETRIES": "1",
     "GATEWAY_WA_BACKOFF": "0.2",
+    "GATEWAY_WA_MAX_BACKLOG": "5",
 }
 
 
@@ -383,3 +384,38 @@ def test_resolve_whose_reply_is_sent_after_the_lease_ran_out_still_records_the_r
     after = admin(gw, "GET", f"/admin/escalations/{esc['id']}", key).json()
     assert after["status"] != "resolved"
     assert after["first_response_at"] is not None and after["delivery"]["status"] == "sent", after
+
+
+# ---- WhatsApp: one customer's backlog -------------------------------------------------------------
+def test_one_customers_unanswered_messages_are_bounded_in_the_queue(env, graph, services):
+    """Each inbound message was queued on its conversation's ordered list without bound (only the
+    whole queue's million-message cap): one customer sending without pause while their turns
+    wait (a per-user limit, a slow model) grew Redis message by message, and at the global cap
+    every customer's notifications were refused. A conversation now holds at most
+    ``GATEWAY_WA_MAX_BACKLOG`` unanswered messages (default 100); past it the webhook still
+    answers 200 (Meta must not redeliver the batch) and the customer's extra messages are
+    dropped and counted — other customers in the same notification are queued."""
+    import redis as redis_sync
+
+    from core.queue import _digest
+
+    gw = env["gw"]
+    flooder, other = new_wa_id(), new_wa_id()
+    _say(gw, flooder, "first")
+    wait_until(lambda: len(_sent(graph, flooder)) == 1, what="the first answer")
+    # the flooder's next turns wait for their per-user limit (a minute); 20 more messages arrive
+    burst = [text(flooder, f"more {i}") for i in range(20)] + [text(other, "hello")]
+    r = post(gw, "deskwa", notification(burst, pnid=WA_PNID), secret=WA_SECRET)
+    assert r.status_code == 200, r.text
+    wait_until(lambda: len(_sent(graph, other)) == 1, what="the other customer's answer")
+    client = redis_sync.Redis.from_url(services[1])
+    try:
+        backlog = client.llen(f"gw:{{gw}}:q:wa-inbound:k:{_digest(f'deskwa:{WA_PNID}:{flooder}')}")
+    finally:
+        client.close()
+    assert 1 <= backlog <= 5, backlog
+    metrics = httpx.get(f"{gw.url}/metrics").text
+    assert any(
+        line.startswith("gateway_whatsapp_items_total{") and 'kind="dropped"' in line and line.endswith(" 15.0")
+        for line in metrics.splitlines()
+    ), [m for m in metrics.splitlines() if "whatsapp_items" in m]
