@@ -436,10 +436,12 @@ class EscalationAdmin:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             agent = await self._agent(request, conn)
 
-        async def lines():
-            async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-                async for line in learning.training_data(conn, agent.tenant, agent.id):
-                    yield line
+        def transaction():
+            return tenant_transaction(self.svc.pool, base._wall(request))
+
+        async def lines():  # a page per transaction: a slow reader holds no pooled connection
+            async for line in learning.training_data(transaction, agent.tenant, agent.id):
+                yield line
 
         return StreamingResponse(
             lines(),

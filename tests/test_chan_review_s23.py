@@ -419,3 +419,54 @@ def test_one_customers_unanswered_messages_are_bounded_in_the_queue(env, graph, 
         line.startswith("gateway_whatsapp_items_total{") and 'kind="dropped"' in line and line.endswith(" 15.0")
         for line in metrics.splitlines()
     ), [m for m in metrics.splitlines() if "whatsapp_items" in m]
+
+
+# ---- learning: the training-data export ------------------------------------------------------------
+def test_slow_training_data_downloads_do_not_hold_the_gateways_database_connections(env, services):
+    """``GET /admin/agents/{name}/training-data`` streamed its JSONL from inside one transaction:
+    a client that stops reading kept a pooled PostgreSQL connection (and an open transaction)
+    for as long as it liked. Ten such downloads by one tenant's admin took the whole pool and
+    every request of every tenant that needs the database waited. Each page is now read in a
+    transaction of its own, closed before its lines are sent."""
+    import socket
+    import time
+
+    answer = "A long and careful answer. " * 590  # ~16 KB
+
+    async def seed() -> None:
+        conn = await asyncpg.connect(services[0])
+        try:
+            agent_id = await conn.fetchval("SELECT id FROM agents WHERE tenant = $1 AND name = $2", TENANT, AGENT)
+            rows = [(f"lex_{uuid.uuid4().hex[:16]}", TENANT, agent_id, f"question {i}", answer) for i in range(400)]
+            await conn.executemany(
+                "INSERT INTO learned_examples (id, tenant, agent_id, question, answer, status) "
+                "VALUES ($1, $2, $3, $4, $5, 'approved')",
+                rows,
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    gw = env["gw"]
+    port = int(gw.url.rsplit(":", 1)[1])
+    stalled = []
+    try:
+        for _ in range(12):  # more than the pool's ten connections
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            request = (
+                f"GET /admin/agents/{AGENT}/training-data HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {env['admin']}\r\n\r\n"
+            )
+            s.sendall(request.encode())
+            stalled.append(s)  # never read (but for a peek at the status line)
+        for s in stalled:
+            assert s.recv(12, socket.MSG_PEEK) == b"HTTP/1.1 200"
+        time.sleep(1.0)  # the streams fill the socket buffers and stop
+        # another admin's request that needs the database still gets its answer
+        r = httpx.get(f"{gw.url}/admin/escalations", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=20)
+        assert r.status_code == 200, r.text
+    finally:
+        for s in stalled:
+            s.close()
