@@ -470,3 +470,40 @@ def test_slow_training_data_downloads_do_not_hold_the_gateways_database_connecti
     finally:
         for s in stalled:
             s.close()
+
+
+# ---- WhatsApp admin sends: one customer, one id ----------------------------------------------------
+def test_admin_send_to_a_number_with_a_leading_zero_is_refused_not_a_second_conversation(env, graph):
+    """``POST /admin/channels/whatsapp/send`` took any digits as ``to``: "0044…" (a national or
+    international-prefix spelling of the customer whose WhatsApp id is "44…") made a second
+    conversation for the same person — its own 24-hour window (never opened by the customer's
+    replies, which arrive under "44…"), its own records — and went to Meta as typed. ``to`` is
+    now a WhatsApp id as Meta writes it (the E.164 number without '+': no leading zero, 7 to
+    15 digits); anything else is a 400 naming it and nothing is queued."""
+    gw = env["gw"]
+    customer = new_wa_id()
+    for bad in (f"00{customer}", f"0{customer}", "1234", "1" * 16):
+        r = admin(
+            gw,
+            "POST",
+            "/admin/channels/whatsapp/send",
+            env["admin"],
+            json={"account": "deskwa", "to": bad, "text": "hi"},
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "to", (bad, r.text)
+        r = admin(
+            gw,
+            "POST",
+            "/admin/channels/whatsapp/send",
+            env["admin"],
+            json={"account": "deskwa", "to": [customer, bad], "text": "hi"},
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "to", (bad, r.text)
+    r = admin(
+        gw,
+        "POST",
+        "/admin/channels/whatsapp/send",
+        env["admin"],
+        json={"account": "deskwa", "to": customer, "text": "hi"},
+    )
+    assert r.status_code == 202, r.text
