@@ -20,7 +20,8 @@ new line, a tab or more than four spaces in a row is refused with 132018, as Met
 
 Inspection: ``GET /_mock/sent`` (sends), ``GET /_mock/reads``, ``DELETE /_mock/sent`` clears;
 ``POST /_mock/config`` sets token, webhook_url, app_secret, statuses, status_order, status_delay_ms,
-status_first_ms, rate_per_second, record.
+status_first_ms, rate_per_second, record, wa_ids (``{input: wa_id}``: the WhatsApp id a send's
+answer names for that input, as Meta's does for some Brazilian and Mexican numbers).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class MockGraph:
             "status_first_ms": 0,
             "rate_per_second": 0,
             "record": True,
+            "wa_ids": {},  # input number -> the WhatsApp id Meta answers with (Brazil's ninth digit...)
             "self_url": f"http://{opts.host}:{opts.port}",
         }
         self.sent: deque = deque(maxlen=200_000)
@@ -240,7 +242,11 @@ class MockGraph:
         await self._json(
             send,
             200,
-            {"messaging_product": "whatsapp", "contacts": [{"input": to, "wa_id": to}], "messages": [{"id": wamid}]},
+            {
+                "messaging_product": "whatsapp",
+                "contacts": [{"input": to, "wa_id": self.cfg["wa_ids"].get(to, to)}],
+                "messages": [{"id": wamid}],
+            },
         )
 
     async def _post_statuses(self, pnid: str, to: str, wamid: str) -> None:

@@ -507,3 +507,41 @@ def test_admin_send_to_a_number_with_a_leading_zero_is_refused_not_a_second_conv
         json={"account": "deskwa", "to": customer, "text": "hi"},
     )
     assert r.status_code == 202, r.text
+
+
+def test_admin_texts_to_a_number_meta_knows_by_another_id_reach_the_customers_conversation(env, graph):
+    """Meta answers a send with the recipient's WhatsApp id, which is not always the number sent
+    to (Brazil's ninth digit: "55 11 9xxxx-xxxx" is known as "55 11 xxxx-xxxx"), and the
+    customer's replies come from that id. An admin's template to the number, then the
+    customer's reply (their 24-hour window opens under their id), then the admin's text to the
+    same number: the text was held "outside the 24-hour window" — it went to a second
+    conversation of the number that no reply ever opens. The id Meta answered with is now
+    remembered for the number, and later sends to the number go to the customer's
+    conversation (and window)."""
+    gw, key = env["gw"], env["admin"]
+    typed = "55119" + str(uuid.uuid4().int)[:8]  # 13 digits, as the business has the number
+    known = typed[:4] + typed[5:]  # the id Meta knows the customer by
+    graph.configure(wa_ids={typed: known})
+    try:
+        r = admin(
+            gw,
+            "POST",
+            "/admin/channels/whatsapp/templates",
+            key,
+            json={"account": "deskwa", "name": "hello_again", "language": "en_US"},
+        )
+        assert r.status_code == 201, r.text
+        send = {"account": "deskwa", "to": typed, "template": {"name": "hello_again"}}
+        assert admin(gw, "POST", "/admin/channels/whatsapp/send", key, json=send).status_code == 202
+        wait_until(lambda: len(graph.sent_to(typed)) == 1, what="the template")
+        _say(gw, known, "yes, please tell me more")  # the customer answers: their window is open
+        wait_until(lambda: len(_sent(graph, known)) == 1, what="the agent's answer")
+        text_send = {"account": "deskwa", "to": typed, "text": "Your order has shipped."}
+        assert admin(gw, "POST", "/admin/channels/whatsapp/send", key, json=text_send).status_code == 202
+
+        def delivered() -> bool:
+            return "Your order has shipped." in _sent(graph, known) + _sent(graph, typed)
+
+        wait_until(delivered, timeout=15, what="the admin's text sent (not held)")
+    finally:
+        graph.configure(wa_ids={})

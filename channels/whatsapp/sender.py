@@ -50,12 +50,25 @@ def state_key(account: str, key: str) -> str:
     return f"gw:{{gw}}:wa:out:{hashlib.sha256(f'{account}|{key}'.encode()).hexdigest()[:32]}"
 
 
+ALIAS_TTL = 90 * 86_400
+
+
+def alias_key(account: str, pnid: str, number: str) -> str:
+    return f"gw:{{gw}}:wa:alias:{hashlib.sha256(f'{account}|{pnid}|{number}'.encode()).hexdigest()[:32]}"
+
+
 class Sender:
     def __init__(self, redis, pool, graph: Graph, fast=None) -> None:
         self.pool = pool
         self.graph = graph
         self.kv = SendState(redis, fast)
         self.outbound = store.OutboundRecords(pool)
+
+    async def known_as(self, account: str, pnid: str, number: str) -> str:
+        """The WhatsApp id Meta answered a send to ``number`` with (``number`` when it never
+        named another): an admin's sends to the number reach the conversation the customer's
+        own messages (and 24-hour window) are in, not a second one."""
+        return await self.kv.read(alias_key(account, pnid, number)) or number
 
     async def state(self, account: str, key: str) -> dict[str, str]:
         return await self.kv.get(state_key(account, key))
@@ -88,7 +101,7 @@ class Sender:
         if not await self._claim(skey, field_, "pending", acct, conv.pnid):
             return None
         try:
-            wamid = await self.graph.send(acct, conv.pnid, conv.wa_id, message)
+            wamid, wa_id = await self.graph.send_for(acct, conv.pnid, conv.wa_id, message)
         except GraphUnreachable as exc:
             if exc.sent_maybe:  # it may have reached the customer: never risk a second copy
                 await self.kv.set(skey, field_, "unknown")
@@ -104,6 +117,8 @@ class Sender:
             metrics.sends.get(conv.account, "throttled" if exc.kind == "throttle" else "failed").inc()
             raise
         await self.kv.set(skey, field_, wamid)
+        if wa_id != conv.wa_id:  # Meta knows this customer by another id: later sends to the number use it
+            await self.kv.put(alias_key(conv.account, conv.pnid, conv.wa_id), wa_id, ALIAS_TTL)
         metrics.sends.get(conv.account, "template" if field_ == "template" else "sent").inc()
         kind, body, reply_to = record
         await self.outbound.record(conv, wamid, kind, body, reply_to, "sent")

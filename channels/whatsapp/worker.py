@@ -178,9 +178,10 @@ class Worker:
         agent = acct.agent_for(p["pnid"])
         if agent is None:
             raise Fatal("the business number is not configured for this account")
-        conv = await store.get_conversation(self.pool, acct.tenant, p["account"], p["pnid"], p["wa_id"])
+        wa_id = await self.sender.known_as(p["account"], p["pnid"], p["wa_id"])
+        conv = await store.get_conversation(self.pool, acct.tenant, p["account"], p["pnid"], wa_id)
         if conv is None:
-            conv = await store.ensure_conversation(self.pool, acct.tenant, p["account"], p["pnid"], p["wa_id"], agent)
+            conv = await store.ensure_conversation(self.pool, acct.tenant, p["account"], p["pnid"], wa_id, agent)
         key = p.get("idempotency") or f"send:{job.id}"
         if p.get("template"):
             tpl = p["template"]
