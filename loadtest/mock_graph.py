@@ -32,6 +32,7 @@ import base64
 import hashlib
 import hmac
 import itertools
+import os
 import re
 import time
 from collections import Counter, defaultdict, deque
@@ -109,6 +110,8 @@ class MockGraph:
         self.media: dict[str, dict] = {}
         self.counts: Counter = Counter()
         self._ids = itertools.count(1)
+        # wamids unique across mock processes (two test modules' mocks share one database)
+        self._run = os.urandom(4).hex().upper()
         self._second: dict[str, tuple[int, int]] = {}
         self._session = None
         self._tasks: set = set()
@@ -218,7 +221,7 @@ class MockGraph:
             self.counts[f"error_{code}"] += 1
             status, doc = _graph_error(code)
             return await self._json(send, status, doc)
-        wamid = f"wamid.MOCK{next(self._ids):012d}"
+        wamid = f"wamid.MOCK{self._run}{next(self._ids):012d}"
         if self.cfg["record"]:
             self.sent.append(
                 {
