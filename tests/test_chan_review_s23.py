@@ -576,3 +576,41 @@ def test_a_long_answer_outside_the_window_reaches_the_customer_whole_through_the
     params = [s["template"]["components"][0]["parameters"][0]["text"] for s in sent]
     assert all(len(p) <= 1024 for p in params)
     assert " ".join(params) == "echo: " + " ".join(sentences)
+
+
+# ---- WhatsApp: a person's reply after the account was renamed -------------------------------------
+def test_a_humans_reply_reaches_the_customer_after_the_account_was_renamed(env, graph, services):
+    """A WhatsApp account renamed in the config (its webhook URL with it) leaves the old name's
+    conversation records behind, with the same conversation id ("wa:<number id>:<customer>").
+    The deliverer took the first record of that id it found — the old account's — and a
+    person's reply failed ("the WhatsApp account is not configured") though the customer was
+    reachable through the account that now serves them. The record of a configured account,
+    the most recently active first, is now the one delivered through."""
+    gw, key = env["gw"], env["admin"]
+    wa_id = new_wa_id()
+
+    async def stale() -> None:
+        conn = await asyncpg.connect(services[0])
+        try:
+            await conn.execute(
+                """INSERT INTO whatsapp_conversations (tenant, account, phone_number_id, wa_id, conversation_id, agent,
+                                                       last_inbound_at)
+                   VALUES ($1, 'deskwa-before-rename', $2, $3, $4, $5, now() - interval '30 days')""",
+                TENANT,
+                WA_PNID,
+                wa_id,
+                f"wa:{WA_PNID}:{wa_id}",
+                AGENT,
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(stale())
+    _say(gw, wa_id, "I want to talk to a person please")
+    esc = _escalation_of(gw, key, f"wa:{WA_PNID}:{wa_id}")
+    wait_until(lambda: len(_sent(graph, wa_id)) == 1, what="the hand-off message")
+    assert admin(gw, "POST", f"/admin/escalations/{esc['id']}/claim", key).status_code == 200
+    r = admin(gw, "POST", f"/admin/escalations/{esc['id']}/reply", key, json={"text": "A person here: how can I help?"})
+    assert r.status_code == 200, r.text
+    assert r.json()["delivery"]["status"] == "sent", r.json()["delivery"]
+    assert _sent(graph, wa_id)[-1] == "A person here: how can I help?"

@@ -233,7 +233,7 @@ class Worker:
             raise LookupError("the failed send is not recorded yet")
         if sent["kind"] == "template" or not sent["body"]:
             return
-        conv = await store.find_conversation(self.pool, acct.tenant, sent["conversation_id"])
+        conv = await store.find_conversation(self.pool, acct.tenant, sent["conversation_id"], self.accounts)
         if conv is None or conv.account != status["account"]:
             return
         body, key = sent["body"], f"windowfail:{status['wamid']}"
