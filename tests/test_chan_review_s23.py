@@ -124,7 +124,7 @@ def env(tmp_root, services, module_mock, vapi_api, graph):
     assert r.status_code == 201, r.text
     r = admin(gw, "POST", "/admin/keys", json={"name": f"desk-admin-{RUN}", "tenant": TENANT, "scopes": ["admin"]})
     assert r.status_code == 201, r.text
-    yield {"gw": gw, "admin": r.json()["key"], "db": services[0]}
+    yield {"gw": gw, "admin": r.json()["key"], "db": services[0], "wa_key": wa_key}
     gw.stop()
 
 
@@ -614,3 +614,31 @@ def test_a_humans_reply_reaches_the_customer_after_the_account_was_renamed(env, 
     assert r.status_code == 200, r.text
     assert r.json()["delivery"]["status"] == "sent", r.json()["delivery"]
     assert _sent(graph, wa_id)[-1] == "A person here: how can I help?"
+
+
+def test_a_turn_first_tried_without_customer_headers_is_answered_when_retried_with_them(env):
+    """A turn tried by a worker that sent no customer headers (the code before this review) and
+    retried by one that does (after the upgrade, the first try having died unacknowledged):
+    the same Idempotency-Key with other x-gateway-* headers is refused with 422, and the turn
+    would be dead-lettered with the fallback message. The headers are part of the key now."""
+    from channels.gateway_client import GatewayClient
+    from channels.whatsapp.worker import turn_idempotency_key
+
+    gw = env["gw"]
+    wa_id = new_wa_id()
+    head = {"account": "deskwa", "wamid": f"wamid.{uuid.uuid4().hex}", "wa_id": wa_id}
+    conv = f"wa:{WA_PNID}:{wa_id}"
+
+    async def go():
+        client = GatewayClient(gw.url)
+        try:
+            turn = dict(api_key=env["wa_key"], agent=AGENT, conversation_id=conv, content="where is it?", variables={})
+            old = turn_idempotency_key(head, 1, AGENT, "where is it?", {})
+            first = await client.turn(idempotency_key=old, **turn)  # the old worker: no customer headers
+            new = turn_idempotency_key(head, 1, AGENT, "where is it?", {}, customer=wa_id)
+            return first, await client.turn(idempotency_key=new, customer=wa_id, **turn)
+        finally:
+            await client.close()
+
+    first, retried = asyncio.run(go())
+    assert first.text and retried.text
