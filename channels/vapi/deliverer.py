@@ -40,6 +40,9 @@ class VapiDeliverer:
     def __init__(self, channel) -> None:
         self.channel = channel  # VapiChannel
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # A callback holds one pooled connection (its advisory lock) and takes another for each
+        # query: few at a time, so callbacks of many tenants never take a pool's last connection.
+        self._slots = asyncio.Semaphore(2)
 
     async def outcome(
         self, tenant: str, conversation_id: str, text: str, ref: str | None = None
@@ -61,7 +64,7 @@ class VapiDeliverer:
         lock = self._locks.get(tenant)
         if lock is None:
             lock = self._locks[tenant] = asyncio.Lock()
-        async with lock, store.callback_lock(tenant, call["account"], call["call_id"]):  # across replicas
+        async with lock, self._slots, store.callback_lock(tenant, call["account"], call["call_id"]):  # across replicas
             if await store.callback_for(tenant, ref, digest) is not None:
                 return "sent", "already called back"
             if await store.callbacks_of(tenant, call["account"], call["call_id"]) >= MAX_CALLBACKS_PER_CALL:
