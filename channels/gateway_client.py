@@ -54,9 +54,13 @@ class GatewayClient(LeanPost):
         content: str | list,
         variables: dict,
         idempotency_key: str | None = None,
+        customer: str | None = None,
     ) -> Reply:
         """``idempotency_key``: the same turn sent again (a worker died before its acknowledgement)
-        gets the gateway's first answer back, and the conversation's memory holds it once."""
+        gets the gateway's first answer back, and the conversation's memory holds it once.
+        ``customer``: who is asking (a WhatsApp id), as the turn's end user and customer — the
+        gateway's per-user rate limits then hold one customer back instead of letting them take
+        the channel key's whole capacity, and the ledger says whose turn it was."""
         body = {
             "model": f"agent:{agent}",
             "messages": [{"role": "user", "content": content}],
@@ -72,6 +76,8 @@ class GatewayClient(LeanPost):
             )
         if idempotency_key is not None:
             headers += header_lines({"Idempotency-Key": idempotency_key})
+        if customer is not None:
+            headers += header_lines({"x-gateway-user": customer, "x-gateway-customer": customer})
         try:
             status, head, raw = await self.post(self._url, orjson.dumps(body), headers, MAX_RESPONSE_BYTES + 1)
             escalation = head.get("x-gateway-escalation")

@@ -105,6 +105,10 @@ class QueueFull(Exception):
     """The queue holds ``max_depth`` unfinished messages already."""
 
 
+class KeyBacklogFull(QueueFull):
+    """An ordered queue's key holds ``max_per_key`` unfinished messages already."""
+
+
 class PayloadTooLarge(ValueError):
     pass
 
@@ -127,13 +131,17 @@ local function owned(stream, group, consumer, id)
 end
 """
 
-# KEYS: stream, live, dedupe, list. ARGV: id, packed, enqueued_ms, dedupe_ttl, ordered, keyhash, max_depth
+# KEYS: stream, live, dedupe, list. ARGV: id, packed, enqueued_ms, dedupe_ttl, ordered, keyhash, max_depth,
+# max_per_key (ordered: unfinished messages of one key; 0: no limit)
 _ENQUEUE = """
 if ARGV[4] ~= '0' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {0, existing} end
 end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then return {-1, ''} end
+if ARGV[5] == '1' and tonumber(ARGV[8] or '0') > 0 and redis.call('LLEN', KEYS[4]) >= tonumber(ARGV[8]) then
+  return {-2, ''}
+end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 if ARGV[5] == '1' then
   if redis.call('RPUSH', KEYS[4], ARGV[2]) == 1 then redis.call('XADD', KEYS[1], '*', 'k', ARGV[6]) end
@@ -316,9 +324,12 @@ class Queue:
     def _list_key(self, keyhash: str) -> str:
         return f"{self._prefix}:k:{keyhash}"
 
-    async def enqueue(self, payload: dict, *, key: str | None = None, dedupe: str | None = None) -> str:
+    async def enqueue(
+        self, payload: dict, *, key: str | None = None, dedupe: str | None = None, max_per_key: int = 0
+    ) -> str:
         """Appends a message; returns its id. With ``dedupe``, a second enqueue with the same value
-        within ``dedupe_ttl`` adds nothing and returns the first message's id."""
+        within ``dedupe_ttl`` adds nothing and returns the first message's id. ``max_per_key``
+        (ordered queues): ``KeyBacklogFull`` when ``key`` holds that many unfinished messages."""
         if not isinstance(payload, dict):
             raise TypeError("payload must be a dict")
         for label, value in (("key", key), ("dedupe", dedupe)):
@@ -346,8 +357,11 @@ class Queue:
                 "1" if self.ordered else "0",
                 keyhash,
                 self.max_depth,
+                max(0, int(max_per_key)),
             ],
         )
+        if int(status) == -2:
+            raise KeyBacklogFull(f"a key of queue {self.name} holds {max_per_key} messages")
         if int(status) < 0:
             raise QueueFull(f"queue {self.name} holds {self.max_depth} messages")
         return _s(found)

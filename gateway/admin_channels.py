@@ -23,7 +23,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from channels.config import PHONE_NUMBER_ID
-from channels.whatsapp.normalize import WA_ID
 from channels.whatsapp.worker import conversation_key
 from core import http
 from core.errors import GatewayError, InvalidRequest, NotFound
@@ -37,6 +36,9 @@ _TEMPLATE_NAME = re.compile(r"^[a-z0-9_]{1,512}$")
 _LANGUAGE = re.compile(r"^[a-z]{2,3}(_[A-Z]{2})?$")
 _VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _IDEMPOTENCY = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# A WhatsApp id as Meta writes it: the E.164 number without '+' (no leading zero, 7-15 digits).
+# "0044…" for the customer "44…" would be a second conversation for one person.
+_RECIPIENT = re.compile(r"^[1-9][0-9]{6,14}$")
 TEMPLATE_FIELDS = frozenset({"account", "name", "language", "category", "variables", "description"})
 SEND_FIELDS = frozenset({"account", "phone_number_id", "to", "text", "template"})
 STATUSES = ("received", "sent", "delivered", "read", "failed", "held", "unknown")
@@ -143,10 +145,12 @@ class ChannelsAdmin:
         if (
             not isinstance(recipients, list)
             or not 1 <= len(recipients) <= MAX_RECIPIENTS
-            or not all(isinstance(r, str) and WA_ID.match(r) for r in recipients)
+            or not all(isinstance(r, str) and _RECIPIENT.match(r) for r in recipients)
         ):
             raise InvalidRequest(
-                f"'to' is a WhatsApp id (digits) or a list of 1 to {MAX_RECIPIENTS} of them.", param="to"
+                f"'to' is a WhatsApp id (the number with its country code, digits only, no leading zero) "
+                f"or a list of 1 to {MAX_RECIPIENTS} of them.",
+                param="to",
             )
         text, template = data.get("text"), data.get("template")
         if (text is None) == (template is None):

@@ -332,11 +332,12 @@ class EscalationAdmin:
                 [esc.get("question") or "", answer],
             )
         delivery = await self._send(request, esc, reply) if reply is not None else None
-        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-            if delivery is not None:
+        if delivery is not None:  # recorded on its own (as /reply does): sent is sent, whatever the resolve finds
+            async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
                 await escalations.record_reply(
                     conn, base._view(request), esc_id, ident.key_id, delivery, self.hitl.config.lease_s
                 )
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             esc = await escalations.resolve(
                 conn,
                 base._view(request),
@@ -435,10 +436,12 @@ class EscalationAdmin:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             agent = await self._agent(request, conn)
 
-        async def lines():
-            async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-                async for line in learning.training_data(conn, agent.tenant, agent.id):
-                    yield line
+        def transaction():
+            return tenant_transaction(self.svc.pool, base._wall(request))
+
+        async def lines():  # a page per transaction: a slow reader holds no pooled connection
+            async for line in learning.training_data(transaction, agent.tenant, agent.id):
+                yield line
 
         return StreamingResponse(
             lines(),

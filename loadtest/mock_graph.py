@@ -20,7 +20,8 @@ new line, a tab or more than four spaces in a row is refused with 132018, as Met
 
 Inspection: ``GET /_mock/sent`` (sends), ``GET /_mock/reads``, ``DELETE /_mock/sent`` clears;
 ``POST /_mock/config`` sets token, webhook_url, app_secret, statuses, status_order, status_delay_ms,
-status_first_ms, rate_per_second, record.
+status_first_ms, rate_per_second, record, wa_ids (``{input: wa_id}``: the WhatsApp id a send's
+answer names for that input, as Meta's does for some Brazilian and Mexican numbers).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import base64
 import hashlib
 import hmac
 import itertools
+import os
 import re
 import time
 from collections import Counter, defaultdict, deque
@@ -97,6 +99,7 @@ class MockGraph:
             "status_first_ms": 0,
             "rate_per_second": 0,
             "record": True,
+            "wa_ids": {},  # input number -> the WhatsApp id Meta answers with (Brazil's ninth digit...)
             "self_url": f"http://{opts.host}:{opts.port}",
         }
         self.sent: deque = deque(maxlen=200_000)
@@ -107,6 +110,8 @@ class MockGraph:
         self.media: dict[str, dict] = {}
         self.counts: Counter = Counter()
         self._ids = itertools.count(1)
+        # wamids unique across mock processes (two test modules' mocks share one database)
+        self._run = os.urandom(4).hex().upper()
         self._second: dict[str, tuple[int, int]] = {}
         self._session = None
         self._tasks: set = set()
@@ -216,7 +221,7 @@ class MockGraph:
             self.counts[f"error_{code}"] += 1
             status, doc = _graph_error(code)
             return await self._json(send, status, doc)
-        wamid = f"wamid.MOCK{next(self._ids):012d}"
+        wamid = f"wamid.MOCK{self._run}{next(self._ids):012d}"
         if self.cfg["record"]:
             self.sent.append(
                 {
@@ -240,7 +245,11 @@ class MockGraph:
         await self._json(
             send,
             200,
-            {"messaging_product": "whatsapp", "contacts": [{"input": to, "wa_id": to}], "messages": [{"id": wamid}]},
+            {
+                "messaging_product": "whatsapp",
+                "contacts": [{"input": to, "wa_id": self.cfg["wa_ids"].get(to, to)}],
+                "messages": [{"id": wamid}],
+            },
         )
 
     async def _post_statuses(self, pnid: str, to: str, wamid: str) -> None:

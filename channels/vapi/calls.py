@@ -15,6 +15,7 @@ their own records already (the gateway wrote them), linked by the same conversat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 from collections.abc import Callable
@@ -269,15 +270,27 @@ class CallStore:
             )
         return describe(row) if row is not None else None
 
-    async def callback_for(self, tenant: str, ref: str) -> str | None:
-        """The call id of the callback already placed for a delivery ``ref``, if any."""
+    async def callback_for(self, tenant: str, ref: str, digest: str = "") -> str | None:
+        """The call id of the callback already placed for a delivery ``ref`` with these words
+        (``digest``), if any."""
         async with self._tx(tenant) as conn:
             return await conn.fetchval(
                 "SELECT call_id FROM vapi_calls WHERE tenant = $1 AND direction = 'outbound' "
-                "AND metadata->>'reply_ref' = $2 LIMIT 1",
+                "AND metadata->>'reply_ref' = $2 AND coalesce(metadata->>'reply_digest', '') = $3 LIMIT 1",
                 tenant,
                 ref[:200],
+                digest,
             )
+
+    @contextlib.asynccontextmanager
+    async def callback_lock(self, tenant: str, account: str, call_id: str):
+        """Held while a callback for the customer of one ended call is checked and placed: a
+        PostgreSQL advisory lock, so two replicas delivering at once place one callback between
+        them (and never more than the per-call bound)."""
+        async with self._tx(tenant) as conn:
+            key = orjson.dumps(["vapi-callback", tenant, account, call_id]).decode()
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
+            yield
 
     async def callbacks_of(self, tenant: str, account: str, call_id: str) -> int:
         """How many callbacks were placed for the customer of one call."""

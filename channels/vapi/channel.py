@@ -214,11 +214,16 @@ class VapiChannel:
             )
         self._outbound[name] = tat + interval
 
-    async def call_back(self, call: dict, account: VapiAccount, text: str, ref: str | None) -> str:
-        """The deliverer's callback: a call to the customer of ``call`` that speaks ``text``."""
+    async def call_back(
+        self, call: dict, account: VapiAccount, text: str, ref: str | None, digest: str | None = None
+    ) -> str:
+        """The deliverer's callback: a call to the customer of ``call`` that speaks ``text``
+        (``digest`` names the words: one callback per reference and text)."""
         extra = {"reply_to": call["call_id"]}
         if ref is not None:
             extra["reply_ref"] = ref[:200]
+        if digest is not None:
+            extra["reply_digest"] = digest
         record = await self.place_call(
             call["account"], call["customer_number"], call["agent"], first_message=text[:2000], extra_metadata=extra
         )

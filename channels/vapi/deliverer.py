@@ -15,7 +15,10 @@ this channel's calls (found in ``vapi_calls`` by tenant and conversation id, nev
 
 Each callback is a phone call the tenant pays for, placed to a number the inbound call named,
 so they are bounded: a message without a ``ref`` (what makes a retry recognizable) is not
-called back; a ``ref`` calls at most once (checked and placed under a lock in this process);
+called back; a ``ref`` calls at most once per distinct text (checked and placed under a lock
+of this process and a PostgreSQL advisory lock of the call, across replicas: the same reply
+delivered again is not called twice, but a person's second reply in one escalation is a
+message of its own, never reported sent while nobody heard it);
 one call's customer is called back at most ``MAX_CALLBACKS_PER_CALL`` times whatever the refs;
 a web call is never called back (its "number" is whatever the visitor wrote).
 
@@ -26,6 +29,7 @@ the composition turns it into runtime.delivery's ``Delivered``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import weakref
 
 MAX_CALLBACKS_PER_CALL = 3
@@ -36,6 +40,9 @@ class VapiDeliverer:
     def __init__(self, channel) -> None:
         self.channel = channel  # VapiChannel
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # A callback holds one pooled connection (its advisory lock) and takes another for each
+        # query: few at a time, so callbacks of many tenants never take a pool's last connection.
+        self._slots = asyncio.Semaphore(2)
 
     async def outcome(
         self, tenant: str, conversation_id: str, text: str, ref: str | None = None
@@ -53,13 +60,14 @@ class VapiDeliverer:
             return "failed", "call ended; a web call has no number to call back"
         if ref is None:
             return "failed", "call ended; a callback needs the message's reference"
+        digest = hashlib.sha256(f"{conversation_id}|{text}".encode()).hexdigest()[:32]
         lock = self._locks.get(tenant)
         if lock is None:
             lock = self._locks[tenant] = asyncio.Lock()
-        async with lock:
-            if await store.callback_for(tenant, ref) is not None:
+        async with lock, self._slots, store.callback_lock(tenant, call["account"], call["call_id"]):  # across replicas
+            if await store.callback_for(tenant, ref, digest) is not None:
                 return "sent", "already called back"
             if await store.callbacks_of(tenant, call["account"], call["call_id"]) >= MAX_CALLBACKS_PER_CALL:
                 return "failed", f"call ended; its customer was called back {MAX_CALLBACKS_PER_CALL} times already"
-            new_call = await self.channel.call_back(call, account, text, ref)
+            new_call = await self.channel.call_back(call, account, text, ref, digest)
         return "sent", new_call

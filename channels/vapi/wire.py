@@ -26,7 +26,7 @@ MAX_TEXT = 1000  # characters of one metadata value or name
 _VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 CALL_TYPES = frozenset({"inboundPhoneCall", "outboundPhoneCall", "webCall", "vapi.websocketCall"})
 # A web call is started by whoever holds the assistant's public key (a browser): its `customer`
-# object is the visitor's to write, so a number in it is nobody's caller id.
+# object is the visitor's to write, so a number (or a name) in it is nobody's caller id.
 WEB_CALL_TYPES = frozenset({"webCall", "vapi.websocketCall"})
 # VAPI's objects beside an OpenAI body (metadataSendMode "variable"): never an OpenAI field
 CALL_OBJECTS = ("call", "phoneNumber", "customer")
@@ -111,6 +111,14 @@ def _text(value: object, limit: int = 200) -> str | None:
     if not isinstance(value, str) or not value or "\x00" in value:
         return None
     return value[:limit]
+
+
+def _line(value: object, limit: int = 200) -> str | None:
+    """A caller's name, which reaches the agent's system prompt as ``caller_name``: one line of
+    printable text (new lines and control characters become spaces), at most ``limit``."""
+    if not isinstance(value, str):
+        return None
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in value[: limit * 4]).split())[:limit] or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +206,8 @@ def call_info(
     """The call facts of a custom-LLM body (``call``, ``phoneNumber``, ``customer``, ``metadata``)
     or a server message (the same objects inside ``message``). ``account``: the channel's
     account, which decides which metadata is trusted (``_metadata``). A web call has no
-    customer number: the one in its ``customer`` object is the visitor's own writing."""
+    customer number or name: those in its ``customer`` object are the visitor's own writing.
+    A phone caller's name is one line of printable text (it reaches the system prompt)."""
     call = call if isinstance(call, dict) else {}
     phone = phone_number if isinstance(phone_number, dict) else {}
     if not phone and isinstance(call.get("phoneNumber"), dict):
@@ -208,14 +217,15 @@ def call_info(
         cust = call["customer"]
     kind = call.get("type")
     call_type = kind if isinstance(kind, str) and kind in CALL_TYPES else None  # a list is unhashable
-    number = None if call_type in WEB_CALL_TYPES else _number(cust.get("number"))
+    web = call_type in WEB_CALL_TYPES
+    number = None if web else _number(cust.get("number"))
     return CallInfo(
         call_id=_id(call.get("id")),
         call_type=call_type,
         assistant_id=_id(call.get("assistantId")),
         phone_number_id=_id(call.get("phoneNumberId")) or _id(phone.get("id")),
         customer_number=number,
-        customer_name=_text(cust.get("name")),
+        customer_name=None if web else _line(cust.get("name")),  # a web visitor's is their own writing
         called_number=_number(phone.get("number")),
         status=_text(call.get("status"), 32),
         metadata=_metadata(account, number, call.get("metadata"), metadata),

@@ -32,7 +32,8 @@ def worker_enabled() -> bool:
 class WhatsApp:
     """Tuning by environment (tests shorten them): ``GATEWAY_WA_CONCURRENCY`` (turns in flight per
     process, default 32), ``GATEWAY_WA_VISIBILITY_TIMEOUT`` (s, default 60),
-    ``GATEWAY_WA_MAX_RETRIES`` (default 5), ``GATEWAY_WA_BACKOFF`` (s, default 2)."""
+    ``GATEWAY_WA_MAX_RETRIES`` (default 5), ``GATEWAY_WA_BACKOFF`` (s, default 2),
+    ``GATEWAY_WA_MAX_BACKLOG`` (unanswered messages one conversation may have queued, default 100)."""
 
     def __init__(
         self,
@@ -72,7 +73,9 @@ class WhatsApp:
         self.graph = Graph()
         self.gateway = GatewayClient(gateway_url)
         self.sender = Sender(redis, pool, self.graph, self.fast)
-        self.webhook = Webhook(accounts, self.inbound, self.statuses)
+        self.webhook = Webhook(
+            accounts, self.inbound, self.statuses, int(env_float("GATEWAY_WA_MAX_BACKLOG", 100)) or 100
+        )
         self.worker = Worker(
             accounts,
             pool=pool,

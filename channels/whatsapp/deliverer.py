@@ -29,7 +29,7 @@ class WhatsAppDeliverer:
         self.inbound = inbound
 
     async def deliver(self, message) -> tuple[str, str | None] | None:
-        conv = await store.find_conversation(self.pool, message.tenant, message.conversation_id)
+        conv = await store.find_conversation(self.pool, message.tenant, message.conversation_id, self.accounts)
         if conv is None:
             return None
         acct = self.accounts.get(conv.account)

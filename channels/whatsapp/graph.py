@@ -3,6 +3,7 @@ media. Errors come back as ``GraphError`` with the meaning the channel acts on."
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -17,6 +18,7 @@ THROUGHPUT = 130429  # the number's messages-per-second limit
 PAIR_RATE = 131056  # too many messages to the same recipient in a short time
 THROTTLE_CODES = {THROUGHPUT: 2.0, PAIR_RATE: 10.0, 4: 30.0, 80007: 30.0}
 MAX_ANSWER = 64 * 1024
+_WA_ID = re.compile(r"^[1-9][0-9]{6,31}$")
 
 
 class GraphError(Exception):
@@ -101,6 +103,12 @@ class Graph(PooledSession):
 
     async def send(self, acct: WhatsAppAccount, pnid: str, to: str, message: dict) -> str:
         """Sends ``message`` (``{"type": "text", "text": {...}}`` or a template); the new wamid."""
+        return (await self.send_for(acct, pnid, to, message))[0]
+
+    async def send_for(self, acct: WhatsAppAccount, pnid: str, to: str, message: dict) -> tuple[str, str]:
+        """``send``, with the WhatsApp id Meta answers for ``to`` (``contacts[0].wa_id``): not always
+        the number sent to (Brazil's ninth digit, Mexico's 1), and the one the customer's own
+        messages will come from. ``to`` itself when the answer names none (or an odd one)."""
         body = {"messaging_product": "whatsapp", "recipient_type": "individual", "to": to, **message}
         doc = await self._post(acct, pnid, body)
         try:
@@ -109,7 +117,13 @@ class Graph(PooledSession):
             raise GraphError(502, None, "no message id in the answer") from None
         if not isinstance(wamid, str) or len(wamid) > 256:
             raise GraphError(502, None, "bad message id in the answer")
-        return wamid
+        contacts = doc.get("contacts")
+        found = (
+            contacts[0].get("wa_id")
+            if isinstance(contacts, list) and contacts and isinstance(contacts[0], dict)
+            else None
+        )
+        return wamid, found if isinstance(found, str) and _WA_ID.match(found) else to
 
     async def mark_read(self, acct: WhatsAppAccount, pnid: str, wamid: str) -> None:
         await self._post(

@@ -14,7 +14,8 @@ WEBHOOK = Counter(
 )
 ITEMS = Counter(
     "gateway_whatsapp_items_total",
-    "Items of accepted notifications by account and kind: message, status, skipped (malformed or not the account's)",
+    "Items of accepted notifications by account and kind: message, status, skipped (malformed or not the account's), "
+    "dropped (the conversation's backlog was full)",
     ["account", "kind"],
 )
 SENDS = Counter(

@@ -66,7 +66,7 @@ def _name(value) -> str | None:
 def _ts(value) -> float:
     """Unix seconds as Meta sends them (a string); never later than now."""
     now = time.time()
-    if isinstance(value, str) and value.isdigit() and len(value) <= 12:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:  # "²".isdigit()
         return min(float(value), now)
     return now
 

@@ -50,12 +50,25 @@ def state_key(account: str, key: str) -> str:
     return f"gw:{{gw}}:wa:out:{hashlib.sha256(f'{account}|{key}'.encode()).hexdigest()[:32]}"
 
 
+ALIAS_TTL = 90 * 86_400
+
+
+def alias_key(account: str, pnid: str, number: str) -> str:
+    return f"gw:{{gw}}:wa:alias:{hashlib.sha256(f'{account}|{pnid}|{number}'.encode()).hexdigest()[:32]}"
+
+
 class Sender:
     def __init__(self, redis, pool, graph: Graph, fast=None) -> None:
         self.pool = pool
         self.graph = graph
         self.kv = SendState(redis, fast)
         self.outbound = store.OutboundRecords(pool)
+
+    async def known_as(self, account: str, pnid: str, number: str) -> str:
+        """The WhatsApp id Meta answered a send to ``number`` with (``number`` when it never
+        named another): an admin's sends to the number reach the conversation the customer's
+        own messages (and 24-hour window) are in, not a second one."""
+        return await self.kv.read(alias_key(account, pnid, number)) or number
 
     async def state(self, account: str, key: str) -> dict[str, str]:
         return await self.kv.get(state_key(account, key))
@@ -88,7 +101,7 @@ class Sender:
         if not await self._claim(skey, field_, "pending", acct, conv.pnid):
             return None
         try:
-            wamid = await self.graph.send(acct, conv.pnid, conv.wa_id, message)
+            wamid, wa_id = await self.graph.send_for(acct, conv.pnid, conv.wa_id, message)
         except GraphUnreachable as exc:
             if exc.sent_maybe:  # it may have reached the customer: never risk a second copy
                 await self.kv.set(skey, field_, "unknown")
@@ -104,6 +117,8 @@ class Sender:
             metrics.sends.get(conv.account, "throttled" if exc.kind == "throttle" else "failed").inc()
             raise
         await self.kv.set(skey, field_, wamid)
+        if wa_id != conv.wa_id:  # Meta knows this customer by another id: later sends to the number use it
+            await self.kv.put(alias_key(conv.account, conv.pnid, conv.wa_id), wa_id, ALIAS_TTL)
         metrics.sends.get(conv.account, "template" if field_ == "template" else "sent").inc()
         kind, body, reply_to = record
         await self.outbound.record(conv, wamid, kind, body, reply_to, "sent")
@@ -142,9 +157,11 @@ class Sender:
                     "the worker stopped during the send",
                 )
                 metrics.sends.get(conv.account, "unknown").inc()
-        if "held" in state or "template" in state:
-            out.held, out.template = "held" in state, "template" in state
+        if "held" in state:
+            out.held = True
             return out
+        if "template" in state:  # it went as the window template: its remaining pieces too, never free-form
+            return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
         if not conv.window_open():
             return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
         for i, piece in enumerate(split_reply(text, max_parts=acct.max_reply_parts)):
@@ -163,7 +180,15 @@ class Sender:
         return out
 
     async def send_template(
-        self, acct: WhatsAppAccount, conv: store.Conversation, key: str, tpl: dict, values: dict, *, reply_to=None
+        self,
+        acct: WhatsAppAccount,
+        conv: store.Conversation,
+        key: str,
+        tpl: dict,
+        values: dict,
+        *,
+        reply_to=None,
+        field_: str = "template",
     ) -> Outcome:
         out = Outcome()
         params = [{"type": "text", "text": template_value(values.get(name, ""))} for name in tpl.get("variables") or ()]
@@ -177,7 +202,7 @@ class Sender:
         }
         try:
             wamid = await self._send_piece(
-                acct, conv, key, "template", message, ("template", f"template:{tpl['name']}", reply_to)
+                acct, conv, key, field_, message, ("template", f"template:{tpl['name']}", reply_to)
             )
         except GraphError as exc:
             raise _job_error(exc) from None
@@ -200,8 +225,18 @@ class Sender:
             tpl = await store.template(self.pool, conv.tenant, conv.account, acct.window_template, None)
         if tpl is not None:
             values = {**(variables or {}), "reply": text, "customer_name": conv.name or ""}
-            done = await self.send_template(acct, conv, key, tpl, values, reply_to=reply_to)
-            out.sent += done.sent
+            # A parameter holds MAX_TEMPLATE_VALUE characters: a longer reply goes as as many
+            # templates as it takes (cut at sentence ends), never cut off and reported sent.
+            pieces = [text]
+            flat = " ".join(text.split())
+            if "reply" in (tpl.get("variables") or ()) and len(flat) > MAX_TEMPLATE_VALUE:
+                pieces = split_reply(flat, limit=MAX_TEMPLATE_VALUE, max_parts=acct.max_reply_parts)
+            for i, piece in enumerate(pieces):
+                field_ = "template" if i == 0 else f"template{i}"
+                done = await self.send_template(
+                    acct, conv, key, tpl, {**values, "reply": piece}, reply_to=reply_to, field_=field_
+                )
+                out.sent += done.sent
             out.template = True
             return out
         skey = state_key(conv.account, key)

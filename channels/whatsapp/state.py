@@ -95,3 +95,10 @@ class SendState:
 
     async def drop(self, key: str, field: str) -> None:
         await self._r.execute("HDEL", key, field)
+
+    async def put(self, key: str, value: str, ttl: int) -> None:
+        await self._r.execute("SET", key, value, "EX", ttl)
+
+    async def read(self, key: str) -> str | None:
+        value = await self._r.execute("GET", key)
+        return _s(value) if value is not None else None

@@ -215,10 +215,18 @@ async def ensure_conversation(pool, tenant: str, account: str, pnid: str, wa_id:
     return _conv(row)
 
 
-async def find_conversation(pool, tenant: str, conv_id: str) -> Conversation | None:
+async def find_conversation(pool, tenant: str, conv_id: str, accounts=()) -> Conversation | None:
+    """The conversation with this id; of several (an account renamed leaves the old name's
+    records behind, same id), one of ``accounts`` (those configured) first, the most recently
+    active first."""
     async with pool.acquire() as conn:
         row = await conn.fetchrow(
-            "SELECT * FROM whatsapp_conversations WHERE tenant = $1 AND conversation_id = $2 LIMIT 1", tenant, conv_id
+            """SELECT * FROM whatsapp_conversations WHERE tenant = $1 AND conversation_id = $2
+               ORDER BY (account = ANY($3::text[])) DESC, last_inbound_at DESC NULLS LAST, updated_at DESC
+               LIMIT 1""",
+            tenant,
+            conv_id,
+            list(accounts),
         )
     return _conv(row) if row is not None else None
 

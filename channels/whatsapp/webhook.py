@@ -28,21 +28,28 @@ from core.errors import (
     ServiceUnavailable,
     Unauthenticated,
 )
+from core.queue import KeyBacklogFull, Queue, QueueFull
 from core.queue import PayloadTooLarge as QueuePayloadTooLarge
-from core.queue import Queue, QueueFull
 
 log = logging.getLogger("channels.whatsapp")
 
 PREFIX = "/channels/whatsapp/"
 MAX_BODY = 1024 * 1024
 DEDUPE_TTL = 8 * 86_400
+MAX_BACKLOG = 100  # unanswered messages one conversation may have queued
 
 
 class Webhook:
-    def __init__(self, accounts: dict[str, WhatsAppAccount], inbound: Queue, statuses: Queue) -> None:
+    def __init__(
+        self, accounts: dict[str, WhatsAppAccount], inbound: Queue, statuses: Queue, max_backlog: int = MAX_BACKLOG
+    ) -> None:
         self.accounts = accounts
         self.inbound = inbound
         self.statuses = statuses
+        # One customer sending without pause while their turns wait must not grow the queue (and
+        # Redis) message by message until every customer's notifications are refused: past this
+        # many unanswered messages of a conversation, more are dropped (and counted), not queued.
+        self.max_backlog = max_backlog
 
     def _account(self, path: str) -> tuple[str, WhatsAppAccount]:
         name = path[len(PREFIX) :].rstrip("/")
@@ -61,7 +68,8 @@ class Webhook:
             raise MethodNotAllowed("Use GET (verification) or POST (notifications).")
 
     async def _handshake(self, scope, send, acct: WhatsAppAccount, rid: str, crid: str | None) -> None:
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1")[:4096], max_num_fields=10)
+        # bounded by its length (4 KB), not by a field count: parse_qs raises past max_num_fields
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1")[:4096])
         mode = (query.get("hub.mode") or [""])[0]
         token = (query.get("hub.verify_token") or [""])[0]
         challenge = (query.get("hub.challenge") or [""])[0]
@@ -93,9 +101,17 @@ class Webhook:
         for msg in parsed.messages:
             by_key.setdefault(conversation_key(name, msg["pnid"], msg["wa_id"]), []).append(msg)
 
+        dropped = 0
+
         async def conversation(key: str, msgs: list[dict]) -> None:
+            nonlocal dropped
             for msg in msgs:
-                await self.inbound.enqueue(msg, key=key, dedupe=f"{name}:{msg['wamid']}")
+                try:
+                    await self.inbound.enqueue(
+                        msg, key=key, dedupe=f"{name}:{msg['wamid']}", max_per_key=self.max_backlog
+                    )
+                except KeyBacklogFull:
+                    dropped += 1
 
         async def status(st: dict) -> None:
             await self.statuses.enqueue(st, dedupe=f"{name}:{st['wamid']}:{st['status']}")
@@ -112,8 +128,14 @@ class Webhook:
         except QueuePayloadTooLarge:
             raise PayloadTooLarge("A message is too large.") from None
         metrics.webhook.get(name, "accepted").inc()
-        if parsed.messages:
-            metrics.items.get(name, "message").inc(len(parsed.messages))
+        if len(parsed.messages) > dropped:
+            metrics.items.get(name, "message").inc(len(parsed.messages) - dropped)
+        if dropped:
+            metrics.items.get(name, "dropped").inc(dropped)
+            log.warning(
+                "whatsapp messages dropped: a conversation's backlog is full",
+                extra={"fields": {"account": name, "n": dropped}},
+            )
         if parsed.statuses:
             metrics.items.get(name, "status").inc(len(parsed.statuses))
         if parsed.skipped:

@@ -134,7 +134,10 @@ class Worker:
                     conversation_id=conv.conversation_id,
                     content=content,
                     variables=_variables(conv, head),
-                    idempotency_key=turn_idempotency_key(head, len(messages), agent, content, _variables(conv, head)),
+                    idempotency_key=turn_idempotency_key(
+                        head, len(messages), agent, content, _variables(conv, head), customer=head["wa_id"]
+                    ),
+                    customer=head["wa_id"],
                 )
             except GatewayRejected as exc:
                 raise Fatal(str(exc)) from None
@@ -177,9 +180,10 @@ class Worker:
         agent = acct.agent_for(p["pnid"])
         if agent is None:
             raise Fatal("the business number is not configured for this account")
-        conv = await store.get_conversation(self.pool, acct.tenant, p["account"], p["pnid"], p["wa_id"])
+        wa_id = await self.sender.known_as(p["account"], p["pnid"], p["wa_id"])
+        conv = await store.get_conversation(self.pool, acct.tenant, p["account"], p["pnid"], wa_id)
         if conv is None:
-            conv = await store.ensure_conversation(self.pool, acct.tenant, p["account"], p["pnid"], p["wa_id"], agent)
+            conv = await store.ensure_conversation(self.pool, acct.tenant, p["account"], p["pnid"], wa_id, agent)
         key = p.get("idempotency") or f"send:{job.id}"
         if p.get("template"):
             tpl = p["template"]
@@ -231,7 +235,7 @@ class Worker:
             raise LookupError("the failed send is not recorded yet")
         if sent["kind"] == "template" or not sent["body"]:
             return
-        conv = await store.find_conversation(self.pool, acct.tenant, sent["conversation_id"])
+        conv = await store.find_conversation(self.pool, acct.tenant, sent["conversation_id"], self.accounts)
         if conv is None or conv.account != status["account"]:
             return
         body, key = sent["body"], f"windowfail:{status['wamid']}"
@@ -241,14 +245,19 @@ class Worker:
         await self.sender.outside_window(acct, conv, key, body, sent["reply_to"])
 
 
-def turn_idempotency_key(head: dict, n: int, agent: str, content, variables: dict) -> str:
+def turn_idempotency_key(head: dict, n: int, agent: str, content, variables: dict, customer: str | None = None) -> str:
     """The gateway's Idempotency-Key of a turn: its first message, how many it answers, and what
     is asked (the agent, the content, the variables). A try that died after the gateway answered
     (before its acknowledgement) is sent again with the same key and gets the same answer,
     stored once in the conversation's memory. A retry whose content came out otherwise (media
     that could be downloaded then and not now) is another request: answered anew, where the same
-    key would get 422 and the turn would die with the fallback message."""
-    asked = orjson.dumps([agent, content, variables], option=orjson.OPT_SORT_KEYS)
+    key would get 422 and the turn would die with the fallback message. ``customer``: the turn's
+    attribution headers (x-gateway-user/-customer) are part of what is asked too — a turn first
+    tried by a worker that sent none (before an upgrade) is answered anew, not refused with 422."""
+    asked = orjson.dumps(
+        [agent, content, variables, *([{"customer": customer}] if customer is not None else [])],
+        option=orjson.OPT_SORT_KEYS,
+    )
     turn = f"{head['account']}|{head['wamid']}|{n}|".encode() + asked
     return "wa-" + hashlib.sha256(turn).hexdigest()[:48]
 

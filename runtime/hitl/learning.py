@@ -129,18 +129,26 @@ def training_line(example: dict, system: str | None = None) -> bytes:
     return orjson.dumps({"messages": messages}) + b"\n"
 
 
-async def training_data(conn, tenant: str, agent_id: str, system: str | None = None) -> AsyncIterator[bytes]:
-    """The approved examples as JSONL, oldest first (read in pages: no size limit in memory)."""
+TRAINING_PAGE = 100
+
+
+async def training_data(transaction, tenant: str, agent_id: str, system: str | None = None) -> AsyncIterator[bytes]:
+    """The approved examples as JSONL, by id (read in pages: no size limit in memory).
+    ``transaction()`` opens a transaction giving a connection; each page is read in one of its
+    own, closed before the page's lines are yielded — the client reading them at its own pace
+    (or not at all) never holds a pooled connection."""
     last = ""
     while True:
-        rows = await conn.fetch(
-            """SELECT id, question, answer FROM learned_examples
-               WHERE tenant = $1 AND agent_id = $2 AND status = 'approved' AND id > $3
-               ORDER BY id LIMIT 500""",
-            tenant,
-            agent_id,
-            last,
-        )
+        async with transaction() as conn:
+            rows = await conn.fetch(
+                """SELECT id, question, answer FROM learned_examples
+                   WHERE tenant = $1 AND agent_id = $2 AND status = 'approved' AND id > $3
+                   ORDER BY id LIMIT $4""",
+                tenant,
+                agent_id,
+                last,
+                TRAINING_PAGE,
+            )
         if not rows:
             return
         for r in rows:
