@@ -170,7 +170,9 @@ def _txt(text: str, filename: str) -> Document:
     return [Section((), text.strip())]
 
 
-_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+# (#{1,6}) then the title; its closing #s and spaces are cut in Python: one pattern that also
+# matched them (``\s+(.+?)\s*#*\s*$``) backtracked cubically over a long run of spaces
+_HEADING = re.compile(r"(#{1,6})\s+(.+)")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 
 
@@ -188,15 +190,21 @@ def _markdown(text: str, filename: str) -> Document:
     for line in text.split("\n"):
         if _FENCE.match(line):
             fenced = not fenced
-        match = None if fenced else _HEADING.match(line)
+        match = None if fenced else _HEADING.fullmatch(line)
         if match:
             flush()
             level = len(match.group(1))
-            path = (*path[: level - 1], match.group(2).strip())
+            path = (*path[: level - 1], _heading_title(match.group(2)))
         else:
             body.append(line)
     flush()
     return sections
+
+
+def _heading_title(text: str) -> str:
+    """A heading's text without its closing spaces and #s (its first character stays)."""
+    end = max(1, len(text.rstrip().rstrip("#").rstrip()))
+    return text[:end].strip()
 
 
 def _csv(text: str, filename: str) -> Document:
