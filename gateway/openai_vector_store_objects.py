@@ -18,7 +18,16 @@ from rag.attributes import InvalidAttributes, check_attributes
 
 MAX_FILE_IDS = 500  # per create / batch call
 _INVALID_FILE_CODES = frozenset(
-    {"empty_file", "corrupt_pdf", "corrupt_docx", "encrypted_pdf", "no_text_layer", "too_large", "timeout"}
+    {
+        "empty_file",
+        "corrupt_pdf",
+        "corrupt_docx",
+        "corrupt_html",
+        "encrypted_pdf",
+        "no_text_layer",
+        "too_large",
+        "timeout",
+    }
 )
 
 

@@ -312,8 +312,11 @@ class _HtmlSections(HTMLParser):
 
 def _html(text: str, filename: str) -> Document:
     parser = _HtmlSections()
-    parser.feed(text)
-    parser.close()
+    try:
+        parser.feed(text)
+        parser.close()
+    except AssertionError:  # html.parser's answer to some malformed markup ("<![" ...)
+        raise ExtractionError("corrupt_html", f"{filename!r} is not HTML that can be read.") from None
     return parser.result()
 
 

@@ -95,8 +95,11 @@ def test_html_that_makes_the_parser_quadratic_is_cut_off_at_the_extraction_deadl
     vs = client.vector_stores.create(name="html-bomb")
     bomb, _ = attach(client, vs.id, "page.html", b"<p>hello</p>" + b"<a " * 400_000)
     good, _ = attach(client, vs.id, "help.html", b"<html><body><h1>Help</h1><p>Call us at noon.</p></body></html>")
+    odd, _ = attach(client, vs.id, "odd.html", b"<p>hello</p><![<![")  # html.parser raised AssertionError
     assert settled(client, vs.id, good.id).status == "completed"
     failed = settled(client, vs.id, bomb.id)
+    assert failed.status == "failed" and failed.last_error.code == "invalid_file", failed
+    failed = settled(client, vs.id, odd.id)  # its file's fault, not a server_error after every retry
     assert failed.status == "failed" and failed.last_error.code == "invalid_file", failed
     # the replica answers meanwhile and afterwards
     assert httpx.get(f"{gw.url}/readyz", timeout=5).status_code == 200
