@@ -156,9 +156,32 @@ async def query_vector(svc, kb, text: str, identity: Identity | None = None) -> 
         return None, f"{exc}: full-text search only"
 
 
+def payer(tenant: str, key_id: str | None) -> Identity | None:
+    """Who an ingestion job's embeddings run for: the client key that attached the file (its
+    budgets hold and its ledger rows name it), else (None) the tenant's own identity."""
+    return Identity(key_id=key_id, name="knowledge-bases", tenant=tenant) if key_id else None
+
+
+def check_payer(kb, ident: Identity) -> str | None:
+    """The key id an attach of ``ident``'s to ``kb`` is embedded for (None: the master key, the
+    tenant pays); 403 when the key may not use the knowledge base's provider embedding model."""
+    if ident.is_master:
+        return None
+    model = kb.embedding_model
+    if model != LOCAL_MODEL and ident.models and model not in ident.models:
+        raise PermissionDenied(
+            f"This API key may not use the vector store's embedding model `{model[:64]}`.",
+            param="vector_store_id",
+            code="model_not_allowed",
+        )
+    return ident.key_id
+
+
 def install(svc) -> None:
     """Lets the ingestion worker embed with any model group (called once the services exist)."""
     if svc.kb is not None:
-        svc.kb.embedders = lambda model, tenant: (
-            svc.kb.embedder if model == LOCAL_MODEL else embedder_for(svc, model, tenant, "kb-ingest")
+        svc.kb.embedders = lambda model, tenant, key_id=None: (
+            svc.kb.embedder
+            if model == LOCAL_MODEL
+            else embedder_for(svc, model, tenant, "kb-ingest", payer(tenant, key_id))
         )

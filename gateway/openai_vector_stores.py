@@ -30,11 +30,12 @@ from starlette.routing import Route
 
 from core.errors import InvalidRequest, NotFound
 from gateway import admin_input as inp
-from gateway import openai_files, openai_vector_search
+from gateway import kb_embedding, openai_files, openai_vector_search
 from gateway.admin_kb import _only
 from gateway.db import tenant_transaction
 from gateway.openai_common import (
     MAX_ID,
+    ident,
     json_response,
     keyset_page,
     link_or_copy,
@@ -174,9 +175,10 @@ class VectorStores:
         )
         return doc, True
 
-    async def _enqueue(self, owner: str, docs: list[kb_store.Document]) -> None:
+    async def _enqueue(self, owner: str, docs: list[kb_store.Document], payer: str | None) -> None:
         """After the commit: each new document gets the file's bytes and its ingestion job (a
-        rolled-back attach leaves nothing on disk)."""
+        rolled-back attach leaves nothing on disk); ``payer``: the key its embeddings run for
+        (kb_embedding.check_payer)."""
         for doc in docs:
             try:
                 source = openai_files.file_path(self.store.data_dir, owner, doc.file_id)
@@ -195,6 +197,8 @@ class VectorStores:
                 "sha256": doc.sha256,
                 "queued_at": time.time(),
             }
+            if payer is not None:
+                job["key_id"] = payer
             try:
                 await self.store.kb.queue.enqueue(job)
             except Exception:
@@ -243,12 +247,13 @@ class VectorStores:
             )
             row = await self._row(conn, owner, vs_id)
             kb = _kb(row)
+            payer = kb_embedding.check_payer(kb, ident(request))
             for i, file_id in enumerate(file_ids):
                 doc, new = await self._attach(conn, owner, kb, file_id, {}, chunking, f"file_ids[{i}]")
                 if new:
                     created.append(doc)
             out = await self._describe(conn, owner, row)
-        await self._enqueue(owner, created)
+        await self._enqueue(owner, created, payer)
         return json_response(out)
 
     async def list(self, request: Request) -> Response:
@@ -318,9 +323,10 @@ class VectorStores:
             row = await self._row(conn, owner, path_id(request, "vs_id"))
             check_not_expired(row)
             kb = _kb(row)
+            payer = kb_embedding.check_payer(kb, ident(request))
             doc, new = await self._attach(conn, owner, kb, file_id, attributes, chunking, "file_id")
         if new:
-            await self._enqueue(owner, [doc])
+            await self._enqueue(owner, [doc], payer)
         out = describe_file(doc, kb)
         return json_response(out, headers=self._poll_headers(out["status"]))
 
@@ -455,6 +461,7 @@ class VectorStores:
             row = await self._row(conn, owner, path_id(request, "vs_id"))
             check_not_expired(row)
             kb = _kb(row)
+            payer = kb_embedding.check_payer(kb, ident(request))
             attached = []
             for fid, attrs, chunks, param in entries:
                 doc, new = await self._attach(conn, owner, kb, fid, attrs, chunks, param)
@@ -470,7 +477,7 @@ class VectorStores:
                 list(dict.fromkeys(attached)),
             )
             out = await self._describe_batch(conn, owner, batch)
-        await self._enqueue(owner, created)
+        await self._enqueue(owner, created, payer)
         return json_response(out, headers=self._poll_headers(out["status"]))
 
     async def _batch(self, conn, owner: str, request: Request):

@@ -50,7 +50,9 @@ class Embedder(Protocol):
     async def embed(self, texts: list[str]) -> list[list[float]]: ...
 
 
-Embedders = Callable[[str, str], "Embedder | None"]  # (model, tenant) → its embedder, None: unknown
+# (model, tenant, payer) → its embedder, None: unknown. ``payer``: the key id a job names (the
+# client key that attached the file pays for its embeddings), None: the tenant's own
+Embedders = Callable[[str, str, "str | None"], "Embedder | None"]
 
 
 def chunk_settings(kb: store.KnowledgeBase, doc: store.Document | None = None) -> tuple[int, int]:
@@ -102,13 +104,15 @@ async def handle(
     """Process one ingestion job (payload: tenant, kb_id, document_id, path, sha256?; or a
     re-embedding: ``kind: reembed`` and ``model``). ``max_attempts``: the queue's attempts
     (max_retries + 1); on the last one a failure marks the document ``failed`` before it is
-    raised. ``embedders(model, tenant)``: the embedder of a model (None: unknown); without it
-    only ``embedder``'s own model is available."""
+    raised. ``embedders(model, tenant, payer)``: the embedder of a model (None: unknown), for
+    the payload's ``key_id`` when it names one; without it only ``embedder``'s own model is
+    available."""
     p = _payload(job)
+    payer = p.get("key_id") if isinstance(p.get("key_id"), str) else None
 
     def pick(model: str, tenant: str) -> Embedder | None:
         if embedders is not None:
-            return embedders(model, tenant)
+            return embedders(model, tenant, payer)
         return embedder if embedder is not None and embedder.model == model else None
 
     if p.get("kind") == "reembed":

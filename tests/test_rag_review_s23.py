@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import wait_until
-from tests.test_kb_api import start_gateway
-from tests.test_policies import new_key
+from tests.conftest import MASTER_KEY, gateway_config, wait_until
+from tests.test_kb_api import call, create_kb, start_gateway
+from tests.test_policies import ledger_rows, new_key
 
 EXTRACT_TIMEOUT = "4"  # seconds a sandboxed extraction may take in these tests
 
@@ -23,7 +23,17 @@ def gw(tmp_root, services, module_mock):
     saved = os.environ.get("GATEWAY_KB_EXTRACT_TIMEOUT")
     os.environ["GATEWAY_KB_EXTRACT_TIMEOUT"] = EXTRACT_TIMEOUT
     try:
-        g = start_gateway(tmp_root, module_mock, services)
+        config = gateway_config(module_mock)
+        config["models"].append(
+            {
+                "name": "embed-priced",  # a dollar per million tokens
+                "mode": "embedding",
+                "deployments": [
+                    {"provider": "mock-openai", "model": "mock-embedding-priced", "input_cost_per_token": 1e-6}
+                ],
+            }
+        )
+        g = start_gateway(tmp_root, module_mock, services, config=config)
     finally:
         if saved is None:
             os.environ.pop("GATEWAY_KB_EXTRACT_TIMEOUT", None)
@@ -103,3 +113,48 @@ def test_html_that_makes_the_parser_quadratic_is_cut_off_at_the_extraction_deadl
     assert failed.status == "failed" and failed.last_error.code == "invalid_file", failed
     # the replica answers meanwhile and afterwards
     assert httpx.get(f"{gw.url}/readyz", timeout=5).status_code == 200
+
+
+def test_a_key_attaching_files_to_a_provider_model_store_pays_for_their_embeddings(gw, services):
+    """Budget and allow-list bypass: a vector store can be a knowledge base on a provider
+    embedding model (admin-made; its id works on /v1). Any key of the tenant could attach files
+    to it, and their ingestion embedded under the tenant's own identity: a key whose model
+    allow-list excludes the model, or whose hard budget is spent, had up to 10 GB of its files
+    embedded (and billed) all the same, its ledger showing nothing. The attaching key now pays:
+    the ingestion's embedding calls run for it (its budgets, its ledger rows), and a key that
+    may not use the model is refused at attach (403), nothing queued."""
+    tenant = f"pay-{uuid.uuid4().hex[:6]}"
+    kb = create_kb(gw, MASTER_KEY, tenant=tenant, embedding_model="embed-priced")
+    text = " ".join(f"word{i}" for i in range(3000)).encode()  # ~3,000 tokens: ~$0.003 to embed
+
+    narrow = new_key(gw, tenant=tenant, models=["gpt-mock"])
+    with sdk(gw, narrow["key"]) as c:
+        f = c.files.create(file=("a.txt", text), purpose="assistants")
+        with pytest.raises(openai.PermissionDeniedError) as err:
+            c.vector_stores.files.create(vector_store_id=kb["id"], file_id=f.id)
+        assert err.value.body["code"] == "model_not_allowed", err.value.body
+        with pytest.raises(openai.PermissionDeniedError):
+            c.vector_stores.file_batches.create(vector_store_id=kb["id"], file_ids=[f.id])
+        assert c.vector_stores.retrieve(kb["id"]).file_counts.total == 0
+
+    payer = new_key(gw, tenant=tenant)
+    with sdk(gw, payer["key"]) as c:
+        f, _ = attach(c, kb["id"], "b.txt", text)
+        assert settled(c, kb["id"], f.id).status == "completed"
+
+    def paid() -> list[dict]:
+        return ledger_rows(services[0], "key_id = $1 AND workflow = 'kb-ingest'", payer["id"])
+
+    wait_until(paid, timeout=15, what="the ingestion's embeddings ledgered for the attaching key")
+    assert {r["model"] for r in paid()} == {"embed-priced"}
+
+    poor = new_key(gw, tenant=tenant)
+    r = call(gw, "POST", "/admin/budgets", json={"scope": "key", "scope_value": poor["id"], "limit_usd": 1e-6})
+    assert r.status_code == 201, r.text
+    with sdk(gw, poor["key"]) as c:
+        f, _ = attach(c, kb["id"], "c.txt", text + b" more")
+        done = settled(c, kb["id"], f.id)
+    assert done.status == "failed", done  # its hard budget refused the embedding calls
+    spent = ledger_rows(services[0], "tenant = $1 AND workflow = 'kb-ingest' AND status = 200", tenant)
+    by_key = [r["key_id"] for r in spent]  # the tenant's own: the dimension probe at creation, alone
+    assert poor["id"] not in by_key and by_key.count(f"kb:{tenant}") == 1 and payer["id"] in by_key, by_key
