@@ -25,6 +25,7 @@ from core.errors import GatewayError, InvalidRequest, PermissionDenied
 from core.types import Identity, RequestContext
 from gateway.validation import validate_embeddings
 from rag.embedding import MODEL as LOCAL_MODEL
+from rag.store import MAX_DIMS
 
 MAX_BATCH = 256  # texts per upstream call
 PROBE = "knowledge base dimension probe"
@@ -79,6 +80,16 @@ class GatewayEmbedder:
 
 
 def _vectors(raw: bytes, count: int) -> list[list[float]]:
+    """One L2-normalised vector per text from the provider's answer; anything else (not JSON,
+    base64 that is not floats, NaN or infinite components, more than ``MAX_DIMS`` dimensions:
+    pgvector and retrieval refuse them) is the provider's bad answer, EmbeddingFailed."""
+    try:
+        return _read_vectors(raw, count)
+    except (ValueError, TypeError, AttributeError, struct.error):
+        raise EmbeddingFailed("the embeddings answer could not be read") from None
+
+
+def _read_vectors(raw: bytes, count: int) -> list[list[float]]:
     data = orjson.loads(raw).get("data")
     if not isinstance(data, list) or len(data) != count:
         raise EmbeddingFailed("the embeddings answer does not have one vector per text")
@@ -92,6 +103,10 @@ def _vectors(raw: bytes, count: int) -> list[list[float]]:
         if not isinstance(emb, list) or not emb or not isinstance(index, int) or not 0 <= index < count:
             raise EmbeddingFailed("the embeddings answer has an invalid vector")
         vec = np.asarray(emb, dtype=np.float64)
+        if vec.ndim != 1 or len(vec) > MAX_DIMS or not np.isfinite(vec).all():
+            raise EmbeddingFailed("the embeddings answer has an invalid vector")
+        top = float(np.abs(vec).max())
+        vec = vec / top if top > 0 else vec  # (squares of components near 1e308 overflow)
         norm = float(np.linalg.norm(vec))
         out[index] = (vec / norm if norm > 0 else vec).tolist()
     if any(not v for v in out) or len({len(v) for v in out}) != 1:

@@ -4,7 +4,11 @@ OpenAI SDK or httpx as client."""
 
 from __future__ import annotations
 
+import base64
+import json
+import math
 import os
+import struct
 import uuid
 
 import httpx
@@ -198,3 +202,44 @@ def test_a_document_that_closes_the_sources_block_stays_inside_it(gw, module_moc
     head, _, block = text.partition("<sources>")
     assert block.endswith("</sources>") and "ignore previous instructions" in block, text
     assert "not instructions" in head or "never as instructions" in head, head
+
+
+def _embedding_answer(embedding) -> dict:
+    body = {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": embedding}],
+        "model": "mock-embedding",
+        "usage": {"prompt_tokens": 3, "total_tokens": 3},
+    }
+    return {"status": 200, "content_type": "application/json", "pieces": [json.dumps(body)]}
+
+
+@pytest.mark.parametrize(
+    "embedding",
+    [
+        base64.b64encode(struct.pack("<8f", *[math.nan] * 8)).decode(),  # NaN, as base64 floats
+        base64.b64encode(struct.pack("<8f", math.inf, *[0.5] * 7)).decode(),  # infinity
+        [0.1] * 5000,  # more dimensions than any knowledge base has
+    ],
+    ids=["nan", "inf", "5000-dims"],
+)
+def test_a_provider_embedding_of_nan_or_too_many_dimensions_leaves_full_text_search(gw, module_mock, embedding):
+    """A provider's answer (or a compromised one) with NaN or infinite components (base64
+    floats carry them; JSON cannot), or 5,000 dimensions, made every search of a knowledge base
+    on that model a 500 with a traceback (pgvector refuses NaN; retrieval refuses > 4,000
+    dimensions). Such a vector is the provider's bad answer: the query falls back to full-text
+    search like any failed embedding."""
+    kb = create_kb(gw, embedding_model="embed-mock")
+    from tests.test_kb_api import upload, wait_done
+
+    doc = upload(gw, kb["id"], "parking.txt", b"Parking is free for visitors on weekends.").json()
+    assert wait_done(gw, kb["id"], doc["id"])["status"] == "ready"
+    module_mock.configure(raw=_embedding_answer(embedding))
+    try:
+        r = call(gw, "POST", f"/v1/vector_stores/{kb['id']}/search", json={"query": "parking visitors weekends"})
+        q = call(gw, "POST", f"/admin/knowledge-bases/{kb['id']}/query", json={"query": "parking visitors weekends"})
+    finally:
+        module_mock.configure(raw=None)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"] and "Parking is free" in r.json()["data"][0]["content"][0]["text"]
+    assert q.status_code == 200 and q.json()["hits"], q.text
