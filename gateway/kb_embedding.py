@@ -171,15 +171,19 @@ async def query_vector(svc, kb, text: str, identity: Identity | None = None) -> 
         return None, f"{exc}: full-text search only"
 
 
-def payer(tenant: str, key_id: str | None) -> Identity | None:
+def payer(tenant: str, who: dict | None) -> Identity | None:
     """Who an ingestion job's embeddings run for: the client key that attached the file (its
-    budgets hold and its ledger rows name it), else (None) the tenant's own identity."""
-    return Identity(key_id=key_id, name="knowledge-bases", tenant=tenant) if key_id else None
+    budgets hold, its ledger rows name it, its PII policy scrubs the text), else (None) the
+    tenant's own identity."""
+    if not who or not who.get("key_id"):
+        return None
+    return Identity(key_id=who["key_id"], name="knowledge-bases", tenant=tenant, pii_policy=who.get("pii_policy"))
 
 
-def check_payer(kb, ident: Identity) -> str | None:
-    """The key id an attach of ``ident``'s to ``kb`` is embedded for (None: the master key, the
-    tenant pays); 403 when the key may not use the knowledge base's provider embedding model."""
+def check_payer(kb, ident: Identity) -> dict[str, str] | None:
+    """The key an attach of ``ident``'s to ``kb`` is embedded for, as the job names it
+    (``key_id``, ``pii_policy``; None: the master key, the tenant pays); 403 when the key may
+    not use the knowledge base's provider embedding model."""
     if ident.is_master:
         return None
     model = kb.embedding_model
@@ -189,14 +193,17 @@ def check_payer(kb, ident: Identity) -> str | None:
             param="vector_store_id",
             code="model_not_allowed",
         )
-    return ident.key_id
+    who = {"key_id": ident.key_id}
+    if ident.pii_policy:
+        who["pii_policy"] = ident.pii_policy
+    return who
 
 
 def install(svc) -> None:
     """Lets the ingestion worker embed with any model group (called once the services exist)."""
     if svc.kb is not None:
-        svc.kb.embedders = lambda model, tenant, key_id=None: (
+        svc.kb.embedders = lambda model, tenant, who=None: (
             svc.kb.embedder
             if model == LOCAL_MODEL
-            else embedder_for(svc, model, tenant, "kb-ingest", payer(tenant, key_id))
+            else embedder_for(svc, model, tenant, "kb-ingest", payer(tenant, who))
         )

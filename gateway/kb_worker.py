@@ -112,8 +112,8 @@ class KbWorker:
         self.embedder = SerialEmbedder(embedder) if embedder is not None else None
         self.data_dir = Path(data_dir)
         self._task: asyncio.Task | None = None
-        # (model, tenant, payer key id or None) → embedder, for knowledge bases on provider
-        # models: set by gateway/kb_embedding.install once the services exist
+        # (model, tenant, payer or None) → embedder, for knowledge bases on provider models: set
+        # by gateway/kb_embedding.install once the services exist
         self.embedders = None
 
     def handler(self):
@@ -127,7 +127,7 @@ class KbWorker:
             extract_timeout=max(0.1, env_float("GATEWAY_KB_EXTRACT_TIMEOUT", ingest.EXTRACT_TIMEOUT)),
         )
 
-    def _embedders(self, model: str, tenant: str, payer: str | None = None):
+    def _embedders(self, model: str, tenant: str, payer: dict | None = None):
         if self.embedder is not None and model == self.embedder.model:
             return self.embedder
         if self.embedders is None:

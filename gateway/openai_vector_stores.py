@@ -175,7 +175,7 @@ class VectorStores:
         )
         return doc, True
 
-    async def _enqueue(self, owner: str, docs: list[kb_store.Document], payer: str | None) -> None:
+    async def _enqueue(self, owner: str, docs: list[kb_store.Document], payer: dict | None) -> None:
         """After the commit: each new document gets the file's bytes and its ingestion job (a
         rolled-back attach leaves nothing on disk); ``payer``: the key its embeddings run for
         (kb_embedding.check_payer)."""
@@ -197,8 +197,7 @@ class VectorStores:
                 "sha256": doc.sha256,
                 "queued_at": time.time(),
             }
-            if payer is not None:
-                job["key_id"] = payer
+            job.update(payer or {})
             try:
                 await self.store.kb.queue.enqueue(job)
             except Exception:

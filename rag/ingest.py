@@ -50,9 +50,11 @@ class Embedder(Protocol):
     async def embed(self, texts: list[str]) -> list[list[float]]: ...
 
 
-# (model, tenant, payer) → its embedder, None: unknown. ``payer``: the key id a job names (the
-# client key that attached the file pays for its embeddings), None: the tenant's own
-Embedders = Callable[[str, str, "str | None"], "Embedder | None"]
+# (model, tenant, payer) → its embedder, None: unknown. ``payer``: the client key a job names
+# ({"key_id", "pii_policy"?}: the key that attached the file pays for its embeddings, under its
+# PII policy), None: the tenant's own
+Embedders = Callable[[str, str, "dict[str, str] | None"], "Embedder | None"]
+PAYER_FIELDS = ("key_id", "pii_policy")
 
 
 def chunk_settings(kb: store.KnowledgeBase, doc: store.Document | None = None) -> tuple[int, int]:
@@ -105,10 +107,10 @@ async def handle(
     re-embedding: ``kind: reembed`` and ``model``). ``max_attempts``: the queue's attempts
     (max_retries + 1); on the last one a failure marks the document ``failed`` before it is
     raised. ``embedders(model, tenant, payer)``: the embedder of a model (None: unknown), for
-    the payload's ``key_id`` when it names one; without it only ``embedder``'s own model is
-    available."""
+    the key the payload names (``key_id``, ``pii_policy``); without it only ``embedder``'s own
+    model is available."""
     p = _payload(job)
-    payer = p.get("key_id") if isinstance(p.get("key_id"), str) else None
+    payer = {k: p[k] for k in PAYER_FIELDS if isinstance(p.get(k), str)} if isinstance(p.get("key_id"), str) else None
 
     def pick(model: str, tenant: str) -> Embedder | None:
         if embedders is not None:

@@ -37,6 +37,8 @@ def gw(tmp_root, services, module_mock):
                 ],
             }
         )
+        # a key held to "strict" has e-mail addresses redacted before they reach a provider
+        config["pii"] = {"workers": 0, "policies": {"strict": {"entities": {"email": "redact"}}}}
         g = start_gateway(tmp_root, module_mock, services, config=config)
     finally:
         if saved is None:
@@ -243,3 +245,21 @@ def test_a_provider_embedding_of_nan_or_too_many_dimensions_leaves_full_text_sea
     assert r.status_code == 200, r.text
     assert r.json()["data"] and "Parking is free" in r.json()["data"][0]["content"][0]["text"]
     assert q.status_code == 200 and q.json()["hits"], q.text
+
+
+def test_a_key_held_to_a_pii_policy_cannot_send_a_documents_personal_data_to_the_provider(gw, module_mock):
+    """PII bypass: a key the master holds to a PII policy (e-mail addresses redacted before
+    anything reaches a provider) uploaded a file full of addresses and attached it to a store
+    on a provider embedding model: ingestion embedded it under the tenant's identity, with the
+    tenant's (here: no) policy, and the addresses went to the provider as written. The
+    attaching key's policy now holds for its files' embeddings."""
+    tenant = f"pii-{uuid.uuid4().hex[:6]}"
+    kb = create_kb(gw, MASTER_KEY, tenant=tenant, embedding_model="embed-mock")
+    held = new_key(gw, tenant=tenant, pii_policy="strict")
+    module_mock.clear()
+    with sdk(gw, held["key"]) as c:
+        f, _ = attach(c, kb["id"], "contacts.txt", b"Write to jane.doe@example.com about parking permits.")
+        assert settled(c, kb["id"], f.id).status == "completed"
+    sent = [str(q["body"].get("input")) for q in module_mock.requests() if q["path"] == "/v1/embeddings"]
+    assert sent and "parking permits" in " ".join(sent), sent
+    assert not [s for s in sent if "jane.doe@example.com" in s], sent
