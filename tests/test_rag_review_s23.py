@@ -263,3 +263,32 @@ def test_a_key_held_to_a_pii_policy_cannot_send_a_documents_personal_data_to_the
     sent = [str(q["body"].get("input")) for q in module_mock.requests() if q["path"] == "/v1/embeddings"]
     assert sent and "parking permits" in " ".join(sent), sent
     assert not [s for s in sent if "jane.doe@example.com" in s], sent
+
+
+def test_an_agent_turn_of_a_key_held_to_a_pii_policy_embeds_its_question_scrubbed(gw, module_mock):
+    """PII bypass: an agent's turn searches its knowledge bases with the client's question
+    before the PII stage runs, and on a provider embedding model that embedding call ran under
+    the tenant's identity and policy: a key the master holds to a policy (e-mail addresses
+    redacted) had its question's addresses sent to the embedding provider as written (the
+    model call itself was scrubbed). The caller's PII policy now holds for the retrieval's
+    embedding calls too (still billed to the tenant's knowledge bases, as before)."""
+    from tests.test_kb_api import upload, wait_done
+
+    tenant = f"pii-{uuid.uuid4().hex[:6]}"
+    kb = create_kb(gw, MASTER_KEY, tenant=tenant, embedding_model="embed-mock")
+    doc = upload(gw, kb["id"], "parking.txt", b"Parking is free for visitors on weekends.").json()
+    assert wait_done(gw, kb["id"], doc["id"])["status"] == "ready"
+    name = f"bot-{uuid.uuid4().hex[:6]}"
+    body = {"name": name, "model": "gpt-mock", "template": "You help.", "knowledge_bases": [kb["id"]]}
+    r = call(gw, "POST", "/admin/agents", json={**body, "tenant": tenant})
+    assert r.status_code == 201, r.text
+    held = new_key(gw, tenant=tenant, pii_policy="strict")
+    module_mock.clear()
+    question = "Is parking free for visitors? Reply to jane.doe@example.com please."
+    with sdk(gw, held["key"]) as c:
+        c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": question}])
+    sent = [str(q["body"].get("input")) for q in module_mock.requests() if q["path"] == "/v1/embeddings"]
+    assert sent and any("parking" in s.lower() for s in sent), sent
+    assert not [s for s in sent if "jane.doe@example.com" in s], sent
+    chat = [q for q in module_mock.requests() if q["path"] == "/v1/chat/completions"]
+    assert chat and "jane.doe@example.com" not in json.dumps(chat[-1]["body"])
