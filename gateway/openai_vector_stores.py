@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core.errors import InvalidRequest, NotFound
+from core.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway import admin_input as inp
 from gateway import kb_embedding, openai_files, openai_vector_search
 from gateway.admin_kb import _only
@@ -112,6 +112,31 @@ class VectorStores:
         )
         if row is None:
             raise NotFound(f"No vector store found with id '{vs_id[:MAX_ID]}'.", param="vector_store_id")
+        return row
+
+    async def _writable(self, conn, owner: str, request: Request):
+        """The vector store's row when the caller may change it. A knowledge base made through
+        the admin API, or one an agent of the tenant answers from, is the operators': any key
+        of the tenant reads and searches it, only a key with the admin scope changes it (a key
+        minted to chat must not delete it or put text into agents' prompts)."""
+        row = await self._row(conn, owner, path_id(request, "vs_id"))
+        caller = ident(request)
+        if caller.is_master or "admin" in caller.scopes:
+            return row
+        managed = not row["id"].startswith("vs_") or await conn.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM agents a WHERE a.tenant = $1 AND a.archived_at IS NULL
+                                AND a.settings -> 'knowledge_bases' ? $2)""",
+            owner,
+            row["id"],
+        )
+        if managed:
+            raise PermissionDenied(
+                f"The vector store '{row['id']}' is a knowledge base the tenant's operators manage (made through "
+                "the admin API, or one an agent answers from): any key may search it, only a key with the admin "
+                "scope may change it.",
+                param="vector_store_id",
+                code="knowledge_base_managed",
+            )
         return row
 
     async def _describe(self, conn, owner: str, row) -> dict:
@@ -280,7 +305,7 @@ class VectorStores:
         given, days = _expires_after(data.get("expires_after"))
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            row = await self._row(conn, owner, path_id(request, "vs_id"))
+            row = await self._writable(conn, owner, request)
             check_not_expired(row)
             await conn.execute(
                 """UPDATE knowledge_bases SET display_name = coalesce($3, display_name),
@@ -301,7 +326,7 @@ class VectorStores:
     async def delete(self, request: Request) -> Response:
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            row = await self._row(conn, owner, path_id(request, "vs_id"))
+            row = await self._writable(conn, owner, request)
             docs = await conn.fetch("SELECT id FROM kb_documents WHERE kb_id = $1 AND tenant = $2", row["id"], owner)
             await conn.execute("DELETE FROM kb_documents WHERE kb_id = $1 AND tenant = $2", row["id"], owner)
             await kb_store.delete_kb(conn, owner, row["id"])
@@ -319,7 +344,7 @@ class VectorStores:
         chunking = _chunking(data.get("chunking_strategy"))
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            row = await self._row(conn, owner, path_id(request, "vs_id"))
+            row = await self._writable(conn, owner, request)
             check_not_expired(row)
             kb = _kb(row)
             payer = kb_embedding.check_payer(kb, ident(request))
@@ -381,7 +406,7 @@ class VectorStores:
         attributes = _attributes(data.get("attributes"))
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            kb = _kb(await self._row(conn, owner, path_id(request, "vs_id")))
+            kb = _kb(await self._writable(conn, owner, request))
             doc = await self._doc(conn, owner, kb.id, path_id(request, "file_id"))
             row = await conn.fetchrow(
                 f"""UPDATE kb_documents SET attributes = $3::jsonb, updated_at = now()
@@ -396,7 +421,7 @@ class VectorStores:
         """Removes the file from the vector store (its chunks go); the file itself stays."""
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            kb = _kb(await self._row(conn, owner, path_id(request, "vs_id")))
+            kb = _kb(await self._writable(conn, owner, request))
             doc = await self._doc(conn, owner, kb.id, path_id(request, "file_id"))
             await kb_store.delete_document(conn, owner, doc.id)
         with contextlib.suppress(OSError):
@@ -457,7 +482,7 @@ class VectorStores:
         owner = tenant(request)
         created: list[kb_store.Document] = []
         async with tenant_transaction(self.store.pool, owner) as conn:
-            row = await self._row(conn, owner, path_id(request, "vs_id"))
+            row = await self._writable(conn, owner, request)
             check_not_expired(row)
             kb = _kb(row)
             payer = kb_embedding.check_payer(kb, ident(request))
@@ -479,8 +504,11 @@ class VectorStores:
         await self._enqueue(owner, created, payer)
         return json_response(out, headers=self._poll_headers(out["status"]))
 
-    async def _batch(self, conn, owner: str, request: Request):
-        vs = await self._row(conn, owner, path_id(request, "vs_id"))
+    async def _batch(self, conn, owner: str, request: Request, *, write: bool = False):
+        if write:
+            vs = await self._writable(conn, owner, request)
+        else:
+            vs = await self._row(conn, owner, path_id(request, "vs_id"))
         batch_id = path_id(request, "batch_id")
         row = await conn.fetchrow(
             """SELECT id, kb_id, file_ids, cancelled, created_at FROM kb_file_batches
@@ -530,7 +558,7 @@ class VectorStores:
         """Files of the batch not yet started are cancelled; those being processed finish."""
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            batch = await self._batch(conn, owner, request)
+            batch = await self._batch(conn, owner, request, write=True)
             await conn.execute(
                 "UPDATE kb_file_batches SET cancelled = true WHERE id = $1 AND tenant = $2", batch["id"], owner
             )
