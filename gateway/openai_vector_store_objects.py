@@ -234,5 +234,18 @@ def describe_store(row, counts: tuple[dict, int]) -> dict:
     }
 
 
+# The operators' knowledge bases (SQL over ``knowledge_bases k``): made through the admin API
+# (ids ``kb_…``; /v1 makes ``vs_…``), or answered from by an active agent of the tenant. Any key
+# of the tenant reads and searches them; only a key with the admin scope changes them.
+MANAGED_SQL = """(left(k.id, 3) <> 'vs_' OR EXISTS (
+    SELECT 1 FROM agents a WHERE a.tenant = k.tenant AND a.archived_at IS NULL
+      AND a.settings -> 'knowledge_bases' ? k.id))"""
+
+
+def manages(ident) -> bool:
+    """Whether the caller may change the operators' knowledge bases (``MANAGED_SQL``)."""
+    return ident.is_master or "admin" in ident.scopes
+
+
 def _kb(row) -> kb_store.KnowledgeBase:
     return kb_store._kb(row)

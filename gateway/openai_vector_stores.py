@@ -49,6 +49,7 @@ from gateway.openai_common import (
 )
 from gateway.openai_vector_store_objects import (
     _KB_COLS,
+    MANAGED_SQL,
     MAX_FILE_IDS,
     _attributes,
     _chunking,
@@ -61,6 +62,7 @@ from gateway.openai_vector_store_objects import (
     check_not_expired,
     describe_file,
     describe_store,
+    manages,
 )
 from rag import ingest
 from rag import store as kb_store
@@ -120,14 +122,10 @@ class VectorStores:
         of the tenant reads and searches it, only a key with the admin scope changes it (a key
         minted to chat must not delete it or put text into agents' prompts)."""
         row = await self._row(conn, owner, path_id(request, "vs_id"))
-        caller = ident(request)
-        if caller.is_master or "admin" in caller.scopes:
+        if manages(ident(request)):
             return row
-        managed = not row["id"].startswith("vs_") or await conn.fetchval(
-            """SELECT EXISTS (SELECT 1 FROM agents a WHERE a.tenant = $1 AND a.archived_at IS NULL
-                                AND a.settings -> 'knowledge_bases' ? $2)""",
-            owner,
-            row["id"],
+        managed = await conn.fetchval(
+            f"SELECT {MANAGED_SQL} FROM knowledge_bases k WHERE k.id = $1 AND k.tenant = $2", row["id"], owner
         )
         if managed:
             raise PermissionDenied(

@@ -380,3 +380,30 @@ def test_a_plain_key_cannot_delete_or_poison_the_knowledge_base_an_operator_made
     admin = new_key(gw, tenant=tenant, scopes=["admin"])
     with sdk(gw, admin["key"]) as c:
         assert c.vector_stores.update(kb["id"], name="handbook").name == "handbook"
+
+
+def test_a_plain_key_cannot_delete_a_file_out_of_an_operators_knowledge_base(gw):
+    """The same escalation through /v1/files: deleting a file removes it from every vector
+    store of the tenant, so a key minted to chat could delete a file an operator had attached
+    to an agent's knowledge base and take the document out of it. A file held by such a
+    knowledge base is now deleted only by a key with the admin scope (403 otherwise, nothing
+    changed); files only in a key's own stores stay deletable by any key, as in OpenAI."""
+    tenant = f"ops-{uuid.uuid4().hex[:6]}"
+    kb = create_kb(gw, MASTER_KEY, tenant=tenant)
+    admin = new_key(gw, tenant=tenant, scopes=["admin"])
+    with sdk(gw, admin["key"]) as c:
+        f, _ = attach(c, kb["id"], "hours.txt", b"The desk opens at nine.")
+        assert settled(c, kb["id"], f.id).status == "completed"
+    plain = new_key(gw, tenant=tenant)
+    with sdk(gw, plain["key"]) as c:
+        with pytest.raises(openai.PermissionDeniedError) as err:
+            c.files.delete(f.id)
+        assert err.value.body["param"] == "file_id", err.value.body
+        assert c.vector_stores.files.retrieve(file_id=f.id, vector_store_id=kb["id"]).status == "completed"
+        assert c.files.retrieve(f.id).id == f.id
+        own = c.files.create(file=("mine.txt", b"my notes"), purpose="assistants")
+        vs = c.vector_stores.create(name="mine", file_ids=[own.id])
+        assert c.files.delete(own.id).deleted
+        assert c.vector_stores.retrieve(vs.id).file_counts.total == 0
+    with sdk(gw, admin["key"]) as c:
+        assert c.files.delete(f.id).deleted
