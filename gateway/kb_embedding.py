@@ -166,9 +166,12 @@ async def query_vector(svc, kb, text: str, identity: Identity | None = None) -> 
     if embedder is None:
         return None, f"the embedding model {kb.embedding_model!r} is not available here: full-text search only"
     try:
-        return (await embedder.embed([text]))[0], None
+        vector = (await embedder.embed([text]))[0]
     except EmbeddingFailed as exc:
         return None, f"{exc}: full-text search only"
+    if len(vector) != kb.dims:  # compared with no chunk, it would leave no result at all
+        return None, f"the embedding model answered {len(vector)} dimensions, not {kb.dims}: full-text search only"
+    return vector, None
 
 
 def payer(tenant: str, who: dict | None) -> Identity | None:

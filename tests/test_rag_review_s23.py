@@ -223,8 +223,9 @@ def _embedding_answer(embedding) -> dict:
         base64.b64encode(struct.pack("<8f", *[math.nan] * 8)).decode(),  # NaN, as base64 floats
         base64.b64encode(struct.pack("<8f", math.inf, *[0.5] * 7)).decode(),  # infinity
         [0.1] * 5000,  # more dimensions than any knowledge base has
+        [0.1] * 16,  # not the knowledge base's dimension (8): searches found nothing at all
     ],
-    ids=["nan", "inf", "5000-dims"],
+    ids=["nan", "inf", "5000-dims", "16-dims"],
 )
 def test_a_provider_embedding_of_nan_or_too_many_dimensions_leaves_full_text_search(gw, module_mock, embedding):
     """A provider's answer (or a compromised one) with NaN or infinite components (base64
