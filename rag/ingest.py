@@ -42,6 +42,8 @@ EMBED_BATCH = 64  # texts per embedder call: bounded memory, and other jobs get 
 LOCAL_CHUNK_SIZE = 250  # all-MiniLM-L6-v2 reads 256 word pieces; longer text would be cut unseen
 LOCAL_OVERLAP = 25
 CANCELLED = "cancelled"  # reason_code of a document whose batch was cancelled before it ran
+MIN_CHUNK_CAP = 2_000  # chunks any document may have (check_pieces)
+MIN_CHARS_PER_CHUNK = 32  # past that, the characters a chunk it must hold on average
 
 
 class Embedder(Protocol):
@@ -180,6 +182,11 @@ async def _process(
         return
     size, overlap = chunk_settings(kb, doc)
     chunks = await _in_thread(lambda: chunk(sections, size=size, overlap=overlap))
+    try:
+        check_pieces(chunks, doc.filename)
+    except ExtractionError as exc:
+        await _mark(pool, tenant, document_id, "failed", exc.message, exc.code)
+        return
     vectors = await embed_chunks(embedder, chunks)
     async with store.scoped(pool, tenant) as conn:
         # The knowledge base as it is now, locked against a model switch (finish_reembed) or the
@@ -203,6 +210,21 @@ async def _process(
     log.info("kb ingest: %s ready, %d chunks", document_id, len(chunks))
     if now["reembed_model"]:  # a move to another model is under way: this document needs both
         await _reembed({**p, "model": now["reembed_model"]}, pool=pool, pick=pick)
+
+
+def check_pieces(chunks, filename: str) -> None:
+    """A chunk never spans two sections, so a file of many tiny ones ("# h1\nx\n# h2\nx\n"...)
+    made a chunk — a row, a vector, an embedding call's share — per few bytes: 100,000 of them
+    from 1 MB, ~150 MB of PostgreSQL and minutes of the shared worker. Past ``MIN_CHUNK_CAP``
+    a document must average ``MIN_CHARS_PER_CHUNK`` characters a chunk (a glossary of one-line
+    entries does; ordinary text is ~1,000 a chunk)."""
+    chars = sum(len(c.text) for c in chunks)
+    if len(chunks) > max(MIN_CHUNK_CAP, chars // MIN_CHARS_PER_CHUNK):
+        raise ExtractionError(
+            "too_large",
+            f"{filename!r} splits into {len(chunks):,} sections of {chars // max(1, len(chunks))} characters on "
+            "average; merge its short sections (or headings) and upload it again.",
+        )
 
 
 def _discard(path: Path) -> None:

@@ -408,3 +408,20 @@ def test_a_plain_key_cannot_delete_a_file_out_of_an_operators_knowledge_base(gw)
         assert c.vector_stores.retrieve(vs.id).file_counts.total == 0
     with sdk(gw, admin["key"]) as c:
         assert c.files.delete(f.id).deleted
+
+
+def test_a_file_of_many_tiny_sections_is_refused_not_stored_as_a_chunk_each(gw, client):
+    """Storage and CPU amplification: a chunk never spans two sections, so 1 MB of Markdown
+    headings with a letter under each ("# h1 / x / # h2 / x ...") became 100,000 chunks — a
+    PostgreSQL row, a vector and an embedding each (~150 MB and minutes of the shared
+    ingestion worker, other tenants' documents waiting behind it). Such a file now fails with
+    invalid_file (too_large) before anything is embedded; a file of ordinary sections is read."""
+    vs = client.vector_stores.create(name="tiny-sections")
+    spam = "".join(f"# h{i}\nx\n" for i in range(100_000)).encode()
+    f, _ = attach(client, vs.id, "spam.md", spam)
+    done = settled(client, vs.id, f.id)
+    assert done.status == "failed" and done.last_error.code == "invalid_file", done
+    assert "sections" in done.last_error.message
+    faq = "".join(f"## Question {i}?\nThe answer to question {i} is in the handbook.\n" for i in range(300))
+    ok, _ = attach(client, vs.id, "faq.md", faq.encode())
+    assert settled(client, vs.id, ok.id).status == "completed"
