@@ -9,6 +9,7 @@ import json
 import math
 import os
 import struct
+import time
 import uuid
 
 import httpx
@@ -75,6 +76,7 @@ def settled(client: openai.OpenAI, vs_id: str, file_id: str, timeout: float = 60
     found = {}
 
     def done() -> bool:
+        time.sleep(0.15)  # under the key's 600 files / vector store calls a minute
         try:
             found["f"] = client.vector_stores.files.retrieve(file_id=file_id, vector_store_id=vs_id)
         except (openai.APITimeoutError, openai.APIConnectionError):
@@ -425,3 +427,16 @@ def test_a_file_of_many_tiny_sections_is_refused_not_stored_as_a_chunk_each(gw, 
     faq = "".join(f"## Question {i}?\nThe answer to question {i} is in the handbook.\n" for i in range(300))
     ok, _ = attach(client, vs.id, "faq.md", faq.encode())
     assert settled(client, vs.id, ok.id).status == "completed"
+
+
+def test_a_csv_of_millions_of_tiny_rows_is_refused_without_holding_them_all(gw, client):
+    """Memory: a CSV was read into a list of every row, then a section per row, in the gateway
+    process, before the character bound: 5 MB of one-letter rows held ~630 MB there (two
+    such uploads at once, ~1.3 GB: a replica in a container of that size killed, and the job
+    redelivered to the next). Rows are now read one by one, at most 200,000 of them (~90 MB
+    at worst); more fail with invalid_file (too_large)."""
+    vs = client.vector_stores.create(name="tiny-rows")
+    f, _ = attach(client, vs.id, "rows.csv", b"h\n" + b"x\n" * 250_000)
+    done = settled(client, vs.id, f.id)
+    assert done.status == "failed" and done.last_error.code == "invalid_file", done
+    assert "rows" in done.last_error.message
