@@ -191,8 +191,14 @@ class VectorStores:
             orjson.dumps(chunking).decode() if chunking is not None else None,
         )
         if row is None:
-            return await self._doc(conn, owner, kb.id, file["id"]), False
-        doc = kb_store._doc(row)
+            doc = await self._doc(conn, owner, kb.id, file["id"])
+            if doc.status != "failed":
+                return doc, False
+            # attached again after a failure (or a cancelled batch): tried again, as an admin
+            # re-upload of a failed document is (the provider may be back; the file may read now)
+            doc = await kb_store.set_status(conn, owner, doc.id, "queued")
+        else:
+            doc = kb_store._doc(row)
         await conn.execute(
             "UPDATE knowledge_bases SET last_active_at = now() WHERE id = $1 AND tenant = $2", kb.id, owner
         )

@@ -440,3 +440,25 @@ def test_a_csv_of_millions_of_tiny_rows_is_refused_without_holding_them_all(gw, 
     done = settled(client, vs.id, f.id)
     assert done.status == "failed" and done.last_error.code == "invalid_file", done
     assert "rows" in done.last_error.message
+
+
+def test_a_file_that_failed_for_a_passing_reason_is_tried_again_when_attached_again(gw, module_mock):
+    """A file whose ingestion failed for a reason that passes (the embedding provider down
+    through every retry) answered "failed" for ever: attaching it again returned the failed
+    vector-store file and queued nothing, so an OpenAI SDK program's retry
+    (``files.create_and_poll`` again) could never succeed. Attaching it again now tries it
+    again, as an admin re-upload of a failed document does."""
+    tenant = f"retry-{uuid.uuid4().hex[:6]}"
+    kb = create_kb(gw, MASTER_KEY, tenant=tenant, embedding_model="embed-mock")
+    admin = new_key(gw, tenant=tenant, scopes=["admin"])
+    with sdk(gw, admin["key"]) as c:
+        module_mock.configure(fail_rate=1.0, fail_status=503)
+        try:
+            f, _ = attach(c, kb["id"], "hours.txt", b"The desk opens at nine.")
+            failed = settled(c, kb["id"], f.id)
+        finally:
+            module_mock.configure(fail_rate=0.0)
+        assert failed.status == "failed", failed
+        again = c.vector_stores.files.create(vector_store_id=kb["id"], file_id=f.id)
+        assert again.status == "in_progress", again
+        assert settled(c, kb["id"], f.id).status == "completed"
