@@ -25,6 +25,7 @@ from core.errors import GatewayError, InvalidRequest, PermissionDenied
 from core.types import Identity, RequestContext
 from gateway.validation import validate_embeddings
 from rag.embedding import MODEL as LOCAL_MODEL
+from rag.store import MAX_DIMS
 
 MAX_BATCH = 256  # texts per upstream call
 PROBE = "knowledge base dimension probe"
@@ -79,6 +80,16 @@ class GatewayEmbedder:
 
 
 def _vectors(raw: bytes, count: int) -> list[list[float]]:
+    """One L2-normalised vector per text from the provider's answer; anything else (not JSON,
+    base64 that is not floats, NaN or infinite components, more than ``MAX_DIMS`` dimensions:
+    pgvector and retrieval refuse them) is the provider's bad answer, EmbeddingFailed."""
+    try:
+        return _read_vectors(raw, count)
+    except (ValueError, TypeError, AttributeError, struct.error):
+        raise EmbeddingFailed("the embeddings answer could not be read") from None
+
+
+def _read_vectors(raw: bytes, count: int) -> list[list[float]]:
     data = orjson.loads(raw).get("data")
     if not isinstance(data, list) or len(data) != count:
         raise EmbeddingFailed("the embeddings answer does not have one vector per text")
@@ -92,6 +103,10 @@ def _vectors(raw: bytes, count: int) -> list[list[float]]:
         if not isinstance(emb, list) or not emb or not isinstance(index, int) or not 0 <= index < count:
             raise EmbeddingFailed("the embeddings answer has an invalid vector")
         vec = np.asarray(emb, dtype=np.float64)
+        if vec.ndim != 1 or len(vec) > MAX_DIMS or not np.isfinite(vec).all():
+            raise EmbeddingFailed("the embeddings answer has an invalid vector")
+        top = float(np.abs(vec).max())
+        vec = vec / top if top > 0 else vec  # (squares of components near 1e308 overflow)
         norm = float(np.linalg.norm(vec))
         out[index] = (vec / norm if norm > 0 else vec).tolist()
     if any(not v for v in out) or len({len(v) for v in out}) != 1:
@@ -151,14 +166,47 @@ async def query_vector(svc, kb, text: str, identity: Identity | None = None) -> 
     if embedder is None:
         return None, f"the embedding model {kb.embedding_model!r} is not available here: full-text search only"
     try:
-        return (await embedder.embed([text]))[0], None
+        vector = (await embedder.embed([text]))[0]
     except EmbeddingFailed as exc:
         return None, f"{exc}: full-text search only"
+    if len(vector) != kb.dims:  # compared with no chunk, it would leave no result at all
+        return None, f"the embedding model answered {len(vector)} dimensions, not {kb.dims}: full-text search only"
+    return vector, None
+
+
+def payer(tenant: str, who: dict | None) -> Identity | None:
+    """Who an ingestion job's embeddings run for: the client key that attached the file (its
+    budgets hold, its ledger rows name it, its PII policy scrubs the text), else (None) the
+    tenant's own identity."""
+    if not who or not who.get("key_id"):
+        return None
+    return Identity(key_id=who["key_id"], name="knowledge-bases", tenant=tenant, pii_policy=who.get("pii_policy"))
+
+
+def check_payer(kb, ident: Identity) -> dict[str, str] | None:
+    """The key an attach of ``ident``'s to ``kb`` is embedded for, as the job names it
+    (``key_id``, ``pii_policy``; None: the master key, the tenant pays); 403 when the key may
+    not use the knowledge base's provider embedding model."""
+    if ident.is_master:
+        return None
+    model = kb.embedding_model
+    if model != LOCAL_MODEL and ident.models and model not in ident.models:
+        raise PermissionDenied(
+            f"This API key may not use the vector store's embedding model `{model[:64]}`.",
+            param="vector_store_id",
+            code="model_not_allowed",
+        )
+    who = {"key_id": ident.key_id}
+    if ident.pii_policy:
+        who["pii_policy"] = ident.pii_policy
+    return who
 
 
 def install(svc) -> None:
     """Lets the ingestion worker embed with any model group (called once the services exist)."""
     if svc.kb is not None:
-        svc.kb.embedders = lambda model, tenant: (
-            svc.kb.embedder if model == LOCAL_MODEL else embedder_for(svc, model, tenant, "kb-ingest")
+        svc.kb.embedders = lambda model, tenant, who=None: (
+            svc.kb.embedder
+            if model == LOCAL_MODEL
+            else embedder_for(svc, model, tenant, "kb-ingest", payer(tenant, who))
         )

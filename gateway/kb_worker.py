@@ -112,8 +112,8 @@ class KbWorker:
         self.embedder = SerialEmbedder(embedder) if embedder is not None else None
         self.data_dir = Path(data_dir)
         self._task: asyncio.Task | None = None
-        # (model, tenant) → embedder, for knowledge bases on provider models: set by
-        # gateway/kb_embedding.install once the services exist
+        # (model, tenant, payer or None) → embedder, for knowledge bases on provider models: set
+        # by gateway/kb_embedding.install once the services exist
         self.embedders = None
 
     def handler(self):
@@ -127,12 +127,12 @@ class KbWorker:
             extract_timeout=max(0.1, env_float("GATEWAY_KB_EXTRACT_TIMEOUT", ingest.EXTRACT_TIMEOUT)),
         )
 
-    def _embedders(self, model: str, tenant: str):
+    def _embedders(self, model: str, tenant: str, payer: dict | None = None):
         if self.embedder is not None and model == self.embedder.model:
             return self.embedder
         if self.embedders is None:
             raise RuntimeError("provider embeddings are not ready yet")  # start-up: the job is retried
-        return self.embedders(model, tenant)
+        return self.embedders(model, tenant, payer)
 
     async def start(self) -> None:
         if self._task is None:

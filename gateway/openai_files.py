@@ -28,11 +28,12 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from core.errors import InvalidRequest, NotFound
+from core.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway import admin_kb
 from gateway.db import tenant_transaction
 from gateway.openai_common import (
     MAX_ID,
+    ident,
     json_response,
     keyset_page,
     list_body,
@@ -43,6 +44,7 @@ from gateway.openai_common import (
     tenant,
     ts,
 )
+from gateway.openai_vector_store_objects import MANAGED_SQL, manages
 
 PURPOSES = ("assistants", "user_data")
 MAX_FILES = 10_000  # per tenant
@@ -198,10 +200,23 @@ class Files:
         return json_response(describe_file(row))
 
     async def delete(self, request: Request) -> Response:
-        """Deletes the file and removes it from every vector store of the tenant (as OpenAI does)."""
+        """Deletes the file and removes it from every vector store of the tenant (as OpenAI does);
+        a file an operators' knowledge base holds only for a key with the admin scope."""
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
             row = await get_file(conn, owner, path_id(request, "file_id"))
+            if not manages(ident(request)) and await conn.fetchval(
+                f"""SELECT EXISTS (SELECT 1 FROM kb_documents d JOIN knowledge_bases k ON k.id = d.kb_id
+                                   WHERE d.tenant = $1 AND d.file_id = $2 AND k.tenant = $1 AND {MANAGED_SQL})""",
+                owner,
+                row["id"],
+            ):
+                raise PermissionDenied(
+                    f"The file {row['id']} is in a knowledge base the tenant's operators manage; only a key "
+                    "with the admin scope may delete it.",
+                    param="file_id",
+                    code="knowledge_base_managed",
+                )
             docs = await conn.fetch(
                 "DELETE FROM kb_documents WHERE tenant = $1 AND file_id = $2 RETURNING id", owner, row["id"]
             )

@@ -18,7 +18,16 @@ from rag.attributes import InvalidAttributes, check_attributes
 
 MAX_FILE_IDS = 500  # per create / batch call
 _INVALID_FILE_CODES = frozenset(
-    {"empty_file", "corrupt_pdf", "corrupt_docx", "encrypted_pdf", "no_text_layer", "too_large", "timeout"}
+    {
+        "empty_file",
+        "corrupt_pdf",
+        "corrupt_docx",
+        "corrupt_html",
+        "encrypted_pdf",
+        "no_text_layer",
+        "too_large",
+        "timeout",
+    }
 )
 
 
@@ -223,6 +232,19 @@ def describe_store(row, counts: tuple[dict, int]) -> dict:
         "expires_after": {"anchor": "last_active_at", "days": days} if days else None,
         "expires_at": ts(expires_at),
     }
+
+
+# The operators' knowledge bases (SQL over ``knowledge_bases k``): made through the admin API
+# (ids ``kb_…``; /v1 makes ``vs_…``), or answered from by an active agent of the tenant. Any key
+# of the tenant reads and searches them; only a key with the admin scope changes them.
+MANAGED_SQL = """(left(k.id, 3) <> 'vs_' OR EXISTS (
+    SELECT 1 FROM agents a WHERE a.tenant = k.tenant AND a.archived_at IS NULL
+      AND a.settings -> 'knowledge_bases' ? k.id))"""
+
+
+def manages(ident) -> bool:
+    """Whether the caller may change the operators' knowledge bases (``MANAGED_SQL``)."""
+    return ident.is_master or "admin" in ident.scopes
 
 
 def _kb(row) -> kb_store.KnowledgeBase:

@@ -28,13 +28,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core.errors import InvalidRequest, NotFound
+from core.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway import admin_input as inp
-from gateway import openai_files, openai_vector_search
+from gateway import kb_embedding, openai_files, openai_vector_search
 from gateway.admin_kb import _only
 from gateway.db import tenant_transaction
 from gateway.openai_common import (
     MAX_ID,
+    ident,
     json_response,
     keyset_page,
     link_or_copy,
@@ -48,6 +49,7 @@ from gateway.openai_common import (
 )
 from gateway.openai_vector_store_objects import (
     _KB_COLS,
+    MANAGED_SQL,
     MAX_FILE_IDS,
     _attributes,
     _chunking,
@@ -60,6 +62,7 @@ from gateway.openai_vector_store_objects import (
     check_not_expired,
     describe_file,
     describe_store,
+    manages,
 )
 from rag import ingest
 from rag import store as kb_store
@@ -111,6 +114,27 @@ class VectorStores:
         )
         if row is None:
             raise NotFound(f"No vector store found with id '{vs_id[:MAX_ID]}'.", param="vector_store_id")
+        return row
+
+    async def _writable(self, conn, owner: str, request: Request):
+        """The vector store's row when the caller may change it. A knowledge base made through
+        the admin API, or one an agent of the tenant answers from, is the operators': any key
+        of the tenant reads and searches it, only a key with the admin scope changes it (a key
+        minted to chat must not delete it or put text into agents' prompts)."""
+        row = await self._row(conn, owner, path_id(request, "vs_id"))
+        if manages(ident(request)):
+            return row
+        managed = await conn.fetchval(
+            f"SELECT {MANAGED_SQL} FROM knowledge_bases k WHERE k.id = $1 AND k.tenant = $2", row["id"], owner
+        )
+        if managed:
+            raise PermissionDenied(
+                f"The vector store '{row['id']}' is a knowledge base the tenant's operators manage (made through "
+                "the admin API, or one an agent answers from): any key may search it, only a key with the admin "
+                "scope may change it.",
+                param="vector_store_id",
+                code="knowledge_base_managed",
+            )
         return row
 
     async def _describe(self, conn, owner: str, row) -> dict:
@@ -167,16 +191,23 @@ class VectorStores:
             orjson.dumps(chunking).decode() if chunking is not None else None,
         )
         if row is None:
-            return await self._doc(conn, owner, kb.id, file["id"]), False
-        doc = kb_store._doc(row)
+            doc = await self._doc(conn, owner, kb.id, file["id"])
+            if doc.status != "failed":
+                return doc, False
+            # attached again after a failure (or a cancelled batch): tried again, as an admin
+            # re-upload of a failed document is (the provider may be back; the file may read now)
+            doc = await kb_store.set_status(conn, owner, doc.id, "queued")
+        else:
+            doc = kb_store._doc(row)
         await conn.execute(
             "UPDATE knowledge_bases SET last_active_at = now() WHERE id = $1 AND tenant = $2", kb.id, owner
         )
         return doc, True
 
-    async def _enqueue(self, owner: str, docs: list[kb_store.Document]) -> None:
+    async def _enqueue(self, owner: str, docs: list[kb_store.Document], payer: dict | None) -> None:
         """After the commit: each new document gets the file's bytes and its ingestion job (a
-        rolled-back attach leaves nothing on disk)."""
+        rolled-back attach leaves nothing on disk); ``payer``: the key its embeddings run for
+        (kb_embedding.check_payer)."""
         for doc in docs:
             try:
                 source = openai_files.file_path(self.store.data_dir, owner, doc.file_id)
@@ -195,6 +226,7 @@ class VectorStores:
                 "sha256": doc.sha256,
                 "queued_at": time.time(),
             }
+            job.update(payer or {})
             try:
                 await self.store.kb.queue.enqueue(job)
             except Exception:
@@ -243,12 +275,13 @@ class VectorStores:
             )
             row = await self._row(conn, owner, vs_id)
             kb = _kb(row)
+            payer = kb_embedding.check_payer(kb, ident(request))
             for i, file_id in enumerate(file_ids):
                 doc, new = await self._attach(conn, owner, kb, file_id, {}, chunking, f"file_ids[{i}]")
                 if new:
                     created.append(doc)
             out = await self._describe(conn, owner, row)
-        await self._enqueue(owner, created)
+        await self._enqueue(owner, created, payer)
         return json_response(out)
 
     async def list(self, request: Request) -> Response:
@@ -276,7 +309,7 @@ class VectorStores:
         given, days = _expires_after(data.get("expires_after"))
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            row = await self._row(conn, owner, path_id(request, "vs_id"))
+            row = await self._writable(conn, owner, request)
             check_not_expired(row)
             await conn.execute(
                 """UPDATE knowledge_bases SET display_name = coalesce($3, display_name),
@@ -297,7 +330,7 @@ class VectorStores:
     async def delete(self, request: Request) -> Response:
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            row = await self._row(conn, owner, path_id(request, "vs_id"))
+            row = await self._writable(conn, owner, request)
             docs = await conn.fetch("SELECT id FROM kb_documents WHERE kb_id = $1 AND tenant = $2", row["id"], owner)
             await conn.execute("DELETE FROM kb_documents WHERE kb_id = $1 AND tenant = $2", row["id"], owner)
             await kb_store.delete_kb(conn, owner, row["id"])
@@ -315,12 +348,13 @@ class VectorStores:
         chunking = _chunking(data.get("chunking_strategy"))
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            row = await self._row(conn, owner, path_id(request, "vs_id"))
+            row = await self._writable(conn, owner, request)
             check_not_expired(row)
             kb = _kb(row)
+            payer = kb_embedding.check_payer(kb, ident(request))
             doc, new = await self._attach(conn, owner, kb, file_id, attributes, chunking, "file_id")
         if new:
-            await self._enqueue(owner, [doc])
+            await self._enqueue(owner, [doc], payer)
         out = describe_file(doc, kb)
         return json_response(out, headers=self._poll_headers(out["status"]))
 
@@ -376,7 +410,7 @@ class VectorStores:
         attributes = _attributes(data.get("attributes"))
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            kb = _kb(await self._row(conn, owner, path_id(request, "vs_id")))
+            kb = _kb(await self._writable(conn, owner, request))
             doc = await self._doc(conn, owner, kb.id, path_id(request, "file_id"))
             row = await conn.fetchrow(
                 f"""UPDATE kb_documents SET attributes = $3::jsonb, updated_at = now()
@@ -391,7 +425,7 @@ class VectorStores:
         """Removes the file from the vector store (its chunks go); the file itself stays."""
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            kb = _kb(await self._row(conn, owner, path_id(request, "vs_id")))
+            kb = _kb(await self._writable(conn, owner, request))
             doc = await self._doc(conn, owner, kb.id, path_id(request, "file_id"))
             await kb_store.delete_document(conn, owner, doc.id)
         with contextlib.suppress(OSError):
@@ -452,9 +486,10 @@ class VectorStores:
         owner = tenant(request)
         created: list[kb_store.Document] = []
         async with tenant_transaction(self.store.pool, owner) as conn:
-            row = await self._row(conn, owner, path_id(request, "vs_id"))
+            row = await self._writable(conn, owner, request)
             check_not_expired(row)
             kb = _kb(row)
+            payer = kb_embedding.check_payer(kb, ident(request))
             attached = []
             for fid, attrs, chunks, param in entries:
                 doc, new = await self._attach(conn, owner, kb, fid, attrs, chunks, param)
@@ -470,11 +505,14 @@ class VectorStores:
                 list(dict.fromkeys(attached)),
             )
             out = await self._describe_batch(conn, owner, batch)
-        await self._enqueue(owner, created)
+        await self._enqueue(owner, created, payer)
         return json_response(out, headers=self._poll_headers(out["status"]))
 
-    async def _batch(self, conn, owner: str, request: Request):
-        vs = await self._row(conn, owner, path_id(request, "vs_id"))
+    async def _batch(self, conn, owner: str, request: Request, *, write: bool = False):
+        if write:
+            vs = await self._writable(conn, owner, request)
+        else:
+            vs = await self._row(conn, owner, path_id(request, "vs_id"))
         batch_id = path_id(request, "batch_id")
         row = await conn.fetchrow(
             """SELECT id, kb_id, file_ids, cancelled, created_at FROM kb_file_batches
@@ -524,7 +562,7 @@ class VectorStores:
         """Files of the batch not yet started are cancelled; those being processed finish."""
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            batch = await self._batch(conn, owner, request)
+            batch = await self._batch(conn, owner, request, write=True)
             await conn.execute(
                 "UPDATE kb_file_batches SET cancelled = true WHERE id = $1 AND tenant = $2", batch["id"], owner
             )

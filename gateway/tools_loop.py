@@ -188,7 +188,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
             agent,
             server,
             deadline=deadline,
-            context={"tenant": agent.tenant, "request_id": ctx.request_id, "turn": turn},
+            context={"tenant": agent.tenant, "request_id": ctx.request_id, "turn": turn, "identity": ctx.identity},
         )
         for res in results:
             turn.steps.append(

@@ -20,6 +20,7 @@ from typing import Literal
 MAX_PAGES = 2_000
 MAX_CHARS = 5_000_000
 MAX_UNZIPPED = 200 * 1024 * 1024  # a DOCX whose parts inflate past this is refused (zip bombs)
+MAX_ROWS = 200_000  # rows of a CSV file (each one a section until chunks pack them)
 
 Kind = Literal["text", "table", "row"]
 TYPES = ("pdf", "docx", "txt", "md", "csv", "html")
@@ -170,7 +171,9 @@ def _txt(text: str, filename: str) -> Document:
     return [Section((), text.strip())]
 
 
-_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+# (#{1,6}) then the title; its closing #s and spaces are cut in Python: one pattern that also
+# matched them (``\s+(.+?)\s*#*\s*$``) backtracked cubically over a long run of spaces
+_HEADING = re.compile(r"(#{1,6})\s+(.+)")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 
 
@@ -188,15 +191,21 @@ def _markdown(text: str, filename: str) -> Document:
     for line in text.split("\n"):
         if _FENCE.match(line):
             fenced = not fenced
-        match = None if fenced else _HEADING.match(line)
+        match = None if fenced else _HEADING.fullmatch(line)
         if match:
             flush()
             level = len(match.group(1))
-            path = (*path[: level - 1], match.group(2).strip())
+            path = (*path[: level - 1], _heading_title(match.group(2)))
         else:
             body.append(line)
     flush()
     return sections
+
+
+def _heading_title(text: str) -> str:
+    """A heading's text without its closing spaces and #s (its first character stays)."""
+    end = max(1, len(text.rstrip().rstrip("#").rstrip()))
+    return text[:end].strip()
 
 
 def _csv(text: str, filename: str) -> Document:
@@ -205,18 +214,27 @@ def _csv(text: str, filename: str) -> Document:
         dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(sample, delimiters=",;\t|")
     except csv.Error:
         dialect = csv.excel
+    # Row by row, at most MAX_ROWS: a list of every row and then a section each cost ~250 bytes
+    # a row, so 5 MB of one-letter rows held ~630 MB of the gateway process before the
+    # character bound refused it.
+    header: list[str] | None = None
+    sections: Document = []
     try:
-        rows = [r for r in csv.reader(io.StringIO(text), dialect) if any(c.strip() for c in r)]
+        for row in csv.reader(io.StringIO(text), dialect):
+            if not any(c.strip() for c in row):
+                continue
+            if header is None:
+                header = [h.strip() or f"column {i + 1}" for i, h in enumerate(row)]
+                continue
+            if len(sections) >= MAX_ROWS:
+                raise ExtractionError("too_large", f"{filename!r} has more than {MAX_ROWS:,} rows; split it.")
+            names = header + [f"column {i + 1}" for i in range(len(header), len(row))]
+            cells = [f"{name}: {value.strip()}" for name, value in zip(names, row, strict=False) if value.strip()]
+            sections.append(Section((), "; ".join(cells), "row"))
     except csv.Error as exc:
         raise ExtractionError("unsupported_type", f"{filename!r} is not a readable CSV file ({exc}).") from None
-    if len(rows) < 2:
+    if not sections:
         raise ExtractionError("empty_file", f"{filename!r} has a header but no rows.")
-    header = [h.strip() or f"column {i + 1}" for i, h in enumerate(rows[0])]
-    sections: Document = []
-    for row in rows[1:]:
-        names = header + [f"column {i + 1}" for i in range(len(header), len(row))]
-        cells = [f"{name}: {value.strip()}" for name, value in zip(names, row, strict=False) if value.strip()]
-        sections.append(Section((), "; ".join(cells), "row"))
     return sections
 
 
@@ -304,8 +322,11 @@ class _HtmlSections(HTMLParser):
 
 def _html(text: str, filename: str) -> Document:
     parser = _HtmlSections()
-    parser.feed(text)
-    parser.close()
+    try:
+        parser.feed(text)
+        parser.close()
+    except AssertionError:  # html.parser's answer to some malformed markup ("<![" ...)
+        raise ExtractionError("corrupt_html", f"{filename!r} is not HTML that can be read.") from None
     return parser.result()
 
 

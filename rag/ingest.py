@@ -42,6 +42,8 @@ EMBED_BATCH = 64  # texts per embedder call: bounded memory, and other jobs get 
 LOCAL_CHUNK_SIZE = 250  # all-MiniLM-L6-v2 reads 256 word pieces; longer text would be cut unseen
 LOCAL_OVERLAP = 25
 CANCELLED = "cancelled"  # reason_code of a document whose batch was cancelled before it ran
+MIN_CHUNK_CAP = 2_000  # chunks any document may have (check_pieces)
+MIN_CHARS_PER_CHUNK = 32  # past that, the characters a chunk it must hold on average
 
 
 class Embedder(Protocol):
@@ -50,7 +52,11 @@ class Embedder(Protocol):
     async def embed(self, texts: list[str]) -> list[list[float]]: ...
 
 
-Embedders = Callable[[str, str], "Embedder | None"]  # (model, tenant) → its embedder, None: unknown
+# (model, tenant, payer) → its embedder, None: unknown. ``payer``: the client key a job names
+# ({"key_id", "pii_policy"?}: the key that attached the file pays for its embeddings, under its
+# PII policy), None: the tenant's own
+Embedders = Callable[[str, str, "dict[str, str] | None"], "Embedder | None"]
+PAYER_FIELDS = ("key_id", "pii_policy")
 
 
 def chunk_settings(kb: store.KnowledgeBase, doc: store.Document | None = None) -> tuple[int, int]:
@@ -102,13 +108,15 @@ async def handle(
     """Process one ingestion job (payload: tenant, kb_id, document_id, path, sha256?; or a
     re-embedding: ``kind: reembed`` and ``model``). ``max_attempts``: the queue's attempts
     (max_retries + 1); on the last one a failure marks the document ``failed`` before it is
-    raised. ``embedders(model, tenant)``: the embedder of a model (None: unknown); without it
-    only ``embedder``'s own model is available."""
+    raised. ``embedders(model, tenant, payer)``: the embedder of a model (None: unknown), for
+    the key the payload names (``key_id``, ``pii_policy``); without it only ``embedder``'s own
+    model is available."""
     p = _payload(job)
+    payer = {k: p[k] for k in PAYER_FIELDS if isinstance(p.get(k), str)} if isinstance(p.get("key_id"), str) else None
 
     def pick(model: str, tenant: str) -> Embedder | None:
         if embedders is not None:
-            return embedders(model, tenant)
+            return embedders(model, tenant, payer)
         return embedder if embedder is not None and embedder.model == model else None
 
     if p.get("kind") == "reembed":
@@ -174,6 +182,11 @@ async def _process(
         return
     size, overlap = chunk_settings(kb, doc)
     chunks = await _in_thread(lambda: chunk(sections, size=size, overlap=overlap))
+    try:
+        check_pieces(chunks, doc.filename)
+    except ExtractionError as exc:
+        await _mark(pool, tenant, document_id, "failed", exc.message, exc.code)
+        return
     vectors = await embed_chunks(embedder, chunks)
     async with store.scoped(pool, tenant) as conn:
         # The knowledge base as it is now, locked against a model switch (finish_reembed) or the
@@ -197,6 +210,21 @@ async def _process(
     log.info("kb ingest: %s ready, %d chunks", document_id, len(chunks))
     if now["reembed_model"]:  # a move to another model is under way: this document needs both
         await _reembed({**p, "model": now["reembed_model"]}, pool=pool, pick=pick)
+
+
+def check_pieces(chunks, filename: str) -> None:
+    """A chunk never spans two sections, so a file of many tiny ones ("# h1\nx\n# h2\nx\n"...)
+    made a chunk — a row, a vector, an embedding call's share — per few bytes: 100,000 of them
+    from 1 MB, ~150 MB of PostgreSQL and minutes of the shared worker. Past ``MIN_CHUNK_CAP``
+    a document must average ``MIN_CHARS_PER_CHUNK`` characters a chunk (a glossary of one-line
+    entries does; ordinary text is ~1,000 a chunk)."""
+    chars = sum(len(c.text) for c in chunks)
+    if len(chunks) > max(MIN_CHUNK_CAP, chars // MIN_CHARS_PER_CHUNK):
+        raise ExtractionError(
+            "too_large",
+            f"{filename!r} splits into {len(chunks):,} sections of {chars // max(1, len(chunks))} characters on "
+            "average; merge its short sections (or headings) and upload it again.",
+        )
 
 
 def _discard(path: Path) -> None:

@@ -2,10 +2,12 @@
 
 pypdf and python-docx have no time limit: a crafted PDF (deep object graphs, huge content
 streams, decompression bombs) can spin a parser for minutes or grow it by gigabytes, and a
-thread cannot be stopped. So PDF and DOCX files are read in a child process (``python -m
+thread cannot be stopped. So PDF, DOCX and HTML files are read in a child process (``python -m
 rag.sandbox FILE NAME TYPE``) with an address-space limit and a CPU-time limit, killed at the
-deadline; the sections come back as JSON on stdout. Plain text, Markdown, CSV and HTML run in a
-thread: their readers are linear and ``extract`` already caps their size.
+deadline; the sections come back as JSON on stdout. HTML too: CPython's html.parser rescans the
+rest of the input for every unterminated tag (``<a `` repeated: 60 KB ~30 s), quadratic in a
+file of up to 20 MB. Plain text, Markdown and CSV run in a thread: their readers are linear
+and ``extract`` already caps their size.
 
 A child killed at the deadline or by its limits fails the document with ``timeout`` or
 ``too_large`` — final answers like any other extraction failure.
@@ -25,7 +27,7 @@ from rag.extract import Document, ExtractionError, Section, detect_type, extract
 TIMEOUT = 60.0  # seconds of wall time per document
 MEMORY = 1024 * 1024 * 1024  # bytes of address space for the child
 MAX_OUTPUT = 64 * 1024 * 1024  # the JSON of a document's sections (extract caps text at 5 M chars)
-SANDBOXED = ("pdf", "docx")
+SANDBOXED = ("pdf", "docx", "html")
 
 
 # What the child may see of the environment: enough to start Python and import our packages.

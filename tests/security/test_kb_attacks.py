@@ -101,7 +101,7 @@ def test_a_model_move_started_while_a_document_is_processed_still_finishes(servi
                     pool=pool,
                     embedder=None,
                     data_dir=tmp_path,
-                    embedders=lambda model, _t: {"old-model": old, "new-model": new}.get(model),
+                    embedders=lambda model, _t, _k=None: {"old-model": old, "new-model": new}.get(model),
                 )
             )
             await asyncio.wait_for(old.entered.wait(), 30)  # processing, not ready
