@@ -150,6 +150,10 @@ class RequestContext:
     # Token counts of messages known before the body is counted (``id()`` of the message → the
     # message and its count): an agent turn's stored history, not tokenized again every turn.
     known_tokens: dict[int, tuple[dict, int]] | None = None
+    # Tokens the prompt may still gain once the request is admitted (an agent's knowledge-base
+    # sources: their search costs money, so it runs only for an admitted turn): an upper bound,
+    # which routing rules and budget reservations add to the prompt's count.
+    grow_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def prompt_tokens(self) -> int:

@@ -176,7 +176,7 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     ctx.body["model"] = agent.model
     ctx.model = agent.model
     ctx.agent = turn
-    await grounding.ground(svc, ctx)  # knowledge-base sources for this turn's question
+    ctx.grow_tokens = grounding.bound(agent)  # its sources come once the turn is admitted (pipeline.ground)
     ctx._prompt_tokens = None  # the body changed: counts and bounds are derived again
     ctx.body_bytes = len(orjson.dumps(ctx.body))  # the prompt's bound (context windows, rules, off-loop count)
     ctx.known_tokens = _known_tokens(history, ctx.body["messages"][0], system)
@@ -184,7 +184,7 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
 
 def _known_tokens(history: list[dict], first: dict, system: str) -> dict[int, tuple[dict, int]] | None:
     """What the turn's prompt count need not tokenize again: the stored history (memory keeps
-    each message's count) and the system prompt (an agent's renders recur), unless grounding
+    each message's count) and the system prompt (an agent's renders recur), until grounding
     added sources to it."""
     from core.tokens import count_text_cached
 

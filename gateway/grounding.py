@@ -51,7 +51,7 @@ async def search(svc, agent, query: str, *, top_k: int | None = None, caller: Id
     from gateway import rerank  # (rerank → pipeline → agent stage → here)
     from rag.retrieve import retrieve
 
-    settings = {**DEFAULTS, **(agent.settings.get("retrieval") or {})}
+    settings = _settings(agent)
     if top_k is not None:
         settings["top_k"] = max(1, min(int(top_k), 20))
     # Knowledge bases on different embedding models are searched each with its own query vector.
@@ -135,11 +135,37 @@ async def _kb_models(svc, tenant: str, kb_ids: list[str]) -> dict[str, tuple[str
     return out
 
 
+MAX_SECTION = 200  # characters of a source's section title in the prompt (a heading is any text)
+_SOURCE_OVERHEAD = 2 + 6 + MAX_SECTION  # tokens at most of a source's "[n] section: " and its joints
+_BLOCK_OVERHEAD = 120  # tokens at most of the note and the block's tags (SOURCES_NOTE is ~50)
+
+
+def _settings(agent) -> dict:
+    return {**DEFAULTS, **(agent.settings.get("retrieval") or {})}
+
+
+def bound(agent) -> int:
+    """The most tokens ``ground`` can add to an agent's prompt (0 without knowledge bases): the
+    sources' text is cut at ``max_context_tokens`` (counted as the prompt counts it), each of at
+    most ``top_k`` sources adds a bounded header. Admission reserves it before the search runs."""
+    if not agent.knowledge_bases:
+        return 0
+    settings = _settings(agent)
+    budget = max(0, int(settings["max_context_tokens"]))
+    sources = min(max(0, int(settings["top_k"])), budget)  # every source holds a token at least
+    return budget + sources * _SOURCE_OVERHEAD + _BLOCK_OVERHEAD
+
+
 async def ground(svc, ctx: RequestContext) -> None:
     """Adds the sources for this turn's question to the system prompt (agent turns with
-    knowledge bases). A failing search is recorded and the turn answers without context."""
+    knowledge bases), once the turn is admitted: the search's embedding and re-ranking calls
+    cost money, so a turn refused by a rate limit or a budget makes none. A failing search is
+    recorded and the turn answers without context."""
     turn = ctx.agent
+    if turn is None or turn.hold is not None:  # a person holds the conversation: no model call
+        return
     agent = turn.agent
+    ctx.grow_tokens = 0  # from here the prompt holds what it gained
     if not agent.knowledge_bases:
         return
     question = _question(turn.new_messages)
@@ -156,10 +182,18 @@ async def ground(svc, ctx: RequestContext) -> None:
     if not sources:
         return
     block = "\n\n".join(
-        _quoted(f"[{s['source']}] {s['section'] + ': ' if s['section'] else ''}{s['text']}") for s in sources
+        _quoted(f"[{s['source']}] {s['section'][:MAX_SECTION] + ': ' if s['section'] else ''}{s['text']}")
+        for s in sources
     )
     system = ctx.body["messages"][0]
-    system["content"] = f"{system['content']}\n\n{SOURCES_NOTE}\n\n<sources>\n{block}\n</sources>"
+    added = f"\n\n{SOURCES_NOTE}\n\n<sources>\n{block}\n</sources>"
+    system["content"] = f"{system['content']}{added}"
+    # the body changed: its count is derived again, and the system prompt is no longer the render
+    # whose count the agent stage knew; bytes bound tokens from above (each token is a byte at least)
+    if ctx.known_tokens:
+        ctx.known_tokens.pop(id(system), None)
+    ctx._prompt_tokens = None
+    ctx.body_bytes += 2 * len(added.encode())  # (JSON escapes a newline or a quote in two bytes)
 
 
 # The sources are documents' text (any key of the tenant may attach a file): one labelled block,

@@ -25,7 +25,7 @@ from core import http, metrics
 from core.errors import GatewayError, PermissionDenied, UpstreamError, UpstreamTimeout
 from core.logs import access_log
 from core.types import RequestContext, Route, Usage, excerpt
-from gateway import agent_stage, tools_loop
+from gateway import agent_stage, grounding, tools_loop
 from gateway.agent_stage import is_agent
 from gateway.providers.base import bad_response, map_upstream_status, stream_error_event
 from gateway.routing import Group, run_attempts
@@ -425,6 +425,14 @@ async def agent(svc: Services, ctx: RequestContext, scope: dict) -> None:
         await agent_stage.prepare(svc, ctx, _gateway_headers(scope))
 
 
+async def ground(svc: Services, ctx: RequestContext) -> None:
+    """An agent turn's knowledge-base sources, once it is admitted (the search's embedding and
+    re-ranking calls cost money: a turn a rate limit or a budget refuses makes none)."""
+    if ctx.agent is not None:
+        await grounding.ground(svc, ctx)
+        await count_prompt_off_loop(ctx)  # sources make a prompt large
+
+
 async def chat(svc: Services, ctx: RequestContext, scope: dict, receive, send) -> None:
     await authenticate(svc, ctx, scope)
     await parse(svc, ctx, scope, receive, validate_chat)
@@ -432,6 +440,7 @@ async def chat(svc: Services, ctx: RequestContext, scope: dict, receive, send) -
     await count_prompt_off_loop(ctx)  # a large prompt is tokenized off the event loop
     group = route(svc, ctx, scope, "chat")
     await admit(svc, ctx, scope)
+    await ground(svc, ctx)
     await scrub(svc, ctx)
     if ctx.agent is not None:
         await tools_loop.run_turn(svc, ctx, group, scope, send, receive)  # complete → tools → respond

@@ -270,6 +270,7 @@ class PolicyEngine:
             prompt = ctx._prompt_tokens
         else:
             prompt = approx_prompt(ctx.body)  # no tokenizing on the hot path otherwise
+        prompt += ctx.grow_tokens  # what the prompt gains once admitted (an agent's sources)
         if ctx.endpoint != "chat":
             if hard:  # an upper bound: "a a a" or emoji take more tokens than a third of their characters
                 prompt = max(prompt, input_bytes(ctx.body))

@@ -53,7 +53,10 @@ MAX_KNOWLEDGE_BASES = 32
 MAX_VARIANTS = 10
 MAX_LABELS = 64  # labels of one agent (each may keep a version in every replica's memory)
 MAX_WEIGHT = 10_000
-SETTINGS = ("defaults", "tools", "builtins", "memory", "max_steps", "fallback_message", "knowledge_bases", "escalation")
+SETTINGS = (
+    "defaults", "tools", "builtins", "memory", "max_steps", "fallback_message", "knowledge_bases", "retrieval",
+    "escalation",
+)  # fmt: skip
 
 
 def new_id(prefix: str) -> str:
@@ -335,6 +338,8 @@ def check_settings(data: dict, base: dict | None = None) -> dict:
                 code="invalid_value",
             )
         out["knowledge_bases"] = kbs
+    if "retrieval" in data:  # knowledge-base search per turn (gateway/grounding.py's defaults otherwise)
+        out["retrieval"] = _check_retrieval(data["retrieval"])
     if "escalation" in data:  # human in the loop: threshold, team, messages, rules (runtime/hitl)
         from runtime.hitl import settings as hitl_settings
 
@@ -363,6 +368,36 @@ def _check_memory(value: Any) -> dict:
             raise InvalidRequest(
                 f"'memory.{key}' must be an integer from {bounds[0]} to {bounds[1]}.",
                 param=f"memory.{key}",
+                code="invalid_value",
+            )
+        out[key] = v
+    return out
+
+
+# top_k, max_context_tokens: integers; threshold: a similarity from 0 to 1
+_RETRIEVAL_BOUNDS = {"top_k": (1, 50), "max_context_tokens": (100, 100_000), "threshold": (0.0, 1.0)}
+
+
+def _check_retrieval(value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest("'retrieval' must be an object.", param="retrieval", code="invalid_type")
+    out = {}
+    for key, v in value.items():
+        bounds = _RETRIEVAL_BOUNDS.get(key)
+        if bounds is None:
+            raise InvalidRequest(
+                f"'retrieval' has unknown field {str(key)[:64]!r}; known: {', '.join(_RETRIEVAL_BOUNDS)}.",
+                param=f"retrieval.{str(key)[:64]}",
+                code="invalid_value",
+            )
+        number = isinstance(v, int | float) if key == "threshold" else isinstance(v, int)
+        if not number or isinstance(v, bool) or not bounds[0] <= v <= bounds[1]:
+            kind = "a number" if key == "threshold" else "an integer"
+            raise InvalidRequest(
+                f"'retrieval.{key}' must be {kind} from {bounds[0]} to {bounds[1]}.",
+                param=f"retrieval.{key}",
                 code="invalid_value",
             )
         out[key] = v

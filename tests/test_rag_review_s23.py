@@ -38,6 +38,15 @@ def gw(tmp_root, services, module_mock):
                 ],
             }
         )
+        config["models"].append(  # a chat model with prices, for budget reservations
+            {
+                "name": "chat-priced",
+                "deployments": [
+                    {"provider": "mock-openai", "model": "mock-gpt-priced",
+                     "input_cost_per_token": 1e-6, "output_cost_per_token": 1e-6}
+                ],
+            }
+        )  # fmt: skip
         # a key held to "strict" has e-mail addresses redacted before they reach a provider
         config["pii"] = {"workers": 0, "policies": {"strict": {"entities": {"email": "redact"}}}}
         g = start_gateway(tmp_root, module_mock, services, config=config)
@@ -298,17 +307,12 @@ def test_an_agent_turn_of_a_key_held_to_a_pii_policy_embeds_its_question_scrubbe
     assert chat and "jane.doe@example.com" not in json.dumps(chat[-1]["body"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: an agent turn is grounded (embedding and re-ranking calls) before admission; "
-    "needs retrieval after admit or its own per-key admission (see the s23 rag review report)",
-)
 def test_agent_turns_refused_by_the_keys_rate_limit_make_no_embedding_calls(gw, module_mock):
-    """Spend past a key's limits: an agent turn searches its knowledge bases (a provider
+    """Spend past a key's limits: an agent turn searched its knowledge bases (a provider
     embedding call, and a re-ranking one when the knowledge base re-ranks) in the agent stage,
-    before admission; a key over its requests-per-minute (or its hard budget) is refused only
-    afterwards, so a flood of turns that are all refused still has every one embedded, billed
-    to the tenant."""
+    before admission; a key over its requests-per-minute (or its hard budget) was refused only
+    afterwards, so a flood of turns that were all refused still had every one embedded, billed
+    to the tenant. The search now runs once the turn is admitted."""
     from tests.test_kb_api import upload, wait_done
 
     tenant = f"rl-{uuid.uuid4().hex[:6]}"
@@ -462,3 +466,64 @@ def test_a_file_that_failed_for_a_passing_reason_is_tried_again_when_attached_ag
         again = c.vector_stores.files.create(vector_store_id=kb["id"], file_id=f.id)
         assert again.status == "in_progress", again
         assert settled(c, kb["id"], f.id).status == "completed"
+
+
+def test_a_hard_budget_reserves_for_the_sources_a_turn_may_gain_and_refuses_before_searching(gw, module_mock, services):
+    """Searching after admission must not let a hard budget be overshot by the sources the
+    search then adds: admission reserves the most they can take (``max_context_tokens`` and
+    each source's header), so a turn whose prompt fits the budget only without its possible
+    sources is refused — with no embedding call — and one with room for them is served,
+    searched, and charged what it used."""
+    from tests.test_kb_api import upload, wait_done
+
+    tenant = f"hb-{uuid.uuid4().hex[:6]}"
+    kb = create_kb(gw, MASTER_KEY, tenant=tenant, embedding_model="embed-mock")
+    doc = upload(gw, kb["id"], "parking.txt", b"Parking is free for visitors on weekends.").json()
+    assert wait_done(gw, kb["id"], doc["id"])["status"] == "ready"
+    name = f"bot-{uuid.uuid4().hex[:6]}"
+    body = {"name": name, "model": "chat-priced", "template": "You help.", "knowledge_bases": [kb["id"]],
+            "retrieval": {"max_context_tokens": 1000, "top_k": 2, "threshold": 0.0}}  # fmt: skip
+    made = call(gw, "POST", "/admin/agents", json={**body, "tenant": tenant})
+    assert made.status_code == 201, made.text
+    ask = [{"role": "user", "content": "Is parking free for visitors?"}]
+    for limit, served in ((5e-4, False), (5e-3, True)):  # the prompt alone ~3e-5 USD; its sources ≤ ~1.6e-3
+        key = new_key(gw, tenant=tenant)
+        r = call(gw, "POST", "/admin/budgets", json={"scope": "key", "scope_value": key["id"], "limit_usd": limit,
+                                                     "tenant": tenant})  # fmt: skip
+        assert r.status_code == 201, r.text
+        module_mock.clear()
+        with sdk(gw, key["key"]) as c:
+            if not served:
+                with pytest.raises(openai.RateLimitError):
+                    c.chat.completions.create(model=f"agent:{name}", messages=ask, max_tokens=10)
+                assert not [q for q in module_mock.requests() if q["path"] == "/v1/embeddings"]
+                continue
+            answer = c.chat.completions.with_raw_response.create(model=f"agent:{name}", messages=ask, max_tokens=10)
+        assert [q for q in module_mock.requests() if q["path"] == "/v1/embeddings"]
+        rid = answer.headers["x-request-id"]
+        wait_until(lambda rid=rid: ledger_rows(services[0], "request_id = $1", rid), timeout=10, what="ledger row")
+        row = ledger_rows(services[0], "request_id = $1", rid)[0]
+        assert 0 < row["cost_usd"] < 1e-3, row["cost_usd"]  # what it used, not what was reserved
+
+
+@pytest.mark.parametrize(
+    ("retrieval", "param"),
+    [
+        ({"top_k": 0}, "retrieval.top_k"),
+        ({"top_k": True}, "retrieval.top_k"),
+        ({"max_context_tokens": 10**9}, "retrieval.max_context_tokens"),
+        ({"threshold": 1.5}, "retrieval.threshold"),
+        ({"threshold": "high"}, "retrieval.threshold"),
+        ({"bogus": 1}, "retrieval.bogus"),
+        ("fast", "retrieval"),
+    ],
+)
+def test_an_agents_retrieval_settings_are_bounded_and_named_when_wrong(gw, retrieval, param):
+    """The README documented per-agent retrieval settings the admin API refused outright; they
+    are now taken, within bounds (a top-k or a context budget past them would be reserved, and
+    searched, on every turn)."""
+    name = f"bot-{uuid.uuid4().hex[:6]}"
+    r = call(gw, "POST", "/admin/agents", json={"name": name, "model": "gpt-mock", "template": "Hi.",
+                                                "retrieval": retrieval})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert call(gw, "GET", f"/admin/agents/{name}").status_code == 404  # nothing stored

@@ -29,6 +29,7 @@ def matches(cond: RuleCondition, ctx: RequestContext) -> bool:
         return False
     if cond.prompt_tokens_over is not None:
         # the body's size bounds the token count from above: count only when it could matter
-        if ctx.body_bytes <= cond.prompt_tokens_over or ctx.prompt_tokens() <= cond.prompt_tokens_over:
+        over = cond.prompt_tokens_over - ctx.grow_tokens  # (an agent's sources come after routing)
+        if ctx.body_bytes <= over or ctx.prompt_tokens() <= over:
             return False
     return True
