@@ -351,27 +351,7 @@ _MEMORY_BOUNDS = {"window_turns": (1, 200), "window_tokens": (100, 200_000), "tt
 
 
 def _check_memory(value: Any) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidRequest("'memory' must be an object.", param="memory", code="invalid_type")
-    out = {}
-    for key, v in value.items():
-        bounds = _MEMORY_BOUNDS.get(key)
-        if bounds is None:
-            raise InvalidRequest(
-                f"'memory' has unknown field {str(key)[:64]!r}; known: {', '.join(_MEMORY_BOUNDS)}.",
-                param=f"memory.{str(key)[:64]}",
-                code="invalid_value",
-            )
-        if not isinstance(v, int) or isinstance(v, bool) or not bounds[0] <= v <= bounds[1]:
-            raise InvalidRequest(
-                f"'memory.{key}' must be an integer from {bounds[0]} to {bounds[1]}.",
-                param=f"memory.{key}",
-                code="invalid_value",
-            )
-        out[key] = v
-    return out
+    return _check_bounded(value, "memory", _MEMORY_BOUNDS)
 
 
 # top_k, max_context_tokens: integers; threshold: a similarity from 0 to 1
@@ -379,25 +359,30 @@ _RETRIEVAL_BOUNDS = {"top_k": (1, 50), "max_context_tokens": (100, 100_000), "th
 
 
 def _check_retrieval(value: Any) -> dict:
+    return _check_bounded(value, "retrieval", _RETRIEVAL_BOUNDS)
+
+
+def _check_bounded(value: Any, name: str, bounds: dict[str, tuple]) -> dict:
+    """An object of known numeric fields, each within its (low, high): integers, or any number
+    where the bounds are floats."""
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise InvalidRequest("'retrieval' must be an object.", param="retrieval", code="invalid_type")
+        raise InvalidRequest(f"'{name}' must be an object.", param=name, code="invalid_type")
     out = {}
     for key, v in value.items():
-        bounds = _RETRIEVAL_BOUNDS.get(key)
-        if bounds is None:
+        limits = bounds.get(key)
+        if limits is None:
             raise InvalidRequest(
-                f"'retrieval' has unknown field {str(key)[:64]!r}; known: {', '.join(_RETRIEVAL_BOUNDS)}.",
-                param=f"retrieval.{str(key)[:64]}",
+                f"'{name}' has unknown field {str(key)[:64]!r}; known: {', '.join(bounds)}.",
+                param=f"{name}.{str(key)[:64]}",
                 code="invalid_value",
             )
-        number = isinstance(v, int | float) if key == "threshold" else isinstance(v, int)
-        if not number or isinstance(v, bool) or not bounds[0] <= v <= bounds[1]:
-            kind = "a number" if key == "threshold" else "an integer"
+        real = isinstance(limits[0], float)
+        if not isinstance(v, int | float if real else int) or isinstance(v, bool) or not limits[0] <= v <= limits[1]:
             raise InvalidRequest(
-                f"'retrieval.{key}' must be {kind} from {bounds[0]} to {bounds[1]}.",
-                param=f"retrieval.{key}",
+                f"'{name}.{key}' must be {'a number' if real else 'an integer'} from {limits[0]} to {limits[1]}.",
+                param=f"{name}.{key}",
                 code="invalid_value",
             )
         out[key] = v
