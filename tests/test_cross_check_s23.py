@@ -4,6 +4,7 @@ Valkey, the OpenAI SDK as client."""
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -53,3 +54,45 @@ def test_admin_version_numbers_of_non_ascii_digits_are_a_400_not_a_500(gw, metho
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == param
     assert call(gw, "GET", f"/admin/agents/{name}").json()["labels"] == before
+
+
+# ---- an agent's knowledge-base search when the embedding provider fails ----------------------
+@pytest.fixture(scope="module")
+def kb_gw(tmp_root, services, module_mock):
+    from tests.test_kb_api import start_gateway
+
+    g = start_gateway(tmp_root, module_mock, services)
+    yield g
+    g.stop()
+
+
+@pytest.mark.parametrize("dims", [8, 16, 5000], ids=["same", "other-dimension", "unreadable-answer"])
+def test_an_agent_turn_whose_question_embedding_fails_is_grounded_by_full_text_search(kb_gw, module_mock, dims):
+    """rag made a failed or unusable query embedding (the provider down through its retries, an
+    answer of NaN or > 4,000 dimensions, a vector of another dimension than the knowledge
+    base's) fall back to full-text search — in the /v1 and admin searches only. An agent turn's
+    search (grounding.search, the turn's sources and the knowledge_search tool) still used the
+    vector as it came: another dimension compared with no chunk and found nothing, an unusable
+    answer failed the whole search; every turn answered without its sources while the provider
+    misbehaved. It now falls back to full-text search the same way."""
+    from tests.test_kb_api import call as kb_call
+    from tests.test_kb_api import create_kb, upload, wait_done
+
+    kb = create_kb(kb_gw, embedding_model="embed-mock")
+    doc = upload(kb_gw, kb["id"], "parking.txt", b"Parking is free for visitors on weekends.").json()
+    assert wait_done(kb_gw, kb["id"], doc["id"])["status"] == "ready"
+    name = unique("kbbot")
+    body = {"name": name, "model": "gpt-mock", "template": "You help visitors.", "knowledge_bases": [kb["id"]]}
+    assert kb_call(kb_gw, "POST", "/admin/agents", json=body).status_code == 201
+    before = httpx.get(f"{module_mock.url}/_mock/config").json()["dims"]
+    module_mock.configure(dims=dims)
+    try:
+        resp = sdk(kb_gw).chat.completions.create(
+            model=f"agent:{name}", messages=[{"role": "user", "content": "Is parking free for visitors on weekends?"}]
+        )
+    finally:
+        module_mock.configure(dims=before)
+    embedded = [q for q in module_mock.requests() if q["path"] == "/v1/embeddings"]
+    assert embedded, "the question was not embedded"
+    citations = (resp.choices[0].message.model_extra or {}).get("citations")
+    assert citations and citations[0]["document_id"] == doc["id"], resp.choices[0].message
