@@ -59,9 +59,18 @@ def test_admin_version_numbers_of_non_ascii_digits_are_a_400_not_a_500(gw, metho
 # ---- an agent's knowledge-base search when the embedding provider fails ----------------------
 @pytest.fixture(scope="module")
 def kb_gw(tmp_root, services, module_mock):
+    from tests.conftest import gateway_config
     from tests.test_kb_api import start_gateway
 
-    g = start_gateway(tmp_root, module_mock, services)
+    config = gateway_config(module_mock)
+    config["models"] += [
+        {"name": n, "deployments": [{"provider": "mock-openai", "model": f"{n}-model"}]} for n in ("short", "long")
+    ]
+    # the operator's rule: prompts of more than 2,000 tokens go to the long-context model
+    config["models"].append(
+        {"name": "auto", "rules": [{"when": {"prompt_tokens_over": 2000}, "use": "long"}, {"use": "short"}]}
+    )
+    g = start_gateway(tmp_root, module_mock, services, config=config)
     yield g
     g.stop()
 
@@ -96,3 +105,39 @@ def test_an_agent_turn_whose_question_embedding_fails_is_grounded_by_full_text_s
     assert embedded, "the question was not embedded"
     citations = (resp.choices[0].message.model_extra or {}).get("citations")
     assert citations and citations[0]["document_id"] == doc["id"], resp.choices[0].message
+
+
+def test_a_routing_rule_on_prompt_size_sees_an_agent_turns_sources_not_their_bound(kb_gw, module_mock):
+    """Grounding moved after admission (the lead), and routing rules were made to count the most
+    the sources could add (``grow_tokens``: 3,000 tokens of context and five sources' headers by
+    default, ~4,160) instead of the sources found: with a rule sending prompts over 2,000 tokens
+    to a long-context model, EVERY turn of an agent with a knowledge base — 'is parking free?'
+    and one 10-token source — went to the long-context model (the operator's dearest, as a rule
+    of that kind usually means). Before, the rule saw the sources found. The turn's group is
+    now chosen again once its sources are in the prompt (admission reserved for the dearest
+    group a rule can reach either way)."""
+    from tests.test_kb_api import call as kb_call
+    from tests.test_kb_api import create_kb, upload, wait_done
+
+    kb = create_kb(kb_gw)
+    doc = upload(kb_gw, kb["id"], "parking.txt", b"Parking is free for visitors on weekends.").json()
+    assert wait_done(kb_gw, kb["id"], doc["id"])["status"] == "ready"
+    name = unique("kbrule")
+    body = {"name": name, "model": "auto", "template": "You help visitors.", "knowledge_bases": [kb["id"]]}
+    assert kb_call(kb_gw, "POST", "/admin/agents", json=body).status_code == 201
+
+    def served(question: str):
+        module_mock.clear()
+        resp = sdk(kb_gw).chat.completions.create(
+            model=f"agent:{name}", messages=[{"role": "user", "content": question}]
+        )
+        chats = [q for q in module_mock.requests() if q["path"] == "/v1/chat/completions"]
+        return resp, chats[-1]["body"]
+
+    resp, sent = served("Is parking free for visitors on weekends?")
+    assert resp.choices[0].message.model_extra.get("citations"), "the control: the source was found"
+    assert "<sources>" in sent["messages"][0]["content"]
+    assert sent["model"] == "short-model", sent["model"]
+    # and a turn whose prompt is long does go to the long-context model
+    _, sent = served("Is parking free for visitors on weekends? " + "Please tell me more. " * 500)
+    assert sent["model"] == "long-model", sent["model"]
