@@ -70,6 +70,15 @@ def kb_gw(tmp_root, services, module_mock):
     config["models"].append(
         {"name": "auto", "rules": [{"when": {"prompt_tokens_over": 2000}, "use": "long"}, {"use": "short"}]}
     )
+    config["models"].append(  # a dollar per million tokens
+        {
+            "name": "embed-priced",
+            "mode": "embedding",
+            "deployments": [
+                {"provider": "mock-openai", "model": "mock-embedding-priced", "input_cost_per_token": 1e-6}
+            ],
+        }
+    )
     g = start_gateway(tmp_root, module_mock, services, config=config)
     yield g
     g.stop()
@@ -141,3 +150,38 @@ def test_a_routing_rule_on_prompt_size_sees_an_agent_turns_sources_not_their_bou
     # and a turn whose prompt is long does go to the long-context model
     _, sent = served("Is parking free for visitors on weekends? " + "Please tell me more. " * 500)
     assert sent["model"] == "long-model", sent["model"]
+
+
+def test_a_file_attached_by_a_key_bound_to_a_customer_is_embedded_on_that_customers_budget(kb_gw, services):
+    """rag made the attaching key pay for its files' embeddings (its budgets, its ledger rows),
+    but the ingestion ran for a bare identity of the key: a key minted for one customer
+    (attribution {customer: [acme]}: every request of it is acme's, on acme's budgets) had its
+    files embedded with no customer at all — acme's hard budget, spent, stopped its chats but
+    not its ingestion (up to the tenant's 10 GB of files, on a priced model), and the ledger's
+    spend by customer missed it. The job now carries the key's fixed attribution values (user,
+    customer, agent), so the embedding calls are the customer's as its chats are."""
+    from tests.test_kb_api import call as kb_call
+    from tests.test_kb_api import create_kb
+    from tests.test_policies import ledger_rows
+    from tests.test_rag_review_s23 import attach, settled
+
+    tenant, customer = unique("cust"), unique("acme")
+    kb = create_kb(kb_gw, MASTER_KEY, tenant=tenant, embedding_model="embed-priced")
+    budget = {"scope": "customer", "scope_value": customer, "tenant": tenant, "limit_usd": 1e-6}
+    r = kb_call(kb_gw, "POST", "/admin/budgets", json=budget)
+    assert r.status_code == 201, r.text
+    r = kb_call(
+        kb_gw,
+        "POST",
+        "/admin/keys",
+        json={"name": unique("k"), "tenant": tenant, "scopes": ["admin"], "attribution": {"customer": [customer]}},
+    )
+    assert r.status_code == 201, r.text
+    key = r.json()
+    text = " ".join(f"word{i}" for i in range(3000)).encode()  # ~3,000 tokens: ~$0.003, past the budget
+    with sdk(kb_gw, key["key"]) as c:
+        f, _ = attach(c, kb["id"], "a.txt", text)
+        done = settled(c, kb["id"], f.id)
+    rows = ledger_rows(services[0], "key_id = $1 AND workflow = 'kb-ingest'", key["id"])
+    assert all(row["customer"] == customer for row in rows), [(row["customer"], row["status"]) for row in rows]
+    assert done.status == "failed", done  # the customer's hard budget refused the embedding calls
