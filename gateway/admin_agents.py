@@ -77,7 +77,7 @@ def _only(data: dict, allowed: frozenset) -> None:
 
 
 def _int(value, param: str) -> int:
-    if isinstance(value, str) and value.isdigit() and len(value) < 10:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 10:
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**9:
         return value

@@ -57,15 +57,24 @@ async def search(svc, agent, query: str, *, top_k: int | None = None, caller: Id
     # Knowledge bases on different embedding models are searched each with its own query vector.
     by_model: dict[str, list[str]] = {}
     rerankers: dict[str, str] = {}  # model → the rerank group of the first of its KBs naming one
-    for kb_id, (model, rerank_model) in (await _kb_models(svc, agent.tenant, list(agent.knowledge_bases))).items():
+    dims: dict[str, set[int]] = {}  # model → the dimensions of its KBs
+    for kb_id, (model, rerank_model, kb_dims) in (
+        await _kb_models(svc, agent.tenant, list(agent.knowledge_bases))
+    ).items():
         by_model.setdefault(model, []).append(kb_id)
+        dims.setdefault(model, set()).add(kb_dims)
         if rerank_model and model not in rerankers:
             rerankers[model] = rerank_model
     hits = []
     on_behalf = _for_caller(agent.tenant, caller)
     for model, kb_ids in by_model.items():
         embedder_ = kb_embedding.embedder_for(svc, model, agent.tenant, "kb-query", on_behalf)
-        vector = (await embedder_.embed([query]))[0] if embedder_ is not None else None
+        try:
+            vector = (await embedder_.embed([query]))[0] if embedder_ is not None else None
+        except kb_embedding.EmbeddingFailed:  # full-text search only, as a /v1 search does
+            vector = None
+        if vector is not None and len(vector) not in dims[model]:  # compared with no chunk: nothing found
+            vector = None
         reranker = rerank.reranker_for(svc, rerankers.get(model), agent.tenant, on_behalf)
         found = await retrieve(
             svc.pool,
@@ -101,12 +110,12 @@ async def search(svc, agent, query: str, *, top_k: int | None = None, caller: Id
     ]
 
 
-# (tenant, kb id) → (valid until, (embedding model, rerank model or None))
-_MODELS: dict[tuple[str, str], tuple[float, tuple[str, str | None]]] = {}
+# (tenant, kb id) → (valid until, (embedding model, rerank model or None, dimensions))
+_MODELS: dict[tuple[str, str], tuple[float, tuple[str, str | None, int]]] = {}
 _MODELS_TTL = 30.0
 
 
-async def _kb_models(svc, tenant: str, kb_ids: list[str]) -> dict[str, tuple[str, str | None]]:
+async def _kb_models(svc, tenant: str, kb_ids: list[str]) -> dict[str, tuple[str, str | None, int]]:
     """Each knowledge base's embedding model and re-ranker, cached for a while (a model switch
     is rare, and searching with the old model during the TTL still finds the old, still-live
     chunks)."""
@@ -121,7 +130,7 @@ async def _kb_models(svc, tenant: str, kb_ids: list[str]) -> dict[str, tuple[str
     if missing:
         async with tenant_transaction(svc.pool, tenant) as conn:
             rows = await conn.fetch(
-                """SELECT id, embedding_model, settings->>'rerank_model' AS rerank_model FROM knowledge_bases
+                """SELECT id, embedding_model, settings->>'rerank_model' AS rerank_model, dims FROM knowledge_bases
                    WHERE id = ANY($1::text[]) AND tenant = $2""",
                 missing,
                 tenant,
@@ -129,7 +138,7 @@ async def _kb_models(svc, tenant: str, kb_ids: list[str]) -> dict[str, tuple[str
         if len(_MODELS) > 10_000:
             _MODELS.clear()
         for r in rows:
-            found = (r["embedding_model"], r["rerank_model"])
+            found = (r["embedding_model"], r["rerank_model"], r["dims"])
             _MODELS[(tenant, r["id"])] = (now + _MODELS_TTL, found)
             out[r["id"]] = found
     return out

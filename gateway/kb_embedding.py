@@ -180,10 +180,30 @@ def payer(tenant: str, who: dict | None) -> Identity | None:
     tenant's own identity."""
     if not who or not who.get("key_id"):
         return None
-    return Identity(key_id=who["key_id"], name="knowledge-bases", tenant=tenant, pii_policy=who.get("pii_policy"))
+    fixed = who.get("attribution") if isinstance(who.get("attribution"), dict) else {}
+    return Identity(
+        key_id=who["key_id"],
+        name="knowledge-bases",
+        tenant=tenant,
+        pii_policy=who.get("pii_policy"),
+        attribution={k: [str(v)] for k, v in fixed.items() if k in _FIXED} or None,  # filled in at admission
+    )
 
 
-def check_payer(kb, ident: Identity) -> dict[str, str] | None:
+_FIXED = ("user", "customer", "agent")  # what a key may be bound to that an embedding call is attributed to
+
+
+def _fixed_attribution(ident: Identity) -> dict[str, str]:
+    """The values a key asserts on every request of its (one exact value allowed for a field):
+    its files' embeddings are attributed to them too, on their budgets."""
+    out = {}
+    for name, patterns in (ident.attribution or {}).items():
+        if name in _FIXED and isinstance(patterns, list) and len(patterns) == 1 and not patterns[0].endswith("*"):
+            out[name] = patterns[0]
+    return out
+
+
+def check_payer(kb, ident: Identity) -> dict | None:
     """The key an attach of ``ident``'s to ``kb`` is embedded for, as the job names it
     (``key_id``, ``pii_policy``; None: the master key, the tenant pays); 403 when the key may
     not use the knowledge base's provider embedding model."""
@@ -199,6 +219,9 @@ def check_payer(kb, ident: Identity) -> dict[str, str] | None:
     who = {"key_id": ident.key_id}
     if ident.pii_policy:
         who["pii_policy"] = ident.pii_policy
+    fixed = _fixed_attribution(ident)
+    if fixed:
+        who["attribution"] = fixed
     return who
 
 

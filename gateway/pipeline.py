@@ -425,12 +425,16 @@ async def agent(svc: Services, ctx: RequestContext, scope: dict) -> None:
         await agent_stage.prepare(svc, ctx, _gateway_headers(scope))
 
 
-async def ground(svc: Services, ctx: RequestContext) -> None:
+async def ground(svc: Services, ctx: RequestContext) -> bool:
     """An agent turn's knowledge-base sources, once it is admitted (the search's embedding and
-    re-ranking calls cost money: a turn a rate limit or a budget refuses makes none)."""
+    re-ranking calls cost money: a turn a rate limit or a budget refuses makes none). True when
+    the prompt may have grown (routing rules then see what it holds, not the bound)."""
     if ctx.agent is not None:
+        grows = ctx.grow_tokens > 0
         await grounding.ground(svc, ctx)
         await count_prompt_off_loop(ctx)  # sources make a prompt large
+        return grows
+    return False
 
 
 async def chat(svc: Services, ctx: RequestContext, scope: dict, receive, send) -> None:
@@ -440,7 +444,8 @@ async def chat(svc: Services, ctx: RequestContext, scope: dict, receive, send) -
     await count_prompt_off_loop(ctx)  # a large prompt is tokenized off the event loop
     group = route(svc, ctx, scope, "chat")
     await admit(svc, ctx, scope)
-    await ground(svc, ctx)
+    if await ground(svc, ctx):
+        group = route(svc, ctx, scope, "chat")  # rules on the prompt's size see the sources found
     await scrub(svc, ctx)
     if ctx.agent is not None:
         await tools_loop.run_turn(svc, ctx, group, scope, send, receive)  # complete → tools → respond

@@ -53,8 +53,8 @@ class Embedder(Protocol):
 
 
 # (model, tenant, payer) → its embedder, None: unknown. ``payer``: the client key a job names
-# ({"key_id", "pii_policy"?}: the key that attached the file pays for its embeddings, under its
-# PII policy), None: the tenant's own
+# ({"key_id", "pii_policy"?, "attribution"?}: the key that attached the file pays for its
+# embeddings, under its PII policy, attributed to the values it is bound to), None: the tenant's own
 Embedders = Callable[[str, str, "dict[str, str] | None"], "Embedder | None"]
 PAYER_FIELDS = ("key_id", "pii_policy")
 
@@ -113,6 +113,8 @@ async def handle(
     model is available."""
     p = _payload(job)
     payer = {k: p[k] for k in PAYER_FIELDS if isinstance(p.get(k), str)} if isinstance(p.get("key_id"), str) else None
+    if payer is not None and isinstance(p.get("attribution"), dict):  # the key's fixed user/customer/agent
+        payer["attribution"] = p["attribution"]
 
     def pick(model: str, tenant: str) -> Embedder | None:
         if embedders is not None:

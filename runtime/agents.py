@@ -403,7 +403,7 @@ def check_target(value: Any, param: str = "variants") -> dict[int, int]:
         raise InvalidRequest(f"'{param}' must be an object of 1 to {MAX_VARIANTS} versions and weights.", param=param)
     out: dict[int, int] = {}
     for key, weight in value.items():
-        if not isinstance(key, str) or not key.isdigit() or len(key) > 9 or int(key) < 1:
+        if not isinstance(key, str) or not (key.isascii() and key.isdigit()) or len(key) > 9 or int(key) < 1:
             raise InvalidRequest(f"'{param}' keys must be version numbers.", param=param, code="invalid_value")
         if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= MAX_WEIGHT:
             raise InvalidRequest(

@@ -96,7 +96,7 @@ class VersionCache:
     async def pinned(self, agent: Agent, selector: str | None) -> PromptVersion | None:
         """The version ``selector`` pins when it is a number the registry does not hold (None
         otherwise: ``prompts.select`` answers from the agent, or refuses with a 404)."""
-        if selector is None or not selector.isdigit() or len(selector) >= 10:
+        if selector is None or not (selector.isascii() and selector.isdigit()) or len(selector) >= 10:
             return None
         number = int(selector)
         if number in agent.versions or not 1 <= number <= latest_number(agent):

@@ -447,7 +447,7 @@ def select(agent: Agent, selector: str | None, sticky_key: str, pinned: PromptVe
     it; the registry read it on demand)."""
     if selector is None:
         selector = "production" if "production" in agent.labels else "latest"
-    elif selector.isdigit():
+    elif selector.isascii() and selector.isdigit():  # ('²' is a digit int() refuses)
         version = agent.versions.get(int(selector)) if len(selector) < 10 else None
         if version is None and pinned is not None and str(pinned.version) == selector.lstrip("0"):
             version = pinned
