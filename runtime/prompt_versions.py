@@ -162,9 +162,9 @@ _USED_SQL = """
 SELECT count(*) AS versions,
        coalesce(sum(octet_length(v.template) + octet_length(v.variables::text) + coalesce(octet_length(v.note), 0)), 0)
            AS bytes
-FROM prompt_versions v JOIN agents a ON a.id = v.agent_id AND a.archived_at IS NULL
-WHERE v.tenant = $1 AND a.tenant = $1
-"""
+FROM prompt_versions v
+WHERE v.tenant = $1
+"""  # archived agents' versions too: versions are immutable and kept, so archiving frees nothing
 
 
 async def check_room(conn, tenant: str, adding: int, quota: Quota | None) -> None:
@@ -177,16 +177,16 @@ async def check_room(conn, tenant: str, adding: int, quota: Quota | None) -> Non
     if used["versions"] + 1 > quota.max_versions:
         raise InvalidRequest(
             f"This tenant stores {used['versions']} prompt versions, the most it may "
-            f"(policies.max_prompt_versions_per_tenant = {quota.max_versions}); archive an agent "
-            "it no longer uses to make room.",
+            f"(policies.max_prompt_versions_per_tenant = {quota.max_versions}, archived agents' "
+            "included: versions are kept for good); the operator may raise it.",
             param="template",
             code="too_many_prompt_versions",
         )
     if used["bytes"] + adding > quota.max_bytes:
         raise InvalidRequest(
             f"This version ({adding} bytes) would take the tenant's prompt versions past "
-            f"{quota.max_bytes} bytes (policies.max_prompt_bytes_per_tenant; {used['bytes']} used); "
-            "archive an agent it no longer uses to make room.",
+            f"{quota.max_bytes} bytes (policies.max_prompt_bytes_per_tenant; {used['bytes']} used, archived "
+            "agents' included: versions are kept for good); the operator may raise it.",
             param="template",
             code="prompt_storage_exceeded",
         )
