@@ -1,0 +1,68 @@
+"""The lead's own changes of session 23 after an attacker's review: each test is named for what
+a client (or a document's author) tried, on a real gateway over HTTP with the OpenAI SDK or
+httpx as client."""
+
+from __future__ import annotations
+
+import uuid
+
+import openai
+import pytest
+
+from tests.conftest import MASTER_KEY, gateway_config
+from tests.test_kb_api import call, create_kb, start_gateway, upload, wait_done
+from tests.test_policies import new_key
+
+LONG_OVER = 1500  # prompt tokens past which the routing group sends a prompt to its long model
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, module_mock):
+    config = gateway_config(module_mock)
+    config["models"] += [
+        {
+            "name": "auto-len",
+            "rules": [{"when": {"prompt_tokens_over": LONG_OVER}, "use": "len-long"}, {"use": "len-short"}],
+        },
+        {"name": "len-long", "deployments": [{"provider": "mock-openai", "model": "mock-long"}]},
+        {"name": "len-short", "deployments": [{"provider": "mock-openai", "model": "mock-short"}]},
+    ]
+    g = start_gateway(tmp_root, module_mock, services, config=config)
+    yield g
+    g.stop()
+
+
+def sdk(gw, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_section_titles_of_many_token_characters_stay_within_what_admission_reserved(gw, module_mock):
+    """An agent's turn reserves (budget admission) and routes (``prompt_tokens_over``) for the
+    most its knowledge-base sources can add, counting a source's section title as at most 200
+    tokens since the prompt cuts it at 200 characters. A document's author chooses its headings:
+    200 Egyptian hieroglyphs are 800 tokens, so five such sources added ~3,000 tokens that no
+    budget reserved and no routing rule counted — the grounded prompt of ~4,000 tokens went to
+    the short model of a group that sends prompts over 1,500 tokens to its long one."""
+    from core.tokens import count_prompt
+
+    tenant = f"sr-{uuid.uuid4().hex[:6]}"
+    kb = create_kb(gw, MASTER_KEY, tenant=tenant, embedding_model="embed-mock")
+    heading = "\U00013000" * 200  # 4 tokens a character (o200k)
+    text = "".join(f"# {heading}{i}\n\nParking is free for visitors on weekends, gate {i}.\n\n" for i in range(5))
+    doc = upload(gw, kb["id"], "parking.md", text.encode()).json()
+    assert wait_done(gw, kb["id"], doc["id"])["status"] == "ready"
+    name = f"bot-{uuid.uuid4().hex[:6]}"
+    body = {"name": name, "model": "auto-len", "template": "You help.", "knowledge_bases": [kb["id"]],
+            "retrieval": {"max_context_tokens": 100, "top_k": 5, "threshold": 0.0}}  # fmt: skip
+    made = call(gw, "POST", "/admin/agents", json={**body, "tenant": tenant})
+    assert made.status_code == 201, made.text
+    key = new_key(gw, tenant=tenant)
+    module_mock.clear()
+    ask = [{"role": "user", "content": "Is parking free for visitors?"}]
+    raw = sdk(gw, key["key"]).chat.completions.with_raw_response.create(model=f"agent:{name}", messages=ask)
+    sent = [q for q in module_mock.requests() if q["path"] == "/v1/chat/completions"][-1]["body"]
+    assert "\U00013000" in sent["messages"][0]["content"]  # the sources are in the prompt
+    tokens = count_prompt(sent)
+    assert tokens > LONG_OVER - 1000  # (grounded; it was ~2,500 tokens before titles were cut at 200 bytes)
+    if tokens > LONG_OVER:
+        assert raw.headers["x-gateway-deployment"] == "mock-openai/mock-long", tokens
