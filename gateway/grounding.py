@@ -32,7 +32,8 @@ def _question(messages: list) -> str:
             if isinstance(content, str):
                 return content[:2000]
             if isinstance(content, list):
-                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))[:2000]
+                texts = (p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text")
+                return " ".join(t for t in texts if isinstance(t, str))[:2000]
     return ""
 
 

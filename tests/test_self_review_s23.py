@@ -66,3 +66,28 @@ def test_section_titles_of_many_token_characters_stay_within_what_admission_rese
     assert tokens > LONG_OVER - 1000  # (grounded; it was ~2,500 tokens before titles were cut at 200 bytes)
     if tokens > LONG_OVER:
         assert raw.headers["x-gateway-deployment"] == "mock-openai/mock-long", tokens
+
+
+def test_an_agent_turn_whose_image_part_carries_a_non_text_text_field_is_answered(gw, module_mock):
+    """The turn's question for the knowledge-base search joined every content part's ``text``:
+    an image part with ``"text": 5`` or ``null`` (which the chat validation lets through as an
+    extra field) raised a TypeError — a 500 to the client, after its admission. Only text
+    parts' strings make the question now."""
+    import httpx
+
+    tenant = f"sq-{uuid.uuid4().hex[:6]}"
+    kb = create_kb(gw, MASTER_KEY, tenant=tenant, embedding_model="embed-mock")
+    doc = upload(gw, kb["id"], "p.txt", b"Parking is free for visitors on weekends.").json()
+    assert wait_done(gw, kb["id"], doc["id"])["status"] == "ready"
+    name = f"bot-{uuid.uuid4().hex[:6]}"
+    made = call(gw, "POST", "/admin/agents", json={"name": name, "model": "gpt-mock", "template": "You help.",
+                                                   "knowledge_bases": [kb["id"]], "tenant": tenant})  # fmt: skip
+    assert made.status_code == 201, made.text
+    key = new_key(gw, tenant=tenant)
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/y.png"}}
+    for odd in (5, None, ["x"]):
+        parts = [{"type": "text", "text": "Is parking free?"}, {**image, "text": odd}]
+        ask = {"model": f"agent:{name}", "messages": [{"role": "user", "content": parts}]}
+        r = httpx.post(f"{gw.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key['key']}"}, json=ask)
+        assert r.status_code == 200, (odd, r.text)
+        assert r.json()["choices"][0]["message"].get("citations"), r.text  # searched with the text part
