@@ -91,3 +91,26 @@ def test_an_agent_turn_whose_image_part_carries_a_non_text_text_field_is_answere
         r = httpx.post(f"{gw.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key['key']}"}, json=ask)
         assert r.status_code == 200, (odd, r.text)
         assert r.json()["choices"][0]["message"].get("citations"), r.text  # searched with the text part
+
+
+def test_a_short_agent_turn_with_few_sources_goes_to_the_groups_short_model(gw, module_mock):
+    """Routing rules ran before the search (which now follows admission) and counted the most
+    the sources could add (``bound``: ``max_context_tokens`` and five headers): an agent whose
+    sources could take ~2,500 tokens had every turn — a one-line question, a one-sentence source
+    — sent to the long (dearer) model of a group that sends only prompts over 1,500 tokens there,
+    where before this session's change the rule saw the grounded prompt. The group is chosen
+    again once the sources are in."""
+    tenant = f"sr-{uuid.uuid4().hex[:6]}"
+    kb = create_kb(gw, MASTER_KEY, tenant=tenant, embedding_model="embed-mock")
+    doc = upload(gw, kb["id"], "p.txt", b"Parking is free for visitors on weekends.").json()
+    assert wait_done(gw, kb["id"], doc["id"])["status"] == "ready"
+    name = f"bot-{uuid.uuid4().hex[:6]}"
+    body = {"name": name, "model": "auto-len", "template": "You help.", "knowledge_bases": [kb["id"]],
+            "retrieval": {"max_context_tokens": 1400}}  # fmt: skip
+    made = call(gw, "POST", "/admin/agents", json={**body, "tenant": tenant})
+    assert made.status_code == 201, made.text
+    key = new_key(gw, tenant=tenant)
+    ask = [{"role": "user", "content": "Is parking free?"}]  # (the mock's embeddings: a hash of the text)
+    raw = sdk(gw, key["key"]).chat.completions.with_raw_response.create(model=f"agent:{name}", messages=ask)
+    assert raw.parse().choices[0].message.model_extra.get("citations"), raw.text  # grounded
+    assert raw.headers["x-gateway-deployment"] == "mock-openai/mock-short"
