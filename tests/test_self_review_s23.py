@@ -40,9 +40,10 @@ def test_section_titles_of_many_token_characters_stay_within_what_admission_rese
     """An agent's turn reserves (budget admission) and routes (``prompt_tokens_over``) for the
     most its knowledge-base sources can add, counting a source's section title as at most 200
     tokens since the prompt cuts it at 200 characters. A document's author chooses its headings:
-    200 Egyptian hieroglyphs are 800 tokens, so five such sources added ~3,000 tokens that no
-    budget reserved and no routing rule counted — the grounded prompt of ~4,000 tokens went to
-    the short model of a group that sends prompts over 1,500 tokens to its long one."""
+    200 Egyptian hieroglyphs are 800 tokens, so such sources added ~1,200 tokens more than any
+    budget reserved or routing rule counted — the grounded prompt of ~2,500 tokens went to the
+    short model of a group that sends prompts over 1,500 tokens to its long one. Titles are cut
+    at 200 bytes now (a token is a byte at least)."""
     from core.tokens import count_prompt
 
     tenant = f"sr-{uuid.uuid4().hex[:6]}"
