@@ -9,7 +9,7 @@ import uuid
 import openai
 import pytest
 
-from tests.conftest import MASTER_KEY, gateway_config
+from tests.conftest import MASTER_KEY, gateway_config, wait_until
 from tests.test_kb_api import call, create_kb, start_gateway, upload, wait_done
 from tests.test_policies import new_key
 
@@ -26,7 +26,14 @@ def gw(tmp_root, services, module_mock):
         },
         {"name": "len-long", "deployments": [{"provider": "mock-openai", "model": "mock-long"}]},
         {"name": "len-short", "deployments": [{"provider": "mock-openai", "model": "mock-short"}]},
-    ]
+        {
+            "name": "chat-priced",
+            "deployments": [
+                {"provider": "mock-openai", "model": "mock-priced", "input_cost_per_token": 1e-6,
+                 "output_cost_per_token": 1e-6}
+            ],
+        },
+    ]  # fmt: skip
     g = start_gateway(tmp_root, module_mock, services, config=config)
     yield g
     g.stop()
@@ -36,14 +43,17 @@ def sdk(gw, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def test_section_titles_of_many_token_characters_stay_within_what_admission_reserved(gw, module_mock):
-    """An agent's turn reserves (budget admission) and routes (``prompt_tokens_over``) for the
-    most its knowledge-base sources can add, counting a source's section title as at most 200
-    tokens since the prompt cuts it at 200 characters. A document's author chooses its headings:
-    200 Egyptian hieroglyphs are 800 tokens, so such sources added ~1,200 tokens more than any
-    budget reserved or routing rule counted — the grounded prompt of ~2,500 tokens went to the
-    short model of a group that sends prompts over 1,500 tokens to its long one. Titles are cut
-    at 200 bytes now (a token is a byte at least)."""
+def test_section_titles_of_many_token_characters_stay_within_what_admission_reserved(gw, module_mock, services):
+    """An agent's turn reserves (hard budget admission) the most its knowledge-base sources can
+    add, counting a source's section title as at most 200 tokens since the prompt cut it at 200
+    characters. A document's author chooses its headings: 200 Egyptian hieroglyphs are 800
+    tokens, so such sources added ~1,200 tokens more than the reservation (a hard budget
+    overshot by each such turn). Titles are cut at 200 bytes now (a token is a byte at least):
+    what the turn reserved covers the grounded prompt the provider is sent."""
+    import threading
+
+    import redis
+
     from core.tokens import count_prompt
 
     tenant = f"sr-{uuid.uuid4().hex[:6]}"
@@ -53,20 +63,43 @@ def test_section_titles_of_many_token_characters_stay_within_what_admission_rese
     doc = upload(gw, kb["id"], "parking.md", text.encode()).json()
     assert wait_done(gw, kb["id"], doc["id"])["status"] == "ready"
     name = f"bot-{uuid.uuid4().hex[:6]}"
-    body = {"name": name, "model": "auto-len", "template": "You help.", "knowledge_bases": [kb["id"]],
+    body = {"name": name, "model": "chat-priced", "template": "You help.", "knowledge_bases": [kb["id"]],
             "retrieval": {"max_context_tokens": 100, "top_k": 5, "threshold": 0.0}}  # fmt: skip
     made = call(gw, "POST", "/admin/agents", json={**body, "tenant": tenant})
     assert made.status_code == 201, made.text
     key = new_key(gw, tenant=tenant)
+    budget = call(gw, "POST", "/admin/budgets", json={"scope": "key", "scope_value": key["id"], "limit_usd": 1.0,
+                                                      "tenant": tenant})  # fmt: skip
+    assert budget.status_code == 201, budget.text
     module_mock.clear()
     ask = [{"role": "user", "content": "Is parking free for visitors?"}]
-    raw = sdk(gw, key["key"]).chat.completions.with_raw_response.create(model=f"agent:{name}", messages=ask)
-    sent = [q for q in module_mock.requests() if q["path"] == "/v1/chat/completions"][-1]["body"]
-    assert "\U00013000" in sent["messages"][0]["content"]  # the sources are in the prompt
-    tokens = count_prompt(sent)
-    assert tokens > LONG_OVER - 1000  # (grounded; it was ~2,500 tokens before titles were cut at 200 bytes)
-    if tokens > LONG_OVER:
-        assert raw.headers["x-gateway-deployment"] == "mock-openai/mock-long", tokens
+    answers: list = []
+    done = threading.Thread(
+        target=lambda: answers.append(
+            sdk(gw, key["key"]).chat.completions.create(model=f"agent:{name}", messages=ask, max_tokens=10)
+        )
+    )
+    module_mock.configure(ttft_ms=2000)  # the turn waits at the provider while its reservation is read
+    done.start()
+    r = redis.Redis.from_url(services[1])
+    try:
+        sent: list = []
+        wait_until(
+            lambda: (
+                sent.extend(q["body"] for q in module_mock.requests() if q["path"] == "/v1/chat/completions") or sent
+            ),
+            timeout=20,
+            what="the turn at the provider",
+        )
+        reserved = sum(int(r.get(k) or 0) for k in r.scan_iter(f"gw:{{gw}}:budget:{budget.json()['id']}:*reserved"))
+    finally:
+        done.join(30)
+        r.close()
+        module_mock.configure(ttft_ms=0)
+    assert answers, "the turn was not answered"
+    assert "\U00013000" in sent[0]["messages"][0]["content"]  # the sources are in the prompt
+    tokens = count_prompt(sent[0])
+    assert reserved >= (tokens + 10) * 1000, (reserved, tokens)  # 1e-6 USD a token, in nano-USD
 
 
 def test_an_agent_turn_whose_image_part_carries_a_non_text_text_field_is_answered(gw, module_mock):
