@@ -121,7 +121,7 @@ async def settle(svc: Services, ctx: RequestContext, scope: dict, now: bool = Fa
     if ctx.extra.get("settled") or not svc.config.policies.enabled:
         return
     ctx.extra["settled"] = True
-    attr = ctx.extra.get("attribution") or attribution(ctx, _gateway_headers(scope), strict=False)
+    attr = ctx.extra.get("attribution") or attribution(ctx, _gateway_headers(scope))
     elapsed = time.perf_counter() - ctx.started
     try:
         fired = await svc.policies.settle(ctx, attr, elapsed, now=now)

@@ -148,3 +148,41 @@ def test_a_short_agent_turn_with_few_sources_goes_to_the_groups_short_model(gw, 
     raw = sdk(gw, key["key"]).chat.completions.with_raw_response.create(model=f"agent:{name}", messages=ask)
     assert raw.parse().choices[0].message.model_extra.get("citations"), raw.text  # grounded
     assert raw.headers["x-gateway-deployment"] == "mock-openai/mock-short"
+
+
+def test_an_attribution_header_a_client_wrote_in_latin1_is_read_not_refused(gw, services):
+    """Clients write a header's non-ASCII text in one of two ways: UTF-8 (curl, Go) or latin-1
+    (a JavaScript fetch — the OpenAI Node SDK's transport — and Python's http.client, which
+    ``requests`` uses: each character below U+0100 one byte). This session's change read the
+    attribution headers as UTF-8 and refused anything else with a 400, so a Node or ``requests``
+    client sending ``x-gateway-user: José`` (worked before, read as latin-1) was refused. Bytes
+    that are not UTF-8 are read as latin-1 now; UTF-8 stays UTF-8."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    from tests.test_policies import ledger_rows
+
+    key = new_key(gw)
+    where = urlsplit(gw.url)
+    body = json.dumps({"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+    for how in ("latin-1", "utf-8"):
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+        try:
+            headers = {"Authorization": f"Bearer {key['key']}", "Content-Type": "application/json"}
+            if how == "latin-1":  # what http.client does with a str value
+                headers |= {"x-gateway-user": "José", "x-gateway-customer": "Zoë GmbH", "x-gateway-labels": "café"}
+            else:  # bytes as given
+                headers |= {"x-gateway-user": "José".encode(), "x-gateway-customer": "Zoë GmbH".encode(),
+                            "x-gateway-labels": "café".encode()}  # fmt: skip
+            conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+            r = conn.getresponse()
+            text = r.read().decode()
+            assert r.status == 200, (how, text)
+            rid = r.getheader("x-request-id")
+        finally:
+            conn.close()
+        wait_until(lambda rid=rid: ledger_rows(services[0], "request_id = $1", rid), timeout=10, what="ledger row")
+        row = ledger_rows(services[0], "request_id = $1", rid)[0]
+        assert (row["end_user"], row["customer"]) == ("José", "Zoë GmbH"), (how, row)
+        assert "café" in (row["tags"] or []), (how, row["tags"])
