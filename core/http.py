@@ -33,16 +33,16 @@ def header(scope: dict, name: bytes) -> bytes | None:
     return None
 
 
-def header_text(value: bytes, name: str, strict: bool = True) -> str:
-    """A header's value as text: UTF-8 (what clients that send non-ASCII values write; read as
-    latin-1, "José" became "JosÃ©" and matched no budget or allow-list set for José). Bytes
-    that are not UTF-8 are a 400 naming the header (``strict``), else replaced."""
+def header_text(value: bytes) -> str:
+    """A header's value as text. Clients write non-ASCII text in one of two ways: UTF-8 (curl,
+    Go; read as latin-1, "José" became "JosÃ©" and matched no budget or allow-list set for
+    José) or latin-1 (a JavaScript fetch, the OpenAI Node SDK's transport, and Python's
+    http.client: a character below U+0100 one byte). UTF-8 when the bytes are, else latin-1
+    (which reads any bytes)."""
     try:
         return value.decode()
     except UnicodeDecodeError:
-        if not strict:
-            return value.decode(errors="replace")
-        raise InvalidRequest(f"Header {name} must be UTF-8 text.", param=name, code="invalid_value") from None
+        return value.decode("latin-1")
 
 
 # ---- request ids -------------------------------------------------------------------------------

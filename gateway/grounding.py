@@ -32,7 +32,8 @@ def _question(messages: list) -> str:
             if isinstance(content, str):
                 return content[:2000]
             if isinstance(content, list):
-                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))[:2000]
+                texts = (p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text")
+                return " ".join(t for t in texts if isinstance(t, str))[:2000]
     return ""
 
 
@@ -144,9 +145,15 @@ async def _kb_models(svc, tenant: str, kb_ids: list[str]) -> dict[str, tuple[str
     return out
 
 
-MAX_SECTION = 200  # characters of a source's section title in the prompt (a heading is any text)
+MAX_SECTION = 200  # UTF-8 bytes of a source's section title in the prompt (a heading is any text;
+# a token is a byte at least, so it is as many tokens at most, where 200 characters can be 800)
 _SOURCE_OVERHEAD = 2 + 6 + MAX_SECTION  # tokens at most of a source's "[n] section: " and its joints
 _BLOCK_OVERHEAD = 120  # tokens at most of the note and the block's tags (SOURCES_NOTE is ~50)
+
+
+def _title(section: str) -> str:
+    """A section title cut at MAX_SECTION bytes, whole characters kept."""
+    return section.encode()[:MAX_SECTION].decode(errors="ignore")
 
 
 def _settings(agent) -> dict:
@@ -191,8 +198,7 @@ async def ground(svc, ctx: RequestContext) -> None:
     if not sources:
         return
     block = "\n\n".join(
-        _quoted(f"[{s['source']}] {s['section'][:MAX_SECTION] + ': ' if s['section'] else ''}{s['text']}")
-        for s in sources
+        _quoted(f"[{s['source']}] {_title(s['section']) + ': ' if s['section'] else ''}{s['text']}") for s in sources
     )
     system = ctx.body["messages"][0]
     added = f"\n\n{SOURCES_NOTE}\n\n<sources>\n{block}\n</sources>"

@@ -121,7 +121,7 @@ async def settle(svc: Services, ctx: RequestContext, scope: dict, now: bool = Fa
     if ctx.extra.get("settled") or not svc.config.policies.enabled:
         return
     ctx.extra["settled"] = True
-    attr = ctx.extra.get("attribution") or attribution(ctx, _gateway_headers(scope), strict=False)
+    attr = ctx.extra.get("attribution") or attribution(ctx, _gateway_headers(scope))
     elapsed = time.perf_counter() - ctx.started
     try:
         fired = await svc.policies.settle(ctx, attr, elapsed, now=now)
@@ -425,16 +425,19 @@ async def agent(svc: Services, ctx: RequestContext, scope: dict) -> None:
         await agent_stage.prepare(svc, ctx, _gateway_headers(scope))
 
 
-async def ground(svc: Services, ctx: RequestContext) -> bool:
+async def ground(svc: Services, ctx: RequestContext, group: Group | None = None) -> Group | None:
     """An agent turn's knowledge-base sources, once it is admitted (the search's embedding and
-    re-ranking calls cost money: a turn a rate limit or a budget refuses makes none). True when
-    the prompt may have grown (routing rules then see what it holds, not the bound)."""
+    re-ranking calls cost money: a turn a rate limit or a budget refuses makes none). Returns
+    the group serving it: chosen again once the sources are in (routing rules counted the most
+    they could add; a rule refusing the grounded prompt keeps the group admitted)."""
     if ctx.agent is not None:
-        grows = ctx.grow_tokens > 0
+        grew = ctx.grow_tokens
         await grounding.ground(svc, ctx)
         await count_prompt_off_loop(ctx)  # sources make a prompt large
-        return grows
-    return False
+        if grew and not ctx.grow_tokens and group is not None:
+            with contextlib.suppress(GatewayError):
+                group = svc.router.resolve(ctx, "chat")
+    return group
 
 
 async def chat(svc: Services, ctx: RequestContext, scope: dict, receive, send) -> None:
@@ -444,8 +447,7 @@ async def chat(svc: Services, ctx: RequestContext, scope: dict, receive, send) -
     await count_prompt_off_loop(ctx)  # a large prompt is tokenized off the event loop
     group = route(svc, ctx, scope, "chat")
     await admit(svc, ctx, scope)
-    if await ground(svc, ctx):
-        group = route(svc, ctx, scope, "chat")  # rules on the prompt's size see the sources found
+    group = await ground(svc, ctx, group)
     await scrub(svc, ctx)
     if ctx.agent is not None:
         await tools_loop.run_turn(svc, ctx, group, scope, send, receive)  # complete → tools → respond

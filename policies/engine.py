@@ -35,11 +35,10 @@ MAX_ATTRIBUTION = 200  # characters of a user, agent, workflow or customer a req
 MAX_TAG = 100  # characters of a tag
 
 
-def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes], strict: bool = True) -> dict:
+def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
     """Who spends: tenant and key from the caller's identity; user, agent, workflow, customer
-    and free tags from the body (``user``, ``metadata``) or ``x-gateway-*`` headers. A header
-    that is not UTF-8 is a 400 (``strict``; the audit record of a request refused before its
-    admission is written whatever its headers hold)."""
+    and free tags from the body (``user``, ``metadata``) or ``x-gateway-*`` headers (UTF-8, or
+    latin-1 when not: ``core.http.header_text``)."""
     ident = ctx.identity
     body = ctx.body if isinstance(ctx.body, dict) else {}
     meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
@@ -47,7 +46,7 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes], strict: 
     def pick(field: str, header: bytes) -> str | None:
         value = scope_headers.get(header)
         if value:
-            return header_text(value, header.decode(), strict)[:MAX_ATTRIBUTION]
+            return header_text(value)[:MAX_ATTRIBUTION]
         value = meta.get(field)
         return str(value)[:MAX_ATTRIBUTION] if value not in (None, "") else None
 
@@ -61,12 +60,12 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes], strict: 
     if header_tags:
         tags = [
             *tags,
-            *(t.strip() for t in header_text(header_tags, "x-gateway-labels", strict).split(",") if t.strip()),
+            *(t.strip() for t in header_text(header_tags).split(",") if t.strip()),
         ]
     return {
         "tenant": ident.tenant if ident else None,
         "key": ident.key_id if ident else None,
-        "user": header_text(user, "x-gateway-user", strict)[:MAX_ATTRIBUTION]
+        "user": header_text(user)[:MAX_ATTRIBUTION]
         if user
         else (str(body["user"])[:MAX_ATTRIBUTION] if body.get("user") else None),
         "agent": pick("agent", b"x-gateway-agent"),

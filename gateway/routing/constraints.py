@@ -44,7 +44,7 @@ def constraints_for(config: Config, identity: Identity | None, scope: dict) -> C
                     code="invalid_value",
                 )
         elif name == b"x-gateway-tags":
-            tags.update(t.strip() for t in header_text(value, "x-gateway-tags").split(",") if t.strip())
+            tags.update(t.strip() for t in header_text(value).split(",") if t.strip())
         elif name == b"x-gateway-max-price":
             max_price = _number(value, "x-gateway-max-price")
         elif name == b"x-gateway-max-latency-ms":
