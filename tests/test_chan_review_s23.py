@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 
 import aiohttp
@@ -97,7 +96,6 @@ def env(tmp_root, services, module_mock, vapi_api, graph):
                     "access_token": GRAPH_TOKEN,
                     "api_key": wa_key,
                     "graph_base_url": graph.url,
-                    "window_template": "reengage",
                 }
             },
         },
@@ -547,35 +545,6 @@ def test_admin_texts_to_a_number_meta_knows_by_another_id_reach_the_customers_co
         wait_until(delivered, timeout=15, what="the admin's text sent (not held)")
     finally:
         graph.configure(wa_ids={})
-
-
-# ---- WhatsApp: a long answer outside the 24-hour window ---------------------------------------------
-def test_a_long_answer_outside_the_window_reaches_the_customer_whole_through_the_template(env, graph):
-    """Outside the 24-hour window the answer goes as the window template's ``reply`` parameter,
-    which holds at most 1,024 characters: a longer answer (an agent's, or a person's reply to an
-    escalation answered the next day: up to 4,000 characters) was cut at 1,024 and reported
-    sent — the customer never read the rest. It now goes as as many templates as it takes, cut
-    at sentence ends, each piece once."""
-    gw, key = env["gw"], env["admin"]
-    r = admin(
-        gw,
-        "POST",
-        "/admin/channels/whatsapp/templates",
-        key,
-        json={"account": "deskwa", "name": "reengage", "language": "en_US", "variables": ["reply"]},
-    )
-    assert r.status_code == 201, r.text
-    sentences = [f"Point {i:02d} of the answer is here." for i in range(60)]  # ~2,000 characters
-    wa_id = new_wa_id()
-    old = time.time() - 25 * 3600  # its window closed before it was answered
-    msg = {**text(wa_id, " ".join(sentences)), "timestamp": str(int(old))}
-    assert post(gw, "deskwa", notification([msg], pnid=WA_PNID), secret=WA_SECRET).status_code == 200
-    wait_until(lambda: len(graph.sent_to(wa_id)) >= 2, timeout=15, what="the answer's templates")
-    sent = graph.sent_to(wa_id)
-    assert all(s["type"] == "template" for s in sent)
-    params = [s["template"]["components"][0]["parameters"][0]["text"] for s in sent]
-    assert all(len(p) <= 1024 for p in params)
-    assert " ".join(params) == "echo: " + " ".join(sentences)
 
 
 # ---- WhatsApp: a person's reply after the account was renamed -------------------------------------

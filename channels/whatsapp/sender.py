@@ -157,11 +157,9 @@ class Sender:
                     "the worker stopped during the send",
                 )
                 metrics.sends.get(conv.account, "unknown").inc()
-        if "held" in state:
-            out.held = True
+        if "held" in state or "template" in state:
+            out.held, out.template = "held" in state, "template" in state
             return out
-        if "template" in state:  # it went as the window template: its remaining pieces too, never free-form
-            return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
         if not conv.window_open():
             return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
         for i, piece in enumerate(split_reply(text, max_parts=acct.max_reply_parts)):
@@ -180,15 +178,7 @@ class Sender:
         return out
 
     async def send_template(
-        self,
-        acct: WhatsAppAccount,
-        conv: store.Conversation,
-        key: str,
-        tpl: dict,
-        values: dict,
-        *,
-        reply_to=None,
-        field_: str = "template",
+        self, acct: WhatsAppAccount, conv: store.Conversation, key: str, tpl: dict, values: dict, *, reply_to=None
     ) -> Outcome:
         out = Outcome()
         params = [{"type": "text", "text": template_value(values.get(name, ""))} for name in tpl.get("variables") or ()]
@@ -202,7 +192,7 @@ class Sender:
         }
         try:
             wamid = await self._send_piece(
-                acct, conv, key, field_, message, ("template", f"template:{tpl['name']}", reply_to)
+                acct, conv, key, "template", message, ("template", f"template:{tpl['name']}", reply_to)
             )
         except GraphError as exc:
             raise _job_error(exc) from None
@@ -225,18 +215,8 @@ class Sender:
             tpl = await store.template(self.pool, conv.tenant, conv.account, acct.window_template, None)
         if tpl is not None:
             values = {**(variables or {}), "reply": text, "customer_name": conv.name or ""}
-            # A parameter holds MAX_TEMPLATE_VALUE characters: a longer reply goes as as many
-            # templates as it takes (cut at sentence ends), never cut off and reported sent.
-            pieces = [text]
-            flat = " ".join(text.split())
-            if "reply" in (tpl.get("variables") or ()) and len(flat) > MAX_TEMPLATE_VALUE:
-                pieces = split_reply(flat, limit=MAX_TEMPLATE_VALUE, max_parts=acct.max_reply_parts)
-            for i, piece in enumerate(pieces):
-                field_ = "template" if i == 0 else f"template{i}"
-                done = await self.send_template(
-                    acct, conv, key, tpl, {**values, "reply": piece}, reply_to=reply_to, field_=field_
-                )
-                out.sent += done.sent
+            done = await self.send_template(acct, conv, key, tpl, values, reply_to=reply_to)
+            out.sent += done.sent
             out.template = True
             return out
         skey = state_key(conv.account, key)
