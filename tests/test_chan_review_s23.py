@@ -429,7 +429,6 @@ def test_slow_training_data_downloads_do_not_hold_the_gateways_database_connecti
     every request of every tenant that needs the database waited. Each page is now read in a
     transaction of its own, closed before its lines are sent."""
     import socket
-    import time
 
     answer = "A long and careful answer. " * 590  # ~16 KB
 
@@ -463,7 +462,16 @@ def test_slow_training_data_downloads_do_not_hold_the_gateways_database_connecti
             stalled.append(s)  # never read (but for a peek at the status line)
         for s in stalled:
             assert s.recv(12, socket.MSG_PEEK) == b"HTTP/1.1 200"
-        time.sleep(1.0)  # the streams fill the socket buffers and stop
+
+        def buffered(s: socket.socket) -> int:
+            try:
+                return len(s.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                return 0
+
+        # every stream is under way and its receive buffer filled: 6 MB of lines cannot fit, so each
+        # one's sender is stuck mid-stream (the old code held its transaction right there)
+        wait_until(lambda: all(buffered(s) >= 4096 for s in stalled), timeout=30, what="the downloads stalled")
         # another admin's request that needs the database still gets its answer
         r = httpx.get(f"{gw.url}/admin/escalations", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=20)
         assert r.status_code == 200, r.text

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import time
 import uuid
 
 import asyncpg
@@ -138,7 +137,7 @@ def test_every_form_of_an_echoed_secret_is_redacted_everywhere_it_goes(gw, tools
     everything = stored()
     assert "[redacted]" in everything
     assert not leaks(everything), leaks(everything)
-    time.sleep(0.2)
+    wait_until(lambda: request_id in gw.log(), timeout=30, what="the turn's access-log line")  # the log is flushed
     assert not leaks(gw.log()), leaks(gw.log())
 
 
