@@ -9,7 +9,9 @@
   ``app_secret`` like Meta's: sent, delivered, read — in ``status_order`` (out of order on
   directive; ``failed:<code>`` is a failed status with that error), or before the send is
   answered (``status_first_ms``: posted, then the answer waits that long, as Meta's can race the
-  sender's own record of the send).
+  sender's own record of the send). ``text_answer_delays_ms``: the n-th free-form text sent
+  to a number is answered that many ms late (its status, if any, goes out at once): a later
+  piece of an answer still on its way while an earlier piece's status is handled.
 
 Faults, by directive: ``POST /_mock/faults {"to": "<wa_id>" | "*", "errors": [130429, 500, ...]}``
 (each consumed by one send), or ``[[graph:{"error": 131047, "times": 1}]]`` inside a text body (the
@@ -20,7 +22,7 @@ new line, a tab or more than four spaces in a row is refused with 132018, as Met
 
 Inspection: ``GET /_mock/sent`` (sends), ``GET /_mock/reads``, ``DELETE /_mock/sent`` clears;
 ``POST /_mock/config`` sets token, webhook_url, app_secret, statuses, status_order, status_delay_ms,
-status_first_ms, rate_per_second, record, wa_ids (``{input: wa_id}``: the WhatsApp id a send's
+status_first_ms, text_answer_delays_ms, rate_per_second, record, wa_ids (``{input: wa_id}``: the WhatsApp id a send's
 answer names for that input, as Meta's does for some Brazilian and Mexican numbers).
 """
 
@@ -97,6 +99,7 @@ class MockGraph:
             "status_order": ["sent", "delivered", "read"],
             "status_delay_ms": 0,
             "status_first_ms": 0,
+            "text_answer_delays_ms": [],  # [n]: the n-th text to one number is answered this late
             "rate_per_second": 0,
             "record": True,
             "wa_ids": {},  # input number -> the WhatsApp id Meta answers with (Brazil's ninth digit...)
@@ -109,6 +112,7 @@ class MockGraph:
         self.closed: set[str] = set()
         self.media: dict[str, dict] = {}
         self.counts: Counter = Counter()
+        self.texts_to: Counter = Counter()
         self._ids = itertools.count(1)
         # wamids unique across mock processes (two test modules' mocks share one database)
         self._run = os.urandom(4).hex().upper()
@@ -235,6 +239,11 @@ class MockGraph:
                 }
             )
         self.counts["sent"] += 1
+        late = 0.0
+        if kind == "text":
+            delays, n = self.cfg["text_answer_delays_ms"], self.texts_to[to]
+            self.texts_to[to] += 1
+            late = delays[n] / 1000 if n < len(delays) else 0.0
         if self.cfg["statuses"] and self.cfg["webhook_url"] and self.cfg["status_first_ms"]:
             await self._post_statuses(pnid, to, wamid)
             await asyncio.sleep(self.cfg["status_first_ms"] / 1000)
@@ -242,6 +251,8 @@ class MockGraph:
             task = asyncio.ensure_future(self._post_statuses(pnid, to, wamid))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if late:
+            await asyncio.sleep(late)
         await self._json(
             send,
             200,
@@ -300,6 +311,7 @@ class MockGraph:
                 self.sent.clear()
                 self.reads.clear()
                 self.counts.clear()
+                self.texts_to.clear()
                 return await self._json(send, 200, {"cleared": True})
             return await self._json(send, 200, {"sent": list(self.sent)})
         if path == "/_mock/reads":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 
 import aiohttp
@@ -96,6 +97,7 @@ def env(tmp_root, services, module_mock, vapi_api, graph):
                     "access_token": GRAPH_TOKEN,
                     "api_key": wa_key,
                     "graph_base_url": graph.url,
+                    "window_template": "reengage",
                 }
             },
         },
@@ -553,6 +555,38 @@ def test_admin_texts_to_a_number_meta_knows_by_another_id_reach_the_customers_co
         wait_until(delivered, timeout=15, what="the admin's text sent (not held)")
     finally:
         graph.configure(wa_ids={})
+
+
+# ---- WhatsApp: a long answer outside the 24-hour window ---------------------------------------------
+def test_a_long_answer_outside_the_window_reaches_the_customer_whole_through_the_template(env, graph):
+    """Outside the 24-hour window the answer goes as the window template's ``reply`` parameter,
+    which holds at most 1,024 characters: a longer answer (an agent's, or a person's reply to an
+    escalation answered the next day: up to 4,000 characters) was cut at 1,024 and reported
+    sent — the customer never read the rest. It now goes as as many templates as it takes, cut
+    at sentence ends, each piece once."""
+    gw, key = env["gw"], env["admin"]
+    r = admin(
+        gw,
+        "POST",
+        "/admin/channels/whatsapp/templates",
+        key,
+        json={"account": "deskwa", "name": "reengage", "language": "en_US", "variables": ["reply"]},
+    )
+    assert r.status_code == 201, r.text
+    sentences = [f"Point {i:02d} of the answer is here." for i in range(60)]  # ~1,900 characters: 2 pieces
+    wa_id = new_wa_id()
+    old = time.time() - 25 * 3600  # its window closed before it was answered
+    msg = {**text(wa_id, " ".join(sentences)), "timestamp": str(int(old))}
+    assert post(gw, "deskwa", notification([msg], pnid=WA_PNID), secret=WA_SECRET).status_code == 200
+    whole = "echo: " + " ".join(sentences)
+
+    def params() -> list[str]:  # the template pieces sent so far (the turn's job sends them in turn)
+        return [s["template"]["components"][0]["parameters"][0]["text"] for s in graph.sent_to(wa_id)]
+
+    wait_until(lambda: len(" ".join(params())) >= len(whole), what="the whole answer's templates")
+    assert all(s["type"] == "template" for s in graph.sent_to(wa_id))
+    assert len(params()) == 2 and all(len(p) <= 1024 for p in params())
+    assert " ".join(params()) == whole
 
 
 # ---- WhatsApp: a person's reply after the account was renamed -------------------------------------

@@ -921,20 +921,42 @@ def test_attack_replay_of_a_bursts_later_message_after_the_dedupe_expired_is_not
     assert len(graph.sent_to(wa_id)) == 1
 
 
-def test_a_long_answer_whose_pieces_all_fail_for_the_closed_window_gets_one_template(wa, graph):
+@pytest.mark.parametrize("second_piece_late", [False, True])
+def test_a_long_answer_whose_pieces_all_fail_for_the_closed_window_goes_whole_as_templates(
+    wa, graph, services, second_piece_late
+):
+    """Both pieces of a long answer fail later with 131047 (the window closed): one set of
+    window templates carries the whole answer, each parameter within Meta's 1,024 characters.
+    ``second_piece_late``: the mock answers the second piece's send 3 s late, so the first
+    piece's failure is handled while the second is on its way (not yet recorded); its templates
+    once carried the first piece only (the customer read the answer short)."""
     _register_reengage(wa)
-    graph.configure(statuses=True, status_order=["failed:131047"])
+    graph.configure(
+        statuses=True, status_order=["failed:131047"], text_answer_delays_ms=[0, 3000] if second_piece_late else []
+    )
     try:
         wa_id = new_wa_id()
         say(wa, "acme", wa_id, "Sentence number one. " * 195)  # echoed: two pieces of text
-        wait_sent(graph, wa_id, 3)
+        whole = " ".join(("echo: " + "Sentence number one. " * 195).split())
+
+        def both_failed() -> bool:
+            got = rows(
+                services[0],
+                "SELECT count(*) AS n FROM whatsapp_messages WHERE wa_id = $1 AND kind = 'text' AND status = 'failed'",
+                wa_id,
+            )
+            return got[0]["n"] == 2
+
+        wait_until(both_failed, what="both pieces' failures recorded")
         wait_until(lambda: queue_idle(wa, "wa-status") and queue_idle(wa, "wa-inbound"), what="statuses processed")
     finally:
-        graph.configure(statuses=False, status_order=["sent", "delivered", "read"])
+        graph.configure(statuses=False, status_order=["sent", "delivered", "read"], text_answer_delays_ms=[])
     sent = graph.sent_to(wa_id)
-    assert [s["type"] for s in sent] == ["text", "text", "template"]
-    reply = sent[2]["template"]["components"][0]["parameters"][1]["text"]
-    assert reply.startswith("echo: Sentence number one.") and len(reply) == 1024
+    types = [s["type"] for s in sent]
+    assert types[:2] == ["text", "text"] and set(types[2:]) == {"template"}
+    replies = [s["template"]["components"][0]["parameters"][1]["text"] for s in sent[2:]]
+    assert all(len(r) <= 1024 for r in replies)
+    assert " ".join(replies) == whole
 
 
 def test_attack_an_admin_send_retried_with_its_idempotency_key_reaches_each_customer_once(wa, graph):

@@ -119,7 +119,7 @@ class Sender:
         await self.kv.set(skey, field_, wamid)
         if wa_id != conv.wa_id:  # Meta knows this customer by another id: later sends to the number use it
             await self.kv.put(alias_key(conv.account, conv.pnid, conv.wa_id), wa_id, ALIAS_TTL)
-        metrics.sends.get(conv.account, "template" if field_ == "template" else "sent").inc()
+        metrics.sends.get(conv.account, "template" if field_.startswith("template") else "sent").inc()
         kind, body, reply_to = record
         await self.outbound.record(conv, wamid, kind, body, reply_to, "sent")
         return wamid
@@ -151,15 +151,17 @@ class Sender:
                     conv,
                     None,
                     kind,
-                    text if field_ != "template" else "template",
+                    text if not field_.startswith("template") else "template",
                     reply_to,
                     "unknown",
                     "the worker stopped during the send",
                 )
                 metrics.sends.get(conv.account, "unknown").inc()
-        if "held" in state or "template" in state:
-            out.held, out.template = "held" in state, "template" in state
+        if "held" in state:
+            out.held = True
             return out
+        if "template" in state:  # it went as the window template: its remaining pieces too, never free-form
+            return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
         if not conv.window_open():
             return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
         for i, piece in enumerate(split_reply(text, max_parts=acct.max_reply_parts)):
@@ -178,7 +180,15 @@ class Sender:
         return out
 
     async def send_template(
-        self, acct: WhatsAppAccount, conv: store.Conversation, key: str, tpl: dict, values: dict, *, reply_to=None
+        self,
+        acct: WhatsAppAccount,
+        conv: store.Conversation,
+        key: str,
+        tpl: dict,
+        values: dict,
+        *,
+        reply_to=None,
+        field_: str = "template",
     ) -> Outcome:
         out = Outcome()
         params = [{"type": "text", "text": template_value(values.get(name, ""))} for name in tpl.get("variables") or ()]
@@ -192,7 +202,7 @@ class Sender:
         }
         try:
             wamid = await self._send_piece(
-                acct, conv, key, "template", message, ("template", f"template:{tpl['name']}", reply_to)
+                acct, conv, key, field_, message, ("template", f"template:{tpl['name']}", reply_to)
             )
         except GraphError as exc:
             raise _job_error(exc) from None
@@ -215,8 +225,23 @@ class Sender:
             tpl = await store.template(self.pool, conv.tenant, conv.account, acct.window_template, None)
         if tpl is not None:
             values = {**(variables or {}), "reply": text, "customer_name": conv.name or ""}
-            done = await self.send_template(acct, conv, key, tpl, values, reply_to=reply_to)
-            out.sent += done.sent
+            # A parameter holds MAX_TEMPLATE_VALUE characters: a longer reply goes as as many
+            # templates as it takes (cut at sentence ends), never cut off and reported sent.
+            pieces = [text]
+            flat = " ".join(text.split())
+            if "reply" in (tpl.get("variables") or ()) and len(flat) > MAX_TEMPLATE_VALUE:
+                # Every try of this key cuts the same text (the first try's): a retry, or a second
+                # job on the key, given another text would send pieces of two different cuts.
+                skey = state_key(conv.account, key)
+                if not await self._claim(skey, "template_text", flat):
+                    flat = (await self.kv.get(skey)).get("template_text") or flat
+                pieces = split_reply(flat, limit=MAX_TEMPLATE_VALUE, max_parts=acct.max_reply_parts)
+            for i, piece in enumerate(pieces):
+                field_ = "template" if i == 0 else f"template{i}"
+                done = await self.send_template(
+                    acct, conv, key, tpl, {**values, "reply": piece}, reply_to=reply_to, field_=field_
+                )
+                out.sent += done.sent
             out.template = True
             return out
         skey = state_key(conv.account, key)

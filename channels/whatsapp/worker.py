@@ -240,8 +240,18 @@ class Worker:
             return
         body, key = sent["body"], f"windowfail:{status['wamid']}"
         if sent["reply_to"]:  # one template for the whole answer, however many of its pieces fail
-            texts = await store.turn_texts(self.pool, acct.tenant, conv.account, conv.conversation_id, sent["reply_to"])
-            body, key = " ".join(texts) or body, f"windowfail:{sent['reply_to']}"
+            key = f"windowfail:{sent['reply_to']}"
+            # The whole answer as the turn noted it before its first piece went: a piece's failure
+            # can come before the later pieces are sent (and recorded), and its template would then
+            # carry only the first ones.
+            turn = await self.sender.state(conv.account, f"turn:{sent['reply_to']}") if sent["kind"] == "text" else {}
+            if turn.get("reply", "").strip():
+                body = turn["reply"]
+            else:
+                texts = await store.turn_texts(
+                    self.pool, acct.tenant, conv.account, conv.conversation_id, sent["reply_to"]
+                )
+                body = " ".join(texts) or body
         await self.sender.outside_window(acct, conv, key, body, sent["reply_to"])
 
 
