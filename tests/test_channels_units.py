@@ -369,3 +369,20 @@ def test_gateway_client_sends_the_idempotency_key_and_waits_out_a_turn_in_progre
         return seen
 
     assert asyncio.run(go()) == ["wa-1"] * 4
+
+
+def test_ids_in_another_scripts_digits_are_refused():
+    """``\\d`` in a Python regex takes any script's digits: "٤٤١٢" (Arabic-Indic) passed as a
+    WhatsApp id and a phone-number id, and became a conversation keyed by a number no send can
+    reach. Ids are ASCII digits only."""
+    agent_for = {"111": "bot", "١١١": "bot"}.get
+    arabic = _m("text", {"body": "hi"}, **{"from": "٤٤١٢"})
+    fullwidth = _m("text", {"body": "hi"}, **{"from": "４４１２"})
+    parsed = normalize.parse(_doc([arabic, fullwidth, _m("text", {"body": "ok"})]), "acct", agent_for)
+    assert [m["wa_id"] for m in parsed.messages] == ["4412"]
+    assert normalize.parse(_doc([_m("text", {"body": "x"})], pnid="١١١"), "acct", agent_for).messages == []
+    statuses = [{"id": "wamid.a", "status": "read", "timestamp": "1", "recipient_id": "٤٤١٢"}]
+    assert normalize.parse(_doc(statuses=statuses), "acct", agent_for).statuses[0]["wa_id"] is None
+    from channels.config import PHONE_NUMBER_ID
+
+    assert PHONE_NUMBER_ID.match("1234") and not PHONE_NUMBER_ID.match("١٢٣٤")

@@ -25,8 +25,8 @@ MAX_TEXT = 4096
 MAX_NAME = 256
 
 WAMID = re.compile(r"^[A-Za-z0-9._:+/=\-]{1,256}$")
-WA_ID = re.compile(r"^\d{1,32}$")
-PNID = re.compile(r"^\d{1,32}$")
+WA_ID = re.compile(r"^[0-9]{1,32}$")  # ASCII digits only: \d takes any script's (Arabic-Indic, ...)
+PNID = re.compile(r"^[0-9]{1,32}$")
 MEDIA_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 MIME = re.compile(r"^[a-z0-9][a-z0-9.+\-]{0,63}/[a-z0-9][a-z0-9.+\-]{0,127}$")
 STATUSES = ("sent", "delivered", "read", "failed")
