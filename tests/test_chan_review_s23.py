@@ -231,6 +231,75 @@ def test_whatsapp_turns_name_their_customer_so_per_user_limits_hold_one_sender_b
     assert [(r["end_user"], r["customer"]) for r in answered] == [(flooder, flooder)]
 
 
+# ---- VAPI: per-caller limits -------------------------------------------------------------------------
+def test_vapi_turns_name_their_caller_so_per_user_limits_hold_one_caller_back(env):
+    """A VAPI turn went to the gateway as the account's key alone: ``limits.user`` never applied
+    to callers, so one caller (or a script driving web calls) took the account's whole capacity
+    and the ledger could not tell callers apart. A phone call's turn now names the caller's
+    number as its end user; a web call (whose visitor has no number) names the call. This
+    module allows one turn a minute per end user."""
+    gw = env["gw"]
+
+    def turn(call: dict, customer: dict) -> httpx.Response:
+        body = {
+            "model": f"agent:{AGENT}",
+            "messages": [{"role": "user", "content": "hello there"}],
+            "stream": False,
+            "call": call,
+            "customer": customer,
+        }
+        return httpx.post(
+            f"{gw.url}/channels/vapi/desk/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        )
+
+    caller = f"+1415555{uuid.uuid4().int % 10000:04d}"
+    first = {"id": str(uuid.uuid4()), "type": "inboundPhoneCall"}
+    assert turn(first, {"number": caller}).status_code == 200
+    # the same caller again within the minute, even on a new call: held back
+    again = turn({"id": str(uuid.uuid4()), "type": "inboundPhoneCall"}, {"number": caller})
+    assert again.status_code == 429, again.text
+    assert again.json()["error"]["type"] == "rate_limit_error"
+    other = f"+1650555{uuid.uuid4().int % 10000:04d}"
+    assert turn({"id": str(uuid.uuid4()), "type": "inboundPhoneCall"}, {"number": other}).status_code == 200
+    # a web call: its visitor's `customer.number` is its own writing, so the call is the user
+    web = {"id": str(uuid.uuid4()), "type": "webCall"}
+    assert turn(web, {"number": caller}).status_code == 200
+    assert turn(web, {"number": other}).status_code == 429
+    assert turn({"id": str(uuid.uuid4()), "type": "webCall"}, {"number": caller}).status_code == 200
+    conv = f"vapi:{first['id']}"
+    wait_until(lambda: any(r["status"] == 200 for r in _ledger(env["db"], conv)), what="the ledger record")
+    assert [(r["end_user"], r["customer"]) for r in _ledger(env["db"], conv) if r["status"] == 200] == [
+        (caller, caller)
+    ]
+
+
+def test_vapi_end_user_is_a_keyed_pseudonym_when_the_account_does_not_attribute_callers():
+    from channels.vapi import llm, parse_accounts, wire
+
+    accounts = {
+        "a": {
+            "tenant": "t",
+            "api_key": "sk-gw-aaaaaaaaaaaa",
+            "public_url": PUBLIC_URL,
+            "auth": {"bearer_token": TOKEN},
+        },
+    }
+    plain = parse_accounts(accounts)["a"]
+    hidden = parse_accounts({"a": {**accounts["a"], "attribute_customer": False}})["a"]
+    other = parse_accounts({"a": {**accounts["a"], "attribute_customer": False, "api_key": "sk-gw-bbbbbbbbbbbb"}})["a"]
+    phone = wire.call_info({"id": "call-1", "type": "inboundPhoneCall"}, None, {"number": "+14155550100"})
+    assert llm.end_user(plain, phone) == "+14155550100"
+    pseudonym = llm.end_user(hidden, phone)
+    assert pseudonym.startswith("vapi-caller:") and "4155550100" not in pseudonym
+    assert pseudonym == llm.end_user(hidden, phone) != llm.end_user(other, phone)  # stable, keyed
+    web = wire.call_info({"id": "call-2", "type": "webCall"}, None, {"number": "+14155550100"})
+    assert llm.end_user(plain, web) == "vapi-call:call-2"
+    assert llm.end_user(plain, wire.call_info(None)) is None
+
+
 # ---- VAPI: what a caller writes about themselves ------------------------------------------------
 def _system_prompt_of(gw: Gateway, mock, call: dict, customer: dict, words: str) -> str:
     mock.clear()

@@ -24,6 +24,8 @@ No PostgreSQL on this path: the account is in memory, the rest is the gateway's 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 
 import orjson
@@ -83,7 +85,26 @@ def gateway_request(account: VapiAccount, body: dict) -> tuple[dict, dict[str, s
     }
     if account.attribute_customer and info.customer_number:
         headers["x-gateway-customer"] = info.customer_number
+    user = end_user(account, info)
+    if user is not None:
+        headers["x-gateway-user"] = user
     return out, headers
+
+
+def end_user(account: VapiAccount, info: wire.CallInfo) -> str | None:
+    """Who a turn is for, as the gateway's per-user limits (``limits.user``, ``limits.agent_user``)
+    and the ledger's ``end_user`` see it: a phone call's caller number (a keyed pseudonym of it
+    when the account does not attribute its callers), else the call itself (a web call's visitor
+    has no number; what it writes about itself is not an identity). Without it every caller
+    shared the account key's limits, and one caller could take the account's whole capacity."""
+    if info.customer_number:
+        if account.attribute_customer:
+            return info.customer_number
+        digest = hmac.new(account.api_key.encode(), info.customer_number.encode(), hashlib.sha256).hexdigest()
+        return f"vapi-caller:{digest[:24]}"
+    if info.call_id:
+        return f"vapi-call:{info.call_id}"
+    return None
 
 
 def info_agent(account: VapiAccount, info: wire.CallInfo, model: object) -> str | None:
