@@ -211,6 +211,10 @@ class Policies(_Strict):
     max_prompt_versions_per_tenant: int = Field(5000, ge=1)
     max_prompt_bytes_per_tenant: int = Field(64 * 1024 * 1024, ge=1)
     prompt_cache_bytes: int = Field(32 * 1024 * 1024, ge=0)
+    # Files a tenant may keep on the gateway's disk, in number and bytes: /v1/files uploads and
+    # documents uploaded to its knowledge bases count together (gateway/storage_quota.py).
+    max_files_per_tenant: int = Field(10_000, ge=1)
+    max_file_bytes_per_tenant: int = Field(10 * 2**30, ge=1)
 
 
 PiiAction = Literal["redact", "mask", "hash", "block", "pseudonymize", "allow"]

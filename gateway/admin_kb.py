@@ -33,7 +33,7 @@ from core import http
 from core.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
-from gateway import kb_embedding, rerank
+from gateway import kb_embedding, rerank, storage_quota
 from gateway.db import tenant_transaction
 from rag import ingest, retrieve
 from rag import store as kb_store
@@ -536,11 +536,14 @@ class KbAdmin:
 
     # ---- documents -----------------------------------------------------------------------------
     async def upload(self, request: Request) -> Response:
+        quota = storage_quota.of(self.svc)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             kb = await self._kb(request, conn)  # before reading the body: an unknown KB is a 404
+            await storage_quota.precheck(conn, kb.tenant, quota)  # full: refused before 50 MB reach the disk
         upload = await receive_upload(request, self.kb.data_dir / "kb" / "incoming")
         try:
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+                await storage_quota.lock(conn, kb.tenant)
                 doc, created = await kb_store.add_document(
                     conn,
                     kb.tenant,
@@ -550,6 +553,8 @@ class KbAdmin:
                     size=upload.size,
                     sha256=upload.sha.hexdigest(),
                 )
+                if created:  # (the same content again is the document it was: nothing more stored)
+                    await storage_quota.check(conn, kb.tenant, quota, upload.size, counted=True)
                 if not created and doc.status != "failed":
                     return base._json(describe_doc(doc), 200)
                 if not created:  # the same content again after a failure: try once more

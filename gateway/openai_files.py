@@ -13,8 +13,10 @@ and vector stores belong to the caller's tenant: every statement runs in a tenan
 exactly like ids that never existed. Ids are generated here (``file-…``, ``vs_…``, ``vsfb_…``).
 
 Bounds: an upload is streamed to disk with the admin API's multipart parser (50 MB a file), a
-tenant keeps at most ``MAX_FILES`` files, every list is keyset-paginated (``limit``, ``order``,
-``after``, ``before``; ``first_id``, ``last_id``, ``has_more``) with a capped ``limit``.
+tenant keeps at most ``policies.max_files_per_tenant`` files and documents in
+``policies.max_file_bytes_per_tenant`` bytes (gateway/storage_quota.py), every list is
+keyset-paginated (``limit``, ``order``, ``after``, ``before``; ``first_id``, ``last_id``,
+``has_more``) with a capped ``limit``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from core.errors import InvalidRequest, NotFound, PermissionDenied
-from gateway import admin_kb
+from gateway import admin_kb, storage_quota
 from gateway.db import tenant_transaction
 from gateway.openai_common import (
     MAX_ID,
@@ -40,15 +42,12 @@ from gateway.openai_common import (
     list_params,
     new_id,
     path_id,
-    serialize,
     tenant,
     ts,
 )
 from gateway.openai_vector_store_objects import MANAGED_SQL, manages
 
 PURPOSES = ("assistants", "user_data")
-MAX_FILES = 10_000  # per tenant
-MAX_TENANT_BYTES = 10 * 2**30
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -85,27 +84,22 @@ async def get_file(conn: asyncpg.Connection, tenant_name: str, file_id: str, par
     return row
 
 
-def _storage_full() -> InvalidRequest:
-    return InvalidRequest(
-        f"This tenant has reached its file storage limit ({MAX_FILES:,} files, "
-        f"{MAX_TENANT_BYTES // 2**30} GB); delete some first.",
-        param="file",
-        code="too_many_files",
-    )
-
-
 async def insert_file(
-    conn: asyncpg.Connection, owner: str, *, filename: str, purpose: str, size: int, sha256: str, content_type: str
+    conn: asyncpg.Connection,
+    owner: str,
+    *,
+    filename: str,
+    purpose: str,
+    size: int,
+    sha256: str,
+    content_type: str,
+    quota: storage_quota.StorageQuota,
 ):
-    """The new file's row, within the tenant's caps (``MAX_FILES``, ``MAX_TENANT_BYTES``).
-    Concurrent uploads are serialised per tenant from the count to the commit, so two of them
-    can never both pass a cap that has room for one."""
-    await serialize(conn, f"openai_files:{owner}")
-    count, stored = await conn.fetchrow(
-        "SELECT count(*), coalesce(sum(bytes), 0)::bigint FROM openai_files WHERE tenant = $1", owner
-    )
-    if count >= MAX_FILES or stored + size > MAX_TENANT_BYTES:
-        raise _storage_full()
+    """The new file's row, within the tenant's storage quota. Concurrent uploads are serialised
+    per tenant from the count to the commit, so two of them can never both pass a cap that has
+    room for one."""
+    await storage_quota.lock(conn, owner)
+    await storage_quota.check(conn, owner, quota, size)
     return await conn.fetchrow(
         f"""INSERT INTO openai_files (id, tenant, filename, purpose, bytes, sha256, content_type)
             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_FILE_COLS}""",
@@ -136,11 +130,7 @@ class Files:
         data_dir = self.store.data_dir
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:  # full: refuse before 50 MB reach the disk
-            count, stored = await conn.fetchrow(
-                "SELECT count(*), coalesce(sum(bytes), 0)::bigint FROM openai_files WHERE tenant = $1", owner
-            )
-        if count >= MAX_FILES or stored >= MAX_TENANT_BYTES:
-            raise _storage_full()
+            await storage_quota.precheck(conn, owner, storage_quota.of(self.store.svc))
         upload = await admin_kb.receive_upload(request, data_dir / "files" / "incoming")
         try:
             raw = upload.fields.get("purpose")
@@ -166,6 +156,7 @@ class Files:
                     size=upload.size,
                     sha256=upload.sha.hexdigest(),
                     content_type=upload.content_type or "application/octet-stream",
+                    quota=storage_quota.of(self.store.svc),
                 )
                 admin_kb._place(upload.path, file_path(data_dir, owner, row["id"]))
             return json_response(describe_file(row))

@@ -12,19 +12,27 @@ import pytest
 from core.errors import InvalidRequest
 from gateway import openai_files
 from gateway.db import migrate, tenant_transaction
+from gateway.storage_quota import StorageQuota
 
 
-async def _insert(conn, owner: str):
+async def _insert(conn, owner: str, quota: StorageQuota):
     return await openai_files.insert_file(
-        conn, owner, filename="a.txt", purpose="assistants", size=10, sha256="0" * 64, content_type="text/plain"
+        conn,
+        owner,
+        filename="a.txt",
+        purpose="assistants",
+        size=10,
+        sha256="0" * 64,
+        content_type="text/plain",
+        quota=quota,
     )
 
 
-def test_concurrent_uploads_cannot_overshoot_the_tenant_storage_cap(services, monkeypatch):
+def test_concurrent_uploads_cannot_overshoot_the_tenant_storage_cap(services):
     """Two uploads racing for the last free slot: the second counts only after the first commits
     (it waits while the first is open), so it sees the cap reached. Without the per-tenant lock
     it would count the committed rows alone and both would be stored."""
-    monkeypatch.setattr(openai_files, "MAX_FILES", 1)
+    quota = StorageQuota(max_files=1)
     owner = f"cap-{uuid.uuid4().hex[:8]}"
 
     async def go() -> None:
@@ -33,11 +41,11 @@ def test_concurrent_uploads_cannot_overshoot_the_tenant_storage_cap(services, mo
             async with pool.acquire() as conn:
                 await migrate(conn)
             async with tenant_transaction(pool, owner) as first:
-                await _insert(first, owner)
+                await _insert(first, owner, quota)
 
                 async def second() -> None:
                     async with tenant_transaction(pool, owner) as conn:
-                        await _insert(conn, owner)
+                        await _insert(conn, owner, quota)
 
                 racer = asyncio.ensure_future(second())
                 done, _ = await asyncio.wait([racer], timeout=1.0)
