@@ -33,7 +33,16 @@ from starlette.routing import Route
 from core import http
 from core.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied, ServiceUnavailable
 from core.types import Identity
-from gateway import admin_agents, admin_channels, admin_escalations, admin_kb, admin_streams, admin_vapi, key_window
+from gateway import (
+    admin_agents,
+    admin_channels,
+    admin_conversations,
+    admin_escalations,
+    admin_kb,
+    admin_streams,
+    admin_vapi,
+    key_window,
+)
 from gateway import admin_input as inp
 from gateway.db import tenant_transaction
 from policies import budgets as budget_store
@@ -129,6 +138,7 @@ class Admin:
                 *admin_kb.routes(self),
                 *admin_vapi.routes(self),
                 *admin_escalations.routes(self),
+                *admin_conversations.routes(self),
                 *admin_channels.routes(self),
                 *admin_streams.routes(self),
             ],

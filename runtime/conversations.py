@@ -7,6 +7,8 @@ also covers the first turn of a new conversation (one indexed lookup that finds 
 
 from __future__ import annotations
 
+import hashlib
+
 import asyncpg
 import orjson
 
@@ -51,6 +53,16 @@ FROM touched WHERE c.id = touched.conversation_id
 """
 
 
+# Turns of an erased conversation recorded up to its erasure are not written (they were still in
+# the stream, or spilled to disk, when it was erased); turns after it start the conversation anew.
+_SKIP_ERASED = """
+DELETE FROM memory_raw raw USING erased_conversations e
+WHERE e.tenant = raw.r->>'tenant' AND e.agent_id = raw.r->>'agent_id'
+  AND e.external_hash = encode(sha256(convert_to(raw.r->>'external_id', 'UTF8')), 'hex')
+  AND to_timestamp((raw.r->>'ts')::float8) <= e.erased_at
+"""
+
+
 async def write_turns(conn: asyncpg.Connection, entries: list[dict]) -> None:
     """Writes stream entries (fields ``r`` and ``s``) inside the caller's transaction."""
     rows = [(_clean_nul(e[b"r"]), int(e[b"s"])) for e in entries if b"r" in e and e.get(b"s", b"").isdigit()]
@@ -58,8 +70,57 @@ async def write_turns(conn: asyncpg.Connection, entries: list[dict]) -> None:
         return
     await conn.execute("CREATE TEMP TABLE IF NOT EXISTS memory_raw (r jsonb, s integer) ON COMMIT DELETE ROWS")
     await conn.copy_records_to_table("memory_raw", records=rows, columns=("r", "s"))
+    await conn.execute(_SKIP_ERASED)
     await conn.execute(_UPSERT_CONVERSATIONS)
     await conn.execute(_INSERT_MESSAGES)
+
+
+def external_hash(external_id: str) -> str:
+    """How an erased conversation's id is kept: it may itself be personal data."""
+    return hashlib.sha256(external_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+async def erase(conn: asyncpg.Connection, tenant: str, agent_id: str, external_id: str, erased_at: float) -> dict:
+    """Deletes the conversation and every message of it, and the feedback given on it (by its
+    id, or on one of its turns), inside the caller's transaction; and records the erasure, so
+    turns recorded up to ``erased_at`` (unix seconds, the gateway's clock, as turns are stamped)
+    that are still on their way to PostgreSQL are skipped when they arrive. What was deleted:
+    ``{"conversation": bool, "messages": n, "feedback": n}``."""
+    await conn.execute(
+        """INSERT INTO erased_conversations (tenant, agent_id, external_hash, erased_at)
+           VALUES ($1, $2, $3, to_timestamp($4))
+           ON CONFLICT (tenant, agent_id, external_hash) DO UPDATE SET erased_at = excluded.erased_at""",
+        tenant,
+        agent_id,
+        external_hash(external_id),
+        erased_at,
+    )
+    row = await conn.fetchrow(
+        "SELECT id FROM conversations WHERE tenant = $1 AND agent_id = $2 AND external_id = $3",
+        tenant,
+        agent_id,
+        external_id,
+    )
+    messages = 0
+    if row is not None:
+        messages = await conn.fetchval(
+            "SELECT count(*) FROM messages WHERE conversation_id = $1 AND tenant = $2", row["id"], tenant
+        )
+        await conn.execute("DELETE FROM conversations WHERE id = $1 AND tenant = $2", row["id"], tenant)  # (cascade)
+    feedback = await conn.fetchval(
+        """WITH gone AS (
+               DELETE FROM feedback f
+               WHERE f.tenant = $1 AND (f.agent_id = $2 OR f.agent_id IS NULL)
+                 AND (f.conversation_id = $3
+                      OR f.request_id IN (SELECT request_id FROM runs
+                                          WHERE tenant = $1 AND agent_id = $2 AND conversation_id = $3))
+               RETURNING 1)
+           SELECT count(*) FROM gone""",
+        tenant,
+        agent_id,
+        external_id,
+    )
+    return {"conversation": row is not None, "messages": int(messages), "feedback": int(feedback)}
 
 
 async def recent(

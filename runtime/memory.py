@@ -58,6 +58,7 @@ MAX_CONVERSATION_ID = 256  # characters of the caller's conversation id
 MAX_APPEND = 256  # messages stored by one turn
 MAX_WINDOW_BYTES = 256 * 1024  # a larger window is not stored whole: loads cut the list instead
 SEQ_GRACE_S = 86_400  # the seq counter outlives the window by this much
+ERASED_MARK_S = 60  # an erased conversation's window is not re-warmed from a read older than this
 _KEPT = ("role", "content", "name", "tool_calls", "tool_call_id", "refusal")
 _NOT_STORED = ("system", "developer")
 
@@ -118,9 +119,11 @@ return redis.call('LRANGE', KEYS[1], ARGV[1], -1)
 """
 
 # Put back what PostgreSQL holds in front of whatever the list holds now (a turn stored
-# meanwhile stays after it), and never let the counter fall below the stored seqs.
-# KEYS: window, seq. ARGV: ttl, seq ttl, cap, max seq, then (seq, entry) pairs oldest first.
+# meanwhile stays after it), and never let the counter fall below the stored seqs. Nothing when
+# the conversation was erased a moment ago: the read may have begun before the erasure.
+# KEYS: window, seq, erased mark. ARGV: ttl, seq ttl, cap, max seq, then (seq, entry) pairs oldest first.
 _REWARM = """
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 local head = redis.call('LINDEX', KEYS[1], 0)
 local before = math.huge
 if head then before = tonumber(cjson.decode(head)['s']) end
@@ -138,6 +141,17 @@ end
 local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
 if cur < tonumber(ARGV[4]) then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[2]) end
 return pushed
+"""
+
+
+# An erasure: the counter's value, then the window, counter and stored window gone, and the mark
+# that keeps a reload begun before it from warming them again. KEYS: window, seq, stored window,
+# mark. ARGV: the mark's ttl.
+_FORGET = """
+local last = redis.call('GET', KEYS[2])
+redis.call('SET', KEYS[4], '1', 'EX', ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return last
 """
 
 
@@ -446,6 +460,7 @@ class Memory:
         self._append = redis.register_script(_APPEND)
         self._load = redis.register_script(_LOAD)
         self._rewarm = redis.register_script(_REWARM)
+        self._forget = redis.register_script(_FORGET)
         # ``reader``: the stream writer's own pipelined connection (it blocks on its reads)
         self.writer = StreamWriter(
             redis, pool, stream=MEMORY_STREAM, group=MEMORY_GROUP, write=conversations.write_turns, batch=batch,
@@ -521,7 +536,8 @@ class Memory:
         for seq, tokens, message in entries:
             args += [seq, orjson.dumps({"s": seq, "t": tokens, "m": message})]
         try:
-            await asyncio.wait_for(self._rewarm(keys=[window_key, seq_key], args=args), self._timeout)
+            rewarm = self._rewarm(keys=[window_key, seq_key, f"{window_key}:erased"], args=args)
+            await asyncio.wait_for(rewarm, self._timeout)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("memory: window read from PostgreSQL but not put back in Redis: %s", type(exc).__name__)
         out = window(((t, m) for _, t, m in entries), agent.memory)
@@ -590,6 +606,16 @@ class Memory:
             )
         except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             raise MemoryUnavailable(f"database: {type(exc).__name__}") from None
+
+    async def forget_recent(self, tenant: str, agent_id: str, conversation_id: str) -> int:
+        """Drops what Redis holds of the conversation (its window, counter and stored window), and
+        for ``ERASED_MARK_S`` keeps a reload that began before this from putting it back. Returns
+        the last message number Redis had handed out (0: none)."""
+        window_key, seq_key = keys(tenant, agent_id, conversation_id)
+        async with asyncio.timeout(self._timeout * 5):
+            last = await self._forget(keys=[window_key, seq_key, f"{window_key}:w", f"{window_key}:erased"],
+                                      args=[ERASED_MARK_S])  # fmt: skip
+        return int(last or 0)
 
     async def history(self, tenant: str | None, agent_id: str, external_id: str, limit: int = 100) -> list[dict]:
         """What PostgreSQL holds of the conversation: its last ``limit`` messages, oldest first

@@ -776,6 +776,7 @@ ADMIN_TABLES = (
     "learned_examples",
     "whatsapp_templates",
     "vapi_calls",
+    "erased_conversations",
 )
 # (method, path with {a} / {b} for ids, a valid body to mutate)
 AGENT_BODY = {
@@ -836,6 +837,7 @@ ADMIN_ROUTES = [
     ("POST", "/admin/agents/{a}/learned/{b}/reject", {}),
     ("GET", "/admin/agents/{a}/training-data", None),
     ("GET", "/admin/agents/{a}/conversations/{b}/messages", None),
+    ("DELETE", "/admin/agents/{a}/conversations/{b}", None),
     ("POST", "/admin/knowledge-bases", {"name": "fz-kb", "description": "d", "settings": {"chunk_size": 200}}),
     ("GET", "/admin/knowledge-bases", None),
     ("GET", "/admin/knowledge-bases/{kb}", None),

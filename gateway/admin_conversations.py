@@ -1,0 +1,77 @@
+"""``DELETE /admin/agents/{name}/conversations/{conversation_id}``: a conversation erased on
+request (a customer's right to erasure): its messages in PostgreSQL, its recent window in Redis,
+and the feedback given on it or on its turns. Turns recorded up to the erasure that were still
+on their way to PostgreSQL (the memory stream, a spill on disk) are skipped when they arrive
+(``runtime.conversations.erase`` records the erasure, under the id's SHA-256 only). A turn that
+comes after it starts the conversation anew.
+
+Left as they are: the audit ledger (tokens and cost, never content), run records (sizes and
+durations, never content), escalations (their own lifecycle: resolve them) and a channel's
+message records (``whatsapp_messages``).
+
+Who may: the tenant's admin keys for its agents (tenant-scoped like every admin route), the
+super-admin for any (``?tenant=`` when names clash).
+"""
+
+from __future__ import annotations
+
+import time
+
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from core.errors import InvalidRequest, ServiceUnavailable
+from gateway import admin as base  # a module, not names: admin.py imports this module in turn
+from gateway import admin_agents  # (a module: it imports admin.py, which imports this one)
+from gateway.db import tenant_transaction
+from runtime import conversations
+
+
+class ConversationAdmin:
+    def __init__(self, admin) -> None:
+        self.admin = admin
+
+    @property
+    def svc(self):
+        return self.admin.svc
+
+    def routes(self) -> list[Route]:
+        return [Route("/admin/agents/{name}/conversations/{conversation_id}", self.erase, methods=["DELETE"])]
+
+    async def erase(self, request: Request) -> Response:
+        conversation_id = request.path_params["conversation_id"]
+        if not 0 < len(conversation_id) <= 256 or "\x00" in conversation_id:
+            raise InvalidRequest("'conversation_id' is 1 to 256 characters.", param="conversation_id")
+        if self.svc.memory is None:
+            raise ServiceUnavailable("Conversation memory is not enabled on this gateway.")
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            agent = await admin_agents.agent_named(request, conn)
+        # Redis first (a turn that starts now finds nothing to answer with), then PostgreSQL and
+        # the erasure's record in one transaction, then Redis again: a turn stored meanwhile, or a
+        # reload that read PostgreSQL before the commit, is dropped too.
+        try:
+            last = await self.svc.memory.forget_recent(agent.tenant, agent.id, conversation_id)
+            async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+                gone = await conversations.erase(conn, agent.tenant, agent.id, conversation_id, time.time())
+            await self.svc.memory.forget_recent(agent.tenant, agent.id, conversation_id)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise ServiceUnavailable(
+                f"The conversation could not be erased just now ({type(exc).__name__}); erasing is safe to repeat."
+            ) from None
+        return base._json(
+            {
+                "object": "conversation.deleted",
+                "agent": agent.name,
+                "conversation_id": conversation_id,
+                "deleted": True,
+                # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
+                "messages": max(gone["messages"], last),
+                "feedback": gone["feedback"],
+            }
+        )
+
+
+def routes(admin) -> list[Route]:
+    return ConversationAdmin(admin).routes()

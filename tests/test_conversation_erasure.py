@@ -1,0 +1,191 @@
+"""Erasing a conversation on request (``DELETE /admin/agents/{name}/conversations/{id}``): its
+messages in PostgreSQL, its window in Redis and the feedback on it are gone, the next turn starts
+it anew, and turns still on their way to PostgreSQL when it was erased are not written back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import asyncpg
+import httpx
+import openai
+import orjson
+import pytest
+
+from runtime import conversations
+from runtime.memory import keys
+from tests.conftest import MASTER_KEY, Gateway, wait_until
+from tests.test_agents_e2e import config
+from tests.test_memory import _agent, _run, _turn
+from tests.test_policies import new_key
+
+TENANT = f"erase-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, module_mock):
+    g = Gateway(tmp_root, config(module_mock), services)
+    yield g
+    g.stop()
+
+
+def _admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
+    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
+
+
+def _stored(gw: Gateway, agent: str, conv: str, key: str) -> list[dict]:
+    r = _admin(gw, "GET", f"/admin/agents/{agent}/conversations/{conv}/messages", key)
+    assert r.status_code == 200, r.text
+    return r.json()["data"]
+
+
+def _rows(database_url: str, sql: str, *args) -> list[dict]:
+    async def go():
+        conn = await asyncpg.connect(database_url)
+        try:
+            return [dict(r) for r in await conn.fetch(sql, *args)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def test_an_erased_conversation_is_gone_everywhere_and_starts_anew(gw, services, module_mock):
+    admin_key = new_key(gw, tenant=TENANT, scopes=["admin"])["key"]
+    chat_key = new_key(gw, tenant=TENANT)["key"]
+    agent = f"bot-{uuid.uuid4().hex[:6]}"
+    body = {"name": agent, "model": "agent-model", "template": "You help.", "variables": {}}
+    assert _admin(gw, "POST", "/admin/agents", admin_key, json=body).status_code == 201
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=chat_key, max_retries=0)
+    conv = f"customer-{uuid.uuid4().hex[:8]}"
+    for words in ("my card is 4111", "my address is 1 Main St", "thanks"):
+        client.chat.completions.create(
+            model=f"agent:{agent}", messages=[{"role": "user", "content": words}], metadata={"conversation_id": conv}
+        )
+    answered = client.chat.completions.with_raw_response.create(
+        model=f"agent:{agent}", messages=[{"role": "user", "content": "one more"}], metadata={"conversation_id": conv}
+    )
+    rid = answered.headers["x-request-id"]
+    r = httpx.post(
+        f"{gw.url}/v1/feedback",
+        json={"conversation_id": conv, "agent": agent, "text": "she said her card is 4111", "thumbs": 1},
+        headers={"Authorization": f"Bearer {chat_key}"},
+    )
+    assert r.status_code in (200, 201), r.text
+    r = httpx.post(
+        f"{gw.url}/v1/feedback",
+        json={"request_id": rid, "score": 0.2},
+        headers={"Authorization": f"Bearer {chat_key}"},
+    )
+    assert r.status_code in (200, 201), r.text
+    wait_until(lambda: len(_stored(gw, agent, conv, admin_key)) == 8, what="the four turns stored")
+
+    # a chat key may not erase, nor another tenant's admin, nor an unknown agent
+    path = f"/admin/agents/{agent}/conversations/{conv}"
+    assert _admin(gw, "DELETE", path, chat_key).status_code == 403
+    other = new_key(gw, tenant=f"other-{uuid.uuid4().hex[:6]}", scopes=["admin"])["key"]
+    assert _admin(gw, "DELETE", path, other).status_code == 404
+    assert _admin(gw, "DELETE", f"/admin/agents/nobody/conversations/{conv}", admin_key).status_code == 404
+
+    r = _admin(gw, "DELETE", path, admin_key)
+    assert r.status_code == 200, r.text
+    assert r.json() | {"agent": agent} == {
+        "object": "conversation.deleted",
+        "agent": agent,
+        "conversation_id": conv,
+        "deleted": True,
+        "messages": 8,
+        "feedback": 2,
+    }
+    assert _stored(gw, agent, conv, admin_key) == []
+    left = _rows(services[0], "SELECT count(*) AS n FROM feedback WHERE tenant = $1", TENANT)
+    assert left == [{"n": 0}]
+    assert "4111" not in str(_rows(services[0], "SELECT content FROM messages WHERE tenant = $1", TENANT))
+    # the customer writes again: the model sees no history, and the conversation holds this turn only
+    module_mock.clear()
+    client.chat.completions.create(
+        model=f"agent:{agent}",
+        messages=[{"role": "user", "content": "hello again"}],
+        metadata={"conversation_id": conv},
+    )
+    sent = [
+        q["body"]["messages"] for q in module_mock.requests() if q["body"]["messages"][-1]["content"] == "hello again"
+    ]
+    assert [[m["role"] for m in s] for s in sent] == [["system", "user"]]
+    wait_until(lambda: len(_stored(gw, agent, conv, admin_key)) == 2, what="the new turn stored")
+    assert _stored(gw, agent, conv, admin_key)[0]["content"] == "hello again"
+    # erasing what is not there is not an error (nothing to erase)
+    r = _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/never-{uuid.uuid4().hex[:6]}", admin_key)
+    assert r.status_code == 200 and r.json()["messages"] == 0
+
+
+def test_turns_still_on_their_way_when_erased_are_not_written_back(services):
+    """The memory writer moves turns from the Redis stream (or a spill on disk) to PostgreSQL in
+    batches: a turn recorded before the erasure that arrives after it is skipped; one recorded
+    after it starts the conversation anew."""
+
+    async def go():
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        tenant, agent_id, conv = f"t-{uuid.uuid4().hex[:6]}", f"agt_{uuid.uuid4().hex[:8]}", "wa:1:4412"
+        try:
+
+            def entry(ts: float, seq: int, words: str) -> dict:
+                record = {
+                    "tenant": tenant,
+                    "agent_id": agent_id,
+                    "external_id": conv,
+                    "request_id": f"r-{seq}",
+                    "prompt_version": 1,
+                    "variant": None,
+                    "ts": ts,
+                    "messages": [{"role": "user", "content": words}],
+                }
+                return {b"r": orjson.dumps(record), b"s": str(seq).encode()}
+
+            async with pool.acquire() as conn, conn.transaction():
+                await conversations.write_turns(conn, [entry(time.time() - 5, 1, "before")])
+            erased_at = time.time()
+            async with pool.acquire() as conn, conn.transaction():
+                gone = await conversations.erase(conn, tenant, agent_id, conv, erased_at)
+            assert gone == {"conversation": True, "messages": 1, "feedback": 0}
+            async with pool.acquire() as conn, conn.transaction():  # late: recorded before the erasure
+                await conversations.write_turns(conn, [entry(erased_at - 1, 2, "late"), entry(erased_at + 1, 1, "new")])
+            async with pool.acquire() as conn:
+                rows = await conn.fetch(
+                    """SELECT m.content->>'content' AS words FROM messages m JOIN conversations c
+                       ON c.id = m.conversation_id WHERE c.tenant = $1 AND c.agent_id = $2 ORDER BY m.seq""",
+                    tenant,
+                    agent_id,
+                )
+                assert [r["words"] for r in rows] == ["new"]
+                kept = await conn.fetch("SELECT external_hash FROM erased_conversations WHERE tenant = $1", tenant)
+                assert [r["external_hash"] for r in kept] == [conversations.external_hash(conv)]  # never the id itself
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
+
+
+def test_a_reload_that_read_postgresql_before_the_erasure_does_not_put_the_window_back(services):
+    """A turn whose window Redis no longer held reads it from PostgreSQL and warms Redis again: if
+    that read came before the erasure's commit, it must not put the erased messages back."""
+
+    async def body(memory, pool, redis):
+        agent = _agent(tenant=f"t-{uuid.uuid4().hex[:6]}")
+        conv = f"c-{uuid.uuid4().hex[:6]}"
+        for i in range(3):
+            await memory.append(agent.tenant, agent, conv, _turn(i), request_id=f"r{i}", prompt_version=1, variant=None)
+        await memory.flush()
+        window_key, seq_key = keys(agent.tenant, agent.id, conv)
+        await redis.delete(window_key, seq_key, f"{window_key}:w")  # expired: the next load reloads
+        await memory.forget_recent(agent.tenant, agent.id, conv)  # the erasure began (PostgreSQL not yet)
+        loaded = await memory.load(agent.tenant, agent, conv)  # reads PostgreSQL, still holding the turns
+        assert len(loaded) == 6
+        assert await redis.exists(window_key) == 0  # not warmed again
+        await redis.delete(f"{window_key}:erased")
+        assert len(await memory.load(agent.tenant, agent, conv)) == 6
+        assert await redis.exists(window_key) == 1  # (without the mark it is)
+
+    _run(services, body)
