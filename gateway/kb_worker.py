@@ -4,10 +4,11 @@
 Tenants take turns: the queue is a core/fair_queue.py ``FairQueue`` keyed by the job's tenant,
 so a tenant that uploads 1,000 files does not put them ahead of every other tenant's next
 document. Each free worker takes the next tenant's document in round-robin order (a tenant's
-document waits for at most one document of each other busy tenant per worker), while a tenant
-alone still gets every worker of every replica. A document being retried waits aside and does
-not hold its tenant's other documents. Jobs a previous release queued (a plain queue of the same
-name) are still drained, one at a time, by each worker.
+next document starts after at most one document of each other tenant with documents waiting),
+while a tenant alone still gets every worker of every replica (no per-tenant cap). A document
+being retried waits aside and does not hold its tenant's other documents. Jobs a previous
+release queued (a plain queue of the same name) are still drained, one at a time, by each
+worker, beside the two.
 
 The local embedding model runs numpy in a thread. Every job's embedding goes through one
 dedicated thread, and OpenBLAS is asked for one thread of its own, so ingestion takes about one
