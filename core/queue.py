@@ -249,6 +249,21 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _pack(payload: dict, key: str | None, dedupe: str | None) -> tuple[str, float, bytes]:
+    """A new message's id, enqueue time and stored form, after checking what the caller gave."""
+    if not isinstance(payload, dict):
+        raise TypeError("payload must be a dict")
+    for label, value in (("key", key), ("dedupe", dedupe)):
+        if value is not None and not (isinstance(value, str) and 0 < len(value) <= MAX_KEY_CHARS):
+            raise ValueError(f"{label} must be a string of 1-{MAX_KEY_CHARS} characters")
+    job_id = uuid.uuid4().hex
+    now = time.time()
+    packed = orjson.dumps({"id": job_id, "payload": payload, "key": key, "attempt": 1, "enqueued_at": now})
+    if len(packed) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(f"payload is over {MAX_PAYLOAD_BYTES} bytes")
+    return job_id, now, packed
+
+
 def _error_text(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
@@ -330,16 +345,7 @@ class Queue:
         """Appends a message; returns its id. With ``dedupe``, a second enqueue with the same value
         within ``dedupe_ttl`` adds nothing and returns the first message's id. ``max_per_key``
         (ordered queues): ``KeyBacklogFull`` when ``key`` holds that many unfinished messages."""
-        if not isinstance(payload, dict):
-            raise TypeError("payload must be a dict")
-        for label, value in (("key", key), ("dedupe", dedupe)):
-            if value is not None and not (isinstance(value, str) and 0 < len(value) <= MAX_KEY_CHARS):
-                raise ValueError(f"{label} must be a string of 1-{MAX_KEY_CHARS} characters")
-        job_id = uuid.uuid4().hex
-        now = time.time()
-        packed = orjson.dumps({"id": job_id, "payload": payload, "key": key, "attempt": 1, "enqueued_at": now})
-        if len(packed) > MAX_PAYLOAD_BYTES:
-            raise PayloadTooLarge(f"payload is over {MAX_PAYLOAD_BYTES} bytes")
+        job_id, now, packed = _pack(payload, key, dedupe)
         keyhash = _digest(key if key is not None else job_id)
         status, found = await self._script(
             self._enqueue,
@@ -489,7 +495,7 @@ class Queue:
         self._inflight[entry_id] = task
         task.add_done_callback(lambda _t: self._inflight.pop(entry_id, None))
 
-    async def _message(self, fields: dict) -> tuple[dict | None, str]:
+    async def _message(self, fields: dict, entry_id: str) -> tuple[dict | None, str]:
         """The message an entry stands for, and its key's hash."""
         if self.ordered:
             keyhash = _s(fields.get(b"k") or fields.get("k") or "")
@@ -502,7 +508,7 @@ class Queue:
 
     async def _handle(self, handler, entry_id: str, fields: dict) -> None:
         try:
-            msg, keyhash = await self._message(fields)
+            msg, keyhash = await self._message(fields, entry_id)
         except Exception as exc:
             log.warning("queue %s: cannot read entry %s: %s", self.name, entry_id, exc)
             return  # stays pending; claimed and retried later
@@ -665,7 +671,7 @@ class Queue:
                 entry_id = _s(entry_id)
                 if not fields or entry_id in self._inflight:
                     continue
-                msg, keyhash = await self._message(fields)
+                msg, keyhash = await self._message(fields, entry_id)
                 if msg is None:
                     await self._redis.xack(self.stream, self.group, entry_id)
                     await self._redis.xdel(self.stream, entry_id)

@@ -1,5 +1,14 @@
 """The knowledge-base ingestion worker inside a gateway process: consumes the durable
-``kb-ingest`` queue (core/queue.py) with rag/ingest.py's handler, two documents at a time.
+``kb-ingest`` queue with rag/ingest.py's handler, two documents at a time.
+
+Tenants take turns: the queue is a core/fair_queue.py ``FairQueue`` keyed by the job's tenant,
+so a tenant that uploads 1,000 files does not put them ahead of every other tenant's next
+document. Each free worker takes the next tenant's document in round-robin order (a tenant's
+next document starts after at most one document of each other tenant with documents waiting),
+while a tenant alone still gets every worker of every replica (no per-tenant cap). A document
+being retried waits aside and does not hold its tenant's other documents. Jobs a previous
+release queued (a plain queue of the same name) are still drained, one at a time, by each
+worker, beside the two.
 
 The local embedding model runs numpy in a thread. Every job's embedding goes through one
 dedicated thread, and OpenBLAS is asked for one thread of its own, so ingestion takes about one
@@ -25,7 +34,7 @@ from pathlib import Path
 
 from core.background import stop_task
 from core.env import env_float, env_on
-from core.queue import Queue
+from core.fair_queue import FairQueue
 from rag import ingest
 from rag.embedding import LocalEmbedder
 
@@ -39,10 +48,16 @@ def enabled() -> bool:
     return env_on("GATEWAY_KB_WORKER")
 
 
-def make_queue(redis) -> Queue:
-    return Queue(
+def _tenant(payload: dict) -> str | None:
+    tenant = payload.get("tenant")
+    return f"tenant:{tenant}" if isinstance(tenant, str) and tenant else None
+
+
+def make_queue(redis) -> FairQueue:
+    return FairQueue(
         redis,
         QUEUE,
+        key_of=_tenant,
         max_retries=int(env_float("GATEWAY_KB_MAX_RETRIES", 5)),
         backoff_base=env_float("GATEWAY_KB_BACKOFF", 2.0),
         visibility_timeout=max(0.5, env_float("GATEWAY_KB_VISIBILITY_TIMEOUT", 60.0)),

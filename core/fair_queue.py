@@ -1,0 +1,359 @@
+"""A queue that serves its keys in turn: one busy key (a tenant that uploaded 1,000 files) cannot
+make another key's next message wait behind all of its own.
+
+``FairQueue`` is a core/queue.py ``Queue`` whose messages wait in per-key lists, each non-empty
+list holding exactly one *token* in a stream of tokens. A worker that reads a token takes the
+head of the token's list at once and, when the list still holds messages, appends a fresh token
+for the key to the stream's tail before it starts the work. So consecutive reads cycle through
+the keys that have work (round-robin: with K busy keys, a key's next message waits for at most
+one message of each other key per free worker), while one key alone still fills every worker of
+every replica (the scheduler is work-conserving: no per-key cap, no lanes).
+
+Unlike ``ordered=True``, a key's messages are not kept in order and a failing message does not
+hold its key: a message being retried waits in its own delayed set and goes back to the *front*
+of its key's list when due, so the key's other messages keep flowing meanwhile. Everything else
+is the Queue's: at-least-once delivery, claims renewed while a handler runs, claimed after the
+visibility timeout from a worker that died (a failed attempt), retries with backoff, dead letters,
+dedupe, ``max_depth`` and ``max_per_key``.
+
+Keys, for a queue ``P = gw:{gw}:q:<name>`` (one hash tag, as the Queue's):
+
+- ``P:fair``          the token stream the consumer group reads (field ``k``: a key's hash).
+- ``P:fair:k:<hash>`` a key's waiting messages.
+- ``P:fair:taken``    token entry id → the message its reader took: a worker that dies mid-message
+                      leaves it there, and whoever claims the entry gets the same message.
+- ``P:fair:delayed``  messages waiting for a retry (member: the key's hash, then the message).
+- ``P:live``, ``P:dead``, ``P:n``, ``P:d:<hash>`` shared with a plain Queue of the same name.
+
+Upgrades: a plain Queue of the same name (what a release before this one used) keeps its stream
+``P`` and its delayed set ``P:delayed``. A release with FairQueue never writes to them, and also
+drains them with a plain consumer of its own (one message at a time), so messages queued before
+the upgrade — or by an older replica still running beside a new one — are processed, and an old
+replica never sees a token it cannot read. Dead letters are shared: a new release's ``retry_dead``
+puts any of them (an old one keyed by ``key_of``) back in turn; an old release's puts them on ``P``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from core.queue import (
+    _OWNED,
+    Job,
+    KeyBacklogFull,
+    Queue,
+    QueueFull,
+    _digest,
+    _messages,
+    _oldest,
+    _pack,
+    _s,
+    log,
+)
+from core.stream_writer import entry_id as is_entry_id
+
+# KEYS: stream, taken, list. ARGV: group, consumer, entry_id, keyhash.
+# Returns {1, message}; {2} when the key had nothing left (the token is dropped); {0} when this
+# consumer does not own the entry (it was claimed by another).
+_TAKE = (
+    _OWNED
+    + """
+if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return {0} end
+local m = redis.call('HGET', KEYS[2], ARGV[3])
+if m then return {1, m} end
+m = redis.call('LPOP', KEYS[3])
+if not m then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('XDEL', KEYS[1], ARGV[3])
+  return {2}
+end
+redis.call('HSET', KEYS[2], ARGV[3], m)
+if redis.call('LLEN', KEYS[3]) > 0 then redis.call('XADD', KEYS[1], '*', 'k', ARGV[4]) end
+return {1, m}
+"""
+)
+
+# KEYS: stream, live, delayed, dead, counters, taken
+# ARGV: group, consumer, entry_id, mode (done|retry|dead), job_id, packed, due_ms, keyhash, failed_at,
+#       dead_max, count_retry
+_FINISH = (
+    _OWNED
+    + """
+if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+redis.call('HDEL', KEYS[6], ARGV[3])
+if ARGV[4] == 'retry' then
+  redis.call('ZADD', KEYS[3], ARGV[7], ARGV[8] .. ARGV[6])
+  if ARGV[11] == '1' then redis.call('HINCRBY', KEYS[5], 'retries', 1) end
+  return 1
+end
+if ARGV[4] == 'dead' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[10], '*', 'm', ARGV[6], 'failed_at', ARGV[9])
+  redis.call('HINCRBY', KEYS[5], 'dead', 1)
+end
+redis.call('ZREM', KEYS[2], ARGV[5])
+return 1
+"""
+)
+
+# KEYS: delayed, stream. ARGV: now_ms, limit, list key prefix. A due message goes back to the
+# front of its key's list (the list keys share the queue's hash tag, so one cluster slot).
+_MOVE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(due) do
+  redis.call('ZREM', KEYS[1], m)
+  local h = string.sub(m, 1, 32)
+  if redis.call('LPUSH', ARGV[3] .. h, string.sub(m, 33)) == 1 then
+    redis.call('XADD', KEYS[2], '*', 'k', h)
+  end
+end
+return #due
+"""
+
+# KEYS: stream, live, dedupe, list. ARGV: id, packed, enqueued_ms, dedupe_ttl, keyhash, max_depth, max_per_key
+_ENQUEUE = """
+if ARGV[4] ~= '0' then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then return {0, existing} end
+end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then return {-1, ''} end
+if tonumber(ARGV[7]) > 0 and redis.call('LLEN', KEYS[4]) >= tonumber(ARGV[7]) then return {-2, ''} end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if redis.call('RPUSH', KEYS[4], ARGV[2]) == 1 then redis.call('XADD', KEYS[1], '*', 'k', ARGV[5]) end
+if ARGV[4] ~= '0' then redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[4]) end
+return {1, ARGV[1]}
+"""
+
+# KEYS: dead, stream, live, list. ARGV: dead_id, keyhash, packed, job_id, now_ms
+_REVIVE = """
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
+if redis.call('RPUSH', KEYS[4], ARGV[3]) == 1 then redis.call('XADD', KEYS[2], '*', 'k', ARGV[2]) end
+return 1
+"""
+
+
+class _Drain(Queue):
+    """The plain queue of the same name (a previous release's): consumed, never written to."""
+
+    def __init__(self, owner: FairQueue, redis, name: str, **options) -> None:
+        super().__init__(redis, name, **options)
+        self.owner = owner
+
+    async def stats(self) -> dict:  # the gauges show the whole queue, never this part alone
+        return await self.owner.stats()
+
+
+class FairQueue(Queue):
+    def __init__(
+        self,
+        redis,
+        name: str,
+        *,
+        key_of: Callable[[dict], str | None] | None = None,
+        legacy_concurrency: int = 1,
+        **options,
+    ) -> None:
+        """``key_of(payload)``: the key of a message enqueued without one (and of an old dead
+        letter put back); None, or no ``key_of``: the message is a key of its own. ``options``:
+        the Queue's (not ``ordered``)."""
+        if options.get("ordered"):
+            raise ValueError("a FairQueue does not keep a key's order")
+        super().__init__(redis, name, **options)
+        self.key_of = key_of
+        self.legacy = _Drain(self, redis, name, **{k: v for k, v in options.items() if k != "consumer"})
+        self.legacy_concurrency = max(1, int(legacy_concurrency))
+        fair = f"{self._prefix}:fair"
+        self.stream, self.delayed, self.taken = fair, f"{fair}:delayed", f"{fair}:taken"
+        self._fair = fair
+        self._enqueue_fair = redis.register_script(_ENQUEUE)
+        self._take = redis.register_script(_TAKE)
+        self._finish_fair = redis.register_script(_FINISH)
+        self._move_due_fair = redis.register_script(_MOVE_DUE)
+        self._revive_fair = redis.register_script(_REVIVE)
+
+    def _list_key(self, keyhash: str) -> str:
+        return f"{self._fair}:k:{keyhash}"
+
+    def _key(self, payload: dict, key: str | None) -> str | None:
+        if key is None and self.key_of is not None:
+            found = self.key_of(payload)
+            key = found[:256] if isinstance(found, str) and found else None
+        return key
+
+    # -- producing --------------------------------------------------------------------------
+
+    async def enqueue(
+        self, payload: dict, *, key: str | None = None, dedupe: str | None = None, max_per_key: int = 0
+    ) -> str:
+        """Appends a message to its key's list (``key``, else ``key_of(payload)``); returns its id.
+        ``dedupe``, ``max_per_key``: as Queue.enqueue."""
+        key = self._key(payload, key) if isinstance(payload, dict) else key
+        job_id, now, packed = _pack(payload, key, dedupe)
+        keyhash = _digest(key if key is not None else job_id)
+        status, found = await self._script(
+            self._enqueue_fair,
+            [self.stream, self.live, f"{self._prefix}:d:{_digest(dedupe or '')}", self._list_key(keyhash)],
+            [
+                job_id,
+                packed,
+                int(now * 1000),
+                self.dedupe_ttl if dedupe is not None else 0,
+                keyhash,
+                self.max_depth,
+                max(0, int(max_per_key)),
+            ],
+        )
+        if int(status) == -2:
+            raise KeyBacklogFull(f"a key of queue {self.name} holds {max_per_key} messages")
+        if int(status) < 0:
+            raise QueueFull(f"queue {self.name} holds {self.max_depth} messages")
+        return _s(found)
+
+    # -- consuming --------------------------------------------------------------------------
+
+    async def run(self, handler: Callable[[Job], Awaitable[int | None]], *, concurrency: int = 8) -> None:
+        """Consumes the keys in turn with ``concurrency`` handlers, and the previous release's
+        plain queue beside them with ``legacy_concurrency``."""
+        drain = asyncio.create_task(
+            self.legacy.run(handler, concurrency=self.legacy_concurrency), name=f"queue-{self.name}-drain"
+        )
+        try:
+            await super().run(handler, concurrency=concurrency)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.legacy.stop(self.stop_timeout)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(drain, 15)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await asyncio.gather(super().stop(grace), self.legacy.stop(grace))
+
+    async def _message(self, fields: dict, entry_id: str) -> tuple[dict | None, str]:
+        """Takes the head of the token's key (or what this entry took before) and passes the
+        key's turn on."""
+        keyhash = _s(fields.get(b"k") or fields.get("k") or "")
+        reply = await self._script(
+            self._take,
+            [self.stream, self.taken, self._list_key(keyhash)],
+            [self.group, self.consumer, entry_id, keyhash],
+        )
+        status = int(reply[0])
+        if status == 0:
+            raise RuntimeError("the entry was claimed by another worker")
+        if status == 2:
+            return None, keyhash
+        return orjson.loads(reply[1]), keyhash
+
+    async def _settle(
+        self,
+        entry_id: str,
+        msg: dict,
+        keyhash: str,
+        mode: str,
+        *,
+        due: float = 0.0,
+        count: bool = False,
+        absorbed: int = 0,
+    ) -> bool:
+        try:
+            done = await self._script(
+                self._finish_fair,
+                [self.stream, self.live, self.delayed, self.dead, self.counters, self.taken],
+                [
+                    self.group,
+                    self.consumer,
+                    entry_id,
+                    mode,
+                    msg["id"],
+                    orjson.dumps(msg),
+                    int(due * 1000),
+                    keyhash,
+                    f"{time.time():.3f}",
+                    self.max_dead,
+                    "1" if count else "0",
+                ],
+            )
+        except Exception as exc:  # left pending: claimed and retried after the visibility timeout
+            log.warning("queue %s: could not settle %s (%s): %s", self.name, msg["id"], mode, exc)
+            return False
+        if not done:
+            log.warning("queue %s: message %s was claimed by another worker; result dropped", self.name, msg["id"])
+        return bool(done)
+
+    async def move_due(self) -> int:
+        moved = 0
+        while True:
+            n = int(
+                await self._move_due_fair(
+                    keys=[self.delayed, self.stream],
+                    args=[int(time.time() * 1000), 500, f"{self._fair}:k:"],
+                )
+            )
+            moved += n
+            if n < 500:
+                return moved
+
+    # -- administration ---------------------------------------------------------------------
+
+    async def retry_dead(self, id: str) -> bool:
+        """Puts a dead letter (of this release or the previous one) back in its key's list with a
+        fresh attempt count; False if there is no such dead letter."""
+        if not isinstance(id, str) or not is_entry_id(id):
+            return False
+        found = await self._redis.xrange(self.dead, min=id, max=id, count=1)
+        if not found:
+            return False
+        msg = orjson.loads(found[0][1].get(b"m") or found[0][1].get("m"))
+        msg.pop("error", None)
+        msg.pop("deferred", None)
+        msg["attempt"] = 1
+        if msg.get("key") is None and isinstance(msg.get("payload"), dict):
+            msg["key"] = self._key(msg["payload"], None)
+        keyhash = _digest(msg["key"] if msg.get("key") is not None else msg["id"])
+        done = await self._revive_fair(
+            keys=[self.dead, self.stream, self.live, self._list_key(keyhash)],
+            args=[id, keyhash, orjson.dumps(msg), msg["id"], int(time.time() * 1000)],
+        )
+        return bool(done)
+
+    async def stats(self) -> dict:
+        """The whole queue's: this release's messages and what waits in the previous one's."""
+        await self._ensure_group()
+        await self.legacy._ensure_group()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.live)
+            pipe.xpending(self.stream, self.group)
+            pipe.xpending(self.legacy.stream, self.legacy.group)
+            pipe.zcard(self.delayed)
+            pipe.zcard(self.legacy.delayed)
+            pipe.xlen(self.dead)
+            pipe.hget(self.counters, "retries")
+            pipe.zrange(self.live, 0, 0, withscores=True)
+            live, pending, old_pending, delayed, old_delayed, dead, retries, oldest = await pipe.execute()
+        pending = _pending(pending) + _pending(old_pending)
+        delayed = int(delayed) + int(old_delayed)
+        age = max(0.0, time.time() - oldest[0][1] / 1000) if oldest else 0.0
+        out = {
+            "depth": max(0, int(live) - pending - delayed),
+            "pending": pending,
+            "oldest_age_s": round(age, 3),
+            "retries": int(retries or 0),
+            "dead_letters": int(dead),
+            "delayed": delayed,
+        }
+        for state in ("depth", "pending", "delayed", "dead_letters"):
+            _messages.get(self.name, state).set(out[state])
+        _oldest.get(self.name).set(out["oldest_age_s"])
+        return out
+
+
+def _pending(reply) -> int:
+    return int(reply["pending"] if isinstance(reply, dict) else reply[0])
