@@ -43,3 +43,36 @@ async def pause(stopping: asyncio.Event, seconds: float) -> None:
     need not sit out)."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stopping.wait(), seconds)
+
+
+class Periodic:
+    """``work()`` every ``every`` seconds in a task of its own (the first run one interval after
+    ``start``), until ``stop``; a run that raises is logged (class name only) and the next one
+    tries again."""
+
+    def __init__(self, name: str, every: float, work, logger: logging.Logger | None = None) -> None:
+        self.name = name
+        self.every = every
+        self._work = work
+        self._log = logger or log
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            await pause(self._stopping, self.every)
+            if self._stopping.is_set():
+                return
+            try:
+                await self._work()
+            except Exception as exc:  # the next run tries again
+                self._log.warning("%s failed: %s", self.name, type(exc).__name__)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await stop_task(self._task)
+        self._task = None

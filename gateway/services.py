@@ -18,6 +18,7 @@ from core.config import Config
 from core.fastredis import PipelinedRedis
 from core.upstream import Upstream
 from gateway import hitl_service, kb_worker
+from gateway.conversation_retention import RetentionSweeper
 from gateway.db import connect_pool, migrate
 from gateway.providers import build_adapter
 from gateway.providers.base import ProviderAdapter
@@ -80,6 +81,7 @@ class Services:
     whatsapp: WhatsApp | None = None  # the WhatsApp channel (gateway/channels_whatsapp.py)
     local_reranker: LocalReranker | None = None  # the local cross-encoder (rag.rerank.local_model_dir)
     expiry: ExpirySweeper | None = None  # empties expired vector stores (every replica; idempotent)
+    retention: RetentionSweeper | None = None  # deletes conversations past their agent's retention
     _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check
     _ready_check: asyncio.Future | None = None  # the check under way, shared by its callers
 
@@ -145,6 +147,8 @@ class Services:
             await kb.start()
         expiry = ExpirySweeper(pool, settings.data_dir.resolve())
         expiry.start()
+        retention = RetentionSweeper(pool)
+        retention.start()
         hitl = await hitl_service.start(
             settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder
         )
@@ -171,6 +175,7 @@ class Services:
             hitl=hitl,
             local_reranker=local_reranker,
             expiry=expiry,
+            retention=retention,
         )
 
     async def stop(self) -> None:
@@ -183,6 +188,8 @@ class Services:
             self.local_reranker.close()
         if self.expiry is not None:
             await self.expiry.stop()
+        if self.retention is not None:
+            await self.retention.stop()
         if self.hitl is not None:
             await self.hitl.stop()
         await self.ledger.stop()

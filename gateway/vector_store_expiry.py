@@ -16,7 +16,6 @@ re-checked there: another replica's sweep, or a delete, in flight is skipped).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import asyncpg
 
-from core.background import pause, stop_task
+from core.background import Periodic
 from gateway.db import tenant_transaction
 from rag import ingest
 
@@ -82,29 +81,11 @@ async def sweep(pool: asyncpg.Pool, data_dir: Path) -> list[str]:
     return emptied
 
 
-class ExpirySweeper:
+class ExpirySweeper(Periodic):
     def __init__(self, pool: asyncpg.Pool, data_dir: Path, every: float | None = None) -> None:
         self.pool = pool
         self.data_dir = Path(data_dir)
-        self.every = every or interval()
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        super().__init__("vector-store-expiry", every or interval(), self._sweep, log)
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="vector-store-expiry")
-
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            await pause(self._stopping, self.every)
-            if self._stopping.is_set():
-                return
-            try:
-                await sweep(self.pool, self.data_dir)
-            except Exception as exc:  # the next sweep tries again
-                log.warning("expired vector store sweep failed: %s", type(exc).__name__)
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        await stop_task(self._task)
-        self._task = None
+    async def _sweep(self) -> None:
+        await sweep(self.pool, self.data_dir)

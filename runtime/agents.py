@@ -347,7 +347,12 @@ def check_settings(data: dict, base: dict | None = None) -> dict:
     return out
 
 
-_MEMORY_BOUNDS = {"window_turns": (1, 200), "window_tokens": (100, 200_000), "ttl_s": (60, 90 * 86400)}
+_MEMORY_BOUNDS = {
+    "window_turns": (1, 200),
+    "window_tokens": (100, 200_000),
+    "ttl_s": (60, 90 * 86400),
+    "retention_days": (0, 3650),
+}
 
 
 def _check_memory(value: Any) -> dict:

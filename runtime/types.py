@@ -42,6 +42,13 @@ class MemorySettings:
     window_turns: int = 20  # most recent turns (a user message and what answered it) sent back
     window_tokens: int = 4000  # and at most this many tokens of them
     ttl_s: int = 7 * 86400  # the recent window in Redis expires after this much silence
+    # a conversation silent this many days is deleted (gateway/conversation_retention.py); 0: kept
+    # for good. The window in Redis is then kept no longer than that either.
+    retention_days: int = 0
+
+    def __post_init__(self) -> None:
+        if self.retention_days > 0 and self.ttl_s > self.retention_days * 86400:
+            object.__setattr__(self, "ttl_s", self.retention_days * 86400)
 
 
 @dataclass(frozen=True, slots=True)

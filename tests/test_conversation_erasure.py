@@ -189,3 +189,82 @@ def test_a_reload_that_read_postgresql_before_the_erasure_does_not_put_the_windo
         assert await redis.exists(window_key) == 1  # (without the mark it is)
 
     _run(services, body)
+
+
+# ---- retention ----------------------------------------------------------------------------------
+def test_conversations_silent_past_their_agents_retention_are_deleted(gw, services):
+    """An agent's ``memory.retention_days`` deletes each conversation silent that long (its
+    messages and the feedback on it); a recent one stays, and an agent without a retention keeps
+    everything. The sweep runs in every replica (``GATEWAY_RETENTION_SWEEP_INTERVAL``); here it
+    is called directly once the conversations' last activity was moved back in time."""
+    from gateway.conversation_retention import sweep
+
+    tenant = f"keep-{uuid.uuid4().hex[:6]}"
+    admin_key = new_key(gw, tenant=tenant, scopes=["admin"])["key"]
+    chat_key = new_key(gw, tenant=tenant)["key"]
+    short, forever = f"short-{uuid.uuid4().hex[:6]}", f"forever-{uuid.uuid4().hex[:6]}"
+    for name, memory in ((short, {"retention_days": 30, "ttl_s": 90 * 86400}), (forever, {})):
+        body = {"name": name, "model": "agent-model", "template": "You help.", "variables": {}, "memory": memory}
+        assert _admin(gw, "POST", "/admin/agents", admin_key, json=body).status_code == 201
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=chat_key, max_retries=0)
+    convs = {(a, c): f"{c}-{uuid.uuid4().hex[:6]}" for a in (short, forever) for c in ("old", "new")}
+    for (agent, _), conv in convs.items():
+        client.chat.completions.create(
+            model=f"agent:{agent}", messages=[{"role": "user", "content": "hi"}], metadata={"conversation_id": conv}
+        )
+        r = httpx.post(
+            f"{gw.url}/v1/feedback",
+            json={"conversation_id": conv, "agent": agent, "text": "kind words"},
+            headers={"Authorization": f"Bearer {chat_key}"},
+        )
+        assert r.status_code in (200, 201), r.text
+
+    def written() -> bool:
+        got = _rows(services[0], "SELECT count(*) AS n FROM conversations WHERE tenant = $1", tenant)
+        return got[0]["n"] == 4
+
+    wait_until(written, what="the four conversations in PostgreSQL")
+    # their agent's window in Redis is kept no longer than the retention
+    window_key, _ = keys(tenant, _agent_id(services, tenant, short), convs[(short, "new")])
+    ttl = _redis_ttl(services, window_key)
+    assert 0 < ttl <= 30 * 86400
+    old = [convs[(short, "old")], convs[(forever, "old")]]
+    _rows(services[0], "UPDATE conversations SET last_at = now() - interval '31 days' WHERE external_id = ANY($1)", old)
+
+    async def once() -> int:
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        try:
+            return await sweep(pool)
+        finally:
+            await pool.close()
+
+    assert asyncio.run(once()) >= 1
+    left = _rows(services[0], "SELECT external_id FROM conversations WHERE tenant = $1 ORDER BY external_id", tenant)
+    assert sorted(r["external_id"] for r in left) == sorted(
+        [convs[(short, "new")], convs[(forever, "old")], convs[(forever, "new")]]
+    )
+    feedback = _rows(services[0], "SELECT conversation_id FROM feedback WHERE tenant = $1", tenant)
+    assert convs[(short, "old")] not in {r["conversation_id"] for r in feedback} and len(feedback) == 3
+    assert asyncio.run(once()) == 0  # idempotent
+
+
+@pytest.mark.parametrize("value", [-1, 3651, "7", 1.5])
+def test_a_retention_out_of_bounds_is_refused_naming_it(gw, value):
+    body = {"name": f"r-{uuid.uuid4().hex[:6]}", "model": "agent-model", "template": "Hi.", "variables": {}}
+    r = _admin(gw, "POST", "/admin/agents", json={**body, "memory": {"retention_days": value}})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "memory.retention_days"
+
+
+def _agent_id(services, tenant: str, name: str) -> str:
+    return _rows(services[0], "SELECT id FROM agents WHERE tenant = $1 AND name = $2", tenant, name)[0]["id"]
+
+
+def _redis_ttl(services, key: str) -> int:
+    import redis as syncredis
+
+    r = syncredis.Redis.from_url(services[1])
+    try:
+        return int(r.ttl(key))
+    finally:
+        r.close()
