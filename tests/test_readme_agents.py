@@ -1,0 +1,102 @@
+"""The README's Agents section, run as a newcomer runs it: every ```bash and ```python block of
+the section, in order and as written, against `gateway serve` on the demo default (what
+`make run` starts: no config, embedded PostgreSQL and Valkey, the bundled mock provider), from a
+directory laid out like the repository (`.data`, `.venv`, `examples/`).
+
+What the test changes in a block is only what differs on this machine: the port (8000 → a free
+one, and the tool server's 8002 → a free one), the request id the reader copies from one block
+into the next, and the tool-server line (the test starts that server itself and stops it). A
+`curl` that gets an HTTP error fails the block, as does a Python block that raises."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, free_port, wait_until
+from tests.test_agents_e2e import ToolServer
+
+TOOLS_LINE = ".venv/bin/python -m loadtest.mock_tools --port 8002 &"
+CURL_FAILS = 'curl() { command curl --fail-with-body "$@"; echo; }\n'  # an HTTP error fails the block
+
+
+def _ready(url: str) -> bool:
+    return httpx.get(f"{url}/readyz").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def newcomer(tmp_path_factory):
+    """A repository-like working directory and `make run` serving from it."""
+    work = tmp_path_factory.mktemp("readme")
+    tools = ToolServer(work)
+    port = free_port()
+    venv = ROOT / ".venv" if (ROOT / ".venv" / "bin" / "gateway").exists() else Path(sys.prefix)
+    (work / ".venv").symlink_to(venv)
+    shutil.copytree(ROOT / "examples", work / "examples")
+    demo = work / "examples" / "agent-orders-demo.json"
+    if demo.exists():
+        demo.write_text(demo.read_text().replace("127.0.0.1:8002", f"127.0.0.1:{tools.port}"))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GATEWAY_", "OPENAI_", "TOOL_")) and k not in ("DATABASE_URL", "REDIS_URL")
+    }
+    log = open(work / "serve.log", "w")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+        env={**env, "TOOL_ORDERS_TOKEN": "demo-token"},  # as the section says to start it
+        cwd=work,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ready(url), timeout=120, what="the demo gateway")
+        yield {"work": work, "env": env, "url": url, "port": port, "tools": tools}
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+        log.close()
+        tools.stop()
+
+
+def test_the_run_record_gives_reason_codes_as_a_list(newcomer):
+    """GET /admin/runs/{id} answered `"confidence_reasons": "[\\"tool_failure\\"]"` (and `"null"`):
+    the jsonb column came back as its JSON text inside a string."""
+    url, tools = newcomer["url"], newcomer["tools"]
+    admin = {"Authorization": f"Bearer {(newcomer['work'] / '.data' / 'master.key').read_text().strip()}"}
+    failing = {
+        "name": "broken",
+        "description": "Always fails",
+        "parameters": {"type": "object", "properties": {}},
+        "kind": "http",
+        "config": {
+            "method": "GET",
+            "url": f"{tools.url}/fail?status=500",
+            "allowed_hosts": ["127.0.0.1"],
+            "allow_private_networks": True,
+        },
+    }
+    agent = {"name": "flaky", "model": "demo-gpt", "template": "You answer briefly.", "tools": [failing]}
+    assert httpx.post(f"{url}/admin/agents", headers=admin, json=agent, timeout=30).status_code == 201
+    dev = {"Authorization": f"Bearer {(newcomer['work'] / '.data' / 'dev.key').read_text().strip()}"}
+    ids = []
+    for content in ("hi", 'hi [[mock:{"tool_calls": []}]]'):  # the tool called (and failing), then none
+        wait_until(lambda: "agent:flaky" in httpx.get(f"{url}/v1/models", headers=dev).text, 10, "the agent")
+        chat = {"model": "agent:flaky", "messages": [{"role": "user", "content": content}]}
+        r = httpx.post(f"{url}/v1/chat/completions", headers=dev, json=chat, timeout=30)
+        assert r.status_code == 200, r.text
+        ids.append(r.headers["x-request-id"])
+    runs = []
+    for rid in ids:
+        wait_until(lambda rid=rid: httpx.get(f"{url}/admin/runs/{rid}", headers=admin).status_code == 200, 30, "run")
+        runs.append(httpx.get(f"{url}/admin/runs/{rid}", headers=admin).json())
+    assert runs[0]["confidence_reasons"] == ["tool_failure"], runs[0]
+    assert runs[1]["confidence_reasons"] is None, runs[1]
