@@ -67,6 +67,32 @@ def newcomer(tmp_path_factory):
         tools.stop()
 
 
+def test_a_key_restricted_to_an_agent_lists_and_finds_only_what_it_may_use(newcomer):
+    """GET /v1/models said a key restricted to `agent:<name>` could use demo-gpt, demo-claude and
+    demo-embedding, which it is refused (403) on; it lists and finds only what it may call."""
+    url = newcomer["url"]
+    admin = {"Authorization": f"Bearer {(newcomer['work'] / '.data' / 'master.key').read_text().strip()}"}
+    agent = {"name": "scoped", "model": "demo-gpt", "template": "You answer briefly."}
+    assert httpx.post(f"{url}/admin/agents", headers=admin, json=agent, timeout=30).status_code == 201
+    created = httpx.post(f"{url}/admin/keys", headers=admin, json={"name": "one-agent", "models": ["agent:scoped"]})
+    assert created.status_code == 201, created.text
+    key = {"Authorization": f"Bearer {created.json()['key']}"}
+    wait_until(lambda: "agent:scoped" in httpx.get(f"{url}/v1/models", headers=key).text, 10, "the agent")
+    listed = {m["id"] for m in httpx.get(f"{url}/v1/models", headers=key).json()["data"]}
+    assert listed == {"agent:scoped"}
+    assert httpx.get(f"{url}/v1/models/demo-gpt", headers=key).status_code == 404
+    assert httpx.get(f"{url}/v1/models/agent:scoped", headers=key).status_code == 200
+    chat = {"model": "demo-gpt", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(f"{url}/v1/chat/completions", headers=key, json=chat, timeout=30).status_code == 403
+    chat["model"] = "agent:scoped"
+    assert httpx.post(f"{url}/v1/chat/completions", headers=key, json=chat, timeout=30).status_code == 200
+    # An unrestricted key still lists every model group and the agents, and finds each.
+    dev = {"Authorization": f"Bearer {(newcomer['work'] / '.data' / 'dev.key').read_text().strip()}"}
+    everything = {m["id"] for m in httpx.get(f"{url}/v1/models", headers=dev).json()["data"]}
+    assert {"demo-gpt", "demo-claude", "demo-embedding", "agent:scoped"} <= everything
+    assert httpx.get(f"{url}/v1/models/demo-gpt", headers=dev).status_code == 200
+
+
 def test_the_run_record_gives_reason_codes_as_a_list(newcomer):
     """GET /admin/runs/{id} answered `"confidence_reasons": "[\\"tool_failure\\"]"` (and `"null"`):
     the jsonb column came back as its JSON text inside a string."""
