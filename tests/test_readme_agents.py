@@ -10,7 +10,9 @@ into the next, and the tool-server line (the test starts that server itself and 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +27,13 @@ from tests.test_agents_e2e import ToolServer
 
 TOOLS_LINE = ".venv/bin/python -m loadtest.mock_tools --port 8002 &"
 CURL_FAILS = 'curl() { command curl --fail-with-body "$@"; echo; }\n'  # an HTTP error fails the block
+
+
+def agents_blocks() -> list[tuple[str, str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("\n## Agents\n") :]
+    section = section[: section.index("\n## ", 1)]
+    return re.findall(r"```(bash|python)\n(.*?)```", section, re.S)
 
 
 def _ready(url: str) -> bool:
@@ -65,6 +74,122 @@ def newcomer(tmp_path_factory):
         serve.wait(60)
         log.close()
         tools.stop()
+
+
+class Reader:
+    """Runs the section's blocks one by one, with the exports of its first block."""
+
+    def __init__(self, ctx: dict) -> None:
+        self.ctx = ctx
+        self.setup = ""
+        self.env = dict(ctx["env"])
+        self.request_id = ""
+
+    def localize(self, code: str) -> str:
+        code = code.replace("localhost:8000", f"localhost:{self.ctx['port']}")
+        code = code.replace("127.0.0.1:8000", f"127.0.0.1:{self.ctx['port']}")
+        if "req_..." in code and "print(" not in code:
+            assert self.request_id, "a block uses the request id before one was printed"
+            code = code.replace("req_...", self.request_id)
+        return code
+
+    def bash(self, code: str) -> str:
+        code = self.localize(code)
+        if TOOLS_LINE in code:  # the tool server: the fixture runs it on a free port
+            code = code.replace(TOOLS_LINE, "")
+        script = "set -euo pipefail\n" + CURL_FAILS + self.setup + code
+        out = subprocess.run(
+            ["bash", "-c", script], env=self.env, cwd=self.ctx["work"], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, f"```bash\n{code}```\nfailed:\n{out.stdout}\n{out.stderr}"
+        if not self.setup:  # the first block: its exports hold for every later block
+            self.setup = code
+            probe = subprocess.run(
+                ["bash", "-c", f"set -euo pipefail\n{code}\nenv -0"],
+                env=self.env,
+                cwd=self.ctx["work"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            self.env = dict(kv.split("=", 1) for kv in probe.stdout.split("\0") if "=" in kv)
+        return out.stdout
+
+    def python(self, code: str) -> str:
+        code = self.localize(code)
+        prelude = "" if "client = OpenAI(" in code else "from openai import OpenAI\n\nclient = OpenAI()\n"
+        out = subprocess.run(
+            [sys.executable, "-c", prelude + code],
+            env=self.env,
+            cwd=self.ctx["work"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, f"```python\n{code}```\nfailed:\n{out.stdout}\n{out.stderr}"
+        found = re.findall(r"req_[0-9a-f]+", out.stdout)
+        if found:
+            self.request_id = found[-1]
+        return out.stdout
+
+    def admin(self, path: str) -> httpx.Response:
+        key = self.env["GATEWAY_MASTER_KEY"]
+        return httpx.get(f"{self.ctx['url']}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def test_the_agents_section_runs_as_written(newcomer):
+    blocks = agents_blocks()
+    assert len(blocks) >= 8 and blocks[0][0] == "bash" and "OPENAI_BASE_URL" in blocks[0][1]
+    assert any(TOOLS_LINE in code for _, code in blocks), "the tool server line the test stands in for"
+    reader = Reader(newcomer)
+    outputs = []
+    for lang, code in blocks:
+        if "/experiments -H" in code:  # the report reads what the previous block's turns wrote, in batches
+            wait_until(
+                lambda: (
+                    sum(
+                        v["conversations"]
+                        for v in reader.admin("/admin/agents/helpdesk/experiments").json()["data"][0]["variants"]
+                    )
+                    >= 20
+                ),
+                timeout=30,
+                what="the A/B turns in the report",
+            )
+        if "/admin/runs/" in code:  # the run record is written off the request path
+            wait_until(lambda: reader.admin(f"/admin/runs/{reader.request_id}").status_code == 200, 30, "the run")
+        if "/conversations/" in code:
+            wait_until(
+                lambda: (
+                    len(
+                        reader.admin("/admin/agents/helpdesk/conversations/whatsapp-4915112345678/messages").json()[
+                            "data"
+                        ]
+                    )
+                    >= 4
+                ),
+                timeout=30,
+                what="the conversation's turns",
+            )
+        outputs.append((code, reader.bash(code) if lang == "bash" else reader.python(code)))
+    printed = "\n".join(out for _, out in outputs)
+    # What the section says the blocks print.
+    assert "echo: Where is my order A-1234?" in printed
+    assert "echo: And when will it arrive?" in printed
+    assert '"agent:helpdesk"' in printed and '"agent:support"' in printed  # GET /v1/models
+    assert "agent:helpdesk -> version 1" in printed and "agent:helpdesk@staging -> version 2" in printed
+    assert "agent:helpdesk@1 -> version 1" in printed
+    assert "400 metadata.variables.customer_name" in printed
+    assert '"promoted":"2"' in printed
+    assert "tool result: " in printed and '"status":"pending"' in printed and '"id":"A1"' in printed
+    run = json.loads(next(out for code, out in outputs if "/admin/runs/" in code))
+    tools = [s for s in run["steps"] if s["kind"] == "tool"]
+    assert {(s["name"], s["status"]) for s in tools} == {("order_status", "ok"), ("lookup_order", "ok")}
+    # The run record's reason codes are a list (or null), not JSON text inside a string.
+    assert run["confidence_reasons"] is None or isinstance(run["confidence_reasons"], list), run
+    # The conversation the section held is stored, both turns.
+    messages = next(out for code, out in outputs if "/conversations/" in code)
+    assert "And when will it arrive?" in messages
 
 
 def test_a_key_restricted_to_an_agent_lists_and_finds_only_what_it_may_use(newcomer):
