@@ -1,7 +1,8 @@
 """The README's Agents section, run as a newcomer runs it: every ```bash and ```python block of
 the section, in order and as written, against `gateway serve` on the demo default (what
 `make run` starts: no config, embedded PostgreSQL and Valkey, the bundled mock provider), from a
-directory laid out like the repository (`.data`, `.venv`, `examples/`).
+directory laid out like the repository (`.data`, `.venv`, `examples/`). The admin block of the
+Budgets section runs after it, with the same exports.
 
 What the test changes in a block is only what differs on this machine: the port (8000 → a free
 one, and the tool server's 8002 → a free one), the request id the reader copies from one block
@@ -29,9 +30,9 @@ TOOLS_LINE = ".venv/bin/python -m loadtest.mock_tools --port 8002 &"
 CURL_FAILS = 'curl() { command curl --fail-with-body "$@"; echo; }\n'  # an HTTP error fails the block
 
 
-def agents_blocks() -> list[tuple[str, str]]:
+def agents_blocks(heading: str = "## Agents") -> list[tuple[str, str]]:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("\n## Agents\n") :]
+    section = text[text.index(f"\n{heading}") :]
     section = section[: section.index("\n## ", 1)]
     return re.findall(r"```(bash|python)\n(.*?)```", section, re.S)
 
@@ -187,6 +188,9 @@ def test_the_agents_section_runs_as_written(newcomer):
     assert {(s["name"], s["status"]) for s in tools} == {("order_status", "ok"), ("lookup_order", "ok")}
     # The run record's reason codes are a list (or null), not JSON text inside a string.
     assert run["confidence_reasons"] is None or isinstance(run["confidence_reasons"], list), run
+    # The admin block of the budgets section, with the same exports.
+    admin = [reader.bash(code) for lang, code in agents_blocks("## Budgets") if lang == "bash"]
+    assert admin and '"key":"sk-gw-' in admin[0] and '"scope":"customer"' in admin[0], admin
     # The conversation the section held is stored, both turns.
     messages = next(out for code, out in outputs if "/conversations/" in code)
     assert "And when will it arrive?" in messages
