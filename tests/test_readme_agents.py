@@ -182,6 +182,7 @@ def test_the_agents_section_runs_as_written(newcomer):
     assert "agent:helpdesk@1 -> version 1" in printed
     assert "400 metadata.variables.customer_name" in printed
     assert '"promoted":"2"' in printed
+    assert "true Sorry, I can't answer right now." in printed  # agent-support.json's fallback_message
     assert "tool result: " in printed and '"status":"pending"' in printed and '"id":"A1"' in printed
     run = json.loads(next(out for code, out in outputs if "/admin/runs/" in code))
     tools = [s for s in run["steps"] if s["kind"] == "tool"]
