@@ -256,3 +256,27 @@ def test_the_run_record_gives_reason_codes_as_a_list(newcomer):
         runs.append(httpx.get(f"{url}/admin/runs/{rid}", headers=admin).json())
     assert runs[0]["confidence_reasons"] == ["tool_failure"], runs[0]
     assert runs[1]["confidence_reasons"] is None, runs[1]
+
+
+def test_the_cli_lists_every_label_of_a_version(newcomer):
+    """`gateway agents versions helpdesk` showed `latest,production,stagin`: the labels column was
+    cut at 24 characters. Labels now come last, whole."""
+    url = newcomer["url"]
+    admin = {"Authorization": f"Bearer {(newcomer['work'] / '.data' / 'master.key').read_text().strip()}"}
+    agent = {"name": "labelled", "model": "demo-gpt", "template": "You answer briefly.", "note": "first"}
+    assert httpx.post(f"{url}/admin/agents", headers=admin, json=agent, timeout=30).status_code == 201
+    labels = ["staging", "canary-eu-west-1", "holiday-campaign"]
+    for label in labels:
+        r = httpx.put(f"{url}/admin/agents/labelled/labels/{label}", headers=admin, json={"version": 1}, timeout=30)
+        assert r.status_code == 200, r.text
+    out = subprocess.run(
+        [".venv/bin/gateway", "agents", "versions", "labelled"],
+        env=newcomer["env"],
+        cwd=newcomer["work"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.split()[0] == "1")
+    assert set(row.split()[-1].split(",")) == {"latest", "production", *labels}, out.stdout
