@@ -202,7 +202,7 @@ def test_a_key_restricted_to_an_agent_lists_and_finds_only_what_it_may_use(newco
     demo-embedding, which it is refused (403) on; it lists and finds only what it may call."""
     url = newcomer["url"]
     admin = {"Authorization": f"Bearer {(newcomer['work'] / '.data' / 'master.key').read_text().strip()}"}
-    agent = {"name": "scoped", "model": "demo-gpt", "template": "You answer briefly."}
+    agent = {"name": "scoped", "model": "demo-claude", "template": "You answer briefly."}
     assert httpx.post(f"{url}/admin/agents", headers=admin, json=agent, timeout=30).status_code == 201
     created = httpx.post(f"{url}/admin/keys", headers=admin, json={"name": "one-agent", "models": ["agent:scoped"]})
     assert created.status_code == 201, created.text
@@ -240,7 +240,7 @@ def test_the_run_record_gives_reason_codes_as_a_list(newcomer):
             "allow_private_networks": True,
         },
     }
-    agent = {"name": "flaky", "model": "demo-gpt", "template": "You answer briefly.", "tools": [failing]}
+    agent = {"name": "flaky", "model": "demo-claude", "template": "You answer briefly.", "tools": [failing]}
     assert httpx.post(f"{url}/admin/agents", headers=admin, json=agent, timeout=30).status_code == 201
     dev = {"Authorization": f"Bearer {(newcomer['work'] / '.data' / 'dev.key').read_text().strip()}"}
     ids = []
@@ -263,7 +263,7 @@ def test_the_cli_lists_every_label_of_a_version(newcomer):
     cut at 24 characters. Labels now come last, whole."""
     url = newcomer["url"]
     admin = {"Authorization": f"Bearer {(newcomer['work'] / '.data' / 'master.key').read_text().strip()}"}
-    agent = {"name": "labelled", "model": "demo-gpt", "template": "You answer briefly.", "note": "first"}
+    agent = {"name": "labelled", "model": "demo-claude", "template": "You answer briefly.", "note": "first"}
     assert httpx.post(f"{url}/admin/agents", headers=admin, json=agent, timeout=30).status_code == 201
     labels = ["staging", "canary-eu-west-1", "holiday-campaign"]
     for label in labels:
