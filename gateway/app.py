@@ -233,12 +233,16 @@ class GatewayApp:
         ident = await self.svc.auth.authenticate_scope(scope)
         data = [self._model_object(m) for m in self.svc.router.models]
         data += rerank.local_model_objects(self.svc, self._created)  # the local re-ranker, when loaded
+        if ident.models:  # a key restricted to models lists only those it may use (else a 403 on call)
+            data = [m for m in data if m["id"] in ident.models]
         data += self._agent_objects(ident)
         await http.send_json(send, 200, {"object": "list", "data": data}, rid, crid=crid)
 
     async def _model(self, scope, rid: str, crid: str | None, send, model_id: str) -> None:
         ident = await self.svc.auth.authenticate_scope(scope)
         model = self.svc.router.model(model_id)
+        if ident.models and not model_id.startswith(AGENT_PREFIX) and model_id not in ident.models:
+            raise ModelNotFound(f"The model '{excerpt(model_id)}' does not exist", param="model")  # as /v1/models
         if model is None:
             found = [a for a in self._agent_objects(ident) if a["id"] == model_id]
             found += [m for m in rerank.local_model_objects(self.svc, self._created) if m["id"] == model_id]

@@ -130,10 +130,10 @@ async def _run(args: argparse.Namespace, database_url: str, redis_url: str) -> i
                 print(f"{r['tenant'][:14]:14} {r['name'][:24]:24} {r['model'][:20]:20} {latest:>6} {labels}")
         elif args.agents_cmd == "versions":
             agent = await _one(conn, args.name, args.tenant)
-            print(f"{'VERSION':>7} {'CREATED':20} {'LABELS':24} NOTE")
-            for v in await store.list_versions(conn, agent):
+            print(f"{'VERSION':>7} {'CREATED':20} {'NOTE':40} LABELS")
+            for v in await store.list_versions(conn, agent):  # labels last and whole (they were cut at 24)
                 created = f"{v['created_at']:%Y-%m-%d %H:%M:%S}"
-                print(f"{v['version']:>7} {created:20} {','.join(v['labels'])[:24]:24} {(v['note'] or '')[:60]}")
+                print(f"{v['version']:>7} {created:20} {(v['note'] or '')[:40]:40} {','.join(v['labels'])}")
         else:
             if args.label == "latest":
                 raise GatewayError("'latest' always points at the newest version")

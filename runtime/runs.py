@@ -292,6 +292,8 @@ class RunRecorder:
             return None
         out = dict(row)
         out["steps"] = orjson.loads(out["steps"]) if isinstance(out["steps"], str) else out["steps"]
+        reasons = out.get("confidence_reasons")  # jsonb, as text: a list of reason codes, or null
+        out["confidence_reasons"] = orjson.loads(reasons) if isinstance(reasons, str) else reasons
         out["created_at"] = out["created_at"].timestamp()
         return out
 
