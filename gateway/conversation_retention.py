@@ -16,11 +16,11 @@ just lowered) is worked off over several sweeps, never in one long transaction.
 from __future__ import annotations
 
 import logging
-import os
 
 import asyncpg
 
 from core.background import Periodic
+from core.env import env_float
 from gateway.db import tenant_transaction
 
 log = logging.getLogger("gateway.agents")
@@ -57,11 +57,7 @@ SELECT count(*) FROM gone
 
 
 def interval() -> float:
-    try:
-        value = float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL))
-    except ValueError:
-        return DEFAULT_INTERVAL
-    return value if value > 0 else DEFAULT_INTERVAL
+    return env_float(INTERVAL_ENV, DEFAULT_INTERVAL) or DEFAULT_INTERVAL
 
 
 async def sweep(pool: asyncpg.Pool) -> int:
