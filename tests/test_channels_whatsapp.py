@@ -212,6 +212,17 @@ def rows(database_url: str, sql: str, *args) -> list[dict]:
     return asyncio.run(go())
 
 
+def execute(database_url: str, sql: str) -> None:
+    async def go():
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
 def queue_idle(gw: Gateway, name: str) -> bool:
     stats = admin(gw, "GET", f"/admin/queues/{name}").json()
     return stats["depth"] == 0 and stats["pending"] == 0 and stats["delayed"] == 0
@@ -957,6 +968,48 @@ def test_a_long_answer_whose_pieces_all_fail_for_the_closed_window_goes_whole_as
     replies = [s["template"]["components"][0]["parameters"][1]["text"] for s in sent[2:]]
     assert all(len(r) <= 1024 for r in replies)
     assert " ".join(replies) == whole
+
+
+def test_a_retry_after_the_window_template_went_sends_no_piece_of_the_answer_again(wa, graph, services):
+    """Meta refuses the second free-form piece of a long answer at once (131047): the rest of
+    the answer (one short sentence) goes as the window template. The job then fails before it
+    ends (its record write fails: a PostgreSQL hiccup; a worker killed there does the same) and
+    is retried. The retry took the key's "template" to mean the whole answer went as templates,
+    cut the whole text (4,100 characters: five templates) and sent the four it had no field
+    for: the customer read most of the answer a second time. Every try of a template key now
+    cuts the text its first try sent."""
+    _register_reengage(wa)
+    wa_id = new_wa_id()
+    directive = '[[graph:{"error": 131047, "times": 1}]]'
+    body = "Sentence number one. " * 192 + f"The last words {directive} end here."  # echoed: 4,037 + 64
+    assert len(body) == 4096
+    fail_once = f"""
+        CREATE SEQUENCE IF NOT EXISTS s24_fail_once;
+        CREATE OR REPLACE FUNCTION s24_fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.wa_id = '{wa_id}' AND NEW.kind = 'template' AND nextval('s24_fail_once') = 1 THEN
+                RAISE EXCEPTION 's24: the record write fails once';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER s24_fail_once BEFORE INSERT ON whatsapp_messages
+            FOR EACH ROW EXECUTE FUNCTION s24_fail_once();
+    """
+    execute(services[0], fail_once)
+    try:
+        say(wa, "acme", wa_id, body)
+        wait_until(lambda: len(graph.sent_to(wa_id)) >= 2, what="the text piece and the template")
+        wait_until(lambda: rows(services[0], "SELECT is_called FROM s24_fail_once")[0]["is_called"], what="the failure")
+        wait_until(lambda: queue_idle(wa, "wa-inbound"), what="the turn's retry done")
+    finally:
+        execute(
+            services[0],
+            "DROP TRIGGER IF EXISTS s24_fail_once ON whatsapp_messages; DROP FUNCTION IF EXISTS s24_fail_once();"
+            " DROP SEQUENCE IF EXISTS s24_fail_once",
+        )
+    sent = graph.sent_to(wa_id)
+    assert [s["type"] for s in sent] == ["text", "template"], [s["type"] for s in sent]
+    assert sent[1]["template"]["components"][0]["parameters"][1]["text"] == "The last words " + directive + " end here."
 
 
 def test_attack_an_admin_send_retried_with_its_idempotency_key_reaches_each_customer_once(wa, graph):

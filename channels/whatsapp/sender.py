@@ -228,14 +228,16 @@ class Sender:
             # A parameter holds MAX_TEMPLATE_VALUE characters: a longer reply goes as as many
             # templates as it takes (cut at sentence ends), never cut off and reported sent.
             pieces = [text]
-            flat = " ".join(text.split())
-            if "reply" in (tpl.get("variables") or ()) and len(flat) > MAX_TEMPLATE_VALUE:
-                # Every try of this key cuts the same text (the first try's): a retry, or a second
-                # job on the key, given another text would send pieces of two different cuts.
+            if "reply" in (tpl.get("variables") or ()):
+                # Every try of this key cuts the same text (the first try's), however short: a
+                # retry, or a second job on the key, given another text (a turn's retry has the
+                # whole answer where its first try sent only the pieces Meta refused) would send
+                # pieces of two different cuts.
+                flat = " ".join(text.split())
                 skey = state_key(conv.account, key)
                 if not await self._claim(skey, "template_text", flat):
                     flat = (await self.kv.get(skey)).get("template_text") or flat
-                pieces = split_reply(flat, limit=MAX_TEMPLATE_VALUE, max_parts=acct.max_reply_parts)
+                pieces = split_reply(flat, limit=MAX_TEMPLATE_VALUE, max_parts=acct.max_reply_parts) or [text]
             for i, piece in enumerate(pieces):
                 field_ = "template" if i == 0 else f"template{i}"
                 done = await self.send_template(
