@@ -1012,6 +1012,21 @@ def test_a_retry_after_the_window_template_went_sends_no_piece_of_the_answer_aga
     assert sent[1]["template"]["components"][0]["parameters"][1]["text"] == "The last words " + directive + " end here."
 
 
+def test_an_answer_that_reads_pending_reaches_the_customer_as_written(wa, graph, services):
+    """The turn's send state holds its answer (``reply``) beside the pieces' fields, whose values
+    ``pending`` / ``unknown`` mean a send of unknown fate. An answer that was the word "pending"
+    was taken for one: recorded as a send of unknown fate, and rewritten to "unknown" in the
+    state, so the retry after a throttled send told the customer "unknown"."""
+    wa_id = new_wa_id()
+    graph._post("/_mock/faults", {"to": wa_id, "errors": [130429]})
+    say(wa, "acme", wa_id, 'Where is my order? [[mock:{"reply": "pending"}]]')
+    wait_sent(graph, wa_id, 1)
+    wait_until(lambda: queue_idle(wa, "wa-inbound"), what="the turn done")
+    assert [s["text"] for s in graph.sent_to(wa_id)] == ["pending"]
+    out = rows(services[0], "SELECT status FROM whatsapp_messages WHERE wa_id = $1 AND direction = 'out'", wa_id)
+    assert [r["status"] for r in out] == ["sent"]
+
+
 def test_attack_an_admin_send_retried_with_its_idempotency_key_reaches_each_customer_once(wa, graph):
     admin(
         wa,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ log = logging.getLogger("channels.whatsapp")
 
 STATE_TTL = 8 * 86_400  # longer than Meta's retries of a webhook
 MAX_TEMPLATE_VALUE = 1024
+PIECE_FIELD = re.compile(r"^(p[0-9]+|template[0-9]*)\Z")  # a piece's field of a key's state
 
 
 @dataclass
@@ -142,8 +144,10 @@ class Sender:
         out = Outcome()
         if state is None:  # (a caller that has just read the key's state passes it)
             state = await self.state(conv.account, key)
-        out.unknown = sum(1 for v in state.values() if v in ("pending", "unknown"))
-        for field_, value in state.items():
+        # (the pieces' fields only: the key's state also holds a turn's answer, which may read "pending")
+        pieces = {f: v for f, v in state.items() if PIECE_FIELD.match(f)}
+        out.unknown = sum(1 for v in pieces.values() if v in ("pending", "unknown"))
+        for field_, value in pieces.items():
             if value == "pending":  # a worker stopped mid-send: it may have gone out; reported, never re-sent
                 skey = state_key(conv.account, key)
                 await self.kv.set(skey, field_, "unknown")
