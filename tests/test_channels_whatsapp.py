@@ -1012,6 +1012,34 @@ def test_a_retry_after_the_window_template_went_sends_no_piece_of_the_answer_aga
     assert sent[1]["template"]["components"][0]["parameters"][1]["text"] == "The last words " + directive + " end here."
 
 
+def test_the_templates_of_an_answer_whose_pieces_both_failed_reach_the_customer_in_order(wa, graph, services):
+    """Both free-form pieces of a long answer fail later for the closed window (131047): each
+    failure status is a job of the (unordered) status queue, and both send the answer's window
+    templates under one key. The first job's first template was throttled (130429, answered
+    late); the second job, finding that piece taken, went on and sent the later pieces, and the
+    first piece went last, on the first job's retry: the customer read the answer's beginning
+    after its end. The templates of one answer now go out in order."""
+    _register_reengage(wa)
+    slow_throttle = '[[graph:{"error": 130429, "times": 1, "on": "template", "delay_ms": 2000}]]'
+    graph.configure(statuses=True, status_order=["failed:131047"])
+    try:
+        wa_id = new_wa_id()
+        body = slow_throttle + " " + "Sentence number one. " * 191
+        body += "z" * (4095 - len(body)) + "."  # echoed: two pieces of text (4,092 and 9 characters)
+        say(wa, "acme", wa_id, body)
+        whole = " ".join(("echo: " + body).split())
+
+        def params() -> list[str]:
+            return [s["template"]["components"][0]["parameters"][1]["text"] for s in graph.sent_to(wa_id)[2:]]
+
+        wait_until(lambda: len(" ".join(params())) >= len(whole), timeout=60, what="the whole answer's templates")
+        wait_until(lambda: queue_idle(wa, "wa-status") and queue_idle(wa, "wa-inbound"), what="statuses processed")
+    finally:
+        graph.configure(statuses=False, status_order=["sent", "delivered", "read"])
+    assert [s["type"] for s in graph.sent_to(wa_id)][:2] == ["text", "text"]
+    assert " ".join(params()) == whole
+
+
 def test_an_answer_that_reads_pending_reaches_the_customer_as_written(wa, graph, services):
     """The turn's send state holds its answer (``reply``) beside the pieces' fields, whose values
     ``pending`` / ``unknown`` mean a send of unknown fate. An answer that was the word "pending"

@@ -138,9 +138,11 @@ class Sender:
         variables: dict | None = None,
         template_fallback: bool = True,
         state: dict[str, str] | None = None,
+        window_closed: bool = False,
     ) -> Outcome:
         """``template_fallback`` False: outside the window the text is held even when the account
-        has a window template (a proactive text is not the template's to stand in for)."""
+        has a window template (a proactive text is not the template's to stand in for).
+        ``window_closed``: Meta failed the text for the closed window: no free-form is tried."""
         out = Outcome()
         if state is None:  # (a caller that has just read the key's state passes it)
             state = await self.state(conv.account, key)
@@ -166,7 +168,7 @@ class Sender:
             return out
         if "template" in state:  # it went as the window template: its remaining pieces too, never free-form
             return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
-        if not conv.window_open():
+        if window_closed or not conv.window_open():
             return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
         for i, piece in enumerate(split_reply(text, max_parts=acct.max_reply_parts)):
             message = {"type": "text", "text": {"body": piece, "preview_url": False}}
@@ -214,12 +216,6 @@ class Sender:
         if wamid:
             out.sent.append(wamid)
         return out
-
-    async def outside_window(
-        self, acct: WhatsAppAccount, conv: store.Conversation, key: str, text: str, reply_to: str | None
-    ) -> Outcome:
-        """What is done with a text that cannot go free-form (the window template, or held)."""
-        return await self._outside_window(acct, conv, key, text, "text", reply_to, None, Outcome())
 
     async def _outside_window(
         self, acct, conv, key, text, kind, reply_to, variables, out: Outcome, template_fallback: bool = True
