@@ -26,8 +26,13 @@ from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, run_cli, wait_u
 
 TENANT = f"wa-{uuid.uuid4().hex[:6]}"
 TOKEN = "graph-token-test"
-SECRETS = {"acme": "acme-app-secret-0123", "beta": "beta-app-secret-4567", "burst": "burst-app-secret-89ab"}
-PNIDS = {"acme": "1001", "beta": "2002", "burst": "3003"}
+SECRETS = {
+    "acme": "acme-app-secret-0123",
+    "beta": "beta-app-secret-4567",
+    "burst": "burst-app-secret-89ab",
+    "brief": "brief-app-secret-cdef",
+}
+PNIDS = {"acme": "1001", "beta": "2002", "burst": "3003", "brief": "4004"}
 VERIFY = "verify-token-0123"
 FALLBACK = "Sorry, we are having trouble. A person will get back to you."
 ENV = {
@@ -108,6 +113,7 @@ def wa(tmp_root, services, module_mock, graph):
                 ),
                 "beta": account("beta", graph_base_url=graph_url, media_quota_bytes=40),
                 "burst": account("burst", graph_base_url=graph_url, debounce=1.0),
+                "brief": account("brief", graph_base_url=graph_url, window_template="reengage", max_reply_parts=1),
             }
         },
     }
@@ -1037,6 +1043,30 @@ def test_the_templates_of_an_answer_whose_pieces_both_failed_reach_the_customer_
     finally:
         graph.configure(statuses=False, status_order=["sent", "delivered", "read"])
     assert [s["type"] for s in graph.sent_to(wa_id)][:2] == ["text", "text"]
+    assert " ".join(params()) == whole
+
+
+def test_an_answer_one_free_form_message_carries_is_not_cut_when_it_goes_as_templates(wa, graph):
+    """``max_reply_parts`` bounds the messages of one answer: 1 here, which carries 4,096
+    characters of free-form text. Outside the window the answer goes as templates of 1,024
+    characters, and their cut was bounded by the same number: the answer one text would have
+    carried whole was cut after its first 1,024 characters, the rest dropped without a word
+    and the send reported done. The templates now carry what the free-form pieces would."""
+    body = {"account": "brief", "name": "reengage", "language": "en_US", "variables": ["reply"]}
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=body).status_code == 201
+    wa_id = new_wa_id()
+    sentences = " ".join(f"Point {i:02d} of the answer is here." for i in range(70))  # ~2,200 characters
+    old = time.time() - 25 * 3600  # its window closed before it was answered
+    say(wa, "brief", wa_id, sentences, ts=old)
+    whole = "echo: " + sentences
+
+    def params() -> list[str]:
+        return [s["template"]["components"][0]["parameters"][0]["text"] for s in graph.sent_to(wa_id)]
+
+    wait_sent(graph, wa_id, 1)
+    wait_until(lambda: queue_idle(wa, "wa-inbound"), what="the turn done")
+    assert all(s["type"] == "template" for s in graph.sent_to(wa_id))
+    assert all(len(p) <= 1024 for p in params())
     assert " ".join(params()) == whole
 
 

@@ -237,7 +237,11 @@ class Sender:
                 skey = state_key(conv.account, key)
                 if not await self._claim(skey, "template_text", flat):
                     flat = (await self.kv.get(skey)).get("template_text") or flat
-                pieces = split_reply(flat, limit=MAX_TEMPLATE_VALUE, max_parts=acct.max_reply_parts) or [text]
+                # What the free-form pieces would carry (max_reply_parts of them), in as many
+                # templates as it takes (a piece is cut at no less than half its limit): never less.
+                kept = " ".join(split_reply(flat, max_parts=acct.max_reply_parts))
+                parts = len(kept) // (MAX_TEMPLATE_VALUE // 2) + 1
+                pieces = split_reply(kept, limit=MAX_TEMPLATE_VALUE, max_parts=parts) or [text]
             for i, piece in enumerate(pieces):
                 field_ = "template" if i == 0 else f"template{i}"
                 done = await self.send_template(
