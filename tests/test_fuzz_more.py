@@ -272,6 +272,39 @@ def test_the_table_digest_sees_writes_whose_row_versions_keep_the_xmin_sum(servi
         db.close()
 
 
+def test_the_table_digest_ignores_vacuum_and_rolled_back_writes_and_sees_swaps_and_savepoints(services):
+    """What else a request's writes (or the server's housekeeping) may do between two digests:
+    VACUUM FREEZE and a rolled-back write store nothing new (no false alarm); a row deleted and
+    another inserted in one transaction (the count kept), a HOT update and a write inside a
+    released savepoint are writes."""
+    db = Db(services[0])
+    table = ("fz_digest_probe3",)
+
+    def run(sql: str) -> None:  # (several statements: not a prepared one)
+        db.loop.run_until_complete(db.conn.execute(sql))
+
+    try:
+        db.fetch("CREATE TABLE fz_digest_probe3 (id int PRIMARY KEY, v text)")
+        db.fetch("INSERT INTO fz_digest_probe3 SELECT g, 'v' FROM generate_series(1, 50) g")
+        seen = db.digest(table)
+        db.fetch("VACUUM (FREEZE) fz_digest_probe3")
+        assert db.digest(table) == seen
+        run("BEGIN; UPDATE fz_digest_probe3 SET v = 'w'; INSERT INTO fz_digest_probe3 VALUES (99, 'x'); ROLLBACK")
+        assert db.digest(table) == seen
+        for sql in (
+            "BEGIN; DELETE FROM fz_digest_probe3 WHERE id = 1; INSERT INTO fz_digest_probe3 VALUES (1, 'v'); COMMIT",
+            "UPDATE fz_digest_probe3 SET v = v WHERE id = 2",  # HOT: no index column changed
+            "BEGIN; SAVEPOINT s; UPDATE fz_digest_probe3 SET v = 'y' WHERE id = 3; RELEASE s; COMMIT",
+        ):
+            run(sql)
+            now = db.digest(table)
+            assert now != seen, sql
+            seen = now
+    finally:
+        db.fetch("DROP TABLE IF EXISTS fz_digest_probe3")
+        db.close()
+
+
 def _admin(gw: Gateway, method: str, path: str, **kw) -> httpx.Response:
     return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30, **kw)
 
