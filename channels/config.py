@@ -11,11 +11,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ACCOUNT_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
-PHONE_NUMBER_ID = re.compile(r"^[0-9]{1,32}$")  # ASCII: \d takes any script's digits
-AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-_GRAPH_VERSION = re.compile(r"^v[0-9]{1,3}\.[0-9]{1,3}$")
-_HOST = re.compile(r"^[a-z0-9.\-]{1,253}(:[0-9]{1,5})?$")
+ACCOUNT_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}\Z")
+PHONE_NUMBER_ID = re.compile(r"^[0-9]{1,32}\Z")  # ASCII: \d takes any script's digits
+AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")
+_GRAPH_VERSION = re.compile(r"^v[0-9]{1,3}\.[0-9]{1,3}\Z")
+_HOST = re.compile(r"^[a-z0-9.\-]{1,253}(:[0-9]{1,5})?\Z")
 
 
 class ChannelConfigError(Exception):

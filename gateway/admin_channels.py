@@ -32,13 +32,13 @@ from gateway.db import tenant_transaction
 
 MAX_RECIPIENTS = 1000
 MAX_TEXT = 4096 * 4
-_TEMPLATE_NAME = re.compile(r"^[a-z0-9_]{1,512}$")
-_LANGUAGE = re.compile(r"^[a-z]{2,3}(_[A-Z]{2})?$")
-_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_IDEMPOTENCY = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_TEMPLATE_NAME = re.compile(r"^[a-z0-9_]{1,512}\Z")
+_LANGUAGE = re.compile(r"^[a-z]{2,3}(_[A-Z]{2})?\Z")
+_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+_IDEMPOTENCY = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
 # A WhatsApp id as Meta writes it: the E.164 number without '+' (no leading zero, 7-15 digits).
 # "0044…" for the customer "44…" would be a second conversation for one person.
-_RECIPIENT = re.compile(r"^[1-9][0-9]{6,14}$")
+_RECIPIENT = re.compile(r"^[1-9][0-9]{6,14}\Z")
 TEMPLATE_FIELDS = frozenset({"account", "name", "language", "category", "variables", "description"})
 SEND_FIELDS = frozenset({"account", "phone_number_id", "to", "text", "template"})
 STATUSES = ("received", "sent", "delivered", "read", "failed", "held", "unknown")

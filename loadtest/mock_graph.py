@@ -15,10 +15,12 @@
 
 Faults, by directive: ``POST /_mock/faults {"to": "<wa_id>" | "*", "errors": [130429, 500, ...]}``
 (each consumed by one send), or ``[[graph:{"error": 131047, "times": 1}]]`` inside a text body (the
-first ``times`` sends carrying that directive fail). ``POST /_mock/window {"wa_id", "open": false}``
-closes a customer's 24-hour window (free-form text then fails with 131047); ``rate_per_second``
-(config) answers 130429 past that many sends a second per number. A template parameter with a
-new line, a tab or more than four spaces in a row is refused with 132018, as Meta does.
+first ``times`` sends carrying that directive fail; ``"on": "template"``: the templates carrying it
+in a parameter instead; ``"delay_ms"``: the error is answered that late).
+``POST /_mock/window {"wa_id", "open": false}`` closes a customer's 24-hour window (free-form
+text then fails with 131047); ``rate_per_second`` (config) answers 130429 past that many sends a
+second per number. A template parameter with a new line, a tab or more than four spaces in a row
+is refused with 132018, as Meta does.
 
 Inspection: ``GET /_mock/sent`` (sends), ``GET /_mock/reads``, ``DELETE /_mock/sent`` clears;
 ``POST /_mock/config`` sets token, webhook_url, app_secret, statuses, status_order, status_delay_ms,
@@ -72,13 +74,18 @@ def _graph_error(code: int) -> tuple[int, dict]:
     }
 
 
-def _bad_template_params(template) -> bool:
+def _template_texts(template) -> list[str]:
     components = template.get("components") if isinstance(template, dict) else None
+    out = []
     for comp in components if isinstance(components, list) else ():
         for param in comp.get("parameters") or () if isinstance(comp, dict) else ():
-            if isinstance(param, dict) and _BAD_PARAM.search(str(param.get("text") or "")):
-                return True
-    return False
+            if isinstance(param, dict):
+                out.append(str(param.get("text") or ""))
+    return out
+
+
+def _bad_template_params(template) -> bool:
+    return any(_BAD_PARAM.search(text) for text in _template_texts(template))
 
 
 def _status(wamid: str, status: str, to: str) -> dict:
@@ -178,11 +185,14 @@ class MockGraph:
         return await self._json(send, 404, {"error": {"message": f"Unknown path {method} {path}", "code": 100}})
 
     # ---- sends ------------------------------------------------------------------------------
-    def _fault(self, to: str, req: dict) -> int | None:
+    def _fault(self, to: str, req: dict) -> tuple[int | None, float]:
+        """The error code to answer this send with (None: it goes), and how late to answer it."""
         for who in (to, "*"):
             if self.faults[who]:
-                return self.faults[who].popleft()
+                return self.faults[who].popleft(), 0.0
         text = ((req.get("text") or {}).get("body")) or ""
+        if req.get("type") == "template":  # a directive in a parameter (an answer sent as the template)
+            text = " ".join(_template_texts(req.get("template")))
         found = _DIRECTIVE.search(text) if isinstance(text, str) else None
         if found:
             try:
@@ -190,10 +200,11 @@ class MockGraph:
             except orjson.JSONDecodeError:
                 d = {}
             mark = (to, found.group(1))
-            if "error" in d and self.directive_uses[mark] < int(d.get("times", 1)):
+            on = d.get("on", "text")  # the directive fails sends of this type only
+            if "error" in d and on == req.get("type") and self.directive_uses[mark] < int(d.get("times", 1)):
                 self.directive_uses[mark] += 1
-                return int(d["error"])
-        return None
+                return int(d["error"]), float(d.get("delay_ms", 0)) / 1000
+        return None, 0.0
 
     async def _messages(self, send, pnid: str, body: bytes) -> None:
         try:
@@ -208,7 +219,7 @@ class MockGraph:
             return await self._json(send, 400, {"error": {"message": "Invalid parameter", "code": 100}})
         if kind == "text" and len(((req.get("text") or {}).get("body")) or "") > 4096:
             return await self._json(send, 400, {"error": {"message": "text too long", "code": 100}})
-        code = self._fault(to, req)
+        code, late_error = self._fault(to, req)
         if code is None and kind == "template" and _bad_template_params(req.get("template")):
             code = 132018
         if code is None and kind == "text" and to in self.closed:
@@ -224,6 +235,8 @@ class MockGraph:
         if code is not None:
             self.counts[f"error_{code}"] += 1
             status, doc = _graph_error(code)
+            if late_error:
+                await asyncio.sleep(late_error)
             return await self._json(send, status, doc)
         wamid = f"wamid.MOCK{self._run}{next(self._ids):012d}"
         if self.cfg["record"]:

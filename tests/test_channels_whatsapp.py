@@ -26,8 +26,13 @@ from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, run_cli, wait_u
 
 TENANT = f"wa-{uuid.uuid4().hex[:6]}"
 TOKEN = "graph-token-test"
-SECRETS = {"acme": "acme-app-secret-0123", "beta": "beta-app-secret-4567", "burst": "burst-app-secret-89ab"}
-PNIDS = {"acme": "1001", "beta": "2002", "burst": "3003"}
+SECRETS = {
+    "acme": "acme-app-secret-0123",
+    "beta": "beta-app-secret-4567",
+    "burst": "burst-app-secret-89ab",
+    "brief": "brief-app-secret-cdef",
+}
+PNIDS = {"acme": "1001", "beta": "2002", "burst": "3003", "brief": "4004"}
 VERIFY = "verify-token-0123"
 FALLBACK = "Sorry, we are having trouble. A person will get back to you."
 ENV = {
@@ -108,6 +113,7 @@ def wa(tmp_root, services, module_mock, graph):
                 ),
                 "beta": account("beta", graph_base_url=graph_url, media_quota_bytes=40),
                 "burst": account("burst", graph_base_url=graph_url, debounce=1.0),
+                "brief": account("brief", graph_base_url=graph_url, window_template="reengage", max_reply_parts=1),
             }
         },
     }
@@ -210,6 +216,17 @@ def rows(database_url: str, sql: str, *args) -> list[dict]:
             await conn.close()
 
     return asyncio.run(go())
+
+
+def execute(database_url: str, sql: str) -> None:
+    async def go():
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
 
 
 def queue_idle(gw: Gateway, name: str) -> bool:
@@ -957,6 +974,115 @@ def test_a_long_answer_whose_pieces_all_fail_for_the_closed_window_goes_whole_as
     replies = [s["template"]["components"][0]["parameters"][1]["text"] for s in sent[2:]]
     assert all(len(r) <= 1024 for r in replies)
     assert " ".join(replies) == whole
+
+
+def test_a_retry_after_the_window_template_went_sends_no_piece_of_the_answer_again(wa, graph, services):
+    """Meta refuses the second free-form piece of a long answer at once (131047): the rest of
+    the answer (one short sentence) goes as the window template. The job then fails before it
+    ends (its record write fails: a PostgreSQL hiccup; a worker killed there does the same) and
+    is retried. The retry took the key's "template" to mean the whole answer went as templates,
+    cut the whole text (4,100 characters: five templates) and sent the four it had no field
+    for: the customer read most of the answer a second time. Every try of a template key now
+    cuts the text its first try sent."""
+    _register_reengage(wa)
+    wa_id = new_wa_id()
+    directive = '[[graph:{"error": 131047, "times": 1}]]'
+    body = "Sentence number one. " * 192 + f"The last words {directive} end here."  # echoed: 4,037 + 64
+    assert len(body) == 4096
+    fail_once = f"""
+        CREATE SEQUENCE IF NOT EXISTS s24_fail_once;
+        CREATE OR REPLACE FUNCTION s24_fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.wa_id = '{wa_id}' AND NEW.kind = 'template' AND nextval('s24_fail_once') = 1 THEN
+                RAISE EXCEPTION 's24: the record write fails once';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER s24_fail_once BEFORE INSERT ON whatsapp_messages
+            FOR EACH ROW EXECUTE FUNCTION s24_fail_once();
+    """
+    execute(services[0], fail_once)
+    try:
+        say(wa, "acme", wa_id, body)
+        wait_until(lambda: len(graph.sent_to(wa_id)) >= 2, what="the text piece and the template")
+        wait_until(lambda: rows(services[0], "SELECT is_called FROM s24_fail_once")[0]["is_called"], what="the failure")
+        wait_until(lambda: queue_idle(wa, "wa-inbound"), what="the turn's retry done")
+    finally:
+        execute(
+            services[0],
+            "DROP TRIGGER IF EXISTS s24_fail_once ON whatsapp_messages; DROP FUNCTION IF EXISTS s24_fail_once();"
+            " DROP SEQUENCE IF EXISTS s24_fail_once",
+        )
+    sent = graph.sent_to(wa_id)
+    assert [s["type"] for s in sent] == ["text", "template"], [s["type"] for s in sent]
+    assert sent[1]["template"]["components"][0]["parameters"][1]["text"] == "The last words " + directive + " end here."
+
+
+def test_the_templates_of_an_answer_whose_pieces_both_failed_reach_the_customer_in_order(wa, graph, services):
+    """Both free-form pieces of a long answer fail later for the closed window (131047): each
+    failure status is a job of the (unordered) status queue, and both send the answer's window
+    templates under one key. The first job's first template was throttled (130429, answered
+    late); the second job, finding that piece taken, went on and sent the later pieces, and the
+    first piece went last, on the first job's retry: the customer read the answer's beginning
+    after its end. The templates of one answer now go out in order."""
+    _register_reengage(wa)
+    slow_throttle = '[[graph:{"error": 130429, "times": 1, "on": "template", "delay_ms": 2000}]]'
+    graph.configure(statuses=True, status_order=["failed:131047"])
+    try:
+        wa_id = new_wa_id()
+        body = slow_throttle + " " + "Sentence number one. " * 191
+        body += "z" * (4095 - len(body)) + "."  # echoed: two pieces of text (4,092 and 9 characters)
+        say(wa, "acme", wa_id, body)
+        whole = " ".join(("echo: " + body).split())
+
+        def params() -> list[str]:
+            return [s["template"]["components"][0]["parameters"][1]["text"] for s in graph.sent_to(wa_id)[2:]]
+
+        wait_until(lambda: len(" ".join(params())) >= len(whole), timeout=60, what="the whole answer's templates")
+        wait_until(lambda: queue_idle(wa, "wa-status") and queue_idle(wa, "wa-inbound"), what="statuses processed")
+    finally:
+        graph.configure(statuses=False, status_order=["sent", "delivered", "read"])
+    assert [s["type"] for s in graph.sent_to(wa_id)][:2] == ["text", "text"]
+    assert " ".join(params()) == whole
+
+
+def test_an_answer_one_free_form_message_carries_is_not_cut_when_it_goes_as_templates(wa, graph):
+    """``max_reply_parts`` bounds the messages of one answer: 1 here, which carries 4,096
+    characters of free-form text. Outside the window the answer goes as templates of 1,024
+    characters, and their cut was bounded by the same number: the answer one text would have
+    carried whole was cut after its first 1,024 characters, the rest dropped without a word
+    and the send reported done. The templates now carry what the free-form pieces would."""
+    body = {"account": "brief", "name": "reengage", "language": "en_US", "variables": ["reply"]}
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=body).status_code == 201
+    wa_id = new_wa_id()
+    sentences = " ".join(f"Point {i:02d} of the answer is here." for i in range(70))  # ~2,200 characters
+    old = time.time() - 25 * 3600  # its window closed before it was answered
+    say(wa, "brief", wa_id, sentences, ts=old)
+    whole = "echo: " + sentences
+
+    def params() -> list[str]:
+        return [s["template"]["components"][0]["parameters"][0]["text"] for s in graph.sent_to(wa_id)]
+
+    wait_sent(graph, wa_id, 1)
+    wait_until(lambda: queue_idle(wa, "wa-inbound"), what="the turn done")
+    assert all(s["type"] == "template" for s in graph.sent_to(wa_id))
+    assert all(len(p) <= 1024 for p in params())
+    assert " ".join(params()) == whole
+
+
+def test_an_answer_that_reads_pending_reaches_the_customer_as_written(wa, graph, services):
+    """The turn's send state holds its answer (``reply``) beside the pieces' fields, whose values
+    ``pending`` / ``unknown`` mean a send of unknown fate. An answer that was the word "pending"
+    was taken for one: recorded as a send of unknown fate, and rewritten to "unknown" in the
+    state, so the retry after a throttled send told the customer "unknown"."""
+    wa_id = new_wa_id()
+    graph._post("/_mock/faults", {"to": wa_id, "errors": [130429]})
+    say(wa, "acme", wa_id, 'Where is my order? [[mock:{"reply": "pending"}]]')
+    wait_sent(graph, wa_id, 1)
+    wait_until(lambda: queue_idle(wa, "wa-inbound"), what="the turn done")
+    assert [s["text"] for s in graph.sent_to(wa_id)] == ["pending"]
+    out = rows(services[0], "SELECT status FROM whatsapp_messages WHERE wa_id = $1 AND direction = 'out'", wa_id)
+    assert [r["status"] for r in out] == ["sent"]
 
 
 def test_attack_an_admin_send_retried_with_its_idempotency_key_reaches_each_customer_once(wa, graph):

@@ -129,11 +129,15 @@ def check(resp: httpx.Response, *, upstream_ok: bool = False) -> None:
 
 def _digest_sql(tables: tuple[str, ...]) -> str:
     # Every row version a write leaves: an INSERT adds a tuple, an UPDATE (even to the same values)
-    # replaces one with a tuple of a new transaction id (xmin), a DELETE removes one. So the count
-    # and the xmins' sum change with any committed write, and reading them never de-toasts a row
-    # (hashing whole rows — 60 KB prompt versions the suite stores — cost seconds per request once
-    # the tables had grown).
-    parts = [f"(SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM {t}) AS {t}" for t in tables]
+    # replaces one with a tuple of the writer's transaction id (xmin), a DELETE removes one. The
+    # xmins themselves (sorted) change with any committed write: for them to stay, a removed
+    # version's xmin would have to be the writer's own id, of a transaction that had committed
+    # before the digest was read. (Their sum does not: a writer whose id is older than a row it
+    # updates lowers it, and can make up for another row's rise.) Reading xmins never de-toasts
+    # a row (hashing whole rows — 60 KB prompt versions the suite stores — cost seconds per
+    # request once the tables had grown).
+    xmins = "md5(coalesce(string_agg(xmin::text, ',' ORDER BY xmin::text::bigint), ''))"
+    parts = [f"(SELECT count(*) || ':' || {xmins} FROM {t}) AS {t}" for t in tables]
     return "SELECT " + ", ".join(parts)
 
 
@@ -225,6 +229,79 @@ def test_the_table_digest_sees_every_kind_of_write(services):
         assert all(a != b for a, b in itertools.pairwise(seen)), seen  # (empty again after the delete)
     finally:
         db.fetch("DROP TABLE IF EXISTS fz_digest_probe")
+        db.close()
+
+
+def test_the_table_digest_sees_writes_whose_row_versions_keep_the_xmin_sum(services):
+    """Rows changed without changing count and sum(xmin): a transaction that took its id (X)
+    before another inserted a row (Y > X) updates that row (its xmin drops by Y - X) and an
+    older one (Z < X: it rises by X - Z); with Y - X = X - Z the sum is as it was. (Any
+    transaction of the gateway's that stays open across another's commit can.) The digest now
+    holds the rows' xmins themselves, which no committed write leaves as they were: a removed
+    version's xmin would have to be the writer's own id, a transaction that had committed
+    before the digest was taken."""
+    db = Db(services[0])
+    table = ("fz_digest_probe2",)
+    holder = db.loop.run_until_complete(asyncpg.connect(services[0]))
+
+    def xid(sql: str, *args) -> int:
+        return int(db.fetch(sql, *args)[0]["x"]) % 2**32
+
+    try:
+        db.fetch("CREATE TABLE fz_digest_probe2 (id bigint PRIMARY KEY, v text)")
+        # older rows, one transaction each (xmins Z, Z+1, ...), then the open transaction's id X
+        older = [
+            xid("INSERT INTO fz_digest_probe2 VALUES ($1, 'a') RETURNING xmin::text::bigint AS x", i) for i in range(20)
+        ]
+        tx = holder.transaction()
+        db.loop.run_until_complete(tx.start())
+        x = int(db.loop.run_until_complete(holder.fetchval("SELECT txid_current()"))) % 2**32
+        y = xid("INSERT INTO fz_digest_probe2 VALUES (100, 'b') RETURNING xmin::text::bigint AS x")
+        z = 2 * x - y  # the older row whose rise (X - Z) makes up for the new row's drop (Y - X)
+        assert z in older, (older, x, y)
+        before = db.digest(table)
+        db.loop.run_until_complete(
+            holder.execute("UPDATE fz_digest_probe2 SET v = 'changed' WHERE id IN ($1, 100)", older.index(z))
+        )
+        db.loop.run_until_complete(tx.commit())
+        assert len(db.fetch("SELECT 1 FROM fz_digest_probe2 WHERE v = 'changed'")) == 2
+        assert db.digest(table) != before
+    finally:
+        db.loop.run_until_complete(holder.close())
+        db.fetch("DROP TABLE IF EXISTS fz_digest_probe2")
+        db.close()
+
+
+def test_the_table_digest_ignores_vacuum_and_rolled_back_writes_and_sees_swaps_and_savepoints(services):
+    """What else a request's writes (or the server's housekeeping) may do between two digests:
+    VACUUM FREEZE and a rolled-back write store nothing new (no false alarm); a row deleted and
+    another inserted in one transaction (the count kept), a HOT update and a write inside a
+    released savepoint are writes."""
+    db = Db(services[0])
+    table = ("fz_digest_probe3",)
+
+    def run(sql: str) -> None:  # (several statements: not a prepared one)
+        db.loop.run_until_complete(db.conn.execute(sql))
+
+    try:
+        db.fetch("CREATE TABLE fz_digest_probe3 (id int PRIMARY KEY, v text)")
+        db.fetch("INSERT INTO fz_digest_probe3 SELECT g, 'v' FROM generate_series(1, 50) g")
+        seen = db.digest(table)
+        db.fetch("VACUUM (FREEZE) fz_digest_probe3")
+        assert db.digest(table) == seen
+        run("BEGIN; UPDATE fz_digest_probe3 SET v = 'w'; INSERT INTO fz_digest_probe3 VALUES (99, 'x'); ROLLBACK")
+        assert db.digest(table) == seen
+        for sql in (
+            "BEGIN; DELETE FROM fz_digest_probe3 WHERE id = 1; INSERT INTO fz_digest_probe3 VALUES (1, 'v'); COMMIT",
+            "UPDATE fz_digest_probe3 SET v = v WHERE id = 2",  # HOT: no index column changed
+            "BEGIN; SAVEPOINT s; UPDATE fz_digest_probe3 SET v = 'y' WHERE id = 3; RELEASE s; COMMIT",
+        ):
+            run(sql)
+            now = db.digest(table)
+            assert now != seen, sql
+            seen = now
+    finally:
+        db.fetch("DROP TABLE IF EXISTS fz_digest_probe3")
         db.close()
 
 

@@ -29,11 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core.config import ConfigError
 
-AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # as runtime/agents.py names agents
-ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-VAPI_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")  # assistant, phone number and call ids (UUIDs)
-E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
-VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")  # a prompt variable's name
+AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")  # as runtime/agents.py names agents
+ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+VAPI_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")  # assistant, phone number and call ids (UUIDs)
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}\Z")
+VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")  # a prompt variable's name
 MIN_SECRET = 16
 
 

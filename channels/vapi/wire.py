@@ -23,7 +23,7 @@ MAX_MESSAGES = 2000  # in one custom-LLM request (a long call's whole transcript
 MAX_TOOLS = 64
 MAX_METADATA_VARIABLES = 20
 MAX_TEXT = 1000  # characters of one metadata value or name
-_VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 CALL_TYPES = frozenset({"inboundPhoneCall", "outboundPhoneCall", "webCall", "vapi.websocketCall"})
 # A web call is started by whoever holds the assistant's public key (a browser): its `customer`
 # object is the visitor's to write, so a number (or a name) in it is nobody's caller id.

@@ -18,7 +18,7 @@ THROUGHPUT = 130429  # the number's messages-per-second limit
 PAIR_RATE = 131056  # too many messages to the same recipient in a short time
 THROTTLE_CODES = {THROUGHPUT: 2.0, PAIR_RATE: 10.0, 4: 30.0, 80007: 30.0}
 MAX_ANSWER = 64 * 1024
-_WA_ID = re.compile(r"^[1-9][0-9]{6,31}$")
+_WA_ID = re.compile(r"^[1-9][0-9]{6,31}\Z")
 
 
 class GraphError(Exception):

@@ -24,11 +24,11 @@ MAX_ITEMS = 500  # messages + statuses in one notification
 MAX_TEXT = 4096
 MAX_NAME = 256
 
-WAMID = re.compile(r"^[A-Za-z0-9._:+/=\-]{1,256}$")
-WA_ID = re.compile(r"^[0-9]{1,32}$")  # ASCII digits only: \d takes any script's (Arabic-Indic, ...)
-PNID = re.compile(r"^[0-9]{1,32}$")
-MEDIA_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
-MIME = re.compile(r"^[a-z0-9][a-z0-9.+\-]{0,63}/[a-z0-9][a-z0-9.+\-]{0,127}$")
+WAMID = re.compile(r"^[A-Za-z0-9._:+/=\-]{1,256}\Z")
+WA_ID = re.compile(r"^[0-9]{1,32}\Z")  # ASCII digits only: \d takes any script's (Arabic-Indic, ...)
+PNID = re.compile(r"^[0-9]{1,32}\Z")
+MEDIA_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}\Z")
+MIME = re.compile(r"^[a-z0-9][a-z0-9.+\-]{0,63}/[a-z0-9][a-z0-9.+\-]{0,127}\Z")
 STATUSES = ("sent", "delivered", "read", "failed")
 MEDIA_TYPES = ("image", "audio", "document", "video", "sticker")
 KNOWN_TYPES = (*MEDIA_TYPES, "text", "location", "interactive", "button", "reaction", "contacts", "unsupported")

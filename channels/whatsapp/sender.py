@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ log = logging.getLogger("channels.whatsapp")
 
 STATE_TTL = 8 * 86_400  # longer than Meta's retries of a webhook
 MAX_TEMPLATE_VALUE = 1024
+PIECE_FIELD = re.compile(r"^(p[0-9]+|template[0-9]*)\Z")  # a piece's field of a key's state
 
 
 @dataclass
@@ -136,14 +138,18 @@ class Sender:
         variables: dict | None = None,
         template_fallback: bool = True,
         state: dict[str, str] | None = None,
+        window_closed: bool = False,
     ) -> Outcome:
         """``template_fallback`` False: outside the window the text is held even when the account
-        has a window template (a proactive text is not the template's to stand in for)."""
+        has a window template (a proactive text is not the template's to stand in for).
+        ``window_closed``: Meta failed the text for the closed window: no free-form is tried."""
         out = Outcome()
         if state is None:  # (a caller that has just read the key's state passes it)
             state = await self.state(conv.account, key)
-        out.unknown = sum(1 for v in state.values() if v in ("pending", "unknown"))
-        for field_, value in state.items():
+        # (the pieces' fields only: the key's state also holds a turn's answer, which may read "pending")
+        pieces = {f: v for f, v in state.items() if PIECE_FIELD.match(f)}
+        out.unknown = sum(1 for v in pieces.values() if v in ("pending", "unknown"))
+        for field_, value in pieces.items():
             if value == "pending":  # a worker stopped mid-send: it may have gone out; reported, never re-sent
                 skey = state_key(conv.account, key)
                 await self.kv.set(skey, field_, "unknown")
@@ -162,7 +168,7 @@ class Sender:
             return out
         if "template" in state:  # it went as the window template: its remaining pieces too, never free-form
             return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
-        if not conv.window_open():
+        if window_closed or not conv.window_open():
             return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
         for i, piece in enumerate(split_reply(text, max_parts=acct.max_reply_parts)):
             message = {"type": "text", "text": {"body": piece, "preview_url": False}}
@@ -211,12 +217,6 @@ class Sender:
             out.sent.append(wamid)
         return out
 
-    async def outside_window(
-        self, acct: WhatsAppAccount, conv: store.Conversation, key: str, text: str, reply_to: str | None
-    ) -> Outcome:
-        """What is done with a text that cannot go free-form (the window template, or held)."""
-        return await self._outside_window(acct, conv, key, text, "text", reply_to, None, Outcome())
-
     async def _outside_window(
         self, acct, conv, key, text, kind, reply_to, variables, out: Outcome, template_fallback: bool = True
     ) -> Outcome:
@@ -228,14 +228,20 @@ class Sender:
             # A parameter holds MAX_TEMPLATE_VALUE characters: a longer reply goes as as many
             # templates as it takes (cut at sentence ends), never cut off and reported sent.
             pieces = [text]
-            flat = " ".join(text.split())
-            if "reply" in (tpl.get("variables") or ()) and len(flat) > MAX_TEMPLATE_VALUE:
-                # Every try of this key cuts the same text (the first try's): a retry, or a second
-                # job on the key, given another text would send pieces of two different cuts.
+            if "reply" in (tpl.get("variables") or ()):
+                # Every try of this key cuts the same text (the first try's), however short: a
+                # retry, or a second job on the key, given another text (a turn's retry has the
+                # whole answer where its first try sent only the pieces Meta refused) would send
+                # pieces of two different cuts.
+                flat = " ".join(text.split())
                 skey = state_key(conv.account, key)
                 if not await self._claim(skey, "template_text", flat):
                     flat = (await self.kv.get(skey)).get("template_text") or flat
-                pieces = split_reply(flat, limit=MAX_TEMPLATE_VALUE, max_parts=acct.max_reply_parts)
+                # What the free-form pieces would carry (max_reply_parts of them), in as many
+                # templates as it takes (a piece is cut at no less than half its limit): never less.
+                kept = " ".join(split_reply(flat, max_parts=acct.max_reply_parts))
+                parts = len(kept) // (MAX_TEMPLATE_VALUE // 2) + 1
+                pieces = split_reply(kept, limit=MAX_TEMPLATE_VALUE, max_parts=parts) or [text]
             for i, piece in enumerate(pieces):
                 field_ = "template" if i == 0 else f"template{i}"
                 done = await self.send_template(

@@ -177,6 +177,14 @@ class Worker:
     async def _send(self, job: Job) -> None:
         p = job.payload
         acct = self._account(p["account"])
+        if p.get("window_closed"):  # a failed free-form answer's window templates (_window_failure)
+            conv = await store.find_conversation(self.pool, acct.tenant, p["conversation_id"], self.accounts)
+            if conv is None or conv.account != p["account"]:
+                return
+            await self.sender.send_text(
+                acct, conv, p["idempotency"], p["text"], reply_to=p["reply_to"], window_closed=True
+            )
+            return
         agent = acct.agent_for(p["pnid"])
         if agent is None:
             raise Fatal("the business number is not configured for this account")
@@ -252,7 +260,24 @@ class Worker:
                     self.pool, acct.tenant, conv.account, conv.conversation_id, sent["reply_to"]
                 )
                 body = " ".join(texts) or body
-        await self.sender.outside_window(acct, conv, key, body, sent["reply_to"])
+        # Sent from the conversation's ordered queue, not from here: this queue is unordered, and
+        # two pieces' failures (two jobs, on two workers or replicas) each sending the templates of
+        # one key raced: one throttled on the first template, the other went on with the later
+        # ones, and the customer read the answer's end before its beginning. There, one job at a
+        # time sends them in order (the other finds them sent), behind the conversation's turns.
+        payload = {
+            "kind": "send",
+            "account": conv.account,
+            "pnid": conv.pnid,
+            "wa_id": conv.wa_id,
+            "conversation_id": conv.conversation_id,
+            "text": body,
+            "window_closed": True,
+            "reply_to": sent["reply_to"],
+            "idempotency": key,
+        }
+        dedupe = hashlib.sha256(f"windowfail|{conv.account}|{key}".encode()).hexdigest()
+        await self.inbound.enqueue(payload, key=conversation_key(conv.account, conv.pnid, conv.wa_id), dedupe=dedupe)
 
 
 def turn_idempotency_key(head: dict, n: int, agent: str, content, variables: dict, customer: str | None = None) -> str:
