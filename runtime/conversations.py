@@ -63,6 +63,15 @@ WHERE e.tenant = raw.r->>'tenant' AND e.agent_id = raw.r->>'agent_id'
 """
 
 
+# A batch and an erasure of the same tenant exclude each other (a shared lock for each tenant in
+# the batch, taken before the erasures are read; the erasure's own, exclusive): without it a batch
+# that read the erasures before one committed wrote the erased turns back after it.
+_LOCK_BATCH_TENANTS = """
+SELECT pg_advisory_xact_lock_shared(hashtextextended('conversation-erasure:' || t, 0))
+FROM (SELECT DISTINCT r->>'tenant' AS t FROM memory_raw ORDER BY 1) tenants
+"""
+
+
 async def write_turns(conn: asyncpg.Connection, entries: list[dict]) -> None:
     """Writes stream entries (fields ``r`` and ``s``) inside the caller's transaction."""
     rows = [(_clean_nul(e[b"r"]), int(e[b"s"])) for e in entries if b"r" in e and e.get(b"s", b"").isdigit()]
@@ -70,6 +79,7 @@ async def write_turns(conn: asyncpg.Connection, entries: list[dict]) -> None:
         return
     await conn.execute("CREATE TEMP TABLE IF NOT EXISTS memory_raw (r jsonb, s integer) ON COMMIT DELETE ROWS")
     await conn.copy_records_to_table("memory_raw", records=rows, columns=("r", "s"))
+    await conn.execute(_LOCK_BATCH_TENANTS)
     await conn.execute(_SKIP_ERASED)
     await conn.execute(_UPSERT_CONVERSATIONS)
     await conn.execute(_INSERT_MESSAGES)
@@ -86,6 +96,7 @@ async def erase(conn: asyncpg.Connection, tenant: str, agent_id: str, external_i
     turns recorded up to ``erased_at`` (unix seconds, the gateway's clock, as turns are stamped)
     that are still on their way to PostgreSQL are skipped when they arrive. What was deleted:
     ``{"conversation": bool, "messages": n, "feedback": n}``."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('conversation-erasure:' || $1, 0))", tenant)
     await conn.execute(
         """INSERT INTO erased_conversations (tenant, agent_id, external_hash, erased_at)
            VALUES ($1, $2, $3, to_timestamp($4))

@@ -1,0 +1,140 @@
+"""Review s24 (rev2): attacks on conversation erasure, the per-tenant storage quota and the fair
+kb-ingest queue, each reproduced before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+
+from runtime import conversations
+from tests.conftest import MASTER_KEY, Gateway
+from tests.test_agents_e2e import config
+from tests.test_policies import new_key
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, module_mock):
+    g = Gateway(tmp_root, config(module_mock), services)
+    yield g
+    g.stop()
+
+
+def _admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
+    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
+
+
+def _rows(database_url: str, sql: str, *args) -> list[dict]:
+    async def go():
+        conn = await asyncpg.connect(database_url)
+        try:
+            return [dict(r) for r in await conn.fetch(sql, *args)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def _record(tenant: str, agent_id: str, conv: str, ts: float, seq: int, words: str) -> dict:
+    record = {
+        "tenant": tenant,
+        "agent_id": agent_id,
+        "external_id": conv,
+        "request_id": f"r-{seq}",
+        "prompt_version": 1,
+        "variant": None,
+        "ts": ts,
+        "messages": [{"role": "user", "content": words}],
+    }
+    return {b"r": orjson.dumps(record), b"s": str(seq).encode()}
+
+
+def _agent_with_key(gw: Gateway, tenant: str) -> tuple[str, str, str]:
+    admin_key = new_key(gw, tenant=tenant, scopes=["admin"])["key"]
+    chat_key = new_key(gw, tenant=tenant)["key"]
+    agent = f"bot-{uuid.uuid4().hex[:6]}"
+    body = {"name": agent, "model": "agent-model", "template": "You help.", "variables": {}}
+    assert _admin(gw, "POST", "/admin/agents", admin_key, json=body).status_code == 201
+    return agent, admin_key, chat_key
+
+
+# ---- conversation erasure -------------------------------------------------------------------
+
+
+def test_a_memory_batch_in_flight_while_its_conversation_is_erased_is_not_written_back(gw, services):
+    """The memory writer's transaction and the erasure's interleave: the batch had read the table
+    of erasures (nothing yet) and inserted the conversation's turns, uncommitted, when the
+    erasure ran (it found no conversation to delete, or deleted the row the batch then inserted
+    anew) — both committed, and the erased turns were in PostgreSQL for good."""
+
+    async def go():
+        pool = await asyncpg.create_pool(services[0], min_size=2, max_size=4)
+        tenant, agent_id = f"t-{uuid.uuid4().hex[:6]}", f"agt_{uuid.uuid4().hex[:8]}"
+        try:
+
+            async def messages(conv: str) -> list[str]:
+                rows = await pool.fetch(
+                    """SELECT m.content->>'content' AS words FROM messages m JOIN conversations c
+                       ON c.id = m.conversation_id WHERE c.tenant = $1 AND c.external_id = $2""",
+                    tenant,
+                    conv,
+                )
+                return [r["words"] for r in rows]
+
+            async def waiting_or_done(task: asyncio.Task) -> None:
+                for _ in range(500):  # until the other transaction waits on a lock, or is done
+                    if task.done():
+                        return
+                    n = await pool.fetchval(
+                        """SELECT count(*) FROM pg_stat_activity
+                           WHERE wait_event_type = 'Lock' AND datname = current_database()"""
+                    )
+                    if n:
+                        return
+                    await asyncio.sleep(0.02)
+                raise AssertionError("the other transaction neither waited nor finished")
+
+            async def erase(conv: str):
+                async with pool.acquire() as conn, conn.transaction():
+                    return await conversations.erase(conn, tenant, agent_id, conv, time.time())
+
+            # 1. the batch first (a new conversation: its row exists only in the batch's transaction)
+            conv = f"new-{uuid.uuid4().hex[:6]}"
+            async with pool.acquire() as writer:
+                tx = writer.transaction()
+                await tx.start()
+                await conversations.write_turns(writer, [_record(tenant, agent_id, conv, time.time() - 1, 1, "4111")])
+                erasing = asyncio.create_task(erase(conv))
+                await waiting_or_done(erasing)
+                await tx.commit()
+            await erasing
+            assert await messages(conv) == []
+
+            # 2. the erasure first (an existing conversation: the batch re-inserts the deleted row)
+            conv = f"old-{uuid.uuid4().hex[:6]}"
+            async with pool.acquire() as conn, conn.transaction():
+                await conversations.write_turns(conn, [_record(tenant, agent_id, conv, time.time() - 2, 1, "one")])
+            late = [_record(tenant, agent_id, conv, time.time() - 1, 2, "4111 again")]
+            async with pool.acquire() as eraser:
+                tx = eraser.transaction()
+                await tx.start()
+                await conversations.erase(eraser, tenant, agent_id, conv, time.time())
+
+                async def write():
+                    async with pool.acquire() as conn, conn.transaction():
+                        await conversations.write_turns(conn, late)
+
+                writing = asyncio.create_task(write())
+                await waiting_or_done(writing)
+                await tx.commit()
+            await writing
+            assert await messages(conv) == []
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
