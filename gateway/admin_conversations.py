@@ -5,9 +5,12 @@ on their way to PostgreSQL (the memory stream, a spill on disk) are skipped when
 (``runtime.conversations.erase`` records the erasure, under the id's SHA-256 only). A turn that
 comes after it starts the conversation anew.
 
+A channel's records of the conversation (``whatsapp_messages``, ``vapi_calls``) stay, for their
+delivery statuses, durations and costs, but lose the words they kept (a message's body; a call's
+transcript, summary and recording link).
+
 Left as they are: the audit ledger (tokens and cost, never content), run records (sizes and
-durations, never content), escalations (their own lifecycle: resolve them) and a channel's
-message records (``whatsapp_messages``).
+durations, never content) and escalations (their own lifecycle: resolve them).
 
 Who may: the tenant's admin keys for its agents (tenant-scoped like every admin route), the
 super-admin for any (``?tenant=`` when names clash).
@@ -55,6 +58,7 @@ class ConversationAdmin:
             last = await self.svc.memory.forget_recent(agent.tenant, agent.id, conversation_id)
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
                 gone = await conversations.erase(conn, agent.tenant, agent.id, conversation_id, time.time())
+                await _erase_channel_content(conn, agent.tenant, conversation_id)
             await self.svc.memory.forget_recent(agent.tenant, agent.id, conversation_id)
         except (RedisError, OSError, TimeoutError) as exc:
             raise ServiceUnavailable(
@@ -71,6 +75,23 @@ class ConversationAdmin:
                 "feedback": gone["feedback"],
             }
         )
+
+
+async def _erase_channel_content(conn, tenant: str, conversation_id: str) -> None:
+    """The words a channel kept of the conversation (its records stay: statuses, costs)."""
+    await conn.execute(
+        """UPDATE whatsapp_messages SET body = NULL, updated_at = now()
+           WHERE tenant = $1 AND conversation_id = $2 AND body IS NOT NULL""",
+        tenant,
+        conversation_id,
+    )
+    await conn.execute(
+        """UPDATE vapi_calls SET transcript = NULL, summary = NULL, recording_url = NULL, updated_at = now()
+           WHERE tenant = $1 AND conversation_id = $2
+             AND (transcript IS NOT NULL OR summary IS NOT NULL OR recording_url IS NOT NULL)""",
+        tenant,
+        conversation_id,
+    )
 
 
 def routes(admin) -> list[Route]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 import uuid
 
 import asyncpg
@@ -138,3 +139,49 @@ def test_a_memory_batch_in_flight_while_its_conversation_is_erased_is_not_writte
             await pool.close()
 
     asyncio.run(go())
+
+
+def test_erasing_a_channel_conversation_erases_its_channel_records_content(gw, services):
+    """A WhatsApp conversation (``wa:…``) or a VAPI call (``vapi:…``) keeps the customer's words a
+    second time in the channel's records (whatsapp_messages.body, vapi_calls.transcript and
+    summary), which the admin API reads back (GET /admin/channels/whatsapp/messages,
+    /admin/channels/vapi/calls/{id}): erasing the conversation left all of it."""
+    tenant = f"erase-ch-{uuid.uuid4().hex[:6]}"
+    agent, admin_key, _ = _agent_with_key(gw, tenant)
+    wa, call = f"wa:1555:4477{uuid.uuid4().int % 10**6}", f"call-{uuid.uuid4().hex[:8]}"
+    other = f"wa:1555:4499{uuid.uuid4().int % 10**6}"
+
+    async def seed():
+        conn = await asyncpg.connect(services[0])
+        try:
+            for conv, words in ((wa, "my card is 4111"), (other, "keep me")):
+                await conn.execute(
+                    """INSERT INTO whatsapp_messages
+                           (tenant, account, wamid, direction, conversation_id, wa_id, body, status)
+                       VALUES ($1, 'acct', $2, 'in', $3, '4477', $4, 'received')""",
+                    tenant,
+                    f"wamid.{uuid.uuid4().hex}",
+                    conv,
+                    words,
+                )
+            await conn.execute(
+                """INSERT INTO vapi_calls
+                       (id, tenant, account, call_id, conversation_id, transcript, summary, recording_url)
+                   VALUES ($1, $2, 'acct', $3, $4, 'my card is 4111', 'card 4111', 'https://r.example/1.wav')""",
+                f"vcall_{uuid.uuid4().hex[:12]}",
+                tenant,
+                call,
+                f"vapi:{call}",
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    for conv in (wa, f"vapi:{call}"):
+        r = _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{urllib.parse.quote(conv)}", admin_key)
+        assert r.status_code == 200, r.text
+    listed = _rows(services[0], "SELECT conversation_id, body FROM whatsapp_messages WHERE tenant = $1", tenant)
+    bodies = {m["conversation_id"]: m["body"] for m in listed}
+    assert bodies == {wa: None, other: "keep me"}  # the record stays (statuses, counts), its words go
+    left = _rows(services[0], "SELECT transcript, summary, recording_url FROM vapi_calls WHERE tenant = $1", tenant)
+    assert left == [{"transcript": None, "summary": None, "recording_url": None}]
