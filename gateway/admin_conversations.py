@@ -41,7 +41,7 @@ class ConversationAdmin:
         return self.admin.svc
 
     def routes(self) -> list[Route]:
-        return [Route("/admin/agents/{name}/conversations/{conversation_id}", self.erase, methods=["DELETE"])]
+        return [Route("/admin/agents/{name}/conversations/{conversation_id:path}", self.erase, methods=["DELETE"])]
 
     async def erase(self, request: Request) -> Response:
         conversation_id = request.path_params["conversation_id"]

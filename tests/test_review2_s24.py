@@ -10,11 +10,12 @@ import uuid
 
 import asyncpg
 import httpx
+import openai
 import orjson
 import pytest
 
 from runtime import conversations
-from tests.conftest import MASTER_KEY, Gateway
+from tests.conftest import MASTER_KEY, Gateway, wait_until
 from tests.test_agents_e2e import config
 from tests.test_policies import new_key
 
@@ -185,3 +186,25 @@ def test_erasing_a_channel_conversation_erases_its_channel_records_content(gw, s
     assert bodies == {wa: None, other: "keep me"}  # the record stays (statuses, counts), its words go
     left = _rows(services[0], "SELECT transcript, summary, recording_url FROM vapi_calls WHERE tenant = $1", tenant)
     assert left == [{"transcript": None, "summary": None, "recording_url": None}]
+
+
+def test_a_conversation_whose_id_has_a_slash_can_be_erased(gw, services, module_mock):
+    """Conversation ids are any text of 1-256 characters (``metadata.conversation_id``); the
+    erasure route took the id as one path segment, so ``acme/cust-1`` (sent as ``acme%2Fcust-1``
+    or not) was a 404 of the router: such a conversation could never be erased."""
+    tenant = f"erase-sl-{uuid.uuid4().hex[:6]}"
+    agent, admin_key, chat_key = _agent_with_key(gw, tenant)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=chat_key, max_retries=0)
+    conv = f"acme/cust-{uuid.uuid4().hex[:6]}"
+    words = [{"role": "user", "content": "my card is 4111"}]
+    client.chat.completions.create(model=f"agent:{agent}", messages=words, metadata={"conversation_id": conv})
+    stored = """SELECT count(*) AS n FROM messages m JOIN conversations c ON c.id = m.conversation_id
+                WHERE c.external_id = $1"""
+    wait_until(lambda: _rows(services[0], stored, conv) == [{"n": 2}], what="the turn stored")
+    path = f"/admin/agents/{agent}/conversations/{urllib.parse.quote(conv, safe='')}"
+    r = _admin(gw, "DELETE", path, admin_key)
+    assert r.status_code == 200, r.text
+    assert r.json()["conversation_id"] == conv and r.json()["messages"] == 2
+    assert _rows(services[0], stored, conv) == [{"n": 0}]
+    r = _admin(gw, "GET", f"{path}/messages", admin_key)
+    assert r.status_code == 200 and r.json()["data"] == []
