@@ -55,11 +55,14 @@ FROM touched WHERE c.id = touched.conversation_id
 
 # Turns of an erased conversation recorded up to its erasure are not written (they were still in
 # the stream, or spilled to disk, when it was erased); turns after it start the conversation anew.
+# One index lookup per turn of the batch (a scalar subquery, never flattened into a join): as a
+# join, the planner hashed the whole table of erasures for every batch once it had grown.
 _SKIP_ERASED = """
-DELETE FROM memory_raw raw USING erased_conversations e
-WHERE e.tenant = raw.r->>'tenant' AND e.agent_id = raw.r->>'agent_id'
-  AND e.external_hash = encode(sha256(convert_to(raw.r->>'external_id', 'UTF8')), 'hex')
-  AND to_timestamp((raw.r->>'ts')::float8) <= e.erased_at
+DELETE FROM memory_raw raw
+WHERE to_timestamp((raw.r->>'ts')::float8) <= (
+    SELECT e.erased_at FROM erased_conversations e
+    WHERE e.tenant = raw.r->>'tenant' AND e.agent_id = raw.r->>'agent_id'
+      AND e.external_hash = encode(sha256(convert_to(raw.r->>'external_id', 'UTF8')), 'hex'))
 """
 
 
