@@ -13,7 +13,8 @@ Left as they are: the audit ledger (tokens and cost, never content), run records
 durations, never content) and escalations (their own lifecycle: resolve them).
 
 Who may: the tenant's admin keys for its agents (tenant-scoped like every admin route), the
-super-admin for any (``?tenant=`` when names clash).
+super-admin for any (``?tenant=`` when names clash). The agent may have been deleted since (its
+conversations are kept): the conversation is erased with every agent that had the name.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core.errors import InvalidRequest, ServiceUnavailable
+from core.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
-from gateway import admin_agents  # (a module: it imports admin.py, which imports this one)
 from gateway.db import tenant_transaction
+from runtime import agents as agents_store
 from runtime import conversations
+
+MAX_AGENT_GENERATIONS = 100  # agents of one name (the active one and those deleted) one erasure covers
 
 
 class ConversationAdmin:
@@ -50,16 +53,22 @@ class ConversationAdmin:
         if self.svc.memory is None:
             raise ServiceUnavailable("Conversation memory is not enabled on this gateway.")
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-            agent = await admin_agents.agent_named(request, conn)
+            name, tenant, agent_ids = await _agents_named(request, conn)
         # Redis first (a turn that starts now finds nothing to answer with), then PostgreSQL and
         # the erasure's record in one transaction, then Redis again: a turn stored meanwhile, or a
         # reload that read PostgreSQL before the commit, is dropped too.
+        messages = feedback = 0
         try:
-            last = await self.svc.memory.forget_recent(agent.tenant, agent.id, conversation_id)
+            last = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-                gone = await conversations.erase(conn, agent.tenant, agent.id, conversation_id, time.time())
-                await _erase_channel_content(conn, agent.tenant, conversation_id)
-            await self.svc.memory.forget_recent(agent.tenant, agent.id, conversation_id)
+                for agent_id, handed_out in zip(agent_ids, last, strict=True):
+                    gone = await conversations.erase(conn, tenant, agent_id, conversation_id, time.time())
+                    # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
+                    messages += max(gone["messages"], handed_out)
+                    feedback += gone["feedback"]
+                await _erase_channel_content(conn, tenant, conversation_id)
+            for agent_id in agent_ids:
+                await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
         except (RedisError, OSError, TimeoutError) as exc:
             raise ServiceUnavailable(
                 f"The conversation could not be erased just now ({type(exc).__name__}); erasing is safe to repeat."
@@ -67,14 +76,45 @@ class ConversationAdmin:
         return base._json(
             {
                 "object": "conversation.deleted",
-                "agent": agent.name,
+                "agent": name,
                 "conversation_id": conversation_id,
                 "deleted": True,
-                # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
-                "messages": max(gone["messages"], last),
-                "feedback": gone["feedback"],
+                "messages": messages,
+                "feedback": feedback,
             }
         )
+
+
+async def _agents_named(request: Request, conn) -> tuple[str, str, list[str]]:
+    """The name, tenant and ids of the agents of the path's ``{name}`` the caller's view holds:
+    the active one and those deleted before it (archived, their conversations kept), since a
+    conversation with an agent outlives it. 404 when there is none; 400 when the super-admin's
+    view holds the name in several tenants and no ``?tenant=``."""
+    name = request.path_params["name"]
+    rows = []
+    if agents_store.NAME_RE.match(name):
+        rows = await conn.fetch(
+            """SELECT id, tenant FROM agents WHERE name = $1 AND ($2::text IS NULL OR tenant = $2)
+               ORDER BY tenant, archived_at IS NULL, archived_at LIMIT $3""",
+            name,
+            base._view(request),
+            MAX_AGENT_GENERATIONS + 1,
+        )
+    if not rows:
+        raise NotFound(f"No agent named {name[:64]!r}.", param="name")
+    if len({r["tenant"] for r in rows}) > 1:
+        raise InvalidRequest(
+            f"Several tenants have an agent named {name!r}; name one with ?tenant=.",
+            param="tenant",
+            code="ambiguous_agent",
+        )
+    if len(rows) > MAX_AGENT_GENERATIONS:
+        raise InvalidRequest(
+            f"More than {MAX_AGENT_GENERATIONS} agents were named {name!r}; erase with the super-admin's help.",
+            param="name",
+            code="too_many_agents",
+        )
+    return name, rows[0]["tenant"], [r["id"] for r in rows]
 
 
 async def _erase_channel_content(conn, tenant: str, conversation_id: str) -> None:

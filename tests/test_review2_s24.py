@@ -240,3 +240,38 @@ def test_the_memory_writer_does_not_read_every_erasure_in_each_batch(gw, service
         assert "Index" in plan, plan
 
     asyncio.run(go())
+
+
+def test_a_conversation_with_an_agent_since_deleted_can_still_be_erased(gw, services, module_mock):
+    """Deleting an agent archives it and frees its name; its conversations stay in PostgreSQL. The
+    erasure looked up active agents only, so once the agent was deleted a customer's conversation
+    with it could never be erased (404), and once a new agent took the name, the erasure took the
+    new agent's conversation of that id and kept the old one."""
+    tenant = f"erase-arch-{uuid.uuid4().hex[:6]}"
+    agent, admin_key, chat_key = _agent_with_key(gw, tenant)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=chat_key, max_retries=0)
+    conv1, conv2 = f"cust-{uuid.uuid4().hex[:6]}", f"cust-{uuid.uuid4().hex[:6]}"
+    words = [{"role": "user", "content": "my card is 4111"}]
+    for conv in (conv1, conv2):
+        client.chat.completions.create(model=f"agent:{agent}", messages=words, metadata={"conversation_id": conv})
+    stored = """SELECT count(*) AS n FROM messages m JOIN conversations c ON c.id = m.conversation_id
+                WHERE c.tenant = $1 AND c.external_id = $2"""
+    for conv in (conv1, conv2):
+        wait_until(lambda c=conv: _rows(services[0], stored, tenant, c) == [{"n": 2}], what="the turns stored")
+    assert _admin(gw, "DELETE", f"/admin/agents/{agent}", admin_key).status_code == 200
+
+    r = _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{conv1}", admin_key)
+    assert r.status_code == 200, r.text  # the agent is gone, its conversation was not
+    assert r.json()["messages"] == 2
+    assert _rows(services[0], stored, tenant, conv1) == [{"n": 0}]
+
+    body = {"name": agent, "model": "agent-model", "template": "You help.", "variables": {}}
+    assert _admin(gw, "POST", "/admin/agents", admin_key, json=body).status_code == 201
+    client.chat.completions.create(model=f"agent:{agent}", messages=words, metadata={"conversation_id": conv2})
+    wait_until(lambda: _rows(services[0], stored, tenant, conv2) == [{"n": 4}], what="the new agent's turn stored")
+    r = _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{conv2}", admin_key)
+    assert r.status_code == 200, r.text
+    assert _rows(services[0], stored, tenant, conv2) == [{"n": 0}]  # the old agent's and the new one's
+    # another tenant's admin still finds no agent of that name
+    other = new_key(gw, tenant=f"other-{uuid.uuid4().hex[:6]}", scopes=["admin"])["key"]
+    assert _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{conv2}", other).status_code == 404
