@@ -9,8 +9,12 @@ A channel's records of the conversation (``whatsapp_messages``, ``vapi_calls``) 
 delivery statuses, durations and costs, but lose the words they kept (a message's body; a call's
 transcript, summary and recording link).
 
+Its escalations stay too (their lifecycle, SLAs and outcome) without the words they kept (the
+customer's question, the AI's draft, the person's answer, the context shown).
+
 Left as they are: the audit ledger (tokens and cost, never content), run records (sizes and
-durations, never content) and escalations (their own lifecycle: resolve them).
+durations, never content) and learned examples (curated, redacted for learning: delete them
+through their own routes).
 
 Who may: the tenant's admin keys for its agents (tenant-scoped like every admin route), the
 super-admin for any (``?tenant=`` when names clash). The agent may have been deleted since (its
@@ -67,6 +71,7 @@ class ConversationAdmin:
                     messages += max(gone["messages"], handed_out)
                     feedback += gone["feedback"]
                 await _erase_channel_content(conn, tenant, conversation_id)
+                await _erase_escalation_content(conn, tenant, agent_ids, conversation_id)
             for agent_id in agent_ids:
                 await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
         except (RedisError, OSError, TimeoutError) as exc:
@@ -130,6 +135,19 @@ async def _erase_channel_content(conn, tenant: str, conversation_id: str) -> Non
            WHERE tenant = $1 AND conversation_id = $2
              AND (transcript IS NOT NULL OR summary IS NOT NULL OR recording_url IS NOT NULL)""",
         tenant,
+        conversation_id,
+    )
+
+
+async def _erase_escalation_content(conn, tenant: str, agent_ids: list[str], conversation_id: str) -> None:
+    """The words the conversation's escalations kept (the customer's question, the AI's draft, the
+    person's answer, the context shown): the escalations stay, with their lifecycle and SLAs."""
+    await conn.execute(
+        """UPDATE escalations SET question = NULL, draft = NULL, corrected_answer = NULL, context = '{}'::jsonb,
+                  updated_at = now()
+           WHERE tenant = $1 AND agent_id = ANY($2::text[]) AND conversation_id = $3""",
+        tenant,
+        agent_ids,
         conversation_id,
     )
 

@@ -275,3 +275,53 @@ def test_a_conversation_with_an_agent_since_deleted_can_still_be_erased(gw, serv
     # another tenant's admin still finds no agent of that name
     other = new_key(gw, tenant=f"other-{uuid.uuid4().hex[:6]}", scopes=["admin"])["key"]
     assert _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{conv2}", other).status_code == 404
+
+
+def test_erasing_a_conversation_erases_its_escalations_words(gw, services):
+    """An escalation keeps the customer's message that escalated (``question``), the AI's draft,
+    the person's answer and the context shown (GET /admin/escalations/{id}): all of it stayed
+    after the conversation was erased."""
+    tenant = f"erase-esc-{uuid.uuid4().hex[:6]}"
+    agent, admin_key, _ = _agent_with_key(gw, tenant)
+    conv, other = f"cust-{uuid.uuid4().hex[:6]}", f"cust-{uuid.uuid4().hex[:6]}"
+    agent_id = _rows(services[0], "SELECT id FROM agents WHERE tenant = $1 AND name = $2", tenant, agent)[0]["id"]
+    for c in (conv, other):
+        _rows(
+            services[0],
+            """INSERT INTO escalations (id, tenant, agent_id, agent, conversation_id, question, draft,
+                                        corrected_answer, context, status, sla_first_s, sla_resolve_s)
+               VALUES ($1, $2, $3, $4, $5, 'my card is 4111', 'your card 4111', 'ok 4111', '{"v": "4111"}',
+                       'resolved', 60, 600)""",
+            f"esc_{uuid.uuid4().hex[:12]}",
+            tenant,
+            agent_id,
+            agent,
+            c,
+        )
+    r = _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{conv}", admin_key)
+    assert r.status_code == 200, r.text
+    left = _rows(
+        services[0],
+        """SELECT conversation_id, question, draft, corrected_answer, context::text AS context, status
+           FROM escalations WHERE tenant = $1 ORDER BY conversation_id = $2""",
+        tenant,
+        conv,
+    )
+    assert left == [
+        {
+            "conversation_id": other,
+            "question": "my card is 4111",
+            "draft": "your card 4111",
+            "corrected_answer": "ok 4111",
+            "context": '{"v": "4111"}',
+            "status": "resolved",
+        },
+        {
+            "conversation_id": conv,
+            "question": None,
+            "draft": None,
+            "corrected_answer": None,
+            "context": "{}",
+            "status": "resolved",
+        },
+    ]
