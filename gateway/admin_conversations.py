@@ -65,13 +65,14 @@ class ConversationAdmin:
         try:
             last = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+                # (the copies first: the erasure proper holds up the tenant's memory writes to its commit)
+                await _erase_channel_content(conn, tenant, conversation_id)
+                await _erase_escalation_content(conn, tenant, agent_ids, conversation_id)
                 for agent_id, handed_out in zip(agent_ids, last, strict=True):
                     gone = await conversations.erase(conn, tenant, agent_id, conversation_id, time.time())
                     # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
                     messages += max(gone["messages"], handed_out)
                     feedback += gone["feedback"]
-                await _erase_channel_content(conn, tenant, conversation_id)
-                await _erase_escalation_content(conn, tenant, agent_ids, conversation_id)
             for agent_id in agent_ids:
                 await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
         except (RedisError, OSError, TimeoutError) as exc:

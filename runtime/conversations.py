@@ -99,6 +99,20 @@ async def erase(conn: asyncpg.Connection, tenant: str, agent_id: str, external_i
     turns recorded up to ``erased_at`` (unix seconds, the gateway's clock, as turns are stamped)
     that are still on their way to PostgreSQL are skipped when they arrive. What was deleted:
     ``{"conversation": bool, "messages": n, "feedback": n}``."""
+    feedback = await conn.fetchval(
+        """WITH gone AS (
+               DELETE FROM feedback f
+               WHERE f.tenant = $1 AND (f.agent_id = $2 OR f.agent_id IS NULL)
+                 AND (f.conversation_id = $3
+                      OR f.request_id IN (SELECT request_id FROM runs
+                                          WHERE tenant = $1 AND agent_id = $2 AND conversation_id = $3))
+               RETURNING 1)
+           SELECT count(*) FROM gone""",
+        tenant,
+        agent_id,
+        external_id,
+    )
+    # (the memory writer waits for this lock: taken once the slow part, the feedback, is done)
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('conversation-erasure:' || $1, 0))", tenant)
     await conn.execute(
         """INSERT INTO erased_conversations (tenant, agent_id, external_hash, erased_at)
@@ -121,19 +135,6 @@ async def erase(conn: asyncpg.Connection, tenant: str, agent_id: str, external_i
             "SELECT count(*) FROM messages WHERE conversation_id = $1 AND tenant = $2", row["id"], tenant
         )
         await conn.execute("DELETE FROM conversations WHERE id = $1 AND tenant = $2", row["id"], tenant)  # (cascade)
-    feedback = await conn.fetchval(
-        """WITH gone AS (
-               DELETE FROM feedback f
-               WHERE f.tenant = $1 AND (f.agent_id = $2 OR f.agent_id IS NULL)
-                 AND (f.conversation_id = $3
-                      OR f.request_id IN (SELECT request_id FROM runs
-                                          WHERE tenant = $1 AND agent_id = $2 AND conversation_id = $3))
-               RETURNING 1)
-           SELECT count(*) FROM gone""",
-        tenant,
-        agent_id,
-        external_id,
-    )
     return {"conversation": row is not None, "messages": int(messages), "feedback": int(feedback)}
 
 
