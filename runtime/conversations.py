@@ -68,11 +68,15 @@ WHERE to_timestamp((raw.r->>'ts')::float8) <= (
 
 # A batch and an erasure of the same tenant exclude each other (a shared lock for each tenant in
 # the batch, taken before the erasures are read; the erasure's own, exclusive): without it a batch
-# that read the erasures before one committed wrote the erased turns back after it.
-_LOCK_BATCH_TENANTS = """
-SELECT pg_advisory_xact_lock_shared(hashtextextended('conversation-erasure:' || t, 0))
-FROM (SELECT DISTINCT r->>'tenant' AS t FROM memory_raw ORDER BY 1) tenants
+# that read the erasures before one committed wrote the erased turns back after it. Tenants share
+# ERASURE_LOCK_BUCKETS locks, so a batch of many tenants holds a bounded number of them.
+ERASURE_LOCK_CLASS = 0x45524153  # (the two-key advisory locks of this class: "ERAS")
+ERASURE_LOCK_BUCKETS = 64
+_LOCK_BATCH_TENANTS = f"""
+SELECT pg_advisory_xact_lock_shared({ERASURE_LOCK_CLASS}, b)
+FROM (SELECT DISTINCT hashtext(r->>'tenant') & {ERASURE_LOCK_BUCKETS - 1} AS b FROM memory_raw ORDER BY 1) buckets
 """
+_LOCK_ERASURE = f"SELECT pg_advisory_xact_lock({ERASURE_LOCK_CLASS}, hashtext($1) & {ERASURE_LOCK_BUCKETS - 1})"
 
 
 async def write_turns(conn: asyncpg.Connection, entries: list[dict]) -> None:
@@ -113,7 +117,7 @@ async def erase(conn: asyncpg.Connection, tenant: str, agent_id: str, external_i
         external_id,
     )
     # (the memory writer waits for this lock: taken once the slow part, the feedback, is done)
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('conversation-erasure:' || $1, 0))", tenant)
+    await conn.execute(_LOCK_ERASURE, tenant)
     await conn.execute(
         """INSERT INTO erased_conversations (tenant, agent_id, external_hash, erased_at)
            VALUES ($1, $2, $3, to_timestamp($4))

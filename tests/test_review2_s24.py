@@ -325,3 +325,31 @@ def test_erasing_a_conversation_erases_its_escalations_words(gw, services):
             "status": "resolved",
         },
     ]
+
+
+class _Rollback(Exception):
+    pass
+
+
+def test_a_memory_batch_of_many_tenants_holds_a_bounded_number_of_erasure_locks(gw, services):
+    """(The lock above, per tenant of a batch, would make a batch of 500 tenants hold 500 locks,
+    and a few replicas' batches at once could exhaust PostgreSQL's lock table: tenants share
+    ERASURE_LOCK_BUCKETS locks.)"""
+
+    async def go():
+        conn = await asyncpg.connect(services[0])
+        try:
+            entries = [_record(f"many-{i}", "agt_x", "c", time.time(), 1, "hi") for i in range(500)]
+            async with conn.transaction():
+                await conversations.write_turns(conn, entries)
+                held = await conn.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+                )
+                raise _Rollback  # (nothing of it stays)
+        except _Rollback:
+            pass
+        finally:
+            await conn.close()
+        assert 1 <= held <= conversations.ERASURE_LOCK_BUCKETS
+
+    asyncio.run(go())
