@@ -4,6 +4,7 @@ kb-ingest queue, each reproduced before its fix."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import urllib.parse
 import uuid
@@ -353,3 +354,117 @@ def test_a_memory_batch_of_many_tenants_holds_a_bounded_number_of_erasure_locks(
         assert 1 <= held <= conversations.ERASURE_LOCK_BUCKETS
 
     asyncio.run(go())
+
+
+# ---- storage quota: what is on the disk while uploads are received ---------------------------
+
+
+@pytest.fixture(scope="module")
+def quota_gw(tmp_root, services, module_mock):
+    from tests.conftest import gateway_config
+    from tests.test_kb_api import start_gateway
+
+    config = gateway_config(module_mock)
+    config["policies"] = {**config.get("policies", {}), "max_files_per_tenant": 3, "max_file_bytes_per_tenant": 1000}
+    g = start_gateway(tmp_root, module_mock, services, worker=False, config=config)
+    yield g
+    g.stop()
+
+
+def _open_upload(gw: Gateway, key: str, sent: int) -> socket.socket:
+    """A /v1/files upload whose client has sent the headers and ``sent`` bytes of the file, and
+    then goes quiet (a slow client, or one keeping the upload open on purpose)."""
+    boundary = "rev2boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nassistants\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="f.txt"\r\n'
+        "Content-Type: text/plain\r\n\r\n"
+    ).encode()
+    request = (
+        f"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    body = head + b"x" * sent
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    sock.sendall(request + f"{len(body):x}\r\n".encode() + body + b"\r\n")
+    return sock
+
+
+def _status(sock: socket.socket) -> int | None:
+    """The status the gateway answered with, None while it has not answered."""
+    sock.setblocking(False)
+    try:
+        data = sock.recv(65536)
+    except BlockingIOError:
+        return None
+    finally:
+        sock.setblocking(True)
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else -1
+
+
+def _incoming_bytes(tmp_root) -> int:
+    incoming = tmp_root / "data" / "files" / "incoming"
+    return sum(p.stat().st_size for p in incoming.glob("upload-*")) if incoming.is_dir() else 0
+
+
+def _incoming_files(tmp_root) -> int:
+    incoming = tmp_root / "data" / "files" / "incoming"
+    return len(list(incoming.glob("upload-*"))) if incoming.is_dir() else 0
+
+
+def test_an_upload_is_cut_off_once_it_is_past_the_tenants_room(quota_gw, tmp_root):
+    """The quota was checked before the body (is the tenant full already?) and after it (does
+    this one fit?), but never while it came in: a tenant with 1,000 bytes of room had a 50 MB
+    upload streamed to the disk whole before it was refused — and as many at once as it opened."""
+    key = new_key(quota_gw, tenant=f"room-{uuid.uuid4().hex[:6]}")["key"]
+    sock = _open_upload(quota_gw, key, 5000)
+    try:
+        status: list = []
+
+        def settled() -> bool:
+            if (got := _status(sock)) is not None:
+                status.append(got)
+            return bool(status) or _incoming_bytes(tmp_root) >= 4000
+
+        wait_until(settled, what="an answer, or the bytes on the disk")
+        assert status == [400]  # too_many_files, without waiting for the rest of the body
+        wait_until(lambda: _incoming_bytes(tmp_root) == 0, what="the partial upload removed")
+    finally:
+        sock.close()
+
+
+def test_a_tenant_has_a_bounded_number_of_uploads_in_flight(quota_gw, tmp_root):
+    """Each upload below the tenant's room was accepted and streamed to the disk while its client
+    took its time: a tenant (any key of it: /v1/files) could keep thousands open, holding
+    thousands of times its room on the disk every tenant shares. Past storage_quota's bound of
+    uploads in flight per tenant and process, it is refused (429) before its body is read."""
+    from gateway import storage_quota
+
+    key = new_key(quota_gw, tenant=f"many-{uuid.uuid4().hex[:6]}")["key"]
+    n = storage_quota.MAX_UPLOADS_IN_FLIGHT
+    socks = [_open_upload(quota_gw, key, 100) for _ in range(n + 2)]
+    try:
+        answered: dict[int, int] = {}
+
+        def settled() -> bool:
+            for i, s in enumerate(socks):
+                if i not in answered and (status := _status(s)) is not None:
+                    answered[i] = status
+            return len(answered) >= 2 or _incoming_files(tmp_root) >= n + 2
+
+        wait_until(settled, what="the uploads past the bound refused, or all of them on the disk")
+        assert sorted(answered.values()) == [429, 429]
+        # another tenant is not held up by this one
+        other = new_key(quota_gw, tenant=f"other-{uuid.uuid4().hex[:6]}")["key"]
+        r = httpx.post(
+            f"{quota_gw.url}/v1/files",
+            headers={"Authorization": f"Bearer {other}"},
+            data={"purpose": "assistants"},
+            files={"file": ("a.txt", b"hello")},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+    finally:
+        for s in socks:
+            s.close()
+    wait_until(lambda: _incoming_bytes(tmp_root) == 0, what="the abandoned uploads removed")
