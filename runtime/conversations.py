@@ -121,7 +121,8 @@ async def erase(conn: asyncpg.Connection, tenant: str, agent_id: str, external_i
     await conn.execute(
         """INSERT INTO erased_conversations (tenant, agent_id, external_hash, erased_at)
            VALUES ($1, $2, $3, to_timestamp($4))
-           ON CONFLICT (tenant, agent_id, external_hash) DO UPDATE SET erased_at = excluded.erased_at""",
+           ON CONFLICT (tenant, agent_id, external_hash)
+           DO UPDATE SET erased_at = greatest(erased_conversations.erased_at, excluded.erased_at)""",
         tenant,
         agent_id,
         external_hash(external_id),

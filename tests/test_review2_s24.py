@@ -468,3 +468,26 @@ def test_a_tenant_has_a_bounded_number_of_uploads_in_flight(quota_gw, tmp_root):
         for s in socks:
             s.close()
     wait_until(lambda: _incoming_bytes(tmp_root) == 0, what="the abandoned uploads removed")
+
+
+def test_a_second_erasure_from_a_replica_whose_clock_is_behind_does_not_undo_the_first(gw, services):
+    """An erasure repeated (the admin retried, or another replica took the second request) set the
+    recorded time to the later request's clock, even when that clock was behind: turns recorded
+    before the first erasure and still on their way were then written back."""
+
+    async def go():
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        tenant, agent_id, conv = f"t-{uuid.uuid4().hex[:6]}", f"agt_{uuid.uuid4().hex[:8]}", "c-skew"
+        try:
+            first = time.time()
+            for at in (first, first - 10):  # the second replica's clock is 10 s behind
+                async with pool.acquire() as conn, conn.transaction():
+                    await conversations.erase(conn, tenant, agent_id, conv, at)
+            async with pool.acquire() as conn, conn.transaction():  # recorded before the first erasure
+                await conversations.write_turns(conn, [_record(tenant, agent_id, conv, first - 5, 1, "4111")])
+            n = await pool.fetchval("SELECT count(*) FROM messages WHERE tenant = $1", tenant)
+            assert n == 0
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
