@@ -4,6 +4,7 @@ kb-ingest queue, each reproduced before its fix."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import urllib.parse
@@ -402,14 +403,19 @@ def _status(sock: socket.socket) -> int | None:
     return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else -1
 
 
-def _incoming_bytes(tmp_root) -> int:
+def _incoming(tmp_root, before: frozenset = frozenset()) -> list:
+    """The uploads being received (under the data directory every gateway of the suite shares:
+    those there before the test, ``before``, are not this test's)."""
     incoming = tmp_root / "data" / "files" / "incoming"
-    return sum(p.stat().st_size for p in incoming.glob("upload-*")) if incoming.is_dir() else 0
+    return [p for p in incoming.glob("upload-*") if p not in before] if incoming.is_dir() else []
 
 
-def _incoming_files(tmp_root) -> int:
-    incoming = tmp_root / "data" / "files" / "incoming"
-    return len(list(incoming.glob("upload-*"))) if incoming.is_dir() else 0
+def _incoming_bytes(tmp_root, before: frozenset = frozenset()) -> int:
+    total = 0
+    for p in _incoming(tmp_root, before):
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size
+    return total
 
 
 def test_an_upload_is_cut_off_once_it_is_past_the_tenants_room(quota_gw, tmp_root):
@@ -417,6 +423,7 @@ def test_an_upload_is_cut_off_once_it_is_past_the_tenants_room(quota_gw, tmp_roo
     this one fit?), but never while it came in: a tenant with 1,000 bytes of room had a 50 MB
     upload streamed to the disk whole before it was refused — and as many at once as it opened."""
     key = new_key(quota_gw, tenant=f"room-{uuid.uuid4().hex[:6]}")["key"]
+    before = frozenset(_incoming(tmp_root))
     sock = _open_upload(quota_gw, key, 5000)
     try:
         status: list = []
@@ -424,11 +431,11 @@ def test_an_upload_is_cut_off_once_it_is_past_the_tenants_room(quota_gw, tmp_roo
         def settled() -> bool:
             if (got := _status(sock)) is not None:
                 status.append(got)
-            return bool(status) or _incoming_bytes(tmp_root) >= 4000
+            return bool(status) or _incoming_bytes(tmp_root, before) >= 4000
 
         wait_until(settled, what="an answer, or the bytes on the disk")
         assert status == [400]  # too_many_files, without waiting for the rest of the body
-        wait_until(lambda: _incoming_bytes(tmp_root) == 0, what="the partial upload removed")
+        wait_until(lambda: not _incoming(tmp_root, before), what="the partial upload removed")
     finally:
         sock.close()
 
@@ -442,6 +449,7 @@ def test_a_tenant_has_a_bounded_number_of_uploads_in_flight(quota_gw, tmp_root):
 
     key = new_key(quota_gw, tenant=f"many-{uuid.uuid4().hex[:6]}")["key"]
     n = storage_quota.MAX_UPLOADS_IN_FLIGHT
+    before = frozenset(_incoming(tmp_root))
     socks = [_open_upload(quota_gw, key, 100) for _ in range(n + 2)]
     try:
         answered: dict[int, int] = {}
@@ -450,7 +458,7 @@ def test_a_tenant_has_a_bounded_number_of_uploads_in_flight(quota_gw, tmp_root):
             for i, s in enumerate(socks):
                 if i not in answered and (status := _status(s)) is not None:
                     answered[i] = status
-            return len(answered) >= 2 or _incoming_files(tmp_root) >= n + 2
+            return len(answered) >= 2 or len(_incoming(tmp_root, before)) >= n + 2
 
         wait_until(settled, what="the uploads past the bound refused, or all of them on the disk")
         assert sorted(answered.values()) == [429, 429]
@@ -467,7 +475,7 @@ def test_a_tenant_has_a_bounded_number_of_uploads_in_flight(quota_gw, tmp_root):
     finally:
         for s in socks:
             s.close()
-    wait_until(lambda: _incoming_bytes(tmp_root) == 0, what="the abandoned uploads removed")
+    wait_until(lambda: not _incoming(tmp_root, before), what="the abandoned uploads removed")
 
 
 def test_a_second_erasure_from_a_replica_whose_clock_is_behind_does_not_undo_the_first(gw, services):
