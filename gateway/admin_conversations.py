@@ -5,12 +5,20 @@ on their way to PostgreSQL (the memory stream, a spill on disk) are skipped when
 (``runtime.conversations.erase`` records the erasure, under the id's SHA-256 only). A turn that
 comes after it starts the conversation anew.
 
+A channel's records of the conversation (``whatsapp_messages``, ``vapi_calls``) stay, for their
+delivery statuses, durations and costs, but lose the words they kept (a message's body; a call's
+transcript, summary and recording link).
+
+Its escalations stay too (their lifecycle, SLAs and outcome) without the words they kept (the
+customer's question, the AI's draft, the person's answer, the context shown).
+
 Left as they are: the audit ledger (tokens and cost, never content), run records (sizes and
-durations, never content), escalations (their own lifecycle: resolve them) and a channel's
-message records (``whatsapp_messages``).
+durations, never content) and learned examples (curated, redacted for learning: delete them
+through their own routes).
 
 Who may: the tenant's admin keys for its agents (tenant-scoped like every admin route), the
-super-admin for any (``?tenant=`` when names clash).
+super-admin for any (``?tenant=`` when names clash). The agent may have been deleted since (its
+conversations are kept): the conversation is erased with every agent that had the name.
 """
 
 from __future__ import annotations
@@ -22,11 +30,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core.errors import InvalidRequest, ServiceUnavailable
+from core.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
-from gateway import admin_agents  # (a module: it imports admin.py, which imports this one)
 from gateway.db import tenant_transaction
+from runtime import agents as agents_store
 from runtime import conversations
+
+MAX_AGENT_GENERATIONS = 100  # agents of one name (the active one and those deleted) one erasure covers
 
 
 class ConversationAdmin:
@@ -38,7 +48,7 @@ class ConversationAdmin:
         return self.admin.svc
 
     def routes(self) -> list[Route]:
-        return [Route("/admin/agents/{name}/conversations/{conversation_id}", self.erase, methods=["DELETE"])]
+        return [Route("/admin/agents/{name}/conversations/{conversation_id:path}", self.erase, methods=["DELETE"])]
 
     async def erase(self, request: Request) -> Response:
         conversation_id = request.path_params["conversation_id"]
@@ -47,15 +57,24 @@ class ConversationAdmin:
         if self.svc.memory is None:
             raise ServiceUnavailable("Conversation memory is not enabled on this gateway.")
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-            agent = await admin_agents.agent_named(request, conn)
+            name, tenant, agent_ids = await _agents_named(request, conn)
         # Redis first (a turn that starts now finds nothing to answer with), then PostgreSQL and
         # the erasure's record in one transaction, then Redis again: a turn stored meanwhile, or a
         # reload that read PostgreSQL before the commit, is dropped too.
+        messages = feedback = 0
         try:
-            last = await self.svc.memory.forget_recent(agent.tenant, agent.id, conversation_id)
+            last = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-                gone = await conversations.erase(conn, agent.tenant, agent.id, conversation_id, time.time())
-            await self.svc.memory.forget_recent(agent.tenant, agent.id, conversation_id)
+                # (the copies first: the erasure proper holds up the tenant's memory writes to its commit)
+                await _erase_channel_content(conn, tenant, conversation_id)
+                await _erase_escalation_content(conn, tenant, agent_ids, conversation_id)
+                for agent_id, handed_out in zip(agent_ids, last, strict=True):
+                    gone = await conversations.erase(conn, tenant, agent_id, conversation_id, time.time())
+                    # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
+                    messages += max(gone["messages"], handed_out)
+                    feedback += gone["feedback"]
+            for agent_id in agent_ids:
+                await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
         except (RedisError, OSError, TimeoutError) as exc:
             raise ServiceUnavailable(
                 f"The conversation could not be erased just now ({type(exc).__name__}); erasing is safe to repeat."
@@ -63,14 +82,75 @@ class ConversationAdmin:
         return base._json(
             {
                 "object": "conversation.deleted",
-                "agent": agent.name,
+                "agent": name,
                 "conversation_id": conversation_id,
                 "deleted": True,
-                # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
-                "messages": max(gone["messages"], last),
-                "feedback": gone["feedback"],
+                "messages": messages,
+                "feedback": feedback,
             }
         )
+
+
+async def _agents_named(request: Request, conn) -> tuple[str, str, list[str]]:
+    """The name, tenant and ids of the agents of the path's ``{name}`` the caller's view holds:
+    the active one and those deleted before it (archived, their conversations kept), since a
+    conversation with an agent outlives it. 404 when there is none; 400 when the super-admin's
+    view holds the name in several tenants and no ``?tenant=``."""
+    name = request.path_params["name"]
+    rows = []
+    if agents_store.NAME_RE.match(name):
+        rows = await conn.fetch(
+            """SELECT id, tenant FROM agents WHERE name = $1 AND ($2::text IS NULL OR tenant = $2)
+               ORDER BY tenant, archived_at IS NULL, archived_at LIMIT $3""",
+            name,
+            base._view(request),
+            MAX_AGENT_GENERATIONS + 1,
+        )
+    if not rows:
+        raise NotFound(f"No agent named {name[:64]!r}.", param="name")
+    if len({r["tenant"] for r in rows}) > 1:
+        raise InvalidRequest(
+            f"Several tenants have an agent named {name!r}; name one with ?tenant=.",
+            param="tenant",
+            code="ambiguous_agent",
+        )
+    if len(rows) > MAX_AGENT_GENERATIONS:
+        raise InvalidRequest(
+            f"More than {MAX_AGENT_GENERATIONS} agents were named {name!r}; erase with the super-admin's help.",
+            param="name",
+            code="too_many_agents",
+        )
+    return name, rows[0]["tenant"], [r["id"] for r in rows]
+
+
+async def _erase_channel_content(conn, tenant: str, conversation_id: str) -> None:
+    """The words a channel kept of the conversation (its records stay: statuses, costs)."""
+    await conn.execute(
+        """UPDATE whatsapp_messages SET body = NULL, updated_at = now()
+           WHERE tenant = $1 AND conversation_id = $2 AND body IS NOT NULL""",
+        tenant,
+        conversation_id,
+    )
+    await conn.execute(
+        """UPDATE vapi_calls SET transcript = NULL, summary = NULL, recording_url = NULL, updated_at = now()
+           WHERE tenant = $1 AND conversation_id = $2
+             AND (transcript IS NOT NULL OR summary IS NOT NULL OR recording_url IS NOT NULL)""",
+        tenant,
+        conversation_id,
+    )
+
+
+async def _erase_escalation_content(conn, tenant: str, agent_ids: list[str], conversation_id: str) -> None:
+    """The words the conversation's escalations kept (the customer's question, the AI's draft, the
+    person's answer, the context shown): the escalations stay, with their lifecycle and SLAs."""
+    await conn.execute(
+        """UPDATE escalations SET question = NULL, draft = NULL, corrected_answer = NULL, context = '{}'::jsonb,
+                  updated_at = now()
+           WHERE tenant = $1 AND agent_id = ANY($2::text[]) AND conversation_id = $3""",
+        tenant,
+        agent_ids,
+        conversation_id,
+    )
 
 
 def routes(admin) -> list[Route]:

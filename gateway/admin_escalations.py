@@ -124,7 +124,7 @@ class EscalationAdmin:
             Route("/admin/agents/{name}/learned/{id}/approve", self.approve, methods=["POST"]),
             Route("/admin/agents/{name}/learned/{id}/reject", self.reject, methods=["POST"]),
             Route("/admin/agents/{name}/training-data", self.training_data, methods=["GET"]),
-            Route("/admin/agents/{name}/conversations/{conversation_id}/messages", self.messages, methods=["GET"]),
+            Route("/admin/agents/{name}/conversations/{conversation_id:path}/messages", self.messages, methods=["GET"]),
         ]
 
     def _id(self, request: Request) -> str:

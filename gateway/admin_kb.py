@@ -206,8 +206,9 @@ def _clean_filename(name: str) -> str:
 class Upload:
     """The ``file`` part of a multipart body, written to ``path`` as it arrives."""
 
-    def __init__(self, boundary: bytes, path: Path) -> None:
+    def __init__(self, boundary: bytes, path: Path, room: int | None = None, over_room=None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.room, self.over_room = room, over_room  # the tenant's room left: past it, over_room is raised
         self.delim = b"\r\n--" + boundary
         self.buf = b"\r\n"  # the first boundary has no CRLF before it: pretend it had
         self.state = "preamble"
@@ -251,6 +252,8 @@ class Upload:
             self.size += len(data)
             if self.size > MAX_UPLOAD_BYTES:
                 raise PayloadTooLarge(f"The file exceeds the upload limit of {MAX_UPLOAD_BYTES // (1024 * 1024)} MB.")
+            if self.room is not None and self.size > self.room:
+                raise self.over_room
             self.sha.update(data)
             self.fh.write(data)
         else:
@@ -319,7 +322,11 @@ def _bad_multipart(why: str) -> InvalidRequest:
     return InvalidRequest(f"The body is not valid multipart/form-data: {why}.", param="file", code="invalid_multipart")
 
 
-async def receive_upload(request: Request, tmp_dir: Path) -> Upload:
+async def receive_upload(
+    request: Request, tmp_dir: Path, *, room: int | None = None, over_room: Exception | None = None
+) -> Upload:
+    """The upload's ``file`` part streamed to ``tmp_dir``; ``room``: the bytes the tenant may still
+    store (storage_quota.precheck's), past which the upload is cut off with ``over_room``."""
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "multipart/form-data":
         raise InvalidRequest(
@@ -332,7 +339,7 @@ async def receive_upload(request: Request, tmp_dir: Path) -> Upload:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"The upload exceeds the limit of {MAX_UPLOAD_BYTES // (1024 * 1024)} MB.")
-    upload = Upload(boundary.encode("latin-1"), tmp_dir / f"upload-{secrets.token_hex(8)}")
+    upload = Upload(boundary.encode("latin-1"), tmp_dir / f"upload-{secrets.token_hex(8)}", room, over_room)
     received = 0
     try:
         async for data in request.stream():
@@ -539,8 +546,11 @@ class KbAdmin:
         quota = storage_quota.of(self.svc)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             kb = await self._kb(request, conn)  # before reading the body: an unknown KB is a 404
-            await storage_quota.precheck(conn, kb.tenant, quota)  # full: refused before 50 MB reach the disk
-        upload = await receive_upload(request, self.kb.data_dir / "kb" / "incoming")
+            room = await storage_quota.precheck(conn, kb.tenant, quota)  # full: refused before 50 MB reach the disk
+        with storage_quota.receiving(kb.tenant):
+            upload = await receive_upload(
+                request, self.kb.data_dir / "kb" / "incoming", room=room, over_room=storage_quota.full(quota)
+            )
         try:
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
                 await storage_quota.lock(conn, kb.tenant)

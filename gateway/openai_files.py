@@ -129,9 +129,13 @@ class Files:
     async def create(self, request: Request) -> Response:
         data_dir = self.store.data_dir
         owner = tenant(request)
+        quota = storage_quota.of(self.store.svc)
         async with tenant_transaction(self.store.pool, owner) as conn:  # full: refuse before 50 MB reach the disk
-            await storage_quota.precheck(conn, owner, storage_quota.of(self.store.svc))
-        upload = await admin_kb.receive_upload(request, data_dir / "files" / "incoming")
+            room = await storage_quota.precheck(conn, owner, quota)
+        with storage_quota.receiving(owner):
+            upload = await admin_kb.receive_upload(
+                request, data_dir / "files" / "incoming", room=room, over_room=storage_quota.full(quota)
+            )
         try:
             raw = upload.fields.get("purpose")
             purpose = raw.decode("utf-8", "replace").strip() if raw is not None else None

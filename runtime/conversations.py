@@ -55,12 +55,28 @@ FROM touched WHERE c.id = touched.conversation_id
 
 # Turns of an erased conversation recorded up to its erasure are not written (they were still in
 # the stream, or spilled to disk, when it was erased); turns after it start the conversation anew.
+# One index lookup per turn of the batch (a scalar subquery, never flattened into a join): as a
+# join, the planner hashed the whole table of erasures for every batch once it had grown.
 _SKIP_ERASED = """
-DELETE FROM memory_raw raw USING erased_conversations e
-WHERE e.tenant = raw.r->>'tenant' AND e.agent_id = raw.r->>'agent_id'
-  AND e.external_hash = encode(sha256(convert_to(raw.r->>'external_id', 'UTF8')), 'hex')
-  AND to_timestamp((raw.r->>'ts')::float8) <= e.erased_at
+DELETE FROM memory_raw raw
+WHERE to_timestamp((raw.r->>'ts')::float8) <= (
+    SELECT e.erased_at FROM erased_conversations e
+    WHERE e.tenant = raw.r->>'tenant' AND e.agent_id = raw.r->>'agent_id'
+      AND e.external_hash = encode(sha256(convert_to(raw.r->>'external_id', 'UTF8')), 'hex'))
 """
+
+
+# A batch and an erasure of the same tenant exclude each other (a shared lock for each tenant in
+# the batch, taken before the erasures are read; the erasure's own, exclusive): without it a batch
+# that read the erasures before one committed wrote the erased turns back after it. Tenants share
+# ERASURE_LOCK_BUCKETS locks, so a batch of many tenants holds a bounded number of them.
+ERASURE_LOCK_CLASS = 0x45524153  # (the two-key advisory locks of this class: "ERAS")
+ERASURE_LOCK_BUCKETS = 64
+_LOCK_BATCH_TENANTS = f"""
+SELECT pg_advisory_xact_lock_shared({ERASURE_LOCK_CLASS}, b)
+FROM (SELECT DISTINCT hashtext(r->>'tenant') & {ERASURE_LOCK_BUCKETS - 1} AS b FROM memory_raw ORDER BY 1) buckets
+"""
+_LOCK_ERASURE = f"SELECT pg_advisory_xact_lock({ERASURE_LOCK_CLASS}, hashtext($1) & {ERASURE_LOCK_BUCKETS - 1})"
 
 
 async def write_turns(conn: asyncpg.Connection, entries: list[dict]) -> None:
@@ -70,6 +86,7 @@ async def write_turns(conn: asyncpg.Connection, entries: list[dict]) -> None:
         return
     await conn.execute("CREATE TEMP TABLE IF NOT EXISTS memory_raw (r jsonb, s integer) ON COMMIT DELETE ROWS")
     await conn.copy_records_to_table("memory_raw", records=rows, columns=("r", "s"))
+    await conn.execute(_LOCK_BATCH_TENANTS)
     await conn.execute(_SKIP_ERASED)
     await conn.execute(_UPSERT_CONVERSATIONS)
     await conn.execute(_INSERT_MESSAGES)
@@ -86,10 +103,26 @@ async def erase(conn: asyncpg.Connection, tenant: str, agent_id: str, external_i
     turns recorded up to ``erased_at`` (unix seconds, the gateway's clock, as turns are stamped)
     that are still on their way to PostgreSQL are skipped when they arrive. What was deleted:
     ``{"conversation": bool, "messages": n, "feedback": n}``."""
+    feedback = await conn.fetchval(
+        """WITH gone AS (
+               DELETE FROM feedback f
+               WHERE f.tenant = $1 AND (f.agent_id = $2 OR f.agent_id IS NULL)
+                 AND (f.conversation_id = $3
+                      OR f.request_id IN (SELECT request_id FROM runs
+                                          WHERE tenant = $1 AND agent_id = $2 AND conversation_id = $3))
+               RETURNING 1)
+           SELECT count(*) FROM gone""",
+        tenant,
+        agent_id,
+        external_id,
+    )
+    # (the memory writer waits for this lock: taken once the slow part, the feedback, is done)
+    await conn.execute(_LOCK_ERASURE, tenant)
     await conn.execute(
         """INSERT INTO erased_conversations (tenant, agent_id, external_hash, erased_at)
            VALUES ($1, $2, $3, to_timestamp($4))
-           ON CONFLICT (tenant, agent_id, external_hash) DO UPDATE SET erased_at = excluded.erased_at""",
+           ON CONFLICT (tenant, agent_id, external_hash)
+           DO UPDATE SET erased_at = greatest(erased_conversations.erased_at, excluded.erased_at)""",
         tenant,
         agent_id,
         external_hash(external_id),
@@ -107,19 +140,6 @@ async def erase(conn: asyncpg.Connection, tenant: str, agent_id: str, external_i
             "SELECT count(*) FROM messages WHERE conversation_id = $1 AND tenant = $2", row["id"], tenant
         )
         await conn.execute("DELETE FROM conversations WHERE id = $1 AND tenant = $2", row["id"], tenant)  # (cascade)
-    feedback = await conn.fetchval(
-        """WITH gone AS (
-               DELETE FROM feedback f
-               WHERE f.tenant = $1 AND (f.agent_id = $2 OR f.agent_id IS NULL)
-                 AND (f.conversation_id = $3
-                      OR f.request_id IN (SELECT request_id FROM runs
-                                          WHERE tenant = $1 AND agent_id = $2 AND conversation_id = $3))
-               RETURNING 1)
-           SELECT count(*) FROM gone""",
-        tenant,
-        agent_id,
-        external_id,
-    )
     return {"conversation": row is not None, "messages": int(messages), "feedback": int(feedback)}
 
 
