@@ -18,10 +18,25 @@ from runtime import conversations
 from runtime.memory import keys
 from tests.conftest import MASTER_KEY, Gateway, wait_until
 from tests.test_agents_e2e import config
+from tests.test_channels_whatsapp import rows as _rows
 from tests.test_memory import _agent, _run, _turn
 from tests.test_policies import new_key
 
 TENANT = f"erase-{uuid.uuid4().hex[:6]}"
+
+
+def _record(tenant: str, agent_id: str, conv: str, ts: float, seq: int, words: str) -> dict:
+    record = {
+        "tenant": tenant,
+        "agent_id": agent_id,
+        "external_id": conv,
+        "request_id": f"r-{seq}",
+        "prompt_version": 1,
+        "variant": None,
+        "ts": ts,
+        "messages": [{"role": "user", "content": words}],
+    }
+    return {b"r": orjson.dumps(record), b"s": str(seq).encode()}
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +54,6 @@ def _stored(gw: Gateway, agent: str, conv: str, key: str) -> list[dict]:
     r = _admin(gw, "GET", f"/admin/agents/{agent}/conversations/{conv}/messages", key)
     assert r.status_code == 200, r.text
     return r.json()["data"]
-
-
-def _rows(database_url: str, sql: str, *args) -> list[dict]:
-    async def go():
-        conn = await asyncpg.connect(database_url)
-        try:
-            return [dict(r) for r in await conn.fetch(sql, *args)]
-        finally:
-            await conn.close()
-
-    return asyncio.run(go())
 
 
 def test_an_erased_conversation_is_gone_everywhere_and_starts_anew(gw, services, module_mock):
@@ -132,17 +136,7 @@ def test_turns_still_on_their_way_when_erased_are_not_written_back(services):
         try:
 
             def entry(ts: float, seq: int, words: str) -> dict:
-                record = {
-                    "tenant": tenant,
-                    "agent_id": agent_id,
-                    "external_id": conv,
-                    "request_id": f"r-{seq}",
-                    "prompt_version": 1,
-                    "variant": None,
-                    "ts": ts,
-                    "messages": [{"role": "user", "content": words}],
-                }
-                return {b"r": orjson.dumps(record), b"s": str(seq).encode()}
+                return _record(tenant, agent_id, conv, ts, seq, words)
 
             async with pool.acquire() as conn, conn.transaction():
                 await conversations.write_turns(conn, [entry(time.time() - 5, 1, "before")])

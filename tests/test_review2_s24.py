@@ -13,12 +13,13 @@ import uuid
 import asyncpg
 import httpx
 import openai
-import orjson
 import pytest
 
 from runtime import conversations
 from tests.conftest import MASTER_KEY, Gateway, wait_until
 from tests.test_agents_e2e import config
+from tests.test_channels_whatsapp import rows as _rows
+from tests.test_conversation_erasure import _record
 from tests.test_policies import new_key
 
 
@@ -31,31 +32,6 @@ def gw(tmp_root, services, module_mock):
 
 def _admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
     return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
-
-
-def _rows(database_url: str, sql: str, *args) -> list[dict]:
-    async def go():
-        conn = await asyncpg.connect(database_url)
-        try:
-            return [dict(r) for r in await conn.fetch(sql, *args)]
-        finally:
-            await conn.close()
-
-    return asyncio.run(go())
-
-
-def _record(tenant: str, agent_id: str, conv: str, ts: float, seq: int, words: str) -> dict:
-    record = {
-        "tenant": tenant,
-        "agent_id": agent_id,
-        "external_id": conv,
-        "request_id": f"r-{seq}",
-        "prompt_version": 1,
-        "variant": None,
-        "ts": ts,
-        "messages": [{"role": "user", "content": words}],
-    }
-    return {b"r": orjson.dumps(record), b"s": str(seq).encode()}
 
 
 def _agent_with_key(gw: Gateway, tenant: str) -> tuple[str, str, str]:
