@@ -23,8 +23,6 @@ conversations are kept): the conversation is erased with every agent that had th
 
 from __future__ import annotations
 
-import time
-
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -63,13 +61,14 @@ class ConversationAdmin:
         # reload that read PostgreSQL before the commit, is dropped too.
         messages = feedback = 0
         try:
-            last = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
+            # (each agent's erasure is stamped with Redis's clock, as the turns it skips are)
+            forgot = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
                 # (the copies first: the erasure proper holds up the tenant's memory writes to its commit)
                 await _erase_channel_content(conn, tenant, conversation_id)
                 await _erase_escalation_content(conn, tenant, agent_ids, conversation_id)
-                for agent_id, handed_out in zip(agent_ids, last, strict=True):
-                    gone = await conversations.erase(conn, tenant, agent_id, conversation_id, time.time())
+                for agent_id, (handed_out, at) in zip(agent_ids, forgot, strict=True):
+                    gone = await conversations.erase(conn, tenant, agent_id, conversation_id, at)
                     # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
                     messages += max(gone["messages"], handed_out)
                     feedback += gone["feedback"]

@@ -8,6 +8,7 @@ also covers the first turn of a new conversation (one indexed lookup that finds 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import asyncpg
 import orjson
@@ -57,9 +58,11 @@ FROM touched WHERE c.id = touched.conversation_id
 # the stream, or spilled to disk, when it was erased); turns after it start the conversation anew.
 # One index lookup per turn of the batch (a scalar subquery, never flattened into a join): as a
 # join, the planner hashed the whole table of erasures for every batch once it had grown.
+# A turn's time is Redis's when its stream entry has one (``t``, stamped by the append script,
+# the clock the erasure is stamped with too), else the gateway's (``ts``: an older release's entry).
 _SKIP_ERASED = """
 DELETE FROM memory_raw raw
-WHERE to_timestamp((raw.r->>'ts')::float8) <= (
+WHERE to_timestamp(coalesce(raw.t, (raw.r->>'ts')::float8)) <= (
     SELECT e.erased_at FROM erased_conversations e
     WHERE e.tenant = raw.r->>'tenant' AND e.agent_id = raw.r->>'agent_id'
       AND e.external_hash = encode(sha256(convert_to(raw.r->>'external_id', 'UTF8')), 'hex'))
@@ -79,13 +82,29 @@ FROM (SELECT DISTINCT hashtext(r->>'tenant') & {ERASURE_LOCK_BUCKETS - 1} AS b F
 _LOCK_ERASURE = f"SELECT pg_advisory_xact_lock({ERASURE_LOCK_CLASS}, hashtext($1) & {ERASURE_LOCK_BUCKETS - 1})"
 
 
+MEMORY_RAW_DDL = "CREATE TEMP TABLE IF NOT EXISTS memory_raw (r jsonb, s integer, t float8) ON COMMIT DELETE ROWS"
+
+
+def _stamp(value: bytes | None) -> float | None:
+    """The entry's Redis time (``t``: "seconds.micros"), None when it has none or it is unreadable."""
+    try:
+        stamp = float(value) if value else None
+    except ValueError:
+        return None
+    return stamp if stamp is not None and math.isfinite(stamp) else None
+
+
 async def write_turns(conn: asyncpg.Connection, entries: list[dict]) -> None:
-    """Writes stream entries (fields ``r`` and ``s``) inside the caller's transaction."""
-    rows = [(_clean_nul(e[b"r"]), int(e[b"s"])) for e in entries if b"r" in e and e.get(b"s", b"").isdigit()]
+    """Writes stream entries (fields ``r``, ``s`` and ``t``) inside the caller's transaction."""
+    rows = [
+        (_clean_nul(e[b"r"]), int(e[b"s"]), _stamp(e.get(b"t")))
+        for e in entries
+        if b"r" in e and e.get(b"s", b"").isdigit()
+    ]
     if not rows:
         return
-    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS memory_raw (r jsonb, s integer) ON COMMIT DELETE ROWS")
-    await conn.copy_records_to_table("memory_raw", records=rows, columns=("r", "s"))
+    await conn.execute(MEMORY_RAW_DDL)
+    await conn.copy_records_to_table("memory_raw", records=rows, columns=("r", "s", "t"))
     await conn.execute(_LOCK_BATCH_TENANTS)
     await conn.execute(_SKIP_ERASED)
     await conn.execute(_UPSERT_CONVERSATIONS)
@@ -100,7 +119,7 @@ def external_hash(external_id: str) -> str:
 async def erase(conn: asyncpg.Connection, tenant: str, agent_id: str, external_id: str, erased_at: float) -> dict:
     """Deletes the conversation and every message of it, and the feedback given on it (by its
     id, or on one of its turns), inside the caller's transaction; and records the erasure, so
-    turns recorded up to ``erased_at`` (unix seconds, the gateway's clock, as turns are stamped)
+    turns recorded up to ``erased_at`` (unix seconds, Redis's clock, as turns are stamped)
     that are still on their way to PostgreSQL are skipped when they arrive. What was deleted:
     ``{"conversation": bool, "messages": n, "feedback": n}``."""
     feedback = await conn.fetchval(

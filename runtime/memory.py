@@ -95,7 +95,8 @@ redis.call('RPUSH', KEYS[1], unpack(items))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('XADD', KEYS[3], '*', 'r', ARGV[4], 's', first)
+local now = redis.call('TIME')
+redis.call('XADD', KEYS[3], '*', 'r', ARGV[4], 's', first, 't', now[1] .. '.' .. string.format('%06d', now[2]))
 if ARGV[5] ~= '' and ARGV[6] ~= '' and prev_seq == ARGV[5] then
   redis.call('SET', KEYS[4], '{"n":' .. string.format('%d', last) .. ',' .. ARGV[6], 'EX', ARGV[1])
 else
@@ -144,14 +145,17 @@ return pushed
 """
 
 
-# An erasure: the counter's value, then the window, counter and stored window gone, and the mark
-# that keeps a reload begun before it from warming them again. KEYS: window, seq, stored window,
-# mark. ARGV: the mark's ttl.
+# An erasure: the counter's value and Redis's clock, then the window, counter and stored window
+# gone, and the mark that keeps a reload begun before it from warming them again. KEYS: window,
+# seq, stored window, mark. ARGV: the mark's ttl. The clock is the one ``_APPEND`` stamps each
+# turn's stream entry with (``t``): the erasure and the turns it skips are compared on one clock,
+# whatever the gateways' clocks say.
 _FORGET = """
 local last = redis.call('GET', KEYS[2])
+local now = redis.call('TIME')
 redis.call('SET', KEYS[4], '1', 'EX', ARGV[1])
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-return last
+return {last or '0', now[1], now[2]}
 """
 
 
@@ -607,15 +611,17 @@ class Memory:
         except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             raise MemoryUnavailable(f"database: {type(exc).__name__}") from None
 
-    async def forget_recent(self, tenant: str, agent_id: str, conversation_id: str) -> int:
+    async def forget_recent(self, tenant: str, agent_id: str, conversation_id: str) -> tuple[int, float]:
         """Drops what Redis holds of the conversation (its window, counter and stored window), and
         for ``ERASED_MARK_S`` keeps a reload that began before this from putting it back. Returns
-        the last message number Redis had handed out (0: none)."""
+        the last message number Redis had handed out (0: none) and Redis's clock then (unix
+        seconds: turns stored before it are stamped earlier)."""
         window_key, seq_key = keys(tenant, agent_id, conversation_id)
         async with asyncio.timeout(self._timeout * 5):
-            last = await self._forget(keys=[window_key, seq_key, f"{window_key}:w", f"{window_key}:erased"],
-                                      args=[ERASED_MARK_S])  # fmt: skip
-        return int(last or 0)
+            last, sec, usec = await self._forget(
+                keys=[window_key, seq_key, f"{window_key}:w", f"{window_key}:erased"], args=[ERASED_MARK_S]
+            )
+        return int(last or 0), int(sec) + int(usec) / 1e6
 
     async def history(self, tenant: str | None, agent_id: str, external_id: str, limit: int = 100) -> list[dict]:
         """What PostgreSQL holds of the conversation: its last ``limit`` messages, oldest first

@@ -262,3 +262,43 @@ def _redis_ttl(services, key: str) -> int:
         return int(r.ttl(key))
     finally:
         r.close()
+
+
+def test_turns_and_erasures_are_compared_on_redis_clock_not_the_gateways(services, monkeypatch):
+    """A turn's stream entry carries Redis's time (``t``) and the erasure is stamped with it too:
+    a turn recorded before the erasure by a replica whose clock runs ahead (its ``ts`` later than
+    the erasure) is still skipped, and one recorded after it by a replica whose clock lags is kept."""
+    from runtime import memory as memory_module
+
+    private = f"gw:{{gw}}:memory-test-{uuid.uuid4().hex[:8]}"  # (no writer consumes it: read here)
+    monkeypatch.setattr(memory_module, "MEMORY_STREAM", private)
+
+    async def body(memory, pool, redis):
+        agent = _agent(tenant=f"t-{uuid.uuid4().hex[:6]}")
+        conv = f"c-{uuid.uuid4().hex[:6]}"
+        await memory.append(agent.tenant, agent, conv, _turn(0), request_id="r0", prompt_version=1, variant=None)
+        [(_, stored)] = await redis.xrange(private)
+        await redis.delete(private)
+        _, at = await memory.forget_recent(agent.tenant, agent.id, conv)
+        assert 0 < float(stored[b"t"]) <= at  # stored before the erasure, on Redis's clock
+        record = orjson.loads(stored[b"r"])
+        ahead = {**stored, b"r": orjson.dumps({**record, "ts": at + 120})}  # a replica two minutes fast
+
+        def entry(ts: float, t: float, seq: int, words: str) -> dict:
+            return {**_record(agent.tenant, agent.id, conv, ts, seq, words), b"t": f"{t:.6f}".encode()}
+
+        async with pool.acquire() as conn, conn.transaction():
+            await conversations.erase(conn, agent.tenant, agent.id, conv, at)
+        async with pool.acquire() as conn, conn.transaction():
+            # the real entry (before the erasure) and one of a replica two minutes slow, after it
+            await conversations.write_turns(conn, [ahead, entry(at - 120, at + 1, 9, "behind")])
+        rows = await pool.fetch(
+            """SELECT m.content->>'content' AS words FROM messages m JOIN conversations c ON c.id = m.conversation_id
+               WHERE c.tenant = $1 AND c.agent_id = $2 AND c.external_id = $3""",
+            agent.tenant,
+            agent.id,
+            conv,
+        )
+        assert [r["words"] for r in rows] == ["behind"]
+
+    _run(services, body)

@@ -205,9 +205,7 @@ def test_the_memory_writer_does_not_read_every_erasure_in_each_batch(gw, service
             await conn.execute("ANALYZE erased_conversations")
             entries = [_record(tenant, "agt_x", f"c-{i}", time.time(), 1, "hi") for i in range(500)]
             async with conn.transaction():
-                await conn.execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS memory_raw (r jsonb, s integer) ON COMMIT DELETE ROWS"
-                )
+                await conn.execute(conversations.MEMORY_RAW_DDL)
                 rows = [(e[b"r"].decode(), 1) for e in entries]
                 await conn.copy_records_to_table("memory_raw", records=rows, columns=("r", "s"))
                 plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + conversations._SKIP_ERASED))
