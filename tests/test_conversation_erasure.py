@@ -19,7 +19,7 @@ from runtime.memory import keys
 from tests.conftest import MASTER_KEY, Gateway, wait_until
 from tests.test_agents_e2e import config
 from tests.test_channels_whatsapp import rows as _rows
-from tests.test_memory import _agent, _run, _turn
+from tests.test_memory import _agent, _run, _turn, _until
 from tests.test_policies import new_key
 
 TENANT = f"erase-{uuid.uuid4().hex[:6]}"
@@ -172,6 +172,11 @@ def test_a_reload_that_read_postgresql_before_the_erasure_does_not_put_the_windo
         for i in range(3):
             await memory.append(agent.tenant, agent, conv, _turn(i), request_id=f"r{i}", prompt_version=1, variant=None)
         await memory.flush()
+
+        async def all_written() -> bool:  # (another replica's writer may have taken some of the turns)
+            return len(await conversations.recent(pool, agent.tenant, agent.id, conv, 100)) == 6
+
+        await _until(all_written, "the three turns in PostgreSQL")
         window_key, seq_key = keys(agent.tenant, agent.id, conv)
         await redis.delete(window_key, seq_key, f"{window_key}:w")  # expired: the next load reloads
         await memory.forget_recent(agent.tenant, agent.id, conv)  # the erasure began (PostgreSQL not yet)
