@@ -53,7 +53,6 @@ from core.queue import (
     _oldest,
     _pack,
     _s,
-    log,
 )
 from core.stream_writer import entry_id as is_entry_id
 
@@ -252,41 +251,27 @@ class FairQueue(Queue):
             return None, keyhash
         return orjson.loads(reply[1]), keyhash
 
-    async def _settle(
-        self,
-        entry_id: str,
-        msg: dict,
-        keyhash: str,
-        mode: str,
-        *,
-        due: float = 0.0,
-        count: bool = False,
-        absorbed: int = 0,
-    ) -> bool:
-        try:
-            done = await self._script(
-                self._finish_fair,
-                [self.stream, self.live, self.delayed, self.dead, self.counters, self.taken],
-                [
-                    self.group,
-                    self.consumer,
-                    entry_id,
-                    mode,
-                    msg["id"],
-                    orjson.dumps(msg),
-                    int(due * 1000),
-                    keyhash,
-                    f"{time.time():.3f}",
-                    self.max_dead,
-                    "1" if count else "0",
-                ],
-            )
-        except Exception as exc:  # left pending: claimed and retried after the visibility timeout
-            log.warning("queue %s: could not settle %s (%s): %s", self.name, msg["id"], mode, exc)
-            return False
-        if not done:
-            log.warning("queue %s: message %s was claimed by another worker; result dropped", self.name, msg["id"])
-        return bool(done)
+    async def _finish_entry(
+        self, entry_id: str, msg: dict, keyhash: str, mode: str, due: float, count: bool, absorbed: int
+    ):
+        """Files the message in the fair structures (its tenant's list, the taken job released)."""
+        return await self._script(
+            self._finish_fair,
+            [self.stream, self.live, self.delayed, self.dead, self.counters, self.taken],
+            [
+                self.group,
+                self.consumer,
+                entry_id,
+                mode,
+                msg["id"],
+                orjson.dumps(msg),
+                int(due * 1000),
+                keyhash,
+                f"{time.time():.3f}",
+                self.max_dead,
+                "1" if count else "0",
+            ],
+        )
 
     async def move_due(self) -> int:
         moved = 0

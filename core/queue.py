@@ -585,31 +585,37 @@ class Queue:
         """Acknowledges the entry and files the message (done, delayed, dead), if this worker still
         owns the entry; False when it does not (it was claimed by another worker meanwhile)."""
         try:
-            done = await self._script(
-                self._finish,
-                [self.stream, self.live, self.delayed, self.dead, self.counters, self._list_key(keyhash)],
-                [
-                    self.group,
-                    self.consumer,
-                    entry_id,
-                    mode,
-                    msg["id"],
-                    orjson.dumps(msg),
-                    int(due * 1000),
-                    "1" if self.ordered else "0",
-                    keyhash,
-                    f"{time.time():.3f}",
-                    self.max_dead,
-                    "1" if count else "0",
-                    absorbed,
-                ],
-            )
+            done = await self._finish_entry(entry_id, msg, keyhash, mode, due, count, absorbed)
         except Exception as exc:  # left pending: claimed and retried after the visibility timeout
             log.warning("queue %s: could not settle %s (%s): %s", self.name, msg["id"], mode, exc)
             return False
         if not done:
             log.warning("queue %s: message %s was claimed by another worker; result dropped", self.name, msg["id"])
         return bool(done)
+
+    async def _finish_entry(
+        self, entry_id: str, msg: dict, keyhash: str, mode: str, due: float, count: bool, absorbed: int
+    ):
+        """The finishing script's call (``_settle``'s; a subclass files messages its own way)."""
+        return await self._script(
+            self._finish,
+            [self.stream, self.live, self.delayed, self.dead, self.counters, self._list_key(keyhash)],
+            [
+                self.group,
+                self.consumer,
+                entry_id,
+                mode,
+                msg["id"],
+                orjson.dumps(msg),
+                int(due * 1000),
+                "1" if self.ordered else "0",
+                keyhash,
+                f"{time.time():.3f}",
+                self.max_dead,
+                "1" if count else "0",
+                absorbed,
+            ],
+        )
 
     # -- upkeep -----------------------------------------------------------------------------
 

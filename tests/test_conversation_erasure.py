@@ -16,8 +16,9 @@ import pytest
 
 from runtime import conversations
 from runtime.memory import keys
-from tests.conftest import MASTER_KEY, Gateway, wait_until
+from tests.conftest import Gateway, wait_until
 from tests.test_agents_e2e import config
+from tests.test_channels_vapi import admin as _admin
 from tests.test_channels_whatsapp import rows as _rows
 from tests.test_memory import _agent, _run, _turn, _until
 from tests.test_policies import new_key
@@ -44,10 +45,6 @@ def gw(tmp_root, services, module_mock):
     g = Gateway(tmp_root, config(module_mock), services)
     yield g
     g.stop()
-
-
-def _admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
 
 
 def _stored(gw: Gateway, agent: str, conv: str, key: str) -> list[dict]:

@@ -16,8 +16,9 @@ import openai
 import pytest
 
 from runtime import conversations
-from tests.conftest import MASTER_KEY, Gateway, wait_until
+from tests.conftest import Gateway, wait_until
 from tests.test_agents_e2e import config
+from tests.test_channels_vapi import admin as _admin
 from tests.test_channels_whatsapp import rows as _rows
 from tests.test_conversation_erasure import _record
 from tests.test_policies import new_key
@@ -28,10 +29,6 @@ def gw(tmp_root, services, module_mock):
     g = Gateway(tmp_root, config(module_mock), services)
     yield g
     g.stop()
-
-
-def _admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
 
 
 def _agent_with_key(gw: Gateway, tenant: str) -> tuple[str, str, str]:

@@ -9,17 +9,7 @@ import uuid
 from channels.config import PHONE_NUMBER_ID
 from channels.vapi import llm, parse_accounts, wire
 from channels.whatsapp import normalize
-
-
-def _doc(messages=(), statuses=(), pnid="111") -> dict:
-    value = {
-        "messaging_product": "whatsapp",
-        "metadata": {"display_phone_number": "1555", "phone_number_id": pnid},
-        "contacts": [{"profile": {"name": "Bo"}, "wa_id": "4412"}],
-        "messages": list(messages),
-        "statuses": list(statuses),
-    }
-    return {"object": "whatsapp_business_account", "entry": [{"changes": [{"field": "messages", "value": value}]}]}
+from tests.test_channels_units import _doc
 
 
 def _m(sender: str) -> dict:
