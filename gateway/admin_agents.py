@@ -111,7 +111,17 @@ class AgentAdmin:
 
     # ---- helpers -------------------------------------------------------------------------------
     async def _agent(self, request: Request, conn) -> Agent:
-        return await agent_named(request, conn)
+        name = request.path_params["name"]
+        found = await store.find_agents(conn, name[:64], base._view(request)) if store.NAME_RE.match(name) else []
+        if not found:
+            raise NotFound(f"No agent named {name[:64]!r}.", param="name")
+        if len(found) > 1:
+            raise InvalidRequest(
+                f"Several tenants have an agent named {name!r}; name one with ?tenant=.",
+                param="tenant",
+                code="ambiguous_agent",
+            )
+        return found[0]
 
     def _judge_model(self, request: Request, data: dict) -> None:
         """``escalation.judge.model`` (human in the loop) is a model the agent calls: held to what
@@ -429,22 +439,6 @@ class AgentAdmin:
 
     async def prompt_templates(self, request: Request) -> Response:
         return base._json({"object": "list", "data": templates.library()})
-
-
-async def agent_named(request: Request, conn) -> Agent:
-    """The agent of the path's ``{name}`` that the caller's view holds (404; 400 when the
-    super-admin's view holds several of that name and no ``?tenant=``)."""
-    name = request.path_params["name"]
-    found = await store.find_agents(conn, name[:64], base._view(request)) if store.NAME_RE.match(name) else []
-    if not found:
-        raise NotFound(f"No agent named {name[:64]!r}.", param="name")
-    if len(found) > 1:
-        raise InvalidRequest(
-            f"Several tenants have an agent named {name!r}; name one with ?tenant=.",
-            param="tenant",
-            code="ambiguous_agent",
-        )
-    return found[0]
 
 
 def routes(admin) -> list[Route]:

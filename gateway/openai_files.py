@@ -160,7 +160,7 @@ class Files:
                     size=upload.size,
                     sha256=upload.sha.hexdigest(),
                     content_type=upload.content_type or "application/octet-stream",
-                    quota=storage_quota.of(self.store.svc),
+                    quota=quota,
                 )
                 admin_kb._place(upload.path, file_path(data_dir, owner, row["id"]))
             return json_response(describe_file(row))
