@@ -45,13 +45,10 @@ import orjson
 from core.queue import (
     _OWNED,
     Job,
-    KeyBacklogFull,
     Queue,
-    QueueFull,
     _digest,
     _messages,
     _oldest,
-    _pack,
     _s,
 )
 from core.stream_writer import entry_id as is_entry_id
@@ -195,9 +192,12 @@ class FairQueue(Queue):
         """Appends a message to its key's list (``key``, else ``key_of(payload)``); returns its id.
         ``dedupe``, ``max_per_key``: as Queue.enqueue."""
         key = self._key(payload, key) if isinstance(payload, dict) else key
-        job_id, now, packed = _pack(payload, key, dedupe)
-        keyhash = _digest(key if key is not None else job_id)
-        status, found = await self._script(
+        return await super().enqueue(payload, key=key, dedupe=dedupe, max_per_key=max_per_key)
+
+    async def _enqueue_entry(
+        self, job_id: str, packed: bytes, now: float, dedupe: str | None, keyhash: str, max_per_key: int
+    ):
+        return await self._script(
             self._enqueue_fair,
             [self.stream, self.live, f"{self._prefix}:d:{_digest(dedupe or '')}", self._list_key(keyhash)],
             [
@@ -210,11 +210,6 @@ class FairQueue(Queue):
                 max(0, int(max_per_key)),
             ],
         )
-        if int(status) == -2:
-            raise KeyBacklogFull(f"a key of queue {self.name} holds {max_per_key} messages")
-        if int(status) < 0:
-            raise QueueFull(f"queue {self.name} holds {self.max_depth} messages")
-        return _s(found)
 
     # -- consuming --------------------------------------------------------------------------
 

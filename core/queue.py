@@ -347,7 +347,18 @@ class Queue:
         (ordered queues): ``KeyBacklogFull`` when ``key`` holds that many unfinished messages."""
         job_id, now, packed = _pack(payload, key, dedupe)
         keyhash = _digest(key if key is not None else job_id)
-        status, found = await self._script(
+        status, found = await self._enqueue_entry(job_id, packed, now, dedupe, keyhash, max_per_key)
+        if int(status) == -2:
+            raise KeyBacklogFull(f"a key of queue {self.name} holds {max_per_key} messages")
+        if int(status) < 0:
+            raise QueueFull(f"queue {self.name} holds {self.max_depth} messages")
+        return _s(found)
+
+    async def _enqueue_entry(
+        self, job_id: str, packed: bytes, now: float, dedupe: str | None, keyhash: str, max_per_key: int
+    ):
+        """The enqueue script's call: (status, the id it holds) (a subclass queues its own way)."""
+        return await self._script(
             self._enqueue,
             [
                 self.stream,
@@ -366,11 +377,6 @@ class Queue:
                 max(0, int(max_per_key)),
             ],
         )
-        if int(status) == -2:
-            raise KeyBacklogFull(f"a key of queue {self.name} holds {max_per_key} messages")
-        if int(status) < 0:
-            raise QueueFull(f"queue {self.name} holds {self.max_depth} messages")
-        return _s(found)
 
     async def _script(self, script, keys: list, args: list):
         """A registered script, over the fast client when there is one."""
