@@ -11,6 +11,7 @@ from pathlib import Path
 
 import orjson
 
+from core.config import ConfigError, load_config
 from core.errors import GatewayError
 
 
@@ -30,7 +31,11 @@ def add_parser(sub) -> None:
     )
     create.add_argument("--max-steps", type=int)
     create.add_argument("--fallback-message")
-    create.add_argument("--config", help="check --model against this config (default: $GATEWAY_CONFIG)")
+    create.add_argument(
+        "--config",
+        help="check --model against this config (default: as `gateway serve` finds it: $GATEWAY_CONFIG, "
+        "./gateway.yaml, else the demo when the database is the embedded one)",
+    )
     lst = cmds.add_parser("list", help="active agents")
     lst.add_argument("--tenant", help="only this tenant's")
     versions = cmds.add_parser("versions", help="an agent's prompt versions and labels")
@@ -57,15 +62,31 @@ def _vars(pairs: list[str]) -> dict:
     return out
 
 
-def _check_model(args: argparse.Namespace) -> None:
+def _config_path(args: argparse.Namespace) -> str | None:
+    """The config the gateways serving this database run, found as ``gateway serve`` finds it:
+    --config, $GATEWAY_CONFIG, ./gateway.yaml, else the demo — the demo only when the database is
+    the embedded one (no DATABASE_URL), which is what ``make run`` serves it from. None: unknown."""
     path = args.config or os.environ.get("GATEWAY_CONFIG")
-    if not path:
-        return
-    from core.config import load_config
+    if not path and Path("gateway.yaml").exists():
+        path = "gateway.yaml"
+    if not path and not os.environ.get("DATABASE_URL"):
+        path = str(Path(__file__).with_name("demo.yaml"))
+    return path
 
+
+def _check_model(args: argparse.Namespace) -> None:
+    """--model must be a chat group of the config the gateways run: an agent on any other model
+    would be created and then answer every call with 404."""
+    path = _config_path(args)
+    if not path:
+        unknown = "no --config, $GATEWAY_CONFIG or ./gateway.yaml"
+        print(f"note: --model {args.model!r} not checked ({unknown})", file=sys.stderr)
+        return
+    os.environ.setdefault("MOCK_URL", "http://127.0.0.1:0")  # the demo's mock address: not used here
     models = {m.name: m for m in load_config(path).models}
     if args.model not in models or models[args.model].mode != "chat":
-        raise GatewayError(f"{args.model!r} is not a chat model group of {path}")
+        chat = sorted(name for name, m in models.items() if m.mode == "chat")
+        raise GatewayError(f"{args.model!r} is not a chat model group of {path}; its chat groups: {', '.join(chat)}")
 
 
 async def _one(conn, name: str, tenant: str):
@@ -90,7 +111,6 @@ async def _run(args: argparse.Namespace, database_url: str, redis_url: str) -> i
     try:
         await migrate(conn)
         if args.agents_cmd == "create":
-            _check_model(args)
             store.check_name(args.name)
             if args.template:
                 entry = templates.get(args.template)
@@ -165,6 +185,15 @@ def run(args: argparse.Namespace) -> int:
             args.template_text = Path(args.template_file).read_text()
         except OSError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if args.agents_cmd == "create":
+        try:
+            _check_model(args)  # before the database: nothing is started for a command refused
+        except GatewayError as exc:
+            print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+            return 1
+        except (ConfigError, OSError) as exc:
+            print(f"error: the config to check --model against did not load: {exc}", file=sys.stderr)
             return 1
     database_url, redis_url, services = resolve_urls()
     try:

@@ -518,12 +518,54 @@ _CLI = (
 )
 
 
-def agents_cli(*args: str, urls: tuple[str, str], tmp: Path) -> subprocess.CompletedProcess:
-    """``gateway agents ...`` through gateway/cli_agents.py's own parser and runner."""
-    env = {**os.environ, "DATABASE_URL": urls[0], "REDIS_URL": urls[1], "GATEWAY_DATA_DIR": str(tmp / "data")}
+def agents_cli(*args: str, urls: tuple[str, str] | None, tmp: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``gateway agents ...`` through gateway/cli_agents.py's own parser and runner (``urls``
+    None: no DATABASE_URL / REDIS_URL, as on a machine that runs ``make run``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "GATEWAY_CONFIG")}
+    env["GATEWAY_DATA_DIR"] = str(tmp / "data")
+    if urls is not None:
+        env.update(DATABASE_URL=urls[0], REDIS_URL=urls[1])
     return subprocess.run(
-        [sys.executable, "-c", _CLI, "agents", *args], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+        [sys.executable, "-c", _CLI, "agents", *args], env=env, capture_output=True, text=True, timeout=120, cwd=cwd
     )
+
+
+def test_cli_create_checks_model_against_the_demo_config(tmp_path):
+    """On `make run`'s machine (embedded database, no config: the demo) the issue's own example
+    `gateway agents create --model gpt-4o-mini` created an agent whose every call then got 404:
+    the CLI checked --model only against --config / $GATEWAY_CONFIG. It now finds the config as
+    `gateway serve` does and refuses before starting anything (no database was started: the data
+    directory stays empty)."""
+    out = agents_cli(
+        "create", "--name", "support", "--model", "gpt-4o-mini", "--template", "support",
+        urls=None, tmp=tmp_path, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "'gpt-4o-mini' is not a chat model group" in out.stderr and "demo-gpt" in out.stderr
+    assert "demo-embedding" not in out.stderr  # only chat groups are offered
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_cli_create_checks_model_against_gateway_yaml(gw, services, tmp_path, module_mock):
+    """./gateway.yaml is what `gateway serve` runs when no config is named: --model is held to it."""
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config(module_mock)))
+    tenant = unique("clicfg")
+    refused = agents_cli(
+        "create", "--name", "a", "--model", "demo-gpt", "--template", "faq", "--tenant", tenant,
+        urls=services, tmp=tmp_path, cwd=tmp_path,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "'demo-gpt' is not a chat model group of gateway.yaml" in refused.stderr
+    embedding = agents_cli(
+        "create", "--name", "a", "--model", "embed-mock", "--template", "faq", "--tenant", tenant,
+        urls=services, tmp=tmp_path, cwd=tmp_path,
+    )  # fmt: skip
+    assert embedding.returncode == 1 and "not a chat model group" in embedding.stderr
+    made = agents_cli(
+        "create", "--name", "a", "--model", "gpt-mock", "--template", "faq", "--tenant", tenant,
+        "--var", "organization=Acme", urls=services, tmp=tmp_path, cwd=tmp_path,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "agent:a" in made.stdout
 
 
 def test_cli_create_list_versions_and_label(gw, services, tmp_root):
