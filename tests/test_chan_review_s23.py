@@ -300,6 +300,31 @@ def test_vapi_end_user_is_a_keyed_pseudonym_when_the_account_does_not_attribute_
     assert llm.end_user(plain, wire.call_info(None)) is None
 
 
+def test_vapi_channel_takes_a_caller_id_from_phone_calls_only():
+    """A call of no type, or of a type this release does not know, had its `customer.number`
+    taken as the caller's: as the caller id in the prompt, and as the end user whose limits and
+    ledger it counts against. The channel now takes it from a phone call only; other calls are
+    their own end user, as web calls are. VAPI pointed at /v1 (no account) is a key holder, who
+    may name any caller anyway."""
+    from channels.vapi import llm, parse_accounts, wire
+
+    settings = {"tenant": "t", "api_key": "sk-gw-aaaaaaaaaaaa", "public_url": PUBLIC_URL}
+    settings["auth"] = {"bearer_token": TOKEN}
+    account = parse_accounts({"a": settings})["a"]
+    customer = {"number": "+14155550100", "name": "Jane Roe"}
+    for kind in (None, "vapi.sipCall", "", ["inboundPhoneCall"]):
+        call = {"id": "call-7", "type": kind} if kind is not None else {"id": "call-7"}
+        info = wire.call_info(call, None, customer, account=account)
+        assert (info.customer_number, info.customer_name) == (None, None), kind
+        assert "caller_number" not in info.variables()
+        assert llm.end_user(account, info) == "vapi-call:call-7"
+    for kind in ("inboundPhoneCall", "outboundPhoneCall"):
+        info = wire.call_info({"id": "call-8", "type": kind}, None, customer, account=account)
+        assert (info.customer_number, info.customer_name) == ("+14155550100", "Jane Roe")
+        assert llm.end_user(account, info) == "+14155550100"
+    assert wire.call_info({"id": "call-9"}, None, customer).customer_number == "+14155550100"  # /v1
+
+
 # ---- VAPI: what a caller writes about themselves ------------------------------------------------
 def _system_prompt_of(gw: Gateway, mock, call: dict, customer: dict, words: str) -> str:
     mock.clear()

@@ -28,6 +28,9 @@ CALL_TYPES = frozenset({"inboundPhoneCall", "outboundPhoneCall", "webCall", "vap
 # A web call is started by whoever holds the assistant's public key (a browser): its `customer`
 # object is the visitor's to write, so a number (or a name) in it is nobody's caller id.
 WEB_CALL_TYPES = frozenset({"webCall", "vapi.websocketCall"})
+# Only a phone call's `customer` is the telephone network's caller id: a call of no type, or of
+# a type this release does not know (VAPI adds some), is treated as a web call would be.
+PHONE_CALL_TYPES = frozenset({"inboundPhoneCall", "outboundPhoneCall"})
 # VAPI's objects beside an OpenAI body (metadataSendMode "variable"): never an OpenAI field
 CALL_OBJECTS = ("call", "phoneNumber", "customer")
 # The gateway's signature over the metadata of the calls it places (``sign_metadata``).
@@ -206,7 +209,8 @@ def call_info(
     """The call facts of a custom-LLM body (``call``, ``phoneNumber``, ``customer``, ``metadata``)
     or a server message (the same objects inside ``message``). ``account``: the channel's
     account, which decides which metadata is trusted (``_metadata``). A web call has no
-    customer number or name: those in its ``customer`` object are the visitor's own writing.
+    customer number or name: those in its ``customer`` object are the visitor's own writing;
+    for the channel, neither has a call of no or an unknown type.
     A phone caller's name is one line of printable text (it reaches the system prompt)."""
     call = call if isinstance(call, dict) else {}
     phone = phone_number if isinstance(phone_number, dict) else {}
@@ -217,7 +221,9 @@ def call_info(
         cust = call["customer"]
     kind = call.get("type")
     call_type = kind if isinstance(kind, str) and kind in CALL_TYPES else None  # a list is unhashable
-    web = call_type in WEB_CALL_TYPES
+    # The channel takes a caller id from a phone call only; VAPI pointed at /v1 (no ``account``)
+    # is a key holder, who may set any variable anyway.
+    web = call_type in WEB_CALL_TYPES or (account is not None and call_type not in PHONE_CALL_TYPES)
     number = None if web else _number(cust.get("number"))
     return CallInfo(
         call_id=_id(call.get("id")),
