@@ -7,8 +7,8 @@ versions of 60 KB, in every replica). So:
 - the registry holds only the versions a label points at (``latest``, ``production``, any other
   label, every arm of an experiment) — what a turn that names no version, or a label, runs;
 - a version pinned by number (``agent:support@7``) that no label points at is read from
-  PostgreSQL on demand (``VersionCache``): at most ``MAX_LOADS`` reads at once per replica, each
-  with a timeout, concurrent requests for one version sharing one read, and the versions read
+  PostgreSQL on demand (``VersionCache``): at most ``MAX_LOADS`` reads at once per replica, and
+  ``MAX_LOADS_PER_TENANT`` in flight or waiting per tenant (past it: 429), each with a timeout, concurrent requests for one version sharing one read, and the versions read
   kept in an LRU bounded in bytes (``policies.prompt_cache_bytes``). Versions are numbered
   1..latest without gaps and never change or disappear, so a number past ``latest`` is refused
   without a read and a cached version never goes stale;
@@ -26,13 +26,18 @@ from dataclasses import dataclass
 
 import orjson
 
-from core.errors import InvalidRequest, ServiceUnavailable
+from core.errors import InvalidRequest, RateLimited, ServiceUnavailable
 from core.metrics import AGENT_PROMPT_BYTES
 from runtime.types import Agent, PromptVersion
 
 log = logging.getLogger("gateway.agents")
 
 MAX_LOADS = 4  # PostgreSQL reads of pinned versions in flight at once, per replica
+# Reads one tenant may have in flight or waiting, per replica: a read comes before the turn is
+# admitted (its prompt is part of what is admitted), so a tenant's key pinning many versions
+# that fall out of the cache at once would otherwise queue reads without end and hold every
+# slot, and other tenants' pinned turns would wait out LOAD_TIMEOUT_S. Past it: 429, retry.
+MAX_LOADS_PER_TENANT = 2
 LOAD_TIMEOUT_S = 5.0
 DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_VERSIONS = 5000
@@ -84,6 +89,7 @@ class VersionCache:
         self._bytes = 0
         self._loading: dict[tuple[str, int], asyncio.Task] = {}
         self._slots = asyncio.Semaphore(MAX_LOADS)
+        self._tenant_loads: dict[str, int] = {}  # reads in flight or waiting, per tenant
         self.reads = 0  # PostgreSQL reads done (tests and the benchmark read it)
 
     @property
@@ -107,11 +113,29 @@ class VersionCache:
             self._held.move_to_end(key)
             return found[0]
         task = self._loading.get(key)
-        if task is None:
+        if task is None:  # a turn waiting on a read already begun adds no work
+            tenant = agent.tenant
+            loads = self._tenant_loads.get(tenant, 0)
+            if loads >= MAX_LOADS_PER_TENANT:
+                raise RateLimited(
+                    "Too many pinned prompt versions are being read for this tenant at once; try again.",
+                    param="model",
+                    code="too_many_pinned_versions",
+                    headers={"retry-after": "1"},
+                )
+            self._tenant_loads[tenant] = loads + 1
             task = asyncio.create_task(self._load(key), name="prompt-version-load")
             self._loading[key] = task
-            task.add_done_callback(lambda _t, key=key: self._loading.pop(key, None))
+            task.add_done_callback(lambda _t, key=key, tenant=tenant: self._loaded(key, tenant))
         return await asyncio.shield(task)
+
+    def _loaded(self, key: tuple[str, int], tenant: str) -> None:
+        self._loading.pop(key, None)
+        left = self._tenant_loads.get(tenant, 1) - 1
+        if left > 0:
+            self._tenant_loads[tenant] = left
+        else:
+            self._tenant_loads.pop(tenant, None)
 
     async def _load(self, key: tuple[str, int]) -> PromptVersion | None:
         try:
