@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from channels.config import PHONE_NUMBER_ID
+from channels.whatsapp import sender
 from channels.whatsapp.worker import conversation_key
 from core import http
 from core.errors import GatewayError, InvalidRequest, NotFound
@@ -39,7 +40,7 @@ _IDEMPOTENCY = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
 # A WhatsApp id as Meta writes it: the E.164 number without '+' (no leading zero, 7-15 digits).
 # "0044…" for the customer "44…" would be a second conversation for one person.
 _RECIPIENT = re.compile(r"^[1-9][0-9]{6,14}\Z")
-TEMPLATE_FIELDS = frozenset({"account", "name", "language", "category", "variables", "description"})
+TEMPLATE_FIELDS = frozenset({"account", "name", "language", "category", "variables", "description", "body"})
 SEND_FIELDS = frozenset({"account", "phone_number_id", "to", "text", "template"})
 STATUSES = ("received", "sent", "delivered", "read", "failed", "held", "unknown")
 
@@ -87,7 +88,7 @@ class ChannelsAdmin:
         name, acct = self._account(request, request.query_params.get("account"))
         async with tenant_transaction(self.channel.pool, base._wall(request)) as conn:
             rows = await conn.fetch(
-                """SELECT name, language, category, variables, description, created_at, updated_at
+                """SELECT name, language, category, variables, description, body, created_at, updated_at
                    FROM whatsapp_templates WHERE tenant = $1 AND account = $2 ORDER BY name, language""",
                 acct.tenant,
                 name,
@@ -109,13 +110,22 @@ class ChannelsAdmin:
         if len(variables) > 20 or not all(_VARIABLE.match(v) for v in variables):
             raise InvalidRequest("'variables' is at most 20 variable names.", param="variables")
         description = inp.text(data, "description", max_len=1000) or ""
+        body = inp.text(data, "body", max_len=sender.MAX_TEMPLATE_BODY)
+        if body is not None and sender.placeholders(body) != {str(i) for i in range(1, len(variables) + 1)}:
+            raise InvalidRequest(
+                f"'body' must number its placeholders {{{{1}}}} to {{{{{len(variables)}}}}}: one for each variable, "
+                "in the order of 'variables'.",
+                param="body",
+            )
         async with tenant_transaction(self.channel.pool, base._wall(request)) as conn:
             row = await conn.fetchrow(
-                """INSERT INTO whatsapp_templates (tenant, account, name, language, category, variables, description)
-                   VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)
+                """INSERT INTO whatsapp_templates (tenant, account, name, language, category, variables, description,
+                       body)
+                   VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8)
                    ON CONFLICT (tenant, account, name, language) DO UPDATE SET category = EXCLUDED.category,
-                       variables = EXCLUDED.variables, description = EXCLUDED.description, updated_at = now()
-                   RETURNING name, language, category, variables, description, created_at, updated_at""",
+                       variables = EXCLUDED.variables, description = EXCLUDED.description, body = EXCLUDED.body,
+                       updated_at = now()
+                   RETURNING name, language, category, variables, description, body, created_at, updated_at""",
                 acct.tenant,
                 name,
                 tpl,
@@ -123,6 +133,7 @@ class ChannelsAdmin:
                 category,
                 orjson.dumps(variables).decode(),
                 description,
+                body,
             )
         return base._json(_template(row, name), status=201)
 
@@ -205,7 +216,7 @@ class ChannelsAdmin:
             raise InvalidRequest("'template.variables' is an object of at most 20 short values.", param="template")
         async with tenant_transaction(self.channel.pool, base._wall(request)) as conn:
             row = await conn.fetchrow(
-                """SELECT name, language, variables FROM whatsapp_templates
+                """SELECT name, language, variables, body FROM whatsapp_templates
                    WHERE tenant = $1 AND account = $2 AND name = $3 AND ($4::text IS NULL OR language = $4)
                    ORDER BY language LIMIT 1""",
                 acct.tenant,
@@ -219,6 +230,14 @@ class ChannelsAdmin:
         missing = [v for v in variables if v not in values]
         if missing:
             raise InvalidRequest(f"Missing template variable {missing[0]!r}.", param=f"template.variables.{missing[0]}")
+        if row["body"] is not None:  # Meta refuses a body past 1,024 characters filled in (132005): say so now
+            filled = sender.filled_length(row["body"], [values[v] for v in variables])
+            if filled > sender.MAX_TEMPLATE_BODY:
+                raise InvalidRequest(
+                    f"The template's body with these values is {filled} characters; WhatsApp takes at most "
+                    f"{sender.MAX_TEMPLATE_BODY}.",
+                    param="template.variables",
+                )
         return {
             "name": row["name"],
             "language": row["language"],
@@ -263,6 +282,7 @@ def _template(row, account: str) -> dict:
         "category": row["category"],
         "variables": orjson.loads(variables) if isinstance(variables, str) else variables,
         "description": row["description"],
+        "body": row["body"],
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
     }

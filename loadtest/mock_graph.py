@@ -20,12 +20,15 @@ in a parameter instead; ``"delay_ms"``: the error is answered that late).
 ``POST /_mock/window {"wa_id", "open": false}`` closes a customer's 24-hour window (free-form
 text then fails with 131047); ``rate_per_second`` (config) answers 130429 past that many sends a
 second per number. A template parameter with a new line, a tab or more than four spaces in a row
-is refused with 132018, as Meta does.
+is refused with 132018, as Meta does; a template whose approved body the mock was given
+(config ``templates``: ``{name: body}``) is refused with 132005 when its body with the
+parameters filled in runs past 1,024 characters, as Meta's is.
 
 Inspection: ``GET /_mock/sent`` (sends), ``GET /_mock/reads``, ``DELETE /_mock/sent`` clears;
 ``POST /_mock/config`` sets token, webhook_url, app_secret, statuses, status_order, status_delay_ms,
-status_first_ms, text_answer_delays_ms, rate_per_second, record, wa_ids (``{input: wa_id}``: the WhatsApp id a send's
-answer names for that input, as Meta's does for some Brazilian and Mexican numbers).
+status_first_ms, text_answer_delays_ms, rate_per_second, record, templates, wa_ids
+(``{input: wa_id}``: the WhatsApp id a send's answer names for that input, as Meta's does for
+some Brazilian and Mexican numbers).
 """
 
 from __future__ import annotations
@@ -55,7 +58,10 @@ _ERRORS = {
     131026: (400, "Message Undeliverable"),
     100: (400, "Invalid parameter"),
     132018: (400, "There was an issue with the parameters in your template."),
+    132005: (400, "Template Hydrated Text Too Long"),
 }
+MAX_HYDRATED = 1024  # characters of a template's body with its parameters filled in
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 _BAD_PARAM = re.compile(r"[\n\t]| {5}")
 
 
@@ -88,6 +94,18 @@ def _bad_template_params(template) -> bool:
     return any(_BAD_PARAM.search(text) for text in _template_texts(template))
 
 
+def _hydrated(body: str, template) -> str:
+    """An approved body with the send's parameters filled in ({{1}} is the first, as Meta numbers them)."""
+    params = _template_texts(template)
+
+    def fill(m: re.Match) -> str:
+        name = m.group(1)
+        i = int(name) - 1 if name.isdigit() else -1
+        return params[i] if 0 <= i < len(params) else m.group(0)
+
+    return _PLACEHOLDER.sub(fill, body)
+
+
 def _status(wamid: str, status: str, to: str) -> dict:
     name, _, code = status.partition(":")
     out = {"id": wamid, "status": name, "timestamp": str(int(time.time())), "recipient_id": to}
@@ -110,6 +128,7 @@ class MockGraph:
             "rate_per_second": 0,
             "record": True,
             "wa_ids": {},  # input number -> the WhatsApp id Meta answers with (Brazil's ninth digit...)
+            "templates": {},  # name -> its approved body ({{1}}, {{2}}...): sends past 1,024 filled in fail
             "self_url": f"http://{opts.host}:{opts.port}",
         }
         self.sent: deque = deque(maxlen=200_000)
@@ -222,6 +241,11 @@ class MockGraph:
         code, late_error = self._fault(to, req)
         if code is None and kind == "template" and _bad_template_params(req.get("template")):
             code = 132018
+        if code is None and kind == "template":  # an approved body the mock knows: Meta's 1,024 after filling in
+            tpl = req.get("template") if isinstance(req.get("template"), dict) else {}
+            body = self.cfg["templates"].get(str(tpl.get("name")))
+            if isinstance(body, str) and len(_hydrated(body, tpl)) > MAX_HYDRATED:
+                code = 132005
         if code is None and kind == "text" and to in self.closed:
             code = 131047
         limit = self.cfg["rate_per_second"]

@@ -1205,3 +1205,74 @@ def test_attack_another_key_of_the_tenant_cannot_continue_or_read_a_whatsapp_con
         f"{wa.url}/v1/agents/wabot/conversations/{conv}/messages", headers={"Authorization": f"Bearer {wa.channel_key}"}
     )
     assert mine.status_code == 200 and "1 Main Street" in mine.text, mine.text
+
+
+# A window template's approved body as Meta's WhatsApp Manager holds it (115 characters of its own).
+_BRIEF_BODY = (
+    "Hello! Here is our answer to the message you sent us earlier: {{1}} "
+    "Reply to this message to go on with the conversation."
+)
+
+
+@pytest.mark.parametrize("registered_body", [True, False])
+def test_a_long_answer_goes_as_templates_within_metas_1024_characters_filled_in(wa, graph, registered_body):
+    """Meta refuses a template whose body with its parameters filled in runs past 1,024
+    characters (132005). An answer outside the window went as templates whose `reply` alone held
+    1,024 characters: with the template's own words, every one was refused, and the customer got
+    none of the answer. The templates now carry what the body has room for: its own length when
+    it was registered with its `body`, else a reserve of 200 characters. The mock knows the
+    approved body, as Meta does, and refuses what Meta would."""
+    tpl = {"account": "brief", "name": "reengage", "language": "en_US", "variables": ["reply"]}
+    registered = {**tpl, "body": _BRIEF_BODY} if registered_body else tpl
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=registered).status_code == 201
+    graph.configure(templates={"reengage": _BRIEF_BODY})
+    try:
+        wa_id = new_wa_id()
+        sentences = " ".join(f"Point {i:02d} of the answer is here." for i in range(70))  # ~2,200 characters
+        say(wa, "brief", wa_id, sentences, ts=time.time() - 25 * 3600)
+        whole = "echo: " + sentences
+        wait_sent(graph, wa_id, 1)
+        wait_until(lambda: queue_idle(wa, "wa-inbound"), what="the turn done")
+    finally:
+        graph.configure(templates={})
+        assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl).status_code == 201
+    params = [s["template"]["components"][0]["parameters"][0]["text"] for s in graph.sent_to(wa_id)]
+    assert all(s["type"] == "template" for s in graph.sent_to(wa_id))
+    assert all(len(_BRIEF_BODY.replace("{{1}}", p)) <= 1024 for p in params), [len(p) for p in params]
+    assert " ".join(params) == whole
+    if registered_body:  # the room is used: no more templates than the body's room needs
+        assert len(params) == 3, [len(p) for p in params]
+
+
+def test_a_template_body_is_checked_when_registered_and_when_sent(wa, graph):
+    """A registered `body` numbers one placeholder per variable, in order, within 1,024
+    characters; a proactive send whose values would take the filled-in body past Meta's 1,024 is
+    a 400 naming the values, before anything is sent."""
+    tpl = {"account": "acme", "name": "bodied", "variables": ["name", "code"]}
+    for body in (
+        "Hi {{1}}, no code here.",
+        "Hi {{1}}, {{3}}.",
+        "Hi {{2}}, {{1}} and {{3}}.",
+        "x {{1}} {{2}}" + "y" * 1020,
+    ):
+        r = admin(wa, "POST", "/admin/channels/whatsapp/templates", json={**tpl, "body": body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "body", (body[:40], r.text)
+    good = "Hi {{1}}, your code is {{2}}. " + "Thanks for staying with us. " * 30  # 870 characters of its own
+    made = admin(wa, "POST", "/admin/channels/whatsapp/templates", json={**tpl, "body": good})
+    assert made.status_code == 201 and made.json()["body"] == good
+    listed = admin(wa, "GET", "/admin/channels/whatsapp/templates", params={"account": "acme"}).json()["data"]
+    assert [t["body"] for t in listed if t["name"] == "bodied"] == [good]
+    to = new_wa_id()
+    send = {
+        "account": "acme",
+        "to": to,
+        "template": {"name": "bodied", "variables": {"name": "Ann", "code": "x" * 200}},
+    }
+    r = admin(wa, "POST", "/admin/channels/whatsapp/send", json=send)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "template.variables", r.text
+    send["template"]["variables"]["code"] = "SPRING"
+    assert admin(wa, "POST", "/admin/channels/whatsapp/send", json=send).status_code == 202
+    assert wait_sent(graph, to, 1)[0]["type"] == "template"
+    assert (
+        admin(wa, "GET", "/admin/channels/whatsapp/messages", params={"account": "acme", "to": to}).status_code == 200
+    )

@@ -31,6 +31,13 @@ log = logging.getLogger("channels.whatsapp")
 
 STATE_TTL = 8 * 86_400  # longer than Meta's retries of a webhook
 MAX_TEMPLATE_VALUE = 1024
+# Meta refuses a template whose body with its parameters filled in runs past this (132005). The
+# gateway knows a template's own text when it was registered with its ``body``; else it keeps
+# TEMPLATE_TEXT_RESERVE characters of room for it.
+MAX_TEMPLATE_BODY = 1024
+TEMPLATE_TEXT_RESERVE = 200
+MIN_REPLY_ROOM = 100
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 PIECE_FIELD = re.compile(r"^(p[0-9]+|template[0-9]*)\Z")  # a piece's field of a key's state
 
 
@@ -225,23 +232,29 @@ class Sender:
             tpl = await store.template(self.pool, conv.tenant, conv.account, acct.window_template, None)
         if tpl is not None:
             values = {**(variables or {}), "reply": text, "customer_name": conv.name or ""}
-            # A parameter holds MAX_TEMPLATE_VALUE characters: a longer reply goes as as many
-            # templates as it takes (cut at sentence ends), never cut off and reported sent.
+            # A template carries what its body has room for (Meta: 1,024 characters filled in): a
+            # longer reply goes as as many templates as it takes (cut at sentence ends), never cut
+            # off and reported sent.
             pieces = [text]
             if "reply" in (tpl.get("variables") or ()):
-                # Every try of this key cuts the same text (the first try's), however short: a
-                # retry, or a second job on the key, given another text (a turn's retry has the
-                # whole answer where its first try sent only the pieces Meta refused) would send
-                # pieces of two different cuts.
+                # Every try of this key cuts the same text (the first try's), however short, at
+                # the same room: a retry, or a second job on the key, given another text (a turn's
+                # retry has the whole answer where its first try sent only the pieces Meta
+                # refused) or another room (the template registered again) would send pieces of
+                # two different cuts.
                 flat = " ".join(text.split())
+                room = reply_room(tpl, values)
                 skey = state_key(conv.account, key)
-                if not await self._claim(skey, "template_text", flat):
-                    flat = (await self.kv.get(skey)).get("template_text") or flat
+                first_text = await self._claim(skey, "template_text", flat)
+                if not (await self._claim(skey, "template_room", str(room)) and first_text):
+                    pinned = await self.kv.get(skey)
+                    flat = pinned.get("template_text") or flat
+                    room = int(pinned["template_room"]) if pinned.get("template_room", "").isdigit() else room
                 # What the free-form pieces would carry (max_reply_parts of them), in as many
                 # templates as it takes (a piece is cut at no less than half its limit): never less.
                 kept = " ".join(split_reply(flat, max_parts=acct.max_reply_parts))
-                parts = len(kept) // (MAX_TEMPLATE_VALUE // 2) + 1
-                pieces = split_reply(kept, limit=MAX_TEMPLATE_VALUE, max_parts=parts) or [text]
+                parts = len(kept) // (room // 2) + 1
+                pieces = split_reply(kept, limit=room, max_parts=parts) or [text]
             for i, piece in enumerate(pieces):
                 field_ = "template" if i == 0 else f"template{i}"
                 done = await self.send_template(
@@ -268,6 +281,26 @@ class Sender:
             )
         out.held = True
         return out
+
+
+def placeholders(body: str) -> set[str]:
+    """The distinct placeholders of an approved body ({{1}}, {{2}}...)."""
+    return set(_PLACEHOLDER.findall(body))
+
+
+def filled_length(body: str, values: list) -> int:
+    """The length of ``body`` with its placeholders filled in by ``values`` ({{1}} is the first),
+    each as ``template_value`` sends it."""
+    return len(_PLACEHOLDER.sub("", body)) + sum(len(template_value(v)) for v in values)
+
+
+def reply_room(tpl: dict, values: dict) -> int:
+    """How many characters of an answer one window template carries: Meta's 1,024 for the body
+    filled in, less the template's own text and its other parameters."""
+    body = tpl.get("body")
+    own = len(_PLACEHOLDER.sub("", body)) if isinstance(body, str) else TEMPLATE_TEXT_RESERVE
+    others = sum(len(template_value(values.get(n, ""))) for n in tpl.get("variables") or () if n != "reply")
+    return max(MIN_REPLY_ROOM, min(MAX_TEMPLATE_VALUE, MAX_TEMPLATE_BODY - own - others))
 
 
 def template_value(value) -> str:

@@ -342,7 +342,7 @@ async def record_status(pool, tenant: str, account: str, status: dict) -> None:
 async def template(pool, tenant: str, account: str, name: str, language: str | None) -> dict | None:
     async with pool.acquire() as conn:
         row = await conn.fetchrow(
-            """SELECT name, language, variables FROM whatsapp_templates
+            """SELECT name, language, variables, body FROM whatsapp_templates
                WHERE tenant = $1 AND account = $2 AND name = $3 AND ($4::text IS NULL OR language = $4)
                ORDER BY language LIMIT 1""",
             tenant,
@@ -357,6 +357,7 @@ async def template(pool, tenant: str, account: str, name: str, language: str | N
         "name": row["name"],
         "language": row["language"],
         "variables": orjson.loads(variables) if isinstance(variables, str) else list(variables),
+        "body": row["body"],
     }
 
 
