@@ -12,9 +12,12 @@ every replica (the scheduler is work-conserving: no per-key cap, no lanes).
 Unlike ``ordered=True``, a key's messages are not kept in order and a failing message does not
 hold its key: a message being retried waits in its own delayed set and goes back to the *front*
 of its key's list when due, so the key's other messages keep flowing meanwhile. Everything else
-is the Queue's: at-least-once delivery, claims renewed while a handler runs, claimed after the
-visibility timeout from a worker that died (a failed attempt), retries with backoff, dead letters,
-dedupe, ``max_depth`` and ``max_per_key``.
+is the Queue's: at-least-once delivery, claims renewed while a handler runs, claimed from a worker
+that died once its liveness ran out (a failed attempt), retries with backoff, dead letters,
+dedupe, ``max_depth`` and ``max_per_key``. A worker that dies between reading a key's token and
+taking the key's head holds the key's only token: it is claimed the same way (the key's turn is
+not lost for the visibility timeout), and the head, which no handler saw, goes back to the front
+of its key's list without counting an attempt.
 
 Keys, for a queue ``P = gw:{gw}:q:<name>`` (one hash tag, as the Queue's):
 
@@ -47,21 +50,24 @@ from core.queue import (
     Job,
     Queue,
     _digest,
+    _jobs,
     _messages,
     _oldest,
     _s,
+    log,
 )
 from core.stream_writer import entry_id as is_entry_id
 
 # KEYS: stream, taken, list. ARGV: group, consumer, entry_id, keyhash.
-# Returns {1, message}; {2} when the key had nothing left (the token is dropped); {0} when this
-# consumer does not own the entry (it was claimed by another).
+# Returns {1, message} (just taken); {3, message} (taken by this entry's reader before: a worker
+# that stopped); {2} when the key had nothing left (the token is dropped); {0} when this consumer
+# does not own the entry (it was claimed by another).
 _TAKE = (
     _OWNED
     + """
 if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return {0} end
 local m = redis.call('HGET', KEYS[2], ARGV[3])
-if m then return {1, m} end
+if m then return {3, m} end
 m = redis.call('LPOP', KEYS[3])
 if not m then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
@@ -233,6 +239,11 @@ class FairQueue(Queue):
     async def _message(self, fields: dict, entry_id: str) -> tuple[dict | None, str]:
         """Takes the head of the token's key (or what this entry took before) and passes the
         key's turn on."""
+        msg, keyhash, _ = await self._take_entry(fields, entry_id)
+        return msg, keyhash
+
+    async def _take_entry(self, fields: dict, entry_id: str) -> tuple[dict | None, str, bool]:
+        """(the message, its key's hash, whether this entry had taken it before)."""
         keyhash = _s(fields.get(b"k") or fields.get("k") or "")
         reply = await self._script(
             self._take,
@@ -243,8 +254,26 @@ class FairQueue(Queue):
         if status == 0:
             raise RuntimeError("the entry was claimed by another worker")
         if status == 2:
-            return None, keyhash
-        return orjson.loads(reply[1]), keyhash
+            return None, keyhash, False
+        return orjson.loads(reply[1]), keyhash, status == 3
+
+    async def _claimed(self, entry_id: str, fields: dict, why: str) -> None:
+        """A token claimed from a worker that stopped: when that worker had taken a message, it
+        counts as a failed attempt; when it stopped between reading the token and taking (no
+        handler saw a message), the key's head is taken now and handed back untouched — to the
+        front of its key's list, with its key's turn — without counting an attempt."""
+        if not fields or entry_id in self._inflight:
+            return
+        msg, keyhash, started = await self._take_entry(fields, entry_id)
+        if msg is None:
+            return  # the key had nothing left: the take dropped the token
+        _jobs.get(self.name, "claimed").inc()
+        if started:
+            log.warning("queue %s: message %s claimed from a worker that stopped", self.name, msg["id"])
+            await self._fail(entry_id, msg, keyhash, why)
+        else:
+            await self._settle(entry_id, msg, keyhash, "retry", due=time.time())
+            await self.move_due()
 
     async def _finish_entry(
         self, entry_id: str, msg: dict, keyhash: str, mode: str, due: float, count: bool, absorbed: int

@@ -16,7 +16,9 @@ CPU core however many documents wait, and the event loop serving requests keeps 
 
 Tuning by environment (read at start; tests shorten them):
 ``GATEWAY_KB_WORKER`` (``0`` disables the worker in this process; uploads still queue),
-``GATEWAY_KB_VISIBILITY_TIMEOUT`` (s, default 60), ``GATEWAY_KB_MAX_RETRIES`` (default 5),
+``GATEWAY_KB_VISIBILITY_TIMEOUT`` (s, default 60), ``GATEWAY_KB_LIVENESS_TTL`` (s, default 10: a
+killed worker's documents, and its tenant's turn, are taken over that long after its last sign of
+life), ``GATEWAY_KB_MAX_RETRIES`` (default 5),
 ``GATEWAY_KB_BACKOFF`` (s, base of the exponential backoff, default 2),
 ``GATEWAY_KB_EXTRACT_TIMEOUT`` (s a PDF or DOCX may take to read, default 60; rag/sandbox.py).
 """
@@ -61,6 +63,7 @@ def make_queue(redis) -> FairQueue:
         max_retries=int(env_float("GATEWAY_KB_MAX_RETRIES", 5)),
         backoff_base=env_float("GATEWAY_KB_BACKOFF", 2.0),
         visibility_timeout=max(0.5, env_float("GATEWAY_KB_VISIBILITY_TIMEOUT", 60.0)),
+        liveness_ttl=env_float("GATEWAY_KB_LIVENESS_TTL", 10.0),
         dedupe_ttl=3600,
     )
 
