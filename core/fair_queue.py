@@ -47,6 +47,7 @@ import orjson
 
 from core.queue import (
     _OWNED,
+    MOVE_BATCH,
     Job,
     Queue,
     _digest,
@@ -104,18 +105,21 @@ return 1
 """
 )
 
-# KEYS: delayed, stream. ARGV: now_ms, limit, list key prefix. A due message goes back to the
-# front of its key's list (the list keys share the queue's hash tag, so one cluster slot).
+# KEYS: delayed, stream, then the list of each member's key. ARGV: the due members (read by the
+# caller). A due message goes back to the front of its key's list; a member another worker moved
+# meanwhile is skipped. Every list is named in KEYS: a cluster (or a server such as Dragonfly)
+# that checks the keys a script touches against the keys it declared accepts it.
 _MOVE_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, m in ipairs(due) do
-  redis.call('ZREM', KEYS[1], m)
-  local h = string.sub(m, 1, 32)
-  if redis.call('LPUSH', ARGV[3] .. h, string.sub(m, 33)) == 1 then
-    redis.call('XADD', KEYS[2], '*', 'k', h)
+local moved = 0
+for i, m in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[1], m) == 1 then
+    moved = moved + 1
+    if redis.call('LPUSH', KEYS[i + 2], string.sub(m, 33)) == 1 then
+      redis.call('XADD', KEYS[2], '*', 'k', string.sub(m, 1, 32))
+    end
   end
 end
-return #due
+return moved
 """
 
 # KEYS: stream, live, dedupe, list. ARGV: id, packed, enqueued_ms, dedupe_ttl, keyhash, max_depth, max_per_key
@@ -299,16 +303,17 @@ class FairQueue(Queue):
 
     async def move_due(self) -> int:
         moved = 0
-        while True:
-            n = int(
-                await self._move_due_fair(
-                    keys=[self.delayed, self.stream],
-                    args=[int(time.time() * 1000), 500, f"{self._fair}:k:"],
-                )
+        for _ in range(1000):  # bounded: MOVE_BATCH at a time
+            due = await self._redis.zrangebyscore(
+                self.delayed, "-inf", int(time.time() * 1000), start=0, num=MOVE_BATCH
             )
-            moved += n
-            if n < 500:
-                return moved
+            if not due:
+                break
+            lists = [self._list_key(_s(m[:32])) for m in due]
+            moved += int(await self._move_due_fair(keys=[self.delayed, self.stream, *lists], args=due))
+            if len(due) < MOVE_BATCH:
+                break
+        return moved
 
     # -- administration ---------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from core.fair_queue import FairQueue
-from tests.test_queue import PATIENCE, Worker, _name, _until
+from core.queue import Fatal, Queue, Retry
+from tests.test_queue import PATIENCE, Worker, _name, _until, _until_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 HOUR = 3600.0  # a visibility timeout no test waits for: only liveness can hand the work over
@@ -141,6 +144,118 @@ def test_a_live_worker_keeps_a_message_that_runs_many_times_its_liveness(service
         assert runs[0] == ("busy", 0, 1) and runs[1][1:] == (1, 1)
         s = await idle.stats()
         assert s["retries"] == 0 and s["depth"] == s["pending"] == s["delayed"] == 0
+        await r.aclose()
+
+    asyncio.run(main())
+
+
+class _Monitor:
+    """Every command the real server runs, as its MONITOR reports it (a script's own commands on
+    lines of client ``lua``, right after the EVAL/EVALSHA line that ran them)."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.lines = url, []
+
+    async def __aenter__(self) -> _Monitor:
+        self.client = aioredis.from_url(self.url)
+        self.conn = self.client.connection_pool.make_connection()
+        await self.conn.connect()
+        await self.conn.send_command("MONITOR")
+        assert _s(await self.conn.read_response()) == "OK"
+        self.task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        while True:
+            self.lines.append(await self.conn.read_response())
+
+    async def __aexit__(self, *exc) -> None:
+        marker = f"monitor-end-{os.getpid()}"
+        await self.client.get(marker)
+        await _until(lambda: any(marker.encode() in line for line in self.lines[-20:]), "the monitor to catch up")
+        self.task.cancel()
+        await self.conn.disconnect()
+        await self.client.aclose()
+
+    async def undeclared(self, r) -> list[str]:
+        """Keys a script's command touched that its EVAL/EVALSHA did not name in KEYS."""
+        found, declared = [], None
+        for line in self.lines:
+            head, _, rest = line.partition(b"] ")
+            args = [_unquote(a) for a in re.findall(rb'"((?:[^"\\]|\\.)*)"', rest)]
+            if not args:
+                continue
+            if not head.endswith(b" lua"):
+                script = args[0].upper() in (b"EVAL", b"EVALSHA")
+                declared = {_s(k) for k in args[3 : 3 + int(args[2])]} if script else None
+                continue
+            try:
+                keys = [_s(k) for k in await r.command_getkeys(*args)]
+            except ResponseError:  # no key (TIME)
+                keys = []
+            found += [f"{_s(args[0])} {k}" for k in keys if declared is None or k not in declared]
+        return found
+
+
+def _unquote(text: bytes) -> bytes:
+    return text.decode("latin1").encode("latin1").decode("unicode_escape").encode("latin1")
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def test_every_key_a_queue_script_touches_is_named_in_its_keys(services):
+    """Before: the fair queue's move of due retries built each tenant's list key inside Lua. One
+    hash tag keeps them in one slot, but a server that checks a script's keys against what it
+    declared (Dragonfly by default; strict cluster proxies) refuses it, and every retry stalls.
+    Now every script of the fair, ordered and plain queues (enqueue, take, finish in each mode,
+    retries moved back, dead letters revived, liveness, a departed consumer reaped) names every
+    key it touches: checked on the real server's MONITOR."""
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        opts = {"visibility_timeout": HOUR, "liveness_ttl": 0.3, "backoff_base": 0.01, "backoff_max": 0.02}
+        queues = [
+            FairQueue(r, _name(), key_of=_by_owner, max_retries=1, **opts),
+            Queue(r, _name(), ordered=True, max_retries=1, **opts),
+            Queue(r, _name(), max_retries=1, **opts),
+        ]
+        async with _Monitor(services[1]) as monitor:
+            for q in queues:
+                done = []
+
+                async def handler(job, done=done):
+                    n = job.payload["n"]
+                    if n == 1 and job.attempt == 1:
+                        raise RuntimeError("once")  # retried: delayed, then moved back
+                    if n == 2 and "deferred" not in done:
+                        done.append("deferred")
+                        raise Retry(0)
+                    if n == 3:
+                        raise Fatal("never")  # a dead letter, revived below
+                    done.append(n)
+
+                for n in range(4):
+                    await q.enqueue({"owner": "a", "n": n}, key="a", dedupe=f"d{n}")
+                async with Worker(q, handler):
+                    await _until(lambda done=done: {0, 1, 2} <= set(done), "the messages")
+                    await _until_stats(q, lambda s: s["dead_letters"] == 1, "the dead letter")
+                    (letter,) = await q.dead_letters(10)
+                    assert await q.retry_dead(letter["id"])
+                    await _until_stats(
+                        q, lambda s: s["dead_letters"] == 1 and s["depth"] == s["pending"] == 0, "it dead again"
+                    )
+                # a consumer gone with an entry pending: reaped by the next worker
+                await q.enqueue({"owner": "b", "n": 0}, key="b")
+                await q._ensure_group()
+                await r.xreadgroup(q.group, "gone", {q.stream: ">"}, count=1)
+                await r.zadd(q.consumers, {"gone": 0})
+                async with Worker(q, handler):
+                    await _until_stats(
+                        q, lambda s: s["pending"] == s["depth"] == s["delayed"] == 0, "the reaped entry done"
+                    )
+        assert await monitor.undeclared(r) == []
         await r.aclose()
 
     asyncio.run(main())
