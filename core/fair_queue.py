@@ -145,6 +145,39 @@ if redis.call('RPUSH', KEYS[4], ARGV[3]) == 1 then redis.call('XADD', KEYS[2], '
 return 1
 """
 
+# The way back (``FairQueue.downgrade``): this release's jobs moved where a previous release reads.
+# KEYS: a key's list, the plain stream. ARGV: batch. Moves the list's head batch, in order.
+_PLAIN_LIST = """
+local ms = redis.call('LPOP', KEYS[1], ARGV[1])
+if not ms then return 0 end
+for _, m in ipairs(ms) do redis.call('XADD', KEYS[2], '*', 'm', m) end
+return #ms
+"""
+
+# KEYS: delayed, the plain delayed set. ARGV: batch. Same due times; the member loses its key hash.
+_PLAIN_DELAYED = """
+local ms = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+for i = 1, #ms, 2 do
+  redis.call('ZADD', KEYS[2], ms[i + 1], string.sub(ms[i], 33))
+  redis.call('ZREM', KEYS[1], ms[i])
+end
+return #ms / 2
+"""
+
+# KEYS: taken, the plain stream. ARGV: token entry ids. What stopped workers had taken.
+_PLAIN_TAKEN = """
+local n = 0
+for i = 1, #ARGV do
+  local m = redis.call('HGET', KEYS[1], ARGV[i])
+  if m then
+    redis.call('XADD', KEYS[2], '*', 'm', m)
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
 
 class _Drain(Queue):
     """The plain queue of the same name (a previous release's): consumed, never written to."""
@@ -184,6 +217,9 @@ class FairQueue(Queue):
         self._finish_fair = redis.register_script(_FINISH)
         self._move_due_fair = redis.register_script(_MOVE_DUE)
         self._revive_fair = redis.register_script(_REVIVE)
+        self._plain_list = redis.register_script(_PLAIN_LIST)
+        self._plain_delayed = redis.register_script(_PLAIN_DELAYED)
+        self._plain_taken = redis.register_script(_PLAIN_TAKEN)
 
     def _list_key(self, keyhash: str) -> str:
         return f"{self._fair}:k:{keyhash}"
@@ -337,6 +373,38 @@ class FairQueue(Queue):
             args=[id, keyhash, orjson.dumps(msg), msg["id"], int(time.time() * 1000)],
         )
         return bool(done)
+
+    async def running(self) -> list[str]:
+        """The consumers of this release whose liveness has not run out (by Redis's clock)."""
+        seconds, micros = await self._redis.time()
+        now = int(seconds) * 1000 + int(micros) // 1000
+        return [_s(c) for c in await self._redis.zrangebyscore(self.consumers, now, "+inf")]
+
+    async def downgrade(self, *, force: bool = False) -> dict:
+        """The way back to a release before FairQueue, which reads only the plain stream: moves
+        every message of this release there — the keys' lists in order, the retries with their
+        due times, what stopped workers had taken — and drops the token stream. Run it after
+        stopping every replica of this release: with a consumer still alive it raises
+        RuntimeError unless ``force`` (its messages in flight would then run twice). Dead
+        letters, dedupe keys and the unfinished set are shared and stay. Safe to run again, and
+        a later upgrade drains the plain stream as it does after any upgrade."""
+        alive = await self.running()
+        if alive and not force:
+            raise RuntimeError(f"{len(alive)} consumer(s) of queue {self.name} are still running")
+        plain = self.legacy
+        moved = {"queued": 0, "delayed": 0, "in_flight": 0}
+        async for key in self._redis.scan_iter(match=f"{self._fair}:k:*", count=1000):
+            while n := int(await self._plain_list(keys=[key, plain.stream], args=[MOVE_BATCH])):
+                moved["queued"] += n
+        while n := int(await self._plain_delayed(keys=[self.delayed, plain.delayed], args=[MOVE_BATCH])):
+            moved["delayed"] += n
+        while entries := await self._redis.hkeys(self.taken):
+            moved["in_flight"] += int(
+                await self._plain_taken(keys=[self.taken, plain.stream], args=entries[:MOVE_BATCH])
+            )
+        await self._redis.delete(self.stream, self.consumers)
+        self._group_ready = False
+        return moved
 
     async def stats(self) -> dict:
         """The whole queue's: this release's messages and what waits in the previous one's."""

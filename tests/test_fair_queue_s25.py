@@ -197,6 +197,13 @@ class _Monitor:
         return found
 
 
+async def _take_one(r, q: FairQueue) -> tuple[str, dict, str]:
+    """What a worker does on reading a token: (entry id, the message it took, its key's hash)."""
+    ((_, [(entry_id, fields)]),) = await r.xreadgroup(q.group, q.consumer, {q.stream: ">"}, count=1)
+    msg, keyhash, _ = await q._take_entry(fields, _s(entry_id))
+    return _s(entry_id), msg, keyhash
+
+
 def _unquote(text: bytes) -> bytes:
     return text.decode("latin1").encode("latin1").decode("unicode_escape").encode("latin1")
 
@@ -255,7 +262,105 @@ def test_every_key_a_queue_script_touches_is_named_in_its_keys(services):
                     await _until_stats(
                         q, lambda s: s["pending"] == s["depth"] == s["delayed"] == 0, "the reaped entry done"
                     )
+                if isinstance(q, FairQueue):  # the way back: queued, delayed and taken messages moved
+                    await q.enqueue({"owner": "a", "n": 9})
+                    await q.enqueue({"owner": "a", "n": 10})
+                    await q._finish_entry(*(await _take_one(r, q)), "retry", 0.0, False, 0)
+                    await _take_one(r, q)
+                    assert await q.downgrade() == {"queued": 0, "delayed": 1, "in_flight": 1}
         assert await monitor.undeclared(r) == []
+        await r.aclose()
+
+    asyncio.run(main())
+
+
+async def _cli(redis_url: str, *args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        cwd=ROOT,
+        env={**os.environ, "REDIS_URL": redis_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), PATIENCE)
+    return proc.returncode, out.decode()
+
+
+def test_downgrade_moves_every_job_to_the_plain_stream_a_previous_release_reads(services, tmp_path):
+    """Before: rolling back to the release before the fair queue stranded every document queued
+    per tenant (that release reads only the plain stream). Now `gateway queue downgrade <name>`
+    moves them there — queued ones in order, retries with their due time, what a killed worker
+    had taken — refusing while a consumer of this release is alive, and the previous release's
+    plain consumer then processes each exactly once."""
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        name = _name()
+        q = FairQueue(r, name, key_of=_by_owner, visibility_timeout=HOUR, liveness_ttl=0.5, backoff_base=3600.0)
+
+        async def failing(job):
+            raise RuntimeError("down")
+
+        await q.enqueue({"owner": "c", "n": 0})
+        async with Worker(q, failing):
+            await _until_stats(q, lambda s: s["delayed"] == 1, "c's message waiting for its retry")
+        for owner, count in (("a", 4), ("b", 2)):
+            for n in range(count):
+                await q.enqueue({"owner": owner, "n": n})
+        script, log = tmp_path / "victim.py", tmp_path / "victim.log"
+        script.write_text(_VICTIM)
+        log.touch()
+        victim = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), services[1], name, str(log), "in-handler", cwd=ROOT
+        )
+        try:
+            await _until(lambda: log.read_text().strip(), "the victim to take a's first message")
+            code, out = await _cli(services[1], "queue", "downgrade", name)
+            assert code == 1 and "still running" in out, out  # a live consumer: nothing moved
+            assert await r.xlen(f"gw:{{gw}}:q:{name}") == 0 and await r.hlen(q.taken) == 1
+            os.kill(victim.pid, signal.SIGKILL)
+            await asyncio.wait_for(victim.wait(), PATIENCE)
+        finally:
+            if victim.returncode is None:
+                victim.kill()
+                await victim.wait()
+        for _ in range(int(PATIENCE * 10)):  # the killed worker's liveness runs out
+            if not await q.running():
+                break
+            await asyncio.sleep(0.1)
+        code, out = await _cli(services[1], "queue", "downgrade", name)
+        assert code == 0, out
+        assert "moved 5 queued, 1 waiting for a retry and 1 taken by stopped workers" in out
+        assert await r.hlen(q.taken) == 0 and await r.zcard(q.delayed) == 0 and not await r.exists(q.stream)
+        assert [k async for k in r.scan_iter(match=f"{q._fair}:k:*")] == []
+
+        old = Queue(r, name)  # the previous release: a plain queue of the same name
+        (member,) = await r.zrange(old.delayed, 0, -1)
+        await r.zadd(old.delayed, {member: 0})  # c's retry comes due
+        done = []
+
+        async def handler(job):
+            done.append((job.payload["owner"], job.payload["n"], job.attempt))
+
+        async with Worker(old, handler, concurrency=1):
+            await _until(lambda: len(done) == 7, "every job, by the previous release")
+        assert sorted(done) == [
+            ("a", 0, 1),
+            ("a", 1, 1),
+            ("a", 2, 1),
+            ("a", 3, 1),
+            ("b", 0, 1),
+            ("b", 1, 1),
+            ("c", 0, 2),
+        ]
+        assert [d for d in done if d[0] == "a" and d[1] > 0] == [("a", 1, 1), ("a", 2, 1), ("a", 3, 1)]  # in order
+        s = await old.stats()
+        assert s["depth"] == s["pending"] == s["delayed"] == 0
+        code, out = await _cli(services[1], "queue", "downgrade", name)  # again: nothing left to move
+        assert code == 0 and "moved 0 queued, 0 waiting for a retry and 0 taken" in out, out
         await r.aclose()
 
     asyncio.run(main())
