@@ -414,7 +414,7 @@ class Queue:
         (ordered queues): ``KeyBacklogFull`` when ``key`` holds that many unfinished messages."""
         job_id, now, packed = _pack(payload, key, dedupe)
         keyhash = _digest(key if key is not None else job_id)
-        status, found = await self._enqueue_entry(job_id, packed, now, dedupe, keyhash, max_per_key)
+        status, found = await self._enqueue_entry(job_id, packed, now, dedupe, keyhash, max_per_key, payload)
         if int(status) == -2:
             raise KeyBacklogFull(f"a key of queue {self.name} holds {max_per_key} messages")
         if int(status) < 0:
@@ -422,7 +422,14 @@ class Queue:
         return _s(found)
 
     async def _enqueue_entry(
-        self, job_id: str, packed: bytes, now: float, dedupe: str | None, keyhash: str, max_per_key: int
+        self,
+        job_id: str,
+        packed: bytes,
+        now: float,
+        dedupe: str | None,
+        keyhash: str,
+        max_per_key: int,
+        payload: dict | None = None,
     ):
         """The enqueue script's call: (status, the id it holds) (a subclass queues its own way)."""
         return await self._script(

@@ -14,12 +14,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from core.fair_queue import FairQueue
-from core.queue import Fatal, Queue, Retry
+from core.queue import Fatal, Queue, Retry, _digest
 from tests.test_queue import PATIENCE, Worker, _name, _until, _until_stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -361,6 +362,109 @@ def test_downgrade_moves_every_job_to_the_plain_stream_a_previous_release_reads(
         assert s["depth"] == s["pending"] == s["delayed"] == 0
         code, out = await _cli(services[1], "queue", "downgrade", name)  # again: nothing left to move
         assert code == 0 and "moved 0 queued, 0 waiting for a retry and 0 taken" in out, out
+        await r.aclose()
+
+    asyncio.run(main())
+
+
+def _by_kb(payload: dict) -> str | None:
+    return payload.get("kb")
+
+
+def test_a_knowledge_bases_one_document_is_not_stuck_behind_another_kbs_many_of_the_same_tenant(services):
+    """Before: within a tenant's turns its documents went in arrival order, so one knowledge base
+    of 30 documents made another knowledge base's one document of the same tenant wait for all
+    30. Now (``sub_key_of``) a tenant's turns go round its knowledge bases."""
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        order: dict[str, list[str]] = {}
+        for kind, sub in (("tenant only", None), ("tenant then kb", _by_kb)):
+            q = FairQueue(r, _name(), key_of=_by_owner, sub_key_of=sub)
+            for n in range(30):
+                await q.enqueue({"owner": "a", "kb": "big", "n": n})
+            await q.enqueue({"owner": "a", "kb": "small", "n": 0})
+            seen = order[kind] = []
+
+            async def handler(job, seen=seen):
+                seen.append(job.payload["kb"])
+
+            async with Worker(q, handler, concurrency=1):
+                await _until(lambda seen=seen: len(seen) == 31, f"every message ({kind})")
+        assert order["tenant only"].index("small") == 30  # behind all of the big one's
+        assert order["tenant then kb"].index("small") <= 1  # the next of the tenant's turns
+        await r.aclose()
+
+    asyncio.run(main())
+
+
+def test_tenants_take_turns_and_within_a_tenant_its_knowledge_bases_do(services):
+    async def main():
+        r = aioredis.from_url(services[1])
+        q = FairQueue(r, _name(), key_of=_by_owner, sub_key_of=_by_kb)
+        for n in range(6):
+            await q.enqueue({"owner": "a", "kb": "a1", "n": n})
+        for n in range(6):
+            await q.enqueue({"owner": "a", "kb": "a2", "n": n})
+        for n in range(4):
+            await q.enqueue({"owner": "b", "kb": "b1", "n": n})
+        seen = []
+
+        async def handler(job):
+            seen.append((job.payload["owner"], job.payload["kb"], job.payload["n"]))
+
+        async with Worker(q, handler, concurrency=1):
+            await _until(lambda: len(seen) == 16, "every message")
+        assert [o for o, _, _ in seen[:8]] == ["a", "b"] * 4  # tenants in turn while both wait
+        a_kbs = [kb for o, kb, _ in seen if o == "a"]
+        assert all(a_kbs[i] != a_kbs[i + 1] for i in range(11)), a_kbs  # a's knowledge bases in turn
+        for kb in ("a1", "a2", "b1"):  # and each knowledge base's documents in arrival order
+            ns = [n for _, k, n in seen if k == kb]
+            assert ns == sorted(ns), (kb, ns)
+        s = await q.stats()
+        assert s["depth"] == s["pending"] == s["delayed"] == 0
+        assert [k async for k in r.scan_iter(match=f"{q._fair}:[zrk]:*")] == []  # nothing left behind
+        await r.aclose()
+
+    asyncio.run(main())
+
+
+def test_what_the_previous_layout_left_waiting_is_still_served(services):
+    """A replica of the release before knowledge bases took turns kept a key's messages in a
+    list (and a retry's member without a sub-key): they are still taken, in turn."""
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        q = FairQueue(r, _name(), key_of=_by_owner, sub_key_of=_by_kb)
+        await q._ensure_group()
+        keyhash = _digest("a")
+        old = [
+            {
+                "id": f"old{n}",
+                "payload": {"owner": "a", "kb": "k", "n": n},
+                "key": "a",
+                "attempt": 1,
+                "enqueued_at": 1.0,
+            }
+            for n in range(4)
+        ]
+        for msg in old[:3]:  # as that release's enqueue left them: the list, one token, the live set
+            await r.rpush(q._list_key(keyhash), orjson.dumps(msg))
+            await r.zadd(q.live, {msg["id"]: 1000})
+        await r.xadd(q.stream, {"k": keyhash})
+        await r.zadd(q.delayed, {keyhash.encode() + orjson.dumps(old[3]): 0})  # its retry, due
+        await r.zadd(q.live, {"old3": 1000})
+        await q.enqueue({"owner": "a", "kb": "new", "n": 9})
+        seen = []
+
+        async def handler(job):
+            seen.append(job.id)
+
+        async with Worker(q, handler, concurrency=1):
+            await _until(lambda: len(seen) == 5, "the old and the new messages")
+        assert len(set(seen)) == 5 and {"old0", "old1", "old2", "old3"} <= set(seen)  # each once
+        s = await q.stats()
+        assert s["depth"] == s["pending"] == s["delayed"] == 0
         await r.aclose()
 
     asyncio.run(main())
