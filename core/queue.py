@@ -540,7 +540,7 @@ class Queue:
                     await self._renew_claims()
             await stop_tasks(list(self._inflight.values()), grace=3.0)
         finally:
-            await stop_tasks([beat], grace=0.0)
+            await stop_tasks([beat], grace=2.0)
             with contextlib.suppress(Exception):  # departed: what is still pending is claimed at once
                 await asyncio.wait_for(self._redis.zadd(self.consumers, {self.consumer: 0}), 2.0)
             self._stopped.set()

@@ -1,5 +1,6 @@
 """Chaos check of the fair queue (core/fair_queue.py) on a real Valkey: consumer processes SIGKILLed
-at random while handlers fail at random; nothing may be lost, and no job may run twice except
+at random while handlers fail at random (jobs keyed by tenant, then by one of three knowledge
+bases); nothing may be lost, and no job may run twice except
 where a killed worker's run is repeated (at-least-once).
 
     .venv/bin/python -m loadtest.chaos_fair_queue [--jobs 400] [--tenants 6] [--consumers 3]
@@ -37,11 +38,15 @@ def _tenant(payload: dict) -> str:
     return payload["tenant"]
 
 
+def _kb(payload: dict) -> str:
+    return payload["kb"]
+
+
 async def consume(url: str, name: str, log: str, fail_rate: float, seed: int, work_ms: float) -> None:
     """One consumer process: a FairQueue run (two handlers) whose handler takes up to ``work_ms``
     and fails at random."""
     r = aioredis.from_url(url)
-    q = FairQueue(r, name, key_of=_tenant, **OPTS)
+    q = FairQueue(r, name, key_of=_tenant, sub_key_of=_kb, **OPTS)
     rnd = random.Random(seed)
 
     async def note(kind: str, job) -> None:
@@ -67,12 +72,12 @@ async def main(args) -> dict:
     r = aioredis.from_url(url)
     name, log = f"chaos-{uuid.uuid4().hex[:8]}", f"chaos:{uuid.uuid4().hex[:8]}"
     rnd = random.Random(args.seed)
-    q = FairQueue(r, name, key_of=_tenant, **OPTS)
+    q = FairQueue(r, name, key_of=_tenant, sub_key_of=_kb, **OPTS)
     weights = [2**i for i in range(args.tenants, 0, -1)]  # skewed: the first tenant uploads most
     ids = []
     for _ in range(args.jobs):
         tenant = rnd.choices(range(args.tenants), weights)[0]
-        ids.append(await q.enqueue({"tenant": f"t{tenant}"}))
+        ids.append(await q.enqueue({"tenant": f"t{tenant}", "kb": f"kb{rnd.randrange(3)}"}))
     try:
         return await _chaos(args, r, q, name, log, ids, rnd, url)
     finally:
