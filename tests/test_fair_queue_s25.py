@@ -468,3 +468,51 @@ def test_what_the_previous_layout_left_waiting_is_still_served(services):
         await r.aclose()
 
     asyncio.run(main())
+
+
+def test_a_stalled_consumer_whose_liveness_lapsed_cancels_what_it_lost(services):
+    """A consumer whose liveness lapses while alive (its Redis calls stuck past ``liveness_ttl``)
+    loses its entries to a live worker; when it comes back, its next beat finds it had lapsed and
+    cancels the handler of the entry it lost, so the message is not worked on by two live
+    consumers from then on, and the late one's result could not count anyway."""
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        name = _name()
+        opts = {"key_of": _by_owner, "visibility_timeout": HOUR, "liveness_ttl": 0.4}
+        stalled, other = FairQueue(r, name, consumer="stalled", **opts), FairQueue(r, name, consumer="other", **opts)
+        unstall, started, runs = asyncio.Event(), asyncio.Event(), []
+        beat = stalled._beat_script
+
+        async def stuck_beat(**kw):
+            if started.is_set():
+                await unstall.wait()  # its liveness is not renewed meanwhile
+            return await beat(**kw)
+
+        stalled._beat_script = stuck_beat
+
+        async def slow(job):
+            runs.append(("stalled", job.attempt, "start"))
+            started.set()
+            try:
+                await asyncio.sleep(HOUR)
+            except asyncio.CancelledError:
+                runs.append(("stalled", job.attempt, "cancelled"))
+                raise
+
+        async def handler(job):
+            runs.append(("other", job.attempt, "done"))
+
+        await stalled.enqueue({"owner": "a", "n": 0})
+        async with Worker(stalled, slow, concurrency=1):
+            await asyncio.wait_for(started.wait(), PATIENCE)
+            async with Worker(other, handler):
+                await _until(lambda: ("other", 2, "done") in runs, "the live worker to take the message over")
+                unstall.set()
+                await _until(lambda: ("stalled", 1, "cancelled") in runs, "the stalled handler cancelled")
+        assert runs == [("stalled", 1, "start"), ("other", 2, "done"), ("stalled", 1, "cancelled")]
+        s = await other.stats()
+        assert s["depth"] == s["pending"] == s["delayed"] == 0 and s["retries"] == 1
+        await r.aclose()
+
+    asyncio.run(main())
