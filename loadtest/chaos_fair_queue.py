@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -239,17 +240,19 @@ def cli() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out")
     args = parser.parse_args()
-    services = None
+    services, scratch = None, None
     if not os.environ.get("REDIS_URL"):
         from gateway.embedded import EmbeddedServices
 
-        services = EmbeddedServices(Path(tempfile.mkdtemp(prefix="chaos-fq-"))).start(postgres=False, valkey=True)
+        scratch = tempfile.mkdtemp(prefix="chaos-fq-")
+        services = EmbeddedServices(Path(scratch)).start(postgres=False, valkey=True)
         os.environ["REDIS_URL"] = services.redis_url
     try:
         result = asyncio.run(main(args))
     finally:
         if services:
             services.stop()
+            shutil.rmtree(scratch, ignore_errors=True)
     lines = [f"| {k} | {v} |" for k, v in result.items()]
     text = "| measure | value |\n| --- | --- |\n" + "\n".join(lines) + "\n"
     print(text)
