@@ -21,12 +21,20 @@ Keys (one hash tag, so every script's keys share a cluster slot), for a queue ``
                  age of the oldest message without scanning anything.
 - ``P:d:<hash>`` a dedupe key (SET NX with a TTL) holding the id of the message it let in.
 - ``P:n``        counters (retries, dead letters).
+- ``P:consumers`` the running consumers, each scored by the Redis time (ms) its liveness ends.
 
 Delivery: a message is acknowledged (and deleted) only after its handler returns. While a
 handler runs, its worker renews its claim on the entry (XCLAIM … JUSTID, so the entry stays
 idle-young); a worker that dies stops renewing, and after ``visibility_timeout`` a live worker
 claims the entry (XAUTOCLAIM) and counts it as a failed attempt (retried after backoff, or dead
-when out of retries, so a message that kills its worker ends dead instead of looping). Every
+when out of retries, so a message that kills its worker ends dead instead of looping). A worker
+that dies is noticed sooner: every running consumer renews its liveness (``P:consumers``, on
+Redis's clock) every ``liveness_ttl / 4`` seconds, and a live worker claims at once every entry of
+a consumer whose liveness has run out (a killed process's work waits ``liveness_ttl``, not the
+visibility timeout). A consumer that never announced itself (an older release) is only claimed
+after the visibility timeout. A live consumer whose liveness ran out anyway (its event loop or
+its Redis stalled past ``liveness_ttl``) finds out at its next renewal and cancels the handlers
+of the entries it lost. Every
 finishing step checks, inside its script, that this worker still owns the entry: a worker that
 lost it (it stalled past the timeout) changes nothing. With ``ordered=True`` that makes a key's
 order hold across worker deaths: the head is only popped by the token's owner, and a claimed
@@ -227,6 +235,51 @@ return lost
 """
 )
 
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: consumers. ARGV: consumer, ttl_ms. Returns 1 when the consumer was alive until now, 0 when
+# it was not (absent: just started, or reaped; expired): then it may have lost entries.
+_BEAT = (
+    _NOW
+    + """
+local before = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+if before and tonumber(before) >= now then return 1 end
+return 0
+"""
+)
+
+# KEYS: stream, consumers. ARGV: group, claimer, limit. Claims the pending entries of consumers
+# whose liveness ran out (all of them, or ``limit`` per consumer) and forgets those left with
+# none; returns the claimed entries.
+_REAP = (
+    _NOW
+    + """
+local out = {}
+for _, c in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, 10)) do
+  if c ~= ARGV[2] then
+    local ids = {}
+    for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', ARGV[3], c)) do
+      table.insert(ids, p[1])
+    end
+    if #ids > 0 then
+      for _, e in ipairs(redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids))) do
+        table.insert(out, e)
+      end
+    end
+    if #ids < tonumber(ARGV[3]) then
+      redis.call('ZREM', KEYS[2], c)
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], c)
+    end
+  end
+end
+return out
+"""
+)
+
 # KEYS: dead, stream, live, list. ARGV: dead_id, ordered, keyhash, packed, job_id, now_ms
 _REVIVE = """
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
@@ -264,6 +317,13 @@ def _pack(payload: dict, key: str | None, dedupe: str | None) -> tuple[str, floa
     return job_id, now, packed
 
 
+def _fields(raw) -> dict:
+    """A stream entry's fields as a script returns them (a flat list) or redis-py does (a dict)."""
+    if isinstance(raw, dict):
+        return raw
+    return {raw[i]: raw[i + 1] for i in range(0, len(raw) - 1, 2)}
+
+
 def _error_text(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
@@ -281,6 +341,7 @@ class Queue:
         backoff_base: float = 1.0,
         backoff_max: float = 300.0,
         visibility_timeout: float = 60.0,
+        liveness_ttl: float = 10.0,
         ordered: bool = False,
         dedupe_ttl: float = 86_400.0,
         max_depth: int = 1_000_000,
@@ -292,7 +353,10 @@ class Queue:
     ) -> None:
         """``fast``: a core/fastredis.py client for the per-message steps (enqueue, the head's
         read, the finishing script): redis-py spends ~150 µs of Python per command, and a
-        busy queue makes three per message. Everything else goes through ``redis``."""
+        busy queue makes three per message. Everything else goes through ``redis``.
+        ``liveness_ttl``: seconds after its last sign of life a consumer's entries are claimed
+        (capped by ``visibility_timeout``, which still applies to consumers that never announce
+        themselves)."""
         if not _NAME.match(name) or not _NAME.match(group):
             raise ValueError("queue and group names are 1-64 of [a-z0-9_.-]")
         if visibility_timeout <= 0 or max_retries < 0 or backoff_base < 0 or backoff_max < 0:
@@ -306,6 +370,7 @@ class Queue:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.visibility_timeout = visibility_timeout
+        self.liveness_ttl = min(max(0.2, float(liveness_ttl)), visibility_timeout)
         self.ordered = ordered
         self.dedupe_ttl = max(1, int(dedupe_ttl))
         self.max_depth = max_depth
@@ -327,6 +392,8 @@ class Queue:
         self._move_due = redis.register_script(_MOVE_DUE)
         self._renew = redis.register_script(_RENEW)
         self._revive = redis.register_script(_REVIVE)
+        self._beat_script = redis.register_script(_BEAT)
+        self._reap = redis.register_script(_REAP)
         self._group_ready = False
         self._inflight: dict[str, asyncio.Task] = {}
         self._stopping = asyncio.Event()
@@ -347,7 +414,7 @@ class Queue:
         (ordered queues): ``KeyBacklogFull`` when ``key`` holds that many unfinished messages."""
         job_id, now, packed = _pack(payload, key, dedupe)
         keyhash = _digest(key if key is not None else job_id)
-        status, found = await self._enqueue_entry(job_id, packed, now, dedupe, keyhash, max_per_key)
+        status, found = await self._enqueue_entry(job_id, packed, now, dedupe, keyhash, max_per_key, payload)
         if int(status) == -2:
             raise KeyBacklogFull(f"a key of queue {self.name} holds {max_per_key} messages")
         if int(status) < 0:
@@ -355,7 +422,14 @@ class Queue:
         return _s(found)
 
     async def _enqueue_entry(
-        self, job_id: str, packed: bytes, now: float, dedupe: str | None, keyhash: str, max_per_key: int
+        self,
+        job_id: str,
+        packed: bytes,
+        now: float,
+        dedupe: str | None,
+        keyhash: str,
+        max_per_key: int,
+        payload: dict | None = None,
     ):
         """The enqueue script's call: (status, the id it holds) (a subclass queues its own way)."""
         return await self._script(
@@ -429,6 +503,7 @@ class Queue:
         self._group_ready = False
         recover = True  # this consumer's own unheld entries: at start, and after every failed step
         loop = asyncio.get_running_loop()
+        beat = asyncio.create_task(self._beat(), name=f"queue-{self.name}-beat")
         try:
             while not self._stopping.is_set():
                 try:
@@ -465,7 +540,33 @@ class Queue:
                     await self._renew_claims()
             await stop_tasks(list(self._inflight.values()), grace=3.0)
         finally:
+            await stop_tasks([beat], grace=2.0)
+            with contextlib.suppress(Exception):  # departed: what is still pending is claimed at once
+                await asyncio.wait_for(self._redis.zadd(self.consumers, {self.consumer: 0}), 2.0)
             self._stopped.set()
+
+    @property
+    def consumers(self) -> str:
+        """The running consumers of this queue's stream, scored by the end of their liveness."""
+        return f"{self.stream}:consumers"
+
+    async def _beat(self) -> None:
+        """Renews this consumer's liveness every ``liveness_ttl / 4`` seconds, on its own task so
+        a busy loop of reads and handlers does not delay it. When the liveness had run out (the
+        process stalled), entries may have been claimed by others: renewing the claims at once
+        cancels the handlers of any that were."""
+        while True:
+            try:
+                alive = await self._beat_script(
+                    keys=[self.consumers], args=[self.consumer, int(self.liveness_ttl * 1000)]
+                )
+                if not int(alive) and self._inflight:
+                    await self._renew_claims()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("queue %s: liveness not renewed: %s", self.name, exc)
+            await asyncio.sleep(self.liveness_ttl / 4)
 
     async def _recover_own(self, handler, concurrency: int) -> None:
         """Entries delivered to this consumer that no handler of it holds: a read whose answer was
@@ -637,6 +738,8 @@ class Queue:
             await self.move_due()
         if self._inflight and self._due("renew", self.visibility_timeout / 3):
             await self._renew_claims()
+        if self._due("reap", self.liveness_ttl / 2):
+            await self._reap_departed()
         if self._due("claim", self.visibility_timeout / 2):
             await self._claim_stale()
         if self._due("stats", 15.0):
@@ -680,19 +783,33 @@ class Queue:
             )
             start, claimed = _s(result[0]), result[1]
             for entry_id, fields in claimed:
-                entry_id = _s(entry_id)
-                if not fields or entry_id in self._inflight:
-                    continue
-                msg, keyhash = await self._message(fields, entry_id)
-                if msg is None:
-                    await self._redis.xack(self.stream, self.group, entry_id)
-                    await self._redis.xdel(self.stream, entry_id)
-                    continue
-                _jobs.get(self.name, "claimed").inc()
-                log.warning("queue %s: message %s claimed from a worker that stopped", self.name, msg["id"])
-                await self._fail(entry_id, msg, keyhash, "worker stopped responding (visibility timeout)")
+                await self._claimed(_s(entry_id), fields, "worker stopped responding (visibility timeout)")
             if start == "0-0":
                 return
+
+    async def _reap_departed(self) -> None:
+        """Entries of consumers whose liveness ran out (killed, or stopped) are claimed at once."""
+        for _ in range(100):  # bounded sweep
+            claimed = await self._reap(
+                keys=[self.stream, self.consumers], args=[self.group, self.consumer, CLAIM_BATCH]
+            )
+            for entry_id, fields in claimed or ():
+                await self._claimed(_s(entry_id), _fields(fields), "worker stopped (its liveness ran out)")
+            if len(claimed or ()) < CLAIM_BATCH:
+                return
+
+    async def _claimed(self, entry_id: str, fields: dict, why: str) -> None:
+        """An entry claimed from a worker that stopped: its message counts as a failed attempt."""
+        if not fields or entry_id in self._inflight:
+            return
+        msg, keyhash = await self._message(fields, entry_id)
+        if msg is None:
+            await self._redis.xack(self.stream, self.group, entry_id)
+            await self._redis.xdel(self.stream, entry_id)
+            return
+        _jobs.get(self.name, "claimed").inc()
+        log.warning("queue %s: message %s claimed from a worker that stopped", self.name, msg["id"])
+        await self._fail(entry_id, msg, keyhash, why)
 
     async def _forget_departed(self) -> None:
         """Every worker start adds a consumer name to the group; names with nothing pending and

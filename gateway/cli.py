@@ -17,6 +17,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+import gateway.cli_queue as cli_queue
 from core.config import ConfigError, load_config
 from gateway import cli_agents, cli_channels, cli_kb
 from gateway.embedded import EmbeddedServices, default_data_dir, resolve_urls
@@ -331,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_agents.add_parser(sub)
     cli_kb.add_parser(sub)
     cli_channels.add_parser(sub)
+    cli_queue.add_parser(sub)
     return parser
 
 
@@ -347,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "agents": cli_agents.run,
         "kb": cli_kb.run,
         "channels": cli_channels.run,
+        "queue": cli_queue.run,
     }[args.cmd]
     try:
         return handler(args)

@@ -3,12 +3,13 @@
 
 Tenants take turns: the queue is a core/fair_queue.py ``FairQueue`` keyed by the job's tenant,
 so a tenant that uploads 1,000 files does not put them ahead of every other tenant's next
-document. Each free worker takes the next tenant's document in round-robin order (a tenant's
-next document starts after at most one document of each other tenant with documents waiting),
-while a tenant alone still gets every worker of every replica (no per-tenant cap). A document
-being retried waits aside and does not hold its tenant's other documents. Jobs a previous
-release queued (a plain queue of the same name) are still drained, one at a time, by each
-worker, beside the two.
+document; and within a tenant's turns its knowledge bases take turns (sub-key: the job's
+knowledge base), so one knowledge base's 1,000 files do not hold another's one. Each free
+worker takes the next tenant's document in round-robin order (a tenant's next document starts
+after at most one document of each other tenant with documents waiting), while a tenant alone
+still gets every worker of every replica (no per-tenant cap). A document being retried waits
+aside and does not hold its tenant's other documents. Jobs a previous release queued (a plain
+queue of the same name) are still drained, one at a time, by each worker, beside the two.
 
 The local embedding model runs numpy in a thread. Every job's embedding goes through one
 dedicated thread, and OpenBLAS is asked for one thread of its own, so ingestion takes about one
@@ -16,7 +17,9 @@ CPU core however many documents wait, and the event loop serving requests keeps 
 
 Tuning by environment (read at start; tests shorten them):
 ``GATEWAY_KB_WORKER`` (``0`` disables the worker in this process; uploads still queue),
-``GATEWAY_KB_VISIBILITY_TIMEOUT`` (s, default 60), ``GATEWAY_KB_MAX_RETRIES`` (default 5),
+``GATEWAY_KB_VISIBILITY_TIMEOUT`` (s, default 60), ``GATEWAY_KB_LIVENESS_TTL`` (s, default 10: a
+killed worker's documents, and its tenant's turn, are taken over that long after its last sign of
+life), ``GATEWAY_KB_MAX_RETRIES`` (default 5),
 ``GATEWAY_KB_BACKOFF`` (s, base of the exponential backoff, default 2),
 ``GATEWAY_KB_EXTRACT_TIMEOUT`` (s a PDF or DOCX may take to read, default 60; rag/sandbox.py).
 """
@@ -53,14 +56,21 @@ def _tenant(payload: dict) -> str | None:
     return f"tenant:{tenant}" if isinstance(tenant, str) and tenant else None
 
 
+def _kb(payload: dict) -> str | None:
+    kb = payload.get("kb_id")
+    return kb if isinstance(kb, str) and kb else None
+
+
 def make_queue(redis) -> FairQueue:
     return FairQueue(
         redis,
         QUEUE,
         key_of=_tenant,
+        sub_key_of=_kb,
         max_retries=int(env_float("GATEWAY_KB_MAX_RETRIES", 5)),
         backoff_base=env_float("GATEWAY_KB_BACKOFF", 2.0),
         visibility_timeout=max(0.5, env_float("GATEWAY_KB_VISIBILITY_TIMEOUT", 60.0)),
+        liveness_ttl=env_float("GATEWAY_KB_LIVENESS_TTL", 10.0),
         dedupe_ttl=3600,
     )
 

@@ -90,9 +90,10 @@ async def _take_back(services, tenant: str) -> list[dict]:
     r = aioredis.from_url(services[1])
     try:
         fair = make_queue(r)
-        key = fair._list_key(_digest(f"tenant:{tenant}"))
-        msgs = [orjson.loads(m) for m in await r.lrange(key, 0, -1)]
-        await r.delete(key)  # its token, left in the stream, is dropped when read
+        z, rounds, key = fair._waiting(_digest(f"tenant:{tenant}"))
+        msgs = [orjson.loads(m[32:]) for m in await r.zrange(z, 0, -1)]  # after each sub-key's hash
+        msgs += [orjson.loads(m) for m in await r.lrange(key, 0, -1)]
+        await r.delete(z, rounds, key)  # its token, left in the stream, is dropped when read
         if msgs:
             await r.zrem(fair.live, *[m["id"] for m in msgs])
         return [m["payload"] for m in msgs]
