@@ -8,8 +8,9 @@ versions of 60 KB, in every replica). So:
   label, every arm of an experiment) — what a turn that names no version, or a label, runs;
 - a version pinned by number (``agent:support@7``) that no label points at is read from
   PostgreSQL on demand (``VersionCache``): at most ``MAX_LOADS`` reads at once per replica, and
-  ``MAX_LOADS_PER_TENANT`` in flight or waiting per tenant (past it: 429), each with a timeout, concurrent requests for one version sharing one read, and the versions read
-  kept in an LRU bounded in bytes (``policies.prompt_cache_bytes``). Versions are numbered
+  ``MAX_LOADS_PER_TENANT`` in flight or waiting per tenant (past it: 429), each with a
+  timeout, concurrent requests for one version sharing one read, and the versions read kept in
+  an LRU bounded in bytes (``policies.prompt_cache_bytes``). Versions are numbered
   1..latest without gaps and never change or disappear, so a number past ``latest`` is refused
   without a read and a cached version never goes stale;
 - what a tenant stores is bounded (``policies.max_prompt_versions_per_tenant`` and
