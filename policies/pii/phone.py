@@ -22,6 +22,15 @@ for phone numbers):
   tracking, IMEI, sort code, ...; only labels such as "no." or "number" between them) and with
   no phone word nearer: not a phone number, unless written internationally.
 
+With a phone word near it (or its area code in parentheses), a number is also read in the
+numbering plans of ``WIDE`` (the most populous and most connected countries), not only the
+configured regions: "Meu celular é (11) 98765-4321", "携帯は090-1234-5678です" and "Mi móvil es
+el 612 34 56 78" are phone numbers wherever the gateway runs, and the phone word is what says so.
+Without one, a number valid somewhere in the world is no evidence: most digit runs are.
+
+Digits and separators are read through ``fold`` (full-width digits, Unicode dashes and spaces);
+digits glued to Chinese, Japanese or Korean letters are not glued to a word.
+
 A number is looked for inside a longer run of digit groups (``+44 20 7946 0958 203.0``) only
 when the run starts with ``+``/``00``/``(`` or a phone word is near: otherwise a valid number
 hidden in a longer product code is a product code.
@@ -33,11 +42,13 @@ import re
 from functools import lru_cache
 
 import phonenumbers
-from phonenumbers import Leniency, PhoneNumberMatcher
+from phonenumbers import Leniency, PhoneMetadata, PhoneNumberMatcher
 from presidio_analyzer import AnalysisExplanation, EntityRecognizer, RecognizerResult
 
+from policies.pii.fold import WORD, fold
+
 # Not glued to an identifier on the left ("INV-2024-000123", "v1.2024553").
-CANDIDATE = re.compile(r"(?<![\w+])(?<!\w[-/.])\+?\(?\d[\d ().\-/]{5,22}\d(?!\w)")
+CANDIDATE = re.compile(rf"(?<![+])(?<!{WORD})(?<!{WORD}[-/.])\+?\(?\d[\d ().\-/]{{5,22}}\d(?!{WORD})")
 _NOT_PHONE = re.compile(
     r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}"  # 2024-05-01
     r"|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}"  # 05/01/2024
@@ -54,7 +65,14 @@ PHONE_WORDS = (
     "telefon", "telefonnummer", "rufnummer", "handy", "mobil", "mobilnummer", "anrufen", "ruf",
     "téléphone", "tél", "portable", "appelez", "appeler", "appel", "teléfono", "móvil", "celular",
     "llamar", "llame", "telefone", "telefono", "cellulare", "电话", "手机", "電話", "携帯", "телефон",
+    "llámame", "llamame", "llámanos", "ligar", "ligue", "whats", "zap", "chiamami", "chiamare",
+    "chiamaci", "bel", "bellen", "mobiel", "dzwonić", "zadzwoń", "zadzwonić", "komórka", "komórki",
+    "komórkę", "arayın", "arayin", "telepon", "telp", "hubungi", "wa", "text", "texto", "tawag", "viber",
+    "telegram",
+    "전화", "휴대폰", "핸드폰", "연락처", "번호", "ケータイ", "連絡先", "联系", "微信",
 )  # fmt: skip
+# Stems of phone words that take endings ("telefonum", "telefonu", "Telefonnummer", "téléphonez").
+PHONE_STEMS = ("telefon", "telefoon", "teléfon", "telephon", "téléphon")
 CODE_WORDS = (
     "sku", "p/n", "pn", "part", "parts", "item", "article", "artikel", "artikelnummer", "art.-nr",
     "art-nr", "artnr", "model", "serial", "s/n", "sn", "isbn", "issn", "ean", "upc", "gtin", "asin",
@@ -63,7 +81,11 @@ CODE_WORDS = (
     "lot", "batch", "build", "version", "routing", "aba", "sort code", "account", "acct", "konto",
     "kontonummer", "iban", "bic", "swift", "flight", "booking", "confirmation", "pnr", "transaction",
     "txn", "receipt", "product", "produit", "bestellnummer", "rechnungsnummer", "sendungsnummer",
-    "commande", "facture", "pedido", "factura", "coordinates", "barcode",
+    "commande", "facture", "pedido", "factura", "coordinates", "barcode", "waybill", "consignment",
+    "resi", "pesanan", "sipariş", "siparis", "zamówienie", "zamówienia", "bestelling", "ordine",
+    "fattura", "rechnung", "kundennummer", "vertrag", "contract", "ssn", "ss", "social", "itin", "ein",
+    "tin", "vin", "isin", "cusip", "nip", "regon", "cpf", "cnpj", "rfc", "curp", "nik", "npwp",
+    "주문", "송장", "운송장", "注文", "订单", "追跡", "运单", "快递", "伝票",
 )  # fmt: skip
 
 
@@ -84,13 +106,20 @@ _BREAK = re.compile(r"[.!?;,\n]\s|\d")
 _TOKEN = re.compile(r"[^\W\d_]+(?:[./-]+[^\W\d_]+)*")
 _PHONE_SET = frozenset(PHONE_WORDS)
 _CODE_SET = frozenset(CODE_WORDS)
-_CJK_PHONE = tuple(w for w in PHONE_WORDS if ord(w[0]) >= 0x2E80)  # no spaces between CJK words
+# No spaces between CJK words: found inside a token. "주문번호" (order number) is a code word.
+_CJK_PHONE = re.compile("|".join(w for w in PHONE_WORDS if ord(w[0]) >= 0x2E80))
+_CJK_CODE = re.compile("|".join(w for w in CODE_WORDS if ord(w[0]) >= 0x2E80))
 
 
 def _kind(token: str, previous: str) -> str | None:
     """ "phone", "code" or None for a word (and the word before it, for "sort code")."""
     word = token.lower()
-    if word in _PHONE_SET or any(w in word for w in _CJK_PHONE):
+    if not word.isascii():
+        if _CJK_CODE.search(word):
+            return "code"
+        if _CJK_PHONE.search(word):
+            return "phone"
+    if word in _PHONE_SET or word.startswith(PHONE_STEMS):
         return "phone"
     if word in _CODE_SET or f"{previous} {word}" in _CODE_SET:
         return "code"
@@ -115,10 +144,60 @@ BEFORE = 40  # characters before a candidate searched for a phone or code word
 AFTER = 24  # characters after it searched for a phone word ("0151 23456789 (mobile)")
 SCORE = 0.4
 
-# (leniency, whether a number may be cut out of a longer run of digit groups)
-_PLUS = (Leniency.POSSIBLE, True)
-_SIGNED = (Leniency.VALID, True)
-_PLAIN = (Leniency.STRICT_GROUPING, False)
+# (leniency, whether a number may be cut out of a longer run of digit groups, whether the
+# numbering plans of ``WIDE`` are read too)
+_PLUS = (Leniency.POSSIBLE, True, False)
+_SIGNED = (Leniency.VALID, True, True)
+_PLAIN = (Leniency.STRICT_GROUPING, False, False)
+
+# Where a number beside a phone word may come from, whatever the configured regions: the most
+# populous countries of each continent and the most connected ones (ITU-T E.164 plans).
+WIDE = (
+    "IN", "BR", "MX", "JP", "KR", "NG", "ZA", "ID", "PH", "TR", "PL", "ES", "IT", "NL", "AU", "CA",
+    "CN", "RU", "AR", "CO", "CL", "PE", "VE", "EG", "MA", "KE", "GH", "PK", "BD", "VN", "TH", "MY",
+    "SG", "HK", "TW", "SA", "AE", "IL", "UA", "PT", "BE", "CH", "AT", "SE", "NO", "DK", "FI", "IE",
+    "NZ", "GR", "CZ", "RO", "HU", "US", "GB", "DE", "FR",
+)  # fmt: skip
+
+
+@lru_cache(maxsize=4096)
+def _valid_somewhere(candidate: str, regions: tuple[str, ...]) -> bool:
+    """``candidate``, as a whole, is a valid national number of a ``WIDE`` region, grouped as
+    that region writes it (libphonenumber's ``STRICT_GROUPING``: "123-45-6789" is grouped as
+    no country writes a phone number). Not when a configured region writes exactly these
+    groups and the number is invalid there: "(555) 010-9999" is a made-up US number, not a
+    Turkish mobile. A region is parsed only when the digits have one of its lengths."""
+    digits = "".join(c for c in candidate if c.isdigit())
+    groups = _GROUPS.findall(candidate)
+    for region in regions if len(groups) > 1 else ():  # digits in one run have no grouping to compare
+        try:
+            number = phonenumbers.parse(candidate, region)
+        except phonenumbers.NumberParseException:
+            continue
+        written = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
+        if [len(g) for g in _GROUPS.findall(written)] == [len(g) for g in groups]:
+            return False
+    for region in WIDE:
+        if region in regions:
+            continue
+        meta = PhoneMetadata.metadata_for_region(region)
+        prefix = meta.national_prefix or ""
+        national = len(digits) - len(prefix) if prefix and digits.startswith(prefix) else len(digits)
+        if national not in meta.general_desc.possible_length:
+            continue
+        try:
+            number = phonenumbers.parse(candidate, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(number) and any(
+            m.start == 0 and m.end == len(candidate)
+            for m in PhoneNumberMatcher(candidate, region, leniency=Leniency.STRICT_GROUPING)
+        ):
+            return True
+    return False
+
+
+_GROUPS = re.compile(r"\d+")
 
 
 def _match(candidate: str, regions: tuple[str, ...], leniency: Leniency) -> tuple[tuple[int, int], ...]:
@@ -143,8 +222,12 @@ def _whole(candidate: str, end: int) -> bool:
 
 
 @lru_cache(maxsize=8192)
-def _matches(candidate: str, regions: tuple[str, ...], leniency: Leniency, cut: bool) -> tuple[tuple[int, int], ...]:
+def _matches(
+    candidate: str, regions: tuple[str, ...], leniency: Leniency, cut: bool, wide: bool
+) -> tuple[tuple[int, int], ...]:
     found = _match(candidate, regions, leniency)
+    if not found and wide and not candidate.startswith("+") and _valid_somewhere(candidate, regions):
+        return ((0, len(candidate)),)
     if not cut:
         # The number is the candidate, or the candidate less an extension ("901820-0").
         return tuple((a, b) for a, b in found if a <= 1 and _whole(candidate, b))
@@ -170,7 +253,7 @@ def _matches(candidate: str, regions: tuple[str, ...], leniency: Leniency, cut: 
     return ()
 
 
-def _how(text: str, start: int, end: int, candidate: str) -> tuple[Leniency, bool] | None:
+def _how(text: str, start: int, end: int, candidate: str) -> tuple[Leniency, bool, bool] | None:
     """How sure the matcher must be for the candidate at text[start:end]; None: not a phone."""
     plus = candidate.startswith("+")
     phone_before = code_before = -1  # where the last phone / code word before the candidate ends
@@ -197,6 +280,12 @@ def _how(text: str, start: int, end: int, candidate: str) -> tuple[Leniency, boo
     # the shoes is 020 7946 0958" names this number (no sentence end and no other number between)
     if between and not (labelled and between <= _BRIDGE and not _BREAK.search(text, code_before, start)):
         code_before = -1
+    if phone_before < 0 and code_before < 0:  # no word of its own: its column's header, in a table
+        header = _column(text, start)
+        if header == "phone":
+            phone_before = 0
+        elif header == "code":
+            code_before = 0
     if code_before > phone_before and not plus:
         return None  # "SKU 4006-381-333-931", "Sort code 40-47-84"
     if plus:
@@ -209,6 +298,51 @@ def _how(text: str, start: int, end: int, candidate: str) -> tuple[Leniency, boo
     ):
         return _SIGNED
     return _PLAIN
+
+
+HEADER_REACH = 2000  # characters before a table cell searched for its column's header
+_CELL_SEPARATORS = "|\t;,"
+
+
+def _line_start(text: str, i: int, lo: int) -> int | None:
+    """Where the line holding ``text[i]`` starts; None if that is before ``lo``."""
+    nl = text.rfind("\n", lo, i)
+    if nl >= 0:
+        return nl + 1
+    return 0 if lo == 0 else None
+
+
+def _column(text: str, start: int) -> str | None:
+    """ "phone" or "code" when the number at ``start`` is a cell of a Markdown, CSV or TSV table
+    (lines with as many separators as its own) whose header names its column so ("| agent |
+    phone |", "order_id,status"); else None. Bounded: ``HEADER_REACH`` characters back."""
+    lo = max(0, start - HEADER_REACH)
+    row = _line_start(text, start, lo)
+    if row is None:
+        return None
+    row_end = text.find("\n", start, start + HEADER_REACH)
+    line = text[row : row_end if row_end >= 0 else start + HEADER_REACH]
+    separator = next((c for c in _CELL_SEPARATORS if c in line), None)
+    if separator is None:
+        return None
+    column = text.count(separator, row, start)
+    width = line.count(separator)
+    header = row
+    while header > lo:  # up the lines with as many separators: the first is the header
+        above = _line_start(text, header - 1, lo)
+        if above is None or text.count(separator, above, header - 1) != width:
+            break
+        header = above
+    if header == row:
+        return None
+    cells = text[header : header + len(line) + HEADER_REACH].split("\n", 1)[0].split(separator)
+    previous = ""
+    for m in _TOKEN.finditer(cells[column]):
+        kind = _kind(m.group(), previous)
+        if kind is not None:
+            return kind
+        previous = m.group().lower()
+    return None
 
 
 # A WhatsApp click-to-chat link holds an international number without its "+": wa.me/<number>,
@@ -236,6 +370,7 @@ def _links(text: str) -> list[tuple[int, int]]:
 
 
 def find(text: str, regions: tuple[str, ...]) -> list[tuple[int, int]]:
+    text = fold(text)  # full-width digits, Unicode dashes and spaces: as ASCII, same offsets
     out = _links(text)
     n = len(text)
     for m in CANDIDATE.finditer(text):
