@@ -39,7 +39,7 @@ hidden in a longer product code is a product code.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import phonenumbers
 from phonenumbers import Leniency, PhoneMetadata, PhoneNumberMatcher
@@ -163,38 +163,68 @@ WIDE = (
 @lru_cache(maxsize=4096)
 def _valid_somewhere(candidate: str, regions: tuple[str, ...]) -> bool:
     """``candidate``, as a whole, is a valid national number of a ``WIDE`` region, grouped as
-    that region writes it (libphonenumber's ``STRICT_GROUPING``: "123-45-6789" is grouped as
-    no country writes a phone number). Not when a configured region writes exactly these
-    groups and the number is invalid there: "(555) 010-9999" is a made-up US number, not a
-    Turkish mobile. A region is parsed only when the digits have one of its lengths."""
+    that region writes it (its groups are the region's groups, or several of them run together,
+    as libphonenumber's ``STRICT_GROUPING``: "123-45-6789" is grouped as no country writes a
+    phone number). Not when a configured region writes exactly these groups and the number is
+    invalid there: "(555) 010-9999" is a made-up US number, not a Turkish mobile.
+
+    Cheap first: a region is parsed only when the digits match its numbering plan's general
+    pattern (without its trunk prefix), which most regions' do not, and matched (the costly
+    part) only when the number is valid there and its groups could be that region's."""
     digits = "".join(c for c in candidate if c.isdigit())
-    groups = _GROUPS.findall(candidate)
-    for region in regions if len(groups) > 1 else ():  # digits in one run have no grouping to compare
-        try:
-            number = phonenumbers.parse(candidate, region)
-        except phonenumbers.NumberParseException:
-            continue
-        written = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
-        if [len(g) for g in _GROUPS.findall(written)] == [len(g) for g in groups]:
-            return False
+    cuts = _cuts(candidate)
     for region in WIDE:
         if region in regions:
             continue
-        meta = PhoneMetadata.metadata_for_region(region)
-        prefix = meta.national_prefix or ""
-        national = len(digits) - len(prefix) if prefix and digits.startswith(prefix) else len(digits)
-        if national not in meta.general_desc.possible_length:
+        prefix, plan = _plan(region)
+        if not (
+            plan.fullmatch(digits) or (prefix and digits.startswith(prefix) and plan.fullmatch(digits, len(prefix)))
+        ):
             continue
         try:
             number = phonenumbers.parse(candidate, region)
         except phonenumbers.NumberParseException:
             continue
-        if phonenumbers.is_valid_number(number) and any(
-            m.start == 0 and m.end == len(candidate)
-            for m in PhoneNumberMatcher(candidate, region, leniency=Leniency.STRICT_GROUPING)
+        if (
+            phonenumbers.is_valid_number(number)
+            and cuts <= _cuts(_national(number))
+            and any(  # and what libphonenumber's matcher says of it (a trunk prefix it needs, ...)
+                m.start == 0 and m.end == len(candidate)
+                for m in PhoneNumberMatcher(candidate, region, leniency=Leniency.STRICT_GROUPING)
+            )
         ):
+            return not (cuts and _written_in(candidate, cuts, regions))
+    return False
+
+
+def _written_in(candidate: str, cuts: frozenset[int], regions: tuple[str, ...]) -> bool:
+    """A configured region writes a number with exactly the groups of ``candidate``."""
+    for region in regions:
+        try:
+            number = phonenumbers.parse(candidate, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if _cuts(_national(number)) == cuts:
             return True
     return False
+
+
+def _national(number: phonenumbers.PhoneNumber) -> str:
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
+
+
+def _cuts(written: str) -> frozenset[int]:
+    """Where the groups of a written number break, counted in digits from its end (a trunk
+    prefix written or not then changes nothing)."""
+    sizes = [len(g) for g in _GROUPS.findall(written)]
+    return frozenset(sum(sizes[i:]) for i in range(1, len(sizes)))
+
+
+@cache
+def _plan(region: str) -> tuple[str, re.Pattern]:
+    """A region's trunk prefix and the general pattern of its national numbers."""
+    meta = PhoneMetadata.metadata_for_region(region)
+    return meta.national_prefix or "", re.compile(meta.general_desc.national_number_pattern)
 
 
 _GROUPS = re.compile(r"\d+")
