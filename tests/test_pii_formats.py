@@ -101,6 +101,7 @@ def test_a_number_beside_a_phone_word_is_read_in_the_worlds_numbering_plans(data
         "phone extension 123-45-6789",  # grouped as no country writes a phone number
         "call stack depth 1234567",
         "주문번호 010-2345-6789 배송 조회",  # an order number (주문), in Korean
+        "계좌번호 010-2345-6789-01",  # a bank account number (계좌)
         "order 0803 987 6543 shipped",  # foreign national shapes need a phone word
         "ticket 347 765 4321 closed",
     ],
@@ -173,6 +174,7 @@ def test_an_ssh_or_scp_target_is_no_email_address(data_dir):
             ("git remote add origin git@gitlab.com:group/proj.git", []),
             ("scp app.tgz deploy@build.example.org:/srv/app", []),
             ("write to ops@example.org: they answer fast", [("EMAIL_ADDRESS", "ops@example.org")]),
+            ("leaked: jo.b@example.com:hunter2", [("EMAIL_ADDRESS", "jo.b@example.com")]),  # a login, no path
         ],
         "EMAIL_ADDRESS",
     )

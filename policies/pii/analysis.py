@@ -390,9 +390,10 @@ def _names_address(name: str) -> bool:
     return all(_NETWORK_WORD.fullmatch(w) for w in words)
 
 
-# After user@host, a colon and a path: an SSH or SCP target ("git@github.com:acme/app.git"), a
-# login on a machine, not a mailbox.
-_REMOTE_AFTER = re.compile(r":[\w~/.-]")
+# After user@host, a colon and a path: an SSH or SCP target ("git@github.com:acme/app.git",
+# "deploy@build:/srv"), a login on a machine, not a mailbox. A colon and a word is no path: a
+# leaked "name@example.com:password" keeps its address.
+_REMOTE_AFTER = re.compile(r":(?:[~/]|[\w.-]+/)")
 
 
 def _plausible(text: str, start: int, end: int, entity: str) -> bool:

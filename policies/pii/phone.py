@@ -83,9 +83,10 @@ CODE_WORDS = (
     "txn", "receipt", "product", "produit", "bestellnummer", "rechnungsnummer", "sendungsnummer",
     "commande", "facture", "pedido", "factura", "coordinates", "barcode", "waybill", "consignment",
     "resi", "pesanan", "sipariş", "siparis", "zamówienie", "zamówienia", "bestelling", "ordine",
-    "fattura", "rechnung", "kundennummer", "vertrag", "contract", "ssn", "ss", "social", "itin", "ein",
-    "tin", "vin", "isin", "cusip", "nip", "regon", "cpf", "cnpj", "rfc", "curp", "nik", "npwp",
-    "주문", "송장", "운송장", "注文", "订单", "追跡", "运单", "快递", "伝票",
+    "fattura", "rechnung", "kundennummer", "vertrag", "contract", "ssn", "ss", "social", "itin",
+    "tin", "isin", "cusip", "nip", "regon", "cpf", "cnpj", "rfc", "curp", "npwp",
+    "주문", "송장", "운송장", "계좌", "사업자", "주민", "注文", "订单", "追跡", "运单", "快递", "伝票", "口座",
+    "会員", "账号", "账户", "卡号", "身份证",
 )  # fmt: skip
 
 
