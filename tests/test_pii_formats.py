@@ -203,3 +203,17 @@ def test_ssn_areas_the_ssa_never_issues_are_no_ssn(data_dir):
         ],
         "US_SSN",
     )
+
+
+def test_an_international_run_libphonenumber_cannot_read_is_scrubbed_whole(data_dir):
+    """ "+52 1 …" (the Mexican mobile "1" WhatsApp still shows) is too long for libphonenumber,
+    which read only its head as a possible number and left the last group in the text."""
+    _check(
+        data_dir,
+        [
+            ("WhatsApp +52 1 55 9876 5432", [("PHONE_NUMBER", "+52 1 55 9876 5432")]),
+            ("wa +52 1 81 2345 6789 (Monterrey)", [("PHONE_NUMBER", "+52 1 81 2345 6789")]),
+            ("call +44 20 7946 0958 2024 was the year", [("PHONE_NUMBER", "+44 20 7946 0958")]),  # valid head
+        ],
+        "PHONE_NUMBER",
+    )

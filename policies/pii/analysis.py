@@ -401,8 +401,10 @@ def _plausible(text: str, start: int, end: int, entity: str) -> bool:
     in code) with fewer than three groups (a dotted IPv4 tail counts as two: ``::ffff:192.0.2.1``
     is an address); dotted quads that are part of a longer dotted number (an SNMP OID
     ``1.3.6.1.4.1.2021``; an address followed by its port, ``10.0.0.1.443``, stays) or written as
-    a version, a section or a package pin (``foo==2.4.10.1``, ``Firmware 2.0.0.1``, ``chapter
-    3.1.4.1``; a filter, ``ip.addr==10.0.0.1``, stays)."""
+    a version, a section, a package pin or a product's version (``foo==2.4.10.1``, ``Firmware
+    2.0.0.1``, ``chapter 3.1.4.1``, ``Chrome/120.0.0.0``; a filter, ``ip.addr==10.0.0.1``, and
+    ``host/10.0.0.1`` stay); and an SSH or SCP target taken for an email address
+    (``git@github.com:acme/app.git``)."""
     if entity == "EMAIL_ADDRESS":
         return not _REMOTE_AFTER.match(text, end)
     if entity != "IP_ADDRESS":

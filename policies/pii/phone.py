@@ -247,6 +247,20 @@ def _match(candidate: str, regions: tuple[str, ...], leniency: Leniency) -> tupl
     return ()
 
 
+def _one_number(candidate: str, head: str) -> bool:
+    """An international run whose head is only a *possible* number and which holds no more
+    digits than E.164 allows (15) is one number libphonenumber cannot read, not a number and
+    a neighbour: "+52 1 33 1234 5678" (the mobile "1" Mexico dropped in 2019, which WhatsApp
+    still shows) is scrubbed whole, not as "+52 1 33 1234" and a "5678" left in the text. A
+    valid head keeps its neighbour out ("+44 20 7946 0958 2024")."""
+    if sum(c.isdigit() for c in candidate) > 15:
+        return False
+    try:
+        return not phonenumbers.is_valid_number(phonenumbers.parse(head))
+    except phonenumbers.NumberParseException:
+        return False
+
+
 def _whole(candidate: str, end: int) -> bool:
     """The match leaves at most an extension's digits of the candidate after it."""
     return sum(c.isdigit() for c in candidate[end:]) <= 4
@@ -273,6 +287,8 @@ def _matches(
             break
         found = _match(head, regions, leniency)
         if found:
+            if candidate.startswith("+") and _one_number(candidate, head):
+                return ((0, len(candidate)),)
             return found
     for at in cuts:
         tail = candidate[at + 1 :]
