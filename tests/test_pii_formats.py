@@ -84,6 +84,9 @@ def test_digits_glued_to_chinese_japanese_or_korean_letters_are_not_glued_to_a_w
         ("bel me op 06 87654321", "06 87654321"),  # Netherlands
         ("zadzwoń: 601 234 567", "601 234 567"),  # Poland
         ("móvil 699 87 65 43", "699 87 65 43"),  # Spain
+        ("mi móvil 612 34 56 78, cuesta 20 €", "612 34 56 78"),  # an amount after another number
+        ("móvil 612 34 56 78 $19.99 al mes", "612 34 56 78"),  # the sign of the next amount
+        ("pagué 20 € 612 34 56 78 es mi móvil", "612 34 56 78"),  # the sign of the amount before
         ("Telefonum 0542 765 43 21", "0542 765 43 21"),  # Turkey, a phone word with an ending
         ("WhatsApp 0813 9876 5432 ya kak", "0813 9876 5432"),  # Indonesia
         ("mobile: 0423 987 654", "0423 987 654"),  # Australia
@@ -103,6 +106,10 @@ def test_a_number_beside_a_phone_word_is_read_in_the_worlds_numbering_plans(data
         "주문번호 010-2345-6789 배송 조회",  # an order number (주문), in Korean
         "계좌번호 010-2345-6789-01",  # a bank account number (계좌)
         "order 0803 987 6543 shipped",  # foreign national shapes need a phone word
+        "mobile money balance 250 000 000 UGX",  # amounts beside a phone word
+        "hubungi kami, harga Rp 1 500 000",
+        "móvil nuevo: 1 299 000 COP",
+        "WhatsApp total 612 345 678",
         "ticket 347 765 4321 closed",
     ],
 )

@@ -18,6 +18,8 @@ for phone numbers):
   number, however grouped;
 * with no such sign: a valid number *grouped as its country writes it* (libphonenumber's
   ``STRICT_GROUPING``: ``0151 23456789`` yes, ``4006-381-333-931`` no);
+* beside a currency sign or code of its own ("250 000 000 UGX", "Rp 1 500 000"): an amount,
+  unless written internationally;
 * right after a product, order, tracking or bank word (SKU, P/N, part, ISBN, order, invoice,
   tracking, IMEI, sort code, ...; only labels such as "no." or "number" between them) and with
   no phone word nearer: not a phone number, unless written internationally.
@@ -57,6 +59,16 @@ _NOT_PHONE = re.compile(
 _DATE_FIRST = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?!\d)|\d{1,2}[-/.]\d{1,2}[-/.]\d{4}(?!\d)")
 _IDD = re.compile(r"00[1-9]")  # "0044 20 …", dialled from Europe
 _TIME_NEXT = re.compile(r"[:h]\d")  # "2024-05-01 10:30", "… 10h30"
+# An amount: a currency sign or ISO 4217 code right before or after the digits ("250 000 000 UGX",
+# "Rp 1 500 000", "R$ 1 299 000"): not a phone number, whatever phone word is near.
+_CURRENCY = (
+    r"[$€£¥₹₩₺₽₦₱₫₪฿]|R\$|zł|kr|Rp|円|元|원|(?:USD|EUR|GBP|JPY|CNY|INR|BRL|MXN|KRW|IDR|PHP|TRY|PLN|NGN|ZAR|UGX"
+    r"|KES|GHS|AUD|CAD|CHF|SEK|NOK|DKK|RUB|AED|SAR|EGP|PKR|BDT|VND|THB|MYR|SGD|HKD|TWD|ARS|COP|CLP|PEN)(?![A-Za-z])"
+)
+# (a sign that belongs to the next amount, "… 78 $19.99", or to the one before, "20 € 06 12 …", is
+# not this number's)
+_AMOUNT_AFTER = re.compile(rf"[ \t]?(?:{_CURRENCY})(?![ \t]?\d)")
+_AMOUNT_BEFORE = re.compile(rf"(?<![A-Za-z])(?<!\d)(?<!\d[ \t])(?:{_CURRENCY})\.?[ \t]?$")
 CONTEXT = ["phone", "number", "telephone", "cell", "cellphone", "mobile", "call", "tel", "whatsapp", "fax"]
 
 PHONE_WORDS = (
@@ -84,7 +96,10 @@ CODE_WORDS = (
     "commande", "facture", "pedido", "factura", "coordinates", "barcode", "waybill", "consignment",
     "resi", "pesanan", "sipariş", "siparis", "zamówienie", "zamówienia", "bestelling", "ordine",
     "fattura", "rechnung", "kundennummer", "vertrag", "contract", "ssn", "ss", "social", "itin",
-    "tin", "isin", "cusip", "nip", "regon", "cpf", "cnpj", "rfc", "curp", "npwp",
+    "tin", "isin", "cusip", "nip", "regon", "cpf", "cnpj", "rfc", "curp", "npwp", "balance", "amount",
+    "total", "price", "cost", "costs", "sum", "saldo", "importe", "monto", "valor", "preço", "betrag",
+    "summe", "preis", "montant", "prix", "harga", "jumlah", "fiyat", "tutar", "cena", "kwota", "prezzo",
+    "importo", "bedrag", "prijs",
     "주문", "송장", "운송장", "계좌", "사업자", "주민", "注文", "订单", "追跡", "运单", "快递", "伝票", "口座",
     "会員", "账号", "账户", "卡号", "身份证",
 )  # fmt: skip
@@ -427,6 +442,10 @@ def find(text: str, regions: tuple[str, ...]) -> list[tuple[int, int]]:
             continue  # longer runs may hold a phone beside other numbers
         if m.end() < n and _TIME_NEXT.match(text, m.end()):
             continue  # a date and a time, "2024-05-01 10:30"
+        if not s.startswith("+") and (
+            _AMOUNT_AFTER.match(text, m.end()) or _AMOUNT_BEFORE.search(text, max(0, m.start() - 6), m.start())
+        ):
+            continue  # an amount
         how = _how(text, m.start(), m.end(), s)
         if how is None:
             continue
