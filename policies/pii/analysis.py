@@ -41,14 +41,19 @@ log = logging.getLogger("gateway.pii")
 
 Finding = tuple[int, int, str, float]  # start, end, Presidio entity type, score
 
-_DIGITS = r"\d(?:[ \-./()]{0,3}\d){6,}"
-_PREFILTER = {
-    "EMAIL_ADDRESS": r"@+",
-    "PHONE_NUMBER": _DIGITS,
-    "CREDIT_CARD": _DIGITS,
-    "US_SSN": _DIGITS,
-    "IBAN_CODE": _DIGITS,
-    "IP_ADDRESS": r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}|:[0-9A-Fa-f]{0,4}:",
+# Written-out addresses (policies.pii.emails): "%40", "at]", "at example dot" — each its own
+# pattern, as one alternation with "@" would scan slower than the three apart.
+_WRITTEN_EMAIL = (r"%40", r"(?i:at)(?:\s?[\])}>]|\s[^\s@]{1,63}\s(?i:dot)\s)")
+
+# digits in groups; the separators include those ``fold`` reads as ASCII (no-break spaces, dashes)
+_DIGITS = r"\d(?:[ \-./()\u00a0\u2007\u2009\u200a\u202f\u3000\u2010-\u2014\u2212\uff0d\uff08\uff09]{0,3}\d){6,}"
+_PREFILTER = {  # the shapes each entity type is spotted by
+    "EMAIL_ADDRESS": (r"@+", *_WRITTEN_EMAIL),
+    "PHONE_NUMBER": (_DIGITS,),
+    "CREDIT_CARD": (_DIGITS,),
+    "US_SSN": (_DIGITS,),
+    "IBAN_CODE": (_DIGITS,),
+    "IP_ADDRESS": (r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}|:[0-9A-Fa-f]{0,4}:",),
 }
 _NOT_A_CANDIDATE = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}")  # dates
 MARGIN = 48  # characters of context kept on each side of a candidate
@@ -112,8 +117,8 @@ class Prefilter:
 
         shapes: dict[str, set[str]] = {}
         for e in spec.entities:
-            if e in _PREFILTER:
-                shapes.setdefault(_PREFILTER[e], set()).add(e)
+            for shape in _PREFILTER.get(e, ()):
+                shapes.setdefault(shape, set()).add(e)
         # (spans of a text, entity types, whether date-shaped spots are dropped: built-in shapes only)
         self.shapes: list = []
         for p in sorted(shapes):
@@ -220,17 +225,14 @@ def _analyzer(spec: Spec):
     if found is not None:
         return found
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
-    from presidio_analyzer.predefined_recognizers import (
-        EmailRecognizer,
-        IpRecognizer,
-        SpacyRecognizer,
-        UsSsnRecognizer,
-    )
+    from presidio_analyzer.predefined_recognizers import EmailRecognizer, IpRecognizer, SpacyRecognizer
 
     from policies.pii import presidio_offline
     from policies.pii.cards import CardRecognizer
+    from policies.pii.emails import WrittenEmailRecognizer
     from policies.pii.iban import GreedySafeIbanRecognizer
     from policies.pii.phone import FastPhoneRecognizer
+    from policies.pii.ssn import SsnRecognizer
 
     presidio_offline.setup()
     model = spec.ner_model if spec.needs_ner else presidio_offline.blank_pipeline(Path(spec.data_dir))
@@ -239,12 +241,14 @@ def _analyzer(spec: Spec):
         "EMAIL_ADDRESS": EmailRecognizer,
         "CREDIT_CARD": CardRecognizer,
         "IBAN_CODE": GreedySafeIbanRecognizer,
-        "US_SSN": UsSsnRecognizer,
+        "US_SSN": SsnRecognizer,
         "IP_ADDRESS": IpRecognizer,
     }
     for entity in spec.entities:
         if entity in builtin:
             registry.add_recognizer(builtin[entity]())
+    if "EMAIL_ADDRESS" in spec.entities:
+        registry.add_recognizer(WrittenEmailRecognizer())
     if "PHONE_NUMBER" in spec.entities:
         registry.add_recognizer(FastPhoneRecognizer(spec.regions))
     if spec.needs_ner:
@@ -348,7 +352,8 @@ _DOTTED_AFTER = re.compile(r"\.\d+\.\d")  # (one more number is a port: tcpdump'
 _VERSION_BEFORE = re.compile(
     r"(?:(?<![\w.])(?P<pin>[A-Za-z][\w-]*)(?:\[[\w,-]*\])?[ \t]*(?:==|~=|>=|<=|!=)[ \t]*"
     r"|(?<![\w.])v"
-    r"|(?<![\w.])(?:version|versions|ver|firmware|chapter|section|rev|oid)\.?:?[ \t]*)$",
+    r"|(?<![\w.])(?:version|versions|ver|firmware|chapter|section|rev|oid)\.?:?[ \t]*"
+    r"|(?<![\w./:-])(?P<product>[A-Za-z][\w.-]*)/)$",
     re.IGNORECASE,
 )
 
@@ -385,13 +390,23 @@ def _names_address(name: str) -> bool:
     return all(_NETWORK_WORD.fullmatch(w) for w in words)
 
 
+# After user@host, a colon and a path: an SSH or SCP target ("git@github.com:acme/app.git",
+# "deploy@build:/srv"), a login on a machine, not a mailbox. A colon and a word is no path: a
+# leaked "name@example.com:password" keeps its address.
+_REMOTE_AFTER = re.compile(r":(?:[~/]|[\w.-]+/)")
+
+
 def _plausible(text: str, start: int, end: int, entity: str) -> bool:
     """Drops what Presidio accepts but is not personal: IPv6 shorthands like ``::2`` (slices
     in code) with fewer than three groups (a dotted IPv4 tail counts as two: ``::ffff:192.0.2.1``
     is an address); dotted quads that are part of a longer dotted number (an SNMP OID
     ``1.3.6.1.4.1.2021``; an address followed by its port, ``10.0.0.1.443``, stays) or written as
-    a version, a section or a package pin (``foo==2.4.10.1``, ``Firmware 2.0.0.1``, ``chapter
-    3.1.4.1``; a filter, ``ip.addr==10.0.0.1``, stays)."""
+    a version, a section, a package pin or a product's version (``foo==2.4.10.1``, ``Firmware
+    2.0.0.1``, ``chapter 3.1.4.1``, ``Chrome/120.0.0.0``; a filter, ``ip.addr==10.0.0.1``, and
+    ``host/10.0.0.1`` stay); and an SSH or SCP target taken for an email address
+    (``git@github.com:acme/app.git``)."""
+    if entity == "EMAIL_ADDRESS":
+        return not _REMOTE_AFTER.match(text, end)
     if entity != "IP_ADDRESS":
         return True
     value = text[start:end]
@@ -401,7 +416,10 @@ def _plausible(text: str, start: int, end: int, entity: str) -> bool:
     if _DOTTED_BEFORE.search(text, max(0, start - 2), start) or _DOTTED_AFTER.match(text, end):
         return False
     before = _VERSION_BEFORE.search(text, max(0, start - 40), start)
-    return before is None or (before["pin"] is not None and _names_address(before["pin"]))
+    if before is None:
+        return True
+    name = before["pin"] or before["product"]
+    return name is not None and _names_address(name)
 
 
 def resolve(findings: list[Finding]) -> list[Finding]:

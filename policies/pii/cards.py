@@ -27,6 +27,8 @@ import re
 
 from presidio_analyzer import AnalysisExplanation, EntityRecognizer, RecognizerResult
 
+from policies.pii.fold import WORD, fold
+
 # (scheme, issuer ranges as (low, high) over the first len(str(low)) digits, lengths, weak lengths)
 # Weak lengths need a card word nearby. Sources: ISO/IEC 7812 registrations as published by the
 # schemes (Visa, Mastercard, Amex, Discover Global Network, JCB, UnionPay, Mir, RuPay, ...).
@@ -71,9 +73,14 @@ _CONTEXT_REACH = 40  # characters before a weak candidate searched for a card wo
 # three digits after a comma and a digit, or a comma and three digits after a group shorter than
 # four ("1,234", "5,000").
 _RUN = re.compile(
-    r"(?<![\w./-])(?:(?<!\d,)|(?!\d{3}(?!\d)))(?<!\d[ .-])\d++(?:[ .-]\d++)*(?![\w])(?![./]\d)"
+    r"(?<![./\d_-])(?:(?<!\d,)|(?!\d{{3}}(?!\d)))(?<!\d[ .-])\d++(?:(?: - |[ .-])\d++)*(?!{WORD})(?![./]\d)"
     r"(?:(?<=\d{4})|(?!,\d{3}(?!\d)))"
 )
+# A run glued to letters is part of a code ("ABC4111111111111111"), unless the letters are a card
+# word ("amex378282246310005", "VISA4111 1111 1111 1111").
+_LETTER = re.compile(WORD)
+_GLUED = re.compile(r"(?<![^\W\d_])(?:" + "|".join(map(re.escape, CONTEXT)) + r")\Z", re.IGNORECASE)
+_GLUED_REACH = max(map(len, CONTEXT))
 _GROUP = re.compile(r"\d+")
 _MAX_GROUPS = 8  # a card has at most 8 groups (19 digits in 4-4-4-4-3 is 5)
 
@@ -135,13 +142,17 @@ def _cuts_token(seps: list[str], i: int, j: int) -> bool:
 def find(text: str) -> list[tuple[int, int, str]]:
     """(start, end, scheme) of each card number in ``text``. Linear: from each group, only the
     sub-runs of 12 to 19 digits (at most ``_MAX_GROUPS`` groups) are tried."""
+    text = fold(text)  # full-width digits, no-break spaces, Unicode dashes: as ASCII, same offsets
     out: list[tuple[int, int, str]] = []
     for run in _RUN.finditer(text):
         s = run.group()
         if len(s) < 12:
             continue
+        at = run.start()
+        if at and _LETTER.match(text, at - 1) and not _GLUED.search(text, max(0, at - _GLUED_REACH), at):
+            continue
         groups = [(g.start(), g.end()) for g in _GROUP.finditer(s)]
-        seps = [s[b] for _, b in groups[:-1]]  # the separator after each group but the last
+        seps = [s[b : groups[k + 1][0]] for k, (_, b) in enumerate(groups[:-1])]  # after each group but the last
         ends = [0]  # digits before each group
         for a, b in groups:
             ends.append(ends[-1] + b - a)

@@ -3,9 +3,10 @@
 Presidio's ``IbanRecognizer`` reads up to six groups of four after the country code and, when
 that fails validation, retries only without its last one or two optional groups: an IBAN
 followed by a number ("ES9121000418450200051332 2024-05-01", "DE89 3704 … 00 1500 EUR") is
-lost. This subclass keeps Presidio's findings and, for uppercase candidates it left alone,
-tries every shorter cut at a group boundary, longest first, with Presidio's own validation
-(country format and mod-97 check digits).
+lost. And it reads upper case only, where people typing on a phone write "it60x0542811101000000123456".
+This subclass keeps Presidio's findings and, for candidates it left alone, in either case, tries
+every shorter cut at a group boundary, longest first, with Presidio's own validation (country
+format and mod-97 check digits) of the upper-cased cut.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import re
 from presidio_analyzer import AnalysisExplanation, EntityRecognizer, RecognizerResult
 from presidio_analyzer.predefined_recognizers import IbanRecognizer
 
-_CANDIDATE = re.compile(r"(?<![A-Z0-9])[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]{1,4}){2,12}")
-_GROUP = re.compile(r"[A-Z0-9]+")
+_CANDIDATE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]{1,4}){2,12}")
+_GROUP = re.compile(r"[A-Za-z0-9]+")
 
 
 class GreedySafeIbanRecognizer(IbanRecognizer):
@@ -28,7 +29,7 @@ class GreedySafeIbanRecognizer(IbanRecognizer):
                 continue
             s = m.group()
             for g in reversed(list(_GROUP.finditer(s))):
-                if self.validate_result(s[: g.end()]):
+                if self.validate_result(s[: g.end()].upper()):
                     results.append(
                         RecognizerResult(
                             self.supported_entities[0],
