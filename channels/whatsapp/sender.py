@@ -18,6 +18,7 @@ import hashlib
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from channels.config import WhatsAppAccount
@@ -288,19 +289,32 @@ def placeholders(body: str) -> set[str]:
     return set(_PLACEHOLDER.findall(body))
 
 
+def uses(body: str) -> Counter:
+    """How many times the body uses each placeholder: Meta fills in every use ("Hi {{1}}! ...
+    Talk soon, {{1}}."), so a value counts as often as its placeholder appears."""
+    return Counter(_PLACEHOLDER.findall(body))
+
+
 def filled_length(body: str, values: list) -> int:
     """The length of ``body`` with its placeholders filled in by ``values`` ({{1}} is the first),
-    each as ``template_value`` sends it."""
-    return len(_PLACEHOLDER.sub("", body)) + sum(len(template_value(v)) for v in values)
+    each as ``template_value`` sends it, as often as the body uses it."""
+    used = uses(body)
+    return len(_PLACEHOLDER.sub("", body)) + sum(used[str(i)] * len(template_value(v)) for i, v in enumerate(values, 1))
 
 
 def reply_room(tpl: dict, values: dict) -> int:
     """How many characters of an answer one window template carries: Meta's 1,024 for the body
-    filled in, less the template's own text and its other parameters."""
+    filled in, less the template's own text and its other parameters (each as often as the body
+    uses it), shared among the body's uses of the reply."""
     body = tpl.get("body")
-    own = len(_PLACEHOLDER.sub("", body)) if isinstance(body, str) else TEMPLATE_TEXT_RESERVE
-    others = sum(len(template_value(values.get(n, ""))) for n in tpl.get("variables") or () if n != "reply")
-    return max(MIN_REPLY_ROOM, min(MAX_TEMPLATE_VALUE, MAX_TEMPLATE_BODY - own - others))
+    names = list(tpl.get("variables") or ())
+    if isinstance(body, str):
+        own, used = len(_PLACEHOLDER.sub("", body)), uses(body)
+    else:
+        own, used = TEMPLATE_TEXT_RESERVE, Counter({str(i): 1 for i in range(1, len(names) + 1)})
+    others = sum(used[str(i)] * len(template_value(values.get(n, ""))) for i, n in enumerate(names, 1) if n != "reply")
+    replies = max(1, sum(used[str(i)] for i, n in enumerate(names, 1) if n == "reply"))
+    return max(MIN_REPLY_ROOM, min(MAX_TEMPLATE_VALUE, (MAX_TEMPLATE_BODY - own - others) // replies))
 
 
 def template_value(value) -> str:

@@ -1,0 +1,164 @@
+"""Self-review s25 (an attacker's review of the day's four changes: the CLI's --model check, the
+VAPI caller id, the per-tenant bound on pinned-version reads and the WhatsApp template room):
+each test is a finding that failed before its fix, against real processes (a gateway with the
+WhatsApp channel on the mock Graph API, the CLI as a subprocess on the embedded PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import MASTER_KEY, Gateway, run_cli, wait_until
+from tests.test_agents_admin import agents_cli
+from tests.test_agents_admin import config as agents_config
+from tests.test_channels_whatsapp import GraphMock, new_wa_id, notification, post, queue_idle, text
+
+RUN = uuid.uuid4().hex[:6]
+TENANT = f"s25-{RUN}"
+AGENT = f"s25bot-{RUN}"
+ACCOUNT = "s25wa"
+PNID = "8118"
+SECRET = "s25-app-secret-0123"
+GRAPH_TOKEN = "graph-token-test"  # the token GraphMock is started with
+WINDOW = "s25window"
+WA_ENV = {
+    "GATEWAY_CHANNEL_WORKER": "1",
+    "GATEWAY_WA_VISIBILITY_TIMEOUT": "2",
+    "GATEWAY_WA_MAX_RETRIES": "1",
+    "GATEWAY_WA_BACKOFF": "0.2",
+}
+
+
+def admin(gw: Gateway, method: str, path: str, **kw) -> httpx.Response:
+    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30, **kw)
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_root):
+    g = GraphMock(tmp_root)
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def wa(tmp_root, services, module_mock, graph):
+    out = run_cli("keys", "create", "--name", f"s25-wa-{RUN}", "--tenant", TENANT, urls=services, tmp=tmp_root)
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.splitlines()[0].strip()
+    config = {
+        "router": {"max_attempts": 1},
+        "providers": [{"name": "llm", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "agent-model", "deployments": [{"provider": "llm", "model": "m"}]}],
+        "channels": {
+            "whatsapp": {
+                ACCOUNT: {
+                    "tenant": TENANT,
+                    "phone_numbers": {PNID: AGENT},
+                    "app_secret": SECRET,
+                    "verify_token": "verify-token-0123",
+                    "access_token": GRAPH_TOKEN,
+                    "api_key": key,
+                    "graph_base_url": graph.url,
+                    "window_template": WINDOW,
+                    "max_reply_parts": 1,
+                    "fallback_message": "Sorry, we are having trouble.",
+                }
+            }
+        },
+    }
+    saved = {k: os.environ.get(k) for k in WA_ENV}
+    os.environ.update(WA_ENV)
+    try:
+        gw = Gateway(tmp_root, config, services)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    body = {"name": AGENT, "tenant": TENANT, "model": "agent-model", "template": "You help our customers."}
+    r = admin(gw, "POST", "/admin/agents", json=body)
+    assert r.status_code == 201, r.text
+    yield gw
+    gw.stop()
+
+
+def _say_late(gw: Gateway, wa_id: str, body: str) -> None:
+    """A customer message whose 24-hour window has closed (sent 25 hours ago)."""
+    msg = text(wa_id, body, ts=time.time() - 25 * 3600)
+    r = post(gw, ACCOUNT, notification([msg], pnid=PNID, name="Ada"), secret=SECRET)
+    assert r.status_code == 200, r.text
+
+
+def _hydrated(body: str, params: list[str]) -> str:
+    for i, p in enumerate(params, 1):
+        body = body.replace(f"{{{{{i}}}}}", p)
+    return body
+
+
+# ---- WhatsApp: a placeholder used more than once ------------------------------------------------
+def test_a_window_template_using_a_placeholder_twice_is_kept_within_metas_1024(wa, graph):
+    """A template body may use a placeholder more than once (Meta fills every one of them: "Hi
+    {{1}}! ... Talk soon, {{1}}."). The reply's room was 1,024 less the body's own text and each
+    OTHER value counted once: the customer's name, filled in twice, took a long answer's pieces
+    past 1,024 (132005), Meta refused them, and the customer got the fallback instead of the
+    answer. Now every use of a placeholder is counted."""
+    body = "Hi {{1}}! Here is our answer: {{2}} Talk soon, {{1}}."
+    tpl = {"account": ACCOUNT, "name": WINDOW, "variables": ["customer_name", "reply"], "body": body}
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl).status_code == 201
+    graph.configure(templates={WINDOW: body})
+    try:
+        wa_id = new_wa_id()
+        word = "y" * 1500  # one long word: the pieces are cut hard, each as long as the room allows
+        _say_late(wa, wa_id, word)
+        wait_until(lambda: graph.sent_to(wa_id) and queue_idle(wa, "wa-inbound"), what="the turn done")
+    finally:
+        graph.configure(templates={})
+    sent = graph.sent_to(wa_id)
+    assert all(s["type"] == "template" for s in sent), [s.get("text") for s in sent]  # not the fallback
+    params = [[p["text"] for p in s["template"]["components"][0]["parameters"]] for s in sent]
+    assert all(len(_hydrated(body, p)) <= 1024 for p in params), [len(_hydrated(body, p)) for p in params]
+    assert "".join(p[1] for p in params) == "echo: " + word, [len(p[1]) for p in params]
+
+
+def test_a_proactive_send_counts_every_use_of_a_placeholder(wa, graph):
+    """The admin send's check (the body filled in within 1,024) counted each value once: with a
+    body that uses {{1}} twice, a 600-character value passed (202), and Meta, filling it in
+    twice, refused the send (132005) after it was queued. Now it is a 400 naming the values."""
+    body = "Your code is {{1}}. Once more, your code: {{1}}."
+    tpl = {"account": ACCOUNT, "name": "s25code", "variables": ["code"], "body": body}
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl).status_code == 201
+    send = {"account": ACCOUNT, "to": new_wa_id(), "template": {"name": "s25code", "variables": {"code": "C" * 600}}}
+    r = admin(wa, "POST", "/admin/channels/whatsapp/send", json=send)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "template.variables", r.text
+    send["template"]["variables"]["code"] = "C" * 450  # 2 x 450 + its own text: within 1,024
+    assert admin(wa, "POST", "/admin/channels/whatsapp/send", json=send).status_code == 202
+
+
+# ---- the CLI: a config whose secrets are not in the admin's shell --------------------------------
+def test_cli_create_checks_model_of_a_config_whose_secrets_are_not_set_here(services, module_mock, tmp_path):
+    """`gateway agents create` now finds ./gateway.yaml as `gateway serve` does, and loaded it
+    whole: a production config's `${OPENAI_API_KEY}` (set in the service's environment, not in the
+    admin's shell) made every create fail ("did not load"), where before it was created. The
+    check needs the config's model groups only: unset variables no longer refuse the command,
+    and --model is still checked."""
+    cfg = agents_config(module_mock)
+    cfg["providers"][0]["api_keys"] = ["${S25_UNSET_PROVIDER_KEY}"]
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(cfg))
+    os.environ.pop("S25_UNSET_PROVIDER_KEY", None)
+    tenant = f"s25cli-{RUN}"
+    made = agents_cli(
+        "create", "--name", "a", "--model", "gpt-mock", "--template", "faq", "--tenant", tenant,
+        urls=services, tmp=tmp_path, cwd=tmp_path,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    refused = agents_cli(
+        "create", "--name", "b", "--model", "gpt-4o-mini", "--template", "faq", "--tenant", tenant,
+        urls=services, tmp=tmp_path, cwd=tmp_path,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "'gpt-4o-mini' is not a chat model group" in refused.stderr, refused.stderr
