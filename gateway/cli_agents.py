@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -82,11 +83,36 @@ def _check_model(args: argparse.Namespace) -> None:
         unknown = "no --config, $GATEWAY_CONFIG or ./gateway.yaml"
         print(f"note: --model {args.model!r} not checked ({unknown})", file=sys.stderr)
         return
-    os.environ.setdefault("MOCK_URL", "http://127.0.0.1:0")  # the demo's mock address: not used here
-    models = {m.name: m for m in load_config(path).models}
+    models = {m.name: m for m in _models_of(path)}
     if args.model not in models or models[args.model].mode != "chat":
         chat = sorted(name for name, m in models.items() if m.mode == "chat")
         raise GatewayError(f"{args.model!r} is not a chat model group of {path}; its chat groups: {', '.join(chat)}")
+
+
+# ``${VAR}`` in a config, as core.config reads it (``${VAR:-default}`` has a default)
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
+_STAND_IN = "http://127.0.0.1:0"  # a value for a variable unset here: a URL, a key, a name...
+
+
+def _models_of(path: str) -> list:
+    """The config's model groups. Only the groups are wanted, and the variables a config reads
+    (its provider keys, the demo's mock address) are set where the gateway runs, often not in the
+    admin's shell: those unset here are given a stand-in while it loads (then put back)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        text = ""  # load_config says why
+    unset = {m.group(1) for m in _VAR.finditer(text) if not m.group(2) and not os.environ.get(m.group(1))}
+    saved = {name: os.environ.get(name) for name in unset}
+    os.environ.update(dict.fromkeys(unset, _STAND_IN))
+    try:
+        return load_config(path).models
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 async def _one(conn, name: str, tenant: str):
