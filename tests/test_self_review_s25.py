@@ -162,3 +162,19 @@ def test_cli_create_checks_model_of_a_config_whose_secrets_are_not_set_here(serv
         urls=services, tmp=tmp_path, cwd=tmp_path,
     )  # fmt: skip
     assert refused.returncode == 1 and "'gpt-4o-mini' is not a chat model group" in refused.stderr, refused.stderr
+
+
+def test_a_window_template_body_leaving_no_room_for_the_reply_is_refused(wa, graph):
+    """A body whose own text left the reply less than MIN_REPLY_ROOM (100) characters was taken
+    (201): the reply's room was then raised to 100 anyway, so every answer longer than what was
+    really left went as templates Meta refuses (132005) and the customer got the fallback. Such
+    a body (of a template with a `reply` variable) is now a 400 naming `body`; one that leaves
+    room is taken."""
+    tight = "A" * 940 + " {{1}} " + "{{2}}"  # 941 + 1 (the name, at least "-") + the reply: 82 left
+    tpl = {"account": ACCOUNT, "name": "s25tight", "variables": ["reply", "customer_name"], "body": tight}
+    r = admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body", r.text
+    fits = {**tpl, "body": "A" * 900 + " {{1}} {{2}}"}  # 121 left
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=fits).status_code == 201
+    plain = {**tpl, "variables": ["code", "customer_name"]}  # not a reply's template: its values are the sender's
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=plain).status_code == 201

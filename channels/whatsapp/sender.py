@@ -303,9 +303,14 @@ def filled_length(body: str, values: list) -> int:
 
 
 def reply_room(tpl: dict, values: dict) -> int:
-    """How many characters of an answer one window template carries: Meta's 1,024 for the body
-    filled in, less the template's own text and its other parameters (each as often as the body
-    uses it), shared among the body's uses of the reply."""
+    """How many characters of an answer one window template carries (at least MIN_REPLY_ROOM,
+    else an answer would take dozens of templates; ``room_left`` is the unbounded figure)."""
+    return max(MIN_REPLY_ROOM, min(MAX_TEMPLATE_VALUE, room_left(tpl, values)))
+
+
+def room_left(tpl: dict, values: dict) -> int:
+    """Meta's 1,024 for the body filled in, less the template's own text and its other parameters
+    (each as often as the body uses it), shared among the body's uses of the reply."""
     body = tpl.get("body")
     names = list(tpl.get("variables") or ())
     if isinstance(body, str):
@@ -314,7 +319,7 @@ def reply_room(tpl: dict, values: dict) -> int:
         own, used = TEMPLATE_TEXT_RESERVE, Counter({str(i): 1 for i in range(1, len(names) + 1)})
     others = sum(used[str(i)] * len(template_value(values.get(n, ""))) for i, n in enumerate(names, 1) if n != "reply")
     replies = max(1, sum(used[str(i)] for i, n in enumerate(names, 1) if n == "reply"))
-    return max(MIN_REPLY_ROOM, min(MAX_TEMPLATE_VALUE, (MAX_TEMPLATE_BODY - own - others) // replies))
+    return (MAX_TEMPLATE_BODY - own - others) // replies
 
 
 def template_value(value) -> str:
