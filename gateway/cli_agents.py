@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import sys
@@ -34,8 +35,8 @@ def add_parser(sub) -> None:
     create.add_argument("--fallback-message")
     create.add_argument(
         "--config",
-        help="check --model against this config (default: as `gateway serve` finds it: $GATEWAY_CONFIG, "
-        "./gateway.yaml, else the demo when the database is the embedded one)",
+        help="check --model against this config (default: $GATEWAY_CONFIG, on the embedded database the "
+        "config its `gateway serve` runs, ./gateway.yaml, else the demo when the database is the embedded one)",
     )
     lst = cmds.add_parser("list", help="active agents")
     lst.add_argument("--tenant", help="only this tenant's")
@@ -68,11 +69,33 @@ def _config_path(args: argparse.Namespace) -> str | None:
     --config, $GATEWAY_CONFIG, ./gateway.yaml, else the demo — the demo only when the database is
     the embedded one (no DATABASE_URL), which is what ``make run`` serves it from. None: unknown."""
     path = args.config or os.environ.get("GATEWAY_CONFIG")
+    if not path and not os.environ.get("DATABASE_URL"):
+        path = _served()  # the embedded database's own gateway said which config it runs
     if not path and Path("gateway.yaml").exists():
         path = "gateway.yaml"
     if not path and not os.environ.get("DATABASE_URL"):
         path = str(Path(__file__).with_name("demo.yaml"))
     return path
+
+
+SERVING_CONFIG = "serving-config"  # in the data directory: the config `gateway serve` runs there
+
+
+def note_serving_config(data_dir: Path, config_path: str) -> None:
+    """Written by ``gateway serve`` on the embedded database: the config it runs (``--config``
+    included, which a later ``agents create`` in another shell cannot see)."""
+    with contextlib.suppress(OSError):
+        (data_dir / SERVING_CONFIG).write_text(str(Path(config_path).resolve()))
+
+
+def _served() -> str | None:
+    from gateway.embedded import default_data_dir
+
+    try:
+        path = (default_data_dir() / SERVING_CONFIG).read_text().strip()
+    except OSError:
+        return None
+    return path if path and Path(path).is_file() else None
 
 
 def _check_model(args: argparse.Namespace) -> None:

@@ -6,6 +6,8 @@ WhatsApp channel on the mock Graph API, the CLI as a subprocess on the embedded 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -13,8 +15,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import MASTER_KEY, Gateway, run_cli, wait_until
-from tests.test_agents_admin import agents_cli
+from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, run_cli, wait_until
+from tests.test_agents_admin import _CLI, agents_cli
 from tests.test_agents_admin import config as agents_config
 from tests.test_channels_whatsapp import GraphMock, new_wa_id, notification, post, queue_idle, text
 
@@ -178,3 +180,49 @@ def test_a_window_template_body_leaving_no_room_for_the_reply_is_refused(wa, gra
     assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=fits).status_code == 201
     plain = {**tpl, "variables": ["code", "customer_name"]}  # not a reply's template: its values are the sender's
     assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=plain).status_code == 201
+
+
+def test_cli_create_checks_model_against_the_config_serve_was_given(services, module_mock, tmp_root, tmp_path):
+    """`make run ARGS="--config prod.yaml"` (or `gateway serve --config prod.yaml`) on the embedded
+    database: `gateway agents create --model <a group of prod.yaml>` took the demo as the config
+    being served (no --config, $GATEWAY_CONFIG or ./gateway.yaml in the shell) and refused a
+    valid model ("not a chat model group of demo.yaml"). `gateway serve` now notes in its data
+    directory which config it runs, and the CLI on that embedded database checks against it."""
+    data_dir = tmp_root / "embedded"  # the suite's embedded servers: serve and the CLI attach to them
+    cfg = tmp_path / "prod.yaml"
+    cfg.write_text(yaml.safe_dump(agents_config(module_mock)))
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "GATEWAY_CONFIG")}
+    env.update(GATEWAY_DATA_DIR=str(data_dir), GATEWAY_MASTER_KEY=MASTER_KEY, GATEWAY_KB_WORKER="0")
+    env.update(GATEWAY_CHANNEL_WORKER="0")
+    port = free_port()
+    serve = Proc(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--port", str(port)],
+        env,
+        tmp_path / "serve.log",
+    )
+    try:
+        wait_until(lambda: _ready(port), timeout=60, what="gateway serve on the embedded database")
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        tenant = f"s25serve-{RUN}"
+        run = [sys.executable, "-c", _CLI, "agents", "create", "--template", "faq", "--tenant", tenant]
+        made = subprocess.run(
+            [*run, "--name", "a", "--model", "gpt-mock"], env=env, capture_output=True, text=True, timeout=120,
+            cwd=elsewhere,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        refused = subprocess.run(
+            [*run, "--name", "b", "--model", "demo-gpt"], env=env, capture_output=True, text=True, timeout=120,
+            cwd=elsewhere,
+        )  # fmt: skip
+        assert refused.returncode == 1 and "prod.yaml" in refused.stderr, refused.stderr
+    finally:
+        serve.stop()
+        (data_dir / "serving-config").unlink(missing_ok=True)
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+    except httpx.HTTPError:
+        return False
