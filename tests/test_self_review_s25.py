@@ -118,7 +118,7 @@ def test_a_window_template_using_a_placeholder_twice_is_kept_within_metas_1024(w
         wa_id = new_wa_id()
         word = "y" * 1500  # one long word: the pieces are cut hard, each as long as the room allows
         _say_late(wa, wa_id, word)
-        wait_until(lambda: graph.sent_to(wa_id) and queue_idle(wa, "wa-inbound"), what="the turn done")
+        wait_until(lambda: queue_idle(wa, "wa-inbound"), what="the turn done (sent, or dead-lettered)")
     finally:
         graph.configure(templates={})
     sent = graph.sent_to(wa_id)
@@ -140,6 +140,32 @@ def test_a_proactive_send_counts_every_use_of_a_placeholder(wa, graph):
     assert r.status_code == 400 and r.json()["error"]["param"] == "template.variables", r.text
     send["template"]["variables"]["code"] = "C" * 450  # 2 x 450 + its own text: within 1,024
     assert admin(wa, "POST", "/admin/channels/whatsapp/send", json=send).status_code == 202
+
+
+def test_a_long_customer_name_does_not_push_the_window_templates_past_1024(wa, graph):
+    """The other values of a window template (the customer's name: the profile name Meta sends,
+    up to 256 characters here) take their share of the 1,024 too. When they left the reply fewer
+    than 100 characters, its room was raised to 100 anyway and every piece went past 1,024
+    (132005): the customer got the fallback. The other values are now cut to leave the reply its
+    100 characters."""
+    body = "Dear {{1}}, " + "thank you for writing to us. " * 30 + "Our answer: {{2}}"  # 890 of its own
+    tpl = {"account": ACCOUNT, "name": WINDOW, "variables": ["customer_name", "reply"], "body": body}
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl).status_code == 201
+    graph.configure(templates={WINDOW: body})
+    try:
+        wa_id = new_wa_id()
+        name = "Bartholomew " * 10  # 120 characters: 1,024 - 890 - 120 leaves the reply 14
+        msg = text(wa_id, "Tell me. " * 30, ts=time.time() - 25 * 3600)
+        r = post(wa, ACCOUNT, notification([msg], pnid=PNID, name=name), secret=SECRET)
+        assert r.status_code == 200, r.text
+        wait_until(lambda: queue_idle(wa, "wa-inbound"), what="the turn done (sent, or dead-lettered)")
+    finally:
+        graph.configure(templates={})
+    params = [[p["text"] for p in s["template"]["components"][0]["parameters"]] for s in graph.sent_to(wa_id)]
+    assert params, "nothing reached the customer: every template (the fallback's too) was refused"
+    assert all(len(_hydrated(body, p)) <= 1024 for p in params), [len(_hydrated(body, p)) for p in params]
+    assert " ".join(p[1] for p in params) == "echo: " + " ".join(("Tell me. " * 30).split())
+    assert all(p[0] and name.strip().startswith(p[0].rstrip(".")) for p in params)  # the name, cut
 
 
 # ---- the CLI: a config whose secrets are not in the admin's shell --------------------------------

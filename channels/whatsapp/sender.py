@@ -244,6 +244,7 @@ class Sender:
                 # refused) or another room (the template registered again) would send pieces of
                 # two different cuts.
                 flat = " ".join(text.split())
+                values = fit_others(tpl, values)  # a long customer name must not leave the reply no room
                 room = reply_room(tpl, values)
                 skey = state_key(conv.account, key)
                 first_text = await self._claim(skey, "template_text", flat)
@@ -306,6 +307,26 @@ def reply_room(tpl: dict, values: dict) -> int:
     """How many characters of an answer one window template carries (at least MIN_REPLY_ROOM,
     else an answer would take dozens of templates; ``room_left`` is the unbounded figure)."""
     return max(MIN_REPLY_ROOM, min(MAX_TEMPLATE_VALUE, room_left(tpl, values)))
+
+
+def fit_others(tpl: dict, values: dict) -> dict:
+    """``values`` with the other values cut (the longest first) so that the reply keeps
+    MIN_REPLY_ROOM characters: its room is never raised past what the body really leaves (Meta
+    would refuse every piece, 132005), and a name cut short beats an answer never sent."""
+    names = list(tpl.get("variables") or ())
+    body = tpl.get("body")
+    used = uses(body) if isinstance(body, str) else Counter({str(i): 1 for i in range(1, len(names) + 1)})
+    replies = max(1, sum(used[str(i)] for i, n in enumerate(names, 1) if n == "reply"))
+    out = dict(values)
+    for _ in names:
+        short = MIN_REPLY_ROOM - room_left(tpl, out)
+        others = [(len(template_value(out.get(n, ""))), i, n) for i, n in enumerate(names, 1) if n != "reply"]
+        longest, i, name = max((o for o in others if used[str(o[1])]), default=(0, 0, ""))
+        if short <= 0 or longest <= 1:
+            break
+        cut = -(-short * replies // used[str(i)])  # each use of it gives its length back
+        out[name] = template_value(out.get(name, ""))[: max(1, longest - cut)]
+    return out
 
 
 def room_left(tpl: dict, values: dict) -> int:
