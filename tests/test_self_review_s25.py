@@ -5,13 +5,16 @@ WhatsApp channel on the mock Graph API, the CLI as a subprocess on the embedded 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
 import uuid
 
+import asyncpg
 import httpx
+import openai
 import pytest
 import yaml
 
@@ -166,6 +169,59 @@ def test_a_long_customer_name_does_not_push_the_window_templates_past_1024(wa, g
     assert all(len(_hydrated(body, p)) <= 1024 for p in params), [len(_hydrated(body, p)) for p in params]
     assert " ".join(p[1] for p in params) == "echo: " + " ".join(("Tell me. " * 30).split())
     assert all(p[0] and name.strip().startswith(p[0].rstrip(".")) for p in params)  # the name, cut
+
+
+# ---- pinned prompt versions: a tenant's third read at once ---------------------------------------
+def test_a_third_pinned_version_at_once_waits_its_turn_instead_of_a_429(wa, services):
+    """A tenant may have two reads of pinned versions in flight per replica; a third turn pinning
+    another uncached version at that moment got 429 at once. Three turns pinning three old
+    versions (a single-tenant install: every key is the `default` tenant's; a replica just
+    started) are ordinary traffic, and a client that does not retry (VAPI's custom LLM; an SDK
+    with max_retries=0) failed. Now a tenant's reads past two wait for one of its own (others'
+    slots are not theirs to take: another tenant's read still goes), and only a tenant with more
+    than MAX_QUEUED_PER_TENANT reads in flight or waiting gets the 429. PostgreSQL is held up for
+    real (a transaction holds the table's lock), so the first two reads stay in flight."""
+    tenant, name = f"s25pin-{RUN}", f"s25pin-{RUN}"
+    body = {"name": name, "tenant": tenant, "model": "agent-model", "template": "v1"}
+    assert admin(wa, "POST", "/admin/agents", json=body).status_code == 201
+    for i in range(2, 6):  # production stays at 1, latest moves to 5: 2, 3 and 4 are read on demand
+        r = admin(wa, "POST", f"/admin/agents/{name}/versions", params={"tenant": tenant}, json={"template": f"v{i}"})
+        assert r.status_code == 201, r.text
+    r = admin(wa, "POST", "/admin/keys", json={"name": f"s25pin-{RUN}", "tenant": tenant})
+    assert r.status_code == 201, r.text
+    client = openai.AsyncOpenAI(base_url=f"{wa.url}/v1", api_key=r.json()["key"], max_retries=0, timeout=30)
+
+    def turn(version: int):
+        return asyncio.ensure_future(
+            client.chat.completions.create(
+                model=f"agent:{name}@{version}", messages=[{"role": "user", "content": "hi"}]
+            )
+        )
+
+    async def go():
+        lock = await asyncpg.connect(services[0])
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'relation'"
+        try:
+            tx = lock.transaction()
+            await tx.start()
+            await lock.execute("LOCK TABLE prompt_versions IN ACCESS EXCLUSIVE MODE")
+            first = [turn(2), turn(3)]
+            for _ in range(500):  # the two reads reach PostgreSQL and wait on the lock
+                if await lock.fetchval(waiting) >= 2 or any(f.done() for f in first):
+                    break
+                await asyncio.sleep(0.01)
+            third = turn(4)
+            await asyncio.wait([third], timeout=1.0)  # refused at once, before: 429
+            refused = third.done() and third.exception()
+            await tx.rollback()
+            assert not refused, f"the third pinned version was refused: {refused!r}"
+            answers = await asyncio.gather(*first, third)
+            assert all(a.choices[0].message.content for a in answers)
+        finally:
+            await lock.close()
+            await client.close()
+
+    asyncio.run(go())
 
 
 # ---- the CLI: a config whose secrets are not in the admin's shell --------------------------------
