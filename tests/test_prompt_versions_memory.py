@@ -51,7 +51,9 @@ def save(gw, name: str, template: str, key: str | None = None, **body):
 
 
 async def _registry(services, cache_bytes: int | None = None):
-    pool = await asyncpg.create_pool(services[0], min_size=1, max_size=4)
+    pool = await asyncpg.create_pool(
+        services[0], min_size=1, max_size=4, server_settings={"application_name": "pinned-versions-test"}
+    )
     redis = aioredis.from_url(services[1])
     reg = AgentRegistry(pool, redis, cache_bytes=cache_bytes)
     await reg.reload()  # what start() reads (its pub/sub listener is the label tests' concern)
@@ -274,13 +276,20 @@ def test_one_tenant_cannot_queue_pinned_version_reads_without_end(gw, services):
             assert refused.value.status == 429 and refused.value.param == "model"
             assert refused.value.headers["retry-after"] == "1"
             calm = asyncio.ensure_future(reg.pinned(b, "2"))  # another tenant: not refused, not behind
-            # (a read waits in its parse, before pg_stat_activity shows its text)
-            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'relation'"
+            waiting = (  # this registry's own sessions: a gateway reloading its agents may wait on the lock too
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'relation' "
+                "AND application_name = 'pinned-versions-test'"
+            )
+
+            async def in_flight() -> int:  # pg_stat_activity is a snapshot kept to the transaction's end
+                await lock.execute("SELECT pg_stat_clear_snapshot()")
+                return await lock.fetchval(waiting)
+
             for _ in range(500):  # the hog's two reads and the other tenant's reach PostgreSQL
-                if await lock.fetchval(waiting) == 3:
+                if await in_flight() == 3:
                     break
                 await asyncio.sleep(0.01)
-            assert await lock.fetchval(waiting) == 3  # the hog's others wait for its own two
+            assert await in_flight() == 3  # the hog's others wait for its own two
             assert not calm.done() and not any(f.done() for f in first)
             await tx.rollback()
             versions = await asyncio.gather(*first, same, calm)

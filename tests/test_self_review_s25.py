@@ -200,13 +200,17 @@ def test_a_third_pinned_version_at_once_waits_its_turn_instead_of_a_429(wa, serv
 
     async def go():
         lock = await asyncpg.connect(services[0])
-        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'relation'"
+        waiting = (  # the reads of pinned versions waiting on the lock (a reload of agents may wait too)
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'relation' "
+            "AND query LIKE 'SELECT version, template, variables, note, created_at FROM prompt_versions%'"
+        )
         try:
             tx = lock.transaction()
             await tx.start()
             await lock.execute("LOCK TABLE prompt_versions IN ACCESS EXCLUSIVE MODE")
             first = [turn(2), turn(3)]
             for _ in range(500):  # the two reads reach PostgreSQL and wait on the lock
+                await lock.execute("SELECT pg_stat_clear_snapshot()")  # else kept to the end of the transaction
                 if await lock.fetchval(waiting) >= 2 or any(f.done() for f in first):
                     break
                 await asyncio.sleep(0.01)
