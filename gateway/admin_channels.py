@@ -117,6 +117,13 @@ class ChannelsAdmin:
                 "in the order of 'variables'.",
                 param="body",
             )
+        room = sender.room_left({"body": body, "variables": variables}, {}) if body and "reply" in variables else None
+        if room is not None and room < sender.MIN_REPLY_ROOM:  # every long answer would be refused (132005)
+            raise InvalidRequest(
+                f"'body' leaves {max(room, 0)} characters of Meta's {sender.MAX_TEMPLATE_BODY} for the reply; "
+                f"a window template needs at least {sender.MIN_REPLY_ROOM}.",
+                param="body",
+            )
         async with tenant_transaction(self.channel.pool, base._wall(request)) as conn:
             row = await conn.fetchrow(
                 """INSERT INTO whatsapp_templates (tenant, account, name, language, category, variables, description,

@@ -132,6 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     services: EmbeddedServices | None = None
     try:
         database_url, redis_url, services = resolve_urls(data_dir)
+        if services is not None and services.database_url:  # `agents create` checks --model against it
+            cli_agents.note_serving_config(data_dir, config_path)
         asyncio.run(_migrate(database_url))
         master = os.environ.get("GATEWAY_MASTER_KEY")
         master_note = "from $GATEWAY_MASTER_KEY"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -33,8 +35,8 @@ def add_parser(sub) -> None:
     create.add_argument("--fallback-message")
     create.add_argument(
         "--config",
-        help="check --model against this config (default: as `gateway serve` finds it: $GATEWAY_CONFIG, "
-        "./gateway.yaml, else the demo when the database is the embedded one)",
+        help="check --model against this config (default: $GATEWAY_CONFIG, on the embedded database the "
+        "config its `gateway serve` runs, ./gateway.yaml, else the demo when the database is the embedded one)",
     )
     lst = cmds.add_parser("list", help="active agents")
     lst.add_argument("--tenant", help="only this tenant's")
@@ -67,11 +69,33 @@ def _config_path(args: argparse.Namespace) -> str | None:
     --config, $GATEWAY_CONFIG, ./gateway.yaml, else the demo — the demo only when the database is
     the embedded one (no DATABASE_URL), which is what ``make run`` serves it from. None: unknown."""
     path = args.config or os.environ.get("GATEWAY_CONFIG")
+    if not path and not os.environ.get("DATABASE_URL"):
+        path = _served()  # the embedded database's own gateway said which config it runs
     if not path and Path("gateway.yaml").exists():
         path = "gateway.yaml"
     if not path and not os.environ.get("DATABASE_URL"):
         path = str(Path(__file__).with_name("demo.yaml"))
     return path
+
+
+SERVING_CONFIG = "serving-config"  # in the data directory: the config `gateway serve` runs there
+
+
+def note_serving_config(data_dir: Path, config_path: str) -> None:
+    """Written by ``gateway serve`` on the embedded database: the config it runs (``--config``
+    included, which a later ``agents create`` in another shell cannot see)."""
+    with contextlib.suppress(OSError):
+        (data_dir / SERVING_CONFIG).write_text(str(Path(config_path).resolve()))
+
+
+def _served() -> str | None:
+    from gateway.embedded import default_data_dir
+
+    try:
+        path = (default_data_dir() / SERVING_CONFIG).read_text().strip()
+    except OSError:
+        return None
+    return path if path and Path(path).is_file() else None
 
 
 def _check_model(args: argparse.Namespace) -> None:
@@ -82,11 +106,36 @@ def _check_model(args: argparse.Namespace) -> None:
         unknown = "no --config, $GATEWAY_CONFIG or ./gateway.yaml"
         print(f"note: --model {args.model!r} not checked ({unknown})", file=sys.stderr)
         return
-    os.environ.setdefault("MOCK_URL", "http://127.0.0.1:0")  # the demo's mock address: not used here
-    models = {m.name: m for m in load_config(path).models}
+    models = {m.name: m for m in _models_of(path)}
     if args.model not in models or models[args.model].mode != "chat":
         chat = sorted(name for name, m in models.items() if m.mode == "chat")
         raise GatewayError(f"{args.model!r} is not a chat model group of {path}; its chat groups: {', '.join(chat)}")
+
+
+# ``${VAR}`` in a config, as core.config reads it (``${VAR:-default}`` has a default)
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
+_STAND_IN = "http://127.0.0.1:0"  # a value for a variable unset here: a URL, a key, a name...
+
+
+def _models_of(path: str) -> list:
+    """The config's model groups. Only the groups are wanted, and the variables a config reads
+    (its provider keys, the demo's mock address) are set where the gateway runs, often not in the
+    admin's shell: those unset here are given a stand-in while it loads (then put back)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        text = ""  # load_config says why
+    unset = {m.group(1) for m in _VAR.finditer(text) if not m.group(2) and not os.environ.get(m.group(1))}
+    saved = {name: os.environ.get(name) for name in unset}
+    os.environ.update(dict.fromkeys(unset, _STAND_IN))
+    try:
+        return load_config(path).models
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 async def _one(conn, name: str, tenant: str):

@@ -8,9 +8,10 @@ versions of 60 KB, in every replica). So:
   label, every arm of an experiment) — what a turn that names no version, or a label, runs;
 - a version pinned by number (``agent:support@7``) that no label points at is read from
   PostgreSQL on demand (``VersionCache``): at most ``MAX_LOADS`` reads at once per replica, and
-  ``MAX_LOADS_PER_TENANT`` in flight or waiting per tenant (past it: 429), each with a
-  timeout, concurrent requests for one version sharing one read, and the versions read kept in
-  an LRU bounded in bytes (``policies.prompt_cache_bytes``). Versions are numbered
+  ``MAX_LOADS_PER_TENANT`` of them a tenant's (its others wait for its own, never for another
+  tenant's slots), at most ``MAX_QUEUED_PER_TENANT`` in flight or waiting per tenant (past it:
+  429), each with a timeout, concurrent requests for one version sharing one read, and the
+  versions read kept in an LRU bounded in bytes (``policies.prompt_cache_bytes``). Versions are numbered
   1..latest without gaps and never change or disappear, so a number past ``latest`` is refused
   without a read and a cached version never goes stale;
 - what a tenant stores is bounded (``policies.max_prompt_versions_per_tenant`` and
@@ -34,11 +35,14 @@ from runtime.types import Agent, PromptVersion
 log = logging.getLogger("gateway.agents")
 
 MAX_LOADS = 4  # PostgreSQL reads of pinned versions in flight at once, per replica
-# Reads one tenant may have in flight or waiting, per replica: a read comes before the turn is
+# Reads one tenant may have in flight at once, per replica: a read comes before the turn is
 # admitted (its prompt is part of what is admitted), so a tenant's key pinning many versions
-# that fall out of the cache at once would otherwise queue reads without end and hold every
-# slot, and other tenants' pinned turns would wait out LOAD_TIMEOUT_S. Past it: 429, retry.
+# that fall out of the cache at once would otherwise hold every slot, and other tenants' pinned
+# turns would wait out LOAD_TIMEOUT_S. A tenant's further reads wait for its own two (a few
+# turns pinning a few old versions at once are ordinary traffic, and VAPI's custom LLM does not
+# retry a 429), up to MAX_QUEUED_PER_TENANT in flight or waiting; past that: 429, retry.
 MAX_LOADS_PER_TENANT = 2
+MAX_QUEUED_PER_TENANT = 16
 LOAD_TIMEOUT_S = 5.0
 DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_VERSIONS = 5000
@@ -91,6 +95,7 @@ class VersionCache:
         self._loading: dict[tuple[str, int], asyncio.Task] = {}
         self._slots = asyncio.Semaphore(MAX_LOADS)
         self._tenant_loads: dict[str, int] = {}  # reads in flight or waiting, per tenant
+        self._tenant_slots: dict[str, asyncio.Semaphore] = {}  # a tenant's MAX_LOADS_PER_TENANT
         self.reads = 0  # PostgreSQL reads done (tests and the benchmark read it)
 
     @property
@@ -117,7 +122,7 @@ class VersionCache:
         if task is None:  # a turn waiting on a read already begun adds no work
             tenant = agent.tenant
             loads = self._tenant_loads.get(tenant, 0)
-            if loads >= MAX_LOADS_PER_TENANT:
+            if loads >= MAX_QUEUED_PER_TENANT:
                 raise RateLimited(
                     "Too many pinned prompt versions are being read for this tenant at once; try again.",
                     param="model",
@@ -125,7 +130,8 @@ class VersionCache:
                     headers={"retry-after": "1"},
                 )
             self._tenant_loads[tenant] = loads + 1
-            task = asyncio.create_task(self._load(key), name="prompt-version-load")
+            slots = self._tenant_slots.setdefault(tenant, asyncio.Semaphore(MAX_LOADS_PER_TENANT))
+            task = asyncio.create_task(self._load(key, slots), name="prompt-version-load")
             self._loading[key] = task
             task.add_done_callback(lambda _t, key=key, tenant=tenant: self._loaded(key, tenant))
         return await asyncio.shield(task)
@@ -135,13 +141,14 @@ class VersionCache:
         left = self._tenant_loads.get(tenant, 1) - 1
         if left > 0:
             self._tenant_loads[tenant] = left
-        else:
+        else:  # none left: its slots go too (no read of its holds them)
             self._tenant_loads.pop(tenant, None)
+            self._tenant_slots.pop(tenant, None)
 
-    async def _load(self, key: tuple[str, int]) -> PromptVersion | None:
+    async def _load(self, key: tuple[str, int], tenant_slots: asyncio.Semaphore) -> PromptVersion | None:
         try:
             async with asyncio.timeout(LOAD_TIMEOUT_S):
-                async with self._slots, self._pool.acquire() as conn:
+                async with tenant_slots, self._slots, self._pool.acquire() as conn:
                     row = await conn.fetchrow(ONE_SQL, *key)
                     self.reads += 1
         except Exception as exc:

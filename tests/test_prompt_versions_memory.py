@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.errors import RateLimited
-from runtime import prompts
+from runtime import prompt_versions, prompts
 from runtime.agents import AgentRegistry
 from runtime.prompt_versions import size_of
 from tests.test_agents_admin import AgentGateway, call, config, create, db, new_key
@@ -51,7 +51,9 @@ def save(gw, name: str, template: str, key: str | None = None, **body):
 
 
 async def _registry(services, cache_bytes: int | None = None):
-    pool = await asyncpg.create_pool(services[0], min_size=1, max_size=4)
+    pool = await asyncpg.create_pool(
+        services[0], min_size=1, max_size=4, server_settings={"application_name": "pinned-versions-test"}
+    )
     redis = aioredis.from_url(services[1])
     reg = AgentRegistry(pool, redis, cache_bytes=cache_bytes)
     await reg.reload()  # what start() reads (its pub/sub listener is the label tests' concern)
@@ -243,15 +245,17 @@ def test_one_tenant_cannot_queue_pinned_version_reads_without_end(gw, services):
     """A read of a pinned version comes before the turn is admitted, and every replica had four
     read slots for all tenants with an unbounded queue before them: one tenant's key pinning
     many versions that fall out of the cache held every slot, and the other tenants' pinned
-    turns waited out the read timeout behind it. Now a tenant has at most two reads in flight or
-    waiting per replica (a turn waiting on a read already begun adds none); past that it gets
-    429 at once, and another tenant's read still goes. PostgreSQL is held up for real: a
-    transaction holds the table's lock, so the reads stay in flight."""
+    turns waited out the read timeout behind it. Now a tenant has at most two reads in flight
+    per replica (its others wait for those, not for another tenant's slots) and at most
+    MAX_QUEUED_PER_TENANT in flight or waiting (a turn waiting on a read already begun adds
+    none); past that it gets 429 at once, and another tenant's read still goes. PostgreSQL is
+    held up for real: a transaction holds the table's lock, so the reads stay in flight."""
+    queued = prompt_versions.MAX_QUEUED_PER_TENANT
     hog, other = unique("t"), unique("t")
     hog_agent, other_agent = unique("hog"), unique("calm")
     assert create(gw, name=hog_agent, tenant=hog, template="v1").status_code == 201
     assert create(gw, name=other_agent, tenant=other, template="v1").status_code == 201
-    for i in range(2, 6):
+    for i in range(2, queued + 4):  # production at 1, latest at queued + 3: 2 .. queued + 2 read on demand
         assert save(gw, hog_agent, f"v{i}").status_code == 201
     for i in (2, 3):
         assert save(gw, other_agent, f"v{i}").status_code == 201
@@ -264,27 +268,35 @@ def test_one_tenant_cannot_queue_pinned_version_reads_without_end(gw, services):
             tx = lock.transaction()
             await tx.start()
             await lock.execute("LOCK TABLE prompt_versions IN ACCESS EXCLUSIVE MODE")
-            first = [asyncio.ensure_future(reg.pinned(a, n)) for n in ("2", "3")]
+            first = [asyncio.ensure_future(reg.pinned(a, str(n))) for n in range(2, queued + 2)]
             same = asyncio.ensure_future(reg.pinned(a, "2"))  # joins the read of 2
             await asyncio.sleep(0)
             with pytest.raises(RateLimited) as refused:
-                await reg.pinned(a, "4")
+                await reg.pinned(a, str(queued + 2))
             assert refused.value.status == 429 and refused.value.param == "model"
             assert refused.value.headers["retry-after"] == "1"
-            calm = asyncio.ensure_future(reg.pinned(b, "2"))  # another tenant: not refused
-            # (a read waits in its parse, before pg_stat_activity shows its text)
-            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'relation'"
-            for _ in range(500):  # the three reads reach PostgreSQL and wait on the lock
-                if await lock.fetchval(waiting) == 3:
+            calm = asyncio.ensure_future(reg.pinned(b, "2"))  # another tenant: not refused, not behind
+            waiting = (  # this registry's own sessions: a gateway reloading its agents may wait on the lock too
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'relation' "
+                "AND application_name = 'pinned-versions-test'"
+            )
+
+            async def in_flight() -> int:  # pg_stat_activity is a snapshot kept to the transaction's end
+                await lock.execute("SELECT pg_stat_clear_snapshot()")
+                return await lock.fetchval(waiting)
+
+            for _ in range(500):  # the hog's two reads and the other tenant's reach PostgreSQL
+                if await in_flight() == 3:
                     break
                 await asyncio.sleep(0.01)
-            assert await lock.fetchval(waiting) == 3
+            assert await in_flight() == 3  # the hog's others wait for its own two
             assert not calm.done() and not any(f.done() for f in first)
             await tx.rollback()
             versions = await asyncio.gather(*first, same, calm)
-            assert [v.template for v in versions] == ["v2", "v3", "v2", "v2"]
-            assert reg.pinned_versions.reads == 3
-            assert (await reg.pinned(a, "4")).template == "v4"  # the tenant's reads are done: room again
+            assert [v.template for v in versions] == [f"v{n}" for n in range(2, queued + 2)] + ["v2", "v2"]
+            assert reg.pinned_versions.reads == queued + 1
+            # the tenant's reads are done: room again
+            assert (await reg.pinned(a, str(queued + 2))).template == f"v{queued + 2}"
         finally:
             await lock.close()
             await _close(reg, pool, redis)

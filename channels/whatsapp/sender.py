@@ -18,6 +18,7 @@ import hashlib
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from channels.config import WhatsAppAccount
@@ -243,6 +244,7 @@ class Sender:
                 # refused) or another room (the template registered again) would send pieces of
                 # two different cuts.
                 flat = " ".join(text.split())
+                values = fit_others(tpl, values)  # a long customer name must not leave the reply no room
                 room = reply_room(tpl, values)
                 skey = state_key(conv.account, key)
                 first_text = await self._claim(skey, "template_text", flat)
@@ -288,19 +290,57 @@ def placeholders(body: str) -> set[str]:
     return set(_PLACEHOLDER.findall(body))
 
 
+def uses(body: str) -> Counter:
+    """How many times the body uses each placeholder: Meta fills in every use ("Hi {{1}}! ...
+    Talk soon, {{1}}."), so a value counts as often as its placeholder appears."""
+    return Counter(_PLACEHOLDER.findall(body))
+
+
 def filled_length(body: str, values: list) -> int:
     """The length of ``body`` with its placeholders filled in by ``values`` ({{1}} is the first),
-    each as ``template_value`` sends it."""
-    return len(_PLACEHOLDER.sub("", body)) + sum(len(template_value(v)) for v in values)
+    each as ``template_value`` sends it, as often as the body uses it."""
+    used = uses(body)
+    return len(_PLACEHOLDER.sub("", body)) + sum(used[str(i)] * len(template_value(v)) for i, v in enumerate(values, 1))
 
 
 def reply_room(tpl: dict, values: dict) -> int:
-    """How many characters of an answer one window template carries: Meta's 1,024 for the body
-    filled in, less the template's own text and its other parameters."""
+    """How many characters of an answer one window template carries (at least MIN_REPLY_ROOM,
+    else an answer would take dozens of templates; ``room_left`` is the unbounded figure)."""
+    return max(MIN_REPLY_ROOM, min(MAX_TEMPLATE_VALUE, room_left(tpl, values)))
+
+
+def fit_others(tpl: dict, values: dict) -> dict:
+    """``values`` with the other values cut (the longest first) so that the reply keeps
+    MIN_REPLY_ROOM characters: its room is never raised past what the body really leaves (Meta
+    would refuse every piece, 132005), and a name cut short beats an answer never sent."""
+    names = list(tpl.get("variables") or ())
     body = tpl.get("body")
-    own = len(_PLACEHOLDER.sub("", body)) if isinstance(body, str) else TEMPLATE_TEXT_RESERVE
-    others = sum(len(template_value(values.get(n, ""))) for n in tpl.get("variables") or () if n != "reply")
-    return max(MIN_REPLY_ROOM, min(MAX_TEMPLATE_VALUE, MAX_TEMPLATE_BODY - own - others))
+    used = uses(body) if isinstance(body, str) else Counter({str(i): 1 for i in range(1, len(names) + 1)})
+    replies = max(1, sum(used[str(i)] for i, n in enumerate(names, 1) if n == "reply"))
+    out = dict(values)
+    for _ in names:
+        short = MIN_REPLY_ROOM - room_left(tpl, out)
+        others = [(len(template_value(out.get(n, ""))), i, n) for i, n in enumerate(names, 1) if n != "reply"]
+        longest, i, name = max((o for o in others if used[str(o[1])]), default=(0, 0, ""))
+        if short <= 0 or longest <= 1:
+            break
+        cut = -(-short * replies // used[str(i)])  # each use of it gives its length back
+        out[name] = template_value(out.get(name, ""))[: max(1, longest - cut)]
+    return out
+
+
+def room_left(tpl: dict, values: dict) -> int:
+    """Meta's 1,024 for the body filled in, less the template's own text and its other parameters
+    (each as often as the body uses it), shared among the body's uses of the reply."""
+    body = tpl.get("body")
+    names = list(tpl.get("variables") or ())
+    if isinstance(body, str):
+        own, used = len(_PLACEHOLDER.sub("", body)), uses(body)
+    else:
+        own, used = TEMPLATE_TEXT_RESERVE, Counter({str(i): 1 for i in range(1, len(names) + 1)})
+    others = sum(used[str(i)] * len(template_value(values.get(n, ""))) for i, n in enumerate(names, 1) if n != "reply")
+    replies = max(1, sum(used[str(i)] for i, n in enumerate(names, 1) if n == "reply"))
+    return (MAX_TEMPLATE_BODY - own - others) // replies
 
 
 def template_value(value) -> str:
