@@ -277,6 +277,10 @@ class Pii(_Strict):
     # that overruns is replaced and the request gets 503 pii_unavailable. Unset: 5 s (or the
     # environment's GATEWAY_PII_TIMEOUT_S).
     timeout_s: float | None = Field(None, gt=0, le=120)
+    # Characters of one request's text that may go to analysis after pre-filtering (the text
+    # around candidate numbers and addresses; every character with person/location): about
+    # 4 s of a worker at most by default; past it the request is a 400 pii_too_much_to_check.
+    max_analysed_chars: int = Field(128 * 1024, ge=1024, le=64 * 1024 * 1024)
 
     @property
     def enabled(self) -> bool:

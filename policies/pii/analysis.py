@@ -65,6 +65,23 @@ INLINE_CHARS = 4096  # characters per call pre-filtered in the serving process; 
 TIMEOUT_S = 5.0  # an analysis call's timeout: this ...
 TIMEOUT_PER_CHAR_S = 20e-6  # ... plus this per character sent ...
 TIMEOUT_MAX_S = 60.0  # ... at most this
+# Characters one request's texts may send to Presidio after pre-filtering (the windows around
+# candidates, or whole texts for NER): the work is linear, but half a millisecond per
+# phone-shaped number — 8 MB of them held a worker, and every tenant's requests queued behind
+# it, for the whole 60 s timeout (about 4 s at this bound). Past it the request is refused
+# (400) before any analysis.
+MAX_ANALYSED_CHARS = 128 * 1024
+
+
+class TooMuchToCheck(Exception):
+    """A request whose texts hold more than the budget to analyse (``chars`` of it)."""
+
+    def __init__(self, chars: int, budget: int) -> None:
+        super().__init__(f"{chars} characters to analyse, at most {budget}")
+        self.chars = chars
+        self.budget = budget
+
+
 _WS = re.compile(r"\s")
 _LAST_WS = re.compile(r"\s(?=\S*\Z)")
 
@@ -323,16 +340,34 @@ def _presidio(engine, spec: Spec, text: str, wanted: list[str]) -> list[Finding]
     return [f for f in found if _plausible(text, f[0], f[1], f[2])]
 
 
-def analyze_items(spec: Spec, items: list[Item]) -> list[list[Finding]]:
+def _covered(pieces: list) -> int:
+    """Characters of a text its pieces cover (chunks of one window overlap), each counted once."""
+    total, reach = 0, 0
+    for offset, chunk, *_ in sorted(pieces, key=lambda p: p[0]):
+        end = offset + len(chunk)
+        if end > reach:
+            total += end - max(offset, reach)
+            reach = end
+    return total
+
+
+def analyze_items(spec: Spec, items: list[Item], budget: int | None = None) -> list[list[Finding]]:
     """Findings per item, in text coordinates, resolved. An item is a whole text (pre-filtered
-    and chunked here) or the chunks the serving process cut out of it."""
+    and chunked here) or the chunks the serving process cut out of it. ``budget``: at most this
+    many characters go to Presidio over all the items, else ``TooMuchToCheck`` before any does."""
     engine = _analyzer(spec)
-    out = []
+    cut: list[list] = []
     for item in items:
         if isinstance(item, str):
-            pieces = [(a, item[a:b], kinds, cl, cr) for a, b, kinds, cl, cr in _prefilter_for(spec).chunks(item)]
+            cut.append([(a, item[a:b], kinds, cl, cr) for a, b, kinds, cl, cr in _prefilter_for(spec).chunks(item)])
         else:
-            pieces = item
+            cut.append(item)
+    if budget is not None:
+        chars = sum(_covered(pieces) for pieces in cut)
+        if chars > budget:
+            raise TooMuchToCheck(chars, budget)
+    out = []
+    for pieces in cut:
         acc: list[Finding] = []
         for offset, chunk, kinds, cut_start, cut_end in pieces:
             n = len(chunk)
@@ -454,9 +489,12 @@ def timeout_for(base: float, chars: int) -> float:
 class Analyzer:
     """Finds PII in texts for one process: cache → pre-filter → Presidio (in a worker pool)."""
 
-    def __init__(self, workers: int, cache_size: int, timeout: float | None = None) -> None:
+    def __init__(
+        self, workers: int, cache_size: int, timeout: float | None = None, max_chars: int | None = MAX_ANALYSED_CHARS
+    ) -> None:
         self.workers = workers
         self.cache_size = cache_size
+        self.max_chars = max_chars  # per ``find`` (one request's texts); None: no bound
         self.timeout = timeout if timeout is not None else float(os.environ.get("GATEWAY_PII_TIMEOUT_S", TIMEOUT_S))
         self._cache: OrderedDict[bytes, tuple[Finding, ...]] = OrderedDict()
         self._prefilters: dict[Spec, Prefilter] = {}
@@ -524,12 +562,12 @@ class Analyzer:
         chars = sum(len(it) if isinstance(it, str) else sum(len(c[1]) for c in it) for it in items)
         timeout = timeout_for(self.timeout, chars)
         if self._pool is not None:
-            return await self._pool.call(spec, items, timeout)
+            return await self._pool.call(spec, items, timeout, self.max_chars)
         # In the serving process: a thread of its own, so the event loop keeps serving; a thread
         # cannot be stopped, but the request is answered (refused) when the timeout passes.
         if self._thread is None:
             self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pii")
-        fut = asyncio.get_running_loop().run_in_executor(self._thread, analyze_items, spec, items)
+        fut = asyncio.get_running_loop().run_in_executor(self._thread, analyze_items, spec, items, self.max_chars)
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:

@@ -24,7 +24,7 @@ from core.errors import InvalidRequest, ServiceUnavailable
 from core.pii_entities import BUILTIN, EntityType, custom_entity
 from core.types import Identity
 from policies.pii import fields
-from policies.pii.analysis import Analyzer, CustomRecognizer, Spec
+from policies.pii.analysis import Analyzer, CustomRecognizer, Spec, TooMuchToCheck
 from policies.pii.anonymize import Vault, apply
 
 log = logging.getLogger("gateway.pii")
@@ -104,7 +104,9 @@ class Scrubber:
         self.models = models or {}
         self.policies = compile_policies(pii, data_dir)
         # pii.timeout_s when the config has it; else GATEWAY_PII_TIMEOUT_S or the default.
-        self.analyzer = Analyzer(pii.workers, pii.cache_size, getattr(pii, "timeout_s", None))
+        self.analyzer = Analyzer(
+            pii.workers, pii.cache_size, getattr(pii, "timeout_s", None), getattr(pii, "max_analysed_chars", None)
+        )
         self.secret = (pii.hash_secret or "").encode()
 
     async def start(self) -> None:
@@ -134,6 +136,14 @@ class Scrubber:
         slots = fields.slots(body, endpoint, decoded)
         try:
             findings = await self.analyzer.find(policy.spec, [s.text for s in slots]) if slots else []
+        except TooMuchToCheck as exc:  # the request's own size: the client's to change
+            raise InvalidRequest(
+                f"This request holds {exc.chars:,} characters of text around numbers and addresses to check "
+                f"for personal data; at most {exc.budget:,} are checked per request (pii.max_analysed_chars). "
+                "Send less at once.",
+                param=max(slots, key=lambda s: len(s.text or "")).path,
+                code="pii_too_much_to_check",
+            ) from None
         except Exception as exc:  # fail closed: nothing leaves unscrubbed
             log.error("PII analysis failed: %s: %s", type(exc).__name__, exc)
             raise ServiceUnavailable(

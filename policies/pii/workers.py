@@ -92,6 +92,10 @@ class _Worker:
                     continue
                 if ok:
                     fut.set_result(value)
+                elif isinstance(value, tuple) and value[0] == "TooMuchToCheck":
+                    from policies.pii.analysis import TooMuchToCheck
+
+                    fut.set_exception(TooMuchToCheck(*value[1:]))
                 else:
                     fut.set_exception(RuntimeError(value))
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
@@ -140,8 +144,8 @@ class WorkerPool:
         for w in self.workers:
             await w.start(warm)
 
-    async def call(self, spec, items: list, budget_s: float) -> list:
-        """``analysis.analyze_items(spec, items)`` in a worker, within ``budget_s`` seconds."""
+    async def call(self, spec, items: list, budget_s: float, max_chars: int | None = None) -> list:
+        """``analysis.analyze_items(spec, items, max_chars)`` in a worker, within ``budget_s`` seconds."""
         from policies.pii.analysis import AnalysisTimeout
 
         loop = asyncio.get_running_loop()
@@ -165,7 +169,7 @@ class WorkerPool:
             call_id = next(self._ids)
             fut = loop.create_future()
             worker.pending[call_id] = fut
-            worker.send(call_id, ("analyze", spec, items))
+            worker.send(call_id, ("analyze", spec, items, max_chars))
             try:
                 async with asyncio.timeout_at(deadline):
                     await worker.writer.drain()
@@ -204,7 +208,7 @@ class WorkerPool:
 
 def _serve(fd: int) -> None:
     """The worker's loop: read a request, analyse, answer. Exits when the socket closes."""
-    from policies.pii.analysis import analyze_items, warm
+    from policies.pii.analysis import TooMuchToCheck, analyze_items, warm
 
     sock = socket.socket(fileno=fd)
     stream = sock.makefile("rb")
@@ -228,7 +232,9 @@ def _serve(fd: int) -> None:
             if payload[0] == "ready":
                 answer(call_id, True, None)
                 continue
-            answer(call_id, True, analyze_items(payload[1], payload[2]))
+            answer(call_id, True, analyze_items(payload[1], payload[2], *payload[3:]))
+        except TooMuchToCheck as exc:  # the request's own size: refused as such, not as a failure
+            answer(call_id, False, ("TooMuchToCheck", exc.chars, exc.budget))
         except Exception as exc:  # reported to the caller, who refuses the request
             answer(call_id, False, f"{type(exc).__name__}: {exc}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import threading
 
@@ -511,3 +512,54 @@ def test_item18_token_arrays_holding_a_blocked_entity_are_refused(gw, strict_key
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "pii_blocked" and r.json()["error"]["param"] == "input"
     assert not mock.requests()
+
+
+# --- item 2, linear but heavy: the work one request may cause is bounded --------------------
+
+
+def _dense_phones(chars: int, seed: int) -> str:
+    """Distinct US numbers, one after another: every one is checked (about half a millisecond)."""
+    rnd = random.Random(seed)
+    parts, n = [], 0
+    while n < chars:
+        part = f"call ({rnd.randint(201, 989)}) {rnd.randint(200, 999)}-{rnd.randint(1000, 9999)} or "
+        parts.append(part)
+        n += len(part)
+    return "".join(parts)[:chars]
+
+
+def test_item2_a_request_dense_with_numbers_past_the_budget_is_refused_before_any_analysis(gw, api_key, mock):
+    """Analysis is linear, but each phone-shaped number costs about half a millisecond: a request
+    of 8 MB of them held the PII worker — and every tenant's requests queued behind it — for the
+    whole 60 s timeout, then got 503. A request whose text around candidates is past
+    ``pii.max_analysed_chars`` (128 KiB) is now refused with a 400 naming the field, before any
+    analysis, and the worker is not replaced; a long text with few candidates is served."""
+    workers = _worker_pids(gw)
+    mock.clear()
+    dense = _dense_phones(200_000, seed=7)
+    body = {"model": "gpt-mock", "messages": [{"role": "user", "content": "hello"}, {"role": "user", "content": dense}]}
+    r = _post(gw, api_key, "/v1/chat/completions", body)
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert error["code"] == "pii_too_much_to_check" and error["param"] == "messages[1].content"
+    assert error["type"] == "invalid_request_error" and "131,072" in error["message"]
+    assert mock.requests() == []  # nothing left the gateway
+    assert _worker_pids(gw) == workers  # refused, not timed out: the worker was not replaced
+    prose = ("The quick brown fox jumps over the lazy dog. " * 4500)[:200_000] + f" Call me at {PHONE}."
+    served = _chat(gw, api_key, prose)
+    assert served.status_code == 200, served.text[:300]
+    assert PHONE not in mock.last()["body"]["messages"][-1]["content"]  # still scrubbed
+
+
+def test_item2_the_budget_counts_each_character_once_and_is_checked_in_the_thread_too(tmp_path):
+    """The pieces of one window overlap (OVERLAP): a character is counted once. With analysis in
+    the serving process (pii.workers: 0) the same bound holds."""
+    assert analysis._covered([(0, "a" * 4096, (), False, True), (3584, "b" * 1000, (), True, False)]) == 4584
+    assert analysis._covered([(10, "x" * 5, ()), (100, "y" * 5, ())]) == 10
+    spec = pii_corpus.spec(str(tmp_path))
+    small = Analyzer(0, 0, max_chars=8192)
+    with pytest.raises(analysis.TooMuchToCheck) as refused:
+        asyncio.run(small.find(spec, ["ok", _dense_phones(10_000, seed=3)]))
+    assert refused.value.chars > 8192 and refused.value.budget == 8192
+    (found,) = asyncio.run(small.find(spec, [_dense_phones(4_000, seed=4)]))
+    assert len(found) > 50
