@@ -5,7 +5,9 @@ transaction, and only then acknowledges and deletes the entries. A batch whose w
 pending and is read again; entries pending on a consumer that died (SIGKILL) are claimed by a
 live one after ``claim_idle`` seconds. A record PostgreSQL refuses (bad data, a constraint) is
 written alone and, refused again, moved to ``<stream>:dead`` so it cannot hold back the rest
-(the newest ``DEAD_MAX`` kept; ``gateway_dead_letters_total`` counts them). While PostgreSQL is
+(the newest ``DEAD_MAX`` kept; ``gateway_dead_letters_total`` counts them). A writer whose records
+must stay erasable (conversation turns) tags its dead letters (``dead_tag``), and
+``drop_dead_tagged`` drops those of some tags, reading the tags alone. While PostgreSQL is
 away, a stream longer than ``spill_after`` entries, or taking more than ``spill_bytes`` of Redis's
 memory, is moved to local disk (``core.stream_spill``) and written from there once PostgreSQL is
 back.
@@ -74,6 +76,37 @@ if #fields == 0 then fields = {'error', ''} end
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('XDEL', KEYS[1], ARGV[1])
 return 1
+"""
+
+# A dead letter of a writer that tags them (``dead_tag``): the record in ``<stream>:dead`` and, under
+# the same id, its tag alone in ``<stream>:dead:tags`` — both trimmed to the newest ARGV[1] exactly,
+# so they hold the same ids (the tags are what a search reads, never the records). KEYS: dead,
+# tags. ARGV: most kept, the tag ('' none), then the record's fields and values.
+_DEAD_TAGGED = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', unpack(ARGV, 3))
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], id, 't', ARGV[2])
+return id
+"""
+
+# The dead letters of some tags dropped, ``_TAG_SCAN`` tags read per call (small entries: a call
+# takes well under a millisecond whatever the records' sizes). KEYS: dead, tags. ARGV: the
+# start ('-', or '(' and the last id read), then the tags. Returns {dropped, the last id read
+# ('' when the scan is complete)}.
+_TAG_SCAN = 1000
+_DROP_TAGGED = f"""
+local wanted = {{}}
+for i = 2, #ARGV do wanted[ARGV[i]] = true end
+local got = redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', {_TAG_SCAN})
+local dropped = 0
+for _, entry in ipairs(got) do
+  local fields = entry[2]
+  if fields and fields[2] and wanted[fields[2]] then
+    dropped = dropped + redis.call('XDEL', KEYS[1], entry[1])
+    redis.call('XDEL', KEYS[2], entry[1])
+  end
+end
+if #got < {_TAG_SCAN} then return {{dropped, ''}} end
+return {{dropped, got[#got][1]}}
 """
 
 # Shared by the scripts: ``take(got)`` adds a reply's entries to ``out``, counting their field
@@ -226,6 +259,7 @@ class StreamWriter:
         spill_to: Callable[[list[dict]], None] | None = None,
         spill_after: int = SPILL_AFTER,
         spill_bytes: int = SPILL_BYTES,
+        dead_tag: Callable[[dict], str | None] | None = None,
     ) -> None:
         self._redis = redis
         self._fast = fast
@@ -251,6 +285,9 @@ class StreamWriter:
         self._spill_to = spill_to or (self._spill.append if self._spill is not None else None)
         self._spill_after = spill_after
         self._spill_bytes = spill_bytes
+        # what a dead letter is found by (``drop_dead_tagged``): a writer whose records hold
+        # what must be erasable (a conversation's turns) tags each one
+        self._dead_tag = dead_tag
 
     async def start(self) -> None:
         try:
@@ -455,12 +492,13 @@ class StreamWriter:
         for record, sqlstate in await write_or_isolate(self._write_batch, records):
             log.error("%s: record refused by PostgreSQL (%s), moved to %s:dead", self.stream, sqlstate, self.stream)
             DEAD_LETTERS.labels(self.stream).inc()
-            await self._redis.xadd(
-                f"{self.stream}:dead",
-                {**self.dead_record(record), b"error": sqlstate},
-                maxlen=DEAD_MAX,
-                approximate=True,
-            )
+            fields = {**self.dead_record(record), b"error": sqlstate}
+            if self._dead_tag is None:
+                await self._redis.xadd(f"{self.stream}:dead", fields, maxlen=DEAD_MAX, approximate=True)
+                continue
+            flat = [part for pair in fields.items() for part in pair]
+            keys = [f"{self.stream}:dead", f"{self.stream}:dead:tags"]
+            await self._redis.eval(_DEAD_TAGGED, 2, *keys, DEAD_MAX, self._dead_tag(record) or "", *flat)
 
     async def _write_batch(self, records: list[dict]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -510,12 +548,30 @@ class StreamWriter:
         constraint changed), where the writer takes it as any entry; False if there is none."""
         if not entry_id(dead_id):
             return False
-        return bool(await self._redis.eval(_REVIVE, 2, f"{self.stream}:dead", self.stream, dead_id))
+        revived = bool(await self._redis.eval(_REVIVE, 2, f"{self.stream}:dead", self.stream, dead_id))
+        await self._redis.xdel(f"{self.stream}:dead:tags", dead_id)  # (back in the stream: untagged)
+        return revived
 
     async def drop_dead(self, dead_id: str) -> bool:
         if not entry_id(dead_id):
             return False
+        await self._redis.xdel(f"{self.stream}:dead:tags", dead_id)
         return bool(await self._redis.xdel(f"{self.stream}:dead", dead_id))
+
+    async def drop_dead_tagged(self, tags: set[str]) -> int:
+        """Drops the dead letters tagged with one of ``tags`` (``dead_tag``); the number dropped.
+        Reads the tags only, ``_TAG_SCAN`` a call: at most ``DEAD_MAX / _TAG_SCAN`` short calls
+        whatever the records' sizes. Dead letters written before they were tagged are not found."""
+        if not tags:
+            return 0
+        keys = [f"{self.stream}:dead", f"{self.stream}:dead:tags"]
+        dropped, start = 0, "-"
+        while True:
+            n, last = await self._redis.eval(_DROP_TAGGED, 2, *keys, start, *sorted(tags))
+            dropped += int(n)
+            if not last:
+                return dropped
+            start = f"({_text(last)}"
 
     async def _claim_stale(self) -> None:
         """Entries a dead consumer read but never acknowledged become ours (bounded like reads)."""

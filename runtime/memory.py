@@ -176,11 +176,26 @@ def check_conversation_id(conversation_id: object, param: str = "metadata.conver
     return conversation_id
 
 
+def conversation_tag(tenant: str, agent_id: str, conversation_id: str) -> str:
+    """One conversation, hashed (the caller's id is any text, and may be personal data)."""
+    return hashlib.blake2b(f"{tenant}\x00{agent_id}\x00{conversation_id}".encode(), digest_size=16).hexdigest()
+
+
 def keys(tenant: str, agent_id: str, conversation_id: str) -> tuple[str, str]:
     """The window list and seq counter of one conversation. Hashed: the caller's id is any text.
     (The stored window is the list's key and ``:w``.)"""
-    digest = hashlib.blake2b(f"{tenant}\x00{agent_id}\x00{conversation_id}".encode(), digest_size=16).hexdigest()
+    digest = conversation_tag(tenant, agent_id, conversation_id)
     return f"gw:{{gw}}:mem:{digest}", f"gw:{{gw}}:mem:{digest}:seq"
+
+
+def dead_tag(record: dict) -> str | None:
+    """The conversation of a turn the memory writer moved to the dead letters (its stream entry's
+    fields), by which an erasure or a retention finds it; None when the turn is unreadable."""
+    try:
+        turn = orjson.loads(record[b"r"])
+        return conversation_tag(turn["tenant"], turn["agent_id"], turn["external_id"])
+    except (KeyError, TypeError, orjson.JSONDecodeError):
+        return None
 
 
 def list_cap(settings: MemorySettings) -> int:
@@ -468,7 +483,7 @@ class Memory:
         # ``reader``: the stream writer's own pipelined connection (it blocks on its reads)
         self.writer = StreamWriter(
             redis, pool, stream=MEMORY_STREAM, group=MEMORY_GROUP, write=conversations.write_turns, batch=batch,
-            claim_idle=claim_idle, fast=reader, spill_dir=spill_dir,
+            claim_idle=claim_idle, fast=reader, spill_dir=spill_dir, dead_tag=dead_tag,
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -622,6 +637,19 @@ class Memory:
                 keys=[window_key, seq_key, f"{window_key}:w", f"{window_key}:erased"], args=[ERASED_MARK_S]
             )
         return int(last or 0), int(sec) + int(usec) / 1e6
+
+    async def forget_many(self, tenant: str, agent_id: str, conversation_ids: list[str]) -> None:
+        """``forget_recent`` of several conversations of one agent (a retention's batch: in the
+        background, one short call after the other)."""
+        for conversation_id in conversation_ids:
+            await self.forget_recent(tenant, agent_id, conversation_id)
+
+    async def drop_dead_letters(self, tenant: str, conversations_of: list[tuple[str, str]]) -> int:
+        """Drops the memory dead letters (turns PostgreSQL refused, kept whole for a retry) of the
+        (agent id, conversation id) pairs; the number dropped."""
+        tags = {conversation_tag(tenant, agent_id, c) for agent_id, c in conversations_of}
+        async with asyncio.timeout(self._timeout * 30):
+            return await self.writer.drop_dead_tagged(tags)
 
     async def history(self, tenant: str | None, agent_id: str, external_id: str, limit: int = 100) -> list[dict]:
         """What PostgreSQL holds of the conversation: its last ``limit`` messages, oldest first

@@ -1,0 +1,393 @@
+"""Privacy s25: what an erased or expired conversation left behind, each reproduced before its fix —
+the words escalations and channel records kept past a retention, the memory dead letters, the
+Redis window a reload warmed just before a retention sweep, the learned examples never reviewed,
+the route that erased ``x/messages`` when asked for the messages of ``x``, and the erasure's scan
+of the agent's runs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+import uuid
+
+import asyncpg
+import openai
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from runtime import conversations
+from runtime.memory import MEMORY_STREAM, Memory, keys
+from runtime.types import Agent, MemorySettings
+from tests.conftest import Gateway, wait_until
+from tests.test_agents_e2e import config
+from tests.test_channels_vapi import admin as _admin
+from tests.test_channels_whatsapp import rows as _rows
+from tests.test_policies import new_key
+
+DEAD = f"{MEMORY_STREAM}:dead"
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, module_mock):
+    g = Gateway(tmp_root, config(module_mock), services)
+    yield g
+    g.stop()
+
+
+def _agent_with_key(gw: Gateway, tenant: str, **memory) -> tuple[str, str, str, str]:
+    admin_key = new_key(gw, tenant=tenant, scopes=["admin"])["key"]
+    chat_key = new_key(gw, tenant=tenant)["key"]
+    agent = f"bot-{uuid.uuid4().hex[:6]}"
+    body = {"name": agent, "model": "agent-model", "template": "You help.", "variables": {}}
+    if memory:
+        body["memory"] = memory
+    r = _admin(gw, "POST", "/admin/agents", admin_key, json=body)
+    assert r.status_code == 201, r.text
+    return agent, r.json()["id"], admin_key, chat_key
+
+
+def _stored(services, tenant: str, conv: str) -> int:
+    sql = """SELECT count(*) AS n FROM messages m JOIN conversations c ON c.id = m.conversation_id
+             WHERE c.tenant = $1 AND c.external_id = $2"""
+    return _rows(services[0], sql, tenant, conv)[0]["n"]
+
+
+def _redis(services, fn):
+    async def go():
+        r = aioredis.from_url(services[1])
+        try:
+            return await fn(r)
+        finally:
+            await r.aclose()
+
+    return asyncio.run(go())
+
+
+def _dead_letter(services, tenant: str, agent_id: str, conv: str, words: str) -> None:
+    """A turn PostgreSQL refuses (a prompt version that is no number) put in the memory stream:
+    the gateway's memory writer moves it to the dead letters, whole."""
+    record = {
+        "tenant": tenant,
+        "agent_id": agent_id,
+        "external_id": conv,
+        "request_id": f"r-{uuid.uuid4().hex[:8]}",
+        "prompt_version": "not-a-number",
+        "variant": None,
+        "ts": time.time(),
+        "messages": [{"role": "user", "content": words}],
+    }
+    _redis(services, lambda r: r.xadd(MEMORY_STREAM, {"r": orjson.dumps(record), "s": "1"}))
+
+
+def _dead_words(services, tenant: str) -> list[str]:
+    """The words of the tenant's memory dead letters (the test reads the whole dead stream)."""
+
+    async def read(r):
+        found = await r.xrange(DEAD)
+        out = []
+        for _, fields in found:
+            record = orjson.loads(fields[b"r"])
+            if record.get("tenant") == tenant:
+                out += [m["content"] for m in record["messages"]]
+        return out
+
+    return _redis(services, read)
+
+
+# ---- 1, 2, 5: retention clears what erasure clears, dead letters included ----------------------
+
+
+def _seed_conversation(conn, tenant: str, agent_id: str, conv: str, days_ago: int):
+    return conn.execute(
+        """WITH c AS (
+               INSERT INTO conversations (id, tenant, agent_id, external_id, created_at, last_at, turns)
+               VALUES ('conv_' || md5(random()::text), $1, $2, $3, now() - make_interval(days => $4),
+                       now() - make_interval(days => $4), 1) RETURNING id)
+           INSERT INTO messages (tenant, conversation_id, seq, role, content, created_at)
+           SELECT $1, c.id, 1, 'user', '{"role": "user", "content": "my card is 4111"}',
+                  now() - make_interval(days => $4) FROM c""",
+        tenant,
+        agent_id,
+        conv,
+        days_ago,
+    )
+
+
+def _seed_words(conn, tenant: str, agent_id: str, agent: str, conv: str, days_ago: int):
+    """The customer's words a second time: an escalation, a WhatsApp record, a call record, a
+    pending learned example, the WhatsApp profile name."""
+
+    async def go():
+        esc = f"esc_{uuid.uuid4().hex[:12]}"
+        at = f"now() - make_interval(days => {int(days_ago)})"
+        await conn.execute(
+            f"""INSERT INTO escalations (id, tenant, agent_id, agent, conversation_id, question, draft,
+                                         corrected_answer, context, status, outcome, sla_first_s, sla_resolve_s,
+                                         created_at, updated_at)
+                VALUES ($1, $2, $3, $4, $5, 'my card is 4111', 'your card 4111', 'ok 4111', '{{"v": "4111"}}',
+                        'resolved', 'answered', 60, 600, {at}, {at})""",
+            esc,
+            tenant,
+            agent_id,
+            agent,
+            conv,
+        )
+        await conn.execute(
+            f"""INSERT INTO learned_examples (id, tenant, agent_id, escalation_id, question, answer, created_at)
+                VALUES ($1, $2, $3, $4, 'my card is 4111', 'ok 4111', {at})""",
+            f"lex_{uuid.uuid4().hex[:12]}",
+            tenant,
+            agent_id,
+            esc,
+        )
+        await conn.execute(
+            f"""INSERT INTO whatsapp_messages (tenant, account, wamid, direction, conversation_id, wa_id, body,
+                                               status, created_at)
+                VALUES ($1, 'acct', $2, 'in', $3, '4477', 'my card is 4111', 'read', {at})""",
+            tenant,
+            f"wamid.{uuid.uuid4().hex}",
+            conv,
+        )
+        await conn.execute(
+            f"""INSERT INTO whatsapp_conversations (tenant, account, phone_number_id, wa_id, conversation_id, agent,
+                                                    profile_name, last_inbound_at)
+                VALUES ($1, 'acct', '1555', $2, $3, $4, 'Jane Customer', {at})""",
+            tenant,
+            uuid.uuid4().hex[:10],
+            conv,
+            agent,
+        )
+        await conn.execute(
+            f"""INSERT INTO vapi_calls (id, tenant, account, call_id, conversation_id, transcript, summary,
+                                        recording_url, status, cost_usd, created_at)
+                VALUES ($1, $2, 'acct', $3, $4, 'my card is 4111', 'card 4111', 'https://r.example/1.wav',
+                        'ended', 0.25, {at})""",
+            f"vcall_{uuid.uuid4().hex[:12]}",
+            tenant,
+            uuid.uuid4().hex[:10],
+            conv,
+        )
+
+    return go()
+
+
+_WORDS = """
+SELECT 'escalation' AS kind, conversation_id, concat_ws('|', question, draft, corrected_answer,
+       nullif(context::text, '{}')) AS words, status || '/' || outcome AS kept FROM escalations WHERE tenant = $1
+UNION ALL
+SELECT 'whatsapp', conversation_id, body, status FROM whatsapp_messages WHERE tenant = $1
+UNION ALL
+SELECT 'profile', conversation_id, profile_name, agent FROM whatsapp_conversations WHERE tenant = $1
+UNION ALL
+SELECT 'call', conversation_id, concat_ws('|', transcript, summary, recording_url), status || '/' || cost_usd
+FROM vapi_calls WHERE tenant = $1
+UNION ALL
+SELECT 'learned', e.conversation_id, l.question || '|' || l.answer, l.status
+FROM learned_examples l JOIN escalations e ON e.id = l.escalation_id WHERE l.tenant = $1
+"""
+
+
+def _words(services, tenant: str) -> dict[tuple[str, str], tuple[str | None, str | None]]:
+    return {
+        (r["kind"], r["conversation_id"]): (r["words"] or None, r["kept"]) for r in _rows(services[0], _WORDS, tenant)
+    }
+
+
+def _memory_run(services, body):
+    async def main():
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=4) as pool:
+            redis = aioredis.from_url(services[1])
+            memory = Memory(pool, redis)
+            await memory.start()
+            try:
+                return await body(memory, pool, redis)
+            finally:
+                await memory.stop()
+                await redis.aclose()
+
+    return asyncio.run(main())
+
+
+def test_retention_clears_the_words_escalations_channels_and_dead_letters_kept_as_erasure_does(gw, services):
+    """A conversation past its agent's retention lost its messages and feedback, but the
+    customer's words stayed in its escalations (question, draft, answer, context), its channel
+    records (a WhatsApp body, a call's transcript, summary and recording), the WhatsApp profile
+    name, the learned example never reviewed, and the memory dead letters — all of which the
+    erasure clears. The records stay (statuses, outcomes, costs); a recent conversation keeps all."""
+    from gateway.conversation_retention import sweep
+
+    tenant = f"ret-{uuid.uuid4().hex[:6]}"
+    agent, agent_id, _, _ = _agent_with_key(gw, tenant, retention_days=30, ttl_s=90 * 86400)
+    old, new = f"wa:1555:{uuid.uuid4().int % 10**9}", f"wa:1555:{uuid.uuid4().int % 10**9}"
+
+    async def seed():
+        conn = await asyncpg.connect(services[0])
+        try:
+            for conv, days in ((old, 31), (new, 1)):
+                await _seed_conversation(conn, tenant, agent_id, conv, days)
+                await _seed_words(conn, tenant, agent_id, agent, conv, days)
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    for conv in (old, new):
+        _dead_letter(services, tenant, agent_id, conv, f"dead words of {conv}")
+    wait_until(lambda: len(_dead_words(services, tenant)) == 2, what="the two dead letters")
+
+    assert _memory_run(services, lambda memory, pool, redis: sweep(pool, memory)) >= 1
+    words = _words(services, tenant)
+    assert {k: v for k, v in words.items() if k[1] == old} == {
+        ("escalation", old): (None, "resolved/answered"),
+        ("whatsapp", old): (None, "read"),
+        ("profile", old): (None, agent),
+        ("call", old): (None, "ended/0.25"),
+    }  # (the learned example never reviewed is gone)
+    assert all(w is not None for (_, conv), (w, _) in words.items() if conv == new) and len(words) == 9
+    assert _dead_words(services, tenant) == [f"dead words of {new}"]
+    assert _stored(services, tenant, old) == 0 and _stored(services, tenant, new) == 1
+
+
+def test_an_erasure_clears_dead_letters_learned_examples_and_the_profile_name(gw, services):
+    """The memory dead letters keep whole turns (until 10,000 newer ones push them out); a
+    pending learned example keeps the customer's question verbatim when no PII policy redacted
+    it; the WhatsApp conversation keeps the customer's profile name: an erasure left all three."""
+    tenant = f"erase-dl-{uuid.uuid4().hex[:6]}"
+    agent, agent_id, admin_key, _ = _agent_with_key(gw, tenant)
+    conv, other = f"wa:1555:{uuid.uuid4().int % 10**9}", f"wa:1555:{uuid.uuid4().int % 10**9}"
+
+    async def seed():
+        conn = await asyncpg.connect(services[0])
+        try:
+            for c in (conv, other):
+                await _seed_conversation(conn, tenant, agent_id, c, 0)
+                await _seed_words(conn, tenant, agent_id, agent, c, 0)
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    for c in (conv, other):
+        _dead_letter(services, tenant, agent_id, c, f"dead words of {c}")
+    wait_until(lambda: len(_dead_words(services, tenant)) == 2, what="the two dead letters")
+
+    r = _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{urllib.parse.quote(conv, safe='')}", admin_key)
+    assert r.status_code == 200, r.text
+    assert _dead_words(services, tenant) == [f"dead words of {other}"]
+    words = _words(services, tenant)
+    assert {k: v for k, v in words.items() if k[1] == conv} == {
+        ("escalation", conv): (None, "resolved/answered"),
+        ("whatsapp", conv): (None, "read"),
+        ("profile", conv): (None, agent),
+        ("call", conv): (None, "ended/0.25"),
+    }
+    assert all(w is not None for (_, c), (w, _) in words.items() if c == other) and len(words) == 9
+
+
+def test_a_reload_just_before_a_retention_sweep_does_not_keep_the_expired_window_in_redis(gw, services):
+    """A customer who writes again after the retention: the turn's load finds nothing in Redis
+    (the window's TTL is capped to the retention) and reads the old messages back from
+    PostgreSQL into Redis; the sweep then deleted them from PostgreSQL only, and the window in
+    Redis — the expired words — went on being sent to the model for another TTL."""
+    from gateway.conversation_retention import sweep
+
+    tenant = f"ret-rw-{uuid.uuid4().hex[:6]}"
+    _, agent_id, _, _ = _agent_with_key(gw, tenant, retention_days=30, ttl_s=30 * 86400)
+    agent = Agent(id=agent_id, tenant=tenant, name="x", model="agent-model", memory=MemorySettings(ttl_s=30 * 86400))
+    conv = f"c-{uuid.uuid4().hex[:6]}"
+
+    async def body(memory, pool, redis):
+        async with pool.acquire() as conn:
+            await _seed_conversation(conn, tenant, agent_id, conv, 31)
+        assert [m["content"] for m in await memory.load(tenant, agent, conv)] == ["my card is 4111"]
+        window_key, _ = keys(tenant, agent_id, conv)
+        assert await redis.exists(window_key) == 1  # warmed from PostgreSQL
+        await sweep(pool, memory)
+        assert await conversations.recent(pool, tenant, agent_id, conv, 10) == []
+        return await memory.load(tenant, agent, conv)
+
+    assert _memory_run(services, body) == []
+
+
+# ---- 3: the erasure's feedback lookup --------------------------------------------------------
+
+
+def test_the_erasures_feedback_lookup_uses_an_index_on_the_runs_conversation(services):
+    """The erasure deletes the feedback given on the conversation's turns, found through the
+    agent's runs: with no index on (tenant, agent_id, conversation_id) it read every run of the
+    agent (80 ms an erasure at a million runs). Both its statement and the retention's use it."""
+
+    async def go():
+        conn = await asyncpg.connect(services[0])
+        tenant = f"runs-{uuid.uuid4().hex[:6]}"
+        try:
+            await conn.execute(
+                """INSERT INTO runs (request_id, tenant, agent_id, conversation_id)
+                   SELECT 'req_' || md5(random()::text), $1, 'agt_x', 'c-' || (i % 5000)
+                   FROM generate_series(1, 20000) i""",
+                tenant,
+            )
+            await conn.execute("ANALYZE runs")
+            plan = await conn.fetch(f"EXPLAIN {conversations.DELETE_FEEDBACK}", tenant, ["agt_x"], ["c-7"])
+        finally:
+            await conn.execute("DELETE FROM runs WHERE tenant = $1", tenant)
+            await conn.close()
+        text = "\n".join(r[0] for r in plan)
+        assert "runs_tenant_agent_conversation" in text, text
+
+    asyncio.run(go())
+
+
+# ---- 4: which conversation a path names -----------------------------------------------------
+
+
+def test_delete_of_a_conversations_messages_path_never_erases_another_conversation(gw, services):
+    """``{conversation_id:path}`` takes the rest of the path, so ``DELETE …/conversations/x/messages``
+    erased (and answered 200 for) a conversation ``x/messages`` nobody had, leaving ``x`` whole,
+    while ``GET …/conversations/x/messages`` means the messages of ``x``; and ``GET …/x%2Fmessages``
+    (the conversation ``x/messages``, its slash encoded) answered the messages of ``x``. The rule
+    now: the id is the path after ``/conversations/``, percent-decoded; a literal final
+    ``/messages`` names the messages sub-resource; an id with ``/`` may encode it as %2F (one that
+    ends in ``/messages`` must)."""
+    tenant = f"paths-{uuid.uuid4().hex[:6]}"
+    agent, _, admin_key, chat_key = _agent_with_key(gw, tenant)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=chat_key, max_retries=0)
+    x, slashed, tail = (f"{p}-{uuid.uuid4().hex[:6]}" for p in ("x", "acme/cust", "y"))
+    tail = f"{tail}/messages"  # an id that itself ends in /messages
+    for conv in (x, slashed, tail):
+        client.chat.completions.create(
+            model=f"agent:{agent}", messages=[{"role": "user", "content": "hi"}], metadata={"conversation_id": conv}
+        )
+    for conv in (x, slashed, tail):
+        wait_until(lambda c=conv: _stored(services, tenant, c) == 2, what="the turns stored")
+    base = f"/admin/agents/{agent}/conversations"
+
+    r = _admin(gw, "DELETE", f"{base}/{x}/messages", admin_key)
+    assert r.status_code == 405, r.text
+    assert r.json()["error"]["param"] == "conversation_id"
+    assert _stored(services, tenant, x) == 2  # nothing erased
+    r = _admin(gw, "GET", f"{base}/{urllib.parse.quote(x + '/messages', safe='')}", admin_key)
+    assert r.status_code == 405, r.text  # the conversation "x/messages" has no GET: not x's messages
+
+    # an id with a slash: encoded or not, reading and erasing name the same conversation
+    for path in (f"{base}/{urllib.parse.quote(slashed, safe='')}/messages", f"{base}/{slashed}/messages"):
+        r = _admin(gw, "GET", path, admin_key)
+        assert r.status_code == 200 and [m["role"] for m in r.json()["data"]] == ["user", "assistant"], r.text
+    r = httpx_get(gw, f"/v1/agents/{agent}/conversations/{urllib.parse.quote(slashed, safe='')}/messages", chat_key)
+    assert r.status_code == 200, r.text  # the client's own read of it, too
+    assert r.json()["conversation_id"] == slashed and len(r.json()["data"]) == 2
+
+    encoded_tail = urllib.parse.quote(tail, safe="")
+    r = _admin(gw, "GET", f"{base}/{encoded_tail}/messages", admin_key)
+    assert r.status_code == 200 and len(r.json()["data"]) == 2, r.text
+    r = _admin(gw, "DELETE", f"{base}/{encoded_tail}", admin_key)
+    assert r.status_code == 200 and r.json()["conversation_id"] == tail and r.json()["messages"] == 2, r.text
+    assert _stored(services, tenant, tail) == 0 and _stored(services, tenant, x) == 2
+    r = _admin(gw, "DELETE", f"{base}/{slashed}", admin_key)  # (unencoded, as before)
+    assert r.status_code == 200 and r.json()["conversation_id"] == slashed and r.json()["messages"] == 2, r.text
+
+
+def httpx_get(gw: Gateway, path: str, key: str):
+    import httpx
+
+    return httpx.get(f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
