@@ -17,6 +17,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.db import migrate
 from runtime import conversations
 from runtime.memory import MEMORY_STREAM, Memory, keys
 from runtime.types import Agent, MemorySettings
@@ -315,10 +316,24 @@ def test_a_reload_just_before_a_retention_sweep_does_not_keep_the_expired_window
 def test_the_erasures_feedback_lookup_uses_an_index_on_the_runs_conversation(services):
     """The erasure deletes the feedback given on the conversation's turns, found through the
     agent's runs: with no index on (tenant, agent_id, conversation_id) it read every run of the
-    agent (80 ms an erasure at a million runs). Both its statement and the retention's use it."""
+    agent (86 ms an erasure at a million runs). Both its statement and the retention's use it."""
+    plan = _feedback_plan(services, feedback_rows=0)
+    assert "runs_tenant_agent_conversation" in plan, plan
 
+
+def test_the_erasures_feedback_delete_reads_no_more_than_the_conversations_feedback(services):
+    """``request_id IN (SELECT … FROM runs …)`` beside ``OR conversation_id = …`` is a hashed
+    subplan that no index serves: the delete read every feedback row of the tenant (a sequential
+    scan, 150 ms an erasure at a million rows, each conversation of a retention's batch alike).
+    As ``= ANY(ARRAY(SELECT …))`` the runs are read first and both feedback indexes are used."""
+    plan = _feedback_plan(services, feedback_rows=20000)
+    assert "Seq Scan on feedback" not in plan and "feedback_tenant_request" in plan, plan
+
+
+def _feedback_plan(services, feedback_rows: int) -> str:
     async def go():
         conn = await asyncpg.connect(services[0])
+        await migrate(conn)  # (run alone, before any gateway started)
         tenant = f"runs-{uuid.uuid4().hex[:6]}"
         try:
             await conn.execute(
@@ -327,15 +342,24 @@ def test_the_erasures_feedback_lookup_uses_an_index_on_the_runs_conversation(ser
                    FROM generate_series(1, 20000) i""",
                 tenant,
             )
+            await conn.execute(
+                """INSERT INTO feedback (tenant, request_id, conversation_id, agent_id, score)
+                   SELECT $1, CASE WHEN i % 2 = 0 THEN 'req_' || i END, CASE WHEN i % 2 = 1 THEN 'c-' || i END,
+                          'agt_x', 0.5
+                   FROM generate_series(1, $2) i""",
+                tenant,
+                feedback_rows,
+            )
             await conn.execute("ANALYZE runs")
+            await conn.execute("ANALYZE feedback")
             plan = await conn.fetch(f"EXPLAIN {conversations.DELETE_FEEDBACK}", tenant, ["agt_x"], ["c-7"])
         finally:
             await conn.execute("DELETE FROM runs WHERE tenant = $1", tenant)
+            await conn.execute("DELETE FROM feedback WHERE tenant = $1", tenant)
             await conn.close()
-        text = "\n".join(r[0] for r in plan)
-        assert "runs_tenant_agent_conversation" in text, text
+        return "\n".join(r[0] for r in plan)
 
-    asyncio.run(go())
+    return asyncio.run(go())
 
 
 # ---- 4: which conversation a path names -----------------------------------------------------
