@@ -415,3 +415,60 @@ def httpx_get(gw: Gateway, path: str, key: str):
     import httpx
 
     return httpx.get(f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+# ---- a turn in flight on another replica while its conversation is erased -------------------
+
+
+@pytest.fixture(scope="module")
+def gw2(tmp_root, services, module_mock, gw):
+    g = Gateway(tmp_root, config(module_mock), services)
+    yield g
+    g.stop()
+
+
+def test_a_turn_in_flight_on_another_replica_when_its_conversation_is_erased_is_not_stored(
+    gw, gw2, services, module_mock
+):
+    """A turn that loaded the conversation before the erasure (its window, its words) and answered
+    after it was stored: the customer's message sent before the erasure and an answer written
+    from the erased history were the conversation's first turn again, in Redis and
+    then PostgreSQL. A turn that began after the erasure is stored, as before."""
+    import concurrent.futures
+
+    tenant = f"inflight-{uuid.uuid4().hex[:6]}"
+    agent, _, admin_key, chat_key = _agent_with_key(gw, tenant)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=chat_key, max_retries=0)
+    conv = f"c-{uuid.uuid4().hex[:8]}"
+
+    def turn(words: str):
+        return client.chat.completions.create(
+            model=f"agent:{agent}", messages=[{"role": "user", "content": words}], metadata={"conversation_id": conv}
+        )
+
+    turn("my card is 4111")
+    marker = f"slow-{uuid.uuid4().hex[:6]}"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(turn, f'[[mock:{{"delay_ms": 1500}}]] {marker} what was my card?')
+        wait_until(
+            lambda: any(marker in str(q["body"]) for q in module_mock.requests()), what="the slow turn at the model"
+        )
+        r = _admin(gw2, "DELETE", f"/admin/agents/{agent}/conversations/{conv}", admin_key)  # the other replica
+        assert r.status_code == 200, r.text
+        slow.result()
+    sent = [q["body"]["messages"] for q in module_mock.requests() if marker in str(q["body"])]
+    assert "4111" in str(sent)  # (it was answered from the history since erased)
+
+    read = httpx_get(gw, f"/v1/agents/{agent}/conversations/{conv}/messages", chat_key)
+    assert read.status_code == 200 and read.json()["data"] == [], read.text  # not in Redis
+    turn("hello again")
+    stored = f"""SELECT m.content->>'content' AS words FROM messages m JOIN conversations c ON c.id = m.conversation_id
+                 WHERE c.tenant = '{tenant}' AND c.external_id = '{conv}' ORDER BY m.seq"""
+    wait_until(lambda: len(_rows(services[0], stored)) >= 2, what="the new turn in PostgreSQL")
+    words = [r["words"] for r in _rows(services[0], stored)]
+    assert len(words) == 2 and words[0] == "hello again" and marker not in str(words), words
+    turn("and again")  # (a turn that loaded the conversation after the erasure goes on from it)
+    wait_until(lambda: len(_rows(services[0], stored)) == 4, what="the next turn in PostgreSQL")
+    read = httpx_get(gw2, f"/v1/agents/{agent}/conversations/{conv}/messages", chat_key)
+    contents = [m["content"] for m in read.json()["data"]]
+    assert len(contents) == 4 and contents[0] == "hello again" and contents[2] == "and again", read.text
