@@ -1,6 +1,7 @@
 """``DELETE /admin/agents/{name}/conversations/{conversation_id}``: a conversation erased on
 request (a customer's right to erasure): its messages in PostgreSQL, its recent window in Redis,
-its memory dead letters (turns PostgreSQL refused), and the feedback given on it or on its turns.
+its memory dead letters (turns PostgreSQL refused), the answers kept to replay its turns
+(``Idempotency-Key``), and the feedback given on it or on its turns.
 Turns recorded up to the erasure that were still on their way to PostgreSQL (the memory stream, a
 spill on disk) are skipped when they arrive (``runtime.conversations.erase`` records the erasure,
 under the id's SHA-256 only). A turn that comes after it starts the conversation anew.
@@ -77,6 +78,9 @@ class ConversationAdmin:
                 await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
             # (after the commit: a turn the memory writer refused until then is among them)
             await self.svc.memory.drop_dead_letters(tenant, [(agent_id, conversation_id) for agent_id in agent_ids])
+            idempotency = getattr(self.admin.gateway, "idempotency", None)
+            if idempotency is not None:  # the answers kept to replay its turns (Idempotency-Key)
+                await idempotency.forget_conversation(tenant, name, conversation_id)
         except (RedisError, OSError, TimeoutError) as exc:
             raise ServiceUnavailable(
                 f"The conversation could not be erased just now ({type(exc).__name__}); erasing is safe to repeat."

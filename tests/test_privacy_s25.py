@@ -472,3 +472,44 @@ def test_a_turn_in_flight_on_another_replica_when_its_conversation_is_erased_is_
     read = httpx_get(gw2, f"/v1/agents/{agent}/conversations/{conv}/messages", chat_key)
     contents = [m["content"] for m in read.json()["data"]]
     assert len(contents) == 4 and contents[0] == "hello again" and contents[2] == "and again", read.text
+
+
+# ---- the idempotency cache ------------------------------------------------------------------
+
+
+def test_an_erasure_drops_the_conversations_answers_kept_for_idempotent_replays(gw, services):
+    """A turn sent with an Idempotency-Key (every WhatsApp turn is) keeps its whole answer in
+    Redis for ``server.idempotency_ttl_s`` (a day) to replay it: after the erasure, the same
+    request replayed the erased answer. Now the erasure drops the conversation's stored answers
+    (and their bytes from the tenant's count): the repeat is a new turn. Another conversation's
+    stays."""
+    tenant = f"erase-idem-{uuid.uuid4().hex[:6]}"
+    agent, _, admin_key, chat_key = _agent_with_key(gw, tenant)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=chat_key, max_retries=0)
+    conv, other = f"c-{uuid.uuid4().hex[:8]}", f"c-{uuid.uuid4().hex[:8]}"
+
+    def turn(c: str, key: str, via_header: bool = False):
+        extra = {"x-gateway-conversation": c} if via_header else {}
+        return client.chat.completions.with_raw_response.create(
+            model=f"agent:{agent}",
+            messages=[{"role": "user", "content": "my card is 4111"}],
+            metadata={} if via_header else {"conversation_id": c},
+            extra_headers={"Idempotency-Key": key, **extra},
+        )
+
+    keys_ = {(c, h): f"idem-{uuid.uuid4().hex[:8]}" for c in (conv, other) for h in (False, True)}
+    for (c, h), k in keys_.items():
+        assert turn(c, k, h).headers.get("x-gateway-idempotent-replay") is None
+    for (c, h), k in keys_.items():
+        assert turn(c, k, h).headers.get("x-gateway-idempotent-replay") == "true"  # stored
+    from gateway.idempotency import _tenant_key
+
+    counted = f"{_tenant_key(tenant)}:bytes"
+    before = int(_redis(services, lambda r: r.get(counted)))
+    r = _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{conv}", admin_key)
+    assert r.status_code == 200, r.text
+    after = int(_redis(services, lambda r: r.get(counted)))
+    assert 0 < after < before  # (the tenant's bound counts the answers still stored only)
+    for h in (False, True):
+        assert turn(conv, keys_[(conv, h)], h).headers.get("x-gateway-idempotent-replay") is None  # run again
+        assert turn(other, keys_[(other, h)], h).headers.get("x-gateway-idempotent-replay") == "true"
