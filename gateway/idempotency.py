@@ -165,8 +165,8 @@ def conversation_index(tenant: str, agent: str, conversation_id: str) -> str:
 
 def _agent_conversation(raw: bytes, scope: dict) -> tuple[str, str] | None:
     """(agent name, conversation id) of an agent turn's body (``model`` ``agent:<name>[@…]``, the
-    id in ``x-gateway-conversation`` or ``metadata.conversation_id``, as the agent stage reads
-    them), else None. Unchecked: it only names an index an erasure will look up."""
+    id in ``x-gateway-conversation`` (the last one sent) or ``metadata.conversation_id``, as the
+    agent stage reads them), else None. Unchecked: it only names an index an erasure will look up."""
     if b'"agent:' not in raw:
         return None
     try:
@@ -176,7 +176,7 @@ def _agent_conversation(raw: bytes, scope: dict) -> tuple[str, str] | None:
     model = body.get("model") if isinstance(body, dict) else None
     if not isinstance(model, str) or not model.startswith("agent:"):
         return None
-    header = next((v for k, v in scope["headers"] if k == b"x-gateway-conversation"), None)
+    header = {k: v for k, v in scope["headers"] if k == b"x-gateway-conversation"}.get(b"x-gateway-conversation")
     meta = body.get("metadata")
     conversation = (
         header.decode("latin-1") if header else meta.get("conversation_id") if isinstance(meta, dict) else None
