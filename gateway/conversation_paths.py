@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-from core.errors import InvalidRequest, MethodNotAllowed
+from core.errors import InvalidRequest, MethodNotAllowed, NotFound
 
 MESSAGES = "/messages"
 
@@ -47,7 +47,9 @@ def admin_conversation_id(scope: dict, path_params: dict, *, messages: bool) -> 
     if found is None:  # (a path not as the server received it: the route's own reading)
         conversation_id, sub = path_params["conversation_id"], messages
     else:
-        _, conversation_id, sub = found
+        name, conversation_id, sub = found
+        if name != path_params.get("name"):  # ("a%2Fconversations%2Fb": the router's name is "a")
+            raise NotFound(f"No agent named {name[:64]!r}.", param="name")
     if sub and not messages:
         raise MethodNotAllowed(
             "A conversation's messages are erased with the conversation: DELETE "

@@ -407,6 +407,9 @@ def test_delete_of_a_conversations_messages_path_never_erases_another_conversati
     r = _admin(gw, "DELETE", f"{base}/{encoded_tail}", admin_key)
     assert r.status_code == 200 and r.json()["conversation_id"] == tail and r.json()["messages"] == 2, r.text
     assert _stored(services, tenant, tail) == 0 and _stored(services, tenant, x) == 2
+    # a name whose encoded slashes make the router read another name and id: no agent of that name
+    odd = f"/admin/agents/{agent}%2Fconversations%2Fzz/conversations/{x}"
+    assert _admin(gw, "DELETE", odd, admin_key).status_code == 404 and _stored(services, tenant, x) == 2
     r = _admin(gw, "DELETE", f"{base}/{slashed}", admin_key)  # (unencoded, as before)
     assert r.status_code == 200 and r.json()["conversation_id"] == slashed and r.json()["messages"] == 2, r.text
 
