@@ -656,6 +656,20 @@ class Memory:
             last, sec, usec = await self._forget(keys=forget_keys, args=[ERASED_MARK_S, ERASED_SEQ_MIN_S])
         return int(last or 0), int(sec) + int(usec) / 1e6
 
+    async def erased_since(self, tenant: str, agent_id: str, conversation_id: str, seq: int | None) -> bool:
+        """Whether the conversation was erased after a turn loaded its window ending at ``seq``
+        (the window's ``Window.seq``; 0 or None: an empty or unknown window, never). Redis away:
+        False (what asks goes on as before the erasure existed)."""
+        if not seq:
+            return False
+        window_key, _ = keys(tenant, agent_id, conversation_id)
+        try:
+            async with asyncio.timeout(self._timeout):
+                erased = await self._redis.get(f"{window_key}:erased:seq")
+        except (RedisError, OSError, TimeoutError):
+            return False
+        return erased is not None and seq <= int(erased)
+
     async def forget_many(self, tenant: str, agent_id: str, conversation_ids: list[str]) -> None:
         """``forget_recent`` of several conversations of one agent (a retention's batch: in the
         background, one short call after the other)."""

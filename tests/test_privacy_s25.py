@@ -516,3 +516,48 @@ def test_an_erasure_drops_the_conversations_answers_kept_for_idempotent_replays(
     for h in (False, True):
         assert turn(conv, keys_[(conv, h)], h).headers.get("x-gateway-idempotent-replay") is None  # run again
         assert turn(other, keys_[(other, h)], h).headers.get("x-gateway-idempotent-replay") == "true"
+
+
+def test_a_turn_in_flight_when_its_conversation_is_erased_opens_no_escalation_with_its_words(
+    gw, gw2, services, module_mock
+):
+    """A low-confidence turn that loaded the conversation before its erasure and was scored after
+    it opened an escalation holding the customer's message and the AI's draft (and held the
+    conversation for a person): the words of the erased conversation, in the queue for good."""
+    import concurrent.futures
+
+    tenant = f"inflight-esc-{uuid.uuid4().hex[:6]}"
+    admin_key = new_key(gw, tenant=tenant, scopes=["admin"])["key"]
+    chat_key = new_key(gw, tenant=tenant)["key"]
+    agent = f"esc-{uuid.uuid4().hex[:6]}"
+    body = {
+        "name": agent,
+        "model": "agent-model",
+        "template": "You help.",
+        "variables": {},
+        "escalation": {"enabled": True, "threshold": 0.5, "logprobs": True},
+    }
+    assert _admin(gw, "POST", "/admin/agents", admin_key, json=body).status_code == 201
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=chat_key, max_retries=0)
+    conv = f"c-{uuid.uuid4().hex[:8]}"
+
+    def turn(words: str):
+        return client.chat.completions.with_raw_response.create(
+            model=f"agent:{agent}", messages=[{"role": "user", "content": words}], metadata={"conversation_id": conv}
+        )
+
+    turn("my card is 4111")
+    marker = f"slow-{uuid.uuid4().hex[:6]}"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(turn, f'[[mock:{{"delay_ms": 1500, "logprob": -2}}]] {marker} card 4111 lost')
+        wait_until(
+            lambda: any(marker in str(q["body"]) for q in module_mock.requests()), what="the slow turn at the model"
+        )
+        r = _admin(gw2, "DELETE", f"/admin/agents/{agent}/conversations/{conv}", admin_key)
+        assert r.status_code == 200, r.text
+        answered = slow.result()
+    opened = _rows(services[0], "SELECT question FROM escalations WHERE tenant = $1", tenant)
+    assert opened == [] and answered.headers.get("x-gateway-escalation") is None, opened
+    # (a low-confidence turn after the erasure escalates as ever)
+    later = turn('[[mock:{"logprob": -2}]] where is my parcel?')
+    assert later.headers.get("x-gateway-escalation"), later.headers
