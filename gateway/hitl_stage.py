@@ -321,6 +321,7 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
         "context": _bounded_context(turn, conf, signals),
         "sla_first_s": slas.first_response_s,
         "sla_resolve_s": slas.resolution_s,
+        "seq": seq,  # (a spooled one is not opened once the conversation was erased after this window)
     }
     trigger = conf.rule or "low_confidence"
     try:

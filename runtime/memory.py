@@ -467,6 +467,17 @@ def _next_window(base: Window | None, added: list[tuple[int, dict]], settings: M
     return [base.seq, body if len(body) <= MAX_WINDOW_BYTES else ""]
 
 
+async def erased_after(redis, tenant: str, agent_id: str, conversation_id: str, seq: object) -> bool:
+    """Whether the conversation was erased after a turn loaded its window ending at ``seq``
+    (``Window.seq``; 0, None or no number: an empty or unknown window, never): what the turn
+    brings (an escalation, a spooled one) would keep the erased conversation's words."""
+    if type(seq) is not int or seq <= 0:
+        return False
+    window_key, _ = keys(tenant, agent_id, conversation_id)
+    erased = await redis.get(f"{window_key}:erased:seq")
+    return erased is not None and seq <= int(erased)
+
+
 class Memory:
     def __init__(
         self,
@@ -657,18 +668,13 @@ class Memory:
         return int(last or 0), int(sec) + int(usec) / 1e6
 
     async def erased_since(self, tenant: str, agent_id: str, conversation_id: str, seq: int | None) -> bool:
-        """Whether the conversation was erased after a turn loaded its window ending at ``seq``
-        (the window's ``Window.seq``; 0 or None: an empty or unknown window, never). Redis away:
-        False (what asks goes on as before the erasure existed)."""
-        if not seq:
-            return False
-        window_key, _ = keys(tenant, agent_id, conversation_id)
+        """``erased_after`` (below) under this memory's timeout; Redis away: False (what asks
+        goes on as it did before erasures were known)."""
         try:
             async with asyncio.timeout(self._timeout):
-                erased = await self._redis.get(f"{window_key}:erased:seq")
+                return await erased_after(self._redis, tenant, agent_id, conversation_id, seq)
         except (RedisError, OSError, TimeoutError):
             return False
-        return erased is not None and seq <= int(erased)
 
     async def forget_many(self, tenant: str, agent_id: str, conversation_ids: list[str]) -> None:
         """``forget_recent`` of several conversations of one agent (a retention's batch: in the

@@ -561,3 +561,49 @@ def test_a_turn_in_flight_when_its_conversation_is_erased_opens_no_escalation_wi
     # (a low-confidence turn after the erasure escalates as ever)
     later = turn('[[mock:{"logprob": -2}]] where is my parcel?')
     assert later.headers.get("x-gateway-escalation"), later.headers
+
+
+def test_an_escalation_spooled_by_a_turn_that_loaded_an_erased_conversation_is_not_opened(services):
+    """An escalation PostgreSQL could not take on its turn waits in Redis for the sweeper; one
+    whose turn loaded the conversation before its erasure was opened after it, with the words.
+    (A private Redis database: no gateway's sweeper takes the spooled escalations.)"""
+    from runtime.hitl import held, sla
+
+    async def go():
+        redis = aioredis.from_url(f"{services[1]}?db=13")
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+            memory = Memory(pool, redis)
+            agent = Agent(
+                id=f"agt_{uuid.uuid4().hex[:12]}", tenant=f"spool-{uuid.uuid4().hex[:6]}", name="x", model="m"
+            )
+            erased, other = f"c-{uuid.uuid4().hex[:6]}", f"c-{uuid.uuid4().hex[:6]}"
+            turn = [{"role": "user", "content": "my card is 4111"}, {"role": "assistant", "content": "ok"}]
+            for conv in (erased, other):
+                await memory.append(agent.tenant, agent, conv, turn, request_id="r1", prompt_version=1, variant=None)
+            await memory.forget_recent(agent.tenant, agent.id, erased)  # the erasure
+            for conv in (erased, other):
+                esc = {
+                    "id": f"esc_{uuid.uuid4().hex[:12]}", "tenant": agent.tenant, "agent_id": agent.id,
+                    "agent": agent.name, "conversation_id": conv, "urgency": "normal", "base_priority": 0,
+                    "team": "support", "question": "my card is 4111", "draft": "your card", "seq": 2,
+                    "sla_first_s": 60, "sla_resolve_s": 600,
+                }  # fmt: skip
+                await held.spool(redis, esc)
+
+            async def emit(alert):
+                pass
+
+            sweeper = sla.Sweeper(pool, redis, held.Holds(redis), emit)
+            try:
+                await sweeper.open_spooled()
+                return await pool.fetch(
+                    "SELECT conversation_id FROM escalations WHERE tenant = $1 ORDER BY 1", agent.tenant
+                ), other
+            finally:
+                await redis.delete(held.PENDING_KEY)
+                await redis.aclose()
+
+    opened, other = asyncio.run(go())
+    assert [r["conversation_id"] for r in opened] == [other]
