@@ -78,6 +78,28 @@ redis.call('XDEL', KEYS[1], ARGV[1])
 return 1
 """
 
+# A page of dead letters: one entry at a time, until ARGV[2] entries or ARGV[3] bytes of fields read
+# (the entry that passes the budget included), each field sent cut to its first ARGV[4] bytes.
+# KEYS: dead. ARGV: the start ('-', or '(' and an id), most entries, byte budget, bytes kept of a
+# field. Returns {more (0: the stream ended), entries}.
+_DEAD_PAGE = """
+local out, read, start = {}, 0, ARGV[1]
+local limit, budget, cut = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+while #out < limit and read < budget do
+  local got = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1)
+  if #got == 0 then return {0, out} end
+  local flat, fields = got[1][2], {}
+  for i = 1, #flat, 2 do
+    read = read + #flat[i] + #flat[i + 1]
+    fields[i] = flat[i]
+    fields[i + 1] = string.sub(flat[i + 1], 1, cut)
+  end
+  out[#out + 1] = {got[1][1], fields}
+  start = '(' .. got[1][1]
+end
+return {1, out}
+"""
+
 # A dead letter of a writer that tags them (``dead_tag``): the record in ``<stream>:dead`` and, under
 # the same id, its tag alone in ``<stream>:dead:tags`` — both trimmed to the newest ARGV[1] exactly,
 # so they hold the same ids (the tags are what a search reads, never the records). KEYS: dead,
@@ -524,24 +546,19 @@ class StreamWriter:
         """The oldest dead letters first (after ``after``, an id): id, the error PostgreSQL gave
         (its SQLSTATE), the record's fields as text (each cut at ``DEAD_FIELD_CHARS``); and
         whether there may be more. A page stops after about ``DEAD_PAGE_BYTES`` of records read
-        (a memory dead letter is a whole turn): they are fetched a few at a time, as many as the
-        ones read so far say fit."""
+        (a memory dead letter is a whole turn), sized one by one in Redis (``_DEAD_PAGE``), which
+        sends each field already cut: this process never holds a whole large record."""
         start = "-" if after is None else f"({after}"
+        more, raw = await self._redis.eval(
+            _DEAD_PAGE, 1, f"{self.stream}:dead", start, limit, DEAD_PAGE_BYTES, DEAD_FIELD_CHARS * 4
+        )
         out: list[dict] = []
-        read, count = 0, 1
-        while len(out) < limit and read < DEAD_PAGE_BYTES:
-            found = await self._redis.xrange(f"{self.stream}:dead", min=start, count=min(count, limit - len(out)))
-            if not found:
-                return out, False
-            for entry_id, fields in found:
-                read += sum(len(k) + len(v) for k, v in fields.items())
-                text = {_text(k): _text(v[: DEAD_FIELD_CHARS * 4])[:DEAD_FIELD_CHARS] for k, v in fields.items()}
-                error = text.pop("error", None)
-                letter = {"id": _text(entry_id), "object": "stream.dead_letter", "error": error or None}
-                out.append({**letter, "record": text})
-            start = f"({_text(found[-1][0])}"
-            count = max(1, (DEAD_PAGE_BYTES - read) // max(1, read // len(out)))
-        return out, True
+        for entry_id, fields in entries(raw):
+            text = {_text(k): _text(v)[:DEAD_FIELD_CHARS] for k, v in fields.items()}
+            error = text.pop("error", None)
+            letter = {"id": _text(entry_id), "object": "stream.dead_letter", "error": error or None}
+            out.append({**letter, "record": text})
+        return out, bool(more)
 
     async def retry_dead(self, dead_id: str) -> bool:
         """Moves a dead letter back to the stream (after the cause is mended: a column widened, a

@@ -97,6 +97,18 @@ def _dead_words(services, tenant: str) -> list[str]:
     return _redis(services, read)
 
 
+def _drop_dead(services, tenant: str) -> None:
+    """The tenant's memory dead letters (and their tags) removed: other modules list the stream."""
+
+    async def drop(r):
+        for entry_id, fields in await r.xrange(DEAD):
+            if orjson.loads(fields[b"r"]).get("tenant") == tenant:
+                await r.xdel(DEAD, entry_id)
+                await r.xdel(f"{DEAD}:tags", entry_id)
+
+    _redis(services, drop)
+
+
 # ---- 1, 2, 5: retention clears what erasure clears, dead letters included ----------------------
 
 
@@ -248,6 +260,7 @@ def test_retention_clears_the_words_escalations_channels_and_dead_letters_kept_a
     assert all(w is not None for (_, conv), (w, _) in words.items() if conv == new) and len(words) == 9
     assert _dead_words(services, tenant) == [f"dead words of {new}"]
     assert _stored(services, tenant, old) == 0 and _stored(services, tenant, new) == 1
+    _drop_dead(services, tenant)
 
 
 def test_an_erasure_clears_dead_letters_learned_examples_and_the_profile_name(gw, services):
@@ -275,6 +288,7 @@ def test_an_erasure_clears_dead_letters_learned_examples_and_the_profile_name(gw
     r = _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{urllib.parse.quote(conv, safe='')}", admin_key)
     assert r.status_code == 200, r.text
     assert _dead_words(services, tenant) == [f"dead words of {other}"]
+    _drop_dead(services, tenant)
     words = _words(services, tenant)
     assert {k: v for k, v in words.items() if k[1] == conv} == {
         ("escalation", conv): (None, "resolved/answered"),
@@ -607,3 +621,39 @@ def test_an_escalation_spooled_by_a_turn_that_loaded_an_erased_conversation_is_n
 
     opened, other = asyncio.run(go())
     assert [r["conversation_id"] for r in opened] == [other]
+
+
+# ---- listing the memory dead letters --------------------------------------------------------
+
+
+def test_listing_dead_letters_after_small_ones_holds_a_bounded_part_of_the_large_ones(gw, services):
+    """A page of dead letters is fetched a few at a time, as many as the ones read so far say fit
+    in its 8 MB: after a few small turns (a few hundred bytes each: the average) that came to
+    thousands, and the next fetch took every large turn behind them at once (here 48 MB, in the
+    serving process). Now Redis sizes each entry before sending it and cuts its fields to what
+    the listing shows: the gateway holds a page's worth at most."""
+    import redis as syncredis
+
+    from tests.test_admin_streams import _peak_rss_kb
+
+    r = syncredis.Redis.from_url(services[1])
+    big = b'{"messages":[{"role":"user","content":"' + b"z" * (4 * 1024 * 1024) + b'"}]}'
+    ids = [r.xadd(DEAD, {"r": b'{"tenant":"small"}', "s": b"1", "error": b"22P02"}) for _ in range(3)]
+    ids += [r.xadd(DEAD, {"r": big, "s": b"1", "error": b"23514"}) for _ in range(12)]
+    try:
+        pid = gw.proc.pid
+        with open(f"/proc/{pid}/clear_refs", "w") as f:  # the peak (VmHWM) from here
+            f.write("5")
+        before = _peak_rss_kb(pid)
+        after = ids[0].decode()
+        got = _admin(gw, "GET", "/admin/streams/memory/dead-letters", params={"limit": 1000, "after": after})
+        assert got.status_code == 200, got.text
+        grew_mb = (_peak_rss_kb(pid) - before) / 1024
+        page = got.json()
+        assert [d["id"] for d in page["data"]][:2] == [i.decode() for i in ids[1:3]]
+        assert all(len(d["record"]["r"]) <= 4096 for d in page["data"]) and page["has_more"] is True
+        assert len(page["data"]) < 14
+        assert grew_mb < 40, f"the listing took {grew_mb:.0f} MB of the gateway's memory"
+    finally:
+        r.xdel(DEAD, *ids)
+        r.close()
