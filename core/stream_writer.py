@@ -310,6 +310,7 @@ class StreamWriter:
         # what a dead letter is found by (``drop_dead_tagged``): a writer whose records hold
         # what must be erasable (a conversation's turns) tags each one
         self._dead_tag = dead_tag
+        self._legacy: asyncio.Task | None = None
 
     async def start(self) -> None:
         try:
@@ -317,11 +318,15 @@ class StreamWriter:
         except (RedisError, OSError) as exc:  # Redis away for now: the loop creates it when back
             log.warning("%s: consumer group not created yet: %s", self.stream, exc)
         self._task = asyncio.create_task(self._run(), name=f"stream-writer {self.stream}")
+        if self._dead_tag is not None:
+            self._legacy = asyncio.create_task(self._tag_older_dead(), name=f"dead tags {self.stream}")
 
     async def stop(self, grace: float = 10.0) -> None:
         """Writes what this process appended and its own pending entries; gives up after
         ``grace`` seconds (what is left stays in the stream for another replica or the next start)."""
         self._stopping.set()
+        if self._legacy is not None:
+            await stop_task(self._legacy)
         if self._task is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._task), grace)
@@ -566,29 +571,65 @@ class StreamWriter:
         if not entry_id(dead_id):
             return False
         revived = bool(await self._redis.eval(_REVIVE, 2, f"{self.stream}:dead", self.stream, dead_id))
-        await self._redis.xdel(f"{self.stream}:dead:tags", dead_id)  # (back in the stream: untagged)
+        for tag_stream in (f"{self.stream}:dead:tags", f"{self.stream}:dead:tags0"):  # (back in the stream)
+            await self._redis.xdel(tag_stream, dead_id)
         return revived
 
     async def drop_dead(self, dead_id: str) -> bool:
         if not entry_id(dead_id):
             return False
-        await self._redis.xdel(f"{self.stream}:dead:tags", dead_id)
+        for tag_stream in (f"{self.stream}:dead:tags", f"{self.stream}:dead:tags0"):
+            await self._redis.xdel(tag_stream, dead_id)
         return bool(await self._redis.xdel(f"{self.stream}:dead", dead_id))
 
     async def drop_dead_tagged(self, tags: set[str]) -> int:
         """Drops the dead letters tagged with one of ``tags`` (``dead_tag``); the number dropped.
         Reads the tags only, ``_TAG_SCAN`` a call: at most ``DEAD_MAX / _TAG_SCAN`` short calls
-        whatever the records' sizes. Dead letters written before they were tagged are not found."""
+        whatever the records' sizes (and as many for an older release's, ``_tag_older_dead``)."""
         if not tags:
             return 0
-        keys = [f"{self.stream}:dead", f"{self.stream}:dead:tags"]
-        dropped, start = 0, "-"
-        while True:
-            n, last = await self._redis.eval(_DROP_TAGGED, 2, *keys, start, *sorted(tags))
-            dropped += int(n)
-            if not last:
-                return dropped
-            start = f"({_text(last)}"
+        dropped = 0
+        for tag_stream in (f"{self.stream}:dead:tags", f"{self.stream}:dead:tags0"):
+            start = "-"
+            while True:
+                n, last = await self._redis.eval(
+                    _DROP_TAGGED, 2, f"{self.stream}:dead", tag_stream, start, *sorted(tags)
+                )
+                dropped += int(n)
+                if not last:
+                    break
+                start = f"({_text(last)}"
+        return dropped
+
+    async def _tag_older_dead(self) -> None:
+        """Once per stream (any replica; resumed if it dies): the dead letters there before they
+        were tagged (an older release's) get their tags in ``<stream>:dead:tags0``, read a page
+        at a time with each field cut (``_DEAD_PAGE``: a record's first bytes name its
+        conversation), so an erasure finds them too."""
+        legacy = f"{self.stream}:dead:tags0"
+        try:
+            if await self._redis.exists(f"{legacy}:done"):
+                return
+            if not await self._redis.set(f"{legacy}:lock", self._name, nx=True, ex=600):
+                return  # another replica is at it
+            done = await self._redis.xrevrange(legacy, count=1)
+            start = f"({_text(done[0][0])}" if done else "-"
+            while not self._stopping.is_set():
+                more, raw = await self._redis.eval(
+                    _DEAD_PAGE, 1, f"{self.stream}:dead", start, 500, DEAD_PAGE_BYTES, 2048
+                )
+                found = entries(raw)
+                for entry_id, fields in found:
+                    await self._redis.xadd(legacy, {"t": self._dead_tag(fields) or ""}, id=entry_id)
+                if not more or not found:
+                    await self._redis.set(f"{legacy}:done", "1")
+                    break
+                start = f"({_text(found[-1][0])}"
+            await self._redis.delete(f"{legacy}:lock")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis away: the next start tries again
+            log.warning("%s: older dead letters not tagged yet: %s", self.stream, exc)
 
     async def _claim_stale(self) -> None:
         """Entries a dead consumer read but never acknowledged become ours (bounded like reads)."""

@@ -205,12 +205,19 @@ def keys(tenant: str, agent_id: str, conversation_id: str) -> tuple[str, str]:
 
 def dead_tag(record: dict) -> str | None:
     """The conversation of a turn the memory writer moved to the dead letters (its stream entry's
-    fields), by which an erasure or a retention finds it; None when the turn is unreadable."""
-    try:
-        turn = orjson.loads(record[b"r"])
-        return conversation_tag(turn["tenant"], turn["agent_id"], turn["external_id"])
-    except (KeyError, TypeError, orjson.JSONDecodeError):
+    fields), by which an erasure or a retention finds it; None when the turn is unreadable. The
+    record may come cut (``StreamWriter._tag_older_dead``): its conversation comes before its
+    messages (``append``'s record), so what precedes them is read alone then."""
+    raw = record.get(b"r")
+    if not isinstance(raw, bytes):
         return None
+    for text in (raw, raw.split(b',"messages":', 1)[0] + b"}"):
+        try:
+            turn = orjson.loads(text)
+            return conversation_tag(turn["tenant"], turn["agent_id"], turn["external_id"])
+        except (KeyError, TypeError, orjson.JSONDecodeError):
+            continue
+    return None
 
 
 def list_cap(settings: MemorySettings) -> int:

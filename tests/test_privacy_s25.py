@@ -657,3 +657,40 @@ def test_listing_dead_letters_after_small_ones_holds_a_bounded_part_of_the_large
     finally:
         r.xdel(DEAD, *ids)
         r.close()
+
+
+def test_dead_letters_written_before_they_were_tagged_are_found_by_an_erasure(services):
+    """The memory dead letters an older release wrote carry no tag: an erasure could not find
+    them. A writer tags them once (any replica, in the background), reading each record's first
+    bytes only."""
+    from core.stream_writer import StreamWriter
+    from runtime.memory import conversation_tag, dead_tag
+
+    stream = f"gw:{{gw}}:memory-test-{uuid.uuid4().hex[:8]}"
+
+    async def go():
+        r = aioredis.from_url(services[1])
+        try:
+            for conv, words in (("a", "my card is 4111"), ("a", "and 4112"), ("b", "keep me")):
+                record = {"tenant": "t", "agent_id": "agt", "external_id": conv, "request_id": "r",
+                          "prompt_version": 1, "variant": None, "ts": 1.0,
+                          "messages": [{"role": "user", "content": words + " " + "z" * 10000}]}  # fmt: skip
+                await r.xadd(f"{stream}:dead", {"r": orjson.dumps(record), "s": "1", "error": "22P02"})
+            writer = StreamWriter(r, None, stream=stream, group="g", write=None, dead_tag=dead_tag)
+            await writer.start()
+            try:
+                for _ in range(200):
+                    if await r.exists(f"{stream}:dead:tags0:done"):
+                        break
+                    await asyncio.sleep(0.05)
+                dropped = await writer.drop_dead_tagged({conversation_tag("t", "agt", "a")})
+            finally:
+                await writer.stop(grace=1)
+            left = [orjson.loads(f[b"r"])["external_id"] for _, f in await r.xrange(f"{stream}:dead")]
+            return dropped, left
+        finally:
+            await r.delete(stream, f"{stream}:dead", f"{stream}:dead:tags", f"{stream}:dead:tags0",
+                           f"{stream}:dead:tags0:done")  # fmt: skip
+            await r.aclose()
+
+    assert asyncio.run(go()) == (2, ["b"])
