@@ -5,7 +5,9 @@ transaction, and only then acknowledges and deletes the entries. A batch whose w
 pending and is read again; entries pending on a consumer that died (SIGKILL) are claimed by a
 live one after ``claim_idle`` seconds. A record PostgreSQL refuses (bad data, a constraint) is
 written alone and, refused again, moved to ``<stream>:dead`` so it cannot hold back the rest
-(the newest ``DEAD_MAX`` kept; ``gateway_dead_letters_total`` counts them). While PostgreSQL is
+(the newest ``DEAD_MAX`` kept; ``gateway_dead_letters_total`` counts them). A writer whose records
+must stay erasable (conversation turns) tags its dead letters (``dead_tag``), and
+``drop_dead_tagged`` drops those of some tags, reading the tags alone. While PostgreSQL is
 away, a stream longer than ``spill_after`` entries, or taking more than ``spill_bytes`` of Redis's
 memory, is moved to local disk (``core.stream_spill``) and written from there once PostgreSQL is
 back.
@@ -74,6 +76,59 @@ if #fields == 0 then fields = {'error', ''} end
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('XDEL', KEYS[1], ARGV[1])
 return 1
+"""
+
+# A page of dead letters: one entry at a time, until ARGV[2] entries or ARGV[3] bytes of fields read
+# (the entry that passes the budget included), each field sent cut to its first ARGV[4] bytes.
+# KEYS: dead. ARGV: the start ('-', or '(' and an id), most entries, byte budget, bytes kept of a
+# field. Returns {more (0: the stream ended), entries}.
+_DEAD_PAGE = """
+local out, read, start = {}, 0, ARGV[1]
+local limit, budget, cut = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+while #out < limit and read < budget do
+  local got = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1)
+  if #got == 0 then return {0, out} end
+  local flat, fields = got[1][2], {}
+  for i = 1, #flat, 2 do
+    read = read + #flat[i] + #flat[i + 1]
+    fields[i] = flat[i]
+    fields[i + 1] = string.sub(flat[i + 1], 1, cut)
+  end
+  out[#out + 1] = {got[1][1], fields}
+  start = '(' .. got[1][1]
+end
+return {1, out}
+"""
+
+# A dead letter of a writer that tags them (``dead_tag``): the record in ``<stream>:dead`` and, under
+# the same id, its tag alone in ``<stream>:dead:tags`` — both trimmed to the newest ARGV[1] exactly,
+# so they hold the same ids (the tags are what a search reads, never the records). KEYS: dead,
+# tags. ARGV: most kept, the tag ('' none), then the record's fields and values.
+_DEAD_TAGGED = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', unpack(ARGV, 3))
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], id, 't', ARGV[2])
+return id
+"""
+
+# The dead letters of some tags dropped, ``_TAG_SCAN`` tags read per call (small entries: a call
+# takes well under a millisecond whatever the records' sizes). KEYS: dead, tags. ARGV: the
+# start ('-', or '(' and the last id read), then the tags. Returns {dropped, the last id read
+# ('' when the scan is complete)}.
+_TAG_SCAN = 1000
+_DROP_TAGGED = f"""
+local wanted = {{}}
+for i = 2, #ARGV do wanted[ARGV[i]] = true end
+local got = redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', {_TAG_SCAN})
+local dropped = 0
+for _, entry in ipairs(got) do
+  local fields = entry[2]
+  if fields and fields[2] and wanted[fields[2]] then
+    dropped = dropped + redis.call('XDEL', KEYS[1], entry[1])
+    redis.call('XDEL', KEYS[2], entry[1])
+  end
+end
+if #got < {_TAG_SCAN} then return {{dropped, ''}} end
+return {{dropped, got[#got][1]}}
 """
 
 # Shared by the scripts: ``take(got)`` adds a reply's entries to ``out``, counting their field
@@ -226,6 +281,7 @@ class StreamWriter:
         spill_to: Callable[[list[dict]], None] | None = None,
         spill_after: int = SPILL_AFTER,
         spill_bytes: int = SPILL_BYTES,
+        dead_tag: Callable[[dict], str | None] | None = None,
     ) -> None:
         self._redis = redis
         self._fast = fast
@@ -251,6 +307,10 @@ class StreamWriter:
         self._spill_to = spill_to or (self._spill.append if self._spill is not None else None)
         self._spill_after = spill_after
         self._spill_bytes = spill_bytes
+        # what a dead letter is found by (``drop_dead_tagged``): a writer whose records hold
+        # what must be erasable (a conversation's turns) tags each one
+        self._dead_tag = dead_tag
+        self._legacy: asyncio.Task | None = None
 
     async def start(self) -> None:
         try:
@@ -258,11 +318,15 @@ class StreamWriter:
         except (RedisError, OSError) as exc:  # Redis away for now: the loop creates it when back
             log.warning("%s: consumer group not created yet: %s", self.stream, exc)
         self._task = asyncio.create_task(self._run(), name=f"stream-writer {self.stream}")
+        if self._dead_tag is not None:
+            self._legacy = asyncio.create_task(self._tag_older_dead(), name=f"dead tags {self.stream}")
 
     async def stop(self, grace: float = 10.0) -> None:
         """Writes what this process appended and its own pending entries; gives up after
         ``grace`` seconds (what is left stays in the stream for another replica or the next start)."""
         self._stopping.set()
+        if self._legacy is not None:
+            await stop_task(self._legacy)
         if self._task is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._task), grace)
@@ -455,12 +519,13 @@ class StreamWriter:
         for record, sqlstate in await write_or_isolate(self._write_batch, records):
             log.error("%s: record refused by PostgreSQL (%s), moved to %s:dead", self.stream, sqlstate, self.stream)
             DEAD_LETTERS.labels(self.stream).inc()
-            await self._redis.xadd(
-                f"{self.stream}:dead",
-                {**self.dead_record(record), b"error": sqlstate},
-                maxlen=DEAD_MAX,
-                approximate=True,
-            )
+            fields = {**self.dead_record(record), b"error": sqlstate}
+            if self._dead_tag is None:
+                await self._redis.xadd(f"{self.stream}:dead", fields, maxlen=DEAD_MAX, approximate=True)
+                continue
+            flat = [part for pair in fields.items() for part in pair]
+            keys = [f"{self.stream}:dead", f"{self.stream}:dead:tags"]
+            await self._redis.eval(_DEAD_TAGGED, 2, *keys, DEAD_MAX, self._dead_tag(record) or "", *flat)
 
     async def _write_batch(self, records: list[dict]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -486,36 +551,85 @@ class StreamWriter:
         """The oldest dead letters first (after ``after``, an id): id, the error PostgreSQL gave
         (its SQLSTATE), the record's fields as text (each cut at ``DEAD_FIELD_CHARS``); and
         whether there may be more. A page stops after about ``DEAD_PAGE_BYTES`` of records read
-        (a memory dead letter is a whole turn): they are fetched a few at a time, as many as the
-        ones read so far say fit."""
+        (a memory dead letter is a whole turn), sized one by one in Redis (``_DEAD_PAGE``), which
+        sends each field already cut: this process never holds a whole large record."""
         start = "-" if after is None else f"({after}"
+        more, raw = await self._redis.eval(
+            _DEAD_PAGE, 1, f"{self.stream}:dead", start, limit, DEAD_PAGE_BYTES, DEAD_FIELD_CHARS * 4
+        )
         out: list[dict] = []
-        read, count = 0, 1
-        while len(out) < limit and read < DEAD_PAGE_BYTES:
-            found = await self._redis.xrange(f"{self.stream}:dead", min=start, count=min(count, limit - len(out)))
-            if not found:
-                return out, False
-            for entry_id, fields in found:
-                read += sum(len(k) + len(v) for k, v in fields.items())
-                text = {_text(k): _text(v[: DEAD_FIELD_CHARS * 4])[:DEAD_FIELD_CHARS] for k, v in fields.items()}
-                error = text.pop("error", None)
-                letter = {"id": _text(entry_id), "object": "stream.dead_letter", "error": error or None}
-                out.append({**letter, "record": text})
-            start = f"({_text(found[-1][0])}"
-            count = max(1, (DEAD_PAGE_BYTES - read) // max(1, read // len(out)))
-        return out, True
+        for entry_id, fields in entries(raw):
+            text = {_text(k): _text(v)[:DEAD_FIELD_CHARS] for k, v in fields.items()}
+            error = text.pop("error", None)
+            letter = {"id": _text(entry_id), "object": "stream.dead_letter", "error": error or None}
+            out.append({**letter, "record": text})
+        return out, bool(more)
 
     async def retry_dead(self, dead_id: str) -> bool:
         """Moves a dead letter back to the stream (after the cause is mended: a column widened, a
         constraint changed), where the writer takes it as any entry; False if there is none."""
         if not entry_id(dead_id):
             return False
-        return bool(await self._redis.eval(_REVIVE, 2, f"{self.stream}:dead", self.stream, dead_id))
+        revived = bool(await self._redis.eval(_REVIVE, 2, f"{self.stream}:dead", self.stream, dead_id))
+        for tag_stream in (f"{self.stream}:dead:tags", f"{self.stream}:dead:tags0"):  # (back in the stream)
+            await self._redis.xdel(tag_stream, dead_id)
+        return revived
 
     async def drop_dead(self, dead_id: str) -> bool:
         if not entry_id(dead_id):
             return False
+        for tag_stream in (f"{self.stream}:dead:tags", f"{self.stream}:dead:tags0"):
+            await self._redis.xdel(tag_stream, dead_id)
         return bool(await self._redis.xdel(f"{self.stream}:dead", dead_id))
+
+    async def drop_dead_tagged(self, tags: set[str]) -> int:
+        """Drops the dead letters tagged with one of ``tags`` (``dead_tag``); the number dropped.
+        Reads the tags only, ``_TAG_SCAN`` a call: at most ``DEAD_MAX / _TAG_SCAN`` short calls
+        whatever the records' sizes (and as many for an older release's, ``_tag_older_dead``)."""
+        if not tags:
+            return 0
+        dropped = 0
+        for tag_stream in (f"{self.stream}:dead:tags", f"{self.stream}:dead:tags0"):
+            start = "-"
+            while True:
+                n, last = await self._redis.eval(
+                    _DROP_TAGGED, 2, f"{self.stream}:dead", tag_stream, start, *sorted(tags)
+                )
+                dropped += int(n)
+                if not last:
+                    break
+                start = f"({_text(last)}"
+        return dropped
+
+    async def _tag_older_dead(self) -> None:
+        """Once per stream (any replica; resumed if it dies): the dead letters there before they
+        were tagged (an older release's) get their tags in ``<stream>:dead:tags0``, read a page
+        at a time with each field cut (``_DEAD_PAGE``: a record's first bytes name its
+        conversation), so an erasure finds them too."""
+        legacy = f"{self.stream}:dead:tags0"
+        try:
+            if await self._redis.exists(f"{legacy}:done"):
+                return
+            if not await self._redis.set(f"{legacy}:lock", self._name, nx=True, ex=600):
+                return  # another replica is at it
+            done = await self._redis.xrevrange(legacy, count=1)
+            start = f"({_text(done[0][0])}" if done else "-"
+            while not self._stopping.is_set():
+                more, raw = await self._redis.eval(
+                    _DEAD_PAGE, 1, f"{self.stream}:dead", start, 500, DEAD_PAGE_BYTES, 2048
+                )
+                found = entries(raw)
+                for entry_id, fields in found:
+                    await self._redis.xadd(legacy, {"t": self._dead_tag(fields) or ""}, id=entry_id)
+                if not more or not found:
+                    await self._redis.set(f"{legacy}:done", "1")
+                    break
+                start = f"({_text(found[-1][0])}"
+            await self._redis.delete(f"{legacy}:lock")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis away: the next start tries again
+            log.warning("%s: older dead letters not tagged yet: %s", self.stream, exc)
 
     async def _claim_stale(self) -> None:
         """Entries a dead consumer read but never acknowledged become ours (bounded like reads)."""

@@ -1,20 +1,25 @@
 """``DELETE /admin/agents/{name}/conversations/{conversation_id}``: a conversation erased on
 request (a customer's right to erasure): its messages in PostgreSQL, its recent window in Redis,
-and the feedback given on it or on its turns. Turns recorded up to the erasure that were still
-on their way to PostgreSQL (the memory stream, a spill on disk) are skipped when they arrive
-(``runtime.conversations.erase`` records the erasure, under the id's SHA-256 only). A turn that
-comes after it starts the conversation anew.
+its memory dead letters (turns PostgreSQL refused), the answers kept to replay its turns
+(``Idempotency-Key``), and the feedback given on it or on its turns.
+Turns recorded up to the erasure that were still on their way to PostgreSQL (the memory stream, a
+spill on disk) are skipped when they arrive (``runtime.conversations.erase`` records the erasure,
+under the id's SHA-256 only). A turn that comes after it starts the conversation anew.
 
-A channel's records of the conversation (``whatsapp_messages``, ``vapi_calls``) stay, for their
-delivery statuses, durations and costs, but lose the words they kept (a message's body; a call's
-transcript, summary and recording link).
-
-Its escalations stay too (their lifecycle, SLAs and outcome) without the words they kept (the
-customer's question, the AI's draft, the person's answer, the context shown).
+The copies of its words are cleared with it (``runtime.conversations.forget_copies``, which the
+retention shares): a channel's records of the conversation (``whatsapp_messages``,
+``whatsapp_conversations``, ``vapi_calls``) stay, for their delivery statuses, durations and
+costs, but lose the words they kept (a message's body, the customer's profile name; a call's
+transcript, summary and recording link); its escalations stay too (their lifecycle, SLAs and
+outcome) without the words they kept (the customer's question, the AI's draft, the person's
+answer, the context shown); the learned examples drawn from them that nobody approved are deleted.
 
 Left as they are: the audit ledger (tokens and cost, never content), run records (sizes and
-durations, never content) and learned examples (curated, redacted for learning: delete them
-through their own routes).
+durations, never content) and approved learned examples (curated by a reviewer, redacted for
+learning, indexed as the agent's knowledge: reject them through their own route).
+
+The id is the path after ``/conversations/``, percent-decoded (``gateway.conversation_paths``):
+``DELETE …/x/messages`` is refused (405), never the erasure of a conversation ``x/messages``.
 
 Who may: the tenant's admin keys for its agents (tenant-scoped like every admin route), the
 super-admin for any (``?tenant=`` when names clash). The agent may have been deleted since (its
@@ -30,6 +35,7 @@ from starlette.routing import Route
 
 from core.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
+from gateway import conversation_paths
 from gateway.db import tenant_transaction
 from runtime import agents as agents_store
 from runtime import conversations
@@ -49,9 +55,7 @@ class ConversationAdmin:
         return [Route("/admin/agents/{name}/conversations/{conversation_id:path}", self.erase, methods=["DELETE"])]
 
     async def erase(self, request: Request) -> Response:
-        conversation_id = request.path_params["conversation_id"]
-        if not 0 < len(conversation_id) <= 256 or "\x00" in conversation_id:
-            raise InvalidRequest("'conversation_id' is 1 to 256 characters.", param="conversation_id")
+        conversation_id = conversation_paths.admin_conversation_id(request.scope, request.path_params, messages=False)
         if self.svc.memory is None:
             raise ServiceUnavailable("Conversation memory is not enabled on this gateway.")
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
@@ -65,15 +69,18 @@ class ConversationAdmin:
             forgot = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
                 # (the copies first: the erasure proper holds up the tenant's memory writes to its commit)
-                await _erase_channel_content(conn, tenant, conversation_id)
-                await _erase_escalation_content(conn, tenant, agent_ids, conversation_id)
+                feedback = await conversations.forget_copies(conn, tenant, agent_ids, [conversation_id])
                 for agent_id, (handed_out, at) in zip(agent_ids, forgot, strict=True):
-                    gone = await conversations.erase(conn, tenant, agent_id, conversation_id, at)
+                    gone = await conversations.erase(conn, tenant, agent_id, conversation_id, at, copies=False)
                     # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
                     messages += max(gone["messages"], handed_out)
-                    feedback += gone["feedback"]
             for agent_id in agent_ids:
                 await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
+            # (after the commit: a turn the memory writer refused until then is among them)
+            await self.svc.memory.drop_dead_letters(tenant, [(agent_id, conversation_id) for agent_id in agent_ids])
+            idempotency = getattr(self.admin.gateway, "idempotency", None)
+            if idempotency is not None:  # the answers kept to replay its turns (Idempotency-Key)
+                await idempotency.forget_conversation(tenant, name, conversation_id)
         except (RedisError, OSError, TimeoutError) as exc:
             raise ServiceUnavailable(
                 f"The conversation could not be erased just now ({type(exc).__name__}); erasing is safe to repeat."
@@ -120,36 +127,6 @@ async def _agents_named(request: Request, conn) -> tuple[str, str, list[str]]:
             code="too_many_agents",
         )
     return name, rows[0]["tenant"], [r["id"] for r in rows]
-
-
-async def _erase_channel_content(conn, tenant: str, conversation_id: str) -> None:
-    """The words a channel kept of the conversation (its records stay: statuses, costs)."""
-    await conn.execute(
-        """UPDATE whatsapp_messages SET body = NULL, updated_at = now()
-           WHERE tenant = $1 AND conversation_id = $2 AND body IS NOT NULL""",
-        tenant,
-        conversation_id,
-    )
-    await conn.execute(
-        """UPDATE vapi_calls SET transcript = NULL, summary = NULL, recording_url = NULL, updated_at = now()
-           WHERE tenant = $1 AND conversation_id = $2
-             AND (transcript IS NOT NULL OR summary IS NOT NULL OR recording_url IS NOT NULL)""",
-        tenant,
-        conversation_id,
-    )
-
-
-async def _erase_escalation_content(conn, tenant: str, agent_ids: list[str], conversation_id: str) -> None:
-    """The words the conversation's escalations kept (the customer's question, the AI's draft, the
-    person's answer, the context shown): the escalations stay, with their lifecycle and SLAs."""
-    await conn.execute(
-        """UPDATE escalations SET question = NULL, draft = NULL, corrected_answer = NULL, context = '{}'::jsonb,
-                  updated_at = now()
-           WHERE tenant = $1 AND agent_id = ANY($2::text[]) AND conversation_id = $3""",
-        tenant,
-        agent_ids,
-        conversation_id,
-    )
 
 
 def routes(admin) -> list[Route]:

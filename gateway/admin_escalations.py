@@ -33,7 +33,7 @@ from core import http
 from core.errors import GatewayError, InvalidRequest, NotFound, RateLimited, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
-from gateway import hitl_service, hitl_stage
+from gateway import conversation_paths, hitl_service, hitl_stage
 from gateway.db import tenant_transaction
 from runtime import agents as agent_store
 from runtime.delivery import Outbound
@@ -452,9 +452,7 @@ class EscalationAdmin:
     async def messages(self, request: Request) -> Response:
         """A conversation's messages, the people's replies included (``name: "human"``): how a
         REST client's operator reads what was said while a person held it."""
-        conversation_id = request.path_params["conversation_id"]
-        if not 0 < len(conversation_id) <= 256 or "\x00" in conversation_id:
-            raise InvalidRequest("'conversation_id' is 1 to 256 characters.", param="conversation_id")
+        conversation_id = conversation_paths.admin_conversation_id(request.scope, request.path_params, messages=True)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             agent = await self._agent(request, conn)
             row = await conn.fetchrow(

@@ -5,7 +5,8 @@ their dead letters (super-admin only: records of every tenant).
   (``pending``) and dead letters.
 - ``GET /admin/streams/{stream}/dead-letters?limit=&after=``: records PostgreSQL refused (a value
   beyond its column, a constraint), oldest first, with the SQLSTATE it gave. The ledger's keep no
-  message content; memory's keep the turn.
+  message content; memory's keep the turn (until its conversation is erased or expires: they
+  are tagged by conversation, ``core.stream_writer.drop_dead_tagged``).
 - ``POST /admin/streams/{stream}/dead-letters/{id}/retry``: back into the stream once the cause
   is mended (written as any entry; refused again, it is a dead letter again).
 - ``DELETE /admin/streams/{stream}/dead-letters/{id}``: dropped.

@@ -2,9 +2,13 @@
 
 An agent's ``memory.retention_days`` (0, the default: kept for good) deletes each of its
 conversations once it has been silent that long — the conversation row, every message of it
-(by cascade) and the feedback given on it or its turns. Its recent window in Redis is gone by
-then: an agent with a retention keeps its window at most that long (``memory.ttl_s`` is capped
-to it). Archived agents' conversations are held to their setting too.
+(by cascade), its memory dead letters, and the copies of its words an erasure clears too
+(``runtime.conversations.forget_copies``: the feedback on it or its turns; its escalations',
+channel records' and unapproved learned examples' words — what is older than the retention).
+Its recent window in Redis is dropped as well: an agent with a retention keeps its window at most
+that long (``memory.ttl_s`` is capped to it), but a customer who writes again just before the
+sweep has the old messages read back from PostgreSQL into Redis. Archived agents' conversations
+are held to their setting too.
 
 Every replica runs it, every ``GATEWAY_RETENTION_SWEEP_INTERVAL`` seconds (default 3600):
 idempotent (a deleted conversation is no longer a candidate), and replicas do not repeat each
@@ -22,6 +26,8 @@ import asyncpg
 from core.background import Periodic
 from core.env import env_float
 from gateway.db import tenant_transaction
+from runtime import conversations
+from runtime.memory import Memory
 
 log = logging.getLogger("gateway.agents")
 
@@ -37,22 +43,10 @@ WHERE jsonb_typeof(settings -> 'memory' -> 'retention_days') = 'number'
 ORDER BY tenant, id
 """
 
-_DELETE = f"""
-WITH old AS (
-    SELECT id, external_id FROM conversations
-    WHERE tenant = $1 AND agent_id = $2 AND last_at < now() - make_interval(days => $3)
-    ORDER BY last_at LIMIT {BATCH} FOR UPDATE SKIP LOCKED
-), feedback_gone AS (
-    DELETE FROM feedback f
-    WHERE f.tenant = $1 AND (f.agent_id = $2 OR f.agent_id IS NULL)
-      AND (f.conversation_id IN (SELECT external_id FROM old)
-           OR f.request_id IN (SELECT r.request_id FROM runs r
-                               WHERE r.tenant = $1 AND r.agent_id = $2
-                                 AND r.conversation_id IN (SELECT external_id FROM old)))
-), gone AS (
-    DELETE FROM conversations c USING old WHERE c.id = old.id AND c.tenant = $1 RETURNING 1
-)
-SELECT count(*) FROM gone
+_OLD = f"""
+SELECT id, external_id, now() - make_interval(days => $3) AS cutoff FROM conversations
+WHERE tenant = $1 AND agent_id = $2 AND last_at < now() - make_interval(days => $3)
+ORDER BY last_at LIMIT {BATCH} FOR UPDATE SKIP LOCKED
 """
 
 
@@ -60,16 +54,16 @@ def interval() -> float:
     return env_float(INTERVAL_ENV, DEFAULT_INTERVAL) or DEFAULT_INTERVAL
 
 
-async def sweep(pool: asyncpg.Pool) -> int:
-    """One sweep over every agent with a retention: the number of conversations deleted."""
+async def sweep(pool: asyncpg.Pool, memory: Memory | None = None) -> int:
+    """One sweep over every agent with a retention: the number of conversations deleted.
+    ``memory``: their windows in Redis and memory dead letters go too."""
     async with tenant_transaction(pool, None) as conn:
         agents = await conn.fetch(_AGENTS)
     total = 0
     for agent in agents:
         deleted = 0
         for _ in range(MAX_BATCHES):
-            async with tenant_transaction(pool, agent["tenant"]) as conn:
-                n = await conn.fetchval(_DELETE, agent["tenant"], agent["id"], agent["days"])
+            n = await _delete_batch(pool, memory, agent["tenant"], agent["id"], agent["days"])
             deleted += n
             if n < BATCH:
                 break
@@ -82,10 +76,31 @@ async def sweep(pool: asyncpg.Pool) -> int:
     return total
 
 
+async def _delete_batch(pool: asyncpg.Pool, memory: Memory | None, tenant: str, agent_id: str, days: int) -> int:
+    """Up to ``BATCH`` conversations of the agent past its retention, in one transaction: Redis
+    first (a reload that read PostgreSQL before the commit does not warm the window again: the
+    erased mark), then the copies of their words, then the rows. Redis away: nothing is deleted
+    (the next sweep tries again)."""
+    async with tenant_transaction(pool, tenant) as conn:
+        old = await conn.fetch(_OLD, tenant, agent_id, days)
+        if not old:
+            return 0
+        ids = [r["external_id"] for r in old]
+        if memory is not None:
+            await memory.forget_many(tenant, agent_id, ids)
+            await memory.drop_dead_letters(tenant, [(agent_id, c) for c in ids])
+        await conversations.forget_copies(conn, tenant, [agent_id], ids, before=old[0]["cutoff"])
+        await conn.execute(
+            "DELETE FROM conversations WHERE tenant = $1 AND id = ANY($2::text[])", tenant, [r["id"] for r in old]
+        )
+    return len(old)
+
+
 class RetentionSweeper(Periodic):
-    def __init__(self, pool: asyncpg.Pool, every: float | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, every: float | None = None, memory: Memory | None = None) -> None:
         self.pool = pool
+        self.memory = memory
         super().__init__("conversation-retention", every or interval(), self._sweep, log)
 
     async def _sweep(self) -> None:
-        await sweep(self.pool)
+        await sweep(self.pool, self.memory)

@@ -15,13 +15,16 @@ conversation id, not on the key). Ids a customer's number makes guessable (``wa:
 ``vapi:…``) are reserved to the channel accounts' own keys (``agent_stage.check_conversation_owner``).
 
 What it shows is what the client saw: the agent's server-side tool steps are left out.
+
+The conversation id is read as the admin routes read it (``gateway.conversation_paths``): the path
+between ``/conversations/`` and the final ``/messages``, percent-decoded.
 """
 
 from __future__ import annotations
 
 from core import http
 from core.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
-from gateway import agent_stage, key_window
+from gateway import agent_stage, conversation_paths, key_window
 from runtime.hitl import settings as hitl_settings
 from runtime.tools import agent_tools
 
@@ -34,10 +37,10 @@ def matches(path: str) -> bool:
 
 async def messages(svc, scope, send, rid: str, crid: str | None) -> None:
     ident = await svc.auth.authenticate_scope(scope)
-    parts = scope["path"][len(PREFIX) :].split("/")
-    if len(parts) != 4 or parts[1] != "conversations" or parts[3] != "messages":
+    found = conversation_paths.split(scope, PREFIX)  # (an id with a '/': sent as is or as %2F)
+    if found is None or not found[2] or "/" in found[0]:
         raise ModelNotFound("Unknown path; use /v1/agents/{name}/conversations/{conversation_id}/messages.")
-    name, conversation_id = parts[0], parts[2]
+    name, conversation_id, _ = found
     if not agent_stage._CONVERSATION.match(conversation_id):
         raise InvalidRequest("'conversation_id' must be 1 to 256 visible ASCII characters.", param="conversation_id")
     agent_stage.check_conversation_owner(svc, ident, conversation_id)

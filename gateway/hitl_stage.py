@@ -285,6 +285,13 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
     turn = ctx.agent
     agent = turn.agent
     hitl = svc.hitl
+    memory = getattr(svc, "memory", None)
+    seq = getattr(turn.history, "seq", None)
+    if memory is not None and await memory.erased_since(agent.tenant, agent.id, turn.conversation_id, seq):
+        # loaded before the conversation was erased: an escalation would keep its words (the
+        # customer's message, the draft) and hold it for a person; the turn's answer goes out
+        log.info("no escalation for agent %s: its conversation was erased during the turn", agent.name)
+        return None
     settings = hitl_settings.of(agent)
     tier_name = hitl.config.tier_variable
     tier = turn.variables.get(tier_name)
@@ -314,6 +321,7 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
         "context": _bounded_context(turn, conf, signals),
         "sla_first_s": slas.first_response_s,
         "sla_resolve_s": slas.resolution_s,
+        "seq": seq,  # (a spooled one is not opened once the conversation was erased after this window)
     }
     trigger = conf.rule or "low_confidence"
     try:

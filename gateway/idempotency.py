@@ -68,7 +68,8 @@ _outcomes = _Children(OUTCOMES)
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _RELEASE_SHA = hashlib.sha1(_RELEASE.encode()).hexdigest()
 # KEYS: the key, the tenant's index of stored answers (a sorted set: "<bytes>:<key>" scored by
-# its expiry on Redis's clock), the tenant's byte count. ARGV: the marker this request set, the
+# its expiry on Redis's clock), the tenant's byte count, optionally the agent conversation's index
+# (a set of the same members, for its erasure: ``forget_conversation``). ARGV: the marker this request set, the
 # answer, its ttl, the tenant's byte bound.
 # Stores the answer while the key holds the marker, or nothing (the claim expired and no one took
 # it: the answer is still the only one): a request that outlived its claim
@@ -122,9 +123,67 @@ redis.call('ZADD', KEYS[2], now + ttl, member)
 keep(KEYS[2])
 redis.call('SET', KEYS[3], used, 'KEEPTTL')
 keep(KEYS[3])
+if KEYS[4] then
+  redis.call('SADD', KEYS[4], member)
+  keep(KEYS[4])
+end
 return evicted
 """
 _STORE_SHA = hashlib.sha1(_STORE.encode()).hexdigest()
+
+# An agent conversation erased: its stored answers deleted, and their bytes taken off the
+# tenant's count. KEYS: the conversation's index, the tenant's index, the tenant's byte count.
+# Returns the number of answers deleted.
+_FORGET_CONVERSATION = """
+local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+local dropped = 0
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local prefix = string.match(member, '^%d+:')
+  if prefix then
+    local key = string.sub(member, #prefix + 1)
+    if redis.call('ZREM', KEYS[2], member) == 1 then used = used - tonumber(string.sub(prefix, 1, -2)) end
+    if redis.call('GETRANGE', key, 0, 0) == 'D' then dropped = dropped + redis.call('DEL', key) end
+  end
+end
+if used < 0 then used = 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('SET', KEYS[3], used, 'KEEPTTL') end
+redis.call('DEL', KEYS[1])
+return dropped
+"""
+_FORGET_CONVERSATION_SHA = hashlib.sha1(_FORGET_CONVERSATION.encode()).hexdigest()
+
+
+def _tenant_key(tenant: str) -> str:
+    return "gw:{gw}:idem-tenant:" + hashlib.sha256(tenant.encode()).hexdigest()[:32]
+
+
+def conversation_index(tenant: str, agent: str, conversation_id: str) -> str:
+    """The set of an agent conversation's stored answers (hashed: the id is the caller's)."""
+    digest = hashlib.sha256(f"{tenant}\0{agent}\0{conversation_id}".encode("utf-8", "surrogatepass")).hexdigest()
+    return "gw:{gw}:idem-conv:" + digest[:32]
+
+
+def _agent_conversation(raw: bytes, scope: dict) -> tuple[str, str] | None:
+    """(agent name, conversation id) of an agent turn's body (``model`` ``agent:<name>[@…]``, the
+    id in ``x-gateway-conversation`` (the last one sent) or ``metadata.conversation_id``, as the
+    agent stage reads them), else None. Unchecked: it only names an index an erasure will look up."""
+    if b'"agent:' not in raw:
+        return None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    model = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model, str) or not model.startswith("agent:"):
+        return None
+    header = {k: v for k, v in scope["headers"] if k == b"x-gateway-conversation"}.get(b"x-gateway-conversation")
+    meta = body.get("metadata")
+    conversation = (
+        header.decode("latin-1") if header else meta.get("conversation_id") if isinstance(meta, dict) else None
+    )
+    if not isinstance(conversation, str) or not conversation:
+        return None
+    return model[len("agent:") :].partition("@")[0], conversation
 
 
 class KeyInUse(GatewayError):
@@ -205,7 +264,9 @@ class Idempotency:
         raw = await http.read_body(scope, receive, svc.config.server.max_body_bytes)
         digest = _body_digest(raw, scope)
         key = "gw:{gw}:idem:" + hashlib.sha256(ident.key_id.encode() + b"\0" + value).hexdigest()
-        tenant = "gw:{gw}:idem-tenant:" + hashlib.sha256(ident.tenant.encode()).hexdigest()[:32]
+        tenant = _tenant_key(ident.tenant)
+        turn = _agent_conversation(raw, scope)
+        index = conversation_index(ident.tenant, *turn) if turn is not None else None
         marker = b"P" + orjson.dumps({"h": digest, "t": secrets.token_hex(8)})
         lock = max(1, int(self._config.idempotency_lock_s))
         try:
@@ -226,7 +287,7 @@ class Idempotency:
                 return {"type": "http.request", "body": raw, "more_body": False}
             return await receive()
 
-        recorder = _Recorder(self, key, tenant, marker, send)
+        recorder = _Recorder(self, key, tenant, marker, send, index)
         try:
             await pipeline(replay_receive, recorder.send)
         except BaseException:
@@ -264,7 +325,16 @@ class Idempotency:
         await send({"type": "http.response.body", "body": body})
 
     async def _store(
-        self, key: str, tenant: str, marker: bytes, digest: str, status: int, headers: list, stream: bool, body: bytes
+        self,
+        key: str,
+        tenant: str,
+        marker: bytes,
+        digest: str,
+        status: int,
+        headers: list,
+        stream: bool,
+        body: bytes,
+        index: str | None = None,
     ) -> None:
         meta = {
             "h": digest,
@@ -274,7 +344,11 @@ class Idempotency:
         }
         value = b"D" + orjson.dumps(meta) + b"\n" + body
         ttl = max(1, int(self._config.idempotency_ttl_s))
-        keys = (3, key, tenant + ":index", tenant + ":bytes")
+        keys = (
+            (3, key, tenant + ":index", tenant + ":bytes")
+            if index is None
+            else (4, key, tenant + ":index", tenant + ":bytes", index)
+        )
         args = (marker, value, ttl, int(self._config.idempotency_max_bytes_per_tenant) or 2**53)  # 0: no bound
         try:
             stored = await self._redis.run_script(_STORE, _STORE_SHA, *keys, *args)
@@ -294,6 +368,15 @@ class Idempotency:
             _outcomes.get("evicted").inc(stored)
         _outcomes.get("stored").inc()
 
+    async def forget_conversation(self, tenant: str, agent: str, conversation_id: str) -> int:
+        """Deletes the answers stored for replays of an agent conversation's turns (its erasure);
+        the number deleted. A turn in flight stores its answer when it ends."""
+        keys = (
+            conversation_index(tenant, agent, conversation_id),
+            *(_tenant_key(tenant) + s for s in (":index", ":bytes")),
+        )
+        return int(await self._redis.run_script(_FORGET_CONVERSATION, _FORGET_CONVERSATION_SHA, 3, *keys) or 0)
+
     async def _release(self, key: str, marker: bytes) -> None:
         _outcomes.get("released").inc()
         try:
@@ -306,11 +389,12 @@ class _Recorder:
     """Passes the response through, keeping a copy; at its last message stores it (2xx, complete,
     small enough) or releases the key, before the client gets that last message."""
 
-    def __init__(self, owner: Idempotency, key: str, tenant: str, marker: bytes, send) -> None:
+    def __init__(self, owner: Idempotency, key: str, tenant: str, marker: bytes, send, index: str | None = None):
         self.owner = owner
         self.key = key
         self.tenant = tenant
         self.marker = marker
+        self.index = index  # the agent conversation's index of stored answers (None: not an agent turn)
         self._send = send
         self.status = 0
         self.headers: list = []
@@ -342,7 +426,7 @@ class _Recorder:
         if ok:
             digest = orjson.loads(self.marker[1:])["h"]
             await self.owner._store(
-                self.key, self.tenant, self.marker, digest, self.status, self.headers, self.stream, body
+                self.key, self.tenant, self.marker, digest, self.status, self.headers, self.stream, body, self.index
             )
         else:
             await self.owner._release(self.key, self.marker)

@@ -147,7 +147,7 @@ class Services:
             await kb.start()
         expiry = ExpirySweeper(pool, settings.data_dir.resolve())
         expiry.start()
-        retention = RetentionSweeper(pool)
+        retention = RetentionSweeper(pool, memory=memory)
         retention.start()
         hitl = await hitl_service.start(
             settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder

@@ -116,26 +116,85 @@ def external_hash(external_id: str) -> str:
     return hashlib.sha256(external_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-async def erase(conn: asyncpg.Connection, tenant: str, agent_id: str, external_id: str, erased_at: float) -> dict:
-    """Deletes the conversation and every message of it, and the feedback given on it (by its
-    id, or on one of its turns), inside the caller's transaction; and records the erasure, so
-    turns recorded up to ``erased_at`` (unix seconds, Redis's clock, as turns are stamped)
-    that are still on their way to PostgreSQL are skipped when they arrive. What was deleted:
-    ``{"conversation": bool, "messages": n, "feedback": n}``."""
-    feedback = await conn.fetchval(
-        """WITH gone AS (
-               DELETE FROM feedback f
-               WHERE f.tenant = $1 AND (f.agent_id = $2 OR f.agent_id IS NULL)
-                 AND (f.conversation_id = $3
-                      OR f.request_id IN (SELECT request_id FROM runs
-                                          WHERE tenant = $1 AND agent_id = $2 AND conversation_id = $3))
-               RETURNING 1)
-           SELECT count(*) FROM gone""",
-        tenant,
-        agent_id,
-        external_id,
-    )
-    # (the memory writer waits for this lock: taken once the slow part, the feedback, is done)
+# The copies of a conversation's words kept beside its messages, cleared by an erasure and by a
+# retention (``forget_copies``): the feedback given on it (by its id, or on one of its turns:
+# found through its runs, by index) is deleted; its escalations keep their lifecycle, SLAs and
+# outcome without the words (the customer's question, the AI's draft, the person's answer, the
+# context shown); the learned examples drawn from them that nobody approved (pending, rejected:
+# the customer's words, redacted only when a PII policy found something) are deleted; a channel's
+# records keep their statuses, durations and costs without the words (a WhatsApp message's body,
+# the customer's profile name; a call's transcript, summary and recording link). The feedback
+# goes whole; the rest, given a time (a retention's cutoff), only what is older: a turn of the
+# same id in flight while a retention runs keeps what it brought.
+# $1 tenant, $2 the agents' ids, $3 the conversations' ids (the caller's). The turns' request ids
+# are read first, as an array (an index on the runs, then both feedback indexes): ``IN (SELECT …)``
+# beside the ``OR`` was a hashed subplan that read every feedback row of the tenant.
+DELETE_FEEDBACK = """
+WITH gone AS (
+    DELETE FROM feedback f
+    WHERE f.tenant = $1 AND (f.agent_id = ANY($2::text[]) OR f.agent_id IS NULL)
+      AND (f.conversation_id = ANY($3::text[])
+           OR f.request_id = ANY(ARRAY(SELECT r.request_id FROM runs r
+                                       WHERE r.tenant = $1 AND r.agent_id = ANY($2::text[])
+                                         AND r.conversation_id = ANY($3::text[]))))
+    RETURNING 1)
+SELECT count(*) FROM gone
+"""
+# ($1 tenant, $2 the agents' ids, $3 the conversations' ids, $4 a time or NULL)
+_CLEAR_AGENTS_COPIES = (
+    """DELETE FROM learned_examples l USING escalations e
+       WHERE l.tenant = $1 AND l.status <> 'approved' AND e.id = l.escalation_id AND e.tenant = $1
+         AND e.agent_id = ANY($2::text[]) AND e.conversation_id = ANY($3::text[])
+         AND ($4::timestamptz IS NULL OR e.created_at < $4)""",
+    """UPDATE escalations SET question = NULL, draft = NULL, corrected_answer = NULL, context = '{}'::jsonb,
+              updated_at = now()
+       WHERE tenant = $1 AND agent_id = ANY($2::text[]) AND conversation_id = ANY($3::text[])
+         AND ($4::timestamptz IS NULL OR created_at < $4)
+         AND (question IS NOT NULL OR draft IS NOT NULL OR corrected_answer IS NOT NULL OR context <> '{}'::jsonb)""",
+)
+# (a channel's records are the tenant's conversation's, whichever agent answered it: $1 tenant,
+# $2 the conversations' ids, $3 a time or NULL)
+_CLEAR_CHANNEL_COPIES = (
+    """UPDATE whatsapp_messages SET body = NULL, updated_at = now()
+       WHERE tenant = $1 AND conversation_id = ANY($2::text[]) AND body IS NOT NULL
+         AND ($3::timestamptz IS NULL OR created_at < $3)""",
+    """UPDATE whatsapp_conversations SET profile_name = NULL, updated_at = now()
+       WHERE tenant = $1 AND conversation_id = ANY($2::text[]) AND profile_name IS NOT NULL
+         AND ($3::timestamptz IS NULL OR coalesce(last_inbound_at, created_at) < $3)""",
+    """UPDATE vapi_calls SET transcript = NULL, summary = NULL, recording_url = NULL, updated_at = now()
+       WHERE tenant = $1 AND conversation_id = ANY($2::text[])
+         AND (transcript IS NOT NULL OR summary IS NOT NULL OR recording_url IS NOT NULL)
+         AND ($3::timestamptz IS NULL OR created_at < $3)""",
+)
+
+
+async def forget_copies(
+    conn: asyncpg.Connection, tenant: str, agent_ids: list[str], external_ids: list[str], before=None
+) -> int:
+    """Clears the copies of the conversations' words (``DELETE_FEEDBACK``, above) inside the
+    caller's transaction; ``before`` (a datetime): the records beside the feedback only when
+    older. The number of feedback
+    deleted. One implementation for the erasure and the retention."""
+    feedback = await conn.fetchval(DELETE_FEEDBACK, tenant, agent_ids, external_ids)
+    for statement in _CLEAR_AGENTS_COPIES:
+        await conn.execute(statement, tenant, agent_ids, external_ids, before)
+    for statement in _CLEAR_CHANNEL_COPIES:
+        await conn.execute(statement, tenant, external_ids, before)
+    return int(feedback)
+
+
+async def erase(
+    conn: asyncpg.Connection, tenant: str, agent_id: str, external_id: str, erased_at: float, *, copies: bool = True
+) -> dict:
+    """Deletes the conversation and every message of it, and clears the copies of its words
+    (``forget_copies``: feedback, escalations, learned examples, channel records), inside the
+    caller's transaction; and records the erasure, so turns recorded up to ``erased_at`` (unix
+    seconds, Redis's clock, as turns are stamped) that are still on their way to PostgreSQL are
+    skipped when they arrive. What was deleted: ``{"conversation": bool, "messages": n, "feedback": n}``.
+    ``copies=False``: the caller cleared the copies already (``forget_copies``, for all the
+    agents it erases the conversation of, before the first erasure's lock)."""
+    feedback = await forget_copies(conn, tenant, [agent_id], [external_id]) if copies else 0
+    # (the memory writer waits for this lock: taken once the slow part, the copies, is done)
     await conn.execute(_LOCK_ERASURE, tenant)
     await conn.execute(
         """INSERT INTO erased_conversations (tenant, agent_id, external_hash, erased_at)
@@ -159,7 +218,7 @@ async def erase(conn: asyncpg.Connection, tenant: str, agent_id: str, external_i
             "SELECT count(*) FROM messages WHERE conversation_id = $1 AND tenant = $2", row["id"], tenant
         )
         await conn.execute("DELETE FROM conversations WHERE id = $1 AND tenant = $2", row["id"], tenant)  # (cascade)
-    return {"conversation": row is not None, "messages": int(messages), "feedback": int(feedback)}
+    return {"conversation": row is not None, "messages": int(messages), "feedback": feedback}
 
 
 async def recent(

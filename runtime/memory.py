@@ -59,19 +59,27 @@ MAX_APPEND = 256  # messages stored by one turn
 MAX_WINDOW_BYTES = 256 * 1024  # a larger window is not stored whole: loads cut the list instead
 SEQ_GRACE_S = 86_400  # the seq counter outlives the window by this much
 ERASED_MARK_S = 60  # an erased conversation's window is not re-warmed from a read older than this
+ERASED_SEQ_MIN_S = 3600  # a turn that loaded an erased conversation is not stored for at least this long
 _KEPT = ("role", "content", "name", "tool_calls", "tool_call_id", "refusal")
 _NOT_STORED = ("system", "developer")
 
 # Number, push, trim, refresh, queue for PostgreSQL and store the new window, in one step.
-# KEYS: list, seq, stream, stored window. ARGV: ttl, seq ttl, cap, the turn's stream record, the
+# KEYS: list, seq, stream, stored window, the last seq erased. ARGV: ttl, seq ttl, cap, the turn's stream record, the
 # seq the turn's window was loaded at ('' unknown), the new window after its "n" ('' none), the
 # lowest seq the conversation may have reached ('' unknown), then (tokens, message JSON) pairs.
 # A seq is never handed out twice: a counter gone (evicted, or expired after the list) starts
 # again from the list's last seq, else from the floor; with neither the script stores nothing
 # and answers -1, and the caller asks PostgreSQL for the floor (messages.seq is unique there, so
 # a reused seq would drop the message).
+# A turn whose window held messages of the conversation up to its erasure (its floor at most the
+# last seq erased: it loaded the conversation before the erasure and answered after it) stores
+# nothing and answers -2: the customer's words sent before the erasure, and an answer written
+# from the erased history, are not the erased conversation's first turn again. Seqs go on after
+# an erasure (the counter stays), so the turns after it are told apart from those before it.
 _APPEND = """
 local n = (#ARGV - 7) / 2
+local erased = tonumber(redis.call('GET', KEYS[5]) or '0')
+if erased > 0 and ARGV[7] ~= '' and tonumber(ARGV[7]) > 0 and tonumber(ARGV[7]) <= erased then return -2 end
 local prev = redis.call('LINDEX', KEYS[1], -1)
 local prev_seq = '0'
 if prev then prev_seq = string.match(prev, '^{"s":(%d+)') or '' end
@@ -79,7 +87,7 @@ if not redis.call('GET', KEYS[2]) then
   if prev and prev_seq ~= '' then
     redis.call('SET', KEYS[2], prev_seq)
   elseif ARGV[7] ~= '' then
-    redis.call('SET', KEYS[2], ARGV[7])
+    redis.call('SET', KEYS[2], math.max(tonumber(ARGV[7]), erased))
   else
     return -1
   end
@@ -145,17 +153,24 @@ return pushed
 """
 
 
-# An erasure: the counter's value and Redis's clock, then the window, counter and stored window
-# gone, and the mark that keeps a reload begun before it from warming them again. KEYS: window,
-# seq, stored window, mark. ARGV: the mark's ttl. The clock is the one ``_APPEND`` stamps each
-# turn's stream entry with (``t``): the erasure and the turns it skips are compared on one clock,
-# whatever the gateways' clocks say.
+# An erasure: the messages handed out since the previous erasure and Redis's clock, then the
+# window and stored window gone, the mark that keeps a reload begun before it from warming them
+# again, and the last seq erased (``_APPEND`` stores no turn that loaded up to it; kept as long as
+# the counter, which stays: seqs go on). KEYS: window, seq, stored window, mark, last seq erased.
+# ARGV: the mark's ttl, the least ttl of the last seq erased. The clock is the one ``_APPEND``
+# stamps each turn's stream entry with (``t``): the erasure and the turns it skips are compared on
+# one clock, whatever the gateways' clocks say.
 _FORGET = """
-local last = redis.call('GET', KEYS[2])
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+local before = tonumber(redis.call('GET', KEYS[5]) or '0')
 local now = redis.call('TIME')
 redis.call('SET', KEYS[4], '1', 'EX', ARGV[1])
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-return {last or '0', now[1], now[2]}
+redis.call('DEL', KEYS[1], KEYS[3])
+if last > 0 then
+  redis.call('SET', KEYS[5], string.format('%d', math.max(last, before)), 'EX',
+             math.max(tonumber(ARGV[2]), redis.call('TTL', KEYS[2])))
+end
+return {string.format('%d', math.max(last - before, 0)), now[1], now[2]}
 """
 
 
@@ -176,11 +191,33 @@ def check_conversation_id(conversation_id: object, param: str = "metadata.conver
     return conversation_id
 
 
+def conversation_tag(tenant: str, agent_id: str, conversation_id: str) -> str:
+    """One conversation, hashed (the caller's id is any text, and may be personal data)."""
+    return hashlib.blake2b(f"{tenant}\x00{agent_id}\x00{conversation_id}".encode(), digest_size=16).hexdigest()
+
+
 def keys(tenant: str, agent_id: str, conversation_id: str) -> tuple[str, str]:
     """The window list and seq counter of one conversation. Hashed: the caller's id is any text.
     (The stored window is the list's key and ``:w``.)"""
-    digest = hashlib.blake2b(f"{tenant}\x00{agent_id}\x00{conversation_id}".encode(), digest_size=16).hexdigest()
+    digest = conversation_tag(tenant, agent_id, conversation_id)
     return f"gw:{{gw}}:mem:{digest}", f"gw:{{gw}}:mem:{digest}:seq"
+
+
+def dead_tag(record: dict) -> str | None:
+    """The conversation of a turn the memory writer moved to the dead letters (its stream entry's
+    fields), by which an erasure or a retention finds it; None when the turn is unreadable. The
+    record may come cut (``StreamWriter._tag_older_dead``): its conversation comes before its
+    messages (``append``'s record), so what precedes them is read alone then."""
+    raw = record.get(b"r")
+    if not isinstance(raw, bytes):
+        return None
+    for text in (raw, raw.split(b',"messages":', 1)[0] + b"}"):
+        try:
+            turn = orjson.loads(text)
+            return conversation_tag(turn["tenant"], turn["agent_id"], turn["external_id"])
+        except (KeyError, TypeError, orjson.JSONDecodeError):
+            continue
+    return None
 
 
 def list_cap(settings: MemorySettings) -> int:
@@ -437,6 +474,17 @@ def _next_window(base: Window | None, added: list[tuple[int, dict]], settings: M
     return [base.seq, body if len(body) <= MAX_WINDOW_BYTES else ""]
 
 
+async def erased_after(redis, tenant: str, agent_id: str, conversation_id: str, seq: object) -> bool:
+    """Whether the conversation was erased after a turn loaded its window ending at ``seq``
+    (``Window.seq``; 0, None or no number: an empty or unknown window, never): what the turn
+    brings (an escalation, a spooled one) would keep the erased conversation's words."""
+    if type(seq) is not int or seq <= 0:
+        return False
+    window_key, _ = keys(tenant, agent_id, conversation_id)
+    erased = await redis.get(f"{window_key}:erased:seq")
+    return erased is not None and seq <= int(erased)
+
+
 class Memory:
     def __init__(
         self,
@@ -468,7 +516,7 @@ class Memory:
         # ``reader``: the stream writer's own pipelined connection (it blocks on its reads)
         self.writer = StreamWriter(
             redis, pool, stream=MEMORY_STREAM, group=MEMORY_GROUP, write=conversations.write_turns, batch=batch,
-            claim_idle=claim_idle, fast=reader, spill_dir=spill_dir,
+            claim_idle=claim_idle, fast=reader, spill_dir=spill_dir, dead_tag=dead_tag,
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -592,16 +640,18 @@ class Memory:
         except (orjson.JSONEncodeError, TypeError) as exc:
             raise MemoryUnavailable(f"unstorable message: {type(exc).__name__}") from None
         window_key, seq_key = keys(tenant, agent.id, conversation_id)
-        script_keys = [window_key, seq_key, MEMORY_STREAM, f"{window_key}:w"]
+        script_keys = [window_key, seq_key, MEMORY_STREAM, f"{window_key}:w", f"{window_key}:erased:seq"]
         # The window's seq is a floor: the conversation had reached it when the turn began.
         floor = base.seq if base is not None and base.seq is not None else ""
         try:
             first = await self._script("append", script_keys, [*args, floor, *pairs])
             if first == -1:  # no counter, no list: PostgreSQL knows how far the seqs went
                 floor = await self._stored_seq(tenant, agent.id, conversation_id)
-                await self._script("append", script_keys, [*args, floor, *pairs])
+                first = await self._script("append", script_keys, [*args, floor, *pairs])
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
+        if first == -2:
+            log.info("memory: a turn that loaded a conversation erased since was not stored")
 
     async def _stored_seq(self, tenant: str, agent_id: str, conversation_id: str) -> int:
         try:
@@ -612,16 +662,39 @@ class Memory:
             raise MemoryUnavailable(f"database: {type(exc).__name__}") from None
 
     async def forget_recent(self, tenant: str, agent_id: str, conversation_id: str) -> tuple[int, float]:
-        """Drops what Redis holds of the conversation (its window, counter and stored window), and
-        for ``ERASED_MARK_S`` keeps a reload that began before this from putting it back. Returns
-        the last message number Redis had handed out (0: none) and Redis's clock then (unix
+        """Drops what Redis holds of the conversation (its window and stored window), for
+        ``ERASED_MARK_S`` keeps a reload that began before this from putting it back, and keeps a
+        turn that loaded the conversation before this from storing itself after it (for as long
+        as the seq counter lives, ``ERASED_SEQ_MIN_S`` at least). Returns the number of messages
+        Redis had handed out since the last erasure (0: none) and Redis's clock then (unix
         seconds: turns stored before it are stamped earlier)."""
         window_key, seq_key = keys(tenant, agent_id, conversation_id)
+        forget_keys = [window_key, seq_key, f"{window_key}:w", f"{window_key}:erased", f"{window_key}:erased:seq"]
         async with asyncio.timeout(self._timeout * 5):
-            last, sec, usec = await self._forget(
-                keys=[window_key, seq_key, f"{window_key}:w", f"{window_key}:erased"], args=[ERASED_MARK_S]
-            )
+            last, sec, usec = await self._forget(keys=forget_keys, args=[ERASED_MARK_S, ERASED_SEQ_MIN_S])
         return int(last or 0), int(sec) + int(usec) / 1e6
+
+    async def erased_since(self, tenant: str, agent_id: str, conversation_id: str, seq: int | None) -> bool:
+        """``erased_after`` (below) under this memory's timeout; Redis away: False (what asks
+        goes on as it did before erasures were known)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await erased_after(self._redis, tenant, agent_id, conversation_id, seq)
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def forget_many(self, tenant: str, agent_id: str, conversation_ids: list[str]) -> None:
+        """``forget_recent`` of several conversations of one agent (a retention's batch: in the
+        background, one short call after the other)."""
+        for conversation_id in conversation_ids:
+            await self.forget_recent(tenant, agent_id, conversation_id)
+
+    async def drop_dead_letters(self, tenant: str, conversations_of: list[tuple[str, str]]) -> int:
+        """Drops the memory dead letters (turns PostgreSQL refused, kept whole for a retry) of the
+        (agent id, conversation id) pairs; the number dropped."""
+        tags = {conversation_tag(tenant, agent_id, c) for agent_id, c in conversations_of}
+        async with asyncio.timeout(self._timeout * 30):
+            return await self.writer.drop_dead_tagged(tags)
 
     async def history(self, tenant: str | None, agent_id: str, external_id: str, limit: int = 100) -> list[dict]:
         """What PostgreSQL holds of the conversation: its last ``limit`` messages, oldest first

@@ -22,6 +22,7 @@ import asyncpg
 
 from core.background import pause, stop_task
 from runtime.hitl import escalations, held
+from runtime.memory import erased_after
 
 log = logging.getLogger("gateway.hitl")
 
@@ -111,6 +112,12 @@ class Sweeper:
             if esc is None:
                 break
             try:
+                if await erased_after(
+                    self._redis, esc["tenant"], esc["agent_id"], esc["conversation_id"], esc.get("seq")
+                ):
+                    # its turn loaded the conversation before it was erased: its words are not kept
+                    log.info("spooled escalation %s dropped: its conversation was erased", esc.get("id"))
+                    continue
                 async with self._pool.acquire() as conn, conn.transaction():
                     row, created = await escalations.open_escalation(conn, esc)
             except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, KeyError, TypeError) as exc:
