@@ -178,6 +178,15 @@ def tmp_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("gw")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bytecode_cache(tmp_path_factory) -> None:
+    """With PYTHONDONTWRITEBYTECODE set (as in this machine's environment), every gateway, CLI and mock
+    server the suite starts would compile our sources again: they share a cache of the session's
+    own instead (nothing is written next to the sources)."""
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None):
+        os.environ.setdefault("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
+
+
 @pytest.fixture(scope="session")
 def services(tmp_root: Path) -> Iterator[tuple[str, str]]:
     """The embedded PostgreSQL + Valkey, through the same code the gateway uses."""
