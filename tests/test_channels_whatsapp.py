@@ -22,7 +22,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, run_cli, wait_until
+from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway, Proc, free_port, run_cli, wait_until
 
 TENANT = f"wa-{uuid.uuid4().hex[:6]}"
 TOKEN = "graph-token-test"
@@ -52,7 +52,7 @@ class GraphMock(Proc):
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "loadtest.mock_graph", "--port", str(self.port), "--token", TOKEN]
         super().__init__(args, dict(os.environ), tmp / f"mock-graph-{self.port}.log")
-        wait_until(lambda: httpx.get(f"{self.url}/health").status_code == 200, what="mock graph")
+        wait_until(lambda: LOCAL_HTTP.get(f"{self.url}/health").status_code == 200, what="mock graph")
 
     def _post(self, path: str, body: dict) -> None:
         httpx.post(f"{self.url}{path}", json=body).raise_for_status()
