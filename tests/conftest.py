@@ -51,11 +51,18 @@ class Proc:
         self.log_path = log
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self._terminated = False
+
+    def terminate(self) -> None:
+        """SIGTERM, once, without waiting (``stop`` waits): several processes shut down at once."""
+        if self.proc.poll() is None and not self._terminated:
+            self._terminated = True
+            self.proc.terminate()
 
     def stop(self, sig: int | None = None) -> int:
         if self.proc.poll() is None:
             if sig is None:
-                self.proc.terminate()
+                self.terminate()
             else:
                 self.proc.send_signal(sig)
             try:
@@ -260,5 +267,7 @@ def started(*procs: Proc):
     try:
         yield procs
     finally:
+        for p in procs:
+            p.terminate()
         for p in procs:
             p.stop()
