@@ -55,19 +55,19 @@ class GraphMock(Proc):
         wait_until(lambda: LOCAL_HTTP.get(f"{self.url}/health").status_code == 200, what="mock graph")
 
     def _post(self, path: str, body: dict) -> None:
-        httpx.post(f"{self.url}{path}", json=body).raise_for_status()
+        LOCAL_HTTP.post(f"{self.url}{path}", json=body).raise_for_status()
 
     def configure(self, **cfg) -> None:
         self._post("/_mock/config", cfg)
 
     def sent_to(self, wa_id: str) -> list[dict]:
-        return [s for s in httpx.get(f"{self.url}/_mock/sent").json()["sent"] if s["to"] == wa_id]
+        return [s for s in LOCAL_HTTP.get(f"{self.url}/_mock/sent").json()["sent"] if s["to"] == wa_id]
 
     def reads(self) -> list[str]:
-        return [r["message_id"] for r in httpx.get(f"{self.url}/_mock/reads").json()["reads"]]
+        return [r["message_id"] for r in LOCAL_HTTP.get(f"{self.url}/_mock/reads").json()["reads"]]
 
     def stats(self) -> dict:
-        return httpx.get(f"{self.url}/_mock/stats").json()
+        return LOCAL_HTTP.get(f"{self.url}/_mock/stats").json()
 
 
 def account(name: str, **extra) -> dict:
@@ -148,7 +148,9 @@ def wa(tmp_root, services, module_mock, graph):
 
 
 def admin(gw: Gateway, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30, **kw)
+    return LOCAL_HTTP.request(
+        method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30, **kw
+    )
 
 
 def new_wa_id() -> str:
