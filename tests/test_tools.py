@@ -35,10 +35,10 @@ class ToolServer(Proc):
         wait_until(lambda: LOCAL_HTTP.get(f"{self.url}/health").status_code == 200, what="tool server")
 
     def requests(self) -> list[dict]:
-        return httpx.get(f"{self.url}/_requests").json()["requests"]
+        return LOCAL_HTTP.get(f"{self.url}/_requests").json()["requests"]
 
     def clear(self) -> None:
-        httpx.delete(f"{self.url}/_requests")
+        LOCAL_HTTP.delete(f"{self.url}/_requests")
 
 
 @pytest.fixture(scope="module")

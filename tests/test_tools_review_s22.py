@@ -30,7 +30,7 @@ class ToolServer(Proc):
         wait_until(lambda: LOCAL_HTTP.get(f"{self.url}/_requests").status_code == 200, what="tool server")
 
     def requests(self) -> list[dict]:
-        return httpx.get(f"{self.url}/_requests").json()["requests"]
+        return LOCAL_HTTP.get(f"{self.url}/_requests").json()["requests"]
 
 
 @pytest.fixture(scope="module")
