@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml requirements.lock
 run: $(STAMP)
 	$(BIN)/gateway serve $(ARGS)
 
+# Two pytest-xdist workers, each running whole test modules (module-scoped gateways stay one
+# per module; each worker has its own embedded PostgreSQL and Valkey under its basetemp).
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -21,6 +21,12 @@ MASTER_KEY = "sk-master-test-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The fixtures' own calls to the local servers they start share one client: a new httpx client
+# per call (httpx.get) costs ~25 ms of CPU for its TLS context, which a readiness poll every
+# 50 ms would spend beside the process it waits for.
+LOCAL_HTTP = httpx.Client(timeout=5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,11 +51,18 @@ class Proc:
         self.log_path = log
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self._terminated = False
+
+    def terminate(self) -> None:
+        """SIGTERM, once, without waiting (``stop`` waits): several processes shut down at once."""
+        if self.proc.poll() is None and not self._terminated:
+            self._terminated = True
+            self.proc.terminate()
 
     def stop(self, sig: int | None = None) -> int:
         if self.proc.poll() is None:
             if sig is None:
-                self.proc.terminate()
+                self.terminate()
             else:
                 self.proc.send_signal(sig)
             try:
@@ -71,19 +84,19 @@ class MockProvider(Proc):
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "loadtest.mock_provider", "--port", str(self.port), *flags]
         super().__init__(args, dict(os.environ), tmp / f"mock-{self.port}.log")
-        wait_until(lambda: httpx.get(f"{self.url}/health").status_code == 200, what="mock provider")
+        wait_until(lambda: LOCAL_HTTP.get(f"{self.url}/health").status_code == 200, what="mock provider")
 
     def requests(self) -> list[dict]:
-        return httpx.get(f"{self.url}/_mock/requests").json()["requests"]
+        return LOCAL_HTTP.get(f"{self.url}/_mock/requests").json()["requests"]
 
     def last(self) -> dict:
         return self.requests()[-1]
 
     def clear(self) -> None:
-        httpx.delete(f"{self.url}/_mock/requests")
+        LOCAL_HTTP.delete(f"{self.url}/_mock/requests")
 
     def configure(self, **cfg) -> None:
-        httpx.post(f"{self.url}/_mock/config", json=cfg).raise_for_status()
+        LOCAL_HTTP.post(f"{self.url}/_mock/config", json=cfg).raise_for_status()
 
 
 def gateway_env(tmp: Path, urls: tuple[str, str]) -> dict[str, str]:
@@ -122,7 +135,9 @@ class Gateway(Proc):
         ]
         super().__init__(args, env, tmp / f"gateway-{self.port}.log")
         try:
-            wait_until(lambda: httpx.get(f"{self.url}/readyz").status_code == 200, timeout=60, what="gateway ready")
+            wait_until(
+                lambda: LOCAL_HTTP.get(f"{self.url}/readyz").status_code == 200, timeout=60, what="gateway ready"
+            )
         except TimeoutError:
             self.stop()
             raise RuntimeError("gateway did not start:\n" + self.log()) from None
@@ -176,6 +191,15 @@ def gateway_config(mock: MockProvider, **extra) -> dict:
 @pytest.fixture(scope="session")
 def tmp_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("gw")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bytecode_cache(tmp_path_factory) -> None:
+    """With PYTHONDONTWRITEBYTECODE set (as in this machine's environment), every gateway, CLI and mock
+    server the suite starts would compile our sources again: they share a cache of the session's
+    own instead (nothing is written next to the sources)."""
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None):
+        os.environ.setdefault("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
 
 
 @pytest.fixture(scope="session")
@@ -243,5 +267,7 @@ def started(*procs: Proc):
     try:
         yield procs
     finally:
+        for p in procs:
+            p.terminate()
         for p in procs:
             p.stop()

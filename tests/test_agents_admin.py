@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from tests.conftest import MASTER_KEY, ROOT, MockProvider, Proc, free_port, wait_until
+from tests.conftest import LOCAL_HTTP, MASTER_KEY, ROOT, MockProvider, Proc, free_port, wait_until
 
 LAUNCHER = textwrap.dedent(
     """
@@ -74,7 +74,9 @@ class AgentGateway(Proc):
         ]
         super().__init__(args, env, tmp / f"agents-gateway-{self.port}.log")
         try:
-            wait_until(lambda: httpx.get(f"{self.url}/readyz").status_code == 200, timeout=60, what="gateway ready")
+            wait_until(
+                lambda: LOCAL_HTTP.get(f"{self.url}/readyz").status_code == 200, timeout=60, what="gateway ready"
+            )
         except TimeoutError:
             self.stop()
             raise RuntimeError("gateway did not start:\n" + self.log()) from None
@@ -99,7 +101,7 @@ def gw(tmp_root, services, module_mock):
 
 
 def call(gw, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
+    return LOCAL_HTTP.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
 
 
 def unique(prefix: str = "a") -> str:

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, wait_until
+from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway, Proc, free_port, wait_until
 from tests.test_policies import admin, ledger_rows, new_key
 
 TEMPLATE = "You are {{ company }}'s assistant.{% if vip %} The customer is a VIP.{% endif %}"
@@ -23,10 +23,10 @@ class ToolServer(Proc):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__([sys.executable, "-m", "loadtest.mock_tools", "--port", str(self.port)], {}, tmp / "tools.log")
-        wait_until(lambda: httpx.get(f"{self.url}/_requests").status_code == 200, what="tool server")
+        wait_until(lambda: LOCAL_HTTP.get(f"{self.url}/_requests").status_code == 200, what="tool server")
 
     def requests(self) -> list[dict]:
-        return httpx.get(f"{self.url}/_requests").json()["requests"]
+        return LOCAL_HTTP.get(f"{self.url}/_requests").json()["requests"]
 
 
 def config(mock, **extra) -> dict:

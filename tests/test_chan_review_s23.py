@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from loadtest.vapi_sim import VapiCall
-from tests.conftest import MASTER_KEY, Gateway, run_cli, wait_until
+from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway, run_cli, wait_until
 from tests.test_channels_vapi import MockVapiApi
 from tests.test_channels_whatsapp import GraphMock, new_wa_id, notification, post, text
 
@@ -39,7 +39,7 @@ WA_ENV = {
 
 
 def admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
+    return LOCAL_HTTP.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
 
 
 def new_key(urls, tmp, name: str) -> str:

@@ -33,7 +33,7 @@ import openai
 import pytest
 
 from loadtest.vapi_sim import VapiCall
-from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, refused_start, run_cli, wait_until
+from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway, Proc, free_port, refused_start, run_cli, wait_until
 from tests.test_agents_e2e import ToolServer
 
 TOKEN = "vapi-server-token-0123456789"
@@ -58,14 +58,14 @@ class MockVapiApi(Proc):
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "loadtest.vapi_sim", "api", "--port", str(self.port), "--api-key", VAPI_KEY]
         super().__init__(args, {}, tmp / f"vapi-api-{self.port}.log")
-        wait_until(lambda: httpx.get(f"{self.url}/health").status_code == 200, what="mock VAPI API")
+        wait_until(lambda: LOCAL_HTTP.get(f"{self.url}/health").status_code == 200, what="mock VAPI API")
 
     def requests(self) -> list[dict]:
-        return httpx.get(f"{self.url}/_requests").json()["requests"]
+        return LOCAL_HTTP.get(f"{self.url}/_requests").json()["requests"]
 
 
 def admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
+    return LOCAL_HTTP.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
 
 
 def query(database_url: str, sql: str, *args) -> list[dict]:

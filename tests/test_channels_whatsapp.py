@@ -22,7 +22,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, run_cli, wait_until
+from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway, Proc, free_port, run_cli, wait_until
 
 TENANT = f"wa-{uuid.uuid4().hex[:6]}"
 TOKEN = "graph-token-test"
@@ -52,22 +52,22 @@ class GraphMock(Proc):
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "loadtest.mock_graph", "--port", str(self.port), "--token", TOKEN]
         super().__init__(args, dict(os.environ), tmp / f"mock-graph-{self.port}.log")
-        wait_until(lambda: httpx.get(f"{self.url}/health").status_code == 200, what="mock graph")
+        wait_until(lambda: LOCAL_HTTP.get(f"{self.url}/health").status_code == 200, what="mock graph")
 
     def _post(self, path: str, body: dict) -> None:
-        httpx.post(f"{self.url}{path}", json=body).raise_for_status()
+        LOCAL_HTTP.post(f"{self.url}{path}", json=body).raise_for_status()
 
     def configure(self, **cfg) -> None:
         self._post("/_mock/config", cfg)
 
     def sent_to(self, wa_id: str) -> list[dict]:
-        return [s for s in httpx.get(f"{self.url}/_mock/sent").json()["sent"] if s["to"] == wa_id]
+        return [s for s in LOCAL_HTTP.get(f"{self.url}/_mock/sent").json()["sent"] if s["to"] == wa_id]
 
     def reads(self) -> list[str]:
-        return [r["message_id"] for r in httpx.get(f"{self.url}/_mock/reads").json()["reads"]]
+        return [r["message_id"] for r in LOCAL_HTTP.get(f"{self.url}/_mock/reads").json()["reads"]]
 
     def stats(self) -> dict:
-        return httpx.get(f"{self.url}/_mock/stats").json()
+        return LOCAL_HTTP.get(f"{self.url}/_mock/stats").json()
 
 
 def account(name: str, **extra) -> dict:
@@ -148,7 +148,9 @@ def wa(tmp_root, services, module_mock, graph):
 
 
 def admin(gw: Gateway, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30, **kw)
+    return LOCAL_HTTP.request(
+        method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30, **kw
+    )
 
 
 def new_wa_id() -> str:

@@ -26,7 +26,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MASTER_KEY, Gateway, wait_until
+from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway, wait_until
 from tests.security.test_alert_attacks import Receiver
 
 SECRET = "hitl-alert-secret"
@@ -106,7 +106,7 @@ def pair(tmp_root, urls, module_mock, receiver):
 
 
 def admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
+    return LOCAL_HTTP.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw)
 
 
 def new_key(gw: Gateway, tenant: str, admin_scope: bool = False) -> str:

@@ -17,7 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import MASTER_KEY, ROOT, Gateway, gateway_config, wait_until
+from tests.conftest import LOCAL_HTTP, MASTER_KEY, ROOT, Gateway, gateway_config, wait_until
 from tests.test_policies import new_key
 
 DATA = ROOT / "tests" / "data" / "kb"
@@ -61,7 +61,7 @@ def gw(tmp_root, services, module_mock):
 
 def call(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}", **kw.pop("headers", {})}
-    return httpx.request(method, f"{gw.url}{path}", headers=headers, timeout=60, **kw)
+    return LOCAL_HTTP.request(method, f"{gw.url}{path}", headers=headers, timeout=60, **kw)
 
 
 def create_kb(gw: Gateway, key: str = MASTER_KEY, **body) -> dict:

@@ -80,6 +80,7 @@ def sdk3(tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("sdk3") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    env["PIP_COMPILE"] = "0"  # pip's --no-compile: the client compiles the few modules it imports
     done = subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
          "-r", str(HERE / "sdk3-requirements.lock")],

@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from policies.alerts import budget_signing_key
-from tests.conftest import MASTER_KEY, Gateway, MockProvider, free_port, started, wait_until
+from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway, MockProvider, free_port, started, wait_until
 
 SECRET = "alert-secret-for-tests"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -78,7 +78,9 @@ def cfg(mock: MockProvider, **extra) -> dict:
 
 
 def admin(gw: Gateway, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30, **kw)
+    return LOCAL_HTTP.request(
+        method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30, **kw
+    )
 
 
 def ledger_rows(database_url: str, where: str, *args) -> list[dict]:

@@ -20,7 +20,7 @@ from core.netguard import NetworkPolicy
 from runtime.mcp import MCPClient
 from runtime.tools import BUILTINS, ToolConfigError, ToolRunner, parse_tools
 from runtime.types import Agent
-from tests.conftest import Proc, free_port, wait_until
+from tests.conftest import LOCAL_HTTP, Proc, free_port, wait_until
 
 LOCAL = "http://127.0.0.1/a"
 LOOPBACK = NetworkPolicy(allowed=(ipaddress.ip_network("127.0.0.0/8"),))
@@ -32,13 +32,13 @@ class ToolServer(Proc):
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "loadtest.mock_tools", "--port", str(self.port)]
         super().__init__(args, dict(os.environ), tmp / f"tools-{self.port}.log")
-        wait_until(lambda: httpx.get(f"{self.url}/health").status_code == 200, what="tool server")
+        wait_until(lambda: LOCAL_HTTP.get(f"{self.url}/health").status_code == 200, what="tool server")
 
     def requests(self) -> list[dict]:
-        return httpx.get(f"{self.url}/_requests").json()["requests"]
+        return LOCAL_HTTP.get(f"{self.url}/_requests").json()["requests"]
 
     def clear(self) -> None:
-        httpx.delete(f"{self.url}/_requests")
+        LOCAL_HTTP.delete(f"{self.url}/_requests")
 
 
 @pytest.fixture(scope="module")

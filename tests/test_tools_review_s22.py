@@ -14,7 +14,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, wait_until
+from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway, Proc, free_port, wait_until
 from tests.test_agents_admin import seed_turns
 
 SECRET_ENV = "TOOL_REVIEW_S22_SECRET"
@@ -27,10 +27,10 @@ class ToolServer(Proc):
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "loadtest.mock_tools", "--port", str(self.port)]
         super().__init__(args, {}, tmp / f"tools-review-{self.port}.log")
-        wait_until(lambda: httpx.get(f"{self.url}/_requests").status_code == 200, what="tool server")
+        wait_until(lambda: LOCAL_HTTP.get(f"{self.url}/_requests").status_code == 200, what="tool server")
 
     def requests(self) -> list[dict]:
-        return httpx.get(f"{self.url}/_requests").json()["requests"]
+        return LOCAL_HTTP.get(f"{self.url}/_requests").json()["requests"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def gw(tmp_root, services, module_mock):
 
 
 def call(gw, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=60, **kw)
+    return LOCAL_HTTP.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=60, **kw)
 
 
 def unique(prefix: str) -> str:
