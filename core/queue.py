@@ -826,22 +826,14 @@ class Queue:
         """The oldest dead letters first: id (of the dead letter), job_id, payload, key, attempt,
         error, enqueued_at, failed_at."""
         limit = max(1, min(int(limit), 1000))
-        out = []
-        for entry_id, fields in await self._redis.xrange(self.dead, count=limit):
-            msg = orjson.loads(fields.get(b"m") or fields.get("m"))
-            out.append(
-                {
-                    "id": _s(entry_id),
-                    "job_id": msg["id"],
-                    "payload": msg["payload"],
-                    "key": msg.get("key"),
-                    "attempt": msg["attempt"],
-                    "error": msg.get("error"),
-                    "enqueued_at": msg["enqueued_at"],
-                    "failed_at": float(_s(fields.get(b"failed_at") or fields.get("failed_at") or 0)),
-                }
-            )
-        return out
+        return [_dead_letter(entry_id, fields) for entry_id, fields in await self._redis.xrange(self.dead, count=limit)]
+
+    async def dead_letter(self, id: str) -> dict | None:
+        """One dead letter (as ``dead_letters`` gives them), or None."""
+        if not isinstance(id, str) or not is_entry_id(id):
+            return None
+        found = await self._redis.xrange(self.dead, min=id, max=id, count=1)
+        return _dead_letter(*found[0]) if found else None
 
     async def retry_dead(self, id: str) -> bool:
         """Puts a dead letter back on the queue (at the end of its key's order) with a fresh
@@ -891,3 +883,17 @@ class Queue:
             _messages.get(self.name, state).set(out[state])
         _oldest.get(self.name).set(out["oldest_age_s"])
         return out
+
+
+def _dead_letter(entry_id, fields: dict) -> dict:
+    msg = orjson.loads(fields.get(b"m") or fields.get("m"))
+    return {
+        "id": _s(entry_id),
+        "job_id": msg["id"],
+        "payload": msg["payload"],
+        "key": msg.get("key"),
+        "attempt": msg["attempt"],
+        "error": msg.get("error"),
+        "enqueued_at": msg["enqueued_at"],
+        "failed_at": float(_s(fields.get(b"failed_at") or fields.get("failed_at") or 0)),
+    }

@@ -703,9 +703,32 @@ class KbAdmin:
     async def retry_dead(self, request: Request) -> Response:
         queue = self._queue(request)
         dead_id = request.path_params["dead_id"]
+        letter = await self._letter(queue, dead_id) if queue is self.kb.queue else None
+        begun = time.time()
         if not await queue.retry_dead(dead_id):
             raise NotFound(f"No dead letter {dead_id[:64]!r}.", param="dead_id")
+        if letter is not None:
+            await self._requeued(letter, begun)
         return base._json({"id": dead_id, "object": "queue.dead_letter", "retried": True})
+
+    @staticmethod
+    async def _letter(queue, dead_id: str) -> dict | None:
+        """The payload of an ingestion dead letter (None: no such letter, or not a document's)."""
+        letter = await queue.dead_letter(dead_id)
+        payload = letter["payload"] if letter is not None else None
+        return payload if isinstance(payload, dict) and isinstance(payload.get("document_id"), str) else None
+
+    async def _requeued(self, payload: dict, begun: float) -> None:
+        """A retried document reads ``queued`` again, not its old failure: a client polling it
+        after the retry took the stale ``failed`` for the retry's outcome. Only a failure from
+        before the retry is replaced (the worker may have taken the job, and ended it, already)."""
+        async with tenant_transaction(self.svc.pool, None) as conn:
+            await conn.execute(
+                """UPDATE kb_documents SET status = 'queued', reason = NULL, reason_code = NULL, updated_at = now()
+                   WHERE id = $1 AND status = 'failed' AND updated_at <= to_timestamp($2)""",
+                payload["document_id"],
+                begun,
+            )
 
     async def drop_dead(self, request: Request) -> Response:
         queue = self._queue(request)
