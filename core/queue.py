@@ -66,6 +66,7 @@ from prometheus_client import Counter, Gauge
 from redis.exceptions import NoScriptError, ResponseError
 
 from core.background import pause, stop_tasks
+from core.errors import ServiceUnavailable
 from core.metrics import _Children
 from core.stream_writer import entry_id as is_entry_id
 
@@ -109,8 +110,19 @@ class Fatal(Exception):
     """Raised by a handler for a message no retry can help: it goes to the dead letters at once."""
 
 
-class QueueFull(Exception):
-    """The queue holds ``max_depth`` unfinished messages already."""
+class QueueFull(ServiceUnavailable):
+    """The queue holds ``max_depth`` unfinished messages already. To a client (an upload whose
+    job could not be queued) it is a 503 ``queue_full`` to retry, never a 500; ``str()`` keeps
+    the detail (queue and depth) for the log."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            "The gateway's work queue is full; try again shortly.", code="queue_full", headers={"retry-after": "5"}
+        )
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class KeyBacklogFull(QueueFull):

@@ -486,3 +486,32 @@ def test_entries_whose_read_answer_was_lost_are_handled_without_waiting_for_the_
         await r.aclose()
 
     asyncio.run(main())
+
+
+def test_a_full_queue_is_a_503_to_retry_for_the_client_that_enqueued(services):
+    """An upload whose ingestion job found the queue full (its depth bound, or an ordered key's
+    backlog) answered the client with a generic 500. ``QueueFull`` is now an OpenAI-shaped 503
+    ``queue_full`` with ``retry-after`` (the queue's name and depth stay in the log only)."""
+    from core.errors import ServiceUnavailable
+    from core.queue import KeyBacklogFull, QueueFull
+
+    async def go():
+        r = aioredis.from_url(services[1])
+        queue = Queue(r, _name(), max_depth=1)
+        ordered = Queue(r, _name(), ordered=True)
+        try:
+            await queue.enqueue({"n": 1})
+            with pytest.raises(QueueFull) as full:
+                await queue.enqueue({"n": 2})
+            await ordered.enqueue({"n": 1}, key="k", max_per_key=1)
+            with pytest.raises(KeyBacklogFull) as backlog:
+                await ordered.enqueue({"n": 2}, key="k", max_per_key=1)
+        finally:
+            await r.aclose()
+        for exc in (full.value, backlog.value):
+            assert isinstance(exc, ServiceUnavailable) and exc.status == 503
+            assert exc.payload()["error"]["code"] == "queue_full" and exc.headers["retry-after"] == "5"
+            assert queue.name not in exc.payload()["error"]["message"] and str(exc)  # the detail: logs only
+        assert queue.name in str(full.value)
+
+    asyncio.run(go())
