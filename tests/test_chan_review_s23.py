@@ -5,7 +5,6 @@ mock Graph API, the mock LLM, the mock VAPI REST API), over HTTP."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 
@@ -16,7 +15,7 @@ import pytest
 
 from channels.whatsapp.sender import TEMPLATE_TEXT_RESERVE
 from loadtest.vapi_sim import VapiCall
-from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway, run_cli, wait_until
+from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway, environ, run_cli, wait_until
 from tests.test_channels_vapi import MockVapiApi
 from tests.test_channels_whatsapp import GraphMock, new_wa_id, notification, post, text
 
@@ -103,16 +102,8 @@ def env(tmp_root, services, module_mock, vapi_api, graph):
             },
         },
     }
-    saved = {k: os.environ.get(k) for k in WA_ENV}
-    os.environ.update(WA_ENV)
-    try:
+    with environ(WA_ENV):
         gw = Gateway(tmp_root, config, services)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     body = {
         "name": AGENT,
         "tenant": TENANT,

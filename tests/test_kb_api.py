@@ -17,7 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import LOCAL_HTTP, MASTER_KEY, ROOT, Gateway, gateway_config, wait_until
+from tests.conftest import LOCAL_HTTP, MASTER_KEY, ROOT, Gateway, environ, gateway_config, wait_until
 from tests.test_policies import new_key
 
 DATA = ROOT / "tests" / "data" / "kb"
@@ -39,17 +39,8 @@ KB_ENV = {
 
 def start_gateway(tmp_root: Path, mock, services, *, worker: bool = True, config: dict | None = None) -> Gateway:
     """A gateway with the test timings; ``worker`` False: it queues uploads but consumes none."""
-    saved = {k: os.environ.get(k) for k in KB_ENV}
-    os.environ.update(KB_ENV)
-    os.environ["GATEWAY_KB_WORKER"] = "1" if worker else "0"
-    try:
+    with environ({**KB_ENV, "GATEWAY_KB_WORKER": "1" if worker else "0"}):
         return Gateway(tmp_root, config or gateway_config(mock), services)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import MASTER_KEY, Gateway, Proc, free_port, run_cli, wait_until
+from tests.conftest import MASTER_KEY, Gateway, Proc, environ, free_port, run_cli, wait_until
 from tests.test_agents_admin import _CLI, agents_cli
 from tests.test_agents_admin import config as agents_config
 from tests.test_channels_whatsapp import GraphMock, admin, new_wa_id, notification, post, queue_idle, text
@@ -72,16 +72,8 @@ def wa(tmp_root, services, module_mock, graph):
             }
         },
     }
-    saved = {k: os.environ.get(k) for k in WA_ENV}
-    os.environ.update(WA_ENV)
-    try:
+    with environ(WA_ENV):
         gw = Gateway(tmp_root, config, services)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     body = {"name": AGENT, "tenant": TENANT, "model": "agent-model", "template": "You help our customers."}
     r = admin(gw, "POST", "/admin/agents", json=body)
     assert r.status_code == 201, r.text
