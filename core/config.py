@@ -425,11 +425,11 @@ def _protect(text: str) -> tuple[str, list[tuple[str, str | None]]]:
     return _VAR.sub(swap, text), found
 
 
-def _interpolate(node: Any, path: str, found: list, problems: list[str]) -> Any:
+def _interpolate(node: Any, path: str, found: list, problems: list[str], unset: str | None = None) -> Any:
     if isinstance(node, dict):
-        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), found, problems) for k, v in node.items()}
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), found, problems, unset) for k, v in node.items()}
     if isinstance(node, list):
-        return [_interpolate(v, f"{path}[{i}]", found, problems) for i, v in enumerate(node)]
+        return [_interpolate(v, f"{path}[{i}]", found, problems, unset) for i, v in enumerate(node)]
     if isinstance(node, str) and "__gwvar" in node:
 
         def sub(m: re.Match) -> str:
@@ -438,6 +438,8 @@ def _interpolate(node: Any, path: str, found: list, problems: list[str]) -> Any:
             if value is None or value == "":
                 if default is not None:
                     return default
+                if unset is not None:
+                    return unset
                 problems.append(f"{path}: environment variable {name} is not set")
                 return ""
             return value
@@ -565,8 +567,9 @@ def _check_pii(cfg: Config, problems: list[str]) -> None:
                 problems.append(f"pii.{section}.{key}: unknown model {key!r}")
 
 
-def parse_config(data: Any, found: list | None = None) -> Config:
-    """Validates parsed YAML; ``found`` holds the ``${VAR}`` tokens ``_protect`` swapped out."""
+def parse_config(data: Any, found: list | None = None, unset: str | None = None) -> Config:
+    """Validates parsed YAML; ``found`` holds the ``${VAR}`` tokens ``_protect`` swapped out.
+    ``unset``: the value of a variable that is not set and has no default (None: a problem)."""
     problems: list[str] = []
     if data is None:
         data = {}
@@ -575,7 +578,7 @@ def parse_config(data: Any, found: list | None = None) -> Config:
     if found is None:  # a dict built in code: protect its strings the same way
         found = []
         data = _protect_tree(data, found)
-    data = _interpolate(data, "", found, problems)
+    data = _interpolate(data, "", found, problems, unset)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
@@ -590,7 +593,8 @@ def parse_config(data: Any, found: list | None = None) -> Config:
     return cfg
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, unset: str | None = None) -> Config:
+    """The config at ``path``, validated; ``unset`` as ``parse_config`` takes it."""
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -602,7 +606,7 @@ def load_config(path: str | Path) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         raise ConfigError([f"{path} ({where}): invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
-    return parse_config(data, found)
+    return parse_config(data, found, unset)
 
 
 def _protect_tree(data: Any, found: list) -> Any:

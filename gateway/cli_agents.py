@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -112,30 +111,14 @@ def _check_model(args: argparse.Namespace) -> None:
         raise GatewayError(f"{args.model!r} is not a chat model group of {path}; its chat groups: {', '.join(chat)}")
 
 
-# ``${VAR}`` in a config, as core.config reads it (``${VAR:-default}`` has a default)
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
 _STAND_IN = "http://127.0.0.1:0"  # a value for a variable unset here: a URL, a key, a name...
 
 
 def _models_of(path: str) -> list:
     """The config's model groups. Only the groups are wanted, and the variables a config reads
     (its provider keys, the demo's mock address) are set where the gateway runs, often not in the
-    admin's shell: those unset here are given a stand-in while it loads (then put back)."""
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        text = ""  # load_config says why
-    unset = {m.group(1) for m in _VAR.finditer(text) if not m.group(2) and not os.environ.get(m.group(1))}
-    saved = {name: os.environ.get(name) for name in unset}
-    os.environ.update(dict.fromkeys(unset, _STAND_IN))
-    try:
-        return load_config(path).models
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    admin's shell: those unset here load as a stand-in."""
+    return load_config(path, unset=_STAND_IN).models
 
 
 async def _one(conn, name: str, tenant: str):
