@@ -287,7 +287,7 @@ class Sender:
 
 def placeholders(body: str) -> set[str]:
     """The distinct placeholders of an approved body ({{1}}, {{2}}...)."""
-    return set(_PLACEHOLDER.findall(body))
+    return set(uses(body))
 
 
 def uses(body: str) -> Counter:
@@ -314,8 +314,7 @@ def fit_others(tpl: dict, values: dict) -> dict:
     MIN_REPLY_ROOM characters: its room is never raised past what the body really leaves (Meta
     would refuse every piece, 132005), and a name cut short beats an answer never sent."""
     names = list(tpl.get("variables") or ())
-    body = tpl.get("body")
-    used = uses(body) if isinstance(body, str) else Counter({str(i): 1 for i in range(1, len(names) + 1)})
+    _, used = _shape(tpl)
     replies = max(1, sum(used[str(i)] for i, n in enumerate(names, 1) if n == "reply"))
     out = dict(values)
     for _ in names:
@@ -332,15 +331,20 @@ def fit_others(tpl: dict, values: dict) -> dict:
 def room_left(tpl: dict, values: dict) -> int:
     """Meta's 1,024 for the body filled in, less the template's own text and its other parameters
     (each as often as the body uses it), shared among the body's uses of the reply."""
-    body = tpl.get("body")
     names = list(tpl.get("variables") or ())
-    if isinstance(body, str):
-        own, used = len(_PLACEHOLDER.sub("", body)), uses(body)
-    else:
-        own, used = TEMPLATE_TEXT_RESERVE, Counter({str(i): 1 for i in range(1, len(names) + 1)})
+    own, used = _shape(tpl)
     others = sum(used[str(i)] * len(template_value(values.get(n, ""))) for i, n in enumerate(names, 1) if n != "reply")
     replies = max(1, sum(used[str(i)] for i, n in enumerate(names, 1) if n == "reply"))
     return (MAX_TEMPLATE_BODY - own - others) // replies
+
+
+def _shape(tpl: dict) -> tuple[int, Counter]:
+    """A template's own text's length and how often its body uses each placeholder; a template
+    registered without its body: TEMPLATE_TEXT_RESERVE, and each variable once."""
+    body = tpl.get("body")
+    if isinstance(body, str):
+        return len(_PLACEHOLDER.sub("", body)), uses(body)
+    return TEMPLATE_TEXT_RESERVE, Counter({str(i): 1 for i in range(1, len(tpl.get("variables") or ()) + 1)})
 
 
 def template_value(value) -> str:
