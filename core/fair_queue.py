@@ -74,7 +74,6 @@ from core.queue import (
     _s,
     log,
 )
-from core.stream_writer import entry_id as is_entry_id
 
 # Where a key's messages wait: ``z`` (a sorted set of sub-key hash .. message, scored by round),
 # ``r`` (the key's rounds: ``_`` the round last taken, a sub-key's hash the round of its last
@@ -462,15 +461,9 @@ class FairQueue(Queue):
     async def retry_dead(self, id: str) -> bool:
         """Puts a dead letter (of this release or the previous one) back in its key's list with a
         fresh attempt count; False if there is no such dead letter."""
-        if not isinstance(id, str) or not is_entry_id(id):
+        msg = await self._revivable(id)
+        if msg is None:
             return False
-        found = await self._redis.xrange(self.dead, min=id, max=id, count=1)
-        if not found:
-            return False
-        msg = orjson.loads(found[0][1].get(b"m") or found[0][1].get("m"))
-        msg.pop("error", None)
-        msg.pop("deferred", None)
-        msg["attempt"] = 1
         if msg.get("key") is None and isinstance(msg.get("payload"), dict):
             msg["key"] = self._key(msg["payload"], None)
         keyhash = _digest(msg["key"] if msg.get("key") is not None else msg["id"])

@@ -842,23 +842,34 @@ class Queue:
 
     async def dead_letter(self, id: str) -> dict | None:
         """One dead letter (as ``dead_letters`` gives them), or None."""
+        found = await self._dead_entry(id)
+        return _dead_letter(*found) if found else None
+
+    async def _dead_entry(self, id: str) -> tuple | None:
+        """(entry id, fields) of a dead letter; None for no such letter, or no entry id."""
         if not isinstance(id, str) or not is_entry_id(id):
             return None
         found = await self._redis.xrange(self.dead, min=id, max=id, count=1)
-        return _dead_letter(*found[0]) if found else None
+        return found[0] if found else None
+
+    async def _revivable(self, id: str) -> dict | None:
+        """A dead letter's message made ready to run again (its error gone, a fresh attempt
+        count); None for no such letter."""
+        found = await self._dead_entry(id)
+        if found is None:
+            return None
+        msg = orjson.loads(found[1].get(b"m") or found[1].get("m"))
+        msg.pop("error", None)
+        msg.pop("deferred", None)
+        msg["attempt"] = 1
+        return msg
 
     async def retry_dead(self, id: str) -> bool:
         """Puts a dead letter back on the queue (at the end of its key's order) with a fresh
         attempt count; False if there is no such dead letter."""
-        if not isinstance(id, str) or not is_entry_id(id):
+        msg = await self._revivable(id)
+        if msg is None:
             return False
-        found = await self._redis.xrange(self.dead, min=id, max=id, count=1)
-        if not found:
-            return False
-        msg = orjson.loads(found[0][1].get(b"m") or found[0][1].get("m"))
-        msg.pop("error", None)
-        msg.pop("deferred", None)
-        msg["attempt"] = 1
         keyhash = _digest(msg["key"] if msg.get("key") is not None else msg["id"])
         done = await self._revive(
             keys=[self.dead, self.stream, self.live, self._list_key(keyhash)],
