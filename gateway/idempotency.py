@@ -69,7 +69,7 @@ _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL
 _RELEASE_SHA = hashlib.sha1(_RELEASE.encode()).hexdigest()
 # KEYS: the key, the tenant's index of stored answers (a sorted set: "<bytes>:<key>" scored by
 # its expiry on Redis's clock), the tenant's byte count, optionally the agent conversation's index
-# (a set of the same members, for its erasure: ``forget_conversation``). ARGV: the marker this request set, the
+# (the same members, scored alike, for its erasure: ``forget_conversation``). ARGV: the marker this request set, the
 # answer, its ttl, the tenant's byte bound.
 # Stores the answer while the key holds the marker, or nothing (the claim expired and no one took
 # it: the answer is still the only one): a request that outlived its claim
@@ -124,11 +124,19 @@ keep(KEYS[2])
 redis.call('SET', KEYS[3], used, 'KEEPTTL')
 keep(KEYS[3])
 if KEYS[4] then
-  redis.call('SADD', KEYS[4], member)
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  redis.call('ZADD', KEYS[4], now + ttl, member)
+  local over = redis.call('ZCARD', KEYS[4]) - MAX_CONVERSATION_ANSWERS
+  if over > 0 then redis.call('ZREMRANGEBYRANK', KEYS[4], 0, over - 1) end
   keep(KEYS[4])
 end
 return evicted
 """
+# An agent conversation's index holds the answers stored for it that have not expired (scored by
+# expiry, like the tenant's), at most this many (the newest): a client sending a conversation's
+# turns with fresh keys grew it without end, and an erasure read it whole in one script.
+MAX_CONVERSATION_ANSWERS = 10_000
+_STORE = _STORE.replace("MAX_CONVERSATION_ANSWERS", str(MAX_CONVERSATION_ANSWERS))
 _STORE_SHA = hashlib.sha1(_STORE.encode()).hexdigest()
 
 # An agent conversation erased: its stored answers deleted, and their bytes taken off the
@@ -137,7 +145,8 @@ _STORE_SHA = hashlib.sha1(_STORE.encode()).hexdigest()
 _FORGET_CONVERSATION = """
 local used = tonumber(redis.call('GET', KEYS[3]) or '0')
 local dropped = 0
-for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(redis.call('TIME')[1]))
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local prefix = string.match(member, '^%d+:')
   if prefix then
     local key = string.sub(member, #prefix + 1)

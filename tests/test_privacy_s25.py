@@ -701,3 +701,33 @@ def test_dead_letters_written_before_they_were_tagged_are_found_by_an_erasure(se
             await r.aclose()
 
     assert asyncio.run(go()) == (2, ["b"])
+
+
+def test_a_conversations_index_of_stored_answers_is_bounded_and_an_erasure_reads_it_in_one_short_call(services):
+    """Every agent answer stored for an Idempotency-Key was added to its conversation's index, and
+    nothing ever left it: a client sending a conversation's turns with fresh keys grew it without
+    end (about 90 bytes a turn, past the tenant's byte bound and kept alive by each add), and an
+    erasure then read it whole in one script that held Redis for every tenant. The index now
+    holds the newest MAX_CONVERSATION_ANSWERS answers that have not expired."""
+    from gateway import idempotency as idem
+
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    conv_index = idem.conversation_index(tenant, "bot", "c-1")
+    tenant_index, count = idem._tenant_key(tenant) + ":index", idem._tenant_key(tenant) + ":bytes"
+    n = idem.MAX_CONVERSATION_ANSWERS + 50
+
+    async def go(r):
+        keys = [f"gw:{{gw}}:idem-test:{tenant}:{i}" for i in range(n)]
+        async with r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.eval(idem._STORE, 4, key, tenant_index, count, conv_index, "m", b"D" + b"x" * 20, 3600, 10**9)
+            await pipe.execute()
+        size = await r.zcard(conv_index)
+        dropped = await r.eval(idem._FORGET_CONVERSATION, 3, conv_index, tenant_index, count)
+        left = sum([await r.exists(k) for k in keys]), await r.exists(conv_index)
+        await r.delete(*keys, tenant_index, count)
+        return size, dropped, left
+
+    size, dropped, left = _redis(services, go)
+    assert size == idem.MAX_CONVERSATION_ANSWERS  # (the answers out of it end with their ttl)
+    assert dropped == idem.MAX_CONVERSATION_ANSWERS and left == (n - idem.MAX_CONVERSATION_ANSWERS, 0)
