@@ -407,6 +407,11 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
     history = {"model": "bench", "messages": sent}
     history_script = _fixed_script(tmp, "plain-history", history, key)
     res["meta"]["history_messages"] = len(sent)
+    # Memory's own share: the agent without a conversation id, its client sending the same
+    # history a full window holds (the turn a stateless client makes): the same prompt goes
+    # upstream, with no memory load or store.
+    client_history = {**agent, "messages": sent[1:]}
+    client_history_script = _fixed_script(tmp, "agent-client-history", client_history, key)
     wrk(chat, plain_script, 1, connections)
     # Many conversations, each one's turns in order (one per wrk thread), their windows full.
     ordered_script = _varying_script(
@@ -425,10 +430,14 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
         h = wrk(chat, history_script, span, connections)
         po = wrk(chat, plain_script, span, connections, threads=connections)
         o = wrk(chat, ordered_script, span, connections, threads=connections)
+        ch = wrk(chat, client_history_script, span, connections, threads=connections)
         row = {
             "plain_threads": po,
             "agent_ordered": o,
             "ratio_ordered": o["rps"] / po["rps"],
+            "agent_client_history": ch,
+            "ratio_client_history": ch["rps"] / po["rps"],
+            "ratio_ordered_vs_client_history": o["rps"] / ch["rps"],
             "plain_history": h,
             "ratio_fixed_vs_history": f["rps"] / h["rps"],
             "plain": p,
@@ -445,6 +454,7 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
             f"({row['ratio_fixed']:.3f}×)  agent (new conversation each) {v['rps']:.0f} ({row['ratio_new']:.3f}×)"
             f"  agent (no conversation) {s['rps']:.0f} ({row['ratio_stateless']:.3f}×)"
             f"  agent ({connections} conversations in order) {o['rps']:.0f} ({row['ratio_ordered']:.3f}×)"
+            f"  agent (history sent by the client) {ch['rps']:.0f} ({row['ratio_client_history']:.3f}×)"
             f"  non-2xx {p['non_2xx']}/{f['non_2xx']}/{v['non_2xx']}/{s['non_2xx']}",
             flush=True,
         )
@@ -537,6 +547,7 @@ def run(stack, tmp: Path, seconds: int, rounds: int, connections: int, bench_con
             "metadata": {"conversation_id": f"cpu-{uuid.uuid4().hex[:8]}-{{n}}"},
         },
         "agent, no conversation": agent,
+        "agent, no conversation, the window's history sent by the client": client_history,
         f"agent, {CPU_CONCURRENCY} conversations in order": {
             **agent,
             "metadata": {"conversation_id": f"cpu-ordered-{uuid.uuid4().hex[:8]}-{{w}}"},
@@ -598,13 +609,21 @@ def report(res: dict, date: str) -> str:
             "conversation per wrk thread, its window full after the warm-up), against the plain request sent the "
             "same way in the same round:",
             "",
-            "| round | plain req/s (same wrk threads) | agent, conversations in order | ratio |",
-            "|---|---:|---:|---:|",
+            "| round | plain req/s (same wrk threads) | agent, conversations in order | ratio "
+            "| agent, history sent by the client (no memory) | ratio | in order vs. history sent |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for i, r in enumerate(ordered_rows, 1):
+            ch = r.get("agent_client_history")
             lines.append(
                 f"| {i} | {r['plain_threads']['rps']:.0f} | {r['agent_ordered']['rps']:.0f} "
-                f"| {r['ratio_ordered']:.3f} |"
+                f"| {r['ratio_ordered']:.3f} "
+                + (
+                    f"| {ch['rps']:.0f} | {r['ratio_client_history']:.3f} "
+                    f"| {r['ratio_ordered_vs_client_history']:.3f} |"
+                    if ch
+                    else "| | | |"
+                )
             )
     ordered = sorted(r["ratio_ordered"] for r in ordered_rows)
     stateless = sorted(r["ratio_stateless"] for r in rounds)
@@ -612,7 +631,15 @@ def report(res: dict, date: str) -> str:
     errors = sum(
         r[k]["non_2xx"]
         for r in rounds
-        for k in ("plain", "agent_fixed", "agent_new", "agent_stateless", "agent_ordered", "plain_threads")
+        for k in (
+            "plain",
+            "agent_fixed",
+            "agent_new",
+            "agent_stateless",
+            "agent_ordered",
+            "plain_threads",
+            "agent_client_history",
+        )
         if k in r
     )
     lines += [
@@ -635,6 +662,8 @@ def report(res: dict, date: str) -> str:
         f"**{like[len(like) // 2]:.3f}×** (median of {len(like)} rounds: {', '.join(f'{x:.2f}' for x in like)})."
         if like
         else "",
+        "",
+        *_memory_share(ordered_rows),
         "",
         "## Added latency at a fixed 100 req/s (targets alternating, one keep-alive connection each)",
         "",
@@ -752,6 +781,22 @@ def report(res: dict, date: str) -> str:
     return "\n".join(lines)
 
 
+def _memory_share(rows: list[dict]) -> list[str]:
+    """Memory's own share of a turn: conversations in order against the same agent turn whose
+    client sends the window's history itself (no memory load or store, the same prompt upstream)."""
+    rows = [r for r in rows if "ratio_client_history" in r]
+    if not rows:
+        return []
+    sent = _median([r["ratio_client_history"] for r in rows])
+    mine = _median([r["ratio_ordered_vs_client_history"] for r in rows])
+    return [
+        f"Memory's own share — the same agent turn without a conversation id, its client sending the "
+        f"window's history itself (the same prompt upstream, no memory load or store): **{sent:.3f}×** the "
+        f"plain request; conversations in order run at **{mine:.3f}×** that turn (median of {len(rows)} "
+        "rounds). Taking memory's Redis work away entirely would at most lift the turn to the first figure.",
+    ]
+
+
 def _where(res: dict) -> list[str]:
     c = res["cpu"]
     plain = c["plain"]["us_per_request"]
@@ -775,6 +820,21 @@ def _where(res: dict) -> list[str]:
             "the 0.7× budget."
             if ordered is not None
             else "."
+        ),
+        *(
+            [
+                f"- The window's history sent by the client instead (no conversation id, no memory): "
+                f"{history:.0f} µs, so carrying {res['meta'].get('history_messages', '?')} messages through the "
+                f"turn costs {history - stateless:+.0f} µs and memory's load and store "
+                f"{ordered - history:+.0f} µs (conversations in order)."
+            ]
+            if ordered is not None
+            and (
+                history := c.get("agent, no conversation, the window's history sent by the client", {}).get(
+                    "us_per_request"
+                )
+            )
+            else []
         ),
         "- One conversation under wrk -c 64 is 64 turns of one conversation at once: nearly every turn's "
         "window was read before another turn of it was stored, so the stored window's compare-and-set fails "
