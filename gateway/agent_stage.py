@@ -149,7 +149,9 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     )
     server_tools = svc.tools.openai_tools(agent)
     server_names = {t["function"]["name"] for t in server_tools}
-    for i, message in enumerate(client_messages):  # the gateway's own tool steps never come from the client
+    # The gateway's own tool steps never come from the client (an agent without server-side tools
+    # has none to forge: a stateless client's long history is not walked for them).
+    for i, message in enumerate(client_messages if server_names else ()):
         if isinstance(message, dict) and message.get("role") == "assistant":
             for call in message.get("tool_calls") or ():
                 if isinstance(call, dict) and (call.get("function") or {}).get("name") in server_names:

@@ -146,9 +146,22 @@ async def _count(svc, agent, conversation_id: str, escalation_id: str) -> None:
         log.warning("escalation %s: customer message not counted: %s", escalation_id, type(exc).__name__)
 
 
+def _last_users(messages: list, n: int) -> list[dict]:
+    """The last ``n`` user messages, oldest first, read from the end: a stateless client sends
+    its whole history each turn, and only its last questions are compared."""
+    found: list[dict] = []
+    for m in reversed(messages):
+        if isinstance(m, dict) and m.get("role") == "user":
+            found.append(m)
+            if len(found) == n:
+                break
+    found.reverse()
+    return found
+
+
 def _signals(ctx: RequestContext, answer: dict) -> confidence.Signals:
     turn = ctx.agent
-    users = [m for m in turn.new_messages if isinstance(m, dict) and m.get("role") == "user"]
+    users = _last_users(turn.new_messages, 4)
     question = _text(users[-1].get("content"))[: confidence.MAX_TEXT] if users else ""  # the last one
     previous = [_text(m.get("content"))[:2000] for m in users[-4:-1]]
     if len(previous) < 3:

@@ -470,7 +470,7 @@ def _msg(rng: random.Random, settings):
 def _turn_ctx(rng: random.Random) -> RequestContext:
     settings = _SETTINGS[rng.randrange(len(_SETTINGS))]
     agent = Agent(id="agt_1", tenant="t", name="support", model="m", knowledge_bases=rng.choice(((), ("kb1",))))
-    new = [_msg(rng, settings) for _ in range(rng.choice((1, 1, 1, 2, 3, 5, 8)))]
+    new = [_msg(rng, settings) for _ in range(rng.choice((1, 1, 1, 2, 3, 5, 8, 41)))]  # 41: a stateless history
     turn = Turn(
         agent=agent,
         selection=Selection(version=PromptVersion(version=1, template="x"), label="production", variant=None),
