@@ -278,9 +278,13 @@ class Pii(_Strict):
     # environment's GATEWAY_PII_TIMEOUT_S).
     timeout_s: float | None = Field(None, gt=0, le=120)
     # Characters of one request's text that may go to analysis after pre-filtering (the text
-    # around candidate numbers and addresses; every character with person/location): about
-    # 4 s of a worker at most by default; past it the request is a 400 pii_too_much_to_check.
+    # around candidate numbers and addresses; every character with person/location); past it
+    # the request is a 400 pii_too_much_to_check.
     max_analysed_chars: int = Field(128 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # libphonenumber checks one request's phone-shaped numbers may take (a number takes one to a
+    # few dozen, each ≈ 0.1-0.4 ms: the default is ≈ 0.2-0.4 s of a worker); past it the request is a
+    # 400 pii_too_much_to_check naming the field. Distinct numbers only: a repeated one is free.
+    max_phone_checks: int = Field(1000, ge=100, le=10_000_000)
 
     @property
     def enabled(self) -> bool:

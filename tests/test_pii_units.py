@@ -343,3 +343,37 @@ def test_whatsapp_links_hold_phone_numbers(data_dir, text, number):
     (found,) = asyncio.run(Analyzer(0, 0).find(pii_corpus.spec(data_dir), [text]))
     start = text.index(number)
     assert any(e == "PHONE_NUMBER" and a <= start and start + len(number) <= b for a, b, e, _ in found), found
+
+
+def test_context_enhancer_finds_a_findings_token_by_bisection_as_presidio_would(data_dir):
+    """Presidio's context enhancer found each finding's token by walking the chunk's tokens from
+    the first: a 4 KiB chunk dense with findings (IP addresses, emails) was quadratic, ≈ 45 % of
+    its analysis. Ours bisects, never iterating the tokens, and picks the token Presidio's walk
+    picks for every offset (or fails where it fails)."""
+    from pathlib import Path
+
+    from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
+
+    from policies.pii import presidio_offline
+
+    engine = presidio_offline.nlp_engine(presidio_offline.blank_pipeline(Path(data_dir)))
+    text = "From 10.0.0.1 to  192.168.2.7:\tcall +44 20 7946 0958, mail a@b.org!  ok \n"
+    art = engine.process_text(text, "en")
+    enhancer = presidio_offline.context_enhancer()
+
+    class Unwalkable(type(art.tokens)):
+        def __iter__(self):
+            raise AssertionError("the tokens were walked")
+
+    tokens = list(art.tokens)
+    unwalkable = Unwalkable.__new__(Unwalkable)
+    list.extend(unwalkable, tokens)
+    unwalkable.ends = art.tokens.ends
+    for start in range(len(text) + 2):
+        try:
+            want = LemmaContextAwareEnhancer._find_index_of_match_token("w", start, tokens, art.tokens_indices)
+        except ValueError:
+            with pytest.raises(ValueError):
+                enhancer._find_index_of_match_token("w", start, unwalkable, art.tokens_indices)
+            continue
+        assert enhancer._find_index_of_match_token("w", start, unwalkable, art.tokens_indices) == want, start

@@ -66,20 +66,29 @@ TIMEOUT_S = 5.0  # an analysis call's timeout: this ...
 TIMEOUT_PER_CHAR_S = 20e-6  # ... plus this per character sent ...
 TIMEOUT_MAX_S = 60.0  # ... at most this
 # Characters one request's texts may send to Presidio after pre-filtering (the windows around
-# candidates, or whole texts for NER): the work is linear, but half a millisecond per
-# phone-shaped number — 8 MB of them held a worker, and every tenant's requests queued behind
-# it, for the whole 60 s timeout (about 4 s at this bound). Past it the request is refused
-# (400) before any analysis.
+# candidates, or whole texts for NER): the work is linear, but 8 MB of phone-shaped numbers
+# held a worker, and every tenant's requests queued behind it, for the whole 60 s timeout.
+# Past it the request is refused (400) before any analysis.
 MAX_ANALYSED_CHARS = 128 * 1024
+# libphonenumber checks one request's texts may take (``phone.checking``): each costs about
+# 0.1-0.4 ms, a phone-shaped number one to a dozen or more. Within 128 KiB, distinct numbers
+# took up to 19 s of a worker (loadtest/results/bench-pii-cost*.md); past this bound (≈ 0.2-0.5 s)
+# the request is refused (400) instead.
+MAX_PHONE_CHECKS = 1000
 
 
 class TooMuchToCheck(Exception):
-    """A request whose texts hold more than the budget to analyse (``chars`` of it)."""
+    """A request whose texts need more than the budget (``setting``) to analyse: ``chars``
+    characters, or ``chars`` phone-number checks, at least. ``item``: the item analysed when the
+    budget ran out; ``text``: that text's index among the texts of ``Analyzer.find``."""
 
-    def __init__(self, chars: int, budget: int) -> None:
-        super().__init__(f"{chars} characters to analyse, at most {budget}")
+    def __init__(self, chars: int, budget: int, setting: str = "max_analysed_chars", item: int | None = None) -> None:
+        super().__init__(f"{chars} to analyse, at most {budget} (pii.{setting})")
         self.chars = chars
         self.budget = budget
+        self.setting = setting
+        self.item = item
+        self.text: int | None = None
 
 
 _WS = re.compile(r"\s")
@@ -351,10 +360,16 @@ def _covered(pieces: list) -> int:
     return total
 
 
-def analyze_items(spec: Spec, items: list[Item], budget: int | None = None) -> list[list[Finding]]:
+def analyze_items(
+    spec: Spec, items: list[Item], budget: int | None = None, checks: int | None = None
+) -> list[list[Finding]]:
     """Findings per item, in text coordinates, resolved. An item is a whole text (pre-filtered
     and chunked here) or the chunks the serving process cut out of it. ``budget``: at most this
-    many characters go to Presidio over all the items, else ``TooMuchToCheck`` before any does."""
+    many characters go to Presidio over all the items, else ``TooMuchToCheck`` before any does;
+    ``checks``: at most this many phone-number checks over all the items, else ``TooMuchToCheck``
+    as soon as they are used up."""
+    from policies.pii import phone
+
     engine = _analyzer(spec)
     cut: list[list] = []
     for item in items:
@@ -366,16 +381,21 @@ def analyze_items(spec: Spec, items: list[Item], budget: int | None = None) -> l
         chars = sum(_covered(pieces) for pieces in cut)
         if chars > budget:
             raise TooMuchToCheck(chars, budget)
-    out = []
-    for pieces in cut:
-        acc: list[Finding] = []
-        for offset, chunk, kinds, cut_start, cut_end in pieces:
-            n = len(chunk)
-            for s, e, t, sc in _presidio(engine, spec, chunk, list(kinds)):
-                if (cut_start and s == 0) or (cut_end and e == n):
-                    continue  # cut in two here; the overlapping neighbour holds it whole
-                acc.append((s + offset, e + offset, t, sc))
-        out.append(resolve(acc))
+    out: list[list[Finding]] = []
+    with phone.checking(checks):
+        for pieces in cut:
+            acc: list[Finding] = []
+            for offset, chunk, kinds, cut_start, cut_end in pieces:
+                n = len(chunk)
+                try:
+                    found = _presidio(engine, spec, chunk, list(kinds))
+                except phone.TooManyChecks as exc:
+                    raise TooMuchToCheck(exc.checks, exc.budget, "max_phone_checks", len(out)) from None
+                for s, e, t, sc in found:
+                    if (cut_start and s == 0) or (cut_end and e == n):
+                        continue  # cut in two here; the overlapping neighbour holds it whole
+                    acc.append((s + offset, e + offset, t, sc))
+            out.append(resolve(acc))
     return out
 
 
@@ -490,11 +510,17 @@ class Analyzer:
     """Finds PII in texts for one process: cache → pre-filter → Presidio (in a worker pool)."""
 
     def __init__(
-        self, workers: int, cache_size: int, timeout: float | None = None, max_chars: int | None = MAX_ANALYSED_CHARS
+        self,
+        workers: int,
+        cache_size: int,
+        timeout: float | None = None,
+        max_chars: int | None = MAX_ANALYSED_CHARS,
+        max_checks: int | None = MAX_PHONE_CHECKS,
     ) -> None:
         self.workers = workers
         self.cache_size = cache_size
         self.max_chars = max_chars  # per ``find`` (one request's texts); None: no bound
+        self.max_checks = max_checks  # phone-number checks per ``find``; None: no bound
         self.timeout = timeout if timeout is not None else float(os.environ.get("GATEWAY_PII_TIMEOUT_S", TIMEOUT_S))
         self._cache: OrderedDict[bytes, tuple[Finding, ...]] = OrderedDict()
         self._prefilters: dict[Spec, Prefilter] = {}
@@ -551,7 +577,11 @@ class Analyzer:
                 items.append(text)
             todo.append((i, key))
         if items:
-            found = await self._analyze(spec, items)
+            try:
+                found = await self._analyze(spec, items)
+            except TooMuchToCheck as exc:
+                exc.text = todo[exc.item][0] if exc.item is not None and exc.item < len(todo) else None
+                raise
             for (i, key), fs in zip(todo, found, strict=True):
                 self._analysed.inc()
                 results[i] = tuple(fs)
@@ -562,12 +592,14 @@ class Analyzer:
         chars = sum(len(it) if isinstance(it, str) else sum(len(c[1]) for c in it) for it in items)
         timeout = timeout_for(self.timeout, chars)
         if self._pool is not None:
-            return await self._pool.call(spec, items, timeout, self.max_chars)
+            return await self._pool.call(spec, items, timeout, self.max_chars, self.max_checks)
         # In the serving process: a thread of its own, so the event loop keeps serving; a thread
         # cannot be stopped, but the request is answered (refused) when the timeout passes.
         if self._thread is None:
             self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pii")
-        fut = asyncio.get_running_loop().run_in_executor(self._thread, analyze_items, spec, items, self.max_chars)
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._thread, analyze_items, spec, items, self.max_chars, self.max_checks
+        )
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:

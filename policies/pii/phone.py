@@ -36,11 +36,21 @@ digits glued to Chinese, Japanese or Korean letters are not glued to a word.
 A number is looked for inside a longer run of digit groups (``+44 20 7946 0958 203.0``) only
 when the run starts with ``+``/``00``/``(`` or a phone word is near: otherwise a valid number
 hidden in a longer product code is a product code.
+
+Each libphonenumber parse or match of a candidate is a *check* (≈ 0.1-0.3 ms; a candidate takes
+one to a few dozen). Inside ``checking(limit)`` (one request's analysis) the checks of each
+distinct candidate are counted, memoized or not, and past ``limit`` ``TooManyChecks`` is raised:
+a request packed with phone-shaped numbers is refused instead of holding the worker, and every
+other tenant's requests queued behind it, for seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
+from collections.abc import Iterator
+from contextvars import ContextVar
 from functools import cache, lru_cache
 
 import phonenumbers
@@ -176,7 +186,50 @@ WIDE = (
 )  # fmt: skip
 
 
-@lru_cache(maxsize=4096)
+class TooManyChecks(Exception):
+    """One request's texts needed more than ``budget`` libphonenumber checks."""
+
+    def __init__(self, checks: int, budget: int) -> None:
+        super().__init__(f"{checks} phone-number checks, at most {budget}")
+        self.checks = checks
+        self.budget = budget
+
+
+class _Budget:
+    """The checks one request may use; each distinct candidate is charged once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.seen: set = set()
+
+    def charge(self, key: object, checks: int) -> None:
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        self.used += checks
+        if self.used > self.limit:
+            raise TooManyChecks(self.used, self.limit)
+
+
+_BUDGET: ContextVar[_Budget | None] = ContextVar("phone_check_budget", default=None)
+_tally = threading.local()  # checks done by this thread: what computing a memoized answer cost
+
+
+def _check() -> None:
+    _tally.n = getattr(_tally, "n", 0) + 1
+
+
+@contextlib.contextmanager
+def checking(limit: int | None) -> Iterator[None]:
+    """Within it, at most ``limit`` checks (None: no bound), else ``TooManyChecks``."""
+    token = _BUDGET.set(_Budget(limit) if limit is not None else None)
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
 def _valid_somewhere(candidate: str, regions: tuple[str, ...]) -> bool:
     """``candidate``, as a whole, is a valid national number of a ``WIDE`` region, grouped as
     that region writes it (its groups are the region's groups, or several of them run together,
@@ -197,6 +250,7 @@ def _valid_somewhere(candidate: str, regions: tuple[str, ...]) -> bool:
             plan.fullmatch(digits) or (prefix and digits.startswith(prefix) and plan.fullmatch(digits, len(prefix)))
         ):
             continue
+        _check()
         try:
             number = phonenumbers.parse(candidate, region)
         except phonenumbers.NumberParseException:
@@ -216,6 +270,7 @@ def _valid_somewhere(candidate: str, regions: tuple[str, ...]) -> bool:
 def _written_in(candidate: str, cuts: frozenset[int], regions: tuple[str, ...]) -> bool:
     """A configured region writes a number with exactly the groups of ``candidate``."""
     for region in regions:
+        _check()
         try:
             number = phonenumbers.parse(candidate, region)
         except phonenumbers.NumberParseException:
@@ -251,6 +306,7 @@ def _match(candidate: str, regions: tuple[str, ...], leniency: Leniency) -> tupl
     # A valid number wins over a merely possible one (which may be a part of the candidate).
     for level in (Leniency.VALID, Leniency.POSSIBLE) if leniency == Leniency.POSSIBLE else (leniency,):
         for region in regions:
+            _check()
             found = tuple(
                 (m.start, m.end)
                 for m in PhoneNumberMatcher(candidate, region, leniency=level)
@@ -270,6 +326,7 @@ def _one_number(candidate: str, head: str) -> bool:
     valid head keeps its neighbour out ("+44 20 7946 0958 2024")."""
     if sum(c.isdigit() for c in candidate) > 15:
         return False
+    _check()
     try:
         return not phonenumbers.is_valid_number(phonenumbers.parse(head))
     except phonenumbers.NumberParseException:
@@ -282,6 +339,15 @@ def _whole(candidate: str, end: int) -> bool:
 
 
 @lru_cache(maxsize=8192)
+def _costed(
+    candidate: str, regions: tuple[str, ...], leniency: Leniency, cut: bool, wide: bool
+) -> tuple[tuple[tuple[int, int], ...], int]:
+    """``_matches`` and the checks it took (charged again when the answer is memoized)."""
+    before = getattr(_tally, "n", 0)
+    found = _matches(candidate, regions, leniency, cut, wide)
+    return found, getattr(_tally, "n", 0) - before
+
+
 def _matches(
     candidate: str, regions: tuple[str, ...], leniency: Leniency, cut: bool, wide: bool
 ) -> tuple[tuple[int, int], ...]:
@@ -414,7 +480,7 @@ _WA_SEND = re.compile(r"whatsapp\.com/send", re.IGNORECASE)
 _WA_REACH = 200  # characters before ``phone=`` searched for the host
 
 
-def _links(text: str) -> list[tuple[int, int]]:
+def _links(text: str, budget: _Budget | None) -> list[tuple[int, int]]:
     out = []
     for m in _WA_LINK.finditer(text):
         if m.group().lower().startswith(("?", "&")):  # phone=: only in a whatsapp.com/send link
@@ -422,6 +488,8 @@ def _links(text: str) -> list[tuple[int, int]]:
             token = before.rsplit(None, 1)[-1] if before.strip() else ""
             if not _WA_SEND.search(token):
                 continue
+        if budget is not None:
+            budget.charge(("link", m.group(1)), 1)
         try:
             number = phonenumbers.parse("+" + m.group(1))
         except phonenumbers.NumberParseException:
@@ -433,7 +501,8 @@ def _links(text: str) -> list[tuple[int, int]]:
 
 def find(text: str, regions: tuple[str, ...]) -> list[tuple[int, int]]:
     text = fold(text)  # full-width digits, Unicode dashes and spaces: as ASCII, same offsets
-    out = _links(text)
+    budget = _BUDGET.get()
+    out = _links(text, budget)
     n = len(text)
     for m in CANDIDATE.finditer(text):
         s = m.group()
@@ -449,7 +518,10 @@ def find(text: str, regions: tuple[str, ...]) -> list[tuple[int, int]]:
         how = _how(text, m.start(), m.end(), s)
         if how is None:
             continue
-        out.extend((m.start() + a, m.start() + b) for a, b in _matches(s, regions, *how))
+        found, checks = _costed(s, regions, *how)
+        if budget is not None:
+            budget.charge((s, how), checks)
+        out.extend((m.start() + a, m.start() + b) for a, b in found)
     return out
 
 

@@ -59,6 +59,25 @@ class PiiUndecodable(InvalidRequest):
     default_code = "pii_undecodable"
 
 
+def _too_much(exc: TooMuchToCheck, slots: list[fields.Slot]) -> InvalidRequest:
+    """The 400 of a request past a per-request analysis bound, naming the field: the one being
+    checked when the phone-number checks ran out, else the longest."""
+    if exc.setting == "max_phone_checks":
+        message = (
+            "This request holds too many distinct phone-number-like numbers to check for personal data: "
+            f"checking them needs more than the {exc.budget:,} number checks allowed per request "
+            "(pii.max_phone_checks). Send fewer numbers at once."
+        )
+    else:
+        message = (
+            f"This request holds {exc.chars:,} characters of text around numbers and addresses to check "
+            f"for personal data; at most {exc.budget:,} are checked per request (pii.max_analysed_chars). "
+            "Send less at once."
+        )
+    slot = slots[exc.text] if exc.text is not None else max(slots, key=lambda s: len(s.text or ""))
+    return InvalidRequest(message, param=slot.path, code="pii_too_much_to_check")
+
+
 _THREAD_TOKENS = 20_000  # token arrays longer than this (in all) are decoded off the event loop
 
 
@@ -105,7 +124,11 @@ class Scrubber:
         self.policies = compile_policies(pii, data_dir)
         # pii.timeout_s when the config has it; else GATEWAY_PII_TIMEOUT_S or the default.
         self.analyzer = Analyzer(
-            pii.workers, pii.cache_size, getattr(pii, "timeout_s", None), getattr(pii, "max_analysed_chars", None)
+            pii.workers,
+            pii.cache_size,
+            getattr(pii, "timeout_s", None),
+            getattr(pii, "max_analysed_chars", None),
+            getattr(pii, "max_phone_checks", None),
         )
         self.secret = (pii.hash_secret or "").encode()
 
@@ -137,13 +160,7 @@ class Scrubber:
         try:
             findings = await self.analyzer.find(policy.spec, [s.text for s in slots]) if slots else []
         except TooMuchToCheck as exc:  # the request's own size: the client's to change
-            raise InvalidRequest(
-                f"This request holds {exc.chars:,} characters of text around numbers and addresses to check "
-                f"for personal data; at most {exc.budget:,} are checked per request (pii.max_analysed_chars). "
-                "Send less at once.",
-                param=max(slots, key=lambda s: len(s.text or "")).path,
-                code="pii_too_much_to_check",
-            ) from None
+            raise _too_much(exc, slots) from None
         except Exception as exc:  # fail closed: nothing leaves unscrubbed
             log.error("PII analysis failed: %s: %s", type(exc).__name__, exc)
             raise ServiceUnavailable(

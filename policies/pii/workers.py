@@ -144,8 +144,10 @@ class WorkerPool:
         for w in self.workers:
             await w.start(warm)
 
-    async def call(self, spec, items: list, budget_s: float, max_chars: int | None = None) -> list:
-        """``analysis.analyze_items(spec, items, max_chars)`` in a worker, within ``budget_s`` seconds."""
+    async def call(
+        self, spec, items: list, budget_s: float, max_chars: int | None = None, max_checks: int | None = None
+    ) -> list:
+        """``analysis.analyze_items(spec, items, max_chars, max_checks)`` in a worker, within ``budget_s`` seconds."""
         from policies.pii.analysis import AnalysisTimeout
 
         loop = asyncio.get_running_loop()
@@ -169,7 +171,7 @@ class WorkerPool:
             call_id = next(self._ids)
             fut = loop.create_future()
             worker.pending[call_id] = fut
-            worker.send(call_id, ("analyze", spec, items, max_chars))
+            worker.send(call_id, ("analyze", spec, items, max_chars, max_checks))
             try:
                 async with asyncio.timeout_at(deadline):
                     await worker.writer.drain()
@@ -234,7 +236,7 @@ def _serve(fd: int) -> None:
                 continue
             answer(call_id, True, analyze_items(payload[1], payload[2], *payload[3:]))
         except TooMuchToCheck as exc:  # the request's own size: refused as such, not as a failure
-            answer(call_id, False, ("TooMuchToCheck", exc.chars, exc.budget))
+            answer(call_id, False, ("TooMuchToCheck", exc.chars, exc.budget, exc.setting, exc.item))
         except Exception as exc:  # reported to the caller, who refuses the request
             answer(call_id, False, f"{type(exc).__name__}: {exc}")
 

@@ -557,9 +557,110 @@ def test_item2_the_budget_counts_each_character_once_and_is_checked_in_the_threa
     assert analysis._covered([(0, "a" * 4096, (), False, True), (3584, "b" * 1000, (), True, False)]) == 4584
     assert analysis._covered([(10, "x" * 5, ()), (100, "y" * 5, ())]) == 10
     spec = pii_corpus.spec(str(tmp_path))
-    small = Analyzer(0, 0, max_chars=8192)
+    small = Analyzer(0, 0, max_chars=8192, max_checks=None)  # the characters alone (phone checks: below)
     with pytest.raises(analysis.TooMuchToCheck) as refused:
         asyncio.run(small.find(spec, ["ok", _dense_phones(10_000, seed=3)]))
     assert refused.value.chars > 8192 and refused.value.budget == 8192
     (found,) = asyncio.run(small.find(spec, [_dense_phones(4_000, seed=4)]))
     assert len(found) > 50
+
+
+def _crafted_phones(chars: int, seed: int) -> str:
+    """Distinct runs of two-digit groups with the area code in parentheses: each is a phone
+    candidate whose every cut is tried in a dozen numbering plans (a few dozen checks each)."""
+    rnd = random.Random(seed)
+    parts, n = [], 0
+    while n < chars:
+        part = f"({rnd.randint(10, 99)}) " + " ".join(f"{rnd.randint(0, 99):02d}" for _ in range(5)) + ", "
+        parts.append(part)
+        n += len(part)
+    return "".join(parts)[: chars - 2]
+
+
+@pytest.fixture(scope="module")
+def other_tenant_key(services, tmp_root) -> str:
+    out = run_cli("keys", "create", "--name", "pii-other", "--tenant", "pii-other", urls=services, tmp=tmp_root)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()[0].strip()
+
+
+def test_item2_a_request_packed_with_phone_like_numbers_is_refused_and_others_are_served(
+    gw, api_key, other_tenant_key, mock
+):
+    """Under ``pii.max_analysed_chars`` (128 KiB), a text of distinct phone-shaped numbers whose
+    every cut libphonenumber tries took ≈ 25 s of the PII worker (each number several dozen
+    checks): past the 5-8 s timeout the worker was killed (503), and every tenant's requests
+    that needed analysis queued behind it. The libphonenumber checks one request may take are
+    bounded (``pii.max_phone_checks``): it is analysed or refused with a 400 naming the field it
+    ran out in — never sent unscrubbed, never a timeout — and another tenant's request sent
+    meanwhile is served (scrubbed)."""
+    workers = _worker_pids(gw)
+    hostile = _crafted_phones(128 * 1024 - 256, seed=11)
+    result: dict = {}
+
+    def send_hostile() -> None:
+        body = {
+            "model": "gpt-mock",
+            "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": hostile}],
+        }
+        result["response"] = _post(gw, api_key, "/v1/chat/completions", body, timeout=300)
+
+    mock.clear()
+    thread = threading.Thread(target=send_hostile)
+    thread.start()
+    try:
+        other = _chat(gw, other_tenant_key, f"Please call me back on {PHONE}, thanks")
+    finally:
+        thread.join(300)
+    assert other.status_code == 200, other.text[:300]
+    r = result["response"]
+    assert r.status_code in (200, 400), r.text[:300]
+    sent = [m["body"]["messages"][-1]["content"] for m in mock.requests()]
+    assert all(PHONE not in c for c in sent)  # the other tenant's number left scrubbed
+    if r.status_code == 400:
+        error = r.json()["error"]
+        assert error["code"] == "pii_too_much_to_check" and error["param"] == "messages[1].content", error
+        assert error["type"] == "invalid_request_error" and "pii.max_phone_checks" in error["message"]
+        assert all(hostile[:20] not in c for c in sent)  # nothing of it left the gateway
+    assert _worker_pids(gw) == workers  # refused or answered, not timed out: the worker was not replaced
+
+
+def test_item2_phone_checks_are_counted_per_distinct_number_whatever_is_memoized(tmp_path):
+    """The bound counts libphonenumber's work on each distinct candidate of the request, memoized
+    or not: the same request is refused on a fresh worker and on one that has seen its numbers
+    (a replica's luck never decides), a number repeated a thousand times is counted once, and
+    the refusal names the text it ran out in."""
+    from policies.pii import phone
+
+    spec = pii_corpus.spec(str(tmp_path))
+    small = Analyzer(0, 0, max_checks=300)
+    dense = _crafted_phones(4_000, seed=5)
+    for _ in range(2):  # the second time, every answer is memoized
+        with pytest.raises(analysis.TooMuchToCheck) as refused:
+            asyncio.run(small.find(spec, ["ok", "call me", dense, "and more"]))
+        assert refused.value.setting == "max_phone_checks" and refused.value.budget == 300
+        assert refused.value.text == 2 and refused.value.chars > 300
+    phone._costed.cache_clear()
+    (found,) = asyncio.run(small.find(spec, [f"call {PHONE} now; " * 1000]))
+    assert len(found) == 1000
+    unbounded = Analyzer(0, 0, max_checks=None)
+    (found,) = asyncio.run(unbounded.find(spec, [dense]))
+    assert len(found) > 20  # the same text, without the bound, is analysed in full
+
+
+@pytest.mark.parametrize("value", [0, 99, -1, 10**9, "many", 1.5])
+def test_item2_max_phone_checks_must_be_a_sane_count(value):
+    from core.config import ConfigError, parse_config
+
+    cfg = gateway_config(type("M", (), {"url": "http://mock"})(), pii={"max_phone_checks": value, **PII})
+    with pytest.raises(ConfigError) as err:
+        parse_config(cfg)
+    assert any("pii.max_phone_checks" in p for p in err.value.problems), err.value.problems
+
+
+def test_item2_max_phone_checks_is_read_from_config_with_a_default():
+    from core.config import parse_config
+
+    mock = type("M", (), {"url": "http://mock"})()
+    assert parse_config(gateway_config(mock, pii=PII)).pii.max_phone_checks == analysis.MAX_PHONE_CHECKS
+    assert parse_config(gateway_config(mock, pii={**PII, "max_phone_checks": 5000})).pii.max_phone_checks == 5000
