@@ -379,9 +379,9 @@ class Queue:
         busy queue makes three per message. Everything else goes through ``redis``.
         ``liveness_ttl``: seconds after its last sign of life a consumer's entries are claimed
         (capped by ``visibility_timeout``, which still applies to consumers that never announce
-        themselves). ``dead_tag(message)``: the tag a dead letter is found by (``drop_dead_tagged``),
-        for a queue whose messages hold what must stay erasable (a customer's words); None, or an
-        untagged message: ''."""
+        themselves). ``dead_tag(message)``: the tag a message's dead letter is found by
+        (``drop_dead_tagged``; None: untagged), for a queue whose messages hold what must stay
+        erasable (a customer's words)."""
         if not _NAME.match(name) or not _NAME.match(group):
             raise ValueError("queue and group names are 1-64 of [a-z0-9_.-]")
         if visibility_timeout <= 0 or max_retries < 0 or backoff_base < 0 or backoff_max < 0:

@@ -38,7 +38,8 @@ def dead_tag(accounts: dict[str, WhatsAppAccount]) -> Callable[[dict], str | Non
         payload = message.get("payload")
         if not isinstance(payload, dict):
             return None
-        acct = accounts.get(payload.get("account"))  # type: ignore[arg-type]
+        account = payload.get("account")
+        acct = accounts.get(account) if isinstance(account, str) else None
         if acct is None:
             return None
         named = payload.get("conversation_id")
