@@ -291,6 +291,8 @@ class FairQueue(Queue):
         are served in arrival order."""
         if options.get("ordered"):
             raise ValueError("a FairQueue does not keep a key's order")
+        if options.get("dead_tag") is not None:
+            raise ValueError("a FairQueue does not tag its dead letters")
         super().__init__(redis, name, **options)
         self.key_of = key_of
         self.sub_key_of = sub_key_of

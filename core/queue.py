@@ -17,6 +17,9 @@ Keys (one hash tag, so every script's keys share a cluster slot), for a queue ``
                  re-enqueuing with a not-before time: a not-yet-due entry would be read, found
                  early, and put back over and over; here nothing is read before it is due.
 - ``P:dead``     the dead-letter stream (the message, its last error, the time).
+- ``P:dead:tags`` a queue given ``dead_tag``: each dead letter's tag alone, under its id (and
+                 ``P:dead:tags0``, those of the dead letters there before), by which
+                 ``drop_dead_tagged`` drops a conversation's letters (``core.dead_tags``).
 - ``P:live``     every accepted, unfinished message id scored by its enqueue time: depth and the
                  age of the oldest message without scanning anything.
 - ``P:d:<hash>`` a dedupe key (SET NX with a TTL) holding the id of the message it let in.
@@ -66,6 +69,7 @@ from prometheus_client import Counter, Gauge
 from redis.exceptions import NoScriptError, ResponseError
 
 from core.background import pause, stop_tasks
+from core.dead_tags import drop_tagged, forget, tag_older, tag_streams
 from core.errors import ServiceUnavailable
 from core.metrics import _Children
 from core.stream_writer import entry_id as is_entry_id
@@ -172,9 +176,10 @@ if ARGV[4] ~= '0' then redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[4]) end
 return {1, ARGV[1]}
 """
 
-# KEYS: stream, live, delayed, dead, counters, list
+# KEYS: stream, live, delayed, dead, counters, list, dead letters' tags
 # ARGV: group, consumer, entry_id, mode (done|retry|dead), job_id, packed, due_ms, ordered, keyhash,
-#       failed_at, dead_max, count_retry, absorbed (ordered, done: messages behind the head also done)
+#       failed_at, dead_max, count_retry, absorbed (ordered, done: messages behind the head also done),
+#       tagged ('1': the dead letter's tag goes beside it, both trimmed exactly), the tag
 _FINISH = (
     _OWNED
     + """
@@ -198,7 +203,12 @@ if ARGV[4] == 'retry' and (head_is_job or not ordered) then
   return 1
 end
 if ARGV[4] == 'dead' then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*', 'm', ARGV[6], 'failed_at', ARGV[10])
+  if ARGV[14] == '1' then
+    local id = redis.call('XADD', KEYS[4], 'MAXLEN', ARGV[11], '*', 'm', ARGV[6], 'failed_at', ARGV[10])
+    redis.call('XADD', KEYS[7], 'MAXLEN', ARGV[11], id, 't', ARGV[15])
+  else
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*', 'm', ARGV[6], 'failed_at', ARGV[10])
+  end
   redis.call('HINCRBY', KEYS[5], 'dead', 1)
 end
 redis.call('ZREM', KEYS[2], ARGV[5])
@@ -362,13 +372,16 @@ class Queue:
         stop_timeout: float = 30.0,
         on_dead: Callable[[Job, str], Awaitable[None]] | None = None,
         fast=None,
+        dead_tag: Callable[[dict], str | None] | None = None,
     ) -> None:
         """``fast``: a core/fastredis.py client for the per-message steps (enqueue, the head's
         read, the finishing script): redis-py spends ~150 µs of Python per command, and a
         busy queue makes three per message. Everything else goes through ``redis``.
         ``liveness_ttl``: seconds after its last sign of life a consumer's entries are claimed
         (capped by ``visibility_timeout``, which still applies to consumers that never announce
-        themselves)."""
+        themselves). ``dead_tag(message)``: the tag a message's dead letter is found by
+        (``drop_dead_tagged``; None: untagged), for a queue whose messages hold what must stay
+        erasable (a customer's words)."""
         if not _NAME.match(name) or not _NAME.match(group):
             raise ValueError("queue and group names are 1-64 of [a-z0-9_.-]")
         if visibility_timeout <= 0 or max_retries < 0 or backoff_base < 0 or backoff_max < 0:
@@ -390,6 +403,7 @@ class Queue:
         self.poll = min(poll, visibility_timeout / 3)
         self.stop_timeout = stop_timeout
         self.on_dead = on_dead  # called after a message went to the dead letters (not on drop)
+        self.dead_tag = dead_tag
         p = f"gw:{{gw}}:q:{name}"
         self.stream, self.dead, self.delayed, self.live, self.counters = (
             p,
@@ -399,6 +413,7 @@ class Queue:
             f"{p}:n",
         )
         self._prefix = p
+        self.dead_tags = tag_streams(self.dead)[0]
         self._enqueue = redis.register_script(_ENQUEUE)
         self._finish = redis.register_script(_FINISH)
         self._move_due = redis.register_script(_MOVE_DUE)
@@ -516,6 +531,9 @@ class Queue:
         recover = True  # this consumer's own unheld entries: at start, and after every failed step
         loop = asyncio.get_running_loop()
         beat = asyncio.create_task(self._beat(), name=f"queue-{self.name}-beat")
+        tasks = [beat]
+        if self.dead_tag is not None:  # the dead letters of a release before the tags: once per queue
+            tasks.append(asyncio.create_task(self._tag_older_dead(), name=f"queue-{self.name}-dead-tags"))
         try:
             while not self._stopping.is_set():
                 try:
@@ -552,7 +570,7 @@ class Queue:
                     await self._renew_claims()
             await stop_tasks(list(self._inflight.values()), grace=3.0)
         finally:
-            await stop_tasks([beat], grace=2.0)
+            await stop_tasks(tasks, grace=2.0)
             with contextlib.suppress(Exception):  # departed: what is still pending is claimed at once
                 await asyncio.wait_for(self._redis.zadd(self.consumers, {self.consumer: 0}), 2.0)
             self._stopped.set()
@@ -718,7 +736,7 @@ class Queue:
         """The finishing script's call (``_settle``'s; a subclass files messages its own way)."""
         return await self._script(
             self._finish,
-            [self.stream, self.live, self.delayed, self.dead, self.counters, self._list_key(keyhash)],
+            [self.stream, self.live, self.delayed, self.dead, self.counters, self._list_key(keyhash), self.dead_tags],
             [
                 self.group,
                 self.consumer,
@@ -733,8 +751,20 @@ class Queue:
                 self.max_dead,
                 "1" if count else "0",
                 absorbed,
+                "1" if self.dead_tag is not None else "0",
+                self._tag(msg) if mode == "dead" else "",
             ],
         )
+
+    def _tag(self, msg: dict) -> str:
+        """A message's dead-letter tag ('' none; a tag that fails is none, never a lost letter)."""
+        if self.dead_tag is None:
+            return ""
+        try:
+            return self.dead_tag(msg) or ""
+        except Exception as exc:
+            log.warning("queue %s: dead letter of %s not tagged: %s", self.name, msg.get("id"), type(exc).__name__)
+            return ""
 
     # -- upkeep -----------------------------------------------------------------------------
 
@@ -875,12 +905,32 @@ class Queue:
             keys=[self.dead, self.stream, self.live, self._list_key(keyhash)],
             args=[id, "1" if self.ordered else "0", keyhash, orjson.dumps(msg), msg["id"], int(time.time() * 1000)],
         )
+        await forget(self._redis, self.dead, id)  # (back on the queue)
         return bool(done)
 
     async def drop_dead(self, id: str) -> bool:
         if not isinstance(id, str) or not is_entry_id(id):
             return False
+        await forget(self._redis, self.dead, id)
         return bool(await self._redis.xdel(self.dead, id))
+
+    async def drop_dead_tagged(self, tags: set[str]) -> int:
+        """Drops the dead letters tagged with one of ``tags`` (``dead_tag``); the number dropped.
+        Reads the tags alone, a page a call (``core.dead_tags.drop_tagged``): never one script over
+        every dead letter, whatever their number and sizes."""
+        return await drop_tagged(self._redis, self.dead, tags)
+
+    async def _tag_older_dead(self) -> None:
+        """The dead letters written before this queue tagged them (an older release's) get their
+        tags, read from their messages (``core.dead_tags.tag_older``): once per queue."""
+        if self.dead_tag is not None:
+            await tag_older(
+                self._redis, self.dead, self.consumer, self._older_tag, self._stopping, MAX_PAYLOAD_BYTES * 2
+            )
+
+    def _older_tag(self, fields: dict) -> str:
+        raw = fields.get(b"m") or fields.get("m")
+        return self._tag(orjson.loads(raw)) if raw else ""
 
     async def stats(self) -> dict:
         await self._ensure_group()

@@ -37,6 +37,16 @@ import asyncpg
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from core.background import pause, stop_task
+from core.dead_tags import (
+    DEAD_PAGE,
+    DEAD_PAGE_BYTES,
+    DEAD_TAGGED,
+    drop_tagged,
+    entries,
+    forget,
+    tag_older,
+    tag_streams,
+)
 from core.metrics import DEAD_LETTERS, SPILL_FAILURES, SPILLED
 from core.stream_spill import SpillFile, chunks
 
@@ -61,7 +71,6 @@ def entry_id(text: str) -> bool:
 
 
 DEAD_FIELD_CHARS = 4096  # of each field a dead letter's listing shows
-DEAD_PAGE_BYTES = 8 * 1024 * 1024  # records read for one page of dead letters (then: has_more)
 
 # KEYS: the dead-letter stream, the stream. ARGV: the dead letter's id. Moves it back to the
 # stream (without its error field) as a new entry, atomically; 0 when there is none.
@@ -76,59 +85,6 @@ if #fields == 0 then fields = {'error', ''} end
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('XDEL', KEYS[1], ARGV[1])
 return 1
-"""
-
-# A page of dead letters: one entry at a time, until ARGV[2] entries or ARGV[3] bytes of fields read
-# (the entry that passes the budget included), each field sent cut to its first ARGV[4] bytes.
-# KEYS: dead. ARGV: the start ('-', or '(' and an id), most entries, byte budget, bytes kept of a
-# field. Returns {more (0: the stream ended), entries}.
-_DEAD_PAGE = """
-local out, read, start = {}, 0, ARGV[1]
-local limit, budget, cut = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-while #out < limit and read < budget do
-  local got = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1)
-  if #got == 0 then return {0, out} end
-  local flat, fields = got[1][2], {}
-  for i = 1, #flat, 2 do
-    read = read + #flat[i] + #flat[i + 1]
-    fields[i] = flat[i]
-    fields[i + 1] = string.sub(flat[i + 1], 1, cut)
-  end
-  out[#out + 1] = {got[1][1], fields}
-  start = '(' .. got[1][1]
-end
-return {1, out}
-"""
-
-# A dead letter of a writer that tags them (``dead_tag``): the record in ``<stream>:dead`` and, under
-# the same id, its tag alone in ``<stream>:dead:tags`` — both trimmed to the newest ARGV[1] exactly,
-# so they hold the same ids (the tags are what a search reads, never the records). KEYS: dead,
-# tags. ARGV: most kept, the tag ('' none), then the record's fields and values.
-_DEAD_TAGGED = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', unpack(ARGV, 3))
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], id, 't', ARGV[2])
-return id
-"""
-
-# The dead letters of some tags dropped, ``_TAG_SCAN`` tags read per call (small entries: a call
-# takes well under a millisecond whatever the records' sizes). KEYS: dead, tags. ARGV: the
-# start ('-', or '(' and the last id read), then the tags. Returns {dropped, the last id read
-# ('' when the scan is complete)}.
-_TAG_SCAN = 1000
-_DROP_TAGGED = f"""
-local wanted = {{}}
-for i = 2, #ARGV do wanted[ARGV[i]] = true end
-local got = redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', {_TAG_SCAN})
-local dropped = 0
-for _, entry in ipairs(got) do
-  local fields = entry[2]
-  if fields and fields[2] and wanted[fields[2]] then
-    dropped = dropped + redis.call('XDEL', KEYS[1], entry[1])
-    redis.call('XDEL', KEYS[2], entry[1])
-  end
-end
-if #got < {_TAG_SCAN} then return {{dropped, ''}} end
-return {{dropped, got[#got][1]}}
 """
 
 # Shared by the scripts: ``take(got)`` adds a reply's entries to ``out``, counting their field
@@ -209,16 +165,6 @@ end
 return {{start, out}}
 """
 )
-
-
-def entries(raw: list) -> list[tuple[bytes, dict]]:
-    """``(id, fields)`` of stream entries as RESP2 gives them: ``[id, [k1, v1, k2, v2...]]``, the
-    fields nil for an entry deleted since it was read."""
-    out = []
-    for entry_id, flat in raw:
-        pairs = iter(flat or ())
-        out.append((entry_id, dict(zip(pairs, pairs, strict=False))))
-    return out
 
 
 def _text(value) -> str:
@@ -524,8 +470,8 @@ class StreamWriter:
                 await self._redis.xadd(f"{self.stream}:dead", fields, maxlen=DEAD_MAX, approximate=True)
                 continue
             flat = [part for pair in fields.items() for part in pair]
-            keys = [f"{self.stream}:dead", f"{self.stream}:dead:tags"]
-            await self._redis.eval(_DEAD_TAGGED, 2, *keys, DEAD_MAX, self._dead_tag(record) or "", *flat)
+            keys = [f"{self.stream}:dead", tag_streams(f"{self.stream}:dead")[0]]
+            await self._redis.eval(DEAD_TAGGED, 2, *keys, DEAD_MAX, self._dead_tag(record) or "", *flat)
 
     async def _write_batch(self, records: list[dict]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -551,11 +497,11 @@ class StreamWriter:
         """The oldest dead letters first (after ``after``, an id): id, the error PostgreSQL gave
         (its SQLSTATE), the record's fields as text (each cut at ``DEAD_FIELD_CHARS``); and
         whether there may be more. A page stops after about ``DEAD_PAGE_BYTES`` of records read
-        (a memory dead letter is a whole turn), sized one by one in Redis (``_DEAD_PAGE``), which
+        (a memory dead letter is a whole turn), sized one by one in Redis (``DEAD_PAGE``), which
         sends each field already cut: this process never holds a whole large record."""
         start = "-" if after is None else f"({after}"
         more, raw = await self._redis.eval(
-            _DEAD_PAGE, 1, f"{self.stream}:dead", start, limit, DEAD_PAGE_BYTES, DEAD_FIELD_CHARS * 4
+            DEAD_PAGE, 1, f"{self.stream}:dead", start, limit, DEAD_PAGE_BYTES, DEAD_FIELD_CHARS * 4
         )
         out: list[dict] = []
         for entry_id, fields in entries(raw):
@@ -571,65 +517,27 @@ class StreamWriter:
         if not entry_id(dead_id):
             return False
         revived = bool(await self._redis.eval(_REVIVE, 2, f"{self.stream}:dead", self.stream, dead_id))
-        for tag_stream in (f"{self.stream}:dead:tags", f"{self.stream}:dead:tags0"):  # (back in the stream)
-            await self._redis.xdel(tag_stream, dead_id)
+        await forget(self._redis, f"{self.stream}:dead", dead_id)  # (back in the stream)
         return revived
 
     async def drop_dead(self, dead_id: str) -> bool:
         if not entry_id(dead_id):
             return False
-        for tag_stream in (f"{self.stream}:dead:tags", f"{self.stream}:dead:tags0"):
-            await self._redis.xdel(tag_stream, dead_id)
+        await forget(self._redis, f"{self.stream}:dead", dead_id)
         return bool(await self._redis.xdel(f"{self.stream}:dead", dead_id))
 
     async def drop_dead_tagged(self, tags: set[str]) -> int:
         """Drops the dead letters tagged with one of ``tags`` (``dead_tag``); the number dropped.
-        Reads the tags only, ``_TAG_SCAN`` a call: at most ``DEAD_MAX / _TAG_SCAN`` short calls
-        whatever the records' sizes (and as many for an older release's, ``_tag_older_dead``)."""
-        if not tags:
-            return 0
-        dropped = 0
-        for tag_stream in (f"{self.stream}:dead:tags", f"{self.stream}:dead:tags0"):
-            start = "-"
-            while True:
-                n, last = await self._redis.eval(
-                    _DROP_TAGGED, 2, f"{self.stream}:dead", tag_stream, start, *sorted(tags)
-                )
-                dropped += int(n)
-                if not last:
-                    break
-                start = f"({_text(last)}"
-        return dropped
+        Reads the tags only (``core.dead_tags.drop_tagged``): at most ``DEAD_MAX / TAG_SCAN`` short
+        calls whatever the records' sizes (and as many for an older release's, ``_tag_older_dead``)."""
+        return await drop_tagged(self._redis, f"{self.stream}:dead", tags)
 
     async def _tag_older_dead(self) -> None:
-        """Once per stream (any replica; resumed if it dies): the dead letters there before they
-        were tagged (an older release's) get their tags in ``<stream>:dead:tags0``, read a page
-        at a time with each field cut (``_DEAD_PAGE``: a record's first bytes name its
-        conversation), so an erasure finds them too."""
-        legacy = f"{self.stream}:dead:tags0"
-        try:
-            if await self._redis.exists(f"{legacy}:done"):
-                return
-            if not await self._redis.set(f"{legacy}:lock", self._name, nx=True, ex=600):
-                return  # another replica is at it
-            done = await self._redis.xrevrange(legacy, count=1)
-            start = f"({_text(done[0][0])}" if done else "-"
-            while not self._stopping.is_set():
-                more, raw = await self._redis.eval(
-                    _DEAD_PAGE, 1, f"{self.stream}:dead", start, 500, DEAD_PAGE_BYTES, 2048
-                )
-                found = entries(raw)
-                for entry_id, fields in found:
-                    await self._redis.xadd(legacy, {"t": self._dead_tag(fields) or ""}, id=entry_id)
-                if not more or not found:
-                    await self._redis.set(f"{legacy}:done", "1")
-                    break
-                start = f"({_text(found[-1][0])}"
-            await self._redis.delete(f"{legacy}:lock")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # Redis away: the next start tries again
-            log.warning("%s: older dead letters not tagged yet: %s", self.stream, exc)
+        """Once per stream: the dead letters there before they were tagged (an older release's) get
+        their tags in ``<stream>:dead:tags0`` (``core.dead_tags.tag_older``), each field cut (a
+        record's first bytes name its conversation), so an erasure finds them too."""
+        if self._dead_tag is not None:
+            await tag_older(self._redis, f"{self.stream}:dead", self._name, self._dead_tag, self._stopping, 2048)
 
     async def _claim_stale(self) -> None:
         """Entries a dead consumer read but never acknowledged become ours (bounded like reads)."""

@@ -2,7 +2,8 @@
 
 An agent's ``memory.retention_days`` (0, the default: kept for good) deletes each of its
 conversations once it has been silent that long — the conversation row, every message of it
-(by cascade), its memory dead letters, and the copies of its words an erasure clears too
+(by cascade), its memory dead letters and channel queue dead letters (a WhatsApp customer's
+message whose processing failed after its last retry), and the copies of its words an erasure clears too
 (``runtime.conversations.forget_copies``: the feedback on it or its turns; its escalations',
 channel records' and unapproved learned examples' words — what is older than the retention).
 Its recent window in Redis is dropped as well: an agent with a retention keeps its window at most
@@ -20,6 +21,7 @@ just lowered) is worked off over several sweeps, never in one long transaction.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
@@ -50,20 +52,27 @@ ORDER BY last_at LIMIT {BATCH} FOR UPDATE SKIP LOCKED
 """
 
 
+# (tenant, conversation ids) -> the channel queues' dead letters of those conversations dropped
+ChannelDeadLetters = Callable[[str, list[str]], Awaitable[int]]
+
+
 def interval() -> float:
     return env_float(INTERVAL_ENV, DEFAULT_INTERVAL) or DEFAULT_INTERVAL
 
 
-async def sweep(pool: asyncpg.Pool, memory: Memory | None = None) -> int:
+async def sweep(
+    pool: asyncpg.Pool, memory: Memory | None = None, channel_dead: ChannelDeadLetters | None = None
+) -> int:
     """One sweep over every agent with a retention: the number of conversations deleted.
-    ``memory``: their windows in Redis and memory dead letters go too."""
+    ``memory``: their windows in Redis and memory dead letters go too; ``channel_dead``: their
+    channel queues' dead letters (``channels.whatsapp.dead_letters.drop``)."""
     async with tenant_transaction(pool, None) as conn:
         agents = await conn.fetch(_AGENTS)
     total = 0
     for agent in agents:
         deleted = 0
         for _ in range(MAX_BATCHES):
-            n = await _delete_batch(pool, memory, agent["tenant"], agent["id"], agent["days"])
+            n = await _delete_batch(pool, memory, channel_dead, agent["tenant"], agent["id"], agent["days"])
             deleted += n
             if n < BATCH:
                 break
@@ -76,7 +85,14 @@ async def sweep(pool: asyncpg.Pool, memory: Memory | None = None) -> int:
     return total
 
 
-async def _delete_batch(pool: asyncpg.Pool, memory: Memory | None, tenant: str, agent_id: str, days: int) -> int:
+async def _delete_batch(
+    pool: asyncpg.Pool,
+    memory: Memory | None,
+    channel_dead: ChannelDeadLetters | None,
+    tenant: str,
+    agent_id: str,
+    days: int,
+) -> int:
     """Up to ``BATCH`` conversations of the agent past its retention, in one transaction: Redis
     first (a reload that read PostgreSQL before the commit does not warm the window again: the
     erased mark), then the copies of their words, then the rows. Redis away: nothing is deleted
@@ -89,6 +105,8 @@ async def _delete_batch(pool: asyncpg.Pool, memory: Memory | None, tenant: str, 
         if memory is not None:
             await memory.forget_many(tenant, agent_id, ids)
             await memory.drop_dead_letters(tenant, [(agent_id, c) for c in ids])
+        if channel_dead is not None:
+            await channel_dead(tenant, ids)
         await conversations.forget_copies(conn, tenant, [agent_id], ids, before=old[0]["cutoff"])
         await conn.execute(
             "DELETE FROM conversations WHERE tenant = $1 AND id = ANY($2::text[])", tenant, [r["id"] for r in old]
@@ -97,10 +115,17 @@ async def _delete_batch(pool: asyncpg.Pool, memory: Memory | None, tenant: str, 
 
 
 class RetentionSweeper(Periodic):
-    def __init__(self, pool: asyncpg.Pool, every: float | None = None, memory: Memory | None = None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        every: float | None = None,
+        memory: Memory | None = None,
+        channel_dead: ChannelDeadLetters | None = None,
+    ) -> None:
         self.pool = pool
         self.memory = memory
+        self.channel_dead = channel_dead
         super().__init__("conversation-retention", every or interval(), self._sweep, log)
 
     async def _sweep(self) -> None:
-        await sweep(self.pool, self.memory)
+        await sweep(self.pool, self.memory, self.channel_dead)

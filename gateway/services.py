@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
-from channels.whatsapp import WhatsApp
+from channels.whatsapp import WhatsApp, dead_letters
 from core.config import Config
 from core.fastredis import PipelinedRedis
 from core.upstream import Upstream
@@ -147,7 +148,8 @@ class Services:
             await kb.start()
         expiry = ExpirySweeper(pool, settings.data_dir.resolve())
         expiry.start()
-        retention = RetentionSweeper(pool, memory=memory)
+        # (a channel's dead letters are dropped through Redis alone: with or without its accounts here)
+        retention = RetentionSweeper(pool, memory=memory, channel_dead=functools.partial(dead_letters.drop, redis))
         retention.start()
         hitl = await hitl_service.start(
             settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder

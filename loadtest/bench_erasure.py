@@ -23,7 +23,8 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
-from core.stream_writer import _DEAD_TAGGED, DEAD_MAX, StreamWriter
+from core.dead_tags import DEAD_TAGGED
+from core.stream_writer import DEAD_MAX, StreamWriter
 from gateway.db import migrate
 from gateway.embedded import EmbeddedServices
 from runtime import conversations
@@ -99,7 +100,7 @@ async def dead_letters(redis_url: str) -> dict:
         pipe = r.pipeline(transaction=False)
         for i in range(DEAD_MAX):
             tag = conversation_tag("t", "a", f"c{i}")
-            pipe.eval(_DEAD_TAGGED, 2, *keys, DEAD_MAX, tag, "r", record, "error", "22P02")
+            pipe.eval(DEAD_TAGGED, 2, *keys, DEAD_MAX, tag, "r", record, "error", "22P02")
         await pipe.execute()
         writer = StreamWriter(r, None, stream=stream, group="g", write=None)
         times = []

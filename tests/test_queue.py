@@ -13,6 +13,7 @@ import uuid
 from collections import defaultdict
 from pathlib import Path
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import generate_latest
@@ -173,6 +174,47 @@ def test_dead_letters_can_be_retried_and_dropped(services, ordered):
         s = await q.stats()
         assert s["dead_letters"] == 0 and s["depth"] == 0 and s["pending"] == 0
         await r.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_tagged_queues_dead_letters_are_dropped_by_their_tag_past_the_first_page(services, ordered):
+    """A queue given ``dead_tag`` tags each dead letter as it dies; ``drop_dead_tagged`` drops
+    those of some tags, reading the tags a page at a time (here behind 2,500 others' letters,
+    past the first page), and a letter retried or dropped by its id leaves no tag behind."""
+    from core.dead_tags import DEAD_TAGGED, TAG_SCAN
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        q = Queue(r, _name(), max_retries=0, ordered=ordered, dead_tag=lambda m: m["payload"].get("conv"))
+        await r.set(f"{q.dead}:tags0:done", "1")  # (no older release's letters: tagged as they die)
+        try:
+            async with r.pipeline(transaction=False) as pipe:  # others' letters first, as the queue tags them
+                for i in range(int(TAG_SCAN * 2.5)):
+                    pipe.eval(DEAD_TAGGED, 2, q.dead, q.dead_tags, q.max_dead, f"other-{i}", "m", "{}", "failed_at", 0)
+                await pipe.execute()
+
+            async def handler(job):
+                raise Fatal("unusable")
+
+            for conv in ("erased", "erased", "kept", "retried"):
+                await q.enqueue({"conv": conv, "words": f"words of {conv}"}, key=conv)
+            async with Worker(q, handler):
+                await _until_stats(q, lambda s: s["dead_letters"] == int(TAG_SCAN * 2.5) + 4, "four dead letters")
+            letters = [(i, f[b"m"]) for i, f in await r.xrange(q.dead, "-", "+") if f[b"m"] != b"{}"]
+            mine = {i.decode(): m for i, m in letters}
+            assert len(mine) == 4
+            retried = next(i for i, m in mine.items() if b'"retried"' in m)
+            assert await q.retry_dead(retried)
+            assert await q.drop_dead_tagged({"erased"}) == 2
+            assert await q.drop_dead_tagged({"erased", "retried"}) == 0  # (the retried one is back on the queue)
+            left = [orjson.loads(f[b"m"])["payload"]["conv"] for _, f in await r.xrange(q.dead) if f[b"m"] != b"{}"]
+            assert left == ["kept"]
+            assert await r.xlen(q.dead_tags) == await r.xlen(q.dead)  # the same letters, by the same ids
+        finally:
+            await r.delete(q.dead, q.dead_tags, f"{q.dead}:tags0:done")
+            await r.aclose()
 
     asyncio.run(main())
 

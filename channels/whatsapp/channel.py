@@ -9,7 +9,7 @@ from pathlib import Path
 
 from channels.config import WhatsAppAccount, whatsapp_accounts
 from channels.gateway_client import GatewayClient
-from channels.whatsapp import store
+from channels.whatsapp import dead_letters, store
 from channels.whatsapp.content import MediaStore
 from channels.whatsapp.deliverer import WhatsAppDeliverer
 from channels.whatsapp.graph import Graph
@@ -65,6 +65,7 @@ class WhatsApp:
             dedupe_ttl=DEDUPE_TTL,
             poll=0.05,
             fast=self.fast,
+            dead_tag=dead_letters.dead_tag(accounts),  # (an erasure drops a conversation's)
         )
         self.statuses = Queue(
             redis, STATUS, visibility_timeout=visibility, dedupe_ttl=DEDUPE_TTL, poll=0.2, fast=self.fast

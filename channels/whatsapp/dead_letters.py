@@ -1,0 +1,63 @@
+"""The inbound queue's dead letters of a conversation, found by a tag, for an erasure or a retention.
+
+A ``wa-inbound`` job that died after its last retry stays in the queue's dead letters
+(``core.queue``) for an admin to replay: an inbound job holds the customer's message and number,
+a send job the words sent to them. Each dead letter is tagged with its conversation (``tag``:
+the tenant and the conversation id, hashed) when it dies, and those an older release left untagged
+get their tags from their jobs once (``core.dead_tags.tag_older``); the gateway's erasure and
+retention drop a conversation's letters by that tag (``drop``), for its tenant only.
+
+``wa-status`` dead letters (a message's delivery status: its wamid and number, never words) are
+left as they are, as the channel's records of the conversation keep them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+from channels.config import WhatsAppAccount
+from channels.whatsapp.store import conversation_id
+from channels.whatsapp.worker import INBOUND
+from core.queue import Queue
+
+PREFIX = "wa:"
+
+
+def tag(tenant: str, conversation: str) -> str:
+    """One conversation of a tenant, hashed (its id holds the customer's number)."""
+    return hashlib.blake2b(f"{tenant}\x00{conversation}".encode(), digest_size=16).hexdigest()
+
+
+def dead_tag(accounts: dict[str, WhatsAppAccount]) -> Callable[[dict], str | None]:
+    """The tag of a dead ``wa-inbound`` job (``Queue(dead_tag=...)``): its account's tenant and
+    its conversation (a send naming one, else its number's); None for a job of an account no
+    longer configured, or one that names no customer."""
+
+    def of(message: dict) -> str | None:
+        payload = message.get("payload")
+        if not isinstance(payload, dict):
+            return None
+        account = payload.get("account")
+        acct = accounts.get(account) if isinstance(account, str) else None
+        if acct is None:
+            return None
+        named = payload.get("conversation_id")
+        if isinstance(named, str) and named.startswith(PREFIX):
+            return tag(acct.tenant, named)
+        pnid, wa_id = payload.get("pnid"), payload.get("wa_id")
+        if not (isinstance(pnid, str) and isinstance(wa_id, str)):
+            return None
+        return tag(acct.tenant, conversation_id(pnid, wa_id))
+
+    return of
+
+
+async def drop(redis, tenant: str, conversations: list[str]) -> int:
+    """Drops the ``wa-inbound`` dead letters of the tenant's conversations (ids of other channels
+    are passed over); the number dropped. Needs no account configured in this process: only the
+    queue's keys in Redis."""
+    tags = {tag(tenant, c) for c in conversations if c.startswith(PREFIX)}
+    if not tags:
+        return 0
+    return await Queue(redis, INBOUND).drop_dead_tagged(tags)

@@ -1,0 +1,247 @@
+"""An erasure (the admin API) and a retention drop a WhatsApp conversation's dead letters from the
+channel's inbound queue: a customer's message whose turn failed after its last retry, and a send
+to them that did, kept in Redis for an admin to replay. For the conversation's tenant only: another
+conversation's letters stay, and so do another tenant's, whatever id its admin names.
+
+The real stack: a gateway process with the channel worker inside and two tenants' accounts, the
+mock Graph API (loadtest/mock_graph.py) and the mock LLM (loadtest/mock_provider.py). A turn is
+made to fail by a fault directive in the customer's own message (the mock LLM answers 500, for
+that conversation only); a send by one in its text (the mock Graph answers 500)."""
+
+from __future__ import annotations
+
+import random
+import time
+import urllib.parse
+import uuid
+
+import orjson
+import pytest
+import redis
+
+from tests.conftest import MASTER_KEY, Gateway, environ, run_cli, wait_until
+from tests.test_channels_whatsapp import GraphMock, execute, notification, post, rows, text
+
+TENANT_A = f"wadl-a-{uuid.uuid4().hex[:6]}"
+TENANT_B = f"wadl-b-{uuid.uuid4().hex[:6]}"
+PNID_A, PNID_B = "7101", "7202"
+SECRET_A, SECRET_B = "alpha-app-secret-0001", "bravo-app-secret-0002"
+DEAD = "gw:{gw}:q:wa-inbound:dead"
+TOKEN = "graph-token-test"
+FAIL_TURN = ' [[mock:{"status": 500}]]'  # the mock LLM fails this turn, every try
+FAIL_SEND = ' [[graph:{"error": 500, "times": 10}]]'  # the mock Graph fails this send, every try
+ENV = {
+    "GATEWAY_CHANNEL_WORKER": "1",
+    "GATEWAY_WA_VISIBILITY_TIMEOUT": "2",
+    "GATEWAY_WA_MAX_RETRIES": "1",
+    "GATEWAY_WA_BACKOFF": "0.2",
+    "GATEWAY_RETENTION_SWEEP_INTERVAL": "1",
+}
+
+
+def _account(tenant: str, pnid: str, secret: str, key_var: str, graph_url: str) -> dict:
+    return {
+        "tenant": tenant,
+        "phone_numbers": {pnid: "wabot"},
+        "app_secret": secret,
+        "verify_token": "verify-token-0123",
+        "access_token": TOKEN,
+        "api_key": f"${{{key_var}}}",
+        "graph_base_url": graph_url,
+    }
+
+
+def _legacy_letter(wa_id: str, words: str) -> dict:
+    """A dead letter as the release before the tags wrote it: the job and its failure time alone."""
+    payload = {"kind": "in", "account": "alpha", "pnid": PNID_A, "display": "", "wa_id": wa_id, "name": None}
+    payload |= {"wamid": f"wamid.OLD{uuid.uuid4().hex}", "ts": time.time(), "type": "text", "text": words}
+    msg = {"id": uuid.uuid4().hex, "payload": payload, "key": f"alpha:{PNID_A}:{wa_id}", "attempt": 2}
+    msg |= {"enqueued_at": time.time(), "error": "GatewayUnavailable: 502"}
+    return {"m": orjson.dumps(msg), "failed_at": f"{time.time():.3f}"}
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_root):
+    g = GraphMock(tmp_root)
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def legacy(services):
+    """Two dead letters left untagged by the previous release, there before the gateway starts (its
+    queue tags them once: the mark that it did is cleared, as on a first start of this release)."""
+    wa_ids = {"erased": _wa_id(), "kept": _wa_id()}
+    r = redis.Redis.from_url(services[1])
+    try:
+        r.delete(f"{DEAD}:tags0:done", f"{DEAD}:tags0:lock")
+        for which, wa_id in wa_ids.items():
+            r.xadd(DEAD, _legacy_letter(wa_id, f"legacy words of the {which} one"))
+    finally:
+        r.close()
+    return wa_ids
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, module_mock, graph, legacy):
+    keys = {}
+    for tenant, var in ((TENANT_A, "WADL_KEY_A"), (TENANT_B, "WADL_KEY_B")):
+        out = run_cli("keys", "create", "--name", "whatsapp", "--tenant", tenant, urls=services, tmp=tmp_root)
+        assert out.returncode == 0, out.stderr
+        keys[var] = out.stdout.splitlines()[0].strip()
+    config = {
+        "router": {"max_attempts": 1},
+        "providers": [{"name": "llm", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "agent-model", "deployments": [{"provider": "llm", "model": "m"}]}],
+        "channels": {
+            "whatsapp": {
+                "alpha": _account(TENANT_A, PNID_A, SECRET_A, "WADL_KEY_A", graph.url),
+                "bravo": _account(TENANT_B, PNID_B, SECRET_B, "WADL_KEY_B", graph.url),
+            }
+        },
+    }
+    with environ({**ENV, **keys}):
+        g = Gateway(tmp_root, config, services)
+    try:
+        for tenant, memory in ((TENANT_A, {"retention_days": 30, "ttl_s": 30 * 86400}), (TENANT_B, {})):
+            body = {
+                "name": "wabot",
+                "tenant": tenant,
+                "model": "agent-model",
+                "template": "You help.",
+                "variables": {},
+                "memory": memory,
+            }
+            r = _admin(g, "POST", "/admin/agents", json=body)
+            assert r.status_code == 201, r.text
+        yield g
+    finally:
+        g.stop()
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _admin(gw: Gateway, method: str, path: str, **kw):
+    import httpx
+
+    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30, **kw)
+
+
+def _wa_id() -> str:
+    return str(random.randint(10**11, 10**12 - 1))
+
+
+def _say(gw: Gateway, acct: str, wa_id: str, words: str) -> None:
+    pnid, secret = (PNID_A, SECRET_A) if acct == "alpha" else (PNID_B, SECRET_B)
+    r = post(gw, acct, notification([text(wa_id, words)], pnid=pnid), secret=secret)
+    assert r.status_code == 200, r.text
+
+
+def _dead_words(services) -> dict[tuple[str, str], list[str]]:
+    """The inbound queue's dead letters, by (account, customer): the words each keeps."""
+    r = redis.Redis.from_url(services[1])
+    try:
+        out: dict[tuple[str, str], list[str]] = {}
+        for _, fields in r.xrange(DEAD):
+            payload = orjson.loads(fields[b"m"])["payload"]
+            out.setdefault((payload.get("account"), payload.get("wa_id")), []).append(payload.get("text") or "")
+        return out
+    finally:
+        r.close()
+
+
+def _wait_dead(services, acct: str, wa_id: str, n: int = 1) -> list[str]:
+    wait_until(lambda: len(_dead_words(services).get((acct, wa_id), [])) >= n, what=f"{n} dead letters of {wa_id}")
+    return _dead_words(services)[(acct, wa_id)]
+
+
+def _erase(gw: Gateway, tenant: str, conversation: str):
+    quoted = urllib.parse.quote(conversation, safe="")
+    return _admin(gw, "DELETE", f"/admin/agents/wabot/conversations/{quoted}", params={"tenant": tenant})
+
+
+# ---- the proof list -----------------------------------------------------------------------------
+def test_an_erasure_drops_the_conversations_inbound_and_send_dead_letters_of_its_tenant_only(gw, graph, services):
+    ada, bob = _wa_id(), _wa_id()
+    _say(gw, "alpha", ada, "my card is 4111 1111" + FAIL_TURN)
+    _say(gw, "alpha", bob, "bob's own words" + FAIL_TURN)
+    _say(gw, "bravo", ada, "the same number at another tenant" + FAIL_TURN)
+    _wait_dead(services, "alpha", ada)
+    # a send to Ada (the window is open: she wrote) that fails after its last retry too
+    r = _admin(
+        gw, "POST", "/admin/channels/whatsapp/send", json={"account": "alpha", "to": ada, "text": "hi" + FAIL_SEND}
+    )
+    assert r.status_code == 202, r.text
+    assert len(_wait_dead(services, "alpha", ada, 2)) == 2
+    _wait_dead(services, "alpha", bob)
+    _wait_dead(services, "bravo", ada)
+
+    r = _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}")
+    assert r.status_code == 200, r.text
+    left = _dead_words(services)
+    assert ("alpha", ada) not in left
+    assert left[("alpha", bob)] == ["bob's own words" + FAIL_TURN]
+    assert left[("bravo", ada)] == ["the same number at another tenant" + FAIL_TURN]
+    listed = _admin(gw, "GET", "/admin/queues/wa-inbound/dead-letters", params={"limit": 1000}).json()["data"]
+    assert not [d for d in listed if d["payload"].get("wa_id") == ada and d["payload"].get("account") == "alpha"]
+
+    # tenant A naming tenant B's conversation erases nothing of B's; B's own erasure does
+    assert _erase(gw, TENANT_A, f"wa:{PNID_B}:{ada}").status_code == 200
+    assert ("bravo", ada) in _dead_words(services)
+    assert _erase(gw, TENANT_B, f"wa:{PNID_B}:{ada}").status_code == 200
+    left = _dead_words(services)
+    assert ("bravo", ada) not in left and ("alpha", bob) in left
+
+
+def test_an_erasure_drops_the_dead_letters_the_previous_release_left_untagged(gw, services, legacy):
+    def tagged() -> bool:
+        r = redis.Redis.from_url(services[1])
+        try:
+            return bool(r.exists(f"{DEAD}:tags0:done"))
+        finally:
+            r.close()
+
+    wait_until(tagged, what="the older dead letters tagged")
+    assert _dead_words(services)[("alpha", legacy["erased"])] == ["legacy words of the erased one"]
+    assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{legacy['erased']}").status_code == 200
+    left = _dead_words(services)
+    assert ("alpha", legacy["erased"]) not in left
+    assert left[("alpha", legacy["kept"])] == ["legacy words of the kept one"]
+
+
+def test_retention_drops_the_dead_letters_of_the_conversations_it_deletes(gw, graph, module_mock, services):
+    """Tenant A's agent keeps conversations 30 days; the gateway's own sweeper (every second
+    here) deletes one moved back 31 days, and its dead letter with it. A recent conversation of
+    the same agent and tenant B's of the same number keep theirs."""
+    old, recent = _wa_id(), _wa_id()
+    for wa_id in (old, recent):
+        _say(gw, "alpha", wa_id, "hello")  # answered: the conversation is stored
+        wait_until(lambda w=wa_id: graph.sent_to(w), what=f"the answer to {wa_id}")
+        _say(gw, "alpha", wa_id, f"words of {wa_id}" + FAIL_TURN)
+        _wait_dead(services, "alpha", wa_id)
+    _say(gw, "bravo", old, "tenant B's words" + FAIL_TURN)
+    _wait_dead(services, "bravo", old)
+
+    convs = {w: f"wa:{PNID_A}:{w}" for w in (old, recent)}
+
+    def stored() -> bool:
+        got = rows(services[0], "SELECT external_id FROM conversations WHERE tenant = $1", TENANT_A)
+        return set(convs.values()) <= {r["external_id"] for r in got}
+
+    wait_until(stored, what="both conversations in PostgreSQL")
+    execute(
+        services[0],
+        f"UPDATE conversations SET last_at = now() - interval '31 days' "
+        f"WHERE tenant = '{TENANT_A}' AND external_id = '{convs[old]}'",
+    )
+
+    def swept() -> bool:
+        got = rows(
+            services[0], "SELECT 1 FROM conversations WHERE tenant = $1 AND external_id = $2", TENANT_A, convs[old]
+        )
+        return not got
+
+    wait_until(swept, what="the old conversation deleted by the retention")
+    left = _dead_words(services)
+    assert ("alpha", old) not in left
+    assert left[("alpha", recent)] == [f"words of {recent}" + FAIL_TURN]
+    assert left[("bravo", old)] == ["tenant B's words" + FAIL_TURN]
