@@ -1,0 +1,104 @@
+"""A WhatsApp answer of several pieces when Meta accepts some of them and refuses others at once:
+each piece reaches the customer exactly once, in order. Real processes: a gateway with the
+channel worker inside, the mock Graph API (loadtest/mock_graph.py) and the mock LLM as real HTTP
+servers, webhooks signed like Meta's."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from channels.whatsapp.content import split_reply
+from tests.conftest import Gateway, environ, run_cli, wait_until
+from tests.test_channels_whatsapp import GraphMock, admin, new_wa_id, notification, post, queue_idle, text
+
+RUN = uuid.uuid4().hex[:6]
+TENANT = f"wasend-{RUN}"
+AGENT = f"wasendbot-{RUN}"
+ACCOUNT = "wasend"
+PNID = "9119"
+SECRET = "wasend-app-secret-0123"
+GRAPH_TOKEN = "graph-token-test"  # the token GraphMock is started with
+WINDOW = "wasendwindow"
+WA_ENV = {
+    "GATEWAY_CHANNEL_WORKER": "1",
+    "GATEWAY_WA_VISIBILITY_TIMEOUT": "2",
+    "GATEWAY_WA_MAX_RETRIES": "1",
+    "GATEWAY_WA_BACKOFF": "0.2",
+}
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_root):
+    g = GraphMock(tmp_root)
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def wa(tmp_root, services, module_mock, graph):
+    out = run_cli("keys", "create", "--name", f"wasend-{RUN}", "--tenant", TENANT, urls=services, tmp=tmp_root)
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.splitlines()[0].strip()
+    config = {
+        "router": {"max_attempts": 1},
+        "providers": [{"name": "llm", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "agent-model", "deployments": [{"provider": "llm", "model": "m"}]}],
+        "channels": {
+            "whatsapp": {
+                ACCOUNT: {
+                    "tenant": TENANT,
+                    "phone_numbers": {PNID: AGENT},
+                    "app_secret": SECRET,
+                    "verify_token": "verify-token-0123",
+                    "access_token": GRAPH_TOKEN,
+                    "api_key": key,
+                    "graph_base_url": graph.url,
+                    "window_template": WINDOW,
+                    "debounce": 1.0,  # the messages of one notification are one turn: a long answer
+                    "fallback_message": "Sorry, we are having trouble.",
+                }
+            }
+        },
+    }
+    with environ(WA_ENV):
+        gw = Gateway(tmp_root, config, services)
+    body = {"name": AGENT, "tenant": TENANT, "model": "agent-model", "template": "You help our customers."}
+    r = admin(gw, "POST", "/admin/agents", json=body)
+    assert r.status_code == 201, r.text
+    yield gw
+    gw.stop()
+
+
+def _ask(gw: Gateway, wa_id: str, bodies: list[str], *, ts: float | None = None) -> str:
+    """One notification of several messages (one turn): the answer the mock LLM echoes back."""
+    msgs = [text(wa_id, b, ts=ts) for b in bodies]
+    r = post(gw, ACCOUNT, notification(msgs, pnid=PNID, name="Ada"), secret=SECRET)
+    assert r.status_code == 200, r.text
+    return "echo: " + "\n".join(bodies)
+
+
+def _sentences(tag: str, n: int) -> str:
+    return " ".join(f"Part {tag} sentence {i:03d} of the answer." for i in range(n))
+
+
+def _turn_done(gw: Gateway) -> None:
+    wait_until(lambda: queue_idle(gw, "wa-inbound"), timeout=60, what="the turn done (sent, or dead-lettered)")
+
+
+# ---- free-form pieces: Meta refuses the second at once ------------------------------------------
+@pytest.mark.parametrize("error", [429, 500])
+def test_a_second_piece_refused_at_once_is_sent_after_the_first_and_the_first_is_not_sent_again(wa, graph, error):
+    """A three-piece answer: Meta accepts the first piece, refuses the second at once (an HTTP 429,
+    or a 5xx), then takes it on the retry. The customer reads pieces 1, 2 and 3 exactly once
+    each, in that order."""
+    wa_id = new_wa_id()
+    graph._post("/_mock/faults", {"to": wa_id, "errors": [error], "nth_text": 2})
+    answer = _ask(wa, wa_id, [_sentences("A", 95), _sentences("B", 95), _sentences("C", 95)])
+    pieces = split_reply(answer)
+    assert len(pieces) == 3
+    wait_until(lambda: len(graph.sent_to(wa_id)) >= 3, timeout=60, what="three pieces")
+    _turn_done(wa)
+    assert graph.stats().get(f"error_{error}", 0) >= 1  # the second piece was refused once
+    assert [s["text"] for s in graph.sent_to(wa_id)] == pieces
