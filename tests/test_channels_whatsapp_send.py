@@ -11,7 +11,7 @@ import pytest
 
 from channels.whatsapp.content import split_reply
 from tests.conftest import Gateway, environ, run_cli, wait_until
-from tests.test_channels_whatsapp import GraphMock, admin, new_wa_id, notification, post, queue_idle, text
+from tests.test_channels_whatsapp import GraphMock, admin, new_wa_id, notification, post, queue_idle, rows, text
 
 RUN = uuid.uuid4().hex[:6]
 TENANT = f"wasend-{RUN}"
@@ -102,3 +102,34 @@ def test_a_second_piece_refused_at_once_is_sent_after_the_first_and_the_first_is
     _turn_done(wa)
     assert graph.stats().get(f"error_{error}", 0) >= 1  # the second piece was refused once
     assert [s["text"] for s in graph.sent_to(wa_id)] == pieces
+
+
+def test_a_retry_that_finds_the_window_closed_sends_as_templates_only_the_pieces_not_yet_sent(wa, graph, services):
+    """Meta accepts the first piece of a three-piece answer and refuses the second at once
+    (130429, answered late); by the retry the customer's 24-hour window has closed, so the rest
+    goes as the window template. The retry sent the whole answer as templates: the customer read
+    the first piece a second time. The templates now carry pieces 2 and 3 only."""
+    tpl = {"account": ACCOUNT, "name": WINDOW, "variables": ["reply"]}
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl).status_code == 201
+    throttle = '[[graph:{"error": 130429, "times": 1, "delay_ms": 4000}]]'
+    wa_id = new_wa_id()
+    answer = _ask(wa, wa_id, [_sentences("A", 116), f"{throttle} " + _sentences("B", 100), _sentences("C", 60)])
+    pieces = split_reply(answer)
+    assert len(pieces) == 3 and throttle in pieces[1]
+    # Piece 1 went; the first try's answer for piece 2 is a refusal, held back 4 s by the mock.
+    # Meanwhile the window closes (the customer wrote 25 hours ago): the try already read it open.
+    wait_until(lambda: graph.sent_to(wa_id), timeout=60, what="the first piece")
+    moved = rows(
+        services[0],
+        "UPDATE whatsapp_conversations SET last_inbound_at = now() - interval '25 hours'"
+        " WHERE tenant = $1 AND wa_id = $2 RETURNING 1",
+        TENANT,
+        wa_id,
+    )
+    assert moved
+    _turn_done(wa)
+    sent = graph.sent_to(wa_id)
+    assert [s["type"] for s in sent][:1] == ["text"] and sent[0]["text"] == pieces[0]
+    assert all(s["type"] == "template" for s in sent[1:])
+    params = [s["template"]["components"][0]["parameters"][0]["text"] for s in sent[1:]]
+    assert " ".join(params) == " ".join(" ".join(pieces[1:]).split())

@@ -6,10 +6,12 @@ after it the field holds the new wamid. A job delivered again (its worker died, 
 every piece with a field: sent pieces are not sent twice, and a piece whose send may have
 reached Meta without an answer (``pending``, a timeout) is recorded as ``unknown`` rather than
 risked twice. Throttling answers (130429, 131056) become a ``Retry`` of the whole job, whose
-sent pieces stay sent.
+sent pieces stay sent: a retry resumes after the last piece with a field, in order.
 
 Outside the window no free-form text is attempted: the account's window template is sent
 instead (once per key) when it has one, else the reply is recorded as ``held`` (and reported).
+A retry that finds the window closed after some free-form pieces went sends only the rest as
+templates.
 """
 
 from __future__ import annotations
@@ -174,10 +176,13 @@ class Sender:
         if "held" in state:
             out.held = True
             return out
-        if "template" in state:  # it went as the window template: its remaining pieces too, never free-form
-            return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
-        if window_closed or not conv.window_open():
-            return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
+        # Gone as the window template (its remaining pieces too, never free-form), or the window is
+        # closed now: the templates carry what no free-form piece of this key carried before.
+        if "template" in state or window_closed or not conv.window_open():
+            rest = unsent_rest(text, pieces, acct.max_reply_parts)
+            if not rest:
+                return out
+            return await self._outside_window(acct, conv, key, rest, kind, reply_to, variables, out, template_fallback)
         for i, piece in enumerate(split_reply(text, max_parts=acct.max_reply_parts)):
             message = {"type": "text", "text": {"body": piece, "preview_url": False}}
             try:
@@ -283,6 +288,17 @@ class Sender:
             )
         out.held = True
         return out
+
+
+def unsent_rest(text: str, fields: dict[str, str], max_parts: int) -> str:
+    """What of ``text`` comes after its last free-form piece that has a field (sent, or of unknown
+    fate): a retry that finds the window closed sends only that as templates. Piece 1 accepted,
+    piece 2 refused at once, the window closed before the retry: the templates once carried the
+    whole answer, and the customer read piece 1 twice."""
+    done = [int(f[1:]) for f in fields if f.startswith("p")]
+    if not done:
+        return text
+    return " ".join(split_reply(text, max_parts=max_parts)[max(done) + 1 :])
 
 
 def placeholders(body: str) -> set[str]:
