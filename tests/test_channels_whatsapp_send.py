@@ -5,6 +5,7 @@ servers, webhooks signed like Meta's."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -133,3 +134,49 @@ def test_a_retry_that_finds_the_window_closed_sends_as_templates_only_the_pieces
     assert all(s["type"] == "template" for s in sent[1:])
     params = [s["template"]["components"][0]["parameters"][0]["text"] for s in sent[1:]]
     assert " ".join(params) == " ".join(" ".join(pieces[1:]).split())
+
+
+# ---- window templates: the template registered again, with a longer body, between tries ---------
+def _hydrated(body: str, params: list[str]) -> str:
+    for i, p in enumerate(params, 1):
+        body = body.replace(f"{{{{{i}}}}}", p)
+    return body
+
+
+def test_a_window_template_registered_again_with_a_longer_body_between_tries_never_runs_past_1024(wa, graph):
+    """Outside the window a long answer goes as several window templates, cut for the room the
+    template's body leaves (1,024 filled in). The second template is refused at once (130429,
+    answered late); while it is on its way an admin registers the template again with a longer
+    approved body. The retry cut the rest of the answer for the room its first try pinned: each
+    template ran past Meta's 1,024 (132005) and the customer never read the rest of the answer.
+    The retry keeps the template Meta accepted and cuts the rest for the body as it is now."""
+    short = "Our answer: {{1}}"
+    longer = "Hello again! We are sorry this took a while. " * 8 + "Here is our answer to your message: {{1}}"
+    tpl = {"account": ACCOUNT, "name": WINDOW, "variables": ["reply"], "body": short}
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl).status_code == 201
+    graph.configure(templates={WINDOW: short})
+    throttle = '[[graph:{"error": 130429, "times": 1, "on": "template", "delay_ms": 4000}]]'
+    try:
+        wa_id = new_wa_id()
+        # about 2,900 characters: three templates of the short body; the throttle in the second
+        answer = _ask(
+            wa, wa_id, [_sentences("A", 28) + f" {throttle} " + _sentences("B", 50)], ts=time.time() - 25 * 3600
+        )
+        whole = " ".join(answer.split())
+        # The first template went (the whole answer was cut for the short body before it did); the
+        # second one's refusal is held back 4 s by the mock. Meanwhile the template is registered
+        # again, as WhatsApp Manager now approves it.
+        wait_until(lambda: graph.sent_to(wa_id), timeout=60, what="the first template")
+        registered = admin(wa, "POST", "/admin/channels/whatsapp/templates", json={**tpl, "body": longer})
+        assert registered.status_code == 201, registered.text
+        graph.configure(templates={WINDOW: longer})
+        _turn_done(wa)
+    finally:
+        graph.configure(templates={})
+    sent = graph.sent_to(wa_id)
+    assert sent and all(s["type"] == "template" for s in sent)
+    params = [s["template"]["components"][0]["parameters"][0]["text"] for s in sent]
+    assert graph.stats().get("error_132005", 0) == 0
+    assert len(_hydrated(short, params[:1])) <= 1024
+    assert all(len(_hydrated(longer, [p])) <= 1024 for p in params[1:]), [len(p) for p in params]
+    assert " ".join(params) == whole  # the whole answer, each part of it once, in order
