@@ -12,6 +12,9 @@
   sender's own record of the send). ``text_answer_delays_ms``: the n-th free-form text sent
   to a number is answered that many ms late (its status, if any, goes out at once): a later
   piece of an answer still on its way while an earlier piece's status is handled.
+  ``text_status_orders``: the n-th free-form text sent to a number gets the n-th of these status
+  orders instead of ``status_order`` (``[["sent", "delivered"], ["failed:131047"]]``: Meta
+  delivers the first piece of an answer and fails the second later for the closed window).
 
 Faults, by directive: ``POST /_mock/faults {"to": "<wa_id>" | "*", "errors": [130429, 500, ...]}``
 (each consumed by one send); with ``"nth_text": n`` (and a ``to``) the errors wait for the n-th
@@ -30,7 +33,7 @@ parameters filled in runs past 1,024 characters, as Meta's is.
 
 Inspection: ``GET /_mock/sent`` (sends), ``GET /_mock/reads``, ``DELETE /_mock/sent`` clears;
 ``POST /_mock/config`` sets token, webhook_url, app_secret, statuses, status_order, status_delay_ms,
-status_first_ms, text_answer_delays_ms, rate_per_second, record, templates, wa_ids
+status_first_ms, text_answer_delays_ms, text_status_orders, rate_per_second, record, templates, wa_ids
 (``{input: wa_id}``: the WhatsApp id a send's answer names for that input, as Meta's does for
 some Brazilian and Mexican numbers).
 """
@@ -132,6 +135,7 @@ class MockGraph:
             "status_delay_ms": 0,
             "status_first_ms": 0,
             "text_answer_delays_ms": [],  # [n]: the n-th text to one number is answered this late
+            "text_status_orders": [],  # [n]: the statuses of the n-th text to one number (else status_order)
             "rate_per_second": 0,
             "record": True,
             "wa_ids": {},  # input number -> the WhatsApp id Meta answers with (Brazil's ninth digit...)
@@ -294,16 +298,17 @@ class MockGraph:
                 }
             )
         self.counts["sent"] += 1
-        late = 0.0
+        late, order = 0.0, self.cfg["status_order"]
         if kind == "text":
-            delays, n = self.cfg["text_answer_delays_ms"], self.texts_to[to]
+            delays, orders, n = self.cfg["text_answer_delays_ms"], self.cfg["text_status_orders"], self.texts_to[to]
             self.texts_to[to] += 1
             late = delays[n] / 1000 if n < len(delays) else 0.0
+            order = orders[n] if n < len(orders) else order
         if self.cfg["statuses"] and self.cfg["webhook_url"] and self.cfg["status_first_ms"]:
-            await self._post_statuses(pnid, to, wamid)
+            await self._post_statuses(pnid, to, wamid, order)
             await asyncio.sleep(self.cfg["status_first_ms"] / 1000)
         elif self.cfg["statuses"] and self.cfg["webhook_url"]:
-            task = asyncio.ensure_future(self._post_statuses(pnid, to, wamid))
+            task = asyncio.ensure_future(self._post_statuses(pnid, to, wamid, order))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if late:
@@ -318,13 +323,13 @@ class MockGraph:
             },
         )
 
-    async def _post_statuses(self, pnid: str, to: str, wamid: str) -> None:
+    async def _post_statuses(self, pnid: str, to: str, wamid: str, order: list[str]) -> None:
         import aiohttp
 
         if self._session is None:
             self._session = aiohttp.ClientSession()
         delay = self.cfg["status_delay_ms"] / 1000
-        for status in self.cfg["status_order"]:
+        for status in order:
             if delay:
                 await asyncio.sleep(delay)
             doc = {

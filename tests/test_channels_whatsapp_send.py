@@ -180,3 +180,40 @@ def test_a_window_template_registered_again_with_a_longer_body_between_tries_nev
     assert len(_hydrated(short, params[:1])) <= 1024
     assert all(len(_hydrated(longer, [p])) <= 1024 for p in params[1:]), [len(p) for p in params]
     assert " ".join(params) == whole  # the whole answer, each part of it once, in order
+
+
+# ---- free-form pieces: Meta accepts them all and fails a later one for the closed window --------
+@pytest.mark.parametrize("third", [["failed:131047"], []])
+def test_a_piece_failed_later_for_the_closed_window_is_followed_by_templates_of_only_what_did_not_arrive(
+    wa, graph, third
+):
+    """A three-piece answer: Meta accepts every piece, delivers the first, and fails the second
+    later for the closed 24-hour window (a 131047 status); the third fails too, or its status is
+    not in yet when the window templates go (one job per answer). The templates carried the whole
+    answer: the customer read piece 1 a second time. They now carry pieces 2 and 3, once, in order,
+    after piece 1."""
+    tpl = {"account": ACCOUNT, "name": WINDOW, "variables": ["reply"]}
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl).status_code == 201
+    graph.configure(
+        statuses=True,
+        webhook_url=f"{wa.url}/channels/whatsapp/{ACCOUNT}",
+        app_secret=SECRET,
+        text_status_orders=[["sent", "delivered"], ["failed:131047"], third],
+    )
+    try:
+        wa_id = new_wa_id()
+        answer = _ask(wa, wa_id, [_sentences("A", 95), _sentences("B", 95), _sentences("C", 95)])
+        pieces = split_reply(answer)
+        assert len(pieces) == 3
+        rest = " ".join(" ".join(pieces[1:]).split())
+
+        def params() -> list[str]:
+            return [s["template"]["components"][0]["parameters"][0]["text"] for s in graph.sent_to(wa_id)[3:]]
+
+        wait_until(lambda: len(" ".join(params())) >= len(rest), timeout=60, what="the rest's templates")
+        wait_until(lambda: queue_idle(wa, "wa-status") and queue_idle(wa, "wa-inbound"), what="statuses processed")
+    finally:
+        graph.configure(statuses=False, text_status_orders=[])
+    sent = graph.sent_to(wa_id)
+    assert [s["text"] for s in sent[:3]] == pieces and all(s["type"] == "template" for s in sent[3:])
+    assert " ".join(params()) == rest  # piece 1 not again, pieces 2 and 3 whole, in order

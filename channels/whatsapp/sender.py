@@ -322,6 +322,30 @@ def unsent_rest(text: str, fields: dict[str, str], max_parts: int) -> str:
     return " ".join(split_reply(text, max_parts=max_parts)[max(done) + 1 :])
 
 
+def window_rest(text: str, state: dict[str, str], statuses: dict[str, str], max_parts: int) -> str | None:
+    """What of a turn's answer its window templates carry when Meta failed a free-form piece of it
+    later for the closed window (a 131047 status): the pieces after the last one the customer has
+    or may have, up to those the turn itself sent as templates (``state``: the turn's). A piece
+    Meta accepted counts as received (its record reads ``sent`` from the accepted POST on) unless
+    it failed; after the first failed piece only ``delivered`` or ``read`` counts, for Meta fails
+    the later pieces for the closed window too and their failures may not be in yet (one job per
+    answer). A piece of unknown fate counts as received: never sent again. None when no piece of
+    the turn's state failed (the failed send was not one of these). The templates once carried the
+    whole answer: the customer read the pieces Meta had delivered a second time."""
+    sent = {int(f[1:]): v for f, v in state.items() if PIECE_FIELD.match(f) and f.startswith("p")}
+    failed = [i for i, v in sent.items() if statuses.get(v) == "failed"]
+    if not failed:
+        return None
+    went = [
+        i
+        for i, v in sent.items()
+        if i < min(failed) or v in ("pending", "unknown") or statuses.get(v) in ("delivered", "read")
+    ]
+    pieces = split_reply(text, max_parts=max_parts)
+    end = max(sent) + 1 if "template" in state else len(pieces)  # the turn's own templates carry the rest
+    return " ".join(pieces[max(went, default=-1) + 1 : end])
+
+
 def template_cut(flat: str, room: int, max_parts: int | None) -> list[str]:
     """``flat`` in pieces of at most ``room`` characters, cut at sentence ends. With
     ``max_parts``: what that many free-form pieces would carry, in as many templates as it takes

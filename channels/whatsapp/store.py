@@ -308,6 +308,20 @@ async def outbound(pool, tenant: str, account: str, wamid: str) -> dict | None:
     return dict(row) if row is not None else None
 
 
+async def statuses(pool, tenant: str, account: str, wamids: list[str]) -> dict[str, str]:
+    """The recorded status of each of these sends (``sent`` from Meta's accepted POST on, then as
+    its status webhooks move it forward)."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """SELECT wamid, status FROM whatsapp_messages
+               WHERE tenant = $1 AND account = $2 AND wamid = ANY($3::text[]) AND direction = 'out'""",
+            tenant,
+            account,
+            wamids,
+        )
+    return {r["wamid"]: r["status"] for r in rows}
+
+
 async def record_status(pool, tenant: str, account: str, status: dict) -> None:
     """A delivery status: the message's status only moves forward (sent < delivered < read;
     failed last), whatever order they arrive in; each one's time is kept. Statuses are about

@@ -30,7 +30,7 @@ from channels.gateway_client import GatewayClient, GatewayRejected, GatewayUnava
 from channels.whatsapp import metrics, store
 from channels.whatsapp.content import MediaStore, build_content
 from channels.whatsapp.graph import WINDOW_CLOSED, Graph, GraphError, GraphUnreachable
-from channels.whatsapp.sender import Sender
+from channels.whatsapp.sender import PIECE_FIELD, Sender, window_rest
 from core.queue import Fatal, Job, Queue, Retry
 
 log = logging.getLogger("channels.whatsapp")
@@ -181,9 +181,11 @@ class Worker:
             conv = await store.find_conversation(self.pool, acct.tenant, p["conversation_id"], self.accounts)
             if conv is None or conv.account != p["account"]:
                 return
-            await self.sender.send_text(
-                acct, conv, p["idempotency"], p["text"], reply_to=p["reply_to"], window_closed=True
-            )
+            text = await self._window_rest(acct, conv, p) if p.get("turn") else p["text"]
+            if text:
+                await self.sender.send_text(
+                    acct, conv, p["idempotency"], text, reply_to=p["reply_to"], window_closed=True
+                )
             return
         agent = acct.agent_for(p["pnid"])
         if agent is None:
@@ -201,6 +203,24 @@ class Worker:
             await self.sender.send_text(
                 acct, conv, key, p["text"], kind=purpose or "proactive", template_fallback=purpose is not None
             )
+
+    async def _window_rest(self, acct: WhatsAppAccount, conv: store.Conversation, p: dict) -> str:
+        """Of a turn's answer whose free-form pieces Meta failed for the closed window, what did not
+        reach the customer (sender.window_rest): the pieces Meta delivered are not sent again as
+        templates. Computed by the job's first try only (a retry's templates are the pinned cut of
+        its key's state), after the turn's own job (this queue is ordered by conversation)."""
+        if await self.sender.state(conv.account, p["idempotency"]):
+            return p["text"]
+        turn = await self.sender.state(conv.account, f"turn:{p['reply_to']}")
+        wamids = [v for f, v in turn.items() if PIECE_FIELD.match(f) and v not in ("pending", "unknown")]
+        statuses = await store.statuses(self.pool, acct.tenant, conv.account, wamids)
+        rest = window_rest(p["text"], turn, statuses, acct.max_reply_parts)
+        if rest == "":  # a failed piece is followed by one the customer has: reported (its record), not re-sent
+            log.warning(
+                "whatsapp window failure: nothing of the answer left to send",
+                extra={"fields": {"account": conv.account}},
+            )
+        return p["text"] if rest is None else rest
 
     # -- dead letters ---------------------------------------------------------------------
     async def on_dead(self, job: Job, error: str) -> None:
@@ -232,7 +252,8 @@ class Worker:
 
     async def _window_failure(self, acct: WhatsAppAccount, status: dict) -> None:
         """Meta accepted a free-form message, then failed it for the closed 24-hour window (131047
-        in a status): the window template goes instead (once), or the text is held."""
+        in a status): the window template goes instead (once), or the text is held. For a turn's
+        answer the job sends only what did not reach the customer (``_window_rest``)."""
         sent = await store.outbound(self.pool, acct.tenant, status["account"], status["wamid"])
         if sent is None:  # an inbound message's wamid: not a send of ours
             return
@@ -246,7 +267,7 @@ class Worker:
         conv = await store.find_conversation(self.pool, acct.tenant, sent["conversation_id"], self.accounts)
         if conv is None or conv.account != status["account"]:
             return
-        body, key = sent["body"], f"windowfail:{status['wamid']}"
+        body, key, whole = sent["body"], f"windowfail:{status['wamid']}", False
         if sent["reply_to"]:  # one template for the whole answer, however many of its pieces fail
             key = f"windowfail:{sent['reply_to']}"
             # The whole answer as the turn noted it before its first piece went: a piece's failure
@@ -254,7 +275,7 @@ class Worker:
             # carry only the first ones.
             turn = await self.sender.state(conv.account, f"turn:{sent['reply_to']}") if sent["kind"] == "text" else {}
             if turn.get("reply", "").strip():
-                body = turn["reply"]
+                body, whole = turn["reply"], True
             else:
                 texts = await store.turn_texts(
                     self.pool, acct.tenant, conv.account, conv.conversation_id, sent["reply_to"]
@@ -275,6 +296,7 @@ class Worker:
             "window_closed": True,
             "reply_to": sent["reply_to"],
             "idempotency": key,
+            "turn": whole,  # the turn's whole answer: the job sends only what did not reach the customer
         }
         dedupe = hashlib.sha256(f"windowfail|{conv.account}|{key}".encode()).hexdigest()
         await self.inbound.enqueue(payload, key=conversation_key(conv.account, conv.pnid, conv.wa_id), dedupe=dedupe)
