@@ -209,6 +209,16 @@ def tmp_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("gw")
 
 
+@pytest.fixture(scope="module")
+def graph(tmp_root):
+    """The mock Graph API (loadtest/mock_graph.py) of a WhatsApp test module, one per module."""
+    from tests.test_channels_whatsapp import GraphMock
+
+    g = GraphMock(tmp_root)
+    yield g
+    g.stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def bytecode_cache(tmp_path_factory) -> None:
     """With PYTHONDONTWRITEBYTECODE set (as in this machine's environment), every gateway, CLI and mock

@@ -56,13 +56,6 @@ def vapi_api(tmp_root):
 
 
 @pytest.fixture(scope="module")
-def graph(tmp_root):
-    g = GraphMock(tmp_root)
-    yield g
-    g.stop()
-
-
-@pytest.fixture(scope="module")
 def env(tmp_root, services, module_mock, vapi_api, graph):
     vapi_key = new_key(services, tmp_root, f"vapi-{RUN}")
     wa_key = new_key(services, tmp_root, f"wa-{RUN}")

@@ -84,13 +84,6 @@ def account(name: str, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def graph(tmp_root):
-    g = GraphMock(tmp_root)
-    yield g
-    g.stop()
-
-
-@pytest.fixture(scope="module")
 def wa(tmp_root, services, module_mock, graph):
     out = run_cli("keys", "create", "--name", "whatsapp-channel", "--tenant", TENANT, urls=services, tmp=tmp_root)
     assert out.returncode == 0, out.stderr

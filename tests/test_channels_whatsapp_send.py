@@ -12,7 +12,7 @@ import pytest
 
 from channels.whatsapp.content import split_reply
 from tests.conftest import Gateway, environ, run_cli, wait_until
-from tests.test_channels_whatsapp import GraphMock, admin, new_wa_id, notification, post, queue_idle, rows, text
+from tests.test_channels_whatsapp import admin, new_wa_id, notification, post, queue_idle, rows, text
 
 RUN = uuid.uuid4().hex[:6]
 TENANT = f"wasend-{RUN}"
@@ -28,13 +28,6 @@ WA_ENV = {
     "GATEWAY_WA_MAX_RETRIES": "1",
     "GATEWAY_WA_BACKOFF": "0.2",
 }
-
-
-@pytest.fixture(scope="module")
-def graph(tmp_root):
-    g = GraphMock(tmp_root)
-    yield g
-    g.stop()
 
 
 @pytest.fixture(scope="module")

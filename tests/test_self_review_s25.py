@@ -21,7 +21,7 @@ import yaml
 from tests.conftest import MASTER_KEY, Gateway, Proc, environ, free_port, run_cli, wait_until
 from tests.test_agents_admin import _CLI, agents_cli
 from tests.test_agents_admin import config as agents_config
-from tests.test_channels_whatsapp import GraphMock, admin, new_wa_id, notification, post, queue_idle, text
+from tests.test_channels_whatsapp import admin, new_wa_id, notification, post, queue_idle, text
 
 RUN = uuid.uuid4().hex[:6]
 TENANT = f"s25-{RUN}"
@@ -37,13 +37,6 @@ WA_ENV = {
     "GATEWAY_WA_MAX_RETRIES": "1",
     "GATEWAY_WA_BACKOFF": "0.2",
 }
-
-
-@pytest.fixture(scope="module")
-def graph(tmp_root):
-    g = GraphMock(tmp_root)
-    yield g
-    g.stop()
 
 
 @pytest.fixture(scope="module")

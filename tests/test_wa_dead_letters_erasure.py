@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from tests.conftest import MASTER_KEY, Gateway, environ, run_cli, wait_until
-from tests.test_channels_whatsapp import GraphMock, execute, notification, post, rows, text
+from tests.test_channels_whatsapp import execute, notification, post, rows, text
 
 TENANT_A = f"wadl-a-{uuid.uuid4().hex[:6]}"
 TENANT_B = f"wadl-b-{uuid.uuid4().hex[:6]}"
@@ -58,13 +58,6 @@ def _legacy_letter(wa_id: str, words: str) -> dict:
     msg = {"id": uuid.uuid4().hex, "payload": payload, "key": f"alpha:{PNID_A}:{wa_id}", "attempt": 2}
     msg |= {"enqueued_at": time.time(), "error": "GatewayUnavailable: 502"}
     return {"m": orjson.dumps(msg), "failed_at": f"{time.time():.3f}"}
-
-
-@pytest.fixture(scope="module")
-def graph(tmp_root):
-    g = GraphMock(tmp_root)
-    yield g
-    g.stop()
 
 
 @pytest.fixture(scope="module")
