@@ -285,6 +285,9 @@ class Pii(_Strict):
     # few dozen, each ≈ 0.1-0.4 ms: the default is ≈ 0.2-0.4 s of a worker); past it the request is a
     # 400 pii_too_much_to_check naming the field. Distinct numbers only: a repeated one is free.
     max_phone_checks: int = Field(1000, ge=100, le=10_000_000)
+    # MB an analysis worker's resident memory may grow by after it is ready (spaCy keeps every
+    # distinct word it has read); past it the worker is replaced by a fresh one between calls.
+    worker_max_growth_mb: int = Field(256, ge=8, le=1024 * 1024)
 
     @property
     def enabled(self) -> bool:

@@ -80,6 +80,10 @@ PII_TEXTS = Counter(
     "Texts checked for personal data, by outcome: cached (seen before), clean (no candidate), analysed",
     ["outcome"],
 )
+PII_WORKER_RECYCLES = Counter(
+    "gateway_pii_worker_recycles_total",
+    "PII analysis workers replaced by a fresh one because their memory grew past pii.worker_max_growth_mb",
+)
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
 AGENT_PROMPT_BYTES = Gauge(
     "gateway_agent_prompt_bytes",

@@ -74,6 +74,11 @@ class GatewayEmbedder:
             ctx.status = exc.status
             ctx.error_code = exc.code
             await pipeline.settle(self.svc, ctx, scope)
+            if exc.code == "pii_too_much_to_check" and len(texts) > 1:
+                # past a per-request PII analysis bound (pii.max_phone_checks, max_analysed_chars):
+                # a document's batch is split as a client would split it, each half bounded again
+                half = len(texts) // 2
+                return await self._call(texts[:half]) + await self._call(texts[half:])
             raise EmbeddingFailed(f"embedding model {self.model!r} failed ({exc.code or exc.status})") from None
         await pipeline.settle(self.svc, ctx, scope)
         return _vectors(raw, len(texts))

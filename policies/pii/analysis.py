@@ -75,6 +75,10 @@ MAX_ANALYSED_CHARS = 128 * 1024
 # took up to 19 s of a worker (loadtest/results/bench-pii-cost*.md); past this bound (≈ 0.2-0.5 s)
 # the request is refused (400) instead.
 MAX_PHONE_CHECKS = 1000
+# MB a worker's resident memory may grow by after it is ready before it is recycled (``workers``):
+# spaCy keeps every distinct word it has read, ≈ 420 bytes each (a 128 KiB request of distinct
+# IP addresses: +3.4 MB), for the life of the process.
+WORKER_MAX_GROWTH_MB = 256
 
 
 class TooMuchToCheck(Exception):
@@ -516,8 +520,10 @@ class Analyzer:
         timeout: float | None = None,
         max_chars: int | None = MAX_ANALYSED_CHARS,
         max_checks: int | None = MAX_PHONE_CHECKS,
+        max_growth_mb: float | None = WORKER_MAX_GROWTH_MB,
     ) -> None:
         self.workers = workers
+        self.max_growth_mb = max_growth_mb  # per worker process; None: never recycled
         self.cache_size = cache_size
         self.max_chars = max_chars  # per ``find`` (one request's texts); None: no bound
         self.max_checks = max_checks  # phone-number checks per ``find``; None: no bound
@@ -534,7 +540,7 @@ class Analyzer:
         if self.workers > 0:
             from policies.pii.workers import WorkerPool
 
-            self._pool = WorkerPool(self.workers)
+            self._pool = WorkerPool(self.workers, self.max_growth_mb)
             await self._pool.start(specs)  # Presidio loads in the workers now, not on the first request
 
     async def close(self) -> None:

@@ -129,6 +129,7 @@ class Scrubber:
             getattr(pii, "timeout_s", None),
             getattr(pii, "max_analysed_chars", None),
             getattr(pii, "max_phone_checks", None),
+            getattr(pii, "worker_max_growth_mb", None),
         )
         self.secret = (pii.hash_secret or "").encode()
 

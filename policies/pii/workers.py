@@ -12,6 +12,14 @@ fails with ``AnalysisTimeout`` (the request gets 503 ``pii_unavailable``). Other
 were queued on the killed worker are innocent: each is sent once more, to a live worker. A
 call's time starts when its worker is ready (Presidio loaded, which takes seconds), so a
 replacement still loading is never killed for being slow.
+
+A worker's memory grows with what it has read: spaCy keeps every distinct word of every text in
+its vocabulary and string store for the life of the process (75,000 distinct IP addresses: +41
+MB), so a stream of texts full of distinct tokens would grow every worker until it is killed.
+Each answer carries the worker's resident memory; once it has grown by more than
+``max_growth_mb`` since the worker was ready, the worker is recycled between calls, never in
+the middle of one: a fresh worker is started and, once it is ready, takes the old one's place;
+the old one answers the calls already sent to it and is then stopped.
 """
 
 from __future__ import annotations
@@ -27,11 +35,25 @@ import struct
 import sys
 from pathlib import Path
 
+from core import metrics
+
 log = logging.getLogger("gateway.pii")
 _HEADER = struct.Struct("!Q")
 _READY = -1  # the call id of the answer a worker gives once its warm-up is done
 STARTUP_S = 120.0  # a worker not ready after this long is replaced
 _ROOT = Path(__file__).resolve().parents[2]
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB (its peak where ``/proc`` is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KB elsewhere
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 class WorkerDied(RuntimeError):
@@ -53,6 +75,13 @@ class _Worker:
         self.killed = False  # by the pool, for a call's timeout
         self.ready = asyncio.Event()  # warm-up done (or the worker gone)
         self.busy_until = 0.0  # the latest deadline of the calls sent to it (it answers in order)
+        self.ready_mb: float | None = None  # resident memory when it was ready, and now (MB)
+        self.rss_mb = 0.0
+        self.retiring = False  # grown past the bound: a replacement is on its way
+        self.answered = asyncio.Event()  # set at each answer, and when it exits
+
+    def grown_past(self, limit_mb: float) -> bool:
+        return self.ready_mb is not None and self.rss_mb - self.ready_mb > limit_mb
 
     async def start(self, warm: list) -> None:
         parent, child = socket.socketpair()
@@ -69,6 +98,7 @@ class _Worker:
         self.killed = False
         self.ready = asyncio.Event()
         self.busy_until = 0.0
+        self.ready_mb, self.rss_mb, self.retiring = None, 0.0, False
         self.reader, self.writer = await asyncio.open_connection(sock=parent)
         self.task = asyncio.create_task(self._read())
         for spec in warm:
@@ -83,11 +113,13 @@ class _Worker:
         try:
             while True:
                 (size,) = _HEADER.unpack(await self.reader.readexactly(_HEADER.size))
-                call_id, ok, value = pickle.loads(await self.reader.readexactly(size))
+                call_id, ok, value, self.rss_mb = pickle.loads(await self.reader.readexactly(size))
                 if call_id == _READY:
+                    self.ready_mb = self.rss_mb
                     self.ready.set()
                     continue
                 fut = self.pending.pop(call_id, None)
+                self.answered.set()
                 if fut is None or fut.done():
                     continue
                 if ok:
@@ -102,6 +134,7 @@ class _Worker:
             pass
         finally:
             self.ready.set()  # wakes callers waiting for it: they find it gone
+            self.answered.set()
             error = WorkerReplaced if self.killed else WorkerDied
             for fut in self.pending.values():
                 if not fut.done():
@@ -132,12 +165,15 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_growth_mb: float | None = None) -> None:
         self.workers = [_Worker(i) for i in range(size)]
+        self.max_growth_mb = max_growth_mb  # a worker grown by more than this is recycled; None: never
+        self.recycled = 0  # workers recycled for their memory
         self._ids = itertools.count(1)
         self._warm: list = []
         self._lock = asyncio.Lock()  # one restart at a time
         self._tasks: set[asyncio.Task] = set()  # replacements under way
+        self._spare: set[_Worker] = set()  # workers outside ``workers``: recycling's new and old ones
 
     async def start(self, warm: list) -> None:
         self._warm = warm
@@ -185,7 +221,57 @@ class WorkerPool:
             except WorkerReplaced:
                 if attempt == 2:
                     raise
+            finally:  # answered or refused, the texts it read stay in its memory
+                self._recycle_if_grown(worker)
         raise AssertionError("unreachable")
+
+    def _recycle_if_grown(self, worker: _Worker) -> None:
+        if self.max_growth_mb is None or worker.retiring or not worker.alive or worker not in self.workers:
+            return
+        if worker.grown_past(self.max_growth_mb):
+            worker.retiring = True
+            task = asyncio.get_running_loop().create_task(self._recycle(worker))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _recycle(self, old: _Worker) -> None:
+        """A fresh worker in ``old``'s place once it is ready; ``old`` stopped once it has
+        answered the calls sent to it (each still under its own deadline)."""
+        grown = old.rss_mb - (old.ready_mb or 0.0)
+        new = _Worker(old.index)
+        self._spare.add(new)
+        try:
+            async with self._lock:
+                await new.start(self._warm)
+            await asyncio.wait_for(new.ready.wait(), STARTUP_S)
+            if not new.alive:
+                raise WorkerDied("exited while starting")
+        except (TimeoutError, OSError, WorkerDied) as exc:
+            log.error("PII analysis worker %d: its replacement did not start (%s); keeping it", old.index, exc)
+            old.retiring = False  # tried again after its next call
+            self._spare.discard(new)
+            await new.stop()
+            return
+        self._spare.discard(new)
+        if not old.retiring or old not in self.workers:  # replaced meanwhile (a timeout): not needed
+            await new.stop()
+            return
+        self.workers[self.workers.index(old)] = new
+        self._spare.add(old)
+        self.recycled += 1
+        metrics.PII_WORKER_RECYCLES.inc()
+        log.warning(
+            "PII analysis worker %d grew by %.0f MB (bound %.0f MB); replaced by a fresh one",
+            old.index,
+            grown,
+            self.max_growth_mb,
+        )
+        # Its calls end answered, or timed out (it is killed), or failed (it died).
+        while old.pending and old.task is not None and not old.task.done():
+            old.answered.clear()
+            await old.answered.wait()
+        self._spare.discard(old)
+        await old.stop()
 
     def _replace(self, worker: _Worker) -> None:
         task = asyncio.get_running_loop().create_task(self._restart(worker))
@@ -194,6 +280,10 @@ class WorkerPool:
 
     async def _restart(self, worker: _Worker) -> None:
         async with self._lock:
+            if worker not in self.workers:  # recycled, then killed for a call's timeout: not replaced
+                self._spare.discard(worker)
+                await worker.stop()
+                return
             if worker.alive:
                 return
             if not worker.killed:
@@ -204,7 +294,7 @@ class WorkerPool:
     async def stop(self) -> None:
         for t in list(self._tasks):
             t.cancel()
-        for w in self.workers:
+        for w in [*self.workers, *self._spare]:
             await w.stop()
 
 
@@ -218,7 +308,7 @@ def _serve(fd: int) -> None:
     def answer(call_id: int, ok: bool, value) -> None:
         if call_id == 0:
             return
-        data = pickle.dumps((call_id, ok, value), protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps((call_id, ok, value, rss_mb()), protocol=pickle.HIGHEST_PROTOCOL)
         sock.sendall(_HEADER.pack(len(data)) + data)
 
     while True:
