@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 import orjson
@@ -104,9 +105,50 @@ def _add(total: Usage, usage: Usage | None) -> None:
         total.cached_tokens += usage.cached_tokens
 
 
-async def _next_step(svc, ctx: RequestContext, scope: dict) -> None:
+# What the model reads instead of a tool result too costly to check for personal data (one
+# request's PII bounds: pii.max_analysed_chars, pii.max_phone_checks). The tool has run: failing
+# the turn would make the client retry it, and run its side effects (an order, a refund) again.
+WITHHELD = (
+    "The tool ran, but its result was withheld: it holds more text or numbers than the gateway may "
+    "check for personal data in one request. Tell the user the result could not be shown."
+)
+_MESSAGE_INDEX = re.compile(r"^messages\[(\d+)\]")
+
+
+async def _scrub_step(svc, ctx: RequestContext, step_messages: list[dict]) -> None:
+    """``pipeline.scrub`` of a body that now holds this step's tool results: a result refused as
+    too costly to check (``pii_too_much_to_check`` naming it) is replaced by ``WITHHELD`` — never
+    sent unchecked — and the body is scrubbed again; any other refusal stands."""
+    for _ in range(len(step_messages) + 1):
+        try:
+            await pipeline.scrub(svc, ctx)
+            return
+        except GatewayError as err:
+            found = _MESSAGE_INDEX.match(err.param or "") if err.code == "pii_too_much_to_check" else None
+            messages = ctx.body.get("messages") or []
+            index = int(found.group(1)) if found else -1
+            message = messages[index] if 0 <= index < len(messages) else None
+            if message is None or message.get("role") != "tool" or not any(message is m for m in step_messages):
+                raise
+            message["content"] = WITHHELD  # (the same dict is remembered with the turn: withheld there too)
+            ctx.agent.steps.append(
+                {"step": ctx.step, "kind": "scrub", "name": _tool_name(step_messages, message), "status": "withheld",
+                 "error": err.code}
+            )  # fmt: skip
+    await pipeline.scrub(svc, ctx)
+
+
+def _tool_name(step_messages: list[dict], result: dict) -> str | None:
+    for message in step_messages:
+        for call in message.get("tool_calls") or ():
+            if isinstance(call, dict) and call.get("id") == result.get("tool_call_id"):
+                return (call.get("function") or {}).get("name")
+    return None
+
+
+async def _next_step(svc, ctx: RequestContext, scope: dict, step_messages: list[dict]) -> None:
     """Reset what belongs to one model call, then check limits and budgets and scrub again (the
-    body now holds tool results)."""
+    body now holds tool results: ``_scrub_step``)."""
     ctx.step += 1
     ctx.usage = None
     ctx.attempts = 0
@@ -120,7 +162,7 @@ async def _next_step(svc, ctx: RequestContext, scope: dict) -> None:
         ctx.extra.pop(name, None)
     await count_prompt_off_loop(ctx)  # tool results can be large: not tokenized on the event loop
     await pipeline.admit(svc, ctx, scope)
-    await pipeline.scrub(svc, ctx)
+    await _scrub_step(svc, ctx, step_messages)
 
 
 async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, receive) -> None:
@@ -213,7 +255,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
         ctx.body_bytes += len(orjson.dumps(step_messages))  # the prompt's bound grows with it
         ctx.extra.setdefault("tool_messages", []).extend(step_messages)  # remembered with the turn
         try:
-            await _next_step(svc, ctx, scope)
+            await _next_step(svc, ctx, scope, step_messages)
         except GatewayError as err:  # refused (rate limit, budget) before the next model call
             turn.steps.append({"step": ctx.step, "kind": "model", "status": err.status, "error": err.code})
             _record_if_tools_ran(svc, ctx, started, err)

@@ -170,6 +170,10 @@ class ToolServer:
             if self.flaky[key] <= int(query.get("fails", "1")):
                 return await _json(send, 500, {"error": f"failure {self.flaky[key]}"})
             return await _json(send, 200, {"ok": True, "attempts": self.flaky[key]})
+        if path == "/directory":  # a contact search: distinct US phone numbers (PII bounds)
+            count = min(int(query.get("count", "10")), 100_000)
+            rows = [f"Contact {i}: ({200 + i % 700}) 555-{i % 10000:04d}" for i in range(count)]
+            return await _json(send, 200, {"contacts": rows})
         if path == "/big":
             size = min(int(query.get("bytes", "100000")), 50_000_000)
             return await _raw(send, 200, b"x" * size, b"text/plain")
