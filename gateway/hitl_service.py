@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Histogram
 
 from core.config import Hitl
+from core.errors import InvalidRequest
 from core.tokens import count_text
 from policies.alerts import emit_event
+from policies.pii.analysis import TooMuchToCheck
 from rag import store as kb_store
 from rag.chunking import Chunk
 from rag.embedding import DIMS as LOCAL_DIMS
@@ -111,7 +113,16 @@ async def redact_for_learning(pii, tenant: str, model: str, texts: list[str]) ->
     policy = pii.policies.get(name)
     if policy is None or not policy.actions:
         return texts
-    findings = await pii.analyzer.find(policy.spec, texts)
+    try:
+        findings = await pii.analyzer.find(policy.spec, texts)
+    except TooMuchToCheck as exc:  # past a per-request PII bound: a 400 naming what to shorten, not a 500
+        what = "The corrected answer" if exc.text == 1 else "The escalation's question"
+        raise InvalidRequest(
+            f"{what} holds more text or numbers than the gateway may check for personal data at once, so it "
+            "cannot be learned as it is: shorten the corrected answer, or resolve without one.",
+            param="corrected_answer",
+            code="pii_too_much_to_check",
+        ) from None
     out = []
     for text, found in zip(texts, findings, strict=True):
         spans = sorted(((s, e, policy.labels[t]) for s, e, t, _ in found if t in policy.labels), reverse=True)

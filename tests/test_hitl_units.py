@@ -469,3 +469,28 @@ def test_redis_down_does_not_stop_sla_alerts(pool):
         }
 
     loop.run_until_complete(go())
+
+
+def test_a_learned_example_past_a_pii_bound_is_a_400_naming_the_corrected_answer():
+    """Redacting an example for learning past a per-request PII bound (pii.max_phone_checks,
+    pii.max_analysed_chars) was an uncaught error: the resolve answered a generic 500."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from core.errors import InvalidRequest
+    from gateway import hitl_service
+    from policies.pii.analysis import TooMuchToCheck
+
+    class Analyzer:
+        async def find(self, spec, texts):
+            exc = TooMuchToCheck(1001, 1000, "max_phone_checks", 1)
+            exc.text = 1
+            raise exc
+
+    policy = SimpleNamespace(actions={"phone": "redact"}, spec=None, labels={})
+    config = SimpleNamespace(models={}, tenants={"t": "p"})
+    pii = SimpleNamespace(config=config, policies={"p": policy}, analyzer=Analyzer())
+    with pytest.raises(InvalidRequest) as err:
+        asyncio.run(hitl_service.redact_for_learning(pii, "t", "m", ["question", "answer"]))
+    assert err.value.code == "pii_too_much_to_check" and err.value.param == "corrected_answer"
+    assert "corrected answer" in str(err.value)
