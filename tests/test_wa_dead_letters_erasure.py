@@ -10,6 +10,7 @@ that conversation only); a send by one in its text (the mock Graph answers 500).
 
 from __future__ import annotations
 
+import base64
 import random
 import time
 import urllib.parse
@@ -245,3 +246,93 @@ def test_retention_drops_the_dead_letters_of_the_conversations_it_deletes(gw, gr
     assert ("alpha", old) not in left
     assert left[("alpha", recent)] == [f"words of {recent}" + FAIL_TURN]
     assert left[("bravo", old)] == ["tenant B's words" + FAIL_TURN]
+
+
+# ---- the files a customer sent (channels/whatsapp/content.py) ----------------------------------
+MEDIA_ROOT = ("data", "channels", "whatsapp")
+
+
+def _send_file(gw: Gateway, graph, acct: str, wa_id: str, data: bytes, kind: str = "document") -> None:
+    """The customer sends a file (a document or a voice note); the turn is answered (so it is kept)."""
+    mime = {"document": "application/pdf", "audio": "audio/ogg"}[kind]
+    media_id = uuid.uuid4().hex
+    graph._post("/_mock/media", {"id": media_id, "data_b64": base64.b64encode(data).decode(), "mime_type": mime})
+    body = {"id": media_id, "mime_type": mime} | ({"filename": "bill.pdf"} if kind == "document" else {"voice": True})
+    msg = {"from": wa_id, "id": f"wamid.F{uuid.uuid4().hex}", "timestamp": str(int(time.time())), "type": kind}
+    pnid, secret = (PNID_A, SECRET_A) if acct == "alpha" else (PNID_B, SECRET_B)
+    before = len(graph.sent_to(wa_id))
+    r = post(gw, acct, notification([msg | {kind: body}], pnid=pnid), secret=secret)
+    assert r.status_code == 200, r.text
+    wait_until(lambda: len(graph.sent_to(wa_id)) > before, what=f"the answer to {wa_id}'s {kind}")
+
+
+def _files_holding(tmp_root, data: bytes) -> list:
+    root = tmp_root.joinpath(*MEDIA_ROOT)
+    return [p for p in root.rglob("*") if p.is_file() and p.read_bytes() == data]
+
+
+def test_an_erasure_deletes_the_files_the_customer_sent_and_no_one_elses(gw, graph, services, tmp_root):
+    """Ada (tenant A) sends a voice note and a document Bob (same tenant) sends too, byte for byte;
+    the same number at tenant B sends a document. Erasing Ada's conversation deletes her files
+    only: Bob keeps his copy of the shared document, tenant B its file."""
+    ada, bob = _wa_id(), _wa_id()
+    voice, shared, bobs, other = (f"{w} {uuid.uuid4().hex}".encode() for w in ("OggS ada", "%PDF", "%PDF b", "%PDF o"))
+    _send_file(gw, graph, "alpha", ada, voice, "audio")
+    _send_file(gw, graph, "alpha", ada, shared)
+    _send_file(gw, graph, "alpha", bob, shared)
+    _send_file(gw, graph, "alpha", bob, bobs)
+    _send_file(gw, graph, "bravo", ada, other)
+    assert _files_holding(tmp_root, voice) and _files_holding(tmp_root, other)
+
+    assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
+    assert _files_holding(tmp_root, voice) == []
+    assert len(_files_holding(tmp_root, shared)) == 1  # Bob's
+    assert _files_holding(tmp_root, bobs) and _files_holding(tmp_root, other)
+    # Bob's conversation still has what it sent: erasing it now deletes the shared document too
+    assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{bob}").status_code == 200
+    assert _files_holding(tmp_root, shared) == [] and _files_holding(tmp_root, bobs) == []
+    assert _files_holding(tmp_root, other)
+
+
+def test_attack_a_crafted_conversation_id_deletes_nothing_outside_its_own_folder(gw, services, tmp_root):
+    """The id is the admin's: traversal, a tenant's folder, the media root — none is a path."""
+    root = tmp_root.joinpath(*MEDIA_ROOT)
+    root.mkdir(parents=True, exist_ok=True)
+    bait = [tmp_root / "data" / "bait.txt", root / "bait.txt"]
+    for p in bait:
+        p.write_bytes(b"keep me")
+    for crafted in ("wa:../../bait.txt", "wa:/", "wa:..", "wa:*", f"wa:{PNID_A}:../../../data"):
+        assert _erase(gw, TENANT_A, crafted).status_code == 200
+    assert all(p.read_bytes() == b"keep me" for p in bait)
+
+
+def test_retention_deletes_the_files_of_the_conversations_it_deletes(gw, graph, services, tmp_root):
+    old, recent = _wa_id(), _wa_id()
+    files = {w: f"%PDF {w} {uuid.uuid4().hex}".encode() for w in (old, recent)}
+    others = f"%PDF tenant B {uuid.uuid4().hex}".encode()
+    for wa_id, data in files.items():
+        _send_file(gw, graph, "alpha", wa_id, data)
+    _send_file(gw, graph, "bravo", old, others)
+    convs = {w: f"wa:{PNID_A}:{w}" for w in (old, recent)}
+
+    def stored() -> bool:
+        got = rows(services[0], "SELECT external_id FROM conversations WHERE tenant = $1", TENANT_A)
+        return set(convs.values()) <= {r["external_id"] for r in got}
+
+    wait_until(stored, what="both conversations in PostgreSQL")
+    assert _files_holding(tmp_root, files[old])
+    execute(
+        services[0],
+        f"UPDATE conversations SET last_at = now() - interval '31 days' "
+        f"WHERE tenant = '{TENANT_A}' AND external_id = '{convs[old]}'",
+    )
+
+    def swept() -> bool:
+        got = rows(
+            services[0], "SELECT 1 FROM conversations WHERE tenant = $1 AND external_id = $2", TENANT_A, convs[old]
+        )
+        return not got
+
+    wait_until(swept, what="the old conversation deleted by the retention")
+    assert _files_holding(tmp_root, files[old]) == []
+    assert _files_holding(tmp_root, files[recent]) and _files_holding(tmp_root, others)

@@ -127,7 +127,7 @@ class Worker:
                 return len(messages)
             read = asyncio.ensure_future(self._mark_read(acct, head["pnid"], messages[-1]["wamid"]))
             try:
-                content = await build_content(self.media, acct, messages)
+                content = await build_content(self.media, acct, messages, conv.conversation_id)
                 reply = await self.gateway.turn(
                     api_key=acct.api_key,
                     agent=agent,
