@@ -248,6 +248,49 @@ def test_retention_drops_the_dead_letters_of_the_conversations_it_deletes(gw, gr
     assert left[("bravo", old)] == ["tenant B's words" + FAIL_TURN]
 
 
+def _dead_payloads(services, acct: str, wa_id: str) -> list[dict]:
+    r = redis.Redis.from_url(services[1])
+    try:
+        found = (orjson.loads(fields[b"m"])["payload"] for _, fields in r.xrange(DEAD))
+        return [p for p in found if p.get("account") == acct and p.get("wa_id") == wa_id]
+    finally:
+        r.close()
+
+
+def test_the_letters_of_an_account_removed_from_the_config_are_still_its_tenants_to_erase(gw, services):
+    """An account taken out of the config (or moved to another tenant) dies with every job it had
+    queued: the worker no longer knows it. Those letters hold the customer's words and stay its
+    tenant's to erase: the tenant is the one the job was queued for, not the config's now. Here a
+    job queued by the webhook (a real one's payload) is put back on the queue as an account the
+    worker does not know; tenant B naming the same conversation id drops nothing of it."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from core.queue import Queue
+
+    ada = _wa_id()
+    _say(gw, "alpha", ada, "words queued before the account went" + FAIL_TURN)
+    _wait_dead(services, "alpha", ada)
+    (queued,) = _dead_payloads(services, "alpha", ada)
+    assert queued.get("tenant") == TENANT_A  # the webhook names the tenant it queued for
+    gone = {**queued, "account": "gone", "wamid": f"wamid.G{uuid.uuid4().hex}", "text": "the gone account's words"}
+
+    async def enqueue() -> None:
+        r = aioredis.from_url(services[1])
+        try:
+            await Queue(r, "wa-inbound", ordered=True).enqueue(gone, key=f"gone:{PNID_A}:{ada}")
+        finally:
+            await r.aclose()
+
+    asyncio.run(enqueue())
+    wait_until(lambda: _dead_payloads(services, "gone", ada), what="the removed account's job dead")
+    assert _erase(gw, TENANT_B, f"wa:{PNID_A}:{ada}").status_code == 200
+    assert _dead_payloads(services, "gone", ada)
+    assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
+    assert _dead_payloads(services, "gone", ada) == [] and _dead_payloads(services, "alpha", ada) == []
+
+
 # ---- the files a customer sent (channels/whatsapp/content.py) ----------------------------------
 MEDIA_ROOT = ("data", "channels", "whatsapp")
 

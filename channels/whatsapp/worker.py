@@ -268,6 +268,7 @@ class Worker:
         payload = {
             "kind": "send",
             "account": conv.account,
+            "tenant": acct.tenant,
             "pnid": conv.pnid,
             "wa_id": conv.wa_id,
             "conversation_id": conv.conversation_id,
