@@ -14,7 +14,11 @@
   piece of an answer still on its way while an earlier piece's status is handled.
 
 Faults, by directive: ``POST /_mock/faults {"to": "<wa_id>" | "*", "errors": [130429, 500, ...]}``
-(each consumed by one send), or ``[[graph:{"error": 131047, "times": 1}]]`` inside a text body (the
+(each consumed by one send); with ``"nth_text": n`` (and a ``to``) the errors wait for the n-th
+free-form text POST to that number instead (every POST counts, refused ones too), and are consumed
+one per text POST from there (``{"to": ..., "errors": [429], "nth_text": 2}``: Meta accepts the
+first piece of an answer and refuses the second once; 429 is answered as HTTP 429); or
+``[[graph:{"error": 131047, "times": 1}]]`` inside a text body (the
 first ``times`` sends carrying that directive fail; ``"on": "template"``: the templates carrying it
 in a parameter instead; ``"delay_ms"``: the error is answered that late).
 ``POST /_mock/window {"wa_id", "open": false}`` closes a customer's 24-hour window (free-form
@@ -60,12 +64,15 @@ _ERRORS = {
     132018: (400, "There was an issue with the parameters in your template."),
     132005: (400, "Template Hydrated Text Too Long"),
 }
+THROUGHPUT = 130429
 MAX_HYDRATED = 1024  # characters of a template's body with its parameters filled in
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 _BAD_PARAM = re.compile(r"[\n\t]| {5}")
 
 
 def _graph_error(code: int) -> tuple[int, dict]:
+    if code == 429:  # an HTTP 429 (the Graph API's own rate limit in front of the send)
+        return 429, {"error": {"message": "Rate limit hit", "type": "OAuthException", "code": THROUGHPUT}}
     if 500 <= code < 600:
         return code, {"error": {"message": "Service temporarily unavailable", "type": "OAuthException", "code": 2}}
     status, message = _ERRORS.get(code, (400, "Error"))
@@ -139,6 +146,8 @@ class MockGraph:
         self.media: dict[str, dict] = {}
         self.counts: Counter = Counter()
         self.texts_to: Counter = Counter()
+        self.text_posts: Counter = Counter()  # free-form text POSTs to a number, refused ones too
+        self.nth_text_faults: dict[str, dict[int, deque]] = defaultdict(dict)
         self._ids = itertools.count(1)
         # wamids unique across mock processes (two test modules' mocks share one database)
         self._run = os.urandom(4).hex().upper()
@@ -206,6 +215,15 @@ class MockGraph:
     # ---- sends ------------------------------------------------------------------------------
     def _fault(self, to: str, req: dict) -> tuple[int | None, float]:
         """The error code to answer this send with (None: it goes), and how late to answer it."""
+        if req.get("type") == "text":
+            self.text_posts[to] += 1
+            waiting = self.nth_text_faults.get(to, {})
+            due = min((n for n in waiting if n <= self.text_posts[to]), default=None)
+            if due is not None:
+                code = waiting[due].popleft()
+                if not waiting[due]:
+                    del waiting[due]
+                return code, 0.0
         for who in (to, "*"):
             if self.faults[who]:
                 return self.faults[who].popleft(), 0.0
@@ -349,6 +367,7 @@ class MockGraph:
                 self.reads.clear()
                 self.counts.clear()
                 self.texts_to.clear()
+                self.text_posts.clear()
                 return await self._json(send, 200, {"cleared": True})
             return await self._json(send, 200, {"sent": list(self.sent)})
         if path == "/_mock/reads":
@@ -359,7 +378,12 @@ class MockGraph:
             self.cfg.update({k: v for k, v in data.items() if k in self.cfg})
             return await self._json(send, 200, self.cfg)
         if path == "/_mock/faults" and method == "POST":
-            self.faults[str(data.get("to", "*"))].extend(int(c) for c in data.get("errors", []))
+            codes = [int(c) for c in data.get("errors", [])]
+            if data.get("nth_text") is not None and codes:
+                waiting = self.nth_text_faults[str(data["to"])]
+                waiting.setdefault(int(data["nth_text"]), deque()).extend(codes)
+                return await self._json(send, 200, {"ok": True})
+            self.faults[str(data.get("to", "*"))].extend(codes)
             return await self._json(send, 200, {"ok": True})
         if path == "/_mock/window" and method == "POST":
             (self.closed.discard if data.get("open", True) else self.closed.add)(str(data["wa_id"]))

@@ -413,7 +413,9 @@ def test_a_long_stream_is_not_kept_whole_in_memory_while_it_is_relayed(gw, api_k
     bad.configure(raw={"pieces": first, "fill": empty, "flood": 160 * 1024 * 1024})
     events = _stream_events(gw, api_key, "oa-solo")
     assert orjson.loads(events[0])["choices"][0]["delta"]["content"] == "one two three"
-    assert orjson.loads(events[-1])["error"]["code"] == "upstream_disconnected"
+    # the provider hangs up after its flood; a loaded host may relay it past the total timeout
+    # first: either way the stream ends with an error event, and what is measured is the memory
+    assert orjson.loads(events[-1])["error"]["code"] in ("upstream_disconnected", "upstream_timeout")
     assert _peak_rss_kib(gw) - before < 96 * 1024, "the relayed stream was kept whole"
 
 

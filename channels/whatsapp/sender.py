@@ -6,10 +6,14 @@ after it the field holds the new wamid. A job delivered again (its worker died, 
 every piece with a field: sent pieces are not sent twice, and a piece whose send may have
 reached Meta without an answer (``pending``, a timeout) is recorded as ``unknown`` rather than
 risked twice. Throttling answers (130429, 131056) become a ``Retry`` of the whole job, whose
-sent pieces stay sent.
+sent pieces stay sent: a retry resumes after the last piece with a field, in order.
 
 Outside the window no free-form text is attempted: the account's window template is sent
 instead (once per key) when it has one, else the reply is recorded as ``held`` (and reported).
+A retry that finds the window closed after some free-form pieces went sends only the rest as
+templates. The templates' cut is pinned per key (``template_text``, ``template_room``,
+``template_from``) and cut again, after the pieces that went, when it no longer fits the
+template's room (``_template_cut``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ TEMPLATE_TEXT_RESERVE = 200
 MIN_REPLY_ROOM = 100
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 PIECE_FIELD = re.compile(r"^(p[0-9]+|template[0-9]*)\Z")  # a piece's field of a key's state
+TEMPLATE_FIELD = re.compile(r"^template[0-9]*\Z")  # a window template piece's field
 
 
 @dataclass
@@ -174,10 +179,13 @@ class Sender:
         if "held" in state:
             out.held = True
             return out
-        if "template" in state:  # it went as the window template: its remaining pieces too, never free-form
-            return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
-        if window_closed or not conv.window_open():
-            return await self._outside_window(acct, conv, key, text, kind, reply_to, variables, out, template_fallback)
+        # Gone as the window template (its remaining pieces too, never free-form), or the window is
+        # closed now: the templates carry what no free-form piece of this key carried before.
+        if "template" in state or window_closed or not conv.window_open():
+            rest = unsent_rest(text, pieces, acct.max_reply_parts)
+            if not rest:
+                return out
+            return await self._outside_window(acct, conv, key, rest, kind, reply_to, variables, out, template_fallback)
         for i, piece in enumerate(split_reply(text, max_parts=acct.max_reply_parts)):
             message = {"type": "text", "text": {"body": piece, "preview_url": False}}
             try:
@@ -225,6 +233,39 @@ class Sender:
             out.sent.append(wamid)
         return out
 
+    async def _template_cut(self, acct, skey: str, text: str, room: int) -> tuple[int, list[str]]:
+        """The pieces of an answer's window templates under this key, and the field index of the
+        first of them (``template`` is 0, ``template1`` 1...).
+
+        Every try of the key cuts the same text (the first try's), however short, at the same
+        room: a retry, or a second job on the key, given another text (a turn's retry has the
+        whole answer where its first try sent only the pieces Meta refused) would send pieces of
+        two different cuts. When the pinned cut no longer fits the room the template leaves now
+        (registered again with a longer body, a longer customer name, between tries), the pieces
+        after the last one that went (or whose fate is unknown) are cut again for that room and
+        that cut is pinned in turn, its fields after theirs (``template_from``): what Meta
+        accepted stays sent, nothing goes twice, and no piece runs past Meta's 1,024 (132005)."""
+        flat = " ".join(text.split())
+        first_text = await self._claim(skey, "template_text", flat)
+        if await self._claim(skey, "template_room", str(room)) and first_text:
+            return 0, template_cut(flat, room, acct.max_reply_parts)
+        for _ in range(3):
+            pinned = await self.kv.get(skey)
+            flat = pinned.get("template_text") or flat
+            was = int(pinned["template_room"]) if pinned.get("template_room", "").isdigit() else room
+            start = int(pinned["template_from"]) if pinned.get("template_from", "").isdigit() else 0
+            pieces = template_cut(flat, was, acct.max_reply_parts if start == 0 else None)
+            went = [int(f[len("template") :] or 0) for f in pinned if TEMPLATE_FIELD.match(f)]
+            done = max(max(went, default=-1) + 1 - start, 0)
+            if all(len(p) <= room for p in pieces[done:]):
+                return start, pieces
+            rest = " ".join(pieces[done:])
+            old = (pinned.get("template_from", ""), pinned.get("template_room", ""))
+            if await self.kv.repin(skey, STATE_TTL, old, rest, str(room), str(start + done)):
+                log.info("whatsapp window template cut again for its room", extra={"fields": {"room": room}})
+                return start + done, template_cut(rest, room, None)
+        raise Retry(1.0)  # other tries of the key cut it again meanwhile: this one starts over
+
     async def _outside_window(
         self, acct, conv, key, text, kind, reply_to, variables, out: Outcome, template_fallback: bool = True
     ) -> Outcome:
@@ -236,28 +277,13 @@ class Sender:
             # A template carries what its body has room for (Meta: 1,024 characters filled in): a
             # longer reply goes as as many templates as it takes (cut at sentence ends), never cut
             # off and reported sent.
-            pieces = [text]
+            pieces, start = [text], 0
             if "reply" in (tpl.get("variables") or ()):
-                # Every try of this key cuts the same text (the first try's), however short, at
-                # the same room: a retry, or a second job on the key, given another text (a turn's
-                # retry has the whole answer where its first try sent only the pieces Meta
-                # refused) or another room (the template registered again) would send pieces of
-                # two different cuts.
-                flat = " ".join(text.split())
                 values = fit_others(tpl, values)  # a long customer name must not leave the reply no room
-                room = reply_room(tpl, values)
                 skey = state_key(conv.account, key)
-                first_text = await self._claim(skey, "template_text", flat)
-                if not (await self._claim(skey, "template_room", str(room)) and first_text):
-                    pinned = await self.kv.get(skey)
-                    flat = pinned.get("template_text") or flat
-                    room = int(pinned["template_room"]) if pinned.get("template_room", "").isdigit() else room
-                # What the free-form pieces would carry (max_reply_parts of them), in as many
-                # templates as it takes (a piece is cut at no less than half its limit): never less.
-                kept = " ".join(split_reply(flat, max_parts=acct.max_reply_parts))
-                parts = len(kept) // (room // 2) + 1
-                pieces = split_reply(kept, limit=room, max_parts=parts) or [text]
-            for i, piece in enumerate(pieces):
+                start, pieces = await self._template_cut(acct, skey, text, reply_room(tpl, values))
+                pieces = pieces or [text]
+            for i, piece in enumerate(pieces, start):
                 field_ = "template" if i == 0 else f"template{i}"
                 done = await self.send_template(
                     acct, conv, key, tpl, {**values, "reply": piece}, reply_to=reply_to, field_=field_
@@ -283,6 +309,26 @@ class Sender:
             )
         out.held = True
         return out
+
+
+def unsent_rest(text: str, fields: dict[str, str], max_parts: int) -> str:
+    """What of ``text`` comes after its last free-form piece that has a field (sent, or of unknown
+    fate): a retry that finds the window closed sends only that as templates. Piece 1 accepted,
+    piece 2 refused at once, the window closed before the retry: the templates once carried the
+    whole answer, and the customer read piece 1 twice."""
+    done = [int(f[1:]) for f in fields if f.startswith("p")]
+    if not done:
+        return text
+    return " ".join(split_reply(text, max_parts=max_parts)[max(done) + 1 :])
+
+
+def template_cut(flat: str, room: int, max_parts: int | None) -> list[str]:
+    """``flat`` in pieces of at most ``room`` characters, cut at sentence ends. With
+    ``max_parts``: what that many free-form pieces would carry, in as many templates as it takes
+    (a piece is cut at no less than half its limit): never less. None: all of it (a cut's rest,
+    already within that bound)."""
+    kept = " ".join(split_reply(flat, max_parts=max_parts)) if max_parts is not None else flat
+    return split_reply(kept, limit=room, max_parts=len(kept) // (room // 2) + 1)
 
 
 def placeholders(body: str) -> set[str]:

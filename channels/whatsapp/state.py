@@ -42,6 +42,16 @@ end
 return before
 """
 
+# KEYS: state. ARGV: ttl, template_from and template_room as read ('' for none), then the new
+# template_text, template_room, template_from. 1: pinned; 0: another try pinned another cut first.
+_REPIN = """
+if (redis.call('HGET', KEYS[1], 'template_from') or '') ~= ARGV[2]
+  or (redis.call('HGET', KEYS[1], 'template_room') or '') ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'template_text', ARGV[4], 'template_room', ARGV[5], 'template_from', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
 
 class _RedisPy:
     def __init__(self, redis) -> None:
@@ -58,7 +68,7 @@ def _s(v) -> str:
 class SendState:
     def __init__(self, redis, fast=None) -> None:
         self._r = fast if fast is not None else _RedisPy(redis)
-        self._src = {"note": _NOTE, "claim": _CLAIM, "begin": _BEGIN}
+        self._src = {"note": _NOTE, "claim": _CLAIM, "begin": _BEGIN, "repin": _REPIN}
         self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._src.items()}
 
     async def _script(self, name: str, keys: list[str], args: list):
@@ -89,6 +99,11 @@ class SendState:
 
     async def claim(self, key: str, ttl: int, field: str, value: str, pace_key: str, pace_limit: int) -> int:
         return int(await self._script("claim", [key, pace_key], [ttl, field, value, pace_limit]))
+
+    async def repin(self, key: str, ttl: int, was: tuple[str, str], text: str, room: str, start: str) -> bool:
+        """A window template's cut pinned anew (text, room, first field index) unless the pinned
+        (template_from, template_room) are no longer ``was``."""
+        return bool(int(await self._script("repin", [key], [ttl, *was, text, room, start])))
 
     async def set(self, key: str, field: str, value: str) -> None:
         await self._r.execute("HSET", key, field, value)
