@@ -299,8 +299,9 @@ def test_the_letters_of_an_account_removed_from_the_config_are_still_its_tenants
 MEDIA_ROOT = ("data", "channels", "whatsapp")
 
 
-def _send_file(gw: Gateway, graph, acct: str, wa_id: str, data: bytes, kind: str = "document") -> None:
-    """The customer sends a file (a document or a voice note); the turn is answered (so it is kept)."""
+def _send_file(gw: Gateway, graph, acct: str, wa_id: str, data: bytes, kind: str = "document") -> str:
+    """The customer sends a file (a document or a voice note); the turn is answered (so it is kept).
+    The message's wamid."""
     mime = {"document": "application/pdf", "audio": "audio/ogg"}[kind]
     media_id = uuid.uuid4().hex
     graph._post("/_mock/media", {"id": media_id, "data_b64": base64.b64encode(data).decode(), "mime_type": mime})
@@ -311,6 +312,7 @@ def _send_file(gw: Gateway, graph, acct: str, wa_id: str, data: bytes, kind: str
     r = post(gw, acct, notification([msg | {kind: body}], pnid=pnid), secret=secret)
     assert r.status_code == 200, r.text
     wait_until(lambda: len(graph.sent_to(wa_id)) > before, what=f"the answer to {wa_id}'s {kind}")
+    return msg["id"]
 
 
 def _files_holding(tmp_root, data: bytes) -> list:
@@ -357,9 +359,8 @@ def test_retention_deletes_the_files_of_the_conversations_it_deletes(gw, graph, 
     old, recent = _wa_id(), _wa_id()
     files = {w: f"%PDF {w} {uuid.uuid4().hex}".encode() for w in (old, recent)}
     others = f"%PDF tenant B {uuid.uuid4().hex}".encode()
-    for wa_id, data in files.items():
-        _send_file(gw, graph, "alpha", wa_id, data)
-    _send_file(gw, graph, "bravo", old, others)
+    turns = {w: _send_file(gw, graph, "alpha", w, data) for w, data in files.items()}
+    others_turn = _send_file(gw, graph, "bravo", old, others)
     convs = {w: f"wa:{PNID_A}:{w}" for w in (old, recent)}
 
     def stored() -> bool:
@@ -383,3 +384,39 @@ def test_retention_deletes_the_files_of_the_conversations_it_deletes(gw, graph, 
     wait_until(swept, what="the old conversation deleted by the retention")
     assert _files_holding(tmp_root, files[old]) == []
     assert _files_holding(tmp_root, files[recent]) and _files_holding(tmp_root, others)
+    # the turns' send states (the answer sent) go with the old conversation only
+    assert _turn_replies(services, [("alpha", turns[old]), ("alpha", turns[recent]), ("bravo", others_turn)]) == [
+        False,
+        True,
+        True,
+    ]
+
+
+# ---- the sender's per-turn state in Redis (channels/whatsapp/sender.py) -------------------------
+def _turn_replies(services, turns: list[tuple[str, str]]) -> list[bool]:
+    """Whether each (account, wamid) turn's send state still holds the answer sent."""
+    from channels.whatsapp.sender import state_key
+
+    r = redis.Redis.from_url(services[1])
+    try:
+        return [bool(r.hget(state_key(acct, f"turn:{wamid}"), "reply")) for acct, wamid in turns]
+    finally:
+        r.close()
+
+
+def test_an_erasure_deletes_the_send_states_of_the_conversations_turns_and_no_one_elses(gw, graph, services):
+    """A turn's send state keeps the agent's answer 8 days (a retry sends it, never asks anew):
+    erasing Ada's conversation deletes her turns' states; Bob's and tenant B's stay."""
+    ada, bob = _wa_id(), _wa_id()
+    turns = []
+    for acct, wa_id in (("alpha", ada), ("alpha", ada), ("alpha", bob), ("bravo", ada)):
+        msg = text(wa_id, f"a question from {wa_id}")
+        pnid, secret = (PNID_A, SECRET_A) if acct == "alpha" else (PNID_B, SECRET_B)
+        before = len(graph.sent_to(wa_id))
+        assert post(gw, acct, notification([msg], pnid=pnid), secret=secret).status_code == 200
+        wait_until(lambda w=wa_id, n=before: len(graph.sent_to(w)) > n, what=f"the answer to {wa_id}")
+        turns.append((acct, msg["id"]))
+    wait_until(lambda: all(_turn_replies(services, turns)), what="the turns' answers noted")
+
+    assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
+    assert _turn_replies(services, turns) == [False, False, True, True]
