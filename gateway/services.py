@@ -154,7 +154,7 @@ class Services:
         expiry.start()
         # (a channel's copies are dropped through Redis and the data directory alone: with or without
         # its accounts here)
-        forget_channel = functools.partial(wa_erasure.forget, redis, settings.data_dir.resolve())
+        forget_channel = functools.partial(wa_erasure.forget, redis, settings.data_dir.resolve(), pool)
         retention = RetentionSweeper(pool, memory=memory, channel_copies=forget_channel)
         retention.start()
         hitl = await hitl_service.start(

@@ -420,3 +420,27 @@ def test_an_erasure_deletes_the_send_states_of_the_conversations_turns_and_no_on
 
     assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
     assert _turn_replies(services, turns) == [False, False, True, True]
+
+
+def test_an_erasure_deletes_the_send_states_an_older_release_kept_unindexed(gw, graph, services):
+    """States kept before the conversation's index existed (its index is deleted here, as the
+    previous release never wrote one) are found by the conversation's inbound messages."""
+    from channels.whatsapp.sender import index_key
+
+    ada, bob = _wa_id(), _wa_id()
+    turns = []
+    for wa_id in (ada, bob):
+        msg = text(wa_id, f"an older question from {wa_id}")
+        before = len(graph.sent_to(wa_id))
+        assert post(gw, "alpha", notification([msg], pnid=PNID_A), secret=SECRET_A).status_code == 200
+        wait_until(lambda w=wa_id, n=before: len(graph.sent_to(w)) > n, what=f"the answer to {wa_id}")
+        turns.append(("alpha", msg["id"]))
+    wait_until(lambda: all(_turn_replies(services, turns)), what="the turns' answers noted")
+    r = redis.Redis.from_url(services[1])
+    try:
+        assert r.delete(*(index_key(TENANT_A, f"wa:{PNID_A}:{w}") for w in (ada, bob))) == 2
+    finally:
+        r.close()
+
+    assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
+    assert _turn_replies(services, turns) == [False, True]
