@@ -173,7 +173,7 @@ class ChannelsAdmin:
         text, template = data.get("text"), data.get("template")
         if (text is None) == (template is None):
             raise InvalidRequest("Give exactly one of 'text' and 'template'.", param="text")
-        payload: dict = {"kind": "send", "account": name, "pnid": pnid}
+        payload: dict = {"kind": "send", "account": name, "tenant": acct.tenant, "pnid": pnid}
         if text is not None:
             payload["text"] = inp.text(data, "text", max_len=MAX_TEXT)
         else:

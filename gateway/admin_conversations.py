@@ -1,8 +1,9 @@
 """``DELETE /admin/agents/{name}/conversations/{conversation_id}``: a conversation erased on
 request (a customer's right to erasure): its messages in PostgreSQL, its recent window in Redis,
 its memory dead letters (turns PostgreSQL refused), a channel conversation's queue dead letters
-(a WhatsApp customer's message, or a send to them, that failed after its last retry: for this
-tenant only, ``channels.whatsapp.dead_letters``), the answers kept to replay its turns
+(a WhatsApp customer's message, or a send to them, that failed after its last retry) and the
+files a WhatsApp customer sent (documents, audio, images), for this tenant only
+(``channels.whatsapp.erasure``), the answers kept to replay its turns
 (``Idempotency-Key``), and the feedback given on it or on its turns.
 Turns recorded up to the erasure that were still on their way to PostgreSQL (the memory stream, a
 spill on disk) are skipped when they arrive (``runtime.conversations.erase`` records the erasure,
@@ -35,7 +36,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from channels.whatsapp import dead_letters as wa_dead_letters
 from core.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import conversation_paths
@@ -81,7 +81,8 @@ class ConversationAdmin:
                 await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
             # (after the commit: a turn the memory writer refused until then is among them)
             await self.svc.memory.drop_dead_letters(tenant, [(agent_id, conversation_id) for agent_id in agent_ids])
-            await wa_dead_letters.drop(self.svc.redis, tenant, [conversation_id])
+            if self.svc.forget_channel is not None:  # (its dead letters, its customer's files)
+                await self.svc.forget_channel(tenant, [conversation_id])
             idempotency = getattr(self.admin.gateway, "idempotency", None)
             if idempotency is not None:  # the answers kept to replay its turns (Idempotency-Key)
                 await idempotency.forget_conversation(tenant, name, conversation_id)

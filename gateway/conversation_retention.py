@@ -2,8 +2,9 @@
 
 An agent's ``memory.retention_days`` (0, the default: kept for good) deletes each of its
 conversations once it has been silent that long — the conversation row, every message of it
-(by cascade), its memory dead letters and channel queue dead letters (a WhatsApp customer's
-message whose processing failed after its last retry), and the copies of its words an erasure clears too
+(by cascade), its memory dead letters and a channel's own copies (a WhatsApp customer's message
+whose processing failed after its last retry, the documents and audio they sent), and the copies
+of its words an erasure clears too
 (``runtime.conversations.forget_copies``: the feedback on it or its turns; its escalations',
 channel records' and unapproved learned examples' words — what is older than the retention).
 Its recent window in Redis is dropped as well: an agent with a retention keeps its window at most
@@ -52,27 +53,26 @@ ORDER BY last_at LIMIT {BATCH} FOR UPDATE SKIP LOCKED
 """
 
 
-# (tenant, conversation ids) -> the channel queues' dead letters of those conversations dropped
-ChannelDeadLetters = Callable[[str, list[str]], Awaitable[int]]
+# (tenant, conversation ids) -> a channel's copies of those conversations deleted (its queue's
+# dead letters, its stored media: ``channels.whatsapp.erasure.forget``)
+ChannelCopies = Callable[[str, list[str]], Awaitable[object]]
 
 
 def interval() -> float:
     return env_float(INTERVAL_ENV, DEFAULT_INTERVAL) or DEFAULT_INTERVAL
 
 
-async def sweep(
-    pool: asyncpg.Pool, memory: Memory | None = None, channel_dead: ChannelDeadLetters | None = None
-) -> int:
+async def sweep(pool: asyncpg.Pool, memory: Memory | None = None, channel_copies: ChannelCopies | None = None) -> int:
     """One sweep over every agent with a retention: the number of conversations deleted.
-    ``memory``: their windows in Redis and memory dead letters go too; ``channel_dead``: their
-    channel queues' dead letters (``channels.whatsapp.dead_letters.drop``)."""
+    ``memory``: their windows in Redis and memory dead letters go too; ``channel_copies``: a
+    channel's copies of them (``channels.whatsapp.erasure.forget``)."""
     async with tenant_transaction(pool, None) as conn:
         agents = await conn.fetch(_AGENTS)
     total = 0
     for agent in agents:
         deleted = 0
         for _ in range(MAX_BATCHES):
-            n = await _delete_batch(pool, memory, channel_dead, agent["tenant"], agent["id"], agent["days"])
+            n = await _delete_batch(pool, memory, channel_copies, agent["tenant"], agent["id"], agent["days"])
             deleted += n
             if n < BATCH:
                 break
@@ -88,7 +88,7 @@ async def sweep(
 async def _delete_batch(
     pool: asyncpg.Pool,
     memory: Memory | None,
-    channel_dead: ChannelDeadLetters | None,
+    channel_copies: ChannelCopies | None,
     tenant: str,
     agent_id: str,
     days: int,
@@ -105,8 +105,8 @@ async def _delete_batch(
         if memory is not None:
             await memory.forget_many(tenant, agent_id, ids)
             await memory.drop_dead_letters(tenant, [(agent_id, c) for c in ids])
-        if channel_dead is not None:
-            await channel_dead(tenant, ids)
+        if channel_copies is not None:
+            await channel_copies(tenant, ids)
         await conversations.forget_copies(conn, tenant, [agent_id], ids, before=old[0]["cutoff"])
         await conn.execute(
             "DELETE FROM conversations WHERE tenant = $1 AND id = ANY($2::text[])", tenant, [r["id"] for r in old]
@@ -120,12 +120,12 @@ class RetentionSweeper(Periodic):
         pool: asyncpg.Pool,
         every: float | None = None,
         memory: Memory | None = None,
-        channel_dead: ChannelDeadLetters | None = None,
+        channel_copies: ChannelCopies | None = None,
     ) -> None:
         self.pool = pool
         self.memory = memory
-        self.channel_dead = channel_dead
+        self.channel_copies = channel_copies
         super().__init__("conversation-retention", every or interval(), self._sweep, log)
 
     async def _sweep(self) -> None:
-        await sweep(self.pool, self.memory, self.channel_dead)
+        await sweep(self.pool, self.memory, self.channel_copies)

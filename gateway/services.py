@@ -8,13 +8,15 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
 import redis.asyncio as aioredis
 
-from channels.whatsapp import WhatsApp, dead_letters
+from channels.whatsapp import WhatsApp
+from channels.whatsapp import erasure as wa_erasure
 from core.config import Config
 from core.fastredis import PipelinedRedis
 from core.upstream import Upstream
@@ -83,6 +85,8 @@ class Services:
     local_reranker: LocalReranker | None = None  # the local cross-encoder (rag.rerank.local_model_dir)
     expiry: ExpirySweeper | None = None  # empties expired vector stores (every replica; idempotent)
     retention: RetentionSweeper | None = None  # deletes conversations past their agent's retention
+    # (tenant, conversation ids) -> a channel's copies of them deleted (dead letters, media files)
+    forget_channel: Callable[[str, list[str]], Awaitable[None]] | None = None
     _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check
     _ready_check: asyncio.Future | None = None  # the check under way, shared by its callers
 
@@ -148,8 +152,10 @@ class Services:
             await kb.start()
         expiry = ExpirySweeper(pool, settings.data_dir.resolve())
         expiry.start()
-        # (a channel's dead letters are dropped through Redis alone: with or without its accounts here)
-        retention = RetentionSweeper(pool, memory=memory, channel_dead=functools.partial(dead_letters.drop, redis))
+        # (a channel's copies are dropped through Redis and the data directory alone: with or without
+        # its accounts here)
+        forget_channel = functools.partial(wa_erasure.forget, redis, settings.data_dir.resolve(), pool)
+        retention = RetentionSweeper(pool, memory=memory, channel_copies=forget_channel)
         retention.start()
         hitl = await hitl_service.start(
             settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder
@@ -178,6 +184,7 @@ class Services:
             local_reranker=local_reranker,
             expiry=expiry,
             retention=retention,
+            forget_channel=forget_channel,
         )
 
     async def stop(self) -> None:

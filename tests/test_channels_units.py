@@ -263,11 +263,11 @@ def test_attack_a_burst_of_large_photos_stays_one_request_the_gateway_takes():
     from channels.whatsapp import content
 
     class Store:  # each photo as MediaStore.part makes it: a data: URL of ~4 MB
-        async def part(self, acct, media, kind, account=""):
+        async def part(self, acct, media, kind, account="", *, conversation):
             return {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + "A" * (4 * 1024 * 1024)}}
 
     messages = [{"type": "image", "media": {"id": str(i)}, "text": f"photo {i}", "account": "a"} for i in range(3)]
-    out = asyncio.run(content.build_content(Store(), None, messages))
+    out = asyncio.run(content.build_content(Store(), None, messages, "wa:1:2"))
     images = [p for p in out if p["type"] == "image_url"]
     assert len(images) == 1 and sum(len(p["image_url"]["url"]) for p in images) <= content.MAX_INLINE
     texts = [p["text"] for p in out if p["type"] == "text"]

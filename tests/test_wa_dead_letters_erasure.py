@@ -10,6 +10,7 @@ that conversation only); a send by one in its text (the mock Graph answers 500).
 
 from __future__ import annotations
 
+import base64
 import random
 import time
 import urllib.parse
@@ -142,8 +143,10 @@ def _dead_words(services) -> dict[tuple[str, str], list[str]]:
         r.close()
 
 
-def _wait_dead(services, acct: str, wa_id: str, n: int = 1) -> list[str]:
-    wait_until(lambda: len(_dead_words(services).get((acct, wa_id), [])) >= n, what=f"{n} dead letters of {wa_id}")
+def _wait_dead(services, acct: str, wa_id: str, n: int = 1, timeout: float = 30.0) -> list[str]:
+    wait_until(
+        lambda: len(_dead_words(services).get((acct, wa_id), [])) >= n, timeout, what=f"{n} dead letters of {wa_id}"
+    )
     return _dead_words(services)[(acct, wa_id)]
 
 
@@ -238,3 +241,199 @@ def test_retention_drops_the_dead_letters_of_the_conversations_it_deletes(gw, gr
     assert ("alpha", old) not in left
     assert left[("alpha", recent)] == [f"words of {recent}" + FAIL_TURN]
     assert left[("bravo", old)] == ["tenant B's words" + FAIL_TURN]
+
+
+def _dead_payloads(services, acct: str, wa_id: str) -> list[dict]:
+    r = redis.Redis.from_url(services[1])
+    try:
+        found = (orjson.loads(fields[b"m"])["payload"] for _, fields in r.xrange(DEAD))
+        return [p for p in found if p.get("account") == acct and p.get("wa_id") == wa_id]
+    finally:
+        r.close()
+
+
+def test_the_letters_of_an_account_removed_from_the_config_are_still_its_tenants_to_erase(gw, services):
+    """An account taken out of the config (or moved to another tenant) dies with every job it had
+    queued: the worker no longer knows it. Those letters hold the customer's words and stay its
+    tenant's to erase: the tenant is the one the job was queued for, not the config's now. Here a
+    job queued by the webhook (a real one's payload) is put back on the queue as an account the
+    worker does not know; tenant B naming the same conversation id drops nothing of it."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from core.queue import Queue
+
+    ada = _wa_id()
+    _say(gw, "alpha", ada, "words queued before the account went" + FAIL_TURN)
+    # (bound generous: after this module's failed turns the model may be cooling down, and the
+    # turn waits the retry-after the gateway names before its last try)
+    _wait_dead(services, "alpha", ada, timeout=120)
+    (queued,) = _dead_payloads(services, "alpha", ada)
+    assert queued.get("tenant") == TENANT_A  # the webhook names the tenant it queued for
+    gone = {**queued, "account": "gone", "wamid": f"wamid.G{uuid.uuid4().hex}", "text": "the gone account's words"}
+
+    async def enqueue() -> None:
+        r = aioredis.from_url(services[1])
+        try:
+            await Queue(r, "wa-inbound", ordered=True).enqueue(gone, key=f"gone:{PNID_A}:{ada}")
+        finally:
+            await r.aclose()
+
+    asyncio.run(enqueue())
+    wait_until(lambda: _dead_payloads(services, "gone", ada), 60, what="the removed account's job dead")
+    assert _erase(gw, TENANT_B, f"wa:{PNID_A}:{ada}").status_code == 200
+    assert _dead_payloads(services, "gone", ada)
+    assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
+    assert _dead_payloads(services, "gone", ada) == [] and _dead_payloads(services, "alpha", ada) == []
+
+
+# ---- the files a customer sent (channels/whatsapp/content.py) ----------------------------------
+MEDIA_ROOT = ("data", "channels", "whatsapp")
+
+
+def _send_file(gw: Gateway, graph, acct: str, wa_id: str, data: bytes, kind: str = "document") -> str:
+    """The customer sends a file (a document or a voice note); the turn is answered (so it is kept).
+    The message's wamid."""
+    mime = {"document": "application/pdf", "audio": "audio/ogg"}[kind]
+    media_id = uuid.uuid4().hex
+    graph._post("/_mock/media", {"id": media_id, "data_b64": base64.b64encode(data).decode(), "mime_type": mime})
+    body = {"id": media_id, "mime_type": mime} | ({"filename": "bill.pdf"} if kind == "document" else {"voice": True})
+    msg = {"from": wa_id, "id": f"wamid.F{uuid.uuid4().hex}", "timestamp": str(int(time.time())), "type": kind}
+    pnid, secret = (PNID_A, SECRET_A) if acct == "alpha" else (PNID_B, SECRET_B)
+    before = len(graph.sent_to(wa_id))
+    r = post(gw, acct, notification([msg | {kind: body}], pnid=pnid), secret=secret)
+    assert r.status_code == 200, r.text
+    wait_until(lambda: len(graph.sent_to(wa_id)) > before, what=f"the answer to {wa_id}'s {kind}")
+    return msg["id"]
+
+
+def _files_holding(tmp_root, data: bytes) -> list:
+    root = tmp_root.joinpath(*MEDIA_ROOT)
+    return [p for p in root.rglob("*") if p.is_file() and p.read_bytes() == data]
+
+
+def test_an_erasure_deletes_the_files_the_customer_sent_and_no_one_elses(gw, graph, services, tmp_root):
+    """Ada (tenant A) sends a voice note and a document Bob (same tenant) sends too, byte for byte;
+    the same number at tenant B sends a document. Erasing Ada's conversation deletes her files
+    only: Bob keeps his copy of the shared document, tenant B its file."""
+    ada, bob = _wa_id(), _wa_id()
+    voice, shared, bobs, other = (f"{w} {uuid.uuid4().hex}".encode() for w in ("OggS ada", "%PDF", "%PDF b", "%PDF o"))
+    _send_file(gw, graph, "alpha", ada, voice, "audio")
+    _send_file(gw, graph, "alpha", ada, shared)
+    _send_file(gw, graph, "alpha", bob, shared)
+    _send_file(gw, graph, "alpha", bob, bobs)
+    _send_file(gw, graph, "bravo", ada, other)
+    assert _files_holding(tmp_root, voice) and _files_holding(tmp_root, other)
+
+    assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
+    assert _files_holding(tmp_root, voice) == []
+    assert len(_files_holding(tmp_root, shared)) == 1  # Bob's
+    assert _files_holding(tmp_root, bobs) and _files_holding(tmp_root, other)
+    # Bob's conversation still has what it sent: erasing it now deletes the shared document too
+    assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{bob}").status_code == 200
+    assert _files_holding(tmp_root, shared) == [] and _files_holding(tmp_root, bobs) == []
+    assert _files_holding(tmp_root, other)
+
+
+def test_attack_a_crafted_conversation_id_deletes_nothing_outside_its_own_folder(gw, services, tmp_root):
+    """The id is the admin's: traversal, a tenant's folder, the media root — none is a path."""
+    root = tmp_root.joinpath(*MEDIA_ROOT)
+    root.mkdir(parents=True, exist_ok=True)
+    bait = [tmp_root / "data" / "bait.txt", root / "bait.txt"]
+    for p in bait:
+        p.write_bytes(b"keep me")
+    for crafted in ("wa:../../bait.txt", "wa:/", "wa:..", "wa:*", f"wa:{PNID_A}:../../../data"):
+        assert _erase(gw, TENANT_A, crafted).status_code == 200
+    assert all(p.read_bytes() == b"keep me" for p in bait)
+
+
+def test_retention_deletes_the_files_of_the_conversations_it_deletes(gw, graph, services, tmp_root):
+    old, recent = _wa_id(), _wa_id()
+    files = {w: f"%PDF {w} {uuid.uuid4().hex}".encode() for w in (old, recent)}
+    others = f"%PDF tenant B {uuid.uuid4().hex}".encode()
+    turns = {w: _send_file(gw, graph, "alpha", w, data) for w, data in files.items()}
+    others_turn = _send_file(gw, graph, "bravo", old, others)
+    convs = {w: f"wa:{PNID_A}:{w}" for w in (old, recent)}
+
+    def stored() -> bool:
+        got = rows(services[0], "SELECT external_id FROM conversations WHERE tenant = $1", TENANT_A)
+        return set(convs.values()) <= {r["external_id"] for r in got}
+
+    wait_until(stored, what="both conversations in PostgreSQL")
+    assert _files_holding(tmp_root, files[old])
+    execute(
+        services[0],
+        f"UPDATE conversations SET last_at = now() - interval '31 days' "
+        f"WHERE tenant = '{TENANT_A}' AND external_id = '{convs[old]}'",
+    )
+
+    def swept() -> bool:
+        got = rows(
+            services[0], "SELECT 1 FROM conversations WHERE tenant = $1 AND external_id = $2", TENANT_A, convs[old]
+        )
+        return not got
+
+    wait_until(swept, what="the old conversation deleted by the retention")
+    assert _files_holding(tmp_root, files[old]) == []
+    assert _files_holding(tmp_root, files[recent]) and _files_holding(tmp_root, others)
+    # the turns' send states (the answer sent) go with the old conversation only
+    assert _turn_replies(services, [("alpha", turns[old]), ("alpha", turns[recent]), ("bravo", others_turn)]) == [
+        False,
+        True,
+        True,
+    ]
+
+
+# ---- the sender's per-turn state in Redis (channels/whatsapp/sender.py) -------------------------
+def _turn_replies(services, turns: list[tuple[str, str]]) -> list[bool]:
+    """Whether each (account, wamid) turn's send state still holds the answer sent."""
+    from channels.whatsapp.sender import state_key
+
+    r = redis.Redis.from_url(services[1])
+    try:
+        return [bool(r.hget(state_key(acct, f"turn:{wamid}"), "reply")) for acct, wamid in turns]
+    finally:
+        r.close()
+
+
+def test_an_erasure_deletes_the_send_states_of_the_conversations_turns_and_no_one_elses(gw, graph, services):
+    """A turn's send state keeps the agent's answer 8 days (a retry sends it, never asks anew):
+    erasing Ada's conversation deletes her turns' states; Bob's and tenant B's stay."""
+    ada, bob = _wa_id(), _wa_id()
+    turns = []
+    for acct, wa_id in (("alpha", ada), ("alpha", ada), ("alpha", bob), ("bravo", ada)):
+        msg = text(wa_id, f"a question from {wa_id}")
+        pnid, secret = (PNID_A, SECRET_A) if acct == "alpha" else (PNID_B, SECRET_B)
+        before = len(graph.sent_to(wa_id))
+        assert post(gw, acct, notification([msg], pnid=pnid), secret=secret).status_code == 200
+        wait_until(lambda w=wa_id, n=before: len(graph.sent_to(w)) > n, what=f"the answer to {wa_id}")
+        turns.append((acct, msg["id"]))
+    wait_until(lambda: all(_turn_replies(services, turns)), what="the turns' answers noted")
+
+    assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
+    assert _turn_replies(services, turns) == [False, False, True, True]
+
+
+def test_an_erasure_deletes_the_send_states_an_older_release_kept_unindexed(gw, graph, services):
+    """States kept before the conversation's index existed (its index is deleted here, as the
+    previous release never wrote one) are found by the conversation's inbound messages."""
+    from channels.whatsapp.sender import index_key
+
+    ada, bob = _wa_id(), _wa_id()
+    turns = []
+    for wa_id in (ada, bob):
+        msg = text(wa_id, f"an older question from {wa_id}")
+        before = len(graph.sent_to(wa_id))
+        assert post(gw, "alpha", notification([msg], pnid=PNID_A), secret=SECRET_A).status_code == 200
+        wait_until(lambda w=wa_id, n=before: len(graph.sent_to(w)) > n, what=f"the answer to {wa_id}")
+        turns.append(("alpha", msg["id"]))
+    wait_until(lambda: all(_turn_replies(services, turns)), what="the turns' answers noted")
+    r = redis.Redis.from_url(services[1])
+    try:
+        assert r.delete(*(index_key(TENANT_A, f"wa:{PNID_A}:{w}") for w in (ada, bob))) == 2
+    finally:
+        r.close()
+
+    assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
+    assert _turn_replies(services, turns) == [False, True]

@@ -1,11 +1,18 @@
 """What the agent is sent for a burst of inbound messages, and how its answer is cut for
 WhatsApp. Images become image parts (vision models read them); audio and documents are stored
-under the data directory and named in the text as attachments the agent can refer to."""
+under the data directory and named in the text as attachments the agent can refer to.
+
+What is stored is the customer's: each file goes in its conversation's own folder,
+``<data>/channels/whatsapp/<tenant hash>/c-<hash of tenant and conversation>/<sha256>.<ext>``, so
+an erasure or a retention of the conversation deletes its files (``forget_media``) and none of
+another conversation's, even when both sent the same bytes. No client-chosen string is ever part
+of a path: the folders are hashes."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -81,12 +88,14 @@ class MediaStore:
         key = f"gw:{{gw}}:wa:media-bytes:{account}"
         return bool(await self.redis.eval(_RESERVE, 1, key, size, acct.media_quota_bytes))
 
-    def _path(self, tenant: str, digest: str, mime: str) -> Path:
-        folder = self.root / hashlib.sha256(tenant.encode()).hexdigest()[:16]
-        return folder / f"{digest}.{_EXT.get(mime, 'bin')}"
+    def _path(self, tenant: str, conversation: str, digest: str, mime: str) -> Path:
+        return conversation_folder(self.root, tenant, conversation) / f"{digest}.{_EXT.get(mime, 'bin')}"
 
-    async def part(self, acct: WhatsAppAccount, media: dict, kind: str, account: str = "") -> dict | str:
-        """An image part, or a line of text naming the stored attachment (or why there is none)."""
+    async def part(
+        self, acct: WhatsAppAccount, media: dict, kind: str, account: str = "", *, conversation: str
+    ) -> dict | str:
+        """An image part, or a line of text naming the stored attachment (or why there is none);
+        the file is kept in ``conversation``'s folder."""
         image = kind in ("image", "sticker")
         allowed = IMAGE_TYPES if image else OTHER_TYPES
         try:
@@ -98,7 +107,7 @@ class MediaStore:
                 return f"[{kind} could not be downloaded]"
             raise  # transient: the turn is retried
         digest = hashlib.sha256(data).hexdigest()
-        path = self._path(acct.tenant, digest, mime)
+        path = self._path(acct.tenant, conversation, digest, mime)
         kept = path.exists()
         if not kept and await self._reserve(acct, account, len(data)):
             await asyncio.to_thread(_write, path, data)
@@ -113,6 +122,49 @@ class MediaStore:
         return f"[attachment: {kind} {name!r} ({mime}, {len(data)} bytes), ref wa-media:{digest[:24]}]"
 
 
+def _tenant_folder(root: Path, tenant: str) -> Path:
+    return root / hashlib.sha256(tenant.encode()).hexdigest()[:16]
+
+
+def conversation_folder(root: Path, tenant: str, conversation: str) -> Path:
+    """Where a conversation's files are kept: hashes only (a conversation id holds the customer's
+    number, and a crafted one must name no other place)."""
+    digest = hashlib.sha256(f"{tenant}\x00{conversation}".encode()).hexdigest()[:32]
+    return _tenant_folder(root, tenant) / f"c-{digest}"
+
+
+def _remove_folder(folder: Path) -> int:
+    """The files in ``folder`` deleted, then the folder; links are unlinked, never followed (and a
+    folder that is a link is only unlinked); the number of files deleted."""
+    try:
+        if folder.is_symlink():
+            folder.unlink()
+            return 0
+        names = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for entry in names:
+        if entry.is_dir(follow_symlinks=False):
+            continue  # never made by the store: left alone
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed += 1
+    with contextlib.suppress(OSError):  # (a file being written right now: its own erasure's)
+        folder.rmdir()
+    return removed
+
+
+async def forget_media(data_dir: Path, tenant: str, conversations: list[str]) -> int:
+    """Deletes the stored files of the tenant's conversations (ids of other channels are passed
+    over); the number of files deleted."""
+    root = Path(data_dir) / "channels" / "whatsapp"
+    folders = [conversation_folder(root, tenant, c) for c in dict.fromkeys(conversations) if c.startswith("wa:")]
+    if not folders:
+        return 0
+    return await asyncio.to_thread(lambda: sum(_remove_folder(f) for f in folders))
+
+
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}-{os.urandom(4).hex()}")
@@ -120,8 +172,11 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-async def build_content(store: MediaStore, acct: WhatsAppAccount, messages: list[dict]) -> str | list:
-    """One user message for the burst: plain text, or parts when an image is in it. The images
+async def build_content(
+    store: MediaStore, acct: WhatsAppAccount, messages: list[dict], conversation: str
+) -> str | list:
+    """One user message for the burst of ``conversation``: plain text, or parts when an image is
+    in it (its media kept in the conversation's folder). The images
     inlined in one turn are bounded together (``MAX_INLINE``, under the gateway's default request
     size): a burst of large photos would otherwise make the turn a request the gateway refuses,
     and the customer would get the fallback message instead of an answer."""
@@ -129,7 +184,7 @@ async def build_content(store: MediaStore, acct: WhatsAppAccount, messages: list
     inlined = 0
     for m in messages:
         if m.get("media"):
-            part = await store.part(acct, m["media"], m["type"], m.get("account") or "")
+            part = await store.part(acct, m["media"], m["type"], m.get("account") or "", conversation=conversation)
             if isinstance(part, dict):
                 inlined += len(part["image_url"]["url"])
                 if inlined > MAX_INLINE:

@@ -30,25 +30,32 @@ def tag(tenant: str, conversation: str) -> str:
 
 
 def dead_tag(accounts: dict[str, WhatsAppAccount]) -> Callable[[dict], str | None]:
-    """The tag of a dead ``wa-inbound`` job (``Queue(dead_tag=...)``): its account's tenant and
-    its conversation (a send naming one, else its number's); None for a job of an account no
-    longer configured, or one that names no customer."""
+    """The tag of a dead ``wa-inbound`` job (``Queue(dead_tag=...)``): its tenant and its
+    conversation (a send naming one, else its number's). The tenant is the one the job was queued
+    for (``tenant`` in its payload, written by whoever queued it: an account removed from the
+    config, or moved to another tenant, dies with every job it had queued, and those letters are
+    still its tenant's to erase), else, for a job an older release queued, its account's as
+    configured now. None for such an older job of an account no longer configured, or a job that
+    names no customer."""
 
     def of(message: dict) -> str | None:
         payload = message.get("payload")
         if not isinstance(payload, dict):
             return None
-        account = payload.get("account")
-        acct = accounts.get(account) if isinstance(account, str) else None
-        if acct is None:
-            return None
+        tenant = payload.get("tenant")
+        if not (isinstance(tenant, str) and tenant):
+            account = payload.get("account")
+            acct = accounts.get(account) if isinstance(account, str) else None
+            if acct is None:
+                return None
+            tenant = acct.tenant
         named = payload.get("conversation_id")
         if isinstance(named, str) and named.startswith(PREFIX):
-            return tag(acct.tenant, named)
+            return tag(tenant, named)
         pnid, wa_id = payload.get("pnid"), payload.get("wa_id")
         if not (isinstance(pnid, str) and isinstance(wa_id, str)):
             return None
-        return tag(acct.tenant, conversation_id(pnid, wa_id))
+        return tag(tenant, conversation_id(pnid, wa_id))
 
     return of
 

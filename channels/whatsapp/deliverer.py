@@ -49,6 +49,7 @@ class WhatsAppDeliverer:
             payload = {
                 "kind": "send",
                 "account": conv.account,
+                "tenant": acct.tenant,
                 "pnid": conv.pnid,
                 "wa_id": conv.wa_id,
                 "text": text,

@@ -65,6 +65,33 @@ def state_key(account: str, key: str) -> str:
     return f"gw:{{gw}}:wa:out:{hashlib.sha256(f'{account}|{key}'.encode()).hexdigest()[:32]}"
 
 
+def index_key(tenant: str, conversation: str) -> str:
+    """The keys of one conversation's send states (a turn's holds the answer, a template's the text
+    it carries), for an erasure or a retention of the conversation to delete (``forget_states``)."""
+    digest = hashlib.sha256(f"{tenant}\x00{conversation}".encode()).hexdigest()[:32]
+    return f"gw:{{gw}}:wa:outs:{digest}"
+
+
+FORGET_PAGE = 500  # state keys deleted per round trip
+
+
+async def forget_states(redis, tenant: str, conversations: list[str]) -> int:
+    """Deletes the send states of the tenant's conversations (their indexes read a page at a time,
+    whatever their sizes); the number of keys deleted."""
+    deleted = 0
+    for conv in dict.fromkeys(conversations):
+        index = index_key(tenant, conv)
+        cursor = 0
+        while True:
+            cursor, keys = await redis.sscan(index, cursor, count=FORGET_PAGE)
+            if keys:
+                deleted += int(await redis.delete(*keys))
+            if not int(cursor):
+                break
+        await redis.delete(index)
+    return deleted
+
+
 ALIAS_TTL = 90 * 86_400
 
 
@@ -88,21 +115,25 @@ class Sender:
     async def state(self, account: str, key: str) -> dict[str, str]:
         return await self.kv.get(state_key(account, key))
 
-    async def begin(self, account: str, key: str, **fields: str) -> dict[str, str]:
-        """The key's state as it was; ``started`` and ``fields`` noted if no try began before."""
-        return await self.kv.begin(state_key(account, key), STATE_TTL, {"started": "1", **fields})
+    async def begin(self, account: str, key: str, index: str | None = None, **fields: str) -> dict[str, str]:
+        """The key's state as it was; ``started`` and ``fields`` noted if no try began before.
+        ``index``: its conversation's (``index_key``), where an erasure finds it."""
+        return await self.kv.begin(state_key(account, key), STATE_TTL, {"started": "1", **fields}, index)
 
-    async def note(self, account: str, key: str, **fields: str) -> None:
-        await self.kv.note(state_key(account, key), STATE_TTL, fields)
+    async def note(self, account: str, key: str, index: str | None = None, **fields: str) -> None:
+        await self.kv.note(state_key(account, key), STATE_TTL, fields, index)
 
-    async def _claim(self, skey: str, field_: str, value: str, acct=None, pnid: str | None = None) -> bool:
+    async def _claim(
+        self, skey: str, field_: str, value: str, acct=None, pnid: str | None = None, index: str | None = None
+    ) -> bool:
         """Sets the field unless it is set already; True if this call set it. With a number: at most
-        ``pacing_per_second`` claims a second on it across workers (a ``Retry`` past that)."""
+        ``pacing_per_second`` claims a second on it across workers (a ``Retry`` past that).
+        ``index``: the conversation's the key joins (``index_key``)."""
         now = time.time()
         second = int(now)
         limit = int(acct.pacing_per_second) if acct is not None else 0
         pace_key = f"gw:{{gw}}:wa:pace:{pnid}:{second}"
-        got = await self.kv.claim(skey, STATE_TTL, field_, value, pace_key, max(limit, 1) if acct else 0)
+        got = await self.kv.claim(skey, STATE_TTL, field_, value, pace_key, max(limit, 1) if acct else 0, index)
         if got < 0:
             raise Retry(second + 1 - now + 0.01)
         return got == 1
@@ -113,7 +144,8 @@ class Sender:
         """One message through the Graph API under ``field_`` of the key's state: its wamid, or
         None when it was sent (or attempted) before."""
         skey = state_key(conv.account, key)
-        if not await self._claim(skey, field_, "pending", acct, conv.pnid):
+        index = index_key(conv.tenant, conv.conversation_id)
+        if not await self._claim(skey, field_, "pending", acct, conv.pnid, index):
             return None
         try:
             wamid, wa_id = await self.graph.send_for(acct, conv.pnid, conv.wa_id, message)
@@ -233,7 +265,7 @@ class Sender:
             out.sent.append(wamid)
         return out
 
-    async def _template_cut(self, acct, skey: str, text: str, room: int) -> tuple[int, list[str]]:
+    async def _template_cut(self, acct, skey: str, text: str, room: int, index: str) -> tuple[int, list[str]]:
         """The pieces of an answer's window templates under this key, and the field index of the
         first of them (``template`` is 0, ``template1`` 1...).
 
@@ -246,8 +278,8 @@ class Sender:
         that cut is pinned in turn, its fields after theirs (``template_from``): what Meta
         accepted stays sent, nothing goes twice, and no piece runs past Meta's 1,024 (132005)."""
         flat = " ".join(text.split())
-        first_text = await self._claim(skey, "template_text", flat)
-        if await self._claim(skey, "template_room", str(room)) and first_text:
+        first_text = await self._claim(skey, "template_text", flat, index=index)
+        if await self._claim(skey, "template_room", str(room), index=index) and first_text:
             return 0, template_cut(flat, room, acct.max_reply_parts)
         for _ in range(3):
             pinned = await self.kv.get(skey)
@@ -281,7 +313,8 @@ class Sender:
             if "reply" in (tpl.get("variables") or ()):
                 values = fit_others(tpl, values)  # a long customer name must not leave the reply no room
                 skey = state_key(conv.account, key)
-                start, pieces = await self._template_cut(acct, skey, text, reply_room(tpl, values))
+                index = index_key(conv.tenant, conv.conversation_id)
+                start, pieces = await self._template_cut(acct, skey, text, reply_room(tpl, values), index)
                 pieces = pieces or [text]
             for i, piece in enumerate(pieces, start):
                 field_ = "template" if i == 0 else f"template{i}"
@@ -292,7 +325,7 @@ class Sender:
             out.template = True
             return out
         skey = state_key(conv.account, key)
-        if await self._claim(skey, "held", "1"):
+        if await self._claim(skey, "held", "1", index=index_key(conv.tenant, conv.conversation_id)):
             await self.outbound.record(
                 conv,
                 None,

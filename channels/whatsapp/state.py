@@ -11,15 +11,32 @@ import hashlib
 
 from redis.exceptions import NoScriptError
 
-# KEYS: state. ARGV: ttl, field, value, field, value, ...
-_NOTE = """
+# Each script given a conversation's index (KEYS' last, ``sender.index_key``) adds the state's key
+# to it: an erasure of the conversation finds its states there (they hold the words sent).
+_INDEX = """
+local function indexed(n)
+  if #KEYS >= n then
+    redis.call('SADD', KEYS[n], KEYS[1])
+    redis.call('EXPIRE', KEYS[n], ARGV[1])
+  end
+end
+"""
+
+# KEYS: state[, index]. ARGV: ttl, field, value, field, value, ...
+_NOTE = (
+    _INDEX
+    + """
 for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+indexed(2)
 return 1
 """
-# KEYS: state, pace counter. ARGV: ttl, field, value, pace limit (0: no pacing)
+)
+# KEYS: state, pace counter[, index]. ARGV: ttl, field, value, pace limit (0: no pacing)
 # -1: over the pace this second (nothing claimed); 0: the field was set already; 1: claimed
-_CLAIM = """
+_CLAIM = (
+    _INDEX
+    + """
 if ARGV[4] ~= '0' then
   local n = redis.call('INCR', KEYS[2])
   if n == 1 then redis.call('EXPIRE', KEYS[2], 3) end
@@ -27,20 +44,26 @@ if ARGV[4] ~= '0' then
 end
 if redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3]) == 0 then return 0 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+indexed(3)
 return 1
 """
+)
 
 
-# KEYS: state. ARGV: ttl, field, value, ... The state as it was; the fields are set only when it
-# has no ``started`` yet (a turn's first try notes what it began with, in the same round trip).
-_BEGIN = """
+# KEYS: state[, index]. ARGV: ttl, field, value, ... The state as it was; the fields are set only
+# when it has no ``started`` yet (a turn's first try notes what it began with, in the same round trip).
+_BEGIN = (
+    _INDEX
+    + """
 local before = redis.call('HGETALL', KEYS[1])
 if redis.call('HEXISTS', KEYS[1], 'started') == 0 then
   for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   redis.call('EXPIRE', KEYS[1], ARGV[1])
+  indexed(2)
 end
 return before
 """
+)
 
 # KEYS: state. ARGV: ttl, template_from and template_room as read ('' for none), then the new
 # template_text, template_room, template_from. 1: pinned; 0: another try pinned another cut first.
@@ -59,6 +82,10 @@ class _RedisPy:
 
     async def execute(self, *args):
         return await self.redis.execute_command(*args)
+
+
+def _one(index: str | None) -> list[str]:
+    return [index] if index is not None else []
 
 
 def _s(v) -> str:
@@ -83,22 +110,25 @@ class SendState:
             return {_s(k): _s(v) for k, v in raw.items()}
         return {_s(raw[i]): _s(raw[i + 1]) for i in range(0, len(raw or ()), 2)}
 
-    async def begin(self, key: str, ttl: int, fields: dict[str, str]) -> dict[str, str]:
-        """The state; ``fields`` (with ``started``) are noted unless a try began already."""
+    async def begin(self, key: str, ttl: int, fields: dict[str, str], index: str | None = None) -> dict[str, str]:
+        """The state; ``fields`` (with ``started``) are noted unless a try began already. ``index``:
+        the conversation's index the key joins (``sender.index_key``)."""
         args: list = [ttl]
         for k, v in fields.items():
             args += [k, v]
-        raw = await self._script("begin", [key], args)
+        raw = await self._script("begin", [key, *_one(index)], args)
         return {_s(raw[i]): _s(raw[i + 1]) for i in range(0, len(raw or ()), 2)}
 
-    async def note(self, key: str, ttl: int, fields: dict[str, str]) -> None:
+    async def note(self, key: str, ttl: int, fields: dict[str, str], index: str | None = None) -> None:
         args: list = [ttl]
         for k, v in fields.items():
             args += [k, v]
-        await self._script("note", [key], args)
+        await self._script("note", [key, *_one(index)], args)
 
-    async def claim(self, key: str, ttl: int, field: str, value: str, pace_key: str, pace_limit: int) -> int:
-        return int(await self._script("claim", [key, pace_key], [ttl, field, value, pace_limit]))
+    async def claim(
+        self, key: str, ttl: int, field: str, value: str, pace_key: str, pace_limit: int, index: str | None = None
+    ) -> int:
+        return int(await self._script("claim", [key, pace_key, *_one(index)], [ttl, field, value, pace_limit]))
 
     async def repin(self, key: str, ttl: int, was: tuple[str, str], text: str, room: str, start: str) -> bool:
         """A window template's cut pinned anew (text, room, first field index) unless the pinned

@@ -99,6 +99,7 @@ class Webhook:
         # one conversation's messages in order; conversations (and statuses) side by side
         by_key: dict[str, list[dict]] = {}
         for msg in parsed.messages:
+            msg["tenant"] = acct.tenant  # (its dead letter is the tenant's to erase: dead_letters.dead_tag)
             by_key.setdefault(conversation_key(name, msg["pnid"], msg["wa_id"]), []).append(msg)
 
         dropped = 0

@@ -30,7 +30,7 @@ from channels.gateway_client import GatewayClient, GatewayRejected, GatewayUnava
 from channels.whatsapp import metrics, store
 from channels.whatsapp.content import MediaStore, build_content
 from channels.whatsapp.graph import WINDOW_CLOSED, Graph, GraphError, GraphUnreachable
-from channels.whatsapp.sender import PIECE_FIELD, Sender, window_rest
+from channels.whatsapp.sender import PIECE_FIELD, Sender, index_key, window_rest
 from core.queue import Fatal, Job, Queue, Retry
 
 log = logging.getLogger("channels.whatsapp")
@@ -113,7 +113,8 @@ class Worker:
             raise Fatal("the business number is no longer configured for this account")
         key = f"turn:{head['wamid']}"
         # the state as it was, and (in the same round trip) started + the burst noted by a first try
-        state = await self.sender.begin(head["account"], key, n=str(len(messages)))
+        index = index_key(acct.tenant, store.conversation_id(head["pnid"], head["wa_id"]))
+        state = await self.sender.begin(head["account"], key, index, n=str(len(messages)))
         if state.get("n", "").isdigit():  # a try of ours began (perhaps answered) this burst: the same one
             messages = messages[: max(1, int(state["n"]))]
         if "reply" not in state:
@@ -127,7 +128,7 @@ class Worker:
                 return len(messages)
             read = asyncio.ensure_future(self._mark_read(acct, head["pnid"], messages[-1]["wamid"]))
             try:
-                content = await build_content(self.media, acct, messages)
+                content = await build_content(self.media, acct, messages, conv.conversation_id)
                 reply = await self.gateway.turn(
                     api_key=acct.api_key,
                     agent=agent,
@@ -148,7 +149,7 @@ class Worker:
             finally:
                 await read
             await self.sender.note(
-                head["account"], key, reply=reply.text, escalation=reply.escalation or "", n=str(len(messages))
+                head["account"], key, index, reply=reply.text, escalation=reply.escalation or "", n=str(len(messages))
             )
             metrics.turns.get(head["account"], "escalated" if reply.escalation else "answered").inc()
             text = reply.text
@@ -289,6 +290,7 @@ class Worker:
         payload = {
             "kind": "send",
             "account": conv.account,
+            "tenant": acct.tenant,
             "pnid": conv.pnid,
             "wa_id": conv.wa_id,
             "conversation_id": conv.conversation_id,

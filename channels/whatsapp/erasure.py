@@ -1,0 +1,52 @@
+"""What an erasure or a retention of WhatsApp conversations deletes in the channel's own stores
+(its PostgreSQL records lose their words through ``runtime.conversations.forget_copies``): the
+inbound queue's dead letters of the conversations (``dead_letters``), the send states of their
+turns and sends in Redis (``sender.forget_states``: a turn's holds the agent's answer, kept 8 days
+so that a retry sends it again rather than asking anew; those an older release kept unindexed are
+found by the conversation's inbound messages, ``forget_older_states``), and the customer's documents, audio and
+images kept under the data directory (``content.forget_media``). For the tenant named only; ids
+of other channels are passed over. Needs no account configured in this process: Redis
+and the data directory the channel's worker shares, and the channel's records in PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from channels.whatsapp import dead_letters
+from channels.whatsapp.content import forget_media
+from channels.whatsapp.sender import FORGET_PAGE, STATE_TTL, forget_states, state_key
+
+MAX_OLDER_TURNS = 10_000  # inbound messages of the last 8 days read per erasure (their turns' states)
+
+# The turns of the conversations' inbound messages recent enough for a send state to be left
+# (``whatsapp_messages_conv``: tenant, conversation, time).
+_RECENT_INBOUND = """
+SELECT account, wamid FROM whatsapp_messages
+WHERE tenant = $1 AND conversation_id = ANY($2::text[]) AND direction = 'in' AND wamid IS NOT NULL
+  AND created_at > now() - make_interval(secs => $3)
+LIMIT $4
+"""
+
+
+async def forget(redis, data_dir: Path, pool, tenant: str, conversations: list[str]) -> None:
+    """Redis first (its failure is the caller's: the erasure is repeated), then the files."""
+    await dead_letters.drop(redis, tenant, conversations)
+    ours = [c for c in conversations if c.startswith(dead_letters.PREFIX)]
+    await forget_states(redis, tenant, ours)
+    if pool is not None and ours:
+        await forget_older_states(redis, pool, tenant, ours)
+    await forget_media(data_dir, tenant, conversations)
+
+
+async def forget_older_states(redis, pool, tenant: str, conversations: list[str]) -> int:
+    """The send states an older release kept without the conversation's index (``forget_states``
+    finds those kept since): a turn's key is its first message's wamid, so the states of the
+    conversations' inbound messages of the last ``STATE_TTL`` (a turn's answer, and the window
+    templates that carried it) are deleted; the number of keys deleted."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(_RECENT_INBOUND, tenant, conversations, float(STATE_TTL), MAX_OLDER_TURNS)
+    keys = [state_key(r["account"], f"{kind}:{r['wamid']}") for r in rows for kind in ("turn", "windowfail")]
+    deleted = 0
+    for i in range(0, len(keys), FORGET_PAGE):
+        deleted += int(await redis.delete(*keys[i : i + FORGET_PAGE]))
+    return deleted
