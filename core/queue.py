@@ -911,8 +911,9 @@ class Queue:
     async def drop_dead(self, id: str) -> bool:
         if not isinstance(id, str) or not is_entry_id(id):
             return False
-        await forget(self._redis, self.dead, id)
-        return bool(await self._redis.xdel(self.dead, id))
+        dropped = bool(await self._redis.xdel(self.dead, id))
+        await forget(self._redis, self.dead, id)  # after: a tag without its letter is harmless, a letter
+        return dropped  # without its tag (a crash between the two) would escape every erasure
 
     async def drop_dead_tagged(self, tags: set[str]) -> int:
         """Drops the dead letters tagged with one of ``tags`` (``dead_tag``); the number dropped.

@@ -219,6 +219,35 @@ def test_a_tagged_queues_dead_letters_are_dropped_by_their_tag_past_the_first_pa
     asyncio.run(main())
 
 
+def test_a_dead_letter_dropped_by_its_id_is_never_left_without_its_tag(services, monkeypatch):
+    """``drop_dead`` removes a letter and its tag in two steps: stopped between them (a crash, a
+    Redis error), the letter must not be left behind without its tag, or no erasure finds it."""
+    import core.queue as queue_module
+    from core.dead_tags import DEAD_TAGGED, forget
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        q = Queue(r, _name(), max_retries=0, dead_tag=lambda m: m["payload"].get("conv"))
+        try:
+            dead_id = (await r.eval(DEAD_TAGGED, 2, q.dead, q.dead_tags, q.max_dead, "erasable", "m", "{}")).decode()
+
+            async def forget_then_stop(redis, dead, id):
+                await forget(redis, dead, id)
+                raise ConnectionError("stopped right after this step")
+
+            monkeypatch.setattr(queue_module, "forget", forget_then_stop)
+            with pytest.raises(ConnectionError):
+                await q.drop_dead(dead_id)
+            letters = {i.decode() for i, _ in await r.xrange(q.dead)}
+            tags = {i.decode() for i, _ in await r.xrange(q.dead_tags)}
+            assert letters <= tags, "a dead letter was left without its tag"
+        finally:
+            await r.delete(q.dead, q.dead_tags)
+            await r.aclose()
+
+    asyncio.run(main())
+
+
 _VICTIM = textwrap.dedent(
     """
     import asyncio, sys
