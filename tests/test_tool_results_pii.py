@@ -107,3 +107,37 @@ def test_the_run_record_says_the_result_was_withheld(gw, tools, module_mock):
     wait_until(recorded, timeout=15, what="the run record")
     withheld = [s for s in found["steps"] if s["kind"] == "scrub"]
     assert withheld and withheld[0]["status"] == "withheld" and withheld[0]["name"] == "contacts"
+
+
+@pytest.fixture(scope="module")
+def small_gw(tmp_root, services, module_mock):
+    """A gateway whose per-request text bound (pii.max_analysed_chars) is its smallest."""
+    config = {
+        "router": {"max_attempts": 1},
+        "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]}],
+        "pii": {
+            "workers": 0,
+            "max_analysed_chars": 1024,
+            "policies": {"phones": {"entities": {"phone": "redact", "email": "redact"}}},
+            "tenants": {TENANT: "phones"},
+        },
+    }
+    g = Gateway(tmp_root, config, services)
+    yield g
+    g.stop()
+
+
+def test_a_result_past_the_text_bound_is_withheld_though_the_system_prompt_is_longer(small_gw, tools, module_mock):
+    """The text bound's refusal named the longest field, not the one whose text is checked: an
+    agent whose prompt (prose, nothing to check) is longer than the tool result got the turn
+    refused naming messages[0].content, a message the client never sent, after the tool ran."""
+    key = new_key(small_gw, TENANT)
+    tool = http_tool("contacts", f"{tools.url}/directory", {"count": {"type": "string"}})
+    name = agent(small_gw, TENANT, [tool], template="You help the user find their contacts. " * 500)
+    module_mock.clear()
+    _turn(small_gw, key, name, 100)  # ~2.7 KB of numbers: past 1024 characters to check; the prompt is 20 KB
+    assert [r for r in tools.requests() if r["path"] == "/directory"], "the tool ran"
+    results = _tool_messages(module_mock)
+    assert len(results) == 1 and "withheld" in results[0]
+    assert "555-" not in json.dumps(module_mock.requests()[-1]["body"])

@@ -84,7 +84,8 @@ WORKER_MAX_GROWTH_MB = 256
 class TooMuchToCheck(Exception):
     """A request whose texts need more than the budget (``setting``) to analyse: ``chars``
     characters, or ``chars`` phone-number checks, at least. ``item``: the item analysed when the
-    budget ran out; ``text``: that text's index among the texts of ``Analyzer.find``."""
+    phone-number checks ran out, or the one with the most characters to analyse; ``text``: that
+    item's index among the texts of ``Analyzer.find``."""
 
     def __init__(self, chars: int, budget: int, setting: str = "max_analysed_chars", item: int | None = None) -> None:
         super().__init__(f"{chars} to analyse, at most {budget} (pii.{setting})")
@@ -382,9 +383,10 @@ def analyze_items(
         else:
             cut.append(item)
     if budget is not None:
-        chars = sum(_covered(pieces) for pieces in cut)
-        if chars > budget:
-            raise TooMuchToCheck(chars, budget)
+        covered = [_covered(pieces) for pieces in cut]
+        chars = sum(covered)
+        if chars > budget:  # naming the item with the most to check (not the longest: prose costs nothing)
+            raise TooMuchToCheck(chars, budget, item=max(range(len(covered)), key=covered.__getitem__))
     out: list[list[Finding]] = []
     with phone.checking(checks):
         for pieces in cut:

@@ -61,7 +61,7 @@ class PiiUndecodable(InvalidRequest):
 
 def _too_much(exc: TooMuchToCheck, slots: list[fields.Slot]) -> InvalidRequest:
     """The 400 of a request past a per-request analysis bound, naming the field: the one being
-    checked when the phone-number checks ran out, else the longest."""
+    checked when the phone-number checks ran out, else the one with the most text to check."""
     if exc.setting == "max_phone_checks":
         message = (
             "This request holds too many distinct phone-number-like numbers to check for personal data: "
