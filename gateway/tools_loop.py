@@ -118,8 +118,12 @@ _MESSAGE_INDEX = re.compile(r"^messages\[(\d+)\]")
 async def _scrub_step(svc, ctx: RequestContext, step_messages: list[dict]) -> None:
     """``pipeline.scrub`` of a body that now holds this step's tool results: a result refused as
     too costly to check (``pii_too_much_to_check`` naming it) is replaced by ``WITHHELD`` — never
-    sent unchecked — and the body is scrubbed again; any other refusal stands."""
-    for _ in range(len(step_messages) + 1):
+    sent unchecked — and the body is scrubbed again; any other refusal stands. Each scrub may
+    spend a whole request's PII budget before it is refused: after a second refusal in the step,
+    every result of the step not yet withheld is withheld unchecked (at most three scrubs a step,
+    however many calls the model made of a tool that answers with hundreds of numbers)."""
+    refused = 0
+    while True:
         try:
             await pipeline.scrub(svc, ctx)
             return
@@ -130,12 +134,18 @@ async def _scrub_step(svc, ctx: RequestContext, step_messages: list[dict]) -> No
             message = messages[index] if 0 <= index < len(messages) else None
             if message is None or message.get("role") != "tool" or not any(message is m for m in step_messages):
                 raise
-            message["content"] = WITHHELD  # (the same dict is remembered with the turn: withheld there too)
-            ctx.agent.steps.append(
-                {"step": ctx.step, "kind": "scrub", "name": _tool_name(step_messages, message), "status": "withheld",
-                 "error": err.code}
-            )  # fmt: skip
-    await pipeline.scrub(svc, ctx)
+            if refused >= 2:
+                raise
+            refused += 1
+            results = [message] if refused == 1 else [m for m in step_messages if m.get("role") == "tool"]
+            for result in results:
+                if result.get("content") is WITHHELD:
+                    continue
+                result["content"] = WITHHELD  # (the same dict is remembered with the turn: withheld there too)
+                ctx.agent.steps.append(
+                    {"step": ctx.step, "kind": "scrub", "name": _tool_name(step_messages, result),
+                     "status": "withheld", "error": err.code}
+                )  # fmt: skip
 
 
 def _tool_name(step_messages: list[dict], result: dict) -> str | None:

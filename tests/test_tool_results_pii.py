@@ -141,3 +141,21 @@ def test_a_result_past_the_text_bound_is_withheld_though_the_system_prompt_is_lo
     results = _tool_messages(module_mock)
     assert len(results) == 1 and "withheld" in results[0]
     assert "555-" not in json.dumps(module_mock.requests()[-1]["body"])
+
+
+def test_many_results_past_the_bound_in_one_step_cost_at_most_three_scrubs(gw, tools, module_mock):
+    """Every scrub may spend a whole request's PII budget before it is refused: a model steered to
+    call a tool that answers with hundreds of numbers 32 times in one step made the gateway scrub
+    33 times, a budget each. After the step's second refusal, every result not yet withheld is
+    withheld unchecked (here the small third one too): three scrubs at most."""
+    key = new_key(gw, TENANT)
+    tool = http_tool("contacts", f"{tools.url}/directory", {"count": {"type": "string"}})
+    name = agent(gw, TENANT, [tool])
+    module_mock.clear()
+    calls = [{"name": "contacts", "arguments": {"count": n}} for n in ("600", "601", "3")]
+    directive = "[[mock:" + json.dumps({"tool_calls": calls}) + "]]"
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": f"All {directive}"}])
+    results = _tool_messages(module_mock)
+    assert len(results) == 3 and all("withheld" in r for r in results), results
+    assert "555-" not in json.dumps(module_mock.requests()[-1]["body"])
