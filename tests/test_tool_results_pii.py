@@ -24,25 +24,37 @@ def tools(tmp_root):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_root, services, module_mock):
-    config = {
+def _config(module_mock, **pii) -> dict:
+    """One mock model group; the tenant's PII policy redacts phones and emails (``pii``: more settings)."""
+    return {
         "router": {"max_attempts": 1},
         "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
         "models": [{"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]}],
         "pii": {
             "workers": 0,
+            **pii,
             "policies": {"phones": {"entities": {"phone": "redact", "email": "redact"}}},
             "tenants": {TENANT: "phones"},
         },
     }
-    g = Gateway(tmp_root, config, services)
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, module_mock):
+    g = Gateway(tmp_root, _config(module_mock), services)
     yield g
     g.stop()
 
 
-def _turn(gw, key: str, name: str, count: int) -> tuple[str, str]:
-    calls = [{"name": "contacts", "arguments": {"count": str(count)}}]
+def _contacts_agent(gw, tools, **kw) -> str:
+    """An agent of the tenant whose one tool is the contact directory (``count`` contacts)."""
+    tool = http_tool("contacts", f"{tools.url}/directory", {"count": {"type": "string"}})
+    return agent(gw, TENANT, [tool], **kw)
+
+
+def _turn(gw, key: str, name: str, *counts: int) -> tuple[str, str]:
+    """One turn whose model calls the directory once per count, in one step: (answer, request id)."""
+    calls = [{"name": "contacts", "arguments": {"count": str(count)}} for count in counts]
     directive = "[[mock:" + json.dumps({"tool_calls": calls}) + "]]"
     c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
     raw = c.chat.completions.with_raw_response.create(
@@ -58,8 +70,7 @@ def _tool_messages(module_mock) -> list[str]:
 
 def test_a_tool_result_too_costly_to_check_is_withheld_and_the_turn_answers(gw, tools, module_mock):
     key = new_key(gw, TENANT)
-    tool = http_tool("contacts", f"{tools.url}/directory", {"count": {"type": "string"}})
-    name = agent(gw, TENANT, [tool])
+    name = _contacts_agent(gw, tools)
     module_mock.clear()
     _turn(gw, key, name, 600)  # ~600 distinct numbers: past pii.max_phone_checks (1000 checks)
     assert [r for r in tools.requests() if r["path"] == "/directory"], "the tool ran"
@@ -70,8 +81,7 @@ def test_a_tool_result_too_costly_to_check_is_withheld_and_the_turn_answers(gw, 
 
 def test_a_small_tool_result_is_still_scrubbed_and_sent(gw, tools, module_mock):
     key = new_key(gw, TENANT)
-    tool = http_tool("contacts", f"{tools.url}/directory", {"count": {"type": "string"}})
-    name = agent(gw, TENANT, [tool])
+    name = _contacts_agent(gw, tools)
     module_mock.clear()
     _turn(gw, key, name, 3)
     results = _tool_messages(module_mock)
@@ -94,8 +104,7 @@ def test_the_run_record_says_the_result_was_withheld(gw, tools, module_mock):
     from tests.conftest import wait_until
 
     key = new_key(gw, TENANT)
-    tool = http_tool("contacts", f"{tools.url}/directory", {"count": {"type": "string"}})
-    name = agent(gw, TENANT, [tool])
+    name = _contacts_agent(gw, tools)
     _, rid = _turn(gw, key, name, 600)
     found: dict = {}
 
@@ -112,18 +121,7 @@ def test_the_run_record_says_the_result_was_withheld(gw, tools, module_mock):
 @pytest.fixture(scope="module")
 def small_gw(tmp_root, services, module_mock):
     """A gateway whose per-request text bound (pii.max_analysed_chars) is its smallest."""
-    config = {
-        "router": {"max_attempts": 1},
-        "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
-        "models": [{"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]}],
-        "pii": {
-            "workers": 0,
-            "max_analysed_chars": 1024,
-            "policies": {"phones": {"entities": {"phone": "redact", "email": "redact"}}},
-            "tenants": {TENANT: "phones"},
-        },
-    }
-    g = Gateway(tmp_root, config, services)
+    g = Gateway(tmp_root, _config(module_mock, max_analysed_chars=1024), services)
     yield g
     g.stop()
 
@@ -133,8 +131,7 @@ def test_a_result_past_the_text_bound_is_withheld_though_the_system_prompt_is_lo
     agent whose prompt (prose, nothing to check) is longer than the tool result got the turn
     refused naming messages[0].content, a message the client never sent, after the tool ran."""
     key = new_key(small_gw, TENANT)
-    tool = http_tool("contacts", f"{tools.url}/directory", {"count": {"type": "string"}})
-    name = agent(small_gw, TENANT, [tool], template="You help the user find their contacts. " * 500)
+    name = _contacts_agent(small_gw, tools, template="You help the user find their contacts. " * 500)
     module_mock.clear()
     _turn(small_gw, key, name, 100)  # ~2.7 KB of numbers: past 1024 characters to check; the prompt is 20 KB
     assert [r for r in tools.requests() if r["path"] == "/directory"], "the tool ran"
@@ -149,13 +146,9 @@ def test_many_results_past_the_bound_in_one_step_cost_at_most_three_scrubs(gw, t
     33 times, a budget each. After the step's second refusal, every result not yet withheld is
     withheld unchecked (here the small third one too): three scrubs at most."""
     key = new_key(gw, TENANT)
-    tool = http_tool("contacts", f"{tools.url}/directory", {"count": {"type": "string"}})
-    name = agent(gw, TENANT, [tool])
+    name = _contacts_agent(gw, tools)
     module_mock.clear()
-    calls = [{"name": "contacts", "arguments": {"count": n}} for n in ("600", "601", "3")]
-    directive = "[[mock:" + json.dumps({"tool_calls": calls}) + "]]"
-    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
-    c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": f"All {directive}"}])
+    _turn(gw, key, name, 600, 601, 3)
     results = _tool_messages(module_mock)
     assert len(results) == 3 and all("withheld" in r for r in results), results
     assert "555-" not in json.dumps(module_mock.requests()[-1]["body"])
