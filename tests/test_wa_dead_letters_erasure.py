@@ -204,6 +204,34 @@ def test_an_erasure_drops_the_dead_letters_the_previous_release_left_untagged(gw
     assert left[("alpha", legacy["kept"])] == ["legacy words of the kept one"]
 
 
+def _wait_stored(services, external_ids) -> None:
+    """Until tenant A's conversations are in PostgreSQL (the memory writer has moved them)."""
+    wanted = set(external_ids)
+
+    def stored() -> bool:
+        got = rows(services[0], "SELECT external_id FROM conversations WHERE tenant = $1", TENANT_A)
+        return wanted <= {r["external_id"] for r in got}
+
+    wait_until(stored, what="the conversations in PostgreSQL")
+
+
+def _retire(services, external_id: str) -> None:
+    """Tenant A's conversation made 31 days silent, until the gateway's retention sweeper deleted it."""
+    execute(
+        services[0],
+        f"UPDATE conversations SET last_at = now() - interval '31 days' "
+        f"WHERE tenant = '{TENANT_A}' AND external_id = '{external_id}'",
+    )
+
+    def swept() -> bool:
+        got = rows(
+            services[0], "SELECT 1 FROM conversations WHERE tenant = $1 AND external_id = $2", TENANT_A, external_id
+        )
+        return not got
+
+    wait_until(swept, what="the old conversation deleted by the retention")
+
+
 def test_retention_drops_the_dead_letters_of_the_conversations_it_deletes(gw, graph, module_mock, services):
     """Tenant A's agent keeps conversations 30 days; the gateway's own sweeper (every second
     here) deletes one moved back 31 days, and its dead letter with it. A recent conversation of
@@ -219,24 +247,8 @@ def test_retention_drops_the_dead_letters_of_the_conversations_it_deletes(gw, gr
 
     convs = {w: f"wa:{PNID_A}:{w}" for w in (old, recent)}
 
-    def stored() -> bool:
-        got = rows(services[0], "SELECT external_id FROM conversations WHERE tenant = $1", TENANT_A)
-        return set(convs.values()) <= {r["external_id"] for r in got}
-
-    wait_until(stored, what="both conversations in PostgreSQL")
-    execute(
-        services[0],
-        f"UPDATE conversations SET last_at = now() - interval '31 days' "
-        f"WHERE tenant = '{TENANT_A}' AND external_id = '{convs[old]}'",
-    )
-
-    def swept() -> bool:
-        got = rows(
-            services[0], "SELECT 1 FROM conversations WHERE tenant = $1 AND external_id = $2", TENANT_A, convs[old]
-        )
-        return not got
-
-    wait_until(swept, what="the old conversation deleted by the retention")
+    _wait_stored(services, convs.values())
+    _retire(services, convs[old])
     left = _dead_words(services)
     assert ("alpha", old) not in left
     assert left[("alpha", recent)] == [f"words of {recent}" + FAIL_TURN]
@@ -356,25 +368,9 @@ def test_retention_deletes_the_files_of_the_conversations_it_deletes(gw, graph, 
     others_turn = _send_file(gw, graph, "bravo", old, others)
     convs = {w: f"wa:{PNID_A}:{w}" for w in (old, recent)}
 
-    def stored() -> bool:
-        got = rows(services[0], "SELECT external_id FROM conversations WHERE tenant = $1", TENANT_A)
-        return set(convs.values()) <= {r["external_id"] for r in got}
-
-    wait_until(stored, what="both conversations in PostgreSQL")
+    _wait_stored(services, convs.values())
     assert _files_holding(tmp_root, files[old])
-    execute(
-        services[0],
-        f"UPDATE conversations SET last_at = now() - interval '31 days' "
-        f"WHERE tenant = '{TENANT_A}' AND external_id = '{convs[old]}'",
-    )
-
-    def swept() -> bool:
-        got = rows(
-            services[0], "SELECT 1 FROM conversations WHERE tenant = $1 AND external_id = $2", TENANT_A, convs[old]
-        )
-        return not got
-
-    wait_until(swept, what="the old conversation deleted by the retention")
+    _retire(services, convs[old])
     assert _files_holding(tmp_root, files[old]) == []
     assert _files_holding(tmp_root, files[recent]) and _files_holding(tmp_root, others)
     # the turns' send states (the answer sent) go with the old conversation only
