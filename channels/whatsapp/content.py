@@ -21,6 +21,7 @@ from pathlib import Path
 
 from channels.config import WhatsAppAccount
 from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable, MediaRefused
+from channels.whatsapp.store import conversation_digest
 
 log = logging.getLogger("channels.whatsapp")
 
@@ -129,8 +130,7 @@ def _tenant_folder(root: Path, tenant: str) -> Path:
 def conversation_folder(root: Path, tenant: str, conversation: str) -> Path:
     """Where a conversation's files are kept: hashes only (a conversation id holds the customer's
     number, and a crafted one must name no other place)."""
-    digest = hashlib.sha256(f"{tenant}\x00{conversation}".encode()).hexdigest()[:32]
-    return _tenant_folder(root, tenant) / f"c-{digest}"
+    return _tenant_folder(root, tenant) / f"c-{conversation_digest(tenant, conversation)}"
 
 
 def _remove_folder(folder: Path) -> int:

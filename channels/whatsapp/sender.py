@@ -68,8 +68,7 @@ def state_key(account: str, key: str) -> str:
 def index_key(tenant: str, conversation: str) -> str:
     """The keys of one conversation's send states (a turn's holds the answer, a template's the text
     it carries), for an erasure or a retention of the conversation to delete (``forget_states``)."""
-    digest = hashlib.sha256(f"{tenant}\x00{conversation}".encode()).hexdigest()[:32]
-    return f"gw:{{gw}}:wa:outs:{digest}"
+    return f"gw:{{gw}}:wa:outs:{store.conversation_digest(tenant, conversation)}"
 
 
 FORGET_PAGE = 500  # state keys deleted per round trip

@@ -5,6 +5,7 @@ the tenant in every statement; admin reads go through the tenant's row-level-sec
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,6 +46,12 @@ async def create_pool(database_url: str, max_size: int = 10):
 
 def conversation_id(pnid: str, wa_id: str) -> str:
     return f"wa:{pnid}:{wa_id}"
+
+
+def conversation_digest(tenant: str, conversation: str) -> str:
+    """One conversation of a tenant, hashed (its id holds the customer's number): what names its
+    media folder (``content.conversation_folder``) and its send states' index (``sender.index_key``)."""
+    return hashlib.sha256(f"{tenant}\x00{conversation}".encode()).hexdigest()[:32]
 
 
 def _dt(ts: float | None) -> datetime | None:
