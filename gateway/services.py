@@ -8,7 +8,6 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from core.config import Config
 from core.fastredis import PipelinedRedis
 from core.upstream import Upstream
 from gateway import hitl_service, kb_worker
-from gateway.conversation_retention import RetentionSweeper
+from gateway.conversation_retention import ChannelCopies, RetentionSweeper
 from gateway.db import connect_pool, migrate
 from gateway.providers import build_adapter
 from gateway.providers.base import ProviderAdapter
@@ -85,8 +84,7 @@ class Services:
     local_reranker: LocalReranker | None = None  # the local cross-encoder (rag.rerank.local_model_dir)
     expiry: ExpirySweeper | None = None  # empties expired vector stores (every replica; idempotent)
     retention: RetentionSweeper | None = None  # deletes conversations past their agent's retention
-    # (tenant, conversation ids) -> a channel's copies of them deleted (dead letters, media files)
-    forget_channel: Callable[[str, list[str]], Awaitable[None]] | None = None
+    forget_channel: ChannelCopies | None = None  # a channel's copies of conversations deleted (dead letters, files)
     _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check
     _ready_check: asyncio.Future | None = None  # the check under way, shared by its callers
 
