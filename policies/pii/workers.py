@@ -230,9 +230,7 @@ class WorkerPool:
             return
         if worker.grown_past(self.max_growth_mb):
             worker.retiring = True
-            task = asyncio.get_running_loop().create_task(self._recycle(worker))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background(self._recycle(worker))
 
     async def _recycle(self, old: _Worker) -> None:
         """A fresh worker in ``old``'s place once it is ready; ``old`` stopped once it has
@@ -274,7 +272,11 @@ class WorkerPool:
         await old.stop()
 
     def _replace(self, worker: _Worker) -> None:
-        task = asyncio.get_running_loop().create_task(self._restart(worker))
+        self._background(self._restart(worker))
+
+    def _background(self, coro) -> None:
+        """A replacement or a recycling under way (kept in ``_tasks``: ``stop`` cancels them)."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
