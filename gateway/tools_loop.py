@@ -168,7 +168,8 @@ async def _next_step(svc, ctx: RequestContext, scope: dict, step_messages: list[
     ctx.ttft = None
     ctx._prompt_tokens = None
     ctx.max_output = pipeline._int(ctx.body.get("max_completion_tokens")) or pipeline._int(ctx.body.get("max_tokens"))
-    for name in ("settled", "admitted", "reserved_nano", "budgets", "budget_keys", "usage_estimated"):
+    # (and the last step's scrub: a step refused before its own has sent nothing to log)
+    for name in ("settled", "admitted", "reserved_nano", "budgets", "budget_keys", "usage_estimated", "pii"):
         ctx.extra.pop(name, None)
     await count_prompt_off_loop(ctx)  # tool results can be large: not tokenized on the event loop
     await pipeline.admit(svc, ctx, scope)

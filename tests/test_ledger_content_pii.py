@@ -16,7 +16,7 @@ import redis
 
 from policies.engine import LEDGER_STREAM
 from tests.conftest import Gateway, wait_until
-from tests.test_tools_review_s22 import call, new_key, unique
+from tests.test_tools_review_s22 import ToolServer, agent, call, http_tool, new_key, unique
 
 TENANT = unique("ledgerpii")
 EMAIL = "dana.private@example.org"
@@ -62,7 +62,7 @@ def gw(tmp_root, services, module_mock):
         "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
         "models": [
             {"name": "m1", "deployments": [{"provider": "pp", "model": "m"}]},
-            {"name": "m2", "deployments": [{"provider": "pp", "model": "m"}]},
+            {"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]},
         ],
         "pii": {
             "workers": 0,
@@ -122,9 +122,33 @@ def test_a_request_refused_at_the_scrub_keeps_no_content(gw, tap, text, code):
 
 def test_a_request_refused_before_the_scrub_keeps_no_content(gw, tap):
     """A key that may not use the model: refused at routing, before the scrub ran."""
-    resp = call(gw, "POST", "/admin/keys", json={"name": unique("k"), "tenant": TENANT, "models": ["m2"]})
+    resp = call(gw, "POST", "/admin/keys", json={"name": unique("k"), "tenant": TENANT, "models": ["agent-model"]})
     assert resp.status_code == 201, resp.text
     rid = _send(gw, resp.json()["key"], f"Write to {EMAIL} please", model="m1")
     (rec,) = tap.of(rid)
     assert rec["status"] == 403 and "content" not in rec, rec
     assert EMAIL not in orjson.dumps(rec).decode()
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_root):
+    server = ToolServer(tmp_root)
+    yield server
+    server.stop()
+
+
+def test_an_agent_step_refused_before_its_scrub_keeps_no_tool_result(gw, tap, tools):
+    """The step after the tools ran, refused at admission (the key's one request a minute): its
+    record kept the body of the step before, which by then held the tool's raw results."""
+    tool = http_tool("contacts", f"{tools.url}/directory", {"count": {"type": "string"}})
+    name = agent(gw, TENANT, [tool])
+    resp = call(gw, "POST", "/admin/keys", json={"name": unique("k"), "tenant": TENANT, "rpm": 1})
+    assert resp.status_code == 201, resp.text
+    directive = "[[mock:" + orjson.dumps({"tool_calls": [{"name": "contacts", "arguments": {"count": "3"}}]}).decode()
+    rid = _send(gw, resp.json()["key"], f"Find my contacts {directive}]]", model=f"agent:{name}")
+    assert [r for r in tools.requests() if r["path"] == "/directory"], "the tool ran"
+    wait_until(lambda: len(tap.of(rid)) == 2, timeout=30, what="both steps' records")
+    first, second = sorted(tap.of(rid), key=lambda r: r["step"])
+    assert first["status"] == 200 and first["content"]  # step 1 was sent: its content is kept
+    assert second["status"] == 429 and "content" not in second, second
+    assert "555-0001" not in orjson.dumps(second).decode()
