@@ -12,7 +12,8 @@ Streams: an agent without server-side tools streams live, chunk by chunk. With s
 tools the steps run unstreamed and the final answer is sent as a stream once known.
 
 When every deployment fails, an agent with a fallback message answers with it
-(``finish_reason: "stop"``, ``x-gateway-degraded: true``) and the turn is recorded as degraded.
+(``finish_reason: "stop"``, ``x-gateway-degraded: true``) and the turn is recorded as degraded;
+so it does when, after the tools ran, a fallback group's PII policy refuses the client's messages.
 """
 
 from __future__ import annotations
@@ -97,6 +98,20 @@ def _step(ctx: RequestContext, started: float, kind: str = "model", **extra) -> 
     return step
 
 
+_PII_REFUSALS = ("pii_blocked", "pii_too_much_to_check", "pii_undecodable")
+
+
+def _degrades(ctx: RequestContext, err: GatewayError) -> bool:
+    """Whether a failed model call is answered with the agent's fallback message: every
+    deployment failed, or — once the turn's tools have run — a fallback group's PII policy
+    refused what its own group's let through (the client's messages: the turn's own steps are
+    withheld, ``withholding``). No group can serve the turn; a 400 would have the client retry
+    it, and run its tools' side effects again."""
+    if err.status in _FAILOVER_STATUSES:
+        return True
+    return err.code in _PII_REFUSALS and ctx.fallbacks > 0 and bool(ctx.extra.get("tool_messages"))
+
+
 def _add(total: Usage, usage: Usage | None) -> None:
     if usage is not None:
         total.prompt_tokens += usage.prompt_tokens
@@ -153,7 +168,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
         try:
             raw = await pipeline.complete(svc, ctx, group)
         except GatewayError as err:
-            if agent.fallback_message is None or err.status not in _FAILOVER_STATUSES:
+            if agent.fallback_message is None or not _degrades(ctx, err):
                 turn.steps.append(_step(ctx, step_started, status=err.status, error=err.code))
                 _record_if_tools_ran(svc, ctx, started, err)
                 raise

@@ -184,6 +184,11 @@ def fallback_gw(tmp_root, services, module_mock):
         "models": [
             {"name": "agent-model", "deployments": [{"provider": "down", "model": "m"}], "fallbacks": ["strict-model"]},
             {"name": "strict-model", "deployments": [{"provider": "pp", "model": "m-strict"}]},
+            {  # a step whose prompt outgrows it goes to the strict group
+                "name": "small-model",
+                "deployments": [{"provider": "pp", "model": "m-small", "context_window": 1000}],
+                "context_window_fallbacks": ["strict-model"],
+            },
         ],
         "pii": {
             "workers": 0,
@@ -266,3 +271,32 @@ def test_a_tool_result_the_policy_blocks_is_withheld_at_the_steps_scrub(fallback
     assert "555-" not in json.dumps(module_mock.requests()[-1]["body"])
     steps = [s for s in _run_record(fallback_gw, rid)["steps"] if s["kind"] == "scrub"]
     assert [(s["name"], s["part"], s["error"]) for s in steps] == [("contacts", "result", "pii_blocked")], steps
+
+
+def test_a_fallback_groups_policy_refusing_the_clients_message_after_the_tools_ran_degrades(
+    fallback_gw, tools, module_mock
+):
+    """The step after the tools ran outgrew its group's context window and went to the strict
+    group, whose policy blocks the phone number in the client's own message (its own group's let
+    it through): a 400 then had the client retry the turn and run its tools again. An agent with
+    a fallback message answers with it, degraded, as when every deployment fails."""
+    tool = http_tool("contacts", f"{tools.url}/directory", {"count": {"type": "string"}})
+    name = unique("deg")
+    body = {"name": name, "model": "small-model", "template": "You help.", "tenant": TENANT, "tools": [tool]}
+    body["fallback_message"] = "Sorry, I cannot answer that right now."
+    assert call(fallback_gw, "POST", "/admin/agents", json=body).status_code == 201
+    key = new_key(fallback_gw, TENANT)
+    directive = "[[mock:" + json.dumps({"tool_calls": [{"name": "contacts", "arguments": {"count": "200"}}]}) + "]]"
+    module_mock.clear()
+    before = len([r for r in tools.requests() if r["path"] == "/directory"])
+    c = openai.OpenAI(base_url=f"{fallback_gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    raw = c.chat.completions.with_raw_response.create(
+        model=f"agent:{name}", messages=[{"role": "user", "content": f"Call me at (212) 555-0147 {directive}"}]
+    )
+    assert raw.parse().choices[0].message.content == body["fallback_message"]
+    assert raw.headers["x-gateway-degraded"] == "true"
+    assert len([r for r in tools.requests() if r["path"] == "/directory"]) == before + 1, "the tool ran once"
+    assert [r["body"]["model"] for r in module_mock.requests()] == ["m-small"]  # nothing reached the strict group
+    run = _run_record(fallback_gw, raw.headers["x-request-id"])
+    assert run["degraded"] is True
+    assert [s.get("error") for s in run["steps"] if s["kind"] == "model"] == [None, "pii_blocked"], run["steps"]
