@@ -3,7 +3,8 @@ refused at the PII scrub (a blocked entity, more than one request may check) or 
 model its key may not use) sent nothing and was never checked: its record carried the raw body
 into the Redis ledger stream (and, with Redis away, the local spool), personal data and all.
 Real gateway over HTTP, the OpenAI SDK, the mock provider; the stream is read as entries are
-appended (the ledger writer deletes them once they are in PostgreSQL, which has no content column)."""
+appended (the ledger writer deletes them once they are in PostgreSQL, which has no content column),
+the spool file of a gateway whose own Valkey is stopped as it is written."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import orjson
 import pytest
 import redis
 
+from gateway.embedded import EmbeddedValkey
 from policies.engine import LEDGER_STREAM
 from tests.conftest import Gateway, wait_until
 from tests.test_tools_review_s22 import ToolServer, agent, call, http_tool, new_key, unique
@@ -152,3 +154,53 @@ def test_an_agent_step_refused_before_its_scrub_keeps_no_tool_result(gw, tap, to
     assert first["status"] == 200 and first["content"]  # step 1 was sent: its content is kept
     assert second["status"] == 429 and "content" not in second, second
     assert "555-0001" not in orjson.dumps(second).decode()
+
+
+@pytest.fixture(scope="module")
+def lone(tmp_root, services, module_mock):
+    """A gateway on a Valkey of its own (stopped by the test: its settles then go to the spool),
+    going on without limits while Redis is away (``fail_open``)."""
+    valkey = EmbeddedValkey(tmp_root / unique("valkey"))
+    valkey.acquire()
+    config = {
+        "router": {"max_attempts": 1},
+        "policies": {"log_content": True, "fail_open": True},
+        "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "m1", "deployments": [{"provider": "pp", "model": "m"}]}],
+        "pii": {
+            "workers": 0,
+            "policies": {"strict": {"entities": {"email": "redact", "credit_card": "block"}}},
+            "tenants": {TENANT: "strict"},
+        },
+    }
+    try:
+        g = Gateway(tmp_root, config, (services[0], valkey.url))
+    except BaseException:
+        valkey.release()
+        raise
+    up = {"valkey": True}
+    yield g, valkey, up
+    g.stop()
+    if up["valkey"]:  # (released once: a second release would signal a pid file's stale pid)
+        valkey.release()
+
+
+def _spooled(tmp_root, request_id: str) -> list[dict]:
+    lines = [line for p in (tmp_root / "data").glob("ledger-spool-*") for line in p.read_bytes().splitlines()]
+    return [r for r in map(orjson.loads, filter(None, lines)) if r.get("request_id") == request_id]
+
+
+def test_with_redis_away_the_spool_keeps_scrubbed_content_and_none_of_a_refused_request(lone, tmp_root):
+    gw, valkey, up = lone
+    key = new_key(gw, TENANT)
+    _send(gw, key, "hello")  # the key known to the process before Redis goes
+    valkey.release()  # the last user: the server shuts down
+    up["valkey"] = False
+    served = _send(gw, key, f"Write to {EMAIL} please")
+    refused = _send(gw, key, f"My card is {CARD}, mail {EMAIL}")
+    wait_until(lambda: _spooled(tmp_root, served) and _spooled(tmp_root, refused), timeout=30, what="both spooled")
+    (ok,) = _spooled(tmp_root, served)
+    assert ok["status"] == 200 and ok["content"] and EMAIL not in orjson.dumps(ok).decode()
+    (no,) = _spooled(tmp_root, refused)
+    assert no["status"] == 400 and no["error_code"] == "pii_blocked" and "content" not in no, no
+    assert EMAIL not in orjson.dumps(no).decode() and "1111" not in orjson.dumps(no).decode()
