@@ -330,6 +330,7 @@ class EscalationAdmin:
                 esc["tenant"],
                 agent.model if agent is not None else "",
                 [esc.get("question") or "", answer],
+                "corrected_answer" if corrected else "approve_draft",
             )
         delivery = await self._send(request, esc, reply) if reply is not None else None
         if delivery is not None:  # recorded on its own (as /reply does): sent is sent, whatever the resolve finds

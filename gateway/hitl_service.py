@@ -101,12 +101,38 @@ def _end_streams_on_exit(feed: held.Feed) -> None:
         signal.signal(sig, handler)
 
 
-async def redact_for_learning(pii, tenant: str, model: str, texts: list[str]) -> list[str]:
+def _too_much_to_learn(exc: TooMuchToCheck, field: str) -> InvalidRequest:
+    """The 400 of an example past a PII bound, naming what was refused: the corrected answer, the
+    AI's draft (``approve_draft``), or the escalation's question (which neither can shorten)."""
+    if field == "approve_draft":
+        answer, fix = "The AI's draft", "send a shorter corrected_answer instead, or resolve without approve_draft"
+    else:
+        answer, fix = "The corrected answer", "shorten the corrected answer, or resolve without one"
+    if exc.text == 0:
+        what = "The escalation's question"
+        fix = "resolve without approve_draft" if field == "approve_draft" else "resolve without a corrected answer"
+    elif exc.text == 1:
+        what = answer
+    else:
+        what = f"The escalation's question with {answer[0].lower()}{answer[1:]}"
+    return InvalidRequest(
+        f"{what} holds more text or numbers than the gateway may check for personal data at once, so it "
+        f"cannot be learned as it is: {fix}.",
+        param=field,
+        code="pii_too_much_to_check",
+    )
+
+
+async def redact_for_learning(
+    pii, tenant: str, model: str, texts: list[str], field: str = "corrected_answer"
+) -> list[str]:
     """A learned example is grounding for every later customer of the agent and a line of its
     training data: personal data the PII policy of the agent's turns finds in it (any action:
     pseudonyms would be restored into another customer's answer) is replaced by its type, e.g.
     ``[EMAIL]``, before the example is stored — what a reviewer approves is what is reused.
-    Without a policy nothing is detected (the reviewer is the only gate)."""
+    Without a policy nothing is detected (the reviewer is the only gate). ``texts``: the question
+    and the answer; ``field``: the resolve's field the answer came from (``corrected_answer``, or
+    ``approve_draft`` for the AI's draft), which a refusal names."""
     if pii is None:
         return texts
     name = pii.config.models.get(model) or pii.config.tenants.get(tenant) or "default"
@@ -116,13 +142,7 @@ async def redact_for_learning(pii, tenant: str, model: str, texts: list[str]) ->
     try:
         findings = await pii.analyzer.find(policy.spec, texts)
     except TooMuchToCheck as exc:  # past a per-request PII bound: a 400 naming what to shorten, not a 500
-        what = "The corrected answer" if exc.text == 1 else "The escalation's question"
-        raise InvalidRequest(
-            f"{what} holds more text or numbers than the gateway may check for personal data at once, so it "
-            "cannot be learned as it is: shorten the corrected answer, or resolve without one.",
-            param="corrected_answer",
-            code="pii_too_much_to_check",
-        ) from None
+        raise _too_much_to_learn(exc, field) from None
     out = []
     for text, found in zip(texts, findings, strict=True):
         spans = sorted(((s, e, policy.labels[t]) for s, e, t, _ in found if t in policy.labels), reverse=True)

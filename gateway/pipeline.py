@@ -25,7 +25,7 @@ from core import http, metrics
 from core.errors import GatewayError, PermissionDenied, UpstreamError, UpstreamTimeout
 from core.logs import access_log
 from core.types import RequestContext, Route, Usage, excerpt
-from gateway import agent_stage, grounding, tools_loop
+from gateway import agent_stage, grounding, tools_loop, withholding
 from gateway.agent_stage import is_agent
 from gateway.providers.base import bad_response, map_upstream_status, stream_error_event
 from gateway.routing import Group, run_attempts
@@ -161,7 +161,9 @@ async def scrub(svc: Services, ctx: RequestContext) -> None:
 
 
 async def body_for(svc: Services, ctx: RequestContext, r: Route) -> dict:
-    """The body to send for one attempt: scrubbed by the policy of the group serving it."""
+    """The body to send for one attempt: scrubbed by the policy of the group serving it. In an
+    agent turn whose tools have run, what that policy refuses of the steps' own messages is
+    withheld, as at the step's scrub (``withholding``): the turn is not failed after its tools."""
     state: ScrubState | None = ctx.extra.get("pii")
     if state is None:
         return ctx.body
@@ -169,6 +171,9 @@ async def body_for(svc: Services, ctx: RequestContext, r: Route) -> dict:
     if policy is None:
         state.sent = ctx.body
         return ctx.body
+    own = ctx.extra.get("tool_messages") if ctx.agent is not None else None
+    if own:
+        return await withholding.scrubbed(ctx, own, lambda: svc.pii.scrub(ctx.body, ctx.endpoint, policy, state))
     return await svc.pii.scrub(ctx.body, ctx.endpoint, policy, state)
 
 

@@ -12,21 +12,21 @@ Streams: an agent without server-side tools streams live, chunk by chunk. With s
 tools the steps run unstreamed and the final answer is sent as a stream once known.
 
 When every deployment fails, an agent with a fallback message answers with it
-(``finish_reason: "stop"``, ``x-gateway-degraded: true``) and the turn is recorded as degraded.
+(``finish_reason: "stop"``, ``x-gateway-degraded: true``) and the turn is recorded as degraded;
+so it does when, after the tools ran, a fallback group's PII policy refuses the client's messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 
 import orjson
 
 from core.errors import GatewayError
 from core.types import RequestContext, Usage
-from gateway import grounding, hitl_stage, pipeline
+from gateway import grounding, hitl_stage, pipeline, withholding
 from gateway.routing import Group
 from gateway.usage import count_prompt_off_loop
 from runtime.memory import Window
@@ -98,6 +98,20 @@ def _step(ctx: RequestContext, started: float, kind: str = "model", **extra) -> 
     return step
 
 
+_PII_REFUSALS = ("pii_blocked", "pii_too_much_to_check", "pii_undecodable")
+
+
+def _degrades(ctx: RequestContext, err: GatewayError) -> bool:
+    """Whether a failed model call is answered with the agent's fallback message: every
+    deployment failed, or — once the turn's tools have run — a fallback group's PII policy
+    refused what its own group's let through (the client's messages: the turn's own steps are
+    withheld, ``withholding``). No group can serve the turn; a 400 would have the client retry
+    it, and run its tools' side effects again."""
+    if err.status in _FAILOVER_STATUSES:
+        return True
+    return err.code in _PII_REFUSALS and ctx.fallbacks > 0 and bool(ctx.extra.get("tool_messages"))
+
+
 def _add(total: Usage, usage: Usage | None) -> None:
     if usage is not None:
         total.prompt_tokens += usage.prompt_tokens
@@ -105,55 +119,11 @@ def _add(total: Usage, usage: Usage | None) -> None:
         total.cached_tokens += usage.cached_tokens
 
 
-# What the model reads instead of a tool result too costly to check for personal data (one
-# request's PII bounds: pii.max_analysed_chars, pii.max_phone_checks). The tool has run: failing
-# the turn would make the client retry it, and run its side effects (an order, a refund) again.
-WITHHELD = (
-    "The tool ran, but its result was withheld: it holds more text or numbers than the gateway may "
-    "check for personal data in one request. Tell the user the result could not be shown."
-)
-_MESSAGE_INDEX = re.compile(r"^messages\[(\d+)\]")
-
-
 async def _scrub_step(svc, ctx: RequestContext, step_messages: list[dict]) -> None:
-    """``pipeline.scrub`` of a body that now holds this step's tool results: a result refused as
-    too costly to check (``pii_too_much_to_check`` naming it) is replaced by ``WITHHELD`` — never
-    sent unchecked — and the body is scrubbed again; any other refusal stands. Each scrub may
-    spend a whole request's PII budget before it is refused: after a second refusal in the step,
-    every result of the step not yet withheld is withheld unchecked (at most three scrubs a step,
-    however many calls the model made of a tool that answers with hundreds of numbers)."""
-    refused = 0
-    while True:
-        try:
-            await pipeline.scrub(svc, ctx)
-            return
-        except GatewayError as err:
-            found = _MESSAGE_INDEX.match(err.param or "") if err.code == "pii_too_much_to_check" else None
-            messages = ctx.body.get("messages") or []
-            index = int(found.group(1)) if found else -1
-            message = messages[index] if 0 <= index < len(messages) else None
-            if message is None or message.get("role") != "tool" or not any(message is m for m in step_messages):
-                raise
-            if refused >= 2:
-                raise
-            refused += 1
-            results = [message] if refused == 1 else [m for m in step_messages if m.get("role") == "tool"]
-            for result in results:
-                if result.get("content") is WITHHELD:
-                    continue
-                result["content"] = WITHHELD  # (the same dict is remembered with the turn: withheld there too)
-                ctx.agent.steps.append(
-                    {"step": ctx.step, "kind": "scrub", "name": _tool_name(step_messages, result),
-                     "status": "withheld", "error": err.code}
-                )  # fmt: skip
-
-
-def _tool_name(step_messages: list[dict], result: dict) -> str | None:
-    for message in step_messages:
-        for call in message.get("tool_calls") or ():
-            if isinstance(call, dict) and call.get("id") == result.get("tool_call_id"):
-                return (call.get("function") or {}).get("name")
-    return None
+    """``pipeline.scrub`` of a body that now holds this step's messages: what a refusal names of
+    them (a tool result, the model's tool-call arguments) is withheld, not the turn failed
+    (``withholding``); any other refusal stands."""
+    await withholding.scrubbed(ctx, step_messages, lambda: pipeline.scrub(svc, ctx))
 
 
 async def _next_step(svc, ctx: RequestContext, scope: dict, step_messages: list[dict]) -> None:
@@ -168,7 +138,8 @@ async def _next_step(svc, ctx: RequestContext, scope: dict, step_messages: list[
     ctx.ttft = None
     ctx._prompt_tokens = None
     ctx.max_output = pipeline._int(ctx.body.get("max_completion_tokens")) or pipeline._int(ctx.body.get("max_tokens"))
-    for name in ("settled", "admitted", "reserved_nano", "budgets", "budget_keys", "usage_estimated"):
+    # (and the last step's scrub: a step refused before its own has sent nothing to log)
+    for name in ("settled", "admitted", "reserved_nano", "budgets", "budget_keys", "usage_estimated", "pii"):
         ctx.extra.pop(name, None)
     await count_prompt_off_loop(ctx)  # tool results can be large: not tokenized on the event loop
     await pipeline.admit(svc, ctx, scope)
@@ -197,7 +168,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
         try:
             raw = await pipeline.complete(svc, ctx, group)
         except GatewayError as err:
-            if agent.fallback_message is None or err.status not in _FAILOVER_STATUSES:
+            if agent.fallback_message is None or not _degrades(ctx, err):
                 turn.steps.append(_step(ctx, step_started, status=err.status, error=err.code))
                 _record_if_tools_ran(svc, ctx, started, err)
                 raise

@@ -497,9 +497,18 @@ class PolicyEngine:
         if pii is not None and pii.counts:
             rec["pii_entities"] = pii.counts
         if self.config.policies.log_content and isinstance(ctx.body, dict):
-            body = pii.sent if pii is not None and pii.sent is not None else ctx.body  # never what was scrubbed
-            rec["content"] = body.get("messages") or body.get("input")
+            body = self._logged_body(ctx.body, pii)
+            if body is not None:
+                rec["content"] = body.get("messages") or body.get("input")
         return rec
+
+    def _logged_body(self, body: dict, pii) -> dict | None:
+        """What content logging may keep of a request: the body as it last left, scrubbed. With
+        PII scrubbing configured, a request that sent nothing (refused at the scrub, or before it,
+        or scrubbed for no attempt) keeps none: its body was never checked, or failed the check."""
+        if pii is not None:
+            return pii.sent
+        return None if self.config.pii.enabled else body
 
     async def charge(self, attr: dict, cost_usd: float) -> list:
         """Spend that happened outside a request (a VAPI call's telephony, known from its

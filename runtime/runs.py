@@ -53,7 +53,7 @@ def _clean_nul(raw: bytes) -> str:
 # --- run records -------------------------------------------------------------------------------
 
 _STEP_INTS = ("step", "arguments_bytes", "result_bytes")
-_STEP_TEXTS = ("kind", "name", "status", "deployment", "error")
+_STEP_TEXTS = ("kind", "name", "status", "deployment", "error", "part")  # part: of a withheld message
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
 # Each bound below has a fast path for the exact type the gateway itself writes (a str, an int,

@@ -33,6 +33,7 @@ SECRET = "hitl-alert-secret"
 REDIS_DB = 14
 LEASE_S = 3.0
 PII_TENANT = "hitl-pii"
+PHONE_TENANT = "hitl-phone"
 
 
 def own_database(database_url: str) -> str:
@@ -74,8 +75,8 @@ def config(mock, receiver: Receiver) -> dict:
         # one tenant redacts e-mail addresses from whatever leaves the gateway (the judge included)
         "pii": {
             "workers": 0,
-            "policies": {"no-email": {"entities": {"email": "redact"}}},
-            "tenants": {PII_TENANT: "no-email"},
+            "policies": {"no-email": {"entities": {"email": "redact"}}, "no-phone": {"entities": {"phone": "redact"}}},
+            "tenants": {PII_TENANT: "no-email", PHONE_TENANT: "no-phone"},
         },
     }
 
@@ -626,6 +627,28 @@ def test_attack_customer_pii_becomes_grounding_for_other_customers(pair):
     assert "[EMAIL" in example["question"] and "[EMAIL" in example["answer"], example
     assert "carol.secret" not in example["question"] + example["answer"]
     assert example["question"].endswith("do you ship to Peru?")
+
+
+def test_an_approved_draft_past_the_pii_bound_is_refused_naming_the_draft(pair):
+    """``approve_draft`` with no corrected answer, the AI's draft too costly to check for personal
+    data (pii.max_phone_checks): the 400 spoke of "the corrected answer" the reviewer never sent."""
+    a, _ = pair
+    t = {"name": PHONE_TENANT, "key": new_key(a, PHONE_TENANT), "admin": new_key(a, PHONE_TENANT, admin_scope=True)}
+    t["agent"] = create_agent(a, PHONE_TENANT, logprobs=True)
+    numbers = " ".join(f"({200 + i % 700}) 555-{i:04d}" for i in range(600))
+    # every digit JSON-escaped: the customer's message holds no number to check; the draft does
+    reply = json.dumps(numbers).translate({ord(d): f"\\u{ord(d):04x}" for d in "0123456789"})
+    plan = f'{{"logprob": -2, "reply": {reply}}}'
+    _, esc_id, _ = escalate(a, t, f"[[mock:{plan}]] Which numbers do you have?")
+    assert "555-0001" in admin(a, "GET", f"/admin/escalations/{esc_id}", t["admin"]).json()["draft"]
+    assert admin(a, "POST", f"/admin/escalations/{esc_id}/claim", t["admin"]).status_code == 200
+    r = admin(a, "POST", f"/admin/escalations/{esc_id}/resolve", t["admin"], json={"approve_draft": True})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "pii_too_much_to_check" and err["param"] == "approve_draft", err
+    assert "draft" in err["message"] and "corrected answer" not in err["message"], err
+    esc = admin(a, "GET", f"/admin/escalations/{esc_id}", t["admin"]).json()
+    assert esc["status"] != "resolved"  # nothing stored
 
 
 def test_attack_revoked_admin_key_keeps_its_feed(pair, tenant):

@@ -1,8 +1,10 @@
 """A tool result that holds more than one request may check for personal data (the PII bounds:
 ``pii.max_phone_checks``, ``pii.max_analysed_chars``) is withheld from the model, not sent
 unchecked and not turned into a failed turn: the tool has run (a search, an order, a refund),
-and a client told 400 retries the turn and runs it again. Real gateway over HTTP, the OpenAI
-SDK, the mock provider and loadtest/mock_tools.py's contact directory."""
+and a client told 400 retries the turn and runs it again. The same holds for a tool result the
+policy blocks, for the model's own tool-call arguments, and at a fallback group whose policy is
+stricter than the step's. Real gateway over HTTP, the OpenAI SDK, the mock provider and
+loadtest/mock_tools.py's contact directory."""
 
 from __future__ import annotations
 
@@ -152,3 +154,149 @@ def test_many_results_past_the_bound_in_one_step_cost_at_most_three_scrubs(gw, t
     results = _tool_messages(module_mock)
     assert len(results) == 3 and all("withheld" in r for r in results), results
     assert "555-" not in json.dumps(module_mock.requests()[-1]["body"])
+
+
+def _run_record(gw, rid: str) -> dict:
+    from tests.conftest import wait_until
+
+    found: dict = {}
+
+    def recorded() -> bool:
+        r = call(gw, "GET", f"/admin/runs/{rid}")
+        found.update(r.json() if r.status_code == 200 else {})
+        return bool(found)
+
+    wait_until(recorded, timeout=15, what="the run record")
+    return found
+
+
+@pytest.fixture(scope="module")
+def fallback_gw(tmp_root, services, module_mock):
+    """The agents' group always fails (503); its fallback group has a stricter PII policy, which
+    blocks phone numbers the tenant's policy lets through."""
+    down = {"x-mock": json.dumps({"status": 503})}
+    config = {
+        "router": {"max_attempts": 2},
+        "providers": [
+            {"name": "down", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"], "headers": down},
+            {"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]},
+        ],
+        "models": [
+            {"name": "agent-model", "deployments": [{"provider": "down", "model": "m"}], "fallbacks": ["strict-model"]},
+            {"name": "strict-model", "deployments": [{"provider": "pp", "model": "m-strict"}]},
+            {  # a step whose prompt outgrows it goes to the strict group
+                "name": "small-model",
+                "deployments": [{"provider": "pp", "model": "m-small", "context_window": 1000}],
+                "context_window_fallbacks": ["strict-model"],
+            },
+        ],
+        "pii": {
+            "workers": 0,
+            "timeout_s": 60,  # (a loaded machine's first analysis in a fresh process: not what is tested)
+            "policies": {
+                "emails": {"entities": {"email": "redact"}},
+                "strict": {"entities": {"phone": "block", "email": "redact"}},
+            },
+            "tenants": {TENANT: "emails"},
+            "models": {"strict-model": "strict"},
+        },
+    }
+    g = Gateway(tmp_root, config, services)
+    yield g
+    g.stop()
+
+
+@pytest.mark.parametrize("count, why", [(600, "more text or numbers"), (3, "policy forbids")], ids=["bound", "blocked"])
+def test_a_fallback_groups_stricter_policy_withholds_the_tool_result_and_the_turn_answers(
+    fallback_gw, tools, module_mock, count, why
+):
+    """The fallback group's policy refused a tool result its own group's let through (past the
+    bound, or blocked): the turn failed with 400 after the tool ran, and the client's retry ran
+    it again. The result is withheld from that group's model instead, as at the step's scrub."""
+    key = new_key(fallback_gw, TENANT)
+    name = _contacts_agent(fallback_gw, tools)
+    module_mock.clear()
+    before = len([r for r in tools.requests() if r["path"] == "/directory"])
+    answer, rid = _turn(fallback_gw, key, name, count)
+    assert len([r for r in tools.requests() if r["path"] == "/directory"]) == before + 1, "the tool ran once"
+    last = module_mock.requests()[-1]["body"]
+    assert last["model"] == "m-strict"  # served by the fallback group
+    results = _tool_messages(module_mock)
+    assert len(results) == 1 and "withheld" in results[0] and why in results[0], results
+    assert "555-" not in json.dumps(last) and "withheld" in answer
+    steps = [s for s in _run_record(fallback_gw, rid)["steps"] if s["kind"] == "scrub"]
+    assert steps and steps[0]["status"] == "withheld" and steps[0]["name"] == "contacts", steps
+
+
+def test_tool_call_arguments_too_costly_to_check_are_withheld_and_the_turn_answers(gw, tools, module_mock):
+    """The model's own tool-call arguments (the assistant message of the step) past the bound:
+    the refusal named them, not a tool result, and the turn failed with 400 after the tool ran.
+    (The client's message holds the directive with every digit JSON-escaped: no number for the
+    scrub to check there; the mock decodes it into arguments full of numbers.)"""
+    key = new_key(gw, TENANT)
+    tool = http_tool("note", f"{tools.url}/health", {"text": {"type": "string"}}, method="POST")
+    name = agent(gw, TENANT, [tool])
+    numbers = " ".join(f"({200 + i % 700}) 555-{i:04d}" for i in range(600))
+    plan = json.dumps({"tool_calls": [{"name": "note", "arguments": {"text": numbers}}]})
+    directive = "[[mock:" + plan.translate({ord(d): f"\\u{ord(d):04x}" for d in "0123456789"}) + "]]"
+    assert "555" not in directive
+    module_mock.clear()
+    before = len([r for r in tools.requests() if r["path"] == "/health"])
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    raw = c.chat.completions.with_raw_response.create(
+        model=f"agent:{name}", messages=[{"role": "user", "content": f"Note this {directive}"}]
+    )
+    assert len([r for r in tools.requests() if r["path"] == "/health"]) == before + 1, "the tool ran once"
+    assert raw.parse().choices[0].message.content.startswith("tool result:")
+    last = module_mock.requests()[-1]["body"]
+    (call_message,) = [m for m in last["messages"] if m.get("tool_calls")]
+    assert call_message["tool_calls"][0]["function"]["arguments"] == "{}"  # withheld, the call kept
+    assert "555-" not in json.dumps(last)
+    steps = [s for s in _run_record(gw, raw.headers["x-request-id"])["steps"] if s["kind"] == "scrub"]
+    assert [(s["name"], s["part"], s["status"]) for s in steps] == [("note", "arguments", "withheld")], steps
+
+
+def test_a_tool_result_the_policy_blocks_is_withheld_at_the_steps_scrub(fallback_gw, tools, module_mock):
+    """A blocked entity in a tool result, found at the step's own scrub (the key's policy blocks
+    phone numbers for every group): withheld, not a 400 after the tool ran."""
+    body = {"name": unique("k"), "tenant": TENANT, "pii_policy": "strict"}
+    resp = call(fallback_gw, "POST", "/admin/keys", json=body)
+    assert resp.status_code == 201, resp.text
+    name = _contacts_agent(fallback_gw, tools)
+    module_mock.clear()
+    answer, rid = _turn(fallback_gw, resp.json()["key"], name, 3)
+    assert "policy forbids" in answer  # the model read the withheld note (the mock echoes it)
+    results = _tool_messages(module_mock)
+    assert len(results) == 1 and "policy forbids" in results[0], results
+    assert "555-" not in json.dumps(module_mock.requests()[-1]["body"])
+    steps = [s for s in _run_record(fallback_gw, rid)["steps"] if s["kind"] == "scrub"]
+    assert [(s["name"], s["part"], s["error"]) for s in steps] == [("contacts", "result", "pii_blocked")], steps
+
+
+def test_a_fallback_groups_policy_refusing_the_clients_message_after_the_tools_ran_degrades(
+    fallback_gw, tools, module_mock
+):
+    """The step after the tools ran outgrew its group's context window and went to the strict
+    group, whose policy blocks the phone number in the client's own message (its own group's let
+    it through): a 400 then had the client retry the turn and run its tools again. An agent with
+    a fallback message answers with it, degraded, as when every deployment fails."""
+    tool = http_tool("contacts", f"{tools.url}/directory", {"count": {"type": "string"}})
+    name = unique("deg")
+    body = {"name": name, "model": "small-model", "template": "You help.", "tenant": TENANT, "tools": [tool]}
+    body["fallback_message"] = "Sorry, I cannot answer that right now."
+    assert call(fallback_gw, "POST", "/admin/agents", json=body).status_code == 201
+    key = new_key(fallback_gw, TENANT)
+    directive = "[[mock:" + json.dumps({"tool_calls": [{"name": "contacts", "arguments": {"count": "200"}}]}) + "]]"
+    module_mock.clear()
+    before = len([r for r in tools.requests() if r["path"] == "/directory"])
+    c = openai.OpenAI(base_url=f"{fallback_gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    raw = c.chat.completions.with_raw_response.create(
+        model=f"agent:{name}", messages=[{"role": "user", "content": f"Call me at (212) 555-0147 {directive}"}]
+    )
+    assert raw.parse().choices[0].message.content == body["fallback_message"]
+    assert raw.headers["x-gateway-degraded"] == "true"
+    assert len([r for r in tools.requests() if r["path"] == "/directory"]) == before + 1, "the tool ran once"
+    assert [r["body"]["model"] for r in module_mock.requests()] == ["m-small"]  # nothing reached the strict group
+    run = _run_record(fallback_gw, raw.headers["x-request-id"])
+    assert run["degraded"] is True
+    assert [s.get("error") for s in run["steps"] if s["kind"] == "model"] == [None, "pii_blocked"], run["steps"]
