@@ -152,7 +152,7 @@ def test_turns_still_on_their_way_when_erased_are_not_written_back(services):
                 )
                 assert [r["words"] for r in rows] == ["new"]
                 kept = await conn.fetch("SELECT external_hash FROM erased_conversations WHERE tenant = $1", tenant)
-                assert [r["external_hash"] for r in kept] == [conversations.external_hash(conv)]  # never the id itself
+                assert [r["external_hash"] for r in kept] == [conversations.external_hash(tenant, conv)]  # (keyed)
         finally:
             await pool.close()
 

@@ -433,3 +433,111 @@ def test_an_erasure_deletes_the_send_states_an_older_release_kept_unindexed(gw, 
 
     assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
     assert _turn_replies(services, turns) == [False, True]
+
+
+# ---- runs and ledger: the customer's number is not kept after an erasure -------------------------
+LEDGER, RUNS = "gw:{gw}:ledger", "gw:{gw}:runs"
+
+
+def _tag(tenant: str, conversation: str) -> str:
+    """The tag the gateway puts in place of an erased id (its key: derived from the master key)."""
+    from core import erasure_key
+
+    return erasure_key.conversation_tag(tenant, conversation, erasure_key._key("", MASTER_KEY, ""))
+
+
+def _holding(services, tenant: str, wa_id: str) -> dict[str, list[dict]]:
+    """The tenant's runs and ledger rows that name the number anywhere an id is kept."""
+    like = f"%{wa_id}%"
+    return {
+        "ledger": rows(
+            services[0],
+            """SELECT request_id, conversation_id, end_user, customer FROM ledger WHERE tenant = $1
+               AND (conversation_id LIKE $2 OR end_user LIKE $2 OR customer LIKE $2)""",
+            tenant,
+            like,
+        ),
+        "runs": rows(
+            services[0], "SELECT request_id FROM runs WHERE tenant = $1 AND conversation_id LIKE $2", tenant, like
+        ),
+    }
+
+
+def _in_flight(conversation: str, wa_id: str, ts: float) -> tuple[dict, dict]:
+    """A ledger record and a run of a turn of the conversation, as their writers find them."""
+    rid = f"req_{uuid.uuid4().hex}"
+    ledger = {
+        "request_id": rid, "ts": ts, "tenant": TENANT_A, "user": wa_id, "customer": wa_id, "agent": "wabot",
+        "endpoint": "/v1/chat/completions", "model": "agent:wabot", "status": 200, "prompt_tokens": 7,
+        "completion_tokens": 3, "cost_usd": 0.25, "latency_ms": 5.0, "step": 1, "conversation_id": conversation,
+    }  # fmt: skip
+    run = {"request_id": rid, "tenant": TENANT_A, "agent": "wabot", "agent_id": None, "conversation_id": conversation,
+           "status": 200, "steps": [], "latency_ms": 5.0, "ts": ts}  # fmt: skip
+    return ledger, run
+
+
+def test_an_erasure_leaves_no_number_in_the_runs_and_ledger_of_its_tenant(gw, graph, services):
+    """A WhatsApp conversation's id holds the customer's number, and its turns' ledger rows name
+    them as end user and customer too. After the erasure the tenant's runs and ledger rows (kept:
+    tokens and cost) hold the conversation's keyed tag instead — those written before it, a turn's
+    records still in the streams when it came (written after it), and the writers' dead letters.
+    Tenant B's rows of the same number stay as they are; the erasure's record is a keyed hash."""
+    ada = _wa_id()
+    conv = f"wa:{PNID_A}:{ada}"
+    for acct in ("alpha", "bravo"):
+        _say(gw, acct, ada, "hello")
+        n = 1 if acct == "alpha" else 2
+        wait_until(lambda n=n: len(graph.sent_to(ada)) >= n, what=f"{acct}'s answer")
+    for tenant in (TENANT_A, TENANT_B):
+        wait_until(lambda t=tenant: all(_holding(services, t, ada).values()), what=f"{tenant}'s runs and ledger rows")
+    agent_id = rows(services[0], "SELECT id FROM agents WHERE tenant = $1 AND name = 'wabot'", TENANT_A)[0]["id"]
+    spent = "SELECT count(*) AS n, sum(cost_usd) AS cost, sum(prompt_tokens) AS tokens FROM ledger WHERE tenant = $1"
+    before = rows(services[0], spent, TENANT_A)
+    b_before = _holding(services, TENANT_B, ada)
+    r = redis.Redis.from_url(services[1])
+    try:
+        # a refused record of each writer, kept as a dead letter
+        dead_ledger, dead_run = _in_flight(conv, ada, time.time() - 60)
+        dead_run["agent_id"] = agent_id
+        r.xadd(f"{LEDGER}:dead", {"r": orjson.dumps(dead_ledger), "error": "22P02"})
+        r.xadd(f"{RUNS}:dead", {"r": orjson.dumps(dead_run), "error": "22P02"})
+        erased = _erase(gw, TENANT_A, conv)
+        assert erased.status_code == 200, erased.text
+        # a turn answered just before the erasure whose records reach the writers after it
+        ledger, run = _in_flight(conv, ada, time.time() - 2)
+        run["agent_id"] = agent_id
+        r.xadd(LEDGER, {"r": orjson.dumps(ledger)})
+        r.xadd(RUNS, {"r": orjson.dumps(run)})
+        landed = """SELECT (SELECT count(*) FROM ledger WHERE request_id = $1)
+                         + (SELECT count(*) FROM runs WHERE request_id = $1) AS n"""
+        wait_until(lambda: rows(services[0], landed, ledger["request_id"]) == [{"n": 2}], what="the late records")
+
+        assert _holding(services, TENANT_A, ada) == {"ledger": [], "runs": []}
+        tag = _tag(TENANT_A, conv)
+        tagged = rows(
+            services[0],
+            """SELECT DISTINCT conversation_id, end_user, customer FROM ledger
+               WHERE tenant = $1 AND conversation_id LIKE 'erased:%'""",
+            TENANT_A,
+        )
+        assert tagged == [{"conversation_id": tag, "end_user": tag, "customer": tag}]
+        assert rows(services[0], "SELECT DISTINCT conversation_id FROM runs WHERE tenant = $1", TENANT_A) == [
+            {"conversation_id": tag}
+        ]
+        after = rows(services[0], spent, TENANT_A)[0]  # the money is all there (one late record more)
+        assert (after["n"], after["tokens"]) == (before[0]["n"] + 1, (before[0]["tokens"] or 0) + 7)
+        assert _holding(services, TENANT_B, ada) == b_before
+        # the dead letters: rewritten, none names the number
+        for stream in (f"{LEDGER}:dead", f"{RUNS}:dead"):
+            found = [orjson.loads(f[b"r"]) for _, f in r.xrange(stream) if TENANT_A.encode() in f[b"r"]]
+            assert found and all(ada not in orjson.dumps(x).decode() for x in found), found
+            assert {x["conversation_id"] for x in found} == {tag}
+        # the erasure's own record: a keyed hash, not the id's plain SHA-256
+        kept = rows(services[0], "SELECT external_hash, keyed FROM erased_conversations WHERE tenant = $1", TENANT_A)
+        assert kept == [{"external_hash": tag.removeprefix("erased:"), "keyed": True}]
+    finally:
+        for stream in (f"{LEDGER}:dead", f"{RUNS}:dead"):
+            gone = [i for i, f in r.xrange(stream) if TENANT_A.encode() in f.get(b"r", b"")]
+            if gone:
+                r.xdel(stream, *gone)
+        r.close()
