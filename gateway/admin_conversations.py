@@ -70,6 +70,8 @@ class ConversationAdmin:
         try:
             # (each agent's erasure is stamped with Redis's clock, as the turns it skips are)
             forgot = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
+            if self.svc.forget_channel is not None:  # (its queued jobs marked: not stored again after the commit)
+                await self.svc.forget_channel(tenant, [conversation_id])
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
                 # (the copies first: the erasure proper holds up the tenant's memory writes to its commit)
                 feedback = await conversations.forget_copies(conn, tenant, agent_ids, [conversation_id])
@@ -81,7 +83,7 @@ class ConversationAdmin:
                 await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
             # (after the commit: a turn the memory writer refused until then is among them)
             await self.svc.memory.drop_dead_letters(tenant, [(agent_id, conversation_id) for agent_id in agent_ids])
-            if self.svc.forget_channel is not None:  # (its dead letters, its customer's files)
+            if self.svc.forget_channel is not None:  # (again: its dead letters, its customer's files)
                 await self.svc.forget_channel(tenant, [conversation_id])
             idempotency = getattr(self.admin.gateway, "idempotency", None)
             if idempotency is not None:  # the answers kept to replay its turns (Idempotency-Key)

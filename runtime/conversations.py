@@ -12,6 +12,7 @@ import math
 import asyncpg
 import orjson
 
+from core.erasure_key import ERASURE_LOCK_BUCKETS as ERASURE_LOCK_BUCKETS
 from core.erasure_key import LOCK_ERASURE, conversation_hash, erasure_key, lock_batch_tenants
 from runtime import erased_records
 from runtime.runs import _clean_nul, tenant_transaction

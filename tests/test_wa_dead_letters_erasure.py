@@ -11,6 +11,7 @@ that conversation only); a send by one in its text (the mock Graph answers 500).
 from __future__ import annotations
 
 import base64
+import hashlib
 import random
 import time
 import urllib.parse
@@ -25,8 +26,9 @@ from tests.test_channels_whatsapp import execute, notification, post, rows, text
 
 TENANT_A = f"wadl-a-{uuid.uuid4().hex[:6]}"
 TENANT_B = f"wadl-b-{uuid.uuid4().hex[:6]}"
-PNID_A, PNID_B = "7101", "7202"
-SECRET_A, SECRET_B = "alpha-app-secret-0001", "bravo-app-secret-0002"
+PNID_A, PNID_B, PNID_C = "7101", "7202", "7303"
+SECRET_A, SECRET_B, SECRET_C = "alpha-app-secret-0001", "bravo-app-secret-0002", "charlie-app-secret-03"
+NUMBERS = {"alpha": (PNID_A, SECRET_A), "bravo": (PNID_B, SECRET_B), "charlie": (PNID_C, SECRET_C)}
 DEAD = "gw:{gw}:q:wa-inbound:dead"
 TOKEN = "graph-token-test"
 FAIL_TURN = ' [[mock:{"status": 500}]]'  # the mock LLM fails this turn, every try
@@ -91,6 +93,8 @@ def gw(tmp_root, services, module_mock, graph, legacy):
             "whatsapp": {
                 "alpha": _account(TENANT_A, PNID_A, SECRET_A, "WADL_KEY_A", graph.url),
                 "bravo": _account(TENANT_B, PNID_B, SECRET_B, "WADL_KEY_B", graph.url),
+                # tenant A's too, its bursts gathered for 3 s: a message waits in the queue that long
+                "charlie": {**_account(TENANT_A, PNID_C, SECRET_C, "WADL_KEY_A", graph.url), "debounce": 3},
             }
         },
     }
@@ -125,7 +129,7 @@ def _wa_id() -> str:
 
 
 def _say(gw: Gateway, acct: str, wa_id: str, words: str) -> None:
-    pnid, secret = (PNID_A, SECRET_A) if acct == "alpha" else (PNID_B, SECRET_B)
+    pnid, secret = NUMBERS[acct]
     r = post(gw, acct, notification([text(wa_id, words)], pnid=pnid), secret=secret)
     assert r.status_code == 200, r.text
 
@@ -248,11 +252,24 @@ def test_retention_drops_the_dead_letters_of_the_conversations_it_deletes(gw, gr
     convs = {w: f"wa:{PNID_A}:{w}" for w in (old, recent)}
 
     _wait_stored(services, convs.values())
+    for wa_id in (old, recent):  # (their runs and ledger rows: the old one's as old as it)
+        wait_until(lambda w=wa_id: all(_holding(services, TENANT_A, w).values()), what=f"the records of {wa_id}")
+    for table, column in (("runs", "created_at"), ("ledger", "ts")):
+        execute(
+            services[0],
+            f"UPDATE {table} SET {column} = {column} - interval '31 days' "
+            f"WHERE tenant = '{TENANT_A}' AND conversation_id = '{convs[old]}'",
+        )
     _retire(services, convs[old])
     left = _dead_words(services)
     assert ("alpha", old) not in left
     assert left[("alpha", recent)] == [f"words of {recent}" + FAIL_TURN]
     assert left[("bravo", old)] == ["tenant B's words" + FAIL_TURN]
+    # its runs and ledger rows stay, with its tag in place of the number; the recent one's keep theirs
+    assert _holding(services, TENANT_A, old) == {"ledger": [], "runs": []}
+    tag = _tag(TENANT_A, convs[old])
+    assert rows(services[0], "SELECT count(*) AS n FROM runs WHERE conversation_id = $1", tag)[0]["n"] > 0
+    assert all(_holding(services, TENANT_A, recent).values())
 
 
 def _dead_payloads(services, acct: str, wa_id: str) -> list[dict]:
@@ -312,7 +329,7 @@ def _send_file(gw: Gateway, graph, acct: str, wa_id: str, data: bytes, kind: str
     graph._post("/_mock/media", {"id": media_id, "data_b64": base64.b64encode(data).decode(), "mime_type": mime})
     body = {"id": media_id, "mime_type": mime} | ({"filename": "bill.pdf"} if kind == "document" else {"voice": True})
     msg = {"from": wa_id, "id": f"wamid.F{uuid.uuid4().hex}", "timestamp": str(int(time.time())), "type": kind}
-    pnid, secret = (PNID_A, SECRET_A) if acct == "alpha" else (PNID_B, SECRET_B)
+    pnid, secret = NUMBERS[acct]
     before = len(graph.sent_to(wa_id))
     r = post(gw, acct, notification([msg | {kind: body}], pnid=pnid), secret=secret)
     assert r.status_code == 200, r.text
@@ -400,7 +417,7 @@ def test_an_erasure_deletes_the_send_states_of_the_conversations_turns_and_no_on
     turns = []
     for acct, wa_id in (("alpha", ada), ("alpha", ada), ("alpha", bob), ("bravo", ada)):
         msg = text(wa_id, f"a question from {wa_id}")
-        pnid, secret = (PNID_A, SECRET_A) if acct == "alpha" else (PNID_B, SECRET_B)
+        pnid, secret = NUMBERS[acct]
         before = len(graph.sent_to(wa_id))
         assert post(gw, acct, notification([msg], pnid=pnid), secret=secret).status_code == 200
         wait_until(lambda w=wa_id, n=before: len(graph.sent_to(w)) > n, what=f"the answer to {wa_id}")
@@ -494,6 +511,7 @@ def test_an_erasure_leaves_no_number_in_the_runs_and_ledger_of_its_tenant(gw, gr
     spent = "SELECT count(*) AS n, sum(cost_usd) AS cost, sum(prompt_tokens) AS tokens FROM ledger WHERE tenant = $1"
     before = rows(services[0], spent, TENANT_A)
     b_before = _holding(services, TENANT_B, ada)
+    ours = {t: [x["request_id"] for x in found] for t, found in _holding(services, TENANT_A, ada).items()}
     r = redis.Redis.from_url(services[1])
     try:
         # a refused record of each writer, kept as a dead letter
@@ -516,14 +534,12 @@ def test_an_erasure_leaves_no_number_in_the_runs_and_ledger_of_its_tenant(gw, gr
         tag = _tag(TENANT_A, conv)
         tagged = rows(
             services[0],
-            """SELECT DISTINCT conversation_id, end_user, customer FROM ledger
-               WHERE tenant = $1 AND conversation_id LIKE 'erased:%'""",
-            TENANT_A,
+            "SELECT DISTINCT conversation_id, end_user, customer FROM ledger WHERE request_id = ANY($1::text[])",
+            [*ours["ledger"], ledger["request_id"]],
         )
         assert tagged == [{"conversation_id": tag, "end_user": tag, "customer": tag}]
-        assert rows(services[0], "SELECT DISTINCT conversation_id FROM runs WHERE tenant = $1", TENANT_A) == [
-            {"conversation_id": tag}
-        ]
+        runs = "SELECT DISTINCT conversation_id FROM runs WHERE request_id = ANY($1::text[])"
+        assert rows(services[0], runs, [*ours["runs"], run["request_id"]]) == [{"conversation_id": tag}]
         after = rows(services[0], spent, TENANT_A)[0]  # the money is all there (one late record more)
         assert (after["n"], after["tokens"]) == (before[0]["n"] + 1, (before[0]["tokens"] or 0) + 7)
         assert _holding(services, TENANT_B, ada) == b_before
@@ -533,11 +549,70 @@ def test_an_erasure_leaves_no_number_in_the_runs_and_ledger_of_its_tenant(gw, gr
             assert found and all(ada not in orjson.dumps(x).decode() for x in found), found
             assert {x["conversation_id"] for x in found} == {tag}
         # the erasure's own record: a keyed hash, not the id's plain SHA-256
-        kept = rows(services[0], "SELECT external_hash, keyed FROM erased_conversations WHERE tenant = $1", TENANT_A)
-        assert kept == [{"external_hash": tag.removeprefix("erased:"), "keyed": True}]
+        kept = "SELECT keyed FROM erased_conversations WHERE tenant = $1 AND external_hash = $2"
+        assert rows(services[0], kept, TENANT_A, tag.removeprefix("erased:")) == [{"keyed": True}]
+        plain = hashlib.sha256(conv.encode()).hexdigest()
+        assert rows(services[0], "SELECT 1 FROM erased_conversations WHERE external_hash = $1", plain) == []
     finally:
         for stream in (f"{LEDGER}:dead", f"{RUNS}:dead"):
             gone = [i for i, f in r.xrange(stream) if TENANT_A.encode() in f.get(b"r", b"")]
             if gone:
                 r.xdel(stream, *gone)
         r.close()
+
+
+def _erased_jobs(gw: Gateway, acct: str) -> float:
+    """The channel's jobs dropped because their conversation was erased after they were queued."""
+    import httpx
+
+    want = f'gateway_whatsapp_turns_total{{account="{acct}",outcome="erased"}} '
+    found = [line for line in httpx.get(f"{gw.url}/metrics").text.splitlines() if line.startswith(want)]
+    return float(found[0].split()[-1]) if found else 0.0
+
+
+def test_a_message_queued_before_the_erasure_does_not_store_the_conversation_again(gw, graph, services):
+    """A customer's message still in the channel's queue when their conversation is erased (here:
+    waiting for its burst to end) was handled afterwards and stored it all again — the message's
+    words, the conversation in memory, an answer sent. It is the erased conversation's: dropped."""
+    ada = _wa_id()
+    conv = f"wa:{PNID_C}:{ada}"
+    _say(gw, "charlie", ada, "hello")
+    wait_until(lambda: graph.sent_to(ada), what="the first answer")
+    _wait_stored(services, [conv])
+    before = _erased_jobs(gw, "charlie")
+    _say(gw, "charlie", ada, "my card is 4111")  # (queued: the burst waits 3 s)
+    assert _erase(gw, TENANT_A, conv).status_code == 200
+    wait_until(
+        lambda: _erased_jobs(gw, "charlie") > before or len(graph.sent_to(ada)) > 1, what="the queued message handled"
+    )
+    assert len(graph.sent_to(ada)) == 1
+    stored = "SELECT 1 FROM conversations WHERE tenant = $1 AND external_id = $2"
+    assert rows(services[0], stored, TENANT_A, conv) == []
+    words = "SELECT body FROM whatsapp_messages WHERE tenant = $1 AND conversation_id = $2 AND body IS NOT NULL"
+    assert rows(services[0], words, TENANT_A, conv) == []
+    # the customer writes again after the erasure: a new conversation, answered and stored
+    _say(gw, "charlie", ada, "hello again")
+    wait_until(lambda: len(graph.sent_to(ada)) == 2, what="the new conversation's answer")
+    _wait_stored(services, [conv])
+
+
+def test_a_turn_under_way_when_its_conversation_is_erased_sends_nothing_and_keeps_nothing(gw, graph, services):
+    """The erasure comes while the customer's turn waits for the agent's answer (the model takes
+    3 s here): the answer was sent afterwards, to a customer who asked to be forgotten, and kept
+    as the turn's state. The turn ends without it; the conversation is not stored again."""
+    ada = _wa_id()
+    conv = f"wa:{PNID_A}:{ada}"
+    _say(gw, "alpha", ada, "hello")
+    wait_until(lambda: graph.sent_to(ada), what="the first answer")
+    _wait_stored(services, [conv])
+    before = _erased_jobs(gw, "alpha")
+    _say(gw, "alpha", ada, 'my card is 4111 [[mock:{"delay_ms": 3000}]]')
+    recorded = "SELECT 1 FROM whatsapp_messages WHERE tenant = $1 AND conversation_id = $2 AND body LIKE '%4111%'"
+    wait_until(lambda: rows(services[0], recorded, TENANT_A, conv), what="the turn under way")
+    assert _erase(gw, TENANT_A, conv).status_code == 200
+    wait_until(lambda: _erased_jobs(gw, "alpha") > before or len(graph.sent_to(ada)) > 1, what="the turn ended")
+    assert len(graph.sent_to(ada)) == 1
+    words = "SELECT body FROM whatsapp_messages WHERE tenant = $1 AND conversation_id = $2 AND body IS NOT NULL"
+    assert rows(services[0], words, TENANT_A, conv) == []
+    stored = "SELECT 1 FROM conversations WHERE tenant = $1 AND external_id = $2"
+    assert rows(services[0], stored, TENANT_A, conv) == []
