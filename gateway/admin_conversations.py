@@ -7,7 +7,9 @@ files a WhatsApp customer sent (documents, audio, images), for this tenant only
 (``Idempotency-Key``), and the feedback given on it or on its turns.
 Turns recorded up to the erasure that were still on their way to PostgreSQL (the memory stream, a
 spill on disk) are skipped when they arrive (``runtime.conversations.erase`` records the erasure,
-under the id's SHA-256 only). A turn that comes after it starts the conversation anew.
+under a keyed hash of tenant and id only: ``core.erasure_key``). A turn that comes after it starts
+the conversation anew. A WhatsApp conversation's jobs queued before the erasure are dropped, and
+a turn of it under way is neither sent nor kept (``channels.whatsapp.erasure.mark_erased``).
 
 The copies of its words are cleared with it (``runtime.conversations.forget_copies``, which the
 retention shares): a channel's records of the conversation (``whatsapp_messages``,
@@ -17,8 +19,10 @@ transcript, summary and recording link); its escalations stay too (their lifecyc
 outcome) without the words they kept (the customer's question, the AI's draft, the person's
 answer, the context shown); the learned examples drawn from them that nobody approved are deleted.
 
-Left as they are: the audit ledger (tokens and cost, never content), run records (sizes and
-durations, never content) and approved learned examples (curated by a reviewer, redacted for
+Kept without the id: the audit ledger (tokens and cost, never content) and run records (sizes
+and durations, never content) hold ``erased:<keyed hash>`` in its place (``runtime.erased_records``:
+the rows written, those on their way, the writers' dead letters). Left as they are: approved
+learned examples (curated by a reviewer, redacted for
 learning, indexed as the agent's knowledge: reject them through their own route).
 
 The id is the path after ``/conversations/``, percent-decoded (``gateway.conversation_paths``):

@@ -152,8 +152,9 @@ class Services:
         expiry.start()
         # (a channel's copies are dropped through Redis and the data directory alone: with or without
         # its accounts here)
-        forget_channel = _forget_in_redis(redis, settings.data_dir.resolve(), pool)
-        retention = RetentionSweeper(pool, memory=memory, channel_copies=forget_channel)
+        forget_channel = _forget_in_redis(redis, settings.data_dir.resolve(), pool, erasure=True)
+        channel_copies = _forget_in_redis(redis, settings.data_dir.resolve(), pool, erasure=False)
+        retention = RetentionSweeper(pool, memory=memory, channel_copies=channel_copies)
         retention.start()
         hitl = await hitl_service.start(
             settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder
@@ -255,13 +256,15 @@ class Services:
 DEAD_RECORD_STREAMS = (f"{LEDGER_STREAM}:dead", f"{RUNS_STREAM}:dead")
 
 
-def _forget_in_redis(redis, data_dir: Path, pool) -> ChannelCopies:
-    """What an erasure or a retention does outside PostgreSQL, after its commit: the runs' and
-    ledger's dead letters of the conversations get their tags (``runtime.erased_records``), and a
-    channel's copies go (``channels.whatsapp.erasure.forget``)."""
+def _forget_in_redis(redis, data_dir: Path, pool, *, erasure: bool) -> ChannelCopies:
+    """What an erasure or a retention does outside PostgreSQL: the runs' and ledger's dead
+    letters of the conversations get their tags (``runtime.erased_records``), and a channel's
+    copies go (``channels.whatsapp.erasure.forget``); an erasure's, not a retention's, also drops
+    the channel's jobs queued before it (a customer writing again just as the retention deletes
+    their silent conversation starts a new one)."""
 
     async def forget(tenant: str, conversations: list[str]) -> None:
         await erased_records.retag_dead_letters(redis, DEAD_RECORD_STREAMS, tenant, conversations)
-        await wa_erasure.forget(redis, data_dir, pool, tenant, conversations)
+        await wa_erasure.forget(redis, data_dir, pool, tenant, conversations, mark=erasure)
 
     return forget

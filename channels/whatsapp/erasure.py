@@ -8,8 +8,8 @@ images kept under the data directory (``content.forget_media``). For the tenant 
 of other channels are passed over. Needs no account configured in this process: Redis
 and the data directory the channel's worker shares, and the channel's records in PostgreSQL.
 
-It also marks each conversation erased (``mark_erased``, first, and before the erasure's
-transaction too): the worker drops the jobs queued up to the mark (a customer's message, a send
+An erasure (not a retention) also marks each conversation erased (``mark_erased``, first, and
+before the erasure's transaction too): the worker drops the jobs queued up to the mark (a customer's message, a send
 to them) instead of storing the conversation again after its erasure, and a turn that was under
 way when the mark came neither sends nor keeps what it stored (``erased_since``).
 """
@@ -59,9 +59,11 @@ async def erased_since(redis, tenant: str, conversation: str, enqueued_at: float
     return mark is not None and enqueued_at <= float(mark)
 
 
-async def forget(redis, data_dir: Path, pool, tenant: str, conversations: list[str]) -> None:
-    """Redis first (its failure is the caller's: the erasure is repeated), then the files."""
-    await mark_erased(redis, tenant, conversations)
+async def forget(redis, data_dir: Path, pool, tenant: str, conversations: list[str], *, mark: bool = False) -> None:
+    """Redis first (its failure is the caller's: the erasure is repeated), then the files.
+    ``mark``: an erasure's (``mark_erased``), not a retention's."""
+    if mark:
+        await mark_erased(redis, tenant, conversations)
     await dead_letters.drop(redis, tenant, conversations)
     ours = [c for c in conversations if c.startswith(dead_letters.PREFIX)]
     await forget_states(redis, tenant, ours)
