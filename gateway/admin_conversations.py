@@ -40,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.erasure_key import conversation_tag
 from core.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import conversation_paths
@@ -63,10 +64,12 @@ class ConversationAdmin:
 
     async def erase(self, request: Request) -> Response:
         conversation_id = conversation_paths.admin_conversation_id(request.scope, request.path_params, messages=False)
+        _audit_as_tag(request, base._view(request) or "", conversation_id)  # (the id may be a phone number)
         if self.svc.memory is None:
             raise ServiceUnavailable("Conversation memory is not enabled on this gateway.")
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             name, tenant, agent_ids = await _agents_named(request, conn)
+        _audit_as_tag(request, tenant, conversation_id)
         # Redis first (a turn that starts now finds nothing to answer with), then PostgreSQL and
         # the erasure's record in one transaction, then Redis again: a turn stored meanwhile, or a
         # reload that read PostgreSQL before the commit, is dropped too.
@@ -106,6 +109,13 @@ class ConversationAdmin:
                 "feedback": feedback,
             }
         )
+
+
+def _audit_as_tag(request: Request, tenant: str, conversation_id: str) -> None:
+    """The access audit records the erasure's path with the conversation's tag in place of its id
+    (``core.erasure_key``: the tenant's tag, as its runs and ledger rows keep it)."""
+    name = request.path_params["name"]
+    request.scope[base.AUDIT_PATH] = f"/admin/agents/{name}/conversations/{conversation_tag(tenant, conversation_id)}"
 
 
 async def _agents_named(request: Request, conn) -> tuple[str, str, list[str]]:

@@ -86,7 +86,9 @@ def gw(tmp_root, services, module_mock, graph, legacy):
         assert out.returncode == 0, out.stderr
         keys[var] = out.stdout.splitlines()[0].strip()
     config = {
-        "router": {"max_attempts": 1},
+        # (the turns made to fail here would open the model's circuit: every turn after them,
+        # of any test of the module, then waited out its 15 s cooldown)
+        "router": {"max_attempts": 1, "circuit": {"failures": 1_000_000}},
         "providers": [{"name": "llm", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
         "models": [{"name": "agent-model", "deployments": [{"provider": "llm", "model": "m"}]}],
         "channels": {
@@ -295,9 +297,7 @@ def test_the_letters_of_an_account_removed_from_the_config_are_still_its_tenants
 
     ada = _wa_id()
     _say(gw, "alpha", ada, "words queued before the account went" + FAIL_TURN)
-    # (bound generous: after this module's failed turns the model may be cooling down, and the
-    # turn waits the retry-after the gateway names before its last try)
-    _wait_dead(services, "alpha", ada, timeout=120)
+    _wait_dead(services, "alpha", ada)
     (queued,) = _dead_payloads(services, "alpha", ada)
     assert queued.get("tenant") == TENANT_A  # the webhook names the tenant it queued for
     gone = {**queued, "account": "gone", "wamid": f"wamid.G{uuid.uuid4().hex}", "text": "the gone account's words"}
@@ -551,6 +551,9 @@ def test_an_erasure_leaves_no_number_in_the_runs_and_ledger_of_its_tenant(gw, gr
         # the erasure's own record: a keyed hash, not the id's plain SHA-256
         kept = "SELECT keyed FROM erased_conversations WHERE tenant = $1 AND external_hash = $2"
         assert rows(services[0], kept, TENANT_A, tag.removeprefix("erased:")) == [{"keyed": True}]
+        # nor the access audit's record of the erasure: the tag in place of the id
+        audited = rows(services[0], "SELECT path FROM access_audit WHERE path LIKE $1", f"%{tag}%")
+        assert audited and rows(services[0], "SELECT 1 FROM access_audit WHERE path LIKE $1", f"%{ada}%") == []
         plain = hashlib.sha256(conv.encode()).hexdigest()
         assert rows(services[0], "SELECT 1 FROM erased_conversations WHERE external_hash = $1", plain) == []
     finally:
