@@ -95,6 +95,9 @@ def _ident(request: Request) -> Identity:
     return request.scope["state"]["identity"]
 
 
+AUDIT_PATH = "gateway.audit_path"  # (scope key) the path the access audit records, when not the request's
+
+
 def _view(request: Request) -> str | None:
     """The tenant whose rows a call sees: the caller's own, or for the super-admin every tenant
     (None) unless ``?tenant=`` names one."""
@@ -196,7 +199,8 @@ class Admin:
                 tenant if tenant is not None else _query_tenant(query),
                 _action(scope),
                 scope["method"],
-                scope["path"][:1000].replace("\x00", "\ufffd"),  # a %00 in the path is not PostgreSQL text
+                # (a route may name what its path holds otherwise: an erased conversation's id, its tag)
+                scope.get(AUDIT_PATH, scope["path"])[:1000].replace("\x00", "\ufffd"),  # (%00: not PostgreSQL text)
                 str(target)[:256].replace("\x00", "\ufffd") if target is not None else None,
                 status,
                 addr,

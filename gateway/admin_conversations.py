@@ -7,7 +7,9 @@ files a WhatsApp customer sent (documents, audio, images), for this tenant only
 (``Idempotency-Key``), and the feedback given on it or on its turns.
 Turns recorded up to the erasure that were still on their way to PostgreSQL (the memory stream, a
 spill on disk) are skipped when they arrive (``runtime.conversations.erase`` records the erasure,
-under the id's SHA-256 only). A turn that comes after it starts the conversation anew.
+under a keyed hash of tenant and id only: ``core.erasure_key``). A turn that comes after it starts
+the conversation anew. A WhatsApp conversation's jobs queued before the erasure are dropped, and
+a turn of it under way is neither sent nor kept (``channels.whatsapp.erasure.mark_erased``).
 
 The copies of its words are cleared with it (``runtime.conversations.forget_copies``, which the
 retention shares): a channel's records of the conversation (``whatsapp_messages``,
@@ -17,8 +19,10 @@ transcript, summary and recording link); its escalations stay too (their lifecyc
 outcome) without the words they kept (the customer's question, the AI's draft, the person's
 answer, the context shown); the learned examples drawn from them that nobody approved are deleted.
 
-Left as they are: the audit ledger (tokens and cost, never content), run records (sizes and
-durations, never content) and approved learned examples (curated by a reviewer, redacted for
+Kept without the id: the audit ledger (tokens and cost, never content) and run records (sizes
+and durations, never content) hold ``erased:<keyed hash>`` in its place (``runtime.erased_records``:
+the rows written, those on their way, the writers' dead letters). Left as they are: approved
+learned examples (curated by a reviewer, redacted for
 learning, indexed as the agent's knowledge: reject them through their own route).
 
 The id is the path after ``/conversations/``, percent-decoded (``gateway.conversation_paths``):
@@ -36,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.erasure_key import conversation_tag
 from core.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import conversation_paths
@@ -59,10 +64,12 @@ class ConversationAdmin:
 
     async def erase(self, request: Request) -> Response:
         conversation_id = conversation_paths.admin_conversation_id(request.scope, request.path_params, messages=False)
+        _audit_as_tag(request, base._view(request) or "", conversation_id)  # (the id may be a phone number)
         if self.svc.memory is None:
             raise ServiceUnavailable("Conversation memory is not enabled on this gateway.")
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             name, tenant, agent_ids = await _agents_named(request, conn)
+        _audit_as_tag(request, tenant, conversation_id)
         # Redis first (a turn that starts now finds nothing to answer with), then PostgreSQL and
         # the erasure's record in one transaction, then Redis again: a turn stored meanwhile, or a
         # reload that read PostgreSQL before the commit, is dropped too.
@@ -70,6 +77,8 @@ class ConversationAdmin:
         try:
             # (each agent's erasure is stamped with Redis's clock, as the turns it skips are)
             forgot = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
+            if self.svc.forget_channel is not None:  # (its queued jobs marked: not stored again after the commit)
+                await self.svc.forget_channel(tenant, [conversation_id])
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
                 # (the copies first: the erasure proper holds up the tenant's memory writes to its commit)
                 feedback = await conversations.forget_copies(conn, tenant, agent_ids, [conversation_id])
@@ -81,7 +90,7 @@ class ConversationAdmin:
                 await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
             # (after the commit: a turn the memory writer refused until then is among them)
             await self.svc.memory.drop_dead_letters(tenant, [(agent_id, conversation_id) for agent_id in agent_ids])
-            if self.svc.forget_channel is not None:  # (its dead letters, its customer's files)
+            if self.svc.forget_channel is not None:  # (again: its dead letters, its customer's files)
                 await self.svc.forget_channel(tenant, [conversation_id])
             idempotency = getattr(self.admin.gateway, "idempotency", None)
             if idempotency is not None:  # the answers kept to replay its turns (Idempotency-Key)
@@ -100,6 +109,13 @@ class ConversationAdmin:
                 "feedback": feedback,
             }
         )
+
+
+def _audit_as_tag(request: Request, tenant: str, conversation_id: str) -> None:
+    """The access audit records the erasure's path with the conversation's tag in place of its id
+    (``core.erasure_key``: the tenant's tag, as its runs and ledger rows keep it)."""
+    name = request.path_params["name"]
+    request.scope[base.AUDIT_PATH] = f"/admin/agents/{name}/conversations/{conversation_tag(tenant, conversation_id)}"
 
 
 async def _agents_named(request: Request, conn) -> tuple[str, str, list[str]]:

@@ -7,6 +7,8 @@ whose processing failed after its last retry, the documents and audio they sent)
 of its words an erasure clears too
 (``runtime.conversations.forget_copies``: the feedback on it or its turns; its escalations',
 channel records' and unapproved learned examples' words — what is older than the retention).
+Its run records and audit ledger rows older than the retention stay, holding the conversation's
+keyed tag instead of its id (``runtime.erased_records``).
 Its recent window in Redis is dropped as well: an agent with a retention keeps its window at most
 that long (``memory.ttl_s`` is capped to it), but a customer who writes again just before the
 sweep has the old messages read back from PostgreSQL into Redis. Archived agents' conversations
@@ -29,7 +31,7 @@ import asyncpg
 from core.background import Periodic
 from core.env import env_float
 from gateway.db import tenant_transaction
-from runtime import conversations
+from runtime import conversations, erased_records
 from runtime.memory import Memory
 
 log = logging.getLogger("gateway.agents")
@@ -68,6 +70,7 @@ async def sweep(pool: asyncpg.Pool, memory: Memory | None = None, channel_copies
     channel's copies of them (``channels.whatsapp.erasure.forget``)."""
     async with tenant_transaction(pool, None) as conn:
         agents = await conn.fetch(_AGENTS)
+        await conversations.drop_unkeyed(conn)  # (erasures an older release recorded unkeyed)
     total = 0
     for agent in agents:
         deleted = 0
@@ -108,6 +111,7 @@ async def _delete_batch(
         if channel_copies is not None:
             await channel_copies(tenant, ids)
         await conversations.forget_copies(conn, tenant, [agent_id], ids, before=old[0]["cutoff"])
+        await erased_records.retag(conn, tenant, [agent_id], ids, before=old[0]["cutoff"])
         await conn.execute(
             "DELETE FROM conversations WHERE tenant = $1 AND id = ANY($2::text[])", tenant, [r["id"] for r in old]
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import time
@@ -30,16 +29,17 @@ from gateway.vector_store_expiry import ExpirySweeper
 from policies.alerts import AlertSender
 from policies.auth import Authenticator
 from policies.budgets import BudgetCache
-from policies.engine import PolicyEngine
+from policies.engine import LEDGER_STREAM, PolicyEngine
 from policies.ledger import LedgerWriter, Spool
 from policies.pii.scrub import Scrubber
 from rag.embedding import LocalEmbedder
 from rag.rerank_local import LocalReranker
 from rag.rerank_local import from_settings as local_reranker_from
+from runtime import erased_records
 from runtime.agents import AgentRegistry
 from runtime.delivery import Delivery
 from runtime.memory import Memory
-from runtime.runs import RunRecorder
+from runtime.runs import RUNS_STREAM, RunRecorder
 from runtime.tools import ToolRunner
 
 log = logging.getLogger("gateway")
@@ -152,8 +152,9 @@ class Services:
         expiry.start()
         # (a channel's copies are dropped through Redis and the data directory alone: with or without
         # its accounts here)
-        forget_channel = functools.partial(wa_erasure.forget, redis, settings.data_dir.resolve(), pool)
-        retention = RetentionSweeper(pool, memory=memory, channel_copies=forget_channel)
+        forget_channel = _forget_in_redis(redis, settings.data_dir.resolve(), pool, erasure=True)
+        channel_copies = _forget_in_redis(redis, settings.data_dir.resolve(), pool, erasure=False)
+        retention = RetentionSweeper(pool, memory=memory, channel_copies=channel_copies)
         retention.start()
         hitl = await hitl_service.start(
             settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder
@@ -250,3 +251,20 @@ class Services:
                 out[name] = f"error: {type(exc).__name__}"
         self._ready = (time.monotonic() + self.config.server.readiness_interval, out)
         return out
+
+
+DEAD_RECORD_STREAMS = (f"{LEDGER_STREAM}:dead", f"{RUNS_STREAM}:dead")
+
+
+def _forget_in_redis(redis, data_dir: Path, pool, *, erasure: bool) -> ChannelCopies:
+    """What an erasure or a retention does outside PostgreSQL: the runs' and ledger's dead
+    letters of the conversations get their tags (``runtime.erased_records``), and a channel's
+    copies go (``channels.whatsapp.erasure.forget``); an erasure's, not a retention's, also drops
+    the channel's jobs queued before it (a customer writing again just as the retention deletes
+    their silent conversation starts a new one)."""
+
+    async def forget(tenant: str, conversations: list[str]) -> None:
+        await erased_records.retag_dead_letters(redis, DEAD_RECORD_STREAMS, tenant, conversations)
+        await wa_erasure.forget(redis, data_dir, pool, tenant, conversations, mark=erasure)
+
+    return forget

@@ -24,6 +24,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 
+from core.erasure_key import TAG_PREFIX, erasure_key, lock_batch_tenants, record_hash
 from core.metrics import DEAD_LETTERS
 from core.stream_spill import append_lines, claim, hold, line_chunks
 from core.stream_writer import StreamWriter, write_or_isolate
@@ -46,10 +47,13 @@ _FIELDS = (
     ("ts", "to_timestamp((r->>'ts')::float8)"),
     ("tenant", "r->>'tenant'"),
     ("key_id", "r->>'key_id'"),
-    ("end_user", "r->>'user'"),
+    ("end_user", "CASE WHEN gone AND strpos(r->>'conversation_id', r->>'user') > 0 THEN tag ELSE r->>'user' END"),
     ("agent", "r->>'agent'"),
     ("workflow", "r->>'workflow'"),
-    ("customer", "r->>'customer'"),
+    (
+        "customer",
+        "CASE WHEN gone AND strpos(r->>'conversation_id', r->>'customer') > 0 THEN tag ELSE r->>'customer' END",
+    ),
     ("tags", "ARRAY(SELECT jsonb_array_elements_text(COALESCE(r->'tags', '[]')))"),
     ("endpoint", "r->>'endpoint'"),
     ("model", "r->>'model'"),
@@ -73,13 +77,25 @@ _FIELDS = (
     ("step", "COALESCE((r->>'step')::int, 1)"),
     ("prompt_version", "(r->>'prompt_version')::int"),
     ("variant", "r->>'variant'"),
-    ("conversation_id", "r->>'conversation_id'"),
+    ("conversation_id", "CASE WHEN gone THEN tag ELSE r->>'conversation_id' END"),
 )
 COLUMNS = tuple(name for name, _ in _FIELDS)
+# A record of a conversation erased after its call began (its time less its latency) keeps the
+# conversation's tag instead of its id, and instead of its end user and customer when the id
+# holds them (a WhatsApp turn's: the customer's number): it was on its way (the stream, the spool,
+# a dead letter retried) when the erasure rewrote the rows already written
+# (``runtime.erased_records``). ``h``: the keyed hash of the conversation, computed by the writer
+# (``core.erasure_key``); the ledger does not say which agent answered: any erasure of the tenant's.
+_ERASED = """h IS NOT NULL AND EXISTS (
+    SELECT 1 FROM erased_conversations e
+    WHERE e.tenant = r->>'tenant' AND e.external_hash = h
+      AND e.erased_at >= to_timestamp((r->>'ts')::float8 - coalesce((r->>'latency_ms')::float8, 0) / 1000))"""
 _INSERT = (
     f"INSERT INTO ledger ({', '.join(COLUMNS)}) SELECT {', '.join(expr for _, expr in _FIELDS)} "
-    "FROM ledger_raw ON CONFLICT (request_id, step) DO NOTHING"
+    f"FROM (SELECT r, {_ERASED} AS gone, '{TAG_PREFIX}' || h AS tag FROM ledger_raw_h) raw "
+    "ON CONFLICT (request_id, step) DO NOTHING"
 )
+_LOCK_TENANTS = lock_batch_tenants("ledger_raw_h", "h IS NOT NULL")
 
 
 async def write_records(conn: asyncpg.Connection, records: list[bytes]) -> None:
@@ -90,11 +106,14 @@ async def write_records(conn: asyncpg.Connection, records: list[bytes]) -> None:
 
 
 async def _copy(conn: asyncpg.Connection, records: list[bytes]) -> None:
-    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS ledger_raw (r jsonb) ON COMMIT DELETE ROWS")
+    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS ledger_raw_h (r jsonb, h text) ON COMMIT DELETE ROWS")
     # PostgreSQL's jsonb cannot hold U+0000, which a client can put in any string it sends; one
     # such record would fail its whole batch, again and again. It is stored as U+FFFD.
-    rows = [(r.replace(b"\\u0000", b"\\ufffd").decode(),) for r in records]
-    await conn.copy_records_to_table("ledger_raw", records=rows, columns=("r",))
+    key = erasure_key()
+    rows = [(r.replace(b"\\u0000", b"\\ufffd").decode(), record_hash(r, key)) for r in records]
+    await conn.copy_records_to_table("ledger_raw_h", records=rows, columns=("r", "h"))
+    if any(h is not None for _, h in rows):
+        await conn.execute(_LOCK_TENANTS)
     await conn.execute(_INSERT)
 
 

@@ -7,12 +7,14 @@ also covers the first turn of a new conversation (one indexed lookup that finds 
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import asyncpg
 import orjson
 
+from core.erasure_key import ERASURE_LOCK_BUCKETS as ERASURE_LOCK_BUCKETS
+from core.erasure_key import LOCK_ERASURE, conversation_hash, erasure_key, lock_batch_tenants
+from runtime import erased_records
 from runtime.runs import _clean_nul, tenant_transaction
 
 # One stream entry per stored turn: ``r`` the turn as JSON (tenant, agent_id, external_id,
@@ -60,29 +62,26 @@ FROM touched WHERE c.id = touched.conversation_id
 # join, the planner hashed the whole table of erasures for every batch once it had grown.
 # A turn's time is Redis's when its stream entry has one (``t``, stamped by the append script,
 # the clock the erasure is stamped with too), else the gateway's (``ts``: an older release's entry).
+# An erasure is kept under the id's keyed hash (``h``, computed by the writer: the key is not in
+# the database); one recorded before the hash was keyed, under its plain SHA-256 (``keyed`` false,
+# read until ``LEGACY_KEEP_DAYS`` have passed, then deleted: ``drop_unkeyed``).
 _SKIP_ERASED = """
 DELETE FROM memory_raw raw
 WHERE to_timestamp(coalesce(raw.t, (raw.r->>'ts')::float8)) <= (
-    SELECT e.erased_at FROM erased_conversations e
+    SELECT max(e.erased_at) FROM erased_conversations e
     WHERE e.tenant = raw.r->>'tenant' AND e.agent_id = raw.r->>'agent_id'
-      AND e.external_hash = encode(sha256(convert_to(raw.r->>'external_id', 'UTF8')), 'hex'))
+      AND e.external_hash IN (raw.h, encode(sha256(convert_to(raw.r->>'external_id', 'UTF8')), 'hex')))
 """
+LEGACY_KEEP_DAYS = 7
+_DROP_UNKEYED = f"""DELETE FROM erased_conversations
+WHERE NOT keyed AND erased_at < now() - make_interval(days => {LEGACY_KEEP_DAYS})"""
+
+_LOCK_BATCH_TENANTS = lock_batch_tenants("memory_raw")
 
 
-# A batch and an erasure of the same tenant exclude each other (a shared lock for each tenant in
-# the batch, taken before the erasures are read; the erasure's own, exclusive): without it a batch
-# that read the erasures before one committed wrote the erased turns back after it. Tenants share
-# ERASURE_LOCK_BUCKETS locks, so a batch of many tenants holds a bounded number of them.
-ERASURE_LOCK_CLASS = 0x45524153  # (the two-key advisory locks of this class: "ERAS")
-ERASURE_LOCK_BUCKETS = 64
-_LOCK_BATCH_TENANTS = f"""
-SELECT pg_advisory_xact_lock_shared({ERASURE_LOCK_CLASS}, b)
-FROM (SELECT DISTINCT hashtext(r->>'tenant') & {ERASURE_LOCK_BUCKETS - 1} AS b FROM memory_raw ORDER BY 1) buckets
-"""
-_LOCK_ERASURE = f"SELECT pg_advisory_xact_lock({ERASURE_LOCK_CLASS}, hashtext($1) & {ERASURE_LOCK_BUCKETS - 1})"
-
-
-MEMORY_RAW_DDL = "CREATE TEMP TABLE IF NOT EXISTS memory_raw (r jsonb, s integer, t float8) ON COMMIT DELETE ROWS"
+MEMORY_RAW_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS memory_raw (r jsonb, s integer, t float8, h text) ON COMMIT DELETE ROWS"
+)
 
 
 def _stamp(value: bytes | None) -> float | None:
@@ -94,26 +93,47 @@ def _stamp(value: bytes | None) -> float | None:
     return stamp if stamp is not None and math.isfinite(stamp) else None
 
 
-async def write_turns(conn: asyncpg.Connection, entries: list[dict]) -> None:
-    """Writes stream entries (fields ``r``, ``s`` and ``t``) inside the caller's transaction."""
+async def write_turns(conn: asyncpg.Connection, entries: list[dict], key: bytes | None = None) -> None:
+    """Writes stream entries (fields ``r``, ``s`` and ``t``) inside the caller's transaction;
+    ``key``: the erasures' (``core.erasure_key``, this process's by default)."""
+    key = erasure_key() if key is None else key
     rows = [
-        (_clean_nul(e[b"r"]), int(e[b"s"]), _stamp(e.get(b"t")))
+        (_clean_nul(e[b"r"]), int(e[b"s"]), _stamp(e.get(b"t")), _turn_hash(e[b"r"], key))
         for e in entries
         if b"r" in e and e.get(b"s", b"").isdigit()
     ]
     if not rows:
         return
     await conn.execute(MEMORY_RAW_DDL)
-    await conn.copy_records_to_table("memory_raw", records=rows, columns=("r", "s", "t"))
+    await conn.copy_records_to_table("memory_raw", records=rows, columns=("r", "s", "t", "h"))
     await conn.execute(_LOCK_BATCH_TENANTS)
     await conn.execute(_SKIP_ERASED)
     await conn.execute(_UPSERT_CONVERSATIONS)
     await conn.execute(_INSERT_MESSAGES)
 
 
-def external_hash(external_id: str) -> str:
-    """How an erased conversation's id is kept: it may itself be personal data."""
-    return hashlib.sha256(external_id.encode("utf-8", "surrogatepass")).hexdigest()
+def _turn_hash(raw: bytes, key: bytes) -> str | None:
+    try:
+        turn = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    tenant, external_id = (turn.get("tenant"), turn.get("external_id")) if isinstance(turn, dict) else (None, None)
+    if not isinstance(tenant, str) or not isinstance(external_id, str):
+        return None
+    return conversation_hash(tenant, external_id, key)
+
+
+def external_hash(tenant: str, external_id: str, key: bytes | None = None) -> str:
+    """How an erased conversation's id is kept: it may itself be personal data (a keyed hash,
+    ``core.erasure_key``)."""
+    return conversation_hash(tenant, external_id, key)
+
+
+async def drop_unkeyed(conn: asyncpg.Connection) -> int:
+    """Deletes the erasures recorded under a plain SHA-256 (before the hash was keyed) once
+    ``LEGACY_KEEP_DAYS`` old: a turn still on its way to PostgreSQL that long after is none."""
+    status = await conn.execute(_DROP_UNKEYED)
+    return int(status.split()[-1])
 
 
 # The copies of a conversation's words kept beside its messages, cleared by an erasure and by a
@@ -184,7 +204,14 @@ async def forget_copies(
 
 
 async def erase(
-    conn: asyncpg.Connection, tenant: str, agent_id: str, external_id: str, erased_at: float, *, copies: bool = True
+    conn: asyncpg.Connection,
+    tenant: str,
+    agent_id: str,
+    external_id: str,
+    erased_at: float,
+    *,
+    copies: bool = True,
+    key: bytes | None = None,
 ) -> dict:
     """Deletes the conversation and every message of it, and clears the copies of its words
     (``forget_copies``: feedback, escalations, learned examples, channel records), inside the
@@ -192,10 +219,12 @@ async def erase(
     seconds, Redis's clock, as turns are stamped) that are still on their way to PostgreSQL are
     skipped when they arrive. What was deleted: ``{"conversation": bool, "messages": n, "feedback": n}``.
     ``copies=False``: the caller cleared the copies already (``forget_copies``, for all the
-    agents it erases the conversation of, before the first erasure's lock)."""
+    agents it erases the conversation of, before the first erasure's lock). ``key``: the
+    erasures' (``core.erasure_key``, this process's by default). The conversation's runs and ledger
+    rows keep its tag instead of its id (``runtime.erased_records``)."""
     feedback = await forget_copies(conn, tenant, [agent_id], [external_id]) if copies else 0
     # (the memory writer waits for this lock: taken once the slow part, the copies, is done)
-    await conn.execute(_LOCK_ERASURE, tenant)
+    await conn.execute(LOCK_ERASURE, tenant)
     await conn.execute(
         """INSERT INTO erased_conversations (tenant, agent_id, external_hash, erased_at)
            VALUES ($1, $2, $3, to_timestamp($4))
@@ -203,9 +232,11 @@ async def erase(
            DO UPDATE SET erased_at = greatest(erased_conversations.erased_at, excluded.erased_at)""",
         tenant,
         agent_id,
-        external_hash(external_id),
+        external_hash(tenant, external_id, key),
         erased_at,
     )
+    # (the runs and ledger rows already written; those on their way are tagged by their writers)
+    await erased_records.retag(conn, tenant, [agent_id], [external_id], key=key)
     row = await conn.fetchrow(
         "SELECT id FROM conversations WHERE tenant = $1 AND agent_id = $2 AND external_id = $3",
         tenant,

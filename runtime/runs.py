@@ -30,6 +30,7 @@ import asyncpg
 import orjson
 
 from core.background import stop_task
+from core.erasure_key import TAG_PREFIX, erasure_key, lock_batch_tenants, record_hash
 from core.stream_writer import StreamWriter
 
 log = logging.getLogger("gateway.runs")
@@ -153,6 +154,15 @@ def encode_run(run: dict) -> bytes:
     return orjson.dumps(bound_run(run))
 
 
+# A run of a conversation erased after the turn began (its time less its latency) keeps the
+# conversation's tag instead of its id (``runtime.erased_records``): it was on its way (the
+# stream, a spill, a dead letter retried) when the erasure rewrote the runs already written.
+# ``h``: the keyed hash of the conversation, computed by the writer (``core.erasure_key``).
+ERASED_OR_ID = f"""CASE WHEN h IS NOT NULL AND EXISTS (
+    SELECT 1 FROM erased_conversations e
+    WHERE e.tenant = r->>'tenant' AND e.agent_id = r->>'agent_id' AND e.external_hash = h
+      AND e.erased_at >= to_timestamp((r->>'ts')::float8 - coalesce((r->>'latency_ms')::float8, 0) / 1000))
+  THEN '{TAG_PREFIX}' || h ELSE r->>'conversation_id' END"""
 _RUN_COLUMNS = (
     ("request_id", "r->>'request_id'"),
     ("tenant", "r->>'tenant'"),
@@ -160,7 +170,7 @@ _RUN_COLUMNS = (
     ("agent_id", "r->>'agent_id'"),
     ("prompt_version", "(r->>'prompt_version')::int"),
     ("variant", "r->>'variant'"),
-    ("conversation_id", "r->>'conversation_id'"),
+    ("conversation_id", ERASED_OR_ID),
     ("status", "(r->>'status')::int"),
     ("degraded", "COALESCE((r->>'degraded')::boolean, false)"),
     ("escalated", "COALESCE((r->>'escalated')::boolean, false)"),
@@ -174,22 +184,25 @@ _RUN_COLUMNS = (
 )
 # A batch may hold one request id twice (a run recorded again): the first one recorded stays,
 # in the batch (DISTINCT ON, in the order copied) as across batches (ON CONFLICT DO NOTHING).
+_LOCK_TENANTS = lock_batch_tenants("runs_raw_h", "h IS NOT NULL")
 _INSERT_RUNS = (
     f"INSERT INTO runs ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
     f"SELECT {', '.join(e for _, e in _RUN_COLUMNS)} FROM ("
-    "SELECT DISTINCT ON (r->>'request_id') r FROM runs_raw_n "
+    "SELECT DISTINCT ON (r->>'request_id') r, h FROM runs_raw_h "
     "WHERE r->>'request_id' IS NOT NULL ORDER BY r->>'request_id', n) AS first "
     "ON CONFLICT (request_id) DO NOTHING"
 )
 
 
-async def write_runs(conn: asyncpg.Connection, raw: list[bytes]) -> None:
+async def write_runs(conn: asyncpg.Connection, raw: list[bytes], key: bytes | None = None) -> None:
     """COPY the encoded runs into a temporary table and insert what is new (call it inside a
-    transaction): a batch written twice inserts once."""
-    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS runs_raw_n (n integer, r jsonb) ON COMMIT DELETE ROWS")
-    await conn.copy_records_to_table(
-        "runs_raw_n", records=[(i, _clean_nul(r)) for i, r in enumerate(raw)], columns=("n", "r")
-    )
+    transaction): a batch written twice inserts once. ``key``: the erasures' (``core.erasure_key``)."""
+    key = erasure_key() if key is None else key
+    rows = [(i, _clean_nul(r), record_hash(r, key)) for i, r in enumerate(raw)]
+    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS runs_raw_h (n integer, r jsonb, h text) ON COMMIT DELETE ROWS")
+    await conn.copy_records_to_table("runs_raw_h", records=rows, columns=("n", "r", "h"))
+    if any(row[2] is not None for row in rows):
+        await conn.execute(_LOCK_TENANTS)
     await conn.execute(_INSERT_RUNS)
 
 

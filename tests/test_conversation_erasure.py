@@ -82,6 +82,8 @@ def test_an_erased_conversation_is_gone_everywhere_and_starts_anew(gw, services,
     )
     assert r.status_code in (200, 201), r.text
     wait_until(lambda: len(_stored(gw, agent, conv, admin_key)) == 8, what="the four turns stored")
+    # (and the last turn's run: the feedback on a turn is found through it)
+    wait_until(lambda: _rows(services[0], "SELECT 1 FROM runs WHERE request_id = $1", rid), what="the run stored")
 
     # a chat key may not erase, nor another tenant's admin, nor an unknown agent
     path = f"/admin/agents/{agent}/conversations/{conv}"
@@ -152,7 +154,7 @@ def test_turns_still_on_their_way_when_erased_are_not_written_back(services):
                 )
                 assert [r["words"] for r in rows] == ["new"]
                 kept = await conn.fetch("SELECT external_hash FROM erased_conversations WHERE tenant = $1", tenant)
-                assert [r["external_hash"] for r in kept] == [conversations.external_hash(conv)]  # never the id itself
+                assert [r["external_hash"] for r in kept] == [conversations.external_hash(tenant, conv)]  # (keyed)
         finally:
             await pool.close()
 
@@ -304,3 +306,45 @@ def test_turns_and_erasures_are_compared_on_redis_clock_not_the_gateways(service
         assert [r["words"] for r in rows] == ["behind"]
 
     _run(services, body)
+
+
+def test_an_erasure_recorded_unkeyed_by_an_older_release_is_read_then_dropped(services):
+    """Erasures are kept under a keyed hash of tenant and id (a phone number's plain SHA-256 is
+    undone by hashing every number). Those an older release recorded under the plain SHA-256
+    (marked unkeyed by the migration) still keep their late turns out, until the retention sweep
+    deletes them, 7 days on; keyed ones stay."""
+    import hashlib
+
+    async def go():
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        tenant, agent_id, conv = f"t-{uuid.uuid4().hex[:6]}", f"agt_{uuid.uuid4().hex[:8]}", "wa:1:4413"
+        plain = hashlib.sha256(conv.encode()).hexdigest()
+        assert conversations.external_hash(tenant, conv) not in (plain, conversations.external_hash("other", conv))
+        insert = """INSERT INTO erased_conversations (tenant, agent_id, external_hash, erased_at, keyed)
+                    VALUES ($1, $2, $3, now() - make_interval(days => $4), $5)"""
+        try:
+            async with pool.acquire() as conn:
+                await conn.execute(insert, tenant, agent_id, plain, 0, False)
+                await conn.execute(insert, tenant, agent_id, "old-unkeyed", 8, False)
+                await conn.execute(insert, tenant, agent_id, "old-keyed", 8, True)
+            now = time.time()
+            async with pool.acquire() as conn, conn.transaction():
+                late = _record(tenant, agent_id, conv, now - 5, 1, "late")
+                await conversations.write_turns(conn, [late, _record(tenant, agent_id, conv, now + 5, 2, "new")])
+            async with pool.acquire() as conn:
+                words = await conn.fetch(
+                    """SELECT m.content->>'content' AS w FROM messages m JOIN conversations c
+                       ON c.id = m.conversation_id WHERE c.tenant = $1 AND c.agent_id = $2 ORDER BY m.seq""",
+                    tenant,
+                    agent_id,
+                )
+                assert [r["w"] for r in words] == ["new"]
+                assert await conversations.drop_unkeyed(conn) >= 1
+                left = await conn.fetch("SELECT external_hash FROM erased_conversations WHERE tenant = $1", tenant)
+                assert sorted(r["external_hash"] for r in left) == sorted([plain, "old-keyed"])
+                await conn.execute("DELETE FROM conversations WHERE tenant = $1", tenant)
+                await conn.execute("DELETE FROM erased_conversations WHERE tenant = $1", tenant)
+        finally:
+            await pool.close()
+
+    asyncio.run(go())

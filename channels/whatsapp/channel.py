@@ -85,6 +85,7 @@ class WhatsApp:
             graph=self.graph,
             media=MediaStore(self.graph, data_dir, redis),
             gateway=self.gateway,
+            redis=redis,
         )
         self.inbound.on_dead = self.worker.on_dead
         self.deliverer = WhatsAppDeliverer(accounts, pool, self.sender, self.inbound)

@@ -89,6 +89,10 @@ class MediaStore:
         key = f"gw:{{gw}}:wa:media-bytes:{account}"
         return bool(await self.redis.eval(_RESERVE, 1, key, size, acct.media_quota_bytes))
 
+    async def forget(self, tenant: str, conversation: str) -> int:
+        """Deletes the conversation's stored files (``forget_media``)."""
+        return await forget_media(self.root.parent.parent, tenant, [conversation])
+
     def _path(self, tenant: str, conversation: str, digest: str, mime: str) -> Path:
         return conversation_folder(self.root, tenant, conversation) / f"{digest}.{_EXT.get(mime, 'bin')}"
 

@@ -6,15 +6,25 @@ so that a retry sends it again rather than asking anew; those an older release k
 found by the conversation's inbound messages, ``forget_older_states``), and the customer's documents, audio and
 images kept under the data directory (``content.forget_media``). For the tenant named only; ids
 of other channels are passed over. Needs no account configured in this process: Redis
-and the data directory the channel's worker shares, and the channel's records in PostgreSQL."""
+and the data directory the channel's worker shares, and the channel's records in PostgreSQL.
+
+An erasure (not a retention) also marks each conversation erased (``mark_erased``, first, and
+before the erasure's transaction too): the worker drops the jobs queued up to the mark (a customer's message, a send
+to them) instead of storing the conversation again after its erasure, and a turn that was under
+way when the mark came neither sends nor keeps what it stored (``erased_since``).
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from channels.whatsapp import dead_letters
 from channels.whatsapp.content import forget_media
 from channels.whatsapp.sender import FORGET_PAGE, STATE_TTL, forget_states, state_key
+from channels.whatsapp.store import conversation_digest
+
+ERASED_TTL = STATE_TTL  # a job queued before an erasure is dropped for this long after it
 
 MAX_OLDER_TURNS = 10_000  # inbound messages of the last 8 days read per erasure (their turns' states)
 
@@ -28,8 +38,32 @@ LIMIT $4
 """
 
 
-async def forget(redis, data_dir: Path, pool, tenant: str, conversations: list[str]) -> None:
-    """Redis first (its failure is the caller's: the erasure is repeated), then the files."""
+def erased_key(tenant: str, conversation: str) -> str:
+    return f"gw:{{gw}}:wa:erased:{conversation_digest(tenant, conversation)}"
+
+
+async def mark_erased(redis, tenant: str, conversations: list[str]) -> None:
+    """The conversations' jobs queued up to now are the erased conversation's (``ERASED_TTL``)."""
+    ours = [c for c in dict.fromkeys(conversations) if c.startswith(dead_letters.PREFIX)]
+    if ours:
+        now = repr(time.time())
+        async with redis.pipeline(transaction=False) as pipe:
+            for c in ours:
+                pipe.set(erased_key(tenant, c), now, ex=ERASED_TTL)
+            await pipe.execute()
+
+
+async def erased_since(redis, tenant: str, conversation: str, enqueued_at: float) -> bool:
+    """Whether the conversation was erased after a job of it was queued (at ``enqueued_at``)."""
+    mark = await redis.get(erased_key(tenant, conversation))
+    return mark is not None and enqueued_at <= float(mark)
+
+
+async def forget(redis, data_dir: Path, pool, tenant: str, conversations: list[str], *, mark: bool = False) -> None:
+    """Redis first (its failure is the caller's: the erasure is repeated), then the files.
+    ``mark``: an erasure's (``mark_erased``), not a retention's."""
+    if mark:
+        await mark_erased(redis, tenant, conversations)
     await dead_letters.drop(redis, tenant, conversations)
     ours = [c for c in conversations if c.startswith(dead_letters.PREFIX)]
     await forget_states(redis, tenant, ours)

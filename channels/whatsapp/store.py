@@ -396,3 +396,22 @@ async def turn_texts(pool, tenant: str, account: str, conv_id: str, reply_to: st
             reply_to,
         )
     return [r["body"] for r in rows]
+
+
+async def forget_turn_words(pool, tenant: str, conversation: str, wamids: list[str]) -> None:
+    """A turn's messages and its conversation's profile name lose their words (a turn whose
+    conversation was erased while it was under way: what it recorded after the erasure)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            """UPDATE whatsapp_messages SET body = NULL, updated_at = now()
+               WHERE tenant = $1 AND conversation_id = $2 AND wamid = ANY($3::text[]) AND body IS NOT NULL""",
+            tenant,
+            conversation,
+            wamids,
+        )
+        await conn.execute(
+            """UPDATE whatsapp_conversations SET profile_name = NULL, updated_at = now()
+               WHERE tenant = $1 AND conversation_id = $2 AND profile_name IS NOT NULL""",
+            tenant,
+            conversation,
+        )

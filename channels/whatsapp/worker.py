@@ -27,7 +27,7 @@ import orjson
 
 from channels.config import WhatsAppAccount
 from channels.gateway_client import GatewayClient, GatewayRejected, GatewayUnavailable
-from channels.whatsapp import metrics, store
+from channels.whatsapp import erasure, metrics, store
 from channels.whatsapp.content import MediaStore, build_content
 from channels.whatsapp.graph import WINDOW_CLOSED, Graph, GraphError, GraphUnreachable
 from channels.whatsapp.sender import PIECE_FIELD, Sender, index_key, window_rest
@@ -55,8 +55,10 @@ class Worker:
         graph: Graph,
         media: MediaStore,
         gateway: GatewayClient,
+        redis=None,
     ) -> None:
         self.accounts = accounts
+        self.redis = redis  # the erasures' marks (``erasure.erased_since``); None: none read
         self.pool = pool
         self.inbound = inbound
         self.sender = sender
@@ -88,6 +90,11 @@ class Worker:
 
     async def _handle(self, job: Job) -> int:
         payload = job.payload
+        if await self._erased_since(job.payload, job.enqueued_at):
+            # queued before its conversation's erasure: the erased conversation's, not stored again
+            log.info("whatsapp job of a conversation erased since dropped", extra={"fields": {"job": job.id}})
+            metrics.turns.get(payload.get("account", ""), "erased").inc()
+            return 0
         if payload.get("kind") == "send":
             await self._send(job)
             return 0
@@ -102,9 +109,37 @@ class Worker:
             wait = max(j.enqueued_at for j in burst) + acct.debounce - now
             if wait > 0 and now - job.enqueued_at < acct.debounce_max_wait:
                 raise Retry(wait)
-        return await self._turn(acct, [j.payload for j in burst]) - 1
+        return await self._turn(acct, [j.payload for j in burst], job.enqueued_at) - 1
 
-    async def _turn(self, acct: WhatsAppAccount, messages: list[dict]) -> int:
+    async def _erased_since(self, p: dict, enqueued_at: float) -> bool:
+        """Whether the job's conversation was erased after it was queued (``erasure.mark_erased``)."""
+        acct = self.accounts.get(p.get("account", ""))
+        if acct is None or self.redis is None:
+            return False
+        conv = p.get("conversation_id")
+        if not isinstance(conv, str):
+            if not isinstance(p.get("pnid"), str) or not isinstance(p.get("wa_id"), str):
+                return False
+            conv = store.conversation_id(p["pnid"], p["wa_id"])
+        return await erasure.erased_since(self.redis, acct.tenant, conv, enqueued_at)
+
+    async def _erased_under_way(
+        self, acct: WhatsAppAccount, conv: store.Conversation, messages: list[dict], enqueued_at: float | None
+    ) -> bool:
+        """Whether the turn's conversation was erased since its job was queued, while the turn was
+        under way: then it is neither answered nor sent, and what it stored goes (its messages'
+        words, the profile name, the files it fetched)."""
+        if enqueued_at is None or not await self._erased_since(messages[0], enqueued_at):
+            return False
+        log.info(
+            "whatsapp turn of a conversation erased meanwhile dropped", extra={"fields": {"account": conv.account}}
+        )
+        await store.forget_turn_words(self.pool, acct.tenant, conv.conversation_id, [m["wamid"] for m in messages])
+        await self.media.forget(acct.tenant, conv.conversation_id)
+        metrics.turns.get(messages[0]["account"], "erased").inc()
+        return True
+
+    async def _turn(self, acct: WhatsAppAccount, messages: list[dict], enqueued_at: float | None = None) -> int:
         """Answers the burst; returns how many of its messages the answer covers (a turn taken over
         from a stopped worker covers what its answer was made of, not what arrived since)."""
         head = messages[0]
@@ -129,6 +164,8 @@ class Worker:
             read = asyncio.ensure_future(self._mark_read(acct, head["pnid"], messages[-1]["wamid"]))
             try:
                 content = await build_content(self.media, acct, messages, conv.conversation_id)
+                if await self._erased_under_way(acct, conv, messages, enqueued_at):  # (while its media came)
+                    return len(messages)
                 reply = await self.gateway.turn(
                     api_key=acct.api_key,
                     agent=agent,
@@ -148,6 +185,8 @@ class Worker:
                 raise
             finally:
                 await read
+            if await self._erased_under_way(acct, conv, messages, enqueued_at):  # (while it was answered)
+                return len(messages)
             await self.sender.note(
                 head["account"], key, index, reply=reply.text, escalation=reply.escalation or "", n=str(len(messages))
             )

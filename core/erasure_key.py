@@ -1,0 +1,116 @@
+"""The key of what an erasure leaves behind: a conversation's id kept only as a keyed hash.
+
+An erased conversation is recorded (``erased_conversations``), and the run records and audit
+ledger rows that named it keep a tag in its place, so that rows of one erased conversation still
+belong together. Both are ``HMAC-SHA256(key, tenant NUL id)``: a phone number's plain hash is
+undone by hashing every number, a keyed one is not without the key, and the tenant in it keeps
+one tenant's tags from matching another's.
+
+The key is the deployment's, never in the database: ``GATEWAY_ERASURE_KEY`` when set; else
+derived from ``GATEWAY_MASTER_KEY``, which every replica of a deployment shares (``gateway
+serve`` writes one to the data directory on a fresh machine); else a key kept in the data
+directory (``erasure.key``, made once). Rotating the master key without setting
+``GATEWAY_ERASURE_KEY`` changes the tags from then on: set it to keep them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+import orjson
+
+ENV = "GATEWAY_ERASURE_KEY"
+TAG_PREFIX = "erased:"
+_FILE = "erasure.key"
+
+_cache: dict[tuple[str, str, str], bytes] = {}
+
+
+def erasure_key() -> bytes:
+    """This process's key (read once for the environment it has)."""
+    env = os.environ
+    source = (env.get(ENV, ""), env.get("GATEWAY_MASTER_KEY", ""), env.get("GATEWAY_DATA_DIR", "./.data"))
+    key = _cache.get(source)
+    if key is None:
+        key = _cache[source] = _key(*source)
+    return key
+
+
+def _key(own: str, master: str, data_dir: str) -> bytes:
+    if own:
+        return own.encode()
+    if master:
+        return hmac.new(master.encode(), b"gateway-erasure-key:v1", hashlib.sha256).digest()
+    return _file_key(Path(data_dir).resolve() / _FILE)
+
+
+def _file_key(path: Path) -> bytes:
+    """The data directory's key, made by the first process that needs it (the others read it)."""
+    with contextlib.suppress(FileNotFoundError):
+        if value := path.read_text().strip():
+            return value.encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        os.link(tmp, path)  # (whole or not at all: another process may be making it too)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_text().strip().encode()
+
+
+def conversation_hash(tenant: str, external_id: str, key: bytes | None = None) -> str:
+    """How an erased conversation's id is kept (64 hex characters)."""
+    msg = f"{tenant}\x00{external_id}".encode("utf-8", "surrogatepass")
+    return hmac.new(key if key is not None else erasure_key(), msg, hashlib.sha256).hexdigest()
+
+
+def conversation_tag(tenant: str, external_id: str, key: bytes | None = None) -> str:
+    """What replaces the id in the rows kept after its erasure (runs, ledger)."""
+    return TAG_PREFIX + conversation_hash(tenant, external_id, key)
+
+
+def record_hash(record: bytes, key: bytes) -> str | None:
+    """The keyed hash of the conversation a stream record (JSON: a run, a ledger row) names, None
+    when it names none: what its writer looks the record up by among the erasures. Read only from
+    the records that hold a conversation id (an agent's turns)."""
+    if b'"conversation_id"' not in record:
+        return None
+    try:
+        rec = orjson.loads(record)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    conv, tenant = rec.get("conversation_id"), rec.get("tenant")
+    if not isinstance(conv, str) or not isinstance(tenant, str):
+        return None
+    return conversation_hash(tenant, conv, key)
+
+
+# A batch of records naming conversations and an erasure of the same tenant exclude each other:
+# each batch takes a shared lock for each tenant in it before it reads the erasures, the erasure
+# its own, exclusive, before it records itself and rewrites the rows already written. Without it a
+# batch that read the erasures before one committed wrote what it erased back after it. Tenants
+# share ERASURE_LOCK_BUCKETS locks, so a batch of many tenants holds a bounded number of them.
+ERASURE_LOCK_CLASS = 0x45524153  # (the two-key advisory locks of this class: "ERAS")
+ERASURE_LOCK_BUCKETS = 64
+LOCK_ERASURE = f"SELECT pg_advisory_xact_lock({ERASURE_LOCK_CLASS}, hashtext($1) & {ERASURE_LOCK_BUCKETS - 1})"
+
+
+def lock_batch_tenants(table: str, where: str = "true") -> str:
+    """The shared locks of the tenants of a batch's temporary table (its records in ``r``)."""
+    return f"""
+SELECT pg_advisory_xact_lock_shared({ERASURE_LOCK_CLASS}, b)
+FROM (SELECT DISTINCT hashtext(r->>'tenant') & {ERASURE_LOCK_BUCKETS - 1} AS b FROM {table} WHERE {where}
+      ORDER BY 1) buckets
+"""

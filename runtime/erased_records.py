@@ -1,0 +1,103 @@
+"""The rows kept after a conversation's erasure or retention lose its id: its run records and
+audit ledger rows (sizes, durations, tokens and cost: what was spent stays) hold
+``erased:<keyed hash>`` (``core.erasure_key.conversation_tag``) in place of the id, so the rows of
+one erased conversation still belong together and the id (a WhatsApp customer's number) cannot be
+read back. A ledger row's end user and customer go the same way when the id holds them (a
+WhatsApp turn's are the customer's number).
+
+Rows already written are rewritten here (``retag``, inside the erasure's transaction, after its
+lock); rows on their way (the runs and ledger streams, a spool on disk, a dead letter retried)
+are written with the tag by their writers when the erasure is older than the turn
+(``runtime.runs``, ``policies.ledger``). The ledger does not say which agent answered: an
+erasure retags the tenant's rows of the id, whichever agent's.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import orjson
+
+from core.erasure_key import conversation_tag
+
+# $1 tenant, $2 the agents' ids, $3 the conversations' ids, $4 their tags, $5 a time or NULL
+_RUNS = """
+UPDATE runs SET conversation_id = t.tag
+FROM unnest($3::text[], $4::text[]) AS t(id, tag)
+WHERE runs.tenant = $1 AND runs.agent_id = ANY($2::text[]) AND runs.conversation_id = t.id
+  AND ($5::timestamptz IS NULL OR runs.created_at < $5)
+"""
+# $1 tenant, $2 the conversations' ids, $3 their tags, $4 a time or NULL
+_LEDGER = """
+UPDATE ledger SET conversation_id = t.tag,
+    end_user = CASE WHEN strpos(t.id, ledger.end_user) > 0 THEN t.tag ELSE ledger.end_user END,
+    customer = CASE WHEN strpos(t.id, ledger.customer) > 0 THEN t.tag ELSE ledger.customer END
+FROM unnest($2::text[], $3::text[]) AS t(id, tag)
+WHERE ledger.tenant = $1 AND ledger.conversation_id = t.id AND ($4::timestamptz IS NULL OR ledger.ts < $4)
+"""
+
+
+async def retag(
+    conn: asyncpg.Connection,
+    tenant: str,
+    agent_ids: list[str],
+    external_ids: list[str],
+    before=None,
+    key: bytes | None = None,
+) -> None:
+    """The conversations' runs (of these agents) and ledger rows (of the tenant) hold their tags
+    instead of their ids, inside the caller's transaction; ``before`` (a datetime): only rows
+    older (a retention's cutoff). Repeating it changes nothing."""
+    tags = [conversation_tag(tenant, c, key) for c in external_ids]
+    await conn.execute(_RUNS, tenant, agent_ids, external_ids, tags, before)
+    await conn.execute(_LEDGER, tenant, external_ids, tags, before)
+
+
+DEAD_PAGE = 200  # dead letters read per call
+
+
+async def retag_dead_letters(
+    redis, dead_streams: tuple[str, ...], tenant: str, external_ids: list[str], key: bytes | None = None
+) -> int:
+    """The dead letters of the runs and ledger writers (records PostgreSQL refused, kept in
+    ``<stream>:dead``, whole but for a prompt) that name the conversations hold their tags instead,
+    as the rows written do: each such letter is added again rewritten (a new id, the same fields)
+    and the old one deleted. Read ``DEAD_PAGE`` at a time (a stream keeps at most 10,000). The
+    number rewritten. A crash between the two leaves the old letter too: the next erasure or
+    retention of the id rewrites it (the rewritten one no longer names it)."""
+    ids = set(external_ids)
+    rewritten = 0
+    for dead in dead_streams:
+        start = "-"
+        while page := await redis.xrange(dead, min=start, max="+", count=DEAD_PAGE):
+            start = "(" + _text(page[-1][0])
+            for entry_id, fields in page:
+                raw = fields.get(b"r")
+                rec = _record(raw) if raw else None
+                if rec is None or rec.get("tenant") != tenant or rec.get("conversation_id") not in ids:
+                    continue
+                conv = rec["conversation_id"]
+                tag = conversation_tag(tenant, conv, key)
+                for field in ("user", "customer"):
+                    if isinstance(rec.get(field), str) and rec[field] in conv:
+                        rec[field] = tag
+                rec["conversation_id"] = tag
+                async with redis.pipeline(transaction=True) as pipe:
+                    pipe.xadd(dead, {**fields, b"r": orjson.dumps(rec)})
+                    pipe.xdel(dead, entry_id)
+                    await pipe.execute()
+                rewritten += 1
+    return rewritten
+
+
+def _record(raw: bytes) -> dict | None:
+    if b'"conversation_id"' not in raw:
+        return None
+    try:
+        rec = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
