@@ -5,12 +5,19 @@ servers, webhooks signed like Meta's."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
+import asyncpg
 import pytest
 
+from channels.config import whatsapp_accounts
+from channels.whatsapp import store
 from channels.whatsapp.content import split_reply
+from channels.whatsapp.graph import Graph, GraphError
+from channels.whatsapp.sender import Sender
+from core.queue import Retry
 from tests.conftest import Gateway, environ, run_cli, wait_until
 from tests.test_channels_whatsapp import admin, new_wa_id, notification, post, queue_idle, rows, text
 
@@ -30,6 +37,21 @@ WA_ENV = {
 }
 
 
+def _account(graph, key: str) -> dict:
+    return {
+        "tenant": TENANT,
+        "phone_numbers": {PNID: AGENT},
+        "app_secret": SECRET,
+        "verify_token": "verify-token-0123",
+        "access_token": GRAPH_TOKEN,
+        "api_key": key,
+        "graph_base_url": graph.url,
+        "window_template": WINDOW,
+        "debounce": 1.0,  # the messages of one notification are one turn: a long answer
+        "fallback_message": "Sorry, we are having trouble.",
+    }
+
+
 @pytest.fixture(scope="module")
 def wa(tmp_root, services, module_mock, graph):
     out = run_cli("keys", "create", "--name", f"wasend-{RUN}", "--tenant", TENANT, urls=services, tmp=tmp_root)
@@ -39,22 +61,7 @@ def wa(tmp_root, services, module_mock, graph):
         "router": {"max_attempts": 1},
         "providers": [{"name": "llm", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
         "models": [{"name": "agent-model", "deployments": [{"provider": "llm", "model": "m"}]}],
-        "channels": {
-            "whatsapp": {
-                ACCOUNT: {
-                    "tenant": TENANT,
-                    "phone_numbers": {PNID: AGENT},
-                    "app_secret": SECRET,
-                    "verify_token": "verify-token-0123",
-                    "access_token": GRAPH_TOKEN,
-                    "api_key": key,
-                    "graph_base_url": graph.url,
-                    "window_template": WINDOW,
-                    "debounce": 1.0,  # the messages of one notification are one turn: a long answer
-                    "fallback_message": "Sorry, we are having trouble.",
-                }
-            }
-        },
+        "channels": {"whatsapp": {ACCOUNT: _account(graph, key)}},
     }
     with environ(WA_ENV):
         gw = Gateway(tmp_root, config, services)
@@ -210,3 +217,126 @@ def test_a_piece_failed_later_for_the_closed_window_is_followed_by_templates_of_
     sent = graph.sent_to(wa_id)
     assert [s["text"] for s in sent[:3]] == pieces and all(s["type"] == "template" for s in sent[3:])
     assert " ".join(params()) == rest  # piece 1 not again, pieces 2 and 3 whole, in order
+
+
+# ---- two tries of one key at once ---------------------------------------------------------------
+async def _until(check, what: str, bound_s: float = 30.0) -> None:
+    """Polls an async condition until it holds (bounded)."""
+    end = asyncio.get_running_loop().time() + bound_s
+    while not await check():
+        if asyncio.get_running_loop().time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def _two_tries(services, graph, wa_id: str, text: str, second) -> tuple[list, list]:
+    """Two tries of one key through two Senders (each with its own Redis client and Graph
+    connections) against the real Redis, PostgreSQL and mock Graph API: try one begins the send;
+    when its first piece reads ``pending`` (it is inside its POST, held there by the mock),
+    ``second(b, acct, conv, key, first)`` runs the other try. Then try one is awaited, and one
+    more try of the key runs after both (a queue's retry). The outcomes of the three tries, and
+    the key's records."""
+    import redis.asyncio as aioredis
+
+    pool = await asyncpg.create_pool(services[0], min_size=1, max_size=4)
+    clients = [aioredis.from_url(services[1]), aioredis.from_url(services[1])]
+    graphs = [Graph(), Graph()]
+    a, b = (Sender(r, pool, g) for r, g in zip(clients, graphs, strict=True))
+    acct = whatsapp_accounts({ACCOUNT: _account(graph, "sk-unused-000000")})[ACCOUNT]
+    key = f"deliver:human:{wa_id}"
+    outcomes: list = []
+    try:
+        conv = await store.get_conversation(pool, TENANT, ACCOUNT, PNID, wa_id)
+        assert conv is not None and conv.window_open()
+        first = asyncio.ensure_future(a.send_text(acct, conv, key, text, kind="human"))
+
+        async def pending() -> bool:
+            return (await a.state(ACCOUNT, key)).get("p0") == "pending"
+
+        await _until(pending, "the first piece on its way")
+        outcomes.append(await _outcome(second(b, acct, conv, key, first)))
+        outcomes.append(await _outcome(first))
+        outcomes.append(await _outcome(b.send_text(acct, conv, key, text, kind="human")))
+        assert "pending" not in (await a.state(ACCOUNT, key)).values()
+        records = await pool.fetch(
+            "SELECT status, error, body FROM whatsapp_messages WHERE tenant = $1 AND wa_id = $2"
+            " AND direction = 'out' AND kind = 'human' ORDER BY id",
+            TENANT,
+            wa_id,
+        )
+    finally:
+        for g in graphs:
+            await g.close()
+        for r in clients:
+            await r.aclose()
+        await pool.close()
+    return outcomes, [dict(r) for r in records]
+
+
+async def _outcome(aw) -> str:
+    try:
+        out = await aw
+    except Retry:
+        return "retry"
+    except GraphError as exc:
+        return f"error {exc.status}"
+    return out.status
+
+
+def _answered(wa, graph, wa_id: str) -> None:
+    """A turn first: the conversation exists, its window open (the mock's first text to the number)."""
+    _ask(wa, wa_id, ["hello"])
+    wait_until(lambda: graph.sent_to(wa_id), timeout=60, what="the turn's answer")
+    _turn_done(wa)
+
+
+def test_a_second_try_of_a_key_while_the_first_is_inside_its_post_waits_and_records_nothing_false(wa, graph, services):
+    """An admin's reply of three pieces delivered twice at once (or a job taken over from a slow
+    but live worker): the second try found the first piece ``pending`` while the first try was
+    still inside its POST, concluded that try's worker had stopped, recorded the piece as of
+    unknown fate ("the worker stopped during the send") and went on with the later pieces. Now
+    the first try owns the piece for its lease: the second waits (a retry), records nothing, and
+    the customer reads each piece once, in order."""
+    wa_id = new_wa_id()
+    _answered(wa, graph, wa_id)
+    text = " ".join([_sentences("A", 95), _sentences("B", 95), _sentences("C", 95)])
+    pieces = split_reply(text)
+    assert len(pieces) == 3
+    graph.configure(text_answer_delays_ms=[0, 3000])  # the first piece's POST is answered 3 s late
+    try:
+
+        def second(b, acct, conv, key, first):
+            return b.send_text(acct, conv, key, text, kind="human")
+
+        outcomes, records = asyncio.run(_two_tries(services, graph, wa_id, text, second))
+    finally:
+        graph.configure(text_answer_delays_ms=[])
+    assert [(r["status"], r["body"]) for r in records] == [("sent", p) for p in pieces], records
+    assert [s["text"] for s in graph.sent_to(wa_id)[1:]] == pieces
+    assert outcomes == ["retry", "sent", "sent"]
+
+
+def test_a_try_that_read_a_piece_pending_before_its_send_failed_sends_it_not_records_it_unknown(wa, graph, services):
+    """The second try of a key read its state while the first try's POST of the first piece was
+    on its way (as a worker's turn reads it before it sends); that POST then failed (a 500: it
+    never reached the customer) and the first try released the piece for a retry. The second
+    try marked the piece ``unknown`` anyway: it was never sent, and the customer read only the
+    later pieces. Now the piece is taken over only while it still reads ``pending`` (one script):
+    the second try sends all three, in order."""
+    wa_id = new_wa_id()
+    _answered(wa, graph, wa_id)
+    fail = '[[graph:{"error": 500, "times": 1, "delay_ms": 2000}]]'
+    text = " ".join([f"{fail} " + _sentences("A", 90), _sentences("B", 95), _sentences("C", 95)])
+    pieces = split_reply(text)
+    assert len(pieces) == 3 and fail in pieces[0]
+
+    async def second(b, acct, conv, key, first):
+        stale = await b.state(ACCOUNT, key)  # the first piece reads "pending"
+        with pytest.raises(GraphError):
+            await first  # its POST failed: the piece is released
+        return await b.send_text(acct, conv, key, text, kind="human", state=stale)
+
+    outcomes, records = asyncio.run(_two_tries(services, graph, wa_id, text, second))
+    assert outcomes == ["sent", "error 500", "sent"], outcomes
+    assert [s["text"] for s in graph.sent_to(wa_id)[1:]] == pieces
+    assert [(r["status"], r["body"]) for r in records] == [("sent", p) for p in pieces], records
