@@ -219,6 +219,60 @@ def test_a_piece_failed_later_for_the_closed_window_is_followed_by_templates_of_
     assert " ".join(params()) == rest  # piece 1 not again, pieces 2 and 3 whole, in order
 
 
+def _status_of(services, wamid: str) -> str | None:
+    found = rows(services[0], "SELECT status FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2", TENANT, wamid)
+    return found[0]["status"] if found else None
+
+
+def test_a_pieces_own_failure_that_comes_after_a_later_pieces_is_carried_by_the_templates_once_in_order(
+    wa, graph, services
+):
+    """Both free-form pieces of an answer fail later for the closed window (131047), and the
+    second piece's failure is handled before the first's comes in (the status queue is
+    unordered). Its window templates counted the first piece as received (accepted, not failed
+    yet) and carried the second only: the customer never read the first, recorded ``failed``.
+    The templates now wait for the first piece's own status and carry both, once, in order."""
+    tpl = {"account": ACCOUNT, "name": WINDOW, "variables": ["reply"]}
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl).status_code == 201
+    graph.configure(
+        statuses=True,
+        webhook_url=f"{wa.url}/channels/whatsapp/{ACCOUNT}",
+        app_secret=SECRET,
+        text_status_orders=[["sent", "hold", "failed:131047"], ["failed:131047"]],
+    )
+    try:
+        wa_id = new_wa_id()
+        answer = _ask(wa, wa_id, [_sentences("A", 95), _sentences("B", 95)])
+        pieces = split_reply(answer)
+        assert len(pieces) == 2
+        wait_until(lambda: len(graph.sent_to(wa_id)) >= 2, timeout=60, what="both pieces")
+        first, second = (s["wamid"] for s in graph.sent_to(wa_id)[:2])
+        wait_until(lambda: _status_of(services, second) == "failed", timeout=60, what="the second piece failed")
+
+        def handled() -> bool:  # its window job ran: it sent templates, or waits (a retry)
+            stats = admin(wa, "GET", "/admin/queues/wa-inbound").json()
+            return len(graph.sent_to(wa_id)) > 2 or stats["delayed"] > 0
+
+        wait_until(handled, timeout=60, what="the second piece's failure handled")
+        graph._post("/_mock/release", {})  # the first piece's own failure comes in now
+        wait_until(lambda: _status_of(services, first) == "failed", timeout=60, what="the first piece failed")
+        wait_until(lambda: queue_idle(wa, "wa-status") and queue_idle(wa, "wa-inbound"), what="statuses processed")
+    finally:
+        graph._post("/_mock/release", {})
+        graph.configure(statuses=False, text_status_orders=[])
+    sent = graph.sent_to(wa_id)
+    assert [s["text"] for s in sent[:2]] == pieces and all(s["type"] == "template" for s in sent[2:])
+    params = [s["template"]["components"][0]["parameters"][0]["text"] for s in sent[2:]]
+    assert " ".join(params) == " ".join(answer.split())  # both pieces, once each, in order
+    templates = rows(
+        services[0],
+        "SELECT status FROM whatsapp_messages WHERE tenant = $1 AND wa_id = $2 AND kind = 'template'",
+        TENANT,
+        wa_id,
+    )
+    assert len(templates) == len(params) and {r["status"] for r in templates} <= {"sent", "delivered", "read"}
+
+
 # ---- two tries of one key at once ---------------------------------------------------------------
 async def _until(check, what: str, bound_s: float = 30.0) -> None:
     """Polls an async condition until it holds (bounded)."""

@@ -422,6 +422,18 @@ def window_rest(text: str, state: dict[str, str], statuses: dict[str, str], max_
     return " ".join(pieces[max(went, default=-1) + 1 : end])
 
 
+def window_unsettled(state: dict[str, str], statuses: dict[str, str]) -> bool:
+    """Whether a free-form piece of a turn before its first failed one has no final status yet
+    (accepted, neither delivered, read nor failed): statuses come on an unordered queue, and its
+    own failure may come after a later piece's (``window_rest`` would count it received)."""
+    sent = {int(f[1:]): v for f, v in state.items() if PIECE_FIELD.match(f) and f.startswith("p")}
+    failed = [i for i, v in sent.items() if statuses.get(v) == "failed"]
+    return bool(failed) and any(
+        i < min(failed) and v not in ("pending", "unknown") and statuses.get(v) not in ("delivered", "read")
+        for i, v in sent.items()
+    )
+
+
 def template_cut(flat: str, room: int, max_parts: int | None) -> list[str]:
     """``flat`` in pieces of at most ``room`` characters, cut at sentence ends. With
     ``max_parts``: what that many free-form pieces would carry, in as many templates as it takes
