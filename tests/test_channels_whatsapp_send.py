@@ -6,6 +6,7 @@ servers, webhooks signed like Meta's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -16,7 +17,7 @@ from channels.config import whatsapp_accounts
 from channels.whatsapp import store
 from channels.whatsapp.content import split_reply
 from channels.whatsapp.graph import Graph, GraphError
-from channels.whatsapp.sender import Sender
+from channels.whatsapp.sender import Sender, state_key
 from core.queue import Retry
 from tests.conftest import Gateway, environ, run_cli, wait_until
 from tests.test_channels_whatsapp import admin, new_wa_id, notification, post, queue_idle, rows, text
@@ -283,23 +284,44 @@ async def _until(check, what: str, bound_s: float = 30.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _two_tries(services, graph, wa_id: str, text: str, second) -> tuple[list, list]:
-    """Two tries of one key through two Senders (each with its own Redis client and Graph
-    connections) against the real Redis, PostgreSQL and mock Graph API: try one begins the send;
-    when its first piece reads ``pending`` (it is inside its POST, held there by the mock),
-    ``second(b, acct, conv, key, first)`` runs the other try. Then try one is awaited, and one
-    more try of the key runs after both (a queue's retry). The outcomes of the three tries, and
-    the key's records."""
+@contextlib.asynccontextmanager
+async def _senders(services, n: int, lease_s: float | None = None):
+    """The pool and ``n`` Senders, each with its own Redis client and Graph connections, on the
+    real Redis, PostgreSQL and mock Graph API (the tries of a key in two workers)."""
     import redis.asyncio as aioredis
 
     pool = await asyncpg.create_pool(services[0], min_size=1, max_size=4)
-    clients = [aioredis.from_url(services[1]), aioredis.from_url(services[1])]
-    graphs = [Graph(), Graph()]
-    a, b = (Sender(r, pool, g) for r, g in zip(clients, graphs, strict=True))
+    clients = [aioredis.from_url(services[1]) for _ in range(n)]
+    graphs = [Graph() for _ in range(n)]
+    try:
+        yield pool, [Sender(r, pool, g, lease_s=lease_s) for r, g in zip(clients, graphs, strict=True)]
+    finally:
+        for g in graphs:
+            await g.close()
+        for r in clients:
+            await r.aclose()
+        await pool.close()
+
+
+async def _records(pool, wa_id: str) -> list[dict]:
+    found = await pool.fetch(
+        "SELECT status, error, body FROM whatsapp_messages WHERE tenant = $1 AND wa_id = $2"
+        " AND direction = 'out' AND kind = 'human' ORDER BY id",
+        TENANT,
+        wa_id,
+    )
+    return [dict(r) for r in found]
+
+
+async def _two_tries(services, graph, wa_id: str, text: str, second) -> tuple[list, list]:
+    """Two tries of one key at once: try one begins the send; when its first piece reads
+    ``pending`` (it is inside its POST, held there by the mock), ``second(b, acct, conv, key,
+    first)`` runs the other try. Then try one is awaited, and one more try of the key runs after
+    both (a queue's retry). The outcomes of the three tries, and the key's records."""
     acct = whatsapp_accounts({ACCOUNT: _account(graph, "sk-unused-000000")})[ACCOUNT]
     key = f"deliver:human:{wa_id}"
     outcomes: list = []
-    try:
+    async with _senders(services, 2) as (pool, (a, b)):
         conv = await store.get_conversation(pool, TENANT, ACCOUNT, PNID, wa_id)
         assert conv is not None and conv.window_open()
         first = asyncio.ensure_future(a.send_text(acct, conv, key, text, kind="human"))
@@ -312,19 +334,7 @@ async def _two_tries(services, graph, wa_id: str, text: str, second) -> tuple[li
         outcomes.append(await _outcome(first))
         outcomes.append(await _outcome(b.send_text(acct, conv, key, text, kind="human")))
         assert "pending" not in (await a.state(ACCOUNT, key)).values()
-        records = await pool.fetch(
-            "SELECT status, error, body FROM whatsapp_messages WHERE tenant = $1 AND wa_id = $2"
-            " AND direction = 'out' AND kind = 'human' ORDER BY id",
-            TENANT,
-            wa_id,
-        )
-    finally:
-        for g in graphs:
-            await g.close()
-        for r in clients:
-            await r.aclose()
-        await pool.close()
-    return outcomes, [dict(r) for r in records]
+        return outcomes, await _records(pool, wa_id)
 
 
 async def _outcome(aw) -> str:
@@ -394,3 +404,36 @@ def test_a_try_that_read_a_piece_pending_before_its_send_failed_sends_it_not_rec
     assert outcomes == ["sent", "error 500", "sent"], outcomes
     assert [s["text"] for s in graph.sent_to(wa_id)[1:]] == pieces
     assert [(r["status"], r["body"]) for r in records] == [("sent", p) for p in pieces], records
+
+
+def test_a_piece_an_older_release_left_pending_is_waited_for_one_lease_then_recorded_unknown(wa, graph, services):
+    """Rolling deploy: a worker of the release before leases left the first piece ``pending``,
+    with no lease. That try may still be inside its POST: the new try gives it one lease from
+    when it first finds the piece (a retry meanwhile); after that the piece is of unknown fate
+    (recorded once, never re-sent) and the later pieces go, in order."""
+    wa_id = new_wa_id()
+    _answered(wa, graph, wa_id)
+    text = " ".join([_sentences("A", 95), _sentences("B", 95), _sentences("C", 95)])
+    pieces = split_reply(text)
+    acct = whatsapp_accounts({ACCOUNT: _account(graph, "sk-unused-000000")})[ACCOUNT]
+    key = f"deliver:human:{wa_id}"
+
+    async def go() -> tuple[list, list]:
+        async with _senders(services, 1, lease_s=1.0) as (pool, (sender,)):
+            conv = await store.get_conversation(pool, TENANT, ACCOUNT, PNID, wa_id)
+            skey = state_key(ACCOUNT, key)
+            await sender.kv.note(skey, 3600, {"started": "1", "p0": "pending"})  # as the older try left it
+            outcomes = [await _outcome(sender.send_text(acct, conv, key, text, kind="human"))]
+
+            async def done() -> bool:
+                outcomes.append(await _outcome(sender.send_text(acct, conv, key, text, kind="human")))
+                return outcomes[-1] != "retry"
+
+            await _until(done, "the older try's lease run out")
+            return outcomes, await _records(pool, wa_id)
+
+    outcomes, records = asyncio.run(go())
+    assert outcomes[0] == "retry" and outcomes[-1] == "sent"
+    assert [s["text"] for s in graph.sent_to(wa_id)[1:]] == pieces[1:]
+    assert [(r["status"], r["body"]) for r in records] == [("unknown", pieces[0])] + [("sent", p) for p in pieces[1:]]
+    assert records[0]["error"] == "the worker stopped during the send"

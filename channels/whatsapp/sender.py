@@ -245,7 +245,9 @@ class Sender:
         changed = False
         for field_, value in pieces.items():
             if value == "pending":  # another try's send: alive (a Retry), or it stopped (``unknown`` now)
-                body = text if not field_.startswith("template") else "template"
+                parts = split_reply(text, max_parts=acct.max_reply_parts)
+                i = int(field_[1:]) if field_.startswith("p") else -1
+                body = parts[i] if 0 <= i < len(parts) else text if i >= 0 else "template"
                 changed = await self._pending(conv, key, field_, (kind, body, reply_to)) or changed
         if changed:  # (a state read before another try's send ended: read again)
             state = await self.state(conv.account, key)
