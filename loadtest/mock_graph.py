@@ -15,6 +15,9 @@
   ``text_status_orders``: the n-th free-form text sent to a number gets the n-th of these status
   orders instead of ``status_order`` (``[["sent", "delivered"], ["failed:131047"]]``: Meta
   delivers the first piece of an answer and fails the second later for the closed window).
+  A ``hold`` in an order waits there until ``POST /_mock/release`` (``[["sent", "hold",
+  "failed:131047"], ["failed:131047"]]``: the first piece's failure comes after the second's has
+  been handled).
 
 Faults, by directive: ``POST /_mock/faults {"to": "<wa_id>" | "*", "errors": [130429, 500, ...]}``
 (each consumed by one send); with ``"nth_text": n`` (and a ``to``) the errors wait for the n-th
@@ -158,6 +161,7 @@ class MockGraph:
         self._second: dict[str, tuple[int, int]] = {}
         self._session = None
         self._tasks: set = set()
+        self._hold: asyncio.Event | None = None  # what a "hold" status waits for (/_mock/release)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -330,6 +334,10 @@ class MockGraph:
             self._session = aiohttp.ClientSession()
         delay = self.cfg["status_delay_ms"] / 1000
         for status in order:
+            if status == "hold":
+                self._hold = self._hold or asyncio.Event()
+                await self._hold.wait()
+                continue
             if delay:
                 await asyncio.sleep(delay)
             doc = {
@@ -389,6 +397,11 @@ class MockGraph:
                 waiting.setdefault(int(data["nth_text"]), deque()).extend(codes)
                 return await self._json(send, 200, {"ok": True})
             self.faults[str(data.get("to", "*"))].extend(codes)
+            return await self._json(send, 200, {"ok": True})
+        if path == "/_mock/release" and method == "POST":  # the statuses waiting at a "hold" go on
+            if self._hold is not None:
+                self._hold.set()
+                self._hold = None
             return await self._json(send, 200, {"ok": True})
         if path == "/_mock/window" and method == "POST":
             (self.closed.discard if data.get("open", True) else self.closed.add)(str(data["wa_id"]))

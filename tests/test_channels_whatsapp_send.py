@@ -5,12 +5,20 @@ servers, webhooks signed like Meta's."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 
+import asyncpg
 import pytest
 
+from channels.config import whatsapp_accounts
+from channels.whatsapp import store
 from channels.whatsapp.content import split_reply
+from channels.whatsapp.graph import Graph, GraphError
+from channels.whatsapp.sender import Sender, state_key
+from core.queue import Retry
 from tests.conftest import Gateway, environ, run_cli, wait_until
 from tests.test_channels_whatsapp import admin, new_wa_id, notification, post, queue_idle, rows, text
 
@@ -30,6 +38,21 @@ WA_ENV = {
 }
 
 
+def _account(graph, key: str) -> dict:
+    return {
+        "tenant": TENANT,
+        "phone_numbers": {PNID: AGENT},
+        "app_secret": SECRET,
+        "verify_token": "verify-token-0123",
+        "access_token": GRAPH_TOKEN,
+        "api_key": key,
+        "graph_base_url": graph.url,
+        "window_template": WINDOW,
+        "debounce": 1.0,  # the messages of one notification are one turn: a long answer
+        "fallback_message": "Sorry, we are having trouble.",
+    }
+
+
 @pytest.fixture(scope="module")
 def wa(tmp_root, services, module_mock, graph):
     out = run_cli("keys", "create", "--name", f"wasend-{RUN}", "--tenant", TENANT, urls=services, tmp=tmp_root)
@@ -39,22 +62,7 @@ def wa(tmp_root, services, module_mock, graph):
         "router": {"max_attempts": 1},
         "providers": [{"name": "llm", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
         "models": [{"name": "agent-model", "deployments": [{"provider": "llm", "model": "m"}]}],
-        "channels": {
-            "whatsapp": {
-                ACCOUNT: {
-                    "tenant": TENANT,
-                    "phone_numbers": {PNID: AGENT},
-                    "app_secret": SECRET,
-                    "verify_token": "verify-token-0123",
-                    "access_token": GRAPH_TOKEN,
-                    "api_key": key,
-                    "graph_base_url": graph.url,
-                    "window_template": WINDOW,
-                    "debounce": 1.0,  # the messages of one notification are one turn: a long answer
-                    "fallback_message": "Sorry, we are having trouble.",
-                }
-            }
-        },
+        "channels": {"whatsapp": {ACCOUNT: _account(graph, key)}},
     }
     with environ(WA_ENV):
         gw = Gateway(tmp_root, config, services)
@@ -210,3 +218,222 @@ def test_a_piece_failed_later_for_the_closed_window_is_followed_by_templates_of_
     sent = graph.sent_to(wa_id)
     assert [s["text"] for s in sent[:3]] == pieces and all(s["type"] == "template" for s in sent[3:])
     assert " ".join(params()) == rest  # piece 1 not again, pieces 2 and 3 whole, in order
+
+
+def _status_of(services, wamid: str) -> str | None:
+    found = rows(services[0], "SELECT status FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2", TENANT, wamid)
+    return found[0]["status"] if found else None
+
+
+def test_a_pieces_own_failure_that_comes_after_a_later_pieces_is_carried_by_the_templates_once_in_order(
+    wa, graph, services
+):
+    """Both free-form pieces of an answer fail later for the closed window (131047), and the
+    second piece's failure is handled before the first's comes in (the status queue is
+    unordered). Its window templates counted the first piece as received (accepted, not failed
+    yet) and carried the second only: the customer never read the first, recorded ``failed``.
+    The templates now wait for the first piece's own status and carry both, once, in order."""
+    tpl = {"account": ACCOUNT, "name": WINDOW, "variables": ["reply"]}
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl).status_code == 201
+    graph.configure(
+        statuses=True,
+        webhook_url=f"{wa.url}/channels/whatsapp/{ACCOUNT}",
+        app_secret=SECRET,
+        text_status_orders=[["sent", "hold", "failed:131047"], ["failed:131047"]],
+    )
+    try:
+        wa_id = new_wa_id()
+        answer = _ask(wa, wa_id, [_sentences("A", 95), _sentences("B", 95)])
+        pieces = split_reply(answer)
+        assert len(pieces) == 2
+        wait_until(lambda: len(graph.sent_to(wa_id)) >= 2, timeout=60, what="both pieces")
+        first, second = (s["wamid"] for s in graph.sent_to(wa_id)[:2])
+        wait_until(lambda: _status_of(services, second) == "failed", timeout=60, what="the second piece failed")
+
+        def handled() -> bool:  # its window job ran: it sent templates, or waits (a retry)
+            stats = admin(wa, "GET", "/admin/queues/wa-inbound").json()
+            return len(graph.sent_to(wa_id)) > 2 or stats["delayed"] > 0
+
+        wait_until(handled, timeout=60, what="the second piece's failure handled")
+        graph._post("/_mock/release", {})  # the first piece's own failure comes in now
+        wait_until(lambda: _status_of(services, first) == "failed", timeout=60, what="the first piece failed")
+        wait_until(lambda: queue_idle(wa, "wa-status") and queue_idle(wa, "wa-inbound"), what="statuses processed")
+    finally:
+        graph._post("/_mock/release", {})
+        graph.configure(statuses=False, text_status_orders=[])
+    sent = graph.sent_to(wa_id)
+    assert [s["text"] for s in sent[:2]] == pieces and all(s["type"] == "template" for s in sent[2:])
+    params = [s["template"]["components"][0]["parameters"][0]["text"] for s in sent[2:]]
+    assert " ".join(params) == " ".join(answer.split())  # both pieces, once each, in order
+    templates = rows(
+        services[0],
+        "SELECT status FROM whatsapp_messages WHERE tenant = $1 AND wa_id = $2 AND kind = 'template'",
+        TENANT,
+        wa_id,
+    )
+    assert len(templates) == len(params) and {r["status"] for r in templates} <= {"sent", "delivered", "read"}
+
+
+# ---- two tries of one key at once ---------------------------------------------------------------
+async def _until(check, what: str, bound_s: float = 30.0) -> None:
+    """Polls an async condition until it holds (bounded)."""
+    end = asyncio.get_running_loop().time() + bound_s
+    while not await check():
+        if asyncio.get_running_loop().time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def _senders(services, n: int, lease_s: float | None = None):
+    """The pool and ``n`` Senders, each with its own Redis client and Graph connections, on the
+    real Redis, PostgreSQL and mock Graph API (the tries of a key in two workers)."""
+    import redis.asyncio as aioredis
+
+    pool = await asyncpg.create_pool(services[0], min_size=1, max_size=4)
+    clients = [aioredis.from_url(services[1]) for _ in range(n)]
+    graphs = [Graph() for _ in range(n)]
+    try:
+        yield pool, [Sender(r, pool, g, lease_s=lease_s) for r, g in zip(clients, graphs, strict=True)]
+    finally:
+        for g in graphs:
+            await g.close()
+        for r in clients:
+            await r.aclose()
+        await pool.close()
+
+
+async def _records(pool, wa_id: str) -> list[dict]:
+    found = await pool.fetch(
+        "SELECT status, error, body FROM whatsapp_messages WHERE tenant = $1 AND wa_id = $2"
+        " AND direction = 'out' AND kind = 'human' ORDER BY id",
+        TENANT,
+        wa_id,
+    )
+    return [dict(r) for r in found]
+
+
+async def _two_tries(services, graph, wa_id: str, text: str, second) -> tuple[list, list]:
+    """Two tries of one key at once: try one begins the send; when its first piece reads
+    ``pending`` (it is inside its POST, held there by the mock), ``second(b, acct, conv, key,
+    first)`` runs the other try. Then try one is awaited, and one more try of the key runs after
+    both (a queue's retry). The outcomes of the three tries, and the key's records."""
+    acct = whatsapp_accounts({ACCOUNT: _account(graph, "sk-unused-000000")})[ACCOUNT]
+    key = f"deliver:human:{wa_id}"
+    outcomes: list = []
+    async with _senders(services, 2) as (pool, (a, b)):
+        conv = await store.get_conversation(pool, TENANT, ACCOUNT, PNID, wa_id)
+        assert conv is not None and conv.window_open()
+        first = asyncio.ensure_future(a.send_text(acct, conv, key, text, kind="human"))
+
+        async def pending() -> bool:
+            return (await a.state(ACCOUNT, key)).get("p0") == "pending"
+
+        await _until(pending, "the first piece on its way")
+        outcomes.append(await _outcome(second(b, acct, conv, key, first)))
+        outcomes.append(await _outcome(first))
+        outcomes.append(await _outcome(b.send_text(acct, conv, key, text, kind="human")))
+        assert "pending" not in (await a.state(ACCOUNT, key)).values()
+        return outcomes, await _records(pool, wa_id)
+
+
+async def _outcome(aw) -> str:
+    try:
+        out = await aw
+    except Retry:
+        return "retry"
+    except GraphError as exc:
+        return f"error {exc.status}"
+    return out.status
+
+
+def _answered(wa, graph, wa_id: str) -> None:
+    """A turn first: the conversation exists, its window open (the mock's first text to the number)."""
+    _ask(wa, wa_id, ["hello"])
+    wait_until(lambda: graph.sent_to(wa_id), timeout=60, what="the turn's answer")
+    _turn_done(wa)
+
+
+def test_a_second_try_of_a_key_while_the_first_is_inside_its_post_waits_and_records_nothing_false(wa, graph, services):
+    """An admin's reply of three pieces delivered twice at once (or a job taken over from a slow
+    but live worker): the second try found the first piece ``pending`` while the first try was
+    still inside its POST, concluded that try's worker had stopped, recorded the piece as of
+    unknown fate ("the worker stopped during the send") and went on with the later pieces. Now
+    the first try owns the piece for its lease: the second waits (a retry), records nothing, and
+    the customer reads each piece once, in order."""
+    wa_id = new_wa_id()
+    _answered(wa, graph, wa_id)
+    text = " ".join([_sentences("A", 95), _sentences("B", 95), _sentences("C", 95)])
+    pieces = split_reply(text)
+    assert len(pieces) == 3
+    graph.configure(text_answer_delays_ms=[0, 3000])  # the first piece's POST is answered 3 s late
+    try:
+
+        def second(b, acct, conv, key, first):
+            return b.send_text(acct, conv, key, text, kind="human")
+
+        outcomes, records = asyncio.run(_two_tries(services, graph, wa_id, text, second))
+    finally:
+        graph.configure(text_answer_delays_ms=[])
+    assert [(r["status"], r["body"]) for r in records] == [("sent", p) for p in pieces], records
+    assert [s["text"] for s in graph.sent_to(wa_id)[1:]] == pieces
+    assert outcomes == ["retry", "sent", "sent"]
+
+
+def test_a_try_that_read_a_piece_pending_before_its_send_failed_sends_it_not_records_it_unknown(wa, graph, services):
+    """The second try of a key read its state while the first try's POST of the first piece was
+    on its way (as a worker's turn reads it before it sends); that POST then failed (a 500: it
+    never reached the customer) and the first try released the piece for a retry. The second
+    try marked the piece ``unknown`` anyway: it was never sent, and the customer read only the
+    later pieces. Now the piece is taken over only while it still reads ``pending`` (one script):
+    the second try sends all three, in order."""
+    wa_id = new_wa_id()
+    _answered(wa, graph, wa_id)
+    fail = '[[graph:{"error": 500, "times": 1, "delay_ms": 2000}]]'
+    text = " ".join([f"{fail} " + _sentences("A", 90), _sentences("B", 95), _sentences("C", 95)])
+    pieces = split_reply(text)
+    assert len(pieces) == 3 and fail in pieces[0]
+
+    async def second(b, acct, conv, key, first):
+        stale = await b.state(ACCOUNT, key)  # the first piece reads "pending"
+        with pytest.raises(GraphError):
+            await first  # its POST failed: the piece is released
+        return await b.send_text(acct, conv, key, text, kind="human", state=stale)
+
+    outcomes, records = asyncio.run(_two_tries(services, graph, wa_id, text, second))
+    assert outcomes == ["sent", "error 500", "sent"], outcomes
+    assert [s["text"] for s in graph.sent_to(wa_id)[1:]] == pieces
+    assert [(r["status"], r["body"]) for r in records] == [("sent", p) for p in pieces], records
+
+
+def test_a_piece_an_older_release_left_pending_is_waited_for_one_lease_then_recorded_unknown(wa, graph, services):
+    """Rolling deploy: a worker of the release before leases left the first piece ``pending``,
+    with no lease. That try may still be inside its POST: the new try gives it one lease from
+    when it first finds the piece (a retry meanwhile); after that the piece is of unknown fate
+    (recorded once, never re-sent) and the later pieces go, in order."""
+    wa_id = new_wa_id()
+    _answered(wa, graph, wa_id)
+    text = " ".join([_sentences("A", 95), _sentences("B", 95), _sentences("C", 95)])
+    pieces = split_reply(text)
+    acct = whatsapp_accounts({ACCOUNT: _account(graph, "sk-unused-000000")})[ACCOUNT]
+    key = f"deliver:human:{wa_id}"
+
+    async def go() -> tuple[list, list]:
+        async with _senders(services, 1, lease_s=1.0) as (pool, (sender,)):
+            conv = await store.get_conversation(pool, TENANT, ACCOUNT, PNID, wa_id)
+            skey = state_key(ACCOUNT, key)
+            await sender.kv.note(skey, 3600, {"started": "1", "p0": "pending"})  # as the older try left it
+            outcomes = [await _outcome(sender.send_text(acct, conv, key, text, kind="human"))]
+
+            async def done() -> bool:
+                outcomes.append(await _outcome(sender.send_text(acct, conv, key, text, kind="human")))
+                return outcomes[-1] != "retry"
+
+            await _until(done, "the older try's lease run out")
+            return outcomes, await _records(pool, wa_id)
+
+    outcomes, records = asyncio.run(go())
+    assert outcomes[0] == "retry" and outcomes[-1] == "sent"
+    assert [s["text"] for s in graph.sent_to(wa_id)[1:]] == pieces[1:]
+    assert [(r["status"], r["body"]) for r in records] == [("unknown", pieces[0])] + [("sent", p) for p in pieces[1:]]
+    assert records[0]["error"] == "the worker stopped during the send"

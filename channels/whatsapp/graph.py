@@ -64,6 +64,7 @@ class Graph(PooledSession):
     def __init__(self, *, timeout: float = 20.0, connections: int = 256) -> None:
         super().__init__(timeout=timeout, connections=connections)
         self._lean = LeanPost(timeout=timeout)
+        self.timeout = timeout  # the longest a send's POST lasts (sender.py: a piece's lease covers it)
         self._headers_of: dict[str, bytes] = {}  # access token -> its header lines, encoded once
 
     def _headers(self, acct: WhatsAppAccount) -> bytes:

@@ -4,9 +4,17 @@ Every send belongs to a *key* (the inbound turn it answers, a proactive job, a h
 state is a Redis hash: before a piece goes to the Graph API its field is set to ``pending``,
 after it the field holds the new wamid. A job delivered again (its worker died, a retry) skips
 every piece with a field: sent pieces are not sent twice, and a piece whose send may have
-reached Meta without an answer (``pending``, a timeout) is recorded as ``unknown`` rather than
-risked twice. Throttling answers (130429, 131056) become a ``Retry`` of the whole job, whose
-sent pieces stay sent: a retry resumes after the last piece with a field, in order.
+reached Meta without an answer (a timeout; ``pending`` left by a try that stopped) is recorded as
+``unknown`` rather than risked twice. Throttling answers (130429, 131056) become a ``Retry`` of
+the whole job, whose sent pieces stay sent: a retry resumes after the last piece with a field,
+in order.
+
+Two tries of one key can run at once (an admin reply POSTed twice; a queue takeover of a job
+whose first worker is slow but alive). The try that claims a piece owns its send for a lease
+(``lease_s``: longer than a Graph POST can last): another try that finds the piece ``pending``
+waits (a ``Retry``) while the lease runs, and only after it ran out concludes, once, in one
+script (state.py ``takeover``), that the owner stopped: never a live try's piece recorded
+``unknown``, nor a later piece sent while an earlier one is still on its way.
 
 Outside the window no free-form text is attempted: the account's window template is sent
 instead (once per key) when it has one, else the reply is recorded as ``held`` (and reported).
@@ -21,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +51,7 @@ MAX_TEMPLATE_VALUE = 1024
 MAX_TEMPLATE_BODY = 1024
 TEMPLATE_TEXT_RESERVE = 200
 MIN_REPLY_ROOM = 100
+LEASE_MARGIN_S = 10.0  # a piece's lease: the Graph POST's timeout and this
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 PIECE_FIELD = re.compile(r"^(p[0-9]+|template[0-9]*)\Z")  # a piece's field of a key's state
 TEMPLATE_FIELD = re.compile(r"^template[0-9]*\Z")  # a window template piece's field
@@ -99,11 +109,12 @@ def alias_key(account: str, pnid: str, number: str) -> str:
 
 
 class Sender:
-    def __init__(self, redis, pool, graph: Graph, fast=None) -> None:
+    def __init__(self, redis, pool, graph: Graph, fast=None, lease_s: float | None = None) -> None:
         self.pool = pool
         self.graph = graph
         self.kv = SendState(redis, fast)
         self.outbound = store.OutboundRecords(pool)
+        self.lease_ms = int(1000 * (lease_s if lease_s is not None else graph.timeout + LEASE_MARGIN_S))
 
     async def known_as(self, account: str, pnid: str, number: str) -> str:
         """The WhatsApp id Meta answered a send to ``number`` with (``number`` when it never
@@ -123,19 +134,51 @@ class Sender:
         await self.kv.note(state_key(account, key), STATE_TTL, fields, index)
 
     async def _claim(
-        self, skey: str, field_: str, value: str, acct=None, pnid: str | None = None, index: str | None = None
-    ) -> bool:
-        """Sets the field unless it is set already; True if this call set it. With a number: at most
+        self,
+        skey: str,
+        field_: str,
+        value: str,
+        acct=None,
+        pnid: str | None = None,
+        index: str | None = None,
+        lease: str | None = None,
+    ) -> int:
+        """Sets the field unless it is set already: 1 if this call set it, else 0 (2: it reads
+        ``pending``, another try's send, with ``lease``). With a number: at most
         ``pacing_per_second`` claims a second on it across workers (a ``Retry`` past that).
-        ``index``: the conversation's the key joins (``index_key``)."""
+        ``index``: the conversation's the key joins (``index_key``). ``lease``: this try's token,
+        the field is its own for ``lease_ms``."""
         now = time.time()
         second = int(now)
         limit = int(acct.pacing_per_second) if acct is not None else 0
         pace_key = f"gw:{{gw}}:wa:pace:{pnid}:{second}"
-        got = await self.kv.claim(skey, STATE_TTL, field_, value, pace_key, max(limit, 1) if acct else 0, index)
+        got = await self.kv.claim(
+            skey,
+            STATE_TTL,
+            field_,
+            value,
+            pace_key,
+            max(limit, 1) if acct else 0,
+            index,
+            (lease, self.lease_ms) if lease else None,
+        )
         if got < 0:
             raise Retry(second + 1 - now + 0.01)
-        return got == 1
+        return got
+
+    async def _pending(self, conv: store.Conversation, key: str, field_: str, record: tuple) -> bool:
+        """A piece another try left ``pending``: a ``Retry`` while that try's lease runs (it may be
+        inside its POST); once it ran out, the piece is recorded ``unknown`` (by one try only).
+        True when the piece no longer reads ``pending`` (sent meanwhile, or released to be sent)."""
+        got = await self.kv.takeover(state_key(conv.account, key), field_, self.lease_ms)
+        if got > 0:
+            raise Retry(got / 1000 + 0.05)
+        if got < 0:  # a worker stopped mid-send: it may have gone out; reported, never re-sent
+            kind, body, reply_to = record
+            why = "the worker stopped during the send"
+            await self.outbound.record(conv, None, kind, body, reply_to, "unknown", why)
+            metrics.sends.get(conv.account, "unknown").inc()
+        return got == 0
 
     async def _send_piece(
         self, acct: WhatsAppAccount, conv: store.Conversation, key: str, field_: str, message: dict, record: tuple
@@ -144,25 +187,32 @@ class Sender:
         None when it was sent (or attempted) before."""
         skey = state_key(conv.account, key)
         index = index_key(conv.tenant, conv.conversation_id)
-        if not await self._claim(skey, field_, "pending", acct, conv.pnid, index):
-            return None
+        token = secrets.token_hex(8)
+        for _ in range(3):
+            got = await self._claim(skey, field_, "pending", acct, conv.pnid, index, lease=token)
+            if got == 1:
+                break
+            if got == 0 or not await self._pending(conv, key, field_, record):
+                return None
+        else:
+            raise Retry(1.0)  # other tries of the key claimed and released it meanwhile
         try:
             wamid, wa_id = await self.graph.send_for(acct, conv.pnid, conv.wa_id, message)
         except GraphUnreachable as exc:
             if exc.sent_maybe:  # it may have reached the customer: never risk a second copy
-                await self.kv.set(skey, field_, "unknown")
+                await self.kv.settle(skey, field_, "unknown")
                 kind, body, reply_to = record
                 await self.outbound.record(conv, None, kind, body, reply_to, "unknown", "no answer")
                 metrics.sends.get(conv.account, "unknown").inc()
                 log.warning("whatsapp send without an answer; not retried", extra={"fields": {"account": conv.account}})
                 return None
-            await self.kv.drop(skey, field_)
+            await self.kv.release(skey, field_, token)
             raise
         except GraphError as exc:
-            await self.kv.drop(skey, field_)
+            await self.kv.release(skey, field_, token)
             metrics.sends.get(conv.account, "throttled" if exc.kind == "throttle" else "failed").inc()
             raise
-        await self.kv.set(skey, field_, wamid)
+        await self.kv.settle(skey, field_, wamid)
         if wa_id != conv.wa_id:  # Meta knows this customer by another id: later sends to the number use it
             await self.kv.put(alias_key(conv.account, conv.pnid, conv.wa_id), wa_id, ALIAS_TTL)
         metrics.sends.get(conv.account, "template" if field_.startswith("template") else "sent").inc()
@@ -192,21 +242,17 @@ class Sender:
             state = await self.state(conv.account, key)
         # (the pieces' fields only: the key's state also holds a turn's answer, which may read "pending")
         pieces = {f: v for f, v in state.items() if PIECE_FIELD.match(f)}
-        out.unknown = sum(1 for v in pieces.values() if v in ("pending", "unknown"))
+        changed = False
         for field_, value in pieces.items():
-            if value == "pending":  # a worker stopped mid-send: it may have gone out; reported, never re-sent
-                skey = state_key(conv.account, key)
-                await self.kv.set(skey, field_, "unknown")
-                await self.outbound.record(
-                    conv,
-                    None,
-                    kind,
-                    text if not field_.startswith("template") else "template",
-                    reply_to,
-                    "unknown",
-                    "the worker stopped during the send",
-                )
-                metrics.sends.get(conv.account, "unknown").inc()
+            if value == "pending":  # another try's send: alive (a Retry), or it stopped (``unknown`` now)
+                parts = split_reply(text, max_parts=acct.max_reply_parts)
+                i = int(field_[1:]) if field_.startswith("p") else -1
+                body = parts[i] if 0 <= i < len(parts) else text if i >= 0 else "template"
+                changed = await self._pending(conv, key, field_, (kind, body, reply_to)) or changed
+        if changed:  # (a state read before another try's send ended: read again)
+            state = await self.state(conv.account, key)
+            pieces = {f: v for f, v in state.items() if PIECE_FIELD.match(f)}
+        out.unknown = sum(1 for v in pieces.values() if v in ("pending", "unknown"))
         if "held" in state:
             out.held = True
             return out
@@ -376,6 +422,18 @@ def window_rest(text: str, state: dict[str, str], statuses: dict[str, str], max_
     pieces = split_reply(text, max_parts=max_parts)
     end = max(sent) + 1 if "template" in state else len(pieces)  # the turn's own templates carry the rest
     return " ".join(pieces[max(went, default=-1) + 1 : end])
+
+
+def window_unsettled(state: dict[str, str], statuses: dict[str, str]) -> bool:
+    """Whether a free-form piece of a turn before its first failed one has no final status yet
+    (accepted, neither delivered, read nor failed): statuses come on an unordered queue, and its
+    own failure may come after a later piece's (``window_rest`` would count it received)."""
+    sent = {int(f[1:]): v for f, v in state.items() if PIECE_FIELD.match(f) and f.startswith("p")}
+    failed = [i for i, v in sent.items() if statuses.get(v) == "failed"]
+    return bool(failed) and any(
+        i < min(failed) and v not in ("pending", "unknown") and statuses.get(v) not in ("delivered", "read")
+        for i, v in sent.items()
+    )
 
 
 def template_cut(flat: str, room: int, max_parts: int | None) -> list[str]:

@@ -2,7 +2,12 @@
 
 Over core/fastredis.py's pipelined client when the process has one (redis-py spends ~150 µs of
 Python per command; a turn makes several of these calls), else over redis-py. Steps that must be
-atomic (set-and-expire; pace-then-claim) are Lua scripts.
+atomic (set-and-expire; pace-then-claim; a piece's lease) are Lua scripts.
+
+A piece's send is owned by the try that claimed it for a *lease* (field ``<piece>:lease``: the
+owner's token and the end of the lease in Redis's clock, ms), which covers the Graph POST's
+timeout: while it runs no other try of the key takes the piece over (``takeover``), and the owner
+releases a send that failed (``release``) only while the piece is still its own.
 """
 
 from __future__ import annotations
@@ -32,22 +37,79 @@ indexed(2)
 return 1
 """
 )
-# KEYS: state, pace counter[, index]. ARGV: ttl, field, value, pace limit (0: no pacing)
-# -1: over the pace this second (nothing claimed); 0: the field was set already; 1: claimed
+_NOW = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# KEYS: state, pace counter[, index]. ARGV: ttl, field, value, pace limit (0: no pacing), lease
+# token ('' : no lease), lease ms. -1: over the pace this second (nothing claimed); 0: the field
+# was set already; 1: claimed (with the lease); 2 (leased claims only): the field reads
+# ``pending``, another try's send (``takeover`` tells whether it is alive).
 _CLAIM = (
     _INDEX
+    + _NOW
     + """
 if ARGV[4] ~= '0' then
   local n = redis.call('INCR', KEYS[2])
   if n == 1 then redis.call('EXPIRE', KEYS[2], 3) end
   if n > tonumber(ARGV[4]) then return -1 end
 end
-if redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3]) == 0 then
+  if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], ARGV[2]) == 'pending' then return 2 end
+  return 0
+end
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[2] .. ':lease', ARGV[5] .. ' ' .. (now_ms() + tonumber(ARGV[6])))
+end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 indexed(3)
 return 1
 """
 )
+
+# KEYS: state. ARGV: field, lease ms. A piece found ``pending``: 0 when it is not (any more);
+# N > 0 while its try's lease runs (N ms left); -1 when the lease ran out: its try stopped, and
+# the piece is ``unknown`` now (one try only concludes it). A ``pending`` without a lease (an
+# older release's try) is given one lease from now: that try may still be inside its POST.
+_TAKEOVER = (
+    _NOW
+    + """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'pending' then return 0 end
+local now = now_ms()
+local lease = redis.call('HGET', KEYS[1], ARGV[1] .. ':lease')
+local ends = lease and tonumber(string.match(lease, ' (%d+)$'))
+if not ends then
+  redis.call('HSET', KEYS[1], ARGV[1] .. ':lease', 'older ' .. (now + tonumber(ARGV[2])))
+  return tonumber(ARGV[2])
+end
+if ends > now then return ends - now end
+redis.call('HSET', KEYS[1], ARGV[1], 'unknown')
+redis.call('HDEL', KEYS[1], ARGV[1] .. ':lease')
+return -1
+"""
+)
+
+# KEYS: state. ARGV: field, value. A piece's send done (its wamid, or ``unknown`` after a timeout):
+# the truth, whoever holds the lease; the lease ends.
+_SETTLE = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HDEL', KEYS[1], ARGV[1] .. ':lease')
+return 1
+"""
+
+# KEYS: state. ARGV: field, token. A send that did not go (refused, never reached Meta) is
+# released for a retry, only while it is still this try's: not when another try concluded it
+# ``unknown`` after the lease ran out (it has gone past the piece).
+_RELEASE = """
+local lease = redis.call('HGET', KEYS[1], ARGV[1] .. ':lease')
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'pending' or not lease
+  or string.sub(lease, 1, #ARGV[2] + 1) ~= ARGV[2] .. ' ' then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1], ARGV[1] .. ':lease')
+return 1
+"""
 
 
 # KEYS: state[, index]. ARGV: ttl, field, value, ... The state as it was; the fields are set only
@@ -95,7 +157,15 @@ def _s(v) -> str:
 class SendState:
     def __init__(self, redis, fast=None) -> None:
         self._r = fast if fast is not None else _RedisPy(redis)
-        self._src = {"note": _NOTE, "claim": _CLAIM, "begin": _BEGIN, "repin": _REPIN}
+        self._src = {
+            "note": _NOTE,
+            "claim": _CLAIM,
+            "begin": _BEGIN,
+            "repin": _REPIN,
+            "takeover": _TAKEOVER,
+            "settle": _SETTLE,
+            "release": _RELEASE,
+        }
         self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._src.items()}
 
     async def _script(self, name: str, keys: list[str], args: list):
@@ -126,9 +196,31 @@ class SendState:
         await self._script("note", [key, *_one(index)], args)
 
     async def claim(
-        self, key: str, ttl: int, field: str, value: str, pace_key: str, pace_limit: int, index: str | None = None
+        self,
+        key: str,
+        ttl: int,
+        field: str,
+        value: str,
+        pace_key: str,
+        pace_limit: int,
+        index: str | None = None,
+        lease: tuple[str, int] | None = None,
     ) -> int:
-        return int(await self._script("claim", [key, pace_key, *_one(index)], [ttl, field, value, pace_limit]))
+        """``lease``: (token, ms) the claimed field is this try's for (a piece's send)."""
+        token, ms = lease or ("", 0)
+        keys = [key, pace_key, *_one(index)]
+        return int(await self._script("claim", keys, [ttl, field, value, pace_limit, token, ms]))
+
+    async def takeover(self, key: str, field: str, lease_ms: int) -> int:
+        """A ``pending`` piece: 0 not pending now; N > 0 ms its try's lease still runs; -1 its try
+        stopped and this call marked it ``unknown``."""
+        return int(await self._script("takeover", [key], [field, lease_ms]))
+
+    async def settle(self, key: str, field: str, value: str) -> None:
+        await self._script("settle", [key], [field, value])
+
+    async def release(self, key: str, field: str, token: str) -> bool:
+        return bool(int(await self._script("release", [key], [field, token])))
 
     async def repin(self, key: str, ttl: int, was: tuple[str, str], text: str, room: str, start: str) -> bool:
         """A window template's cut pinned anew (text, room, first field index) unless the pinned

@@ -30,7 +30,7 @@ from channels.gateway_client import GatewayClient, GatewayRejected, GatewayUnava
 from channels.whatsapp import erasure, metrics, store
 from channels.whatsapp.content import MediaStore, build_content
 from channels.whatsapp.graph import WINDOW_CLOSED, Graph, GraphError, GraphUnreachable
-from channels.whatsapp.sender import PIECE_FIELD, Sender, index_key, window_rest
+from channels.whatsapp.sender import PIECE_FIELD, Sender, index_key, window_rest, window_unsettled
 from core.queue import Fatal, Job, Queue, Retry
 
 log = logging.getLogger("channels.whatsapp")
@@ -38,6 +38,9 @@ log = logging.getLogger("channels.whatsapp")
 INBOUND = "wa-inbound"
 STATUS = "wa-status"
 MAX_BURST = 20
+# How long a window failure's templates wait for the final statuses of the answer's earlier pieces
+# (``_window_rest``): past it, a piece Meta accepted counts as received.
+WINDOW_SETTLE_S = 60.0
 
 
 def conversation_key(account: str, pnid: str, wa_id: str) -> str:
@@ -221,7 +224,7 @@ class Worker:
             conv = await store.find_conversation(self.pool, acct.tenant, p["conversation_id"], self.accounts)
             if conv is None or conv.account != p["account"]:
                 return
-            text = await self._window_rest(acct, conv, p) if p.get("turn") else p["text"]
+            text = await self._window_rest(acct, conv, p, job.enqueued_at) if p.get("turn") else p["text"]
             if text:
                 await self.sender.send_text(
                     acct, conv, p["idempotency"], text, reply_to=p["reply_to"], window_closed=True
@@ -244,16 +247,20 @@ class Worker:
                 acct, conv, key, p["text"], kind=purpose or "proactive", template_fallback=purpose is not None
             )
 
-    async def _window_rest(self, acct: WhatsAppAccount, conv: store.Conversation, p: dict) -> str:
+    async def _window_rest(self, acct: WhatsAppAccount, conv: store.Conversation, p: dict, since: float) -> str:
         """Of a turn's answer whose free-form pieces Meta failed for the closed window, what did not
         reach the customer (sender.window_rest): the pieces Meta delivered are not sent again as
         templates. Computed by the job's first try only (a retry's templates are the pinned cut of
-        its key's state), after the turn's own job (this queue is ordered by conversation)."""
+        its key's state), after the turn's own job (this queue is ordered by conversation). While
+        an earlier piece has no final status (its own failure may be on its way: the status queue
+        is unordered) the job waits, up to WINDOW_SETTLE_S after ``since`` (it was queued)."""
         if await self.sender.state(conv.account, p["idempotency"]):
             return p["text"]
         turn = await self.sender.state(conv.account, f"turn:{p['reply_to']}")
         wamids = [v for f, v in turn.items() if PIECE_FIELD.match(f) and v not in ("pending", "unknown")]
         statuses = await store.statuses(self.pool, acct.tenant, conv.account, wamids)
+        if window_unsettled(turn, statuses) and time.time() - since < WINDOW_SETTLE_S:
+            raise Retry(1.0)
         rest = window_rest(p["text"], turn, statuses, acct.max_reply_parts)
         if rest == "":  # a failed piece is followed by one the customer has: reported (its record), not re-sent
             log.warning(
