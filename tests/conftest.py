@@ -228,6 +228,30 @@ def bytecode_cache(tmp_path_factory) -> None:
         os.environ.setdefault("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_default_ssl_context() -> Iterator[None]:
+    """Every httpx client the tests make (``httpx.get``/``post`` each make one, and so does each
+    OpenAI SDK client) built its own default SSL context: 50-100 ms of CPU to load the CA bundle,
+    for plain-HTTP calls to local servers. They share one per setting instead (the same context,
+    built once; a client given its own ``verify`` or ``cert`` still builds its own)."""
+    import httpx._transports.default as transports
+
+    build = transports.create_ssl_context
+    built: dict[tuple, object] = {}
+
+    def create_ssl_context(verify=True, cert=None, trust_env=True):
+        if verify is not True or cert is not None:
+            return build(verify=verify, cert=cert, trust_env=trust_env)
+        key = (trust_env, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+        if key not in built:
+            built[key] = build(verify=verify, cert=cert, trust_env=trust_env)
+        return built[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transports, "create_ssl_context", create_ssl_context)
+        yield
+
+
 @pytest.fixture(scope="session")
 def services(tmp_root: Path) -> Iterator[tuple[str, str]]:
     """The embedded PostgreSQL + Valkey, through the same code the gateway uses."""
