@@ -204,6 +204,22 @@ def gateway_config(mock: MockProvider, **extra) -> dict:
     return cfg
 
 
+# The longest modules (a minute or more of one worker each at the last measurement), handed
+# out first: `--dist loadfile` gives the workers modules in collection order, and one of these
+# last (the alphabet put test_wa_dead_letters_erasure there) kept one worker busy alone at the end.
+LONG_MODULES = (
+    "test_deploy.py",
+    "test_wa_dead_letters_erasure.py",
+    "test_routing.py",
+    "test_policies.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    first = {name: rank for rank, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tmp_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("gw")
