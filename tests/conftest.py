@@ -204,6 +204,22 @@ def gateway_config(mock: MockProvider, **extra) -> dict:
     return cfg
 
 
+# The longest modules (a minute or more of one worker each at the last measurement), handed
+# out first: `--dist loadfile` gives the workers modules in collection order, and one of these
+# last (the alphabet put test_wa_dead_letters_erasure there) kept one worker busy alone at the end.
+LONG_MODULES = (
+    "test_deploy.py",
+    "test_wa_dead_letters_erasure.py",
+    "test_routing.py",
+    "test_policies.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    first = {name: rank for rank, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tmp_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("gw")
@@ -226,6 +242,30 @@ def bytecode_cache(tmp_path_factory) -> None:
     own instead (nothing is written next to the sources)."""
     if os.environ.pop("PYTHONDONTWRITEBYTECODE", None):
         os.environ.setdefault("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_default_ssl_context() -> Iterator[None]:
+    """Every httpx client the tests make (``httpx.get``/``post`` each make one, and so does each
+    OpenAI SDK client) built its own default SSL context: 50-100 ms of CPU to load the CA bundle,
+    for plain-HTTP calls to local servers. They share one per setting instead (the same context,
+    built once; a client given its own ``verify`` or ``cert`` still builds its own)."""
+    import httpx._transports.default as transports
+
+    build = transports.create_ssl_context
+    built: dict[tuple, object] = {}
+
+    def create_ssl_context(verify=True, cert=None, trust_env=True):
+        if verify is not True or cert is not None:
+            return build(verify=verify, cert=cert, trust_env=trust_env)
+        key = (trust_env, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+        if key not in built:
+            built[key] = build(verify=verify, cert=cert, trust_env=trust_env)
+        return built[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transports, "create_ssl_context", create_ssl_context)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -228,7 +228,9 @@ def test_tenant_isolation(gw, loaded):
     assert call(gw, "GET", f"/admin/knowledge-bases/{own['id']}", other).status_code == 404
 
 
-def big_document(paragraphs: int = 300) -> bytes:
+def big_document(paragraphs: int = 120) -> bytes:
+    """One chunk a paragraph: 120 take the worker seconds (the victim is killed within 50 ms of
+    starting), and more than the 50 chunks the test asks for."""
     words = "alpha beta gamma delta epsilon zeta theta iota kappa lambda omicron sigma".split()
     out = []
     for i in range(paragraphs):

@@ -238,6 +238,8 @@ def test_concurrent_requests_cannot_overshoot_a_budget(pair, services):
 def test_alerts_fire_exactly_once_per_threshold_across_replicas(tmp_root, services, module_mock):
     receiver = Receiver(fail_first=2)  # the first deliveries fail: they are retried
     config = cfg(module_mock)
+    # retried after 0.2 s, then 0.4 s (the default waits 1 s, then 2 s)
+    config["alerts"] = {**config["alerts"], "backoff": {"base": 0.2, "max": 1.0}}
     # A Redis database of their own: any gateway on a Redis delivers alerts, signed with its own
     # secret, and the suite's other gateways have none.
     own = (services[0], services[1] + "?db=5")
