@@ -227,8 +227,15 @@ def test_counts_in_metrics_and_audit_record(pii_gateway, api_key, mock):
     )
     assert r.status_code == 200
     rid = r.headers["x-request-id"]
-    assert _metric(pii_gateway, "gateway_pii_entities_total", entity="EMAIL", action="pseudonymize") == before + 2
     from tests.conftest import wait_until
+
+    # counted once the request is accounted for, after its answer went out (app.py, finally)
+    wait_until(
+        lambda: _metric(pii_gateway, "gateway_pii_entities_total", entity="EMAIL", action="pseudonymize") >= before + 2,
+        timeout=10,
+        what="the request's entities counted",
+    )
+    assert _metric(pii_gateway, "gateway_pii_entities_total", entity="EMAIL", action="pseudonymize") == before + 2
 
     def record():
         got = httpx.get(f"{pii_gateway.url}/admin/requests/{rid}", headers={"Authorization": f"Bearer {MASTER_KEY}"})
