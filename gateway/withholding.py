@@ -61,18 +61,40 @@ def _named(ctx: RequestContext, err: GatewayError, own: list[dict]) -> tuple[dic
     """The message of ``own`` a PII refusal names, and which part of it ("content" or a call's
     index), else ``(None, "")``."""
     found = _NAMED.match(err.param or "") if err.code in _TEXTS else None
-    if found is None:
-        return None, ""
     messages = ctx.body.get("messages") or []
-    index = int(found.group(1))
-    message = messages[index] if index < len(messages) else None
+    index = int(found.group(1)) if found is not None else -1
+    message = messages[index] if 0 <= index < len(messages) else None
     if message is None or not any(message is m for m in own):
-        return None, ""
+        # A bound names the text with the most to check (characters), or the one being checked
+        # when the phone-number checks ran out — not the one that crossed it: the client's text
+        # was checked without the steps' (or is past the bound alone, refused once own is withheld).
+        return _largest(own) if err.code == "pii_too_much_to_check" else (None, "")
     if message.get("role") == "tool":
         return (message, "content") if found.group(2) == "content" else (None, "")
     if message.get("role") != "assistant":
         return None, ""
     return message, "content" if found.group(3) is None else found.group(3)
+
+
+def _largest(own: list[dict]) -> tuple[dict | None, str]:
+    """The longest part of ``own`` not yet withheld (a tool result, an assistant message's content
+    or one call's arguments), else ``(None, "")``."""
+    best: tuple[int, dict | None, str] = (0, None, "")
+    for m in own:
+        if m.get("role") == "tool":
+            text = m.get("content")
+            if isinstance(text, str) and text not in (WITHHELD, WITHHELD_BLOCKED) and len(text) > best[0]:
+                best = (len(text), m, "content")
+        elif m.get("role") == "assistant":
+            text = m.get("content")
+            if isinstance(text, str) and len(text) > best[0]:
+                best = (len(text), m, "content")
+            for i, call in enumerate(m.get("tool_calls") or ()):
+                fn = call.get("function") if isinstance(call, dict) else None
+                args = fn.get("arguments") if isinstance(fn, dict) else None
+                if isinstance(args, str) and args != ARGUMENTS and len(args) > best[0]:
+                    best = (len(args), m, str(i))
+    return best[1], best[2]
 
 
 def _withhold(ctx: RequestContext, own: list[dict], message: dict, part: str, code: str | None) -> None:

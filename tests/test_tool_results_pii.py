@@ -300,3 +300,59 @@ def test_a_fallback_groups_policy_refusing_the_clients_message_after_the_tools_r
     run = _run_record(fallback_gw, raw.headers["x-request-id"])
     assert run["degraded"] is True
     assert [s.get("error") for s in run["steps"] if s["kind"] == "model"] == [None, "pii_blocked"], run["steps"]
+
+
+@pytest.fixture(scope="module")
+def uncached_gw(tmp_root, services, module_mock):
+    """No findings cache (pii.cache_size 0: as a busy gateway whose cache turned over between a
+    turn's steps) and the smallest analysis bound, so a step's scrub counts the client's text
+    again. The tenant's own group checks every text for phone numbers; ``down-model`` always fails
+    (503) over to ``phone-model``, whose policy alone checks for them (a fallback group's policy
+    counts all the client's text again)."""
+    config = _config(module_mock, cache_size=0, max_analysed_chars=1024)
+    config["router"]["max_attempts"] = 2
+    down = {"x-mock": json.dumps({"status": 503})}
+    config["providers"].append(
+        {"name": "down", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"], "headers": down}
+    )
+    config["models"] += [
+        {"name": "down-model", "deployments": [{"provider": "down", "model": "m"}], "fallbacks": ["phone-model"]},
+        {"name": "phone-model", "deployments": [{"provider": "pp", "model": "m-phone"}]},
+    ]
+    config["pii"]["policies"]["emails"] = {"entities": {"email": "redact"}}
+    config["pii"]["models"] = {"down-model": "emails", "phone-model": "phones"}
+    g = Gateway(tmp_root, config, services)
+    yield g
+    g.stop()
+
+
+@pytest.mark.parametrize("model", ["agent-model", "down-model"], ids=["step", "fallback"])
+def test_a_bound_the_tool_result_crossed_withholds_it_even_when_the_refusal_names_the_clients_larger_text(
+    uncached_gw, tools, module_mock, model
+):
+    """``pii_too_much_to_check`` for characters names the text with the most to check, not the
+    one that crossed the bound: the client's message (checked and sent alone at step 1) with a
+    smaller tool result added past it was refused naming the client's message, and the turn
+    failed with 400 after the tool ran (the client's retry runs it again)."""
+    key = new_key(uncached_gw, TENANT)
+    tool = http_tool("contacts", f"{tools.url}/directory", {"count": {"type": "string"}})
+    name = unique("big")
+    body = {"name": name, "model": model, "template": "You help.", "tenant": TENANT, "tools": [tool]}
+    assert call(uncached_gw, "POST", "/admin/agents", json=body).status_code == 201
+    directive = "[[mock:" + json.dumps({"tool_calls": [{"name": "contacts", "arguments": {"count": "15"}}]}) + "]]"
+    text = "My numbers: " + " ".join(f"({300 + i}) 555-{i:04d}" for i in range(40)) + f" {directive}"
+    module_mock.clear()
+    before = len([r for r in tools.requests() if r["path"] == "/directory"])
+    c = openai.OpenAI(base_url=f"{uncached_gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    raw = c.chat.completions.with_raw_response.create(
+        model=f"agent:{name}", messages=[{"role": "user", "content": text}]
+    )
+    assert len([r for r in tools.requests() if r["path"] == "/directory"]) == before + 1, "the tool ran once"
+    assert "withheld" in (raw.parse().choices[0].message.content or "")
+    results = _tool_messages(module_mock)
+    assert len(results) == 1 and "withheld" in results[0], results
+    assert module_mock.requests()[-1]["body"]["model"] == ("m" if model == "agent-model" else "m-phone")
+    last = json.dumps(module_mock.requests()[-1]["body"])
+    assert "Contact 1:" not in last  # nothing of the result went unchecked
+    steps = [s for s in _run_record(uncached_gw, raw.headers["x-request-id"])["steps"] if s["kind"] == "scrub"]
+    assert [(s["name"], s["part"], s["status"]) for s in steps] == [("contacts", "result", "withheld")], steps
