@@ -112,6 +112,24 @@ def _degrades(ctx: RequestContext, err: GatewayError) -> bool:
     return err.code in _PII_REFUSALS and ctx.fallbacks > 0 and bool(ctx.extra.get("tool_messages"))
 
 
+_UNFINISHED = "I could not finish this request."
+
+
+async def _degraded(svc, ctx: RequestContext, scope: dict, err: GatewayError) -> bytes:
+    """The answer of a turn whose model call failed (``_degrades``) or, once its tools ran, whose
+    later step failed or was refused for any reason: the agent's fallback message (else a plain
+    sentence), ``finish_reason: stop``, ``x-gateway-degraded: true``. Once the tools have run, an
+    error would have the client retry the turn — the OpenAI SDKs retry a 429 or a 5xx on their
+    own — and run the tools' side effects (an order, a refund) again. The failed step keeps its
+    audit record (its status and code); the run record shows the step and the degraded turn."""
+    ctx.status, ctx.error_code = err.status, err.code
+    await pipeline.settle(svc, ctx, scope)  # the failed or refused step's record
+    ctx.agent.degraded = True
+    ctx.status = 200
+    ctx.error_code = None
+    return _fallback_body(ctx, ctx.agent.agent.fallback_message or _UNFINISHED)
+
+
 def _add(total: Usage, usage: Usage | None) -> None:
     if usage is not None:
         total.prompt_tokens += usage.prompt_tokens
@@ -168,17 +186,12 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
         try:
             raw = await pipeline.complete(svc, ctx, group)
         except GatewayError as err:
-            if agent.fallback_message is None or not _degrades(ctx, err):
-                turn.steps.append(_step(ctx, step_started, status=err.status, error=err.code))
-                _record_if_tools_ran(svc, ctx, started, err)
-                raise
-            log.warning("every deployment failed; agent %s answers with its fallback message", agent.name)
+            tools_ran = bool(ctx.extra.get("tool_messages"))
             turn.steps.append(_step(ctx, step_started, status=err.status, error=err.code))
-            await pipeline.settle(svc, ctx, scope)  # the failed call's record
-            turn.degraded = True
-            ctx.status = 200
-            ctx.error_code = None
-            raw = _fallback_body(ctx, agent.fallback_message)
+            if not tools_ran and (agent.fallback_message is None or not _degrades(ctx, err)):
+                raise
+            log.warning("agent %s: step %d failed (%s); the turn answers degraded", agent.name, ctx.step, err.code)
+            raw = await _degraded(svc, ctx, scope, err)
             break
         _add(total, ctx.usage)
         data, message = _message(raw)
@@ -237,10 +250,11 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
         ctx.extra.setdefault("tool_messages", []).extend(step_messages)  # remembered with the turn
         try:
             await _next_step(svc, ctx, scope, step_messages)
-        except GatewayError as err:  # refused (rate limit, budget) before the next model call
+        except GatewayError as err:  # refused (rate limit, budget, scrubbing away) before the next model call
             turn.steps.append({"step": ctx.step, "kind": "model", "status": err.status, "error": err.code})
-            _record_if_tools_ran(svc, ctx, started, err)
-            raise
+            log.warning("agent %s: step %d refused (%s); the turn answers degraded", agent.name, ctx.step, err.code)
+            raw = await _degraded(svc, ctx, scope, err)
+            break
     if ctx.step > 1 and not turn.degraded:  # the client is told what the whole turn used
         data = orjson.loads(raw)
         data["usage"] = total.to_openai()
@@ -362,14 +376,6 @@ async def _remember(svc, ctx: RequestContext, answer: dict) -> None:
 def _citation_step(c: dict) -> dict:
     section = f" {c['section']}" if c.get("section") else ""
     return {"kind": "citation", "name": f"[{c['source']}] {c['document_id']}{section}", "status": "ok"}
-
-
-def _record_if_tools_ran(svc, ctx: RequestContext, started: float, err: GatewayError) -> None:
-    """A turn that fails after its tools ran is still recorded: what they did (an order placed,
-    a refund sent) must be in a run record, whatever became of the answer."""
-    if any(step.get("kind") == "tool" for step in ctx.agent.steps):
-        ctx.status = err.status
-        _record(svc, ctx, started)
 
 
 def _record(svc, ctx: RequestContext, started: float) -> None:

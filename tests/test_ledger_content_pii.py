@@ -204,3 +204,36 @@ def test_with_redis_away_the_spool_keeps_scrubbed_content_and_none_of_a_refused_
     (no,) = _spooled(tmp_root, refused)
     assert no["status"] == 400 and no["error_code"] == "pii_blocked" and "content" not in no, no
     assert EMAIL not in orjson.dumps(no).decode() and "1111" not in orjson.dumps(no).decode()
+
+
+def test_a_step_refused_after_the_tools_ran_answers_degraded_not_with_an_error_to_retry(gw, tap, tools):
+    """Step 2 refused at its admission (the key's one request a minute) after the tool ran: the
+    client got 429, which the OpenAI SDKs retry on their own — the whole turn again, the tool's
+    side effects (an order, a refund) included. The turn now answers degraded; the refused step
+    keeps its own audit record and the run record shows it."""
+    tool = http_tool("contacts", f"{tools.url}/directory", {"count": {"type": "string"}})
+    name = agent(gw, TENANT, [tool])
+    resp = call(gw, "POST", "/admin/keys", json={"name": unique("k"), "tenant": TENANT, "rpm": 1})
+    assert resp.status_code == 201, resp.text
+    directive = "[[mock:" + orjson.dumps({"tool_calls": [{"name": "contacts", "arguments": {"count": "2"}}]}).decode()
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=resp.json()["key"], max_retries=0, timeout=60)
+    raw = c.chat.completions.with_raw_response.create(
+        model=f"agent:{name}", messages=[{"role": "user", "content": f"Find my contacts {directive}]]"}]
+    )
+    answer = raw.parse()
+    assert raw.headers["x-gateway-degraded"] == "true"
+    assert answer.choices[0].message.content == "I could not finish this request."
+    assert answer.choices[0].finish_reason == "stop"
+    rid = raw.headers["x-request-id"]
+    wait_until(lambda: len(tap.of(rid)) == 2, timeout=30, what="both steps' records")
+    assert sorted((r["step"], r["status"]) for r in tap.of(rid)) == [(1, 200), (2, 429)]
+
+    def run() -> dict | None:
+        got = call(gw, "GET", f"/admin/runs/{rid}")
+        return got.json() if got.status_code == 200 else None
+
+    wait_until(run, timeout=30, what="the run record")
+    record = run()
+    assert record["status"] == 200 and record["degraded"] is True, record
+    kinds = [(s["kind"], s.get("status")) for s in record["steps"]]
+    assert ("tool", "ok") in kinds and ("model", "429") in kinds, kinds
