@@ -12,12 +12,13 @@ import uuid
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from channels.config import whatsapp_accounts
 from channels.whatsapp import store
 from channels.whatsapp.content import split_reply
 from channels.whatsapp.graph import Graph, GraphError
-from channels.whatsapp.sender import Sender, state_key
+from channels.whatsapp.sender import STATE_TTL, Sender, forget_states, state_key
 from core.queue import Retry
 from tests.conftest import Gateway, environ, run_cli, wait_until
 from tests.test_channels_whatsapp import admin, new_wa_id, notification, post, queue_idle, rows, text
@@ -437,3 +438,40 @@ def test_a_piece_an_older_release_left_pending_is_waited_for_one_lease_then_reco
     assert [s["text"] for s in graph.sent_to(wa_id)[1:]] == pieces[1:]
     assert [(r["status"], r["body"]) for r in records] == [("unknown", pieces[0])] + [("sent", p) for p in pieces[1:]]
     assert records[0]["error"] == "the worker stopped during the send"
+
+
+def test_a_piece_settled_after_its_key_was_erased_mid_send_leaves_no_key_without_expiry(wa, graph, services):
+    """An erasure of the conversation (``forget_states``) while a piece's POST is on its way: the
+    settle that follows wrote the wamid into a hash the erasure had deleted, creating it anew with
+    no expiry (and outside the conversation's index): a key that never went away. Now the settle
+    gives a hash it creates the state's expiry."""
+    wa_id = new_wa_id()
+    _answered(wa, graph, wa_id)
+    text = _sentences("A", 20)
+    acct = whatsapp_accounts({ACCOUNT: _account(graph, "sk-unused-000000")})[ACCOUNT]
+    key = f"deliver:human:{wa_id}"
+
+    async def go() -> int:
+        async with _senders(services, 1) as (pool, (sender,)):
+            conv = await store.get_conversation(pool, TENANT, ACCOUNT, PNID, wa_id)
+            first = asyncio.ensure_future(sender.send_text(acct, conv, key, text, kind="human"))
+
+            async def pending() -> bool:
+                return (await sender.state(ACCOUNT, key)).get("p0") == "pending"
+
+            await _until(pending, "the piece on its way")
+            r = aioredis.from_url(services[1])
+            try:
+                assert await forget_states(r, TENANT, [conv.conversation_id]) >= 1
+                assert (await first).status == "sent"
+                assert (await sender.state(ACCOUNT, key)).get("p0") not in (None, "pending", "unknown")
+                return int(await r.ttl(state_key(ACCOUNT, key)))
+            finally:
+                await r.aclose()
+
+    graph.configure(text_answer_delays_ms=[0, 2000])  # (after the turn's answer) answered 2 s late
+    try:
+        ttl = asyncio.run(go())
+    finally:
+        graph.configure(text_answer_delays_ms=[])
+    assert 0 < ttl <= STATE_TTL, ttl

@@ -92,11 +92,13 @@ return -1
 """
 )
 
-# KEYS: state. ARGV: field, value. A piece's send done (its wamid, or ``unknown`` after a timeout):
-# the truth, whoever holds the lease; the lease ends.
+# KEYS: state. ARGV: field, value, ttl. A piece's send done (its wamid, or ``unknown`` after a
+# timeout): the truth, whoever holds the lease; the lease ends. A state deleted meanwhile (an
+# erasure during the POST) is created anew with its expiry, never without one.
 _SETTLE = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HDEL', KEYS[1], ARGV[1] .. ':lease')
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 return 1
 """
 
@@ -216,8 +218,8 @@ class SendState:
         stopped and this call marked it ``unknown``."""
         return int(await self._script("takeover", [key], [field, lease_ms]))
 
-    async def settle(self, key: str, field: str, value: str) -> None:
-        await self._script("settle", [key], [field, value])
+    async def settle(self, key: str, field: str, value: str, ttl: int) -> None:
+        await self._script("settle", [key], [field, value, ttl])
 
     async def release(self, key: str, field: str, token: str) -> bool:
         return bool(int(await self._script("release", [key], [field, token])))
