@@ -79,17 +79,24 @@ def conversation_tag(tenant: str, external_id: str, key: bytes | None = None) ->
     return TAG_PREFIX + conversation_hash(tenant, external_id, key)
 
 
-def record_hash(record: bytes, key: bytes) -> str | None:
-    """The keyed hash of the conversation a stream record (JSON: a run, a ledger row) names, None
-    when it names none: what its writer looks the record up by among the erasures. Read only from
-    the records that hold a conversation id (an agent's turns)."""
-    if b'"conversation_id"' not in record:
+def conversation_record(raw: bytes) -> dict | None:
+    """A stream record (JSON: a run, a ledger row) decoded, when it may name a conversation; None
+    otherwise (most records: only an agent's turns hold a conversation id, so the rest are not
+    decoded)."""
+    if b'"conversation_id"' not in raw:
         return None
     try:
-        rec = orjson.loads(record)
+        rec = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(rec, dict):
+    return rec if isinstance(rec, dict) else None
+
+
+def record_hash(record: bytes, key: bytes) -> str | None:
+    """The keyed hash of the conversation a stream record names, None when it names none: what its
+    writer looks the record up by among the erasures."""
+    rec = conversation_record(record)
+    if rec is None:
         return None
     conv, tenant = rec.get("conversation_id"), rec.get("tenant")
     if not isinstance(conv, str) or not isinstance(tenant, str):

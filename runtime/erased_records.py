@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncpg
 import orjson
 
-from core.erasure_key import conversation_tag
+from core.erasure_key import conversation_record, conversation_tag
 
 # $1 tenant, $2 the agents' ids, $3 the conversations' ids, $4 their tags, $5 a time or NULL
 _RUNS = """
@@ -72,7 +72,7 @@ async def retag_dead_letters(
             start = "(" + _text(page[-1][0])
             for entry_id, fields in page:
                 raw = fields.get(b"r")
-                rec = _record(raw) if raw else None
+                rec = conversation_record(raw) if raw else None
                 if rec is None or rec.get("tenant") != tenant or rec.get("conversation_id") not in ids:
                     continue
                 conv = rec["conversation_id"]
@@ -87,16 +87,6 @@ async def retag_dead_letters(
                     await pipe.execute()
                 rewritten += 1
     return rewritten
-
-
-def _record(raw: bytes) -> dict | None:
-    if b'"conversation_id"' not in raw:
-        return None
-    try:
-        rec = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return rec if isinstance(rec, dict) else None
 
 
 def _text(value) -> str:
