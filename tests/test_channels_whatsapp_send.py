@@ -107,13 +107,28 @@ def test_a_second_piece_refused_at_once_is_sent_after_the_first_and_the_first_is
     assert [s["text"] for s in graph.sent_to(wa_id)] == pieces
 
 
+def _window_template(wa) -> None:
+    """The account's window template (one variable: the text), registered."""
+    tpl = {"account": ACCOUNT, "name": WINDOW, "variables": ["reply"]}
+    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl).status_code == 201
+
+
+def _statuses_in_order(wa, graph, orders: list) -> None:
+    """The mock sends status webhooks for the free-form pieces, the n-th piece's in ``orders[n]``."""
+    graph.configure(
+        statuses=True,
+        webhook_url=f"{wa.url}/channels/whatsapp/{ACCOUNT}",
+        app_secret=SECRET,
+        text_status_orders=orders,
+    )
+
+
 def test_a_retry_that_finds_the_window_closed_sends_as_templates_only_the_pieces_not_yet_sent(wa, graph, services):
     """Meta accepts the first piece of a three-piece answer and refuses the second at once
     (130429, answered late); by the retry the customer's 24-hour window has closed, so the rest
     goes as the window template. The retry sent the whole answer as templates: the customer read
     the first piece a second time. The templates now carry pieces 2 and 3 only."""
-    tpl = {"account": ACCOUNT, "name": WINDOW, "variables": ["reply"]}
-    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl).status_code == 201
+    _window_template(wa)
     throttle = '[[graph:{"error": 130429, "times": 1, "delay_ms": 4000}]]'
     wa_id = new_wa_id()
     answer = _ask(wa, wa_id, [_sentences("A", 116), f"{throttle} " + _sentences("B", 100), _sentences("C", 60)])
@@ -194,14 +209,8 @@ def test_a_piece_failed_later_for_the_closed_window_is_followed_by_templates_of_
     not in yet when the window templates go (one job per answer). The templates carried the whole
     answer: the customer read piece 1 a second time. They now carry pieces 2 and 3, once, in order,
     after piece 1."""
-    tpl = {"account": ACCOUNT, "name": WINDOW, "variables": ["reply"]}
-    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl).status_code == 201
-    graph.configure(
-        statuses=True,
-        webhook_url=f"{wa.url}/channels/whatsapp/{ACCOUNT}",
-        app_secret=SECRET,
-        text_status_orders=[["sent", "delivered"], ["failed:131047"], third],
-    )
+    _window_template(wa)
+    _statuses_in_order(wa, graph, [["sent", "delivered"], ["failed:131047"], third])
     try:
         wa_id = new_wa_id()
         answer = _ask(wa, wa_id, [_sentences("A", 95), _sentences("B", 95), _sentences("C", 95)])
@@ -234,14 +243,8 @@ def test_a_pieces_own_failure_that_comes_after_a_later_pieces_is_carried_by_the_
     unordered). Its window templates counted the first piece as received (accepted, not failed
     yet) and carried the second only: the customer never read the first, recorded ``failed``.
     The templates now wait for the first piece's own status and carry both, once, in order."""
-    tpl = {"account": ACCOUNT, "name": WINDOW, "variables": ["reply"]}
-    assert admin(wa, "POST", "/admin/channels/whatsapp/templates", json=tpl).status_code == 201
-    graph.configure(
-        statuses=True,
-        webhook_url=f"{wa.url}/channels/whatsapp/{ACCOUNT}",
-        app_secret=SECRET,
-        text_status_orders=[["sent", "hold", "failed:131047"], ["failed:131047"]],
-    )
+    _window_template(wa)
+    _statuses_in_order(wa, graph, [["sent", "hold", "failed:131047"], ["failed:131047"]])
     try:
         wa_id = new_wa_id()
         answer = _ask(wa, wa_id, [_sentences("A", 95), _sentences("B", 95)])

@@ -18,7 +18,7 @@ import redis
 from gateway.embedded import EmbeddedValkey
 from policies.engine import LEDGER_STREAM
 from tests.conftest import Gateway, wait_until
-from tests.test_tools_review_s22 import ToolServer, agent, call, http_tool, new_key, unique
+from tests.test_tools_review_s22 import ToolServer, agent, call, http_tool, new_key, run_record, unique
 
 TENANT = unique("ledgerpii")
 EMAIL = "dana.private@example.org"
@@ -227,13 +227,7 @@ def test_a_step_refused_after_the_tools_ran_answers_degraded_not_with_an_error_t
     rid = raw.headers["x-request-id"]
     wait_until(lambda: len(tap.of(rid)) == 2, timeout=30, what="both steps' records")
     assert sorted((r["step"], r["status"]) for r in tap.of(rid)) == [(1, 200), (2, 429)]
-
-    def run() -> dict | None:
-        got = call(gw, "GET", f"/admin/runs/{rid}")
-        return got.json() if got.status_code == 200 else None
-
-    wait_until(run, timeout=30, what="the run record")
-    record = run()
+    record = run_record(gw, rid)
     assert record["status"] == 200 and record["degraded"] is True, record
     kinds = [(s["kind"], s.get("status")) for s in record["steps"]]
     assert ("tool", "ok") in kinds and ("model", "429") in kinds, kinds

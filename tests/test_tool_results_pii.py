@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import Gateway
-from tests.test_tools_review_s22 import ToolServer, agent, call, http_tool, new_key, unique
+from tests.test_tools_review_s22 import ToolServer, agent, call, http_tool, new_key, run_record, unique
 
 TENANT = unique("toolpii")
 
@@ -103,20 +103,10 @@ def test_a_client_message_too_costly_to_check_is_still_refused(gw, module_mock):
 
 
 def test_the_run_record_says_the_result_was_withheld(gw, tools, module_mock):
-    from tests.conftest import wait_until
-
     key = new_key(gw, TENANT)
     name = _contacts_agent(gw, tools)
     _, rid = _turn(gw, key, name, 600)
-    found: dict = {}
-
-    def recorded() -> bool:
-        r = call(gw, "GET", f"/admin/runs/{rid}")
-        found.update(r.json() if r.status_code == 200 else {})
-        return bool(found)
-
-    wait_until(recorded, timeout=15, what="the run record")
-    withheld = [s for s in found["steps"] if s["kind"] == "scrub"]
+    withheld = [s for s in run_record(gw, rid)["steps"] if s["kind"] == "scrub"]
     assert withheld and withheld[0]["status"] == "withheld" and withheld[0]["name"] == "contacts"
 
 
@@ -154,20 +144,6 @@ def test_many_results_past_the_bound_in_one_step_cost_at_most_three_scrubs(gw, t
     results = _tool_messages(module_mock)
     assert len(results) == 3 and all("withheld" in r for r in results), results
     assert "555-" not in json.dumps(module_mock.requests()[-1]["body"])
-
-
-def _run_record(gw, rid: str) -> dict:
-    from tests.conftest import wait_until
-
-    found: dict = {}
-
-    def recorded() -> bool:
-        r = call(gw, "GET", f"/admin/runs/{rid}")
-        found.update(r.json() if r.status_code == 200 else {})
-        return bool(found)
-
-    wait_until(recorded, timeout=15, what="the run record")
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +200,7 @@ def test_a_fallback_groups_stricter_policy_withholds_the_tool_result_and_the_tur
     results = _tool_messages(module_mock)
     assert len(results) == 1 and "withheld" in results[0] and why in results[0], results
     assert "555-" not in json.dumps(last) and "withheld" in answer
-    steps = [s for s in _run_record(fallback_gw, rid)["steps"] if s["kind"] == "scrub"]
+    steps = [s for s in run_record(fallback_gw, rid)["steps"] if s["kind"] == "scrub"]
     assert steps and steps[0]["status"] == "withheld" and steps[0]["name"] == "contacts", steps
 
 
@@ -252,7 +228,7 @@ def test_tool_call_arguments_too_costly_to_check_are_withheld_and_the_turn_answe
     (call_message,) = [m for m in last["messages"] if m.get("tool_calls")]
     assert call_message["tool_calls"][0]["function"]["arguments"] == "{}"  # withheld, the call kept
     assert "555-" not in json.dumps(last)
-    steps = [s for s in _run_record(gw, raw.headers["x-request-id"])["steps"] if s["kind"] == "scrub"]
+    steps = [s for s in run_record(gw, raw.headers["x-request-id"])["steps"] if s["kind"] == "scrub"]
     assert [(s["name"], s["part"], s["status"]) for s in steps] == [("note", "arguments", "withheld")], steps
 
 
@@ -269,7 +245,7 @@ def test_a_tool_result_the_policy_blocks_is_withheld_at_the_steps_scrub(fallback
     results = _tool_messages(module_mock)
     assert len(results) == 1 and "policy forbids" in results[0], results
     assert "555-" not in json.dumps(module_mock.requests()[-1]["body"])
-    steps = [s for s in _run_record(fallback_gw, rid)["steps"] if s["kind"] == "scrub"]
+    steps = [s for s in run_record(fallback_gw, rid)["steps"] if s["kind"] == "scrub"]
     assert [(s["name"], s["part"], s["error"]) for s in steps] == [("contacts", "result", "pii_blocked")], steps
 
 
@@ -297,7 +273,7 @@ def test_a_fallback_groups_policy_refusing_the_clients_message_after_the_tools_r
     assert raw.headers["x-gateway-degraded"] == "true"
     assert len([r for r in tools.requests() if r["path"] == "/directory"]) == before + 1, "the tool ran once"
     assert [r["body"]["model"] for r in module_mock.requests()] == ["m-small"]  # nothing reached the strict group
-    run = _run_record(fallback_gw, raw.headers["x-request-id"])
+    run = run_record(fallback_gw, raw.headers["x-request-id"])
     assert run["degraded"] is True
     assert [s.get("error") for s in run["steps"] if s["kind"] == "model"] == [None, "pii_blocked"], run["steps"]
 
@@ -354,5 +330,5 @@ def test_a_bound_the_tool_result_crossed_withholds_it_even_when_the_refusal_name
     assert module_mock.requests()[-1]["body"]["model"] == ("m" if model == "agent-model" else "m-phone")
     last = json.dumps(module_mock.requests()[-1]["body"])
     assert "Contact 1:" not in last  # nothing of the result went unchecked
-    steps = [s for s in _run_record(uncached_gw, raw.headers["x-request-id"])["steps"] if s["kind"] == "scrub"]
+    steps = [s for s in run_record(uncached_gw, raw.headers["x-request-id"])["steps"] if s["kind"] == "scrub"]
     assert [(s["name"], s["part"], s["status"]) for s in steps] == [("contacts", "result", "withheld")], steps

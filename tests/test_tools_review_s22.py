@@ -57,6 +57,19 @@ def call(gw, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Respo
     return LOCAL_HTTP.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=60, **kw)
 
 
+def run_record(gw, request_id: str) -> dict:
+    """The run record of a turn (``GET /admin/runs/{id}``), once its writer has stored it."""
+    found: dict = {}
+
+    def recorded() -> bool:
+        r = call(gw, "GET", f"/admin/runs/{request_id}")
+        found.update(r.json() if r.status_code == 200 else {})
+        return bool(found)
+
+    wait_until(recorded, timeout=15, what="the run record")
+    return found
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -326,15 +339,7 @@ def test_tools_that_ran_are_in_the_run_record_when_a_later_step_is_refused(gw, t
     )
     assert raw.headers["x-gateway-degraded"] == "true"
     assert [r for r in tools.requests() if r["path"] == f"/orders/{order}"]  # the tool did run
-    rid = raw.headers["x-request-id"]
-    found: dict = {}
-
-    def recorded() -> bool:
-        r = call(gw, "GET", f"/admin/runs/{rid}")
-        found.update(r.json() if r.status_code == 200 else {})
-        return bool(found)
-
-    wait_until(recorded, timeout=15, what="the run record")
+    found = run_record(gw, raw.headers["x-request-id"])
     steps = found["steps"]
     assert [s["kind"] for s in steps if s["kind"] in ("model", "tool")] == ["model", "tool", "model"]
     assert [s["status"] for s in steps if s["kind"] == "tool"] == ["ok"]
