@@ -98,25 +98,11 @@ def _step(ctx: RequestContext, started: float, kind: str = "model", **extra) -> 
     return step
 
 
-_PII_REFUSALS = ("pii_blocked", "pii_too_much_to_check", "pii_undecodable")
-
-
-def _degrades(ctx: RequestContext, err: GatewayError) -> bool:
-    """Whether a failed model call is answered with the agent's fallback message: every
-    deployment failed, or — once the turn's tools have run — a fallback group's PII policy
-    refused what its own group's let through (the client's messages: the turn's own steps are
-    withheld, ``withholding``). No group can serve the turn; a 400 would have the client retry
-    it, and run its tools' side effects again."""
-    if err.status in _FAILOVER_STATUSES:
-        return True
-    return err.code in _PII_REFUSALS and ctx.fallbacks > 0 and bool(ctx.extra.get("tool_messages"))
-
-
 _UNFINISHED = "I could not finish this request."
 
 
 async def _degraded(svc, ctx: RequestContext, scope: dict, err: GatewayError) -> bytes:
-    """The answer of a turn whose model call failed (``_degrades``) or, once its tools ran, whose
+    """The answer of a turn whose model call failed (every deployment: 5xx) or, once its tools ran, whose
     later step failed or was refused for any reason: the agent's fallback message (else a plain
     sentence), ``finish_reason: stop``, ``x-gateway-degraded: true``. Once the tools have run, an
     error would have the client retry the turn — the OpenAI SDKs retry a 429 or a 5xx on their
@@ -188,7 +174,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
         except GatewayError as err:
             tools_ran = bool(ctx.extra.get("tool_messages"))
             turn.steps.append(_step(ctx, step_started, status=err.status, error=err.code))
-            if not tools_ran and (agent.fallback_message is None or not _degrades(ctx, err)):
+            if not tools_ran and (agent.fallback_message is None or err.status not in _FAILOVER_STATUSES):
                 raise
             log.warning("agent %s: step %d failed (%s); the turn answers degraded", agent.name, ctx.step, err.code)
             raw = await _degraded(svc, ctx, scope, err)
