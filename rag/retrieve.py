@@ -148,28 +148,35 @@ def fts_query(text: str) -> str:
     return " or ".join(keywords)
 
 
-def _vector_filter(dims: int, docs: str = "$4") -> str:
-    return f"""c.dims = {dims} AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1)
-        AND ({docs}::text[] IS NULL OR c.document_id = ANY({docs}::text[]))"""
+def _vector_filter(dims: int, docs: str, by_document: bool) -> str:
+    """The chunks an exact vector search reads; ``docs`` is the parameter of the document
+    filter. With it, the chunks are found from the documents (a semi-join on the
+    (document_id, ...) index, also in a generic plan): a filter on a few documents of a large
+    knowledge base never walks all its chunks."""
+    only = f"c.document_id IN (SELECT unnest({docs}::text[]))" if by_document else f"{docs}::text[] IS NULL"
+    return f"c.dims = {dims} AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1) AND {only}"
 
 
-def _count_sql(dims: int, cap: int) -> str:
-    # at most ``cap`` rows of the (kb_id, dims) btree are counted
-    return f"SELECT count(*) FROM (SELECT 1 FROM kb_chunks c WHERE {_vector_filter(dims, '$3')} LIMIT {cap}) s"
+def _count_sql(dims: int, cap: int, by_document: bool) -> str:
+    """How many chunks a search reads, counted up to ``cap``."""
+    where = _vector_filter(dims, "$3", by_document)
+    return f"SELECT count(*) FROM (SELECT 1 FROM kb_chunks c WHERE {where} LIMIT {cap}) s"
 
 
-def _vector_sql(dims: int, limit: int, *, exact: bool) -> str:
+def _vector_sql(dims: int, limit: int, *, exact: bool, by_document: bool = False) -> str:
     cast = f"halfvec({dims})"
     if exact:
+        where = _vector_filter(dims, "$4", by_document)
         # OFFSET 0 keeps the filter a subquery of its own: the ORDER BY below sorts its rows
         # and cannot be planned as a scan of the HNSW index.
         nearest = f"""SELECT f.id, f.embedding::{cast} <=> $3::text::{cast} AS dist
-      FROM (SELECT c.id, c.embedding FROM kb_chunks c WHERE {_vector_filter(dims)} OFFSET 0) f
+      FROM (SELECT c.id, c.embedding FROM kb_chunks c WHERE {where} OFFSET 0) f
       ORDER BY dist LIMIT {limit}"""
-    else:
+    else:  # more than EXACT_BELOW chunks to read: the HNSW scan, filtered
         nearest = f"""SELECT c.id, c.embedding::{cast} <=> $3::text::{cast} AS dist
       FROM kb_chunks c
-      WHERE {_vector_filter(dims)}
+      WHERE c.dims = {dims} AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1)
+        AND ($4::text[] IS NULL OR c.document_id = ANY($4::text[]))
       ORDER BY c.embedding::{cast} <=> $3::text::{cast} LIMIT {limit}"""
     return f"""SELECT c.id, c.document_id, c.kb_id, c.section, c.text, c.tokens, 1 - s.dist AS similarity
 FROM ({nearest}) s
@@ -252,9 +259,10 @@ async def retrieve(
                 t0 = time.perf_counter()
                 args = (tenant, kb_list, qvec, docs, query_model)
                 cap = max(0, int(exact_below)) + 1
-                exact = await conn.fetchval(_count_sql(dims, cap), tenant, kb_list, docs) < cap
+                by_doc = docs is not None
+                exact = await conn.fetchval(_count_sql(dims, cap, by_doc), tenant, kb_list, docs) < cap
                 vector_scan = "exact" if exact else "hnsw"
-                vec_rows = await conn.fetch(_vector_sql(dims, candidates, exact=exact), *args)
+                vec_rows = await conn.fetch(_vector_sql(dims, candidates, exact=exact, by_document=by_doc), *args)
                 timings["vector_ms"] = _ms(t0)
             if query_text.strip():
                 t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import secrets
 from dataclasses import dataclass
@@ -16,7 +17,16 @@ from aiohttp import web
 from gateway.db import migrate
 from rag import store
 from rag.rerank import HttpReranker
-from rag.retrieve import BELOW_THRESHOLD, BEYOND_TOP_K, KEPT, OVER_TOKEN_BUDGET, _vector_sql, retrieve
+from rag.retrieve import (
+    BELOW_THRESHOLD,
+    BEYOND_TOP_K,
+    EXACT_BELOW,
+    KEPT,
+    OVER_TOKEN_BUDGET,
+    _count_sql,
+    _vector_sql,
+    retrieve,
+)
 
 DIMS = 384
 
@@ -350,6 +360,39 @@ def test_a_small_knowledge_base_is_searched_exactly_and_a_large_one_through_hnsw
             await conn.execute("SET LOCAL enable_bitmapscan = off")
             plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + _vector_sql(DIMS, 40, exact=True), *args))
             assert "hnsw" not in plan, plan
+
+    run(services, body)
+
+
+def test_a_document_filter_counts_its_chunks_without_walking_the_knowledge_base(services):
+    """Deciding between exact and HNSW search counts the chunks searched: with a document
+    filter (vector stores' attribute filters) in a large knowledge base, the count reads the
+    filtered documents' chunks through their index, not every chunk of the knowledge base."""
+    t = tenant_name()
+
+    async def body(pool):
+        big = [(Chunk(i, f"bulk {i}"), at_similarity(0.5, 1 + i % 50)) for i in range(3000)]
+        kb, _ = await make_kb(pool, t, {"big": big, "small": [(Chunk(0, "needle"), QUERY), (Chunk(1, "hay"), QUERY)]})
+        async with store.scoped(pool, None) as conn:
+            await conn.execute("ANALYZE kb_chunks")
+        async with store.scoped(pool, t) as conn:
+            small = await conn.fetchval("SELECT document_id FROM kb_chunks WHERE kb_id = $1 AND text = 'needle'", kb.id)
+            # a prepared statement run often gets a generic plan: the parameters' values unknown
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            sql = _count_sql(DIMS, EXACT_BELOW + 1, True)
+            await conn.execute(f"PREPARE count_chunks(text, text[], text[]) AS {sql}")
+            assert all(x.isalnum() or x in "-_" for x in t + kb.id + small)
+            explain = f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE count_chunks('{t}', ARRAY['{kb.id}'], ARRAY['{small}'])"
+            (plan,) = json.loads(await conn.fetchval(explain))
+            await conn.execute("DEALLOCATE count_chunks")
+
+        def removed(node: dict) -> int:
+            return node.get("Rows Removed by Filter", 0) + sum(removed(n) for n in node.get("Plans", []))
+
+        assert removed(plan["Plan"]) < 100, plan
+        found = await retrieve(pool, t, [kb.id], "", QUERY, threshold=-1.0, document_ids=[small])
+        assert found.vector_scan == "exact" and sorted(c.text for c in found.candidates) == ["hay", "needle"]
+        assert (await retrieve(pool, t, [kb.id], "", QUERY, threshold=-1.0)).vector_scan == "hnsw"
 
     run(services, body)
 
