@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import secrets
 from dataclasses import dataclass
@@ -16,7 +17,16 @@ from aiohttp import web
 from gateway.db import migrate
 from rag import store
 from rag.rerank import HttpReranker
-from rag.retrieve import BELOW_THRESHOLD, BEYOND_TOP_K, KEPT, OVER_TOKEN_BUDGET, retrieve
+from rag.retrieve import (
+    BELOW_THRESHOLD,
+    BEYOND_TOP_K,
+    EXACT_BELOW,
+    KEPT,
+    OVER_TOKEN_BUDGET,
+    _count_sql,
+    _vector_sql,
+    retrieve,
+)
 
 DIMS = 384
 
@@ -309,6 +319,80 @@ def test_threshold_top_k_and_token_budget_are_explained(services):
         )
         explained = r.explain()
         assert explained["candidates"][0]["decision"] == KEPT and "text" not in explained["candidates"][0]
+
+    run(services, body)
+
+
+def test_a_small_knowledge_base_is_searched_exactly_and_a_large_one_through_hnsw(services):
+    """HNSW is approximate and its index is shared by every tenant: the flaky miss of a small
+    knowledge base's own chunk (a below-threshold passage absent from the candidates) came from
+    it. Up to ``exact_below`` chunks the search compares every chunk; the plan of that query
+    never reads the HNSW index."""
+    t = tenant_name()
+
+    async def body(pool):
+        pairs = [(Chunk(i, f"passage {i}"), at_similarity(0.95 - i * 0.1, i + 1)) for i in range(6)]
+        kb, _ = await make_kb(pool, t, {"doc": pairs})
+        everything = [f"passage {i}" for i in range(6)]
+        exact = await retrieve(pool, t, [kb.id], "", QUERY, top_k=6, threshold=-1.0)
+        assert exact.vector_scan == "exact" and exact.explain()["vector_scan"] == "exact"
+        assert [c.text for c in exact.candidates] == everything
+        assert [round(c.similarity, 3) for c in exact.candidates] == [round(0.95 - i * 0.1, 3) for i in range(6)]
+        # at the bound: still exact; one chunk fewer allowed: HNSW
+        assert (await retrieve(pool, t, [kb.id], "", QUERY, exact_below=6)).vector_scan == "exact"
+        approx = await retrieve(pool, t, [kb.id], "", QUERY, top_k=6, threshold=-1.0, exact_below=5)
+        assert approx.vector_scan == "hnsw"
+        assert (await retrieve(pool, None, [kb.id], "", QUERY)).vector_scan == "exact"  # super-admin
+        assert (await retrieve(pool, t, [kb.id], "text only", None)).vector_scan is None
+        # a document filter counts only that document's chunks
+        kb2, _ = await make_kb(pool, t, {"a": pairs[:2], "b": pairs[2:]})
+        async with store.scoped(pool, t) as conn:
+            a = await conn.fetchval("SELECT document_id FROM kb_chunks WHERE kb_id = $1 AND text = 'passage 0'", kb2.id)
+        one = await retrieve(pool, t, [kb2.id], "", QUERY, threshold=-1.0, document_ids=[a], exact_below=2)
+        assert one.vector_scan == "exact" and [c.text for c in one.candidates] == ["passage 0", "passage 1"]
+        assert (await retrieve(pool, t, [kb2.id], "", QUERY, exact_below=2)).vector_scan == "hnsw"
+        async with store.scoped(pool, t) as conn:
+            qvec = store.vector_literal(QUERY)
+            args = (t, [kb.id], qvec, None, None)
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + _vector_sql(DIMS, 40, exact=True), *args))
+            assert "hnsw" not in plan, plan
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            await conn.execute("SET LOCAL enable_bitmapscan = off")
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + _vector_sql(DIMS, 40, exact=True), *args))
+            assert "hnsw" not in plan, plan
+
+    run(services, body)
+
+
+def test_a_document_filter_counts_its_chunks_without_walking_the_knowledge_base(services):
+    """Deciding between exact and HNSW search counts the chunks searched: with a document
+    filter (vector stores' attribute filters) in a large knowledge base, the count reads the
+    filtered documents' chunks through their index, not every chunk of the knowledge base."""
+    t = tenant_name()
+
+    async def body(pool):
+        big = [(Chunk(i, f"bulk {i}"), at_similarity(0.5, 1 + i % 50)) for i in range(3000)]
+        kb, _ = await make_kb(pool, t, {"big": big, "small": [(Chunk(0, "needle"), QUERY), (Chunk(1, "hay"), QUERY)]})
+        async with store.scoped(pool, None) as conn:
+            await conn.execute("ANALYZE kb_chunks")
+        async with store.scoped(pool, t) as conn:
+            small = await conn.fetchval("SELECT document_id FROM kb_chunks WHERE kb_id = $1 AND text = 'needle'", kb.id)
+            # a prepared statement run often gets a generic plan: the parameters' values unknown
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            sql = _count_sql(DIMS, EXACT_BELOW + 1, True)
+            await conn.execute(f"PREPARE count_chunks(text, text[], text[]) AS {sql}")
+            assert all(x.isalnum() or x in "-_" for x in t + kb.id + small)
+            explain = f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE count_chunks('{t}', ARRAY['{kb.id}'], ARRAY['{small}'])"
+            (plan,) = json.loads(await conn.fetchval(explain))
+            await conn.execute("DEALLOCATE count_chunks")
+
+        def removed(node: dict) -> int:
+            return node.get("Rows Removed by Filter", 0) + sum(removed(n) for n in node.get("Plans", []))
+
+        assert removed(plan["Plan"]) < 100, plan
+        found = await retrieve(pool, t, [kb.id], "", QUERY, threshold=-1.0, document_ids=[small])
+        assert found.vector_scan == "exact" and sorted(c.text for c in found.candidates) == ["hay", "needle"]
+        assert (await retrieve(pool, t, [kb.id], "", QUERY, threshold=-1.0)).vector_scan == "hnsw"
 
     run(services, body)
 
