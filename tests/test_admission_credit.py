@@ -33,7 +33,7 @@ def pair(tmp_root, services, module_mock):
 def local_admits(*gateways: Gateway) -> float:
     total = 0.0
     for gw in gateways:
-        text = httpx.get(f"{gw.url}/metrics").text
+        text = httpx.get(f"{gw.url}/metrics", timeout=30).text
         found = re.search(r"^gateway_admitted_from_credit_total (\S+)$", text, re.M)
         total += float(found.group(1)) if found else 0.0
     return total
@@ -43,11 +43,7 @@ def one_request_cost(gw: Gateway) -> float:
     """What one test request costs (its reservation under a hard budget is about 2.5 times
     that: the whole prompt and ``max_tokens`` at the highest price), from the admin API."""
     key = new_key(gw, budget_usd=1000.0, budget_period="daily")
-    r = httpx.post(
-        f"{gw.url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {key['key']}"},
-        json={"model": "priced", "messages": HELLO, "max_tokens": 5},
-    )
+    r = chat(gw, key["key"])
     assert r.status_code == 200
     return admin(gw, "GET", f"/admin/budgets/{key['budget_id']}").json()["spent_usd"]
 
@@ -57,6 +53,7 @@ def chat(gw: Gateway, key: str) -> httpx.Response:
         f"{gw.url}/v1/chat/completions",
         headers={"Authorization": f"Bearer {key}"},
         json={"model": "priced", "messages": HELLO, "max_tokens": 5},
+        timeout=30,  # (httpx's 5 s default: a loaded host's slow answer was a ReadTimeout)
     )
 
 
