@@ -79,6 +79,19 @@ def conversation_tag(tenant: str, external_id: str, key: bytes | None = None) ->
     return TAG_PREFIX + conversation_hash(tenant, external_id, key)
 
 
+def names_party(conversation: str, value: object) -> bool:
+    """Whether a ledger row's end user or customer is the conversation's own id or its last part
+    (a WhatsApp id ``wa:<pnid>:<wa_id>``'s customer): an erasure tags it then. Never a value the
+    id merely contains (an end user "1"), nor an empty one. ``names_party_sql`` says the same."""
+    return isinstance(value, str) and value != "" and (value == conversation or conversation.endswith(":" + value))
+
+
+def names_party_sql(conversation: str, value: str) -> str:
+    """``names_party`` as a SQL condition on two text expressions."""
+    suffix = f"right({conversation}, length({value}) + 1) = ':' || {value}"
+    return f"({value} <> '' AND ({value} = {conversation} OR {suffix}))"
+
+
 def conversation_record(raw: bytes) -> dict | None:
     """A stream record (JSON: a run, a ledger row) decoded, when it may name a conversation; None
     otherwise (most records: only an agent's turns hold a conversation id, so the rest are not

@@ -24,7 +24,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 
-from core.erasure_key import TAG_PREFIX, erasure_key, lock_batch_tenants, record_hash
+from core.erasure_key import TAG_PREFIX, erasure_key, lock_batch_tenants, names_party_sql, record_hash
 from core.metrics import DEAD_LETTERS
 from core.stream_spill import append_lines, claim, hold, line_chunks
 from core.stream_writer import StreamWriter, write_or_isolate
@@ -41,18 +41,21 @@ LINGER = 0.5  # seconds to let records gather after a short batch: fewer, larger
 
 # Records are COPYed as they sit in the stream (JSON) and PostgreSQL takes them apart: the
 # writer does no per-record work in Python, so it costs the serving process next to nothing.
+_CONV = "(r->>'conversation_id')"
+_USER_IS_PARTY = names_party_sql(_CONV, "(r->>'user')")
+_CUSTOMER_IS_PARTY = names_party_sql(_CONV, "(r->>'customer')")
 _FIELDS = (
     ("request_id", "r->>'request_id'"),
     ("client_request_id", "r->>'client_request_id'"),
     ("ts", "to_timestamp((r->>'ts')::float8)"),
     ("tenant", "r->>'tenant'"),
     ("key_id", "r->>'key_id'"),
-    ("end_user", "CASE WHEN gone AND strpos(r->>'conversation_id', r->>'user') > 0 THEN tag ELSE r->>'user' END"),
+    ("end_user", f"CASE WHEN gone AND {_USER_IS_PARTY} THEN tag ELSE r->>'user' END"),
     ("agent", "r->>'agent'"),
     ("workflow", "r->>'workflow'"),
     (
         "customer",
-        "CASE WHEN gone AND strpos(r->>'conversation_id', r->>'customer') > 0 THEN tag ELSE r->>'customer' END",
+        f"CASE WHEN gone AND {_CUSTOMER_IS_PARTY} THEN tag ELSE r->>'customer' END",
     ),
     ("tags", "ARRAY(SELECT jsonb_array_elements_text(COALESCE(r->'tags', '[]')))"),
     ("endpoint", "r->>'endpoint'"),
@@ -82,7 +85,7 @@ _FIELDS = (
 COLUMNS = tuple(name for name, _ in _FIELDS)
 # A record of a conversation erased after its call began (its time less its latency) keeps the
 # conversation's tag instead of its id, and instead of its end user and customer when the id
-# holds them (a WhatsApp turn's: the customer's number): it was on its way (the stream, the spool,
+# ends with them (a WhatsApp turn's: the customer's number): it was on its way (the stream, the spool,
 # a dead letter retried) when the erasure rewrote the rows already written
 # (``runtime.erased_records``). ``h``: the keyed hash of the conversation, computed by the writer
 # (``core.erasure_key``); the ledger does not say which agent answered: any erasure of the tenant's.

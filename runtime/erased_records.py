@@ -2,7 +2,7 @@
 audit ledger rows (sizes, durations, tokens and cost: what was spent stays) hold
 ``erased:<keyed hash>`` (``core.erasure_key.conversation_tag``) in place of the id, so the rows of
 one erased conversation still belong together and the id (a WhatsApp customer's number) cannot be
-read back. A ledger row's end user and customer go the same way when the id holds them (a
+read back. A ledger row's end user and customer go the same way when they are the id or its last part (a
 WhatsApp turn's are the customer's number).
 
 Rows already written are rewritten here (``retag``, inside the erasure's transaction, after its
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncpg
 import orjson
 
-from core.erasure_key import conversation_record, conversation_tag
+from core.erasure_key import conversation_record, conversation_tag, names_party, names_party_sql
 
 # $1 tenant, $2 the agents' ids, $3 the conversations' ids, $4 their tags, $5 a time or NULL
 _RUNS = """
@@ -27,10 +27,10 @@ WHERE runs.tenant = $1 AND runs.agent_id = ANY($2::text[]) AND runs.conversation
   AND ($5::timestamptz IS NULL OR runs.created_at < $5)
 """
 # $1 tenant, $2 the conversations' ids, $3 their tags, $4 a time or NULL
-_LEDGER = """
+_LEDGER = f"""
 UPDATE ledger SET conversation_id = t.tag,
-    end_user = CASE WHEN strpos(t.id, ledger.end_user) > 0 THEN t.tag ELSE ledger.end_user END,
-    customer = CASE WHEN strpos(t.id, ledger.customer) > 0 THEN t.tag ELSE ledger.customer END
+    end_user = CASE WHEN {names_party_sql("t.id", "ledger.end_user")} THEN t.tag ELSE ledger.end_user END,
+    customer = CASE WHEN {names_party_sql("t.id", "ledger.customer")} THEN t.tag ELSE ledger.customer END
 FROM unnest($2::text[], $3::text[]) AS t(id, tag)
 WHERE ledger.tenant = $1 AND ledger.conversation_id = t.id AND ($4::timestamptz IS NULL OR ledger.ts < $4)
 """
@@ -78,7 +78,7 @@ async def retag_dead_letters(
                 conv = rec["conversation_id"]
                 tag = conversation_tag(tenant, conv, key)
                 for field in ("user", "customer"):
-                    if isinstance(rec.get(field), str) and rec[field] in conv:
+                    if names_party(conv, rec.get(field)):
                         rec[field] = tag
                 rec["conversation_id"] = tag
                 async with redis.pipeline(transaction=True) as pipe:

@@ -348,3 +348,73 @@ def test_an_erasure_recorded_unkeyed_by_an_older_release_is_read_then_dropped(se
             await pool.close()
 
     asyncio.run(go())
+
+
+def test_an_erasure_keeps_an_end_user_and_customer_the_conversation_id_merely_contains(gw, services):
+    """The ledger's end user and customer become the conversation's tag only when they are the id
+    or its last part (a WhatsApp id ``wa:<pnid>:<wa_id>``'s customer): a short end user ("1") that
+    the id happens to contain stays what it was."""
+    admin_key = new_key(gw, tenant=TENANT, scopes=["admin"])["key"]
+    chat_key = new_key(gw, tenant=TENANT)["key"]
+    agent = f"bot-{uuid.uuid4().hex[:6]}"
+    body = {"name": agent, "model": "agent-model", "template": "You help.", "variables": {}}
+    assert _admin(gw, "POST", "/admin/agents", admin_key, json=body).status_code == 201
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=chat_key, max_retries=0)
+    conv = f"chat-1a-{uuid.uuid4().hex[:8]}"
+    rid = client.chat.completions.with_raw_response.create(
+        model=f"agent:{agent}",
+        messages=[{"role": "user", "content": "hi"}],
+        metadata={"conversation_id": conv},
+        user="1",
+        extra_headers={"x-gateway-customer": "a"},
+    ).headers["x-request-id"]
+    q = "SELECT conversation_id, end_user, customer FROM ledger WHERE request_id = $1"
+    wait_until(lambda: _rows(services[0], q, rid), what="the turn's ledger row")
+    assert _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{conv}", admin_key).status_code == 200
+    [row] = _rows(services[0], q, rid)
+    assert row["conversation_id"].startswith("erased:")
+    assert (row["end_user"], row["customer"]) == ("1", "a")
+
+
+def test_an_erasures_retag_of_runs_and_ledger_rows_uses_their_conversation_indexes(services):
+    """The retag runs under the erasure's lock: on a tenant with many runs and ledger rows of one
+    agent it reads the conversation's rows through (tenant, agent_id, conversation_id) and
+    (tenant, conversation_id), never the agent's or tenant's every row."""
+    from gateway.db import migrate
+    from runtime import erased_records
+
+    async def go() -> list[str]:
+        conn = await asyncpg.connect(services[0])
+        await migrate(conn)
+        tenant = f"retag-{uuid.uuid4().hex[:6]}"
+        try:
+            await conn.execute(
+                """INSERT INTO runs (request_id, tenant, agent_id, conversation_id)
+                   SELECT 'req_' || md5(random()::text), $1, 'agt_x', 'c-' || (i % 5000)
+                   FROM generate_series(1, 20000) i""",
+                tenant,
+            )
+            await conn.execute(
+                """INSERT INTO ledger (request_id, ts, tenant, conversation_id, end_user, endpoint, status)
+                   SELECT 'req_' || md5(random()::text), now(), $1, 'c-' || (i % 5000), 'u', 'chat', 200
+                   FROM generate_series(1, 20000) i""",
+                tenant,
+            )
+            await conn.execute("ANALYZE runs")
+            await conn.execute("ANALYZE ledger")
+            plans = []
+            for sql, args in (
+                (erased_records._RUNS, (tenant, ["agt_x"], ["c-7"], ["erased:x"], None)),
+                (erased_records._LEDGER, (tenant, ["c-7"], ["erased:x"], None)),
+            ):
+                rows = await conn.fetch(f"EXPLAIN {sql}", *args)
+                plans.append("\n".join(r[0] for r in rows))
+        finally:
+            await conn.execute("DELETE FROM runs WHERE tenant = $1", tenant)
+            await conn.execute("DELETE FROM ledger WHERE tenant = $1", tenant)
+            await conn.close()
+        return plans
+
+    runs_plan, ledger_plan = asyncio.run(go())
+    assert "runs_tenant_agent_conversation" in runs_plan and "Seq Scan on runs" not in runs_plan, runs_plan
+    assert "ledger_tenant_conversation" in ledger_plan and "Seq Scan on ledger" not in ledger_plan, ledger_plan
