@@ -432,7 +432,8 @@ def test_reservations_of_a_sigkilled_replica_are_released_after_their_hold(tmp_r
     One request's reservation fills the budget, so the refusal needs no several requests in
     flight at once (four, each admitted within the others' hold, did not always meet on a loaded
     host: a probe then ran, spent, and the budget ended used up instead of reserved)."""
-    config = cfg(module_mock, policies={"local_admission": False, "reservation_hold_s": 6})
+    # the hold: long enough for the probe below to come within it on a loaded host
+    config = cfg(module_mock, policies={"local_admission": False, "reservation_hold_s": 10})
     survivor = Gateway(tmp_root, config, services)
     victim = Gateway(tmp_root, config, services)
     try:
@@ -455,7 +456,7 @@ def test_reservations_of_a_sigkilled_replica_are_released_after_their_hold(tmp_r
                 httpx.post(f"{victim.url}/v1/chat/completions", json=slow, headers=auth, timeout=90)
 
         threading.Thread(target=hang, daemon=True).start()
-        wait_until(lambda: state()["reserved_usd"] > 0, timeout=15, what="the request in flight's reservation")
+        wait_until(lambda: state()["reserved_usd"] > 0, timeout=60, what="the request in flight's reservation")
         r = httpx.post(f"{survivor.url}/v1/chat/completions", json=quick, headers=auth, timeout=30)
         assert r.status_code == 429 and r.json()["error"]["code"] == "budget_reserved", (r.text, state())
         victim.stop(signal.SIGKILL)  # it never settles
@@ -466,7 +467,7 @@ def test_reservations_of_a_sigkilled_replica_are_released_after_their_hold(tmp_r
             assert r.status_code == 200 or r.json()["error"]["code"] == "budget_reserved", (r.text, state())
             return r.status_code == 200
 
-        wait_until(served, timeout=30, what="the dead replica's reservation released")
+        wait_until(served, timeout=60, what="the dead replica's reservation released")
         after = state()
         assert after["reserved_usd"] == 0 and 0 < after["spent_usd"] <= 0.0003, after
     finally:

@@ -34,6 +34,7 @@ def _config(module_mock, **pii) -> dict:
         "models": [{"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]}],
         "pii": {
             "workers": 0,
+            "timeout_s": 30,  # (a loaded machine's in-process analysis: 5 s gave 503 pii_unavailable)
             **pii,
             "policies": {"phones": {"entities": {"phone": "redact", "email": "redact"}}},
             "tenants": {TENANT: "phones"},
