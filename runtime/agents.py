@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from core.background import stop_tasks
+from core.background import pause, stop_tasks
 from core.errors import InvalidRequest, NotFound
 from core.metrics import AGENT_PROMPT_BYTES
 from core.pubsub import listen_forever
@@ -139,6 +139,7 @@ class AgentRegistry:
         self._labelled_bytes = 0  # of the versions the agents hold (the gauge's value)
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        self._stopping = asyncio.Event()
 
     def get(self, tenant: str, name: str) -> Agent | None:
         return self._agents.get(tenant, {}).get(name)
@@ -160,6 +161,7 @@ class AgentRegistry:
         return versions + len(self.pinned_versions), self._labelled_bytes + self.pinned_versions.bytes
 
     async def start(self) -> None:
+        self._stopping.clear()
         await self.reload()
         self._tasks = [
             asyncio.create_task(listen_forever(self._redis, CHANGED, self._changed, self.reload), name="agent-changes"),
@@ -167,6 +169,10 @@ class AgentRegistry:
         ]
 
     async def stop(self) -> None:
+        # The poll also ends on the flag: a cancellation lost inside a call it makes (seen in the
+        # suite: the task was found still polling) kept it going, and every shutdown that hit it
+        # waited out stop_tasks' 3 s grace.
+        self._stopping.set()
         await stop_tasks(self._tasks)
         self._tasks = []
 
@@ -239,7 +245,9 @@ class AgentRegistry:
 
     async def _poll(self) -> None:
         while True:
-            await asyncio.sleep(POLL_S)
+            await pause(self._stopping, POLL_S)
+            if self._stopping.is_set():
+                return
             try:
                 version = await self._redis.get(VERSION_KEY)
                 if version != self._version:
