@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from core.background import pause, stop_task
@@ -257,6 +258,7 @@ class StreamWriter:
         # what must be erasable (a conversation's turns) tags each one
         self._dead_tag = dead_tag
         self._legacy: asyncio.Task | None = None
+        self._blocked = False  # the loop waits in a blocking read on ``fast`` (stop() ends it)
 
     async def start(self) -> None:
         try:
@@ -271,6 +273,11 @@ class StreamWriter:
         """Writes what this process appended and its own pending entries; gives up after
         ``grace`` seconds (what is left stays in the stream for another replica or the next start)."""
         self._stopping.set()
+        if self._blocked:
+            # The loop waits out its blocking read (up to ``block_ms``) for nothing: drop that
+            # connection (the writer's own), which ends the read at once. An entry the read took
+            # meanwhile is this consumer's pending one, which the final drain below writes.
+            await self._fast.close()
         if self._legacy is not None:
             await stop_task(self._legacy)
         if self._task is not None:
@@ -318,6 +325,8 @@ class StreamWriter:
                 raise
             except Exception as exc:
                 self._own_pending = True
+                if self._stopping.is_set() and isinstance(exc, RedisConnectionError):
+                    return  # stop() dropped the blocking read's connection: it drains next
                 if "NOGROUP" in str(exc):  # Redis lost the group (restart without persistence)
                     with contextlib.suppress(Exception):
                         await self._ensure_group()
@@ -421,11 +430,17 @@ class StreamWriter:
 
     async def _wait_one(self, block: int) -> list[tuple[bytes, dict]]:
         if self._fast is not None:
+            if self._stopping.is_set():
+                return []
             limit = block / 1000 + REPLY_S  # the reply comes after the wait: the timeout must not cut it
-            reply = await self._fast.execute(
-                "XREADGROUP", "GROUP", self.group, self._name, "COUNT", 1, "BLOCK", block, "STREAMS", self.stream, ">",
-                limit_s=limit,
-            )  # fmt: skip
+            self._blocked = True
+            try:
+                reply = await self._fast.execute(
+                    "XREADGROUP", "GROUP", self.group, self._name, "COUNT", 1, "BLOCK", block,
+                    "STREAMS", self.stream, ">", limit_s=limit,
+                )  # fmt: skip
+            finally:
+                self._blocked = False
             return entries(reply[0][1]) if reply else []
         reply = await self._redis.xreadgroup(self.group, self._name, {self.stream: ">"}, count=1, block=block)
         if not reply:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -77,13 +78,20 @@ def test_two_workers_share_the_port_and_metrics(tmp_root, services, mock, api_ke
         client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=api_key, max_retries=0)
         for _ in range(20):
             client.chat.completions.create(model="gpt-mock", messages=[{"role": "user", "content": "w"}])
-        text = httpx.get(f"{gw.url}/metrics").text
-        m = re.search(
-            r'gateway_requests_total\{endpoint="chat",model="gpt-mock",provider="mock-openai",'
-            r'status="200"\} ([0-9.]+)',
-            text,
-        )
-        assert m and float(m.group(1)) == 20, "metrics from every worker are summed"
+
+        def counted() -> float:
+            text = httpx.get(f"{gw.url}/metrics", timeout=30).text
+            m = re.search(
+                r'gateway_requests_total\{endpoint="chat",model="gpt-mock",provider="mock-openai",'
+                r'status="200"\} ([0-9.]+)',
+                text,
+            )
+            return float(m.group(1)) if m else 0.0
+
+        # a request is counted as its handling ends, which may come just after its answer
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: counted() >= 20, timeout=15, what="every request counted")
+        assert counted() == 20, "metrics from every worker are summed"
 
 
 def test_sigterm_drains_an_in_flight_stream(tmp_root, services, mock, api_key):

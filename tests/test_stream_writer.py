@@ -166,6 +166,44 @@ def test_a_blocking_read_outlasts_a_shorter_connection_timeout_and_stop_closes_t
     asyncio.run(main())
 
 
+def test_stop_ends_the_blocking_read_and_still_writes_and_leaves_the_group(services, caplog):
+    """A read that would wait ten minutes for an entry: stop() does not wait it out (nor its own
+    grace, then the read still holding the connection): the entry written before, the final
+    drain without failure, and the writer's consumer gone from the group."""
+
+    async def main():
+        stream = f"test:{{gw}}:sw-{uuid.uuid4().hex[:8]}"
+        redis = aioredis.from_url(services[1])
+        written: list[dict] = []
+
+        async def write(conn, entries):
+            written.extend(entries)
+
+        fast = PipelinedRedis(services[1], timeout=10)
+        connection = await fast.execute("CLIENT", "ID")
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            writer = StreamWriter(redis, pool, stream=stream, group="g", write=write, fast=fast, block_ms=600_000)
+            with caplog.at_level(logging.WARNING, logger="gateway.streams"):
+                await writer.start()
+                await redis.xadd(stream, {"n": "1"})
+                await _until(lambda: _empty(redis, stream), "the entry written")
+                await _until(lambda: _blocked_read(redis, connection), "the writer waiting in its blocking read")
+                await asyncio.wait_for(writer.stop(grace=300), 120)
+        assert written == [{b"n": b"1"}]
+        assert not [r for r in caplog.records if "failed" in r.getMessage()]
+        assert await redis.xinfo_consumers(stream, "g") == []
+        await redis.delete(stream)
+        await redis.aclose()
+
+    async def _blocked_read(redis, connection: int) -> bool:
+        fields = dict(
+            f.split("=", 1) for f in (await redis.execute_command("CLIENT", "LIST", "ID", connection)).decode().split()
+        )
+        return fields.get("cmd") == "xreadgroup" and "b" in fields.get("flags", "")  # b: blocked
+
+    asyncio.run(main())
+
+
 async def _pool(services) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(services[0], min_size=1, max_size=4)
     async with pool.acquire() as conn:
