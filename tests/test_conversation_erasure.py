@@ -53,13 +53,18 @@ def _stored(gw: Gateway, agent: str, conv: str, key: str) -> list[dict]:
     return r.json()["data"]
 
 
-def test_an_erased_conversation_is_gone_everywhere_and_starts_anew(gw, services, module_mock):
+def _agent_and_client(gw: Gateway) -> tuple[str, str, openai.OpenAI]:
+    """A new agent of TENANT: its tenant admin's key, its name, and a chat client of the tenant."""
     admin_key = new_key(gw, tenant=TENANT, scopes=["admin"])["key"]
     chat_key = new_key(gw, tenant=TENANT)["key"]
     agent = f"bot-{uuid.uuid4().hex[:6]}"
     body = {"name": agent, "model": "agent-model", "template": "You help.", "variables": {}}
     assert _admin(gw, "POST", "/admin/agents", admin_key, json=body).status_code == 201
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=chat_key, max_retries=0)
+    return admin_key, agent, openai.OpenAI(base_url=f"{gw.url}/v1", api_key=chat_key, max_retries=0)
+
+
+def test_an_erased_conversation_is_gone_everywhere_and_starts_anew(gw, services, module_mock):
+    admin_key, agent, client = _agent_and_client(gw)
     conv = f"customer-{uuid.uuid4().hex[:8]}"
     for words in ("my card is 4111", "my address is 1 Main St", "thanks"):
         client.chat.completions.create(
@@ -72,13 +77,13 @@ def test_an_erased_conversation_is_gone_everywhere_and_starts_anew(gw, services,
     r = httpx.post(
         f"{gw.url}/v1/feedback",
         json={"conversation_id": conv, "agent": agent, "text": "she said her card is 4111", "thumbs": 1},
-        headers={"Authorization": f"Bearer {chat_key}"},
+        headers={"Authorization": f"Bearer {client.api_key}"},
     )
     assert r.status_code in (200, 201), r.text
     r = httpx.post(
         f"{gw.url}/v1/feedback",
         json={"request_id": rid, "score": 0.2},
-        headers={"Authorization": f"Bearer {chat_key}"},
+        headers={"Authorization": f"Bearer {client.api_key}"},
     )
     assert r.status_code in (200, 201), r.text
     wait_until(lambda: len(_stored(gw, agent, conv, admin_key)) == 8, what="the four turns stored")
@@ -87,7 +92,7 @@ def test_an_erased_conversation_is_gone_everywhere_and_starts_anew(gw, services,
 
     # a chat key may not erase, nor another tenant's admin, nor an unknown agent
     path = f"/admin/agents/{agent}/conversations/{conv}"
-    assert _admin(gw, "DELETE", path, chat_key).status_code == 403
+    assert _admin(gw, "DELETE", path, client.api_key).status_code == 403
     other = new_key(gw, tenant=f"other-{uuid.uuid4().hex[:6]}", scopes=["admin"])["key"]
     assert _admin(gw, "DELETE", path, other).status_code == 404
     assert _admin(gw, "DELETE", f"/admin/agents/nobody/conversations/{conv}", admin_key).status_code == 404
@@ -354,12 +359,7 @@ def test_an_erasure_keeps_an_end_user_and_customer_the_conversation_id_merely_co
     """The ledger's end user and customer become the conversation's tag only when they are the id
     or its last part (a WhatsApp id ``wa:<pnid>:<wa_id>``'s customer): a short end user ("1") that
     the id happens to contain stays what it was."""
-    admin_key = new_key(gw, tenant=TENANT, scopes=["admin"])["key"]
-    chat_key = new_key(gw, tenant=TENANT)["key"]
-    agent = f"bot-{uuid.uuid4().hex[:6]}"
-    body = {"name": agent, "model": "agent-model", "template": "You help.", "variables": {}}
-    assert _admin(gw, "POST", "/admin/agents", admin_key, json=body).status_code == 201
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=chat_key, max_retries=0)
+    admin_key, agent, client = _agent_and_client(gw)
     conv = f"chat-1a-{uuid.uuid4().hex[:8]}"
     rid = client.chat.completions.with_raw_response.create(
         model=f"agent:{agent}",
