@@ -455,6 +455,13 @@ def test_reservations_of_a_sigkilled_replica_are_released_after_their_hold(tmp_r
             with contextlib.suppress(httpx.HTTPError):
                 httpx.post(f"{victim.url}/v1/chat/completions", json=slow, headers=auth, timeout=90)
 
+        # the victim knows the new budget (replicas learn it by pub/sub, within milliseconds:
+        # a request that came first was admitted without it, and reserved nothing)
+        def victim_counts() -> bool:
+            httpx.post(f"{victim.url}/v1/chat/completions", json=quick, headers=auth, timeout=30)
+            return state()["spent_usd"] > 0
+
+        wait_until(victim_counts, timeout=30, what="the victim to count the new budget")
         threading.Thread(target=hang, daemon=True).start()
         wait_until(lambda: state()["reserved_usd"] > 0, timeout=60, what="the request in flight's reservation")
         r = httpx.post(f"{survivor.url}/v1/chat/completions", json=quick, headers=auth, timeout=30)
