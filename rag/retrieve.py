@@ -148,13 +148,19 @@ def fts_query(text: str) -> str:
     return " or ".join(keywords)
 
 
+def _chunk_filter(dims: int) -> str:
+    """The chunks of the searched knowledge bases ($2) of the tenant ($1; NULL: super-admin)
+    whose vectors have ``dims`` dimensions."""
+    return f"c.dims = {dims} AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1)"
+
+
 def _vector_filter(dims: int, docs: str, by_document: bool) -> str:
     """The chunks an exact vector search reads; ``docs`` is the parameter of the document
     filter. With it, the chunks are found from the documents (a semi-join on the
     (document_id, ...) index, also in a generic plan): a filter on a few documents of a large
     knowledge base never walks all its chunks."""
     only = f"c.document_id IN (SELECT unnest({docs}::text[]))" if by_document else f"{docs}::text[] IS NULL"
-    return f"c.dims = {dims} AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1) AND {only}"
+    return f"{_chunk_filter(dims)} AND {only}"
 
 
 def _count_sql(dims: int, cap: int, by_document: bool) -> str:
@@ -175,8 +181,7 @@ def _vector_sql(dims: int, limit: int, *, exact: bool, by_document: bool = False
     else:  # more than EXACT_BELOW chunks to read: the HNSW scan, filtered
         nearest = f"""SELECT c.id, c.embedding::{cast} <=> $3::text::{cast} AS dist
       FROM kb_chunks c
-      WHERE c.dims = {dims} AND c.kb_id = ANY($2::text[]) AND ($1::text IS NULL OR c.tenant = $1)
-        AND ($4::text[] IS NULL OR c.document_id = ANY($4::text[]))
+      WHERE {_chunk_filter(dims)} AND ($4::text[] IS NULL OR c.document_id = ANY($4::text[]))
       ORDER BY c.embedding::{cast} <=> $3::text::{cast} LIMIT {limit}"""
     return f"""SELECT c.id, c.document_id, c.kb_id, c.section, c.text, c.tokens, 1 - s.dist AS similarity
 FROM ({nearest}) s
