@@ -60,7 +60,7 @@ class StreamsAdmin:
         for name, writer in self._writers(request).items():
             stats = await writer.stats()
             if name == "ledger":
-                dead_file = writer.spool.path.parent / "ledger-dead.jsonl"
+                dead_file = writer.spool.dead_path
                 stats["spool_dead_bytes"] = dead_file.stat().st_size if dead_file.exists() else 0
             data.append({"object": "stream", "name": name, **stats})
         return base._json({"object": "list", "data": data})
