@@ -1045,3 +1045,90 @@ def test_an_erased_call_keeps_no_callers_number_but_the_callers_other_call_does(
             r.xdel(f"{LEDGER_STREAM}:dead", *stale)
         r.close()
         dead_file.unlink(missing_ok=True)
+
+
+def test_the_erasures_party_rule_names_the_channels_caller_in_a_call_and_nothing_else(services):
+    """What the erasure tags in a ``vapi:`` conversation's ledger rows (``names_party``, and its
+    SQL twin the writers and the retag run): the caller as the channel names them — the number
+    (E.164), the account's keyed pseudonym of it, a web call's own id — and no other value, nor
+    any of these in a conversation that is not a call. Pinned to the channel's own formats."""
+    from channels.vapi import llm, parse_accounts
+    from channels.vapi.wire import CallInfo
+    from core.erasure_key import names_party, names_party_sql
+
+    settings = {
+        "tenant": TENANT,
+        "api_key": "sk-any-key-0001",
+        "public_url": PUBLIC_URL,
+        "auth": {"bearer_token": TOKEN},
+    }
+    accounts = parse_accounts({"named": settings, "pseudonymous": {**settings, "attribute_customer": False}})
+    number, conv = "+14155550177", "vapi:c-1"
+    named = llm.end_user(accounts["named"], CallInfo(call_id="c-1", customer_number=number))
+    pseudonym = llm.end_user(accounts["pseudonymous"], CallInfo(call_id="c-1", customer_number=number))
+    web = llm.end_user(accounts["named"], CallInfo(call_id="c-1", call_type="webCall"))
+    assert (named, pseudonym.startswith("vapi-caller:"), web) == (number, True, "vapi-call:c-1")
+    cases = {
+        (conv, number): True,
+        (conv, pseudonym): True,
+        (conv, web): True,
+        (conv, conv): True,
+        (conv, "vapi-call:c-2"): False,  # another call
+        (conv, "+1415"): False,
+        (conv, "14155550177"): False,
+        (conv, number + "\n"): False,
+        (conv, "acme"): False,
+        (conv, ""): False,
+        (conv, None): False,
+        ("chat-1", number): False,  # not a call: only the id or its last part
+        ("chat-1", pseudonym): False,
+        ("wa:pn:15550001111", "15550001111"): True,
+    }
+    assert {case: names_party(*case) for case in cases} == cases
+
+    async def in_sql() -> dict:
+        conn = await asyncpg.connect(services[0])
+        try:
+            sql = f"SELECT coalesce({names_party_sql('$1::text', '$2::text')}, false)"
+            return {case: await conn.fetchval(sql, *case) for case in cases}
+        finally:
+            await conn.close()
+
+    assert asyncio.run(in_sql()) == cases
+
+
+def test_no_callback_is_placed_to_an_erased_calls_caller(env):
+    """An erased call's record holds the erasure's tag as its caller's number: a human's reply to
+    its conversation is reported undelivered, never a callback placed to the tag."""
+    from channels.vapi import VapiChannel, VapiDeliverer, parse_accounts
+    from channels.vapi.calls import CallStore
+    from channels.vapi.wire import CallInfo
+    from gateway.db import tenant_transaction
+
+    settings = {
+        "tenant": TENANT, "api_key": env["key"], "public_url": PUBLIC_URL, "auth": {"bearer_token": TOKEN},
+        "default_agent": AGENT, "vapi_api_url": env["api"].url, "vapi_api_key": VAPI_KEY,
+        "outbound_phone_number_id": "pn_main", "delivery": "callback",
+    }  # fmt: skip
+    call_id = str(uuid.uuid4())
+    conv = f"vapi:{call_id}"
+
+    async def go():
+        pool = await asyncpg.create_pool(env["db"], min_size=1, max_size=2)
+        try:
+            store = CallStore(lambda tenant: tenant_transaction(pool, tenant))
+            channel = VapiChannel(parse_accounts({"main": settings}), store, events=None, upstream=None)
+            await channel.start()
+            await store.upsert(
+                TENANT, "main", CallInfo(call_id=call_id, customer_number=_erasure_tag(conv)), AGENT, "ended"
+            )
+            try:
+                return await VapiDeliverer(channel).outcome(TENANT, conv, "A human says hello.", ref="esc_1")
+            finally:
+                await channel.stop()
+        finally:
+            await pool.close()
+
+    before = len(env["api"].requests())
+    assert asyncio.run(go()) == ("failed", "call ended; its caller's number was erased")
+    assert len(env["api"].requests()) == before
