@@ -12,7 +12,8 @@ their dead letters (super-admin only: records of every tenant).
 - ``DELETE /admin/streams/{stream}/dead-letters/{id}``: dropped.
 
 Spooled ledger records PostgreSQL refused are in ``ledger-dead.jsonl`` in each replica's data
-directory (``spool_dead_bytes`` here: this replica's).
+directory (``spool_dead_bytes`` here: this replica's; no route retries them). An erasure or a
+retention served by the replica rewrites its file (``runtime.erased_records.retag_dead_file``).
 """
 
 from __future__ import annotations
