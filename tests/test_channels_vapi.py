@@ -998,8 +998,8 @@ def test_an_erased_call_keeps_no_callers_number_but_the_callers_other_call_does(
         x["request_id"] for x in _number_rows(env, number) if x.get("request_id") and x["conversation_id"] == erased
     ]
     assert len(ours) == 3  # two model turns and the telephony, all naming the number
-    spent = "SELECT count(*) AS n, sum(cost_usd) AS cost FROM ledger WHERE tenant = $1"
-    before = query(env["db"], spent, TENANT)[0]
+    spent = "SELECT count(*) AS n, sum(cost_usd) AS cost FROM ledger WHERE tenant = $1 AND conversation_id = $2"
+    before = query(env["db"], spent, TENANT, erased)[0]
     tag = _erasure_tag(erased)
     r = redis.Redis.from_url(env["redis"])
     dead_file = tmp_root / "data" / "ledger-dead.jsonl"
@@ -1010,11 +1010,10 @@ def test_an_erased_call_keeps_no_callers_number_but_the_callers_other_call_does(
         r.xadd(f"{LEDGER_STREAM}:dead", {"r": orjson.dumps(dead), "error": "22P02"})
         locked_lines.append(dead_file, [others[0], orjson.dumps(dead | {"error": "22P02"})])
 
+        late = _turn_record(erased, number, time.time())  # a turn answered just before the erasure
         gone = admin(env["gw"], "DELETE", f"/admin/agents/{PLAIN}/conversations/{erased}", params={"tenant": TENANT})
         assert gone.status_code == 200, gone.text
-        # a turn answered just before the erasure whose record reaches the writer after it
-        late = _turn_record(erased, number, time.time() - 2)
-        r.xadd(LEDGER_STREAM, {"r": orjson.dumps(late)})
+        r.xadd(LEDGER_STREAM, {"r": orjson.dumps(late)})  # its record reaches the writer after it
         landed = "SELECT conversation_id, end_user, customer FROM ledger WHERE request_id = $1"
         wait_until(lambda: query(env["db"], landed, late["request_id"]), what="the late record")
 
@@ -1029,7 +1028,7 @@ def test_an_erased_call_keeps_no_callers_number_but_the_callers_other_call_does(
         assert {x["customer"] for x in tagged} == {tag} and {x["end_user"] for x in tagged} <= {tag, None}
         record = query(env["db"], "SELECT customer_number, cost_usd FROM vapi_calls WHERE conversation_id = $1", erased)
         assert record[0]["customer_number"] == tag and record[0]["cost_usd"] is not None
-        after = query(env["db"], spent, TENANT)[0]  # the money is all there (one late record more)
+        after = query(env["db"], spent, TENANT, tag)[0]  # the money is all there (one late record more)
         assert after["n"] == before["n"] + 1 and after["cost"] == pytest.approx(before["cost"] + 0.25)
         # the dead letters: rewritten, none names the number or the call
         letters = [orjson.loads(f[b"r"]) for _, f in r.xrange(f"{LEDGER_STREAM}:dead") if TENANT.encode() in f[b"r"]]
