@@ -1131,3 +1131,33 @@ def test_no_callback_is_placed_to_an_erased_calls_caller(env):
     before = len(env["api"].requests())
     assert asyncio.run(go()) == ("failed", "call ended; its caller's number was erased")
     assert len(env["api"].requests()) == before
+
+
+def test_a_call_erased_while_live_does_not_get_its_callers_number_back_from_vapis_later_events(env):
+    """A call erased while it is still going on: VAPI goes on sending its status updates and then
+    its end-of-call report, each with the caller's number. The record keeps the erasure's tag (a
+    status update fills only what is unknown: a NULL number would have been filled again), and
+    the report's ledger record (the call's telephony) names the tag, not the number."""
+    number = f"+1650{uuid.uuid4().int % 10**7:07d}"
+
+    async def scenario(call: VapiCall):
+        await call.assistant_request()
+        await call.event({"type": "status-update", "status": "in-progress"})
+        conv = f"vapi:{call.call_id}"
+        gone = admin(env["gw"], "DELETE", f"/admin/agents/{PLAIN}/conversations/{conv}", params={"tenant": TENANT})
+        assert gone.status_code == 200, gone.text
+        await call.event({"type": "status-update", "status": "forwarding"})
+        return conv, await call.end()
+
+    conv, reports = play(env, scenario, phone_number_id="pn_plain", customer=number)
+    assert [r["stored"] for r in reports] == [True, False]
+    tag = _erasure_tag(conv)
+    record = query(
+        env["db"], "SELECT customer_number, status, cost_usd FROM vapi_calls WHERE conversation_id = $1", conv
+    )
+    assert record == [{"customer_number": tag, "status": "ended", "cost_usd": pytest.approx(0.1234)}]
+    telephony = query(
+        env["db"], "SELECT customer FROM ledger WHERE endpoint = 'vapi.call' AND conversation_id = $1", conv
+    )
+    assert telephony == [{"customer": tag}]
+    assert _number_rows(env, number) == []
