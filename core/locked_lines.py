@@ -46,13 +46,13 @@ def rewrite(path: Path, change: Callable[[bytes], bytes | None]) -> int:
         return 0
     with locked(path):
         try:
-            src = open(path, "rb")  # (closed below, with the new file)
+            src = open(path, "rb")  # (closed by the with below, whatever happens in it)
         except FileNotFoundError:
             return 0
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         changed = 0
         try:
-            with src, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+            with src, open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
                 for raw in src:
                     line = raw.rstrip(b"\n")
                     new = change(line) if line.strip() else None
