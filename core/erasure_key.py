@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -79,17 +80,40 @@ def conversation_tag(tenant: str, external_id: str, key: bytes | None = None) ->
     return TAG_PREFIX + conversation_hash(tenant, external_id, key)
 
 
+# A VAPI call's conversation (``vapi:<call id>``) does not hold its caller's number, but its turns
+# and its call's record name them: as the number (E.164, as ``channels.vapi`` accepts it), as
+# the keyed pseudonym of an account that does not attribute its callers
+# (``channels.vapi.llm.end_user``: ``vapi-caller:<24 hex>``), or, on a web call, as the call.
+# In that conversation's rows those are its caller. (Kept here, beside the rest of the rule: the
+# kernel imports no channel; a test pins them to the channel's.)
+CALL_PREFIX = "vapi:"
+_CALLER = re.compile(r"\+[1-9][0-9]{6,14}|vapi-caller:[0-9a-f]{24}")
+_CALLER_SQL = "^([+][1-9][0-9]{6,14}|vapi-caller:[0-9a-f]{24})$"
+
+
 def names_party(conversation: str, value: object) -> bool:
-    """Whether a ledger row's end user or customer is the conversation's own id or its last part
-    (a WhatsApp id ``wa:<pnid>:<wa_id>``'s customer): an erasure tags it then. Never a value the
-    id merely contains (an end user "1"), nor an empty one. ``names_party_sql`` says the same."""
-    return isinstance(value, str) and value != "" and (value == conversation or conversation.endswith(":" + value))
+    """Whether a ledger row's end user or customer is the conversation's party: its own id or its
+    last part (a WhatsApp id ``wa:<pnid>:<wa_id>``'s customer), or, in a VAPI call's conversation,
+    its caller (a number, the channel's pseudonym of one, the web call itself): an erasure tags it
+    then. Never a value the id merely contains (an end user "1"), nor an empty one.
+    ``names_party_sql`` says the same."""
+    if not isinstance(value, str) or value == "":
+        return False
+    if value == conversation or conversation.endswith(":" + value):
+        return True
+    if not conversation.startswith(CALL_PREFIX):
+        return False
+    return _CALLER.fullmatch(value) is not None or value == "vapi-call:" + conversation[len(CALL_PREFIX) :]
 
 
 def names_party_sql(conversation: str, value: str) -> str:
     """``names_party`` as a SQL condition on two text expressions."""
     suffix = f"right({conversation}, length({value}) + 1) = ':' || {value}"
-    return f"({value} <> '' AND ({value} = {conversation} OR {suffix}))"
+    caller = (
+        f"(left({conversation}, {len(CALL_PREFIX)}) = '{CALL_PREFIX}' AND ({value} ~ '{_CALLER_SQL}'"
+        f" OR {value} = 'vapi-call:' || substr({conversation}, {len(CALL_PREFIX) + 1})))"
+    )
+    return f"({value} <> '' AND ({value} = {conversation} OR {suffix} OR {caller}))"
 
 
 def conversation_record(raw: bytes) -> dict | None:

@@ -21,8 +21,18 @@ answer, the context shown); the learned examples drawn from them that nobody app
 
 Kept without the id: the audit ledger (tokens and cost, never content) and run records (sizes
 and durations, never content) hold ``erased:<keyed hash>`` in its place (``runtime.erased_records``:
-the rows written, those on their way, the writers' dead letters). Left as they are: approved
-learned examples (curated by a reviewer, redacted for
+the rows written, those on their way, the writers' dead letters in Redis and this replica's
+``ledger-dead.jsonl``; another replica's file, in its own data directory, keeps them until an
+erasure or retention of the id is served there). A ledger row's end user and customer become the
+tag too when they are the conversation's party (``core.erasure_key.names_party``): the id or its
+last part (a WhatsApp customer's number) or, in a VAPI call's conversation (``vapi:<call id>``),
+the caller — their number, the channel's pseudonym of it, a web call's id. That call's record
+(``vapi_calls``) keeps its duration and cost with the tag as its caller's number (not NULL: a
+status update VAPI sends later fills only what is unknown, so it cannot bring the number back, and
+the call's report is then recorded under the tag); no callback is placed to it. The same caller's
+other calls are other conversations and keep the number: the channel treats a caller as a person
+across calls only for limits and budgets (end user, customer), not for its conversations.
+Left as they are: approved learned examples (curated by a reviewer, redacted for
 learning, indexed as the agent's knowledge: reject them through their own route).
 
 The id is the path after ``/conversations/``, percent-decoded (``gateway.conversation_paths``):

@@ -12,7 +12,8 @@ their dead letters (super-admin only: records of every tenant).
 - ``DELETE /admin/streams/{stream}/dead-letters/{id}``: dropped.
 
 Spooled ledger records PostgreSQL refused are in ``ledger-dead.jsonl`` in each replica's data
-directory (``spool_dead_bytes`` here: this replica's).
+directory (``spool_dead_bytes`` here: this replica's; no route retries them). An erasure or a
+retention served by the replica rewrites its file (``runtime.erased_records.retag_dead_file``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class StreamsAdmin:
         for name, writer in self._writers(request).items():
             stats = await writer.stats()
             if name == "ledger":
-                dead_file = writer.spool.path.parent / "ledger-dead.jsonl"
+                dead_file = writer.spool.dead_path
                 stats["spool_dead_bytes"] = dead_file.stat().st_size if dead_file.exists() else 0
             data.append({"object": "stream", "name": name, **stats})
         return base._json({"object": "list", "data": data})

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from channels.whatsapp import WhatsApp
 from channels.whatsapp import erasure as wa_erasure
 from core.config import Config
+from core.erasure_key import erasure_key
 from core.fastredis import PipelinedRedis
 from core.upstream import Upstream
 from gateway import hitl_service, kb_worker
@@ -152,8 +153,8 @@ class Services:
         expiry.start()
         # (a channel's copies are dropped through Redis and the data directory alone: with or without
         # its accounts here)
-        forget_channel = _forget_in_redis(redis, settings.data_dir.resolve(), pool, erasure=True)
-        channel_copies = _forget_in_redis(redis, settings.data_dir.resolve(), pool, erasure=False)
+        forget_channel = _forget_in_redis(redis, settings.data_dir.resolve(), pool, spool.dead_path, erasure=True)
+        channel_copies = _forget_in_redis(redis, settings.data_dir.resolve(), pool, spool.dead_path, erasure=False)
         retention = RetentionSweeper(pool, memory=memory, channel_copies=channel_copies)
         retention.start()
         hitl = await hitl_service.start(
@@ -256,15 +257,19 @@ class Services:
 DEAD_RECORD_STREAMS = (f"{LEDGER_STREAM}:dead", f"{RUNS_STREAM}:dead")
 
 
-def _forget_in_redis(redis, data_dir: Path, pool, *, erasure: bool) -> ChannelCopies:
+def _forget_in_redis(redis, data_dir: Path, pool, ledger_dead: Path, *, erasure: bool) -> ChannelCopies:
     """What an erasure or a retention does outside PostgreSQL: the runs' and ledger's dead
-    letters of the conversations get their tags (``runtime.erased_records``), and a channel's
-    copies go (``channels.whatsapp.erasure.forget``); an erasure's, not a retention's, also drops
+    letters of the conversations get their tags (``runtime.erased_records``: in Redis, and in
+    this replica's ``ledger_dead`` file; another replica's file, in its own data directory, is
+    rewritten only by an erasure or retention it serves), and a channel's copies go
+    (``channels.whatsapp.erasure.forget``); an erasure's, not a retention's, also drops
     the channel's jobs queued before it (a customer writing again just as the retention deletes
     their silent conversation starts a new one)."""
 
     async def forget(tenant: str, conversations: list[str]) -> None:
         await erased_records.retag_dead_letters(redis, DEAD_RECORD_STREAMS, tenant, conversations)
+        key = erasure_key()  # (read here: the thread then does file work only)
+        await asyncio.to_thread(erased_records.retag_dead_file, ledger_dead, tenant, conversations, key)
         await wa_erasure.forget(redis, data_dir, pool, tenant, conversations, mark=erasure)
 
     return forget

@@ -24,6 +24,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 
+from core import locked_lines
 from core.erasure_key import TAG_PREFIX, erasure_key, lock_batch_tenants, names_party_sql, record_hash
 from core.metrics import DEAD_LETTERS
 from core.stream_spill import append_lines, claim, hold, line_chunks
@@ -182,11 +183,20 @@ def settle_args(settlements: list) -> list:
     return argv
 
 
+DEAD_FILE = "ledger-dead.jsonl"
+
+
 class Spool:
     """Records Redis could not take, kept on local disk until they reach PostgreSQL."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    @property
+    def dead_path(self) -> Path:
+        """The spool's dead letters (records PostgreSQL refused), beside it: appended under the
+        file's lock (``core.locked_lines``), which an erasure's rewrite of them takes too."""
+        return self.path.parent / DEAD_FILE
 
     def append(self, record: bytes) -> None:
         self.append_many([record])
@@ -228,14 +238,14 @@ class Spool:
 
     async def _write(self, conn: asyncpg.Connection, records: list[bytes]) -> None:
         """One transaction; what PostgreSQL refuses alone goes to the spool's dead letters
-        (``ledger-dead.jsonl`` beside it), so one record cannot keep the others out of the
-        ledger, replay after replay."""
+        (``dead_path``), so one record cannot keep the others out of the ledger, replay after
+        replay."""
         refused = await write_or_isolate(lambda batch: write_records(conn, batch), records)
         if refused:
-            dead = self.path.parent / "ledger-dead.jsonl"
+            dead = self.dead_path
             log.error("%d spooled audit records refused by PostgreSQL, kept in %s", len(refused), dead)
             DEAD_LETTERS.labels("ledger-spool").inc(len(refused))
-            append_lines(dead, [_dead(record, sqlstate) for record, sqlstate in refused])
+            locked_lines.append(dead, [_dead(record, sqlstate) for record, sqlstate in refused])
 
 
 class LedgerWriter(StreamWriter):

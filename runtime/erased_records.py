@@ -3,20 +3,27 @@ audit ledger rows (sizes, durations, tokens and cost: what was spent stays) hold
 ``erased:<keyed hash>`` (``core.erasure_key.conversation_tag``) in place of the id, so the rows of
 one erased conversation still belong together and the id (a WhatsApp customer's number) cannot be
 read back. A ledger row's end user and customer go the same way when they are the id or its last part (a
-WhatsApp turn's are the customer's number).
+WhatsApp turn's are the customer's number) or, in a VAPI call's conversation, its caller
+(``core.erasure_key.names_party``: the number, the channel's pseudonym of it, a web call), and the
+call's record (``vapi_calls``, kept for its duration and cost) holds the tag as its caller's number.
 
 Rows already written are rewritten here (``retag``, inside the erasure's transaction, after its
 lock); rows on their way (the runs and ledger streams, a spool on disk, a dead letter retried)
 are written with the tag by their writers when the erasure is older than the turn
-(``runtime.runs``, ``policies.ledger``). The ledger does not say which agent answered: an
-erasure retags the tenant's rows of the id, whichever agent's.
+(``runtime.runs``, ``policies.ledger``); the ledger's dead letters are rewritten in Redis
+(``retag_dead_letters``) and in this replica's ``ledger-dead.jsonl`` (``retag_dead_file``). The
+ledger does not say which agent answered: an erasure retags the tenant's rows of the id,
+whichever agent's.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncpg
 import orjson
 
+from core import locked_lines
 from core.erasure_key import conversation_record, conversation_tag, names_party, names_party_sql
 
 # $1 tenant, $2 the agents' ids, $3 the conversations' ids, $4 their tags, $5 a time or NULL
@@ -34,6 +41,17 @@ UPDATE ledger SET conversation_id = t.tag,
 FROM unnest($2::text[], $3::text[]) AS t(id, tag)
 WHERE ledger.tenant = $1 AND ledger.conversation_id = t.id AND ($4::timestamptz IS NULL OR ledger.ts < $4)
 """
+# A VAPI call's record keeps the tag as its caller's number: a status update VAPI sends later
+# (``COALESCE``: it fills only what is unknown) does not bring the number back, the ledger record
+# of its end-of-call report (written from this row) names the tag, and no callback is placed to it.
+# Only this call's record: the same caller's other calls are other conversations. ($1 tenant, $2
+# the conversations' ids, $3 their tags, $4 a time or NULL)
+_CALLS = """
+UPDATE vapi_calls SET customer_number = t.tag, updated_at = now()
+FROM unnest($2::text[], $3::text[]) AS t(id, tag)
+WHERE vapi_calls.tenant = $1 AND vapi_calls.conversation_id = t.id AND vapi_calls.customer_number <> t.tag
+  AND ($4::timestamptz IS NULL OR vapi_calls.created_at < $4)
+"""
 
 
 async def retag(
@@ -45,11 +63,13 @@ async def retag(
     key: bytes | None = None,
 ) -> None:
     """The conversations' runs (of these agents) and ledger rows (of the tenant) hold their tags
-    instead of their ids, inside the caller's transaction; ``before`` (a datetime): only rows
-    older (a retention's cutoff). Repeating it changes nothing."""
+    instead of their ids, and their VAPI calls' records instead of their callers' numbers, inside
+    the caller's transaction; ``before`` (a datetime): only rows older (a retention's cutoff).
+    Repeating it changes nothing."""
     tags = [conversation_tag(tenant, c, key) for c in external_ids]
     await conn.execute(_RUNS, tenant, agent_ids, external_ids, tags, before)
     await conn.execute(_LEDGER, tenant, external_ids, tags, before)
+    await conn.execute(_CALLS, tenant, external_ids, tags, before)
 
 
 DEAD_PAGE = 200  # dead letters read per call
@@ -72,21 +92,46 @@ async def retag_dead_letters(
             start = "(" + _text(page[-1][0])
             for entry_id, fields in page:
                 raw = fields.get(b"r")
-                rec = conversation_record(raw) if raw else None
-                if rec is None or rec.get("tenant") != tenant or rec.get("conversation_id") not in ids:
+                rec = _retagged(raw, tenant, ids, key) if raw else None
+                if rec is None:
                     continue
-                conv = rec["conversation_id"]
-                tag = conversation_tag(tenant, conv, key)
-                for field in ("user", "customer"):
-                    if names_party(conv, rec.get(field)):
-                        rec[field] = tag
-                rec["conversation_id"] = tag
                 async with redis.pipeline(transaction=True) as pipe:
                     pipe.xadd(dead, {**fields, b"r": orjson.dumps(rec)})
                     pipe.xdel(dead, entry_id)
                     await pipe.execute()
                 rewritten += 1
     return rewritten
+
+
+def retag_dead_file(path: Path, tenant: str, external_ids: list[str], key: bytes | None = None) -> int:
+    """The ledger's spooled records PostgreSQL refused (``path``: ``ledger-dead.jsonl`` in this
+    replica's data directory, one record a line) that name the conversations hold their tags
+    instead, as ``retag_dead_letters`` does in Redis: the file is rewritten (a new file renamed
+    over it) under the lock its appends take (``core.locked_lines``), so none is lost. Blocking
+    file work: run it in a thread. The number rewritten."""
+    ids = set(external_ids)
+
+    def change(line: bytes) -> bytes | None:
+        rec = _retagged(line, tenant, ids, key)
+        return orjson.dumps(rec) if rec is not None else None
+
+    return locked_lines.rewrite(path, change)
+
+
+def _retagged(raw: bytes, tenant: str, ids: set[str], key: bytes | None) -> dict | None:
+    """A record (a run, a ledger row) of one of the tenant's conversations ``ids`` with its tag in
+    place of the id, and of its end user and customer when they are its party
+    (``names_party``); None when it names none of them."""
+    rec = conversation_record(raw)
+    conv = rec.get("conversation_id") if rec is not None else None
+    if rec is None or rec.get("tenant") != tenant or not isinstance(conv, str) or conv not in ids:
+        return None
+    tag = conversation_tag(tenant, conv, key)
+    for field in ("user", "customer"):
+        if names_party(conv, rec.get(field)):
+            rec[field] = tag
+    rec["conversation_id"] = tag
+    return rec
 
 
 def _text(value) -> str:

@@ -167,6 +167,7 @@ def env(tmp_root, services, module_mock):
         "api": api,
         "mock": module_mock,
         "db": services[0],
+        "redis": services[1],
         "key": key,
         "config": config,
         "spare_id": spare_id,
@@ -935,3 +936,228 @@ def test_call_fields_of_the_wrong_type_are_ignored_not_a_500(env):
     client.chat.completions.create(
         model=f"agent:{PLAIN}", messages=[{"role": "user", "content": "hi"}], extra_body={"call": hostile}
     )
+
+
+# ---- an erased call leaves no caller's number ---------------------------------------------------
+LEDGER_STREAM = "gw:{gw}:ledger"
+
+
+def _erasure_tag(conversation: str) -> str:
+    """The tag the gateway puts in place of an erased id (its key: derived from the master key)."""
+    from core import erasure_key
+
+    return erasure_key.conversation_tag(TENANT, conversation, erasure_key._key("", MASTER_KEY, ""))
+
+
+def _number_rows(env, number: str) -> list[dict]:
+    """The tenant's ledger rows and call records that name the number."""
+    ledger = query(
+        env["db"],
+        "SELECT request_id, conversation_id, end_user, customer FROM ledger WHERE tenant = $1 "
+        "AND (end_user = $2 OR customer = $2) ORDER BY request_id",
+        TENANT,
+        number,
+    )
+    calls = query(env["db"], "SELECT conversation_id FROM vapi_calls WHERE customer_number = $1", number)
+    return ledger + calls
+
+
+def _turn_record(conversation: str, number: str, ts: float) -> dict:
+    """A ledger record of a model turn of the call, as the writer finds it in the stream."""
+    return {
+        "request_id": f"req_{uuid.uuid4().hex}", "ts": ts, "tenant": TENANT, "user": number, "customer": number,
+        "agent": PLAIN, "endpoint": "chat", "model": f"agent:{PLAIN}", "status": 200, "prompt_tokens": 7,
+        "completion_tokens": 3, "cost_usd": 0.25, "latency_ms": 5.0, "step": 1, "conversation_id": conversation,
+    }  # fmt: skip
+
+
+def test_an_erased_call_keeps_no_callers_number_but_the_callers_other_call_does(env, tmp_root):
+    """A call's conversation id (``vapi:<call id>``) does not hold its caller's number, so the
+    erasure's retag of "the id or its last part" left it everywhere: the call's record, and the
+    ledger rows of its model turns (end user and customer) and of its telephony (customer). Now
+    the call's record and its ledger rows hold the erasure's tag instead — those written before,
+    a turn's record still in the ledger stream when it came, the ledger's dead letters in Redis
+    and in this replica's ``ledger-dead.jsonl`` — while the caller's other call (another
+    conversation) keeps the number, and the cost is all still there."""
+    import time
+
+    import orjson
+    import redis
+
+    from core import locked_lines
+
+    number = f"+1415{uuid.uuid4().int % 10**7:07d}"
+    played = [play(env, lambda c: c.play(["Hello", "Thanks"]), phone_number_id="pn_plain", customer=number)]
+    played.append(play(env, lambda c: c.play(["Hello again"]), phone_number_id="pn_plain", customer=number))
+    erased, kept = (f"vapi:{r.call_id}" for r in played)
+    assert all(t.status == 200 for r in played for t in r.turns)
+    turns = "SELECT count(*) AS n FROM ledger WHERE endpoint = 'chat' AND conversation_id = $1"
+    for conv, n in ((erased, 2), (kept, 1)):
+        wait_until(lambda c=conv, n=n: query(env["db"], turns, c) == [{"n": n}], what="the call's model turns")
+    ours = [
+        x["request_id"] for x in _number_rows(env, number) if x.get("request_id") and x["conversation_id"] == erased
+    ]
+    assert len(ours) == 3  # two model turns and the telephony, all naming the number
+    spent = "SELECT count(*) AS n, sum(cost_usd) AS cost FROM ledger WHERE tenant = $1 AND conversation_id = $2"
+    before = query(env["db"], spent, TENANT, erased)[0]
+    tag = _erasure_tag(erased)
+    r = redis.Redis.from_url(env["redis"])
+    dead_file = tmp_root / "data" / "ledger-dead.jsonl"
+    others = [orjson.dumps(_turn_record(kept, number, time.time()) | {"error": "22P02"})]
+    try:
+        # refused records: one in Redis, one in the replica's file (beside another call's)
+        dead = _turn_record(erased, number, time.time() - 60)
+        r.xadd(f"{LEDGER_STREAM}:dead", {"r": orjson.dumps(dead), "error": "22P02"})
+        locked_lines.append(dead_file, [others[0], orjson.dumps(dead | {"error": "22P02"})])
+
+        late = _turn_record(erased, number, time.time())  # a turn answered just before the erasure
+        gone = admin(env["gw"], "DELETE", f"/admin/agents/{PLAIN}/conversations/{erased}", params={"tenant": TENANT})
+        assert gone.status_code == 200, gone.text
+        r.xadd(LEDGER_STREAM, {"r": orjson.dumps(late)})  # its record reaches the writer after it
+        landed = "SELECT conversation_id, end_user, customer FROM ledger WHERE request_id = $1"
+        wait_until(lambda: query(env["db"], landed, late["request_id"]), what="the late record")
+
+        left = _number_rows(env, number)
+        assert {x["conversation_id"] for x in left} == {kept}, left  # the other call's rows and record only
+        tagged = query(
+            env["db"],
+            "SELECT DISTINCT conversation_id, end_user, customer FROM ledger WHERE request_id = ANY($1::text[])",
+            [*ours, late["request_id"]],
+        )
+        assert {x["conversation_id"] for x in tagged} == {tag}
+        assert {x["customer"] for x in tagged} == {tag} and {x["end_user"] for x in tagged} <= {tag, None}
+        record = query(env["db"], "SELECT customer_number, cost_usd FROM vapi_calls WHERE conversation_id = $1", erased)
+        assert record[0]["customer_number"] == tag and record[0]["cost_usd"] is not None
+        after = query(env["db"], spent, TENANT, tag)[0]  # the money is all there (one late record more)
+        assert after["n"] == before["n"] + 1 and after["cost"] == pytest.approx(before["cost"] + 0.25)
+        # the dead letters: rewritten, none names the number or the call
+        letters = [orjson.loads(f[b"r"]) for _, f in r.xrange(f"{LEDGER_STREAM}:dead") if TENANT.encode() in f[b"r"]]
+        ours_dead = [x for x in letters if x["request_id"] == dead["request_id"]]
+        assert [(x["conversation_id"], x["user"], x["customer"]) for x in ours_dead] == [(tag, tag, tag)]
+        lines = dead_file.read_bytes().splitlines()
+        assert others[0] in lines and not any(erased.encode() in x for x in lines)
+        [in_file] = [orjson.loads(x) for x in lines if dead["request_id"].encode() in x]
+        assert (in_file["conversation_id"], in_file["user"], in_file["customer"]) == (tag, tag, tag)
+    finally:
+        stale = [i for i, f in r.xrange(f"{LEDGER_STREAM}:dead") if TENANT.encode() in f.get(b"r", b"")]
+        if stale:
+            r.xdel(f"{LEDGER_STREAM}:dead", *stale)
+        r.close()
+        dead_file.unlink(missing_ok=True)
+
+
+def test_the_erasures_party_rule_names_the_channels_caller_in_a_call_and_nothing_else(services):
+    """What the erasure tags in a ``vapi:`` conversation's ledger rows (``names_party``, and its
+    SQL twin the writers and the retag run): the caller as the channel names them — the number
+    (E.164), the account's keyed pseudonym of it, a web call's own id — and no other value, nor
+    any of these in a conversation that is not a call. Pinned to the channel's own formats."""
+    from channels.vapi import llm, parse_accounts
+    from channels.vapi.wire import CallInfo
+    from core.erasure_key import names_party, names_party_sql
+
+    settings = {
+        "tenant": TENANT,
+        "api_key": "sk-any-key-0001",
+        "public_url": PUBLIC_URL,
+        "auth": {"bearer_token": TOKEN},
+    }
+    accounts = parse_accounts({"named": settings, "pseudonymous": {**settings, "attribute_customer": False}})
+    number, conv = "+14155550177", "vapi:c-1"
+    named = llm.end_user(accounts["named"], CallInfo(call_id="c-1", customer_number=number))
+    pseudonym = llm.end_user(accounts["pseudonymous"], CallInfo(call_id="c-1", customer_number=number))
+    web = llm.end_user(accounts["named"], CallInfo(call_id="c-1", call_type="webCall"))
+    assert (named, pseudonym.startswith("vapi-caller:"), web) == (number, True, "vapi-call:c-1")
+    cases = {
+        (conv, number): True,
+        (conv, pseudonym): True,
+        (conv, web): True,
+        (conv, conv): True,
+        (conv, "vapi-call:c-2"): False,  # another call
+        (conv, "+1415"): False,
+        (conv, "14155550177"): False,
+        (conv, number + "\n"): False,
+        (conv, "acme"): False,
+        (conv, ""): False,
+        (conv, None): False,
+        ("chat-1", number): False,  # not a call: only the id or its last part
+        ("chat-1", pseudonym): False,
+        ("wa:pn:15550001111", "15550001111"): True,
+    }
+    assert {case: names_party(*case) for case in cases} == cases
+
+    async def in_sql() -> dict:
+        conn = await asyncpg.connect(services[0])
+        try:
+            sql = f"SELECT coalesce({names_party_sql('$1::text', '$2::text')}, false)"
+            return {case: await conn.fetchval(sql, *case) for case in cases}
+        finally:
+            await conn.close()
+
+    assert asyncio.run(in_sql()) == cases
+
+
+def test_no_callback_is_placed_to_an_erased_calls_caller(env):
+    """An erased call's record holds the erasure's tag as its caller's number: a human's reply to
+    its conversation is reported undelivered, never a callback placed to the tag."""
+    from channels.vapi import VapiChannel, VapiDeliverer, parse_accounts
+    from channels.vapi.calls import CallStore
+    from channels.vapi.wire import CallInfo
+    from gateway.db import tenant_transaction
+
+    settings = {
+        "tenant": TENANT, "api_key": env["key"], "public_url": PUBLIC_URL, "auth": {"bearer_token": TOKEN},
+        "default_agent": AGENT, "vapi_api_url": env["api"].url, "vapi_api_key": VAPI_KEY,
+        "outbound_phone_number_id": "pn_main", "delivery": "callback",
+    }  # fmt: skip
+    call_id = str(uuid.uuid4())
+    conv = f"vapi:{call_id}"
+
+    async def go():
+        pool = await asyncpg.create_pool(env["db"], min_size=1, max_size=2)
+        try:
+            store = CallStore(lambda tenant: tenant_transaction(pool, tenant))
+            channel = VapiChannel(parse_accounts({"main": settings}), store, events=None, upstream=None)
+            await channel.start()
+            await store.upsert(
+                TENANT, "main", CallInfo(call_id=call_id, customer_number=_erasure_tag(conv)), AGENT, "ended"
+            )
+            try:
+                return await VapiDeliverer(channel).outcome(TENANT, conv, "A human says hello.", ref="esc_1")
+            finally:
+                await channel.stop()
+        finally:
+            await pool.close()
+
+    before = len(env["api"].requests())
+    assert asyncio.run(go()) == ("failed", "call ended; its caller's number was erased")
+    assert len(env["api"].requests()) == before
+
+
+def test_a_call_erased_while_live_does_not_get_its_callers_number_back_from_vapis_later_events(env):
+    """A call erased while it is still going on: VAPI goes on sending its status updates and then
+    its end-of-call report, each with the caller's number. The record keeps the erasure's tag (a
+    status update fills only what is unknown: a NULL number would have been filled again), and
+    the report's ledger record (the call's telephony) names the tag, not the number."""
+    number = f"+1650{uuid.uuid4().int % 10**7:07d}"
+
+    async def scenario(call: VapiCall):
+        await call.assistant_request()
+        await call.event({"type": "status-update", "status": "in-progress"})
+        conv = f"vapi:{call.call_id}"
+        gone = admin(env["gw"], "DELETE", f"/admin/agents/{PLAIN}/conversations/{conv}", params={"tenant": TENANT})
+        assert gone.status_code == 200, gone.text
+        await call.event({"type": "status-update", "status": "forwarding"})
+        return conv, await call.end()
+
+    conv, reports = play(env, scenario, phone_number_id="pn_plain", customer=number)
+    assert [r["stored"] for r in reports] == [True, False]
+    tag = _erasure_tag(conv)
+    record = query(
+        env["db"], "SELECT customer_number, status, cost_usd FROM vapi_calls WHERE conversation_id = $1", conv
+    )
+    assert record == [{"customer_number": tag, "status": "ended", "cost_usd": pytest.approx(0.1234)}]
+    telephony = query(
+        env["db"], "SELECT customer FROM ledger WHERE endpoint = 'vapi.call' AND conversation_id = $1", conv
+    )
+    assert telephony == [{"customer": tag}]
+    assert _number_rows(env, number) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 
@@ -115,3 +116,61 @@ def test_a_spooled_record_postgres_refuses_goes_to_the_dead_letters_and_the_rest
     dead = (tmp_path / "ledger-dead.jsonl").read_bytes().splitlines()
     assert len(dead) == 1 and orjson.loads(dead[0])["error"] == "22003" and b"my secret" not in dead[0]
     assert not [p for p in tmp_path.glob("ledger-spool-*") if p.suffix != ".lock"]  # the spool is done
+
+
+def test_a_refused_record_appended_while_an_erasure_rewrites_the_dead_letters_is_not_lost(
+    services, tmp_path, monkeypatch
+):
+    """An erasure rewrites ``ledger-dead.jsonl`` (a new file renamed over it). A spooled record
+    PostgreSQL refuses while the rewrite reads the old file was appended to the old file and lost
+    with it at the rename. The append takes the lock the rewrite holds: it waits, then lands in the
+    new file. (Here the spool's replay runs in a thread of its own when the rewrite has read the old
+    file and is about to rename the new one over it; the wait for it is bounded.)"""
+    import threading
+
+    from core import locked_lines
+    from runtime import erased_records
+
+    spool = Spool(tmp_path / "ledger-spool-1.jsonl")
+    erased = _record(tenant="t-erase", conversation_id="wa:pn:15550001111", user="15550001111")
+    spool.dead_path.write_bytes(orjson.dumps(erased) + b"\n")
+    refused = _record(prompt_tokens=2**40)
+    spool.append(orjson.dumps(refused))
+
+    def replay() -> None:
+        async def go() -> None:
+            pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+            try:
+                await spool.replay(pool)
+            finally:
+                await pool.close()
+
+        asyncio.run(go())
+
+    appender = threading.Thread(target=replay)
+
+    class Os:  # locked_lines' os, whose rename over the old file first lets the replay run
+        def __getattr__(self, name: str):
+            return getattr(os, name)
+
+        def replace(self, src, dst) -> None:
+            appender.start()
+            appender.join(timeout=3)  # the append, unlocked, would be done by now
+            os.replace(src, dst)
+
+    asyncio.run(_migrated(services[0]))
+    monkeypatch.setattr(locked_lines, "os", Os())
+    assert erased_records.retag_dead_file(spool.dead_path, "t-erase", ["wa:pn:15550001111"]) == 1
+    appender.join(timeout=60)
+    lines = [orjson.loads(x) for x in spool.dead_path.read_bytes().splitlines()]
+    assert [x["request_id"] for x in lines] == [erased["request_id"], refused["request_id"]]
+    assert lines[0]["conversation_id"].startswith("erased:") and lines[0]["user"] == lines[0]["conversation_id"]
+    assert b"15550001111" not in spool.dead_path.read_bytes()
+
+
+async def _migrated(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()

@@ -270,6 +270,57 @@ def test_retention_clears_the_words_escalations_channels_and_dead_letters_kept_a
     _drop_dead(services, tenant)
 
 
+def test_retention_puts_the_tag_in_place_of_an_old_calls_callers_number_as_an_erasure_does(gw, services):
+    """A VAPI call's conversation past its agent's retention: its call record and its ledger rows
+    hold the conversation's tag in place of the caller's number (the id is not the number), as
+    an erasure leaves them; a recent call of the same caller keeps its number."""
+    from core.erasure_key import conversation_tag
+    from gateway.conversation_retention import sweep
+
+    tenant = f"ret-{uuid.uuid4().hex[:6]}"
+    _, agent_id, _, _ = _agent_with_key(gw, tenant, retention_days=30, ttl_s=90 * 86400)
+    old, new = f"vapi:{uuid.uuid4()}", f"vapi:{uuid.uuid4()}"
+    number = f"+1415{uuid.uuid4().int % 10**7:07d}"
+
+    async def seed():
+        conn = await asyncpg.connect(services[0])
+        try:
+            for conv, days in ((old, 31), (new, 1)):
+                at = f"now() - make_interval(days => {days})"
+                await _seed_conversation(conn, tenant, agent_id, conv, days)
+                await conn.execute(
+                    f"""INSERT INTO vapi_calls (id, tenant, account, call_id, conversation_id, customer_number,
+                                                status, cost_usd, created_at)
+                        VALUES ($1, $2, 'acct', $3, $4, $5, 'ended', 0.25, {at})""",
+                    f"vcall_{uuid.uuid4().hex[:12]}",
+                    tenant,
+                    conv.removeprefix("vapi:"),
+                    conv,
+                    number,
+                )
+                await conn.execute(
+                    f"""INSERT INTO ledger (request_id, ts, tenant, conversation_id, end_user, customer, endpoint,
+                                            status, cost_usd)
+                        VALUES ($1, {at}, $2, $3, $4, $4, 'chat', 200, 0.5)""",
+                    f"req_{uuid.uuid4().hex}",
+                    tenant,
+                    conv,
+                    number,
+                )
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    assert _memory_run(services, lambda memory, pool, redis: sweep(pool, memory)) >= 1
+    tag = conversation_tag(tenant, old)
+    calls = _rows(services[0], "SELECT conversation_id, customer_number FROM vapi_calls WHERE tenant = $1", tenant)
+    assert {r["conversation_id"]: r["customer_number"] for r in calls} == {old: tag, new: number}
+    ledger = _rows(
+        services[0], "SELECT conversation_id, end_user, customer, cost_usd FROM ledger WHERE tenant = $1", tenant
+    )
+    assert sorted(tuple(r.values()) for r in ledger) == sorted([(tag, tag, tag, 0.5), (new, number, number, 0.5)])
+
+
 def test_an_erasure_clears_dead_letters_learned_examples_and_the_profile_name(gw, services):
     """The memory dead letters keep whole turns (until 10,000 newer ones push them out); a
     pending learned example keeps the customer's question verbatim when no PII policy redacted

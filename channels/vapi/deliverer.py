@@ -11,7 +11,9 @@ this channel's calls (found in ``vapi_calls`` by tenant and conversation id, nev
   no outbound path", so whoever sent it knows the customer did not hear it;
 - it ended, with ``delivery: callback`` and the caller's number known: an outbound call to the
   customer whose assistant speaks the message first, then carries on as the agent
-  (``sent``, the new call's id).
+  (``sent``, the new call's id);
+- its conversation was erased (the record holds the erasure's tag in place of the number):
+  ``failed`` — "call ended; its caller's number was erased".
 
 Each callback is a phone call the tenant pays for, placed to a number the inbound call named,
 so they are bounded: a message without a ``ref`` (what makes a retry recognizable) is not
@@ -31,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import weakref
+
+from core.erasure_key import TAG_PREFIX
 
 MAX_CALLBACKS_PER_CALL = 3
 LIVE = frozenset({"scheduled", "queued", "ringing", "in-progress", "forwarding"})
@@ -56,6 +60,8 @@ class VapiDeliverer:
             return "failed", "call in progress; no way to speak into it"
         if account is None or account.delivery != "callback" or not call["customer_number"]:
             return "failed", "call ended; no outbound path"
+        if call["customer_number"].startswith(TAG_PREFIX):
+            return "failed", "call ended; its caller's number was erased"
         if call["direction"] == "web":
             return "failed", "call ended; a web call has no number to call back"
         if ref is None:

@@ -1,0 +1,82 @@
+"""A file of lines that processes append to and one may rewrite (the ledger's refused spooled
+records, ``ledger-dead.jsonl``, rewritten by an erasure).
+
+Appending and rewriting hold the same exclusive ``flock`` on ``<file>.lock`` (a file that is
+never replaced, so every process locks the same one; several processes may share a data
+directory). A rewrite writes a new file beside the old one and renames it over it: a line
+appended to the old file after it was read and before the rename would be lost without the
+lock; with it, an append waits for the rename and goes to the new file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from core.stream_spill import append_lines
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """The file's lock, held (blocking until it is free) for the block."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+def append(path: Path, lines: list[bytes]) -> None:
+    """``append_lines`` under the file's lock."""
+    if lines:
+        with locked(path):
+            append_lines(path, lines)
+
+
+def rewrite(path: Path, change: Callable[[bytes], bytes | None]) -> int:
+    """Passes each line (without its newline) to ``change``, which returns the line to keep in
+    its place, or None to keep it as it is. Under the file's lock; the file is replaced whole
+    (a new file, fsynced, renamed over it) only when a line changed. The number changed."""
+    if not path.exists():
+        return 0
+    with locked(path):
+        try:
+            src = open(path, "rb")  # (closed by the with below, whatever happens in it)
+        except FileNotFoundError:
+            return 0
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        changed = 0
+        try:
+            with src, open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+                for raw in src:
+                    line = raw.rstrip(b"\n")
+                    new = change(line) if line.strip() else None
+                    if new is not None and new != line:
+                        changed += 1
+                        line = new
+                    out.write(line + b"\n")
+                if changed:
+                    out.flush()
+                    os.fsync(out.fileno())
+            if changed:
+                os.replace(tmp, path)
+                _sync_dir(path.parent)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    return changed
+
+
+def _sync_dir(directory: Path) -> None:
+    """The rename on disk (the directory's entry), as ``append_lines`` syncs a new file's."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
