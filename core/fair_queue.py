@@ -65,6 +65,7 @@ import orjson
 from core.queue import (
     _OWNED,
     MOVE_BATCH,
+    STAMP,
     Job,
     Queue,
     _digest,
@@ -187,9 +188,10 @@ return moved
 )
 
 # KEYS: stream, live, dedupe, z, r, l. ARGV: id, packed, enqueued_ms, dedupe_ttl, keyhash, max_depth,
-# max_per_key, sub-key hash
+# max_per_key, sub-key hash. The message is stored stamped (core/queue.py's ``STAMP``).
 _ENQUEUE = (
     _PLACE
+    + STAMP
     + """
 if ARGV[4] ~= '0' then
   local existing = redis.call('GET', KEYS[3])
@@ -200,7 +202,8 @@ if tonumber(ARGV[7]) > 0 and redis.call('ZCARD', KEYS[4]) + redis.call('LLEN', K
   return {-2, ''}
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-if place(KEYS[4], KEYS[5], KEYS[6], ARGV[8], ARGV[2], false) then redis.call('XADD', KEYS[1], '*', 'k', ARGV[5]) end
+local m = stamped(ARGV[2])
+if place(KEYS[4], KEYS[5], KEYS[6], ARGV[8], m, false) then redis.call('XADD', KEYS[1], '*', 'k', ARGV[5]) end
 if ARGV[4] ~= '0' then redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[4]) end
 return {1, ARGV[1]}
 """

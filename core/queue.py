@@ -143,10 +143,41 @@ class Job:
     payload: dict
     key: str | None
     attempt: int  # 1 on the first delivery; failures (not Retry) add one
-    enqueued_at: float  # unix seconds
+    enqueued_at: float  # unix seconds, the enqueuing process's clock
+    redis_us: int | None = None  # Redis's clock at the first enqueue (µs); None: an older release's job
+
+    @property
+    def queued_us(self) -> int:
+        """When the job was first queued, in µs on Redis's clock (one clock for every process;
+        kept across retries and dead-letter retries); an older release's job: ``enqueued_at``."""
+        return self.redis_us if self.redis_us is not None else round(self.enqueued_at * 1_000_000)
+
+
+def _job(msg: dict) -> Job:
+    rus = msg.get("redis_us")
+    return Job(
+        msg["id"],
+        msg["payload"],
+        msg.get("key"),
+        int(msg["attempt"]),
+        float(msg["enqueued_at"]),
+        int(rus) if isinstance(rus, int) else None,
+    )
 
 
 # -- scripts ---------------------------------------------------------------------------------
+
+# A new message's stored form gets Redis's time (µs, field ``redis_us``), what every process
+# compares with the same clock (an erasure's mark: channels/whatsapp/erasure.py). Spliced into the
+# JSON object's end (``_pack`` makes it: a non-empty object, this field not in it) as digits, so
+# the payload is not decoded and encoded again. Retries and dead-letter retries keep the message
+# as it was first stored, the stamp with it.
+STAMP = """
+local function stamped(packed)
+  local t = redis.call('TIME')
+  return string.sub(packed, 1, -2) .. ',"redis_us":' .. t[1] .. string.format('%06d', tonumber(t[2])) .. '}'
+end
+"""
 
 _OWNED = """
 local function owned(stream, group, consumer, id)
@@ -157,7 +188,9 @@ end
 
 # KEYS: stream, live, dedupe, list. ARGV: id, packed, enqueued_ms, dedupe_ttl, ordered, keyhash, max_depth,
 # max_per_key (ordered: unfinished messages of one key; 0: no limit)
-_ENQUEUE = """
+_ENQUEUE = (
+    STAMP
+    + """
 if ARGV[4] ~= '0' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {0, existing} end
@@ -167,14 +200,16 @@ if ARGV[5] == '1' and tonumber(ARGV[8] or '0') > 0 and redis.call('LLEN', KEYS[4
   return {-2, ''}
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+local m = stamped(ARGV[2])
 if ARGV[5] == '1' then
-  if redis.call('RPUSH', KEYS[4], ARGV[2]) == 1 then redis.call('XADD', KEYS[1], '*', 'k', ARGV[6]) end
+  if redis.call('RPUSH', KEYS[4], m) == 1 then redis.call('XADD', KEYS[1], '*', 'k', ARGV[6]) end
 else
-  redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
+  redis.call('XADD', KEYS[1], '*', 'm', m)
 end
 if ARGV[4] ~= '0' then redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[4]) end
 return {1, ARGV[1]}
 """
+)
 
 # KEYS: stream, live, delayed, dead, counters, list, dead letters' tags
 # ARGV: group, consumer, entry_id, mode (done|retry|dead), job_id, packed, due_ms, ordered, keyhash,
@@ -505,7 +540,7 @@ class Queue:
                 if msg["id"] != job.id:
                     return []  # this worker no longer holds the head
                 continue
-            out.append(Job(msg["id"], msg["payload"], msg.get("key"), int(msg["attempt"]), float(msg["enqueued_at"])))
+            out.append(_job(msg))
         return out
 
     # -- consuming --------------------------------------------------------------------------
@@ -653,7 +688,7 @@ class Queue:
             await self._redis.xack(self.stream, self.group, entry_id)
             await self._redis.xdel(self.stream, entry_id)
             return
-        job = Job(msg["id"], msg["payload"], msg.get("key"), int(msg["attempt"]), float(msg["enqueued_at"]))
+        job = _job(msg)
         try:
             absorbed = await handler(job)
         except asyncio.CancelledError:
@@ -702,7 +737,7 @@ class Queue:
         """Tells ``on_dead`` (best effort) that a message has just gone to the dead letters."""
         if self.on_dead is None:
             return
-        job = Job(msg["id"], msg["payload"], msg.get("key"), int(msg["attempt"]), float(msg["enqueued_at"]))
+        job = _job(msg)
         try:
             await self.on_dead(job, error)
         except Exception as exc:

@@ -229,6 +229,7 @@ class StreamWriter:
         spill_after: int = SPILL_AFTER,
         spill_bytes: int = SPILL_BYTES,
         dead_tag: Callable[[dict], str | None] | None = None,
+        stamp: bytes | None = None,
     ) -> None:
         self._redis = redis
         self._fast = fast
@@ -257,6 +258,11 @@ class StreamWriter:
         # what a dead letter is found by (``drop_dead_tagged``): a writer whose records hold
         # what must be erasable (a conversation's turns) tags each one
         self._dead_tag = dead_tag
+        # ``stamp``: the field each record read gets, unless it has it, with the time its entry
+        # reached the stream (its id's ms: Redis's clock, "seconds.ms"), kept with the record to
+        # the local disk, a dead letter and a retried one (``runtime.runs``: a turn's end, compared
+        # with an erasure's time)
+        self._stamp = stamp
         self._legacy: asyncio.Task | None = None
         self._blocked = False  # the loop waits in a blocking read on ``fast`` (stop() ends it)
 
@@ -364,7 +370,7 @@ class StreamWriter:
                 more, found = await self._read(start, None)
                 if not found:
                     break
-                records = [fields for _, fields in found if fields]
+                records = [self._stamped(i, fields) for i, fields in found if fields]
                 if records:
                     self._spill_to(records)
                 await self._ack(found)
@@ -465,10 +471,17 @@ class StreamWriter:
         return total
 
     async def _commit(self, found: list[tuple[bytes, dict]]) -> None:
-        records = [fields for _, fields in found if fields]  # (a deleted entry has none)
+        records = [self._stamped(i, fields) for i, fields in found if fields]  # (a deleted entry has none)
         if records:
             await self._write_or_isolate(records)
         await self._ack(found)
+
+    def _stamped(self, entry: bytes | str, fields: dict) -> dict:
+        """The record with ``stamp`` (its entry id's time) when the writer asks for it."""
+        if self._stamp is None or self._stamp in fields:
+            return fields
+        ms = int(_text(entry).split("-", 1)[0])
+        return {**fields, self._stamp: f"{ms // 1000}.{ms % 1000:03d}".encode()}
 
     async def _ack(self, found: list[tuple[bytes, dict]]) -> None:
         """The entries acknowledged and deleted (once they are in PostgreSQL, or on local disk)."""

@@ -90,16 +90,20 @@ COLUMNS = tuple(name for name, _ in _FIELDS)
 # a dead letter retried) when the erasure rewrote the rows already written
 # (``runtime.erased_records``). ``h``: the keyed hash of the conversation, computed by the writer
 # (``core.erasure_key``); the ledger does not say which agent answered: any erasure of the tenant's.
+# The record's time is ``t``, Redis's when the settle script added it to the stream (the erasure's
+# clock too; a replica's may be off), else (spooled while Redis was away, an older release's) its
+# ``ts``. A call begun in the erasure's very microsecond counts as erased.
 _ERASED = """h IS NOT NULL AND EXISTS (
     SELECT 1 FROM erased_conversations e
     WHERE e.tenant = r->>'tenant' AND e.external_hash = h
-      AND e.erased_at >= to_timestamp((r->>'ts')::float8 - coalesce((r->>'latency_ms')::float8, 0) / 1000))"""
+      AND e.erased_at >= to_timestamp(
+        coalesce(t, (r->>'ts')::float8) - coalesce((r->>'latency_ms')::float8, 0) / 1000))"""
 _INSERT = (
     f"INSERT INTO ledger ({', '.join(COLUMNS)}) SELECT {', '.join(expr for _, expr in _FIELDS)} "
-    f"FROM (SELECT r, {_ERASED} AS gone, '{TAG_PREFIX}' || h AS tag FROM ledger_raw_h) raw "
+    f"FROM (SELECT r, {_ERASED} AS gone, '{TAG_PREFIX}' || h AS tag FROM ledger_raw_t) raw "
     "ON CONFLICT (request_id, step) DO NOTHING"
 )
-_LOCK_TENANTS = lock_batch_tenants("ledger_raw_h", "h IS NOT NULL")
+_LOCK_TENANTS = lock_batch_tenants("ledger_raw_t", "h IS NOT NULL")
 
 
 async def write_records(conn: asyncpg.Connection, records: list[bytes]) -> None:
@@ -109,21 +113,35 @@ async def write_records(conn: asyncpg.Connection, records: list[bytes]) -> None:
         await _copy(conn, records)
 
 
-async def _copy(conn: asyncpg.Connection, records: list[bytes]) -> None:
-    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS ledger_raw_h (r jsonb, h text) ON COMMIT DELETE ROWS")
+async def _copy(conn: asyncpg.Connection, records: list[bytes], times: list[float | None] | None = None) -> None:
+    """``times``: each record's time in the stream (Redis's, the settle script's ``t``; None: its ``ts``)."""
+    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS ledger_raw_t (r jsonb, h text, t float8) ON COMMIT DELETE ROWS")
     # PostgreSQL's jsonb cannot hold U+0000, which a client can put in any string it sends; one
     # such record would fail its whole batch, again and again. It is stored as U+FFFD.
     key = erasure_key()
-    rows = [(r.replace(b"\\u0000", b"\\ufffd").decode(), record_hash(r, key)) for r in records]
-    await conn.copy_records_to_table("ledger_raw_h", records=rows, columns=("r", "h"))
-    if any(h is not None for _, h in rows):
+    times = times if times is not None else [None] * len(records)
+    rows = [
+        (r.replace(b"\\u0000", b"\\ufffd").decode(), record_hash(r, key), t)
+        for r, t in zip(records, times, strict=True)
+    ]
+    await conn.copy_records_to_table("ledger_raw_t", records=rows, columns=("r", "h", "t"))
+    if any(row[1] is not None for row in rows):
         await conn.execute(_LOCK_TENANTS)
     await conn.execute(_INSERT)
 
 
 async def _write_entries(conn: asyncpg.Connection, entries: list[dict]) -> None:
     """The stream writer's batch (inside its transaction): each entry's record is field ``r``."""
-    await _copy(conn, [e[b"r"] for e in entries if b"r" in e])
+    found = [e for e in entries if b"r" in e]
+    await _copy(conn, [e[b"r"] for e in found], [_stream_time(e.get(b"t")) for e in found])
+
+
+def _stream_time(value: bytes | None) -> float | None:
+    """A record's ``t`` (seconds on Redis's clock); None when absent (an older release's) or unreadable."""
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _late(line: bytes) -> list | None:

@@ -53,7 +53,8 @@ SETTLE (after the call)
           ledger_stream, record_json, alert_stream
     Releases reservations (each once: only while it is a member of ``reserved_key:exp``), adds
     the real cost, fires each alert threshold at most once per budget and period (SET NX), and
-    appends the audit record to the ledger stream.
+    appends the audit record to the ledger stream (field ``r``, with ``t``: Redis's time, the clock
+    the ledger's writer compares with an erasure's).
     Returns the list of alerts fired, as {budget_id, threshold, spent} triples.
 """
 
@@ -250,7 +251,9 @@ for t = 1, n_tokens do
   end
 end
 local ledger, record, alerts = ARGV[i], ARGV[i+1], ARGV[i+2]
-redis.call('XADD', ledger, '*', 'r', record)
+-- 't': Redis's time, what the ledger's writer compares with an erasure's (a replica's clock may be off)
+local rt = redis.call('TIME')
+redis.call('XADD', ledger, '*', 'r', record, 't', rt[1] .. '.' .. string.format('%06d', tonumber(rt[2])))
 for a = 1, #fired, 3 do
   redis.call('XADD', alerts, '*', 'budget', fired[a], 'threshold', fired[a+1], 'spent', fired[a+2])
 end

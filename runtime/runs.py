@@ -43,6 +43,9 @@ MAX_TEXT = 200  # characters kept of any string field
 MAX_BUFFER = 10_000  # runs waiting for Redis in this process; beyond that the oldest are dropped
 MAX_BUFFER_BYTES = 32 * 1024 * 1024  # and their encoded bytes (a run of 64 full steps is ~16 KB)
 FLUSH_BATCH = 500  # runs appended to the stream in one pipelined round trip
+STAMP = b"t"  # a run's time in the runs stream (its entry id's: Redis's clock), added by its writer
+WAITED = "w"  # seconds a run waited in its recorder's buffer before reaching the stream (its own clock's
+# durations: no wall clock): the run's end on Redis's clock is its ``STAMP`` less this
 LINGER_S = 0.05  # how long the flusher lets runs gather before appending them
 
 
@@ -158,10 +161,15 @@ def encode_run(run: dict) -> bytes:
 # conversation's tag instead of its id (``runtime.erased_records``): it was on its way (the
 # stream, a spill, a dead letter retried) when the erasure rewrote the runs already written.
 # ``h``: the keyed hash of the conversation, computed by the writer (``core.erasure_key``).
+# The turn's end is ``t``, on Redis's clock (the erasure's too; a replica's clock may be off): the
+# time its run reached the runs stream (its entry id) less the time it waited in the recorder's
+# buffer (``_ended``); else (written straight to PostgreSQL while Redis was away, an older
+# release's) its ``ts``. A turn begun in the erasure's very millisecond counts as erased.
 ERASED_OR_ID = f"""CASE WHEN h IS NOT NULL AND EXISTS (
     SELECT 1 FROM erased_conversations e
     WHERE e.tenant = r->>'tenant' AND e.agent_id = r->>'agent_id' AND e.external_hash = h
-      AND e.erased_at >= to_timestamp((r->>'ts')::float8 - coalesce((r->>'latency_ms')::float8, 0) / 1000))
+      AND e.erased_at >= to_timestamp(
+        coalesce(t, (r->>'ts')::float8) - coalesce((r->>'latency_ms')::float8, 0) / 1000))
   THEN '{TAG_PREFIX}' || h ELSE r->>'conversation_id' END"""
 _RUN_COLUMNS = (
     ("request_id", "r->>'request_id'"),
@@ -184,30 +192,47 @@ _RUN_COLUMNS = (
 )
 # A batch may hold one request id twice (a run recorded again): the first one recorded stays,
 # in the batch (DISTINCT ON, in the order copied) as across batches (ON CONFLICT DO NOTHING).
-_LOCK_TENANTS = lock_batch_tenants("runs_raw_h", "h IS NOT NULL")
+_LOCK_TENANTS = lock_batch_tenants("runs_raw_t", "h IS NOT NULL")
 _INSERT_RUNS = (
     f"INSERT INTO runs ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
     f"SELECT {', '.join(e for _, e in _RUN_COLUMNS)} FROM ("
-    "SELECT DISTINCT ON (r->>'request_id') r, h FROM runs_raw_h "
+    "SELECT DISTINCT ON (r->>'request_id') r, h, t FROM runs_raw_t "
     "WHERE r->>'request_id' IS NOT NULL ORDER BY r->>'request_id', n) AS first "
     "ON CONFLICT (request_id) DO NOTHING"
 )
 
 
-async def write_runs(conn: asyncpg.Connection, raw: list[bytes], key: bytes | None = None) -> None:
+async def write_runs(
+    conn: asyncpg.Connection, raw: list[bytes], key: bytes | None = None, times: list[float | None] | None = None
+) -> None:
     """COPY the encoded runs into a temporary table and insert what is new (call it inside a
-    transaction): a batch written twice inserts once. ``key``: the erasures' (``core.erasure_key``)."""
+    transaction): a batch written twice inserts once. ``key``: the erasures' (``core.erasure_key``).
+    ``times``: each run's end on Redis's clock (``_ended``; None: not known, its ``ts`` counts)."""
     key = erasure_key() if key is None else key
-    rows = [(i, _clean_nul(r), record_hash(r, key)) for i, r in enumerate(raw)]
-    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS runs_raw_h (n integer, r jsonb, h text) ON COMMIT DELETE ROWS")
-    await conn.copy_records_to_table("runs_raw_h", records=rows, columns=("n", "r", "h"))
+    times = times if times is not None else [None] * len(raw)
+    rows = [(i, _clean_nul(r), record_hash(r, key), t) for i, (r, t) in enumerate(zip(raw, times, strict=True))]
+    await conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS runs_raw_t (n integer, r jsonb, h text, t float8) ON COMMIT DELETE ROWS"
+    )
+    await conn.copy_records_to_table("runs_raw_t", records=rows, columns=("n", "r", "h", "t"))
     if any(row[2] is not None for row in rows):
         await conn.execute(_LOCK_TENANTS)
     await conn.execute(_INSERT_RUNS)
 
 
 async def _write_run_entries(conn: asyncpg.Connection, entries: list[dict]) -> None:
-    await write_runs(conn, [e[b"r"] for e in entries if b"r" in e])
+    found = [e for e in entries if b"r" in e]
+    await write_runs(conn, [e[b"r"] for e in found], times=[_ended(e) for e in found])
+
+
+def _ended(entry: dict) -> float | None:
+    """When the run's turn ended on Redis's clock: its ``STAMP`` less its ``WAITED``. None (its
+    ``ts`` counts) without both: a run an older release's recorder appended, whose wait before the
+    stream is not known, or one appended by hand."""
+    try:
+        return float(entry[STAMP]) - float(entry[WAITED.encode()])
+    except (KeyError, ValueError):
+        return None
 
 
 _SCOPE_SQL = "SELECT set_config('gateway.tenant', $1, true), set_config('role', 'gateway_tenant', true)"
@@ -243,9 +268,10 @@ class RunRecorder:
         self._fast = fast
         self._writer = StreamWriter(
             redis, pool, stream=RUNS_STREAM, group=RUNS_GROUP, write=_write_run_entries, batch=batch,
-            claim_idle=claim_idle, fast=reader, spill_dir=spill_dir,
+            claim_idle=claim_idle, fast=reader, spill_dir=spill_dir, stamp=STAMP,
         )  # fmt: skip
-        self._buffer: collections.deque[bytes] = collections.deque()
+        # each run, and when it was buffered (``time.monotonic()``: its wait here, ``WAITED``)
+        self._buffer: collections.deque[tuple[bytes, float]] = collections.deque()
         self._buffered = 0  # bytes in ``_buffer``
         self._wake = asyncio.Event()
         self._stopping = False
@@ -271,7 +297,7 @@ class RunRecorder:
             await stop_task(self._flusher)
         if self._buffer:  # the loop gave up: last try, straight to PostgreSQL
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._write_direct(list(self._buffer)), 10)
+                await asyncio.wait_for(self._write_direct([e for e, _ in self._buffer]), 10)
                 self._buffer.clear()
                 self._buffered = 0
         await self._writer.stop()
@@ -283,10 +309,10 @@ class RunRecorder:
         except Exception as exc:
             log.warning("run record not encodable, dropped: %s", type(exc).__name__)
             return
-        self._buffer.append(encoded)
+        self._buffer.append((encoded, time.monotonic()))
         self._buffered += len(encoded)
         while len(self._buffer) > MAX_BUFFER or (self._buffered > MAX_BUFFER_BYTES and len(self._buffer) > 1):
-            self._buffered -= len(self._buffer.popleft())
+            self._buffered -= len(self._buffer.popleft()[0])
             self.dropped += 1
         self._wake.set()
 
@@ -336,7 +362,7 @@ class RunRecorder:
     async def _flush_locked(self) -> None:
         while self._buffer:
             batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), FLUSH_BATCH))]
-            taken = sum(map(len, batch))
+            taken = sum(len(encoded) for encoded, _ in batch)
             self._buffered -= taken
             try:
                 await self._append(batch)
@@ -346,24 +372,29 @@ class RunRecorder:
             except Exception as exc:
                 log.warning("run records: Redis unavailable (%s), writing to PostgreSQL directly", exc)
                 try:
-                    await asyncio.wait_for(self._write_direct(batch), 10)
+                    await asyncio.wait_for(self._write_direct([encoded for encoded, _ in batch]), 10)
                 except BaseException:
                     self._put_back(batch, taken)
                     raise
 
-    def _put_back(self, batch: list[bytes], size: int) -> None:
+    def _put_back(self, batch: list[tuple[bytes, float]], size: int) -> None:
         """A batch not stored goes back to the buffer's head (runs recorded meanwhile stay behind it)."""
         self._buffer.extendleft(reversed(batch))
         self._buffered += size
 
-    async def _append(self, batch: list[bytes]) -> None:
+    async def _append(self, batch: list[tuple[bytes, float]]) -> None:
+        """The runs appended to the stream, each with how long it waited here (``WAITED``)."""
+        now = time.monotonic()
+        waited = [(encoded, f"{max(0.0, now - at):.3f}") for encoded, at in batch]
         if self._fast is None:
             pipe = self._redis.pipeline(transaction=False)
-            for encoded in batch:
-                pipe.xadd(RUNS_STREAM, {"r": encoded})
+            for encoded, wait in waited:
+                pipe.xadd(RUNS_STREAM, {"r": encoded, WAITED: wait})
             await asyncio.wait_for(pipe.execute(), 5)
             return
-        await self._fast.execute_many([("XADD", RUNS_STREAM, "*", "r", encoded) for encoded in batch], limit_s=5)
+        await self._fast.execute_many(
+            [("XADD", RUNS_STREAM, "*", "r", encoded, WAITED, wait) for encoded, wait in waited], limit_s=5
+        )
 
     async def _write_direct(self, batch: list[bytes]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():

@@ -137,7 +137,7 @@ def test_runs_waiting_for_redis_are_bounded_in_bytes_not_only_in_count():
     n = MAX_BUFFER_BYTES // size * 3
     for _ in range(n):
         runs.record(run)
-    kept = sum(map(len, runs._buffer))
+    kept = sum(len(encoded) for encoded, _ in runs._buffer)
     assert kept <= MAX_BUFFER_BYTES and kept == runs._buffered
     assert runs.dropped == n - len(runs._buffer) > 0
 

@@ -621,11 +621,10 @@ def test_a_turn_under_way_when_its_conversation_is_erased_sends_nothing_and_keep
     assert rows(services[0], stored, TENANT_A, conv) == []
 
 
-@pytest.mark.xfail(strict=True, reason="finding 1 of erasure4, not fixed: mark and enqueue use two hosts' clocks")
 def test_a_message_queued_after_an_erasure_by_a_webhook_whose_clock_is_behind_is_not_dropped(services, monkeypatch):
-    """The erasure's mark holds the erasing gateway's ``time.time()``; a job's ``enqueued_at`` is
-    the webhook process's. A webhook host 2 s behind queues the customer's NEW message (after the
-    erasure) with a time before the mark, and the worker drops it as the erased conversation's."""
+    """The erasure's mark and a job's queue time are both Redis's clock: a webhook host 2 s behind
+    queues the customer's NEW message (after the erasure) and the worker keeps it, while a job
+    queued before the mark by a host 2 s ahead is still the erased conversation's."""
     import asyncio
 
     import redis.asyncio as aioredis
@@ -636,15 +635,27 @@ def test_a_message_queued_after_an_erasure_by_a_webhook_whose_clock_is_behind_is
     tenant, conv = f"clock-{uuid.uuid4().hex[:6]}", f"wa:{PNID_A}:{_wa_id()}"
     real = time.time
 
-    async def go() -> bool:
+    async def go() -> tuple[bool, bool]:
         r = aioredis.from_url(services[1])
+        q = queue.Queue(r, f"clock-{uuid.uuid4().hex[:8]}", ordered=True)
         try:
-            await erasure.mark_erased(r, tenant, [conv])  # the erasure, on the erasing gateway's clock
+            monkeypatch.setattr(queue.time, "time", lambda: real() + 2.0)  # a webhook host 2 s ahead
+            await q.enqueue({"text": "before the erasure"}, key=conv)
+            await erasure.mark_erased(r, tenant, [conv])  # the erasure
             monkeypatch.setattr(queue.time, "time", lambda: real() - 2.0)  # the webhook host, 2 s behind
-            _, enqueued_at, _ = queue._pack({"text": "a new message"}, conv, None)
+            await q.enqueue({"text": "a new message"}, key=conv)
             monkeypatch.setattr(queue.time, "time", real)
-            return await erasure.erased_since(r, tenant, conv, enqueued_at)
+            older, newer = [
+                queue._job(orjson.loads(m)) for m in await r.lrange(q._list_key(queue._digest(conv)), 0, -1)
+            ]
+            return (
+                await erasure.erased_since(r, tenant, conv, older.queued_us),
+                await erasure.erased_since(r, tenant, conv, newer.queued_us),
+            )
         finally:
+            await r.delete(erasure.erased_key(tenant, conv))
+            async for k in r.scan_iter(match=f"{q.stream}*"):
+                await r.delete(k)
             await r.aclose()
 
-    assert asyncio.run(go()) is False
+    assert asyncio.run(go()) == (True, False)

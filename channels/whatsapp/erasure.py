@@ -16,7 +16,6 @@ way when the mark came neither sends nor keeps what it stored (``erased_since``)
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from channels.whatsapp import dead_letters
@@ -42,21 +41,39 @@ def erased_key(tenant: str, conversation: str) -> str:
     return f"gw:{{gw}}:wa:erased:{conversation_digest(tenant, conversation)}"
 
 
+# KEYS: the conversations' marks. ARGV: ttl. Each mark holds Redis's time ("seconds.µs").
+_MARK = """
+local t = redis.call('TIME')
+local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+for _, k in ipairs(KEYS) do redis.call('SET', k, now, 'EX', ARGV[1]) end
+return now
+"""
+
+
 async def mark_erased(redis, tenant: str, conversations: list[str]) -> None:
-    """The conversations' jobs queued up to now are the erased conversation's (``ERASED_TTL``)."""
+    """The conversations' jobs queued up to now are the erased conversation's (``ERASED_TTL``).
+    The mark is Redis's time, the clock a job's ``queued_us`` is on (``core.queue``): a process
+    whose clock is off neither drops a message queued after the erasure nor keeps one before."""
     ours = [c for c in dict.fromkeys(conversations) if c.startswith(dead_letters.PREFIX)]
-    if ours:
-        now = repr(time.time())
-        async with redis.pipeline(transaction=False) as pipe:
-            for c in ours:
-                pipe.set(erased_key(tenant, c), now, ex=ERASED_TTL)
-            await pipe.execute()
+    for i in range(0, len(ours), FORGET_PAGE):
+        keys = [erased_key(tenant, c) for c in ours[i : i + FORGET_PAGE]]
+        await redis.eval(_MARK, len(keys), *keys, ERASED_TTL)
 
 
-async def erased_since(redis, tenant: str, conversation: str, enqueued_at: float) -> bool:
-    """Whether the conversation was erased after a job of it was queued (at ``enqueued_at``)."""
+def _micros(mark: bytes | str) -> int:
+    """A mark ("seconds.fraction": Redis's time; an older release's ``repr(time.time())``) in µs,
+    exactly (no float in between)."""
+    text = mark.decode() if isinstance(mark, bytes) else mark
+    whole, _, frac = text.partition(".")
+    return int(whole) * 1_000_000 + int((frac + "000000")[:6])
+
+
+async def erased_since(redis, tenant: str, conversation: str, queued_us: int) -> bool:
+    """Whether the conversation was erased after a job of it was queued (``Job.queued_us``: µs on
+    Redis's clock). A job queued in the mark's very microsecond counts as queued before (erased):
+    the two happened together, and a turn under way when an erasure ran is the erased one's."""
     mark = await redis.get(erased_key(tenant, conversation))
-    return mark is not None and enqueued_at <= float(mark)
+    return mark is not None and queued_us <= _micros(mark)
 
 
 async def forget(redis, data_dir: Path, pool, tenant: str, conversations: list[str], *, mark: bool = False) -> None:

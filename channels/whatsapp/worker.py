@@ -93,7 +93,7 @@ class Worker:
 
     async def _handle(self, job: Job) -> int:
         payload = job.payload
-        if await self._erased_since(job.payload, job.enqueued_at):
+        if await self._erased_since(job.payload, job.queued_us):
             # queued before its conversation's erasure: the erased conversation's, not stored again
             log.info("whatsapp job of a conversation erased since dropped", extra={"fields": {"job": job.id}})
             metrics.turns.get(payload.get("account", ""), "erased").inc()
@@ -112,10 +112,11 @@ class Worker:
             wait = max(j.enqueued_at for j in burst) + acct.debounce - now
             if wait > 0 and now - job.enqueued_at < acct.debounce_max_wait:
                 raise Retry(wait)
-        return await self._turn(acct, [j.payload for j in burst], job.enqueued_at) - 1
+        return await self._turn(acct, [j.payload for j in burst], job.queued_us) - 1
 
-    async def _erased_since(self, p: dict, enqueued_at: float) -> bool:
-        """Whether the job's conversation was erased after it was queued (``erasure.mark_erased``)."""
+    async def _erased_since(self, p: dict, queued_us: int) -> bool:
+        """Whether the job's conversation was erased after it was queued (``erasure.mark_erased``;
+        ``queued_us``: ``Job.queued_us``, on Redis's clock as the mark)."""
         acct = self.accounts.get(p.get("account", ""))
         if acct is None or self.redis is None:
             return False
@@ -124,15 +125,15 @@ class Worker:
             if not isinstance(p.get("pnid"), str) or not isinstance(p.get("wa_id"), str):
                 return False
             conv = store.conversation_id(p["pnid"], p["wa_id"])
-        return await erasure.erased_since(self.redis, acct.tenant, conv, enqueued_at)
+        return await erasure.erased_since(self.redis, acct.tenant, conv, queued_us)
 
     async def _erased_under_way(
-        self, acct: WhatsAppAccount, conv: store.Conversation, messages: list[dict], enqueued_at: float | None
+        self, acct: WhatsAppAccount, conv: store.Conversation, messages: list[dict], queued_us: int | None
     ) -> bool:
         """Whether the turn's conversation was erased since its job was queued, while the turn was
         under way: then it is neither answered nor sent, and what it stored goes (its messages'
         words, the profile name, the files it fetched)."""
-        if enqueued_at is None or not await self._erased_since(messages[0], enqueued_at):
+        if queued_us is None or not await self._erased_since(messages[0], queued_us):
             return False
         log.info(
             "whatsapp turn of a conversation erased meanwhile dropped", extra={"fields": {"account": conv.account}}
@@ -142,7 +143,7 @@ class Worker:
         metrics.turns.get(messages[0]["account"], "erased").inc()
         return True
 
-    async def _turn(self, acct: WhatsAppAccount, messages: list[dict], enqueued_at: float | None = None) -> int:
+    async def _turn(self, acct: WhatsAppAccount, messages: list[dict], queued_us: int | None = None) -> int:
         """Answers the burst; returns how many of its messages the answer covers (a turn taken over
         from a stopped worker covers what its answer was made of, not what arrived since)."""
         head = messages[0]
@@ -167,7 +168,7 @@ class Worker:
             read = asyncio.ensure_future(self._mark_read(acct, head["pnid"], messages[-1]["wamid"]))
             try:
                 content = await build_content(self.media, acct, messages, conv.conversation_id)
-                if await self._erased_under_way(acct, conv, messages, enqueued_at):  # (while its media came)
+                if await self._erased_under_way(acct, conv, messages, queued_us):  # (while its media came)
                     return len(messages)
                 reply = await self.gateway.turn(
                     api_key=acct.api_key,
@@ -188,7 +189,7 @@ class Worker:
                 raise
             finally:
                 await read
-            if await self._erased_under_way(acct, conv, messages, enqueued_at):  # (while it was answered)
+            if await self._erased_under_way(acct, conv, messages, queued_us):  # (while it was answered)
                 return len(messages)
             await self.sender.note(
                 head["account"], key, index, reply=reply.text, escalation=reply.escalation or "", n=str(len(messages))

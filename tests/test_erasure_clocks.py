@@ -1,0 +1,236 @@
+"""An erasure's time and the time of what it is compared with are one clock, Redis's:
+
+- WhatsApp: the erasure's mark (``channels.whatsapp.erasure.mark_erased``) and a job's queue time
+  (``core.queue.Job.queued_us``, stamped by the enqueue script and kept across retries and
+  dead-letter retries) are Redis's time, whatever the webhook process's clock says.
+- Runs and ledger: the writers compare the time a record reached Redis (its runs stream entry's
+  id, the settle script's ``t``) less its latency with the erasure's time (Redis's), not the
+  record's ``ts`` (the replica's clock); a record that never reached Redis falls back to ``ts``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from channels.whatsapp import erasure as wa_erasure
+from core import queue as queue_module
+from gateway.db import migrate
+from policies import ledger, scripts
+from runtime import conversations
+from runtime import runs as runs_module
+from runtime.memory import Memory
+from runtime.runs import RunRecorder
+
+SKEW = 30.0  # seconds: how far the other process's clock is off
+
+
+async def _drop_queue(r, q: queue_module.Queue) -> None:
+    async for k in r.scan_iter(match=f"{q.stream}*"):
+        await r.delete(k)
+
+
+def test_a_message_queued_after_an_erasure_by_a_webhook_whose_clock_lags_is_kept(services, monkeypatch):
+    tenant, conv = f"clk-{uuid.uuid4().hex[:6]}", f"wa:1066:44{uuid.uuid4().int % 10**10}"
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        q = queue_module.Queue(r, f"clk-{uuid.uuid4().hex[:8]}", ordered=True)
+        got: list[bool] = []
+        try:
+            await wa_erasure.mark_erased(r, tenant, [conv])  # the erasure
+            real = time.time
+            monkeypatch.setattr(queue_module.time, "time", lambda: real() - SKEW)  # the webhook's, behind
+            await q.enqueue({"conversation_id": conv, "text": "hello again"}, key=conv)
+            monkeypatch.setattr(queue_module.time, "time", real)
+
+            handled = asyncio.Event()
+
+            async def handle(job: queue_module.Job) -> None:
+                got.append(await wa_erasure.erased_since(r, tenant, conv, job.queued_us))
+                handled.set()
+
+            running = asyncio.create_task(q.run(handle, concurrency=1))
+            await asyncio.wait_for(handled.wait(), 30)
+            await q.stop()
+            await running
+        finally:
+            await r.delete(wa_erasure.erased_key(tenant, conv))
+            await _drop_queue(r, q)
+            await r.aclose()
+        # queued after the erasure: not the erased conversation's
+        assert got == [False]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("via", ["retry", "dead_letter_retry"])
+def test_a_job_queued_before_an_erasure_is_still_before_it_when_retried_after(services, via):
+    """A retried job keeps its first queue time (the stamp is not renewed when it goes back to the
+    queue, from a failed attempt or from the dead letters): queued before the erasure, it is the
+    erased conversation's however late it runs."""
+    tenant, conv = f"clk-{uuid.uuid4().hex[:6]}", f"wa:1066:44{uuid.uuid4().int % 10**10}"
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        retries = 1 if via == "retry" else 0
+        q = queue_module.Queue(r, f"clk-{uuid.uuid4().hex[:8]}", ordered=True, max_retries=retries, backoff_base=0)
+        got: list[tuple[int, int, bool]] = []
+        failed, handled = asyncio.Event(), asyncio.Event()
+        try:
+
+            async def handle(job: queue_module.Job) -> None:
+                if not failed.is_set():
+                    failed.set()
+                    await wa_erasure.mark_erased(r, tenant, [conv])  # the erasure, while it fails
+                    raise RuntimeError("the gateway is away")
+                got.append((job.attempt, job.queued_us, await wa_erasure.erased_since(r, tenant, conv, job.queued_us)))
+                handled.set()
+
+            await q.enqueue({"conversation_id": conv, "text": "before the erasure"}, key=conv)
+            first = queue_module._job(orjson.loads(await r.lindex(q._list_key(queue_module._digest(conv)), 0)))
+            running = asyncio.create_task(q.run(handle, concurrency=1))
+            if via == "dead_letter_retry":
+                for _ in range(300):  # bounded: the failed attempt reaches the dead letters
+                    if letters := await q.dead_letters():
+                        break
+                    await asyncio.sleep(0.05)
+                assert len(letters) == 1
+                assert await q.retry_dead(letters[0]["id"])
+            await asyncio.wait_for(handled.wait(), 30)
+            await q.stop()
+            await running
+        finally:
+            await r.delete(wa_erasure.erased_key(tenant, conv))
+            await _drop_queue(r, q)
+            await r.aclose()
+        assert first.redis_us is not None
+        assert got == [(2 if via == "retry" else 1, first.queued_us, True)]
+
+    asyncio.run(main())
+
+
+async def _connect(services) -> tuple[asyncpg.Pool, object, str, str, str]:
+    pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+    r = aioredis.from_url(services[1])
+    tenant, agent_id, conv = f"clk-{uuid.uuid4().hex[:6]}", f"agt_{uuid.uuid4().hex[:8]}", "wa:1066:4477"
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    return pool, r, tenant, agent_id, conv
+
+
+async def _erase(pool: asyncpg.Pool, r, tenant: str, agent_id: str, conv: str) -> float:
+    """The erasure's time (Redis's clock, as the route takes it) and its record."""
+    _, at = await Memory(pool, r).forget_recent(tenant, agent_id, conv)
+    async with pool.acquire() as conn, conn.transaction():
+        await conversations.erase(conn, tenant, agent_id, conv, at)
+    return at
+
+
+async def _erased(services) -> tuple[asyncpg.Pool, object, str, str, str, float]:
+    pool, r, tenant, agent_id, conv = await _connect(services)
+    return pool, r, tenant, agent_id, conv, await _erase(pool, r, tenant, agent_id, conv)
+
+
+def _run(tenant: str, agent_id: str, conv: str, ts: float, latency_ms: float) -> dict:
+    return {"request_id": f"req_{uuid.uuid4().hex}", "tenant": tenant, "agent": "bot", "agent_id": agent_id,
+            "conversation_id": conv, "status": 200, "steps": [], "latency_ms": latency_ms,
+            "ts": ts}  # fmt: skip
+
+
+def test_runs_are_compared_with_an_erasure_on_redis_clock(services, monkeypatch):
+    """A turn begun a second before the erasure (on Redis's clock), recorded by a replica whose clock
+    runs SKEW ahead, keeps the tag; a turn begun after it, on a replica SKEW behind, keeps its id."""
+
+    stream = f"gw:{{gw}}:runs-clk-{uuid.uuid4().hex[:8]}"  # (the suite's gateways consume the shared one)
+    monkeypatch.setattr(runs_module, "RUNS_STREAM", stream)
+
+    async def main():
+        pool, r, tenant, agent_id, conv, at = await _erased(services)
+        recorder = RunRecorder(pool, r)
+        await recorder.start()
+        try:
+            before = _run(tenant, agent_id, conv, at + SKEW, 1000.0)  # in flight when the erasure ran
+            after = _run(tenant, agent_id, conv, at - SKEW, 0.0)  # begun after it (it reached Redis after)
+            for run in (before, after):
+                recorder.record(run)
+            await recorder.flush()
+            sql = "SELECT conversation_id FROM runs WHERE request_id = $1"
+            return [await pool.fetchval(sql, run["request_id"]) for run in (before, after)]
+        finally:
+            await recorder.stop()
+            await r.delete(stream)
+            await r.aclose()
+            await pool.close()
+
+    stored_before, stored_after = asyncio.run(main())
+    assert stored_before is not None and stored_before != "wa:1066:4477"
+    assert stored_after == "wa:1066:4477"
+
+
+def test_a_run_that_waited_in_its_recorder_past_the_erasure_is_still_before_it(services, monkeypatch):
+    """A turn answered before the erasure whose run waits in the recorder's buffer (Redis slow or
+    away) and reaches the stream after the erasure: its end on Redis's clock is its entry's time less
+    that wait, so it keeps the tag although its entry is younger than the erasure."""
+    stream = f"gw:{{gw}}:runs-clk-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(runs_module, "RUNS_STREAM", stream)
+
+    async def main():
+        pool, r, tenant, agent_id, conv = await _connect(services)
+        recorder = RunRecorder(pool, r)  # its flusher not started: the run waits in the buffer
+        await recorder.writer.start()
+        try:
+            run = _run(tenant, agent_id, conv, time.time(), 5.0)
+            recorder.record(run)  # the turn's end
+            await _erase(pool, r, tenant, agent_id, conv)
+            await recorder.flush()  # appended to the stream after the erasure, and written
+            return await pool.fetchval("SELECT conversation_id FROM runs WHERE request_id = $1", run["request_id"])
+        finally:
+            await recorder.stop()
+            await r.delete(stream)
+            await r.aclose()
+            await pool.close()
+
+    stored = asyncio.run(main())
+    assert stored is not None and stored != "wa:1066:4477"
+
+
+def _ledger_record(tenant: str, conv: str, ts: float, latency_ms: float) -> dict:
+    return {"request_id": f"req_{uuid.uuid4().hex}", "ts": ts, "tenant": tenant, "user": None, "customer": None,
+            "endpoint": "chat", "model": "m", "status": 200, "conversation_id": conv, "latency_ms": latency_ms,
+            "step": 1}  # fmt: skip
+
+
+def test_ledger_records_are_compared_with_an_erasure_on_redis_clock(services):
+    """As the runs: the settle script stamps the record with Redis's time, which its writer compares;
+    a record without it (spooled while Redis was away) falls back to its ``ts``."""
+
+    async def main():
+        pool, r, tenant, _, conv, at = await _erased(services)
+        stream = f"gw:{{gw}}:clk-ledger-{uuid.uuid4().hex[:8]}"
+        try:
+            before = _ledger_record(tenant, conv, at + SKEW, 1000.0)
+            after = _ledger_record(tenant, conv, at - SKEW, 0.0)
+            spooled = _ledger_record(tenant, conv, at + SKEW, 1000.0)  # no Redis time: its ts (after)
+            for rec in (before, after):  # the settle of a call without budgets or token limits
+                await r.eval(scripts.SETTLE, 0, int(time.time() * 1000), "m", 0, 0, stream, orjson.dumps(rec), "x")
+            entries = [fields for _, fields in await r.xrange(stream)]
+            assert all(b"t" in fields for fields in entries)
+            async with pool.acquire() as conn, conn.transaction():
+                await ledger._write_entries(conn, [*entries, {b"r": orjson.dumps(spooled)}])
+            sql = "SELECT conversation_id FROM ledger WHERE request_id = $1"
+            return [await pool.fetchval(sql, rec["request_id"]) for rec in (before, after, spooled)]
+        finally:
+            await r.delete(stream)
+            await r.aclose()
+            await pool.close()
+
+    stored_before, stored_after, stored_spooled = asyncio.run(main())
+    assert stored_before is not None and stored_before != "wa:1066:4477"
+    assert stored_after == "wa:1066:4477"
+    assert stored_spooled == "wa:1066:4477"  # (its ts says it began after the erasure)
