@@ -174,3 +174,61 @@ async def _migrated(database_url: str) -> None:
         await migrate(conn)
     finally:
         await conn.close()
+
+
+def test_a_refused_record_waiting_for_the_dead_letters_lock_does_not_stall_the_event_loop(
+    services, tmp_path, monkeypatch
+):
+    """An erasure's rewrite of ``ledger-dead.jsonl`` holds its lock while it copies the whole file
+    (seconds for a large one). The spool's replay runs on the replica's event loop: a refused
+    record's append waiting for that lock there stalled every request of the replica until the
+    rewrite was done. The append waits in a thread: the loop runs on meanwhile. (The lock is held
+    here by a thread that lets go as soon as the loop runs while the append waits, or after a
+    bound.)"""
+    import threading
+
+    from core import locked_lines
+
+    spool = Spool(tmp_path / "ledger-spool-1.jsonl")
+    refused = _record(prompt_tokens=2**40)
+    spool.append(orjson.dumps(refused))
+    held, release, waiting = threading.Event(), threading.Event(), threading.Event()
+    released_by_loop: list[bool] = []
+
+    def holder() -> None:
+        with locked_lines.locked(spool.dead_path):
+            held.set()
+            released_by_loop.append(release.wait(timeout=10))
+
+    real_append = locked_lines.append
+
+    def append(path, lines) -> None:
+        waiting.set()
+        real_append(path, lines)
+
+    monkeypatch.setattr(locked_lines, "append", append)
+
+    async def main() -> int:
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+            thread = threading.Thread(target=holder)
+            thread.start()
+            assert held.wait(timeout=10)
+            replay = asyncio.create_task(spool.replay(pool))
+            for _ in range(3000):  # the loop runs while the append waits for the lock
+                if waiting.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            release.set()
+            written = await replay
+            await asyncio.to_thread(thread.join, 30)
+            return written
+        finally:
+            await pool.close()
+
+    assert asyncio.run(main()) == 1
+    assert released_by_loop == [True]
+    dead = spool.dead_path.read_bytes().splitlines()
+    assert [orjson.loads(x)["request_id"] for x in dead] == [refused["request_id"]]
