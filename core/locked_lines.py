@@ -5,13 +5,15 @@ Appending and rewriting hold the same exclusive ``flock`` on ``<file>.lock`` (a 
 never replaced, so every process locks the same one; several processes may share a data
 directory). A rewrite writes a new file beside the old one and renames it over it: a line
 appended to the old file after it was read and before the rename would be lost without the
-lock; with it, an append waits for the rename and goes to the new file.
+lock; with it, an append waits for the rename and goes to the new file. A rewrite killed before
+its rename leaves its new file; the next one removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -45,6 +47,7 @@ def rewrite(path: Path, change: Callable[[bytes], bytes | None]) -> int:
     if not path.exists():
         return 0
     with locked(path):
+        _drop_leftovers(path)
         try:
             src = open(path, "rb")  # (closed by the with below, whatever happens in it)
         except FileNotFoundError:
@@ -70,6 +73,14 @@ def rewrite(path: Path, change: Callable[[bytes], bytes | None]) -> int:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
     return changed
+
+
+def _drop_leftovers(path: Path) -> None:
+    """New files of rewrites killed before their rename (under the lock: no rewrite in progress
+    has one then). Each is a copy of the file, which a later rewrite would not change."""
+    for leftover in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
 
 
 def _sync_dir(directory: Path) -> None:

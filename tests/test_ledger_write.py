@@ -232,3 +232,48 @@ def test_a_refused_record_waiting_for_the_dead_letters_lock_does_not_stall_the_e
     assert released_by_loop == [True]
     dead = spool.dead_path.read_bytes().splitlines()
     assert [orjson.loads(x)["request_id"] for x in dead] == [refused["request_id"]]
+
+
+def test_a_rewrite_killed_before_its_rename_leaves_no_copy_of_the_dead_letters_behind(tmp_path):
+    """A process SIGKILLed in an erasure's rewrite of ``ledger-dead.jsonl`` after writing the new
+    file and before renaming it loses nothing (the old file is whole) but left the new one, a
+    full copy of the dead letters, in the data directory for good: a later erasure rewrote only
+    ``ledger-dead.jsonl``, so the copy kept that conversation's customer number. The next rewrite
+    (under the lock no rewrite in progress can hold then) removes what a killed one left."""
+    import signal
+    import subprocess
+    import sys
+
+    from runtime import erased_records
+
+    dead = tmp_path / "ledger-dead.jsonl"
+    first = _record(tenant="t-kill", conversation_id="wa:pn:15550002222", user="15550002222")
+    second = _record(tenant="t-kill", conversation_id="wa:pn:15550003333", user="15550003333")
+    dead.write_bytes(orjson.dumps(first) + b"\n" + orjson.dumps(second) + b"\n")
+    before = dead.read_bytes()
+    child = """
+import os, signal, sys
+from pathlib import Path
+from core import locked_lines
+from runtime import erased_records
+
+class Os:  # dies where a SIGKILL between the new file's fsync and its rename would stop it
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def replace(self, src, dst):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+locked_lines.os = Os()
+erased_records.retag_dead_file(Path(sys.argv[1]), "t-kill", ["wa:pn:15550002222"], b"k" * 32)
+"""
+    done = subprocess.run([sys.executable, "-c", child, str(dead)], cwd=os.getcwd(), timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    assert dead.read_bytes() == before  # nothing lost, nothing doubled
+    assert [p.name for p in tmp_path.glob("ledger-dead.jsonl.*.tmp")]  # what it left
+
+    assert erased_records.retag_dead_file(dead, "t-kill", ["wa:pn:15550003333"], b"k" * 32) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger-dead.jsonl", "ledger-dead.jsonl.lock"]
+    assert b"15550003333" not in dead.read_bytes()
+    lines = [orjson.loads(x) for x in dead.read_bytes().splitlines()]
+    assert [x["request_id"] for x in lines] == [first["request_id"], second["request_id"]]
