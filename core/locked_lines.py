@@ -43,7 +43,9 @@ def append(path: Path, lines: list[bytes]) -> None:
 def rewrite(path: Path, change: Callable[[bytes], bytes | None]) -> int:
     """Passes each line (without its newline) to ``change``, which returns the line to keep in
     its place, or None to keep it as it is. Under the file's lock; the file is replaced whole
-    (a new file, fsynced, renamed over it) only when a line changed. The number changed."""
+    (a new file, fsynced, renamed over it) only when a line changed, and the new file is written
+    from the first line that does (a rewrite that changes none writes nothing). The number
+    changed."""
     if not path.exists():
         return 0
     with locked(path):
@@ -53,26 +55,45 @@ def rewrite(path: Path, change: Callable[[bytes], bytes | None]) -> int:
         except FileNotFoundError:
             return 0
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        changed = 0
+        changed, kept, out = 0, 0, None  # kept: the bytes before the first changed line
         try:
-            with src, open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+            with src:
                 for raw in src:
                     line = raw.rstrip(b"\n")
                     new = change(line) if line.strip() else None
                     if new is not None and new != line:
+                        if out is None:
+                            out = open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+                            _copy_head(path, kept, out)
                         changed += 1
                         line = new
-                    out.write(line + b"\n")
-                if changed:
-                    out.flush()
-                    os.fsync(out.fileno())
-            if changed:
+                    if out is not None:
+                        out.write(line + b"\n")
+                    else:
+                        kept += len(raw)
+            if out is not None:
+                out.flush()
+                os.fsync(out.fileno())
+                out.close()
                 os.replace(tmp, path)
                 _sync_dir(path.parent)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            if out is not None:
+                out.close()
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
     return changed
+
+
+def _copy_head(path: Path, size: int, out) -> None:
+    """The file's first ``size`` bytes (whole lines, kept as they are) into ``out``."""
+    with open(path, "rb") as head:
+        while size > 0:
+            chunk = head.read(min(size, 1 << 20))
+            if not chunk:
+                break
+            out.write(chunk)
+            size -= len(chunk)
 
 
 def _drop_leftovers(path: Path) -> None:

@@ -277,3 +277,42 @@ erased_records.retag_dead_file(Path(sys.argv[1]), "t-kill", ["wa:pn:15550002222"
     assert b"15550003333" not in dead.read_bytes()
     lines = [orjson.loads(x) for x in dead.read_bytes().splitlines()]
     assert [x["request_id"] for x in lines] == [first["request_id"], second["request_id"]]
+
+
+def test_a_rewrite_that_changes_no_line_writes_no_copy_of_the_dead_letters(tmp_path, monkeypatch):
+    """Every erasure and every retention batch served by a replica rewrites its
+    ``ledger-dead.jsonl`` for the conversations it names; most name none of its lines. Such a
+    rewrite wrote a whole copy of the file (and threw it away) while holding the lock the spool's
+    appends wait for: 100 MB written per batch for a 100 MB file. It writes from the first line
+    it changes: nothing when it changes none, and the file is left as it was."""
+    from core import locked_lines
+    from runtime import erased_records
+
+    dead = tmp_path / "ledger-dead.jsonl"
+    lines = [
+        _record(tenant="t-copy", conversation_id=f"wa:pn:1555000{i:04d}", user=f"1555000{i:04d}") for i in range(50)
+    ]
+    dead.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines) + b"not json\n")
+    before, inode = dead.read_bytes(), dead.stat().st_ino
+    opened: list[str] = []
+
+    class Os:  # locked_lines' os, noting the files it creates
+        def __getattr__(self, name: str):
+            return getattr(os, name)
+
+        def open(self, file, flags, *args):
+            if flags & os.O_CREAT and not str(file).endswith(".lock"):
+                opened.append(os.path.basename(file))
+            return os.open(file, flags, *args)
+
+    monkeypatch.setattr(locked_lines, "os", Os())
+    assert erased_records.retag_dead_file(dead, "t-copy", ["wa:pn:none"], b"k" * 32) == 0
+    assert erased_records.retag_dead_file(dead, "other", ["wa:pn:15550000007"], b"k" * 32) == 0
+    assert opened == []
+    assert (dead.read_bytes(), dead.stat().st_ino) == (before, inode)
+
+    assert erased_records.retag_dead_file(dead, "t-copy", ["wa:pn:15550000030"], b"k" * 32) == 1
+    assert len(opened) == 1
+    after = dead.read_bytes().splitlines()
+    assert len(after) == 51 and after[:30] == before.splitlines()[:30] and after[31:] == before.splitlines()[31:]
+    assert orjson.loads(after[30])["conversation_id"].startswith("erased:") and b"15550000030" not in dead.read_bytes()
