@@ -316,3 +316,41 @@ def test_a_rewrite_that_changes_no_line_writes_no_copy_of_the_dead_letters(tmp_p
     after = dead.read_bytes().splitlines()
     assert len(after) == 51 and after[:30] == before.splitlines()[:30] and after[31:] == before.splitlines()[31:]
     assert orjson.loads(after[30])["conversation_id"].startswith("erased:") and b"15550000030" not in dead.read_bytes()
+
+
+def test_two_processes_rewriting_and_one_appending_to_the_dead_letters_at_once_lose_nothing(tmp_path):
+    """Two workers sharing a data directory (``--workers 2``) serve an erasure each while a third
+    appends refused records: every line is there once, each erased conversation holds its tag."""
+    import subprocess
+    import sys
+
+    dead = tmp_path / "ledger-dead.jsonl"
+    recs = [
+        _record(tenant="t-two", conversation_id=f"wa:pn:1555111{i:04d}", user=f"1555111{i:04d}") for i in range(3000)
+    ]
+    dead.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in recs))
+    rewrite = """
+import sys
+from pathlib import Path
+from runtime import erased_records
+for i in range(int(sys.argv[2]), 3000, 2):
+    if i % 300 == int(sys.argv[2]):
+        erased_records.retag_dead_file(Path(sys.argv[1]), "t-two", [f"wa:pn:1555111{i:04d}"], b"k" * 32)
+"""
+    append = """
+import sys
+from pathlib import Path
+from core import locked_lines
+for i in range(200):
+    locked_lines.append(Path(sys.argv[1]), [b'{"appended": %d}' % i])
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", rewrite, str(dead), str(k)], cwd=os.getcwd()) for k in (0, 1)]
+    procs.append(subprocess.Popen([sys.executable, "-c", append, str(dead)], cwd=os.getcwd()))
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    lines = [orjson.loads(x) for x in dead.read_bytes().splitlines()]
+    assert sorted(x["appended"] for x in lines if "appended" in x) == list(range(200))
+    kept = [x for x in lines if "appended" not in x]
+    assert [x["request_id"] for x in kept] == [r["request_id"] for r in recs]
+    erased = {i for i in range(3000) if i % 300 in (0, 1)}
+    assert {i for i, x in enumerate(kept) if x["conversation_id"].startswith("erased:")} == erased
+    assert not list(tmp_path.glob("*.tmp"))
