@@ -1241,3 +1241,60 @@ def test_the_erasures_party_rule_says_the_same_in_python_and_sql_on_generated_va
 
     got = asyncio.run(in_sql())
     assert [case for case, a, b in zip(cases, expected, got, strict=True) if a != b] == []
+
+
+def test_a_call_erased_while_live_does_not_get_its_words_back_from_vapis_end_of_call_report(env):
+    """An erasure clears a call's transcript, summary and recording link (the conversation's
+    words). A call erased while it is still going on then gets its end-of-call report from VAPI,
+    with the whole call's transcript (the words said before the erasure too), its summary and its
+    recording: stored as they came, they undid the erasure. A report of a call whose conversation
+    was erased after the call began keeps the call's duration and cost, not its words."""
+    number = f"+1650{uuid.uuid4().int % 10**7:07d}"
+
+    async def scenario(call: VapiCall):
+        await call.assistant_request()
+        await call.event({"type": "status-update", "status": "in-progress"})
+        turn = await call.say("my secret word is marmalade")
+        assert turn.status == 200
+        conv = f"vapi:{call.call_id}"
+        gone = admin(env["gw"], "DELETE", f"/admin/agents/{PLAIN}/conversations/{conv}", params={"tenant": TENANT})
+        assert gone.status_code == 200, gone.text
+        return conv, await call.end()
+
+    conv, reports = play(env, scenario, phone_number_id="pn_plain", customer=number)
+    assert [r["stored"] for r in reports] == [True, False]
+    record = query(
+        env["db"],
+        "SELECT transcript, summary, recording_url, cost_usd, duration_s, status FROM vapi_calls "
+        "WHERE conversation_id = $1",
+        conv,
+    )
+    assert record == [
+        {
+            "transcript": None,
+            "summary": None,
+            "recording_url": None,
+            "cost_usd": pytest.approx(0.1234),
+            "duration_s": pytest.approx(42.0),
+            "status": "ended",
+        }
+    ]
+
+
+def test_a_calls_report_keeps_its_words_when_only_an_earlier_call_of_the_same_id_was_erased(env):
+    """The words go only when the erasure came after the call began: an erasure recorded before
+    the call's record (the conversation erased, then VAPI's call) leaves its report as it is."""
+
+    async def scenario(call: VapiCall):
+        conv = f"vapi:{call.call_id}"
+        gone = admin(env["gw"], "DELETE", f"/admin/agents/{PLAIN}/conversations/{conv}", params={"tenant": TENANT})
+        assert gone.status_code in (200, 404), gone.text
+        await call.assistant_request()
+        turn = await call.say("hello there")
+        assert turn.status == 200
+        return conv, await call.end()
+
+    conv, reports = play(env, scenario, phone_number_id="pn_plain")
+    assert [r["stored"] for r in reports] == [True, False]
+    record = query(env["db"], "SELECT transcript, summary FROM vapi_calls WHERE conversation_id = $1", conv)
+    assert record[0]["summary"] == "A simulated call." and "hello there" in record[0]["transcript"]
