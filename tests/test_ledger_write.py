@@ -354,3 +354,39 @@ for i in range(200):
     erased = {i for i in range(3000) if i % 300 in (0, 1)}
     assert {i for i, x in enumerate(kept) if x["conversation_id"].startswith("erased:")} == erased
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_erasure_takes_the_number_out_of_a_dead_letter_of_a_record_a_crash_cut_short(services, tmp_path):
+    """A process killed while appending to its spool leaves a line cut short; the replay sends it
+    to PostgreSQL, which refuses it, and its dead letter keeps its text (``unparsable``): the
+    tenant, the end user, the conversation id — a WhatsApp customer's number. An erasure of that
+    conversation rewrote the parsed dead letters only: the number stayed in the file. A cut
+    record's text that names the tenant and the conversation (its id, or the number it ends with)
+    is replaced by the conversation's tag."""
+    from runtime import erased_records
+
+    spool = Spool(tmp_path / "ledger-spool-1.jsonl")
+    mine = orjson.dumps(_record(tenant="t-cut", conversation_id="wa:pn:15550004444", user="15550004444"))
+    cut_early = orjson.dumps(_record(tenant="t-cut", user="15550004444", conversation_id="wa:pn:15550004444"))
+    other = orjson.dumps(_record(tenant="t-cut", conversation_id="wa:pn:15550005555", user="15550005555"))
+    for raw, at in ((mine, -30), (cut_early, cut_early.index(b'"agent"')), (other, -30)):
+        spool.append(raw[:at])  # (what a SIGKILL in the middle of the write leaves, then its newline)
+
+    async def main() -> int:
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+            return await spool.replay(pool)
+        finally:
+            await pool.close()
+
+    assert asyncio.run(main()) == 3
+    dead = spool.dead_path.read_bytes().splitlines()
+    assert [orjson.loads(x).get("error") for x in dead] == ["22P02"] * 3 and b"15550004444" in dead[0]
+    assert erased_records.retag_dead_file(spool.dead_path, "t-cut", ["wa:pn:15550004444"], b"k" * 32) == 2
+    assert erased_records.retag_dead_file(spool.dead_path, "t-other", ["wa:pn:15550005555"], b"k" * 32) == 0
+    text = spool.dead_path.read_bytes()
+    assert b"15550004444" not in text and b"15550005555" in text
+    lines = [orjson.loads(x) for x in text.splitlines()]
+    assert lines[0]["unparsable"] == lines[1]["unparsable"] and lines[0]["unparsable"].startswith("erased:")
