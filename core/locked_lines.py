@@ -5,13 +5,15 @@ Appending and rewriting hold the same exclusive ``flock`` on ``<file>.lock`` (a 
 never replaced, so every process locks the same one; several processes may share a data
 directory). A rewrite writes a new file beside the old one and renames it over it: a line
 appended to the old file after it was read and before the rename would be lost without the
-lock; with it, an append waits for the rename and goes to the new file.
+lock; with it, an append waits for the rename and goes to the new file. A rewrite killed before
+its rename leaves its new file; the next one removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -41,35 +43,65 @@ def append(path: Path, lines: list[bytes]) -> None:
 def rewrite(path: Path, change: Callable[[bytes], bytes | None]) -> int:
     """Passes each line (without its newline) to ``change``, which returns the line to keep in
     its place, or None to keep it as it is. Under the file's lock; the file is replaced whole
-    (a new file, fsynced, renamed over it) only when a line changed. The number changed."""
+    (a new file, fsynced, renamed over it) only when a line changed, and the new file is written
+    from the first line that does (a rewrite that changes none writes nothing). The number
+    changed."""
     if not path.exists():
         return 0
     with locked(path):
+        _drop_leftovers(path)
         try:
             src = open(path, "rb")  # (closed by the with below, whatever happens in it)
         except FileNotFoundError:
             return 0
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        changed = 0
+        changed, kept, out = 0, 0, None  # kept: the bytes before the first changed line
         try:
-            with src, open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+            with src:
                 for raw in src:
                     line = raw.rstrip(b"\n")
                     new = change(line) if line.strip() else None
                     if new is not None and new != line:
+                        if out is None:
+                            out = open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+                            _copy_head(path, kept, out)
                         changed += 1
                         line = new
-                    out.write(line + b"\n")
-                if changed:
-                    out.flush()
-                    os.fsync(out.fileno())
-            if changed:
+                    if out is not None:
+                        out.write(line + b"\n")
+                    else:
+                        kept += len(raw)
+            if out is not None:
+                out.flush()
+                os.fsync(out.fileno())
+                out.close()
                 os.replace(tmp, path)
                 _sync_dir(path.parent)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            if out is not None:
+                out.close()
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
     return changed
+
+
+def _copy_head(path: Path, size: int, out) -> None:
+    """The file's first ``size`` bytes (whole lines, kept as they are) into ``out``."""
+    with open(path, "rb") as head:
+        while size > 0:
+            chunk = head.read(min(size, 1 << 20))
+            if not chunk:
+                break
+            out.write(chunk)
+            size -= len(chunk)
+
+
+def _drop_leftovers(path: Path) -> None:
+    """New files of rewrites killed before their rename (under the lock: no rewrite in progress
+    has one then). Each is a copy of the file, which a later rewrite would not change."""
+    for leftover in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
 
 
 def _sync_dir(directory: Path) -> None:

@@ -29,9 +29,10 @@ last part (a WhatsApp customer's number) or, in a VAPI call's conversation (``va
 the caller — their number, the channel's pseudonym of it, a web call's id. That call's record
 (``vapi_calls``) keeps its duration and cost with the tag as its caller's number (not NULL: a
 status update VAPI sends later fills only what is unknown, so it cannot bring the number back, and
-the call's report is then recorded under the tag); no callback is placed to it. The same caller's
-other calls are other conversations and keep the number: the channel treats a caller as a person
-across calls only for limits and budgets (end user, customer), not for its conversations.
+the call's report is then recorded under the tag, without its transcript, summary and
+recording); no callback is placed to it. The same caller's other calls are other conversations
+and keep the number: the channel treats a caller as a person across calls only for limits and
+budgets (end user, customer), not for its conversations.
 Left as they are: approved learned examples (curated by a reviewer, redacted for
 learning, indexed as the agent's knowledge: reject them through their own route).
 

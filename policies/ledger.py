@@ -16,6 +16,7 @@ record PostgreSQL refuses is written alone, and refused again, kept in ``<stream
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -245,7 +246,11 @@ class Spool:
             dead = self.dead_path
             log.error("%d spooled audit records refused by PostgreSQL, kept in %s", len(refused), dead)
             DEAD_LETTERS.labels("ledger-spool").inc(len(refused))
-            locked_lines.append(dead, [_dead(record, sqlstate) for record, sqlstate in refused])
+            # (in a thread: an erasure's rewrite of the file holds its lock for as long as it copies
+            # it, and this runs on the event loop)
+            await asyncio.to_thread(
+                locked_lines.append, dead, [_dead(record, sqlstate) for record, sqlstate in refused]
+            )
 
 
 class LedgerWriter(StreamWriter):

@@ -112,7 +112,7 @@ def retag_dead_file(path: Path, tenant: str, external_ids: list[str], key: bytes
     ids = set(external_ids)
 
     def change(line: bytes) -> bytes | None:
-        rec = _retagged(line, tenant, ids, key)
+        rec = _retagged(line, tenant, ids, key) or _cut_retagged(line, tenant, ids, key)
         return orjson.dumps(rec) if rec is not None else None
 
     return locked_lines.rewrite(path, change)
@@ -132,6 +132,30 @@ def _retagged(raw: bytes, tenant: str, ids: set[str], key: bytes | None) -> dict
             rec[field] = tag
     rec["conversation_id"] = tag
     return rec
+
+
+def _cut_retagged(raw: bytes, tenant: str, ids: set[str], key: bytes | None) -> dict | None:
+    """The dead letter of a record a crash cut short (``policies.ledger._dead``: its text kept as
+    ``unparsable``) with the conversation's tag in place of that text when the text names the
+    tenant and one of its conversations ``ids``: the whole id, or, as its end user or customer, the
+    last part a WhatsApp id ends with (the customer's number; a cut before the id leaves it).
+    None otherwise."""
+    if b'"unparsable"' not in raw:
+        return None
+    try:
+        rec = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    text = rec.get("unparsable") if isinstance(rec, dict) else None
+    if not isinstance(text, str) or f'"tenant":{orjson.dumps(tenant).decode()}' not in text:
+        return None
+    for conv in ids:
+        last = orjson.dumps(conv.rsplit(":", 1)[-1]).decode()
+        party = conv.count(":") and any(f'"{field}":{last}' in text for field in ("user", "customer"))
+        if orjson.dumps(conv).decode()[:-1] in text or party:
+            rec["unparsable"] = conversation_tag(tenant, conv, key)
+            return rec
+    return None
 
 
 def _text(value) -> str:

@@ -1161,3 +1161,140 @@ def test_a_call_erased_while_live_does_not_get_its_callers_number_back_from_vapi
     )
     assert telephony == [{"customer": tag}]
     assert _number_rows(env, number) == []
+
+
+def test_the_erasures_party_rule_says_the_same_in_python_and_sql_on_generated_values(services):
+    """``names_party`` (the dead letters' retag in Redis and on disk) and ``names_party_sql`` (the
+    ledger's retag and writers) on many generated conversation ids and values, of the characters
+    where a regex in Python and one in PostgreSQL may differ: other scripts' digits, full-width
+    plus and digits, newlines and carriage returns (``$``), leading zeros, ``+0``, upper-case hex,
+    the prefixes of the channel's forms, lengths up to the number's bounds and far past them. A
+    disagreement is a row tagged in one place and not in the other."""
+    import random
+
+    from core.erasure_key import names_party, names_party_sql
+
+    rng = random.Random(20261127)
+    atoms = [
+        "0",
+        "1",
+        "5",
+        "9",
+        "+",
+        "\uff0b",
+        "\u0663",
+        "\uff11",
+        "\u09e7",
+        "\n",
+        "\r",
+        " ",
+        ":",
+        "a",
+        "f",
+        "A",
+        "g",
+        "vapi:",
+        "vapi-caller:",
+        "vapi-call:",
+        "c-1",
+        "wa:",
+        "\u00e9",
+        "\u200b",
+        "$",
+        "^",
+        ".",
+    ]
+    hexes = "0123456789abcdef"
+
+    def value() -> str:
+        kind = rng.randrange(6)
+        if kind == 0:
+            return "+" + "".join(rng.choice("0123456789") for _ in range(rng.randrange(0, 20)))
+        if kind == 1:
+            return "vapi-caller:" + "".join(rng.choice(hexes + "AF") for _ in range(rng.choice([23, 24, 24, 25])))
+        if kind == 2:  # a valid form with one atom put somewhere in it
+            base = rng.choice(["+14155550177", "vapi-caller:" + "ab" * 12, "vapi-call:c-1"])
+            at = rng.randrange(len(base) + 1)
+            return base[:at] + rng.choice(atoms) + base[at:]
+        if kind == 3:
+            return "+" + "9" * rng.choice([14, 15, 16, 200, 5000])
+        return "".join(rng.choice(atoms) for _ in range(rng.randrange(0, 8)))
+
+    convs = ["vapi:c-1", "vapi:", "VAPI:c-1", "vapi:+14155550177", "wa:pn:15550001111", "chat-1", "vapi:c-1\n"]
+    cases = [(rng.choice(convs), value()) for _ in range(6000)]
+    cases += [(c, v) for c in convs for v in ("+14155550177", "vapi-call:c-1", "vapi-call:", "+0155550177")]
+    expected = [names_party(c, v) for c, v in cases]
+    assert any(expected) and not all(expected)
+
+    async def in_sql() -> list:
+        conn = await asyncpg.connect(services[0])
+        try:
+            rows = await conn.fetch(
+                f"SELECT coalesce({names_party_sql('c', 'v')}, false) AS party, n "
+                "FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(c, v, n) ORDER BY n",
+                [c for c, _ in cases],
+                [v for _, v in cases],
+            )
+            return [r["party"] for r in rows]
+        finally:
+            await conn.close()
+
+    got = asyncio.run(in_sql())
+    assert [case for case, a, b in zip(cases, expected, got, strict=True) if a != b] == []
+
+
+def test_a_call_erased_while_live_does_not_get_its_words_back_from_vapis_end_of_call_report(env):
+    """An erasure clears a call's transcript, summary and recording link (the conversation's
+    words). A call erased while it is still going on then gets its end-of-call report from VAPI,
+    with the whole call's transcript (the words said before the erasure too), its summary and its
+    recording: stored as they came, they undid the erasure. A report of a call whose conversation
+    was erased after the call began keeps the call's duration and cost, not its words."""
+    number = f"+1650{uuid.uuid4().int % 10**7:07d}"
+
+    async def scenario(call: VapiCall):
+        await call.assistant_request()
+        await call.event({"type": "status-update", "status": "in-progress"})
+        turn = await call.say("my secret word is marmalade")
+        assert turn.status == 200
+        conv = f"vapi:{call.call_id}"
+        gone = admin(env["gw"], "DELETE", f"/admin/agents/{PLAIN}/conversations/{conv}", params={"tenant": TENANT})
+        assert gone.status_code == 200, gone.text
+        return conv, await call.end()
+
+    conv, reports = play(env, scenario, phone_number_id="pn_plain", customer=number)
+    assert [r["stored"] for r in reports] == [True, False]
+    record = query(
+        env["db"],
+        "SELECT transcript, summary, recording_url, cost_usd, duration_s, status FROM vapi_calls "
+        "WHERE conversation_id = $1",
+        conv,
+    )
+    assert record == [
+        {
+            "transcript": None,
+            "summary": None,
+            "recording_url": None,
+            "cost_usd": pytest.approx(0.1234),
+            "duration_s": pytest.approx(42.0),
+            "status": "ended",
+        }
+    ]
+
+
+def test_a_calls_report_keeps_its_words_when_only_an_earlier_call_of_the_same_id_was_erased(env):
+    """The words go only when the erasure came after the call began: an erasure recorded before
+    the call's record (the conversation erased, then VAPI's call) leaves its report as it is."""
+
+    async def scenario(call: VapiCall):
+        conv = f"vapi:{call.call_id}"
+        gone = admin(env["gw"], "DELETE", f"/admin/agents/{PLAIN}/conversations/{conv}", params={"tenant": TENANT})
+        assert gone.status_code in (200, 404), gone.text
+        await call.assistant_request()
+        turn = await call.say("hello there")
+        assert turn.status == 200
+        return conv, await call.end()
+
+    conv, reports = play(env, scenario, phone_number_id="pn_plain")
+    assert [r["stored"] for r in reports] == [True, False]
+    record = query(env["db"], "SELECT transcript, summary FROM vapi_calls WHERE conversation_id = $1", conv)
+    assert record[0]["summary"] == "A simulated call." and "hello there" in record[0]["transcript"]

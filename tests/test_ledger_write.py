@@ -174,3 +174,219 @@ async def _migrated(database_url: str) -> None:
         await migrate(conn)
     finally:
         await conn.close()
+
+
+def test_a_refused_record_waiting_for_the_dead_letters_lock_does_not_stall_the_event_loop(
+    services, tmp_path, monkeypatch
+):
+    """An erasure's rewrite of ``ledger-dead.jsonl`` holds its lock while it copies the whole file
+    (seconds for a large one). The spool's replay runs on the replica's event loop: a refused
+    record's append waiting for that lock there stalled every request of the replica until the
+    rewrite was done. The append waits in a thread: the loop runs on meanwhile. (The lock is held
+    here by a thread that lets go as soon as the loop runs while the append waits, or after a
+    bound.)"""
+    import threading
+
+    from core import locked_lines
+
+    spool = Spool(tmp_path / "ledger-spool-1.jsonl")
+    refused = _record(prompt_tokens=2**40)
+    spool.append(orjson.dumps(refused))
+    held, release, waiting = threading.Event(), threading.Event(), threading.Event()
+    released_by_loop: list[bool] = []
+
+    def holder() -> None:
+        with locked_lines.locked(spool.dead_path):
+            held.set()
+            released_by_loop.append(release.wait(timeout=10))
+
+    real_append = locked_lines.append
+
+    def append(path, lines) -> None:
+        waiting.set()
+        real_append(path, lines)
+
+    monkeypatch.setattr(locked_lines, "append", append)
+
+    async def main() -> int:
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+            thread = threading.Thread(target=holder)
+            thread.start()
+            assert held.wait(timeout=10)
+            replay = asyncio.create_task(spool.replay(pool))
+            for _ in range(3000):  # the loop runs while the append waits for the lock
+                if waiting.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            release.set()
+            written = await replay
+            await asyncio.to_thread(thread.join, 30)
+            return written
+        finally:
+            await pool.close()
+
+    assert asyncio.run(main()) == 1
+    assert released_by_loop == [True]
+    dead = spool.dead_path.read_bytes().splitlines()
+    assert [orjson.loads(x)["request_id"] for x in dead] == [refused["request_id"]]
+
+
+def test_a_rewrite_killed_before_its_rename_leaves_no_copy_of_the_dead_letters_behind(tmp_path):
+    """A process SIGKILLed in an erasure's rewrite of ``ledger-dead.jsonl`` after writing the new
+    file and before renaming it loses nothing (the old file is whole) but left the new one, a
+    full copy of the dead letters, in the data directory for good: a later erasure rewrote only
+    ``ledger-dead.jsonl``, so the copy kept that conversation's customer number. The next rewrite
+    (under the lock no rewrite in progress can hold then) removes what a killed one left."""
+    import signal
+    import subprocess
+    import sys
+
+    from runtime import erased_records
+
+    dead = tmp_path / "ledger-dead.jsonl"
+    first = _record(tenant="t-kill", conversation_id="wa:pn:15550002222", user="15550002222")
+    second = _record(tenant="t-kill", conversation_id="wa:pn:15550003333", user="15550003333")
+    dead.write_bytes(orjson.dumps(first) + b"\n" + orjson.dumps(second) + b"\n")
+    before = dead.read_bytes()
+    child = """
+import os, signal, sys
+from pathlib import Path
+from core import locked_lines
+from runtime import erased_records
+
+class Os:  # dies where a SIGKILL between the new file's fsync and its rename would stop it
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def replace(self, src, dst):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+locked_lines.os = Os()
+erased_records.retag_dead_file(Path(sys.argv[1]), "t-kill", ["wa:pn:15550002222"], b"k" * 32)
+"""
+    done = subprocess.run([sys.executable, "-c", child, str(dead)], cwd=os.getcwd(), timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    assert dead.read_bytes() == before  # nothing lost, nothing doubled
+    assert [p.name for p in tmp_path.glob("ledger-dead.jsonl.*.tmp")]  # what it left
+
+    assert erased_records.retag_dead_file(dead, "t-kill", ["wa:pn:15550003333"], b"k" * 32) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger-dead.jsonl", "ledger-dead.jsonl.lock"]
+    assert b"15550003333" not in dead.read_bytes()
+    lines = [orjson.loads(x) for x in dead.read_bytes().splitlines()]
+    assert [x["request_id"] for x in lines] == [first["request_id"], second["request_id"]]
+
+
+def test_a_rewrite_that_changes_no_line_writes_no_copy_of_the_dead_letters(tmp_path, monkeypatch):
+    """Every erasure and every retention batch served by a replica rewrites its
+    ``ledger-dead.jsonl`` for the conversations it names; most name none of its lines. Such a
+    rewrite wrote a whole copy of the file (and threw it away) while holding the lock the spool's
+    appends wait for: 100 MB written per batch for a 100 MB file. It writes from the first line
+    it changes: nothing when it changes none, and the file is left as it was."""
+    from core import locked_lines
+    from runtime import erased_records
+
+    dead = tmp_path / "ledger-dead.jsonl"
+    lines = [
+        _record(tenant="t-copy", conversation_id=f"wa:pn:1555000{i:04d}", user=f"1555000{i:04d}") for i in range(50)
+    ]
+    dead.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines) + b"not json\n")
+    before, inode = dead.read_bytes(), dead.stat().st_ino
+    opened: list[str] = []
+
+    class Os:  # locked_lines' os, noting the files it creates
+        def __getattr__(self, name: str):
+            return getattr(os, name)
+
+        def open(self, file, flags, *args):
+            if flags & os.O_CREAT and not str(file).endswith(".lock"):
+                opened.append(os.path.basename(file))
+            return os.open(file, flags, *args)
+
+    monkeypatch.setattr(locked_lines, "os", Os())
+    assert erased_records.retag_dead_file(dead, "t-copy", ["wa:pn:none"], b"k" * 32) == 0
+    assert erased_records.retag_dead_file(dead, "other", ["wa:pn:15550000007"], b"k" * 32) == 0
+    assert opened == []
+    assert (dead.read_bytes(), dead.stat().st_ino) == (before, inode)
+
+    assert erased_records.retag_dead_file(dead, "t-copy", ["wa:pn:15550000030"], b"k" * 32) == 1
+    assert len(opened) == 1
+    after = dead.read_bytes().splitlines()
+    assert len(after) == 51 and after[:30] == before.splitlines()[:30] and after[31:] == before.splitlines()[31:]
+    assert orjson.loads(after[30])["conversation_id"].startswith("erased:") and b"15550000030" not in dead.read_bytes()
+
+
+def test_two_processes_rewriting_and_one_appending_to_the_dead_letters_at_once_lose_nothing(tmp_path):
+    """Two workers sharing a data directory (``--workers 2``) serve an erasure each while a third
+    appends refused records: every line is there once, each erased conversation holds its tag."""
+    import subprocess
+    import sys
+
+    dead = tmp_path / "ledger-dead.jsonl"
+    recs = [
+        _record(tenant="t-two", conversation_id=f"wa:pn:1555111{i:04d}", user=f"1555111{i:04d}") for i in range(3000)
+    ]
+    dead.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in recs))
+    rewrite = """
+import sys
+from pathlib import Path
+from runtime import erased_records
+for i in range(int(sys.argv[2]), 3000, 2):
+    if i % 300 == int(sys.argv[2]):
+        erased_records.retag_dead_file(Path(sys.argv[1]), "t-two", [f"wa:pn:1555111{i:04d}"], b"k" * 32)
+"""
+    append = """
+import sys
+from pathlib import Path
+from core import locked_lines
+for i in range(200):
+    locked_lines.append(Path(sys.argv[1]), [b'{"appended": %d}' % i])
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", rewrite, str(dead), str(k)], cwd=os.getcwd()) for k in (0, 1)]
+    procs.append(subprocess.Popen([sys.executable, "-c", append, str(dead)], cwd=os.getcwd()))
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    lines = [orjson.loads(x) for x in dead.read_bytes().splitlines()]
+    assert sorted(x["appended"] for x in lines if "appended" in x) == list(range(200))
+    kept = [x for x in lines if "appended" not in x]
+    assert [x["request_id"] for x in kept] == [r["request_id"] for r in recs]
+    erased = {i for i in range(3000) if i % 300 in (0, 1)}
+    assert {i for i, x in enumerate(kept) if x["conversation_id"].startswith("erased:")} == erased
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_erasure_takes_the_number_out_of_a_dead_letter_of_a_record_a_crash_cut_short(services, tmp_path):
+    """A process killed while appending to its spool leaves a line cut short; the replay sends it
+    to PostgreSQL, which refuses it, and its dead letter keeps its text (``unparsable``): the
+    tenant, the end user, the conversation id — a WhatsApp customer's number. An erasure of that
+    conversation rewrote the parsed dead letters only: the number stayed in the file. A cut
+    record's text that names the tenant and the conversation (its id, or the number it ends with)
+    is replaced by the conversation's tag."""
+    from runtime import erased_records
+
+    spool = Spool(tmp_path / "ledger-spool-1.jsonl")
+    mine = orjson.dumps(_record(tenant="t-cut", conversation_id="wa:pn:15550004444", user="15550004444"))
+    cut_early = orjson.dumps(_record(tenant="t-cut", user="15550004444", conversation_id="wa:pn:15550004444"))
+    other = orjson.dumps(_record(tenant="t-cut", conversation_id="wa:pn:15550005555", user="15550005555"))
+    for raw, at in ((mine, -30), (cut_early, cut_early.index(b'"agent"')), (other, -30)):
+        spool.append(raw[:at])  # (what a SIGKILL in the middle of the write leaves, then its newline)
+
+    async def main() -> int:
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+            return await spool.replay(pool)
+        finally:
+            await pool.close()
+
+    assert asyncio.run(main()) == 3
+    dead = spool.dead_path.read_bytes().splitlines()
+    assert [orjson.loads(x).get("error") for x in dead] == ["22P02"] * 3 and b"15550004444" in dead[0]
+    assert erased_records.retag_dead_file(spool.dead_path, "t-cut", ["wa:pn:15550004444"], b"k" * 32) == 2
+    assert erased_records.retag_dead_file(spool.dead_path, "t-other", ["wa:pn:15550005555"], b"k" * 32) == 0
+    text = spool.dead_path.read_bytes()
+    assert b"15550004444" not in text and b"15550005555" in text
+    lines = [orjson.loads(x) for x in text.splitlines()]
+    assert lines[0]["unparsable"] == lines[1]["unparsable"] and lines[0]["unparsable"].startswith("erased:")

@@ -5,7 +5,8 @@ names its tenant and runs in the composition's tenant transaction (row-level sec
 second wall). Status updates only move a call forward (queued → ringing → in-progress →
 forwarding → ended) and stop once its end-of-call report is in; the first report sets
 ``reported_at`` and writes the call's ledger record in the same transaction, so a repeated
-report finds ``reported_at`` set and changes nothing.
+report finds ``reported_at`` set and changes nothing. The report of a call whose conversation
+was erased while it went on keeps no words (transcript, summary, recording link), as the erasure.
 
 The ledger record is VAPI's charge for the call (telephony, speech, VAPI's fee): endpoint
 ``vapi.call``, provider ``vapi``, attributed to the tenant, the agent and (when configured) the
@@ -27,6 +28,7 @@ import orjson
 
 from channels.vapi import wire
 from channels.vapi.config import VAPI_ID
+from core.erasure_key import conversation_hash
 from core.errors import UpstreamError
 
 STATUSES = ("scheduled", "queued", "ringing", "in-progress", "forwarding", "ended")
@@ -60,9 +62,17 @@ WHERE vapi_calls.reported_at IS NULL
 RETURNING {_COLUMNS}
 """
 
+# A call whose conversation was erased after the call began (while it went on) keeps its
+# report's duration and cost, not its words: the transcript holds what was said before the
+# erasure too ($11: the conversation's keyed hash, as ``erased_conversations`` keeps it).
+_ERASED_SINCE = """EXISTS (SELECT 1 FROM erased_conversations e
+    WHERE e.tenant = $1 AND e.external_hash = $11 AND e.erased_at >= vapi_calls.created_at)"""
 _REPORT = f"""
-UPDATE vapi_calls SET status = 'ended', ended_reason = $4, duration_s = $5, cost_usd = $6, transcript = $7,
-       recording_url = $8, summary = $9, ended_at = COALESCE($10, now()), reported_at = now(), updated_at = now()
+UPDATE vapi_calls SET status = 'ended', ended_reason = $4, duration_s = $5, cost_usd = $6,
+       transcript = CASE WHEN {_ERASED_SINCE} THEN NULL ELSE $7 END,
+       recording_url = CASE WHEN {_ERASED_SINCE} THEN NULL ELSE $8 END,
+       summary = CASE WHEN {_ERASED_SINCE} THEN NULL ELSE $9 END,
+       ended_at = COALESCE($10, now()), reported_at = now(), updated_at = now()
 WHERE tenant = $1 AND account = $2 AND call_id = $3 AND reported_at IS NULL
 RETURNING {_COLUMNS}
 """
@@ -235,6 +245,7 @@ class CallStore:
                 report.recording_url,
                 report.summary,
                 report.ended_at,
+                conversation_hash(tenant, info.conversation_id or ""),
             )
             if row is None:
                 return None
