@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from core.stream_spill import append_lines
+from core.stream_spill import append_lines, sync_dir
 
 
 @contextlib.contextmanager
@@ -76,7 +76,7 @@ def rewrite(path: Path, change: Callable[[bytes], bytes | None]) -> int:
                 os.fsync(out.fileno())
                 out.close()
                 os.replace(tmp, path)
-                _sync_dir(path.parent)
+                sync_dir(path.parent)
         finally:
             if out is not None:
                 out.close()
@@ -102,13 +102,3 @@ def _drop_leftovers(path: Path) -> None:
     for leftover in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
-
-
-def _sync_dir(directory: Path) -> None:
-    """The rename on disk (the directory's entry), as ``append_lines`` syncs a new file's."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

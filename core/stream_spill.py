@@ -57,10 +57,11 @@ def append_lines(path: Path, lines: list[bytes]) -> None:
     finally:
         os.close(fd)
     if fresh:
-        _sync_dir(path.parent)
+        sync_dir(path.parent)
 
 
-def _sync_dir(directory: Path) -> None:
+def sync_dir(directory: Path) -> None:
+    """A directory's entries on disk (a file created or renamed in it)."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -134,7 +135,7 @@ def claim(
             path.rename(directory / f"{stem}.{secrets.token_hex(4)}.replaying")
             renamed = True
     if renamed:  # the new names on disk before their records go to PostgreSQL and the files away
-        _sync_dir(directory)
+        sync_dir(directory)
     return sorted(directory.glob(f"{stem}.*.replaying"))
 
 
