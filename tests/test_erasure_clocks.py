@@ -234,3 +234,49 @@ def test_ledger_records_are_compared_with_an_erasure_on_redis_clock(services):
     assert stored_before is not None and stored_before != "wa:1066:4477"
     assert stored_after == "wa:1066:4477"
     assert stored_spooled == "wa:1066:4477"  # (its ts says it began after the erasure)
+
+
+def test_ledger_records_spilled_to_the_spool_keep_redis_time(services, tmp_path):
+    """PostgreSQL away, the ledger's stream backs up and is spilled to the local spool; the
+    conversation is erased once PostgreSQL is back, before the spool is replayed. The spilled
+    records keep their settle time (``t``, Redis's): a call begun before the erasure on a replica
+    whose clock runs SKEW ahead keeps the tag, not the clear id (spilled without ``t``, its ``ts``
+    said it began after the erasure)."""
+    from core.fastredis import PipelinedRedis
+
+    async def main():
+        pool, r, tenant, agent_id, conv = await _connect(services)
+        away = await asyncpg.create_pool(services[0], min_size=1, max_size=1)
+        await away.close()  # PostgreSQL "away"
+        stream = f"gw:{{gw}}:clk-ledger-{uuid.uuid4().hex[:8]}"
+        spool = ledger.Spool(tmp_path / "ledger-spool-1.jsonl")  # (pid 1: a live process, never an orphan)
+        writer = ledger.LedgerWriter(r, PipelinedRedis(services[1], timeout=10), away, spool)
+        writer.stream, writer._spill_after, writer._block_ms = stream, 4, 50
+        recs = [_ledger_record(tenant, conv, time.time() + SKEW, 1000.0) for _ in range(12)]
+        for rec in recs:  # settled before the erasure (Redis's clock); the replica's ts is ahead
+            await r.eval(scripts.SETTLE, 0, int(time.time() * 1000), "m", 0, 0, stream, orjson.dumps(rec), "x")
+        await writer.start()
+        try:
+            for _ in range(400):  # bounded: the backlog reaches the spool
+                if spool.path.exists() and await r.xlen(stream) <= 4:
+                    break
+                await asyncio.sleep(0.05)
+            assert spool.path.exists()
+            await _erase(pool, r, tenant, agent_id, conv)
+            writer._pool = pool  # PostgreSQL is back: the stream's rest and the spool are written
+            sql = "SELECT conversation_id FROM ledger WHERE tenant = $1"
+            for _ in range(800):  # bounded
+                stored = [row[0] for row in await pool.fetch(sql, tenant)]
+                if len(stored) == len(recs):
+                    break
+                await asyncio.sleep(0.05)
+            return stored
+        finally:
+            await writer.stop()
+            await r.delete(stream)
+            await r.aclose()
+            await pool.close()
+
+    stored = asyncio.run(main())
+    assert len(stored) == 12
+    assert "wa:1066:4477" not in stored  # every record of the erased conversation keeps its tag
