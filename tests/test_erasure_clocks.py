@@ -280,3 +280,65 @@ def test_ledger_records_spilled_to_the_spool_keep_redis_time(services, tmp_path)
     stored = asyncio.run(main())
     assert len(stored) == 12
     assert "wa:1066:4477" not in stored  # every record of the erased conversation keeps its tag
+
+
+def test_a_message_queued_after_an_erasure_is_not_taken_into_the_erased_ones_burst(services, monkeypatch):
+    """A conversation erased between the worker's look at a burst's head (queued before: not yet
+    erased) and its read of the messages behind it, and a new message arriving in between: the
+    head is the erased conversation's, the new message the new conversation's first. The new
+    message must not ride in the erased head's burst, which the turn drops whole (``_erased_under_way``
+    compares the head's queue time): it is answered on its own."""
+    from channels.config import WhatsAppAccount
+    from channels.whatsapp.worker import Worker, conversation_key
+
+    tenant, pnid, wa_id = f"clk-{uuid.uuid4().hex[:6]}", "1066", f"44{uuid.uuid4().int % 10**10}"
+    conv, key = f"wa:{pnid}:{wa_id}", conversation_key("acme", pnid, wa_id)
+    acct = WhatsAppAccount(
+        tenant=tenant, agent="bot", app_secret="s" * 8, verify_token="v" * 8, access_token="a" * 8,
+        api_key="k" * 8, debounce=0.2, debounce_max_wait=1,
+    )  # fmt: skip
+
+    def message(text: str) -> dict:
+        return {"kind": "in", "account": "acme", "pnid": pnid, "wa_id": wa_id, "wamid": uuid.uuid4().hex, "text": text}
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        q = queue_module.Queue(r, f"clk-{uuid.uuid4().hex[:8]}", ordered=True)
+        none = dict.fromkeys(("sender", "graph", "media", "gateway"))  # (the stubbed turn uses none of them)
+        worker = Worker({"acme": acct}, pool=None, inbound=q, redis=r, **none)
+        turns: list[list[str]] = []
+        done = asyncio.Event()
+
+        async def turn(_acct, messages: list[dict], _queued_us=None) -> int:  # (the turn: what it answers)
+            turns.append([m["text"] for m in messages])
+            if any(m["text"] == "new" for m in messages):
+                done.set()
+            return len(messages)
+
+        real_following, raced = q.following, []
+
+        async def following(job, limit=20):
+            if not raced:  # the erasure, and the new conversation's first message, come now
+                raced.append(True)
+                await wa_erasure.mark_erased(r, tenant, [conv])
+                await q.enqueue(message("new"), key=key)
+            return await real_following(job, limit)
+
+        monkeypatch.setattr(worker, "_turn", turn)
+        monkeypatch.setattr(q, "following", following)
+        real = time.time
+        monkeypatch.setattr(queue_module.time, "time", lambda: real() - SKEW)  # the head waited past max wait
+        await q.enqueue(message("old"), key=key)
+        monkeypatch.setattr(queue_module.time, "time", real)
+        running = asyncio.create_task(q.run(worker.handle, concurrency=1))
+        try:
+            await asyncio.wait_for(done.wait(), 30)
+        finally:
+            await q.stop()
+            await running
+            await r.delete(wa_erasure.erased_key(tenant, conv))
+            await _drop_queue(r, q)
+            await r.aclose()
+        return turns
+
+    assert asyncio.run(main()) == [["new"]]
