@@ -342,3 +342,25 @@ def test_a_message_queued_after_an_erasure_is_not_taken_into_the_erased_ones_bur
         return turns
 
     assert asyncio.run(main()) == [["new"]]
+
+
+def test_attack_a_payload_naming_redis_us_does_not_choose_its_jobs_queue_time(services):
+    """A webhook sender's (or a tenant's) payload holding ``redis_us`` stays the payload's: the
+    queue time that decides "queued before the erasure" is the envelope's, stamped by Redis."""
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        q = queue_module.Queue(r, f"clk-{uuid.uuid4().hex[:8]}", ordered=True)
+        try:
+            (now_s, now_us) = await r.time()
+            await q.enqueue({"redis_us": 0, "text": "x"}, key="k")
+            raw = await r.lindex(q._list_key(queue_module._digest("k")), 0)
+            return now_s * 1_000_000 + now_us, raw, queue_module._job(orjson.loads(raw))
+        finally:
+            await _drop_queue(r, q)
+            await r.aclose()
+
+    before, raw, job = asyncio.run(main())
+    assert raw.count(b'"redis_us"') == 2  # the payload's, nested, and the envelope's
+    assert job.payload == {"redis_us": 0, "text": "x"}
+    assert job.queued_us == job.redis_us >= before
