@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -93,12 +94,13 @@ COLUMNS = tuple(name for name, _ in _FIELDS)
 # (``core.erasure_key``); the ledger does not say which agent answered: any erasure of the tenant's.
 # The record's time is ``t``, Redis's when the settle script added it to the stream (the erasure's
 # clock too; a replica's may be off), else (spooled while Redis was away, an older release's) its
-# ``ts``. A call begun in the erasure's very microsecond counts as erased.
+# ``ts``. A call begun in the erasure's very microsecond counts as erased. A record the writer
+# spilled to the spool (PostgreSQL away) keeps its ``t`` in it as ``_t`` (``_spilled``).
 _ERASED = """h IS NOT NULL AND EXISTS (
     SELECT 1 FROM erased_conversations e
     WHERE e.tenant = r->>'tenant' AND e.external_hash = h
       AND e.erased_at >= to_timestamp(
-        coalesce(t, (r->>'ts')::float8) - coalesce((r->>'latency_ms')::float8, 0) / 1000))"""
+        coalesce(t, (r->>'_t')::float8, (r->>'ts')::float8) - coalesce((r->>'latency_ms')::float8, 0) / 1000))"""
 _INSERT = (
     f"INSERT INTO ledger ({', '.join(COLUMNS)}) SELECT {', '.join(expr for _, expr in _FIELDS)} "
     f"FROM (SELECT r, {_ERASED} AS gone, '{TAG_PREFIX}' || h AS tag FROM ledger_raw_t) raw "
@@ -143,6 +145,21 @@ def _stream_time(value: bytes | None) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+_TIME = re.compile(rb"\d{1,12}(\.\d{1,9})?")
+
+
+def _spilled(entry: dict) -> bytes:
+    """An entry's record as the spool keeps it: with its ``t`` (Redis's time, which its replay
+    compares with an erasure's) as the record's last field ``_t``, spliced in as it is (the last
+    of two equal keys is the one jsonb keeps). A record without a readable ``t`` stays as it is
+    (its ``ts`` counts)."""
+    raw, t = entry[b"r"], entry.get(b"t")
+    body = raw.rstrip()
+    if t is None or not _TIME.fullmatch(t) or not body.startswith(b"{") or not body.endswith(b"}") or body == b"{}":
+        return raw
+    return body[:-1] + b',"_t":' + t + b"}"
 
 
 def _late(line: bytes) -> list | None:
@@ -265,7 +282,7 @@ class LedgerWriter(StreamWriter):
         super().__init__(
             redis, pool, stream=LEDGER_STREAM, group=GROUP, write=_write_entries, batch=batch,
             claim_idle=claim_idle, linger=LINGER, fast=fast, maintain=self._replay,
-            spill_to=lambda records: spool.append_many([r[b"r"] for r in records if b"r" in r]),  # (replayed with it)
+            spill_to=lambda records: spool.append_many([_spilled(r) for r in records if b"r" in r]),  # (t kept: _t)
         )  # fmt: skip
         self.spool = spool
 

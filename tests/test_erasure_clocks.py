@@ -234,3 +234,133 @@ def test_ledger_records_are_compared_with_an_erasure_on_redis_clock(services):
     assert stored_before is not None and stored_before != "wa:1066:4477"
     assert stored_after == "wa:1066:4477"
     assert stored_spooled == "wa:1066:4477"  # (its ts says it began after the erasure)
+
+
+def test_ledger_records_spilled_to_the_spool_keep_redis_time(services, tmp_path):
+    """PostgreSQL away, the ledger's stream backs up and is spilled to the local spool; the
+    conversation is erased once PostgreSQL is back, before the spool is replayed. The spilled
+    records keep their settle time (``t``, Redis's): a call begun before the erasure on a replica
+    whose clock runs SKEW ahead keeps the tag, not the clear id (spilled without ``t``, its ``ts``
+    said it began after the erasure)."""
+    from core.fastredis import PipelinedRedis
+
+    async def main():
+        pool, r, tenant, agent_id, conv = await _connect(services)
+        away = await asyncpg.create_pool(services[0], min_size=1, max_size=1)
+        await away.close()  # PostgreSQL "away"
+        stream = f"gw:{{gw}}:clk-ledger-{uuid.uuid4().hex[:8]}"
+        spool = ledger.Spool(tmp_path / "ledger-spool-1.jsonl")  # (pid 1: a live process, never an orphan)
+        writer = ledger.LedgerWriter(r, PipelinedRedis(services[1], timeout=10), away, spool)
+        writer.stream, writer._spill_after, writer._block_ms = stream, 4, 50
+        recs = [_ledger_record(tenant, conv, time.time() + SKEW, 1000.0) for _ in range(12)]
+        for rec in recs:  # settled before the erasure (Redis's clock); the replica's ts is ahead
+            await r.eval(scripts.SETTLE, 0, int(time.time() * 1000), "m", 0, 0, stream, orjson.dumps(rec), "x")
+        await writer.start()
+        try:
+            for _ in range(400):  # bounded: the backlog reaches the spool
+                if spool.path.exists() and await r.xlen(stream) <= 4:
+                    break
+                await asyncio.sleep(0.05)
+            assert spool.path.exists()
+            await _erase(pool, r, tenant, agent_id, conv)
+            writer._pool = pool  # PostgreSQL is back: the stream's rest and the spool are written
+            sql = "SELECT conversation_id FROM ledger WHERE tenant = $1"
+            for _ in range(800):  # bounded
+                stored = [row[0] for row in await pool.fetch(sql, tenant)]
+                if len(stored) == len(recs):
+                    break
+                await asyncio.sleep(0.05)
+            return stored
+        finally:
+            await writer.stop()
+            await r.delete(stream)
+            await r.aclose()
+            await pool.close()
+
+    stored = asyncio.run(main())
+    assert len(stored) == 12
+    assert "wa:1066:4477" not in stored  # every record of the erased conversation keeps its tag
+
+
+def test_a_message_queued_after_an_erasure_is_not_taken_into_the_erased_ones_burst(services, monkeypatch):
+    """A conversation erased between the worker's look at a burst's head (queued before: not yet
+    erased) and its read of the messages behind it, and a new message arriving in between: the
+    head is the erased conversation's, the new message the new conversation's first. The new
+    message must not ride in the erased head's burst, which the turn drops whole (``_erased_under_way``
+    compares the head's queue time): it is answered on its own."""
+    from channels.config import WhatsAppAccount
+    from channels.whatsapp.worker import Worker, conversation_key
+
+    tenant, pnid, wa_id = f"clk-{uuid.uuid4().hex[:6]}", "1066", f"44{uuid.uuid4().int % 10**10}"
+    conv, key = f"wa:{pnid}:{wa_id}", conversation_key("acme", pnid, wa_id)
+    acct = WhatsAppAccount(
+        tenant=tenant, agent="bot", app_secret="s" * 8, verify_token="v" * 8, access_token="a" * 8,
+        api_key="k" * 8, debounce=0.2, debounce_max_wait=1,
+    )  # fmt: skip
+
+    def message(text: str) -> dict:
+        return {"kind": "in", "account": "acme", "pnid": pnid, "wa_id": wa_id, "wamid": uuid.uuid4().hex, "text": text}
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        q = queue_module.Queue(r, f"clk-{uuid.uuid4().hex[:8]}", ordered=True)
+        none = dict.fromkeys(("sender", "graph", "media", "gateway"))  # (the stubbed turn uses none of them)
+        worker = Worker({"acme": acct}, pool=None, inbound=q, redis=r, **none)
+        turns: list[list[str]] = []
+        done = asyncio.Event()
+
+        async def turn(_acct, messages: list[dict], _queued_us=None) -> int:  # (the turn: what it answers)
+            turns.append([m["text"] for m in messages])
+            if any(m["text"] == "new" for m in messages):
+                done.set()
+            return len(messages)
+
+        real_following, raced = q.following, []
+
+        async def following(job, limit=20):
+            if not raced:  # the erasure, and the new conversation's first message, come now
+                raced.append(True)
+                await wa_erasure.mark_erased(r, tenant, [conv])
+                await q.enqueue(message("new"), key=key)
+            return await real_following(job, limit)
+
+        monkeypatch.setattr(worker, "_turn", turn)
+        monkeypatch.setattr(q, "following", following)
+        real = time.time
+        monkeypatch.setattr(queue_module.time, "time", lambda: real() - SKEW)  # the head waited past max wait
+        await q.enqueue(message("old"), key=key)
+        monkeypatch.setattr(queue_module.time, "time", real)
+        running = asyncio.create_task(q.run(worker.handle, concurrency=1))
+        try:
+            await asyncio.wait_for(done.wait(), 30)
+        finally:
+            await q.stop()
+            await running
+            await r.delete(wa_erasure.erased_key(tenant, conv))
+            await _drop_queue(r, q)
+            await r.aclose()
+        return turns
+
+    assert asyncio.run(main()) == [["new"]]
+
+
+def test_attack_a_payload_naming_redis_us_does_not_choose_its_jobs_queue_time(services):
+    """A webhook sender's (or a tenant's) payload holding ``redis_us`` stays the payload's: the
+    queue time that decides "queued before the erasure" is the envelope's, stamped by Redis."""
+
+    async def main():
+        r = aioredis.from_url(services[1])
+        q = queue_module.Queue(r, f"clk-{uuid.uuid4().hex[:8]}", ordered=True)
+        try:
+            (now_s, now_us) = await r.time()
+            await q.enqueue({"redis_us": 0, "text": "x"}, key="k")
+            raw = await r.lindex(q._list_key(queue_module._digest("k")), 0)
+            return now_s * 1_000_000 + now_us, raw, queue_module._job(orjson.loads(raw))
+        finally:
+            await _drop_queue(r, q)
+            await r.aclose()
+
+    before, raw, job = asyncio.run(main())
+    assert raw.count(b'"redis_us"') == 2  # the payload's, nested, and the envelope's
+    assert job.payload == {"redis_us": 0, "text": "x"}
+    assert job.queued_us == job.redis_us >= before

@@ -93,6 +93,16 @@ class Worker:
 
     async def _handle(self, job: Job) -> int:
         payload = job.payload
+        burst = [job]
+        acct = self.accounts.get(payload.get("account", ""))
+        if payload.get("kind") != "send" and acct is not None and acct.debounce > 0:
+            for nxt in await self.inbound.following(job, MAX_BURST - 1):
+                if nxt.payload.get("kind") != "in" or nxt.payload.get("account") != payload["account"]:
+                    break
+                burst.append(nxt)
+        # (after the burst is read: a message behind the head was queued before this look, so before
+        # any erasure it misses; looked at first, an erasure and a new message between the look and
+        # the read would put the new conversation's first message in the erased head's burst)
         if await self._erased_since(job.payload, job.queued_us):
             # queued before its conversation's erasure: the erased conversation's, not stored again
             log.info("whatsapp job of a conversation erased since dropped", extra={"fields": {"job": job.id}})
@@ -102,12 +112,7 @@ class Worker:
             await self._send(job)
             return 0
         acct = self._account(payload["account"])
-        burst = [job]
         if acct.debounce > 0:
-            for nxt in await self.inbound.following(job, MAX_BURST - 1):
-                if nxt.payload.get("kind") != "in" or nxt.payload.get("account") != payload["account"]:
-                    break
-                burst.append(nxt)
             now = time.time()
             wait = max(j.enqueued_at for j in burst) + acct.debounce - now
             if wait > 0 and now - job.enqueued_at < acct.debounce_max_wait:
