@@ -1163,6 +1163,38 @@ def test_a_call_erased_while_live_does_not_get_its_callers_number_back_from_vapi
     assert _number_rows(env, number) == []
 
 
+def test_a_call_erased_while_live_still_counts_in_its_callers_budget(env):
+    """The end-of-call report of a call erased while it went on: its record holds the erasure's
+    tag as the caller's number, and the call's cost used to be counted under that tag, so the
+    caller's budget missed the call. It is counted under the number the report names (counted
+    in Redis only: the record and the ledger keep the tag)."""
+    number = f"+1650{uuid.uuid4().int % 10**7:07d}"
+    r = admin(
+        env["gw"],
+        "POST",
+        "/admin/budgets",
+        json={"tenant": TENANT, "scope": "customer", "scope_value": number, "limit_usd": 5.0, "period": "monthly"},
+    )
+    assert r.status_code == 201, r.text
+    budget = r.json()["id"]
+
+    async def scenario(call: VapiCall):
+        await call.assistant_request()
+        await call.event({"type": "status-update", "status": "in-progress"})
+        conv = f"vapi:{call.call_id}"
+        gone = admin(env["gw"], "DELETE", f"/admin/agents/{PLAIN}/conversations/{conv}", params={"tenant": TENANT})
+        assert gone.status_code == 200, gone.text
+        return conv, await call.end()
+
+    conv, reports = play(env, scenario, phone_number_id="pn_plain", customer=number)
+    assert [r["stored"] for r in reports] == [True, False]
+    record = query(env["db"], "SELECT customer_number, cost_usd FROM vapi_calls WHERE conversation_id = $1", conv)
+    assert record == [{"customer_number": _erasure_tag(conv), "cost_usd": pytest.approx(0.1234)}]
+    spent = admin(env["gw"], "GET", f"/admin/budgets/{budget}").json()["spent_usd"]
+    assert spent == pytest.approx(0.1234)
+    assert _number_rows(env, number) == []
+
+
 def test_the_erasures_party_rule_says_the_same_in_python_and_sql_on_generated_values(services):
     """``names_party`` (the dead letters' retag in Redis and on disk) and ``names_party_sql`` (the
     ledger's retag and writers) on many generated conversation ids and values, of the characters

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from channels.vapi import metrics, wire
 from channels.vapi.calls import CallStore, read_report
 from channels.vapi.config import VapiAccount
+from core.erasure_key import TAG_PREFIX
 from core.errors import InvalidRequest
 
 log = logging.getLogger("gateway.channels.vapi")
@@ -151,6 +152,10 @@ class Events:
             if stored is not None and report.cost_usd and self.charge is not None:
                 # once per call, like the ledger record: a repeated report stores nothing
                 customer = stored["customer_number"] if account.attribute_customer else None
+                if customer is not None and customer.startswith(TAG_PREFIX):
+                    # erased while it went on: its record keeps the tag, its budget still counts the
+                    # call under the number this report names (counted only, never stored)
+                    customer = info.customer_number
                 await self.charge(account, stored["agent"], customer, report.cost_usd)
             return {"stored": stored is not None}
         return {}
