@@ -942,6 +942,14 @@ def test_call_fields_of_the_wrong_type_are_ignored_not_a_500(env):
 LEDGER_STREAM = "gw:{gw}:ledger"
 
 
+def _erase_call(env, call: VapiCall) -> str:
+    """Erases the call's conversation through the admin API (while it goes on); its id."""
+    conv = f"vapi:{call.call_id}"
+    gone = admin(env["gw"], "DELETE", f"/admin/agents/{PLAIN}/conversations/{conv}", params={"tenant": TENANT})
+    assert gone.status_code == 200, gone.text
+    return conv
+
+
 def _erasure_tag(conversation: str) -> str:
     """The tag the gateway puts in place of an erased id (its key: derived from the master key)."""
     from core import erasure_key
@@ -1143,9 +1151,7 @@ def test_a_call_erased_while_live_does_not_get_its_callers_number_back_from_vapi
     async def scenario(call: VapiCall):
         await call.assistant_request()
         await call.event({"type": "status-update", "status": "in-progress"})
-        conv = f"vapi:{call.call_id}"
-        gone = admin(env["gw"], "DELETE", f"/admin/agents/{PLAIN}/conversations/{conv}", params={"tenant": TENANT})
-        assert gone.status_code == 200, gone.text
+        conv = _erase_call(env, call)
         await call.event({"type": "status-update", "status": "forwarding"})
         return conv, await call.end()
 
@@ -1181,9 +1187,7 @@ def test_a_call_erased_while_live_still_counts_in_its_callers_budget(env):
     async def scenario(call: VapiCall):
         await call.assistant_request()
         await call.event({"type": "status-update", "status": "in-progress"})
-        conv = f"vapi:{call.call_id}"
-        gone = admin(env["gw"], "DELETE", f"/admin/agents/{PLAIN}/conversations/{conv}", params={"tenant": TENANT})
-        assert gone.status_code == 200, gone.text
+        conv = _erase_call(env, call)
         return conv, await call.end()
 
     conv, reports = play(env, scenario, phone_number_id="pn_plain", customer=number)
@@ -1288,9 +1292,7 @@ def test_a_call_erased_while_live_does_not_get_its_words_back_from_vapis_end_of_
         await call.event({"type": "status-update", "status": "in-progress"})
         turn = await call.say("my secret word is marmalade")
         assert turn.status == 200
-        conv = f"vapi:{call.call_id}"
-        gone = admin(env["gw"], "DELETE", f"/admin/agents/{PLAIN}/conversations/{conv}", params={"tenant": TENANT})
-        assert gone.status_code == 200, gone.text
+        conv = _erase_call(env, call)
         return conv, await call.end()
 
     conv, reports = play(env, scenario, phone_number_id="pn_plain", customer=number)
