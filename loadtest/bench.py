@@ -703,7 +703,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument(
         "--only",
-        choices=("core", "pii", "agents", "vapi", "channels", "rag", "peers", "leak"),
+        choices=("core", "pii", "agents", "agent-ceiling", "vapi", "channels", "rag", "peers", "leak"),
         help="run one part only (leak: the RSS check alone, e.g. --leak-n 100000 for 100k → 1M)",
     )
     parser.add_argument(
@@ -763,6 +763,9 @@ def main() -> None:
         (RESULTS / "bench-agents-latest.md").write_text(text)
         (RESULTS / "bench-agents-latest.json").write_text(json.dumps(results, indent=2))
         print("\n" + text)
+    if args.only == "agent-ceiling":  # not in the full run: a what-if measurement (issue #12's goal)
+        cmd = [sys.executable, "-m", "loadtest.bench_agent_ceiling"]
+        subprocess.run(cmd, check=True)
     if args.only in (None, "vapi"):
         results = run_vapi(args)
         text = bench_vapi.report(results, results["date"])
