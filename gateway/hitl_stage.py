@@ -107,6 +107,7 @@ async def join(svc, ctx: RequestContext) -> str:
             request_id=ctx.request_id,
             prompt_version=turn.selection.version.version,
             variant=turn.selection.variant,
+            erased=turn.erased_mark,
         )
     except Exception as exc:
         turn.memory_error = f"store failed: {type(exc).__name__}"
