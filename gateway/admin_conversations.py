@@ -86,12 +86,10 @@ class ConversationAdmin:
         # reload that read PostgreSQL before the commit, is dropped too.
         messages = feedback = 0
         try:
-            # (its queued jobs marked first: a turn queued before this and stored from now on is
-            # refused, its first turn too, which the memory's erasure below cannot tell apart)
-            if self.svc.forget_channel is not None:
-                await self.svc.forget_channel(tenant, [conversation_id])
             # (each agent's erasure is stamped with Redis's clock, as the turns it skips are)
             forgot = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
+            if self.svc.forget_channel is not None:  # (its queued jobs marked: not stored again after the commit)
+                await self.svc.forget_channel(tenant, [conversation_id])
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
                 # (the copies first: the erasure proper holds up the tenant's memory writes to its commit)
                 feedback = await conversations.forget_copies(conn, tenant, agent_ids, [conversation_id])

@@ -385,8 +385,12 @@ def test_the_worker_sends_the_queue_time_and_drops_the_turn_the_gateway_refuses(
     with environ({"GATEWAY_MASTER_KEY": MASTER_KEY, "GATEWAY_DATA_DIR": str(tmp_path)}):
         assert asyncio.run(main()) == 1
     assert graph.sent_to(wa_id) == []
+    # the gateway refused it (its audit record, under the conversation's tag) and stored nothing
+    tag = erasure_key.conversation_tag(TENANT, conv, KEY)
+    refused = "SELECT 1 FROM ledger WHERE tenant = $1 AND status = 409 AND end_user = $2 AND customer = $2"
+    wait_until(lambda: rows(services[0], refused, TENANT, tag), what="the refused turn's ledger row")
     assert not _in_memory(services, TENANT, conv)
     assert not _in_postgres(services, TENANT, conv)
     words = "SELECT body FROM whatsapp_messages WHERE tenant = $1 AND conversation_id = $2 AND body IS NOT NULL"
     assert rows(services[0], words, TENANT, conv) == []
-    assert _naming(services, TENANT, wa_id)["runs"] == []
+    assert _naming(services, TENANT, wa_id) == {"ledger": [], "runs": []}
