@@ -9,6 +9,7 @@ acknowledgement (perhaps empty) and an ``x-gateway-escalation`` header.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import aiohttp
@@ -16,6 +17,8 @@ import orjson
 
 from channels.http import LeanPost, header_lines
 from core.queued_proof import HEADER as QUEUED_HEADER
+
+log = logging.getLogger("channels")
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
@@ -69,7 +72,10 @@ class GatewayClient(LeanPost):
         gateway's per-user rate limits then hold one customer back instead of letting them take
         the channel key's whole capacity, and the ledger says whose turn it was. ``queued_at``:
         the message's queue time, signed (``core.queued_proof``): a turn of a conversation erased
-        since then is refused (``ConversationErased``) and stores nothing."""
+        since then is refused (``ConversationErased``) and stores nothing. A gateway that finds
+        the proof wrong (this process's erasure key is not the gateway's: a worker run apart
+        without ``GATEWAY_ERASURE_KEY`` or ``GATEWAY_MASTER_KEY``) gets the turn again without
+        it, as before the header existed, and the mismatch is logged."""
         body = {
             "model": f"agent:{agent}",
             "messages": [{"role": "user", "content": content}],
@@ -98,6 +104,21 @@ class GatewayClient(LeanPost):
             raise GatewayUnavailable(f"gateway unreachable: {type(exc).__name__}") from None
         if status == 409 and _error_code(raw) == "idempotency_key_in_use":  # the same turn, still running
             raise GatewayUnavailable("gateway answered 409: the turn is in progress", _after(retry_after) or 1.0)
+        if status == 400 and queued_at is not None and _error_field(raw, "param") == QUEUED_HEADER:
+            log.warning(
+                "the gateway refused this worker's signed queue time (%s): its erasure key is not the "
+                "gateway's; set GATEWAY_ERASURE_KEY (or GATEWAY_MASTER_KEY) as the gateway has it",
+                QUEUED_HEADER,
+            )
+            return await self.turn(
+                api_key=api_key,
+                agent=agent,
+                conversation_id=conversation_id,
+                content=content,
+                variables=variables,
+                idempotency_key=idempotency_key,
+                customer=customer,
+            )
         if status == 409 and _error_code(raw) == "conversation_erased":
             raise ConversationErased("gateway answered 409: the conversation was erased since")
         if status == 429 or status >= 500:
@@ -129,3 +150,11 @@ def _error_code(raw: bytes) -> str:
         return str(err.get("code") or err.get("type"))[:64]
     except Exception:
         return "unknown"
+
+
+def _error_field(raw: bytes, field: str) -> str | None:
+    try:
+        value = orjson.loads(raw)["error"].get(field)
+    except Exception:
+        return None
+    return value if isinstance(value, str) else None

@@ -394,3 +394,33 @@ def test_the_worker_sends_the_queue_time_and_drops_the_turn_the_gateway_refuses(
     words = "SELECT body FROM whatsapp_messages WHERE tenant = $1 AND conversation_id = $2 AND body IS NOT NULL"
     assert rows(services[0], words, TENANT, conv) == []
     assert _naming(services, TENANT, wa_id) == {"ledger": [], "runs": []}
+
+
+def test_a_worker_whose_erasure_key_is_not_the_gateways_still_gets_its_turns_answered(gw, services):
+    """A channel worker run apart from the gateway without its erasure key (no
+    ``GATEWAY_ERASURE_KEY`` nor ``GATEWAY_MASTER_KEY``) signs with a key of its own: the gateway
+    refuses the header (400), and the worker's client sends the turn again without it (as before
+    the header existed, logged) instead of failing every turn into the fallback message."""
+    from channels.gateway_client import GatewayClient
+
+    wa_id = _wa_id()
+    conv = f"wa:{PNID}:{wa_id}"
+    queued = queued_proof.sign(TENANT, conv, _redis_now(services), b"the worker's own data-dir key")
+
+    async def main():
+        client = GatewayClient(gw.url)
+        try:
+            return await client.turn(
+                api_key=gw.keys["WAQ_KEY_A"],
+                agent="wabot",
+                conversation_id=conv,
+                content="hello",
+                variables={"customer_number": wa_id},
+                customer=wa_id,
+                queued_at=queued,
+            )
+        finally:
+            await client.close()
+
+    assert asyncio.run(main()).text == "echo: hello"
+    assert _in_memory(services, TENANT, conv)
