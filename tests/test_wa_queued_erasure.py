@@ -424,3 +424,25 @@ def test_a_worker_whose_erasure_key_is_not_the_gateways_still_gets_its_turns_ans
 
     assert asyncio.run(main()).text == "echo: hello"
     assert _in_memory(services, TENANT, conv)
+
+
+def test_a_turn_sent_again_with_another_queue_time_gets_the_first_answer(gw, services, module_mock):
+    """The queue time answers or refuses a turn, it shapes no answer: the same turn (Idempotency-Key)
+    first tried without it (a worker before the upgrade) or with another is replayed, not refused
+    with 422 (which would end the customer's turn with the fallback message)."""
+    wa_id = _wa_id()
+    conv = f"wa:{PNID}:{wa_id}"
+    body = {
+        "model": "agent:wabot",
+        "messages": [{"role": "user", "content": "hello"}],
+        "metadata": {"conversation_id": conv},
+    }
+    base = {"Authorization": f"Bearer {gw.keys['WAQ_KEY_A']}", "Idempotency-Key": f"wa-{uuid.uuid4().hex}"}
+    url = f"{gw.url}/v1/chat/completions"
+    first = httpx.post(url, json=body, headers=base, timeout=60)
+    assert first.status_code == 200, first.text
+    queued = queued_proof.sign(TENANT, conv, _redis_now(services), KEY)
+    again = httpx.post(url, json=body, headers={**base, queued_proof.HEADER: queued}, timeout=60)
+    assert again.status_code == 200, again.text
+    assert again.headers.get("x-gateway-idempotent-replay") == "true"
+    assert again.json()["choices"] == first.json()["choices"]
