@@ -25,7 +25,7 @@ from channels.vapi import wire as vapi_wire
 from channels.whatsapp.erasure import erased_key
 from core import queued_proof
 from core.erasure_key import conversation_tag, names_party
-from core.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied
+from core.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, ServiceUnavailable
 from core.types import RequestContext, excerpt
 from gateway import grounding, hitl_stage
 from policies.engine import attribution
@@ -195,12 +195,20 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
         erased_mark=mark,
     )
     history: list[dict] = []
-    from runtime.memory import MemoryUnavailable
+    from runtime.memory import ErasureUnknown, MemoryUnavailable
 
     hold = hitl_stage.start_check(svc, turn)  # is a person holding it? (a GET beside the memory read)
     if conv is not None:
         try:
             history = await svc.memory.load(tenant, agent, conv, erased=mark)
+        except ErasureUnknown as exc:  # (the channel's turn is refused for now: its worker retries)
+            if hold is not None:
+                hold.cancel()
+            log.warning("memory unavailable; a signed channel turn is refused for now: %s", exc.reason)
+            raise ServiceUnavailable(
+                "Whether this conversation was erased since the message was queued cannot be read just now; retry.",
+                code="conversation_unverified",
+            ) from None
         except MemoryUnavailable as exc:
             turn.memory_error = str(exc)[:200]
             log.warning("memory unavailable; the turn answers without history: %s", turn.memory_error)

@@ -213,6 +213,11 @@ class MemoryUnavailable(Exception):
         self.reason = reason
 
 
+class ErasureUnknown(MemoryUnavailable):
+    """``load`` with ``erased``: Redis failed before the erasure mark was read, so whether the
+    conversation was erased since the turn was queued is unknown (the turn is not answered)."""
+
+
 def check_conversation_id(conversation_id: object, param: str = "metadata.conversation_id") -> str:
     if not isinstance(conversation_id, str) or not conversation_id or len(conversation_id) > MAX_CONVERSATION_ID:
         raise InvalidRequest(f"'{param}' must be a string of 1 to {MAX_CONVERSATION_ID} characters", param=param)
@@ -592,6 +597,10 @@ class Memory:
             args.append(erased[1])
         try:
             raw = await self._script("load", script_keys, args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            cls = MemoryUnavailable if erased is None else ErasureUnknown
+            raise cls(f"redis: {type(exc).__name__}") from None
+        try:
             if raw == -3:
                 raise Erased()
             if isinstance(raw, bytes):
