@@ -446,3 +446,54 @@ def test_a_turn_sent_again_with_another_queue_time_gets_the_first_answer(gw, ser
     assert again.status_code == 200, again.text
     assert again.headers.get("x-gateway-idempotent-replay") == "true"
     assert again.json()["choices"] == first.json()["choices"]
+
+
+def test_a_first_turn_erased_while_it_is_answered_opens_no_escalation(gw, services, module_mock):
+    """A first turn that asks for a person, its conversation erased while the model answers: the
+    escalation would keep the customer's words (its question, the draft) in PostgreSQL after the
+    erasure and hold the customer's next conversation for a person. The check that stops a turn
+    that loaded a conversation holding messages cannot (it loaded none); the signed queue time
+    and the channel's mark do."""
+    name = f"wahitl{uuid.uuid4().hex[:6]}"
+    body = {
+        "name": name,
+        "tenant": TENANT,
+        "model": "agent-model",
+        "template": "You help.",
+        "escalation": {"enabled": True, "threshold": 0.5},
+    }
+    r = _admin(gw, "POST", "/admin/agents", json=body)
+    assert r.status_code == 201, r.text
+    wa_id = _wa_id()
+    conv = f"wa:{PNID}:{wa_id}"
+    queued = queued_proof.sign(TENANT, conv, _redis_now(services), KEY)
+    headers = {
+        "Authorization": f"Bearer {gw.keys['WAQ_KEY_A']}",
+        "x-gateway-user": wa_id,
+        "x-gateway-customer": wa_id,
+        queued_proof.HEADER: queued,
+    }
+    turn = {
+        "model": f"agent:{name}",
+        "messages": [{"role": "user", "content": f"talk to a person: my card is 4111 ({wa_id})" + SLOW}],
+        "metadata": {"conversation_id": conv},
+    }
+    out: list[httpx.Response] = []
+    call = threading.Thread(
+        target=lambda: out.append(httpx.post(f"{gw.url}/v1/chat/completions", json=turn, headers=headers, timeout=60))
+    )
+    call.start()
+    try:
+        wait_until(
+            lambda: any(wa_id in str(q["body"].get("messages")) for q in module_mock.requests()),
+            what="the model asked",
+        )
+        quoted = urllib.parse.quote(conv, safe="")
+        r = _admin(gw, "DELETE", f"/admin/agents/{name}/conversations/{quoted}", params={"tenant": TENANT})
+        assert r.status_code == 200, r.text
+    finally:
+        call.join(60)
+    assert out and out[0].status_code == 200, out and out[0].text
+    assert "x-gateway-escalation" not in out[0].headers
+    sql = "SELECT id, question FROM escalations WHERE tenant = $1 AND conversation_id = $2"
+    assert rows(services[0], sql, TENANT, conv) == []
