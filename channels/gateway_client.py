@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
+from prometheus_client import Counter
 
 from channels.http import LeanPost, header_lines
 from core.queued_proof import HEADER as QUEUED_HEADER
@@ -21,6 +22,11 @@ from core.queued_proof import HEADER as QUEUED_HEADER
 log = logging.getLogger("channels")
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+UNPROVEN = Counter(
+    "gateway_channel_unproven_turns_total",
+    "Channel turns sent again without their signed queue time, the gateway having refused it (this worker's "
+    "erasure key is not the gateway's): a turn queued before its conversation's erasure is then not refused",
+)
 
 
 class GatewayUnavailable(Exception):
@@ -110,6 +116,7 @@ class GatewayClient(LeanPost):
                 "gateway's; set GATEWAY_ERASURE_KEY (or GATEWAY_MASTER_KEY) as the gateway has it",
                 QUEUED_HEADER,
             )
+            UNPROVEN.inc()
             return await self.turn(
                 api_key=api_key,
                 agent=agent,

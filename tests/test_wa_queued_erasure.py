@@ -401,8 +401,9 @@ def test_a_worker_whose_erasure_key_is_not_the_gateways_still_gets_its_turns_ans
     ``GATEWAY_ERASURE_KEY`` nor ``GATEWAY_MASTER_KEY``) signs with a key of its own: the gateway
     refuses the header (400), and the worker's client sends the turn again without it (as before
     the header existed, logged) instead of failing every turn into the fallback message."""
-    from channels.gateway_client import GatewayClient
+    from channels.gateway_client import UNPROVEN, GatewayClient
 
+    unproven = UNPROVEN._value.get()
     wa_id = _wa_id()
     conv = f"wa:{PNID}:{wa_id}"
     queued = queued_proof.sign(TENANT, conv, _redis_now(services), b"the worker's own data-dir key")
@@ -424,6 +425,8 @@ def test_a_worker_whose_erasure_key_is_not_the_gateways_still_gets_its_turns_ans
 
     assert asyncio.run(main()).text == "echo: hello"
     assert _in_memory(services, TENANT, conv)
+    # the hole it leaves open is counted, not only logged: an operator can alert on it
+    assert UNPROVEN._value.get() == unproven + 1
 
 
 def test_a_turn_sent_again_with_another_queue_time_gets_the_first_answer(gw, services, module_mock):
