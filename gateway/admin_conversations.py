@@ -86,10 +86,14 @@ class ConversationAdmin:
         # reload that read PostgreSQL before the commit, is dropped too.
         messages = feedback = 0
         try:
+            # (a channel's conversation marked first: its jobs queued before now are dropped, and a
+            # turn of one signed so, x-gateway-queued-at, stores nothing from now on — a first turn
+            # too, which the memory's erasure below cannot stop: it loaded no seq. Marked after
+            # it, a first turn stored between the two reached PostgreSQL after the erasure.)
+            if self.svc.forget_channel is not None:
+                await self.svc.forget_channel(tenant, [conversation_id])
             # (each agent's erasure is stamped with Redis's clock, as the turns it skips are)
             forgot = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
-            if self.svc.forget_channel is not None:  # (its queued jobs marked: not stored again after the commit)
-                await self.svc.forget_channel(tenant, [conversation_id])
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
                 # (the copies first: the erasure proper holds up the tenant's memory writes to its commit)
                 feedback = await conversations.forget_copies(conn, tenant, agent_ids, [conversation_id])

@@ -5,6 +5,13 @@ the pipeline as a request for the agent's model group.
 
 Everything here reads in-process caches (the agent registry) and Redis (memory): no PostgreSQL
 on the path of a turn.
+
+A WhatsApp turn carries the time its customer's message was queued, signed by the channel's
+worker (``x-gateway-queued-at``: ``core.queued_proof``). When its conversation was erased since
+(``channels.whatsapp.erasure.mark_erased``; read with the memory, in one round trip) the turn is
+refused with 409 ``conversation_erased`` before any model call, memory read or store: the
+customer's words from before the erasure do not start the conversation again. An erasure that
+comes while the turn is answered stops its store (``runtime.memory``'s ``erased``).
 """
 
 from __future__ import annotations
@@ -15,10 +22,14 @@ import re
 import orjson
 
 from channels.vapi import wire as vapi_wire
-from core.errors import InvalidRequest, ModelNotFound, PermissionDenied
+from channels.whatsapp.erasure import erased_key
+from core import queued_proof
+from core.erasure_key import conversation_tag, names_party
+from core.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, ServiceUnavailable
 from core.types import RequestContext, excerpt
 from gateway import grounding, hitl_stage
-from runtime.memory import Window
+from policies.engine import attribution
+from runtime.memory import Erased, Window
 from runtime.types import AGENT_PREFIX, Turn
 
 log = logging.getLogger("gateway.agents")
@@ -71,6 +82,53 @@ def check_conversation_owner(svc, ident, conversation: str) -> None:
         )
 
 
+# The conversations whose erasures their channel marks (``channels.whatsapp.erasure``).
+ERASURE_MARKED = ("wa:",)
+_QUEUED = queued_proof.HEADER.encode()
+
+
+class ConversationErased(GatewayError):
+    """A channel's turn queued before its conversation's erasure: not answered (the worker drops it)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conversation_erased"
+
+
+def erased_mark(scope_headers: dict[bytes, bytes], tenant: str, conversation: str | None) -> tuple[str, int] | None:
+    """The conversation's erasure mark (its Redis key) and the turn's queue time (µs), when the
+    request proves the time (``core.queued_proof``); None without the header. A header that proves
+    nothing for this tenant's conversation (forged, tampered, signed for another one, or on a
+    conversation no channel marks) is refused: 400."""
+    raw = scope_headers.get(_QUEUED)
+    if raw is None:
+        return None
+    queued = None
+    if conversation is not None and conversation.startswith(ERASURE_MARKED):
+        queued = queued_proof.verify(raw.decode("latin-1"), tenant, conversation)
+    if queued is None:
+        raise InvalidRequest(
+            f"'{queued_proof.HEADER}' is not a queue time signed for this conversation.",
+            param=queued_proof.HEADER,
+            code="invalid_value",
+        )
+    return erased_key(tenant, conversation), queued
+
+
+def _refuse_erased(ctx: RequestContext, scope_headers: dict[bytes, bytes], tenant: str, conversation: str):
+    """409: the turn is the erased conversation's. Its audit record (it is recorded, as every
+    refusal) names the conversation's tag where its end user and customer are the customer
+    (``core.erasure_key.names_party``: a WhatsApp turn's are the number), and keeps no content."""
+    attr = attribution(ctx, scope_headers)
+    tag = conversation_tag(tenant, conversation)
+    for field in ("user", "customer"):
+        if names_party(conversation, attr.get(field)):
+            attr[field] = tag
+    ctx.extra["attribution"] = attr
+    ctx.body.pop("messages", None)
+    raise ConversationErased("The conversation was erased after this message was queued; it is not answered.")
+
+
 def _variables(ctx: RequestContext) -> dict:
     body = ctx.body
     meta = body.get("metadata")
@@ -114,6 +172,7 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     conv = conversation_id(ctx, scope_headers)
     if conv is not None:
         check_conversation_owner(svc, ctx.identity, conv)
+    mark = erased_mark(scope_headers, tenant, conv)
     sticky = conv or str(ctx.body.get("user") or ctx.request_id)
     pinned = await svc.agents.pinned(agent, selector)  # an old version by number: read on demand, cached
     selection = select(agent, selector, sticky, pinned)
@@ -128,18 +187,35 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     system = render(selection.version, variables, agent.defaults)
     client_messages = list(ctx.body.get("messages") or [])
     turn = Turn(
-        agent=agent, selection=selection, conversation_id=conv, variables=variables, new_messages=client_messages
+        agent=agent,
+        selection=selection,
+        conversation_id=conv,
+        variables=variables,
+        new_messages=client_messages,
+        erased_mark=mark,
     )
     history: list[dict] = []
-    from runtime.memory import MemoryUnavailable
+    from runtime.memory import ErasureUnknown, MemoryUnavailable
 
     hold = hitl_stage.start_check(svc, turn)  # is a person holding it? (a GET beside the memory read)
     if conv is not None:
         try:
-            history = await svc.memory.load(tenant, agent, conv)
+            history = await svc.memory.load(tenant, agent, conv, erased=mark)
+        except ErasureUnknown as exc:  # (the channel's turn is refused for now: its worker retries)
+            if hold is not None:
+                hold.cancel()
+            log.warning("memory unavailable; a signed channel turn is refused for now: %s", exc.reason)
+            raise ServiceUnavailable(
+                "Whether this conversation was erased since the message was queued cannot be read just now; retry.",
+                code="conversation_unverified",
+            ) from None
         except MemoryUnavailable as exc:
             turn.memory_error = str(exc)[:200]
             log.warning("memory unavailable; the turn answers without history: %s", turn.memory_error)
+        except Erased:
+            if hold is not None:
+                hold.cancel()
+            _refuse_erased(ctx, scope_headers, tenant, conv)
     turn.history = history
     client_tools = ctx.body.get("tools") or []
     turn.client_tools = frozenset(

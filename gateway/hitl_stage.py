@@ -20,6 +20,7 @@ import time
 
 import orjson
 
+from channels.whatsapp import erasure as wa_erasure
 from core.types import RequestContext
 from gateway.hitl_service import CONFIDENCE, ESCALATIONS
 from runtime.hitl import confidence, escalations, held
@@ -107,6 +108,7 @@ async def join(svc, ctx: RequestContext) -> str:
             request_id=ctx.request_id,
             prompt_version=turn.selection.version.version,
             variant=turn.selection.variant,
+            erased=turn.erased_mark,
         )
     except Exception as exc:
         turn.memory_error = f"store failed: {type(exc).__name__}"
@@ -279,6 +281,23 @@ def _observe(escalated: str, value: float) -> None:
     observe(value)
 
 
+async def _erased_since_queued(svc, turn) -> bool:
+    """Whether a channel's turn with a signed queue time (``turn.erased_mark``) had its conversation
+    erased since (``channels.whatsapp.erasure``'s mark): its escalation would keep the erased
+    conversation's words. The mark unreadable (Redis away): counted as erased, as no escalation
+    written is (the customer gets the AI's answer)."""
+    if turn.erased_mark is None:
+        return False
+    try:
+        async with asyncio.timeout(DB_TIMEOUT):
+            return await wa_erasure.erased_since(
+                svc.redis, turn.agent.tenant, turn.conversation_id, turn.erased_mark[1]
+            )
+    except Exception as exc:
+        log.warning("no escalation: its conversation's erasure mark could not be read: %s", type(exc).__name__)
+        return True
+
+
 def _bounded_context(turn, conf, signals) -> dict:
     context = {
         "variables": turn.variables,
@@ -304,6 +323,9 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
         # loaded before the conversation was erased: an escalation would keep its words (the
         # customer's message, the draft) and hold it for a person; the turn's answer goes out
         log.info("no escalation for agent %s: its conversation was erased during the turn", agent.name)
+        return None
+    if await _erased_since_queued(svc, turn):  # (a first turn too: it loaded no seq to compare)
+        log.info("no escalation for agent %s: its conversation was erased since it was queued", agent.name)
         return None
     settings = hitl_settings.of(agent)
     tier_name = hitl.config.tier_variable

@@ -41,7 +41,7 @@ import secrets
 import orjson
 from prometheus_client import Counter
 
-from core import http
+from core import http, queued_proof
 from core.errors import GatewayError, InvalidRequest, ServiceUnavailable
 from core.fastredis import PipelinedRedis
 from core.metrics import _Children
@@ -52,6 +52,7 @@ HEADERS = {b"idempotency-key": "Idempotency-Key", b"x-gateway-idempotency-key": 
 MAX_KEY_CHARS = 255
 MAX_STORED_BYTES = 4 * 1024 * 1024  # a longer answer is not kept (the key is released)
 REPLAY_HEADER = (b"x-gateway-idempotent-replay", b"true")
+_QUEUED = queued_proof.HEADER.encode()
 _DONE = b"data: [DONE]\n\n"
 # not stored: they are the request's own (a replay gets fresh ones) or computed again
 _SKIP = frozenset({b"x-request-id", b"x-client-request-id", b"content-length", b"retry-after"})
@@ -236,7 +237,9 @@ def _body_digest(raw: bytes, scope: dict | None = None) -> str:
     out the same request differently still matches; bytes as they are when it is not JSON.
     With the request's ``x-gateway-*`` headers (sorted; not the idempotency key's own): they
     shape the answer as the body does (the conversation whose memory an agent reads, routing
-    constraints, attribution), so a request that differs only in them is another request."""
+    constraints, attribution), so a request that differs only in them is another request. Not
+    ``x-gateway-queued-at`` (``core.queued_proof``): it answers or refuses the turn, shaping
+    nothing, and a turn first tried by a worker that sent none (before an upgrade) is the same."""
     try:
         raw = orjson.dumps(orjson.loads(raw), option=orjson.OPT_SORT_KEYS)
     except orjson.JSONDecodeError:
@@ -244,7 +247,9 @@ def _body_digest(raw: bytes, scope: dict | None = None) -> str:
     digest = hashlib.sha256(raw)
     if scope is not None:
         shaping = sorted(
-            (name, value) for name, value in scope["headers"] if name.startswith(b"x-gateway-") and name not in HEADERS
+            (name, value)
+            for name, value in scope["headers"]
+            if name.startswith(b"x-gateway-") and name not in HEADERS and name != _QUEUED
         )
         for name, value in shaping:  # none: the digest of the body alone
             digest.update(b"\0%s\0%s" % (name, value))

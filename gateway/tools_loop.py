@@ -353,6 +353,7 @@ async def _remember(svc, ctx: RequestContext, answer: dict) -> None:
             prompt_version=turn.selection.version.version,
             variant=turn.selection.variant,
             base=turn.history if isinstance(turn.history, Window) else None,
+            erased=turn.erased_mark,
         )
     except Exception as exc:  # memory is not the answer: record and go on
         turn.memory_error = f"store failed: {type(exc).__name__}"

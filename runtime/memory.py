@@ -63,10 +63,26 @@ ERASED_SEQ_MIN_S = 3600  # a turn that loaded an erased conversation is not stor
 _KEPT = ("role", "content", "name", "tool_calls", "tool_call_id", "refusal")
 _NOT_STORED = ("system", "developer")
 
+
+# A turn queued (``queued``: µs on Redis's clock) at or before its conversation's erasure mark
+# (``key``: "seconds.µs", Redis's time; an unreadable mark counts as erased) is the erased
+# conversation's: the script answers -3 and reads or stores nothing (``Erased``).
+def _erased_since(key: str, queued: str) -> str:
+    return f"""  local mark = redis.call('GET', {key})
+  if mark then
+    local s, f = string.match(mark, '^(%d+)%.?(%d*)$')
+    if not s or tonumber(s) * 1000000 + tonumber(string.sub(f .. '000000', 1, 6)) >= tonumber({queued}) then
+      return -3
+    end
+  end"""
+
+
 # Number, push, trim, refresh, queue for PostgreSQL and store the new window, in one step.
-# KEYS: list, seq, stream, stored window, the last seq erased. ARGV: ttl, seq ttl, cap, the turn's stream record, the
+# KEYS: list, seq, stream, stored window, the last seq erased, and the conversation's erasure mark
+# (optional: ``Memory.append``'s ``erased``). ARGV: ttl, seq ttl, cap, the turn's stream record, the
 # seq the turn's window was loaded at ('' unknown), the new window after its "n" ('' none), the
-# lowest seq the conversation may have reached ('' unknown), then (tokens, message JSON) pairs.
+# lowest seq the conversation may have reached ('' unknown), the turn's queue time ('' unknown),
+# then (tokens, message JSON) pairs.
 # A seq is never handed out twice: a counter gone (evicted, or expired after the list) starts
 # again from the list's last seq, else from the floor; with neither the script stores nothing
 # and answers -1, and the caller asks PostgreSQL for the floor (messages.seq is unique there, so
@@ -77,7 +93,10 @@ _NOT_STORED = ("system", "developer")
 # from the erased history, are not the erased conversation's first turn again. Seqs go on after
 # an erasure (the counter stays), so the turns after it are told apart from those before it.
 _APPEND = """
-local n = (#ARGV - 7) / 2
+if KEYS[6] and ARGV[8] ~= '' then
+-- erased since queued
+end
+local n = (#ARGV - 8) / 2
 local erased = tonumber(redis.call('GET', KEYS[5]) or '0')
 if erased > 0 and ARGV[7] ~= '' and tonumber(ARGV[7]) > 0 and tonumber(ARGV[7]) <= erased then return -2 end
 local prev = redis.call('LINDEX', KEYS[1], -1)
@@ -97,7 +116,7 @@ local first = last - n + 1
 local items = {}
 for i = 1, n do
   local seq = string.format('%d', first + i - 1)
-  items[i] = '{"s":' .. seq .. ',"t":' .. ARGV[6 + 2 * i] .. ',"m":' .. ARGV[7 + 2 * i] .. '}'
+  items[i] = '{"s":' .. seq .. ',"t":' .. ARGV[7 + 2 * i] .. ',"m":' .. ARGV[8 + 2 * i] .. '}'
 end
 redis.call('RPUSH', KEYS[1], unpack(items))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
@@ -112,12 +131,17 @@ else
 end
 return first
 """
+_APPEND = _APPEND.replace("-- erased since queued", _erased_since("KEYS[6]", "ARGV[8]"))
 
 # The stored window when there is one and it ends at the list's last message, else the list's
 # tail: a list evicted without its window, or a writer that does not keep the window (a replica
-# of an older release), leaves a stored window that is not the list's. KEYS: list, stored window.
-# ARGV: the tail's start (negative).
+# of an older release), leaves a stored window that is not the list's. KEYS: list, stored window,
+# and the conversation's erasure mark (optional: ``Memory.load``'s ``erased``). ARGV: the tail's
+# start (negative), the turn's queue time (with the mark).
 _LOAD = """
+if KEYS[3] then
+-- erased since queued
+end
 local w = redis.call('GET', KEYS[2])
 if w then
   local n = string.match(w, '^{"n":(%d+)')
@@ -126,6 +150,7 @@ if w then
 end
 return redis.call('LRANGE', KEYS[1], ARGV[1], -1)
 """
+_LOAD = _LOAD.replace("-- erased since queued", _erased_since("KEYS[3]", "ARGV[2]"))
 
 # Put back what PostgreSQL holds in front of whatever the list holds now (a turn stored
 # meanwhile stays after it), and never let the counter fall below the stored seqs. Nothing when
@@ -174,6 +199,11 @@ return {string.format('%d', math.max(last - before, 0)), now[1], now[2]}
 """
 
 
+class Erased(Exception):
+    """The turn was queued before its conversation's erasure (``erased``: the mark is at or after
+    its queue time): it is the erased conversation's, and nothing of it is read or stored."""
+
+
 class MemoryUnavailable(Exception):
     """Memory could not be read or stored; the turn answers without it. ``reason`` is short
     and safe to record (a store and an exception class, never content)."""
@@ -181,6 +211,11 @@ class MemoryUnavailable(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ErasureUnknown(MemoryUnavailable):
+    """``load`` with ``erased``: Redis failed before the erasure mark was read, so whether the
+    conversation was erased since the turn was queued is unknown (the turn is not answered)."""
 
 
 def check_conversation_id(conversation_id: object, param: str = "metadata.conversation_id") -> str:
@@ -544,15 +579,30 @@ class Memory:
         if self._fast is not None:
             await self._fast.close()
 
-    async def load(self, tenant: str, agent: Agent, conversation_id: str) -> list[dict]:
-        """The recent window of the conversation, oldest first, ready to follow the system prompt."""
+    async def load(
+        self, tenant: str, agent: Agent, conversation_id: str, *, erased: tuple[str, int] | None = None
+    ) -> list[dict]:
+        """The recent window of the conversation, oldest first, ready to follow the system prompt.
+        ``erased``: (the Redis key of the conversation's erasure mark, "seconds.µs" on Redis's
+        clock; the turn's queue time, µs on that clock), read in the same round trip: ``Erased``
+        when the mark is at or after the queue time."""
         window_key, seq_key = keys(tenant, agent.id, conversation_id)
         # The stored window, else only the tail the window can use: the list holds room for
         # tool steps, but a turn is read back only while it fits, so decoding all of it is
         # wasted work.
         start = -tail_size(agent.memory)
+        script_keys, args = [window_key, f"{window_key}:w"], [start]
+        if erased is not None:
+            script_keys.append(erased[0])
+            args.append(erased[1])
         try:
-            raw = await self._script("load", [window_key, f"{window_key}:w"], [start])
+            raw = await self._script("load", script_keys, args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            cls = MemoryUnavailable if erased is None else ErasureUnknown
+            raise cls(f"redis: {type(exc).__name__}") from None
+        try:
+            if raw == -3:
+                raise Erased()
             if isinstance(raw, bytes):
                 stored = stored_window(raw, agent.memory)
                 if stored is not None:
@@ -607,10 +657,13 @@ class Memory:
         prompt_version: int,
         variant: str | None,
         base: Window | None = None,
+        erased: tuple[str, int] | None = None,
     ) -> None:
         """Stores one turn's messages, in order (one Redis round trip; PostgreSQL follows).
         ``base``: the window the turn was answered with (``load``'s); with it the new window is
-        stored too, unless another turn was stored since ``base`` was read."""
+        stored too, unless another turn was stored since ``base`` was read. ``erased``: as
+        ``load``'s; a turn whose conversation was erased since it was queued stores nothing
+        (``Erased``): an erasure that came while it was answered, its first turn too."""
         stored = [clean_message(m) for m in messages if isinstance(m, dict) and m.get("role") not in _NOT_STORED]
         if len(stored) > MAX_APPEND:
             stored = stored[-MAX_APPEND:]
@@ -641,15 +694,22 @@ class Memory:
             raise MemoryUnavailable(f"unstorable message: {type(exc).__name__}") from None
         window_key, seq_key = keys(tenant, agent.id, conversation_id)
         script_keys = [window_key, seq_key, MEMORY_STREAM, f"{window_key}:w", f"{window_key}:erased:seq"]
+        queued: object = ""
+        if erased is not None:
+            script_keys.append(erased[0])
+            queued = erased[1]
         # The window's seq is a floor: the conversation had reached it when the turn began.
         floor = base.seq if base is not None and base.seq is not None else ""
         try:
-            first = await self._script("append", script_keys, [*args, floor, *pairs])
+            first = await self._script("append", script_keys, [*args, floor, queued, *pairs])
             if first == -1:  # no counter, no list: PostgreSQL knows how far the seqs went
                 floor = await self._stored_seq(tenant, agent.id, conversation_id)
-                first = await self._script("append", script_keys, [*args, floor, *pairs])
+                first = await self._script("append", script_keys, [*args, floor, queued, *pairs])
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
+        if first == -3:
+            log.info("memory: a turn queued before its conversation's erasure was not stored")
+            raise Erased()
         if first == -2:
             log.info("memory: a turn that loaded a conversation erased since was not stored")
 

@@ -122,6 +122,9 @@ class Turn:
     hold: str | None = None  # the escalation holding the conversation (a person answers, not the model)
     escalation_id: str | None = None  # the escalation this turn opened or joined
     confidence: Any = None  # runtime.hitl.confidence.Confidence of the answer
+    # (the conversation's erasure mark key, the turn's proven queue time in µs): a channel's turn
+    # queued before its conversation's erasure reads and stores nothing (runtime.memory ``erased``)
+    erased_mark: tuple[str, int] | None = None
 
     @property
     def memory_loaded(self) -> int:

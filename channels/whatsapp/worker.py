@@ -26,11 +26,12 @@ import time
 import orjson
 
 from channels.config import WhatsAppAccount
-from channels.gateway_client import GatewayClient, GatewayRejected, GatewayUnavailable
+from channels.gateway_client import ConversationErased, GatewayClient, GatewayRejected, GatewayUnavailable
 from channels.whatsapp import erasure, metrics, store
 from channels.whatsapp.content import MediaStore, build_content
 from channels.whatsapp.graph import WINDOW_CLOSED, Graph, GraphError, GraphUnreachable
 from channels.whatsapp.sender import PIECE_FIELD, Sender, index_key, window_rest, window_unsettled
+from core import queued_proof
 from core.queue import Fatal, Job, Queue, Retry
 
 log = logging.getLogger("channels.whatsapp")
@@ -140,13 +141,17 @@ class Worker:
         words, the profile name, the files it fetched)."""
         if queued_us is None or not await self._erased_since(messages[0], queued_us):
             return False
+        await self._drop_erased(acct, conv, messages)
+        return True
+
+    async def _drop_erased(self, acct: WhatsAppAccount, conv: store.Conversation, messages: list[dict]) -> None:
+        """A turn of a conversation erased while it was under way: what it stored goes."""
         log.info(
             "whatsapp turn of a conversation erased meanwhile dropped", extra={"fields": {"account": conv.account}}
         )
         await store.forget_turn_words(self.pool, acct.tenant, conv.conversation_id, [m["wamid"] for m in messages])
         await self.media.forget(acct.tenant, conv.conversation_id)
         metrics.turns.get(messages[0]["account"], "erased").inc()
-        return True
 
     async def _turn(self, acct: WhatsAppAccount, messages: list[dict], queued_us: int | None = None) -> int:
         """Answers the burst; returns how many of its messages the answer covers (a turn taken over
@@ -171,6 +176,8 @@ class Worker:
                 metrics.turns.get(head["account"], "duplicate").inc()
                 return len(messages)
             read = asyncio.ensure_future(self._mark_read(acct, head["pnid"], messages[-1]["wamid"]))
+            # (signed: the gateway refuses the turn, and stores nothing, if the erasure comes now)
+            queued_at = None if queued_us is None else queued_proof.sign(acct.tenant, conv.conversation_id, queued_us)
             try:
                 content = await build_content(self.media, acct, messages, conv.conversation_id)
                 if await self._erased_under_way(acct, conv, messages, queued_us):  # (while its media came)
@@ -185,7 +192,10 @@ class Worker:
                         head, len(messages), agent, content, _variables(conv, head), customer=head["wa_id"]
                     ),
                     customer=head["wa_id"],
+                    queued_at=queued_at,
                 )
+            except ConversationErased:  # (erased after the check above, before the gateway read it)
+                reply = None
             except GatewayRejected as exc:
                 raise Fatal(str(exc)) from None
             except GatewayUnavailable as exc:
@@ -194,6 +204,9 @@ class Worker:
                 raise
             finally:
                 await read
+            if reply is None:
+                await self._drop_erased(acct, conv, messages)
+                return len(messages)
             if await self._erased_under_way(acct, conv, messages, queued_us):  # (while it was answered)
                 return len(messages)
             await self.sender.note(
