@@ -85,6 +85,7 @@ class ConversationAdmin:
         # the erasure's record in one transaction, then Redis again: a turn stored meanwhile, or a
         # reload that read PostgreSQL before the commit, is dropped too.
         messages = feedback = 0
+        resolved: list[tuple[str, str, str]] = []
         try:
             # (each agent's erasure is stamped with Redis's clock, as the turns it skips are)
             forgot = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
@@ -97,6 +98,8 @@ class ConversationAdmin:
                     gone = await conversations.erase(conn, tenant, agent_id, conversation_id, at, copies=False)
                     # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
                     messages += max(gone["messages"], handed_out)
+                    resolved += gone["resolved"]
+            await self._release_holds(tenant, resolved)
             for agent_id in agent_ids:
                 await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
             # (after the commit: a turn the memory writer refused until then is among them)
@@ -120,6 +123,13 @@ class ConversationAdmin:
                 "feedback": feedback,
             }
         )
+
+    async def _release_holds(self, tenant: str, resolved: list[tuple[str, str, str]]) -> None:
+        """The holds (``runtime.hitl.held``) of the escalations the erasure resolved: a customer
+        who writes again is answered, not held for a person with no conversation to answer."""
+        hitl = self.svc.hitl
+        for agent_id, conversation_id, escalation_id in resolved if hitl is not None else ():
+            await hitl.holds.release(tenant, agent_id, conversation_id, escalation_id)
 
 
 def _audit_as_tag(request: Request, tenant: str, conversation_id: str) -> None:

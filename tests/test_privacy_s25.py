@@ -258,13 +258,15 @@ def test_retention_clears_the_words_escalations_channels_and_dead_letters_kept_a
 
     assert _memory_run(services, lambda memory, pool, redis: sweep(pool, memory)) >= 1
     words = _words(services, tenant)
-    assert {k: v for k, v in words.items() if k[1] == old} == {
-        ("escalation", old): (None, "resolved/answered"),
-        ("whatsapp", old): (None, "read"),
-        ("profile", old): (None, agent),
+    from core.erasure_key import conversation_tag
+
+    tag = conversation_tag(tenant, old)  # (the records kept: the escalation's, the message's)
+    assert {k: v for k, v in words.items() if k[1] in (old, tag)} == {
+        ("escalation", tag): (None, "resolved/answered"),
+        ("whatsapp", tag): (None, "read"),
         ("call", old): (None, "ended/0.25"),
-    }  # (the learned example never reviewed is gone)
-    assert all(w is not None for (_, conv), (w, _) in words.items() if conv == new) and len(words) == 9
+    }  # (the learned example never reviewed is gone, and so is the WhatsApp conversation's state)
+    assert all(w is not None for (_, conv), (w, _) in words.items() if conv == new) and len(words) == 8
     assert _dead_words(services, tenant) == [f"dead words of {new}"]
     assert _stored(services, tenant, old) == 0 and _stored(services, tenant, new) == 1
     _drop_dead(services, tenant)
@@ -348,13 +350,15 @@ def test_an_erasure_clears_dead_letters_learned_examples_and_the_profile_name(gw
     assert _dead_words(services, tenant) == [f"dead words of {other}"]
     _drop_dead(services, tenant)
     words = _words(services, tenant)
-    assert {k: v for k, v in words.items() if k[1] == conv} == {
-        ("escalation", conv): (None, "resolved/answered"),
-        ("whatsapp", conv): (None, "read"),
-        ("profile", conv): (None, agent),
+    from tests.test_wa_dead_letters_erasure import _tag
+
+    tag = _tag(tenant, conv)  # (the records kept: the escalation's, the message's: the gateway's key)
+    assert {k: v for k, v in words.items() if k[1] in (conv, tag)} == {
+        ("escalation", tag): (None, "resolved/answered"),
+        ("whatsapp", tag): (None, "read"),
         ("call", conv): (None, "ended/0.25"),
-    }
-    assert all(w is not None for (_, c), (w, _) in words.items() if c == other) and len(words) == 9
+    }  # (the WhatsApp conversation's state, profile name and all, is gone)
+    assert all(w is not None for (_, c), (w, _) in words.items() if c == other) and len(words) == 8
 
 
 def test_a_reload_just_before_a_retention_sweep_does_not_keep_the_expired_window_in_redis(gw, services):
