@@ -19,6 +19,7 @@ import uuid
 
 import asyncpg
 import pytest
+import redis
 
 from tests.conftest import Gateway, environ, run_cli, wait_until
 from tests.test_channels_whatsapp import notification, post, rows, text
@@ -346,6 +347,58 @@ class _AnyTime:
 
 
 ANY_TIME = _AnyTime()
+
+
+def test_an_erasure_drops_the_status_dead_letters_that_name_the_number(gw, services):
+    """A delivery status whose job died stays in the status queue's dead letters, naming its
+    recipient (here: a window failure of a send whose record never came). Those of the erased
+    conversation were left there; they go now. Another customer's stays."""
+    ada, bob = _wa_id(), _wa_id()
+    dead = "gw:{gw}:q:wa-status:dead"
+    r = redis.Redis.from_url(services[1])
+
+    def letters(who: str) -> list[bytes]:
+        return [i for i, f in r.xrange(dead) if who.encode() in f[b"m"]]
+
+    try:
+        for who in (ada, bob):  # retried once, then dead
+            _status(gw, PNID_A, f"wamid.GONE{uuid.uuid4().hex}", "failed", who, errors=[{"code": 131047}])
+            wait_until(lambda who=who: len(letters(who)) == 1, what="the status's dead letter")
+        assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
+        assert (len(letters(ada)), len(letters(bob))) == (0, 1)
+    finally:
+        if gone := letters(bob):
+            r.xdel(dead, *gone)
+        r.close()
+
+
+def test_an_erasure_deletes_the_alias_that_holds_the_customers_number(gw, graph, services):
+    """An admin's send to a number Meta knows by another WhatsApp id (the customer's, whose
+    conversation it is) leaves an alias in Redis for 90 days: the typed number's key holding the
+    customer's id. The erasure of the customer's conversation left it; it goes now. Another
+    customer's alias stays."""
+    from channels.whatsapp.sender import alias_key
+
+    ada, bob = _wa_id(), _wa_id()
+    typed = {ada: _wa_id(), bob: _wa_id()}
+    template = {"account": "alpha", "name": f"hello_{RUN}", "language": "en_US"}
+    made = _admin(gw, "POST", "/admin/channels/whatsapp/templates", json=template)
+    assert made.status_code == 201, made.text
+    r = redis.Redis.from_url(services[1])
+    graph.configure(wa_ids={number: who for who, number in typed.items()})
+    try:
+        for who, number in typed.items():
+            body = {"account": "alpha", "phone_number_id": PNID_A, "to": number, "template": {"name": f"hello_{RUN}"}}
+            sent = _admin(gw, "POST", "/admin/channels/whatsapp/send", json=body)
+            assert sent.status_code == 202, sent.text
+            key = alias_key("alpha", PNID_A, number)
+            wait_until(lambda key=key, who=who: r.get(key) == who.encode(), what="the alias")
+        assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
+        assert r.get(alias_key("alpha", PNID_A, typed[ada])) is None
+        assert r.get(alias_key("alpha", PNID_A, typed[bob])) == bob.encode()
+    finally:
+        graph.configure(wa_ids={})
+        r.close()
 
 
 def test_the_erasures_updates_of_the_channel_records_use_their_indexes(gw, services):
