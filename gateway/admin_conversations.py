@@ -13,11 +13,26 @@ a turn of it under way is neither sent nor kept (``channels.whatsapp.erasure.mar
 
 The copies of its words are cleared with it (``runtime.conversations.forget_copies``, which the
 retention shares): a channel's records of the conversation (``whatsapp_messages``,
-``whatsapp_conversations``, ``vapi_calls``) stay, for their delivery statuses, durations and
-costs, but lose the words they kept (a message's body, the customer's profile name; a call's
-transcript, summary and recording link); its escalations stay too (their lifecycle, SLAs and
-outcome) without the words they kept (the customer's question, the AI's draft, the person's
-answer, the context shown); the learned examples drawn from them that nobody approved are deleted.
+``vapi_calls``) stay, for their delivery statuses, durations and costs, but lose the words they
+kept (a message's body; a call's transcript, summary and recording link); its escalations stay
+too (their lifecycle, SLAs and outcome) without the words they kept (the customer's question, the
+AI's draft, the person's answer, the context shown); the learned examples drawn from them that
+nobody approved are deleted.
+
+A WhatsApp conversation's id (``wa:<phone_number_id>:<wa_id>``) holds the customer's number, and
+no record of it keeps the number (``runtime.erased_records``): its message records hold the tag
+below as their conversation and customer (the same tag as its ledger rows: they still belong
+together; a status Meta sends later finds its message by wamid and moves its status only, and one
+of a wamid never recorded is kept without its recipient); the channel's state of it
+(``whatsapp_conversations``: agent, last inbound message for the 24-hour window, profile name,
+the number as its key) is deleted, not tagged — a customer who writes again starts a new
+conversation with a window of its own, as after any erasure, and nothing is sent from the old
+state; its escalations hold the tag, and one still open is resolved (outcome ``erased``: there is
+nothing left to answer, and its hold would keep the customer's next message from the agent) and
+its hold in Redis released. The channel's Redis state naming the number goes too
+(``channels.whatsapp.erasure``: the status queue's dead letters, the send aliases of the number).
+The same customer's conversation on another business number, or in another tenant, is another
+conversation and keeps its records.
 
 Kept without the id: the audit ledger (tokens and cost, never content) and run records (sizes
 and durations, never content) hold ``erased:<keyed hash>`` in its place (``runtime.erased_records``:

@@ -8,8 +8,10 @@ of its words an erasure clears too
 (``runtime.conversations.forget_copies``: the feedback on it or its turns; its escalations',
 channel records' and unapproved learned examples' words — what is older than the retention).
 Its run records and audit ledger rows older than the retention stay, holding the conversation's
-keyed tag instead of its id (``runtime.erased_records``), and a VAPI call's record and ledger rows
-instead of its caller's number, as after an erasure.
+keyed tag instead of its id (``runtime.erased_records``), a VAPI call's record and ledger rows
+instead of its caller's number, its WhatsApp message records and escalations instead of its id
+and number (an escalation still open is resolved), and its WhatsApp conversation state silent
+since the cutoff is deleted, as after an erasure.
 Its recent window in Redis is dropped as well: an agent with a retention keeps its window at most
 that long (``memory.ttl_s`` is capped to it), but a customer who writes again just before the
 sweep has the old messages read back from PostgreSQL into Redis. Archived agents' conversations

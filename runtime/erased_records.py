@@ -6,6 +6,9 @@ read back. A ledger row's end user and customer go the same way when they are th
 WhatsApp turn's are the customer's number) or, in a VAPI call's conversation, its caller
 (``core.erasure_key.names_party``: the number, the channel's pseudonym of it, a web call), and the
 call's record (``vapi_calls``, kept for its duration and cost) holds the tag as its caller's number.
+A WhatsApp conversation's message records hold the tag as their conversation and customer, its
+channel state is deleted, and its escalations hold the tag (those open resolved): below, by
+``_WA_MESSAGES``, ``_WA_CONVERSATIONS`` and ``_ESCALATIONS``, which say why.
 
 Rows already written are rewritten here (``retag``, inside the erasure's transaction, after its
 lock); rows on their way (the runs and ledger streams, a spool on disk, a dead letter retried)
