@@ -31,6 +31,8 @@ state; its escalations hold the tag, and one still open is resolved (outcome ``e
 nothing left to answer, and its hold would keep the customer's next message from the agent) and
 its hold in Redis released. The channel's Redis state naming the number goes too
 (``channels.whatsapp.erasure``: the status queue's dead letters, the send aliases of the number).
+Its escalations still waiting in Redis for the sweeper (PostgreSQL could not take them on their
+turns; they hold the id and the customer's words) are dropped (``runtime.hitl.held.drop_spooled``).
 The same customer's conversation on another business number, or in another tenant, is another
 conversation and keeps its records.
 
@@ -73,6 +75,7 @@ from gateway import conversation_paths
 from gateway.db import tenant_transaction
 from runtime import agents as agents_store
 from runtime import conversations
+from runtime.hitl import held
 
 MAX_AGENT_GENERATIONS = 100  # agents of one name (the active one and those deleted) one erasure covers
 
@@ -119,6 +122,8 @@ class ConversationAdmin:
                 await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
             # (after the commit: a turn the memory writer refused until then is among them)
             await self.svc.memory.drop_dead_letters(tenant, [(agent_id, conversation_id) for agent_id in agent_ids])
+            # (after the commit too: an escalation its turn could not write, waiting for the sweeper)
+            await held.drop_spooled(self.svc.redis, tenant, agent_ids, conversation_id)
             if self.svc.forget_channel is not None:  # (again: its dead letters, its customer's files)
                 await self.svc.forget_channel(tenant, [conversation_id])
             idempotency = getattr(self.admin.gateway, "idempotency", None)
