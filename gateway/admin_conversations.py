@@ -77,6 +77,7 @@ from runtime import agents as agents_store
 from runtime import conversations
 from runtime.hitl import held
 
+MAX_EARLIER_HOLDS = 10  # escalations earlier erasures of a conversation resolved, their holds released again
 MAX_AGENT_GENERATIONS = 100  # agents of one name (the active one and those deleted) one erasure covers
 
 
@@ -117,7 +118,7 @@ class ConversationAdmin:
                     # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
                     messages += max(gone["messages"], handed_out)
                     resolved += gone["resolved"]
-            await self._release_holds(tenant, resolved)
+            await self._release_holds(request, tenant, agent_ids, conversation_id, resolved)
             for agent_id in agent_ids:
                 await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
             # (after the commit: a turn the memory writer refused until then is among them)
@@ -144,11 +145,29 @@ class ConversationAdmin:
             }
         )
 
-    async def _release_holds(self, tenant: str, resolved: list[tuple[str, str, str]]) -> None:
+    async def _release_holds(
+        self, request: Request, tenant: str, agent_ids: list[str], conversation_id: str, resolved: list
+    ) -> None:
         """The holds (``runtime.hitl.held``) of the escalations the erasure resolved: a customer
-        who writes again is answered, not held for a person with no conversation to answer."""
+        who writes again is answered, not held for a person with no conversation to answer. Those
+        an earlier erasure of the conversation resolved too (the newest few, by the tag they hold):
+        one whose hold Redis failed to release (503) is released when the erasure is repeated,
+        as its resolution is not found again. A hold names its escalation: a newer one's stays."""
         hitl = self.svc.hitl
-        for agent_id, conversation_id, escalation_id in resolved if hitl is not None else ():
+        if hitl is None:
+            return
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            earlier = await conn.fetch(
+                """SELECT agent_id, id FROM escalations
+                   WHERE tenant = $1 AND agent_id = ANY($2::text[]) AND conversation_id = $3
+                     AND resolved_by = 'erasure' ORDER BY resolved_at DESC LIMIT $4""",
+                tenant,
+                agent_ids,
+                conversation_tag(tenant, conversation_id),
+                MAX_EARLIER_HOLDS,
+            )
+        holds = dict.fromkeys([(a, e) for a, _, e in resolved] + [(r["agent_id"], r["id"]) for r in earlier])
+        for agent_id, escalation_id in holds:
             await hitl.holds.release(tenant, agent_id, conversation_id, escalation_id)
 
 

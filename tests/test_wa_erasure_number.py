@@ -462,3 +462,35 @@ class _Rollback(Exception):
     def __init__(self, plans: dict[str, str]) -> None:
         super().__init__("rolled back")
         self.plans = plans
+
+
+def test_an_erasure_repeated_after_redis_failed_to_release_its_hold_releases_it(gw, graph, services):
+    """The erasure resolves the open escalation in its transaction and releases its hold in Redis
+    after the commit. When Redis failed there (a 503: "erasing is safe to repeat"), the repeated
+    erasure no longer found the escalation open and left the hold: the customer's next message
+    got the hold message instead of the agent's answer. Now a repeated erasure releases the holds
+    of the escalations an erasure of the conversation resolved."""
+    from runtime.hitl.held import held_key
+
+    ada = _wa_id()
+    conv = f"wa:{PNID_A}:{ada}"
+    _say(gw, PNID_A, ada, ASK_PERSON)
+    wait_until(lambda: _escalations(services, TENANT_A, [conv]), what="the escalation")
+    assert _erase(gw, TENANT_A, conv).status_code == 200
+    [esc] = rows(
+        services[0],
+        "SELECT agent_id, id FROM escalations WHERE tenant = $1 AND conversation_id = $2",
+        TENANT_A,
+        _tag(TENANT_A, conv),
+    )
+    r = redis.Redis.from_url(services[1])
+    try:  # the state the erasure left when Redis refused the release: committed, the hold still set
+        r.set(held_key(TENANT_A, esc["agent_id"], conv), esc["id"], ex=3600)
+        assert _erase(gw, TENANT_A, conv).status_code == 200
+        assert r.get(held_key(TENANT_A, esc["agent_id"], conv)) is None
+    finally:
+        r.close()
+    before = len(graph.sent_to(ada))
+    _say(gw, PNID_A, ada, "hello after the repeated erasure")
+    _answered(graph, ada, before + 1)
+    assert _texts(graph, ada)[-1] == "echo: hello after the repeated erasure"
