@@ -494,3 +494,39 @@ def test_an_erasure_repeated_after_redis_failed_to_release_its_hold_releases_it(
     _say(gw, PNID_A, ada, "hello after the repeated erasure")
     _answered(graph, ada, before + 1)
     assert _texts(graph, ada)[-1] == "echo: hello after the repeated erasure"
+
+
+def test_a_status_an_older_release_kept_with_its_recipients_number_loses_it_at_the_upgrade(services):
+    """An older release kept a status of a wamid it did not know with the recipient's number and
+    no conversation: no erasure finds that row, so the number stayed for good. The upgrade's
+    migration takes the number off those rows (their statuses stay); a linked record keeps its
+    customer until its conversation is erased."""
+    from gateway.db import migrate, migration_files
+
+    [sql] = [sql for version, _, sql in migration_files() if version == 17]
+    tenant, number = f"wanum-old-{uuid.uuid4().hex[:6]}", _wa_id()
+
+    async def go():
+        conn = await asyncpg.connect(services[0])
+        try:
+            await migrate(conn)  # (the rows below are the older release's: written before the upgrade's SQL runs)
+            await conn.execute(
+                """INSERT INTO whatsapp_messages (tenant, account, wamid, direction, conversation_id, wa_id, status,
+                                                  status_rank)
+                   VALUES ($1, 'alpha', $2, 'out', NULL, $3, 'delivered', 2),
+                          ($1, 'alpha', $4, 'out', $5, $3, 'read', 3)""",
+                tenant,
+                f"wamid.old-{uuid.uuid4().hex[:8]}",
+                number,
+                f"wamid.linked-{uuid.uuid4().hex[:8]}",
+                f"wa:{PNID_A}:{number}",
+            )
+            await conn.execute(sql)
+            return await conn.fetch(
+                "SELECT conversation_id, wa_id, status FROM whatsapp_messages WHERE tenant = $1 ORDER BY id", tenant
+            )
+        finally:
+            await conn.close()
+
+    got = [tuple(r) for r in asyncio.run(go())]
+    assert got == [(None, None, "delivered"), (f"wa:{PNID_A}:{number}", number, "read")], got
