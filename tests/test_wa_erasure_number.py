@@ -530,3 +530,23 @@ def test_a_status_an_older_release_kept_with_its_recipients_number_loses_it_at_t
 
     got = [tuple(r) for r in asyncio.run(go())]
     assert got == [(None, None, "delivered"), (f"wa:{PNID_A}:{number}", number, "read")], got
+
+
+def test_a_turns_answer_sent_while_its_conversation_is_erased_keeps_no_number(gw, graph, services):
+    """The erasure comes while the turn's answer is on its way to Meta (its POST answered late):
+    the turn's last check was before the send, so the answer's record — written after the
+    erasure — kept the customer's number, the conversation's id and the answer itself. Now the
+    turn checks again once the answer is out, and its records go as the erasure's own did."""
+    ada = _wa_id()
+    conv = f"wa:{PNID_A}:{ada}"
+    graph.configure(text_answer_delays_ms=[1500])  # (below the module's 2 s visibility timeout)
+    try:
+        _say(gw, PNID_A, ada, "hello")
+        wait_until(lambda: graph.sent_to(ada), what="the answer's POST at Graph")  # (listed before its answer)
+        assert _erase(gw, TENANT_A, conv).status_code == 200
+        out = "SELECT body FROM whatsapp_messages WHERE tenant = $1 AND conversation_id = $2 AND direction = 'out'"
+        wait_until(lambda: rows(services[0], out, TENANT_A, _tag(TENANT_A, conv)), what="the answer's record tagged")
+        assert rows(services[0], out, TENANT_A, _tag(TENANT_A, conv)) == [{"body": None}]
+        assert _messages(services, TENANT_A, ada) == [] and _states(services, TENANT_A, ada) == []
+    finally:
+        graph.configure(text_answer_delays_ms=[])
