@@ -13,11 +13,28 @@ a turn of it under way is neither sent nor kept (``channels.whatsapp.erasure.mar
 
 The copies of its words are cleared with it (``runtime.conversations.forget_copies``, which the
 retention shares): a channel's records of the conversation (``whatsapp_messages``,
-``whatsapp_conversations``, ``vapi_calls``) stay, for their delivery statuses, durations and
-costs, but lose the words they kept (a message's body, the customer's profile name; a call's
-transcript, summary and recording link); its escalations stay too (their lifecycle, SLAs and
-outcome) without the words they kept (the customer's question, the AI's draft, the person's
-answer, the context shown); the learned examples drawn from them that nobody approved are deleted.
+``vapi_calls``) stay, for their delivery statuses, durations and costs, but lose the words they
+kept (a message's body; a call's transcript, summary and recording link); its escalations stay
+too (their lifecycle, SLAs and outcome) without the words they kept (the customer's question, the
+AI's draft, the person's answer, the context shown); the learned examples drawn from them that
+nobody approved are deleted.
+
+A WhatsApp conversation's id (``wa:<phone_number_id>:<wa_id>``) holds the customer's number, and
+no record of it keeps the number (``runtime.erased_records``): its message records hold the tag
+below as their conversation and customer (the same tag as its ledger rows: they still belong
+together; a status Meta sends later finds its message by wamid and moves its status only, and one
+of a wamid never recorded is kept without its recipient); the channel's state of it
+(``whatsapp_conversations``: agent, last inbound message for the 24-hour window, profile name,
+the number as its key) is deleted, not tagged — a customer who writes again starts a new
+conversation with a window of its own, as after any erasure, and nothing is sent from the old
+state; its escalations hold the tag, and one still open is resolved (outcome ``erased``: there is
+nothing left to answer, and its hold would keep the customer's next message from the agent) and
+its hold in Redis released. The channel's Redis state naming the number goes too
+(``channels.whatsapp.erasure``: the status queue's dead letters, the send aliases of the number).
+Its escalations still waiting in Redis for the sweeper (PostgreSQL could not take them on their
+turns; they hold the id and the customer's words) are dropped (``runtime.hitl.held.drop_spooled``).
+The same customer's conversation on another business number, or in another tenant, is another
+conversation and keeps its records.
 
 Kept without the id: the audit ledger (tokens and cost, never content) and run records (sizes
 and durations, never content) hold ``erased:<keyed hash>`` in its place (``runtime.erased_records``:
@@ -58,7 +75,9 @@ from gateway import conversation_paths
 from gateway.db import tenant_transaction
 from runtime import agents as agents_store
 from runtime import conversations
+from runtime.hitl import held
 
+MAX_EARLIER_HOLDS = 10  # escalations earlier erasures of a conversation resolved, their holds released again
 MAX_AGENT_GENERATIONS = 100  # agents of one name (the active one and those deleted) one erasure covers
 
 
@@ -85,6 +104,7 @@ class ConversationAdmin:
         # the erasure's record in one transaction, then Redis again: a turn stored meanwhile, or a
         # reload that read PostgreSQL before the commit, is dropped too.
         messages = feedback = 0
+        resolved: list[tuple[str, str, str]] = []
         try:
             # (a channel's conversation marked first: its jobs queued before now are dropped, and a
             # turn of one signed so, x-gateway-queued-at, stores nothing from now on — a first turn
@@ -101,10 +121,14 @@ class ConversationAdmin:
                     gone = await conversations.erase(conn, tenant, agent_id, conversation_id, at, copies=False)
                     # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
                     messages += max(gone["messages"], handed_out)
+                    resolved += gone["resolved"]
+            await self._release_holds(request, tenant, agent_ids, conversation_id, resolved)
             for agent_id in agent_ids:
                 await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
             # (after the commit: a turn the memory writer refused until then is among them)
             await self.svc.memory.drop_dead_letters(tenant, [(agent_id, conversation_id) for agent_id in agent_ids])
+            # (after the commit too: an escalation its turn could not write, waiting for the sweeper)
+            await held.drop_spooled(self.svc.redis, tenant, agent_ids, conversation_id)
             if self.svc.forget_channel is not None:  # (again: its dead letters, its customer's files)
                 await self.svc.forget_channel(tenant, [conversation_id])
             idempotency = getattr(self.admin.gateway, "idempotency", None)
@@ -124,6 +148,31 @@ class ConversationAdmin:
                 "feedback": feedback,
             }
         )
+
+    async def _release_holds(
+        self, request: Request, tenant: str, agent_ids: list[str], conversation_id: str, resolved: list
+    ) -> None:
+        """The holds (``runtime.hitl.held``) of the escalations the erasure resolved: a customer
+        who writes again is answered, not held for a person with no conversation to answer. Those
+        an earlier erasure of the conversation resolved too (the newest few, by the tag they hold):
+        one whose hold Redis failed to release (503) is released when the erasure is repeated,
+        as its resolution is not found again. A hold names its escalation: a newer one's stays."""
+        hitl = self.svc.hitl
+        if hitl is None:
+            return
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            earlier = await conn.fetch(
+                """SELECT agent_id, id FROM escalations
+                   WHERE tenant = $1 AND agent_id = ANY($2::text[]) AND conversation_id = $3
+                     AND resolved_by = 'erasure' ORDER BY resolved_at DESC LIMIT $4""",
+                tenant,
+                agent_ids,
+                conversation_tag(tenant, conversation_id),
+                MAX_EARLIER_HOLDS,
+            )
+        holds = dict.fromkeys([(a, e) for a, _, e in resolved] + [(r["agent_id"], r["id"]) for r in earlier])
+        for agent_id, escalation_id in holds:
+            await hitl.holds.release(tenant, agent_id, conversation_id, escalation_id)
 
 
 def _audit_as_tag(request: Request, tenant: str, conversation_id: str) -> None:

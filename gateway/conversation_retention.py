@@ -8,8 +8,10 @@ of its words an erasure clears too
 (``runtime.conversations.forget_copies``: the feedback on it or its turns; its escalations',
 channel records' and unapproved learned examples' words — what is older than the retention).
 Its run records and audit ledger rows older than the retention stay, holding the conversation's
-keyed tag instead of its id (``runtime.erased_records``), and a VAPI call's record and ledger rows
-instead of its caller's number, as after an erasure.
+keyed tag instead of its id (``runtime.erased_records``), a VAPI call's record and ledger rows
+instead of its caller's number, its WhatsApp message records and escalations instead of its id
+and number (an escalation still open is resolved, its hold in Redis released), and its WhatsApp
+conversation state silent since the cutoff is deleted, as after an erasure.
 Its recent window in Redis is dropped as well: an agent with a retention keeps its window at most
 that long (``memory.ttl_s`` is capped to it), but a customer who writes again just before the
 sweep has the old messages read back from PostgreSQL into Redis. Archived agents' conversations
@@ -33,6 +35,7 @@ from core.background import Periodic
 from core.env import env_float
 from gateway.db import tenant_transaction
 from runtime import conversations, erased_records
+from runtime.hitl import held
 from runtime.memory import Memory
 
 log = logging.getLogger("gateway.agents")
@@ -65,10 +68,16 @@ def interval() -> float:
     return env_float(INTERVAL_ENV, DEFAULT_INTERVAL) or DEFAULT_INTERVAL
 
 
-async def sweep(pool: asyncpg.Pool, memory: Memory | None = None, channel_copies: ChannelCopies | None = None) -> int:
+async def sweep(
+    pool: asyncpg.Pool,
+    memory: Memory | None = None,
+    channel_copies: ChannelCopies | None = None,
+    holds: held.Holds | None = None,
+) -> int:
     """One sweep over every agent with a retention: the number of conversations deleted.
     ``memory``: their windows in Redis and memory dead letters go too; ``channel_copies``: a
-    channel's copies of them (``channels.whatsapp.erasure.forget``)."""
+    channel's copies of them (``channels.whatsapp.erasure.forget``); ``holds``: the holds of
+    their escalations it resolved are released (the customer who writes again is answered)."""
     async with tenant_transaction(pool, None) as conn:
         agents = await conn.fetch(_AGENTS)
         await conversations.drop_unkeyed(conn)  # (erasures an older release recorded unkeyed)
@@ -76,7 +85,7 @@ async def sweep(pool: asyncpg.Pool, memory: Memory | None = None, channel_copies
     for agent in agents:
         deleted = 0
         for _ in range(MAX_BATCHES):
-            n = await _delete_batch(pool, memory, channel_copies, agent["tenant"], agent["id"], agent["days"])
+            n = await _delete_batch(pool, memory, channel_copies, holds, agent["tenant"], agent["id"], agent["days"])
             deleted += n
             if n < BATCH:
                 break
@@ -93,6 +102,7 @@ async def _delete_batch(
     pool: asyncpg.Pool,
     memory: Memory | None,
     channel_copies: ChannelCopies | None,
+    holds: held.Holds | None,
     tenant: str,
     agent_id: str,
     days: int,
@@ -112,10 +122,15 @@ async def _delete_batch(
         if channel_copies is not None:
             await channel_copies(tenant, ids)
         await conversations.forget_copies(conn, tenant, [agent_id], ids, before=old[0]["cutoff"])
-        await erased_records.retag(conn, tenant, [agent_id], ids, before=old[0]["cutoff"])
+        resolved = await erased_records.retag(conn, tenant, [agent_id], ids, before=old[0]["cutoff"])
         await conn.execute(
             "DELETE FROM conversations WHERE tenant = $1 AND id = ANY($2::text[])", tenant, [r["id"] for r in old]
         )
+    for agent, conversation, escalation in resolved if holds is not None else ():  # (after the commit)
+        try:
+            await holds.release(tenant, agent, conversation, escalation)
+        except Exception as exc:  # (the customer's next message releases it: the escalation is resolved)
+            log.warning("retention: a hold not released: %s", type(exc).__name__)
     return len(old)
 
 
@@ -126,11 +141,13 @@ class RetentionSweeper(Periodic):
         every: float | None = None,
         memory: Memory | None = None,
         channel_copies: ChannelCopies | None = None,
+        holds: held.Holds | None = None,
     ) -> None:
         self.pool = pool
         self.memory = memory
         self.channel_copies = channel_copies
+        self.holds = holds
         super().__init__("conversation-retention", every or interval(), self._sweep, log)
 
     async def _sweep(self) -> None:
-        await sweep(self.pool, self.memory, self.channel_copies)
+        await sweep(self.pool, self.memory, self.channel_copies, self.holds)

@@ -39,6 +39,7 @@ from rag.rerank_local import from_settings as local_reranker_from
 from runtime import erased_records
 from runtime.agents import AgentRegistry
 from runtime.delivery import Delivery
+from runtime.hitl import held
 from runtime.memory import Memory
 from runtime.runs import RUNS_STREAM, RunRecorder
 from runtime.tools import ToolRunner
@@ -155,7 +156,7 @@ class Services:
         # its accounts here)
         forget_channel = _forget_in_redis(redis, settings.data_dir.resolve(), pool, spool.dead_path, erasure=True)
         channel_copies = _forget_in_redis(redis, settings.data_dir.resolve(), pool, spool.dead_path, erasure=False)
-        retention = RetentionSweeper(pool, memory=memory, channel_copies=channel_copies)
+        retention = RetentionSweeper(pool, memory=memory, channel_copies=channel_copies, holds=held.Holds(redis))
         retention.start()
         hitl = await hitl_service.start(
             settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder

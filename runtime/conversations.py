@@ -217,7 +217,9 @@ async def erase(
     (``forget_copies``: feedback, escalations, learned examples, channel records), inside the
     caller's transaction; and records the erasure, so turns recorded up to ``erased_at`` (unix
     seconds, Redis's clock, as turns are stamped) that are still on their way to PostgreSQL are
-    skipped when they arrive. What was deleted: ``{"conversation": bool, "messages": n, "feedback": n}``.
+    skipped when they arrive. What was deleted: ``{"conversation": bool, "messages": n, "feedback": n,
+    "resolved": [(agent id, id, escalation id), ...]}`` (its escalations still open, resolved now:
+    ``erased_records.retag``; their holds in Redis are the caller's to release).
     ``copies=False``: the caller cleared the copies already (``forget_copies``, for all the
     agents it erases the conversation of, before the first erasure's lock). ``key``: the
     erasures' (``core.erasure_key``, this process's by default). The conversation's runs and ledger
@@ -236,7 +238,7 @@ async def erase(
         erased_at,
     )
     # (the runs and ledger rows already written; those on their way are tagged by their writers)
-    await erased_records.retag(conn, tenant, [agent_id], [external_id], key=key)
+    resolved = await erased_records.retag(conn, tenant, [agent_id], [external_id], key=key)
     row = await conn.fetchrow(
         "SELECT id FROM conversations WHERE tenant = $1 AND agent_id = $2 AND external_id = $3",
         tenant,
@@ -249,7 +251,7 @@ async def erase(
             "SELECT count(*) FROM messages WHERE conversation_id = $1 AND tenant = $2", row["id"], tenant
         )
         await conn.execute("DELETE FROM conversations WHERE id = $1 AND tenant = $2", row["id"], tenant)  # (cascade)
-    return {"conversation": row is not None, "messages": int(messages), "feedback": feedback}
+    return {"conversation": row is not None, "messages": int(messages), "feedback": feedback, "resolved": resolved}
 
 
 async def recent(

@@ -6,6 +6,9 @@ read back. A ledger row's end user and customer go the same way when they are th
 WhatsApp turn's are the customer's number) or, in a VAPI call's conversation, its caller
 (``core.erasure_key.names_party``: the number, the channel's pseudonym of it, a web call), and the
 call's record (``vapi_calls``, kept for its duration and cost) holds the tag as its caller's number.
+A WhatsApp conversation's message records hold the tag as their conversation and customer, its
+channel state is deleted, and its escalations hold the tag (those open resolved): below, by
+``_WA_MESSAGES``, ``_WA_CONVERSATIONS`` and ``_ESCALATIONS``, which say why.
 
 Rows already written are rewritten here (``retag``, inside the erasure's transaction, after its
 lock); rows on their way (the runs and ledger streams, a spool on disk, a dead letter retried)
@@ -53,6 +56,52 @@ WHERE vapi_calls.tenant = $1 AND vapi_calls.conversation_id = t.id AND vapi_call
   AND ($4::timestamptz IS NULL OR vapi_calls.created_at < $4)
 """
 
+# A WhatsApp conversation's id is ``wa:<phone_number_id>:<wa_id>`` and its ``wa_id`` is the
+# customer's number. Its message records stay (delivery statuses, counts) with the tag as both
+# their conversation and their customer, so they still belong together; a status Meta sends later
+# for one of them finds it by its wamid and updates its status only (``channels.whatsapp.store.
+# record_status``), so it cannot bring the number back. By index (``whatsapp_messages_conv``).
+# ($1 tenant, $2 the conversations' ids, $3 their tags, $4 a time or NULL)
+_WA_MESSAGES = """
+UPDATE whatsapp_messages SET conversation_id = t.tag, wa_id = t.tag, updated_at = now()
+FROM unnest($2::text[], $3::text[]) AS t(id, tag)
+WHERE whatsapp_messages.tenant = $1 AND whatsapp_messages.conversation_id = t.id
+  AND ($4::timestamptz IS NULL OR whatsapp_messages.created_at < $4)
+"""
+# The channel's state of the conversation (the agent answering it, the customer's last message,
+# which opens the 24-hour window for free-form sends; the number, as the key) is deleted, not
+# tagged: a customer who writes again starts a new conversation, as after any erasure, with a
+# window of its own; nothing is sent from the old state (a human's reply to the erased
+# conversation's escalation finds no conversation, the escalation is resolved anyway: below). By
+# index (``whatsapp_conversations_cid``). A retention deletes only a state silent since its cutoff.
+_WA_CONVERSATIONS = """
+DELETE FROM whatsapp_conversations
+WHERE tenant = $1 AND conversation_id = ANY($2::text[])
+  AND ($3::timestamptz IS NULL OR coalesce(last_inbound_at, created_at) < $3)
+"""
+# The conversation's escalations stay for the human team's statistics (lifecycle, SLAs, outcome:
+# their words are gone already, ``runtime.conversations.forget_copies``) with the tag as their
+# conversation. One still open is resolved (outcome ``erased``): there is no conversation left to
+# answer, its hold would keep a customer who writes again from being answered, and a second open
+# one of the same tag (the customer came back, escalated and was erased again) would break the
+# one-open-escalation-per-conversation index. By index (``escalations_tenant_agent_conversation``).
+# The open ones resolved are returned (their holds in Redis are the caller's to release).
+# ($1 tenant, $2 the agents' ids, $3 the conversations' ids, $4 their tags, $5 a time or NULL)
+_ESCALATIONS = """
+WITH old AS (
+    SELECT e.id, e.agent_id, e.conversation_id, e.status, t.tag FROM escalations e
+    JOIN unnest($3::text[], $4::text[]) AS t(id, tag) ON e.conversation_id = t.id
+    WHERE e.tenant = $1 AND e.agent_id = ANY($2::text[]) AND ($5::timestamptz IS NULL OR e.created_at < $5)
+    FOR UPDATE OF e
+)
+UPDATE escalations e SET conversation_id = old.tag, updated_at = now(),
+    status = 'resolved', resolved_at = coalesce(e.resolved_at, now()), lease_until = NULL,
+    resolved_by = CASE WHEN old.status <> 'resolved' THEN 'erasure' ELSE e.resolved_by END,
+    outcome = CASE WHEN old.status <> 'resolved' THEN 'erased' ELSE e.outcome END
+FROM old WHERE e.id = old.id AND e.tenant = $1
+RETURNING old.agent_id, old.conversation_id, e.id, old.status <> 'resolved' AS was_open
+"""
+
 
 async def retag(
     conn: asyncpg.Connection,
@@ -61,15 +110,22 @@ async def retag(
     external_ids: list[str],
     before=None,
     key: bytes | None = None,
-) -> None:
+) -> list[tuple[str, str, str]]:
     """The conversations' runs (of these agents) and ledger rows (of the tenant) hold their tags
-    instead of their ids, and their VAPI calls' records instead of their callers' numbers, inside
-    the caller's transaction; ``before`` (a datetime): only rows older (a retention's cutoff).
-    Repeating it changes nothing."""
+    instead of their ids, their VAPI calls' records instead of their callers' numbers, and their
+    WhatsApp message records instead of their ids and customers' numbers; their WhatsApp
+    conversation states are deleted; their escalations (of these agents) hold the tags, those open
+    resolved; inside the caller's transaction; ``before`` (a datetime): only rows older (a
+    retention's cutoff). Repeating it changes nothing. The escalations it resolved, as
+    (agent id, conversation id, escalation id): their holds (``runtime.hitl.held``) to release."""
     tags = [conversation_tag(tenant, c, key) for c in external_ids]
     await conn.execute(_RUNS, tenant, agent_ids, external_ids, tags, before)
     await conn.execute(_LEDGER, tenant, external_ids, tags, before)
     await conn.execute(_CALLS, tenant, external_ids, tags, before)
+    await conn.execute(_WA_MESSAGES, tenant, external_ids, tags, before)
+    await conn.execute(_WA_CONVERSATIONS, tenant, external_ids, before)
+    rows = await conn.fetch(_ESCALATIONS, tenant, agent_ids, external_ids, tags, before)
+    return [(r["agent_id"], r["conversation_id"], r["id"]) for r in rows if r["was_open"]]
 
 
 DEAD_PAGE = 200  # dead letters read per call

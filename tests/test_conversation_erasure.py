@@ -147,7 +147,7 @@ def test_turns_still_on_their_way_when_erased_are_not_written_back(services):
             erased_at = time.time()
             async with pool.acquire() as conn, conn.transaction():
                 gone = await conversations.erase(conn, tenant, agent_id, conv, erased_at)
-            assert gone == {"conversation": True, "messages": 1, "feedback": 0}
+            assert gone == {"conversation": True, "messages": 1, "feedback": 0, "resolved": []}
             async with pool.acquire() as conn, conn.transaction():  # late: recorded before the erasure
                 await conversations.write_turns(conn, [entry(erased_at - 1, 2, "late"), entry(erased_at + 1, 1, "new")])
             async with pool.acquire() as conn:

@@ -258,16 +258,73 @@ def test_retention_clears_the_words_escalations_channels_and_dead_letters_kept_a
 
     assert _memory_run(services, lambda memory, pool, redis: sweep(pool, memory)) >= 1
     words = _words(services, tenant)
-    assert {k: v for k, v in words.items() if k[1] == old} == {
-        ("escalation", old): (None, "resolved/answered"),
-        ("whatsapp", old): (None, "read"),
-        ("profile", old): (None, agent),
+    from core.erasure_key import conversation_tag
+
+    tag = conversation_tag(tenant, old)  # (the records kept: the escalation's, the message's)
+    assert {k: v for k, v in words.items() if k[1] in (old, tag)} == {
+        ("escalation", tag): (None, "resolved/answered"),
+        ("whatsapp", tag): (None, "read"),
         ("call", old): (None, "ended/0.25"),
-    }  # (the learned example never reviewed is gone)
-    assert all(w is not None for (_, conv), (w, _) in words.items() if conv == new) and len(words) == 9
+    }  # (the learned example never reviewed is gone, and so is the WhatsApp conversation's state)
+    assert all(w is not None for (_, conv), (w, _) in words.items() if conv == new) and len(words) == 8
     assert _dead_words(services, tenant) == [f"dead words of {new}"]
     assert _stored(services, tenant, old) == 0 and _stored(services, tenant, new) == 1
     _drop_dead(services, tenant)
+
+
+def test_retention_releases_the_hold_of_an_open_escalation_it_resolves(gw, services):
+    """A conversation past its retention with an escalation still open: the sweep resolves it
+    (outcome ``erased``) but left its hold in Redis (90 days), so the customer's next message got
+    the hold message instead of an answer. Now the sweep releases it; a recent conversation's hold
+    stays."""
+    from core.erasure_key import conversation_tag
+    from gateway.conversation_retention import sweep
+    from runtime.hitl import held
+
+    tenant = f"ret-hold-{uuid.uuid4().hex[:6]}"
+    agent, agent_id, _, _ = _agent_with_key(gw, tenant, retention_days=30, ttl_s=30 * 86400)
+    old, new = f"wa:1555:{uuid.uuid4().int % 10**9}", f"wa:1555:{uuid.uuid4().int % 10**9}"
+    escs = {old: f"esc_{uuid.uuid4().hex[:12]}", new: f"esc_{uuid.uuid4().hex[:12]}"}
+
+    async def seed():
+        conn = await asyncpg.connect(services[0])
+        try:
+            for conv, days in ((old, 31), (new, 1)):
+                await _seed_conversation(conn, tenant, agent_id, conv, days)
+                await conn.execute(
+                    """INSERT INTO escalations (id, tenant, agent_id, agent, conversation_id, status, sla_first_s,
+                                                sla_resolve_s, created_at, updated_at)
+                       VALUES ($1, $2, $3, $4, $5, 'queued', 60, 600, now() - make_interval(days => $6),
+                               now() - make_interval(days => $6))""",
+                    escs[conv],
+                    tenant,
+                    agent_id,
+                    agent,
+                    conv,
+                    days,
+                )
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+
+    async def body(memory, pool, redis):
+        holds = held.Holds(redis)
+        for conv, esc in escs.items():
+            await holds.hold(tenant, agent_id, conv, esc)
+        await sweep(pool, memory, holds=holds)
+        return {conv: await redis.get(held.held_key(tenant, agent_id, conv)) for conv in escs}
+
+    left = _memory_run(services, body)
+    assert left == {old: None, new: escs[new].encode()}, left
+    rows = _rows(services[0], "SELECT id, status, outcome FROM escalations WHERE tenant = $1 ORDER BY id", tenant)
+    assert {(r["id"], r["status"], r["outcome"]) for r in rows} == {
+        (escs[old], "resolved", "erased"),
+        (escs[new], "queued", None),
+    }
+    assert _rows(services[0], "SELECT conversation_id FROM escalations WHERE id = $1", escs[old]) == [
+        {"conversation_id": conversation_tag(tenant, old)}
+    ]
 
 
 def test_retention_puts_the_tag_in_place_of_an_old_calls_callers_number_as_an_erasure_does(gw, services):
@@ -348,13 +405,15 @@ def test_an_erasure_clears_dead_letters_learned_examples_and_the_profile_name(gw
     assert _dead_words(services, tenant) == [f"dead words of {other}"]
     _drop_dead(services, tenant)
     words = _words(services, tenant)
-    assert {k: v for k, v in words.items() if k[1] == conv} == {
-        ("escalation", conv): (None, "resolved/answered"),
-        ("whatsapp", conv): (None, "read"),
-        ("profile", conv): (None, agent),
+    from tests.test_wa_dead_letters_erasure import _tag
+
+    tag = _tag(tenant, conv)  # (the records kept: the escalation's, the message's: the gateway's key)
+    assert {k: v for k, v in words.items() if k[1] in (conv, tag)} == {
+        ("escalation", tag): (None, "resolved/answered"),
+        ("whatsapp", tag): (None, "read"),
         ("call", conv): (None, "ended/0.25"),
-    }
-    assert all(w is not None for (_, c), (w, _) in words.items() if c == other) and len(words) == 9
+    }  # (the WhatsApp conversation's state, profile name and all, is gone)
+    assert all(w is not None for (_, c), (w, _) in words.items() if c == other) and len(words) == 8
 
 
 def test_a_reload_just_before_a_retention_sweep_does_not_keep_the_expired_window_in_redis(gw, services):

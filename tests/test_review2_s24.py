@@ -22,6 +22,7 @@ from tests.test_channels_vapi import admin as _admin
 from tests.test_channels_whatsapp import rows as _rows
 from tests.test_conversation_erasure import _record
 from tests.test_policies import new_key
+from tests.test_wa_dead_letters_erasure import _tag
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,8 @@ def test_erasing_a_channel_conversation_erases_its_channel_records_content(gw, s
         assert r.status_code == 200, r.text
     listed = _rows(services[0], "SELECT conversation_id, body FROM whatsapp_messages WHERE tenant = $1", tenant)
     bodies = {m["conversation_id"]: m["body"] for m in listed}
-    assert bodies == {wa: None, other: "keep me"}  # the record stays (statuses, counts), its words go
+    # the record stays (statuses, counts), its words go, and its id (the number): the erasure's tag
+    assert bodies == {_tag(tenant, wa): None, other: "keep me"}
     left = _rows(services[0], "SELECT transcript, summary, recording_url FROM vapi_calls WHERE tenant = $1", tenant)
     assert left == [{"transcript": None, "summary": None, "recording_url": None}]
 
@@ -276,9 +278,9 @@ def test_erasing_a_conversation_erases_its_escalations_words(gw, services):
     left = _rows(
         services[0],
         """SELECT conversation_id, question, draft, corrected_answer, context::text AS context, status
-           FROM escalations WHERE tenant = $1 ORDER BY conversation_id = $2""",
+           FROM escalations WHERE tenant = $1 ORDER BY conversation_id <> $2""",
         tenant,
-        conv,
+        other,
     )
     assert left == [
         {
@@ -290,7 +292,7 @@ def test_erasing_a_conversation_erases_its_escalations_words(gw, services):
             "status": "resolved",
         },
         {
-            "conversation_id": conv,
+            "conversation_id": _tag(tenant, conv),  # (the record stays, for the team's statistics)
             "question": None,
             "draft": None,
             "corrected_answer": None,

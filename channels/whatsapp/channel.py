@@ -68,7 +68,13 @@ class WhatsApp:
             dead_tag=dead_letters.dead_tag(accounts),  # (an erasure drops a conversation's)
         )
         self.statuses = Queue(
-            redis, STATUS, visibility_timeout=visibility, dedupe_ttl=DEDUPE_TTL, poll=0.2, fast=self.fast
+            redis,
+            STATUS,
+            visibility_timeout=visibility,
+            dedupe_ttl=DEDUPE_TTL,
+            poll=0.2,
+            fast=self.fast,
+            dead_tag=dead_letters.dead_tag(accounts),  # (a status names its recipient's number)
         )
         self.queues = {INBOUND: self.inbound, STATUS: self.statuses}
         self.graph = Graph()

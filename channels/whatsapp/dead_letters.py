@@ -7,8 +7,9 @@ the tenant and the conversation id, hashed) when it dies, and those an older rel
 get their tags from their jobs once (``core.dead_tags.tag_older``); the gateway's erasure and
 retention drop a conversation's letters by that tag (``drop``), for its tenant only.
 
-``wa-status`` dead letters (a message's delivery status: its wamid and number, never words) are
-left as they are, as the channel's records of the conversation keep them.
+``wa-status`` dead letters (a message's delivery status: its wamid and its recipient's number,
+never words) are tagged and dropped the same way: the channel's records of an erased conversation
+no longer keep the number either (``runtime.erased_records``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 from channels.config import WhatsAppAccount
 from channels.whatsapp.store import conversation_id
-from channels.whatsapp.worker import INBOUND
+from channels.whatsapp.worker import INBOUND, STATUS
 from core.queue import Queue
 
 PREFIX = "wa:"
@@ -30,7 +31,7 @@ def tag(tenant: str, conversation: str) -> str:
 
 
 def dead_tag(accounts: dict[str, WhatsAppAccount]) -> Callable[[dict], str | None]:
-    """The tag of a dead ``wa-inbound`` job (``Queue(dead_tag=...)``): its tenant and its
+    """The tag of a dead ``wa-inbound`` or ``wa-status`` job (``Queue(dead_tag=...)``): its tenant and its
     conversation (a send naming one, else its number's). The tenant is the one the job was queued
     for (``tenant`` in its payload, written by whoever queued it: an account removed from the
     config, or moved to another tenant, dies with every job it had queued, and those letters are
@@ -61,10 +62,10 @@ def dead_tag(accounts: dict[str, WhatsAppAccount]) -> Callable[[dict], str | Non
 
 
 async def drop(redis, tenant: str, conversations: list[str]) -> int:
-    """Drops the ``wa-inbound`` dead letters of the tenant's conversations (ids of other channels
-    are passed over); the number dropped. Needs no account configured in this process: only the
-    queue's keys in Redis."""
+    """Drops the ``wa-inbound`` and ``wa-status`` dead letters of the tenant's conversations (ids of
+    other channels are passed over); the number dropped. Needs no account configured in this
+    process: only the queues' keys in Redis."""
     tags = {tag(tenant, c) for c in conversations if c.startswith(PREFIX)}
     if not tags:
         return 0
-    return await Queue(redis, INBOUND).drop_dead_tagged(tags)
+    return sum([await Queue(redis, name).drop_dead_tagged(tags) for name in (INBOUND, STATUS)])

@@ -1,10 +1,13 @@
 """What an erasure or a retention of WhatsApp conversations deletes in the channel's own stores
-(its PostgreSQL records lose their words through ``runtime.conversations.forget_copies``): the
-inbound queue's dead letters of the conversations (``dead_letters``), the send states of their
-turns and sends in Redis (``sender.forget_states``: a turn's holds the agent's answer, kept 8 days
-so that a retry sends it again rather than asking anew; those an older release kept unindexed are
-found by the conversation's inbound messages, ``forget_older_states``), and the customer's documents, audio and
-images kept under the data directory (``content.forget_media``). For the tenant named only; ids
+(its PostgreSQL records lose their words through ``runtime.conversations.forget_copies`` and the
+customer's number through ``runtime.erased_records.retag``): the inbound and status queues' dead
+letters of the conversations (``dead_letters``), the send states of their turns and sends in
+Redis and the aliases of their customers' numbers (``sender.forget_states``: a turn's holds the
+agent's answer, kept 8 days so that a retry sends it again rather than asking anew; those an older
+release kept unindexed are found by the conversation's inbound messages, ``forget_older_states``,
+which the erasure and the retention call before their transaction takes the id off those
+records), and the customer's documents, audio and images kept under the data directory
+(``content.forget_media``). For the tenant named only; ids
 of other channels are passed over. Needs no account configured in this process: Redis
 and the data directory the channel's worker shares, and the channel's records in PostgreSQL.
 

@@ -84,12 +84,18 @@ def index_key(tenant: str, conversation: str) -> str:
 FORGET_PAGE = 500  # state keys deleted per round trip
 
 
+def alias_index_key(tenant: str, conversation: str) -> str:
+    """The aliases (``alias_key``) that name one conversation's customer: the number sent to, or
+    the id Meta answered for it; for an erasure of either conversation to delete."""
+    return f"gw:{{gw}}:wa:aliases:{store.conversation_digest(tenant, conversation)}"
+
+
 async def forget_states(redis, tenant: str, conversations: list[str]) -> int:
-    """Deletes the send states of the tenant's conversations (their indexes read a page at a time,
-    whatever their sizes); the number of keys deleted."""
+    """Deletes the send states of the tenant's conversations and the aliases of their customers'
+    numbers (their indexes read a page at a time, whatever their sizes); the number of keys deleted."""
     deleted = 0
-    for conv in dict.fromkeys(conversations):
-        index = index_key(tenant, conv)
+    indexes = [f(tenant, c) for c in dict.fromkeys(conversations) for f in (index_key, alias_index_key)]
+    for index in indexes:
         cursor = 0
         while True:
             cursor, keys = await redis.sscan(index, cursor, count=FORGET_PAGE)
@@ -121,6 +127,14 @@ class Sender:
         named another): an admin's sends to the number reach the conversation the customer's
         own messages (and 24-hour window) are in, not a second one."""
         return await self.kv.read(alias_key(account, pnid, number)) or number
+
+    async def _alias(self, conv: store.Conversation, wa_id: str) -> None:
+        """Sends to the conversation's number go to ``wa_id`` from now on; the alias is indexed
+        under both numbers' conversations (an erasure of either deletes it: it holds the number)."""
+        key = alias_key(conv.account, conv.pnid, conv.wa_id)
+        await self.kv.put(key, wa_id, ALIAS_TTL)
+        for number in (conv.wa_id, wa_id):
+            await self.kv.index(alias_index_key(conv.tenant, store.conversation_id(conv.pnid, number)), key, ALIAS_TTL)
 
     async def state(self, account: str, key: str) -> dict[str, str]:
         return await self.kv.get(state_key(account, key))
@@ -214,7 +228,7 @@ class Sender:
             raise
         await self.kv.settle(skey, field_, wamid, STATE_TTL)
         if wa_id != conv.wa_id:  # Meta knows this customer by another id: later sends to the number use it
-            await self.kv.put(alias_key(conv.account, conv.pnid, conv.wa_id), wa_id, ALIAS_TTL)
+            await self._alias(conv, wa_id)
         metrics.sends.get(conv.account, "template" if field_.startswith("template") else "sent").inc()
         kind, body, reply_to = record
         await self.outbound.record(conv, wamid, kind, body, reply_to, "sent")

@@ -238,6 +238,11 @@ class SendState:
     async def put(self, key: str, value: str, ttl: int) -> None:
         await self._r.execute("SET", key, value, "EX", ttl)
 
+    async def index(self, index: str, key: str, ttl: int) -> None:
+        """``key`` joins the set ``index``, which lives ``ttl`` seconds from now."""
+        await self._r.execute("SADD", index, key)
+        await self._r.execute("EXPIRE", index, ttl)
+
     async def read(self, key: str) -> str | None:
         value = await self._r.execute("GET", key)
         return _s(value) if value is not None else None

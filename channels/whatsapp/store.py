@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 
 import orjson
 
+from core.erasure_key import conversation_tag
+
 WINDOW_S = 24 * 3600
 RANK = {"received": 0, "held": 0, "unknown": 0, "sent": 1, "delivered": 2, "read": 3, "failed": 4}
 
@@ -332,15 +334,17 @@ async def statuses(pool, tenant: str, account: str, wamids: list[str]) -> dict[s
 async def record_status(pool, tenant: str, account: str, status: dict) -> None:
     """A delivery status: the message's status only moves forward (sent < delivered < read;
     failed last), whatever order they arrive in; each one's time is kept. Statuses are about
-    messages sent: one naming an inbound message's wamid changes nothing."""
+    messages sent: one naming an inbound message's wamid changes nothing. A status of a wamid not
+    recorded (yet: the send's record follows, and names the conversation and customer; or ever: a
+    send whose POST got no answer is recorded without its wamid) is kept without its recipient's
+    number: it names no conversation an erasure could find it by, and may come after the erasure."""
     column = {"sent": "sent_at", "delivered": "delivered_at", "read": "read_at", "failed": "failed_at"}[
         status["status"]
     ]
     async with pool.acquire() as conn:
         await conn.execute(
-            f"""INSERT INTO whatsapp_messages (tenant, account, wamid, direction, wa_id, status, status_rank, error,
-                                               {column})
-                VALUES ($1, $2, $3, 'out', $4, $5, $6, $7, $8)
+            f"""INSERT INTO whatsapp_messages (tenant, account, wamid, direction, status, status_rank, error, {column})
+                VALUES ($1, $2, $3, 'out', $4, $5, $6, $7)
                 ON CONFLICT (tenant, account, wamid) WHERE wamid IS NOT NULL DO UPDATE SET
                     status = CASE WHEN EXCLUDED.status_rank > whatsapp_messages.status_rank
                                   THEN EXCLUDED.status ELSE whatsapp_messages.status END,
@@ -352,7 +356,6 @@ async def record_status(pool, tenant: str, account: str, status: dict) -> None:
             tenant,
             account,
             status["wamid"],
-            status.get("wa_id"),
             status["status"],
             RANK[status["status"]],
             status.get("error"),
@@ -399,19 +402,21 @@ async def turn_texts(pool, tenant: str, account: str, conv_id: str, reply_to: st
 
 
 async def forget_turn_words(pool, tenant: str, conversation: str, wamids: list[str]) -> None:
-    """A turn's messages and its conversation's profile name lose their words (a turn whose
-    conversation was erased while it was under way: what it recorded after the erasure)."""
+    """A turn whose conversation was erased while it was under way: what it recorded after the
+    erasure goes as the erasure's own rows went (``runtime.erased_records``): its messages keep
+    neither words nor the customer's number (the erasure's tag as their conversation and
+    customer), the conversation's state it stored again is deleted (the customer's next message
+    starts a new one)."""
+    tag = conversation_tag(tenant, conversation)
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
-            """UPDATE whatsapp_messages SET body = NULL, updated_at = now()
-               WHERE tenant = $1 AND conversation_id = $2 AND wamid = ANY($3::text[]) AND body IS NOT NULL""",
+            """UPDATE whatsapp_messages SET body = NULL, conversation_id = $4, wa_id = $4, updated_at = now()
+               WHERE tenant = $1 AND conversation_id = $2 AND wamid = ANY($3::text[])""",
             tenant,
             conversation,
             wamids,
+            tag,
         )
         await conn.execute(
-            """UPDATE whatsapp_conversations SET profile_name = NULL, updated_at = now()
-               WHERE tenant = $1 AND conversation_id = $2 AND profile_name IS NOT NULL""",
-            tenant,
-            conversation,
+            "DELETE FROM whatsapp_conversations WHERE tenant = $1 AND conversation_id = $2", tenant, conversation
         )

@@ -115,6 +115,7 @@ class Webhook:
                     dropped += 1
 
         async def status(st: dict) -> None:
+            st["tenant"] = acct.tenant  # (its dead letter too)
             await self.statuses.enqueue(st, dedupe=f"{name}:{st['wamid']}:{st['status']}")
 
         work = [*(conversation(k, m) for k, m in by_key.items()), *(status(st) for st in parsed.statuses)]

@@ -30,7 +30,14 @@ from channels.gateway_client import ConversationErased, GatewayClient, GatewayRe
 from channels.whatsapp import erasure, metrics, store
 from channels.whatsapp.content import MediaStore, build_content
 from channels.whatsapp.graph import WINDOW_CLOSED, Graph, GraphError, GraphUnreachable
-from channels.whatsapp.sender import PIECE_FIELD, Sender, index_key, window_rest, window_unsettled
+from channels.whatsapp.sender import (
+    PIECE_FIELD,
+    Sender,
+    forget_states,
+    index_key,
+    window_rest,
+    window_unsettled,
+)
 from core import queued_proof
 from core.queue import Fatal, Job, Queue, Retry
 
@@ -221,9 +228,16 @@ class Worker:
             if conv is None:
                 raise Fatal("the conversation record is gone")
         if text.strip():  # a conversation held by a human may be acknowledged with nothing
-            await self.sender.send_text(
+            out = await self.sender.send_text(
                 acct, conv, key, text, reply_to=head["wamid"], variables=_variables(conv, head), state=state
             )
+            if queued_us is not None and await self._erased_since(head, queued_us):
+                # erased while the answer went out (its POSTs take seconds): its records and send
+                # state, written after the erasure, hold the number and the answer; they go as the
+                # erasure's own did
+                sent = [*(m["wamid"] for m in messages), *out.sent]
+                await store.forget_turn_words(self.pool, acct.tenant, conv.conversation_id, sent)
+                await forget_states(self.redis, acct.tenant, [conv.conversation_id])
         return len(messages)
 
     async def _mark_read(self, acct: WhatsAppAccount, pnid: str, wamid: str) -> None:

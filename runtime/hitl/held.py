@@ -113,6 +113,44 @@ async def respool(redis, esc: dict) -> None:
     await redis.lpush(PENDING_KEY, orjson.dumps(esc, default=str))
 
 
+DROP_PAGE = 100  # spooled escalations read per round trip when an erasure looks for its own
+
+
+async def drop_spooled(redis, tenant: str, agent_ids: list[str], conversation_id: str) -> int:
+    """Drops the spooled escalations of the tenant's conversation (of these agents): they keep its
+    id and the customer's words, and the sweeper would open them after the erasure (one whose turn
+    had no window, ``seq`` None, passes its ``erased_after`` check). Read a page at a time: a page
+    starts after the last entry kept, found again by value (``LPOS``), as sweepers pop the list's
+    head meanwhile; an entry a sweeper popped is its to check. The number dropped."""
+    agents = set(agent_ids)
+    dropped = 0
+    after: bytes | None = None
+    for _ in range(MAX_PENDING // DROP_PAGE + 2):  # (a list of MAX_PENDING at most; bounded anyway)
+        start = 0
+        if after is not None:
+            pos = await redis.lpos(PENDING_KEY, after)
+            start = pos + 1 if pos is not None else 0  # (popped: what was before it is gone too)
+        page = await redis.lrange(PENDING_KEY, start, start + DROP_PAGE - 1)
+        for raw in page:
+            try:
+                esc = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                esc = None
+            if (
+                isinstance(esc, dict)
+                and esc.get("tenant") == tenant
+                and isinstance(esc.get("agent_id"), str)
+                and esc["agent_id"] in agents
+                and esc.get("conversation_id") == conversation_id
+            ):
+                dropped += await redis.lrem(PENDING_KEY, 1, raw)
+            else:
+                after = raw
+        if len(page) < DROP_PAGE:
+            break
+    return dropped
+
+
 async def publish(redis, tenant: str, kind: str, row: dict | None = None, **extra) -> None:
     """One queue change for every replica's consoles (best effort: the queue is in PostgreSQL)."""
     event = {"type": kind, "tenant": tenant, "ts": time.time(), **extra}
