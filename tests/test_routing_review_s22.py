@@ -536,7 +536,11 @@ def test_a_stream_that_fails_inside_the_gateway_still_ends_with_an_error_event(t
             body = {"model": "m", "messages": [{"role": "user", "content": "mail jane.roe@example.org"}]}
             body["stream"] = True
             with httpx.stream(
-                "POST", f"{g.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {api_key}"}
+                "POST",
+                f"{g.url}/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {api_key}"},
+                timeout=60,  # (httpx's default 5 s between reads: 560 KB of padding on a loaded machine)
             ) as resp:
                 assert resp.status_code == 200
                 raw = resp.read()
