@@ -42,10 +42,12 @@ ENV = {
 }
 
 
-def _account(tenant: str, pnid: str, secret: str, key_var: str, graph_url: str) -> dict:
+def _account(tenant: str, pnid: str | list[str], secret: str, key_var: str, graph_url: str) -> dict:
+    """A WhatsApp account of the channel config (one business number, or several), its API key
+    read from ``key_var`` (shared by the WhatsApp erasure modules)."""
     return {
         "tenant": tenant,
-        "phone_numbers": {pnid: "wabot"},
+        "phone_numbers": dict.fromkeys([pnid] if isinstance(pnid, str) else pnid, "wabot"),
         "app_secret": secret,
         "verify_token": "verify-token-0123",
         "access_token": TOKEN,

@@ -23,7 +23,7 @@ import redis
 
 from tests.conftest import Gateway, environ, run_cli, wait_until
 from tests.test_channels_whatsapp import notification, post, rows, text
-from tests.test_wa_dead_letters_erasure import _admin, _erase, _tag, _wa_id
+from tests.test_wa_dead_letters_erasure import _account, _admin, _erase, _tag, _wa_id
 
 RUN = uuid.uuid4().hex[:6]
 TENANT_A = f"wanum-a-{RUN}"
@@ -39,18 +39,6 @@ ENV = {
     "GATEWAY_WA_MAX_RETRIES": "1",
     "GATEWAY_WA_BACKOFF": "0.2",
 }
-
-
-def _account(tenant: str, pnids: list[str], secret: str, key_var: str, graph_url: str) -> dict:
-    return {
-        "tenant": tenant,
-        "phone_numbers": dict.fromkeys(pnids, "wabot"),
-        "app_secret": secret,
-        "verify_token": "verify-token-0123",
-        "access_token": TOKEN,
-        "api_key": f"${{{key_var}}}",
-        "graph_base_url": graph_url,
-    }
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ from core import erasure_key, queued_proof
 from runtime.memory import keys as memory_keys
 from tests.conftest import MASTER_KEY, Gateway, environ, run_cli, wait_until
 from tests.test_channels_whatsapp import rows
+from tests.test_wa_dead_letters_erasure import _account as _shared_account
+from tests.test_wa_dead_letters_erasure import _holding
 
 TENANT = f"waq-a-{uuid.uuid4().hex[:6]}"
 OTHER = f"waq-b-{uuid.uuid4().hex[:6]}"
@@ -43,15 +45,7 @@ SLOW = ' [[mock:{"delay_ms": 3000}]]'  # the mock LLM takes 3 s over this turn
 
 
 def _account(tenant: str, pnid: str, key_var: str, graph_url: str) -> dict:
-    return {
-        "tenant": tenant,
-        "phone_numbers": {pnid: "wabot"},
-        "app_secret": f"app-secret-{pnid}-0001",
-        "verify_token": "verify-token-0123",
-        "access_token": TOKEN,
-        "api_key": f"${{{key_var}}}",
-        "graph_base_url": graph_url,
-    }
+    return _shared_account(tenant, pnid, f"app-secret-{pnid}-0001", key_var, graph_url)
 
 
 @pytest.fixture(scope="module")
@@ -149,23 +143,6 @@ def _in_postgres(services, tenant: str, conv: str) -> bool:
     return bool(found)
 
 
-def _naming(services, tenant: str, wa_id: str) -> dict[str, list[dict]]:
-    """The tenant's ledger rows and runs that name the number anywhere."""
-    like = f"%{wa_id}%"
-    return {
-        "ledger": rows(
-            services[0],
-            """SELECT request_id FROM ledger WHERE tenant = $1
-               AND (conversation_id LIKE $2 OR end_user LIKE $2 OR customer LIKE $2)""",
-            tenant,
-            like,
-        ),
-        "runs": rows(
-            services[0], "SELECT request_id FROM runs WHERE tenant = $1 AND conversation_id LIKE $2", tenant, like
-        ),
-    }
-
-
 def _ledger_row(services, request_id: str) -> dict:
     sql = "SELECT status, error_code, conversation_id, end_user, customer FROM ledger WHERE request_id = $1"
     wait_until(lambda: rows(services[0], sql, request_id), what="the refused turn's ledger row")
@@ -207,7 +184,7 @@ def test_a_turn_queued_before_an_erasure_that_reaches_the_gateway_after_it_is_re
     }
     assert not _in_memory(services, TENANT, conv)
     assert not _in_postgres(services, TENANT, conv)
-    assert _naming(services, TENANT, wa_id) == {"ledger": [], "runs": []}
+    assert _holding(services, TENANT, wa_id) == {"ledger": [], "runs": []}
 
 
 def test_the_refusal_is_an_openai_conflict_for_the_sdk(gw, services):
@@ -393,7 +370,7 @@ def test_the_worker_sends_the_queue_time_and_drops_the_turn_the_gateway_refuses(
     assert not _in_postgres(services, TENANT, conv)
     words = "SELECT body FROM whatsapp_messages WHERE tenant = $1 AND conversation_id = $2 AND body IS NOT NULL"
     assert rows(services[0], words, TENANT, conv) == []
-    assert _naming(services, TENANT, wa_id) == {"ledger": [], "runs": []}
+    assert _holding(services, TENANT, wa_id) == {"ledger": [], "runs": []}
 
 
 def test_a_worker_whose_erasure_key_is_not_the_gateways_still_gets_its_turns_answered(gw, services):
