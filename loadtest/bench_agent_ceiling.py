@@ -71,6 +71,9 @@ def run_variant(stack, tmp: Path, name: str, stubs: str, n: int, bench_config) -
         counted = {kind: gw.count(stack.key, files[kind], n) for kind in KINDS}
     finally:
         gw.stop()
+    failed = {k: v["errors"] for k, v in counted.items() if v["errors"]}
+    if failed:  # (a stub that no longer fits what it replaces answers 500s: its count means nothing)
+        raise RuntimeError(f"{name}: non-200 answers {failed}; see the gateway's log in {stack.tmp}")
     plain = counted["plain"]["instructions_per_request"]
     return {
         "name": name,
@@ -133,7 +136,7 @@ def main() -> None:
         res = run(stack, tmp, args.requests, bench.bench_config, VARIANTS[:1] if args.shipped_only else VARIANTS)
     finally:
         stack.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # (kept when it failed: the gateways' logs)
     res["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = "\n".join(report(res))
     if args.shipped_only:

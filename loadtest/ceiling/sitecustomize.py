@@ -29,7 +29,7 @@ if _STUBS:
         ]  # fmt: skip
         _TOKENS = [_memory.message_tokens(m) for m in _MESSAGES]
 
-        async def _load(self, tenant, agent, conversation_id):
+        async def _load(self, tenant, agent, conversation_id, **kwargs):
             out = _memory.Window()
             out.tokens = []
             if "history" in _STUBS:
