@@ -106,6 +106,17 @@ def names_party(conversation: str, value: object) -> bool:
     return _CALLER.fullmatch(value) is not None or value == "vapi-call:" + conversation[len(CALL_PREFIX) :]
 
 
+PARTY_FIELDS = ("user", "customer")  # a record's (ledger row's) end user and customer
+
+
+def tag_parties(record: dict, conversation: str, tag: str) -> None:
+    """The record's end user and customer become ``tag`` where they are the conversation's party
+    (``names_party``)."""
+    for field in PARTY_FIELDS:
+        if names_party(conversation, record.get(field)):
+            record[field] = tag
+
+
 def names_party_sql(conversation: str, value: str) -> str:
     """``names_party`` as a SQL condition on two text expressions."""
     suffix = f"right({conversation}, length({value}) + 1) = ':' || {value}"

@@ -24,7 +24,7 @@ import orjson
 from channels.vapi import wire as vapi_wire
 from channels.whatsapp.erasure import erased_key
 from core import queued_proof
-from core.erasure_key import conversation_tag, names_party
+from core.erasure_key import conversation_tag, tag_parties
 from core.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, ServiceUnavailable
 from core.types import RequestContext, excerpt
 from gateway import grounding, hitl_stage
@@ -120,10 +120,7 @@ def _refuse_erased(ctx: RequestContext, scope_headers: dict[bytes, bytes], tenan
     refusal) names the conversation's tag where its end user and customer are the customer
     (``core.erasure_key.names_party``: a WhatsApp turn's are the number), and keeps no content."""
     attr = attribution(ctx, scope_headers)
-    tag = conversation_tag(tenant, conversation)
-    for field in ("user", "customer"):
-        if names_party(conversation, attr.get(field)):
-            attr[field] = tag
+    tag_parties(attr, conversation, conversation_tag(tenant, conversation))
     ctx.extra["attribution"] = attr
     ctx.body.pop("messages", None)
     raise ConversationErased("The conversation was erased after this message was queued; it is not answered.")

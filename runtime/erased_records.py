@@ -27,7 +27,7 @@ import asyncpg
 import orjson
 
 from core import locked_lines
-from core.erasure_key import conversation_record, conversation_tag, names_party, names_party_sql
+from core.erasure_key import PARTY_FIELDS, conversation_record, conversation_tag, names_party_sql, tag_parties
 
 # $1 tenant, $2 the agents' ids, $3 the conversations' ids, $4 their tags, $5 a time or NULL
 _RUNS = """
@@ -183,9 +183,7 @@ def _retagged(raw: bytes, tenant: str, ids: set[str], key: bytes | None) -> dict
     if rec is None or rec.get("tenant") != tenant or not isinstance(conv, str) or conv not in ids:
         return None
     tag = conversation_tag(tenant, conv, key)
-    for field in ("user", "customer"):
-        if names_party(conv, rec.get(field)):
-            rec[field] = tag
+    tag_parties(rec, conv, tag)
     rec["conversation_id"] = tag
     return rec
 
@@ -207,7 +205,7 @@ def _cut_retagged(raw: bytes, tenant: str, ids: set[str], key: bytes | None) -> 
         return None
     for conv in ids:
         last = orjson.dumps(conv.rsplit(":", 1)[-1]).decode()
-        party = conv.count(":") and any(f'"{field}":{last}' in text for field in ("user", "customer"))
+        party = conv.count(":") and any(f'"{field}":{last}' in text for field in PARTY_FIELDS)
         if orjson.dumps(conv).decode()[:-1] in text or party:
             rec["unparsable"] = conversation_tag(tenant, conv, key)
             return rec
