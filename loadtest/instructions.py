@@ -47,11 +47,12 @@ def _control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True)
 
 
-def _total(path: Path) -> int:
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith(("summary:", "totals:")):
+def _total(path: Path) -> int | None:
+    """The dump's instruction total: its last line, ``totals:`` (None until it is written whole)."""
+    for line in reversed(path.read_text(errors="replace").splitlines()):
+        if line.startswith("totals:"):
             return int(line.split()[1])
-    raise RuntimeError(f"no instruction total in {path}")
+    return None
 
 
 class CountedGateway:
@@ -111,13 +112,13 @@ class CountedGateway:
         before = set(self.dir.glob("out.*"))
         _control("-d", self.pid)
         deadline = time.monotonic() + 30
-        while not (new := set(self.dir.glob("out.*")) - before) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # (the dump, written whole: its totals line is its last)
+            new = set(self.dir.glob("out.*")) - before
+            total = _total(max(new, key=lambda p: p.stat().st_mtime)) if new else None
+            if total is not None:
+                return total
             time.sleep(0.1)
-        if not new:
-            raise RuntimeError("callgrind wrote no dump")
-        dump = max(new, key=lambda p: p.stat().st_mtime)
-        time.sleep(0.5)  # (written whole before callgrind_control returns; a margin for slow disks)
-        return _total(dump)
+        raise RuntimeError("callgrind wrote no whole dump within 30 s")
 
     def stop(self) -> None:
         self.stack.stop_gateway(self.proc)
