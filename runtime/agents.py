@@ -24,6 +24,7 @@ from core.background import pause, stop_tasks
 from core.errors import InvalidRequest, NotFound
 from core.metrics import AGENT_PROMPT_BYTES
 from core.pubsub import listen_forever
+from core.tokens import warm as warm_tokenizer
 from runtime import experiments, prompts
 from runtime.prompt_versions import (
     LABELLED_SQL,
@@ -210,6 +211,7 @@ class AgentRegistry:
                 self._version = version
             self._labelled_bytes = sum(_held_bytes(a) for a in by_id.values())
             AGENT_PROMPT_BYTES.labels("labelled").set(self._labelled_bytes)
+            self._warm()
 
     async def reload_agent(self, agent_id: str) -> None:
         async with self._lock:
@@ -225,6 +227,13 @@ class AgentRegistry:
                 self._by_id[agent.id] = agent
                 self._labelled_bytes += _held_bytes(agent)
             AGENT_PROMPT_BYTES.labels("labelled").set(self._labelled_bytes)
+            self._warm()
+
+    def _warm(self) -> None:
+        """A replica with an agent to serve loads the tokenizer now, in a thread (an agent turn
+        counts the messages it stores), not on the event loop in its first turn."""
+        if self._by_id:
+            warm_tokenizer()
 
     async def _changed(self, data) -> None:
         agent_id = data.decode() if isinstance(data, bytes) else str(data)
