@@ -54,6 +54,14 @@ def warm() -> None:
             _warming.start()
 
 
+def wait_warm(timeout: float = 30.0) -> None:
+    """Blocks until ``warm``'s load (if one was started) ends (a start-up waits for it in a thread
+    before the replica takes traffic; later warm-ups never block readiness)."""
+    thread = _warming
+    if thread is not None:
+        thread.join(timeout)
+
+
 def _warm() -> None:
     try:
         _encoding()

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from channels.whatsapp import WhatsApp
 from channels.whatsapp import erasure as wa_erasure
+from core import tokens
 from core.config import Config
 from core.erasure_key import erasure_key
 from core.fastredis import PipelinedRedis
@@ -161,6 +162,9 @@ class Services:
         hitl = await hitl_service.start(
             settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder
         )
+        # an agent's replica loads the tokenizer in a thread from the registry's start: taking no
+        # traffic before it is loaded, so no first turn loads it on the event loop
+        await asyncio.to_thread(tokens.wait_warm)
         return cls(
             settings.config,
             pool,

@@ -6,7 +6,6 @@ in the suite). Real embedded PostgreSQL and Valkey, the agent created over HTTP.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import pytest
@@ -41,10 +40,8 @@ def test_a_registry_holding_an_agent_loads_the_tokenizer_off_the_event_loop(gw, 
     async def go() -> tuple[bool, str | None]:
         reg, pool, redis = await _registry(services)  # its reload: what start() reads
         try:
-            deadline = time.monotonic() + 60
-            while not tokens.loaded() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)  # (the loop stays free meanwhile: the load is in a thread)
             thread = tokens._warming.name if tokens._warming is not None else None
+            await asyncio.to_thread(tokens.wait_warm, 60)  # (what a start-up waits for)
             return tokens.loaded(), thread
         finally:
             await _close(reg, pool, redis)
