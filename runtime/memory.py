@@ -56,6 +56,7 @@ MEMORY_STREAM = "gw:{gw}:memory"
 MEMORY_GROUP = "memory-writers"
 MAX_CONVERSATION_ID = 256  # characters of the caller's conversation id
 MAX_APPEND = 256  # messages stored by one turn
+COUNT_ON_LOOP_BYTES = 16 * 1024  # a turn's messages larger than this are tokenized off the event loop
 MAX_WINDOW_BYTES = 256 * 1024  # a larger window is not stored whole: loads cut the list instead
 SEQ_GRACE_S = 86_400  # the seq counter outlives the window by this much
 ERASED_MARK_S = 60  # an erased conversation's window is not re-warmed from a read older than this
@@ -377,6 +378,23 @@ def _repair(turn: list[dict], *, last: bool) -> list[dict]:
     return out
 
 
+def _bounded(stored: list[dict]) -> list[dict]:
+    """A turn of more than ``MAX_APPEND`` messages (a long tools loop): its user messages up to the
+    first other one (what the customer said starts the turn: a window keeps turns from a user
+    message on), then its newest messages from an assistant message on, within ``MAX_APPEND``.
+    Tool steps in the middle are dropped; a result whose call was dropped is cut at load
+    (``_repair``), so the model never sees an unanswered call or a stray result."""
+    head: list[dict] = []
+    for message in stored:
+        if message.get("role") != "user" or len(head) >= MAX_APPEND // 2:
+            break
+        head.append(message)
+    tail = stored[len(head) :][-(MAX_APPEND - len(head)) :]
+    while tail and tail[0].get("role") != "assistant":
+        tail.pop(0)
+    return [*head, *tail] if head else tail
+
+
 def tail_size(settings: MemorySettings) -> int:
     """How many of the newest list entries a load reads: three messages a turn on average
     (user, tool call, tool result or answer), never more than the list keeps."""
@@ -666,10 +684,8 @@ class Memory:
         (``Erased``): an erasure that came while it was answered, its first turn too."""
         stored = [clean_message(m) for m in messages if isinstance(m, dict) and m.get("role") not in _NOT_STORED]
         if len(stored) > MAX_APPEND:
-            stored = stored[-MAX_APPEND:]
-            while stored and stored[0].get("role") != "user":
-                stored.pop(0)
-            log.warning("memory: a turn of more than %d messages kept its last whole part", MAX_APPEND)
+            stored = _bounded(stored)
+            log.warning("memory: a turn of more than %d messages kept its user messages and its end", MAX_APPEND)
         if not stored:
             return
         record = {
@@ -686,9 +702,14 @@ class Memory:
         pairs: list = []
         try:
             args.append(orjson.dumps(record))
-            counted = [(message_tokens(m), m) for m in stored]
-            for tokens, message in counted:
-                pairs += [tokens, orjson.dumps(message)]
+            encoded = [orjson.dumps(m) for m in stored]
+            if sum(map(len, encoded)) <= COUNT_ON_LOOP_BYTES:
+                counts = [message_tokens(m) for m in stored]
+            else:  # (a large message takes long to tokenize: ~0.5 s for 6 MB)
+                counts = await asyncio.to_thread(lambda: [message_tokens(m) for m in stored])
+            counted = list(zip(counts, stored, strict=True))
+            for tokens, raw in zip(counts, encoded, strict=True):
+                pairs += [tokens, raw]
             args += _next_window(base, counted, agent.memory)
         except (orjson.JSONEncodeError, TypeError) as exc:
             raise MemoryUnavailable(f"unstorable message: {type(exc).__name__}") from None
