@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import ipaddress
 import itertools
@@ -304,9 +305,37 @@ def _canonical(value):
     return ("x", repr(value))
 
 
-ArgumentValidator = validators.extend(
-    Draft202012Validator, {"pattern": _pattern_keyword, "uniqueItems": _unique_items_keyword, "enum": _enum_keyword}
-)
+class ValidationTooCostly(Exception):
+    """A call's validation ran out of the turn's keyword evaluations (``_counted``)."""
+
+
+_WORK: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("tool_validation_work", default=None)
+
+
+def _counted(keyword):
+    """``keyword`` charging one evaluation to the validation under way (``_WORK``). A ``$ref``
+    (or ``allOf``, ``anyOf`` ...) may make one subschema be evaluated far more often than the
+    schema's size suggests: 2 KB of ``$defs`` whose every level refers twice to the next cost
+    2**30 evaluations of one ``{}``. Counting what is evaluated bounds that, whatever the shape."""
+
+    def charged(validator, value, instance, schema):
+        work = _WORK.get()
+        if work is not None:
+            work[0] -= 1
+            if work[0] < 0:
+                raise ValidationTooCostly
+        return keyword(validator, value, instance, schema)
+
+    return charged
+
+
+_KEYWORDS = {
+    **Draft202012Validator.VALIDATORS,
+    "pattern": _pattern_keyword,
+    "uniqueItems": _unique_items_keyword,
+    "enum": _enum_keyword,
+}
+ArgumentValidator = validators.extend(Draft202012Validator, {k: _counted(v) for k, v in _KEYWORDS.items()})
 
 
 def _has_remote_ref(node, key: str) -> bool:
@@ -622,6 +651,8 @@ MAX_SESSIONS = 64
 MAX_ARGUMENTS_BYTES = 64 * 1024
 MAX_ARGUMENTS_DEPTH = 32
 MAX_VALIDATION_WORK = 100_000  # argument values times subschemas, per turn: ~1.5 s at worst
+# keywords evaluated, per turn (~5 us each, ~11 us through a $ref): what $ref fan-out really costs
+MAX_KEYWORD_EVALUATIONS = 50_000
 MAX_SCHEMA_ERRORS = 100  # schema errors gathered for one call (20,000 bad items made 80,000 in 1.2 s)
 DEFAULT_RESULT_CHARS = 32 * 1024
 
@@ -726,7 +757,7 @@ class ToolRunner:
                 self._tenant_slots.clear()
             tenant_slots = self._tenant_slots[agent.tenant] = asyncio.Semaphore(max(1, self._max_concurrency // 2))
         jobs = []
-        budget = [MAX_VALIDATION_WORK]  # validation work, shared by the turn's calls
+        budget = [MAX_VALIDATION_WORK, MAX_KEYWORD_EVALUATIONS]  # validation work, shared by the turn's calls
         for index, raw in enumerate(calls):
             call = _read_call(raw, index)
             if index >= MAX_CALLS_PER_TURN:
@@ -798,14 +829,23 @@ class ToolRunner:
         validator, subschemas = self._validator(tool.parameters)
         # Validation costs up to a subschema per value, ~10-15 us each (an anyOf of 1,400 consts
         # over 500 items took 8 s): the calls of a turn share MAX_VALIDATION_WORK of it.
-        budget = budget if budget is not None else [MAX_VALIDATION_WORK]
+        budget = budget if budget is not None else [MAX_VALIDATION_WORK, MAX_KEYWORD_EVALUATIONS]
         allowed = budget[0] // max(1, subschemas)
         values = _count_values(raw, allowed)
         if values > allowed:
             return None, f"arguments are too large for this tool (at most {allowed} values in this turn)"
         budget[0] -= values * subschemas
-        found = itertools.islice(validator.iter_errors(raw), MAX_SCHEMA_ERRORS)
-        errors = sorted(found, key=lambda e: (len(e.path), str(e.path)))  # (one per bad item: bounded)
+        # ... and what is evaluated, counted as it is (budget[1]: keyword evaluations of the turn)
+        work = [budget[1]]
+        token = _WORK.set(work)
+        try:
+            found = itertools.islice(validator.iter_errors(raw), MAX_SCHEMA_ERRORS)
+            errors = sorted(found, key=lambda e: (len(e.path), str(e.path)))  # (one per bad item: bounded)
+        except ValidationTooCostly:
+            return None, "arguments are too costly to check against this tool's schema in this turn"
+        finally:
+            budget[1] = max(0, work[0])
+            _WORK.reset(token)
         if errors:
             return raw, _schema_error(errors[0], len(errors))
         return raw, None
