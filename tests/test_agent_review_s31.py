@@ -99,3 +99,34 @@ def test_a_recursive_tool_schema_cannot_double_its_work_at_every_level_of_the_ar
     small = {"kids": [{"kids": []}, {"kids": [{"kids": "no"}]}]}
     answer = ask(gw, key, name, [{"name": "tree", "arguments": small}])
     assert "invalid arguments: argument 'kids.1.kids.0.kids'" in answer
+
+
+# ---- MCP -----------------------------------------------------------------------------------------
+
+
+def mcp_tool(url: str) -> dict:
+    return {
+        "name": "add",
+        "description": "Add two numbers.",
+        "kind": "mcp",
+        "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+        "config": {"url": url, "tool": "add", "allow_private_networks": True},
+    }
+
+
+def test_an_mcp_server_cannot_flood_the_event_loop_with_tiny_events(gw, tools):
+    """An MCP server (an admin's choice, or one taken over) answered with 100,000 ``data: 1``
+    events before its response: each was split and parsed on the event loop (4 MB of them are
+    466,000 events, ~1.2 s of a replica's loop per call, 32 calls a step). Past MAX_EVENTS the
+    answer is refused; a server's few notifications still pass."""
+    tenant = unique("t")
+    name = unique("rv")
+    body = {"name": name, "model": "agent-model", "template": "You help.", "tenant": tenant}
+    body["tools"] = [mcp_tool(f"{tools.url}/mcp?sse=1&flood=100000")]
+    assert call(gw, "POST", "/admin/agents", json=body).status_code == 201
+    key = new_key(gw, tenant)
+    answer = ask(gw, key, name, [{"name": "add", "arguments": {"a": 40, "b": 2}}])
+    assert "too many events" in answer and "42" not in answer
+    fine = {**body, "name": unique("rv"), "tools": [mcp_tool(f"{tools.url}/mcp?sse=1&flood=50")]}
+    assert call(gw, "POST", "/admin/agents", json=fine).status_code == 201
+    assert "42" in ask(gw, key, fine["name"], [{"name": "add", "arguments": {"a": 40, "b": 2}}])
