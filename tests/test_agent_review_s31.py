@@ -130,3 +130,22 @@ def test_an_mcp_server_cannot_flood_the_event_loop_with_tiny_events(gw, tools):
     fine = {**body, "name": unique("rv"), "tools": [mcp_tool(f"{tools.url}/mcp?sse=1&flood=50")]}
     assert call(gw, "POST", "/admin/agents", json=fine).status_code == 201
     assert "42" in ask(gw, key, fine["name"], [{"name": "add", "arguments": {"a": 40, "b": 2}}])
+
+
+# ---- client input --------------------------------------------------------------------------------
+
+
+def test_a_client_tool_named_by_a_list_is_not_a_server_error(gw):
+    """Only tools of type "function" are checked when a request is parsed; the agent stage read
+    every tool's ``function.name`` into a set, and a list there (``{"type": "custom",
+    "function": {"name": ["x"]}}``) raised TypeError: a 500 and a stack trace in the log."""
+    tenant = unique("t")
+    name = tenant_agent(gw, new_key(gw, tenant, admin=True), [schema_tool("look", {"type": "object"})])
+    body = {
+        "model": f"agent:{name}",
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "custom", "function": {"name": ["x"]}}],
+    }
+    resp = call(gw, "POST", "/v1/chat/completions", new_key(gw, tenant), json=body)
+    assert resp.status_code < 500, resp.text  # (what the provider makes of it, as for any model)
+    assert resp.status_code == 200 or resp.json()["error"]["type"] == "invalid_request_error"
