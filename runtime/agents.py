@@ -91,7 +91,7 @@ def agent_from_rows(row, versions: dict[int, PromptVersion], labels: dict[str, d
         from runtime.tools import ToolConfigError, parse_tools
 
         try:
-            tools = parse_tools(settings["tools"])
+            tools = parse_tools(settings["tools"], stored=True)
         except ToolConfigError as exc:  # stored before a check got stricter: serve without them
             log.error("agent %s: tools not loaded: %s", row["id"], exc)
     memory = settings.get("memory") or {}
