@@ -241,7 +241,12 @@ class AgentRegistry:
             if agent_id == ALL or not agent_id.startswith("agt_"):
                 await self.reload()
             else:
+                known, now = self._version, await self._read_version()
                 await self.reload_agent(agent_id)
+                # This change was the only one since the registry's version: it is caught up, and
+                # the poll need not read every agent of every tenant again (it did after each change).
+                if _next_version(known, now) and self._version is known:
+                    self._version = now
         except Exception as exc:  # the version poll retries
             log.warning("agent reload failed: %s", exc)
             self._version = None
@@ -265,6 +270,14 @@ class AgentRegistry:
                 raise
             except Exception as exc:
                 log.warning("agent registry poll failed: %s", exc)
+
+
+def _next_version(known: bytes | None, now: bytes | None) -> bool:
+    """``now`` is the version right after ``known`` (one change apart)."""
+    try:
+        return known is not None and now is not None and int(now) == int(known) + 1
+    except ValueError:
+        return False
 
 
 async def announce(redis, agent_id: str | None = None) -> int:
