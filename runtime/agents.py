@@ -84,10 +84,17 @@ def version_from_row(row) -> PromptVersion:
     )
 
 
-def agent_from_rows(row, versions: dict[int, PromptVersion], labels: dict[str, dict[int, int]]) -> Agent:
+def agent_from_rows(
+    row, versions: dict[int, PromptVersion], labels: dict[str, dict[int, int]], previous: Agent | None = None
+) -> Agent:
+    """The agent of its rows. ``previous``: the same agent as loaded before, whose parsed tools
+    are kept when its tools did not change (a reload parses only what changed: 64 tools took
+    ~30 ms to parse, and a reload reads every agent of every tenant)."""
     settings = _json(row["settings"]) or {}
     tools: tuple = ()
-    if settings.get("tools"):
+    if previous is not None and settings.get("tools") and previous.settings.get("tools") == settings["tools"]:
+        tools = previous.tools
+    elif settings.get("tools"):
         from runtime.tools import ToolConfigError, parse_tools
 
         try:
@@ -200,7 +207,8 @@ class AgentRegistry:
             by_id: dict[str, Agent] = {}
             for r in rows:
                 try:
-                    agent = agent_from_rows(r, versions.get(r["id"], {}), labels.get(r["id"], {}))
+                    previous = self._by_id.get(r["id"])
+                    agent = agent_from_rows(r, versions.get(r["id"], {}), labels.get(r["id"], {}), previous)
                 except Exception as exc:  # one bad row must not keep every other agent from loading
                     log.error("agent %s not loaded: %s", r["id"], exc)
                     continue
