@@ -215,10 +215,10 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
             _refuse_erased(ctx, scope_headers, tenant, conv)
     turn.history = history
     client_tools = ctx.body.get("tools") or []
-    turn.client_tools = frozenset(
+    turn.client_tools = frozenset(  # (a tool not of type "function" was not checked: its name may be any JSON)
         t["function"]["name"]
         for t in client_tools
-        if isinstance(t, dict) and isinstance(t.get("function"), dict) and "name" in t["function"]
+        if isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
     )
     server_tools = svc.tools.openai_tools(agent)
     server_names = {t["function"]["name"] for t in server_tools}

@@ -16,7 +16,8 @@ an MCP server (streamable HTTP) at ``/mcp``. ``python -m loadtest.mock_tools --p
                                     start and end (server clock, seconds); DELETE clears
     POST /mcp                       MCP over streamable HTTP: tools ``add`` {a, b} and
                                     ``lookup_order`` {order_id}; ``?sse=1`` answers as an event
-                                    stream; DELETE ends the session; POST /_mcp/expire ends all;
+                                    stream (``&flood=N``: after N tiny events); DELETE ends the
+                                    session; POST /_mcp/expire ends all;
                                     an unlisted tool ``echo_secret`` {form, error} answers with the
                                     bearer token written in ``form`` (as an error when ``error``)
 """
@@ -242,6 +243,9 @@ class ToolServer:
         headers = [(b"content-type", b"text/event-stream"), *((k.encode(), v.encode()) for k, v in extra.items())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         note = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "working"}}
+        flood = min(int(query.get("flood", "0")), 1_000_000)  # that many tiny events first (a hostile server)
+        if flood:
+            await send({"type": "http.response.body", "body": b"data: 1\n\n" * flood, "more_body": True})
         for event in (note, message):
             data = b"event: message\ndata: " + orjson.dumps(event) + b"\n\n"
             await send({"type": "http.response.body", "body": data, "more_body": True})

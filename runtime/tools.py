@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import ipaddress
 import itertools
@@ -138,11 +139,13 @@ BUILTINS: dict[str, ToolSpec] = {
 # --- parsing -----------------------------------------------------------------------------------
 
 
-def parse_tools(specs: list[dict]) -> tuple[ToolSpec, ...]:
+def parse_tools(specs: list[dict], *, stored: bool = False) -> tuple[ToolSpec, ...]:
     """Validate an agent's declared tools (the admin API's ``tools`` list) into ToolSpecs.
 
     Each entry: ``{"name", "description", "parameters", "kind", "config"}``; a builtin needs only
     ``{"kind": "builtin", "name": <one of BUILTINS>}``. Raises ToolConfigError naming the field.
+    ``stored``: tools read back from the database, whose schemas were bounded and checked against
+    the metaschema when saved (the costly part, not done again).
     """
     if specs is None:
         return ()
@@ -150,11 +153,19 @@ def parse_tools(specs: list[dict]) -> tuple[ToolSpec, ...]:
         raise ToolConfigError("tools", "must be a list")
     if len(specs) > MAX_TOOLS:
         raise ToolConfigError("tools", f"at most {MAX_TOOLS} tools")
+    nodes = 0  # checking a schema costs ~0.5 ms a subschema: an agent's tools are bounded together
+    for i, spec in enumerate(specs if not stored else ()):
+        nodes += _schema_nodes(spec.get("parameters") if isinstance(spec, dict) else None)
+        if nodes > MAX_AGENT_SCHEMA_NODES:
+            raise ToolConfigError(
+                f"tools[{i}].parameters",
+                f"the tools' schemas together must have at most {MAX_AGENT_SCHEMA_NODES} subschemas",
+            )
     out: list[ToolSpec] = []
     seen: set[str] = set()
     for i, spec in enumerate(specs):
         where = f"tools[{i}]"
-        tool = _parse_one(spec, where)
+        tool = _parse_one(spec, where, stored)
         if tool.name in seen:
             raise ToolConfigError(f"{where}.name", f"duplicate tool name {tool.name!r}")
         seen.add(tool.name)
@@ -162,7 +173,7 @@ def parse_tools(specs: list[dict]) -> tuple[ToolSpec, ...]:
     return tuple(out)
 
 
-def _parse_one(spec: dict, where: str) -> ToolSpec:
+def _parse_one(spec: dict, where: str, stored: bool = False) -> ToolSpec:
     if not isinstance(spec, dict):
         raise ToolConfigError(where, "must be an object")
     unknown = set(spec) - {"name", "description", "parameters", "kind", "config", "type"}
@@ -186,7 +197,7 @@ def _parse_one(spec: dict, where: str) -> ToolSpec:
     if kind == "mcp" and "parameters" not in spec:
         parameters: dict = {"type": "object"}
     else:
-        parameters = _parse_schema(spec.get("parameters"), f"{where}.parameters")
+        parameters = _parse_schema(spec.get("parameters"), f"{where}.parameters", stored)
     config = spec.get("config")
     if not isinstance(config, dict):
         raise ToolConfigError(f"{where}.config", "must be an object")
@@ -197,7 +208,7 @@ def _parse_one(spec: dict, where: str) -> ToolSpec:
     return ToolSpec(name=name, description=description, parameters=parameters, kind=kind, config=config)
 
 
-def _parse_schema(schema, where: str) -> dict:
+def _parse_schema(schema, where: str, stored: bool = False) -> dict:
     if not isinstance(schema, dict):
         raise ToolConfigError(where, "must be a JSON schema object")
     try:
@@ -206,8 +217,11 @@ def _parse_schema(schema, where: str) -> dict:
         raise ToolConfigError(where, "must be JSON") from None
     if size > MAX_SCHEMA_BYTES:
         raise ToolConfigError(where, f"must be at most {MAX_SCHEMA_BYTES} bytes as JSON")
+    if not stored and _schema_nodes(schema) > MAX_SCHEMA_NODES:
+        raise ToolConfigError(where, f"must have at most {MAX_SCHEMA_NODES} subschemas")
     try:
-        Draft202012Validator.check_schema(schema)
+        if not stored:
+            Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         path = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in exc.path)
         raise ToolConfigError(where + path, f"is not a valid JSON schema: {_short(exc.message)}") from None
@@ -218,6 +232,31 @@ def _parse_schema(schema, where: str) -> dict:
             raise ToolConfigError(where, f"{key} may point only inside the schema ('#...')")
     _check_patterns(schema, where)
     return schema
+
+
+# Checking a schema against the 2020-12 metaschema costs ~0.35-0.55 ms a subschema on the event
+# loop (30 KB of ``allOf: [{}, {}, ...]``: 3.7 s). A schema is bounded in subschemas, an agent's
+# tools together too, and checked when it is saved, not again at every load of the agent (each
+# replica's reload of every agent, which any agent's change sets off).
+MAX_SCHEMA_NODES = 1024
+MAX_AGENT_SCHEMA_NODES = 2048
+
+
+def _schema_nodes(schema) -> int:
+    """The objects and booleans in ``schema`` (what the metaschema check walks as subschemas),
+    counted iteratively; counting stops past MAX_AGENT_SCHEMA_NODES."""
+    count = 0
+    stack = [schema]
+    while stack and count <= MAX_AGENT_SCHEMA_NODES:
+        node = stack.pop()
+        if isinstance(node, dict):
+            count += 1
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, bool):
+            count += 1
+    return count
 
 
 def _check_patterns(node, where: str, names: bool = False) -> None:
@@ -304,8 +343,43 @@ def _canonical(value):
     return ("x", repr(value))
 
 
+class ValidationTooCostly(Exception):
+    """A call's validation ran out of the turn's keyword evaluations (``_counted``)."""
+
+
+_WORK: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("tool_validation_work", default=None)
+
+
+def _counted(keyword, cost: int = 1):
+    """``keyword`` charging ``cost`` to the validation under way (``_WORK``) each time it runs.
+    A ``$ref`` (or ``allOf``, ``anyOf`` ...) may make one subschema be evaluated far more often
+    than the schema's size suggests: 2 KB of ``$defs`` whose every level refers twice to the next
+    cost 2**30 evaluations of one ``{}``. Counting what runs bounds that, whatever the shape."""
+
+    def charged(validator, value, instance, schema):
+        work = _WORK.get()
+        if work is not None:
+            work[0] -= cost
+            if work[0] < 0:
+                raise ValidationTooCostly
+        return keyword(validator, value, instance, schema)
+
+    return charged
+
+
+# A reference costs about five other keywords (its lookup and a new validator: ~25 us against ~5);
+# a dynamic one walks the dynamic scope too.
+_REFERENCE_COST = {"$ref": 5, "$dynamicRef": 25}
+
+
+_KEYWORDS = {
+    **Draft202012Validator.VALIDATORS,
+    "pattern": _pattern_keyword,
+    "uniqueItems": _unique_items_keyword,
+    "enum": _enum_keyword,
+}
 ArgumentValidator = validators.extend(
-    Draft202012Validator, {"pattern": _pattern_keyword, "uniqueItems": _unique_items_keyword, "enum": _enum_keyword}
+    Draft202012Validator, {k: _counted(v, _REFERENCE_COST.get(k, 1)) for k, v in _KEYWORDS.items()}
 )
 
 
@@ -622,6 +696,8 @@ MAX_SESSIONS = 64
 MAX_ARGUMENTS_BYTES = 64 * 1024
 MAX_ARGUMENTS_DEPTH = 32
 MAX_VALIDATION_WORK = 100_000  # argument values times subschemas, per turn: ~1.5 s at worst
+# keywords run, per turn (a $ref counted as five): what $ref fan-out really costs, ~0.5 s at worst
+MAX_KEYWORD_EVALUATIONS = 100_000
 MAX_SCHEMA_ERRORS = 100  # schema errors gathered for one call (20,000 bad items made 80,000 in 1.2 s)
 DEFAULT_RESULT_CHARS = 32 * 1024
 
@@ -726,7 +802,7 @@ class ToolRunner:
                 self._tenant_slots.clear()
             tenant_slots = self._tenant_slots[agent.tenant] = asyncio.Semaphore(max(1, self._max_concurrency // 2))
         jobs = []
-        budget = [MAX_VALIDATION_WORK]  # validation work, shared by the turn's calls
+        budget = [MAX_VALIDATION_WORK, MAX_KEYWORD_EVALUATIONS]  # validation work, shared by the turn's calls
         for index, raw in enumerate(calls):
             call = _read_call(raw, index)
             if index >= MAX_CALLS_PER_TURN:
@@ -798,14 +874,23 @@ class ToolRunner:
         validator, subschemas = self._validator(tool.parameters)
         # Validation costs up to a subschema per value, ~10-15 us each (an anyOf of 1,400 consts
         # over 500 items took 8 s): the calls of a turn share MAX_VALIDATION_WORK of it.
-        budget = budget if budget is not None else [MAX_VALIDATION_WORK]
+        budget = budget if budget is not None else [MAX_VALIDATION_WORK, MAX_KEYWORD_EVALUATIONS]
         allowed = budget[0] // max(1, subschemas)
         values = _count_values(raw, allowed)
         if values > allowed:
             return None, f"arguments are too large for this tool (at most {allowed} values in this turn)"
         budget[0] -= values * subschemas
-        found = itertools.islice(validator.iter_errors(raw), MAX_SCHEMA_ERRORS)
-        errors = sorted(found, key=lambda e: (len(e.path), str(e.path)))  # (one per bad item: bounded)
+        # ... and what is evaluated, counted as it is (budget[1]: keyword evaluations of the turn)
+        work = [budget[1]]
+        token = _WORK.set(work)
+        try:
+            found = itertools.islice(validator.iter_errors(raw), MAX_SCHEMA_ERRORS)
+            errors = sorted(found, key=lambda e: (len(e.path), str(e.path)))  # (one per bad item: bounded)
+        except ValidationTooCostly:
+            return None, "arguments are too costly to check against this tool's schema in this turn"
+        finally:
+            budget[1] = max(0, work[0])
+            _WORK.reset(token)
         if errors:
             return raw, _schema_error(errors[0], len(errors))
         return raw, None
