@@ -225,14 +225,14 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     # The gateway's own tool steps never come from the client (an agent without server-side tools
     # has none to forge: a stateless client's long history is not walked for them).
     for i, message in enumerate(client_messages if server_names else ()):
-        if isinstance(message, dict) and message.get("role") == "assistant":
-            for call in message.get("tool_calls") or ():
-                if isinstance(call, dict) and (call.get("function") or {}).get("name") in server_names:
-                    raise InvalidRequest(
-                        "Calls of this agent's server-side tools cannot come from the client.",
-                        param=f"messages[{i}].tool_calls",
-                        code="invalid_value",
-                    )
+        if isinstance(message, dict) and message.get("role") in ("assistant", "function"):
+            forged = _forged_call(message, server_names)
+            if forged is not None:
+                raise InvalidRequest(
+                    "Calls of this agent's server-side tools cannot come from the client.",
+                    param=f"messages[{i}].{forged}",
+                    code="invalid_value",
+                )
     clash = turn.client_tools & server_names
     if clash:
         raise InvalidRequest(
@@ -255,6 +255,23 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     ctx._prompt_tokens = None  # the body changed: counts and bounds are derived again
     ctx.body_bytes = len(orjson.dumps(ctx.body))  # the prompt's bound (context windows, rules, off-loop count)
     ctx.known_tokens = _known_tokens(history, ctx.body["messages"][0], system)
+
+
+def _forged_call(message: dict, server_names: set[str]) -> str | None:
+    """The field of a client's message that calls (or answers, as the legacy ``function`` role)
+    one of the agent's server-side tools, or None: ``tool_calls``, the legacy ``function_call``,
+    or a ``function`` message's ``name`` (any of them may hold any JSON here)."""
+    if message.get("role") == "function":
+        name = message.get("name")
+        return "name" if isinstance(name, str) and name in server_names else None
+    for call in message.get("tool_calls") or ():
+        name = (call.get("function") or {}).get("name") if isinstance(call, dict) else None
+        if isinstance(name, str) and name in server_names:
+            return "tool_calls"
+    legacy = message.get("function_call")
+    if isinstance(legacy, dict) and isinstance(legacy.get("name"), str) and legacy["name"] in server_names:
+        return "function_call"
+    return None
 
 
 def _known_tokens(history: list[dict], first: dict, system: str) -> dict[int, tuple[dict, int]] | None:
