@@ -210,6 +210,11 @@ class Policies(_Strict):
     # prompt_cache_bytes per replica (runtime/prompt_versions.py).
     max_prompt_versions_per_tenant: int = Field(5000, ge=1)
     max_prompt_bytes_per_tenant: int = Field(64 * 1024 * 1024, ge=1)
+    # Active agents a tenant may have, in number and in bytes of their settings (tools, defaults,
+    # memory...): every replica holds every active agent in memory and reads them all on a full
+    # reload; a create or a change past either is refused.
+    max_agents_per_tenant: int = Field(1000, ge=1)
+    max_agent_settings_bytes_per_tenant: int = Field(32 * 1024 * 1024, ge=1)
     prompt_cache_bytes: int = Field(32 * 1024 * 1024, ge=0)
     # Files a tenant may keep on the gateway's disk, in number and bytes: /v1/files uploads and
     # documents uploaded to its knowledge bases count together (gateway/storage_quota.py).

@@ -164,7 +164,12 @@ class AgentAdmin:
 
     def _quota(self) -> Quota:
         policies = self.svc.config.policies
-        return Quota(policies.max_prompt_versions_per_tenant, policies.max_prompt_bytes_per_tenant)
+        return Quota(
+            policies.max_prompt_versions_per_tenant,
+            policies.max_prompt_bytes_per_tenant,
+            policies.max_agents_per_tenant,
+            policies.max_agent_settings_bytes_per_tenant,
+        )
 
     async def _changed(self, agent_id: str) -> None:
         await store.announce(self.svc.redis, agent_id)
@@ -265,7 +270,7 @@ class AgentAdmin:
             latest = agent.versions.get(max(agent.versions)) if agent.versions else None
             if latest is not None:
                 prompts.check_defaults(settings.get("defaults") or {}, latest.variables)
-            await store.update_agent(conn, agent, model, description, settings)
+            await store.update_agent(conn, agent, model, description, settings, quota=self._quota())
             agent = await store.load_agent(conn, agent.id)
         await self._changed(agent.id)
         return base._json(store.describe(agent))

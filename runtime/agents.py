@@ -541,8 +541,10 @@ async def create_agent(
     quota: Quota | None = None,
 ) -> str:
     """A new agent with version 1, labelled ``latest`` and ``production``. Returns its id.
-    ``quota``: the tenant's bound on stored prompt versions (None: unbounded, the CLI's)."""
+    ``quota``: the tenant's bounds on stored prompt versions and active agents (None: unbounded,
+    the CLI's)."""
     await check_room(conn, tenant, stored_size(template, variables, note), quota)
+    await check_agent_room(conn, tenant, settings, quota, replacing=None)
     exists = await conn.fetchval(
         "SELECT true FROM agents WHERE tenant = $1 AND name = $2 AND archived_at IS NULL", tenant, name
     )
@@ -573,7 +575,49 @@ async def create_agent(
     return agent_id
 
 
-async def update_agent(conn, agent: Agent, model: str | None, description: str | None, settings: dict) -> None:
+_AGENTS_USED_SQL = """
+SELECT count(*) AS agents, coalesce(sum(octet_length(settings::text)), 0) AS bytes
+FROM agents WHERE tenant = $1 AND archived_at IS NULL AND id <> $2
+"""
+
+
+async def check_agent_room(conn, tenant: str, settings: dict, quota: Quota | None, *, replacing: str | None) -> None:
+    """Refuse an agent (a new one, or ``replacing``'s new settings) past the tenant's bounds on
+    active agents and their settings' bytes. Counted under a per-tenant lock held to the end of
+    the caller's transaction, so racing creates cannot pass together."""
+    if quota is None or (quota.max_agents is None and quota.max_settings_bytes is None):
+        return
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-agents:' || $1))", tenant)
+    used = await conn.fetchrow(_AGENTS_USED_SQL, tenant, replacing or "")
+    if replacing is None and quota.max_agents is not None and used["agents"] + 1 > quota.max_agents:
+        raise InvalidRequest(
+            f"This tenant has {used['agents']} active agents, the most it may "
+            f"(policies.max_agents_per_tenant = {quota.max_agents}); archive one, or the operator may raise it.",
+            param="name",
+            code="too_many_agents",
+        )
+    adding = len(_dumps(settings).encode())
+    if quota.max_settings_bytes is not None and used["bytes"] + adding > quota.max_settings_bytes:
+        raise InvalidRequest(
+            f"This agent's settings ({adding} bytes) would take the tenant's active agents past "
+            f"{quota.max_settings_bytes} bytes of settings (policies.max_agent_settings_bytes_per_tenant; "
+            f"{used['bytes']} used by its other agents); the operator may raise it.",
+            param=_largest(settings),
+            code="agent_storage_exceeded",
+        )
+
+
+def _largest(settings: dict) -> str:
+    """The settings field that takes the most room (what a 400 names)."""
+    if not settings:
+        return "tools"
+    return max(settings, key=lambda k: len(_dumps(settings[k])))
+
+
+async def update_agent(
+    conn, agent: Agent, model: str | None, description: str | None, settings: dict, quota: Quota | None = None
+) -> None:
+    await check_agent_room(conn, agent.tenant, settings, quota, replacing=agent.id)
     await conn.execute(
         """UPDATE agents SET model = coalesce($2, model), description = coalesce($3, description),
                              settings = $4::jsonb, updated_at = now()

@@ -179,6 +179,8 @@ class VersionCache:
 class Quota:
     max_versions: int = DEFAULT_MAX_VERSIONS
     max_bytes: int = DEFAULT_MAX_BYTES
+    max_agents: int | None = None  # active agents of the tenant (None: unbounded)
+    max_settings_bytes: int | None = None  # their settings' bytes together (None: unbounded)
 
 
 def stored_size(template: str, variables: dict, note: str | None) -> int:
