@@ -11,7 +11,9 @@
   answered (``status_first_ms``: posted, then the answer waits that long, as Meta's can race the
   sender's own record of the send). ``text_answer_delays_ms``: the n-th free-form text sent
   to a number is answered that many ms late (its status, if any, goes out at once): a later
-  piece of an answer still on its way while an earlier piece's status is handled.
+  piece of an answer still on its way while an earlier piece's status is handled; a negative
+  delay holds that answer until ``POST /_mock/release`` (at most 60 s): a send kept open, by
+  event, while the test does something else.
   ``text_status_orders``: the n-th free-form text sent to a number gets the n-th of these status
   orders instead of ``status_order`` (``[["sent", "delivered"], ["failed:131047"]]``: Meta
   delivers the first piece of an answer and fails the second later for the closed window).
@@ -46,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -162,6 +165,7 @@ class MockGraph:
         self._session = None
         self._tasks: set = set()
         self._hold: asyncio.Event | None = None  # what a "hold" status waits for (/_mock/release)
+        self._answer_hold: asyncio.Event | None = None  # what a held answer waits for (/_mock/release)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -315,7 +319,11 @@ class MockGraph:
             task = asyncio.ensure_future(self._post_statuses(pnid, to, wamid, order))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if late:
+        if late < 0:  # held until the test releases it (bounded)
+            self._answer_hold = self._answer_hold or asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._answer_hold.wait(), 60)
+        elif late:
             await asyncio.sleep(late)
         await self._json(
             send,
@@ -402,6 +410,9 @@ class MockGraph:
             if self._hold is not None:
                 self._hold.set()
                 self._hold = None
+            if self._answer_hold is not None:
+                self._answer_hold.set()
+                self._answer_hold = None
             return await self._json(send, 200, {"ok": True})
         if path == "/_mock/window" and method == "POST":
             (self.closed.discard if data.get("open", True) else self.closed.add)(str(data["wa_id"]))
