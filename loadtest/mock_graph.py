@@ -28,7 +28,8 @@ one per text POST from there (``{"to": ..., "errors": [429], "nth_text": 2}``: M
 first piece of an answer and refuses the second once; 429 is answered as HTTP 429); or
 ``[[graph:{"error": 131047, "times": 1}]]`` inside a text body (the
 first ``times`` sends carrying that directive fail; ``"on": "template"``: the templates carrying it
-in a parameter instead; ``"delay_ms"``: the error is answered that late).
+in a parameter instead; ``"delay_ms"``: the error is answered that late, a negative one once the
+test posts ``/_mock/release``).
 ``POST /_mock/window {"wa_id", "open": false}`` closes a customer's 24-hour window (free-form
 text then fails with 131047); ``rate_per_second`` (config) answers 130429 past that many sends a
 second per number. A template parameter with a new line, a tab or more than four spaces in a row
@@ -289,7 +290,11 @@ class MockGraph:
         if code is not None:
             self.counts[f"error_{code}"] += 1
             status, doc = _graph_error(code)
-            if late_error:
+            if late_error < 0:  # held until the test releases it (bounded)
+                self._answer_hold = self._answer_hold or asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._answer_hold.wait(), 60)
+            elif late_error:
                 await asyncio.sleep(late_error)
             return await self._json(send, status, doc)
         wamid = f"wamid.MOCK{self._run}{next(self._ids):012d}"

@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import redis
 import yaml
@@ -35,7 +36,7 @@ import yaml
 from runtime.memory import keys as memory_keys
 from tests.conftest import LOCAL_HTTP, MASTER_KEY, ROOT, Proc, environ, free_port, gateway_env, run_cli, wait_until
 from tests.test_channels_whatsapp import notification, post, rows, text
-from tests.test_wa_dead_letters_erasure import _account, _tag
+from tests.test_wa_dead_letters_erasure import DEAD, _account, _tag
 
 RUN = uuid.uuid4().hex[:6]
 TENANT, OTHER = f"warace-a-{RUN}", f"warace-b-{RUN}"
@@ -44,6 +45,7 @@ SECRET, OTHER_SECRET = "warace-app-secret-0001", "warace-app-secret-0002"
 ASK_PERSON = "I want to talk to a person please"
 GATE = "test:reply-pause:"
 HANDOFF = "A person will answer."
+NOTHING = {"whatsapp_messages": [], "whatsapp_conversations": [], "conversations": []}
 ENV = {
     "GATEWAY_CHANNEL_WORKER": "1",
     "GATEWAY_WA_VISIBILITY_TIMEOUT": "90",  # (a send held at Graph is not taken over meanwhile)
@@ -280,11 +282,7 @@ def test_a_reply_whose_conversation_is_erased_after_its_check_is_refused_and_kee
     err = out[0].json()["error"]
     assert err["code"] == "conversation_erased" and esc in err["message"], err
     assert words not in _texts(graph, ada)
-    assert _naming(services, TENANT, ada) == {
-        "whatsapp_messages": [],
-        "whatsapp_conversations": [],
-        "conversations": [],
-    }
+    assert _naming(services, TENANT, ada) == NOTHING
     assert _window(services, TENANT, "wabot", conv) == []
     held = rows(
         services[0],
@@ -320,11 +318,7 @@ def test_a_reply_out_at_graph_when_the_erasure_lands_keeps_no_number(gw, graph, 
     sql = "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2"
     tag = _tag(TENANT, conv)
     assert rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}]
-    assert _naming(services, TENANT, ada) == {
-        "whatsapp_messages": [],
-        "whatsapp_conversations": [],
-        "conversations": [],
-    }
+    assert _naming(services, TENANT, ada) == NOTHING
 
 
 def test_an_admin_send_out_at_graph_when_the_erasure_lands_keeps_no_number(gw, graph, services):
@@ -356,11 +350,7 @@ def test_an_admin_send_out_at_graph_when_the_erasure_lands_keeps_no_number(gw, g
         lambda: rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}],
         what="the send's record tagged",
     )
-    assert _naming(services, TENANT, ada) == {
-        "whatsapp_messages": [],
-        "whatsapp_conversations": [],
-        "conversations": [],
-    }
+    assert _naming(services, TENANT, ada) == NOTHING
     assert _naming(services, TENANT, bob) == bobs
 
 
@@ -409,11 +399,7 @@ def test_erasing_through_one_agent_erases_the_customers_conversation_with_every_
     assert [(e["id"], e["agent"], e["status"], e["outcome"], e["question"]) for e in closed] == [
         (opened[0]["id"], "wabot2", "resolved", "erased", None)
     ]
-    assert _naming(services, TENANT, ada) == {
-        "whatsapp_messages": [],
-        "whatsapp_conversations": [],
-        "conversations": [],
-    }
+    assert _naming(services, TENANT, ada) == NOTHING
     assert _window(services, TENANT, "wabot2", conv) == [] and _window(services, TENANT, "wabot", conv) == []
     # the customer's next turn with wabot2 is answered (no hold left by the escalation)
     again = _rest_turn(gw, gw.keys["WARACE_KEY_A"], "wabot2", conv, ada, "hello again")
@@ -421,3 +407,47 @@ def test_erasing_through_one_agent_erases_the_customers_conversation_with_every_
     assert _escalations(services, TENANT, [bobs_conv]) == bobs
     assert _window(services, TENANT, "wabot2", bobs_conv) != []
     assert _escalations(services, OTHER, [other_conv]) == others
+
+
+def _letters(services, wa_id: str) -> list[dict]:
+    """The inbound queue's dead letters naming the number."""
+    r = redis.Redis.from_url(services[1])
+    try:
+        return [p for _, f in r.xrange(DEAD) if (p := orjson.loads(f[b"m"])["payload"]).get("wa_id") == wa_id]
+    finally:
+        r.close()
+
+
+def _erased_sends(gw) -> float:
+    """The worker's count of the account's turns and sends dropped for an erasure (``/metrics``)."""
+    r = httpx.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30)
+    prefix = 'gateway_whatsapp_turns_total{account="alpha",outcome="erased"}'
+    return sum(float(line.split()[-1]) for line in r.text.splitlines() if line.startswith(prefix))
+
+
+def test_an_admin_send_graph_refuses_as_the_erasure_lands_leaves_no_dead_letter(gw, graph, services):
+    """An admin's send that Graph refuses (a client error: the job dies, no retry) while the
+    erasure runs: its dead letter, written after the erasure dropped the conversation's, held
+    the number and the words. Now the failed send reads the mark too, and its job ends without a
+    dead letter."""
+    ada = _wa_id()
+    _say(gw, PNID, ada, "hello")
+    wait_until(lambda: _texts(graph, ada), what="the answer")
+    conv = f"wa:{PNID}:{ada}"
+    before = _erased_sends(gw)
+    refused = LOCAL_HTTP.get(f"{graph.url}/_mock/stats").json().get("error_131026", 0)
+    words = 'an admin writes [[graph:{"error": 131026, "delay_ms": -1}]]'
+    try:
+        r = _admin(gw, "POST", "/admin/channels/whatsapp/send", json={"account": "alpha", "to": ada, "text": words})
+        assert r.status_code in (200, 202), r.text
+        wait_until(
+            lambda: LOCAL_HTTP.get(f"{graph.url}/_mock/stats").json().get("error_131026", 0) > refused,
+            what="the send's POST at Graph",
+        )
+        assert _erase(gw, TENANT, conv).status_code == 200
+    finally:
+        _release(graph)
+    # (over either way: dropped for the erasure, or dead after its last try)
+    wait_until(lambda: _erased_sends(gw) > before or _letters(services, ada), what="the failed send's job over")
+    assert _letters(services, ada) == []
+    assert _naming(services, TENANT, ada) == NOTHING
