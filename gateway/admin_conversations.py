@@ -36,6 +36,26 @@ turns; they hold the id and the customer's words) are dropped (``runtime.hitl.he
 The same customer's conversation on another business number, or in another tenant, is another
 conversation and keeps its records.
 
+A WhatsApp conversation is the customer's, not an agent's: its id is the business number and
+the customer's number, its channel state (``whatsapp_conversations``) and erasure mark are one
+per tenant and id whichever agent answered it (the number's agent may change in the config, a
+client with the channel's key may talk to the id through another agent). A customer who asks to
+be erased expects their number gone from that tenant's channel for that business number, and an
+erasure of X's conversation that deleted the shared channel state and set the mark (so Y's next
+turns were refused) but left agent Y's memory and its open escalation naming the number was
+half of each. So the erasure of a channel conversation (``agent_stage.ERASURE_MARKED``) covers
+every agent of the tenant (``_channel_agents``: active and deleted, ``MAX_CHANNEL_AGENTS``), as
+it covers every agent that had the path's name: their messages, windows, escalations (resolved,
+holds released), dead letters, replay answers and the tag in their runs. A plain API
+conversation's id is the client's to choose per agent and stays per agent.
+
+A send to the customer racing the erasure keeps nothing of them either: a person's reply to an
+escalation takes Redis's time before it checks the escalation and is refused (409
+``conversation_erased``) if the conversation is marked erased since, before it is stored or sent
+(``gateway.admin_escalations``); every send path reads the mark again once its send is over
+(``channels.whatsapp.erasure.after_send``), and a send the erasure overtook (sent, failed or
+unknown) leaves its record tagged without words, no channel state and no dead letter.
+
 Kept without the id: the audit ledger (tokens and cost, never content) and run records (sizes
 and durations, never content) hold ``erased:<keyed hash>`` in its place (``runtime.erased_records``:
 the rows written, those on their way, the writers' dead letters in Redis and this replica's
