@@ -20,7 +20,8 @@ A reply (``/reply``, ``/resolve`` with ``reply``) to a channel conversation the 
 WhatsApp customer's) takes Redis's time before it checks the escalation: an erasure of the
 conversation marked since (before the reply was stored, before it was sent) refuses it with 409
 ``conversation_erased`` and nothing of it is kept (the memory's ``erased`` check, the deliverer's
-``erasure.after_send``); one that lands while the send is out leaves the customer the message,
+``erasure.after_send``), and so is one whose erasure began before and has not committed yet
+(``_not_being_erased``); one that lands while the send is out leaves the customer the message,
 and what the send wrote goes as the erasure's own did (the tag, no words).
 """
 
@@ -37,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from channels.whatsapp.erasure import erased_key, redis_now_us
+from channels.whatsapp.erasure import erased_key, mark_us, redis_now_us
 from core import http
 from core.errors import GatewayError, InvalidRequest, NotFound, RateLimited, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
@@ -46,6 +47,7 @@ from gateway import conversation_paths, hitl_service, hitl_stage
 from gateway.agent_stage import ERASURE_MARKED, ConversationErased
 from gateway.db import tenant_transaction
 from runtime import agents as agent_store
+from runtime import conversations
 from runtime.delivery import Outbound
 from runtime.hitl import escalations, held, learning
 from runtime.hitl.settings import URGENCIES
@@ -281,6 +283,33 @@ class EscalationAdmin:
         except (RedisError, OSError, TimeoutError) as exc:
             raise ServiceUnavailable(f"The reply could not be sent just now ({type(exc).__name__}).") from None
 
+    async def _not_being_erased(self, conn, esc: dict, asked_us: int) -> None:
+        """In the escalation check's transaction (its row locked: ``check_can_reply`` with a
+        holder), after it: 409 ``conversation_erased`` when the conversation's erasure began
+        before the reply and has not committed (its mark is set, its record is not there yet):
+        the escalation is the erased conversation's, about to be resolved. An erasure committed
+        before is one this escalation came after (it would be resolved, with the tag, else)."""
+        if not esc["conversation_id"].startswith(ERASURE_MARKED):
+            return
+        try:
+            mark = await mark_us(self.svc.redis, esc["tenant"], esc["conversation_id"])
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise ServiceUnavailable(f"The reply could not be sent just now ({type(exc).__name__}).") from None
+        if mark is None:
+            return
+        if mark >= asked_us:
+            raise _erased(esc)
+        done = await conn.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM erased_conversations WHERE tenant = $1 AND agent_id = $2
+                 AND external_hash = $3 AND erased_at >= to_timestamp($4) - interval '1 millisecond')""",
+            esc["tenant"],
+            esc["agent_id"],
+            conversations.external_hash(esc["tenant"], esc["conversation_id"]),
+            mark / 1_000_000,
+        )
+        if not done:
+            raise _erased(esc)
+
     async def _send(self, request: Request, esc: dict, text: str, asked_us: int) -> dict:
         """A person's reply: into the conversation's memory (the next turn's history, and what a
         REST client reads back), then to the customer through the channel that owns it. Neither
@@ -326,6 +355,7 @@ class EscalationAdmin:
         asked = await self._asked_at()
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             esc = await escalations.check_can_reply(conn, base._view(request), esc_id, holder)
+            await self._not_being_erased(conn, esc, asked)
         delivery = await self._send(request, esc, text, asked)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             esc = await escalations.record_reply(
@@ -359,6 +389,8 @@ class EscalationAdmin:
         asked = await self._asked_at() if reply is not None else 0
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             esc = await escalations.check_can_reply(conn, base._view(request), esc_id, ident.key_id)
+            if reply is not None:
+                await self._not_being_erased(conn, esc, asked)
         answer = corrected or (esc.get("draft") if approve else None)
         if answer:  # redacted before anything is sent: a PII stage that fails stops the whole resolve
             agent = self.svc.agents.by_id(esc["agent_id"]) if self.svc.agents is not None else None

@@ -91,6 +91,26 @@ LAUNCHER = textwrap.dedent(
 
     admin_escalations.EscalationAdmin._send = send
 
+    from runtime import memory
+
+    _forget_recent = memory.Memory.forget_recent
+
+
+    async def forget_recent(self, tenant, agent_id, conversation_id):
+        # (an erasure paused after its mark and memory step, before its transaction)
+        out = await _forget_recent(self, tenant, agent_id, conversation_id)
+        gate = "test:erasure-pause:" + conversation_id
+        if await _redis().delete(gate + ":armed"):
+            await _redis().set(gate + ":held", "1", ex=300)
+            for _ in range(1200):  # bounded: the test lets it go on
+                if await _redis().exists(gate + ":go"):
+                    break
+                await asyncio.sleep(0.05)
+        return out
+
+
+    memory.Memory.forget_recent = forget_recent
+
     from gateway.cli import main
 
     sys.exit(main())
@@ -291,6 +311,34 @@ def test_a_reply_whose_conversation_is_erased_after_its_check_is_refused_and_kee
         f"%{words}%",
     )
     assert held == [{"n": 0}]
+
+
+def test_a_reply_while_the_erasure_is_under_way_is_refused_and_keeps_nothing(gw, graph, services):
+    """The erasure began (its mark set, its memory step done) and has not committed when the
+    reply comes: the escalation is still open, the channel's state still there. The reply is the
+    erased conversation's: refused (409 ``conversation_erased``), not sent, not kept."""
+    ada = _wa_id()
+    conv = f"wa:{PNID}:{ada}"
+    esc = _escalated(gw, graph, services, ada)
+    gate = f"test:erasure-pause:{conv}"
+    r = redis.Redis.from_url(services[1])
+    r.set(f"{gate}:armed", "1", ex=300)
+    words = f"a person answers {uuid.uuid4().hex[:8]}"
+    t, erased = _in_thread(lambda: _erase(gw, TENANT, conv))
+    try:
+        wait_until(lambda: r.exists(f"{gate}:held"), what="the erasure paused before its transaction")
+        out = _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words})
+    finally:
+        r.set(f"{gate}:go", "1", ex=300)
+        t.join(90)
+        r.close()
+    assert erased and erased[0].status_code == 200, erased and erased[0].text
+    assert out.status_code == 409, out.text
+    err = out.json()["error"]
+    assert err["code"] == "conversation_erased" and esc in err["message"], err
+    assert words not in _texts(graph, ada)
+    assert _naming(services, TENANT, ada) == NOTHING
+    assert _window(services, TENANT, "wabot", conv) == []
 
 
 def test_a_reply_out_at_graph_when_the_erasure_lands_keeps_no_number(gw, graph, services):

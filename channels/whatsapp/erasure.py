@@ -74,6 +74,13 @@ def _micros(mark: bytes | str) -> int:
     return int(whole) * 1_000_000 + int((frac + "000000")[:6])
 
 
+async def mark_us(redis, tenant: str, conversation: str) -> int | None:
+    """The conversation's erasure mark (µs, Redis's clock: when its last erasure began); None:
+    not erased in the last ``ERASED_TTL``."""
+    mark = await redis.get(erased_key(tenant, conversation))
+    return None if mark is None else _micros(mark)
+
+
 async def erased_since(redis, tenant: str, conversation: str, queued_us: int) -> bool:
     """Whether the conversation was erased after a job of it was queued (``Job.queued_us``: µs on
     Redis's clock). A job queued in the mark's very microsecond counts as queued before (erased):
