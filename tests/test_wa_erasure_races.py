@@ -499,3 +499,34 @@ def test_an_admin_send_graph_refuses_as_the_erasure_lands_leaves_no_dead_letter(
     wait_until(lambda: _erased_sends(gw) > before or _letters(services, ada), what="the failed send's job over")
     assert _letters(services, ada) == []
     assert _naming(services, TENANT, ada) == NOTHING
+
+
+def test_a_reply_graph_fails_as_the_erasure_lands_is_not_queued_for_later(gw, graph, services):
+    """The reply's send fails at Graph (a server error, held open) while the erasure runs: it used
+    to go on the conversation's queue, as a job queued after the erasure's mark, so the worker sent
+    it later and made the customer's channel state again. Now the failed send reads the mark: the
+    reply is refused (409 ``conversation_erased``) and nothing of it is queued or kept."""
+    ada = _wa_id()
+    conv = f"wa:{PNID}:{ada}"
+    esc = _escalated(gw, graph, services, ada)
+    failed = LOCAL_HTTP.get(f"{graph.url}/_mock/stats").json().get("error_500", 0)
+    words = f'a person answers {uuid.uuid4().hex[:8]} [[graph:{{"error": 500, "delay_ms": -1}}]]'
+    t, out = _in_thread(lambda: _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words}))
+    try:
+        wait_until(
+            lambda: LOCAL_HTTP.get(f"{graph.url}/_mock/stats").json().get("error_500", 0) > failed,
+            what="the reply's POST at Graph",
+        )
+        assert _erase(gw, TENANT, conv).status_code == 200
+    finally:
+        _release(graph)
+        t.join(90)
+    assert out and out[0].status_code == 409, out and out[0].text
+    assert out[0].json()["error"]["code"] == "conversation_erased"
+    # The customer writes again: their conversation's queue is ordered, so once this is answered
+    # a job queued before it for the reply would have been sent (the directive fails once only).
+    _say(gw, PNID, ada, "hello again")
+    wait_until(lambda: "echo: hello again" in _texts(graph, ada), what="the new conversation answered")
+    assert words not in _texts(graph, ada)
+    sql = "SELECT count(*) AS n FROM whatsapp_messages WHERE tenant = $1 AND body = $2"
+    assert rows(services[0], sql, TENANT, words) == [{"n": 0}]
