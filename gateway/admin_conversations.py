@@ -36,6 +36,26 @@ turns; they hold the id and the customer's words) are dropped (``runtime.hitl.he
 The same customer's conversation on another business number, or in another tenant, is another
 conversation and keeps its records.
 
+A WhatsApp conversation is the customer's, not an agent's: its id is the business number and
+the customer's number, its channel state (``whatsapp_conversations``) and erasure mark are one
+per tenant and id whichever agent answered it (the number's agent may change in the config, a
+client with the channel's key may talk to the id through another agent). A customer who asks to
+be erased expects their number gone from that tenant's channel for that business number, and an
+erasure of X's conversation that deleted the shared channel state and set the mark (so Y's next
+turns were refused) but left agent Y's memory and its open escalation naming the number was
+half of each. So the erasure of a channel conversation (``agent_stage.ERASURE_MARKED``) covers
+every agent of the tenant (``_channel_agents``: active and deleted, ``MAX_CHANNEL_AGENTS``), as
+it covers every agent that had the path's name: their messages, windows, escalations (resolved,
+holds released), dead letters, replay answers and the tag in their runs. A plain API
+conversation's id is the client's to choose per agent and stays per agent.
+
+A send to the customer racing the erasure keeps nothing of them either: a person's reply to an
+escalation takes Redis's time before it checks the escalation and is refused (409
+``conversation_erased``) if the conversation is marked erased since, before it is stored or sent
+(``gateway.admin_escalations``); every send path reads the mark again once its send is over
+(``channels.whatsapp.erasure.after_send``), and a send the erasure overtook (sent, failed or
+unknown) leaves its record tagged without words, no channel state and no dead letter.
+
 Kept without the id: the audit ledger (tokens and cost, never content) and run records (sizes
 and durations, never content) hold ``erased:<keyed hash>`` in its place (``runtime.erased_records``:
 the rows written, those on their way, the writers' dead letters in Redis and this replica's
@@ -72,6 +92,7 @@ from core.erasure_key import conversation_tag
 from core.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import conversation_paths
+from gateway.agent_stage import ERASURE_MARKED
 from gateway.db import tenant_transaction
 from runtime import agents as agents_store
 from runtime import conversations
@@ -79,6 +100,7 @@ from runtime.hitl import held
 
 MAX_EARLIER_HOLDS = 10  # escalations earlier erasures of a conversation resolved, their holds released again
 MAX_AGENT_GENERATIONS = 100  # agents of one name (the active one and those deleted) one erasure covers
+MAX_CHANNEL_AGENTS = 1000  # the tenant's other agents a channel conversation's erasure covers too
 
 
 class ConversationAdmin:
@@ -99,6 +121,11 @@ class ConversationAdmin:
             raise ServiceUnavailable("Conversation memory is not enabled on this gateway.")
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             name, tenant, agent_ids = await _agents_named(request, conn)
+            names = [name]
+            if conversation_id.startswith(ERASURE_MARKED):  # the customer's, whichever agent served them
+                others = await _channel_agents(conn, tenant, agent_ids)
+                agent_ids += [r["id"] for r in others]
+                names += list(dict.fromkeys(r["name"] for r in others if r["name"] != name))
         _audit_as_tag(request, tenant, conversation_id)
         # Redis first (a turn that starts now finds nothing to answer with), then PostgreSQL and
         # the erasure's record in one transaction, then Redis again: a turn stored meanwhile, or a
@@ -133,7 +160,8 @@ class ConversationAdmin:
                 await self.svc.forget_channel(tenant, [conversation_id])
             idempotency = getattr(self.admin.gateway, "idempotency", None)
             if idempotency is not None:  # the answers kept to replay its turns (Idempotency-Key)
-                await idempotency.forget_conversation(tenant, name, conversation_id)
+                for agent_name in names:
+                    await idempotency.forget_conversation(tenant, agent_name, conversation_id)
         except (RedisError, OSError, TimeoutError) as exc:
             raise ServiceUnavailable(
                 f"The conversation could not be erased just now ({type(exc).__name__}); erasing is safe to repeat."
@@ -212,6 +240,19 @@ async def _agents_named(request: Request, conn) -> tuple[str, str, list[str]]:
             code="too_many_agents",
         )
     return name, rows[0]["tenant"], [r["id"] for r in rows]
+
+
+async def _channel_agents(conn, tenant: str, named: list[str]) -> list:
+    """The tenant's other agents (active and deleted, ``MAX_CHANNEL_AGENTS`` at most, the active
+    first): a channel conversation's id is its customer's (a WhatsApp number on a business
+    number), and every agent that served it is erased with it."""
+    return await conn.fetch(
+        """SELECT id, name FROM agents WHERE tenant = $1 AND NOT (id = ANY($2::text[]))
+           ORDER BY archived_at IS NOT NULL, archived_at DESC LIMIT $3""",
+        tenant,
+        named,
+        MAX_CHANNEL_AGENTS,
+    )
 
 
 def routes(admin) -> list[Route]:

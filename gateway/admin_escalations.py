@@ -15,6 +15,14 @@ working an item is the authenticated key (its id is the lease holder), never a f
     POST /admin/escalations/{id}/resolve     {"outcome", "corrected_answer", "approve_draft", "reply"}
     POST /admin/escalations/{id}/reassign    {"team", "skills", "urgency"}
     POST /admin/escalations/{id}/release     back to the queue
+
+A reply (``/reply``, ``/resolve`` with ``reply``) to a channel conversation the erasure marks (a
+WhatsApp customer's) takes Redis's time before it checks the escalation: an erasure of the
+conversation marked since (before the reply was stored, before it was sent) refuses it with 409
+``conversation_erased`` and nothing of it is kept (the memory's ``erased`` check, the deliverer's
+``erasure.after_send``), and so is one whose erasure began before and has not committed yet
+(``_not_being_erased``); one that lands while the send is out leaves the customer the message,
+and what the send wrote goes as the erasure's own did (the tag, no words).
 """
 
 from __future__ import annotations
@@ -25,20 +33,25 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from channels.whatsapp.erasure import erased_key, mark_us, redis_now_us
 from core import http
 from core.errors import GatewayError, InvalidRequest, NotFound, RateLimited, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
 from gateway import conversation_paths, hitl_service, hitl_stage
+from gateway.agent_stage import ERASURE_MARKED, ConversationErased
 from gateway.db import tenant_transaction
 from runtime import agents as agent_store
+from runtime import conversations
 from runtime.delivery import Outbound
 from runtime.hitl import escalations, held, learning
 from runtime.hitl.settings import URGENCIES
+from runtime.memory import Erased
 
 MAX_REPLY = 4000
 HEARTBEAT_S = 15.0
@@ -262,24 +275,75 @@ class EscalationAdmin:
         await self._publish("claimed", esc)
         return base._json(_summary(esc))
 
-    async def _send(self, request: Request, esc: dict, text: str) -> dict:
+    async def _asked_at(self) -> int:
+        """Redis's time (µs), taken before the escalation is checked: an erasure marked since is
+        one the reply raced (``_send``)."""
+        try:
+            return await redis_now_us(self.svc.redis)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise ServiceUnavailable(f"The reply could not be sent just now ({type(exc).__name__}).") from None
+
+    async def _not_being_erased(self, conn, esc: dict, asked_us: int) -> None:
+        """In the escalation check's transaction (its row locked: ``check_can_reply`` with a
+        holder), after it: 409 ``conversation_erased`` when the conversation's erasure began
+        before the reply and has not committed (its mark is set, its record is not there yet):
+        the escalation is the erased conversation's, about to be resolved. An erasure committed
+        before is one this escalation came after (it would be resolved, with the tag, else)."""
+        if not esc["conversation_id"].startswith(ERASURE_MARKED):
+            return
+        try:
+            mark = await mark_us(self.svc.redis, esc["tenant"], esc["conversation_id"])
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise ServiceUnavailable(f"The reply could not be sent just now ({type(exc).__name__}).") from None
+        if mark is None:
+            return
+        if mark >= asked_us:
+            raise _erased(esc)
+        done = await conn.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM erased_conversations WHERE tenant = $1 AND agent_id = $2
+                 AND external_hash = $3 AND erased_at >= to_timestamp($4) - interval '1 millisecond')""",
+            esc["tenant"],
+            esc["agent_id"],
+            conversations.external_hash(esc["tenant"], esc["conversation_id"]),
+            mark / 1_000_000,
+        )
+        if not done:
+            raise _erased(esc)
+
+    async def _send(self, request: Request, esc: dict, text: str, asked_us: int) -> dict:
         """A person's reply: into the conversation's memory (the next turn's history, and what a
-        REST client reads back), then to the customer through the channel that owns it."""
+        REST client reads back), then to the customer through the channel that owns it. Neither
+        once the conversation was erased after ``asked_us`` (409 ``conversation_erased``)."""
         agent = self.svc.agents.by_id(esc["agent_id"]) if self.svc.agents is not None else None
         if agent is None:
             raise NotFound("The escalation's agent no longer exists.", param="id", code="agent_gone")
-        await self.svc.memory.append(
-            esc["tenant"],
-            agent,
-            esc["conversation_id"],
-            [{"role": "assistant", "content": text, "name": hitl_stage.HUMAN}],
-            request_id=f"{esc['id']}-{int(time.time() * 1000)}",
-            prompt_version=esc.get("prompt_version") or 0,
-            variant=esc.get("variant"),
-        )
+        marked = esc["conversation_id"].startswith(ERASURE_MARKED)
+        try:
+            await self.svc.memory.append(
+                esc["tenant"],
+                agent,
+                esc["conversation_id"],
+                [{"role": "assistant", "content": text, "name": hitl_stage.HUMAN}],
+                request_id=f"{esc['id']}-{int(time.time() * 1000)}",
+                prompt_version=esc.get("prompt_version") or 0,
+                variant=esc.get("variant"),
+                erased=(erased_key(esc["tenant"], esc["conversation_id"]), asked_us) if marked else None,
+            )
+        except Erased:
+            raise _erased(esc) from None
         out = await self.svc.delivery.deliver(
-            Outbound(esc["tenant"], esc["agent"], esc["conversation_id"], text, kind="human_reply", ref=esc["id"])
+            Outbound(
+                esc["tenant"],
+                esc["agent"],
+                esc["conversation_id"],
+                text,
+                kind="human_reply",
+                ref=esc["id"],
+                queued_us=asked_us if marked else None,
+            )
         )
+        if out.status == "erased":
+            raise _erased(esc)
         return {"channel": out.channel, "status": out.status, "detail": out.detail, "at": time.time()}
 
     async def reply(self, request: Request) -> Response:
@@ -288,9 +352,11 @@ class EscalationAdmin:
         _only(data, {"text"})
         text = _reply_text(data, "text", required=True)
         holder = base._ident(request).key_id
+        asked = await self._asked_at()
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             esc = await escalations.check_can_reply(conn, base._view(request), esc_id, holder)
-        delivery = await self._send(request, esc, text)
+            await self._not_being_erased(conn, esc, asked)
+        delivery = await self._send(request, esc, text, asked)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             esc = await escalations.record_reply(
                 conn, base._view(request), esc_id, holder, delivery, self.hitl.config.lease_s
@@ -320,8 +386,11 @@ class EscalationAdmin:
             raise InvalidRequest("'approve_draft' must be true or false.", param="approve_draft", code="invalid_type")
         reply = _reply_text(data, "reply", required=False)
         ident = base._ident(request)
+        asked = await self._asked_at() if reply is not None else 0
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             esc = await escalations.check_can_reply(conn, base._view(request), esc_id, ident.key_id)
+            if reply is not None:
+                await self._not_being_erased(conn, esc, asked)
         answer = corrected or (esc.get("draft") if approve else None)
         if answer:  # redacted before anything is sent: a PII stage that fails stops the whole resolve
             agent = self.svc.agents.by_id(esc["agent_id"]) if self.svc.agents is not None else None
@@ -332,7 +401,7 @@ class EscalationAdmin:
                 [esc.get("question") or "", answer],
                 "corrected_answer" if corrected else "approve_draft",
             )
-        delivery = await self._send(request, esc, reply) if reply is not None else None
+        delivery = await self._send(request, esc, reply, asked) if reply is not None else None
         if delivery is not None:  # recorded on its own (as /reply does): sent is sent, whatever the resolve finds
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
                 await escalations.record_reply(
@@ -473,6 +542,14 @@ class EscalationAdmin:
                 "data": messages,
             }
         )
+
+
+def _erased(esc: dict) -> ConversationErased:
+    return ConversationErased(
+        f"The conversation of escalation {esc['id']} was erased while the reply was on its way; "
+        "it was neither sent nor kept.",
+        param="id",
+    )
 
 
 def _summary(esc: dict) -> dict:

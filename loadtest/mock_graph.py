@@ -11,7 +11,9 @@
   answered (``status_first_ms``: posted, then the answer waits that long, as Meta's can race the
   sender's own record of the send). ``text_answer_delays_ms``: the n-th free-form text sent
   to a number is answered that many ms late (its status, if any, goes out at once): a later
-  piece of an answer still on its way while an earlier piece's status is handled.
+  piece of an answer still on its way while an earlier piece's status is handled; a negative
+  delay holds that answer until ``POST /_mock/release`` (at most 60 s): a send kept open, by
+  event, while the test does something else.
   ``text_status_orders``: the n-th free-form text sent to a number gets the n-th of these status
   orders instead of ``status_order`` (``[["sent", "delivered"], ["failed:131047"]]``: Meta
   delivers the first piece of an answer and fails the second later for the closed window).
@@ -26,7 +28,8 @@ one per text POST from there (``{"to": ..., "errors": [429], "nth_text": 2}``: M
 first piece of an answer and refuses the second once; 429 is answered as HTTP 429); or
 ``[[graph:{"error": 131047, "times": 1}]]`` inside a text body (the
 first ``times`` sends carrying that directive fail; ``"on": "template"``: the templates carrying it
-in a parameter instead; ``"delay_ms"``: the error is answered that late).
+in a parameter instead; ``"delay_ms"``: the error is answered that late, a negative one once the
+test posts ``/_mock/release``).
 ``POST /_mock/window {"wa_id", "open": false}`` closes a customer's 24-hour window (free-form
 text then fails with 131047); ``rate_per_second`` (config) answers 130429 past that many sends a
 second per number. A template parameter with a new line, a tab or more than four spaces in a row
@@ -46,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -162,6 +166,7 @@ class MockGraph:
         self._session = None
         self._tasks: set = set()
         self._hold: asyncio.Event | None = None  # what a "hold" status waits for (/_mock/release)
+        self._answer_hold: asyncio.Event | None = None  # what a held answer waits for (/_mock/release)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -285,7 +290,11 @@ class MockGraph:
         if code is not None:
             self.counts[f"error_{code}"] += 1
             status, doc = _graph_error(code)
-            if late_error:
+            if late_error < 0:  # held until the test releases it (bounded)
+                self._answer_hold = self._answer_hold or asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._answer_hold.wait(), 60)
+            elif late_error:
                 await asyncio.sleep(late_error)
             return await self._json(send, status, doc)
         wamid = f"wamid.MOCK{self._run}{next(self._ids):012d}"
@@ -315,7 +324,11 @@ class MockGraph:
             task = asyncio.ensure_future(self._post_statuses(pnid, to, wamid, order))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if late:
+        if late < 0:  # held until the test releases it (bounded)
+            self._answer_hold = self._answer_hold or asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._answer_hold.wait(), 60)
+        elif late:
             await asyncio.sleep(late)
         await self._json(
             send,
@@ -402,6 +415,9 @@ class MockGraph:
             if self._hold is not None:
                 self._hold.set()
                 self._hold = None
+            if self._answer_hold is not None:
+                self._answer_hold.set()
+                self._answer_hold = None
             return await self._json(send, 200, {"ok": True})
         if path == "/_mock/window" and method == "POST":
             (self.closed.discard if data.get("open", True) else self.closed.add)(str(data["wa_id"]))

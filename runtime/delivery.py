@@ -28,12 +28,16 @@ class Outbound:
     text: str
     kind: str = "human_reply"  # human_reply | held_reply | notice
     ref: str | None = None  # what it answers (an escalation id), for idempotency on the channel side
+    # When it was asked for (µs, Redis's clock): a channel whose conversations an erasure marks
+    # sends nothing once the conversation was erased since (``erased``), and keeps nothing of a
+    # send the erasure overtook. None: not checked.
+    queued_us: int | None = None
 
 
 @dataclass(frozen=True)
 class Delivered:
     channel: str  # whatsapp, vapi, api
-    status: str  # sent | queued | stored | failed
+    status: str  # sent | queued | stored | failed | erased (the conversation was erased meanwhile: not sent)
     detail: str | None = None  # a channel message id, or why it failed
     extra: dict = field(default_factory=dict)
 

@@ -94,7 +94,7 @@ class WhatsApp:
             redis=redis,
         )
         self.inbound.on_dead = self.worker.on_dead
-        self.deliverer = WhatsAppDeliverer(accounts, pool, self.sender, self.inbound)
+        self.deliverer = WhatsAppDeliverer(accounts, pool, self.sender, self.inbound, redis=redis)
         self.concurrency = int(env_float("GATEWAY_WA_CONCURRENCY", 32)) or 32
         self._tasks: list[asyncio.Task] = []
 

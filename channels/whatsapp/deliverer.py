@@ -3,7 +3,12 @@ an escalation, a held reply released. The composition wraps this as runtime/deli
 ``Deliverer`` (channels do not import the runtime): ``deliver`` answers None for a conversation
 that is not in this channel's own table (never judged by the id's prefix), else (status,
 detail): ``sent`` (a wamid), ``held`` (outside the window, no template), ``queued`` (throttled
-or Graph unavailable: it goes on the conversation's queue), ``failed``."""
+or Graph unavailable: it goes on the conversation's queue), ``failed``, ``erased``.
+
+A message that carries when it was asked for (``queued_us``: µs on Redis's clock, a human's
+reply) reads its conversation's erasure mark before it is sent and once the send is over
+(``erasure.after_send``): erased since, it is not sent (``erased``: never reported as stored or
+sent), and a send that was under way when the erasure came keeps nothing of what it wrote."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import hashlib
 import logging
 
 from channels.config import WhatsAppAccount
-from channels.whatsapp import store
+from channels.whatsapp import erasure, store
 from channels.whatsapp.graph import GraphError, GraphUnreachable
 from channels.whatsapp.sender import Sender
 from channels.whatsapp.worker import conversation_key
@@ -19,17 +24,25 @@ from core.queue import Fatal, Queue, Retry
 
 log = logging.getLogger("channels.whatsapp")
 MAX_TEXT = 16 * 1024
+ERASED = ("erased", "the conversation was erased after the message was asked for; it was not sent")
 
 
 class WhatsAppDeliverer:
-    def __init__(self, accounts: dict[str, WhatsAppAccount], pool, sender: Sender, inbound: Queue) -> None:
+    def __init__(self, accounts: dict[str, WhatsAppAccount], pool, sender: Sender, inbound: Queue, redis=None) -> None:
         self.accounts = accounts
+        self.redis = redis  # the erasures' marks; None: none read
         self.pool = pool
         self.sender = sender
         self.inbound = inbound
 
     async def deliver(self, message) -> tuple[str, str | None] | None:
+        queued = getattr(message, "queued_us", None)
         conv = await store.find_conversation(self.pool, message.tenant, message.conversation_id, self.accounts)
+        # (read after the conversation's row: a row the erasure deleted meanwhile is no API
+        # conversation to "store" the message in, and one it is about to delete is not sent to)
+        if queued is not None and self.redis is not None:
+            if await erasure.erased_since(self.redis, message.tenant, message.conversation_id, queued):
+                return ERASED
         if conv is None:
             return None
         acct = self.accounts.get(conv.account)
@@ -43,7 +56,11 @@ class WhatsAppDeliverer:
         key = f"deliver:{message.kind}:{digest}"
         try:
             out = await self.sender.send_text(acct, conv, key, text, kind=message.kind)
-        except (Retry, GraphError, GraphUnreachable) as exc:
+        except (Retry, GraphError, GraphUnreachable, Fatal) as exc:
+            if await self._after_send(conv, queued, []):  # (nor queued again: the customer is erased)
+                return ERASED
+            if isinstance(exc, Fatal):
+                return ("failed", str(exc)[:200])
             if isinstance(exc, GraphError) and exc.kind == "client":
                 return ("failed", f"graph refused the message: code {exc.code}")
             payload = {
@@ -58,10 +75,12 @@ class WhatsAppDeliverer:
             }
             await self.inbound.enqueue(payload, key=conversation_key(conv.account, conv.pnid, conv.wa_id))
             return ("queued", None)
-        except Fatal as exc:
-            return ("failed", str(exc)[:200])
+        # (it went out: what it wrote goes if the erasure came meanwhile; the admin is told it was sent)
+        if await self._after_send(conv, queued, out.sent):
+            log.info("whatsapp delivery to a conversation erased meanwhile: its records forgotten")
         if out.held:
             return ("held", "outside the 24-hour window and no window template")
-        if out.template:
-            return ("sent", out.sent[0] if out.sent else None)
         return ("sent", out.sent[0] if out.sent else None)
+
+    async def _after_send(self, conv: store.Conversation, queued: int | None, wamids: list[str]) -> bool:
+        return await erasure.after_send(self.redis, self.pool, conv.tenant, conv.conversation_id, queued, wamids)

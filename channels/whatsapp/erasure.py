@@ -14,14 +14,17 @@ and the data directory the channel's worker shares, and the channel's records in
 An erasure (not a retention) also marks each conversation erased (``mark_erased``, first, and
 before the erasure's transaction too): the worker drops the jobs queued up to the mark (a customer's message, a send
 to them) instead of storing the conversation again after its erasure, and a turn that was under
-way when the mark came neither sends nor keeps what it stored (``erased_since``).
+way when the mark came neither sends nor keeps what it stored (``erased_since``). Every send to
+a customer (a turn's answer, an admin's send, a human's reply, a window template; sent, failed or
+of unknown outcome) reads the mark again once it is over (``after_send``): one that was under way
+when the erasure came keeps nothing of what it wrote.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from channels.whatsapp import dead_letters
+from channels.whatsapp import dead_letters, store
 from channels.whatsapp.content import forget_media
 from channels.whatsapp.sender import FORGET_PAGE, STATE_TTL, forget_states, state_key
 from channels.whatsapp.store import conversation_digest
@@ -71,12 +74,41 @@ def _micros(mark: bytes | str) -> int:
     return int(whole) * 1_000_000 + int((frac + "000000")[:6])
 
 
+async def mark_us(redis, tenant: str, conversation: str) -> int | None:
+    """The conversation's erasure mark (µs, Redis's clock: when its last erasure began); None:
+    not erased in the last ``ERASED_TTL``."""
+    mark = await redis.get(erased_key(tenant, conversation))
+    return None if mark is None else _micros(mark)
+
+
 async def erased_since(redis, tenant: str, conversation: str, queued_us: int) -> bool:
     """Whether the conversation was erased after a job of it was queued (``Job.queued_us``: µs on
     Redis's clock). A job queued in the mark's very microsecond counts as queued before (erased):
     the two happened together, and a turn under way when an erasure ran is the erased one's."""
     mark = await redis.get(erased_key(tenant, conversation))
     return mark is not None and queued_us <= _micros(mark)
+
+
+async def redis_now_us(redis) -> int:
+    """Redis's time in µs: the clock an erasure's mark is on. A send outside the queue (a human's
+    reply) takes it before it checks what it answers, as a job's ``queued_us`` is taken."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+async def after_send(redis, pool, tenant: str, conversation: str, queued_us: int | None, wamids: list[str]) -> bool:
+    """The check every send path makes once its send is over (sent, failed or unknown): whether
+    the conversation was erased since the send was asked for (``queued_us``, Redis's clock; None:
+    nothing to check). If so, what the send wrote after the erasure goes as the erasure's own
+    did: its records (``wamids``, and the conversation's sends recorded without one) keep neither
+    words nor the number (the tag), the channel state it wrote is deleted (the conversation's row,
+    the send states and aliases in Redis). The caller then keeps nothing of it either (no retry,
+    no dead letter naming the number). True: erased."""
+    if redis is None or queued_us is None or not await erased_since(redis, tenant, conversation, queued_us):
+        return False
+    await store.forget_turn_words(pool, tenant, conversation, list(wamids), unnumbered=True)
+    await forget_states(redis, tenant, [conversation])
+    return True
 
 
 async def forget(redis, data_dir: Path, pool, tenant: str, conversations: list[str], *, mark: bool = False) -> None:

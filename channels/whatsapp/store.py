@@ -401,21 +401,26 @@ async def turn_texts(pool, tenant: str, account: str, conv_id: str, reply_to: st
     return [r["body"] for r in rows]
 
 
-async def forget_turn_words(pool, tenant: str, conversation: str, wamids: list[str]) -> None:
+async def forget_turn_words(
+    pool, tenant: str, conversation: str, wamids: list[str], *, unnumbered: bool = False
+) -> None:
     """A turn whose conversation was erased while it was under way: what it recorded after the
     erasure goes as the erasure's own rows went (``runtime.erased_records``): its messages keep
     neither words nor the customer's number (the erasure's tag as their conversation and
     customer), the conversation's state it stored again is deleted (the customer's next message
-    starts a new one)."""
+    starts a new one). ``unnumbered``: the conversation's sends recorded without a wamid too (a
+    send Graph refused or never answered: ``erasure.after_send``)."""
     tag = conversation_tag(tenant, conversation)
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             """UPDATE whatsapp_messages SET body = NULL, conversation_id = $4, wa_id = $4, updated_at = now()
-               WHERE tenant = $1 AND conversation_id = $2 AND wamid = ANY($3::text[])""",
+               WHERE tenant = $1 AND conversation_id = $2
+                 AND (wamid = ANY($3::text[]) OR ($5 AND wamid IS NULL AND direction = 'out'))""",
             tenant,
             conversation,
             wamids,
             tag,
+            unnumbered,
         )
         await conn.execute(
             "DELETE FROM whatsapp_conversations WHERE tenant = $1 AND conversation_id = $2", tenant, conversation

@@ -33,7 +33,6 @@ from channels.whatsapp.graph import WINDOW_CLOSED, Graph, GraphError, GraphUnrea
 from channels.whatsapp.sender import (
     PIECE_FIELD,
     Sender,
-    forget_states,
     index_key,
     window_rest,
     window_unsettled,
@@ -228,17 +227,30 @@ class Worker:
             if conv is None:
                 raise Fatal("the conversation record is gone")
         if text.strip():  # a conversation held by a human may be acknowledged with nothing
-            out = await self.sender.send_text(
-                acct, conv, key, text, reply_to=head["wamid"], variables=_variables(conv, head), state=state
-            )
-            if queued_us is not None and await self._erased_since(head, queued_us):
-                # erased while the answer went out (its POSTs take seconds): its records and send
-                # state, written after the erasure, hold the number and the answer; they go as the
-                # erasure's own did
-                sent = [*(m["wamid"] for m in messages), *out.sent]
-                await store.forget_turn_words(self.pool, acct.tenant, conv.conversation_id, sent)
-                await forget_states(self.redis, acct.tenant, [conv.conversation_id])
+            # (erased while the answer went out — its POSTs take seconds — its records and send
+            # state, written after the erasure, hold the number and the answer: they go as the
+            # erasure's own did, and a failed send is neither retried nor dead-lettered)
+            inbound = [m["wamid"] for m in messages]
+            try:
+                out = await self.sender.send_text(
+                    acct, conv, key, text, reply_to=head["wamid"], variables=_variables(conv, head), state=state
+                )
+            except Exception:
+                if await self._after_send(head["account"], acct, conv.conversation_id, queued_us, inbound):
+                    return len(messages)
+                raise
+            await self._after_send(head["account"], acct, conv.conversation_id, queued_us, [*inbound, *out.sent])
         return len(messages)
+
+    async def _after_send(
+        self, account: str, acct: WhatsAppAccount, conv: str, queued_us: int | None, wamids: list[str]
+    ) -> bool:
+        """``erasure.after_send`` for this account's tenant (the one check every send path makes)."""
+        if await erasure.after_send(self.redis, self.pool, acct.tenant, conv, queued_us, wamids):
+            log.info("whatsapp send erased meanwhile: forgotten", extra={"fields": {"account": account}})
+            metrics.turns.get(account, "erased").inc()
+            return True
+        return False
 
     async def _mark_read(self, acct: WhatsAppAccount, pnid: str, wamid: str) -> None:
         """Best effort, alongside the turn: the blue ticks are not worth failing a turn for."""
@@ -251,18 +263,35 @@ class Worker:
 
     # -- outbound (admin API, deliverers) --------------------------------------------------
     async def _send(self, job: Job) -> None:
+        """A send job (an admin's, a deliverer's queued one, a window template): once it is over,
+        sent or not, the erasure's mark is read again (``_after_send``)."""
         p = job.payload
         acct = self._account(p["account"])
+        sent: list[str] = []
+        conv_id = p.get("conversation_id")
+        if not isinstance(conv_id, str):
+            conv_id = store.conversation_id(p["pnid"], p["wa_id"])
+        try:
+            sent = await self._send_now(job, acct)
+        except Exception:
+            if await self._after_send(p["account"], acct, conv_id, job.queued_us, sent):
+                return
+            raise
+        await self._after_send(p["account"], acct, conv_id, job.queued_us, sent)
+
+    async def _send_now(self, job: Job, acct: WhatsAppAccount) -> list[str]:
+        p = job.payload
         if p.get("window_closed"):  # a failed free-form answer's window templates (_window_failure)
             conv = await store.find_conversation(self.pool, acct.tenant, p["conversation_id"], self.accounts)
             if conv is None or conv.account != p["account"]:
-                return
+                return []
             text = await self._window_rest(acct, conv, p, job.enqueued_at) if p.get("turn") else p["text"]
             if text:
-                await self.sender.send_text(
+                out = await self.sender.send_text(
                     acct, conv, p["idempotency"], text, reply_to=p["reply_to"], window_closed=True
                 )
-            return
+                return out.sent
+            return []
         agent = acct.agent_for(p["pnid"])
         if agent is None:
             raise Fatal("the business number is not configured for this account")
@@ -273,12 +302,13 @@ class Worker:
         key = p.get("idempotency") or f"send:{job.id}"
         if p.get("template"):
             tpl = p["template"]
-            await self.sender.send_template(acct, conv, key, tpl, tpl.get("values") or {})
+            out = await self.sender.send_template(acct, conv, key, tpl, tpl.get("values") or {})
         else:
             purpose = p.get("purpose")  # a deliverer's (a human's reply) may use the window template
-            await self.sender.send_text(
+            out = await self.sender.send_text(
                 acct, conv, key, p["text"], kind=purpose or "proactive", template_fallback=purpose is not None
             )
+        return out.sent
 
     async def _window_rest(self, acct: WhatsAppAccount, conv: store.Conversation, p: dict, since: float) -> str:
         """Of a turn's answer whose free-form pieces Meta failed for the closed window, what did not
