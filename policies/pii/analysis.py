@@ -408,6 +408,11 @@ def analyze_items(
 
 _DOTTED_BEFORE = re.compile(r"\d\.$")
 _DOTTED_AFTER = re.compile(r"\.\d+\.\d")  # (one more number is a port: tcpdump's "10.0.0.1.443")
+# Right after a dotted quad: a pre-release or build tag makes it a version ("1.2.3.4-beta",
+# "2.0.1.7-rc1", "4.1.0.2+dev"), as no address is written.
+_PRERELEASE_AFTER = re.compile(
+    r"[-+~](?:alpha|beta|rc|pre|preview|dev|snapshot|nightly|post|final)(?![a-z])", re.IGNORECASE
+)
 # Right before a dotted quad that is no address: a package pin ("foo==2.4.10.1", not a filter
 # such as "ip.addr==10.0.0.1" nor a setting named for an address, "host==10.0.0.1"), a "v", or
 # a version, section or OID word.
@@ -476,8 +481,9 @@ def _plausible(text: str, start: int, end: int, entity: str) -> bool:
     """Drops what Presidio accepts but is not personal: IPv6 shorthands like ``::2`` (slices
     in code) with fewer than three groups (a dotted IPv4 tail counts as two: ``::ffff:192.0.2.1``
     is an address); dotted quads that are part of a longer dotted number (an SNMP OID
-    ``1.3.6.1.4.1.2021``; an address followed by its port, ``10.0.0.1.443``, stays) or written as
-    a version, a section, a package pin or a product's version (``foo==2.4.10.1``, ``Firmware
+    ``1.3.6.1.4.1.2021``; an address followed by its port, ``10.0.0.1.443``, stays), followed
+    by a pre-release tag (``1.2.3.4-beta``), or written as a version, a section, a package pin
+    or a product's version (``foo==2.4.10.1``, ``Firmware
     2.0.0.1``, ``chapter 3.1.4.1``, ``Chrome/120.0.0.0``; a filter, ``ip.addr==10.0.0.1``, and
     ``host/10.0.0.1`` stay); and an SSH or SCP target taken for an email address
     (``git@github.com:acme/app.git``)."""
@@ -489,7 +495,11 @@ def _plausible(text: str, start: int, end: int, entity: str) -> bool:
     if ":" in value:
         groups = [g for g in value.split(":") if g]
         return len(groups) + (1 if groups and "." in groups[-1] else 0) >= 3
-    if _DOTTED_BEFORE.search(text, max(0, start - 2), start) or _DOTTED_AFTER.match(text, end):
+    if (
+        _DOTTED_BEFORE.search(text, max(0, start - 2), start)
+        or _DOTTED_AFTER.match(text, end)
+        or _PRERELEASE_AFTER.match(text, end)
+    ):
         return False
     lo = max(0, start - 40)
     if not _may_follow_a_version_word(text, lo, start):

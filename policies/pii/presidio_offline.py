@@ -198,8 +198,12 @@ def context_enhancer():
             return results
 
         def _holds(self, word: str, context: list[str]) -> bool:
-            """Whether ``_find_supportive_word_in_context`` finds a context word in ``[word]``."""
-            return self._find_supportive_word_in_context([word], context, self.context_matching_mode) != ""
+            """Whether ``_find_supportive_word_in_context`` would find a context word in ``[word]``
+            (its two tests, written out)."""
+            w = word.lower()
+            if self.context_matching_mode == "whole_word":
+                return any(c.lower() == w for c in context)
+            return any(c.lower() in w for c in context)
 
         @staticmethod
         def _find_index_of_match_token(word: str, start: int, tokens, tokens_indices) -> int:
