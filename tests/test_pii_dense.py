@@ -238,3 +238,36 @@ def test_a_blank_pipeline_computes_only_the_word_attributes_presidio_reads(data_
     assert len(nlp.vocab.strings) - before == len(new)  # norm of an address: itself
     assert [t.norm_ for t in doc] == words
     assert not any(t.is_stop or t.is_punct for t in doc)
+
+
+def test_version_word_pattern_runs_only_where_a_version_word_can_end(data_dir, monkeypatch):
+    """The pattern of words before a dotted quad that make it a version (``v``, ``version``,
+    ``foo==``, ``Chrome/``) ran for every address (a tenth of analysing a text dense with them).
+    It runs only where the character before the address (spaces aside) can end such a word, and
+    skipping it never changes its answer."""
+    from policies.pii import analysis
+
+    real = analysis._VERSION_BEFORE
+    runs: list[int] = []
+
+    class Counting:
+        def search(self, *args):
+            runs.append(1)
+            return real.search(*args)
+
+    monkeypatch.setattr(analysis, "_VERSION_BEFORE", Counting())
+    _, addresses = _dense_log(100, 7)
+    listing = ", ".join(addresses)
+    assert _found(data_dir, listing) == [("IP_ADDRESS", a) for a in addresses]
+    assert runs == []
+    assert _found(data_dir, "Firmware 2.0.0.1, version:\n3.1.4.1 and pip foo==2.4.10.1") == []
+    assert len(runs) == 3
+    rnd = random.Random(8)
+    alphabet = "vV=/.:- \t\nafirmwaeonsctd0123ſK_"
+    for _ in range(20000):
+        s = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 30)))
+        lo = rnd.randint(0, len(s))
+        if not analysis._may_follow_a_version_word(s, 0, len(s)):
+            assert real.search(s, 0, len(s)) is None, s
+        if not analysis._may_follow_a_version_word(s, lo, len(s)):
+            assert real.search(s, lo, len(s)) is None, (s, lo)
