@@ -271,3 +271,62 @@ def test_version_word_pattern_runs_only_where_a_version_word_can_end(data_dir, m
             assert real.search(s, 0, len(s)) is None, s
         if not analysis._may_follow_a_version_word(s, lo, len(s)):
             assert real.search(s, lo, len(s)) is None, (s, lo)
+
+
+def test_dotted_quad_words_are_read_as_one_word_per_shape_with_the_same_tokens_and_lemmas(data_dir):
+    """spaCy learned every distinct address as a new word (the largest cost of a text dense with
+    them, and memory kept for good). A blank pipeline reads a dotted-quad word with its digits
+    as zeros: 3,000 distinct addresses add a few words, not 3,000, and the tokens, lemmas and
+    keywords Presidio gets are those of the text as written (compared with an engine that reads
+    it as written, on held-out log lines and on texts built of tokenizer edge cases)."""
+    from pathlib import Path
+
+    from policies.pii import presidio_offline
+
+    engine = _engine(data_dir).nlp_engine
+    vocab = engine.nlp["en"].vocab
+    rnd = random.Random(9)
+    text = ", ".join(_address(rnd) for _ in range(3000))
+    before = len(vocab)
+    art = engine.process_text(text, "en")
+    assert len(vocab) - before < 100
+    assert art.lemmas[::2] == text.split(", ")
+
+    as_written = presidio_offline.nlp_engine(presidio_offline.blank_pipeline(Path(data_dir)))
+
+    def seen(e, t):
+        a = e.process_text(t, "en")
+        return [(tok.idx, len(tok)) for tok in a.tokens], a.lemmas, sorted(a.keywords)
+
+    pieces = [
+        "10.0.0.1",
+        "8.8.8.8",
+        "0.0.0.0",
+        "01.02.003.4",
+        "999.1.1.1",
+        "1.2.3",
+        "1.2.3.4.5",
+        ",",
+        ";",
+        ".",
+        ":",
+        "(",
+        ")",
+        "-",
+        "ip:",
+        "8)",
+        "0.0",
+        "<3",
+        "'s",
+        "http://",
+        "/x",
+        "\n",
+        "\t",
+        " ",
+        "\u00a0",
+        "…",
+    ]
+    texts = [_dense_log(20, 10)[0]]
+    texts += ["".join(rnd.choice(pieces) for _ in range(rnd.randint(1, 12))) for _ in range(2000)]
+    for t in texts:
+        assert seen(engine, t) == seen(as_written, t), t

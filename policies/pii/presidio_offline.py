@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import bisect
+import re
 import threading
 from pathlib import Path
 
@@ -57,6 +58,22 @@ def blank_pipeline(data_dir: Path) -> str:
 _BLANK_ATTRS = ("NORM", "IS_STOP", "IS_PUNCT")
 
 
+# A word that is a dotted quad, alone or before a comma or semicolon. spaCy splits it the same
+# whatever its digits ([quad] or [quad, ","]), but learns every distinct one as a new word: the
+# largest cost of a text dense with IP addresses, and memory kept for the life of the worker.
+# A blank pipeline reads it with every digit a "0" (one word for all of one shape); its lemma,
+# the quad itself, is put back.
+_QUAD_WORD = re.compile(r"(?<!\S)[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}(?=[,;]?(?!\S))")
+_DIGIT = re.compile(r"[1-9]")
+
+
+def mask_quads(text: str) -> str:
+    """``text`` with every digit of its dotted-quad words a "0" (``text`` itself if none)."""
+    if _QUAD_WORD.search(text) is None:
+        return text
+    return _QUAD_WORD.sub(lambda m: _DIGIT.sub("0", m.group()), text)
+
+
 def nlp_engine(model: str, blank: bool = False):
     """A spaCy NLP engine over ``model`` (a package name or a path), never downloading.
     ``blank``: ``model`` has no trained component: its words get only the attributes Presidio
@@ -80,14 +97,42 @@ def nlp_engine(model: str, blank: bool = False):
                     nlp.vocab.lex_attr_getters = {k: f for k, f in getters.items() if k in keep}
                 self.nlp[m["lang_code"]] = nlp
 
-        def _doc_to_nlp_artifact(self, doc, language: str) -> NlpArtifacts:
+        def process_text(self, text: str, language: str) -> NlpArtifacts:
+            if not blank:
+                return super().process_text(text, language)
+            masked = mask_quads(text)
+            doc = self.nlp[language](masked)
+            return self._doc_to_nlp_artifact(doc, language, text if masked is not text else None)
+
+        def is_stopword(self, word: str, language: str) -> bool:
+            return self._attr(word, language, attrs.IS_STOP)
+
+        def is_punct(self, word: str, language: str) -> bool:
+            return self._attr(word, language, attrs.IS_PUNCT)
+
+        def _attr(self, word: str, language: str, attr: int) -> bool:
+            """A word's attribute as ``vocab[word]`` has it, without adding the word to the
+            vocabulary (Presidio asks this of every lemma: a new word would be kept for good)."""
+            vocab = self.nlp[language].vocab
+            if word in vocab or attr not in vocab.lex_attr_getters:
+                return bool(getattr(vocab[word], attrs.NAMES[attr].lower()))
+            return bool(vocab.lex_attr_getters[attr](word))
+
+        def _doc_to_nlp_artifact(self, doc, language: str, original: str | None = None) -> NlpArtifacts:
             entities, scores = self._get_updated_entities(self._get_entities(doc), self._get_scores_for_entities(doc))
             tokens = _Tokens(doc)  # Presidio walks the tokens once per finding: build Token objects once
+            lemmas = [t.lemma_ or t.norm_ for t in tokens]
+            if original is not None:  # a masked dotted quad's lemma is the quad itself
+                masked = doc.text
+                for i, t in enumerate(tokens):
+                    a, b = t.idx, t.idx + len(t)
+                    if masked[a:b] != original[a:b]:
+                        lemmas[i] = original[a:b]
             art = NlpArtifacts(
                 entities=entities,
                 tokens=tokens,
                 tokens_indices=[t.idx for t in tokens],
-                lemmas=[t.lemma_ or t.norm_ for t in tokens],
+                lemmas=lemmas,
                 nlp_engine=self,
                 language=language,
                 scores=scores,
