@@ -43,8 +43,12 @@ def _recycles(gw: Gateway) -> float:
 
 
 def _addresses(rnd: random.Random, n: int) -> list[str]:
+    """Distinct addresses with ports: each a new word for spaCy (a bare dotted quad is read by its
+    shape since the s31 change, one word for all of them, and no longer grows the vocabulary)."""
     return [
-        f"{rnd.randint(1, 223)}.{rnd.randint(0, 255)}.{rnd.randint(0, 255)}.{rnd.randint(1, 254)}" for _ in range(n)
+        f"{rnd.randint(1, 223)}.{rnd.randint(0, 255)}.{rnd.randint(0, 255)}.{rnd.randint(1, 254)}:"
+        f"{rnd.randint(1024, 65535)}"
+        for _ in range(n)
     ]
 
 
