@@ -92,7 +92,7 @@ def agent_from_rows(
     ~30 ms to parse, and a reload reads every agent of every tenant)."""
     settings = _json(row["settings"]) or {}
     tools: tuple = ()
-    if previous is not None and settings.get("tools") and previous.settings.get("tools") == settings["tools"]:
+    if previous is not None and settings.get("tools") and _same_json(previous.settings.get("tools"), settings["tools"]):
         tools = previous.tools
     elif settings.get("tools"):
         from runtime.tools import ToolConfigError, parse_tools
@@ -119,6 +119,15 @@ def agent_from_rows(
         versions=versions,
         settings=settings,
     )
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` are the same JSON: Python's ``==`` takes ``true`` for ``1`` and ``1.0``
+    (``{"const": true} == {"const": 1}``), which a JSON schema does not."""
+    try:
+        return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(b, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        return False
 
 
 def target_from_json(value: Any) -> dict[int, int]:
