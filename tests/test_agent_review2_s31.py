@@ -102,3 +102,36 @@ def test_a_change_committed_but_never_announced_reaches_the_registry_after_a_cat
             await redis.aclose()
 
     assert asyncio.run(run()) == "unannounced"
+
+
+def test_a_keyword_that_reads_the_whole_argument_is_charged_by_its_size(gw):
+    """The turn's keyword budget charged ``enum``, ``const`` and ``pattern`` one unit an
+    evaluation whatever they read: a tenant admin's 5 KB schema (44 subschemas) whose 13 levels of
+    ``$defs`` each ``allOf`` two ``$ref`` to the next end in an ``enum`` of one 2,200-item array,
+    and the model's arguments that array: 8,192 evaluations each walking 2,200 values, 11 s of a
+    replica's event loop per turn (98,000 units); a ``pattern`` over a 60 KB string the same way
+    7 s, ``const`` 3 s. Those keywords are charged the size of what they read now."""
+    from tests.test_agent_review_s31 import ask, schema_tool, tenant_agent
+    from tests.test_tools_review_s22 import new_key, unique
+
+    def fan_out(leaf: dict) -> dict:
+        depth = 13
+        defs = {
+            f"a{i}": {"allOf": [{"$ref": f"#/$defs/a{i + 1}"}, {"$ref": f"#/$defs/a{i + 1}"}]} for i in range(depth)
+        }
+        defs[f"a{depth}"] = leaf
+        return {"type": "object", "properties": {"x": {"$ref": "#/$defs/a0"}}, "$defs": defs}
+
+    zeros = [0] * 2200
+    tenant = unique("t")
+    boss = new_key(gw, tenant, admin=True)
+    tools = [
+        schema_tool("one_of", fan_out({"enum": [zeros]})),
+        schema_tool("same", fan_out({"const": zeros})),
+        schema_tool("digits", fan_out({"pattern": "^[0-9]*$"})),
+    ]
+    name = tenant_agent(gw, boss, tools)
+    key = new_key(gw, tenant)
+    for tool, value in (("one_of", zeros), ("same", zeros), ("digits", "0" * 60_000)):
+        answer = ask(gw, key, name, [{"name": tool, "arguments": {"x": value}}])
+        assert "too costly" in answer, (tool, answer[:200])
