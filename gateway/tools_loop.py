@@ -30,6 +30,7 @@ from gateway import grounding, hitl_stage, pipeline, withholding
 from gateway.routing import Group
 from gateway.usage import count_prompt_off_loop
 from runtime.memory import Window
+from runtime.tools import validation_budget
 
 log = logging.getLogger("gateway.agents")
 
@@ -165,6 +166,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
         await _stream_live(svc, ctx, group, scope, send, receive, started)
         return
     deadline = time.monotonic() + TURN_DEADLINE
+    validation = validation_budget()  # every step's tool calls together
     total = Usage()
     parsed: tuple[bytes, dict] | None = None  # the last answer read, and its message
     while True:
@@ -211,6 +213,7 @@ async def run_turn(svc, ctx: RequestContext, group: Group, scope: dict, send, re
             server,
             deadline=deadline,
             context={"tenant": agent.tenant, "request_id": ctx.request_id, "turn": turn, "identity": ctx.identity},
+            budget=validation,
         )
         for res in results:
             turn.steps.append(

@@ -714,11 +714,18 @@ MAX_CALLS_PER_TURN = 32
 MAX_SESSIONS = 64
 MAX_ARGUMENTS_BYTES = 64 * 1024
 MAX_ARGUMENTS_DEPTH = 32
-MAX_VALIDATION_WORK = 100_000  # argument values times subschemas, per turn: ~1.5 s at worst
-# keywords run, per turn (a $ref counted as five): what $ref fan-out really costs, ~0.5 s at worst
+MAX_VALIDATION_WORK = 100_000  # argument values times subschemas, per request: ~1.5 s at worst
+# keywords run, per request (a $ref counted as five): what $ref fan-out really costs, ~0.5 s at worst
 MAX_KEYWORD_EVALUATIONS = 100_000
 MAX_SCHEMA_ERRORS = 100  # schema errors gathered for one call (20,000 bad items made 80,000 in 1.2 s)
 DEFAULT_RESULT_CHARS = 32 * 1024
+
+
+def validation_budget() -> list[int]:
+    """What validating tool calls' arguments may cost one request, all its steps together (a
+    step per ``max_steps``, up to 20, each with a whole budget, made ~14 s of a replica's event
+    loop): [argument values times subschemas, keyword evaluations], spent as they are used."""
+    return [MAX_VALIDATION_WORK, MAX_KEYWORD_EVALUATIONS]
 
 
 @dataclass(slots=True)
@@ -807,10 +814,14 @@ class ToolRunner:
 
     # running
 
-    async def run(self, agent: Agent, calls: list[dict], *, deadline: float, context: dict) -> list[ToolResult]:
+    async def run(
+        self, agent: Agent, calls: list[dict], *, deadline: float, context: dict, budget: list[int] | None = None
+    ) -> list[ToolResult]:
         """One ToolResult per call, in order. ``calls`` are OpenAI ``tool_calls[]`` entries;
         ``deadline`` is a ``time.monotonic()`` instant no call outlives; ``context`` is passed to
-        builtin handlers (tenant, agent, conversation and request ids, ...)."""
+        builtin handlers (tenant, agent, conversation and request ids, ...); ``budget``
+        (``validation_budget()``): the validation work the calls may spend, shared by every step
+        of one request (else the calls of this step only get a whole one)."""
         tools = agent_tools(agent)
         # One turn, or one tenant, cannot hold every slot of this process: a slow tool of one
         # tenant must not make the others' calls wait out their deadlines.
@@ -821,7 +832,7 @@ class ToolRunner:
                 self._tenant_slots.clear()
             tenant_slots = self._tenant_slots[agent.tenant] = asyncio.Semaphore(max(1, self._max_concurrency // 2))
         jobs = []
-        budget = [MAX_VALIDATION_WORK, MAX_KEYWORD_EVALUATIONS]  # validation work, shared by the turn's calls
+        budget = budget if budget is not None else validation_budget()  # shared by the calls
         for index, raw in enumerate(calls):
             call = _read_call(raw, index)
             if index >= MAX_CALLS_PER_TURN:
@@ -893,7 +904,7 @@ class ToolRunner:
         validator, subschemas = self._validator(tool.parameters)
         # Validation costs up to a subschema per value, ~10-15 us each (an anyOf of 1,400 consts
         # over 500 items took 8 s): the calls of a turn share MAX_VALIDATION_WORK of it.
-        budget = budget if budget is not None else [MAX_VALIDATION_WORK, MAX_KEYWORD_EVALUATIONS]
+        budget = budget if budget is not None else validation_budget()
         allowed = budget[0] // max(1, subschemas)
         values = _count_values(raw, allowed)
         if values > allowed:

@@ -4,6 +4,8 @@ its fix."""
 
 from __future__ import annotations
 
+import openai
+import orjson
 import pytest
 
 from tests.conftest import Gateway
@@ -135,3 +137,30 @@ def test_a_keyword_that_reads_the_whole_argument_is_charged_by_its_size(gw):
     for tool, value in (("one_of", zeros), ("same", zeros), ("digits", "0" * 60_000)):
         answer = ask(gw, key, name, [{"name": tool, "arguments": {"x": value}}])
         assert "too costly" in answer, (tool, answer[:200])
+
+
+def test_the_validation_budget_is_one_per_request_not_one_per_step(gw, module_mock):
+    """Each step of a turn got a whole validation budget, so a hostile schema's ~0.7 s of
+    event-loop work a step came back up to ``max_steps`` (20) times a request: ~14 s. The steps
+    of one request share one budget now: a call that spends most of it in step 1 leaves too
+    little for the same call in step 2."""
+    from tests.test_agent_review_s31 import tenant_agent
+    from tests.test_tools_review_s22 import new_key, unique
+
+    tenant = unique("t")
+    boss = new_key(gw, tenant, admin=True)
+    schema = {"type": "object", "properties": {"x": {"type": "array", "items": {"type": "integer"}}}}
+    name = tenant_agent(gw, boss, [schema_tool("wide", schema)])
+    call = {"name": "wide", "arguments": {"x": [0] * 20_000}}  # ~60 % of the budget: 20,002 values x 3
+    directive = "[[mock:" + orjson.dumps({"tool_calls_steps": [[call], [call]]}).decode() + "]]"
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=new_key(gw, tenant), max_retries=0, timeout=60)
+    module_mock.clear()
+    c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": directive}])
+    results = [
+        str(m.get("content"))
+        for r in module_mock.requests()
+        for m in (r.get("body") or {}).get("messages") or []
+        if m.get("role") == "tool"
+    ]
+    assert results and not any("too large" in r or "too costly" in r for r in results[:1]), results[:1]
+    assert any("too large" in r or "too costly" in r for r in results), [r[:120] for r in results]
