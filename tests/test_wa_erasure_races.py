@@ -530,3 +530,34 @@ def test_a_reply_graph_fails_as_the_erasure_lands_is_not_queued_for_later(gw, gr
     assert words not in _texts(graph, ada)
     sql = "SELECT count(*) AS n FROM whatsapp_messages WHERE tenant = $1 AND body = $2"
     assert rows(services[0], sql, TENANT, words) == [{"n": 0}]
+
+
+def test_an_admin_send_whose_later_piece_fails_as_the_erasure_lands_keeps_no_number(gw, graph, services):
+    """An admin's send of two pieces: the first is held open at Graph while the erasure runs, then
+    answered (its record written after the erasure, with the words and the number), the second is
+    refused (the job dies). The failed send's check tagged only the records without a wamid: the
+    first piece's record kept the number and the words. Now every piece the send's states hold is
+    tagged too."""
+    ada = _wa_id()
+    _say(gw, PNID, ada, "hello")
+    wait_until(lambda: _texts(graph, ada), what="the answer")
+    conv = f"wa:{PNID}:{ada}"
+    before = _erased_sends(gw)
+    head = f"First piece {uuid.uuid4().hex[:8]}."
+    words = head + " Filler words here." * 215 + 'second piece [[graph:{"error": 131026}]]'
+    _hold_next_text(graph, ada)
+    try:
+        r = _admin(gw, "POST", "/admin/channels/whatsapp/send", json={"account": "alpha", "to": ada, "text": words})
+        assert r.status_code in (200, 202), r.text
+        wait_until(lambda: any(t.startswith(head) for t in _texts(graph, ada)), what="the first piece's POST")
+        assert _erase(gw, TENANT, conv).status_code == 200
+    finally:
+        _release(graph)
+        graph.configure(text_answer_delays_ms=[])
+    wait_until(lambda: _erased_sends(gw) > before or _letters(services, ada), what="the failed send's job over")
+    wamid = next(s["wamid"] for s in graph.sent_to(ada) if (s.get("text") or "").startswith(head))
+    sql = "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2"
+    tag = _tag(TENANT, conv)
+    assert rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}]
+    assert _letters(services, ada) == []
+    assert _naming(services, TENANT, ada) == NOTHING
