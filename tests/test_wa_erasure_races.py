@@ -561,3 +561,43 @@ def test_an_admin_send_whose_later_piece_fails_as_the_erasure_lands_keeps_no_num
     assert rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}]
     assert _letters(services, ada) == []
     assert _naming(services, TENANT, ada) == NOTHING
+
+
+def test_a_reply_to_a_conversation_erased_days_ago_is_not_refused(gw, graph, services):
+    """The customer's conversation was erased (its mark is kept 8 days); the customer wrote again
+    and asked for a person, of the business number's agent and of an agent the tenant made after
+    the erasure. The reply's check took the erasure for one not committed yet when it found no
+    record of it at or after the mark: but the erasure marks the conversation again once it has
+    committed (its second channel step), so after every erasure that finished, every reply to the
+    conversation was refused (409 ``conversation_erased``) until the mark expired — and an agent
+    made since has no record of it at all. Now a reply is refused only when its escalation was
+    there when the erasure's mark was set (the erased conversation's, not resolved yet)."""
+    ada = _wa_id()
+    conv = f"wa:{PNID}:{ada}"
+    _say(gw, PNID, ada, "hello")
+    wait_until(lambda: _texts(graph, ada), what="the answer")
+    assert _erase(gw, TENANT, conv).status_code == 200
+    esc = _escalated(gw, graph, services, ada)
+    words = f"a person answers {uuid.uuid4().hex[:8]}"
+    r = _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words})
+    assert r.status_code == 200, r.text
+    assert r.json()["delivery"]["status"] == "sent" and words in _texts(graph, ada)
+
+    name = f"wanew{uuid.uuid4().hex[:6]}"
+    body = {
+        "name": name,
+        "tenant": TENANT,
+        "model": "agent-model",
+        "template": "You help.",
+        "variables": {},
+        "escalation": {"enabled": True, "threshold": 0.5, "handoff_message": HANDOFF},
+    }
+    assert _admin(gw, "POST", "/admin/agents", json=body).status_code == 201
+    assert _rest_turn(gw, gw.keys["WARACE_KEY_A"], name, conv, ada, ASK_PERSON).status_code == 200
+    wait_until(lambda: [e for e in _escalations(services, TENANT, [conv]) if e["agent"] == name], what="escalation")
+    esc = next(e["id"] for e in _escalations(services, TENANT, [conv]) if e["agent"] == name)
+    assert _admin(gw, "POST", f"/admin/escalations/{esc}/claim").status_code == 200
+    words = f"a person answers again {uuid.uuid4().hex[:8]}"
+    r = _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words})
+    assert r.status_code == 200, r.text
+    assert r.json()["delivery"]["status"] == "sent" and words in _texts(graph, ada)
