@@ -111,6 +111,20 @@ LAUNCHER = textwrap.dedent(
 
     memory.Memory.forget_recent = forget_recent
 
+    from channels.whatsapp import erasure
+
+    _after_send = erasure.after_send
+
+
+    async def after_send(redis, pool, tenant, conversation, *args):
+        # (PostgreSQL failing as the send's check would clean up: once, when the test arms it)
+        if await _redis().delete("test:after-send-fails:" + conversation):
+            raise OSError("the check failed (test)")
+        return await _after_send(redis, pool, tenant, conversation, *args)
+
+
+    erasure.after_send = after_send
+
     from gateway.cli import main
 
     sys.exit(main())
@@ -601,3 +615,41 @@ def test_a_reply_to_a_conversation_erased_days_ago_is_not_refused(gw, graph, ser
     r = _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words})
     assert r.status_code == 200, r.text
     assert r.json()["delivery"]["status"] == "sent" and words in _texts(graph, ada)
+
+
+def test_a_send_whose_erasure_check_failed_is_cleaned_when_its_retry_is_dropped(gw, graph, services):
+    """An admin's send held open at Graph while the erasure runs; once it is answered (its record
+    written after the erasure, with the number and the words) its check fails (PostgreSQL away
+    for a moment; a worker stopped there is the same): the job is tried again, and that try,
+    queued before the erasure, is dropped — leaving the first try's record naming the number.
+    Now a dropped job that was tried before cleans what its tries wrote, as the check would
+    have."""
+    ada = _wa_id()
+    _say(gw, PNID, ada, "hello")
+    wait_until(lambda: _texts(graph, ada), what="the answer")
+    conv = f"wa:{PNID}:{ada}"
+    before = _erased_sends(gw)
+    words = f"an admin writes {uuid.uuid4().hex[:8]}"
+    r = redis.Redis.from_url(services[1])
+    _hold_next_text(graph, ada)
+    try:
+        body = {"account": "alpha", "to": ada, "text": words}
+        assert _admin(gw, "POST", "/admin/channels/whatsapp/send", json=body).status_code in (200, 202)
+        wait_until(lambda: words in _texts(graph, ada), what="the send's POST at Graph")
+        assert _erase(gw, TENANT, conv).status_code == 200
+        r.set(f"test:after-send-fails:{conv}", "1", ex=300)
+    finally:
+        _release(graph)
+        graph.configure(text_answer_delays_ms=[])
+    wait_until(lambda: not r.exists(f"test:after-send-fails:{conv}"), what="the failed check")
+    wait_until(lambda: _erased_sends(gw) > before or _letters(services, ada), what="the retry dropped")
+    r.close()
+    wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == words)
+    sql = "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2"
+    tag = _tag(TENANT, conv)
+    wait_until(
+        lambda: rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}],
+        what="the send's record tagged",
+    )
+    assert _letters(services, ada) == []
+    assert _naming(services, TENANT, ada) == NOTHING
