@@ -45,6 +45,7 @@ SECRET, OTHER_SECRET = "warace-app-secret-0001", "warace-app-secret-0002"
 ASK_PERSON = "I want to talk to a person please"
 GATE = "test:reply-pause:"
 HANDOFF = "A person will answer."
+FALLBACK = "Sorry, something went wrong; a person will get back to you."
 NOTHING = {"whatsapp_messages": [], "whatsapp_conversations": [], "conversations": []}
 ENV = {
     "GATEWAY_CHANNEL_WORKER": "1",
@@ -168,7 +169,7 @@ def gw(tmp_root, services, module_mock, graph):
         "models": [{"name": "agent-model", "deployments": [{"provider": "llm", "model": "m"}]}],
         "channels": {
             "whatsapp": {
-                "alpha": _account(TENANT, PNID, SECRET, "WARACE_KEY_A", graph.url),
+                "alpha": {**_account(TENANT, PNID, SECRET, "WARACE_KEY_A", graph.url), "fallback_message": FALLBACK},
                 "bravo": _account(OTHER, OTHER_PNID, OTHER_SECRET, "WARACE_KEY_B", graph.url),
             }
         },
@@ -652,4 +653,31 @@ def test_a_send_whose_erasure_check_failed_is_cleaned_when_its_retry_is_dropped(
         what="the send's record tagged",
     )
     assert _letters(services, ada) == []
+    assert _naming(services, TENANT, ada) == NOTHING
+
+
+def test_a_fallback_message_out_at_graph_when_the_erasure_lands_keeps_no_number(gw, graph, services):
+    """The customer's turn dies (the model refuses it) and the account's fallback message goes out
+    (``Worker.on_dead``), held open at Graph while the erasure runs: its record, written after
+    the erasure, held the number and the words, and the conversation's channel state was made
+    again — the one send path that did not read the erasure's mark once it was over. Now it does."""
+    ada = _wa_id()
+    conv = f"wa:{PNID}:{ada}"
+    _say(gw, PNID, ada, "hello")
+    wait_until(lambda: _texts(graph, ada), what="the answer")
+    _hold_next_text(graph, ada)
+    try:
+        _say(gw, PNID, ada, 'this fails [[mock:{"status": 400}]]')
+        wait_until(lambda: FALLBACK in _texts(graph, ada), what="the fallback's POST at Graph")
+        assert _erase(gw, TENANT, conv).status_code == 200
+    finally:
+        _release(graph)
+        graph.configure(text_answer_delays_ms=[])
+    wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == FALLBACK)
+    sql = "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2"
+    tag = _tag(TENANT, conv)
+    wait_until(
+        lambda: rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}],
+        what="the fallback's record tagged",
+    )
     assert _naming(services, TENANT, ada) == NOTHING

@@ -362,12 +362,16 @@ class Worker:
         if conv is None:
             return
         metrics.turns.get(p["account"], "fallback").inc()
+        sent: list[str] = []
         try:
-            await self.sender.send_text(
+            out = await self.sender.send_text(
                 acct, conv, f"fallback:{p['wamid']}", acct.fallback_message, kind="fallback", reply_to=p["wamid"]
             )
+            sent = out.sent
         except (Retry, Fatal, GraphError, GraphUnreachable) as exc:
             log.warning("whatsapp fallback message not sent: %s", type(exc).__name__)
+        # (a send as any other: erased while it was out, what it wrote goes)
+        await self._after_send(p["account"], acct, conv.conversation_id, job.queued_us, [p["wamid"], *sent])
 
     # -- statuses ---------------------------------------------------------------------------
     async def handle_status(self, job: Job) -> None:
