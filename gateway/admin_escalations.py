@@ -47,7 +47,6 @@ from gateway import conversation_paths, hitl_service, hitl_stage
 from gateway.agent_stage import ERASURE_MARKED, ConversationErased
 from gateway.db import tenant_transaction
 from runtime import agents as agent_store
-from runtime import conversations
 from runtime.delivery import Outbound
 from runtime.hitl import escalations, held, learning
 from runtime.hitl.settings import URGENCIES
@@ -285,10 +284,13 @@ class EscalationAdmin:
 
     async def _not_being_erased(self, conn, esc: dict, asked_us: int) -> None:
         """In the escalation check's transaction (its row locked: ``check_can_reply`` with a
-        holder), after it: 409 ``conversation_erased`` when the conversation's erasure began
-        before the reply and has not committed (its mark is set, its record is not there yet):
-        the escalation is the erased conversation's, about to be resolved. An erasure committed
-        before is one this escalation came after (it would be resolved, with the tag, else)."""
+        holder), after it: 409 ``conversation_erased`` when the conversation's erasure was marked
+        after the reply was asked for, or when the escalation was there when the mark was set:
+        the erased conversation's, about to be resolved with the tag (its erasure began and has
+        not committed; committed, it would be resolved). Not by the erasure's record: the erasure
+        marks the conversation again once it has committed (its second channel step), so no
+        record of a finished erasure is at or after its mark, and an agent made since has none.
+        An escalation opened after the mark is a new conversation's."""
         if not esc["conversation_id"].startswith(ERASURE_MARKED):
             return
         try:
@@ -299,15 +301,10 @@ class EscalationAdmin:
             return
         if mark >= asked_us:
             raise _erased(esc)
-        done = await conn.fetchval(
-            """SELECT EXISTS (SELECT 1 FROM erased_conversations WHERE tenant = $1 AND agent_id = $2
-                 AND external_hash = $3 AND erased_at >= to_timestamp($4) - interval '1 millisecond')""",
-            esc["tenant"],
-            esc["agent_id"],
-            conversations.external_hash(esc["tenant"], esc["conversation_id"]),
-            mark / 1_000_000,
+        before = await conn.fetchval(
+            "SELECT created_at <= to_timestamp($2) FROM escalations WHERE id = $1", esc["id"], mark / 1_000_000
         )
-        if not done:
+        if before is not False:
             raise _erased(esc)
 
     async def _send(self, request: Request, esc: dict, text: str, asked_us: int) -> dict:

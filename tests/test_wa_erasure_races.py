@@ -45,6 +45,7 @@ SECRET, OTHER_SECRET = "warace-app-secret-0001", "warace-app-secret-0002"
 ASK_PERSON = "I want to talk to a person please"
 GATE = "test:reply-pause:"
 HANDOFF = "A person will answer."
+FALLBACK = "Sorry, something went wrong; a person will get back to you."
 NOTHING = {"whatsapp_messages": [], "whatsapp_conversations": [], "conversations": []}
 ENV = {
     "GATEWAY_CHANNEL_WORKER": "1",
@@ -111,6 +112,20 @@ LAUNCHER = textwrap.dedent(
 
     memory.Memory.forget_recent = forget_recent
 
+    from channels.whatsapp import erasure
+
+    _after_send = erasure.after_send
+
+
+    async def after_send(redis, pool, tenant, conversation, *args):
+        # (PostgreSQL failing as the send's check would clean up: once, when the test arms it)
+        if await _redis().delete("test:after-send-fails:" + conversation):
+            raise OSError("the check failed (test)")
+        return await _after_send(redis, pool, tenant, conversation, *args)
+
+
+    erasure.after_send = after_send
+
     from gateway.cli import main
 
     sys.exit(main())
@@ -154,7 +169,7 @@ def gw(tmp_root, services, module_mock, graph):
         "models": [{"name": "agent-model", "deployments": [{"provider": "llm", "model": "m"}]}],
         "channels": {
             "whatsapp": {
-                "alpha": _account(TENANT, PNID, SECRET, "WARACE_KEY_A", graph.url),
+                "alpha": {**_account(TENANT, PNID, SECRET, "WARACE_KEY_A", graph.url), "fallback_message": FALLBACK},
                 "bravo": _account(OTHER, OTHER_PNID, OTHER_SECRET, "WARACE_KEY_B", graph.url),
             }
         },
@@ -530,3 +545,139 @@ def test_a_reply_graph_fails_as_the_erasure_lands_is_not_queued_for_later(gw, gr
     assert words not in _texts(graph, ada)
     sql = "SELECT count(*) AS n FROM whatsapp_messages WHERE tenant = $1 AND body = $2"
     assert rows(services[0], sql, TENANT, words) == [{"n": 0}]
+
+
+def test_an_admin_send_whose_later_piece_fails_as_the_erasure_lands_keeps_no_number(gw, graph, services):
+    """An admin's send of two pieces: the first is held open at Graph while the erasure runs, then
+    answered (its record written after the erasure, with the words and the number), the second is
+    refused (the job dies). The failed send's check tagged only the records without a wamid: the
+    first piece's record kept the number and the words. Now every piece the send's states hold is
+    tagged too."""
+    ada = _wa_id()
+    _say(gw, PNID, ada, "hello")
+    wait_until(lambda: _texts(graph, ada), what="the answer")
+    conv = f"wa:{PNID}:{ada}"
+    before = _erased_sends(gw)
+    head = f"First piece {uuid.uuid4().hex[:8]}."
+    words = head + " Filler words here." * 215 + 'second piece [[graph:{"error": 131026}]]'
+    _hold_next_text(graph, ada)
+    try:
+        r = _admin(gw, "POST", "/admin/channels/whatsapp/send", json={"account": "alpha", "to": ada, "text": words})
+        assert r.status_code in (200, 202), r.text
+        wait_until(lambda: any(t.startswith(head) for t in _texts(graph, ada)), what="the first piece's POST")
+        assert _erase(gw, TENANT, conv).status_code == 200
+    finally:
+        _release(graph)
+        graph.configure(text_answer_delays_ms=[])
+    wait_until(lambda: _erased_sends(gw) > before or _letters(services, ada), what="the failed send's job over")
+    wamid = next(s["wamid"] for s in graph.sent_to(ada) if (s.get("text") or "").startswith(head))
+    sql = "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2"
+    tag = _tag(TENANT, conv)
+    assert rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}]
+    assert _letters(services, ada) == []
+    assert _naming(services, TENANT, ada) == NOTHING
+
+
+def test_a_reply_to_a_conversation_erased_days_ago_is_not_refused(gw, graph, services):
+    """The customer's conversation was erased (its mark is kept 8 days); the customer wrote again
+    and asked for a person, of the business number's agent and of an agent the tenant made after
+    the erasure. The reply's check took the erasure for one not committed yet when it found no
+    record of it at or after the mark: but the erasure marks the conversation again once it has
+    committed (its second channel step), so after every erasure that finished, every reply to the
+    conversation was refused (409 ``conversation_erased``) until the mark expired — and an agent
+    made since has no record of it at all. Now a reply is refused only when its escalation was
+    there when the erasure's mark was set (the erased conversation's, not resolved yet)."""
+    ada = _wa_id()
+    conv = f"wa:{PNID}:{ada}"
+    _say(gw, PNID, ada, "hello")
+    wait_until(lambda: _texts(graph, ada), what="the answer")
+    assert _erase(gw, TENANT, conv).status_code == 200
+    esc = _escalated(gw, graph, services, ada)
+    words = f"a person answers {uuid.uuid4().hex[:8]}"
+    r = _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words})
+    assert r.status_code == 200, r.text
+    assert r.json()["delivery"]["status"] == "sent" and words in _texts(graph, ada)
+
+    name = f"wanew{uuid.uuid4().hex[:6]}"
+    body = {
+        "name": name,
+        "tenant": TENANT,
+        "model": "agent-model",
+        "template": "You help.",
+        "variables": {},
+        "escalation": {"enabled": True, "threshold": 0.5, "handoff_message": HANDOFF},
+    }
+    assert _admin(gw, "POST", "/admin/agents", json=body).status_code == 201
+    assert _rest_turn(gw, gw.keys["WARACE_KEY_A"], name, conv, ada, ASK_PERSON).status_code == 200
+    wait_until(lambda: [e for e in _escalations(services, TENANT, [conv]) if e["agent"] == name], what="escalation")
+    esc = next(e["id"] for e in _escalations(services, TENANT, [conv]) if e["agent"] == name)
+    assert _admin(gw, "POST", f"/admin/escalations/{esc}/claim").status_code == 200
+    words = f"a person answers again {uuid.uuid4().hex[:8]}"
+    r = _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words})
+    assert r.status_code == 200, r.text
+    assert r.json()["delivery"]["status"] == "sent" and words in _texts(graph, ada)
+
+
+def test_a_send_whose_erasure_check_failed_is_cleaned_when_its_retry_is_dropped(gw, graph, services):
+    """An admin's send held open at Graph while the erasure runs; once it is answered (its record
+    written after the erasure, with the number and the words) its check fails (PostgreSQL away
+    for a moment; a worker stopped there is the same): the job is tried again, and that try,
+    queued before the erasure, is dropped — leaving the first try's record naming the number.
+    Now a dropped job that was tried before cleans what its tries wrote, as the check would
+    have."""
+    ada = _wa_id()
+    _say(gw, PNID, ada, "hello")
+    wait_until(lambda: _texts(graph, ada), what="the answer")
+    conv = f"wa:{PNID}:{ada}"
+    before = _erased_sends(gw)
+    words = f"an admin writes {uuid.uuid4().hex[:8]}"
+    r = redis.Redis.from_url(services[1])
+    _hold_next_text(graph, ada)
+    try:
+        body = {"account": "alpha", "to": ada, "text": words}
+        assert _admin(gw, "POST", "/admin/channels/whatsapp/send", json=body).status_code in (200, 202)
+        wait_until(lambda: words in _texts(graph, ada), what="the send's POST at Graph")
+        assert _erase(gw, TENANT, conv).status_code == 200
+        r.set(f"test:after-send-fails:{conv}", "1", ex=300)
+    finally:
+        _release(graph)
+        graph.configure(text_answer_delays_ms=[])
+    wait_until(lambda: not r.exists(f"test:after-send-fails:{conv}"), what="the failed check")
+    wait_until(lambda: _erased_sends(gw) > before or _letters(services, ada), what="the retry dropped")
+    r.close()
+    wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == words)
+    sql = "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2"
+    tag = _tag(TENANT, conv)
+    wait_until(
+        lambda: rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}],
+        what="the send's record tagged",
+    )
+    assert _letters(services, ada) == []
+    assert _naming(services, TENANT, ada) == NOTHING
+
+
+def test_a_fallback_message_out_at_graph_when_the_erasure_lands_keeps_no_number(gw, graph, services):
+    """The customer's turn dies (the model refuses it) and the account's fallback message goes out
+    (``Worker.on_dead``), held open at Graph while the erasure runs: its record, written after
+    the erasure, held the number and the words, and the conversation's channel state was made
+    again — the one send path that did not read the erasure's mark once it was over. Now it does."""
+    ada = _wa_id()
+    conv = f"wa:{PNID}:{ada}"
+    _say(gw, PNID, ada, "hello")
+    wait_until(lambda: _texts(graph, ada), what="the answer")
+    _hold_next_text(graph, ada)
+    try:
+        _say(gw, PNID, ada, 'this fails [[mock:{"status": 400}]]')
+        wait_until(lambda: FALLBACK in _texts(graph, ada), what="the fallback's POST at Graph")
+        assert _erase(gw, TENANT, conv).status_code == 200
+    finally:
+        _release(graph)
+        graph.configure(text_answer_delays_ms=[])
+    wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == FALLBACK)
+    sql = "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2"
+    tag = _tag(TENANT, conv)
+    wait_until(
+        lambda: rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}],
+        what="the fallback's record tagged",
+    )
+    assert _naming(services, TENANT, ada) == NOTHING

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from channels.whatsapp import dead_letters, store
 from channels.whatsapp.content import forget_media
-from channels.whatsapp.sender import FORGET_PAGE, STATE_TTL, forget_states, state_key
+from channels.whatsapp.sender import FORGET_PAGE, PIECE_FIELD, STATE_TTL, forget_states, index_key, state_key
 from channels.whatsapp.store import conversation_digest
 
 ERASED_TTL = STATE_TTL  # a job queued before an erasure is dropped for this long after it
@@ -106,9 +106,36 @@ async def after_send(redis, pool, tenant: str, conversation: str, queued_us: int
     no dead letter naming the number). True: erased."""
     if redis is None or queued_us is None or not await erased_since(redis, tenant, conversation, queued_us):
         return False
-    await store.forget_turn_words(pool, tenant, conversation, list(wamids), unnumbered=True)
+    # (with the pieces the conversation's send states hold: a send that failed after its first
+    # pieces went out passes none of their wamids, and their records hold the words and the number)
+    sent = [*wamids, *await _state_wamids(redis, tenant, conversation)]
+    await store.forget_turn_words(pool, tenant, conversation, list(dict.fromkeys(sent)), unnumbered=True)
     await forget_states(redis, tenant, [conversation])
     return True
+
+
+async def _state_wamids(redis, tenant: str, conversation: str) -> list[str]:
+    """The wamids of the pieces the conversation's send states hold (``sender.index_key``; the
+    erasure deleted those before it, so these are the sends that raced it), a page at a time."""
+    found: list[str] = []
+    cursor = 0
+    while True:
+        cursor, keys = await redis.sscan(index_key(tenant, conversation), cursor, count=FORGET_PAGE)
+        if keys:
+            pipe = redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            for state in await pipe.execute():
+                for f, v in (state or {}).items():
+                    f, v = _text(f), _text(v)
+                    if PIECE_FIELD.match(f) and v not in ("pending", "unknown"):
+                        found.append(v)
+        if not int(cursor):
+            return found
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
 
 
 async def forget(redis, data_dir: Path, pool, tenant: str, conversations: list[str], *, mark: bool = False) -> None:

@@ -114,6 +114,8 @@ class Worker:
             # queued before its conversation's erasure: the erased conversation's, not stored again
             log.info("whatsapp job of a conversation erased since dropped", extra={"fields": {"job": job.id}})
             metrics.turns.get(payload.get("account", ""), "erased").inc()
+            if job.attempt > 1:  # a try of it failed or stopped, maybe after its send and before its check
+                await self._forget_tried(job, [j.payload for j in burst])
             return 0
         if payload.get("kind") == "send":
             await self._send(job)
@@ -138,6 +140,23 @@ class Worker:
                 return False
             conv = store.conversation_id(p["pnid"], p["wa_id"])
         return await erasure.erased_since(self.redis, acct.tenant, conv, queued_us)
+
+    async def _forget_tried(self, job: Job, burst: list[dict]) -> None:
+        """A job dropped for an erasure that an earlier try ran: what that try wrote after the
+        erasure (its send's records, the conversation's row and send states) goes, as its own
+        post-send check (``erasure.after_send``) would have done had it not failed or stopped.
+        Its send's pieces are read from the job's own send state (a piece claimed before the
+        erasure is no longer in the conversation's index)."""
+        p = job.payload
+        acct = self.accounts.get(p.get("account", ""))
+        conv = p.get("conversation_id")
+        if not isinstance(conv, str):
+            conv = store.conversation_id(p["pnid"], p["wa_id"])
+        key = (p.get("idempotency") or f"send:{job.id}") if p.get("kind") == "send" else f"turn:{p.get('wamid')}"
+        state = await self.sender.state(p["account"], key)
+        sent = [v for f, v in state.items() if PIECE_FIELD.match(f) and v not in ("pending", "unknown")]
+        inbound = [m["wamid"] for m in burst if m.get("kind") == "in" and isinstance(m.get("wamid"), str)]
+        await erasure.after_send(self.redis, self.pool, acct.tenant, conv, job.queued_us, [*inbound, *sent])
 
     async def _erased_under_way(
         self, acct: WhatsAppAccount, conv: store.Conversation, messages: list[dict], queued_us: int | None
@@ -343,12 +362,16 @@ class Worker:
         if conv is None:
             return
         metrics.turns.get(p["account"], "fallback").inc()
+        sent: list[str] = []
         try:
-            await self.sender.send_text(
+            out = await self.sender.send_text(
                 acct, conv, f"fallback:{p['wamid']}", acct.fallback_message, kind="fallback", reply_to=p["wamid"]
             )
+            sent = out.sent
         except (Retry, Fatal, GraphError, GraphUnreachable) as exc:
             log.warning("whatsapp fallback message not sent: %s", type(exc).__name__)
+        # (a send as any other: erased while it was out, what it wrote goes)
+        await self._after_send(p["account"], acct, conv.conversation_id, job.queued_us, [p["wamid"], *sent])
 
     # -- statuses ---------------------------------------------------------------------------
     async def handle_status(self, job: Job) -> None:
