@@ -44,7 +44,7 @@ be erased expects their number gone from that tenant's channel for that business
 erasure of X's conversation that deleted the shared channel state and set the mark (so Y's next
 turns were refused) but left agent Y's memory and its open escalation naming the number was
 half of each. So the erasure of a channel conversation (``agent_stage.ERASURE_MARKED``) covers
-every agent of the tenant (``_channel_agents``: active and deleted, ``MAX_CHANNEL_AGENTS``), as
+every agent of the tenant that served it (``_channel_agents``: active and deleted), as
 it covers every agent that had the path's name: their messages, windows, escalations (resolved,
 holds released), dead letters, replay answers and the tag in their runs. A plain API
 conversation's id is the client's to choose per agent and stays per agent.
@@ -100,7 +100,6 @@ from runtime.hitl import held
 
 MAX_EARLIER_HOLDS = 10  # escalations earlier erasures of a conversation resolved, their holds released again
 MAX_AGENT_GENERATIONS = 100  # agents of one name (the active one and those deleted) one erasure covers
-MAX_CHANNEL_AGENTS = 1000  # the tenant's other agents a channel conversation's erasure covers too
 
 
 class ConversationAdmin:
@@ -123,7 +122,7 @@ class ConversationAdmin:
             name, tenant, agent_ids = await _agents_named(request, conn)
             names = [name]
             if conversation_id.startswith(ERASURE_MARKED):  # the customer's, whichever agent served them
-                others = await _channel_agents(conn, tenant, agent_ids)
+                others = await _channel_agents(conn, tenant, agent_ids, conversation_id)
                 agent_ids += [r["id"] for r in others]
                 names += list(dict.fromkeys(r["name"] for r in others if r["name"] != name))
         _audit_as_tag(request, tenant, conversation_id)
@@ -242,16 +241,26 @@ async def _agents_named(request: Request, conn) -> tuple[str, str, list[str]]:
     return name, rows[0]["tenant"], [r["id"] for r in rows]
 
 
-async def _channel_agents(conn, tenant: str, named: list[str]) -> list:
-    """The tenant's other agents (active and deleted, ``MAX_CHANNEL_AGENTS`` at most, the active
-    first): a channel conversation's id is its customer's (a WhatsApp number on a business
-    number), and every agent that served it is erased with it."""
+async def _channel_agents(conn, tenant: str, named: list[str], conversation_id: str) -> list:
+    """The tenant's other agents that served the channel conversation (active or deleted): a
+    conversation of theirs (memory), an escalation or a run under its id. A channel
+    conversation's id is its customer's (a WhatsApp number on a business number), and every agent
+    that served it is erased with it; one that never did holds nothing of it (each agent covered
+    costs the erasure about ten statements under its lock: every agent of the tenant made an
+    erasure take seconds with a thousand deleted agents)."""
     return await conn.fetch(
-        """SELECT id, name FROM agents WHERE tenant = $1 AND NOT (id = ANY($2::text[]))
-           ORDER BY archived_at IS NOT NULL, archived_at DESC LIMIT $3""",
+        """SELECT a.id, a.name FROM agents a
+           WHERE a.tenant = $1 AND NOT (a.id = ANY($2::text[])) AND (
+                 EXISTS (SELECT 1 FROM conversations c
+                         WHERE c.tenant = $1 AND c.agent_id = a.id AND c.external_id = $3)
+              OR EXISTS (SELECT 1 FROM escalations e
+                         WHERE e.tenant = $1 AND e.agent_id = a.id AND e.conversation_id = $3)
+              OR EXISTS (SELECT 1 FROM runs r
+                         WHERE r.tenant = $1 AND r.agent_id = a.id AND r.conversation_id = $3))
+           ORDER BY a.archived_at IS NOT NULL, a.archived_at DESC""",
         tenant,
         named,
-        MAX_CHANNEL_AGENTS,
+        conversation_id,
     )
 
 
