@@ -102,7 +102,7 @@ def test_every_mailbox_in_a_dense_address_list_is_found(data_dir):
     [
         "release 1.2.3.4-beta",
         "builds 2.0.1.7-rc1 and 3.4.0.12-alpha",
-        "wheel 4.1.0.2+dev",
+        "wheel 4.1.0.2-snapshot",
         "snmpget 1.3.6.1.4.1.2021.10.1.3.1",
         "SKU-48213-BLK-M",
         "part AB-1234-56",
@@ -112,6 +112,28 @@ def test_every_mailbox_in_a_dense_address_list_is_found(data_dir):
 def test_dense_look_alikes_are_not_found(data_dir, lookalike):
     text = "; ".join([lookalike] * 200)
     assert _found(data_dir, text) == []
+
+
+@pytest.mark.parametrize(
+    "line, address",
+    [
+        # pre/post-change captures named for the device (network change checks), metrics dumps
+        ("saved show-run to 192.0.2.10-pre.txt", "192.0.2.10"),
+        ("diff 192.0.2.11-post.txt", "192.0.2.11"),
+        ("wrote metrics-full/tikv-10.0.3.7-pre.prom.gz", "10.0.3.7"),
+        ("rate limit exceeded for key 203.0.113.9-post", "203.0.113.9"),  # `${ip}-post` keys
+        ("ssh-copy-id to 10.20.30.40-dev failed", "10.20.30.40"),
+        ("restored 172.16.5.4-final.cfg", "172.16.5.4"),
+        ("capture 198.51.100.23-beta.pcap", "198.51.100.23"),
+        ("log 10.1.1.1-rc1-old.log", "10.1.1.1"),
+        ("node 10.9.8.7-nightly_backup", "10.9.8.7"),
+    ],
+)
+def test_an_address_with_a_file_or_key_suffix_is_still_found(data_dir, line, address):
+    """A pre-release tag makes a dotted quad a version only where it is one: "-pre", "-post",
+    "-dev" and "-final" follow real addresses in file names and keys, and a tag the word goes on
+    after ("-beta.pcap", "-rc1-old") is a name, not a version."""
+    assert _found(data_dir, line) == [("IP_ADDRESS", address)]
 
 
 def test_an_address_followed_by_a_range_or_a_word_is_still_found(data_dir):

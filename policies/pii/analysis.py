@@ -408,10 +408,14 @@ def analyze_items(
 
 _DOTTED_BEFORE = re.compile(r"\d\.$")
 _DOTTED_AFTER = re.compile(r"\.\d+\.\d")  # (one more number is a port: tcpdump's "10.0.0.1.443")
-# Right after a dotted quad: a pre-release or build tag makes it a version ("1.2.3.4-beta",
-# "2.0.1.7-rc1", "4.1.0.2+dev"), as no address is written.
+# Right after a dotted quad: a pre-release tag ending the word makes it a version
+# ("1.2.3.4-beta", "2.0.1.7-rc1", "3.4.0.12-alpha.2"). Not "-pre", "-post", "-dev" or "-final":
+# real addresses carry them in file names and keys ("10.1.1.1-pre.txt" / "-post.txt" captures
+# around a network change, "${ip}-post" rate-limit keys, "<ip>-dev" environments); nor a tag
+# the word goes on after ("10.0.0.1-beta.pcap", "10.0.0.1-rc1-old"): a name, not a version.
 _PRERELEASE_AFTER = re.compile(
-    r"[-+~](?:alpha|beta|rc|pre|preview|dev|snapshot|nightly|post|final)(?![a-z])", re.IGNORECASE
+    r"[-+~](?:alpha|beta|rc|snapshot|nightly|preview)(?:[.-]?\d+)?(?=[\s)\]},;:!?\"']|\.?(?:\s|$))",
+    re.IGNORECASE,
 )
 # Right before a dotted quad that is no address: a package pin ("foo==2.4.10.1", not a filter
 # such as "ip.addr==10.0.0.1" nor a setting named for an address, "host==10.0.0.1"), a "v", or
