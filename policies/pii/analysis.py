@@ -408,15 +408,6 @@ def analyze_items(
 
 _DOTTED_BEFORE = re.compile(r"\d\.$")
 _DOTTED_AFTER = re.compile(r"\.\d+\.\d")  # (one more number is a port: tcpdump's "10.0.0.1.443")
-# Right after a dotted quad: a pre-release tag ending the word makes it a version
-# ("1.2.3.4-beta", "2.0.1.7-rc1", "3.4.0.12-alpha.2"). Not "-pre", "-post", "-dev" or "-final":
-# real addresses carry them in file names and keys ("10.1.1.1-pre.txt" / "-post.txt" captures
-# around a network change, "${ip}-post" rate-limit keys, "<ip>-dev" environments); nor a tag
-# the word goes on after ("10.0.0.1-beta.pcap", "10.0.0.1-rc1-old"): a name, not a version.
-_PRERELEASE_AFTER = re.compile(
-    r"[-+~](?:alpha|beta|rc|snapshot|nightly|preview)(?:[.-]?\d+)?(?=[\s)\]},;:!?\"']|\.?(?:\s|$))",
-    re.IGNORECASE,
-)
 # Right before a dotted quad that is no address: a package pin ("foo==2.4.10.1", not a filter
 # such as "ip.addr==10.0.0.1" nor a setting named for an address, "host==10.0.0.1"), a "v", or
 # a version, section or OID word.
@@ -499,11 +490,9 @@ def _plausible(text: str, start: int, end: int, entity: str) -> bool:
     if ":" in value:
         groups = [g for g in value.split(":") if g]
         return len(groups) + (1 if groups and "." in groups[-1] else 0) >= 3
-    if (
-        _DOTTED_BEFORE.search(text, max(0, start - 2), start)
-        or _DOTTED_AFTER.match(text, end)
-        or _PRERELEASE_AFTER.match(text, end)
-    ):
+    # (a tag after it, "10.0.0.1-beta", is not read as a version's: real addresses carry such
+    # suffixes in file names and keys, and a version scrubbed costs less than an address sent)
+    if _DOTTED_BEFORE.search(text, max(0, start - 2), start) or _DOTTED_AFTER.match(text, end):
         return False
     lo = max(0, start - 40)
     if not _may_follow_a_version_word(text, lo, start):
