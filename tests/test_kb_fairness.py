@@ -24,8 +24,25 @@ from tests.test_kb_api import call, create_kb, start_gateway, upload, wait_done
 SLOW_MS = 400  # each embedding request of the mock provider
 
 
+def own_queue(services) -> int:
+    """The ingestion queue emptied for this module (modules on one xdist worker share its Redis:
+    one that queued documents with no worker to consume them leaves jobs this module's worker
+    would take, and a slot it holds is not this module's tenants'); the keys deleted."""
+
+    async def go() -> int:
+        r = aioredis.from_url(services[1])
+        try:
+            found = [k async for k in r.scan_iter(match=f"gw:{{gw}}:q:{QUEUE}*", count=1000)]
+            return await r.delete(*found) if found else 0
+        finally:
+            await r.aclose()
+
+    return asyncio.run(go())
+
+
 @pytest.fixture(scope="module")
 def uploader(tmp_root, services, module_mock):
+    own_queue(services)
     g = start_gateway(tmp_root, module_mock, services, worker=False)
     yield g
     g.stop()

@@ -13,11 +13,12 @@ import pytest
 
 from tests.conftest import wait_until
 from tests.test_kb_api import create_kb, start_gateway, upload, wait_done
-from tests.test_kb_fairness import SLOW_MS, _doc, _queue_idle, _statuses, _tenant_kb
+from tests.test_kb_fairness import SLOW_MS, _doc, _queue_idle, _statuses, _tenant_kb, own_queue
 
 
 @pytest.fixture(scope="module")
 def uploader(tmp_root, services, module_mock):
+    own_queue(services)
     g = start_gateway(tmp_root, module_mock, services, worker=False)
     yield g
     g.stop()
