@@ -131,6 +131,10 @@ class Services:
         # the agent runtime: registry (cached, pub/sub), memory, tools, run records
         agents = AgentRegistry(pool, redis, cache_bytes=settings.config.policies.prompt_cache_bytes)
         await agents.start()
+        # an agent's replica loads the tokenizer in a thread from the registry's start: no traffic
+        # and no background consumer (memory, runs, ingestion) before it is loaded, so nothing
+        # loads it on the event loop, and no consumer's first messages wait on the load
+        await asyncio.to_thread(tokens.wait_warm)
         # the stream writers (memory, runs) read and ack over connections of their own (blocking reads)
         memory = Memory(
             pool,
@@ -162,9 +166,6 @@ class Services:
         hitl = await hitl_service.start(
             settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder
         )
-        # an agent's replica loads the tokenizer in a thread from the registry's start: taking no
-        # traffic before it is loaded, so no first turn loads it on the event loop
-        await asyncio.to_thread(tokens.wait_warm)
         return cls(
             settings.config,
             pool,
