@@ -69,8 +69,7 @@ async def mark_erased(redis, tenant: str, conversations: list[str]) -> None:
 def _micros(mark: bytes | str) -> int:
     """A mark ("seconds.fraction": Redis's time; an older release's ``repr(time.time())``) in µs,
     exactly (no float in between)."""
-    text = mark.decode() if isinstance(mark, bytes) else mark
-    whole, _, frac = text.partition(".")
+    whole, _, frac = _text(mark).partition(".")
     return int(whole) * 1_000_000 + int((frac + "000000")[:6])
 
 
@@ -85,8 +84,8 @@ async def erased_since(redis, tenant: str, conversation: str, queued_us: int) ->
     """Whether the conversation was erased after a job of it was queued (``Job.queued_us``: µs on
     Redis's clock). A job queued in the mark's very microsecond counts as queued before (erased):
     the two happened together, and a turn under way when an erasure ran is the erased one's."""
-    mark = await redis.get(erased_key(tenant, conversation))
-    return mark is not None and queued_us <= _micros(mark)
+    mark = await mark_us(redis, tenant, conversation)
+    return mark is not None and queued_us <= mark
 
 
 async def redis_now_us(redis) -> int:
