@@ -302,7 +302,8 @@ class EscalationAdmin:
         An escalation opened after the mark is a new conversation's."""
         if not esc["conversation_id"].startswith(ERASURE_MARKED):
             return
-        if asked_us is None:  # (read unmarked before the check: see _asked_at) asked again, it is timed
+        if asked_us is None:  # read unmarked before the check, marked at it (see _asked_at: not
+            # expected); a retry reads it marked and takes the time
             raise ServiceUnavailable("The reply could not be sent just now; try again.")
         try:
             mark = await mark_us(self.svc.redis, esc["tenant"], esc["conversation_id"])
