@@ -22,7 +22,9 @@ conversation marked since (before the reply was stored, before it was sent) refu
 ``conversation_erased`` and nothing of it is kept (the memory's ``erased`` check, the deliverer's
 ``erasure.after_send``), and so is one whose erasure began before and has not committed yet
 (``_not_being_erased``); one that lands while the send is out leaves the customer the message,
-and what the send wrote goes as the erasure's own did (the tag, no words).
+and what the send wrote goes as the erasure's own did (the tag, no words). A reply to any other
+conversation (an API client's, a VAPI call's) does not ask Redis for its time: nothing is
+compared with it, so a failing TIME call does not refuse the reply.
 """
 
 from __future__ import annotations
@@ -274,15 +276,22 @@ class EscalationAdmin:
         await self._publish("claimed", esc)
         return base._json(_summary(esc))
 
-    async def _asked_at(self) -> int:
-        """Redis's time (µs), taken before the escalation is checked: an erasure marked since is
-        one the reply raced (``_send``)."""
+    async def _asked_at(self, conn, view: str | None, esc_id: str) -> int | None:
+        """Redis's time (µs) when the escalation's conversation is one the erasure marks, taken
+        before the escalation is checked (in the check's transaction): an erasure marked since is
+        one the reply raced (``_send``). None for any other conversation (an API client's, a
+        call's): nothing is compared with the time, so its reply does not wait for Redis. An
+        escalation's conversation id changes only to its erasure's tag (resolving it), so one
+        read unmarked here is not marked at the check."""
+        conversation = await escalations.conversation_of(conn, view, esc_id)
+        if conversation is None or not conversation.startswith(ERASURE_MARKED):
+            return None
         try:
             return await redis_now_us(self.svc.redis)
         except (RedisError, OSError, TimeoutError) as exc:
             raise ServiceUnavailable(f"The reply could not be sent just now ({type(exc).__name__}).") from None
 
-    async def _not_being_erased(self, conn, esc: dict, asked_us: int) -> None:
+    async def _not_being_erased(self, conn, esc: dict, asked_us: int | None) -> None:
         """In the escalation check's transaction (its row locked: ``check_can_reply`` with a
         holder), after it: 409 ``conversation_erased`` when the conversation's erasure was marked
         after the reply was asked for, or when the escalation was there when the mark was set:
@@ -293,6 +302,9 @@ class EscalationAdmin:
         An escalation opened after the mark is a new conversation's."""
         if not esc["conversation_id"].startswith(ERASURE_MARKED):
             return
+        if asked_us is None:  # read unmarked before the check, marked at it (see _asked_at: not
+            # expected); a retry reads it marked and takes the time
+            raise ServiceUnavailable("The reply could not be sent just now; try again.")
         try:
             mark = await mark_us(self.svc.redis, esc["tenant"], esc["conversation_id"])
         except (RedisError, OSError, TimeoutError) as exc:
@@ -307,7 +319,7 @@ class EscalationAdmin:
         if before is not False:
             raise _erased(esc)
 
-    async def _send(self, request: Request, esc: dict, text: str, asked_us: int) -> dict:
+    async def _send(self, request: Request, esc: dict, text: str, asked_us: int | None) -> dict:
         """A person's reply: into the conversation's memory (the next turn's history, and what a
         REST client reads back), then to the customer through the channel that owns it. Neither
         once the conversation was erased after ``asked_us`` (409 ``conversation_erased``)."""
@@ -349,8 +361,8 @@ class EscalationAdmin:
         _only(data, {"text"})
         text = _reply_text(data, "text", required=True)
         holder = base._ident(request).key_id
-        asked = await self._asked_at()
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            asked = await self._asked_at(conn, base._view(request), esc_id)
             esc = await escalations.check_can_reply(conn, base._view(request), esc_id, holder)
             await self._not_being_erased(conn, esc, asked)
         delivery = await self._send(request, esc, text, asked)
@@ -383,8 +395,8 @@ class EscalationAdmin:
             raise InvalidRequest("'approve_draft' must be true or false.", param="approve_draft", code="invalid_type")
         reply = _reply_text(data, "reply", required=False)
         ident = base._ident(request)
-        asked = await self._asked_at() if reply is not None else 0
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            asked = await self._asked_at(conn, base._view(request), esc_id) if reply is not None else None
             esc = await escalations.check_can_reply(conn, base._view(request), esc_id, ident.key_id)
             if reply is not None:
                 await self._not_being_erased(conn, esc, asked)

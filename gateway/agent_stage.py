@@ -72,12 +72,13 @@ def conversation_id(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> s
 CHANNEL_PREFIXES = ("wa:", "vapi:")
 
 
-def check_conversation_owner(svc, ident, conversation: str) -> None:
-    """Refuses a channel conversation id to a key that is not a channel account's key."""
+def check_conversation_owner(svc, ident, conversation: str, param: str = "metadata.conversation_id") -> None:
+    """Refuses a channel conversation id to a key that is not a channel account's key (403
+    naming ``param``, the field that carried the id)."""
     if conversation.startswith(CHANNEL_PREFIXES) and (ident is None or ident.key_id not in svc.channel_keys):
         raise PermissionDenied(
             "Conversation ids starting with 'wa:' or 'vapi:' belong to the channels; use another id.",
-            param="metadata.conversation_id",
+            param=param,
             code="conversation_reserved",
         )
 

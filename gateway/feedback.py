@@ -8,7 +8,13 @@ arrives (records are batched), and another tenant's ids can never be reached, wh
 Not the hot path: one INSERT under the tenant's row-level security. Each key may send at most
 its own requests-per-minute limit of feedback (else ``limits.key``'s, else
 ``key_window.DEFAULT_PER_MINUTE``) in a fixed one-minute window shared by every replica, counted before the
-body is read: a leaked or busy key cannot fill the table.
+body is read: a leaked or busy key cannot fill the table. A channel's conversation ids (``wa:``,
+``vapi:``) are a customer's phone number away from guessable: feedback on one by its id comes
+from a channel account's key only (403 ``conversation_reserved`` naming ``conversation_id``, as
+``agent_stage.check_conversation_owner`` refuses such ids to a turn), so another key of the
+tenant (a public widget's) cannot vote in the experiment reports for the channels' customers.
+Feedback by ``request_id`` is stored as given: the gateway's request ids are random, and the
+conversation of the request is resolved only by the reports' join.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from core import http
 from core.errors import InvalidRequest, NotFound
 from core.types import Identity
 from gateway import key_window
+from gateway.agent_stage import check_conversation_owner
 from gateway.db import tenant_transaction
 
 MAX_BODY = 64 * 1024
@@ -110,6 +117,8 @@ async def feedback(svc, scope, receive, send, rid: str, crid: str | None = None,
         ident = await svc.auth.authenticate_scope(scope)
     await key_window.admit(svc, ident, "fb", "Feedback calls")
     data = parse(http.parse_json(await http.read_body(scope, receive, MAX_BODY)))
+    if data["conversation_id"] is not None:
+        check_conversation_owner(svc, ident, data["conversation_id"], param="conversation_id")
     tenant = ident.tenant
     async with tenant_transaction(svc.pool, tenant) as conn:
         agent_id = await _agent_id(svc, conn, tenant, data["agent"]) if data["agent"] else None

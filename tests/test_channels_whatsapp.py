@@ -1202,6 +1202,44 @@ def test_attack_another_key_of_the_tenant_cannot_continue_or_read_a_whatsapp_con
     assert mine.status_code == 200 and "1 Main Street" in mine.text, mine.text
 
 
+def test_attack_another_key_of_the_tenant_cannot_post_feedback_on_a_channel_conversation(wa, services):
+    """Feedback by conversation id is counted in the A/B experiment reports: any key of the tenant
+    (a public widget's) could vote on a customer's WhatsApp or VAPI conversation, whose id is a
+    phone number away from guessable, and skew the report. Such feedback is refused (403 naming
+    ``conversation_id``) and nothing is stored; the channel's own key may still give it, and the
+    other key feedback on its own conversations."""
+    other = admin(wa, "POST", "/admin/keys", json={"name": "widget", "tenant": TENANT}).json()["key"]
+    wa_id = new_wa_id()
+    reserved = [f"wa:{PNIDS['acme']}:{wa_id}", f"vapi:{wa_id}"]
+    for conv in reserved:
+        r = httpx.post(
+            f"{wa.url}/v1/feedback",
+            json={"conversation_id": conv, "thumbs": "down", "text": "terrible"},
+            headers={"Authorization": f"Bearer {other}"},
+        )
+        assert r.status_code == 403, r.text
+        error = r.json()["error"]
+        assert (error["param"], error["code"]) == ("conversation_id", "conversation_reserved"), error
+    stored = "SELECT conversation_id FROM feedback WHERE tenant = $1 AND conversation_id = ANY($2::text[])"
+    assert rows(services[0], stored, TENANT, reserved) == []
+
+    r = httpx.post(
+        f"{wa.url}/v1/feedback",
+        json={"conversation_id": reserved[0], "thumbs": "up"},
+        headers={"Authorization": f"Bearer {wa.channel_key}"},
+    )
+    assert r.status_code == 201, r.text
+    own = f"web-{uuid.uuid4().hex[:8]}"
+    r = httpx.post(
+        f"{wa.url}/v1/feedback",
+        json={"conversation_id": own, "thumbs": "up"},
+        headers={"Authorization": f"Bearer {other}"},
+    )
+    assert r.status_code == 201, r.text
+    kept = rows(services[0], stored, TENANT, [*reserved, own])
+    assert sorted(x["conversation_id"] for x in kept) == sorted([reserved[0], own])
+
+
 # A window template's approved body as Meta's WhatsApp Manager holds it (115 characters of its own).
 _BRIEF_BODY = (
     "Hello! Here is our answer to the message you sent us earlier: {{1}} "

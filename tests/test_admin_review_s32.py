@@ -1,0 +1,307 @@
+"""Admin paths that depended on what they do not need (found by the s32 hardening review).
+
+- A person's reply to an escalation took Redis's time (``redis_now_us``) before every reply, so a
+  Redis that could not answer refused (503) replies to API clients' and VAPI calls'
+  conversations too, though only a WhatsApp conversation's erasure is marked and compared with
+  that time. Now only a reply to a conversation the erasure marks asks Redis for the time.
+- Saving an agent's tools (POST / PATCH ``/admin/agents``) checked their schemas against the
+  2020-12 metaschema on the event loop: up to ~1.1 s within the caps, during which every request
+  of every tenant on the replica waited. Now the check runs in a worker thread, at most
+  ``admin_agents.SCHEMA_CHECKS`` saves at a time, with the same 400s.
+
+The gateway process is launched with Redis's clock failing as a dead Redis fails a call
+(``admin_escalations.redis_now_us`` raising ``redis.exceptions.ConnectionError``; the rest of
+Redis answers: the reply's memory write needs it, as it did before erasures were marked) and
+with ``Draft202012Validator.check_schema`` wrapped to write down whether it ran on the main
+thread (the event loop's). The real stack otherwise: the WhatsApp channel's key (whose
+conversations the erasure marks), the mock LLM, the mock Graph API, the embedded PostgreSQL and
+Valkey."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import LOCAL_HTTP, MASTER_KEY, ROOT, Proc, environ, free_port, gateway_env, run_cli, wait_until
+from tests.test_channels_whatsapp import rows
+from tests.test_wa_dead_letters_erasure import _account
+
+RUN = uuid.uuid4().hex[:6]
+TENANT = f"s32-{RUN}"
+PNID = "8432"
+ASK_PERSON = "I want to talk to a person please"
+HANDOFF = "A person will answer."
+
+LAUNCHER = textwrap.dedent(
+    """
+    import os
+    import sys
+    import threading
+
+    import redis.exceptions as redis_errors
+    from jsonschema import Draft202012Validator
+
+    from gateway import admin  # (first: admin_escalations is imported by it)
+    from gateway import admin_escalations
+
+
+    async def redis_now_us(redis):
+        # Redis's clock out of reach, as a dead Redis fails a call
+        raise redis_errors.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+
+
+    admin_escalations.redis_now_us = redis_now_us
+
+    _check_schema = Draft202012Validator.check_schema.__func__
+
+
+    def check_schema(cls, schema, *args, **kwargs):
+        on_main = threading.current_thread() is threading.main_thread()
+        with open(os.environ["S32_SCHEMA_CHECKS"], "a") as f:
+            f.write("main\\n" if on_main else "worker\\n")
+        return _check_schema(cls, schema, *args, **kwargs)
+
+
+    Draft202012Validator.check_schema = classmethod(check_schema)
+
+    from gateway.cli import main
+
+    sys.exit(main())
+    """
+)
+
+
+class LaunchedGateway(Proc):
+    def __init__(self, tmp: Path, config: dict, urls: tuple[str, str], checks: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.checks = checks
+        launcher = tmp / "s32_gateway.py"
+        launcher.write_text(LAUNCHER)
+        cfg_path = tmp / f"gateway-{self.port}.yaml"
+        cfg_path.write_text(yaml.safe_dump(config))
+        env = {
+            **gateway_env(tmp, urls),
+            "PYTHONPATH": str(ROOT),
+            "GATEWAY_CHANNEL_WORKER": "0",
+            "S32_SCHEMA_CHECKS": str(checks),
+        }
+        args = [sys.executable, str(launcher), "serve", "--config", str(cfg_path), "--port", str(self.port)]
+        super().__init__(args, env, tmp / f"gateway-{self.port}.log")
+        try:
+            wait_until(
+                lambda: LOCAL_HTTP.get(f"{self.url}/readyz").status_code == 200, timeout=60, what="gateway ready"
+            )
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError("gateway did not start:\n" + self.log()) from None
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, module_mock, graph):
+    out = run_cli("keys", "create", "--name", "whatsapp", "--tenant", TENANT, urls=services, tmp=tmp_root)
+    assert out.returncode == 0, out.stderr
+    channel_key = out.stdout.splitlines()[0].strip()
+    config = {
+        "router": {"max_attempts": 1},
+        "providers": [{"name": "llm", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
+        "models": [{"name": "agent-model", "deployments": [{"provider": "llm", "model": "m"}]}],
+        "channels": {"whatsapp": {"s32": _account(TENANT, PNID, "s32-app-secret-0001", "S32_KEY", graph.url)}},
+    }
+    checks = tmp_root / f"s32-schema-checks-{RUN}.log"
+    with environ({"S32_KEY": channel_key}):
+        g = LaunchedGateway(tmp_root, config, services, checks)
+    g.channel_key = channel_key
+    try:
+        r = _admin(g, "POST", "/admin/keys", json={"name": "web", "tenant": TENANT})
+        assert r.status_code == 201, r.text
+        g.web_key = r.json()["key"]
+        body = {
+            "name": "helper",
+            "tenant": TENANT,
+            "model": "agent-model",
+            "template": "You help.",
+            "variables": {},
+            "escalation": {"enabled": True, "threshold": 0.5, "handoff_message": HANDOFF},
+        }
+        r = _admin(g, "POST", "/admin/agents", json=body)
+        assert r.status_code == 201, r.text
+        yield g
+    finally:
+        g.stop()
+
+
+def _admin(gw, method: str, path: str, **kw) -> httpx.Response:
+    return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=60, **kw)
+
+
+def _escalated(gw, services, key: str, conv: str) -> str:
+    """The customer of ``conv`` asks for a person (a turn with ``key``): the escalation's id, claimed."""
+    body = {
+        "model": "agent:helper",
+        "messages": [{"role": "user", "content": ASK_PERSON}],
+        "metadata": {"conversation_id": conv},
+    }
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    sql = "SELECT id FROM escalations WHERE tenant = $1 AND conversation_id = $2"
+    wait_until(lambda: rows(services[0], sql, TENANT, conv), what="the escalation")
+    esc = rows(services[0], sql, TENANT, conv)[0]["id"]
+    assert _admin(gw, "POST", f"/admin/escalations/{esc}/claim").status_code == 200
+    return esc
+
+
+def _conversation(gw, esc: str) -> list[dict]:
+    r = _admin(gw, "GET", f"/admin/escalations/{esc}")
+    assert r.status_code == 200, r.text
+    return r.json()["conversation"]
+
+
+# ---- a person's reply, Redis's clock out of reach ---------------------------------------------------
+@pytest.mark.parametrize("who", ["api", "vapi"])
+def test_a_reply_to_a_conversation_no_channel_marks_does_not_need_redis_time(gw, services, who):
+    """Redis's clock fails as a dead Redis fails a call: a person's reply (``/reply``, and
+    ``/resolve`` with ``reply``) to an API client's or a VAPI call's conversation is stored and
+    reported as before erasures were marked."""
+    key = gw.web_key if who == "api" else gw.channel_key
+    prefix = "web-" if who == "api" else "vapi:call-"
+    conv = f"{prefix}{uuid.uuid4().hex[:10]}"
+    esc = _escalated(gw, services, key, conv)
+    words = f"a person answers {uuid.uuid4().hex[:8]}"
+    r = _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words})
+    assert r.status_code == 200, r.text
+    assert (r.json()["delivery"]["channel"], r.json()["delivery"]["status"]) == ("api", "stored")
+    assert words in [m.get("content") for m in _conversation(gw, esc)]
+
+    later = f"and resolves it {uuid.uuid4().hex[:8]}"
+    r = _admin(gw, "POST", f"/admin/escalations/{esc}/resolve", json={"reply": later})
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "resolved" and r.json()["delivery"]["status"] == "stored", r.text
+    assert later in [m.get("content") for m in _conversation(gw, esc)]
+
+
+def test_a_reply_to_a_whatsapp_conversation_still_needs_redis_time(gw, services, graph):
+    """The erasure marks a WhatsApp conversation on Redis's clock: a reply it cannot time is
+    refused for now (503), neither stored nor sent, the escalation still open."""
+    wa_id = str(uuid.uuid4().int % 10**12 + 10**11)
+    conv = f"wa:{PNID}:{wa_id}"
+    esc = _escalated(gw, services, gw.channel_key, conv)
+    words = f"a person answers {uuid.uuid4().hex[:8]}"
+    for path, body in (("reply", {"text": words}), ("resolve", {"reply": words})):
+        r = _admin(gw, "POST", f"/admin/escalations/{esc}/{path}", json=body)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["type"] == "server_error"
+    assert words not in [m.get("content") for m in _conversation(gw, esc)]
+    assert all(words not in (s.get("text") or "") for s in graph.sent_to(wa_id))
+    state = _admin(gw, "GET", f"/admin/escalations/{esc}").json()
+    assert state["status"] == "claimed" and state["delivery"] is None, state
+
+
+# ---- tool schemas at save, off the event loop ---------------------------------------------------------
+def _tool(name: str, parameters: dict) -> dict:
+    config = {"url": "https://tools.invalid/x", "allowed_hosts": ["tools.invalid"], "method": "POST"}
+    return {"name": name, "kind": "http", "description": "a tool", "parameters": parameters, "config": config}
+
+
+def _checks(gw) -> list[str]:
+    return gw.checks.read_text().split() if gw.checks.exists() else []
+
+
+def test_saving_an_agents_tools_checks_their_schemas_off_the_event_loop(gw):
+    """POST and PATCH with tools: every metaschema check ran in a worker thread, none on the main
+    thread (the event loop's)."""
+    before = len(_checks(gw))
+    name = f"tooled-{uuid.uuid4().hex[:6]}"
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}}
+    body = {
+        "name": name,
+        "tenant": TENANT,
+        "model": "agent-model",
+        "template": "You help.",
+        "tools": [_tool("a", schema)],
+    }
+    r = _admin(gw, "POST", "/admin/agents", json=body)
+    assert r.status_code == 201, r.text
+    r = _admin(gw, "PATCH", f"/admin/agents/{name}", json={"tools": [_tool("a", schema), _tool("b", schema)]})
+    assert r.status_code == 200, r.text
+    assert [t["name"] for t in r.json()["tools"]] == ["a", "b"], r.text
+    assert _checks(gw)[before:] == ["worker"] * 3
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+def test_an_invalid_tool_schema_is_still_a_400_naming_it_and_stores_nothing(gw, method):
+    name = f"badtool-{uuid.uuid4().hex[:6]}"
+    good = _tool("a", {"type": "object"})
+    bad = _tool("b", {"type": "object", "properties": {"q": {"type": "string", "minLength": -1}}})
+    body = {"name": name, "tenant": TENANT, "model": "agent-model", "template": "You help.", "tools": [good]}
+    if method == "PATCH":
+        assert _admin(gw, "POST", "/admin/agents", json=body).status_code == 201
+        r = _admin(gw, "PATCH", f"/admin/agents/{name}", json={"tools": [good, bad]})
+    else:
+        r = _admin(gw, "POST", "/admin/agents", json={**body, "tools": [good, bad]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "invalid_tool",
+        "tools[1].parameters.properties.q.minLength",
+    ), error
+    after = _admin(gw, "GET", f"/admin/agents/{name}", params={"tenant": TENANT})
+    if method == "PATCH":
+        assert [t["name"] for t in after.json()["tools"]] == ["a"], after.text
+    else:
+        assert after.status_code == 404, after.text
+
+
+def test_at_most_two_saves_check_tool_schemas_at_once(monkeypatch):
+    """Many saves at once wait for their turn on the event loop, not in the default executor:
+    two checks run, the others have not taken a thread. (The admin object's own check, in this
+    process; the executor counts what it was given to run.)"""
+    from jsonschema import Draft202012Validator
+
+    from gateway.admin_agents import SCHEMA_CHECKS, AgentAdmin
+
+    assert SCHEMA_CHECKS == 2
+    gate = threading.Event()
+    real = Draft202012Validator.check_schema.__func__
+
+    class Counting(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, fn, /, *args, **kwargs):
+            Counting.submitted += 1
+            return super().submit(fn, *args, **kwargs)
+
+    def held(cls, schema, *args, **kwargs):
+        gate.wait(30)  # bounded: released below once the count is read
+        return real(cls, schema, *args, **kwargs)
+
+    async def saves() -> list[dict]:
+        executor = Counting(max_workers=8)
+        asyncio.get_running_loop().set_default_executor(executor)
+        admin = AgentAdmin(admin=None)
+        data = {"tools": [_tool("a", {"type": "object"})]}
+        tasks = [asyncio.create_task(admin.checked_settings(data)) for _ in range(6)]
+        for _ in range(10):  # every task runs up to its wait (no thread finishes: the gate is shut)
+            await asyncio.sleep(0)
+        submitted = Counting.submitted
+        gate.set()
+        out = await asyncio.gather(*tasks)
+        assert submitted == 2, submitted
+        return out
+
+    monkeypatch.setattr(Draft202012Validator, "check_schema", classmethod(held))
+    try:
+        settings = asyncio.run(saves())
+    finally:
+        gate.set()
+    assert [s["tools"][0]["name"] for s in settings] == ["a"] * 6
