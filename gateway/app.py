@@ -88,6 +88,7 @@ class GatewayApp:
                     self.svc.whatsapp = await channels_whatsapp.start(self.svc, self.settings)
                 except Exception as exc:
                     log.exception("start-up failed")
+                    await self._stop_started()
                     await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
                     return
                 heap.settle()  # what start-up built is never scanned by the collector again
@@ -101,6 +102,20 @@ class GatewayApp:
                 access_log.flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _stop_started(self) -> None:
+        """What a failed start-up had started (the services, a channel), stopped before the failure
+        is reported: left running, their tasks outlive it, and the process ends only once
+        ``asyncio.run`` has cancelled each of them, which one that loses that single cancellation
+        (``core.background``: Python 3.11's ``wait_for``) never lets happen. ``stop`` re-cancels."""
+        try:
+            if self.vapi is not None:
+                await self.vapi.stop()
+            if self.svc is not None:
+                await self.svc.stop()
+        except Exception as exc:  # (the start-up's own error is the one reported)
+            log.warning("stopping what the failed start-up started: %s", type(exc).__name__)
+        self.vapi = self.svc = None
 
     async def _http(self, scope, receive, send) -> None:
         # The gateway's own id for every request; the caller's (x-client-request-id, else

@@ -1,0 +1,57 @@
+"""A gateway whose start-up fails after its services started (here: a VAPI account whose key is
+not a key) stops them before it reports the failure. Left running, their tasks outlived the
+failed start: the process then exits only once ``asyncio.run`` has cancelled each of them, and a
+task that loses that one cancellation (Python 3.11's ``wait_for``, inside redis-py and our own
+loops: ``core.background``) kept the process alive for good — ``gateway serve`` with a wrong key
+hung now and then instead of exiting with the error."""
+
+from __future__ import annotations
+
+import asyncio
+
+from core.config import parse_config
+from gateway.app import GatewayApp
+from gateway.services import Settings
+
+
+def test_a_failed_start_stops_what_it_started(tmp_path, services):
+    config = parse_config(
+        {
+            "providers": [{"name": "pp", "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_keys": ["k"]}],
+            "models": [{"name": "m", "deployments": [{"provider": "pp", "model": "m"}]}],
+            "channels": {
+                "vapi": {
+                    "main": {
+                        "tenant": "startfail",
+                        "api_key": "sk-gw-not-a-key",
+                        "public_url": "https://gw.example.com",
+                        "auth": {"secret": "startfail-secret-0123456789"},
+                    }
+                }
+            },
+        }
+    )
+    settings = Settings(config=config, database_url=services[0], redis_url=services[1], data_dir=tmp_path / "data")
+
+    async def start() -> tuple[list[dict], list[str]]:
+        app = GatewayApp(settings)
+        sent: list[dict] = []
+        messages = iter([{"type": "lifespan.startup"}])
+
+        async def receive() -> dict:
+            return next(messages)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        before = asyncio.all_tasks()
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+        left = [t.get_name() for t in asyncio.all_tasks() - before if not t.done()]
+        for task in asyncio.all_tasks() - before:  # (without the fix: not to leak into other tests)
+            task.cancel()
+        return sent, left
+
+    sent, left = asyncio.run(start())
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "channels.vapi.main.api_key" in sent[0]["message"]
+    assert left == []
