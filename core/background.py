@@ -58,9 +58,11 @@ async def stop_tasks(tasks, grace: float = 3.0) -> None:
 
 async def pause(stopping: asyncio.Event, seconds: float) -> None:
     """Sleeps ``seconds``, or less if ``stopping`` is set meanwhile (a loop's wait that shutdown
-    need not sit out)."""
+    need not sit out). A cancellation is never lost here (``asyncio.timeout``, not 3.11's
+    ``wait_for``, which returned instead of raising when ``stopping`` was set as it came)."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stopping.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await stopping.wait()
 
 
 class Periodic:

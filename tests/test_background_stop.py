@@ -93,3 +93,36 @@ def test_a_stopped_workers_liveness_ends_even_when_its_beat_lost_the_cancellatio
     lost, alive_seen = asyncio.run(go())
     assert lost == 1  # the stop's cancellation did reach the beat's call, which dropped it
     assert alive_seen == 0, "the stopped worker is still announced alive"
+
+
+def test_pause_never_loses_a_cancellation():
+    """A loop's pause cancelled as its ``stopping`` event is set (a shutdown does both) raises the
+    cancellation, whatever the order of the two within a few loop iterations; 3.11's ``wait_for``
+    returned instead, and the loop went on. It still returns on its own when its time is up."""
+    from core.background import pause
+
+    async def trial(before_set: int, before_cancel: int) -> str:
+        stopping = asyncio.Event()
+        task = asyncio.create_task(pause(stopping, 10))
+        for _ in range(before_set):
+            await asyncio.sleep(0)
+        stopping.set()
+        for _ in range(before_cancel):
+            await asyncio.sleep(0)
+        if task.done():
+            return "returned first"
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "cancellation lost"
+
+    async def main() -> list[str]:
+        outcomes = [await trial(a, b) for a in range(4) for b in range(4)]
+        await asyncio.wait_for(pause(asyncio.Event(), 0.01), 5)  # times out quietly
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert "cancellation lost" not in outcomes
+    assert "cancelled" in outcomes
