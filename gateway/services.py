@@ -57,6 +57,17 @@ class Settings:
     data_dir: Path = Path(".data")
 
 
+async def _quietly(stop) -> None:
+    """One part of a failed start stopped (``Services.start``); its own failure is logged, not raised
+    over the start's error."""
+    try:
+        result = stop()
+        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+            await result
+    except Exception as exc:
+        log.warning("stopping %r after a failed start: %s", stop, type(exc).__name__)
+
+
 @dataclass
 class Services:
     config: Config
@@ -93,44 +104,72 @@ class Services:
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
+        """Everything started, in order; a start that fails part-way stops what it had started
+        (in reverse) before it raises: left running, their tasks and worker processes outlive the
+        failed start, and the process may never exit (``GatewayApp._stop_started``)."""
+        async with contextlib.AsyncExitStack() as started:
+            svc = await cls._start(settings, started)
+            started.pop_all()
+        return svc
+
+    @classmethod
+    async def _start(cls, settings: Settings, started: contextlib.AsyncExitStack) -> Services:
+        def on_failure(stop) -> None:  # (``stop``: what undoes the part just started, called then)
+            started.push_async_callback(_quietly, stop)
+
         # the local cross-encoder re-ranker, when configured: an unusable folder fails start-up here
         taken = frozenset(m.name for m in settings.config.models)
         local_reranker = local_reranker_from(settings.config.rag.rerank, taken=taken)
+        if local_reranker is not None:
+            on_failure(local_reranker.close)
         pool = await connect_pool(settings.database_url)
+        on_failure(lambda: asyncio.wait_for(pool.close(), 5))
         async with pool.acquire() as conn:
             await migrate(conn)
         # Generous: a burst of concurrent requests each holds a connection for one round trip.
         redis = aioredis.from_url(settings.redis_url, max_connections=4096, health_check_interval=30)
+        on_failure(redis.aclose)
         await redis.ping()
         upstream = Upstream()
         await upstream.start()
+        on_failure(upstream.close)
         adapters = {p.name: build_adapter(p, upstream) for p in settings.config.providers}
+        for adapter in adapters.values():
+            on_failure(adapter.close)
         auth = Authenticator(pool, redis, settings.master_key, settings.config)
         await auth.start()
+        on_failure(auth.stop)
         router = Router(settings.config)
         health = SharedHealth(redis, router)
         router.set_publisher(health.publish)
         await health.start()
+        on_failure(health.stop)
         budgets = BudgetCache(pool, redis)
         await budgets.start()
+        on_failure(budgets.stop)
         fast = PipelinedRedis(settings.redis_url)
         policies = PolicyEngine(settings.config, fast, budgets, router)
         await policies.start()
+        on_failure(policies.close)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         spool = Spool(settings.data_dir / f"ledger-spool-{os.getpid()}.jsonl")
         ledger = LedgerWriter(redis, PipelinedRedis(settings.redis_url, timeout=10), pool, spool)
         await ledger.start()
+        on_failure(ledger.stop)
         alerts = AlertSender(redis, budgets, settings.config.alerts)
         await alerts.start()
+        on_failure(alerts.stop)
         pii = None
         if settings.config.pii.enabled:
             # a group's deployments name the tokenizer of token-array embeddings input
             models = {m.name: tuple(d.model for d in m.deployments) for m in settings.config.models}
             pii = Scrubber(settings.config.pii, settings.data_dir.resolve(), models=models)
             await pii.start()
+            on_failure(pii.close)
         # the agent runtime: registry (cached, pub/sub), memory, tools, run records
         agents = AgentRegistry(pool, redis, cache_bytes=settings.config.policies.prompt_cache_bytes)
         await agents.start()
+        on_failure(agents.stop)
         # an agent's replica loads the tokenizer in a thread from the registry's start: no traffic
         # and no background consumer (memory, runs, ingestion) before it is loaded, so nothing
         # loads it on the event loop, and no consumer's first messages wait on the load
@@ -144,25 +183,31 @@ class Services:
             spill_dir=settings.data_dir,
         )
         await memory.start()
+        on_failure(memory.stop)
         tools = ToolRunner()
         await tools.start()
+        on_failure(tools.stop)
         runs = RunRecorder(
             pool, redis, fast=fast, reader=PipelinedRedis(settings.redis_url, timeout=10), spill_dir=settings.data_dir
         )
         await runs.start()
+        on_failure(runs.stop)
         # knowledge bases: the local embedding model and the ingestion worker on the kb-ingest queue
         embedder = kb_worker.make_embedder()
         kb = kb_worker.KbWorker(pool, redis, embedder, settings.data_dir.resolve())
         if kb_worker.enabled():
             await kb.start()
+            on_failure(kb.stop)
         expiry = ExpirySweeper(pool, settings.data_dir.resolve())
         expiry.start()
+        on_failure(expiry.stop)
         # (a channel's copies are dropped through Redis and the data directory alone: with or without
         # its accounts here)
         forget_channel = _forget_in_redis(redis, settings.data_dir.resolve(), pool, spool.dead_path, erasure=True)
         channel_copies = _forget_in_redis(redis, settings.data_dir.resolve(), pool, spool.dead_path, erasure=False)
         retention = RetentionSweeper(pool, memory=memory, channel_copies=channel_copies, holds=held.Holds(redis))
         retention.start()
+        on_failure(retention.stop)
         hitl = await hitl_service.start(
             settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder
         )

@@ -8,10 +8,21 @@ hung now and then instead of exiting with the error."""
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 from core.config import parse_config
+from gateway import hitl_service
 from gateway.app import GatewayApp
-from gateway.services import Settings
+from gateway.services import Services, Settings
+
+
+def _children() -> set[int]:
+    """This process's child processes (the PII workers a start spawns)."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        out |= {int(p) for p in (task / "children").read_text().split()}
+    return out
 
 
 def test_a_failed_start_stops_what_it_started(tmp_path, services):
@@ -55,3 +66,38 @@ def test_a_failed_start_stops_what_it_started(tmp_path, services):
     assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
     assert "channels.vapi.main.api_key" in sent[0]["message"]
     assert left == []
+
+
+def test_a_start_that_fails_part_way_stops_the_parts_it_had_started(tmp_path, services, monkeypatch):
+    """``Services.start`` failing at its last part (here the human-in-the-loop service) stops the
+    ledger, the writers, the registry, the PII workers, the pools… it had started, in reverse."""
+    config = parse_config(
+        {
+            "providers": [{"name": "pp", "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_keys": ["k"]}],
+            "models": [{"name": "m", "deployments": [{"provider": "pp", "model": "m"}]}],
+            "pii": {"policies": {"default": {"entities": {"email": "mask"}}}},
+        }
+    )
+    settings = Settings(config=config, database_url=services[0], redis_url=services[1], data_dir=tmp_path / "data")
+
+    async def refuses(*args, **kwargs):
+        raise RuntimeError("the last part of the start failed")
+
+    monkeypatch.setattr(hitl_service, "start", refuses)
+    children = _children()
+
+    async def start() -> list[str]:
+        before = asyncio.all_tasks()
+        try:
+            await Services.start(settings)
+        except RuntimeError as exc:
+            assert "last part" in str(exc)
+        else:
+            raise AssertionError("the start did not fail")
+        left = [t.get_name() for t in asyncio.all_tasks() - before if not t.done()]
+        for task in asyncio.all_tasks() - before:  # (without the fix: not to leak into other tests)
+            task.cancel()
+        return left
+
+    assert asyncio.run(start()) == []
+    assert _children() - children == set()
