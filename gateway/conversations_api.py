@@ -43,7 +43,7 @@ async def messages(svc, scope, send, rid: str, crid: str | None) -> None:
     name, conversation_id, _ = found
     if not agent_stage._CONVERSATION.match(conversation_id):
         raise InvalidRequest("'conversation_id' must be 1 to 256 visible ASCII characters.", param="conversation_id")
-    agent_stage.check_conversation_owner(svc, ident, conversation_id)
+    agent_stage.check_conversation_owner(svc, ident, conversation_id, param="conversation_id")
     agent = svc.agents.get(ident.tenant, name) if svc.agents is not None and not ident.is_master else None
     if agent is None or not agent_stage.allowed_identity(ident, agent.name, agent.model):
         raise ModelNotFound(f"No agent named {name[:64]!r} for this key.", param="name")

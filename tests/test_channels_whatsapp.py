@@ -1190,6 +1190,7 @@ def test_attack_another_key_of_the_tenant_cannot_continue_or_read_a_whatsapp_con
     assert r.status_code == 403, r.text
     r = httpx.get(f"{wa.url}/v1/agents/wabot/conversations/{conv}/messages", headers=headers)
     assert r.status_code == 403 and "1 Main Street" not in r.text, r.text
+    assert r.json()["error"]["param"] == "conversation_id"  # (the path's, not a body field)
     # its own conversations are its own business
     r = httpx.post(
         f"{wa.url}/v1/chat/completions", json={**body, "metadata": {"conversation_id": "web-1"}}, headers=headers
