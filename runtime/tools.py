@@ -54,6 +54,7 @@ from core import netguard
 from runtime.http_tools import PLACEHOLDER_RE, ToolCallFailed, call_http, fill_url
 from runtime.mcp import MCPError, MCPPool
 from runtime.redaction import MIN_SECRET, redactor, redactor_off_loop
+from runtime.tool_slots import ToolSlots
 from runtime.types import Agent, ToolResult, ToolSpec
 
 log = logging.getLogger("gateway.tools")
@@ -757,9 +758,7 @@ class ToolRunner:
     ) -> None:
         self.policy = netguard.NetworkPolicy.of(guard)
         self.handlers = dict(builtin_handlers or {})
-        self._slots = asyncio.Semaphore(max_concurrency)
-        self._max_concurrency = max_concurrency
-        self._tenant_slots: dict[str, asyncio.Semaphore] = {}
+        self._slots = ToolSlots(max_concurrency)  # shared by the tenants (runtime.tool_slots)
         self._max_concurrency = max_concurrency
         self._max_result_chars = max_result_chars
         self._user_agent = user_agent
@@ -824,13 +823,8 @@ class ToolRunner:
         of one request (else the calls of this step only get a whole one)."""
         tools = agent_tools(agent)
         # One turn, or one tenant, cannot hold every slot of this process: a slow tool of one
-        # tenant must not make the others' calls wait out their deadlines.
+        # tenant must not make the others' calls wait out their deadlines (``ToolSlots``).
         turn_slots = asyncio.Semaphore(MAX_PARALLEL_PER_TURN)
-        tenant_slots = self._tenant_slots.get(agent.tenant)
-        if tenant_slots is None:
-            if len(self._tenant_slots) > 10_000:
-                self._tenant_slots.clear()
-            tenant_slots = self._tenant_slots[agent.tenant] = asyncio.Semaphore(max(1, self._max_concurrency // 2))
         jobs = []
         budget = budget if budget is not None else validation_budget()  # shared by the calls
         for index, raw in enumerate(calls):
@@ -838,11 +832,7 @@ class ToolRunner:
             if index >= MAX_CALLS_PER_TURN:
                 jobs.append(_done(call, "error", f"too many tool calls in one turn (at most {MAX_CALLS_PER_TURN})"))
             else:
-                jobs.append(
-                    self._one(
-                        tools.get(call.name), call, deadline, context, turn_slots, tenant_slots, agent.tenant, budget
-                    )
-                )
+                jobs.append(self._one(tools.get(call.name), call, deadline, context, turn_slots, agent.tenant, budget))
         return list(await asyncio.gather(*jobs))
 
     async def _one(
@@ -852,8 +842,7 @@ class ToolRunner:
         deadline: float,
         context: dict,
         turn_slots=None,
-        tenant_slots=None,
-        tenant: str | None = None,
+        tenant: str = "",
         budget: list[int] | None = None,
     ) -> ToolResult:
         started = time.monotonic()
@@ -868,7 +857,7 @@ class ToolRunner:
             if remaining <= 0:
                 return _result(call, "timeout", "no time was left to run the tool", started, arguments)
             async with asyncio.timeout(remaining):  # the wait for a slot counts too
-                async with _maybe(turn_slots), _maybe(tenant_slots), self._slots:
+                async with _maybe(turn_slots), self._slots.slot(tenant):
                     if tool.kind == "builtin":
                         return await self._builtin(tool, call, arguments, deadline, context, started)
                     if tool.kind == "http":

@@ -1,0 +1,97 @@
+"""The tool-call slots of one process, shared by its tenants (``ToolRunner``).
+
+A slow tool (an HTTP tool that answers in 60 s, an MCP server that stalls) holds its slot for as
+long as it runs. With one cap per tenant of half the slots, two tenants with slow tools held them
+all, and every other tenant's calls waited out their deadlines. Here a tenant's cap leaves room
+for one tenant more than hold slots now: ``total // (others holding + 2)`` (at least 1): alone, a
+tenant may hold half the slots; with one other holding, a third; and so on. A cap never takes back
+a slot already held: a tenant that held more when others came keeps those until its calls end.
+With no free slot, the next one freed goes to the waiting tenants in turn (round-robin, each
+tenant's own calls in order), not to whichever tenant queued the most calls.
+
+The work per release is one step per tenant waiting, never per call waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+
+
+class ToolSlots:
+    def __init__(self, total: int) -> None:
+        if total < 1:
+            raise ValueError("total >= 1")
+        self.total = total
+        self._free = total
+        self._held: dict[str, int] = {}  # tenant -> slots it holds (no entry: none)
+        self._waiting: OrderedDict[str, deque[asyncio.Future]] = OrderedDict()  # in turn order
+
+    def cap(self, tenant: str) -> int:
+        """How many slots ``tenant`` may hold now."""
+        others = len(self._held) - (tenant in self._held)
+        return max(1, self.total // (others + 2))
+
+    def held(self, tenant: str) -> int:
+        return self._held.get(tenant, 0)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, tenant: str) -> AsyncIterator[None]:
+        await self._acquire(tenant)
+        try:
+            yield
+        finally:
+            self._release(tenant)
+
+    def _may_take(self, tenant: str) -> bool:
+        return self._free > 0 and self._held.get(tenant, 0) < self.cap(tenant)
+
+    def _take(self, tenant: str) -> None:
+        self._free -= 1
+        self._held[tenant] = self._held.get(tenant, 0) + 1
+
+    async def _acquire(self, tenant: str) -> None:
+        if tenant not in self._waiting and self._may_take(tenant):
+            self._take(tenant)
+            return
+        granted = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(tenant, deque()).append(granted)
+        try:
+            await granted  # the slot is taken for us (``_grant``) when this returns
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():  # granted as the wait was cancelled
+                self._release(tenant)
+            else:
+                queue = self._waiting.get(tenant)
+                if queue is not None:
+                    with contextlib.suppress(ValueError):
+                        queue.remove(granted)
+                    if not queue:
+                        del self._waiting[tenant]
+            raise
+
+    def _release(self, tenant: str) -> None:
+        self._free += 1
+        left = self._held[tenant] - 1
+        if left:
+            self._held[tenant] = left
+        else:
+            del self._held[tenant]
+        self._grant()
+
+    def _grant(self) -> None:
+        """Free slots to the waiting tenants in turn: each tenant's oldest call, if its cap allows."""
+        for tenant in list(self._waiting):
+            if self._free <= 0:
+                return
+            queue = self._waiting[tenant]
+            while queue and queue[0].done():  # (cancelled: removed by its waiter, but never granted twice)
+                queue.popleft()
+            if queue and self._held.get(tenant, 0) < self.cap(tenant):
+                self._take(tenant)
+                queue.popleft().set_result(None)
+                self._waiting.move_to_end(tenant)  # its next call waits for the others' turns
+            if not queue:
+                del self._waiting[tenant]
