@@ -16,6 +16,7 @@ directory (``erasure.key``, made once). Rotating the master key without setting
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import os
@@ -71,8 +72,18 @@ def _file_key(path: Path) -> bytes:
 
 def conversation_hash(tenant: str, external_id: str, key: bytes | None = None) -> str:
     """How an erased conversation's id is kept (64 hex characters)."""
+    return _keyed_hash(tenant, external_id, key if key is not None else erasure_key())
+
+
+# Each agent turn of a conversation is hashed three times, by the writers that look its records up
+# among the erasures (its run, its ledger row, its memory turn), and an HMAC through Python's
+# ``hmac`` module costs ~25k instructions: the most recent hashes are kept. The key is part of the
+# cache's key (a rotated key never gets a hash made with the old one), and ``typed`` keeps values
+# that compare equal but format differently (1 and True) apart.
+@functools.lru_cache(maxsize=1024, typed=True)
+def _keyed_hash(tenant: str, external_id: str, key: bytes) -> str:
     msg = f"{tenant}\x00{external_id}".encode("utf-8", "surrogatepass")
-    return hmac.new(key if key is not None else erasure_key(), msg, hashlib.sha256).hexdigest()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
 def conversation_tag(tenant: str, external_id: str, key: bytes | None = None) -> str:

@@ -148,8 +148,13 @@ class RequestContext:
     step: int = 1  # the model call of an agent turn this is (the tools loop counts up)
     _prompt_tokens: int | None = None
     # Token counts of messages known before the body is counted (``id()`` of the message → the
-    # message and its count): an agent turn's stored history, not tokenized again every turn.
+    # message and its count): an agent turn's system prompt, not tokenized again every turn.
     known_tokens: dict[int, tuple[dict, int]] | None = None
+    # An agent turn's stored history (``runtime.memory.Window``), whose ``known()`` maps its
+    # messages to their counts as ``known_tokens`` does: mapped only when the prompt is counted
+    # (``known``), since most turns never count it (the provider reports the usage) and the map
+    # cost a Python step per message on every turn.
+    known_history: Any = None
     # Tokens the prompt may still gain once the request is admitted (an agent's knowledge-base
     # sources: their search costs money, so it runs only for an admitted turn): an upper bound,
     # which routing rules and budget reservations add to the prompt's count.
@@ -161,5 +166,15 @@ class RequestContext:
         if self._prompt_tokens is None:
             from core.tokens import count_prompt
 
-            self._prompt_tokens = count_prompt(self.body, self.known_tokens)
+            self._prompt_tokens = count_prompt(self.body, self.known())
         return self._prompt_tokens
+
+    def known(self) -> dict[int, tuple[dict, int]] | None:
+        """What counting the prompt need not tokenize again (``count_prompt``'s ``known``): the
+        stored history's counts and ``known_tokens``."""
+        if self.known_history is None:
+            return self.known_tokens
+        known = self.known_history.known()
+        if self.known_tokens:
+            known.update(self.known_tokens)
+        return known or None

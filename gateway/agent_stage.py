@@ -255,7 +255,8 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     ctx.grow_tokens = grounding.bound(agent)  # its sources come once the turn is admitted (pipeline.ground)
     ctx._prompt_tokens = None  # the body changed: counts and bounds are derived again
     ctx.body_bytes = len(orjson.dumps(ctx.body))  # the prompt's bound (context windows, rules, off-loop count)
-    ctx.known_tokens = _known_tokens(history, ctx.body["messages"][0], system)
+    ctx.known_tokens = _known_tokens(ctx.body["messages"][0], system)
+    ctx.known_history = history if isinstance(history, Window) else None  # (mapped when a count needs it)
 
 
 def _forged_call(message: dict, server_names: set[str]) -> str | None:
@@ -275,13 +276,12 @@ def _forged_call(message: dict, server_names: set[str]) -> str | None:
     return None
 
 
-def _known_tokens(history: list[dict], first: dict, system: str) -> dict[int, tuple[dict, int]] | None:
-    """What the turn's prompt count need not tokenize again: the stored history (memory keeps
-    each message's count) and the system prompt (an agent's renders recur), until grounding
-    added sources to it."""
+def _known_tokens(first: dict, system: str) -> dict[int, tuple[dict, int]] | None:
+    """What the turn's prompt count need not tokenize again besides the stored history (memory
+    keeps each message's count: ``RequestContext.known_history``): the system prompt (an agent's
+    renders recur), until grounding added sources to it."""
     from core.tokens import count_text_cached
 
-    known = history.known() if isinstance(history, Window) else {}
     if first.get("content") is system:
-        known[id(first)] = (first, count_text_cached(system) + 3)
-    return known or None
+        return {id(first): (first, count_text_cached(system) + 3)}
+    return None

@@ -131,4 +131,4 @@ async def count_prompt_off_loop(ctx: RequestContext) -> None:
     rule, a hard budget's reservation), so no client's body holds the event loop — every other
     request of the replica — while it is tokenized."""
     if ctx._prompt_tokens is None and ctx.body_bytes >= OFF_LOOP_BYTES and isinstance(ctx.body, dict):
-        ctx._prompt_tokens = await asyncio.to_thread(count_prompt, ctx.body, ctx.known_tokens)
+        ctx._prompt_tokens = await asyncio.to_thread(count_prompt, ctx.body, ctx.known())

@@ -475,8 +475,10 @@ def stored_window(raw: bytes, settings: MemorySettings) -> Window | None:
         or not isinstance(tokens, list)
         or len(messages) != len(tokens)
         or type(seq) is not int
-        or not all(type(m) is dict for m in messages)
-        or not all(type(t) is int for t in tokens)
+        # every message a dict and every count an int (not a bool), checked in C: ``all`` over a
+        # generator cost a Python step per item, every turn
+        or list(map(type, messages)).count(dict) != len(messages)
+        or list(map(type, tokens)).count(int) != len(tokens)
     ):
         return None
     out = Window(messages)

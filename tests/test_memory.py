@@ -442,6 +442,28 @@ def test_a_window_extended_turn_by_turn_equals_the_window_cut_from_the_whole_lis
             assert chained.tokens == whole.tokens, (case, i)
 
 
+def test_an_agent_turns_prompt_count_maps_its_stored_history_only_when_counted():
+    """The stored history's counts are mapped when the prompt is counted (``RequestContext.known``):
+    the count equals tokenizing the whole body, and a system prompt grounding changed (its count
+    dropped from ``known_tokens``) is counted afresh."""
+    from core.tokens import count_prompt, count_text
+    from core.types import RequestContext
+
+    got = window(_entries([*_turn(0), *_tool_turn(1), *_turn(2)]), MemorySettings())
+    system = {"role": "system", "content": "be brief"}
+    body = {"messages": [system, *got, {"role": "user", "content": "new"}]}
+    ctx = RequestContext("r", "chat", body, 0.0)
+    ctx.known_history = got
+    ctx.known_tokens = {id(system): (system, count_text("be brief") + 3)}
+    assert ctx.known() == {**got.known(), **ctx.known_tokens}
+    assert ctx.prompt_tokens() == count_prompt(body)
+    system["content"] += " and cite the sources below" * 20
+    ctx.known_tokens.pop(id(system))
+    ctx._prompt_tokens = None
+    assert id(system) not in ctx.known()
+    assert ctx.prompt_tokens() == count_prompt(body)
+
+
 def test_the_stored_window_is_what_the_list_gives(services):
     async def body(memory: Memory, pool, redis):
         tenant, conv = f"t-{uuid.uuid4().hex[:8]}", "conv-stored"
