@@ -107,14 +107,15 @@ class GatewayApp:
         """What a failed start-up had started (the services, a channel), stopped before the failure
         is reported: left running, their tasks outlive it, and the process ends only once
         ``asyncio.run`` has cancelled each of them, which one that loses that single cancellation
-        (``core.background``: Python 3.11's ``wait_for``) never lets happen. ``stop`` re-cancels."""
-        try:
-            if self.vapi is not None:
-                await self.vapi.stop()
-            if self.svc is not None:
-                await self.svc.stop()
-        except Exception as exc:  # (the start-up's own error is the one reported)
-            log.warning("stopping what the failed start-up started: %s", type(exc).__name__)
+        (``core.background``: Python 3.11's ``wait_for``) never lets happen. ``stop`` re-cancels.
+        Each is stopped whatever the other's stop raised."""
+        for part in (self.vapi, self.svc):
+            if part is None:
+                continue
+            try:
+                await part.stop()
+            except Exception as exc:  # (the start-up's own error is the one reported)
+                log.warning("stopping what the failed start-up started: %s", type(exc).__name__)
         self.vapi = self.svc = None
 
     async def _http(self, scope, receive, send) -> None:

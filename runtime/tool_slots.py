@@ -9,7 +9,8 @@ a slot already held: a tenant that held more when others came keeps those until 
 With no free slot, the next one freed goes to the waiting tenants in turn (round-robin, each
 tenant's own calls in order), not to whichever tenant queued the most calls.
 
-The work per release is one step per tenant waiting, never per call waiting.
+The work per release is one step per tenant waiting per pass (a pass more only after one that
+granted a call and left slots free: at most ``total``), never per call waiting.
 """
 
 from __future__ import annotations
@@ -82,16 +83,23 @@ class ToolSlots:
         self._grant()
 
     def _grant(self) -> None:
-        """Free slots to the waiting tenants in turn: each tenant's oldest call, if its cap allows."""
-        for tenant in list(self._waiting):
-            if self._free <= 0:
-                return
-            queue = self._waiting[tenant]
-            while queue and queue[0].done():  # (cancelled: removed by its waiter, but never granted twice)
-                queue.popleft()
-            if queue and self._held.get(tenant, 0) < self.cap(tenant):
-                self._take(tenant)
-                queue.popleft().set_result(None)
-                self._waiting.move_to_end(tenant)  # its next call waits for the others' turns
-            if not queue:
-                del self._waiting[tenant]
+        """Free slots to the waiting tenants in turn: each tenant's oldest call, if its cap allows.
+        A pass grants a tenant one call; another pass follows while one granted and slots are
+        still free (a release that ended a tenant's last call raised the others' caps, by more
+        than one slot each maybe), so a slot a waiting call may take is never left free."""
+        granted = True
+        while granted and self._free > 0 and self._waiting:
+            granted = False
+            for tenant in list(self._waiting):
+                if self._free <= 0:
+                    return
+                queue = self._waiting[tenant]
+                while queue and queue[0].done():  # (cancelled: removed by its waiter, but never granted twice)
+                    queue.popleft()
+                if queue and self._held.get(tenant, 0) < self.cap(tenant):
+                    self._take(tenant)
+                    queue.popleft().set_result(None)
+                    self._waiting.move_to_end(tenant)  # its next call waits for the others' turns
+                    granted = True
+                if not queue:
+                    del self._waiting[tenant]

@@ -101,3 +101,55 @@ def test_a_start_that_fails_part_way_stops_the_parts_it_had_started(tmp_path, se
 
     assert asyncio.run(start()) == []
     assert _children() - children == set()
+
+
+def test_a_failed_start_up_stops_the_services_when_its_channel_fails_to_stop(tmp_path, services, monkeypatch):
+    """The VAPI channel had started and the WhatsApp channel's start failed: the channel's stop
+    failing too must not leave the services running (one ``try`` held both stops, and the
+    channel's error skipped the services')."""
+    from gateway import channels_whatsapp, vapi_channel
+
+    config = parse_config(
+        {
+            "providers": [{"name": "pp", "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_keys": ["k"]}],
+            "models": [{"name": "m", "deployments": [{"provider": "pp", "model": "m"}]}],
+        }
+    )
+    settings = Settings(config=config, database_url=services[0], redis_url=services[1], data_dir=tmp_path / "data")
+
+    class Channel:  # a started channel whose stop fails
+        async def stop(self) -> None:
+            raise RuntimeError("the channel did not stop")
+
+    async def channel(svc) -> Channel:
+        return Channel()
+
+    async def refuses(*args, **kwargs):
+        raise RuntimeError("the WhatsApp channel did not start")
+
+    monkeypatch.setattr(vapi_channel, "start", channel)
+    monkeypatch.setattr(channels_whatsapp, "start", refuses)
+
+    async def start() -> tuple[list[dict], list[str]]:
+        app = GatewayApp(settings)
+        sent: list[dict] = []
+        messages = iter([{"type": "lifespan.startup"}])
+
+        async def receive() -> dict:
+            return next(messages)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        before = asyncio.all_tasks()
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+        left = [t.get_name() for t in asyncio.all_tasks() - before if not t.done()]
+        for task in asyncio.all_tasks() - before:  # (without the fix: not to leak into other tests)
+            task.cancel()
+        await asyncio.gather(*(asyncio.all_tasks() - before), return_exceptions=True)
+        return sent, left
+
+    sent, left = asyncio.run(start())
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "WhatsApp channel did not start" in sent[0]["message"]
+    assert left == []

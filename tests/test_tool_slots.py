@@ -96,3 +96,27 @@ def test_freed_slots_go_to_the_waiting_tenants_in_turn_and_a_cancelled_wait_leak
     assert order[0] == "x0" and order.index("z0") < order.index("x1") and order.index("y0") < order.index("x2")
     assert "never" not in order
     assert (free, held, waiting) == (2, {}, {})
+
+
+def test_a_release_that_raises_a_waiting_tenants_cap_by_more_than_one_grants_each_slot_it_may_take():
+    # b's last release lifts a's cap from 2 (of 8, b holding) to 4: both of a's waiting calls may
+    # run now; one pass granted each tenant a single call, and the other waited, with 6 slots free,
+    # until one of a's running calls ended (a slow tool: its deadline first)
+    async def go():
+        slots = ToolSlots(8)
+        for tenant in ("a", "a", "b", "b"):
+            await slots._acquire(tenant)
+        assert slots.cap("a") == slots.held("a") == 2
+        waiters = [asyncio.create_task(slots._acquire("a")) for _ in range(2)]
+        await asyncio.sleep(0)
+        slots._release("b")
+        slots._release("b")
+        for _ in range(10):
+            await asyncio.sleep(0)
+        granted = sum(w.done() for w in waiters)
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        return granted
+
+    assert asyncio.run(go()) == 2
