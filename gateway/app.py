@@ -6,6 +6,7 @@ are the hot path, and a dict lookup plus hand-built headers is all they need.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -33,7 +34,7 @@ from gateway.idempotency import requested as idempotency_requested
 from gateway.openai_store import OpenAIStore
 from gateway.openai_store import handles as openai_store_handles
 from gateway.openapi import openapi_document
-from gateway.services import Services, Settings
+from gateway.services import FAILED_START_STOP_S, Services, Settings
 from runtime.types import AGENT_PREFIX
 
 log = logging.getLogger("gateway")
@@ -113,7 +114,8 @@ class GatewayApp:
             if part is None:
                 continue
             try:
-                await part.stop()
+                async with asyncio.timeout(FAILED_START_STOP_S):  # (a hung stop must not hide the failure)
+                    await part.stop()
             except Exception as exc:  # (the start-up's own error is the one reported)
                 log.warning("stopping what the failed start-up started: %s", type(exc).__name__)
         self.vapi = self.svc = None

@@ -57,13 +57,18 @@ class Settings:
     data_dir: Path = Path(".data")
 
 
+FAILED_START_STOP_S = 40.0  # the most one part's stop may take after a failed start (the ledger's is 30 s)
+
+
 async def _quietly(stop) -> None:
     """One part of a failed start stopped (``Services.start``); its own failure is logged, not raised
-    over the start's error."""
+    over the start's error, and a stop that hangs is left after ``FAILED_START_STOP_S`` (the
+    failure is still reported)."""
     try:
-        result = stop()
-        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-            await result
+        async with asyncio.timeout(FAILED_START_STOP_S):
+            result = stop()
+            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                await result
     except Exception as exc:
         log.warning("stopping %r after a failed start: %s", stop, type(exc).__name__)
 

@@ -153,3 +153,39 @@ def test_a_failed_start_up_stops_the_services_when_its_channel_fails_to_stop(tmp
     assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
     assert "WhatsApp channel did not start" in sent[0]["message"]
     assert left == []
+
+
+def test_a_part_whose_stop_hangs_does_not_hide_the_failed_start(tmp_path, services, monkeypatch):
+    """A part's stop that never returns is left after ``FAILED_START_STOP_S``: the start's own
+    error is still raised (and so reported), the other parts still stopped."""
+    from gateway import services as services_module
+    from runtime.memory import Memory
+
+    config = parse_config(
+        {
+            "providers": [{"name": "pp", "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_keys": ["k"]}],
+            "models": [{"name": "m", "deployments": [{"provider": "pp", "model": "m"}]}],
+        }
+    )
+    settings = Settings(config=config, database_url=services[0], redis_url=services[1], data_dir=tmp_path / "data")
+
+    async def refuses(*args, **kwargs):
+        raise RuntimeError("the last part of the start failed")
+
+    async def hangs(self) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(hitl_service, "start", refuses)
+    monkeypatch.setattr(services_module, "FAILED_START_STOP_S", 0.5)
+    monkeypatch.setattr(Memory, "stop", hangs)
+
+    async def start() -> str:
+        try:
+            await asyncio.wait_for(Services.start(settings), 120)  # (without the bound: the test's own limit)
+        except RuntimeError as exc:
+            return str(exc)
+        except TimeoutError:
+            return "the failed start hung in a stop"
+        return "the start did not fail"
+
+    assert asyncio.run(start()) == "the last part of the start failed"
