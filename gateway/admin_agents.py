@@ -12,6 +12,8 @@ the agent (runtime/agents.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -35,7 +37,9 @@ VERSION_FIELDS = frozenset({"template", "variables", "note", "labels"})
 LABEL_FIELDS = frozenset({"version", "variants", "primary_metric"})
 # Saves whose tool schemas are checked against the metaschema at once, each in a worker thread
 # (up to ~1.1 s of CPU within the caps): the rest wait their turn, not the event loop, and leave
-# the default executor's other threads to the rest of the gateway.
+# the default executor's other threads to the rest of the gateway. One tenant's saves (its admin
+# keys') take one of them at a time: a tenant that sends many at once queues behind itself, not
+# every other tenant behind it.
 SCHEMA_CHECKS = 2
 
 
@@ -94,6 +98,7 @@ class AgentAdmin:
     def __init__(self, admin) -> None:
         self.admin = admin
         self._schema_checks = asyncio.Semaphore(SCHEMA_CHECKS)
+        self._tenant_turns: dict[str | None, list] = {}  # caller's tenant -> [its lock, saves waiting on it]
 
     @property
     def svc(self):
@@ -130,14 +135,29 @@ class AgentAdmin:
             )
         return found[0]
 
-    async def checked_settings(self, data: dict) -> dict:
+    async def checked_settings(self, data: dict, caller: str | None = None) -> dict:
         """``store.check_settings`` of the fields given (a 400 naming the first bad one): in a
         worker thread when they include tools, whose schemas' metaschema check would otherwise
-        hold the event loop (every tenant's requests on this replica) for up to a second."""
+        hold the event loop (every tenant's requests on this replica) for up to a second.
+        ``caller``: the calling key's tenant (None: the super-admin), whose saves check one at a
+        time (``_tenant_turn``) before they wait for one of the ``SCHEMA_CHECKS`` threads."""
         if "tools" not in data:
             return store.check_settings(data)
-        async with self._schema_checks:
+        async with self._tenant_turn(caller), self._schema_checks:
             return await asyncio.to_thread(store.check_settings, data)
+
+    @contextlib.asynccontextmanager
+    async def _tenant_turn(self, caller: str | None) -> AsyncIterator[None]:
+        """The caller's tenant's turn: held by one of its saves at a time (kept while any waits)."""
+        turn = self._tenant_turns.setdefault(caller, [asyncio.Lock(), 0])
+        turn[1] += 1
+        try:
+            async with turn[0]:
+                yield
+        finally:
+            turn[1] -= 1
+            if turn[1] == 0:
+                del self._tenant_turns[caller]
 
     def _judge_model(self, request: Request, data: dict) -> None:
         """``escalation.judge.model`` (human in the loop) is a model the agent calls: held to what
@@ -239,7 +259,7 @@ class AgentAdmin:
             template = data["template"]
         used = prompts.check_template(template)
         variables = prompts.check_variables(variables, used)
-        settings = await self.checked_settings(data)
+        settings = await self.checked_settings(data, base._wall(request))
         prompts.check_defaults(settings.get("defaults") or {}, variables)
         note = store.check_note(data.get("note")) or (f"from the {template_id} template" if template_id else None)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
@@ -280,7 +300,8 @@ class AgentAdmin:
         model = self._model(request, data)
         self._judge_model(request, data)
         description = inp.text(data, "description", max_len=store.MAX_DESCRIPTION)
-        given = await self.checked_settings(data)  # (before the transaction: no connection held meanwhile)
+        # (before the transaction: no connection held meanwhile)
+        given = await self.checked_settings(data, base._wall(request))
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             agent = await self._agent(request, conn)
             settings = {**agent.settings, **given}  # what store.check_settings(data, base=...) makes

@@ -290,7 +290,7 @@ def test_at_most_two_saves_check_tool_schemas_at_once(monkeypatch):
         asyncio.get_running_loop().set_default_executor(executor)
         admin = AgentAdmin(admin=None)
         data = {"tools": [_tool("a", {"type": "object"})]}
-        tasks = [asyncio.create_task(admin.checked_settings(data)) for _ in range(6)]
+        tasks = [asyncio.create_task(admin.checked_settings(data, f"t{i}")) for i in range(6)]  # 6 tenants
         for _ in range(10):  # every task runs up to its wait (no thread finishes: the gate is shut)
             await asyncio.sleep(0)
         submitted = Counting.submitted
@@ -305,3 +305,51 @@ def test_at_most_two_saves_check_tool_schemas_at_once(monkeypatch):
     finally:
         gate.set()
     assert [s["tools"][0]["name"] for s in settings] == ["a"] * 6
+
+
+def test_attack_one_tenant_saving_many_tools_at_once_does_not_hold_every_schema_check(monkeypatch):
+    """A tenant admin sends many saves with tools at once (each up to ~1.1 s of checking at the
+    caps, 600 admin calls a minute): its saves check one at a time, so another tenant's save takes
+    the other thread at once instead of waiting behind the whole queue. (In process, as above:
+    the executor records whose check it was given to run; no check finishes until the end.)"""
+    from jsonschema import Draft202012Validator
+
+    from gateway.admin_agents import AgentAdmin
+
+    gate = threading.Event()
+    real = Draft202012Validator.check_schema.__func__
+
+    class Recording(ThreadPoolExecutor):
+        tenants: list[str] = []
+
+        def submit(self, fn, /, *args, **kwargs):
+            # asyncio.to_thread submits partial(context.run, check_settings, data)
+            Recording.tenants.append(fn.args[-1]["tools"][0]["name"])
+            return super().submit(fn, *args, **kwargs)
+
+    def held(cls, schema, *args, **kwargs):
+        gate.wait(30)  # bounded: released below once the tenants are read
+        return real(cls, schema, *args, **kwargs)
+
+    async def saves() -> list[str]:
+        asyncio.get_running_loop().set_default_executor(Recording(max_workers=8))
+        admin = AgentAdmin(admin=None)
+        noisy = {"tools": [_tool("noisy", {"type": "object"})]}
+        flood = [asyncio.create_task(admin.checked_settings(noisy, "noisy")) for _ in range(6)]
+        for _ in range(10):  # the flood's tasks run up to their wait
+            await asyncio.sleep(0)
+        other = asyncio.create_task(admin.checked_settings({"tools": [_tool("quiet", {"type": "object"})]}, "quiet"))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        running = list(Recording.tenants)
+        gate.set()
+        await asyncio.gather(*flood, other)
+        assert admin._tenant_turns == {}  # nothing kept once no save waits
+        return running
+
+    monkeypatch.setattr(Draft202012Validator, "check_schema", classmethod(held))
+    try:
+        running = asyncio.run(saves())
+    finally:
+        gate.set()
+    assert sorted(running) == ["noisy", "quiet"], running
