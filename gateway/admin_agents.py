@@ -303,7 +303,7 @@ class AgentAdmin:
         # (before the transaction: no connection held meanwhile)
         given = await self.checked_settings(data, base._wall(request))
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-            agent = await self._agent(request, conn)
+            agent = await store.lock_agent(conn, await self._agent(request, conn))  # a racing PATCH's kept
             settings = {**agent.settings, **given}  # what store.check_settings(data, base=...) makes
             latest = agent.versions.get(max(agent.versions)) if agent.versions else None
             if latest is not None:

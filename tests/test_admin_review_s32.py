@@ -27,6 +27,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 import yaml
@@ -260,6 +261,59 @@ def test_an_invalid_tool_schema_is_still_a_400_naming_it_and_stores_nothing(gw, 
         assert [t["name"] for t in after.json()["tools"]] == ["a"], after.text
     else:
         assert after.status_code == 404, after.text
+
+
+def test_two_patches_of_one_agent_at_once_both_keep_their_fields(gw, services):
+    """Two admins change one agent at once, one its tools, the other its memory: each PATCH read
+    the agent's settings, then wrote them back whole with its own field changed, so the one
+    that committed last put the other's field back as it was (a tool an operator took away
+    returned). Made to interleave by holding the tenant's agents lock (``check_agent_room``,
+    taken by every change after it read the agent) until both wait on a lock."""
+    name = f"twice-{uuid.uuid4().hex[:6]}"
+    schema = {"type": "object"}
+    body = {
+        "name": name,
+        "tenant": TENANT,
+        "model": "agent-model",
+        "template": "You help.",
+        "tools": [_tool("a", schema)],
+        "memory": {"window_turns": 5},
+    }
+    assert _admin(gw, "POST", "/admin/agents", json=body).status_code == 201
+    headers = {"Authorization": f"Bearer {MASTER_KEY}"}
+    path = f"{gw.url}/admin/agents/{name}?tenant={TENANT}"
+
+    async def go() -> list[httpx.Response]:
+        holder = await asyncpg.connect(services[0])
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-agents:' || $1))", TENANT)
+            async with httpx.AsyncClient(headers=headers, timeout=60) as client:
+                patches = [
+                    asyncio.create_task(client.patch(path, json={"tools": [_tool("a", schema), _tool("b", schema)]})),
+                    asyncio.create_task(client.patch(path, json={"memory": {"window_turns": 7}})),
+                ]
+                for _ in range(1000):  # until both changes wait on a lock (or one is done: a failure below)
+                    waiting = await holder.fetchval(
+                        """SELECT count(*) FROM pg_stat_activity
+                           WHERE wait_event_type = 'Lock' AND datname = current_database()"""
+                    )
+                    if waiting >= 2 or any(p.done() for p in patches):
+                        break
+                    await asyncio.sleep(0.02)
+                else:
+                    raise AssertionError("the two changes neither waited on a lock nor finished")
+                await tx.commit()
+                return await asyncio.gather(*patches)
+        finally:
+            await holder.close()
+
+    for r in asyncio.run(go()):
+        assert r.status_code == 200, r.text
+    agent = _admin(gw, "GET", f"/admin/agents/{name}", params={"tenant": TENANT}).json()
+    assert [t["name"] for t in agent["tools"]] == ["a", "b"], agent
+    assert agent["memory"]["window_turns"] == 7, agent
 
 
 def test_at_most_two_saves_check_tool_schemas_at_once(monkeypatch):
