@@ -145,10 +145,10 @@ def _admin(gw, method: str, path: str, **kw) -> httpx.Response:
     return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=60, **kw)
 
 
-def _escalated(gw, services, key: str, conv: str) -> str:
-    """The customer of ``conv`` asks for a person (a turn with ``key``): the escalation's id, claimed."""
+def _escalated(gw, services, key: str, conv: str, agent: str = "helper") -> str:
+    """The customer of ``conv`` asks ``agent`` for a person (a turn with ``key``): the escalation's id, claimed."""
     body = {
-        "model": "agent:helper",
+        "model": f"agent:{agent}",
         "messages": [{"role": "user", "content": ASK_PERSON}],
         "metadata": {"conversation_id": conv},
     }
@@ -314,6 +314,67 @@ def test_two_patches_of_one_agent_at_once_both_keep_their_fields(gw, services):
     agent = _admin(gw, "GET", f"/admin/agents/{name}", params={"tenant": TENANT}).json()
     assert [t["name"] for t in agent["tools"]] == ["a", "b"], agent
     assert agent["memory"]["window_turns"] == 7, agent
+
+
+def test_approving_a_learned_answer_while_the_agent_is_patched_keeps_the_patch(gw, services):
+    """The first approved answer of an agent attaches its learned-answers knowledge base: the
+    settings of the agent read before (unlocked) with the knowledge base added, written back
+    whole. A PATCH of its tools committed meanwhile was undone. Made to interleave by holding
+    the tenant's agents lock (taken by the PATCH, with the agent's row) until the approval waits
+    too."""
+    name = f"learner-{uuid.uuid4().hex[:6]}"
+    body = {
+        "name": name,
+        "tenant": TENANT,
+        "model": "agent-model",
+        "template": "You help.",
+        "escalation": {"enabled": True, "threshold": 0.5, "handoff_message": HANDOFF},
+    }
+    assert _admin(gw, "POST", "/admin/agents", json=body).status_code == 201
+    esc = _escalated(gw, services, gw.web_key, f"web-{uuid.uuid4().hex[:10]}", agent=name)
+    answer = "We ship to Iceland within six working days."
+    r = _admin(gw, "POST", f"/admin/escalations/{esc}/resolve", json={"corrected_answer": answer})
+    assert r.status_code == 200, r.text
+    example = r.json()["learned_example"]["id"]
+    headers = {"Authorization": f"Bearer {MASTER_KEY}"}
+    schema = {"type": "object"}
+
+    async def waiting(holder, n: int, tasks: list) -> None:
+        for _ in range(1000):  # until n changes wait on a lock (or one is done: a failure below)
+            count = await holder.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            if count >= n or any(t.done() for t in tasks):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{n} changes neither waited on a lock nor finished")
+
+    async def go() -> list[httpx.Response]:
+        holder = await asyncpg.connect(services[0])
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-agents:' || $1))", TENANT)
+            async with httpx.AsyncClient(base_url=gw.url, headers=headers, timeout=60) as client:
+                patch = asyncio.create_task(
+                    client.patch(f"/admin/agents/{name}?tenant={TENANT}", json={"tools": [_tool("a", schema)]})
+                )
+                await waiting(holder, 1, [patch])
+                approve = asyncio.create_task(
+                    client.post(f"/admin/agents/{name}/learned/{example}/approve?tenant={TENANT}")
+                )
+                await waiting(holder, 2, [patch, approve])
+                await tx.commit()
+                return await asyncio.gather(patch, approve)
+        finally:
+            await holder.close()
+
+    for r in asyncio.run(go()):
+        assert r.status_code == 200, r.text
+    kb = r.json()["kb_id"]
+    agent = _admin(gw, "GET", f"/admin/agents/{name}", params={"tenant": TENANT}).json()
+    assert kb in agent["knowledge_bases"], agent
+    assert [t["name"] for t in agent.get("tools") or []] == ["a"], agent
 
 
 def test_at_most_two_saves_check_tool_schemas_at_once(monkeypatch):
