@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core.errors import InvalidRequest, NotFound, PermissionDenied
+from core.errors import InvalidRequest, NotFound, PermissionDenied, RateLimited
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
 from gateway.db import tenant_transaction
@@ -41,8 +41,12 @@ LABEL_FIELDS = frozenset({"version", "variants", "primary_metric"})
 # a second thread finishes no sooner (the GIL) and the event loop waits for the GIL between them
 # several times longer (a 90-240 ms wake-up at the 99th percentile, against ~15 ms with one). One
 # tenant's saves (its admin keys') take their turn one at a time: a tenant that sends many at
-# once queues behind itself, not every other tenant behind it.
+# once queues behind itself, not every other tenant behind it. Saves come faster than they are
+# checked (600 admin calls a minute a key, about one check a second at the caps), and each one
+# waiting holds its parsed body: a tenant has at most TENANT_SAVES_WAITING checked or waiting,
+# the next is a 429 (the super-admin is not bound).
 SCHEMA_CHECKS = 1
+TENANT_SAVES_WAITING = 4
 
 
 def _operator_networks_only(ident, data: dict) -> None:
@@ -150,8 +154,17 @@ class AgentAdmin:
 
     @contextlib.asynccontextmanager
     async def _tenant_turn(self, caller: str | None) -> AsyncIterator[None]:
-        """The caller's tenant's turn: held by one of its saves at a time (kept while any waits)."""
+        """The caller's tenant's turn: held by one of its saves at a time (kept while any waits);
+        a 429 naming ``tools`` past ``TENANT_SAVES_WAITING`` of them."""
         turn = self._tenant_turns.setdefault(caller, [asyncio.Lock(), 0])
+        if caller is not None and turn[1] >= TENANT_SAVES_WAITING:
+            raise RateLimited(
+                f"This tenant has {turn[1]} agent saves with tools being checked or waiting, the most it may; "
+                "retry when one has finished.",
+                param="tools",
+                code="too_many_saves",
+                headers={"retry-after": "2"},
+            )
         turn[1] += 1
         try:
             async with turn[0]:

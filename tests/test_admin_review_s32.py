@@ -430,7 +430,7 @@ def test_attack_one_tenant_saving_many_tools_at_once_does_not_hold_every_schema_
     caps, 600 admin calls a minute): its saves take their turn one at a time, so another tenant's
     save is checked next instead of waiting behind the whole queue. (In process, as above: the
     executor records whose check it was given to run, in order.)"""
-    from gateway.admin_agents import AgentAdmin
+    from gateway.admin_agents import TENANT_SAVES_WAITING, AgentAdmin
 
     class Recording(ThreadPoolExecutor):
         tenants: list[str] = []
@@ -444,10 +444,56 @@ def test_attack_one_tenant_saving_many_tools_at_once_does_not_hold_every_schema_
         asyncio.get_running_loop().set_default_executor(Recording(max_workers=8))
         admin = AgentAdmin(admin=None)
         noisy = {"tools": [_tool("noisy", {"type": "object"})]}
-        flood = [asyncio.create_task(admin.checked_settings(noisy, "noisy")) for _ in range(6)]
+        flood = [asyncio.create_task(admin.checked_settings(noisy, "noisy")) for _ in range(TENANT_SAVES_WAITING)]
         other = asyncio.create_task(admin.checked_settings({"tools": [_tool("quiet", {"type": "object"})]}, "quiet"))
         await asyncio.gather(*flood, other)  # (the flood's saves come first to their waits)
         assert admin._tenant_turns == {}  # nothing kept once no save waits
 
     asyncio.run(saves())
     assert Recording.tenants[:2] == ["noisy", "quiet"], Recording.tenants
+
+
+def test_attack_one_tenant_cannot_queue_saves_without_bound(monkeypatch):
+    """Saves come in faster than they are checked (600 admin calls a minute against about one
+    check a second at the caps): each waiting save holds its parsed body (up to 256 KB of JSON),
+    so one tenant's flood grew the replica's memory by the minute. A tenant has at most
+    ``TENANT_SAVES_WAITING`` saves with tools checked or waiting; the next is a 429 naming
+    ``tools`` (retry-after), stores nothing, and the others go on. The super-admin is not bound."""
+    from jsonschema import Draft202012Validator
+
+    from core.errors import RateLimited
+    from gateway.admin_agents import TENANT_SAVES_WAITING, AgentAdmin
+
+    gate = threading.Event()
+    real = Draft202012Validator.check_schema.__func__
+
+    def held(cls, schema, *args, **kwargs):
+        gate.wait(30)  # bounded: released below once the refusals are read
+        return real(cls, schema, *args, **kwargs)
+
+    async def saves() -> tuple[list, list]:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=4))
+        admin = AgentAdmin(admin=None)
+        data = {"tools": [_tool("a", {"type": "object"})]}
+        flood = [asyncio.create_task(admin.checked_settings(data, "noisy")) for _ in range(TENANT_SAVES_WAITING + 3)]
+        operator = [asyncio.create_task(admin.checked_settings(data, None)) for _ in range(TENANT_SAVES_WAITING + 3)]
+        for _ in range(10):  # every task runs up to its wait or its refusal
+            await asyncio.sleep(0)
+        refused = [t for t in flood + operator if t.done()]
+        gate.set()
+        out = await asyncio.gather(*flood, *operator, return_exceptions=True)
+        assert admin._tenant_turns == {}
+        return refused, out
+
+    monkeypatch.setattr(Draft202012Validator, "check_schema", classmethod(held))
+    try:
+        refused, out = asyncio.run(saves())
+    finally:
+        gate.set()
+    n = TENANT_SAVES_WAITING
+    flood, operator = out[: n + 3], out[n + 3 :]
+    assert len(refused) == 3 and all(isinstance(r, RateLimited) for r in flood[n:]), flood
+    err = flood[n]
+    assert (err.status, err.param, err.code) == (429, "tools", "too_many_saves"), err.payload()
+    assert int(err.headers["retry-after"]) >= 1
+    assert [s["tools"][0]["name"] for s in flood[:n] + operator] == ["a"] * (2 * n + 3)
