@@ -263,6 +263,23 @@ def test_an_invalid_tool_schema_is_still_a_400_naming_it_and_stores_nothing(gw, 
         assert after.status_code == 404, after.text
 
 
+async def _waiting(holder, n: int, tasks: list) -> None:
+    """Until ``n`` transactions of the database wait on a lock, or one of ``tasks`` is done (a
+    failure its test reads): bounded, then what the database's sessions were doing."""
+    for _ in range(1000):
+        count = await holder.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        if count >= n or any(t.done() for t in tasks):
+            return
+        await asyncio.sleep(0.02)
+    sessions = await holder.fetch(
+        """SELECT state, wait_event_type, wait_event, left(query, 160) AS query FROM pg_stat_activity
+           WHERE datname = current_database() AND pid <> pg_backend_pid()"""
+    )
+    raise AssertionError(f"{n} changes neither waited on a lock nor finished: {[dict(r) for r in sessions]}")
+
+
 def test_two_patches_of_one_agent_at_once_both_keep_their_fields(gw, services):
     """Two admins change one agent at once, one its tools, the other its memory: each PATCH read
     the agent's settings, then wrote them back whole with its own field changed, so the one
@@ -294,16 +311,7 @@ def test_two_patches_of_one_agent_at_once_both_keep_their_fields(gw, services):
                     asyncio.create_task(client.patch(path, json={"tools": [_tool("a", schema), _tool("b", schema)]})),
                     asyncio.create_task(client.patch(path, json={"memory": {"window_turns": 7}})),
                 ]
-                for _ in range(1000):  # until both changes wait on a lock (or one is done: a failure below)
-                    waiting = await holder.fetchval(
-                        """SELECT count(*) FROM pg_stat_activity
-                           WHERE wait_event_type = 'Lock' AND datname = current_database()"""
-                    )
-                    if waiting >= 2 or any(p.done() for p in patches):
-                        break
-                    await asyncio.sleep(0.02)
-                else:
-                    raise AssertionError("the two changes neither waited on a lock nor finished")
+                await _waiting(holder, 2, patches)
                 await tx.commit()
                 return await asyncio.gather(*patches)
         finally:
@@ -339,16 +347,6 @@ def test_approving_a_learned_answer_while_the_agent_is_patched_keeps_the_patch(g
     headers = {"Authorization": f"Bearer {MASTER_KEY}"}
     schema = {"type": "object"}
 
-    async def waiting(holder, n: int, tasks: list) -> None:
-        for _ in range(1000):  # until n changes wait on a lock (or one is done: a failure below)
-            count = await holder.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            )
-            if count >= n or any(t.done() for t in tasks):
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"{n} changes neither waited on a lock nor finished")
-
     async def go() -> list[httpx.Response]:
         holder = await asyncpg.connect(services[0])
         try:
@@ -359,11 +357,11 @@ def test_approving_a_learned_answer_while_the_agent_is_patched_keeps_the_patch(g
                 patch = asyncio.create_task(
                     client.patch(f"/admin/agents/{name}?tenant={TENANT}", json={"tools": [_tool("a", schema)]})
                 )
-                await waiting(holder, 1, [patch])
+                await _waiting(holder, 1, [patch])
                 approve = asyncio.create_task(
                     client.post(f"/admin/agents/{name}/learned/{example}/approve?tenant={TENANT}")
                 )
-                await waiting(holder, 2, [patch, approve])
+                await _waiting(holder, 2, [patch, approve])
                 await tx.commit()
                 return await asyncio.gather(patch, approve)
         finally:
