@@ -203,6 +203,7 @@ class LearnedIndexer:
                 dims=LOCAL_DIMS,
                 description=f"Answers people gave for agent {agent.name}, approved for reuse.",
             )
+        agent = await agent_store.lock_agent(conn, agent)  # settings a racing change committed are kept
         if kb.id not in agent.knowledge_bases:
             settings = {**agent.settings, "knowledge_bases": [*agent.knowledge_bases, kb.id]}
             await agent_store.update_agent(conn, agent, None, None, settings)

@@ -636,6 +636,16 @@ def _largest(settings: dict) -> str:
     return max(settings, key=lambda k: len(_dumps(settings[k])))
 
 
+async def lock_agent(conn, agent: Agent) -> Agent:
+    """``agent`` read again under its row's lock, held to the end of the caller's transaction: a
+    change that writes back settings it read (``update_agent``) has a racing change's committed."""
+    locked = await conn.fetchval("SELECT id FROM agents WHERE id = $1 AND archived_at IS NULL FOR UPDATE", agent.id)
+    current = await load_agent(conn, agent.id) if locked is not None else None
+    if current is None:
+        raise NotFound(f"No agent named {agent.name!r}.", param="name")
+    return current
+
+
 async def update_agent(
     conn, agent: Agent, model: str | None, description: str | None, settings: dict, quota: Quota | None = None
 ) -> None:

@@ -7,7 +7,7 @@
 - Saving an agent's tools (POST / PATCH ``/admin/agents``) checked their schemas against the
   2020-12 metaschema on the event loop: up to ~1.1 s within the caps, during which every request
   of every tenant on the replica waited. Now the check runs in a worker thread, at most
-  ``admin_agents.SCHEMA_CHECKS`` saves at a time, with the same 400s.
+  ``admin_agents.SCHEMA_CHECKS`` saves at a time (one), with the same 400s.
 
 The gateway process is launched with Redis's clock failing as a dead Redis fails a call
 (``admin_escalations.redis_now_us`` raising ``redis.exceptions.ConnectionError``; the rest of
@@ -27,6 +27,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 import yaml
@@ -144,10 +145,10 @@ def _admin(gw, method: str, path: str, **kw) -> httpx.Response:
     return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=60, **kw)
 
 
-def _escalated(gw, services, key: str, conv: str) -> str:
-    """The customer of ``conv`` asks for a person (a turn with ``key``): the escalation's id, claimed."""
+def _escalated(gw, services, key: str, conv: str, agent: str = "helper") -> str:
+    """The customer of ``conv`` asks ``agent`` for a person (a turn with ``key``): the escalation's id, claimed."""
     body = {
-        "model": "agent:helper",
+        "model": f"agent:{agent}",
         "messages": [{"role": "user", "content": ASK_PERSON}],
         "metadata": {"conversation_id": conv},
     }
@@ -262,15 +263,130 @@ def test_an_invalid_tool_schema_is_still_a_400_naming_it_and_stores_nothing(gw, 
         assert after.status_code == 404, after.text
 
 
-def test_at_most_two_saves_check_tool_schemas_at_once(monkeypatch):
-    """Many saves at once wait for their turn on the event loop, not in the default executor:
-    two checks run, the others have not taken a thread. (The admin object's own check, in this
-    process; the executor counts what it was given to run.)"""
+async def _waiting(holder, n: int, tasks: list) -> None:
+    """Until ``n`` transactions of the database wait on a lock, or one of ``tasks`` is done (a
+    failure its test reads): bounded, then what the database's sessions were doing."""
+    for _ in range(1000):
+        count = await holder.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        if count >= n or any(t.done() for t in tasks):
+            return
+        await asyncio.sleep(0.02)
+    sessions = await holder.fetch(
+        """SELECT state, wait_event_type, wait_event, left(query, 160) AS query FROM pg_stat_activity
+           WHERE datname = current_database() AND pid <> pg_backend_pid()"""
+    )
+    raise AssertionError(f"{n} changes neither waited on a lock nor finished: {[dict(r) for r in sessions]}")
+
+
+def test_two_patches_of_one_agent_at_once_both_keep_their_fields(gw, services):
+    """Two admins change one agent at once, one its tools, the other its memory: each PATCH read
+    the agent's settings, then wrote them back whole with its own field changed, so the one
+    that committed last put the other's field back as it was (a tool an operator took away
+    returned). Made to interleave by holding the tenant's agents lock (``check_agent_room``,
+    taken by every change after it read the agent) until both wait on a lock."""
+    name = f"twice-{uuid.uuid4().hex[:6]}"
+    schema = {"type": "object"}
+    body = {
+        "name": name,
+        "tenant": TENANT,
+        "model": "agent-model",
+        "template": "You help.",
+        "tools": [_tool("a", schema)],
+        "memory": {"window_turns": 5},
+    }
+    assert _admin(gw, "POST", "/admin/agents", json=body).status_code == 201
+    headers = {"Authorization": f"Bearer {MASTER_KEY}"}
+    path = f"{gw.url}/admin/agents/{name}?tenant={TENANT}"
+
+    async def go() -> list[httpx.Response]:
+        holder = await asyncpg.connect(services[0])
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-agents:' || $1))", TENANT)
+            async with httpx.AsyncClient(headers=headers, timeout=60) as client:
+                patches = [
+                    asyncio.create_task(client.patch(path, json={"tools": [_tool("a", schema), _tool("b", schema)]})),
+                    asyncio.create_task(client.patch(path, json={"memory": {"window_turns": 7}})),
+                ]
+                await _waiting(holder, 2, patches)
+                await tx.commit()
+                return await asyncio.gather(*patches)
+        finally:
+            await holder.close()
+
+    for r in asyncio.run(go()):
+        assert r.status_code == 200, r.text
+    agent = _admin(gw, "GET", f"/admin/agents/{name}", params={"tenant": TENANT}).json()
+    assert [t["name"] for t in agent["tools"]] == ["a", "b"], agent
+    assert agent["memory"]["window_turns"] == 7, agent
+
+
+def test_approving_a_learned_answer_while_the_agent_is_patched_keeps_the_patch(gw, services):
+    """The first approved answer of an agent attaches its learned-answers knowledge base: the
+    settings of the agent read before (unlocked) with the knowledge base added, written back
+    whole. A PATCH of its tools committed meanwhile was undone. Made to interleave by holding
+    the tenant's agents lock (taken by the PATCH, with the agent's row) until the approval waits
+    too."""
+    name = f"learner-{uuid.uuid4().hex[:6]}"
+    body = {
+        "name": name,
+        "tenant": TENANT,
+        "model": "agent-model",
+        "template": "You help.",
+        "escalation": {"enabled": True, "threshold": 0.5, "handoff_message": HANDOFF},
+    }
+    assert _admin(gw, "POST", "/admin/agents", json=body).status_code == 201
+    esc = _escalated(gw, services, gw.web_key, f"web-{uuid.uuid4().hex[:10]}", agent=name)
+    answer = "We ship to Iceland within six working days."
+    r = _admin(gw, "POST", f"/admin/escalations/{esc}/resolve", json={"corrected_answer": answer})
+    assert r.status_code == 200, r.text
+    example = r.json()["learned_example"]["id"]
+    headers = {"Authorization": f"Bearer {MASTER_KEY}"}
+    schema = {"type": "object"}
+
+    async def go() -> list[httpx.Response]:
+        holder = await asyncpg.connect(services[0])
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-agents:' || $1))", TENANT)
+            async with httpx.AsyncClient(base_url=gw.url, headers=headers, timeout=60) as client:
+                patch = asyncio.create_task(
+                    client.patch(f"/admin/agents/{name}?tenant={TENANT}", json={"tools": [_tool("a", schema)]})
+                )
+                await _waiting(holder, 1, [patch])
+                approve = asyncio.create_task(
+                    client.post(f"/admin/agents/{name}/learned/{example}/approve?tenant={TENANT}")
+                )
+                await _waiting(holder, 2, [patch, approve])
+                await tx.commit()
+                return await asyncio.gather(patch, approve)
+        finally:
+            await holder.close()
+
+    for r in asyncio.run(go()):
+        assert r.status_code == 200, r.text
+    kb = r.json()["kb_id"]
+    agent = _admin(gw, "GET", f"/admin/agents/{name}", params={"tenant": TENANT}).json()
+    assert kb in agent["knowledge_bases"], agent
+    assert [t["name"] for t in agent.get("tools") or []] == ["a"], agent
+
+
+def test_one_save_checks_tool_schemas_at_a_time(monkeypatch):
+    """Many saves at once wait for their turn on the event loop, not in the default executor: one
+    check runs, the others have not taken a thread. (One, not two: the check is pure Python, so
+    two threads finish no sooner than one after the other, and the event loop, which needs the
+    GIL between them, was held ~15-20 ms a wake-up at the median and 90-240 ms at the 99th
+    percentile with two running against ~1-5 and ~13-15 ms with one.) The admin object's own
+    check, in this process; the executor counts what it was given to run."""
     from jsonschema import Draft202012Validator
 
     from gateway.admin_agents import SCHEMA_CHECKS, AgentAdmin
 
-    assert SCHEMA_CHECKS == 2
+    assert SCHEMA_CHECKS == 1
     gate = threading.Event()
     real = Draft202012Validator.check_schema.__func__
 
@@ -290,13 +406,13 @@ def test_at_most_two_saves_check_tool_schemas_at_once(monkeypatch):
         asyncio.get_running_loop().set_default_executor(executor)
         admin = AgentAdmin(admin=None)
         data = {"tools": [_tool("a", {"type": "object"})]}
-        tasks = [asyncio.create_task(admin.checked_settings(data)) for _ in range(6)]
+        tasks = [asyncio.create_task(admin.checked_settings(data, f"t{i}")) for i in range(6)]  # 6 tenants
         for _ in range(10):  # every task runs up to its wait (no thread finishes: the gate is shut)
             await asyncio.sleep(0)
         submitted = Counting.submitted
         gate.set()
         out = await asyncio.gather(*tasks)
-        assert submitted == 2, submitted
+        assert submitted == 1, submitted
         return out
 
     monkeypatch.setattr(Draft202012Validator, "check_schema", classmethod(held))
@@ -305,3 +421,77 @@ def test_at_most_two_saves_check_tool_schemas_at_once(monkeypatch):
     finally:
         gate.set()
     assert [s["tools"][0]["name"] for s in settings] == ["a"] * 6
+
+
+def test_attack_one_tenant_saving_many_tools_at_once_does_not_hold_every_schema_check(monkeypatch):
+    """A tenant admin sends many saves with tools at once (each up to ~1.1 s of checking at the
+    caps, 600 admin calls a minute): its saves take their turn one at a time, so another tenant's
+    save is checked next instead of waiting behind the whole queue. (In process, as above: the
+    executor records whose check it was given to run, in order.)"""
+    from gateway.admin_agents import TENANT_SAVES_WAITING, AgentAdmin
+
+    class Recording(ThreadPoolExecutor):
+        tenants: list[str] = []
+
+        def submit(self, fn, /, *args, **kwargs):
+            # asyncio.to_thread submits partial(context.run, check_settings, data)
+            Recording.tenants.append(fn.args[-1]["tools"][0]["name"])
+            return super().submit(fn, *args, **kwargs)
+
+    async def saves() -> None:
+        asyncio.get_running_loop().set_default_executor(Recording(max_workers=8))
+        admin = AgentAdmin(admin=None)
+        noisy = {"tools": [_tool("noisy", {"type": "object"})]}
+        flood = [asyncio.create_task(admin.checked_settings(noisy, "noisy")) for _ in range(TENANT_SAVES_WAITING)]
+        other = asyncio.create_task(admin.checked_settings({"tools": [_tool("quiet", {"type": "object"})]}, "quiet"))
+        await asyncio.gather(*flood, other)  # (the flood's saves come first to their waits)
+        assert admin._tenant_turns == {}  # nothing kept once no save waits
+
+    asyncio.run(saves())
+    assert Recording.tenants[:2] == ["noisy", "quiet"], Recording.tenants
+
+
+def test_attack_one_tenant_cannot_queue_saves_without_bound(monkeypatch):
+    """Saves come in faster than they are checked (600 admin calls a minute against about one
+    check a second at the caps): each waiting save holds its parsed body (up to 256 KB of JSON),
+    so one tenant's flood grew the replica's memory by the minute. A tenant has at most
+    ``TENANT_SAVES_WAITING`` saves with tools checked or waiting; the next is a 429 naming
+    ``tools`` (retry-after), stores nothing, and the others go on. The super-admin is not bound."""
+    from jsonschema import Draft202012Validator
+
+    from core.errors import RateLimited
+    from gateway.admin_agents import TENANT_SAVES_WAITING, AgentAdmin
+
+    gate = threading.Event()
+    real = Draft202012Validator.check_schema.__func__
+
+    def held(cls, schema, *args, **kwargs):
+        gate.wait(30)  # bounded: released below once the refusals are read
+        return real(cls, schema, *args, **kwargs)
+
+    async def saves() -> tuple[list, list]:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=4))
+        admin = AgentAdmin(admin=None)
+        data = {"tools": [_tool("a", {"type": "object"})]}
+        flood = [asyncio.create_task(admin.checked_settings(data, "noisy")) for _ in range(TENANT_SAVES_WAITING + 3)]
+        operator = [asyncio.create_task(admin.checked_settings(data, None)) for _ in range(TENANT_SAVES_WAITING + 3)]
+        for _ in range(10):  # every task runs up to its wait or its refusal
+            await asyncio.sleep(0)
+        refused = [t for t in flood + operator if t.done()]
+        gate.set()
+        out = await asyncio.gather(*flood, *operator, return_exceptions=True)
+        assert admin._tenant_turns == {}
+        return refused, out
+
+    monkeypatch.setattr(Draft202012Validator, "check_schema", classmethod(held))
+    try:
+        refused, out = asyncio.run(saves())
+    finally:
+        gate.set()
+    n = TENANT_SAVES_WAITING
+    flood, operator = out[: n + 3], out[n + 3 :]
+    assert len(refused) == 3 and all(isinstance(r, RateLimited) for r in flood[n:]), flood
+    err = flood[n]
+    assert (err.status, err.param, err.code) == (429, "tools", "too_many_saves"), err.payload()
+    assert int(err.headers["retry-after"]) >= 1
+    assert [s["tools"][0]["name"] for s in flood[:n] + operator] == ["a"] * (2 * n + 3)
