@@ -131,16 +131,35 @@ def gateway_env(tmp: Path, urls: tuple[str, str]) -> dict[str, str]:
 
 
 class Gateway(Proc):
-    def __init__(self, tmp: Path, config: dict, urls: tuple[str, str], *, workers: int = 1) -> None:
+    """``gateway serve`` on a free port, ready when this returns. ``launcher``: the source of a
+    script run instead of ``python -m gateway`` (it patches the gateway, then calls its CLI), as
+    ``<launcher_name>.py`` in ``tmp``; ``env``: added to the gateway's environment."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        config: dict,
+        urls: tuple[str, str],
+        *,
+        workers: int = 1,
+        launcher: str | None = None,
+        launcher_name: str = "gateway_launcher",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg_path = tmp / f"gateway-{self.port}.yaml"
         cfg_path.write_text(yaml.safe_dump(config))
-        env = gateway_env(tmp, urls)
+        run = ["-m", "gateway"]
+        if launcher is not None:
+            script = tmp / f"{launcher_name}.py"
+            script.write_text(launcher)
+            run = [str(script)]
+            env = {"PYTHONPATH": str(ROOT), **(env or {})}
+        env = {**gateway_env(tmp, urls), **(env or {})}
         args = [
             sys.executable,
-            "-m",
-            "gateway",
+            *run,
             "serve",
             "--config",
             str(cfg_path),

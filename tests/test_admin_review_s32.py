@@ -20,7 +20,6 @@ Valkey."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import textwrap
 import threading
 import uuid
@@ -30,9 +29,14 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-import yaml
 
-from tests.conftest import LOCAL_HTTP, MASTER_KEY, ROOT, Proc, environ, free_port, gateway_env, run_cli, wait_until
+from tests.conftest import (
+    MASTER_KEY,
+    Gateway,
+    environ,
+    run_cli,
+    wait_until,
+)
 from tests.test_channels_whatsapp import rows
 from tests.test_wa_dead_letters_erasure import _account
 
@@ -81,30 +85,13 @@ LAUNCHER = textwrap.dedent(
 )
 
 
-class LaunchedGateway(Proc):
+class LaunchedGateway(Gateway):
+    """The gateway as ``LAUNCHER`` patches it; its metaschema checks are written to ``checks``."""
+
     def __init__(self, tmp: Path, config: dict, urls: tuple[str, str], checks: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.checks = checks
-        launcher = tmp / "s32_gateway.py"
-        launcher.write_text(LAUNCHER)
-        cfg_path = tmp / f"gateway-{self.port}.yaml"
-        cfg_path.write_text(yaml.safe_dump(config))
-        env = {
-            **gateway_env(tmp, urls),
-            "PYTHONPATH": str(ROOT),
-            "GATEWAY_CHANNEL_WORKER": "0",
-            "S32_SCHEMA_CHECKS": str(checks),
-        }
-        args = [sys.executable, str(launcher), "serve", "--config", str(cfg_path), "--port", str(self.port)]
-        super().__init__(args, env, tmp / f"gateway-{self.port}.log")
-        try:
-            wait_until(
-                lambda: LOCAL_HTTP.get(f"{self.url}/readyz").status_code == 200, timeout=60, what="gateway ready"
-            )
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError("gateway did not start:\n" + self.log()) from None
+        env = {"GATEWAY_CHANNEL_WORKER": "0", "S32_SCHEMA_CHECKS": str(checks)}
+        super().__init__(tmp, config, urls, launcher=LAUNCHER, launcher_name="s32_gateway", env=env)
 
 
 @pytest.fixture(scope="module")

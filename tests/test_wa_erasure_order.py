@@ -15,7 +15,6 @@ The real stack: a gateway process (its channel worker off), the mock LLM, the mo
 
 from __future__ import annotations
 
-import sys
 import textwrap
 import threading
 import urllib.parse
@@ -26,11 +25,16 @@ import httpx
 import orjson
 import pytest
 import redis
-import yaml
 
 from core import queued_proof
 from runtime.memory import MEMORY_GROUP, MEMORY_STREAM
-from tests.conftest import LOCAL_HTTP, MASTER_KEY, ROOT, Proc, environ, free_port, gateway_env, run_cli, wait_until
+from tests.conftest import (
+    MASTER_KEY,
+    Gateway,
+    environ,
+    run_cli,
+    wait_until,
+)
 from tests.test_channels_whatsapp import rows
 from tests.test_wa_queued_erasure import KEY, SLOW, _account, _redis_now, _turn
 
@@ -103,26 +107,12 @@ LAUNCHER = textwrap.dedent(
 )
 
 
-class PausingGateway(Proc):
+class PausingGateway(Gateway):
     """``gateway serve`` whose erasures pause after their memory step when the test arms it."""
 
     def __init__(self, tmp: Path, config: dict, urls: tuple[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        launcher = tmp / "pausing_gateway.py"
-        launcher.write_text(LAUNCHER)
-        cfg_path = tmp / f"gateway-{self.port}.yaml"
-        cfg_path.write_text(yaml.safe_dump(config))
-        env = {**gateway_env(tmp, urls), "PYTHONPATH": str(ROOT), "GATEWAY_CHANNEL_WORKER": "0"}
-        args = [sys.executable, str(launcher), "serve", "--config", str(cfg_path), "--port", str(self.port)]
-        super().__init__(args, env, tmp / f"gateway-{self.port}.log")
-        try:
-            wait_until(
-                lambda: LOCAL_HTTP.get(f"{self.url}/readyz").status_code == 200, timeout=60, what="gateway ready"
-            )
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError("gateway did not start:\n" + self.log()) from None
+        env = {"GATEWAY_CHANNEL_WORKER": "0"}
+        super().__init__(tmp, config, urls, launcher=LAUNCHER, launcher_name="pausing_gateway", env=env)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ process with its channel worker, the mock LLM, the mock Graph API."""
 
 from __future__ import annotations
 
-import sys
 import textwrap
 import threading
 import uuid
@@ -31,10 +30,16 @@ import httpx
 import orjson
 import pytest
 import redis
-import yaml
 
 from runtime.memory import keys as memory_keys
-from tests.conftest import LOCAL_HTTP, MASTER_KEY, ROOT, Proc, environ, free_port, gateway_env, run_cli, wait_until
+from tests.conftest import (
+    LOCAL_HTTP,
+    MASTER_KEY,
+    Gateway,
+    environ,
+    run_cli,
+    wait_until,
+)
 from tests.test_channels_whatsapp import notification, post, rows, text
 from tests.test_wa_dead_letters_erasure import DEAD, _account, _tag
 
@@ -133,27 +138,12 @@ LAUNCHER = textwrap.dedent(
 )
 
 
-class PausingGateway(Proc):
+class PausingGateway(Gateway):
     """``gateway serve`` (its channel worker on) whose replies pause after their escalation check
     when the test arms it."""
 
     def __init__(self, tmp: Path, config: dict, urls: tuple[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        launcher = tmp / "reply_pausing_gateway.py"
-        launcher.write_text(LAUNCHER)
-        cfg_path = tmp / f"gateway-{self.port}.yaml"
-        cfg_path.write_text(yaml.safe_dump(config))
-        env = {**gateway_env(tmp, urls), "PYTHONPATH": str(ROOT), **ENV}
-        args = [sys.executable, str(launcher), "serve", "--config", str(cfg_path), "--port", str(self.port)]
-        super().__init__(args, env, tmp / f"gateway-{self.port}.log")
-        try:
-            wait_until(
-                lambda: LOCAL_HTTP.get(f"{self.url}/readyz").status_code == 200, timeout=60, what="gateway ready"
-            )
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError("gateway did not start:\n" + self.log()) from None
+        super().__init__(tmp, config, urls, launcher=LAUNCHER, launcher_name="reply_pausing_gateway", env=ENV)
 
 
 @pytest.fixture(scope="module")
