@@ -26,7 +26,7 @@ from pathlib import Path
 
 from channels.whatsapp import dead_letters, store
 from channels.whatsapp.content import forget_media
-from channels.whatsapp.sender import FORGET_PAGE, PIECE_FIELD, STATE_TTL, forget_states, index_key, state_key
+from channels.whatsapp.sender import FORGET_PAGE, STATE_TTL, forget_states, index_key, sent_wamids, state_key
 from channels.whatsapp.store import conversation_digest
 
 ERASED_TTL = STATE_TTL  # a job queued before an erasure is dropped for this long after it
@@ -125,10 +125,7 @@ async def _state_wamids(redis, tenant: str, conversation: str) -> list[str]:
             for key in keys:
                 pipe.hgetall(key)
             for state in await pipe.execute():
-                for f, v in (state or {}).items():
-                    f, v = _text(f), _text(v)
-                    if PIECE_FIELD.match(f) and v not in ("pending", "unknown"):
-                        found.append(v)
+                found += sent_wamids({_text(f): _text(v) for f, v in (state or {}).items()})
         if not int(cursor):
             return found
 

@@ -54,7 +54,13 @@ MIN_REPLY_ROOM = 100
 LEASE_MARGIN_S = 10.0  # a piece's lease: the Graph POST's timeout and this
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 PIECE_FIELD = re.compile(r"^(p[0-9]+|template[0-9]*)\Z")  # a piece's field of a key's state
+NOT_SENT = ("pending", "unknown")  # a piece's value before (or instead of) its wamid
 TEMPLATE_FIELD = re.compile(r"^template[0-9]*\Z")  # a window template piece's field
+
+
+def sent_wamids(state: dict[str, str]) -> list[str]:
+    """The wamids of the pieces a key's state records as sent."""
+    return [v for f, v in state.items() if PIECE_FIELD.match(f) and v not in NOT_SENT]
 
 
 @dataclass
@@ -266,7 +272,7 @@ class Sender:
         if changed:  # (a state read before another try's send ended: read again)
             state = await self.state(conv.account, key)
             pieces = {f: v for f, v in state.items() if PIECE_FIELD.match(f)}
-        out.unknown = sum(1 for v in pieces.values() if v in ("pending", "unknown"))
+        out.unknown = sum(1 for v in pieces.values() if v in NOT_SENT)
         if "held" in state:
             out.held = True
             return out
@@ -428,11 +434,7 @@ def window_rest(text: str, state: dict[str, str], statuses: dict[str, str], max_
     failed = [i for i, v in sent.items() if statuses.get(v) == "failed"]
     if not failed:
         return None
-    went = [
-        i
-        for i, v in sent.items()
-        if i < min(failed) or v in ("pending", "unknown") or statuses.get(v) in ("delivered", "read")
-    ]
+    went = [i for i, v in sent.items() if i < min(failed) or v in NOT_SENT or statuses.get(v) in ("delivered", "read")]
     pieces = split_reply(text, max_parts=max_parts)
     end = max(sent) + 1 if "template" in state else len(pieces)  # the turn's own templates carry the rest
     return " ".join(pieces[max(went, default=-1) + 1 : end])
@@ -445,8 +447,7 @@ def window_unsettled(state: dict[str, str], statuses: dict[str, str]) -> bool:
     sent = {int(f[1:]): v for f, v in state.items() if PIECE_FIELD.match(f) and f.startswith("p")}
     failed = [i for i, v in sent.items() if statuses.get(v) == "failed"]
     return bool(failed) and any(
-        i < min(failed) and v not in ("pending", "unknown") and statuses.get(v) not in ("delivered", "read")
-        for i, v in sent.items()
+        i < min(failed) and v not in NOT_SENT and statuses.get(v) not in ("delivered", "read") for i, v in sent.items()
     )
 
 

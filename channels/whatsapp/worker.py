@@ -31,9 +31,9 @@ from channels.whatsapp import erasure, metrics, store
 from channels.whatsapp.content import MediaStore, build_content
 from channels.whatsapp.graph import WINDOW_CLOSED, Graph, GraphError, GraphUnreachable
 from channels.whatsapp.sender import (
-    PIECE_FIELD,
     Sender,
     index_key,
+    sent_wamids,
     window_rest,
     window_unsettled,
 )
@@ -154,7 +154,7 @@ class Worker:
             conv = store.conversation_id(p["pnid"], p["wa_id"])
         key = (p.get("idempotency") or f"send:{job.id}") if p.get("kind") == "send" else f"turn:{p.get('wamid')}"
         state = await self.sender.state(p["account"], key)
-        sent = [v for f, v in state.items() if PIECE_FIELD.match(f) and v not in ("pending", "unknown")]
+        sent = sent_wamids(state)
         inbound = [m["wamid"] for m in burst if m.get("kind") == "in" and isinstance(m.get("wamid"), str)]
         await erasure.after_send(self.redis, self.pool, acct.tenant, conv, job.queued_us, [*inbound, *sent])
 
@@ -339,7 +339,7 @@ class Worker:
         if await self.sender.state(conv.account, p["idempotency"]):
             return p["text"]
         turn = await self.sender.state(conv.account, f"turn:{p['reply_to']}")
-        wamids = [v for f, v in turn.items() if PIECE_FIELD.match(f) and v not in ("pending", "unknown")]
+        wamids = sent_wamids(turn)
         statuses = await store.statuses(self.pool, acct.tenant, conv.account, wamids)
         if window_unsettled(turn, statuses) and time.time() - since < WINDOW_SETTLE_S:
             raise Retry(1.0)
