@@ -25,24 +25,18 @@ def _children() -> set[int]:
     return out
 
 
-def test_a_failed_start_stops_what_it_started(tmp_path, services):
-    config = parse_config(
-        {
-            "providers": [{"name": "pp", "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_keys": ["k"]}],
-            "models": [{"name": "m", "deployments": [{"provider": "pp", "model": "m"}]}],
-            "channels": {
-                "vapi": {
-                    "main": {
-                        "tenant": "startfail",
-                        "api_key": "sk-gw-not-a-key",
-                        "public_url": "https://gw.example.com",
-                        "auth": {"secret": "startfail-secret-0123456789"},
-                    }
-                }
-            },
-        }
-    )
-    settings = Settings(config=config, database_url=services[0], redis_url=services[1], data_dir=tmp_path / "data")
+def _settings(tmp_path: Path, services, **config) -> Settings:
+    """A gateway's settings on the test's PostgreSQL and Valkey: one model group, and ``config``."""
+    base = {
+        "providers": [{"name": "pp", "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_keys": ["k"]}],
+        "models": [{"name": "m", "deployments": [{"provider": "pp", "model": "m"}]}],
+    }
+    config = parse_config({**base, **config})
+    return Settings(config=config, database_url=services[0], redis_url=services[1], data_dir=tmp_path / "data")
+
+
+def _start_up(settings: Settings) -> tuple[list[dict], list[str]]:
+    """The app's lifespan start-up, in a loop of its own: what it sent, and the tasks it left running."""
 
     async def start() -> tuple[list[dict], list[str]]:
         app = GatewayApp(settings)
@@ -60,9 +54,22 @@ def test_a_failed_start_stops_what_it_started(tmp_path, services):
         left = [t.get_name() for t in asyncio.all_tasks() - before if not t.done()]
         for task in asyncio.all_tasks() - before:  # (without the fix: not to leak into other tests)
             task.cancel()
+        await asyncio.gather(*(asyncio.all_tasks() - before), return_exceptions=True)
         return sent, left
 
-    sent, left = asyncio.run(start())
+    return asyncio.run(start())
+
+
+def test_a_failed_start_stops_what_it_started(tmp_path, services):
+    vapi = {
+        "main": {
+            "tenant": "startfail",
+            "api_key": "sk-gw-not-a-key",
+            "public_url": "https://gw.example.com",
+            "auth": {"secret": "startfail-secret-0123456789"},
+        }
+    }
+    sent, left = _start_up(_settings(tmp_path, services, channels={"vapi": vapi}))
     assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
     assert "channels.vapi.main.api_key" in sent[0]["message"]
     assert left == []
@@ -71,14 +78,7 @@ def test_a_failed_start_stops_what_it_started(tmp_path, services):
 def test_a_start_that_fails_part_way_stops_the_parts_it_had_started(tmp_path, services, monkeypatch):
     """``Services.start`` failing at its last part (here the human-in-the-loop service) stops the
     ledger, the writers, the registry, the PII workers, the pools… it had started, in reverse."""
-    config = parse_config(
-        {
-            "providers": [{"name": "pp", "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_keys": ["k"]}],
-            "models": [{"name": "m", "deployments": [{"provider": "pp", "model": "m"}]}],
-            "pii": {"policies": {"default": {"entities": {"email": "mask"}}}},
-        }
-    )
-    settings = Settings(config=config, database_url=services[0], redis_url=services[1], data_dir=tmp_path / "data")
+    settings = _settings(tmp_path, services, pii={"policies": {"default": {"entities": {"email": "mask"}}}})
 
     async def refuses(*args, **kwargs):
         raise RuntimeError("the last part of the start failed")
@@ -109,13 +109,7 @@ def test_a_failed_start_up_stops_the_services_when_its_channel_fails_to_stop(tmp
     channel's error skipped the services')."""
     from gateway import channels_whatsapp, vapi_channel
 
-    config = parse_config(
-        {
-            "providers": [{"name": "pp", "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_keys": ["k"]}],
-            "models": [{"name": "m", "deployments": [{"provider": "pp", "model": "m"}]}],
-        }
-    )
-    settings = Settings(config=config, database_url=services[0], redis_url=services[1], data_dir=tmp_path / "data")
+    settings = _settings(tmp_path, services)
 
     class Channel:  # a started channel whose stop fails
         async def stop(self) -> None:
@@ -130,26 +124,7 @@ def test_a_failed_start_up_stops_the_services_when_its_channel_fails_to_stop(tmp
     monkeypatch.setattr(vapi_channel, "start", channel)
     monkeypatch.setattr(channels_whatsapp, "start", refuses)
 
-    async def start() -> tuple[list[dict], list[str]]:
-        app = GatewayApp(settings)
-        sent: list[dict] = []
-        messages = iter([{"type": "lifespan.startup"}])
-
-        async def receive() -> dict:
-            return next(messages)
-
-        async def send(message: dict) -> None:
-            sent.append(message)
-
-        before = asyncio.all_tasks()
-        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
-        left = [t.get_name() for t in asyncio.all_tasks() - before if not t.done()]
-        for task in asyncio.all_tasks() - before:  # (without the fix: not to leak into other tests)
-            task.cancel()
-        await asyncio.gather(*(asyncio.all_tasks() - before), return_exceptions=True)
-        return sent, left
-
-    sent, left = asyncio.run(start())
+    sent, left = _start_up(settings)
     assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
     assert "WhatsApp channel did not start" in sent[0]["message"]
     assert left == []
@@ -161,13 +136,7 @@ def test_a_part_whose_stop_hangs_does_not_hide_the_failed_start(tmp_path, servic
     from gateway import services as services_module
     from runtime.memory import Memory
 
-    config = parse_config(
-        {
-            "providers": [{"name": "pp", "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_keys": ["k"]}],
-            "models": [{"name": "m", "deployments": [{"provider": "pp", "model": "m"}]}],
-        }
-    )
-    settings = Settings(config=config, database_url=services[0], redis_url=services[1], data_dir=tmp_path / "data")
+    settings = _settings(tmp_path, services)
 
     async def refuses(*args, **kwargs):
         raise RuntimeError("the last part of the start failed")
