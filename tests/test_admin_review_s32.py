@@ -113,19 +113,19 @@ def gw(tmp_root, services, module_mock, graph):
         r = _admin(g, "POST", "/admin/keys", json={"name": "web", "tenant": TENANT})
         assert r.status_code == 201, r.text
         g.web_key = r.json()["key"]
-        body = {
-            "name": "helper",
-            "tenant": TENANT,
-            "model": "agent-model",
-            "template": "You help.",
-            "variables": {},
-            "escalation": {"enabled": True, "threshold": 0.5, "handoff_message": HANDOFF},
-        }
+        body = _agent(
+            "helper", variables={}, escalation={"enabled": True, "threshold": 0.5, "handoff_message": HANDOFF}
+        )
         r = _admin(g, "POST", "/admin/agents", json=body)
         assert r.status_code == 201, r.text
         yield g
     finally:
         g.stop()
+
+
+def _agent(name: str, **settings) -> dict:
+    """A create body of the module's tenant: ``name`` on ``agent-model``, and ``settings``."""
+    return {"name": name, "tenant": TENANT, "model": "agent-model", "template": "You help.", **settings}
 
 
 def _admin(gw, method: str, path: str, **kw) -> httpx.Response:
@@ -210,13 +210,7 @@ def test_saving_an_agents_tools_checks_their_schemas_off_the_event_loop(gw):
     before = len(_checks(gw))
     name = f"tooled-{uuid.uuid4().hex[:6]}"
     schema = {"type": "object", "properties": {"q": {"type": "string"}}}
-    body = {
-        "name": name,
-        "tenant": TENANT,
-        "model": "agent-model",
-        "template": "You help.",
-        "tools": [_tool("a", schema)],
-    }
+    body = _agent(name, tools=[_tool("a", schema)])
     r = _admin(gw, "POST", "/admin/agents", json=body)
     assert r.status_code == 201, r.text
     r = _admin(gw, "PATCH", f"/admin/agents/{name}", json={"tools": [_tool("a", schema), _tool("b", schema)]})
@@ -230,7 +224,7 @@ def test_an_invalid_tool_schema_is_still_a_400_naming_it_and_stores_nothing(gw, 
     name = f"badtool-{uuid.uuid4().hex[:6]}"
     good = _tool("a", {"type": "object"})
     bad = _tool("b", {"type": "object", "properties": {"q": {"type": "string", "minLength": -1}}})
-    body = {"name": name, "tenant": TENANT, "model": "agent-model", "template": "You help.", "tools": [good]}
+    body = _agent(name, tools=[good])
     if method == "PATCH":
         assert _admin(gw, "POST", "/admin/agents", json=body).status_code == 201
         r = _admin(gw, "PATCH", f"/admin/agents/{name}", json={"tools": [good, bad]})
@@ -275,14 +269,7 @@ def test_two_patches_of_one_agent_at_once_both_keep_their_fields(gw, services):
     taken by every change after it read the agent) until both wait on a lock."""
     name = f"twice-{uuid.uuid4().hex[:6]}"
     schema = {"type": "object"}
-    body = {
-        "name": name,
-        "tenant": TENANT,
-        "model": "agent-model",
-        "template": "You help.",
-        "tools": [_tool("a", schema)],
-        "memory": {"window_turns": 5},
-    }
+    body = _agent(name, tools=[_tool("a", schema)], memory={"window_turns": 5})
     assert _admin(gw, "POST", "/admin/agents", json=body).status_code == 201
     headers = {"Authorization": f"Bearer {MASTER_KEY}"}
     path = f"{gw.url}/admin/agents/{name}?tenant={TENANT}"
@@ -318,13 +305,7 @@ def test_approving_a_learned_answer_while_the_agent_is_patched_keeps_the_patch(g
     the tenant's agents lock (taken by the PATCH, with the agent's row) until the approval waits
     too."""
     name = f"learner-{uuid.uuid4().hex[:6]}"
-    body = {
-        "name": name,
-        "tenant": TENANT,
-        "model": "agent-model",
-        "template": "You help.",
-        "escalation": {"enabled": True, "threshold": 0.5, "handoff_message": HANDOFF},
-    }
+    body = _agent(name, escalation={"enabled": True, "threshold": 0.5, "handoff_message": HANDOFF})
     assert _admin(gw, "POST", "/admin/agents", json=body).status_code == 201
     esc = _escalated(gw, services, gw.web_key, f"web-{uuid.uuid4().hex[:10]}", agent=name)
     answer = "We ship to Iceland within six working days."
