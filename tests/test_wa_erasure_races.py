@@ -186,6 +186,18 @@ def gw(tmp_root, services, module_mock, graph):
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+def _record(services, wamid: str) -> list[dict]:
+    """The message record of ``wamid`` in the module's tenant: who it names, and its words."""
+    sql = "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2"
+    return rows(services[0], sql, TENANT, wamid)
+
+
+def _tagged(conv: str) -> list[dict]:
+    """``_record`` of a message of ``conv`` after its erasure: the tag, no number, no words."""
+    tag = _tag(TENANT, conv)
+    return [{"conversation_id": tag, "wa_id": tag, "body": None}]
+
+
 def _admin(gw, method: str, path: str, **kw) -> httpx.Response:
     return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=90, **kw)
 
@@ -368,9 +380,7 @@ def test_a_reply_out_at_graph_when_the_erasure_lands_keeps_no_number(gw, graph, 
     assert out and out[0].status_code == 200, out and out[0].text
     assert out[0].json()["delivery"]["status"] == "sent"
     wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == words)
-    sql = "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2"
-    tag = _tag(TENANT, conv)
-    assert rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}]
+    assert _record(services, wamid) == _tagged(conv)
     assert _naming(services, TENANT, ada) == NOTHING
 
 
@@ -397,10 +407,8 @@ def test_an_admin_send_out_at_graph_when_the_erasure_lands_keeps_no_number(gw, g
         _release(graph)
         graph.configure(text_answer_delays_ms=[])
     wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == words)
-    sql = "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2"
-    tag = _tag(TENANT, conv)
     wait_until(
-        lambda: rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}],
+        lambda: _record(services, wamid) == _tagged(conv),
         what="the send's record tagged",
     )
     assert _naming(services, TENANT, ada) == NOTHING
@@ -561,9 +569,7 @@ def test_an_admin_send_whose_later_piece_fails_as_the_erasure_lands_keeps_no_num
         graph.configure(text_answer_delays_ms=[])
     wait_until(lambda: _erased_sends(gw) > before or _letters(services, ada), what="the failed send's job over")
     wamid = next(s["wamid"] for s in graph.sent_to(ada) if (s.get("text") or "").startswith(head))
-    sql = "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2"
-    tag = _tag(TENANT, conv)
-    assert rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}]
+    assert _record(services, wamid) == _tagged(conv)
     assert _letters(services, ada) == []
     assert _naming(services, TENANT, ada) == NOTHING
 
@@ -636,10 +642,8 @@ def test_a_send_whose_erasure_check_failed_is_cleaned_when_its_retry_is_dropped(
     wait_until(lambda: _erased_sends(gw) > before or _letters(services, ada), what="the retry dropped")
     r.close()
     wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == words)
-    sql = "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2"
-    tag = _tag(TENANT, conv)
     wait_until(
-        lambda: rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}],
+        lambda: _record(services, wamid) == _tagged(conv),
         what="the send's record tagged",
     )
     assert _letters(services, ada) == []
@@ -664,10 +668,8 @@ def test_a_fallback_message_out_at_graph_when_the_erasure_lands_keeps_no_number(
         _release(graph)
         graph.configure(text_answer_delays_ms=[])
     wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == FALLBACK)
-    sql = "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2"
-    tag = _tag(TENANT, conv)
     wait_until(
-        lambda: rows(services[0], sql, TENANT, wamid) == [{"conversation_id": tag, "wa_id": tag, "body": None}],
+        lambda: _record(services, wamid) == _tagged(conv),
         what="the fallback's record tagged",
     )
     assert _naming(services, TENANT, ada) == NOTHING
