@@ -20,9 +20,11 @@ Valkey."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import textwrap
 import threading
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -244,6 +246,20 @@ def test_an_invalid_tool_schema_is_still_a_400_naming_it_and_stores_nothing(gw, 
         assert after.status_code == 404, after.text
 
 
+@contextlib.asynccontextmanager
+async def _agents_locked(services) -> AsyncIterator[tuple[asyncpg.Connection, Callable[[], Awaitable[None]]]]:
+    """Another session holding the tenant's agents lock (``check_agent_room``'s, taken by every
+    agent change) until ``release()`` (its commit): its connection, to poll ``_waiting``."""
+    holder = await asyncpg.connect(services[0])
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-agents:' || $1))", TENANT)
+        yield holder, tx.commit
+    finally:
+        await holder.close()
+
+
 async def _waiting(holder, n: int, tasks: list) -> None:
     """Until ``n`` transactions of the database wait on a lock, or one of ``tasks`` is done (a
     failure its test reads): bounded, then what the database's sessions were doing."""
@@ -275,21 +291,17 @@ def test_two_patches_of_one_agent_at_once_both_keep_their_fields(gw, services):
     path = f"{gw.url}/admin/agents/{name}?tenant={TENANT}"
 
     async def go() -> list[httpx.Response]:
-        holder = await asyncpg.connect(services[0])
-        try:
-            tx = holder.transaction()
-            await tx.start()
-            await holder.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-agents:' || $1))", TENANT)
-            async with httpx.AsyncClient(headers=headers, timeout=60) as client:
-                patches = [
-                    asyncio.create_task(client.patch(path, json={"tools": [_tool("a", schema), _tool("b", schema)]})),
-                    asyncio.create_task(client.patch(path, json={"memory": {"window_turns": 7}})),
-                ]
-                await _waiting(holder, 2, patches)
-                await tx.commit()
-                return await asyncio.gather(*patches)
-        finally:
-            await holder.close()
+        async with (
+            _agents_locked(services) as (holder, release),
+            httpx.AsyncClient(headers=headers, timeout=60) as client,
+        ):
+            patches = [
+                asyncio.create_task(client.patch(path, json={"tools": [_tool("a", schema), _tool("b", schema)]})),
+                asyncio.create_task(client.patch(path, json={"memory": {"window_turns": 7}})),
+            ]
+            await _waiting(holder, 2, patches)
+            await release()
+            return await asyncio.gather(*patches)
 
     for r in asyncio.run(go()):
         assert r.status_code == 200, r.text
@@ -316,24 +328,20 @@ def test_approving_a_learned_answer_while_the_agent_is_patched_keeps_the_patch(g
     schema = {"type": "object"}
 
     async def go() -> list[httpx.Response]:
-        holder = await asyncpg.connect(services[0])
-        try:
-            tx = holder.transaction()
-            await tx.start()
-            await holder.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-agents:' || $1))", TENANT)
-            async with httpx.AsyncClient(base_url=gw.url, headers=headers, timeout=60) as client:
-                patch = asyncio.create_task(
-                    client.patch(f"/admin/agents/{name}?tenant={TENANT}", json={"tools": [_tool("a", schema)]})
-                )
-                await _waiting(holder, 1, [patch])
-                approve = asyncio.create_task(
-                    client.post(f"/admin/agents/{name}/learned/{example}/approve?tenant={TENANT}")
-                )
-                await _waiting(holder, 2, [patch, approve])
-                await tx.commit()
-                return await asyncio.gather(patch, approve)
-        finally:
-            await holder.close()
+        async with (
+            _agents_locked(services) as (holder, release),
+            httpx.AsyncClient(base_url=gw.url, headers=headers, timeout=60) as client,
+        ):
+            patch = asyncio.create_task(
+                client.patch(f"/admin/agents/{name}?tenant={TENANT}", json={"tools": [_tool("a", schema)]})
+            )
+            await _waiting(holder, 1, [patch])
+            approve = asyncio.create_task(
+                client.post(f"/admin/agents/{name}/learned/{example}/approve?tenant={TENANT}")
+            )
+            await _waiting(holder, 2, [patch, approve])
+            await release()
+            return await asyncio.gather(patch, approve)
 
     for r in asyncio.run(go()):
         assert r.status_code == 200, r.text
