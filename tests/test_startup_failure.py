@@ -270,3 +270,78 @@ def test_a_part_whose_stop_raises_does_not_keep_the_others_running(tmp_path, ser
 
     assert asyncio.run(start_and_stop()) == []
     assert _children() - children == set()
+
+
+def test_a_policy_engine_whose_second_script_fails_to_load_closes_its_connection(tmp_path, services, monkeypatch):
+    """The engine's first script load opened its pipelined connection, the second failed: the
+    connection is closed before the start raises (its stop was never added: its start failed)."""
+    from core.fastredis import PipelinedRedis
+
+    real_load = PipelinedRedis.script_load
+    loads: list[PipelinedRedis] = []
+
+    async def second_fails(self, script: str) -> str:
+        loads.append(self)
+        if len(loads) == 2:
+            raise RuntimeError("the second script did not load")
+        return await real_load(self, script)
+
+    monkeypatch.setattr(PipelinedRedis, "script_load", second_fails)
+    assert _fails(_settings(tmp_path, services), "second script") == []
+    engines = loads[1]
+    assert engines is loads[0]  # (both loads were the engine's, on one connection)
+    assert engines._proto is None or engines._proto.transport.is_closing()
+
+
+def test_alerts_whose_second_webhook_sender_fails_to_start_close_the_first(tmp_path, services, monkeypatch):
+    """The alert sender's first webhook sender opened its HTTP session, the second's start failed:
+    the session is closed before the start raises."""
+    from policies.webhooks import WebhookSender
+
+    real_start = WebhookSender.start
+    senders: list[WebhookSender] = []
+
+    async def second_fails(self) -> None:
+        senders.append(self)
+        if len(senders) == 2:
+            raise RuntimeError("the second webhook sender did not start")
+        await real_start(self)
+
+    monkeypatch.setattr(WebhookSender, "start", second_fails)
+    assert _fails(_settings(tmp_path, services), "second webhook sender") == []
+    assert senders[0]._session is None
+
+
+def test_a_whatsapp_channel_whose_worker_fails_to_start_is_stopped(tmp_path, services, monkeypatch):
+    """The WhatsApp channel had opened its database pool and clients, then its worker's start
+    failed: the channel is stopped (its pool closed) before the start-up reports the failure;
+    the app's list had no stop of it yet."""
+    from channels.whatsapp.channel import WhatsApp
+
+    made: list[WhatsApp] = []
+    real_from_config = WhatsApp.from_config.__func__
+
+    async def from_config(cls, *args, **kwargs):
+        channel = await real_from_config(cls, *args, **kwargs)
+        made.append(channel)
+        return channel
+
+    async def refuses(self) -> None:
+        raise RuntimeError("the WhatsApp worker did not start")
+
+    monkeypatch.setattr(WhatsApp, "from_config", classmethod(from_config))
+    monkeypatch.setattr(WhatsApp, "start_worker", refuses)
+    monkeypatch.setenv("GATEWAY_CHANNEL_WORKER", "1")
+    account = {
+        "tenant": "startfail",
+        "phone_numbers": {"1000001": "wabot"},
+        "app_secret": "startfail-app-secret-0123456789",
+        "verify_token": "startfail-verify",
+        "access_token": "startfail-token",
+        "api_key": "sk-gw-not-a-key",
+    }
+    sent, left = _start_up(_settings(tmp_path, services, channels={"whatsapp": {"main": account}}))
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "WhatsApp worker did not start" in sent[0]["message"]
+    assert left == []
+    assert len(made) == 1 and made[0].pool._closed
