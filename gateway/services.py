@@ -83,7 +83,7 @@ class Services:
     # (``wa:…``, ``vapi:…``, whose ids are guessable from a phone number)
     channel_keys: set[str] = field(default_factory=set)
     hitl: hitl_service.HitlService | None = None  # human in the loop: holds, queue feed, SLA sweeper
-    whatsapp: WhatsApp | None = None  # the WhatsApp channel (gateway/channels_whatsapp.py)
+    whatsapp: WhatsApp | None = None  # the WhatsApp channel (gateway/channels_whatsapp.py; the app stops it)
     local_reranker: LocalReranker | None = None  # the local cross-encoder (rag.rerank.local_model_dir)
     expiry: ExpirySweeper | None = None  # empties expired vector stores (every replica; idempotent)
     retention: RetentionSweeper | None = None  # deletes conversations past their agent's retention
