@@ -6,7 +6,6 @@ are the hot path, and a dict lookup plus hand-built headers is all they need.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -34,7 +33,8 @@ from gateway.idempotency import requested as idempotency_requested
 from gateway.openai_store import OpenAIStore
 from gateway.openai_store import handles as openai_store_handles
 from gateway.openapi import openapi_document
-from gateway.services import FAILED_START_STOP_S, Services, Settings
+from gateway.services import Services, Settings
+from gateway.started import Started
 from runtime.types import AGENT_PREFIX
 
 log = logging.getLogger("gateway")
@@ -51,6 +51,7 @@ class GatewayApp:
         self._openapi = None
         self.admin = Admin(self)
         self.vapi = None  # the VAPI channel (gateway/vapi_channel.py), when accounts are configured
+        self._started = Started()  # what start-up started, in order (gateway/started.py)
         self.openai_store = OpenAIStore(self)  # /v1/files, /v1/vector_stores (knowledge bases)
         self.idempotency = Idempotency(settings.redis_url, settings.config.server)  # Idempotency-Key
         routes = {
@@ -81,44 +82,40 @@ class GatewayApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    self.svc = await Services.start(self.settings)
-                    # the knowledge_search built-in searches the agent's knowledge bases
-                    self.svc.tools.handlers["knowledge_search"] = grounding.knowledge_search_handler(self.svc)
-                    self.vapi = await vapi_channel.start(self.svc)
-                    kb_embedding.install(self.svc)  # knowledge bases embed through the gateway
-                    self.svc.whatsapp = await channels_whatsapp.start(self.svc, self.settings)
+                    await self._start()
                 except Exception as exc:
                     log.exception("start-up failed")
-                    await self._stop_started()
+                    # What it had started, stopped before the failure is reported: left running,
+                    # their tasks outlive it, and the process ends only once ``asyncio.run`` has
+                    # cancelled each of them, which one that loses that single cancellation
+                    # (``core.background``: Python 3.11's ``wait_for``) never lets happen.
+                    await self._started.stop()
+                    self.vapi = self.svc = None
                     await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
                     return
                 heap.settle()  # what start-up built is never scanned by the collector again
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self.vapi is not None:
-                    await self.vapi.stop()
-                if self.svc is not None:
-                    await self.svc.stop()
+                await self._started.stop(bounded=False)  # (each of the services' parts is bounded)
                 await self.idempotency.close()
                 access_log.flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _stop_started(self) -> None:
-        """What a failed start-up had started (the services, a channel), stopped before the failure
-        is reported: left running, their tasks outlive it, and the process ends only once
-        ``asyncio.run`` has cancelled each of them, which one that loses that single cancellation
-        (``core.background``: Python 3.11's ``wait_for``) never lets happen. ``stop`` re-cancels.
-        Each is stopped whatever the other's stop raised."""
-        for part in (self.vapi, self.svc):
-            if part is None:
-                continue
-            try:
-                async with asyncio.timeout(FAILED_START_STOP_S):  # (a hung stop must not hide the failure)
-                    await part.stop()
-            except Exception as exc:  # (the start-up's own error is the one reported)
-                log.warning("stopping what the failed start-up started: %s", type(exc).__name__)
-        self.vapi = self.svc = None
+    async def _start(self) -> None:
+        """The services, then the channels; each one's stop added to ``_started`` once it has
+        started (the list both the shutdown and a failed start-up run, in reverse)."""
+        self.svc = svc = await Services.start(self.settings)
+        self._started.add(svc.stop)
+        # the knowledge_search built-in searches the agent's knowledge bases
+        svc.tools.handlers["knowledge_search"] = grounding.knowledge_search_handler(svc)
+        self.vapi = await vapi_channel.start(svc)
+        if self.vapi is not None:
+            self._started.add(self.vapi.stop)
+        kb_embedding.install(svc)  # knowledge bases embed through the gateway
+        svc.whatsapp = await channels_whatsapp.start(svc, self.settings)
+        if svc.whatsapp is not None:
+            self._started.add(svc.whatsapp.stop)
 
     async def _http(self, scope, receive, send) -> None:
         # The gateway's own id for every request; the caller's (x-client-request-id, else

@@ -50,17 +50,21 @@ async def start(svc, settings, *, worker: bool | None = None) -> WhatsApp | None
     )
     if channel is None:
         return None
-    for name, account in settings.config.channels.whatsapp.items():  # their keys hold wa: conversations
-        key = account.get("api_key") if isinstance(account, dict) else None
-        try:
-            ident = await svc.auth.authenticate(f"Bearer {key}".encode()) if isinstance(key, str) else None
-        except GatewayError:
-            ident = None
-        if ident is None:
-            log.warning("whatsapp account %s: its api_key is not an active key of the gateway", name)
-        else:
-            svc.channel_keys.add(ident.key_id)
-    svc.delivery.register("whatsapp", DeliveryAdapter(channel))
-    if worker_enabled() if worker is None else worker:
-        await channel.start_worker()
+    try:
+        for name, account in settings.config.channels.whatsapp.items():  # their keys hold wa: conversations
+            key = account.get("api_key") if isinstance(account, dict) else None
+            try:
+                ident = await svc.auth.authenticate(f"Bearer {key}".encode()) if isinstance(key, str) else None
+            except GatewayError:
+                ident = None
+            if ident is None:
+                log.warning("whatsapp account %s: its api_key is not an active key of the gateway", name)
+            else:
+                svc.channel_keys.add(ident.key_id)
+        svc.delivery.register("whatsapp", DeliveryAdapter(channel))
+        if worker_enabled() if worker is None else worker:
+            await channel.start_worker()
+    except BaseException:  # the channel's pool, clients and workers: stopped, not left open
+        await channel.stop()
+        raise
     return channel

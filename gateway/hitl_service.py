@@ -77,10 +77,15 @@ async def start(config: Hitl, pool, redis, fast, embedder) -> HitlService:
 
     sweeper = sla.Sweeper(pool, redis, holds, emit, interval=config.sweep_interval_s)
     feed = held.Feed(redis)
-    await feed.start()
+    service = HitlService(config, holds, feed, sweeper, LearnedIndexer(embedder), fast)
+    try:
+        await feed.start()
+        await sweeper.start()
+    except BaseException:  # what did start is stopped (the feed's task, the connection): not left running
+        await service.stop()
+        raise
     _end_streams_on_exit(feed)
-    await sweeper.start()
-    return HitlService(config, holds, feed, sweeper, LearnedIndexer(embedder), fast)
+    return service
 
 
 def _end_streams_on_exit(feed: held.Feed) -> None:

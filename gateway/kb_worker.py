@@ -181,5 +181,9 @@ class KbWorker:
                 await asyncio.wait_for(self.queue.stop(grace), grace + 15)
             await stop_task(self._task)
             self._task = None
+
+    def close(self) -> None:
+        """The embedding thread (documents embedded by the worker, or re-embedded for the admin
+        API: started or not, the worker has it)."""
         if self.embedder is not None:
             self.embedder.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ from gateway.providers import build_adapter
 from gateway.providers.base import ProviderAdapter
 from gateway.routing import Router
 from gateway.routing.shared import SharedHealth
+from gateway.started import Started
 from gateway.vector_store_expiry import ExpirySweeper
 from policies.alerts import AlertSender
 from policies.auth import Authenticator
@@ -57,22 +57,6 @@ class Settings:
     data_dir: Path = Path(".data")
 
 
-FAILED_START_STOP_S = 40.0  # the most one part's stop may take after a failed start (the ledger's is 30 s)
-
-
-async def _quietly(stop) -> None:
-    """One part of a failed start stopped (``Services.start``); its own failure is logged, not raised
-    over the start's error, and a stop that hangs is left after ``FAILED_START_STOP_S`` (the
-    failure is still reported)."""
-    try:
-        async with asyncio.timeout(FAILED_START_STOP_S):
-            result = stop()
-            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-                await result
-    except Exception as exc:
-        log.warning("stopping %r after a failed start: %s", stop, type(exc).__name__)
-
-
 @dataclass
 class Services:
     config: Config
@@ -99,82 +83,90 @@ class Services:
     # (``wa:…``, ``vapi:…``, whose ids are guessable from a phone number)
     channel_keys: set[str] = field(default_factory=set)
     hitl: hitl_service.HitlService | None = None  # human in the loop: holds, queue feed, SLA sweeper
-    whatsapp: WhatsApp | None = None  # the WhatsApp channel (gateway/channels_whatsapp.py)
+    whatsapp: WhatsApp | None = None  # the WhatsApp channel (gateway/channels_whatsapp.py; the app stops it)
     local_reranker: LocalReranker | None = None  # the local cross-encoder (rag.rerank.local_model_dir)
     expiry: ExpirySweeper | None = None  # empties expired vector stores (every replica; idempotent)
     retention: RetentionSweeper | None = None  # deletes conversations past their agent's retention
     forget_channel: ChannelCopies | None = None  # a channel's copies of conversations deleted (dead letters, files)
     _ready: tuple[float, dict[str, str]] | None = None  # (valid until, result) of the last check
     _ready_check: asyncio.Future | None = None  # the check under way, shared by its callers
+    _parts: Started = field(default_factory=Started, repr=False)  # what ``start`` started, in order
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
         """Everything started, in order; a start that fails part-way stops what it had started
         (in reverse) before it raises: left running, their tasks and worker processes outlive the
-        failed start, and the process may never exit (``GatewayApp._stop_started``)."""
-        async with contextlib.AsyncExitStack() as started:
+        failed start, and the process may never exit (``GatewayApp._lifespan``)."""
+        started = Started()
+        try:
             svc = await cls._start(settings, started)
-            started.pop_all()
+        except BaseException:
+            await started.stop()
+            raise
+        svc._parts = started
         return svc
 
     @classmethod
-    async def _start(cls, settings: Settings, started: contextlib.AsyncExitStack) -> Services:
-        def on_failure(stop) -> None:  # (``stop``: what undoes the part just started, called then)
-            started.push_async_callback(_quietly, stop)
-
+    async def _start(cls, settings: Settings, started: Started) -> Services:
+        """Each part's stop is added to ``started`` as soon as the part has started: ``stop`` and a
+        failed start both run that list, in reverse. (The ledger starts after the stream writers,
+        so that it is flushed before them, first of the parts requests write to.)"""
         # the local cross-encoder re-ranker, when configured: an unusable folder fails start-up here
         taken = frozenset(m.name for m in settings.config.models)
         local_reranker = local_reranker_from(settings.config.rag.rerank, taken=taken)
         if local_reranker is not None:
-            on_failure(local_reranker.close)
+            started.add(local_reranker.close)
         pool = await connect_pool(settings.database_url)
-        on_failure(lambda: asyncio.wait_for(pool.close(), 5))
+
+        async def close_pool() -> None:
+            await asyncio.wait_for(pool.close(), 5)
+
+        started.add(close_pool)
         async with pool.acquire() as conn:
             await migrate(conn)
         # Generous: a burst of concurrent requests each holds a connection for one round trip.
         redis = aioredis.from_url(settings.redis_url, max_connections=4096, health_check_interval=30)
-        on_failure(redis.aclose)
+        started.add(redis.aclose)
         await redis.ping()
         upstream = Upstream()
         await upstream.start()
-        on_failure(upstream.close)
-        adapters = {p.name: build_adapter(p, upstream) for p in settings.config.providers}
-        for adapter in adapters.values():
-            on_failure(adapter.close)
+        started.add(upstream.close)
+        adapters = {}
+        for provider in settings.config.providers:
+            adapters[provider.name] = adapter = build_adapter(provider, upstream)
+            started.add(adapter.close)
         auth = Authenticator(pool, redis, settings.master_key, settings.config)
         await auth.start()
-        on_failure(auth.stop)
+        started.add(auth.stop)
         router = Router(settings.config)
         health = SharedHealth(redis, router)
         router.set_publisher(health.publish)
         await health.start()
-        on_failure(health.stop)
+        started.add(health.stop)
         budgets = BudgetCache(pool, redis)
         await budgets.start()
-        on_failure(budgets.stop)
+        started.add(budgets.stop)
         fast = PipelinedRedis(settings.redis_url)
         policies = PolicyEngine(settings.config, fast, budgets, router)
         await policies.start()
-        on_failure(policies.close)
+        started.add(policies.close)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        spool = Spool(settings.data_dir / f"ledger-spool-{os.getpid()}.jsonl")
-        ledger = LedgerWriter(redis, PipelinedRedis(settings.redis_url, timeout=10), pool, spool)
-        await ledger.start()
-        on_failure(ledger.stop)
-        alerts = AlertSender(redis, budgets, settings.config.alerts)
-        await alerts.start()
-        on_failure(alerts.stop)
         pii = None
         if settings.config.pii.enabled:
             # a group's deployments name the tokenizer of token-array embeddings input
             models = {m.name: tuple(d.model for d in m.deployments) for m in settings.config.models}
             pii = Scrubber(settings.config.pii, settings.data_dir.resolve(), models=models)
             await pii.start()
-            on_failure(pii.close)
+            started.add(pii.close)
+        # the readers: independent of each other, each waiting out its own blocking read on its
+        # stop, so they are stopped together
+        alerts = AlertSender(redis, budgets, settings.config.alerts)
+        await alerts.start()
+        started.add(alerts.stop, together="readers")
         # the agent runtime: registry (cached, pub/sub), memory, tools, run records
         agents = AgentRegistry(pool, redis, cache_bytes=settings.config.policies.prompt_cache_bytes)
         await agents.start()
-        on_failure(agents.stop)
+        started.add(agents.stop, together="readers")
         # an agent's replica loads the tokenizer in a thread from the registry's start: no traffic
         # and no background consumer (memory, runs, ingestion) before it is loaded, so nothing
         # loads it on the event loop, and no consumer's first messages wait on the load
@@ -188,34 +180,40 @@ class Services:
             spill_dir=settings.data_dir,
         )
         await memory.start()
-        on_failure(memory.stop)
+        started.add(memory.stop, together="readers")
         tools = ToolRunner()
         await tools.start()
-        on_failure(tools.stop)
+        started.add(tools.stop, together="readers")
         runs = RunRecorder(
             pool, redis, fast=fast, reader=PipelinedRedis(settings.redis_url, timeout=10), spill_dir=settings.data_dir
         )
         await runs.start()
-        on_failure(runs.stop)
+        started.add(runs.stop, together="readers")
+        spool = Spool(settings.data_dir / f"ledger-spool-{os.getpid()}.jsonl")
+        ledger = LedgerWriter(redis, PipelinedRedis(settings.redis_url, timeout=10), pool, spool)
+        await ledger.start()
+        started.add(ledger.stop)
         # knowledge bases: the local embedding model and the ingestion worker on the kb-ingest queue
         embedder = kb_worker.make_embedder()
         kb = kb_worker.KbWorker(pool, redis, embedder, settings.data_dir.resolve())
+        started.add(kb.close)  # its embedding thread, whether or not the worker runs here
         if kb_worker.enabled():
             await kb.start()
-            on_failure(kb.stop)
+            started.add(kb.stop)
         expiry = ExpirySweeper(pool, settings.data_dir.resolve())
         expiry.start()
-        on_failure(expiry.stop)
+        started.add(expiry.stop)
         # (a channel's copies are dropped through Redis and the data directory alone: with or without
         # its accounts here)
         forget_channel = _forget_in_redis(redis, settings.data_dir.resolve(), pool, spool.dead_path, erasure=True)
         channel_copies = _forget_in_redis(redis, settings.data_dir.resolve(), pool, spool.dead_path, erasure=False)
         retention = RetentionSweeper(pool, memory=memory, channel_copies=channel_copies, holds=held.Holds(redis))
         retention.start()
-        on_failure(retention.stop)
+        started.add(retention.stop)
         hitl = await hitl_service.start(
             settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder
         )
+        started.add(hitl.stop)
         return cls(
             settings.config,
             pool,
@@ -244,38 +242,9 @@ class Services:
         )
 
     async def stop(self) -> None:
-        """After the server drained its requests: flush the ledger, then close everything."""
-        if self.whatsapp is not None:
-            await self.whatsapp.stop()
-        if self.kb is not None:
-            await self.kb.stop()
-        if self.local_reranker is not None:
-            self.local_reranker.close()
-        if self.expiry is not None:
-            await self.expiry.stop()
-        if self.retention is not None:
-            await self.retention.stop()
-        if self.hitl is not None:
-            await self.hitl.stop()
-        await self.ledger.stop()
-        # independent of each other, each waiting out its own blocking read: stopped together
-        parts = [p for p in (self.runs, self.memory, self.tools, self.agents, self.alerts) if p is not None]
-        results = await asyncio.gather(*(p.stop() for p in parts), return_exceptions=True)
-        for part, result in zip(parts, results, strict=True):
-            if isinstance(result, Exception):
-                log.warning("%s did not stop cleanly: %r", type(part).__name__, result)
-        await self.budgets.stop()
-        await self.health.stop()
-        await self.auth.stop()
-        await self.policies.close()
-        if self.pii is not None:
-            await self.pii.close()
-        for adapter in self.adapters.values():
-            await adapter.close()
-        await self.upstream.close()
-        await self.redis.aclose()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.pool.close(), 5)
+        """After the server drained its requests: every part stopped, last started first (the
+        list ``start`` made), each whatever the others' stops raised."""
+        await self._parts.stop()
 
     async def readiness(self) -> dict[str, str]:
         """The database and Redis checks of /readyz, which anyone may call: run at most once per

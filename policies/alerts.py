@@ -158,8 +158,12 @@ class AlertSender:
             await self._redis.xgroup_create(ALERT_STREAM, GROUP, id="0", mkstream=True)
         if self._cfg.webhook_url and (problem := url_problem(self._cfg.webhook_url, self._webhooks.policy)):
             log.error("alerts.webhook_url %s: alerts sent there will fail", problem)
-        await self._webhooks.start()
-        await self._public.start()
+        try:
+            await self._webhooks.start()
+            await self._public.start()
+        except BaseException:  # the session one of them opened: closed, not left open
+            await self.stop()
+            raise
         self._task = asyncio.create_task(self._run(), name="alert-sender")
 
     async def stop(self) -> None:

@@ -157,8 +157,12 @@ class PolicyEngine:
         self._hold_ms = int(p.reservation_hold_s * 1000)
 
     async def start(self) -> None:
-        self._admit_sha = await self._redis.script_load(scripts.ADMIT)
-        self._settle_sha = await self._redis.script_load(scripts.SETTLE)
+        try:
+            self._admit_sha = await self._redis.script_load(scripts.ADMIT)
+            self._settle_sha = await self._redis.script_load(scripts.SETTLE)
+        except BaseException:  # the connection the first load opened: closed, not left open
+            await self._redis.close()
+            raise
         if self.credit is not None:
             self.credit.start()
 

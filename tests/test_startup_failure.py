@@ -8,6 +8,7 @@ hung now and then instead of exiting with the error."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -131,9 +132,9 @@ def test_a_failed_start_up_stops_the_services_when_its_channel_fails_to_stop(tmp
 
 
 def test_a_part_whose_stop_hangs_does_not_hide_the_failed_start(tmp_path, services, monkeypatch):
-    """A part's stop that never returns is left after ``FAILED_START_STOP_S``: the start's own
+    """A part's stop that never returns is left after ``PART_STOP_S``: the start's own
     error is still raised (and so reported), the other parts still stopped."""
-    from gateway import services as services_module
+    from gateway import started
     from runtime.memory import Memory
 
     settings = _settings(tmp_path, services)
@@ -145,7 +146,7 @@ def test_a_part_whose_stop_hangs_does_not_hide_the_failed_start(tmp_path, servic
         await asyncio.Event().wait()
 
     monkeypatch.setattr(hitl_service, "start", refuses)
-    monkeypatch.setattr(services_module, "FAILED_START_STOP_S", 0.5)
+    monkeypatch.setattr(started, "PART_STOP_S", 0.5)
     monkeypatch.setattr(Memory, "stop", hangs)
 
     async def start() -> str:
@@ -158,3 +159,189 @@ def test_a_part_whose_stop_hangs_does_not_hide_the_failed_start(tmp_path, servic
         return "the start did not fail"
 
     assert asyncio.run(start()) == "the last part of the start failed"
+
+
+def _fails(settings: Settings, message: str) -> list[str]:
+    """``Services.start`` raising ``message``: the tasks it left running (then cancelled, so that
+    a failure here does not leak into other tests)."""
+
+    async def start() -> list[str]:
+        before = asyncio.all_tasks()
+        try:
+            await Services.start(settings)
+        except RuntimeError as exc:
+            assert message in str(exc)
+        else:
+            raise AssertionError("the start did not fail")
+        left = [t.get_name() for t in asyncio.all_tasks() - before if not t.done()]
+        for task in asyncio.all_tasks() - before:
+            task.cancel()
+        await asyncio.gather(*(asyncio.all_tasks() - before), return_exceptions=True)
+        return left
+
+    return asyncio.run(start())
+
+
+def test_a_pii_worker_pool_whose_second_worker_fails_to_start_reaps_the_first(tmp_path, services, monkeypatch):
+    """The pool's start spawned its first worker process, then the second's start failed: the
+    first is stopped (its process reaped, its reader task ended) before the start raises; the
+    part's own start failed, so no stop of the services' list covered it."""
+    from policies.pii import workers
+
+    settings = _settings(
+        tmp_path, services, pii={"workers": 2, "policies": {"default": {"entities": {"email": "mask"}}}}
+    )
+    real_start = workers._Worker.start
+
+    async def second_fails(self, warm):
+        if self.index == 1:
+            raise RuntimeError("the second PII worker did not start")
+        await real_start(self, warm)
+
+    monkeypatch.setattr(workers._Worker, "start", second_fails)
+    children = _children()
+    left = _fails(settings, "second PII worker")
+    assert _children() - children == set()
+    assert left == []
+
+
+def test_a_hitl_start_whose_sweeper_fails_stops_its_feed(tmp_path, services, monkeypatch):
+    """The escalation feed had started (its subscription task) and the SLA sweeper's start failed:
+    the feed is stopped before the error goes up, not left listening."""
+    from runtime.hitl import sla
+
+    async def refuses(self) -> None:
+        raise RuntimeError("the SLA sweeper did not start")
+
+    monkeypatch.setattr(sla.Sweeper, "start", refuses)
+    assert _fails(_settings(tmp_path, services), "SLA sweeper") == []
+
+
+def test_a_failed_start_closes_the_embedding_thread_without_the_kb_worker(tmp_path, services, monkeypatch):
+    """The knowledge bases' embedding thread is closed by a failed start even where this process
+    runs no ingestion worker (its close came with the worker's stop, added only when it ran)."""
+    from gateway import kb_worker
+
+    closed: list[object] = []
+    real_close = kb_worker.SerialEmbedder.close
+
+    def close(self) -> None:
+        closed.append(self)
+        real_close(self)
+
+    async def refuses(*args, **kwargs):
+        raise RuntimeError("the last part of the start failed")
+
+    monkeypatch.setenv("GATEWAY_KB_WORKER", "0")
+    monkeypatch.setattr(kb_worker.SerialEmbedder, "close", close)
+    monkeypatch.setattr(hitl_service, "start", refuses)
+    assert _fails(_settings(tmp_path, services), "last part") == []
+    assert len(closed) == 1
+
+
+def test_a_part_whose_stop_raises_does_not_keep_the_others_running(tmp_path, services, monkeypatch):
+    """``Services.stop`` runs the list its start made (the one a failed start runs): each part
+    stopped whatever an earlier one's stop raised. Its own list of parts stopped at the first
+    error: the ledger's here left the readers, the PII workers and the pools running."""
+    from policies.ledger import LedgerWriter
+
+    settings = _settings(tmp_path, services, pii={"policies": {"default": {"entities": {"email": "mask"}}}})
+    real_stop = LedgerWriter.stop
+
+    async def fails(self, grace: float = 30.0) -> None:
+        await real_stop(self, grace)
+        raise RuntimeError("the ledger's stop failed")
+
+    monkeypatch.setattr(LedgerWriter, "stop", fails)
+    children = _children()
+
+    async def start_and_stop() -> list[str]:
+        before = asyncio.all_tasks()
+        svc = await Services.start(settings)
+        with contextlib.suppress(RuntimeError):  # (without the fix: raised, the rest not stopped)
+            await svc.stop()
+        left = [t.get_name() for t in asyncio.all_tasks() - before if not t.done()]
+        for task in asyncio.all_tasks() - before:
+            task.cancel()
+        await asyncio.gather(*(asyncio.all_tasks() - before), return_exceptions=True)
+        if svc.pii is not None:
+            await svc.pii.close()
+        return left
+
+    assert asyncio.run(start_and_stop()) == []
+    assert _children() - children == set()
+
+
+def test_a_policy_engine_whose_second_script_fails_to_load_closes_its_connection(tmp_path, services, monkeypatch):
+    """The engine's first script load opened its pipelined connection, the second failed: the
+    connection is closed before the start raises (its stop was never added: its start failed)."""
+    from core.fastredis import PipelinedRedis
+
+    real_load = PipelinedRedis.script_load
+    loads: list[PipelinedRedis] = []
+
+    async def second_fails(self, script: str) -> str:
+        loads.append(self)
+        if len(loads) == 2:
+            raise RuntimeError("the second script did not load")
+        return await real_load(self, script)
+
+    monkeypatch.setattr(PipelinedRedis, "script_load", second_fails)
+    assert _fails(_settings(tmp_path, services), "second script") == []
+    engines = loads[1]
+    assert engines is loads[0]  # (both loads were the engine's, on one connection)
+    assert engines._proto is None or engines._proto.transport.is_closing()
+
+
+def test_alerts_whose_second_webhook_sender_fails_to_start_close_the_first(tmp_path, services, monkeypatch):
+    """The alert sender's first webhook sender opened its HTTP session, the second's start failed:
+    the session is closed before the start raises."""
+    from policies.webhooks import WebhookSender
+
+    real_start = WebhookSender.start
+    senders: list[WebhookSender] = []
+
+    async def second_fails(self) -> None:
+        senders.append(self)
+        if len(senders) == 2:
+            raise RuntimeError("the second webhook sender did not start")
+        await real_start(self)
+
+    monkeypatch.setattr(WebhookSender, "start", second_fails)
+    assert _fails(_settings(tmp_path, services), "second webhook sender") == []
+    assert senders[0]._session is None
+
+
+def test_a_whatsapp_channel_whose_worker_fails_to_start_is_stopped(tmp_path, services, monkeypatch):
+    """The WhatsApp channel had opened its database pool and clients, then its worker's start
+    failed: the channel is stopped (its pool closed) before the start-up reports the failure;
+    the app's list had no stop of it yet."""
+    from channels.whatsapp.channel import WhatsApp
+
+    made: list[WhatsApp] = []
+    real_from_config = WhatsApp.from_config.__func__
+
+    async def from_config(cls, *args, **kwargs):
+        channel = await real_from_config(cls, *args, **kwargs)
+        made.append(channel)
+        return channel
+
+    async def refuses(self) -> None:
+        raise RuntimeError("the WhatsApp worker did not start")
+
+    monkeypatch.setattr(WhatsApp, "from_config", classmethod(from_config))
+    monkeypatch.setattr(WhatsApp, "start_worker", refuses)
+    monkeypatch.setenv("GATEWAY_CHANNEL_WORKER", "1")
+    account = {
+        "tenant": "startfail",
+        "phone_numbers": {"1000001": "wabot"},
+        "app_secret": "startfail-app-secret-0123456789",
+        "verify_token": "startfail-verify",
+        "access_token": "startfail-token",
+        "api_key": "sk-gw-not-a-key",
+    }
+    sent, left = _start_up(_settings(tmp_path, services, channels={"whatsapp": {"main": account}}))
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "WhatsApp worker did not start" in sent[0]["message"]
+    assert left == []
+    assert len(made) == 1 and made[0].pool._closed

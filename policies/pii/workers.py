@@ -177,8 +177,12 @@ class WorkerPool:
 
     async def start(self, warm: list) -> None:
         self._warm = warm
-        for w in self.workers:
-            await w.start(warm)
+        try:
+            for w in self.workers:
+                await w.start(warm)
+        except BaseException:  # the workers already spawned are stopped (reaped), not left behind
+            await self.stop()
+            raise
 
     async def call(
         self, spec, items: list, budget_s: float, max_chars: int | None = None, max_checks: int | None = None
