@@ -377,3 +377,23 @@ def test_context_enhancer_finds_a_findings_token_by_bisection_as_presidio_would(
                 enhancer._find_index_of_match_token("w", start, unwalkable, art.tokens_indices)
             continue
         assert enhancer._find_index_of_match_token("w", start, unwalkable, art.tokens_indices) == want, start
+
+
+def test_analysis_in_the_serving_process_loads_presidio_at_start(data_dir):
+    """``workers: 0``: Presidio was loaded by the first request, in the analysis thread, and that
+    took several seconds of the request's own analysis timeout (5 s): on a loaded host the first
+    request after start-up was refused (``AnalysisTimeout``; seen in tests/test_ledger_content_pii.py).
+    It loads at start now, as the worker processes do. (A score of its own: no other test of this
+    process has built the analyzer of this spec.)"""
+    from policies.pii import analysis
+
+    spec = Spec(("EMAIL_ADDRESS",), ("US",), 0.4321, (), None, data_dir)
+    assert spec not in analysis._analyzers
+    analyzer = Analyzer(0, 0)
+
+    async def start() -> None:
+        await analyzer.start([spec])
+        await analyzer.close()
+
+    asyncio.run(start())
+    assert spec in analysis._analyzers

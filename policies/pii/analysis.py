@@ -565,6 +565,16 @@ class Analyzer:
 
             self._pool = WorkerPool(self.workers, self.max_growth_mb)
             await self._pool.start(specs)  # Presidio loads in the workers now, not on the first request
+            return
+        # In the serving process: loaded now, in the analysis thread (several seconds), not by the
+        # first request within its own analysis timeout. A spec that cannot load (a NER model not
+        # installed) is logged here and refused by each request, as a worker does.
+        loop = asyncio.get_running_loop()
+        for spec in specs:
+            try:
+                await loop.run_in_executor(self._executor(), warm, spec)
+            except Exception as exc:
+                log.error("PII analysis for %s could not load: %s", list(spec.entities), exc)
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -624,15 +634,18 @@ class Analyzer:
             return await self._pool.call(spec, items, timeout, self.max_chars, self.max_checks)
         # In the serving process: a thread of its own, so the event loop keeps serving; a thread
         # cannot be stopped, but the request is answered (refused) when the timeout passes.
-        if self._thread is None:
-            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pii")
         fut = asyncio.get_running_loop().run_in_executor(
-            self._thread, analyze_items, spec, items, self.max_chars, self.max_checks
+            self._executor(), analyze_items, spec, items, self.max_chars, self.max_checks
         )
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise AnalysisTimeout(f"PII analysis took longer than {timeout:.1f} s") from None
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._thread is None:
+            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pii")
+        return self._thread
 
     def _remember(self, key: bytes, value: tuple[Finding, ...]) -> None:
         if self.cache_size <= 0:
