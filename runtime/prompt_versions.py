@@ -48,7 +48,7 @@ DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_VERSIONS = 5000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
-# The versions the labels of active agents point at, for one agent ($1) or for all (NULL).
+# The versions the labels of the active agents of ids $1 point at.
 LABELLED_SQL = """
 SELECT DISTINCT ON (v.agent_id, v.version)
        v.agent_id, v.version, v.template, v.variables, v.note, v.created_at
@@ -56,7 +56,7 @@ FROM prompt_labels l
 JOIN agents a ON a.id = l.agent_id AND a.archived_at IS NULL
 CROSS JOIN LATERAL jsonb_object_keys(l.target) AS k(version)
 JOIN prompt_versions v ON v.agent_id = l.agent_id AND v.version = k.version::int
-WHERE ($1::text IS NULL OR l.agent_id = $1)
+WHERE l.agent_id = ANY($1::text[])
 ORDER BY v.agent_id, v.version
 """
 
