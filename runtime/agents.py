@@ -49,6 +49,7 @@ ALL = "*"
 # everything within this long: a change committed but never announced (its writer killed, or
 # Redis failing, between the commit and the announcement) or a message lost after a late one
 # leaves the version equal to Redis's and the agent stale, which the poll alone never sees.
+# (A full reload reads one short mark per agent and builds only what changed: ``reload``.)
 CATCH_UP_RELOAD_S = 60.0
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -161,9 +162,11 @@ _MARK = """a.xmin::text
     || '/' || coalesce((SELECT max(v.version) FROM prompt_versions v WHERE v.agent_id = a.id), 0)"""
 MARKS_SQL = f"SELECT a.id, {_MARK} AS mark FROM agents a WHERE a.archived_at IS NULL"
 MARK_SQL = f"SELECT {_MARK} AS mark FROM agents a WHERE a.id = $1 AND a.archived_at IS NULL"
-AGENTS_SQL = """SELECT id, tenant, name, model, description, settings FROM agents
-                WHERE id = ANY($1::text[]) AND archived_at IS NULL"""
-LABELS_SQL = "SELECT agent_id, label, target FROM prompt_labels WHERE agent_id = ANY($1::text[])"
+# (ids $1 joined, not ``= ANY($1)``: see LABELLED_SQL)
+AGENTS_SQL = """SELECT a.id, a.tenant, a.name, a.model, a.description, a.settings
+                FROM unnest($1::text[]) AS want(id) JOIN agents a ON a.id = want.id WHERE a.archived_at IS NULL"""
+LABELS_SQL = """SELECT l.agent_id, l.label, l.target
+                FROM unnest($1::text[]) AS want(id) JOIN prompt_labels l ON l.agent_id = want.id"""
 
 
 # ---- the registry -------------------------------------------------------------------------------
