@@ -48,15 +48,17 @@ DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_VERSIONS = 5000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
-# The versions the labels of active agents point at, for one agent ($1) or for all (NULL).
+# The versions the labels of the active agents of ids $1 point at. (A join on the ids, not
+# ``= ANY($1)``: before the tables' first ANALYZE that filter was planned as a search of the whole
+# array for every label row, 4 s for 2,000 agents.)
 LABELLED_SQL = """
 SELECT DISTINCT ON (v.agent_id, v.version)
        v.agent_id, v.version, v.template, v.variables, v.note, v.created_at
-FROM prompt_labels l
+FROM unnest($1::text[]) AS want(id)
+JOIN prompt_labels l ON l.agent_id = want.id
 JOIN agents a ON a.id = l.agent_id AND a.archived_at IS NULL
 CROSS JOIN LATERAL jsonb_object_keys(l.target) AS k(version)
 JOIN prompt_versions v ON v.agent_id = l.agent_id AND v.version = k.version::int
-WHERE ($1::text IS NULL OR l.agent_id = $1)
 ORDER BY v.agent_id, v.version
 """
 
