@@ -61,6 +61,7 @@ MAX_WINDOW_BYTES = 256 * 1024  # a larger window is not stored whole: loads cut 
 SEQ_GRACE_S = 86_400  # the seq counter outlives the window by this much
 ERASED_MARK_S = 60  # an erased conversation's window is not re-warmed from a read older than this
 ERASED_SEQ_MIN_S = 3600  # a turn that loaded an erased conversation is not stored for at least this long
+HOLDING_PAGE = 500  # agents whose Redis state of one conversation ``holding`` asks for per round trip
 _KEPT = ("role", "content", "name", "tool_calls", "tool_call_id", "refusal")
 _NOT_STORED = ("system", "developer")
 
@@ -765,6 +766,22 @@ class Memory:
                 return await erased_after(self._redis, tenant, agent_id, conversation_id, seq)
         except (RedisError, OSError, TimeoutError):
             return False
+
+    async def holding(self, tenant: str, agent_ids: list[str], conversation_id: str) -> list[str]:
+        """Those of the agents that Redis holds the conversation of (its window, or the seq counter
+        a turn stored in the last ``memory.ttl_s`` + ``SEQ_GRACE_S`` left): an agent whose turn
+        is still on its way to PostgreSQL is known here before it is there. A page of agents per
+        round trip."""
+        found: list[str] = []
+        for i in range(0, len(agent_ids), HOLDING_PAGE):
+            page = agent_ids[i : i + HOLDING_PAGE]
+            async with asyncio.timeout(self._timeout * 5):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for agent_id in page:
+                        pipe.exists(*keys(tenant, agent_id, conversation_id))
+                    counts = await pipe.execute()
+            found += [agent_id for agent_id, n in zip(page, counts, strict=True) if n]
+        return found
 
     async def forget_many(self, tenant: str, agent_id: str, conversation_ids: list[str]) -> None:
         """``forget_recent`` of several conversations of one agent (a retention's batch: in the
