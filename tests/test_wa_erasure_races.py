@@ -126,6 +126,9 @@ LAUNCHER = textwrap.dedent(
         # (PostgreSQL failing as the send's check would clean up: once, when the test arms it)
         if await _redis().delete("test:after-send-fails:" + conversation):
             raise OSError("the check failed (test)")
+        # (the process killed between the send and its check: nothing after the send runs)
+        if await _redis().delete("test:after-send-never:" + conversation):
+            return False
         return await _after_send(redis, pool, tenant, conversation, *args)
 
 
@@ -379,6 +382,37 @@ def test_a_reply_out_at_graph_when_the_erasure_lands_keeps_no_number(gw, graph, 
         graph.configure(text_answer_delays_ms=[])
     assert out and out[0].status_code == 200, out and out[0].text
     assert out[0].json()["delivery"]["status"] == "sent"
+    wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == words)
+    assert _record(services, wamid) == _tagged(conv)
+    assert _naming(services, TENANT, ada) == NOTHING
+
+
+def test_a_reply_whose_process_dies_before_its_post_send_check_keeps_no_number(gw, graph, services):
+    """As above, but the gateway serving the reply is killed (SIGKILL) once the send is over and
+    before its check (``erasure.after_send``): nothing retries a person's reply, so the record the
+    send wrote after the erasure kept the customer's number and the words. Its record is written
+    as the erasure's own were left, whatever runs after it. (The kill is emulated by the launcher:
+    the check never runs, as after a kill; the module's gateway serves the other tests.)"""
+    ada = _wa_id()
+    conv = f"wa:{PNID}:{ada}"
+    esc = _escalated(gw, graph, services, ada)
+    words = f"a person answers {uuid.uuid4().hex[:8]}"
+    r = redis.Redis.from_url(services[1])
+    r.set(f"test:after-send-never:{conv}", "1", ex=300)
+    _hold_next_text(graph, ada)
+    try:
+        t, out = _in_thread(lambda: _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words}))
+        try:
+            wait_until(lambda: words in _texts(graph, ada), what="the reply's POST at Graph")
+            assert _erase(gw, TENANT, conv).status_code == 200
+        finally:
+            _release(graph)
+            t.join(90)
+    finally:
+        graph.configure(text_answer_delays_ms=[])
+        r.delete(f"test:after-send-never:{conv}")
+        r.close()
+    assert out and out[0].status_code == 200, out and out[0].text
     wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == words)
     assert _record(services, wamid) == _tagged(conv)
     assert _naming(services, TENANT, ada) == NOTHING
