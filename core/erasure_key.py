@@ -163,6 +163,12 @@ def record_hash(record: bytes, key: bytes) -> str | None:
     return conversation_hash(tenant, conv, key)
 
 
+# The agent id under which an erasure of a conversation with every agent of its tenant is recorded
+# (``erased_conversations``: a channel's customer's, ``runtime.conversations.erase_for_every_agent``);
+# never an agent's own (``agt_…``). The memory and runs writers read it beside the agent's own.
+EVERY_AGENT = "*"
+
+
 # A batch of records naming conversations and an erasure of the same tenant exclude each other:
 # each batch takes a shared lock for each tenant in it before it reads the erasures, the erasure
 # its own, exclusive, before it records itself and rewrites the rows already written. Without it a

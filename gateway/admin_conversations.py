@@ -46,7 +46,12 @@ turns were refused) but left agent Y's memory and its open escalation naming the
 half of each. So the erasure of a channel conversation (``agent_stage.ERASURE_MARKED``) covers
 every agent of the tenant that served it (``_channel_agents``: active and deleted), as
 it covers every agent that had the path's name: their messages, windows, escalations (resolved,
-holds released), dead letters, replay answers and the tag in their runs. A plain API
+holds released), dead letters, replay answers and the tag in their runs. An agent whose turn of
+a moment ago is still on its way to PostgreSQL is known to Redis only (its window and seq
+counter: ``Memory.holding``, asked once the conversation is marked), and is covered too. One
+whose turn neither store knows any more (spilled to disk, written after a restart) is covered
+by the erasure's record for every agent (``runtime.conversations.erase_for_every_agent``): the
+memory and runs writers skip (tag) any agent's turn recorded up to it. A plain API
 conversation's id is the client's to choose per agent and stays per agent.
 
 A send to the customer racing the erasure keeps nothing of them either: a person's reply to an
@@ -118,13 +123,16 @@ class ConversationAdmin:
         _audit_as_tag(request, base._view(request) or "", conversation_id)  # (the id may be a phone number)
         if self.svc.memory is None:
             raise ServiceUnavailable("Conversation memory is not enabled on this gateway.")
+        every_agent = conversation_id.startswith(ERASURE_MARKED)  # the customer's, whichever agent served them
+        unknown: list = []  # (the tenant's agents PostgreSQL knows of no state of the conversation)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             name, tenant, agent_ids = await _agents_named(request, conn)
             names = [name]
-            if conversation_id.startswith(ERASURE_MARKED):  # the customer's, whichever agent served them
+            if every_agent:
                 others = await _channel_agents(conn, tenant, agent_ids, conversation_id)
                 agent_ids += [r["id"] for r in others]
                 names += list(dict.fromkeys(r["name"] for r in others if r["name"] != name))
+                unknown = await _other_agents(conn, tenant, agent_ids)
         _audit_as_tag(request, tenant, conversation_id)
         # Redis first (a turn that starts now finds nothing to answer with), then PostgreSQL and
         # the erasure's record in one transaction, then Redis again: a turn stored meanwhile, or a
@@ -138,6 +146,11 @@ class ConversationAdmin:
             # it, a first turn stored between the two reached PostgreSQL after the erasure.)
             if self.svc.forget_channel is not None:
                 await self.svc.forget_channel(tenant, [conversation_id])
+            if unknown:  # (an agent whose turn of a moment ago is still on its way to PostgreSQL)
+                held_by = set(await self.svc.memory.holding(tenant, [r["id"] for r in unknown], conversation_id))
+                found = [r for r in unknown if r["id"] in held_by]
+                agent_ids += [r["id"] for r in found]
+                names += list(dict.fromkeys(r["name"] for r in found if r["name"] not in names))
             # (each agent's erasure is stamped with Redis's clock, as the turns it skips are)
             forgot = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
@@ -148,6 +161,9 @@ class ConversationAdmin:
                     # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
                     messages += max(gone["messages"], handed_out)
                     resolved += gone["resolved"]
+                if every_agent:  # (any agent's turn still on its way, known to neither store: see there)
+                    last = max(at for _, at in forgot)
+                    await conversations.erase_for_every_agent(conn, tenant, conversation_id, last)
             await self._release_holds(request, tenant, agent_ids, conversation_id, resolved)
             for agent_id in agent_ids:
                 await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
@@ -261,6 +277,17 @@ async def _channel_agents(conn, tenant: str, named: list[str], conversation_id: 
         tenant,
         named,
         conversation_id,
+    )
+
+
+async def _other_agents(conn, tenant: str, known: list[str]) -> list:
+    """The tenant's agents besides ``known`` (active and deleted): those of them Redis holds the
+    channel conversation of are erased with it too (``Memory.holding``). A turn stored a moment
+    before the erasure is in Redis at once but in PostgreSQL only once the memory writer has
+    written it, so ``_channel_agents`` alone missed its agent, and its messages landed after the
+    erasure. Ids and names only: one indexed read of the tenant's agents."""
+    return await conn.fetch(
+        "SELECT id, name FROM agents WHERE tenant = $1 AND NOT (id = ANY($2::text[])) ORDER BY id", tenant, known
     )
 
 

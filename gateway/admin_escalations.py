@@ -23,8 +23,10 @@ conversation marked since (before the reply was stored, before it was sent) refu
 ``erasure.after_send``), and so is one whose erasure began before and has not committed yet
 (``_not_being_erased``); one that lands while the send is out leaves the customer the message,
 and what the send wrote goes as the erasure's own did (the tag, no words). A reply to any other
-conversation (an API client's, a VAPI call's) does not ask Redis for its time: nothing is
-compared with it, so a failing TIME call does not refuse the reply.
+conversation (an API client's, a VAPI call's) takes the time too and is held to the erasure time
+the agent's memory keeps of the conversation (``runtime.memory.erasure_mark``) the same way: it
+was stored under the id after the erasure when the two raced. Redis's clock out of reach, such a
+reply is stored unchecked, as before (its memory write needs the rest of Redis anyway).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from runtime import agents as agent_store
 from runtime.delivery import Outbound
 from runtime.hitl import escalations, held, learning
 from runtime.hitl.settings import URGENCIES
-from runtime.memory import Erased
+from runtime.memory import Erased, erasure_mark, erasure_mark_us
 
 MAX_REPLY = 4000
 HEARTBEAT_S = 15.0
@@ -277,18 +279,21 @@ class EscalationAdmin:
         return base._json(_summary(esc))
 
     async def _asked_at(self, conn, view: str | None, esc_id: str) -> int | None:
-        """Redis's time (µs) when the escalation's conversation is one the erasure marks, taken
-        before the escalation is checked (in the check's transaction): an erasure marked since is
-        one the reply raced (``_send``). None for any other conversation (an API client's, a
-        call's): nothing is compared with the time, so its reply does not wait for Redis. An
-        escalation's conversation id changes only to its erasure's tag (resolving it), so one
-        read unmarked here is not marked at the check."""
+        """Redis's time (µs), taken before the escalation is checked (in the check's transaction):
+        an erasure marked since is one the reply raced (``_send``) — the channel's mark of a
+        channel conversation, the memory's own (``runtime.memory.erasure_mark``) of any other (an
+        API client's, a call's: a reply racing its erasure was stored under the id after it).
+        None when the escalation is not found (the check answers for it), and for a conversation
+        no channel marks when Redis cannot tell the time: its reply is stored unchecked, as before
+        erasures were compared (a failing clock does not refuse it); a channel's is refused (503)."""
         conversation = await escalations.conversation_of(conn, view, esc_id)
-        if conversation is None or not conversation.startswith(ERASURE_MARKED):
+        if conversation is None:
             return None
         try:
             return await redis_now_us(self.svc.redis)
         except (RedisError, OSError, TimeoutError) as exc:
+            if not conversation.startswith(ERASURE_MARKED):
+                return None
             raise ServiceUnavailable(f"The reply could not be sent just now ({type(exc).__name__}).") from None
 
     async def _not_being_erased(self, conn, esc: dict, asked_us: int | None) -> None:
@@ -300,13 +305,17 @@ class EscalationAdmin:
         marks the conversation again once it has committed (its second channel step), so no
         record of a finished erasure is at or after its mark, and an agent made since has none.
         An escalation opened after the mark is a new conversation's."""
-        if not esc["conversation_id"].startswith(ERASURE_MARKED):
+        marked = esc["conversation_id"].startswith(ERASURE_MARKED)
+        if asked_us is None and not marked:  # (Redis's clock out of reach: see _asked_at)
             return
         if asked_us is None:  # read unmarked before the check, marked at it (see _asked_at: not
             # expected); a retry reads it marked and takes the time
             raise ServiceUnavailable("The reply could not be sent just now; try again.")
         try:
-            mark = await mark_us(self.svc.redis, esc["tenant"], esc["conversation_id"])
+            if marked:
+                mark = await mark_us(self.svc.redis, esc["tenant"], esc["conversation_id"])
+            else:  # (an API client's conversation: the agent's memory keeps its erasure's time)
+                mark = await erasure_mark_us(self.svc.redis, esc["tenant"], esc["agent_id"], esc["conversation_id"])
         except (RedisError, OSError, TimeoutError) as exc:
             raise ServiceUnavailable(f"The reply could not be sent just now ({type(exc).__name__}).") from None
         if mark is None:
@@ -327,6 +336,11 @@ class EscalationAdmin:
         if agent is None:
             raise NotFound("The escalation's agent no longer exists.", param="id", code="agent_gone")
         marked = esc["conversation_id"].startswith(ERASURE_MARKED)
+        mark = (
+            erased_key(esc["tenant"], esc["conversation_id"])
+            if marked
+            else erasure_mark(esc["tenant"], agent.id, esc["conversation_id"])
+        )
         try:
             await self.svc.memory.append(
                 esc["tenant"],
@@ -336,7 +350,7 @@ class EscalationAdmin:
                 request_id=f"{esc['id']}-{int(time.time() * 1000)}",
                 prompt_version=esc.get("prompt_version") or 0,
                 variant=esc.get("variant"),
-                erased=(erased_key(esc["tenant"], esc["conversation_id"]), asked_us) if marked else None,
+                erased=(mark, asked_us) if asked_us is not None else None,
             )
         except Erased:
             raise _erased(esc) from None

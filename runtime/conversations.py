@@ -13,7 +13,7 @@ import asyncpg
 import orjson
 
 from core.erasure_key import ERASURE_LOCK_BUCKETS as ERASURE_LOCK_BUCKETS
-from core.erasure_key import LOCK_ERASURE, conversation_hash, erasure_key, lock_batch_tenants
+from core.erasure_key import EVERY_AGENT, LOCK_ERASURE, conversation_hash, erasure_key, lock_batch_tenants
 from runtime import erased_records
 from runtime.runs import _clean_nul, tenant_transaction
 
@@ -65,11 +65,13 @@ FROM touched WHERE c.id = touched.conversation_id
 # An erasure is kept under the id's keyed hash (``h``, computed by the writer: the key is not in
 # the database); one recorded before the hash was keyed, under its plain SHA-256 (``keyed`` false,
 # read until ``LEGACY_KEEP_DAYS`` have passed, then deleted: ``drop_unkeyed``).
-_SKIP_ERASED = """
+# An erasure of every agent's conversation under the id (``EVERY_AGENT``: a channel's customer)
+# covers the turns of any agent: one whose turn was still on its way is not known to the erasure.
+_SKIP_ERASED = f"""
 DELETE FROM memory_raw raw
 WHERE to_timestamp(coalesce(raw.t, (raw.r->>'ts')::float8)) <= (
     SELECT max(e.erased_at) FROM erased_conversations e
-    WHERE e.tenant = raw.r->>'tenant' AND e.agent_id = raw.r->>'agent_id'
+    WHERE e.tenant = raw.r->>'tenant' AND e.agent_id IN (raw.r->>'agent_id', '{EVERY_AGENT}')
       AND e.external_hash IN (raw.h, encode(sha256(convert_to(raw.r->>'external_id', 'UTF8')), 'hex')))
 """
 LEGACY_KEEP_DAYS = 7
@@ -252,6 +254,29 @@ async def erase(
         )
         await conn.execute("DELETE FROM conversations WHERE id = $1 AND tenant = $2", row["id"], tenant)  # (cascade)
     return {"conversation": row is not None, "messages": int(messages), "feedback": feedback, "resolved": resolved}
+
+
+async def erase_for_every_agent(
+    conn: asyncpg.Connection, tenant: str, external_id: str, erased_at: float, key: bytes | None = None
+) -> None:
+    """Records, inside the caller's transaction, that the conversation was erased with every agent
+    of the tenant (a channel's customer's: ``gateway.admin_conversations``), so turns recorded up
+    to ``erased_at`` (Redis's clock) still on their way to PostgreSQL are skipped whichever agent
+    stored them (``_SKIP_ERASED``), and their runs keep the tag (``runtime.runs``). The erasure
+    finds the agents to erase by what PostgreSQL and Redis hold of the conversation; an agent's
+    turn of the moment before, whose row the memory writer had not written and whose window Redis
+    lost (a spill written after a restart, a replica's writer behind), is known to neither."""
+    await conn.execute(LOCK_ERASURE, tenant)
+    await conn.execute(
+        """INSERT INTO erased_conversations (tenant, agent_id, external_hash, erased_at)
+           VALUES ($1, $2, $3, to_timestamp($4))
+           ON CONFLICT (tenant, agent_id, external_hash)
+           DO UPDATE SET erased_at = greatest(erased_conversations.erased_at, excluded.erased_at)""",
+        tenant,
+        EVERY_AGENT,
+        external_hash(tenant, external_id, key),
+        erased_at,
+    )
 
 
 async def recent(

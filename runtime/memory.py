@@ -61,6 +61,7 @@ MAX_WINDOW_BYTES = 256 * 1024  # a larger window is not stored whole: loads cut 
 SEQ_GRACE_S = 86_400  # the seq counter outlives the window by this much
 ERASED_MARK_S = 60  # an erased conversation's window is not re-warmed from a read older than this
 ERASED_SEQ_MIN_S = 3600  # a turn that loaded an erased conversation is not stored for at least this long
+HOLDING_PAGE = 500  # agents whose Redis state of one conversation ``holding`` asks for per round trip
 _KEPT = ("role", "content", "name", "tool_calls", "tool_call_id", "refusal")
 _NOT_STORED = ("system", "developer")
 
@@ -139,6 +140,9 @@ _APPEND = _APPEND.replace("-- erased since queued", _erased_since("KEYS[6]", "AR
 # of an older release), leaves a stored window that is not the list's. KEYS: list, stored window,
 # and the conversation's erasure mark (optional: ``Memory.load``'s ``erased``). ARGV: the tail's
 # start (negative), the turn's queue time (with the mark).
+# When the list is empty (a new conversation, or one expired, evicted or erased), Redis's time
+# instead (µs): the turn's store is refused if the conversation is erased after it (``_APPEND``
+# with the conversation's own erasure mark, ``:erased:at``), as no seq floor can tell then.
 _LOAD = """
 if KEYS[3] then
 -- erased since queued
@@ -149,7 +153,10 @@ if w then
   local last = redis.call('LINDEX', KEYS[1], -1)
   if n and last and string.match(last, '^{"s":(%d+)') == n then return w end
 end
-return redis.call('LRANGE', KEYS[1], ARGV[1], -1)
+local tail = redis.call('LRANGE', KEYS[1], ARGV[1], -1)
+if #tail > 0 then return tail end
+local now = redis.call('TIME')
+return tonumber(now[1]) * 1000000 + tonumber(now[2])
 """
 _LOAD = _LOAD.replace("-- erased since queued", _erased_since("KEYS[3]", "ARGV[2]"))
 
@@ -182,7 +189,9 @@ return pushed
 # An erasure: the messages handed out since the previous erasure and Redis's clock, then the
 # window and stored window gone, the mark that keeps a reload begun before it from warming them
 # again, and the last seq erased (``_APPEND`` stores no turn that loaded up to it; kept as long as
-# the counter, which stays: seqs go on). KEYS: window, seq, stored window, mark, last seq erased.
+# the counter, which stays: seqs go on), and the erasure's time (``:erased:at``, "seconds.µs",
+# kept as long: ``_APPEND`` stores no turn that found the conversation empty before it).
+# KEYS: window, seq, stored window, mark, last seq erased, the erasure's time.
 # ARGV: the mark's ttl, the least ttl of the last seq erased. The clock is the one ``_APPEND``
 # stamps each turn's stream entry with (``t``): the erasure and the turns it skips are compared on
 # one clock, whatever the gateways' clocks say.
@@ -192,10 +201,11 @@ local before = tonumber(redis.call('GET', KEYS[5]) or '0')
 local now = redis.call('TIME')
 redis.call('SET', KEYS[4], '1', 'EX', ARGV[1])
 redis.call('DEL', KEYS[1], KEYS[3])
+local keep = math.max(tonumber(ARGV[2]), redis.call('TTL', KEYS[2]))
 if last > 0 then
-  redis.call('SET', KEYS[5], string.format('%d', math.max(last, before)), 'EX',
-             math.max(tonumber(ARGV[2]), redis.call('TTL', KEYS[2])))
+  redis.call('SET', KEYS[5], string.format('%d', math.max(last, before)), 'EX', keep)
 end
+redis.call('SET', KEYS[6], now[1] .. '.' .. string.format('%06d', tonumber(now[2])), 'EX', keep)
 return {string.format('%d', math.max(last - before, 0)), now[1], now[2]}
 """
 
@@ -275,10 +285,13 @@ class Window(list):
     ``self[i]`` as ``core.tokens.count_prompt`` counts a message, so a turn's prompt is counted
     without tokenizing its history again (``known``). ``seq`` is the number of the list's last
     message when the window was read (0: the list was empty; None: not known), the base of the
-    next append's compare-and-set."""
+    next append's compare-and-set. ``since``: when the read found Redis holding nothing of the
+    conversation, Redis's time then (µs): the append stores nothing if the conversation was
+    erased since (its seq floor cannot tell: the erasure found nothing to count either)."""
 
     tokens: list[int]
     seq: int | None = None
+    since: int | None = None  # Redis's time (µs) when the load found the conversation empty there
 
     def known(self) -> dict[int, tuple[dict, int]]:
         return {id(m): (m, t) for m, t in zip(self, self.tokens, strict=True)}
@@ -529,6 +542,22 @@ def _next_window(base: Window | None, added: list[tuple[int, dict]], settings: M
     return [base.seq, body if len(body) <= MAX_WINDOW_BYTES else ""]
 
 
+def erasure_mark(tenant: str, agent_id: str, conversation_id: str) -> str:
+    """The Redis key of the conversation's last erasure time ("seconds.µs", Redis's clock, kept
+    ``ERASED_SEQ_MIN_S`` at least): the mark ``append``'s ``erased`` takes for a conversation no
+    channel marks (an API client's)."""
+    return f"{keys(tenant, agent_id, conversation_id)[0]}:erased:at"
+
+
+async def erasure_mark_us(redis, tenant: str, agent_id: str, conversation_id: str) -> int | None:
+    """``erasure_mark``'s time in µs; None: not erased lately."""
+    mark = await redis.get(erasure_mark(tenant, agent_id, conversation_id))
+    if mark is None:
+        return None
+    whole, _, frac = (mark.decode() if isinstance(mark, bytes) else mark).partition(".")
+    return int(whole) * 1_000_000 + int((frac + "000000")[:6])
+
+
 async def erased_after(redis, tenant: str, agent_id: str, conversation_id: str, seq: object) -> bool:
     """Whether the conversation was erased after a turn loaded its window ending at ``seq``
     (``Window.seq``; 0, None or no number: an empty or unknown window, never): what the turn
@@ -630,9 +659,10 @@ class Memory:
                 raw = await self._list_tail(window_key, start)  # cut for other settings: rare
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
-        if raw:
+        if raw and type(raw) is not int:
             return newest_window(raw, agent.memory)
-        return await self._reload(tenant, agent, conversation_id, window_key, seq_key)
+        since = raw if type(raw) is int else None  # (nothing in Redis: the read's time)
+        return await self._reload(tenant, agent, conversation_id, window_key, seq_key, since)
 
     async def _list_tail(self, window_key: str, start: int) -> list[bytes]:
         if self._fast is not None:
@@ -640,8 +670,11 @@ class Memory:
         async with asyncio.timeout(self._timeout):
             return await self._redis.lrange(window_key, start, -1)
 
-    async def _reload(self, tenant: str, agent: Agent, conversation_id: str, window_key: str, seq_key: str):
-        """Redis has nothing: a new conversation, or one whose window expired or was evicted."""
+    async def _reload(
+        self, tenant: str, agent: Agent, conversation_id: str, window_key: str, seq_key: str, since: int | None
+    ) -> Window:
+        """Redis has nothing: a new conversation, or one whose window expired or was evicted.
+        ``since``: Redis's time when it had nothing (``Window.since``)."""
         cap = list_cap(agent.memory)
         try:
             rows = await asyncio.wait_for(
@@ -652,6 +685,7 @@ class Memory:
         if not rows:
             empty = window((), agent.memory)
             empty.seq = 0
+            empty.since = since
             return empty
         entries = [(seq, message_tokens(message), message) for seq, message in rows]
         args: list = [agent.memory.ttl_s, agent.memory.ttl_s + SEQ_GRACE_S, cap, rows[-1][0]]
@@ -664,6 +698,7 @@ class Memory:
             log.warning("memory: window read from PostgreSQL but not put back in Redis: %s", type(exc).__name__)
         out = window(((t, m) for _, t, m in entries), agent.memory)
         out.seq = rows[-1][0]  # the list's last, unless a turn was stored meanwhile (then no match)
+        out.since = since
         return out
 
     async def append(
@@ -683,7 +718,10 @@ class Memory:
         ``base``: the window the turn was answered with (``load``'s); with it the new window is
         stored too, unless another turn was stored since ``base`` was read. ``erased``: as
         ``load``'s; a turn whose conversation was erased since it was queued stores nothing
-        (``Erased``): an erasure that came while it was answered, its first turn too."""
+        (``Erased``): an erasure that came while it was answered, its first turn too. Without it,
+        a turn whose ``base`` found the conversation empty (``Window.since``) is held to the
+        conversation's own erasure time the same way; ``erasure_mark`` names that mark for a
+        caller with a time of its own (a person's reply)."""
         stored = [clean_message(m) for m in messages if isinstance(m, dict) and m.get("role") not in _NOT_STORED]
         if len(stored) > MAX_APPEND:
             stored = _bounded(stored)
@@ -721,6 +759,9 @@ class Memory:
         if erased is not None:
             script_keys.append(erased[0])
             queued = erased[1]
+        elif base is not None and base.since is not None:  # (it found the conversation empty: a first turn)
+            script_keys.append(f"{window_key}:erased:at")
+            queued = base.since
         # The window's seq is a floor: the conversation had reached it when the turn began.
         floor = base.seq if base is not None and base.seq is not None else ""
         try:
@@ -752,7 +793,14 @@ class Memory:
         Redis had handed out since the last erasure (0: none) and Redis's clock then (unix
         seconds: turns stored before it are stamped earlier)."""
         window_key, seq_key = keys(tenant, agent_id, conversation_id)
-        forget_keys = [window_key, seq_key, f"{window_key}:w", f"{window_key}:erased", f"{window_key}:erased:seq"]
+        forget_keys = [
+            window_key,
+            seq_key,
+            f"{window_key}:w",
+            f"{window_key}:erased",
+            f"{window_key}:erased:seq",
+            f"{window_key}:erased:at",
+        ]
         async with asyncio.timeout(self._timeout * 5):
             last, sec, usec = await self._forget(keys=forget_keys, args=[ERASED_MARK_S, ERASED_SEQ_MIN_S])
         return int(last or 0), int(sec) + int(usec) / 1e6
@@ -765,6 +813,22 @@ class Memory:
                 return await erased_after(self._redis, tenant, agent_id, conversation_id, seq)
         except (RedisError, OSError, TimeoutError):
             return False
+
+    async def holding(self, tenant: str, agent_ids: list[str], conversation_id: str) -> list[str]:
+        """Those of the agents that Redis holds the conversation of (its window, or the seq counter
+        a turn stored in the last ``memory.ttl_s`` + ``SEQ_GRACE_S`` left): an agent whose turn
+        is still on its way to PostgreSQL is known here before it is there. A page of agents per
+        round trip."""
+        found: list[str] = []
+        for i in range(0, len(agent_ids), HOLDING_PAGE):
+            page = agent_ids[i : i + HOLDING_PAGE]
+            async with asyncio.timeout(self._timeout * 5):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for agent_id in page:
+                        pipe.exists(*keys(tenant, agent_id, conversation_id))
+                    counts = await pipe.execute()
+            found += [agent_id for agent_id, n in zip(page, counts, strict=True) if n]
+        return found
 
     async def forget_many(self, tenant: str, agent_id: str, conversation_ids: list[str]) -> None:
         """``forget_recent`` of several conversations of one agent (a retention's batch: in the

@@ -30,7 +30,7 @@ import asyncpg
 import orjson
 
 from core.background import stop_task
-from core.erasure_key import TAG_PREFIX, erasure_key, lock_batch_tenants, record_hash
+from core.erasure_key import EVERY_AGENT, TAG_PREFIX, erasure_key, lock_batch_tenants, record_hash
 from core.stream_writer import StreamWriter
 
 log = logging.getLogger("gateway.runs")
@@ -164,10 +164,11 @@ def encode_run(run: dict) -> bytes:
 # The turn's end is ``t``, on Redis's clock (the erasure's too; a replica's clock may be off): the
 # time its run reached the runs stream (its entry id) less the time it waited in the recorder's
 # buffer (``_ended``); else (written straight to PostgreSQL while Redis was away, an older
-# release's) its ``ts``. A turn begun in the erasure's very millisecond counts as erased.
+# release's) its ``ts``. A turn begun in the erasure's very millisecond counts as erased. An erasure
+# with every agent (``EVERY_AGENT``: a channel's customer's) covers any agent's run.
 ERASED_OR_ID = f"""CASE WHEN h IS NOT NULL AND EXISTS (
     SELECT 1 FROM erased_conversations e
-    WHERE e.tenant = r->>'tenant' AND e.agent_id = r->>'agent_id' AND e.external_hash = h
+    WHERE e.tenant = r->>'tenant' AND e.agent_id IN (r->>'agent_id', '{EVERY_AGENT}') AND e.external_hash = h
       AND e.erased_at >= to_timestamp(
         coalesce(t, (r->>'ts')::float8) - coalesce((r->>'latency_ms')::float8, 0) / 1000))
   THEN '{TAG_PREFIX}' || h ELSE r->>'conversation_id' END"""

@@ -550,9 +550,14 @@ def test_an_erasure_leaves_no_number_in_the_runs_and_ledger_of_its_tenant(gw, gr
             found = [orjson.loads(f[b"r"]) for _, f in r.xrange(stream) if TENANT_A.encode() in f[b"r"]]
             assert found and all(ada not in orjson.dumps(x).decode() for x in found), found
             assert {x["conversation_id"] for x in found} == {tag}
-        # the erasure's own record: a keyed hash, not the id's plain SHA-256
-        kept = "SELECT keyed FROM erased_conversations WHERE tenant = $1 AND external_hash = $2"
-        assert rows(services[0], kept, TENANT_A, tag.removeprefix("erased:")) == [{"keyed": True}]
+        # the erasure's own records (the agent's, and every agent's: a WhatsApp customer's
+        # conversation): a keyed hash, not the id's plain SHA-256
+        kept = """SELECT agent_id = '*' AS every_agent, keyed FROM erased_conversations
+                  WHERE tenant = $1 AND external_hash = $2 ORDER BY 1"""
+        assert rows(services[0], kept, TENANT_A, tag.removeprefix("erased:")) == [
+            {"every_agent": False, "keyed": True},
+            {"every_agent": True, "keyed": True},
+        ]
         # nor the access audit's record of the erasure: the tag in place of the id
         audited = rows(services[0], "SELECT path FROM access_audit WHERE path LIKE $1", f"%{tag}%")
         assert audited and rows(services[0], "SELECT 1 FROM access_audit WHERE path LIKE $1", f"%{ada}%") == []

@@ -28,6 +28,8 @@ import redis
 
 from core import queued_proof
 from runtime.memory import MEMORY_GROUP, MEMORY_STREAM
+from runtime.memory import keys as memory_keys
+from runtime.runs import RUNS_GROUP, RUNS_STREAM
 from tests.conftest import (
     MASTER_KEY,
     Gateway,
@@ -41,7 +43,8 @@ from tests.test_wa_queued_erasure import KEY, SLOW, _account, _redis_now, _turn
 TENANT = f"waord-{uuid.uuid4().hex[:6]}"
 PNID = "8303"
 # + conversation id: ":armed" (the erasure pauses after its memory step), ":held" (it does), ":go"
-# (it goes on); ":writer" (the memory writer holds the conversation's turns), ":written" (it writes)
+# (it goes on); ":writer" (the memory and runs writers hold the conversation's turns), ":written"
+# (they write); ":append" (a turn pauses before its store), ":appending" (it does), ":stored" (it goes on)
 PAUSE = "test:erasure-pause:"
 
 LAUNCHER = textwrap.dedent(
@@ -97,8 +100,36 @@ LAUNCHER = textwrap.dedent(
         return await _write_turns(conn, entries, key)
 
 
+    _append = memory.Memory.append
+
+
+    async def append(self, tenant, agent, conversation_id, messages, **kw):
+        # a turn answered and about to be stored: paused here once when the test arms it
+        gate = GATE + conversation_id
+        if await _redis().delete(gate + ":append"):
+            await _redis().set(gate + ":appending", "1", ex=300)
+            await _wait_for(gate + ":stored")
+        return await _append(self, tenant, agent, conversation_id, messages, **kw)
+
+
+    from runtime import runs
+
+    _write_run_entries = runs._write_run_entries
+
+
+    async def write_run_entries(conn, entries):
+        # the runs writer behind too (a run names its agent, by which the erasure found it)
+        for e in entries:
+            gate = GATE + str(orjson.loads(e[b"r"]).get("conversation_id"))
+            if await _redis().exists(gate + ":writer"):
+                await _wait_for(gate + ":written")
+        return await _write_run_entries(conn, entries)
+
+
     memory.Memory.forget_recent = forget_recent
+    memory.Memory.append = append
     conversations.write_turns = write_turns
+    runs._write_run_entries = write_run_entries
 
     from gateway.cli import main
 
@@ -130,40 +161,42 @@ def gw(tmp_root, services, module_mock, graph):
         g = PausingGateway(tmp_root, config, services)
     g.key = key
     try:
-        body = {
-            "name": "wabot",
-            "tenant": TENANT,
-            "model": "agent-model",
-            "template": "You help {{ customer_number }}.",
-            "variables": {"customer_number": {"type": "string", "required": False}},
-        }
-        r = httpx.post(
-            f"{g.url}/admin/agents", json=body, headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30
-        )
-        assert r.status_code == 201, r.text
+        for name in ("wabot", "wabot2"):  # wabot answers the business number; wabot2 is another agent
+            body = {
+                "name": name,
+                "tenant": TENANT,
+                "model": "agent-model",
+                "template": "You help {{ customer_number }}.",
+                "variables": {"customer_number": {"type": "string", "required": False}},
+            }
+            r = httpx.post(
+                f"{g.url}/admin/agents", json=body, headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30
+            )
+            assert r.status_code == 201, r.text
         yield g
     finally:
         g.stop()
 
 
-def _on_its_way(services, conv: str) -> bool:
-    """Whether the memory stream holds a turn of the conversation its writers have not written yet
-    (not delivered, or delivered and not acknowledged)."""
+def _on_its_way(services, conv: str, stream: str = MEMORY_STREAM, group_name: str = MEMORY_GROUP,
+                field: str = "external_id") -> bool:  # fmt: skip
+    """Whether the memory stream (or another writer's) holds a turn of the conversation its writers
+    have not written yet (not delivered, or delivered and not acknowledged)."""
     r = redis.Redis.from_url(services[1])
     try:
-        ours = [
-            entry_id
-            for entry_id, fields in r.xrange(MEMORY_STREAM)
-            if orjson.loads(fields[b"r"]).get("external_id") == conv
-        ]
+        ours = [entry_id for entry_id, fields in r.xrange(stream) if orjson.loads(fields[b"r"]).get(field) == conv]
         if not ours:
             return False
-        group = next(g for g in r.xinfo_groups(MEMORY_STREAM) if g["name"].decode() == MEMORY_GROUP)
+        group = next(g for g in r.xinfo_groups(stream) if g["name"].decode() == group_name)
         delivered = tuple(int(p) for p in group["last-delivered-id"].decode().split("-"))
-        pending = {p["message_id"] for p in r.xpending_range(MEMORY_STREAM, MEMORY_GROUP, "-", "+", 10_000)}
+        pending = {p["message_id"] for p in r.xpending_range(stream, group_name, "-", "+", 10_000)}
         return any(tuple(int(p) for p in i.decode().split("-")) > delivered or i in pending for i in ours)
     finally:
         r.close()
+
+
+def _runs_on_their_way(services, conv: str) -> bool:
+    return _on_its_way(services, conv, RUNS_STREAM, RUNS_GROUP, "conversation_id")
 
 
 def test_a_first_turn_stored_while_the_erasure_clears_the_memory_is_refused_and_not_kept(gw, services, module_mock):
@@ -213,3 +246,95 @@ def test_a_first_turn_stored_while_the_erasure_clears_the_memory_is_refused_and_
               WHERE c.tenant = $1 AND c.external_id = $2"""
     assert rows(services[0], kept, TENANT, conv) == []
     assert rows(services[0], "SELECT 1 FROM conversations WHERE tenant = $1 AND external_id = $2", TENANT, conv) == []
+
+
+def _erase(gw, conv: str, agent: str = "wabot") -> httpx.Response:
+    path = f"/admin/agents/{agent}/conversations/{urllib.parse.quote(conv, safe='')}"
+    return httpx.delete(
+        f"{gw.url}{path}", params={"tenant": TENANT}, headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=120
+    )
+
+
+def _agent_turn(gw, agent: str, conv: str, words: str) -> httpx.Response:
+    """A turn of ``agent`` on ``conv`` with the channel's key, no queue time (as a REST client)."""
+    body = {
+        "model": f"agent:{agent}",
+        "messages": [{"role": "user", "content": words}],
+        "metadata": {"conversation_id": conv},
+    }
+    return httpx.post(
+        f"{gw.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {gw.key}"}, timeout=60
+    )
+
+
+def _kept(services, conv: str) -> list:
+    """What PostgreSQL holds under the id, any agent's: its messages' words and its runs."""
+    words = rows(
+        services[0],
+        """SELECT m.content->>'content' AS words FROM messages m JOIN conversations c ON c.id = m.conversation_id
+           WHERE c.tenant = $1 AND c.external_id = $2""",
+        TENANT,
+        conv,
+    )
+    ran = rows(services[0], "SELECT agent FROM runs WHERE tenant = $1 AND conversation_id = $2", TENANT, conv)
+    return [*words, *ran]
+
+
+def _window(services, agent: str, conv: str) -> list[bytes]:
+    agent_id = rows(services[0], "SELECT id FROM agents WHERE tenant = $1 AND name = $2", TENANT, agent)[0]["id"]
+    r = redis.Redis.from_url(services[1])
+    try:
+        return r.lrange(memory_keys(TENANT, agent_id, conv)[0], 0, -1)
+    finally:
+        r.close()
+
+
+def test_another_agents_turn_not_yet_in_postgresql_is_erased_with_the_customers_conversation(gw, services):
+    """wabot2 answered the customer a moment before the erasure through wabot; the memory and runs
+    writers had not written its turn yet, so PostgreSQL knew of no state of wabot2's: the erasure
+    left wabot2 out, and the turn (the customer's words, the run naming the number) landed after
+    it said done. Redis knows the turn at once: the erasure covers wabot2 too."""
+    wa_id = str(uuid.uuid4().int % 10**12 + 10**11)
+    conv = f"wa:{PNID}:{wa_id}"
+    r = redis.Redis.from_url(services[1])
+    r.set(f"{PAUSE}{conv}:writer", "1", ex=300)
+    try:
+        said = _agent_turn(gw, "wabot2", conv, "my card is 4111")
+        assert said.status_code == 200, said.text
+        assert _window(services, "wabot2", conv) != []
+        erased = _erase(gw, conv)
+        assert erased.status_code == 200, erased.text
+    finally:
+        r.set(f"{PAUSE}{conv}:written", "1", ex=300)  # the writers go on, after the erasure
+        r.close()
+    wait_until(lambda: not _on_its_way(services, conv), what="the memory writers past the turn")
+    assert _window(services, "wabot2", conv) == []
+    wait_until(lambda: not _runs_on_their_way(services, conv), what="the runs writers past the run")
+    assert _kept(services, conv) == []
+
+
+def test_a_first_api_turn_answered_while_its_conversation_is_erased_is_not_stored(gw, services):
+    """A conversation no channel marks (an API client's id): its first turn loaded nothing, was
+    answered, and stored itself after the erasure (no seq floor told it from a turn after it). The
+    turn is paused before its store, the erasure runs whole, then the turn goes on: nothing of it
+    is kept. A turn begun after the erasure is stored."""
+    conv = f"api-{uuid.uuid4().hex[:8]}"
+    r = redis.Redis.from_url(services[1])
+    r.set(f"{PAUSE}{conv}:append", "1", ex=300)
+    answered: list[httpx.Response] = []
+    call = threading.Thread(target=lambda: answered.append(_agent_turn(gw, "wabot", conv, "my card is 4111")))
+    call.start()
+    try:
+        wait_until(lambda: r.exists(f"{PAUSE}{conv}:appending"), what="the turn answered, before its store")
+        erased = _erase(gw, conv)
+        assert erased.status_code == 200, erased.text
+    finally:
+        r.set(f"{PAUSE}{conv}:stored", "1", ex=300)
+        call.join(60)
+        r.close()
+    assert answered and answered[0].status_code == 200, answered and answered[0].text
+    assert _window(services, "wabot", conv) == []
+    wait_until(lambda: not _on_its_way(services, conv), what="the memory writers past the turn")
+    assert rows(services[0], "SELECT 1 FROM conversations WHERE tenant = $1 AND external_id = $2", TENANT, conv) == []
+    assert _agent_turn(gw, "wabot", conv, "hello again").status_code == 200
+    assert len(_window(services, "wabot", conv)) == 2

@@ -126,6 +126,9 @@ LAUNCHER = textwrap.dedent(
         # (PostgreSQL failing as the send's check would clean up: once, when the test arms it)
         if await _redis().delete("test:after-send-fails:" + conversation):
             raise OSError("the check failed (test)")
+        # (the process killed between the send and its check: nothing after the send runs)
+        if await _redis().delete("test:after-send-never:" + conversation):
+            return False
         return await _after_send(redis, pool, tenant, conversation, *args)
 
 
@@ -379,6 +382,37 @@ def test_a_reply_out_at_graph_when_the_erasure_lands_keeps_no_number(gw, graph, 
         graph.configure(text_answer_delays_ms=[])
     assert out and out[0].status_code == 200, out and out[0].text
     assert out[0].json()["delivery"]["status"] == "sent"
+    wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == words)
+    assert _record(services, wamid) == _tagged(conv)
+    assert _naming(services, TENANT, ada) == NOTHING
+
+
+def test_a_reply_whose_process_dies_before_its_post_send_check_keeps_no_number(gw, graph, services):
+    """As above, but the gateway serving the reply is killed (SIGKILL) once the send is over and
+    before its check (``erasure.after_send``): nothing retries a person's reply, so the record the
+    send wrote after the erasure kept the customer's number and the words. Its record is written
+    as the erasure's own were left, whatever runs after it. (The kill is emulated by the launcher:
+    the check never runs, as after a kill; the module's gateway serves the other tests.)"""
+    ada = _wa_id()
+    conv = f"wa:{PNID}:{ada}"
+    esc = _escalated(gw, graph, services, ada)
+    words = f"a person answers {uuid.uuid4().hex[:8]}"
+    r = redis.Redis.from_url(services[1])
+    r.set(f"test:after-send-never:{conv}", "1", ex=300)
+    _hold_next_text(graph, ada)
+    try:
+        t, out = _in_thread(lambda: _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words}))
+        try:
+            wait_until(lambda: words in _texts(graph, ada), what="the reply's POST at Graph")
+            assert _erase(gw, TENANT, conv).status_code == 200
+        finally:
+            _release(graph)
+            t.join(90)
+    finally:
+        graph.configure(text_answer_delays_ms=[])
+        r.delete(f"test:after-send-never:{conv}")
+        r.close()
+    assert out and out[0].status_code == 200, out and out[0].text
     wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == words)
     assert _record(services, wamid) == _tagged(conv)
     assert _naming(services, TENANT, ada) == NOTHING
@@ -673,3 +707,72 @@ def test_a_fallback_message_out_at_graph_when_the_erasure_lands_keeps_no_number(
         what="the fallback's record tagged",
     )
     assert _naming(services, TENANT, ada) == NOTHING
+
+
+# ---- an API client's conversation ---------------------------------------------------------------
+def _api_escalated(gw, services) -> tuple[str, str]:
+    """An API client's conversation with wabot2 (no channel marks it) asks for a person: its id and
+    the escalation's (claimed)."""
+    conv = f"api-{uuid.uuid4().hex[:8]}"
+    asked = _rest_turn(gw, gw.keys["WARACE_KEY_A"], "wabot2", conv, _wa_id(), ASK_PERSON)
+    assert asked.status_code == 200, asked.text
+    wait_until(lambda: _escalations(services, TENANT, [conv]), what="the escalation")
+    esc = _escalations(services, TENANT, [conv])[0]["id"]
+    assert _admin(gw, "POST", f"/admin/escalations/{esc}/claim").status_code == 200
+    return conv, esc
+
+
+def _kept_words(services, words: str) -> list[dict]:
+    return rows(
+        services[0],
+        "SELECT count(*) AS n FROM messages WHERE tenant = $1 AND content::text LIKE $2",
+        TENANT,
+        f"%{words}%",
+    )
+
+
+def test_a_reply_to_an_api_conversation_erased_after_its_check_is_refused_and_keeps_nothing(gw, services):
+    """As for a WhatsApp customer: the erasure of an API client's conversation runs to its end
+    between the reply's escalation check and its store. The reply was stored under the id after
+    the erasure (a new conversation holding the person's words about the erased one); now it is
+    refused (409 ``conversation_erased``) and nothing of it is kept."""
+    conv, esc = _api_escalated(gw, services)
+    r = redis.Redis.from_url(services[1])
+    r.set(f"{GATE}{esc}:armed", "1", ex=300)
+    words = f"a person answers {uuid.uuid4().hex[:8]}"
+    t, out = _in_thread(lambda: _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words}))
+    try:
+        wait_until(lambda: r.exists(f"{GATE}{esc}:held"), what="the reply paused after its check")
+        assert _erase(gw, TENANT, conv, agent="wabot2").status_code == 200
+    finally:
+        r.set(f"{GATE}{esc}:go", "1", ex=300)
+        t.join(90)
+        r.close()
+    assert out and out[0].status_code == 409, out and out[0].text
+    err = out[0].json()["error"]
+    assert err["code"] == "conversation_erased" and esc in err["message"], err
+    assert _window(services, TENANT, "wabot2", conv) == []
+    assert _kept_words(services, words) == [{"n": 0}]
+
+
+def test_a_reply_to_an_api_conversation_while_its_erasure_is_under_way_is_refused(gw, services):
+    """The erasure began (its memory step done) and has not committed when the reply comes (the
+    escalation still open): the reply is the erased conversation's, refused and not kept."""
+    conv, esc = _api_escalated(gw, services)
+    gate = f"test:erasure-pause:{conv}"
+    r = redis.Redis.from_url(services[1])
+    r.set(f"{gate}:armed", "1", ex=300)
+    words = f"a person answers {uuid.uuid4().hex[:8]}"
+    t, erased = _in_thread(lambda: _erase(gw, TENANT, conv, agent="wabot2"))
+    try:
+        wait_until(lambda: r.exists(f"{gate}:held"), what="the erasure paused before its transaction")
+        out = _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words})
+    finally:
+        r.set(f"{gate}:go", "1", ex=300)
+        t.join(90)
+        r.close()
+    assert erased and erased[0].status_code == 200, erased and erased[0].text
+    assert out.status_code == 409, out.text
+    assert out.json()["error"]["code"] == "conversation_erased"
+    assert _window(services, TENANT, "wabot2", conv) == []
+    assert _kept_words(services, words) == [{"n": 0}]

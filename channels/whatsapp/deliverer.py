@@ -8,10 +8,14 @@ or Graph unavailable: it goes on the conversation's queue), ``failed``, ``erased
 A message that carries when it was asked for (``queued_us``: µs on Redis's clock, a human's
 reply) reads its conversation's erasure mark before it is sent and once the send is over
 (``erasure.after_send``): erased since, it is not sent (``erased``: never reported as stored or
-sent), and a send that was under way when the erasure came keeps nothing of what it wrote."""
+sent), and a send that was under way when the erasure came keeps nothing of what it wrote. Its
+records are written as the erased conversation's in the first place (``Conversation.asked_us``,
+``store.OutboundRecords``): a process killed between the send and that check left them naming
+the customer, and nothing retries a person's reply."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 
@@ -48,6 +52,8 @@ class WhatsAppDeliverer:
         acct = self.accounts.get(conv.account)
         if acct is None or acct.tenant != message.tenant:
             return ("failed", "the WhatsApp account is not configured")
+        if queued is not None:  # (its records are the erased conversation's if erased since: store)
+            conv = dataclasses.replace(conv, asked_us=queued)
         text = str(message.text)[:MAX_TEXT]
         # Idempotent per (conversation, what it answers, the words): the same reply delivered
         # again is not sent twice, but a person's second reply in one escalation (same ref) and

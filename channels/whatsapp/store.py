@@ -12,7 +12,13 @@ from datetime import UTC, datetime
 
 import orjson
 
-from core.erasure_key import conversation_tag
+from core.erasure_key import (
+    ERASURE_LOCK_BUCKETS,
+    ERASURE_LOCK_CLASS,
+    TAG_PREFIX,
+    conversation_hash,
+    conversation_tag,
+)
 
 WINDOW_S = 24 * 3600
 RANK = {"received": 0, "held": 0, "unknown": 0, "sent": 1, "delivered": 2, "read": 3, "failed": 4}
@@ -28,6 +34,9 @@ class Conversation:
     agent: str
     name: str | None
     last_inbound_at: float | None  # unix seconds
+    # A send asked for at this time (µs, Redis's clock: a person's reply) records its messages as
+    # the erased conversation's if the conversation was erased since (``OutboundRecords``).
+    asked_us: int | None = None
 
     def window_open(self, now: float | None = None) -> bool:
         return self.last_inbound_at is not None and (now or time.time()) - self.last_inbound_at < WINDOW_S
@@ -253,12 +262,25 @@ async def get_conversation(pool, tenant: str, account: str, pnid: str, wa_id: st
     return _conv(row) if row is not None else None
 
 
-_OUTBOUND_BATCH = """
+# A message of a send asked for at ``asked`` (µs, Redis's clock) whose conversation was erased
+# since (``erased_conversations``, by the id's keyed hash ``h``, as the ledger's writer reads it)
+# is recorded as the erasure's own rows were left: the tag for its conversation and customer, no
+# words. The send's own check once it is over (``erasure.after_send``) does the same, but a
+# process killed between the send and that check left the number and the words, and nothing
+# retries a person's reply. A batch with such a message takes the erasure's shared lock of its
+# tenants first (``core.erasure_key``): an erasure committing meanwhile is waited for, then seen.
+_OUTBOUND_BATCH = f"""
 INSERT INTO whatsapp_messages (tenant, account, wamid, direction, conversation_id, wa_id, kind, body,
                                reply_to, status, status_rank, error, sent_at)
-SELECT t, a, w, 'out', c, wa, k, b, r, s, sr, e, CASE WHEN sr > 0 THEN now() END
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-            $9::text[], $10::smallint[], $11::text[]) WITH ORDINALITY AS x(t, a, w, c, wa, k, b, r, s, sr, e, n)
+SELECT t, a, w, 'out', CASE WHEN gone THEN tag ELSE c END, CASE WHEN gone THEN tag ELSE wa END, k,
+       CASE WHEN gone THEN NULL ELSE b END, r, s, sr, e, CASE WHEN sr > 0 THEN now() END
+FROM (SELECT x.*, '{TAG_PREFIX}' || h AS tag,
+             h IS NOT NULL AND EXISTS (SELECT 1 FROM erased_conversations er
+                                       WHERE er.tenant = x.t AND er.external_hash = x.h
+                                         AND er.erased_at >= to_timestamp(x.asked / 1000000.0)) AS gone
+      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                  $9::text[], $10::smallint[], $11::text[], $12::text[], $13::bigint[])
+           WITH ORDINALITY AS x(t, a, w, c, wa, k, b, r, s, sr, e, h, asked, n)) y
 ORDER BY n
 ON CONFLICT (tenant, account, wamid) WHERE wamid IS NOT NULL DO UPDATE SET
     conversation_id = EXCLUDED.conversation_id, wa_id = EXCLUDED.wa_id, kind = EXCLUDED.kind,
@@ -277,11 +299,24 @@ class OutboundRecords(GroupCommit):
         self, conv: Conversation, wamid: str | None, kind: str, body: str, reply_to: str | None, status: str, error=None
     ) -> None:
         row = (conv.tenant, conv.account, wamid, conv.conversation_id, conv.wa_id, kind, body, reply_to, status)
-        await self.submit((*row, RANK[status], error))
+        asked = conv.asked_us
+        h = conversation_hash(conv.tenant, conv.conversation_id) if asked is not None else None
+        await self.submit((*row, RANK[status], error, h, asked))
 
     async def _write_rows(self, conn, rows: list[tuple]) -> list:
-        await conn.execute(_OUTBOUND_BATCH, *(list(col) for col in zip(*rows, strict=True)))
+        columns = [list(col) for col in zip(*rows, strict=True)]
+        checked = sorted({row[0] for row in rows if row[11] is not None})
+        if not checked:  # (a turn's sends: one statement, no transaction round trips)
+            await conn.execute(_OUTBOUND_BATCH, *columns)
+            return [None] * len(rows)
+        async with conn.transaction():
+            await conn.execute(_LOCK_TENANTS, checked)
+            await conn.execute(_OUTBOUND_BATCH, *columns)
         return [None] * len(rows)
+
+
+_LOCK_TENANTS = f"""SELECT pg_advisory_xact_lock_shared({ERASURE_LOCK_CLASS}, b)
+FROM (SELECT DISTINCT hashtext(t) & {ERASURE_LOCK_BUCKETS - 1} AS b FROM unnest($1::text[]) AS t ORDER BY 1) x"""
 
 
 async def answered(pool, tenant: str, head: dict) -> bool:
