@@ -5,7 +5,9 @@ for the sweeper to open it, holding the conversation's id (a WhatsApp customer's
 customer's words. The erasure left it there, and the sweeper opened it after the erasure when its
 turn had loaded no window (``seq`` None: its ``erased_after`` check passes): the erased words and
 id back in the escalation queue. The real stack: a gateway (its sweeper idle: a long interval)
-over the embedded PostgreSQL and Valkey, and a sweeper of the test's own."""
+over the embedded PostgreSQL and Valkey, and a sweeper of the test's own. The gateway and the
+test use a Redis database of their own (``DB``): another gateway of the session on the shared one
+(its sweeper on a short interval) opened the spooled escalations the test reads back."""
 
 from __future__ import annotations
 
@@ -24,10 +26,16 @@ from tests.test_channels_vapi import admin as _admin
 from tests.test_channels_whatsapp import rows as _rows
 from tests.test_policies import new_key
 
+DB = 13  # (the gateway's and the first test's; the second test's is 12)
+
+
+def _private(services) -> tuple[str, str]:
+    return services[0], f"{services[1]}?db={DB}"
+
 
 @pytest.fixture(scope="module")
 def gw(tmp_root, services, module_mock):
-    g = Gateway(tmp_root, config(module_mock, hitl={"sweep_interval_s": 3600}), services)
+    g = Gateway(tmp_root, config(module_mock, hitl={"sweep_interval_s": 3600}), _private(services))
     yield g
     g.stop()
 
@@ -52,6 +60,7 @@ def _spooled(url: str, db: int | None = None) -> list[dict]:
 
 
 def test_an_erasure_drops_its_conversations_spooled_escalation_and_the_sweeper_never_opens_it(gw, services):
+    redis_url = _private(services)[1]
     tenant, other_tenant = f"spool-a-{uuid.uuid4().hex[:6]}", f"spool-b-{uuid.uuid4().hex[:6]}"
     admin_key = new_key(gw, tenant=tenant, scopes=["admin"])["key"]
     agent = f"bot-{uuid.uuid4().hex[:6]}"
@@ -68,7 +77,7 @@ def test_an_erasure_drops_its_conversations_spooled_escalation_and_the_sweeper_n
     ]
 
     async def spool():
-        r = aioredis.from_url(services[1])
+        r = aioredis.from_url(redis_url)
         try:
             for esc in spooled:
                 await held.spool(r, esc)
@@ -78,11 +87,11 @@ def test_an_erasure_drops_its_conversations_spooled_escalation_and_the_sweeper_n
     asyncio.run(spool())
     r = _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{erased}", admin_key)
     assert r.status_code == 200, r.text
-    left = [e["id"] for e in _spooled(services[1]) if e["id"] in {s["id"] for s in spooled}]
+    left = [e["id"] for e in _spooled(redis_url) if e["id"] in {s["id"] for s in spooled}]
     assert left == [spooled[1]["id"], spooled[2]["id"]], left
 
     async def sweep():  # (what the gateway's sweeper does on its next pass)
-        r = aioredis.from_url(services[1])
+        r = aioredis.from_url(redis_url)
         async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
             try:
 
