@@ -604,10 +604,17 @@ class Memory:
         )  # fmt: skip
 
     async def start(self) -> None:
-        if self._fast is not None:
-            self._append_sha = await self._fast.script_load(_APPEND)
-            self._load_sha = await self._fast.script_load(_LOAD)
-        await self.writer.start()
+        """Loads the scripts, starts the writer; a start that fails closes the pipelined client
+        (its stop is not run: only parts that started are stopped)."""
+        try:
+            if self._fast is not None:
+                self._append_sha = await self._fast.script_load(_APPEND)
+                self._load_sha = await self._fast.script_load(_LOAD)
+            await self.writer.start()
+        except BaseException:
+            if self._fast is not None:
+                await self._fast.close()
+            raise
 
     async def _script(self, name: str, keys: list[str], args: list):
         """``_APPEND`` or ``_LOAD`` over the pipelined client (one call, its own timer), else

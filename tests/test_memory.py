@@ -597,3 +597,45 @@ def test_a_seq_counter_lost_never_hands_out_a_seq_twice(services):
         assert [r["request_id"] for r in rows] == ["r0", "r0", "r1", "r1", "r2", "r2", "h1"]
 
     _run(services, body)
+
+
+def test_a_start_whose_second_script_load_fails_closes_the_pipelined_connection(services):
+    """``Memory.start`` loads its two scripts over the pipelined client it was given, then starts
+    its writer; a failure after the first load left that connection open (a failed start-up then
+    stops only the parts that started: ``gateway/started.py``). The client here is the real one,
+    over the embedded Valkey; its second load fails."""
+    from core.fastredis import PipelinedRedis
+
+    async def main() -> None:
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            redis = aioredis.from_url(services[1])
+            fast = PipelinedRedis(services[1])
+            loads = 0
+            real = fast.script_load
+
+            async def script_load(source: str) -> str:
+                nonlocal loads
+                loads += 1
+                if loads == 2:
+                    raise ConnectionError("the second load fails")
+                return await real(source)
+
+            fast.script_load = script_load
+            closed = []
+            real_close = fast.close
+
+            async def close() -> None:
+                closed.append(True)
+                await real_close()
+
+            fast.close = close
+            try:
+                with pytest.raises(ConnectionError):
+                    await Memory(pool, redis, fast=fast).start()
+                assert closed == [True]
+            finally:
+                if not closed:
+                    await real_close()
+                await redis.aclose()
+
+    asyncio.run(main())
