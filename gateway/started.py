@@ -43,5 +43,16 @@ async def _quietly(stop: Callable[[], Any], limit_s: float | None) -> None:
             result = stop()
             if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
                 await result
+    except asyncio.CancelledError as exc:
+        # A cancellation of this stop goes on up; one the part's stop raised of its own (a task
+        # it awaited was cancelled elsewhere) is its failure, as any other: the rest still stop.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        _failed(stop, exc)
     except Exception as exc:
-        log.warning("stopping %s: %s", getattr(stop, "__qualname__", repr(stop)), type(exc).__name__)
+        _failed(stop, exc)
+
+
+def _failed(stop: Callable[[], Any], exc: BaseException) -> None:
+    log.warning("stopping %s: %s", getattr(stop, "__qualname__", repr(stop)), type(exc).__name__)

@@ -379,3 +379,39 @@ def test_a_failed_start_up_stops_every_part_of_the_services_past_one_whose_stop_
     assert "channels.vapi.main.api_key" in sent[0]["message"]
     assert left == []
     assert _children() - children == set()
+
+
+def test_a_part_whose_stop_raises_cancelled_error_does_not_keep_the_others_running(tmp_path, services, monkeypatch):
+    """A part's stop raising ``CancelledError`` of its own (an awaited task some other code had
+    cancelled), while the stop itself is not cancelled: the part's failure, logged like any other,
+    and every other part still stopped. It went up through the group's ``gather`` and the list's
+    loop: the rest of the readers' group was left mid-stop, and the PII workers, the listeners
+    and the pools not stopped at all."""
+    from runtime.tools import ToolRunner
+
+    settings = _settings(tmp_path, services, pii={"policies": {"default": {"entities": {"email": "mask"}}}})
+
+    async def raises(self) -> None:
+        raise asyncio.CancelledError()
+
+    monkeypatch.setattr(ToolRunner, "stop", raises)
+    children = _children()
+
+    async def start_and_stop() -> tuple[str, list[str]]:
+        before = asyncio.all_tasks()
+        svc = await Services.start(settings)
+        try:
+            await svc.stop()
+            outcome = "stopped"
+        except asyncio.CancelledError:
+            outcome = "CancelledError raised"
+        left = [t.get_name() for t in asyncio.all_tasks() - before if not t.done()]
+        for task in asyncio.all_tasks() - before:  # (without the fix: not to leak into other tests)
+            task.cancel()
+        await asyncio.gather(*(asyncio.all_tasks() - before), return_exceptions=True)
+        if svc.pii is not None:
+            await svc.pii.close()
+        return outcome, left
+
+    assert asyncio.run(start_and_stop()) == ("stopped", [])
+    assert _children() - children == set()
