@@ -106,7 +106,7 @@ class GatewayApp:
         """The services, then the channels; each one's stop added to ``_started`` once it has
         started (the list both the shutdown and a failed start-up run, in reverse)."""
         self.svc = svc = await Services.start(self.settings)
-        self._started.add(svc.stop)
+        self._started.add(svc.stop, bounded=False)  # (each of its parts is bounded)
         # the knowledge_search built-in searches the agent's knowledge bases
         svc.tools.handlers["knowledge_search"] = grounding.knowledge_search_handler(svc)
         self.vapi = await vapi_channel.start(svc)

@@ -55,3 +55,35 @@ def test_parts_started_together_are_stopped_at_once():
     assert events[:2] == ["ledger begins", "ledger ends"]
     assert set(events[2:4]) == {"memory begins", "alerts begins"}
     assert events[-2:] == ["pool begins", "pool ends"]
+
+
+def test_a_cancellation_of_the_stop_itself_goes_up():
+    """A part's own ``CancelledError`` is its failure (the others still stop), but the stop being
+    cancelled is not swallowed: the cancelled caller sees its cancellation."""
+    stopped: list[str] = []
+    hanging = asyncio.Event()
+
+    async def raises() -> None:
+        stopped.append("raises")
+        raise asyncio.CancelledError()
+
+    async def hangs() -> None:
+        hanging.set()
+        await asyncio.Event().wait()
+
+    async def go() -> str:
+        started = Started()
+        started.add(lambda: stopped.append("pool"))
+        started.add(hangs)
+        started.add(raises)
+        task = asyncio.create_task(started.stop(bounded=False))
+        await asyncio.wait_for(hanging.wait(), 10)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "not cancelled"
+
+    assert asyncio.run(go()) == "cancelled"
+    assert stopped == ["raises"]

@@ -345,3 +345,79 @@ def test_a_whatsapp_channel_whose_worker_fails_to_start_is_stopped(tmp_path, ser
     assert "WhatsApp worker did not start" in sent[0]["message"]
     assert left == []
     assert len(made) == 1 and made[0].pool._closed
+
+
+def test_a_failed_start_up_stops_every_part_of_the_services_past_one_whose_stop_hangs(tmp_path, services, monkeypatch):
+    """The start-up failed after the services had started (a VAPI account whose key is not a key)
+    and one of their parts' stop hangs: that part is left after ``PART_STOP_S``, every part after
+    it (the PII workers, the pools, the key and budget listeners) still stopped. The app's list
+    bounded the services' whole stop by ``PART_STOP_S`` too, the same bound as each of its parts:
+    it ran out first, in the hung part, and cut the stop of all the rest short."""
+    from gateway import started
+    from runtime.tools import ToolRunner
+
+    vapi = {
+        "main": {
+            "tenant": "startfail",
+            "api_key": "sk-gw-not-a-key",
+            "public_url": "https://gw.example.com",
+            "auth": {"secret": "startfail-secret-0123456789"},
+        }
+    }
+    settings = _settings(
+        tmp_path, services, channels={"vapi": vapi}, pii={"policies": {"default": {"entities": {"email": "mask"}}}}
+    )
+
+    real_stop = ToolRunner.stop
+
+    async def hangs(self) -> None:
+        await real_stop(self)  # (its HTTP sessions closed, not left to the collector's warning)
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(started, "PART_STOP_S", 0.5)
+    monkeypatch.setattr(ToolRunner, "stop", hangs)  # (a part with no task of its own)
+    children = _children()
+    sent, left = _start_up(settings)
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "channels.vapi.main.api_key" in sent[0]["message"]
+    assert left == []
+    assert _children() - children == set()
+
+
+def test_a_part_whose_stop_raises_cancelled_error_does_not_keep_the_others_running(tmp_path, services, monkeypatch):
+    """A part's stop raising ``CancelledError`` of its own (an awaited task some other code had
+    cancelled), while the stop itself is not cancelled: the part's failure, logged like any other,
+    and every other part still stopped. It went up through the group's ``gather`` and the list's
+    loop: the rest of the readers' group was left mid-stop, and the PII workers, the listeners
+    and the pools not stopped at all."""
+    from runtime.tools import ToolRunner
+
+    settings = _settings(tmp_path, services, pii={"policies": {"default": {"entities": {"email": "mask"}}}})
+
+    real_stop = ToolRunner.stop
+
+    async def raises(self) -> None:
+        await real_stop(self)
+        raise asyncio.CancelledError()
+
+    monkeypatch.setattr(ToolRunner, "stop", raises)
+    children = _children()
+
+    async def start_and_stop() -> tuple[str, list[str]]:
+        before = asyncio.all_tasks()
+        svc = await Services.start(settings)
+        try:
+            await svc.stop()
+            outcome = "stopped"
+        except asyncio.CancelledError:
+            outcome = "CancelledError raised"
+        left = [t.get_name() for t in asyncio.all_tasks() - before if not t.done()]
+        for task in asyncio.all_tasks() - before:  # (without the fix: not to leak into other tests)
+            task.cancel()
+        await asyncio.gather(*(asyncio.all_tasks() - before), return_exceptions=True)
+        if svc.pii is not None:
+            await svc.pii.close()
+        return outcome, left
+
+    assert asyncio.run(start_and_stop()) == ("stopped", [])
+    assert _children() - children == set()
