@@ -61,9 +61,12 @@ WHERE vapi_calls.tenant = $1 AND vapi_calls.conversation_id = t.id AND vapi_call
 # their conversation and their customer, so they still belong together; a status Meta sends later
 # for one of them finds it by its wamid and updates its status only (``channels.whatsapp.store.
 # record_status``), so it cannot bring the number back. By index (``whatsapp_messages_conv``).
+# Their words go here too, under the erasure's lock: ``forget_copies`` cleared them before it, and
+# a record committed in between (a reply whose deliverer died before its post-send check, a
+# customer's message) was tagged with its words, where no later erasure of the id finds them.
 # ($1 tenant, $2 the conversations' ids, $3 their tags, $4 a time or NULL)
 _WA_MESSAGES = """
-UPDATE whatsapp_messages SET conversation_id = t.tag, wa_id = t.tag, updated_at = now()
+UPDATE whatsapp_messages SET conversation_id = t.tag, wa_id = t.tag, body = NULL, updated_at = now()
 FROM unnest($2::text[], $3::text[]) AS t(id, tag)
 WHERE whatsapp_messages.tenant = $1 AND whatsapp_messages.conversation_id = t.id
   AND ($4::timestamptz IS NULL OR whatsapp_messages.created_at < $4)
