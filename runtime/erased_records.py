@@ -88,7 +88,9 @@ WHERE tenant = $1 AND conversation_id = ANY($2::text[])
 # answer, its hold would keep a customer who writes again from being answered, and a second open
 # one of the same tag (the customer came back, escalated and was erased again) would break the
 # one-open-escalation-per-conversation index. By index (``escalations_tenant_agent_conversation``).
-# The open ones resolved are returned (their holds in Redis are the caller's to release).
+# The open ones resolved are returned (their holds in Redis are the caller's to release). Their
+# words go here too, under the erasure's lock (as the WhatsApp records' above): one opened by a
+# turn in flight between ``forget_copies`` and the lock was tagged with the customer's words.
 # ($1 tenant, $2 the agents' ids, $3 the conversations' ids, $4 their tags, $5 a time or NULL)
 _ESCALATIONS = """
 WITH old AS (
@@ -98,6 +100,7 @@ WITH old AS (
     FOR UPDATE OF e
 )
 UPDATE escalations e SET conversation_id = old.tag, updated_at = now(),
+    question = NULL, draft = NULL, corrected_answer = NULL, context = '{}'::jsonb,
     status = 'resolved', resolved_at = coalesce(e.resolved_at, now()), lease_until = NULL,
     resolved_by = CASE WHEN old.status <> 'resolved' THEN 'erasure' ELSE e.resolved_by END,
     outcome = CASE WHEN old.status <> 'resolved' THEN 'erased' ELSE e.outcome END
