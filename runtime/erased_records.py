@@ -49,10 +49,15 @@ WHERE ledger.tenant = $1 AND ledger.conversation_id = t.id AND ($4::timestamptz 
 # of its end-of-call report (written from this row) names the tag, and no callback is placed to it.
 # Only this call's record: the same caller's other calls are other conversations. ($1 tenant, $2
 # the conversations' ids, $3 their tags, $4 a time or NULL)
+# Its words go here too, under the erasure's lock: a report stored between ``forget_copies`` and
+# the lock was read as not erased and kept its transcript under the tag.
 _CALLS = """
-UPDATE vapi_calls SET customer_number = t.tag, updated_at = now()
+UPDATE vapi_calls SET customer_number = CASE WHEN vapi_calls.customer_number IS NULL THEN NULL ELSE t.tag END,
+       transcript = NULL, summary = NULL, recording_url = NULL, updated_at = now()
 FROM unnest($2::text[], $3::text[]) AS t(id, tag)
-WHERE vapi_calls.tenant = $1 AND vapi_calls.conversation_id = t.id AND vapi_calls.customer_number <> t.tag
+WHERE vapi_calls.tenant = $1 AND vapi_calls.conversation_id = t.id
+  AND (vapi_calls.customer_number <> t.tag OR vapi_calls.transcript IS NOT NULL OR vapi_calls.summary IS NOT NULL
+       OR vapi_calls.recording_url IS NOT NULL)
   AND ($4::timestamptz IS NULL OR vapi_calls.created_at < $4)
 """
 

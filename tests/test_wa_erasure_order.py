@@ -443,3 +443,69 @@ def test_an_escalation_opened_while_the_erasure_clears_the_words_keeps_no_words(
     )
     tag = _tag(TENANT, conv)
     assert kept == [{"conversation_id": tag, "status": "resolved", "question": None, "draft": None, "context": "{}"}]
+
+
+def test_a_call_report_stored_while_the_erasure_waits_for_its_lock_keeps_no_words(gw, services):
+    """A VAPI call's end-of-call report (its transcript, summary, recording link) stored after the
+    erasure cleared the call's words and before it took its lock was read as not erased (the
+    erasure had not committed) and then tagged with its transcript kept. The erasure is held at
+    its lock: the test holds the tenant's exclusive erasure lock."""
+    import asyncio
+    import contextlib
+
+    import asyncpg
+
+    from channels.vapi import calls, wire
+    from core.erasure_key import ERASURE_LOCK_BUCKETS, ERASURE_LOCK_CLASS
+    from tests.test_wa_dead_letters_erasure import _tag
+
+    call_id = f"call-{uuid.uuid4().hex[:10]}"
+    conv = f"vapi:{call_id}"
+    report = calls.Report("customer-ended-call", 42.0, 0.1, "I am Ann, card 4111.", "https://r.example/a.wav",
+                          "Ann called about card 4111.", None)  # fmt: skip
+
+    async def go() -> httpx.Response:
+        holder = await asyncpg.connect(services[0])
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+
+        @contextlib.asynccontextmanager
+        async def tx(tenant):
+            async with pool.acquire() as conn, conn.transaction():
+                yield conn
+
+        try:
+            lock = holder.transaction()
+            await lock.start()
+            await holder.execute(
+                f"SELECT pg_advisory_xact_lock({ERASURE_LOCK_CLASS}, hashtext($1) & {ERASURE_LOCK_BUCKETS - 1})", TENANT
+            )
+            erasing = asyncio.ensure_future(asyncio.to_thread(_erase, gw, conv))
+            for _ in range(1200):  # bounded: the erasure waits for its lock, its copies step done
+                waiting = await pool.fetchval(
+                    """SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                       AND query LIKE 'SELECT pg_advisory_xact_lock(%'"""
+                )
+                if waiting or erasing.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert not erasing.done(), erasing.result().text
+            info = wire.CallInfo(call_id=call_id, call_type="inboundPhoneCall", customer_number="+4915123456789")
+            await calls.CallStore(tx).report(TENANT, "vp", info, "wabot", report, True)
+            await lock.rollback()
+            return await erasing
+        finally:
+            await holder.close()
+            await pool.close()
+
+    erased = asyncio.run(go())
+    assert erased.status_code == 200, erased.text
+    kept = rows(
+        services[0],
+        """SELECT customer_number, transcript, summary, recording_url, duration_s FROM vapi_calls
+           WHERE tenant = $1 AND call_id = $2""",
+        TENANT, call_id,
+    )  # fmt: skip
+    tag = _tag(TENANT, conv)
+    assert kept == [
+        {"customer_number": tag, "transcript": None, "summary": None, "recording_url": None, "duration_s": 42.0}
+    ]
