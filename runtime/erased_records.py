@@ -126,8 +126,10 @@ async def retag(
     instead of their ids, their VAPI calls' records instead of their callers' numbers, and their
     WhatsApp message records instead of their ids and customers' numbers; their WhatsApp
     conversation states are deleted; their escalations (of these agents) hold the tags, those open
-    resolved; inside the caller's transaction; ``before`` (a datetime): only rows older (a
-    retention's cutoff). Repeating it changes nothing. The escalations it resolved, as
+    resolved; the calls', messages' and escalations' words cleared again (``forget_copies`` ran
+    before the erasure's lock: what was stored in between is seen here); inside the caller's
+    transaction; ``before`` (a datetime): only rows older (a retention's cutoff). Repeating it
+    changes nothing. The escalations it resolved, as
     (agent id, conversation id, escalation id): their holds (``runtime.hitl.held``) to release."""
     tags = [conversation_tag(tenant, c, key) for c in external_ids]
     await conn.execute(_RUNS, tenant, agent_ids, external_ids, tags, before)
