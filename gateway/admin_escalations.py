@@ -58,6 +58,9 @@ from runtime.memory import Erased, erasure_mark, erasure_mark_us
 
 MAX_REPLY = 4000
 HEARTBEAT_S = 15.0
+# A Redis call of a reply's erasure check (its time, the erasure's mark) runs inside the check's
+# transaction, the escalation's row locked: a call Redis does not answer counts as one that failed.
+REDIS_S = 2.0
 ID_RE = re.compile(r"^(esc|lex)_[0-9a-f]{16}$")
 TEAM_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
@@ -290,7 +293,8 @@ class EscalationAdmin:
         if conversation is None:
             return None
         try:
-            return await redis_now_us(self.svc.redis)
+            async with asyncio.timeout(REDIS_S):
+                return await redis_now_us(self.svc.redis)
         except (RedisError, OSError, TimeoutError) as exc:
             if not conversation.startswith(ERASURE_MARKED):
                 return None
@@ -312,10 +316,11 @@ class EscalationAdmin:
             # expected); a retry reads it marked and takes the time
             raise ServiceUnavailable("The reply could not be sent just now; try again.")
         try:
-            if marked:
-                mark = await mark_us(self.svc.redis, esc["tenant"], esc["conversation_id"])
-            else:  # (an API client's conversation: the agent's memory keeps its erasure's time)
-                mark = await erasure_mark_us(self.svc.redis, esc["tenant"], esc["agent_id"], esc["conversation_id"])
+            async with asyncio.timeout(REDIS_S):
+                if marked:
+                    mark = await mark_us(self.svc.redis, esc["tenant"], esc["conversation_id"])
+                else:  # (an API client's conversation: the agent's memory keeps its erasure's time)
+                    mark = await erasure_mark_us(self.svc.redis, esc["tenant"], esc["agent_id"], esc["conversation_id"])
         except (RedisError, OSError, TimeoutError) as exc:
             raise ServiceUnavailable(f"The reply could not be sent just now ({type(exc).__name__}).") from None
         if mark is None:

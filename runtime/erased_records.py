@@ -49,10 +49,15 @@ WHERE ledger.tenant = $1 AND ledger.conversation_id = t.id AND ($4::timestamptz 
 # of its end-of-call report (written from this row) names the tag, and no callback is placed to it.
 # Only this call's record: the same caller's other calls are other conversations. ($1 tenant, $2
 # the conversations' ids, $3 their tags, $4 a time or NULL)
+# Its words go here too, under the erasure's lock: a report stored between ``forget_copies`` and
+# the lock was read as not erased and kept its transcript under the tag.
 _CALLS = """
-UPDATE vapi_calls SET customer_number = t.tag, updated_at = now()
+UPDATE vapi_calls SET customer_number = CASE WHEN vapi_calls.customer_number IS NULL THEN NULL ELSE t.tag END,
+       transcript = NULL, summary = NULL, recording_url = NULL, updated_at = now()
 FROM unnest($2::text[], $3::text[]) AS t(id, tag)
-WHERE vapi_calls.tenant = $1 AND vapi_calls.conversation_id = t.id AND vapi_calls.customer_number <> t.tag
+WHERE vapi_calls.tenant = $1 AND vapi_calls.conversation_id = t.id
+  AND (vapi_calls.customer_number <> t.tag OR vapi_calls.transcript IS NOT NULL OR vapi_calls.summary IS NOT NULL
+       OR vapi_calls.recording_url IS NOT NULL)
   AND ($4::timestamptz IS NULL OR vapi_calls.created_at < $4)
 """
 
@@ -61,9 +66,12 @@ WHERE vapi_calls.tenant = $1 AND vapi_calls.conversation_id = t.id AND vapi_call
 # their conversation and their customer, so they still belong together; a status Meta sends later
 # for one of them finds it by its wamid and updates its status only (``channels.whatsapp.store.
 # record_status``), so it cannot bring the number back. By index (``whatsapp_messages_conv``).
+# Their words go here too, under the erasure's lock: ``forget_copies`` cleared them before it, and
+# a record committed in between (a reply whose deliverer died before its post-send check, a
+# customer's message) was tagged with its words, where no later erasure of the id finds them.
 # ($1 tenant, $2 the conversations' ids, $3 their tags, $4 a time or NULL)
 _WA_MESSAGES = """
-UPDATE whatsapp_messages SET conversation_id = t.tag, wa_id = t.tag, updated_at = now()
+UPDATE whatsapp_messages SET conversation_id = t.tag, wa_id = t.tag, body = NULL, updated_at = now()
 FROM unnest($2::text[], $3::text[]) AS t(id, tag)
 WHERE whatsapp_messages.tenant = $1 AND whatsapp_messages.conversation_id = t.id
   AND ($4::timestamptz IS NULL OR whatsapp_messages.created_at < $4)
@@ -85,7 +93,9 @@ WHERE tenant = $1 AND conversation_id = ANY($2::text[])
 # answer, its hold would keep a customer who writes again from being answered, and a second open
 # one of the same tag (the customer came back, escalated and was erased again) would break the
 # one-open-escalation-per-conversation index. By index (``escalations_tenant_agent_conversation``).
-# The open ones resolved are returned (their holds in Redis are the caller's to release).
+# The open ones resolved are returned (their holds in Redis are the caller's to release). Their
+# words go here too, under the erasure's lock (as the WhatsApp records' above): one opened by a
+# turn in flight between ``forget_copies`` and the lock was tagged with the customer's words.
 # ($1 tenant, $2 the agents' ids, $3 the conversations' ids, $4 their tags, $5 a time or NULL)
 _ESCALATIONS = """
 WITH old AS (
@@ -95,6 +105,7 @@ WITH old AS (
     FOR UPDATE OF e
 )
 UPDATE escalations e SET conversation_id = old.tag, updated_at = now(),
+    question = NULL, draft = NULL, corrected_answer = NULL, context = '{}'::jsonb,
     status = 'resolved', resolved_at = coalesce(e.resolved_at, now()), lease_until = NULL,
     resolved_by = CASE WHEN old.status <> 'resolved' THEN 'erasure' ELSE e.resolved_by END,
     outcome = CASE WHEN old.status <> 'resolved' THEN 'erased' ELSE e.outcome END
@@ -115,8 +126,10 @@ async def retag(
     instead of their ids, their VAPI calls' records instead of their callers' numbers, and their
     WhatsApp message records instead of their ids and customers' numbers; their WhatsApp
     conversation states are deleted; their escalations (of these agents) hold the tags, those open
-    resolved; inside the caller's transaction; ``before`` (a datetime): only rows older (a
-    retention's cutoff). Repeating it changes nothing. The escalations it resolved, as
+    resolved; the calls', messages' and escalations' words cleared again (``forget_copies`` ran
+    before the erasure's lock: what was stored in between is seen here); inside the caller's
+    transaction; ``before`` (a datetime): only rows older (a retention's cutoff). Repeating it
+    changes nothing. The escalations it resolved, as
     (agent id, conversation id, escalation id): their holds (``runtime.hitl.held``) to release."""
     tags = [conversation_tag(tenant, c, key) for c in external_ids]
     await conn.execute(_RUNS, tenant, agent_ids, external_ids, tags, before)

@@ -338,3 +338,174 @@ def test_a_first_api_turn_answered_while_its_conversation_is_erased_is_not_store
     assert rows(services[0], "SELECT 1 FROM conversations WHERE tenant = $1 AND external_id = $2", TENANT, conv) == []
     assert _agent_turn(gw, "wabot", conv, "hello again").status_code == 200
     assert len(_window(services, "wabot", conv)) == 2
+
+
+def _erased_while_clearing_words(gw, services, conv: str, during) -> httpx.Response:
+    """The erasure of ``conv``, held inside its copies step (the words cleared, its lock not yet
+    taken) by a row lock on the customer's channel state (its profile name is cleared after the
+    messages' words and the escalations'), while ``during(pool)`` writes."""
+    import asyncio
+
+    import asyncpg
+
+    wa_id = conv.rsplit(":", 1)[1]
+
+    async def go() -> httpx.Response:
+        holder = await asyncpg.connect(services[0])
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        try:
+            await holder.execute(
+                """INSERT INTO whatsapp_conversations (tenant, account, phone_number_id, wa_id,
+                                                       conversation_id, agent, profile_name)
+                   VALUES ($1, 'ord', $2, $3, $4, 'wabot', 'Ann')""",
+                TENANT, PNID, wa_id, conv,
+            )  # fmt: skip
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute(
+                "SELECT 1 FROM whatsapp_conversations WHERE tenant = $1 AND conversation_id = $2 FOR UPDATE",
+                TENANT, conv,
+            )  # fmt: skip
+            erasing = asyncio.ensure_future(asyncio.to_thread(_erase, gw, conv))
+            for _ in range(1200):  # bounded: the erasure reaches the customer's channel state
+                waiting = await pool.fetchval(
+                    """SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                       AND query LIKE '%UPDATE whatsapp_conversations SET profile_name%'"""
+                )
+                if waiting or erasing.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert not erasing.done(), erasing.result().text
+            await during(pool)
+            await tx.rollback()
+            return await erasing
+        finally:
+            await holder.close()
+            await pool.close()
+
+    return asyncio.run(go())
+
+
+def test_a_reply_recorded_while_the_erasure_clears_the_words_keeps_no_words(gw, services):
+    """The erasure clears the words of the customer's records (``forget_copies``) before it takes
+    its lock and tags them (``erased_records.retag``). A reply's record committed between the two
+    (its deliverer then killed before its post-send check) is not yet seen as erased by its writer
+    (the erasure has not committed) and was tagged with its words kept: the reply, under the tag,
+    where no later erasure of the id finds it."""
+    from channels.whatsapp import store
+    from tests.test_wa_dead_letters_erasure import _tag
+    from tests.test_wa_queued_erasure import _redis_now
+
+    wa_id = str(uuid.uuid4().int % 10**12 + 10**11)
+    conv = f"wa:{PNID}:{wa_id}"
+    wamid = f"wamid.race-{uuid.uuid4().hex[:8]}"
+    asked = _redis_now(services)
+
+    async def reply(pool) -> None:
+        record = store.Conversation(TENANT, "ord", PNID, wa_id, conv, "wabot", None, None, asked_us=asked)
+        await store.OutboundRecords(pool).record(record, wamid, "text", "Your card 4111 is blocked, Ann.", None, "sent")
+
+    erased = _erased_while_clearing_words(gw, services, conv, reply)
+    assert erased.status_code == 200, erased.text
+    kept = rows(
+        services[0], "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1 AND wamid = $2",
+        TENANT, wamid,
+    )  # fmt: skip
+    tag = _tag(TENANT, conv)
+    assert kept == [{"conversation_id": tag, "wa_id": tag, "body": None}]
+
+
+def test_an_escalation_opened_while_the_erasure_clears_the_words_keeps_no_words(gw, services):
+    """A turn in flight when the erasure began opens its escalation (the customer's question, the
+    AI's draft) between the erasure's clearing of the escalations' words and its lock: the erasure
+    resolved it and tagged it with the words kept."""
+    from tests.test_wa_dead_letters_erasure import _tag
+
+    conv = f"wa:{PNID}:{uuid.uuid4().int % 10**12 + 10**11}"
+    esc_id = f"esc_race_{uuid.uuid4().hex[:8]}"
+
+    async def escalate(pool) -> None:
+        await pool.execute(
+            """INSERT INTO escalations (id, tenant, agent_id, agent, conversation_id, question, draft, context,
+                                        sla_first_s, sla_resolve_s)
+               SELECT $1, $2, id, name, $3, 'my card 4111 was stolen', 'I will block 4111.',
+                      '{"variables": {"customer_number": "+4915100000"}}'::jsonb, 60, 600
+               FROM agents WHERE tenant = $2 AND name = 'wabot'""",
+            esc_id, TENANT, conv,
+        )  # fmt: skip
+
+    erased = _erased_while_clearing_words(gw, services, conv, escalate)
+    assert erased.status_code == 200, erased.text
+    kept = rows(
+        services[0],
+        "SELECT conversation_id, status, question, draft, context::text AS context FROM escalations WHERE id = $1",
+        esc_id,
+    )
+    tag = _tag(TENANT, conv)
+    assert kept == [{"conversation_id": tag, "status": "resolved", "question": None, "draft": None, "context": "{}"}]
+
+
+def test_a_call_report_stored_while_the_erasure_waits_for_its_lock_keeps_no_words(gw, services):
+    """A VAPI call's end-of-call report (its transcript, summary, recording link) stored after the
+    erasure cleared the call's words and before it took its lock was read as not erased (the
+    erasure had not committed) and then tagged with its transcript kept. The erasure is held at
+    its lock: the test holds the tenant's exclusive erasure lock."""
+    import asyncio
+    import contextlib
+
+    import asyncpg
+
+    from channels.vapi import calls, wire
+    from core.erasure_key import ERASURE_LOCK_BUCKETS, ERASURE_LOCK_CLASS
+    from tests.test_wa_dead_letters_erasure import _tag
+
+    call_id = f"call-{uuid.uuid4().hex[:10]}"
+    conv = f"vapi:{call_id}"
+    report = calls.Report("customer-ended-call", 42.0, 0.1, "I am Ann, card 4111.", "https://r.example/a.wav",
+                          "Ann called about card 4111.", None)  # fmt: skip
+
+    async def go() -> httpx.Response:
+        holder = await asyncpg.connect(services[0])
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+
+        @contextlib.asynccontextmanager
+        async def tx(tenant):
+            async with pool.acquire() as conn, conn.transaction():
+                yield conn
+
+        try:
+            lock = holder.transaction()
+            await lock.start()
+            await holder.execute(
+                f"SELECT pg_advisory_xact_lock({ERASURE_LOCK_CLASS}, hashtext($1) & {ERASURE_LOCK_BUCKETS - 1})", TENANT
+            )
+            erasing = asyncio.ensure_future(asyncio.to_thread(_erase, gw, conv))
+            for _ in range(1200):  # bounded: the erasure waits for its lock, its copies step done
+                waiting = await pool.fetchval(
+                    """SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                       AND query LIKE 'SELECT pg_advisory_xact_lock(%'"""
+                )
+                if waiting or erasing.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert not erasing.done(), erasing.result().text
+            info = wire.CallInfo(call_id=call_id, call_type="inboundPhoneCall", customer_number="+4915123456789")
+            await calls.CallStore(tx).report(TENANT, "vp", info, "wabot", report, True)
+            await lock.rollback()
+            return await erasing
+        finally:
+            await holder.close()
+            await pool.close()
+
+    erased = asyncio.run(go())
+    assert erased.status_code == 200, erased.text
+    kept = rows(
+        services[0],
+        """SELECT customer_number, transcript, summary, recording_url, duration_s FROM vapi_calls
+           WHERE tenant = $1 AND call_id = $2""",
+        TENANT, call_id,
+    )  # fmt: skip
+    tag = _tag(TENANT, conv)
+    assert kept == [
+        {"customer_number": tag, "transcript": None, "summary": None, "recording_url": None, "duration_s": 42.0}
+    ]
