@@ -102,6 +102,8 @@ from gateway.db import tenant_transaction
 from runtime import agents as agents_store
 from runtime import conversations
 from runtime.hitl import held
+from runtime.memory import SEQ_GRACE_S
+from runtime.types import MemorySettings
 
 MAX_EARLIER_HOLDS = 10  # escalations earlier erasures of a conversation resolved, their holds released again
 MAX_AGENT_GENERATIONS = 100  # agents of one name (the active one and those deleted) one erasure covers
@@ -285,9 +287,19 @@ async def _other_agents(conn, tenant: str, known: list[str]) -> list:
     channel conversation of are erased with it too (``Memory.holding``). A turn stored a moment
     before the erasure is in Redis at once but in PostgreSQL only once the memory writer has
     written it, so ``_channel_agents`` alone missed its agent, and its messages landed after the
-    erasure. Ids and names only: one indexed read of the tenant's agents."""
+    erasure. Ids and names only: one indexed read of the tenant's agents. A deleted agent only while
+    its keys may live (its ``memory.ttl_s`` + ``SEQ_GRACE_S`` since the deletion): deleted agents
+    have no cap, and older ones hold nothing in Redis."""
     return await conn.fetch(
-        "SELECT id, name FROM agents WHERE tenant = $1 AND NOT (id = ANY($2::text[])) ORDER BY id", tenant, known
+        f"""SELECT id, name FROM agents
+            WHERE tenant = $1 AND NOT (id = ANY($2::text[]))
+              AND (archived_at IS NULL OR archived_at > now() - make_interval(secs =>
+                   CASE WHEN jsonb_typeof(settings->'memory'->'ttl_s') = 'number'
+                        THEN (settings->'memory'->>'ttl_s')::float8 ELSE {MemorySettings().ttl_s} END
+                   + {SEQ_GRACE_S}))
+            ORDER BY id""",
+        tenant,
+        known,
     )
 
 

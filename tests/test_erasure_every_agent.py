@@ -13,6 +13,7 @@ import asyncio
 import uuid
 
 import asyncpg
+import orjson
 
 from runtime import conversations
 from runtime import runs as runs_module
@@ -93,3 +94,41 @@ def test_another_agents_run_on_its_way_when_a_channel_conversation_is_erased_kee
     stored_before, stored_after = asyncio.run(main())
     assert stored_before is not None and stored_before.startswith("erased:")
     assert stored_after == "wa:1066:4477"
+
+
+def test_the_erasure_asks_redis_only_of_agents_deleted_within_their_memorys_lifetime(services):
+    """A channel conversation's erasure asks Redis whether each other agent of the tenant holds the
+    conversation (``Memory.holding``), deleted agents among them: a turn stored just before the
+    deletion may still be on its way. Deleted agents have no cap, so a tenant that made and deleted
+    many made every erasure of its customers ask Redis of each (rev3e's review). Only an agent
+    deleted within its memory's lifetime (``memory.ttl_s`` + ``SEQ_GRACE_S``: what its keys live)
+    can still hold anything."""
+    from gateway.admin_conversations import _other_agents
+
+    async def main():
+        pool, r, tenant, _, _ = await _connect(services)
+        try:
+            async with pool.acquire() as conn:
+                ids = {}
+                for name, archived, ttl in (
+                    ("live", None, None),
+                    ("gone-lately", "1 day", None),  # (the default ttl: 7 days)
+                    ("gone-long-ago", "30 days", None),
+                    ("gone-long-ttl", "30 days", 60 * 86400),
+                    ("known", None, None),
+                ):
+                    agent_id = ids[name] = f"agt_{uuid.uuid4().hex[:10]}"
+                    settings = {"memory": {"ttl_s": ttl}} if ttl else {}
+                    await conn.execute(
+                        """INSERT INTO agents (id, tenant, name, model, settings, archived_at)
+                           VALUES ($1, $2, $3, 'm', $4::jsonb,
+                                   CASE WHEN $5::text IS NULL THEN NULL ELSE now() - $5::interval END)""",
+                        agent_id, tenant, f"{name}-{agent_id[-4:]}", orjson.dumps(settings).decode(), archived,
+                    )  # fmt: skip
+                found = {row["id"] for row in await _other_agents(conn, tenant, [ids["known"]])}
+            assert found == {ids["live"], ids["gone-lately"], ids["gone-long-ttl"]}
+        finally:
+            await r.aclose()
+            await pool.close()
+
+    asyncio.run(main())
