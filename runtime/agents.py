@@ -45,11 +45,11 @@ CHANGED = "gateway:agents:changed"
 VERSION_KEY = "gateway:agents:version"
 POLL_S = 1.0
 ALL = "*"
-# A registry that caught its version up (one change, one message: ``_changed``) still reloads
-# everything within this long: a change committed but never announced (its writer killed, or
-# Redis failing, between the commit and the announcement) or a message lost after a late one
-# leaves the version equal to Redis's and the agent stale, which the poll alone never sees.
-# (A full reload reads one short mark per agent and builds only what changed: ``reload``.)
+# A registry reloads everything at least this often, whatever the version says: a change
+# committed but never announced (its writer killed, or Redis failing, between the commit and the
+# announcement; SQL by hand) or a message lost after a late one leaves the version equal to
+# Redis's and the agent stale, which the poll alone never sees (with no later change, for good).
+# A full reload reads one short mark per agent and builds only what changed: ``reload``.
 CATCH_UP_RELOAD_S = 60.0
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -185,7 +185,7 @@ class AgentRegistry:
         self._by_id: dict[str, Agent] = {}
         self._marks: dict[str, str] = {}  # agent id -> its mark (MARKS_SQL) when it was built
         self._version: bytes | None = None
-        self._reload_by: float | None = None  # a full reload owed by a catch-up (monotonic)
+        self._reload_by: float | None = None  # the next full reload owed (monotonic)
         self._labelled_bytes = 0  # of the versions the agents hold (the gauge's value)
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
@@ -240,7 +240,7 @@ class AgentRegistry:
                 found = await _read(conn, stale) if stale else []
             gone = [agent_id for agent_id in self._by_id if agent_id not in marks]
             self._replace([*gone, *stale], found, marks)
-            self._reload_by = None
+            self._reload_by = time.monotonic() + CATCH_UP_RELOAD_S
             if version is not None:
                 self._version = version
             AGENT_PROMPT_BYTES.labels("labelled").set(self._labelled_bytes)
@@ -297,10 +297,9 @@ class AgentRegistry:
                 await self.reload_agent(agent_id)
                 # This change was the only one since the registry's version: it is caught up, and
                 # the poll need not read every agent of every tenant again (it did after each change).
+                # (What the version cannot tell, the next full reload sees: CATCH_UP_RELOAD_S.)
                 if _next_version(known, now) and self._version is known:
                     self._version = now
-                    if self._reload_by is None:  # (what the version cannot tell: CATCH_UP_RELOAD_S)
-                        self._reload_by = time.monotonic() + CATCH_UP_RELOAD_S
         except Exception as exc:  # the version poll retries
             log.warning("agent reload failed: %s", exc)
             self._version = None
