@@ -154,11 +154,17 @@ def _held_bytes(agent: Agent) -> int:
 # xmins changes), gives a new mark. Prompt versions never change or go (a trigger refuses it) and
 # every path that saves one moves ``latest`` with it; the newest number is in the mark all the
 # same, for a label written by hand before the version it names. A row written again with the
-# same content has a new xmin: that agent is built again for nothing, never missed. (A change is
-# missed only if its xmin equals the one held exactly, 2**32 transactions later.)
-_MARK = """a.xmin::text
-    || '/' || coalesce((SELECT string_agg(l.xmin::text, ',' ORDER BY l.label) FROM prompt_labels l
-                        WHERE l.agent_id = a.id), '')
+# same content has a new xmin: that agent is built again for nothing, never missed.
+# An xmin is unique only within one history of one cluster: a restore from a backup (or a promoted
+# standby that missed the last transactions) hands the lost writes' ids out again, and ids wrap
+# around after 2**32 transactions; a write to the same row with the id a replica held gave back
+# its mark, and the replica served the lost content for good. Each row's ``updated_at`` (every
+# store write sets it to its transaction's start) is in the mark with its xmin for that (SQL by
+# hand that leaves ``updated_at`` as it was is told apart by its xmin alone).
+_STAMP = "(extract(epoch FROM {0}.updated_at) * 1000000)::bigint::text"
+_MARK = f"""a.xmin::text || ':' || {_STAMP.format("a")}
+    || '/' || coalesce((SELECT string_agg(l.xmin::text || ':' || {_STAMP.format("l")}, ',' ORDER BY l.label)
+                        FROM prompt_labels l WHERE l.agent_id = a.id), '')
     || '/' || coalesce((SELECT max(v.version) FROM prompt_versions v WHERE v.agent_id = a.id), 0)"""
 MARKS_SQL = f"SELECT a.id, {_MARK} AS mark FROM agents a WHERE a.archived_at IS NULL"
 MARK_SQL = f"SELECT {_MARK} AS mark FROM agents a WHERE a.id = $1 AND a.archived_at IS NULL"
