@@ -322,7 +322,11 @@ class AgentRegistry:
             if self._stopping.is_set():
                 return
             try:
-                version = await self._redis.get(VERSION_KEY)
+                try:
+                    version = await self._redis.get(VERSION_KEY)
+                except Exception as exc:  # no version to compare: PostgreSQL's agents still come, when owed
+                    log.warning("agent registry poll: Redis unreachable: %s", exc)
+                    version = self._version
                 owed = self._reload_by is not None and time.monotonic() >= self._reload_by
                 if version != self._version or owed:
                     await self.reload()

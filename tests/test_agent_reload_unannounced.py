@@ -78,6 +78,47 @@ def test_an_agent_archived_without_an_announcement_stops_answering_with_no_later
     assert asyncio.run(main()) == (True, True)
 
 
+def test_a_replica_that_cannot_reach_redis_still_drops_an_agent_archived_elsewhere(services, monkeypatch):
+    """A replica cut off from Redis (its link, or Redis down, with ``policies.fail_open`` serving
+    requests) hears no message and reads no version; its poll failed at the version read each
+    second and never reloaded, though PostgreSQL was there: an agent archived through another
+    replica went on answering on this one for as long as the cut lasted. (Failed before: the
+    bounded wait ran out.) It still reloads from PostgreSQL every CATCH_UP_RELOAD_S."""
+    import socket
+
+    monkeypatch.setattr(store, "CATCH_UP_RELOAD_S", 0.0)
+    tenant = unique("ua")
+    with socket.socket() as s:  # a port nothing listens on: every Redis call is refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+
+    async def main() -> bool:
+        from gateway.db import migrate
+
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
+        redis = aioredis.from_url(dead, socket_connect_timeout=1)
+        registry = store.AgentRegistry(pool, redis)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+            async with pool.acquire() as conn, conn.transaction():
+                agent_id = await store.create_agent(
+                    conn, tenant=tenant, name="gone", model="m", description="", settings={},
+                    template="You help.", variables={},
+                )  # fmt: skip
+            await registry.start()
+            assert registry.get(tenant, "gone") is not None
+            async with pool.acquire() as conn, conn.transaction():  # (through another replica)
+                await store.archive_agent(conn, await store.load_agent(conn, agent_id))
+            return await until(lambda: registry.get(tenant, "gone") is None)
+        finally:
+            await registry.stop()
+            await redis.aclose()
+            await pool.close()
+
+    assert asyncio.run(main()) is True
+
+
 def tool(name: str) -> dict:
     config = {"url": "https://tools.invalid/x", "allowed_hosts": ["tools.invalid"], "method": "POST"}
     parameters = {"type": "object", "properties": {"q": {"type": "string"}}}
