@@ -45,11 +45,11 @@ CHANGED = "gateway:agents:changed"
 VERSION_KEY = "gateway:agents:version"
 POLL_S = 1.0
 ALL = "*"
-# A registry that caught its version up (one change, one message: ``_changed``) still reloads
-# everything within this long: a change committed but never announced (its writer killed, or
-# Redis failing, between the commit and the announcement) or a message lost after a late one
-# leaves the version equal to Redis's and the agent stale, which the poll alone never sees.
-# (A full reload reads one short mark per agent and builds only what changed: ``reload``.)
+# A registry reloads everything at least this often, whatever the version says: a change
+# committed but never announced (its writer killed, or Redis failing, between the commit and the
+# announcement; SQL by hand) or a message lost after a late one leaves the version equal to
+# Redis's and the agent stale, which the poll alone never sees (with no later change, for good).
+# A full reload reads one short mark per agent and builds only what changed: ``reload``.
 CATCH_UP_RELOAD_S = 60.0
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -154,11 +154,17 @@ def _held_bytes(agent: Agent) -> int:
 # xmins changes), gives a new mark. Prompt versions never change or go (a trigger refuses it) and
 # every path that saves one moves ``latest`` with it; the newest number is in the mark all the
 # same, for a label written by hand before the version it names. A row written again with the
-# same content has a new xmin: that agent is built again for nothing, never missed. (A change is
-# missed only if its xmin equals the one held exactly, 2**32 transactions later.)
-_MARK = """a.xmin::text
-    || '/' || coalesce((SELECT string_agg(l.xmin::text, ',' ORDER BY l.label) FROM prompt_labels l
-                        WHERE l.agent_id = a.id), '')
+# same content has a new xmin: that agent is built again for nothing, never missed.
+# An xmin is unique only within one history of one cluster: a restore from a backup (or a promoted
+# standby that missed the last transactions) hands the lost writes' ids out again, and ids wrap
+# around after 2**32 transactions; a write to the same row with the id a replica held gave back
+# its mark, and the replica served the lost content for good. Each row's ``updated_at`` (every
+# store write sets it to its transaction's start) is in the mark with its xmin for that (SQL by
+# hand that leaves ``updated_at`` as it was is told apart by its xmin alone).
+_STAMP = "(extract(epoch FROM {0}.updated_at) * 1000000)::bigint::text"
+_MARK = f"""a.xmin::text || ':' || {_STAMP.format("a")}
+    || '/' || coalesce((SELECT string_agg(l.xmin::text || ':' || {_STAMP.format("l")}, ',' ORDER BY l.label)
+                        FROM prompt_labels l WHERE l.agent_id = a.id), '')
     || '/' || coalesce((SELECT max(v.version) FROM prompt_versions v WHERE v.agent_id = a.id), 0)"""
 MARKS_SQL = f"SELECT a.id, {_MARK} AS mark FROM agents a WHERE a.archived_at IS NULL"
 MARK_SQL = f"SELECT {_MARK} AS mark FROM agents a WHERE a.id = $1 AND a.archived_at IS NULL"
@@ -185,7 +191,7 @@ class AgentRegistry:
         self._by_id: dict[str, Agent] = {}
         self._marks: dict[str, str] = {}  # agent id -> its mark (MARKS_SQL) when it was built
         self._version: bytes | None = None
-        self._reload_by: float | None = None  # a full reload owed by a catch-up (monotonic)
+        self._reload_by: float | None = None  # the next full reload owed (monotonic)
         self._labelled_bytes = 0  # of the versions the agents hold (the gauge's value)
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
@@ -240,7 +246,7 @@ class AgentRegistry:
                 found = await _read(conn, stale) if stale else []
             gone = [agent_id for agent_id in self._by_id if agent_id not in marks]
             self._replace([*gone, *stale], found, marks)
-            self._reload_by = None
+            self._reload_by = time.monotonic() + CATCH_UP_RELOAD_S
             if version is not None:
                 self._version = version
             AGENT_PROMPT_BYTES.labels("labelled").set(self._labelled_bytes)
@@ -297,10 +303,9 @@ class AgentRegistry:
                 await self.reload_agent(agent_id)
                 # This change was the only one since the registry's version: it is caught up, and
                 # the poll need not read every agent of every tenant again (it did after each change).
+                # (What the version cannot tell, the next full reload sees: CATCH_UP_RELOAD_S.)
                 if _next_version(known, now) and self._version is known:
                     self._version = now
-                    if self._reload_by is None:  # (what the version cannot tell: CATCH_UP_RELOAD_S)
-                        self._reload_by = time.monotonic() + CATCH_UP_RELOAD_S
         except Exception as exc:  # the version poll retries
             log.warning("agent reload failed: %s", exc)
             self._version = None
@@ -317,7 +322,11 @@ class AgentRegistry:
             if self._stopping.is_set():
                 return
             try:
-                version = await self._redis.get(VERSION_KEY)
+                try:
+                    version = await self._redis.get(VERSION_KEY)
+                except Exception as exc:  # no version to compare: PostgreSQL's agents still come, when owed
+                    log.warning("agent registry poll: Redis unreachable: %s", exc)
+                    version = self._version
                 owed = self._reload_by is not None and time.monotonic() >= self._reload_by
                 if version != self._version or owed:
                     await self.reload()
