@@ -229,16 +229,7 @@ async def erase(
     feedback = await forget_copies(conn, tenant, [agent_id], [external_id]) if copies else 0
     # (the memory writer waits for this lock: taken once the slow part, the copies, is done)
     await conn.execute(LOCK_ERASURE, tenant)
-    await conn.execute(
-        """INSERT INTO erased_conversations (tenant, agent_id, external_hash, erased_at)
-           VALUES ($1, $2, $3, to_timestamp($4))
-           ON CONFLICT (tenant, agent_id, external_hash)
-           DO UPDATE SET erased_at = greatest(erased_conversations.erased_at, excluded.erased_at)""",
-        tenant,
-        agent_id,
-        external_hash(tenant, external_id, key),
-        erased_at,
-    )
+    await _record_erasure(conn, tenant, agent_id, external_hash(tenant, external_id, key), erased_at)
     # (the runs and ledger rows already written; those on their way are tagged by their writers)
     resolved = await erased_records.retag(conn, tenant, [agent_id], [external_id], key=key)
     row = await conn.fetchrow(
@@ -267,14 +258,19 @@ async def erase_for_every_agent(
     turn of the moment before, whose row the memory writer had not written and whose window Redis
     lost (a spill written after a restart, a replica's writer behind), is known to neither."""
     await conn.execute(LOCK_ERASURE, tenant)
+    await _record_erasure(conn, tenant, EVERY_AGENT, external_hash(tenant, external_id, key), erased_at)
+
+
+async def _record_erasure(conn: asyncpg.Connection, tenant: str, agent_id: str, hashed: str, erased_at: float) -> None:
+    """The erasure's row (an agent's, or ``EVERY_AGENT``'s): the latest of its times is kept."""
     await conn.execute(
         """INSERT INTO erased_conversations (tenant, agent_id, external_hash, erased_at)
            VALUES ($1, $2, $3, to_timestamp($4))
            ON CONFLICT (tenant, agent_id, external_hash)
            DO UPDATE SET erased_at = greatest(erased_conversations.erased_at, excluded.erased_at)""",
         tenant,
-        EVERY_AGENT,
-        external_hash(tenant, external_id, key),
+        agent_id,
+        hashed,
         erased_at,
     )
 
