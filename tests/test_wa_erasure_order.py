@@ -509,3 +509,96 @@ def test_a_call_report_stored_while_the_erasure_waits_for_its_lock_keeps_no_word
     assert kept == [
         {"customer_number": tag, "transcript": None, "summary": None, "recording_url": None, "duration_s": 42.0}
     ]
+
+
+def test_a_call_report_waiting_on_the_retags_row_lock_keeps_no_words(gw, services, monkeypatch):
+    """A VAPI call's end-of-call report that reaches the call's row while the erasure's retag holds
+    it (tagged, words cleared, not yet committed) must not put its words on the tagged row. rev3e
+    asked whether its UPDATE, waiting on the row lock, would read ``erased_conversations`` as of its
+    start and write them. It does not get there: the report's ``INSERT … ON CONFLICT DO NOTHING``
+    waits on the same row for the erasure's commit, and the UPDATE after it reads the erasure (a
+    guard: it passes on the code as it was). The erasure is held after its retag by a row lock on
+    the agent's conversation, which it deletes next."""
+    import asyncio
+    import contextlib
+
+    import asyncpg
+
+    from channels.vapi import calls, wire
+    from tests.test_wa_dead_letters_erasure import _tag
+
+    monkeypatch.delenv("GATEWAY_ERASURE_KEY", raising=False)
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", MASTER_KEY)  # (the report hashes the id as the gateway does)
+    call_id = f"call-{uuid.uuid4().hex[:10]}"
+    conv = f"vapi:{call_id}"
+    number = "+4915123456780"
+    report = calls.Report("customer-ended-call", 42.0, 0.1, "I am Ann, card 4111.", "https://r.example/a.wav",
+                          "Ann called about card 4111.", None)  # fmt: skip
+
+    async def go() -> httpx.Response:
+        holder = await asyncpg.connect(services[0])
+        pool = await asyncpg.create_pool(services[0], min_size=2, max_size=3)
+
+        @contextlib.asynccontextmanager
+        async def tx(tenant):
+            async with pool.acquire() as conn, conn.transaction():
+                yield conn
+
+        try:
+            agent_id = await holder.fetchval(
+                "SELECT id FROM agents WHERE tenant = $1 AND name = 'wabot' AND archived_at IS NULL", TENANT
+            )
+            await holder.execute(
+                """INSERT INTO vapi_calls (id, tenant, account, call_id, conversation_id, agent, status,
+                                           customer_number)
+                   VALUES ($1, $2, 'vp', $3, $4, 'wabot', 'in-progress', $5)""",
+                f"vc_{uuid.uuid4().hex[:10]}", TENANT, call_id, conv, number,
+            )  # fmt: skip
+            await holder.execute(
+                "INSERT INTO conversations (id, tenant, agent_id, external_id) VALUES ($1, $2, $3, $4)",
+                f"cv_{uuid.uuid4().hex[:10]}", TENANT, agent_id, conv,
+            )  # fmt: skip
+            lock = holder.transaction()
+            await lock.start()
+            await holder.execute(
+                "SELECT 1 FROM conversations WHERE tenant = $1 AND external_id = $2 FOR UPDATE", TENANT, conv
+            )
+            erasing = asyncio.ensure_future(asyncio.to_thread(_erase, gw, conv))
+            for _ in range(1200):  # bounded: the erasure, its retag done, waits to delete the conversation
+                waiting = await pool.fetchval(
+                    """SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                       AND query LIKE 'DELETE FROM conversations%'"""
+                )
+                if waiting or erasing.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert not erasing.done(), erasing.result().text
+            info = wire.CallInfo(call_id=call_id, call_type="inboundPhoneCall", customer_number=number)
+            reporting = asyncio.ensure_future(calls.CallStore(tx).report(TENANT, "vp", info, "wabot", report, True))
+            for _ in range(1200):  # bounded: the report waits on the call's row
+                waiting = await holder.fetchval(
+                    """SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                       AND (query LIKE 'INSERT INTO vapi_calls%' OR query LIKE '%UPDATE vapi_calls SET status%')"""
+                )
+                if waiting or reporting.done():
+                    break
+                await asyncio.sleep(0.05)
+            await lock.rollback()
+            await reporting
+            return await erasing
+        finally:
+            await holder.close()
+            await pool.close()
+
+    erased = asyncio.run(go())
+    assert erased.status_code == 200, erased.text
+    kept = rows(
+        services[0],
+        """SELECT customer_number, transcript, summary, recording_url, duration_s FROM vapi_calls
+           WHERE tenant = $1 AND call_id = $2""",
+        TENANT, call_id,
+    )  # fmt: skip
+    tag = _tag(TENANT, conv)
+    assert kept == [
+        {"customer_number": tag, "transcript": None, "summary": None, "recording_url": None, "duration_s": 42.0}
+    ]
