@@ -86,6 +86,14 @@ def _keyed_hash(tenant: str, external_id: str, key: bytes) -> str:
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
+def mark_micros(mark: bytes | str) -> int:
+    """An erasure's time as Redis keeps it ("seconds.fraction": Redis's ``TIME``; an older
+    release's ``repr(time.time())``) in µs, exactly (no float in between): the channel's mark and
+    the memory's ``:erased:at`` alike."""
+    whole, _, frac = (mark.decode() if isinstance(mark, bytes) else mark).partition(".")
+    return int(whole) * 1_000_000 + int((frac + "000000")[:6])
+
+
 def conversation_tag(tenant: str, external_id: str, key: bytes | None = None) -> str:
     """What replaces the id in the rows kept after its erasure (runs, ledger)."""
     return TAG_PREFIX + conversation_hash(tenant, external_id, key)

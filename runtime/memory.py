@@ -44,6 +44,7 @@ import asyncpg
 import orjson
 from redis.exceptions import NoScriptError, RedisError
 
+from core.erasure_key import mark_micros
 from core.errors import InvalidRequest
 from core.stream_writer import StreamWriter
 from core.tokens import count_prompt
@@ -552,10 +553,7 @@ def erasure_mark(tenant: str, agent_id: str, conversation_id: str) -> str:
 async def erasure_mark_us(redis, tenant: str, agent_id: str, conversation_id: str) -> int | None:
     """``erasure_mark``'s time in µs; None: not erased lately."""
     mark = await redis.get(erasure_mark(tenant, agent_id, conversation_id))
-    if mark is None:
-        return None
-    whole, _, frac = (mark.decode() if isinstance(mark, bytes) else mark).partition(".")
-    return int(whole) * 1_000_000 + int((frac + "000000")[:6])
+    return None if mark is None else mark_micros(mark)
 
 
 async def erased_after(redis, tenant: str, agent_id: str, conversation_id: str, seq: object) -> bool:

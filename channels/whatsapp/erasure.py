@@ -28,6 +28,7 @@ from channels.whatsapp import dead_letters, store
 from channels.whatsapp.content import forget_media
 from channels.whatsapp.sender import FORGET_PAGE, STATE_TTL, forget_states, index_key, sent_wamids, state_key
 from channels.whatsapp.store import conversation_digest
+from core.erasure_key import mark_micros
 
 ERASED_TTL = STATE_TTL  # a job queued before an erasure is dropped for this long after it
 
@@ -66,18 +67,11 @@ async def mark_erased(redis, tenant: str, conversations: list[str]) -> None:
         await redis.eval(_MARK, len(keys), *keys, ERASED_TTL)
 
 
-def _micros(mark: bytes | str) -> int:
-    """A mark ("seconds.fraction": Redis's time; an older release's ``repr(time.time())``) in µs,
-    exactly (no float in between)."""
-    whole, _, frac = _text(mark).partition(".")
-    return int(whole) * 1_000_000 + int((frac + "000000")[:6])
-
-
 async def mark_us(redis, tenant: str, conversation: str) -> int | None:
     """The conversation's erasure mark (µs, Redis's clock: when its last erasure began); None:
     not erased in the last ``ERASED_TTL``."""
     mark = await redis.get(erased_key(tenant, conversation))
-    return None if mark is None else _micros(mark)
+    return None if mark is None else mark_micros(mark)
 
 
 async def erased_since(redis, tenant: str, conversation: str, queued_us: int) -> bool:
