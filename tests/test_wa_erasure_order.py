@@ -340,6 +340,37 @@ def test_a_first_api_turn_answered_while_its_conversation_is_erased_is_not_store
     assert len(_window(services, "wabot", conv)) == 2
 
 
+async def _until_waiting(conn, where: str, task) -> None:
+    """Until a session of the database waits on a lock in a statement matching ``where`` (SQL on
+    ``query``), or ``task`` is done (a failure its test reads); bounded (~60 s)."""
+    import asyncio
+
+    for _ in range(1200):
+        waiting = await conn.fetchval(
+            f"SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND {where}"
+        )
+        if waiting or task.done():
+            return
+        await asyncio.sleep(0.05)
+
+
+def _call_kept_without_words(services, call_id: str, conv: str) -> None:
+    """The call's record after its conversation's erasure: the tag as its caller's number, no
+    words, its duration kept (the reports here last 42 s)."""
+    from tests.test_wa_dead_letters_erasure import _tag
+
+    kept = rows(
+        services[0],
+        """SELECT customer_number, transcript, summary, recording_url, duration_s FROM vapi_calls
+           WHERE tenant = $1 AND call_id = $2""",
+        TENANT, call_id,
+    )  # fmt: skip
+    assert kept == [
+        {"customer_number": _tag(TENANT, conv), "transcript": None, "summary": None, "recording_url": None,
+         "duration_s": 42.0}
+    ]  # fmt: skip
+
+
 def _erased_while_clearing_words(gw, services, conv: str, during) -> httpx.Response:
     """The erasure of ``conv``, held inside its copies step (the words cleared, its lock not yet
     taken) by a row lock on the customer's channel state (its profile name is cleared after the
@@ -367,14 +398,8 @@ def _erased_while_clearing_words(gw, services, conv: str, during) -> httpx.Respo
                 TENANT, conv,
             )  # fmt: skip
             erasing = asyncio.ensure_future(asyncio.to_thread(_erase, gw, conv))
-            for _ in range(1200):  # bounded: the erasure reaches the customer's channel state
-                waiting = await pool.fetchval(
-                    """SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
-                       AND query LIKE '%UPDATE whatsapp_conversations SET profile_name%'"""
-                )
-                if waiting or erasing.done():
-                    break
-                await asyncio.sleep(0.05)
+            # (the erasure reaches the customer's channel state)
+            await _until_waiting(pool, "query LIKE '%UPDATE whatsapp_conversations SET profile_name%'", erasing)
             assert not erasing.done(), erasing.result().text
             await during(pool)
             await tx.rollback()
@@ -457,7 +482,6 @@ def test_a_call_report_stored_while_the_erasure_waits_for_its_lock_keeps_no_word
 
     from channels.vapi import calls, wire
     from core.erasure_key import ERASURE_LOCK_BUCKETS, ERASURE_LOCK_CLASS
-    from tests.test_wa_dead_letters_erasure import _tag
 
     call_id = f"call-{uuid.uuid4().hex[:10]}"
     conv = f"vapi:{call_id}"
@@ -480,14 +504,8 @@ def test_a_call_report_stored_while_the_erasure_waits_for_its_lock_keeps_no_word
                 f"SELECT pg_advisory_xact_lock({ERASURE_LOCK_CLASS}, hashtext($1) & {ERASURE_LOCK_BUCKETS - 1})", TENANT
             )
             erasing = asyncio.ensure_future(asyncio.to_thread(_erase, gw, conv))
-            for _ in range(1200):  # bounded: the erasure waits for its lock, its copies step done
-                waiting = await pool.fetchval(
-                    """SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
-                       AND query LIKE 'SELECT pg_advisory_xact_lock(%'"""
-                )
-                if waiting or erasing.done():
-                    break
-                await asyncio.sleep(0.05)
+            # (the erasure waits for its lock, its copies step done)
+            await _until_waiting(pool, "query LIKE 'SELECT pg_advisory_xact_lock(%'", erasing)
             assert not erasing.done(), erasing.result().text
             info = wire.CallInfo(call_id=call_id, call_type="inboundPhoneCall", customer_number="+4915123456789")
             await calls.CallStore(tx).report(TENANT, "vp", info, "wabot", report, True)
@@ -499,16 +517,7 @@ def test_a_call_report_stored_while_the_erasure_waits_for_its_lock_keeps_no_word
 
     erased = asyncio.run(go())
     assert erased.status_code == 200, erased.text
-    kept = rows(
-        services[0],
-        """SELECT customer_number, transcript, summary, recording_url, duration_s FROM vapi_calls
-           WHERE tenant = $1 AND call_id = $2""",
-        TENANT, call_id,
-    )  # fmt: skip
-    tag = _tag(TENANT, conv)
-    assert kept == [
-        {"customer_number": tag, "transcript": None, "summary": None, "recording_url": None, "duration_s": 42.0}
-    ]
+    _call_kept_without_words(services, call_id, conv)
 
 
 def test_a_call_report_waiting_on_the_retags_row_lock_keeps_no_words(gw, services, monkeypatch):
@@ -525,7 +534,6 @@ def test_a_call_report_waiting_on_the_retags_row_lock_keeps_no_words(gw, service
     import asyncpg
 
     from channels.vapi import calls, wire
-    from tests.test_wa_dead_letters_erasure import _tag
 
     monkeypatch.delenv("GATEWAY_ERASURE_KEY", raising=False)
     monkeypatch.setenv("GATEWAY_MASTER_KEY", MASTER_KEY)  # (the report hashes the id as the gateway does)
@@ -564,25 +572,14 @@ def test_a_call_report_waiting_on_the_retags_row_lock_keeps_no_words(gw, service
                 "SELECT 1 FROM conversations WHERE tenant = $1 AND external_id = $2 FOR UPDATE", TENANT, conv
             )
             erasing = asyncio.ensure_future(asyncio.to_thread(_erase, gw, conv))
-            for _ in range(1200):  # bounded: the erasure, its retag done, waits to delete the conversation
-                waiting = await pool.fetchval(
-                    """SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
-                       AND query LIKE 'DELETE FROM conversations%'"""
-                )
-                if waiting or erasing.done():
-                    break
-                await asyncio.sleep(0.05)
+            # (the erasure, its retag done, waits to delete the conversation)
+            await _until_waiting(pool, "query LIKE 'DELETE FROM conversations%'", erasing)
             assert not erasing.done(), erasing.result().text
             info = wire.CallInfo(call_id=call_id, call_type="inboundPhoneCall", customer_number=number)
             reporting = asyncio.ensure_future(calls.CallStore(tx).report(TENANT, "vp", info, "wabot", report, True))
-            for _ in range(1200):  # bounded: the report waits on the call's row
-                waiting = await holder.fetchval(
-                    """SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
-                       AND (query LIKE 'INSERT INTO vapi_calls%' OR query LIKE '%UPDATE vapi_calls SET status%')"""
-                )
-                if waiting or reporting.done():
-                    break
-                await asyncio.sleep(0.05)
+            # (the report waits on the call's row)
+            on_the_row = "(query LIKE 'INSERT INTO vapi_calls%' OR query LIKE '%UPDATE vapi_calls SET status%')"
+            await _until_waiting(holder, on_the_row, reporting)
             await lock.rollback()
             await reporting
             return await erasing
@@ -592,13 +589,4 @@ def test_a_call_report_waiting_on_the_retags_row_lock_keeps_no_words(gw, service
 
     erased = asyncio.run(go())
     assert erased.status_code == 200, erased.text
-    kept = rows(
-        services[0],
-        """SELECT customer_number, transcript, summary, recording_url, duration_s FROM vapi_calls
-           WHERE tenant = $1 AND call_id = $2""",
-        TENANT, call_id,
-    )  # fmt: skip
-    tag = _tag(TENANT, conv)
-    assert kept == [
-        {"customer_number": tag, "transcript": None, "summary": None, "recording_url": None, "duration_s": 42.0}
-    ]
+    _call_kept_without_words(services, call_id, conv)
