@@ -340,11 +340,24 @@ def test_a_reply_while_the_erasure_is_under_way_is_refused_and_keeps_nothing(gw,
     ada = _wa_id()
     conv = f"wa:{PNID}:{ada}"
     esc = _escalated(gw, graph, services, ada)
+    words = f"a person answers {uuid.uuid4().hex[:8]}"
+    out = _reply_while_erasure_paused(gw, services, conv, esc, words)
+    assert out.status_code == 409, out.text
+    err = out.json()["error"]
+    assert err["code"] == "conversation_erased" and esc in err["message"], err
+    assert words not in _texts(graph, ada)
+    assert _naming(services, TENANT, ada) == NOTHING
+    assert _window(services, TENANT, "wabot", conv) == []
+
+
+def _reply_while_erasure_paused(gw, services, conv: str, esc: str, words: str, agent: str = "wabot"):
+    """A person's reply sent while the erasure of ``conv`` (through ``agent``) is paused before its
+    transaction (the launcher's gate, its memory step done); the erasure then goes on and
+    succeeds. The reply's response."""
     gate = f"test:erasure-pause:{conv}"
     r = redis.Redis.from_url(services[1])
     r.set(f"{gate}:armed", "1", ex=300)
-    words = f"a person answers {uuid.uuid4().hex[:8]}"
-    t, erased = _in_thread(lambda: _erase(gw, TENANT, conv))
+    t, erased = _in_thread(lambda: _erase(gw, TENANT, conv, agent=agent))
     try:
         wait_until(lambda: r.exists(f"{gate}:held"), what="the erasure paused before its transaction")
         out = _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words})
@@ -353,12 +366,7 @@ def test_a_reply_while_the_erasure_is_under_way_is_refused_and_keeps_nothing(gw,
         t.join(90)
         r.close()
     assert erased and erased[0].status_code == 200, erased and erased[0].text
-    assert out.status_code == 409, out.text
-    err = out.json()["error"]
-    assert err["code"] == "conversation_erased" and esc in err["message"], err
-    assert words not in _texts(graph, ada)
-    assert _naming(services, TENANT, ada) == NOTHING
-    assert _window(services, TENANT, "wabot", conv) == []
+    return out
 
 
 def test_a_reply_out_at_graph_when_the_erasure_lands_keeps_no_number(gw, graph, services):
@@ -754,19 +762,8 @@ def test_a_reply_to_an_api_conversation_while_its_erasure_is_under_way_is_refuse
     """The erasure began (its memory step done) and has not committed when the reply comes (the
     escalation still open): the reply is the erased conversation's, refused and not kept."""
     conv, esc = _api_escalated(gw, services)
-    gate = f"test:erasure-pause:{conv}"
-    r = redis.Redis.from_url(services[1])
-    r.set(f"{gate}:armed", "1", ex=300)
     words = f"a person answers {uuid.uuid4().hex[:8]}"
-    t, erased = _in_thread(lambda: _erase(gw, TENANT, conv, agent="wabot2"))
-    try:
-        wait_until(lambda: r.exists(f"{gate}:held"), what="the erasure paused before its transaction")
-        out = _admin(gw, "POST", f"/admin/escalations/{esc}/reply", json={"text": words})
-    finally:
-        r.set(f"{gate}:go", "1", ex=300)
-        t.join(90)
-        r.close()
-    assert erased and erased[0].status_code == 200, erased and erased[0].text
+    out = _reply_while_erasure_paused(gw, services, conv, esc, words, agent="wabot2")
     assert out.status_code == 409, out.text
     assert out.json()["error"]["code"] == "conversation_erased"
     assert _window(services, TENANT, "wabot2", conv) == []
