@@ -143,6 +143,15 @@ def _run(tenant: str, agent_id: str, conv: str, ts: float, latency_ms: float) ->
             "ts": ts}  # fmt: skip
 
 
+async def _stored_ids(recorder, pool: asyncpg.Pool, runs: list[dict]) -> list:
+    """The conversation id each run is stored with (its tag when erased), once the recorder wrote them."""
+    for run in runs:
+        recorder.record(run)
+    await recorder.flush()
+    sql = "SELECT conversation_id FROM runs WHERE request_id = $1"
+    return [await pool.fetchval(sql, run["request_id"]) for run in runs]
+
+
 def test_runs_are_compared_with_an_erasure_on_redis_clock(services, monkeypatch):
     """A turn begun a second before the erasure (on Redis's clock), recorded by a replica whose clock
     runs SKEW ahead, keeps the tag; a turn begun after it, on a replica SKEW behind, keeps its id."""
@@ -157,11 +166,7 @@ def test_runs_are_compared_with_an_erasure_on_redis_clock(services, monkeypatch)
         try:
             before = _run(tenant, agent_id, conv, at + SKEW, 1000.0)  # in flight when the erasure ran
             after = _run(tenant, agent_id, conv, at - SKEW, 0.0)  # begun after it (it reached Redis after)
-            for run in (before, after):
-                recorder.record(run)
-            await recorder.flush()
-            sql = "SELECT conversation_id FROM runs WHERE request_id = $1"
-            return [await pool.fetchval(sql, run["request_id"]) for run in (before, after)]
+            return await _stored_ids(recorder, pool, [before, after])
         finally:
             await recorder.stop()
             await r.delete(stream)

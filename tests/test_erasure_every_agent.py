@@ -20,7 +20,7 @@ from runtime import runs as runs_module
 from runtime.memory import Memory
 from runtime.runs import RunRecorder
 from tests.test_conversation_erasure import _record
-from tests.test_erasure_clocks import _connect, _run
+from tests.test_erasure_clocks import _connect, _run, _stored_ids
 
 
 def _entry(tenant: str, agent_id: str, conv: str, t: float, seq: int, words: str) -> dict:
@@ -80,11 +80,7 @@ def test_another_agents_run_on_its_way_when_a_channel_conversation_is_erased_kee
             at = await _erase_with_every_agent(pool, r, tenant, named, conv)
             before = _run(tenant, other, conv, at, 1000.0)  # begun a second before the erasure
             after = _run(tenant, other, conv, at, 0.0)  # (reaches Redis after it: begun after it)
-            for run in (before, after):
-                recorder.record(run)
-            await recorder.flush()
-            sql = "SELECT conversation_id FROM runs WHERE request_id = $1"
-            return tuple([await pool.fetchval(sql, run["request_id"]) for run in (before, after)])
+            return await _stored_ids(recorder, pool, [before, after])
         finally:
             await recorder.stop()
             await r.delete(stream)
