@@ -281,24 +281,19 @@ class EscalationAdmin:
         await self._publish("claimed", esc)
         return base._json(_summary(esc))
 
-    async def _asked_at(self, conn, view: str | None, esc_id: str) -> int | None:
-        """Redis's time (µs), taken before the escalation is checked (in the check's transaction):
-        an erasure marked since is one the reply raced (``_send``) — the channel's mark of a
-        channel conversation, the memory's own (``runtime.memory.erasure_mark``) of any other (an
-        API client's, a call's: a reply racing its erasure was stored under the id after it).
-        None when the escalation is not found (the check answers for it), and for a conversation
-        no channel marks when Redis cannot tell the time: its reply is stored unchecked, as before
-        erasures were compared (a failing clock does not refuse it); a channel's is refused (503)."""
-        conversation = await escalations.conversation_of(conn, view, esc_id)
-        if conversation is None:
-            return None
+    async def _asked_at(self) -> int | None:
+        """Redis's time (µs), taken before the escalation is checked: an erasure marked since is
+        one the reply raced (``_send``) — the channel's mark of a channel conversation, the
+        memory's own (``runtime.memory.erasure_mark``) of any other (an API client's, a call's: a
+        reply racing its erasure was stored under the id after it). None when Redis cannot tell
+        the time: a reply to a conversation no channel marks is then stored unchecked, as before
+        erasures were compared (a failing clock does not refuse it); a channel's is refused (503,
+        ``_not_being_erased``)."""
         try:
             async with asyncio.timeout(REDIS_S):
                 return await redis_now_us(self.svc.redis)
-        except (RedisError, OSError, TimeoutError) as exc:
-            if not conversation.startswith(ERASURE_MARKED):
-                return None
-            raise ServiceUnavailable(f"The reply could not be sent just now ({type(exc).__name__}).") from None
+        except (RedisError, OSError, TimeoutError):
+            return None
 
     async def _not_being_erased(self, conn, esc: dict, asked_us: int | None) -> None:
         """In the escalation check's transaction (its row locked: ``check_can_reply`` with a
@@ -312,8 +307,7 @@ class EscalationAdmin:
         marked = esc["conversation_id"].startswith(ERASURE_MARKED)
         if asked_us is None and not marked:  # (Redis's clock out of reach: see _asked_at)
             return
-        if asked_us is None:  # read unmarked before the check, marked at it (see _asked_at: not
-            # expected); a retry reads it marked and takes the time
+        if asked_us is None:  # (Redis's clock out of reach: a channel's conversation is refused for now)
             raise ServiceUnavailable("The reply could not be sent just now; try again.")
         try:
             async with asyncio.timeout(REDIS_S):
@@ -380,8 +374,8 @@ class EscalationAdmin:
         _only(data, {"text"})
         text = _reply_text(data, "text", required=True)
         holder = base._ident(request).key_id
+        asked = await self._asked_at()
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-            asked = await self._asked_at(conn, base._view(request), esc_id)
             esc = await escalations.check_can_reply(conn, base._view(request), esc_id, holder)
             await self._not_being_erased(conn, esc, asked)
         delivery = await self._send(request, esc, text, asked)
@@ -414,8 +408,8 @@ class EscalationAdmin:
             raise InvalidRequest("'approve_draft' must be true or false.", param="approve_draft", code="invalid_type")
         reply = _reply_text(data, "reply", required=False)
         ident = base._ident(request)
+        asked = await self._asked_at() if reply is not None else None
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-            asked = await self._asked_at(conn, base._view(request), esc_id) if reply is not None else None
             esc = await escalations.check_can_reply(conn, base._view(request), esc_id, ident.key_id)
             if reply is not None:
                 await self._not_being_erased(conn, esc, asked)

@@ -150,15 +150,6 @@ async def get(conn, tenant: str | None, escalation_id: str) -> dict | None:
     return out(row)
 
 
-async def conversation_of(conn, tenant: str | None, escalation_id: str) -> str | None:
-    """The escalation's conversation id (None: no such escalation of the tenant)."""
-    return await conn.fetchval(
-        "SELECT conversation_id FROM escalations WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
-        escalation_id,
-        tenant,
-    )
-
-
 async def must_get(conn, tenant: str | None, escalation_id: str) -> dict:
     found = await get(conn, tenant, escalation_id)
     if found is None:
