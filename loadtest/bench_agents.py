@@ -312,7 +312,7 @@ def memory_window_cost(repeat: int = 2000) -> dict:
 
     import orjson
 
-    from runtime.memory import (
+    from runtime.memory_window import (
         _decode,
         _next_window,
         list_cap,

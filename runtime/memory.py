@@ -29,6 +29,9 @@ steps, then the final answer. Keeping the tool steps lets the next turn see what
 returned (no second lookup, no answer contradicting the first), and the human who takes a
 conversation over sees the whole of it; the window cut keeps them with their turn. System and
 developer messages are not stored: the agent's prompt supplies the system message afresh.
+
+The window's cut and its encoding are ``runtime.memory_window``'s; the Lua scripts
+``runtime.memory_scripts``'.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -47,9 +49,23 @@ from redis.exceptions import NoScriptError, RedisError
 from core.erasure_key import mark_micros
 from core.errors import InvalidRequest
 from core.stream_writer import StreamWriter
-from core.tokens import count_prompt
 from runtime import conversations
-from runtime.types import Agent, MemorySettings
+from runtime.memory_scripts import APPEND as _APPEND
+from runtime.memory_scripts import FORGET as _FORGET
+from runtime.memory_scripts import LOAD as _LOAD
+from runtime.memory_scripts import REWARM as _REWARM
+from runtime.memory_window import (
+    Window,
+    _next_window,
+    clean_message,
+    list_cap,
+    message_tokens,
+    newest_window,
+    stored_window,
+    tail_size,
+    window,
+)
+from runtime.types import Agent
 
 log = logging.getLogger("gateway.memory")
 
@@ -58,157 +74,11 @@ MEMORY_GROUP = "memory-writers"
 MAX_CONVERSATION_ID = 256  # characters of the caller's conversation id
 MAX_APPEND = 256  # messages stored by one turn
 COUNT_ON_LOOP_BYTES = 16 * 1024  # a turn's messages larger than this are tokenized off the event loop
-MAX_WINDOW_BYTES = 256 * 1024  # a larger window is not stored whole: loads cut the list instead
 SEQ_GRACE_S = 86_400  # the seq counter outlives the window by this much
 ERASED_MARK_S = 60  # an erased conversation's window is not re-warmed from a read older than this
 ERASED_SEQ_MIN_S = 3600  # a turn that loaded an erased conversation is not stored for at least this long
 HOLDING_PAGE = 500  # agents whose Redis state of one conversation ``holding`` asks for per round trip
-_KEPT = ("role", "content", "name", "tool_calls", "tool_call_id", "refusal")
 _NOT_STORED = ("system", "developer")
-
-
-# A turn queued (``queued``: µs on Redis's clock) at or before its conversation's erasure mark
-# (``key``: "seconds.µs", Redis's time; an unreadable mark counts as erased) is the erased
-# conversation's: the script answers -3 and reads or stores nothing (``Erased``).
-def _erased_since(key: str, queued: str) -> str:
-    return f"""  local mark = redis.call('GET', {key})
-  if mark then
-    local s, f = string.match(mark, '^(%d+)%.?(%d*)$')
-    if not s or tonumber(s) * 1000000 + tonumber(string.sub(f .. '000000', 1, 6)) >= tonumber({queued}) then
-      return -3
-    end
-  end"""
-
-
-# Number, push, trim, refresh, queue for PostgreSQL and store the new window, in one step.
-# KEYS: list, seq, stream, stored window, the last seq erased, and the conversation's erasure mark
-# (optional: ``Memory.append``'s ``erased``). ARGV: ttl, seq ttl, cap, the turn's stream record, the
-# seq the turn's window was loaded at ('' unknown), the new window after its "n" ('' none), the
-# lowest seq the conversation may have reached ('' unknown), the turn's queue time ('' unknown),
-# then (tokens, message JSON) pairs.
-# A seq is never handed out twice: a counter gone (evicted, or expired after the list) starts
-# again from the list's last seq, else from the floor; with neither the script stores nothing
-# and answers -1, and the caller asks PostgreSQL for the floor (messages.seq is unique there, so
-# a reused seq would drop the message).
-# A turn whose window held messages of the conversation up to its erasure (its floor at most the
-# last seq erased: it loaded the conversation before the erasure and answered after it) stores
-# nothing and answers -2: the customer's words sent before the erasure, and an answer written
-# from the erased history, are not the erased conversation's first turn again. Seqs go on after
-# an erasure (the counter stays), so the turns after it are told apart from those before it.
-_APPEND = """
-if KEYS[6] and ARGV[8] ~= '' then
--- erased since queued
-end
-local n = (#ARGV - 8) / 2
-local erased = tonumber(redis.call('GET', KEYS[5]) or '0')
-if erased > 0 and ARGV[7] ~= '' and tonumber(ARGV[7]) > 0 and tonumber(ARGV[7]) <= erased then return -2 end
-local prev = redis.call('LINDEX', KEYS[1], -1)
-local prev_seq = '0'
-if prev then prev_seq = string.match(prev, '^{"s":(%d+)') or '' end
-if not redis.call('GET', KEYS[2]) then
-  if prev and prev_seq ~= '' then
-    redis.call('SET', KEYS[2], prev_seq)
-  elseif ARGV[7] ~= '' then
-    redis.call('SET', KEYS[2], math.max(tonumber(ARGV[7]), erased))
-  else
-    return -1
-  end
-end
-local last = redis.call('INCRBY', KEYS[2], n)
-local first = last - n + 1
-local items = {}
-for i = 1, n do
-  local seq = string.format('%d', first + i - 1)
-  items[i] = '{"s":' .. seq .. ',"t":' .. ARGV[7 + 2 * i] .. ',"m":' .. ARGV[8 + 2 * i] .. '}'
-end
-redis.call('RPUSH', KEYS[1], unpack(items))
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-local now = redis.call('TIME')
-redis.call('XADD', KEYS[3], '*', 'r', ARGV[4], 's', first, 't', now[1] .. '.' .. string.format('%06d', now[2]))
-if ARGV[5] ~= '' and ARGV[6] ~= '' and prev_seq == ARGV[5] then
-  redis.call('SET', KEYS[4], '{"n":' .. string.format('%d', last) .. ',' .. ARGV[6], 'EX', ARGV[1])
-else
-  redis.call('DEL', KEYS[4])
-end
-return first
-"""
-_APPEND = _APPEND.replace("-- erased since queued", _erased_since("KEYS[6]", "ARGV[8]"))
-
-# The stored window when there is one and it ends at the list's last message, else the list's
-# tail: a list evicted without its window, or a writer that does not keep the window (a replica
-# of an older release), leaves a stored window that is not the list's. KEYS: list, stored window,
-# and the conversation's erasure mark (optional: ``Memory.load``'s ``erased``). ARGV: the tail's
-# start (negative), the turn's queue time (with the mark).
-# When the list is empty (a new conversation, or one expired, evicted or erased), Redis's time
-# instead (µs): the turn's store is refused if the conversation is erased after it (``_APPEND``
-# with the conversation's own erasure mark, ``:erased:at``), as no seq floor can tell then.
-_LOAD = """
-if KEYS[3] then
--- erased since queued
-end
-local w = redis.call('GET', KEYS[2])
-if w then
-  local n = string.match(w, '^{"n":(%d+)')
-  local last = redis.call('LINDEX', KEYS[1], -1)
-  if n and last and string.match(last, '^{"s":(%d+)') == n then return w end
-end
-local tail = redis.call('LRANGE', KEYS[1], ARGV[1], -1)
-if #tail > 0 then return tail end
-local now = redis.call('TIME')
-return tonumber(now[1]) * 1000000 + tonumber(now[2])
-"""
-_LOAD = _LOAD.replace("-- erased since queued", _erased_since("KEYS[3]", "ARGV[2]"))
-
-# Put back what PostgreSQL holds in front of whatever the list holds now (a turn stored
-# meanwhile stays after it), and never let the counter fall below the stored seqs. Nothing when
-# the conversation was erased a moment ago: the read may have begun before the erasure.
-# KEYS: window, seq, erased mark. ARGV: ttl, seq ttl, cap, max seq, then (seq, entry) pairs oldest first.
-_REWARM = """
-if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-local head = redis.call('LINDEX', KEYS[1], 0)
-local before = math.huge
-if head then before = tonumber(cjson.decode(head)['s']) end
-local pushed = 0
-for i = #ARGV - 1, 5, -2 do
-  if tonumber(ARGV[i]) < before then
-    redis.call('LPUSH', KEYS[1], ARGV[i + 1])
-    pushed = pushed + 1
-  end
-end
-if pushed > 0 then
-  redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
-end
-local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
-if cur < tonumber(ARGV[4]) then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[2]) end
-return pushed
-"""
-
-
-# An erasure: the messages handed out since the previous erasure and Redis's clock, then the
-# window and stored window gone, the mark that keeps a reload begun before it from warming them
-# again, and the last seq erased (``_APPEND`` stores no turn that loaded up to it; kept as long as
-# the counter, which stays: seqs go on), and the erasure's time (``:erased:at``, "seconds.µs",
-# kept as long: ``_APPEND`` stores no turn that found the conversation empty before it).
-# KEYS: window, seq, stored window, mark, last seq erased, the erasure's time.
-# ARGV: the mark's ttl, the least ttl of the last seq erased. The clock is the one ``_APPEND``
-# stamps each turn's stream entry with (``t``): the erasure and the turns it skips are compared on
-# one clock, whatever the gateways' clocks say.
-_FORGET = """
-local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-local before = tonumber(redis.call('GET', KEYS[5]) or '0')
-local now = redis.call('TIME')
-redis.call('SET', KEYS[4], '1', 'EX', ARGV[1])
-redis.call('DEL', KEYS[1], KEYS[3])
-local keep = math.max(tonumber(ARGV[2]), redis.call('TTL', KEYS[2]))
-if last > 0 then
-  redis.call('SET', KEYS[5], string.format('%d', math.max(last, before)), 'EX', keep)
-end
-redis.call('SET', KEYS[6], now[1] .. '.' .. string.format('%06d', tonumber(now[2])), 'EX', keep)
-return {string.format('%d', math.max(last - before, 0)), now[1], now[2]}
-"""
 
 
 class Erased(Exception):
@@ -267,131 +137,6 @@ def dead_tag(record: dict) -> str | None:
     return None
 
 
-def list_cap(settings: MemorySettings) -> int:
-    """How many messages the Redis list keeps: room for the window with its tool steps."""
-    return min(2000, max(64, settings.window_turns * 10))
-
-
-def clean_message(message: dict) -> dict:
-    """The parts of an OpenAI message worth sending back to a model."""
-    return {k: message[k] for k in _KEPT if message.get(k) is not None}
-
-
-def message_tokens(message: dict) -> int:
-    return count_prompt({"messages": [message]}) - 3
-
-
-class Window(list):
-    """The messages of a window, oldest first (a list); ``tokens[i]`` is the token count of
-    ``self[i]`` as ``core.tokens.count_prompt`` counts a message, so a turn's prompt is counted
-    without tokenizing its history again (``known``). ``seq`` is the number of the list's last
-    message when the window was read (0: the list was empty; None: not known), the base of the
-    next append's compare-and-set. ``since``: when the read found Redis holding nothing of the
-    conversation, Redis's time then (µs): the append stores nothing if the conversation was
-    erased since (its seq floor cannot tell: the erasure found nothing to count either)."""
-
-    tokens: list[int]
-    seq: int | None = None
-    since: int | None = None  # Redis's time (µs) when the load found the conversation empty there
-
-    def known(self) -> dict[int, tuple[dict, int]]:
-        return {id(m): (m, t) for m, t in zip(self, self.tokens, strict=True)}
-
-
-def window(entries: Iterable[tuple[int, dict]], settings: MemorySettings) -> Window:
-    """The most recent whole turns of (tokens, message) entries, oldest first, within
-    ``window_turns`` and ``window_tokens``. Messages before the first user message (their turn
-    began before what is kept) are never sent."""
-    return _cut(reversed(list(entries)), settings)
-
-
-def _cut(newest_first: Iterable[tuple[int, dict]], settings: MemorySettings) -> Window:
-    """``window`` over entries given newest first; it stops taking them once the window is full,
-    so a lazy source (``newest_window``'s decoding) does no work for older ones. A turn counts
-    against the token budget as it is sent (repaired)."""
-    kept: list[tuple[list[dict], list[int]]] = []  # newest turn first
-    messages: list[dict] = []  # the turn being read, newest message first
-    counts: list[int] = []
-    tools = False
-    budget = settings.window_tokens
-    for tokens, message in newest_first:
-        role = message.get("role")
-        messages.append(message)
-        counts.append(int(tokens))
-        if _has_tools(message):
-            tools = True
-        if role != "user":
-            continue
-        if len(kept) >= settings.window_turns:
-            break
-        messages.reverse()
-        counts.reverse()
-        if tools:  # the newest turn may end with a client's call whose result is on its way
-            messages, counts = _repaired(messages, counts, last=not kept)
-        total = sum(counts)
-        if total > budget:
-            break
-        budget -= total
-        kept.append((messages, counts))
-        messages, counts, tools = [], [], False
-    out = Window()
-    out.tokens = []
-    for turn, turn_counts in reversed(kept):
-        out.extend(turn)
-        out.tokens.extend(turn_counts)
-    return out
-
-
-def _has_tools(message: dict) -> bool:
-    """A tool call or a tool result: the turn holding it may need ``_repair``."""
-    return message.get("role") == "tool" or bool(message.get("tool_calls"))
-
-
-def _repaired(turn: list[dict], counts: list[int], *, last: bool) -> tuple[list[dict], list[int]]:
-    original = {id(m): t for m, t in zip(turn, counts, strict=True)}
-    out = _repair(turn, last=last)
-    return out, [original[id(m)] if id(m) in original else message_tokens(m) for m in out]
-
-
-def _repair(turn: list[dict], *, last: bool) -> list[dict]:
-    """A turn a model will accept: an assistant's tool calls are each answered by the tool
-    messages right after it, and a tool message answers one of those calls, once (OpenAI's
-    rule: a result elsewhere, or a call answered only further on, is refused). Except at the
-    very end of the window: a client tool whose result the client is about to send."""
-    out = []
-    waiting: set = set()  # the calls of the assistant message just kept, not yet answered
-    for index, message in enumerate(turn):
-        if message.get("role") == "tool":
-            if message.get("tool_call_id") in waiting:
-                waiting.discard(message.get("tool_call_id"))
-                out.append(message)
-            continue
-        waiting = set()
-        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
-        if calls and not (last and index == len(turn) - 1):
-            answered = set()
-            for later in turn[index + 1 :]:
-                if later.get("role") != "tool":
-                    break
-                answered.add(later.get("tool_call_id"))
-            kept = []
-            for c in calls:
-                if isinstance(c, dict) and c.get("id") in answered:
-                    answered.discard(c.get("id"))  # an id called twice is answered once
-                    kept.append(c)
-            if len(kept) != len(calls):
-                message = {k: v for k, v in message.items() if k != "tool_calls"}
-                if kept:
-                    message["tool_calls"] = kept
-                elif not message.get("content"):
-                    continue
-            calls = kept
-        if calls:
-            waiting = {c.get("id") for c in calls if isinstance(c, dict)}
-        out.append(message)
-    return out
-
-
 def _bounded(stored: list[dict]) -> list[dict]:
     """A turn of more than ``MAX_APPEND`` messages (a long tools loop): its user messages up to the
     first other one (what the customer said starts the turn: a window keeps turns from a user
@@ -407,140 +152,6 @@ def _bounded(stored: list[dict]) -> list[dict]:
     while tail and tail[0].get("role") != "assistant":
         tail.pop(0)
     return [*head, *tail] if head else tail
-
-
-def tail_size(settings: MemorySettings) -> int:
-    """How many of the newest list entries a load reads: three messages a turn on average
-    (user, tool call, tool result or answer), never more than the list keeps."""
-    return min(list_cap(settings), max(16, settings.window_turns * 3))
-
-
-def newest_window(raw: list[bytes], settings: MemorySettings) -> Window:
-    """``window`` over stored entries (oldest first), decoding from the newest back and only
-    while the window can still take a turn: the same messages, at a fraction of the work, since
-    the list holds more than a window and the older entries would be cut anyway."""
-    out = _cut(_decoded_newest_first(raw), settings)
-    out.seq = _seq(raw[-1]) if raw else 0
-    return out
-
-
-def extended(base: Window, added: list[tuple[int, dict]], settings: MemorySettings) -> Window | None:
-    """The window after a turn stored ``added`` ((tokens, message) pairs) behind ``base``: the
-    same messages ``window`` cuts from the whole list, since a later turn can only push older
-    ones out (``base`` holds every turn the new window can keep), so the oldest turns are dropped
-    while the window is over its budgets; ``added`` may hold several turns (a client sends what
-    it likes), which are cut one by one. None when ``added`` does not start a turn: it joins
-    the last one, whose repair may have dropped a call that ``added`` answers (only the list
-    has it); and None when ``base`` ends with a client's call left unanswered: it is dropped
-    now, so an older turn ``base`` could not afford may fit (only the list has it)."""
-    if not added or added[0][1].get("role") != "user":
-        return None
-    if base and base[-1].get("tool_calls"):
-        return None
-    starts = [i for i, m in enumerate(base) if m.get("role") == "user"]
-    several = any(m.get("role") == "user" for _, m in added[1:])  # a client may send several turns
-    if several or (starts and any(_has_tools(m) for m in base[starts[-1] :])):
-        entries = [*zip(base.tokens, base, strict=True), *added]  # cut per turn, the last repaired anew
-        entries.reverse()
-        return _cut(entries, settings)
-    messages = [m for _, m in added]
-    counts = [int(t) for t, _ in added]
-    if any(_has_tools(m) for m in messages):
-        messages, counts = _repaired(messages, counts, last=True)
-    out = Window()
-    out.tokens = []
-    total = sum(counts)
-    if settings.window_turns < 1 or total > settings.window_tokens:
-        return out
-    total += sum(base.tokens)
-    turns = len(starts) + 1
-    first = 0  # the oldest turn kept: drop from the front while over a budget
-    while turns > settings.window_turns or total > settings.window_tokens:
-        end = starts[first + 1] if first + 1 < len(starts) else len(base)
-        total -= sum(base.tokens[starts[first] : end])
-        turns -= 1
-        first += 1
-    keep = starts[first] if first < len(starts) else len(base)
-    out.extend(base[keep:])
-    out.extend(messages)
-    out.tokens = [*base.tokens[keep:], *counts]
-    return out
-
-
-_CUT_RULES = 2  # raised whenever the cut or the repair changes: windows cut before are not used
-
-
-def fingerprint(settings: MemorySettings) -> str:
-    """What a stored window was cut for (the rules, the settings): anything else makes it stale."""
-    return f"{_CUT_RULES}/{settings.window_turns}/{settings.window_tokens}"
-
-
-def stored_window(raw: bytes, settings: MemorySettings) -> Window | None:
-    """The stored window (``…:w``), or None when it is unreadable or cut for other settings."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        data = None
-    if not isinstance(data, dict) or data.get("c") != fingerprint(settings):
-        return None
-    messages, tokens, seq = data.get("m"), data.get("t"), data.get("n")
-    if (
-        not isinstance(messages, list)
-        or not isinstance(tokens, list)
-        or len(messages) != len(tokens)
-        or type(seq) is not int
-        # every message a dict and every count an int (not a bool), checked in C: ``all`` over a
-        # generator cost a Python step per item, every turn
-        or list(map(type, messages)).count(dict) != len(messages)
-        or list(map(type, tokens)).count(int) != len(tokens)
-    ):
-        return None
-    out = Window(messages)
-    out.tokens = tokens
-    out.seq = seq
-    return out
-
-
-def _seq(entry: bytes) -> int | None:
-    head = entry[:32]
-    if not head.startswith(b'{"s":'):
-        return None
-    digits = head[5:].split(b",", 1)[0]
-    return int(digits) if digits.isdigit() else None
-
-
-def _entry(raw: bytes) -> tuple[int, dict] | None:
-    """(tokens, message) of one stored entry; None (logged) when it is unreadable."""
-    try:
-        decoded = orjson.loads(raw)
-        tokens, message = int(decoded["t"]), decoded["m"]
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        message = None
-    if not isinstance(message, dict):
-        log.warning("memory: an unreadable window entry was skipped")
-        return None
-    return tokens, message
-
-
-def _decoded_newest_first(raw: list[bytes]) -> Iterator[tuple[int, dict]]:
-    for entry in reversed(raw):
-        if (decoded := _entry(entry)) is not None:
-            yield decoded
-
-
-def _decode(raw: list[bytes]) -> list[tuple[int, dict]]:
-    """Every readable entry, oldest first (what ``newest_window`` must match: tests, bench)."""
-    return [decoded for entry in raw if (decoded := _entry(entry)) is not None]
-
-
-def _next_window(base: Window | None, added: list[tuple[int, dict]], settings: MemorySettings) -> list:
-    """The append's (base seq, new window) arguments: the window after this turn, encoded after
-    its ``"n":`` (the script adds the seq), or nothing to store (then the stored one is deleted)."""
-    new = extended(base, added, settings) if base is not None and base.seq is not None else None
-    if new is None:
-        return ["", ""]
-    body = b'"c":"%s","t":%s,"m":%s}' % (fingerprint(settings).encode(), orjson.dumps(new.tokens), orjson.dumps(new))
-    return [base.seq, body if len(body) <= MAX_WINDOW_BYTES else ""]
 
 
 def erasure_mark(tenant: str, agent_id: str, conversation_id: str) -> str:

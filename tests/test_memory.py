@@ -168,7 +168,7 @@ def test_the_newest_first_window_equals_the_whole_window_on_random_conversations
     calls, unreadable entries and every budget included."""
     import random
 
-    from runtime.memory import _decode, newest_window
+    from runtime.memory_window import _decode, newest_window
 
     rng = random.Random(20261125)
     kinds = _random_kinds(rng)
@@ -420,7 +420,7 @@ def test_a_window_extended_turn_by_turn_equals_the_window_cut_from_the_whole_lis
     """What an append stores (``extended``: the loaded window plus the turn, cut again) must be
     what cutting the whole list would give, turn after turn — tool steps, a client call answered
     a turn later, orphan results, oversized turns and every budget included."""
-    from runtime.memory import extended
+    from runtime.memory_window import extended
 
     rng = random.Random(20261126)
     kinds = _random_kinds(rng)

@@ -15,7 +15,8 @@ import orjson
 from runtime.hitl import confidence
 from runtime.hitl import settings as hitl_settings
 from runtime.hitl.confidence import Signals
-from runtime.memory import Memory, clean_message, extended, keys, message_tokens, window
+from runtime.memory import Memory, keys
+from runtime.memory_window import clean_message, extended, message_tokens, window
 from runtime.types import MemorySettings
 from tests.test_memory import _agent, _entries, _rows_if, _run, _turn, _until
 
