@@ -63,9 +63,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from core.queue import (
-    _OWNED,
     MOVE_BATCH,
-    STAMP,
     Job,
     Queue,
     _digest,
@@ -75,6 +73,8 @@ from core.queue import (
     _s,
     log,
 )
+from core.queue_scripts import OWNED as _OWNED
+from core.queue_scripts import STAMP
 
 # Where a key's messages wait: ``z`` (a sorted set of sub-key hash .. message, scored by round),
 # ``r`` (the key's rounds: ``_`` the round last taken, a sub-key's hash the round of its last
