@@ -8,7 +8,7 @@ import math
 import pytest
 
 from core.errors import InvalidRequest, NotFound
-from runtime import experiments, prompts, templates
+from runtime import experiments, prompt_sandbox, prompts, templates
 from runtime.types import Agent, PromptVersion
 
 
@@ -198,9 +198,9 @@ def test_declared_variables_are_validated():
 def test_compiled_once_per_template():
     v = version(1, "Hi {{ n }}", {"n": "string"})
     prompts.render(v, {"n": "a"}, {})
-    first = prompts._compiled[v.template]
+    first = prompt_sandbox._compiled[v.template]
     prompts.render(v, {"n": "b"}, {})
-    assert prompts._compiled[v.template] is first
+    assert prompt_sandbox._compiled[v.template] is first
 
 
 # ---- diff -------------------------------------------------------------------------------------------
