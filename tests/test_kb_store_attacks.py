@@ -7,11 +7,15 @@ gateway process, real PostgreSQL and Valkey."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import threading
 import uuid
 
 import asyncpg
+import httpx
 import pytest
 
+from gateway.openai_files import file_path
 from rag.ingest import document_path
 from tests.test_kb_api import call, create_kb, start_gateway
 from tests.test_policies import new_key
@@ -62,3 +66,81 @@ def test_attack_deleting_a_knowledge_base_of_more_than_1000_documents_leaves_no_
     assert _sql(services, "SELECT id FROM kb_documents WHERE kb_id = $1", kb["id"]) == []
     left = [p.name for p in paths if p.exists()]
     assert left == [], f"{len(left)} documents' bytes stayed on disk"
+
+
+def _waiting_on_a_lock(services, like: str) -> int:
+    return _sql(
+        services,
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+        like,
+    )[0]["n"]
+
+
+def _until(check, what: str) -> None:
+    """Polls ``check`` (bounded: ~60 s), without asserting any time."""
+    for _ in range(1200):
+        if check():
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_attack_a_file_attached_while_it_is_deleted_leaves_no_document_behind(gw, services, tmp_root):
+    """DELETE /v1/files/{id} removes the file from every vector store; an attach of the same
+    file running at the same time read the file before the delete committed and inserted its
+    document after the delete had removed the file's documents. Both answered 200: the file
+    was gone, yet its text stayed searchable in the store, its bytes on disk (a hard link)
+    counted by no quota. The delete and the attach are ordered here by a row lock the test
+    holds on the file: the delete waits for it after removing the documents, the attach runs."""
+    owner = f"kbrace-{uuid.uuid4().hex[:6]}"
+    key = new_key(gw, tenant=owner)["key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=gw.url, headers=auth, timeout=90) as h:
+        f = h.post(
+            "/v1/files", files={"file": ("secret.txt", b"The launch code is 0000.\n")}, data={"purpose": "assistants"}
+        )
+        assert f.status_code == 200, f.text
+        fid = f.json()["id"]
+        vs = h.post("/v1/vector_stores", json={"name": "race"}).json()["id"]
+
+    answers: dict[str, httpx.Response] = {}
+
+    def run(name: str, method: str, path: str, body=None) -> None:
+        with httpx.Client(base_url=gw.url, headers=auth, timeout=90) as h:
+            answers[name] = h.request(method, path, json=body)
+
+    async def hold_and_race() -> None:
+        conn = await asyncpg.connect(services[0])
+        try:
+            tx = conn.transaction()
+            await tx.start()
+            await conn.execute("SELECT 1 FROM openai_files WHERE id = $1 FOR UPDATE", fid)
+            delete = threading.Thread(target=run, args=("delete", "DELETE", f"/v1/files/{fid}"))
+            delete.start()
+            await asyncio.to_thread(_until, lambda: _waiting_on_a_lock(services, "%openai_files%") >= 1, "delete waits")
+            attach = threading.Thread(
+                target=run, args=("attach", "POST", f"/v1/vector_stores/{vs}/files", {"file_id": fid})
+            )
+            attach.start()
+            # the attach either finishes (it does not wait for the file) or waits for it too
+            await asyncio.to_thread(
+                _until,
+                lambda: "attach" in answers or _waiting_on_a_lock(services, "%openai_files%") >= 2,
+                "attach done or waiting",
+            )
+            await tx.rollback()
+            await asyncio.to_thread(delete.join, 90)
+            await asyncio.to_thread(attach.join, 90)
+        finally:
+            await conn.close()
+
+    asyncio.run(hold_and_race())
+    assert answers["delete"].status_code == 200, answers["delete"].text
+    assert answers["attach"].status_code in (200, 404), answers["attach"].text
+    if answers["attach"].status_code == 404:
+        assert answers["attach"].json()["error"]["param"] == "file_id"
+    docs = _sql(services, "SELECT id FROM kb_documents WHERE tenant = $1 AND file_id = $2", owner, fid)
+    assert docs == [], "the deleted file is still a document of the vector store"
+    assert not file_path(tmp_root / "data", owner, fid).exists()
+    digest = hashlib.sha256(owner.encode()).hexdigest()[:16]
+    assert not list((tmp_root / "data" / "kb" / digest).glob("doc_*"))
