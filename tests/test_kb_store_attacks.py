@@ -144,3 +144,16 @@ def test_attack_a_file_attached_while_it_is_deleted_leaves_no_document_behind(gw
     assert not file_path(tmp_root / "data", owner, fid).exists()
     digest = hashlib.sha256(owner.encode()).hexdigest()[:16]
     assert not list((tmp_root / "data" / "kb" / digest).glob("doc_*"))
+
+
+@pytest.mark.parametrize("value", [False, 0, "", []])
+def test_attack_ranking_options_that_are_not_an_object_are_refused(gw, value):
+    """``ranking_options`` false, 0, "" or [] was read as "none given" (``or {}``) and the
+    search ran: bad input must be a 400 naming the field, as a non-empty non-object is."""
+    key = new_key(gw, tenant=f"kbrank-{uuid.uuid4().hex[:6]}")["key"]
+    with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as h:
+        vs = h.post("/v1/vector_stores", json={"name": "r"}).json()["id"]
+        r = h.post(f"/v1/vector_stores/{vs}/search", json={"query": "x", "ranking_options": value})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "ranking_options" and err["type"] == "invalid_request_error"
