@@ -157,3 +157,40 @@ def test_attack_ranking_options_that_are_not_an_object_are_refused(gw, value):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == "ranking_options" and err["type"] == "invalid_request_error"
+
+
+HOSTILE_QUERIES = [
+    '"' + "w0 " * 1300 + '"',  # one phrase of a word repeated
+    "w0 w1 w2 " * 450,  # three distinct keywords: it went as typed
+    "w1999 w0 -w1 " * 400,  # ... with negations
+    '"w0" ' + " or ".join(f"w{i}" for i in range(700)),  # a quote: it went as typed
+    "a_" * 2000,  # one \\w+ word, one term per letter to PostgreSQL
+    "a\u00b2" * 2000,  # superscript two: a word character to Python, a separator to PostgreSQL
+    "x-" * 2000,
+    "the " * 1000,
+]
+
+
+@pytest.mark.parametrize("query", HOSTILE_QUERIES, ids=range(len(HOSTILE_QUERIES)))
+def test_attack_a_long_search_query_makes_no_more_full_text_terms_than_a_short_one(services, query):
+    """A search's full-text query is meant to hold at most MAX_TERMS keywords, but a query of
+    few distinct keywords, or with a quote, went to websearch_to_tsquery as typed: 4,000
+    characters made thousands of terms, phrases and negations — measured here at 2-12 s of a
+    database core per search over 50,000 chunks (the index every tenant's chunks share),
+    against ~20 ms for 16 terms. What reaches PostgreSQL is counted there (numnode)."""
+    from rag.retrieve import MAX_QUERY_CHARS, MAX_TERMS, fts_query
+
+    text = fts_query(query[:MAX_QUERY_CHARS])
+    rows = _sql(services, "SELECT numnode(websearch_to_tsquery('simple', $1)) AS n", text)
+    assert rows[0]["n"] <= 4 * MAX_TERMS, (rows[0]["n"], text[:200])
+
+
+def test_short_search_queries_still_go_as_typed():
+    from rag.retrieve import fts_query
+
+    assert fts_query('"return window" -holiday') == '"return window" -holiday'
+    assert fts_query("SKU-4411 price") == "SKU-4411 price"
+    assert (
+        fts_query("How long do I have to return a product or ask for a refund?")
+        == "long or return or product or ask or refund"
+    )
