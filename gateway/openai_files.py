@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from pathlib import Path
+from typing import Literal
 
 import asyncpg
 from starlette.requests import Request
@@ -75,9 +76,19 @@ def describe_file(row) -> dict:
 _FILE_COLS = "id, tenant, filename, purpose, bytes, sha256, content_type, created_at"
 
 
-async def get_file(conn: asyncpg.Connection, tenant_name: str, file_id: str, param: str = "file_id"):
+async def get_file(
+    conn: asyncpg.Connection,
+    tenant_name: str,
+    file_id: str,
+    param: str = "file_id",
+    lock: Literal["", "FOR UPDATE", "FOR KEY SHARE"] = "",
+):
+    """The file's row (404 naming ``param``), locked to the end of the transaction when asked: a
+    delete takes it ``FOR UPDATE`` and an attach ``FOR KEY SHARE``, so an attach either commits
+    before the delete removes the file's documents (and its document goes with them) or finds
+    the file gone — never a document of a deleted file."""
     row = await conn.fetchrow(
-        f"SELECT {_FILE_COLS} FROM openai_files WHERE id = $1 AND tenant = $2", file_id[:MAX_ID], tenant_name
+        f"SELECT {_FILE_COLS} FROM openai_files WHERE id = $1 AND tenant = $2 {lock}", file_id[:MAX_ID], tenant_name
     )
     if row is None:
         raise NotFound(f"No such File object: {file_id[:MAX_ID]}", param=param)
@@ -199,7 +210,7 @@ class Files:
         a file an operators' knowledge base holds only for a key with the admin scope."""
         owner = tenant(request)
         async with tenant_transaction(self.store.pool, owner) as conn:
-            row = await get_file(conn, owner, path_id(request, "file_id"))
+            row = await get_file(conn, owner, path_id(request, "file_id"), lock="FOR UPDATE")
             if not manages(ident(request)) and await conn.fetchval(
                 f"""SELECT EXISTS (SELECT 1 FROM kb_documents d JOIN knowledge_bases k ON k.id = d.kb_id
                                    WHERE d.tenant = $1 AND d.file_id = $2 AND k.tenant = $1 AND {MANAGED_SQL})""",

@@ -54,7 +54,8 @@ async def search(vs, request: Request) -> Response:
     top = data.get("max_num_results", 10)
     if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= 50:
         raise InvalidRequest("'max_num_results' must be an integer from 1 to 50.", param="max_num_results")
-    ranking = data.get("ranking_options") or {}
+    ranking = data.get("ranking_options")
+    ranking = {} if ranking is None else ranking  # (false, 0, "" or [] are no object either)
     if not isinstance(ranking, dict):
         raise InvalidRequest("'ranking_options' must be an object.", param="ranking_options", code="invalid_type")
     _only(ranking, frozenset({"ranker", "score_threshold"}), "ranking_options.")

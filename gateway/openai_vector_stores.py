@@ -164,7 +164,7 @@ class VectorStores:
         param: str,
     ) -> tuple[kb_store.Document, bool]:
         """(document, created) for ``file_id`` in ``kb``; the caller queues created ones after commit."""
-        file = await openai_files.get_file(conn, owner, file_id, param=param)
+        file = await openai_files.get_file(conn, owner, file_id, param=param, lock="FOR KEY SHARE")
         await serialize(conn, f"kb_documents:{kb.id}")  # concurrent attaches cannot overshoot the cap
         count = await conn.fetchval(
             "SELECT count(*) FROM kb_documents WHERE tenant = $1 AND kb_id = $2 AND replaced_by IS NULL", owner, kb.id

@@ -22,7 +22,6 @@ rank come from those.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,7 +62,6 @@ _STOP = frozenset(
     them then there these they this those through to too under until up very was we were what when
     where which while who whom why will with would you your yours may might must shall also get got""".split()
 )
-_WORD = re.compile(r"\w+")
 
 KEPT = "kept"
 BELOW_THRESHOLD = "below_threshold"
@@ -138,13 +136,25 @@ _JOINS = """JOIN kb_chunks c ON c.id = s.id
     JOIN knowledge_bases k ON k.id = c.kb_id"""
 
 
+def _words(text: str) -> list[str]:
+    """The runs of letters and decimal digits of ``text``, lower-cased. PostgreSQL's parser
+    splits at every other character (``_``, ``²``...), so it makes one term of each run at most
+    (and a compound of a hyphenated run's besides): counted here, never fewer than it makes."""
+    return "".join(c if c.isalpha() or c.isdecimal() else " " for c in text.lower()).split()
+
+
 def fts_query(text: str) -> str:
     """The text given to websearch_to_tsquery: as typed for short queries (every term required,
-    quotes and ``-`` honoured), else its keywords joined with ``or``."""
-    words = [w for w in _WORD.findall(text.lower()) if w not in _STOP and len(w) > 1]
-    keywords = list(dict.fromkeys(words))[:MAX_TERMS]
+    quotes and ``-`` honoured), else its keywords joined with ``or``. Either way at most
+    ``MAX_TERMS`` words reach it: as typed only when the whole text has that few (repeats and
+    stop words count: the 'simple' configuration keeps them); a longer one of few distinct
+    keywords, or with a quote, requires each keyword once. (As typed, 4,000 characters of a
+    repeated word, phrase or negation made thousands of terms: seconds of a database core per
+    search over the index every tenant's chunks share.)"""
+    every = _words(text)
+    keywords = list(dict.fromkeys(w for w in every if w not in _STOP and len(w) > 1))[:MAX_TERMS]
     if len(keywords) <= AND_TERMS or '"' in text:
-        return text
+        return text if len(every) <= MAX_TERMS else " ".join(keywords)
     return " or ".join(keywords)
 
 
