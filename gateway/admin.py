@@ -71,8 +71,8 @@ GROUP_FIELDS = {
 }
 
 
-def _json(obj, status: int = 200) -> Response:
-    return Response(orjson.dumps(obj, default=str), status_code=status, media_type="application/json")
+def _json(obj, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(obj, default=str), status_code=status, media_type="application/json", headers=headers)
 
 
 async def _error(request: Request, exc: GatewayError) -> Response:

@@ -6,7 +6,8 @@ authenticated, tenant-scoped and written to the access log like the other admin 
 admin sees and changes only its own tenant's agents (filtered in SQL, walled by row-level
 security); the super-admin sees every tenant and names one with ``?tenant=`` (reads) or
 ``"tenant"`` (create). Every change is one transaction, then announced so every replica reloads
-the agent (runtime/agents.py).
+the agent (runtime/agents.py). A change whose announcement fails (Redis unreachable) is
+committed all the same: it answers as such, with ``x-gateway-warning`` (gateway/agent_announce.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from starlette.routing import Route
 from core.errors import InvalidRequest, NotFound, PermissionDenied, RateLimited
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
+from gateway.agent_announce import announced
 from gateway.db import tenant_transaction
 from runtime import agents as store
 from runtime import experiments, prompts, templates
@@ -222,12 +224,6 @@ class AgentAdmin:
             policies.max_agent_settings_bytes_per_tenant,
         )
 
-    async def _changed(self, agent_id: str) -> None:
-        await store.announce(self.svc.redis, agent_id)
-        registry = getattr(self.svc, "agents", None)
-        if registry is not None:  # this replica serves the change at once, not a message later
-            await registry.reload_agent(agent_id)
-
     # ---- agents --------------------------------------------------------------------------------
     async def create_agent(self, request: Request) -> Response:
         data = await inp.body(request)
@@ -292,8 +288,7 @@ class AgentAdmin:
                 quota=self._quota(),
             )
             agent = await store.load_agent(conn, agent_id)
-        await self._changed(agent_id)
-        return base._json(store.describe(agent), 201)
+        return base._json(store.describe(agent), 201, await announced(self.svc, agent_id))
 
     async def list_agents(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
@@ -325,15 +320,14 @@ class AgentAdmin:
                 prompts.check_defaults(settings.get("defaults") or {}, latest.variables)
             await store.update_agent(conn, agent, model, description, settings, quota=self._quota())
             agent = await store.load_agent(conn, agent.id)
-        await self._changed(agent.id)
-        return base._json(store.describe(agent))
+        return base._json(store.describe(agent), headers=await announced(self.svc, agent.id))
 
     async def archive_agent(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             agent = await self._agent(request, conn)
             await store.archive_agent(conn, agent)
-        await self._changed(agent.id)
-        return base._json({"id": agent.id, "object": "agent", "name": agent.name, "deleted": True})
+        headers = await announced(self.svc, agent.id)
+        return base._json({"id": agent.id, "object": "agent", "name": agent.name, "deleted": True}, headers=headers)
 
     # ---- versions ------------------------------------------------------------------------------
     async def save_version(self, request: Request) -> Response:
@@ -367,7 +361,7 @@ class AgentAdmin:
                 labels=labels,
                 quota=self._quota(),
             )
-        await self._changed(agent.id)
+        headers = await announced(self.svc, agent.id)
         return base._json(
             {
                 "object": "prompt_version",
@@ -379,6 +373,7 @@ class AgentAdmin:
                 "labels": ["latest", *labels],
             },
             201,
+            headers,
         )
 
     async def list_versions(self, request: Request) -> Response:
@@ -445,7 +440,7 @@ class AgentAdmin:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             agent = await self._agent(request, conn)
             experiment_id = await store.set_label(conn, agent, label, target, primary_metric=metric)
-        await self._changed(agent.id)
+        headers = await announced(self.svc, agent.id)
         return base._json(
             {
                 "object": "prompt_label",
@@ -453,7 +448,8 @@ class AgentAdmin:
                 "label": label,
                 "target": {str(k): v for k, v in sorted(target.items())},
                 "experiment_id": experiment_id,
-            }
+            },
+            headers=headers,
         )
 
     async def experiments(self, request: Request) -> Response:
@@ -492,8 +488,7 @@ class AgentAdmin:
             stopped = await experiments.end_running(conn, agent.id, label, promote)
             await store.set_label(conn, agent, label, {int(promote): 1})
             result = await experiments.gather(conn, agent.name, stopped)
-        await self._changed(agent.id)
-        return base._json(result)
+        return base._json(result, headers=await announced(self.svc, agent.id))
 
     async def prompt_templates(self, request: Request) -> Response:
         return base._json({"object": "list", "data": templates.library()})

@@ -48,6 +48,7 @@ from core.errors import GatewayError, InvalidRequest, NotFound, RateLimited, Ser
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
 from gateway import conversation_paths, hitl_service, hitl_stage
+from gateway.agent_announce import announced
 from gateway.agent_stage import ERASURE_MARKED, ConversationErased
 from gateway.db import tenant_transaction
 from runtime import agents as agent_store
@@ -517,12 +518,11 @@ class EscalationAdmin:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             agent = await self._agent(request, conn)
             example = await action(conn, agent, example_id, base._ident(request).key_id, indexer)
+        headers: dict[str, str] = {}
         if agent.id in indexer.changed_agents:  # the learned-answers knowledge base was attached
             indexer.changed_agents.discard(agent.id)
-            await agent_store.announce(self.svc.redis, agent.id)
-            if self.svc.agents is not None:
-                await self.svc.agents.reload_agent(agent.id)
-        return base._json(example)
+            headers = await announced(self.svc, agent.id)
+        return base._json(example, headers=headers)
 
     async def training_data(self, request: Request) -> StreamingResponse:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:

@@ -244,6 +244,51 @@ def test_missing_ner_model_is_a_clear_error(data_dir):
         asyncio.run(Analyzer(0, 0).find(spec, ["Ada Lovelace"]))
 
 
+def test_a_spec_that_could_not_load_at_start_is_refused_without_loading_again(tmp_path, data_dir, monkeypatch):
+    """``workers: 0``: the start's failed load is remembered, and each request is refused at once
+    (503 ``pii_unavailable``, as before) instead of trying to load the model again in the analysis
+    thread: a model that exists but does not load cost each request a whole ``spacy.load``."""
+    from core.errors import ServiceUnavailable
+    from policies.pii import presidio_offline
+    from policies.pii.scrub import Scrubber, ScrubState
+
+    loads: list[str] = []
+    real_engine = presidio_offline.nlp_engine
+
+    def counted(model: str, blank: bool = False):
+        loads.append(model)
+        return real_engine(model, blank)
+
+    monkeypatch.setattr(presidio_offline, "nlp_engine", counted)
+    pii = parse_config(
+        _cfg(
+            {
+                "workers": 0,
+                "ner_model": "en_core_web_nonexistent",
+                "policies": {"default": {"entities": {"person": "redact"}}},
+            }
+        )
+    ).pii
+    scrubber = Scrubber(pii, tmp_path)
+    policy = scrubber.policies["default"]
+    body = {"model": "gpt", "messages": [{"role": "user", "content": "Ada Lovelace wrote"}]}
+
+    async def requests() -> list[tuple[int, str | None]]:
+        await scrubber.start()
+        refused = []
+        for _ in range(3):
+            with pytest.raises(ServiceUnavailable) as err:
+                await scrubber.scrub(body, "chat", policy, ScrubState())
+            refused.append((err.value.status, err.value.code))
+        with pytest.raises(RuntimeError, match="never downloads"):  # the start's reason, as before
+            await scrubber.analyzer.find(policy.spec, ["Ada Lovelace"])
+        await scrubber.close()
+        return refused
+
+    assert asyncio.run(requests()) == [(503, "pii_unavailable")] * 3
+    assert loads == ["en_core_web_nonexistent"]  # once, at the start
+
+
 def test_a_card_followed_by_a_version_number_is_found(data_dir):
     """Found by the property test above: "amex 3400 000000 00009 2.4.1" — the run of digit groups
     took the version's first digit, was then refused whole (glued to ".4"), and the card with it."""

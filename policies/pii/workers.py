@@ -41,6 +41,7 @@ log = logging.getLogger("gateway.pii")
 _HEADER = struct.Struct("!Q")
 _READY = -1  # the call id of the answer a worker gives once its warm-up is done
 STARTUP_S = 120.0  # a worker not ready after this long is replaced
+STOP_S = 10.0  # the pool's stop waits this long for the replacements it cancelled
 _ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -298,8 +299,17 @@ class WorkerPool:
             await worker.start(self._warm)
 
     async def stop(self) -> None:
-        for t in list(self._tasks):
+        """The replacements and recyclings under way cancelled and awaited (bounded), then every
+        worker stopped: a worker one of them was starting is stopped too, not left running."""
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_S)
+            if pending:
+                log.error(
+                    "PII analysis workers: %d replacement(s) still running %.0f s after the stop", len(pending), STOP_S
+                )
         for w in [*self.workers, *self._spare]:
             await w.stop()
 
