@@ -38,7 +38,7 @@ from rag.embedding import LocalEmbedder
 from rag.rerank_local import LocalReranker
 from rag.rerank_local import from_settings as local_reranker_from
 from runtime import erased_records
-from runtime.agents import AgentRegistry
+from runtime.agent_registry import AgentRegistry
 from runtime.delivery import Delivery
 from runtime.hitl import held
 from runtime.memory import Memory

@@ -74,17 +74,18 @@ async def child(database_url: str, redis_url: str, rounds: int) -> dict:
     import asyncpg
     import redis.asyncio as aioredis
 
+    import runtime.agent_registry as agent_registry
     import runtime.agents as agents
     from core.tokens import wait_warm
 
     built = [0]
-    build = agents.agent_from_rows
+    build = agent_registry.agent_from_rows
 
     def counted(*args, **kwargs):
         built[0] += 1
         return build(*args, **kwargs)
 
-    agents.agent_from_rows = counted
+    agent_registry.agent_from_rows = counted
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     redis = aioredis.from_url(redis_url)
 
@@ -95,7 +96,7 @@ async def child(database_url: str, redis_url: str, rounds: int) -> dict:
         return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000, built[0]
 
     try:
-        registry = agents.AgentRegistry(pool, redis)
+        registry = agent_registry.AgentRegistry(pool, redis)
         first = await timed()
         await asyncio.to_thread(wait_warm)  # (the tokenizer loads in a thread of its own once)
         unchanged = [await timed() for _ in range(rounds)]

@@ -32,7 +32,11 @@ async def run(versions: int, chars: int) -> dict:
     from gateway.db import migrate
     from gateway.embedded import resolve_urls
     from runtime import agents as store
-    from runtime.agents import AgentRegistry
+
+    try:
+        from runtime.agent_registry import AgentRegistry
+    except ImportError:  # a checkout from before the registry had its own module
+        from runtime.agents import AgentRegistry
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-prompt-memory-"))
     database_url, redis_url, services = resolve_urls(data_dir)

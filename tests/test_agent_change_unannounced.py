@@ -3,7 +3,7 @@ fails (Redis unreachable) answered 500: the client, told it failed, would send a
 that had happened (a second prompt version, a label moved twice). Now it answers as committed
 (its usual status and body), with ``x-gateway-warning`` saying the other replicas were not told,
 and the failure logged (its error's type, no content). The other replicas load the change at
-their next full reload (runtime/agents.py, ``CATCH_UP_RELOAD_S``: every replica's poll does one
+their next full reload (runtime/agent_registry.py, ``CATCH_UP_RELOAD_S``: every replica's poll does one
 at least that often, from PostgreSQL, with or without Redis; tests/test_agent_reload_unannounced.py).
 
 The gateway is launched with ``runtime.agents.announce`` given a Redis client on a port nothing

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from runtime.agents import AgentRegistry
+from runtime.agent_registry import AgentRegistry
 
 
 class LosesCancellation:

@@ -1,7 +1,7 @@
 """A full reload of the agent registry (at start, on a version gap, on ``ALL``, and a minute after
 any caught-up change) read and built every agent of every tenant on the event loop: one tenant's
 admin making two changes at once stalled every replica for time proportional to all tenants'
-agents. It now builds only the agents whose mark moved (runtime/agents.py, ``MARKS_SQL``), and
+agents. It now builds only the agents whose mark moved (runtime/agent_registry.py, ``MARKS_SQL``), and
 still ends where a registry built from scratch does, whatever changed and however, with no
 pub/sub message. The registry runs in this process (never started: only the reloads the tests
 call reach it); changes go through the store functions the admin API calls, or SQL by hand.
@@ -13,6 +13,7 @@ import asyncio
 
 import pytest
 
+from runtime import agent_registry as registry_module
 from runtime import agents as store
 from tests.test_agent_review_s31 import schema_tool
 from tests.test_tools_review_s22 import unique
@@ -66,9 +67,9 @@ async def loaded(conn, agent_id: str) -> store.Agent:
 @pytest.fixture
 def built(monkeypatch) -> list[str]:
     """The ids of the agents built (``agent_from_rows``) and whose held bytes were counted
-    (``_held_bytes``), in order, tagged."""
+    (``held_bytes``), in order, tagged."""
     seen: list[str] = []
-    build, held = store.agent_from_rows, store._held_bytes
+    build, held = registry_module.agent_from_rows, registry_module.held_bytes
 
     def counted_build(row, *args, **kwargs):
         seen.append("build " + row["id"])
@@ -78,8 +79,8 @@ def built(monkeypatch) -> list[str]:
         seen.append("bytes " + agent.id)
         return held(agent)
 
-    monkeypatch.setattr(store, "agent_from_rows", counted_build)
-    monkeypatch.setattr(store, "_held_bytes", counted_held)
+    monkeypatch.setattr(registry_module, "agent_from_rows", counted_build)
+    monkeypatch.setattr(registry_module, "held_bytes", counted_held)
     return seen
 
 
@@ -91,7 +92,7 @@ def test_a_full_reload_builds_again_only_the_agent_that_changed(services, built)
 
     async def body(pool, redis) -> None:
         ids = [await create(pool, t, f"a{i}", [tool(f"t{j}") for j in range(4)]) for t in tenants for i in range(10)]
-        registry = store.AgentRegistry(pool, redis)
+        registry = registry_module.AgentRegistry(pool, redis)
         await registry.reload()
         before = {i: registry.by_id(i) for i in ids}
         assert None not in before.values()
@@ -123,7 +124,7 @@ def test_a_full_reload_after_one_agents_message_builds_nothing(services, built):
 
     async def body(pool, redis) -> None:
         ids = [await create(pool, tenant, f"a{i}") for i in range(5)]
-        registry = store.AgentRegistry(pool, redis)
+        registry = registry_module.AgentRegistry(pool, redis)
         await registry.reload()
         async with pool.acquire() as conn, conn.transaction():
             agent = await loaded(conn, ids[2])
@@ -160,7 +161,7 @@ def test_a_full_reload_alone_sees_every_kind_of_change(services):
                 early,
                 tenant,
             )
-        registry = store.AgentRegistry(pool, redis)
+        registry = registry_module.AgentRegistry(pool, redis)
         await registry.reload()
         assert set(registry.get(tenant, "unlabelled").labels) == {"latest", "production", "staging"}
         assert set(registry.get(tenant, "early").versions) == {1}
@@ -206,7 +207,7 @@ def test_reloads_after_changes_end_where_a_registry_built_from_scratch_does(serv
     tenants = unique("rl"), unique("rl")
 
     async def same(registry, pool, redis) -> None:
-        scratch = store.AgentRegistry(pool, redis)
+        scratch = registry_module.AgentRegistry(pool, redis)
         await scratch.reload()
         assert registry._by_id == scratch._by_id
         assert registry._agents == scratch._agents
@@ -214,7 +215,7 @@ def test_reloads_after_changes_end_where_a_registry_built_from_scratch_does(serv
 
     async def body(pool, redis) -> None:
         ids = [await create(pool, t, f"a{i}", [tool("t")] if i % 2 else None) for t in tenants for i in range(6)]
-        registry = store.AgentRegistry(pool, redis)
+        registry = registry_module.AgentRegistry(pool, redis)
         await registry.reload()
         await same(registry, pool, redis)
         for round_ in range(4):

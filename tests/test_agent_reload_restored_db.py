@@ -1,4 +1,4 @@
-"""A full reload skips an agent whose mark (runtime/agents.py, ``MARKS_SQL``) equals the one it
+"""A full reload skips an agent whose mark (runtime/agent_registry.py, ``MARKS_SQL``) equals the one it
 was built with. The mark was the rows' ``xmin`` alone, which is unique only within one history
 of one cluster: after a restore from a backup (point-in-time recovery, a promoted standby that
 had not received the last transactions), the transaction ids the lost writes had are handed out
@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
+import runtime.agent_registry as registry_module
 import runtime.agents as store
 from tests.test_tools_review_s22 import unique
 
@@ -89,7 +90,7 @@ def test_a_write_that_reuses_a_lost_transaction_id_after_a_restore_is_served(tmp
         lost = await write("UPDATE agents SET description = 'lost', updated_at = now() WHERE id = $1", agent_id)
         pool = await asyncpg.create_pool(server.get_uri(), min_size=1, max_size=2)
         redis = aioredis.from_url(services[1])
-        registry = store.AgentRegistry(pool, redis)
+        registry = registry_module.AgentRegistry(pool, redis)
         try:
             await registry.reload()
             assert registry.get(tenant, "kept").description == "lost"

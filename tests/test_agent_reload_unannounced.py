@@ -3,7 +3,7 @@ commit and ``announce``; an agent archived by hand in SQL) reached no replica un
 change, anywhere, was announced: a replica reloaded everything only when Redis's version moved
 or a minute after a caught-up change (CATCH_UP_RELOAD_S). On a quiet gateway that is never: an
 archived agent went on answering, a tool an operator removed stayed callable. A full reload now
-costs one short mark per agent (runtime/agents.py, ``MARKS_SQL``), and every replica does one
+costs one short mark per agent (runtime/agent_registry.py, ``MARKS_SQL``), and every replica does one
 at least every CATCH_UP_RELOAD_S (0 here, so its next poll does). The registry runs in this
 process with its real poll, on the embedded PostgreSQL and Valkey."""
 
@@ -14,6 +14,7 @@ import asyncio
 import asyncpg
 import redis.asyncio as aioredis
 
+import runtime.agent_registry as registry_module
 import runtime.agents as store
 from tests.test_tools_review_s22 import unique
 
@@ -29,7 +30,7 @@ async def until(check, tries: int = 400) -> bool:
 def test_an_agent_archived_without_an_announcement_stops_answering_with_no_later_change(services, monkeypatch):
     """(Failed before: the registry served the archived agent, and the one whose tools were
     removed, for as long as nothing else changed; the bounded wait below ran out.)"""
-    monkeypatch.setattr(store, "CATCH_UP_RELOAD_S", 0.0)
+    monkeypatch.setattr(registry_module, "CATCH_UP_RELOAD_S", 0.0)
     tenant = unique("ua")
 
     async def main() -> tuple[bool, bool]:
@@ -37,7 +38,7 @@ def test_an_agent_archived_without_an_announcement_stops_answering_with_no_later
 
         pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
         redis = aioredis.from_url(services[1])
-        registry = store.AgentRegistry(pool, redis)
+        registry = registry_module.AgentRegistry(pool, redis)
         try:
             async with pool.acquire() as conn:
                 await migrate(conn)
@@ -86,7 +87,7 @@ def test_a_replica_that_cannot_reach_redis_still_drops_an_agent_archived_elsewhe
     bounded wait ran out.) It still reloads from PostgreSQL every CATCH_UP_RELOAD_S."""
     import socket
 
-    monkeypatch.setattr(store, "CATCH_UP_RELOAD_S", 0.0)
+    monkeypatch.setattr(registry_module, "CATCH_UP_RELOAD_S", 0.0)
     tenant = unique("ua")
     with socket.socket() as s:  # a port nothing listens on: every Redis call is refused
         s.bind(("127.0.0.1", 0))
@@ -97,7 +98,7 @@ def test_a_replica_that_cannot_reach_redis_still_drops_an_agent_archived_elsewhe
 
         pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)
         redis = aioredis.from_url(dead, socket_connect_timeout=1)
-        registry = store.AgentRegistry(pool, redis)
+        registry = registry_module.AgentRegistry(pool, redis)
         try:
             async with pool.acquire() as conn:
                 await migrate(conn)

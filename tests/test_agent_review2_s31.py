@@ -60,11 +60,12 @@ def test_a_change_committed_but_never_announced_reaches_the_registry_after_a_cat
     import asyncpg
     import redis.asyncio as aioredis
 
+    import runtime.agent_registry as registry_module
     import runtime.agents as agents
     from tests.test_agent_review_s31 import tenant_agent
     from tests.test_tools_review_s22 import call, new_key, unique
 
-    monkeypatch.setattr(agents, "CATCH_UP_RELOAD_S", 0.0, raising=False)
+    monkeypatch.setattr(registry_module, "CATCH_UP_RELOAD_S", 0.0)
     tenant = unique("t")
     boss = new_key(gw, tenant, admin=True)
     first, second = tenant_agent(gw, boss, []), tenant_agent(gw, boss, [])
@@ -72,7 +73,7 @@ def test_a_change_committed_but_never_announced_reaches_the_registry_after_a_cat
     async def run() -> str:
         pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)  # (migrated by gw)
         redis = aioredis.from_url(services[1])
-        registry = agents.AgentRegistry(pool, redis)
+        registry = registry_module.AgentRegistry(pool, redis)
 
         async def until(check) -> bool:
             for _ in range(400):

@@ -223,7 +223,7 @@ def test_one_agent_change_does_not_make_every_replica_reload_every_agent(gw, ser
     import asyncpg
     import redis.asyncio as aioredis
 
-    from runtime.agents import AgentRegistry
+    from runtime.agent_registry import AgentRegistry
 
     tenant = unique("t")
     boss = new_key(gw, tenant, admin=True)

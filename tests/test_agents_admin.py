@@ -447,7 +447,8 @@ def test_prompt_template_library(gw):
 # ---- the registry across replicas ----------------------------------------------------------------------
 def test_a_moved_label_reaches_every_registry_and_the_poll_catches_a_missed_message(gw, services):
     from runtime import prompts
-    from runtime.agents import VERSION_KEY, AgentRegistry
+    from runtime.agent_registry import AgentRegistry
+    from runtime.agents import VERSION_KEY
 
     name = unique("reg")
     tool = {

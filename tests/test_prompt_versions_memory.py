@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from core.errors import RateLimited
 from runtime import prompt_versions, prompts
-from runtime.agents import AgentRegistry
+from runtime.agent_registry import AgentRegistry
 from runtime.prompt_versions import size_of
 from tests.test_agents_admin import AgentGateway, call, config, create, db, new_key
 
