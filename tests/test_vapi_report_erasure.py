@@ -235,3 +235,35 @@ def test_a_repeated_report_holding_its_lock_and_an_erasure_of_its_call_both_fini
          "duration_s": 42.0}
     ]  # fmt: skip
     assert (ledger, named) == (1, 0)
+
+
+def test_a_status_update_recording_the_call_while_its_conversation_is_erased_keeps_no_number(db):
+    """VAPI's status update that is the call's first record (with the caller's number) while the
+    call's conversation is erased: the erasure did not see the record (not committed), so the
+    record kept the number, and the call's report then put it in its ledger record. The status
+    update's transaction is held open with its record written while the erasure runs."""
+    info, conv = _call(NUMBER)
+    tenant = f"vrace-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> tuple[list[dict], int, int]:
+        pool = await asyncpg.create_pool(db, min_size=2, max_size=4)
+        try:
+
+            async def update(side: _Side) -> None:
+                await calls.CallStore(side.tx).upsert(tenant, "vp", info, "bot", "in-progress")
+
+            async def erase(side: _Side) -> None:
+                await side.erase(tenant, conv)
+
+            await _one_open_while_the_other_runs(pool, update, erase)
+            await _Side(pool).report(tenant, info)
+            return await _kept(pool, tenant, info)
+        finally:
+            await pool.close()
+
+    record, ledger, named = asyncio.run(go())
+    assert record == [
+        {"customer_number": conversation_tag(tenant, conv), "transcript": None, "summary": None, "recording_url": None,
+         "duration_s": 42.0}
+    ]  # fmt: skip
+    assert (ledger, named) == (1, 0)

@@ -7,8 +7,8 @@ forwarding → ended) and stop once its end-of-call report is in; the first repo
 ``reported_at`` and writes the call's ledger record in the same transaction, so a repeated
 report finds ``reported_at`` set and changes nothing. The report of a call whose conversation
 was erased while it went on keeps no words (transcript, summary, recording link), as the erasure;
-the report and an erasure of the tenant's conversations never run at once (its erasure lock, taken
-shared by the report: ``core.erasure_key.LOCK_WRITE``).
+the report (and a status update) and an erasure of the tenant's conversations never run at once
+(its erasure lock, taken shared by the writer: ``core.erasure_key.LOCK_WRITE``).
 
 The ledger record is VAPI's charge for the call (telephony, speech, VAPI's fee): endpoint
 ``vapi.call``, provider ``vapi``, attributed to the tenant, the agent and (when configured) the
@@ -209,6 +209,9 @@ class CallStore:
         status = status if status in STATUSES else "queued"
         metadata = extra.get("metadata") or {}
         async with self._tx(tenant) as conn:
+            # (the erasure's lock, as the report: a record created while the call's conversation is
+            # erased is committed before the erasure tags it, or created after it)
+            await conn.execute(LOCK_WRITE, tenant)
             row = await conn.fetchrow(
                 _UPSERT,
                 new_id(),
