@@ -185,6 +185,11 @@ EVERY_AGENT = "*"
 ERASURE_LOCK_CLASS = 0x45524153  # (the two-key advisory locks of this class: "ERAS")
 ERASURE_LOCK_BUCKETS = 64
 LOCK_ERASURE = f"SELECT pg_advisory_xact_lock({ERASURE_LOCK_CLASS}, hashtext($1) & {ERASURE_LOCK_BUCKETS - 1})"
+# One writer's shared lock of its tenant ($1), first thing in its transaction: a writer of a record
+# an erasure rewrites, which the erasure must find committed or the writer must find erased (a VAPI
+# call's record: its status updates, its end-of-call report). Such a writer must take no row an
+# erasure locks before its own lock, and do nothing slow while it holds it.
+LOCK_WRITE = f"SELECT pg_advisory_xact_lock_shared({ERASURE_LOCK_CLASS}, hashtext($1) & {ERASURE_LOCK_BUCKETS - 1})"
 
 
 def lock_batch_tenants(table: str, where: str = "true") -> str:

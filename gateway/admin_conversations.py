@@ -14,7 +14,8 @@ a turn of it under way is neither sent nor kept (``channels.whatsapp.erasure.mar
 The copies of its words are cleared with it (``runtime.conversations.forget_copies``, which the
 retention shares): a channel's records of the conversation (``whatsapp_messages``,
 ``vapi_calls``) stay, for their delivery statuses, durations and costs, but lose the words they
-kept (a message's body; a call's transcript, summary and recording link); its escalations stay
+kept (a message's body; a call's transcript, summary and recording link, cleared with its number
+under the erasure's lock: ``runtime.erased_records``); its escalations stay
 too (their lifecycle, SLAs and outcome) without the words they kept (the customer's question, the
 AI's draft, the person's answer, the context shown); the learned examples drawn from them that
 nobody approved are deleted.
@@ -72,9 +73,11 @@ the caller — their number, the channel's pseudonym of it, a web call's id. Tha
 (``vapi_calls``) keeps its duration and cost with the tag as its caller's number (not NULL: a
 status update VAPI sends later fills only what is unknown, so it cannot bring the number back, and
 the call's report is then recorded under the tag, without its transcript, summary and
-recording); no callback is placed to it. The same caller's other calls are other conversations
-and keep the number: the channel treats a caller as a person across calls only for limits and
-budgets (end user, customer), not for its conversations.
+recording; a report that is the call's first record, likewise: ``channels.vapi.calls``, whose
+report holds the erasure's lock shared, so the two never run at once); no callback is placed to
+it. The same caller's other calls are other conversations and keep the number: the channel
+treats a caller as a person across calls only for limits and budgets (end user, customer), not
+for its conversations.
 Left as they are: approved learned examples (curated by a reviewer, redacted for
 learning, indexed as the agent's knowledge: reject them through their own route).
 

@@ -145,9 +145,11 @@ async def drop_unkeyed(conn: asyncpg.Connection) -> int:
 # context shown); the learned examples drawn from them that nobody approved (pending, rejected:
 # the customer's words, redacted only when a PII policy found something) are deleted; a channel's
 # records keep their statuses, durations and costs without the words (a WhatsApp message's body,
-# the customer's profile name; a call's transcript, summary and recording link). The feedback
-# goes whole; the rest, given a time (a retention's cutoff), only what is older: a turn of the
-# same id in flight while a retention runs keeps what it brought.
+# the customer's profile name). The feedback goes whole; the rest, given a time (a retention's
+# cutoff), only what is older: a turn of the same id in flight while a retention runs keeps what it
+# brought. A VAPI call's words (transcript, summary, recording link) go with its number, after the
+# erasure's lock (``erased_records.retag``), not here: its report holds that lock shared and then
+# writes the call's record, so a record locked here, before the lock, deadlocked the two.
 # $1 tenant, $2 the agents' ids, $3 the conversations' ids (the caller's). The turns' request ids
 # are read first, as an array (an index on the runs, then both feedback indexes): ``IN (SELECT …)``
 # beside the ``OR`` was a hashed subplan that read every feedback row of the tenant.
@@ -183,10 +185,6 @@ _CLEAR_CHANNEL_COPIES = (
     """UPDATE whatsapp_conversations SET profile_name = NULL, updated_at = now()
        WHERE tenant = $1 AND conversation_id = ANY($2::text[]) AND profile_name IS NOT NULL
          AND ($3::timestamptz IS NULL OR coalesce(last_inbound_at, created_at) < $3)""",
-    """UPDATE vapi_calls SET transcript = NULL, summary = NULL, recording_url = NULL, updated_at = now()
-       WHERE tenant = $1 AND conversation_id = ANY($2::text[])
-         AND (transcript IS NOT NULL OR summary IS NOT NULL OR recording_url IS NOT NULL)
-         AND ($3::timestamptz IS NULL OR created_at < $3)""",
 )
 
 

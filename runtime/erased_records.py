@@ -49,8 +49,10 @@ WHERE ledger.tenant = $1 AND ledger.conversation_id = t.id AND ($4::timestamptz 
 # of its end-of-call report (written from this row) names the tag, and no callback is placed to it.
 # Only this call's record: the same caller's other calls are other conversations. ($1 tenant, $2
 # the conversations' ids, $3 their tags, $4 a time or NULL)
-# Its words go here too, under the erasure's lock: a report stored between ``forget_copies`` and
-# the lock was read as not erased and kept its transcript under the tag.
+# Its words (transcript, summary, recording link) go here, under the erasure's lock, and only here
+# (not in ``forget_copies``, before the lock): the call's end-of-call report holds the lock shared
+# while it reads the erasures and writes the record (``channels.vapi.calls``), so the two exclude
+# each other, and a report waiting for a record the erasure had locked before its lock deadlocked.
 _CALLS = """
 UPDATE vapi_calls SET customer_number = CASE WHEN vapi_calls.customer_number IS NULL THEN NULL ELSE t.tag END,
        transcript = NULL, summary = NULL, recording_url = NULL, updated_at = now()
@@ -126,10 +128,10 @@ async def retag(
     instead of their ids, their VAPI calls' records instead of their callers' numbers, and their
     WhatsApp message records instead of their ids and customers' numbers; their WhatsApp
     conversation states are deleted; their escalations (of these agents) hold the tags, those open
-    resolved; the calls', messages' and escalations' words cleared again (``forget_copies`` ran
-    before the erasure's lock: what was stored in between is seen here); inside the caller's
-    transaction; ``before`` (a datetime): only rows older (a retention's cutoff). Repeating it
-    changes nothing. The escalations it resolved, as
+    resolved; the calls' words cleared, the messages' and escalations' cleared again
+    (``forget_copies`` ran before the erasure's lock: what was stored in between is seen here);
+    inside the caller's transaction; ``before`` (a datetime): only rows older (a retention's
+    cutoff). Repeating it changes nothing. The escalations it resolved, as
     (agent id, conversation id, escalation id): their holds (``runtime.hitl.held``) to release."""
     tags = [conversation_tag(tenant, c, key) for c in external_ids]
     await conn.execute(_RUNS, tenant, agent_ids, external_ids, tags, before)

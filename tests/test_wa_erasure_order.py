@@ -470,11 +470,13 @@ def test_an_escalation_opened_while_the_erasure_clears_the_words_keeps_no_words(
     assert kept == [{"conversation_id": tag, "status": "resolved", "question": None, "draft": None, "context": "{}"}]
 
 
-def test_a_call_report_stored_while_the_erasure_waits_for_its_lock_keeps_no_words(gw, services):
+def test_a_call_report_stored_while_the_erasure_waits_for_its_lock_keeps_no_words(gw, services, monkeypatch):
     """A VAPI call's end-of-call report (its transcript, summary, recording link) stored after the
     erasure cleared the call's words and before it took its lock was read as not erased (the
     erasure had not committed) and then tagged with its transcript kept. The erasure is held at
-    its lock: the test holds the tenant's exclusive erasure lock."""
+    its lock: the test holds the tenant's exclusive erasure lock. The report, which takes that
+    lock shared, waits behind the erasure now, and reads it once it is committed (the report is the
+    call's first record: any erasure of its conversation counts)."""
     import asyncio
     import contextlib
 
@@ -483,6 +485,8 @@ def test_a_call_report_stored_while_the_erasure_waits_for_its_lock_keeps_no_word
     from channels.vapi import calls, wire
     from core.erasure_key import ERASURE_LOCK_BUCKETS, ERASURE_LOCK_CLASS
 
+    monkeypatch.delenv("GATEWAY_ERASURE_KEY", raising=False)
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", MASTER_KEY)  # (the report hashes the id as the gateway does)
     call_id = f"call-{uuid.uuid4().hex[:10]}"
     conv = f"vapi:{call_id}"
     report = calls.Report("customer-ended-call", 42.0, 0.1, "I am Ann, card 4111.", "https://r.example/a.wav",
@@ -508,8 +512,11 @@ def test_a_call_report_stored_while_the_erasure_waits_for_its_lock_keeps_no_word
             await _until_waiting(pool, "query LIKE 'SELECT pg_advisory_xact_lock(%'", erasing)
             assert not erasing.done(), erasing.result().text
             info = wire.CallInfo(call_id=call_id, call_type="inboundPhoneCall", customer_number="+4915123456789")
-            await calls.CallStore(tx).report(TENANT, "vp", info, "wabot", report, True)
+            reporting = asyncio.ensure_future(calls.CallStore(tx).report(TENANT, "vp", info, "wabot", report, True))
+            # (the report waits for the lock too, behind the erasure)
+            await _until_waiting(pool, "query LIKE 'SELECT pg_advisory_xact_lock_shared(%'", reporting)
             await lock.rollback()
+            await asyncio.wait_for(reporting, 60)
             return await erasing
         finally:
             await holder.close()

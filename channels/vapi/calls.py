@@ -6,7 +6,9 @@ second wall). Status updates only move a call forward (queued → ringing → in
 forwarding → ended) and stop once its end-of-call report is in; the first report sets
 ``reported_at`` and writes the call's ledger record in the same transaction, so a repeated
 report finds ``reported_at`` set and changes nothing. The report of a call whose conversation
-was erased while it went on keeps no words (transcript, summary, recording link), as the erasure.
+was erased while it went on keeps no words (transcript, summary, recording link), as the erasure;
+the report (and a status update) and an erasure of the tenant's conversations never run at once
+(its erasure lock, taken shared by the writer: ``core.erasure_key.LOCK_WRITE``).
 
 The ledger record is VAPI's charge for the call (telephony, speech, VAPI's fee): endpoint
 ``vapi.call``, provider ``vapi``, attributed to the tenant, the agent and (when configured) the
@@ -28,7 +30,7 @@ import orjson
 
 from channels.vapi import wire
 from channels.vapi.config import VAPI_ID
-from core.erasure_key import conversation_hash
+from core.erasure_key import LOCK_WRITE, TAG_PREFIX, conversation_hash
 from core.errors import UpstreamError
 
 STATUSES = ("scheduled", "queued", "ringing", "in-progress", "forwarding", "ended")
@@ -62,11 +64,29 @@ WHERE vapi_calls.reported_at IS NULL
 RETURNING {_COLUMNS}
 """
 
+# The report takes its tenant's erasure lock shared first (``LOCK_WRITE``): an erasure of the
+# call's conversation commits before it (the report reads it) or waits for its commit (the erasure
+# then tags the record the report wrote, and its ledger record). Run at once, neither saw the other.
 # A call whose conversation was erased after the call began (while it went on) keeps its
 # report's duration and cost, not its words: the transcript holds what was said before the
-# erasure too ($11: the conversation's keyed hash, as ``erased_conversations`` keeps it).
+# erasure too ($11: the conversation's keyed hash, as ``erased_conversations`` keeps it). A record
+# the report itself created ($12: the gateway heard nothing of the call before) tells nothing of
+# when the call began: any erasure of its conversation counts (a call's id is VAPI's, new per call).
 _ERASED_SINCE = """EXISTS (SELECT 1 FROM erased_conversations e
-    WHERE e.tenant = $1 AND e.external_hash = $11 AND e.erased_at >= vapi_calls.created_at)"""
+    WHERE e.tenant = $1 AND e.external_hash = $11 AND ($12 OR e.erased_at >= vapi_calls.created_at))"""
+# ... and such a record's caller's number is the erasure's tag ($13), as the erasure leaves a
+# record it finds ($12: the conversation's keyed hash).
+_INSERT_REPORTED = """
+INSERT INTO vapi_calls (id, tenant, account, call_id, conversation_id, agent, direction, status, customer_number,
+                        phone_number, assistant_id, phone_number_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, 'ended',
+        CASE WHEN $8::text IS NOT NULL AND EXISTS (SELECT 1 FROM erased_conversations e
+                                                  WHERE e.tenant = $2 AND e.external_hash = $12)
+             THEN $13::text ELSE $8::text END,
+        $9, $10, $11)
+ON CONFLICT (tenant, account, call_id) DO NOTHING
+RETURNING true
+"""
 _REPORT = f"""
 UPDATE vapi_calls SET status = 'ended', ended_reason = $4, duration_s = $5, cost_usd = $6,
        transcript = CASE WHEN {_ERASED_SINCE} THEN NULL ELSE $7 END,
@@ -189,6 +209,9 @@ class CallStore:
         status = status if status in STATUSES else "queued"
         metadata = extra.get("metadata") or {}
         async with self._tx(tenant) as conn:
+            # (the erasure's lock, as the report: a record created while the call's conversation is
+            # erased is committed before the erasure tags it, or created after it)
+            await conn.execute(LOCK_WRITE, tenant)
             row = await conn.fetchrow(
                 _UPSERT,
                 new_id(),
@@ -215,12 +238,11 @@ class CallStore:
         the call's report was in already (nothing changes)."""
         if info.call_id is None:
             return None
+        hashed = conversation_hash(tenant, info.conversation_id or "")
         async with self._tx(tenant) as conn:
-            await conn.execute(
-                "INSERT INTO vapi_calls (id, tenant, account, call_id, conversation_id, agent, direction, status, "
-                "customer_number, phone_number, assistant_id, phone_number_id) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, 'ended', $8, $9, $10, $11) "
-                "ON CONFLICT (tenant, account, call_id) DO NOTHING",
+            await conn.execute(LOCK_WRITE, tenant)
+            created = await conn.fetchval(
+                _INSERT_REPORTED,
                 new_id(),
                 tenant,
                 account,
@@ -232,6 +254,8 @@ class CallStore:
                 info.called_number,
                 info.assistant_id,
                 info.phone_number_id,
+                hashed,
+                TAG_PREFIX + hashed,
             )
             row = await conn.fetchrow(
                 _REPORT,
@@ -245,7 +269,8 @@ class CallStore:
                 report.recording_url,
                 report.summary,
                 report.ended_at,
-                conversation_hash(tenant, info.conversation_id or ""),
+                hashed,
+                bool(created),
             )
             if row is None:
                 return None
