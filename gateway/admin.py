@@ -44,6 +44,7 @@ from gateway import (
     key_window,
 )
 from gateway import admin_input as inp
+from gateway.agent_announce import WARNING
 from gateway.db import tenant_transaction
 from policies import budgets as budget_store
 from policies import keys as key_store
@@ -54,6 +55,15 @@ from policies.minting import narrow
 from policies.webhooks import NetworkPolicy, check_webhook_url
 
 log = logging.getLogger("gateway.admin")
+
+# A change committed whose announcement to the other replicas failed (Redis unreachable) is kept
+# and answered as such, with ``x-gateway-warning`` (gateway/agent_announce.py for agents): how
+# long the other replicas may act on what they held.
+BUDGET_NOT_ANNOUNCED = "saved; the other replicas were not told (Redis unreachable) and read it when Redis is back"
+KEY_NOT_ANNOUNCED = (
+    "revoked; the other replicas were not told (Redis unreachable): a key one of them had cached stays usable "
+    "there for up to server.key_cache_ttl, "
+)
 ADMIN_CALLS_PER_MINUTE = 600  # per key (a tenant admin's, or any key refused the admin API)
 
 GROUP_FIELDS = {
@@ -281,12 +291,13 @@ class Admin:
                     None,
                     locked=minter.is_master,
                 )
-        if budget is not None:
-            await self._announce(budget.id)
+        headers = await self._announce(budget.id) if budget is not None else None
         if require_tags:
             meta["require_tags"] = require_tags
         return _json(
-            {"id": rec.id, "key": key, "name": name, "tenant": tenant, "budget_id": budget and budget.id, **meta}, 201
+            {"id": rec.id, "key": key, "name": name, "tenant": tenant, "budget_id": budget and budget.id, **meta},
+            201,
+            headers,
         )
 
     async def list_keys(self, request: Request) -> Response:
@@ -326,12 +337,16 @@ class Admin:
             raise NotFound(f"No key with id {key_id[:64]!r}.", param="key_id")
         for _, key_hash in revoked:  # this replica at once, whatever Redis says
             self.svc.auth.invalidate(key_hash)
+        headers: dict[str, str] = {}
         try:
             await key_store.announce_revocation(self.svc.redis, *(h for _, h in revoked))
         except RedisError as exc:  # revoked all the same: every replica flushes its key cache when its
             # subscription comes back, and a cached key lives server.key_cache_ttl at most meanwhile
             log.warning("key revocation not announced (Redis unreachable): %s", type(exc).__name__)
-        return _json({"id": key_id, "revoked": True, "minted_keys_revoked": [i for i, _ in revoked[1:]]})
+            ttl = self.svc.config.server.key_cache_ttl
+            headers[WARNING] = f"{KEY_NOT_ANNOUNCED}{ttl:g} s"
+        body = {"id": key_id, "revoked": True, "minted_keys_revoked": [i for i, _ in revoked[1:]]}
+        return _json(body, headers=headers)
 
     # ---- budgets -------------------------------------------------------------------------------
     async def _state(self, b, ident: Identity | None = None) -> dict:
@@ -378,14 +393,18 @@ class Admin:
             **signing,
         }
 
-    async def _announce(self, budget_id: str) -> None:
+    async def _announce(self, budget_id: str) -> dict[str, str]:
         """Every replica reads the budget again; with Redis away, each reloads every budget when
-        its subscription comes back, so the change stands (and is answered) all the same."""
+        its subscription comes back, so the change stands (and is answered) all the same, with
+        ``x-gateway-warning`` saying so (the answer's headers)."""
+        headers: dict[str, str] = {}
         try:
             await budget_store.announce_change(self.svc.redis, budget_id)
         except RedisError as exc:
             log.warning("budget change not announced (Redis unreachable): %s", type(exc).__name__)
+            headers[WARNING] = BUDGET_NOT_ANNOUNCED
         await self.svc.budgets.refresh(budget_id)
+        return headers
 
     async def _check_webhook(self, url: str | None, ident: Identity) -> None:
         """Refuse a receiver the alert sender would refuse (private, loopback, metadata
@@ -455,8 +474,8 @@ class Admin:
                         code="duplicate",
                     ) from None
                 raise
-        await self._announce(b.id)
-        return _json(await self._state(b), 201)
+        headers = await self._announce(b.id)
+        return _json(await self._state(b), 201, headers)
 
     async def _budget_room(self, conn, tenant: str) -> None:
         """A tenant admin's budgets are bounded (``policies.max_budgets_per_tenant``): each is held
@@ -521,15 +540,15 @@ class Admin:
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             self._writable(request, await self._get(request, conn))
             b = await budget_store.update_budget(conn, request.path_params["budget_id"], changes, _view(request))
-        await self._announce(b.id)
-        return _json(await self._state(b))
+        headers = await self._announce(b.id)
+        return _json(await self._state(b), headers=headers)
 
     async def delete_budget(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             self._writable(request, await self._get(request, conn))
             await budget_store.delete_budget(conn, request.path_params["budget_id"], _view(request))
-        await self._announce(request.path_params["budget_id"])
-        return _json({"id": request.path_params["budget_id"], "deleted": True})
+        headers = await self._announce(request.path_params["budget_id"])
+        return _json({"id": request.path_params["budget_id"], "deleted": True}, headers=headers)
 
     # ---- spend and audit -------------------------------------------------------------------------
     async def spend(self, request: Request) -> Response:
