@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import orjson
+from redis.exceptions import RedisError
 
 from core.config import ConfigError, load_config
 from core.errors import GatewayError
@@ -200,9 +201,16 @@ async def _run(args: argparse.Namespace, database_url: str, redis_url: str) -> i
     finally:
         await conn.close()
     if changed is not None:
-        client = aioredis.from_url(redis_url)
+        client = aioredis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
         try:
             reached = await store.announce(client, changed)
+        except (RedisError, OSError) as exc:  # committed all the same: not an error to retry
+            print(
+                f"warning: saved, but the gateway processes were not told (Redis unreachable: {type(exc).__name__});"
+                " each loads the change at its next full reload, within a minute",
+                file=sys.stderr,
+            )
+            return 0
         finally:
             await client.aclose()
         print(f"({reached} gateway process(es) notified)")

@@ -598,3 +598,18 @@ def test_cli_create_list_versions_and_label(gw, services, tmp_root):
         urls=services, tmp=tmp_root,
     )  # fmt: skip
     assert dup.returncode == 1 and "exists already" in dup.stderr
+
+
+def test_cli_change_whose_announcement_fails_is_kept_and_says_so(gw, services, tmp_root):
+    """(Failed before: the change was committed, then the announcement's ConnectionError ended the
+    command with a traceback and exit status 1, inviting the operator to make it again.)"""
+    tenant, name = unique("cli"), unique("cli")
+    dead = (services[0], "redis://127.0.0.1:1/0")  # nothing listens there
+    out = agents_cli(
+        "create", "--name", name, "--model", "gpt-mock", "--template", "faq", "--tenant", tenant,
+        "--var", "organization=Acme", "--var", "max_words=80", urls=dead, tmp=tmp_root,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "warning: saved, but the gateway processes were not told" in out.stderr
+    admin_key = new_key(gw, tenant, admin=True)
+    assert call(gw, "GET", f"/admin/agents/{name}", admin_key).status_code == 200  # (committed)
