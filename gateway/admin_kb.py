@@ -33,7 +33,7 @@ from core import http
 from core.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
-from gateway import kb_embedding, rerank, storage_quota
+from gateway import kb_embedding, kb_limits, rerank, storage_quota
 from gateway.db import tenant_transaction
 from rag import ingest, retrieve
 from rag import store as kb_store
@@ -441,6 +441,7 @@ class KbAdmin:
         tenant = tenant or "default"
         dims = await self._dims(model, tenant)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            await kb_limits.check_room_for_kb(conn, tenant)
             try:
                 kb = await kb_store.create_kb(
                     conn,
@@ -556,7 +557,8 @@ class KbAdmin:
             )
         try:
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-                await storage_quota.lock(conn, kb.tenant)
+                # the tenant's storage lock, to the commit: the quota and the store's limit are exact
+                room = await kb_limits.Room.take(conn, kb.tenant, kb.id, kb_limits.of(self.svc))
                 doc, created = await kb_store.add_document(
                     conn,
                     kb.tenant,
@@ -568,6 +570,7 @@ class KbAdmin:
                 )
                 if created:  # (the same content again is the document it was: nothing more stored)
                     await storage_quota.check(conn, kb.tenant, quota, upload.size, counted=True)
+                    room.add(upload.size, "file", attached=False)
                 if not created and doc.status != "failed":
                     return base._json(describe_doc(doc), 200)
                 if not created:  # the same content again after a failure: try once more

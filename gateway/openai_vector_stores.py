@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from core.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway import admin_input as inp
-from gateway import kb_embedding, openai_files, openai_vector_search, vector_store_attach
+from gateway import kb_embedding, kb_limits, openai_files, openai_vector_search, vector_store_attach
 from gateway.admin_kb import _only
 from gateway.db import tenant_transaction
 from gateway.openai_common import (
@@ -43,7 +43,6 @@ from gateway.openai_common import (
     list_params,
     new_id,
     path_id,
-    serialize,
     tenant,
     ts,
 )
@@ -69,7 +68,6 @@ from rag import store as kb_store
 from rag.embedding import DIMS as LOCAL_DIMS
 from rag.embedding import MODEL as LOCAL_MODEL
 
-MAX_STORES = 1000  # per tenant
 POLL_AFTER_MS = "250"
 CREATE_FIELDS = frozenset({"name", "description", "file_ids", "chunking_strategy", "metadata", "expires_after"})
 UPDATE_FIELDS = frozenset({"name", "metadata", "expires_after"})
@@ -191,12 +189,7 @@ class VectorStores:
         owner = tenant(request)
         created: list[kb_store.Document] = []
         async with tenant_transaction(self.store.pool, owner) as conn:
-            await serialize(conn, f"knowledge_bases:{owner}")  # concurrent creates cannot overshoot the cap
-            count = await conn.fetchval("SELECT count(*) FROM knowledge_bases WHERE tenant = $1", owner)
-            if count >= MAX_STORES:
-                raise InvalidRequest(
-                    f"This tenant has {MAX_STORES:,} vector stores, the limit.", code="too_many_stores"
-                )
+            await kb_limits.check_room_for_kb(conn, owner)
             vs_id = new_id("vs_")
             await conn.execute(
                 """INSERT INTO knowledge_bases (id, tenant, name, description, embedding_model, dims, settings,
@@ -216,7 +209,7 @@ class VectorStores:
             kb = _kb(row)
             payer = kb_embedding.check_payer(kb, ident(request))
             entries = [(f, {}, chunking, f"file_ids[{i}]") for i, f in enumerate(file_ids)]
-            for doc, new in await vector_store_attach.attach(conn, owner, kb, entries):
+            for doc, new in await vector_store_attach.attach(conn, owner, kb, entries, kb_limits.of(self.store.svc)):
                 if new:
                     created.append(doc)
             out = await self._describe(conn, owner, row)
@@ -292,7 +285,7 @@ class VectorStores:
             kb = _kb(row)
             payer = kb_embedding.check_payer(kb, ident(request))
             [(doc, new)] = await vector_store_attach.attach(
-                conn, owner, kb, [(file_id, attributes, chunking, "file_id")]
+                conn, owner, kb, [(file_id, attributes, chunking, "file_id")], kb_limits.of(self.store.svc)
             )
         if new:
             await self._enqueue(owner, [doc], payer)
@@ -432,7 +425,7 @@ class VectorStores:
             kb = _kb(row)
             payer = kb_embedding.check_payer(kb, ident(request))
             attached = []
-            for doc, new in await vector_store_attach.attach(conn, owner, kb, entries):
+            for doc, new in await vector_store_attach.attach(conn, owner, kb, entries, kb_limits.of(self.store.svc)):
                 attached.append(doc.file_id)
                 if new:
                     created.append(doc)
@@ -444,6 +437,7 @@ class VectorStores:
                 kb.id,
                 list(dict.fromkeys(attached)),
             )
+            await kb_limits.keep_newest_batches(conn, owner)  # (under the tenant's lock the attach took)
             out = await self._describe_batch(conn, owner, batch)
         await self._enqueue(owner, created, payer)
         return json_response(out, headers=self._poll_headers(out["status"]))

@@ -10,12 +10,10 @@ from collections.abc import Sequence
 import asyncpg
 import orjson
 
-from core.errors import InvalidRequest, NotFound
-from gateway import openai_files
-from gateway.openai_common import MAX_ID, serialize
+from core.errors import NotFound
+from gateway import kb_limits, openai_files
+from gateway.openai_common import MAX_ID
 from rag import store as kb_store
-
-MAX_FILES_PER_STORE = 10_000
 
 # (file id, attributes, chunking or None, the request field that named the file)
 Entry = tuple[str, dict, dict | None, str]
@@ -36,12 +34,21 @@ async def find_document(conn: asyncpg.Connection, owner: str, kb_id: str, file_i
 
 
 async def attach(
-    conn: asyncpg.Connection, owner: str, kb: kb_store.KnowledgeBase, entries: Sequence[Entry]
+    conn: asyncpg.Connection,
+    owner: str,
+    kb: kb_store.KnowledgeBase,
+    entries: Sequence[Entry],
+    limits: kb_limits.Limits = kb_limits.Limits(),
 ) -> list[tuple[kb_store.Document, bool]]:
-    """(document, created) for each entry, in order; the caller queues created ones after commit."""
-    out = []
-    for file_id, attributes, chunking, param in entries:
-        out.append(await _attach_one(conn, owner, kb, file_id, attributes, chunking, param))
+    """(document, created) for each entry, in order; the caller queues created ones after commit.
+    The store's and the tenant's documents are counted once, under the tenant's lock
+    (kb_limits.Room): a file attached where it already is takes no more room."""
+    room = await kb_limits.Room.take(conn, owner, kb.id, limits)
+    out = [await _attach_one(conn, owner, kb, room, *entry) for entry in entries]
+    if any(new for _, new in out):
+        await conn.execute(
+            "UPDATE knowledge_bases SET last_active_at = now() WHERE id = $1 AND tenant = $2", kb.id, owner
+        )
     return out
 
 
@@ -49,20 +56,13 @@ async def _attach_one(
     conn: asyncpg.Connection,
     owner: str,
     kb: kb_store.KnowledgeBase,
+    room: kb_limits.Room,
     file_id: str,
     attributes: dict,
     chunking: dict | None,
     param: str,
 ) -> tuple[kb_store.Document, bool]:
     file = await openai_files.get_file(conn, owner, file_id, param=param, lock="FOR KEY SHARE")
-    await serialize(conn, f"kb_documents:{kb.id}")  # concurrent attaches cannot overshoot the cap
-    count = await conn.fetchval(
-        "SELECT count(*) FROM kb_documents WHERE tenant = $1 AND kb_id = $2 AND replaced_by IS NULL", owner, kb.id
-    )
-    if count >= MAX_FILES_PER_STORE:
-        raise InvalidRequest(
-            f"The vector store has {MAX_FILES_PER_STORE:,} files, the limit.", param=param, code="too_many_files"
-        )
     row = await conn.fetchrow(
         f"""INSERT INTO kb_documents (id, tenant, kb_id, filename, content_type, bytes, sha256, file_id,
                                       attributes, chunking)
@@ -80,14 +80,12 @@ async def _attach_one(
         orjson.dumps(attributes).decode(),
         orjson.dumps(chunking).decode() if chunking is not None else None,
     )
-    if row is None:
-        doc = await find_document(conn, owner, kb.id, file["id"])
-        if doc.status != "failed":
-            return doc, False
-        # attached again after a failure (or a cancelled batch): tried again, as an admin
-        # re-upload of a failed document is (the provider may be back; the file may read now)
-        doc = await kb_store.set_status(conn, owner, doc.id, "queued")
-    else:
-        doc = kb_store._doc(row)
-    await conn.execute("UPDATE knowledge_bases SET last_active_at = now() WHERE id = $1 AND tenant = $2", kb.id, owner)
-    return doc, True
+    if row is not None:
+        room.add(file["bytes"], param, attached=True)
+        return kb_store._doc(row), True
+    doc = await find_document(conn, owner, kb.id, file["id"])
+    if doc.status != "failed":
+        return doc, False
+    # attached again after a failure (or a cancelled batch): tried again, as an admin re-upload
+    # of a failed document is (the provider may be back; the file may read now)
+    return await kb_store.set_status(conn, owner, doc.id, "queued"), True
