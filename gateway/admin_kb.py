@@ -464,10 +464,10 @@ class KbAdmin:
     async def get_kb(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             kb = await self._kb(request, conn)
-            docs = await kb_store.list_documents(conn, kb.tenant, kb.id, limit=1000)
+            counts, chunks = await kb_store.count_documents(conn, kb.tenant, kb.id)
         out = describe_kb(kb)
-        out["documents"] = {s: sum(1 for d in docs if d.status == s) for s in kb_store.STATUSES}
-        out["chunks"] = sum(d.chunks for d in docs)
+        out["documents"] = counts
+        out["chunks"] = chunks
         return base._json(out)
 
     async def _dims(self, model: str, tenant: str) -> int:
@@ -601,10 +601,20 @@ class KbAdmin:
                 upload.path.unlink()
 
     async def list_documents(self, request: Request) -> Response:
+        """A page of the documents, oldest first: ``limit`` (1–1,000, default 1,000) after the
+        document ``after`` (the ``last_id`` of the page before); ``has_more`` when more follow."""
+        limit, after = inp.page(request)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             kb = await self._kb(request, conn)
-            docs = await kb_store.list_documents(conn, kb.tenant, kb.id, limit=1000)
-        return base._json({"object": "list", "data": [describe_doc(d) for d in docs]})
+            try:
+                docs = await kb_store.list_documents(conn, kb.tenant, kb.id, limit=limit + 1, after=after)
+            except kb_store.StoreError:
+                raise InvalidRequest(
+                    "'after' must be the id of a document of this knowledge base (a list's last_id).",
+                    param="after",
+                    code="invalid_value",
+                ) from None
+        return base._json(inp.listing([describe_doc(d) for d in docs[:limit]], len(docs) > limit))
 
     async def get_document(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:

@@ -335,3 +335,34 @@ def test_attack_an_admin_upload_into_a_full_vector_store_is_refused(gw, services
     _refused(r, "too_many_files", "file")
     n = _sql(services, "SELECT count(*) AS n FROM kb_documents WHERE kb_id = $1", vs)[0]["n"]
     assert n == 10000
+
+
+def test_attack_admin_counts_and_lists_of_a_knowledge_base_do_not_stop_at_1000_documents(gw, services, owner):
+    """GET of a knowledge base counted its documents and chunks from a list capped at 1,000,
+    and the document list stopped there too: past 1,000 the counts were wrong and the rest
+    could not be listed. Counts are exact; the list pages with ``after``."""
+    admin = _client(gw, owner, ["admin"])
+    r = call(gw, "POST", "/admin/knowledge-bases", admin, json={"name": "big"})
+    assert r.status_code == 201, r.text
+    kb = r.json()["id"]
+    _sql(
+        services,
+        """INSERT INTO kb_documents (id, tenant, kb_id, filename, bytes, sha256, status, chunks)
+           SELECT 'doc_' || md5($2 || i), $1, $2, 'x.txt', 1, md5($2 || i), 'ready', 2
+           FROM generate_series(1, 1001) AS i""",
+        owner,
+        kb,
+    )
+    out = call(gw, "GET", f"/admin/knowledge-bases/{kb}", admin).json()
+    assert out["documents"] == {"queued": 0, "processing": 0, "ready": 1001, "failed": 0}
+    assert out["chunks"] == 2002
+    first = call(gw, "GET", f"/admin/knowledge-bases/{kb}/documents", admin).json()
+    assert len(first["data"]) == 1000 and first["has_more"] is True
+    rest = call(gw, "GET", f"/admin/knowledge-bases/{kb}/documents?after={first['last_id']}", admin).json()
+    assert len(rest["data"]) == 1 and rest["has_more"] is False
+    seen = {d["id"] for d in first["data"]} | {d["id"] for d in rest["data"]}
+    assert len(seen) == 1001
+    small = call(gw, "GET", f"/admin/knowledge-bases/{kb}/documents?limit=10", admin).json()
+    assert [d["id"] for d in small["data"]] == [d["id"] for d in first["data"][:10]]
+    r = call(gw, "GET", f"/admin/knowledge-bases/{kb}/documents?after=doc_nosuch", admin)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "after", r.text
