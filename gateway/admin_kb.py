@@ -558,7 +558,7 @@ class KbAdmin:
         try:
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
                 # the tenant's storage lock, to the commit: the quota and the store's limit are exact
-                room = await kb_limits.Room.take(conn, kb.tenant, kb.id, kb_limits.of(self.svc))
+                room = await kb_limits.Room.take(conn, kb.tenant, kb.id, kb_limits.of(self.svc), attaching=False)
                 doc, created = await kb_store.add_document(
                     conn,
                     kb.tenant,

@@ -70,19 +70,27 @@ class Room:
     attached: int
     attached_bytes: int
 
+    attaching: bool
+
     @classmethod
-    async def take(cls, conn: asyncpg.Connection, tenant: str, kb_id: str, limits: Limits) -> Room:
-        """Takes the tenant's storage lock (to the end of the transaction), then counts."""
+    async def take(
+        cls, conn: asyncpg.Connection, tenant: str, kb_id: str, limits: Limits, *, attaching: bool = True
+    ) -> Room:
+        """Takes the tenant's storage lock (to the end of the transaction), then counts
+        (``attaching``: the tenant's attached files too, for ``add(attached=True)``)."""
         await storage_quota.lock(conn, tenant)
         in_store = await conn.fetchval(
             "SELECT count(*) FROM kb_documents WHERE tenant = $1 AND kb_id = $2 AND replaced_by IS NULL", tenant, kb_id
         )
-        row = await conn.fetchrow(
-            """SELECT count(*) AS n, coalesce(sum(bytes), 0)::bigint AS bytes FROM kb_documents
-               WHERE tenant = $1 AND file_id IS NOT NULL""",
-            tenant,
-        )
-        return cls(limits, int(in_store), int(row["n"]), int(row["bytes"]))
+        attached, attached_bytes = 0, 0
+        if attaching:
+            row = await conn.fetchrow(
+                """SELECT count(*) AS n, coalesce(sum(bytes), 0)::bigint AS bytes FROM kb_documents
+                   WHERE tenant = $1 AND file_id IS NOT NULL""",
+                tenant,
+            )
+            attached, attached_bytes = int(row["n"]), int(row["bytes"])
+        return cls(limits, int(in_store), attached, attached_bytes, attaching)
 
     def add(self, size: int, param: str, *, attached: bool) -> None:
         """One more document of ``size`` bytes (``attached``: a file attached to a vector store),
@@ -96,6 +104,8 @@ class Room:
             )
         if not attached:
             return
+        if not self.attaching:
+            raise RuntimeError("Room.take(attaching=False) does not count attached files")
         self.attached += 1
         self.attached_bytes += size
         if self.attached > self.limits.max_attached_files or self.attached_bytes > self.limits.max_attached_bytes:

@@ -43,6 +43,8 @@ async def attach(
     """(document, created) for each entry, in order; the caller queues created ones after commit.
     The store's and the tenant's documents are counted once, under the tenant's lock
     (kb_limits.Room): a file attached where it already is takes no more room."""
+    if not entries:
+        return []
     room = await kb_limits.Room.take(conn, owner, kb.id, limits)
     out = [await _attach_one(conn, owner, kb, room, *entry) for entry in entries]
     if any(new for _, new in out):
