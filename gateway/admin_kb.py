@@ -363,6 +363,12 @@ async def receive_upload(
     return upload
 
 
+def _bad_after(what: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"'after' must be the id of a {what} (a list's last_id).", param="after", code="invalid_value"
+    )
+
+
 def _place(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(src, dest)
@@ -457,9 +463,15 @@ class KbAdmin:
         return base._json(describe_kb(kb), 201)
 
     async def list_kbs(self, request: Request) -> Response:
+        """A page of the knowledge bases, oldest first (``limit``, ``after``, ``has_more``: as
+        ``list_documents``); the super-admin's spans every tenant unless ``?tenant=`` names one."""
+        limit, after = inp.page(request)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-            kbs = await kb_store.list_kbs(conn, base._view(request), limit=1000)
-        return base._json({"object": "list", "data": [describe_kb(k) for k in kbs]})
+            try:
+                kbs = await kb_store.list_kbs(conn, base._view(request), limit=limit + 1, after=after)
+            except kb_store.StoreError:
+                raise _bad_after("knowledge base") from None
+        return base._json(inp.listing([describe_kb(k) for k in kbs[:limit]], len(kbs) > limit))
 
     async def get_kb(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
@@ -609,11 +621,7 @@ class KbAdmin:
             try:
                 docs = await kb_store.list_documents(conn, kb.tenant, kb.id, limit=limit + 1, after=after)
             except kb_store.StoreError:
-                raise InvalidRequest(
-                    "'after' must be the id of a document of this knowledge base (a list's last_id).",
-                    param="after",
-                    code="invalid_value",
-                ) from None
+                raise _bad_after("document of this knowledge base") from None
         return base._json(inp.listing([describe_doc(d) for d in docs[:limit]], len(docs) > limit))
 
     async def get_document(self, request: Request) -> Response:

@@ -216,12 +216,28 @@ async def get_kb(conn: asyncpg.Connection, tenant: str | None, kb_id: str) -> Kn
     return _kb(row) if row else None
 
 
-async def list_kbs(conn: asyncpg.Connection, tenant: str | None, *, limit: int = 100) -> list[KnowledgeBase]:
+async def list_kbs(
+    conn: asyncpg.Connection, tenant: str | None, *, limit: int = 100, after: str | None = None
+) -> list[KnowledgeBase]:
+    """At most ``limit`` (≤ 1,001) knowledge bases, oldest first, after the knowledge base
+    ``after`` (a cursor: StoreError when it is none of ``tenant``'s)."""
+    cursor = None
+    if after is not None:
+        cursor = await conn.fetchrow(
+            "SELECT created_at, id FROM knowledge_bases WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
+            after,
+            tenant,
+        )
+        if cursor is None:
+            raise StoreError("no such knowledge base")
     rows = await conn.fetch(
         f"""SELECT {_KB_COLS} FROM knowledge_bases WHERE ($1::text IS NULL OR tenant = $1)
+              AND ($3::timestamptz IS NULL OR (created_at, id) > ($3, $4))
             ORDER BY created_at, id LIMIT $2""",
         tenant,
-        max(1, min(limit, 1000)),
+        max(1, min(limit, 1001)),
+        cursor["created_at"] if cursor else None,
+        cursor["id"] if cursor else None,
     )
     return [_kb(r) for r in rows]
 

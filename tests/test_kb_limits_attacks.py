@@ -366,3 +366,36 @@ def test_attack_admin_counts_and_lists_of_a_knowledge_base_do_not_stop_at_1000_d
     assert [d["id"] for d in small["data"]] == [d["id"] for d in first["data"][:10]]
     r = call(gw, "GET", f"/admin/knowledge-bases/{kb}/documents?after=doc_nosuch", admin)
     assert r.status_code == 400 and r.json()["error"]["param"] == "after", r.text
+
+
+def test_attack_the_super_admins_list_of_knowledge_bases_does_not_stop_at_1000(gw, services, owner):
+    """The super-admin's list of every tenant's knowledge bases stopped at the first 1,000: past
+    that, a new knowledge base was never listed (and ``gateway kb add <name>`` could not find
+    it). The list pages with ``after`` like the document list."""
+    from tests.test_kb_api import create_kb
+
+    _sql(
+        services,
+        """INSERT INTO knowledge_bases (id, tenant, name, embedding_model, dims, created_at)
+           SELECT 'kb_list' || i || $1, $1, 'n' || i, 'local', 384, now() - interval '1 day'
+           FROM generate_series(1, 1000) AS i""",
+        owner,
+    )
+    newest = create_kb(gw, name=f"newest-{owner}")  # (the master key's: tenant default)
+    try:
+        pages, after = [], None
+        for _ in range(1000):
+            r = call(gw, "GET", "/admin/knowledge-bases" + (f"?after={after}" if after else ""))
+            assert r.status_code == 200, r.text
+            page = r.json()
+            pages.append(page)
+            if not page.get("has_more"):
+                break
+            after = page["last_id"]
+        assert len(pages[0]["data"]) == 1000
+        listed = [k["id"] for p in pages for k in p["data"]]
+        assert newest["id"] in listed and len(listed) == len(set(listed))
+        r = call(gw, "GET", "/admin/knowledge-bases?after=kb_nosuch")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "after", r.text
+    finally:
+        _sql(services, "DELETE FROM knowledge_bases WHERE id = $1", newest["id"])
