@@ -220,6 +220,12 @@ class Policies(_Strict):
     # documents uploaded to its knowledge bases count together (gateway/storage_quota.py).
     max_files_per_tenant: int = Field(10_000, ge=1)
     max_file_bytes_per_tenant: int = Field(10 * 2**30, ge=1)
+    # What a tenant's vector stores may hold, across all of them: each file attached to a store
+    # is a document there (its chunks, its embedding work), counted in number and by the file's
+    # bytes as OpenAI bills each store's usage_bytes (gateway/kb_limits.py): a file counts once
+    # toward the storage above, but once per store here.
+    max_attached_files_per_tenant: int = Field(100_000, ge=1)
+    max_attached_bytes_per_tenant: int = Field(10 * 2**30, ge=1)
 
 
 PiiAction = Literal["redact", "mask", "hash", "block", "pseudonymize", "allow"]

@@ -33,7 +33,7 @@ from core import http
 from core.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import admin_input as inp
-from gateway import kb_embedding, rerank, storage_quota
+from gateway import kb_embedding, kb_limits, rerank, storage_quota
 from gateway.db import tenant_transaction
 from rag import ingest, retrieve
 from rag import store as kb_store
@@ -363,6 +363,12 @@ async def receive_upload(
     return upload
 
 
+def _bad_after(what: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"'after' must be the id of a {what} (a list's last_id).", param="after", code="invalid_value"
+    )
+
+
 def _place(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(src, dest)
@@ -441,6 +447,7 @@ class KbAdmin:
         tenant = tenant or "default"
         dims = await self._dims(model, tenant)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            await kb_limits.check_room_for_kb(conn, tenant)
             try:
                 kb = await kb_store.create_kb(
                     conn,
@@ -456,17 +463,23 @@ class KbAdmin:
         return base._json(describe_kb(kb), 201)
 
     async def list_kbs(self, request: Request) -> Response:
+        """A page of the knowledge bases, oldest first (``limit``, ``after``, ``has_more``: as
+        ``list_documents``); the super-admin's spans every tenant unless ``?tenant=`` names one."""
+        limit, after = inp.page(request)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-            kbs = await kb_store.list_kbs(conn, base._view(request), limit=1000)
-        return base._json({"object": "list", "data": [describe_kb(k) for k in kbs]})
+            try:
+                kbs = await kb_store.list_kbs(conn, base._view(request), limit=limit + 1, after=after)
+            except kb_store.StoreError:
+                raise _bad_after("knowledge base") from None
+        return base._json(inp.listing([describe_kb(k) for k in kbs[:limit]], len(kbs) > limit))
 
     async def get_kb(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             kb = await self._kb(request, conn)
-            docs = await kb_store.list_documents(conn, kb.tenant, kb.id, limit=1000)
+            counts, chunks = await kb_store.count_documents(conn, kb.tenant, kb.id)
         out = describe_kb(kb)
-        out["documents"] = {s: sum(1 for d in docs if d.status == s) for s in kb_store.STATUSES}
-        out["chunks"] = sum(d.chunks for d in docs)
+        out["documents"] = counts
+        out["chunks"] = chunks
         return base._json(out)
 
     async def _dims(self, model: str, tenant: str) -> int:
@@ -556,7 +569,8 @@ class KbAdmin:
             )
         try:
             async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-                await storage_quota.lock(conn, kb.tenant)
+                # the tenant's storage lock, to the commit: the quota and the store's limit are exact
+                room = await kb_limits.Room.take(conn, kb.tenant, kb.id, kb_limits.of(self.svc), attaching=False)
                 doc, created = await kb_store.add_document(
                     conn,
                     kb.tenant,
@@ -568,6 +582,7 @@ class KbAdmin:
                 )
                 if created:  # (the same content again is the document it was: nothing more stored)
                     await storage_quota.check(conn, kb.tenant, quota, upload.size, counted=True)
+                    room.add(upload.size, "file", attached=False)
                 if not created and doc.status != "failed":
                     return base._json(describe_doc(doc), 200)
                 if not created:  # the same content again after a failure: try once more
@@ -598,10 +613,16 @@ class KbAdmin:
                 upload.path.unlink()
 
     async def list_documents(self, request: Request) -> Response:
+        """A page of the documents, oldest first: ``limit`` (1–1,000, default 1,000) after the
+        document ``after`` (the ``last_id`` of the page before); ``has_more`` when more follow."""
+        limit, after = inp.page(request)
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
             kb = await self._kb(request, conn)
-            docs = await kb_store.list_documents(conn, kb.tenant, kb.id, limit=1000)
-        return base._json({"object": "list", "data": [describe_doc(d) for d in docs]})
+            try:
+                docs = await kb_store.list_documents(conn, kb.tenant, kb.id, limit=limit + 1, after=after)
+            except kb_store.StoreError:
+                raise _bad_after("document of this knowledge base") from None
+        return base._json(inp.listing([describe_doc(d) for d in docs[:limit]], len(docs) > limit))
 
     async def get_document(self, request: Request) -> Response:
         async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:

@@ -76,7 +76,13 @@ def _resolve(client: httpx.Client, ref: str, tenant: str | None) -> dict:
         if r.status_code != 404:
             return _check(r)
     params = {"tenant": tenant} if tenant else {}
-    found = [k for k in _check(client.get("/admin/knowledge-bases", params=params))["data"] if k["name"] == ref]
+    found = []
+    while True:  # every page: the super-admin's list spans every tenant
+        page = _check(client.get("/admin/knowledge-bases", params=params))
+        found += [k for k in page["data"] if k["name"] == ref]
+        if not page.get("has_more"):
+            break
+        params = {**params, "after": page["last_id"]}
     if not found:
         raise SystemExit(f"no knowledge base {ref!r}")
     if len(found) > 1:

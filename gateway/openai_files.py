@@ -5,9 +5,9 @@ OpenAI SDKs work against the gateway unchanged.
 Who may call: any API key of the tenant (or the master key, which acts for the ``default``
 tenant) — as in OpenAI, where the same key that chats uploads files; no extra scope is asked,
 so existing SDK code works. What bounds a key that should only chat: the tenant's caps below
-(files, bytes, vector stores, files per store — each checked under a per-tenant lock, so
-concurrent requests cannot overshoot them), and a search's embedding and re-ranking calls run
-for the calling key (its model allow-list, rate limits and budgets). Files
+(files, bytes, vector stores, files per store, attached files — each checked under a
+per-tenant lock, so concurrent requests cannot overshoot them), and a search's embedding and
+re-ranking calls run for the calling key (its model allow-list, rate limits and budgets). Files
 and vector stores belong to the caller's tenant: every statement runs in a tenant transaction
 (row-level security) and filters by tenant in SQL as well, so another tenant's ids answer 404
 exactly like ids that never existed. Ids are generated here (``file-…``, ``vs_…``, ``vsfb_…``).

@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from core.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway import admin_input as inp
-from gateway import kb_embedding, openai_files, openai_vector_search
+from gateway import kb_embedding, kb_limits, openai_files, openai_vector_search, vector_store_attach
 from gateway.admin_kb import _only
 from gateway.db import tenant_transaction
 from gateway.openai_common import (
@@ -43,7 +43,6 @@ from gateway.openai_common import (
     list_params,
     new_id,
     path_id,
-    serialize,
     tenant,
     ts,
 )
@@ -69,8 +68,6 @@ from rag import store as kb_store
 from rag.embedding import DIMS as LOCAL_DIMS
 from rag.embedding import MODEL as LOCAL_MODEL
 
-MAX_STORES = 1000  # per tenant
-MAX_FILES_PER_STORE = 10_000
 POLL_AFTER_MS = "250"
 CREATE_FIELDS = frozenset({"name", "description", "file_ids", "chunking_strategy", "metadata", "expires_after"})
 UPDATE_FIELDS = frozenset({"name", "metadata", "expires_after"})
@@ -142,67 +139,7 @@ class VectorStores:
         return describe_store(row, counts[row["id"]])
 
     async def _doc(self, conn, owner: str, kb_id: str, file_id: str) -> kb_store.Document:
-        row = await conn.fetchrow(
-            f"""SELECT {kb_store._DOC_COLS} FROM kb_documents
-                WHERE tenant = $1 AND kb_id = $2 AND coalesce(file_id, id) = $3 AND replaced_by IS NULL""",
-            owner,
-            kb_id,
-            file_id[:MAX_ID],
-        )
-        if row is None:
-            raise NotFound(f"No file found with id '{file_id[:MAX_ID]}' in vector store '{kb_id}'.", param="file_id")
-        return kb_store._doc(row)
-
-    async def _attach(
-        self,
-        conn,
-        owner: str,
-        kb: kb_store.KnowledgeBase,
-        file_id: str,
-        attributes: dict,
-        chunking: dict | None,
-        param: str,
-    ) -> tuple[kb_store.Document, bool]:
-        """(document, created) for ``file_id`` in ``kb``; the caller queues created ones after commit."""
-        file = await openai_files.get_file(conn, owner, file_id, param=param, lock="FOR KEY SHARE")
-        await serialize(conn, f"kb_documents:{kb.id}")  # concurrent attaches cannot overshoot the cap
-        count = await conn.fetchval(
-            "SELECT count(*) FROM kb_documents WHERE tenant = $1 AND kb_id = $2 AND replaced_by IS NULL", owner, kb.id
-        )
-        if count >= MAX_FILES_PER_STORE:
-            raise InvalidRequest(
-                f"The vector store has {MAX_FILES_PER_STORE:,} files, the limit.", param=param, code="too_many_files"
-            )
-        row = await conn.fetchrow(
-            f"""INSERT INTO kb_documents (id, tenant, kb_id, filename, content_type, bytes, sha256, file_id,
-                                          attributes, chunking)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb)
-                ON CONFLICT (kb_id, file_id) WHERE file_id IS NOT NULL DO NOTHING
-                RETURNING {kb_store._DOC_COLS}""",
-            kb_store.new_id("doc_"),
-            owner,
-            kb.id,
-            file["filename"],
-            file["content_type"],
-            file["bytes"],
-            file["sha256"],
-            file["id"],
-            orjson.dumps(attributes).decode(),
-            orjson.dumps(chunking).decode() if chunking is not None else None,
-        )
-        if row is None:
-            doc = await self._doc(conn, owner, kb.id, file["id"])
-            if doc.status != "failed":
-                return doc, False
-            # attached again after a failure (or a cancelled batch): tried again, as an admin
-            # re-upload of a failed document is (the provider may be back; the file may read now)
-            doc = await kb_store.set_status(conn, owner, doc.id, "queued")
-        else:
-            doc = kb_store._doc(row)
-        await conn.execute(
-            "UPDATE knowledge_bases SET last_active_at = now() WHERE id = $1 AND tenant = $2", kb.id, owner
-        )
-        return doc, True
+        return await vector_store_attach.find_document(conn, owner, kb_id, file_id)
 
     async def _enqueue(self, owner: str, docs: list[kb_store.Document], payer: dict | None) -> None:
         """After the commit: each new document gets the file's bytes and its ingestion job (a
@@ -252,12 +189,7 @@ class VectorStores:
         owner = tenant(request)
         created: list[kb_store.Document] = []
         async with tenant_transaction(self.store.pool, owner) as conn:
-            await serialize(conn, f"knowledge_bases:{owner}")  # concurrent creates cannot overshoot the cap
-            count = await conn.fetchval("SELECT count(*) FROM knowledge_bases WHERE tenant = $1", owner)
-            if count >= MAX_STORES:
-                raise InvalidRequest(
-                    f"This tenant has {MAX_STORES:,} vector stores, the limit.", code="too_many_stores"
-                )
+            await kb_limits.check_room_for_kb(conn, owner)
             vs_id = new_id("vs_")
             await conn.execute(
                 """INSERT INTO knowledge_bases (id, tenant, name, description, embedding_model, dims, settings,
@@ -276,8 +208,8 @@ class VectorStores:
             row = await self._row(conn, owner, vs_id)
             kb = _kb(row)
             payer = kb_embedding.check_payer(kb, ident(request))
-            for i, file_id in enumerate(file_ids):
-                doc, new = await self._attach(conn, owner, kb, file_id, {}, chunking, f"file_ids[{i}]")
+            entries = [(f, {}, chunking, f"file_ids[{i}]") for i, f in enumerate(file_ids)]
+            for doc, new in await vector_store_attach.attach(conn, owner, kb, entries, kb_limits.of(self.store.svc)):
                 if new:
                     created.append(doc)
             out = await self._describe(conn, owner, row)
@@ -352,7 +284,9 @@ class VectorStores:
             check_not_expired(row)
             kb = _kb(row)
             payer = kb_embedding.check_payer(kb, ident(request))
-            doc, new = await self._attach(conn, owner, kb, file_id, attributes, chunking, "file_id")
+            [(doc, new)] = await vector_store_attach.attach(
+                conn, owner, kb, [(file_id, attributes, chunking, "file_id")], kb_limits.of(self.store.svc)
+            )
         if new:
             await self._enqueue(owner, [doc], payer)
         out = describe_file(doc, kb)
@@ -491,8 +425,7 @@ class VectorStores:
             kb = _kb(row)
             payer = kb_embedding.check_payer(kb, ident(request))
             attached = []
-            for fid, attrs, chunks, param in entries:
-                doc, new = await self._attach(conn, owner, kb, fid, attrs, chunks, param)
+            for doc, new in await vector_store_attach.attach(conn, owner, kb, entries, kb_limits.of(self.store.svc)):
                 attached.append(doc.file_id)
                 if new:
                     created.append(doc)
@@ -504,6 +437,7 @@ class VectorStores:
                 kb.id,
                 list(dict.fromkeys(attached)),
             )
+            await kb_limits.keep_newest_batches(conn, owner)  # (under the tenant's lock the attach took)
             out = await self._describe_batch(conn, owner, batch)
         await self._enqueue(owner, created, payer)
         return json_response(out, headers=self._poll_headers(out["status"]))

@@ -2,8 +2,9 @@
 uploaded to its knowledge bases through the admin API count together, in number and in bytes
 (``policies.max_files_per_tenant``, ``policies.max_file_bytes_per_tenant``). Without a bound on
 the second, a tenant's admin key could upload 50 MB documents until the disk every tenant shares
-was full. A vector store's documents are its files (counted once, as files); the learned answers
-of the human-in-the-loop count as the small documents they are.
+was full. A vector store's documents are its files (counted once here, as files; each store a
+file is attached to counts it again in gateway/kb_limits.py); the learned answers of the
+human-in-the-loop count as the small documents they are.
 
 A check runs under the tenant's advisory lock, held to the end of the caller's transaction, from
 the count to the insert: concurrent uploads cannot both pass a cap that has room for one.

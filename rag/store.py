@@ -216,12 +216,28 @@ async def get_kb(conn: asyncpg.Connection, tenant: str | None, kb_id: str) -> Kn
     return _kb(row) if row else None
 
 
-async def list_kbs(conn: asyncpg.Connection, tenant: str | None, *, limit: int = 100) -> list[KnowledgeBase]:
+async def list_kbs(
+    conn: asyncpg.Connection, tenant: str | None, *, limit: int = 100, after: str | None = None
+) -> list[KnowledgeBase]:
+    """At most ``limit`` (≤ 1,001) knowledge bases, oldest first, after the knowledge base
+    ``after`` (a cursor: StoreError when it is none of ``tenant``'s)."""
+    cursor = None
+    if after is not None:
+        cursor = await conn.fetchrow(
+            "SELECT created_at, id FROM knowledge_bases WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
+            after,
+            tenant,
+        )
+        if cursor is None:
+            raise StoreError("no such knowledge base")
     rows = await conn.fetch(
         f"""SELECT {_KB_COLS} FROM knowledge_bases WHERE ($1::text IS NULL OR tenant = $1)
+              AND ($3::timestamptz IS NULL OR (created_at, id) > ($3, $4))
             ORDER BY created_at, id LIMIT $2""",
         tenant,
-        max(1, min(limit, 1000)),
+        max(1, min(limit, 1001)),
+        cursor["created_at"] if cursor else None,
+        cursor["id"] if cursor else None,
     )
     return [_kb(r) for r in rows]
 
@@ -339,18 +355,54 @@ async def get_document(conn: asyncpg.Connection, tenant: str | None, document_id
 
 
 async def list_documents(
-    conn: asyncpg.Connection, tenant: str | None, kb_id: str, *, include_replaced: bool = False, limit: int = 100
+    conn: asyncpg.Connection,
+    tenant: str | None,
+    kb_id: str,
+    *,
+    include_replaced: bool = False,
+    limit: int = 100,
+    after: str | None = None,
 ) -> list[Document]:
+    """At most ``limit`` (≤ 1,001) documents, oldest first, after the document ``after`` (a
+    cursor: StoreError when it is no document of the knowledge base)."""
+    cursor = None
+    if after is not None:
+        cursor = await conn.fetchrow(
+            """SELECT created_at, id FROM kb_documents
+               WHERE id = $1 AND kb_id = $2 AND ($3::text IS NULL OR tenant = $3)""",
+            after,
+            kb_id,
+            tenant,
+        )
+        if cursor is None:
+            raise StoreError("no such document")
     rows = await conn.fetch(
         f"""SELECT {_DOC_COLS} FROM kb_documents
             WHERE kb_id = $1 AND ($2::text IS NULL OR tenant = $2) AND ($3 OR replaced_by IS NULL)
+              AND ($5::timestamptz IS NULL OR (created_at, id) > ($5, $6))
             ORDER BY created_at, id LIMIT $4""",
         kb_id,
         tenant,
         include_replaced,
-        max(1, min(limit, 1000)),
+        max(1, min(limit, 1001)),
+        cursor["created_at"] if cursor else None,
+        cursor["id"] if cursor else None,
     )
     return [_doc(r) for r in rows]
+
+
+async def count_documents(conn: asyncpg.Connection, tenant: str | None, kb_id: str) -> tuple[dict[str, int], int]:
+    """({status: live documents}, their chunks) of the knowledge base, counted in SQL."""
+    rows = await conn.fetch(
+        """SELECT status, count(*) AS n, coalesce(sum(chunks), 0)::bigint AS chunks FROM kb_documents
+           WHERE kb_id = $1 AND ($2::text IS NULL OR tenant = $2) AND replaced_by IS NULL GROUP BY status""",
+        kb_id,
+        tenant,
+    )
+    counts = dict.fromkeys(STATUSES, 0)
+    for r in rows:
+        counts[r["status"]] = int(r["n"])
+    return counts, sum(int(r["chunks"]) for r in rows)
 
 
 async def set_status(
