@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 
+import asyncpg
 from redis.exceptions import RedisError
 
 from runtime import agents as store
@@ -23,6 +24,7 @@ log = logging.getLogger("gateway.admin")
 
 WARNING = "x-gateway-warning"
 NOT_ANNOUNCED = "saved; the other replicas were not told (Redis unreachable) and load it at their next full reload"
+NOT_RELOADED = "saved; this replica could not read it back (database) and serves it at its next reload"
 
 
 async def announced(svc, agent_id: str) -> dict[str, str]:
@@ -35,5 +37,10 @@ async def announced(svc, agent_id: str) -> dict[str, str]:
         headers[WARNING] = NOT_ANNOUNCED
     registry = getattr(svc, "agents", None)
     if registry is not None:  # this replica serves the change at once, not a message later
-        await registry.reload_agent(agent_id)
+        try:
+            await registry.reload_agent(agent_id)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            # committed all the same: a 500 would have it made again; served at the next reload
+            log.warning("agent change not reloaded here (database): %s", type(exc).__name__)
+            headers[WARNING] = NOT_RELOADED if WARNING not in headers else f"{headers[WARNING]}; {NOT_RELOADED}"
     return headers

@@ -134,3 +134,29 @@ def test_every_agent_change_whose_announcement_fails_answers_as_committed(gw):
     lines = [line for line in gw.log().splitlines() if "not announced" in line]
     assert len(lines) == 8, lines
     assert not any(TEMPLATE in line or ANSWER in line or boss in line for line in lines)
+
+
+def test_a_change_this_replica_cannot_read_back_answers_as_committed(services):
+    """(Failed before: the change was committed and announced, then this replica's own reload of
+    it met a database error and the route answered 500, inviting the change again.) A real
+    registry over a real pool, closed (asyncpg's InterfaceError), and the real Valkey."""
+    import asyncio
+    import types
+
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    from gateway.agent_announce import NOT_RELOADED, WARNING, announced
+    from runtime.agent_registry import AgentRegistry
+
+    async def go() -> dict[str, str]:
+        pool = await asyncpg.create_pool(services[0], min_size=1, max_size=1)
+        await pool.close()
+        redis = aioredis.from_url(services[1])
+        try:
+            svc = types.SimpleNamespace(redis=redis, agents=AgentRegistry(pool, redis))
+            return await announced(svc, "agt_missing")
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(go()) == {WARNING: NOT_RELOADED}
