@@ -17,6 +17,7 @@ from gateway import vector_store_attach
 from rag import store as kb_store
 from tests.conftest import gateway_config
 from tests.test_kb_api import call, start_gateway, upload
+from tests.test_kb_store_attacks import _sql
 from tests.test_policies import new_key
 
 MAX_ATTACHED_FILES = 3
@@ -34,17 +35,6 @@ def gw(tmp_root, services, module_mock):
     g = start_gateway(tmp_root, module_mock, services, worker=False, config=config)  # (attaches queue only)
     yield g
     g.stop()
-
-
-def _sql(services, query: str, *args):
-    async def go():
-        conn = await asyncpg.connect(services[0])
-        try:
-            return await conn.fetch(query, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(go())
 
 
 @pytest.fixture
