@@ -267,3 +267,34 @@ def test_a_status_update_recording_the_call_while_its_conversation_is_erased_kee
          "duration_s": 42.0}
     ]  # fmt: skip
     assert (ledger, named) == (1, 0)
+
+
+@pytest.mark.parametrize("then", ["a status update", "a status update and the report"])
+def test_attack_a_status_update_first_recording_a_call_after_its_conversation_was_erased_keeps_no_number(db, then):
+    """The call's conversation is erased (its model turns named it) before the gateway holds a
+    record of the call (no assistant-request; a status update VAPI retried late). The status
+    update then created the record with the caller's number, not the tag, and the report, finding
+    that record created after the erasure, kept the transcript, summary and recording link and
+    wrote the number in its ledger record. A call's conversation is its own (VAPI's call id): any
+    erasure of it counts, as it does for a record the report itself creates."""
+    info, conv = _call(NUMBER)
+    tenant = f"vrace-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> tuple[list[dict], int, int]:
+        pool = await asyncpg.create_pool(db, min_size=2, max_size=4)
+        try:
+            await _Side(pool).erase(tenant, conv)
+            await calls.CallStore(lambda t: tenant_transaction(pool, t)).upsert(tenant, "vp", info, "bot", "forwarding")
+            if then == "a status update and the report":
+                await _Side(pool).report(tenant, info)
+            return await _kept(pool, tenant, info)
+        finally:
+            await pool.close()
+
+    record, ledger, named = asyncio.run(go())
+    reported = then == "a status update and the report"
+    assert record == [
+        {"customer_number": conversation_tag(tenant, conv), "transcript": None, "summary": None, "recording_url": None,
+         "duration_s": 42.0 if reported else None}
+    ]  # fmt: skip
+    assert (ledger, named) == (int(reported), 0)
