@@ -168,6 +168,8 @@ HOSTILE_QUERIES = [
     "a\u00b2" * 2000,  # superscript two: a word character to Python, a separator to PostgreSQL
     "x-" * 2000,
     "the " * 1000,
+    "refund policy\n" + "-" * 40,  # a Markdown rule: 32 negations in a row overflowed the parser's stack
+    "refund " + "- " * 40 + "policy",
 ]
 
 
