@@ -73,7 +73,7 @@ the caller — their number, the channel's pseudonym of it, a web call's id. Tha
 (``vapi_calls``) keeps its duration and cost with the tag as its caller's number (not NULL: a
 status update VAPI sends later fills only what is unknown, so it cannot bring the number back, and
 the call's report is then recorded under the tag, without its transcript, summary and
-recording; a report that is the call's first record, likewise: ``channels.vapi.calls``, whose
+recording; a record first written once the call was under way, likewise: ``channels.vapi.calls``, whose
 report holds the erasure's lock shared, so the two never run at once); no callback is placed to
 it. The same caller's other calls are other conversations and keep the number: the channel
 treats a caller as a person across calls only for limits and budgets (end user, customer), not

@@ -150,11 +150,14 @@ def fts_query(text: str) -> str:
     stop words count: the 'simple' configuration keeps them); a longer one of few distinct
     keywords, or with a quote, requires each keyword once. (As typed, 4,000 characters of a
     repeated word, phrase or negation made thousands of terms: seconds of a database core per
-    search over the index every tenant's chunks share.)"""
+    search over the index every tenant's chunks share.) Nor with more than ``MAX_TERMS`` ``-``: each
+    is a negation, and 32 in a row (a Markdown rule) overflowed the parser's stack: the whole
+    search failed (an agent turn's grounding found nothing)."""
     every = _words(text)
     keywords = list(dict.fromkeys(w for w in every if w not in _STOP and len(w) > 1))[:MAX_TERMS]
     if len(keywords) <= AND_TERMS or '"' in text:
-        return text if len(every) <= MAX_TERMS else " ".join(keywords)
+        typed = len(every) <= MAX_TERMS and text.count("-") <= MAX_TERMS
+        return text if typed else " ".join(keywords)
     return " or ".join(keywords)
 
 

@@ -168,6 +168,8 @@ HOSTILE_QUERIES = [
     "a\u00b2" * 2000,  # superscript two: a word character to Python, a separator to PostgreSQL
     "x-" * 2000,
     "the " * 1000,
+    "refund policy\n" + "-" * 40,  # a Markdown rule: 32 negations in a row overflowed the parser's stack
+    "refund " + "- " * 40 + "policy",
 ]
 
 
@@ -194,3 +196,14 @@ def test_short_search_queries_still_go_as_typed():
         fts_query("How long do I have to return a product or ask for a refund?")
         == "long or return or product or ask or refund"
     )
+
+
+def test_attack_a_search_query_under_a_markdown_rule_is_answered(gw):
+    """A short question pasted with a Markdown rule under it: 40 ``-`` went to PostgreSQL as typed,
+    each a negation, and overflowed its full-text parser's stack: the search failed (500)."""
+    key = new_key(gw, tenant=f"kbrule-{uuid.uuid4().hex[:6]}")["key"]
+    with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as h:
+        vs = h.post("/v1/vector_stores", json={"name": "r"}).json()["id"]
+        r = h.post(f"/v1/vector_stores/{vs}/search", json={"query": "refund policy\n" + "-" * 40})
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "vector_store.search_results.page"

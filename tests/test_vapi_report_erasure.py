@@ -267,3 +267,39 @@ def test_a_status_update_recording_the_call_while_its_conversation_is_erased_kee
          "duration_s": 42.0}
     ]  # fmt: skip
     assert (ledger, named) == (1, 0)
+
+
+@pytest.mark.parametrize("before", ["no record", "a record without the number"])
+@pytest.mark.parametrize("then", ["a status update", "a status update and the report"])
+def test_attack_a_late_status_update_of_a_call_whose_conversation_was_erased_keeps_no_number(db, before, then):
+    """The call's conversation is erased (its model turns named it) while the gateway holds no
+    record of the call (no assistant-request), or one without the caller's number; then a status
+    update of the call under way (VAPI's, sent late) names the number. It created the record with
+    the number, or filled it in, not the tag; and the report, finding a record created after the
+    erasure, kept the transcript, summary and recording link and wrote the number in its ledger
+    record. A call's conversation is its own (VAPI's call id): a status past the call's start
+    comes from the call the erasure was of, as a report that creates the record does."""
+    info, conv = _call(NUMBER)
+    tenant = f"vrace-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> tuple[list[dict], int, int]:
+        pool = await asyncpg.create_pool(db, min_size=2, max_size=4)
+        store = calls.CallStore(lambda t: tenant_transaction(pool, t))
+        try:
+            if before == "a record without the number":
+                await store.upsert(tenant, "vp", wire.CallInfo(call_id=info.call_id), "bot", "ringing")
+            await _Side(pool).erase(tenant, conv)
+            await store.upsert(tenant, "vp", info, "bot", "forwarding")
+            if then == "a status update and the report":
+                await _Side(pool).report(tenant, info)
+            return await _kept(pool, tenant, info)
+        finally:
+            await pool.close()
+
+    record, ledger, named = asyncio.run(go())
+    reported = then == "a status update and the report"
+    assert record == [
+        {"customer_number": conversation_tag(tenant, conv), "transcript": None, "summary": None, "recording_url": None,
+         "duration_s": 42.0 if reported else None}
+    ]  # fmt: skip
+    assert (ledger, named) == (int(reported), 0)

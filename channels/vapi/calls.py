@@ -6,7 +6,9 @@ second wall). Status updates only move a call forward (queued → ringing → in
 forwarding → ended) and stop once its end-of-call report is in; the first report sets
 ``reported_at`` and writes the call's ledger record in the same transaction, so a repeated
 report finds ``reported_at`` set and changes nothing. The report of a call whose conversation
-was erased while it went on keeps no words (transcript, summary, recording link), as the erasure;
+was erased while it went on keeps no words (transcript, summary, recording link), as the erasure,
+and a record first written once the call was under way (a status update VAPI sent late, or the
+report) holds the erasure's tag as its caller's number;
 the report (and a status update) and an erasure of the tenant's conversations never run at once
 (its erasure lock, taken shared by the writer: ``core.erasure_key.LOCK_WRITE``).
 
@@ -46,11 +48,28 @@ _COLUMNS = (
     "metadata, created_at, updated_at, ended_at, reported_at"
 )
 
+# The statuses of a call that has not begun: a record first written with one of these marks when
+# the call began (its ``created_at``); one first written with a later status (VAPI's status update
+# sent late, retried) or by the report tells nothing of it.
+BEGINNING = ("scheduled", "queued", "ringing")
+
+
+def _caller(number: str, hashed: str, tag: str, status: str) -> str:
+    """The caller's number a record first written with ``status`` holds: the erasure's tag when the
+    call's conversation was erased and the status is past ``BEGINNING`` (a call's id is VAPI's,
+    new per call: the erasure was of this call, under way), as the erasure leaves a record it
+    finds. Each argument names a statement's parameter ($2: the tenant)."""
+    erased = f"EXISTS (SELECT 1 FROM erased_conversations e WHERE e.tenant = $2 AND e.external_hash = {hashed})"
+    begun = f"{status} <> ALL ('{{{','.join(BEGINNING)}}}'::text[])"
+    return f"CASE WHEN {number}::text IS NOT NULL AND {begun} AND {erased} THEN {tag}::text ELSE {number}::text END"
+
+
 # Insert the call if new; otherwise fill what was unknown and move its status forward only.
+# ($15 the conversation's keyed hash, $16 its tag)
 _UPSERT = f"""
 INSERT INTO vapi_calls (id, tenant, account, call_id, conversation_id, agent, direction, status, customer_number,
                         phone_number, assistant_id, phone_number_id, metadata)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {_caller("$9", "$15", "$16", "$8::text")}, $10, $11, $12, $13::jsonb)
 ON CONFLICT (tenant, account, call_id) DO UPDATE SET
     agent = COALESCE(vapi_calls.agent, EXCLUDED.agent),
     customer_number = COALESCE(vapi_calls.customer_number, EXCLUDED.customer_number),
@@ -71,19 +90,18 @@ RETURNING {_COLUMNS}
 # report's duration and cost, not its words: the transcript holds what was said before the
 # erasure too ($11: the conversation's keyed hash, as ``erased_conversations`` keeps it). A record
 # the report itself created ($12: the gateway heard nothing of the call before) tells nothing of
-# when the call began: any erasure of its conversation counts (a call's id is VAPI's, new per call).
+# when the call began: any erasure of its conversation counts (a call's id is VAPI's, new per call);
+# so does it for a record a late status update first wrote, which holds the tag as its caller's
+# number ($13, ``_caller``; a web call's, with no number, is not told apart).
 _ERASED_SINCE = """EXISTS (SELECT 1 FROM erased_conversations e
-    WHERE e.tenant = $1 AND e.external_hash = $11 AND ($12 OR e.erased_at >= vapi_calls.created_at))"""
+    WHERE e.tenant = $1 AND e.external_hash = $11
+      AND ($12 OR e.erased_at >= vapi_calls.created_at OR vapi_calls.customer_number = $13))"""
 # ... and such a record's caller's number is the erasure's tag ($13), as the erasure leaves a
 # record it finds ($12: the conversation's keyed hash).
-_INSERT_REPORTED = """
+_INSERT_REPORTED = f"""
 INSERT INTO vapi_calls (id, tenant, account, call_id, conversation_id, agent, direction, status, customer_number,
                         phone_number, assistant_id, phone_number_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, 'ended',
-        CASE WHEN $8::text IS NOT NULL AND EXISTS (SELECT 1 FROM erased_conversations e
-                                                  WHERE e.tenant = $2 AND e.external_hash = $12)
-             THEN $13::text ELSE $8::text END,
-        $9, $10, $11)
+VALUES ($1, $2, $3, $4, $5, $6, $7, 'ended', {_caller("$8", "$12", "$13", "'ended'")}, $9, $10, $11)
 ON CONFLICT (tenant, account, call_id) DO NOTHING
 RETURNING true
 """
@@ -208,6 +226,7 @@ class CallStore:
             return None
         status = status if status in STATUSES else "queued"
         metadata = extra.get("metadata") or {}
+        hashed = conversation_hash(tenant, info.conversation_id or "")
         async with self._tx(tenant) as conn:
             # (the erasure's lock, as the report: a record created while the call's conversation is
             # erased is committed before the erasure tags it, or created after it)
@@ -228,6 +247,8 @@ class CallStore:
                 info.phone_number_id,
                 orjson.dumps(metadata).decode(),
                 list(STATUSES),
+                hashed,
+                TAG_PREFIX + hashed,
             )
         return describe(row) if row is not None else None
 
@@ -271,6 +292,7 @@ class CallStore:
                 report.ended_at,
                 hashed,
                 bool(created),
+                TAG_PREFIX + hashed,
             )
             if row is None:
                 return None
