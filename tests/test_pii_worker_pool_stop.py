@@ -29,8 +29,12 @@ def _children() -> set[int]:
     return out
 
 
-@pytest.mark.parametrize("honours_cancel", [True, False], ids=["cancelled", "cancel-lost"])
+@pytest.mark.parametrize(
+    "honours_cancel", [True, False, "second"], ids=["cancelled", "cancel-lost", "first-cancel-lost-then-waits"]
+)
 def test_stop_while_a_replacement_starts_leaves_no_worker_process_nor_task(monkeypatch, honours_cancel):
+    """("first-cancel-lost-then-waits" failed before the stop cancelled again: a task whose first
+    cancellation was lost and that then waited on was left running past the stop's bound.)"""
     real_spawn = asyncio.create_subprocess_exec
 
     async def main() -> tuple[list[str], set[int], set[str]]:
@@ -48,7 +52,14 @@ def test_stop_while_a_replacement_starts_leaves_no_worker_process_nor_task(monke
             try:
                 await asyncio.Event().wait()
             except asyncio.CancelledError:
-                if honours_cancel:  # what asyncio's own spawn does when cancelled: kill, then reap
+                if honours_cancel is True:  # what asyncio's own spawn does when cancelled: kill, then reap
+                    proc.kill()
+                    await proc.wait()
+                    raise
+            if honours_cancel == "second":  # the first cancellation lost, then waiting on again
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
                     proc.kill()
                     await proc.wait()
                     raise

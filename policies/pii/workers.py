@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 
 from core import metrics
+from core.background import stop_tasks
 
 log = logging.getLogger("gateway.pii")
 _HEADER = struct.Struct("!Q")
@@ -302,10 +303,9 @@ class WorkerPool:
         """The replacements and recyclings under way cancelled and awaited (bounded), then every
         worker stopped: a worker one of them was starting is stopped too, not left running."""
         tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=STOP_S)
+        if tasks:  # cancelled again while one goes on (its cancellation lost: 3.11's wait_for)
+            await stop_tasks(tasks, grace=STOP_S / 2)
+            pending = [t for t in tasks if not t.done()]
             if pending:
                 log.error(
                     "PII analysis workers: %d replacement(s) still running %.0f s after the stop", len(pending), STOP_S
