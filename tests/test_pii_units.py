@@ -442,3 +442,42 @@ def test_analysis_in_the_serving_process_loads_presidio_at_start(data_dir):
 
     asyncio.run(start())
     assert spec in analysis._analyzers
+
+
+def test_a_worker_does_not_load_again_a_spec_it_could_not_load(data_dir, monkeypatch):
+    """What a worker process runs (``analyze_items``; with ``workers: 1`` or more): a spec whose
+    model failed to load is refused at once on the next call with the same reason, instead of
+    loading again (a model that exists but does not load cost each request a whole ``spacy.load``
+    of the worker's CPU). A restarted worker, a fresh process, tries again."""
+    from policies.pii import analysis, presidio_offline
+    from policies.pii.analysis import analyze_items
+
+    loads: list[str] = []
+    real_engine = presidio_offline.nlp_engine
+
+    def counted(model: str, blank: bool = False):
+        loads.append(model)
+        return real_engine(model, blank)
+
+    monkeypatch.setattr(presidio_offline, "nlp_engine", counted)
+    monkeypatch.setattr(analysis, "_analyzers", {})
+    monkeypatch.setattr(analysis, "_unloadable", {})
+    pii = parse_config(
+        _cfg(
+            {
+                "workers": 1,
+                "ner_model": "en_core_web_nonexistent",
+                "policies": {"default": {"entities": {"person": "redact"}}},
+            }
+        )
+    ).pii
+    from policies.pii.scrub import Scrubber
+
+    spec = Scrubber(pii, data_dir).policies["default"].spec
+    reasons = []
+    for _ in range(3):
+        with pytest.raises(Exception) as err:
+            analyze_items(spec, ["Ada Lovelace wrote the first program"])
+        reasons.append("never downloads" in str(err.value))
+    assert reasons == [True, True, True]
+    assert loads == ["en_core_web_nonexistent"]

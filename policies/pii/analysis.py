@@ -251,10 +251,27 @@ _analyzers: dict[Spec, object] = {}
 _prefilters: dict[Spec, Prefilter] = {}
 
 
+# A spec whose engine failed to build in this process, and why: refused at once afterwards rather
+# than built again per request (a model that exists but does not load is a whole ``spacy.load`` of
+# CPU each time). A worker restarted, a fresh process, tries again.
+_unloadable: dict[Spec, str] = {}
+
+
 def _analyzer(spec: Spec):
     found = _analyzers.get(spec)
     if found is not None:
         return found
+    failed = _unloadable.get(spec)
+    if failed is not None:
+        raise RuntimeError(failed)
+    try:
+        return _build(spec)
+    except Exception as exc:
+        _unloadable[spec] = str(exc) or type(exc).__name__
+        raise
+
+
+def _build(spec: Spec):
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
     from presidio_analyzer.predefined_recognizers import EmailRecognizer, SpacyRecognizer
 
