@@ -32,7 +32,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from core.errors import InvalidRequest, NotFound, PermissionDenied
-from gateway import admin_kb, storage_quota
+from gateway import multipart_upload, storage_quota
 from gateway.db import tenant_transaction
 from gateway.openai_common import (
     MAX_ID,
@@ -144,7 +144,7 @@ class Files:
         async with tenant_transaction(self.store.pool, owner) as conn:  # full: refuse before 50 MB reach the disk
             room = await storage_quota.precheck(conn, owner, quota)
         with storage_quota.receiving(owner):
-            upload = await admin_kb.receive_upload(
+            upload = await multipart_upload.receive_upload(
                 request, data_dir / "files" / "incoming", room=room, over_room=storage_quota.full(quota)
             )
         try:
@@ -173,7 +173,7 @@ class Files:
                     content_type=upload.content_type or "application/octet-stream",
                     quota=quota,
                 )
-                admin_kb._place(upload.path, file_path(data_dir, owner, row["id"]))
+                multipart_upload.place(upload.path, file_path(data_dir, owner, row["id"]))
             return json_response(describe_file(row))
         finally:
             with contextlib.suppress(OSError):
