@@ -8,7 +8,9 @@ conversation's row first and the copies after it, and a WhatsApp send recorded a
 same message id took the erasure's lock (shared) before the record: each waited for the other,
 and when the erasure was the one aborted its caller got a 500. Now every one of them takes the
 erasure's lock first; an erasure aborted anyway (a deadlock, a serialization failure) is tried
-again a few times, then answered with the retryable 503.
+again a few times, then answered with the retryable 503: a customer's message delivered again
+(its record takes the channel state's row, then the message's, and no erasure lock) still
+deadlocks with it, and is the real deadlock its retry is tested with.
 
 Each race holds the other side's transaction open after its first step until the erasure waits
 for it (``pg_blocking_pids``), then lets it go on: the order is the test's, never a timing's. The
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -306,3 +309,71 @@ def test_an_erasure_postgresql_keeps_aborting_answers_the_retryable_503_and_eras
     assert r.status_code == 200, r.text
     assert _rows(services[0], "SELECT 1 FROM conversations WHERE tenant = $1", tenant) == []
     assert all(w is None for w, _ in _words(services, tenant).values()), _words(services, tenant)
+
+
+def test_a_whatsapp_message_delivered_again_while_its_conversation_is_erased_deadlocks_and_is_tried_again(gw, services):
+    """A customer's message Meta delivers a second time (the same wamid) while the erasure runs:
+    its record upserts the conversation's channel state, then meets the message's record, whose
+    words the erasure cleared (the row locked) before it reached the state: a deadlock PostgreSQL
+    breaks by aborting the erasure (the message's record takes no erasure lock). The erasure was
+    answered 500; now it is tried again and erases."""
+    tenant = f"dl-in-{uuid.uuid4().hex[:6]}"
+    agent, _, admin_key, _ = _agent_with_key(gw, tenant)
+    number = f"4478{uuid.uuid4().int % 10**8:08d}"
+    conv = store.conversation_id("1555", number)
+    wamid = f"wamid.{uuid.uuid4().hex}"
+    words = "my card 4111 was stolen"
+
+    async def main():
+        pool = await _pool(services[0])
+        try:
+            async with pool.acquire() as conn:
+                await conn.execute(
+                    """INSERT INTO whatsapp_conversations (tenant, account, phone_number_id, wa_id, conversation_id,
+                                                           agent, profile_name, last_inbound_at)
+                       VALUES ($1, 'acct', '1555', $2, $3, $4, 'Ann', now())""",
+                    tenant,
+                    number,
+                    conv,
+                    agent,
+                )
+                await conn.execute(
+                    """INSERT INTO whatsapp_messages (tenant, account, wamid, direction, conversation_id, wa_id, kind,
+                                                      body)
+                       VALUES ($1, 'acct', $2, 'in', $3, $4, 'text', $5)""",
+                    tenant,
+                    wamid,
+                    conv,
+                    number,
+                    words,
+                )
+            again = [{"wamid": wamid, "type": "text", "text": words, "ts": 0.0}]
+            row = (tenant, "acct", "1555", number, conv, agent, "Ann", datetime.now(UTC), again)
+            async with pool.acquire() as conn:
+                tx = conn.transaction()
+                await tx.start()
+                # (the record's first step: the conversation's channel state, held)
+                await conn.execute(
+                    "SELECT 1 FROM whatsapp_conversations WHERE tenant = $1 AND conversation_id = $2 FOR UPDATE",
+                    tenant,
+                    conv,
+                )
+                erasure = asyncio.ensure_future(
+                    asyncio.to_thread(_admin, gw, "DELETE", f"/admin/agents/{agent}/conversations/{conv}", admin_key)
+                )
+                await _until_blocked_by(pool, conn.get_server_pid(), erasure)
+                assert not erasure.done(), erasure.result().text
+                recorded = await store.InboundRecords(pool)._write_rows(conn, [row])  # (waits for the erasure)
+                await tx.commit()
+            return recorded, await asyncio.wait_for(erasure, BOUND)
+        finally:
+            await pool.close()
+
+    retried = _retries(gw)
+    recorded, erased = asyncio.run(main())
+    assert [fresh for _, fresh in recorded] == [0], recorded  # (delivered again: not a new message)
+    assert erased.status_code == 200, erased.text
+    assert _retries(gw) == retried + 1
+    kept = _rows(services[0], "SELECT conversation_id, wa_id, body FROM whatsapp_messages WHERE tenant = $1", tenant)
+    assert len(kept) == 1 and kept[0]["body"] is None and kept[0]["conversation_id"].startswith("erased:"), kept
+    assert _rows(services[0], "SELECT 1 FROM whatsapp_conversations WHERE tenant = $1", tenant) == []
