@@ -81,6 +81,12 @@ for its conversations.
 Left as they are: approved learned examples (curated by a reviewer, redacted for
 learning, indexed as the agent's knowledge: reject them through their own route).
 
+PostgreSQL's part is one transaction that takes the tenant's erasure lock before any row (the
+writers of the records it rewrites, a retention sweep among them, take it shared before theirs:
+one lock order, ``runtime.conversations.lock_erasures``). Aborted anyway (a deadlock's victim, a
+serialization failure), it is run again whole a few times (``gateway.db.retried``; Redis's steps
+around it are not repeated), then answered 503 as when Redis is away: erasing is safe to repeat.
+
 The id is the path after ``/conversations/``, percent-decoded (``gateway.conversation_paths``):
 ``DELETE …/x/messages`` is refused (405), never the erasure of a conversation ``x/messages``.
 
@@ -101,7 +107,7 @@ from core.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
 from gateway import conversation_paths
 from gateway.agent_stage import ERASURE_MARKED
-from gateway.db import tenant_transaction
+from gateway.db import ABORTED, retried, tenant_transaction
 from runtime import agents as agents_store
 from runtime import conversations
 from runtime.hitl import held
@@ -142,8 +148,6 @@ class ConversationAdmin:
         # Redis first (a turn that starts now finds nothing to answer with), then PostgreSQL and
         # the erasure's record in one transaction, then Redis again: a turn stored meanwhile, or a
         # reload that read PostgreSQL before the commit, is dropped too.
-        messages = feedback = 0
-        resolved: list[tuple[str, str, str]] = []
         try:
             # (a channel's conversation marked first: its jobs queued before now are dropped, and a
             # turn of one signed so, x-gateway-queued-at, stores nothing from now on — a first turn
@@ -158,17 +162,10 @@ class ConversationAdmin:
                 names += list(dict.fromkeys(r["name"] for r in found if r["name"] not in names))
             # (each agent's erasure is stamped with Redis's clock, as the turns it skips are)
             forgot = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
-            async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
-                # (the copies first: the erasure proper holds up the tenant's memory writes to its commit)
-                feedback = await conversations.forget_copies(conn, tenant, agent_ids, [conversation_id])
-                for agent_id, (handed_out, at) in zip(agent_ids, forgot, strict=True):
-                    gone = await conversations.erase(conn, tenant, agent_id, conversation_id, at, copies=False)
-                    # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
-                    messages += max(gone["messages"], handed_out)
-                    resolved += gone["resolved"]
-                if every_agent:  # (any agent's turn still on its way, known to neither store: see there)
-                    last = max(at for _, at in forgot)
-                    await conversations.erase_for_every_agent(conn, tenant, conversation_id, last)
+            # (PostgreSQL's part alone is tried again when aborted: Redis's before and after it once)
+            feedback, messages, resolved = await retried(
+                lambda: self._erase_rows(request, tenant, agent_ids, conversation_id, forgot, every_agent)
+            )
             await self._release_holds(request, tenant, agent_ids, conversation_id, resolved)
             for agent_id in agent_ids:
                 await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
@@ -182,7 +179,7 @@ class ConversationAdmin:
             if idempotency is not None:  # the answers kept to replay its turns (Idempotency-Key)
                 for agent_name in names:
                     await idempotency.forget_conversation(tenant, agent_name, conversation_id)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, OSError, TimeoutError, *ABORTED) as exc:
             raise ServiceUnavailable(
                 f"The conversation could not be erased just now ({type(exc).__name__}); erasing is safe to repeat."
             ) from None
@@ -196,6 +193,38 @@ class ConversationAdmin:
                 "feedback": feedback,
             }
         )
+
+    async def _erase_rows(
+        self,
+        request: Request,
+        tenant: str,
+        agent_ids: list[str],
+        conversation_id: str,
+        forgot: list[tuple[int, float]],
+        every_agent: bool,
+    ) -> tuple[int, int, list[tuple[str, str, str]]]:
+        """PostgreSQL's part of the erasure, one transaction (``gateway.db.retried``: run again
+        whole when PostgreSQL aborts it; the erasure's times are Redis's, taken before it, so a
+        second run records the same). The tenant's erasure lock first, before any row: a
+        retention sweep (``gateway.conversation_retention``) and a WhatsApp send's record
+        (``channels.whatsapp.store.OutboundRecords``) take it (shared) before their rows too,
+        so neither holds a row the erasure waits for while waiting for a row it holds (the copies'
+        rows taken before the lock, and the conversation's after it, deadlocked both). The
+        feedback deleted, the messages, the escalations resolved."""
+        messages = 0
+        resolved: list[tuple[str, str, str]] = []
+        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+            await conversations.lock_erasures(conn, tenant)
+            feedback = await conversations.forget_copies(conn, tenant, agent_ids, [conversation_id])
+            for agent_id, (handed_out, at) in zip(agent_ids, forgot, strict=True):
+                gone = await conversations.erase(conn, tenant, agent_id, conversation_id, at, copies=False)
+                # (PostgreSQL's, or the number Redis handed out when turns were still on their way)
+                messages += max(gone["messages"], handed_out)
+                resolved += gone["resolved"]
+            if every_agent:  # (any agent's turn still on its way, known to neither store: see there)
+                last = max(at for _, at in forgot)
+                await conversations.erase_for_every_agent(conn, tenant, conversation_id, last)
+        return feedback, messages, resolved
 
     async def _release_holds(
         self, request: Request, tenant: str, agent_ids: list[str], conversation_id: str, resolved: list

@@ -33,6 +33,7 @@ import asyncpg
 
 from core.background import Periodic
 from core.env import env_float
+from core.erasure_key import LOCK_WRITE
 from gateway.db import tenant_transaction
 from runtime import conversations, erased_records
 from runtime.hitl import held
@@ -112,6 +113,10 @@ async def _delete_batch(
     erased mark), then the copies of their words, then the rows. Redis away: nothing is deleted
     (the next sweep tries again)."""
     async with tenant_transaction(pool, tenant) as conn:
+        # (the erasure's lock, shared, before the rows: an erasure takes it first, then the copies'
+        # rows and the conversation's; the sweep took the conversation's row, then the copies':
+        # the two deadlocked, and the erasure's caller got a 500)
+        await conn.execute(LOCK_WRITE, tenant)
         old = await conn.fetch(_OLD, tenant, agent_id, days)
         if not old:
             return 0

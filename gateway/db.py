@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.resources
 import logging
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
 
 log = logging.getLogger("gateway.db")
+
+T = TypeVar("T")
+
+# A transaction PostgreSQL aborted to break a deadlock, or for a serialization failure, did nothing:
+# it may be run again whole (``retried``).
+ABORTED = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+TRIES = 3
 
 # Any constant works; it only has to be the same in every replica.
 _MIGRATION_LOCK = 0x6761_7465_7761_79
@@ -67,3 +77,19 @@ async def tenant_transaction(pool: asyncpg.Pool, tenant: str | None) -> AsyncIte
 
 
 _SCOPE_SQL = "SELECT set_config('gateway.tenant', $1, true), set_config('role', 'gateway_tenant', true)"
+
+
+async def retried(transaction: Callable[[], Awaitable[T]], tries: int = TRIES) -> T:
+    """``transaction()`` (one whole transaction, begun and committed inside it, with no other
+    effect) run again when PostgreSQL aborted it (``ABORTED``: the other side of the deadlock
+    then holds nothing of it), at most ``tries`` times with a short jittered pause between; the
+    last abort is raised (the caller's to answer as "try again")."""
+    for attempt in range(1, tries + 1):
+        try:
+            return await transaction()
+        except ABORTED as exc:
+            if attempt == tries:
+                raise
+            log.warning("transaction aborted (%s), tried again", type(exc).__name__)
+            await asyncio.sleep(random.uniform(0.01, 0.05) * attempt)
+    raise AssertionError("unreachable")

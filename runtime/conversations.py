@@ -147,9 +147,10 @@ async def drop_unkeyed(conn: asyncpg.Connection) -> int:
 # records keep their statuses, durations and costs without the words (a WhatsApp message's body,
 # the customer's profile name). The feedback goes whole; the rest, given a time (a retention's
 # cutoff), only what is older: a turn of the same id in flight while a retention runs keeps what it
-# brought. A VAPI call's words (transcript, summary, recording link) go with its number, after the
-# erasure's lock (``erased_records.retag``), not here: its report holds that lock shared and then
-# writes the call's record, so a record locked here, before the lock, deadlocked the two.
+# brought. A VAPI call's words (transcript, summary, recording link) go with its number
+# (``erased_records.retag``), not here: its report holds the erasure's lock shared and then writes
+# the call's record, and a record locked here when an erasure cleared the copies before its lock
+# deadlocked the two (``lock_erasures``); one place clears them.
 # $1 tenant, $2 the agents' ids, $3 the conversations' ids (the caller's). The turns' request ids
 # are read first, as an array (an index on the runs, then both feedback indexes): ``IN (SELECT …)``
 # beside the ``OR`` was a hashed subplan that read every feedback row of the tenant.
@@ -203,6 +204,17 @@ async def forget_copies(
     return int(feedback)
 
 
+async def lock_erasures(conn: asyncpg.Connection, tenant: str) -> None:
+    """The tenant's erasure lock (``core.erasure_key``), exclusive, to the caller's commit: the
+    first thing an erasure's transaction does. The writers that take it shared (the memory, runs
+    and ledger writers, a WhatsApp send's record, a VAPI call's report, a retention sweep) take it
+    before any row they write, so an erasure that locked a row before it (a copy of the words:
+    ``forget_copies``) waited for a writer waiting for that row: a deadlock. The copies are
+    cleared under it, so those writers (of the tenant's lock bucket) wait for them too. Taken
+    again (``erase``), it is the same lock."""
+    await conn.execute(LOCK_ERASURE, tenant)
+
+
 async def erase(
     conn: asyncpg.Connection,
     tenant: str,
@@ -221,12 +233,11 @@ async def erase(
     "resolved": [(agent id, id, escalation id), ...]}`` (its escalations still open, resolved now:
     ``erased_records.retag``; their holds in Redis are the caller's to release).
     ``copies=False``: the caller cleared the copies already (``forget_copies``, for all the
-    agents it erases the conversation of, before the first erasure's lock). ``key``: the
+    agents it erases the conversation of, after ``lock_erasures``). ``key``: the
     erasures' (``core.erasure_key``, this process's by default). The conversation's runs and ledger
     rows keep its tag instead of its id (``runtime.erased_records``)."""
+    await lock_erasures(conn, tenant)
     feedback = await forget_copies(conn, tenant, [agent_id], [external_id]) if copies else 0
-    # (the memory writer waits for this lock: taken once the slow part, the copies, is done)
-    await conn.execute(LOCK_ERASURE, tenant)
     await _record_erasure(conn, tenant, agent_id, external_hash(tenant, external_id, key), erased_at)
     # (the runs and ledger rows already written; those on their way are tagged by their writers)
     resolved = await erased_records.retag(conn, tenant, [agent_id], [external_id], key=key)

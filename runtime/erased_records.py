@@ -68,9 +68,10 @@ WHERE vapi_calls.tenant = $1 AND vapi_calls.conversation_id = t.id
 # their conversation and their customer, so they still belong together; a status Meta sends later
 # for one of them finds it by its wamid and updates its status only (``channels.whatsapp.store.
 # record_status``), so it cannot bring the number back. By index (``whatsapp_messages_conv``).
-# Their words go here too, under the erasure's lock: ``forget_copies`` cleared them before it, and
-# a record committed in between (a reply whose deliverer died before its post-send check, a
-# customer's message) was tagged with its words, where no later erasure of the id finds them.
+# Their words go here too: ``forget_copies`` cleared them a few statements before, and a record
+# committed in between by a writer that takes no erasure lock (a customer's message; before the
+# erasure took its lock first, a reply whose deliverer died before its post-send check) was tagged
+# with its words, where no later erasure of the id finds them.
 # ($1 tenant, $2 the conversations' ids, $3 their tags, $4 a time or NULL)
 _WA_MESSAGES = """
 UPDATE whatsapp_messages SET conversation_id = t.tag, wa_id = t.tag, body = NULL, updated_at = now()
@@ -96,8 +97,8 @@ WHERE tenant = $1 AND conversation_id = ANY($2::text[])
 # one of the same tag (the customer came back, escalated and was erased again) would break the
 # one-open-escalation-per-conversation index. By index (``escalations_tenant_agent_conversation``).
 # The open ones resolved are returned (their holds in Redis are the caller's to release). Their
-# words go here too, under the erasure's lock (as the WhatsApp records' above): one opened by a
-# turn in flight between ``forget_copies`` and the lock was tagged with the customer's words.
+# words go here too (as the WhatsApp records' above): one opened by a turn in flight between
+# ``forget_copies`` and here was tagged with the customer's words.
 # ($1 tenant, $2 the agents' ids, $3 the conversations' ids, $4 their tags, $5 a time or NULL)
 _ESCALATIONS = """
 WITH old AS (
@@ -129,7 +130,7 @@ async def retag(
     WhatsApp message records instead of their ids and customers' numbers; their WhatsApp
     conversation states are deleted; their escalations (of these agents) hold the tags, those open
     resolved; the calls' words cleared, the messages' and escalations' cleared again
-    (``forget_copies`` ran before the erasure's lock: what was stored in between is seen here);
+    (``forget_copies`` ran a few statements before: what was stored in between is seen here);
     inside the caller's transaction; ``before`` (a datetime): only rows older (a retention's
     cutoff). Repeating it changes nothing. The escalations it resolved, as
     (agent id, conversation id, escalation id): their holds (``runtime.hitl.held``) to release."""

@@ -372,9 +372,10 @@ def _call_kept_without_words(services, call_id: str, conv: str) -> None:
 
 
 def _erased_while_clearing_words(gw, services, conv: str, during) -> httpx.Response:
-    """The erasure of ``conv``, held inside its copies step (the words cleared, its lock not yet
-    taken) by a row lock on the customer's channel state (its profile name is cleared after the
-    messages' words and the escalations'), while ``during(pool)`` writes."""
+    """The erasure of ``conv``, held inside its copies step (the messages' and escalations' words
+    cleared, its lock taken before them) by a row lock on the customer's channel state (its
+    profile name is cleared after them), while ``during(pool)`` writes: until it is done, or waits
+    for a lock (a writer that takes the erasure's lock shared waits for the erasure's commit)."""
     import asyncio
 
     import asyncpg
@@ -401,8 +402,13 @@ def _erased_while_clearing_words(gw, services, conv: str, during) -> httpx.Respo
             # (the erasure reaches the customer's channel state)
             await _until_waiting(pool, "query LIKE '%UPDATE whatsapp_conversations SET profile_name%'", erasing)
             assert not erasing.done(), erasing.result().text
-            await during(pool)
+            writing = asyncio.ensure_future(during(pool))
+            # (a send's record: its tenants' shared lock, ``store._LOCK_TENANTS``)
+            await _until_waiting(
+                pool, "wait_event = 'advisory' AND query LIKE '%FROM unnest($1::text[]) AS t%'", writing
+            )
             await tx.rollback()
+            await asyncio.wait_for(writing, 60)
             return await erasing
         finally:
             await holder.close()
@@ -411,16 +417,19 @@ def _erased_while_clearing_words(gw, services, conv: str, during) -> httpx.Respo
     return asyncio.run(go())
 
 
-def test_a_reply_recorded_while_the_erasure_clears_the_words_keeps_no_words(gw, services):
-    """The erasure clears the words of the customer's records (``forget_copies``) before it takes
-    its lock and tags them (``erased_records.retag``). A reply's record committed between the two
-    (its deliverer then killed before its post-send check) is not yet seen as erased by its writer
-    (the erasure has not committed) and was tagged with its words kept: the reply, under the tag,
-    where no later erasure of the id finds it."""
+def test_a_reply_recorded_while_the_erasure_clears_the_words_keeps_no_words(gw, services, monkeypatch):
+    """The erasure cleared the words of the customer's records (``forget_copies``) before it took
+    its lock and tagged them (``erased_records.retag``). A reply's record committed between the two
+    (its deliverer then killed before its post-send check) was not yet seen as erased by its writer
+    (the erasure had not committed) and was tagged with its words kept: the reply, under the tag,
+    where no later erasure of the id finds it. The erasure takes its lock first now: the reply's
+    writer (the lock shared) waits for its commit, then records the reply as the erased one's."""
     from channels.whatsapp import store
     from tests.test_wa_dead_letters_erasure import _tag
     from tests.test_wa_queued_erasure import _redis_now
 
+    monkeypatch.delenv("GATEWAY_ERASURE_KEY", raising=False)
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", MASTER_KEY)  # (the writer hashes the id as the gateway does)
     wa_id = str(uuid.uuid4().int % 10**12 + 10**11)
     conv = f"wa:{PNID}:{wa_id}"
     wamid = f"wamid.race-{uuid.uuid4().hex[:8]}"
