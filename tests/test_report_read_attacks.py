@@ -1,0 +1,81 @@
+"""Attacks on the report and read endpoints (``POST /v1/feedback`` and the experiment reports of
+``GET /admin/agents/{name}/experiments``) from an attacker's review: what a tenant's key can do to
+move another agent's experiment or to learn what it may not use. Real gateway process, real
+PostgreSQL and Valkey."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_agents_admin import AgentGateway, call, config, create, new_key, seed_turns, unique
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, services, module_mock):
+    g = AgentGateway(tmp_root, config(module_mock), services)
+    yield g
+    g.stop()
+
+
+def _restricted_key(gw, tenant: str, models: list[str]) -> str:
+    resp = call(gw, "POST", "/admin/keys", json={"name": unique("k"), "tenant": tenant, "models": models})
+    assert resp.status_code == 201, resp.text
+    return resp.json()["key"]
+
+
+def _experiment(gw, services, admin_key: str, tenant: str) -> str:
+    """An agent with an experiment on ``production`` (versions 1 and 2), and ten conversations
+    per arm seeded in the ledger (``conv-<i>``: the ids any client of the tenant might choose)."""
+    name = unique("ab")
+    assert create(gw, admin_key, name=name).status_code == 201
+    call(gw, "POST", f"/admin/agents/{name}/versions", admin_key, json={"template": "Be brief, {{ who }}."})
+    started = call(gw, "PUT", f"/admin/agents/{name}/labels/production", admin_key, json={"variants": {"1": 1, "2": 1}})
+    assert started.status_code == 200, started.text
+    rows = [(f"req-{name}-{i}", "1" if i < 10 else "2", f"conv-{i}") for i in range(20)]
+    seed_turns(services[0], tenant, name, rows)
+    return name
+
+
+def _arms(gw, admin_key: str, name: str) -> dict:
+    report = call(gw, "GET", f"/admin/agents/{name}/experiments", admin_key)
+    assert report.status_code == 200, report.text
+    return {a["variant"]: a for a in report.json()["data"][0]["variants"]}
+
+
+def test_attack_feedback_naming_another_agent_does_not_vote_in_this_agents_experiment(gw, services):
+    """A key of the tenant that may use only agent ``widget`` sends feedback on ``conv-3``,
+    naming ``widget`` (whose conversation it may well be: conversation ids are per agent, and
+    clients pick the same ones). The experiment report of ``ab`` joined feedback to its turns by
+    conversation id alone, whatever agent the feedback named: thumbs down on ``ab``'s variant 1
+    came from a key that may not even call ``ab``."""
+    tenant = unique("fbx")
+    admin_key = new_key(gw, tenant, admin=True)
+    name = _experiment(gw, services, admin_key, tenant)
+    widget = unique("widget")
+    assert create(gw, admin_key, name=widget).status_code == 201
+    key = _restricted_key(gw, tenant, [f"agent:{widget}"])
+    for i in range(10):
+        body = {"conversation_id": f"conv-{i}", "agent": widget, "thumbs": "down"}
+        assert call(gw, "POST", "/v1/feedback", key, json=body).status_code == 201
+    arms = _arms(gw, admin_key, name)
+    assert arms["1"]["feedback"] == 0 and arms["1"]["thumbs_down"] == 0, arms["1"]
+
+
+def test_attack_feedback_naming_an_agent_the_key_may_not_use_is_not_found(gw, services):
+    """A key restricted to one agent names another agent of its tenant in feedback: it was
+    stored against that agent (201), and the 404 for a name that does not exist told the key
+    which agents its tenant has, which ``GET /v1/models`` keeps from it."""
+    tenant = unique("fbn")
+    admin_key = new_key(gw, tenant, admin=True)
+    allowed, hidden = unique("widget"), unique("internal")
+    for name in (allowed, hidden):
+        assert create(gw, admin_key, name=name).status_code == 201
+    key = _restricted_key(gw, tenant, [f"agent:{allowed}"])
+    ok = call(gw, "POST", "/v1/feedback", key, json={"conversation_id": "c1", "agent": allowed, "thumbs": 1})
+    assert ok.status_code == 201, ok.text
+    found = call(gw, "POST", "/v1/feedback", key, json={"conversation_id": "c1", "agent": hidden, "thumbs": 1})
+    missing = call(gw, "POST", "/v1/feedback", key, json={"conversation_id": "c1", "agent": unique("x"), "thumbs": 1})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "agent"
+    assert found.status_code == 404, found.text
+    assert found.json()["error"]["param"] == "agent"
+    assert found.json()["error"]["message"] == f"No agent named {hidden!r}."
