@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.test_agents_admin import AgentGateway, call, config, create, new_key, seed_turns, unique
 
 
@@ -79,3 +80,54 @@ def test_attack_feedback_naming_an_agent_the_key_may_not_use_is_not_found(gw, se
     assert found.status_code == 404, found.text
     assert found.json()["error"]["param"] == "agent"
     assert found.json()["error"]["message"] == f"No agent named {hidden!r}."
+
+
+@pytest.fixture(scope="module")
+def gw_ruled(tmp_root, services, module_mock):
+    """A gateway whose group ``gpt-tier`` routes by the request's metadata (``tier: gold``) and
+    has no route for any other request: the operator's routing policy, which the client's
+    metadata decides."""
+    cfg = config(module_mock)
+    cfg["models"].append({"name": "gpt-tier", "rules": [{"when": {"metadata": {"tier": "gold"}}, "use": "gpt-mock"}]})
+    g = AgentGateway(tmp_root, cfg, services)
+    yield g
+    g.stop()
+
+
+def test_attack_an_agent_turn_refused_before_admission_is_not_recorded_as_the_agent_its_metadata_names(
+    gw_ruled, services
+):
+    """A key that may use agent ``b`` only sends ``b`` a turn whose metadata says ``agent: a``
+    and that no routing rule of ``b``'s model serves (400 ``no_matching_rule``). The turn was
+    recorded (as every refused request is) with ``b``'s variant and conversation but the agent
+    the client named: a turn in ``a``'s experiment, in the arm the client picks by its
+    conversation id — and its request id one the client may then vote on. An agent's turns are
+    its own whatever the client says, refused ones included."""
+    gw = gw_ruled
+    tenant = unique("turn")
+    admin_key = new_key(gw, tenant, admin=True)
+    a, b = unique("a"), unique("b")
+    assert create(gw, admin_key, name=a).status_code == 201
+    assert create(gw, admin_key, name=b, model="gpt-tier").status_code == 201
+    for name in (a, b):
+        call(gw, "POST", f"/admin/agents/{name}/versions", admin_key, json={"template": "Be brief, {{ who }}."})
+        split = call(
+            gw, "PUT", f"/admin/agents/{name}/labels/production", admin_key, json={"variants": {"1": 1, "2": 1}}
+        )
+        assert split.status_code == 200, split.text
+    key = _restricted_key(gw, tenant, [f"agent:{b}"])
+    body = {
+        "model": f"agent:{b}",
+        "messages": [{"role": "user", "content": "hi"}],
+        "metadata": {"agent": a, "conversation_id": "c-1"},
+    }
+    refused = call(gw, "POST", "/v1/chat/completions", key, json=body)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_matching_rule", refused.text
+    rid = refused.headers["x-request-id"]
+    wait_until(
+        lambda: call(gw, "GET", f"/admin/requests/{rid}", admin_key).status_code == 200, timeout=30, what="ledger row"
+    )
+    record = call(gw, "GET", f"/admin/requests/{rid}", admin_key).json()
+    assert record["variant"] in ("1", "2")  # the turn was b's, in one of b's arms
+    assert record["agent"] == b, record["agent"]
+    assert sum(arm["turns"] for arm in _arms(gw, admin_key, a).values()) == 0
