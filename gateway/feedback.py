@@ -92,9 +92,10 @@ def parse(data: object) -> dict:
         )
     agent = data.get("agent")
     if agent is not None:
-        if not isinstance(agent, str) or not 0 < len(agent) <= 128 or "\x00" in agent:
+        name = agent.removeprefix("agent:").split("@", 1)[0] if isinstance(agent, str) else ""
+        if not name or len(agent) > 128 or "\x00" in agent:  # (empty: it names no agent)
             raise InvalidRequest("'agent' must be an agent name.", param="agent", code="invalid_value")
-        agent = agent.removeprefix("agent:").split("@", 1)[0]
+        agent = name
     out.update(thumbs=thumbs, score=None if score is None else float(score), resolved=resolved, text=text, agent=agent)
     return out
 

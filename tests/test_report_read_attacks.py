@@ -131,3 +131,14 @@ def test_attack_an_agent_turn_refused_before_admission_is_not_recorded_as_the_ag
     assert record["variant"] in ("1", "2")  # the turn was b's, in one of b's arms
     assert record["agent"] == b, record["agent"]
     assert sum(arm["turns"] for arm in _arms(gw, admin_key, a).values()) == 0
+
+
+@pytest.mark.parametrize("agent", ["agent:", "@prod", "agent:@prod"])
+def test_attack_feedback_agent_that_names_no_agent_is_a_400(gw, services, agent):
+    """``agent`` is an agent's name, as a model name (``agent:<name>@<label>``) or bare. One that
+    names no agent once its prefix and label are cut was stored as feedback naming none (201):
+    feedback that counts for every agent of the tenant, from a field the client filled in."""
+    key = new_key(gw, unique("fbe"))
+    resp = call(gw, "POST", "/v1/feedback", key, json={"conversation_id": "c1", "agent": agent, "thumbs": 1})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == "agent"
