@@ -44,9 +44,9 @@ def _arms(gw, admin_key: str, name: str) -> dict:
 
 
 def test_attack_feedback_naming_another_agent_does_not_vote_in_this_agents_experiment(gw, services):
-    """A key of the tenant that may use only agent ``widget`` sends feedback on ``conv-3``,
-    naming ``widget`` (whose conversation it may well be: conversation ids are per agent, and
-    clients pick the same ones). The experiment report of ``ab`` joined feedback to its turns by
+    """A key of the tenant that may use only agent ``widget`` sends feedback on ``conv-0`` …
+    ``conv-9``, naming ``widget`` (whose conversations they may well be: conversation ids are per
+    agent, and clients pick the same ones). The experiment report of ``ab`` joined feedback to its turns by
     conversation id alone, whatever agent the feedback named: thumbs down on ``ab``'s variant 1
     came from a key that may not even call ``ab``."""
     tenant = unique("fbx")
