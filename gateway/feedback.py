@@ -14,7 +14,9 @@ from a channel account's key only (403 ``conversation_reserved`` naming ``conver
 ``agent_stage.check_conversation_owner`` refuses such ids to a turn), so another key of the
 tenant (a public widget's) cannot vote in the experiment reports for the channels' customers.
 Feedback by ``request_id`` is stored as given: the gateway's request ids are random, and the
-conversation of the request is resolved only by the reports' join.
+conversation of the request is resolved only by the reports' join. ``agent`` names an agent the
+key may use (another is 404, as one that does not exist), and feedback naming an agent counts in
+that agent's reports alone: conversation ids are per agent.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from core import http
 from core.errors import InvalidRequest, NotFound
 from core.types import Identity
 from gateway import key_window
-from gateway.agent_stage import check_conversation_owner
+from gateway.agent_stage import allowed_identity, check_conversation_owner
 from gateway.db import tenant_transaction
 
 MAX_BODY = 64 * 1024
@@ -90,24 +92,27 @@ def parse(data: object) -> dict:
         )
     agent = data.get("agent")
     if agent is not None:
-        if not isinstance(agent, str) or not 0 < len(agent) <= 128 or "\x00" in agent:
+        name = agent.removeprefix("agent:").split("@", 1)[0] if isinstance(agent, str) else ""
+        if not name or len(agent) > 128 or "\x00" in agent:  # (empty: it names no agent)
             raise InvalidRequest("'agent' must be an agent name.", param="agent", code="invalid_value")
-        agent = agent.removeprefix("agent:").split("@", 1)[0]
+        agent = name
     out.update(thumbs=thumbs, score=None if score is None else float(score), resolved=resolved, text=text, agent=agent)
     return out
 
 
-async def _agent_id(svc, conn, tenant: str, name: str) -> str:
+async def _agent_id(svc, conn, ident: Identity, name: str) -> str:
+    """The id of the agent ``name`` of the caller's tenant that the caller may use; another is
+    "not found" as one that does not exist (``GET /v1/models`` does not list it to the key)."""
     registry = getattr(svc, "agents", None)
-    agent = registry.get(tenant, name) if registry is not None else None
-    agent_id = agent.id if agent is not None else None
-    if agent_id is None:  # not cached here (yet): ask the table, within the tenant's wall
-        agent_id = await conn.fetchval(
-            "SELECT id FROM agents WHERE tenant = $1 AND name = $2 AND archived_at IS NULL", tenant, name
+    agent = registry.get(ident.tenant, name) if registry is not None else None
+    found = (agent.id, agent.model) if agent is not None else None
+    if found is None:  # not cached here (yet): ask the table, within the tenant's wall
+        found = await conn.fetchrow(
+            "SELECT id, model FROM agents WHERE tenant = $1 AND name = $2 AND archived_at IS NULL", ident.tenant, name
         )
-    if agent_id is None:
+    if found is None or not allowed_identity(ident, name, found[1]):
         raise NotFound(f"No agent named {name[:64]!r}.", param="agent")
-    return agent_id
+    return found[0]
 
 
 async def feedback(svc, scope, receive, send, rid: str, crid: str | None = None, ident: Identity | None = None) -> None:
@@ -121,7 +126,7 @@ async def feedback(svc, scope, receive, send, rid: str, crid: str | None = None,
         check_conversation_owner(svc, ident, data["conversation_id"], param="conversation_id")
     tenant = ident.tenant
     async with tenant_transaction(svc.pool, tenant) as conn:
-        agent_id = await _agent_id(svc, conn, tenant, data["agent"]) if data["agent"] else None
+        agent_id = await _agent_id(svc, conn, ident, data["agent"]) if data["agent"] else None
         row = await conn.fetchrow(
             """INSERT INTO feedback (tenant, key_id, request_id, conversation_id, agent_id, thumbs, score,
                                      resolved, text)

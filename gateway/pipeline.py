@@ -108,10 +108,15 @@ async def admit(svc: Services, ctx: RequestContext, scope: dict) -> None:
         return
     attr = ctx.extra.get("attribution")
     if attr is None:
-        ctx.extra["attribution"] = attr = attribution(ctx, _gateway_headers(scope))
-        if ctx.agent is not None:  # an agent's turns are its own, whatever the client says
-            attr["agent"] = ctx.agent.agent.name
+        ctx.extra["attribution"] = attr = _attribution(ctx, scope)
     await svc.policies.admit(ctx, attr)
+
+
+def _attribution(ctx: RequestContext, scope: dict) -> dict:
+    attr = attribution(ctx, _gateway_headers(scope))
+    if ctx.agent is not None:  # an agent's turns are its own, whatever the client says
+        attr["agent"] = ctx.agent.agent.name
+    return attr
 
 
 async def settle(svc: Services, ctx: RequestContext, scope: dict, now: bool = False) -> None:
@@ -121,7 +126,8 @@ async def settle(svc: Services, ctx: RequestContext, scope: dict, now: bool = Fa
     if ctx.extra.get("settled") or not svc.config.policies.enabled:
         return
     ctx.extra["settled"] = True
-    attr = ctx.extra.get("attribution") or attribution(ctx, _gateway_headers(scope))
+    # (a turn refused before its admission too: its record holds the agent's variant)
+    attr = ctx.extra.get("attribution") or _attribution(ctx, scope)
     elapsed = time.perf_counter() - ctx.started
     try:
         fired = await svc.policies.settle(ctx, attr, elapsed, now=now)

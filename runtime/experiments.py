@@ -99,11 +99,13 @@ _FEEDBACK_SQL = f"""WITH {_TURNS},
                CASE WHEN f.request_id IS NOT NULL THEN coalesce(t.conversation_id, f.request_id)
                     ELSE f.conversation_id END AS conv_key
         -- one vote per answer (its request id, whatever conversation id came with it) or per
-        -- conversation: the latest one counts, so repeating a vote cannot decide an experiment
+        -- conversation: the latest one counts, so repeating a vote cannot decide an experiment.
+        -- Feedback naming another agent is that agent's (conversation ids are per agent)
         FROM (SELECT DISTINCT ON (vote) *
               FROM (SELECT *, CASE WHEN request_id IS NOT NULL THEN 'r:' || request_id
                                    ELSE 'c:' || conversation_id END AS vote
-                    FROM feedback WHERE tenant = $1 AND created_at >= $3) v
+                    FROM feedback WHERE tenant = $1 AND created_at >= $3
+                      AND (agent_id IS NULL OR agent_id = $6)) v
               ORDER BY vote, created_at DESC, id DESC) f
         LEFT JOIN turns t ON f.request_id IS NOT NULL AND t.request_id = f.request_id
         LEFT JOIN conv c ON f.request_id IS NULL AND c.conversation_id = f.conversation_id)
@@ -140,7 +142,7 @@ async def gather(conn, agent_name: str, experiment) -> dict:
     args = (experiment["tenant"], agent_name, experiment["started_at"], experiment["stopped_at"], list(variants))
     notes: list[str] = []
     usage = await _fetch(conn, _USAGE_SQL, args, notes, "ledger")
-    feedback = await _fetch(conn, _FEEDBACK_SQL, args, notes, "feedback")
+    feedback = await _fetch(conn, _FEEDBACK_SQL, (*args, experiment["agent_id"]), notes, "feedback")
     runs = None
     if await conn.fetchval("SELECT to_regclass('runs') IS NOT NULL"):
         runs = await _fetch(conn, _RUNS_SQL, args, notes, "runs")
