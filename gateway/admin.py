@@ -60,6 +60,7 @@ log = logging.getLogger("gateway.admin")
 # and answered as such, with ``x-gateway-warning`` (gateway/agent_announce.py for agents): how
 # long the other replicas may act on what they held.
 BUDGET_NOT_ANNOUNCED = "saved; the other replicas were not told (Redis unreachable) and read it when Redis is back"
+MAX_RECORD_STEPS = 256  # audit records of one request shown (an agent turn: one per model call)
 KEY_NOT_ANNOUNCED = (
     "revoked; the other replicas were not told (Redis unreachable): a key one of them had cached stays usable "
     "there for up to server.key_cache_ttl, "
@@ -610,14 +611,19 @@ class Admin:
     async def request_record(self, request: Request) -> Response:
         request_id = request.path_params["request_id"]
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
-            row = await conn.fetchrow(
-                "SELECT * FROM ledger WHERE request_id = $1 AND ($2::text IS NULL OR tenant = $2)",
+            rows = await conn.fetch(
+                """SELECT * FROM ledger WHERE request_id = $1 AND ($2::text IS NULL OR tenant = $2)
+                   ORDER BY step, ts LIMIT $3""",
                 request_id,
                 _view(request),
+                MAX_RECORD_STEPS,
             )
-        if row is None:
+        if not rows:
             raise NotFound(f"No audit record for request {request_id[:128]!r} (yet).", param="request_id")
-        return _json(_record(row))
+        # an agent turn's model calls are one record each (its steps): the first at the top, as a
+        # plain request's one record is, and every one of them under ``steps``
+        steps = [_record(r) for r in rows]
+        return _json({**steps[0], "steps": steps})
 
     async def find_requests(self, request: Request) -> Response:
         """Audit records by the caller's own request id (``x-client-request-id``), newest first."""

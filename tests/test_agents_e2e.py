@@ -181,6 +181,11 @@ def test_two_step_tool_loop_against_a_real_tool_server(pair, tools, services):
     # each model step of the run names its tokens, as the audit record of that call does
     tokens = [s.get("tokens") for s in run["steps"] if s["kind"] == "model"]
     assert tokens == [{"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"]} for r in rows]
+    # the admin API's record of the request: its first call, and every call as its steps (it
+    # answered one row, any of the three)
+    record = admin(a, "GET", f"/admin/requests/{rid}").json()
+    assert record["step"] == 1 and [s["step"] for s in record["steps"]] == [1, 2, 3]
+    assert [s["prompt_tokens"] for s in record["steps"]] == [r["prompt_tokens"] for r in rows]
 
 
 def run_record(gw: Gateway, request_id: str) -> dict:
