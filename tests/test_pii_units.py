@@ -244,13 +244,11 @@ def test_missing_ner_model_is_a_clear_error(data_dir):
         asyncio.run(Analyzer(0, 0).find(spec, ["Ada Lovelace"]))
 
 
-def test_a_spec_that_could_not_load_at_start_is_refused_without_loading_again(tmp_path, data_dir, monkeypatch):
-    """``workers: 0``: the start's failed load is remembered, and each request is refused at once
-    (503 ``pii_unavailable``, as before) instead of trying to load the model again in the analysis
-    thread: a model that exists but does not load cost each request a whole ``spacy.load``."""
-    from core.errors import ServiceUnavailable
-    from policies.pii import presidio_offline
-    from policies.pii.scrub import Scrubber, ScrubState
+@pytest.fixture
+def ner_loads(monkeypatch) -> list[str]:
+    """The NER models this process tries to load (``presidio_offline.nlp_engine``), counted from a
+    state with no engine built and no failure remembered (``analysis._analyzers``, ``_unloadable``)."""
+    from policies.pii import analysis, presidio_offline
 
     loads: list[str] = []
     real_engine = presidio_offline.nlp_engine
@@ -260,15 +258,30 @@ def test_a_spec_that_could_not_load_at_start_is_refused_without_loading_again(tm
         return real_engine(model, blank)
 
     monkeypatch.setattr(presidio_offline, "nlp_engine", counted)
-    pii = parse_config(
-        _cfg(
-            {
-                "workers": 0,
-                "ner_model": "en_core_web_nonexistent",
-                "policies": {"default": {"entities": {"person": "redact"}}},
-            }
-        )
-    ).pii
+    monkeypatch.setattr(analysis, "_analyzers", {})
+    monkeypatch.setattr(analysis, "_unloadable", {})
+    return loads
+
+
+def _missing_ner_pii(workers: int):
+    """A PII config whose one policy needs a NER model that is not installed."""
+    config = {
+        "workers": workers,
+        "ner_model": "en_core_web_nonexistent",
+        "policies": {"default": {"entities": {"person": "redact"}}},
+    }
+    return parse_config(_cfg(config)).pii
+
+
+def test_a_spec_that_could_not_load_at_start_is_refused_without_loading_again(tmp_path, ner_loads):
+    """``workers: 0``: the start's failed load is remembered, and each request is refused at once
+    (503 ``pii_unavailable``, as before) instead of trying to load the model again in the analysis
+    thread: a model that exists but does not load cost each request a whole ``spacy.load``."""
+    from core.errors import ServiceUnavailable
+    from policies.pii.scrub import Scrubber, ScrubState
+
+    loads = ner_loads
+    pii = _missing_ner_pii(workers=0)
     scrubber = Scrubber(pii, tmp_path)
     policy = scrubber.policies["default"]
     body = {"model": "gpt", "messages": [{"role": "user", "content": "Ada Lovelace wrote"}]}
@@ -444,33 +457,15 @@ def test_analysis_in_the_serving_process_loads_presidio_at_start(data_dir):
     assert spec in analysis._analyzers
 
 
-def test_a_worker_does_not_load_again_a_spec_it_could_not_load(data_dir, monkeypatch):
+def test_a_worker_does_not_load_again_a_spec_it_could_not_load(data_dir, ner_loads):
     """What a worker process runs (``analyze_items``; with ``workers: 1`` or more): a spec whose
     model failed to load is refused at once on the next call with the same reason, instead of
     loading again (a model that exists but does not load cost each request a whole ``spacy.load``
     of the worker's CPU). A restarted worker, a fresh process, tries again."""
-    from policies.pii import analysis, presidio_offline
     from policies.pii.analysis import analyze_items
 
-    loads: list[str] = []
-    real_engine = presidio_offline.nlp_engine
-
-    def counted(model: str, blank: bool = False):
-        loads.append(model)
-        return real_engine(model, blank)
-
-    monkeypatch.setattr(presidio_offline, "nlp_engine", counted)
-    monkeypatch.setattr(analysis, "_analyzers", {})
-    monkeypatch.setattr(analysis, "_unloadable", {})
-    pii = parse_config(
-        _cfg(
-            {
-                "workers": 1,
-                "ner_model": "en_core_web_nonexistent",
-                "policies": {"default": {"entities": {"person": "redact"}}},
-            }
-        )
-    ).pii
+    loads = ner_loads
+    pii = _missing_ner_pii(workers=1)
     from policies.pii.scrub import Scrubber
 
     spec = Scrubber(pii, data_dir).policies["default"].spec
