@@ -204,6 +204,9 @@ class Policies(_Strict):
     # Budgets a tenant may have (every replica holds every budget in memory); the super-admin's
     # own budgets on a tenant count too but are never refused.
     max_budgets_per_tenant: int = Field(10_000, ge=1)
+    # Live (unrevoked) API keys a tenant may have; keys the super-admin creates count too but are
+    # never refused. A tenant admin minting keys without end grew the table every list scans.
+    max_keys_per_tenant: int = Field(10_000, ge=1)
     # Prompt versions a tenant may store (its active agents'), in number and in bytes (template,
     # variables and note); a save past either is refused. Every replica holds the versions labels
     # point at; one pinned by number (agent:x@7) is read on demand into an LRU of

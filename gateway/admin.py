@@ -276,6 +276,8 @@ class Admin:
         tenant, meta = narrow(minter, tenant, meta)
         require_tags = meta.pop("require_tags", [])
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
+            if not minter.is_master:
+                await self._key_room(conn, tenant)
             key, rec = await key_store.create_key(conn, name, tenant, require_tags, extra=meta)
             budget = None
             if budget_usd and not minter.is_master:
@@ -477,6 +479,23 @@ class Admin:
                 raise
         headers = await self._announce(b.id)
         return _json(await self._state(b), 201, headers)
+
+    async def _key_room(self, conn, tenant: str) -> None:
+        """A tenant admin's live keys are bounded (``policies.max_keys_per_tenant``), counted under
+        a per-tenant lock, so racing creates cannot pass; a revoked key frees its place."""
+        cap = self.svc.config.policies.max_keys_per_tenant
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-keys:' || $1))", tenant)
+        count = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT 1 FROM api_keys WHERE tenant = $1 AND revoked_at IS NULL LIMIT $2) k",
+            tenant,
+            cap,
+        )
+        if count >= cap:
+            raise InvalidRequest(
+                f"This tenant has {cap} live API keys, the most it may have; revoke one first.",
+                param="name",
+                code="too_many_keys",
+            )
 
     async def _budget_room(self, conn, tenant: str) -> None:
         """A tenant admin's budgets are bounded (``policies.max_budgets_per_tenant``): each is held
