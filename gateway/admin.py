@@ -481,16 +481,12 @@ class Admin:
         return _json(await self._state(b), 201, headers)
 
     async def _key_room(self, conn, tenant: str) -> None:
-        """A tenant admin's live keys are bounded (``policies.max_keys_per_tenant``), counted under
-        a per-tenant lock, so racing creates cannot pass; a revoked key frees its place."""
+        """A tenant admin's live keys are bounded (``policies.max_keys_per_tenant``); a revoked key
+        frees its place."""
         cap = self.svc.config.policies.max_keys_per_tenant
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-keys:' || $1))", tenant)
-        count = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT 1 FROM api_keys WHERE tenant = $1 AND revoked_at IS NULL LIMIT $2) k",
-            tenant,
-            cap,
-        )
-        if count >= cap:
+        if await _held(
+            conn, "gateway-keys:", "SELECT 1 FROM api_keys WHERE tenant = $1 AND revoked_at IS NULL", tenant, cap
+        ):
             raise InvalidRequest(
                 f"This tenant has {cap} live API keys, the most it may have; revoke one first.",
                 param="name",
@@ -499,13 +495,9 @@ class Admin:
 
     async def _budget_room(self, conn, tenant: str) -> None:
         """A tenant admin's budgets are bounded (``policies.max_budgets_per_tenant``): each is held
-        in every replica's memory. Counted under a per-tenant lock, so racing creates cannot pass."""
+        in every replica's memory."""
         cap = self.svc.config.policies.max_budgets_per_tenant
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-budgets:' || $1))", tenant)
-        count = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT 1 FROM budgets WHERE tenant = $1 LIMIT $2) b", tenant, cap
-        )
-        if count >= cap:
+        if await _held(conn, "gateway-budgets:", "SELECT 1 FROM budgets WHERE tenant = $1", tenant, cap):
             raise InvalidRequest(
                 f"This tenant has {cap} budgets, the most it may have; delete one first.",
                 param="scope_value",
@@ -707,6 +699,14 @@ def _query_tenant(query: str) -> str | None:
 
     values = parse_qs(query).get("tenant")
     return values[0][:128].replace("\x00", "\ufffd") if values else None
+
+
+async def _held(conn, lock: str, rows: str, tenant: str, cap: int) -> bool:
+    """Whether the tenant holds ``cap`` of ``rows`` (a fixed query of its rows, ``$1`` its tenant)
+    already: counted (no further than ``cap``) under the tenant's transaction lock ``lock``, so
+    creates racing each other cannot all pass."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1::text || $2::text))", lock, tenant)
+    return await conn.fetchval(f"SELECT count(*) FROM ({rows} LIMIT $2) r", tenant, cap) >= cap
 
 
 def _record(row) -> dict:

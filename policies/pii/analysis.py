@@ -267,7 +267,7 @@ def _analyzer(spec: Spec):
     try:
         return _build(spec)
     except Exception as exc:
-        _unloadable[spec] = str(exc) or type(exc).__name__
+        _unloadable[spec] = f"{type(exc).__name__}: {exc}"
         raise
 
 
@@ -572,7 +572,6 @@ class Analyzer:
         self._prefilters: dict[Spec, Prefilter] = {}
         self._pool = None  # workers.WorkerPool when analysis runs in worker processes
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None  # workers: 0
-        self._unloaded: dict[Spec, str] = {}  # workers: 0: a spec whose start failed, and why
         self._cached = metrics.pii_texts.get("cached")
         self._clean = metrics.pii_texts.get("clean")
         self._analysed = metrics.pii_texts.get("analysed")
@@ -586,15 +585,14 @@ class Analyzer:
             return
         # In the serving process: loaded now, in the analysis thread (several seconds), not by the
         # first request within its own analysis timeout. A spec that cannot load (a NER model not
-        # installed, or one that fails to load) is logged here and each request is refused at once:
-        # not loaded again per request (a whole ``spacy.load`` each time, in the analysis thread).
+        # installed, or one that fails to load) is logged here and remembered (``_unloadable``):
+        # each request is refused at once, not loaded again (a whole ``spacy.load`` each time).
         loop = asyncio.get_running_loop()
         for spec in specs:
             try:
                 await loop.run_in_executor(self._executor(), warm, spec)
             except Exception as exc:
                 log.error("PII analysis for %s could not load: %s", list(spec.entities), exc)
-                self._unloaded[spec] = f"{type(exc).__name__}: {exc}"
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -652,9 +650,9 @@ class Analyzer:
         timeout = timeout_for(self.timeout, chars)
         if self._pool is not None:
             return await self._pool.call(spec, items, timeout, self.max_chars, self.max_checks)
-        failed = self._unloaded.get(spec)
+        failed = _unloadable.get(spec)  # (refused here: not queued behind the analysis thread's work)
         if failed is not None:
-            raise RuntimeError(f"could not load at the start: {failed}")
+            raise RuntimeError(f"could not load: {failed}")
         # In the serving process: a thread of its own, so the event loop keeps serving; a thread
         # cannot be stopped, but the request is answered (refused) when the timeout passes.
         fut = asyncio.get_running_loop().run_in_executor(
