@@ -30,6 +30,7 @@ from core.types import RequestContext, excerpt
 from gateway import grounding, hitl_stage
 from policies.engine import attribution
 from runtime.memory import Erased, Window
+from runtime.memory_window import for_model
 from runtime.types import AGENT_PREFIX, Turn
 
 log = logging.getLogger("gateway.agents")
@@ -246,7 +247,8 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     # held: the message joins the escalation (checked first like any turn's: it is stored too)
     if await hitl_stage.on_prepare(svc, ctx, turn, hold):
         return
-    ctx.body["messages"] = [{"role": "system", "content": system}, *history, *client_messages]
+    sent = for_model(history)  # (``turn.history`` keeps the marks: the next window is stored from it)
+    ctx.body["messages"] = [{"role": "system", "content": system}, *sent, *client_messages]
     if server_tools:
         ctx.body["tools"] = [*client_tools, *server_tools]
     ctx.body["model"] = agent.model
@@ -256,7 +258,7 @@ async def prepare(svc, ctx: RequestContext, scope_headers: dict[bytes, bytes]) -
     ctx._prompt_tokens = None  # the body changed: counts and bounds are derived again
     ctx.body_bytes = len(orjson.dumps(ctx.body))  # the prompt's bound (context windows, rules, off-loop count)
     ctx.known_tokens = _known_tokens(ctx.body["messages"][0], system)
-    ctx.known_history = history if isinstance(history, Window) else None  # (mapped when a count needs it)
+    ctx.known_history = sent if isinstance(sent, Window) else None  # (mapped when a count needs it)
 
 
 def _forged_call(message: dict, server_names: set[str]) -> str | None:

@@ -26,7 +26,7 @@ from core import http
 from core.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from gateway import agent_stage, conversation_paths, key_window
 from runtime.hitl import settings as hitl_settings
-from runtime.tools import agent_tools
+from runtime.memory_window import CLIENT_SAW, unmarked
 
 PREFIX = "/v1/agents/"
 
@@ -63,31 +63,34 @@ async def messages(svc, scope, send, rid: str, crid: str | None) -> None:
         "conversation_id": conversation_id,
         "held_by_human": hold is not None,
         "escalation_id": hold,
-        "data": client_view(agent, window),
+        "data": client_view(window),
     }
     await http.send_json(send, 200, body, rid, crid=crid)
 
 
-def client_view(agent, window: list[dict]) -> list[dict]:
+def client_view(window: list[dict]) -> list[dict]:
     """The conversation as its client saw it: without the agent's server-side tool steps (the
     calls the model made of the agent's own tools and their raw results), which only the
-    operator reads (``GET /admin/runs``). Calls of the client's own tools stay."""
-    server = set(agent_tools(agent))
-    hidden: set = set()
+    operator reads (``GET /admin/runs``). A tool call is the client's only when it was stored
+    marked so (``memory_window.CLIENT_SAW``: the answer that called the client's tools, or what
+    the client sent), whatever the agent's tools are now; an unmarked one (a server step, or one
+    stored before the mark) is left out with its results, its words kept. A tool result is shown
+    only right after the client's call it answers. The mark itself is never shown."""
     out = []
+    shown: set = set()  # the client's calls of the assistant message just read
     for message in window:
-        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
-        if calls:
-            mine = [c for c in calls if isinstance(c, dict) and (c.get("function") or {}).get("name") in server]
-            hidden.update(c.get("id") for c in mine)
-            if mine:
-                kept = [c for c in calls if c not in mine]
-                if not kept and not message.get("content"):
-                    continue
-                message = {k: v for k, v in message.items() if k != "tool_calls"} | (
-                    {"tool_calls": kept} if kept else {}
-                )
-        elif message.get("role") == "tool" and message.get("tool_call_id") in hidden:
+        role = message.get("role")
+        if role == "tool":
+            if message.get("tool_call_id") in shown:
+                out.append(message)
             continue
-        out.append(message)
+        calls = message.get("tool_calls") if role == "assistant" else None
+        shown = set()
+        if calls and message.get(CLIENT_SAW) is True:
+            shown = {c.get("id") for c in calls if isinstance(c, dict)}
+        elif calls:
+            if not message.get("content"):
+                continue
+            message = {k: v for k, v in message.items() if k != "tool_calls"}
+        out.append(unmarked(message))
     return out

@@ -16,7 +16,12 @@ tenant (a public widget's) cannot vote in the experiment reports for the channel
 Feedback by ``request_id`` is stored as given: the gateway's request ids are random, and the
 conversation of the request is resolved only by the reports' join. ``agent`` names an agent the
 key may use (another is 404, as one that does not exist), and feedback naming an agent counts in
-that agent's reports alone: conversation ids are per agent.
+that agent's reports alone: conversation ids are per agent. Feedback naming none from a key
+restricted to some models keeps the ids of the tenant's agents the key may use then
+(``agent_ids``) and counts in their reports alone: a key limited to one agent cannot vote in
+another's experiment by its (guessable) conversation ids. It is stored all the same (201), so the
+answer tells nothing of which conversations exist; a key that may use every model keeps no list
+(its feedback counts for every agent, as before).
 """
 
 from __future__ import annotations
@@ -115,6 +120,17 @@ async def _agent_id(svc, conn, ident: Identity, name: str) -> str:
     return found[0]
 
 
+async def _usable_agents(conn, ident: Identity) -> list[str] | None:
+    """The ids of the tenant's agents a restricted key may use now; None: every model is the
+    key's (nothing to keep)."""
+    if not ident.models:
+        return None
+    rows = await conn.fetch(
+        "SELECT id, name, model FROM agents WHERE tenant = $1 AND archived_at IS NULL", ident.tenant
+    )
+    return sorted(r["id"] for r in rows if allowed_identity(ident, r["name"], r["model"]))
+
+
 async def feedback(svc, scope, receive, send, rid: str, crid: str | None = None, ident: Identity | None = None) -> None:
     """The ``POST /v1/feedback`` handler (plain ASGI; errors raise GatewayError for the app to
     render). ``ident``: the caller when already authenticated, else the bearer key is checked."""
@@ -127,10 +143,11 @@ async def feedback(svc, scope, receive, send, rid: str, crid: str | None = None,
     tenant = ident.tenant
     async with tenant_transaction(svc.pool, tenant) as conn:
         agent_id = await _agent_id(svc, conn, ident, data["agent"]) if data["agent"] else None
+        agent_ids = await _usable_agents(conn, ident) if agent_id is None else None
         row = await conn.fetchrow(
             """INSERT INTO feedback (tenant, key_id, request_id, conversation_id, agent_id, thumbs, score,
-                                     resolved, text)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id, created_at""",
+                                     resolved, text, agent_ids)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id, created_at""",
             tenant,
             ident.key_id,
             data["request_id"],
@@ -140,6 +157,7 @@ async def feedback(svc, scope, receive, send, rid: str, crid: str | None = None,
             data["score"],
             data["resolved"],
             data["text"],
+            agent_ids,
         )
     body = {
         "id": f"fb_{row['id']}",

@@ -30,6 +30,7 @@ from gateway import grounding, hitl_stage, pipeline, withholding
 from gateway.routing import Group
 from gateway.usage import count_prompt_off_loop
 from runtime.memory import Window
+from runtime.memory_window import client_saw
 from runtime.tools import validation_budget
 
 log = logging.getLogger("gateway.agents")
@@ -343,9 +344,13 @@ async def _remember(svc, ctx: RequestContext, answer: dict) -> None:
     turn = ctx.agent
     if turn.conversation_id is None or turn.memory_error is not None:
         return
-    new = hitl_stage.from_client(turn.new_messages)  # a client never stores a person's reply
+    # a client never stores a person's reply; what it sent and the answer are what it saw (their
+    # tool calls are the client's: marked so, the tools steps between are not, whatever the
+    # agent's tools are when the conversation is read back: ``memory_window.CLIENT_SAW``)
+    new = [client_saw(m) for m in hitl_stage.from_client(turn.new_messages)]
     answer = {k: v for k, v in answer.items() if k in ("role", "content", "tool_calls") and v is not None}
     answer.setdefault("role", "assistant")
+    answer = client_saw(answer)
     try:
         await svc.memory.append(
             turn.agent.tenant,

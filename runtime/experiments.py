@@ -1,7 +1,9 @@
 """A/B experiments on prompt labels: what each variant did, and whether the difference is real.
 
 An experiment starts when a label is pointed at several weighted versions and ends when the
-label is moved to one. ``gather`` reads what happened in the experiment's window — the audit
+label is moved to one (``stopped_at``, PostgreSQL's clock): a stopped experiment's report is fixed
+as of its stop — feedback and resolutions recorded after it (PostgreSQL's clock too) and turns
+after it do not count. ``gather`` reads what happened in the experiment's window — the audit
 ledger's rows of the agent (``variant``, ``conversation_id``, tokens, cost, latency), the run
 records (escalations, degradations; optional: the table may not exist yet) and the feedback the
 clients sent — as per-variant aggregates computed in SQL; ``report`` turns them into rates and a
@@ -100,12 +102,15 @@ _FEEDBACK_SQL = f"""WITH {_TURNS},
                     ELSE f.conversation_id END AS conv_key
         -- one vote per answer (its request id, whatever conversation id came with it) or per
         -- conversation: the latest one counts, so repeating a vote cannot decide an experiment.
-        -- Feedback naming another agent is that agent's (conversation ids are per agent)
+        -- Feedback naming another agent is that agent's (conversation ids are per agent); feedback
+        -- naming none counts for the agents its key could use (``agent_ids``; NULL: every one).
+        -- A stopped experiment counts what came before its stop (its figures are the decision's).
         FROM (SELECT DISTINCT ON (vote) *
               FROM (SELECT *, CASE WHEN request_id IS NOT NULL THEN 'r:' || request_id
                                    ELSE 'c:' || conversation_id END AS vote
                     FROM feedback WHERE tenant = $1 AND created_at >= $3
-                      AND (agent_id IS NULL OR agent_id = $6)) v
+                      AND ($4::timestamptz IS NULL OR created_at < $4)
+                      AND (agent_id = $6 OR (agent_id IS NULL AND (agent_ids IS NULL OR $6 = ANY(agent_ids))))) v
               ORDER BY vote, created_at DESC, id DESC) f
         LEFT JOIN turns t ON f.request_id IS NOT NULL AND t.request_id = f.request_id
         LEFT JOIN conv c ON f.request_id IS NULL AND c.conversation_id = f.conversation_id)
@@ -129,7 +134,8 @@ _RUNS_SQL = f"""WITH {_TURNS}
 
 # Escalations opened by the experiment's turns, and how many were resolved (human in the loop).
 _ESCALATIONS_SQL = """
-    SELECT variant, count(*) AS escalations, count(*) FILTER (WHERE status = 'resolved') AS resolutions
+    SELECT variant, count(*) AS escalations,
+           count(*) FILTER (WHERE status = 'resolved' AND ($4::timestamptz IS NULL OR resolved_at < $4)) AS resolutions
     FROM escalations
     WHERE tenant = $1 AND agent = $2 AND created_at >= $3 AND ($4::timestamptz IS NULL OR created_at < $4)
       AND variant = ANY($5::text[])

@@ -21,7 +21,15 @@ from runtime.types import MemorySettings
 log = logging.getLogger("gateway.memory")
 
 MAX_WINDOW_BYTES = 256 * 1024  # a larger window is not stored whole: loads cut the list instead
-_KEPT = ("role", "content", "name", "tool_calls", "tool_call_id", "refusal")
+# A stored assistant message's mark: its tool calls are the client's own (the answer that called
+# the client's tools, or an assistant message the client sent), stored so at the time of the
+# turn. Every other tool call in memory is the agent's server-side step, whatever the agent's tools
+# are now (renamed, removed, another version's), and the client's read of the conversation leaves
+# it out (``gateway.conversations_api``); so are those of turns stored before the mark existed,
+# which nothing proves the client's. The mark is never sent to a model (``for_model``) nor shown
+# to the client.
+CLIENT_SAW = "gateway_client_saw"
+_KEPT = ("role", "content", "name", "tool_calls", "tool_call_id", "refusal", CLIENT_SAW)
 
 
 def list_cap(settings: MemorySettings) -> int:
@@ -32,6 +40,35 @@ def list_cap(settings: MemorySettings) -> int:
 def clean_message(message: dict) -> dict:
     """The parts of an OpenAI message worth sending back to a model."""
     return {k: message[k] for k in _KEPT if message.get(k) is not None}
+
+
+def unmarked(message: dict) -> dict:
+    """The message without ``CLIENT_SAW`` (itself when it has none)."""
+    return {k: v for k, v in message.items() if k != CLIENT_SAW} if CLIENT_SAW in message else message
+
+
+def client_saw(message: dict) -> dict:
+    """A message as a turn stores it: an assistant message with tool calls marked ``CLIENT_SAW``
+    (the caller passes only what the client saw: its own messages, the answer), any other
+    without a mark (one a client sent is not its to set)."""
+    if message.get("role") == "assistant" and message.get("tool_calls"):
+        return message if message.get(CLIENT_SAW) is True else {**message, CLIENT_SAW: True}
+    return unmarked(message)
+
+
+def for_model(history: list[dict]) -> list[dict]:
+    """The window as a model is sent it: without ``CLIENT_SAW`` (the same list when no message
+    has it: one look per message; otherwise a copy with the same token counts, for
+    ``Window.known``)."""
+    if not any(CLIENT_SAW in m for m in history):
+        return history
+    if not isinstance(history, Window):
+        return [unmarked(m) for m in history]
+    out = Window(unmarked(m) for m in history)
+    out.tokens = history.tokens
+    out.seq = history.seq
+    out.since = history.since
+    return out
 
 
 def message_tokens(message: dict) -> int:

@@ -142,3 +142,66 @@ def test_attack_feedback_agent_that_names_no_agent_is_a_400(gw, services, agent)
     resp = call(gw, "POST", "/v1/feedback", key, json={"conversation_id": "c1", "agent": agent, "thumbs": 1})
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == "agent"
+
+
+def test_a_stopped_experiments_report_does_not_count_feedback_sent_after_it_stopped(gw, services):
+    """An experiment is stopped (variant 2 promoted): its report is what the decision was made
+    on. Feedback sent later on its conversations (a client voting on, or a key flooding, the old
+    conversation ids) still counted — the report's feedback had a start but no end, and a later
+    vote replaced the one given while the experiment ran — so the stopped experiment's figures
+    (and its significance test) kept moving after the decision."""
+    tenant = unique("fbs")
+    admin_key = new_key(gw, tenant, admin=True)
+    name = _experiment(gw, services, admin_key, tenant)
+    key = new_key(gw, tenant)
+    for i in range(5):
+        body = {"conversation_id": f"conv-{i}", "agent": name, "thumbs": "up"}
+        assert call(gw, "POST", "/v1/feedback", key, json=body).status_code == 201
+    stop = call(gw, "POST", f"/admin/agents/{name}/experiments/production/stop", admin_key, json={"promote": "2"})
+    assert stop.status_code == 200, stop.text
+    before = _arms(gw, admin_key, name)
+    for i in range(10):
+        for body in ({"conversation_id": f"conv-{i}", "agent": name}, {"conversation_id": f"conv-{i}"}):
+            assert call(gw, "POST", "/v1/feedback", key, json=body | {"thumbs": "down"}).status_code == 201
+    assert (
+        call(gw, "POST", "/v1/feedback", key, json={"request_id": f"req-{name}-3", "thumbs": "down"}).status_code == 201
+    )
+    after = _arms(gw, admin_key, name)
+    assert after == before
+    assert after["1"]["thumbs_up"] == 5 and after["1"]["thumbs_down"] == 0, after["1"]
+
+
+def test_attack_feedback_naming_no_agent_from_a_key_limited_to_another_agent_does_not_vote(gw, services):
+    """A key that may use only agent ``widget`` sends feedback on ``conv-0`` … ``conv-9`` without
+    naming an agent: feedback naming none counted for every agent of the tenant, so it voted in
+    ``ab``'s experiment, which the key may not call. It is kept (201, as any feedback: the answer
+    tells nothing of which conversations exist) and counts only for the agents the key could use;
+    a key that may use ``ab`` (or every model) still votes without naming it."""
+    tenant = unique("fbz")
+    admin_key = new_key(gw, tenant, admin=True)
+    name = _experiment(gw, services, admin_key, tenant)
+    widget = unique("widget")
+    assert create(gw, admin_key, name=widget).status_code == 201
+    limited = _restricted_key(gw, tenant, [f"agent:{widget}"])
+    for i in range(10):
+        sent = call(gw, "POST", "/v1/feedback", limited, json={"conversation_id": f"conv-{i}", "thumbs": "down"})
+        assert sent.status_code == 201, sent.text
+    assert (
+        call(gw, "POST", "/v1/feedback", limited, json={"request_id": f"req-{name}-1", "thumbs": "down"}).status_code
+        == 201
+    )
+    arms = _arms(gw, admin_key, name)
+    assert arms["1"]["feedback"] == 0 and arms["1"]["thumbs_down"] == 0, arms["1"]
+    allowed = _restricted_key(gw, tenant, [f"agent:{name}"])
+    for i in range(3):
+        assert (
+            call(gw, "POST", "/v1/feedback", allowed, json={"conversation_id": f"conv-{i}", "thumbs": "up"}).status_code
+            == 201
+        )
+    unrestricted = new_key(gw, tenant)
+    for i in range(10, 12):
+        body = {"conversation_id": f"conv-{i}", "thumbs": "up"}
+        assert call(gw, "POST", "/v1/feedback", unrestricted, json=body).status_code == 201
+    arms = _arms(gw, admin_key, name)
+    assert (arms["1"]["thumbs_up"], arms["1"]["thumbs_down"]) == (3, 0), arms["1"]
+    assert (arms["2"]["thumbs_up"], arms["2"]["thumbs_down"]) == (2, 0), arms["2"]

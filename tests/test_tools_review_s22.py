@@ -568,3 +568,85 @@ def test_a_wide_anyof_in_a_tool_schema_cannot_stall_a_replica(gw, tools):
     directive = "[[mock:" + orjson.dumps({"tool_calls": small}).decode() + "]]"
     answer = c.chat.completions.create(model=f"agent:{name}", messages=[{"role": "user", "content": directive}])
     assert "invalid arguments: argument 'items.2'" in (answer.choices[0].message.content or "")
+
+
+@pytest.mark.parametrize("change", ["renamed", "removed"])
+def test_a_renamed_or_removed_server_tool_does_not_make_its_old_results_readable(gw, tools, module_mock, change):
+    """The client's read of a conversation left out the server-side tool steps by the agent's
+    tool names of the moment: once the operator renamed the tool (or removed it, or another
+    version had other tools), the old steps — the model's calls and the tools' raw results, which
+    the client never saw — were handed to any key that may read the conversation. What was a
+    server step when the turn was stored stays hidden; the client's own tool call and the result
+    it sent stay shown; the mark that tells them apart reaches neither the client nor the model."""
+    mark = "gateway_client_saw"  # (runtime.memory_window.CLIENT_SAW)
+    tenant = unique("t")
+    tool = http_tool("w", f"{tools.url}/weather?city={{city}}", {"city": {"type": "string"}})
+    name = agent(gw, tenant, [tool])
+    key = new_key(gw, tenant)
+    conv = unique("conv")
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    server = {"tool_calls": [{"name": "w", "arguments": {"city": "Oslo"}}]}
+    c.chat.completions.create(
+        model=f"agent:{name}",
+        messages=[{"role": "user", "content": "[[mock:" + orjson.dumps(server).decode() + "]]"}],
+        metadata={"conversation_id": conv},
+    )
+    mine = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
+    client = {"tool_calls": [{"name": "lookup", "arguments": {}}]}
+    asked = c.chat.completions.create(
+        model=f"agent:{name}",
+        messages=[{"role": "user", "content": "[[mock:" + orjson.dumps(client).decode() + "]]"}],
+        tools=mine,
+        metadata={"conversation_id": conv},
+    )
+    (lookup,) = asked.choices[0].message.tool_calls
+    c.chat.completions.create(
+        model=f"agent:{name}",
+        messages=[{"role": "tool", "tool_call_id": lookup.id, "content": "client-result-7"}],
+        tools=mine,
+        metadata={"conversation_id": conv},
+    )
+    renamed = [{**tool, "name": "weather_v2"}] if change == "renamed" else []
+    patched = call(gw, "PATCH", f"/admin/agents/{name}", json={"tools": renamed})
+    assert patched.status_code == 200, patched.text
+    got = call(gw, "GET", f"/v1/agents/{name}/conversations/{conv}/messages", key)
+    assert got.status_code == 200, got.text
+    data = got.json()["data"]
+    assert [m["role"] for m in data] == ["user", "assistant", "user", "assistant", "tool", "assistant"], data
+    assert [c["function"]["name"] for m in data for c in m.get("tool_calls") or ()] == ["lookup"]
+    assert data[4] == {"role": "tool", "tool_call_id": lookup.id, "content": "client-result-7"}
+    assert not any(mark in m for m in data)
+    sent = module_mock.requests()
+    assert any("client-result-7" in orjson.dumps(r.get("body")).decode() for r in sent)
+    assert not any(mark in orjson.dumps(r.get("body")).decode() for r in sent)
+
+
+def test_a_conversation_stored_before_the_mark_shows_no_tool_step_it_cannot_prove_the_clients():
+    """Turns stored before client tool calls were marked: nothing in the window tells a server
+    step from a client's call (the client's result comes in a later request, stored as the
+    gateway's come in the same one), so every unmarked tool call and its results are left out,
+    their words kept; a marked one is shown with its result, without the mark."""
+    from gateway.conversations_api import client_view
+    from runtime.memory_window import CLIENT_SAW
+
+    call_ = {"id": "c1", "type": "function", "function": {"name": "anything", "arguments": "{}"}}
+    window = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Looking.", "tool_calls": [call_]},
+        {"role": "tool", "tool_call_id": "c1", "content": "internal record"},
+        {"role": "assistant", "tool_calls": [{**call_, "id": "c2"}]},
+        {"role": "tool", "tool_call_id": "c2", "content": "internal too"},
+        {"role": "assistant", "content": "Done."},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "tool_calls": [{**call_, "id": "c3"}], CLIENT_SAW: True},
+        {"role": "tool", "tool_call_id": "c3", "content": "the client's"},
+        {"role": "tool", "tool_call_id": "c2", "content": "a stray result"},
+    ]
+    assert client_view(window) == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Looking."},
+        {"role": "assistant", "content": "Done."},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "tool_calls": [{**call_, "id": "c3"}]},
+        {"role": "tool", "tool_call_id": "c3", "content": "the client's"},
+    ]

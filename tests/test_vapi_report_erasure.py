@@ -303,3 +303,113 @@ def test_attack_a_late_status_update_of_a_call_whose_conversation_was_erased_kee
          "duration_s": 42.0 if reported else None}
     ]  # fmt: skip
     assert (ledger, named) == (int(reported), 0)
+
+
+@pytest.mark.parametrize("status", ["queued", "ringing", "in-progress"])
+@pytest.mark.parametrize("number", [NUMBER, None], ids=["phone call", "web call"])
+def test_attack_a_call_first_recorded_after_its_conversations_erasure_keeps_no_number_nor_words(db, status, number):
+    """The call's conversation (VAPI's call id: this call's alone) is erased before the gateway
+    holds any record of the call; then VAPI's status update, sent late (``queued`` or ``ringing``
+    too: VAPI retries), is the call's first record, and the report follows. A ``queued`` or
+    ``ringing`` first record kept the caller's number (it was taken for the call's start), and the
+    report, comparing the erasure's time (Redis's clock) with the record's ``created_at``
+    (PostgreSQL's) found the erasure older than the call and kept the transcript, summary and
+    recording link — a web call's (no number to tag) whatever the status. Any erasure of a call's
+    conversation is of that call: its record keeps the tag and no words, whatever came first."""
+    info, conv = _call(number)
+    tenant = f"vrace-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> tuple[list[dict], int, int]:
+        pool = await asyncpg.create_pool(db, min_size=2, max_size=4)
+        store = calls.CallStore(lambda t: tenant_transaction(pool, t))
+        try:
+            await _Side(pool).erase(tenant, conv)
+            await store.upsert(tenant, "vp", info, "bot", status)
+            await _Side(pool).report(tenant, info)
+            return await _kept(pool, tenant, info)
+        finally:
+            await pool.close()
+
+    record, ledger, named = asyncio.run(go())
+    assert record == [
+        {"customer_number": conversation_tag(tenant, conv) if number else None, "transcript": None, "summary": None,
+         "recording_url": None, "duration_s": 42.0}
+    ]  # fmt: skip
+    assert (ledger, named) == (1, 0)
+
+
+def test_a_late_ringing_update_filling_in_the_number_after_the_erasure_keeps_the_tag(db):
+    """A record without the caller's number (a ``queued`` update), then the erasure (the record
+    has no number to tag), then a late ``ringing`` update naming the number: it filled the number
+    in (a status of the call's start was taken as before any erasure)."""
+    info, conv = _call(NUMBER)
+    tenant = f"vrace-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> list[dict]:
+        pool = await asyncpg.create_pool(db, min_size=2, max_size=4)
+        store = calls.CallStore(lambda t: tenant_transaction(pool, t))
+        try:
+            await store.upsert(tenant, "vp", wire.CallInfo(call_id=info.call_id), "bot", "queued")
+            await _Side(pool).erase(tenant, conv)
+            await store.upsert(tenant, "vp", info, "bot", "ringing")
+            return (await _kept(pool, tenant, info))[0]
+        finally:
+            await pool.close()
+
+    (record,) = asyncio.run(go())
+    assert record["customer_number"] == conversation_tag(tenant, conv)
+
+
+@pytest.mark.parametrize("number", [NUMBER, None], ids=["phone call", "web call"])
+@pytest.mark.parametrize("skew_s", [-3600.0, 3600.0], ids=["redis behind", "redis ahead"])
+def test_an_erasure_after_the_calls_start_counts_whatever_the_two_clocks_say(db, skew_s, number):
+    """The call starts (its assistant-request: the record with the caller's number), then its
+    conversation is erased with Redis's clock an hour behind (or ahead of) PostgreSQL's, then a
+    status update and the report come. The report compared the erasure's time (Redis's clock)
+    with the record's ``created_at`` (PostgreSQL's): an erasure stamped before the record, by a
+    clock behind, was taken for an erasure before the call, and a web call's words (no number for
+    the erasure to tag) stayed. The erasure times are compared with erasure times only."""
+    info, conv = _call(number)
+    tenant = f"vrace-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> tuple[list[dict], int, int]:
+        pool = await asyncpg.create_pool(db, min_size=2, max_size=4)
+        store = calls.CallStore(lambda t: tenant_transaction(pool, t))
+        try:
+            await store.upsert(tenant, "vp", info, "bot", "ringing", begins=True)
+            async with tenant_transaction(pool, tenant) as conn:
+                await conversations.erase(conn, tenant, AGENT_ID, conv, time.time() + skew_s)
+            await store.upsert(tenant, "vp", info, "bot", "in-progress")
+            await _Side(pool).report(tenant, info)
+            return await _kept(pool, tenant, info)
+        finally:
+            await pool.close()
+
+    record, ledger, named = asyncio.run(go())
+    assert record == [
+        {"customer_number": conversation_tag(tenant, conv) if number else None, "transcript": None, "summary": None,
+         "recording_url": None, "duration_s": 42.0}
+    ]  # fmt: skip
+    assert (ledger, named) == (1, 0)
+
+
+def test_an_erasure_before_the_calls_start_is_not_of_the_call(db):
+    """The other side: an erasure recorded before the gateway saw the call start (its
+    assistant-request) is not of the call; its number and words stay."""
+    info, conv = _call(NUMBER)
+    tenant = f"vrace-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> list[dict]:
+        pool = await asyncpg.create_pool(db, min_size=2, max_size=4)
+        store = calls.CallStore(lambda t: tenant_transaction(pool, t))
+        try:
+            await _Side(pool).erase(tenant, conv)
+            await store.upsert(tenant, "vp", info, "bot", "ringing", begins=True)
+            await store.upsert(tenant, "vp", info, "bot", "in-progress")
+            await _Side(pool).report(tenant, info)
+            return (await _kept(pool, tenant, info))[0]
+        finally:
+            await pool.close()
+
+    (record,) = asyncio.run(go())
+    assert record["customer_number"] == NUMBER and record["transcript"] == REPORT.transcript

@@ -5,10 +5,15 @@ names its tenant and runs in the composition's tenant transaction (row-level sec
 second wall). Status updates only move a call forward (queued → ringing → in-progress →
 forwarding → ended) and stop once its end-of-call report is in; the first report sets
 ``reported_at`` and writes the call's ledger record in the same transaction, so a repeated
-report finds ``reported_at`` set and changes nothing. The report of a call whose conversation
-was erased while it went on keeps no words (transcript, summary, recording link), as the erasure,
-and a record first written once the call was under way (a status update VAPI sent late, or the
-report) holds the erasure's tag as its caller's number;
+report finds ``reported_at`` set and changes nothing. The conversation of a call is its own
+(``vapi:`` and VAPI's call id, new per call): an erasure of it recorded after the call began is of
+that call. When the gateway records the call's start (the assistant-request, or the outbound call
+placed) it keeps the latest erasure time of the conversation then (``erased_before``); an erasure
+after it counts, compared with erasure times only (one clock: the erasures'; never the record's
+``created_at``, PostgreSQL's). A call whose first record is not its start (a status update VAPI
+sent late, whatever its status, or the report) tells nothing of when it began: every erasure of
+its conversation counts. A call erased so keeps no words (transcript, summary, recording link), as
+the erasure, and a record written after the erasure holds the erasure's tag as its caller's number;
 the report (and a status update) and an erasure of the tenant's conversations never run at once
 (its erasure lock, taken shared by the writer: ``core.erasure_key.LOCK_WRITE``).
 
@@ -48,31 +53,43 @@ _COLUMNS = (
     "metadata, created_at, updated_at, ended_at, reported_at"
 )
 
-# The statuses of a call that has not begun: a record first written with one of these marks when
-# the call began (its ``created_at``); one first written with a later status (VAPI's status update
-# sent late, retried) or by the report tells nothing of it.
-BEGINNING = ("scheduled", "queued", "ringing")
+
+def _erased(tenant: str, hashed: str, before: str) -> str:
+    """Whether the call's conversation was erased since ``before`` (``erased_before``: NULL, any
+    erasure). Times are compared only with times of the same clock (the erasures')."""
+    return (
+        f"EXISTS (SELECT 1 FROM erased_conversations e WHERE e.tenant = {tenant} AND e.external_hash = {hashed}"
+        f" AND ({before} IS NULL OR e.erased_at > {before}))"
+    )
 
 
-def _caller(number: str, hashed: str, tag: str, status: str) -> str:
-    """The caller's number a record first written with ``status`` holds: the erasure's tag when the
-    call's conversation was erased and the status is past ``BEGINNING`` (a call's id is VAPI's,
-    new per call: the erasure was of this call, under way), as the erasure leaves a record it
-    finds. Each argument names a statement's parameter ($2: the tenant)."""
-    erased = f"EXISTS (SELECT 1 FROM erased_conversations e WHERE e.tenant = $2 AND e.external_hash = {hashed})"
-    begun = f"{status} <> ALL ('{{{','.join(BEGINNING)}}}'::text[])"
-    return f"CASE WHEN {number}::text IS NOT NULL AND {begun} AND {erased} THEN {tag}::text ELSE {number}::text END"
+def _first(begins: str, hashed: str) -> str:
+    """``erased_before`` of a record written first now: the latest erasure of the conversation when
+    the record is the call's start (``begins``), else NULL. ($2: the tenant)"""
+    latest = f"(SELECT max(e.erased_at) FROM erased_conversations e WHERE e.tenant = $2 AND e.external_hash = {hashed})"
+    return f"CASE WHEN {begins} THEN coalesce({latest}, '-infinity'::timestamptz) END"
 
+
+def _caller(number: str, erased: str, tag: str) -> str:
+    """The caller's number a record holds: the erasure's tag when ``erased``."""
+    return f"CASE WHEN {number}::text IS NOT NULL AND {erased} THEN {tag}::text ELSE {number}::text END"
+
+
+# (a record written first by the call's start: the erasures until now are not of the call)
+_ERASED_UNSTARTED = f"(NOT $17 AND {_erased('$2', '$15', 'NULL::timestamptz')})"
 
 # Insert the call if new; otherwise fill what was unknown and move its status forward only.
-# ($15 the conversation's keyed hash, $16 its tag)
+# ($15 the conversation's keyed hash, $16 its tag, $17 whether this is the call's start: the
+# assistant-request, or the outbound call placed; a status update is not, sent late or not)
 _UPSERT = f"""
 INSERT INTO vapi_calls (id, tenant, account, call_id, conversation_id, agent, direction, status, customer_number,
-                        phone_number, assistant_id, phone_number_id, metadata)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {_caller("$9", "$15", "$16", "$8::text")}, $10, $11, $12, $13::jsonb)
+                        phone_number, assistant_id, phone_number_id, metadata, erased_before)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {_caller("$9", _ERASED_UNSTARTED, "$16")},
+        $10, $11, $12, $13::jsonb, {_first("$17", "$15")})
 ON CONFLICT (tenant, account, call_id) DO UPDATE SET
     agent = COALESCE(vapi_calls.agent, EXCLUDED.agent),
-    customer_number = COALESCE(vapi_calls.customer_number, EXCLUDED.customer_number),
+    customer_number = COALESCE(
+        vapi_calls.customer_number, {_caller("$9", _erased("$2", "$15", "vapi_calls.erased_before"), "$16")}),
     phone_number = COALESCE(vapi_calls.phone_number, EXCLUDED.phone_number),
     assistant_id = COALESCE(vapi_calls.assistant_id, EXCLUDED.assistant_id),
     phone_number_id = COALESCE(vapi_calls.phone_number_id, EXCLUDED.phone_number_id),
@@ -86,30 +103,26 @@ RETURNING {_COLUMNS}
 # The report takes its tenant's erasure lock shared first (``LOCK_WRITE``): an erasure of the
 # call's conversation commits before it (the report reads it) or waits for its commit (the erasure
 # then tags the record the report wrote, and its ledger record). Run at once, neither saw the other.
-# A call whose conversation was erased after the call began (while it went on) keeps its
-# report's duration and cost, not its words: the transcript holds what was said before the
-# erasure too ($11: the conversation's keyed hash, as ``erased_conversations`` keeps it). A record
-# the report itself created ($12: the gateway heard nothing of the call before) tells nothing of
-# when the call began: any erasure of its conversation counts (a call's id is VAPI's, new per call);
-# so does it for a record a late status update first wrote, which holds the tag as its caller's
-# number ($13, ``_caller``; a web call's, with no number, is not told apart).
-_ERASED_SINCE = """EXISTS (SELECT 1 FROM erased_conversations e
-    WHERE e.tenant = $1 AND e.external_hash = $11
-      AND ($12 OR e.erased_at >= vapi_calls.created_at OR vapi_calls.customer_number = $13))"""
-# ... and such a record's caller's number is the erasure's tag ($13), as the erasure leaves a
-# record it finds ($12: the conversation's keyed hash).
+# A call whose conversation was erased since the call began keeps its report's duration and cost,
+# not its words: the transcript holds what was said before the erasure too ($11: the conversation's
+# keyed hash, as ``erased_conversations`` keeps it). A record whose first write was not the call's
+# start (a status update or the report, maybe sent late: ``erased_before`` NULL) tells nothing of
+# when the call began: any erasure of its conversation counts (a call's id is VAPI's, new per call).
+_ERASED = _erased("$1", "$11", "vapi_calls.erased_before")
+# ... and a record the report creates holds the erasure's tag as its caller's number ($13), as the
+# erasure leaves a record it finds ($12: the conversation's keyed hash).
 _INSERT_REPORTED = f"""
 INSERT INTO vapi_calls (id, tenant, account, call_id, conversation_id, agent, direction, status, customer_number,
                         phone_number, assistant_id, phone_number_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, 'ended', {_caller("$8", "$12", "$13", "'ended'")}, $9, $10, $11)
+VALUES ($1, $2, $3, $4, $5, $6, $7, 'ended', {_caller("$8", _erased("$2", "$12", "NULL::timestamptz"), "$13")},
+        $9, $10, $11)
 ON CONFLICT (tenant, account, call_id) DO NOTHING
-RETURNING true
 """
 _REPORT = f"""
 UPDATE vapi_calls SET status = 'ended', ended_reason = $4, duration_s = $5, cost_usd = $6,
-       transcript = CASE WHEN {_ERASED_SINCE} THEN NULL ELSE $7 END,
-       recording_url = CASE WHEN {_ERASED_SINCE} THEN NULL ELSE $8 END,
-       summary = CASE WHEN {_ERASED_SINCE} THEN NULL ELSE $9 END,
+       transcript = CASE WHEN {_ERASED} THEN NULL ELSE $7 END,
+       recording_url = CASE WHEN {_ERASED} THEN NULL ELSE $8 END,
+       summary = CASE WHEN {_ERASED} THEN NULL ELSE $9 END,
        ended_at = COALESCE($10, now()), reported_at = now(), updated_at = now()
 WHERE tenant = $1 AND account = $2 AND call_id = $3 AND reported_at IS NULL
 RETURNING {_COLUMNS}
@@ -218,10 +231,20 @@ class CallStore:
         self._tx = transaction
 
     async def upsert(
-        self, tenant: str, account: str, info: wire.CallInfo, agent: str | None, status: str | None = None, **extra
+        self,
+        tenant: str,
+        account: str,
+        info: wire.CallInfo,
+        agent: str | None,
+        status: str | None = None,
+        *,
+        begins: bool = False,
+        **extra,
     ) -> dict | None:
         """Records the call (new) or what is new about it; None when it has no valid call id or
-        its report is in already."""
+        its report is in already. ``begins``: this is the call's start (VAPI's assistant-request,
+        or the outbound call just placed), so an erasure of its conversation recorded before it
+        is not of this call; a status update is never one (VAPI may send it late)."""
         if info.call_id is None:
             return None
         status = status if status in STATUSES else "queued"
@@ -249,6 +272,7 @@ class CallStore:
                 list(STATUSES),
                 hashed,
                 TAG_PREFIX + hashed,
+                begins,
             )
         return describe(row) if row is not None else None
 
@@ -262,7 +286,7 @@ class CallStore:
         hashed = conversation_hash(tenant, info.conversation_id or "")
         async with self._tx(tenant) as conn:
             await conn.execute(LOCK_WRITE, tenant)
-            created = await conn.fetchval(
+            await conn.execute(
                 _INSERT_REPORTED,
                 new_id(),
                 tenant,
@@ -291,8 +315,6 @@ class CallStore:
                 report.summary,
                 report.ended_at,
                 hashed,
-                bool(created),
-                TAG_PREFIX + hashed,
             )
             if row is None:
                 return None

@@ -193,7 +193,9 @@ class VapiChannel:
         )
         status = data.get("status") if isinstance(data.get("status"), str) else "queued"
         kept = {k: v for k, v in metadata.items() if k != wire.SIGNATURE}
-        record = await self.store.upsert(account.tenant, name, info, agent, status, direction="outbound", metadata=kept)
+        record = await self.store.upsert(
+            account.tenant, name, info, agent, status, begins=True, direction="outbound", metadata=kept
+        )
         return record or {"call_id": data["id"], "status": status}
 
     def _pace(self, name: str, account: VapiAccount) -> None:

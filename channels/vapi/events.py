@@ -133,7 +133,7 @@ class Events:
                 return {"error": "No agent is configured for this number."}
             if self.active is not None and not await self.active(account):  # its turns would be refused
                 return {"error": "This line is not available."}
-            await self.store.upsert(account.tenant, name, info, agent, "ringing")
+            await self.store.upsert(account.tenant, name, info, agent, "ringing", begins=True)
             return {"assistant": assistant_config(name, account, agent)}
         if kind == "tool-calls":
             return await self._tool_calls(account, message, info, agent, request_id)
