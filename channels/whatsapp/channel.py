@@ -33,7 +33,8 @@ class WhatsApp:
     """Tuning by environment (tests shorten them): ``GATEWAY_WA_CONCURRENCY`` (turns in flight per
     process, default 32), ``GATEWAY_WA_VISIBILITY_TIMEOUT`` (s, default 60),
     ``GATEWAY_WA_MAX_RETRIES`` (default 5), ``GATEWAY_WA_BACKOFF`` (s, default 2),
-    ``GATEWAY_WA_MAX_BACKLOG`` (unanswered messages one conversation may have queued, default 100)."""
+    ``GATEWAY_WA_MAX_BACKLOG`` (unanswered messages one conversation may have queued, default 100),
+    ``GATEWAY_WA_STOP_GRACE`` (s, default 10: how long in-flight turns may finish at shutdown)."""
 
     def __init__(
         self,
@@ -96,6 +97,7 @@ class WhatsApp:
         self.inbound.on_dead = self.worker.on_dead
         self.deliverer = WhatsAppDeliverer(accounts, pool, self.sender, self.inbound, redis=redis)
         self.concurrency = int(env_float("GATEWAY_WA_CONCURRENCY", 32)) or 32
+        self.stop_grace = max(0.0, env_float("GATEWAY_WA_STOP_GRACE", 10.0))
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
@@ -136,15 +138,28 @@ class WhatsApp:
                 log.warning("whatsapp worker stopped (%s); restarting in 5 s", type(exc).__name__)
                 await asyncio.sleep(5)
 
-    async def stop(self, grace: float = 10.0) -> None:
-        """In-flight turns get ``grace`` seconds; the rest go back to the queue unchanged."""
+    async def drain(self, grace: float | None = None) -> None:
+        """No job is taken any more; the turns in flight get ``grace`` seconds (``stop_grace`` by
+        default) to finish, the rest go back to the queue unchanged (no retry of theirs used up:
+        another replica, or the next start, takes them). The clients stay open (a human's reply
+        may still be delivered): ``gateway serve`` drains the channel while the gateway still
+        serves (``gateway.serving``), so the turns' calls to it are answered; ``stop`` closes them."""
+        grace = self.stop_grace if grace is None else max(0.0, grace)
+        self.worker.stopping = True  # (a turn whose gateway call fails from now on is put back)
         if self._tasks:
-            for q in (self.inbound, self.statuses):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(q.stop(grace), grace + 15)
+            await asyncio.gather(*(self._stop_queue(q, grace) for q in (self.inbound, self.statuses)))
             for t in self._tasks:
                 await stop_task(t)
             self._tasks = []
+
+    @staticmethod
+    async def _stop_queue(queue: Queue, grace: float) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(queue.stop(grace), grace + 15)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """``drain`` (if it has not run), then the clients closed."""
+        await self.drain(grace)
         await self.graph.close()
         await self.gateway.close()
         if self.fast is not None:
