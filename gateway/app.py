@@ -52,6 +52,7 @@ class GatewayApp:
         self.admin = Admin(self)
         self.vapi = None  # the VAPI channel (gateway/vapi_channel.py), when accounts are configured
         self._started = Started()  # what start-up started, in order (gateway/started.py)
+        self._draining = False  # shutting down (``drain``): /readyz says so
         self.openai_store = OpenAIStore(self)  # /v1/files, /v1/vector_stores (knowledge bases)
         self.idempotency = Idempotency(settings.redis_url, settings.config.server)  # Idempotency-Key
         routes = {
@@ -116,6 +117,18 @@ class GatewayApp:
         svc.whatsapp = await channels_whatsapp.start(svc, self.settings)
         if svc.whatsapp is not None:
             self._started.add(svc.whatsapp.stop)
+
+    async def drain(self, grace: float | None = None) -> None:
+        """What must finish while the gateway still serves, before the server stops listening
+        (``gateway.serving``; the lifespan's shutdown comes after it): the WhatsApp channel's
+        turns in flight call this gateway over HTTP. ``grace``: the most they get (the channel's
+        ``stop_grace`` when None, and never more than this); what cannot finish goes back to its
+        queue. ``/readyz`` answers 503 from now on (a load balancer sends new work elsewhere)."""
+        self._draining = True
+        channel = self.svc.whatsapp if self.svc is not None else None
+        if channel is not None:
+            limit = channel.stop_grace if grace is None else min(channel.stop_grace, grace)
+            await channel.drain(limit)
 
     async def _http(self, scope, receive, send) -> None:
         # The gateway's own id for every request; the caller's (x-client-request-id, else
@@ -272,6 +285,8 @@ class GatewayApp:
 
     async def _readyz(self, scope, receive, send, rid: str, crid: str | None) -> None:
         checks = await self.svc.readiness()  # cached: at most one check per interval, however many ask
+        if self._draining:
+            checks = {**checks, "server": "draining"}
         ready = all(v == "ok" for v in checks.values())
         body = {"status": "ready" if ready else "not ready", **checks}
         await http.send_json(send, 200 if ready else 503, body, rid, crid=crid)

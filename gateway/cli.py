@@ -116,6 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from core import logs
+    from gateway import serving
 
     logs.configure(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
     data_dir = default_data_dir()
@@ -172,7 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exit that still
         # runs the clean-up below (stopping the mock and the embedded servers).
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        uvicorn.run(
+        config = uvicorn.Config(
             "gateway.app:create_app",
             factory=True,
             host=args.host,
@@ -190,6 +191,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # (gateway/http.py client_address); uvicorn's middleware would trust any local peer.
             proxy_headers=False,
         )
+        # (uvicorn's server, draining the application before it stops listening: gateway/serving.py)
+        if serving.serve(config):
+            sys.exit(3)  # (as uvicorn.run: the server did not start)
         return 0
     finally:
         if mock is not None:

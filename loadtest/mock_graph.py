@@ -4,7 +4,9 @@
   ``wamid``s, recorded) and mark-as-read (``"status": "read"``), with the bearer token checked.
 - ``GET /{version}/{media_id}`` → ``{"url", "mime_type", "sha256", "file_size", "id"}`` and
   ``GET /_media/{id}`` → the bytes (token checked), for media registered with ``POST /_mock/media``
-  ``{"id", "data_b64", "mime_type", "url"?}`` (``url`` overrides the download link: SSRF tests).
+  ``{"id", "data_b64", "mime_type", "url"?, "hold"?}`` (``url`` overrides the download link: SSRF
+  tests; ``hold``: each download of the bytes waits until ``POST /_mock/release``, at most 60 s,
+  counted in ``/_mock/stats`` as ``media_held`` when it begins to wait).
 - Delivery statuses posted back to the gateway's webhook (``webhook_url``), signed with
   ``app_secret`` like Meta's: sent, delivered, read — in ``status_order`` (out of order on
   directive; ``failed:<code>`` is a failed status with that error), or before the send is
@@ -167,6 +169,7 @@ class MockGraph:
         self._tasks: set = set()
         self._hold: asyncio.Event | None = None  # what a "hold" status waits for (/_mock/release)
         self._answer_hold: asyncio.Event | None = None  # what a held answer waits for (/_mock/release)
+        self._media_hold: asyncio.Event | None = None  # what a held media download waits for
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -200,6 +203,11 @@ class MockGraph:
             item = self.media.get(path[len("/_media/") :])
             if item is None:
                 return await self._json(send, 404, {"error": {"message": "not found", "code": 100}})
+            if item.get("hold"):
+                self._media_hold = self._media_hold or asyncio.Event()
+                self.counts["media_held"] += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._media_hold.wait(), 60)
             self.counts["media_downloads"] += 1
             return await self._bytes(send, 200, item["data"], item["mime_type"].encode())
         m = _MESSAGES.match(path)
@@ -418,6 +426,9 @@ class MockGraph:
             if self._answer_hold is not None:
                 self._answer_hold.set()
                 self._answer_hold = None
+            if self._media_hold is not None:
+                self._media_hold.set()
+                self._media_hold = None
             return await self._json(send, 200, {"ok": True})
         if path == "/_mock/window" and method == "POST":
             (self.closed.discard if data.get("open", True) else self.closed.add)(str(data["wa_id"]))
@@ -427,6 +438,7 @@ class MockGraph:
                 "data": base64.b64decode(data["data_b64"]),
                 "mime_type": data.get("mime_type", "image/jpeg"),
                 "url": data.get("url"),
+                "hold": bool(data.get("hold")),
             }
             return await self._json(send, 200, {"ok": True})
         return await self._json(send, 404, {"error": "unknown control path"})

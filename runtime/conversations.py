@@ -284,6 +284,22 @@ async def _record_erasure(conn: asyncpg.Connection, tenant: str, agent_id: str, 
     )
 
 
+_ERASED_SINCE = f"""SELECT EXISTS (SELECT 1 FROM erased_conversations
+    WHERE tenant = $1 AND agent_id IN ($2, '{EVERY_AGENT}') AND external_hash = $3
+      AND ($4::float8 IS NULL OR erased_at >= to_timestamp($4)))"""
+
+
+async def erased_since(
+    conn: asyncpg.Connection, tenant: str, agent_id: str, external_id: str, since: float | None
+) -> bool:
+    """Whether the conversation (of this agent, or of every agent) was erased at or after
+    ``since`` (unix seconds, Redis's clock; None: ever), read inside the caller's transaction.
+    The caller holds the erasure's lock shared (``LOCK_WRITE``) first: an erasure committed
+    before is read here, one after waits for the caller's commit (and clears what it wrote)."""
+    hashed = external_hash(tenant, external_id)
+    return bool(await conn.fetchval(_ERASED_SINCE, tenant, agent_id, hashed, since))
+
+
 async def recent(
     pool: asyncpg.Pool, tenant: str, agent_id: str, external_id: str, limit: int
 ) -> list[tuple[int, dict]]:

@@ -12,6 +12,7 @@ test use a Redis database of their own (``DB``): another gateway of the session 
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 
 import asyncpg
@@ -20,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from runtime.hitl import held, sla
-from tests.conftest import Gateway
+from tests.conftest import MASTER_KEY, Gateway, environ
 from tests.test_agents_e2e import config
 from tests.test_channels_vapi import admin as _admin
 from tests.test_channels_whatsapp import rows as _rows
@@ -109,6 +110,66 @@ def test_an_erasure_drops_its_conversations_spooled_escalation_and_the_sweeper_n
         [tenant, other_tenant],
     )
     assert [(o["tenant"], o["conversation_id"]) for o in opened] == [(tenant, kept), (other_tenant, erased)], opened
+
+
+def test_a_spooled_escalation_the_sweeper_popped_before_the_erasure_is_not_written_after_its_commit(
+    gw, services, monkeypatch
+):
+    """The sweeper pops a spooled escalation (its ``erased_after`` check passes: no window), then
+    the erasure runs whole — its ``drop_spooled`` finds nothing, the entry is out of the list —
+    then the sweeper writes it: the erased customer's id and words were back in the queue. The
+    interleaving is pinned: the sweeper waits, between its check and its write, for the erasure's
+    answer. Now its write reads the erasure (under the erasure's lock, shared) and drops it."""
+    redis_url = _private(services)[1]
+    tenant = f"spool-r-{uuid.uuid4().hex[:6]}"
+    admin_key = new_key(gw, tenant=tenant, scopes=["admin"])["key"]
+    agent = f"bot-{uuid.uuid4().hex[:6]}"
+    body = {"name": agent, "model": "agent-model", "template": "You help.", "variables": {}}
+    r = _admin(gw, "POST", "/admin/agents", admin_key, json=body)
+    assert r.status_code == 201, r.text
+    agent_id = r.json()["id"]
+    conv = f"wa:8101:4918{uuid.uuid4().int % 10**8:08d}"
+    esc = _esc(tenant, agent_id, conv, "my card is 4111 1111")
+    popped, erased = threading.Event(), threading.Event()
+    checked = sla.erased_after
+
+    async def erased_after_then_wait(*args):  # (the sweeper between its check and its write)
+        answer = await checked(*args)
+        popped.set()
+        await asyncio.to_thread(erased.wait, 60)
+        return answer
+
+    monkeypatch.setattr(sla, "erased_after", erased_after_then_wait)
+    outcome: list = []
+
+    async def sweep():
+        r = aioredis.from_url(redis_url)
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            try:
+                await r.delete(held.PENDING_KEY)
+                await held.spool(r, esc)
+
+                async def emit(alert):
+                    pass
+
+                outcome.append(await sla.Sweeper(pool, r, held.Holds(r), emit).open_spooled())
+            finally:
+                await r.aclose()
+
+    with environ({"GATEWAY_MASTER_KEY": MASTER_KEY}):  # (the gateway's erasure key: its hashes)
+        sweeper = threading.Thread(target=lambda: asyncio.run(sweep()))
+        sweeper.start()
+        try:
+            assert popped.wait(60), "the sweeper never popped the spooled escalation"
+            r = _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{conv}", admin_key)
+            assert r.status_code == 200, r.text
+        finally:
+            erased.set()
+            sweeper.join(60)
+    assert outcome == [0], outcome
+    opened = _rows(services[0], "SELECT conversation_id, question FROM escalations WHERE tenant = $1", tenant)
+    assert opened == [], opened
+    assert _spooled(redis_url) == []
 
 
 def test_dropping_a_conversations_spooled_escalations_reads_the_whole_spool_a_page_at_a_time(services):

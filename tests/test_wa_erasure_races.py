@@ -21,6 +21,7 @@ process with its channel worker, the mock LLM, the mock Graph API."""
 
 from __future__ import annotations
 
+import hashlib
 import textwrap
 import threading
 import uuid
@@ -31,6 +32,7 @@ import orjson
 import pytest
 import redis
 
+from channels.whatsapp import inflight, sender
 from runtime.memory import keys as memory_keys
 from tests.conftest import (
     LOCAL_HTTP,
@@ -129,6 +131,9 @@ LAUNCHER = textwrap.dedent(
         # (the process killed between the send and its check: nothing after the send runs)
         if await _redis().delete("test:after-send-never:" + conversation):
             return False
+        # (the process killed there for real: its in-flight note is left)
+        if await _redis().delete("test:after-send-dies:" + conversation):
+            os.kill(os.getpid(), 9)
         return await _after_send(redis, pool, tenant, conversation, *args)
 
 
@@ -145,8 +150,9 @@ class PausingGateway(Gateway):
     """``gateway serve`` (its channel worker on) whose replies pause after their escalation check
     when the test arms it."""
 
-    def __init__(self, tmp: Path, config: dict, urls: tuple[str, str]) -> None:
-        super().__init__(tmp, config, urls, launcher=LAUNCHER, launcher_name="reply_pausing_gateway", env=ENV)
+    def __init__(self, tmp: Path, config: dict, urls: tuple[str, str], env: dict | None = None) -> None:
+        env = {**ENV, **(env or {})}
+        super().__init__(tmp, config, urls, launcher=LAUNCHER, launcher_name="reply_pausing_gateway", env=env)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +175,7 @@ def gw(tmp_root, services, module_mock, graph):
     }
     with environ(keys):
         g = PausingGateway(tmp_root, config, services)
-    g.keys = keys
+    g.keys, g.config = keys, config
     try:
         for tenant in (TENANT, OTHER):
             for name in ("wabot", "wabot2"):  # wabot answers the business numbers; wabot2 is another agent
@@ -390,6 +396,67 @@ def test_a_reply_whose_process_dies_before_its_post_send_check_keeps_no_number(g
         r.close()
 
 
+def test_a_reply_whose_process_is_killed_before_its_check_leaves_no_send_state_or_alias(tmp_root, gw, graph, services):
+    """A person's reply held open at Graph while its conversation is erased, Meta answering for the
+    number with another WhatsApp id; the gateway serving it is killed (SIGKILL) once the send is over,
+    before its post-send check. Its send state (the pieces' wamids, 8 days) and the alias of the
+    customer's number (90 days), written after the erasure, stayed in Redis: nothing retried that
+    path. Now the send was noted in flight before it went, and a live channel worker runs the check
+    of the note whose lease ran out (the test ends the lease: the victim's is long)."""
+    ada, alt = _wa_id(), _wa_id()
+    conv = f"wa:{PNID}:{ada}"
+    esc = _escalated(gw, graph, services, ada)
+    words = f"a person answers {uuid.uuid4().hex[:8]}"
+    with environ(gw.keys):
+        victim = PausingGateway(tmp_root, gw.config, services, env={"GATEWAY_WA_DELIVERY_LEASE": "600"})
+    r = redis.Redis.from_url(services[1])
+    try:
+        r.set(f"test:after-send-dies:{conv}", "1", ex=300)
+        graph.configure(wa_ids={ada: alt})  # (Meta names the customer otherwise: an alias is kept)
+        _hold_next_text(graph, ada)
+        t, _ = _in_thread(
+            lambda: _quietly(lambda: _admin(victim, "POST", f"/admin/escalations/{esc}/reply", json={"text": words}))
+        )
+        try:
+            wait_until(lambda: words in _texts(graph, ada), what="the reply's POST at Graph")
+            assert _erase(gw, TENANT, conv).status_code == 200
+        finally:
+            _release(graph)
+            t.join(90)
+        assert victim.proc.wait(30) == -9  # (killed between its send and its check)
+        digest = hashlib.sha256(f"{conv}|{esc}|{words}".encode()).hexdigest()[:32]
+        left = [
+            sender.state_key("alpha", f"deliver:human_reply:{digest}"),
+            sender.alias_key("alpha", PNID, ada),
+            sender.index_key(TENANT, conv),
+            sender.alias_index_key(TENANT, conv),
+        ]
+        assert r.exists(*left), "the dead reply's send wrote no state: nothing tried"
+        for note in r.zrange(inflight.KEY, 0, -1):  # (its lease ended: the victim is dead)
+            if orjson.loads(note)["c"] == conv:
+                r.zadd(inflight.KEY, {note: 0})
+        try:
+            wait_until(lambda: r.exists(*left) == 0, what="the dead reply's send state and alias forgotten")
+        except TimeoutError:
+            raise AssertionError([k for k in left if r.exists(k)]) from None
+        assert [n for n in r.zrange(inflight.KEY, 0, -1) if orjson.loads(n)["c"] == conv] == []
+    finally:
+        r.delete(f"test:after-send-dies:{conv}")
+        graph.configure(text_answer_delays_ms=[], wa_ids={})
+        victim.stop()
+        r.close()
+    wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == words)
+    assert _record(services, wamid) == _tagged(conv)
+    assert _naming(services, TENANT, ada) == NOTHING
+
+
+def _quietly(fn):
+    try:
+        return fn()
+    except httpx.HTTPError as exc:  # (its process was killed under it)
+        return exc
+
+
 def _reply_out_at_graph_while_erased(gw, graph, services, never_checked=None):
     """A person's reply held open at Graph while its conversation is erased; then its record holds
     the tag without the words, and no channel state of the number is left. ``never_checked`` (a
@@ -418,6 +485,13 @@ def _reply_out_at_graph_while_erased(gw, graph, services, never_checked=None):
     wamid = next(s["wamid"] for s in graph.sent_to(ada) if s.get("text") == words)
     assert _record(services, wamid) == _tagged(conv)
     assert _naming(services, TENANT, ada) == NOTHING
+    if never_checked is None:  # (its send state, made anew by the send after the erasure, is gone too)
+        digest = hashlib.sha256(f"{conv}|{esc}|{words}".encode()).hexdigest()[:32]
+        r = redis.Redis.from_url(services[1])
+        try:
+            assert not r.exists(sender.state_key("alpha", f"deliver:human_reply:{digest}"))
+        finally:
+            r.close()
     return out[0]
 
 

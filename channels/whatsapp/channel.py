@@ -9,14 +9,14 @@ from pathlib import Path
 
 from channels.config import WhatsAppAccount, whatsapp_accounts
 from channels.gateway_client import GatewayClient
-from channels.whatsapp import dead_letters, store
+from channels.whatsapp import dead_letters, inflight, store
 from channels.whatsapp.content import MediaStore
-from channels.whatsapp.deliverer import WhatsAppDeliverer
+from channels.whatsapp.deliverer import DELIVERY_LEASE_S, WhatsAppDeliverer
 from channels.whatsapp.graph import Graph
 from channels.whatsapp.sender import Sender
 from channels.whatsapp.webhook import DEDUPE_TTL, Webhook
 from channels.whatsapp.worker import INBOUND, STATUS, Worker
-from core.background import stop_task
+from core.background import Periodic, stop_task
 from core.env import env_float, env_on
 from core.fastredis import PipelinedRedis
 from core.queue import Queue
@@ -33,7 +33,10 @@ class WhatsApp:
     """Tuning by environment (tests shorten them): ``GATEWAY_WA_CONCURRENCY`` (turns in flight per
     process, default 32), ``GATEWAY_WA_VISIBILITY_TIMEOUT`` (s, default 60),
     ``GATEWAY_WA_MAX_RETRIES`` (default 5), ``GATEWAY_WA_BACKOFF`` (s, default 2),
-    ``GATEWAY_WA_MAX_BACKLOG`` (unanswered messages one conversation may have queued, default 100)."""
+    ``GATEWAY_WA_MAX_BACKLOG`` (unanswered messages one conversation may have queued, default 100),
+    ``GATEWAY_WA_STOP_GRACE`` (s, default 10: how long in-flight turns may finish at shutdown),
+    ``GATEWAY_WA_DELIVERY_LEASE`` (s, default 120: a person's reply's send and check; past it a
+    worker runs the check its stopped process did not, ``inflight``)."""
 
     def __init__(
         self,
@@ -94,8 +97,15 @@ class WhatsApp:
             redis=redis,
         )
         self.inbound.on_dead = self.worker.on_dead
-        self.deliverer = WhatsAppDeliverer(accounts, pool, self.sender, self.inbound, redis=redis)
+        lease = env_float("GATEWAY_WA_DELIVERY_LEASE", DELIVERY_LEASE_S)
+        self.deliverer = WhatsAppDeliverer(
+            accounts, pool, self.sender, self.inbound, redis=redis, lease_s=max(0.5, lease)
+        )
+        self.inflight_sweep = Periodic(
+            "wa-inflight", min(5.0, max(0.25, lease / 2)), self._sweep_inflight, log
+        )  # (the checks of replies whose process stopped, in every worker)
         self.concurrency = int(env_float("GATEWAY_WA_CONCURRENCY", 32)) or 32
+        self.stop_grace = max(0.0, env_float("GATEWAY_WA_STOP_GRACE", 10.0))
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
@@ -124,6 +134,10 @@ class WhatsApp:
             asyncio.create_task(self._run(self.inbound, self.worker.handle, self.concurrency), name="wa-inbound"),
             asyncio.create_task(self._run(self.statuses, self.worker.handle_status, 16), name="wa-status"),
         ]
+        self.inflight_sweep.start()
+
+    async def _sweep_inflight(self) -> None:
+        await inflight.sweep(self.redis, self.pool, self.sender, self.deliverer.lease_ms)
 
     async def _run(self, queue: Queue, handler, concurrency: int) -> None:
         while True:
@@ -136,15 +150,29 @@ class WhatsApp:
                 log.warning("whatsapp worker stopped (%s); restarting in 5 s", type(exc).__name__)
                 await asyncio.sleep(5)
 
-    async def stop(self, grace: float = 10.0) -> None:
-        """In-flight turns get ``grace`` seconds; the rest go back to the queue unchanged."""
+    async def drain(self, grace: float | None = None) -> None:
+        """No job is taken any more; the turns in flight get ``grace`` seconds (``stop_grace`` by
+        default) to finish, the rest go back to the queue unchanged (no retry of theirs used up:
+        another replica, or the next start, takes them). The clients stay open (a human's reply
+        may still be delivered): ``gateway serve`` drains the channel while the gateway still
+        serves (``gateway.serving``), so the turns' calls to it are answered; ``stop`` closes them."""
+        grace = self.stop_grace if grace is None else max(0.0, grace)
+        self.worker.stopping = True  # (a turn whose gateway call fails from now on is put back)
+        await self.inflight_sweep.stop()
         if self._tasks:
-            for q in (self.inbound, self.statuses):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(q.stop(grace), grace + 15)
+            await asyncio.gather(*(self._stop_queue(q, grace) for q in (self.inbound, self.statuses)))
             for t in self._tasks:
                 await stop_task(t)
             self._tasks = []
+
+    @staticmethod
+    async def _stop_queue(queue: Queue, grace: float) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(queue.stop(grace), grace + 15)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """``drain`` (if it has not run), then the clients closed."""
+        await self.drain(grace)
         await self.graph.close()
         await self.gateway.close()
         if self.fast is not None:

@@ -11,7 +11,9 @@ reply) reads its conversation's erasure mark before it is sent and once the send
 sent), and a send that was under way when the erasure came keeps nothing of what it wrote. Its
 records are written as the erased conversation's in the first place (``Conversation.asked_us``,
 ``store.OutboundRecords``): a process killed between the send and that check left them naming
-the customer, and nothing retries a person's reply."""
+the customer, and nothing retries a person's reply. Nor did anything run its check: such a send
+is noted before it goes (``inflight``) and its note deleted once the check has run; the channel's
+workers run the check of a note whose lease (``lease_s``) ran out."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import hashlib
 import logging
 
 from channels.config import WhatsAppAccount
-from channels.whatsapp import erasure, store
+from channels.whatsapp import erasure, inflight, store
 from channels.whatsapp.graph import GraphError, GraphUnreachable
 from channels.whatsapp.sender import Sender
 from channels.whatsapp.worker import conversation_key
@@ -28,12 +30,22 @@ from core.queue import Fatal, Queue, Retry
 
 log = logging.getLogger("channels.whatsapp")
 MAX_TEXT = 16 * 1024
+DELIVERY_LEASE_S = 120.0  # a reply's send and its check: past this its process is taken for stopped
 ERASED = ("erased", "the conversation was erased after the message was asked for; it was not sent")
 
 
 class WhatsAppDeliverer:
-    def __init__(self, accounts: dict[str, WhatsAppAccount], pool, sender: Sender, inbound: Queue, redis=None) -> None:
+    def __init__(
+        self,
+        accounts: dict[str, WhatsAppAccount],
+        pool,
+        sender: Sender,
+        inbound: Queue,
+        redis=None,
+        lease_s: float = DELIVERY_LEASE_S,
+    ) -> None:
         self.accounts = accounts
+        self.lease_ms = int(lease_s * 1000)  # a send's note (``inflight``): how long it may take
         self.redis = redis  # the erasures' marks; None: none read
         self.pool = pool
         self.sender = sender
@@ -60,10 +72,17 @@ class WhatsAppDeliverer:
         # the same words to another customer are messages of their own.
         digest = hashlib.sha256(f"{conv.conversation_id}|{message.ref or ''}|{text}".encode()).hexdigest()[:32]
         key = f"deliver:{message.kind}:{digest}"
+        noted = None  # (killed between the send and its check: a channel worker runs the check)
+        if queued is not None and self.redis is not None:
+            noted = await inflight.note(
+                self.redis, acct.tenant, conv.conversation_id, conv.account, key, queued, self.lease_ms
+            )
         try:
             out = await self.sender.send_text(acct, conv, key, text, kind=message.kind)
         except (Retry, GraphError, GraphUnreachable, Fatal) as exc:
-            if await self._after_send(conv, queued, []):  # (nor queued again: the customer is erased)
+            erased = await self._after_send(conv, queued, [])
+            await self._done(noted)
+            if erased:  # (nor queued again: the customer is erased)
                 return ERASED
             if isinstance(exc, Fatal):
                 return ("failed", str(exc)[:200])
@@ -82,7 +101,9 @@ class WhatsAppDeliverer:
             await self.inbound.enqueue(payload, key=conversation_key(conv.account, conv.pnid, conv.wa_id))
             return ("queued", None)
         # (it went out: what it wrote goes if the erasure came meanwhile; the admin is told it was sent)
-        if await self._after_send(conv, queued, out.sent):
+        erased = await self._after_send(conv, queued, out.sent)
+        await self._done(noted)
+        if erased:
             log.info("whatsapp delivery to a conversation erased meanwhile: its records forgotten")
         if out.held:
             return ("held", "outside the 24-hour window and no window template")
@@ -90,3 +111,11 @@ class WhatsAppDeliverer:
 
     async def _after_send(self, conv: store.Conversation, queued: int | None, wamids: list[str]) -> bool:
         return await erasure.after_send(self.redis, self.pool, conv.tenant, conv.conversation_id, queued, wamids)
+
+    async def _done(self, noted: bytes | None) -> None:
+        """The send's check has run: its note goes (best effort: a note left is checked again)."""
+        if noted is not None:
+            try:
+                await inflight.done(self.redis, noted)
+            except Exception as exc:
+                log.warning("whatsapp delivery note not deleted: %s", type(exc).__name__)

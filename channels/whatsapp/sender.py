@@ -220,7 +220,7 @@ class Sender:
             wamid, wa_id = await self.graph.send_for(acct, conv.pnid, conv.wa_id, message)
         except GraphUnreachable as exc:
             if exc.sent_maybe:  # it may have reached the customer: never risk a second copy
-                await self.kv.settle(skey, field_, "unknown", STATE_TTL)
+                await self.kv.settle(skey, field_, "unknown", STATE_TTL, index)
                 kind, body, reply_to = record
                 await self.outbound.record(conv, None, kind, body, reply_to, "unknown", "no answer")
                 metrics.sends.get(conv.account, "unknown").inc()
@@ -232,7 +232,7 @@ class Sender:
             await self.kv.release(skey, field_, token)
             metrics.sends.get(conv.account, "throttled" if exc.kind == "throttle" else "failed").inc()
             raise
-        await self.kv.settle(skey, field_, wamid, STATE_TTL)
+        await self.kv.settle(skey, field_, wamid, STATE_TTL, index)
         if wa_id != conv.wa_id:  # Meta knows this customer by another id: later sends to the number use it
             await self._alias(conv, wa_id)
         metrics.sends.get(conv.account, "template" if field_.startswith("template") else "sent").inc()

@@ -92,13 +92,21 @@ return -1
 """
 )
 
-# KEYS: state. ARGV: field, value, ttl. A piece's send done (its wamid, or ``unknown`` after a
-# timeout): the truth, whoever holds the lease; the lease ends. A state deleted meanwhile (an
-# erasure during the POST) is created anew with its expiry, never without one.
+# KEYS: state[, index]. ARGV: field, value, ttl. A piece's send done (its wamid, or ``unknown``
+# after a timeout): the truth, whoever holds the lease; the lease ends. A state deleted meanwhile
+# (an erasure during the POST) is created anew with its expiry, never without one, and in its
+# conversation's index again (the erasure deleted that too): the send's post-send check, or the
+# check run for it when its process stopped (``inflight``), finds it there.
 _SETTLE = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HDEL', KEYS[1], ARGV[1] .. ':lease')
-if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+if redis.call('TTL', KEYS[1]) < 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  if #KEYS >= 2 then
+    redis.call('SADD', KEYS[2], KEYS[1])
+    redis.call('EXPIRE', KEYS[2], ARGV[3])
+  end
+end
 return 1
 """
 
@@ -218,8 +226,9 @@ class SendState:
         stopped and this call marked it ``unknown``."""
         return int(await self._script("takeover", [key], [field, lease_ms]))
 
-    async def settle(self, key: str, field: str, value: str, ttl: int) -> None:
-        await self._script("settle", [key], [field, value, ttl])
+    async def settle(self, key: str, field: str, value: str, ttl: int, index: str | None = None) -> None:
+        """``index``: the conversation's (``sender.index_key``), joined again by a state created anew."""
+        await self._script("settle", [key, *_one(index)], [field, value, ttl])
 
     async def release(self, key: str, field: str, token: str) -> bool:
         return bool(int(await self._script("release", [key], [field, token])))

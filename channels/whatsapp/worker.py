@@ -76,6 +76,10 @@ class Worker:
         self.media = media
         self.gateway = gateway
         self.inbound_records = store.InboundRecords(pool)
+        # Set when the channel drains (``WhatsApp.drain``): a turn whose gateway call fails then
+        # (this gateway, or the one it calls, stopping) goes back to the queue with its retries
+        # untouched, not counted as a failed attempt (one shutdown would use up one retry).
+        self.stopping = False
 
     def _account(self, name: str) -> WhatsAppAccount:
         acct = self.accounts.get(name)
@@ -224,6 +228,8 @@ class Worker:
             except GatewayRejected as exc:
                 raise Fatal(str(exc)) from None
             except GatewayUnavailable as exc:
+                if self.stopping:
+                    raise Retry(0.0) from None
                 if exc.retry_after:
                     raise Retry(min(exc.retry_after, 60.0)) from None
                 raise

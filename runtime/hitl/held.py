@@ -96,7 +96,11 @@ MAX_PENDING = 10_000
 
 async def spool(redis, esc: dict) -> None:
     """An escalation PostgreSQL could not take on its turn, kept for the sweeper to open (the
-    newest MAX_PENDING; the conversation is held once it is open)."""
+    newest MAX_PENDING; the conversation is held once it is open). Stamped ``spooled_at`` (unix
+    seconds, Redis's clock, as an erasure's ``erased_at``): the sweeper does not open it once its
+    conversation was erased after that (``sla.Sweeper.open_spooled``)."""
+    seconds, micros = await redis.time()
+    esc = {**esc, "spooled_at": int(seconds) + int(micros) / 1_000_000}
     async with redis.pipeline(transaction=False) as pipe:
         pipe.rpush(PENDING_KEY, orjson.dumps(esc, default=str))
         pipe.ltrim(PENDING_KEY, -MAX_PENDING, -1)

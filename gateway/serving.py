@@ -1,0 +1,81 @@
+"""``gateway serve``'s server: uvicorn's, with one step added to its shutdown.
+
+uvicorn stops listening first, then waits for the open connections, then runs the lifespan's
+shutdown. The WhatsApp channel's turns call the gateway over HTTP (the process's own address):
+stopped in the lifespan's shutdown, a turn in flight then found no gateway to call, and each
+shutdown used up one of its retries (with one replica, the customer's message could go to the
+dead letters and the fallback message out instead of the answer). Here the application drains
+first (``GatewayApp.drain``: no new job is taken, the turns in flight finish, or go back to their
+queue unchanged), while the socket still listens; the drain's time counts against
+``timeout_graceful_shutdown`` (the bound of the whole shutdown), uvicorn's steps get the rest.
+
+With several workers uvicorn's supervisor builds each worker's server itself (in the worker
+process, ``uvicorn.supervisors.multiprocess.Process.server``): ``serve`` hands it a ``Process``
+whose server is this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import uvicorn
+from uvicorn.supervisors import multiprocess
+
+log = logging.getLogger("gateway")
+
+
+def _drain_of(app):
+    """The application's ``drain`` (through any middleware uvicorn wrapped it in), or None."""
+    for _ in range(4):
+        drain = getattr(app, "drain", None)
+        if drain is not None:
+            return drain
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+class DrainingServer(uvicorn.Server):
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain = _drain_of(getattr(self.config, "loaded_app", None))
+        bound = float(self.config.timeout_graceful_shutdown or 0)
+        if drain is not None and not self.force_exit:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            log.info("draining before the server stops listening (at most %.0f s)", bound)
+            try:
+                async with asyncio.timeout(bound or None):
+                    await drain(bound or None)
+            except Exception as exc:  # (a drain that fails or overruns: the shutdown goes on)
+                log.warning("drain before shutdown: %s", type(exc).__name__)
+            if bound:
+                self.config.timeout_graceful_shutdown = max(1.0, bound - (loop.time() - began))
+        await super().shutdown(sockets)
+
+
+class DrainingProcess(multiprocess.Process):
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = DrainingServer(config=self.config)
+        return self._server
+
+
+def serve(config: uvicorn.Config) -> int:
+    """Runs ``config`` as ``uvicorn.run`` does (one process, or a supervisor of ``workers``),
+    each server a ``DrainingServer``. 0, or 3 when a single server did not start."""
+    if config.workers > 1:
+        sock = config.bind_socket()
+        with contextlib.ExitStack() as undo:  # (the supervisor builds its Process by this name)
+            undo.callback(setattr, multiprocess, "Process", multiprocess.Process)
+            multiprocess.Process = DrainingProcess
+            multiprocess.Multiprocess(config, sockets=[sock]).run()
+        return 0
+    server = DrainingServer(config=config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 3
