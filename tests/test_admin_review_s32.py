@@ -39,6 +39,7 @@ from tests.conftest import (
     run_cli,
     wait_until,
 )
+from tests.pg_locks import blocked_by
 from tests.test_channels_whatsapp import rows
 from tests.test_wa_dead_letters_erasure import _account
 
@@ -261,12 +262,10 @@ async def _agents_locked(services) -> AsyncIterator[tuple[asyncpg.Connection, Ca
 
 
 async def _waiting(holder, n: int, tasks: list) -> None:
-    """Until ``n`` transactions of the database wait on a lock, or one of ``tasks`` is done (a
+    """Until ``n`` transactions wait behind ``holder``'s lock, or one of ``tasks`` is done (a
     failure its test reads): bounded, then what the database's sessions were doing."""
     for _ in range(3000):  # (~60 s: a full run loads this host heavily)
-        count = await holder.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        )
+        count = await blocked_by(holder, holder.get_server_pid())
         if count >= n or any(t.done() for t in tasks):
             return
         await asyncio.sleep(0.02)

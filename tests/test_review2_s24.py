@@ -17,6 +17,7 @@ import pytest
 
 from runtime import conversations
 from tests.conftest import Gateway, wait_until
+from tests.pg_locks import blocked_by
 from tests.test_agents_e2e import config
 from tests.test_channels_vapi import admin as _admin
 from tests.test_channels_whatsapp import rows as _rows
@@ -64,15 +65,11 @@ def test_a_memory_batch_in_flight_while_its_conversation_is_erased_is_not_writte
                 )
                 return [r["words"] for r in rows]
 
-            async def waiting_or_done(task: asyncio.Task) -> None:
-                for _ in range(500):  # until the other transaction waits on a lock, or is done
+            async def waiting_or_done(task: asyncio.Task, holder_pid: int) -> None:
+                for _ in range(500):  # until the other transaction waits behind the holder, or is done
                     if task.done():
                         return
-                    n = await pool.fetchval(
-                        """SELECT count(*) FROM pg_stat_activity
-                           WHERE wait_event_type = 'Lock' AND datname = current_database()"""
-                    )
-                    if n:
+                    if await blocked_by(pool, holder_pid):
                         return
                     await asyncio.sleep(0.02)
                 raise AssertionError("the other transaction neither waited nor finished")
@@ -88,7 +85,7 @@ def test_a_memory_batch_in_flight_while_its_conversation_is_erased_is_not_writte
                 await tx.start()
                 await conversations.write_turns(writer, [_record(tenant, agent_id, conv, time.time() - 1, 1, "4111")])
                 erasing = asyncio.create_task(erase(conv))
-                await waiting_or_done(erasing)
+                await waiting_or_done(erasing, writer.get_server_pid())
                 await tx.commit()
             await erasing
             assert await messages(conv) == []
@@ -108,7 +105,7 @@ def test_a_memory_batch_in_flight_while_its_conversation_is_erased_is_not_writte
                         await conversations.write_turns(conn, late)
 
                 writing = asyncio.create_task(write())
-                await waiting_or_done(writing)
+                await waiting_or_done(writing, eraser.get_server_pid())
                 await tx.commit()
             await writing
             assert await messages(conv) == []
