@@ -32,7 +32,7 @@ import orjson
 
 from channels.vapi import wire
 from channels.vapi.config import VAPI_ID
-from core.erasure_key import LOCK_WRITE, TAG_PREFIX, conversation_hash
+from core.erasure_key import DEFAULT_LOCK_WAIT_S, TAG_PREFIX, conversation_hash, lock_write
 from core.errors import UpstreamError
 
 STATUSES = ("scheduled", "queued", "ringing", "in-progress", "forwarding", "ended")
@@ -214,8 +214,11 @@ class CallStore:
     """``transaction(tenant)`` is the composition's tenant transaction (an async context manager
     giving a connection that sees only that tenant's rows; None: every tenant)."""
 
-    def __init__(self, transaction: Callable) -> None:
+    def __init__(self, transaction: Callable, lock_wait_s: float = DEFAULT_LOCK_WAIT_S) -> None:
         self._tx = transaction
+        # (a webhook waits this long at most for the tenant's erasure lock, then is answered 503:
+        # VAPI sends it again; ``core.erasure_key.lock_write``)
+        self._lock_wait_s = lock_wait_s
 
     async def upsert(
         self, tenant: str, account: str, info: wire.CallInfo, agent: str | None, status: str | None = None, **extra
@@ -230,7 +233,7 @@ class CallStore:
         async with self._tx(tenant) as conn:
             # (the erasure's lock, as the report: a record created while the call's conversation is
             # erased is committed before the erasure tags it, or created after it)
-            await conn.execute(LOCK_WRITE, tenant)
+            await lock_write(conn, tenant, self._lock_wait_s)
             row = await conn.fetchrow(
                 _UPSERT,
                 new_id(),
@@ -261,7 +264,7 @@ class CallStore:
             return None
         hashed = conversation_hash(tenant, info.conversation_id or "")
         async with self._tx(tenant) as conn:
-            await conn.execute(LOCK_WRITE, tenant)
+            await lock_write(conn, tenant, self._lock_wait_s)
             created = await conn.fetchval(
                 _INSERT_REPORTED,
                 new_id(),
