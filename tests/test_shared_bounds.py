@@ -31,9 +31,10 @@ import orjson
 import pytest
 import redis
 
-from core.erasure_key import LOCK_ERASURE
+from core.erasure_key import ERASURE_LOCK_CLASS, LOCK_ERASURE
 from loadtest.vapi_sim import VapiCall
 from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway, run_cli
+from tests.test_channels_vapi import VAPI_KEY, MockVapiApi
 
 RUN = uuid.uuid4().hex[:6]
 TENANT = f"bnd-{RUN}"
@@ -49,7 +50,7 @@ def admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> h
     )
 
 
-def _config(mock, server: dict, vapi_key: str | None = None, **extra) -> dict:
+def _config(mock, server: dict, vapi_key: str | None = None, api: MockVapiApi | None = None, **extra) -> dict:
     cfg = {
         "router": {"max_attempts": 1},
         "server": server,
@@ -67,6 +68,9 @@ def _config(mock, server: dict, vapi_key: str | None = None, **extra) -> dict:
                     "auth": {"bearer_token": TOKEN},
                     "phone_numbers": {"pn_main": AGENT},
                     "default_agent": AGENT,
+                    "vapi_api_url": api.url,
+                    "vapi_api_key": VAPI_KEY,
+                    "outbound_phone_number_id": "pn_main",
                 }
             }
         }
@@ -78,6 +82,7 @@ def env(tmp_root, services, module_mock):
     out = run_cli("keys", "create", "--name", f"vapi-{RUN}", "--tenant", TENANT, urls=services, tmp=tmp_root)
     assert out.returncode == 0, out.stderr
     vapi_key = out.stdout.splitlines()[0].strip()
+    api = MockVapiApi(tmp_root)
     # short bounds (PostgreSQL's timeouts: what a test holds a lock past), one file of storage
     gw = Gateway(
         tmp_root,
@@ -85,6 +90,7 @@ def env(tmp_root, services, module_mock):
             module_mock,
             {"erasure_lock_wait_s": 0.2, "admin_report_timeout_s": 0.3},
             vapi_key,
+            api,
             policies={"max_files_per_tenant": 1},
         ),
         services,
@@ -108,9 +114,18 @@ def env(tmp_root, services, module_mock):
         "escalation": {"enabled": True, "threshold": 0.5, "hold_message": "A person will reply here."},
     }
     assert admin(gw, "POST", "/admin/agents", json=body).status_code == 201
-    yield {"gw": gw, "capped": capped, "db": services[0], "redis": services[1], "admin": keys, "key": r.json()["key"]}
+    yield {
+        "gw": gw,
+        "capped": capped,
+        "api": api,
+        "db": services[0],
+        "redis": services[1],
+        "admin": keys,
+        "key": r.json()["key"],
+    }
     capped.stop()
     gw.stop()
+    api.stop()
 
 
 class Held:
@@ -187,6 +202,40 @@ def test_vapi_webhooks_wait_a_bounded_time_for_an_erasure_and_are_answered_503_t
     assert meanwhile == []
     assert again[0] == 200 and report_again[:2] == (200, {"stored": True})
     assert _call_rows(env["db"], call_id) == [{"status": "ended", "cost_usd": pytest.approx(0.25)}]
+
+
+def test_an_outbound_calls_record_waits_for_the_erasure_and_the_call_is_placed_once(env):
+    """The record of an outbound call is written after VAPI placed the call: during an erasure it
+    waits for the lock (a 503 would have the admin, or the deliverer's callback, place the call
+    a second time), and is written once the erasure is over."""
+    gw, api = env["gw"], env["api"]
+    placed = len(api.requests())
+
+    async def scenario():
+        async with Held(env["db"], LOCK_ERASURE, TENANT) as erasure:
+            body = {"account": "main", "to": "+14155550142"}
+            placing = asyncio.ensure_future(
+                asyncio.to_thread(admin, gw, "POST", "/admin/channels/vapi/calls", json=body)
+            )
+            # until the record has waited for the lock longer than a webhook may (1 s, 5 times
+            # server.erasure_lock_wait_s, on PostgreSQL's clock): its wait is not bounded so
+            for _ in range(int(BOUND / 0.05)):  # (a hang guard)
+                if placing.done() or await erasure.conn.fetchval(
+                    """SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                       WHERE l.locktype = 'advisory' AND l.classid = $1::bigint::oid AND l.objsubid = 2
+                         AND NOT l.granted AND clock_timestamp() - a.query_start > interval '1 second'""",
+                    ERASURE_LOCK_CLASS,
+                ):
+                    break
+                await asyncio.sleep(0.05)
+            waited = not placing.done()
+            await erasure.release()
+            return waited, await placing
+
+    waited, r = asyncio.run(scenario())
+    assert r.status_code == 201, r.text
+    assert waited and r.json()["direction"] == "outbound"
+    assert len(api.requests()) == placed + 1
 
 
 # ---- heavy admin reads ----------------------------------------------------------------------------

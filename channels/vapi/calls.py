@@ -32,7 +32,7 @@ import orjson
 
 from channels.vapi import wire
 from channels.vapi.config import VAPI_ID
-from core.erasure_key import DEFAULT_LOCK_WAIT_S, TAG_PREFIX, conversation_hash, lock_write
+from core.erasure_key import DEFAULT_LOCK_WAIT_S, LOCK_WRITE, TAG_PREFIX, conversation_hash, lock_write
 from core.errors import UpstreamError
 
 STATUSES = ("scheduled", "queued", "ringing", "in-progress", "forwarding", "ended")
@@ -232,8 +232,14 @@ class CallStore:
         hashed = conversation_hash(tenant, info.conversation_id or "")
         async with self._tx(tenant) as conn:
             # (the erasure's lock, as the report: a record created while the call's conversation is
-            # erased is committed before the erasure tags it, or created after it)
-            await lock_write(conn, tenant, self._lock_wait_s)
+            # erased is committed before the erasure tags it, or created after it). A webhook waits
+            # for it a bounded time (then 503: VAPI sends it again); the record of a call just
+            # placed waits on (a 503 would have its caller place the call again; placements are
+            # paced per account).
+            if extra.get("direction") == "outbound":
+                await conn.execute(LOCK_WRITE, tenant)
+            else:
+                await lock_write(conn, tenant, self._lock_wait_s)
             row = await conn.fetchrow(
                 _UPSERT,
                 new_id(),
