@@ -178,13 +178,16 @@ def test_vapi_webhooks_wait_a_bounded_time_for_an_erasure_and_are_answered_503_t
     """An erasure of the tenant holds its lock (here: the test's connection, exclusively, as
     ``runtime.conversations.lock_erasures`` does): VAPI's status update and end-of-call report
     wait ``server.erasure_lock_wait_s`` at most, then 503 (``erasure_in_progress``, retry-after),
-    nothing stored; sent again once the erasure is over (VAPI retries), both are stored."""
+    nothing stored; sent again once the erasure is over (VAPI retries), both are stored. The
+    call's assistant-request is answered meanwhile (its ringing record skipped): a 503 there would
+    lose the call."""
     gw = env["gw"]
 
     async def scenario():
         async with aiohttp.ClientSession() as session:
             call = VapiCall(session, f"{gw.url}/channels/vapi/main", {}, phone_number_id="pn_main")
             async with Held(env["db"], LOCK_ERASURE, TENANT) as erasure:
+                ringing = await asyncio.wait_for(_event(session, gw, call, {"type": "assistant-request"}), BOUND)
                 status = await asyncio.wait_for(
                     _event(session, gw, call, {"type": "status-update", "status": "in-progress"}), BOUND
                 )
@@ -193,9 +196,11 @@ def test_vapi_webhooks_wait_a_bounded_time_for_an_erasure_and_are_answered_503_t
                 await erasure.release()
                 again = await _event(session, gw, call, {"type": "status-update", "status": "in-progress"})
                 report_again = await _event(session, gw, call, REPORT)
-            return call.call_id, status, report, stored_meanwhile, again, report_again
+            return call.call_id, ringing, status, report, stored_meanwhile, again, report_again
 
-    call_id, status, report, meanwhile, again, report_again = asyncio.run(scenario())
+    call_id, ringing, status, report, meanwhile, again, report_again = asyncio.run(scenario())
+    # (the call's assistant is answered all the same: its record is the next status update's)
+    assert ringing[0] == 200 and ringing[1]["assistant"]["model"]["model"] == f"agent:{AGENT}"
     for code, body, headers in (status, report):
         assert code == 503, body
         assert body["error"]["code"] == "erasure_in_progress" and headers["retry-after"] == "1"

@@ -32,7 +32,14 @@ import orjson
 
 from channels.vapi import wire
 from channels.vapi.config import VAPI_ID
-from core.erasure_key import DEFAULT_LOCK_WAIT_S, LOCK_WRITE, TAG_PREFIX, conversation_hash, lock_write
+from core.erasure_key import (
+    DEFAULT_LOCK_WAIT_S,
+    LOCK_WRITE,
+    TAG_PREFIX,
+    ErasureInProgress,
+    conversation_hash,
+    lock_write,
+)
 from core.errors import UpstreamError
 
 STATUSES = ("scheduled", "queued", "ringing", "in-progress", "forwarding", "ended")
@@ -224,7 +231,19 @@ class CallStore:
         self, tenant: str, account: str, info: wire.CallInfo, agent: str | None, status: str | None = None, **extra
     ) -> dict | None:
         """Records the call (new) or what is new about it; None when it has no valid call id or
-        its report is in already."""
+        its report is in already, or when it is ringing (an inbound call's assistant-request)
+        during an erasure of its tenant (``ErasureInProgress``: VAPI is answered its assistant all
+        the same, and the call's next status update records it)."""
+        try:
+            return await self._upsert(tenant, account, info, agent, status, **extra)
+        except ErasureInProgress:
+            if status != "ringing":
+                raise
+            return None
+
+    async def _upsert(
+        self, tenant: str, account: str, info: wire.CallInfo, agent: str | None, status: str | None = None, **extra
+    ) -> dict | None:
         if info.call_id is None:
             return None
         status = status if status in STATUSES else "queued"
