@@ -34,9 +34,6 @@ class Running:
     def __init__(self) -> None:
         self._by_tenant: dict[str | None, int] = {}
 
-    def count(self, tenant: str | None) -> int:
-        return self._by_tenant.get(tenant, 0)
-
     @contextlib.contextmanager
     def one(self, tenant: str | None, cap: int) -> Iterator[None]:
         n = self._by_tenant.get(tenant, 0)
