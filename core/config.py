@@ -357,6 +357,19 @@ class Server(_Strict):
     # Stored answers of one tenant together hold at most this much of Redis; past it the oldest
     # are deleted first (their retries run the model again). 0: no bound.
     idempotency_max_bytes_per_tenant: int = Field(256 * 1024 * 1024, ge=0)
+    # A webhook that writes a record an erasure rewrites (a VAPI call's status update or
+    # end-of-call report) waits at most this long for its tenant's erasure lock (core.erasure_key:
+    # an erasure of the tenant, or of another tenant of its bucket, in progress), then is answered
+    # 503 to retry: a waiter holds one of the pool's connections, and many would hold every
+    # tenant's. (The background writers and an outbound call's record, the call placed, wait on.)
+    erasure_lock_wait_s: float = Field(2.0, gt=0, le=30)
+    # The admin reports that read many rows (spend, experiments, escalation stats): each statement
+    # runs at most this long (then 503: narrow the range), and one tenant runs at most this many
+    # at once in a process (then 429 with retry-after): they hold pooled connections meanwhile.
+    admin_report_timeout_s: float = Field(10.0, gt=0, le=30)
+    admin_reports_per_tenant: int = Field(2, ge=1)
+    # /admin/spend without 'from' reports this many days back from now (the range is in the answer).
+    spend_default_days: int = Field(31, ge=1, le=3660)
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -24,7 +24,10 @@ import re
 import secrets
 from pathlib import Path
 
+import asyncpg
 import orjson
+
+from core.errors import ServiceUnavailable
 
 ENV = "GATEWAY_ERASURE_KEY"
 TAG_PREFIX = "erased:"
@@ -190,6 +193,34 @@ LOCK_ERASURE = f"SELECT pg_advisory_xact_lock({ERASURE_LOCK_CLASS}, hashtext($1)
 # call's record: its status updates, its end-of-call report). Such a writer must take no row an
 # erasure locks before its own lock, and do nothing slow while it holds it.
 LOCK_WRITE = f"SELECT pg_advisory_xact_lock_shared({ERASURE_LOCK_CLASS}, hashtext($1) & {ERASURE_LOCK_BUCKETS - 1})"
+
+# A request or a webhook waits this long at most for it (``server.erasure_lock_wait_s``).
+DEFAULT_LOCK_WAIT_S = 2.0
+_WAIT_AT_MOST = "SELECT set_config('lock_timeout', $1, true)"
+_WAIT_AS_BEFORE = "SET LOCAL lock_timeout TO DEFAULT"
+
+
+class ErasureInProgress(ServiceUnavailable):
+    """The tenant's erasure lock was not granted in time: nothing was written, try again."""
+
+    default_code = "erasure_in_progress"
+
+
+async def lock_write(conn: asyncpg.Connection, tenant: str, wait_s: float = DEFAULT_LOCK_WAIT_S) -> None:
+    """``LOCK_WRITE`` for a request or a webhook: waited for at most ``wait_s`` (PostgreSQL's
+    ``lock_timeout``, for this statement alone), else ``ErasureInProgress`` (503 with
+    ``retry-after``; the transaction is aborted, nothing of it is kept). An erasure holds the
+    lock for as long as it takes, and tenants share its buckets: a caller waiting on holds a
+    pooled connection meanwhile, and enough of them would hold every tenant's."""
+    await conn.execute(_WAIT_AT_MOST, f"{max(1, round(wait_s * 1000))}ms")
+    try:
+        await conn.execute(LOCK_WRITE, tenant)
+    except asyncpg.exceptions.LockNotAvailableError:
+        raise ErasureInProgress(
+            "An erasure of conversations is in progress; nothing was stored, try again shortly.",
+            headers={"retry-after": str(max(1, round(wait_s)))},
+        ) from None
+    await conn.execute(_WAIT_AS_BEFORE)
 
 
 def lock_batch_tenants(table: str, where: str = "true") -> str:

@@ -20,7 +20,7 @@ import contextlib
 import csv
 import io
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 from redis.exceptions import RedisError
@@ -39,6 +39,7 @@ from gateway import (
     admin_conversations,
     admin_escalations,
     admin_kb,
+    admin_reports,
     admin_streams,
     admin_vapi,
     key_window,
@@ -46,10 +47,11 @@ from gateway import (
 from gateway import admin_input as inp
 from gateway.agent_announce import WARNING
 from gateway.db import tenant_transaction
+from policies import budget_counts
 from policies import budgets as budget_store
 from policies import keys as key_store
 from policies.alerts import budget_signing_key
-from policies.budgets import ENFORCEMENTS, NANO, PERIODS, SCOPES
+from policies.budgets import ENFORCEMENTS, PERIODS, SCOPES
 from policies.engine import MAX_ATTRIBUTION, MAX_TAG
 from policies.minting import narrow
 from policies.webhooks import NetworkPolicy, check_webhook_url
@@ -132,6 +134,7 @@ def _action(scope: dict) -> str:
 class Admin:
     def __init__(self, app) -> None:
         self.gateway = app  # GatewayApp: .svc is set at start-up
+        self.reports = admin_reports.Running()  # the heavy reports running, per tenant
         self.app = Starlette(
             routes=[
                 Route("/admin/keys", self.create_key, methods=["POST"]),
@@ -224,6 +227,19 @@ class Admin:
     @property
     def svc(self):
         return self.gateway.svc
+
+    def report_transaction(self, request: Request):
+        """The transaction of a report that reads many rows (gateway/admin_reports.py): its
+        statements cut at ``server.admin_report_timeout_s``, the caller's tenant's running ones
+        capped at ``server.admin_reports_per_tenant``."""
+        server = self.svc.config.server
+        return admin_reports.transaction(
+            self.reports,
+            self.svc.pool,
+            _wall(request),
+            timeout_s=server.admin_report_timeout_s,
+            cap=server.admin_reports_per_tenant,
+        )
 
     # ---- keys ----------------------------------------------------------------------------------
     async def create_key(self, request: Request) -> Response:
@@ -353,24 +369,26 @@ class Admin:
 
     # ---- budgets -------------------------------------------------------------------------------
     async def _state(self, b, ident: Identity | None = None) -> dict:
-        spent_key, reserved_key, alert_prefix, _ = b.keys()
-        thresholds = [f"{t:g}" for t in b.thresholds]
+        return (await self._states([b], ident))[0]
+
+    async def _states(self, budgets: list, ident: Identity | None = None) -> list[dict]:
+        """The budgets as stored, with what Redis counts in their current periods: the whole page
+        in one round trip (``policies.budget_counts``)."""
         try:
-            values = await self.svc.redis.mget([spent_key, reserved_key, *(alert_prefix + t for t in thresholds)])
-            # Admission credit the replicas hold (policies/credit.py): live lease keys only.
-            lease_keys = list(await self.svc.redis.smembers(f"{reserved_key}:leases"))
-            leased = sum(int(v) for v in await self.svc.redis.mget(lease_keys) if v) if lease_keys else 0
-        except RedisError:  # the budget as stored; what is spent cannot be read now (null)
-            return {**self._state_stored(b, ident), **dict.fromkeys(_COUNTED)}
-        spent = int(values[0] or 0) / NANO
-        return {
-            **self._state_stored(b, ident),
-            "spent_usd": spent,
-            "reserved_usd": int(values[1] or 0) / NANO,
-            "leased_usd": leased / NANO,  # held by replicas as admission credit (in flight included)
-            "remaining_usd": max(0.0, b.limit_usd - spent),
-            "alerts_fired": [float(t) for t, v in zip(thresholds, values[2:], strict=True) if v is not None],
-        }
+            counts = await budget_counts.read(self.svc.redis, budgets)
+        except RedisError:  # the budgets as stored; what is spent cannot be read now (null)
+            return [{**self._state_stored(b, ident), **dict.fromkeys(_COUNTED)} for b in budgets]
+        return [
+            {
+                **self._state_stored(b, ident),
+                "spent_usd": budget_counts.usd(c.spent),
+                "reserved_usd": budget_counts.usd(c.reserved),
+                "leased_usd": budget_counts.usd(c.leased),  # held by replicas as admission credit (in flight included)
+                "remaining_usd": max(0.0, b.limit_usd - budget_counts.usd(c.spent)),
+                "alerts_fired": list(c.alerts_fired),
+            }
+            for b, c in zip(budgets, counts, strict=True)
+        ]
 
     def _state_stored(self, b, ident: Identity | None) -> dict:
         secret = self.svc.config.alerts.secret
@@ -508,7 +526,7 @@ class Admin:
         limit, after = inp.page(request)  # newest first, a page at a time
         async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
             rows = await budget_store.list_budgets(conn, _view(request), limit + 1, after)
-        states = [await self._state(b, _ident(request)) for b in rows[:limit]]
+        states = await self._states(rows[:limit], _ident(request))
         return _json(inp.listing(states, len(rows) > limit))
 
     async def _get(self, request: Request, conn):
@@ -571,6 +589,8 @@ class Admin:
                 f"'group_by' must be one of {', '.join(GROUP_FIELDS)}.", param="group_by", code="invalid_value"
             )
         start, end = inp.when(q.get("from"), "from"), inp.when(q.get("to"), "to")
+        if start is None:  # (a bounded scan: the last ``server.spend_default_days`` up to 'to' or now)
+            start = (end or datetime.now(UTC)) - timedelta(days=self.svc.config.server.spend_default_days)
         fmt = q.get("format", "json")
         if fmt not in ("json", "csv"):
             raise InvalidRequest("'format' must be json or csv.", param="format", code="invalid_value")
@@ -578,7 +598,7 @@ class Admin:
         # the most costly ``limit`` of them (1-10000, default 1000), ``has_more`` when cut
         limit = http.query_limit(q, 1000, 10_000)
         expr = GROUP_FIELDS[group_by]
-        async with tenant_transaction(self.svc.pool, _wall(request)) as conn:
+        async with self.report_transaction(request) as conn:
             rows = await conn.fetch(
                 f"""SELECT {expr} AS grp, count(*) AS requests, sum(prompt_tokens) AS prompt_tokens,
                            sum(completion_tokens) AS completion_tokens, sum(cost_usd) AS cost_usd,
@@ -615,7 +635,10 @@ class Admin:
             return Response(
                 out.getvalue(),
                 media_type="text/csv",
-                headers={"content-disposition": f'attachment; filename="spend-by-{group_by}.csv"'},
+                headers={
+                    "content-disposition": f'attachment; filename="spend-by-{group_by}.csv"',
+                    "x-gateway-spend-from": start.isoformat(),  # (the range read, as the JSON's 'from')
+                },
             )
         return _json({"group_by": group_by, "from": start, "to": end, "data": data, "has_more": more})
 

@@ -454,7 +454,7 @@ class AgentAdmin:
 
     async def experiments(self, request: Request) -> Response:
         label = request.query_params.get("label")
-        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+        async with self.admin.report_transaction(request) as conn:  # (reads the agent's ledger rows)
             agent = await self._agent(request, conn)
             rows = await experiments.list_for_agent(conn, agent.id, limit=10)
             reports = [

@@ -177,7 +177,7 @@ class EscalationAdmin:
 
     async def stats(self, request: Request) -> Response:
         since = inp.when(request.query_params.get("from"), "from") or datetime.now(UTC) - timedelta(days=7)
-        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+        async with self.admin.report_transaction(request) as conn:  # ('from' may be years back)
             rows = await escalations.stats(conn, base._view(request), since)
         totals = {k: sum(r[k] for r in rows) for k in ("waiting", "in_progress", "resolved", "breached")}
         return base._json({"object": "escalation.stats", "from": since, **totals, "data": rows})

@@ -16,6 +16,7 @@ from prometheus_client import Counter, Histogram
 from core.config import Hitl
 from core.errors import InvalidRequest
 from core.tokens import count_text
+from gateway import kb_limits, storage_quota
 from policies.alerts import emit_event
 from policies.pii.analysis import TooMuchToCheck
 from rag import store as kb_store
@@ -66,7 +67,9 @@ class HitlService:
             await self.fast.close()
 
 
-async def start(config: Hitl, pool, redis, fast, embedder) -> HitlService:
+async def start(
+    config: Hitl, pool, redis, fast, embedder, quota: storage_quota.StorageQuota | None = None
+) -> HitlService:
     holds = held.Holds(redis, fast)
 
     async def emit(alert: dict) -> None:
@@ -77,7 +80,7 @@ async def start(config: Hitl, pool, redis, fast, embedder) -> HitlService:
 
     sweeper = sla.Sweeper(pool, redis, holds, emit, interval=config.sweep_interval_s)
     feed = held.Feed(redis)
-    service = HitlService(config, holds, feed, sweeper, LearnedIndexer(embedder), fast)
+    service = HitlService(config, holds, feed, sweeper, LearnedIndexer(embedder, quota), fast)
     try:
         await feed.start()
         await sweeper.start()
@@ -165,8 +168,9 @@ class LearnedIndexer:
     """Approved examples into the agent's "learned answers" knowledge base (created on demand and
     attached to the agent, so grounding searches it): one document and one chunk per example."""
 
-    def __init__(self, embedder) -> None:
+    def __init__(self, embedder, quota: storage_quota.StorageQuota | None = None) -> None:
         self._embedder = embedder
+        self._quota = quota or storage_quota.StorageQuota()
         self.changed_agents: set[str] = set()  # agents whose knowledge bases changed (to announce)
 
     async def index(self, conn, agent, example: dict) -> tuple[str, str]:
@@ -177,15 +181,23 @@ class LearnedIndexer:
         kb = await self._kb(conn, agent)
         text = f"Question: {example['question']}\nAnswer: {example['answer']}"
         digest = hashlib.sha256(text.encode()).hexdigest()
+        size = len(text.encode())
+        # A learned answer is a document as an admin's upload is (kept once, in one knowledge base,
+        # never attached to a vector store): it counts where those do, under the tenant's storage
+        # lock to the commit — its files and bytes (policies.max_files_per_tenant,
+        # max_file_bytes_per_tenant) and its knowledge base's documents (kb_limits).
+        room = await kb_limits.Room.take(conn, agent.tenant, kb.id, kb_limits.Limits(), attaching=False)
+        await storage_quota.check(conn, agent.tenant, self._quota, size, param="id")
         doc, _ = await kb_store.add_document(
             conn,
             agent.tenant,
             kb.id,
             filename=f"{example['id']}.txt",
             content_type="text/plain",
-            size=len(text.encode()),
+            size=size,
             sha256=digest,
         )
+        room.add(size, "id", attached=False)
         vector = (await self._embedder.embed([text]))[0]
         chunk = Chunk(0, text, "", count_text(text))
         await kb_store.replace_chunks(conn, agent.tenant, kb.id, doc.id, [chunk], [vector], LOCAL_MODEL)
@@ -200,6 +212,7 @@ class LearnedIndexer:
         if row is not None:
             kb = await kb_store.get_kb(conn, agent.tenant, row["id"])
         else:
+            await kb_limits.check_room_for_kb(conn, agent.tenant)  # (one per agent, among the tenant's)
             kb = await kb_store.create_kb(
                 conn,
                 agent.tenant,

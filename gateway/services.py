@@ -19,7 +19,7 @@ from core.config import Config
 from core.erasure_key import erasure_key
 from core.fastredis import PipelinedRedis
 from core.upstream import Upstream
-from gateway import hitl_service, kb_worker
+from gateway import hitl_service, kb_worker, storage_quota
 from gateway.conversation_retention import ChannelCopies, RetentionSweeper
 from gateway.db import connect_pool, migrate
 from gateway.providers import build_adapter
@@ -210,8 +210,10 @@ class Services:
         retention = RetentionSweeper(pool, memory=memory, channel_copies=channel_copies, holds=held.Holds(redis))
         retention.start()
         started.add(retention.stop)
+        limits = settings.config.policies  # (learned answers count in the tenant's storage)
+        quota = storage_quota.StorageQuota(limits.max_files_per_tenant, limits.max_file_bytes_per_tenant)
         hitl = await hitl_service.start(
-            settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder
+            settings.config.hitl, pool, redis, PipelinedRedis(settings.redis_url, timeout=2), embedder, quota
         )
         started.add(hitl.stop)
         return cls(

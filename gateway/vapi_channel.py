@@ -159,7 +159,7 @@ async def start(svc) -> VapiChannel | None:
                     f"'{b.scope_value[:64]}' is used up; no call is placed."
                 )
 
-    store = CallStore(lambda tenant: tenant_transaction(svc.pool, tenant))
+    store = CallStore(lambda tenant: tenant_transaction(svc.pool, tenant), svc.config.server.erasure_lock_wait_s)
     guard = _Guard(svc.auth.limiter, svc.config.server.trusted_proxies)
     channel = VapiChannel(
         accounts,

@@ -37,7 +37,14 @@ import orjson
 
 from channels.vapi import wire
 from channels.vapi.config import VAPI_ID
-from core.erasure_key import LOCK_WRITE, TAG_PREFIX, conversation_hash
+from core.erasure_key import (
+    DEFAULT_LOCK_WAIT_S,
+    LOCK_WRITE,
+    TAG_PREFIX,
+    ErasureInProgress,
+    conversation_hash,
+    lock_write,
+)
 from core.errors import UpstreamError
 
 STATUSES = ("scheduled", "queued", "ringing", "in-progress", "forwarding", "ended")
@@ -227,8 +234,11 @@ class CallStore:
     """``transaction(tenant)`` is the composition's tenant transaction (an async context manager
     giving a connection that sees only that tenant's rows; None: every tenant)."""
 
-    def __init__(self, transaction: Callable) -> None:
+    def __init__(self, transaction: Callable, lock_wait_s: float = DEFAULT_LOCK_WAIT_S) -> None:
         self._tx = transaction
+        # (a webhook waits this long at most for the tenant's erasure lock, then is answered 503:
+        # VAPI sends it again; ``core.erasure_key.lock_write``)
+        self._lock_wait_s = lock_wait_s
 
     async def upsert(
         self,
@@ -242,9 +252,30 @@ class CallStore:
         **extra,
     ) -> dict | None:
         """Records the call (new) or what is new about it; None when it has no valid call id or
-        its report is in already. ``begins``: this is the call's start (VAPI's assistant-request,
-        or the outbound call just placed), so an erasure of its conversation recorded before it
-        is not of this call; a status update is never one (VAPI may send it late)."""
+        its report is in already, or when it is ringing (an inbound call's assistant-request)
+        during an erasure of its tenant (``ErasureInProgress``: VAPI is answered its assistant all
+        the same, and the call's next status update records it, as a record that is not the call's
+        start). ``begins``: this is the call's start (VAPI's assistant-request, or the outbound call
+        just placed), so an erasure of its conversation recorded before it is not of this call; a
+        status update is never one (VAPI may send it late)."""
+        try:
+            return await self._upsert(tenant, account, info, agent, status, begins=begins, **extra)
+        except ErasureInProgress:
+            if status != "ringing":
+                raise
+            return None
+
+    async def _upsert(
+        self,
+        tenant: str,
+        account: str,
+        info: wire.CallInfo,
+        agent: str | None,
+        status: str | None = None,
+        *,
+        begins: bool = False,
+        **extra,
+    ) -> dict | None:
         if info.call_id is None:
             return None
         status = status if status in STATUSES else "queued"
@@ -252,8 +283,14 @@ class CallStore:
         hashed = conversation_hash(tenant, info.conversation_id or "")
         async with self._tx(tenant) as conn:
             # (the erasure's lock, as the report: a record created while the call's conversation is
-            # erased is committed before the erasure tags it, or created after it)
-            await conn.execute(LOCK_WRITE, tenant)
+            # erased is committed before the erasure tags it, or created after it). A webhook waits
+            # for it a bounded time (then 503: VAPI sends it again); the record of a call just
+            # placed waits on (a 503 would have its caller place the call again; placements are
+            # paced per account).
+            if extra.get("direction") == "outbound":
+                await conn.execute(LOCK_WRITE, tenant)
+            else:
+                await lock_write(conn, tenant, self._lock_wait_s)
             row = await conn.fetchrow(
                 _UPSERT,
                 new_id(),
@@ -285,7 +322,7 @@ class CallStore:
             return None
         hashed = conversation_hash(tenant, info.conversation_id or "")
         async with self._tx(tenant) as conn:
-            await conn.execute(LOCK_WRITE, tenant)
+            await lock_write(conn, tenant, self._lock_wait_s)
             await conn.execute(
                 _INSERT_REPORTED,
                 new_id(),
