@@ -367,7 +367,7 @@ def test_an_erasure_deletes_the_alias_that_holds_the_customers_number(gw, graph,
     conversation it is) leaves an alias in Redis for 90 days: the typed number's key holding the
     customer's id. The erasure of the customer's conversation left it; it goes now. Another
     customer's alias stays."""
-    from channels.whatsapp.sender import alias_key
+    from channels.whatsapp.sender import alias_index_key, alias_key
 
     ada, bob = _wa_id(), _wa_id()
     typed = {ada: _wa_id(), bob: _wa_id()}
@@ -386,6 +386,12 @@ def test_an_erasure_deletes_the_alias_that_holds_the_customers_number(gw, graph,
         assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
         assert r.get(alias_key("alpha", PNID_A, typed[ada])) is None
         assert r.get(alias_key("alpha", PNID_A, typed[bob])) == bob.encode()
+        # Nor is any index of the alias left: each set's name hashes a conversation id, which holds a
+        # number, with no key (hashing every number finds it). The typed number's stayed 90 days.
+        for number in (ada, typed[ada]):
+            assert not r.exists(alias_index_key(TENANT_A, f"wa:{PNID_A}:{number}")), number
+        for number in (bob, typed[bob]):
+            assert r.exists(alias_index_key(TENANT_A, f"wa:{PNID_A}:{number}")), number
     finally:
         graph.configure(wa_ids={})
         r.close()

@@ -136,11 +136,16 @@ class Sender:
 
     async def _alias(self, conv: store.Conversation, wa_id: str) -> None:
         """Sends to the conversation's number go to ``wa_id`` from now on; the alias is indexed
-        under both numbers' conversations (an erasure of either deletes it: it holds the number)."""
+        under both numbers' conversations (an erasure of either deletes it: it holds the number,
+        and the other conversation's index with it)."""
         key = alias_key(conv.account, conv.pnid, conv.wa_id)
         await self.kv.put(key, wa_id, ALIAS_TTL)
-        for number in (conv.wa_id, wa_id):
-            await self.kv.index(alias_index_key(conv.tenant, store.conversation_id(conv.pnid, number)), key, ALIAS_TTL)
+        indexes = [alias_index_key(conv.tenant, store.conversation_id(conv.pnid, n)) for n in (conv.wa_id, wa_id)]
+        for index, other in zip(indexes, reversed(indexes), strict=True):
+            # Each index names the other too: an erasure of either conversation deletes both sets,
+            # whose names hash the two numbers with no key (``forget_states`` deletes its members).
+            await self.kv.index(index, key, ALIAS_TTL)
+            await self.kv.index(index, other, ALIAS_TTL)
 
     async def state(self, account: str, key: str) -> dict[str, str]:
         return await self.kv.get(state_key(account, key))
