@@ -1,0 +1,163 @@
+"""The gateway core reviewed as an attacker and a demanding user (session 35): budgets, the
+ledger, fallbacks and client input. Each test is one fault that was found, named for it.
+
+Real gateway processes over HTTP, the embedded PostgreSQL and Valkey, the mock providers of
+loadtest/ (real HTTP servers speaking OpenAI's and Anthropic's wire formats).
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import openai
+import orjson
+import pytest
+
+from tests.conftest import LOCAL_HTTP, Gateway, MockProvider, started, wait_until
+from tests.test_policies import ledger_rows
+
+TIMEOUTS = {"first_byte": 5, "idle": 5, "total": 30}
+PRICES = {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
+# forty words: an answer of well over forty tokens, sent in eight pieces
+LONG_REPLY = " ".join(f"word{i}" for i in range(40))
+
+
+def _provider(name: str, mock: MockProvider, kind: str = "openai") -> dict:
+    return {
+        "name": name,
+        "kind": kind,
+        "base_url": f"{mock.url}/v1" if kind == "openai" else mock.url,
+        "api_keys": [f"{name}-{uuid.uuid4().hex[:10]}"],  # unique: key health is shared through Redis
+        "timeouts": TIMEOUTS,
+    }
+
+
+@pytest.fixture(scope="module")
+def anthropic_gw(tmp_root, services, module_mock):
+    cfg = {
+        "router": {"max_attempts": 1},
+        "providers": [_provider("ant", module_mock, "anthropic")],
+        "models": [{"name": "claude-priced", "deployments": [{"provider": "ant", "model": "c", **PRICES}]}],
+    }
+    with started(Gateway(tmp_root, cfg, services)) as (gw,):
+        yield gw
+
+
+def _row(services, client_request_id: str) -> dict:
+    wait_until(
+        lambda: ledger_rows(services[0], "client_request_id = $1", client_request_id),
+        timeout=15,
+        what="the ledger row",
+    )
+    return ledger_rows(services[0], "client_request_id = $1", client_request_id)[0]
+
+
+def test_an_anthropic_stream_broken_after_content_is_charged_for_what_was_sent(anthropic_gw, services, api_key):
+    """Anthropic's ``message_start`` carries the prompt's count and an output count of 1; the
+    real output count comes in ``message_delta`` at the end. A stream that broke before that was
+    settled with the start's usage (it was not None, so no estimate was made): the answer the
+    client had received was charged as one token."""
+    rid = f"ant-cut-{uuid.uuid4().hex[:8]}"
+    directive = orjson.dumps({"reply": LONG_REPLY, "chunks": 8, "cut_after": 7}).decode()
+    client = openai.OpenAI(base_url=f"{anthropic_gw.url}/v1", api_key=api_key, max_retries=0, timeout=30)
+    text = ""
+    with pytest.raises(openai.APIError):
+        for chunk in client.chat.completions.create(
+            model="claude-priced",
+            stream=True,
+            messages=[{"role": "user", "content": f"hi [[mock:{directive}]]"}],
+            extra_headers={"x-request-id": rid},
+        ):
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+    assert text.count("word") >= 10, text  # half the answer came
+    row = _row(services, rid)
+    assert row["completion_tokens"] >= 10, row
+    assert row["cost_usd"] >= row["completion_tokens"] * 2e-6
+
+
+def test_an_anthropic_stream_the_client_hangs_up_on_is_charged_for_what_was_sent(anthropic_gw, services, api_key):
+    """The attacker's way to the same hole: read an Anthropic-served answer and hang up before its
+    end. Each such stream cost its prompt and one output token, however long the answer read."""
+    rid = f"ant-hangup-{uuid.uuid4().hex[:8]}"
+    directive = orjson.dumps({"reply": LONG_REPLY, "chunks": 16, "chunk_ms": 150}).decode()
+    body = orjson.dumps(
+        {
+            "model": "claude-priced",
+            "stream": True,
+            "messages": [{"role": "user", "content": f"hi [[mock:{directive}]]"}],
+        }
+    )
+    sock = socket.create_connection(("127.0.0.1", anthropic_gw.port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + api_key.encode() + b"\r\nx-request-id: " + rid.encode() + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    seen = b""
+    while seen.count(b"word") < 10:  # a good part of the answer
+        got = sock.recv(65536)
+        assert got, seen
+        seen += got
+    sock.close()
+    row = _row(services, rid)
+    assert row["status"] == 499, row
+    assert row["completion_tokens"] >= 10, row
+
+
+@pytest.fixture(scope="module")
+def raw_mocks(tmp_root):
+    """Two providers answering verbatim (``POST /_mock/config`` ``raw``), one per test below."""
+    procs = [MockProvider(tmp_root), MockProvider(tmp_root)]
+    yield procs
+    for p in procs:
+        p.stop()
+
+
+def _raw(mock: MockProvider, pieces: list[dict | str]) -> None:
+    events = [p if isinstance(p, str) else "data: " + orjson.dumps(p).decode() + "\n\n" for p in pieces]
+    LOCAL_HTTP.post(f"{mock.url}/_mock/config", json={"raw": {"pieces": events}}).raise_for_status()
+
+
+def _chunk(content: str) -> dict:
+    return {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": content}}]}
+
+
+def test_a_fallback_stream_is_charged_for_its_own_answer_not_the_failed_attempts_usage(
+    tmp_root, services, api_key, raw_mocks
+):
+    """The first deployment's stream reported usage (a usage-only chunk: nothing the client sees)
+    and then failed before any content; the fallback's stream, from a server that reports no
+    usage, served the answer. The failed attempt's usage stayed on the request, so the answer
+    was never counted: a request charged for 0 completion tokens."""
+    first, second = raw_mocks
+    usage = {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    _raw(
+        first,
+        [{"id": "c", "choices": [], "usage": usage}, {"error": {"message": "overloaded", "type": "server_error"}}],
+    )
+    _raw(second, [*(_chunk(f"word{i} ") for i in range(40)), _chunk(""), "data: [DONE]\n\n"])
+    cfg = {
+        "router": {"max_attempts": 2, "backoff": {"base": 0.01, "max": 0.02}},
+        "providers": [_provider("one", first), _provider("two", second)],
+        "models": [
+            {"name": "primary", "deployments": [{"provider": "one", "model": "a", **PRICES}], "fallbacks": ["backup"]},
+            {"name": "backup", "deployments": [{"provider": "two", "model": "b", **PRICES}]},
+        ],
+    }
+    rid = f"fallback-usage-{uuid.uuid4().hex[:8]}"
+    with started(Gateway(tmp_root, cfg, services)) as (gw,):
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=api_key, max_retries=0, timeout=30)
+        stream = client.chat.completions.create(
+            model="primary",
+            stream=True,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-request-id": rid},
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text.count("word") == 40
+        assert stream.response.headers["x-gateway-deployment"] == "two/b"
+        row = _row(services, rid)
+    assert row["fallbacks"] == 1 and row["attempts"] == 2, row
+    assert row["completion_tokens"] >= 40, row
