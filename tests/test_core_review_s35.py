@@ -7,15 +7,18 @@ loadtest/ (real HTTP servers speaking OpenAI's and Anthropic's wire formats).
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import socket
 import uuid
 
+import httpx
 import openai
 import orjson
 import pytest
 
 from tests.conftest import LOCAL_HTTP, Gateway, MockProvider, started, wait_until
-from tests.test_policies import ledger_rows
+from tests.test_policies import admin, ledger_rows, new_key
 
 TIMEOUTS = {"first_byte": 5, "idle": 5, "total": 30}
 PRICES = {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
@@ -161,3 +164,133 @@ def test_a_fallback_stream_is_charged_for_its_own_answer_not_the_failed_attempts
         row = _row(services, rid)
     assert row["fallbacks"] == 1 and row["attempts"] == 2, row
     assert row["completion_tokens"] >= 40, row
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_root, services, module_mock):
+    """Two replicas over one Redis and one PostgreSQL; ``primary`` always fails (503) and falls
+    back to ``priced`` (the module's mock, whose answers directives shape)."""
+    failing = MockProvider(tmp_root, "--fail-rate", "1", "--fail-status", "503")
+    cfg = {
+        "router": {"max_attempts": 2, "backoff": {"base": 0.01, "max": 0.02}, "circuit": {"failures": 100000}},
+        "providers": [_provider("pp", module_mock), _provider("down", failing)],
+        "models": [
+            {"name": "priced", "deployments": [{"provider": "pp", "model": "m", **PRICES}]},
+            {"name": "primary", "deployments": [{"provider": "down", "model": "x", **PRICES}], "fallbacks": ["priced"]},
+        ],
+    }
+    with started(failing, Gateway(tmp_root, cfg, services), Gateway(tmp_root, cfg, services)) as (_, a, b):
+        yield a, b
+
+
+def _budget(gw: Gateway, budget_id: str) -> dict:
+    return admin(gw, "GET", f"/admin/budgets/{budget_id}").json()
+
+
+def test_streams_failures_hangups_and_fallbacks_on_two_replicas_never_pass_a_hard_budget_nor_keep_a_reservation(
+    replicas, services
+):
+    """Every way a request can end, at once on both replicas against one hard budget: streamed
+    and not, upstream failing after admission (before content, and cut after it), the client
+    hanging up mid-stream, a fallback after a failing group. Spend stays under the limit, every
+    reservation (and lease) is given back exactly once, and every request has its record."""
+    a, b = replicas
+    key = new_key(a, budget_usd=0.002, budget_period="daily")
+    auth = {"Authorization": f"Bearer {key['key']}"}
+    kinds = ["ok", "stream", "fail", "stream-fail", "stream-cut", "hangup", "fallback", "stream-fallback"]
+    n = 240
+
+    def body(kind: str) -> dict:
+        text = "hello there"
+        if kind in ("fail", "stream-fail"):
+            text += ' [[mock:{"status": 500}]]'
+        elif kind == "stream-cut":
+            text += ' [[mock:{"cut_after": 2, "chunks": 6}]]'
+        elif kind == "hangup":
+            text += ' [[mock:{"chunks": 6, "chunk_ms": 50}]]'
+        return {
+            "model": "primary" if kind.endswith("fallback") else "priced",
+            "max_tokens": 8,
+            "stream": kind.startswith("stream") or kind == "hangup",
+            "messages": [{"role": "user", "content": text}],
+        }
+
+    async def run() -> collections.Counter:
+        outcomes: collections.Counter = collections.Counter()
+        clients = [httpx.AsyncClient(base_url=gw.url, headers=auth, timeout=60) for gw in (a, b)]
+        sem = asyncio.Semaphore(24)
+
+        async def one(i: int) -> None:
+            kind = kinds[i % len(kinds)]
+            headers = {"x-request-id": f"{key['id']}-{i}"}
+            async with sem:
+                async with clients[i % 2].stream("POST", "/v1/chat/completions", json=body(kind), headers=headers) as r:
+                    if kind == "hangup" and r.status_code == 200:
+                        async for part in r.aiter_bytes():
+                            if b'"content"' in part:
+                                break  # leaves the stream unread: the connection is closed
+                        outcomes["hung up"] += 1
+                        return
+                    await r.aread()
+                    outcomes[r.status_code] += 1
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        for c in clients:
+            await c.aclose()
+        return outcomes
+
+    outcomes = asyncio.run(run())
+    assert set(outcomes) <= {200, 429, 502, "hung up"}, outcomes
+    assert outcomes[429] > 0, outcomes  # the budget was reached
+
+    def settled() -> bool:
+        state = _budget(a, key["budget_id"])
+        return state["reserved_usd"] == 0 and state["leased_usd"] == 0
+
+    wait_until(settled, timeout=30, what="every reservation and lease given back")
+    state = _budget(a, key["budget_id"])
+    assert 0 < state["spent_usd"] <= 0.002, (state, outcomes)
+    ids = [f"{key['id']}-{i}" for i in range(n)]
+    wait_until(
+        lambda: len(ledger_rows(services[0], "client_request_id = ANY($1)", ids)) == n, timeout=30, what="n rows"
+    )
+    rows = ledger_rows(services[0], "client_request_id = ANY($1)", ids)
+    assert len({r["request_id"] for r in rows}) == n  # one record each, none twice
+    # what the ledger says was spent is what the budget counted
+    assert sum(r["cost_usd"] for r in rows) == pytest.approx(state["spent_usd"], rel=1e-6, abs=1e-9)
+
+
+def test_embeddings_of_token_arrays_from_a_provider_reporting_no_usage_are_charged_for_their_tokens(
+    tmp_root, services, api_key, raw_mocks
+):
+    """``input`` may be token arrays (OpenAI's API takes them). A provider answering without
+    ``usage`` (several OpenAI-compatible servers) has the gateway estimate it from the input, and
+    the estimate counted only text: 2048 arrays of tokens were charged as 0 prompt tokens."""
+    _, mock = raw_mocks
+    answer = {"object": "list", "model": "e", "data": [{"object": "embedding", "index": 0, "embedding": [0.5, 0.25]}]}
+    LOCAL_HTTP.post(
+        f"{mock.url}/_mock/config",
+        json={"raw": {"content_type": "application/json", "pieces": [orjson.dumps(answer).decode()]}},
+    ).raise_for_status()
+    cfg = {
+        "router": {"max_attempts": 1},
+        "providers": [_provider("emb", mock)],
+        "models": [
+            {"name": "embed-priced", "mode": "embedding", "deployments": [{"provider": "emb", "model": "e", **PRICES}]}
+        ],
+    }
+    with started(Gateway(tmp_root, cfg, services)) as (gw,):
+        ids = {}
+        for name, inp in (("flat", list(range(300))), ("nested", [list(range(200)), list(range(100))])):
+            ids[name] = f"emb-{name}-{uuid.uuid4().hex[:8]}"
+            r = httpx.post(
+                f"{gw.url}/v1/embeddings",
+                json={"model": "embed-priced", "input": inp},
+                headers={"Authorization": f"Bearer {api_key}", "x-request-id": ids[name]},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+        rows = {name: _row(services, rid) for name, rid in ids.items()}
+    for row in rows.values():
+        assert row["usage_estimated"] is True and row["prompt_tokens"] == 300, row
+        assert row["cost_usd"] == pytest.approx(300 * 1e-6)
