@@ -306,6 +306,7 @@ class PolicyEngine:
         hard = any(b.enforcement == "hard" for b in budgets)
         estimate, floor = self._estimate_nano(ctx, hard) if budgets else (0, 0)
         ctx.extra["reserved_nano"] = estimate
+        ctx.extra["reservation_unknown"] = False
         now_ms = int(time.time() * 1000)
         slot = now_ms // MINUTE_MS
         keys = ctx.extra["budget_keys"] = [b.keys() for b in budgets]  # settled there, past midnight too
@@ -358,7 +359,10 @@ class PolicyEngine:
         except RedisError as exc:
             for _, own, asked in asking:
                 credit.answered(own, 0, 0, asked)
-            ctx.extra["reserved_nano"] = 0
+            # Redis may have run the script and its reply been lost (a timeout): the settle releases
+            # the reservation if it is there (SETTLE releases only a member of ``reserved:exp``), else
+            # it would hold the budget until its hold ends. A spooled settlement does not count on it.
+            ctx.extra["reservation_unknown"] = True
             self._unreachable(exc, "serving")
             return
         if int(result[0]) == 1:
@@ -571,7 +575,8 @@ class PolicyEngine:
                     self.credit.settled(own, reserved)
                     held = 0
             argv += [spent, reserved_key, held, actual, b.limit_nano, ttl, alert_prefix, self._thresholds(b), b.id]
-            late.append([spent, reserved_key, held, actual, ttl])
+            # (a reservation the admit may not have made: its replay counts the cost, reserving nothing)
+            late.append([spent, reserved_key, 0 if ctx.extra.get("reservation_unknown") else held, actual, ttl])
         if any(held or actual for _, _, held, actual, _ in late):  # (a refused request's has nothing to do)
             ctx.extra["settlement"] = [member, late]
         tokens = (ctx.usage.total_tokens if ctx.usage else 0) if ctx.extra.get("admitted") else 0

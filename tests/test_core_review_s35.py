@@ -17,6 +17,7 @@ import openai
 import orjson
 import pytest
 
+from core.types import RequestContext
 from tests.conftest import LOCAL_HTTP, Gateway, MockProvider, started, wait_until
 from tests.test_policies import admin, ledger_rows, new_key
 
@@ -294,3 +295,96 @@ def test_embeddings_of_token_arrays_from_a_provider_reporting_no_usage_are_charg
     for row in rows.values():
         assert row["usage_estimated"] is True and row["prompt_tokens"] == 300, row
         assert row["cost_usd"] == pytest.approx(300 * 1e-6)
+
+
+class ReplyHolder:
+    """A TCP proxy in front of the embedded Valkey (a unix socket) that passes commands on at
+    once and, while ``hold`` is set, keeps Redis's replies back: a command Redis ran whose reply
+    the gateway never gets in time (a slow network, a stalled reply)."""
+
+    def __init__(self, unix_path: str) -> None:
+        self.unix_path = unix_path
+        self.hold = False
+        self.held = asyncio.Event()  # a reply was kept back: its command ran
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_unix_connection(self.unix_path)
+        holding = self.hold  # (decided per connection: a new one after a timeout passes)
+
+        async def up() -> None:
+            while data := await client_r.read(65536):
+                server_w.write(data)
+            server_w.close()
+
+        async def down() -> None:
+            while data := await server_r.read(65536):
+                if holding:
+                    self.held.set()
+                    continue
+                client_w.write(data)
+            client_w.close()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+
+    async def close(self) -> None:
+        self.server.close()
+
+
+def test_a_reservation_whose_admit_reply_timed_out_is_released_by_the_settle(services):
+    """ADMIT ran in Redis (the reservation made) but its reply did not come within the client's
+    timeout: the request was refused with 503 (``policy_store_unavailable``; or served without
+    limits under ``fail_open``), and settled as though nothing had been reserved. Its reservation
+    then held the hard budget until its hold ran out (an hour by default): a few slow replies
+    refused the budget's every request with ``budget_reserved``. The settle now releases what
+    the admit may have reserved (SETTLE releases only a reservation that is there)."""
+    from core.errors import ServiceUnavailable
+    from core.fastredis import PipelinedRedis
+    from tests.test_admission_credit_attacks import ESTIMATE, Replica, hard_budget
+
+    budget = hard_budget(3)
+    _, reserved_key, _, _ = budget.keys()
+
+    async def run() -> tuple[int, int, int]:
+        import redis.asyncio as aioredis
+
+        direct = aioredis.from_url(services[1])
+        proxy = ReplyHolder(services[1].removeprefix("unix://"))
+        url = await proxy.start()
+        a = Replica(services[1], budget, policies={"local_admission": False})
+        await a.engine._redis.close()
+        a.engine._redis = PipelinedRedis(url, timeout=0.5)
+        await a.start()  # (the scripts loaded through the proxy, replies passed)
+        await a.engine._redis.close()
+        proxy.hold = True  # the next connection's replies are kept back
+        ctx = RequestContextFor(a)
+        with pytest.raises(ServiceUnavailable):
+            await a.engine.admit(ctx, ctx.extra["attr"])
+        await proxy.held.wait()  # ADMIT ran: its reply came, and was kept back
+        reserved_after_admit = int(await direct.get(reserved_key) or 0)
+        proxy.hold = False
+        ctx.status = 503
+        await a.engine.settle(ctx, ctx.extra["attr"], 0.01)
+        left = int(await direct.get(reserved_key) or 0), int(await direct.zcard(f"{reserved_key}:exp"))
+        await a.engine.close()
+        await proxy.close()
+        await direct.aclose()
+        return reserved_after_admit, *left
+
+    reserved_after_admit, reserved, members = asyncio.run(run())
+    assert reserved_after_admit == ESTIMATE  # the admit did reserve
+    assert (reserved, members) == (0, 0)
+
+
+def RequestContextFor(replica) -> RequestContext:
+    """A chat request of the priced model, as ``Replica.admit`` builds it."""
+    ctx = RequestContext(uuid.uuid4().hex, "chat", {"model": "priced", "messages": [], "max_tokens": 1000}, 0.0)
+    ctx.model = "priced"
+    ctx.max_output = 1000
+    ctx._prompt_tokens = 0
+    ctx.extra["attr"] = {"tenant": "t", "key": None, "user": None, "tags": []}
+    return ctx
