@@ -388,3 +388,67 @@ def RequestContextFor(replica) -> RequestContext:
     ctx._prompt_tokens = 0
     ctx.extra["attr"] = {"tenant": "t", "key": None, "user": None, "tags": []}
     return ctx
+
+
+def test_a_streamed_429_cools_each_key_for_its_retry_after_and_a_cooled_key_is_not_called(tmp_root, services, api_key):
+    """A stream refused with 429 before its first byte: the next key is tried at once; a key is
+    not called again before the provider's ``retry-after`` (far longer than the configured
+    cooldown here), and the client hears 429 with a ``retry-after`` of its own meanwhile."""
+    mock = MockProvider(tmp_root)
+    cfg = {
+        "router": {"max_attempts": 4, "key_cooldown": 0.01, "backoff": {"base": 0.01, "max": 0.02}},
+        "providers": [
+            {**_provider("p", mock), "api_keys": [f"k1-{uuid.uuid4().hex[:8]}", f"k2-{uuid.uuid4().hex[:8]}"]}
+        ],
+        "models": [{"name": "m", "deployments": [{"provider": "p", "model": "x"}]}],
+    }
+    with started(mock, Gateway(tmp_root, cfg, services)) as (_, gw):
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=api_key, max_retries=0, timeout=30)
+        limited = [{"role": "user", "content": 'hi [[mock:{"status": 429, "retry_after": 120}]]'}]
+        with pytest.raises(openai.RateLimitError) as first:
+            client.chat.completions.create(model="m", messages=limited, stream=True)
+        keys = [r["headers"]["authorization"] for r in mock.requests()]
+        assert len(keys) == 2 and len(set(keys)) == 2, keys  # each key once, at once
+        assert int(first.value.response.headers["retry-after"]) >= 60
+        with pytest.raises(openai.RateLimitError) as second:  # a request that would be served
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+        assert len(mock.requests()) == 2, "a key cooling down for its retry-after was called"
+        assert int(second.value.response.headers["retry-after"]) >= 60
+
+
+def test_a_rate_limit_error_event_after_content_ends_the_stream_as_openai_does_and_cools_the_key(
+    tmp_root, services, api_key
+):
+    """Past the first content nothing can fall back: the client has each piece once, then one
+    OpenAI-shaped error event (``rate_limit_error``), no ``[DONE]``; the key is cooled, so the
+    next request is not sent to it."""
+    mock = MockProvider(tmp_root)
+    error = {"error": {"message": "Rate limit reached", "type": "rate_limit_error", "code": "rate_limit_exceeded"}}
+    _raw(mock, [_chunk("one "), _chunk("two "), error])
+    cfg = {
+        "router": {"max_attempts": 3, "key_cooldown": 120},
+        "providers": [_provider("p", mock)],
+        "models": [{"name": "m", "deployments": [{"provider": "p", "model": "x"}]}],
+    }
+    with started(mock, Gateway(tmp_root, cfg, services)) as (_, gw):
+        r = httpx.post(
+            f"{gw.url}/v1/chat/completions",
+            json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=30,
+        )
+        assert r.status_code == 200
+        events = [e for e in r.content.split(b"\n\n") if e]
+        assert [orjson.loads(e[6:])["choices"][0]["delta"]["content"] for e in events[:-1]] == ["one ", "two "]
+        last = orjson.loads(events[-1].removeprefix(b"data: "))
+        assert set(last["error"]) == {"message", "type", "param", "code"}, last
+        assert last["error"]["type"] == "rate_limit_error" and last["error"]["code"] == "rate_limit_exceeded"
+        assert b"[DONE]" not in r.content
+        again = httpx.post(
+            f"{gw.url}/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=30,
+        )
+        assert again.status_code == 429 and "retry-after" in again.headers, again.text
+        assert len(mock.requests()) == 1
