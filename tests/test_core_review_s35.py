@@ -16,6 +16,8 @@ import httpx
 import openai
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from core.types import RequestContext
 from tests.conftest import LOCAL_HTTP, Gateway, MockProvider, started, wait_until
@@ -452,3 +454,87 @@ def test_a_rate_limit_error_event_after_content_ends_the_stream_as_openai_does_a
         )
         assert again.status_code == 429 and "retry-after" in again.headers, again.text
         assert len(mock.requests()) == 1
+
+
+# ---- client-controlled attribution, fuzzed against a priced gateway with budgets -------------
+
+_header_text = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"), max_size=300
+)
+_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=300)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=30,
+)
+_ATTRIBUTION_HEADERS = (
+    "x-gateway-user",
+    "x-gateway-agent",
+    "x-gateway-workflow",
+    "x-gateway-customer",
+    "x-gateway-labels",
+    "x-gateway-tags",
+    "x-gateway-strategy",
+    "x-gateway-max-price",
+    "x-gateway-max-latency-ms",
+    "x-request-id",
+)
+
+
+@pytest.fixture(scope="module")
+def priced_gw(tmp_root, services, module_mock):
+    cfg = {
+        "router": {"max_attempts": 1, "circuit": {"failures": 100000}},
+        "providers": [_provider("pp", module_mock)],
+        "models": [{"name": "priced", "deployments": [{"provider": "pp", "model": "m", **PRICES}]}],
+    }
+    with started(Gateway(tmp_root, cfg, services)) as (gw,):
+        yield gw
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(
+    meta=st.dictionaries(st.sampled_from(["user", "agent", "workflow", "customer", "tags", "x"]), _values, max_size=5)
+    | _values,
+    user=_values,
+    headers=st.dictionaries(st.sampled_from(_ATTRIBUTION_HEADERS), _header_text, max_size=4),
+    valid=st.booleans(),
+)
+def test_fuzz_attribution_fields_never_fail_the_gateway_and_a_refusal_spends_nothing(
+    priced_gw, fuzz_key, meta, user, headers, valid
+):
+    """``user``, ``metadata`` (user, agent, workflow, customer, tags) and the ``x-gateway-*``
+    headers name who pays, pick deployments and end up in Redis keys and the ledger: whatever
+    they hold, the answer is a 200 or an OpenAI-shaped 4xx naming its field, and a refused
+    request changes no budget."""
+    key, budget_id = fuzz_key
+    body = {
+        "model": "priced",
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hi"}],
+        "metadata": meta,
+        "user": user,
+    }
+    if not valid:
+        body["messages"] = [{"role": "robot", "content": "hi"}]
+    before = _budget(priced_gw, budget_id)["spent_usd"]
+    r = httpx.post(
+        f"{priced_gw.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}", **{k: v.encode("latin-1") for k, v in headers.items()}},
+        timeout=30,
+    )
+    assert r.status_code in (200, 400, 403, 404), r.text
+    if r.status_code != 200:
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["param"], err
+        assert "Traceback" not in r.text
+        assert _budget(priced_gw, budget_id)["spent_usd"] == before
+    else:
+        assert valid
+
+
+@pytest.fixture(scope="module")
+def fuzz_key(priced_gw):
+    key = new_key(priced_gw, budget_usd=1000.0, budget_period="none")
+    return key["key"], key["budget_id"]
