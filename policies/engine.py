@@ -33,6 +33,27 @@ ALERT_STREAM = "gw:{gw}:alerts"
 MINUTE_MS = 60_000
 MAX_ATTRIBUTION = 200  # characters of a user, agent, workflow or customer a request is attributed to
 MAX_TAG = 100  # characters of a tag
+MAX_TAGS = 20  # distinct tags a request is attributed to
+# Entries of ``metadata.tags`` (a list, or a comma-separated string) and of ``x-gateway-labels``
+# looked at: a body of millions of them held the event loop for a second, for 20 that count.
+SCANNED_TAGS = 1000
+
+
+def _text(value, limit: int) -> str:
+    """A client's value as attribution text, at most ``limit`` characters: an object or array as
+    its JSON (in C: its ``str`` walked a body of megabytes in Python, a second of the event loop)."""
+    if isinstance(value, str):
+        return value[:limit]
+    if isinstance(value, bool | int | float) or value is None:
+        return str(value)[:limit]
+    try:
+        return orjson.dumps(value)[: limit * 4].decode("utf-8", "ignore")[:limit]
+    except orjson.JSONEncodeError:  # (not what a parsed body holds)
+        return ""
+
+
+def _split_tags(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",", SCANNED_TAGS)[:SCANNED_TAGS] if t.strip()]
 
 
 def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
@@ -48,20 +69,19 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
         if value:
             return header_text(value)[:MAX_ATTRIBUTION]
         value = meta.get(field)
-        return str(value)[:MAX_ATTRIBUTION] if value not in (None, "") else None
+        return _text(value, MAX_ATTRIBUTION) if value is not None and value != "" else None
 
     user = scope_headers.get(b"x-gateway-user")
     tags = meta.get("tags")
     if isinstance(tags, str):
-        tags = [t.strip() for t in tags.split(",") if t.strip()]
-    elif not isinstance(tags, list):
+        tags = _split_tags(tags)
+    elif isinstance(tags, list):
+        tags = tags[:SCANNED_TAGS]
+    else:
         tags = []
     header_tags = scope_headers.get(b"x-gateway-labels")
     if header_tags:
-        tags = [
-            *tags,
-            *(t.strip() for t in header_text(header_tags).split(",") if t.strip()),
-        ]
+        tags = [*tags, *_split_tags(header_text(header_tags))]
     return {
         "tenant": ident.tenant if ident else None,
         "key": ident.key_id if ident else None,
@@ -71,7 +91,9 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
         "agent": pick("agent", b"x-gateway-agent"),
         "workflow": pick("workflow", b"x-gateway-workflow"),
         "customer": pick("customer", b"x-gateway-customer"),
-        "tags": list(dict.fromkeys(str(t)[:MAX_TAG] for t in tags))[:20],  # each once: a tag's budget counts once
+        "tags": list(dict.fromkeys(_text(t, MAX_TAG) for t in tags))[
+            :MAX_TAGS
+        ],  # each once: a tag's budget counts once
     }
 
 

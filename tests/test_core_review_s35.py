@@ -538,3 +538,39 @@ def test_fuzz_attribution_fields_never_fail_the_gateway_and_a_refusal_spends_not
 def fuzz_key(priced_gw):
     key = new_key(priced_gw, budget_usd=1000.0, budget_period="none")
     return key["key"], key["budget_id"]
+
+
+class _Untouchable(list):
+    """A value whose Python ``str`` must not be taken (it walks the value in Python)."""
+
+    def __str__(self) -> str:
+        raise AssertionError("str() of a client's value")
+
+    __repr__ = __str__
+
+
+class _Unread:
+    def __str__(self) -> str:
+        raise AssertionError("a tag past the scanned ones was read")
+
+    __repr__ = __str__
+
+
+def test_attribution_of_a_body_of_millions_of_tags_or_a_huge_object_does_not_walk_it_in_python():
+    """``metadata.tags`` of four million entries, or ``metadata.customer`` a list of megabytes:
+    attribution took ``str`` of every entry (of 20 that count) and of the whole object, over a
+    second of the event loop — every request of the replica waited — for one request of a key
+    holder. Now at most ``SCANNED_TAGS`` entries are looked at, and an object is cut from its
+    JSON (written in C)."""
+    from policies.engine import MAX_TAGS, SCANNED_TAGS, attribution
+
+    tags = [f"t{i % 50}" for i in range(SCANNED_TAGS)] + [_Unread() for _ in range(100_000)]
+    big = _Untouchable(range(1000))
+    ctx = RequestContext("r", "chat", {"metadata": {"tags": tags, "customer": big, "agent": {"name": "é"}}}, 0.0)
+    attr = attribution(ctx, {b"x-gateway-labels": b"from-header"})
+    assert attr["tags"] == [f"t{i}" for i in range(MAX_TAGS)]
+    assert attr["customer"] == "[" + ",".join(str(i) for i in range(1000))[:199]
+    assert attr["agent"] == '{"name":"é"}'
+    text = ",".join(["a"] * 3_000_000) + ",late"
+    ctx = RequestContext("r", "chat", {"metadata": {"tags": text}}, 0.0)
+    assert attribution(ctx, {b"x-gateway-labels": b"h"})["tags"] == ["a", "h"]
