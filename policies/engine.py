@@ -128,6 +128,27 @@ def fill_fixed_attribution(allowed: dict, attr: dict) -> None:
                 attr[name] = patterns[0]
 
 
+_LOW_DETAIL_IMAGE = 85  # an image as core.tokens counts it
+
+
+def media_tokens(body: dict, per_part: int) -> int:
+    """Prompt tokens beyond what ``core.tokens.count_prompt`` counts for a chat request's media
+    parts (it counts an image as a low-detail one, 85 tokens, and audio and files as nothing):
+    ``per_part`` for each image not of low detail, each audio and each file part."""
+    extra = 0
+    for msg in body.get("messages") or ():
+        content = msg.get("content") if isinstance(msg, dict) else None
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image_url":
+                image = part.get("image_url")
+                if not (isinstance(image, dict) and image.get("detail") == "low"):
+                    extra += max(0, per_part - _LOW_DETAIL_IMAGE)
+            elif kind in ("input_audio", "file"):
+                extra += per_part
+    return extra
+
+
 def cost_usd(route, usage: Usage | None) -> float:
     """What the call cost, from the deployment's prices (config overrides, else the price map)."""
     if route is None or usage is None:
@@ -291,6 +312,7 @@ class PolicyEngine:
             return 0, 0
         if hard and ctx.endpoint == "chat":  # (counted already, or not: the schema on top either way)
             prompt = ctx.prompt_tokens() + approx_prompt({"tools": ctx.body.get("response_format")})
+            prompt += media_tokens(ctx.body, self.config.policies.media_part_tokens)  # images, audio, files
         elif ctx._prompt_tokens is not None:
             prompt = ctx._prompt_tokens
         else:

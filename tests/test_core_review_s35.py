@@ -529,7 +529,7 @@ def test_fuzz_attribution_fields_never_fail_the_gateway_and_a_refusal_spends_not
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["param"], err
         assert "Traceback" not in r.text
-        assert _budget(priced_gw, budget_id)["spent_usd"] == before
+        assert _budget(priced_gw, budget_id)["spent_usd"] == before, (r.status_code, r.text)
     else:
         assert valid
 
@@ -574,3 +574,35 @@ def test_attribution_of_a_body_of_millions_of_tags_or_a_huge_object_does_not_wal
     text = ",".join(["a"] * 3_000_000) + ",late"
     ctx = RequestContext("r", "chat", {"metadata": {"tags": text}}, 0.0)
     assert attribution(ctx, {b"x-gateway-labels": b"h"})["tags"] == ["a", "h"]
+
+
+def test_images_cannot_carry_a_request_past_a_hard_budget(priced_gw):
+    """A hard budget reserves an upper bound of what a request may cost; its prompt counted each
+    image as a low-detail one (85 tokens), where a provider bills a high-detail image up to
+    ~1,500. Fifty image URLs fit in a few kilobytes of body: the request was admitted on a
+    reservation a tenth of its cost, and spend passed the hard limit."""
+    key = new_key(priced_gw, budget_usd=0.02, budget_period="none")
+    usage = {"prompt_tokens": 50_000, "total_tokens": 50_005}  # what a provider bills 50 such images
+    parts = [{"type": "image_url", "image_url": {"url": f"https://img.example/{i}.png"}} for i in range(50)]
+    text = {"type": "text", "text": "describe [[mock:" + orjson.dumps({"usage": usage}).decode() + "]]"}
+    r = httpx.post(
+        f"{priced_gw.url}/v1/chat/completions",
+        json={"model": "priced", "max_tokens": 5, "messages": [{"role": "user", "content": [*parts, text]}]},
+        headers={"Authorization": f"Bearer {key['key']}"},
+        timeout=30,
+    )
+    assert r.status_code in (200, 429), r.text
+    state = _budget(priced_gw, key["budget_id"])
+    assert state["spent_usd"] <= 0.02, (state, r.text)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "budget_too_small", r.text
+    # a low-detail image is what the count says it is: such a request is served
+    low = [{"type": "image_url", "image_url": {"url": "https://img.example/x.png", "detail": "low"}}] * 50
+    low.append({"type": "text", "text": "hi"})
+    r = httpx.post(
+        f"{priced_gw.url}/v1/chat/completions",
+        json={"model": "priced", "max_tokens": 5, "messages": [{"role": "user", "content": low}]},
+        headers={"Authorization": f"Bearer {key['key']}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert _budget(priced_gw, key["budget_id"])["spent_usd"] <= 0.02
