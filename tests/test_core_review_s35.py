@@ -460,7 +460,7 @@ def test_a_rate_limit_error_event_after_content_ends_the_stream_as_openai_does_a
 
 _header_text = st.text(
     alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"), max_size=300
-)
+).map(lambda text: text.strip(" \t"))  # (what HTTP lets a header value be)
 _scalars = (
     st.none()
     | st.booleans()
@@ -498,7 +498,7 @@ def priced_gw(tmp_root, services, module_mock):
         yield gw
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 @given(
     meta=st.dictionaries(st.sampled_from(["user", "agent", "workflow", "customer", "tags", "x"]), _values, max_size=5)
     | _values,
