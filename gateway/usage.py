@@ -53,15 +53,20 @@ def _usage(ctx: RequestContext, parts: list[str]) -> Usage:
     return Usage(prompt_tokens=ctx.prompt_tokens(), completion_tokens=count_text("".join(parts)) if parts else 0)
 
 
+def _input_tokens(inp) -> int:
+    """The tokens of an embeddings ``input`` (validated: a text, texts, a token array or token
+    arrays): texts counted, token arrays by their length."""
+    items = [inp] if isinstance(inp, str) else inp if isinstance(inp, list) else []
+    if items and isinstance(items[0], int):  # one token array
+        return len(items)
+    return sum(count_text(t) if isinstance(t, str) else len(t) if isinstance(t, list) else 0 for t in items)
+
+
 def estimate_usage(ctx: RequestContext, raw: bytes) -> Usage:
     """A complete answer (chat completion or embeddings) whose provider reported no usage."""
     if ctx.endpoint == "embeddings":
         ctx.extra["usage_estimated"] = True
-        inp = ctx.body.get("input")
-        texts = (
-            [inp] if isinstance(inp, str) else [t for t in inp if isinstance(t, str)] if isinstance(inp, list) else []
-        )
-        return Usage(prompt_tokens=sum(count_text(t) for t in texts))
+        return Usage(prompt_tokens=_input_tokens(ctx.body.get("input")))
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:

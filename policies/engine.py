@@ -33,6 +33,27 @@ ALERT_STREAM = "gw:{gw}:alerts"
 MINUTE_MS = 60_000
 MAX_ATTRIBUTION = 200  # characters of a user, agent, workflow or customer a request is attributed to
 MAX_TAG = 100  # characters of a tag
+MAX_TAGS = 20  # distinct tags a request is attributed to
+# Entries of ``metadata.tags`` (a list, or a comma-separated string) and of ``x-gateway-labels``
+# looked at: a body of millions of them held the event loop for a second, for 20 that count.
+SCANNED_TAGS = 1000
+
+
+def _text(value, limit: int) -> str:
+    """A client's value as attribution text, at most ``limit`` characters: an object or array as
+    its JSON (in C: its ``str`` walked a body of megabytes in Python, a second of the event loop)."""
+    if isinstance(value, str):
+        return value[:limit]
+    if isinstance(value, bool | int | float) or value is None:
+        return str(value)[:limit]
+    try:
+        return orjson.dumps(value)[: limit * 4].decode("utf-8", "ignore")[:limit]
+    except orjson.JSONEncodeError:  # (not what a parsed body holds)
+        return ""
+
+
+def _split_tags(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",", SCANNED_TAGS)[:SCANNED_TAGS] if t.strip()]
 
 
 def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
@@ -48,20 +69,19 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
         if value:
             return header_text(value)[:MAX_ATTRIBUTION]
         value = meta.get(field)
-        return str(value)[:MAX_ATTRIBUTION] if value not in (None, "") else None
+        return _text(value, MAX_ATTRIBUTION) if value is not None and value != "" else None
 
     user = scope_headers.get(b"x-gateway-user")
     tags = meta.get("tags")
     if isinstance(tags, str):
-        tags = [t.strip() for t in tags.split(",") if t.strip()]
-    elif not isinstance(tags, list):
+        tags = _split_tags(tags)
+    elif isinstance(tags, list):
+        tags = tags[:SCANNED_TAGS]
+    else:
         tags = []
     header_tags = scope_headers.get(b"x-gateway-labels")
     if header_tags:
-        tags = [
-            *tags,
-            *(t.strip() for t in header_text(header_tags).split(",") if t.strip()),
-        ]
+        tags = [*tags, *_split_tags(header_text(header_tags))]
     return {
         "tenant": ident.tenant if ident else None,
         "key": ident.key_id if ident else None,
@@ -71,7 +91,9 @@ def attribution(ctx: RequestContext, scope_headers: dict[bytes, bytes]) -> dict:
         "agent": pick("agent", b"x-gateway-agent"),
         "workflow": pick("workflow", b"x-gateway-workflow"),
         "customer": pick("customer", b"x-gateway-customer"),
-        "tags": list(dict.fromkeys(str(t)[:MAX_TAG] for t in tags))[:20],  # each once: a tag's budget counts once
+        "tags": list(dict.fromkeys(_text(t, MAX_TAG) for t in tags))[
+            :MAX_TAGS
+        ],  # each once: a tag's budget counts once
     }
 
 
@@ -104,6 +126,27 @@ def fill_fixed_attribution(allowed: dict, attr: dict) -> None:
         if name in ("user", "agent", "workflow", "customer") and not attr.get(name):
             if isinstance(patterns, list) and len(patterns) == 1 and not patterns[0].endswith("*"):
                 attr[name] = patterns[0]
+
+
+_LOW_DETAIL_IMAGE = 85  # an image as core.tokens counts it
+
+
+def media_tokens(body: dict, per_part: int) -> int:
+    """Prompt tokens beyond what ``core.tokens.count_prompt`` counts for a chat request's media
+    parts (it counts an image as a low-detail one, 85 tokens, and audio and files as nothing):
+    ``per_part`` for each image not of low detail, each audio and each file part."""
+    extra = 0
+    for msg in body.get("messages") or ():
+        content = msg.get("content") if isinstance(msg, dict) else None
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image_url":
+                image = part.get("image_url")
+                if not (isinstance(image, dict) and image.get("detail") == "low"):
+                    extra += max(0, per_part - _LOW_DETAIL_IMAGE)
+            elif kind in ("input_audio", "file"):
+                extra += per_part
+    return extra
 
 
 def cost_usd(route, usage: Usage | None) -> float:
@@ -269,6 +312,7 @@ class PolicyEngine:
             return 0, 0
         if hard and ctx.endpoint == "chat":  # (counted already, or not: the schema on top either way)
             prompt = ctx.prompt_tokens() + approx_prompt({"tools": ctx.body.get("response_format")})
+            prompt += media_tokens(ctx.body, self.config.policies.media_part_tokens)  # images, audio, files
         elif ctx._prompt_tokens is not None:
             prompt = ctx._prompt_tokens
         else:
@@ -306,6 +350,7 @@ class PolicyEngine:
         hard = any(b.enforcement == "hard" for b in budgets)
         estimate, floor = self._estimate_nano(ctx, hard) if budgets else (0, 0)
         ctx.extra["reserved_nano"] = estimate
+        ctx.extra["reservation_unknown"] = False
         now_ms = int(time.time() * 1000)
         slot = now_ms // MINUTE_MS
         keys = ctx.extra["budget_keys"] = [b.keys() for b in budgets]  # settled there, past midnight too
@@ -358,7 +403,10 @@ class PolicyEngine:
         except RedisError as exc:
             for _, own, asked in asking:
                 credit.answered(own, 0, 0, asked)
-            ctx.extra["reserved_nano"] = 0
+            # Redis may have run the script and its reply been lost (a timeout): the settle releases
+            # the reservation if it is there (SETTLE releases only a member of ``reserved:exp``), else
+            # it would hold the budget until its hold ends. A spooled settlement does not count on it.
+            ctx.extra["reservation_unknown"] = True
             self._unreachable(exc, "serving")
             return
         if int(result[0]) == 1:
@@ -571,7 +619,8 @@ class PolicyEngine:
                     self.credit.settled(own, reserved)
                     held = 0
             argv += [spent, reserved_key, held, actual, b.limit_nano, ttl, alert_prefix, self._thresholds(b), b.id]
-            late.append([spent, reserved_key, held, actual, ttl])
+            # (a reservation the admit may not have made: its replay counts the cost, reserving nothing)
+            late.append([spent, reserved_key, 0 if ctx.extra.get("reservation_unknown") else held, actual, ttl])
         if any(held or actual for _, _, held, actual, _ in late):  # (a refused request's has nothing to do)
             ctx.extra["settlement"] = [member, late]
         tokens = (ctx.usage.total_tokens if ctx.usage else 0) if ctx.extra.get("admitted") else 0

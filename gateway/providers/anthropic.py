@@ -105,7 +105,8 @@ class AnthropicAdapter:
                     status = _STREAM_ERROR_STATUS.get(err.get("type"), 500)
                     raise map_upstream_status(self.name, status, str(err.get("message") or "stream error"), {})
                 out = tr.feed(event, obj)
-                ctx.usage = tr.usage if tr.usage_valid else None  # (None: the gateway estimates)
+                # (None: the gateway estimates, from what was sent when the stream ends early)
+                ctx.usage = tr.usage if tr.usage_valid and tr.usage_final else None
                 if out:
                     yield out
                 if tr.done:

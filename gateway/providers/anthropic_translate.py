@@ -259,6 +259,9 @@ class StreamTranslator:
         self.created = int(time.time())
         self.usage = Usage()
         self.usage_valid = True  # False once the provider sent a count that is no count: estimate
+        # The output count is known once ``message_delta`` gives it (``message_start`` says 1): a
+        # stream that breaks, or whose client hangs up, before that is charged for what was sent.
+        self.usage_final = False
         self.finish: str | None = None
         self.done = False
         self.started = False
@@ -327,6 +330,7 @@ class StreamTranslator:
                 if out < 0:
                     self.usage_valid = False
                 self.usage.completion_tokens = max(out, 0)
+                self.usage_final = True
             if usage.get("input_tokens") is not None:  # newer API versions repeat it here
                 got = usage_from_anthropic({**usage, "output_tokens": 0})
                 if got is not None:

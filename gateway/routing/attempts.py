@@ -108,6 +108,7 @@ async def run_attempts(
         ctx.route = route
         ctx.attempts += 1
         ctx.upstream_headers = None
+        ctx.usage = None  # a failed attempt's usage (a stream's usage chunk before it broke) is not this one's
         started = time.perf_counter()
         try:
             result = await attempt(route)
