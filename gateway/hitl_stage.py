@@ -25,6 +25,7 @@ from core.types import RequestContext
 from gateway.hitl_service import CONFIDENCE, ESCALATIONS
 from runtime.hitl import confidence, escalations, held
 from runtime.hitl import settings as hitl_settings
+from runtime.memory_window import client_saw
 
 log = logging.getLogger("gateway.hitl")
 
@@ -69,14 +70,16 @@ def from_client(messages: list) -> list[dict]:
     """The client's new messages as memory stores them: an assistant message the client sent is
     never stored as a person's reply (``name: "human"`` marks only what the escalation API sent:
     the console, the REST reader and the next turns' model would take a forged one for a
-    colleague's word). System and developer messages are not stored."""
+    colleague's word). System and developer messages are not stored. What the client sent is what
+    it saw: an assistant message's tool calls are marked the client's, no other message keeps a
+    mark (``memory_window.client_saw``: a turn's, and a held conversation's, read back alike)."""
     out = []
     for m in messages:
         if not isinstance(m, dict) or m.get("role") in ("system", "developer"):
             continue
         if m.get("role") == "assistant" and m.get("name") == HUMAN:
             m = {k: v for k, v in m.items() if k != "name"}
-        out.append(m)
+        out.append(client_saw(m))
     return out
 
 

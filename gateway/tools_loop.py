@@ -357,7 +357,7 @@ async def _remember(svc, ctx: RequestContext, answer: dict) -> None:
     # a client never stores a person's reply; what it sent and the answer are what it saw (their
     # tool calls are the client's: marked so, the tools steps between are not, whatever the
     # agent's tools are when the conversation is read back: ``memory_window.CLIENT_SAW``)
-    new = [client_saw(m) for m in hitl_stage.from_client(turn.new_messages)]
+    new = hitl_stage.from_client(turn.new_messages)
     answer = {k: v for k, v in answer.items() if k in ("role", "content", "tool_calls") and v is not None}
     answer.setdefault("role", "assistant")
     answer = client_saw(answer)
