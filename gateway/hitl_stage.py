@@ -25,6 +25,7 @@ from core.types import RequestContext
 from gateway.hitl_service import CONFIDENCE, ESCALATIONS
 from runtime.hitl import confidence, escalations, held
 from runtime.hitl import settings as hitl_settings
+from runtime.memory_window import client_saw
 
 log = logging.getLogger("gateway.hitl")
 
@@ -69,14 +70,16 @@ def from_client(messages: list) -> list[dict]:
     """The client's new messages as memory stores them: an assistant message the client sent is
     never stored as a person's reply (``name: "human"`` marks only what the escalation API sent:
     the console, the REST reader and the next turns' model would take a forged one for a
-    colleague's word). System and developer messages are not stored."""
+    colleague's word). System and developer messages are not stored. What the client sent is what
+    it saw: an assistant message's tool calls are marked the client's, no other message keeps a
+    mark (``memory_window.client_saw``: a turn's, and a held conversation's, read back alike)."""
     out = []
     for m in messages:
         if not isinstance(m, dict) or m.get("role") in ("system", "developer"):
             continue
         if m.get("role") == "assistant" and m.get("name") == HUMAN:
             m = {k: v for k, v in m.items() if k != "name"}
-        out.append(m)
+        out.append(client_saw(m))
     return out
 
 
@@ -298,6 +301,16 @@ async def _erased_since_queued(svc, turn) -> bool:
         return True
 
 
+def _loaded_at(turn) -> float | None:
+    """When the turn's words are known to predate no erasure from (unix seconds, Redis's clock, as
+    an erasure's ``erased_at``): the earliest of its load finding the conversation empty (the
+    window's ``since``: a first turn, whose ``seq`` tells nothing) and its channel's signed queue
+    time; None when neither is known (the window's ``seq`` is compared instead)."""
+    times = [getattr(turn.history, "since", None), turn.erased_mark[1] if turn.erased_mark is not None else None]
+    known = [t for t in times if type(t) is int]
+    return min(known) / 1_000_000 if known else None
+
+
 def _bounded_context(turn, conf, signals) -> dict:
     context = {
         "variables": turn.variables,
@@ -327,6 +340,7 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
     if await _erased_since_queued(svc, turn):  # (a first turn too: it loaded no seq to compare)
         log.info("no escalation for agent %s: its conversation was erased since it was queued", agent.name)
         return None
+    since = _loaded_at(turn)
     settings = hitl_settings.of(agent)
     tier_name = hitl.config.tier_variable
     tier = turn.variables.get(tier_name)
@@ -357,11 +371,19 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
         "sla_first_s": slas.first_response_s,
         "sla_resolve_s": slas.resolution_s,
         "seq": seq,  # (a spooled one is not opened once the conversation was erased after this window)
+        "since": since,  # (nor once it was erased after the turn loaded it: a first turn has no seq)
     }
     trigger = conf.rule or "low_confidence"
     try:
         async with asyncio.timeout(DB_TIMEOUT), svc.pool.acquire() as conn, conn.transaction():
-            row, created = await escalations.open_escalation(conn, esc)
+            if since is None:
+                row, created = await escalations.open_escalation(conn, esc)
+            else:  # (an erasure committed since the turn loaded the conversation is read here)
+                opened = await escalations.open_unless_erased(conn, esc, since)
+                if opened is None:
+                    log.info("no escalation for agent %s: its conversation was erased during the turn", agent.name)
+                    return None
+                row, created = opened
     except Exception as exc:  # kept in Redis for the sweeper to open: the hand-over is not lost
         log.error("escalation not written for agent %s: %s", agent.name, type(exc).__name__)
         try:

@@ -28,7 +28,7 @@ from core.errors import GatewayError
 from core.types import RequestContext, Usage
 from gateway import grounding, hitl_stage, pipeline, withholding
 from gateway.routing import Group
-from gateway.usage import count_prompt_off_loop
+from gateway.usage import assembled_calls, count_prompt_off_loop, merge_calls
 from runtime.memory import Window
 from runtime.memory_window import client_saw
 from runtime.tools import validation_budget
@@ -271,9 +271,9 @@ async def _stream_live(svc, ctx: RequestContext, group: Group, scope: dict, send
     turn = ctx.agent
 
     async def done() -> None:
-        text = _streamed_text(ctx.extra.get("sent") or [])
-        hitl_stage.score_streamed(ctx, text)
-        await _remember(svc, ctx, {"role": "assistant", "content": text})
+        answer = _streamed_answer(ctx.extra.get("sent") or [])
+        hitl_stage.score_streamed(ctx, answer["content"])
+        await _remember(svc, ctx, answer)  # (the client's tool calls it was streamed too)
 
     try:
         await pipeline.call_stream(svc, ctx, group, scope, send, receive, _headers(ctx), on_done=done)
@@ -293,8 +293,11 @@ async def _stream_live(svc, ctx: RequestContext, group: Group, scope: dict, send
     _record(svc, ctx, started)
 
 
-def _streamed_text(chunks: list[bytes]) -> str:
+def _streamed_answer(chunks: list[bytes]) -> dict:
+    """The answer a stream gave, as its client assembled it: the text of its deltas and the tool
+    calls (of the client's tools: an agent that streams live has none of its own)."""
     parts: list[str] = []
+    calls: dict[int, dict] = {}
     for chunk in chunks:
         for event in chunk.split(b"\n\n"):
             if not event.startswith(b"data: {"):
@@ -303,13 +306,20 @@ def _streamed_text(chunks: list[bytes]) -> str:
                 data = orjson.loads(event[6:])
             except orjson.JSONDecodeError:
                 continue
-            choices = data.get("choices") if isinstance(data, dict) else None
+            if not isinstance(data, dict):
+                continue
+            merge_calls(data, calls)
+            choices = data.get("choices")
             for choice in choices if isinstance(choices, list) else ():  # relayed whatever its shape
                 delta = choice.get("delta") if isinstance(choice, dict) else None
                 content = delta.get("content") if isinstance(delta, dict) else None
                 if isinstance(content, str):
                     parts.append(content)
-    return "".join(parts)
+    answer: dict = {"role": "assistant", "content": "".join(parts)}
+    found = assembled_calls(calls)
+    if found:
+        answer["tool_calls"] = found
+    return answer
 
 
 async def _send_as_stream(ctx: RequestContext, raw: bytes, send) -> None:
@@ -347,7 +357,7 @@ async def _remember(svc, ctx: RequestContext, answer: dict) -> None:
     # a client never stores a person's reply; what it sent and the answer are what it saw (their
     # tool calls are the client's: marked so, the tools steps between are not, whatever the
     # agent's tools are when the conversation is read back: ``memory_window.CLIENT_SAW``)
-    new = [client_saw(m) for m in hitl_stage.from_client(turn.new_messages)]
+    new = hitl_stage.from_client(turn.new_messages)
     answer = {k: v for k, v in answer.items() if k in ("role", "content", "tool_calls") and v is not None}
     answer.setdefault("role", "assistant")
     answer = client_saw(answer)

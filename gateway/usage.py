@@ -98,17 +98,66 @@ def estimate_stream_usage(ctx: RequestContext, chunks: list[bytes]) -> Usage:
     return _usage(ctx, parts)
 
 
+MAX_STREAMED_CALLS = 128  # tool calls of one streamed answer assembled (a provider's index is any int)
+
+
+def merge_calls(data: dict, calls: dict[int, dict]) -> None:
+    """The tool-call deltas of a stream chunk's first choice merged into ``calls`` (by their
+    ``index``), as a client assembles them: the id and type as first given, the function's name
+    and arguments concatenated. Whatever shape a provider sends, nothing here fails."""
+    choices = data.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+            continue
+        delta = choice.get("delta")
+        deltas = delta.get("tool_calls") if isinstance(delta, dict) else None
+        for d in deltas if isinstance(deltas, list) else ():
+            index = d.get("index", 0) if isinstance(d, dict) else None
+            if type(index) is not int or (index not in calls and len(calls) >= MAX_STREAMED_CALLS):
+                continue
+            call = calls.setdefault(index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            if call["id"] is None and isinstance(d.get("id"), str):
+                call["id"] = d["id"]
+            if isinstance(d.get("type"), str):
+                call["type"] = d["type"]
+            fn = d.get("function")
+            if isinstance(fn, dict):
+                for part in ("name", "arguments"):
+                    if isinstance(fn.get(part), str):
+                        call["function"][part] += fn[part]
+
+
+def assembled_calls(calls: dict[int, dict]) -> list[dict]:
+    """``merge_calls``' calls in their order, each with an id (a provider that gave none: ``None``
+    kept out, as a client could not answer it)."""
+    return [c for _, c in sorted(calls.items()) if c["id"] is not None]
+
+
 def compact(chunks: list[bytes]) -> bytes:
     """Relayed chunks as one event holding only what the usage estimate and an agent's stored
-    answer read of them (the text, and the tool calls' text, of every delta): a long stream is
-    not kept whole while it is relayed."""
+    answer read of them (the text, the reasoning and the tool calls of every delta, the calls
+    assembled as a client does): a long stream is not kept whole while it is relayed."""
     content: list[str] = []
-    tools: list[str] = []
+    reasoning: list[str] = []
+    calls: dict[int, dict] = {}
     for data in _events(chunks):
-        _answer_parts(data, "delta", content, tools)
+        merge_calls(data, calls)
+        choices = data.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            text = _text(delta.get("content"))
+            if text:
+                content.append(text)
+            for name in _REASONING:
+                if isinstance(delta.get(name), str) and delta[name]:
+                    reasoning.append(delta[name])
     delta: dict = {"content": "".join(content)}
-    if tools:
-        delta["tool_calls"] = [{"index": 0, "function": {"name": "", "arguments": "".join(tools)}}]
+    if reasoning:
+        delta[_REASONING[0]] = "".join(reasoning)
+    if calls:
+        delta["tool_calls"] = [{"index": i, **c} for i, c in sorted(calls.items())]
     return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": delta}]}) + b"\n\n"
 
 

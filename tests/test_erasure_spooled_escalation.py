@@ -199,3 +199,225 @@ def test_dropping_a_conversations_spooled_escalations_reads_the_whole_spool_a_pa
         f"other-{i}" for i in range(total) if i % 3
     ]
     assert [e["question"] for e in left if e["agent_id"] == "agt_3"] == ["another agent's"]
+
+
+class _ErasingTool:
+    """A tool endpoint (a third party's HTTP server) that erases the conversation of the turn
+    calling it before it answers: the erasure comes after the turn loaded its (empty) window and
+    before the turn's escalation is written — pinned, not timed."""
+
+    def __init__(self, gw, agent: str, admin_key: str) -> None:
+        import http.server
+
+        self.conv: str | None = None
+        self.erased: list[int] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                r = _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{outer.conv}", admin_key)
+                outer.erased.append(r.status_code)
+                body = b'{"status": "looked up"}'
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/lookup"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _erasing_agent(gw, tenant: str, admin_key: str) -> tuple[str, str, _ErasingTool]:
+    agent = f"bot-{uuid.uuid4().hex[:6]}"
+    tool = _ErasingTool(gw, agent, admin_key)
+    body = {"name": agent, "model": "agent-model", "template": "You help.", "variables": {}, "tenant": tenant}
+    body["escalation"] = {"enabled": True, "threshold": 0.5}
+    body["tools"] = [
+        {
+            "name": "lookup",
+            "description": "looks the order up",
+            "kind": "http",
+            "parameters": {"type": "object", "properties": {}},
+            "config": {"allowed_hosts": ["127.0.0.1"], "allow_private_networks": True, "url": tool.url},
+        }
+    ]
+    r = _admin(gw, "POST", "/admin/agents", MASTER_KEY, json=body)  # (a private network: the operator's)
+    assert r.status_code == 201, r.text
+    return agent, r.json()["id"], tool
+
+
+def _first_turn_erased_midway(gw, tenant: str, agent: str, tool: _ErasingTool, conv: str):
+    import openai
+
+    tool.conv = conv
+    key = new_key(gw, tenant=tenant)["key"]
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    directive = orjson.dumps({"tool_calls": [{"name": "lookup", "arguments": {}}]}).decode()
+    return c.chat.completions.with_raw_response.create(
+        model=f"agent:{agent}",
+        messages=[{"role": "user", "content": f"[[mock:{directive}]] my card is 4111 1111, talk to a person"}],
+        metadata={"conversation_id": conv},
+    )
+
+
+def test_a_first_turns_escalation_is_not_opened_after_its_conversation_was_erased_during_the_turn(gw, services):
+    """A conversation's first turn (its window empty: no ``seq`` for ``erased_after`` to compare)
+    loads, its tool runs, the conversation is erased, and the turn then escalates: the escalation
+    was written after the erasure's commit, with the customer's words and id, where no erasure
+    finds it (the turn's memory store was refused, its escalation not). Now the escalation's write
+    reads, under the erasure's lock, whether the conversation was erased since the turn loaded it
+    (the window's ``since``, Redis's clock, as the erasure's): it was, no escalation."""
+    tenant = f"spool-f-{uuid.uuid4().hex[:6]}"
+    admin_key = new_key(gw, tenant=tenant, scopes=["admin"])["key"]
+    agent, _agent_id, tool = _erasing_agent(gw, tenant, admin_key)
+    conv = f"c-{uuid.uuid4().hex[:8]}"
+    try:
+        raw = _first_turn_erased_midway(gw, tenant, agent, tool, conv)
+    finally:
+        tool.close()
+    assert tool.erased == [200], tool.erased
+    assert raw.headers.get("x-gateway-escalation") is None
+    opened = _rows(services[0], "SELECT conversation_id, question FROM escalations WHERE tenant = $1", tenant)
+    assert opened == [], opened
+
+
+def _refusing_escalations(database_url: str, tenant: str):
+    """A trigger refusing the tenant's escalation writes (PostgreSQL failing them: spooled)."""
+    name = f"refuse_{uuid.uuid4().hex[:8]}"
+    _rows(
+        database_url,
+        f"""CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN IF NEW.tenant = '{tenant}' THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$""",
+    )
+    _rows(database_url, f"CREATE TRIGGER {name} BEFORE INSERT ON escalations FOR EACH ROW EXECUTE FUNCTION {name}()")
+
+    def drop():
+        _rows(database_url, f"DROP TRIGGER {name} ON escalations")
+        _rows(database_url, f"DROP FUNCTION {name}()")
+
+    return drop
+
+
+def _sweep(services, redis_url: str) -> int:
+    async def go():
+        r = aioredis.from_url(redis_url)
+        async with asyncpg.create_pool(services[0], min_size=1, max_size=2) as pool:
+            try:
+
+                async def emit(alert):
+                    pass
+
+                return await sla.Sweeper(pool, r, held.Holds(r), emit).open_spooled()
+            finally:
+                await r.aclose()
+
+    with environ({"GATEWAY_MASTER_KEY": MASTER_KEY}):  # (the gateway's erasure key: its hashes)
+        return asyncio.run(go())
+
+
+def test_a_first_turns_escalation_refused_by_postgresql_while_its_conversation_is_erased_is_never_opened(gw, services):
+    """As above, PostgreSQL refusing the escalation's write (a trigger): it was spooled after the
+    erasure ran whole (its ``drop_spooled`` found nothing) and the sweeper opened it."""
+    redis_url = _private(services)[1]
+    tenant = f"spool-g-{uuid.uuid4().hex[:6]}"
+    admin_key = new_key(gw, tenant=tenant, scopes=["admin"])["key"]
+    agent, _agent_id, tool = _erasing_agent(gw, tenant, admin_key)
+    conv = f"c-{uuid.uuid4().hex[:8]}"
+    drop = _refusing_escalations(services[0], tenant)
+    try:
+        _first_turn_erased_midway(gw, tenant, agent, tool, conv)
+    finally:
+        tool.close()
+        drop()
+    assert tool.erased == [200], tool.erased
+    _sweep(services, redis_url)
+    opened = _rows(services[0], "SELECT conversation_id, question FROM escalations WHERE tenant = $1", tenant)
+    assert opened == [], opened
+    assert [e for e in _spooled(redis_url) if e.get("tenant") == tenant] == []
+
+
+def test_the_sweeper_counts_an_erasure_after_the_turn_loaded_its_conversation_not_only_after_the_spool(gw, services):
+    """The sweeper compared the erasures with ``spooled_at``: an escalation spooled after an
+    erasure that came while its turn ran (its write failed, or took long) was opened. Its turn's
+    load time (``since``, kept in the spooled entry) is compared now."""
+    redis_url = _private(services)[1]
+    tenant = f"spool-h-{uuid.uuid4().hex[:6]}"
+    admin_key = new_key(gw, tenant=tenant, scopes=["admin"])["key"]
+    agent = f"bot-{uuid.uuid4().hex[:6]}"
+    body = {"name": agent, "model": "agent-model", "template": "You help.", "variables": {}}
+    r = _admin(gw, "POST", "/admin/agents", admin_key, json=body)
+    assert r.status_code == 201, r.text
+    agent_id = r.json()["id"]
+    erased, kept = f"c-{uuid.uuid4().hex[:8]}", f"c-{uuid.uuid4().hex[:8]}"
+
+    async def now() -> float:
+        r = aioredis.from_url(redis_url)
+        try:
+            seconds, micros = await r.time()
+            return int(seconds) + int(micros) / 1_000_000
+        finally:
+            await r.aclose()
+
+    loaded = asyncio.run(now())  # (the turns load their conversations)
+    r = _admin(gw, "DELETE", f"/admin/agents/{agent}/conversations/{erased}", admin_key)
+    assert r.status_code == 200, r.text
+    entries = [
+        {**_esc(tenant, agent_id, erased, "my card is 4111"), "seq": 0, "since": loaded},
+        {**_esc(tenant, agent_id, kept, "where is my parcel"), "seq": 0, "since": loaded},
+    ]
+
+    async def spool():  # (their turns spool them now, after the erasure)
+        r = aioredis.from_url(redis_url)
+        try:
+            await r.delete(held.PENDING_KEY)
+            for esc in entries:
+                await held.spool(r, esc)
+        finally:
+            await r.aclose()
+
+    asyncio.run(spool())
+    assert _sweep(services, redis_url) == 1
+    opened = _rows(services[0], "SELECT conversation_id FROM escalations WHERE tenant = $1", tenant)
+    assert opened == [{"conversation_id": kept}], opened
+
+
+def test_a_turn_spools_its_escalation_with_the_time_it_loaded_its_conversation(gw, services):
+    """What the sweeper compares: the spooled entry of a first turn holds ``since`` (Redis's
+    clock, seconds), no later than ``spooled_at``; with no erasure the sweeper opens it."""
+    redis_url = _private(services)[1]
+    tenant = f"spool-i-{uuid.uuid4().hex[:6]}"
+    admin_key = new_key(gw, tenant=tenant, scopes=["admin"])["key"]
+    agent = f"bot-{uuid.uuid4().hex[:6]}"
+    body = {"name": agent, "model": "agent-model", "template": "You help.", "variables": {}}
+    body["escalation"] = {"enabled": True, "threshold": 0.5}
+    r = _admin(gw, "POST", "/admin/agents", admin_key, json=body)
+    assert r.status_code == 201, r.text
+    conv = f"c-{uuid.uuid4().hex[:8]}"
+    drop = _refusing_escalations(services[0], tenant)
+    try:
+        import openai
+
+        key = new_key(gw, tenant=tenant)["key"]
+        c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+        raw = c.chat.completions.with_raw_response.create(
+            model=f"agent:{agent}",
+            messages=[{"role": "user", "content": "talk to a person"}],
+            metadata={"conversation_id": conv},
+        )
+    finally:
+        drop()
+    (mine,) = [e for e in _spooled(redis_url) if e.get("tenant") == tenant]
+    assert raw.headers.get("x-gateway-escalation") == mine["id"]
+    assert isinstance(mine.get("since"), float) and mine["since"] <= mine["spooled_at"], mine
+    assert _sweep(services, redis_url) >= 1
+    opened = _rows(services[0], "SELECT conversation_id FROM escalations WHERE tenant = $1", tenant)
+    assert opened == [{"conversation_id": conv}], opened

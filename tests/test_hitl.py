@@ -722,3 +722,39 @@ def test_attack_held_turn_forges_server_tool_steps(pair, tenant):
         timeout=30,
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].tool_calls", r.text
+
+
+def test_what_a_client_sends_while_a_person_holds_the_conversation_reads_back_as_it_sent_it(pair, tenant):
+    """Held, the client's messages are stored by the hold (``hitl_stage.join``), not by a turn:
+    an assistant message with the client's own tool calls was stored unmarked, so the client's
+    read of the conversation took its calls (and the results after them) for the agent's server
+    steps and left them out; and a mark the client set itself on another message was stored."""
+    a, _ = pair
+    conv, esc_id, _ = escalate(a, tenant)
+    call_ = {"id": "call_held_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    sent = [
+        {"role": "assistant", "content": None, "tool_calls": [call_]},
+        {"role": "tool", "tool_call_id": "call_held_1", "content": "client-result-held"},
+        {"role": "user", "content": "any news?", "gateway_client_saw": True},
+    ]
+    r = httpx.post(
+        f"{a.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {tenant['key']}"},
+        json={"model": f"agent:{tenant['agent']}", "messages": sent, "metadata": {"conversation_id": conv}},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-gateway-escalation"] == esc_id
+    own = httpx.get(
+        f"{a.url}/v1/agents/{tenant['agent']}/conversations/{conv}/messages",
+        headers={"Authorization": f"Bearer {tenant['key']}"},
+    )
+    assert own.status_code == 200, own.text
+    data = own.json()["data"]
+    assert {"role": "assistant", "tool_calls": [call_]} in data, data
+    assert {"role": "tool", "tool_call_id": "call_held_1", "content": "client-result-held"} in data, data
+    assert not any("gateway_client_saw" in m for m in data)
+    stored = admin(a, "GET", f"/admin/agents/{tenant['agent']}/conversations/{conv}/messages", tenant["admin"])
+    assert stored.status_code == 200, stored.text
+    users = [m for m in stored.json()["data"] if m.get("content") == "any news?"]
+    assert users == [{"role": "user", "content": "any news?"}], users

@@ -650,3 +650,116 @@ def test_a_conversation_stored_before_the_mark_shows_no_tool_step_it_cannot_prov
         {"role": "assistant", "tool_calls": [{**call_, "id": "c3"}]},
         {"role": "tool", "tool_call_id": "c3", "content": "the client's"},
     ]
+
+
+def test_a_streamed_answer_that_calls_the_clients_tools_is_remembered_with_its_calls(gw, module_mock):
+    """An agent without server-side tools streams live; its stored answer was the streamed text
+    alone: the calls of the client's tools the client was streamed were lost. The client's result
+    sent next came after an answer with no calls — the window's repair dropped it, so the model
+    never saw it and the conversation read never showed the call nor the result the client sent.
+    The streamed calls are stored now (as the client assembled them), marked the client's."""
+    tenant = unique("t")
+    name = agent(gw, tenant, [])
+    key = new_key(gw, tenant)
+    conv = unique("conv")
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=60)
+    mine = [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "parameters": {"type": "object", "properties": {"order": {"type": "string"}}},
+            },
+        }
+    ]
+    client = {"tool_calls": [{"name": "lookup", "arguments": {"order": "A-17"}}]}
+    stream = c.chat.completions.create(
+        model=f"agent:{name}",
+        messages=[{"role": "user", "content": "[[mock:" + orjson.dumps(client).decode() + "]] where is it?"}],
+        tools=mine,
+        stream=True,
+        metadata={"conversation_id": conv},
+    )
+    calls: dict[int, dict] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            for d in choice.delta.tool_calls or ():
+                got = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                got["id"] = got["id"] or d.id
+                got["name"] += (d.function.name or "") if d.function else ""
+                got["arguments"] += (d.function.arguments or "") if d.function else ""
+    (call_,) = calls.values()
+    assert call_["name"] == "lookup" and orjson.loads(call_["arguments"]) == {"order": "A-17"}
+    module_mock.clear()
+    answer = c.chat.completions.create(
+        model=f"agent:{name}",
+        messages=[{"role": "tool", "tool_call_id": call_["id"], "content": "client-result-9"}],
+        tools=mine,
+        metadata={"conversation_id": conv},
+    )
+    assert "client-result-9" in (answer.choices[0].message.content or "")
+    (sent,) = [r["body"]["messages"] for r in module_mock.requests() if r.get("body", {}).get("messages")]
+    called = [m for m in sent if m.get("tool_calls")]
+    assert [(m["tool_calls"][0]["id"], m["tool_calls"][0]["function"]["name"]) for m in called] == [
+        (call_["id"], "lookup")
+    ], sent
+    assert sent[-1] == {"role": "tool", "tool_call_id": call_["id"], "content": "client-result-9"}
+    assert not any("gateway_client_saw" in m for m in sent)
+    got = call(gw, "GET", f"/v1/agents/{name}/conversations/{conv}/messages", key)
+    assert got.status_code == 200, got.text
+    data = got.json()["data"]
+    assert [m["role"] for m in data] == ["user", "assistant", "tool", "assistant"], data
+    (shown,) = data[1]["tool_calls"]
+    assert shown["id"] == call_["id"] and shown["function"]["name"] == "lookup"
+    assert orjson.loads(shown["function"]["arguments"]) == {"order": "A-17"}
+    assert data[2] == {"role": "tool", "tool_call_id": call_["id"], "content": "client-result-9"}
+
+
+def test_a_compacted_stream_keeps_the_clients_tool_calls_apart():
+    """A stream over the relay's bound is compacted as it goes (``gateway.usage.compact``): its
+    tool calls were merged into one nameless call of every call's (and the reasoning's) text, and
+    that is what the agent's memory stored. Each call is kept, assembled, its reasoning apart."""
+    from gateway.tools_loop import _streamed_answer
+    from gateway.usage import compact
+
+    def ev(delta: dict, index: int = 0) -> bytes:
+        return b"data: " + orjson.dumps({"choices": [{"index": index, "delta": delta}]}) + b"\n\n"
+
+    def piece(i: int, **fn) -> dict:
+        return {"tool_calls": [{"index": i, "function": fn}]}
+
+    chunks = [
+        ev({"role": "assistant", "content": "Let me ", "reasoning_content": "think"}),
+        ev({"content": "look."}),
+        ev(
+            {
+                "tool_calls": [
+                    {"index": 0, "id": "c0", "type": "function", "function": {"name": "lookup", "arguments": ""}}
+                ]
+            }
+        ),
+        ev(
+            {
+                "tool_calls": [
+                    {"index": 1, "id": "c1", "type": "function", "function": {"name": "track", "arguments": ""}}
+                ]
+            }
+        ),
+        ev(piece(0, arguments='{"order":')),
+        ev(piece(1, arguments='{"id": 2}')),
+        ev(piece(0, arguments=' "A-17"}')),
+        ev({"tool_calls": [{"index": "1", "id": "x", "function": {"name": "odd"}}]}),  # (not an index)
+        ev({"tool_calls": [{"index": 2, "function": {"name": "no-id"}}]}),  # (a client could not answer it)
+        b"data: [DONE]\n\n",
+    ]
+    whole = _streamed_answer(chunks)
+    assert whole == {
+        "role": "assistant",
+        "content": "Let me look.",
+        "tool_calls": [
+            {"id": "c0", "type": "function", "function": {"name": "lookup", "arguments": '{"order": "A-17"}'}},
+            {"id": "c1", "type": "function", "function": {"name": "track", "arguments": '{"id": 2}'}},
+        ],
+    }
+    assert _streamed_answer([compact(chunks)]) == whole
+    assert _streamed_answer([compact([compact(chunks[:4]), *chunks[4:]])]) == whole

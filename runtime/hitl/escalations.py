@@ -23,7 +23,9 @@ from typing import Any
 
 import orjson
 
+from core.erasure_key import LOCK_WRITE
 from core.errors import InvalidRequest, NotFound
+from runtime.conversations import erased_since
 
 URGENCY_POINTS = {"low": 0, "normal": 100, "high": 200, "urgent": 300}
 OUTCOMES = ("resolved", "answered", "no_action", "duplicate", "spam", "transferred")
@@ -117,6 +119,30 @@ async def open_escalation(conn, esc: dict) -> tuple[dict, bool]:
     if row is None:  # resolved in between: try once more
         return await open_escalation(conn, esc)
     return out(row), False
+
+
+def erased_since_time(esc: dict) -> float | None:
+    """The time (unix seconds, Redis's clock, as an erasure's ``erased_at``) an escalation's
+    words are known to predate no erasure from: the earliest of its turn's load of the conversation
+    (``since``: the window found empty, or the channel's signed queue time) and its spooling
+    (``spooled_at``); None when it has neither (any erasure of the conversation counts)."""
+    times = [
+        float(t)
+        for t in (esc.get("since"), esc.get("spooled_at"))
+        if isinstance(t, int | float) and not isinstance(t, bool)
+    ]
+    return min(times) if times else None
+
+
+async def open_unless_erased(conn, esc: dict, since: float | None) -> tuple[dict, bool] | None:
+    """``open_escalation`` inside the caller's transaction, unless the conversation was erased at
+    or after ``since`` (None: ever), then None. Read under the tenant's erasure lock, shared: an
+    erasure that committed before is read here; one that has not waits for this commit, then
+    resolves and clears the escalation as any other of the conversation."""
+    await conn.execute(LOCK_WRITE, esc["tenant"])
+    if await erased_since(conn, esc["tenant"], esc["agent_id"], esc["conversation_id"], since):
+        return None
+    return await open_escalation(conn, esc)
 
 
 async def _mark_conversation(conn, tenant: str, agent_id: str, external_id: str, held: bool) -> None:

@@ -98,7 +98,8 @@ async def spool(redis, esc: dict) -> None:
     """An escalation PostgreSQL could not take on its turn, kept for the sweeper to open (the
     newest MAX_PENDING; the conversation is held once it is open). Stamped ``spooled_at`` (unix
     seconds, Redis's clock, as an erasure's ``erased_at``): the sweeper does not open it once its
-    conversation was erased after that (``sla.Sweeper.open_spooled``)."""
+    conversation was erased after that, or after its turn loaded the conversation (``since``, when
+    the turn knows it: ``escalations.erased_since_time``; ``sla.Sweeper.open_spooled``)."""
     seconds, micros = await redis.time()
     esc = {**esc, "spooled_at": int(seconds) + int(micros) / 1_000_000}
     async with redis.pipeline(transaction=False) as pipe:

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 import asyncpg
 
 from core.background import pause, stop_task
-from core.erasure_key import LOCK_WRITE
-from runtime.conversations import erased_since
 from runtime.hitl import escalations, held
 from runtime.memory import erased_after
 
@@ -121,7 +119,8 @@ class Sweeper:
                     log.info("spooled escalation %s dropped: its conversation was erased", esc.get("id"))
                     continue
                 async with self._pool.acquire() as conn, conn.transaction():
-                    row = await _open_unless_erased(conn, esc)
+                    # (an erasure since its turn loaded the conversation, or since it was spooled)
+                    row = await escalations.open_unless_erased(conn, esc, escalations.erased_since_time(esc))
                 if row is None:
                     log.info("spooled escalation %s dropped: its conversation was erased", esc.get("id"))
                     continue
@@ -189,18 +188,3 @@ class Sweeper:
             )
         for tenant, agent_id, conversation_id, escalation_id in closed:
             await self._holds.release(tenant, agent_id, conversation_id, escalation_id)
-
-
-async def _open_unless_erased(conn, esc: dict) -> tuple[dict, bool] | None:
-    """A spooled escalation opened, inside the caller's transaction, unless its conversation was
-    erased since it was spooled (None). Read under the tenant's erasure lock, shared: an erasure
-    that committed while the escalation was out of the spool (popped by this sweeper before the
-    erasure's ``held.drop_spooled`` looked) is read here; one that has not committed waits for
-    this commit, then resolves and clears the escalation as any other of the conversation. An
-    entry an older release spooled (no ``spooled_at``) counts any erasure of its conversation."""
-    await conn.execute(LOCK_WRITE, esc["tenant"])
-    since = esc.get("spooled_at")
-    since = float(since) if isinstance(since, int | float) and not isinstance(since, bool) else None
-    if await erased_since(conn, esc["tenant"], esc["agent_id"], esc["conversation_id"], since):
-        return None
-    return await escalations.open_escalation(conn, esc)
