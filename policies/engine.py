@@ -134,16 +134,16 @@ _LOW_DETAIL_IMAGE = 85  # an image as core.tokens counts it
 def media_tokens(body: dict, per_part: int) -> int:
     """Prompt tokens beyond what ``core.tokens.count_prompt`` counts for a chat request's media
     parts (it counts an image as a low-detail one, 85 tokens, and audio and files as nothing):
-    ``per_part`` for each image not of low detail, each audio and each file part."""
+    ``per_part`` for each image, audio and file part. An image marked ``detail: low`` too: 85 is
+    what OpenAI's gpt-4o bills for one, but gpt-4o-mini bills 2,833, and Anthropic has no such
+    setting (the translation drops it; Claude bills an image by its size, up to ~1,600)."""
     extra = 0
     for msg in body.get("messages") or ():
         content = msg.get("content") if isinstance(msg, dict) else None
         for part in content if isinstance(content, list) else ():
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "image_url":
-                image = part.get("image_url")
-                if not (isinstance(image, dict) and image.get("detail") == "low"):
-                    extra += max(0, per_part - _LOW_DETAIL_IMAGE)
+                extra += max(0, per_part - _LOW_DETAIL_IMAGE)
             elif kind in ("input_audio", "file"):
                 extra += per_part
     return extra
