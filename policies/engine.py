@@ -405,7 +405,8 @@ class PolicyEngine:
                 credit.answered(own, 0, 0, asked)
             # Redis may have run the script and its reply been lost (a timeout): the settle releases
             # the reservation if it is there (SETTLE releases only a member of ``reserved:exp``), else
-            # it would hold the budget until its hold ends. A spooled settlement does not count on it.
+            # it would hold the budget until its hold ends. A spooled settlement releases it if it is
+            # there too, and counts the cost either way.
             ctx.extra["reservation_unknown"] = True
             self._unreachable(exc, "serving")
             return
@@ -619,8 +620,9 @@ class PolicyEngine:
                     self.credit.settled(own, reserved)
                     held = 0
             argv += [spent, reserved_key, held, actual, b.limit_nano, ttl, alert_prefix, self._thresholds(b), b.id]
-            # (a reservation the admit may not have made: its replay counts the cost, reserving nothing)
-            late.append([spent, reserved_key, 0 if ctx.extra.get("reservation_unknown") else held, actual, ttl])
+            # (a reservation the admit may not have made, as its negative: the replay releases it if it
+            # is there and counts the cost either way)
+            late.append([spent, reserved_key, -held if ctx.extra.get("reservation_unknown") else held, actual, ttl])
         if any(held or actual for _, _, held, actual, _ in late):  # (a refused request's has nothing to do)
             ctx.extra["settlement"] = [member, late]
         tokens = (ctx.usage.total_tokens if ctx.usage else 0) if ctx.extra.get("admitted") else 0

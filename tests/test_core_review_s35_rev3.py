@@ -1,5 +1,6 @@
 """The session-35 core review reviewed again as an attacker (rev3): hard budgets' reservations
-for images. Each test is one fault that was found, named for it.
+for images, and the spooled settlement of a request whose admit reply timed out. Each test is
+one fault that was found, named for it.
 
 Real gateway processes over HTTP, the embedded PostgreSQL and Valkey, the mock providers of
 loadtest/ (real HTTP servers speaking OpenAI's and Anthropic's wire formats).
@@ -7,12 +8,15 @@ loadtest/ (real HTTP servers speaking OpenAI's and Anthropic's wire formats).
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 import httpx
 import orjson
 import pytest
 
 from tests.conftest import Gateway, started
-from tests.test_core_review_s35 import PRICES, _budget, _provider
+from tests.test_core_review_s35 import PRICES, ReplyHolder, RequestContextFor, _budget, _provider
 from tests.test_policies import new_key
 
 
@@ -49,3 +53,63 @@ def test_low_detail_images_cannot_carry_a_request_past_a_hard_budget_on_a_provid
     state = _budget(claude_gw, key["budget_id"])
     assert state["spent_usd"] <= 0.02, (state, r.text)
     assert r.status_code == 429 and r.json()["error"]["code"] == "budget_too_small", r.text
+
+
+def test_a_spooled_settlement_of_a_request_whose_admit_reply_timed_out_releases_its_reservation(services, tmp_path):
+    """Redis slow or going away: ADMIT ran (the reservation made) but its reply did not come in
+    time, and the settle that followed failed too, so its record was spooled. The spooled
+    settlement counted the cost but never released the reservation (``held`` 0: the admit may not
+    have made one), which then held the hard budget until its hold ran out (an hour by default) —
+    every request of a flaky minute at once, refusing the budget's requests with
+    ``budget_reserved``. The replay now releases the reservation when it is there, and counts the
+    cost either way."""
+    from core.errors import ServiceUnavailable
+    from core.fastredis import PipelinedRedis
+    from policies.budgets import NANO
+    from policies.ledger import LedgerWriter, Spool
+    from tests.test_admission_credit_attacks import (
+        ESTIMATE,
+        Replica,
+        _settle_while_redis_is_away,
+        hard_budget,
+        stores,
+    )
+
+    budget = hard_budget(3)
+    spent_key, reserved_key, _, _ = budget.keys()
+
+    async def run() -> tuple[int, int, int, int, int]:
+        pool, direct = await stores(services)
+        proxy = ReplyHolder(services[1].removeprefix("unix://"))
+        url = await proxy.start()
+        a = Replica(services[1], budget, policies={"local_admission": False})
+        await a.engine._redis.close()
+        a.engine._redis = PipelinedRedis(url, timeout=0.5)
+        await a.start()  # (the scripts loaded through the proxy, replies passed)
+        await a.engine._redis.close()
+        proxy.hold = True  # the next connection's replies are kept back
+        ctx = RequestContextFor(a)
+        with pytest.raises(ServiceUnavailable):
+            await a.engine.admit(ctx, ctx.extra["attr"])
+        await proxy.held.wait()  # ADMIT ran: its reply came, and was kept back
+        reserved_after_admit = int(await direct.get(reserved_key) or 0)
+        line = await _settle_while_redis_is_away(a, ctx)
+        spool = Spool(tmp_path / f"ledger-spool-{uuid.uuid4().hex[:6]}-1.jsonl")
+        spool.append(line)
+        writer = LedgerWriter(direct, PipelinedRedis(services[1]), pool, spool)
+        await writer._replay()
+        spool.append(line)  # the same record again (a replay that stopped before unlinking)
+        await writer._replay()
+        spent = int(await direct.get(spent_key) or 0)
+        reserved = int(await direct.get(reserved_key) or 0)
+        members = int(await direct.zcard(f"{reserved_key}:exp"))
+        await a.engine.close()
+        await proxy.close()
+        await direct.aclose()
+        await pool.close()
+        return reserved_after_admit, spent, reserved, members, 300 * NANO // 1_000_000
+
+    reserved_after_admit, spent, reserved, members, cost = asyncio.run(run())
+    assert reserved_after_admit == ESTIMATE  # the admit did reserve
+    assert spent == cost  # counted, once
+    assert (reserved, members) == (0, 0)  # and the reservation released
