@@ -113,3 +113,66 @@ def test_a_spooled_settlement_of_a_request_whose_admit_reply_timed_out_releases_
     assert reserved_after_admit == ESTIMATE  # the admit did reserve
     assert spent == cost  # counted, once
     assert (reserved, members) == (0, 0)  # and the reservation released
+
+
+@pytest.fixture(scope="module")
+def openai_gw(tmp_root, services, module_mock):
+    cfg = {
+        "router": {"max_attempts": 1, "circuit": {"failures": 100000}},
+        "providers": [_provider("oair3", module_mock)],
+        "models": [{"name": "priced", "deployments": [{"provider": "oair3", "model": "m", **PRICES}]}],
+    }
+    with started(Gateway(tmp_root, cfg, services)) as (gw,):
+        yield gw
+
+
+_BIG = "lorem ipsum dolor sit amet " * 10_000  # 50,000 tokens, 270 KB
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["refusal part", "refusal field", "legacy function_call", "legacy functions"],
+)
+def test_prompt_text_outside_content_cannot_carry_a_request_past_a_hard_budget(openai_gw, where):
+    """A hard budget reserves the prompt as ``core.tokens.count_prompt`` counts it, which read
+    only text parts, tool calls and tools. OpenAI also takes (and bills as prompt) an assistant
+    message's ``refusal`` parts and ``refusal`` field, its legacy ``function_call`` and the
+    legacy ``functions`` definitions: a few hundred kilobytes there were reserved as nothing,
+    and spend passed the hard limit by 2.5 times."""
+    key = new_key(openai_gw, budget_usd=0.02, budget_period="none")
+    usage = {"prompt_tokens": 50_010, "total_tokens": 50_015}  # what OpenAI bills for the body
+    directive = "go [[mock:" + orjson.dumps({"usage": usage}).decode() + "]]"
+    body: dict = {"model": "priced", "max_tokens": 5}
+    before = {"role": "user", "content": "hi"}
+    if where == "refusal part":
+        body["messages"] = [
+            before,
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": _BIG}]},
+            {"role": "user", "content": directive},
+        ]
+    elif where == "refusal field":
+        body["messages"] = [
+            before,
+            {"role": "assistant", "content": "no", "refusal": _BIG},
+            {"role": "user", "content": directive},
+        ]
+    elif where == "legacy function_call":
+        body["messages"] = [
+            before,
+            {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": _BIG}},
+            {"role": "function", "name": "f", "content": "done"},
+            {"role": "user", "content": directive},
+        ]
+    else:
+        body["functions"] = [{"name": "f", "description": _BIG, "parameters": {"type": "object"}}]
+        body["messages"] = [{"role": "user", "content": directive}]
+    r = httpx.post(
+        f"{openai_gw.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key['key']}"},
+        timeout=30,
+    )
+    assert r.status_code in (200, 429), r.text
+    state = _budget(openai_gw, key["budget_id"])
+    assert state["spent_usd"] <= 0.02, (state, r.text)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "budget_too_small", r.text
