@@ -129,14 +129,17 @@ def fill_fixed_attribution(allowed: dict, attr: dict) -> None:
 
 
 _LOW_DETAIL_IMAGE = 85  # an image as core.tokens counts it
+_TEXT_PARTS = ("text", "refusal")  # parts core.tokens counts by their text
 
 
 def media_tokens(body: dict, per_part: int) -> int:
     """Prompt tokens beyond what ``core.tokens.count_prompt`` counts for a chat request's media
-    parts (it counts an image as a low-detail one, 85 tokens, and audio and files as nothing):
-    ``per_part`` for each image, audio and file part. An image marked ``detail: low`` too: 85 is
-    what OpenAI's gpt-4o bills for one, but gpt-4o-mini bills 2,833, and Anthropic has no such
-    setting (the translation drops it; Claude bills an image by its size, up to ~1,600)."""
+    parts (it counts an image as a low-detail one, 85 tokens, and other media as nothing):
+    ``per_part`` for each part that is not text — an image, audio, a file, and the kinds
+    OpenAI-compatible servers add (vLLM: ``video_url``, ``audio_url``, ``image_embeds``). An
+    image marked ``detail: low`` too: 85 is what OpenAI's gpt-4o bills for one, but gpt-4o-mini
+    bills 2,833, and Anthropic has no such setting (the translation drops it; Claude bills an
+    image by its size, up to ~1,600)."""
     extra = 0
     for msg in body.get("messages") or ():
         content = msg.get("content") if isinstance(msg, dict) else None
@@ -144,7 +147,7 @@ def media_tokens(body: dict, per_part: int) -> int:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "image_url":
                 extra += max(0, per_part - _LOW_DETAIL_IMAGE)
-            elif kind in ("input_audio", "file"):
+            elif kind not in _TEXT_PARTS:
                 extra += per_part
     return extra
 

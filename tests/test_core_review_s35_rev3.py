@@ -176,3 +176,24 @@ def test_prompt_text_outside_content_cannot_carry_a_request_past_a_hard_budget(o
     state = _budget(openai_gw, key["budget_id"])
     assert state["spent_usd"] <= 0.02, (state, r.text)
     assert r.status_code == 429 and r.json()["error"]["code"] == "budget_too_small", r.text
+
+
+def test_media_parts_of_other_kinds_cannot_carry_a_request_past_a_hard_budget(openai_gw):
+    """Only ``image_url``, ``input_audio`` and ``file`` parts reserved ``media_part_tokens``; any
+    other kind of part was reserved as nothing, though OpenAI-compatible servers take more media
+    (vLLM: ``video_url``, ``audio_url``, ``image_embeds``) and bill them as prompt tokens: fifty
+    of them passed a hard limit. Every part that is not text now reserves as media."""
+    key = new_key(openai_gw, budget_usd=0.02, budget_period="none")
+    usage = {"prompt_tokens": 50 * 1600, "total_tokens": 50 * 1600 + 5}
+    text = {"type": "text", "text": "describe [[mock:" + orjson.dumps({"usage": usage}).decode() + "]]"}
+    clips = [{"type": "video_url", "video_url": {"url": "https://clip.example/x.mp4"}}] * 50
+    r = httpx.post(
+        f"{openai_gw.url}/v1/chat/completions",
+        json={"model": "priced", "max_tokens": 5, "messages": [{"role": "user", "content": [*clips, text]}]},
+        headers={"Authorization": f"Bearer {key['key']}"},
+        timeout=30,
+    )
+    assert r.status_code in (200, 429), r.text
+    state = _budget(openai_gw, key["budget_id"])
+    assert state["spent_usd"] <= 0.02, (state, r.text)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "budget_too_small", r.text
