@@ -12,11 +12,12 @@ import asyncio
 import uuid
 
 import httpx
+import openai
 import orjson
 import pytest
 
-from tests.conftest import Gateway, started
-from tests.test_core_review_s35 import PRICES, ReplyHolder, RequestContextFor, _budget, _provider
+from tests.conftest import LOCAL_HTTP, Gateway, MockProvider, started
+from tests.test_core_review_s35 import PRICES, ReplyHolder, RequestContextFor, _budget, _provider, _row
 from tests.test_policies import new_key
 
 
@@ -197,3 +198,51 @@ def test_media_parts_of_other_kinds_cannot_carry_a_request_past_a_hard_budget(op
     state = _budget(openai_gw, key["budget_id"])
     assert state["spent_usd"] <= 0.02, (state, r.text)
     assert r.status_code == 429 and r.json()["error"]["code"] == "budget_too_small", r.text
+
+
+def _anthropic_event(data: dict) -> str:
+    return f"event: {data['type']}\ndata: " + orjson.dumps(data).decode() + "\n\n"
+
+
+def test_an_anthropic_stream_without_message_delta_tells_the_client_the_usage_it_was_charged(
+    tmp_root, services, api_key
+):
+    """A stream that ends (``message_stop``) without ``message_delta``, the one event with the
+    output count, is charged the gateway's estimate of what was sent. A client that asked for
+    ``include_usage`` got two usage chunks: first ``message_start``'s count (one output token),
+    then the estimate — the first is what most clients keep, and it was not what was charged."""
+    mock = MockProvider(tmp_root)
+    start = {"id": "msg_1", "type": "message", "role": "assistant", "model": "c", "content": []}
+    start["usage"] = {"input_tokens": 3, "output_tokens": 1}
+    pieces = [
+        _anthropic_event({"type": "message_start", "message": start}),
+        _anthropic_event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        *(
+            _anthropic_event(
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"word{i} "}}
+            )
+            for i in range(40)
+        ),
+        _anthropic_event({"type": "content_block_stop", "index": 0}),
+        _anthropic_event({"type": "message_stop"}),
+    ]
+    cfg = {
+        "router": {"max_attempts": 1},
+        "providers": [_provider("antnd", mock, "anthropic")],
+        "models": [{"name": "claude-nd", "deployments": [{"provider": "antnd", "model": "c", **PRICES}]}],
+    }
+    rid = f"ant-nodelta-{uuid.uuid4().hex[:8]}"
+    with started(mock, Gateway(tmp_root, cfg, services)) as (_, gw):
+        LOCAL_HTTP.post(f"{mock.url}/_mock/config", json={"raw": {"pieces": pieces}}).raise_for_status()
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=api_key, max_retries=0, timeout=30)
+        stream = client.chat.completions.create(
+            model="claude-nd",
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-request-id": rid},
+        )
+        usages = [c.usage for c in stream if c.usage is not None]
+        row = _row(services, rid)
+    assert len(usages) == 1, usages
+    assert usages[0].completion_tokens == row["completion_tokens"] >= 40, (usages, row)
