@@ -246,3 +246,30 @@ def test_an_anthropic_stream_without_message_delta_tells_the_client_the_usage_it
         row = _row(services, rid)
     assert len(usages) == 1, usages
     assert usages[0].completion_tokens == row["completion_tokens"] >= 40, (usages, row)
+
+
+def test_estimating_a_huge_embeddings_input_without_usage_does_not_hold_the_replica(monkeypatch):
+    """An embeddings answer whose provider reports no usage is estimated by counting its input
+    with tiktoken (about a second per MB of text like "aaaa…"). Whether to count off the event
+    loop was decided by the answer's size, and the answer to an 8 MB text (one vector, from a
+    server that truncates long inputs) is a few kilobytes: the input was counted on the loop,
+    holding every other request of the replica for seconds."""
+    import threading
+
+    from core.types import RequestContext, Usage
+    from gateway import pipeline
+    from gateway.usage import OFF_LOOP_BYTES
+
+    where: list[bool] = []
+
+    def estimating(ctx, raw):
+        where.append(threading.current_thread() is threading.main_thread())
+        return Usage(prompt_tokens=1)
+
+    monkeypatch.setattr(pipeline, "estimate_usage", estimating)
+    vector = orjson.dumps({"object": "list", "data": [{"embedding": "AAAA" * 2048, "index": 0}]})
+    for size in (OFF_LOOP_BYTES, 100):
+        body = {"model": "m", "input": "a" * size}
+        ctx = RequestContext("r", "embeddings", body, 0.0, body_bytes=size + 30)
+        asyncio.run(pipeline._estimate(ctx, vector))
+    assert where == [False, True]
