@@ -273,3 +273,29 @@ def test_estimating_a_huge_embeddings_input_without_usage_does_not_hold_the_repl
         ctx = RequestContext("r", "embeddings", body, 0.0, body_bytes=size + 30)
         asyncio.run(pipeline._estimate(ctx, vector))
     assert where == [False, True]
+
+
+def test_estimating_a_huge_rerank_request_without_usage_does_not_hold_the_replica(monkeypatch):
+    """A rerank answer whose provider reports no tokens (many rerank servers report none, or
+    only search units) is estimated by counting the query and documents with tiktoken, on the
+    event loop whatever their size: up to 8 MB of documents held every other request of the
+    replica for seconds. A large request is counted in a worker thread, a small one on the loop."""
+    import threading
+
+    from core.types import RequestContext
+    from gateway import rerank
+    from gateway.usage import OFF_LOOP_BYTES
+
+    where: list[bool] = []
+
+    def counting(text):
+        where.append(threading.current_thread() is threading.main_thread())
+        return 1
+
+    monkeypatch.setattr(rerank, "count_text", counting)
+    for size in (OFF_LOOP_BYTES, 100):
+        body = {"model": "m", "query": "q", "documents": ["a" * size]}
+        ctx = RequestContext("r", "rerank", body, 0.0, body_bytes=size + 40)
+        asyncio.run(rerank.estimate_usage(ctx))
+        assert ctx.usage.prompt_tokens == 2
+    assert where == [False, False, True, True]
