@@ -191,10 +191,10 @@ class Policies(_Strict):
     enabled: bool = True  # budgets, rate limits and the ledger
     fail_open: bool = False  # when Redis is unreachable: serve (true) or refuse with 503 (false)
     default_max_output: int = Field(1024, gt=0)  # output tokens reserved when a request names none
-    # Prompt tokens a hard budget reserves for each image (unless detail "low"), audio or file part
-    # of a chat request, whose size its text does not tell: OpenAI bills a high-detail image up to
-    # ~1,500 tokens, Anthropic ~1,600. Raise it for models that bill images as more tokens, or for
-    # files of many pages.
+    # Prompt tokens a hard budget reserves for each image (of any detail), audio, file or other
+    # part of a chat request that is not text, whose size its text does not tell: OpenAI bills a
+    # high-detail image up to ~1,500 tokens, Anthropic ~1,600. Raise it for models that bill
+    # images as more tokens, or for files of many pages, or video.
     media_part_tokens: int = Field(1600, ge=0)
     log_content: bool = False
     # Admission credit (policies/credit.py): a replica may lease a small share of a large

@@ -73,11 +73,33 @@ def count_text(text: str) -> int:
     return len(_encoding().encode(text, disallowed_special=()))
 
 
+def _json_text(value) -> str:
+    """A field as text: a string as is, anything else as its JSON (never Python's ``str`` of a
+    client's object, which walks it in Python)."""
+    if isinstance(value, str):
+        return value
+    import orjson
+
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # (not what a parsed body holds)
+        return ""
+
+
+def _call_tokens(fn) -> int:
+    if not isinstance(fn, dict):
+        return 0
+    return count_text(_json_text(fn.get("name", ""))) + count_text(_json_text(fn.get("arguments", "")))
+
+
 def count_prompt(body: dict, known: dict[int, tuple[dict, int]] | None = None) -> int:
-    """Prompt tokens of a chat request: messages, tool definitions, images. ``known`` maps the
-    ``id()`` of messages already counted (an agent's stored history) to (the message, its count
-    as this function counts a message, ``_PER_MESSAGE`` included): those are not tokenized
-    again. The message is kept beside its id so a recycled id never takes another's count."""
+    """Prompt tokens of a chat request: messages (text and refusal parts, an assistant's
+    ``refusal``, tool calls and the legacy ``function_call``), tool and legacy ``functions``
+    definitions, images. Every text a provider bills as prompt is counted: a hard budget's
+    reservation is this count. ``known`` maps the ``id()`` of messages already counted (an
+    agent's stored history) to (the message, its count as this function counts a message,
+    ``_PER_MESSAGE`` included): those are not tokenized again. The message is kept beside its id
+    so a recycled id never takes another's count."""
     total = 3
     for msg in body.get("messages") or []:
         if not isinstance(msg, dict):
@@ -94,19 +116,21 @@ def count_prompt(body: dict, known: dict[int, tuple[dict, int]] | None = None) -
         elif isinstance(content, list):
             for part in content:
                 if isinstance(part, dict):
-                    if part.get("type") == "text" and isinstance(part.get("text"), str):
+                    kind = part.get("type")
+                    if kind == "text" and isinstance(part.get("text"), str):
                         total += count_text(part["text"])
-                    elif part.get("type") == "image_url":
+                    elif kind == "refusal" and isinstance(part.get("refusal"), str):
+                        total += count_text(part["refusal"])
+                    elif kind == "image_url":
                         total += _PER_IMAGE
+        if isinstance(msg.get("refusal"), str):
+            total += count_text(msg["refusal"])
         for call in msg.get("tool_calls") or []:
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict):
-                total += count_text(str(fn.get("name", ""))) + count_text(str(fn.get("arguments", "")))
-    tools = body.get("tools")
-    if tools:
-        import orjson
-
-        total += count_text(orjson.dumps(tools).decode())
+            total += _call_tokens(call.get("function") if isinstance(call, dict) else None)
+        total += _call_tokens(msg.get("function_call"))
+    for name in ("tools", "functions"):
+        if body.get(name):
+            total += count_text(_json_text(body[name]))
     return total
 
 

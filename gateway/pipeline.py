@@ -308,8 +308,10 @@ async def _open_stream(svc: Services, ctx: RequestContext, r: Route) -> tuple[li
 
 async def _estimate(ctx: RequestContext, raw: bytes) -> Usage:
     """The usage of an answer whose provider reported none; a large one counted off the event
-    loop (tiktoken takes seconds per MB of text like "aaaa…": every other request would wait)."""
-    if len(raw) >= OFF_LOOP_BYTES:
+    loop (tiktoken takes seconds per MB of text like "aaaa…": every other request would wait).
+    An embeddings answer is counted from its input: large by the request's size (an answer to a
+    text of megabytes may be one short vector)."""
+    if len(raw) >= OFF_LOOP_BYTES or (ctx.endpoint == "embeddings" and ctx.body_bytes >= OFF_LOOP_BYTES):
         return await asyncio.to_thread(estimate_usage, ctx, raw)
     return estimate_usage(ctx, raw)
 

@@ -19,6 +19,7 @@ group, attributed to its tenant with the workflow ``kb-query``.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import Any
@@ -31,6 +32,7 @@ from core.types import Identity, RequestContext, Usage, excerpt
 from gateway import pipeline
 from gateway.providers.base import bad_response
 from gateway.routing import run_attempts
+from gateway.usage import OFF_LOOP_BYTES
 from gateway.validation import require_model
 from rag.rerank import Reranker, RerankError
 from rag.rerank_local import LocalReranker
@@ -134,14 +136,24 @@ async def _upstream(svc, ctx: RequestContext, group) -> bytes:
 
     raw = await run_attempts(svc.router, ctx, group, attempt)
     ctx.status = 200
-    _estimate_usage(ctx)
+    await estimate_usage(ctx)
     return raw
 
 
-def _estimate_usage(ctx: RequestContext) -> None:
+async def estimate_usage(ctx: RequestContext) -> None:
+    """The usage of an answer whose provider reported none: the query and documents counted, in
+    a worker thread when the request is large (tiktoken takes seconds for megabytes of text like
+    "aaaa…": every other request would wait)."""
     if ctx.usage is None:
         ctx.extra["usage_estimated"] = True
-        ctx.usage = Usage(prompt_tokens=sum(count_text(t) for t in [ctx.body["query"], *_texts(ctx.body)]))
+        if ctx.body_bytes >= OFF_LOOP_BYTES:
+            ctx.usage = await asyncio.to_thread(_counted, ctx.body)
+        else:
+            ctx.usage = _counted(ctx.body)
+
+
+def _counted(body: dict) -> Usage:
+    return Usage(prompt_tokens=sum(count_text(t) for t in [body["query"], *_texts(body)]))
 
 
 def reserve_tokens(ctx: RequestContext) -> None:

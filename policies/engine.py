@@ -129,22 +129,25 @@ def fill_fixed_attribution(allowed: dict, attr: dict) -> None:
 
 
 _LOW_DETAIL_IMAGE = 85  # an image as core.tokens counts it
+_TEXT_PARTS = ("text", "refusal")  # parts core.tokens counts by their text
 
 
 def media_tokens(body: dict, per_part: int) -> int:
     """Prompt tokens beyond what ``core.tokens.count_prompt`` counts for a chat request's media
-    parts (it counts an image as a low-detail one, 85 tokens, and audio and files as nothing):
-    ``per_part`` for each image not of low detail, each audio and each file part."""
+    parts (it counts an image as a low-detail one, 85 tokens, and other media as nothing):
+    ``per_part`` for each part that is not text — an image, audio, a file, and the kinds
+    OpenAI-compatible servers add (vLLM: ``video_url``, ``audio_url``, ``image_embeds``). An
+    image marked ``detail: low`` too: 85 is what OpenAI's gpt-4o bills for one, but gpt-4o-mini
+    bills 2,833, and Anthropic has no such setting (the translation drops it; Claude bills an
+    image by its size, up to ~1,600)."""
     extra = 0
     for msg in body.get("messages") or ():
         content = msg.get("content") if isinstance(msg, dict) else None
         for part in content if isinstance(content, list) else ():
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "image_url":
-                image = part.get("image_url")
-                if not (isinstance(image, dict) and image.get("detail") == "low"):
-                    extra += max(0, per_part - _LOW_DETAIL_IMAGE)
-            elif kind in ("input_audio", "file"):
+                extra += max(0, per_part - _LOW_DETAIL_IMAGE)
+            elif kind not in _TEXT_PARTS:
                 extra += per_part
     return extra
 
@@ -405,7 +408,8 @@ class PolicyEngine:
                 credit.answered(own, 0, 0, asked)
             # Redis may have run the script and its reply been lost (a timeout): the settle releases
             # the reservation if it is there (SETTLE releases only a member of ``reserved:exp``), else
-            # it would hold the budget until its hold ends. A spooled settlement does not count on it.
+            # it would hold the budget until its hold ends. A spooled settlement releases it if it is
+            # there too, and counts the cost either way.
             ctx.extra["reservation_unknown"] = True
             self._unreachable(exc, "serving")
             return
@@ -619,8 +623,9 @@ class PolicyEngine:
                     self.credit.settled(own, reserved)
                     held = 0
             argv += [spent, reserved_key, held, actual, b.limit_nano, ttl, alert_prefix, self._thresholds(b), b.id]
-            # (a reservation the admit may not have made: its replay counts the cost, reserving nothing)
-            late.append([spent, reserved_key, 0 if ctx.extra.get("reservation_unknown") else held, actual, ttl])
+            # (a reservation the admit may not have made, as its negative: the replay releases it if it
+            # is there and counts the cost either way)
+            late.append([spent, reserved_key, -held if ctx.extra.get("reservation_unknown") else held, actual, ttl])
         if any(held or actual for _, _, held, actual, _ in late):  # (a refused request's has nothing to do)
             ctx.extra["settlement"] = [member, late]
         tokens = (ctx.usage.total_tokens if ctx.usage else 0) if ctx.extra.get("admitted") else 0

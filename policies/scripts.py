@@ -315,7 +315,10 @@ return fired
 # ``reserved_key:exp``; its cost is counted when ADMIT released it at the end of its hold (a
 # member of ``:gone``); neither: SETTLE ran after all (its reply was lost), nothing to do. A
 # leased request's (``held`` 0) cost is counted: SETTLE's failure cannot say whether Redis ran
-# it, and counting twice errs on the budget's side.
+# it, and counting twice errs on the budget's side. A reservation the admit may have made (its
+# reply was lost: ``held`` is the estimate's negative) is released while it is a member of
+# ``reserved_key:exp`` (else it would hold the budget until its hold ended), its cost counted
+# either way, as a leased request's.
 SETTLE_LATE = """
 local i = 2
 for s = 1, tonumber(ARGV[1]) do
@@ -333,6 +336,13 @@ for s = 1, tonumber(ARGV[1]) do
         if redis.call('DECRBY', reserved_key, held) < 0 then redis.call('SET', reserved_key, 0, 'EX', ttl) end
       else
         count = redis.call('ZREM', reserved_key .. ':gone', name) == 1
+      end
+    elseif fresh and held < 0 then
+      name = string.sub(name, 2)  -- (the estimate as the admit named it)
+      if redis.call('ZREM', reserved_key .. ':exp', name) == 1 then
+        if redis.call('DECRBY', reserved_key, -held) < 0 then redis.call('SET', reserved_key, 0, 'EX', ttl) end
+      else
+        redis.call('ZREM', reserved_key .. ':gone', name)
       end
     end
     if count and actual > 0 then

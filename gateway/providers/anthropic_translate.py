@@ -341,7 +341,9 @@ class StreamTranslator:
         if kind == "message_stop":
             self.done = True
             out = self._chunk({}, self.finish or "stop")
-            if self.include_usage:
+            # (without the output count, or with counts that are none, the gateway estimates the
+            # usage and sends that chunk itself: one usage chunk, what was charged)
+            if self.include_usage and self.usage_valid and self.usage_final:
                 out += data_event(
                     {
                         "id": self.id,
