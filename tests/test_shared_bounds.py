@@ -287,6 +287,16 @@ def test_spend_without_a_range_reads_a_bounded_window_and_says_which(env):
     assert _ts(explicit["from"]) == _ts("2020-01-01T00:00:00+00:00")
 
 
+def test_spend_to_the_first_days_of_year_one_is_not_a_server_error(env):
+    """'to' a valid date within 31 days of the earliest one Python holds: the default window
+    reached before it (an OverflowError: 500, a stack trace in the log). The window starts at the
+    earliest date instead."""
+    key = env["admin"][TENANT]
+    r = admin(env["gw"], "GET", "/admin/spend?to=0001-01-05T00:00:00Z", key)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"] == [] and _ts(r.json()["from"]) == _ts("0001-01-01T00:00:00+00:00")
+
+
 def _ts(text: str) -> float:
     from datetime import datetime
 
