@@ -339,6 +339,51 @@ def test_a_tenant_admin_runs_at_most_its_cap_of_heavy_reports_at_once(env):
     assert admin(gw, "GET", "/admin/spend", key).status_code == 200
 
 
+def test_a_tenant_admin_runs_at_most_its_cap_of_erasures_at_once(env):
+    """An erasure waits for its tenant's erasure lock (here held by a test connection, as a slow
+    erasure holds it) on a pooled connection: a tenant admin's erasures sent at once held the
+    pool, every tenant's requests waiting behind them. Two wait (``server.erasures_per_tenant``);
+    the third is answered 429 ``too_many_erasures`` with retry-after at once, having erased
+    nothing; once the lock is free the two are done and the third, sent again, too."""
+    gw, key = env["capped"], env["admin"][TENANT]
+    paths = [f"/admin/agents/{AGENT}/conversations/erase-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+
+    async def waiting(conn: asyncpg.Connection) -> int:  # (erasures: the lock's exclusive waiters)
+        return await conn.fetchval(
+            """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::bigint::oid
+                 AND objsubid = 2 AND mode = 'ExclusiveLock' AND NOT granted""",
+            ERASURE_LOCK_CLASS,
+        )
+
+    async def scenario():
+        pool = concurrent.futures.ThreadPoolExecutor(3)
+        loop = asyncio.get_running_loop()
+        async with Held(env["db"], LOCK_ERASURE, TENANT) as held:
+            running = [loop.run_in_executor(pool, admin, gw, "DELETE", p, key) for p in paths]
+            for _ in range(int(BOUND / 0.05)):  # until one is answered or three wait (a hang guard)
+                if any(r.done() for r in running) or await waiting(held.conn) >= 3:
+                    break
+                await asyncio.sleep(0.05)
+            for _ in range(int(BOUND / 0.05)):  # the others waiting on the lock (a hang guard)
+                if await waiting(held.conn) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            during = await waiting(held.conn), [r.result() for r in running if r.done()]
+            await held.release()
+            done = await asyncio.gather(*running)
+        pool.shutdown()
+        return during, done
+
+    (waiters, answered), done = asyncio.run(scenario())
+    assert waiters == 2 and len(answered) == 1, (waiters, [r.text for r in answered])
+    refused = answered[0]
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "too_many_erasures" and refused.headers["retry-after"] == "1"
+    assert sorted(r.status_code for r in done) == [200, 200, 429]
+    again = [p for p, r in zip(paths, done, strict=True) if r.status_code == 429]
+    assert admin(gw, "DELETE", again[0], key).status_code == 200
+
+
 # ---- /admin/budgets and Redis -----------------------------------------------------------------------
 def test_a_page_of_budgets_is_read_from_redis_in_one_round_trip_with_the_same_answers(env):
     """Three budgets with spend, a reservation, a live lease and an expired one (still in the
