@@ -10,7 +10,12 @@ Attacks tried (each a test below):
   test connection makes them wait as a long scan would), and ten at once held the pool;
 - ``/admin/budgets`` read Redis two to three round trips per budget;
 - a learned-answers knowledge base grew past the tenant's storage caps (each approved answer a
-  document no cap counted).
+  document no cap counted);
+- a tenant admin's erasures sent at once during a slow one each waited for the erasure lock on a
+  pooled connection: they held the pool;
+- a spend report 'to' a date within the default window of year 1 overflowed (500);
+- two first approvals of an agent's answers at once: the second created the agent's learned-answers
+  knowledge base again (500).
 
 No test waits on the clock: the locks are held until the gateway has answered, the timeouts are
 PostgreSQL's; bounds in seconds are hang guards only.
@@ -436,13 +441,13 @@ def test_a_page_of_budgets_is_read_from_redis_in_one_round_trip_with_the_same_an
 
 
 # ---- learned answers ------------------------------------------------------------------------------
-def _learned_example(env, question: str, answer: str) -> str:
+def _learned_example(env, question: str, answer: str, agent: str = AGENT) -> str:
     """A customer asks for a person; the tenant's admin resolves it with an answer: the pending
     learned example's id."""
     gw, key = env["gw"], env["admin"][TENANT]
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=env["key"], max_retries=0, timeout=BOUND)
     raw = client.chat.completions.with_raw_response.create(
-        model=f"agent:{AGENT}",
+        model=f"agent:{agent}",
         messages=[{"role": "user", "content": f"talk to a person: {question}"}],
         metadata={"conversation_id": f"c-{uuid.uuid4().hex[:8]}"},
     )
@@ -471,3 +476,61 @@ def test_learned_answers_count_toward_the_tenants_storage_caps(env):
     assert [e["id"] for e in pending] == [second]
     docs = admin(gw, "GET", f"/admin/knowledge-bases/{kb_id}/documents", key).json()["data"]
     assert len(docs) == 1
+
+
+def test_two_first_approvals_of_an_agent_at_once_make_one_learned_answers_knowledge_base(env):
+    """The agent has no learned-answers knowledge base yet; two of its answers are approved at
+    once. Both looked for it, found none, and waited for the tenant's knowledge-base lock (here
+    held by a test connection until both wait): the second then created one of the same name,
+    refused by the store (500, a stack trace in the log). It finds the first's once it has the
+    lock: both approved, into one knowledge base."""
+    from gateway.hitl_service import LEARNED_KB_PREFIX
+
+    gw, key = env["capped"], env["admin"][TENANT]  # (the default storage caps)
+    agent = f"twice-{RUN}"
+    body = {
+        "name": agent,
+        "model": "bound-model",
+        "tenant": TENANT,
+        "template": "You answer for Acme.",
+        "escalation": {"enabled": True, "threshold": 0.5, "hold_message": "A person will reply here."},
+    }
+    assert admin(gw, "POST", "/admin/agents", json=body).status_code == 201
+    examples = [_learned_example(env, f"Open on day {n}?", f"Yes, on day {n}.", agent) for n in (1, 2)]
+
+    async def waiting(conn: asyncpg.Connection) -> int:
+        return await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            "AND pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+        )
+
+    async def scenario():
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        loop = asyncio.get_running_loop()
+        lock = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+        async with Held(env["db"], lock, f"knowledge_bases:{TENANT}") as held:
+            running = [
+                loop.run_in_executor(pool, admin, gw, "POST", f"/admin/agents/{agent}/learned/{e}/approve", key)
+                for e in examples
+            ]
+            for _ in range(int(BOUND / 0.05)):  # until both wait behind the lock (a hang guard)
+                if any(r.done() for r in running) or await waiting(held.conn) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            await held.release()
+            done = await asyncio.gather(*running)
+        pool.shutdown()
+        conn = await asyncpg.connect(env["db"])
+        try:
+            made = await conn.fetchval(
+                "SELECT count(*) FROM knowledge_bases WHERE tenant = $1 AND name = $2",
+                TENANT,
+                LEARNED_KB_PREFIX + agent,
+            )
+        finally:
+            await conn.close()
+        return done, made
+
+    done, made = asyncio.run(scenario())
+    assert [r.status_code for r in done] == [200, 200], [r.text for r in done]
+    assert made == 1 and done[0].json()["kb_id"] == done[1].json()["kb_id"]
