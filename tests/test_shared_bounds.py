@@ -495,7 +495,8 @@ def test_two_first_approvals_of_an_agent_at_once_make_one_learned_answers_knowle
         "template": "You answer for Acme.",
         "escalation": {"enabled": True, "threshold": 0.5, "hold_message": "A person will reply here."},
     }
-    assert admin(gw, "POST", "/admin/agents", json=body).status_code == 201
+    # (made where its turns run: the other gateway learns of it by pub/sub, maybe after the turn)
+    assert admin(env["gw"], "POST", "/admin/agents", json=body).status_code == 201
     examples = [_learned_example(env, f"Open on day {n}?", f"Yes, on day {n}.", agent) for n in (1, 2)]
 
     async def waiting(conn: asyncpg.Connection) -> int:
