@@ -590,7 +590,9 @@ class Admin:
             )
         start, end = inp.when(q.get("from"), "from"), inp.when(q.get("to"), "to")
         if start is None:  # (a bounded scan: the last ``server.spend_default_days`` up to 'to' or now)
-            start = (end or datetime.now(UTC)) - timedelta(days=self.svc.config.server.spend_default_days)
+            until, days = end or datetime.now(UTC), self.svc.config.server.spend_default_days
+            earliest = datetime.min.replace(tzinfo=UTC)  # ('to' in year 1: no date before it)
+            start = until - timedelta(days=days) if until - earliest > timedelta(days=days) else earliest
         fmt = q.get("format", "json")
         if fmt not in ("json", "csv"):
             raise InvalidRequest("'format' must be json or csv.", param="format", code="invalid_value")

@@ -105,7 +105,7 @@ from starlette.routing import Route
 from core.erasure_key import conversation_tag
 from core.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway import admin as base  # a module, not names: admin.py imports this module in turn
-from gateway import conversation_paths
+from gateway import admin_reports, conversation_paths
 from gateway.agent_stage import ERASURE_MARKED
 from gateway.db import ABORTED, retried, tenant_transaction
 from runtime import agents as agents_store
@@ -121,6 +121,9 @@ MAX_AGENT_GENERATIONS = 100  # agents of one name (the active one and those dele
 class ConversationAdmin:
     def __init__(self, admin) -> None:
         self.admin = admin
+        # (the erasures running, per tenant: each waits for the tenant's erasure lock on a pooled
+        # connection, server.erasures_per_tenant at once)
+        self.running = admin_reports.Running("conversation erasures", "server.erasures_per_tenant", "too_many_erasures")
 
     @property
     def svc(self):
@@ -148,41 +151,46 @@ class ConversationAdmin:
         # Redis first (a turn that starts now finds nothing to answer with), then PostgreSQL and
         # the erasure's record in one transaction, then Redis again: a turn stored meanwhile, or a
         # reload that read PostgreSQL before the commit, is dropped too.
-        try:
-            # (a channel's conversation marked first: its jobs queued before now are dropped, and a
-            # turn of one signed so, x-gateway-queued-at, stores nothing from now on — a first turn
-            # too, which the memory's erasure below cannot stop: it loaded no seq. Marked after
-            # it, a first turn stored between the two reached PostgreSQL after the erasure.)
-            if self.svc.forget_channel is not None:
-                await self.svc.forget_channel(tenant, [conversation_id])
-            if unknown:  # (an agent whose turn of a moment ago is still on its way to PostgreSQL)
-                held_by = set(await self.svc.memory.holding(tenant, [r["id"] for r in unknown], conversation_id))
-                found = [r for r in unknown if r["id"] in held_by]
-                agent_ids += [r["id"] for r in found]
-                names += list(dict.fromkeys(r["name"] for r in found if r["name"] not in names))
-            # (each agent's erasure is stamped with Redis's clock, as the turns it skips are)
-            forgot = [await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids]
-            # (PostgreSQL's part alone is tried again when aborted: Redis's before and after it once)
-            feedback, messages, resolved = await retried(
-                lambda: self._erase_rows(request, tenant, agent_ids, conversation_id, forgot, every_agent)
-            )
-            await self._release_holds(request, tenant, agent_ids, conversation_id, resolved)
-            for agent_id in agent_ids:
-                await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
-            # (after the commit: a turn the memory writer refused until then is among them)
-            await self.svc.memory.drop_dead_letters(tenant, [(agent_id, conversation_id) for agent_id in agent_ids])
-            # (after the commit too: an escalation its turn could not write, waiting for the sweeper)
-            await held.drop_spooled(self.svc.redis, tenant, agent_ids, conversation_id)
-            if self.svc.forget_channel is not None:  # (again: its dead letters, its customer's files)
-                await self.svc.forget_channel(tenant, [conversation_id])
-            idempotency = getattr(self.admin.gateway, "idempotency", None)
-            if idempotency is not None:  # the answers kept to replay its turns (Idempotency-Key)
-                for agent_name in names:
-                    await idempotency.forget_conversation(tenant, agent_name, conversation_id)
-        except (RedisError, OSError, TimeoutError, *ABORTED) as exc:
-            raise ServiceUnavailable(
-                f"The conversation could not be erased just now ({type(exc).__name__}); erasing is safe to repeat."
-            ) from None
+        # (each of a tenant's erasures waits for its erasure lock on a pooled connection: 429 before
+        # any change past server.erasures_per_tenant at once)
+        with self.running.one(tenant, self.svc.config.server.erasures_per_tenant):
+            try:
+                # (a channel's conversation marked first: its jobs queued before now are dropped, and a
+                # turn of one signed so, x-gateway-queued-at, stores nothing from now on — a first turn
+                # too, which the memory's erasure below cannot stop: it loaded no seq. Marked after
+                # it, a first turn stored between the two reached PostgreSQL after the erasure.)
+                if self.svc.forget_channel is not None:
+                    await self.svc.forget_channel(tenant, [conversation_id])
+                if unknown:  # (an agent whose turn of a moment ago is still on its way to PostgreSQL)
+                    held_by = set(await self.svc.memory.holding(tenant, [r["id"] for r in unknown], conversation_id))
+                    found = [r for r in unknown if r["id"] in held_by]
+                    agent_ids += [r["id"] for r in found]
+                    names += list(dict.fromkeys(r["name"] for r in found if r["name"] not in names))
+                # (each agent's erasure is stamped with Redis's clock, as the turns it skips are)
+                forgot = [
+                    await self.svc.memory.forget_recent(tenant, agent_id, conversation_id) for agent_id in agent_ids
+                ]
+                # (PostgreSQL's part alone is tried again when aborted: Redis's before and after it once)
+                feedback, messages, resolved = await retried(
+                    lambda: self._erase_rows(request, tenant, agent_ids, conversation_id, forgot, every_agent)
+                )
+                await self._release_holds(request, tenant, agent_ids, conversation_id, resolved)
+                for agent_id in agent_ids:
+                    await self.svc.memory.forget_recent(tenant, agent_id, conversation_id)
+                # (after the commit: a turn the memory writer refused until then is among them)
+                await self.svc.memory.drop_dead_letters(tenant, [(agent_id, conversation_id) for agent_id in agent_ids])
+                # (after the commit too: an escalation its turn could not write, waiting for the sweeper)
+                await held.drop_spooled(self.svc.redis, tenant, agent_ids, conversation_id)
+                if self.svc.forget_channel is not None:  # (again: its dead letters, its customer's files)
+                    await self.svc.forget_channel(tenant, [conversation_id])
+                idempotency = getattr(self.admin.gateway, "idempotency", None)
+                if idempotency is not None:  # the answers kept to replay its turns (Idempotency-Key)
+                    for agent_name in names:
+                        await idempotency.forget_conversation(tenant, agent_name, conversation_id)
+            except (RedisError, OSError, TimeoutError, *ABORTED) as exc:
+                raise ServiceUnavailable(
+                    f"The conversation could not be erased just now ({type(exc).__name__}); erasing is safe to repeat."
+                ) from None
         return base._json(
             {
                 "object": "conversation.deleted",

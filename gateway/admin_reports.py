@@ -29,19 +29,22 @@ _TIMEOUT_SQL = "SELECT set_config('statement_timeout', $1, true)"
 
 
 class Running:
-    """The heavy reports running in this process, per tenant (None: the super-admin)."""
+    """The heavy reports running in this process, per tenant (None: the super-admin); or other
+    work held to a per-tenant count the same way (``what``, its ``setting`` and 429 ``code``)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, what: str = "admin reports", setting: str = "server.admin_reports_per_tenant", code="too_many_reports"
+    ) -> None:
         self._by_tenant: dict[str | None, int] = {}
+        self._what, self._setting, self._code = what, setting, code
 
     @contextlib.contextmanager
     def one(self, tenant: str | None, cap: int) -> Iterator[None]:
         n = self._by_tenant.get(tenant, 0)
         if n >= cap:
             raise RateLimited(
-                f"This tenant has {cap} admin reports running on this server "
-                "(server.admin_reports_per_tenant); retry when one is done.",
-                code="too_many_reports",
+                f"This tenant has {cap} {self._what} running on this server ({self._setting}); retry when one is done.",
+                code=self._code,
                 headers={"retry-after": "1"},
             )
         self._by_tenant[tenant] = n + 1

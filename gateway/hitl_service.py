@@ -208,7 +208,11 @@ class LearnedIndexer:
 
     async def _kb(self, conn, agent) -> kb_store.KnowledgeBase:
         name = f"{LEARNED_KB_PREFIX}{agent.name}"
-        row = await conn.fetchrow("SELECT id FROM knowledge_bases WHERE tenant = $1 AND name = $2", agent.tenant, name)
+        find = "SELECT id FROM knowledge_bases WHERE tenant = $1 AND name = $2"
+        row = await conn.fetchrow(find, agent.tenant, name)
+        if row is None:  # (under the tenant's knowledge-base lock: a racing approval's is found)
+            await kb_limits.lock_kbs(conn, agent.tenant)
+            row = await conn.fetchrow(find, agent.tenant, name)
         if row is not None:
             kb = await kb_store.get_kb(conn, agent.tenant, row["id"])
         else:

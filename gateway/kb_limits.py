@@ -49,10 +49,15 @@ def of(svc) -> Limits:
     )
 
 
+async def lock_kbs(conn: asyncpg.Connection, tenant: str) -> None:
+    """The tenant's knowledge-base lock, to the end of the transaction (what creates one holds)."""
+    await serialize(conn, f"knowledge_bases:{tenant}")
+
+
 async def check_room_for_kb(conn: asyncpg.Connection, tenant: str) -> None:
     """Refuses one more knowledge base past ``MAX_KNOWLEDGE_BASES``; the tenant's lock is held to
     the end of the transaction, so concurrent creates cannot overshoot."""
-    await serialize(conn, f"knowledge_bases:{tenant}")
+    await lock_kbs(conn, tenant)
     count = await conn.fetchval("SELECT count(*) FROM knowledge_bases WHERE tenant = $1", tenant)
     if count >= MAX_KNOWLEDGE_BASES:
         raise InvalidRequest(

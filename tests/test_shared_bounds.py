@@ -10,7 +10,12 @@ Attacks tried (each a test below):
   test connection makes them wait as a long scan would), and ten at once held the pool;
 - ``/admin/budgets`` read Redis two to three round trips per budget;
 - a learned-answers knowledge base grew past the tenant's storage caps (each approved answer a
-  document no cap counted).
+  document no cap counted);
+- a tenant admin's erasures sent at once during a slow one each waited for the erasure lock on a
+  pooled connection: they held the pool;
+- a spend report 'to' a date within the default window of year 1 overflowed (500);
+- two first approvals of an agent's answers at once: the second created the agent's learned-answers
+  knowledge base again (500).
 
 No test waits on the clock: the locks are held until the gateway has answered, the timeouts are
 PostgreSQL's; bounds in seconds are hang guards only.
@@ -287,6 +292,16 @@ def test_spend_without_a_range_reads_a_bounded_window_and_says_which(env):
     assert _ts(explicit["from"]) == _ts("2020-01-01T00:00:00+00:00")
 
 
+def test_spend_to_the_first_days_of_year_one_is_not_a_server_error(env):
+    """'to' a valid date within 31 days of the earliest one Python holds: the default window
+    reached before it (an OverflowError: 500, a stack trace in the log). The window starts at the
+    earliest date instead."""
+    key = env["admin"][TENANT]
+    r = admin(env["gw"], "GET", "/admin/spend?to=0001-01-05T00:00:00Z", key)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"] == [] and _ts(r.json()["from"]) == _ts("0001-01-01T00:00:00+00:00")
+
+
 def _ts(text: str) -> float:
     from datetime import datetime
 
@@ -327,6 +342,51 @@ def test_a_tenant_admin_runs_at_most_its_cap_of_heavy_reports_at_once(env):
     assert other.status_code == 200
     assert [r.status_code for r in done] == [200, 200]
     assert admin(gw, "GET", "/admin/spend", key).status_code == 200
+
+
+def test_a_tenant_admin_runs_at_most_its_cap_of_erasures_at_once(env):
+    """An erasure waits for its tenant's erasure lock (here held by a test connection, as a slow
+    erasure holds it) on a pooled connection: a tenant admin's erasures sent at once held the
+    pool, every tenant's requests waiting behind them. Two wait (``server.erasures_per_tenant``);
+    the third is answered 429 ``too_many_erasures`` with retry-after at once, having erased
+    nothing; once the lock is free the two are done and the third, sent again, too."""
+    gw, key = env["capped"], env["admin"][TENANT]
+    paths = [f"/admin/agents/{AGENT}/conversations/erase-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+
+    async def waiting(conn: asyncpg.Connection) -> int:  # (erasures: the lock's exclusive waiters)
+        return await conn.fetchval(
+            """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::bigint::oid
+                 AND objsubid = 2 AND mode = 'ExclusiveLock' AND NOT granted""",
+            ERASURE_LOCK_CLASS,
+        )
+
+    async def scenario():
+        pool = concurrent.futures.ThreadPoolExecutor(3)
+        loop = asyncio.get_running_loop()
+        async with Held(env["db"], LOCK_ERASURE, TENANT) as held:
+            running = [loop.run_in_executor(pool, admin, gw, "DELETE", p, key) for p in paths]
+            for _ in range(int(BOUND / 0.05)):  # until one is answered or three wait (a hang guard)
+                if any(r.done() for r in running) or await waiting(held.conn) >= 3:
+                    break
+                await asyncio.sleep(0.05)
+            for _ in range(int(BOUND / 0.05)):  # the others waiting on the lock (a hang guard)
+                if await waiting(held.conn) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            during = await waiting(held.conn), [r.result() for r in running if r.done()]
+            await held.release()
+            done = await asyncio.gather(*running)
+        pool.shutdown()
+        return during, done
+
+    (waiters, answered), done = asyncio.run(scenario())
+    assert waiters == 2 and len(answered) == 1, (waiters, [r.text for r in answered])
+    refused = answered[0]
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "too_many_erasures" and refused.headers["retry-after"] == "1"
+    assert sorted(r.status_code for r in done) == [200, 200, 429]
+    again = [p for p, r in zip(paths, done, strict=True) if r.status_code == 429]
+    assert admin(gw, "DELETE", again[0], key).status_code == 200
 
 
 # ---- /admin/budgets and Redis -----------------------------------------------------------------------
@@ -381,13 +441,13 @@ def test_a_page_of_budgets_is_read_from_redis_in_one_round_trip_with_the_same_an
 
 
 # ---- learned answers ------------------------------------------------------------------------------
-def _learned_example(env, question: str, answer: str) -> str:
+def _learned_example(env, question: str, answer: str, agent: str = AGENT) -> str:
     """A customer asks for a person; the tenant's admin resolves it with an answer: the pending
     learned example's id."""
     gw, key = env["gw"], env["admin"][TENANT]
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=env["key"], max_retries=0, timeout=BOUND)
     raw = client.chat.completions.with_raw_response.create(
-        model=f"agent:{AGENT}",
+        model=f"agent:{agent}",
         messages=[{"role": "user", "content": f"talk to a person: {question}"}],
         metadata={"conversation_id": f"c-{uuid.uuid4().hex[:8]}"},
     )
@@ -416,3 +476,62 @@ def test_learned_answers_count_toward_the_tenants_storage_caps(env):
     assert [e["id"] for e in pending] == [second]
     docs = admin(gw, "GET", f"/admin/knowledge-bases/{kb_id}/documents", key).json()["data"]
     assert len(docs) == 1
+
+
+def test_two_first_approvals_of_an_agent_at_once_make_one_learned_answers_knowledge_base(env):
+    """The agent has no learned-answers knowledge base yet; two of its answers are approved at
+    once. Both looked for it, found none, and waited for the tenant's knowledge-base lock (here
+    held by a test connection until both wait): the second then created one of the same name,
+    refused by the store (500, a stack trace in the log). It finds the first's once it has the
+    lock: both approved, into one knowledge base."""
+    from gateway.hitl_service import LEARNED_KB_PREFIX
+
+    gw, key = env["capped"], env["admin"][TENANT]  # (the default storage caps)
+    agent = f"twice-{RUN}"
+    body = {
+        "name": agent,
+        "model": "bound-model",
+        "tenant": TENANT,
+        "template": "You answer for Acme.",
+        "escalation": {"enabled": True, "threshold": 0.5, "hold_message": "A person will reply here."},
+    }
+    # (made where its turns run: the other gateway learns of it by pub/sub, maybe after the turn)
+    assert admin(env["gw"], "POST", "/admin/agents", json=body).status_code == 201
+    examples = [_learned_example(env, f"Open on day {n}?", f"Yes, on day {n}.", agent) for n in (1, 2)]
+
+    async def waiting(conn: asyncpg.Connection) -> int:
+        return await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            "AND pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+        )
+
+    async def scenario():
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        loop = asyncio.get_running_loop()
+        lock = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+        async with Held(env["db"], lock, f"knowledge_bases:{TENANT}") as held:
+            running = [
+                loop.run_in_executor(pool, admin, gw, "POST", f"/admin/agents/{agent}/learned/{e}/approve", key)
+                for e in examples
+            ]
+            for _ in range(int(BOUND / 0.05)):  # until both wait behind the lock (a hang guard)
+                if any(r.done() for r in running) or await waiting(held.conn) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            await held.release()
+            done = await asyncio.gather(*running)
+        pool.shutdown()
+        conn = await asyncpg.connect(env["db"])
+        try:
+            made = await conn.fetchval(
+                "SELECT count(*) FROM knowledge_bases WHERE tenant = $1 AND name = $2",
+                TENANT,
+                LEARNED_KB_PREFIX + agent,
+            )
+        finally:
+            await conn.close()
+        return done, made
+
+    done, made = asyncio.run(scenario())
+    assert [r.status_code for r in done] == [200, 200], [r.text for r in done]
+    assert made == 1 and done[0].json()["kb_id"] == done[1].json()["kb_id"]

@@ -397,6 +397,41 @@ def test_an_erasure_deletes_the_alias_that_holds_the_customers_number(gw, graph,
         r.close()
 
 
+def test_an_erasure_of_one_typed_number_leaves_the_customers_other_alias_to_the_customers_erasure(gw, graph, services):
+    """Two numbers typed by admins that Meta knows as one customer: an alias each, both indexed
+    under the customer's conversation. The erasure of one typed number's conversation deleted the
+    customer's whole alias index with it (the index named it), so the customer's own erasure later
+    no longer found the other typed number's alias, which holds the customer's id: it stayed 90
+    days. The typed number's erasure takes only its own alias out of the customer's index."""
+    from channels.whatsapp.sender import alias_index_key, alias_key
+
+    ada, first, second = _wa_id(), _wa_id(), _wa_id()
+    name = f"hello_two_{RUN}"
+    template = {"account": "alpha", "name": name, "language": "en_US"}
+    made = _admin(gw, "POST", "/admin/channels/whatsapp/templates", json=template)
+    assert made.status_code == 201, made.text
+    r = redis.Redis.from_url(services[1])
+    graph.configure(wa_ids={first: ada, second: ada})
+    try:
+        for number in (first, second):
+            body = {"account": "alpha", "phone_number_id": PNID_A, "to": number, "template": {"name": name}}
+            sent = _admin(gw, "POST", "/admin/channels/whatsapp/send", json=body)
+            assert sent.status_code == 202, sent.text
+            key = alias_key("alpha", PNID_A, number)
+            wait_until(lambda key=key: r.get(key) == ada.encode(), what="the alias")
+        assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{first}").status_code == 200
+        assert r.get(alias_key("alpha", PNID_A, first)) is None
+        assert r.get(alias_key("alpha", PNID_A, second)) == ada.encode()  # (another number's: its erasure's)
+        assert not r.exists(alias_index_key(TENANT_A, f"wa:{PNID_A}:{first}"))
+        assert _erase(gw, TENANT_A, f"wa:{PNID_A}:{ada}").status_code == 200
+        assert r.get(alias_key("alpha", PNID_A, second)) is None
+        for number in (ada, first, second):
+            assert not r.exists(alias_index_key(TENANT_A, f"wa:{PNID_A}:{number}")), number
+    finally:
+        graph.configure(wa_ids={})
+        r.close()
+
+
 def test_the_erasures_updates_of_the_channel_records_use_their_indexes(gw, services):
     """On tables of 100,000 rows each (one tenant, many conversations) the erasure's UPDATE of the
     message records, DELETE of the conversation states and UPDATE of the escalations read by

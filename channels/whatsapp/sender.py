@@ -93,24 +93,48 @@ FORGET_PAGE = 500  # state keys deleted per round trip
 def alias_index_key(tenant: str, conversation: str) -> str:
     """The aliases (``alias_key``) that name one conversation's customer: the number sent to, or
     the id Meta answered for it; for an erasure of either conversation to delete."""
-    return f"gw:{{gw}}:wa:aliases:{store.conversation_digest(tenant, conversation)}"
+    return f"{_ALIAS_INDEX}{store.conversation_digest(tenant, conversation)}"
+
+
+_ALIAS_INDEX = "gw:{gw}:wa:aliases:"
 
 
 async def forget_states(redis, tenant: str, conversations: list[str]) -> int:
     """Deletes the send states of the tenant's conversations and the aliases of their customers'
-    numbers (their indexes read a page at a time, whatever their sizes); the number of keys deleted."""
+    numbers (their indexes read a page at a time, whatever their sizes); the number of keys deleted.
+    An alias index names the other number's alias index (``Sender._alias``): that index loses what
+    this one deleted and this one's name, and goes with its last member, but keeps the aliases of
+    the other number's other numbers, for that conversation's erasure to find."""
     deleted = 0
     indexes = [f(tenant, c) for c in dict.fromkeys(conversations) for f in (index_key, alias_index_key)]
     for index in indexes:
+        others = await _members(redis, index, _ALIAS_INDEX + "*") if index.startswith(_ALIAS_INDEX) else []
+        skip = set(others)
         cursor = 0
         while True:
             cursor, keys = await redis.sscan(index, cursor, count=FORGET_PAGE)
+            keys = [k for k in keys if k not in skip]
             if keys:
                 deleted += int(await redis.delete(*keys))
+                for other in others:
+                    await redis.srem(other, *keys)
             if not int(cursor):
                 break
+        for other in others:
+            await redis.srem(other, index)  # (a set's last member gone, the set is too)
         await redis.delete(index)
     return deleted
+
+
+async def _members(redis, index: str, match: str) -> list:
+    """The members of the set ``index`` matching ``match``, a page at a time."""
+    found: list = []
+    cursor = 0
+    while True:
+        cursor, keys = await redis.sscan(index, cursor, match=match, count=FORGET_PAGE)
+        found += keys
+        if not int(cursor):
+            return list(dict.fromkeys(found))
 
 
 ALIAS_TTL = 90 * 86_400
@@ -142,8 +166,9 @@ class Sender:
         await self.kv.put(key, wa_id, ALIAS_TTL)
         indexes = [alias_index_key(conv.tenant, store.conversation_id(conv.pnid, n)) for n in (conv.wa_id, wa_id)]
         for index, other in zip(indexes, reversed(indexes), strict=True):
-            # Each index names the other too: an erasure of either conversation deletes both sets,
-            # whose names hash the two numbers with no key (``forget_states`` deletes its members).
+            # Each index names the other too: an erasure of either conversation takes the alias and
+            # its own index out of the other's, whose name hashes a number with no key, so that set
+            # goes with its last member (``forget_states``).
             await self.kv.index(index, key, ALIAS_TTL)
             await self.kv.index(index, other, ALIAS_TTL)
 
