@@ -102,7 +102,9 @@ def env(tmp_root, services, module_mock):
     )
     # a long statement timeout: reports held by a test's lock stay running while it looks
     capped = Gateway(
-        tmp_root, _config(module_mock, {"admin_report_timeout_s": 30, "admin_reports_per_tenant": 2}), services
+        tmp_root,
+        _config(module_mock, {"admin_report_timeout_s": 30, "admin_reports_per_tenant": 2, "admin_reports_total": 3}),
+        services,
     )
     keys = {}
     for tenant in (TENANT, OTHER):
@@ -347,6 +349,45 @@ def test_a_tenant_admin_runs_at_most_its_cap_of_heavy_reports_at_once(env):
     assert other.status_code == 200
     assert [r.status_code for r in done] == [200, 200]
     assert admin(gw, "GET", "/admin/spend", key).status_code == 200
+
+
+def test_tenants_together_run_at_most_the_servers_cap_of_heavy_reports_at_once(env):
+    """Each tenant under its own cap, tenants together could still hold the pool (the tenants'
+    caps times the tenants): two of one tenant's reports and one of another's, held by a lock, fill
+    the server's cap (``server.admin_reports_total``: 3 here), so the other tenant's second report,
+    within its own cap, is answered 429 ``too_many_reports`` at once; once they are done it runs."""
+    gw = env["capped"]
+    path = f"/admin/agents/{AGENT}/experiments"
+    keys = [env["admin"][TENANT], env["admin"][TENANT], env["admin"][OTHER]]
+
+    async def waiting(conn: asyncpg.Connection) -> int:  # (the reports waiting; not the ledger's writers)
+        return await conn.fetchval(
+            """SELECT count(DISTINCT l.pid) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+               WHERE NOT l.granted AND (l.relation = 'experiments'::regclass
+                 OR (l.relation = 'ledger'::regclass AND a.query LIKE '%AS grp, count(*) AS requests%'))"""
+        )
+
+    async def scenario():
+        pool = concurrent.futures.ThreadPoolExecutor(3)
+        loop = asyncio.get_running_loop()
+        async with Held(env["db"], "LOCK TABLE experiments, ledger IN ACCESS EXCLUSIVE MODE") as held:
+            running = [loop.run_in_executor(pool, admin, gw, "GET", path, k) for k in keys[:2]]
+            running.append(loop.run_in_executor(pool, admin, gw, "GET", "/admin/spend", keys[2]))
+            for _ in range(int(BOUND / 0.05)):  # until the three hold their places (a hang guard)
+                if await waiting(held.conn) >= 3 or any(r.done() for r in running):
+                    break
+                await asyncio.sleep(0.05)
+            fourth = await asyncio.to_thread(admin, gw, "GET", "/admin/spend", keys[2])
+            await held.release()
+            done = await asyncio.gather(*running)
+        pool.shutdown()
+        return fourth, done
+
+    fourth, done = asyncio.run(scenario())
+    assert fourth.status_code == 429, fourth.text
+    assert fourth.json()["error"]["code"] == "too_many_reports" and fourth.headers["retry-after"] == "1"
+    assert [r.status_code for r in done] == [200, 200, 200]
+    assert admin(gw, "GET", "/admin/spend", keys[2]).status_code == 200
 
 
 def test_a_tenant_admin_runs_at_most_its_cap_of_erasures_at_once(env):
