@@ -373,6 +373,9 @@ class Server(_Strict):
     # at once in a process (then 429 with retry-after): they hold pooled connections meanwhile.
     admin_report_timeout_s: float = Field(10.0, gt=0, le=30)
     admin_reports_per_tenant: int = Field(2, ge=1)
+    # ... and every tenant's together at most this many (a pool of 10 connections: tenants' caps
+    # added up could still hold it all).
+    admin_reports_total: int = Field(4, ge=1)
     # One tenant runs at most this many conversation erasures at once in a process (then 429 with
     # retry-after): each waits for its tenant's erasure lock, which erasures hold one at a time, on
     # a pooled connection, and a tenant admin's erasures sent at once held the pool.

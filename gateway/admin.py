@@ -231,7 +231,8 @@ class Admin:
     def report_transaction(self, request: Request):
         """The transaction of a report that reads many rows (gateway/admin_reports.py): its
         statements cut at ``server.admin_report_timeout_s``, the caller's tenant's running ones
-        capped at ``server.admin_reports_per_tenant``."""
+        capped at ``server.admin_reports_per_tenant``, every tenant's at
+        ``server.admin_reports_total``."""
         server = self.svc.config.server
         return admin_reports.transaction(
             self.reports,
@@ -239,6 +240,7 @@ class Admin:
             _wall(request),
             timeout_s=server.admin_report_timeout_s,
             cap=server.admin_reports_per_tenant,
+            total=server.admin_reports_total,
         )
 
     # ---- keys ----------------------------------------------------------------------------------

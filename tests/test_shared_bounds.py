@@ -102,7 +102,9 @@ def env(tmp_root, services, module_mock):
     )
     # a long statement timeout: reports held by a test's lock stay running while it looks
     capped = Gateway(
-        tmp_root, _config(module_mock, {"admin_report_timeout_s": 30, "admin_reports_per_tenant": 2}), services
+        tmp_root,
+        _config(module_mock, {"admin_report_timeout_s": 30, "admin_reports_per_tenant": 2, "admin_reports_total": 3}),
+        services,
     )
     keys = {}
     for tenant in (TENANT, OTHER):
@@ -193,6 +195,11 @@ def test_vapi_webhooks_wait_a_bounded_time_for_an_erasure_and_are_answered_503_t
             call = VapiCall(session, f"{gw.url}/channels/vapi/main", {}, phone_number_id="pn_main")
             async with Held(env["db"], LOCK_ERASURE, TENANT) as erasure:
                 ringing = await asyncio.wait_for(_event(session, gw, call, {"type": "assistant-request"}), BOUND)
+                # (a status update saying ringing is not the call's start: answered 503 like the others,
+                # not taken for the assistant-request and dropped)
+                rang = await asyncio.wait_for(
+                    _event(session, gw, call, {"type": "status-update", "status": "ringing"}), BOUND
+                )
                 status = await asyncio.wait_for(
                     _event(session, gw, call, {"type": "status-update", "status": "in-progress"}), BOUND
                 )
@@ -201,12 +208,12 @@ def test_vapi_webhooks_wait_a_bounded_time_for_an_erasure_and_are_answered_503_t
                 await erasure.release()
                 again = await _event(session, gw, call, {"type": "status-update", "status": "in-progress"})
                 report_again = await _event(session, gw, call, REPORT)
-            return call.call_id, ringing, status, report, stored_meanwhile, again, report_again
+            return call.call_id, ringing, rang, status, report, stored_meanwhile, again, report_again
 
-    call_id, ringing, status, report, meanwhile, again, report_again = asyncio.run(scenario())
+    call_id, ringing, rang, status, report, meanwhile, again, report_again = asyncio.run(scenario())
     # (the call's assistant is answered all the same: its record is the next status update's)
     assert ringing[0] == 200 and ringing[1]["assistant"]["model"]["model"] == f"agent:{AGENT}"
-    for code, body, headers in (status, report):
+    for code, body, headers in (rang, status, report):
         assert code == 503, body
         assert body["error"]["code"] == "erasure_in_progress" and headers["retry-after"] == "1"
     assert meanwhile == []
@@ -342,6 +349,45 @@ def test_a_tenant_admin_runs_at_most_its_cap_of_heavy_reports_at_once(env):
     assert other.status_code == 200
     assert [r.status_code for r in done] == [200, 200]
     assert admin(gw, "GET", "/admin/spend", key).status_code == 200
+
+
+def test_tenants_together_run_at_most_the_servers_cap_of_heavy_reports_at_once(env):
+    """Each tenant under its own cap, tenants together could still hold the pool (the tenants'
+    caps times the tenants): two of one tenant's reports and one of another's, held by a lock, fill
+    the server's cap (``server.admin_reports_total``: 3 here), so the other tenant's second report,
+    within its own cap, is answered 429 ``too_many_reports`` at once; once they are done it runs."""
+    gw = env["capped"]
+    path = f"/admin/agents/{AGENT}/experiments"
+    keys = [env["admin"][TENANT], env["admin"][TENANT], env["admin"][OTHER]]
+
+    async def waiting(conn: asyncpg.Connection) -> int:  # (the reports waiting; not the ledger's writers)
+        return await conn.fetchval(
+            """SELECT count(DISTINCT l.pid) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+               WHERE NOT l.granted AND (l.relation = 'experiments'::regclass
+                 OR (l.relation = 'ledger'::regclass AND a.query LIKE '%AS grp, count(*) AS requests%'))"""
+        )
+
+    async def scenario():
+        pool = concurrent.futures.ThreadPoolExecutor(3)
+        loop = asyncio.get_running_loop()
+        async with Held(env["db"], "LOCK TABLE experiments, ledger IN ACCESS EXCLUSIVE MODE") as held:
+            running = [loop.run_in_executor(pool, admin, gw, "GET", path, k) for k in keys[:2]]
+            running.append(loop.run_in_executor(pool, admin, gw, "GET", "/admin/spend", keys[2]))
+            for _ in range(int(BOUND / 0.05)):  # until the three hold their places (a hang guard)
+                if await waiting(held.conn) >= 3 or any(r.done() for r in running):
+                    break
+                await asyncio.sleep(0.05)
+            fourth = await asyncio.to_thread(admin, gw, "GET", "/admin/spend", keys[2])
+            await held.release()
+            done = await asyncio.gather(*running)
+        pool.shutdown()
+        return fourth, done
+
+    fourth, done = asyncio.run(scenario())
+    assert fourth.status_code == 429, fourth.text
+    assert fourth.json()["error"]["code"] == "too_many_reports" and fourth.headers["retry-after"] == "1"
+    assert [r.status_code for r in done] == [200, 200, 200]
+    assert admin(gw, "GET", "/admin/spend", keys[2]).status_code == 200
 
 
 def test_a_tenant_admin_runs_at_most_its_cap_of_erasures_at_once(env):

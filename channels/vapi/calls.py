@@ -252,8 +252,8 @@ class CallStore:
         **extra,
     ) -> dict | None:
         """Records the call (new) or what is new about it; None when it has no valid call id or
-        its report is in already, or when it is ringing (an inbound call's assistant-request)
-        during an erasure of its tenant (``ErasureInProgress``: VAPI is answered its assistant all
+        its report is in already, or when it is the call's start (an inbound call's
+        assistant-request) during an erasure of its tenant (``ErasureInProgress``: VAPI is answered its assistant all
         the same, and the call's next status update records it, as a record that is not the call's
         start). ``begins``: this is the call's start (VAPI's assistant-request, or the outbound call
         just placed), so an erasure of its conversation recorded before it is not of this call; a
@@ -261,7 +261,7 @@ class CallStore:
         try:
             return await self._upsert(tenant, account, info, agent, status, begins=begins, **extra)
         except ErasureInProgress:
-            if status != "ringing":
+            if not begins:  # (a status update, even one saying ringing: 503, VAPI sends it again)
                 raise
             return None
 
