@@ -258,59 +258,46 @@ class CallStore:
         start). ``begins``: this is the call's start (VAPI's assistant-request, or the outbound call
         just placed), so an erasure of its conversation recorded before it is not of this call; a
         status update is never one (VAPI may send it late)."""
-        try:
-            return await self._upsert(tenant, account, info, agent, status, begins=begins, **extra)
-        except ErasureInProgress:
-            if not begins:  # (a status update, even one saying ringing: 503, VAPI sends it again)
-                raise
-            return None
-
-    async def _upsert(
-        self,
-        tenant: str,
-        account: str,
-        info: wire.CallInfo,
-        agent: str | None,
-        status: str | None = None,
-        *,
-        begins: bool = False,
-        **extra,
-    ) -> dict | None:
         if info.call_id is None:
             return None
         status = status if status in STATUSES else "queued"
         metadata = extra.get("metadata") or {}
         hashed = conversation_hash(tenant, info.conversation_id or "")
-        async with self._tx(tenant) as conn:
-            # (the erasure's lock, as the report: a record created while the call's conversation is
-            # erased is committed before the erasure tags it, or created after it). A webhook waits
-            # for it a bounded time (then 503: VAPI sends it again); the record of a call just
-            # placed waits on (a 503 would have its caller place the call again; placements are
-            # paced per account).
-            if extra.get("direction") == "outbound":
-                await conn.execute(LOCK_WRITE, tenant)
-            else:
-                await lock_write(conn, tenant, self._lock_wait_s)
-            row = await conn.fetchrow(
-                _UPSERT,
-                new_id(),
-                tenant,
-                account,
-                info.call_id,
-                info.conversation_id,
-                agent,
-                extra.get("direction") or info.direction,
-                status,
-                info.customer_number,
-                info.called_number,
-                info.assistant_id,
-                info.phone_number_id,
-                orjson.dumps(metadata).decode(),
-                list(STATUSES),
-                hashed,
-                TAG_PREFIX + hashed,
-                begins,
-            )
+        try:
+            async with self._tx(tenant) as conn:
+                # (the erasure's lock, as the report: a record created while the call's conversation is
+                # erased is committed before the erasure tags it, or created after it). A webhook waits
+                # for it a bounded time (then 503: VAPI sends it again); the record of a call just
+                # placed waits on (a 503 would have its caller place the call again; placements are
+                # paced per account).
+                if extra.get("direction") == "outbound":
+                    await conn.execute(LOCK_WRITE, tenant)
+                else:
+                    await lock_write(conn, tenant, self._lock_wait_s)
+                row = await conn.fetchrow(
+                    _UPSERT,
+                    new_id(),
+                    tenant,
+                    account,
+                    info.call_id,
+                    info.conversation_id,
+                    agent,
+                    extra.get("direction") or info.direction,
+                    status,
+                    info.customer_number,
+                    info.called_number,
+                    info.assistant_id,
+                    info.phone_number_id,
+                    orjson.dumps(metadata).decode(),
+                    list(STATUSES),
+                    hashed,
+                    TAG_PREFIX + hashed,
+                    begins,
+                )
+        except ErasureInProgress:
+            if not begins:  # (a status update, even one saying ringing: 503, VAPI sends it again)
+                raise
+            return None
         return describe(row) if row is not None else None
 
     async def report(
