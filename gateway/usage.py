@@ -104,7 +104,9 @@ MAX_STREAMED_CALLS = 128  # tool calls of one streamed answer assembled (a provi
 def merge_calls(data: dict, calls: dict[int, dict], others: list[str] | None = None) -> None:
     """The tool-call deltas of a stream chunk's first choice merged into ``calls`` (by their
     ``index``), as a client assembles them: the id and type as first given, the function's name
-    and arguments concatenated. Whatever shape a provider sends, nothing here fails. The text of
+    and arguments concatenated (their pieces listed, joined by ``assembled_calls``: appending
+    each delta to the text so far copied it whole, quadratic in a long call's arguments, on the
+    event loop). Whatever shape a provider sends, nothing here fails. The text of
     what is not kept — another choice's calls, a call with no int ``index`` or past
     ``MAX_STREAMED_CALLS``, a name or arguments that are not text — goes to ``others`` when given:
     the client was sent it, so the usage estimate counts it (``_answer_parts`` counts it so)."""
@@ -124,22 +126,30 @@ def merge_calls(data: dict, calls: dict[int, dict], others: list[str] | None = N
                 if others is not None and fn:
                     others.append(_text(fn.get("name")) + _text(fn.get("arguments")))
                 continue
-            call = calls.setdefault(index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            call = calls.setdefault(index, {"id": None, "type": "function", "name": [], "arguments": []})
             if call["id"] is None and isinstance(d.get("id"), str):
                 call["id"] = d["id"]
             if isinstance(d.get("type"), str):
                 call["type"] = d["type"]
             for part in ("name", "arguments"):
                 if isinstance(fn.get(part), str):
-                    call["function"][part] += fn[part]
+                    call[part].append(fn[part])
                 elif others is not None and fn.get(part) is not None:
                     others.append(_text(fn[part]))
+
+
+def _assembled(calls: dict[int, dict]) -> list[tuple[int, dict]]:
+    """``merge_calls``' calls by index, in order, each as a client holds it."""
+    return [
+        (i, {"id": c["id"], "type": c["type"], "function": {p: "".join(c[p]) for p in ("name", "arguments")}})
+        for i, c in sorted(calls.items())
+    ]
 
 
 def assembled_calls(calls: dict[int, dict]) -> list[dict]:
     """``merge_calls``' calls in their order, each with an id (a provider that gave none: ``None``
     kept out, as a client could not answer it)."""
-    return [c for _, c in sorted(calls.items()) if c["id"] is not None]
+    return [c for _, c in _assembled(calls) if c["id"] is not None]
 
 
 def compact(chunks: list[bytes]) -> bytes:
@@ -168,7 +178,7 @@ def compact(chunks: list[bytes]) -> bytes:
     if reasoning:
         delta[_REASONING[0]] = "".join(reasoning)
     if calls:
-        delta["tool_calls"] = [{"index": i, **c} for i, c in sorted(calls.items())]
+        delta["tool_calls"] = [{"index": i, **c} for i, c in _assembled(calls)]
     choices = [{"index": 0, "delta": delta}]
     if others:
         choices.append({"index": 1, "delta": {"tool_calls": [{"function": {"arguments": "".join(others)}}]}})

@@ -11,7 +11,12 @@ Attacks tried (each a test below):
   (``gateway.usage.compact``): the tool calls of every choice but the first, calls past
   ``MAX_STREAMED_CALLS`` or with an index that is not an int, and arguments sent as an object
   were dropped, so the estimate (what is charged) left them out (the end-to-end case:
-  ``tests/test_routing_review_s22.py``, ``..._counts_the_tool_calls_of_every_choice``).
+  ``tests/test_routing_review_s22.py``, ``..._counts_the_tool_calls_of_every_choice``);
+- a long tool call streamed in small deltas: each delta was appended to the call's arguments by
+  copying them whole (``merge_calls``), on the event loop, at every compaction — quadratic in
+  the arguments' length (a stream of 44 MB with 1 MB of arguments: ~10 s of compaction, 7x
+  the linear relay's; 89 MB: ~60 s, one compaction holding the loop for ~3.7 s). The test
+  counts the characters copied, not the time.
 
 No test waits on the clock: the interleavings are held by a test connection's locks until the
 other sessions wait behind it (``tests.pg_locks.blocked_by``); bounds in seconds are hang guards.
@@ -190,3 +195,33 @@ def test_attack_a_compacted_stream_counts_every_tool_call_text_the_client_was_se
     assert counted([compact([again, *chunks[40:]])]) == whole
     assert _streamed_answer([compact(chunks)]) == _streamed_answer(chunks)
     assert _streamed_answer([compact([again, *chunks[40:]])]) == _streamed_answer(chunks)
+
+
+class _Piece(str):
+    """A delta's text that counts the characters copied when it is appended to another text
+    (``text + piece`` asks the piece first: it is a subclass of the text's type)."""
+
+    copied = 0
+
+    def __radd__(self, other: str) -> str:
+        _Piece.copied += len(other)
+        return str.__add__(other, self)
+
+
+def test_attack_a_long_streamed_tool_call_is_assembled_in_linear_work():
+    """Twenty thousand deltas of one call's arguments (as a provider streams a long call): what
+    assembling them copies is bounded by a multiple of their length, not by the length times the
+    number of deltas."""
+    from gateway.usage import assembled_calls, merge_calls
+
+    calls: dict[int, dict] = {}
+    start = {"index": 0, "id": "c0", "type": "function", "function": {"name": "f", "arguments": ""}}
+    merge_calls({"choices": [{"index": 0, "delta": {"tool_calls": [start]}}]}, calls)
+    _Piece.copied = 0
+    n = 20_000
+    for _ in range(n):
+        d = {"index": 0, "function": {"arguments": _Piece(" word")}}
+        merge_calls({"choices": [{"index": 0, "delta": {"tool_calls": [d]}}]}, calls)
+    (call,) = assembled_calls(calls)
+    assert call["function"]["arguments"] == " word" * n
+    assert _Piece.copied <= 4 * len(" word") * n, _Piece.copied
