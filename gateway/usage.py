@@ -101,47 +101,68 @@ def estimate_stream_usage(ctx: RequestContext, chunks: list[bytes]) -> Usage:
 MAX_STREAMED_CALLS = 128  # tool calls of one streamed answer assembled (a provider's index is any int)
 
 
-def merge_calls(data: dict, calls: dict[int, dict]) -> None:
+def merge_calls(data: dict, calls: dict[int, dict], others: list[str] | None = None) -> None:
     """The tool-call deltas of a stream chunk's first choice merged into ``calls`` (by their
     ``index``), as a client assembles them: the id and type as first given, the function's name
-    and arguments concatenated. Whatever shape a provider sends, nothing here fails."""
+    and arguments concatenated (their pieces listed, joined by ``assembled_calls``: appending
+    each delta to the text so far copied it whole, quadratic in a long call's arguments, on the
+    event loop). Whatever shape a provider sends, nothing here fails. The text of
+    what is not kept — another choice's calls, a call with no int ``index`` or past
+    ``MAX_STREAMED_CALLS``, a name or arguments that are not text — goes to ``others`` when given:
+    the client was sent it, so the usage estimate counts it (``_answer_parts`` counts it so)."""
     choices = data.get("choices")
     for choice in choices if isinstance(choices, list) else ():
-        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+        if not isinstance(choice, dict):
             continue
         delta = choice.get("delta")
         deltas = delta.get("tool_calls") if isinstance(delta, dict) else None
+        first = choice.get("index", 0) == 0
         for d in deltas if isinstance(deltas, list) else ():
-            index = d.get("index", 0) if isinstance(d, dict) else None
-            if type(index) is not int or (index not in calls and len(calls) >= MAX_STREAMED_CALLS):
+            if not isinstance(d, dict):
                 continue
-            call = calls.setdefault(index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            fn = d.get("function") if isinstance(d.get("function"), dict) else {}
+            index = d.get("index", 0)
+            if not first or type(index) is not int or (index not in calls and len(calls) >= MAX_STREAMED_CALLS):
+                if others is not None and fn:
+                    others.append(_text(fn.get("name")) + _text(fn.get("arguments")))
+                continue
+            call = calls.setdefault(index, {"id": None, "type": "function", "name": [], "arguments": []})
             if call["id"] is None and isinstance(d.get("id"), str):
                 call["id"] = d["id"]
             if isinstance(d.get("type"), str):
                 call["type"] = d["type"]
-            fn = d.get("function")
-            if isinstance(fn, dict):
-                for part in ("name", "arguments"):
-                    if isinstance(fn.get(part), str):
-                        call["function"][part] += fn[part]
+            for part in ("name", "arguments"):
+                if isinstance(fn.get(part), str):
+                    call[part].append(fn[part])
+                elif others is not None and fn.get(part) is not None:
+                    others.append(_text(fn[part]))
+
+
+def _assembled(calls: dict[int, dict]) -> list[tuple[int, dict]]:
+    """``merge_calls``' calls by index, in order, each as a client holds it."""
+    return [
+        (i, {"id": c["id"], "type": c["type"], "function": {p: "".join(c[p]) for p in ("name", "arguments")}})
+        for i, c in sorted(calls.items())
+    ]
 
 
 def assembled_calls(calls: dict[int, dict]) -> list[dict]:
     """``merge_calls``' calls in their order, each with an id (a provider that gave none: ``None``
     kept out, as a client could not answer it)."""
-    return [c for _, c in sorted(calls.items()) if c["id"] is not None]
+    return [c for _, c in _assembled(calls) if c["id"] is not None]
 
 
 def compact(chunks: list[bytes]) -> bytes:
     """Relayed chunks as one event holding only what the usage estimate and an agent's stored
-    answer read of them (the text, the reasoning and the tool calls of every delta, the calls
-    assembled as a client does): a long stream is not kept whole while it is relayed."""
+    answer read of them (the text, the reasoning and the tool calls of every delta, the first
+    choice's calls assembled as a client does, the text of every other call as one call of a
+    second choice: counted, never stored): a long stream is not kept whole while it is relayed."""
     content: list[str] = []
     reasoning: list[str] = []
     calls: dict[int, dict] = {}
+    others: list[str] = []
     for data in _events(chunks):
-        merge_calls(data, calls)
+        merge_calls(data, calls, others)
         choices = data.get("choices")
         for choice in choices if isinstance(choices, list) else ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
@@ -157,8 +178,11 @@ def compact(chunks: list[bytes]) -> bytes:
     if reasoning:
         delta[_REASONING[0]] = "".join(reasoning)
     if calls:
-        delta["tool_calls"] = [{"index": i, **c} for i, c in sorted(calls.items())]
-    return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": delta}]}) + b"\n\n"
+        delta["tool_calls"] = [{"index": i, **c} for i, c in _assembled(calls)]
+    choices = [{"index": 0, "delta": delta}]
+    if others:
+        choices.append({"index": 1, "delta": {"tool_calls": [{"function": {"arguments": "".join(others)}}]}})
+    return b"data: " + orjson.dumps({"choices": choices}) + b"\n\n"
 
 
 def with_usage(last: bytes, ctx: RequestContext) -> bytes:

@@ -446,6 +446,35 @@ def test_a_compacted_stream_still_has_its_whole_answer_counted(gw, api_key, bad)
     assert 0.9 * words <= line()["completion_tokens"] <= 1.1 * words
 
 
+def test_attack_a_compacted_stream_still_counts_the_tool_calls_of_every_choice(gw, api_key, bad):
+    """``n`` answers whose words are tool calls, from a provider that reports no usage: the
+    compaction kept only the first choice's calls (what an agent stores), so every other choice's
+    arguments the client was sent went uncounted once the stream passed the relay's bound — the
+    request charged a fraction of what it used. (s36 rev4)"""
+    piece = {"tool_calls": [{"index": 0, "function": {"arguments": " word"}}]}
+    fill = _sse({**_chunk(piece), "choices": [{"index": 1, "delta": piece, "finish_reason": None}]})[0]
+    flood = 8 * 1024 * 1024
+    bad.configure(raw={"pieces": _sse(_chunk({"role": "assistant", "content": "one"})), "fill": fill, "flood": flood})
+    rid = f"calls-{uuid.uuid4().hex[:8]}"
+    body = {"model": "oa-solo", "messages": HELLO, "stream": True, "n": 2}
+    headers = {"Authorization": f"Bearer {api_key}", "x-request-id": rid}
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=60) as resp:
+        words = resp.read().count(b'"arguments":" word"')
+    assert words > flood // len(fill) * 0.9
+
+    def line() -> dict | None:
+        for entry in gw.log().splitlines():
+            if rid in entry and entry.startswith("{"):
+                return orjson.loads(entry)
+        return None
+
+    from tests.conftest import wait_until
+
+    wait_until(lambda: line() is not None, timeout=10, what="the request's log line")
+    assert line()["usage_estimated"] is True
+    assert 0.9 * words <= line()["completion_tokens"] <= 1.1 * words + 10, (words, line()["completion_tokens"])
+
+
 def test_a_provider_writing_data_without_the_optional_space_is_relayed_whole(sdk, bad):
     """``data:{...}`` (no space after the colon) is valid SSE, sent by Spring-based proxies and
     some providers: the stream, its usage and its ``[DONE]`` are understood, and the client
