@@ -57,10 +57,8 @@ class GatewayEmbedder:
 
         if not texts:
             return []
-        body = {"model": self.model, "input": [t if t else " " for t in texts], "encoding_format": "float"}
-        ctx = RequestContext(
-            request_id=f"kbemb-{time.time_ns():x}", endpoint="embeddings", body=body, started=time.perf_counter()
-        )
+        ctx = batch_context(self.model, texts)
+        body = ctx.body
         ctx.identity = self.identity
         ctx.model = self.model
         scope = {"headers": [(b"x-gateway-workflow", self.workflow.encode())], "client": None}
@@ -82,6 +80,18 @@ class GatewayEmbedder:
             raise EmbeddingFailed(f"embedding model {self.model!r} failed ({exc.code or exc.status})") from None
         await pipeline.settle(self.svc, ctx, scope)
         return _vectors(raw, len(texts))
+
+
+def batch_context(model: str, texts: list[str]) -> RequestContext:
+    """The request context of one batch, sized as a client's body of the same texts would be: a
+    large batch's token estimate (a provider that reports no usage) is then counted off the event
+    loop, as a client's ``POST /v1/embeddings`` is (``pipeline._estimate``, ``usage.OFF_LOOP_BYTES``)."""
+    body = {"model": model, "input": [t if t else " " for t in texts], "encoding_format": "float"}
+    ctx = RequestContext(
+        request_id=f"kbemb-{time.time_ns():x}", endpoint="embeddings", body=body, started=time.perf_counter()
+    )
+    ctx.body_bytes = len(orjson.dumps(body))
+    return ctx
 
 
 def _vectors(raw: bytes, count: int) -> list[list[float]]:
