@@ -433,7 +433,6 @@ async def call_stream(
             told = ctx.usage
             usage = dataclasses.replace(usage, prompt_tokens=told.prompt_tokens, cached_tokens=told.cached_tokens)
         ctx.usage = cap.charged(usage)
-        ctx.extra["output_cut"] = True
         await deliver(tail + cap.ending(ctx, ctx.usage if ctx.include_usage else None))
 
     try:

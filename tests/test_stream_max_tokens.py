@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import uuid
 
 import httpx
 import openai
 import orjson
 import pytest
 
-from tests.conftest import Gateway, MockProvider, wait_until
+from tests.conftest import LOCAL_HTTP, Gateway, MockProvider, wait_until
 from tests.test_policies import admin, ledger_rows, new_key
 
 REPLY = " ".join(f"w{i}" for i in range(400))  # far more than max_tokens
@@ -140,3 +141,25 @@ def test_stream_unstreamed_answer_past_max_tokens_is_charged_in_full(gw, service
     with pytest.raises(openai.RateLimitError) as refused:
         client.chat.completions.create(model="priced", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
     assert refused.value.code == "insufficient_quota"
+
+
+def test_stream_cut_closes_the_upstream_connection(gw, module_mock):
+    """The provider still streaming (it stalls at its 50th event, far past the cut) has its
+    connection closed by the gateway once the stream was cut: the stall sees the hang-up."""
+    stall = f"stall-{uuid.uuid4().hex[:8]}"
+    key = new_key(gw, budget_usd=0.0002, budget_period="daily")
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key["key"], max_retries=0, timeout=60)
+    try:
+        chunks = list(
+            client.chat.completions.create(
+                model="priced", stream=True, max_tokens=10, messages=_messages(stall=stall, stall_after=50)
+            )
+        )
+        assert chunks[-1].choices[0].finish_reason == "length"
+        wait_until(
+            lambda: LOCAL_HTTP.get(f"{module_mock.url}/_mock/stalls").json().get(stall) == "hung_up",
+            timeout=20,
+            what="the upstream connection closed",
+        )
+    finally:
+        LOCAL_HTTP.post(f"{module_mock.url}/_mock/release", json={"key": stall})
