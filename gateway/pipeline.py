@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,10 +24,13 @@ import orjson
 
 from core import http, metrics
 from core.errors import GatewayError, PermissionDenied, UpstreamError, UpstreamTimeout
+from core.hangup import Hangup
 from core.logs import access_log
+from core.sse import DONE
 from core.types import RequestContext, Route, Usage, excerpt
 from gateway import agent_stage, grounding, tools_loop, withholding
 from gateway.agent_stage import is_agent
+from gateway.output_cap import OutputCap
 from gateway.providers.base import bad_response, map_upstream_status, stream_error_event
 from gateway.routing import Group, run_attempts
 from gateway.routing.constraints import constraints_for
@@ -225,8 +229,21 @@ async def respond(ctx: RequestContext, raw: bytes, send, extra: list[tuple[bytes
     await send({"type": "http.response.body", "body": raw})
 
 
-async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, send) -> None:
-    raw = await complete(svc, ctx, group)
+async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, send, receive=None) -> None:
+    """One non-streamed answer. With ``receive``, a client that hangs up while the provider works
+    is noticed at once: the upstream call is cancelled and the request settled (its prompt)."""
+    if receive is None:
+        raw = await complete(svc, ctx, group)
+    else:
+        hangup = Hangup(receive)
+        try:
+            raw = await hangup.until(complete(svc, ctx, group))
+        except http.ClientGone:
+            if ctx.usage is None and ctx.route is not None:  # the prompt was sent: it is paid for
+                ctx.usage = await _estimate(ctx, b"")
+            raise
+        finally:
+            hangup.close()
     settled = await settling(svc, ctx, scope)
     try:
         await respond(ctx, raw, send)
@@ -347,8 +364,23 @@ async def call_stream(
     svc: Services, ctx: RequestContext, group: Group, scope: dict, send, receive, extra: list = (), on_done=None
 ) -> None:
     """Relay a stream. ``on_done`` (an agent turn storing its answer) runs before the last chunk
-    goes, with settlement, so a client that hears the end finds the turn recorded."""
-    head, events = await run_attempts(svc.router, ctx, group, lambda r: _open_stream(svc, ctx, r), hold=True)
+    goes, with settlement, so a client that hears the end finds the turn recorded. A client that
+    hangs up while the provider is silent (before its first byte too) is noticed at once
+    (``Hangup``): the upstream read is cancelled, and the request settled for what was relayed."""
+    hangup = Hangup(receive)
+    try:
+        head, events = await hangup.until(
+            run_attempts(svc.router, ctx, group, lambda r: _open_stream(svc, ctx, r), hold=True),
+            discard=lambda opened: _discard(svc, ctx, opened[1]),
+        )
+    except http.ClientGone:
+        hangup.close()
+        if ctx.usage is None and ctx.route is not None:  # the prompt was sent: it is paid for
+            ctx.usage = await _estimate_stream(ctx, [], 0)
+        raise
+    except BaseException:
+        hangup.close()
+        raise
     r = ctx.route
     ctx.status = 200
     state: ScrubState | None = ctx.extra.get("pii")
@@ -357,6 +389,7 @@ async def call_stream(
         try:
             head = [restorer.chunk(c) for c in head]
         except BaseException:  # nothing sent yet: an error response; the route and stream let go
+            hangup.close()
             svc.router.release(r)
             await events.aclose()
             raise
@@ -364,43 +397,86 @@ async def call_stream(
     ctx.extra["sent"] = sent  # and an agent turn's answer stored in memory
     kept = sum(len(c) for c in head)  # bytes in sent: past a bound, compacted (amortized linear)
     compacted = 0
-    hangup = asyncio.ensure_future(receive())  # completes when the client goes away
+    cap = OutputCap.for_request(ctx)  # a hard budget's reserved output, counted as it is relayed
+
+    async def deliver(chunk: bytes) -> bool:
+        """Sends one chunk; the last one (``[DONE]``) settled as it goes. True: the stream ended."""
+        last = chunk.endswith(DONE)
+        settled = None
+        if last:
+            chunk = await _last_chunk(ctx, chunk, sent, kept)
+            if on_done is None:
+                settled = await settling(svc, ctx, scope)
+            else:  # an agent's turn: settled and stored before the end is heard
+                await settle(svc, ctx, scope)
+                await on_done()
+        try:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            if settled is not None:
+                await settled
+        return last
+
+    async def cut() -> None:
+        """Ends the stream at its reserved output (a provider that ignored ``max_tokens``)."""
+        log.warning(
+            "stream cut at its reserved output (%d tokens): provider %s ignored max_tokens",
+            cap.limit,
+            r.provider,
+            extra={"fields": {"request_id": ctx.request_id}},
+        )
+        tail = restorer.tail() if restorer is not None else b""
+        if tail:
+            sent.append(tail)
+        usage = await _estimate_stream(ctx, sent, kept + len(tail))
+        if ctx.usage is not None:  # the provider's own prompt count, when it gave one
+            told = ctx.usage
+            usage = dataclasses.replace(usage, prompt_tokens=told.prompt_tokens, cached_tokens=told.cached_tokens)
+        ctx.usage = cap.charged(usage)
+        await deliver(tail + cap.ending(ctx, ctx.usage if ctx.include_usage else None))
+
     try:
         headers = [*_SSE_HEADERS, *_route_headers(ctx), *extra]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        for i, chunk in enumerate(head):
-            if i == len(head) - 1 and chunk.endswith(b"data: [DONE]\n\n"):  # the whole stream came at once
-                chunk = await _last_chunk(ctx, chunk, sent, kept)
-                await settle(svc, ctx, scope)
-                if on_done is not None:
-                    await on_done()
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
         try:
-            async for chunk in events:
-                if hangup.done():
-                    ctx.status = 499
-                    ctx.error_code = "client_closed_request"
+            ended = False
+            for i, chunk in enumerate(list(head)):
+                fits = cap.take(chunk) if cap is not None else None
+                if fits is not None:  # past the reserved output: what fits goes, then the end
+                    sent[i:] = [fits] if fits else []
+                    kept = sum(len(c) for c in sent)
+                    if fits:
+                        await deliver(fits)
+                    await cut()
+                    ended = True
+                    break
+                if await deliver(chunk):
+                    ended = True
+                    break
+            while not ended:
+                try:
+                    chunk = await hangup.until(events.__anext__())
+                except StopAsyncIteration:
                     break
                 if restorer is not None:
                     chunk = restorer.chunk(chunk)
+                fits = cap.take(chunk) if cap is not None else None
+                if fits is not None:
+                    if fits:
+                        sent.append(fits)
+                        kept += len(fits)
+                        await deliver(fits)
+                    await cut()
+                    break
                 sent.append(chunk)
                 kept += len(chunk)
                 if kept > max(_MAX_KEPT_BYTES, 2 * compacted):
                     sent[:] = [compact(sent)]
                     kept = compacted = len(sent[0])
-                settled = None
-                if chunk.endswith(b"data: [DONE]\n\n"):  # the last chunk: settle as it goes
-                    chunk = await _last_chunk(ctx, chunk, sent, kept)
-                    if on_done is None:
-                        settled = await settling(svc, ctx, scope)
-                    else:  # an agent's turn: settled and stored before the end is heard
-                        await settle(svc, ctx, scope)
-                        await on_done()
-                try:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                finally:
-                    if settled is not None:
-                        await settled
+                ended = await deliver(chunk)
+        except http.ClientGone:  # the client left: the rest is not read (the upstream let go below)
+            ctx.status = 499
+            ctx.error_code = "client_closed_request"
         except (GatewayError, TimeoutError, aiohttp.ClientError) as exc:
             # Past the first byte nothing can be taken back: end the stream with an error event.
             err = _stream_failure(r.provider, exc)
@@ -424,12 +500,19 @@ async def call_stream(
             await send({"type": "http.response.body", "body": stream_error_event(err), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:
-        hangup.cancel()
+        hangup.close()
         svc.router.release(r)
         with contextlib.suppress(Exception):
             await events.aclose()
         if ctx.usage is None:  # the client left before the end (and its usage): it pays for what it was sent
             ctx.usage = await _estimate_stream(ctx, sent, kept)  # (last: an await, which a cancel may end)
+
+
+async def _discard(svc: Services, ctx: RequestContext, events: AsyncIterator[bytes]) -> None:
+    """A stream opened as its client hung up: the route and the upstream let go."""
+    svc.router.release(ctx.route)
+    with contextlib.suppress(Exception):
+        await events.aclose()
 
 
 async def agent(svc: Services, ctx: RequestContext, scope: dict) -> None:
@@ -467,7 +550,7 @@ async def chat(svc: Services, ctx: RequestContext, scope: dict, receive, send) -
     elif ctx.stream:
         await call_stream(svc, ctx, group, scope, send, receive)
     else:
-        await call(svc, ctx, group, scope, send)
+        await call(svc, ctx, group, scope, send, receive)
 
 
 async def embeddings(svc: Services, ctx: RequestContext, scope: dict, receive, send) -> None:
@@ -476,7 +559,7 @@ async def embeddings(svc: Services, ctx: RequestContext, scope: dict, receive, s
     group = route(svc, ctx, scope, "embedding")
     await admit(svc, ctx, scope)
     await scrub(svc, ctx)
-    await call(svc, ctx, group, scope, send)
+    await call(svc, ctx, group, scope, send, receive)
 
 
 def account(svc: Services, ctx: RequestContext, now: float, error: GatewayError | None) -> None:

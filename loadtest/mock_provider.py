@@ -21,8 +21,16 @@ last user message ``[[mock:{"status": 429, "retry_after": 2}]]`` or an ``x-mock`
     message       the error message of ``status`` / ``error_after``
     logprob       the log-probability of every token (when the request asks for logprobs)
     reply         answer with exactly this text (instead of the echo)
+    reply_words   answer with this many words, "w0 w1 ..." (a long answer to a short prompt)
     usage         fields merged into the answer's usage object as given (any JSON: a provider
                   that reports negative, huge or non-numeric counts)
+    stall         a name: the answer stops (a stream after ``stall_after`` events, default 0,
+                  its headers sent; a whole answer before its headers) until ``POST
+                  /_mock/release {"key": <name>}``, or until the caller hangs up;
+                  ``GET /_mock/stalls`` tells each name's state: waiting, released, or
+                  hung_up (the caller closed the connection during the stall)
+    ignore_max_tokens  true: answer in full whatever max_tokens / max_completion_tokens say
+                  (its usage counts all of it), as a provider that ignores them
     raw           answer verbatim, whatever was asked: ``{"status": 200, "content_type":
                   "text/event-stream", "headers": {...}, "pieces": ["data: ...\\n\\n", ...],
                   "flood": <bytes>}``; ``flood`` then sends that many bytes of one endless
@@ -237,6 +245,8 @@ class Mock:
         self._seq = itertools.count()
         self._window: dict[str, list] = {}
         self._ids = itertools.count(1)
+        self.stalls: dict[str, str] = {}  # stall name -> waiting | released | hung_up
+        self._releases: dict[str, asyncio.Event] = {}
 
     # ---- ASGI -------------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -283,6 +293,7 @@ class Mock:
         if self.cfg["record"]:
             self.requests.append({"path": path, "headers": headers, "body": req, "ts": time.time()})
         plan = self._plan(req, headers)
+        plan["_receive"] = receive  # (a stall watches for the caller hanging up)
         key = headers.get("x-api-key") if anthropic else headers.get("authorization", "").removeprefix("Bearer ")
         if not key:
             return await self._error(send, 401, "missing API key", anthropic)
@@ -327,6 +338,12 @@ class Mock:
                 update = orjson.loads(body or b"{}")
                 self.cfg.update({k: v for k, v in update.items() if k in self.cfg})
             return await self._json(send, 200, self.cfg)
+        if path == "/_mock/stalls":
+            return await self._json(send, 200, self.stalls)
+        if path == "/_mock/release":
+            key = str(orjson.loads(body or b"{}").get("key"))
+            self._releases.setdefault(key, asyncio.Event()).set()
+            return await self._json(send, 200, {"released": key})
         if path == "/_mock/stats":
             if method == "DELETE":
                 self.stats.clear()
@@ -383,6 +400,28 @@ class Mock:
             "x-ratelimit-reset-tokens": "60ms",
         }
 
+    async def _stall(self, plan: dict) -> bool:
+        """Waits for ``POST /_mock/release`` of the plan's stall, or for the caller to hang up
+        (False then: nothing more is to be sent)."""
+        key = str(plan["stall"])
+        release = self._releases.setdefault(key, asyncio.Event())
+        self.stalls[key] = "waiting"
+        receive = plan["_receive"]
+
+        async def hangup() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        waits = [asyncio.ensure_future(release.wait()), asyncio.ensure_future(hangup())]
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        released = waits[0] in done
+        self.stalls[key] = "released" if released else "hung_up"
+        return released
+
     # ---- responses ------------------------------------------------------------------------
     @staticmethod
     def _hdrs(ctype: bytes, extra: dict | None) -> list:
@@ -425,7 +464,10 @@ class Mock:
         gap = plan.get("chunk_ms", self.cfg["chunk_ms"]) / 1000
         cut = plan.get("cut_after")
         error_after = plan.get("error_after")
+        stall_at = plan.get("stall_after", 0) if plan.get("stall") is not None else None
         for i, ev in enumerate(events):
+            if i == stall_at and not await self._stall(plan):
+                return
             if cut is not None and i >= cut:
                 raise Cut
             if error_after is not None and i >= error_after:
@@ -446,6 +488,8 @@ class Mock:
         await send({"type": "http.response.body", "body": b""})
 
     async def _whole(self, send, obj: dict, plan: dict, limits: dict, pieces: int) -> None:
+        if plan.get("stall") is not None and not await self._stall(plan):
+            return
         delay = plan.get("delay_ms", self.cfg["ttft_ms"]) + pieces * plan.get("chunk_ms", self.cfg["chunk_ms"])
         if delay:
             await asyncio.sleep(delay / 1000)
@@ -507,6 +551,8 @@ class Mock:
             text = "echo: " + (user_text or "(nothing)")
         if isinstance(plan.get("reply"), str):  # directive: answer with exactly this text
             text = plan["reply"]
+        if isinstance(plan.get("reply_words"), int):  # directive: a long answer from a short prompt
+            text = " ".join(f"w{i}" for i in range(plan["reply_words"]))
         fmt = req.get("response_format") or {}
         wants_json = (
             "JSON object" in _text(req.get("system"))
@@ -563,9 +609,8 @@ class Mock:
         created = int(time.time())
         model = req.get("model", "mock-gpt")
         fp = f"fp_mock_{req['seed']}" if req.get("seed") is not None else "fp_mock"
-        words, finish = self._limit(
-            text or "", req.get("stop"), req.get("max_completion_tokens") or req.get("max_tokens")
-        )
+        limit = None if plan.get("ignore_max_tokens") else req.get("max_completion_tokens") or req.get("max_tokens")
+        words, finish = self._limit(text or "", req.get("stop"), limit)
         if calls:
             finish = "tool_calls"
         completion_tokens = (len(words) if text is not None else 8) * n
@@ -709,7 +754,8 @@ class Mock:
         tc = req.get("tool_choice") or {}
         forced = "none" if tc.get("type") == "none" else tc.get("name")
         text, calls, prompt_tokens = self._reply(req, req["messages"], tools, forced, plan)
-        words, finish = self._limit(text or "", req.get("stop_sequences"), req["max_tokens"])
+        limit = None if plan.get("ignore_max_tokens") else req["max_tokens"]
+        words, finish = self._limit(text or "", req.get("stop_sequences"), limit)
         stop_reason = {"stop": "end_turn", "length": "max_tokens"}[finish]
         stop_seq = None
         for s in req.get("stop_sequences") or []:
