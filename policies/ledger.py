@@ -11,7 +11,8 @@ the request id is the gateway's own (``http.new_request_id``), never the caller'
 retried batch can repeat one. The caller's id is the ``client_request_id`` column beside it
 (searchable, not unique): a client reusing its ids cannot erase or collide with any record.
 If Redis itself cannot take a record, it goes to a local spool file that is replayed later. A
-record PostgreSQL refuses is written alone, and refused again, kept in ``<stream>:dead``.
+record PostgreSQL refuses is written alone, and refused again, kept in ``<stream>:dead`` (a
+spooled one in ``ledger-dead.jsonl``), once however often it is read or replayed again.
 """
 
 from __future__ import annotations
@@ -190,6 +191,18 @@ def _dead(record: bytes, error: str | None) -> bytes:
     return orjson.dumps(rec)
 
 
+def _dead_key(line: bytes) -> object:
+    """A dead letter's record, as the ledger knows it: its request id and step (the line itself
+    when it has none)."""
+    try:
+        rec = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return line
+    if isinstance(rec, dict) and isinstance(rec.get("request_id"), str):
+        return rec["request_id"], str(rec.get("step") or 1)
+    return line
+
+
 def settle_args(settlements: list) -> list:
     """``SETTLE_LATE``'s arguments for spooled settlements ([member, [[spent_key, reserved_key,
     held, actual, ttl], ...]] each)."""
@@ -261,13 +274,15 @@ class Spool:
         refused = await write_or_isolate(lambda batch: write_records(conn, batch), records)
         if refused:
             dead = self.dead_path
-            log.error("%d spooled audit records refused by PostgreSQL, kept in %s", len(refused), dead)
-            DEAD_LETTERS.labels("ledger-spool").inc(len(refused))
             # (in a thread: an erasure's rewrite of the file holds its lock for as long as it copies
-            # it, and this runs on the event loop)
-            await asyncio.to_thread(
-                locked_lines.append, dead, [_dead(record, sqlstate) for record, sqlstate in refused]
+            # it, and this runs on the event loop). Once per record: a replay that stopped half way
+            # is done again from the start, and refuses the same records again.
+            added = await asyncio.to_thread(
+                locked_lines.append_new, dead, [_dead(record, sqlstate) for record, sqlstate in refused], _dead_key
             )
+            if added:
+                log.error("%d spooled audit records refused by PostgreSQL, kept in %s", added, dead)
+                DEAD_LETTERS.labels("ledger-spool").inc(added)
 
 
 class LedgerWriter(StreamWriter):
