@@ -373,8 +373,8 @@ class StreamWriter:
                 if not found:
                     break
                 records = [self._stamped(i, fields) for i, fields in found if fields]
-                if records:
-                    self._spill_to(records)
+                if records:  # (on disk, fsynced, in a worker thread: not on the event loop)
+                    await asyncio.to_thread(self._spill_to, records)
                 await self._ack(found)
                 moved += len(found)
                 moved_bytes += sum(len(k) + len(v) for fields in records for k, v in fields.items())

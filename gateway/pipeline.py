@@ -134,7 +134,7 @@ async def settle(svc: Services, ctx: RequestContext, scope: dict, now: bool = Fa
         fired = await svc.policies.settle(ctx, attr, elapsed, now=now)
     except Exception as exc:
         log.error("settle failed; audit record spooled to disk: %s", exc)
-        svc.ledger.spool.append(svc.policies.spooled(ctx, attr, elapsed))
+        await svc.ledger.spool.add(svc.policies.spooled(ctx, attr, elapsed))  # (fsynced off the loop)
         return
     if fired:
         alerts.fired(fired)
