@@ -1,13 +1,18 @@
 """Dead letters found by a tag: what an erasure or a retention drops without reading the records.
 
-A dead-letter stream ``<dead>`` whose records hold what must stay erasable (a conversation's turns
-in the memory writer's, a customer's message in a channel queue's) keeps beside it, under each
-record's own id, the record's tag alone in ``<dead>:tags`` (written in the same script as the
-record: ``DEAD_TAGGED``, or a queue's own finishing script). Dead letters written before their
-stream was tagged (an older release's) get their tags once, in ``<dead>:tags0`` (``tag_older``),
-from the records themselves. ``drop_tagged`` reads the tags alone, ``TAG_SCAN`` a call, and drops
-the records of the tags asked for: short calls whatever the records' sizes, never one script over
-a whole dead-letter stream.
+A dead-letter stream ``<dead>`` whose records hold what must stay erasable (a conversation's
+turns in the memory writer's, a customer's message in a channel queue's) keeps beside it, under
+each record's own id, the record's tag alone in ``<dead>:tags`` (written in the same script as
+the record: ``DEAD_ONCE`` for a stream writer's, its own finishing script for a queue's). Dead
+letters written before their stream was tagged (an older release's) get their tags once, in
+``<dead>:tags0`` (``tag_older``), from the records themselves. ``drop_tagged`` reads the tags
+alone, ``TAG_SCAN`` a call, and drops the records of the tags asked for: short calls whatever
+the records' sizes, never one script over a whole dead-letter stream.
+
+A stream writer's record gets one dead letter however often it is refused (``DEAD_ONCE``, keyed
+by ``dead_key``): read again after a lost acknowledgement, or replayed again from a spill file.
+A queue's dead letter is written with the entry's acknowledgement, in one script
+(``core.queue``).
 
 Used by ``core.stream_writer.StreamWriter`` (the memory writer) and ``core.queue.Queue`` (the
 WhatsApp channel's queues).
@@ -16,6 +21,7 @@ WhatsApp channel's queues).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable
 
@@ -40,6 +46,44 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', unpack(ARGV, 3))
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], id, 't', ARGV[2])
 return id
 """
+
+DEAD_KEY_TTL = 7 * 24 * 3600  # seconds a dead letter's key is kept (a record read again within it: no second letter)
+
+# A record's dead letter, once: KEYS[3] (``dead_key``: the record's own key) names the dead letter
+# already written for the record, if any, and while that letter is in the stream no second one is
+# written (the record read again after a Redis blip cut the acknowledgement, a spill replayed again
+# after it stopped half way). A letter retried, dropped or trimmed is gone: the record, refused
+# again, gets a new one. KEYS: dead, tags, the record's key. ARGV: most kept, '1' tagged ('0' not:
+# trimmed about, no tags), the tag, the key's ttl, then the record's fields and values. Returns
+# the new letter's id, or false when the record has one already.
+DEAD_ONCE = """
+local known = redis.call('GET', KEYS[3])
+if known and #redis.call('XRANGE', KEYS[1], known, known) > 0 then return false end
+local id
+if ARGV[2] == '1' then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', unpack(ARGV, 5))
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], id, 't', ARGV[3])
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 5))
+end
+redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
+return id
+"""
+
+
+def dead_key(dead: str, record: dict) -> str:
+    """The Redis key naming ``record``'s dead letter in ``dead``: a digest of the record's fields
+    (the same record read again, from the stream or a spill file, has the same key; the digest
+    keeps none of its content readable)."""
+    digest = hashlib.blake2b(digest_size=16, person=b"gw-dead-letter")
+    for name in sorted(record):
+        value = record[name]
+        for part in (name, value):
+            raw = part if isinstance(part, bytes) else str(part).encode()
+            digest.update(len(raw).to_bytes(8, "big"))
+            digest.update(raw)
+    return f"{dead}:once:{digest.hexdigest()}"
+
 
 # A page of dead letters: one entry at a time, until ARGV[2] entries or ARGV[3] bytes of fields read
 # (the entry that passes the budget included), each field sent cut to its first ARGV[4] bytes.

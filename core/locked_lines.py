@@ -40,6 +40,31 @@ def append(path: Path, lines: list[bytes]) -> None:
             append_lines(path, lines)
 
 
+def append_new(path: Path, lines: list[bytes], key_of: Callable[[bytes], object]) -> int:
+    """``lines`` under the file's lock, but those whose key (``key_of(line)``) a line of the file
+    has already, or an earlier one of ``lines``: a batch appended again adds nothing. Reads the
+    file line by line (a file of rare lines: records refused while Redis was away). The number
+    appended."""
+    if not lines:
+        return 0
+    keys = [key_of(line) for line in lines]
+    wanted = set(keys)
+    with locked(path):
+        seen: set = set()
+        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+            for raw in f:
+                key = key_of(raw.rstrip(b"\n"))
+                if key in wanted:
+                    seen.add(key)
+        fresh = []
+        for line, key in zip(lines, keys, strict=True):
+            if key not in seen:
+                seen.add(key)
+                fresh.append(line)
+        append_lines(path, fresh)
+    return len(fresh)
+
+
 def rewrite(path: Path, change: Callable[[bytes], bytes | None]) -> int:
     """Passes each line (without its newline) to ``change``, which returns the line to keep in
     its place, or None to keep it as it is. Under the file's lock; the file is replaced whole

@@ -4,13 +4,13 @@ One consumer per process in the stream's consumer group reads a batch, writes it
 transaction, and only then acknowledges and deletes the entries. A batch whose write fails stays
 pending and is read again; entries pending on a consumer that died (SIGKILL) are claimed by a
 live one after ``claim_idle`` seconds. A record PostgreSQL refuses (bad data, a constraint) is
-written alone and, refused again, moved to ``<stream>:dead`` so it cannot hold back the rest
-(the newest ``DEAD_MAX`` kept; ``gateway_dead_letters_total`` counts them). A writer whose records
-must stay erasable (conversation turns) tags its dead letters (``dead_tag``), and
-``drop_dead_tagged`` drops those of some tags, reading the tags alone. While PostgreSQL is
-away, a stream longer than ``spill_after`` entries, or taking more than ``spill_bytes`` of Redis's
-memory, is moved to local disk (``core.stream_spill``) and written from there once PostgreSQL is
-back.
+written alone and, refused again, moved to ``<stream>:dead`` so it cannot hold back the rest,
+once however often it is read again (``core.dead_tags.DEAD_ONCE``; the newest ``DEAD_MAX`` kept;
+``gateway_dead_letters_total`` counts them). A writer whose records must stay erasable
+(conversation turns) tags its dead letters (``dead_tag``), and ``drop_dead_tagged`` drops those
+of some tags, reading the tags alone. While PostgreSQL is away, a stream longer than
+``spill_after`` entries, or taking more than ``spill_bytes`` of Redis's memory, is moved to
+local disk (``core.stream_spill``) and written from there once PostgreSQL is back.
 
 Batches are bounded in entries *and bytes*. An entry's size is the caller's to choose (a
 conversation turn carries the client's messages, an audit record with content logging its
@@ -39,9 +39,11 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from core.background import pause, stop_task
 from core.dead_tags import (
+    DEAD_KEY_TTL,
+    DEAD_ONCE,
     DEAD_PAGE,
     DEAD_PAGE_BYTES,
-    DEAD_TAGGED,
+    dead_key,
     drop_tagged,
     entries,
     forget,
@@ -371,8 +373,8 @@ class StreamWriter:
                 if not found:
                     break
                 records = [self._stamped(i, fields) for i, fields in found if fields]
-                if records:
-                    self._spill_to(records)
+                if records:  # (on disk, fsynced, in a worker thread: not on the event loop)
+                    await asyncio.to_thread(self._spill_to, records)
                 await self._ack(found)
                 moved += len(found)
                 moved_bytes += sum(len(k) + len(v) for fields in records for k, v in fields.items())
@@ -489,17 +491,22 @@ class StreamWriter:
         await asyncio.gather(self._call("XACK", self.stream, self.group, *ids), self._call("XDEL", self.stream, *ids))
 
     async def _write_or_isolate(self, records: list[dict]) -> None:
-        """One record PostgreSQL refuses alone goes to the dead-letter stream (``<stream>:dead``)."""
+        """One record PostgreSQL refuses alone goes to the dead-letter stream (``<stream>:dead``),
+        once: the record read again (its acknowledgement lost to a Redis blip, a spill file
+        replayed again after a replay stopped half way) finds its letter there (``DEAD_ONCE``)."""
+        dead = f"{self.stream}:dead"
         for record, sqlstate in await write_or_isolate(self._write_batch, records):
-            log.error("%s: record refused by PostgreSQL (%s), moved to %s:dead", self.stream, sqlstate, self.stream)
-            DEAD_LETTERS.labels(self.stream).inc()
             fields = {**self.dead_record(record), b"error": sqlstate}
-            if self._dead_tag is None:
-                await self._redis.xadd(f"{self.stream}:dead", fields, maxlen=DEAD_MAX, approximate=True)
-                continue
             flat = [part for pair in fields.items() for part in pair]
-            keys = [f"{self.stream}:dead", tag_streams(f"{self.stream}:dead")[0]]
-            await self._redis.eval(DEAD_TAGGED, 2, *keys, DEAD_MAX, self._dead_tag(record) or "", *flat)
+            tagged = self._dead_tag is not None
+            tag = (self._dead_tag(record) or "") if tagged else ""
+            keys = [dead, tag_streams(dead)[0], dead_key(dead, record)]
+            added = await self._redis.eval(
+                DEAD_ONCE, 3, *keys, DEAD_MAX, "1" if tagged else "0", tag, DEAD_KEY_TTL, *flat
+            )
+            if added:
+                log.error("%s: record refused by PostgreSQL (%s), moved to %s", self.stream, sqlstate, dead)
+                DEAD_LETTERS.labels(self.stream).inc()
 
     async def _write_batch(self, records: list[dict]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():

@@ -33,7 +33,7 @@ from gateway.agent_stage import is_agent
 from gateway.output_cap import OutputCap
 from gateway.providers.base import bad_response, map_upstream_status, stream_error_event
 from gateway.routing import Group, run_attempts
-from gateway.routing.constraints import constraints_for
+from gateway.routing.constraints import check_retention, constraints_for
 from gateway.services import Services
 from gateway.usage import (
     OFF_LOOP_BYTES,
@@ -74,6 +74,7 @@ async def parse(svc: Services, ctx: RequestContext, scope: dict, receive, valida
         model = body["model"]
         ctx.model = model if len(model) <= _MAX_MODEL_NAME else excerpt(model)
     validate(body)
+    check_retention(svc.config, ctx.identity, scope, body)  # before anything runs, is charged or sent
     ctx.body = body
     ctx.body_bytes = len(raw)
     ctx.max_output = max(_int(body.get("max_completion_tokens")), _int(body.get("max_tokens")))
@@ -137,7 +138,7 @@ async def settle(svc: Services, ctx: RequestContext, scope: dict, now: bool = Fa
         fired = await svc.policies.settle(ctx, attr, elapsed, now=now)
     except Exception as exc:
         log.error("settle failed; audit record spooled to disk: %s", exc)
-        svc.ledger.spool.append(svc.policies.spooled(ctx, attr, elapsed))
+        await svc.ledger.spool.add(svc.policies.spooled(ctx, attr, elapsed))  # (fsynced off the loop)
         return
     if fired:
         alerts.fired(fired)

@@ -11,7 +11,8 @@ the request id is the gateway's own (``http.new_request_id``), never the caller'
 retried batch can repeat one. The caller's id is the ``client_request_id`` column beside it
 (searchable, not unique): a client reusing its ids cannot erase or collide with any record.
 If Redis itself cannot take a record, it goes to a local spool file that is replayed later. A
-record PostgreSQL refuses is written alone, and refused again, kept in ``<stream>:dead``.
+record PostgreSQL refuses is written alone, and refused again, kept in ``<stream>:dead`` (a
+spooled one in ``ledger-dead.jsonl``), once however often it is read or replayed again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import logging
 import os
 import re
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -190,6 +192,18 @@ def _dead(record: bytes, error: str | None) -> bytes:
     return orjson.dumps(rec)
 
 
+def _dead_key(line: bytes) -> object:
+    """A dead letter's record, as the ledger knows it: its request id and step (the line itself
+    when it has none)."""
+    try:
+        rec = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return line
+    if isinstance(rec, dict) and isinstance(rec.get("request_id"), str):
+        return rec["request_id"], str(rec.get("step") or 1)
+    return line
+
+
 def settle_args(settlements: list) -> list:
     """``SETTLE_LATE``'s arguments for spooled settlements ([member, [[spent_key, reserved_key,
     held, actual, ttl], ...]] each)."""
@@ -205,10 +219,20 @@ DEAD_FILE = "ledger-dead.jsonl"
 
 
 class Spool:
-    """Records Redis could not take, kept on local disk until they reach PostgreSQL."""
+    """Records Redis could not take, kept on local disk until they reach PostgreSQL.
+
+    A Redis outage fails every request's settle: each one's record is spooled (``add``) in a
+    worker thread, never on the event loop, and the records of the settles that fail while one
+    write is on its way go to disk together, with one fsync (group commit). A settle's ``add``
+    returns once its record is on disk."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # appends (worker threads, any of them) and the claim of this process's file for a replay
+        # (which renames it): an append is in the file claimed, or in the next one, never lost
+        self._file = threading.Lock()
+        self._waiting: list[tuple[bytes, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
 
     @property
     def dead_path(self) -> Path:
@@ -220,11 +244,40 @@ class Spool:
         self.append_many([record])
 
     def append_many(self, records: list[bytes]) -> None:
-        """Records on disk (one fsync for all of them) when this returns; on an error, none."""
+        """Records on disk (one fsync for all of them) when this returns; on an error, none.
+        Blocks (an fsync): not for the event loop (``add``)."""
         if records:
-            if self.path.stem.endswith(f"-{os.getpid()}"):  # (this process's spool: its lock says it lives)
-                hold(self.path.parent, self.path.stem)
-            append_lines(self.path, [r.rstrip(b"\n") for r in records])
+            with self._file:
+                if self.path.stem.endswith(f"-{os.getpid()}"):  # (this process's spool: its lock says it lives)
+                    hold(self.path.parent, self.path.stem)
+                append_lines(self.path, [r.rstrip(b"\n") for r in records])
+
+    async def add(self, record: bytes) -> None:
+        """The record on disk when this returns (with those added meanwhile: one write, one fsync,
+        in a worker thread). A caller cancelled while it waits does not take its record back."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append((record, fut))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="ledger spool")
+        await fut
+
+    async def _flush(self) -> None:
+        batch: list[tuple[bytes, asyncio.Future]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    await asyncio.to_thread(self.append_many, [record for record, _ in batch])
+                except Exception as exc:
+                    _answer(batch, exc)
+                else:
+                    _answer(batch, None)
+                batch = []
+        finally:
+            self._flusher = None
+            if batch or self._waiting:  # (cancelled: the loop is closing)
+                left, self._waiting = [*batch, *self._waiting], []
+                _answer(left, RuntimeError("the spool was stopped before the record was written"))
 
     async def replay(self, pool: asyncpg.Pool, settle: Callable[[list], Awaitable[object]] | None = None) -> int:
         """Writes this process's spool, and any left by processes that are gone (a spool, or one
@@ -236,13 +289,7 @@ class Spool:
         if not self.path.parent.exists():
             return 0
         total = 0
-        for work in claim(
-            self.path.parent,
-            [self.path, self.path.with_suffix(".replaying")],  # (and an older release's work file)
-            self.path.stem,
-            ("ledger-spool-*.jsonl", "ledger-spool-*.replaying"),
-            _spool_owner,
-        ):
+        for work in await asyncio.to_thread(self._claim):
             for records in line_chunks(work, REPLAY_BYTES, REPLAY_CHUNK):
                 if settle is not None:
                     late = [x for x in (_late(line) for line in records if b'"_settle"' in line) if x is not None]
@@ -254,6 +301,18 @@ class Spool:
             work.unlink()
         return total
 
+    def _claim(self) -> list[Path]:
+        """The work files of a replay (``core.stream_spill.claim``), this process's spool
+        renamed between two appends."""
+        with self._file:
+            return claim(
+                self.path.parent,
+                [self.path, self.path.with_suffix(".replaying")],  # (and an older release's work file)
+                self.path.stem,
+                ("ledger-spool-*.jsonl", "ledger-spool-*.replaying"),
+                _spool_owner,
+            )
+
     async def _write(self, conn: asyncpg.Connection, records: list[bytes]) -> None:
         """One transaction; what PostgreSQL refuses alone goes to the spool's dead letters
         (``dead_path``), so one record cannot keep the others out of the ledger, replay after
@@ -261,13 +320,26 @@ class Spool:
         refused = await write_or_isolate(lambda batch: write_records(conn, batch), records)
         if refused:
             dead = self.dead_path
-            log.error("%d spooled audit records refused by PostgreSQL, kept in %s", len(refused), dead)
-            DEAD_LETTERS.labels("ledger-spool").inc(len(refused))
             # (in a thread: an erasure's rewrite of the file holds its lock for as long as it copies
-            # it, and this runs on the event loop)
-            await asyncio.to_thread(
-                locked_lines.append, dead, [_dead(record, sqlstate) for record, sqlstate in refused]
+            # it, and this runs on the event loop). Once per record: a replay that stopped half way
+            # is done again from the start, and refuses the same records again.
+            added = await asyncio.to_thread(
+                locked_lines.append_new, dead, [_dead(record, sqlstate) for record, sqlstate in refused], _dead_key
             )
+            if added:
+                log.error("%d spooled audit records refused by PostgreSQL, kept in %s", added, dead)
+                DEAD_LETTERS.labels("ledger-spool").inc(added)
+
+
+def _answer(waiting: list[tuple[bytes, asyncio.Future]], exc: BaseException | None) -> None:
+    """Tells the settles waiting for their records: on disk (``exc`` None), or not."""
+    for _, fut in waiting:
+        if fut.done():  # (its caller was cancelled: the record was written all the same)
+            continue
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
 
 
 class LedgerWriter(StreamWriter):

@@ -200,13 +200,13 @@ def test_a_refused_record_waiting_for_the_dead_letters_lock_does_not_stall_the_e
             held.set()
             released_by_loop.append(release.wait(timeout=10))
 
-    real_append = locked_lines.append
+    real_append = locked_lines.append_new
 
-    def append(path, lines) -> None:
+    def append(path, lines, key_of) -> int:
         waiting.set()
-        real_append(path, lines)
+        return real_append(path, lines, key_of)
 
-    monkeypatch.setattr(locked_lines, "append", append)
+    monkeypatch.setattr(locked_lines, "append_new", append)
 
     async def main() -> int:
         pool = await asyncpg.create_pool(services[0], min_size=1, max_size=2)

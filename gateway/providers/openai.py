@@ -17,6 +17,7 @@ import orjson
 from core.config import Provider
 from core.errors import InvalidRequest
 from core.http import check_depth
+from core.retention import ZDR, without_retention
 from core.sse import EventSplitter, EventTooLarge
 from core.types import RequestContext, Route, Usage
 from core.upstream import Upstream
@@ -69,7 +70,7 @@ class OpenAIAdapter:
         return raw
 
     async def chat(self, ctx: RequestContext, route: Route, body: dict) -> bytes:
-        payload = _without_gateway_metadata({**body, "model": route.upstream_model})
+        payload = _upstream_payload(ctx, body, route)
         if payload.get("stream"):  # an agent's tool steps run unstreamed while its client streams
             payload = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
         return await self._complete(self._chat_url, ctx, route, payload, "choices")
@@ -84,7 +85,7 @@ class OpenAIAdapter:
         return await self._complete(f"{self.cfg.base_url}/rerank", ctx, route, payload, "results")
 
     async def open_chat_stream(self, ctx: RequestContext, route: Route, body: dict) -> AsyncIterator[bytes]:
-        payload = _without_gateway_metadata({**body, "model": route.upstream_model})
+        payload = _upstream_payload(ctx, body, route)
         opts = body.get("stream_options")
         payload["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
         resp = await self._send(self._chat_url, ctx, route, payload)
@@ -147,6 +148,16 @@ class OpenAIAdapter:
 
 
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+
+
+def _upstream_payload(ctx: RequestContext, body: dict, route: Route) -> dict:
+    """The body for the upstream: its model, and nothing a zero-data-retention request may not
+    send (the pipeline refuses a client's request asking for retention: ``check_retention``;
+    this holds for every other chat call too, an agent's steps and its judge included)."""
+    payload = {**body, "model": route.upstream_model}
+    if ZDR in ctx.constraints.tags:
+        without_retention(payload)
+    return _without_gateway_metadata(payload)
 
 
 def _without_gateway_metadata(payload: dict) -> dict:
