@@ -27,6 +27,7 @@ from runtime.memory import erased_after
 log = logging.getLogger("gateway.hitl")
 
 WARN_FRACTION = 0.8
+HOLD_TIMEOUT_S = 5.0  # a spooled escalation's hold, written before its commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,8 @@ class Sweeper:
                         # held before the commit, under the erasure's lock (shared): an erasure
                         # waiting for it resolves the escalation and releases the hold after it
                         # (held after the commit, the hold could follow that release and stay)
-                        await self._holds.hold(esc["tenant"], esc["agent_id"], esc["conversation_id"], row[0]["id"])
+                        async with asyncio.timeout(HOLD_TIMEOUT_S):  # (erasures wait meanwhile)
+                            await self._holds.hold(esc["tenant"], esc["agent_id"], esc["conversation_id"], row[0]["id"])
                 if row is None:
                     log.info("spooled escalation %s dropped: its conversation was erased", esc.get("id"))
                     continue
