@@ -30,6 +30,7 @@ from runtime.memory_window import client_saw
 log = logging.getLogger("gateway.hitl")
 
 DB_TIMEOUT = 3.0
+HOLD_TIMEOUT = 1.0  # the hold's SET, made while the escalation's transaction waits
 MAX_CONTEXT_BYTES = 16_000
 
 
@@ -301,14 +302,36 @@ async def _erased_since_queued(svc, turn) -> bool:
         return True
 
 
-def _loaded_at(turn) -> float | None:
+def _loaded_at(turn, checked_us: int | None = None) -> float | None:
     """When the turn's words are known to predate no erasure from (unix seconds, Redis's clock, as
     an erasure's ``erased_at``): the earliest of its load finding the conversation empty (the
-    window's ``since``: a first turn, whose ``seq`` tells nothing) and its channel's signed queue
-    time; None when neither is known (the window's ``seq`` is compared instead)."""
-    times = [getattr(turn.history, "since", None), turn.erased_mark[1] if turn.erased_mark is not None else None]
+    window's ``since``: a first turn, whose ``seq`` tells nothing), its channel's signed queue
+    time and the moment its window's ``seq`` was last compared with the erasures' (``checked_us``:
+    an erasure before it is found by that comparison, one after it by this time); None when none
+    is known."""
+    times = [
+        getattr(turn.history, "since", None),
+        turn.erased_mark[1] if turn.erased_mark is not None else None,
+        checked_us,
+    ]
     known = [t for t in times if type(t) is int]
     return min(known) / 1_000_000 if known else None
+
+
+async def _seq_checked_at(svc, seq) -> tuple[bool, int | None]:
+    """Before a loaded window's ``seq`` is compared with the erasures' (Redis's): (whether there is
+    one to compare, Redis's time now in µs, None when Redis cannot say). An erasure whose mark the
+    comparison misses began after this time, and its record (``erased_at``, Redis's clock) is read
+    again under the erasure's lock when the escalation is written: one that ran whole between the
+    comparison and the write is found there."""
+    if type(seq) is not int or seq <= 0:
+        return False, None
+    try:
+        async with asyncio.timeout(DB_TIMEOUT):
+            return True, await wa_erasure.redis_now_us(svc.redis)
+    except Exception as exc:  # (then any erasure of the conversation counts: no escalation after one)
+        log.warning("no time for the escalation's erasure check: %s", type(exc).__name__)
+        return True, None
 
 
 def _bounded_context(turn, conf, signals) -> dict:
@@ -332,6 +355,7 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
     hitl = svc.hitl
     memory = getattr(svc, "memory", None)
     seq = getattr(turn.history, "seq", None)
+    compared, checked_us = await _seq_checked_at(svc, seq) if memory is not None else (False, None)
     if memory is not None and await memory.erased_since(agent.tenant, agent.id, turn.conversation_id, seq):
         # loaded before the conversation was erased: an escalation would keep its words (the
         # customer's message, the draft) and hold it for a person; the turn's answer goes out
@@ -340,7 +364,8 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
     if await _erased_since_queued(svc, turn):  # (a first turn too: it loaded no seq to compare)
         log.info("no escalation for agent %s: its conversation was erased since it was queued", agent.name)
         return None
-    since = _loaded_at(turn)
+    since = _loaded_at(turn, checked_us)
+    checked = compared or since is not None  # (else nothing tells this turn's words from an erased one's)
     settings = hitl_settings.of(agent)
     tier_name = hitl.config.tier_variable
     tier = turn.variables.get(tier_name)
@@ -376,14 +401,20 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
     trigger = conf.rule or "low_confidence"
     try:
         async with asyncio.timeout(DB_TIMEOUT), svc.pool.acquire() as conn, conn.transaction():
-            if since is None:
-                row, created = await escalations.open_escalation(conn, esc)
-            else:  # (an erasure committed since the turn loaded the conversation is read here)
+            # (under the tenant's erasure lock, shared: an erasure committed since the turn's words
+            # are known to predate any is read here; one that has not waits for this commit)
+            if checked:
                 opened = await escalations.open_unless_erased(conn, esc, since)
-                if opened is None:
-                    log.info("no escalation for agent %s: its conversation was erased during the turn", agent.name)
-                    return None
-                row, created = opened
+            else:
+                opened = await escalations.open_locked(conn, esc)
+            if opened is None:
+                log.info("no escalation for agent %s: its conversation was erased during the turn", agent.name)
+                return None
+            row, created = opened
+            # (held before the commit, under that lock: the erasure that waits for it resolves the
+            # escalation and releases this hold after it; held after the commit, the hold came after
+            # that release and kept the conversation, the customer's next message held, 90 days)
+            await _hold(hitl, agent, turn.conversation_id, row["id"])
     except Exception as exc:  # kept in Redis for the sweeper to open: the hand-over is not lost
         log.error("escalation not written for agent %s: %s", agent.name, type(exc).__name__)
         try:
@@ -395,14 +426,18 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
         ESCALATIONS.labels(trigger).inc()
         turn.steps.append({"step": ctx.step, "kind": "escalation", "status": "spooled", "error": type(exc).__name__})
         return esc["id"]
-    try:
-        await hitl.holds.hold(agent.tenant, agent.id, turn.conversation_id, row["id"])
-    except Exception as exc:  # the escalation stands; the sweeper puts the missing hold back
-        log.warning("escalation %s: conversation not held yet: %s", row["id"], type(exc).__name__)
     ESCALATIONS.labels(trigger).inc()
     turn.steps.append({"step": ctx.step, "kind": "escalation", "status": "opened" if created else "joined"})
     await held.publish(svc.redis, agent.tenant, "opened" if created else "customer_message", row)
     return row["id"]
+
+
+async def _hold(hitl, agent, conversation_id: str, escalation_id: str) -> None:
+    try:
+        async with asyncio.timeout(HOLD_TIMEOUT):
+            await hitl.holds.hold(agent.tenant, agent.id, conversation_id, escalation_id)
+    except Exception as exc:  # the escalation stands; the sweeper puts the missing hold back
+        log.warning("escalation %s: conversation not held yet: %s", escalation_id, type(exc).__name__)
 
 
 async def _judge(svc, ctx: RequestContext, model: str, question: str, answer: str) -> float | None:

@@ -12,6 +12,12 @@ queue unchanged), while the socket still listens; the drain's time counts agains
 With several workers uvicorn's supervisor builds each worker's server itself (in the worker
 process, ``uvicorn.supervisors.multiprocess.Process.server``): ``serve`` hands it a ``Process``
 whose server is this one.
+
+Served on a Unix socket (``uds``), the socket's file is removed on the way out, as
+``uvicorn.run`` does (a clean stop, or one by a signal): a file left behind is a socket nobody
+listens on. One found at the start is replaced: a lone server's event loop does that itself when
+it creates the socket (asyncio's and uvloop's ``create_unix_server``); the supervisor of several
+workers binds the socket itself, so the stale file is removed first (only a socket, as they do).
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
+import stat
 
 import uvicorn
 from uvicorn.supervisors import multiprocess
@@ -65,17 +73,29 @@ class DrainingProcess(multiprocess.Process):
         return self._server
 
 
+def _remove_socket(path: str | None) -> None:
+    """The Unix socket's file at ``path`` removed (anything else there is left alone)."""
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                os.remove(path)
+
+
 def serve(config: uvicorn.Config) -> int:
     """Runs ``config`` as ``uvicorn.run`` does (one process, or a supervisor of ``workers``),
     each server a ``DrainingServer``. 0, or 3 when a single server did not start."""
-    if config.workers > 1:
-        sock = config.bind_socket()
-        with contextlib.ExitStack() as undo:  # (the supervisor builds its Process by this name)
-            undo.callback(setattr, multiprocess, "Process", multiprocess.Process)
-            multiprocess.Process = DrainingProcess
-            multiprocess.Multiprocess(config, sockets=[sock]).run()
-        return 0
-    server = DrainingServer(config=config)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run()
-    return 0 if server.started else 3
+    try:
+        if config.workers > 1:
+            _remove_socket(config.uds)  # (a stale one: binding it would fail, address in use)
+            sock = config.bind_socket()
+            with contextlib.ExitStack() as undo:  # (the supervisor builds its Process by this name)
+                undo.callback(setattr, multiprocess, "Process", multiprocess.Process)
+                multiprocess.Process = DrainingProcess
+                multiprocess.Multiprocess(config, sockets=[sock]).run()
+            return 0
+        server = DrainingServer(config=config)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
+        return 0 if server.started else 3
+    finally:  # (also when the server stopped by a signal leaves by ``SystemExit``: ``gateway serve``)
+        _remove_socket(config.uds)

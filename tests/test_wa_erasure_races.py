@@ -433,13 +433,13 @@ def test_a_reply_whose_process_is_killed_before_its_check_leaves_no_send_state_o
         ]
         assert r.exists(*left), "the dead reply's send wrote no state: nothing tried"
         for note in r.zrange(inflight.KEY, 0, -1):  # (its lease ended: the victim is dead)
-            if orjson.loads(note)["c"] == conv:
+            if inflight.names(note, TENANT, conv):
                 r.zadd(inflight.KEY, {note: 0})
         try:
             wait_until(lambda: r.exists(*left) == 0, what="the dead reply's send state and alias forgotten")
         except TimeoutError:
             raise AssertionError([k for k in left if r.exists(k)]) from None
-        assert [n for n in r.zrange(inflight.KEY, 0, -1) if orjson.loads(n)["c"] == conv] == []
+        assert [n for n in r.zrange(inflight.KEY, 0, -1) if inflight.names(n, TENANT, conv)] == []
     finally:
         r.delete(f"test:after-send-dies:{conv}")
         graph.configure(text_answer_delays_ms=[], wa_ids={})

@@ -26,9 +26,18 @@ from pathlib import Path
 
 from channels.whatsapp import dead_letters, store
 from channels.whatsapp.content import forget_media
-from channels.whatsapp.sender import FORGET_PAGE, STATE_TTL, forget_states, index_key, sent_wamids, state_key
+from channels.whatsapp.sender import (
+    FORGET_PAGE,
+    STATE_TTL,
+    forget_states,
+    forget_states_of,
+    index_key,
+    index_key_of,
+    sent_wamids,
+    state_key,
+)
 from channels.whatsapp.store import conversation_digest
-from core.erasure_key import mark_micros
+from core.erasure_key import TAG_PREFIX, mark_micros
 
 ERASED_TTL = STATE_TTL  # a job queued before an erasure is dropped for this long after it
 
@@ -45,7 +54,12 @@ LIMIT $4
 
 
 def erased_key(tenant: str, conversation: str) -> str:
-    return f"gw:{{gw}}:wa:erased:{conversation_digest(tenant, conversation)}"
+    return erased_key_of(conversation_digest(tenant, conversation))
+
+
+def erased_key_of(digest: str) -> str:
+    """``erased_key`` of the conversation ``store.conversation_digest`` names ``digest``."""
+    return f"gw:{{gw}}:wa:erased:{digest}"
 
 
 # KEYS: the conversations' marks. ARGV: ttl. Each mark holds Redis's time ("seconds.µs").
@@ -101,19 +115,40 @@ async def after_send(redis, pool, tenant: str, conversation: str, queued_us: int
         return False
     # (with the pieces the conversation's send states hold: a send that failed after its first
     # pieces went out passes none of their wamids, and their records hold the words and the number)
-    sent = [*wamids, *await _state_wamids(redis, tenant, conversation)]
+    sent = [*wamids, *await _state_wamids(redis, index_key(tenant, conversation))]
     await store.forget_turn_words(pool, tenant, conversation, list(dict.fromkeys(sent)), unnumbered=True)
     await forget_states(redis, tenant, [conversation])
     return True
 
 
-async def _state_wamids(redis, tenant: str, conversation: str) -> list[str]:
-    """The wamids of the pieces the conversation's send states hold (``sender.index_key``; the
-    erasure deleted those before it, so these are the sends that raced it), a page at a time."""
+async def after_noted_send(
+    redis, pool, tenant: str, account: str, digest: str, hashed: str, queued_us: int, wamids: list[str]
+) -> bool:
+    """``after_send`` of a send known by its in-flight note (``inflight``), which names its
+    conversation by ``store.conversation_digest`` (``digest``: what its Redis keys are named by)
+    and ``core.erasure_key.conversation_hash`` (``hashed``: its erasure's tag), never by its id
+    (the customer's number). Its records (``wamids`` of ``account``, and those of the
+    conversation's send states) hold the tag, without words; its send states and aliases go.
+    (A record of it without a wamid, and one written after the erasure, were written as the
+    erasure's in the first place: ``store.OutboundRecords``, the send's ``asked_us``; a person's
+    reply writes no channel state of the conversation.) True: erased."""
+    mark = await redis.get(erased_key_of(digest))
+    if mark is None or queued_us > mark_micros(mark):
+        return False
+    sent = [*wamids, *await _state_wamids(redis, index_key_of(digest))]
+    await store.forget_sent_words(pool, tenant, account, list(dict.fromkeys(sent)), TAG_PREFIX + hashed)
+    await forget_states_of(redis, [digest])
+    return True
+
+
+async def _state_wamids(redis, index: str) -> list[str]:
+    """The wamids of the pieces a conversation's send states hold (``index``: its
+    ``sender.index_key``; the erasure deleted those before it, so these are the sends that raced
+    it), a page at a time."""
     found: list[str] = []
     cursor = 0
     while True:
-        cursor, keys = await redis.sscan(index_key(tenant, conversation), cursor, count=FORGET_PAGE)
+        cursor, keys = await redis.sscan(index, cursor, count=FORGET_PAGE)
         if keys:
             pipe = redis.pipeline(transaction=False)
             for key in keys:
@@ -133,6 +168,10 @@ async def forget(redis, data_dir: Path, pool, tenant: str, conversations: list[s
     ``mark``: an erasure's (``mark_erased``), not a retention's."""
     if mark:
         await mark_erased(redis, tenant, conversations)
+        # (a note an older release wrote names the conversation: it names its hashes from now on)
+        from channels.whatsapp import inflight  # (inflight runs this module's checks: imported here)
+
+        await inflight.neutralise(redis, tenant, conversations)
     await dead_letters.drop(redis, tenant, conversations)
     ours = [c for c in conversations if c.startswith(dead_letters.PREFIX)]
     await forget_states(redis, tenant, ours)

@@ -12,19 +12,28 @@ deleted once its check has run. A note whose lease ran out is a send whose proce
 channel worker sweeps them (``sweep``), claiming each for a new lease as ``XAUTOCLAIM`` claims a
 stream entry (of several sweepers one takes a note; a sweeper that dies leaves it to the next),
 and runs the check the dead process did not: the conversation erased since the send was asked
-for, what the send wrote goes. The note names the conversation (the customer's number) only while
-the send is in flight, or until the next sweep after its process died.
+for, what the send wrote goes.
+
+A note never holds the conversation's id (the customer's number): it names the conversation by
+what the check needs, the digest its Redis keys are named by (``store.conversation_digest``: the
+erasure's mark, the send states' and aliases' indexes) and its keyed hash
+(``core.erasure_key.conversation_hash``: the tag its records take), and the send by its account
+and key. A note an older release wrote (``"c"``, the id) is read as well, and an erasure rewrites
+those of its conversation at once (``neutralise``) rather than leave the number until a sweep.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import dataclass
 
 import orjson
 
 from channels.whatsapp import erasure
 from channels.whatsapp.sender import Sender, sent_wamids
+from channels.whatsapp.store import conversation_digest
+from core.erasure_key import conversation_hash
 
 log = logging.getLogger("channels.whatsapp")
 
@@ -47,16 +56,95 @@ for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), 
 return due
 """
 )
+# KEYS: the notes. ARGV: a note, what replaces it (under the same lease).
+_REPLACE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], score, ARGV[2])
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    tenant: str
+    digest: str  # store.conversation_digest of the conversation
+    hashed: str  # core.erasure_key.conversation_hash of it
+    account: str
+    key: str
+    queued_us: int
+
+
+def _member(tenant: str, conversation: str, account: str, key: str, queued_us: int, nonce: str) -> bytes:
+    return orjson.dumps(
+        {
+            "t": tenant,
+            "d": conversation_digest(tenant, conversation),
+            "h": conversation_hash(tenant, conversation),
+            "a": account,
+            "k": key,
+            "q": queued_us,
+            "n": nonce,
+        }
+    )
+
+
+def read(member: bytes) -> Note | None:
+    """What a note says (None: not a note of ours); an older release's, naming the conversation
+    by its id, is read as a note of its hashes."""
+    try:
+        n = orjson.loads(member)
+        tenant, account, key, queued = n["t"], n["a"], n["k"], int(n["q"])
+        if "c" in n:
+            digest, hashed = conversation_digest(tenant, n["c"]), conversation_hash(tenant, n["c"])
+        else:
+            digest, hashed = n["d"], n["h"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    if not all(isinstance(v, str) for v in (tenant, digest, hashed, account, key)):
+        return None
+    return Note(tenant, digest, hashed, account, key, queued)
+
+
+def names(member: bytes, tenant: str, conversation: str) -> bool:
+    """Whether the note is of the tenant's conversation."""
+    found = read(member)
+    return found is not None and (found.tenant, found.digest) == (tenant, conversation_digest(tenant, conversation))
 
 
 async def note(redis, tenant: str, conversation: str, account: str, key: str, queued_us: int, lease_ms: int) -> bytes:
     """A send of ``key`` (its send state's) to the conversation, asked for at ``queued_us``, is
     about to go: noted for ``lease_ms``. The note, for ``done``."""
-    member = orjson.dumps(
-        {"t": tenant, "c": conversation, "a": account, "k": key, "q": queued_us, "n": secrets.token_hex(6)}
-    )
+    member = _member(tenant, conversation, account, key, queued_us, secrets.token_hex(6))
     await redis.eval(_NOTE, 1, KEY, member, int(lease_ms))
     return member
+
+
+async def neutralise(redis, tenant: str, conversations: list[str]) -> int:
+    """The notes an older release wrote of the tenant's conversations, naming each by its id (the
+    customer's number), rewritten as this release writes them (its hashes), under the same lease:
+    an erasure's. (That release's ``done`` then misses its note, which a sweep checks and deletes
+    once its lease runs out.) How many were rewritten."""
+    ids = set(conversations)
+    rewritten = 0
+    cursor = 0
+    while True:
+        cursor, page = await redis.zscan(KEY, cursor, count=SWEEP_PAGE)
+        for member, _ in page:
+            try:
+                n = orjson.loads(member)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(n, dict) or n.get("t") != tenant or n.get("c") not in ids:
+                continue
+            found = read(member)
+            if found is None:
+                continue
+            again = _member(tenant, n["c"], found.account, found.key, found.queued_us, str(n.get("n", "")))
+            rewritten += int(await redis.eval(_REPLACE, 1, KEY, member, again))
+        if not int(cursor):
+            return rewritten
 
 
 async def done(redis, member: bytes) -> None:
@@ -66,20 +154,20 @@ async def done(redis, member: bytes) -> None:
 
 async def sweep(redis, pool, sender: Sender, lease_ms: int, limit: int = SWEEP_PAGE) -> int:
     """The notes whose lease ran out (their process stopped between the send and its check):
-    the check run for each (``erasure.after_send``, with the pieces its send state records), then
+    the check run for each (``erasure.after_noted_send``, with the pieces its send state records), then
     the note deleted. A check that fails leaves its note, claimed again once the new lease runs
     out. How many were checked."""
     checked = 0
     for member in await redis.eval(_CLAIM, 1, KEY, int(lease_ms), int(limit)) or ():
-        try:
-            n = orjson.loads(member)
-            tenant, conv, account, key, queued = n["t"], n["c"], n["a"], n["k"], int(n["q"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        n = read(member)
+        if n is None:
             await redis.zrem(KEY, member)  # (none of ours: never checked, never kept)
             continue
         try:
-            wamids = sent_wamids(await sender.state(account, key))
-            if await erasure.after_send(redis, pool, tenant, conv, queued, wamids):
+            wamids = sent_wamids(await sender.state(n.account, n.key))
+            if await erasure.after_noted_send(
+                redis, pool, n.tenant, n.account, n.digest, n.hashed, n.queued_us, wamids
+            ):
                 log.info("whatsapp send of a stopped process, erased meanwhile: forgotten")
         except Exception as exc:  # (PostgreSQL or Redis away: the next sweep after its lease)
             log.warning("whatsapp send of a stopped process not checked yet: %s", type(exc).__name__)

@@ -84,7 +84,12 @@ def state_key(account: str, key: str) -> str:
 def index_key(tenant: str, conversation: str) -> str:
     """The keys of one conversation's send states (a turn's holds the answer, a template's the text
     it carries), for an erasure or a retention of the conversation to delete (``forget_states``)."""
-    return f"gw:{{gw}}:wa:outs:{store.conversation_digest(tenant, conversation)}"
+    return index_key_of(store.conversation_digest(tenant, conversation))
+
+
+def index_key_of(digest: str) -> str:
+    """``index_key`` of the conversation ``store.conversation_digest`` names ``digest``."""
+    return f"gw:{{gw}}:wa:outs:{digest}"
 
 
 FORGET_PAGE = 500  # state keys deleted per round trip
@@ -93,7 +98,11 @@ FORGET_PAGE = 500  # state keys deleted per round trip
 def alias_index_key(tenant: str, conversation: str) -> str:
     """The aliases (``alias_key``) that name one conversation's customer: the number sent to, or
     the id Meta answered for it; for an erasure of either conversation to delete."""
-    return f"{_ALIAS_INDEX}{store.conversation_digest(tenant, conversation)}"
+    return alias_index_key_of(store.conversation_digest(tenant, conversation))
+
+
+def alias_index_key_of(digest: str) -> str:
+    return f"{_ALIAS_INDEX}{digest}"
 
 
 _ALIAS_INDEX = "gw:{gw}:wa:aliases:"
@@ -105,8 +114,14 @@ async def forget_states(redis, tenant: str, conversations: list[str]) -> int:
     An alias index names the other number's alias index (``Sender._alias``): that index loses what
     this one deleted and this one's name, and goes with its last member, but keeps the aliases of
     the other number's other numbers, for that conversation's erasure to find."""
+    digests = [store.conversation_digest(tenant, c) for c in dict.fromkeys(conversations)]
+    return await forget_states_of(redis, digests)
+
+
+async def forget_states_of(redis, digests: list[str]) -> int:
+    """``forget_states`` of the conversations ``store.conversation_digest`` names ``digests``."""
     deleted = 0
-    indexes = [f(tenant, c) for c in dict.fromkeys(conversations) for f in (index_key, alias_index_key)]
+    indexes = [f(d) for d in digests for f in (index_key_of, alias_index_key_of)]
     for index in indexes:
         others = await _members(redis, index, _ALIAS_INDEX + "*") if index.startswith(_ALIAS_INDEX) else []
         skip = set(others)

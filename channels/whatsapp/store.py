@@ -436,6 +436,26 @@ async def turn_texts(pool, tenant: str, account: str, conv_id: str, reply_to: st
     return [r["body"] for r in rows]
 
 
+async def forget_sent_words(pool, tenant: str, account: str, wamids: list[str], tag: str) -> int:
+    """The records of these sends (by wamid, of ``account``) of a conversation erased while they
+    were under way, as the erasure's own rows were left: the erasure's ``tag`` as their
+    conversation and customer, no words (``forget_turn_words``, for a check that knows the
+    conversation by its tag only: ``erasure.after_noted_send``). How many were changed."""
+    if not wamids:
+        return 0
+    async with pool.acquire() as conn:
+        done = await conn.execute(
+            """UPDATE whatsapp_messages SET body = NULL, conversation_id = $4, wa_id = $4, updated_at = now()
+               WHERE tenant = $1 AND account = $2 AND wamid = ANY($3::text[]) AND direction = 'out'
+                 AND (conversation_id <> $4 OR wa_id <> $4 OR body IS NOT NULL)""",
+            tenant,
+            account,
+            wamids,
+            tag,
+        )
+    return int(done.split()[-1])
+
+
 async def forget_turn_words(
     pool, tenant: str, conversation: str, wamids: list[str], *, unnumbered: bool = False
 ) -> None:

@@ -138,10 +138,19 @@ async def open_unless_erased(conn, esc: dict, since: float | None) -> tuple[dict
     """``open_escalation`` inside the caller's transaction, unless the conversation was erased at
     or after ``since`` (None: ever), then None. Read under the tenant's erasure lock, shared: an
     erasure that committed before is read here; one that has not waits for this commit, then
-    resolves and clears the escalation as any other of the conversation."""
+    resolves and clears the escalation as any other of the conversation (and releases its hold,
+    when the caller holds the conversation before its commit)."""
     await conn.execute(LOCK_WRITE, esc["tenant"])
     if await erased_since(conn, esc["tenant"], esc["agent_id"], esc["conversation_id"], since):
         return None
+    return await open_escalation(conn, esc)
+
+
+async def open_locked(conn, esc: dict) -> tuple[dict, bool]:
+    """``open_escalation`` under the tenant's erasure lock, shared, with no erasure to compare
+    with: what the caller does before its commit (the conversation's hold) an erasure waiting for
+    the lock comes after, and undoes."""
+    await conn.execute(LOCK_WRITE, esc["tenant"])
     return await open_escalation(conn, esc)
 
 

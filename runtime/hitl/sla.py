@@ -27,6 +27,7 @@ from runtime.memory import erased_after
 log = logging.getLogger("gateway.hitl")
 
 WARN_FRACTION = 0.8
+HOLD_TIMEOUT_S = 5.0  # a spooled escalation's hold, written before its commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,12 @@ class Sweeper:
                 async with self._pool.acquire() as conn, conn.transaction():
                     # (an erasure since its turn loaded the conversation, or since it was spooled)
                     row = await escalations.open_unless_erased(conn, esc, escalations.erased_since_time(esc))
+                    if row is not None:
+                        # held before the commit, under the erasure's lock (shared): an erasure
+                        # waiting for it resolves the escalation and releases the hold after it
+                        # (held after the commit, the hold could follow that release and stay)
+                        async with asyncio.timeout(HOLD_TIMEOUT_S):  # (erasures wait meanwhile)
+                            await self._holds.hold(esc["tenant"], esc["agent_id"], esc["conversation_id"], row[0]["id"])
                 if row is None:
                     log.info("spooled escalation %s dropped: its conversation was erased", esc.get("id"))
                     continue
@@ -132,7 +139,6 @@ class Sweeper:
             except Exception:
                 await held.respool(self._redis, esc)  # PostgreSQL cannot take it yet: next sweep
                 raise
-            await self._holds.hold(esc["tenant"], esc["agent_id"], esc["conversation_id"], row["id"])
             await held.publish(self._redis, esc["tenant"], "opened" if created else "customer_message", row)
             opened += 1
         return opened
@@ -178,13 +184,16 @@ class Sweeper:
 
     async def _repair(self, holds: list[tuple]) -> None:
         """Hold keys of open escalations put back where missing (NX); an escalation resolved
-        meanwhile (its key released before this SET) is released again after a re-check."""
+        meanwhile (its key released before this SET) is released again after a re-check: by the
+        conversation the hold was put back for (one an erasure resolved holds the erasure's tag
+        as its conversation now, and the hold's key is the id's). An escalation resolved after the
+        re-check was resolved after this SET: whoever resolved it releases the hold after."""
         await self._holds.hold_many(holds, only_missing=True)
         async with self._pool.acquire() as conn:
             closed = await conn.fetch(
-                "SELECT tenant, agent_id, conversation_id, id FROM escalations "
-                "WHERE id = ANY($1) AND status = 'resolved'",
-                [h[3] for h in holds],
+                "SELECT id FROM escalations WHERE id = ANY($1) AND status = 'resolved'", [h[3] for h in holds]
             )
-        for tenant, agent_id, conversation_id, escalation_id in closed:
-            await self._holds.release(tenant, agent_id, conversation_id, escalation_id)
+        gone = {r["id"] for r in closed}
+        for tenant, agent_id, conversation_id, escalation_id in holds:
+            if escalation_id in gone:
+                await self._holds.release(tenant, agent_id, conversation_id, escalation_id)
