@@ -60,11 +60,6 @@ async def _until(check, what: str) -> None:
     raise AssertionError(what)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/hitl_stage.py (owned elsewhere): a turn without 'since' opens its escalation without the "
-    "erasure lock; proposed fix /tmp/lead/s36/rev4-escalation-lock.diff",
-)
 def test_attack_a_later_turns_escalation_written_after_its_conversations_erasure_committed(gw, services):
     """A conversation's second turn (its window in Redis: ``seq`` known, no ``since``) asks for a
     person; its escalation passes the Redis check (``memory.erased_since``: not erased yet), then
