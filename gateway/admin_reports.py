@@ -5,11 +5,14 @@
 Each aggregates as many ledger, run, feedback or escalation rows as its range holds, inside a
 pooled connection (the pool is every tenant's: ten connections). Unbounded, ten of them from
 one tenant admin held the pool for up to the driver's 30 s, and every tenant's requests that need
-PostgreSQL waited. So each report's transaction:
+PostgreSQL waited. So each report's transaction (and an experiment's stop, which builds its
+report in the transaction that stops it):
 
-- runs its statements under ``server.admin_report_timeout_s`` (PostgreSQL's
-  ``statement_timeout``, for that transaction alone): past it, 503 ``report_timeout`` (narrow the
-  range and ask again);
+- is answered within ``server.admin_report_timeout_s`` as a whole (its connection's wait and all
+  its statements: an experiments report runs up to four of them per experiment, each under the
+  same bound once), PostgreSQL's ``statement_timeout`` cutting any one statement at it too: past
+  it, the statement running is cancelled, the transaction rolled back (an experiment's stop
+  changes nothing), 503 ``report_timeout`` (narrow the range and ask again);
 - is one of at most ``server.admin_reports_per_tenant`` such reports of its tenant (the
   super-admin's count as one tenant's) running at once across every replica: past it, 429
   ``too_many_reports`` with ``retry-after`` before any connection is taken; and of at most
@@ -176,11 +179,14 @@ async def transaction(
 ) -> AsyncIterator[asyncpg.Connection]:
     """A tenant transaction (``wall``: its row-level-security tenant, None the super-admin) for a
     heavy report: admitted under the tenant's ``cap`` and every tenant's ``total`` (across
-    replicas through ``redis``), each statement cut at ``timeout_s`` (or by the driver's own
-    timeout, should that come first: the same 503)."""
+    replicas through ``redis``), the whole of it cut ``timeout_s`` after it was asked for (or by
+    the driver's own timeout, should that come first: the same 503)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
     async with running.one(wall, cap, total, redis):
         try:
-            async with tenant_transaction(pool, wall) as conn:
+            # (the whole answer, its connection's wait and every statement of it, within timeout_s:
+            # past it the statement running is cancelled and the transaction rolled back)
+            async with asyncio.timeout_at(deadline), tenant_transaction(pool, wall) as conn:
                 await conn.execute(_TIMEOUT_SQL, f"{max(1, round(timeout_s * 1000))}ms")
                 yield conn
         except (asyncpg.exceptions.QueryCanceledError, TimeoutError):
