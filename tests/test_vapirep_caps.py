@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 import uuid
 
 import asyncpg
@@ -19,7 +20,6 @@ import redis
 
 from gateway.admin_reports import Running
 from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway
-from tests.pg_locks import blocked_by
 
 RUN = uuid.uuid4().hex[:6]
 TENANT = f"cap-{RUN}"
@@ -34,8 +34,27 @@ def admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw):
     )
 
 
+def until_no_live_report_slots(redis_url: str) -> None:
+    """Until every tenant's report slots in Redis are free: a slot an earlier module's gateway held
+    when it was stopped stays until its lease ends (``admin_reports.LEASE_S``) and would count
+    here (one Redis serves the modules of a test process). A leak (a lease renewed on, never
+    freed) fails the hang guard."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for _ in range(int(BOUND / 0.1)):
+            seconds, micros = client.time()
+            now_ms = seconds * 1000 + micros // 1000
+            if not client.zcount(Running().keys(None)[1], now_ms, "+inf"):
+                return
+            time.sleep(0.1)
+    finally:
+        client.close()
+    raise AssertionError("report slots in Redis are never freed")
+
+
 @pytest.fixture(scope="module")
 def env(tmp_root, services, module_mock):
+    until_no_live_report_slots(services[1])
     cfg = {
         "router": {"max_attempts": 1},
         # a long statement timeout: reports held by the test's lock stay running while it looks
@@ -52,6 +71,9 @@ def env(tmp_root, services, module_mock):
         keys[tenant] = r.json()["key"]
         agent = {"name": AGENT, "model": "cap-model", "tenant": tenant, "template": "You answer."}
         assert admin(replicas[0], "POST", "/admin/agents", json=agent).status_code == 201
+    for gw in replicas:  # (each replica's first report, before any lock: its pool and caches warm)
+        for tenant in (TENANT, OTHER):
+            assert admin(gw, "GET", f"/admin/agents/{AGENT}/experiments", keys[tenant]).status_code == 200
     yield {"gws": replicas, "db": services[0], "redis": services[1], "admin": keys}
     for gw in replicas:
         gw.stop()
@@ -72,12 +94,19 @@ class Held:
         await self.tx.rollback()
         await self.conn.close()
 
-    async def until_blocking(self, n: int, running: list) -> None:
-        for _ in range(int(BOUND / 0.05)):  # (a hang guard)
-            if any(r.done() for r in running) or await blocked_by(self.conn, self.conn.get_server_pid()) >= n:
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{n} reports never waited on the lock")
+    async def until_admitted(self, n: int, running: list, redis_url: str) -> None:
+        """Until ``n`` reports hold their slots in Redis (admitted, running: they keep them until
+        the lock is gone), or one of ``running`` is answered; a hang guard (the code before the
+        fix held no slot in Redis: it fails here)."""
+        client = redis.Redis.from_url(redis_url)
+        try:
+            for _ in range(int(BOUND / 0.05)):
+                if any(r.done() for r in running) or client.zcard(Running().keys(None)[1]) >= n:
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            client.close()
+        raise AssertionError(f"{n} reports never held their slots")
 
 
 def _held_while(env, sends: list[tuple[int, str]], then: tuple[int, str]):
@@ -91,12 +120,14 @@ def _held_while(env, sends: list[tuple[int, str]], then: tuple[int, str]):
         pool = concurrent.futures.ThreadPoolExecutor(len(sends) + 1)
         loop = asyncio.get_running_loop()
         async with Held(env["db"], "LOCK TABLE experiments IN ACCESS EXCLUSIVE MODE") as held:
-            running = [loop.run_in_executor(pool, admin, gws[i], "GET", path, keys[t]) for i, t in sends]
-            await held.until_blocking(len(sends), running)
+            running = []
+            for i, t in sends:  # (one after the other: each admitted and waiting before the next)
+                running.append(loop.run_in_executor(pool, admin, gws[i], "GET", path, keys[t]))
+                await held.until_admitted(len(running), running, env["redis"])
             replica, tenant = then
             extra = loop.run_in_executor(pool, admin, gws[replica], "GET", path, keys[tenant])
             # (answered at once when refused; admitted, it waits on the lock with the others)
-            await held.until_blocking(len(sends) + 1, [extra])
+            await held.until_admitted(len(sends) + 1, [extra], env["redis"])
             answered_while_held = extra.done()
         done = await asyncio.gather(*running)
         last = await extra
