@@ -241,6 +241,7 @@ class Admin:
             timeout_s=server.admin_report_timeout_s,
             cap=server.admin_reports_per_tenant,
             total=server.admin_reports_total,
+            redis=self.svc.redis,
         )
 
     # ---- keys ----------------------------------------------------------------------------------

@@ -473,7 +473,9 @@ class AgentAdmin:
                 code="missing_required_parameter",
             )
         promote = str(_int(data["promote"], "promote"))
-        async with tenant_transaction(self.svc.pool, base._wall(request)) as conn:
+        # (one transaction under the reports' bound and caps: a stop whose report is not built in
+        # time is answered 503 report_timeout and rolled back, the experiment still running)
+        async with self.admin.report_transaction(request) as conn:
             agent = await self._agent(request, conn)
             running = await experiments.running(conn, agent.id, label)
             if running is None:

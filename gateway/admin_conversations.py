@@ -153,7 +153,7 @@ class ConversationAdmin:
         # reload that read PostgreSQL before the commit, is dropped too.
         # (each of a tenant's erasures waits for its erasure lock on a pooled connection: 429 before
         # any change past server.erasures_per_tenant at once)
-        with self.running.one(tenant, self.svc.config.server.erasures_per_tenant):
+        async with self.running.one(tenant, self.svc.config.server.erasures_per_tenant, redis=self.svc.redis):
             try:
                 # (a channel's conversation marked first: its jobs queued before now are dropped, and a
                 # turn of one signed so, x-gateway-queued-at, stores nothing from now on — a first turn

@@ -12,6 +12,7 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
+from channels.vapi import spool as vapi_spool
 from channels.whatsapp import WhatsApp
 from channels.whatsapp import erasure as wa_erasure
 from core import tokens
@@ -291,12 +292,15 @@ def _forget_in_redis(redis, data_dir: Path, pool, ledger_dead: Path, *, erasure:
     rewritten only by an erasure or retention it serves), and a channel's copies go
     (``channels.whatsapp.erasure.forget``); an erasure's, not a retention's, also drops
     the channel's jobs queued before it (a customer writing again just as the retention deletes
-    their silent conversation starts a new one)."""
+    their silent conversation starts a new one), and the VAPI records spooled while an erasure held
+    the lock (``channels.vapi.spool.drop``)."""
 
     async def forget(tenant: str, conversations: list[str]) -> None:
         await erased_records.retag_dead_letters(redis, DEAD_RECORD_STREAMS, tenant, conversations)
         key = erasure_key()  # (read here: the thread then does file work only)
         await asyncio.to_thread(erased_records.retag_dead_file, ledger_dead, tenant, conversations, key)
         await wa_erasure.forget(redis, data_dir, pool, tenant, conversations, mark=erasure)
+        if erasure:  # (VAPI records an erasure's lock kept out: the caller's number and words)
+            await vapi_spool.drop(redis, tenant, conversations)
 
     return forget

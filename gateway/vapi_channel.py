@@ -1,6 +1,7 @@
 """Composes the VAPI channel (channels/vapi) into a gateway process: validates the accounts of
 ``channels.vapi`` at start-up, checks each account's gateway key belongs to its tenant, and
-gives the channel what it cannot import itself — the tenant transaction for its call records,
+gives the channel what it cannot import itself — the tenant transaction for its call records, Redis
+for the records an erasure's lock kept out (``channels.vapi.spool``, written by its writer),
 the agent tool runner for ``tool-calls`` messages, the delivery registry, the gateway's
 failed-authentication limiter (per client address, shared with the API's keys) and the
 account key's identity through the key cache (so a key revoked or moved after start-up stops
@@ -16,6 +17,7 @@ from types import SimpleNamespace
 from channels.vapi import VapiChannel, VapiDeliverer, parse_accounts
 from channels.vapi.calls import CallStore
 from channels.vapi.events import Events
+from channels.vapi.spool import Spool, Writer
 from core.config import ConfigError
 from core.errors import GatewayError, QuotaExceeded
 from core.http import client_address, parse_networks
@@ -161,15 +163,18 @@ async def start(svc) -> VapiChannel | None:
 
     store = CallStore(lambda tenant: tenant_transaction(svc.pool, tenant), svc.config.server.erasure_lock_wait_s)
     guard = _Guard(svc.auth.limiter, svc.config.server.trusted_proxies)
+    spool = Spool(svc.redis)
+    events = Events(store, run_tools, active, charge, spool=spool, accounts=accounts)
     channel = VapiChannel(
         accounts,
         store,
-        Events(store, run_tools, active, charge),
+        events,
         svc.upstream,
         svc.config.channels.gateway_url,
         guard=guard,
         active=active,
         admit_call=admit_call,
+        writer=Writer(spool, events.apply, [(a.tenant, name) for name, a in accounts.items()]),
     )
     await channel.start()
     svc.delivery.register("vapi", _Deliverer(VapiDeliverer(channel)))

@@ -135,6 +135,13 @@ WHERE tenant = $1 AND account = $2 AND call_id = $3 AND reported_at IS NULL
 RETURNING {_COLUMNS}
 """
 
+# A spooled record's check, under the lock, before it is written: the call's conversation erased
+# since the call began (its record's ``erased_before``; no record yet, or NULL: any erasure).
+# ($1 tenant, $2 account, $3 call id, $4 the conversation's keyed hash)
+_ERASED_MEANWHILE = "SELECT " + _erased(
+    "$1", "$4", "(SELECT c.erased_before FROM vapi_calls c WHERE c.tenant = $1 AND c.account = $2 AND c.call_id = $3)"
+)
+
 _LEDGER = """
 INSERT INTO ledger (request_id, step, ts, tenant, agent, customer, tags, endpoint, model, provider, status,
                     cost_usd, conversation_id)
@@ -230,6 +237,11 @@ def describe(row, transcript: bool = True) -> dict:
     return out
 
 
+class Dropped(Exception):
+    """A spooled record of a conversation erased meanwhile: not written (``CallStore``'s
+    ``spooled=True``)."""
+
+
 class CallStore:
     """``transaction(tenant)`` is the composition's tenant transaction (an async context manager
     giving a connection that sees only that tenant's rows; None: every tenant)."""
@@ -249,6 +261,7 @@ class CallStore:
         status: str | None = None,
         *,
         begins: bool = False,
+        spooled: bool = False,
         **extra,
     ) -> dict | None:
         """Records the call (new) or what is new about it; None when it has no valid call id or
@@ -266,14 +279,10 @@ class CallStore:
         try:
             async with self._tx(tenant) as conn:
                 # (the erasure's lock, as the report: a record created while the call's conversation is
-                # erased is committed before the erasure tags it, or created after it). A webhook waits
-                # for it a bounded time (then 503: VAPI sends it again); the record of a call just
-                # placed waits on (a 503 would have its caller place the call again; placements are
-                # paced per account).
-                if extra.get("direction") == "outbound":
-                    await conn.execute(LOCK_WRITE, tenant)
-                else:
-                    await lock_write(conn, tenant, self._lock_wait_s)
+                # erased is committed before the erasure tags it, or created after it). A webhook, and
+                # the record of a call just placed, wait for it a bounded time, then are spooled
+                # (``channels.vapi.spool``); the spool's writer waits on.
+                await self._lock(conn, tenant, info, hashed, account, spooled)
                 row = await conn.fetchrow(
                     _UPSERT,
                     new_id(),
@@ -295,21 +304,41 @@ class CallStore:
                     begins,
                 )
         except ErasureInProgress:
-            if not begins:  # (a status update, even one saying ringing: 503, VAPI sends it again)
-                raise
+            if not begins or extra.get("direction") == "outbound":  # (a status update, even one saying
+                raise  # ringing; the record of a call placed: spooled by the caller)
             return None
         return describe(row) if row is not None else None
 
+    async def _lock(self, conn, tenant: str, info: wire.CallInfo, hashed: str, account: str, spooled: bool) -> None:
+        """The tenant's erasure lock, shared: a bounded wait (``ErasureInProgress``), or, for the
+        spool's writer, an unbounded one followed by the erasures' check (``Dropped``)."""
+        if not spooled:
+            await lock_write(conn, tenant, self._lock_wait_s)
+            return
+        await conn.execute(LOCK_WRITE, tenant)
+        if await conn.fetchval(_ERASED_MEANWHILE, tenant, account, info.call_id, hashed):
+            raise Dropped
+
     async def report(
-        self, tenant: str, account: str, info: wire.CallInfo, agent: str | None, report: Report, customer: bool
+        self,
+        tenant: str,
+        account: str,
+        info: wire.CallInfo,
+        agent: str | None,
+        report: Report,
+        customer: bool,
+        *,
+        spooled: bool = False,
     ) -> dict | None:
         """Stores the end-of-call report and its ledger record: the call record, or None when
-        the call's report was in already (nothing changes)."""
+        the call's report was in already (nothing changes). ``ErasureInProgress`` when the
+        tenant's erasure lock was not granted in time (the caller spools it); ``spooled``: as
+        ``upsert``."""
         if info.call_id is None:
             return None
         hashed = conversation_hash(tenant, info.conversation_id or "")
         async with self._tx(tenant) as conn:
-            await lock_write(conn, tenant, self._lock_wait_s)
+            await self._lock(conn, tenant, info, hashed, account, spooled)
             await conn.execute(
                 _INSERT_REPORTED,
                 new_id(),

@@ -26,7 +26,9 @@ from channels.vapi import llm, metrics, wire
 from channels.vapi.calls import CallStore, VapiApi
 from channels.vapi.config import E164, VapiAccount
 from channels.vapi.events import Events, assistant_config
+from channels.vapi.spool import Writer
 from core import http
+from core.erasure_key import ErasureInProgress
 from core.errors import InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied, RateLimited, Unauthenticated
 from core.upstream import Upstream
 
@@ -58,6 +60,7 @@ class VapiChannel:
         guard: Guard | None = None,
         active: Callable[[VapiAccount], Awaitable[bool]] | None = None,
         admit_call: Callable[[VapiAccount, str, str], Awaitable[None]] | None = None,
+        writer: Writer | None = None,
     ) -> None:
         self.accounts = accounts
         self.store = store
@@ -70,6 +73,7 @@ class VapiChannel:
         self.active = active
         # (account, agent, to): raises when the call's budgets are used up (QuotaExceeded)
         self.admit_call = admit_call
+        self.writer = writer  # the spooled records' writer (channels.vapi.spool)
         self._outbound: dict[str, float] = {}  # account -> GCRA theoretical arrival time
         self._session: aiohttp.ClientSession | None = None
         self.api: VapiApi | None = None
@@ -79,8 +83,12 @@ class VapiChannel:
             cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, skip_auto_headers=("User-Agent",)
         )
         self.api = VapiApi(self._session)
+        if self.writer is not None:
+            self.writer.start()
 
     async def stop(self) -> None:
+        if self.writer is not None:
+            await self.writer.stop()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -193,10 +201,16 @@ class VapiChannel:
         )
         status = data.get("status") if isinstance(data.get("status"), str) else "queued"
         kept = {k: v for k, v in metadata.items() if k != wire.SIGNATURE}
-        record = await self.store.upsert(
-            account.tenant, name, info, agent, status, begins=True, direction="outbound", metadata=kept
-        )
-        return record or {"call_id": data["id"], "status": status}
+        try:
+            record = await self.store.upsert(
+                account.tenant, name, info, agent, status, begins=True, direction="outbound", metadata=kept
+            )
+        except ErasureInProgress as exc:
+            # the call is placed: its record is spooled (a 503 would have the caller place it again)
+            await self.events.keep(exc, "placed", account, name, info, agent, status=status, metadata=kept)
+            record = None
+        placed = {"object": "vapi.call", "call_id": data["id"], "account": name, "agent": agent}
+        return record or {**placed, "direction": "outbound", "status": status}
 
     def _pace(self, name: str, account: VapiAccount) -> None:
         """At most ``outbound_per_minute`` calls a minute (that many at once, then evenly)."""

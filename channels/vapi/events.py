@@ -14,6 +14,11 @@ body is bounded, then each message type reads only the fields it needs, each che
 - ``end-of-call-report``: the call record and its ledger record, once per call; its cost is
   counted in the tenant's budgets (tenant, agent, customer and the ``vapi`` tag) once too.
 
+A status update or a report that finds an erasure of its tenant holding the erasure lock past
+``server.erasure_lock_wait_s`` is answered 200 all the same and spooled (``channels.vapi.spool``):
+the spool's writer writes it (``apply``) once the lock is free, unless its conversation was
+erased meanwhile.
+
 Other types (``transcript``, ``speech-update``, ``conversation-update``, ``hang``...) are
 acknowledged and ignored. Only the first three answer with a body.
 """
@@ -21,13 +26,16 @@ acknowledged and ignored. Only the first three answer with a body.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 from channels.vapi import metrics, wire
-from channels.vapi.calls import CallStore, read_report
+from channels.vapi.calls import CallStore, Dropped, Report, read_report
 from channels.vapi.config import VapiAccount
-from core.erasure_key import TAG_PREFIX
+from channels.vapi.spool import Spool
+from core.erasure_key import TAG_PREFIX, ErasureInProgress
 from core.errors import InvalidRequest
 
 log = logging.getLogger("gateway.channels.vapi")
@@ -117,11 +125,15 @@ class Events:
         run_tools: ToolRunner,
         active: Callable[[VapiAccount], Awaitable[bool]] | None = None,
         charge: Charger | None = None,
+        spool: Spool | None = None,
+        accounts: dict[str, VapiAccount] | None = None,
     ) -> None:
         self.store = store
         self.run_tools = run_tools
         self.active = active  # whether the account's gateway key is still active (the key cache)
         self.charge = charge
+        self.spool = spool  # records kept while an erasure holds the lock (None: answered 503)
+        self.accounts = accounts or {}  # (the spooled records' accounts, by name)
 
     async def handle(self, name: str, account: VapiAccount, body: dict, request_id: str) -> dict:
         message, kind = _message(body)
@@ -144,21 +156,89 @@ class Events:
             return {"destination": destination}
         if kind == "status-update":
             status = message.get("status") if isinstance(message.get("status"), str) else None
-            await self.store.upsert(account.tenant, name, info, agent, status)
+            try:
+                await self.store.upsert(account.tenant, name, info, agent, status)
+            except ErasureInProgress as exc:
+                await self.keep(exc, "status", account, name, info, agent, status=status)
+                return {"spooled": True}
             return {}
         if kind == "end-of-call-report":
             report = read_report(message)
-            stored = await self.store.report(account.tenant, name, info, agent, report, account.attribute_customer)
-            if stored is not None and report.cost_usd and self.charge is not None:
-                # once per call, like the ledger record: a repeated report stores nothing
-                customer = stored["customer_number"] if account.attribute_customer else None
-                if customer is not None and customer.startswith(TAG_PREFIX):
-                    # erased while it went on: its record keeps the tag, its budget still counts the
-                    # call under the number this report names (counted only, never stored)
-                    customer = info.customer_number
-                await self.charge(account, stored["agent"], customer, report.cost_usd)
+            try:
+                stored = await self._report(account, name, info, agent, report)
+            except ErasureInProgress as exc:
+                await self.keep(exc, "report", account, name, info, agent, report=_dump_report(report))
+                return {"stored": False, "spooled": True}
             return {"stored": stored is not None}
         return {}
+
+    async def _report(
+        self, account: VapiAccount, name: str, info: wire.CallInfo, agent: str | None, report: Report, **kw
+    ) -> dict | None:
+        stored = await self.store.report(account.tenant, name, info, agent, report, account.attribute_customer, **kw)
+        if stored is not None and report.cost_usd and self.charge is not None:
+            # once per call, like the ledger record: a repeated report stores nothing
+            customer = stored["customer_number"] if account.attribute_customer else None
+            if customer is not None and customer.startswith(TAG_PREFIX):
+                # erased while it went on: its record keeps the tag, its budget still counts the
+                # call under the number this report names (counted only, never stored)
+                customer = info.customer_number
+            await self.charge(account, stored["agent"], customer, report.cost_usd)
+        return stored
+
+    async def keep(
+        self,
+        refused: ErasureInProgress,
+        kind: str,
+        account: VapiAccount,
+        name: str,
+        info: wire.CallInfo,
+        agent: str | None,
+        **fields,
+    ) -> None:
+        """A record the erasure lock kept out, spooled (raises ``refused``, 503, when it cannot be)."""
+        if self.spool is None:
+            raise refused
+        record = {
+            "kind": kind,
+            "tenant": account.tenant,
+            "account": name,
+            "conversation_id": info.conversation_id,
+            "agent": agent,
+            "info": dataclasses.asdict(info),
+            **fields,
+        }
+        await self.spool.put(record, refused)
+
+    async def apply(self, record: dict) -> None:
+        """A spooled record written (the spool's writer): waits for its tenant's erasure lock, and is
+        dropped when its conversation was erased meanwhile or its account is gone."""
+        name = record["account"]
+        account = self.accounts.get(name)
+        if account is None or account.tenant != record["tenant"]:
+            log.warning("VAPI spooled %s record dropped: its account is no longer configured", record["kind"])
+            return
+        info = wire.CallInfo(**record["info"])
+        try:
+            if record["kind"] == "report":
+                await self._report(account, name, info, record["agent"], _load_report(record["report"]), spooled=True)
+            elif record["kind"] == "status":
+                await self.store.upsert(account.tenant, name, info, record["agent"], record["status"], spooled=True)
+            elif record["kind"] == "placed":  # (not the call's start now: any erasure of it counts)
+                await self.store.upsert(
+                    account.tenant,
+                    name,
+                    info,
+                    record["agent"],
+                    record["status"],
+                    spooled=True,
+                    direction="outbound",
+                    metadata=record["metadata"],
+                )
+            else:
+                raise ValueError(record["kind"])
+        except Dropped:
+            log.info("VAPI spooled %s record dropped: its conversation was erased", record["kind"])
 
     async def _tool_calls(
         self, account: VapiAccount, message: dict, info: wire.CallInfo, agent: str | None, request_id: str
@@ -182,3 +262,14 @@ class Events:
                 {"toolCallId": call["id"], "result": text} if ok else {"toolCallId": call["id"], "error": text}
             )
         return {"results": results}
+
+
+def _dump_report(report: Report) -> dict:
+    out = dataclasses.asdict(report)
+    out["ended_at"] = report.ended_at.isoformat() if report.ended_at is not None else None
+    return out
+
+
+def _load_report(raw: dict) -> Report:
+    ended = raw.get("ended_at")
+    return Report(**{**raw, "ended_at": datetime.fromisoformat(ended) if ended else None})
