@@ -7,8 +7,8 @@ its own transaction with no bound at all (a tenant admin's stops held the pool a
 took). Now the whole answer has one deadline; a stop past it is answered 503 and changes nothing.
 
 Statements are held by table locks a test connection holds (as a long scan would). The
-scenarios read how long a statement has waited on PostgreSQL's clock, with margins of a second
-each way (the bound here: 2 s); bounds in seconds elsewhere are hang guards only.
+scenarios read how long a statement has waited on PostgreSQL's clock, with margins of 2 s for the
+cut to be seen (the bound here: 4 s); bounds in seconds elsewhere are hang guards only.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ RUN = uuid.uuid4().hex[:6]
 TENANT = f"dl-{RUN}"
 AGENT = f"bot-{RUN}"
 BOUND = 60.0  # seconds: a hang guard only
-TIMEOUT_S = 2  # server.admin_report_timeout_s
+TIMEOUT_S = 4  # server.admin_report_timeout_s (a cut is seen 2 s late at most: a loaded host)
 
 
 def admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw):
@@ -87,8 +87,9 @@ class Locked:
 
 
 def test_an_experiments_report_is_answered_within_the_timeout_as_a_whole(env):
-    """Its ledger statement waits 1.4 s (of the 2 s), then its feedback statement waits on: cut
-    within the 2 s of the whole (503 ``report_timeout``), not after 2 s more of its own."""
+    """Its ledger statement waits 2.4 s (of the 4 s), then its feedback statement waits on: cut
+    within the 4 s of the whole (503 ``report_timeout``, ≤ 1.6 s into that wait; looked at after
+    3.6 s), not after 4 s more of its own."""
     gw, key = env["gw"], env["key"]
 
     async def scenario():
@@ -96,11 +97,11 @@ def test_an_experiments_report_is_answered_within_the_timeout_as_a_whole(env):
         report = asyncio.ensure_future(
             asyncio.to_thread(admin, gw, "GET", f"/admin/agents/{AGENT}/experiments?label=ab", key)
         )
-        await ledger.until_waited(TIMEOUT_S * 0.7, report)
+        await ledger.until_waited(TIMEOUT_S * 0.6, report)
         feedback = await Locked(env["db"], "feedback").start()
         await ledger.release()
-        # (its feedback statement alone: past the whole's end by a second, within its own 2 s)
-        await feedback.until_waited(TIMEOUT_S * 0.8, report)
+        # (its feedback statement alone: past the whole's end by 2 s, within its own 4 s)
+        await feedback.until_waited(TIMEOUT_S * 0.9, report)
         answered_meanwhile = report.done()
         await feedback.release()
         return answered_meanwhile, await report
