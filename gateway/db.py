@@ -20,6 +20,18 @@ T = TypeVar("T")
 # it may be run again whole (``retried``).
 ABORTED = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 TRIES = 3
+# A statement PostgreSQL did not finish in time (the driver's ``COMMAND_TIMEOUT_S``, a
+# ``statement_timeout``, a ``lock_timeout``), or aborted (``ABORTED``): typically one that waited
+# on another transaction's locks. The database was busy, the request was not wrong: an API
+# answers it as "try again" (503), not as an error of its own (500).
+BUSY = (
+    TimeoutError,
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.LockNotAvailableError,
+    *ABORTED,
+)
+# How long the driver waits for one statement (lock waits included) before it cancels it.
+COMMAND_TIMEOUT_S = 30.0
 
 # Any constant works; it only has to be the same in every replica.
 _MIGRATION_LOCK = 0x6761_7465_7761_79
@@ -62,7 +74,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
 
 
 async def connect_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=30)
+    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=COMMAND_TIMEOUT_S)
 
 
 @contextlib.asynccontextmanager

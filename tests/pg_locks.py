@@ -1,5 +1,10 @@
 """Which sessions wait behind a test's own lock holder (for tests that make two transactions
-interleave by holding a lock until the others wait on it)."""
+interleave by holding a lock until the others wait on it).
+
+The holder asks from inside the transaction that holds its lock, and PostgreSQL keeps a
+transaction's first read of ``pg_stat_activity`` to its end: a session that connected after it
+(a gateway's pool opening a connection for the second request) was never in the list, so never
+counted however long it waited. Each count reads it afresh (``pg_stat_clear_snapshot``)."""
 
 from __future__ import annotations
 
@@ -19,4 +24,5 @@ SELECT count(*) FROM behind"""
 
 async def blocked_by(conn: asyncpg.Connection, holder_pid: int) -> int:
     """How many sessions wait, directly or not, on a lock ``holder_pid``'s session holds."""
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
     return await conn.fetchval(_BLOCKED_BY, holder_pid)

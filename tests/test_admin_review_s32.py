@@ -248,17 +248,28 @@ def test_an_invalid_tool_schema_is_still_a_400_naming_it_and_stores_nothing(gw, 
 
 
 @contextlib.asynccontextmanager
-async def _agents_locked(services) -> AsyncIterator[tuple[asyncpg.Connection, Callable[[], Awaitable[None]]]]:
-    """Another session holding the tenant's agents lock (``check_agent_room``'s, taken by every
-    agent change) until ``release()`` (its commit): its connection, to poll ``_waiting``."""
+async def _locked(services, lock: str) -> AsyncIterator[tuple[asyncpg.Connection, Callable[[], Awaitable[None]]]]:
+    """Another session holding ``lock`` (a statement taking a lock to the end of its transaction,
+    given ``TENANT``) until ``release()`` (its commit): its connection, to poll ``_waiting``."""
     holder = await asyncpg.connect(services[0])
     try:
         tx = holder.transaction()
         await tx.start()
-        await holder.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-agents:' || $1))", TENANT)
+        await holder.execute(lock, TENANT)
         yield holder, tx.commit
     finally:
         await holder.close()
+
+
+def _agents_locked(services):
+    """The tenant's agents lock (``check_agent_room``'s, taken by every agent change) held."""
+    return _locked(services, "SELECT pg_advisory_xact_lock(hashtext('gateway-agents:' || $1))")
+
+
+def _storage_locked(services):
+    """The tenant's storage lock (``storage_quota.lock``, taken by an approval's indexing after it
+    locked the agent's row) held."""
+    return _locked(services, "SELECT pg_advisory_xact_lock(hashtextextended('openai_files:' || $1, 0))")
 
 
 async def _waiting(holder, n: int, tasks: list) -> None:
@@ -269,6 +280,7 @@ async def _waiting(holder, n: int, tasks: list) -> None:
         if count >= n or any(t.done() for t in tasks):
             return
         await asyncio.sleep(0.02)
+    await holder.execute("SELECT pg_stat_clear_snapshot()")  # (not the transaction's first read)
     sessions = await holder.fetch(
         """SELECT state, wait_event_type, wait_event, left(query, 160) AS query FROM pg_stat_activity
            WHERE datname = current_database() AND pid <> pg_backend_pid()"""
@@ -345,6 +357,48 @@ def test_approving_a_learned_answer_while_the_agent_is_patched_keeps_the_patch(g
     for r in asyncio.run(go()):
         assert r.status_code == 200, r.text
     kb = r.json()["kb_id"]
+    agent = _admin(gw, "GET", f"/admin/agents/{name}", params={"tenant": TENANT}).json()
+    assert kb in agent["knowledge_bases"], agent
+    assert [t["name"] for t in agent.get("tools") or []] == ["a"], agent
+
+
+def test_a_patch_while_a_learned_answer_is_being_approved_keeps_the_knowledge_base(gw, services):
+    """The other order: the approval has locked the agent's row (attaching its learned-answers
+    knowledge base) and waits on the tenant's storage lock, held here, when a PATCH of its tools
+    comes: the PATCH waits for the approval's commit, then changes the agent as the approval left
+    it. Both 200 (no deadlock: the PATCH takes the agent's row first, as the approval does), the
+    agent with the knowledge base and the tools."""
+    name = f"learner-{uuid.uuid4().hex[:6]}"
+    body = _agent(name, escalation={"enabled": True, "threshold": 0.5, "handoff_message": HANDOFF})
+    assert _admin(gw, "POST", "/admin/agents", json=body).status_code == 201
+    esc = _escalated(gw, services, gw.web_key, f"web-{uuid.uuid4().hex[:10]}", agent=name)
+    r = _admin(gw, "POST", f"/admin/escalations/{esc}/resolve", json={"corrected_answer": "Six working days."})
+    assert r.status_code == 200, r.text
+    example = r.json()["learned_example"]["id"]
+    headers = {"Authorization": f"Bearer {MASTER_KEY}"}
+
+    async def go() -> list[httpx.Response]:
+        async with (
+            _storage_locked(services) as (holder, release),
+            httpx.AsyncClient(base_url=gw.url, headers=headers, timeout=60) as client,
+        ):
+            approve = asyncio.create_task(
+                client.post(f"/admin/agents/{name}/learned/{example}/approve?tenant={TENANT}")
+            )
+            await _waiting(holder, 1, [approve])
+            assert not approve.done(), approve.result().text  # (it waits on the storage lock)
+            patch = asyncio.create_task(
+                client.patch(f"/admin/agents/{name}?tenant={TENANT}", json={"tools": [_tool("a", {"type": "object"})]})
+            )
+            await _waiting(holder, 2, [approve, patch])
+            assert not patch.done(), patch.result().text  # (it waits on the agent's row)
+            await release()
+            return await asyncio.gather(approve, patch)
+
+    approved, patched = asyncio.run(go())
+    assert approved.status_code == 200, approved.text
+    assert patched.status_code == 200, patched.text
+    kb = approved.json()["kb_id"]
     agent = _admin(gw, "GET", f"/admin/agents/{name}", params={"tenant": TENANT}).json()
     assert kb in agent["knowledge_bases"], agent
     assert [t["name"] for t in agent.get("tools") or []] == ["a"], agent
