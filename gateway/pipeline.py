@@ -384,6 +384,15 @@ async def call_stream(
         raise
     r = ctx.route
     ctx.status = 200
+    # A hard budget's reserved output, counted as it is relayed, in the provider's own text (not
+    # with its pseudonyms restored: an address in place of ``<EMAIL_1>`` is not the provider's output)
+    cap = OutputCap.for_request(ctx)
+    capped = False  # the head went past it: what fits of it is relayed, then the stream is ended
+    for i, chunk in enumerate(head if cap is not None else ()):
+        fits = cap.take(chunk)
+        if fits is not None:
+            head, capped = [*head[:i], fits] if fits else head[:i], True
+            break
     state: ScrubState | None = ctx.extra.get("pii")
     restorer = StreamRestorer(state.vault) if state is not None and state.vault else None
     if restorer is not None:
@@ -398,7 +407,6 @@ async def call_stream(
     ctx.extra["sent"] = sent  # and an agent turn's answer stored in memory
     kept = sum(len(c) for c in head)  # bytes in sent: past a bound, compacted (amortized linear)
     compacted = 0
-    cap = OutputCap.for_request(ctx)  # a hard budget's reserved output, counted as it is relayed
 
     async def deliver(chunk: bytes) -> bool:
         """Sends one chunk; the last one (``[DONE]``) settled as it goes. True: the stream ended."""
@@ -441,34 +449,30 @@ async def call_stream(
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         try:
             ended = False
-            for i, chunk in enumerate(list(head)):
-                fits = cap.take(chunk) if cap is not None else None
-                if fits is not None:  # past the reserved output: what fits goes, then the end
-                    sent[i:] = [fits] if fits else []
-                    kept = sum(len(c) for c in sent)
-                    if fits:
-                        await deliver(fits)
-                    await cut()
-                    ended = True
-                    break
+            for chunk in list(head):
                 if await deliver(chunk):
                     ended = True
                     break
+            if capped and not ended:  # past the reserved output in the head: what fits went, now the end
+                await cut()
+                ended = True
             while not ended:
                 try:
                     chunk = await hangup.until(events.__anext__())
                 except StopAsyncIteration:
                     break
-                if restorer is not None:
-                    chunk = restorer.chunk(chunk)
                 fits = cap.take(chunk) if cap is not None else None
-                if fits is not None:
+                if fits is not None:  # past the reserved output: what fits goes, then the end
+                    if fits and restorer is not None:
+                        fits = restorer.chunk(fits)
                     if fits:
                         sent.append(fits)
                         kept += len(fits)
                         await deliver(fits)
                     await cut()
                     break
+                if restorer is not None:
+                    chunk = restorer.chunk(chunk)
                 sent.append(chunk)
                 kept += len(chunk)
                 if kept > max(_MAX_KEPT_BYTES, 2 * compacted):
