@@ -205,6 +205,11 @@ def _route_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
 async def complete(svc: Services, ctx: RequestContext, group: Group) -> bytes:
     """One non-streamed upstream call (retries, keys, fallbacks): the response as the client
     will see it (pseudonyms restored), usage known."""
+    return await _answered(ctx, await _upstream(svc, ctx, group))
+
+
+async def _upstream(svc: Services, ctx: RequestContext, group: Group) -> bytes:
+    """The provider's response (``complete``'s upstream part: what a client's hang-up may cut)."""
     if ctx.endpoint == "embeddings":
 
         async def attempt(r: Route) -> bytes:
@@ -214,7 +219,12 @@ async def complete(svc: Services, ctx: RequestContext, group: Group) -> bytes:
         async def attempt(r: Route) -> bytes:
             return await svc.adapters[r.provider].chat(ctx, r, await body_for(svc, ctx, r))
 
-    raw = await run_attempts(svc.router, ctx, group, attempt)
+    return await run_attempts(svc.router, ctx, group, attempt)
+
+
+async def _answered(ctx: RequestContext, raw: bytes) -> bytes:
+    """The provider's response as the client will see it (pseudonyms restored), usage known
+    (counted when the provider gave none: the answer was made, and is paid for)."""
     ctx.status = 200
     if ctx.usage is None:
         ctx.usage = await _estimate(ctx, raw)
@@ -222,6 +232,12 @@ async def complete(svc: Services, ctx: RequestContext, group: Group) -> bytes:
     if state is not None and state.vault and ctx.endpoint == "chat":
         raw = restore_body(raw, state.vault)
     return raw
+
+
+async def _counted(ctx: RequestContext, raw: bytes) -> None:
+    """The usage of an answer that came as its client hung up (``Hangup.until``'s discard)."""
+    if ctx.usage is None:
+        ctx.usage = await _estimate(ctx, raw)
 
 
 async def respond(ctx: RequestContext, raw: bytes, send, extra: list[tuple[bytes, bytes]] = ()) -> None:
@@ -232,19 +248,23 @@ async def respond(ctx: RequestContext, raw: bytes, send, extra: list[tuple[bytes
 
 async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, send, receive=None) -> None:
     """One non-streamed answer. With ``receive``, a client that hangs up while the provider works
-    is noticed at once: the upstream call is cancelled and the request settled (its prompt)."""
+    is noticed at once: the upstream call is cancelled and the request settled (its prompt).
+    Only the upstream call: an answer that came is counted whatever the client does meanwhile
+    (a hang-up cutting the count of a large answer from a provider without usage left it
+    charged its prompt alone)."""
     if receive is None:
         raw = await complete(svc, ctx, group)
     else:
         hangup = Hangup(receive)
         try:
-            raw = await hangup.until(complete(svc, ctx, group))
+            raw = await hangup.until(_upstream(svc, ctx, group), discard=lambda came: _counted(ctx, came))
         except http.ClientGone:
             if ctx.usage is None and ctx.route is not None:  # the prompt was sent: it is paid for
                 ctx.usage = await _estimate(ctx, b"")
             raise
         finally:
             hangup.close()
+        raw = await _answered(ctx, raw)
     settled = await settling(svc, ctx, scope)
     try:
         await respond(ctx, raw, send)
