@@ -27,7 +27,7 @@ from gateway.usage import _answer_parts
 
 
 class OutputCap:
-    __slots__ = ("_bound", "_pending", "counted", "indices", "limit", "meta")
+    __slots__ = ("_bound", "_pending", "counted", "finished", "indices", "limit", "meta")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit  # output tokens reserved (every choice's)
@@ -35,6 +35,7 @@ class OutputCap:
         self._pending: list[str] = []  # text relayed since, not yet counted
         self._bound = 0  # its UTF-8 bytes: at least its tokens
         self.indices: set[int] = set()  # the choices seen
+        self.finished: set[int] = set()  # those whose last chunk (a finish_reason) was relayed
         self.meta: dict = {}  # the stream's id, created and model, for the chunks it ends with
 
     @classmethod
@@ -67,13 +68,22 @@ class OutputCap:
         return None
 
     def _over(self, data: dict) -> bool:
+        ended: list[int] = []  # choices this event ends (once it is relayed: not when it is over)
         choices = data.get("choices")
         for choice in choices if isinstance(choices, list) else ():
             index = choice.get("index", 0) if isinstance(choice, dict) else None
             if type(index) is int and len(self.indices) < 128:
                 self.indices.add(index)
+                if choice.get("finish_reason"):
+                    ended.append(index)
         if "id" not in self.meta:
             self.meta = {k: data[k] for k in ("id", "created", "model") if isinstance(data.get(k), str | int)}
+        if self._adds_past_limit(data):
+            return True
+        self.finished.update(ended)
+        return False
+
+    def _adds_past_limit(self, data: dict) -> bool:
         parts: list[str] = []
         _answer_parts(data, "delta", parts)
         if not parts:
@@ -92,8 +102,9 @@ class OutputCap:
         return False
 
     def ending(self, ctx: RequestContext, usage: Usage | None) -> bytes:
-        """What ends the stream cut at the limit: each choice's last chunk with
-        ``finish_reason: "length"``, the usage chunk when the client asked for it, ``[DONE]``."""
+        """What ends the stream cut at the limit: the last chunk, ``finish_reason: "length"``, of
+        each choice not ended already (one that was has its own), the usage chunk when the client
+        asked for it, ``[DONE]``."""
         base = {
             "id": self.meta.get("id") or ctx.request_id,
             "object": "chat.completion.chunk",
@@ -102,7 +113,7 @@ class OutputCap:
         }
         out = [
             data_event({**base, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": "length"}]})
-            for i in sorted(self.indices or {0})
+            for i in sorted(self.indices - self.finished if self.indices else {0})
         ]
         if usage is not None:
             out.append(data_event({**base, "choices": [], "usage": usage.to_openai()}))

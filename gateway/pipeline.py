@@ -205,6 +205,11 @@ def _route_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
 async def complete(svc: Services, ctx: RequestContext, group: Group) -> bytes:
     """One non-streamed upstream call (retries, keys, fallbacks): the response as the client
     will see it (pseudonyms restored), usage known."""
+    return await _answered(ctx, await _upstream(svc, ctx, group))
+
+
+async def _upstream(svc: Services, ctx: RequestContext, group: Group) -> bytes:
+    """The provider's response (``complete``'s upstream part: what a client's hang-up may cut)."""
     if ctx.endpoint == "embeddings":
 
         async def attempt(r: Route) -> bytes:
@@ -214,7 +219,12 @@ async def complete(svc: Services, ctx: RequestContext, group: Group) -> bytes:
         async def attempt(r: Route) -> bytes:
             return await svc.adapters[r.provider].chat(ctx, r, await body_for(svc, ctx, r))
 
-    raw = await run_attempts(svc.router, ctx, group, attempt)
+    return await run_attempts(svc.router, ctx, group, attempt)
+
+
+async def _answered(ctx: RequestContext, raw: bytes) -> bytes:
+    """The provider's response as the client will see it (pseudonyms restored), usage known
+    (counted when the provider gave none: the answer was made, and is paid for)."""
     ctx.status = 200
     if ctx.usage is None:
         ctx.usage = await _estimate(ctx, raw)
@@ -222,6 +232,12 @@ async def complete(svc: Services, ctx: RequestContext, group: Group) -> bytes:
     if state is not None and state.vault and ctx.endpoint == "chat":
         raw = restore_body(raw, state.vault)
     return raw
+
+
+async def _counted(ctx: RequestContext, raw: bytes) -> None:
+    """The usage of an answer that came as its client hung up (``Hangup.until``'s discard)."""
+    if ctx.usage is None:
+        ctx.usage = await _estimate(ctx, raw)
 
 
 async def respond(ctx: RequestContext, raw: bytes, send, extra: list[tuple[bytes, bytes]] = ()) -> None:
@@ -232,19 +248,23 @@ async def respond(ctx: RequestContext, raw: bytes, send, extra: list[tuple[bytes
 
 async def call(svc: Services, ctx: RequestContext, group: Group, scope: dict, send, receive=None) -> None:
     """One non-streamed answer. With ``receive``, a client that hangs up while the provider works
-    is noticed at once: the upstream call is cancelled and the request settled (its prompt)."""
+    is noticed at once: the upstream call is cancelled and the request settled (its prompt).
+    Only the upstream call: an answer that came is counted whatever the client does meanwhile
+    (a hang-up cutting the count of a large answer from a provider without usage left it
+    charged its prompt alone)."""
     if receive is None:
         raw = await complete(svc, ctx, group)
     else:
         hangup = Hangup(receive)
         try:
-            raw = await hangup.until(complete(svc, ctx, group))
+            raw = await hangup.until(_upstream(svc, ctx, group), discard=lambda came: _counted(ctx, came))
         except http.ClientGone:
             if ctx.usage is None and ctx.route is not None:  # the prompt was sent: it is paid for
                 ctx.usage = await _estimate(ctx, b"")
             raise
         finally:
             hangup.close()
+        raw = await _answered(ctx, raw)
     settled = await settling(svc, ctx, scope)
     try:
         await respond(ctx, raw, send)
@@ -384,6 +404,15 @@ async def call_stream(
         raise
     r = ctx.route
     ctx.status = 200
+    # A hard budget's reserved output, counted as it is relayed, in the provider's own text (not
+    # with its pseudonyms restored: an address in place of ``<EMAIL_1>`` is not the provider's output)
+    cap = OutputCap.for_request(ctx)
+    capped = False  # the head went past it: what fits of it is relayed, then the stream is ended
+    for i, chunk in enumerate(head if cap is not None else ()):
+        fits = cap.take(chunk)
+        if fits is not None:
+            head, capped = [*head[:i], fits] if fits else head[:i], True
+            break
     state: ScrubState | None = ctx.extra.get("pii")
     restorer = StreamRestorer(state.vault) if state is not None and state.vault else None
     if restorer is not None:
@@ -398,7 +427,6 @@ async def call_stream(
     ctx.extra["sent"] = sent  # and an agent turn's answer stored in memory
     kept = sum(len(c) for c in head)  # bytes in sent: past a bound, compacted (amortized linear)
     compacted = 0
-    cap = OutputCap.for_request(ctx)  # a hard budget's reserved output, counted as it is relayed
 
     async def deliver(chunk: bytes) -> bool:
         """Sends one chunk; the last one (``[DONE]``) settled as it goes. True: the stream ended."""
@@ -441,34 +469,30 @@ async def call_stream(
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         try:
             ended = False
-            for i, chunk in enumerate(list(head)):
-                fits = cap.take(chunk) if cap is not None else None
-                if fits is not None:  # past the reserved output: what fits goes, then the end
-                    sent[i:] = [fits] if fits else []
-                    kept = sum(len(c) for c in sent)
-                    if fits:
-                        await deliver(fits)
-                    await cut()
-                    ended = True
-                    break
+            for chunk in list(head):
                 if await deliver(chunk):
                     ended = True
                     break
+            if capped and not ended:  # past the reserved output in the head: what fits went, now the end
+                await cut()
+                ended = True
             while not ended:
                 try:
                     chunk = await hangup.until(events.__anext__())
                 except StopAsyncIteration:
                     break
-                if restorer is not None:
-                    chunk = restorer.chunk(chunk)
                 fits = cap.take(chunk) if cap is not None else None
-                if fits is not None:
+                if fits is not None:  # past the reserved output: what fits goes, then the end
+                    if fits and restorer is not None:
+                        fits = restorer.chunk(fits)
                     if fits:
                         sent.append(fits)
                         kept += len(fits)
                         await deliver(fits)
                     await cut()
                     break
+                if restorer is not None:
+                    chunk = restorer.chunk(chunk)
                 sent.append(chunk)
                 kept += len(chunk)
                 if kept > max(_MAX_KEPT_BYTES, 2 * compacted):

@@ -22,6 +22,10 @@ def _text(value) -> str:
 
 
 _REASONING = ("reasoning_content", "reasoning")  # vLLM, DeepSeek; OpenRouter
+# Output that is not the answer's content but is sent to the client and billed as completion
+# tokens: reasoning, and a refusal (OpenAI's ``refusal``, under structured outputs, instead of
+# the content). Counted, never an answer's content.
+_OTHER_TEXT = (*_REASONING, "refusal")
 
 
 def _answer_parts(data: dict, field: str, parts: list[str], tools: list[str] | None = None) -> None:
@@ -38,7 +42,7 @@ def _answer_parts(data: dict, field: str, parts: list[str], tools: list[str] | N
         content = _text(msg.get("content"))
         if content:
             parts.append(content)
-        for name in _REASONING:  # billed as completion tokens; counted, never an answer's content
+        for name in _OTHER_TEXT:  # billed as completion tokens; counted, never an answer's content
             if isinstance(msg.get(name), str) and msg[name]:
                 tools.append(msg[name])
         calls = msg.get("tool_calls")
@@ -154,11 +158,12 @@ def assembled_calls(calls: dict[int, dict]) -> list[dict]:
 
 def compact(chunks: list[bytes]) -> bytes:
     """Relayed chunks as one event holding only what the usage estimate and an agent's stored
-    answer read of them (the text, the reasoning and the tool calls of every delta, the first
+    answer read of them (the text, the reasoning, the refusal and the tool calls of every delta, the first
     choice's calls assembled as a client does, the text of every other call as one call of a
     second choice: counted, never stored): a long stream is not kept whole while it is relayed."""
     content: list[str] = []
     reasoning: list[str] = []
+    refusal: list[str] = []
     calls: dict[int, dict] = {}
     others: list[str] = []
     for data in _events(chunks):
@@ -174,9 +179,13 @@ def compact(chunks: list[bytes]) -> bytes:
             for name in _REASONING:
                 if isinstance(delta.get(name), str) and delta[name]:
                     reasoning.append(delta[name])
+            if isinstance(delta.get("refusal"), str) and delta["refusal"]:
+                refusal.append(delta["refusal"])
     delta: dict = {"content": "".join(content)}
     if reasoning:
         delta[_REASONING[0]] = "".join(reasoning)
+    if refusal:
+        delta["refusal"] = "".join(refusal)
     if calls:
         delta["tool_calls"] = [{"index": i, **c} for i, c in _assembled(calls)]
     choices = [{"index": 0, "delta": delta}]
