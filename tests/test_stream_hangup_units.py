@@ -104,3 +104,53 @@ def test_stream_hangup_a_cancel_of_someone_else_is_not_taken_for_a_hangup():
             await task
 
     asyncio.run(run())
+
+
+def test_a_delayed_watcher_costs_a_quick_answer_no_task_and_no_receive():
+    """``after``: an answer that comes before the timer fires never starts the watcher (no task,
+    the client's ``receive`` never read); ``close`` cancels the timer."""
+
+    async def run():
+        reads = 0
+
+        async def receive() -> dict:
+            nonlocal reads
+            reads += 1
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        hangup = Hangup(receive, after=3600)
+
+        async def upstream() -> int:
+            return 7
+
+        assert await hangup.until(upstream()) == 7
+        timer = hangup._timer
+        hangup.close()
+        assert hangup._watch is None and reads == 0
+        assert timer is not None and timer.cancelled()
+
+    asyncio.run(run())
+
+
+def test_a_delayed_watcher_once_started_cancels_the_wait_it_arms():
+    """The timer fired (here: ``start``, its callback, called) while the provider is silent: a
+    hang-up then cuts the wait as an immediate watcher does, and the timer is gone."""
+
+    async def run():
+        left, receive = _client()
+        hangup = Hangup(receive, after=3600)
+        upstream = asyncio.get_running_loop().create_future()
+        timer = hangup._timer
+        loop = asyncio.get_running_loop()
+        loop.call_soon(hangup.start)
+        loop.call_soon(left.set)
+        with pytest.raises(ClientGone):
+            await hangup.until(upstream)
+        assert upstream.cancelled() and hangup.gone
+        assert hangup._timer is None
+        timer.cancel()  # (the real timer would find the watcher started: start is idempotent)
+        hangup.start()
+        hangup.close()
+
+    asyncio.run(run())
