@@ -191,11 +191,13 @@ def test_a_report_an_erasure_keeps_out_is_accepted_and_written_once_the_lock_is_
     assert ledger == [{"cost_usd": pytest.approx(0.25)}]
 
 
-def test_a_spooled_report_of_a_conversation_erased_meanwhile_is_dropped_never_written(env):
+def test_a_spooled_report_of_a_conversation_erased_meanwhile_keeps_its_cost_not_its_words(env):
     """The report is spooled while the erasure holds the lock; the erasure (in the lock holder's
     transaction: ``runtime.conversations.erase``, as the admin erasure runs it) erases the call's
-    conversation and commits; the writer, granted the lock, finds the erasure and drops the report:
-    no call record, no ledger record, nothing of it left in the spool."""
+    conversation and commits; the writer, granted the lock, writes the report as one sent after the
+    erasure: the call's duration and cost kept (its record, its ledger record), never its words nor
+    its caller's number (rev6: it was dropped whole, the ledger lost the call's cost), and nothing
+    of it left in the spool."""
     gw = env["gw"]
     key = _key("", MASTER_KEY, "")  # (the gateways' erasure key: derived from their master key)
 
@@ -212,12 +214,20 @@ def test_a_spooled_report_of_a_conversation_erased_meanwhile_is_dropped_never_wr
                 await erasure.end(commit=True)
             await _until_spool_empty(env)
             rows = await _rows(env["db"], CALL_SQL, call.call_id)
-            ledger = await _rows(env["db"], LEDGER_SQL, f"vapi:{call.call_id}")
+            ledger = await _rows(
+                env["db"],
+                "SELECT cost_usd, customer FROM ledger WHERE endpoint = 'vapi.call' AND conversation_id = $1",
+                f"vapi:{call.call_id}",
+            )
             return report, rows, ledger
 
     report, rows, ledger = asyncio.run(scenario())
     assert report == (200, {"stored": False, "spooled": True})
-    assert rows == [] and ledger == []
+    assert len(rows) == 1, rows
+    assert rows[0]["status"] == "ended" and rows[0]["cost_usd"] == pytest.approx(0.25)
+    assert rows[0]["transcript"] is None and not rows[0]["customer_number"].startswith("+")
+    assert len(ledger) == 1 and ledger[0]["cost_usd"] == pytest.approx(0.25), ledger
+    assert NUMBER not in str(ledger[0]["customer"])
     assert not any(NUMBER.encode() in raw or b"4111" in raw for raw in _spooled(env))
 
 

@@ -7,9 +7,11 @@ end-of-call report, a status update, the record of an outbound call just placed 
 (200) and kept here instead, in a Redis list per account (``key``: every replica's; the lists are
 named in ``INDEX``), for the writer (``Writer``, one per replica, of the accounts it serves) to
 write once the lock is free: it waits for the lock without the
-short bound, then, holding it, looks the call's conversation up among the erasures — a record of
-a conversation erased meanwhile is dropped, never written — and writes it as the webhook would
-have (``Events.apply``). An erasure drops its conversations' records from the list (``drop``):
+short bound, then, holding it, looks the call's conversation up among the erasures — a status or
+a placed call's record of a conversation erased meanwhile is dropped, never written; a report is
+written as one sent after the erasure, its duration and cost kept (the call's record, the ledger,
+the budgets), not its words nor its caller's number — and writes it as the webhook would have
+(``Events.apply``). An erasure drops its conversations' records from the list (``drop``):
 they hold the caller's number and words.
 
 The writer reads the list's head without taking it off and removes it once written (``LREM``):
