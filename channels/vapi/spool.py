@@ -17,8 +17,10 @@ they hold the caller's number and words.
 The writer reads the list's head without taking it off and removes it once written (``LREM``):
 a writer that dies on the way leaves it for the next. Two replicas may write the same record;
 each write is idempotent (a report is in once, a status only moves forward), and the budgets are
-charged by the one that stored the report. The list holds ``MAX_RECORDS`` at most: past it, the
-webhook is answered 503 as before (VAPI may send it again), never a record dropped silently.
+charged by the one that stored the report. The list holds ``MAX_RECORDS`` and ``MAX_BYTES`` at
+most (a report may be a megabyte: its transcript; the bytes held are counted beside the list, under
+``bytes_key``, by every script that adds or removes one): past either, the webhook is answered 503
+as before (VAPI may send it again), never a record dropped silently.
 """
 
 from __future__ import annotations
@@ -37,25 +39,53 @@ log = logging.getLogger("gateway.channels.vapi")
 
 INDEX = "gw:{gw}:vapi:spools"
 MAX_RECORDS = 100_000  # of one account's list
+MAX_BYTES = 64 * 1024 * 1024  # of one account's list (a webhook sender's records, kept in Redis)
 DROP_PAGE = 100  # records read per round trip when an erasure looks for its own
 
+# KEYS: the list, the index, the list's byte count; ARGV: the record, MAX_RECORDS, MAX_BYTES
 _PUT = """
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+local n = redis.call('LLEN', KEYS[1])
+if n == 0 then redis.call('DEL', KEYS[3]) end
+if n >= tonumber(ARGV[2]) then return 0 end
+local size = string.len(ARGV[1])
+if tonumber(redis.call('GET', KEYS[3]) or '0') + size > tonumber(ARGV[3]) then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('INCRBY', KEYS[3], size)
 redis.call('SADD', KEYS[2], KEYS[1])
 return 1
 """
+# KEYS: the list, its byte count; ARGV: the record, LREM's count. The number removed.
+_REMOVE = """
+local n = redis.call('LREM', KEYS[1], tonumber(ARGV[2]), ARGV[1])
+if n > 0 and (redis.call('DECRBY', KEYS[2], n * string.len(ARGV[1])) <= 0 or redis.call('LLEN', KEYS[1]) == 0) then
+  redis.call('DEL', KEYS[2])
+end
+return n
+"""
+
+_PREFIX = "gw:{gw}:vapi:spool:"
+_BYTES_PREFIX = "gw:{gw}:vapi:spool-bytes:"
 
 
 def key(tenant: str, account: str) -> str:
     """The list of one account's spooled records."""
-    return "gw:{gw}:vapi:spool:" + orjson.dumps([tenant, account]).decode()
+    return _PREFIX + orjson.dumps([tenant, account]).decode()
+
+
+def bytes_key(list_key: bytes | str) -> str:
+    """The count of the bytes a list holds."""
+    raw = list_key.decode() if isinstance(list_key, bytes) else list_key
+    return _BYTES_PREFIX + raw.partition(_PREFIX)[2]
+
+
+async def _remove(redis, list_key: bytes | str, raw: bytes, count: int) -> int:
+    return int(await redis.eval(_REMOVE, 2, list_key, bytes_key(list_key), raw, count))
 
 
 def _tenant_of(list_key: bytes | str) -> str | None:
     raw = list_key.decode() if isinstance(list_key, bytes) else list_key
     try:
-        tenant, _ = orjson.loads(raw.partition("gw:{gw}:vapi:spool:")[2])
+        tenant, _ = orjson.loads(raw.partition(_PREFIX)[2])
     except (orjson.JSONDecodeError, ValueError, TypeError):
         return None
     return tenant if isinstance(tenant, str) else None
@@ -71,15 +101,17 @@ class Spool:
 
     async def put(self, record: dict, refused: ErasureInProgress) -> None:
         """Keeps ``record`` (tenant, conversation_id, kind...) for the writer; re-raises ``refused``
-        (503, VAPI sends it again) when the list is full or Redis cannot take it."""
+        (503, VAPI sends it again) when the list is full (records or bytes) or Redis cannot take it."""
         try:
             list_key = key(record["tenant"], record["account"])
-            kept = await self._put(keys=[list_key, INDEX], args=[orjson.dumps(record), MAX_RECORDS])
+            kept = await self._put(
+                keys=[list_key, INDEX, bytes_key(list_key)], args=[orjson.dumps(record), MAX_RECORDS, MAX_BYTES]
+            )
         except Exception as exc:
             log.error("VAPI record not spooled: %s", type(exc).__name__)
             raise refused from None
         if not kept:
-            log.error("VAPI record not spooled: the spool holds %d records", MAX_RECORDS)
+            log.error("VAPI record not spooled: the spool holds %d records or %d bytes", MAX_RECORDS, MAX_BYTES)
             raise refused
         self.wake.set()
 
@@ -87,7 +119,7 @@ class Spool:
         return await self.redis.lindex(list_key, 0)
 
     async def remove(self, list_key: str, raw: bytes) -> None:
-        await self.redis.lrem(list_key, 1, raw)
+        await _remove(self.redis, list_key, raw, 1)
 
 
 async def drop(redis, tenant: str, conversations: list[str]) -> int:
@@ -115,7 +147,7 @@ async def _drop_from(redis, list_key, tenant: str, wanted: set[str]) -> int:
         for raw in page:
             record = _decode(raw)
             if record is not None and record.get("tenant") == tenant and record.get("conversation_id") in wanted:
-                dropped += await redis.lrem(list_key, 0, raw)
+                dropped += await _remove(redis, list_key, raw, 0)
             else:
                 after = raw
         if len(page) < DROP_PAGE:
