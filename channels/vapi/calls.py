@@ -142,6 +142,10 @@ _ERASED_MEANWHILE = "SELECT " + _erased(
     "$1", "$4", "(SELECT c.erased_before FROM vapi_calls c WHERE c.tenant = $1 AND c.account = $2 AND c.call_id = $3)"
 )
 
+# The report's call erased since it began ($3: its record's id): its ledger record holds the
+# conversation's tag, as the erasure leaves the rows it finds (``runtime.erased_records``).
+_ERASED_CALL = "SELECT " + _erased("$1", "$2", "(SELECT c.erased_before FROM vapi_calls c WHERE c.id = $3)")
+
 _LEDGER = """
 INSERT INTO ledger (request_id, step, ts, tenant, agent, customer, tags, endpoint, model, provider, status,
                     cost_usd, conversation_id)
@@ -377,6 +381,7 @@ class CallStore:
             )
             if row is None:
                 return None
+            erased = await conn.fetchval(_ERASED_CALL, tenant, hashed, row["id"])
             await conn.execute(
                 _LEDGER,
                 row["id"],
@@ -384,7 +389,7 @@ class CallStore:
                 row["agent"],
                 row["customer_number"] if customer else None,
                 report.cost_usd or 0.0,
-                row["conversation_id"],
+                TAG_PREFIX + hashed if erased else row["conversation_id"],
             )
         return describe(row, transcript=False)
 

@@ -63,6 +63,14 @@ end
 return n
 """
 
+# KEYS: the list, its byte count; ARGV: a record, what replaces it (everywhere it is). How many.
+_REPLACE = """
+local at = redis.call('LPOS', KEYS[1], ARGV[1], 'COUNT', 0)
+for _, i in ipairs(at) do redis.call('LSET', KEYS[1], i, ARGV[2]) end
+if #at > 0 then redis.call('INCRBY', KEYS[2], #at * (string.len(ARGV[2]) - string.len(ARGV[1]))) end
+return #at
+"""
+
 _PREFIX = "gw:{gw}:vapi:spool:"
 _BYTES_PREFIX = "gw:{gw}:vapi:spool-bytes:"
 
@@ -124,9 +132,10 @@ class Spool:
 
 async def drop(redis, tenant: str, conversations: list[str]) -> int:
     """Drops the tenant's spooled records of these conversations (an erasure's): the number
-    dropped. Read a page at a time after the last record kept, found again by value (``LPOS``), as
-    writers take the list's head meanwhile (a record a writer holds is checked against the
-    erasures under the lock before it is written)."""
+    dropped. A report is not dropped but kept without its words and its caller (``_erased``): its
+    duration and cost are the ledger's and the budgets'. Read a page at a time after the last
+    record kept, found again by value (``LPOS``), as writers take the list's head meanwhile (a
+    record a writer holds is checked against the erasures under the lock before it is written)."""
     wanted = set(conversations)
     dropped = 0
     for list_key in await redis.smembers(INDEX):
@@ -146,13 +155,39 @@ async def _drop_from(redis, list_key, tenant: str, wanted: set[str]) -> int:
         page = await redis.lrange(list_key, start, start + DROP_PAGE - 1)
         for raw in page:
             record = _decode(raw)
-            if record is not None and record.get("tenant") == tenant and record.get("conversation_id") in wanted:
-                dropped += await _remove(redis, list_key, raw, 0)
-            else:
+            if record is None or record.get("tenant") != tenant or record.get("conversation_id") not in wanted:
                 after = raw
+            elif record.get("kind") == "report" and not record.get("erased"):
+                kept = orjson.dumps(_erased(record))
+                dropped += int(await redis.eval(_REPLACE, 2, list_key, bytes_key(list_key), raw, kept))
+                after = kept
+            elif record.get("kind") == "report":
+                after = raw  # (kept without its words already)
+            else:
+                dropped += await _remove(redis, list_key, raw, 0)
         if len(page) < DROP_PAGE:
             break
     return dropped
+
+
+_CALL_KEPT = ("call_id", "call_type", "assistant_id", "phone_number_id", "called_number", "status")
+_REPORT_KEPT = ("ended_reason", "duration_s", "cost_usd", "ended_at")
+
+
+def _erased(record: dict) -> dict:
+    """A report of an erased conversation as it is kept: its call's ids, duration and cost; not its
+    words (transcript, summary, recording link), its caller (number, name) nor its metadata."""
+    info = record.get("info") if isinstance(record.get("info"), dict) else {}
+    report = record.get("report") if isinstance(record.get("report"), dict) else {}
+    return {
+        **{k: record.get(k) for k in ("kind", "tenant", "account", "conversation_id", "agent")},
+        "erased": True,
+        "info": {k: info.get(k) for k in _CALL_KEPT},
+        "report": {
+            **{k: report.get(k) for k in _REPORT_KEPT},
+            **dict.fromkeys(("transcript", "recording_url", "summary")),
+        },
+    }
 
 
 def _decode(raw: bytes) -> dict | None:
