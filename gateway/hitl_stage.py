@@ -356,7 +356,14 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
     memory = getattr(svc, "memory", None)
     seq = getattr(turn.history, "seq", None)
     compared, checked_us = await _seq_checked_at(svc, seq) if memory is not None else (False, None)
-    if memory is not None and await memory.erased_since(agent.tenant, agent.id, turn.conversation_id, seq):
+    try:
+        erased = memory is not None and await memory.erased_since(
+            agent.tenant, agent.id, turn.conversation_id, seq, strict=True
+        )
+    except Exception as exc:  # (not compared: an erasure before checked_us would be found by neither)
+        log.warning("the escalation's erasure check could not read Redis: %s", type(exc).__name__)
+        erased, checked_us = False, None  # (then any erasure of the conversation counts)
+    if erased:
         # loaded before the conversation was erased: an escalation would keep its words (the
         # customer's message, the draft) and hold it for a person; the turn's answer goes out
         log.info("no escalation for agent %s: its conversation was erased during the turn", agent.name)
