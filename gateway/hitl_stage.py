@@ -409,11 +409,15 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
     try:
         async with asyncio.timeout(DB_TIMEOUT), svc.pool.acquire() as conn, conn.transaction():
             # (under the tenant's erasure lock, shared: an erasure committed since the turn's words
-            # are known to predate any is read here; one that has not waits for this commit)
+            # are known to predate any is read here; one that has not waits for this commit). Waited
+            # for server.erasure_lock_wait_s at most, as a webhook: an erasure holds it as long as it
+            # takes, its bucket is other tenants' too, and each turn waiting holds a pooled connection
+            # (past it: spooled, the sweeper opens it, unless the erasure dropped it)
+            wait_s = svc.config.server.erasure_lock_wait_s
             if checked:
-                opened = await escalations.open_unless_erased(conn, esc, since)
+                opened = await escalations.open_unless_erased(conn, esc, since, wait_s)
             else:
-                opened = await escalations.open_locked(conn, esc)
+                opened = await escalations.open_locked(conn, esc, wait_s)
             if opened is None:
                 log.info("no escalation for agent %s: its conversation was erased during the turn", agent.name)
                 return None

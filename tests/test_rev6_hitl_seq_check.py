@@ -29,6 +29,7 @@ import openai
 import pytest
 import redis as sync_redis
 
+from core.erasure_key import LOCK_ERASURE
 from runtime.memory import keys as memory_keys
 from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway
 
@@ -44,7 +45,21 @@ LAUNCHER = textwrap.dedent(
     import redis.asyncio as aioredis
 
     from channels.whatsapp import erasure as wa_erasure
+    from gateway import hitl_stage
 
+    import asyncpg
+
+    hitl_stage.DB_TIMEOUT = 120.0  # (the clock's read and the escalation's transaction wait for the test)
+    _create_pool = asyncpg.create_pool
+
+
+    def create_pool(*args, **kw):
+        # (the driver's 30 s per statement lifted: a wait for the erasure's lock is bounded by what
+        # the gateway bounds it with, nothing else)
+        return _create_pool(*args, **{{**kw, "command_timeout": 300}})
+
+
+    asyncpg.create_pool = create_pool
     _now = wa_erasure.redis_now_us
 
 
@@ -79,6 +94,7 @@ def gw(tmp_root, services, module_mock):
         "router": {"max_attempts": 1},
         "providers": [{"name": "pp", "kind": "openai", "base_url": f"{module_mock.url}/v1", "api_keys": ["k"]}],
         "models": [{"name": "agent-model", "deployments": [{"provider": "pp", "model": "m"}]}],
+        "server": {"erasure_lock_wait_s": 0.2},
     }
     g = Gateway(tmp_root, config, services, launcher=LAUNCHER, launcher_name="rev6_hitl_gateway")
     yield g
@@ -158,3 +174,36 @@ def test_an_erasure_before_a_turns_clock_read_counts_when_redis_fails_its_seq_co
         r.close()
     assert escalation is None and content != HANDOFF, (content, escalation)
     assert all(row["conversation_id"] != conv and row["question"] is None for row in rows), rows
+
+
+BOUND = 60.0  # seconds: a hang guard only, never a timing assertion
+
+
+def test_an_escalating_turn_waits_for_an_erasures_lock_no_longer_than_a_webhook(gw, services, tenant):
+    """An erasure holds the tenant's erasure lock (here: a test connection, exclusively, as
+    ``runtime.conversations`` does; its bucket is other tenants' too). An escalating turn waited
+    for it as long as its escalation's transaction allowed (3 s), holding a pooled connection (ten
+    are every tenant's): a tenant's escalating turns during its own erasures held the pool. Now it
+    waits ``server.erasure_lock_wait_s`` at most, as a webhook, and spools its escalation: the
+    turn is answered (the hand-over) while the lock is still held."""
+    conv = f"rev6-lock-{uuid.uuid4().hex[:8]}"
+    content, escalation = _chat(gw, tenant, conv, "Hello there")
+    assert escalation is None and content
+
+    async def scenario():
+        holder = await asyncpg.connect(services[0])
+        tx = holder.transaction()
+        await tx.start()
+        try:
+            await holder.execute(LOCK_ERASURE, tenant["name"])
+            turn = asyncio.ensure_future(asyncio.to_thread(_chat, gw, tenant, conv, LOW_CONFIDENCE))
+            done, _ = await asyncio.wait({turn}, timeout=BOUND)  # (a hang guard)
+            answered_while_held = bool(done)
+        finally:
+            await tx.rollback()
+            await holder.close()
+        return answered_while_held, await turn
+
+    answered, (content, escalation) = asyncio.run(scenario())
+    assert answered
+    assert escalation is not None and content == HANDOFF, (content, escalation)
