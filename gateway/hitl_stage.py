@@ -356,7 +356,14 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
     memory = getattr(svc, "memory", None)
     seq = getattr(turn.history, "seq", None)
     compared, checked_us = await _seq_checked_at(svc, seq) if memory is not None else (False, None)
-    if memory is not None and await memory.erased_since(agent.tenant, agent.id, turn.conversation_id, seq):
+    try:
+        erased = memory is not None and await memory.erased_since(
+            agent.tenant, agent.id, turn.conversation_id, seq, strict=True
+        )
+    except Exception as exc:  # (not compared: an erasure before checked_us would be found by neither)
+        log.warning("the escalation's erasure check could not read Redis: %s", type(exc).__name__)
+        erased, checked_us = False, None  # (then any erasure of the conversation counts)
+    if erased:
         # loaded before the conversation was erased: an escalation would keep its words (the
         # customer's message, the draft) and hold it for a person; the turn's answer goes out
         log.info("no escalation for agent %s: its conversation was erased during the turn", agent.name)
@@ -402,11 +409,15 @@ async def _open(svc, ctx: RequestContext, conf, signals) -> str | None:
     try:
         async with asyncio.timeout(DB_TIMEOUT), svc.pool.acquire() as conn, conn.transaction():
             # (under the tenant's erasure lock, shared: an erasure committed since the turn's words
-            # are known to predate any is read here; one that has not waits for this commit)
+            # are known to predate any is read here; one that has not waits for this commit). Waited
+            # for server.erasure_lock_wait_s at most, as a webhook: an erasure holds it as long as it
+            # takes, its bucket is other tenants' too, and each turn waiting holds a pooled connection
+            # (past it: spooled, the sweeper opens it, unless the erasure dropped it)
+            wait_s = svc.config.server.erasure_lock_wait_s
             if checked:
-                opened = await escalations.open_unless_erased(conn, esc, since)
+                opened = await escalations.open_unless_erased(conn, esc, since, wait_s)
             else:
-                opened = await escalations.open_locked(conn, esc)
+                opened = await escalations.open_locked(conn, esc, wait_s)
             if opened is None:
                 log.info("no escalation for agent %s: its conversation was erased during the turn", agent.name)
                 return None

@@ -48,6 +48,13 @@ def _drain_of(app):
 
 
 class DrainingServer(uvicorn.Server):
+    bound: tuple[int, int] | None = None  # the Unix socket's file this server created
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if sockets is None and self.config.uds:
+            self.bound = _identity(self.config.uds)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         drain = _drain_of(getattr(self.config, "loaded_app", None))
         bound = float(self.config.timeout_graceful_shutdown or 0)
@@ -73,21 +80,53 @@ class DrainingProcess(multiprocess.Process):
         return self._server
 
 
-def _remove_socket(path: str | None) -> None:
-    """The Unix socket's file at ``path`` removed (anything else there is left alone)."""
-    if path:
+def _identity(path: str | None) -> tuple[int, int] | None:
+    """The socket's file at ``path`` (device, inode), None when there is none."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def _remove_socket(path: str | None, ours: tuple[int, int] | None) -> None:
+    """The Unix socket's file at ``path`` removed when it is the one this server bound (``ours``):
+    one that did not start, or not yet, leaves another's (a gateway still serving on that path),
+    and anything else there, alone."""
+    if ours is not None and _identity(path) == ours:
         with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                os.remove(path)
+            os.remove(path)
+
+
+def _remove_stale(path: str | None) -> None:
+    """A socket's file at ``path`` nobody listens on removed before it is bound again (one a
+    server is listening on is left: the bind then fails, address in use)."""
+    if _identity(path) is None:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()
 
 
 def serve(config: uvicorn.Config) -> int:
     """Runs ``config`` as ``uvicorn.run`` does (one process, or a supervisor of ``workers``),
     each server a ``DrainingServer``. 0, or 3 when a single server did not start."""
+    ours: tuple[int, int] | None = None
+    server: DrainingServer | None = None
     try:
         if config.workers > 1:
-            _remove_socket(config.uds)  # (a stale one: binding it would fail, address in use)
+            _remove_stale(config.uds)  # (a stale one: binding it would fail, address in use)
             sock = config.bind_socket()
+            ours = _identity(config.uds)
             with contextlib.ExitStack() as undo:  # (the supervisor builds its Process by this name)
                 undo.callback(setattr, multiprocess, "Process", multiprocess.Process)
                 multiprocess.Process = DrainingProcess
@@ -98,4 +137,4 @@ def serve(config: uvicorn.Config) -> int:
             server.run()
         return 0 if server.started else 3
     finally:  # (also when the server stopped by a signal leaves by ``SystemExit``: ``gateway serve``)
-        _remove_socket(config.uds)
+        _remove_socket(config.uds, ours if server is None else server.bound)

@@ -421,13 +421,18 @@ class Memory:
             last, sec, usec = await self._forget(keys=forget_keys, args=[ERASED_MARK_S, ERASED_SEQ_MIN_S])
         return int(last or 0), int(sec) + int(usec) / 1e6
 
-    async def erased_since(self, tenant: str, agent_id: str, conversation_id: str, seq: int | None) -> bool:
+    async def erased_since(
+        self, tenant: str, agent_id: str, conversation_id: str, seq: int | None, *, strict: bool = False
+    ) -> bool:
         """``erased_after`` (below) under this memory's timeout; Redis away: False (what asks
-        goes on as it did before erasures were known)."""
+        goes on as it did before erasures were known), or raised when ``strict`` (what asks
+        must then count every erasure)."""
         try:
             async with asyncio.timeout(self._timeout):
                 return await erased_after(self._redis, tenant, agent_id, conversation_id, seq)
         except (RedisError, OSError, TimeoutError):
+            if strict:
+                raise
             return False
 
     async def holding(self, tenant: str, agent_ids: list[str], conversation_id: str) -> list[str]:

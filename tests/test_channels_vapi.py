@@ -1145,7 +1145,8 @@ def test_a_call_erased_while_live_does_not_get_its_callers_number_back_from_vapi
     """A call erased while it is still going on: VAPI goes on sending its status updates and then
     its end-of-call report, each with the caller's number. The record keeps the erasure's tag (a
     status update fills only what is unknown: a NULL number would have been filled again), and
-    the report's ledger record (the call's telephony) names the tag, not the number."""
+    the report's ledger record (the call's telephony) names the tag, not the number, and holds the
+    tag as its conversation, as the erasure leaves the rows it finds (rev6: the erased call's id)."""
     number = f"+1650{uuid.uuid4().int % 10**7:07d}"
 
     async def scenario(call: VapiCall):
@@ -1163,9 +1164,12 @@ def test_a_call_erased_while_live_does_not_get_its_callers_number_back_from_vapi
     )
     assert record == [{"customer_number": tag, "status": "ended", "cost_usd": pytest.approx(0.1234)}]
     telephony = query(
-        env["db"], "SELECT customer FROM ledger WHERE endpoint = 'vapi.call' AND conversation_id = $1", conv
+        env["db"],
+        "SELECT customer, conversation_id FROM ledger WHERE endpoint = 'vapi.call' AND conversation_id IN ($1, $2)",
+        conv,
+        tag,
     )
-    assert telephony == [{"customer": tag}]
+    assert telephony == [{"customer": tag, "conversation_id": tag}]
     assert _number_rows(env, number) == []
 
 

@@ -58,10 +58,10 @@ LAUNCHER = textwrap.dedent(
     _erased_since = memory.Memory.erased_since
 
 
-    async def erased_since(self, tenant, agent_id, conversation_id, seq):
+    async def erased_since(self, tenant, agent_id, conversation_id, seq, **kw):
         # the turn's seq compared with the erasures' marks; then, for a gated conversation, it
         # says so and waits for the test to let it write its escalation
-        answer = await _erased_since(self, tenant, agent_id, conversation_id, seq)
+        answer = await _erased_since(self, tenant, agent_id, conversation_id, seq, **kw)
         if conversation_id.startswith("s36-gate-"):
             r = aioredis.from_url(os.environ["REDIS_URL"])
             try:

@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from channels.vapi import spool
-from core.erasure_key import LOCK_ERASURE, _key
+from core.erasure_key import LOCK_ERASURE, _key, conversation_tag
 from loadtest.vapi_sim import VapiCall
 from runtime import conversations
 from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway, run_cli
@@ -191,11 +191,24 @@ def test_a_report_an_erasure_keeps_out_is_accepted_and_written_once_the_lock_is_
     assert ledger == [{"cost_usd": pytest.approx(0.25)}]
 
 
-def test_a_spooled_report_of_a_conversation_erased_meanwhile_is_dropped_never_written(env):
+# (a call's ledger record, by its conversation's id or its tag: $2 the id, $3 the tag)
+ERASED_LEDGER_SQL = (
+    "SELECT conversation_id, cost_usd FROM ledger WHERE tenant = $1 AND endpoint = 'vapi.call' "
+    "AND conversation_id IN ($2, $3)"
+)
+
+
+def _tag(call: VapiCall) -> str:
+    return conversation_tag(TENANT, f"vapi:{call.call_id}", _key("", MASTER_KEY, ""))
+
+
+def test_a_spooled_report_of_a_conversation_erased_meanwhile_keeps_its_cost_not_its_words(env):
     """The report is spooled while the erasure holds the lock; the erasure (in the lock holder's
     transaction: ``runtime.conversations.erase``, as the admin erasure runs it) erases the call's
-    conversation and commits; the writer, granted the lock, finds the erasure and drops the report:
-    no call record, no ledger record, nothing of it left in the spool."""
+    conversation and commits; the writer, granted the lock, writes the report as one sent after the
+    erasure: the call's duration and cost kept (its record, its ledger record), never its words nor
+    its caller's number (rev6: it was dropped whole, the ledger lost the call's cost), and nothing
+    of it left in the spool."""
     gw = env["gw"]
     key = _key("", MASTER_KEY, "")  # (the gateways' erasure key: derived from their master key)
 
@@ -212,12 +225,17 @@ def test_a_spooled_report_of_a_conversation_erased_meanwhile_is_dropped_never_wr
                 await erasure.end(commit=True)
             await _until_spool_empty(env)
             rows = await _rows(env["db"], CALL_SQL, call.call_id)
-            ledger = await _rows(env["db"], LEDGER_SQL, f"vapi:{call.call_id}")
+            ledger = await _rows(env["db"], ERASED_LEDGER_SQL, TENANT, f"vapi:{call.call_id}", _tag(call))
             return report, rows, ledger
 
     report, rows, ledger = asyncio.run(scenario())
     assert report == (200, {"stored": False, "spooled": True})
-    assert rows == [] and ledger == []
+    assert len(rows) == 1, rows
+    assert rows[0]["status"] == "ended" and rows[0]["cost_usd"] == pytest.approx(0.25)
+    assert rows[0]["transcript"] is None and not rows[0]["customer_number"].startswith("+")
+    # (its conversation's tag, as the erasure leaves the rows it finds: not the erased call's id)
+    assert ledger == [{"conversation_id": ledger[0]["conversation_id"], "cost_usd": pytest.approx(0.25)}], ledger
+    assert ledger[0]["conversation_id"].startswith("erased:") and NUMBER not in str(ledger)
     assert not any(NUMBER.encode() in raw or b"4111" in raw for raw in _spooled(env))
 
 
@@ -282,3 +300,43 @@ def test_an_outbound_calls_record_during_an_erasure_is_spooled_not_waited_for(en
     assert r.json()["direction"] == "outbound" and r.json()["status"] == "queued"
     assert len(api.requests()) == placed + 1
     assert rows == [{"direction": "outbound", "status": "queued"}]
+
+
+def test_an_erasure_keeps_the_cost_of_a_report_spooled_behind_another_record(env):
+    """rev6: the erasure of a call's conversation dropped its spooled records whole. A report the
+    writer had not read yet (the writer waiting, holding the call's status update, the head of the
+    list) went with them: the ledger lost the call's cost, no budget counted it. Now the erasure
+    keeps the report without its words nor its caller's number, and the writer writes it after
+    the erasure: the call's cost in the ledger under its conversation's tag, nothing of its words
+    or number anywhere (the spool, the record, the ledger)."""
+    gw = env["gw"]
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            call = _call(session, gw)
+            conversation = f"vapi:{call.call_id}"
+            async with Held(env["db"]) as erasure:
+                status = await asyncio.wait_for(
+                    _event(session, gw, call, {"type": "status-update", "status": "in-progress"}), BOUND
+                )
+                await erasure.until_blocking(1)  # (the writer, holding the status update)
+                report = await asyncio.wait_for(_event(session, gw, call, {**REPORT, "cost": 0.37}), BOUND)
+                erasing = asyncio.ensure_future(
+                    asyncio.to_thread(admin, gw, "DELETE", f"/admin/agents/{AGENT}/conversations/{conversation}")
+                )
+                await erasure.until_blocking(2, also=erasing)  # (and the erasure)
+                spooled_during = await asyncio.to_thread(_spooled, env)
+            erased = await erasing
+            await _until_spool_empty(env)
+            rows = await _rows(env["db"], CALL_SQL, call.call_id)
+            ledger = await _rows(env["db"], ERASED_LEDGER_SQL, TENANT, conversation, _tag(call))
+            return status, report, spooled_during, erased, rows, ledger
+
+    status, report, during, erased, rows, ledger = asyncio.run(scenario())
+    assert status == (200, {"spooled": True}) and report == (200, {"stored": False, "spooled": True})
+    assert erased.status_code == 200, erased.text
+    assert not any(NUMBER.encode() in raw or b"4111" in raw for raw in during)
+    assert len(rows) == 1 and rows[0]["cost_usd"] == pytest.approx(0.37), rows
+    assert rows[0]["transcript"] is None and not (rows[0]["customer_number"] or "").startswith("+")
+    assert len(ledger) == 1 and ledger[0]["cost_usd"] == pytest.approx(0.37), ledger
+    assert ledger[0]["conversation_id"].startswith("erased:")

@@ -142,6 +142,10 @@ _ERASED_MEANWHILE = "SELECT " + _erased(
     "$1", "$4", "(SELECT c.erased_before FROM vapi_calls c WHERE c.tenant = $1 AND c.account = $2 AND c.call_id = $3)"
 )
 
+# The report's call erased since it began ($3: its record's id): its ledger record holds the
+# conversation's tag, as the erasure leaves the rows it finds (``runtime.erased_records``).
+_ERASED_CALL = "SELECT " + _erased("$1", "$2", "(SELECT c.erased_before FROM vapi_calls c WHERE c.id = $3)")
+
 _LEDGER = """
 INSERT INTO ledger (request_id, step, ts, tenant, agent, customer, tags, endpoint, model, provider, status,
                     cost_usd, conversation_id)
@@ -309,14 +313,17 @@ class CallStore:
             return None
         return describe(row) if row is not None else None
 
-    async def _lock(self, conn, tenant: str, info: wire.CallInfo, hashed: str, account: str, spooled: bool) -> None:
+    async def _lock(
+        self, conn, tenant: str, info: wire.CallInfo, hashed: str, account: str, spooled: bool, drop: bool = True
+    ) -> None:
         """The tenant's erasure lock, shared: a bounded wait (``ErasureInProgress``), or, for the
-        spool's writer, an unbounded one followed by the erasures' check (``Dropped``)."""
+        spool's writer, an unbounded one followed by the erasures' check (``Dropped``; not when
+        ``drop`` is false: the report, which keeps its cost of an erased call without its words)."""
         if not spooled:
             await lock_write(conn, tenant, self._lock_wait_s)
             return
         await conn.execute(LOCK_WRITE, tenant)
-        if await conn.fetchval(_ERASED_MEANWHILE, tenant, account, info.call_id, hashed):
+        if drop and await conn.fetchval(_ERASED_MEANWHILE, tenant, account, info.call_id, hashed):
             raise Dropped
 
     async def report(
@@ -338,7 +345,10 @@ class CallStore:
             return None
         hashed = conversation_hash(tenant, info.conversation_id or "")
         async with self._tx(tenant) as conn:
-            await self._lock(conn, tenant, info, hashed, account, spooled)
+            # (a spooled report of a call erased meanwhile is written all the same, as one sent after
+            # the erasure: its duration and cost kept, in its record and the ledger, never its words
+            # nor its caller's number; dropped, the ledger lost the call's cost and no budget counted it)
+            await self._lock(conn, tenant, info, hashed, account, spooled, drop=False)
             await conn.execute(
                 _INSERT_REPORTED,
                 new_id(),
@@ -371,6 +381,7 @@ class CallStore:
             )
             if row is None:
                 return None
+            erased = await conn.fetchval(_ERASED_CALL, tenant, hashed, row["id"])
             await conn.execute(
                 _LEDGER,
                 row["id"],
@@ -378,7 +389,7 @@ class CallStore:
                 row["agent"],
                 row["customer_number"] if customer else None,
                 report.cost_usd or 0.0,
-                row["conversation_id"],
+                TAG_PREFIX + hashed if erased else row["conversation_id"],
             )
         return describe(row, transcript=False)
 

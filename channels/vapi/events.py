@@ -16,8 +16,8 @@ body is bounded, then each message type reads only the fields it needs, each che
 
 A status update or a report that finds an erasure of its tenant holding the erasure lock past
 ``server.erasure_lock_wait_s`` is answered 200 all the same and spooled (``channels.vapi.spool``):
-the spool's writer writes it (``apply``) once the lock is free, unless its conversation was
-erased meanwhile.
+the spool's writer writes it (``apply``) once the lock is free; a status update of a conversation
+erased meanwhile is dropped, a report kept without its words (its cost counted).
 
 Other types (``transcript``, ``speech-update``, ``conversation-update``, ``hang``...) are
 acknowledged and ignored. Only the first three answer with a body.

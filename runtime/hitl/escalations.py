@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from core.erasure_key import LOCK_WRITE
+from core.erasure_key import LOCK_WRITE, lock_write
 from core.errors import InvalidRequest, NotFound
 from runtime.conversations import erased_since
 
@@ -134,23 +134,35 @@ def erased_since_time(esc: dict) -> float | None:
     return min(times) if times else None
 
 
-async def open_unless_erased(conn, esc: dict, since: float | None) -> tuple[dict, bool] | None:
+async def _lock(conn, tenant: str, wait_s: float | None) -> None:
+    """The tenant's erasure lock, shared: waited for at most ``wait_s`` (a turn's: its pooled
+    connection waits meanwhile, ``ErasureInProgress`` past it), None without bound (the sweeper)."""
+    if wait_s is None:
+        await conn.execute(LOCK_WRITE, tenant)
+    else:
+        await lock_write(conn, tenant, wait_s)
+
+
+async def open_unless_erased(
+    conn, esc: dict, since: float | None, wait_s: float | None = None
+) -> tuple[dict, bool] | None:
     """``open_escalation`` inside the caller's transaction, unless the conversation was erased at
-    or after ``since`` (None: ever), then None. Read under the tenant's erasure lock, shared: an
-    erasure that committed before is read here; one that has not waits for this commit, then
-    resolves and clears the escalation as any other of the conversation (and releases its hold,
-    when the caller holds the conversation before its commit)."""
-    await conn.execute(LOCK_WRITE, esc["tenant"])
+    or after ``since`` (None: ever), then None. Read under the tenant's erasure lock, shared
+    (``wait_s``: as ``_lock``): an erasure that committed before is read here; one that has not
+    waits for this commit, then resolves and clears the escalation as any other of the
+    conversation (and releases its hold, when the caller holds the conversation before its
+    commit)."""
+    await _lock(conn, esc["tenant"], wait_s)
     if await erased_since(conn, esc["tenant"], esc["agent_id"], esc["conversation_id"], since):
         return None
     return await open_escalation(conn, esc)
 
 
-async def open_locked(conn, esc: dict) -> tuple[dict, bool]:
-    """``open_escalation`` under the tenant's erasure lock, shared, with no erasure to compare
-    with: what the caller does before its commit (the conversation's hold) an erasure waiting for
-    the lock comes after, and undoes."""
-    await conn.execute(LOCK_WRITE, esc["tenant"])
+async def open_locked(conn, esc: dict, wait_s: float | None = None) -> tuple[dict, bool]:
+    """``open_escalation`` under the tenant's erasure lock, shared (``wait_s``: as ``_lock``),
+    with no erasure to compare with: what the caller does before its commit (the conversation's
+    hold) an erasure waiting for the lock comes after, and undoes."""
+    await _lock(conn, esc["tenant"], wait_s)
     return await open_escalation(conn, esc)
 
 
