@@ -104,7 +104,12 @@ def gw(tmp_root, services, module_mock):
 
 @pytest.fixture()
 def tenant(gw):
-    name = f"s36-{RUN}-{uuid.uuid4().hex[:4]}"
+    return new_tenant(gw, "s36")
+
+
+def new_tenant(gw: Gateway, prefix: str) -> dict:
+    """A tenant with a client key, an admin key and an escalating agent."""
+    name = f"{prefix}-{RUN}-{uuid.uuid4().hex[:4]}"
     keys = {}
     for kind, scopes in (("key", None), ("admin", ["admin"])):
         body = {"name": f"k-{uuid.uuid4().hex[:6]}", "tenant": name, **({"scopes": scopes} if scopes else {})}
@@ -123,7 +128,7 @@ def tenant(gw):
     return {"name": name, "agent": agent, "agent_id": r.json()["id"], **keys}
 
 
-def _chat(gw: Gateway, t: dict, conv: str, text: str) -> tuple[str, str | None]:
+def chat(gw: Gateway, t: dict, conv: str, text: str) -> tuple[str, str | None]:
     """(the answer, its escalation header) of one customer turn through the OpenAI SDK."""
     c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=t["key"], max_retries=0, timeout=120)
     raw = c.chat.completions.with_raw_response.create(
@@ -139,7 +144,7 @@ LOW_CONFIDENCE = '[[mock:{"logprob": -2}]] My card 4111 was charged twice'
 
 def _first_turn(gw: Gateway, t: dict, conv: str) -> None:
     """The conversation's first turn, not escalated: the next one loads its window (seq > 0)."""
-    content, escalation = _chat(gw, t, conv, "Hello there")
+    content, escalation = chat(gw, t, conv, "Hello there")
     assert escalation is None and content, content
 
 
@@ -179,7 +184,7 @@ def test_an_erasure_between_a_loaded_turns_seq_check_and_its_escalation_leaves_n
     _first_turn(gw, tenant, conv)
     r = sync_redis.Redis.from_url(_urls(services)[1])
     answer: dict = {}
-    turn = threading.Thread(target=lambda: answer.update(out=_chat(gw, tenant, conv, LOW_CONFIDENCE)))
+    turn = threading.Thread(target=lambda: answer.update(out=chat(gw, tenant, conv, LOW_CONFIDENCE)))
     turn.start()
     try:
         assert r.blpop([f"test:s36:checked:{conv}"], timeout=120) is not None  # (compared, waiting)
@@ -228,7 +233,7 @@ def test_an_erasure_while_a_turns_escalation_is_written_releases_its_hold(gw, se
             )
             await holder.execute("SELECT pg_advisory_lock($1, $2)", *LOCK_KEY)
             pid = holder.get_server_pid()
-            turn = asyncio.create_task(asyncio.to_thread(_chat, gw, tenant, conv, LOW_CONFIDENCE))
+            turn = asyncio.create_task(asyncio.to_thread(chat, gw, tenant, conv, LOW_CONFIDENCE))
             await _until(holder, pid, 1, [turn])  # (its insert waits)
             erasure = asyncio.create_task(asyncio.to_thread(_erase, gw, tenant, conv))
             await _until(holder, pid, 2, [turn, erasure])  # (the erasure waits behind it, or is over)

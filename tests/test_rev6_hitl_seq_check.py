@@ -25,13 +25,13 @@ import uuid
 
 import asyncpg
 import httpx
-import openai
 import pytest
 import redis as sync_redis
 
 from core.erasure_key import LOCK_ERASURE
 from runtime.memory import keys as memory_keys
 from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway
+from tests.test_hitl_s36_escalation_erasure import chat, new_tenant
 
 RUN = uuid.uuid4().hex[:6]
 GATE = f"test:rev6:gate:{RUN}"
@@ -103,33 +103,7 @@ def gw(tmp_root, services, module_mock):
 
 @pytest.fixture()
 def tenant(gw):
-    name = f"rev6-{RUN}-{uuid.uuid4().hex[:4]}"
-    keys = {}
-    for kind, scopes in (("key", None), ("admin", ["admin"])):
-        body = {"name": f"k-{uuid.uuid4().hex[:6]}", "tenant": name, **({"scopes": scopes} if scopes else {})}
-        r = _admin(gw, "POST", "/admin/keys", json=body)
-        assert r.status_code == 201, r.text
-        keys[kind] = r.json()["key"]
-    agent = f"helper-{uuid.uuid4().hex[:6]}"
-    body = {
-        "name": agent,
-        "model": "agent-model",
-        "template": "You are the support assistant.",
-        "escalation": {"enabled": True, "threshold": 0.5, "logprobs": True, "handoff_message": HANDOFF},
-    }
-    r = _admin(gw, "POST", "/admin/agents", keys["admin"], json=body)
-    assert r.status_code == 201, r.text
-    return {"name": name, "agent": agent, "agent_id": r.json()["id"], **keys}
-
-
-def _chat(gw: Gateway, t: dict, conv: str, text: str) -> tuple[str, str | None]:
-    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=t["key"], max_retries=0, timeout=120)
-    raw = c.chat.completions.with_raw_response.create(
-        model=f"agent:{t['agent']}",
-        messages=[{"role": "user", "content": text}],
-        metadata={"conversation_id": conv},
-    )
-    return raw.parse().choices[0].message.content, raw.headers.get("x-gateway-escalation")
+    return new_tenant(gw, "rev6")
 
 
 LOW_CONFIDENCE = '[[mock:{"logprob": -2}]] My card 4111 was charged twice'
@@ -146,12 +120,12 @@ async def _escalations(dsn: str, tenant: str) -> list[dict]:
 
 def test_an_erasure_before_a_turns_clock_read_counts_when_redis_fails_its_seq_comparison(gw, services, tenant):
     conv = f"rev6-{uuid.uuid4().hex[:8]}"
-    content, escalation = _chat(gw, tenant, conv, "Hello there")  # (the next turn loads a window)
+    content, escalation = chat(gw, tenant, conv, "Hello there")  # (the next turn loads a window)
     assert escalation is None and content
     r = sync_redis.Redis.from_url(services[1])
     answer: dict = {}
     r.set(GATE, "1")
-    turn = threading.Thread(target=lambda: answer.update(out=_chat(gw, tenant, conv, LOW_CONFIDENCE)))
+    turn = threading.Thread(target=lambda: answer.update(out=chat(gw, tenant, conv, LOW_CONFIDENCE)))
     turn.start()
     try:
         assert r.blpop([f"{GATE}:at-clock"], timeout=120) is not None  # (loaded, before the clock)
@@ -187,7 +161,7 @@ def test_an_escalating_turn_waits_for_an_erasures_lock_no_longer_than_a_webhook(
     waits ``server.erasure_lock_wait_s`` at most, as a webhook, and spools its escalation: the
     turn is answered (the hand-over) while the lock is still held."""
     conv = f"rev6-lock-{uuid.uuid4().hex[:8]}"
-    content, escalation = _chat(gw, tenant, conv, "Hello there")
+    content, escalation = chat(gw, tenant, conv, "Hello there")
     assert escalation is None and content
 
     async def scenario():
@@ -196,7 +170,7 @@ def test_an_escalating_turn_waits_for_an_erasures_lock_no_longer_than_a_webhook(
         await tx.start()
         try:
             await holder.execute(LOCK_ERASURE, tenant["name"])
-            turn = asyncio.ensure_future(asyncio.to_thread(_chat, gw, tenant, conv, LOW_CONFIDENCE))
+            turn = asyncio.ensure_future(asyncio.to_thread(chat, gw, tenant, conv, LOW_CONFIDENCE))
             done, _ = await asyncio.wait({turn}, timeout=BOUND)  # (a hang guard)
             answered_while_held = bool(done)
         finally:

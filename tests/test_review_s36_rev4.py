@@ -46,7 +46,9 @@ BOUND = 60.0  # seconds: a hang guard only, never a timing assertion
 
 @pytest.fixture(scope="module")
 def gw(tmp_root, services, module_mock):
-    g = Gateway(tmp_root, config(module_mock), services)
+    # (an escalating turn waits for the erasure lock erasure_lock_wait_s, then spools: other test
+    # files' erasures share its buckets, and a full run's could make it spool, not wait here)
+    g = Gateway(tmp_root, config(module_mock, server={"erasure_lock_wait_s": 30}), services)
     yield g
     g.stop()
 

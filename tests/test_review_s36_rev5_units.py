@@ -42,6 +42,7 @@ def test_attack_hangup_while_an_answer_is_counted_leaves_it_charged(monkeypatch)
             await noticed
             return Usage(prompt_tokens=5, completion_tokens=50)
 
+        monkeypatch.setattr(pipeline, "HANGUP_WATCH_AFTER_S", 0)  # (watching from the start: a slow provider's case)
         monkeypatch.setattr(pipeline, "run_attempts", upstream)
         monkeypatch.setattr(pipeline, "_estimate", estimate)
         svc = SimpleNamespace(config=SimpleNamespace(policies=SimpleNamespace(enabled=False)), router=None, adapters={})
