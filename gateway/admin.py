@@ -46,7 +46,7 @@ from gateway import (
 )
 from gateway import admin_input as inp
 from gateway.agent_announce import WARNING
-from gateway.db import BUSY, tenant_transaction
+from gateway.db import BUSY, busy_error, tenant_transaction
 from policies import budget_counts
 from policies import budgets as budget_store
 from policies import keys as key_store
@@ -95,13 +95,7 @@ async def _error(request: Request, exc: GatewayError) -> Response:
 async def _internal_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, BUSY):  # e.g. a change that waited past the driver's timeout on another's lock
         log.warning("admin API call gave up on a busy database: %s", type(exc).__name__)
-        busy = ServiceUnavailable(
-            "The database did not finish this call in time (it was busy, e.g. with another change of the "
-            "same rows); try again.",
-            code="database_busy",
-            headers={"retry-after": "1"},
-        )
-        return await _error(request, busy)
+        return await _error(request, busy_error())
     log.exception("admin API error")
     return await _error(request, GatewayError("The server had an error while processing your request."))
 

@@ -27,6 +27,7 @@ from gateway import (
     vapi_channel,
 )
 from gateway.admin import Admin
+from gateway.db import BUSY, busy_error
 from gateway.feedback import feedback as post_feedback
 from gateway.idempotency import Idempotency
 from gateway.idempotency import requested as idempotency_requested
@@ -166,6 +167,9 @@ class GatewayApp:
             await http.send_error(send, err, rid, crid)
         except http.ClientGone:
             return
+        except BUSY as exc:  # a database call past the driver's timeout (a lock held elsewhere): try again
+            log.warning("gave up on a busy database: %s", type(exc).__name__, extra={"fields": {"request_id": rid}})
+            await http.send_error(send, busy_error(), rid, crid)
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": rid}})
             await http.send_error(

@@ -12,6 +12,8 @@ from typing import TypeVar
 
 import asyncpg
 
+from core.errors import ServiceUnavailable
+
 log = logging.getLogger("gateway.db")
 
 T = TypeVar("T")
@@ -30,6 +32,18 @@ BUSY = (
     asyncpg.exceptions.LockNotAvailableError,
     *ABORTED,
 )
+
+
+def busy_error() -> ServiceUnavailable:
+    """What an API answers a ``BUSY`` failure: 503 ``database_busy``, try again."""
+    return ServiceUnavailable(
+        "The database did not finish this call in time (it was busy, e.g. with another change of the "
+        "same rows); try again.",
+        code="database_busy",
+        headers={"retry-after": "1"},
+    )
+
+
 # How long the driver waits for one statement (lock waits included) before it cancels it.
 COMMAND_TIMEOUT_S = 30.0
 

@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from core.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway import key_window, openai_files, openai_vector_stores
+from gateway.db import BUSY, busy_error
 from rag import ingest
 
 log = logging.getLogger("gateway.files")
@@ -42,6 +43,9 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, BUSY):  # e.g. an upload that waited past the driver's timeout on the storage lock
+        log.warning("files / vector stores call gave up on a busy database: %s", type(exc).__name__)
+        return await _error(request, busy_error())
     log.exception("files / vector stores API error")
     return await _error(request, GatewayError("The server had an error while processing your request."))
 

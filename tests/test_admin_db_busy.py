@@ -90,3 +90,71 @@ def test_a_change_that_waits_on_a_lock_past_the_statement_timeout_is_a_503_to_tr
     assert r.status_code == 200, r.text
     assert r.json()["description"] == "after"
     assert "admin API error" not in gw.log()  # (the 500's stack trace)
+
+
+def test_a_files_upload_that_waits_on_the_storage_lock_past_the_statement_timeout_is_a_503(gw, services):
+    """The Files API (its own app) and the main API's catch-all answer the same: another session
+    holds the tenant's storage lock (``storage_quota``'s, taken by every upload) until the upload
+    has answered: 503 ``database_busy`` with ``retry-after``, no file; once free, a 200."""
+    tenant = f"busy-files-{uuid.uuid4().hex[:6]}"
+    r = _admin(gw, "POST", "/admin/keys", json={"name": f"k-{uuid.uuid4().hex[:6]}", "tenant": tenant})
+    assert r.status_code == 201, r.text
+    key = r.json()["key"]
+
+    def upload(client):
+        return client.post(
+            "/v1/files", files={"file": ("notes.txt", b"hello there")}, data={"purpose": "assistants"}, timeout=120
+        )
+
+    async def go() -> httpx.Response:
+        holder = await asyncpg.connect(services[0])
+        try:
+            async with (
+                holder.transaction(),
+                httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}) as client,
+            ):
+                await holder.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"openai_files:{tenant}")
+                return await asyncio.wait_for(upload(client), 120)  # (held until it answers; bounded)
+        finally:
+            await holder.close()
+
+    r = asyncio.run(go())
+    assert r.status_code == 503, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "database_busy"), error
+    assert int(r.headers["retry-after"]) >= 1
+    with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}) as client:
+        assert client.get("/v1/files").json()["data"] == []
+        r = upload(client)
+        assert r.status_code == 200, r.text
+    assert "files / vector stores API error" not in gw.log()  # (the 500's stack trace)
+
+
+def test_a_feedback_insert_that_waits_past_the_statement_timeout_is_a_503(gw, services):
+    """The main API's catch-all (``POST /v1/feedback``, plain ASGI): its insert waits on a table a
+    test connection holds locked until the call has answered — 503 ``database_busy``, not a 500."""
+    tenant = f"busy-fb-{uuid.uuid4().hex[:6]}"
+    r = _admin(gw, "POST", "/admin/keys", json={"name": f"k-{uuid.uuid4().hex[:6]}", "tenant": tenant})
+    assert r.status_code == 201, r.text
+    key = r.json()["key"]
+    vote = {"conversation_id": f"c-{uuid.uuid4().hex[:8]}", "score": 1.0}
+
+    async def go() -> httpx.Response:
+        holder = await asyncpg.connect(services[0])
+        try:
+            async with (
+                holder.transaction(),
+                httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}) as client,
+            ):
+                await holder.execute("LOCK TABLE feedback IN ACCESS EXCLUSIVE MODE")
+                return await asyncio.wait_for(client.post("/v1/feedback", json=vote, timeout=120), 120)
+        finally:
+            await holder.close()
+
+    r = asyncio.run(go())
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "database_busy", r.text
+    assert int(r.headers["retry-after"]) >= 1
+    r = httpx.post(f"{gw.url}/v1/feedback", json=vote, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert r.status_code == 201, r.text
+    assert "unhandled error" not in gw.log()  # (the 500's stack trace)
