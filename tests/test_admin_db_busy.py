@@ -55,6 +55,42 @@ def _admin(gw, method: str, path: str, **kw) -> httpx.Response:
     return httpx.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=60, **kw)
 
 
+def _while_locked(gw, dsn: str, key: str, lock: str, args: tuple, call) -> httpx.Response:
+    """``call(client)``'s answer while a test connection holds ``lock`` (run with ``args`` in an
+    open transaction) until it has answered: only the gateway's timeout ends its wait; bounded."""
+
+    async def go() -> httpx.Response:
+        holder = await asyncpg.connect(dsn)
+        try:
+            async with (
+                holder.transaction(),
+                httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}) as client,
+            ):
+                await holder.execute(lock, *args)
+                return await asyncio.wait_for(call(client), 120)
+        finally:
+            await holder.close()
+
+    return asyncio.run(go())
+
+
+def _busy(r: httpx.Response) -> None:
+    """A 503 ``database_busy`` to try again, no stack trace."""
+    assert r.status_code == 503, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "database_busy"), error
+    assert int(r.headers["retry-after"]) >= 1
+    assert "Traceback" not in r.text
+
+
+def _tenant_key(gw, prefix: str) -> tuple[str, str]:
+    """A client key of a new tenant."""
+    tenant = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    r = _admin(gw, "POST", "/admin/keys", json={"name": f"k-{uuid.uuid4().hex[:6]}", "tenant": tenant})
+    assert r.status_code == 201, r.text
+    return tenant, r.json()["key"]
+
+
 def test_a_change_that_waits_on_a_lock_past_the_statement_timeout_is_a_503_to_try_again(gw, services):
     """Another session holds the tenant's agents lock (``check_agent_room``'s, taken by every
     agent change) until the PATCH has answered: a 503 ``database_busy`` with ``retry-after``, the
@@ -64,25 +100,9 @@ def test_a_change_that_waits_on_a_lock_past_the_statement_timeout_is_a_503_to_tr
     assert _admin(gw, "POST", "/admin/agents", json=body).status_code == 201
     path = f"/admin/agents/{name}?tenant={TENANT}"
 
-    async def go() -> httpx.Response:
-        holder = await asyncpg.connect(services[0])
-        try:
-            async with (
-                holder.transaction(),
-                httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {MASTER_KEY}"}) as client,
-            ):
-                await holder.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-agents:' || $1))", TENANT)
-                # held until the PATCH answers (only the gateway's timeout ends its wait); bounded
-                return await asyncio.wait_for(client.patch(path, json={"description": "after"}, timeout=120), 120)
-        finally:
-            await holder.close()
-
-    r = asyncio.run(go())
-    assert r.status_code == 503, r.text
-    error = r.json()["error"]
-    assert (error["type"], error["code"]) == ("server_error", "database_busy"), error
-    assert int(r.headers["retry-after"]) >= 1
-    assert "Traceback" not in r.text
+    lock = "SELECT pg_advisory_xact_lock(hashtext('gateway-agents:' || $1))"
+    patch = {"description": "after"}
+    _busy(_while_locked(gw, services[0], MASTER_KEY, lock, (TENANT,), lambda c: c.patch(path, json=patch, timeout=120)))
     agent = _admin(gw, "GET", f"/admin/agents/{name}", params={"tenant": TENANT}).json()
     assert agent["description"] == "before", agent
 
@@ -96,33 +116,15 @@ def test_a_files_upload_that_waits_on_the_storage_lock_past_the_statement_timeou
     """The Files API (its own app) and the main API's catch-all answer the same: another session
     holds the tenant's storage lock (``storage_quota``'s, taken by every upload) until the upload
     has answered: 503 ``database_busy`` with ``retry-after``, no file; once free, a 200."""
-    tenant = f"busy-files-{uuid.uuid4().hex[:6]}"
-    r = _admin(gw, "POST", "/admin/keys", json={"name": f"k-{uuid.uuid4().hex[:6]}", "tenant": tenant})
-    assert r.status_code == 201, r.text
-    key = r.json()["key"]
+    tenant, key = _tenant_key(gw, "busy-files")
 
     def upload(client):
         return client.post(
             "/v1/files", files={"file": ("notes.txt", b"hello there")}, data={"purpose": "assistants"}, timeout=120
         )
 
-    async def go() -> httpx.Response:
-        holder = await asyncpg.connect(services[0])
-        try:
-            async with (
-                holder.transaction(),
-                httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}) as client,
-            ):
-                await holder.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"openai_files:{tenant}")
-                return await asyncio.wait_for(upload(client), 120)  # (held until it answers; bounded)
-        finally:
-            await holder.close()
-
-    r = asyncio.run(go())
-    assert r.status_code == 503, r.text
-    error = r.json()["error"]
-    assert (error["type"], error["code"]) == ("server_error", "database_busy"), error
-    assert int(r.headers["retry-after"]) >= 1
+    lock = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+    _busy(_while_locked(gw, services[0], key, lock, (f"openai_files:{tenant}",), upload))
     with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}) as client:
         assert client.get("/v1/files").json()["data"] == []
         r = upload(client)
@@ -133,28 +135,11 @@ def test_a_files_upload_that_waits_on_the_storage_lock_past_the_statement_timeou
 def test_a_feedback_insert_that_waits_past_the_statement_timeout_is_a_503(gw, services):
     """The main API's catch-all (``POST /v1/feedback``, plain ASGI): its insert waits on a table a
     test connection holds locked until the call has answered — 503 ``database_busy``, not a 500."""
-    tenant = f"busy-fb-{uuid.uuid4().hex[:6]}"
-    r = _admin(gw, "POST", "/admin/keys", json={"name": f"k-{uuid.uuid4().hex[:6]}", "tenant": tenant})
-    assert r.status_code == 201, r.text
-    key = r.json()["key"]
+    _, key = _tenant_key(gw, "busy-fb")
     vote = {"conversation_id": f"c-{uuid.uuid4().hex[:8]}", "score": 1.0}
 
-    async def go() -> httpx.Response:
-        holder = await asyncpg.connect(services[0])
-        try:
-            async with (
-                holder.transaction(),
-                httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}) as client,
-            ):
-                await holder.execute("LOCK TABLE feedback IN ACCESS EXCLUSIVE MODE")
-                return await asyncio.wait_for(client.post("/v1/feedback", json=vote, timeout=120), 120)
-        finally:
-            await holder.close()
-
-    r = asyncio.run(go())
-    assert r.status_code == 503, r.text
-    assert r.json()["error"]["code"] == "database_busy", r.text
-    assert int(r.headers["retry-after"]) >= 1
+    lock = "LOCK TABLE feedback IN ACCESS EXCLUSIVE MODE"
+    _busy(_while_locked(gw, services[0], key, lock, (), lambda c: c.post("/v1/feedback", json=vote, timeout=120)))
     r = httpx.post(f"{gw.url}/v1/feedback", json=vote, headers={"Authorization": f"Bearer {key}"}, timeout=60)
     assert r.status_code == 201, r.text
     assert "unhandled error" not in gw.log()  # (the 500's stack trace)
