@@ -28,7 +28,7 @@ from core.errors import GatewayError
 from core.types import RequestContext, Usage
 from gateway import grounding, hitl_stage, pipeline, withholding
 from gateway.routing import Group
-from gateway.usage import assembled_calls, count_prompt_off_loop, merge_calls
+from gateway.usage import assembled_calls, count_prompt_off_loop, merge_calls, stream_events
 from runtime.memory import Window
 from runtime.memory_window import client_saw
 from runtime.tools import validation_budget
@@ -298,23 +298,14 @@ def _streamed_answer(chunks: list[bytes]) -> dict:
     calls (of the client's tools: an agent that streams live has none of its own)."""
     parts: list[str] = []
     calls: dict[int, dict] = {}
-    for chunk in chunks:
-        for event in chunk.split(b"\n\n"):
-            if not event.startswith(b"data: {"):
-                continue
-            try:
-                data = orjson.loads(event[6:])
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(data, dict):
-                continue
-            merge_calls(data, calls)
-            choices = data.get("choices")
-            for choice in choices if isinstance(choices, list) else ():  # relayed whatever its shape
-                delta = choice.get("delta") if isinstance(choice, dict) else None
-                content = delta.get("content") if isinstance(delta, dict) else None
-                if isinstance(content, str):
-                    parts.append(content)
+    for data in stream_events(chunks):
+        merge_calls(data, calls)
+        choices = data.get("choices")
+        for choice in choices if isinstance(choices, list) else ():  # relayed whatever its shape
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
     answer: dict = {"role": "assistant", "content": "".join(parts)}
     found = assembled_calls(calls)
     if found:

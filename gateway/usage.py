@@ -81,7 +81,7 @@ def estimate_usage(ctx: RequestContext, raw: bytes) -> Usage:
     return _usage(ctx, parts)
 
 
-def _events(chunks: list[bytes]) -> Iterator[dict]:
+def stream_events(chunks: list[bytes]) -> Iterator[dict]:
     """The JSON objects of relayed stream chunks' ``data:`` events (anything else skipped)."""
     for chunk in chunks:
         for event in chunk.split(b"\n\n"):
@@ -97,7 +97,7 @@ def _events(chunks: list[bytes]) -> Iterator[dict]:
 def estimate_stream_usage(ctx: RequestContext, chunks: list[bytes]) -> Usage:
     """A stream that ended (or broke) without the provider's usage: counted from what was sent."""
     parts: list[str] = []
-    for data in _events(chunks):
+    for data in stream_events(chunks):
         _answer_parts(data, "delta", parts)
     return _usage(ctx, parts)
 
@@ -166,7 +166,7 @@ def compact(chunks: list[bytes]) -> bytes:
     refusal: list[str] = []
     calls: dict[int, dict] = {}
     others: list[str] = []
-    for data in _events(chunks):
+    for data in stream_events(chunks):
         merge_calls(data, calls, others)
         choices = data.get("choices")
         for choice in choices if isinstance(choices, list) else ():
