@@ -85,7 +85,7 @@ def _urls(services) -> tuple[str, str]:
     return services[0], f"{services[1]}?db={REDIS_DB}"
 
 
-def _admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
+def admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
     return LOCAL_HTTP.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=120, **kw)
 
 
@@ -113,7 +113,7 @@ def new_tenant(gw: Gateway, prefix: str) -> dict:
     keys = {}
     for kind, scopes in (("key", None), ("admin", ["admin"])):
         body = {"name": f"k-{uuid.uuid4().hex[:6]}", "tenant": name, **({"scopes": scopes} if scopes else {})}
-        r = _admin(gw, "POST", "/admin/keys", json=body)
+        r = admin(gw, "POST", "/admin/keys", json=body)
         assert r.status_code == 201, r.text
         keys[kind] = r.json()["key"]
     agent = f"helper-{uuid.uuid4().hex[:6]}"
@@ -123,7 +123,7 @@ def new_tenant(gw: Gateway, prefix: str) -> dict:
         "template": "You are the support assistant.",
         "escalation": {"enabled": True, "threshold": 0.5, "logprobs": True, "handoff_message": HANDOFF},
     }
-    r = _admin(gw, "POST", "/admin/agents", keys["admin"], json=body)
+    r = admin(gw, "POST", "/admin/agents", keys["admin"], json=body)
     assert r.status_code == 201, r.text
     return {"name": name, "agent": agent, "agent_id": r.json()["id"], **keys}
 
@@ -149,7 +149,7 @@ def _first_turn(gw: Gateway, t: dict, conv: str) -> None:
 
 
 def _erase(gw: Gateway, t: dict, conv: str) -> httpx.Response:
-    return _admin(gw, "DELETE", f"/admin/agents/{t['agent']}/conversations/{conv}", t["admin"])
+    return admin(gw, "DELETE", f"/admin/agents/{t['agent']}/conversations/{conv}", t["admin"])
 
 
 async def _escalations(dsn: str, tenant: str) -> list[dict]:

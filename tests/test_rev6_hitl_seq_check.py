@@ -24,14 +24,13 @@ import threading
 import uuid
 
 import asyncpg
-import httpx
 import pytest
 import redis as sync_redis
 
 from core.erasure_key import LOCK_ERASURE
 from runtime.memory import keys as memory_keys
-from tests.conftest import LOCAL_HTTP, MASTER_KEY, Gateway
-from tests.test_hitl_s36_escalation_erasure import chat, new_tenant
+from tests.conftest import Gateway
+from tests.test_hitl_s36_escalation_erasure import admin, chat, new_tenant
 
 RUN = uuid.uuid4().hex[:6]
 GATE = f"test:rev6:gate:{RUN}"
@@ -84,10 +83,6 @@ LAUNCHER = textwrap.dedent(
 )
 
 
-def _admin(gw: Gateway, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
-    return LOCAL_HTTP.request(method, f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=120, **kw)
-
-
 @pytest.fixture(scope="module")
 def gw(tmp_root, services, module_mock):
     config = {
@@ -130,7 +125,7 @@ def test_an_erasure_before_a_turns_clock_read_counts_when_redis_fails_its_seq_co
     try:
         assert r.blpop([f"{GATE}:at-clock"], timeout=120) is not None  # (loaded, before the clock)
         r.delete(GATE)
-        erased = _admin(gw, "DELETE", f"/admin/agents/{tenant['agent']}/conversations/{conv}", tenant["admin"])
+        erased = admin(gw, "DELETE", f"/admin/agents/{tenant['agent']}/conversations/{conv}", tenant["admin"])
         assert erased.status_code == 200, erased.text
         mark = f"{memory_keys(tenant['name'], tenant['agent_id'], conv)[0]}:erased:seq"
         assert r.get(mark) is not None  # (the erasure's mark, which the comparison reads)
