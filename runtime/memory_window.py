@@ -87,6 +87,9 @@ class Window(list):
     tokens: list[int]
     seq: int | None = None
     since: int | None = None  # Redis's time (µs) when the load found the conversation empty there
+    # ``raw[i]``: ``self[i]`` as the stored window holds it (its exact JSON), when known (a window
+    # this process stored): the next stored window is then joined from these, not encoded again.
+    raw: list[bytes] | None = None
 
     def known(self) -> dict[int, tuple[dict, int]]:
         return {id(m): (m, t) for m, t in zip(self, self.tokens, strict=True)}
@@ -313,8 +316,27 @@ def _decode(raw: list[bytes]) -> list[tuple[int, dict]]:
 def _next_window(base: Window | None, added: list[tuple[int, dict]], settings: MemorySettings) -> list:
     """The append's (base seq, new window) arguments: the window after this turn, encoded after
     its ``"n":`` (the script adds the seq), or nothing to store (then the stored one is deleted)."""
+    return next_stored(base, added, None, settings)[0]
+
+
+def next_stored(
+    base: Window | None, added: list[tuple[int, dict]], encoded: list[bytes] | None, settings: MemorySettings
+) -> tuple[list, Window | None]:
+    """``_next_window``'s arguments and the window they store (None: none; its ``raw`` set).
+    ``encoded``: the JSON of ``added``'s messages, when the caller has it. A message of ``base``
+    whose ``raw`` is known, or of ``added`` with its JSON, is not encoded again: the stored
+    window's messages are joined from their JSON (a repaired message is encoded anew)."""
     new = extended(base, added, settings) if base is not None and base.seq is not None else None
     if new is None:
-        return ["", ""]
-    body = b'"c":"%s","t":%s,"m":%s}' % (fingerprint(settings).encode(), orjson.dumps(new.tokens), orjson.dumps(new))
-    return [base.seq, body if len(body) <= MAX_WINDOW_BYTES else ""]
+        return ["", ""], None
+    known: dict[int, bytes] = {}
+    if base.raw is not None and len(base.raw) == len(base):
+        known = dict(zip(map(id, base), base.raw, strict=True))
+    if encoded is not None:
+        known.update(zip((id(m) for _, m in added), encoded, strict=True))
+    raw = [known.get(id(m)) or orjson.dumps(m) for m in new]
+    body = b'"c":"%s","t":%s,"m":[%s]}' % (fingerprint(settings).encode(), orjson.dumps(new.tokens), b",".join(raw))
+    if len(body) > MAX_WINDOW_BYTES:
+        return [base.seq, ""], None
+    new.raw = raw
+    return [base.seq, body], new
