@@ -25,7 +25,7 @@ MAX_HELD_BYTES = 64 * 1024 * 1024  # of the held windows' stored JSON
 
 
 class _Held:
-    __slots__ = ("fingerprint", "messages", "n", "raw", "size", "tokens")
+    __slots__ = ("fingerprint", "last_tools", "messages", "n", "raw", "size", "starts", "tokens")
 
     def __init__(self, n: int, fingerprint: str, window: Window, size: int) -> None:
         self.n = n
@@ -33,6 +33,8 @@ class _Held:
         self.messages = list(window)
         self.tokens = list(window.tokens)
         self.raw = window.raw
+        self.starts = window.starts
+        self.last_tools = window.last_tools
         self.size = size
 
 
@@ -60,6 +62,8 @@ class HeldWindows:
         out.tokens = list(held.tokens)
         out.seq = held.n
         out.raw = held.raw
+        out.starts = held.starts
+        out.last_tools = held.last_tools
         self.hits += 1
         return out
 

@@ -279,3 +279,36 @@ def test_the_held_windows_are_bounded_by_entries_and_bytes():
     held.put("huge", 1, fingerprint(settings), w, 101)  # larger than the whole bound: not held
     assert held.get("huge", fingerprint(settings)) is None
     assert held.get("big", "other") is None  # cut for other settings
+
+
+def test_what_a_stored_window_carries_is_what_its_messages_say():
+    """``Window.starts``, ``last_tools`` and ``raw`` (carried from turn to turn so the next window
+    is neither scanned nor encoded again) are what the messages give when worked out afresh,
+    and the stored value is the one encoding the whole window gives."""
+    import random
+
+    from runtime.memory_window import _has_tools, next_stored
+
+    rng = random.Random(20261128)
+    for case in range(60):
+        settings = MemorySettings(window_turns=rng.randint(1, 8), window_tokens=rng.choice([60, 400, 100_000]))
+        base = Window()
+        base.tokens, base.seq = [], 1
+        for i in range(rng.randint(1, 25)):
+            added = [(message_tokens(m), m) for m in (_tool_turn(i) if rng.random() < 0.3 else _turn(i))]
+            encoded = [orjson.dumps(m) for _, m in added]
+            (seq, body), new = next_stored(base, added, encoded, settings)
+            assert new is not None and seq == base.seq
+            assert body == b'"c":"%s","t":%s,"m":%s}' % (
+                fingerprint(settings).encode(),
+                orjson.dumps(new.tokens),
+                orjson.dumps(list(new)),
+            )
+            if new.raw is not None:
+                assert new.raw == [orjson.dumps(m) for m in new], (case, i)
+            if new.starts is not None:
+                starts = [j for j, m in enumerate(new) if m.get("role") == "user"]
+                assert new.starts == starts, (case, i)
+                assert new.last_tools == (bool(starts) and any(_has_tools(m) for m in new[starts[-1] :])), (case, i)
+            new.seq = base.seq + len(added)
+            base = new
