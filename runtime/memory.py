@@ -41,6 +41,7 @@ The window's cut and its encoding are ``runtime.memory_window``'s; the Lua scrip
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -120,6 +121,7 @@ def conversation_tag(tenant: str, agent_id: str, conversation_id: str) -> str:
     return hashlib.blake2b(f"{tenant}\x00{agent_id}\x00{conversation_id}".encode(), digest_size=16).hexdigest()
 
 
+@functools.lru_cache(maxsize=4096)  # (a turn asks twice: load, append; a conversation's turns follow)
 def keys(tenant: str, agent_id: str, conversation_id: str) -> tuple[str, str]:
     """The window list and seq counter of one conversation. Hashed: the caller's id is any text.
     (The stored window is the list's key and ``:w``.)"""
@@ -369,13 +371,13 @@ class Memory:
             "prompt_version": prompt_version,
             "variant": variant,
             "ts": time.time(),
-            "messages": stored,
         }
         args: list = [agent.memory.ttl_s, agent.memory.ttl_s + SEQ_GRACE_S, list_cap(agent.memory)]
         pairs: list = []
         try:
-            args.append(orjson.dumps(record))
             encoded = [orjson.dumps(m) for m in stored]
+            # the record, its messages last (``dead_tag`` reads what precedes them): joined, not encoded again
+            args.append(b'%s,"messages":[%s]}' % (orjson.dumps(record)[:-1], b",".join(encoded)))
             if sum(map(len, encoded)) <= COUNT_ON_LOOP_BYTES:
                 counts = [message_tokens(m) for m in stored]
             else:  # (a large message takes long to tokenize: ~0.5 s for 6 MB)

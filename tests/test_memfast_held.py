@@ -312,3 +312,29 @@ def test_what_a_stored_window_carries_is_what_its_messages_say():
                 assert new.last_tools == (bool(starts) and any(_has_tools(m) for m in new[starts[-1] :])), (case, i)
             new.seq = base.seq + len(added)
             base = new
+
+
+def test_the_stream_record_is_the_turn_encoded_whole(services):
+    """The record ``append`` queues for PostgreSQL (joined from its messages' JSON) is what
+    encoding the turn whole gives, its messages last (``dead_tag`` reads what precedes them)."""
+    from runtime.memory import MEMORY_STREAM, clean_message, dead_tag
+
+    async def body(memories, pool, redis):
+        a = memories[0]
+        agent = _agent()
+        conv = f"c-{uuid.uuid4().hex}"
+        turn = [*_tool_turn(1), {"role": "assistant", "content": 'ünïcode \u2028 "quoted"\n'}]
+        await a.append(agent.tenant, agent, conv, turn, request_id="req-1", prompt_version=3, variant="b")
+        entries = await redis.xrevrange(MEMORY_STREAM, count=20)
+        raw = next(f[b"r"] for _, f in entries if orjson.loads(f[b"r"])["external_id"] == conv)
+        record = orjson.loads(raw)
+        assert list(record) == [
+            "tenant", "agent_id", "external_id", "request_id", "prompt_version", "variant", "ts", "messages",
+        ]  # fmt: skip
+        assert record["messages"] == [clean_message(m) for m in turn]
+        assert (record["request_id"], record["variant"]) == ("req-1", "b")
+        assert raw == orjson.dumps(record)
+        cut = raw[: raw.index(b',"messages":') + 20]  # (a dead letter kept cut)
+        assert dead_tag({b"r": cut}) == dead_tag({b"r": raw}) is not None
+
+    _run(services, body, fast=True, replicas=1)
