@@ -11,7 +11,11 @@ replicas storing turns of one conversation at once never collide.
   one value (``…:w``, ``{"n": last seq, "c": settings, "t": tokens, "m": messages}``): a load
   decodes that one value and cuts nothing, while its ``n`` is still the list's last message.
   Without it (another writer's turn, a settings change, a window over ``MAX_WINDOW_BYTES``, a
-  list evicted alone) the load reads the list's tail and cuts it. When Redis
+  list evicted alone) the load reads the list's tail and cuts it. A process holds the stored
+  windows it last stored or read, decoded (``runtime.memory_held``, bounded): the load tells
+  the script the ``n`` it holds, and while the stored window is still that one (a seq is never
+  handed out twice) the script answers a marker instead of it — after the erasure check, as
+  always — and nothing is sent or decoded. When Redis
   holds nothing — a new conversation, or one expired or evicted — the window is read from
   PostgreSQL (the one PostgreSQL query an agent turn can make, on that cache miss only) and
   Redis is warmed again.
@@ -37,6 +41,7 @@ The window's cut and its encoding are ``runtime.memory_window``'s; the Lua scrip
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -50,17 +55,20 @@ from core.erasure_key import mark_micros
 from core.errors import InvalidRequest
 from core.stream_writer import StreamWriter
 from runtime import conversations
+from runtime.memory_held import HeldWindows
 from runtime.memory_scripts import APPEND as _APPEND
 from runtime.memory_scripts import FORGET as _FORGET
 from runtime.memory_scripts import LOAD as _LOAD
 from runtime.memory_scripts import REWARM as _REWARM
 from runtime.memory_window import (
     Window,
-    _next_window,
+    _next_window,  # noqa: F401  (the bench's)
     clean_message,
+    fingerprint,
     list_cap,
     message_tokens,
     newest_window,
+    next_stored,
     stored_window,
     tail_size,
     window,
@@ -113,6 +121,7 @@ def conversation_tag(tenant: str, agent_id: str, conversation_id: str) -> str:
     return hashlib.blake2b(f"{tenant}\x00{agent_id}\x00{conversation_id}".encode(), digest_size=16).hexdigest()
 
 
+@functools.lru_cache(maxsize=4096)  # (a turn asks twice: load, append; a conversation's turns follow)
 def keys(tenant: str, agent_id: str, conversation_id: str) -> tuple[str, str]:
     """The window list and seq counter of one conversation. Hashed: the caller's id is any text.
     (The stored window is the list's key and ``:w``.)"""
@@ -206,6 +215,8 @@ class Memory:
         self._load = redis.register_script(_LOAD)
         self._rewarm = redis.register_script(_REWARM)
         self._forget = redis.register_script(_FORGET)
+        # the stored windows this process last stored or read, per conversation (``memory_held``)
+        self.held = HeldWindows()
         # ``reader``: the stream writer's own pipelined connection (it blocks on its reads)
         self.writer = StreamWriter(
             redis, pool, stream=MEMORY_STREAM, group=MEMORY_GROUP, write=conversations.write_turns, batch=batch,
@@ -256,10 +267,13 @@ class Memory:
         # tool steps, but a turn is read back only while it fits, so decoding all of it is
         # wasted work.
         start = -tail_size(agent.memory)
-        script_keys, args = [window_key, f"{window_key}:w"], [start]
+        cut_for = fingerprint(agent.memory)
+        held = self.held.get(window_key, cut_for)
+        script_keys = [window_key, f"{window_key}:w"]
+        args: list = [start, "", "" if held is None else held.n]
         if erased is not None:
             script_keys.append(erased[0])
-            args.append(erased[1])
+            args[1] = erased[1]
         try:
             raw = await self._script("load", script_keys, args)
         except (RedisError, OSError, TimeoutError) as exc:
@@ -267,14 +281,19 @@ class Memory:
             raise cls(f"redis: {type(exc).__name__}") from None
         try:
             if raw == -3:
+                self.held.drop(window_key)
                 raise Erased()
+            if raw == -4 and held is not None:  # the stored window is still the one held
+                return self.held.window(window_key, held)
             if isinstance(raw, bytes):
                 stored = stored_window(raw, agent.memory)
                 if stored is not None:
+                    self.held.put(window_key, stored.seq, cut_for, stored, len(raw))
                     return stored
                 raw = await self._list_tail(window_key, start)  # cut for other settings: rare
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
+        self.held.drop(window_key)
         if raw and type(raw) is not int:
             return newest_window(raw, agent.memory)
         since = raw if type(raw) is int else None  # (nothing in Redis: the read's time)
@@ -352,13 +371,13 @@ class Memory:
             "prompt_version": prompt_version,
             "variant": variant,
             "ts": time.time(),
-            "messages": stored,
         }
         args: list = [agent.memory.ttl_s, agent.memory.ttl_s + SEQ_GRACE_S, list_cap(agent.memory)]
         pairs: list = []
         try:
-            args.append(orjson.dumps(record))
             encoded = [orjson.dumps(m) for m in stored]
+            # the record, its messages last (``dead_tag`` reads what precedes them): joined, not encoded again
+            args.append(b'%s,"messages":[%s]}' % (orjson.dumps(record)[:-1], b",".join(encoded)))
             if sum(map(len, encoded)) <= COUNT_ON_LOOP_BYTES:
                 counts = [message_tokens(m) for m in stored]
             else:  # (a large message takes long to tokenize: ~0.5 s for 6 MB)
@@ -366,7 +385,8 @@ class Memory:
             counted = list(zip(counts, stored, strict=True))
             for tokens, raw in zip(counts, encoded, strict=True):
                 pairs += [tokens, raw]
-            args += _next_window(base, counted, agent.memory)
+            window_args, new_window = next_stored(base, counted, encoded, agent.memory)
+            args += window_args
         except (orjson.JSONEncodeError, TypeError) as exc:
             raise MemoryUnavailable(f"unstorable message: {type(exc).__name__}") from None
         window_key, seq_key = keys(tenant, agent.id, conversation_id)
@@ -380,6 +400,7 @@ class Memory:
             queued = base.since
         # The window's seq is a floor: the conversation had reached it when the turn began.
         floor = base.seq if base is not None and base.seq is not None else ""
+        self.held.drop(window_key)  # (whatever happens now, the stored window is this turn's or none)
         try:
             first = await self._script("append", script_keys, [*args, floor, queued, *pairs])
             if first == -1:  # no counter, no list: PostgreSQL knows how far the seqs went
@@ -387,6 +408,11 @@ class Memory:
                 first = await self._script("append", script_keys, [*args, floor, queued, *pairs])
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
+        if type(first) is list:  # (first seq, whether the new window was stored)
+            first, kept = int(first[0]), first[1] == 1
+            if kept and new_window is not None:
+                last = first + len(stored) - 1
+                self.held.put(window_key, last, fingerprint(agent.memory), new_window, len(window_args[1]))
         if first == -3:
             log.info("memory: a turn queued before its conversation's erasure was not stored")
             raise Erased()
@@ -409,6 +435,7 @@ class Memory:
         Redis had handed out since the last erasure (0: none) and Redis's clock then (unix
         seconds: turns stored before it are stamped earlier)."""
         window_key, seq_key = keys(tenant, agent_id, conversation_id)
+        self.held.drop(window_key)  # (another process's is dropped by Redis: its stored window is gone)
         forget_keys = [
             window_key,
             seq_key,

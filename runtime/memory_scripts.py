@@ -23,7 +23,8 @@ def _erased_since(key: str, queued: str) -> str:
 # (optional: ``Memory.append``'s ``erased``). ARGV: ttl, seq ttl, cap, the turn's stream record, the
 # seq the turn's window was loaded at ('' unknown), the new window after its "n" ('' none), the
 # lowest seq the conversation may have reached ('' unknown), the turn's queue time ('' unknown),
-# then (tokens, message JSON) pairs.
+# then (tokens, message JSON) pairs. Answers {first seq, 1 when the new window was stored else 0}
+# (its ``n`` is then the turn's last seq), or -1, -2, -3 (below).
 # A seq is never handed out twice: a counter gone (evicted, or expired after the list) starts
 # again from the list's last seq, else from the floor; with neither the script stores nothing
 # and answers -1, and the caller asks PostgreSQL for the floor (messages.seq is unique there, so
@@ -67,10 +68,10 @@ local now = redis.call('TIME')
 redis.call('XADD', KEYS[3], '*', 'r', ARGV[4], 's', first, 't', now[1] .. '.' .. string.format('%06d', now[2]))
 if ARGV[5] ~= '' and ARGV[6] ~= '' and prev_seq == ARGV[5] then
   redis.call('SET', KEYS[4], '{"n":' .. string.format('%d', last) .. ',' .. ARGV[6], 'EX', ARGV[1])
-else
-  redis.call('DEL', KEYS[4])
+  return {first, 1}
 end
-return first
+redis.call('DEL', KEYS[4])
+return {first, 0}
 """
 APPEND = APPEND.replace("-- erased since queued", _erased_since("KEYS[6]", "ARGV[8]"))
 
@@ -78,7 +79,11 @@ APPEND = APPEND.replace("-- erased since queued", _erased_since("KEYS[6]", "ARGV
 # tail: a list evicted without its window, or a writer that does not keep the window (a replica
 # of an older release), leaves a stored window that is not the list's. KEYS: list, stored window,
 # and the conversation's erasure mark (optional: ``Memory.load``'s ``erased``). ARGV: the tail's
-# start (negative), the turn's queue time (with the mark).
+# start (negative), the turn's queue time (with the mark; else ''), the ``n`` of the stored window
+# the caller holds already ('' none: ``Memory``'s cache of the windows it stored or read). When
+# the stored window is still that one, -4 instead of it: the caller decodes nothing (the erasure
+# mark is read first all the same). A stored window's ``n`` is the seq of the turn that stored it,
+# and a seq is never handed out twice: the same ``n`` is the same window.
 # When the list is empty (a new conversation, or one expired, evicted or erased), Redis's time
 # instead (µs): the turn's store is refused if the conversation is erased after it (``APPEND``
 # with the conversation's own erasure mark, ``:erased:at``), as no seq floor can tell then.
@@ -90,7 +95,10 @@ local w = redis.call('GET', KEYS[2])
 if w then
   local n = string.match(w, '^{"n":(%d+)')
   local last = redis.call('LINDEX', KEYS[1], -1)
-  if n and last and string.match(last, '^{"s":(%d+)') == n then return w end
+  if n and last and string.match(last, '^{"s":(%d+)') == n then
+    if n == ARGV[3] then return -4 end
+    return w
+  end
 end
 local tail = redis.call('LRANGE', KEYS[1], ARGV[1], -1)
 if #tail > 0 then return tail end

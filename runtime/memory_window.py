@@ -87,6 +87,14 @@ class Window(list):
     tokens: list[int]
     seq: int | None = None
     since: int | None = None  # Redis's time (µs) when the load found the conversation empty there
+    # Known of a window this process stored (``extended``'s, held by ``runtime.memory_held``;
+    # None: not known, and worked out again): ``raw[i]`` is ``self[i]`` as the stored window holds
+    # it (its exact JSON), so the next stored window is joined, not encoded again; ``starts``
+    # the indexes of its user messages (where its turns start); ``last_tools`` whether its last
+    # turn holds a tool call or result. Never changed once set: copies share them.
+    raw: list[bytes] | None = None
+    starts: list[int] | None = None
+    last_tools: bool | None = None
 
     def known(self) -> dict[int, tuple[dict, int]]:
         return {id(m): (m, t) for m, t in zip(self, self.tokens, strict=True)}
@@ -210,25 +218,37 @@ def extended(base: Window, added: list[tuple[int, dict]], settings: MemorySettin
     the last one, whose repair may have dropped a call that ``added`` answers (only the list
     has it); and None when ``base`` ends with a client's call left unanswered: it is dropped
     now, so an older turn ``base`` could not afford may fit (only the list has it)."""
+    return _extend(base, added, settings)[0]
+
+
+def _extend(base: Window, added: list[tuple[int, dict]], settings: MemorySettings) -> tuple[Window | None, int | None]:
+    """``extended``, and where its messages from ``base`` begin when it is ``base[keep:]`` then
+    ``added``'s messages as they came (else None: cut anew, or ``added`` repaired)."""
     if not added or added[0][1].get("role") != "user":
-        return None
+        return None, None
     if base and base[-1].get("tool_calls"):
-        return None
-    starts = [i for i, m in enumerate(base) if m.get("role") == "user"]
+        return None, None
+    starts = base.starts
+    if starts is None or base.last_tools is None:
+        starts = [i for i, m in enumerate(base) if m.get("role") == "user"]
+        last_tools = bool(starts) and any(_has_tools(m) for m in base[starts[-1] :])
+    else:
+        last_tools = base.last_tools
     several = any(m.get("role") == "user" for _, m in added[1:])  # a client may send several turns
-    if several or (starts and any(_has_tools(m) for m in base[starts[-1] :])):
+    if several or last_tools:
         entries = [*zip(base.tokens, base, strict=True), *added]  # cut per turn, the last repaired anew
         entries.reverse()
-        return _cut(entries, settings)
+        return _cut(entries, settings), None
     messages = [m for _, m in added]
     counts = [int(t) for t, _ in added]
-    if any(_has_tools(m) for m in messages):
+    tools = any(_has_tools(m) for m in messages)
+    if tools:
         messages, counts = _repaired(messages, counts, last=True)
     out = Window()
     out.tokens = []
     total = sum(counts)
     if settings.window_turns < 1 or total > settings.window_tokens:
-        return out
+        return out, None
     total += sum(base.tokens)
     turns = len(starts) + 1
     first = 0  # the oldest turn kept: drop from the front while over a budget
@@ -241,7 +261,10 @@ def extended(base: Window, added: list[tuple[int, dict]], settings: MemorySettin
     out.extend(base[keep:])
     out.extend(messages)
     out.tokens = [*base.tokens[keep:], *counts]
-    return out
+    out.starts = [i - keep for i in starts[first:]]
+    out.starts.append(len(base) - keep)  # (``added`` is one turn here: its user message first)
+    out.last_tools = tools and any(_has_tools(m) for m in messages)
+    return out, None if tools else keep
 
 
 _CUT_RULES = 2  # raised whenever the cut or the repair changes: windows cut before are not used
@@ -313,8 +336,30 @@ def _decode(raw: list[bytes]) -> list[tuple[int, dict]]:
 def _next_window(base: Window | None, added: list[tuple[int, dict]], settings: MemorySettings) -> list:
     """The append's (base seq, new window) arguments: the window after this turn, encoded after
     its ``"n":`` (the script adds the seq), or nothing to store (then the stored one is deleted)."""
-    new = extended(base, added, settings) if base is not None and base.seq is not None else None
+    return next_stored(base, added, None, settings)[0]
+
+
+def next_stored(
+    base: Window | None, added: list[tuple[int, dict]], encoded: list[bytes] | None, settings: MemorySettings
+) -> tuple[list, Window | None]:
+    """``_next_window``'s arguments and the window they store (None: none; its ``raw`` set).
+    ``encoded``: the JSON of ``added``'s messages, when the caller has it. A message of ``base``
+    whose ``raw`` is known, or of ``added`` with its JSON, is not encoded again: the stored
+    window's messages are joined from their JSON (a repaired message is encoded anew)."""
+    if base is None or base.seq is None:
+        return ["", ""], None
+    new, keep = _extend(base, added, settings)
     if new is None:
-        return ["", ""]
-    body = b'"c":"%s","t":%s,"m":%s}' % (fingerprint(settings).encode(), orjson.dumps(new.tokens), orjson.dumps(new))
-    return [base.seq, body if len(body) <= MAX_WINDOW_BYTES else ""]
+        return ["", ""], None
+    if keep is not None and encoded is not None and base.raw is not None and len(base.raw) == len(base):
+        raw = [*base.raw[keep:], *encoded]
+    elif base.raw is not None or base.starts is not None:  # (a window this process stored: the next may join)
+        raw = [orjson.dumps(m) for m in new]
+    else:  # (encoded whole, faster than message by message)
+        raw = None
+    messages = b"[%s]" % b",".join(raw) if raw is not None else orjson.dumps(new)
+    body = b'"c":"%s","t":%s,"m":%s}' % (fingerprint(settings).encode(), orjson.dumps(new.tokens), messages)
+    if len(body) > MAX_WINDOW_BYTES:
+        return [base.seq, ""], None
+    new.raw = raw
+    return [base.seq, body], new
