@@ -473,7 +473,10 @@ class StreamWriter:
         return total
 
     async def _commit(self, found: list[tuple[bytes, dict]]) -> None:
-        records = [self._stamped(i, fields) for i, fields in found if fields]  # (a deleted entry has none)
+        if self._stamp is None:
+            records = [fields for _, fields in found if fields]  # (a deleted entry has none)
+        else:
+            records = [self._stamped(i, fields) for i, fields in found if fields]
         if records:
             await self._write_or_isolate(records)
         await self._ack(found)
@@ -488,7 +491,11 @@ class StreamWriter:
     async def _ack(self, found: list[tuple[bytes, dict]]) -> None:
         """The entries acknowledged and deleted (once they are in PostgreSQL, or on local disk)."""
         ids = [i for i, _ in found]
-        await asyncio.gather(self._call("XACK", self.stream, self.group, *ids), self._call("XDEL", self.stream, *ids))
+        ack, delete = ("XACK", self.stream, self.group, *ids), ("XDEL", self.stream, *ids)
+        if self._fast is not None:  # (one write and one wait for both: no task per command)
+            await self._fast.execute_many([ack, delete])
+            return
+        await asyncio.gather(self._call(*ack), self._call(*delete))
 
     async def _write_or_isolate(self, records: list[dict]) -> None:
         """One record PostgreSQL refuses alone goes to the dead-letter stream (``<stream>:dead``),

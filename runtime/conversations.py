@@ -15,7 +15,7 @@ import orjson
 from core.erasure_key import ERASURE_LOCK_BUCKETS as ERASURE_LOCK_BUCKETS
 from core.erasure_key import EVERY_AGENT, LOCK_ERASURE, conversation_hash, erasure_key, lock_batch_tenants
 from runtime import erased_records
-from runtime.runs import _clean_nul, tenant_transaction
+from runtime.runs import JSONB_OF, temp_table, tenant_transaction
 
 # One stream entry per stored turn: ``r`` the turn as JSON (tenant, agent_id, external_id,
 # request_id, prompt_version, variant, ts, messages), ``s`` the seq of its first message.
@@ -95,23 +95,34 @@ def _stamp(value: bytes | None) -> float | None:
     return stamp if stamp is not None and math.isfinite(stamp) else None
 
 
+# (the turns into the temporary table in one INSERT from arrays; then every statement over it in
+# one simple query, each with a snapshot of its own as when sent one by one: the erasures are read
+# after the tenants' locks are granted)
+_FILL = (
+    f"INSERT INTO memory_raw (r, s, t, h) SELECT {JSONB_OF.format('r')}, s, t, h "
+    "FROM unnest($1::bytea[], $2::int[], $3::float8[], $4::text[]) AS u(r, s, t, h)"
+)
+_AFTER_FILL = ";\n".join((_LOCK_BATCH_TENANTS, _SKIP_ERASED, _UPSERT_CONVERSATIONS, _INSERT_MESSAGES))
+
+
 async def write_turns(conn: asyncpg.Connection, entries: list[dict], key: bytes | None = None) -> None:
-    """Writes stream entries (fields ``r``, ``s`` and ``t``) inside the caller's transaction;
-    ``key``: the erasures' (``core.erasure_key``, this process's by default)."""
+    """Writes stream entries (fields ``r``, ``s`` and ``t``) inside the caller's transaction, in
+    two round trips; ``key``: the erasures' (``core.erasure_key``, this process's by default)."""
     key = erasure_key() if key is None else key
-    rows = [
-        (_clean_nul(e[b"r"]), int(e[b"s"]), _stamp(e.get(b"t")), _turn_hash(e[b"r"], key))
-        for e in entries
-        if b"r" in e and e.get(b"s", b"").isdigit()
-    ]
-    if not rows:
+    raw, seqs, stamps, hashes = [], [], [], []
+    for e in entries:
+        r, s = e.get(b"r"), e.get(b"s", b"")
+        if r is None or not s.isdigit():
+            continue
+        raw.append(r)
+        seqs.append(int(s))
+        stamps.append(_stamp(e.get(b"t")))
+        hashes.append(_turn_hash(r, key))
+    if not raw:
         return
-    await conn.execute(MEMORY_RAW_DDL)
-    await conn.copy_records_to_table("memory_raw", records=rows, columns=("r", "s", "t", "h"))
-    await conn.execute(_LOCK_BATCH_TENANTS)
-    await conn.execute(_SKIP_ERASED)
-    await conn.execute(_UPSERT_CONVERSATIONS)
-    await conn.execute(_INSERT_MESSAGES)
+    async with temp_table(conn, MEMORY_RAW_DDL):
+        await conn.execute(_FILL, raw, seqs, stamps, hashes)
+        await conn.execute(_AFTER_FILL)
 
 
 def _turn_hash(raw: bytes, key: bytes) -> str | None:

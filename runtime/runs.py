@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import time
+import weakref
 from pathlib import Path
 
 import asyncpg
@@ -47,11 +48,6 @@ STAMP = b"t"  # a run's time in the runs stream (its entry id's: Redis's clock),
 WAITED = "w"  # seconds a run waited in its recorder's buffer before reaching the stream (its own clock's
 # durations: no wall clock): the run's end on Redis's clock is its ``STAMP`` less this
 LINGER_S = 0.05  # how long the flusher lets runs gather before appending them
-
-
-def _clean_nul(raw: bytes) -> str:
-    # jsonb cannot hold U+0000, which a client can put in any string it sends (see the ledger)
-    return raw.replace(b"\\u0000", b"\\ufffd").decode()
 
 
 # --- run records -------------------------------------------------------------------------------
@@ -192,7 +188,7 @@ _RUN_COLUMNS = (
     ("created_at", "to_timestamp((r->>'ts')::float8)"),
 )
 # A batch may hold one request id twice (a run recorded again): the first one recorded stays,
-# in the batch (DISTINCT ON, in the order copied) as across batches (ON CONFLICT DO NOTHING).
+# in the batch (DISTINCT ON, in the order given) as across batches (ON CONFLICT DO NOTHING).
 _LOCK_TENANTS = lock_batch_tenants("runs_raw_t", "h IS NOT NULL")
 _INSERT_RUNS = (
     f"INSERT INTO runs ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
@@ -201,24 +197,62 @@ _INSERT_RUNS = (
     "WHERE r->>'request_id' IS NOT NULL ORDER BY r->>'request_id', n) AS first "
     "ON CONFLICT (request_id) DO NOTHING"
 )
+RUNS_RAW_DDL = "CREATE TEMP TABLE IF NOT EXISTS runs_raw_t (n integer, r jsonb, h text, t float8) ON COMMIT DELETE ROWS"
+
+# The encoded records (bytes, UTF-8 JSON) as jsonb, in SQL: they go to PostgreSQL as one bytea
+# array, no Python work per record. jsonb cannot hold U+0000, which a client can put in any string
+# it sends (see the ledger): its escapes become U+FFFD's.
+JSONB_OF = "replace(convert_from({}, 'UTF8'), '\\u0000', '\\ufffd')::jsonb"
+_FILL_RUNS = (
+    f"INSERT INTO runs_raw_t (n, r, h, t) SELECT n, {JSONB_OF.format('r')}, h, t "
+    "FROM unnest($1::bytea[], $2::text[], $3::float8[]) WITH ORDINALITY AS u(r, h, t, n)"
+)
+# (one simple query, its statements in order, each with a snapshot of its own as when sent one by
+# one: the erasures are read after the tenants' locks are granted)
+_AFTER_FILL_RUNS = f"{_LOCK_TENANTS};\n{_INSERT_RUNS}"
+
+# A writer's connections, and which of the temporary tables above each has made (its session's:
+# made once, then only filled). Keyed by the connection, not a pool's proxy of it (a new one each
+# time the connection is lent), and forgotten with it.
+_MADE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def temp_table(conn: asyncpg.Connection, ddl: str):
+    """``ddl`` (a ``CREATE TEMP TABLE IF NOT EXISTS``) run on ``conn`` unless a write on it made
+    the table before; a batch's write runs inside. Remembered once the write succeeded (made in a
+    transaction that failed, the table is gone with it: its creation rolled back); a table missing
+    all the same (``UndefinedTableError``: its batch stays in the stream, written again later) is
+    forgotten, made again next time."""
+    raw = getattr(conn, "_con", conn)  # (a pool's proxy: the connection it lends)
+    made = _MADE.get(raw)
+    if made is None:
+        made = _MADE[raw] = set()
+    if ddl not in made:
+        await conn.execute(ddl)
+    try:
+        yield
+    except asyncpg.UndefinedTableError:
+        made.discard(ddl)
+        raise
+    made.add(ddl)  # (only now: made in a transaction that failed, the table went with it)
 
 
 async def write_runs(
     conn: asyncpg.Connection, raw: list[bytes], key: bytes | None = None, times: list[float | None] | None = None
 ) -> None:
-    """COPY the encoded runs into a temporary table and insert what is new (call it inside a
-    transaction): a batch written twice inserts once. ``key``: the erasures' (``core.erasure_key``).
-    ``times``: each run's end on Redis's clock (``_ended``; None: not known, its ``ts`` counts)."""
+    """Insert what is new of the encoded runs (call it inside a transaction): a batch written twice
+    inserts once. Two round trips: the runs into a temporary table, then the insert from it.
+    ``key``: the erasures' (``core.erasure_key``). ``times``: each run's end on Redis's clock
+    (``_ended``; None: not known, its ``ts`` counts)."""
     key = erasure_key() if key is None else key
     times = times if times is not None else [None] * len(raw)
-    rows = [(i, _clean_nul(r), record_hash(r, key), t) for i, (r, t) in enumerate(zip(raw, times, strict=True))]
-    await conn.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS runs_raw_t (n integer, r jsonb, h text, t float8) ON COMMIT DELETE ROWS"
-    )
-    await conn.copy_records_to_table("runs_raw_t", records=rows, columns=("n", "r", "h", "t"))
-    if any(row[2] is not None for row in rows):
-        await conn.execute(_LOCK_TENANTS)
-    await conn.execute(_INSERT_RUNS)
+    if len(times) != len(raw):
+        raise ValueError("one time per run")
+    hashes = [record_hash(r, key) for r in raw]
+    async with temp_table(conn, RUNS_RAW_DDL):
+        await conn.execute(_FILL_RUNS, raw, hashes, times)
+        await conn.execute(_AFTER_FILL_RUNS)
 
 
 async def _write_run_entries(conn: asyncpg.Connection, entries: list[dict]) -> None:
