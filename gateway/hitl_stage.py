@@ -509,13 +509,14 @@ def headers(turn) -> list[tuple[bytes, bytes]]:
     return [(b"x-gateway-escalation", turn.escalation_id.encode())]
 
 
-def record(turn) -> dict:
+def record(turn, run: dict | None = None) -> dict:
     """The run record's human-in-the-loop fields (a held turn names its escalation, but did not
-    escalate: it is not counted again in the experiment report)."""
+    escalate: it is not counted again in the experiment report), added to ``run`` when given."""
     conf = turn.confidence
-    return {
-        "escalated": turn.escalation_id is not None and turn.hold is None,
-        "escalation_id": turn.escalation_id,
-        "confidence": conf.score if conf is not None else None,
-        "confidence_reasons": conf.reasons if conf is not None else None,
-    }
+    if run is None:
+        run = {}
+    run["escalated"] = turn.escalation_id is not None and turn.hold is None
+    run["escalation_id"] = turn.escalation_id
+    run["confidence"] = conf.score if conf is not None else None
+    run["confidence_reasons"] = conf.reasons if conf is not None else None
+    return run
