@@ -167,17 +167,24 @@ def _last_users(messages: list, n: int) -> list[dict]:
 
 def _signals(ctx: RequestContext, answer: dict) -> confidence.Signals:
     turn = ctx.agent
-    users = _last_users(turn.new_messages, 4)
+    new = turn.new_messages
+    if len(new) == 1:  # (the usual turn: one message, no list walked)
+        m = new[0]
+        users = [m] if isinstance(m, dict) and m.get("role") == "user" else []
+    else:
+        users = _last_users(new, 4)
     question = _text(users[-1].get("content"))[: confidence.MAX_TEXT] if users else ""  # the last one
     previous = [_text(m.get("content"))[:2000] for m in users[-4:-1]]
     if len(previous) < 3:
+        # the messages memory gave (after the system prompt), newest first: only the last three
+        # questions are compared
         history = ctx.body.get("messages") or []
-        for i in range(turn.memory_loaded, 0, -1):  # newest first: only the last three are compared
-            if len(previous) >= 3:
-                break
-            m = history[i] if i < len(history) else None
+        for m in reversed(history[1 : turn.memory_loaded + 1]):
             if isinstance(m, dict) and m.get("role") == "user":
-                previous.insert(0, _text(m.get("content"))[:2000])
+                content = m.get("content")
+                previous.insert(0, (content if type(content) is str else _text(content))[:2000])
+                if len(previous) >= 3:
+                    break
     citations = turn.citations
     best = None
     if citations:
@@ -202,17 +209,18 @@ def _signals(ctx: RequestContext, answer: dict) -> confidence.Signals:
                         urgency = (orjson.loads(fn.get("arguments") or "{}") or {}).get("urgency")
                     except (orjson.JSONDecodeError, AttributeError):
                         pass
-    return confidence.Signals(
-        question=question,
-        previous_questions=previous[-3:],
-        answer=_text(answer.get("content")),
-        has_knowledge=bool(turn.agent.knowledge_bases),
-        best_similarity=best,
-        sources=len(citations),
-        escalate_tool=escalate_tool,
-        escalate_urgency=urgency if isinstance(urgency, str) else None,
-        tool_failures=failures,
-        fallback=turn.degraded,
+    return confidence.Signals(  # (positional, in the field order: a class called with keywords costs a dict)
+        question,
+        previous[-3:],
+        _text(answer.get("content")),
+        None,  # logprobs (after_answer adds them)
+        bool(turn.agent.knowledge_bases),
+        best,
+        len(citations),
+        escalate_tool,
+        urgency if isinstance(urgency, str) else None,
+        failures,
+        turn.degraded,
     )
 
 
@@ -501,13 +509,14 @@ def headers(turn) -> list[tuple[bytes, bytes]]:
     return [(b"x-gateway-escalation", turn.escalation_id.encode())]
 
 
-def record(turn) -> dict:
+def record(turn, run: dict | None = None) -> dict:
     """The run record's human-in-the-loop fields (a held turn names its escalation, but did not
-    escalate: it is not counted again in the experiment report)."""
+    escalate: it is not counted again in the experiment report), added to ``run`` when given."""
     conf = turn.confidence
-    return {
-        "escalated": turn.escalation_id is not None and turn.hold is None,
-        "escalation_id": turn.escalation_id,
-        "confidence": conf.score if conf is not None else None,
-        "confidence_reasons": conf.reasons if conf is not None else None,
-    }
+    if run is None:
+        run = {}
+    run["escalated"] = turn.escalation_id is not None and turn.hold is None
+    run["escalation_id"] = turn.escalation_id
+    run["confidence"] = conf.score if conf is not None else None
+    run["confidence_reasons"] = conf.reasons if conf is not None else None
+    return run

@@ -376,20 +376,21 @@ def _citation_step(c: dict) -> dict:
 
 def _record(svc, ctx: RequestContext, started: float) -> None:
     turn = ctx.agent
-    svc.runs.record(
-        {
-            "request_id": ctx.request_id,
-            "tenant": turn.agent.tenant,
-            "agent": turn.agent.name,
-            "agent_id": turn.agent.id,
-            "prompt_version": turn.selection.version.version,
-            "variant": turn.selection.variant,
-            "conversation_id": turn.conversation_id,
-            "status": ctx.status,
-            "degraded": turn.degraded,
-            "memory_error": turn.memory_error,
-            **hitl_stage.record(turn),  # confidence, reasons, escalation
-            "steps": [*turn.steps, *map(_citation_step, turn.citations[:20])] if turn.citations else turn.steps,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-        }
-    )
+    agent = turn.agent
+    selection = turn.selection
+    run = {
+        "request_id": ctx.request_id,
+        "tenant": agent.tenant,
+        "agent": agent.name,
+        "agent_id": agent.id,
+        "prompt_version": selection.version.version,
+        "variant": selection.variant,
+        "conversation_id": turn.conversation_id,
+        "status": ctx.status,
+        "degraded": turn.degraded,
+        "memory_error": turn.memory_error,
+    }
+    hitl_stage.record(turn, run)  # confidence, reasons, escalation (added: no second dict merged in)
+    run["steps"] = [*turn.steps, *map(_citation_step, turn.citations[:20])] if turn.citations else turn.steps
+    run["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    svc.runs.record(run)

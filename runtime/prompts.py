@@ -151,7 +151,7 @@ def select(agent: Agent, selector: str | None, sticky_key: str, pinned: PromptVe
     version = agent.versions.get(number)
     if version is None:  # a label never points at a missing version; guard against a torn cache
         raise NotFound(f"Agent '{agent.name}' label '{selector}' is unavailable.", param="model")
-    return Selection(version=version, label=selector, variant=variant)
+    return Selection(version, selector, variant)  # (positional: keywords cost a dict per turn)
 
 
 def pick(weights: dict[int, int], key: str) -> int:

@@ -160,7 +160,8 @@ def score(signals: Signals, settings: EscalationSettings) -> Confidence:
         if signals.previous_questions:
             mine = set(tokens)
             for q in signals.previous_questions[-3:]:
-                if _similar(mine, _word_set(q[:MAX_TEXT])):
+                q = q[:MAX_TEXT]  # (``_word_set`` inlined: one call less per question compared)
+                if _similar(mine, _cached_word_set(q) if len(q) <= _CACHED else frozenset(words(q))):
                     factors.append(("repeated_question", 0.35))
                     break
     if signals.judge is not None:
@@ -177,12 +178,5 @@ def score(signals: Signals, settings: EscalationSettings) -> Confidence:
                 urgency = _max_urgency(urgency, route.urgency)
                 break
     escalate = settings.enabled and (rule is not None or value < settings.threshold)
-    return Confidence(
-        score=value,
-        reasons=[name for name, f in factors if f < 1.0],
-        escalate=escalate,
-        rule=rule,
-        urgency=urgency,
-        team=team,
-        skills=skills,
-    )
+    # (positional: a class called with keywords builds a dict of them first, ~3k instructions)
+    return Confidence(value, [name for name, f in factors if f < 1.0], escalate, rule, urgency, team, skills)
