@@ -89,6 +89,32 @@ def _keyed_hash(tenant: str, external_id: str, key: bytes) -> str:
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
+# Names of Redis keys and folders that stand for something holding a customer's number (a
+# WhatsApp conversation id ``wa:<pnid>:<number>``): a plain hash of it is undone by hashing every
+# number (a phone number is one of few enough values to try them all in seconds), a keyed one is
+# not without the key. ``name_hash`` is BLAKE2b keyed with a key of its own, derived from the
+# erasure key (one C call, not an HMAC through Python's ``hmac``), and ``label`` keeps the names of
+# different things apart. The names change with the erasure key, as the tags do.
+NAME_PREFIX = "k"  # every such name starts with it: a name an older release made (plain hex) never does
+
+
+@functools.lru_cache(maxsize=8)
+def _name_key(key: bytes) -> bytes:
+    return hmac.new(key, b"gateway-names:v1", hashlib.sha256).digest()
+
+
+def name_hash(label: str, value: str, key: bytes | None = None) -> str:
+    """A name (``NAME_PREFIX`` and 32 hex characters) for ``value`` that does not give it back
+    without the deployment's erasure key; the same value with another ``label``, another name."""
+    digest = hashlib.blake2b(
+        value.encode("utf-8", "surrogatepass"),
+        digest_size=16,
+        key=_name_key(key if key is not None else erasure_key()),
+        person=label.encode()[:16],
+    )
+    return NAME_PREFIX + digest.hexdigest()
+
+
 def mark_micros(mark: bytes | str) -> int:
     """An erasure's time as Redis keeps it ("seconds.fraction": Redis's ``TIME``; an older
     release's ``repr(time.time())``) in µs, exactly (no float in between): the channel's mark and
