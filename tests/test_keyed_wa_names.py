@@ -508,3 +508,34 @@ def test_a_turn_queued_before_an_erasure_the_older_release_marked_is_refused_aft
         assert resp.status_code == status, resp.text
         if status == 409:
             assert resp.json()["error"]["code"] == "conversation_erased"
+
+
+def test_a_process_whose_erasure_key_is_not_the_deployments_says_so_in_the_log(services, caplog):
+    """Names are keyed, so a process with another key (a worker run apart without the deployment's
+    key, a master key rotated without ``GATEWAY_ERASURE_KEY``) names a conversation's keys and
+    folders differently, and the others' erasures miss what it writes: it says so, loudly. The
+    first process leaves the keyed hash of nothing in Redis (no key in it); the others compare."""
+    url = f"{services[1]}?db=11"  # (a database of its own: the suite's gateways share the first)
+
+    async def same() -> bool:
+        import redis.asyncio as aioredis
+
+        ar = aioredis.from_url(url)
+        try:
+            return await erasure_key.same_key_as_deployment(ar)
+        finally:
+            await ar.aclose()
+
+    r = redis.Redis.from_url(url)
+    try:
+        r.delete(erasure_key.KEY_CHECK)
+        with environ(GATEWAY_KEY):
+            assert asyncio.run(same()) and asyncio.run(same())
+        assert "erasure key is not" not in caplog.text
+        with environ({"GATEWAY_MASTER_KEY": "a-rotated-master-key"}):
+            assert not asyncio.run(same())
+        assert "erasure key is not the one the deployment's names were made with" in caplog.text
+        assert MASTER_KEY.encode() not in r.get(erasure_key.KEY_CHECK)
+    finally:
+        r.delete(erasure_key.KEY_CHECK)
+        r.close()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from channels.whatsapp import content, inflight, sender, store
 from channels.whatsapp.erasure import erased_key_of
+from core.erasure_key import same_key_as_deployment
 
 log = logging.getLogger("channels.whatsapp")
 
@@ -95,6 +96,7 @@ class Upgraded:
 async def upgrade(redis, data_dir: Path) -> Upgraded:
     """Everything of the channel an older release named by a plain hash, renamed (see above)."""
     done = Upgraded()
+    await same_key_as_deployment(redis)  # (a process with another key: said in the log)
     async for raw in redis.scan_iter(match="gw:{gw}:wa:*", count=PAGE):
         key = raw.decode() if isinstance(raw, bytes) else raw
         done.keys += await _rename(redis, key)

@@ -23,7 +23,7 @@ import time
 import orjson
 
 from core.background import stop_task
-from core.erasure_key import name_hash
+from core.erasure_key import name_hash, same_key_as_deployment
 from core.pubsub import listen_forever
 
 log = logging.getLogger("gateway.hitl")
@@ -90,6 +90,7 @@ async def upgrade(redis) -> int:
     releases both. How many were renamed."""
     renamed = 0
     try:
+        await same_key_as_deployment(redis)  # (a process with another key: said in the log)
         async for key in redis.scan_iter(match=HELD_PREFIX + "*", count=UPGRADE_PAGE):
             name = (key.decode() if isinstance(key, bytes) else key)[len(HELD_PREFIX) :]
             if len(name) == 32 and all(c in "0123456789abcdef" for c in name):
