@@ -394,7 +394,17 @@ def _left(services, tmp_root: Path, older: dict) -> dict:
 
 def _upgraded_replica(stack, tmp_root, services) -> None:
     """A replica of this release starts (its channel worker renames what the older one named) and
-    stops."""
+    stops. As on the first start of this release in a deployment: the marks that a pass over Redis
+    found nothing to rename (``names.DONE``, ``held.UPGRADE_DONE``; the module's gateway left them)
+    are cleared."""
+    from channels.whatsapp import names
+    from runtime.hitl import held
+
+    r = redis.Redis.from_url(services[1])
+    try:
+        r.delete(names.DONE, held.UPGRADE_DONE)
+    finally:
+        r.close()
     with environ({**ENV, **stack["keys"]}):
         g = Gateway(tmp_root, stack["config"], services)
     g.stop()
@@ -539,3 +549,39 @@ def test_a_process_whose_erasure_key_is_not_the_deployments_says_so_in_the_log(s
     finally:
         r.delete(erasure_key.KEY_CHECK)
         r.close()
+
+
+def test_the_renaming_pass_over_redis_is_not_repeated_at_every_start_once_it_found_nothing(services, tmp_path):
+    """A pass reads the whole keyspace (``SCAN``, a page a round trip): one that renamed something
+    (an older release's replica may still be writing) is made again at the next start, one that
+    found nothing marks the work done (for a week), and the starts after it make none."""
+    from channels.whatsapp import names
+
+    url = f"{services[1]}?db=11"  # (a database of its own)
+    legacy = "gw:{gw}:wa:erased:" + old_digest(TENANT_A, "wa:1:2")
+
+    async def start() -> names.Upgraded:
+        import redis.asyncio as aioredis
+
+        ar = aioredis.from_url(url)
+        try:
+            return await names.upgrade(ar, tmp_path)
+        finally:
+            await ar.aclose()
+
+    r = redis.Redis.from_url(url)
+    try:
+        r.delete(names.DONE)
+        r.set(legacy, "1700000000.000001", ex=600)
+        with environ(GATEWAY_KEY):
+            assert start_keys(start) == 1 and not r.exists(names.DONE)
+            assert start_keys(start) == 0 and 0 < r.ttl(names.DONE) <= names.DONE_TTL
+            r.set(legacy, "1700000000.000002", ex=600)  # (not looked for again: erased under both names)
+            assert start_keys(start) == 0 and r.exists(legacy)
+    finally:
+        r.delete(names.DONE, legacy)
+        r.close()
+
+
+def start_keys(start) -> int:
+    return asyncio.run(start()).keys

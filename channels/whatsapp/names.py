@@ -15,7 +15,9 @@ This release names a conversation's Redis keys, media folder and in-flight notes
 - the media folders (``content.upgrade_folders``, in a thread).
 
 Each step is idempotent and safe with several replicas starting at once (a key another renamed
-first is gone: nothing to do). Until it has run (a replica of the older release still writing
+first is gone: nothing to do). A pass over Redis that renamed nothing (the older release's
+replicas all gone) marks the work done for a week (``DONE``): a scan reads the whole keyspace,
+which a start does not do again and again for nothing. Until it has run (a replica of the older release still writing
 during a rolling upgrade), what reads a mark reads both names (``erasure.mark_us``), and an
 erasure deletes under both (``store.digests``), so nothing the older release wrote escapes an
 erasure.
@@ -35,6 +37,10 @@ from core.erasure_key import same_key_as_deployment
 log = logging.getLogger("channels.whatsapp")
 
 PAGE = 1000  # keys scanned per round trip
+# A pass over Redis that found nothing to rename (every replica of the older release gone) is
+# not repeated at every start for a week: a scan reads the whole keyspace.
+DONE = "gw:{gw}:wa:names:v1:done"
+DONE_TTL = 7 * 86_400
 
 _ERASED = erased_key_of("")
 _INDEX = sender.index_key_of("")
@@ -97,13 +103,17 @@ async def upgrade(redis, data_dir: Path) -> Upgraded:
     """Everything of the channel an older release named by a plain hash, renamed (see above)."""
     done = Upgraded()
     await same_key_as_deployment(redis)  # (a process with another key: said in the log)
+    done.folders = await asyncio.to_thread(content.upgrade_folders, data_dir)  # (this data directory's)
+    if await redis.exists(DONE):
+        return done
     async for raw in redis.scan_iter(match="gw:{gw}:wa:*", count=PAGE):
         key = raw.decode() if isinstance(raw, bytes) else raw
         done.keys += await _rename(redis, key)
     done.notes = await inflight.upgrade(redis)
-    done.folders = await asyncio.to_thread(content.upgrade_folders, data_dir)
-    if done.keys or done.notes or done.folders:
+    if done.keys or done.notes:
         log.info("whatsapp names of an older release renamed: %s", done)
+    else:
+        await redis.set(DONE, "1", ex=DONE_TTL)
     return done
 
 

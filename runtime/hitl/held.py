@@ -73,6 +73,7 @@ def held_name(legacy: str) -> str:
 
 
 UPGRADE_PAGE = 1000  # keys scanned per round trip by ``upgrade``
+UPGRADE_DONE = "gw:{gw}:hitl:held-upgraded:v1"  # a pass renamed nothing: none made for a week
 # KEYS: an older release's key, ours. The old one's value goes under our name unless ours is set
 # (then ours is the newer: written by this release); the old one goes either way.
 RENAME_UNLESS_SET = """
@@ -91,12 +92,16 @@ async def upgrade(redis) -> int:
     renamed = 0
     try:
         await same_key_as_deployment(redis)  # (a process with another key: said in the log)
+        if await redis.exists(UPGRADE_DONE):
+            return 0
         async for key in redis.scan_iter(match=HELD_PREFIX + "*", count=UPGRADE_PAGE):
             name = (key.decode() if isinstance(key, bytes) else key)[len(HELD_PREFIX) :]
             if len(name) == 32 and all(c in "0123456789abcdef" for c in name):
                 renamed += int(
                     await redis.eval(RENAME_UNLESS_SET, 2, HELD_PREFIX + name, HELD_PREFIX + held_name(name))
                 )
+        if not renamed:  # (no replica of the older release left writing them: not scanned again for a week)
+            await redis.set(UPGRADE_DONE, "1", ex=7 * 86400)
     except Exception as exc:
         log.warning("holds not renamed yet (%s): released under both names meanwhile", type(exc).__name__)
     return renamed
