@@ -11,6 +11,12 @@ derived from ``GATEWAY_MASTER_KEY``, which every replica of a deployment shares 
 serve`` writes one to the data directory on a fresh machine); else a key kept in the data
 directory (``erasure.key``, made once). Rotating the master key without setting
 ``GATEWAY_ERASURE_KEY`` changes the tags from then on: set it to keep them.
+
+The same key names what stands for a customer's number in Redis and on disk (``name_hash``: a
+WhatsApp conversation's erasure mark, send-state and alias indexes, media folder, in-flight
+notes, a hold, a dead letter's tag): a key that changes orphans those names (an erasure no longer
+finds what was written under the old ones), so every process of a deployment must share it, and
+one that does not says so in its log (``same_key_as_deployment``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -34,6 +41,7 @@ TAG_PREFIX = "erased:"
 _FILE = "erasure.key"
 
 _cache: dict[tuple[str, str, str], bytes] = {}
+log = logging.getLogger("gateway.erasure")
 
 
 def erasure_key() -> bytes:
@@ -87,6 +95,58 @@ def conversation_hash(tenant: str, external_id: str, key: bytes | None = None) -
 def _keyed_hash(tenant: str, external_id: str, key: bytes) -> str:
     msg = f"{tenant}\x00{external_id}".encode("utf-8", "surrogatepass")
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+# Names of Redis keys and folders that stand for something holding a customer's number (a
+# WhatsApp conversation id ``wa:<pnid>:<number>``): a plain hash of it is undone by hashing every
+# number (a phone number is one of few enough values to try them all in seconds), a keyed one is
+# not without the key. ``name_hash`` is BLAKE2b keyed with a key of its own, derived from the
+# erasure key (one C call, not an HMAC through Python's ``hmac``), and ``label`` keeps the names of
+# different things apart. The names change with the erasure key, as the tags do.
+NAME_PREFIX = "k"  # every such name starts with it: a name an older release made (plain hex) never does
+
+
+@functools.lru_cache(maxsize=8)
+def _name_key(key: bytes) -> bytes:
+    return hmac.new(key, b"gateway-names:v1", hashlib.sha256).digest()
+
+
+def name_hash(label: str, value: str, key: bytes | None = None) -> str:
+    """A name (``NAME_PREFIX`` and 32 hex characters) for ``value`` that does not give it back
+    without the deployment's erasure key; the same value with another ``label``, another name."""
+    digest = hashlib.blake2b(
+        value.encode("utf-8", "surrogatepass"),
+        digest_size=16,
+        key=_name_key(key if key is not None else erasure_key()),
+        person=label.encode()[:16],
+    )
+    return NAME_PREFIX + digest.hexdigest()
+
+
+KEY_CHECK = "gw:{gw}:erasure-key-check"  # the name_hash of nothing, by the first process's key
+
+
+async def same_key_as_deployment(redis) -> bool:
+    """Whether this process names things with the key the deployment's other processes use: the
+    first to ask leaves its ``name_hash`` of nothing in Redis (it gives no key back), every later
+    one compares. A process with another key (run apart without ``GATEWAY_ERASURE_KEY`` nor
+    ``GATEWAY_MASTER_KEY``, or after a rotation of the master key) names a conversation's keys
+    and folders differently: an erasure by the others does not find what it writes, and it does not
+    find the others' erasure marks. Said in the log, loudly (the key is then to be shared, or, after
+    a deliberate rotation, ``KEY_CHECK`` deleted)."""
+    mine = name_hash("gw-key-check", "")
+    await redis.set(KEY_CHECK, mine, nx=True)
+    found = await redis.get(KEY_CHECK)
+    found = found.decode() if isinstance(found, bytes) else found
+    if found is None or found == mine:
+        return True
+    log.error(
+        "this process's erasure key is not the one the deployment's names were made with: what it "
+        "writes escapes the others' erasures (set GATEWAY_ERASURE_KEY or GATEWAY_MASTER_KEY as on the "
+        "other replicas; after a deliberate rotation delete %s)",
+        KEY_CHECK,
+    )
+    return False
 
 
 def mark_micros(mark: bytes | str) -> int:

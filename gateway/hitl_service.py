@@ -71,6 +71,7 @@ async def start(
     config: Hitl, pool, redis, fast, embedder, quota: storage_quota.StorageQuota | None = None
 ) -> HitlService:
     holds = held.Holds(redis, fast)
+    await held.upgrade(redis)  # (before a turn reads a hold: those an older release named, renamed)
 
     async def emit(alert: dict) -> None:
         """An SLA alert (claimed exactly once by the sweeper): log line, metric, signed webhook."""

@@ -263,11 +263,14 @@ async def _noop(alert) -> None:
     pass
 
 
-def test_a_spooled_escalations_hold_written_by_the_sweeper_does_not_outlive_the_erasure(gw, services, tenant):
+def test_a_spooled_escalations_hold_written_by_the_sweeper_does_not_outlive_the_erasure(
+    gw, services, tenant, monkeypatch
+):
     """The sweeper opens a spooled escalation; the erasure comes before the sweeper holds the
     conversation. The hold was written after the escalation's commit, so after the erasure that
     resolved it had released its holds: it stayed 90 days. Now it is written before the commit,
     under the erasure's lock: the erasure waits, then releases it."""
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", MASTER_KEY)  # (names keyed as the gateway keys them)
     conv = f"s36-spool-{uuid.uuid4().hex[:8]}"
     esc = _esc(tenant, conv)
     redis_url = _urls(services)[1]

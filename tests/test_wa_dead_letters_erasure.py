@@ -430,9 +430,10 @@ def test_an_erasure_deletes_the_send_states_of_the_conversations_turns_and_no_on
     assert _turn_replies(services, turns) == [False, False, True, True]
 
 
-def test_an_erasure_deletes_the_send_states_an_older_release_kept_unindexed(gw, graph, services):
+def test_an_erasure_deletes_the_send_states_an_older_release_kept_unindexed(gw, graph, services, monkeypatch):
     """States kept before the conversation's index existed (its index is deleted here, as the
     previous release never wrote one) are found by the conversation's inbound messages."""
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", MASTER_KEY)  # (names keyed as the gateway keys them)
     from channels.whatsapp.sender import index_key
 
     ada, bob = _wa_id(), _wa_id()

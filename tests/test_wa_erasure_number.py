@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 import redis
 
-from tests.conftest import Gateway, environ, run_cli, wait_until
+from tests.conftest import MASTER_KEY, Gateway, environ, run_cli, wait_until
 from tests.test_channels_whatsapp import notification, post, rows, text
 from tests.test_wa_dead_letters_erasure import _account, _admin, _erase, _tag, _wa_id
 
@@ -362,11 +362,12 @@ def test_an_erasure_drops_the_status_dead_letters_that_name_the_number(gw, servi
         r.close()
 
 
-def test_an_erasure_deletes_the_alias_that_holds_the_customers_number(gw, graph, services):
+def test_an_erasure_deletes_the_alias_that_holds_the_customers_number(gw, graph, services, monkeypatch):
     """An admin's send to a number Meta knows by another WhatsApp id (the customer's, whose
     conversation it is) leaves an alias in Redis for 90 days: the typed number's key holding the
     customer's id. The erasure of the customer's conversation left it; it goes now. Another
     customer's alias stays."""
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", MASTER_KEY)  # (names keyed as the gateway keys them)
     from channels.whatsapp.sender import alias_index_key, alias_key
 
     ada, bob = _wa_id(), _wa_id()
@@ -397,12 +398,15 @@ def test_an_erasure_deletes_the_alias_that_holds_the_customers_number(gw, graph,
         r.close()
 
 
-def test_an_erasure_of_one_typed_number_leaves_the_customers_other_alias_to_the_customers_erasure(gw, graph, services):
+def test_an_erasure_of_one_typed_number_leaves_the_customers_other_alias_to_the_customers_erasure(
+    gw, graph, services, monkeypatch
+):
     """Two numbers typed by admins that Meta knows as one customer: an alias each, both indexed
     under the customer's conversation. The erasure of one typed number's conversation deleted the
     customer's whole alias index with it (the index named it), so the customer's own erasure later
     no longer found the other typed number's alias, which holds the customer's id: it stayed 90
     days. The typed number's erasure takes only its own alias out of the customer's index."""
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", MASTER_KEY)  # (names keyed as the gateway keys them)
     from channels.whatsapp.sender import alias_index_key, alias_key
 
     ada, first, second = _wa_id(), _wa_id(), _wa_id()
@@ -495,12 +499,13 @@ class _Rollback(Exception):
         self.plans = plans
 
 
-def test_an_erasure_repeated_after_redis_failed_to_release_its_hold_releases_it(gw, graph, services):
+def test_an_erasure_repeated_after_redis_failed_to_release_its_hold_releases_it(gw, graph, services, monkeypatch):
     """The erasure resolves the open escalation in its transaction and releases its hold in Redis
     after the commit. When Redis failed there (a 503: "erasing is safe to repeat"), the repeated
     erasure no longer found the escalation open and left the hold: the customer's next message
     got the hold message instead of the agent's answer. Now a repeated erasure releases the holds
     of the escalations an erasure of the conversation resolved."""
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", MASTER_KEY)  # (names keyed as the gateway keys them)
     from runtime.hitl.held import held_key
 
     ada = _wa_id()

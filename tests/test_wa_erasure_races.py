@@ -396,13 +396,16 @@ def test_a_reply_whose_process_dies_before_its_post_send_check_keeps_no_number(g
         r.close()
 
 
-def test_a_reply_whose_process_is_killed_before_its_check_leaves_no_send_state_or_alias(tmp_root, gw, graph, services):
+def test_a_reply_whose_process_is_killed_before_its_check_leaves_no_send_state_or_alias(
+    tmp_root, gw, graph, services, monkeypatch
+):
     """A person's reply held open at Graph while its conversation is erased, Meta answering for the
     number with another WhatsApp id; the gateway serving it is killed (SIGKILL) once the send is over,
     before its post-send check. Its send state (the pieces' wamids, 8 days) and the alias of the
     customer's number (90 days), written after the erasure, stayed in Redis: nothing retried that
     path. Now the send was noted in flight before it went, and a live channel worker runs the check
     of the note whose lease ran out (the test ends the lease: the victim's is long)."""
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", MASTER_KEY)  # (names keyed as the gateway keys them)
     ada, alt = _wa_id(), _wa_id()
     conv = f"wa:{PNID}:{ada}"
     esc = _escalated(gw, graph, services, ada)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from channels.config import WhatsAppAccount, whatsapp_accounts
 from channels.gateway_client import GatewayClient
-from channels.whatsapp import dead_letters, inflight, store
+from channels.whatsapp import dead_letters, inflight, names, store
 from channels.whatsapp.content import MediaStore
 from channels.whatsapp.deliverer import DELIVERY_LEASE_S, WhatsAppDeliverer
 from channels.whatsapp.graph import Graph
@@ -53,6 +53,7 @@ class WhatsApp:
         self.pool = pool
         self._owns_pool = owns_pool  # created for the channel (store.create_pool): closed by stop()
         self.redis = redis
+        self.data_dir = Path(data_dir)
         visibility = max(0.5, env_float("GATEWAY_WA_VISIBILITY_TIMEOUT", 60.0))
         # the queues' per-message steps and the send state's many small ones go through the
         # pipelined client when there is a URL
@@ -130,6 +131,10 @@ class WhatsApp:
     async def start_worker(self) -> None:
         if self._tasks:
             return
+        try:  # (before the first job: what an older release named by a plain hash, renamed)
+            await names.upgrade(self.redis, self.data_dir)
+        except Exception as exc:  # (the marks are read, and erasures delete, under both names meanwhile)
+            log.warning("whatsapp names of an older release not renamed yet: %s", type(exc).__name__)
         self._tasks = [
             asyncio.create_task(self._run(self.inbound, self.worker.handle, self.concurrency), name="wa-inbound"),
             asyncio.create_task(self._run(self.statuses, self.worker.handle_status, 16), name="wa-status"),

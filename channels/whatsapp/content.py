@@ -3,7 +3,8 @@ WhatsApp. Images become image parts (vision models read them); audio and documen
 under the data directory and named in the text as attachments the agent can refer to.
 
 What is stored is the customer's: each file goes in its conversation's own folder,
-``<data>/channels/whatsapp/<tenant hash>/c-<hash of tenant and conversation>/<sha256>.<ext>``, so
+``<data>/channels/whatsapp/<tenant hash>/c-<keyed hash of tenant and conversation>/<sha256>.<ext>``
+(``store.conversation_digest``: a plain hash of the id gives the customer's number back), so
 an erasure or a retention of the conversation deletes its files (``forget_media``) and none of
 another conversation's, even when both sent the same bytes. No client-chosen string is ever part
 of a path: the folders are hashes."""
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from channels.config import WhatsAppAccount
 from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable, MediaRefused
-from channels.whatsapp.store import conversation_digest
+from channels.whatsapp.store import conversation_digest, digest_of, digests, is_legacy
 
 log = logging.getLogger("channels.whatsapp")
 
@@ -161,12 +162,54 @@ def _remove_folder(folder: Path) -> int:
 
 async def forget_media(data_dir: Path, tenant: str, conversations: list[str]) -> int:
     """Deletes the stored files of the tenant's conversations (ids of other channels are passed
-    over); the number of files deleted."""
+    over; under the folder's name an older release gave it too, not renamed yet: ``upgrade_folders``);
+    the number of files deleted."""
     root = Path(data_dir) / "channels" / "whatsapp"
-    folders = [conversation_folder(root, tenant, c) for c in dict.fromkeys(conversations) if c.startswith("wa:")]
+    ours = [c for c in dict.fromkeys(conversations) if c.startswith("wa:")]
+    folders = [_tenant_folder(root, tenant) / f"c-{d}" for c in ours for d in digests(tenant, c)]
     if not folders:
         return 0
     return await asyncio.to_thread(lambda: sum(_remove_folder(f) for f in folders))
+
+
+def upgrade_folders(data_dir: Path) -> int:
+    """The conversations' folders an older release named by a plain hash (``c-<32 hex>``) renamed
+    as this release names them (``store.digest_of``); into the new one's files when both exist.
+    Safe with several processes at once (each step is a rename or an unlink that another may have
+    done first). Blocking: run in a thread. How many folders were renamed."""
+    root = Path(data_dir) / "channels" / "whatsapp"
+    renamed = 0
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for tenant in os.scandir(root):
+            if not tenant.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(tenant.path):
+                name = entry.name
+                if name.startswith("c-") and is_legacy(name[2:]) and entry.is_dir(follow_symlinks=False):
+                    renamed += _move_folder(Path(entry.path), Path(tenant.path) / f"c-{digest_of(name[2:])}")
+    return renamed
+
+
+def _move_folder(old: Path, new: Path) -> int:
+    with contextlib.suppress(FileNotFoundError):
+        try:
+            os.rename(old, new)  # (fails when ``new`` exists and is not empty)
+            return 1
+        except OSError:
+            pass
+        for entry in os.scandir(old):  # both exist: the files go into the new one (same name: same bytes)
+            if entry.is_dir(follow_symlinks=False):
+                continue
+            target = new / entry.name
+            with contextlib.suppress(FileNotFoundError):
+                if target.exists():
+                    os.unlink(entry.path)
+                else:
+                    os.replace(entry.path, target)
+        with contextlib.suppress(OSError):
+            old.rmdir()
+        return 1
+    return 0
 
 
 def _write(path: Path, data: bytes) -> None:

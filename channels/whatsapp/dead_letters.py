@@ -3,9 +3,10 @@
 A ``wa-inbound`` job that died after its last retry stays in the queue's dead letters
 (``core.queue``) for an admin to replay: an inbound job holds the customer's message and number,
 a send job the words sent to them. Each dead letter is tagged with its conversation (``tag``:
-the tenant and the conversation id, hashed) when it dies, and those an older release left untagged
-get their tags from their jobs once (``core.dead_tags.tag_older``); the gateway's erasure and
-retention drop a conversation's letters by that tag (``drop``), for its tenant only.
+the tenant and the conversation id, hashed with the deployment's key) when it dies, and those an
+older release left untagged get their tags from their jobs once (``core.dead_tags.tag_older``);
+the gateway's erasure and retention drop a conversation's letters by that tag (``drop``), for its
+tenant only (and by the plain hash an older release tagged them with: ``legacy_tag``).
 
 ``wa-status`` dead letters (a message's delivery status: its wamid and its recipient's number,
 never words) are tagged and dropped the same way: the channel's records of an erased conversation
@@ -20,13 +21,21 @@ from collections.abc import Callable
 from channels.config import WhatsAppAccount
 from channels.whatsapp.store import conversation_id
 from channels.whatsapp.worker import INBOUND, STATUS
+from core.erasure_key import name_hash
 from core.queue import Queue
 
 PREFIX = "wa:"
 
 
 def tag(tenant: str, conversation: str) -> str:
-    """One conversation of a tenant, hashed (its id holds the customer's number)."""
+    """One conversation of a tenant, hashed with the deployment's key (its id holds the customer's
+    number, which a plain hash gives back: ``core.erasure_key.name_hash``)."""
+    return name_hash("gw-wa-dead", f"{tenant}\x00{conversation}")
+
+
+def legacy_tag(tenant: str, conversation: str) -> str:
+    """``tag`` as an older release made it (a plain hash): the letters it tagged are dropped by it.
+    (Such a tag is kept only beside its letter, which holds the number itself, and goes with it.)"""
     return hashlib.blake2b(f"{tenant}\x00{conversation}".encode(), digest_size=16).hexdigest()
 
 
@@ -65,7 +74,8 @@ async def drop(redis, tenant: str, conversations: list[str]) -> int:
     """Drops the ``wa-inbound`` and ``wa-status`` dead letters of the tenant's conversations (ids of
     other channels are passed over); the number dropped. Needs no account configured in this
     process: only the queues' keys in Redis."""
-    tags = {tag(tenant, c) for c in conversations if c.startswith(PREFIX)}
+    ours = [c for c in conversations if c.startswith(PREFIX)]
+    tags = {f(tenant, c) for c in ours for f in (tag, legacy_tag)}
     if not tags:
         return 0
     return sum([await Queue(redis, name).drop_dead_tagged(tags) for name in (INBOUND, STATUS)])

@@ -31,12 +31,11 @@ from channels.whatsapp.sender import (
     STATE_TTL,
     forget_states,
     forget_states_of,
-    index_key,
     index_key_of,
     sent_wamids,
     state_key,
 )
-from channels.whatsapp.store import conversation_digest
+from channels.whatsapp.store import conversation_digest, digest_of, digests, is_legacy
 from core.erasure_key import TAG_PREFIX, mark_micros
 
 ERASED_TTL = STATE_TTL  # a job queued before an erasure is dropped for this long after it
@@ -54,6 +53,8 @@ LIMIT $4
 
 
 def erased_key(tenant: str, conversation: str) -> str:
+    """The conversation's erasure mark: named by its keyed digest (``store.conversation_digest``),
+    never a plain hash of its id (which gives the customer's number back)."""
     return erased_key_of(conversation_digest(tenant, conversation))
 
 
@@ -83,9 +84,15 @@ async def mark_erased(redis, tenant: str, conversations: list[str]) -> None:
 
 async def mark_us(redis, tenant: str, conversation: str) -> int | None:
     """The conversation's erasure mark (µs, Redis's clock: when its last erasure began); None:
-    not erased in the last ``ERASED_TTL``."""
-    mark = await redis.get(erased_key(tenant, conversation))
-    return None if mark is None else mark_micros(mark)
+    not erased in the last ``ERASED_TTL``. Read under the name an older release gave it as well
+    (one round trip): a mark it wrote that ``names.upgrade`` has not renamed yet (a replica of it
+    still running during an upgrade) refuses what was queued before it all the same."""
+    return _latest(await redis.mget([erased_key_of(d) for d in digests(tenant, conversation)]))
+
+
+def _latest(marks: list) -> int | None:
+    found = [mark_micros(m) for m in marks if m is not None]
+    return max(found) if found else None
 
 
 async def erased_since(redis, tenant: str, conversation: str, queued_us: int) -> bool:
@@ -115,7 +122,9 @@ async def after_send(redis, pool, tenant: str, conversation: str, queued_us: int
         return False
     # (with the pieces the conversation's send states hold: a send that failed after its first
     # pieces went out passes none of their wamids, and their records hold the words and the number)
-    sent = [*wamids, *await _state_wamids(redis, index_key(tenant, conversation))]
+    sent = list(wamids)
+    for digest in digests(tenant, conversation):
+        sent += await _state_wamids(redis, index_key_of(digest))
     await store.forget_turn_words(pool, tenant, conversation, list(dict.fromkeys(sent)), unnumbered=True)
     await forget_states(redis, tenant, [conversation])
     return True
@@ -132,12 +141,15 @@ async def after_noted_send(
     (A record of it without a wamid, and one written after the erasure, were written as the
     erasure's in the first place: ``store.OutboundRecords``, the send's ``asked_us``; a person's
     reply writes no channel state of the conversation.) True: erased."""
-    mark = await redis.get(erased_key_of(digest))
-    if mark is None or queued_us > mark_micros(mark):
+    names = [digest_of(digest), digest] if is_legacy(digest) else [digest]  # (an older release's note)
+    mark = _latest(await redis.mget([erased_key_of(d) for d in names]))
+    if mark is None or queued_us > mark:
         return False
-    sent = [*wamids, *await _state_wamids(redis, index_key_of(digest))]
+    sent = list(wamids)
+    for name in names:
+        sent += await _state_wamids(redis, index_key_of(name))
     await store.forget_sent_words(pool, tenant, account, list(dict.fromkeys(sent)), TAG_PREFIX + hashed)
-    await forget_states_of(redis, [digest])
+    await forget_states_of(redis, names)
     return True
 
 

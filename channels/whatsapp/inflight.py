@@ -14,25 +14,27 @@ stream entry (of several sweepers one takes a note; a sweeper that dies leaves i
 and runs the check the dead process did not: the conversation erased since the send was asked
 for, what the send wrote goes.
 
-A note never holds the conversation's id (the customer's number): it names the conversation by
-what the check needs, the digest its Redis keys are named by (``store.conversation_digest``: the
-erasure's mark, the send states' and aliases' indexes) and its keyed hash
-(``core.erasure_key.conversation_hash``: the tag its records take), and the send by its account
-and key. A note an older release wrote (``"c"``, the id) is read as well, and an erasure rewrites
-those of its conversation at once (``neutralise``) rather than leave the number until a sweep.
+A note never holds the conversation's id (the customer's number), nor a plain hash of it: it
+names the conversation by what the check needs, the keyed digest its Redis keys are named by
+(``store.conversation_digest``: the erasure's mark, the send states' and aliases' indexes) and
+its keyed hash (``core.erasure_key.conversation_hash``: the tag its records take), and the send
+by its account and key. A note an older release wrote (``"c"``, the id; ``"d"``, a plain hash) is
+read as well; the worker's start rewrites them all (``upgrade``), and an erasure those of its
+conversation at once (``neutralise``) rather than leave the number until a sweep.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
 
 from channels.whatsapp import erasure
 from channels.whatsapp.sender import Sender, sent_wamids
-from channels.whatsapp.store import conversation_digest
+from channels.whatsapp.store import conversation_digest, digest_of, digests, is_legacy
 from core.erasure_key import conversation_hash
 
 log = logging.getLogger("channels.whatsapp")
@@ -77,16 +79,13 @@ class Note:
 
 
 def _member(tenant: str, conversation: str, account: str, key: str, queued_us: int, nonce: str) -> bytes:
+    digest, hashed = conversation_digest(tenant, conversation), conversation_hash(tenant, conversation)
+    return _member_of(Note(tenant, digest, hashed, account, key, queued_us), nonce)
+
+
+def _member_of(n: Note, nonce: str) -> bytes:
     return orjson.dumps(
-        {
-            "t": tenant,
-            "d": conversation_digest(tenant, conversation),
-            "h": conversation_hash(tenant, conversation),
-            "a": account,
-            "k": key,
-            "q": queued_us,
-            "n": nonce,
-        }
+        {"t": n.tenant, "d": n.digest, "h": n.hashed, "a": n.account, "k": n.key, "q": n.queued_us, "n": nonce}
     )
 
 
@@ -110,7 +109,7 @@ def read(member: bytes) -> Note | None:
 def names(member: bytes, tenant: str, conversation: str) -> bool:
     """Whether the note is of the tenant's conversation."""
     found = read(member)
-    return found is not None and (found.tenant, found.digest) == (tenant, conversation_digest(tenant, conversation))
+    return found is not None and found.tenant == tenant and found.digest in digests(tenant, conversation)
 
 
 async def note(redis, tenant: str, conversation: str, account: str, key: str, queued_us: int, lease_ms: int) -> bytes:
@@ -123,26 +122,43 @@ async def note(redis, tenant: str, conversation: str, account: str, key: str, qu
 
 async def neutralise(redis, tenant: str, conversations: list[str]) -> int:
     """The notes an older release wrote of the tenant's conversations, naming each by its id (the
-    customer's number), rewritten as this release writes them (its hashes), under the same lease:
-    an erasure's. (That release's ``done`` then misses its note, which a sweep checks and deletes
-    once its lease runs out.) How many were rewritten."""
-    ids = set(conversations)
+    customer's number) or by a plain hash of it (which gives the number back), rewritten as this
+    release writes them (its keyed hashes), under the same lease: an erasure's. (That release's
+    ``done`` then misses its note, which a sweep checks and deletes once its lease runs out.) How
+    many were rewritten."""
+    names = {d for c in conversations for d in digests(tenant, c)}
+    return await _rewrite(redis, lambda n: n.tenant == tenant and n.digest in names)
+
+
+async def upgrade(redis) -> int:
+    """Every note an older release wrote, rewritten as ``neutralise`` rewrites an erased
+    conversation's (``names.upgrade``, at the worker's start). How many were rewritten."""
+    return await _rewrite(redis, lambda n: True)
+
+
+def _renamed(member: bytes) -> tuple[Note, bytes] | None:
+    """An older release's note (``"c"``: the id; ``"d"`` a plain hash) and what this release writes
+    for it; None for a note of this release's, or none of ours."""
+    found = read(member)
+    if found is None:
+        return None
+    n = orjson.loads(member)
+    if "c" not in n and not is_legacy(found.digest):
+        return None
+    digest = digest_of(found.digest) if is_legacy(found.digest) else found.digest
+    again = Note(found.tenant, digest, found.hashed, found.account, found.key, found.queued_us)
+    return found, _member_of(again, str(n.get("n", "")))
+
+
+async def _rewrite(redis, which: Callable[[Note], bool]) -> int:
     rewritten = 0
     cursor = 0
     while True:
         cursor, page = await redis.zscan(KEY, cursor, count=SWEEP_PAGE)
         for member, _ in page:
-            try:
-                n = orjson.loads(member)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(n, dict) or n.get("t") != tenant or n.get("c") not in ids:
-                continue
-            found = read(member)
-            if found is None:
-                continue
-            again = _member(tenant, n["c"], found.account, found.key, found.queued_us, str(n.get("n", "")))
-            rewritten += int(await redis.eval(_REPLACE, 1, KEY, member, again))
+            renamed = _renamed(member)
+            if renamed is not None and which(renamed[0]):
+                rewritten += int(await redis.eval(_REPLACE, 1, KEY, member, renamed[1]))
         if not int(cursor):
             return rewritten
 

@@ -39,6 +39,7 @@ from channels.whatsapp import metrics, store
 from channels.whatsapp.content import split_reply
 from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable
 from channels.whatsapp.state import SendState
+from core.erasure_key import name_hash
 from core.queue import Fatal, Retry
 
 log = logging.getLogger("channels.whatsapp")
@@ -110,11 +111,12 @@ _ALIAS_INDEX = "gw:{gw}:wa:aliases:"
 
 async def forget_states(redis, tenant: str, conversations: list[str]) -> int:
     """Deletes the send states of the tenant's conversations and the aliases of their customers'
-    numbers (their indexes read a page at a time, whatever their sizes); the number of keys deleted.
+    numbers (their indexes read a page at a time, whatever their sizes; under the names an older
+    release gave them too, ``store.digests``); the number of keys deleted.
     An alias index names the other number's alias index (``Sender._alias``): that index loses what
     this one deleted and this one's name, and goes with its last member, but keeps the aliases of
     the other number's other numbers, for that conversation's erasure to find."""
-    digests = [store.conversation_digest(tenant, c) for c in dict.fromkeys(conversations)]
+    digests = [d for c in dict.fromkeys(conversations) for d in store.digests(tenant, c)]
     return await forget_states_of(redis, digests)
 
 
@@ -155,8 +157,27 @@ async def _members(redis, index: str, match: str) -> list:
 ALIAS_TTL = 90 * 86_400
 
 
+ALIAS_PREFIX = "gw:{gw}:wa:alias:"
+
+
 def alias_key(account: str, pnid: str, number: str) -> str:
-    return f"gw:{{gw}}:wa:alias:{hashlib.sha256(f'{account}|{pnid}|{number}'.encode()).hexdigest()[:32]}"
+    """Where the id Meta answered a send to ``number`` with is kept: named by a keyed hash (the
+    number's plain hash gives it back: ``store.conversation_digest``)."""
+    return ALIAS_PREFIX + alias_name(_legacy_alias(account, pnid, number))
+
+
+def legacy_alias_key(account: str, pnid: str, number: str) -> str:
+    """``alias_key`` as an older release named it (read until ``names.upgrade`` renamed it)."""
+    return ALIAS_PREFIX + _legacy_alias(account, pnid, number)
+
+
+def _legacy_alias(account: str, pnid: str, number: str) -> str:
+    return hashlib.sha256(f"{account}|{pnid}|{number}".encode()).hexdigest()[:32]
+
+
+def alias_name(legacy: str) -> str:
+    """The name ``alias_key`` gives the alias an older release named ``legacy``."""
+    return name_hash("gw-wa-alias", legacy)
 
 
 class Sender:
@@ -171,7 +192,11 @@ class Sender:
         """The WhatsApp id Meta answered a send to ``number`` with (``number`` when it never
         named another): an admin's sends to the number reach the conversation the customer's
         own messages (and 24-hour window) are in, not a second one."""
-        return await self.kv.read(alias_key(account, pnid, number)) or number
+        return (
+            await self.kv.read(alias_key(account, pnid, number))
+            or await self.kv.read(legacy_alias_key(account, pnid, number))  # (not renamed yet)
+            or number
+        )
 
     async def _alias(self, conv: store.Conversation, wa_id: str) -> None:
         """Sends to the conversation's number go to ``wa_id`` from now on; the alias is indexed

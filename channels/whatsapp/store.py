@@ -18,6 +18,7 @@ from core.erasure_key import (
     TAG_PREFIX,
     conversation_hash,
     conversation_tag,
+    name_hash,
 )
 
 WINDOW_S = 24 * 3600
@@ -60,9 +61,36 @@ def conversation_id(pnid: str, wa_id: str) -> str:
 
 
 def conversation_digest(tenant: str, conversation: str) -> str:
-    """One conversation of a tenant, hashed (its id holds the customer's number): what names its
-    media folder (``content.conversation_folder``) and its send states' index (``sender.index_key``)."""
+    """One conversation of a tenant, hashed with the deployment's erasure key (its id holds the
+    customer's number, and numbers are few enough to hash them all: a plain hash names it): what
+    names its erasure mark (``erasure.erased_key``), its send states' and aliases' indexes
+    (``sender.index_key``), its media folder (``content.conversation_folder``) and its in-flight
+    notes (``inflight``). Made from the name an older release used (``legacy_digest``), so that
+    ``names.upgrade`` renames what that release wrote without knowing the conversation."""
+    return digest_of(legacy_digest(tenant, conversation))
+
+
+def legacy_digest(tenant: str, conversation: str) -> str:
+    """The name an older release gave the conversation (a plain hash): read only to move or erase
+    what it wrote (``names``)."""
     return hashlib.sha256(f"{tenant}\x00{conversation}".encode()).hexdigest()[:32]
+
+
+def digest_of(legacy: str) -> str:
+    """``conversation_digest`` of the conversation an older release named ``legacy``."""
+    return name_hash("gw-wa-conv", legacy)
+
+
+def digests(tenant: str, conversation: str) -> tuple[str, str]:
+    """The conversation's name and the one an older release gave it: what an erasure looks under
+    (what that release wrote and ``names.upgrade`` has not renamed yet is the customer's too)."""
+    legacy = legacy_digest(tenant, conversation)
+    return digest_of(legacy), legacy
+
+
+def is_legacy(name: str) -> bool:
+    """Whether a name is one an older release made (plain hex; ours start with ``NAME_PREFIX``)."""
+    return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
 
 
 def _dt(ts: float | None) -> datetime | None:

@@ -1,7 +1,8 @@
 """Which conversations a person holds (Redis), and the live feed of queue changes (pub/sub).
 
-A held conversation is one Redis key (hashed like memory's keys: the caller's conversation id
-is any text) whose value is the escalation's id. An agent turn checks it with one GET, beside
+A held conversation is one Redis key (named by a keyed hash of the tenant, the agent and the
+conversation id: the id is any text, and a channel's holds the customer's number) whose value is
+the escalation's id. An agent turn checks it with one GET, beside
 its memory read — never a PostgreSQL query. The key is set when an escalation opens and removed
 when it is resolved; the SLA sweeper puts back keys of open escalations Redis lost (restart
 without persistence), so a hold survives that too, a sweep later.
@@ -22,6 +23,7 @@ import time
 import orjson
 
 from core.background import stop_task
+from core.erasure_key import name_hash, same_key_as_deployment
 from core.pubsub import listen_forever
 
 log = logging.getLogger("gateway.hitl")
@@ -46,9 +48,63 @@ return 0
 """
 
 
+HELD_PREFIX = "gw:{gw}:hitl:held:"
+
+
 def held_key(tenant: str, agent_id: str, conversation_id: str) -> str:
-    digest = hashlib.blake2b(f"{tenant}\x00{agent_id}\x00{conversation_id}".encode(), digest_size=16).hexdigest()
-    return f"gw:{{gw}}:hitl:held:{digest}"
+    """The hold's key: named by a keyed hash (a channel's conversation id holds the customer's
+    number, which a plain hash gives back), made from the name an older release gave it
+    (``legacy_held_key``) so that ``upgrade`` renames those without knowing the conversation."""
+    return HELD_PREFIX + held_name(_legacy(tenant, agent_id, conversation_id))
+
+
+def legacy_held_key(tenant: str, agent_id: str, conversation_id: str) -> str:
+    """The hold's key as an older release named it (a plain hash): released, never read."""
+    return HELD_PREFIX + _legacy(tenant, agent_id, conversation_id)
+
+
+def _legacy(tenant: str, agent_id: str, conversation_id: str) -> str:
+    return hashlib.blake2b(f"{tenant}\x00{agent_id}\x00{conversation_id}".encode(), digest_size=16).hexdigest()
+
+
+def held_name(legacy: str) -> str:
+    """The name ``held_key`` gives the hold an older release named ``legacy``."""
+    return name_hash("gw-hitl-held", legacy)
+
+
+UPGRADE_PAGE = 1000  # keys scanned per round trip by ``upgrade``
+UPGRADE_DONE = "gw:{gw}:hitl:held-upgraded:v1"  # a pass renamed nothing: none made for a week
+# KEYS: an older release's key, ours. The old one's value goes under our name unless ours is set
+# (then ours is the newer: written by this release); the old one goes either way.
+RENAME_UNLESS_SET = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('DEL', KEYS[1]) else redis.call('RENAME', KEYS[1], KEYS[2]) end
+return 1
+"""
+
+
+async def upgrade(redis) -> int:
+    """The holds an older release named by a plain hash, renamed (``RENAME_UNLESS_SET``: their
+    time to live kept), a page of keys at a time; at the start, before turns are served. Safe with
+    several processes at once. Best effort: a hold of an open escalation left under its old name is
+    put back under ours by the sweeper's repair (``sla.Sweeper``: from PostgreSQL), and ``release``
+    releases both. How many were renamed."""
+    renamed = 0
+    try:
+        await same_key_as_deployment(redis)  # (a process with another key: said in the log)
+        if await redis.exists(UPGRADE_DONE):
+            return 0
+        async for key in redis.scan_iter(match=HELD_PREFIX + "*", count=UPGRADE_PAGE):
+            name = (key.decode() if isinstance(key, bytes) else key)[len(HELD_PREFIX) :]
+            if len(name) == 32 and all(c in "0123456789abcdef" for c in name):
+                renamed += int(
+                    await redis.eval(RENAME_UNLESS_SET, 2, HELD_PREFIX + name, HELD_PREFIX + held_name(name))
+                )
+        if not renamed:  # (no replica of the older release left writing them: not scanned again for a week)
+            await redis.set(UPGRADE_DONE, "1", ex=7 * 86400)
+    except Exception as exc:
+        log.warning("holds not renamed yet (%s): released under both names meanwhile", type(exc).__name__)
+    return renamed
 
 
 class Holds:
@@ -84,10 +140,14 @@ class Holds:
             for tenant, agent_id, conversation_id, escalation_id in rows:
                 key = held_key(tenant, agent_id, conversation_id)
                 pipe.set(key, escalation_id, ex=HELD_TTL_S, nx=only_missing)
+                pipe.delete(legacy_held_key(tenant, agent_id, conversation_id))  # (put back under ours)
             await pipe.execute()
 
     async def release(self, tenant: str, agent_id: str, conversation_id: str, escalation_id: str) -> None:
+        """The hold, if it still names this escalation (under the name an older release gave it
+        too: ``upgrade`` may not have renamed it yet)."""
         await self._clear(keys=[held_key(tenant, agent_id, conversation_id)], args=[escalation_id])
+        await self._clear(keys=[legacy_held_key(tenant, agent_id, conversation_id)], args=[escalation_id])
 
 
 PENDING_KEY = "gw:{gw}:hitl:pending"
