@@ -59,7 +59,7 @@ def _turn(flavour: str) -> tuple[RequestContext, bytes, dict]:
         conversation_id="c-1",
         variables={"customer_name": "Ana"},
         new_messages=new,
-        memory_loaded=len(history),
+        history=history,
     )
     if flavour == "grounded":
         turn.citations = [
