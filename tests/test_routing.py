@@ -334,10 +334,13 @@ def test_strategies_cost_latency_usage_and_per_request_override(tmp_root, servic
     pricey = {"input_cost_per_token": 5e-6, "output_cost_per_token": 1e-5}
     limited = MockProvider(tmp_root, "--rpm", "1000")
     roomy = MockProvider(tmp_root, "--rpm", "100000")
+    # Slower than the module's "slow" (40 ms): on a loaded machine the healthy mock's own answer
+    # can take 40 ms now and then, and the latency strategy would then rightly prefer the other.
+    slower = MockProvider(tmp_root, "--ttft-ms", "250")
     cfg = config(
         [
             provider("fast", mocks["healthy"]),
-            provider("slow", mocks["slow"]),
+            provider("slow", slower),
             provider("lim", limited),
             provider("roomy", roomy),
         ],
@@ -363,7 +366,7 @@ def test_strategies_cost_latency_usage_and_per_request_override(tmp_root, servic
         ],
         latency_exploration=0.05,
     )
-    with started(limited, roomy, Gateway(tmp_root, cfg, services)) as (_, _, gw):
+    with started(limited, roomy, slower, Gateway(tmp_root, cfg, services)) as (_, _, _, gw):
         client = sdk(gw, api_key)
         assert served_by(client, "by-cost", 10) == {"slow/c": 10}
         latency = served_by(client, "by-latency", 60)
