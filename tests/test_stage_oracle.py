@@ -1,14 +1,13 @@
 """Differential tests of the agent stage's per-turn work made cheaper (issue 12, the stage's own
 CPU): the confidence score and the signals it is computed from must come out exactly as before.
-The ``_frozen_*`` functions are copies of the implementation at 460de80 (before this change): the
-oracle. Inputs: ``test_perf_oracles``'s generated turns (every odd character, every odd type)
+The oracles: ``test_perf_oracles._old_score`` (the score before its earlier rewrite, which
+460de80's equals on every input that file's tests try) and ``_f_*``, copies of 460de80's
+signals. Inputs: ``test_perf_oracles``'s generated turns (every odd character, every odd type)
 and conversations as the agent stage builds them (a stored window of whole turns, the client's
 new messages, repeated and rephrased questions, tool steps, sources)."""
 
 from __future__ import annotations
 
-import functools
-import math
 import random
 
 import orjson
@@ -18,120 +17,12 @@ from core.types import RequestContext
 from gateway import hitl_stage
 from runtime.hitl import confidence
 from runtime.hitl.confidence import Confidence, Signals
-from runtime.hitl.settings import URGENCIES
 from runtime.memory_window import Window
 from runtime.types import Agent, PromptVersion, Selection, Turn
 from tests import test_perf_oracles as gen
 
-# ---- the oracle: frozen copies of 460de80 ----------------------------------------------------------
+# ---- the signals' oracle: frozen copies of 460de80 ----------------------------------------------------------
 _MAX_TEXT = 4000
-_WORD_BYTES = bytes(c if chr(c) in "abcdefghijklmnopqrstuvwxyz0123456789'" else 0x20 for c in range(256))
-
-
-def _f_words(text: str) -> list[str]:
-    return _f_lower_words(text[:_MAX_TEXT].lower())
-
-
-def _f_lower_words(lowered: str) -> list[str]:
-    return lowered.encode("utf-8", "surrogatepass").translate(_WORD_BYTES).decode("ascii").split()
-
-
-def _f_word_set(text: str) -> frozenset[str]:
-    return _f_cached_word_set(text) if len(text) <= 256 else frozenset(_f_words(text))
-
-
-@functools.lru_cache(maxsize=256)
-def _f_cached_word_set(text: str) -> frozenset[str]:
-    return frozenset(_f_words(text))
-
-
-def _f_similar(a: set[str], b: frozenset[str]) -> bool:
-    na, nb = len(a), len(b)
-    if not na or not nb:
-        return False
-    if (na / nb if na <= nb else nb / na) < 0.8:
-        return False
-    common = len(a & b)
-    return common / (na + nb - common) >= 0.8
-
-
-def _f_max_urgency(a: str, b: str | None) -> str:
-    if b not in URGENCIES:
-        return a
-    return a if URGENCIES.index(a) >= URGENCIES.index(b) else b
-
-
-def _f_contains_any(text: str, phrases: tuple[str, ...]) -> bool:
-    for phrase in phrases:
-        if phrase in text:
-            return True
-    return False
-
-
-def _f_score(signals: Signals, settings) -> Confidence:
-    factors: list[tuple[str, float]] = []
-    rule: str | None = None
-    urgency = "normal"
-    if signals.logprobs:
-        lp = signals.logprobs[:4096]
-        p = math.exp(max(-1e6, min(0.0, sum(lp) / len(lp))))
-        if p < 0.9:
-            factors.append(("low_logprobs", p))
-    if signals.has_knowledge:
-        if signals.sources == 0:
-            factors.append(("no_sources", 0.45))
-        elif signals.best_similarity is not None and signals.best_similarity < 0.6:
-            factors.append(("weak_sources", max(0.0, min(1.0, 0.4 + signals.best_similarity))))
-    if signals.escalate_tool:
-        factors.append(("escalate_tool", 0.0))
-        rule = "escalate_tool"
-        urgency = _f_max_urgency(urgency, signals.escalate_urgency)
-    if signals.tool_failures:
-        factors.append(("tool_failure", 0.6 ** min(signals.tool_failures, 5)))
-    if signals.fallback:
-        factors.append(("fallback", 0.2))
-    question = signals.question[:_MAX_TEXT].lower()
-    if question:
-        if _f_contains_any(question, settings.phrases):
-            factors.append(("asked_for_human", 0.2))
-            rule = rule or "asked_for_human"
-        if _f_contains_any(question, settings.urgent_phrases):
-            urgency = "urgent"
-        tokens = _f_lower_words(question) if question.isascii() else _f_words(question)
-        negative = sum(map(settings.negative_words.__contains__, tokens))
-        if negative:
-            factors.append(("negative_sentiment", (0.85, 0.6, 0.4)[min(negative, 3) - 1]))
-            if negative >= 3:
-                urgency = _f_max_urgency(urgency, "high")
-        if signals.previous_questions:
-            mine = set(tokens)
-            for q in signals.previous_questions[-3:]:
-                if _f_similar(mine, _f_word_set(q[:_MAX_TEXT])):
-                    factors.append(("repeated_question", 0.35))
-                    break
-    if signals.judge is not None:
-        factors.append(("judge", max(0.0, min(1.0, signals.judge))))
-    value = 1.0
-    for _, f in factors:
-        value *= f
-    value = round(max(0.0, min(1.0, value)), 3)
-    team, skills = None, ()
-    if question:
-        for route in settings.routes:
-            if _f_contains_any(question, route.phrases):
-                team, skills = route.team, route.skills
-                urgency = _f_max_urgency(urgency, route.urgency)
-                break
-    escalate = settings.enabled and (rule is not None or value < settings.threshold)
-    return Confidence(
-        score=value,
-        reasons=[name for name, f in factors if f < 1.0],
-        escalate=escalate,
-        rule=rule,
-        urgency=urgency,
-        team=team,
-        skills=skills,
-    )
 
 
 def _f_text(content) -> str:
@@ -261,7 +152,7 @@ def test_score_is_unchanged_on_generated_signals(seed):
     for _ in range(2500):
         settings = gen._SETTINGS[rng.randrange(len(gen._SETTINGS))]
         signals = gen._signals(rng, settings)
-        _same(confidence.score(signals, settings), _f_score(signals, settings))
+        _same(confidence.score(signals, settings), gen._old_score(signals, settings))
 
 
 def test_signals_and_score_are_unchanged_on_generated_turns():
@@ -278,7 +169,7 @@ def test_signals_and_score_are_unchanged_on_generated_turns():
         new = hitl_stage._signals(ctx, answer)
         assert new == old
         for settings in gen._SETTINGS:
-            _same(confidence.score(new, settings), _f_score(old, settings))
+            _same(confidence.score(new, settings), gen._old_score(old, settings))
 
 
 def test_signals_and_score_are_unchanged_on_ordered_conversations():
@@ -291,6 +182,6 @@ def test_signals_and_score_are_unchanged_on_ordered_conversations():
         assert new == old
         for settings in gen._SETTINGS:
             conf = confidence.score(new, settings)
-            _same(conf, _f_score(old, settings))
+            _same(conf, gen._old_score(old, settings))
             repeated += "repeated_question" in conf.reasons
     assert repeated > 1000  # (the corpus does exercise the comparison with earlier questions)
