@@ -108,8 +108,10 @@ def test_a_window_this_process_stored_is_loaded_without_a_decode(services, monke
         assert got.tokens == [message_tokens(m) for m in got]
         # the stored value is the one the old encoding gives (joined from the messages' JSON)
         raw = await redis.get(f"{keys(agent.tenant, agent.id, conv)[0]}:w")
-        expected = b'{"n":%d,"c":"%s","t":%s,"m":%s}' % (
+        entry = raw.split(b'"x":"', 1)[1].split(b'"', 1)[0]  # (the storing turn's stream entry id)
+        expected = b'{"n":%d,"x":"%s","c":"%s","t":%s,"m":%s}' % (
             want.seq,
+            entry,
             fingerprint(agent.memory).encode(),
             orjson.dumps(want.tokens),
             orjson.dumps(list(want)),
@@ -231,9 +233,10 @@ def test_a_window_held_for_other_settings_is_not_used(services, monkeypatch):
     _run(services, body, fast=True, replicas=1)
 
 
-def test_a_stored_window_of_the_previous_release_loads_and_is_then_held(services, monkeypatch):
+def test_a_stored_window_of_the_previous_release_loads_and_is_not_held(services, monkeypatch):
     """The stored window a replica of the previous release wrote (its encoding, its script's
-    ``n``) loads as before; the process then holds it, and stores the next turn after it."""
+    ``n``, no ``x``) loads as before, is not held (its ``n`` alone cannot tell it apart from a
+    window stored under the same seq later), and the next turn is stored after it (held then)."""
     decodes = _Decodes(monkeypatch)
 
     async def body(memories, pool, redis):
@@ -258,10 +261,11 @@ def test_a_stored_window_of_the_previous_release_loads_and_is_then_held(services
         got = await a.load(agent.tenant, agent, conv)
         assert decodes.calls == calls + 1 and list(got) == messages and got.tokens == tokens
         again = await a.load(agent.tenant, agent, conv)
-        assert decodes.calls == calls + 1 and list(again) == messages and a.held.hits == 1
+        assert decodes.calls == calls + 2 and list(again) == messages and a.held.hits == 0
         await a.append(agent.tenant, agent, conv, _turn(3), request_id="r3", prompt_version=1, variant=None, base=again)
         stored = stored_window(await redis.get(f"{window_key}:w"), agent.memory)
         assert list(stored) == [*messages, *_turn(3)] and stored.seq == base.seq + 4
+        assert list(await a.load(agent.tenant, agent, conv)) == list(stored) and a.held.hits == 1
 
     _run(services, body, fast=True)
 
@@ -272,11 +276,11 @@ def test_the_held_windows_are_bounded_by_entries_and_bytes():
     w.tokens = [2]
     held = HeldWindows(max_entries=3, max_bytes=100)
     for i in range(5):
-        held.put(f"k{i}", i + 1, fingerprint(settings), w, 10)
+        held.put(f"k{i}", i + 1, f"{i + 1}/1-0", fingerprint(settings), w, 10)
     assert len(held) == 3 and held.get("k0", fingerprint(settings)) is None
-    held.put("big", 1, fingerprint(settings), w, 95)
+    held.put("big", 1, "1/1-0", fingerprint(settings), w, 95)
     assert len(held) == 1 and held.get("big", fingerprint(settings)) is not None
-    held.put("huge", 1, fingerprint(settings), w, 101)  # larger than the whole bound: not held
+    held.put("huge", 1, "1/1-0", fingerprint(settings), w, 101)  # larger than the whole bound: not held
     assert held.get("huge", fingerprint(settings)) is None
     assert held.get("big", "other") is None  # cut for other settings
 
@@ -338,3 +342,39 @@ def test_the_stream_record_is_the_turn_encoded_whole(services):
         assert dead_tag({b"r": cut}) == dead_tag({b"r": raw}) is not None
 
     _run(services, body, fast=True, replicas=1)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_held_window_of_an_erased_conversation_is_not_served_when_its_seqs_start_again(services, fast):
+    """Attack (a recycled number, a customer who asked for erasure and writes again): replica a
+    holds a conversation's window (n=4); b erases it; the seq counter and the erasure's keys
+    expire (or are evicted) before the next turn, PostgreSQL holds nothing, so the conversation's
+    seqs start again at 1 and b's second turn stores a window with n=4 again. a's next load must
+    be that new window, never the erased one a held under the same n."""
+
+    async def body(memories, pool, redis):
+        a, b = memories
+        agent = _agent()
+        conv = f"c-{uuid.uuid4().hex}"
+        erased = [{"role": "user", "content": "my card is 4111"}, {"role": "assistant", "content": "noted"}]
+        await _store(a, agent, conv, erased)
+        await _store(a, agent, conv, _turn(2))
+        await a.writer.drain()
+        await b.forget_recent(agent.tenant, agent.id, conv)
+        await pool.execute(  # (the conversations API erases PostgreSQL's copy too)
+            "DELETE FROM conversations WHERE tenant = $1 AND agent_id = $2 AND external_id = $3",
+            agent.tenant,
+            agent.id,
+            conv,
+        )
+        window_key, seq_key = keys(agent.tenant, agent.id, conv)
+        # what their TTLs do in time (the counter: ttl_s + a day after the last turn), or eviction
+        await redis.delete(seq_key, f"{window_key}:erased", f"{window_key}:erased:seq", f"{window_key}:erased:at")
+        await _store(b, agent, conv, _turn(7))
+        await _store(b, agent, conv, _turn(8))
+        raw = await redis.get(f"{window_key}:w")
+        assert raw is not None and raw.startswith(b'{"n":4,')  # (the same n a holds)
+        got = await a.load(agent.tenant, agent, conv)
+        assert [m["content"] for m in got] == [m["content"] for m in _turn(7) + _turn(8)]
+
+    _run(services, body, fast=fast)
