@@ -17,7 +17,7 @@ from core.fastredis import PipelinedRedis
 from gateway.db import migrate
 from runtime import memory as memory_module
 from runtime.memory import Erased, Memory, erasure_mark, keys, message_tokens
-from runtime.memory_held import HeldWindows
+from runtime.memory_held import PER_MESSAGE, HeldWindows
 from runtime.memory_window import Window, fingerprint, stored_window
 from runtime.types import Agent, MemorySettings
 
@@ -274,19 +274,20 @@ def test_the_held_windows_are_bounded_by_entries_and_bytes():
     settings = MemorySettings()
     w = Window([{"role": "user", "content": "x"}])
     w.tokens = [2]
-    held = HeldWindows(max_entries=3, max_bytes=100)
+    one = 10 + PER_MESSAGE  # (a window of one message whose JSON is 10 bytes counts this much)
+    held = HeldWindows(max_entries=3, max_bytes=3 * one)
     for i in range(5):
         held.put(f"k{i}", i + 1, f"{i + 1}/1-0", fingerprint(settings), w, 10)
     assert len(held) == 3 and held.get("k0", fingerprint(settings)) is None
-    held.put("big", 1, "1/1-0", fingerprint(settings), w, 95)
+    held.put("big", 1, "1/1-0", fingerprint(settings), w, 2 * one + 1 - PER_MESSAGE)
     assert len(held) == 1 and held.get("big", fingerprint(settings)) is not None
-    held.put("huge", 1, "1/1-0", fingerprint(settings), w, 101)  # larger than the whole bound: not held
+    held.put("huge", 1, "1/1-0", fingerprint(settings), w, 3 * one + 1 - PER_MESSAGE)  # over the whole bound: not held
     assert held.get("huge", fingerprint(settings)) is None
     assert held.get("big", "other") is None  # cut for other settings
 
 
 def test_what_a_stored_window_carries_is_what_its_messages_say():
-    """``Window.starts``, ``last_tools`` and ``raw`` (carried from turn to turn so the next window
+    """``Window.starts``, ``last_tools``, ``joined`` and ``sizes`` (carried from turn to turn so the next window
     is neither scanned nor encoded again) are what the messages give when worked out afresh,
     and the stored value is the one encoding the whole window gives."""
     import random
@@ -308,8 +309,9 @@ def test_what_a_stored_window_carries_is_what_its_messages_say():
                 orjson.dumps(new.tokens),
                 orjson.dumps(list(new)),
             )
-            if new.raw is not None:
-                assert new.raw == [orjson.dumps(m) for m in new], (case, i)
+            if new.joined is not None:
+                assert new.joined == b",".join(orjson.dumps(m) for m in new), (case, i)
+                assert new.sizes == [len(orjson.dumps(m)) for m in new], (case, i)
             if new.starts is not None:
                 starts = [j for j, m in enumerate(new) if m.get("role") == "user"]
                 assert new.starts == starts, (case, i)
@@ -378,3 +380,40 @@ def test_a_held_window_of_an_erased_conversation_is_not_served_when_its_seqs_sta
         assert [m["content"] for m in got] == [m["content"] for m in _turn(7) + _turn(8)]
 
     _run(services, body, fast=fast)
+
+
+def test_many_small_messages_held_cost_no_more_memory_than_the_bound_counts(services):
+    """Attack (memory): turns of many tiny messages (a client sends a user message then hundreds
+    of short ones), in as many conversations as the held windows' bound allows. What a held window
+    costs the process (its decoded messages and the JSON kept to join the next window) must be
+    within what ``HeldWindows`` counts against its byte bound, or the bound holds nothing back:
+    a message's JSON kept as ``orjson.dumps`` made it holds a buffer of about 4 KB, whatever its
+    length (30 bytes counted)."""
+    import gc
+    import tracemalloc
+
+    def turn(i: int) -> list[dict]:
+        return [{"role": "user", "content": f"q{i}"}, *({"role": "assistant", "content": "a"} for _ in range(150))]
+
+    async def body(memories, pool, redis):
+        a = memories[0]
+        agent = _agent(window_turns=4, window_tokens=100_000)
+        conv = f"c-{uuid.uuid4().hex}"
+        tracemalloc.start()
+        try:
+            for i in range(3):
+                await _store(a, agent, conv, turn(i))
+            window_key = keys(agent.tenant, agent.id, conv)[0]
+            assert len(a.held) == 1 and a.held.get(window_key, fingerprint(agent.memory)) is not None
+            counted = a.held._bytes
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            a.held.drop(window_key)
+            gc.collect()
+            freed = before - tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        assert freed > 0
+        assert freed <= counted, (freed, counted)
+
+    _run(services, body, fast=True, replicas=1)
