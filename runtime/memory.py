@@ -8,13 +8,15 @@ replicas storing turns of one conversation at once never collide.
 - ``load`` is one round trip. The window sent back is cut at turn boundaries only (a user
   message starts a turn): a tool call stays with its result and an assistant message with the
   user message it answered. Beside the list, Redis keeps the window itself, cut and encoded as
-  one value (``…:w``, ``{"n": last seq, "c": settings, "t": tokens, "m": messages}``): a load
+  one value (``…:w``, ``{"n": last seq, "x": its stream entry id, "c": settings, "t": tokens,
+  "m": messages}``): a load
   decodes that one value and cuts nothing, while its ``n`` is still the list's last message.
   Without it (another writer's turn, a settings change, a window over ``MAX_WINDOW_BYTES``, a
   list evicted alone) the load reads the list's tail and cuts it. A process holds the stored
   windows it last stored or read, decoded (``runtime.memory_held``, bounded): the load tells
-  the script the ``n`` it holds, and while the stored window is still that one (a seq is never
-  handed out twice) the script answers a marker instead of it — after the erasure check, as
+  the script the ``n`` and ``x`` it holds, and while the stored window is still that one (an
+  entry id is never handed out twice; a seq is, once an erased conversation's counter is gone)
+  the script answers a marker instead of it — after the erasure check, as
   always — and nothing is sent or decoded. When Redis
   holds nothing — a new conversation, or one expired or evicted — the window is read from
   PostgreSQL (the one PostgreSQL query an agent turn can make, on that cache miss only) and
@@ -44,6 +46,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -119,6 +122,15 @@ def check_conversation_id(conversation_id: object, param: str = "metadata.conver
 def conversation_tag(tenant: str, agent_id: str, conversation_id: str) -> str:
     """One conversation, hashed (the caller's id is any text, and may be personal data)."""
     return hashlib.blake2b(f"{tenant}\x00{agent_id}\x00{conversation_id}".encode(), digest_size=16).hexdigest()
+
+
+_HELD_TAG = re.compile(rb'\{"n":(\d+),"x":"(\d+-\d+)"')
+
+
+def _held_tag(raw: bytes) -> str | None:
+    """A stored window's ``n/x`` (``runtime.memory_held``), None when it has no ``x``."""
+    found = _HELD_TAG.match(raw)
+    return None if found is None else f"{found[1].decode()}/{found[2].decode()}"
 
 
 @functools.lru_cache(maxsize=4096)  # (a turn asks twice: load, append; a conversation's turns follow)
@@ -270,7 +282,7 @@ class Memory:
         cut_for = fingerprint(agent.memory)
         held = self.held.get(window_key, cut_for)
         script_keys = [window_key, f"{window_key}:w"]
-        args: list = [start, "", "" if held is None else held.n]
+        args: list = [start, "", "" if held is None else held.tag]
         if erased is not None:
             script_keys.append(erased[0])
             args[1] = erased[1]
@@ -288,7 +300,11 @@ class Memory:
             if isinstance(raw, bytes):
                 stored = stored_window(raw, agent.memory)
                 if stored is not None:
-                    self.held.put(window_key, stored.seq, cut_for, stored, len(raw))
+                    tag = _held_tag(raw)
+                    if tag is not None:
+                        self.held.put(window_key, stored.seq, tag, cut_for, stored, len(raw))
+                    else:  # (an older release's, without its entry id: not told apart, not held)
+                        self.held.drop(window_key)
                     return stored
                 raw = await self._list_tail(window_key, start)  # cut for other settings: rare
         except (RedisError, OSError, TimeoutError) as exc:
@@ -408,11 +424,12 @@ class Memory:
                 first = await self._script("append", script_keys, [*args, floor, queued, *pairs])
         except (RedisError, OSError, TimeoutError) as exc:
             raise MemoryUnavailable(f"redis: {type(exc).__name__}") from None
-        if type(first) is list:  # (first seq, whether the new window was stored)
-            first, kept = int(first[0]), first[1] == 1
+        if type(first) is list:  # (first seq, whether the new window was stored, the stream entry id)
+            first, kept, entry = int(first[0]), first[1] == 1, first[2]
             if kept and new_window is not None:
                 last = first + len(stored) - 1
-                self.held.put(window_key, last, fingerprint(agent.memory), new_window, len(window_args[1]))
+                tag = f"{last}/{entry.decode() if isinstance(entry, bytes) else entry}"
+                self.held.put(window_key, last, tag, fingerprint(agent.memory), new_window, len(window_args[1]))
         if first == -3:
             log.info("memory: a turn queued before its conversation's erasure was not stored")
             raise Erased()

@@ -3,11 +3,15 @@ stored window is still the one held decodes nothing.
 
 An entry is the window this process last stored or read of one conversation, keyed by the
 conversation's Redis window key (tenant, agent and conversation hashed in it: no two share an
-entry), with the ``n`` (the seq of the turn that stored it) and the settings it was cut for.
-Redis decides whether it is still good: ``load`` sends the held ``n`` and the script answers a
-marker only while the stored window is that one (another replica's turn, an erasure, an
-eviction or an expiry changes or deletes it; a seq is never handed out twice). Bounded by
-entries and by the bytes of the windows held, the least recently used going first.
+entry), with its ``tag`` (``n/x``: the seq of the turn that stored it and that turn's stream
+entry id) and the settings it was cut for. Redis decides whether it is still good: ``load``
+sends the held tag and the script answers a marker only while the stored window is that one
+(another replica's turn, an erasure, an eviction or an expiry changes or deletes it). Not the
+``n`` alone: a seq is handed out again once the counter is gone and PostgreSQL holds nothing (an
+erased conversation written to again a day later starts at 1), a stream entry id is not. Bounded by
+entries and by the bytes of the windows held (their stored JSON, and ``PER_MESSAGE`` a message
+for its decoded dict and strings: a window of tiny messages costs far more than its JSON), the
+least recently used going first.
 
 A window handed out from here is a new list (and token list) each time; its messages are the
 held dicts themselves, read-only as every loaded window's are (the agent stage sends them on,
@@ -21,18 +25,21 @@ from collections import OrderedDict
 from runtime.memory_window import Window
 
 MAX_HELD = 4096  # conversations
-MAX_HELD_BYTES = 64 * 1024 * 1024  # of the held windows' stored JSON
+MAX_HELD_BYTES = 64 * 1024 * 1024  # of the held windows' stored JSON and their messages' PER_MESSAGE
+PER_MESSAGE = 512  # what a decoded message costs besides its JSON (its dict, its strings, its count)
 
 
 class _Held:
-    __slots__ = ("fingerprint", "last_tools", "messages", "n", "raw", "size", "starts", "tokens")
+    __slots__ = ("fingerprint", "joined", "last_tools", "messages", "n", "size", "sizes", "starts", "tag", "tokens")
 
-    def __init__(self, n: int, fingerprint: str, window: Window, size: int) -> None:
+    def __init__(self, n: int, tag: str, fingerprint: str, window: Window, size: int) -> None:
         self.n = n
+        self.tag = tag
         self.fingerprint = fingerprint
         self.messages = list(window)
         self.tokens = list(window.tokens)
-        self.raw = window.raw
+        self.joined = window.joined
+        self.sizes = window.sizes
         self.starts = window.starts
         self.last_tools = window.last_tools
         self.size = size
@@ -61,18 +68,21 @@ class HeldWindows:
         out = Window(held.messages)
         out.tokens = list(held.tokens)
         out.seq = held.n
-        out.raw = held.raw
+        out.joined = held.joined
+        out.sizes = held.sizes
         out.starts = held.starts
         out.last_tools = held.last_tools
         self.hits += 1
         return out
 
-    def put(self, key: str, n: int, fingerprint: str, window: Window, size: int) -> None:
-        """Holds ``window`` as the stored window ``n`` of ``key`` (``size``: its stored bytes)."""
+    def put(self, key: str, n: int, tag: str, fingerprint: str, window: Window, size: int) -> None:
+        """Holds ``window`` as the stored window ``n`` of ``key`` (``tag``: its ``n/x``; ``size``:
+        its stored bytes)."""
         self.drop(key)
+        size += PER_MESSAGE * len(window)
         if size > self._max_bytes:
             return
-        self._entries[key] = _Held(n, fingerprint, window, size)
+        self._entries[key] = _Held(n, tag, fingerprint, window, size)
         self._bytes += size
         while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
             _, oldest = self._entries.popitem(last=False)

@@ -23,8 +23,11 @@ def _erased_since(key: str, queued: str) -> str:
 # (optional: ``Memory.append``'s ``erased``). ARGV: ttl, seq ttl, cap, the turn's stream record, the
 # seq the turn's window was loaded at ('' unknown), the new window after its "n" ('' none), the
 # lowest seq the conversation may have reached ('' unknown), the turn's queue time ('' unknown),
-# then (tokens, message JSON) pairs. Answers {first seq, 1 when the new window was stored else 0}
-# (its ``n`` is then the turn's last seq), or -1, -2, -3 (below).
+# then (tokens, message JSON) pairs. Answers {first seq, 1 when the new window was stored else 0,
+# the turn's stream entry id} (the window's ``n`` is then the turn's last seq, its ``x`` that id),
+# or -1, -2, -3 (below). The id tells the stored window apart where its ``n`` cannot: a seq
+# repeats once the counter is gone and PostgreSQL holds nothing (an erased conversation whose
+# counter expired or was evicted starts again at 1), an entry id does not.
 # A seq is never handed out twice: a counter gone (evicted, or expired after the list) starts
 # again from the list's last seq, else from the floor; with neither the script stores nothing
 # and answers -1, and the caller asks PostgreSQL for the floor (messages.seq is unique there, so
@@ -65,13 +68,14 @@ redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 local now = redis.call('TIME')
-redis.call('XADD', KEYS[3], '*', 'r', ARGV[4], 's', first, 't', now[1] .. '.' .. string.format('%06d', now[2]))
+local stamp = now[1] .. '.' .. string.format('%06d', now[2])
+local id = redis.call('XADD', KEYS[3], '*', 'r', ARGV[4], 's', first, 't', stamp)
 if ARGV[5] ~= '' and ARGV[6] ~= '' and prev_seq == ARGV[5] then
-  redis.call('SET', KEYS[4], '{"n":' .. string.format('%d', last) .. ',' .. ARGV[6], 'EX', ARGV[1])
-  return {first, 1}
+  redis.call('SET', KEYS[4], '{"n":' .. string.format('%d', last) .. ',"x":"' .. id .. '",' .. ARGV[6], 'EX', ARGV[1])
+  return {first, 1, id}
 end
 redis.call('DEL', KEYS[4])
-return {first, 0}
+return {first, 0, id}
 """
 APPEND = APPEND.replace("-- erased since queued", _erased_since("KEYS[6]", "ARGV[8]"))
 
@@ -79,11 +83,13 @@ APPEND = APPEND.replace("-- erased since queued", _erased_since("KEYS[6]", "ARGV
 # tail: a list evicted without its window, or a writer that does not keep the window (a replica
 # of an older release), leaves a stored window that is not the list's. KEYS: list, stored window,
 # and the conversation's erasure mark (optional: ``Memory.load``'s ``erased``). ARGV: the tail's
-# start (negative), the turn's queue time (with the mark; else ''), the ``n`` of the stored window
-# the caller holds already ('' none: ``Memory``'s cache of the windows it stored or read). When
-# the stored window is still that one, -4 instead of it: the caller decodes nothing (the erasure
-# mark is read first all the same). A stored window's ``n`` is the seq of the turn that stored it,
-# and a seq is never handed out twice: the same ``n`` is the same window.
+# start (negative), the turn's queue time (with the mark; else ''), the ``n`` and ``x`` of the
+# stored window the caller holds already ("n/x"; '' none: ``Memory``'s cache of the windows it
+# stored or read). When the stored window is still that one, -4 instead of it: the caller decodes
+# nothing (the erasure mark is read first all the same). A stored window's ``n`` is the seq of the
+# turn that stored it and its ``x`` that turn's stream entry id: a seq can be handed out again
+# (the counter gone, PostgreSQL erased), an entry id cannot. A window without ``x`` (an older
+# release's) is never held.
 # When the list is empty (a new conversation, or one expired, evicted or erased), Redis's time
 # instead (µs): the turn's store is refused if the conversation is erased after it (``APPEND``
 # with the conversation's own erasure mark, ``:erased:at``), as no seq floor can tell then.
@@ -96,7 +102,8 @@ if w then
   local n = string.match(w, '^{"n":(%d+)')
   local last = redis.call('LINDEX', KEYS[1], -1)
   if n and last and string.match(last, '^{"s":(%d+)') == n then
-    if n == ARGV[3] then return -4 end
+    local x = string.match(w, '^{"n":%d+,"x":"(%d+%-%d+)"')
+    if x and ARGV[3] == n .. '/' .. x then return -4 end
     return w
   end
 end

@@ -88,11 +88,15 @@ class Window(list):
     seq: int | None = None
     since: int | None = None  # Redis's time (µs) when the load found the conversation empty there
     # Known of a window this process stored (``extended``'s, held by ``runtime.memory_held``;
-    # None: not known, and worked out again): ``raw[i]`` is ``self[i]`` as the stored window holds
-    # it (its exact JSON), so the next stored window is joined, not encoded again; ``starts``
-    # the indexes of its user messages (where its turns start); ``last_tools`` whether its last
-    # turn holds a tool call or result. Never changed once set: copies share them.
-    raw: list[bytes] | None = None
+    # None: not known, and worked out again): ``joined`` its messages as the stored window holds
+    # them (their exact JSON, joined by commas; ``sizes[i]`` the bytes of ``self[i]``'s), so the
+    # next stored window is joined, not encoded again — one bytes object, not one per message (an
+    # ``orjson.dumps`` result keeps a buffer of about 4 KB however short it is: held, a window of
+    # tiny messages cost a hundred times its size); ``starts`` the indexes of its user messages
+    # (where its turns start); ``last_tools`` whether its last turn holds a tool call or result.
+    # Never changed once set: copies share them.
+    joined: bytes | None = None
+    sizes: list[int] | None = None
     starts: list[int] | None = None
     last_tools: bool | None = None
 
@@ -342,24 +346,29 @@ def _next_window(base: Window | None, added: list[tuple[int, dict]], settings: M
 def next_stored(
     base: Window | None, added: list[tuple[int, dict]], encoded: list[bytes] | None, settings: MemorySettings
 ) -> tuple[list, Window | None]:
-    """``_next_window``'s arguments and the window they store (None: none; its ``raw`` set).
-    ``encoded``: the JSON of ``added``'s messages, when the caller has it. A message of ``base``
-    whose ``raw`` is known, or of ``added`` with its JSON, is not encoded again: the stored
-    window's messages are joined from their JSON (a repaired message is encoded anew)."""
+    """``_next_window``'s arguments and the window they store (None: none; its ``joined`` set).
+    ``encoded``: the JSON of ``added``'s messages, when the caller has it. The messages of ``base``
+    when its ``joined`` is known, and of ``added`` with their JSON, are not encoded again: the
+    stored window's messages are joined from their JSON (a repaired message is encoded anew)."""
     if base is None or base.seq is None:
         return ["", ""], None
     new, keep = _extend(base, added, settings)
     if new is None:
         return ["", ""], None
-    if keep is not None and encoded is not None and base.raw is not None and len(base.raw) == len(base):
-        raw = [*base.raw[keep:], *encoded]
-    elif base.raw is not None or base.starts is not None:  # (a window this process stored: the next may join)
+    joined: bytes | None
+    if keep is not None and encoded is not None and base.joined is not None and len(base.sizes or ()) == len(base):
+        cut = sum(base.sizes[:keep]) + keep  # (the messages dropped, each with its comma)
+        added_json = b",".join(encoded)
+        joined = base.joined[cut:] + b"," + added_json if cut < len(base.joined) else added_json
+        sizes = [*base.sizes[keep:], *map(len, encoded)]
+    elif base.joined is not None or base.starts is not None:  # (a window this process stored: the next may join)
         raw = [orjson.dumps(m) for m in new]
+        joined, sizes = b",".join(raw), list(map(len, raw))
     else:  # (encoded whole, faster than message by message)
-        raw = None
-    messages = b"[%s]" % b",".join(raw) if raw is not None else orjson.dumps(new)
+        joined = sizes = None
+    messages = b"[%s]" % joined if joined is not None else orjson.dumps(new)
     body = b'"c":"%s","t":%s,"m":%s}' % (fingerprint(settings).encode(), orjson.dumps(new.tokens), messages)
     if len(body) > MAX_WINDOW_BYTES:
         return [base.seq, ""], None
-    new.raw = raw
+    new.joined, new.sizes = joined, sizes
     return [base.seq, body], new

@@ -17,7 +17,7 @@ from core.fastredis import PipelinedRedis
 from gateway.db import migrate
 from runtime import memory as memory_module
 from runtime.memory import Erased, Memory, erasure_mark, keys, message_tokens
-from runtime.memory_held import HeldWindows
+from runtime.memory_held import PER_MESSAGE, HeldWindows
 from runtime.memory_window import Window, fingerprint, stored_window
 from runtime.types import Agent, MemorySettings
 
@@ -108,8 +108,10 @@ def test_a_window_this_process_stored_is_loaded_without_a_decode(services, monke
         assert got.tokens == [message_tokens(m) for m in got]
         # the stored value is the one the old encoding gives (joined from the messages' JSON)
         raw = await redis.get(f"{keys(agent.tenant, agent.id, conv)[0]}:w")
-        expected = b'{"n":%d,"c":"%s","t":%s,"m":%s}' % (
+        entry = raw.split(b'"x":"', 1)[1].split(b'"', 1)[0]  # (the storing turn's stream entry id)
+        expected = b'{"n":%d,"x":"%s","c":"%s","t":%s,"m":%s}' % (
             want.seq,
+            entry,
             fingerprint(agent.memory).encode(),
             orjson.dumps(want.tokens),
             orjson.dumps(list(want)),
@@ -231,9 +233,10 @@ def test_a_window_held_for_other_settings_is_not_used(services, monkeypatch):
     _run(services, body, fast=True, replicas=1)
 
 
-def test_a_stored_window_of_the_previous_release_loads_and_is_then_held(services, monkeypatch):
+def test_a_stored_window_of_the_previous_release_loads_and_is_not_held(services, monkeypatch):
     """The stored window a replica of the previous release wrote (its encoding, its script's
-    ``n``) loads as before; the process then holds it, and stores the next turn after it."""
+    ``n``, no ``x``) loads as before, is not held (its ``n`` alone cannot tell it apart from a
+    window stored under the same seq later), and the next turn is stored after it (held then)."""
     decodes = _Decodes(monkeypatch)
 
     async def body(memories, pool, redis):
@@ -258,10 +261,11 @@ def test_a_stored_window_of_the_previous_release_loads_and_is_then_held(services
         got = await a.load(agent.tenant, agent, conv)
         assert decodes.calls == calls + 1 and list(got) == messages and got.tokens == tokens
         again = await a.load(agent.tenant, agent, conv)
-        assert decodes.calls == calls + 1 and list(again) == messages and a.held.hits == 1
+        assert decodes.calls == calls + 2 and list(again) == messages and a.held.hits == 0
         await a.append(agent.tenant, agent, conv, _turn(3), request_id="r3", prompt_version=1, variant=None, base=again)
         stored = stored_window(await redis.get(f"{window_key}:w"), agent.memory)
         assert list(stored) == [*messages, *_turn(3)] and stored.seq == base.seq + 4
+        assert list(await a.load(agent.tenant, agent, conv)) == list(stored) and a.held.hits == 1
 
     _run(services, body, fast=True)
 
@@ -270,19 +274,20 @@ def test_the_held_windows_are_bounded_by_entries_and_bytes():
     settings = MemorySettings()
     w = Window([{"role": "user", "content": "x"}])
     w.tokens = [2]
-    held = HeldWindows(max_entries=3, max_bytes=100)
+    one = 10 + PER_MESSAGE  # (a window of one message whose JSON is 10 bytes counts this much)
+    held = HeldWindows(max_entries=3, max_bytes=3 * one)
     for i in range(5):
-        held.put(f"k{i}", i + 1, fingerprint(settings), w, 10)
+        held.put(f"k{i}", i + 1, f"{i + 1}/1-0", fingerprint(settings), w, 10)
     assert len(held) == 3 and held.get("k0", fingerprint(settings)) is None
-    held.put("big", 1, fingerprint(settings), w, 95)
+    held.put("big", 1, "1/1-0", fingerprint(settings), w, 2 * one + 1 - PER_MESSAGE)
     assert len(held) == 1 and held.get("big", fingerprint(settings)) is not None
-    held.put("huge", 1, fingerprint(settings), w, 101)  # larger than the whole bound: not held
+    held.put("huge", 1, "1/1-0", fingerprint(settings), w, 3 * one + 1 - PER_MESSAGE)  # over the whole bound: not held
     assert held.get("huge", fingerprint(settings)) is None
     assert held.get("big", "other") is None  # cut for other settings
 
 
 def test_what_a_stored_window_carries_is_what_its_messages_say():
-    """``Window.starts``, ``last_tools`` and ``raw`` (carried from turn to turn so the next window
+    """``Window.starts``, ``last_tools``, ``joined`` and ``sizes`` (carried from turn to turn so the next window
     is neither scanned nor encoded again) are what the messages give when worked out afresh,
     and the stored value is the one encoding the whole window gives."""
     import random
@@ -304,8 +309,9 @@ def test_what_a_stored_window_carries_is_what_its_messages_say():
                 orjson.dumps(new.tokens),
                 orjson.dumps(list(new)),
             )
-            if new.raw is not None:
-                assert new.raw == [orjson.dumps(m) for m in new], (case, i)
+            if new.joined is not None:
+                assert new.joined == b",".join(orjson.dumps(m) for m in new), (case, i)
+                assert new.sizes == [len(orjson.dumps(m)) for m in new], (case, i)
             if new.starts is not None:
                 starts = [j for j, m in enumerate(new) if m.get("role") == "user"]
                 assert new.starts == starts, (case, i)
@@ -336,5 +342,78 @@ def test_the_stream_record_is_the_turn_encoded_whole(services):
         assert raw == orjson.dumps(record)
         cut = raw[: raw.index(b',"messages":') + 20]  # (a dead letter kept cut)
         assert dead_tag({b"r": cut}) == dead_tag({b"r": raw}) is not None
+
+    _run(services, body, fast=True, replicas=1)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_held_window_of_an_erased_conversation_is_not_served_when_its_seqs_start_again(services, fast):
+    """Attack (a recycled number, a customer who asked for erasure and writes again): replica a
+    holds a conversation's window (n=4); b erases it; the seq counter and the erasure's keys
+    expire (or are evicted) before the next turn, PostgreSQL holds nothing, so the conversation's
+    seqs start again at 1 and b's second turn stores a window with n=4 again. a's next load must
+    be that new window, never the erased one a held under the same n."""
+
+    async def body(memories, pool, redis):
+        a, b = memories
+        agent = _agent()
+        conv = f"c-{uuid.uuid4().hex}"
+        erased = [{"role": "user", "content": "my card is 4111"}, {"role": "assistant", "content": "noted"}]
+        await _store(a, agent, conv, erased)
+        await _store(a, agent, conv, _turn(2))
+        await a.writer.drain()
+        await b.forget_recent(agent.tenant, agent.id, conv)
+        await pool.execute(  # (the conversations API erases PostgreSQL's copy too)
+            "DELETE FROM conversations WHERE tenant = $1 AND agent_id = $2 AND external_id = $3",
+            agent.tenant,
+            agent.id,
+            conv,
+        )
+        window_key, seq_key = keys(agent.tenant, agent.id, conv)
+        # what their TTLs do in time (the counter: ttl_s + a day after the last turn), or eviction
+        await redis.delete(seq_key, f"{window_key}:erased", f"{window_key}:erased:seq", f"{window_key}:erased:at")
+        await _store(b, agent, conv, _turn(7))
+        await _store(b, agent, conv, _turn(8))
+        raw = await redis.get(f"{window_key}:w")
+        assert raw is not None and raw.startswith(b'{"n":4,')  # (the same n a holds)
+        got = await a.load(agent.tenant, agent, conv)
+        assert [m["content"] for m in got] == [m["content"] for m in _turn(7) + _turn(8)]
+
+    _run(services, body, fast=fast)
+
+
+def test_many_small_messages_held_cost_no_more_memory_than_the_bound_counts(services):
+    """Attack (memory): turns of many tiny messages (a client sends a user message then hundreds
+    of short ones), in as many conversations as the held windows' bound allows. What a held window
+    costs the process (its decoded messages and the JSON kept to join the next window) must be
+    within what ``HeldWindows`` counts against its byte bound, or the bound holds nothing back:
+    a message's JSON kept as ``orjson.dumps`` made it holds a buffer of about 4 KB, whatever its
+    length (30 bytes counted)."""
+    import gc
+    import tracemalloc
+
+    def turn(i: int) -> list[dict]:
+        return [{"role": "user", "content": f"q{i}"}, *({"role": "assistant", "content": "a"} for _ in range(150))]
+
+    async def body(memories, pool, redis):
+        a = memories[0]
+        agent = _agent(window_turns=4, window_tokens=100_000)
+        conv = f"c-{uuid.uuid4().hex}"
+        tracemalloc.start()
+        try:
+            for i in range(3):
+                await _store(a, agent, conv, turn(i))
+            window_key = keys(agent.tenant, agent.id, conv)[0]
+            assert len(a.held) == 1 and a.held.get(window_key, fingerprint(agent.memory)) is not None
+            counted = a.held._bytes
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            a.held.drop(window_key)
+            gc.collect()
+            freed = before - tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        assert freed > 0
+        assert freed <= counted, (freed, counted)
 
     _run(services, body, fast=True, replicas=1)
