@@ -1,98 +1,24 @@
 """Differential tests of the agent stage's per-turn work made cheaper (issue 12, the stage's own
 CPU): the confidence score and the signals it is computed from must come out exactly as before.
-The oracles: ``test_perf_oracles._old_score`` (the score before its earlier rewrite, which
-460de80's equals on every input that file's tests try) and ``_f_*``, copies of 460de80's
-signals. Inputs: ``test_perf_oracles``'s generated turns (every odd character, every odd type)
-and conversations as the agent stage builds them (a stored window of whole turns, the client's
-new messages, repeated and rephrased questions, tool steps, sources)."""
+The oracles: ``test_perf_oracles._old_score`` and ``_old_signals`` (the score and signals before
+their earlier rewrite, which 460de80's equal on every input that file's tests try). Inputs:
+``test_perf_oracles``'s generated turns (every odd character, every odd type) and conversations
+as the agent stage builds them (a stored window of whole turns, the client's new messages,
+repeated and rephrased questions, tool steps, sources)."""
 
 from __future__ import annotations
 
 import random
 
-import orjson
 import pytest
 
 from core.types import RequestContext
 from gateway import hitl_stage
 from runtime.hitl import confidence
-from runtime.hitl.confidence import Confidence, Signals
+from runtime.hitl.confidence import Confidence
 from runtime.memory_window import Window
 from runtime.types import Agent, PromptVersion, Selection, Turn
 from tests import test_perf_oracles as gen
-
-# ---- the signals' oracle: frozen copies of 460de80 ----------------------------------------------------------
-_MAX_TEXT = 4000
-
-
-def _f_text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def _f_last_users(messages: list, n: int) -> list[dict]:
-    found: list[dict] = []
-    for m in reversed(messages):
-        if isinstance(m, dict) and m.get("role") == "user":
-            found.append(m)
-            if len(found) == n:
-                break
-    found.reverse()
-    return found
-
-
-def _f_signals(ctx: RequestContext, answer: dict) -> Signals:
-    turn = ctx.agent
-    users = _f_last_users(turn.new_messages, 4)
-    question = _f_text(users[-1].get("content"))[:_MAX_TEXT] if users else ""
-    previous = [_f_text(m.get("content"))[:2000] for m in users[-4:-1]]
-    if len(previous) < 3:
-        history = ctx.body.get("messages") or []
-        for i in range(turn.memory_loaded, 0, -1):
-            if len(previous) >= 3:
-                break
-            m = history[i] if i < len(history) else None
-            if isinstance(m, dict) and m.get("role") == "user":
-                previous.insert(0, _f_text(m.get("content"))[:2000])
-    citations = turn.citations
-    best = None
-    if citations:
-        sims = [c.get("similarity") for c in citations if isinstance(c.get("similarity"), int | float)]
-        best = max(sims) if sims else None
-    failures = 0
-    escalate_tool = False
-    for s in turn.steps:
-        if s.get("kind") == "tool":
-            status = s.get("status")
-            if status not in ("ok", None):
-                failures += 1
-            elif status == "ok" and s.get("name") == "escalate_to_human":
-                escalate_tool = True
-    urgency = None
-    if escalate_tool:
-        for m in ctx.extra.get("tool_messages", ()):
-            for call in m.get("tool_calls") or () if m.get("role") == "assistant" else ():
-                fn = call.get("function") or {}
-                if fn.get("name") == "escalate_to_human":
-                    try:
-                        urgency = (orjson.loads(fn.get("arguments") or "{}") or {}).get("urgency")
-                    except (orjson.JSONDecodeError, AttributeError):
-                        pass
-    return Signals(
-        question=question,
-        previous_questions=previous[-3:],
-        answer=_f_text(answer.get("content")),
-        has_knowledge=bool(turn.agent.knowledge_bases),
-        best_similarity=best,
-        sources=len(citations),
-        escalate_tool=escalate_tool,
-        escalate_urgency=urgency if isinstance(urgency, str) else None,
-        tool_failures=failures,
-        fallback=turn.degraded,
-    )
 
 
 # ---- conversations as the agent stage builds them ---------------------------------------------------
@@ -161,7 +87,7 @@ def test_signals_and_score_are_unchanged_on_generated_turns():
         ctx = gen._turn_ctx(rng)
         answer = {"content": gen._content(rng, gen._SETTINGS[0])}
         try:
-            old = _f_signals(ctx, answer)
+            old = gen._old_signals(ctx, answer)
         except Exception as exc:  # an input the old one refused: the new one refuses it the same way
             with pytest.raises(type(exc)):
                 hitl_stage._signals(ctx, answer)
@@ -178,7 +104,7 @@ def test_signals_and_score_are_unchanged_on_ordered_conversations():
     for _ in range(3000):
         ctx = _conversation_ctx(rng)
         answer = {"content": gen._message(rng, gen._SETTINGS[0])}
-        new, old = hitl_stage._signals(ctx, answer), _f_signals(ctx, answer)
+        new, old = hitl_stage._signals(ctx, answer), gen._old_signals(ctx, answer)
         assert new == old
         for settings in gen._SETTINGS:
             conf = confidence.score(new, settings)
