@@ -106,6 +106,22 @@ def _keyed_hash(tenant: str, external_id: str, key: bytes) -> str:
 NAME_PREFIX = "k"  # every such name starts with it: a name an older release made (plain hex) never does
 
 
+def is_legacy_name(name: str) -> bool:
+    """Whether a name is one an older release made (32 plain hex digits; ours start with
+    ``NAME_PREFIX``)."""
+    return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
+
+
+# Renaming a Redis key an older release named. KEYS: its key, ours. The old one's value goes
+# under our name unless ours is set (then ours is the newer: written by this release); the old
+# one goes either way (its time to live goes with a RENAME).
+RENAME_UNLESS_SET = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('DEL', KEYS[1]) else redis.call('RENAME', KEYS[1], KEYS[2]) end
+return 1
+"""
+
+
 @functools.lru_cache(maxsize=8)
 def _name_key(key: bytes) -> bytes:
     return hmac.new(key, b"gateway-names:v1", hashlib.sha256).digest()

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from channels.config import WhatsAppAccount
 from channels.whatsapp.graph import Graph, GraphError, GraphUnreachable, MediaRefused
-from channels.whatsapp.store import conversation_digest, digest_of, digests, is_legacy
+from channels.whatsapp.store import conversation_digest, digest_of, digests
+from core.erasure_key import is_legacy_name
 
 log = logging.getLogger("channels.whatsapp")
 
@@ -185,7 +186,7 @@ def upgrade_folders(data_dir: Path) -> int:
                 continue
             for entry in os.scandir(tenant.path):
                 name = entry.name
-                if name.startswith("c-") and is_legacy(name[2:]) and entry.is_dir(follow_symlinks=False):
+                if name.startswith("c-") and is_legacy_name(name[2:]) and entry.is_dir(follow_symlinks=False):
                     renamed += _move_folder(Path(entry.path), Path(tenant.path) / f"c-{digest_of(name[2:])}")
     return renamed
 

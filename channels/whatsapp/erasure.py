@@ -35,8 +35,8 @@ from channels.whatsapp.sender import (
     sent_wamids,
     state_key,
 )
-from channels.whatsapp.store import conversation_digest, digest_of, digests, is_legacy
-from core.erasure_key import TAG_PREFIX, mark_micros
+from channels.whatsapp.store import conversation_digest, digest_of, digests
+from core.erasure_key import TAG_PREFIX, is_legacy_name, mark_micros
 
 ERASED_TTL = STATE_TTL  # a job queued before an erasure is dropped for this long after it
 
@@ -141,7 +141,7 @@ async def after_noted_send(
     (A record of it without a wamid, and one written after the erasure, were written as the
     erasure's in the first place: ``store.OutboundRecords``, the send's ``asked_us``; a person's
     reply writes no channel state of the conversation.) True: erased."""
-    names = [digest_of(digest), digest] if is_legacy(digest) else [digest]  # (an older release's note)
+    names = [digest_of(digest), digest] if is_legacy_name(digest) else [digest]  # (an older release's note)
     mark = _latest(await redis.mget([erased_key_of(d) for d in names]))
     if mark is None or queued_us > mark:
         return False

@@ -34,8 +34,8 @@ import orjson
 
 from channels.whatsapp import erasure
 from channels.whatsapp.sender import Sender, sent_wamids
-from channels.whatsapp.store import conversation_digest, digest_of, digests, is_legacy
-from core.erasure_key import conversation_hash
+from channels.whatsapp.store import conversation_digest, digest_of, digests
+from core.erasure_key import conversation_hash, is_legacy_name
 
 log = logging.getLogger("channels.whatsapp")
 
@@ -143,9 +143,9 @@ def _renamed(member: bytes) -> tuple[Note, bytes] | None:
     if found is None:
         return None
     n = orjson.loads(member)
-    if "c" not in n and not is_legacy(found.digest):
+    if "c" not in n and not is_legacy_name(found.digest):
         return None
-    digest = digest_of(found.digest) if is_legacy(found.digest) else found.digest
+    digest = digest_of(found.digest) if is_legacy_name(found.digest) else found.digest
     again = Note(found.tenant, digest, found.hashed, found.account, found.key, found.queued_us)
     return found, _member_of(again, str(n.get("n", "")))
 

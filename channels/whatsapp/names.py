@@ -32,7 +32,7 @@ from pathlib import Path
 
 from channels.whatsapp import content, inflight, sender, store
 from channels.whatsapp.erasure import erased_key_of
-from core.erasure_key import same_key_as_deployment
+from core.erasure_key import RENAME_UNLESS_SET, is_legacy_name, same_key_as_deployment
 
 log = logging.getLogger("channels.whatsapp")
 
@@ -119,23 +119,16 @@ async def upgrade(redis, data_dir: Path) -> Upgraded:
 
 async def _rename(redis, key: str) -> int:
     for prefix, ours in ((_ERASED, store.digest_of), (_INDEX, store.digest_of), (_ALIASES, store.digest_of)):
-        if key.startswith(prefix) and store.is_legacy(key[len(prefix) :]):
+        if key.startswith(prefix) and is_legacy_name(key[len(prefix) :]):
             new = prefix + ours(key[len(prefix) :])
             if prefix == _ERASED:
                 return int(await redis.eval(_MOVE_MARK, 2, key, new))
             pairs = await _renamed_members(redis, key) if prefix == _ALIASES else []
             return int(await redis.eval(_MOVE_SET, 2, key, new, *pairs))
-    if key.startswith(_ALIAS) and store.is_legacy(key[len(_ALIAS) :]):
+    if key.startswith(_ALIAS) and is_legacy_name(key[len(_ALIAS) :]):
         new = _ALIAS + sender.alias_name(key[len(_ALIAS) :])
-        return int(await redis.eval(_RENAME_UNLESS_SET, 2, key, new))
+        return int(await redis.eval(RENAME_UNLESS_SET, 2, key, new))
     return 0
-
-
-_RENAME_UNLESS_SET = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('DEL', KEYS[1]) else redis.call('RENAME', KEYS[1], KEYS[2]) end
-return 1
-"""
 
 
 async def _renamed_members(redis, index: str) -> list[str]:
@@ -148,7 +141,7 @@ async def _renamed_members(redis, index: str) -> list[str]:
         for raw in members:
             member = raw.decode() if isinstance(raw, bytes) else raw
             for prefix, ours in ((_ALIASES, store.digest_of), (_ALIAS, sender.alias_name)):
-                if member.startswith(prefix) and store.is_legacy(member[len(prefix) :]):
+                if member.startswith(prefix) and is_legacy_name(member[len(prefix) :]):
                     pairs += [member, prefix + ours(member[len(prefix) :])]
         if not int(cursor):
             return pairs

@@ -88,11 +88,6 @@ def digests(tenant: str, conversation: str) -> tuple[str, str]:
     return digest_of(legacy), legacy
 
 
-def is_legacy(name: str) -> bool:
-    """Whether a name is one an older release made (plain hex; ours start with ``NAME_PREFIX``)."""
-    return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
-
-
 def _dt(ts: float | None) -> datetime | None:
     return datetime.fromtimestamp(ts, UTC) if ts is not None else None
 

@@ -23,7 +23,7 @@ import time
 import orjson
 
 from core.background import stop_task
-from core.erasure_key import name_hash, same_key_as_deployment
+from core.erasure_key import RENAME_UNLESS_SET, is_legacy_name, name_hash, same_key_as_deployment
 from core.pubsub import listen_forever
 
 log = logging.getLogger("gateway.hitl")
@@ -74,13 +74,6 @@ def held_name(legacy: str) -> str:
 
 UPGRADE_PAGE = 1000  # keys scanned per round trip by ``upgrade``
 UPGRADE_DONE = "gw:{gw}:hitl:held-upgraded:v1"  # a pass renamed nothing: none made for a week
-# KEYS: an older release's key, ours. The old one's value goes under our name unless ours is set
-# (then ours is the newer: written by this release); the old one goes either way.
-RENAME_UNLESS_SET = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('DEL', KEYS[1]) else redis.call('RENAME', KEYS[1], KEYS[2]) end
-return 1
-"""
 
 
 async def upgrade(redis) -> int:
@@ -96,7 +89,7 @@ async def upgrade(redis) -> int:
             return 0
         async for key in redis.scan_iter(match=HELD_PREFIX + "*", count=UPGRADE_PAGE):
             name = (key.decode() if isinstance(key, bytes) else key)[len(HELD_PREFIX) :]
-            if len(name) == 32 and all(c in "0123456789abcdef" for c in name):
+            if is_legacy_name(name):
                 renamed += int(
                     await redis.eval(RENAME_UNLESS_SET, 2, HELD_PREFIX + name, HELD_PREFIX + held_name(name))
                 )
